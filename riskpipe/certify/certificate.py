@@ -1,0 +1,125 @@
+"""The Certificate: one robustness statement about one input, with its scope.
+
+Every certification family (randomized smoothing, interval bounds, global
+Lipschitz) returns this type, so the policy, ledger and report never need to know
+which family produced it. A certificate bounds the distance to the nearest
+class-changing input; it never says the input is clean (position paper, Theorem 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+NORMS = ("l1", "l2", "linf")
+METHODS = ("smoothing", "ibp", "lipschitz")
+MODES = ("certify", "predict", "decide", "bound")
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A robustness certificate for one input.
+
+    radius is in ``norm`` and is 0.0 when the certificate abstains. For decide mode
+    ``epsilon`` is the target radius and ``certified`` says whether radius >= epsilon
+    was established at level alpha; ``reason`` says why not (e.g. ``budget``).
+    ``n_samples`` counts model evaluations actually used, selection included.
+    """
+
+    method: str
+    norm: str
+    radius: float
+    abstained: bool
+    predicted_class: int | None
+    mode: str = "certify"
+    p_lower: float | None = None
+    p_upper: float | None = None
+    sigma: float | None = None
+    alpha: float | None = None
+    n_samples: int = 0
+    elapsed_ms: float = 0.0
+    seed: int | None = None
+    epsilon: float | None = None
+    certified: bool | None = None
+    reason: str | None = None
+    bound: str | None = None
+    input_dim: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method: {self.method!r} is not one of {METHODS}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm: {self.norm!r} is not one of {NORMS}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode: {self.mode!r} is not one of {MODES}")
+        if not (self.radius >= 0.0) or math.isnan(self.radius):
+            raise ValueError(f"radius: must be >= 0, got {self.radius!r}")
+        if self.abstained and self.radius != 0.0:
+            raise ValueError("radius: an abstaining certificate has radius 0")
+        if self.alpha is not None and not (0.0 < self.alpha < 1.0):
+            raise ValueError(f"alpha: must lie in (0, 1), got {self.alpha!r}")
+
+    @property
+    def is_certified(self) -> bool:
+        """True when the certificate establishes what it was asked to: not abstained,
+        and in decide mode radius >= epsilon."""
+        if self.abstained:
+            return False
+        if self.certified is not None:
+            return bool(self.certified)
+        return self.radius > 0.0
+
+    @property
+    def scope(self) -> str:
+        """Plain words: what this certificate guarantees and what it does not."""
+        norm = {"l1": "l1", "l2": "l2", "linf": "l_inf"}[self.norm]
+        if self.method == "smoothing":
+            what = (
+                f"{norm} radius of the Gaussian-smoothed classifier (sigma={self.sigma:g}), "
+                f"holds with probability >= {1 - self.alpha:g} over the noise (alpha={self.alpha:g})"
+            )
+            if self.mode == "decide" and self.epsilon is not None:
+                what += f"; decides radius >= epsilon={self.epsilon:g} at that level"
+            what += "; it covers the smoothed classifier, not the base model"
+        elif self.method == "ibp":
+            what = (
+                f"{norm} radius from interval bound propagation: a deterministic bound, "
+                "exact arithmetic aside, for the model as deployed inside its value range"
+            )
+        else:
+            what = (
+                f"{norm} radius from a global Lipschitz bound: a deterministic bound for "
+                "the model as deployed"
+            )
+        if self.abstained:
+            what = "no certificate (abstained): " + what
+        return (
+            what
+            + f"; it covers only {norm}-bounded changes (other norms after Theorem 2 conversion)"
+            + "; a certificate says nothing about whether the input is clean"
+            " (adversarial inputs can be certified too)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["scope"] = self.scope
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Certificate:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_json(cls, s: str) -> Certificate:
+        return cls.from_dict(json.loads(s))
+
+    def replace(self, **changes: Any) -> Certificate:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,59 @@
+"""Helpers shared by subcommands: one-line errors, input files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print ``riskpipe: error: message`` on stderr and exit non-zero (no traceback)."""
+    click.echo(f"riskpipe: error: {message}", err=True)
+    sys.exit(code)
+
+
+def read_inputs(path: str) -> np.ndarray:
+    """Inputs from a .npy file or JSON lines (one array, or an object with ``data``
+    or Open Inference Protocol ``inputs``, per line)."""
+    p = Path(path)
+    if not p.is_file():
+        fail(f"input {path}: file not found")
+    if p.suffix == ".npy":
+        try:
+            a = np.load(p, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a user error
+            fail(f"input {path}: not a readable .npy file ({type(e).__name__})")
+        return a
+    rows = []
+    try:
+        with open(p, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    fail(f"input {path}:{lineno}: invalid JSON ({e.msg})")
+                if isinstance(obj, dict):
+                    if "inputs" in obj and obj["inputs"]:
+                        t = obj["inputs"][0]
+                        obj = np.asarray(t.get("data"), dtype=float).reshape(t.get("shape", [-1]))
+                    elif "data" in obj:
+                        obj = obj["data"]
+                    else:
+                        fail(f"input {path}:{lineno}: object has neither 'inputs' nor 'data'")
+                rows.append(np.asarray(obj, dtype=float))
+    except UnicodeDecodeError:
+        fail(f"input {path}: not UTF-8 text (use .npy or JSON lines)")
+    except ValueError as e:
+        fail(f"input {path}: {e}")
+    if not rows:
+        fail(f"input {path}: no inputs")
+    try:
+        return np.stack(rows)
+    except ValueError:
+        fail(f"input {path}: inputs have different shapes")

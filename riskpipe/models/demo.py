@@ -1,0 +1,130 @@
+"""Demo models on the digits data, trained deterministically and cached per user.
+
+``demo:digits`` is a small CNN trained with Gaussian noise augmentation, the base
+classifier randomized smoothing expects (Cohen et al. 2019 train with the noise
+they certify with). Training takes a few seconds on 2 CPU cores; the weights are
+cached under ``cache_dir()/models`` keyed by the recipe, so every later load is a
+file read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from riskpipe.models.digits import INPUT_SHAPE, NUM_CLASSES, load_split
+from riskpipe.paths import cache_dir
+
+RECIPE_VERSION = 1
+
+
+def digits_cnn(width: int = 8) -> nn.Sequential:
+    """Two conv layers and two linear layers; width 8 has about 30k parameters."""
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2 * width * 16, 100),
+        nn.ReLU(),
+        nn.Linear(100, NUM_CLASSES),
+    )
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines a demo model's weights."""
+
+    name: str
+    width: int = 8
+    sigma: float = 0.25
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+    trainer: str = "noise"
+
+    def key(self) -> str:
+        blob = json.dumps({**asdict(self), "v": RECIPE_VERSION, "torch": torch.__version__.split("+")[0]}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def train_noise(model: nn.Module, recipe: Recipe) -> None:
+    """Adam on cross-entropy with Gaussian noise added to every training image."""
+    X, y = load_split("train")
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    g = torch.Generator().manual_seed(recipe.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.epochs)
+    model.train()
+    for _ in range(recipe.epochs):
+        perm = torch.randperm(len(Xt), generator=g)
+        for i in range(0, len(Xt), recipe.batch_size):
+            idx = perm[i : i + recipe.batch_size]
+            xb = Xt[idx]
+            if recipe.sigma > 0:
+                xb = xb + recipe.sigma * torch.randn(xb.shape, generator=g)
+            loss = nn.functional.cross_entropy(model(xb), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    model.eval()
+
+
+# name -> (recipe, architecture factory, trainer). Other demo variants register here.
+DEMOS: dict[str, tuple[Recipe, Callable[[], nn.Module], Callable[[nn.Module, Recipe], None]]] = {
+    "digits": (Recipe("digits"), lambda: digits_cnn(8), train_noise),
+}
+
+
+def register_demo(recipe: Recipe, factory: Callable[[], nn.Module], trainer: Callable[[nn.Module, Recipe], None]) -> None:
+    DEMOS[recipe.name] = (recipe, factory, trainer)
+
+
+def build_demo(name: str, *, sigma: float | None = None, retrain: bool = False) -> nn.Module:
+    """The trained demo module ``name`` (eval mode), from the cache or trained now."""
+    if name not in DEMOS:
+        raise KeyError(name)
+    recipe, factory, trainer = DEMOS[name]
+    if sigma is not None:
+        recipe = Recipe(**{**asdict(recipe), "sigma": float(sigma)})
+    path = cache_dir() / "models" / f"{recipe.name}-{recipe.key()}.pt"
+    module = factory()
+    if path.exists() and not retrain:
+        module.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+        module.eval()
+        return module
+    torch.manual_seed(recipe.seed)
+    module = factory()  # re-created after seeding so initial weights are deterministic
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))  # same reduction order on every machine size
+    try:
+        trainer(module, recipe)
+    finally:
+        torch.set_num_threads(threads)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(module.state_dict(), tmp)
+    os.replace(tmp, path)
+    module.eval()
+    return module
+
+
+def accuracy(module: nn.Module, X: np.ndarray, y: np.ndarray, sigma: float = 0.0, seed: int = 0) -> float:
+    with torch.inference_mode():
+        x = torch.from_numpy(X)
+        if sigma > 0:
+            x = x + sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+        return float((module(x).argmax(1).numpy() == y).mean())
+
+
+__all__ = ["DEMOS", "INPUT_SHAPE", "NUM_CLASSES", "Recipe", "build_demo", "digits_cnn", "register_demo", "accuracy"]

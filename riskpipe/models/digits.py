@@ -1,0 +1,31 @@
+"""The demo data set: scikit-learn's 8x8 digits, as float32 images in [0, 1]."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+INPUT_SHAPE = (1, 8, 8)
+NUM_CLASSES = 10
+
+
+@lru_cache(maxsize=1)
+def _split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    X = (d.images / 16.0).astype(np.float32).reshape(-1, *INPUT_SHAPE)
+    y = d.target.astype(np.int64)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
+    return {"train": (Xtr, ytr), "test": (Xte, yte)}
+
+
+def load_split(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """(X, y) for ``train`` or ``test``: X float32 (N, 1, 8, 8) in [0, 1], y int64."""
+    parts = _split()
+    if split not in parts:
+        raise ValueError(f"split: {split!r} is not one of {sorted(parts)}")
+    X, y = parts[split]
+    return X.copy(), y.copy()
