@@ -1,0 +1,400 @@
+"""Attacks on the model under test, used to evaluate a policy before it is deployed.
+
+* ``pgd``: projected gradient descent (Madry et al. 2018) in l_inf or l2, untargeted
+  (maximise cross-entropy of the label) or targeted (minimise it for a target class).
+  The budget ``epsilon`` is in the attack norm. Every iterate is projected onto the
+  norm ball around the clean input and clipped to the model's value range; clipping a
+  point whose centre lies in the box moves every coordinate of the perturbation
+  towards zero, so the clipped point stays inside the ball.
+* ``norm_shift``: the attacker works in a different norm than the certificate. By
+  Theorem 2 an l2 radius r covers an l_inf attacker only out to r / sqrt(d), so an
+  l2 certificate that "looks" larger than the l_inf budget may still say nothing.
+* ``GuidedAttacker`` / ``PublicAttacker``: which inputs an attacker with a limited
+  number of attempts goes after. The guided one reads the trusted audit topic
+  (certified radii) and skips inputs the certificate puts out of its reach; the
+  public one reads only the public decisions topic. What each one may see is spelled
+  out by the view types ``TrustedView`` and ``PublicView``: a ``PublicView`` is built
+  from exactly ``PUBLIC_FIELDS`` and cannot hold a radius.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from riskpipe.certify.norms import check_norm, conversion_factor
+
+ATTACK_NORMS = ("linf", "l2")
+PUBLIC_FIELDS = ("id", "ts", "decision", "policy_version")
+
+
+# ---------------------------------------------------------------------------- PGD
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _check_attack_args(epsilon: float, norm: str, steps: int, value_range) -> str:
+    norm = check_norm(norm)
+    if norm not in ATTACK_NORMS:
+        raise ValueError(f"norm: attacks run in {' or '.join(ATTACK_NORMS)}, got {norm!r}")
+    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon >= 0):
+        raise ValueError(f"epsilon: must be a finite number >= 0, got {epsilon!r}")
+    if int(steps) < 1:
+        raise ValueError(f"steps: must be >= 1, got {steps!r}")
+    lo, hi = value_range
+    if not lo < hi:
+        raise ValueError(f"value_range: must be (lo, hi) with lo < hi, got {value_range!r}")
+    return norm
+
+
+def _per_sample_l2(t: torch.Tensor) -> torch.Tensor:
+    """l2 norm of each sample, shaped to broadcast against ``t``."""
+    n = t.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return n.view(-1, *([1] * (t.ndim - 1)))
+
+
+def _project(delta: torch.Tensor, epsilon: float, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return delta.clamp(-epsilon, epsilon)
+    factor = (epsilon / _per_sample_l2(delta)).clamp(max=1.0)
+    return delta * factor
+
+
+def _random_start(shape, epsilon: float, norm: str, gen: torch.Generator) -> torch.Tensor:
+    """Uniform in the l_inf cube, or uniform in the l2 ball (direction times radius u^(1/d))."""
+    if norm == "linf":
+        return (torch.rand(shape, generator=gen) * 2 - 1) * epsilon
+    d = int(np.prod(shape[1:]))
+    direction = torch.randn(shape, generator=gen)
+    direction = direction / _per_sample_l2(direction)
+    radius = torch.rand((shape[0],), generator=gen) ** (1.0 / d) * epsilon
+    return direction * radius.view(-1, *([1] * (len(shape) - 1)))
+
+
+def _ascent_step(grad: torch.Tensor, step_size: float, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return step_size * grad.sign()
+    return step_size * grad / _per_sample_l2(grad)
+
+
+def pgd(
+    module: nn.Module,
+    X: np.ndarray,
+    y: np.ndarray,
+    epsilon: float,
+    norm: str = "linf",
+    steps: int = 40,
+    step_size: float | None = None,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    seed: int = 0,
+    random_start: bool = True,
+    targeted: np.ndarray | None = None,
+    batch_size: int = 512,
+) -> np.ndarray:
+    """Adversarial examples for ``module`` (float32 logits model), one per row of ``X``.
+
+    Untargeted: maximises the cross-entropy of the true label ``y``. Targeted
+    (``targeted`` = class ids, one per row): minimises the cross-entropy of the target.
+    Returns float32 with the shape of ``X``, within ``epsilon`` of ``X`` in ``norm``
+    and inside ``value_range``. The iterate kept per input is the last one that
+    reached the goal (label changed / target hit), else the final one. Runs on the
+    module's device; the random start is drawn on the CPU from ``seed``, so the result
+    does not depend on the device's generator.
+    """
+    norm = _check_attack_args(epsilon, norm, steps, value_range)
+    X = np.asarray(X, dtype=np.float32)
+    y = np.asarray(y, dtype=np.int64).reshape(-1)
+    if len(X) != len(y):
+        raise ValueError(f"y: {len(y)} labels for {len(X)} inputs")
+    if targeted is not None:
+        targeted = np.asarray(targeted, dtype=np.int64).reshape(-1)
+        if len(targeted) != len(X):
+            raise ValueError(f"targeted: {len(targeted)} targets for {len(X)} inputs")
+    if epsilon == 0 or len(X) == 0:
+        return X.copy()
+    step_size = float(step_size) if step_size is not None else 2.5 * epsilon / steps
+    lo, hi = (float(v) for v in value_range)
+    device = _module_device(module)
+    gen = torch.Generator().manual_seed(int(seed))
+    was_training = module.training
+    module.eval()
+    out = np.empty_like(X)
+    try:
+        for start in range(0, len(X), batch_size):
+            sl = slice(start, start + batch_size)
+            x = torch.from_numpy(X[sl]).to(device)
+            label = torch.from_numpy(targeted[sl] if targeted is not None else y[sl]).to(device)
+            if random_start:
+                delta = _random_start(tuple(x.shape), epsilon, norm, gen).to(device)
+            else:
+                delta = torch.zeros_like(x)
+            delta = (x + _project(delta, epsilon, norm)).clamp(lo, hi) - x
+            best = (x + delta).detach().clone()
+            for _ in range(int(steps)):
+                delta.requires_grad_(True)
+                logits = module(x + delta)
+                loss = nn.functional.cross_entropy(logits, label, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, delta)
+                with torch.no_grad():
+                    direction = -grad if targeted is not None else grad
+                    delta = delta + _ascent_step(direction, step_size, norm)
+                    delta = (x + _project(delta, epsilon, norm)).clamp(lo, hi) - x
+                    pred = module(x + delta).argmax(dim=1)
+                    reached = pred == label if targeted is not None else pred != label
+                    best[reached] = (x + delta)[reached]
+                delta = delta.detach()
+            out[sl] = best.cpu().numpy()
+    finally:
+        module.train(was_training)
+    return out
+
+
+def predict_labels(module: nn.Module, X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """The base model's class ids for ``X`` (int64)."""
+    device = _module_device(module)
+    preds = []
+    with torch.inference_mode():
+        for start in range(0, len(X), batch_size):
+            xb = torch.from_numpy(np.asarray(X[start : start + batch_size], dtype=np.float32)).to(device)
+            preds.append(module(xb).argmax(dim=1).cpu().numpy())
+    return np.concatenate(preds) if preds else np.empty(0, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------- norm shift
+
+
+@dataclass(frozen=True)
+class NormShift:
+    """One norm-shift attack budget against certificates in another norm.
+
+    ``covered`` says, per input, whether the certificate rules the attack out after
+    the Theorem 2 conversion (radius * factor >= epsilon); ``naive_covered`` is the
+    mistaken reading that compares the radius with the budget as if the norms were the
+    same. ``needed_radius`` is the certificate radius (in ``cert_norm``) that would
+    cover this budget.
+    """
+
+    attack_norm: str
+    cert_norm: str
+    epsilon: float
+    input_dim: int
+    factor: float
+    needed_radius: float
+    covered: np.ndarray
+    naive_covered: np.ndarray
+
+    @property
+    def silent(self) -> bool:
+        """True when no input's certificate covers this budget: the certificate says nothing."""
+        return not bool(self.covered.any())
+
+    def summary(self) -> dict:
+        n = len(self.covered)
+        return {
+            "attack_norm": self.attack_norm,
+            "cert_norm": self.cert_norm,
+            "epsilon": self.epsilon,
+            "input_dim": self.input_dim,
+            "conversion_factor": self.factor,
+            "needed_cert_radius": self.needed_radius,
+            "covered_fraction": float(self.covered.mean()) if n else 0.0,
+            "naive_covered_fraction": float(self.naive_covered.mean()) if n else 0.0,
+            "certificate_silent": self.silent,
+        }
+
+
+def norm_shift_coverage(radii: np.ndarray, cert_norm: str, attack_norm: str, epsilon: float, input_dim: int) -> NormShift:
+    """Which certificates (``radii`` in ``cert_norm``) cover an ``attack_norm`` attack of ``epsilon``."""
+    cert_norm, attack_norm = check_norm(cert_norm), check_norm(attack_norm)
+    radii = np.asarray(radii, dtype=np.float64).reshape(-1)
+    factor = conversion_factor(cert_norm, attack_norm, input_dim)
+    return NormShift(
+        attack_norm=attack_norm,
+        cert_norm=cert_norm,
+        epsilon=float(epsilon),
+        input_dim=int(input_dim),
+        factor=factor,
+        needed_radius=float(epsilon) / factor,
+        covered=radii * factor >= epsilon,
+        naive_covered=radii >= epsilon,
+    )
+
+
+def norm_shift(
+    module: nn.Module,
+    X: np.ndarray,
+    y: np.ndarray,
+    radii: np.ndarray,
+    cert_norm: str,
+    epsilon: float,
+    attack_norm: str = "linf",
+    **pgd_kwargs,
+) -> tuple[np.ndarray, NormShift]:
+    """PGD in ``attack_norm`` against inputs certified in ``cert_norm``.
+
+    Returns the adversarial examples and the coverage of each input's certificate;
+    a successful example on an input that is ``naive_covered`` but not ``covered``
+    shows a certificate read in the wrong norm.
+    """
+    if check_norm(attack_norm) == check_norm(cert_norm):
+        raise ValueError(f"attack_norm: a norm-shift attack needs a norm other than the certificate's ({cert_norm})")
+    X = np.asarray(X, dtype=np.float32)
+    x_adv = pgd(module, X, y, epsilon, norm=attack_norm, **pgd_kwargs)
+    cov = norm_shift_coverage(radii, cert_norm, attack_norm, epsilon, int(np.prod(X.shape[1:])))
+    return x_adv, cov
+
+
+# ------------------------------------------------- what each attacker gets to see
+
+
+@dataclass(frozen=True)
+class PublicEntry:
+    """One public decision, exactly the ``PUBLIC_FIELDS`` of the decisions topic."""
+
+    id: str
+    ts: str
+    decision: str
+    policy_version: str
+
+
+@dataclass(frozen=True)
+class TrustedEntry:
+    """What the audit topic tells a trusted reader about one input (Theorem 2-converted radius)."""
+
+    id: str
+    decision: str
+    radius_threat: float
+    abstained: bool
+    predicted_class: int | None
+
+
+@dataclass(frozen=True)
+class PublicView:
+    """The public decisions topic, reduced to ``PUBLIC_FIELDS``; anything else is dropped."""
+
+    entries: tuple[PublicEntry, ...]
+
+    @classmethod
+    def from_records(cls, records: Iterable[Mapping]) -> PublicView:
+        entries = []
+        for i, r in enumerate(records):
+            missing = [f for f in PUBLIC_FIELDS if f not in r]
+            if missing:
+                raise ValueError(f"decisions[{i}]: missing field {missing[0]!r}")
+            entries.append(PublicEntry(**{f: str(r[f]) for f in PUBLIC_FIELDS}))
+        return cls(tuple(entries))
+
+
+@dataclass(frozen=True)
+class TrustedView:
+    """The audit topic: full records, so the radius in the threat norm is known."""
+
+    entries: tuple[TrustedEntry, ...]
+
+    @classmethod
+    def from_records(cls, records: Iterable[Mapping]) -> TrustedView:
+        entries = []
+        for i, r in enumerate(records):
+            try:
+                cert = r["certificate"]
+                radius = cert.get("radius_threat")
+                entries.append(
+                    TrustedEntry(
+                        id=str(r["id"]),
+                        decision=str(r["decision"]),
+                        radius_threat=float(radius if radius is not None else cert["radius"]),
+                        abstained=bool(cert["abstained"]),
+                        predicted_class=cert.get("predicted_class"),
+                    )
+                )
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"audit[{i}]: not a full decision record ({type(e).__name__}: {e})") from None
+        return cls(tuple(entries))
+
+
+# --------------------------------------------------------------------- attackers
+
+# The public attacker can only prefer inputs the policy currently lets through.
+_DECISION_ORDER = {"allow": 0, "review": 1, "block": 2}
+
+
+@dataclass(frozen=True)
+class PublicAttacker:
+    """Sees only the public decisions topic (``PublicView``).
+
+    With ``attempts`` tries it picks allowed inputs first, in an order shuffled by
+    ``seed`` (it has nothing to tell allowed inputs apart), then the others.
+    """
+
+    attempts: int
+    seed: int = 0
+
+    def choose(self, view: PublicView) -> list[str]:
+        rng = np.random.default_rng(self.seed)
+        tiebreak = rng.permutation(len(view.entries))
+        order = sorted(
+            range(len(view.entries)),
+            key=lambda i: (_DECISION_ORDER.get(view.entries[i].decision, 3), tiebreak[i]),
+        )
+        return [view.entries[i].id for i in order[: self.attempts]]
+
+
+@dataclass(frozen=True)
+class GuidedAttacker:
+    """Sees the trusted audit topic (``TrustedView``): certified radii in the threat norm.
+
+    An input whose radius is at least the attacker's budget ``epsilon`` is out of
+    reach (Theorem 1, up to the certificate's alpha), so it is skipped. Among the
+    rest it spends its ``attempts`` on allowed inputs with the smallest radius first
+    (those just above the policy's threshold are the cheapest to push over while the
+    clean input is still allowed), then the uncertified ones. Given only a
+    ``PublicView`` it has no radius and behaves exactly like ``PublicAttacker``.
+    """
+
+    attempts: int
+    epsilon: float
+    seed: int = 0
+
+    def choose(self, view: TrustedView | PublicView) -> list[str]:
+        if isinstance(view, PublicView):
+            return PublicAttacker(self.attempts, self.seed).choose(view)
+        rng = np.random.default_rng(self.seed)
+        tiebreak = rng.permutation(len(view.entries))
+        reachable = [i for i, e in enumerate(view.entries) if e.abstained or e.radius_threat < self.epsilon]
+        order = sorted(
+            reachable,
+            key=lambda i: (
+                _DECISION_ORDER.get(view.entries[i].decision, 3),
+                view.entries[i].radius_threat,
+                tiebreak[i],
+            ),
+        )
+        return [view.entries[i].id for i in order[: self.attempts]]
+
+
+__all__ = [
+    "ATTACK_NORMS",
+    "PUBLIC_FIELDS",
+    "GuidedAttacker",
+    "NormShift",
+    "PublicAttacker",
+    "PublicEntry",
+    "PublicView",
+    "TrustedEntry",
+    "TrustedView",
+    "norm_shift",
+    "norm_shift_coverage",
+    "pgd",
+    "predict_labels",
+]
