@@ -1,0 +1,458 @@
+"""Prometheus metrics of the riskpipe stage.
+
+Names follow Prometheus conventions: prefix ``riskpipe_``, base units (seconds),
+``_total`` for counters, and labels with a small, bounded set of values (never an
+event id, never a radius). The alert rules in ``deploy/prometheus/`` and the
+Grafana dashboard in ``deploy/grafana/`` are written against these names; the
+tests check that they stay in step.
+
+Several worker processes (``riskpipe run --workers N``)
+--------------------------------------------------------
+prometheus_client keeps one process's values in memory, so with several workers
+every worker must write its values to shared files and the serving process must
+aggregate them (prometheus_client "multiprocess mode"):
+
+1. the parent sets ``PROMETHEUS_MULTIPROC_DIR`` to an empty, writable directory
+   *before* prometheus_client is imported anywhere (the value class is chosen at
+   import time), and starts workers with the ``spawn`` method or as subprocesses;
+2. each worker builds its own :class:`StageMetrics` and records as usual;
+3. the parent serves with :func:`serve` (registry ``None``), which aggregates the
+   files through ``MultiProcessCollector``;
+4. when a worker exits the parent calls :func:`mark_worker_dead` so the ``live*``
+   gauges drop that worker's values.
+
+Counters and histograms are summed over workers. Gauges say how they combine:
+consumer lag per partition and review backlog take the largest live value (a
+partition revoked from a worker is reported by its new owner; the old owner sets
+it to 0 with :meth:`StageMetrics.drop_lag`), broker-up and last-poll take the
+smallest (one stuck worker is enough to alert). Info metrics cannot be stored in
+multiprocess mode, so policy and build info become gauges of value 1 with the
+same name and labels (what the text exposition of an Info metric is anyway).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import re
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+    make_wsgi_app,
+    multiprocess,
+)
+from prometheus_client.exposition import ThreadingWSGIServer
+
+import riskpipe
+
+PREFIX = "riskpipe"
+
+# The *_created series double the series count and nothing here queries them.
+disable_created_metrics()
+
+EVENT_OUTCOMES = ("decided", "dlq", "duplicate")
+CERTIFICATE_OUTCOMES = ("certified", "abstained", "below_epsilon")
+DECISIONS = ("allow", "review", "block")
+# DLQ reason codes (docs/records.md); anything else is counted as "other" so a
+# bug can never explode the label set.
+DLQ_REASONS = (
+    "invalid_json", "not_an_object", "missing_field", "wrong_type", "wrong_dtype",
+    "wrong_shape", "non_finite", "out_of_range", "unknown_model", "oversized",
+    "unsupported_cloudevent", "bad_id",
+)
+REVIEW_VERDICTS = ("confirmed_clean", "confirmed_manipulated", "unsure")
+
+# Bucket boundaries. Radii are distances in the threat-model norm: l_inf radii sit
+# around 1e-3..0.5, l2 radii around 0.01..10, so the buckets are geometric.
+RADIUS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5,
+                  0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+EVALUATION_BUCKETS = (1, 10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000, 100_000)
+CERTIFY_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                           1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+END_TO_END_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                      30.0, 60.0, 120.0, 300.0)
+REVIEW_SECONDS_BUCKETS = (60, 300, 900, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600,
+                          24 * 3600, 72 * 3600)
+
+_LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.:-]")
+
+
+def multiprocess_enabled() -> bool:
+    """True when PROMETHEUS_MULTIPROC_DIR is set (prometheus_client multiprocess mode)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or
+                os.environ.get("prometheus_multiproc_dir"))
+
+
+def _check_multiprocess_setup() -> None:
+    """Fail loudly if the env var was set after prometheus_client chose its value class."""
+    from prometheus_client import values
+
+    if multiprocess_enabled() and values.ValueClass is values.MutexValue:
+        raise RuntimeError(
+            "PROMETHEUS_MULTIPROC_DIR: set after prometheus_client was imported; set it "
+            "before starting the worker process (see riskpipe/metrics.py)")
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get(
+        "prometheus_multiproc_dir")
+    if directory and not os.path.isdir(directory):
+        raise RuntimeError(f"PROMETHEUS_MULTIPROC_DIR: {directory!r} is not a directory")
+
+
+def _label(value: Any, default: str = "unknown", limit: int = 64) -> str:
+    """A short, safe label value (labels must stay low-cardinality and printable)."""
+    if value is None or value == "":
+        return default
+    return _LABEL_VALUE.sub("_", str(value))[:limit]
+
+
+class _InfoMetric:
+    """An Info metric that also works in multiprocess mode (as a gauge of value 1)."""
+
+    def __init__(self, name: str, doc: str, labelnames: tuple[str, ...],
+                 registry: CollectorRegistry) -> None:
+        self._labelnames = labelnames
+        self._current: tuple[str, ...] | None = None
+        if multiprocess_enabled():
+            self._gauge: Gauge | None = Gauge(f"{name}_info", doc, labelnames,
+                                              registry=registry, multiprocess_mode="livemax")
+            self._info: Info | None = None
+        else:
+            self._gauge = None
+            self._info = Info(name, doc, registry=registry)
+
+    def set(self, values: Mapping[str, str]) -> None:
+        labels = tuple(values[n] for n in self._labelnames)
+        if self._info is not None:
+            self._info.info(dict(zip(self._labelnames, labels)))
+            return
+        assert self._gauge is not None
+        if self._current is not None and self._current != labels:
+            # Label removal is not possible across processes: mark the old one 0.
+            self._gauge.labels(*self._current).set(0)
+        self._gauge.labels(*labels).set(1)
+        self._current = labels
+
+
+def _torch_version() -> str:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        return "none"
+    return torch.__version__
+
+
+class StageMetrics:
+    """Every metric the stage exports, with one method per thing that happens.
+
+    ``registry=None`` creates a private registry (so several instances can coexist,
+    e.g. in tests); pass ``prometheus_client.REGISTRY`` to add process metrics.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        _check_multiprocess_setup()
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        p = PREFIX
+        self.events = Counter(f"{p}_events_total", "Input events by outcome.",
+                              ["outcome"], registry=r)
+        self.decisions = Counter(f"{p}_decisions_total", "Decisions by kind and policy version.",
+                                 ["decision", "policy_version"], registry=r)
+        self.certificates = Counter(
+            f"{p}_certificates_total",
+            "Certificates by method and outcome (certified in the threat model, "
+            "abstained, or radius below the threat epsilon).",
+            ["method", "outcome"], registry=r)
+        self.radius = Histogram(
+            f"{p}_certified_radius",
+            "Certified radius converted to the policy's threat-model norm (Theorem 2); "
+            "abstentions are not observed.",
+            ["norm"], buckets=RADIUS_BUCKETS, registry=r)
+        self.score = Histogram(f"{p}_risk_score", "Composite risk score in [0, 1].",
+                               buckets=SCORE_BUCKETS, registry=r)
+        self.evaluations = Histogram(
+            f"{p}_model_evaluations", "Model evaluations used by one certificate.",
+            ["method"], buckets=EVALUATION_BUCKETS, registry=r)
+        self.certify_seconds = Histogram(
+            f"{p}_certification_duration_seconds", "Time to compute one certificate.",
+            ["method"], buckets=CERTIFY_SECONDS_BUCKETS, registry=r)
+        self.end_to_end_seconds = Histogram(
+            f"{p}_end_to_end_latency_seconds",
+            "From event time (or Kafka timestamp) to the decision being emitted.",
+            buckets=END_TO_END_BUCKETS, registry=r)
+        self.dlq_messages = Counter(f"{p}_dlq_messages_total",
+                                    "Messages sent to the dead-letter topic, by reason.",
+                                    ["reason"], registry=r)
+        self.review_routed = Counter(f"{p}_review_routed_total",
+                                     "Decisions routed to human review, by first reason code.",
+                                     ["reason"], registry=r)
+        self.review_backlog = Gauge(f"{p}_review_backlog",
+                                    "Items in the review queue awaiting a verdict.",
+                                    registry=r, multiprocess_mode="livemax")
+        self.review_verdicts = Counter(f"{p}_review_verdicts_total",
+                                       "Review verdicts received, by verdict.",
+                                       ["verdict"], registry=r)
+        self.review_seconds = Histogram(
+            f"{p}_review_time_to_verdict_seconds",
+            "From the decision to the reviewer's verdict.",
+            ["verdict"], buckets=REVIEW_SECONDS_BUCKETS, registry=r)
+        self.review_deadline_breaches = Counter(
+            f"{p}_review_deadline_breaches_total",
+            "Review items whose deadline passed without a verdict.", registry=r)
+        self.lag = Gauge(f"{p}_consumer_lag_messages",
+                         "Messages behind the partition's end offset.",
+                         ["topic", "partition"], registry=r, multiprocess_mode="livemax")
+        self.policy_info = _InfoMetric(f"{p}_policy", "The policy in force.",
+                                       ("name", "version", "sha256"), r)
+        self.policy_loaded = Gauge(f"{p}_policy_loaded_timestamp_seconds",
+                                   "Unix time the policy in force was loaded.",
+                                   registry=r, multiprocess_mode="livemax")
+        self.build_info = _InfoMetric(f"{p}_build", "riskpipe build.",
+                                      ("version", "python", "torch"), r)
+        self.broker_errors = Counter(f"{p}_broker_errors_total",
+                                     "Errors talking to the Kafka broker, by kind.",
+                                     ["kind"], registry=r)
+        self.broker_up = Gauge(f"{p}_broker_up",
+                               "1 when the stage is connected to the broker, else 0.",
+                               registry=r, multiprocess_mode="livemin")
+        self.reconnects = Counter(f"{p}_broker_reconnects_total",
+                                  "Reconnections to the broker.", registry=r)
+        self.last_poll = Gauge(f"{p}_last_poll_timestamp_seconds",
+                               "Unix time of the stage's last poll of the input topic.",
+                               registry=r, multiprocess_mode="livemin")
+        self.build_info.set({"version": riskpipe.__version__,
+                             "python": platform.python_version(),
+                             "torch": _torch_version()})
+
+    # -- events and decisions -------------------------------------------------
+    def event(self, outcome: str) -> None:
+        """Count one input event: decided, dlq or duplicate."""
+        if outcome not in EVENT_OUTCOMES:
+            raise ValueError(f"outcome: {outcome!r} is not one of {EVENT_OUTCOMES}")
+        self.events.labels(outcome).inc()
+
+    def decision(self, record: Mapping[str, Any]) -> None:
+        """Record everything a full decision record (docs/records.md) says.
+
+        Missing optional fields are skipped rather than raised: metrics must never
+        stop the stage.
+        """
+        policy = record.get("policy") or {}
+        decision = record.get("decision")
+        self.decisions.labels(_label(decision), _label(policy.get("version"))).inc()
+        cert = record.get("certificate") or {}
+        method = _label(cert.get("method"))
+        self.certificates.labels(method, certificate_outcome(cert)).inc()
+        radius = _number(cert.get("radius_threat"))
+        if radius is not None and not cert.get("abstained"):
+            norm = cert.get("threat_norm") or cert.get("norm")
+            self.radius.labels(_label(norm)).observe(radius)
+        score = _number(record.get("score"))
+        if score is not None:
+            self.score.observe(score)
+        n = _number(cert.get("n_samples"))
+        if n is not None:
+            self.evaluations.labels(method).observe(n)
+        ms = _number(cert.get("elapsed_ms"))
+        if ms is not None:
+            self.certify_seconds.labels(method).observe(ms / 1000.0)
+        review = record.get("review") or {}
+        if review.get("routed"):
+            self.review_routed.labels(review_reason(record)).inc()
+
+    def end_to_end(self, seconds: float) -> None:
+        self.end_to_end_seconds.observe(max(0.0, float(seconds)))
+
+    def dlq(self, reason: str) -> None:
+        self.dlq_messages.labels(reason if reason in DLQ_REASONS else "other").inc()
+
+    # -- consumer -------------------------------------------------------------
+    def set_lag(self, topic: str, partition: int, lag: int | float) -> None:
+        self.lag.labels(_label(topic, limit=249), str(int(partition))).set(max(0, lag))
+
+    def drop_lag(self, topic: str, partition: int) -> None:
+        """Forget a partition revoked in a rebalance (its new owner reports it)."""
+        labels = (_label(topic, limit=249), str(int(partition)))
+        if multiprocess_enabled():
+            self.lag.labels(*labels).set(0)
+        else:
+            self.lag.remove(*labels)
+
+    def poll(self) -> None:
+        """Note a poll of the input topic (the "not consuming" alert watches this)."""
+        self.last_poll.set(time.time())
+
+    def broker_error(self, kind: str) -> None:
+        self.broker_errors.labels(_label(kind, limit=40)).inc()
+
+    def set_broker_up(self, up: bool) -> None:
+        self.broker_up.set(1 if up else 0)
+
+    def reconnect(self) -> None:
+        self.reconnects.inc()
+
+    # -- policy ----------------------------------------------------------------
+    def set_policy(self, name: str, version: str, sha256: str) -> None:
+        """Publish the policy in force; the "policy changed" alert watches the sha."""
+        self.policy_info.set({"name": _label(name), "version": _label(version),
+                              "sha256": _label(sha256)})
+        self.policy_loaded.set(time.time())
+
+    # -- review -----------------------------------------------------------------
+    def set_review_backlog(self, n: int) -> None:
+        self.review_backlog.set(max(0, n))
+
+    def review_verdict(self, verdict: str, seconds_to_review: float | None) -> None:
+        v = verdict if verdict in REVIEW_VERDICTS else "other"
+        self.review_verdicts.labels(v).inc()
+        if seconds_to_review is not None:
+            self.review_seconds.labels(v).observe(max(0.0, float(seconds_to_review)))
+
+    def review_deadline_breach(self) -> None:
+        self.review_deadline_breaches.inc()
+
+    # -- exposition ----------------------------------------------------------------
+    def serve(self, port: int, addr: str = "127.0.0.1") -> MetricsServer:
+        """Serve this instance's metrics (all workers' in multiprocess mode)."""
+        return serve(port, addr, None if multiprocess_enabled() else self.registry)
+
+
+def certificate_outcome(cert: Mapping[str, Any]) -> str:
+    """certified / abstained / below_epsilon, judged in the policy's threat model."""
+    if cert.get("abstained"):
+        return "abstained"
+    certified = cert.get("certified")
+    if certified is not None:
+        return "certified" if certified else "below_epsilon"
+    radius = _number(cert.get("radius_threat"))
+    epsilon = _number(cert.get("threat_epsilon"))
+    if radius is None:
+        return "below_epsilon"
+    if epsilon is None:
+        return "certified" if radius > 0 else "below_epsilon"
+    return "certified" if radius >= epsilon else "below_epsilon"
+
+
+def review_reason(record: Mapping[str, Any]) -> str:
+    """The label a review routing is counted under: audit_sample or the first reason."""
+    review = record.get("review") or {}
+    if review.get("audit_sample"):
+        return "audit_sample"
+    reasons = record.get("reasons") or []
+    return _label(reasons[0] if reasons else None, default="unspecified")
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+# -- serving ----------------------------------------------------------------------
+
+def exposition_registry(registry: CollectorRegistry | None = None) -> CollectorRegistry:
+    """The registry to expose: ``registry``, or all workers' files in multiprocess mode."""
+    if registry is not None:
+        return registry
+    if not multiprocess_enabled():
+        raise ValueError("registry: required unless PROMETHEUS_MULTIPROC_DIR is set")
+    _check_multiprocess_setup()
+    merged = CollectorRegistry()
+    multiprocess.MultiProcessCollector(merged)
+    return merged
+
+
+def expose(registry: CollectorRegistry | None = None) -> bytes:
+    """The Prometheus text exposition of ``registry`` (or of all workers)."""
+    return generate_latest(exposition_registry(registry))
+
+
+def mark_worker_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges (call from the parent when a worker exits)."""
+    if multiprocess_enabled():
+        multiprocess.mark_process_dead(pid)
+
+
+def last_poll_age(registry: CollectorRegistry, now: float | None = None) -> float | None:
+    """Seconds since the stalest worker's last poll, or None before any poll."""
+    for family in registry.collect():
+        if family.name == f"{PREFIX}_last_poll_timestamp_seconds":
+            stamps = [s.value for s in family.samples if s.value > 0]
+            if stamps:
+                return (now if now is not None else time.time()) - min(stamps)
+    return None
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+        pass
+
+
+class MetricsServer:
+    """A running metrics endpoint; ``shutdown()`` stops it and frees the port."""
+
+    def __init__(self, httpd: ThreadingWSGIServer, thread: threading.Thread) -> None:
+        self._httpd = httpd
+        self._thread = thread
+        self.port: int = httpd.server_port
+        self.addr: str = httpd.server_address[0]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.addr}:{self.port}/metrics"
+
+    def shutdown(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+def health_app(registry: CollectorRegistry, stall_seconds: float):
+    """WSGI app: ``/metrics`` and ``/healthz``, which fails once polling has stalled.
+
+    /healthz is for a liveness probe: it answers 200 until the stage has polled
+    at least once and then gone ``stall_seconds`` without polling (a wedged loop),
+    which a restart may fix. It does not look at the broker: restarting pods does
+    not fix a broker outage, and the broker_up alert covers that.
+    """
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/healthz":
+            age = last_poll_age(registry)
+            if age is not None and age > stall_seconds:
+                start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [f"stalled: no poll for {age:.0f} s\n".encode()]
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
+        return metrics_app(environ, start_response)
+
+    return app
+
+
+def serve(port: int, addr: str = "127.0.0.1", registry: CollectorRegistry | None = None,
+          stall_seconds: float = 300.0) -> MetricsServer:
+    """Serve ``/metrics`` and ``/healthz`` on ``addr:port`` in a daemon thread.
+
+    ``port=0`` picks a free port (see ``.port``). ``registry=None`` serves all
+    workers' metrics in multiprocess mode.
+    """
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"metrics_port: {port!r} is not a TCP port")
+    app = health_app(exposition_registry(registry), stall_seconds)
+    httpd = make_server(addr, int(port), app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    thread = threading.Thread(target=httpd.serve_forever, name="riskpipe-metrics", daemon=True)
+    thread.start()
+    return MetricsServer(httpd, thread)
