@@ -88,6 +88,16 @@ def _ascent_step(grad: torch.Tensor, step_size: float, norm: str) -> torch.Tenso
     return step_size * grad / _per_sample_l2(grad)
 
 
+def _log_probs(module: nn.Module, x: torch.Tensor, noise_sigma: float, samples: int, gen: torch.Generator):
+    """Log class probabilities: of the base model, or averaged over Gaussian noise."""
+    if noise_sigma <= 0:
+        return torch.log_softmax(module(x), dim=1)
+    noise = torch.randn((samples, *x.shape), generator=gen).to(x.device) * noise_sigma
+    probs = torch.softmax(module((x.unsqueeze(0) + noise).flatten(0, 1)), dim=1)
+    probs = probs.view(samples, x.shape[0], -1).mean(dim=0)
+    return torch.log(probs.clamp_min(1e-12))
+
+
 def pgd(
     module: nn.Module,
     X: np.ndarray,
@@ -101,6 +111,8 @@ def pgd(
     random_start: bool = True,
     targeted: np.ndarray | None = None,
     batch_size: int = 512,
+    noise_sigma: float = 0.0,
+    noise_samples: int = 8,
 ) -> np.ndarray:
     """Adversarial examples for ``module`` (float32 logits model), one per row of ``X``.
 
@@ -111,6 +123,11 @@ def pgd(
     reached the goal (label changed / target hit), else the final one. Runs on the
     module's device; the random start is drawn on the CPU from ``seed``, so the result
     does not depend on the device's generator.
+
+    ``noise_sigma > 0`` attacks the Gaussian-smoothed classifier instead of the base
+    model (expectation over transformation, as in Salman et al. 2019): the loss is the
+    cross-entropy of the softmax averaged over ``noise_samples`` noisy copies, and
+    success is judged on that average.
     """
     norm = _check_attack_args(epsilon, norm, steps, value_range)
     X = np.asarray(X, dtype=np.float32)
@@ -143,14 +160,14 @@ def pgd(
             best = (x + delta).detach().clone()
             for _ in range(int(steps)):
                 delta.requires_grad_(True)
-                logits = module(x + delta)
-                loss = nn.functional.cross_entropy(logits, label, reduction="sum")
+                log_probs = _log_probs(module, x + delta, noise_sigma, noise_samples, gen)
+                loss = nn.functional.nll_loss(log_probs, label, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, delta)
                 with torch.no_grad():
                     direction = -grad if targeted is not None else grad
                     delta = delta + _ascent_step(direction, step_size, norm)
                     delta = (x + _project(delta, epsilon, norm)).clamp(lo, hi) - x
-                    pred = module(x + delta).argmax(dim=1)
+                    pred = _log_probs(module, x + delta, noise_sigma, noise_samples, gen).argmax(dim=1)
                     reached = pred == label if targeted is not None else pred != label
                     best[reached] = (x + delta)[reached]
                 delta = delta.detach()
