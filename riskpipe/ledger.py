@@ -158,6 +158,40 @@ def _check_entry_id(entry_id: Any) -> str:
     return entry_id
 
 
+def check_chain(rows: Iterable[tuple], expect_head: str | None = None):
+    """Walk ``(seq, kind, entry_id, ts, record_text, prev_hash, hash)`` rows in order.
+
+    Returns ``(n_good, head, bad, anchored_seq)``: the number of rows that check out,
+    the hash of the last good row, ``(first_bad_seq, reason)`` or None, and the seq
+    whose hash equals ``expect_head`` (None if not seen).
+    """
+    prev, n, anchored_seq = GENESIS, 0, None
+    for seq, kind, eid, ts, text, prev_hash, stored in rows:
+        expected_seq = n + 1
+        if seq != expected_seq:
+            return n, prev, (expected_seq, f"row {expected_seq} is missing (next row is seq {seq}): deleted"), anchored_seq
+        problem = None
+        if prev_hash != prev:
+            problem = f"row {seq} does not link to row {seq - 1} (prev_hash mismatch): deleted, inserted or reordered"
+        else:
+            try:
+                record = json.loads(text)
+            except (TypeError, ValueError):
+                record, problem = None, f"row {seq}: stored record is not JSON (edited)"
+            if problem is None and canonical_json(record) != text:
+                problem = f"row {seq}: stored record is not canonical JSON (edited)"
+            elif problem is None and entry_hash(prev, kind, eid, text) != stored:
+                problem = f"row {seq}: hash mismatch (record, kind or id edited)"
+            elif problem is None and ts != (record.get("ts") if isinstance(record, dict) else None):
+                problem = f"row {seq}: ts column {ts!r} differs from the record's ts (edited)"
+        if problem:
+            return n, prev, (seq, problem), anchored_seq
+        n, prev = seq, stored
+        if expect_head is not None and stored == expect_head:
+            anchored_seq = seq
+    return n, prev, None, anchored_seq
+
+
 def _row_to_entry(row: tuple) -> Entry:
     seq, kind, entry_id, ts, record, prev_hash, hash_ = row
     return Entry(seq, kind, entry_id, ts, json.loads(record), prev_hash, hash_)
@@ -220,21 +254,22 @@ class Ledger:
     # -- writing --------------------------------------------------------------------------
     def append(self, record: dict, kind: str = "decision", entry_id: str | None = None) -> bool:
         """Append one record; False (and nothing written) if (kind, entry_id) is already there."""
-        return self.append_many([record], kind, entry_ids=None if entry_id is None else [entry_id]) == 1
+        return self.append_entries([(kind, record, entry_id)]) == 1
 
-    def append_many(self, records: Iterable[dict], kind: str = "decision", entry_ids: Iterable[str] | None = None) -> int:
-        """Append a batch in one transaction; returns how many were new.
+    def append_many(self, records: Iterable[dict], kind: str = "decision") -> int:
+        """Append a batch of one kind in one transaction; returns how many were new."""
+        return self.append_entries((kind, r, None) for r in records)
 
-        ``entry_ids`` (same length as ``records``) overrides the default ``record["id"]``.
-        Every record is validated before anything is written.
+    def append_entries(self, entries: Iterable[tuple[str, dict, str | None]]) -> int:
+        """Append ``(kind, record, entry_id or None)`` items in one transaction.
+
+        Every item is validated before anything is written; items already in the
+        ledger (same kind and entry id), or repeated in the batch, are skipped.
+        Returns how many rows were written.
         """
-        _check_kind(kind)
-        records = list(records)
-        ids = list(entry_ids) if entry_ids is not None else [None] * len(records)
-        if len(ids) != len(records):
-            raise LedgerError("entry_ids: must have one id per record")
         prepared = []
-        for i, (record, eid) in enumerate(zip(records, ids)):
+        for i, (kind, record, eid) in enumerate(entries):
+            _check_kind(kind)
             if not isinstance(record, dict):
                 raise LedgerError(f"record[{i}]: must be a JSON object, got {type(record).__name__}")
             eid = _check_entry_id(record.get("id") if eid is None else eid)
@@ -243,21 +278,21 @@ class Ledger:
                 if not isinstance(ts, str):
                     raise LedgerError(f"record[{i}].ts: must be an RFC 3339 string, got {type(ts).__name__}")
                 parse_ts(ts, f"record[{i}].ts")
-            prepared.append((eid, ts, canonical_json(record)))
+            prepared.append((kind, eid, ts, canonical_json(record)))
         if not prepared:
             return 0
         written = 0
         with self._write() as db:
-            count, head = db.execute("SELECT count, head FROM chain_state WHERE id = 1").fetchone()
+            count, _ = db.execute("SELECT count, head FROM chain_state WHERE id = 1").fetchone()
             last = db.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
             seq, prev = last if last else (0, GENESIS)
-            seen: set[str] = set()
-            for eid, ts, text in prepared:
-                if eid in seen or db.execute(
+            seen: set[tuple[str, str]] = set()
+            for kind, eid, ts, text in prepared:
+                if (kind, eid) in seen or db.execute(
                     "SELECT 1 FROM entries WHERE kind = ? AND entry_id = ?", (kind, eid)
                 ).fetchone():
                     continue
-                seen.add(eid)
+                seen.add((kind, eid))
                 seq += 1
                 h = entry_hash(prev, kind, eid, text)
                 db.execute(
@@ -293,20 +328,12 @@ class Ledger:
         """
         lo = parse_ts(since, "since") if since is not None else None
         hi = parse_ts(until, "until") if until is not None else None
-        sql = "SELECT seq, kind, entry_id, ts, record, prev_hash, hash FROM entries"
-        args: tuple = ()
-        if kind is not None:
-            sql, args = sql + " WHERE kind = ?", (kind,)
-        sql += " ORDER BY seq"
-        last_seq, batch = 0, 1000
-        while True:
+        where, args = ("kind = ? AND seq > ?", [kind]) if kind is not None else ("seq > ?", [])
+        sql = f"SELECT seq, kind, entry_id, ts, record, prev_hash, hash FROM entries WHERE {where} ORDER BY seq LIMIT 1000"
+        last_seq = 0
+        while True:  # pages of 1000 rows: no lock or cursor is held while the caller iterates
             with self._lock:
-                if kind is None:
-                    q = sql.replace(" ORDER BY", " WHERE seq > ? ORDER BY") + " LIMIT ?"
-                    rows = self._db.execute(q, (last_seq, batch)).fetchall()
-                else:
-                    q = sql.replace(" ORDER BY", " AND seq > ? ORDER BY") + " LIMIT ?"
-                    rows = self._db.execute(q, args + (last_seq, batch)).fetchall()
+                rows = self._db.execute(sql, (*args, last_seq)).fetchall()
             if not rows:
                 return
             for row in rows:
@@ -340,32 +367,10 @@ class Ledger:
             raise LedgerError(f"expect_count: must be a non-negative integer; got {expect_count!r}")
         with self._read() as db:
             state = db.execute("SELECT count, head FROM chain_state WHERE id = 1").fetchone()
-            cur = db.execute("SELECT seq, kind, entry_id, ts, record, prev_hash, hash FROM entries ORDER BY seq")
-            prev, n, anchored_seq = GENESIS, 0, None
-            for seq, kind, eid, ts, text, prev_hash, stored in cur:
-                n += 1
-
-                def bad(reason: str) -> VerifyResult:
-                    return VerifyResult(False, n - 1, prev, seq, reason)
-
-                if seq != n:
-                    return VerifyResult(False, n - 1, prev, n, f"row {n} is missing (next row is seq {seq}): deleted")
-                if prev_hash != prev:
-                    return bad(f"row {seq} does not link to row {seq - 1} (prev_hash mismatch): deleted, inserted or reordered")
-                try:
-                    record = json.loads(text)
-                except ValueError:
-                    return bad(f"row {seq}: stored record is not JSON")
-                if canonical_json(record) != text:
-                    return bad(f"row {seq}: stored record is not canonical JSON (edited)")
-                if entry_hash(prev, kind, eid, text) != stored:
-                    return bad(f"row {seq}: hash mismatch (record, kind or id edited)")
-                rts = record.get("ts") if isinstance(record, dict) else None
-                if ts != rts:
-                    return bad(f"row {seq}: ts column {ts!r} differs from record ts {rts!r} (edited)")
-                prev = stored
-                if expect_head is not None and stored == expect_head:
-                    anchored_seq = seq
+            rows = db.execute("SELECT seq, kind, entry_id, ts, record, prev_hash, hash FROM entries ORDER BY seq")
+            n, prev, bad, anchored_seq = check_chain(rows, expect_head)
+        if bad is not None:
+            return VerifyResult(False, n, prev, *bad)
         if state is None:
             return VerifyResult(False, n, prev, n + 1, "chain_state row is missing (tampered)")
         s_count, s_head = state
