@@ -1,0 +1,31 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    # Models and context indexes are cached per user; tests share one cache so the
+    # demo model trains at most once per machine.
+    os.environ.setdefault("RISKPIPE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "riskpipe-tests"))
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def demo_model():
+    from riskpipe.models import load_model
+
+    return load_model("demo:digits")
+
+
+@pytest.fixture(scope="session")
+def digits_test():
+    from riskpipe.models.digits import load_split
+
+    return load_split("test")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
