@@ -1,0 +1,276 @@
+"""``riskpipe ledger``: verify, anchor, export, ingest and replay the hash-chained ledger."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+
+from riskpipe.cli.common import fail
+
+# which ledger kind a topic's messages become (``--topic NAME=KIND`` overrides)
+TOPIC_KINDS = {"audit": "decision", "review-outcomes": "verdict", "dlq": "dlq"}
+
+
+def _open(path: str, must_exist: bool = True):
+    from riskpipe.ledger import Ledger, LedgerError
+
+    if must_exist and not Path(path).is_file():
+        fail(f"ledger {path}: file not found")
+    try:
+        return Ledger(path)
+    except LedgerError as e:
+        fail(str(e))
+
+
+@click.group()
+def ledger() -> None:
+    """The tamper-evident ledger of decisions, verdicts, policies and dead letters."""
+
+
+@ledger.command()
+@click.argument("path")
+@click.option("--expect-head", default=None, help="A head printed earlier by `ledger head` (anchored or signed).")
+@click.option("--expect-count", type=click.IntRange(min=0), default=None, help="The row count that head was taken at.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify(path, expect_head, expect_count, as_json):
+    """Recompute the hash chain of PATH; exit 0 only if it is intact.
+
+    Detects edited, deleted, inserted and reordered rows, and a truncated tail
+    (against the ledger's own checkpoint, and against --expect-head / --expect-count
+    when the checkpoint was forged too).
+    """
+    from riskpipe.ledger import LedgerError
+
+    with _open(path) as led:
+        try:
+            res = led.verify(expect_head=expect_head, expect_count=expect_count)
+        except LedgerError as e:
+            fail(str(e))
+    if as_json:
+        click.echo(json.dumps(res.to_dict(), sort_keys=True))
+    elif res.ok:
+        click.echo(f"ok: {res.count} rows, head {res.head}")
+    else:
+        click.echo(f"TAMPERED: first bad row {res.first_bad_seq}: {res.reason}")
+        click.echo(f"  {res.count} rows check out before it; last good head {res.head}")
+    sys.exit(0 if res.ok else 1)
+
+
+@ledger.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print {head, count, ts} as JSON for signing.")
+def head(path, as_json):
+    """Print the chain head of PATH (hash of the last row) for signing or anchoring."""
+    with _open(path) as led:
+        h, n = led.head(), led.count()
+    if as_json:
+        ts = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        click.echo(json.dumps({"head": h, "count": n, "ts": ts, "ledger": str(Path(path).resolve())}, sort_keys=True))
+    else:
+        click.echo(h)
+
+
+@ledger.command()
+@click.argument("path")
+@click.option("--out", "out_path", required=True, help="JSON lines file to write ('-' for stdout).")
+@click.option("--kind", type=click.Choice(["decision", "verdict", "policy", "dlq"]), default=None,
+              help="Only this kind (the subset cannot be chain-verified on its own).")
+@click.option("--since", default=None, help="RFC 3339 time, inclusive.")
+@click.option("--until", default=None, help="RFC 3339 time, exclusive.")
+def export(path, out_path, kind, since, until):
+    """Write entries as JSON lines: {seq, kind, entry_id, ts, record, prev_hash, hash}.
+
+    A full export (no filters) can be re-verified by anyone with sha256 (layout in
+    riskpipe/ledger.py).
+    """
+    from riskpipe.ledger import LedgerError, canonical_json
+
+    n = 0
+    with _open(path) as led:
+        out = sys.stdout if out_path == "-" else open(out_path, "w", encoding="utf-8")
+        try:
+            for e in led.records(kind=kind, since=since, until=until):
+                out.write(canonical_json(e.to_dict()) + "\n")
+                n += 1
+        except LedgerError as e:
+            fail(str(e))
+        finally:
+            if out is not sys.stdout:
+                out.close()
+    if out_path != "-":
+        click.echo(f"wrote {n} entries to {out_path}", err=True)
+
+
+def _topic_kinds(topics: tuple[str, ...]) -> dict[str, str]:
+    from riskpipe.ledger import KINDS
+
+    mapping = {}
+    for t in topics:
+        name, _, kind = t.partition("=")
+        kind = kind or TOPIC_KINDS.get(name, "decision")
+        if kind not in KINDS:
+            fail(f"--topic {t}: kind {kind!r} is not one of {', '.join(KINDS)}")
+        mapping[name] = kind
+    return mapping
+
+
+def _header(msg, name: str) -> str | None:
+    for k, v in msg.headers or []:
+        if k == name:
+            return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+    return None
+
+
+def message_entries(msg, kind: str) -> list[tuple[str, dict, str | None]]:
+    """Ledger entries for one Kafka message. Audit records also yield a ``policy`` entry the
+    first time a policy (name, version, sha256) is seen; unreadable messages become a ``dlq``
+    entry (reason and digest, never the payload) so the gap is on record."""
+    from riskpipe.ledger import dlq_record, policy_record
+
+    ts = datetime.fromtimestamp((msg.timestamp or 0) / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    where = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
+    if kind == "dlq":
+        reason = _header(msg, "__riskpipe.errors.reason") or "unknown"
+        src = {k: _header(msg, f"__riskpipe.errors.{k}") for k in ("topic", "partition", "offset")}
+        if src["topic"] is None:
+            src = where
+        rec, eid = dlq_record(reason, msg.value or b"", ts, topic=src["topic"],
+                              partition=int(src["partition"]) if src["partition"] not in (None, "") else None,
+                              offset=int(src["offset"]) if src["offset"] not in (None, "") else None,
+                              message=_header(msg, "__riskpipe.errors.message"))
+        return [("dlq", rec, eid)]
+    try:
+        record = json.loads(msg.value)
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        if not isinstance(record.get("id"), str) or not record["id"]:
+            raise ValueError("missing field 'id'")
+    except (TypeError, ValueError) as e:
+        reason = "missing_field" if "missing field" in str(e) else ("not_an_object" if "object" in str(e) else "invalid_json")
+        rec, eid = dlq_record(reason, msg.value or b"", ts, message=f"ledger ingest: {e}", **where)
+        return [("dlq", rec, eid)]
+    out = []
+    pol = record.get("policy")
+    if kind == "decision" and isinstance(pol, dict) and {"name", "version", "sha256"} <= pol.keys():
+        prec, peid = policy_record(str(pol["name"]), str(pol["version"]), str(pol["sha256"]),
+                                   record.get("ts") or ts, event="first_seen", shadow=pol.get("shadow"))
+        out.append(("policy", prec, peid))
+    out.append((kind, record, None))
+    return out
+
+
+def ingest_topics(bootstrap: str, topic_kinds: dict[str, str], ledger_path: str, group_id: str,
+                  until_idle: float | None = None, max_records: int = 500, echo=click.echo) -> dict:
+    """Consume the topics into the ledger. Offsets are committed only after the ledger
+    transaction, so a crash re-delivers and the idempotent append drops the copies;
+    several workers in one group share partitions and one ledger file."""
+    from kafka import KafkaConsumer, OffsetAndMetadata
+
+    from riskpipe.ledger import Ledger, LedgerError
+
+    stats = {"messages": 0, "written": 0, "unreadable": 0}
+    consumer = KafkaConsumer(
+        *topic_kinds, bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False,
+        auto_offset_reset="earliest", session_timeout_ms=10_000 if until_idle is None else 2000,
+        heartbeat_interval_ms=3000 if until_idle is None else 600, client_id=f"riskpipe-ledger-{group_id}",
+    )
+    led = Ledger(ledger_path)
+    last_data = time.monotonic()
+    try:
+        while until_idle is None or time.monotonic() - last_data < until_idle:
+            batch = consumer.poll(timeout_ms=200, max_records=max_records)
+            if not batch:
+                continue
+            last_data = time.monotonic()
+            entries, offsets = [], {}
+            for tp, msgs in batch.items():
+                for m in msgs:
+                    got = message_entries(m, topic_kinds[tp.topic])
+                    stats["unreadable"] += sum(1 for k, _, _ in got if k == "dlq" and topic_kinds[tp.topic] != "dlq")
+                    entries.extend(got)
+                    offsets[tp] = OffsetAndMetadata(m.offset + 1, None, -1)
+                    stats["messages"] += 1
+            try:
+                written = led.append_entries(entries)
+            except LedgerError as e:
+                fail(f"ledger ingest: {e}")
+            stats["written"] += written
+            consumer.commit(offsets)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close(autocommit=False)
+        stats["head"], stats["count"] = led.head(), led.count()
+        led.close()
+    return stats
+
+
+@ledger.command()
+@click.option("--bootstrap-servers", required=True, help="Kafka bootstrap servers, HOST:PORT.")
+@click.option("--topic", "topics", multiple=True, default=("audit",), show_default=True,
+              help="Topic to consume, optionally NAME=KIND (audit=decision, review-outcomes=verdict, dlq=dlq). Repeatable.")
+@click.option("--ledger", "ledger_path", required=True, help="Ledger file (created if absent).")
+@click.option("--group-id", default="riskpipe-ledger", show_default=True, help="Consumer group shared by ingest workers.")
+@click.option("--until-idle", type=click.FloatRange(min=0.1), default=None,
+              help="Stop after this many seconds without messages (default: run until interrupted).")
+def ingest(bootstrap_servers, topics, ledger_path, group_id, until_idle):
+    """Build the ledger from the audit topic (and optionally review-outcomes and dlq)."""
+    try:
+        stats = ingest_topics(bootstrap_servers, _topic_kinds(topics), ledger_path, group_id, until_idle)
+    except Exception as e:  # noqa: BLE001 - broker and network failures are user-facing
+        from kafka.errors import KafkaError
+
+        if isinstance(e, (KafkaError, OSError)):
+            fail(f"--bootstrap-servers {bootstrap_servers}: {type(e).__name__}: {e}")
+        raise
+    click.echo(f"ingested {stats['messages']} messages, {stats['written']} new ledger rows, "
+               f"{stats['unreadable']} unreadable (recorded as dlq); ledger {ledger_path}: "
+               f"{stats['count']} rows, head {stats['head']}")
+
+
+@ledger.command()
+@click.argument("entry_id")
+@click.option("--ledger", "ledger_path", required=True, help="Ledger file.")
+@click.option("--input", "input_path", required=True, help="The original input: .npy or JSON lines (an event works).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+def replay(entry_id, ledger_path, input_path, device, as_json):
+    """Recompute decision ENTRY_ID's certificate with its recorded seed and parameters.
+
+    Checks the input's digest first, then compares method, predicted class,
+    abstained, certified, n_samples and radius (to 1e-9). Exit 0 on a match, 1 on a
+    mismatch.
+    """
+    from riskpipe.cli.common import read_inputs
+    from riskpipe.models import ModelError
+    from riskpipe.report.replay import ReplayError, replay as do_replay
+
+    with _open(ledger_path) as led:
+        record = led.get(entry_id, kind="decision")
+    if record is None:
+        fail(f"ledger {ledger_path}: no decision with id {entry_id!r}")
+    X = read_inputs(input_path)
+    try:
+        res = do_replay(record, X, device=device)
+    except (ReplayError, ModelError, ValueError) as e:
+        fail(f"replay {entry_id}: {e}")
+    if as_json:
+        click.echo(json.dumps(res.to_dict(), sort_keys=True, default=str))
+        sys.exit(0 if res.ok else 1)
+    if not res.input_match:
+        click.echo(f"MISMATCH input: recorded sha256 {res.recorded_digest}; {input_path} has "
+                   f"{', '.join(d[:16] + '…' for d in res.input_digests[:5])}{' …' if len(res.input_digests) > 5 else ''}")
+        click.echo("  (digest = sha256 of the input as float32, C order); certificate not recomputed")
+        sys.exit(1)
+    click.echo(f"input sha256 {res.recorded_digest}: match")
+    params = ", ".join(f"{k}={v}" for k, v in res.parameters.items())
+    click.echo(f"recomputed with {params}")
+    for c in res.checks:
+        click.echo(f"  {'match   ' if c.match else 'MISMATCH'} {c.name}: recorded {c.recorded!r}, replayed {c.replayed!r}")
+    click.echo("replay: match" if res.ok else "replay: MISMATCH")
+    sys.exit(0 if res.ok else 1)

@@ -1,0 +1,176 @@
+"""`riskpipe ledger` commands: verify exit codes, head, export, replay, ingest from a real broker."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from ledger_records import build_ledger, decision_record
+
+from riskpipe.cli import cli
+from riskpipe.ledger import Ledger, canonical_json, entry_hash
+from riskpipe.report.replay import input_digest
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+@pytest.fixture()
+def ledger_path(tmp_path):
+    build_ledger(tmp_path / "l.db", n=20)
+    return str(tmp_path / "l.db")
+
+
+def test_verify_head_export(ledger_path, tmp_path):
+    r = run("ledger", "verify", ledger_path)
+    assert r.exit_code == 0 and r.output.startswith("ok: ")
+    head = run("ledger", "head", ledger_path).output.strip()
+    assert len(head) == 64 and head in r.output
+    out = tmp_path / "all.jsonl"
+    assert run("ledger", "export", ledger_path, "--out", str(out)).exit_code == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    with Ledger(ledger_path) as led:
+        assert len(lines) == led.count()
+    # an export is verifiable with nothing but sha256 and the documented layout
+    prev = "0" * 64
+    for e in lines:
+        assert e["prev_hash"] == prev
+        prev = entry_hash(prev, e["kind"], e["entry_id"], canonical_json(e["record"]))
+        assert prev == e["hash"]
+    assert prev == head
+    r = run("ledger", "export", ledger_path, "--out", str(tmp_path / "v.jsonl"), "--kind", "verdict")
+    assert r.exit_code == 0 and all(json.loads(x)["kind"] == "verdict" for x in (tmp_path / "v.jsonl").read_text().splitlines())
+
+
+def test_verify_names_first_bad_row_and_exits_1(ledger_path):
+    db = sqlite3.connect(ledger_path, isolation_level=None)
+    db.execute("DROP TRIGGER entries_no_update")
+    db.execute("UPDATE entries SET record = replace(record, '\"decision\":\"allow\"', '\"decision\":\"block\"') WHERE seq = 9")
+    db.close()
+    r = run("ledger", "verify", ledger_path)
+    assert r.exit_code == 1 and "first bad row 9" in r.output
+    r = run("ledger", "verify", ledger_path, "--json")
+    assert json.loads(r.output)["first_bad_seq"] == 9
+
+
+def test_verify_expect_head_detects_truncation(ledger_path):
+    anchor = run("ledger", "head", ledger_path).output.strip()
+    with Ledger(ledger_path) as led:
+        n = led.count()
+    db = sqlite3.connect(ledger_path, isolation_level=None)
+    db.execute("DROP TRIGGER entries_no_delete")
+    db.execute("DELETE FROM entries WHERE seq > ?", (n - 3,))
+    head = db.execute("SELECT hash FROM entries WHERE seq = ?", (n - 3,)).fetchone()[0]
+    db.execute("UPDATE chain_state SET count = ?, head = ?", (n - 3, head))
+    db.close()
+    assert run("ledger", "verify", ledger_path).exit_code == 0
+    r = run("ledger", "verify", ledger_path, "--expect-head", anchor, "--expect-count", str(n))
+    assert r.exit_code == 1 and f"first bad row {n - 2}" in r.output
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = CliRunner().invoke(cli, ["ledger", "verify", str(tmp_path / "missing.db")])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "file not found" in r.output
+    (tmp_path / "junk.db").write_bytes(b"not a database at all" * 100)
+    r = CliRunner().invoke(cli, ["ledger", "head", str(tmp_path / "junk.db")])
+    assert r.exit_code == 2 and "not a usable ledger" in r.output
+
+
+# ---- replay ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits_record():
+    """A real demo:digits decide-mode certificate in a full record."""
+    from riskpipe.certify import Smoothing
+    from riskpipe.models import load_model
+    from riskpipe.models.digits import load_split
+
+    model = load_model("demo:digits")
+    X, _ = load_split("test")
+    x = X[3]
+    cert = Smoothing(model, sigma=0.25, alpha=0.001, max_samples=4000).decide_batch(x[None], [7070], 0.25)[0]
+    rec = decision_record(0)
+    rec["model"] = {"name": "digits", "spec": "demo:digits", "sha256": model.sha256}
+    rec["certificate"] = {**cert.to_dict(), "radius_threat": cert.radius, "threat_norm": "l2", "threat_epsilon": 0.25}
+    rec["input"] = {"sha256": input_digest(x), "shape": list(x.shape), "datatype": "FP32"}
+    return rec, X
+
+
+def test_replay_matches_and_changed_input_does_not(digits_record, tmp_path):
+    rec, X = digits_record
+    path = str(tmp_path / "l.db")
+    with Ledger(path) as led:
+        led.append(rec)
+    np.save(tmp_path / "batch.npy", X[:10])  # the right input among others: found by digest
+    r = run("ledger", "replay", rec["id"], "--ledger", path, "--input", str(tmp_path / "batch.npy"))
+    assert r.exit_code == 0, r.output
+    assert "replay: match" in r.output and "match    radius" in r.output and "MISMATCH" not in r.output
+    changed = X[3].copy()
+    changed[0, 4, 4] = min(1.0, changed[0, 4, 4] + 0.01)
+    np.save(tmp_path / "changed.npy", changed[None])
+    r = run("ledger", "replay", rec["id"], "--ledger", path, "--input", str(tmp_path / "changed.npy"))
+    assert r.exit_code == 1 and "MISMATCH input" in r.output
+    assert run("ledger", "replay", "nope", "--ledger", path, "--input", str(tmp_path / "batch.npy")).exit_code == 2
+
+
+def test_replay_detects_edited_certificate(digits_record, tmp_path):
+    rec, X = digits_record
+    forged = json.loads(json.dumps(rec))
+    forged["id"] = "evt-forged"
+    forged["certificate"]["radius"] += 0.05
+    path = str(tmp_path / "l.db")
+    with Ledger(path) as led:
+        led.append(forged)
+    np.save(tmp_path / "x.npy", X[3][None])
+    r = run("ledger", "replay", "evt-forged", "--ledger", path, "--input", str(tmp_path / "x.npy"), "--json")
+    assert r.exit_code == 1
+    res = json.loads(r.output)
+    bad = [c["name"] for c in res["checks"] if not c["match"]]
+    assert bad == ["radius"] and res["input_match"] is True
+
+
+# ---- ingest from the audit topic -------------------------------------------------------------
+
+@pytest.mark.broker
+def test_ingest_two_workers_share_one_ledger(tmp_path):
+    from kafka import KafkaProducer
+
+    from riskpipe.stream.broker import EmbeddedBroker
+
+    path = str(tmp_path / "shared.db")
+    records = [decision_record(i, worker=f"w{i % 2}") for i in range(40)]
+    with EmbeddedBroker() as broker:
+        broker.create_topics(["audit", "dlq"], partitions=2)
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+        for rec in records:
+            producer.send("audit", key=rec["id"].encode(), value=json.dumps(rec).encode())
+        producer.send("audit", key=records[0]["id"].encode(), value=json.dumps(records[0]).encode())  # redelivery
+        producer.send("audit", key=b"junk", value=b"{not json")
+        producer.send("dlq", value=b"\x00secret payload", headers=[
+            ("__riskpipe.errors.reason", b"invalid_json"), ("__riskpipe.errors.topic", b"inferences"),
+            ("__riskpipe.errors.partition", b"0"), ("__riskpipe.errors.offset", b"77")])
+        producer.flush()
+        producer.close()
+        cmd = [sys.executable, "-m", "riskpipe.cli", "ledger", "ingest", "--bootstrap-servers", broker.bootstrap,
+               "--topic", "audit", "--topic", "dlq", "--ledger", path, "--until-idle", "4"]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        outs = [p.communicate(timeout=90) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    with Ledger(path) as led:
+        assert led.verify().ok
+        assert led.count("decision") == 40
+        assert {e.entry_id for e in led.records("decision")} == {r["id"] for r in records}
+        assert led.count("policy") == 1
+        dlq = [e.record for e in led.records("dlq")]
+    reasons = sorted(d["reason"] for d in dlq)
+    assert reasons == ["invalid_json", "invalid_json"]
+    assert all("payload" not in d and "secret" not in json.dumps(d) for d in dlq)
+    assert any(d["source"] == {"topic": "inferences", "partition": 0, "offset": 77} for d in dlq)
