@@ -1,0 +1,3 @@
+from riskpipe.cli import main
+
+main()

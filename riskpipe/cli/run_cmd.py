@@ -1,0 +1,105 @@
+"""``riskpipe run``: the streaming stage (Kafka, or JSON-lines files offline)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+
+@click.command()
+@click.option("--config", "config_path", default=None, help="Stage config YAML (deploy/riskpipe.yaml).")
+@click.option("--bootstrap-servers", default=None, help="Kafka bootstrap servers (host:port,...).")
+@click.option("--source", default=None, help="jsonl:PATH to read events from a file instead of Kafka.")
+@click.option("--sink", default=None, help="jsonl:DIR to write outputs to files instead of Kafka.")
+@click.option("--policy", default=None, help="Policy YAML (default policies/default.yaml).")
+@click.option("--model", "models", multiple=True, help="NAME=SPEC, repeatable (default digits=demo:digits).")
+@click.option("--group-id", default=None)
+@click.option("--input-topic", default=None)
+@click.option("--metrics-port", type=int, default=None, help="Serve /metrics on 127.0.0.1:PORT.")
+@click.option("--ledger", default=None, help="Ledger path (default: ledger.sqlite in the data directory).")
+@click.option("--no-ledger", is_flag=True, help="Do not write a ledger (use `riskpipe ledger ingest`).")
+@click.option("--max-events", type=int, default=None, help="Micro-batch size.")
+@click.option("--max-wait-ms", type=int, default=None, help="Micro-batch latency budget.")
+@click.option("--device", default=None)
+@click.option("--create-topics", is_flag=True, default=None, help="Create missing topics (embedded broker).")
+@click.option("--session-timeout-ms", type=int, default=None)
+@click.option("--heartbeat-interval-ms", type=int, default=None)
+@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes in one consumer group.")
+@click.option("--worker-id", default=None)
+@click.option("--idle-exit", type=float, default=None, help="Exit after this many seconds without input.")
+@click.option("--no-metrics-server", is_flag=True, hidden=True)
+@click.option("-v", "--verbose", count=True)
+def run(config_path, bootstrap_servers, source, sink, policy, models, group_id, input_topic, metrics_port, ledger,
+        no_ledger, max_events, max_wait_ms, device, create_topics, session_timeout_ms, heartbeat_interval_ms,
+        workers, worker_id, idle_exit, no_metrics_server, verbose):
+    """Run the stage: validate, certify, score and route every inference event."""
+    from riskpipe.cli.common import fail
+    from riskpipe.stream.config import ConfigError, load_config
+
+    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model_map = None
+    if models:
+        model_map = {}
+        for m in models:
+            name, sep, spec = m.partition("=")
+            if not sep or not name or not spec:
+                fail(f"--model {m!r}: expected NAME=SPEC")
+            model_map[name] = spec
+    batch = {k: v for k, v in {"max_events": max_events, "max_wait_ms": max_wait_ms}.items() if v is not None}
+    try:
+        config = load_config(
+            config_path, bootstrap_servers=bootstrap_servers, policy=policy, models=model_map, group_id=group_id,
+            metrics_port=metrics_port, device=device, create_topics=create_topics, worker_id=worker_id,
+            session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=heartbeat_interval_ms,
+            batch=batch or None, topics={"input": input_topic} if input_topic else None,
+        )
+    except ConfigError as e:
+        fail(str(e))
+    from riskpipe.stream.runner import default_ledger_path, run_stage, run_workers
+
+    if no_ledger:
+        config = config.model_copy(update={"ledger": None})
+    elif not config.ledger:
+        config = config.model_copy(update={"ledger": ledger or default_ledger_path()})
+    elif ledger:
+        config = config.model_copy(update={"ledger": ledger})
+    if workers > 1:
+        argv = [a for a in sys.argv[2:]]
+        i = 0
+        cleaned = []
+        while i < len(argv):  # drop --workers N / --metrics-port P: the parent owns them
+            if argv[i] in ("--workers", "--metrics-port"):
+                i += 2
+                continue
+            if argv[i].startswith(("--workers=", "--metrics-port=")):
+                i += 1
+                continue
+            cleaned.append(argv[i])
+            i += 1
+        sys.exit(run_workers(workers, cleaned, config.metrics_port))
+    from riskpipe.policy import PolicyError
+
+    metrics = server = None
+    try:
+        from riskpipe.metrics import StageMetrics
+
+        metrics = StageMetrics()
+        if config.metrics_port is not None and not no_metrics_server:
+            server = metrics.serve(config.metrics_port)
+            click.echo(f"metrics on {server.url}", err=True)
+        from riskpipe.stream.stage import GuardTripped
+
+        try:
+            stats = run_stage(config, source, sink, metrics=metrics, idle_exit_s=idle_exit)
+        except GuardTripped as e:
+            fail(f"DLQ guard tripped, stage stopped: {e}", code=3)
+    except PolicyError as e:
+        fail(f"policy: {e}")
+    finally:
+        if server:
+            server.shutdown()
+    click.echo(f"decided {stats.decided} events, {sum(stats.dlq.values())} to the DLQ, "
+               f"{stats.duplicates} duplicates skipped; ledger {config.ledger}", err=True)

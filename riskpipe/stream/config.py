@@ -1,0 +1,121 @@
+"""Stage configuration: a YAML file (``riskpipe run --config``) plus command-line overrides.
+
+Keys (deploy/riskpipe.yaml is a complete example):
+bootstrap_servers, security_protocol, sasl_mechanism, sasl_plain_username,
+sasl_plain_password, ssl_cafile, topics {input, decisions, review, audit, dlq},
+group_id, models {name: spec}, policy, metrics_port, ledger, batch {max_events,
+max_wait_ms}, plus the optional tuning keys below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+def default_policy_path() -> str:
+    here = Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
+    if here.exists():
+        return str(here)
+    return str(Path(__file__).resolve().parents[1] / "policies" / "default.yaml")
+
+
+class Topics(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input: str = "inferences"
+    decisions: str = "decisions"
+    review: str = "review"
+    audit: str = "audit"
+    dlq: str = "dlq"
+
+
+class Batch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_events: int = Field(256, ge=1, le=100_000)
+    max_wait_ms: int = Field(50, ge=0, le=60_000)
+
+
+class Guard(BaseModel):
+    """Stop the stage when a misconfiguration would send all traffic to the DLQ
+    (per partition, like Sentry Arroyo's DLQ limit)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_invalid_ratio: float = Field(0.9, gt=0, le=1)
+    max_consecutive_invalid: int = Field(1000, ge=1)
+    window: int = Field(1000, ge=10)
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: str | None = None
+    ssl_cafile: str | None = None
+    topics: Topics = Topics()
+    group_id: str = "riskpipe"
+    models: dict[str, str] = {"digits": "demo:digits"}
+    policy: str = Field(default_factory=default_policy_path)
+    metrics_port: int | None = None
+    ledger: str | None = None
+    batch: Batch = Batch()
+    guard: Guard = Guard()
+    device: str = "cpu"
+    max_message_bytes: int = Field(1 << 20, ge=1024)
+    review_include_input: bool = True
+    create_topics: bool = False
+    session_timeout_ms: int = Field(10_000, ge=1000)
+    heartbeat_interval_ms: int = Field(3_000, ge=100)
+    worker_id: str | None = None
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("at least one model must be registered")
+        return v
+
+    def kafka_security(self) -> dict[str, Any]:
+        """Options passed through to kafka-python clients."""
+        opts: dict[str, Any] = {"security_protocol": self.security_protocol}
+        for k in ("sasl_mechanism", "sasl_plain_username", "sasl_plain_password", "ssl_cafile"):
+            if getattr(self, k) is not None:
+                opts[k] = getattr(self, k)
+        return opts
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | None = None, **overrides: Any) -> StageConfig:
+    """Config from ``path`` (YAML) with ``overrides`` (None values ignored) on top."""
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if isinstance(v, dict) and isinstance(data.get(k), dict):
+            data[k] = {**data[k], **v}
+        else:
+            data[k] = v
+    try:
+        return StageConfig(**data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{path or 'config'}: {field}: {err['msg']}") from None

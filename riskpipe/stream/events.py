@@ -1,0 +1,165 @@
+"""Parse and validate one raw inference message. Every failure is an ``EventError``
+with a stable reason code (the DLQ header) and a message naming the field.
+
+Accepted envelopes (see riskpipe/schemas/inference-event.v1.json):
+* CloudEvents binary mode: ``ce_id``, ``ce_source``, ``ce_type``, ``ce_specversion``
+  headers, the event object as the value;
+* CloudEvents structured mode: content-type ``application/cloudevents+json``, the
+  event object under ``data``;
+* a plain JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from riskpipe.models.validate import InputError, check_inputs
+
+CE_TYPES = ("riskpipe.inference.v1", "org.kserve.inference.request", "inference.request")
+DATATYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT8": np.int8, "INT16": np.int16,
+             "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8}
+FLOAT_TYPES = ("FP32", "FP64", "FP16")
+
+
+class EventError(ValueError):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Event:
+    id: str
+    model: str
+    x: np.ndarray  # (*input_shape) float32
+    datatype: str
+    prediction: int | None = None
+    upstream_risk: Any = None
+    context: dict = field(default_factory=dict)
+    time: str | None = None
+    cloudevent: dict | None = None
+
+
+def _headers(headers) -> dict[str, str]:
+    out = {}
+    for k, v in headers or ():
+        try:
+            out[k.lower()] = v.decode("utf-8") if isinstance(v, bytes | bytearray) else str(v)
+        except UnicodeDecodeError:
+            out[k.lower()] = ""
+    return out
+
+
+def parse_envelope(value: bytes | None, headers=None, max_bytes: int = 1 << 20) -> tuple[dict, dict | None]:
+    """Return (event object, cloudevent attributes or None)."""
+    if value is None:
+        raise EventError("invalid_json", "value: empty message (tombstone)")
+    if len(value) > max_bytes:
+        raise EventError("oversized", f"value: {len(value)} bytes exceeds the limit of {max_bytes}")
+    h = _headers(headers)
+    try:
+        obj = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise EventError("invalid_json", f"value: not valid UTF-8 JSON ({type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise EventError("not_an_object", f"value: expected a JSON object, got {type(obj).__name__}")
+    ce = None
+    if "ce_type" in h or "ce_specversion" in h:
+        ce = {k[3:]: v for k, v in h.items() if k.startswith("ce_")}
+    elif h.get("content-type", "").startswith("application/cloudevents+json") or (
+        "specversion" in obj and "type" in obj and "data" in obj
+    ):
+        ce = {k: obj[k] for k in ("id", "source", "type", "specversion", "time") if k in obj}
+        obj = obj.get("data")
+        if not isinstance(obj, dict):
+            raise EventError("not_an_object", "data: structured CloudEvent must carry a JSON object in data")
+    if ce is not None:
+        if ce.get("specversion") != "1.0":
+            raise EventError("unsupported_cloudevent", f"specversion: {ce.get('specversion')!r} is not 1.0")
+        if ce.get("type") not in CE_TYPES:
+            raise EventError("unsupported_cloudevent", f"type: {ce.get('type')!r} is not one of {', '.join(CE_TYPES)}")
+        if "id" not in obj and ce.get("id"):
+            obj = {**obj, "id": ce["id"]}
+        if "time" not in obj and ce.get("time"):
+            obj = {**obj, "time": ce["time"]}
+    return obj, ce
+
+
+def validate_event(obj: dict, models: dict) -> Event:
+    """Check ``obj`` against the contract and the named model's input spec."""
+    for f in ("id", "model", "inputs"):
+        if f not in obj:
+            raise EventError("missing_field", f"{f}: required field is missing")
+    eid = obj["id"]
+    if not isinstance(eid, str) or not eid or len(eid) > 256:
+        raise EventError("bad_id", "id: must be a non-empty string of at most 256 characters")
+    name = obj["model"]
+    if not isinstance(name, str):
+        raise EventError("wrong_type", "model: must be a string")
+    if name not in models:
+        raise EventError("unknown_model", f"model: {name!r} is not registered (known: {', '.join(sorted(models))})")
+    model = models[name]
+    inputs = obj["inputs"]
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise EventError("wrong_type", "inputs: must be a list with exactly one tensor object")
+    t = inputs[0]
+    for f in ("shape", "datatype", "data"):
+        if f not in t:
+            raise EventError("missing_field", f"inputs[0].{f}: required field is missing")
+    dt = t["datatype"]
+    if dt not in DATATYPES:
+        raise EventError("wrong_dtype", f"inputs[0].datatype: {dt!r} is not an Open Inference Protocol numeric type")
+    if dt not in FLOAT_TYPES and model.dtype.startswith("float"):
+        raise EventError("wrong_dtype", f"inputs[0].datatype: model {name} expects floating point, got {dt}")
+    shape, data = t["shape"], t["data"]
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
+        raise EventError("wrong_type", "inputs[0].shape: must be a list of positive integers")
+    if not isinstance(data, list):
+        raise EventError("wrong_type", "inputs[0].data: must be a flat list of numbers")
+    expected = tuple(model.input_shape)
+    dims = tuple(shape[1:]) if len(shape) == len(expected) + 1 and shape[0] == 1 else tuple(shape)
+    if dims != expected:
+        raise EventError("wrong_shape", f"inputs[0].shape: {shape} does not match model {name} input {list(expected)}")
+    if len(data) != math.prod(expected):
+        raise EventError("wrong_shape", f"inputs[0].data: {len(data)} values, shape {shape} needs {math.prod(expected)}")
+    try:
+        arr = np.array(data, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise EventError("wrong_type", "inputs[0].data: every element must be a number") from None
+    if arr.ndim != 1 or any(isinstance(v, bool) for v in data):
+        raise EventError("wrong_type", "inputs[0].data: must be a flat list of numbers")
+    try:
+        x = check_inputs(arr.reshape((1,) + expected), model)[0]
+    except InputError as e:
+        raise EventError(e.code, str(e).replace("inputs[0]", "inputs[0].data")) from None
+    pred = obj.get("prediction")
+    if pred is not None and (not isinstance(pred, int) or isinstance(pred, bool) or not 0 <= pred < model.num_classes):
+        raise EventError("wrong_type", f"prediction: must be a class id in [0, {model.num_classes}) or null")
+    ctx = obj.get("context") or {}
+    if not isinstance(ctx, dict):
+        raise EventError("wrong_type", "context: must be an object")
+    ts = obj.get("time")
+    if ts is not None and not isinstance(ts, str):
+        raise EventError("wrong_type", "time: must be an RFC 3339 string")
+    return Event(id=eid, model=name, x=x, datatype=dt, prediction=pred, upstream_risk=obj.get("upstream_risk"),
+                 context=ctx, time=ts)
+
+
+def parse_event(value: bytes | None, headers, models: dict, max_bytes: int = 1 << 20) -> Event:
+    obj, ce = parse_envelope(value, headers, max_bytes)
+    ev = validate_event(obj, models)
+    ev.cloudevent = ce
+    return ev
+
+
+def make_event(event_id: str, model: str, x: np.ndarray, **extra) -> dict:
+    """An inference event object (Open Inference Protocol v2 tensor) for ``x``."""
+    x = np.asarray(x, dtype=np.float32)
+    return {"id": event_id, "model": model,
+            "inputs": [{"name": "input", "shape": [1, *x.shape], "datatype": "FP32", "data": x.ravel().tolist()}],
+            **extra}

@@ -1,0 +1,234 @@
+"""Sources and sinks at the edge of the stage: Kafka (kafka-python) and JSON lines.
+
+A source yields ``Message``s and commits what the stage has finished; a sink sends
+(topic, key, value, headers) and ``flush()`` returns only once every send since the
+last flush is acknowledged (raising ``SinkError`` otherwise). The stage commits a
+message's offset only after the flush that carried all of its outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("riskpipe.stream")
+
+
+@dataclass
+class Message:
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None = None
+    headers: list = field(default_factory=list)
+    timestamp: int | None = None  # ms since epoch
+
+    def source(self) -> dict:
+        from datetime import UTC, datetime
+
+        ts = None
+        if self.timestamp is not None and self.timestamp > 0:
+            ts = datetime.fromtimestamp(self.timestamp / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return {"topic": self.topic, "partition": self.partition, "offset": self.offset, "timestamp": ts}
+
+
+class SinkError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- Kafka -------------
+class KafkaSource:
+    """A consumer-group member on the input topic; manual commits only."""
+
+    def __init__(self, config, on_revoke=None):
+        from kafka import KafkaConsumer
+        from kafka.consumer.subscription_state import ConsumerRebalanceListener
+
+        self.config = config
+        self.revoked: set = set()
+        source = self
+
+        class Listener(ConsumerRebalanceListener):
+            # No commit here: kafka-python 3 forbids committing inside a sync listener,
+            # and the stage commits synchronously after every flush, so nothing
+            # finished is ever left uncommitted when a rebalance starts.
+            def on_partitions_revoked(self, revoked):
+                source.revoked |= {(tp.topic, tp.partition) for tp in revoked}
+                if on_revoke:
+                    on_revoke(revoked)
+                log.info("partitions revoked: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in revoked))
+
+            def on_partitions_assigned(self, assigned):
+                log.info("partitions assigned: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
+
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=config.bootstrap_servers.split(","),
+            group_id=config.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=config.batch.max_events,
+            session_timeout_ms=config.session_timeout_ms,
+            heartbeat_interval_ms=config.heartbeat_interval_ms,
+            max_partition_fetch_bytes=max(config.max_message_bytes * 2, 1 << 20),
+            **config.kafka_security(),
+        )
+        self.consumer.subscribe([config.topics.input], listener=Listener())
+        self.exhausted = False
+
+    def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
+        batch = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        out = []
+        for tp, recs in batch.items():
+            for r in recs:
+                out.append(Message(r.value, r.topic, r.partition, r.offset, r.key, list(r.headers or []), r.timestamp))
+        return out
+
+    def commit(self, messages: list[Message]) -> None:
+        from kafka import TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+        offsets: dict = {}
+        for m in messages:
+            tp = TopicPartition(m.topic, m.partition)
+            if tp not in offsets or m.offset + 1 > offsets[tp].offset:
+                offsets[tp] = OffsetAndMetadata(m.offset + 1, "", -1)
+        if offsets:
+            self.consumer.commit(offsets)
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Per-partition lag from highwater() - position() (end_offsets() is wrong on Tansu)."""
+        out = {}
+        for tp in self.consumer.assignment():
+            hw = self.consumer.highwater(tp)
+            try:
+                pos = self.consumer.position(tp, timeout_ms=100) if hw is not None else None
+            except Exception:  # noqa: BLE001 - position unknown during a rebalance
+                pos = None
+            if hw is not None and pos is not None:
+                out[(tp.topic, tp.partition)] = max(0, hw - pos)
+        return out
+
+    def close(self) -> None:
+        try:
+            self.consumer.close(autocommit=False)
+        except Exception as e:  # noqa: BLE001
+            log.warning("consumer close: %s", e)
+
+
+class KafkaSink:
+    """Idempotent producer, acks=all; flush() waits for and checks every ack."""
+
+    def __init__(self, config):
+        from kafka import KafkaProducer
+
+        self.producer = KafkaProducer(
+            bootstrap_servers=config.bootstrap_servers.split(","),
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            max_request_size=max(config.max_message_bytes * 2, 1 << 20),
+            retries=5,
+            request_timeout_ms=10_000,
+            max_block_ms=10_000,
+            **config.kafka_security(),
+        )
+        self.pending: list = []
+
+    def send(self, topic: str, key: bytes | None, value: bytes, headers=None) -> None:
+        self.pending.append(self.producer.send(topic, key=key, value=value, headers=headers or []))
+
+    def flush(self, timeout: float = 30.0) -> None:
+        self.producer.flush(timeout=timeout)
+        pending, self.pending = self.pending, []
+        for fut in pending:
+            if not fut.is_done:
+                raise SinkError("send not acknowledged before the flush timeout")
+            if fut.failed():
+                raise SinkError(f"send failed: {fut.exception!r}")
+
+    def close(self) -> None:
+        try:
+            self.producer.close(timeout=5)
+        except Exception as e:  # noqa: BLE001
+            log.warning("producer close: %s", e)
+
+
+# ---------------------------------------------------------------- JSON lines --------
+class JsonlSource:
+    """Each line of a file is one message value; the offset is the 0-based line number.
+
+    With a ``checkpoint`` file the source resumes after the last committed line.
+    """
+
+    def __init__(self, path: str, checkpoint: str | None = None):
+        self.path = path
+        self.topic = f"file:{path}"
+        self.checkpoint = checkpoint
+        self.f = open(path, "rb")
+        self.offset = 0
+        start = 0
+        if checkpoint and os.path.exists(checkpoint):
+            start = int(Path(checkpoint).read_text().strip() or 0)
+        while self.offset < start and self.f.readline():
+            self.offset += 1
+        self.exhausted = False
+
+    def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
+        out = []
+        while len(out) < max_records:
+            line = self.f.readline()
+            if not line:
+                self.exhausted = True
+                break
+            value = line.rstrip(b"\r\n")
+            if value.strip():
+                out.append(Message(value, self.topic, 0, self.offset))
+            self.offset += 1
+        return out
+
+    def commit(self, messages: list[Message]) -> None:
+        if self.checkpoint and messages:
+            tmp = self.checkpoint + ".tmp"
+            Path(tmp).write_text(str(max(m.offset for m in messages) + 1))
+            os.replace(tmp, self.checkpoint)
+
+    def lag(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class JsonlSink:
+    """Writes ``DIR/<topic>.jsonl``; DLQ lines carry the original value and headers."""
+
+    def __init__(self, directory: str):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.files: dict = {}
+
+    def send(self, topic: str, key: bytes | None, value: bytes, headers=None) -> None:
+        f = self.files.get(topic)
+        if f is None:
+            f = self.files[topic] = open(self.dir / f"{topic}.jsonl", "ab")
+        if headers:  # dead letters: keep the raw bytes and the error headers together
+            obj = {
+                "headers": {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for k, v in headers},
+                "value": value.decode("utf-8", "replace") if value is not None else None,
+            }
+            value = json.dumps(obj, sort_keys=True).encode()
+        f.write(value + b"\n")
+
+    def flush(self, timeout: float = 30.0) -> None:
+        for f in self.files.values():
+            f.flush()
+            os.fsync(f.fileno())
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files = {}
