@@ -1,0 +1,60 @@
+"""``riskpipe review``: serve the human review console."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option("--ledger", "ledger_path", help="Ledger file the queue and verdicts live in (or `ledger:` in --config).")
+@click.option("--bootstrap-servers", help="Kafka bootstrap servers: read the review topic, publish verdicts.")
+@click.option("--review-topic", help="Trusted topic with full decision records.  [default: review]")
+@click.option("--outcomes-topic", help="Topic the verdicts go to.  [default: review-outcomes]")
+@click.option("--host", help="Address to listen on.  [default: 127.0.0.1]")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port; 0 picks a free one.  [default: 0]")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="riskpipe.yaml (reads its `review:` section).")
+@click.option("--password-file", type=click.Path(dir_okay=False),
+              help="File whose first line is the shared reviewer password (else RISKPIPE_REVIEW_PASSWORD).")
+def review(ledger_path, bootstrap_servers, review_topic, outcomes_topic, host, port, config_path, password_file):
+    """Serve the review console: the queue, each item with its certificate, and verdicts.
+
+    Reviewers log in with a password from --password-file, RISKPIPE_REVIEW_PASSWORD or
+    the config file's review.users / review.password; there is no default credential.
+    """
+    import logging
+
+    from riskpipe.cli.common import fail
+    from riskpipe.ledger import LedgerError
+    from riskpipe.review.server import ConsoleServer
+    from riskpipe.review.settings import SettingsError, resolve_settings
+
+    try:
+        settings = resolve_settings(
+            ledger=ledger_path, config_path=config_path, password_file=password_file,
+            bootstrap_servers=bootstrap_servers, review_topic=review_topic, outcomes_topic=outcomes_topic,
+            host=host, port=port,
+        )
+    except SettingsError as e:
+        fail(str(e))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        server = ConsoleServer(settings)
+    except (OSError, LedgerError) as e:
+        fail(str(e))
+    except Exception as e:  # noqa: BLE001 - kafka-python raises its own errors for an unreachable broker
+        fail(f"--bootstrap-servers {settings.bootstrap_servers}: {type(e).__name__}: {e}")
+    users = sorted(settings.credentials.users)
+    who = f"users {', '.join(users)}" if users else "the shared password"
+    if users and settings.credentials.shared:
+        who += " or the shared password"
+    click.echo(f"riskpipe review: console at {server.url} (login with {who})")
+    click.echo(f"riskpipe review: ledger {settings.ledger}: {server.counts['decision']} decisions, "
+               f"{server.counts['verdict']} verdicts")
+    if settings.bootstrap_servers:
+        click.echo(f"riskpipe review: reading {settings.review_topic}, publishing verdicts to "
+                   f"{settings.outcomes_topic} on {settings.bootstrap_servers}")
+    click.echo("riskpipe review: /metrics carries review counters only (no record content); Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass

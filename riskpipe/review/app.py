@@ -1,0 +1,337 @@
+"""The review console: a Flask app with server-side templates.
+
+Security model
+--------------
+* Every page but ``/login``, ``/metrics``, ``/healthz`` and the stylesheet needs a
+  logged-in reviewer; anything else gets a redirect to the login page (GET) or 401
+  (other methods), and never a byte of a record.
+* Passwords are compared in constant time (``settings.Credentials``); five failed logins
+  from one address within five minutes lock that address out for five minutes.
+* The session is Flask's signed cookie: HttpOnly, SameSite=Strict, a random key per
+  process unless one is configured (so restarting the console logs everyone out).
+* Every POST carries a Flask-WTF CSRF token tied to the session (CSRFProtect).
+* Responses set a Content-Security-Policy that allows nothing from outside the console
+  (images are data: URIs), forbid framing, and are not cached.
+* ``/metrics`` is open, like any Prometheus endpoint: it carries only the review
+  counters (backlog, verdicts, time to verdict, deadline breaches), no record content.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import wraps
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import Flask, abort, flash, g, redirect, render_template, request, session, url_for
+from flask_wtf import CSRFProtect, FlaskForm
+from flask_wtf.csrf import CSRFError
+from wtforms import PasswordField, RadioField, StringField, TextAreaField
+from wtforms.validators import DataRequired, Length, Regexp
+
+from riskpipe.ledger import Ledger
+from riskpipe.review import queue as rq
+from riskpipe.review.render import input_view, split_controls
+from riskpipe.review.settings import REVIEWER_NAME_RE, ReviewSettings
+
+log = logging.getLogger("riskpipe.review")
+
+MAX_FAILURES = 5
+LOCKOUT_SECONDS = 300.0
+# Sample names the console exposes; the stage's own metrics are not the console's to report.
+REVIEW_METRIC_SAMPLES = (
+    "riskpipe_review_backlog",
+    "riskpipe_review_verdicts_total",
+    "riskpipe_review_time_to_verdict_seconds_bucket",
+    "riskpipe_review_time_to_verdict_seconds_count",
+    "riskpipe_review_time_to_verdict_seconds_sum",
+    "riskpipe_review_deadline_breaches_total",
+)
+
+
+class LoginForm(FlaskForm):
+    username = StringField("Reviewer", validators=[DataRequired(), Regexp(REVIEWER_NAME_RE.pattern)])
+    password = PasswordField("Password", validators=[DataRequired()])
+
+
+class VerdictForm(FlaskForm):
+    verdict = RadioField("Verdict", choices=list(rq.VERDICTS.items()), validators=[DataRequired()])
+    note = TextAreaField("Note", validators=[Length(max=rq.MAX_NOTE)])
+
+
+class LogoutForm(FlaskForm):
+    pass
+
+
+@dataclass
+class LoginThrottle:
+    """Failed logins per client address in a sliding window."""
+
+    failures: dict[str, deque] = field(default_factory=lambda: defaultdict(deque))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def locked(self, addr: str) -> bool:
+        with self.lock:
+            q = self.failures[addr]
+            while q and time.monotonic() - q[0] > LOCKOUT_SECONDS:
+                q.popleft()
+            return len(q) >= MAX_FAILURES
+
+    def fail(self, addr: str) -> None:
+        with self.lock:
+            self.failures[addr].append(time.monotonic())
+
+    def clear(self, addr: str) -> None:
+        with self.lock:
+            self.failures.pop(addr, None)
+
+
+class ConsoleState:
+    """What the request handlers share: settings, metrics, the outcomes publisher."""
+
+    def __init__(self, settings: ReviewSettings, metrics=None, publisher=None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.publisher = publisher
+        self.throttle = LoginThrottle()
+        self._breached: set[str] = set()
+        self._lock = threading.Lock()
+
+    def note_queue(self, items: list[rq.QueueItem]) -> None:
+        """Backlog gauge, and one deadline breach per item whose deadline has passed."""
+        if self.metrics is None:
+            return
+        self.metrics.set_review_backlog(len(items))
+        now = rq.now_utc()
+        for item in items:
+            if item.overdue(now):
+                self.note_breach(item.id)
+
+    def note_breach(self, event_id: str) -> None:
+        with self._lock:
+            if event_id in self._breached:
+                return
+            self._breached.add(event_id)
+        if self.metrics is not None:
+            self.metrics.review_deadline_breach()
+
+    def refresh_backlog(self) -> None:
+        if self.metrics is None:
+            return
+        with Ledger(self.settings.ledger) as ledger:
+            self.note_queue(rq.pending(ledger))
+
+
+def default_metrics():
+    """A private-registry StageMetrics when riskpipe.metrics is available."""
+    try:
+        from riskpipe.metrics import StageMetrics
+    except ImportError:
+        return None
+    return StageMetrics()
+
+
+def create_app(settings: ReviewSettings, *, metrics: Any = "default", publisher=None) -> Flask:
+    """The console for ``settings``; ``metrics`` is a StageMetrics (or None for none)."""
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=settings.secret_key or secrets.token_bytes(32),
+        SESSION_COOKIE_NAME="riskpipe_review",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Strict",
+        SESSION_COOKIE_SECURE=False,  # loopback HTTP by default; put TLS in front for remote reviewers
+        PERMANENT_SESSION_LIFETIME=timedelta(hours=settings.session_hours),
+        WTF_CSRF_TIME_LIMIT=int(settings.session_hours * 3600),
+        MAX_CONTENT_LENGTH=64 * 1024,
+    )
+    CSRFProtect(app)
+    state = ConsoleState(settings, default_metrics() if metrics == "default" else metrics, publisher)
+    app.extensions["riskpipe_review"] = state
+
+    def ledger() -> Ledger:
+        if "ledger" not in g:
+            g.ledger = Ledger(settings.ledger)
+        return g.ledger
+
+    @app.teardown_appcontext
+    def _close_ledger(exc) -> None:
+        led = g.pop("ledger", None)
+        if led is not None:
+            led.close()
+
+    @app.after_request
+    def _headers(resp):
+        resp.headers["Content-Security-Policy"] = (
+            "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+            "frame-ancestors 'none'; base-uri 'none'"
+        )
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        resp.headers["X-Frame-Options"] = "DENY"
+        resp.headers["Referrer-Policy"] = "no-referrer"
+        if request.endpoint != "static":
+            resp.headers["Cache-Control"] = "no-store"
+        return resp
+
+    def login_required(view):
+        @wraps(view)
+        def wrapped(*args, **kwargs):
+            if not session.get("reviewer"):
+                if request.method == "GET":
+                    return redirect(url_for("login", next=request.full_path.rstrip("?")))
+                abort(401)
+            g.reviewer = session["reviewer"]
+            return view(*args, **kwargs)
+
+        return wrapped
+
+    @app.context_processor
+    def _common():
+        return {"reviewer": session.get("reviewer"), "logout_form": LogoutForm(), "verdict_labels": rq.VERDICTS}
+
+    @app.errorhandler(CSRFError)
+    def _csrf(e: CSRFError):
+        return render_template("error.html", title="Request refused",
+                               message=f"Cross-site request protection: {e.description}"), 400
+
+    @app.errorhandler(401)
+    def _unauthorized(e):
+        return render_template("error.html", title="Not logged in", message="Log in to use the review console."), 401
+
+    @app.errorhandler(404)
+    def _not_found(e):
+        return render_template("error.html", title="Not found", message=e.description), 404
+
+    @app.route("/login", methods=["GET", "POST"])
+    def login():
+        form = LoginForm()
+        addr = request.remote_addr or "unknown"
+        status = 200
+        if form.validate_on_submit():
+            if state.throttle.locked(addr):
+                flash("Too many failed logins from this address; try again in a few minutes.", "error")
+                return render_template("login.html", form=form), 429
+            who = settings.credentials.authenticate(form.username.data, form.password.data)
+            if who is None:
+                state.throttle.fail(addr)
+                log.warning("review console: failed login for %r from %s", form.username.data, addr)
+                flash("Wrong reviewer name or password.", "error")
+                status = 401
+            else:
+                state.throttle.clear(addr)
+                session.clear()
+                session.permanent = True
+                session["reviewer"] = who
+                session["login_at"] = rq.rfc3339(rq.now_utc())
+                log.info("review console: %s logged in from %s", who, addr)
+                return redirect(_safe_next(request.args.get("next")))
+        elif request.method == "POST":
+            status = 400
+        return render_template("login.html", form=form), status
+
+    @app.post("/logout")
+    @login_required
+    def logout():
+        session.clear()
+        flash("Logged out.", "info")
+        return redirect(url_for("login"))
+
+    @app.get("/")
+    @login_required
+    def queue_page():
+        items = rq.pending(ledger())
+        state.note_queue(items)
+        return render_template("queue.html", items=items, now=rq.now_utc(),
+                               reviewed=ledger().count("verdict"))
+
+    @app.get("/item/<path:event_id>")
+    @login_required
+    def item_page(event_id: str):
+        return _render_item(event_id, VerdictForm())
+
+    @app.post("/verdict/<path:event_id>")
+    @login_required
+    def verdict(event_id: str):
+        form = VerdictForm()
+        if not form.validate_on_submit():
+            return _render_item(event_id, form, status=400)
+        decision = ledger().get(event_id, kind="decision")
+        if decision is None:
+            abort(404, description=f"No decision record {event_id!r} in the ledger.")
+        if not rq.needs_review(decision):
+            return _render_item(event_id, form, status=409,
+                                error="This decision was not routed to review or drawn for audit.")
+        try:
+            record = rq.record_verdict(ledger(), event_id, form.verdict.data, form.note.data or "", g.reviewer)
+        except rq.AlreadyReviewed as e:
+            return _render_item(event_id, form, status=409, error=str(e))
+        except rq.ReviewError as e:
+            return _render_item(event_id, form, status=400, error=str(e))
+        log.info("review console: %s recorded %s for %s", g.reviewer, record["verdict"], event_id)
+        _after_verdict(record, decision)
+        flash(f"Verdict “{rq.VERDICTS[record['verdict']]}” recorded for {event_id} by {g.reviewer} at {record['ts']}.",
+              "info")
+        return redirect(url_for("queue_page"))
+
+    def _after_verdict(record: dict, decision: dict) -> None:
+        if state.publisher is not None:
+            try:
+                state.publisher.publish(record)
+            except Exception as e:  # noqa: BLE001 - the ledger has it; tell the reviewer, don't lose the page
+                log.error("review console: verdict %s not published to %s: %s", record["id"],
+                          settings.outcomes_topic, e)
+                flash(f"The verdict is in the ledger but was not published to {settings.outcomes_topic}: "
+                      f"{type(e).__name__}: {e}", "error")
+        if state.metrics is not None:
+            state.metrics.review_verdict(record["verdict"], rq.seconds_to_review(record))
+            item = rq.QueueItem(decision, 0)
+            if item.overdue(rq.parse_ts(record["ts"])):
+                state.note_breach(record["id"])
+            state.note_queue(rq.pending(ledger()))
+
+    def _render_item(event_id: str, form: VerdictForm, status: int = 200, error: str | None = None):
+        decision = ledger().get(event_id, kind="decision")
+        if decision is None:
+            abort(404, description=f"No decision record {event_id!r} in the ledger.")
+        try:
+            rq.check_decision_record(decision)
+            problem = None
+        except rq.ReviewError as e:
+            problem = str(e)
+        nist, other = split_controls(decision.get("controls"))
+        return render_template(
+            "item.html", rec=decision, item=rq.QueueItem(decision, 0) if problem is None else None,
+            problem=problem, form=form, error=error, image=input_view(decision),
+            verdict=ledger().get(event_id, kind="verdict"), routed=rq.needs_review(decision),
+            nist=nist, other_controls=other, now=rq.now_utc(),
+        ), status
+
+    @app.get("/metrics")
+    def metrics_endpoint():
+        if state.metrics is None:
+            abort(404, description="Metrics are off (riskpipe.metrics is not available).")
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        body = generate_latest(state.metrics.registry.restricted_registry(REVIEW_METRIC_SAMPLES))
+        return body, 200, {"Content-Type": CONTENT_TYPE_LATEST}
+
+    @app.get("/healthz")
+    def healthz():
+        return "ok\n", 200, {"Content-Type": "text/plain"}
+
+    return app
+
+
+def _safe_next(target: str | None) -> str:
+    """Only same-site relative paths: no open redirect through ``?next=``."""
+    if not target:
+        return "/"
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target

@@ -1,0 +1,111 @@
+"""The console's two Kafka edges (kafka-python).
+
+* :class:`ReviewTopicFeed` reads full decision records from the trusted ``review`` topic
+  into the ledger (idempotent on the event id), committing offsets only after the
+  ledger write: at-least-once, and a redelivered record is a no-op.
+* :class:`OutcomePublisher` writes verdicts to ``review-outcomes`` (acks=all, key =
+  event id) so the stage, the report and anyone else can follow the feedback loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+from riskpipe.ledger import Ledger, LedgerError
+from riskpipe.review.queue import ReviewError, check_decision_record
+
+log = logging.getLogger("riskpipe.review")
+
+
+class ReviewTopicFeed:
+    """Background thread: ``review`` topic -> ledger (kind ``decision``)."""
+
+    def __init__(self, bootstrap_servers: str, topic: str, ledger_path: str, *,
+                 group_id: str = "riskpipe-review-console", kafka_options: dict[str, Any] | None = None,
+                 session_timeout_ms: int = 10_000, heartbeat_interval_ms: int = 3_000) -> None:
+        from kafka import KafkaConsumer
+
+        self.topic = topic
+        self.ledger_path = ledger_path
+        self.received = 0
+        self.rejected = 0
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._consumer = KafkaConsumer(
+            topic,
+            bootstrap_servers=bootstrap_servers,
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=heartbeat_interval_ms,
+            **(kafka_options or {}),
+        )
+        self._thread = threading.Thread(target=self._run, name="riskpipe-review-feed", daemon=True)
+
+    def start(self) -> ReviewTopicFeed:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        with Ledger(self.ledger_path) as ledger:
+            while not self._stop.is_set():
+                try:
+                    batches = self._consumer.poll(timeout_ms=300)
+                except Exception as e:  # noqa: BLE001 - keep serving the ledger's queue while the broker is away
+                    self.last_error = f"review topic: {type(e).__name__}: {e}"
+                    log.warning("%s", self.last_error)
+                    self._stop.wait(1.0)
+                    continue
+                if not batches:
+                    continue
+                for messages in batches.values():
+                    for msg in messages:
+                        self._store(ledger, msg)
+                self._consumer.commit()
+
+    def _store(self, ledger: Ledger, msg) -> None:
+        where = f"{msg.topic}[{msg.partition}]@{msg.offset}"
+        try:
+            record = check_decision_record(json.loads(msg.value))
+            ledger.append(record, kind="decision")
+            self.received += 1
+        except (ValueError, ReviewError, LedgerError) as e:  # JSONDecodeError is a ValueError
+            self.rejected += 1
+            self.last_error = f"{where}: skipped: {e}"
+            log.warning("%s", self.last_error)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self._consumer.close()
+
+
+class OutcomePublisher:
+    """Verdicts -> ``review-outcomes``; ``publish`` returns once the broker has them."""
+
+    def __init__(self, bootstrap_servers: str, topic: str, *, kafka_options: dict[str, Any] | None = None,
+                 timeout_s: float = 10.0) -> None:
+        from kafka import KafkaProducer
+
+        self.topic = topic
+        self.timeout_s = timeout_s
+        self._producer = KafkaProducer(
+            bootstrap_servers=bootstrap_servers,
+            acks="all",
+            retries=5,
+            key_serializer=lambda k: k.encode("utf-8"),
+            value_serializer=lambda v: json.dumps(v, sort_keys=True, ensure_ascii=False).encode("utf-8"),
+            **(kafka_options or {}),
+        )
+
+    def publish(self, verdict: dict) -> None:
+        """Send and wait for the acknowledgement; raises on failure."""
+        self._producer.send(self.topic, key=verdict["id"], value=verdict).get(timeout=self.timeout_s)
+
+    def close(self) -> None:
+        self._producer.close(timeout=5)

@@ -1,0 +1,109 @@
+"""Run the console: the Flask app on a werkzeug server, plus its Kafka edges."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from werkzeug.serving import make_server
+
+from riskpipe.ledger import Ledger
+from riskpipe.review.app import create_app
+from riskpipe.review.settings import Credentials, ReviewSettings
+
+log = logging.getLogger("riskpipe.review")
+
+
+class ConsoleServer:
+    """A running console; ``.url`` to open it, ``.stop()`` to end it and its Kafka clients."""
+
+    def __init__(self, settings: ReviewSettings, *, metrics="default",
+                 consumer_session_timeout_ms: int = 10_000, consumer_heartbeat_ms: int = 3_000) -> None:
+        self.settings = settings
+        with Ledger(settings.ledger) as ledger:  # fails here, not on the first page, when unusable
+            self.counts = {"decision": ledger.count("decision"), "verdict": ledger.count("verdict")}
+        self.feed = None
+        self.publisher = None
+        if settings.bootstrap_servers:
+            from riskpipe.review.kafka_io import OutcomePublisher, ReviewTopicFeed
+
+            self.publisher = OutcomePublisher(settings.bootstrap_servers, settings.outcomes_topic,
+                                              kafka_options=settings.kafka_options)
+        self.app = create_app(settings, metrics=metrics, publisher=self.publisher)
+        if settings.bootstrap_servers:
+            self.feed = ReviewTopicFeed(settings.bootstrap_servers, settings.review_topic, settings.ledger,
+                                        kafka_options=settings.kafka_options,
+                                        session_timeout_ms=consumer_session_timeout_ms,
+                                        heartbeat_interval_ms=consumer_heartbeat_ms)
+        try:
+            self._httpd = make_server(settings.host, settings.port, self.app, threaded=True)
+        except (OSError, SystemExit) as e:  # werkzeug exits on a port in use
+            self._close_kafka()
+            raise OSError(f"review console: cannot listen on {settings.host}:{settings.port} ({e})") from None
+        self.port = self._httpd.server_port
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="riskpipe-review-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = self.settings.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}/"
+
+    def start(self) -> ConsoleServer:
+        if self.feed is not None:
+            self.feed.start()
+        self._thread.start()
+        self.app.extensions["riskpipe_review"].refresh_backlog()
+        return self
+
+    def serve_forever(self) -> None:
+        """Block until interrupted (the CLI); Ctrl-C stops cleanly."""
+        if self.feed is not None:
+            self.feed.start()
+        self.app.extensions["riskpipe_review"].refresh_backlog()
+        try:
+            self._httpd.serve_forever()
+        finally:
+            self._close_kafka()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self._close_kafka()
+
+    def _close_kafka(self) -> None:
+        if self.feed is not None:
+            self.feed.stop()
+            self.feed = None
+        if self.publisher is not None:
+            self.publisher.close()
+            self.publisher = None
+
+    def __enter__(self) -> ConsoleServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve_background(ledger_path: str, host: str = "127.0.0.1", port: int = 0, password: str | None = None, *,
+                     users: dict[str, str] | None = None, bootstrap_servers: str | None = None,
+                     review_topic: str = "review", outcomes_topic: str = "review-outcomes",
+                     secret_key: bytes | None = None, metrics="default", **server_options) -> ConsoleServer:
+    """Start the console in a thread (for ``riskpipe demo`` and tests).
+
+    ``password`` (shared) or ``users`` is required: there is no default credential.
+    Returns the running server: print ``.url``, call ``.stop()`` when done.
+    """
+    settings = ReviewSettings(
+        ledger=str(ledger_path), credentials=Credentials(users=dict(users or {}), shared=password),
+        bootstrap_servers=bootstrap_servers, review_topic=review_topic, outcomes_topic=outcomes_topic,
+        host=host, port=port, secret_key=secret_key,
+    )
+    return start(settings, metrics=metrics, **server_options)
+
+
+def start(settings: ReviewSettings, **options) -> ConsoleServer:
+    return ConsoleServer(settings, **options).start()
+

@@ -1,0 +1,216 @@
+"""Console settings and reviewer credentials.
+
+There is no default credential: the console refuses to start unless a password or
+per-reviewer users are configured, from (first found wins for the shared password)
+``--password-file``, the environment variable ``RISKPIPE_REVIEW_PASSWORD`` or the
+``review.password`` / ``review.password_file`` keys of the config file. Per-reviewer
+users come from ``review.users`` (name -> password, or a werkzeug password hash such as
+``scrypt:...`` made with ``werkzeug.security.generate_password_hash``).
+
+Config file (the stage's ``riskpipe.yaml``; only these keys are read)::
+
+    bootstrap_servers: 127.0.0.1:9092      # shared with the stage
+    ledger: riskpipe-ledger.sqlite3         # shared with the stage
+    topics: {review: review}                # shared with the stage
+    review:
+      users: {alice: "scrypt:32768:8:1$...", bob: "a long passphrase"}
+      password_file: /run/secrets/review    # or password: ...
+      secret_key_file: /run/secrets/review-session-key
+      outcomes_topic: review-outcomes
+      host: 127.0.0.1
+      port: 8470
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from werkzeug.security import check_password_hash
+
+PASSWORD_ENV = "RISKPIPE_REVIEW_PASSWORD"
+SECRET_KEY_ENV = "RISKPIPE_REVIEW_SECRET_KEY"
+MIN_PASSWORD_LENGTH = 8
+REVIEWER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_HASH_PREFIXES = ("scrypt:", "pbkdf2:")
+
+
+class SettingsError(ValueError):
+    """A configuration problem; the message names the source, field and reason."""
+
+
+class ReviewSection(BaseModel):
+    """The ``review:`` section of the config file."""
+
+    model_config = ConfigDict(extra="forbid")
+    password: str | None = None
+    password_file: str | None = None
+    users: dict[str, str] = Field(default_factory=dict)
+    secret_key: str | None = None
+    secret_key_file: str | None = None
+    outcomes_topic: str = "review-outcomes"
+    host: str | None = None
+    port: int | None = Field(None, ge=0, le=65535)
+    session_hours: float = Field(8.0, gt=0, le=24 * 7)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Who may log in. ``users`` maps a reviewer name to a password or password hash;
+    ``shared`` is one password for everyone, who then log in under their own name."""
+
+    users: dict[str, str] = field(default_factory=dict)
+    shared: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.users and not self.shared:
+            raise SettingsError(
+                "no reviewer credential configured: set RISKPIPE_REVIEW_PASSWORD, pass --password-file, "
+                "or configure review.users / review.password in the config file (there is no default)"
+            )
+        if self.shared is not None:
+            _check_password("shared password", self.shared)
+        for name, secret in self.users.items():
+            if not REVIEWER_NAME_RE.match(name):
+                raise SettingsError(f"review.users: {name!r} is not a valid reviewer name (letters, digits, . _ @ -)")
+            if not secret.startswith(_HASH_PREFIXES):
+                _check_password(f"review.users.{name}", secret)
+
+    def authenticate(self, name: str, password: str) -> str | None:
+        """The reviewer's name when ``password`` is right for ``name``, else None.
+
+        A configured user can log in only with their own password, never with the
+        shared one, so the shared password cannot be used to act as a named reviewer.
+        """
+        if not isinstance(name, str) or not isinstance(password, str) or not REVIEWER_NAME_RE.match(name):
+            return None
+        if name in self.users:
+            return name if _matches(self.users[name], password) else None
+        if self.shared is not None and _matches(self.shared, password):
+            return name
+        return None
+
+
+def _check_password(what: str, secret: str) -> None:
+    if len(secret.strip()) < MIN_PASSWORD_LENGTH:
+        raise SettingsError(f"{what}: must be at least {MIN_PASSWORD_LENGTH} characters")
+
+
+def _matches(secret: str, given: str) -> bool:
+    if secret.startswith(_HASH_PREFIXES):
+        return check_password_hash(secret, given)  # constant-time compare inside
+    return hmac.compare_digest(secret.encode("utf-8"), given.encode("utf-8"))
+
+
+def read_secret_file(path: str, what: str) -> str:
+    """First line of a secret file, stripped; clear errors for a missing or empty file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise SettingsError(f"{what} {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"{what} {path}: not UTF-8 text") from None
+    line = text.splitlines()[0].strip() if text.strip() else ""
+    if not line:
+        raise SettingsError(f"{what} {path}: file is empty")
+    return line
+
+
+@dataclass(frozen=True)
+class ReviewSettings:
+    """Everything the console needs, resolved from CLI options, environment and config."""
+
+    ledger: str
+    credentials: Credentials
+    bootstrap_servers: str | None = None
+    review_topic: str = "review"
+    outcomes_topic: str = "review-outcomes"
+    host: str = "127.0.0.1"
+    port: int = 0
+    secret_key: bytes | None = None  # None: random per process (sessions end on restart)
+    session_hours: float = 8.0
+    kafka_options: dict[str, Any] = field(default_factory=dict)
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise SettingsError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise SettingsError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: top level must be a mapping")
+    return data
+
+
+def resolve_settings(
+    *,
+    ledger: str | None = None,
+    config_path: str | None = None,
+    password_file: str | None = None,
+    bootstrap_servers: str | None = None,
+    review_topic: str | None = None,
+    outcomes_topic: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    environ: dict[str, str] | None = None,
+) -> ReviewSettings:
+    """Command-line values win over the environment, which wins over the config file."""
+    env = os.environ if environ is None else environ
+    data = load_config_file(config_path) if config_path else {}
+    where = config_path or "config"
+    try:
+        section = ReviewSection(**(data.get("review") or {}))
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise SettingsError(f"{where}: review.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+    except TypeError:
+        raise SettingsError(f"{where}: review: must be a mapping") from None
+
+    if password_file:
+        shared = read_secret_file(password_file, "--password-file")
+    elif env.get(PASSWORD_ENV):
+        shared = env[PASSWORD_ENV]
+    elif section.password_file:
+        shared = read_secret_file(section.password_file, "review.password_file")
+    else:
+        shared = section.password
+    credentials = Credentials(users=dict(section.users), shared=shared)
+
+    if env.get(SECRET_KEY_ENV):
+        secret_key: bytes | None = env[SECRET_KEY_ENV].encode("utf-8")
+    elif section.secret_key_file:
+        secret_key = read_secret_file(section.secret_key_file, "review.secret_key_file").encode("utf-8")
+    elif section.secret_key:
+        secret_key = section.secret_key.encode("utf-8")
+    else:
+        secret_key = None
+    if secret_key is not None and len(secret_key) < 32:
+        raise SettingsError(f"{where}: review.secret_key: must be at least 32 characters")
+
+    ledger = ledger or data.get("ledger")
+    if not ledger:
+        raise SettingsError("ledger: no ledger given (use --ledger PATH or `ledger:` in the config file)")
+    topics = data.get("topics") or {}
+    kafka_options = {k: data[k] for k in ("security_protocol", "sasl_mechanism", "sasl_plain_username",
+                                          "sasl_plain_password", "ssl_cafile") if data.get(k) is not None}
+    return ReviewSettings(
+        ledger=str(ledger),
+        credentials=credentials,
+        bootstrap_servers=bootstrap_servers or data.get("bootstrap_servers"),
+        review_topic=review_topic or (topics.get("review") if isinstance(topics, dict) else None) or "review",
+        outcomes_topic=outcomes_topic or section.outcomes_topic,
+        host=host or section.host or "127.0.0.1",
+        port=port if port is not None else (section.port if section.port is not None else 0),
+        secret_key=secret_key,
+        session_hours=section.session_hours,
+        kafka_options=kafka_options,
+    )

@@ -1,0 +1,134 @@
+"""Synthetic full decision records (docs/records.md) for the review console tests, and
+the queue's rules checked on them: who is in the queue, in which order, and verdicts."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+
+from riskpipe.certify import Certificate
+from riskpipe.ledger import Ledger
+from riskpipe.models.digits import load_split
+from riskpipe.review import queue as rq
+
+T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def ts(dt: datetime) -> str:
+    return rq.rfc3339(dt)
+
+
+def decision_record(event_id: str, *, digit_index: int = 0, decision: str = "review", routed: bool = True,
+                    audit_sample: bool = False, priority: int | None = 2, deadline: datetime | None = None,
+                    abstained: bool = True, when: datetime = T0, include_input: bool = True) -> dict:
+    """One full decision record for an 8x8 digit from the demo data set."""
+    X, y = load_split("test")
+    x = X[digit_index]
+    radius = 0.0 if abstained else 0.61
+    cert = Certificate(method="smoothing", mode="certify", norm="l2", radius=radius, abstained=abstained,
+                       predicted_class=None if abstained else int(y[digit_index]), p_lower=0.4412 if abstained else 0.9931,
+                       sigma=0.25, alpha=0.001, n_samples=100_100, elapsed_ms=41.5, seed=1234, input_dim=64)
+    cert_d = {**cert.to_dict(), "radius_threat": radius / 8.0, "threat_norm": "linf", "threat_epsilon": 0.03}
+    inp = {"sha256": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest(), "shape": list(x.shape),
+           "datatype": "FP32"}
+    if include_input:
+        inp["data"] = [float(v) for v in x.ravel()]
+    return {
+        "id": event_id,
+        "ts": ts(when),
+        "event_ts": ts(when - timedelta(milliseconds=80)),
+        "model": {"name": "digits", "spec": "demo:digits", "sha256": "ab" * 32},
+        "policy": {"name": "default", "version": "3", "sha256": "cd" * 32, "shadow": False},
+        "certificate": cert_d,
+        "context": {"nearest_other_class_distance": 2.41, "radius_to_distance_ratio": radius / 2.41,
+                    "radius_percentile": 12.0, "reference": "digits-train"},
+        "signals": {
+            "certificate_risk": {"value": 1.0 if abstained else 0.1, "abstained": abstained, "flagged": abstained},
+            "upstream_risk": {"value": 0.35, "flagged": False},
+            "context_risk": {"value": 0.2, "radius_percentile": 12.0, "flagged": False},
+        },
+        "score": 0.71 if abstained else 0.18,
+        "decision": decision,
+        "rule": "abstain-to-review" if abstained else "allow-certified",
+        "reasons": ["certificate_abstained"] if abstained else ["certified"],
+        "controls": ["MAP 3.5", "MANAGE 1.3", "MEASURE 2.7", "A.5.28"],
+        "review": {"routed": routed, "priority": priority if routed or audit_sample else None,
+                   "deadline": ts(deadline) if deadline else None, "audit_sample": audit_sample},
+        "explanation": "score = 0.6*certificate_risk + 0.3*upstream_risk + 0.1*context_risk; rule fired",
+        "scope": cert.scope,
+        "input": inp,
+        "prediction": int(y[digit_index]),
+        "upstream_risk": 0.35,
+        "source": {"topic": "inferences", "partition": 0, "offset": digit_index},
+        "worker": "w-0",
+    }
+
+
+def seed_ledger(path, now: datetime | None = None) -> dict[str, dict]:
+    """A ledger with two routed items, one audit sample, one allowed decision and one
+    already reviewed item; returns the records by id."""
+    now = now or datetime.now(timezone.utc)
+    recs = {
+        "evt-routine": decision_record("evt-routine", digit_index=1, priority=2, deadline=now + timedelta(hours=4)),
+        "evt-urgent": decision_record("evt-urgent", digit_index=0, priority=1, deadline=now + timedelta(hours=1)),
+        "evt-audit": decision_record("evt-audit", digit_index=2, decision="allow", routed=False, audit_sample=True,
+                                     priority=3, deadline=now + timedelta(hours=24), abstained=False),
+        "evt-allowed": decision_record("evt-allowed", digit_index=3, decision="allow", routed=False, abstained=False),
+        "evt-done": decision_record("evt-done", digit_index=4, priority=1, deadline=now + timedelta(hours=1)),
+    }
+    with Ledger(path) as led:
+        for r in recs.values():
+            assert led.append(r, kind="decision")
+        rq.record_verdict(led, "evt-done", "confirmed_clean", "looked fine", "carol", now)
+    return recs
+
+
+def test_queue_holds_routed_and_audit_items_in_priority_then_deadline_order(tmp_path):
+    now = datetime.now(timezone.utc)
+    seed_ledger(tmp_path / "l.db", now)
+    with Ledger(tmp_path / "l.db") as led:
+        led.append(decision_record("evt-urgent-later", priority=1, deadline=now + timedelta(hours=3)))
+        led.append(decision_record("evt-no-priority", priority=None, deadline=None))
+        ids = [it.id for it in rq.pending(led)]
+    assert ids == ["evt-urgent", "evt-urgent-later", "evt-routine", "evt-audit", "evt-no-priority"]
+
+
+def test_verdict_record_follows_docs_and_a_second_one_is_refused(tmp_path):
+    recs = seed_ledger(tmp_path / "l.db")
+    when = T0 + timedelta(minutes=30)
+    with Ledger(tmp_path / "l.db") as led:
+        v = rq.record_verdict(led, "evt-urgent", "confirmed_manipulated", "  stroke added  ", "alice", when)
+        assert v == {"id": "evt-urgent", "verdict": "confirmed_manipulated", "note": "stroke added",
+                     "reviewer": "alice", "ts": "2025-03-01T12:30:00.000Z", "decision_ts": recs["evt-urgent"]["ts"],
+                     "decision": "review", "policy_version": "3"}
+        assert led.get("evt-urgent", kind="verdict") == v
+        assert rq.seconds_to_review(v) == 1800.0
+        with pytest.raises(rq.AlreadyReviewed, match="evt-urgent: a verdict already exists .*alice"):
+            rq.record_verdict(led, "evt-urgent", "unsure", "", "bob", when)
+        assert led.count("verdict") == 2
+        assert led.verify().ok
+
+
+@pytest.mark.parametrize("args, message", [
+    (("evt-urgent", "maybe", "", "alice"), "verdict: must be one of confirmed_clean"),
+    (("evt-urgent", "unsure", "x" * 2001, "alice"), "note: at most 2000 characters"),
+    (("evt-missing", "unsure", "", "alice"), "evt-missing: no decision record"),
+])
+def test_bad_verdicts_are_refused_with_the_field_named(tmp_path, args, message):
+    seed_ledger(tmp_path / "l.db")
+    with Ledger(tmp_path / "l.db") as led:
+        with pytest.raises(rq.ReviewError, match=message):
+            rq.record_verdict(led, *args)
+        assert led.count("verdict") == 1
+
+
+def test_malformed_records_are_named_not_crashed_on():
+    rec = decision_record("evt-x")
+    rec["review"]["deadline"] = "next tuesday"
+    with pytest.raises(rq.ReviewError, match="evt-x: review.deadline: not an RFC 3339 time"):
+        rq.check_decision_record(rec)
+    with pytest.raises(rq.ReviewError, match="id: missing"):
+        rq.check_decision_record({"review": {}})
