@@ -456,3 +456,14 @@ def serve(port: int, addr: str = "127.0.0.1", registry: CollectorRegistry | None
     thread = threading.Thread(target=httpd.serve_forever, name="riskpipe-metrics", daemon=True)
     thread.start()
     return MetricsServer(httpd, thread)
+
+
+def metric_names(registry: CollectorRegistry | None = None) -> set[str]:
+    """Every sample name StageMetrics exports (``_total``, ``_bucket``, ``_info``...).
+
+    Dashboards and alert rules may only query these; the deploy tests check that.
+    """
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"),
+                "info": ("_info",), "gauge": ("",)}
+    families = (registry or StageMetrics().registry).collect()
+    return {f.name + s for f in families for s in suffixes.get(f.type, ("",))}
