@@ -1,0 +1,210 @@
+"""policy.evaluate: certificate (+ upstream risk, context) -> Decision. Pure: no I/O,
+no clock, no randomness (audit sampling hashes the event id with the policy hash)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from riskpipe.certify.certificate import Certificate
+from riskpipe.certify.norms import conversion_factor
+from riskpipe.policy import signals as sig
+from riskpipe.policy.fields import holds
+from riskpipe.policy.rules import conditions_hold, iter_conditions
+from riskpipe.policy.scoring import combine
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One policy decision with everything needed to audit it.
+
+    ``decision`` is what the pipeline does; in shadow mode it is always ``allow`` and
+    ``would_be`` holds what the rules decided (``would_be`` is None when enforcing).
+    """
+
+    decision: str
+    score: float
+    signals: dict
+    rule: str
+    reasons: tuple[str, ...]
+    controls: tuple[str, ...]
+    explanation: str
+    radius_threat: float
+    threat_norm: str
+    threat_epsilon: float
+    certified_in_threat: bool
+    shadow: bool
+    would_be: str | None
+    review: dict = field(default_factory=dict)
+    trace: tuple[dict, ...] = field(default=(), repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "decision": self.decision, "score": self.score, "signals": self.signals, "rule": self.rule,
+            "reasons": list(self.reasons), "controls": list(self.controls), "explanation": self.explanation,
+            "radius_threat": self.radius_threat, "threat_norm": self.threat_norm,
+            "threat_epsilon": self.threat_epsilon, "certified_in_threat": self.certified_in_threat,
+            "shadow": self.shadow, "would_be": self.would_be, "review": dict(self.review),
+        }
+
+
+def audit_draw(event_id: str, policy_sha256: str) -> float:
+    """A number in [0, 1) fixed by (event id, policy): the same event is sampled the
+    same way on every replay, and a new policy draws afresh."""
+    digest = hashlib.sha256((str(event_id) + policy_sha256).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def _as_certificate(certificate) -> Certificate:
+    if isinstance(certificate, Certificate):
+        return certificate
+    if isinstance(certificate, dict):
+        return Certificate.from_dict(certificate)
+    raise TypeError(f"certificate: expected a Certificate or its dict, got {type(certificate).__name__}")
+
+
+def threat_view(policy, cert: Certificate) -> tuple[float, bool, list[str]]:
+    """(radius in the threat norm, certified in the threat model, reason codes)."""
+    tm = policy.threat_model
+    reasons: list[str] = []
+    if cert.abstained:
+        return 0.0, False, ["abstained"]
+    if cert.norm == tm.norm:
+        factor = 1.0
+    elif cert.input_dim:
+        factor = conversion_factor(cert.norm, tm.norm, cert.input_dim)
+    else:  # cannot convert without the dimension: claim nothing
+        return 0.0, False, ["input_dim_unknown"]
+    radius_threat = float(cert.radius) * factor
+    if cert.mode == "decide":
+        needed = policy.certificate_epsilon(cert.norm, cert.input_dim or 1)
+        if cert.epsilon is None or cert.epsilon < needed * (1 - 1e-12):
+            return radius_threat, False, ["certificate_epsilon_below_threat"]
+        certified = bool(cert.certified)
+    else:
+        certified = radius_threat >= tm.epsilon
+    if not certified:
+        reasons.append("radius_below_epsilon")
+    return radius_threat, certified, reasons
+
+
+def evaluate(policy, certificate, upstream_risk: Any = None, context: Any = None,
+             event_id: str | None = None) -> Decision:
+    cert = _as_certificate(certificate)
+    tm = policy.threat_model
+    radius_threat, certified, cert_reasons = threat_view(policy, cert)
+    cfg = policy.signals
+    signals = {
+        "certificate_risk": sig.certificate_risk(cfg.certificate_risk, cert.abstained, radius_threat, tm.epsilon,
+                                                 certified),
+        "upstream_risk": sig.upstream_risk(cfg.upstream_risk, upstream_risk),
+    }
+    if cfg.context_risk.enabled:
+        signals["context_risk"] = sig.context_risk(cfg.context_risk, context, radius_threat)
+    weights = policy.score.weights.model_dump()
+    score, formula = combine(policy.score.combiner, {k: v["value"] for k, v in signals.items()}, weights)
+    for name, s in signals.items():
+        s["weight"] = weights[name]
+
+    ctx = signals.get("context_risk", {})
+    facts = {
+        "certificate.abstained": cert.abstained,
+        "certified_in_threat": certified,
+        "radius_threat": radius_threat,
+        "radius_over_epsilon": radius_threat / tm.epsilon,
+        "score": score,
+        "signals.certificate_risk.value": signals["certificate_risk"]["value"],
+        "signals.upstream_risk.value": signals["upstream_risk"]["value"],
+        "signals.upstream_risk.flagged": signals["upstream_risk"]["flagged"],
+        "signals.context_risk.value": ctx.get("value"),
+        "signals.context_risk.flagged": ctx.get("flagged"),
+        "context.radius_to_distance_ratio": ctx.get("radius_to_distance_ratio"),
+        "context.radius_percentile": ctx.get("radius_percentile"),
+    }
+
+    trace, fired = [], None
+    for rule in policy.rules:
+        ok = conditions_hold(rule.when, facts)
+        trace.append({"rule": rule.id, "matched": ok, "conditions": [
+            {"field": c.field, "op": c.op, "value": c.value, "actual": facts.get(c.field),
+             "holds": holds(c.field, c.op, c.value, facts)} for c in iter_conditions(rule.when)]})
+        if ok:
+            fired = rule
+            break
+    if fired is not None:
+        enforced, rule_id, reasons, controls = fired.decision, fired.id, list(fired.reasons), list(fired.controls)
+    else:
+        fb = policy.fallback
+        enforced, rule_id, reasons, controls = fb.decision, "fallback", list(fb.reasons), list(fb.controls)
+    if enforced == "allow" and not certified:
+        # The loader proves this unreachable; kept so that a bug can never let one through.
+        enforced, reasons = "review", reasons + ["invariant_guard"]
+    for code in cert_reasons:
+        if code not in reasons and not certified:
+            reasons.append(code)
+    for name, s in signals.items():
+        if s.get("flagged"):
+            reasons.append(f"{name}_{s['reason']}")
+
+    decision = "allow" if policy.shadow else enforced
+    if policy.shadow:
+        reasons.append("shadow_mode")
+
+    rv = policy.review
+    band = rv.band(score)
+    audit = bool(decision == "allow" and event_id is not None and rv.audit_fraction > 0
+                 and audit_draw(event_id, policy.sha256) < rv.audit_fraction)
+    routed = decision == "review" or (decision == "block" and rv.route_blocked) or audit
+    if audit:
+        reasons.append("audit_sample")
+    review = {"routed": routed, "priority": band.priority,
+              "deadline_seconds": band.deadline_seconds if routed else None, "audit_sample": audit}
+    controls += list(policy.controls.always) + (list(policy.controls.when_routed) if routed else [])
+    controls = list(dict.fromkeys(controls))
+
+    explanation = _explain(policy, cert, radius_threat, certified, signals, formula, rule_id, trace, enforced,
+                           decision, review)
+    return Decision(decision=decision, score=score, signals=signals, rule=rule_id, reasons=tuple(reasons),
+                    controls=tuple(controls), explanation=explanation, radius_threat=radius_threat,
+                    threat_norm=tm.norm, threat_epsilon=tm.epsilon, certified_in_threat=certified,
+                    shadow=policy.shadow, would_be=enforced if policy.shadow else None, review=review,
+                    trace=tuple(trace))
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "absent"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _explain(policy, cert, radius_threat, certified, signals, formula, rule_id, trace, enforced, decision,
+             review) -> str:
+    tm = policy.threat_model
+    parts = [f"Policy {policy.name} {policy.version} (sha256 {policy.sha256[:12]})."]
+    if cert.abstained:
+        parts.append(f"Certificate: {cert.method} abstained, so no radius is certified.")
+    else:
+        parts.append(f"Certificate: {cert.method} {cert.mode}, {cert.norm} radius {cert.radius:.4g}, which covers "
+                     f"{radius_threat:.4g} in the threat norm {tm.norm} (Theorem 2) against epsilon {tm.epsilon:g}: "
+                     + ("certified in the threat model." if certified else "not certified in the threat model."))
+    for name, s in signals.items():
+        note = f" (flagged: {s['reason']}, policy default used)" if s.get("flagged") else ""
+        parts.append(f"{name} = {s['value']:.4g}{note}.")
+    parts.append(formula + ".")
+    if rule_id == "fallback":
+        parts.append(f"No rule matched; the fallback gives {enforced}.")
+    else:
+        conds = trace[-1]["conditions"]
+        why = "; ".join(f"{c['field']} {c['op']} {_fmt(c['value'])} (is {_fmt(c['actual'])})" for c in conds)
+        parts.append(f"Rule {rule_id!r} fired" + (f": {why}." if why else " (no conditions)."))
+    if policy.shadow:
+        parts.append(f"Shadow mode: the rules say {enforced}; nothing is enforced, the decision is allow.")
+    parts.append(f"Decision: {decision}" + (f", routed to review at priority {review['priority']}"
+                                            if review["routed"] else "") + ".")
+    parts.append("A certificate never shows an input is clean; only its absence is actionable.")
+    return " ".join(parts)

@@ -1,0 +1,175 @@
+"""load_policy: YAML file -> validated Policy, or PolicyError with one line per problem.
+
+The file is read with ``yaml.safe_load`` semantics; the same text is also composed
+into a node tree (``yaml.compose`` with the SafeLoader) so that every problem's field
+path maps back to the line it came from: ``file:line: field: reason``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from riskpipe.policy.schema import Policy, SemanticProblems
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.field}: {self.reason}"
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be loaded. ``str()`` is one line per problem."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(policy)"
+
+
+def _line(root: yaml.Node | None, loc: tuple) -> int:
+    """Line of the field at ``loc``: its key when it exists, else the key of the
+    deepest enclosing field that does (e.g. the section a required field is missing from)."""
+    if root is None:
+        return 1
+    node, line = root, root.start_mark.line + 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            hit = [(k, v) for k, v in node.value if k.value == part]
+            if not hit:
+                return line
+            key, node = hit[-1]
+            line = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """Field names the schema allows at the mapping that contains ``loc[-1]``."""
+    model: Any = Policy
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return []
+        model = _unwrap(model.model_fields[part].annotation)
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _unwrap(tp: Any) -> Any:
+    while True:
+        args = [a for a in typing.get_args(tp) if a is not type(None) and a is not Ellipsis]
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp = args[0]
+        elif origin is not None and args:
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            tp = models[0] if models else args[0]
+            if models:
+                return tp
+        else:
+            return tp
+
+
+def _reason(err: dict) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(err["loc"])
+        close = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
+        return "unknown field" + (f"; did you mean {close[0]!r}?" if close else
+                                  (f" (allowed: {', '.join(allowed)})" if allowed else ""))
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if kind == "string_type" and err["loc"] and err["loc"][-1] == "version":
+        msg += " (quote it, e.g. \"1.0\", or YAML reads a number)"
+    msg = " ".join(msg.split())
+    return msg[:1].lower() + msg[1:]
+
+
+def _yaml_data(text: str, name: str) -> tuple[Any, yaml.Node | None]:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else 1
+        raise PolicyError([Problem(name, line, "(yaml)", " ".join(str(e.problem or e).split()))]) from None
+    except yaml.YAMLError as e:
+        raise PolicyError([Problem(name, 1, "(yaml)", " ".join(str(e).split()))]) from None
+    dups = _duplicate_keys(root, ())
+    if dups:
+        raise PolicyError([Problem(name, line, field_path(loc), "duplicate key (YAML keeps only the last; remove one)")
+                           for loc, line in dups])
+    return data, root
+
+
+def _duplicate_keys(node, loc) -> list[tuple[tuple, int]]:
+    out = []
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for k, v in node.value:
+            if k.value in seen:
+                out.append((loc + (k.value,), k.start_mark.line + 1))
+            seen.add(k.value)
+            out += _duplicate_keys(v, loc + (k.value,))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out += _duplicate_keys(v, loc + (i,))
+    return out
+
+
+def parse_policy(text: str, name: str = "<policy>") -> Policy:
+    """Validate policy YAML ``text``; ``name`` is used in error lines."""
+    data, root = _yaml_data(text, name)
+    if data is None:
+        raise PolicyError([Problem(name, 1, "(policy)", "empty file; expected a RiskPolicy mapping")])
+    if not isinstance(data, dict):
+        raise PolicyError([Problem(name, 1, "(policy)", f"expected a mapping at the top, got {type(data).__name__}")])
+    try:
+        blob = json.dumps(data, default=str, allow_nan=True)
+        return Policy.model_validate_json(blob)
+    except ValidationError as e:
+        problems = [Problem(name, _line(root, err["loc"]), field_path(err["loc"]), _reason(err))
+                    for err in e.errors(include_url=False)]
+    except SemanticProblems as e:
+        problems = [Problem(name, _line(root, loc), field_path(loc), reason) for loc, reason in e.problems]
+    problems.sort(key=lambda p: p.line)
+    raise PolicyError(problems)
+
+
+def load_policy(path: str | Path) -> Policy:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PolicyError([Problem(str(path), 0, "(file)", "file not found")]) from None
+    except UnicodeDecodeError:
+        raise PolicyError([Problem(str(path), 0, "(file)", "not UTF-8 text")]) from None
+    except OSError as e:
+        raise PolicyError([Problem(str(path), 0, "(file)", e.strerror or type(e).__name__)]) from None
+    return parse_policy(text, str(path))

@@ -1,0 +1,169 @@
+"""Rule matching and the static analysis behind the invariant and the linter.
+
+Runtime: rules are tried in order; the first whose ``when`` holds fires. ``when``
+is ``all`` (every condition) and/or ``any`` (at least one); both given means both
+must hold; no ``when`` means always.
+
+Static analysis: a condition compares one field with a constant, so whether it
+holds depends only on which side of each constant the field lies. For every field
+the rules mention we take representative values (each constant, the domain ends, a
+point between each pair and beyond the last, and "absent" for nullable fields) and
+enumerate their combinations. That decides exactly, for the abstract inputs, which
+rules can fire, which are shadowed, which inputs fall through to the fallback, and
+whether an uncertified input can reach an ``allow`` rule. Fields are treated as
+independent apart from a few facts that always hold (below), so the analysis may
+see inputs that cannot occur, never miss ones that can: it is sound for the
+invariant.
+
+Facts that always hold (checked by the property tests):
+* abstained => not certified_in_threat, radius_threat = radius_over_epsilon = 0,
+  certificate risk = 1;
+* not certified_in_threat => certificate risk >= r(1) (see signals.py);
+* certify mode: certified_in_threat <=> not abstained and radius_threat >= epsilon
+  (and radius_over_epsilon >= 1).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from riskpipe.policy.fields import FIELDS, holds
+
+MAX_COMBINATIONS = 200_000
+ABSENT = None
+
+
+def conditions_hold(when, facts: dict[str, Any]) -> bool:
+    if when is None:
+        return True
+    if when.all is not None and not all(holds(c.field, c.op, c.value, facts) for c in when.all):
+        return False
+    if when.any is not None and not any(holds(c.field, c.op, c.value, facts) for c in when.any):
+        return False
+    return True
+
+
+def first_match(rules, facts: dict[str, Any]) -> int | None:
+    for i, rule in enumerate(rules):
+        if conditions_hold(rule.when, facts):
+            return i
+    return None
+
+
+def iter_conditions(when) -> Iterable:
+    if when is None:
+        return ()
+    return tuple(when.all or ()) + tuple(when.any or ())
+
+
+# ---- abstract inputs ------------------------------------------------------------------
+def _points(field: str, constants: set[float], extra: Iterable[float]) -> list:
+    spec = FIELDS[field]
+    if spec.kind == "bool":
+        pts: list = [False, True]
+    else:
+        anchors = {spec.lo, *(c for c in constants if spec.lo <= c <= spec.hi),
+                   *(e for e in extra if spec.lo <= e <= spec.hi)}
+        if math.isfinite(spec.hi):
+            anchors.add(spec.hi)
+        xs = sorted(anchors)
+        pts = list(xs) + [(a + b) / 2 for a, b in zip(xs, xs[1:])]
+        if not math.isfinite(spec.hi):
+            pts.append(xs[-1] + 1.0)
+    if spec.nullable:
+        pts.append(ABSENT)
+    return pts
+
+
+@dataclass(frozen=True)
+class Analysis:
+    exhaustive: bool
+    satisfiable: tuple[bool, ...]  # rule i can hold for some input
+    reachable: tuple[bool, ...]  # rule i fires for some input
+    uncovered: dict | None  # an input no rule matches (witness), or None
+    invariant_witness: dict[int, dict]  # allow rule i -> an uncertified input that reaches it
+
+
+def analyse(policy) -> Analysis:
+    from riskpipe.policy.signals import certificate_risk_floor
+
+    rules = policy.rules
+    constants: dict[str, set[float]] = {}
+    for rule in rules:
+        for c in iter_conditions(rule.when):
+            if FIELDS[c.field].kind == "number":
+                constants.setdefault(c.field, set()).add(float(c.value))
+            else:
+                constants.setdefault(c.field, set())
+    fields = sorted(set(constants) | {"certificate.abstained", "certified_in_threat"})
+    floor = certificate_risk_floor(policy.signals.certificate_risk)
+    extra = {"radius_threat": [0.0, policy.threat_model.epsilon], "radius_over_epsilon": [0.0, 1.0],
+             "signals.certificate_risk.value": [floor, 1.0]}
+    axes = [_points(f, constants.get(f, set()), extra.get(f, ())) for f in fields]
+    total = math.prod(len(a) for a in axes)
+    if total > MAX_COMBINATIONS:
+        return _syntactic(policy)
+    n = len(rules)
+    sat, reach = [False] * n, [False] * n
+    uncovered = None
+    witness: dict[int, dict] = {}
+    certify_mode = policy.certifier.mode == "certify"
+    eps = policy.threat_model.epsilon
+    for combo in itertools.product(*axes):
+        facts = dict(zip(fields, combo))
+        if not _coherent(facts, certify_mode, eps, floor):
+            continue
+        fired = None
+        for i, rule in enumerate(rules):
+            if conditions_hold(rule.when, facts):
+                sat[i] = True
+                if fired is None:
+                    fired = i
+                    reach[i] = True
+        if fired is None:
+            uncovered = uncovered or facts
+        elif (rules[fired].decision == "allow" and not facts["certified_in_threat"]
+              and fired not in witness):
+            witness[fired] = facts
+    return Analysis(True, tuple(sat), tuple(reach), uncovered, witness)
+
+
+def _coherent(f: dict, certify_mode: bool, eps: float, floor: float) -> bool:
+    abstained, certified = f["certificate.abstained"], f["certified_in_threat"]
+    r, t, risk = f.get("radius_threat"), f.get("radius_over_epsilon"), f.get("signals.certificate_risk.value")
+    if abstained and (certified or (r is not None and r != 0) or (t is not None and t != 0)
+                      or (risk is not None and risk != 1.0)):
+        return False
+    if not certified and risk is not None and risk < floor:
+        return False
+    if certify_mode and not abstained:
+        if r is not None and (r >= eps) != certified:
+            return False
+        if t is not None and (t >= 1.0) != certified:
+            return False
+    return True
+
+
+def _excludes_uncertified(when) -> bool:
+    return when is not None and any(
+        c.field == "certified_in_threat" and ((c.op == "eq" and c.value is True) or (c.op == "ne" and c.value is False))
+        for c in (when.all or ()))
+
+
+def _syntactic(policy) -> Analysis:
+    """Fallback when there are too many combinations: an allow rule is accepted only
+    if its ``all`` list requires certified_in_threat to be true."""
+    n = len(policy.rules)
+    witness = {i: {"certified_in_threat": False} for i, r in enumerate(policy.rules)
+               if r.decision == "allow" and not _excludes_uncertified(r.when)}
+    return Analysis(False, (True,) * n, (True,) * n, None, witness)
+
+
+def describe_facts(facts: dict) -> str:
+    parts = []
+    for k, v in sorted(facts.items()):
+        parts.append(f"{k}={'absent' if v is None else (str(v).lower() if isinstance(v, bool) else f'{v:g}')}")
+    return ", ".join(parts)
