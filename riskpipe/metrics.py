@@ -32,6 +32,7 @@ same name and labels (what the text exposition of an Info metric is anyway).
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import os
 import platform
@@ -146,11 +147,11 @@ class _InfoMetric:
 
 
 def _torch_version() -> str:
+    # From the installed distribution: importing torch here would cost seconds.
     try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a hard dependency
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a hard dependency
         return "none"
-    return torch.__version__
 
 
 class StageMetrics:
@@ -368,7 +369,7 @@ def exposition_registry(registry: CollectorRegistry | None = None) -> CollectorR
         return registry
     if not multiprocess_enabled():
         raise ValueError("registry: required unless PROMETHEUS_MULTIPROC_DIR is set")
-    _check_multiprocess_setup()
+    # Only reads the workers' files, so the import-order check does not apply here.
     merged = CollectorRegistry()
     multiprocess.MultiProcessCollector(merged)
     return merged

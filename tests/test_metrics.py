@@ -1,0 +1,218 @@
+"""StageMetrics: what a decision record turns into, naming, exposition, serving."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from riskpipe.metrics import (
+    StageMetrics,
+    certificate_outcome,
+    expose,
+    metric_names,
+    review_reason,
+)
+
+
+def _record(**over) -> dict:
+    record = {
+        "id": "e-1",
+        "decision": "review",
+        "policy": {"name": "default", "version": "3", "sha256": "ab" * 32},
+        "score": 0.62,
+        "reasons": ["below_epsilon", "upstream_risk"],
+        "review": {"routed": True, "priority": "high", "deadline": None, "audit_sample": False},
+        "certificate": {"method": "smoothing", "norm": "l2", "radius": 0.4,
+                        "radius_threat": 0.2, "threat_norm": "linf", "threat_epsilon": 0.25,
+                        "abstained": False, "certified": None, "n_samples": 1200,
+                        "elapsed_ms": 35.0},
+    }
+    record.update(over)
+    return record
+
+
+def _samples(metrics: StageMetrics) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(expose(metrics.registry).decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_decision_record_feeds_every_metric() -> None:
+    m = StageMetrics()
+    m.decision(_record())
+    s = _samples(m)
+    assert s[("riskpipe_decisions_total", (("decision", "review"), ("policy_version", "3")))] == 1
+    assert s[("riskpipe_certificates_total",
+              (("method", "smoothing"), ("outcome", "below_epsilon")))] == 1
+    # radius in the threat norm, not the certificate's own
+    assert s[("riskpipe_certified_radius_sum", (("norm", "linf"),))] == pytest.approx(0.2)
+    assert s[("riskpipe_certified_radius_bucket", (("le", "0.2"), ("norm", "linf")))] == 1
+    assert s[("riskpipe_certified_radius_bucket", (("le", "0.1"), ("norm", "linf")))] == 0
+    assert s[("riskpipe_risk_score_sum", ())] == pytest.approx(0.62)
+    assert s[("riskpipe_model_evaluations_sum", (("method", "smoothing"),))] == 1200
+    assert s[("riskpipe_model_evaluations_bucket",
+              (("le", "100000.0"), ("method", "smoothing")))] == 1
+    assert s[("riskpipe_certification_duration_seconds_sum",
+              (("method", "smoothing"),))] == pytest.approx(0.035)
+    assert s[("riskpipe_review_routed_total", (("reason", "below_epsilon"),))] == 1
+
+
+@pytest.mark.parametrize("cert, outcome", [
+    ({"abstained": True, "radius_threat": 0.0, "threat_epsilon": 0.1}, "abstained"),
+    ({"abstained": False, "certified": True, "radius_threat": 0.01, "threat_epsilon": 0.1},
+     "certified"),
+    ({"abstained": False, "certified": False, "radius_threat": 0.5, "threat_epsilon": 0.1},
+     "below_epsilon"),
+    ({"abstained": False, "certified": None, "radius_threat": 0.1, "threat_epsilon": 0.1},
+     "certified"),
+    ({"abstained": False, "certified": None, "radius_threat": 0.09, "threat_epsilon": 0.1},
+     "below_epsilon"),
+    ({"abstained": False, "certified": None, "radius_threat": 0.3}, "certified"),
+    ({"abstained": False}, "below_epsilon"),
+])
+def test_certificate_outcome(cert: dict, outcome: str) -> None:
+    assert certificate_outcome(cert) == outcome
+
+
+def test_abstention_is_counted_but_has_no_radius() -> None:
+    m = StageMetrics()
+    cert = {"method": "ibp", "abstained": True, "radius": 0.0, "radius_threat": 0.0,
+            "threat_norm": "l2", "n_samples": 1, "elapsed_ms": 2.0}
+    m.decision(_record(certificate=cert, review={"routed": True, "audit_sample": True}))
+    s = _samples(m)
+    assert s[("riskpipe_certificates_total", (("method", "ibp"), ("outcome", "abstained")))] == 1
+    assert not any(k[0].startswith("riskpipe_certified_radius") for k in s)
+    assert s[("riskpipe_review_routed_total", (("reason", "audit_sample"),))] == 1
+
+
+def test_review_reason() -> None:
+    assert review_reason({"review": {"audit_sample": True}, "reasons": ["x"]}) == "audit_sample"
+    assert review_reason({"review": {}, "reasons": ["no_certificate"]}) == "no_certificate"
+    assert review_reason({"review": {}, "reasons": []}) == "unspecified"
+
+
+def test_sparse_record_does_not_raise() -> None:
+    m = StageMetrics()
+    m.decision({"decision": "allow"})
+    m.decision({"decision": "block", "certificate": {"elapsed_ms": float("nan")},
+                "score": None, "review": None})
+    s = _samples(m)
+    assert s[("riskpipe_decisions_total",
+              (("decision", "allow"), ("policy_version", "unknown")))] == 1
+    assert not any(k[0].startswith("riskpipe_certification_duration") for k in s)
+
+
+def test_labels_stay_bounded() -> None:
+    m = StageMetrics()
+    with pytest.raises(ValueError, match="outcome"):
+        m.event("exploded")
+    m.dlq("wrong_shape")
+    m.dlq("some new reason with spaces")
+    m.review_verdict("confirmed_clean", 120.0)
+    m.review_verdict("typo", None)
+    s = _samples(m)
+    assert s[("riskpipe_dlq_messages_total", (("reason", "wrong_shape"),))] == 1
+    assert s[("riskpipe_dlq_messages_total", (("reason", "other"),))] == 1
+    assert s[("riskpipe_review_verdicts_total", (("verdict", "other"),))] == 1
+    assert s[("riskpipe_review_time_to_verdict_seconds_count",
+              (("verdict", "confirmed_clean"),))] == 1
+
+
+def test_gauges_infos_and_counters() -> None:
+    m = StageMetrics()
+    m.set_lag("inferences", 0, 42)
+    m.set_lag("inferences", 1, 7)
+    m.drop_lag("inferences", 1)
+    m.set_policy("default", "1", "a" * 64)
+    m.set_policy("default", "2", "b" * 64)
+    m.set_broker_up(True)
+    m.broker_error("timeout")
+    m.reconnect()
+    m.set_review_backlog(5)
+    m.review_deadline_breach()
+    m.end_to_end(0.3)
+    before = time.time()
+    m.poll()
+    s = _samples(m)
+    assert s[("riskpipe_consumer_lag_messages",
+              (("partition", "0"), ("topic", "inferences")))] == 42
+    assert ("riskpipe_consumer_lag_messages",
+            (("partition", "1"), ("topic", "inferences"))) not in s
+    policies = [k for k in s if k[0] == "riskpipe_policy_info"]
+    assert policies == [("riskpipe_policy_info",
+                         (("name", "default"), ("sha256", "b" * 64), ("version", "2")))]
+    assert s[("riskpipe_broker_up", ())] == 1
+    assert s[("riskpipe_broker_errors_total", (("kind", "timeout"),))] == 1
+    assert s[("riskpipe_broker_reconnects_total", ())] == 1
+    assert s[("riskpipe_review_backlog", ())] == 5
+    assert s[("riskpipe_review_deadline_breaches_total", ())] == 1
+    assert s[("riskpipe_end_to_end_latency_seconds_count", ())] == 1
+    assert s[("riskpipe_last_poll_timestamp_seconds", ())] >= before
+    assert s[("riskpipe_policy_loaded_timestamp_seconds", ())] >= before - 5
+    build = [dict(k[1]) for k in s if k[0] == "riskpipe_build_info"]
+    assert len(build) == 1 and set(build[0]) == {"version", "python", "torch"}
+
+
+def test_names_follow_prometheus_conventions() -> None:
+    names = metric_names()
+    assert all(n.startswith("riskpipe_") for n in names)
+    for family in StageMetrics().registry.collect():
+        if family.type == "counter":
+            assert (family.name + "_total") in names
+        if "latency" in family.name or "duration" in family.name or "time" in family.name:
+            assert family.name.endswith("_seconds"), family.name
+        if family.type == "gauge" and "timestamp" in family.name:
+            assert family.name.endswith("_timestamp_seconds")
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool missing")
+def test_promtool_check_metrics_lints_a_real_scrape() -> None:
+    m = StageMetrics()
+    m.event("decided")
+    m.decision(_record())
+    m.set_lag("inferences", 0, 3)
+    m.set_policy("default", "3", "c" * 64)
+    m.dlq("invalid_json")
+    m.review_verdict("unsure", 30.0)
+    server = m.serve(0)
+    try:
+        scrape = urllib.request.urlopen(server.url, timeout=5).read()
+    finally:
+        server.shutdown()
+    result = subprocess.run(["promtool", "check", "metrics"], input=scrape,
+                            capture_output=True, timeout=30)
+    assert result.returncode == 0, (result.stdout + result.stderr).decode()
+    assert b"riskpipe_decisions_total" in scrape
+
+
+def test_serve_metrics_and_healthz() -> None:
+    m = StageMetrics()
+    server = m.serve(0)
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        assert urllib.request.urlopen(f"{base}/healthz", timeout=5).read() == b"ok\n"
+        m.poll()
+        assert urllib.request.urlopen(f"{base}/healthz", timeout=5).status == 200
+        m.last_poll.set(time.time() - 3600)  # a loop wedged for an hour
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{base}/healthz", timeout=5)
+        assert err.value.code == 503
+        body = urllib.request.urlopen(f"{base}/metrics", timeout=5).read()
+        assert b"riskpipe_last_poll_timestamp_seconds" in body
+    finally:
+        server.shutdown()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"{base}/metrics", timeout=2)
+
+
+def test_serve_rejects_a_bad_port() -> None:
+    with pytest.raises(ValueError, match="metrics_port"):
+        StageMetrics().serve(70000)
