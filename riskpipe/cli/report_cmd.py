@@ -1,0 +1,28 @@
+"""``riskpipe report``: the compliance report from a ledger."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option("--ledger", "ledger_path", required=True, help="Ledger file.")
+@click.option("--since", default=None, help="RFC 3339 time, inclusive (default: start of ledger).")
+@click.option("--until", default=None, help="RFC 3339 time, exclusive (default: now).")
+@click.option("--format", "fmt", type=click.Choice(["html", "md", "json", "pdf"]), default="html", show_default=True,
+              help="pdf only when WeasyPrint is installed.")
+@click.option("--out", "out_path", default=None, help="Output file (default: report.<format> next to the ledger).")
+def report(ledger_path, since, until, fmt, out_path):
+    """Write the compliance report: scope, policies, volumes, decisions, abstention, radii,
+    review, dead letters, NIST AI RMF / ISO 27001 mapping, ledger integrity."""
+    from pathlib import Path
+
+    from riskpipe.cli.common import fail
+    from riskpipe.report import ReportError, write_report
+
+    out = out_path or str(Path(ledger_path).with_name(f"report.{fmt}"))
+    try:
+        path = write_report(ledger_path, out, fmt, since=since, until=until)
+    except ReportError as e:
+        fail(str(e))
+    click.echo(str(path))

@@ -1,0 +1,90 @@
+"""Compliance reports from a ledger: HTML (one self-contained file), Markdown, JSON, optional PDF.
+
+``write_report(ledger_path, out_path, fmt)`` is the whole API; ``data.gather`` holds the
+numbers, ``plots`` the figures, ``templates/`` the layouts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("html", "md", "json", "pdf")
+
+
+class ReportError(ValueError):
+    """A report that cannot be written (names the option and the reason)."""
+
+
+def pdf_available() -> bool:
+    """PDF needs WeasyPrint, which riskpipe does not depend on."""
+    return importlib.util.find_spec("weasyprint") is not None
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _pct(value: Any) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def render(data: dict, fmt: str) -> str:
+    """Render gathered data as ``html``, ``md`` or ``json`` text."""
+    if fmt == "json":
+        slim = json.loads(json.dumps(data))
+        for g in slim["radius"]["groups"]:
+            g.pop("values", None)
+        slim["review"].pop("minutes_values", None)
+        return json.dumps(slim, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+    env = Environment(loader=PackageLoader("riskpipe.report", "templates"), undefined=StrictUndefined,
+                      autoescape=select_autoescape(["html", "html.j2"]), trim_blocks=True, lstrip_blocks=True)
+    env.filters["fmt"] = _fmt
+    env.filters["pct"] = _pct
+    if fmt == "html":
+        from riskpipe.report.plots import all_figures
+
+        return env.get_template("report.html.j2").render(d=data, fig=all_figures(data))
+    if fmt == "md":
+        return env.get_template("report.md.j2").render(d=data)
+    raise ReportError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
+
+
+def write_report(ledger_path: str | Path, out_path: str | Path, fmt: str = "html", since: Any = None,
+                 until: Any = None) -> Path:
+    """Gather the ledger's evidence for [since, until) and write the report; returns the path."""
+    from riskpipe.ledger import LedgerError
+    from riskpipe.report.data import gather
+
+    if fmt not in FORMATS:
+        raise ReportError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt == "pdf" and not pdf_available():
+        raise ReportError("format: pdf needs WeasyPrint (pip install weasyprint); use html, md or json")
+    if not Path(ledger_path).is_file():
+        raise ReportError(f"ledger {ledger_path}: file not found")
+    try:
+        data = gather(str(ledger_path), since=since, until=until)
+    except LedgerError as e:
+        raise ReportError(str(e)) from None
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "pdf":
+        import weasyprint
+
+        weasyprint.HTML(string=render(data, "html")).write_pdf(str(out))
+    else:
+        out.write_text(render(data, fmt), encoding="utf-8")
+    return out
+
+
+__all__ = ["FORMATS", "ReportError", "render", "write_report"]

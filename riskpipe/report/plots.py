@@ -1,0 +1,85 @@
+"""Report figures: matplotlib (Agg, no display) rendered to base64 PNG for inline ``<img>`` tags."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLOURS = {"allow": "#2e7d32", "review": "#f9a825", "block": "#c62828"}
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decisions_over_time(series: list[dict], bucket: str) -> str | None:
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 3))
+    x = range(len(series))
+    bottom = [0] * len(series)
+    for kind in ("allow", "review", "block"):
+        vals = [row[kind] for row in series]
+        ax.bar(x, vals, bottom=bottom, color=COLOURS[kind], label=kind, width=0.85)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    step = max(1, len(series) // 10)
+    ax.set_xticks(list(x)[::step], [row["t"] for row in series][::step], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"decisions per {bucket}")
+    ax.legend(loc="upper left", fontsize=8, ncols=3)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def radius_histogram(group: dict) -> str | None:
+    vals = group["values"]
+    if not vals:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.hist(vals, bins=min(40, max(5, len(vals) // 3)), color="#1565c0", alpha=0.85)
+    eps = group.get("epsilon")
+    if eps is not None:
+        ax.axvline(eps, color="#c62828", linestyle="--", label=f"epsilon = {eps:g}")
+        ax.legend(fontsize=8)
+    ax.set_xlabel(f"certified radius in the threat norm ({group.get('norm')}); 0 = no certificate")
+    ax.set_ylabel("decisions")
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def counts_bar(counts: dict, xlabel: str, colour: str = "#6a1b9a") -> str | None:
+    if not counts:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(counts) + 1))
+    names = list(counts)[::-1]
+    ax.barh(names, [counts[n] for n in names], color=colour)
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def review_times(minutes: list[float]) -> str | None:
+    if not minutes:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 2.6))
+    ax.hist(minutes, bins=min(30, max(5, len(minutes) // 2)), color="#00838f")
+    ax.set_xlabel("minutes from decision to verdict")
+    ax.set_ylabel("verdicts")
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def all_figures(data: dict) -> dict:
+    return {
+        "decisions": decisions_over_time(data["decisions"]["series"], data["decisions"]["bucket"]),
+        "radius": [radius_histogram(g) for g in data["radius"]["groups"]],
+        "dlq": counts_bar(data["dlq"]["by_reason"], "dead letters"),
+        "review_times": review_times(data["review"]["minutes_values"]),
+    }
