@@ -162,6 +162,12 @@ def parse_policy(text: str, name: str = "<policy>") -> Policy:
     raise PolicyError(problems)
 
 
+def locate(path: str | Path, loc: tuple) -> Problem:
+    """A Problem pointing at field ``loc`` of the policy file at ``path`` (reason empty)."""
+    _, root = _yaml_data(Path(path).read_text(encoding="utf-8"), str(path))
+    return Problem(str(path), _line(root, loc), field_path(loc), "")
+
+
 def load_policy(path: str | Path) -> Policy:
     p = Path(path)
     try:
