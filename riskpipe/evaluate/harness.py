@@ -1,0 +1,249 @@
+"""Evaluate a policy on clean and attacked traffic, through the stage's own code.
+
+For each policy: build the stage pipeline (models, certifier, context, policy) once,
+attack the clean inputs with PGD at each budget in the policy's threat norm and with a
+norm-shift attack in the other norm, send every sample through ``run_offline`` (the
+code path the Kafka stage runs), and compute the figures in ``metrics`` from the
+records the stage wrote. Nothing is decided here that the stage did not decide.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from riskpipe.attacks import ATTACK_NORMS
+from riskpipe.certify.norms import conversion_factor
+from riskpipe.evaluate import metrics
+from riskpipe.evaluate.traffic import AttackSpec, SampleSet, attacked_set, clean_set, subsample
+
+MODEL_NAME = "model"
+
+
+class EvaluationError(ValueError):
+    """Bad evaluation settings or data; the message names the field and the reason."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A budget as given: an absolute epsilon, or a multiple of a reference epsilon ("2x")."""
+
+    value: float
+    relative: bool
+
+    @classmethod
+    def parse(cls, text: str, what: str = "budgets") -> Budget:
+        t = text.strip().lower()
+        rel = t.endswith("x")
+        try:
+            v = float(t[:-1] if rel else t)
+        except ValueError:
+            raise EvaluationError(f"{what}: {text!r} is not a number or a multiple like 2x") from None
+        if not np.isfinite(v) or v <= 0:
+            raise EvaluationError(f"{what}: {text!r} must be > 0")
+        return cls(v, rel)
+
+    def resolve(self, reference: float) -> float:
+        return self.value * reference if self.relative else self.value
+
+    def __str__(self) -> str:
+        return f"{self.value:g}x" if self.relative else f"{self.value:g}"
+
+
+def parse_budgets(text: str | list[str], what: str = "budgets") -> tuple[Budget, ...]:
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    parts = [p for p in parts if p.strip()]
+    if not parts:
+        raise EvaluationError(f"{what}: give at least one budget")
+    return tuple(Budget.parse(p, what) for p in parts)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What an evaluation run does. Budgets are in the policy's threat norm
+    (``Nx`` = N times the policy's epsilon); norm-shift budgets are in the other norm
+    (``Nx`` = N times the policy's epsilon converted by Theorem 2)."""
+
+    model: str = "demo:digits"
+    policies: tuple[str, ...] = ()
+    data: str = "digits"
+    n: int | None = 200
+    budgets: tuple[Budget, ...] = parse_budgets("0.5x,1x,2x,4x")
+    shift_budgets: tuple[Budget, ...] = parse_budgets("1x,2x,4x,8x", "shift-budgets")
+    steps: int = 20
+    attempts: int | None = None  # per attacker; default a fifth of the inputs
+    seed: int = 0
+    device: str = "cpu"
+    smoothed_attack: bool = True  # attack the smoothed classifier when the policy smooths
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["budgets"] = [str(b) for b in self.budgets]
+        d["shift_budgets"] = [str(b) for b in self.shift_budgets]
+        d["policies"] = list(self.policies)
+        return d
+
+
+def load_data(spec: str, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """``digits`` (the demo data's test split) or an ``.npz`` file with arrays X and y."""
+    if spec in ("digits", "demo:digits"):
+        from riskpipe.models.digits import load_split
+
+        return load_split(split)
+    p = Path(spec)
+    if p.suffix != ".npz":
+        raise EvaluationError(f"data: {spec!r} is neither 'digits' nor an .npz file with arrays X and y")
+    if not p.is_file():
+        raise EvaluationError(f"data: {spec}: file not found")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            X, y = np.asarray(z["X"], dtype=np.float32), np.asarray(z["y"]).astype(np.int64)
+    except KeyError as e:
+        raise EvaluationError(f"data: {spec}: missing array {e}") from None
+    except (OSError, ValueError) as e:
+        raise EvaluationError(f"data: {spec}: not a readable .npz file ({type(e).__name__})") from None
+    if len(X) != len(y) or len(X) == 0:
+        raise EvaluationError(f"data: {spec}: X has {len(X)} rows, y has {len(y)}")
+    return X, y
+
+
+@dataclass
+class PolicyRun:
+    """Sample sets and the stage's records for one policy."""
+
+    policy: dict
+    sets: list[SampleSet]
+    audit: dict[str, dict]
+    public: dict[str, dict]
+    dlq_ids: set[str]
+    elapsed_s: float
+    summary: dict = field(default_factory=dict)
+
+
+def _other_norm(norm: str) -> str:
+    return next(n for n in ATTACK_NORMS if n != norm)
+
+
+def _attack_specs(settings: Settings, threat_norm: str, eps: float, input_dim: int) -> list[AttackSpec]:
+    specs = [AttackSpec("pgd", threat_norm, b.resolve(eps), str(b)) for b in settings.budgets]
+    shift_norm = _other_norm(threat_norm) if threat_norm in ATTACK_NORMS else "linf"
+    shift_ref = eps * conversion_factor(threat_norm, shift_norm, input_dim)
+    specs += [AttackSpec("norm_shift", shift_norm, b.resolve(shift_ref), str(b)) for b in settings.shift_budgets]
+    return specs
+
+
+def _dlq_id(rec: dict) -> str | None:
+    """The event id of a dead letter, when its value is a JSON object with an id."""
+    import json
+
+    value = rec.get("value")
+    if isinstance(value, dict):
+        return value.get("id")
+    if isinstance(value, str):
+        try:
+            obj = json.loads(value)
+        except ValueError:
+            return None
+        return obj.get("id") if isinstance(obj, dict) else None
+    return rec.get("id")
+
+
+def evaluate_policy(settings: Settings, policy_path: str, X: np.ndarray, y: np.ndarray, workdir: Path,
+                    progress=None, attack_cache: dict | None = None) -> PolicyRun:
+    """Send clean and attacked copies of (X, y) through the stage under one policy."""
+    from riskpipe.policy import load_policy
+    from riskpipe.stream.config import load_config
+    from riskpipe.stream.offline import run_offline
+    from riskpipe.stream.pipeline import Pipeline
+
+    t0 = time.perf_counter()
+    policy = load_policy(policy_path)
+    config = load_config(None, models={MODEL_NAME: settings.model}, policy=policy_path, device=settings.device,
+                         review_include_input=False)
+    pipeline = Pipeline(policy, config.models, device=settings.device, review_include_input=False)
+    model = pipeline.models[MODEL_NAME]
+    if model.module is None:
+        raise EvaluationError(f"model: {settings.model} has no torch module; the attacks need gradients")
+    if tuple(X.shape[1:]) != tuple(model.input_shape):
+        raise EvaluationError(f"data: inputs of shape {X.shape[1:]} do not fit model input {model.input_shape}")
+    tm = policy.threat_model
+    cert = policy.certifier
+    noise = float(cert.sigma) if settings.smoothed_attack and cert.method == "smoothing" else 0.0
+    clean = clean_set(model.module, X, y)
+    sets = [clean]
+    cache = attack_cache if attack_cache is not None else {}
+    for spec in _attack_specs(settings, tm.norm, float(tm.epsilon), model.input_dim):
+        key = (model.sha256, spec.kind, spec.norm, spec.epsilon, noise)
+        if key not in cache:
+            if progress:
+                progress(f"{policy.name}: attacking {spec.name}")
+            seed = settings.seed + zlib.crc32(spec.name.encode())  # per attack, independent of the order
+            cache[key] = attacked_set(model.module, clean, spec, steps=settings.steps, seed=seed,
+                                      value_range=model.value_range, noise_sigma=noise)
+        adv = cache[key]
+        sets.append(SampleSet(spec.name, spec.kind, adv.X, adv.y, adv.pred, attack=spec))
+    events = [ev for s in sets for ev in s.events(MODEL_NAME)]
+    if progress:
+        progress(f"{policy.name}: {len(events)} events through the stage")
+    sink = workdir / f"stage-{policy.name}"
+    result = run_offline(events, sink, config, pipeline=pipeline)
+    audit = {r["id"]: r for r in result.read("audit")}
+    public = {r["id"]: r for r in result.read("decisions")}
+    dlq = {i for i in (_dlq_id(r) for r in result.read("dlq")) if i}
+    policy_info = {"name": policy.name, "version": str(policy.version), "sha256": policy.sha256, "path": policy_path,
+                   "shadow": bool(getattr(policy, "shadow", False)), "threat_norm": tm.norm,
+                   "threat_epsilon": float(tm.epsilon), "certifier": cert.method,
+                   "sigma": getattr(cert, "sigma", None), "alpha": getattr(cert, "alpha", None),
+                   "mode": getattr(cert, "mode", None), "attack_noise_sigma": noise}
+    run = PolicyRun(policy_info, sets, audit, public, dlq, time.perf_counter() - t0)
+    run.summary = summarize(run, settings)
+    return run
+
+
+def summarize(run: PolicyRun, settings: Settings) -> dict:
+    clean = run.sets[0]
+    clean_audit = [run.audit[i] for i in clean.ids if i in run.audit]
+    clean_public = [run.public[i] for i in clean.ids if i in run.public]
+    attempts = settings.attempts or max(1, len(clean.ids) // 5)
+    attacks = []
+    for s in run.sets[1:]:
+        m = metrics.attack_metrics(clean, s, run.audit, run.dlq_ids)
+        if s.kind == "pgd":
+            m["attackers"] = metrics.attacker_comparison(clean, s, clean_audit, clean_public, run.audit, attempts,
+                                                         settings.seed)
+        else:
+            m["coverage"] = metrics.coverage_metrics(clean_audit, clean, s, run.audit)
+        attacks.append(m)
+    return {
+        "policy": run.policy,
+        "clean": metrics.clean_metrics(clean, run.audit, run.dlq_ids),
+        "attacks": attacks,
+        "elapsed_s": round(run.elapsed_s, 2),
+    }
+
+
+def run_evaluation(settings: Settings, workdir: str | Path, progress=None) -> dict:
+    """The whole evaluation as a JSON-ready dict: settings, scope and one summary per policy."""
+    if not settings.policies:
+        raise EvaluationError("policy: give at least one policy file")
+    if settings.n is not None and settings.n < 1:
+        raise EvaluationError(f"n: must be >= 1, got {settings.n}")
+    if settings.steps < 1:
+        raise EvaluationError(f"steps: must be >= 1, got {settings.steps}")
+    X, y = load_data(settings.data)
+    X, y = subsample(X, y, settings.n, settings.seed)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cache: dict = {}
+    runs = [evaluate_policy(settings, p, X, y, workdir, progress, cache) for p in settings.policies]
+    return {
+        "settings": settings.to_dict(),
+        "n_inputs": int(len(X)),
+        "input_dim": int(np.prod(X.shape[1:])),
+        "definitions": metrics.DEFINITIONS.strip(),
+        "policies": [r.summary for r in runs],
+    }

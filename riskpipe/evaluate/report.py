@@ -1,0 +1,128 @@
+"""Write an evaluation as JSON, Markdown and HTML (jinja2 templates, matplotlib figures).
+
+The HTML report is one self-contained file (figures embedded as base64 PNG); the
+Markdown report references the same figures written next to it as PNG files, so both
+paste into a compliance report unchanged. Every table cell comes from the JSON result.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+from riskpipe.evaluate import plots
+
+FORMATS = ("html", "md", "json")
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _of(k: int, n: int) -> str:
+    return f"{k}/{n}" + (f" ({100 * k / n:.0f}%)" if n else "")
+
+
+def tables(result: dict) -> dict:
+    """Rows for the report tables, formatted once for every output format."""
+    overview, attacks, attackers, shift = [], [], [], []
+    for s in result["policies"]:
+        p, c = s["policy"], s["clean"]
+        name = f"{p['name']} v{p['version']}" + (" (shadow)" if p["shadow"] else "")
+        threat = f"{p['threat_norm']} eps={p['threat_epsilon']:g}"
+        overview.append({
+            "policy": name, "threat": threat,
+            "certifier": p["certifier"] + (f" sigma={p['sigma']:g} alpha={p['alpha']:g}" if p.get("sigma") else ""),
+            "n": c["n"], "accuracy": pct(c["accuracy"]), "certified": pct(c["certified_fraction"]),
+            "review": pct(c["review_rate"]), "block": pct(c["block_rate"]),
+            "would_review": pct(c["routes"].get("would_be", {}).get("fractions", {}).get("review")),
+            "elapsed": f"{s['elapsed_s']:.0f} s",
+        })
+        for a in s["attacks"]:
+            r = a["routes"]
+            row = {
+                "policy": name, "attack": "PGD" if a["kind"] == "pgd" else "norm shift",
+                "budget": f"{a['norm']} {a['epsilon']:.4g} ({a['budget']})",
+                "success": _of(a["successful"], a["attempted"]),
+                "allow": pct(r["fractions"]["allow"]), "review": pct(r["fractions"]["review"]),
+                "block": pct(r["fractions"]["block"]),
+                "would_allow": pct(r.get("would_be", {}).get("fractions", {}).get("allow")),
+                "certified": f"{a['certified']} ({a['certified_wrong_class']} wrong class)",
+            }
+            attacks.append(row)
+            if a.get("attackers"):
+                g, pub = a["attackers"]["guided"], a["attackers"]["public"]
+                attackers.append({
+                    "policy": name, "budget": row["budget"], "attempts": a["attackers"]["attempts"],
+                    "public": _of(pub["evaded"], pub["attempts"]), "guided": _of(g["evaded"], g["attempts"]),
+                    "gain": "n/a" if a["attackers"]["gain"] is None else f"{100 * a['attackers']['gain']:+.1f} pts",
+                    "skipped": a["attackers"]["guided_skipped_out_of_reach"],
+                })
+            if a.get("coverage"):
+                cv = a["coverage"]
+                shift.append({
+                    "policy": name, "budget": f"{cv['attack_norm']} {cv['epsilon']:.4g}",
+                    "needed": f"{cv['cert_norm']} >= {cv['needed_cert_radius']:.3g}",
+                    "naive": _of(cv["naive_covered"], c["n"]), "covered": _of(cv["covered"], c["n"]),
+                    "silent": "yes" if cv["certificate_silent"] else "no",
+                    "success": row["success"],
+                    "misread": f"{cv['successful_on_misread']} ({cv['successful_on_misread_allowed']} allowed)",
+                })
+    return {"overview": overview, "attacks": attacks, "attackers": attackers, "norm_shift": shift}
+
+
+def figures(result: dict) -> dict[str, bytes]:
+    """PNG bytes by file stem: one set per policy plus the cross-policy comparison."""
+    out = {}
+    for s in result["policies"]:
+        for kind, fn in plots.FIGURES.items():
+            out[f"{s['policy']['name']}-{kind}"] = fn(s)
+    if len(result["policies"]) > 1:
+        out["comparison"] = plots.comparison(result["policies"])
+    return out
+
+
+def _env() -> Environment:
+    env = Environment(loader=PackageLoader("riskpipe.evaluate", "templates"), undefined=StrictUndefined,
+                      autoescape=select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
+    env.filters["pct"] = pct
+    return env
+
+
+def render_markdown(result: dict, figure_dir: str | None = "figures", figure_names=()) -> str:
+    return _env().get_template("evaluation.md.j2").render(r=result, t=tables(result), figure_dir=figure_dir,
+                                                          figure_names=list(figure_names))
+
+
+def render_html(result: dict, figs: dict[str, bytes]) -> str:
+    embedded = {k: base64.b64encode(v).decode("ascii") for k, v in figs.items()}
+    return _env().get_template("evaluation.html.j2").render(r=result, t=tables(result), figures=embedded)
+
+
+def write_report(result: dict, out_dir: str | Path, formats=FORMATS) -> list[Path]:
+    """Write ``evaluation.{json,md,html}`` (and ``figures/*.png`` for Markdown) under ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if "json" in formats:
+        p = out / "evaluation.json"
+        p.write_text(json.dumps(result, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
+        written.append(p)
+    figs = figures(result) if ("html" in formats or "md" in formats) else {}
+    if "md" in formats:
+        fig_dir = out / "figures"
+        fig_dir.mkdir(exist_ok=True)
+        for name, png in figs.items():
+            (fig_dir / f"{name}.png").write_bytes(png)
+            written.append(fig_dir / f"{name}.png")
+        p = out / "evaluation.md"
+        p.write_text(render_markdown(result, "figures", figs), encoding="utf-8")
+        written.append(p)
+    if "html" in formats:
+        p = out / "evaluation.html"
+        p.write_text(render_html(result, figs), encoding="utf-8")
+        written.append(p)
+    return written
