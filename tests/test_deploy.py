@@ -1,0 +1,217 @@
+"""deploy/: manifests parse and agree with the stage's config, metrics and each other."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from riskpipe.metrics import metric_names
+from riskpipe.policy.loader import parse_policy
+from riskpipe.stream.config import StageConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+# The keys the stage reads (riskpipe/stream/config.py); manifests may use no others.
+CONFIG_KEYS = {"bootstrap_servers", "security_protocol", "sasl_mechanism", "sasl_plain_username",
+               "sasl_plain_password", "ssl_cafile", "topics", "group_id", "models", "policy",
+               "metrics_port", "ledger", "batch"}
+# Deployed stages must listen beyond loopback to be scraped.
+DEPLOYED_KEYS = CONFIG_KEYS | {"metrics_addr"}
+METRIC = re.compile(r"\briskpipe_[a-z0-9_]+")
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _k8s() -> dict[str, dict]:
+    docs = [d for p in sorted(K8S.glob("*.yaml")) for d in _docs(p)]
+    return {f"{d['kind']}/{d['metadata']['name']}": d for d in docs if "metadata" in d}
+
+
+def _stage_config(text: str) -> StageConfig:
+    """Validate a config the way the stage does, with ${VAR} filled in."""
+    data = yaml.safe_load(re.sub(r"\$\{([A-Z0-9_]+)\}", r"value-of-\1", text))
+    known = set(StageConfig.model_fields)
+    if "metrics_addr" not in known:  # test_deployed_stages_listen_beyond_loopback reports it
+        data.pop("metrics_addr", None)
+    assert set(data) <= known, f"keys the stage does not read: {set(data) - known}"
+    return StageConfig(**data)
+
+
+def test_sample_config_has_exactly_the_documented_keys() -> None:
+    data = yaml.safe_load((DEPLOY / "riskpipe.yaml").read_text())
+    assert set(data) == CONFIG_KEYS
+    assert set(data["topics"]) == {"input", "decisions", "review", "audit", "dlq"}
+    assert set(data["batch"]) == {"max_events", "max_wait_ms"}
+    config = _stage_config((DEPLOY / "riskpipe.yaml").read_text())
+    assert config.metrics_port == 9400
+    assert (ROOT / config.policy).exists()
+
+
+def test_every_manifest_parses_and_kustomization_lists_them() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    for name in kustomization["resources"]:
+        assert (K8S / name).exists(), name
+    kinds = {k.split("/")[0] for k in _k8s()}
+    assert {"Deployment", "ConfigMap", "Secret", "Service", "ServiceMonitor", "ScaledObject",
+            "TriggerAuthentication"} <= kinds
+
+
+def test_deployed_stages_listen_beyond_loopback() -> None:
+    assert "metrics_addr" in StageConfig.model_fields, (
+        "StageConfig needs metrics_addr: in a pod the metrics server must bind 0.0.0.0")
+    assert StageConfig(metrics_addr="0.0.0.0").metrics_addr == "0.0.0.0"
+
+
+def test_configmap_config_is_valid_and_uses_known_keys() -> None:
+    text = _k8s()["ConfigMap/riskpipe-config"]["data"]["riskpipe.yaml"]
+    assert set(yaml.safe_load(text)) <= DEPLOYED_KEYS
+    config = _stage_config(text)
+    assert config.sasl_plain_password == "value-of-KAFKA_SASL_PASSWORD"
+
+
+def test_configmap_policy_is_the_shipped_default_and_valid() -> None:
+    policy = _k8s()["ConfigMap/riskpipe-policy"]["data"]["default.yaml"]
+    assert policy == (ROOT / "policies" / "default.yaml").read_text()
+    assert parse_policy(policy, "riskpipe-policy/default.yaml").name == "default"
+
+
+def test_deployment_is_hardened_and_wired() -> None:
+    m = _k8s()
+    deployment = m["Deployment/riskpipe"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    config = _stage_config(m["ConfigMap/riskpipe-config"]["data"]["riskpipe.yaml"])
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+    assert "memory" in container["resources"]["limits"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == config.metrics_port
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"]["path"] == "/metrics"
+    # every mount has a volume; every writable path is an emptyDir
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {vm["mountPath"]: vm for vm in container["volumeMounts"]}
+    assert {vm["name"] for vm in mounts.values()} <= set(volumes)
+    for vm in mounts.values():
+        assert vm.get("readOnly") or "emptyDir" in volumes[vm["name"]], vm
+    assert config.ledger.startswith("/var/lib/riskpipe/") and "/var/lib/riskpipe" in mounts
+    # the config file and the policy it names are mounted from the ConfigMaps
+    assert "/etc/riskpipe/riskpipe.yaml" in container["args"]
+    assert mounts["/etc/riskpipe/riskpipe.yaml"]["name"] == "config"
+    assert volumes["config"]["configMap"]["name"] == "riskpipe-config"
+    assert volumes["policy"]["configMap"]["name"] == "riskpipe-policy"
+    assert config.policy == mounts["/etc/riskpipe/policy"]["mountPath"] + "/default.yaml"
+    assert config.ssl_cafile.startswith(mounts["/etc/riskpipe/kafka-ca"]["mountPath"])
+
+
+def test_credentials_come_from_the_secret() -> None:
+    m = _k8s()
+    text = m["ConfigMap/riskpipe-config"]["data"]["riskpipe.yaml"]
+    (container,) = m["Deployment/riskpipe"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    secret = m["Secret/riskpipe-kafka"]
+    for var in re.findall(r"\$\{([A-Z0-9_]+)\}", text):
+        ref = env[var]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "riskpipe-kafka" and ref["key"] in secret["stringData"]
+    for ref in m["TriggerAuthentication/riskpipe-kafka"]["spec"]["secretTargetRef"]:
+        assert ref["name"] == "riskpipe-kafka" and ref["key"] in secret["stringData"]
+
+
+def test_service_servicemonitor_and_scaler_agree() -> None:
+    m = _k8s()
+    pod_labels = m["Deployment/riskpipe"]["spec"]["template"]["metadata"]["labels"]
+    service = m["Service/riskpipe"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    monitor = m["ServiceMonitor/riskpipe"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+    config = _stage_config(m["ConfigMap/riskpipe-config"]["data"]["riskpipe.yaml"])
+    scaled = m["ScaledObject/riskpipe"]["spec"]
+    trigger = scaled["triggers"][0]
+    assert scaled["scaleTargetRef"]["name"] == "riskpipe"
+    assert trigger["metadata"]["topic"] == config.topics.input
+    assert trigger["metadata"]["consumerGroup"] == config.group_id
+    assert trigger["metadata"]["bootstrapServers"] == config.bootstrap_servers
+    assert trigger["authenticationRef"]["name"] in {k.split("/")[1] for k in m
+                                                   if k.startswith("TriggerAuthentication/")}
+    assert scaled["minReplicaCount"] >= 1
+    assert "partition" in (K8S / "keda-scaledobject.yaml").read_text()
+
+
+def test_compose_is_consistent() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+    assert "controller" in services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"]  # KRaft
+    config_text = compose["configs"]["riskpipe_config"]["content"]
+    assert set(yaml.safe_load(config_text)) <= DEPLOYED_KEYS
+    config = _stage_config(config_text)
+    listener = services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    assert config.bootstrap_servers in listener
+    assert (ROOT / "policies" / Path(config.policy).name).exists()
+    for volume in services["prometheus"]["volumes"]:
+        assert (DEPLOY / volume.split(":")[0]).exists(), volume
+    assert (ROOT / services["riskpipe"]["build"]["dockerfile"]).exists()
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    job = prom["scrape_configs"][0]
+    assert job["job_name"] == "riskpipe"
+    assert job["static_configs"][0]["targets"] == [f"riskpipe:{config.metrics_port}"]
+    assert prom["rule_files"] == ["riskpipe-rules.yml"]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool missing")
+def test_prometheus_example_config_checks() -> None:
+    result = subprocess.run(["promtool", "check", "config",
+                             str(DEPLOY / "prometheus" / "prometheus.yml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _dashboard_exprs() -> list[str]:
+    dash = json.loads((DEPLOY / "grafana" / "riskpipe-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs += [a["expr"] for a in dash["annotations"]["list"] if "expr" in a]
+    exprs += [v["query"]["query"] for v in dash["templating"]["list"]
+              if isinstance(v.get("query"), dict)]
+    return exprs
+
+
+def test_dashboard_queries_name_existing_metrics() -> None:
+    exported = metric_names()
+    exprs = _dashboard_exprs()
+    assert len(exprs) >= 20
+    for expr in exprs:
+        used = set(METRIC.findall(expr))
+        assert used, expr
+        assert used <= exported, (expr, used - exported)
+
+
+def test_dashboard_covers_the_issue_topics(tmp_path: Path) -> None:
+    used = {m for e in _dashboard_exprs() for m in METRIC.findall(e)}
+    for name in ("riskpipe_events_total", "riskpipe_decisions_total", "riskpipe_certificates_total",
+                 "riskpipe_certified_radius_bucket", "riskpipe_certification_duration_seconds_bucket",
+                 "riskpipe_end_to_end_latency_seconds_bucket", "riskpipe_review_backlog",
+                 "riskpipe_dlq_messages_total", "riskpipe_consumer_lag_messages"):
+        assert name in used, name
+    # every panel query is valid PromQL once Grafana's variables are substituted
+    if shutil.which("promtool"):
+        rules = {"groups": [{"name": "dashboard", "rules": [
+            {"record": f"dashboard:q{i}", "expr": e.replace("$__rate_interval", "1m")
+             .replace('"$job"', '"riskpipe"')} for i, e in enumerate(_dashboard_exprs())
+            if not e.startswith("label_values(")]}]}  # a Grafana function, not PromQL
+        (tmp_path / "dashboard.yml").write_text(yaml.safe_dump(rules))
+        result = subprocess.run(["promtool", "check", "rules", str(tmp_path / "dashboard.yml")],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
