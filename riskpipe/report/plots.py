@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 COLOURS = {"allow": "#2e7d32", "review": "#f9a825", "block": "#c62828"}
 
@@ -61,6 +62,7 @@ def counts_bar(counts: dict, xlabel: str, colour: str = "#6a1b9a") -> str | None
     names = list(counts)[::-1]
     ax.barh(names, [counts[n] for n in names], color=colour)
     ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(axis="x", alpha=0.3)
     return _png(fig)
 
