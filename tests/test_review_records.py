@@ -54,7 +54,7 @@ def decision_record(event_id: str, *, digit_index: int = 0, decision: str = "rev
         "decision": decision,
         "rule": "abstain-to-review" if abstained else "allow-certified",
         "reasons": ["certificate_abstained"] if abstained else ["certified"],
-        "controls": ["MAP 3.5", "MANAGE 1.3", "MEASURE 2.7", "A.5.28"],
+        "controls": ["MAP 3.5", "MANAGE 1.3", "MEASURE 2.7", "ISO/IEC 27001:2022 A.5.28"],
         "review": {"routed": routed, "priority": priority if routed or audit_sample else None,
                    "deadline": ts(deadline) if deadline else None, "audit_sample": audit_sample},
         "explanation": "score = 0.6*certificate_risk + 0.3*upstream_risk + 0.1*context_risk; rule fired",
