@@ -145,7 +145,7 @@ class Smoothing:
                 predicted_class=None if abstain else int(top[i]), p_lower=float(p_a[i]),
                 p_upper=None if np.isnan(p_b[i]) else float(p_b[i]), n_samples=self.n0 + self.n,
                 bound=self.bound, reason="p_lower_below_half" if abstain else None,
-                extra={"counts_top": int(k_a[i]), "n0": self.n0, "n": self.n}))
+                extra={"counts_top": int(k_a[i]), "n0": self.n0, "n": self.n, "batch_size": self.batch_size}))
         return out
 
     def _two_class_bounds(self, counts: np.ndarray, a: int) -> tuple[float, float]:
@@ -244,5 +244,6 @@ class Smoothing:
                 predicted_class=None if abstain else top, p_lower=p_lo, n_samples=n_i, epsilon=float(epsilon),
                 certified=bool(certified), reason=None if certified else str(outcome[i]),
                 extra={"looks": r + 1, "alpha_look": plan.alphas[r], "tau": plan.tau,
-                       "selection": plan.selection, "max_samples": self.max_samples}))
+                       "selection": plan.selection, "max_samples": self.max_samples,
+                       "first_look": self.first_look, "growth": self.growth, "batch_size": self.batch_size}))
         return out

@@ -148,12 +148,19 @@ def _load_skops(spec: str, path: Path, opts) -> Model:
                  value_range=rng, _predict_fn=predict, meta={"format": "skops"})
 
 
+def _is_factory(base: str) -> bool:
+    """``package.module:factory[@weights]`` (a dotted import path, not a file)."""
+    target = base.split("@", 1)[0]
+    mod, sep, attr = target.partition(":")
+    return bool(sep) and attr.isidentifier() and all(p.isidentifier() for p in mod.split("."))
+
+
 def load_model(spec: str, device: str = "cpu") -> Model:
     """Load a model from ``spec`` (see module docstring); raises ModelError with the reason."""
     base, opts = _options(str(spec))
     if base.startswith("demo:"):
         model = _load_demo(spec, base[5:], opts)
-    elif ":" in base and not Path(base).exists() and not base.endswith((".pt", ".ts", ".onnx", ".skops")):
+    elif _is_factory(base):
         model = _load_factory(spec, base, opts)
     else:
         path = Path(base)

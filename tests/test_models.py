@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+import torch
+
+from riskpipe.models import InputError, ModelError, check_inputs, load_model
+from riskpipe.models.demo import accuracy, digits_cnn
+
+
+def test_demo_model_spec_and_accuracy(demo_model, digits_test):
+    X, y = digits_test
+    m = demo_model
+    assert m.input_shape == (1, 8, 8) and m.num_classes == 10 and m.value_range == (0.0, 1.0)
+    assert len(m.sha256) == 64 and m.module is not None and not m.module.training
+    assert accuracy(m.module, X, y) >= 0.95
+    assert accuracy(m.module, X, y, sigma=0.25) >= 0.9
+    assert (m.predict(X[:10]) == m.module(torch.from_numpy(X[:10])).argmax(1).numpy()).all()
+
+
+def test_demo_training_is_deterministic(tmp_path, monkeypatch):
+    """Same recipe, two fresh caches: bit-identical weights (short recipe to stay fast)."""
+    from riskpipe.models import demo
+    from riskpipe.models.base import sha256_state_dict
+
+    demo.register_demo(demo.Recipe("digits-short", epochs=2), lambda: digits_cnn(8), demo.train_noise)
+    shas = []
+    for sub in ("a", "b"):
+        monkeypatch.setenv("RISKPIPE_CACHE_DIR", str(tmp_path / sub))
+        shas.append(sha256_state_dict(demo.build_demo("digits-short")))
+    assert shas[0] == shas[1]
+    del demo.DEMOS["digits-short"]
+
+
+def test_torchscript_and_factory_and_onnx(tmp_path, demo_model, digits_test):
+    X, _ = digits_test
+    ts = tmp_path / "m.pt"
+    torch.jit.script(demo_model.module).save(str(ts))
+    m1 = load_model(f"{ts}?shape=1,8,8")
+    w = tmp_path / "w.pt"
+    torch.save(demo_model.module.state_dict(), w)
+    m2 = load_model(f"riskpipe.models.demo:digits_cnn@{w}?shape=1,8,8")
+    onnx_path = tmp_path / "m.onnx"
+    torch.onnx.export(demo_model.module, torch.zeros(1, 1, 8, 8), str(onnx_path), input_names=["x"],
+                      dynamic_axes={"x": {0: "b"}}, dynamo=False)
+    m3 = load_model(str(onnx_path))
+    ref = demo_model.predict(X[:50])
+    for m in (m1, m2, m3):
+        assert (m.predict(X[:50]) == ref).all()
+        assert m.num_classes == 10
+    assert m2.sha256 == demo_model.sha256
+    assert m3.module is None  # ONNX: smoothing only
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ("demo:nope", "unknown demo model"),
+    ("/nonexistent/model.pt", "file not found"),
+    ("riskpipe.nope:factory", "cannot import factory"),
+    ("riskpipe.models.demo:digits_cnn@/nonexistent.pt", "weights file"),
+])
+def test_bad_specs_name_the_reason(spec, msg):
+    with pytest.raises(ModelError, match=msg):
+        load_model(spec)
+
+
+def test_weights_only_refuses_pickled_objects(tmp_path):
+    import pickle
+
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"x": object()}, f)
+    with pytest.raises(ModelError, match="cannot load weights"):
+        load_model(f"riskpipe.models.demo:digits_cnn@{evil}?shape=1,8,8")
+
+
+def test_input_checks(demo_model):
+    good = np.zeros((2, 1, 8, 8), np.float32)
+    assert check_inputs(good, demo_model).shape == (2, 1, 8, 8)
+    cases = [
+        (np.zeros((2, 3, 3)), "wrong_shape"),
+        (np.full((1, 1, 8, 8), np.nan), "non_finite"),
+        (np.full((1, 1, 8, 8), 2.0), "out_of_range"),
+        (np.array([["a"] * 64]), "wrong_dtype"),
+    ]
+    for arr, code in cases:
+        with pytest.raises(InputError) as e:
+            check_inputs(arr, demo_model)
+        assert e.value.code == code
+
+
+def test_architecture_size():
+    n = sum(p.numel() for p in digits_cnn(8).parameters())
+    assert 20_000 < n < 40_000
