@@ -61,7 +61,8 @@ class LoginForm(FlaskForm):
 
 
 class VerdictForm(FlaskForm):
-    verdict = RadioField("Verdict", choices=list(rq.VERDICTS.items()), validators=[DataRequired()])
+    # values only (labels come from rq.VERDICTS in the template): the one choices form every wtforms 3 accepts
+    verdict = RadioField("Verdict", choices=list(rq.VERDICTS), validators=[DataRequired()])
     note = TextAreaField("Note", validators=[Length(max=rq.MAX_NOTE)])
 
 

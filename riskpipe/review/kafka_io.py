@@ -98,14 +98,13 @@ class OutcomePublisher:
             bootstrap_servers=bootstrap_servers,
             acks="all",
             retries=5,
-            key_serializer=lambda k: k.encode("utf-8"),
-            value_serializer=lambda v: json.dumps(v, sort_keys=True, ensure_ascii=False).encode("utf-8"),
             **(kafka_options or {}),
         )
 
     def publish(self, verdict: dict) -> None:
         """Send and wait for the acknowledgement; raises on failure."""
-        self._producer.send(self.topic, key=verdict["id"], value=verdict).get(timeout=self.timeout_s)
+        value = json.dumps(verdict, sort_keys=True, ensure_ascii=False).encode("utf-8")
+        self._producer.send(self.topic, key=verdict["id"].encode("utf-8"), value=value).get(timeout=self.timeout_s)
 
     def close(self) -> None:
         self._producer.close(timeout=5)

@@ -1,0 +1,217 @@
+"""The console's security rules at the HTTP level (Flask's test client speaks WSGI to the
+real app), and the credential configuration: no default credential, clear errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from click.testing import CliRunner
+from werkzeug.security import generate_password_hash
+
+from riskpipe.ledger import Ledger
+from riskpipe.review.app import create_app
+from riskpipe.review.settings import PASSWORD_ENV, Credentials, ReviewSettings, SettingsError, resolve_settings
+from test_review_records import seed_ledger
+
+PASSWORD = "correct horse battery staple"
+CERTIFICATE_DETAILS = ("radius", "p_lower", "0.4412", "certificate_risk", "abstain-to-review", "sigma", "looked fine")
+
+
+@pytest.fixture
+def ledger_path(tmp_path):
+    path = tmp_path / "ledger.sqlite3"
+    seed_ledger(path)
+    return path
+
+
+@pytest.fixture
+def app(ledger_path):
+    from riskpipe.metrics import StageMetrics
+
+    creds = Credentials(users={"bob": generate_password_hash("bobs own passphrase")}, shared=PASSWORD)
+    return create_app(ReviewSettings(ledger=str(ledger_path), credentials=creds), metrics=StageMetrics())
+
+
+def csrf_token(html: str) -> str:
+    return re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', html).group(1)
+
+
+def log_in(client, name="alice", password=PASSWORD):
+    token = csrf_token(client.get("/login").get_data(as_text=True))
+    return client.post("/login", data={"csrf_token": token, "username": name, "password": password})
+
+
+def verdicts(ledger_path) -> int:
+    with Ledger(ledger_path) as led:
+        return led.count("verdict")
+
+
+@pytest.mark.parametrize("path", ["/", "/item/evt-urgent", "/item/evt-done", "/item/no-such-event"])
+def test_unauthenticated_gets_redirect_and_no_record_content(app, path):
+    r = app.test_client().get(path)
+    assert r.status_code == 302 and r.headers["Location"].startswith("/login?next=")
+    body = r.get_data(as_text=True)
+    assert not any(s in body for s in CERTIFICATE_DETAILS)
+
+
+def test_unauthenticated_post_is_refused(app, ledger_path):
+    client = app.test_client()
+    token = csrf_token(client.get("/login").get_data(as_text=True))  # a valid token, but nobody logged in
+    r = client.post("/verdict/evt-urgent", data={"csrf_token": token, "verdict": "confirmed_clean"})
+    assert r.status_code == 401
+    assert not any(s in r.get_data(as_text=True) for s in CERTIFICATE_DETAILS)
+    assert verdicts(ledger_path) == 1
+
+
+def test_session_cookie_is_httponly_samesite_strict_and_pages_are_locked_down(app):
+    client = app.test_client()
+    r = log_in(client)
+    assert r.status_code == 302 and r.headers["Location"] == "/"
+    cookie = r.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    page = client.get("/item/evt-urgent")
+    assert page.status_code == 200
+    csp = page.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp and "img-src 'self' data:" in csp
+    assert page.headers["Cache-Control"] == "no-store" and page.headers["X-Frame-Options"] == "DENY"
+    assert "http://" not in page.get_data(as_text=True) and "https://" not in page.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("token", [None, "", "forged", "other-session"])
+def test_post_without_this_sessions_csrf_token_is_refused(app, ledger_path, token):
+    client = app.test_client()
+    log_in(client)
+    if token == "other-session":
+        other = app.test_client()
+        log_in(other, "mallory")
+        token = csrf_token(other.get("/item/evt-urgent").get_data(as_text=True))
+    data = {"verdict": "confirmed_clean", "note": "forged"}
+    if token is not None:
+        data["csrf_token"] = token
+    r = client.post("/verdict/evt-urgent", data=data)
+    assert r.status_code == 400 and "Cross-site request protection" in r.get_data(as_text=True)
+    assert verdicts(ledger_path) == 1
+
+
+def test_logout_needs_the_token_and_ends_the_session(app):
+    client = app.test_client()
+    log_in(client)
+    assert client.post("/logout").status_code == 400  # a forged logout is refused too
+    token = csrf_token(client.get("/").get_data(as_text=True))
+    assert client.post("/logout", data={"csrf_token": token}).status_code == 302
+    assert client.get("/").status_code == 302
+
+
+def test_wrong_password_and_shared_password_for_a_named_user_are_refused(app):
+    client = app.test_client()
+    assert log_in(client, "alice", "not the password").status_code == 401
+    assert log_in(client, "bob", PASSWORD).status_code == 401  # bob has his own password
+    assert client.get("/").status_code == 302
+    assert log_in(client, "bob", "bobs own passphrase").status_code == 302
+    assert "Signed in as <strong id=\"reviewer-name\">bob</strong>" in client.get("/").get_data(as_text=True)
+
+
+def test_repeated_failures_lock_the_address_out(app):
+    client = app.test_client()
+    for _ in range(5):
+        assert log_in(client, "alice", "guess").status_code == 401
+    assert log_in(client, "alice", PASSWORD).status_code == 429  # even the right password, for a while
+
+
+def test_verdict_is_recorded_with_who_and_when_and_refused_twice(app, ledger_path):
+    client = app.test_client()
+    log_in(client, "bob", "bobs own passphrase")
+    token = csrf_token(client.get("/item/evt-routine").get_data(as_text=True))
+    r = client.post("/verdict/evt-routine", data={"csrf_token": token, "verdict": "unsure", "note": "blurry"})
+    assert r.status_code == 302
+    with Ledger(ledger_path) as led:
+        v = led.get("evt-routine", kind="verdict")
+    assert (v["reviewer"], v["verdict"], v["note"]) == ("bob", "unsure", "blurry") and v["ts"].endswith("Z")
+    again = client.post("/verdict/evt-routine", data={"csrf_token": token, "verdict": "confirmed_clean"})
+    assert again.status_code == 409 and "a verdict already exists (unsure by bob" in again.get_data(as_text=True)
+    bad = client.post("/verdict/evt-urgent", data={"csrf_token": token, "verdict": "probably-fine"})
+    assert bad.status_code == 400 and "Not a valid choice" in bad.get_data(as_text=True)
+    unrouted = client.post("/verdict/evt-allowed", data={"csrf_token": token, "verdict": "confirmed_clean"})
+    assert unrouted.status_code == 409
+    assert verdicts(ledger_path) == 2
+
+
+def test_metrics_are_open_but_carry_only_review_counters(app):
+    client = app.test_client()
+    log_in(client)
+    token = csrf_token(client.get("/item/evt-urgent").get_data(as_text=True))
+    client.post("/verdict/evt-urgent", data={"csrf_token": token, "verdict": "confirmed_manipulated"})
+    text = app.test_client().get("/metrics").get_data(as_text=True)
+    assert "riskpipe_review_backlog 2.0" in text
+    assert 'riskpipe_review_verdicts_total{verdict="confirmed_manipulated"} 1.0' in text
+    assert "riskpipe_review_time_to_verdict_seconds_count" in text
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    assert all(n.startswith("riskpipe_review_") for n in names)
+    assert "evt-" not in text and "radius" not in text and "broker_up" not in text
+
+
+def test_login_next_parameter_cannot_redirect_off_site(app):
+    for target in ("//evil.example/x", "https://evil.example/", "/\\evil.example"):
+        client = app.test_client()
+        token = csrf_token(client.get("/login").get_data(as_text=True))
+        r = client.post(f"/login?next={target}", data={"csrf_token": token, "username": "alice", "password": PASSWORD})
+        assert r.headers["Location"] == "/"
+    client = app.test_client()
+    token = csrf_token(client.get("/login").get_data(as_text=True))
+    r = client.post("/login?next=/item/evt-audit", data={"csrf_token": token, "username": "alice", "password": PASSWORD})
+    assert r.headers["Location"] == "/item/evt-audit"
+
+
+# -- configuration -------------------------------------------------------------------------
+
+def test_no_credential_means_no_console(tmp_path):
+    with pytest.raises(SettingsError, match="no reviewer credential configured.*there is no default"):
+        resolve_settings(ledger=str(tmp_path / "l.db"), environ={})
+
+
+def test_review_command_refuses_to_start_without_a_credential(tmp_path):
+    from riskpipe.cli.review_cmd import review
+
+    result = CliRunner().invoke(review, ["--ledger", str(tmp_path / "l.db")], env={PASSWORD_ENV: ""})
+    assert result.exit_code == 2
+    assert "riskpipe: error: no reviewer credential configured" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("config, message", [
+    ("review: {password: short}", "shared password: must be at least 8 characters"),
+    ("review: {users: {'al ice': 'a long passphrase'}}", "review.users: 'al ice' is not a valid reviewer name"),
+    ("review: {pasword: 'a long passphrase'}", r"review.pasword: Extra inputs are not permitted"),
+    ("review: {password: 'a long passphrase', port: 99999}", "review.port: Input should be less than or equal"),
+    ("review: [1, 2]", "review: must be a mapping"),
+    ("review: {password: 'a long passphrase', secret_key: tooshort}", "review.secret_key: must be at least 32"),
+    ("review: {", "invalid YAML"),
+])
+def test_bad_config_is_named(tmp_path, config, message):
+    cfg = tmp_path / "riskpipe.yaml"
+    cfg.write_text(config)
+    with pytest.raises(SettingsError, match=message):
+        resolve_settings(ledger=str(tmp_path / "l.db"), config_path=str(cfg), environ={})
+
+
+def test_credential_sources_and_precedence(tmp_path):
+    cfg = tmp_path / "riskpipe.yaml"
+    cfg.write_text("ledger: from-config.db\nbootstrap_servers: 127.0.0.1:9\ntopics: {review: rev}\n"
+                   "review: {password: 'config passphrase', users: {dana: 'danas passphrase'}, port: 8470}\n")
+    s = resolve_settings(config_path=str(cfg), environ={})
+    assert (s.ledger, s.bootstrap_servers, s.review_topic, s.port) == ("from-config.db", "127.0.0.1:9", "rev", 8470)
+    assert s.credentials.authenticate("erin", "config passphrase") == "erin"
+    assert s.credentials.authenticate("dana", "danas passphrase") == "dana"
+    s = resolve_settings(config_path=str(cfg), environ={PASSWORD_ENV: "env passphrase"})
+    assert s.credentials.authenticate("erin", "env passphrase") == "erin"
+    assert s.credentials.authenticate("erin", "config passphrase") is None
+    pw = tmp_path / "pw"
+    pw.write_text("file passphrase\n")
+    s = resolve_settings(config_path=str(cfg), password_file=str(pw), port=0, environ={PASSWORD_ENV: "env passphrase"})
+    assert s.credentials.authenticate("erin", "file passphrase") == "erin" and s.port == 0
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SettingsError, match="--password-file .*empty: file is empty"):
+        resolve_settings(ledger="l.db", password_file=str(tmp_path / "empty"), environ={})
+    with pytest.raises(SettingsError, match="--password-file .*missing: cannot read"):
+        resolve_settings(ledger="l.db", password_file=str(tmp_path / "missing"), environ={})
