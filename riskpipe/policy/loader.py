@@ -108,6 +108,9 @@ def _reason(err: dict) -> str:
     if kind == "string_type" and err["loc"] and err["loc"][-1] == "version":
         msg += " (quote it, e.g. \"1.0\", or YAML reads a number)"
     msg = " ".join(msg.split())
+    loc = err["loc"]
+    if loc and isinstance(loc[-1], str) and msg.startswith(f"{loc[-1]}: "):
+        msg = msg[len(loc[-1]) + 2:]  # the field is already named in front
     return msg[:1].lower() + msg[1:]
 
 
@@ -154,8 +157,12 @@ def parse_policy(text: str, name: str = "<policy>") -> Policy:
         blob = json.dumps(data, default=str, allow_nan=True)
         return Policy.model_validate_json(blob)
     except ValidationError as e:
-        problems = [Problem(name, _line(root, err["loc"]), field_path(err["loc"]), _reason(err))
-                    for err in e.errors(include_url=False)]
+        errors = e.errors(include_url=False)
+        locs = [tuple(err["loc"]) for err in errors]
+        # a container error (e.g. "too short") caused by a bad item says nothing new
+        errors = [err for err in errors if not any(len(o) > len(err["loc"]) and o[:len(err["loc"])] == tuple(err["loc"])
+                                                   for o in locs)]
+        problems = [Problem(name, _line(root, err["loc"]), field_path(err["loc"]), _reason(err)) for err in errors]
     except SemanticProblems as e:
         problems = [Problem(name, _line(root, loc), field_path(loc), reason) for loc, reason in e.problems]
     problems.sort(key=lambda p: p.line)

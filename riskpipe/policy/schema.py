@@ -260,7 +260,7 @@ class Policy(_Frozen):
                 problems.append((("rules", i, "decision"), (
                     f"rule {self.rules[i].id!r} could allow an uncertified sample (abstained or radius below "
                     f"epsilon in the threat norm), e.g. {describe_facts(facts)}; add {{field: certified_in_threat, "
-                    "op: eq, value: true}} to its 'all' conditions or route uncertified samples to review/block "
+                    "op: eq, value: true} to its 'all' conditions or route uncertified samples to review/block "
                     "in an earlier rule (only a policy with shadow: true may allow them)")))
         if problems:
             raise SemanticProblems(problems)
