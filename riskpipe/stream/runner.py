@@ -28,9 +28,9 @@ def open_ledger(path: str | None):
     return Ledger(path)
 
 
-def run_stage(config, source: str | None = None, sink: str | None = None, metrics=None, idle_exit_s=None,
-              install_signals: bool = True, on_record=None, pipeline=None):
-    """Run one stage worker until stopped; returns its Stats."""
+def make_stage(config, source: str | None = None, sink: str | None = None, metrics=None, on_record=None,
+               pipeline=None, ledger=None):
+    """A Stage on Kafka (default) or JSON-lines files (``jsonl:PATH`` / ``jsonl:DIR``)."""
     from riskpipe.stream.offline import build_stage
 
     if source and source.startswith("jsonl:"):
@@ -39,12 +39,6 @@ def run_stage(config, source: str | None = None, sink: str | None = None, metric
         def make_source(on_revoke):
             return JsonlSource(path)
     else:
-        if config.create_topics:
-            from riskpipe.stream.broker import create_topics
-
-            t = config.topics
-            create_topics(config.bootstrap_servers, [t.input, t.decisions, t.review, t.audit, t.dlq])
-
         def make_source(on_revoke):
             if config.create_topics:  # after a broker restart (memory storage) topics are gone
                 from riskpipe.stream.broker import create_topics
@@ -62,10 +56,16 @@ def run_stage(config, source: str | None = None, sink: str | None = None, metric
         def make_sink():
             return KafkaSink(config)
 
+    return build_stage(config, make_source, make_sink, ledger=ledger, metrics=metrics, on_record=on_record,
+                       pipeline=pipeline)
+
+
+def run_stage(config, source: str | None = None, sink: str | None = None, metrics=None, idle_exit_s=None,
+              install_signals: bool = True, on_record=None, pipeline=None):
+    """Run one stage worker until stopped; returns its Stats."""
     ledger = open_ledger(config.ledger)
     try:
-        stage = build_stage(config, make_source, make_sink, ledger=ledger, metrics=metrics, on_record=on_record,
-                            pipeline=pipeline)
+        stage = make_stage(config, source, sink, metrics, on_record, pipeline, ledger)
         if install_signals:
             stage.install_signal_handlers()
         return stage.run(idle_exit_s=idle_exit_s)
