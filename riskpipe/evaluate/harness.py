@@ -80,11 +80,25 @@ class Settings:
     device: str = "cpu"
     smoothed_attack: bool = True  # attack the smoothed classifier when the policy smooths
 
+    def command(self) -> str:
+        """The ``riskpipe evaluate`` command line that reproduces this run."""
+        parts = ["riskpipe evaluate", f"--model {self.model}"]
+        parts += [f"--policy {p}" for p in self.policies]
+        parts += [f"--data {self.data}", f"--n {self.n or 0}", f"--steps {self.steps}",
+                  f"--budgets {','.join(map(str, self.budgets))}",
+                  f"--shift-budgets {','.join(map(str, self.shift_budgets))}", f"--seed {self.seed}"]
+        if self.attempts:
+            parts.append(f"--attempts {self.attempts}")
+        if not self.smoothed_attack:
+            parts.append("--base-attack")
+        return " ".join(parts)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["budgets"] = [str(b) for b in self.budgets]
         d["shift_budgets"] = [str(b) for b in self.shift_budgets]
         d["policies"] = list(self.policies)
+        d["command"] = self.command()
         return d
 
 
@@ -101,10 +115,13 @@ def load_data(spec: str, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
         raise EvaluationError(f"data: {spec}: file not found")
     try:
         with np.load(p, allow_pickle=False) as z:
+            missing = [k for k in ("X", "y") if k not in z.files]
+            if missing:
+                raise EvaluationError(f"data: {spec}: missing array {missing[0]!r}")
             X, y = np.asarray(z["X"], dtype=np.float32), np.asarray(z["y"]).astype(np.int64)
-    except KeyError as e:
-        raise EvaluationError(f"data: {spec}: missing array {e}") from None
     except (OSError, ValueError) as e:
+        if isinstance(e, EvaluationError):
+            raise
         raise EvaluationError(f"data: {spec}: not a readable .npz file ({type(e).__name__})") from None
     if len(X) != len(y) or len(X) == 0:
         raise EvaluationError(f"data: {spec}: X has {len(X)} rows, y has {len(y)}")

@@ -1,0 +1,135 @@
+"""The evaluation harness end to end on the demo model and a small subset, through the
+real offline stage: counts add up against the stage's own files, large budgets really
+flip predictions, the public topic gives the guided attacker nothing, and a second run
+with the same seed (through the CLI) gives the same figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from riskpipe.attacks import PUBLIC_FIELDS, GuidedAttacker, PublicAttacker, PublicView, TrustedView
+from riskpipe.cli.evaluate_cmd import evaluate
+from riskpipe.evaluate import EvaluationError, Settings, parse_budgets, run_evaluation, write_report
+from riskpipe.evaluate.harness import load_data
+
+ROOT = Path(__file__).resolve().parents[1]
+POLICY = str(ROOT / "policies" / "default.yaml")
+SMALL = dict(model="demo:digits", policies=(POLICY,), data="digits", n=10, steps=4, seed=3)
+BUDGETS, SHIFT = "4x", "8x"
+
+
+def _strip_timing(result: dict) -> dict:
+    return [{k: v for k, v in p.items() if k != "elapsed_s"} for p in result["policies"]]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("eval")
+    settings = Settings(**SMALL, budgets=parse_budgets(BUDGETS), shift_budgets=parse_budgets(SHIFT, "shift-budgets"))
+    return run_evaluation(settings, work / "stage"), work
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_counts_add_up_against_the_stage_files(run):
+    result, work = run
+    (p,) = result["policies"]
+    sink = work / "stage" / "stage-default"
+    audit, decisions = _read(sink / "audit.jsonl"), _read(sink / "decisions.jsonl")
+    n = result["n_inputs"]
+    assert n == 10 and len(audit) == len(decisions) == n * (1 + 2)  # clean + one PGD + one norm shift
+    clean = p["clean"]
+    assert sum(clean["routes"]["counts"].values()) == clean["decided"] == n - clean["dead_lettered"]
+    clean_ids = {r["id"] for r in audit if r["id"].startswith("clean-")}
+    assert clean["routes"]["counts"]["review"] == sum(r["decision"] == "review" for r in audit if r["id"] in clean_ids)
+    for a in p["attacks"]:
+        routes = a["routes"]["counts"]
+        assert sum(routes.values()) == a["successful"] - a["dead_lettered"]
+        assert a["successful"] <= a["attempted"] <= n
+        assert a["certified_wrong_class"] <= a["certified"] <= a["successful"]
+        ids = {r["id"] for r in audit if r["id"].startswith(a["name"] + "-")}
+        assert len(ids) == n
+    pgd = next(a for a in p["attacks"] if a["kind"] == "pgd")
+    assert pgd["epsilon"] == pytest.approx(4 * p["policy"]["threat_epsilon"])
+    assert pgd["success_rate"] >= 0.6  # four times the policy epsilon really flips predictions
+    cmp = pgd["attackers"]
+    assert cmp["guided"]["attempts"] == cmp["public"]["attempts"] == cmp["attempts"] == 2
+    assert cmp["guided"]["evaded"] <= cmp["guided"]["misclassified"] <= cmp["attempts"]
+    shift = next(a for a in p["attacks"] if a["kind"] == "norm_shift")
+    cov = shift["coverage"]
+    assert shift["norm"] == "linf" and cov["cert_norm"] == "l2"
+    assert cov["epsilon"] == pytest.approx(8 * 0.25 / 8)  # 8x the Theorem 2-converted epsilon
+    assert cov["covered"] <= cov["naive_covered"] and cov["certificate_silent"] == (cov["covered"] == 0)
+
+
+def test_public_topic_gives_the_guided_attacker_nothing(run):
+    _, work = run
+    sink = work / "stage" / "stage-default"
+    decisions = [r for r in _read(sink / "decisions.jsonl") if r["id"].startswith("clean-")]
+    audit = [r for r in _read(sink / "audit.jsonl") if r["id"].startswith("clean-")]
+    assert all(set(r) == set(PUBLIC_FIELDS) for r in decisions)  # nothing that locates the boundary
+    view = PublicView.from_records(decisions)
+    guided = GuidedAttacker(4, 1.0, seed=0)
+    assert guided.choose(view) == PublicAttacker(4, seed=0).choose(view)
+    assert guided.choose(TrustedView.from_records(audit))  # the trusted view is usable
+
+
+def test_same_seed_same_figures_through_the_cli_and_reports(run, tmp_path):
+    result, _ = run
+    out = tmp_path / "report"
+    args = ["--model", SMALL["model"], "--policy", POLICY, "--n", "10", "--steps", "4", "--seed", "3",
+            "--budgets", BUDGETS, "--shift-budgets", SHIFT, "--out", str(out), "--format", "json,md,html"]
+    res = CliRunner().invoke(evaluate, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    again = json.loads((out / "evaluation.json").read_text(encoding="utf-8"))
+    assert _strip_timing(again) == _strip_timing(json.loads(json.dumps(result)))
+    md = (out / "evaluation.md").read_text(encoding="utf-8")
+    assert "| default v1.0.0 | PGD | l2 1 (4x) |" in md and "(figures/default-routes.png)" in md
+    assert (out / "figures" / "default-routes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (out / "evaluation.html").read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") == 4
+    written = write_report(result, tmp_path / "json-only", ("json",))
+    assert [p.name for p in written] == ["evaluation.json"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--policy", "nope.yaml"], "policy nope.yaml: file not found"),
+    (["--policy", POLICY, "--budgets", "big"], "budgets: 'big' is not a number or a multiple like 2x"),
+    (["--policy", POLICY, "--shift-budgets", "-1"], "shift-budgets: '-1' must be > 0"),
+    (["--policy", POLICY, "--data", "x.csv"], "data: 'x.csv' is neither 'digits' nor an .npz file"),
+    (["--policy", POLICY, "--attempts", "0"], "attempts: must be >= 1"),
+])
+def test_bad_input_gives_one_line_errors(args, message):
+    res = CliRunner().invoke(evaluate, args)
+    assert res.exit_code == 2
+    assert message in res.output and "Traceback" not in res.output
+
+
+def test_format_is_checked():
+    res = CliRunner().invoke(evaluate, ["--policy", POLICY, "--format", "pdf"])
+    assert res.exit_code == 2 and "'pdf' is not one of html, md, json" in res.output
+
+
+def test_npz_data_is_checked(tmp_path):
+    import numpy as np
+
+    p = tmp_path / "d.npz"
+    np.savez(p, X=np.zeros((3, 1, 8, 8), np.float32))
+    with pytest.raises(EvaluationError, match="missing array 'y'"):
+        load_data(str(p))
+    np.savez(p, X=np.zeros((3, 1, 8, 8), np.float32), y=np.zeros(3, np.int64))
+    X, y = load_data(str(p))
+    assert X.shape == (3, 1, 8, 8) and y.tolist() == [0, 0, 0]
+
+
+def test_bad_policy_file_is_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: riskpipe/v1\nkind: RiskPolicy\nthreat_model: {norm: l7, epsilon: 1}\n", encoding="utf-8")
+    res = CliRunner().invoke(evaluate, ["--policy", str(bad), "--n", "5"])
+    assert res.exit_code == 2 and "riskpipe: error:" in res.output and "Traceback" not in res.output
