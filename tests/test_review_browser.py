@@ -10,6 +10,7 @@ import json
 import shutil
 import threading
 import time
+import urllib.request
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -95,6 +96,11 @@ def login(driver, base_url, password=PASSWORD, name="alice"):
     by_id(driver, "username").send_keys(name)
     by_id(driver, "password").send_keys(password)
     click_and_wait(driver, by_id(driver, "login"))
+
+
+def metrics_text(base_url: str) -> str:
+    with urllib.request.urlopen(base_url + "metrics", timeout=10) as r:
+        return r.read().decode()
 
 
 def outcomes(bootstrap: str, want_key: str, timeout: float = 20.0) -> list[tuple[str, dict]]:
@@ -200,6 +206,11 @@ def test_records_on_the_review_topic_join_the_queue(console, browser, broker):
         producer.send("review", key=b"junk", value=b"{not json").get(timeout=10)
     finally:
         producer.close()
+    # the backlog gauge follows the topic without anyone opening a page
+    deadline = time.monotonic() + 20
+    while "riskpipe_review_backlog 3.0" not in metrics_text(console.url) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "riskpipe_review_backlog 3.0" in metrics_text(console.url)
     login(browser, console.url)
     deadline = time.monotonic() + 20
     while "evt-from-kafka" not in queue_ids(browser) and time.monotonic() < deadline:

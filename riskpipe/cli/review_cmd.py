@@ -22,6 +22,7 @@ def review(ledger_path, bootstrap_servers, review_topic, outcomes_topic, host, p
     the config file's review.users / review.password; there is no default credential.
     """
     import logging
+    import sys
 
     from riskpipe.cli.common import fail
     from riskpipe.ledger import LedgerError
@@ -37,23 +38,26 @@ def review(ledger_path, bootstrap_servers, review_topic, outcomes_topic, host, p
     except SettingsError as e:
         fail(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kafka-python logs every reconnect attempt; the console logs what matters to a reviewer itself
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
     try:
         server = ConsoleServer(settings)
     except (OSError, LedgerError) as e:
         fail(str(e))
     except Exception as e:  # noqa: BLE001 - kafka-python raises its own errors for an unreachable broker
-        fail(f"--bootstrap-servers {settings.bootstrap_servers}: {type(e).__name__}: {e}")
+        fail(f"--bootstrap-servers {settings.bootstrap_servers}: cannot reach the broker ({e})")
     users = sorted(settings.credentials.users)
     who = f"users {', '.join(users)}" if users else "the shared password"
     if users and settings.credentials.shared:
         who += " or the shared password"
     click.echo(f"riskpipe review: console at {server.url} (login with {who})")
-    click.echo(f"riskpipe review: ledger {settings.ledger}: {server.counts['decision']} decisions, "
-               f"{server.counts['verdict']} verdicts")
+    click.echo(f"riskpipe review: ledger {settings.ledger}: {server.counts['decision']} decision(s), "
+               f"{server.counts['verdict']} verdict(s)")
     if settings.bootstrap_servers:
         click.echo(f"riskpipe review: reading {settings.review_topic}, publishing verdicts to "
                    f"{settings.outcomes_topic} on {settings.bootstrap_servers}")
     click.echo("riskpipe review: /metrics carries review counters only (no record content); Ctrl-C stops")
+    sys.stdout.flush()  # the address must reach a pipe (a supervisor, the demo) before serving blocks
     try:
         server.serve_forever()
     except KeyboardInterrupt:

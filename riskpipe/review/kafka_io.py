@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from riskpipe.ledger import Ledger, LedgerError
 from riskpipe.review.queue import ReviewError, check_decision_record
@@ -25,10 +25,12 @@ class ReviewTopicFeed:
 
     def __init__(self, bootstrap_servers: str, topic: str, ledger_path: str, *,
                  group_id: str = "riskpipe-review-console", kafka_options: dict[str, Any] | None = None,
-                 session_timeout_ms: int = 10_000, heartbeat_interval_ms: int = 3_000) -> None:
+                 session_timeout_ms: int = 10_000, heartbeat_interval_ms: int = 3_000,
+                 on_batch: Callable[[], None] | None = None) -> None:
         from kafka import KafkaConsumer
 
         self.topic = topic
+        self.on_batch = on_batch  # e.g. refresh the backlog gauge once new records are stored
         self.ledger_path = ledger_path
         self.received = 0
         self.rejected = 0
@@ -66,6 +68,11 @@ class ReviewTopicFeed:
                     for msg in messages:
                         self._store(ledger, msg)
                 self._consumer.commit()
+                if self.on_batch is not None:
+                    try:
+                        self.on_batch()
+                    except Exception as e:  # noqa: BLE001 - a metrics hiccup must not stop the feed
+                        log.warning("review feed: after-batch hook failed: %s", e)
 
     def _store(self, ledger: Ledger, msg) -> None:
         where = f"{msg.topic}[{msg.partition}]@{msg.offset}"

@@ -33,7 +33,8 @@ class ConsoleServer:
             self.feed = ReviewTopicFeed(settings.bootstrap_servers, settings.review_topic, settings.ledger,
                                         kafka_options=settings.kafka_options,
                                         session_timeout_ms=consumer_session_timeout_ms,
-                                        heartbeat_interval_ms=consumer_heartbeat_ms)
+                                        heartbeat_interval_ms=consumer_heartbeat_ms,
+                                        on_batch=self.app.extensions["riskpipe_review"].refresh_backlog)
         try:
             self._httpd = make_server(settings.host, settings.port, self.app, threaded=True)
         except (OSError, SystemExit) as e:  # werkzeug exits on a port in use

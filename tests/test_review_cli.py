@@ -1,0 +1,50 @@
+"""``riskpipe review`` as a user runs it: a real process that prints its address, serves
+the login page, keeps the queue behind it, and stops cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+from test_review_records import seed_ledger
+
+CLI = [sys.executable, "-c", "from riskpipe.cli import main; main()"]
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def test_review_command_serves_and_stops_on_interrupt(tmp_path):
+    ledger = tmp_path / "ledger.sqlite3"
+    seed_ledger(ledger)
+    secret = tmp_path / "review-password"
+    secret.write_text("a long passphrase\n")
+    env = {k: v for k, v in os.environ.items() if k != "RISKPIPE_REVIEW_PASSWORD"}
+    proc = subprocess.Popen(CLI + ["review", "--ledger", str(ledger), "--password-file", str(secret), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        first = proc.stdout.readline()
+        m = re.match(r"riskpipe review: console at (http://127\.0\.0\.1:\d+/) \(login with the shared password\)", first)
+        assert m, first + proc.stderr.read() if proc.poll() is not None else first
+        assert proc.stdout.readline().strip().endswith("5 decision(s), 1 verdict(s)")
+        url = m.group(1)
+        with urllib.request.urlopen(url + "login", timeout=10) as r:
+            assert r.status == 200 and "Reviewer login" in r.read().decode()
+        opener = urllib.request.build_opener(NoRedirect)
+        try:
+            opener.open(url, timeout=10)
+            raise AssertionError("the queue answered without a login")
+        except urllib.error.HTTPError as e:
+            assert e.code == 302 and e.headers["Location"].startswith("/login")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
