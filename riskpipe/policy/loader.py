@@ -1,7 +1,7 @@
 """load_policy: YAML file -> validated Policy, or PolicyError with one line per problem.
 
-The file is read with ``yaml.safe_load`` semantics; the same text is also composed
-into a node tree (``yaml.compose`` with the SafeLoader) so that every problem's field
+The file is read with ``yaml.safe_load`` semantics: composed into a node tree with the
+safe loader, then constructed from that tree, so that every problem's field
 path maps back to the line it came from: ``file:line: field: reason``.
 """
 
@@ -18,6 +18,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from riskpipe.policy.schema import Policy, SemanticProblems
+
+
+# safe_load semantics (SafeLoader constructors), libyaml's parser when available
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True)
@@ -114,16 +118,21 @@ def _reason(err: dict) -> str:
     return msg[:1].lower() + msg[1:]
 
 
-def _yaml_data(text: str, name: str) -> tuple[Any, yaml.Node | None]:
+def _yaml_data(text: str, name: str, loader_cls=_LOADER) -> tuple[Any, yaml.Node | None]:
+    loader = loader_cls(text)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        root = loader.get_single_node()
+        data = loader.construct_document(root) if root is not None else None
     except yaml.MarkedYAMLError as e:
+        if loader_cls is not yaml.SafeLoader:  # report with the pure parser: same words on every machine
+            return _yaml_data(text, name, yaml.SafeLoader)
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 1
         raise PolicyError([Problem(name, line, "(yaml)", " ".join(str(e.problem or e).split()))]) from None
     except yaml.YAMLError as e:
         raise PolicyError([Problem(name, 1, "(yaml)", " ".join(str(e).split()))]) from None
+    finally:
+        loader.dispose()
     dups = _duplicate_keys(root, ())
     if dups:
         raise PolicyError([Problem(name, line, field_path(loc), "duplicate key (YAML keeps only the last; remove one)")

@@ -32,7 +32,7 @@ from typing import Any, Iterable
 
 from riskpipe.policy.fields import FIELDS, holds
 
-MAX_COMBINATIONS = 200_000
+MAX_COMBINATIONS = 50_000
 ABSENT = None
 
 
@@ -112,28 +112,51 @@ def analyse(policy) -> Analysis:
     witness: dict[int, dict] = {}
     certify_mode = policy.certifier.mode == "certify"
     eps = policy.threat_model.epsilon
+    compiled = [_compile(rule.when, fields) for rule in rules]
+    allow = [rule.decision == "allow" for rule in rules]
+    i_cert = fields.index("certified_in_threat")
+    idx = {f: fields.index(f) if f in fields else None for f in (
+        "certificate.abstained", "certified_in_threat", "radius_threat", "radius_over_epsilon",
+        "signals.certificate_risk.value")}
     for combo in itertools.product(*axes):
-        facts = dict(zip(fields, combo))
-        if not _coherent(facts, certify_mode, eps, floor):
+        if not _coherent(combo, idx, certify_mode, eps, floor):
             continue
         fired = None
-        for i, rule in enumerate(rules):
-            if conditions_hold(rule.when, facts):
+        for i, match in enumerate(compiled):
+            if match(combo):
                 sat[i] = True
                 if fired is None:
                     fired = i
                     reach[i] = True
         if fired is None:
-            uncovered = uncovered or facts
-        elif (rules[fired].decision == "allow" and not facts["certified_in_threat"]
-              and fired not in witness):
-            witness[fired] = facts
+            uncovered = uncovered or dict(zip(fields, combo))
+        elif allow[fired] and not combo[i_cert] and fired not in witness:
+            witness[fired] = dict(zip(fields, combo))
     return Analysis(True, tuple(sat), tuple(reach), uncovered, witness)
 
 
-def _coherent(f: dict, certify_mode: bool, eps: float, floor: float) -> bool:
-    abstained, certified = f["certificate.abstained"], f["certified_in_threat"]
-    r, t, risk = f.get("radius_threat"), f.get("radius_over_epsilon"), f.get("signals.certificate_risk.value")
+def _compile(when, fields: list[str]):
+    """``conditions_hold`` for a tuple of facts in ``fields`` order (the analysis hot loop)."""
+    from riskpipe.policy.fields import OPS
+
+    if when is None:
+        return lambda combo: True
+    def leaf(c):
+        i, op, v = fields.index(c.field), OPS[c.op], c.value
+        return lambda combo: combo[i] is not None and op(combo[i], v)
+    all_ = [leaf(c) for c in when.all or ()]
+    any_ = [leaf(c) for c in when.any or ()]
+    has_any = when.any is not None
+    return lambda combo: all(f(combo) for f in all_) and (not has_any or any(f(combo) for f in any_))
+
+
+def _coherent(combo: tuple, idx: dict, certify_mode: bool, eps: float, floor: float) -> bool:
+    def get(name):
+        i = idx[name]
+        return None if i is None else combo[i]
+
+    abstained, certified = get("certificate.abstained"), get("certified_in_threat")
+    r, t, risk = get("radius_threat"), get("radius_over_epsilon"), get("signals.certificate_risk.value")
     if abstained and (certified or (r is not None and r != 0) or (t is not None and t != 0)
                       or (risk is not None and risk != 1.0)):
         return False
