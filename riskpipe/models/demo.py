@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from riskpipe.models import robust_training as robust
 from riskpipe.models.digits import INPUT_SHAPE, NUM_CLASSES, load_split
 from riskpipe.paths import cache_dir
 
@@ -83,6 +84,10 @@ def train_noise(model: nn.Module, recipe: Recipe) -> None:
 # name -> (recipe, architecture factory, trainer). Other demo variants register here.
 DEMOS: dict[str, tuple[Recipe, Callable[[], nn.Module], Callable[[nn.Module, Recipe], None]]] = {
     "digits": (Recipe("digits"), lambda: digits_cnn(8), train_noise),
+    "digits-ibp": (Recipe("digits-ibp", width=8, sigma=0.0, epochs=25, trainer=robust.IBP.tag()),
+                   lambda: robust.ibp_cnn(8), robust.train_ibp),
+    "digits-lipschitz": (Recipe("digits-lipschitz", width=robust.LIPSCHITZ.hidden, sigma=0.0, epochs=30,
+                                trainer=robust.LIPSCHITZ.tag()), robust.lipschitz_mlp, robust.train_lipschitz),
 }
 
 
