@@ -96,6 +96,15 @@ def test_queue_holds_routed_and_audit_items_in_priority_then_deadline_order(tmp_
     assert ids == ["evt-urgent", "evt-urgent-later", "evt-routine", "evt-audit", "evt-no-priority"]
 
 
+def test_sql_filter_and_ledger_api_agree(tmp_path):
+    seed_ledger(tmp_path / "l.db")
+    with Ledger(tmp_path / "l.db") as led:
+        led.append(decision_record("evt-audit-2", decision="allow", routed=False, audit_sample=True))
+        sql, api = rq._pending_rows(led), rq._pending_rows_api(led)
+    assert [seq for seq, _ in sql] == [seq for seq, _ in api] and len(sql) == 4
+    assert [r for _, r in sql] == [r for _, r in api]
+
+
 def test_verdict_record_follows_docs_and_a_second_one_is_refused(tmp_path):
     recs = seed_ledger(tmp_path / "l.db")
     when = T0 + timedelta(minutes=30)

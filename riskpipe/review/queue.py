@@ -8,7 +8,10 @@ ledger itself refuses a second verdict for the same event.
 
 from __future__ import annotations
 
+import json
 import math
+import sqlite3
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -103,18 +106,42 @@ class QueueItem:
         return (prio, self.deadline or _FAR_FUTURE, self.seq)
 
 
+# Routed or audit-sampled decisions without a verdict, filtered inside SQLite so a ledger of
+# many allowed decisions is not parsed row by row in Python. Reads the ledger's documented
+# ``entries`` table (riskpipe/ledger.py); ``pending`` falls back to the Ledger API if it changes.
+_PENDING_SQL = """
+SELECT d.seq, d.record FROM entries AS d
+WHERE d.kind = 'decision'
+  AND (json_extract(d.record, '$.review.routed') = 1 OR json_extract(d.record, '$.review.audit_sample') = 1)
+  AND NOT EXISTS (SELECT 1 FROM entries AS v WHERE v.kind = 'verdict' AND v.entry_id = d.entry_id)
+"""
+
+
+def _pending_rows(ledger: Ledger) -> list[tuple[int, dict]]:
+    try:
+        uri = f"file:{ledger.path.resolve()}?mode=ro"
+        with closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
+            return [(seq, json.loads(text)) for seq, text in db.execute(_PENDING_SQL)]
+    except sqlite3.Error:
+        return _pending_rows_api(ledger)
+
+
+def _pending_rows_api(ledger: Ledger) -> list[tuple[int, dict]]:
+    """The same rows through the Ledger API (parses every decision: slower)."""
+    reviewed = {e.entry_id for e in ledger.records(kind="verdict")}
+    return [(e.seq, e.record) for e in ledger.records(kind="decision")
+            if e.entry_id not in reviewed and needs_review(e.record)]
+
+
 def pending(ledger: Ledger) -> list[QueueItem]:
     """Records waiting for a verdict: priority 1 first, then the earliest deadline."""
-    reviewed = {e.entry_id for e in ledger.records(kind="verdict")}
     items = []
-    for e in ledger.records(kind="decision"):
-        if e.entry_id in reviewed or not needs_review(e.record):
-            continue
+    for seq, record in _pending_rows(ledger):
         try:
-            check_decision_record(e.record)
+            check_decision_record(record)
         except ReviewError:
             continue  # shown on its own page with the reason; never breaks the queue
-        items.append(QueueItem(e.record, e.seq))
+        items.append(QueueItem(record, seq))
     return sorted(items, key=QueueItem.sort_key)
 
 
