@@ -1,0 +1,130 @@
+"""A real Prometheus server scrapes a running stage (`riskpipe run` on the embedded
+Kafka broker) and the expected series come back through its HTTP API."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from riskpipe.stream.broker import EmbeddedBroker, free_port
+from riskpipe.stream.events import make_event
+
+RULES = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "riskpipe-rules.yml"
+
+pytestmark = [
+    pytest.mark.broker, pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("prometheus") is None,
+                       reason="prometheus missing: run `make system-packages`"),
+]
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def _query(base: str, promql: str) -> list[dict]:
+    body = _get(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except OSError as e:  # server not listening yet
+            last = e
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_prometheus_scrapes_a_running_stage(tmp_path: Path) -> None:
+    from kafka import KafkaProducer
+
+    stage_port, prom_port = free_port(), free_port()
+    with EmbeddedBroker() as broker:
+        broker.create_topics()
+        rng = np.random.default_rng(0)
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+        for i in range(4):
+            event = make_event(f"scrape-{i}", "digits", rng.random((1, 8, 8)))  # digits: 8x8 pixels in [0, 1]
+            producer.send("inferences", key=event["id"].encode(), value=json.dumps(event).encode())
+        producer.send("inferences", key=b"bad", value=b"{not json")
+        producer.flush()
+        producer.close()
+
+        env = dict(os.environ, RISKPIPE_DATA_DIR=str(tmp_path / "data"))
+        stage = subprocess.Popen(
+            [sys.executable, "-m", "riskpipe.cli", "run", "--bootstrap-servers", broker.bootstrap,
+             "--metrics-port", str(stage_port), "--no-ledger"],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stage.log", "wb"))
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(RULES)],
+            "scrape_configs": [{"job_name": "riskpipe",
+                                "static_configs": [{"targets": [f"127.0.0.1:{stage_port}"]}]}],
+        }
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        prometheus = subprocess.Popen(
+            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{prom_port}"],
+            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
+        base = f"http://127.0.0.1:{prom_port}"
+        try:
+            decided = _wait(lambda: _query(base, 'riskpipe_events_total{job="riskpipe", outcome="decided"} >= 4'),
+                            90, "4 decided events in Prometheus")
+            assert stage.poll() is None, (tmp_path / "stage.log").read_text()[-2000:]
+            assert decided[0]["metric"]["instance"] == f"127.0.0.1:{stage_port}"
+            assert _query(base, 'up{job="riskpipe"} == 1')
+            dlq = _wait(lambda: _query(base, 'riskpipe_dlq_messages_total{reason="invalid_json"}'),
+                        30, "the DLQ counter")
+            assert float(dlq[0]["value"][1]) == 1
+            certs = _query(base, "sum(riskpipe_certificates_total)")
+            assert float(certs[0]["value"][1]) == 4
+            for series in ("riskpipe_decisions_total", "riskpipe_certification_duration_seconds_bucket",
+                           "riskpipe_model_evaluations_count", "riskpipe_risk_score_count",
+                           "riskpipe_last_poll_timestamp_seconds", "riskpipe_broker_up"):
+                assert _query(base, series), series
+            policy = _query(base, "riskpipe_policy_info")
+            assert policy and policy[0]["metric"]["name"] == "default"
+            assert len(policy[0]["metric"]["sha256"]) == 64
+            build = _query(base, "riskpipe_build_info")
+            assert set(build[0]["metric"]) >= {"version", "python", "torch"}
+            # the alert rules load and evaluate against the live series
+            groups = _get(f"{base}/api/v1/rules")["data"]["groups"]
+            assert {g["name"] for g in groups} == {"riskpipe.recording", "riskpipe.alerts"}
+            # (the recording group runs every minute, so it may not have run yet)
+            assert not [r for g in groups for r in g["rules"] if r["health"] == "err"], groups
+            firing = [a["labels"]["alertname"] for a in _get(f"{base}/api/v1/alerts")["data"]["alerts"]]
+            assert "RiskpipeStageDown" not in firing and "RiskpipeNotConsuming" not in firing
+        finally:
+            _stop(prometheus)
+            _stop(stage)
