@@ -37,7 +37,7 @@ class Replay:
 
 
 def _section_changes(old, new) -> list[str]:
-    a, b = old.model_dump(), new.model_dump()
+    a, b = old.model_dump(exclude={"description"}), new.model_dump(exclude={"description"})
     return [f"{k} {a[k]!r} -> {b[k]!r}" for k in sorted(a) if a[k] != b[k]]
 
 
