@@ -17,7 +17,7 @@ import click
 @click.option("--model", "models", multiple=True, help="NAME=SPEC, repeatable (default digits=demo:digits).")
 @click.option("--group-id", default=None)
 @click.option("--input-topic", default=None)
-@click.option("--metrics-port", type=int, default=None, help="Serve /metrics on 127.0.0.1:PORT.")
+@click.option("--metrics-port", type=int, default=None, help="Serve /metrics and /healthz on PORT (address: metrics_addr, default 127.0.0.1).")
 @click.option("--ledger", default=None, help="Ledger path (default: ledger.sqlite in the data directory).")
 @click.option("--no-ledger", is_flag=True, help="Do not write a ledger (use `riskpipe ledger ingest`).")
 @click.option("--max-events", type=int, default=None, help="Micro-batch size.")
@@ -79,7 +79,7 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, group_id, 
                 continue
             cleaned.append(argv[i])
             i += 1
-        sys.exit(run_workers(workers, cleaned, config.metrics_port))
+        sys.exit(run_workers(workers, cleaned, config.metrics_port, config.metrics_addr))
     from riskpipe.policy import PolicyError
 
     metrics = server = None
@@ -88,7 +88,7 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, group_id, 
 
         metrics = StageMetrics()
         if config.metrics_port is not None and not no_metrics_server:
-            server = metrics.serve(config.metrics_port)
+            server = metrics.serve(config.metrics_port, config.metrics_addr)
             click.echo(f"metrics on {server.url}", err=True)
         from riskpipe.stream.stage import GuardTripped
 

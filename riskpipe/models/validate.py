@@ -26,7 +26,8 @@ def check_inputs(batch: np.ndarray, model) -> np.ndarray:
             raise InputError(
                 "wrong_shape", f"inputs: shape {a.shape[1:]} per input, model {model.spec} expects {shape}"
             )
-    a = a.astype(np.float32, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):
+        a = a.astype(np.float32, copy=False)  # values beyond float32 become inf: caught below
     bad = ~np.isfinite(a)
     if bad.any():
         i = int(np.argwhere(bad.reshape(len(a), -1).any(axis=1))[0][0])

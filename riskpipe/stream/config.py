@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import os
+
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -62,6 +64,7 @@ class StageConfig(BaseModel):
     models: dict[str, str] = {"digits": "demo:digits"}
     policy: str = Field(default_factory=default_policy_path)
     metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"  # 0.0.0.0 inside a pod, so Prometheus and probes reach it
     ledger: str | None = None
     batch: Batch = Batch()
     guard: Guard = Guard()
@@ -72,6 +75,7 @@ class StageConfig(BaseModel):
     session_timeout_ms: int = Field(10_000, ge=1000)
     heartbeat_interval_ms: int = Field(3_000, ge=100)
     worker_id: str | None = None
+    review: dict[str, Any] | None = None  # read by `riskpipe review` (credentials), ignored by the stage
 
     @field_validator("models")
     @classmethod
@@ -93,6 +97,17 @@ class ConfigError(ValueError):
     pass
 
 
+def _expand(value: Any) -> Any:
+    """``${VAR}`` in string values from the environment (Kubernetes injects secrets that way)."""
+    if isinstance(value, str):
+        return os.path.expandvars(value)
+    if isinstance(value, dict):
+        return {k: _expand(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v) for v in value]
+    return value
+
+
 def load_config(path: str | None = None, **overrides: Any) -> StageConfig:
     """Config from ``path`` (YAML) with ``overrides`` (None values ignored) on top."""
     data: dict[str, Any] = {}
@@ -106,6 +121,7 @@ def load_config(path: str | None = None, **overrides: Any) -> StageConfig:
             raise ConfigError(f"{path}: invalid YAML ({e})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
+    data = _expand(data)
     for k, v in overrides.items():
         if v is None:
             continue

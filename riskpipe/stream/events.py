@@ -112,7 +112,7 @@ def validate_event(obj: dict, models: dict) -> Event:
         if f not in t:
             raise EventError("missing_field", f"inputs[0].{f}: required field is missing")
     dt = t["datatype"]
-    if dt not in DATATYPES:
+    if not isinstance(dt, str) or dt not in DATATYPES:
         raise EventError("wrong_dtype", f"inputs[0].datatype: {dt!r} is not an Open Inference Protocol numeric type")
     if dt not in FLOAT_TYPES and model.dtype.startswith("float"):
         raise EventError("wrong_dtype", f"inputs[0].datatype: model {name} expects floating point, got {dt}")
@@ -152,7 +152,13 @@ def validate_event(obj: dict, models: dict) -> Event:
 
 def parse_event(value: bytes | None, headers, models: dict, max_bytes: int = 1 << 20) -> Event:
     obj, ce = parse_envelope(value, headers, max_bytes)
-    ev = validate_event(obj, models)
+    try:
+        ev = validate_event(obj, models)
+    except EventError:
+        raise
+    except (TypeError, ValueError, OverflowError, KeyError, AttributeError) as e:
+        # A shape of input the checks above did not foresee: still a clean DLQ reason.
+        raise EventError("wrong_type", f"event: malformed ({type(e).__name__}: {e})") from None
     ev.cloudevent = ce
     return ev
 

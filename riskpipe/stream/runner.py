@@ -74,7 +74,7 @@ def run_stage(config, source: str | None = None, sink: str | None = None, metric
             ledger.close()
 
 
-def run_workers(n: int, argv: list[str], metrics_port: int | None) -> int:
+def run_workers(n: int, argv: list[str], metrics_port: int | None, metrics_addr: str = "127.0.0.1") -> int:
     """Start ``n`` worker processes of ``riskpipe run`` in one consumer group and serve
     their aggregated metrics (prometheus_client multiprocess mode) from this process."""
     import tempfile
@@ -88,7 +88,7 @@ def run_workers(n: int, argv: list[str], metrics_port: int | None) -> int:
     if metrics_port is not None:
         from riskpipe.metrics import serve
 
-        server = serve(metrics_port)
+        server = serve(metrics_port, metrics_addr)
         log.info("metrics of %d workers on %s", n, server.url)
 
     def forward(signum, frame):

@@ -108,6 +108,9 @@ class Stage:
         gone = {(tp.topic, tp.partition) for tp in revoked}
         before = len(self.buffer)
         self.buffer = [m for m in self.buffer if (m.topic, m.partition) not in gone]
+        if self.metrics:
+            for tp in revoked:
+                self.metrics.drop_lag(tp.topic, tp.partition)
         if before != len(self.buffer):
             log.info("rebalance: dropped %d unprocessed messages (the new owner re-reads them)", before - len(self.buffer))
 

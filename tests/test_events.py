@@ -1,0 +1,149 @@
+"""Event validation: every malformed input gets its DLQ reason, nothing else escapes."""
+
+import json
+import math
+
+import jsonschema
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from riskpipe.stream.events import EventError, make_event, parse_event
+
+REASONS = {"invalid_json", "not_an_object", "missing_field", "wrong_type", "wrong_dtype", "wrong_shape",
+           "non_finite", "out_of_range", "unknown_model", "oversized", "unsupported_cloudevent", "bad_id"}
+
+
+@pytest.fixture(scope="module")
+def models(demo_model):
+    return {"digits": demo_model}
+
+
+@pytest.fixture(scope="module")
+def schema():
+    from importlib.resources import files
+
+    return json.loads(files("riskpipe").joinpath("schemas/inference-event.v1.json").read_text())
+
+
+def good(x=None):
+    return make_event("e1", "digits", np.zeros((1, 8, 8), np.float32) if x is None else x, prediction=3,
+                      upstream_risk=0.2)
+
+
+def test_plain_binary_and_structured_cloudevents(models, schema):
+    e = good()
+    jsonschema.validate(e, schema)
+    ev = parse_event(json.dumps(e).encode(), [], models)
+    assert ev.id == "e1" and ev.x.shape == (1, 8, 8) and ev.prediction == 3
+    headers = [("ce_id", b"ce-9"), ("ce_source", b"/x"), ("ce_type", b"org.kserve.inference.request"),
+               ("ce_specversion", b"1.0")]
+    body = {k: v for k, v in e.items() if k != "id"}
+    ev = parse_event(json.dumps(body).encode(), headers, models)
+    assert ev.id == "ce-9" and ev.cloudevent["source"] == "/x"
+    structured = {"specversion": "1.0", "id": "ce-10", "source": "/y", "type": "riskpipe.inference.v1",
+                  "time": "2026-01-01T00:00:00Z", "data": body}
+    ev = parse_event(json.dumps(structured).encode(), [("content-type", b"application/cloudevents+json")], models)
+    assert ev.id == "ce-10" and ev.time == "2026-01-01T00:00:00Z"
+
+
+def _reason(value: bytes, models, headers=(), max_bytes=1 << 20) -> str:
+    with pytest.raises(EventError) as e:
+        parse_event(value, list(headers), models, max_bytes)
+    assert e.value.code in REASONS
+    assert ":" in str(e.value)  # names the field
+    return e.value.code
+
+
+def _mut(**changes):
+    e = good()
+    t = e["inputs"][0]
+    for k, v in changes.items():
+        if v is None:
+            (t if k in t else e).pop(k)
+        else:
+            (t if k in t else e)[k] = v
+    return json.dumps(e).encode()
+
+
+def test_each_reason(models):
+    flat = good()["inputs"][0]["data"]
+    assert _reason(b"{not json", models) == "invalid_json"
+    assert _reason(b"[1,2]", models) == "not_an_object"
+    assert _reason(_mut(model=None), models) == "missing_field"
+    assert _reason(_mut(shape=None), models) == "missing_field"
+    assert _reason(_mut(datatype="BYTES"), models) == "wrong_dtype"
+    assert _reason(_mut(datatype="INT32"), models) == "wrong_dtype"
+    assert _reason(_mut(shape=[1, 1, 4, 4]), models) == "wrong_shape"
+    assert _reason(_mut(data=flat[:10]), models) == "wrong_shape"
+    assert _reason(_mut(data=["a"] * 64), models) == "wrong_type"
+    assert _reason(_mut(data=[float("nan")] + flat[1:]), models) == "non_finite"
+    assert _reason(_mut(data=[1e400] + flat[1:]).replace(b"Infinity", b"1e400"), models) == "non_finite"
+    assert _reason(_mut(data=[-0.5] + flat[1:]), models) == "out_of_range"
+    assert _reason(_mut(model="other"), models) == "unknown_model"
+    assert _reason(_mut(id=""), models) == "bad_id"
+    assert _reason(_mut(prediction=99), models) == "wrong_type"
+    assert _reason(b"x" * 2000, models, max_bytes=1024) == "oversized"
+    assert _reason(_mut(), models, [("ce_type", b"evil"), ("ce_specversion", b"1.0")]) == "unsupported_cloudevent"
+    assert _reason(_mut(), models, [("ce_type", b"riskpipe.inference.v1"), ("ce_specversion", b"0.3")]) == \
+        "unsupported_cloudevent"
+
+
+def test_upstream_risk_is_not_a_reason_to_reject(models):
+    """A malformed upstream risk is the policy's business (default + flag), not the DLQ's."""
+    ev = parse_event(_mut(upstream_risk="high"), [], models)
+    assert ev.upstream_risk == "high"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=6), children, max_size=5),
+    max_leaves=8,
+)
+
+
+@st.composite
+def malformed(draw):
+    """Events that are wrong in one or more generated ways."""
+    kind = draw(st.sampled_from(["bytes", "json", "mutate", "headers"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=200)), []
+    if kind == "json":
+        return json.dumps(draw(json_values)).encode(), []
+    e = good()
+    t = e["inputs"][0]
+    for _ in range(draw(st.integers(1, 3))):
+        target = draw(st.sampled_from(["id", "model", "inputs", "shape", "datatype", "data", "prediction",
+                                       "context", "time", "elem"]))
+        if target == "elem" and isinstance(t.get("data"), list) and len(t["data"]) == 64:
+            i = draw(st.integers(0, 63))
+            t["data"][i] = draw(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3),
+                                          st.none(), st.booleans(), st.integers(-5, 5)))
+        elif target == "elem":
+            continue
+        elif target in t:
+            t[target] = draw(json_values)
+        else:
+            e[target] = draw(json_values)
+    value = json.dumps(e).encode()
+    headers = []
+    if kind == "headers":
+        headers = [("ce_type", draw(st.text(max_size=10)).encode()),
+                   ("ce_specversion", draw(st.sampled_from([b"1.0", b"0.3", b""])))]
+    return value, headers
+
+
+@settings(max_examples=10_000, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(malformed())
+def test_fuzz_validator_never_raises_anything_else(models, case):
+    value, headers = case
+    try:
+        ev = parse_event(value, headers, models, max_bytes=4096)
+    except EventError as e:
+        assert e.code in REASONS and str(e)
+        return
+    # whatever got through is a valid event for the model
+    assert ev.x.shape == (1, 8, 8) and np.isfinite(ev.x).all() and ev.x.min() >= 0 and ev.x.max() <= 1
+    assert isinstance(ev.id, str) and ev.id
