@@ -1,0 +1,225 @@
+"""Run the certification families side by side and collect the report card's numbers.
+
+For each model and method: certify a labelled subset once (native norm), convert
+every radius to each requested norm with Theorem 2 (``convert_radius``), and read
+certified accuracy off the epsilon grid; time single inputs for latency, measure
+peak memory, and sweep batch size and model width for cost growth. A PGD attack
+gives the empirical robust accuracy, an upper bound no certificate can beat.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from riskpipe.certify import make_certifier
+from riskpipe.certify.norms import check_norm, conversion_factor, convert_radius
+from riskpipe.compare.attack import pgd
+from riskpipe.compare.measure import peak_memory, summary_ms, timed
+
+METHODS = ("smoothing", "ibp", "lipschitz")
+NATIVE_NORM = {"smoothing": "l2", "ibp": "linf", "lipschitz": "l2"}
+DEFAULT_MODELS = ("demo:digits", "demo:digits-ibp", "demo:digits-lipschitz")
+DEFAULT_GRID = {"l2": (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5), "linf": (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)}
+PARALLELISM = {
+    "smoothing": "Monte Carlo samples are independent: the n samples of one input split over any number of "
+                 "workers or devices (counts add up), so latency falls with workers; cost grows linearly in n.",
+    "ibp": "One bound pass costs about two forward passes (centre and radius) and parallelises over inputs "
+           "like a forward pass; the radius search runs its bisection passes one after the other. Memory "
+           "grows with width (two activation tensors per layer, plus K x hidden margin rows per input).",
+    "lipschitz": "The constant is computed once per model version (sequential power iteration); after "
+                 "that each certificate is one forward pass, parallel over inputs, with no extra memory.",
+}
+
+
+@dataclass
+class CompareConfig:
+    """What ``riskpipe compare`` runs; checked at construction."""
+
+    models: tuple[str, ...] = DEFAULT_MODELS
+    methods: tuple[str, ...] = METHODS
+    norms: tuple[str, ...] = ("l2", "linf")
+    eps_grid: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(DEFAULT_GRID))
+    limit: int = 100
+    n_samples: int = 1000
+    n0: int = 64
+    sigma: float = 0.25
+    alpha: float = 0.001
+    timing_inputs: int = 10
+    batch_sizes: tuple[int, ...] = (1, 16, 64)
+    widths: tuple[int, ...] = (4, 8, 16, 32)
+    pgd_steps: int = 10
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("models: give at least one model")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"methods: {bad or 'none'} not among {', '.join(METHODS)}")
+        self.norms = tuple(check_norm(n) for n in self.norms)
+        bad = [n for n in self.norms if n not in ("l2", "linf")]
+        if bad or not self.norms:
+            raise ValueError(f"norms: {bad or 'none'}; the card compares l2 and linf")
+        for n in self.norms:
+            grid = self.eps_grid.get(n)
+            if not grid:
+                raise ValueError(f"eps_grid: no epsilon values for norm {n}")
+            if any(not (math.isfinite(e) and e >= 0) for e in grid):
+                raise ValueError(f"eps_grid: values for {n} must be finite and >= 0, got {list(grid)}")
+            self.eps_grid[n] = tuple(sorted(set(float(e) for e in grid)))
+        for name in ("limit", "n_samples", "n0", "timing_inputs", "pgd_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if any(b < 1 for b in self.batch_sizes) or any(w < 1 for w in self.widths):
+            raise ValueError("batch_sizes and widths: must be >= 1")
+        if not self.sigma > 0 or not 0 < self.alpha < 1:
+            raise ValueError(f"sigma: must be > 0 and alpha in (0, 1), got {self.sigma}, {self.alpha}")
+
+
+def _certifier(model, method: str, cfg: CompareConfig):
+    if method == "smoothing":
+        return make_certifier(model, "smoothing", sigma=cfg.sigma, alpha=cfg.alpha, n0=cfg.n0, n=cfg.n_samples,
+                              batch_size=4096)
+    if method == "ibp":
+        return make_certifier(model, "ibp", norm="linf")
+    return make_certifier(model, "lipschitz", epsilon=0.0)
+
+
+def _chunk(method: str) -> int:
+    return 16 if method == "smoothing" else 512
+
+
+def _certify_all(cert, method: str, X: np.ndarray, seed: int):
+    out = []
+    for s in range(0, len(X), _chunk(method)):
+        xb = X[s:s + _chunk(method)]
+        out += cert.certify_batch(xb, [seed + s + i for i in range(len(xb))])
+    return out
+
+
+def certified_accuracy(certs, y: np.ndarray, native: str, norm: str, grid, d: int) -> list[float]:
+    """Fraction of inputs certified with the right class at radius >= eps (radius in ``norm``)."""
+    radius = np.array([convert_radius(c.radius, native, norm, d) for c in certs])
+    good = np.array([(not c.abstained) and c.predicted_class == t for c, t in zip(certs, y)])
+    return [float(np.mean(good & (radius >= e))) for e in grid]
+
+
+def _pgd_accuracy(model, X: np.ndarray, y: np.ndarray, norm: str, grid, cfg: CompareConfig) -> list[float]:
+    x = torch.from_numpy(X).to(model.device)
+    t = torch.from_numpy(y).to(model.device)
+    out = []
+    for e in grid:
+        xa = x if e == 0 else pgd(model.module, x, t, e, norm, steps=cfg.pgd_steps,
+                                  value_range=model.value_range, seed=cfg.seed)
+        with torch.no_grad():
+            out.append(float((model.module(xa).argmax(1) == t).float().mean()))
+    return out
+
+
+def _method_run(model, method: str, X, y, cfg: CompareConfig) -> dict:
+    cert = _certifier(model, method, cfg)
+    d = model.input_dim
+    setup_ms = timed(lambda: cert.constants, cfg.device) if method == "lipschitz" else 0.0
+    with peak_memory(cfg.device) as mem:
+        t0 = time.perf_counter()
+        certs = _certify_all(cert, method, X, cfg.seed)
+        total_ms = (time.perf_counter() - t0) * 1e3
+    lat = [timed(lambda i=i: cert.certify_batch(X[i:i + 1], [cfg.seed + i]), cfg.device)
+           for i in range(min(cfg.timing_inputs, len(X)))]
+    native = NATIVE_NORM[method]
+    return {
+        "method": method, "native_norm": native,
+        "certified_accuracy": {n: certified_accuracy(certs, y, native, n, cfg.eps_grid[n], d) for n in cfg.norms},
+        "conversion_factor": {n: conversion_factor(native, n, d) for n in cfg.norms},
+        "abstain_rate": float(np.mean([c.abstained for c in certs])),
+        "median_radius_native": float(np.median([c.radius for c in certs])),
+        "latency_ms": summary_ms(lat),
+        "amortized_ms": total_ms / len(X),
+        "total_ms": total_ms, "setup_ms": setup_ms,
+        "evaluations_per_input": float(np.mean([c.n_samples for c in certs])),
+        "memory": mem,
+        "parallelism": PARALLELISM[method],
+    }
+
+
+def _batch_sweep(model, method: str, X, cfg: CompareConfig) -> list[dict]:
+    cert = _certifier(model, method, cfg)
+    if method == "lipschitz":
+        cert.constants  # noqa: B018 - the one-time cost is reported separately
+    rows = []
+    for b in cfg.batch_sizes:
+        xb = np.resize(X, (b,) + X.shape[1:])
+        ms = timed(lambda: cert.certify_batch(xb, list(range(b))), cfg.device)
+        rows.append({"batch_size": b, "ms_per_input": ms / b})
+    return rows
+
+
+def _width_sweep(method: str, X, cfg: CompareConfig) -> list[dict]:
+    """Cost per input on the demo CNN family (``digits_cnn(width)``, seeded random weights:
+    cost does not depend on the weights)."""
+    from riskpipe.models.base import Model, sha256_state_dict
+    from riskpipe.models.demo import digits_cnn
+
+    rows = []
+    xb = X[:16]
+    for w in cfg.widths:
+        torch.manual_seed(cfg.seed)
+        module = digits_cnn(w).eval().to(cfg.device)
+        m = Model(spec=f"digits_cnn(width={w})", input_shape=tuple(X.shape[1:]), num_classes=10,
+                  sha256=sha256_state_dict(module), module=module, device=cfg.device)
+        cert = _certifier(m, method, cfg)
+        setup = timed(lambda: cert.constants, cfg.device) if method == "lipschitz" else 0.0
+        with peak_memory(cfg.device) as mem:
+            ms = timed(lambda: cert.certify_batch(xb, list(range(len(xb)))), cfg.device)
+        fwd = timed(lambda: m.predict(xb), cfg.device, repeat=3)
+        rows.append({"width": w, "params": int(sum(p.numel() for p in module.parameters())),
+                     "ms_per_input": ms / len(xb), "forward_ms_per_input": fwd / len(xb), "setup_ms": setup,
+                     "memory": mem})
+    return rows
+
+
+def run_compare(cfg: CompareConfig, X: np.ndarray | None = None, y: np.ndarray | None = None,
+                log=lambda msg: None) -> dict:
+    """Everything the report card shows, as plain data (JSON-serialisable)."""
+    from riskpipe.models import check_inputs, load_model
+    from riskpipe.models.digits import load_split
+
+    t_start = time.perf_counter()
+    data_name = "user data"
+    if X is None:
+        X, y = load_split("test")
+        data_name = "demo digits, test split"
+    X, y = np.asarray(X)[: cfg.limit], np.asarray(y)[: cfg.limit]
+    models = []
+    for spec in cfg.models:
+        log(f"model {spec}")
+        model = load_model(spec, device=cfg.device)
+        Xc = check_inputs(X, model)
+        with torch.no_grad():
+            clean = float(np.mean(model.predict(Xc) == y))
+        runs = []
+        for method in cfg.methods:
+            log(f"  {method}")
+            runs.append(_method_run(model, method, Xc, y, cfg))
+        pgd_acc = {n: _pgd_accuracy(model, Xc, y, n, cfg.eps_grid[n], cfg) for n in cfg.norms}
+        models.append({"spec": spec, "sha256": model.sha256, "input_dim": model.input_dim,
+                       "clean_accuracy": clean, "pgd_accuracy": pgd_acc, "methods": runs})
+    first = load_model(cfg.models[0], device=cfg.device)
+    Xf = check_inputs(X, first)
+    log("cost sweeps")
+    sweeps = {m: {"batch": _batch_sweep(first, m, Xf, cfg), "width": _width_sweep(m, Xf, cfg)} for m in cfg.methods}
+    fwd = timed(lambda: first.predict(Xf), cfg.device, repeat=3) / len(Xf)
+    return {
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "data": {"name": data_name, "n": int(len(X)), "input_dim": int(np.prod(X.shape[1:]))},
+        "models": models,
+        "sweeps": {"model": cfg.models[0], "forward_ms_per_input": fwd, **sweeps},
+        "environment": {"device": cfg.device, "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "total_s": time.perf_counter() - t_start,
+    }
