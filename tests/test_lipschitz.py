@@ -1,0 +1,154 @@
+"""Global Lipschitz certificates: constants bound real gradients, radii survive attacks."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from riskpipe.certify import make_certifier
+from riskpipe.certify.lipschitz import GlobalLipschitz, lipschitz_constants, spectral_norm
+from riskpipe.compare.attack import pgd
+from riskpipe.models import load_model
+from riskpipe.models.base import Model, sha256_state_dict
+from riskpipe.models.digits import load_split
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is faster than two on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(module):
+    module.eval()
+    return Model(spec="test", input_shape=(1, 8, 8), num_classes=5, sha256=sha256_state_dict(module), module=module)
+
+
+def _cnn():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_var.uniform_(0.3, 2.0)
+        bn.weight.uniform_(-2, 2)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), bn, nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, padding=2,
+                         dilation=2), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(24, 12), nn.ReLU(),
+                         nn.Linear(12, 5))
+
+
+@pytest.mark.parametrize("op, shape", [
+    (nn.Conv2d(3, 5, 3, stride=2, padding=1), (3, 9, 9)),
+    (nn.Conv2d(2, 4, 4, stride=1, padding=2, dilation=2), (2, 7, 7)),
+    (nn.Linear(30, 17), (30,)),
+    (nn.AvgPool2d(3, stride=2, padding=1), (2, 8, 8)),
+])
+def test_power_iteration_matches_the_exact_operator_norm(op, shape):
+    torch.manual_seed(3)
+    op = op.double()
+
+    def apply(x):
+        if isinstance(op, nn.Conv2d):
+            return torch.nn.functional.conv2d(x, op.weight, None, op.stride, op.padding, op.dilation)
+        if isinstance(op, nn.Linear):
+            return torch.nn.functional.linear(x, op.weight)
+        return op(x)
+
+    est, _ = spectral_norm(apply, shape, n_iter=2000, tol=1e-10)
+    jac = torch.autograd.functional.jacobian(apply, torch.zeros((1,) + shape, dtype=torch.float64))
+    exact = torch.linalg.matrix_norm(jac.reshape(-1, int(np.prod(shape))), ord=2).item()
+    assert est <= exact * (1 + 1e-9)  # power iteration approaches from below ...
+    assert est * 1.01 >= exact  # ... and the default safety margin covers the gap
+
+
+def _max_margin_gradients(module, x, K):
+    x = x.clone().requires_grad_(True)
+    z = module(x)
+    grads = torch.zeros(len(x), K, K)
+    for i in range(K):
+        for j in range(K):
+            if i != j:
+                (g,) = torch.autograd.grad((z[:, i] - z[:, j]).sum(), x, retain_graph=True)
+                grads[:, i, j] = g.flatten(1).norm(dim=1)
+    return grads.max(dim=0).values
+
+
+@pytest.mark.parametrize("which", ["cnn", "demo"])
+def test_constant_bounds_every_sampled_gradient(which):
+    model = _model(_cnn()) if which == "cnn" else load_model("demo:digits-lipschitz")
+    K = model.num_classes
+    consts = lipschitz_constants(model)
+    g = torch.Generator().manual_seed(0)
+    X = torch.from_numpy(load_split("test")[0][:50]) if which == "demo" else torch.rand((200, 1, 8, 8), generator=g)
+    seen = _max_margin_gradients(model.module, X, K)
+    assert (torch.from_numpy(consts.pairwise).float() >= seen).all()
+    assert consts.pairwise.diagonal().max() == 0
+
+
+@pytest.fixture(scope="module")
+def lip_digits():
+    X, _ = load_split("test")
+    return load_model("demo:digits-lipschitz"), X[:80]
+
+
+def test_no_pgd_counterexample_inside_certified_radius(lip_digits):
+    model, X = lip_digits
+    certs = GlobalLipschitz(model).certify_batch(X, list(range(len(X))))
+    ok = [i for i, c in enumerate(certs) if not c.abstained]
+    assert len(ok) > len(X) // 2
+    x = torch.from_numpy(X[ok])
+    radius = torch.tensor([certs[i].radius for i in ok])
+    y = torch.tensor([certs[i].predicted_class for i in ok])
+    for seed in range(2):
+        xa = pgd(model.module, x, y, radius, "l2", steps=30, seed=seed)
+        assert ((xa - x).flatten(1).norm(dim=1) <= radius * (1 + 1e-5)).all()
+        with torch.no_grad():
+            assert (model.module(xa).argmax(1) == y).all()
+    # and just beyond a much larger radius the attack does find class changes: the test has teeth
+    xa = pgd(model.module, x, y, radius * 6, "l2", steps=30, seed=0)
+    with torch.no_grad():
+        assert (model.module(xa).argmax(1) != y).any()
+
+
+def test_gloro_abstain_below_epsilon(lip_digits):
+    model, X = lip_digits
+    free = make_certifier(model, "lipschitz", epsilon=0.0).certify_batch(X, list(range(len(X))))
+    radii = np.array([c.radius for c in free])
+    eps = float(np.median(radii[radii > 0]))
+    gated = make_certifier(model, "lipschitz", epsilon=eps).certify_batch(X, list(range(len(X))))
+    for a, b in zip(free, gated):
+        assert (b.method, b.mode, b.norm, b.n_samples) == ("lipschitz", "bound", "l2", 1)
+        if a.radius < eps:
+            assert b.abstained and b.radius == 0 and b.predicted_class is None and b.reason in (
+                "radius_below_epsilon", "margin_not_positive")
+        else:
+            assert not b.abstained and b.radius == a.radius and b.predicted_class == a.predicted_class
+    assert any(c.abstained for c in gated) and not all(c.abstained for c in gated)
+
+
+def test_constant_is_cached_per_model_version(lip_digits):
+    model, _ = lip_digits
+    assert lipschitz_constants(model) is lipschitz_constants(model)
+    other = _model(_cnn())
+    assert lipschitz_constants(other) is not lipschitz_constants(model)
+
+
+@pytest.mark.parametrize("module, match", [
+    (nn.Sequential(nn.Flatten(), nn.Linear(64, 5), nn.Softmax(dim=1)), r"layer 2 \(Softmax\)"),
+    (nn.Linear(64, 5), "nn.Sequential"),
+])
+def test_unsupported_models_are_named(module, match):
+    with pytest.raises(ValueError, match=match):
+        GlobalLipschitz(_model(module))
+
+
+def test_bad_parameters():
+    model = _model(_cnn())
+    for kw, field in (({"epsilon": -1}, "epsilon"), ({"tol": 0}, "tol"), ({"n_iter": 0}, "n_iter"),
+                      ({"safety": -0.1}, "safety")):
+        with pytest.raises(ValueError, match=field):
+            GlobalLipschitz(model, **kw)
+    no_module = Model(spec="x.onnx", input_shape=(1, 8, 8), num_classes=5, sha256="0")
+    with pytest.raises(ValueError, match="torch model"):
+        GlobalLipschitz(no_module)
