@@ -1,0 +1,81 @@
+"""The comparison report card: numbers that must hold, all three formats, CLI errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from riskpipe.certify import Certificate
+from riskpipe.cli.compare_cmd import compare, parse_grid
+from riskpipe.compare import CompareConfig, certified_accuracy, render, run_compare
+
+
+@pytest.fixture(scope="module")
+def result():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = CompareConfig(models=("demo:digits-ibp",), limit=24, n_samples=100, n0=16, timing_inputs=2,
+                            batch_sizes=(1, 4), widths=(4, 8), pgd_steps=5)
+        yield run_compare(cfg)
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_certified_accuracy_is_sound_and_monotone(result):
+    m = result["models"][0]
+    for run in m["methods"]:
+        for norm, acc in run["certified_accuracy"].items():
+            assert all(0 <= a <= 1 for a in acc)
+            assert all(a >= b for a, b in zip(acc, acc[1:]))  # non-increasing in epsilon
+            if run["method"] != "smoothing":  # deterministic bounds on this model: PGD cannot beat them
+                assert all(c <= p + 1e-12 for c, p in zip(acc, m["pgd_accuracy"][norm]))
+                assert acc[0] <= m["clean_accuracy"]
+    ibp = next(r for r in m["methods"] if r["method"] == "ibp")
+    assert ibp["certified_accuracy"]["linf"][3] > 0.3  # eps = 0.1: the IBP-trained demo certifies something
+    assert ibp["conversion_factor"] == {"l2": 1.0, "linf": 1.0}
+    smooth = next(r for r in m["methods"] if r["method"] == "smoothing")
+    assert smooth["conversion_factor"]["linf"] == pytest.approx(1 / 8)
+    assert smooth["evaluations_per_input"] == 116
+    for run in m["methods"]:
+        assert run["latency_ms"]["n"] == 2 and run["latency_ms"]["p90"] >= run["latency_ms"]["median"] > 0
+    assert [r["batch_size"] for r in result["sweeps"]["ibp"]["batch"]] == [1, 4]
+    assert [r["width"] for r in result["sweeps"]["lipschitz"]["width"]] == [4, 8]
+
+
+def test_theorem2_conversion_in_certified_accuracy():
+    certs = [Certificate(method="smoothing", norm="l2", radius=0.8, abstained=False, predicted_class=1)]
+    y = np.array([1])
+    assert certified_accuracy(certs, y, "l2", "linf", [0.1, 0.1001], 64) == [1.0, 0.0]  # 0.8 / sqrt(64)
+    assert certified_accuracy(certs, np.array([2]), "l2", "l2", [0.0], 64) == [0.0]  # wrong class never counts
+
+
+def test_card_in_three_formats(result, tmp_path):
+    written = render(result, tmp_path)
+    html = written["html"].read_text()
+    assert html.count("data:image/png;base64,") == 2 and "Theorem 2" in html
+    md = written["md"].read_text()
+    assert "Theorem 2" in md and (tmp_path / "compare-certified_accuracy.png").stat().st_size > 1000
+    data = json.loads(written["json"].read_text())
+    assert data["models"][0]["spec"] == "demo:digits-ibp" and "theorem2" in data["notes"]
+
+
+def test_grid_parsing():
+    assert parse_grid("0,0.5", ("l2", "linf")) == {"l2": (0.0, 0.5), "linf": (0.0, 0.5)}
+    assert parse_grid("linf=0,0.1", ("l2", "linf"))["linf"] == (0.0, 0.1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "ibp,magic"], "methods"),
+    (["--format", "pdf"], "--format"),
+    (["--norms", "l1"], "norms"),
+    (["--eps-grid", "linf=-1"], "eps_grid"),
+    (["--data", "missing.npz"], "--data"),
+    (["--limit", "0"], "limit"),
+])
+def test_cli_errors_are_one_line(args, message, tmp_path):
+    res = CliRunner().invoke(compare, args + ["--out", str(tmp_path)])
+    assert res.exit_code == 2
+    assert message in res.output and "Traceback" not in res.output
