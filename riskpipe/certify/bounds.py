@@ -159,10 +159,11 @@ def interval_margins(layers: Sequence[nn.Module], x_lo: torch.Tensor, x_hi: torc
         c, r = c.flatten(1), r.flatten(1)
         last = layers[k]
         W = last.weight
-        D = W[y][:, None, :] - W[None, :, :]  # (B, K, H): rows W_y - W_j
-        Dabs = D.abs()
-        lower = torch.einsum("bkh,bh->bk", D, c) - torch.einsum("bkh,bh->bk", Dabs, r)
-        mag = torch.einsum("bkh,bh->bk", Dabs, c.abs() + r)
+        zc = F.linear(c, W)  # (W_y - W_j) c = zc_y - zc_j: no (B, K, H) product needed
+        Dabs = (W[y][:, None, :] - W[None, :, :]).abs()  # (B, K, H): |W_y - W_j|
+        rm = torch.einsum("bkh,bsh->bks", Dabs, torch.stack((r, c.abs() + r), dim=1))
+        lower = zc.gather(1, y[:, None]) - zc - rm[..., 0]
+        mag = rm[..., 1]
         if last.bias is not None:
             bd = last.bias[y][:, None] - last.bias[None, :]
             lower = lower + bd
