@@ -372,16 +372,19 @@ class GuidedAttacker:
     """Sees the trusted audit topic (``TrustedView``): certified radii in the threat norm.
 
     An input whose radius is at least the attacker's budget ``epsilon`` is out of
-    reach (Theorem 1, up to the certificate's alpha), so it is skipped. Among the
-    rest it spends its ``attempts`` on allowed inputs with the smallest radius first
-    (those just above the policy's threshold are the cheapest to push over while the
-    clean input is still allowed), then the uncertified ones. Given only a
-    ``PublicView`` it has no radius and behaves exactly like ``PublicAttacker``.
+    reach (Theorem 1, up to the certificate's alpha), so it is skipped. To be allowed,
+    an adversarial example must itself be certified, ``margin`` (the policy's
+    epsilon) deep inside the wrong class, so inputs with radius below
+    ``epsilon - margin`` come first; among those and then the rest in reach, allowed
+    inputs before others, smallest radius first (those just above the policy's
+    threshold). Given only a ``PublicView`` it has no radius and behaves exactly like
+    ``PublicAttacker``.
     """
 
     attempts: int
     epsilon: float
     seed: int = 0
+    margin: float = 0.0
 
     def choose(self, view: TrustedView | PublicView) -> list[str]:
         if isinstance(view, PublicView):
@@ -392,6 +395,7 @@ class GuidedAttacker:
         order = sorted(
             reachable,
             key=lambda i: (
+                view.entries[i].radius_threat >= self.epsilon - self.margin,
                 _DECISION_ORDER.get(view.entries[i].decision, 3),
                 view.entries[i].radius_threat,
                 tiebreak[i],

@@ -231,7 +231,7 @@ def summarize(run: PolicyRun, settings: Settings) -> dict:
         m = metrics.attack_metrics(clean, s, run.audit, run.dlq_ids)
         if s.kind == "pgd":
             m["attackers"] = metrics.attacker_comparison(clean, s, clean_audit, clean_public, run.audit, attempts,
-                                                         settings.seed)
+                                                         settings.seed, margin=run.policy["threat_epsilon"])
         else:
             m["coverage"] = metrics.coverage_metrics(clean_audit, clean, s, run.audit)
         attacks.append(m)

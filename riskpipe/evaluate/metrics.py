@@ -112,14 +112,14 @@ def attack_metrics(clean: SampleSet, adv: SampleSet, records: Mapping[str, Mappi
 
 def attacker_comparison(clean: SampleSet, adv: SampleSet, clean_audit: Sequence[Mapping],
                         clean_public: Sequence[Mapping], records: Mapping[str, Mapping], attempts: int,
-                        seed: int) -> dict:
+                        seed: int, margin: float = 0.0) -> dict:
     """Guided (audit topic) versus public-only (decisions topic) attacker at one budget.
 
     Each attacker picks ``attempts`` clean inputs from what it can see; an attempt
     *evades* when the adversarial copy is misclassified and the stage allows it.
     """
     trusted, public = TrustedView.from_records(clean_audit), PublicView.from_records(clean_public)
-    guided = GuidedAttacker(attempts, adv.attack.epsilon, seed)
+    guided = GuidedAttacker(attempts, adv.attack.epsilon, seed, margin)
     chosen = {"guided": guided.choose(trusted), "public": PublicAttacker(attempts, seed).choose(public)}
 
     def outcome(ids: list[str]) -> dict:
