@@ -163,3 +163,11 @@ def test_views_reject_records_without_their_fields():
         PublicView.from_records([{"id": "a", "ts": "t", "policy_version": "1"}])
     with pytest.raises(ValueError, match=r"audit\[0\]"):
         TrustedView.from_records([{"id": "a", "decision": "allow"}])
+
+
+def test_guided_attacker_first_targets_inputs_it_can_push_a_policy_epsilon_past_the_boundary():
+    audit, _ = _records([0.9, 0.6, 0.3, 0.1, 1.2], ["allow"] * 5)
+    view = TrustedView.from_records(audit)
+    # Budget 1.0, policy epsilon 0.5: radius 0.9 is in reach but leaves no room to be certified wrong.
+    assert GuidedAttacker(5, 1.0, margin=0.5).choose(view) == ["e3", "e2", "e1", "e0"]
+    assert GuidedAttacker(2, 1.0).choose(view) == ["e3", "e2"]

@@ -104,6 +104,7 @@ def test_same_seed_same_figures_through_the_cli_and_reports(run, tmp_path):
     (["--policy", POLICY, "--shift-budgets", "-1"], "shift-budgets: '-1' must be > 0"),
     (["--policy", POLICY, "--data", "x.csv"], "data: 'x.csv' is neither 'digits' nor an .npz file"),
     (["--policy", POLICY, "--attempts", "0"], "attempts: must be >= 1"),
+    (["--policy", POLICY, "--upstream-risk", "2"], "upstream_risk: must lie in [0, 1], got 2.0"),
 ])
 def test_bad_input_gives_one_line_errors(args, message):
     res = CliRunner().invoke(evaluate, args)

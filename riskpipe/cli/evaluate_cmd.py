@@ -36,8 +36,10 @@ def _formats(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--base-attack", is_flag=True, help="Attack the base model even when the policy smooths.")
+@click.option("--upstream-risk", type=float, default=None,
+              help="upstream_risk sent with every clean and attacked event (default: none sent).")
 def evaluate(model_spec, policies, data, budgets, shift_budgets, n, steps, attempts, out_dir, formats, seed, device,
-             base_attack):
+             base_attack, upstream_risk):
     """Evaluate POLICY on clean and attacked traffic: reviewer workload, where successful
     adversarial examples go, certified adversarial examples (Theorem 1), norm shift
     (Theorem 2), and what a certificate-guided attacker gains over a public-only one."""
@@ -57,7 +59,7 @@ def evaluate(model_spec, policies, data, budgets, shift_budgets, n, steps, attem
         settings = Settings(model=model_spec, policies=tuple(policies), data=data, n=n or None,
                             budgets=parse_budgets(budgets), shift_budgets=parse_budgets(shift_budgets, "shift-budgets"),
                             steps=steps, attempts=attempts, seed=seed, device=device,
-                            smoothed_attack=not base_attack)
+                            smoothed_attack=not base_attack, upstream_risk=upstream_risk)
         out = Path(out_dir)
 
         def progress(msg: str) -> None:

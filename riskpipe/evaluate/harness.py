@@ -79,6 +79,7 @@ class Settings:
     seed: int = 0
     device: str = "cpu"
     smoothed_attack: bool = True  # attack the smoothed classifier when the policy smooths
+    upstream_risk: float | None = None  # sent with every event; None: events carry none
 
     def command(self) -> str:
         """The ``riskpipe evaluate`` command line that reproduces this run."""
@@ -91,6 +92,8 @@ class Settings:
             parts.append(f"--attempts {self.attempts}")
         if not self.smoothed_attack:
             parts.append("--base-attack")
+        if self.upstream_risk is not None:
+            parts.append(f"--upstream-risk {self.upstream_risk:g}")
         return " ".join(parts)
 
     def to_dict(self) -> dict:
@@ -203,7 +206,7 @@ def evaluate_policy(settings: Settings, policy_path: str, X: np.ndarray, y: np.n
                                       value_range=model.value_range, noise_sigma=noise)
         adv = cache[key]
         sets.append(SampleSet(spec.name, spec.kind, adv.X, adv.y, adv.pred, attack=spec))
-    events = [ev for s in sets for ev in s.events(MODEL_NAME)]
+    events = [ev for s in sets for ev in s.events(MODEL_NAME, settings.upstream_risk)]
     if progress:
         progress(f"{policy.name}: {len(events)} events through the stage")
     sink = workdir / f"stage-{policy.name}"
@@ -249,6 +252,8 @@ def run_evaluation(settings: Settings, workdir: str | Path, progress=None) -> di
         raise EvaluationError("policy: give at least one policy file")
     if settings.n is not None and settings.n < 1:
         raise EvaluationError(f"n: must be >= 1, got {settings.n}")
+    if settings.upstream_risk is not None and not 0.0 <= settings.upstream_risk <= 1.0:
+        raise EvaluationError(f"upstream_risk: must lie in [0, 1], got {settings.upstream_risk}")
     if settings.steps < 1:
         raise EvaluationError(f"steps: must be >= 1, got {settings.steps}")
     X, y = load_data(settings.data)

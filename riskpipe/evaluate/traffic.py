@@ -48,8 +48,12 @@ class SampleSet:
         if not self.ids:
             self.ids = [f"{self.name}-{i:05d}" for i in range(len(self.X))]
 
-    def events(self, model_name: str) -> list[dict]:
-        return [make_event(eid, model_name, x, prediction=int(p)) for eid, x, p in zip(self.ids, self.X, self.pred)]
+    def events(self, model_name: str, upstream_risk: float | None = None) -> list[dict]:
+        """Inference events; ``upstream_risk`` (the same for every sample: an upstream
+        detector that tells clean from attacked no better than chance) is omitted when None."""
+        extra = {} if upstream_risk is None else {"upstream_risk": float(upstream_risk)}
+        return [make_event(eid, model_name, x, prediction=int(p), **extra)
+                for eid, x, p in zip(self.ids, self.X, self.pred)]
 
 
 def row_of(event_id: str) -> int:
