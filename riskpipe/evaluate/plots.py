@@ -25,6 +25,10 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _legend_below(ax) -> None:
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
+
+
 def _label(a: dict) -> str:
     return f"{a['norm']} {a['epsilon']:.3g}"
 
@@ -53,18 +57,19 @@ def success(summary: dict) -> bytes:
     """Attack success rate, allowed fraction and certified fraction against the PGD budget."""
     pgd = [a for a in summary["attacks"] if a["kind"] == "pgd"]
     eps = [a["epsilon"] for a in pgd]
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
     ax.plot(eps, [a["success_rate"] or 0 for a in pgd], "o-", label="attack success rate")
-    ax.plot(eps, [a["routes"]["fractions"]["allow"] or 0 for a in pgd], "s-", color=COLORS["allow"],
-            label="successful and allowed")
-    ax.plot(eps, [a["certified_fraction"] or 0 for a in pgd], "^-", color="#27ae60",
+    per_attempt = [max(1, a["attempted"]) for a in pgd]
+    ax.plot(eps, [a["routes"]["counts"]["allow"] / n for a, n in zip(pgd, per_attempt)], "s-",
+            color=COLORS["allow"], label="successful and allowed")
+    ax.plot(eps, [a["certified"] / n for a, n in zip(pgd, per_attempt)], "^--", color="#27ae60",
             label="successful and certified (Thm 1)")
     ax.axvline(summary["policy"]["threat_epsilon"], color="grey", ls=":", label="policy epsilon")
     ax.set_xlabel(f"PGD budget ({summary['policy']['threat_norm']})")
-    ax.set_ylabel("fraction")
+    ax.set_ylabel("fraction of attempts")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"{summary['policy']['name']}: attack outcome by budget", fontsize=9)
-    ax.legend(fontsize=7)
+    _legend_below(ax)
     return _png(fig)
 
 
@@ -72,7 +77,7 @@ def attackers(summary: dict) -> bytes:
     """Evasion rate per attempt: certificate-guided versus public-only attacker."""
     pgd = [a for a in summary["attacks"] if a["kind"] == "pgd" and a.get("attackers")]
     x = range(len(pgd))
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
     ax.bar([i - 0.2 for i in x], [a["attackers"]["public"]["evasion_rate"] or 0 for a in pgd], 0.4,
            label="public-only (decisions topic)", color="#7f8c8d")
     ax.bar([i + 0.2 for i in x], [a["attackers"]["guided"]["evasion_rate"] or 0 for a in pgd], 0.4,
@@ -81,7 +86,7 @@ def attackers(summary: dict) -> bytes:
     ax.set_ylabel("misclassified and allowed / attempt")
     ax.set_ylim(0, 1)
     ax.set_title(f"{summary['policy']['name']}: what the radii give an attacker", fontsize=9)
-    ax.legend(fontsize=7)
+    _legend_below(ax)
     return _png(fig)
 
 
@@ -90,7 +95,7 @@ def norm_shift(summary: dict) -> bytes:
     sh = [a for a in summary["attacks"] if a["kind"] == "norm_shift" and a.get("coverage")]
     x = range(len(sh))
     n = max(1, summary["clean"]["n"])
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
     ax.bar([i - 0.27 for i in x], [a["coverage"]["naive_covered"] / n for a in sh], 0.27,
            label="'covered' read naively (r >= eps)", color="#bdc3c7")
     ax.bar(list(x), [a["coverage"]["covered"] / n for a in sh], 0.27, label="covered (Theorem 2)", color="#27ae60")
@@ -101,7 +106,7 @@ def norm_shift(summary: dict) -> bytes:
     ax.set_ylabel("fraction of inputs")
     ax.set_title(f"{summary['policy']['name']}: norm shift against a "
                  f"{sh[0]['coverage']['cert_norm'] if sh else ''} certificate", fontsize=9)
-    ax.legend(fontsize=7)
+    _legend_below(ax)
     return _png(fig)
 
 
