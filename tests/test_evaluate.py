@@ -112,6 +112,11 @@ def test_bad_input_gives_one_line_errors(args, message):
     assert message in res.output and "Traceback" not in res.output
 
 
+def test_same_policy_twice_is_refused():
+    res = CliRunner().invoke(evaluate, ["--policy", POLICY, "--policy", POLICY])
+    assert res.exit_code == 2 and "two policies are named 'default'" in res.output
+
+
 def test_format_is_checked():
     res = CliRunner().invoke(evaluate, ["--policy", POLICY, "--format", "pdf"])
     assert res.exit_code == 2 and "'pdf' is not one of html, md, json" in res.output

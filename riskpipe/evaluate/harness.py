@@ -210,6 +210,8 @@ def evaluate_policy(settings: Settings, policy_path: str, X: np.ndarray, y: np.n
     if progress:
         progress(f"{policy.name}: {len(events)} events through the stage")
     sink = workdir / f"stage-{policy.name}"
+    for topic in ("decisions", "review", "audit", "dlq"):  # the JSON-lines sink appends; start afresh
+        (sink / f"{topic}.jsonl").unlink(missing_ok=True)
     result = run_offline(events, sink, config, pipeline=pipeline)
     audit = {r["id"]: r for r in result.read("audit")}
     public = {r["id"]: r for r in result.read("decisions")}
@@ -256,6 +258,12 @@ def run_evaluation(settings: Settings, workdir: str | Path, progress=None) -> di
         raise EvaluationError(f"upstream_risk: must lie in [0, 1], got {settings.upstream_risk}")
     if settings.steps < 1:
         raise EvaluationError(f"steps: must be >= 1, got {settings.steps}")
+    from riskpipe.policy import load_policy
+
+    names = [load_policy(p).name for p in settings.policies]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise EvaluationError(f"policy: two policies are named {dup!r}; reports are keyed by name")
     X, y = load_data(settings.data)
     X, y = subsample(X, y, settings.n, settings.seed)
     workdir = Path(workdir)
