@@ -199,6 +199,14 @@ class Stage:
                 self.ledger.append(rec, kind="dlq", entry_id=eid)
         self.source.commit(msgs)
         self.stats.busy_s += time.perf_counter() - t0
+        # counted only now: a batch that failed to flush is redelivered and counted then
+        for rec in records:
+            self._count(rec)
+        for rec, _ in dead:
+            self.stats.dlq[rec["reason"]] += 1
+            if self.metrics:
+                self.metrics.dlq(rec["reason"])
+                self.metrics.event("dlq")
         if self.metrics:
             now = time.time()
             for r in records:
@@ -248,7 +256,6 @@ class Stage:
         records = self.pipeline.process(valid, sources) if valid else []
         for ev, rec, m_ts in zip(valid, records, sources, strict=True):
             self._emit(ev.id, rec)
-            self._count(rec)
             rec["_enqueued"] = _epoch(m_ts.get("timestamp"))
         return records, dead
 
@@ -271,10 +278,6 @@ class Stage:
             ("__riskpipe.errors.offset", str(m.offset).encode()),
         ]
         self.sink.send(self.config.topics.dlq, m.key, m.value if m.value is not None else b"", headers)
-        self.stats.dlq[code] += 1
-        if self.metrics:
-            self.metrics.dlq(code)
-            self.metrics.event("dlq")
 
     def _count(self, rec: dict) -> None:
         self.stats.decided += 1

@@ -1,0 +1,125 @@
+"""Helpers for stage tests against the real embedded broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+from kafka import KafkaConsumer, KafkaProducer
+
+from riskpipe.stream.events import make_event
+
+FAST_GROUP = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 600}
+
+
+def digits(n: int, offset: int = 0) -> np.ndarray:
+    from riskpipe.models.digits import load_split
+
+    X, _ = load_split("test")
+    return X[offset: offset + n]
+
+
+def produce(bootstrap: str, events: list, topic: str = "inferences") -> None:
+    """events: dicts (valid JSON events) or (value bytes, headers) tuples."""
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    for e in events:
+        if isinstance(e, dict):
+            p.send(topic, key=e["id"].encode(), value=json.dumps(e).encode())
+        else:
+            value, headers = e
+            p.send(topic, value=value, headers=headers)
+    p.flush()
+    p.close()
+
+
+def valid_events(prefix: str, n: int, offset: int = 0) -> list[dict]:
+    return [make_event(f"{prefix}-{i}", "digits", x, upstream_risk=0.1) for i, x in enumerate(digits(n, offset))]
+
+
+def consume_all(bootstrap: str, topics, expect: int | None = None, timeout: float = 30.0) -> dict[str, list]:
+    """Every record on ``topics`` (from the beginning), waiting until ``expect`` arrived."""
+    c = KafkaConsumer(*topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                      enable_auto_commit=False, group_id=None)
+    out: dict[str, list] = {t: [] for t in topics}
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            for tp, recs in c.poll(timeout_ms=300).items():
+                out[tp.topic].extend(recs)
+            if expect is not None and sum(len(v) for v in out.values()) >= expect:
+                # one more short poll to catch anything beyond the expected count
+                for tp, recs in c.poll(timeout_ms=500).items():
+                    out[tp.topic].extend(recs)
+                break
+    finally:
+        c.close()
+    return out
+
+
+def run_cli(args, env=None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "riskpipe.cli", *args], env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def stage_args(bootstrap: str, ledger: str, *extra) -> list[str]:
+    return ["run", "--bootstrap-servers", bootstrap, "--ledger", ledger, "--session-timeout-ms", "2000",
+            "--heartbeat-interval-ms", "600", *extra]
+
+
+def ledger_ids(path: str, kind: str = "decision") -> list[str]:
+    from riskpipe.ledger import Ledger
+
+    with Ledger(path) as led:
+        return [e.entry_id for e in led.records(kind=kind)]
+
+
+def wait_for(pred, timeout: float = 60.0, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 30.0) -> tuple[int, str]:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return proc.returncode, err
+
+
+class StageThread:
+    """The stage in this process, on a thread (faster than a subprocess for tests)."""
+
+    def __init__(self, config, pipeline=None, ledger=None, metrics=None):
+        from riskpipe.stream.runner import make_stage
+
+        self.stage = make_stage(config, pipeline=pipeline, ledger=ledger, metrics=metrics)
+        self.error = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            self.stage.run()
+        except BaseException as e:  # noqa: BLE001
+            self.error = e
+
+    def __enter__(self):
+        self.thread.start()
+        return self.stage
+
+    def __exit__(self, *exc):
+        self.stage.stop()
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive()
