@@ -15,8 +15,6 @@ import numpy as np
 from riskpipe.attacks import pgd, predict_labels
 from riskpipe.stream.events import make_event
 
-KINDS = ("clean", "pgd", "norm_shift")
-
 
 @dataclass(frozen=True)
 class AttackSpec:
