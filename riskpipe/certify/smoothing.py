@@ -81,25 +81,29 @@ class Smoothing:
         Each input's draws are cut into pieces at fixed offsets (multiples of
         batch_size) and whole pieces are packed into model batches of at most
         batch_size samples: the noise stream of an input is the same however the
-        inputs are packed.
+        inputs are packed. Per piece only the noise draw is a separate call; adding
+        the inputs and tallying are one vectorised op per model batch.
         """
         B, K, bs = len(x), self.model.num_classes, self.batch_size
         counts = torch.zeros(B * K, dtype=torch.int64, device=x.device)
         pieces = [(i, min(bs, int(m) - o)) for i, m in enumerate(draws) for o in range(0, int(m), bs)]
         buf = torch.empty((bs,) + tuple(x.shape[1:]), device=x.device)
-        owner = torch.empty(bs, dtype=torch.int64, device=x.device)
         j = 0
         while j < len(pieces):
-            fill = 0
+            fill, owners, sizes = 0, [], []
             while j < len(pieces) and fill + pieces[j][1] <= bs:
                 i, m = pieces[j]
-                seg = buf[fill : fill + m]
-                seg.normal_(0.0, self.sigma, generator=gens[i]).add_(x[i])
-                owner[fill : fill + m] = i
+                buf[fill : fill + m].normal_(0.0, self.sigma, generator=gens[i])
+                owners.append(i)
+                sizes.append(m)
                 fill += m
                 j += 1
-            ids = self.model.predict_torch(buf[:fill])
-            counts += torch.bincount(owner[:fill] * K + ids, minlength=B * K)
+            owner = torch.repeat_interleave(torch.tensor(owners, device=x.device),
+                                            torch.tensor(sizes, device=x.device))
+            batch = buf[:fill]
+            batch += x.index_select(0, owner)
+            ids = self.model.predict_torch(batch)
+            counts += torch.bincount(owner * K + ids, minlength=B * K)
         return counts.view(B, K).cpu().numpy()
 
     def _cert(self, mode, t0, seed, batch: int = 1, **kw) -> Certificate:
@@ -231,18 +235,19 @@ class Smoothing:
             done[finished] = True
             look_idx[finished] = r
             prev = n_r
+        tops = counts.argmax(axis=1)
+        alphas = np.asarray(plan.alphas)[look_idx]
+        p_lo = np.atleast_1d(clopper_pearson_lower(counts[np.arange(B), tops], used, alphas))  # one vectorised call
+        radii = np.atleast_1d(radius_from_p(p_lo, self.sigma))
         out = []
         for i in range(B):
-            r, n_i = int(look_idx[i]), int(used[i])
-            top = int(counts[i].argmax())
-            p_lo = float(clopper_pearson_lower(counts[i, top], n_i, plan.alphas[r]))
-            radius = float(radius_from_p(p_lo, self.sigma))
+            r, n_i, top, radius = int(look_idx[i]), int(used[i]), int(tops[i]), float(radii[i])
             abstain = radius <= 0.0
             certified = outcome[i] == "certified"
             out.append(self._cert(
                 "decide", t0, seeds[i], B, radius=0.0 if abstain else radius, abstained=abstain,
-                predicted_class=None if abstain else top, p_lower=p_lo, n_samples=n_i, epsilon=float(epsilon),
-                certified=bool(certified), reason=None if certified else str(outcome[i]),
+                predicted_class=None if abstain else top, p_lower=float(p_lo[i]), n_samples=n_i,
+                epsilon=float(epsilon), certified=bool(certified), reason=None if certified else str(outcome[i]),
                 extra={"looks": r + 1, "alpha_look": plan.alphas[r], "tau": plan.tau,
                        "selection": plan.selection, "max_samples": self.max_samples,
                        "first_look": self.first_look, "growth": self.growth, "batch_size": self.batch_size}))

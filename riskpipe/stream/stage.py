@@ -71,7 +71,7 @@ class Stats:
 
 class Stage:
     def __init__(self, config, pipeline: Pipeline, make_source, make_sink, ledger=None, metrics=None,
-                 on_record=None):
+                 on_record=None, on_batch=None):
         self.config = config
         self.pipeline = pipeline
         self.make_source, self.make_sink = make_source, make_sink
@@ -79,6 +79,7 @@ class Stage:
         self.ledger = ledger
         self.metrics = metrics
         self.on_record = on_record
+        self.on_batch = on_batch  # (messages, seconds, certify seconds) per flushed batch
         self.stats = Stats()
         self.guards: dict = {}
         self.buffer: list[Message] = []
@@ -190,6 +191,7 @@ class Stage:
             return
         msgs, self.buffer = self.buffer, []
         t0 = time.perf_counter()
+        c0 = self.pipeline.certify_seconds
         records, dead = self.handle(msgs)
         self.sink.flush()  # every output acknowledged, or SinkError -> retried
         if self.ledger is not None:
@@ -199,6 +201,8 @@ class Stage:
                 self.ledger.append(rec, kind="dlq", entry_id=eid)
         self.source.commit(msgs)
         self.stats.busy_s += time.perf_counter() - t0
+        if self.on_batch:
+            self.on_batch(len(msgs), time.perf_counter() - t0, self.pipeline.certify_seconds - c0)
         # counted only now: a batch that failed to flush is redelivered and counted then
         for rec in records:
             self._count(rec)

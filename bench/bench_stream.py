@@ -1,0 +1,151 @@
+"""Stream-stage benchmark (issue 4), demo model, default policy (decide mode).
+
+Measured in one run and written to bench/results/stream.json:
+* end-to-end decisions/s through the embedded broker (Tansu) and the same stage in
+  offline mode over the same events, and their ratio (target >= 0.8; >= 1000/s);
+* per-message overhead outside certification (batch wall time minus time in the
+  certifier, per message), p50 and p99 over batches (target p50 <= 0.5 ms);
+* resident memory of the stage after 10k and after N events (default 100k; target
+  flat within 10%), offline mode with the events cycled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import rss_mb, table, write_results  # noqa: E402
+
+from riskpipe.models.digits import load_split  # noqa: E402
+from riskpipe.policy import load_policy  # noqa: E402
+from riskpipe.stream.config import load_config  # noqa: E402
+from riskpipe.stream.events import make_event  # noqa: E402
+from riskpipe.stream.pipeline import Pipeline  # noqa: E402
+
+
+def events(n: int, prefix: str) -> list[bytes]:
+    X, _ = load_split("test")
+    return [json.dumps(make_event(f"{prefix}-{i}", "digits", X[i % len(X)], upstream_risk=0.1)).encode()
+            for i in range(n)]
+
+
+def run_offline(pipeline, values, tmp: Path, on_batch=None):
+    from riskpipe.stream.io import JsonlSink, JsonlSource
+    from riskpipe.stream.stage import Stage
+
+    src = tmp / f"in-{time.monotonic_ns()}.jsonl"
+    src.write_bytes(b"\n".join(values) + b"\n")
+    cfg = load_config(None, batch={"max_events": 256, "max_wait_ms": 50})
+    stage = Stage(cfg, pipeline, lambda r: JsonlSource(str(src)), lambda: JsonlSink(str(tmp / "out")),
+                  on_batch=on_batch)
+    t0 = time.perf_counter()
+    stats = stage.run()
+    return stats, time.perf_counter() - t0
+
+
+def run_broker(pipeline, values, on_batch=None):
+    from kafka import KafkaProducer
+
+    from riskpipe.stream.broker import EmbeddedBroker
+    from riskpipe.stream.runner import make_stage
+
+    with EmbeddedBroker() as b:
+        b.create_topics()
+        p = KafkaProducer(bootstrap_servers=b.bootstrap, acks="all", linger_ms=5, batch_size=1 << 18)
+        for i, v in enumerate(values):
+            p.send("inferences", key=str(i).encode(), value=v)
+        p.flush()
+        p.close()
+        cfg = load_config(None, bootstrap_servers=b.bootstrap, session_timeout_ms=2000, heartbeat_interval_ms=600,
+                          batch={"max_events": 256, "max_wait_ms": 50})
+        stage = make_stage(cfg, pipeline=pipeline)
+        stage.on_batch = on_batch
+        th = threading.Thread(target=stage.run, daemon=True)
+        first = {}
+
+        def batch_hook(n, s, c):
+            first.setdefault("t", time.perf_counter() - s)
+            if on_batch:
+                on_batch(n, s, c)
+
+        stage.on_batch = batch_hook
+        th.start()
+        while stage.stats.decided < len(values):
+            time.sleep(0.05)
+        t_end = time.perf_counter()
+        stage.stop()
+        th.join(timeout=30)
+    # from the first batch's start: excludes the one-off consumer-group join
+    return stage.stats, t_end - first["t"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=5000, help="events for the throughput comparison")
+    ap.add_argument("--memory-events", type=int, default=100_000)
+    args = ap.parse_args()
+    cfg = load_config(None)
+    pipeline = Pipeline(load_policy(cfg.policy), cfg.models)
+    results: dict = {"params": {"events": args.events, "policy": cfg.policy, "batch_max_events": 256}}
+    overhead = []
+
+    def on_batch(n, s, c):
+        overhead.append((s - c) / n)
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        run_offline(pipeline, events(300, "warm"), tmp)  # warm caches and the context index
+        off_stats, off_s = run_offline(pipeline, events(args.events, "off"), tmp, on_batch)
+        br_stats, br_s = run_broker(pipeline, events(args.events, "br"), on_batch)
+        results["throughput"] = {
+            "offline_decisions_per_s": off_stats.decided / off_s, "broker_decisions_per_s": br_stats.decided / br_s,
+            "ratio_broker_vs_offline": (br_stats.decided / br_s) / (off_stats.decided / off_s),
+            "offline_certify_share": pipeline.certify_seconds and None,
+        }
+        ov = np.array(overhead) * 1000
+        results["overhead_ms_per_message"] = {"p50": float(np.percentile(ov, 50)), "p99": float(np.percentile(ov, 99)),
+                                              "batches": int(len(ov))}
+        # memory: the same stage, events cycled, RSS at 10k and at N
+        mem = {}
+        done = {"n": 0}
+
+        def mem_hook(n, s, c):
+            done["n"] += n
+            for mark in (10_000, args.memory_events):
+                if done["n"] >= mark and mark not in mem:
+                    mem[mark] = rss_mb()
+
+        chunk = 10_000
+        sent = 0
+        while sent < args.memory_events:
+            run_offline(pipeline, events(min(chunk, args.memory_events - sent), f"m{sent}"), tmp, mem_hook)
+            sent += chunk
+            for f in (tmp / "out").glob("*.jsonl"):
+                f.unlink()
+        results["memory_mb"] = {str(k): v for k, v in sorted(mem.items())}
+        results["memory_growth"] = mem[args.memory_events] / mem[10_000] - 1
+    results["throughput"].pop("offline_certify_share")
+    path = write_results("stream", results)
+    t, o = results["throughput"], results["overhead_ms_per_message"]
+    print(table([
+        ("offline decisions/s", f"{t['offline_decisions_per_s']:.0f}", ">= 1000"),
+        ("broker decisions/s", f"{t['broker_decisions_per_s']:.0f}", ">= 1000"),
+        ("broker / offline", f"{t['ratio_broker_vs_offline']:.2f}", ">= 0.8"),
+        ("overhead outside certification p50 / p99", f"{o['p50']:.3f} / {o['p99']:.3f} ms", "p50 <= 0.5 ms"),
+        (f"RSS after 10k / {args.memory_events // 1000}k events",
+         f"{results['memory_mb']['10000']:.0f} / {results['memory_mb'][str(args.memory_events)]:.0f} MB "
+         f"({results['memory_growth'] * 100:+.1f}%)", "within 10%"),
+    ], ("figure", "measured", "target")))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

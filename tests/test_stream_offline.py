@@ -1,0 +1,105 @@
+"""The stage in offline mode (JSON lines in, JSON lines out): same code path as Kafka."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from riskpipe.stream.config import ConfigError, load_config
+from riskpipe.stream.events import make_event
+from riskpipe.stream.offline import run_offline
+from streamkit import digits
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    from riskpipe.policy import load_policy
+    from riskpipe.stream.pipeline import Pipeline
+
+    cfg = load_config(None)
+    return Pipeline(load_policy(cfg.policy), cfg.models)
+
+
+def events(n, prefix="o"):
+    return [make_event(f"{prefix}-{i}", "digits", x, upstream_risk=0.05, prediction=1) for i, x in enumerate(digits(n))]
+
+
+def test_offline_outputs_and_record_contract(tmp_path, pipeline):
+    from riskpipe.ledger import Ledger
+
+    evs = events(30) + [{"id": "bad", "model": "digits"}]
+    with Ledger(str(tmp_path / "l.sqlite")) as led:
+        res = run_offline(evs, tmp_path / "out", load_config(None), pipeline=pipeline, ledger=led)
+        assert led.count("decision") == 30 and led.count("dlq") == 1 and led.count("policy") == 1
+        assert led.verify().ok
+    assert res.stats.decided == 30 and dict(res.stats.dlq) == {"missing_field": 1}
+    audit = res.read("audit")
+    assert [r["id"] for r in audit] == [e["id"] for e in evs[:30]]
+    r = audit[0]
+    for key in ("id", "ts", "model", "policy", "certificate", "context", "signals", "score", "decision", "reasons",
+                "controls", "review", "explanation", "scope", "input", "source", "worker"):
+        assert key in r, key
+    assert r["policy"]["sha256"] and r["policy"]["version"]
+    c = r["certificate"]
+    assert c["method"] == "smoothing" and c["mode"] == "decide" and c["threat_norm"] == "l2"
+    assert c["radius_threat"] == pytest.approx(c["radius"])  # l2 policy: no conversion
+    assert len(r["input"]["sha256"]) == 64
+    for d in res.read("decisions"):
+        assert set(d) <= {"id", "ts", "decision", "policy_version"}
+    dlq = res.read("dlq")[0]
+    assert dlq["headers"]["__riskpipe.errors.reason"] == "missing_field"
+    assert json.loads(dlq["value"]) == {"id": "bad", "model": "digits"}
+
+
+def test_seeded_certificates_are_reproducible(tmp_path, pipeline):
+    evs = events(8, "rep")
+    a = run_offline(evs, tmp_path / "a", load_config(None), pipeline=pipeline).read("audit")
+    b = run_offline(evs, tmp_path / "b", load_config(None), pipeline=pipeline).read("audit")
+    strip = lambda r: {k: v for k, v in r["certificate"].items() if k != "elapsed_ms"}  # noqa: E731
+    assert [strip(r) for r in a] == [strip(r) for r in b]
+    assert [r["decision"] for r in a] == [r["decision"] for r in b]
+
+
+def test_second_run_over_same_ledger_decides_nothing_twice(tmp_path, pipeline):
+    from riskpipe.ledger import Ledger
+
+    evs = events(12, "dup")
+    with Ledger(str(tmp_path / "l.sqlite")) as led:
+        run_offline(evs, tmp_path / "o1", load_config(None), pipeline=pipeline, ledger=led)
+        res = run_offline(evs, tmp_path / "o2", load_config(None), pipeline=pipeline, ledger=led)
+        assert res.stats.decided == 0 and res.stats.duplicates == 12 and led.count("decision") == 12
+
+
+def test_upstream_risk_malformed_is_flagged_not_dropped(tmp_path, pipeline):
+    ev = make_event("ur", "digits", digits(1)[0], upstream_risk="very high")
+    r = run_offline([ev], tmp_path / "o", load_config(None), pipeline=pipeline).read("audit")[0]
+    assert r["signals"]["upstream_risk"]["flagged"] is True
+
+
+def test_run_command_offline_and_config_errors(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(e) for e in events(5, "cli")) + "\n{broken\n")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "run", "--source", f"jsonl:{src}", "--sink",
+                        f"jsonl:{out}", "--ledger", str(tmp_path / "l.sqlite")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "decided 5 events, 1 to the DLQ" in r.stderr
+    assert len((out / "audit.jsonl").read_text().splitlines()) == 5
+    bad = tmp_path / "c.yaml"
+    bad.write_text("batch: {max_events: 0}\n")
+    r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "run", "--config", str(bad)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and "batch.max_events" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_config_expands_environment_and_rejects_unknown_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("KAFKA_PASS", "s3cret")
+    f = tmp_path / "c.yaml"
+    f.write_text("sasl_plain_password: ${KAFKA_PASS}\nsecurity_protocol: SASL_SSL\nsasl_mechanism: PLAIN\n")
+    cfg = load_config(str(f))
+    assert cfg.kafka_security()["sasl_plain_password"] == "s3cret"
+    f.write_text("bootstrap_server: x\n")
+    with pytest.raises(ConfigError, match="bootstrap_server"):
+        load_config(str(f))
