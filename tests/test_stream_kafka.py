@@ -187,3 +187,25 @@ def test_dlq_guard_stops_the_stage_loudly(broker, tmp_path):
     rc, err = stop(p, sig=0, timeout=120) if False else (p.wait(timeout=120), p.stderr.read())
     assert rc == 3
     assert "DLQ guard tripped" in err and "20 consecutive invalid" in err and "Traceback" not in err
+
+
+def test_broker_command_prints_address_and_stops_cleanly():
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "riskpipe.cli", "broker", "--partitions", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("bootstrap: 127.0.0.1:")
+        bootstrap = line.split()[1]
+        from kafka import KafkaConsumer
+
+        c = KafkaConsumer(bootstrap_servers=bootstrap)
+        assert {"inferences", "decisions", "review", "audit", "dlq"} <= c.topics()
+        assert len(c.partitions_for_topic("inferences")) == 2
+        c.close()
+    finally:
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+    assert p.returncode == 0 and "broker stopped" in err

@@ -204,7 +204,11 @@ class JsonlSource:
 
 
 class JsonlSink:
-    """Writes ``DIR/<topic>.jsonl``; DLQ lines carry the original value and headers."""
+    """Writes ``DIR/<topic>.jsonl``; DLQ lines carry the original value and headers.
+
+    Appends, like a topic; ``fresh_outputs(DIR, topics)`` clears a directory first
+    (the runner does that once per run, so a re-run does not duplicate lines).
+    """
 
     def __init__(self, directory: str):
         self.dir = Path(directory)
@@ -227,6 +231,12 @@ class JsonlSink:
         for f in self.files.values():
             f.flush()
             os.fsync(f.fileno())
+
+
+def fresh_outputs(directory: str | Path, topics) -> None:
+    """Remove earlier outputs ``DIR/<topic>.jsonl`` before a new offline run."""
+    for t in topics:
+        (Path(directory) / f"{t}.jsonl").unlink(missing_ok=True)
 
     def close(self) -> None:
         for f in self.files.values():

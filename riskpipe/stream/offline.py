@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from riskpipe.stream.io import JsonlSink, JsonlSource
+from riskpipe.stream.io import JsonlSink, JsonlSource, fresh_outputs
 from riskpipe.stream.stage import Stage, Stats
 
 
@@ -53,6 +53,9 @@ def run_offline(source: str | Iterable[dict], sink_dir: str | Path, config, *, p
             tmp.write(json.dumps(ev) + "\n")
         tmp.close()
         source = tmp.name
+    t = config.topics
+    if checkpoint is None:  # resuming keeps earlier outputs; a fresh run replaces them
+        fresh_outputs(sink_dir, [t.decisions, t.review, t.audit, t.dlq])
     try:
         stage = build_stage(config, lambda on_revoke: JsonlSource(str(source), checkpoint),
                             lambda: JsonlSink(str(sink_dir)), pipeline=pipeline, ledger=ledger, metrics=metrics)

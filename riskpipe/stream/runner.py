@@ -48,7 +48,11 @@ def make_stage(config, source: str | None = None, sink: str | None = None, metri
             return KafkaSource(config, on_revoke=on_revoke)
 
     if sink and sink.startswith("jsonl:"):
+        from riskpipe.stream.io import fresh_outputs
+
         directory = sink[len("jsonl:"):]
+        t = config.topics
+        fresh_outputs(directory, [t.decisions, t.review, t.audit, t.dlq])
 
         def make_sink():
             return JsonlSink(directory)
