@@ -10,19 +10,16 @@ import os
 from pathlib import Path
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("RISKPIPE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "riskpipe"
-    )
+def _user_dir(override: str, xdg: str, fallback: str) -> Path:
+    root = os.environ.get(override) or os.path.join(os.environ.get(xdg) or os.path.expanduser(fallback), "riskpipe")
     p = Path(root)
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def cache_dir() -> Path:
+    return _user_dir("RISKPIPE_CACHE_DIR", "XDG_CACHE_HOME", "~/.cache")
 
 
 def data_dir() -> Path:
-    root = os.environ.get("RISKPIPE_DATA_DIR") or os.path.join(
-        os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "riskpipe"
-    )
-    p = Path(root)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+    return _user_dir("RISKPIPE_DATA_DIR", "XDG_DATA_HOME", "~/.local/share")

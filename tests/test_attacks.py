@@ -26,13 +26,7 @@ from riskpipe.certify.norms import vector_norm
 from riskpipe.models.digits import load_split
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny batches: one thread avoids oversubscribing the busy test machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

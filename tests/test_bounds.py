@@ -13,13 +13,7 @@ from riskpipe.models.base import Model, sha256_state_dict
 from riskpipe.models.digits import load_split
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster than two on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bn(n, dim=2):

@@ -105,13 +105,9 @@ def _read_ledger(path: str):
 
 
 def _fmt(v) -> str:
-    if v is None:
-        return "absent"
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    from riskpipe.policy.evaluate import format_value
+
+    return format_value(v)
 
 
 @policy.command()

@@ -172,7 +172,8 @@ def evaluate(policy, certificate, upstream_risk: Any = None, context: Any = None
                     trace=tuple(trace))
 
 
-def _fmt(v: Any) -> str:
+def format_value(v: Any) -> str:
+    """A signal or field value as explanations print it."""
     if v is None:
         return "absent"
     if isinstance(v, bool):
@@ -200,7 +201,7 @@ def _explain(policy, cert, radius_threat, certified, signals, formula, rule_id, 
         parts.append(f"No rule matched; the fallback gives {enforced}.")
     else:
         conds = trace[-1]["conditions"]
-        why = "; ".join(f"{c['field']} {c['op']} {_fmt(c['value'])} (is {_fmt(c['actual'])})" for c in conds)
+        why = "; ".join(f"{c['field']} {c['op']} {format_value(c['value'])} (is {format_value(c['actual'])})" for c in conds)
         parts.append(f"Rule {rule_id!r} fired" + (f": {why}." if why else " (no conditions)."))
     if policy.shadow:
         parts.append(f"Shadow mode: the rules say {enforced}; nothing is enforced, the decision is allow.")

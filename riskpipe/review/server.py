@@ -41,6 +41,7 @@ class ConsoleServer:
             self._close_kafka()
             raise OSError(f"review console: cannot listen on {settings.host}:{settings.port} ({e})") from None
         self.port = self._httpd.server_port
+        self._httpd.daemon_threads = True  # a lingering request thread must not hold up exit
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="riskpipe-review-http", daemon=True)
 
     @property

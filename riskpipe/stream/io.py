@@ -232,13 +232,13 @@ class JsonlSink:
             f.flush()
             os.fsync(f.fileno())
 
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files = {}
+
 
 def fresh_outputs(directory: str | Path, topics) -> None:
     """Remove earlier outputs ``DIR/<topic>.jsonl`` before a new offline run."""
     for t in topics:
         (Path(directory) / f"{t}.jsonl").unlink(missing_ok=True)
-
-    def close(self) -> None:
-        for f in self.files.values():
-            f.close()
-        self.files = {}
