@@ -40,6 +40,8 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, group_id, 
 
     logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kafka-python logs every reconnect attempt at ERROR; the stage reports broker trouble itself
+    logging.getLogger("kafka").setLevel(logging.DEBUG if verbose >= 3 else logging.CRITICAL)
     model_map = None
     if models:
         model_map = {}
