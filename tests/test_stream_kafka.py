@@ -2,6 +2,7 @@
 
 import json
 import signal
+import time
 
 import pytest
 
@@ -34,8 +35,9 @@ def pipeline():
 def config_for(broker, ledger, **kw):
     from riskpipe.stream.config import load_config
 
+    kw.setdefault("batch", {"max_events": 64, "max_wait_ms": 20})
     return load_config(None, bootstrap_servers=broker.bootstrap, ledger=str(ledger), session_timeout_ms=2000,
-                       heartbeat_interval_ms=600, batch={"max_events": 64, "max_wait_ms": 20}, **kw)
+                       heartbeat_interval_ms=600, **kw)
 
 
 def test_end_to_end_exactly_one_decision_per_event(broker, tmp_path, pipeline):
@@ -209,3 +211,19 @@ def test_broker_command_prints_address_and_stops_cleanly():
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=30)
     assert p.returncode == 0 and "broker stopped" in err
+
+
+def test_stage_exports_lag_and_decision_metrics(broker, tmp_path, pipeline):
+    from riskpipe.metrics import StageMetrics, expose
+
+    produce(broker.bootstrap, valid_events("m", 48) + [(b"nope", [])])
+    m = StageMetrics()
+    cfg = config_for(broker, tmp_path / "l.sqlite", batch={"max_events": 16, "max_wait_ms": 10})
+    with StageThread(cfg, pipeline, None, m) as stage:
+        assert wait_for(lambda: stage.stats.decided >= 48 and sum(stage.stats.dlq.values()) == 1, 60)
+        time.sleep(0.3)
+        text = expose(m.registry).decode()
+    assert 'riskpipe_consumer_lag_messages{partition="0",topic="inferences"}' in text
+    assert 'riskpipe_events_total{outcome="decided"} 48.0' in text
+    assert 'riskpipe_dlq_messages_total{reason="invalid_json"} 1.0' in text
+    assert "riskpipe_policy_info" in text
