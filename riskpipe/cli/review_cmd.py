@@ -58,6 +58,14 @@ def review(ledger_path, bootstrap_servers, review_topic, outcomes_topic, host, p
                    f"{settings.outcomes_topic} on {settings.bootstrap_servers}")
     click.echo("riskpipe review: /metrics carries review counters only (no record content); Ctrl-C stops")
     sys.stdout.flush()  # the address must reach a pipe (a supervisor, the demo) before serving blocks
+    import signal
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    # explicit: a process started with SIGINT ignored (nohup, `cmd &`) would otherwise never stop on Ctrl-C
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
