@@ -3,17 +3,21 @@
 ``demo:digits`` is a small CNN trained with Gaussian noise augmentation, the base
 classifier randomized smoothing expects (Cohen et al. 2019 train with the noise
 they certify with). Training takes a few seconds on 2 CPU cores; the weights are
-cached under ``cache_dir()/models`` keyed by the recipe, so every later load is a
-file read.
+cached under ``cache_dir()/models`` keyed by the recipe and the training code (a
+refactor that reorders float operations gives other weights), so every later load
+is a file read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +28,7 @@ from riskpipe.models.digits import INPUT_SHAPE, NUM_CLASSES, load_split
 from riskpipe.paths import cache_dir
 
 RECIPE_VERSION = 1
+TRAIN_THREADS = 2  # intra-op threads while training; weights are bit-identical only for the same count
 
 
 def digits_cnn(width: int = 8) -> nn.Sequential:
@@ -53,9 +58,46 @@ class Recipe:
     seed: int = 0
     trainer: str = "noise"
 
-    def key(self) -> str:
-        blob = json.dumps({**asdict(self), "v": RECIPE_VERSION, "torch": torch.__version__.split("+")[0]}, sort_keys=True)
+    def key(self, code: str = "") -> str:
+        """Cache key of the recipe; ``code`` is the training-code fingerprint (``code_fingerprint``)."""
+        blob = json.dumps({**asdict(self), "v": RECIPE_VERSION, "torch": torch.__version__.split("+")[0],
+                           "code": code}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _riskpipe_functions(fn, seen: set) -> None:
+    """``fn`` and every riskpipe function it names (globals, module attributes, nested code), recursively."""
+    if fn in seen or not getattr(fn, "__module__", "").startswith("riskpipe"):
+        return
+    seen.add(fn)
+    names, codes = set(), [fn.__code__]
+    while codes:
+        code = codes.pop()
+        names.update(code.co_names)
+        codes += [c for c in code.co_consts if inspect.iscode(c)]
+    for name in names:
+        obj = fn.__globals__.get(name)
+        targets = [obj] if inspect.isfunction(obj) else []
+        if inspect.ismodule(obj) and obj.__name__.startswith("riskpipe"):
+            targets = [getattr(obj, n) for n in names if inspect.isfunction(getattr(obj, n, None))]
+        for t in targets:
+            _riskpipe_functions(t, seen)
+
+
+def code_fingerprint(*fns) -> str:
+    """sha256 of the source files of the riskpipe code ``fns`` run (training loop, losses, data).
+
+    Training is bit-reproducible for a fixed code version, but a refactor that only
+    reorders float operations (e.g. in the IBP margins the loss uses) yields other
+    weights; keying the cache on the code retrains instead of serving stale weights."""
+    seen: set = set()
+    for fn in fns:
+        _riskpipe_functions(fn, seen)
+    files = sorted({inspect.getsourcefile(f) for f in seen} | {sys.modules[f.__module__].__file__ for f in seen})
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def train_noise(model: nn.Module, recipe: Recipe) -> None:
@@ -102,7 +144,7 @@ def build_demo(name: str, *, sigma: float | None = None, retrain: bool = False) 
     recipe, factory, trainer = DEMOS[name]
     if sigma is not None:
         recipe = Recipe(**{**asdict(recipe), "sigma": float(sigma)})
-    path = cache_dir() / "models" / f"{recipe.name}-{recipe.key()}.pt"
+    path = cache_dir() / "models" / f"{recipe.name}-{recipe.key(code_fingerprint(factory, trainer))}.pt"
     module = factory()
     if path.exists() and not retrain:
         module.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
@@ -111,7 +153,7 @@ def build_demo(name: str, *, sigma: float | None = None, retrain: bool = False) 
     torch.manual_seed(recipe.seed)
     module = factory()  # re-created after seeding so initial weights are deterministic
     threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))  # same reduction order on every machine size
+    torch.set_num_threads(TRAIN_THREADS)  # fixed, not min(caller's, 2): the split decides the reduction order
     try:
         trainer(module, recipe)
     finally:
