@@ -82,3 +82,16 @@ def test_sequential_plan_rejects_bad_arguments():
         SequentialPlan.build(0.25, 0.0, 0.001, 100)
     with pytest.raises(ValueError):
         SequentialPlan.build(0.25, 0.25, 1.5, 100)
+
+
+def test_futility_thresholds_only_stop_hopeless_inputs():
+    plan = SequentialPlan.build(0.25, 0.25, 0.001, 10_000, futility=0.01)
+    needed = plan.accept[-1] / plan.looks[-1]
+    for n, f, a in zip(plan.looks[:-1], plan.futile[:-1], plan.accept[:-1]):
+        assert f < a
+        if f >= 0:  # at the futility count the budget's fraction is implausible at level 0.01
+            assert clopper_pearson_upper(f, n, 0.01) < needed
+            assert clopper_pearson_upper(f + 1, n, 0.01) >= needed
+    assert plan.futile[-1] == -1
+    off = SequentialPlan.build(0.25, 0.25, 0.001, 10_000, futility=None)
+    assert all(f == -1 for f in off.futile) and off.accept == plan.accept

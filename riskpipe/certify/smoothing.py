@@ -229,9 +229,11 @@ class Smoothing:
             used[active] = n_r
             top = counts[active].max(axis=1)
             acc, rej = top >= plan.accept[r], top <= plan.reject[r]
+            futile = top <= plan.futile[r]  # certificate out of reach within the budget
             outcome[active[acc]] = "certified"
+            outcome[active[futile & ~acc]] = "budget"
             outcome[active[rej & ~acc]] = "below_epsilon"
-            finished = active[acc | rej]
+            finished = active[acc | rej | futile]
             done[finished] = True
             look_idx[finished] = r
             prev = n_r

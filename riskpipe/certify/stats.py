@@ -94,6 +94,13 @@ class SequentialPlan:
     Bonferroni split over the classes when tau is close to 1/2). The same union
     covers the reported radius (Clopper–Pearson lower bound at the deciding look).
     The ``reject`` side can only withhold certificates, never make a wrong one.
+
+    Budget-aware futility: certifying at the last look (the budget) needs a top
+    fraction of at least ``accept[-1] / looks[-1]``. At look r an input whose
+    Clopper–Pearson upper bound (level ``futility``) is below that fraction will
+    almost surely not be certified within the budget, so it stops there with
+    reason ``budget`` (``futile[r]`` is the largest such count). Like ``reject`` this
+    only withholds certificates; it never makes one, so it costs no alpha.
     """
 
     tau: float
@@ -104,10 +111,12 @@ class SequentialPlan:
     reject: tuple[int, ...]
     error_bound: float
     selection: str
+    futile: tuple[int, ...] = ()
 
     @classmethod
     def build(cls, epsilon: float, sigma: float, alpha: float, max_samples: int,
-              first: int = 48, growth: float = 2.0, num_classes: int = 10) -> SequentialPlan:
+              first: int = 48, growth: float = 2.0, num_classes: int = 10,
+              futility: float | None = 0.01) -> SequentialPlan:
         if not (epsilon >= 0 and sigma > 0 and 0 < alpha < 1):
             raise ValueError("epsilon >= 0, sigma > 0 and 0 < alpha < 1 are required")
         if max_samples < 1 or first < 1 or growth <= 1:
@@ -128,19 +137,27 @@ class SequentialPlan:
             if np.all(2 * accept >= looks_a + 1):
                 err = alphas.sum() + 2 * stats.binom.sf(accept - 1, looks_a, 0.5).sum()
                 if err <= alpha:
-                    return cls._make(tau, alpha, looks_a, alphas, accept, err, "top-class")
+                    return cls._make(tau, alpha, looks_a, alphas, accept, err, "top-class", futility)
         alphas = alpha * w / num_classes  # Bonferroni over the classes: always valid
         accept = _accept(looks_a, tau, alphas)
         err = float(num_classes * alphas.sum())
-        return cls._make(tau, alpha, looks_a, alphas, accept, err, f"bonferroni-{num_classes}")
+        return cls._make(tau, alpha, looks_a, alphas, accept, err, f"bonferroni-{num_classes}", futility)
 
     @classmethod
-    def _make(cls, tau, alpha, looks, alphas, accept, err, selection):
+    def _make(cls, tau, alpha, looks, alphas, accept, err, selection, futility):
         reject = stats.binom.ppf(alphas, looks, tau).astype(int)
         # ppf gives the smallest k with cdf(k) >= alpha_r; step back where cdf exceeds it
         reject = np.where(stats.binom.cdf(reject, looks, tau) > alphas, reject - 1, reject)
+        futile = np.full(len(looks), -1)
+        if futility is not None and accept[-1] <= looks[-1]:
+            needed = accept[-1] / looks[-1]
+            # largest k with upper bound < needed, i.e. P(Bin(n, needed) <= k) <= futility
+            k = stats.binom.ppf(futility, looks, needed).astype(int)
+            futile = np.where(stats.binom.cdf(k, looks, needed) > futility, k - 1, k)
+            futile[-1] = -1  # the last look decides by accept alone
         return cls(tau, alpha, tuple(int(x) for x in looks), tuple(float(a) for a in alphas),
-                   tuple(int(a) for a in accept), tuple(int(r) for r in reject), float(err), selection)
+                   tuple(int(a) for a in accept), tuple(int(r) for r in reject), float(err), selection,
+                   tuple(int(f) for f in futile))
 
 
 def _accept(looks: np.ndarray, tau: float, alphas: np.ndarray) -> np.ndarray:
