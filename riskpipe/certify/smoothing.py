@@ -98,8 +98,7 @@ class Smoothing:
                 sizes.append(m)
                 fill += m
                 j += 1
-            owner = torch.repeat_interleave(torch.tensor(owners, device=x.device),
-                                            torch.tensor(sizes, device=x.device))
+            owner = torch.from_numpy(np.repeat(np.asarray(owners, dtype=np.int64), sizes)).to(x.device)
             batch = buf[:fill]
             batch += x.index_select(0, owner)
             ids = self.model.predict_torch(batch)
