@@ -105,7 +105,9 @@ class Certificate:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        # shallow on purpose: dataclasses.asdict deep-copies and cost ~0.2 ms per record
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["extra"] = dict(self.extra)
         d["scope"] = self.scope
         return d
 

@@ -130,6 +130,7 @@ class KafkaSink:
             acks="all",
             enable_idempotence=True,
             linger_ms=5,
+            batch_size=1 << 18,  # full records are KBs each: fewer, larger produce requests
             max_request_size=max(config.max_message_bytes * 2, 1 << 20),
             retries=5,
             request_timeout_ms=10_000,
