@@ -122,16 +122,10 @@ def run_demo(out_dir: Path, ledger_path: Path, n_clean: int | None = None, n_att
         from riskpipe.ledger import Ledger
 
         ledger = Ledger(str(ledger_path))
-        done = {"n": 0}
         bar = tqdm(total=total, unit="event", desc="deciding", disable=not progress)
         stage_box = {}
         finished = threading.Event()
-
-        def on_record(rec):
-            done["n"] += 1
-            bar.update(1)
-
-        stage = make_stage(config, metrics=metrics, on_record=on_record, ledger=ledger)
+        stage = make_stage(config, metrics=metrics, ledger=ledger)
         console_srv = None
         try:
             if console:
