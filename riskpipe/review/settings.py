@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from werkzeug.security import check_password_hash
 
@@ -139,16 +138,12 @@ class ReviewSettings:
 
 
 def load_config_file(path: str) -> dict[str, Any]:
+    from riskpipe.stream.config import ConfigError, read_config_file
+
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise SettingsError(f"{path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise SettingsError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise SettingsError(f"{path}: top level must be a mapping")
-    return data
+        return read_config_file(path)
+    except ConfigError as e:
+        raise SettingsError(str(e)) from None
 
 
 def resolve_settings(

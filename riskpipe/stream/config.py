@@ -108,19 +108,24 @@ def _expand(value: Any) -> Any:
     return value
 
 
+def read_config_file(path: str) -> dict[str, Any]:
+    """The YAML mapping in ``path``; ConfigError names the file and the reason.
+    Shared by the stage and the review console (one riskpipe.yaml serves both)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
 def load_config(path: str | None = None, **overrides: Any) -> StageConfig:
     """Config from ``path`` (YAML) with ``overrides`` (None values ignored) on top."""
-    data: dict[str, Any] = {}
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
+    data: dict[str, Any] = read_config_file(path) if path else {}
     data = _expand(data)
     for k, v in overrides.items():
         if v is None:

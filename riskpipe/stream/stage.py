@@ -62,7 +62,6 @@ class Stats:
     dlq: dict = field(default_factory=lambda: defaultdict(int))
     decisions: dict = field(default_factory=lambda: defaultdict(int))
     abstained: int = 0
-    certified_adversarial: int = 0
     broker_errors: int = 0
     reconnects: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -289,8 +288,6 @@ class Stage:
         cert = rec["certificate"]
         if cert["abstained"]:
             self.stats.abstained += 1
-        if (rec.get("event_context") or {}).get("attack") and not cert["abstained"]:
-            self.stats.certified_adversarial += 1  # Theorem 1, made visible
 
     def _record_policy(self) -> None:
         if self.ledger is None:
