@@ -232,6 +232,15 @@ class StageMetrics:
         self.last_poll = Gauge(f"{p}_last_poll_timestamp_seconds",
                                "Unix time of the stage's last poll of the input topic.",
                                registry=r, multiprocess_mode="livemin")
+        self.kafka_crc32c = _InfoMetric(
+            f"{p}_kafka_crc32c",
+            "CRC-32C implementation kafka-python uses (pure-python is about half as fast).",
+            ("implementation",), r)
+        self.certify_batch_size = Gauge(
+            f"{p}_certify_batch_size",
+            "Noise samples per model call in certification, per model, and how it was chosen "
+            "(probe, cache or config).",
+            ["model", "source"], registry=r, multiprocess_mode="livemax")
         self.build_info.set({"version": riskpipe.__version__,
                              "python": platform.python_version(),
                              "torch": _torch_version()})
@@ -309,6 +318,13 @@ class StageMetrics:
         self.policy_info.set({"name": _label(name), "version": _label(version),
                               "sha256": _label(sha256)})
         self.policy_loaded.set(time.time())
+
+    # -- start-up facts -----------------------------------------------------------
+    def set_kafka_crc32c(self, implementation: str) -> None:
+        self.kafka_crc32c.set({"implementation": _label(implementation)})
+
+    def set_certify_batch_size(self, model: str, size: int, source: str) -> None:
+        self.certify_batch_size.labels(_label(model), _label(source)).set(int(size))
 
     # -- review -----------------------------------------------------------------
     def set_review_backlog(self, n: int) -> None:

@@ -39,6 +39,10 @@ def make_stage(config, source: str | None = None, sink: str | None = None, metri
         def make_source(on_revoke):
             return JsonlSource(path)
     else:
+        from riskpipe.stream.checksum import check_kafka_crc32c
+
+        check_kafka_crc32c(metrics)
+
         def make_source(on_revoke):
             if config.create_topics:  # after a broker restart (memory storage) topics are gone
                 from riskpipe.stream.broker import create_topics
