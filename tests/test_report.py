@@ -4,12 +4,12 @@ that renders in real headless Chromium without console errors."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import sqlite3
 from pathlib import Path
 
 import pytest
+from browserkit import HAVE_CHROMIUM, chromium
 from click.testing import CliRunner
 from ledger_records import CONTROLS, POLICY, POLICY_V4, build_ledger
 
@@ -19,7 +19,6 @@ from riskpipe.report import ReportError, write_report
 from riskpipe.report.data import CONTRADICTS
 
 SECTIONS = ["scope", "policies", "volumes", "decisions", "abstention", "radius", "review", "dlq", "controls", "integrity"]
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="module")
@@ -118,20 +117,11 @@ def test_html_is_self_contained_and_renders_in_chromium(demo, tmp_path):
     # nothing outside the file: no http(s) URLs in src/href, images inline
     assert not re.search(r'(src|href)="(https?:)?//', html)
     assert len(re.findall(r'src="data:image/png;base64,', html)) >= 4
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+    if not HAVE_CHROMIUM:
         pytest.skip("needs Debian chromium and chromium-driver (make system-packages)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,900"):
-        opts.add_argument(flag)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver = chromium(tmp_path / "profile", 1200, 900, browser_log=True)
     try:
         driver.get(Path(out).as_uri())
         assert driver.title == "riskpipe compliance report"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import shutil
 import threading
 import time
 import urllib.request
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from browserkit import HAVE_CHROMIUM, by_id, chromium, click_and_wait
 from riskpipe.ledger import Ledger
 from riskpipe.review import serve_background
 from test_review_records import decision_record, seed_ledger
@@ -26,9 +26,7 @@ from test_review_records import decision_record, seed_ledger
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 PASSWORD = "correct horse battery staple"
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+if not HAVE_CHROMIUM:
     pytest.skip("needs Debian chromium and chromium-driver (make system-packages)", allow_module_level=True)
 
 
@@ -54,40 +52,15 @@ def console(tmp_path_factory, broker):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    driver.set_page_load_timeout(20)
+    driver = chromium(tmp_path_factory.mktemp("chromium"))
     yield driver
     driver.quit()
-
-
-def by_id(driver, element_id):
-    from selenium.webdriver.common.by import By
-
-    return driver.find_element(By.ID, element_id)
 
 
 def queue_ids(driver) -> list[str]:
     from selenium.webdriver.common.by import By
 
     return [row.get_attribute("data-id") for row in driver.find_elements(By.CSS_SELECTOR, "#queue tbody tr")]
-
-
-def click_and_wait(driver, element):
-    """Click something that navigates, and wait until the old page is gone."""
-    from selenium.webdriver.support import expected_conditions as EC
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    element.click()
-    WebDriverWait(driver, 15).until(EC.staleness_of(element))
 
 
 def login(driver, base_url, password=PASSWORD, name="alice"):
