@@ -93,8 +93,9 @@ def build_events(model, n_clean: int | None, n_attacked: int, attack_eps: float,
 def run_demo(out_dir: Path, ledger_path: Path, n_clean: int | None = None, n_attacked: int = 120,
              attack_eps: float = 1.0, metrics_port: int = 0, console: bool = True, keep_serving: bool = False,
              echo=print, progress: bool = True) -> dict:
-    from kafka import KafkaProducer
     from tqdm import tqdm
+
+    from riskpipe import kafka_clients
 
     from riskpipe.metrics import StageMetrics
     from riskpipe.models import load_model
@@ -132,8 +133,7 @@ def run_demo(out_dir: Path, ledger_path: Path, n_clean: int | None = None, n_att
                 from riskpipe.review import serve_background
 
                 password = secrets.token_urlsafe(12)
-                console_srv = serve_background(str(ledger_path), password=password,
-                                               bootstrap_servers=broker.bootstrap)
+                console_srv = serve_background(str(ledger_path), password=password, kafka=config.kafka())
                 echo(f"review console on {console_srv.url}  (password: {password})")
             stage_box["stage"] = stage
 
@@ -147,8 +147,8 @@ def run_demo(out_dir: Path, ledger_path: Path, n_clean: int | None = None, n_att
 
             th = threading.Thread(target=target, name="riskpipe-stage", daemon=True)
             th.start()
-            producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=5,
-                                     max_request_size=config.max_message_bytes * 4)
+            producer = kafka_clients.producer(config.kafka(), acks="all", linger_ms=5,
+                                              max_request_size=config.max_message_bytes * 4)
             t0 = time.perf_counter()
             for key, value, headers in events.messages:
                 producer.send(config.topics.input, key=key.encode() if key else None, value=value, headers=headers)

@@ -97,9 +97,10 @@ def test_run_command_offline_and_config_errors(tmp_path):
 def test_config_expands_environment_and_rejects_unknown_keys(tmp_path, monkeypatch):
     monkeypatch.setenv("KAFKA_PASS", "s3cret")
     f = tmp_path / "c.yaml"
-    f.write_text("sasl_plain_password: ${KAFKA_PASS}\nsecurity_protocol: SASL_SSL\nsasl_mechanism: PLAIN\n")
+    f.write_text("sasl_plain_password: ${KAFKA_PASS}\nsasl_plain_username: u\nsecurity_protocol: SASL_SSL\n"
+                 "sasl_mechanism: PLAIN\n")
     cfg = load_config(str(f))
-    assert cfg.kafka_security()["sasl_plain_password"] == "s3cret"
+    assert cfg.kafka().client_options()["sasl_plain_password"] == "s3cret"
     f.write_text("bootstrap_server: x\n")
     with pytest.raises(ConfigError, match="bootstrap_server"):
         load_config(str(f))

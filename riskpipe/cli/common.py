@@ -57,3 +57,17 @@ def read_inputs(path: str) -> np.ndarray:
         return np.stack(rows)
     except ValueError:
         fail(f"input {path}: inputs have different shapes")
+
+
+def kafka_settings(config_path: str | None, bootstrap_servers: str | None):
+    """Kafka connection and security settings from ``--config`` (riskpipe.yaml, ``${VAR}``
+    expanded) with ``--bootstrap-servers`` on top; a bad file fails with one line."""
+    from riskpipe.stream.config import ConfigError, load_config
+
+    try:
+        config = load_config(config_path, bootstrap_servers=bootstrap_servers)
+    except ConfigError as e:
+        fail(str(e))
+    if bootstrap_servers is None and "bootstrap_servers" not in config.model_fields_set:
+        fail("--bootstrap-servers: required (or `bootstrap_servers:` in --config)")
+    return config.kafka()

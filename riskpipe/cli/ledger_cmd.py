@@ -164,18 +164,20 @@ def message_entries(msg, kind: str) -> list[tuple[str, dict, str | None]]:
     return out
 
 
-def ingest_topics(bootstrap: str, topic_kinds: dict[str, str], ledger_path: str, group_id: str,
+def ingest_topics(kafka, topic_kinds: dict[str, str], ledger_path: str, group_id: str,
                   until_idle: float | None = None, max_records: int = 500, echo=click.echo) -> dict:
     """Consume the topics into the ledger. Offsets are committed only after the ledger
     transaction, so a crash re-delivers and the idempotent append drops the copies;
-    several workers in one group share partitions and one ledger file."""
-    from kafka import KafkaConsumer, OffsetAndMetadata
+    several workers in one group share partitions and one ledger file.
+    ``kafka``: :class:`riskpipe.kafka_clients.KafkaSettings`."""
+    from kafka import OffsetAndMetadata
 
+    from riskpipe import kafka_clients
     from riskpipe.ledger import Ledger, LedgerError
 
     stats = {"messages": 0, "written": 0, "unreadable": 0}
-    consumer = KafkaConsumer(
-        *topic_kinds, bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False,
+    consumer = kafka_clients.consumer(
+        kafka, *topic_kinds, group_id=group_id, enable_auto_commit=False,
         auto_offset_reset="earliest", session_timeout_ms=10_000 if until_idle is None else 2000,
         heartbeat_interval_ms=3000 if until_idle is None else 600, client_id=f"riskpipe-ledger-{group_id}",
     )
@@ -211,22 +213,27 @@ def ingest_topics(bootstrap: str, topic_kinds: dict[str, str], ledger_path: str,
 
 
 @ledger.command()
-@click.option("--bootstrap-servers", required=True, help="Kafka bootstrap servers, HOST:PORT.")
+@click.option("--bootstrap-servers", default=None, help="Kafka bootstrap servers, HOST:PORT (or `bootstrap_servers:` in --config).")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="riskpipe.yaml: Kafka connection and TLS/SASL settings (${VAR} expanded).")
 @click.option("--topic", "topics", multiple=True, default=("audit",), show_default=True,
               help="Topic to consume, optionally NAME=KIND (audit=decision, review-outcomes=verdict, dlq=dlq). Repeatable.")
 @click.option("--ledger", "ledger_path", required=True, help="Ledger file (created if absent).")
 @click.option("--group-id", default="riskpipe-ledger", show_default=True, help="Consumer group shared by ingest workers.")
 @click.option("--until-idle", type=click.FloatRange(min=0.1), default=None,
               help="Stop after this many seconds without messages (default: run until interrupted).")
-def ingest(bootstrap_servers, topics, ledger_path, group_id, until_idle):
+def ingest(bootstrap_servers, config_path, topics, ledger_path, group_id, until_idle):
     """Build the ledger from the audit topic (and optionally review-outcomes and dlq)."""
+    from riskpipe.cli.common import kafka_settings
+
+    kafka = kafka_settings(config_path, bootstrap_servers)
     try:
-        stats = ingest_topics(bootstrap_servers, _topic_kinds(topics), ledger_path, group_id, until_idle)
+        stats = ingest_topics(kafka, _topic_kinds(topics), ledger_path, group_id, until_idle)
     except Exception as e:  # noqa: BLE001 - broker and network failures are user-facing
         from kafka.errors import KafkaError
 
         if isinstance(e, (KafkaError, OSError)):
-            fail(f"--bootstrap-servers {bootstrap_servers}: {type(e).__name__}: {e}")
+            fail(f"--bootstrap-servers {kafka.bootstrap_servers}: {type(e).__name__}: {e}")
         raise
     click.echo(f"ingested {stats['messages']} messages, {stats['written']} new ledger rows, "
                f"{stats['unreadable']} unreadable (recorded as dlq); ledger {ledger_path}: "

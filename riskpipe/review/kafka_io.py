@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Any, Callable
+from typing import Callable
 
+from riskpipe import kafka_clients
+from riskpipe.kafka_clients import KafkaSettings
 from riskpipe.ledger import Ledger, LedgerError
 from riskpipe.review.queue import ReviewError, check_decision_record
 
@@ -23,12 +25,10 @@ log = logging.getLogger("riskpipe.review")
 class ReviewTopicFeed:
     """Background thread: ``review`` topic -> ledger (kind ``decision``)."""
 
-    def __init__(self, bootstrap_servers: str, topic: str, ledger_path: str, *,
-                 group_id: str = "riskpipe-review-console", kafka_options: dict[str, Any] | None = None,
+    def __init__(self, kafka: KafkaSettings, topic: str, ledger_path: str, *,
+                 group_id: str = "riskpipe-review-console",
                  session_timeout_ms: int = 10_000, heartbeat_interval_ms: int = 3_000,
                  on_batch: Callable[[], None] | None = None) -> None:
-        from kafka import KafkaConsumer
-
         self.topic = topic
         self.on_batch = on_batch  # e.g. refresh the backlog gauge once new records are stored
         self.ledger_path = ledger_path
@@ -36,15 +36,14 @@ class ReviewTopicFeed:
         self.rejected = 0
         self.last_error: str | None = None
         self._stop = threading.Event()
-        self._consumer = KafkaConsumer(
+        self._consumer = kafka_clients.consumer(
+            kafka,
             topic,
-            bootstrap_servers=bootstrap_servers,
             group_id=group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=heartbeat_interval_ms,
-            **(kafka_options or {}),
         )
         self._thread = threading.Thread(target=self._run, name="riskpipe-review-feed", daemon=True)
 
@@ -95,18 +94,10 @@ class ReviewTopicFeed:
 class OutcomePublisher:
     """Verdicts -> ``review-outcomes``; ``publish`` returns once the broker has them."""
 
-    def __init__(self, bootstrap_servers: str, topic: str, *, kafka_options: dict[str, Any] | None = None,
-                 timeout_s: float = 10.0) -> None:
-        from kafka import KafkaProducer
-
+    def __init__(self, kafka: KafkaSettings, topic: str, *, timeout_s: float = 10.0) -> None:
         self.topic = topic
         self.timeout_s = timeout_s
-        self._producer = KafkaProducer(
-            bootstrap_servers=bootstrap_servers,
-            acks="all",
-            retries=5,
-            **(kafka_options or {}),
-        )
+        self._producer = kafka_clients.producer(kafka, acks="all", retries=5)
 
     def publish(self, verdict: dict) -> None:
         """Send and wait for the acknowledgement; raises on failure."""

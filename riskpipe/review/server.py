@@ -6,6 +6,7 @@ import logging
 import threading
 from werkzeug.serving import make_server
 
+from riskpipe.kafka_clients import KafkaSettings
 from riskpipe.ledger import Ledger
 from riskpipe.review.app import create_app
 from riskpipe.review.settings import Credentials, ReviewSettings
@@ -23,15 +24,13 @@ class ConsoleServer:
             self.counts = {"decision": ledger.count("decision"), "verdict": ledger.count("verdict")}
         self.feed = None
         self.publisher = None
-        if settings.bootstrap_servers:
+        if settings.kafka is not None:
             from riskpipe.review.kafka_io import OutcomePublisher, ReviewTopicFeed
 
-            self.publisher = OutcomePublisher(settings.bootstrap_servers, settings.outcomes_topic,
-                                              kafka_options=settings.kafka_options)
+            self.publisher = OutcomePublisher(settings.kafka, settings.outcomes_topic)
         self.app = create_app(settings, metrics=metrics, publisher=self.publisher)
-        if settings.bootstrap_servers:
-            self.feed = ReviewTopicFeed(settings.bootstrap_servers, settings.review_topic, settings.ledger,
-                                        kafka_options=settings.kafka_options,
+        if settings.kafka is not None:
+            self.feed = ReviewTopicFeed(settings.kafka, settings.review_topic, settings.ledger,
                                         session_timeout_ms=consumer_session_timeout_ms,
                                         heartbeat_interval_ms=consumer_heartbeat_ms,
                                         on_batch=self.app.extensions["riskpipe_review"].refresh_backlog)
@@ -91,16 +90,19 @@ class ConsoleServer:
 
 def serve_background(ledger_path: str, host: str = "127.0.0.1", port: int = 0, password: str | None = None, *,
                      users: dict[str, str] | None = None, bootstrap_servers: str | None = None,
+                     kafka: KafkaSettings | None = None,
                      review_topic: str = "review", outcomes_topic: str = "review-outcomes",
                      secret_key: bytes | None = None, metrics="default", **server_options) -> ConsoleServer:
     """Start the console in a thread (for ``riskpipe demo`` and tests).
 
     ``password`` (shared) or ``users`` is required: there is no default credential.
+    ``kafka`` (full settings) or ``bootstrap_servers`` (plaintext) connects the Kafka edges.
     Returns the running server: print ``.url``, call ``.stop()`` when done.
     """
     settings = ReviewSettings(
         ledger=str(ledger_path), credentials=Credentials(users=dict(users or {}), shared=password),
-        bootstrap_servers=bootstrap_servers, review_topic=review_topic, outcomes_topic=outcomes_topic,
+        kafka=kafka or (KafkaSettings(bootstrap_servers=bootstrap_servers) if bootstrap_servers else None),
+        review_topic=review_topic, outcomes_topic=outcomes_topic,
         host=host, port=port, secret_key=secret_key,
     )
     return start(settings, metrics=metrics, **server_options)

@@ -7,9 +7,10 @@ per-reviewer users are configured, from (first found wins for the shared passwor
 users come from ``review.users`` (name -> password, or a werkzeug password hash such as
 ``scrypt:...`` made with ``werkzeug.security.generate_password_hash``).
 
-Config file (the stage's ``riskpipe.yaml``; only these keys are read)::
+Config file (the stage's ``riskpipe.yaml``, read and ``${VAR}``-expanded by the stage's own
+loader, so one file validated one way serves both; the console uses these keys)::
 
-    bootstrap_servers: 127.0.0.1:9092      # shared with the stage
+    bootstrap_servers: 127.0.0.1:9092      # shared with the stage, as are the TLS/SASL keys
     ledger: riskpipe-ledger.sqlite3         # shared with the stage
     topics: {review: review}                # shared with the stage
     review:
@@ -32,6 +33,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from werkzeug.security import check_password_hash
+
+from riskpipe.kafka_clients import KafkaSettings
 
 PASSWORD_ENV = "RISKPIPE_REVIEW_PASSWORD"
 SECRET_KEY_ENV = "RISKPIPE_REVIEW_SECRET_KEY"
@@ -127,14 +130,17 @@ class ReviewSettings:
 
     ledger: str
     credentials: Credentials
-    bootstrap_servers: str | None = None
+    kafka: KafkaSettings | None = None  # None: no broker (the ledger's queue only)
     review_topic: str = "review"
     outcomes_topic: str = "review-outcomes"
     host: str = "127.0.0.1"
     port: int = 0
     secret_key: bytes | None = None  # None: random per process (sessions end on restart)
     session_hours: float = 8.0
-    kafka_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bootstrap_servers(self) -> str | None:
+        return self.kafka.bootstrap_servers if self.kafka is not None else None
 
 
 def load_config_file(path: str) -> dict[str, Any]:
@@ -191,21 +197,22 @@ def resolve_settings(
     if secret_key is not None and len(secret_key) < 32:
         raise SettingsError(f"{where}: review.secret_key: must be at least 32 characters")
 
-    ledger = ledger or data.get("ledger")
-    if not ledger:
+    from riskpipe.stream.config import ConfigError, load_config
+
+    try:  # the shared keys (ledger, topics, Kafka connection and security) validated as the stage does
+        config = load_config(config_path, ledger=ledger, bootstrap_servers=bootstrap_servers)
+    except ConfigError as e:
+        raise SettingsError(str(e)) from None
+    if not config.ledger:
         raise SettingsError("ledger: no ledger given (use --ledger PATH or `ledger:` in the config file)")
-    topics = data.get("topics") or {}
-    kafka_options = {k: data[k] for k in ("security_protocol", "sasl_mechanism", "sasl_plain_username",
-                                          "sasl_plain_password", "ssl_cafile") if data.get(k) is not None}
     return ReviewSettings(
-        ledger=str(ledger),
+        ledger=str(config.ledger),
         credentials=credentials,
-        bootstrap_servers=bootstrap_servers or data.get("bootstrap_servers"),
-        review_topic=review_topic or (topics.get("review") if isinstance(topics, dict) else None) or "review",
+        kafka=config.kafka() if "bootstrap_servers" in config.model_fields_set else None,
+        review_topic=review_topic or config.topics.review,
         outcomes_topic=outcomes_topic or section.outcomes_topic,
         host=host or section.host or "127.0.0.1",
         port=port if port is not None else (section.port if section.port is not None else 0),
         secret_key=secret_key,
         session_hours=section.session_hours,
-        kafka_options=kafka_options,
     )

@@ -95,15 +95,20 @@ class EmbeddedBroker:
         self.stop()
 
 
-def create_topics(bootstrap: str, names, partitions: int = 1, timeout: float = 15.0) -> None:
-    """Create topics explicitly (auto-created topics get 4 partitions on Tansu); existing ones are kept."""
-    from kafka.admin import KafkaAdminClient, NewTopic
+def create_topics(kafka, names, partitions: int = 1, timeout: float = 15.0) -> None:
+    """Create topics explicitly (auto-created topics get 4 partitions on Tansu); existing ones are kept.
+
+    ``kafka``: a :class:`riskpipe.kafka_clients.KafkaSettings` (or bootstrap servers, plaintext)."""
+    from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
+    from riskpipe import kafka_clients
+
+    settings = kafka if isinstance(kafka, kafka_clients.KafkaSettings) else kafka_clients.KafkaSettings(bootstrap_servers=kafka)
     deadline = time.monotonic() + timeout
     while True:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+            admin = kafka_clients.admin(settings, request_timeout_ms=5000)
             break
         except Exception:  # noqa: BLE001 - broker still starting
             if time.monotonic() > deadline:

@@ -1,8 +1,9 @@
 """Stage configuration: a YAML file (``riskpipe run --config``) plus command-line overrides.
 
 Keys (deploy/riskpipe.yaml is a complete example):
-bootstrap_servers, security_protocol, sasl_mechanism, sasl_plain_username,
-sasl_plain_password, ssl_cafile, topics {input, decisions, review, audit, dlq},
+the Kafka connection keys of :class:`riskpipe.kafka_clients.KafkaSettings`
+(bootstrap_servers, security_protocol, sasl_mechanism, sasl_plain_username,
+sasl_plain_password, ssl_cafile, ssl_certfile, ssl_keyfile, ssl_password), topics {input, decisions, review, audit, dlq},
 group_id, models {name: spec}, policy, metrics_port, ledger, batch {max_events,
 max_wait_ms}, plus the optional tuning keys below.
 """
@@ -16,6 +17,8 @@ import os
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from riskpipe.kafka_clients import KafkaSettings
 
 
 def default_policy_path() -> str:
@@ -50,15 +53,11 @@ class Guard(BaseModel):
     window: int = Field(1000, ge=10)
 
 
-class StageConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class StageConfig(KafkaSettings):
+    """The whole ``riskpipe.yaml``: Kafka connection keys (inherited) plus the stage's own."""
 
-    bootstrap_servers: str = "127.0.0.1:9092"
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str | None = None
-    sasl_plain_username: str | None = None
-    sasl_plain_password: str | None = None
-    ssl_cafile: str | None = None
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
     topics: Topics = Topics()
     group_id: str = "riskpipe"
     models: dict[str, str] = {"digits": "demo:digits"}
@@ -84,13 +83,9 @@ class StageConfig(BaseModel):
             raise ValueError("at least one model must be registered")
         return v
 
-    def kafka_security(self) -> dict[str, Any]:
-        """Options passed through to kafka-python clients."""
-        opts: dict[str, Any] = {"security_protocol": self.security_protocol}
-        for k in ("sasl_mechanism", "sasl_plain_username", "sasl_plain_password", "ssl_cafile"):
-            if getattr(self, k) is not None:
-                opts[k] = getattr(self, k)
-        return opts
+    def kafka(self) -> KafkaSettings:
+        """The settings every Kafka client of this process is built from (riskpipe.kafka_clients)."""
+        return KafkaSettings(**{k: getattr(self, k) for k in KafkaSettings.model_fields})
 
 
 class ConfigError(ValueError):
@@ -109,8 +104,8 @@ def _expand(value: Any) -> Any:
 
 
 def read_config_file(path: str) -> dict[str, Any]:
-    """The YAML mapping in ``path``; ConfigError names the file and the reason.
-    Shared by the stage and the review console (one riskpipe.yaml serves both)."""
+    """The YAML mapping in ``path`` with ``${VAR}`` expanded; ConfigError names the file
+    and the reason. Shared by the stage and the review console (one riskpipe.yaml serves both)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
@@ -120,13 +115,12 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    return data
+    return _expand(data)
 
 
 def load_config(path: str | None = None, **overrides: Any) -> StageConfig:
     """Config from ``path`` (YAML) with ``overrides`` (None values ignored) on top."""
     data: dict[str, Any] = read_config_file(path) if path else {}
-    data = _expand(data)
     for k, v in overrides.items():
         if v is None:
             continue
@@ -139,4 +133,5 @@ def load_config(path: str | None = None, **overrides: Any) -> StageConfig:
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{path or 'config'}: {field}: {err['msg']}") from None
+        msg = err["msg"].removeprefix("Value error, ")  # a model-level check names its fields itself
+        raise ConfigError(f"{path or 'config'}: {field + ': ' if field else ''}{msg}") from None

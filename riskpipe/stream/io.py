@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from riskpipe import kafka_clients
+
 log = logging.getLogger("riskpipe.stream")
 
 
@@ -45,7 +47,6 @@ class KafkaSource:
     """A consumer-group member on the input topic; manual commits only."""
 
     def __init__(self, config, on_revoke=None):
-        from kafka import KafkaConsumer
         from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
         self.config = config
@@ -65,8 +66,8 @@ class KafkaSource:
             def on_partitions_assigned(self, assigned):
                 log.info("partitions assigned: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
 
-        self.consumer = KafkaConsumer(
-            bootstrap_servers=config.bootstrap_servers.split(","),
+        self.consumer = kafka_clients.consumer(
+            config.kafka(),
             group_id=config.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -74,7 +75,6 @@ class KafkaSource:
             session_timeout_ms=config.session_timeout_ms,
             heartbeat_interval_ms=config.heartbeat_interval_ms,
             max_partition_fetch_bytes=max(config.max_message_bytes * 2, 1 << 20),
-            **config.kafka_security(),
         )
         self.consumer.subscribe([config.topics.input], listener=Listener())
         self.exhausted = False
@@ -123,10 +123,8 @@ class KafkaSink:
     """Idempotent producer, acks=all; flush() waits for and checks every ack."""
 
     def __init__(self, config):
-        from kafka import KafkaProducer
-
-        self.producer = KafkaProducer(
-            bootstrap_servers=config.bootstrap_servers.split(","),
+        self.producer = kafka_clients.producer(
+            config.kafka(),
             acks="all",
             enable_idempotence=True,
             linger_ms=5,
@@ -135,7 +133,6 @@ class KafkaSink:
             retries=5,
             request_timeout_ms=10_000,
             max_block_ms=10_000,
-            **config.kafka_security(),
         )
         self.pending: list = []
 

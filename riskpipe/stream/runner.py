@@ -48,7 +48,7 @@ def make_stage(config, source: str | None = None, sink: str | None = None, metri
                 from riskpipe.stream.broker import create_topics
 
                 t = config.topics
-                create_topics(config.bootstrap_servers, [t.input, t.decisions, t.review, t.audit, t.dlq])
+                create_topics(config.kafka(), [t.input, t.decisions, t.review, t.audit, t.dlq])
             return KafkaSource(config, on_revoke=on_revoke)
 
     if sink and sink.startswith("jsonl:"):

@@ -1,0 +1,100 @@
+"""The one place kafka-python clients are built.
+
+Every consumer, producer and admin client in riskpipe (the stage's source and sink,
+topic creation, ``riskpipe ledger ingest``, the review console, the demo, checkpoint
+publishing) comes from :func:`consumer`, :func:`producer` or :func:`admin` with one
+:class:`KafkaSettings`, so a cluster that needs TLS or SASL is reached the same way by
+all of them. The settings are the flat top-level keys of ``riskpipe.yaml``
+(``bootstrap_servers``, ``security_protocol``, ``sasl_*``, ``ssl_*``); callers add
+only what is specific to their role (group id, acks, timeouts).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI")
+
+
+class KafkaSettings(BaseModel):
+    """Connection and security settings shared by every Kafka client."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", min_length=1)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"] | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: str | None = None
+    ssl_check_hostname: bool = True
+    client_id: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "KafkaSettings":
+        if self.security_protocol.startswith("SASL_") and self.sasl_mechanism is None:
+            raise ValueError(f"sasl_mechanism: required with security_protocol {self.security_protocol}")
+        if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512") and not (
+            self.sasl_plain_username and self.sasl_plain_password
+        ):
+            raise ValueError(f"sasl_plain_username/sasl_plain_password: required with sasl_mechanism {self.sasl_mechanism}")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile/ssl_keyfile: give both (client certificate and its key) or neither")
+        return self
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(cls.model_fields)
+
+    def servers(self) -> list[str]:
+        return [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()]
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments common to KafkaConsumer, KafkaProducer and KafkaAdminClient."""
+        opts: dict[str, Any] = {"bootstrap_servers": self.servers(), "security_protocol": self.security_protocol}
+        for k in ("sasl_mechanism", "sasl_plain_username", "sasl_plain_password", "ssl_cafile",
+                  "ssl_certfile", "ssl_keyfile", "ssl_password", "client_id"):
+            v = getattr(self, k)
+            if v is not None:
+                opts[k] = v
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            opts["ssl_check_hostname"] = self.ssl_check_hostname
+        return opts
+
+    def with_servers(self, bootstrap_servers: str | None) -> "KafkaSettings":
+        """The same security settings for other bootstrap servers (a ``--bootstrap-servers`` flag)."""
+        return self if not bootstrap_servers else self.model_copy(update={"bootstrap_servers": bootstrap_servers})
+
+
+def _merge(settings: KafkaSettings, options: dict[str, Any]) -> dict[str, Any]:
+    clash = set(options) & set(KafkaSettings.model_fields) - {"client_id"}
+    if clash:  # connection and security come from the settings only, never per call
+        raise TypeError(f"pass {', '.join(sorted(clash))} through KafkaSettings, not per client")
+    return {**settings.client_options(), **options}
+
+
+def consumer(settings: KafkaSettings, *topics: str, **options: Any):
+    """A ``kafka.KafkaConsumer`` (subscribed to ``topics`` if any)."""
+    from kafka import KafkaConsumer
+
+    return KafkaConsumer(*topics, **_merge(settings, options))
+
+
+def producer(settings: KafkaSettings, **options: Any):
+    """A ``kafka.KafkaProducer``."""
+    from kafka import KafkaProducer
+
+    return KafkaProducer(**_merge(settings, options))
+
+
+def admin(settings: KafkaSettings, **options: Any):
+    """A ``kafka.admin.KafkaAdminClient``."""
+    from kafka.admin import KafkaAdminClient
+
+    return KafkaAdminClient(**_merge(settings, options))
