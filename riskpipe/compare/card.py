@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from pathlib import Path
 
-import jinja2
+from riskpipe.render import data_uri, environment, png, pyplot
 
 FORMATS = ("html", "md", "json")
 THEOREM2 = ("Radii of different norms are compared only after the Theorem 2 conversion: an l_p certificate "
@@ -19,19 +17,9 @@ SCOPE = ("A certificate bounds the distance to the nearest class-changing input;
          "classifier at level alpha; IBP and Lipschitz are deterministic bounds on the model as deployed.")
 
 
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
-
-
 def plots(result: dict) -> dict[str, bytes]:
     """PNG bytes per plot name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cfg = result["config"]
     out = {}
     norms = cfg["norms"]
@@ -48,8 +36,7 @@ def plots(result: dict) -> dict[str, bytes]:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="upper right")
-    out["certified_accuracy"] = _png(fig)
-    plt.close(fig)
+    out["certified_accuracy"] = png(fig)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for method, sw in result["sweeps"].items():
         if not isinstance(sw, dict):
@@ -65,18 +52,8 @@ def plots(result: dict) -> dict[str, bytes]:
         ax.set_ylabel("ms per input")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    out["cost"] = _png(fig)
-    plt.close(fig)
+    out["cost"] = png(fig)
     return out
-
-
-def _env() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("riskpipe.compare", "templates"),
-                             autoescape=jinja2.select_autoescape(["html", "j2"], default_for_string=False),
-                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-    env.filters["num"] = lambda v, fmt="{:.3g}": "n/a" if v is None else fmt.format(v)
-    env.filters["pct"] = lambda v: f"{100 * v:.1f}%"
-    return env
 
 
 def render(result: dict, out_dir: str | Path, formats=FORMATS) -> dict[str, Path]:
@@ -95,20 +72,17 @@ def render(result: dict, out_dir: str | Path, formats=FORMATS) -> dict[str, Path
         written["json"] = p
     if "html" in formats or "md" in formats:
         pngs = plots(result)
-        env = _env()
         if "html" in formats:
-            imgs = {k: "data:image/png;base64," + base64.b64encode(v).decode() for k, v in pngs.items()}
+            imgs = {k: data_uri(v) for k, v in pngs.items()}
             p = out / "compare.html"
-            p.write_text(env.get_template("card.html.j2").render(**ctx, img=imgs), encoding="utf-8")
+            p.write_text(environment("riskpipe.compare").get_template("card.html.j2").render(**ctx, img=imgs), encoding="utf-8")
             written["html"] = p
         if "md" in formats:
             imgs = {}
             for k, v in pngs.items():
                 (out / f"compare-{k}.png").write_bytes(v)
                 imgs[k] = f"compare-{k}.png"
-            md_env = _env()
-            md_env.autoescape = False
             p = out / "compare.md"
-            p.write_text(md_env.get_template("card.md.j2").render(**ctx, img=imgs), encoding="utf-8")
+            p.write_text(environment("riskpipe.compare", autoescape=False).get_template("card.md.j2").render(**ctx, img=imgs), encoding="utf-8")
             written["md"] = p
     return written

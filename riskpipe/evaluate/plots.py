@@ -7,22 +7,16 @@ gain, and where does an l2 certificate stop covering an l_inf attacker.
 
 from __future__ import annotations
 
-import io
+from riskpipe.render import png, pyplot
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+plt = pyplot()
 
 COLORS = {"allow": "#c0392b", "review": "#f39c12", "block": "#2c3e50"}
 
 
 def _png(fig) -> bytes:
-    buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=120, metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+    return png(fig, dpi=120)
 
 
 def _legend_below(ax) -> None:

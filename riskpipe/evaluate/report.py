@@ -7,19 +7,13 @@ paste into a compliance report unchanged. Every table cell comes from the JSON r
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 
-from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
-
 from riskpipe.evaluate import plots
+from riskpipe.render import b64, environment, pct
 
 FORMATS = ("html", "md", "json")
-
-
-def pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 def _of(k: int, n: int) -> str:
@@ -85,21 +79,14 @@ def figures(result: dict) -> dict[str, bytes]:
     return out
 
 
-def _env() -> Environment:
-    env = Environment(loader=PackageLoader("riskpipe.evaluate", "templates"), undefined=StrictUndefined,
-                      autoescape=select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
-    env.filters["pct"] = pct
-    return env
-
-
 def render_markdown(result: dict, figure_dir: str | None = "figures", figure_names=()) -> str:
-    return _env().get_template("evaluation.md.j2").render(r=result, t=tables(result), figure_dir=figure_dir,
+    return environment("riskpipe.evaluate", autoescape=False).get_template("evaluation.md.j2").render(r=result, t=tables(result), figure_dir=figure_dir,
                                                           figure_names=list(figure_names))
 
 
 def render_html(result: dict, figs: dict[str, bytes]) -> str:
-    embedded = {k: base64.b64encode(v).decode("ascii") for k, v in figs.items()}
-    return _env().get_template("evaluation.html.j2").render(r=result, t=tables(result), figures=embedded)
+    embedded = {k: b64(v) for k, v in figs.items()}
+    return environment("riskpipe.evaluate").get_template("evaluation.html.j2").render(r=result, t=tables(result), figures=embedded)
 
 
 def write_report(result: dict, out_dir: str | Path, formats=FORMATS) -> list[Path]:

@@ -23,20 +23,6 @@ def pdf_available() -> bool:
     return importlib.util.find_spec("weasyprint") is not None
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
-def _pct(value: Any) -> str:
-    return "–" if value is None else f"{100 * value:.1f}%"
-
-
 def render(data: dict, fmt: str) -> str:
     """Render gathered data as ``html``, ``md`` or ``json`` text."""
     if fmt == "json":
@@ -45,12 +31,9 @@ def render(data: dict, fmt: str) -> str:
             g.pop("values", None)
         slim["review"].pop("minutes_values", None)
         return json.dumps(slim, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+    from riskpipe.render import environment
 
-    env = Environment(loader=PackageLoader("riskpipe.report", "templates"), undefined=StrictUndefined,
-                      autoescape=select_autoescape(["html", "html.j2"]), trim_blocks=True, lstrip_blocks=True)
-    env.filters["fmt"] = _fmt
-    env.filters["pct"] = _pct
+    env = environment("riskpipe.report", autoescape=fmt == "html")
     if fmt == "html":
         from riskpipe.report.plots import all_figures
 

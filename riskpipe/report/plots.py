@@ -1,24 +1,18 @@
-"""Report figures: matplotlib (Agg, no display) rendered to base64 PNG for inline ``<img>`` tags."""
+"""Report figures (through riskpipe.render), as base64 PNG for inline ``<img>`` tags."""
 
 from __future__ import annotations
 
-import base64
-import io
+from matplotlib.ticker import MaxNLocator
 
-import matplotlib
+from riskpipe.render import b64, png, pyplot
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+plt = pyplot()
 
 COLOURS = {"allow": "#2e7d32", "review": "#f9a825", "block": "#c62828"}
 
 
 def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return b64(png(fig, dpi=96))
 
 
 def decisions_over_time(series: list[dict], bucket: str) -> str | None:
