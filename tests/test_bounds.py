@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from riskpipe.certify import make_certifier
+from riskpipe.certify import family
 from riskpipe.certify.bounds import IntervalBounds, worst_margin
 from riskpipe.compare.attack import pgd
 from riskpipe.models import load_model
@@ -119,8 +119,8 @@ def test_bisection_reports_the_checked_lower_end(ibp_digits):
 
 def test_certificate_fields_and_l2_ball_in_box(ibp_digits):
     model, X, _ = ibp_digits
-    linf = make_certifier(model, "ibp", norm="linf").certify_batch(X[:10], list(range(10)))
-    l2 = make_certifier(model, "ibp", norm="l2").certify_batch(X[:10], list(range(10)))
+    linf = family("ibp")(model, norm="linf").certify_batch(X[:10], list(range(10)))
+    l2 = family("ibp")(model, norm="l2").certify_batch(X[:10], list(range(10)))
     for a, b in zip(linf, l2):
         assert (a.method, a.mode, a.norm, b.norm) == ("ibp", "bound", "linf", "l2")
         assert b.radius == a.radius  # an l2 ball of radius r lies in the l_inf box of radius r

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from riskpipe.certify import make_certifier
+from riskpipe.certify import family
 from riskpipe.certify.lipschitz import GlobalLipschitz, lipschitz_constants, spectral_norm
 from riskpipe.compare.attack import pgd
 from riskpipe.models import load_model
@@ -107,10 +107,10 @@ def test_no_pgd_counterexample_inside_certified_radius(lip_digits):
 
 def test_gloro_abstain_below_epsilon(lip_digits):
     model, X = lip_digits
-    free = make_certifier(model, "lipschitz", epsilon=0.0).certify_batch(X, list(range(len(X))))
+    free = family("lipschitz")(model, epsilon=0.0).certify_batch(X, list(range(len(X))))
     radii = np.array([c.radius for c in free])
     eps = float(np.median(radii[radii > 0]))
-    gated = make_certifier(model, "lipschitz", epsilon=eps).certify_batch(X, list(range(len(X))))
+    gated = family("lipschitz")(model, epsilon=eps).certify_batch(X, list(range(len(X))))
     for a, b in zip(free, gated):
         assert (b.method, b.mode, b.norm, b.n_samples) == ("lipschitz", "bound", "l2", 1)
         if a.radius < eps:

@@ -35,6 +35,7 @@ from torch import nn
 
 from riskpipe.certify.certificate import Certificate
 from riskpipe.certify.norms import check_norm, convert_radius
+from riskpipe.certify.protocol import CertifierBase
 
 FP_SLACK = 1e-5
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.AvgPool2d, nn.BatchNorm1d, nn.BatchNorm2d,
@@ -179,7 +180,7 @@ def worst_margin(lower: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 # ---- the certifier -----------------------------------------------------------------------
 @dataclass
-class IntervalBounds:
+class IntervalBounds(CertifierBase):
     """IBP certifier: deterministic l_inf (or, via ball-in-box, l2) radii.
 
     ``tolerance`` is the bisection bracket width; ``eps_max`` caps the search
@@ -194,6 +195,7 @@ class IntervalBounds:
     batch_size: int = 1024
 
     method = "ibp"
+    modes = ("certify",)
 
     def __post_init__(self) -> None:
         self.norm = check_norm(self.norm)

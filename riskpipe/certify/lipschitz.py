@@ -33,6 +33,7 @@ from torch import nn
 
 from riskpipe.certify.bounds import affine, linear_part, sequential_layers
 from riskpipe.certify.certificate import Certificate
+from riskpipe.certify.protocol import CertifierBase
 
 FP_SLACK = 1e-6
 _CACHE: OrderedDict[tuple, LipschitzConstants] = OrderedDict()
@@ -139,7 +140,7 @@ def lipschitz_constants(model, n_iter: int = 500, tol: float = 1e-7, safety: flo
 
 
 @dataclass
-class GlobalLipschitz:
+class GlobalLipschitz(CertifierBase):
     """Lipschitz-margin certifier: l2 radius min_j margin_j / L_yj, abstain below ``epsilon``."""
 
     model: object
@@ -149,6 +150,8 @@ class GlobalLipschitz:
     safety: float = 0.01
 
     method = "lipschitz"
+    norm = "l2"
+    modes = ("certify",)
 
     def __post_init__(self) -> None:
         if not (self.epsilon >= 0 and math.isfinite(self.epsilon)):
@@ -163,6 +166,9 @@ class GlobalLipschitz:
             raise ValueError(f"model: Lipschitz bounds need a torch model, "
                              f"{getattr(self.model, 'spec', self.model)} has none")
         sequential_layers(self.model.module, "Lipschitz bounds")
+
+    def prepare(self) -> None:
+        self.constants  # noqa: B018 - computed once per model version and cached
 
     @property
     def constants(self) -> LipschitzConstants:

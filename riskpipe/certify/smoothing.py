@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from riskpipe.certify.certificate import Certificate
+from riskpipe.certify.protocol import CertifierBase
 from riskpipe.certify.stats import (
     SequentialPlan,
     binomial_test_pvalue,
@@ -34,7 +35,7 @@ BOUNDS = ("cp", "bonferroni", "goodman")
 
 
 @dataclass
-class Smoothing:
+class Smoothing(CertifierBase):
     """Randomized-smoothing certifier for ``model`` (a riskpipe ``Model``).
 
     ``bound``: ``cp`` is Cohen's CERTIFY (one-sided Clopper–Pearson on p_A);
@@ -55,6 +56,9 @@ class Smoothing:
     growth: float = 2.0
 
     method = "smoothing"
+    norm = "l2"
+    modes = ("certify", "predict", "decide")
+    inputs_per_call = 16
 
     def __post_init__(self) -> None:
         if not self.sigma > 0:

@@ -18,7 +18,7 @@ import click
 @click.option("--n0", type=int, default=100, show_default=True, help="Selection samples (certify).")
 @click.option("--n", type=int, default=100_000, show_default=True, help="Estimation samples.")
 @click.option("--epsilon", type=float, default=0.25, show_default=True, help="Target radius (decide mode, Lipschitz abstain).")
-@click.option("--norm", default="l2", show_default=True, help="Certificate norm for ibp (linf or l2).")
+@click.option("--norm", default=None, help="Certificate norm (ibp: linf or l2; default: the method's native norm).")
 @click.option("--bound", type=click.Choice(["cp", "bonferroni", "goodman"]), default="cp", show_default=True,
               help="cp: Cohen CERTIFY; bonferroni/goodman: seed eq. (4) with simultaneous bounds.")
 @click.option("--max-samples", type=int, default=100_000, show_default=True, help="Sample budget (decide mode).")
@@ -31,9 +31,12 @@ def certify(model_spec, input_path, method, mode, sigma, alpha, n0, n, epsilon, 
     """Certify every input of FILE and write one JSON line per input."""
     from tqdm import tqdm
 
-    from riskpipe.certify import make_certifier
+    from pydantic import ValidationError
+
+    from riskpipe.certify import certifier_for_policy
     from riskpipe.cli.common import fail, read_inputs
     from riskpipe.models import InputError, ModelError, check_inputs, load_model
+    from riskpipe.policy.schema import Certifier
 
     X = read_inputs(input_path)
     try:
@@ -47,30 +50,26 @@ def certify(model_spec, input_path, method, mode, sigma, alpha, n0, n, epsilon, 
     except InputError as e:
         fail(f"input {input_path}: {e}")
     try:
-        if method == "smoothing":
-            cert = make_certifier(model, "smoothing", sigma=sigma, alpha=alpha, n0=n0, n=n, bound=bound,
-                                  batch_size=batch_size, max_samples=max_samples)
-        elif method == "ibp":
-            cert = make_certifier(model, "ibp", norm=norm)
-        else:
-            cert = make_certifier(model, "lipschitz", epsilon=epsilon)
+        section = Certifier.for_method(method, norm=norm, sigma=sigma, alpha=alpha, n0=n0, n=n,
+                                       bound=bound, max_samples=max_samples)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "options"
+        fail(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    try:
+        cert = certifier_for_policy(model, section, batch_size=batch_size, epsilon=epsilon)
     except (ValueError, TypeError) as e:
         fail(str(e))
+    if mode not in cert.modes:
+        fail(f"--mode: {method} supports {', '.join(cert.modes)}, not {mode}")
     out = sys.stdout if output_path == "-" else open(output_path, "w", encoding="utf-8")
-    chunk = 16 if method == "smoothing" else 512
+    chunk = cert.inputs_per_call
     bar = tqdm(total=len(X), unit="input", disable=not sys.stderr.isatty(), file=sys.stderr)
     try:
         for start in range(0, len(X), chunk):
             xb = X[start : start + chunk]
             seeds = [seed + start + i for i in range(len(xb))]
-            if method != "smoothing":
-                certs = cert.certify_batch(xb, seeds)
-            elif mode == "certify":
-                certs = cert.certify_batch(xb, seeds)
-            elif mode == "predict":
-                certs = cert.predict_batch(xb, seeds)
-            else:
-                certs = cert.decide_batch(xb, seeds, epsilon)
+            certs = cert.run(mode, xb, seeds, epsilon)
             for c in certs:
                 out.write(json.dumps(c.to_dict(), sort_keys=True) + "\n")
             bar.update(len(xb))

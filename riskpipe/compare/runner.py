@@ -16,13 +16,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from riskpipe.certify import make_certifier
+from riskpipe.certify import certifier_for_policy
 from riskpipe.certify.norms import check_norm, conversion_factor, convert_radius
 from riskpipe.compare.attack import pgd
 from riskpipe.compare.measure import peak_memory, summary_ms, timed
 
 METHODS = ("smoothing", "ibp", "lipschitz")
-NATIVE_NORM = {"smoothing": "l2", "ibp": "linf", "lipschitz": "l2"}
 DEFAULT_MODELS = ("demo:digits", "demo:digits-ibp", "demo:digits-lipschitz")
 DEFAULT_GRID = {"l2": (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5), "linf": (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)}
 PARALLELISM = {
@@ -83,23 +82,19 @@ class CompareConfig:
 
 
 def _certifier(model, method: str, cfg: CompareConfig):
-    if method == "smoothing":
-        return make_certifier(model, "smoothing", sigma=cfg.sigma, alpha=cfg.alpha, n0=cfg.n0, n=cfg.n_samples,
-                              batch_size=4096)
-    if method == "ibp":
-        return make_certifier(model, "ibp", norm="linf")
-    return make_certifier(model, "lipschitz", epsilon=0.0)
+    """Each family in certify mode at its native norm; Lipschitz without an abstain threshold."""
+    from riskpipe.policy.schema import Certifier
+
+    section = Certifier.for_method(method, sigma=cfg.sigma, alpha=cfg.alpha, n0=cfg.n0, n=cfg.n_samples)
+    return certifier_for_policy(model, section, batch_size=4096, epsilon=0.0)
 
 
-def _chunk(method: str) -> int:
-    return 16 if method == "smoothing" else 512
-
-
-def _certify_all(cert, method: str, X: np.ndarray, seed: int):
+def _certify_all(cert, X: np.ndarray, seed: int):
     out = []
-    for s in range(0, len(X), _chunk(method)):
-        xb = X[s:s + _chunk(method)]
-        out += cert.certify_batch(xb, [seed + s + i for i in range(len(xb))])
+    step = cert.inputs_per_call
+    for s in range(0, len(X), step):
+        xb = X[s:s + step]
+        out += cert.run("certify", xb, [seed + s + i for i in range(len(xb))])
     return out
 
 
@@ -126,14 +121,14 @@ def _pgd_accuracy(model, X: np.ndarray, y: np.ndarray, norm: str, grid, cfg: Com
 def _method_run(model, method: str, X, y, cfg: CompareConfig) -> dict:
     cert = _certifier(model, method, cfg)
     d = model.input_dim
-    setup_ms = timed(lambda: cert.constants, cfg.device) if method == "lipschitz" else 0.0
+    setup_ms = timed(cert.prepare, cfg.device)
     with peak_memory(cfg.device) as mem:
         t0 = time.perf_counter()
-        certs = _certify_all(cert, method, X, cfg.seed)
+        certs = _certify_all(cert, X, cfg.seed)
         total_ms = (time.perf_counter() - t0) * 1e3
     lat = [timed(lambda i=i: cert.certify_batch(X[i:i + 1], [cfg.seed + i]), cfg.device)
            for i in range(min(cfg.timing_inputs, len(X)))]
-    native = NATIVE_NORM[method]
+    native = cert.norm
     return {
         "method": method, "native_norm": native,
         "certified_accuracy": {n: certified_accuracy(certs, y, native, n, cfg.eps_grid[n], d) for n in cfg.norms},
@@ -151,8 +146,7 @@ def _method_run(model, method: str, X, y, cfg: CompareConfig) -> dict:
 
 def _batch_sweep(model, method: str, X, cfg: CompareConfig) -> list[dict]:
     cert = _certifier(model, method, cfg)
-    if method == "lipschitz":
-        cert.constants  # noqa: B018 - the one-time cost is reported separately
+    cert.prepare()  # the one-time cost is reported separately
     rows = []
     for b in cfg.batch_sizes:
         xb = np.resize(X, (b,) + X.shape[1:])
@@ -175,7 +169,7 @@ def _width_sweep(method: str, X, cfg: CompareConfig) -> list[dict]:
         m = Model(spec=f"digits_cnn(width={w})", input_shape=tuple(X.shape[1:]), num_classes=10,
                   sha256=sha256_state_dict(module), module=module, device=cfg.device)
         cert = _certifier(m, method, cfg)
-        setup = timed(lambda: cert.constants, cfg.device) if method == "lipschitz" else 0.0
+        setup = timed(cert.prepare, cfg.device)
         with peak_memory(cfg.device) as mem:
             ms = timed(lambda: cert.certify_batch(xb, list(range(len(xb)))), cfg.device)
         fwd = timed(lambda: m.predict(xb), cfg.device, repeat=3)

@@ -46,11 +46,11 @@ def recertify_reasons(policy, cert: Certificate) -> list[str]:
     c, out = policy.certifier, []
     if cert.method != c.method:
         out.append(f"method {cert.method} != {c.method}")
-    if c.method == "smoothing":
-        if cert.sigma is not None and cert.sigma != c.sigma:
-            out.append(f"sigma {cert.sigma:g} != {c.sigma:g}")
-        if cert.alpha is not None and cert.alpha > c.alpha:
-            out.append(f"alpha {cert.alpha:g} > {c.alpha:g}")
+    # the smoothed classifier is defined by sigma; alpha is the confidence asked for
+    if None not in (cert.sigma, c.sigma) and cert.sigma != c.sigma:
+        out.append(f"sigma {cert.sigma:g} != {c.sigma:g}")
+    if cert.alpha is not None and cert.alpha > c.alpha:
+        out.append(f"alpha {cert.alpha:g} > {c.alpha:g}")
     if cert.mode != c.mode and not (c.mode == "certify" and cert.mode == "bound"):
         out.append(f"mode {cert.mode} != {c.mode}")
     if cert.mode == "decide" and not cert.abstained and cert.input_dim:

@@ -24,6 +24,7 @@ PUBLIC_FIELDS = ("id", "ts", "event_ts", "decision", "policy_version", "policy_n
                  "reasons", "controls", "shadow")
 DEFAULT_PUBLIC = ("id", "ts", "decision", "policy_version")
 _CERT_NORMS = {"smoothing": ("l2",), "ibp": ("linf", "l2"), "lipschitz": ("l2",)}
+_SMOOTHING_ONLY = ("sigma", "n0", "n", "max_samples", "bound")
 
 
 class SemanticProblems(Exception):
@@ -87,7 +88,19 @@ class Certifier(_Frozen):
 
     @property
     def certificate_norm(self) -> str:
+        """The norm of the certificates: the policy's ``norm``, else the family's native norm."""
         return self.norm or _CERT_NORMS[self.method][0]
+
+    @classmethod
+    def for_method(cls, method: str, **values: Any) -> Certifier:
+        """A section for ``method`` from options that may belong to other methods (command-line
+        flags, a recorded certificate): keeps the fields this method takes, drops None, and
+        validates the rest. A recorded ``mode: bound`` is certify mode of a deterministic family."""
+        keep = {k: v for k, v in values.items()
+                if k in cls.model_fields and v is not None and (method == "smoothing" or k not in _SMOOTHING_ONLY)}
+        if keep.get("mode") == "bound":
+            keep["mode"] = "certify"
+        return cls(**{**keep, "method": method})
 
 
 class CertificateRiskSignal(_Frozen):

@@ -67,25 +67,29 @@ def _need(d: Any, key: str, where: str) -> Any:
     return d[key]
 
 
-def certifier_parameters(cert: dict) -> dict:
-    """The certifier's constructor arguments as recorded (falling back to Smoothing's defaults
-    for values older records did not carry)."""
-    from riskpipe.certify import Smoothing
+def recorded_parameters(cert: dict) -> dict:
+    """Everything the certificate recorded about how it was made: its top-level fields over
+    its ``extra`` (values older records did not carry take the family's defaults)."""
+    _need(cert, "method", "certificate")
+    return {**(cert.get("extra") or {}), **{k: v for k, v in cert.items() if k != "extra" and v is not None}}
 
-    method = _need(cert, "method", "certificate")
-    extra = cert.get("extra") or {}
-    if method == "smoothing":
-        defaults = Smoothing.__dataclass_fields__
-        params = {"sigma": _need(cert, "sigma", "certificate"), "alpha": _need(cert, "alpha", "certificate"),
-                  "bound": cert.get("bound") or "cp"}
-        for name in ("n0", "n", "max_samples", "batch_size", "first_look", "growth"):
-            params[name] = extra.get(name, defaults[name].default)
-        return params
-    if method == "ibp":
-        return {"norm": _need(cert, "norm", "certificate")}
-    if method == "lipschitz":
-        return {"epsilon": _need(cert, "epsilon", "certificate")}
-    raise ReplayError(f"certificate.method: {method!r} is not one of smoothing, ibp, lipschitz")
+
+def _certifier(model, cert: dict):
+    """The certifier that made ``cert``, through the one policy-to-certifier function."""
+    from pydantic import ValidationError
+
+    from riskpipe.certify import certifier_for_policy
+    from riskpipe.policy.schema import Certifier
+
+    recorded = recorded_parameters(cert)
+    try:
+        # the mode is the run's, not the section's (a recorded predict certificate has no policy mode)
+        section = Certifier.for_method(**{k: v for k, v in recorded.items() if k != "mode"})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ReplayError(f"certificate.{'.'.join(str(p) for p in err['loc'])}: "
+                          f"{err['msg'].removeprefix('Value error, ')}") from None
+    return certifier_for_policy(model, section, **recorded)
 
 
 def replay(record: dict, X: np.ndarray, device: str = "cpu", model=None) -> ReplayResult:
@@ -95,7 +99,6 @@ def replay(record: dict, X: np.ndarray, device: str = "cpu", model=None) -> Repl
     ``record["input"]["sha256"]`` is used. No match: nothing is recomputed and the
     result says so.
     """
-    from riskpipe.certify import make_certifier
     from riskpipe.models import load_model
 
     entry_id = str(_need(record, "id", "record"))
@@ -109,19 +112,15 @@ def replay(record: dict, X: np.ndarray, device: str = "cpu", model=None) -> Repl
     if want not in digests:
         return ReplayResult(entry_id, False, want, digests)
     x = candidates[digests.index(want)]
-    params = certifier_parameters(cert)
     if model is None:
         model = load_model(spec, device=device)
     batch = np.ascontiguousarray(x, dtype=np.float32).reshape((1,) + tuple(model.input_shape))
     seed = int(_need(cert, "seed", "certificate"))
-    method, mode = cert["method"], cert.get("mode", "certify")
-    certifier = make_certifier(model, method, **params)
-    if method == "smoothing" and mode == "decide":
-        new = certifier.decide_batch(batch, [seed], float(_need(cert, "epsilon", "certificate")))[0]
-    elif method == "smoothing" and mode == "predict":
-        new = certifier.predict_batch(batch, [seed])[0]
-    else:
-        new = certifier.certify_batch(batch, [seed])[0]
+    mode = cert.get("mode", "certify")
+    certifier = _certifier(model, cert)
+    epsilon = _need(cert, "epsilon", "certificate") if mode == "decide" else None
+    new = certifier.run(mode, batch, [seed], epsilon)[0]
+    params = {k: getattr(certifier, k) for k in certifier_fields(certifier)}
     replayed = new.to_dict()
     checks = [FieldCheck(name, cert.get(name), replayed.get(name), _same(cert.get(name), replayed.get(name)))
               for name in COMPARED]
@@ -129,3 +128,9 @@ def replay(record: dict, X: np.ndarray, device: str = "cpu", model=None) -> Repl
     if recorded_sha:
         checks.append(FieldCheck("model.sha256", recorded_sha, model.sha256, recorded_sha == model.sha256))
     return ReplayResult(entry_id, True, want, digests, checks, {"mode": mode, "seed": seed, **params})
+
+
+def certifier_fields(certifier) -> list[str]:
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(certifier) if f.name != "model"]

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from riskpipe.certify import make_certifier
+from riskpipe.certify import certifier_for_policy
 from riskpipe.certify.norms import convert_radius
 from riskpipe.models import Model, load_model
 from riskpipe.stream.events import Event
@@ -59,16 +59,8 @@ class Pipeline:
         return {n: e.model for n, e in self.entries.items()}
 
     def _entry(self, name: str, model: Model, with_context: bool) -> ModelEntry:
-        c = self.policy.certifier
-        if c.method == "smoothing":
-            cert = make_certifier(model, "smoothing", sigma=c.sigma, alpha=c.alpha, n0=c.n0, n=c.n,
-                                  bound=c.bound, max_samples=c.max_samples)
-        elif c.method == "ibp":
-            cert = make_certifier(model, "ibp", norm="linf" if self.policy.threat_model.norm == "linf" else "l2")
-        else:
-            cert = make_certifier(model, "lipschitz")
-        cert_norm = "l2" if c.method in ("smoothing", "lipschitz") else getattr(cert, "norm", "linf")
-        eps = self.policy.certificate_epsilon(cert_norm, model.input_dim)
+        cert = certifier_for_policy(model, self.policy)
+        eps = self.policy.certificate_epsilon(cert.norm, model.input_dim)
         entry = ModelEntry(name, model, cert, eps, None)
         if with_context:
             from riskpipe.context import ContextIndex
@@ -83,10 +75,7 @@ class Pipeline:
         return entry
 
     def _certify(self, entry: ModelEntry, X: np.ndarray, seeds: list[int]):
-        c = self.policy.certifier
-        if c.method == "smoothing" and c.mode == "decide":
-            return entry.certifier.decide_batch(X, seeds, entry.epsilon_cert)
-        return entry.certifier.certify_batch(X, seeds)
+        return entry.certifier.run(self.policy.certifier.mode, X, seeds, entry.epsilon_cert)
 
     def _radius_threat(self, cert, model: Model) -> float:
         return convert_radius(cert.radius, cert.norm, self.policy.threat_model.norm, model.input_dim)

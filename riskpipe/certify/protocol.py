@@ -1,0 +1,41 @@
+"""What every certification family offers, so no caller branches on a method name.
+
+A family declares ``method``, the ``norm`` its radii are in and the ``modes`` it
+supports; ``run(mode, X, seeds, epsilon)`` reaches the mode's batch method and
+refuses a mode the family does not have, naming it. ``prepare()`` does one-time
+work (e.g. Lipschitz constants) so that timings can report it apart, and
+``inputs_per_call`` is how many inputs a caller should hand over at once (a
+smoothing input costs thousands of model evaluations, a bound input one pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+from riskpipe.certify.certificate import Certificate
+
+# A "bound" certificate is what certify mode returns for a deterministic family.
+_ALIASES = {"bound": "certify"}
+
+
+class CertifierBase:
+    method: ClassVar[str]
+    modes: ClassVar[tuple[str, ...]]
+    inputs_per_call: ClassVar[int] = 512
+    norm: str
+
+    def run(self, mode: str, X, seeds: Sequence[int], epsilon: float | None = None) -> list[Certificate]:
+        """Certificates for ``X`` in ``mode`` (one of ``modes``); ``epsilon`` is the
+        decide-mode target radius in the certificate's norm."""
+        mode = _ALIASES.get(mode, mode)
+        if mode not in self.modes:
+            raise ValueError(f"mode: {self.method} supports {', '.join(self.modes)}, not {mode!r}")
+        if mode == "decide":
+            if epsilon is None:
+                raise ValueError("epsilon: decide mode needs a target radius")
+            return self.decide_batch(X, seeds, float(epsilon))
+        return getattr(self, f"{mode}_batch")(X, seeds)
+
+    def prepare(self) -> None:
+        """One-time work before the first input (none by default)."""

@@ -1,0 +1,70 @@
+"""One protocol, one policy-to-certifier function: every caller gets the same certifier."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from riskpipe.certify import certifier_for_policy, family
+from riskpipe.models.base import Model, sha256_state_dict
+from riskpipe.policy.loader import parse_policy
+from riskpipe.policy.schema import Certifier
+
+POLICY = (Path(__file__).resolve().parents[1] / "policies" / "default.yaml").read_text()
+
+
+def _cnn() -> Model:
+    """A small 3x16x16 CNN (not the demo model)."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+                           nn.Linear(4 * 8 * 8, 6)).eval()
+    return Model(spec="test:cnn3x16", input_shape=(3, 16, 16), num_classes=6,
+                 sha256=sha256_state_dict(module), module=module)
+
+
+def _policy(threat_norm: str, certifier: str):
+    text = POLICY.replace("  norm: l2\n  epsilon: 0.25", f"  norm: {threat_norm}\n  epsilon: 0.02")
+    start, end = text.index("certifier:\n"), text.index("signals:\n")
+    return parse_policy(text[:start] + certifier + text[end:], "test.yaml")
+
+
+@pytest.mark.parametrize("threat", ["l2", "linf"])
+def test_ibp_norm_is_the_policy_certificate_norm_whatever_the_threat(threat):
+    """The stage once chose the IBP norm from the threat model while the policy (lint, replay,
+    Theorem 2) assumed linf: now the policy's certificate_norm is the only source."""
+    pol = _policy(threat, "certifier:\n  method: ibp\n")
+    cert = certifier_for_policy(_cnn(), pol)
+    assert cert.norm == pol.certifier.certificate_norm == "linf"
+    pol2 = _policy(threat, "certifier:\n  method: ibp\n  norm: l2\n")
+    assert certifier_for_policy(_cnn(), pol2).norm == "l2"
+
+
+def test_every_section_field_reaches_the_constructor_and_overrides_are_filtered():
+    pol = _policy("l2", "certifier:\n  method: smoothing\n  mode: decide\n  sigma: 0.5\n  alpha: 0.01\n"
+                        "  max_samples: 2000\n")
+    s = certifier_for_policy(_cnn(), pol, batch_size=128, epsilon=3.0)  # epsilon: not a smoothing parameter
+    assert (s.sigma, s.alpha, s.max_samples, s.batch_size) == (0.5, 0.01, 2000, 128)
+    lip = certifier_for_policy(_cnn(), Certifier.for_method("lipschitz", sigma=0.5, n=10), epsilon=0.1)
+    assert (lip.method, lip.norm, lip.epsilon) == ("lipschitz", "l2", 0.1)
+
+
+def test_run_reaches_each_mode_and_refuses_the_others():
+    m = _cnn()
+    X = np.random.default_rng(0).random((2, 3, 16, 16), dtype=np.float32)
+    s = family("smoothing")(m, sigma=0.25, n0=8, n=32, max_samples=64, first_look=16)
+    assert [c.mode for c in s.run("certify", X, [1, 2])] == ["certify"] * 2
+    assert [c.mode for c in s.run("predict", X, [1, 2])] == ["predict"] * 2
+    assert [c.mode for c in s.run("decide", X, [1, 2], 0.1)] == ["decide"] * 2
+    with pytest.raises(ValueError, match="epsilon"):
+        s.run("decide", X, [1, 2])
+    ibp = family("ibp")(m)
+    assert ibp.run("bound", X, [1, 2])[0].method == "ibp"  # a recorded bound certificate replays in certify
+    with pytest.raises(ValueError, match="mode: ibp supports certify, not 'decide'"):
+        ibp.run("decide", X, [1, 2], 0.1)
+
+
+def test_unknown_method_is_named():
+    with pytest.raises(ValueError, match="method: 'cohen'"):
+        family("cohen")
