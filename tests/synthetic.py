@@ -29,3 +29,24 @@ def threshold_model(threshold: float, dim: int = 1, num_classes: int = 2) -> Mod
 
 def threshold_for(p_a: float, sigma: float) -> float:
     return float(sigma * stats.norm.ppf(p_a))
+
+
+def cifar_cnn(seed: int = 0, num_classes: int = 10) -> torch.nn.Module:
+    """A CIFAR-sized CNN (input 3x32x32, 603k parameters), random weights, eval mode:
+    a model that is NOT the 8x8 demo model, for tests and benchmarks of throughput."""
+    torch.manual_seed(seed)
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(128 * 4 * 4, 176), nn.ReLU(), nn.Linear(176, num_classes),
+    ).eval()
+
+
+def save_torchscript(module: torch.nn.Module, path, input_shape) -> str:
+    """Save ``module`` as a TorchScript file riskpipe can load (``PATH.pt?shape=...``)."""
+    scripted = torch.jit.trace(module, torch.zeros((1, *input_shape)))
+    scripted.save(str(path))
+    return f"{path}?shape={','.join(str(s) for s in input_shape)}"

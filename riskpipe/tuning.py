@@ -1,0 +1,76 @@
+"""Start-up tuning with a per-machine cache: the certification batch size.
+
+The probe (riskpipe/certify/batch_size.py) costs about a second per model, so its
+answer is kept in the cache directory under (model sha256, device, torch threads):
+the things that change the answer. A size given in the config or on the command
+line wins and skips the probe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("riskpipe.tuning")
+
+
+@dataclass(frozen=True)
+class BatchSizeChoice:
+    size: int
+    source: str  # config | cache | probe
+    rates: dict[int, float] | None = None
+
+
+def cache_path(model, cache_dir: Path | None = None) -> Path:
+    import torch
+
+    from riskpipe.paths import cache_dir as default_cache_dir
+
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    device = str(model.device).replace(":", "_")
+    return root / "batch_size" / f"{model.sha256[:32]}-{device}-t{torch.get_num_threads()}.json"
+
+
+def certify_batch_size(model, configured: int | None = None, cache_dir: Path | None = None,
+                       budget_s: float = 1.5, name: str | None = None) -> BatchSizeChoice:
+    """The batch size to certify ``model`` with: ``configured`` if given, else the cached
+    probe result for this model/device/thread count, else a fresh probe (then cached)."""
+    from riskpipe.certify.batch_size import probe
+
+    label = name or model.spec
+    if configured is not None:
+        choice = BatchSizeChoice(int(configured), "config")
+    else:
+        path = cache_path(model, cache_dir)
+        choice = _read(path)
+        if choice is None:
+            p = probe(model, budget_s=budget_s)
+            choice = BatchSizeChoice(p.best, "probe", p.rates)
+            _write(path, choice)
+            log.info("model %s: probed forward rates %s in %.2f s", label,
+                     ", ".join(f"{b}: {r:.0f}/s" for b, r in sorted(p.rates.items())), p.elapsed_s)
+    log.info("model %s: certification batch size %d (%s)", label, choice.size, choice.source)
+    return choice
+
+
+def _read(path: Path) -> BatchSizeChoice | None:
+    try:
+        data = json.loads(path.read_text())
+        size = int(data["batch_size"])
+        rates = {int(k): float(v) for k, v in data.get("rates", {}).items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent or unreadable: probe again
+    return BatchSizeChoice(size, "cache", rates) if size >= 1 else None
+
+
+def _write(path: Path, choice: BatchSizeChoice) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"batch_size": choice.size, "rates": choice.rates}, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only cache costs a probe per start, nothing else
+        log.warning("batch size cache %s: cannot write (%s)", path, e.strerror)

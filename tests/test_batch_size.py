@@ -1,0 +1,124 @@
+"""The certification batch size comes from the model's measured forward throughput."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from riskpipe.certify.batch_size import BatchSizeProbe, probe
+from riskpipe.tuning import cache_path, certify_batch_size
+
+
+@dataclass
+class TimedModel:
+    """A model whose forward pass takes ``cost(batch size)`` seconds (known rates)."""
+
+    cost: object
+    input_shape: tuple = (3, 32, 32)
+    value_range: tuple = (0.0, 1.0)
+    device: str = "cpu"
+    spec: str = "timed"
+    sha256: str = "t" * 64
+    calls: int = 0
+
+    def predict_torch(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        assert x.shape[1:] == self.input_shape and x.dtype == torch.float32
+        time.sleep(self.cost(len(x)))
+        return torch.zeros(len(x), dtype=torch.int64)
+
+
+def peaked(b: int) -> float:
+    # fastest at 256 (4 µs/sample); 8 µs/sample at 512 and below 256, 20 µs/sample beyond
+    per = 4e-6 if b == 256 else (8e-6 if b <= 512 else 20e-6)
+    return b * per
+
+
+def test_probe_picks_the_fastest_size_and_stops_past_the_peak() -> None:
+    p = probe(TimedModel(peaked), budget_s=3.0, min_time_s=0.02)
+    assert p.best == 256
+    assert p.rates[256] > 1.5 * p.rates[128] and p.rates[256] > 1.5 * p.rates[512]
+    assert p.rates[2048] < 0.5 * p.best_rate
+    assert 4096 not in p.rates and "fell below half" in p.notes[-1]  # stopped past the peak
+
+
+def test_best_is_the_smallest_within_tolerance() -> None:
+    p = BatchSizeProbe({64: 100.0, 128: 190.0, 256: 200.0, 512: 199.0}, tolerance=0.9)
+    assert p.best == 128 and p.best_rate == 200.0
+    assert BatchSizeProbe({64: 100.0, 128: 190.0, 256: 200.0}, tolerance=1.0).best == 256
+
+
+def test_probe_keeps_to_its_budget() -> None:
+    slow = TimedModel(lambda b: 0.1 + b * 2e-4)  # 64: 0.11 s per call; 4096: 0.9 s
+    t0 = time.perf_counter()
+    p = probe(slow, budget_s=0.8, min_time_s=0.0)
+    assert time.perf_counter() - t0 < 1.6
+    assert 64 in p.rates and 4096 not in p.rates
+    assert "budget" in p.notes[-1]
+
+
+def test_probe_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="candidates"):
+        probe(TimedModel(peaked), candidates=[0, 64])
+    with pytest.raises(ValueError, match="budget_s"):
+        probe(TimedModel(peaked), budget_s=0)
+
+
+def test_probe_on_a_cifar_sized_torchscript_cnn(tmp_path, one_thread) -> None:
+    from synthetic import cifar_cnn, save_torchscript
+
+    from riskpipe.models import load_model
+
+    model = load_model(save_torchscript(cifar_cnn(), tmp_path / "cnn.pt", (3, 32, 32)))
+    p = probe(model, candidates=(8, 16), budget_s=0.5, min_time_s=0.0)
+    assert p.best in (8, 16) and all(r > 0 for r in p.rates.values())
+
+
+def test_choice_is_probed_once_then_cached_per_model_device_and_threads(tmp_path) -> None:
+    m = TimedModel(peaked)
+    first = certify_batch_size(m, cache_dir=tmp_path, budget_s=3.0)
+    assert first.source == "probe" and first.size == 256
+    path = cache_path(m, tmp_path)
+    assert json.loads(path.read_text())["batch_size"] == 256
+    assert f"-cpu-t{torch.get_num_threads()}.json" in path.name and path.name.startswith("t" * 32)
+    calls = m.calls
+    again = certify_batch_size(m, cache_dir=tmp_path)
+    assert (again.size, again.source, m.calls) == (256, "cache", calls)  # no model call
+    other = TimedModel(peaked, sha256="u" * 64)
+    assert cache_path(other, tmp_path) != path
+
+
+def test_configured_size_wins_without_a_probe(tmp_path) -> None:
+    m = TimedModel(peaked)
+    c = certify_batch_size(m, configured=700, cache_dir=tmp_path)
+    assert (c.size, c.source, m.calls) == (700, "config", 0)
+    assert not cache_path(m, tmp_path).exists()
+
+
+def test_unreadable_cache_is_probed_again(tmp_path) -> None:
+    m = TimedModel(peaked)
+    path = cache_path(m, tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    assert certify_batch_size(m, cache_dir=tmp_path, budget_s=3.0).source == "probe"
+    assert json.loads(path.read_text())["batch_size"] == 256
+
+
+def test_tabular_sklearn_model_is_probed(tmp_path) -> None:
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.linear_model import LogisticRegression
+
+    from riskpipe.models.base import Model
+
+    X, y = load_breast_cancer(return_X_y=True)
+    clf = LogisticRegression(max_iter=200).fit(X[:, :5], y)
+    model = Model(spec="sklearn", input_shape=(5,), num_classes=2, sha256="s" * 64,
+                  value_range=(float(X[:, :5].min()), float(X[:, :5].max())),
+                  _predict_fn=lambda a: clf.predict(a.astype(np.float64)))
+    c = certify_batch_size(model, cache_dir=tmp_path, budget_s=0.5)
+    assert c.source == "probe" and c.size in c.rates
