@@ -1,8 +1,9 @@
 """Attacks on the model under test, used to evaluate a policy before it is deployed.
 
 * ``pgd``: projected gradient descent (Madry et al. 2018) in l_inf or l2, untargeted
-  (maximise cross-entropy of the label) or targeted (minimise it for a target class).
-  The budget ``epsilon`` is in the attack norm. Every iterate is projected onto the
+  or targeted, on the cross-entropy or the Carlini–Wagner margin; the one PGD of the
+  code base (tests, ``compare``, ``evaluate``). The budget ``epsilon`` (one, or one
+  per input) is in the attack norm. Every iterate is projected onto the
   norm ball around the clean input and clipped to the model's value range; clipping a
   point whose centre lies in the box moves every coordinate of the perturbation
   towards zero, so the clipped point stays inside the ball.
@@ -30,6 +31,7 @@ from torch import nn
 from riskpipe.certify.norms import check_norm, conversion_factor
 
 ATTACK_NORMS = ("linf", "l2")
+LOSSES = ("ce", "margin")
 PUBLIC_FIELDS = ("id", "ts", "decision", "policy_version")
 
 
@@ -44,18 +46,23 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_attack_args(epsilon: float, norm: str, steps: int, value_range) -> str:
+def _check_attack_args(epsilon, norm: str, steps: int, value_range, loss: str) -> tuple[str, np.ndarray]:
     norm = check_norm(norm)
     if norm not in ATTACK_NORMS:
         raise ValueError(f"norm: attacks run in {' or '.join(ATTACK_NORMS)}, got {norm!r}")
-    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon >= 0):
-        raise ValueError(f"epsilon: must be a finite number >= 0, got {epsilon!r}")
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.ndarray, torch.Tensor, list, tuple)):
+        raise ValueError(f"epsilon: must be a finite number >= 0 (or one per input), got {epsilon!r}")
+    eps = np.asarray(epsilon.cpu() if isinstance(epsilon, torch.Tensor) else epsilon, dtype=np.float64)
+    if eps.ndim > 1 or not (np.all(np.isfinite(eps)) and np.all(eps >= 0)):
+        raise ValueError(f"epsilon: must be a finite number >= 0 (or one per input), got {epsilon!r}")
     if int(steps) < 1:
         raise ValueError(f"steps: must be >= 1, got {steps!r}")
     lo, hi = value_range
     if not lo < hi:
         raise ValueError(f"value_range: must be (lo, hi) with lo < hi, got {value_range!r}")
-    return norm
+    if loss not in LOSSES:
+        raise ValueError(f"loss: {loss!r} is not one of {', '.join(LOSSES)}")
+    return norm, eps
 
 
 def _per_sample_l2(t: torch.Tensor) -> torch.Tensor:
@@ -64,25 +71,25 @@ def _per_sample_l2(t: torch.Tensor) -> torch.Tensor:
     return n.view(-1, *([1] * (t.ndim - 1)))
 
 
-def _project(delta: torch.Tensor, epsilon: float, norm: str) -> torch.Tensor:
+def _project(delta: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tensor:
+    """Onto the ball of radius ``eps`` (shaped (B, 1, ...)) around 0."""
     if norm == "linf":
-        return delta.clamp(-epsilon, epsilon)
-    factor = (epsilon / _per_sample_l2(delta)).clamp(max=1.0)
-    return delta * factor
+        return torch.maximum(torch.minimum(delta, eps), -eps)
+    return delta * (eps / _per_sample_l2(delta)).clamp(max=1.0)
 
 
-def _random_start(shape, epsilon: float, norm: str, gen: torch.Generator) -> torch.Tensor:
+def _random_start(shape, eps: torch.Tensor, norm: str, gen: torch.Generator) -> torch.Tensor:
     """Uniform in the l_inf cube, or uniform in the l2 ball (direction times radius u^(1/d))."""
     if norm == "linf":
-        return (torch.rand(shape, generator=gen) * 2 - 1) * epsilon
+        return (torch.rand(shape, generator=gen) * 2 - 1) * eps
     d = int(np.prod(shape[1:]))
     direction = torch.randn(shape, generator=gen)
     direction = direction / _per_sample_l2(direction)
-    radius = torch.rand((shape[0],), generator=gen) ** (1.0 / d) * epsilon
-    return direction * radius.view(-1, *([1] * (len(shape) - 1)))
+    radius = torch.rand((shape[0],), generator=gen) ** (1.0 / d)
+    return direction * radius.view(-1, *([1] * (len(shape) - 1))) * eps
 
 
-def _ascent_step(grad: torch.Tensor, step_size: float, norm: str) -> torch.Tensor:
+def _ascent_step(grad: torch.Tensor, step_size: torch.Tensor, norm: str) -> torch.Tensor:
     if norm == "linf":
         return step_size * grad.sign()
     return step_size * grad / _per_sample_l2(grad)
@@ -98,11 +105,24 @@ def _log_probs(module: nn.Module, x: torch.Tensor, noise_sigma: float, samples: 
     return torch.log(probs.clamp_min(1e-12))
 
 
+def _objective(scores: torch.Tensor, label: torch.Tensor, targeted: bool, loss: str) -> torch.Tensor:
+    """Per input, what the attacker maximises. ``ce``: cross-entropy of the true label (minus
+    that of the target, for a targeted attack). ``margin`` (Carlini & Wagner): best other score minus the label's score,
+    or the target's score minus the true class's (``label`` is then (true, target))."""
+    if loss == "ce":
+        nll = nn.functional.nll_loss(scores, label[:, int(targeted)], reduction="none")
+        return -nll if targeted else nll
+    zy = scores.gather(1, label[:, :1]).squeeze(1)
+    if targeted:
+        return scores.gather(1, label[:, 1:]).squeeze(1) - zy
+    return scores.scatter(1, label[:, :1], -float("inf")).max(dim=1).values - zy
+
+
 def pgd(
     module: nn.Module,
     X: np.ndarray,
     y: np.ndarray,
-    epsilon: float,
+    epsilon,
     norm: str = "linf",
     steps: int = 40,
     step_size: float | None = None,
@@ -113,63 +133,82 @@ def pgd(
     batch_size: int = 512,
     noise_sigma: float = 0.0,
     noise_samples: int = 8,
+    loss: str = "ce",
 ) -> np.ndarray:
     """Adversarial examples for ``module`` (float32 logits model), one per row of ``X``.
 
-    Untargeted: maximises the cross-entropy of the true label ``y``. Targeted
-    (``targeted`` = class ids, one per row): minimises the cross-entropy of the target.
-    Returns float32 with the shape of ``X``, within ``epsilon`` of ``X`` in ``norm``
-    and inside ``value_range``. The iterate kept per input is the last one that
-    reached the goal (label changed / target hit), else the final one. Runs on the
-    module's device; the random start is drawn on the CPU from ``seed``, so the result
-    does not depend on the device's generator.
+    The one PGD implementation (Madry et al. 2018): tests, ``compare`` and ``evaluate``
+    use it. ``epsilon`` is one budget or one per input (e.g. each input's certified
+    radius). Untargeted: maximises ``loss`` for the true label ``y``; targeted
+    (``targeted`` = class ids, one per row): drives the input towards the target.
+    ``loss`` is ``ce`` (cross-entropy) or ``margin`` (Carlini–Wagner logit margin, the
+    stronger choice against certificates). Returns float32 with the shape of ``X``,
+    within its ``epsilon`` of ``X`` in ``norm`` and inside ``value_range``. The iterate
+    kept per input is the last one that reached the goal (label changed / target hit),
+    else the one with the highest objective. Runs on the module's device; the random
+    start is drawn on the CPU from ``seed``, so the result does not depend on the
+    device's generator.
 
     ``noise_sigma > 0`` attacks the Gaussian-smoothed classifier instead of the base
-    model (expectation over transformation, as in Salman et al. 2019): the loss is the
-    cross-entropy of the softmax averaged over ``noise_samples`` noisy copies, and
-    success is judged on that average.
+    model (expectation over transformation, as in Salman et al. 2019): the scores are
+    the log of the softmax averaged over ``noise_samples`` noisy copies, and success is
+    judged on that average.
     """
-    norm = _check_attack_args(epsilon, norm, steps, value_range)
-    X = np.asarray(X, dtype=np.float32)
-    y = np.asarray(y, dtype=np.int64).reshape(-1)
+    norm, eps_all = _check_attack_args(epsilon, norm, steps, value_range, loss)
+    X = np.asarray(X.cpu() if isinstance(X, torch.Tensor) else X, dtype=np.float32)
+    y = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y, dtype=np.int64).reshape(-1)
     if len(X) != len(y):
         raise ValueError(f"y: {len(y)} labels for {len(X)} inputs")
+    if eps_all.ndim == 1 and len(eps_all) != len(X):
+        raise ValueError(f"epsilon: {len(eps_all)} budgets for {len(X)} inputs")
+    eps_all = np.broadcast_to(eps_all, (len(X),))
     if targeted is not None:
         targeted = np.asarray(targeted, dtype=np.int64).reshape(-1)
         if len(targeted) != len(X):
             raise ValueError(f"targeted: {len(targeted)} targets for {len(X)} inputs")
-    if epsilon == 0 or len(X) == 0:
+    if not np.any(eps_all > 0) or len(X) == 0:
         return X.copy()
-    step_size = float(step_size) if step_size is not None else 2.5 * epsilon / steps
     lo, hi = (float(v) for v in value_range)
     device = _module_device(module)
     gen = torch.Generator().manual_seed(int(seed))
+    labels = np.stack([y, targeted if targeted is not None else y], axis=1)
     was_training = module.training
     module.eval()
     out = np.empty_like(X)
+    shape1 = (-1,) + (1,) * (X.ndim - 1)
     try:
         for start in range(0, len(X), batch_size):
             sl = slice(start, start + batch_size)
             x = torch.from_numpy(X[sl]).to(device)
-            label = torch.from_numpy(targeted[sl] if targeted is not None else y[sl]).to(device)
-            if random_start:
-                delta = _random_start(tuple(x.shape), epsilon, norm, gen).to(device)
-            else:
-                delta = torch.zeros_like(x)
-            delta = (x + _project(delta, epsilon, norm)).clamp(lo, hi) - x
+            label = torch.from_numpy(labels[sl]).to(device)
+            eps = torch.from_numpy(eps_all[sl].astype(np.float32)).view(shape1)
+            step = eps * (2.5 / steps) if step_size is None else torch.full_like(eps, float(step_size))
+            eps, step = eps.to(device), step.to(device)
+            delta = _random_start(tuple(x.shape), eps.cpu(), norm, gen).to(device) if random_start \
+                else torch.zeros_like(x)
+            delta = (x + _project(delta, eps, norm)).clamp(lo, hi) - x
             best = (x + delta).detach().clone()
-            for _ in range(int(steps)):
+            best_obj = torch.full((len(x),), -float("inf"), device=device)
+            reached_once = torch.zeros(len(x), dtype=torch.bool, device=device)
+            for it in range(int(steps) + 1):
                 delta.requires_grad_(True)
-                log_probs = _log_probs(module, x + delta, noise_sigma, noise_samples, gen)
-                loss = nn.functional.nll_loss(log_probs, label, reduction="sum")
-                (grad,) = torch.autograd.grad(loss, delta)
+                scores = _log_probs(module, x + delta, noise_sigma, noise_samples, gen) if (
+                    noise_sigma > 0 or loss == "ce") else module(x + delta)
+                obj = _objective(scores, label, targeted is not None, loss)
                 with torch.no_grad():
-                    direction = -grad if targeted is not None else grad
-                    delta = delta + _ascent_step(direction, step_size, norm)
-                    delta = (x + _project(delta, epsilon, norm)).clamp(lo, hi) - x
-                    pred = _log_probs(module, x + delta, noise_sigma, noise_samples, gen).argmax(dim=1)
-                    reached = pred == label if targeted is not None else pred != label
-                    best[reached] = (x + delta)[reached]
+                    pred = scores.argmax(dim=1)
+                    reached = pred == label[:, 1] if targeted is not None else pred != label[:, 0]
+                    better = (obj > best_obj) & ~reached_once
+                    keep = reached | better
+                    best[keep] = (x + delta)[keep]
+                    best_obj = torch.where(better, obj.detach(), best_obj)
+                    reached_once |= reached
+                if it == int(steps):
+                    break
+                (grad,) = torch.autograd.grad(obj.sum(), delta)
+                with torch.no_grad():
+                    delta = delta + _ascent_step(grad, step, norm)
+                    delta = (x + _project(delta, eps, norm)).clamp(lo, hi) - x
                 delta = delta.detach()
             out[sl] = best.cpu().numpy()
     finally:

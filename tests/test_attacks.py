@@ -85,6 +85,24 @@ def test_pgd_deterministic_with_seed_and_smoothed_variant(tiny):
     assert vector_norm(s1 - X[:10], "l2").max() <= 0.5 + 1e-5
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_per_input_budgets_and_margin_loss(tiny, norm):
+    """One budget per input (e.g. each certified radius) is respected row by row; the margin
+    loss flips at least as many predictions as cross-entropy at the same budget."""
+    net, X, y = tiny
+    eps = np.linspace(0.0, 0.3 if norm == "linf" else 3.0, len(X))
+    adv = pgd(net, X, y, eps, norm=norm, steps=10, seed=3, loss="margin")
+    assert np.all(vector_norm(adv - X, norm) <= eps * (1 + 1e-5) + 1e-6)
+    assert np.array_equal(adv[0], X[0])  # budget 0: untouched
+    flips = {loss: int(np.sum(predict_labels(net, pgd(net, X, y, eps, norm=norm, steps=10, seed=3, loss=loss)) != y))
+             for loss in ("ce", "margin")}
+    assert flips["margin"] >= flips["ce"] - 1 and flips["margin"] > len(X) // 2
+    with pytest.raises(ValueError, match="epsilon: 3 budgets"):
+        pgd(net, X, y, eps[:3], norm=norm)
+    with pytest.raises(ValueError, match="loss"):
+        pgd(net, X, y, 0.1, loss="hinge")
+
+
 def test_pgd_rejects_bad_arguments(tiny):
     net, X, y = tiny
     with pytest.raises(ValueError, match="norm"):

@@ -7,7 +7,7 @@ from torch import nn
 
 from riskpipe.certify import family
 from riskpipe.certify.bounds import IntervalBounds, worst_margin
-from riskpipe.compare.attack import pgd
+from riskpipe.attacks import pgd
 from riskpipe.models import load_model
 from riskpipe.models.base import Model, sha256_state_dict
 from riskpipe.models.digits import load_split
@@ -75,7 +75,8 @@ def test_bounds_contain_pgd_points(name):
     lower = ibp.margin_bounds(x, eps, y)
     for j in range(5):  # attack each margin z_y - z_j separately
         target = torch.full_like(y, j)
-        xa = pgd(model.module, x, y, eps, "linf", steps=30, seed=j, target=target)
+        xa = torch.from_numpy(pgd(model.module, x, y, eps, "linf", steps=30, seed=j, targeted=target.numpy(),
+                                  loss="margin"))
         assert (xa - x).abs().max() <= eps + 1e-6 and xa.min() >= 0 and xa.max() <= 1
         assert (_margins(model.module, xa, y)[:, j] >= lower[:, j] - 1e-5).all()
 
@@ -96,7 +97,7 @@ def test_no_pgd_counterexample_inside_certified_radius(ibp_digits):
     y = torch.tensor([certs[i].predicted_class for i in ok])
     assert (y == model.module(x).argmax(1)).all()
     for seed in range(2):
-        xa = pgd(model.module, x, y, radius, "linf", steps=30, seed=seed)
+        xa = torch.from_numpy(pgd(model.module, x, y, radius, "linf", steps=30, seed=seed, loss="margin"))
         assert ((xa - x).abs().flatten(1).max(1).values <= radius + 1e-6).all()
         with torch.no_grad():
             assert (model.module(xa).argmax(1) == y).all()

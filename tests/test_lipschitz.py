@@ -7,7 +7,7 @@ from torch import nn
 
 from riskpipe.certify import family
 from riskpipe.certify.lipschitz import GlobalLipschitz, lipschitz_constants, spectral_norm
-from riskpipe.compare.attack import pgd
+from riskpipe.attacks import pgd
 from riskpipe.models import load_model
 from riskpipe.models.base import Model, sha256_state_dict
 from riskpipe.models.digits import load_split
@@ -95,12 +95,12 @@ def test_no_pgd_counterexample_inside_certified_radius(lip_digits):
     radius = torch.tensor([certs[i].radius for i in ok])
     y = torch.tensor([certs[i].predicted_class for i in ok])
     for seed in range(2):
-        xa = pgd(model.module, x, y, radius, "l2", steps=30, seed=seed)
+        xa = torch.from_numpy(pgd(model.module, x, y, radius, "l2", steps=30, seed=seed, loss="margin"))
         assert ((xa - x).flatten(1).norm(dim=1) <= radius * (1 + 1e-5)).all()
         with torch.no_grad():
             assert (model.module(xa).argmax(1) == y).all()
     # and just beyond a much larger radius the attack does find class changes: the test has teeth
-    xa = pgd(model.module, x, y, radius * 6, "l2", steps=30, seed=0)
+    xa = torch.from_numpy(pgd(model.module, x, y, radius * 6, "l2", steps=30, seed=0, loss="margin"))
     with torch.no_grad():
         assert (model.module(xa).argmax(1) != y).any()
 
