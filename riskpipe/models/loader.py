@@ -145,7 +145,13 @@ def _load_skops(spec: str, path: Path, opts) -> Model:
         return np.searchsorted(classes_, pred)
 
     return Model(spec=spec, input_shape=tuple(shape), num_classes=classes, sha256=sha256_file(path),
-                 value_range=rng, _predict_fn=predict, meta={"format": "skops"})
+                 value_range=rng, _predict_fn=predict, meta={"format": "skops", **_feature_names(est)})
+
+
+def _feature_names(est) -> dict:
+    """``{"feature_names": [...]}`` when the estimator was fitted on named columns."""
+    names = getattr(est, "feature_names_in_", None)
+    return {"feature_names": [str(n) for n in names]} if names is not None else {}
 
 
 def _is_factory(base: str) -> bool:

@@ -37,7 +37,8 @@ from wtforms.validators import DataRequired, Length, Regexp
 
 from riskpipe.ledger import Ledger
 from riskpipe.review import queue as rq
-from riskpipe.review.render import input_view, split_controls
+from riskpipe.render import ModelInfo, class_name, model_info, record_view
+from riskpipe.review.render import split_controls
 from riskpipe.review.settings import REVIEWER_NAME_RE, ReviewSettings
 
 log = logging.getLogger("riskpipe.review")
@@ -103,6 +104,27 @@ class ConsoleState:
         self.throttle = LoginThrottle()
         self._breached: set[str] = set()
         self._lock = threading.Lock()
+        self._infos: dict[str, ModelInfo] = {}
+
+    def model_info(self, record: dict) -> ModelInfo:
+        """Labels, feature names and value range for the record's model, from the config's
+        ``models:`` entry; a tabular model file (.skops, .onnx) whose entry names no features
+        is loaded once for the names it carries itself."""
+        model = record.get("model")
+        name = model.get("name") if isinstance(model, dict) else model
+        if not isinstance(name, str) or name not in self.settings.models:
+            return ModelInfo()
+        with self._lock:
+            if name not in self._infos:
+                entry = self.settings.models[name]
+                info = model_info(entry)
+                spec = entry if isinstance(entry, str) else getattr(entry, "spec", None) or (
+                    entry.get("spec") if isinstance(entry, dict) else None)
+                if info.feature_names is None and isinstance(spec, str) and \
+                        spec.partition("?")[0].lower().endswith((".skops", ".onnx")):
+                    info = model_info(entry, _load_quietly(spec))
+                self._infos[name] = info
+            return self._infos[name]
 
     def note_queue(self, items: list[rq.QueueItem]) -> None:
         """Backlog gauge, and one deadline breach per item whose deadline has passed."""
@@ -127,6 +149,17 @@ class ConsoleState:
             return
         with Ledger(self.settings.ledger) as ledger:
             self.note_queue(rq.pending(ledger))
+
+
+def _load_quietly(spec: str):
+    """The model, or None when it cannot be loaded here (the page then shows positions)."""
+    from riskpipe.models import ModelError, load_model
+
+    try:
+        return load_model(spec)
+    except (ModelError, OSError, ImportError) as e:
+        log.warning("review console: model %s not loaded for its feature names: %s", spec, e)
+        return None
 
 
 def default_metrics():
@@ -305,9 +338,11 @@ def create_app(settings: ReviewSettings, *, metrics: Any = "default", publisher=
         except rq.ReviewError as e:
             problem = str(e)
         nist, other = split_controls(decision.get("controls"))
+        info = state.model_info(decision)
         return render_template(
             "item.html", rec=decision, item=rq.QueueItem(decision, 0) if problem is None else None,
-            problem=problem, form=form, error=error, image=input_view(decision),
+            problem=problem, form=form, error=error, view=record_view(decision, info),
+            labels=info.labels, class_name=class_name,
             verdict=ledger().get(event_id, kind="verdict"), routed=rq.needs_review(decision),
             nist=nist, other_controls=other, now=rq.now_utc(),
         ), status

@@ -92,18 +92,20 @@ def serve_background(ledger_path: str, host: str = "127.0.0.1", port: int = 0, p
                      users: dict[str, str] | None = None, bootstrap_servers: str | None = None,
                      kafka: KafkaSettings | None = None,
                      review_topic: str = "review", outcomes_topic: str = "review-outcomes",
-                     secret_key: bytes | None = None, metrics="default", **server_options) -> ConsoleServer:
+                     secret_key: bytes | None = None, metrics="default", models: dict | None = None,
+                     **server_options) -> ConsoleServer:
     """Start the console in a thread (for ``riskpipe demo`` and tests).
 
     ``password`` (shared) or ``users`` is required: there is no default credential.
     ``kafka`` (full settings) or ``bootstrap_servers`` (plaintext) connects the Kafka edges.
+    ``models`` are the stage config's ``models:`` entries (class and feature names per model).
     Returns the running server: print ``.url``, call ``.stop()`` when done.
     """
     settings = ReviewSettings(
         ledger=str(ledger_path), credentials=Credentials(users=dict(users or {}), shared=password),
         kafka=kafka or (KafkaSettings(bootstrap_servers=bootstrap_servers) if bootstrap_servers else None),
         review_topic=review_topic, outcomes_topic=outcomes_topic,
-        host=host, port=port, secret_key=secret_key,
+        host=host, port=port, secret_key=secret_key, models=dict(models or {}),
     )
     return start(settings, metrics=metrics, **server_options)
 

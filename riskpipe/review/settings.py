@@ -137,6 +137,9 @@ class ReviewSettings:
     port: int = 0
     secret_key: bytes | None = None  # None: random per process (sessions end on restart)
     session_hours: float = 8.0
+    # the stage config's ``models:`` entries (spec string or mapping with labels, feature_names,
+    # range): how the console names classes and features and scales pictures, per model name
+    models: dict[str, Any] = field(default_factory=dict)
 
     @property
     def bootstrap_servers(self) -> str | None:
@@ -215,4 +218,5 @@ def resolve_settings(
         port=port if port is not None else (section.port if section.port is not None else 0),
         secret_key=secret_key,
         session_hours=section.session_hours,
+        models=dict(config.models) if config_path else {},
     )

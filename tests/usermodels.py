@@ -1,0 +1,102 @@
+"""Small seeded models that are NOT the demo: a 3x32x32 TorchScript CNN on synthetic colour
+images and a tabular scikit-learn model (skops) on the wine data set, each with labelled
+data in the ``.npz`` (X, y) form the CLI reads. Built in seconds, identical on every run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_SHAPE = (3, 32, 32)
+IMAGE_LABELS = ["red-square", "green-bar", "blue-ring"]
+
+
+@dataclass(frozen=True)
+class UserModel:
+    spec: str
+    data: Path  # .npz with X, y
+    labels: list[str]
+    feature_names: list[str] | None = None
+
+
+def synthetic_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Three classes of 3x32x32 images in [0, 1]: a red square, a green bar, a blue ring,
+    at random positions on a noisy grey background."""
+    rng = np.random.default_rng(seed)
+    X = np.clip(0.35 + 0.08 * rng.standard_normal((n,) + IMAGE_SHAPE), 0, 1).astype(np.float32)
+    y = np.arange(n) % 3
+    yy, xx = np.mgrid[:32, :32]
+    for i, k in enumerate(y):
+        r, c = rng.integers(8, 24, size=2)
+        if k == 0:
+            mask = (abs(yy - r) < 6) & (abs(xx - c) < 6)
+        elif k == 1:
+            mask = abs(xx - c) < 3
+        else:
+            d = np.hypot(yy - r, xx - c)
+            mask = (d > 4) & (d < 7.5)
+        X[i, :, mask] = 0.1
+        X[i, k, mask] = 0.95
+    return X, y.astype(np.int64)
+
+
+class _Cnn(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+            torch.nn.Flatten(), torch.nn.Linear(16 * 8 * 8, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def image_model(tmp: Path) -> UserModel:
+    """A trained 3x32x32 TorchScript CNN (noise-augmented so smoothing certifies some inputs)."""
+    tmp = Path(tmp)
+    torch.manual_seed(0)
+    X, y = synthetic_images(360, seed=1)
+    net = _Cnn()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        for idx in torch.randperm(len(xt), generator=g).split(64):
+            xb = xt[idx] + 0.25 * torch.randn(xt[idx].shape, generator=g)
+            loss = torch.nn.functional.cross_entropy(net(xb), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    path = tmp / "signs.pt"
+    torch.jit.script(net).save(str(path))
+    Xt, yt_ = synthetic_images(60, seed=2)
+    np.savez(tmp / "signs-test.npz", X=Xt, y=yt_)
+    return UserModel(spec=f"{path}?shape=3,32,32", data=tmp / "signs-test.npz", labels=list(IMAGE_LABELS))
+
+
+def tabular_model(tmp: Path) -> UserModel:
+    """A skops LogisticRegression on scikit-learn's wine data (13 features in raw units, 3 classes)."""
+    import skops.io as sio
+    from sklearn.datasets import load_wine
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    tmp = Path(tmp)
+    wine = load_wine()
+    X, y = wine.data.astype(np.float32), wine.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(X))
+    train, test = order[:120], order[120:]
+    est = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=0)).fit(X[train], y[train])
+    # as if fitted on a DataFrame (no pandas here): the model carries its feature names
+    est[0].feature_names_in_ = np.asarray(wine.feature_names, dtype=object)
+    path = tmp / "wine.skops"
+    sio.dump(est, path)
+    np.savez(tmp / "wine-test.npz", X=X[test], y=y[test])
+    return UserModel(spec=str(path), data=tmp / "wine-test.npz", labels=list(wine.target_names),
+                     feature_names=list(wine.feature_names))
