@@ -28,6 +28,8 @@ def plots(result: dict) -> dict[str, bytes]:
         grid = cfg["eps_grid"][norm]
         for m in result["models"]:
             for run in m["methods"]:
+                if run.get("unavailable"):
+                    continue
                 ax.plot(grid, run["certified_accuracy"][norm], marker="o",
                         label=f"{m['spec']} · {run['method']}")
             ax.plot(grid, m["pgd_accuracy"][norm], linestyle=":", color="grey")

@@ -4,7 +4,12 @@ For each model and method: certify a labelled subset once (native norm), convert
 every radius to each requested norm with Theorem 2 (``convert_radius``), and read
 certified accuracy off the epsilon grid; time single inputs for latency, measure
 peak memory, and sweep batch size and model width for cost growth. A PGD attack
-gives the empirical robust accuracy, an upper bound no certificate can beat.
+(torch models) or a black-box random search (models without gradients) gives the
+empirical robust accuracy, an upper bound no certificate can beat.
+
+Any model works: a family that cannot certify a model (bounds need a plain
+``nn.Sequential`` torch module; scikit-learn and ONNX models have none) is reported
+as unavailable for it with the reason, and the other families still run.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from riskpipe import blackbox
 from riskpipe.certify import certifier_for_policy
 from riskpipe.certify.norms import check_norm, conversion_factor, convert_radius
 from riskpipe.attacks import pgd
@@ -52,6 +58,7 @@ class CompareConfig:
     batch_sizes: tuple[int, ...] = (1, 16, 64)
     widths: tuple[int, ...] = (4, 8, 16, 32)
     pgd_steps: int = 10
+    attack_queries: int = 200  # black-box random search, for models without gradients
     seed: int = 0
     device: str = "cpu"
 
@@ -72,7 +79,7 @@ class CompareConfig:
             if any(not (math.isfinite(e) and e >= 0) for e in grid):
                 raise ValueError(f"eps_grid: values for {n} must be finite and >= 0, got {list(grid)}")
             self.eps_grid[n] = tuple(sorted(set(float(e) for e in grid)))
-        for name in ("limit", "n_samples", "n0", "timing_inputs", "pgd_steps"):
+        for name in ("limit", "n_samples", "n0", "timing_inputs", "pgd_steps", "attack_queries"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if any(b < 1 for b in self.batch_sizes) or any(w < 1 for w in self.widths):
@@ -105,20 +112,56 @@ def certified_accuracy(certs, y: np.ndarray, native: str, norm: str, grid, d: in
     return [float(np.mean(good & (radius >= e))) for e in grid]
 
 
+def attack_name(model, cfg: CompareConfig) -> str:
+    return f"PGD ({cfg.pgd_steps} steps)" if model.module is not None else \
+        f"{blackbox.NAME}, {cfg.attack_queries} queries"
+
+
 def _pgd_accuracy(model, X: np.ndarray, y: np.ndarray, norm: str, grid, cfg: CompareConfig) -> list[float]:
+    """Accuracy under attack at each epsilon: PGD on torch models, else seeded random search."""
+    bounds = blackbox.value_bounds(model.value_range)
     out = []
     for e in grid:
-        xa = pgd(model.module, X, y, e, norm, steps=cfg.pgd_steps, value_range=model.value_range, seed=cfg.seed,
-                 loss="margin")
+        if model.module is not None:
+            xa = pgd(model.module, X, y, e, norm, steps=cfg.pgd_steps, value_range=bounds, seed=cfg.seed,
+                     loss="margin")
+        else:
+            xa = blackbox.random_search(model.predict, X, y, e, norm, queries=cfg.attack_queries,
+                                        value_range=model.value_range, seed=cfg.seed)
         correct = model.predict(xa) == y
         out.append(float(np.mean(correct)))  # float64 like certified_accuracy: a float32 mean of 23/24 is lower
     return out
 
 
+def unavailable(method: str, reason: str, cfg: CompareConfig) -> dict:
+    """A family that cannot certify this model: every number n/a, the reason stated."""
+    return {
+        "method": method, "native_norm": None, "unavailable": reason,
+        "certified_accuracy": {n: [None] * len(cfg.eps_grid[n]) for n in cfg.norms},
+        "conversion_factor": dict.fromkeys(cfg.norms), "abstain_rate": None, "median_radius_native": None,
+        "latency_ms": {"median": None, "p90": None, "n": 0}, "amortized_ms": None, "total_ms": None, "setup_ms": None,
+        "evaluations_per_input": None, "memory": {"rss_peak_mb": None, "cuda_peak_mb": None},
+        "parallelism": PARALLELISM[method],
+    }
+
+
+def _ready_certifier(model, method: str, cfg: CompareConfig, probe: np.ndarray):
+    """(certifier, one-time setup ms, None) after one probe input, or (None, None, reason)
+    when the family cannot certify ``model``."""
+    try:
+        cert = _certifier(model, method, cfg)
+        setup_ms = timed(cert.prepare, cfg.device)
+        cert.run("certify", probe[:1], [cfg.seed])
+    except (ValueError, TypeError) as e:  # ModelError is a ValueError: e.g. no nn.Sequential module
+        return None, None, str(e)
+    return cert, setup_ms, None
+
+
 def _method_run(model, method: str, X, y, cfg: CompareConfig) -> dict:
-    cert = _certifier(model, method, cfg)
+    cert, setup_ms, reason = _ready_certifier(model, method, cfg, X)
+    if cert is None:
+        return unavailable(method, reason, cfg)
     d = model.input_dim
-    setup_ms = timed(cert.prepare, cfg.device)
     with peak_memory(cfg.device) as mem:
         t0 = time.perf_counter()
         certs = _certify_all(cert, X, cfg.seed)
@@ -127,7 +170,7 @@ def _method_run(model, method: str, X, y, cfg: CompareConfig) -> dict:
            for i in range(min(cfg.timing_inputs, len(X)))]
     native = cert.norm
     return {
-        "method": method, "native_norm": native,
+        "method": method, "native_norm": native, "unavailable": None,
         "certified_accuracy": {n: certified_accuracy(certs, y, native, n, cfg.eps_grid[n], d) for n in cfg.norms},
         "conversion_factor": {n: conversion_factor(native, n, d) for n in cfg.norms},
         "abstain_rate": float(np.mean([c.abstained for c in certs])),
@@ -142,8 +185,9 @@ def _method_run(model, method: str, X, y, cfg: CompareConfig) -> dict:
 
 
 def _batch_sweep(model, method: str, X, cfg: CompareConfig) -> list[dict]:
-    cert = _certifier(model, method, cfg)
-    cert.prepare()  # the one-time cost is reported separately
+    cert, _, _ = _ready_certifier(model, method, cfg, X)  # the one-time cost is reported separately
+    if cert is None:
+        return []
     rows = []
     for b in cfg.batch_sizes:
         xb = np.resize(X, (b,) + X.shape[1:])
@@ -152,13 +196,15 @@ def _batch_sweep(model, method: str, X, cfg: CompareConfig) -> list[dict]:
     return rows
 
 
-def _width_sweep(method: str, X, cfg: CompareConfig) -> list[dict]:
+def _width_sweep(method: str, cfg: CompareConfig) -> list[dict]:
     """Cost per input on the demo CNN family (``digits_cnn(width)``, seeded random weights:
-    cost does not depend on the weights)."""
+    cost does not depend on the weights) on demo digits, whatever the user's model."""
     from riskpipe.models.base import Model, sha256_state_dict
     from riskpipe.models.demo import digits_cnn
+    from riskpipe.models.digits import load_split
 
     rows = []
+    X = load_split("test")[0]
     xb = X[:16]
     for w in cfg.widths:
         torch.manual_seed(cfg.seed)
@@ -201,11 +247,12 @@ def run_compare(cfg: CompareConfig, X: np.ndarray | None = None, y: np.ndarray |
             runs.append(_method_run(model, method, Xc, y, cfg))
         pgd_acc = {n: _pgd_accuracy(model, Xc, y, n, cfg.eps_grid[n], cfg) for n in cfg.norms}
         models.append({"spec": spec, "sha256": model.sha256, "input_dim": model.input_dim,
-                       "clean_accuracy": clean, "pgd_accuracy": pgd_acc, "methods": runs})
+                       "clean_accuracy": clean, "pgd_accuracy": pgd_acc, "attack": attack_name(model, cfg),
+                       "methods": runs})
     first = load_model(cfg.models[0], device=cfg.device)
     Xf = check_inputs(X, first)
     log("cost sweeps")
-    sweeps = {m: {"batch": _batch_sweep(first, m, Xf, cfg), "width": _width_sweep(m, Xf, cfg)} for m in cfg.methods}
+    sweeps = {m: {"batch": _batch_sweep(first, m, Xf, cfg), "width": _width_sweep(m, cfg)} for m in cfg.methods}
     fwd = timed(lambda: first.predict(Xf), cfg.device, repeat=3) / len(Xf)
     return {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},

@@ -17,6 +17,7 @@ Nothing here unpickles an untrusted file.
 from __future__ import annotations
 
 import importlib
+import warnings
 from pathlib import Path
 from urllib.parse import parse_qsl
 
@@ -141,7 +142,9 @@ def _load_skops(spec: str, path: Path, opts) -> Model:
     classes_ = np.asarray(getattr(est, "classes_", np.arange(classes)))
 
     def predict(batch: np.ndarray) -> np.ndarray:
-        pred = est.predict(batch.reshape(len(batch), -1))
+        with warnings.catch_warnings():  # fitted on named columns, fed plain arrays: expected here
+            warnings.filterwarnings("ignore", message="X does not have valid feature names")
+            pred = est.predict(batch.reshape(len(batch), -1))
         return np.searchsorted(classes_, pred)
 
     return Model(spec=spec, input_shape=tuple(shape), num_classes=classes, sha256=sha256_file(path),

@@ -1,0 +1,84 @@
+"""Commands on users' models, not the demo: ``compare --model --data`` on a 3x32x32
+TorchScript CNN and on a tabular skops model (families that cannot certify a model are
+reported unavailable with the reason; models without gradients get the black-box attack),
+and the black-box attack itself."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from usermodels import image_model, tabular_model
+
+from riskpipe.blackbox import random_search
+from riskpipe.cli import cli
+from riskpipe.models import load_model
+
+
+@pytest.fixture(scope="module")
+def signs(tmp_path_factory, one_thread):
+    return image_model(tmp_path_factory.mktemp("signs"))
+
+
+@pytest.fixture(scope="module")
+def wine(tmp_path_factory):
+    return tabular_model(tmp_path_factory.mktemp("wine"))
+
+
+def _compare(tmp_path, spec, data, *extra):
+    r = CliRunner().invoke(cli, ["compare", "--model", spec, "--data", str(data), "--limit", "8",
+                                 "--n-samples", "100", "--methods", "smoothing,ibp,lipschitz",
+                                 "--out", str(tmp_path), "--format", "json,md", *extra])
+    assert r.exit_code == 0, r.output
+    return json.loads((tmp_path / "compare.json").read_text()), (tmp_path / "compare.md").read_text()
+
+
+def test_compare_on_a_torchscript_cnn(signs, tmp_path):
+    result, md = _compare(tmp_path, signs.spec, signs.data, "--eps-grid", "l2=0,0.5,2;linf=0,0.02,0.1")
+    (m,) = result["models"]
+    assert m["input_dim"] == 3 * 32 * 32 and m["clean_accuracy"] == 1.0
+    assert m["attack"].startswith("PGD")
+    runs = {r["method"]: r for r in m["methods"]}
+    assert runs["smoothing"]["unavailable"] is None and runs["smoothing"]["evaluations_per_input"] > 100
+    for method in ("ibp", "lipschitz"):  # a scripted CNN has no nn.Sequential to propagate bounds through
+        assert "nn.Sequential" in runs[method]["unavailable"]
+        assert runs[method]["certified_accuracy"]["l2"] == [None, None, None]
+        assert f"**{method} is unavailable for {signs.spec}:**" in md
+    # the attack is an upper bound of clean accuracy and falls with the budget
+    acc = m["pgd_accuracy"]["linf"]
+    assert acc[0] == 1.0 and acc[2] < acc[0]
+    assert result["sweeps"]["smoothing"]["batch"] and not result["sweeps"]["ibp"]["batch"]
+
+
+def test_compare_on_a_skops_model_uses_the_black_box_attack(wine, tmp_path):
+    spec = wine.spec + "?range=0,2000"  # wine features in raw units
+    result, md = _compare(tmp_path, spec, wine.data, "--sigma", "5", "--eps-grid", "l2=0,5,50;linf=0,2,20")
+    (m,) = result["models"]
+    assert m["input_dim"] == 13 and m["clean_accuracy"] > 0.8
+    assert m["attack"].startswith("random search (black-box)")
+    runs = {r["method"]: r for r in m["methods"]}
+    assert runs["smoothing"]["unavailable"] is None
+    assert "needs a torch model" in runs["ibp"]["unavailable"] and "torch model" in runs["lipschitz"]["unavailable"]
+    acc = m["pgd_accuracy"]["l2"]
+    assert acc[0] == m["clean_accuracy"] and acc[2] < acc[0]  # a large budget does find class changes
+    assert "random search (black-box), 200 queries (upper bound)" in md
+
+
+def test_random_search_finds_only_genuine_examples_inside_the_budget(wine):
+    model = load_model(wine.spec)
+    d = np.load(wine.data)
+    X, y = d["X"], d["y"]
+    for norm, eps in (("l2", 40.0), ("linf", 15.0)):
+        adv = random_search(model.predict, X, y, eps, norm, queries=50, value_range=(0.0, 2000.0), seed=3)
+        again = random_search(model.predict, X, y, eps, norm, queries=50, value_range=(0.0, 2000.0), seed=3)
+        np.testing.assert_array_equal(adv, again)  # seeded
+        changed = np.any(adv != X, axis=1)
+        assert changed.any()
+        assert np.all(model.predict(adv[changed]) != y[changed])  # every reported example fools the model
+        delta = (adv - X).astype(np.float64)
+        size = np.abs(delta).max(axis=1) if norm == "linf" else np.linalg.norm(delta, axis=1)
+        assert np.all(size <= eps * (1 + 1e-5)) and adv.min() >= 0
+    with pytest.raises(ValueError, match="norm"):
+        random_search(model.predict, X, y, 1.0, "l1")
