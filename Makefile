@@ -6,7 +6,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 SYSSTAMP := $(VENV)/.system-packages
-APT_PACKAGES := prometheus chromium chromium-driver
+APT_PACKAGES := prometheus chromium chromium-driver postgresql
 
 .PHONY: setup system-packages demo test bench clean
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Debian tools the tests drive for real: promtool + prometheus, headless chromium.
+# Debian tools the tests drive for real: promtool + prometheus, headless chromium, PostgreSQL 15 (ledger backend).
 $(SYSSTAMP):
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -38,3 +38,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL server for every test that needs one (tests/pgserver.py)."""
+    from pgserver import PostgresServer
+
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres, request):
+    """A fresh, empty database on the shared server; its postgresql:// URL."""
+    import re
+
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
+    return postgres.create_database(name)

@@ -17,12 +17,11 @@ TOPIC_KINDS = {"audit": "decision", "review-outcomes": "verdict", "dlq": "dlq"}
 
 
 def _open(path: str, must_exist: bool = True):
-    from riskpipe.ledger import Ledger, LedgerError
+    """The ledger PATH names (a file, sqlite:///PATH or postgresql://...); one-line errors."""
+    from riskpipe.ledger import LedgerError, open_ledger
 
-    if must_exist and not Path(path).is_file():
-        fail(f"ledger {path}: file not found")
     try:
-        return Ledger(path)
+        return open_ledger(path, create=not must_exist)
     except LedgerError as e:
         fail(str(e))
 
@@ -36,25 +35,42 @@ def ledger() -> None:
 @click.argument("path")
 @click.option("--expect-head", default=None, help="A head printed earlier by `ledger head` (anchored or signed).")
 @click.option("--expect-count", type=click.IntRange(min=0), default=None, help="The row count that head was taken at.")
+@click.option("--public-key", "public_keys", multiple=True, type=click.Path(dir_okay=False),
+              help="Ed25519 public key (PEM) the checkpoints are signed with; repeatable (key rotation).")
+@click.option("--checkpoints", "checkpoint_file", default=None, type=click.Path(dir_okay=False),
+              help="More signed checkpoints, JSON lines as published to the checkpoints topic (needs --public-key).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def verify(path, expect_head, expect_count, as_json):
-    """Recompute the hash chain of PATH; exit 0 only if it is intact.
+def verify(path, expect_head, expect_count, public_keys, checkpoint_file, as_json):
+    """Recompute the hash chain of PATH (a file or postgresql://...); exit 0 only if it is intact.
 
     Detects edited, deleted, inserted and reordered rows, and a truncated tail
-    (against the ledger's own checkpoint, and against --expect-head / --expect-count
-    when the checkpoint was forged too).
+    (against the ledger's chain state, and against --expect-head / --expect-count
+    when that was forged too). With --public-key, every signed checkpoint is checked
+    and the chain must still reach each one: truncation, deletion or re-chaining up to
+    the latest checkpoint's row is detected even when every hash was recomputed.
     """
     from riskpipe.ledger import LedgerError
+    from riskpipe.ledger.checkpoint import load_public_key, read_checkpoint_file, verify_ledger
 
+    if checkpoint_file and not public_keys:
+        fail("--checkpoints: needs --public-key to check the signatures")
+    try:
+        keys = [load_public_key(k) for k in public_keys]
+        external = read_checkpoint_file(checkpoint_file) if checkpoint_file else []
+    except LedgerError as e:
+        fail(str(e))
     with _open(path) as led:
         try:
-            res = led.verify(expect_head=expect_head, expect_count=expect_count)
+            if keys and (expect_head or expect_count is not None):
+                fail("--public-key: use either signed checkpoints or --expect-head/--expect-count")
+            res = verify_ledger(led, keys, external) if keys else led.verify(expect_head=expect_head,
+                                                                            expect_count=expect_count)
         except LedgerError as e:
             fail(str(e))
     if as_json:
         click.echo(json.dumps(res.to_dict(), sort_keys=True))
     elif res.ok:
-        click.echo(f"ok: {res.count} rows, head {res.head}")
+        click.echo(f"ok: {res.count} rows, head {res.head}" + (f" ({res.reason})" if res.reason else ""))
     else:
         click.echo(f"TAMPERED: first bad row {res.first_bad_seq}: {res.reason}")
         click.echo(f"  {res.count} rows check out before it; last good head {res.head}")
@@ -67,12 +83,52 @@ def verify(path, expect_head, expect_count, as_json):
 def head(path, as_json):
     """Print the chain head of PATH (hash of the last row) for signing or anchoring."""
     with _open(path) as led:
-        h, n = led.head(), led.count()
+        h, n = led.head_and_count()
     if as_json:
         ts = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        click.echo(json.dumps({"head": h, "count": n, "ts": ts, "ledger": str(Path(path).resolve())}, sort_keys=True))
+        click.echo(json.dumps({"head": h, "count": n, "ts": ts, "ledger": str(led.path.resolve()) if led.path else str(led)}, sort_keys=True))
     else:
         click.echo(h)
+
+
+@ledger.command()
+@click.argument("path")
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False),
+              help="Ed25519 private key, PEM (openssl genpkey -algorithm ed25519 -out KEY.pem).")
+@click.option("--bootstrap-servers", default=None, help="Also publish the checkpoint to Kafka (HOST:PORT).")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="riskpipe.yaml: Kafka connection and TLS/SASL settings for publishing.")
+@click.option("--topic", default="checkpoints", show_default=True, help="Topic the checkpoint is published to.")
+@click.option("--json", "as_json", is_flag=True, help="Print the checkpoint as JSON.")
+def checkpoint(path, key_path, bootstrap_servers, config_path, topic, as_json):
+    """Sign PATH's (head, row count, time) with Ed25519, store it in the ledger and
+    optionally publish it; `ledger verify --public-key` checks it later."""
+    from riskpipe.ledger import LedgerError
+    from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint, publish
+
+    try:
+        key = load_private_key(key_path)
+    except LedgerError as e:
+        fail(str(e))
+    kafka = None
+    if bootstrap_servers or config_path:
+        from riskpipe.cli.common import kafka_settings
+
+        kafka = kafka_settings(config_path, bootstrap_servers)
+    with _open(path) as led:
+        cp = make_checkpoint(led, key)
+    if kafka is not None:
+        try:
+            publish(kafka, topic, cp)
+        except Exception as e:  # noqa: BLE001 - broker failures are user-facing; the checkpoint is stored already
+            fail(f"checkpoint stored, but publishing to {topic} on {kafka.bootstrap_servers} failed: {type(e).__name__}: {e}")
+    if as_json:
+        from riskpipe.ledger import canonical_json
+
+        click.echo(canonical_json(cp.to_dict()))
+    else:
+        click.echo(f"checkpoint: row {cp.count}, head {cp.head}, {cp.ts}, key {cp.key_id}"
+                   + (f"; published to {topic}" if kafka is not None else ""))
 
 
 @ledger.command()
@@ -173,7 +229,7 @@ def ingest_topics(kafka, topic_kinds: dict[str, str], ledger_path: str, group_id
     from kafka import OffsetAndMetadata
 
     from riskpipe import kafka_clients
-    from riskpipe.ledger import Ledger, LedgerError
+    from riskpipe.ledger import LedgerError, open_ledger
 
     stats = {"messages": 0, "written": 0, "unreadable": 0}
     consumer = kafka_clients.consumer(
@@ -181,7 +237,7 @@ def ingest_topics(kafka, topic_kinds: dict[str, str], ledger_path: str, group_id
         auto_offset_reset="earliest", session_timeout_ms=10_000 if until_idle is None else 2000,
         heartbeat_interval_ms=3000 if until_idle is None else 600, client_id=f"riskpipe-ledger-{group_id}",
     )
-    led = Ledger(ledger_path)
+    led = open_ledger(ledger_path)
     last_data = time.monotonic()
     try:
         while until_idle is None or time.monotonic() - last_data < until_idle:
@@ -218,7 +274,7 @@ def ingest_topics(kafka, topic_kinds: dict[str, str], ledger_path: str, group_id
               help="riskpipe.yaml: Kafka connection and TLS/SASL settings (${VAR} expanded).")
 @click.option("--topic", "topics", multiple=True, default=("audit",), show_default=True,
               help="Topic to consume, optionally NAME=KIND (audit=decision, review-outcomes=verdict, dlq=dlq). Repeatable.")
-@click.option("--ledger", "ledger_path", required=True, help="Ledger file (created if absent).")
+@click.option("--ledger", "ledger_path", required=True, help="Ledger: a file or postgresql://USER@HOST/DB (created if absent).")
 @click.option("--group-id", default="riskpipe-ledger", show_default=True, help="Consumer group shared by ingest workers.")
 @click.option("--until-idle", type=click.FloatRange(min=0.1), default=None,
               help="Stop after this many seconds without messages (default: run until interrupted).")
@@ -242,7 +298,7 @@ def ingest(bootstrap_servers, config_path, topics, ledger_path, group_id, until_
 
 @ledger.command()
 @click.argument("entry_id")
-@click.option("--ledger", "ledger_path", required=True, help="Ledger file.")
+@click.option("--ledger", "ledger_path", required=True, help="Ledger: a file or postgresql://USER@HOST/DB.")
 @click.option("--input", "input_path", required=True, help="The original input: .npy or JSON lines (an event works).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")

@@ -86,18 +86,23 @@ def _read_json_records(path: str):
 
 
 def _read_ledger(path: str):
-    p = Path(path)
-    if not p.is_file():
-        fail(f"ledger {path}: file not found")
-    with open(p, "rb") as f:
-        is_sqlite = f.read(16) == b"SQLite format 3\x00"
-    if not is_sqlite:
-        yield from _read_json_records(path)
-        return
-    from riskpipe.ledger import Ledger, LedgerError
+    from riskpipe.ledger import LedgerError, backend_for, open_ledger
 
     try:
-        with Ledger(path) as led:
+        is_file_ledger = backend_for(path).backend == "sqlite"
+    except LedgerError as e:
+        fail(str(e))
+    if is_file_ledger:
+        p = Path(path)
+        if not p.is_file():
+            fail(f"ledger {path}: file not found")
+        with open(p, "rb") as f:
+            is_sqlite = f.read(16) == b"SQLite format 3\x00"
+        if not is_sqlite:
+            yield from _read_json_records(path)
+            return
+    try:
+        with open_ledger(path, create=False) as led:
             for entry in led.records(kind="decision"):
                 yield entry.record
     except LedgerError as e:

@@ -6,7 +6,7 @@ import click
 
 
 @click.command()
-@click.option("--ledger", "ledger_path", required=True, help="Ledger file.")
+@click.option("--ledger", "ledger_path", required=True, help="Ledger: a file or postgresql://USER@HOST/DB.")
 @click.option("--since", default=None, help="RFC 3339 time, inclusive (default: start of ledger).")
 @click.option("--until", default=None, help="RFC 3339 time, exclusive (default: now).")
 @click.option("--format", "fmt", type=click.Choice(["html", "md", "json", "pdf"]), default="html", show_default=True,
@@ -20,7 +20,13 @@ def report(ledger_path, since, until, fmt, out_path):
     from riskpipe.cli.common import fail
     from riskpipe.report import ReportError, write_report
 
-    out = out_path or str(Path(ledger_path).with_name(f"report.{fmt}"))
+    from riskpipe.ledger import backend_for
+
+    try:
+        beside = backend_for(ledger_path).backend == "sqlite"
+    except ValueError as e:  # LedgerError: an unknown scheme
+        fail(str(e))
+    out = out_path or str(Path(ledger_path).with_name(f"report.{fmt}") if beside else Path(f"report.{fmt}"))
     try:
         path = write_report(ledger_path, out, fmt, since=since, until=until)
     except ReportError as e:

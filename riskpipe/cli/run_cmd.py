@@ -82,6 +82,7 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, group_id, 
             cleaned.append(argv[i])
             i += 1
         sys.exit(run_workers(workers, cleaned, config.metrics_port, config.metrics_addr))
+    from riskpipe.ledger import LedgerError, redact
     from riskpipe.policy import PolicyError
 
     metrics = server = None
@@ -100,8 +101,10 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, group_id, 
             fail(f"DLQ guard tripped, stage stopped: {e}", code=3)
     except PolicyError as e:
         fail(f"policy: {e}")
+    except LedgerError as e:  # e.g. an unknown scheme, an unreachable PostgreSQL server
+        fail(str(e))
     finally:
         if server:
             server.shutdown()
     click.echo(f"decided {stats.decided} events, {sum(stats.dlq.values())} to the DLQ, "
-               f"{stats.duplicates} duplicates skipped; ledger {config.ledger}", err=True)
+               f"{stats.duplicates} duplicates skipped; ledger {redact(config.ledger or '')}", err=True)

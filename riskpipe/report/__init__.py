@@ -53,8 +53,6 @@ def write_report(ledger_path: str | Path, out_path: str | Path, fmt: str = "html
         raise ReportError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "pdf" and not pdf_available():
         raise ReportError("format: pdf needs WeasyPrint (pip install weasyprint); use html, md or json")
-    if not Path(ledger_path).is_file():
-        raise ReportError(f"ledger {ledger_path}: file not found")
     try:
         data = gather(str(ledger_path), since=since, until=until)
     except LedgerError as e:

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from riskpipe.ledger import Ledger, LedgerError, parse_ts
+from riskpipe.ledger import LedgerError, open_ledger, parse_ts
 from riskpipe.policy.controls import CATALOG
 
 DECISIONS = ("allow", "review", "block")
@@ -87,7 +87,7 @@ def _rate(k: int, n: int) -> float | None:
 
 def gather(ledger_path: str, since: Any = None, until: Any = None) -> dict:
     """All report sections for decisions with ``since <= ts < until`` (others by their own ts)."""
-    with Ledger(ledger_path) as led:
+    with open_ledger(ledger_path, create=False) as led:
         integrity = led.verify()
         decisions = [e.record for e in led.records("decision", since, until)]
         verdicts = [e.record for e in led.records("verdict", since, until)]

@@ -118,6 +118,8 @@ WHERE d.kind = 'decision'
 
 
 def _pending_rows(ledger: Ledger) -> list[tuple[int, dict]]:
+    if ledger.backend != "sqlite":
+        return _pending_rows_api(ledger)
     try:
         uri = f"file:{ledger.path.resolve()}?mode=ro"
         with closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:

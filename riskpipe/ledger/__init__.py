@@ -1,0 +1,108 @@
+"""Append-only, hash-chained ledger of decisions, review verdicts, policy changes and
+dead letters, on SQLite (embedded default) or PostgreSQL (shared by many processes).
+
+``open_ledger(target)`` is the one way in: a file path or ``sqlite:///PATH`` opens the
+SQLite backend, ``postgresql://...`` (or ``postgres://``) the PostgreSQL backend; any
+other ``scheme://`` is refused. Both store the same rows under the same hash-chain
+definition (:mod:`riskpipe.ledger.chain`), so an export from either verifies
+identically, and both version their schema (:mod:`riskpipe.ledger.migrations`).
+
+What ``verify`` detects
+-----------------------
+* an edited row (record, kind, id or ts column): its hash no longer matches;
+* a deleted row: a gap in ``seq`` or a ``prev_hash`` that no longer links;
+* an inserted or reordered row: its ``prev_hash`` does not link to the row before it
+  (an insert whose hash the forger recomputed breaks the link of the row after it);
+* a truncated tail: the ``chain_state`` table (count and head, updated in the same
+  transaction as every append) disagrees with the rows;
+* with a public key (:mod:`riskpipe.ledger.checkpoint`): a chain rewritten and
+  re-chained, or truncated, up to a signed checkpoint's row, even when the forger
+  recomputed every hash and ``chain_state``.
+
+Limits: rows appended after the latest checkpoint are protected by the hash chain
+only; someone who can write the database can rewrite or drop them undetected until
+the next checkpoint is signed. Checkpoints stored in the ledger can themselves be
+deleted by such a person: keep the copies published to the ``checkpoints`` topic (or
+``--expect-head`` anchors) elsewhere. Deletions and updates are also refused by
+triggers, which stops accidents, not an attacker with database superuser rights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+from riskpipe.ledger.chain import (
+    GENESIS,
+    KINDS,
+    Entry,
+    LedgerError,
+    VerifyResult,
+    canonical_json,
+    check_chain,
+    entry_hash,
+    parse_ts,
+)
+from riskpipe.ledger.store import Ledger
+
+
+def redact(target: str) -> str:
+    """A ledger URL or path fit for logs: the password of a DSN replaced by ***."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", str(target))
+
+__all__ = ["GENESIS", "KINDS", "Entry", "Ledger", "LedgerError", "VerifyResult", "backend_for", "canonical_json",
+           "check_chain", "dlq_record", "entry_hash", "open_ledger", "parse_ts", "policy_record", "redact"]
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def backend_for(target: Any) -> type:
+    """The Ledger class for ``target``; LedgerError (one line) for an unknown scheme."""
+    if isinstance(target, Path):
+        from riskpipe.ledger.sqlite import SqliteLedger
+
+        return SqliteLedger
+    if not isinstance(target, str) or not target:
+        raise LedgerError(f"ledger: expected a file path or a postgresql:// URL, got {target!r}")
+    m = _SCHEME.match(target)
+    scheme = m.group(1).lower() if m else None
+    if scheme in ("postgresql", "postgres"):
+        from riskpipe.ledger.postgres import PostgresLedger
+
+        return PostgresLedger
+    if scheme in (None, "sqlite"):
+        from riskpipe.ledger.sqlite import SqliteLedger
+
+        return SqliteLedger
+    raise LedgerError(f"ledger {redact(target)}: unknown scheme {scheme!r} "
+                      "(use a file path, sqlite:///PATH or postgresql://USER@HOST/DB)")
+
+
+def open_ledger(target: str | Path, **options: Any) -> Ledger:
+    """Open (creating if absent, unless ``create=False``) the ledger ``target`` names."""
+    return backend_for(target)(target, **options)
+
+
+# -- record constructors for the non-decision kinds ------------------------------------------
+def policy_record(name: str, version: str, sha256: str, ts: str, event: str = "loaded", **extra: Any) -> tuple[dict, str]:
+    """A ``policy`` entry and its entry id; one entry per distinct (name, version, sha256)."""
+    rec = {"id": f"{name}@{version}#{sha256}", "ts": ts, "event": event, "name": name, "version": str(version),
+           "sha256": sha256, **extra}
+    return rec, rec["id"]
+
+
+def dlq_record(reason: str, value: bytes, ts: str, *, topic: str | None = None, partition: int | None = None,
+               offset: int | None = None, file: str | None = None, line: int | None = None,
+               message: str | None = None) -> tuple[dict, str]:
+    """A ``dlq`` entry and its entry id: reason, source and the payload's sha256 — never the payload."""
+    if topic is not None:
+        source: dict = {"topic": topic, "partition": partition, "offset": offset}
+        eid = f"{topic}:{partition}:{offset}"
+    else:
+        source = {"file": file, "line": line}
+        eid = f"{file}:{line}"
+    rec = {"id": eid, "ts": ts, "reason": reason, "message": message, "source": source,
+           "digest": {"sha256": hashlib.sha256(value).hexdigest(), "size": len(value)}}
+    return rec, eid

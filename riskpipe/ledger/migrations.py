@@ -1,0 +1,58 @@
+"""Versioned schema: ordered migration steps, applied once each, recorded in ``schema_version``.
+
+Each backend lists its steps as ``(version, [statements])``. Opening a ledger brings
+its schema up to the newest version inside the backend's write transaction (so two
+processes opening a fresh ledger at once do not both migrate it). Ledgers written
+before ``schema_version`` existed (riskpipe 0.1, schema 1: version in ``meta``) are
+recognised by their ``entries`` table and upgraded from there.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from riskpipe.ledger.chain import LedgerError
+
+Step = tuple[int, list[str]]
+
+VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+
+
+def latest(steps: list[Step]) -> int:
+    return steps[-1][0]
+
+
+def current_version(db, has_table) -> int:
+    """The schema version of an open database (0: empty)."""
+    row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    if row and row[0] is not None:
+        return int(row[0])
+    if not has_table(db, "entries"):
+        return 0
+    if has_table(db, "meta"):  # riskpipe 0.1 kept the version in meta
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row:
+            return int(row[0])
+    return 1
+
+
+def migrate(db, steps: list[Step], has_table, where: str) -> int:
+    """Apply the steps newer than the database's version; returns the final version."""
+    versions = [v for v, _ in steps]
+    if versions != sorted(set(versions)) or versions[0] != 1:
+        raise AssertionError("migration steps must be numbered 1, 2, ... in order")
+    db.execute(VERSION_TABLE)
+    have = current_version(db, has_table)
+    if have > latest(steps):
+        raise LedgerError(f"{where}: ledger schema version {have} is newer than this riskpipe supports "
+                          f"({latest(steps)}): upgrade riskpipe")
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if have and not db.execute("SELECT 1 FROM schema_version WHERE version = ?", (have,)).fetchone():
+        db.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (have, "before-versioning"))
+    for version, statements in steps:
+        if version <= have:
+            continue
+        for stmt in statements:
+            db.execute(stmt)
+        db.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, now))
+    return latest(steps)

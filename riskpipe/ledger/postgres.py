@@ -1,0 +1,155 @@
+"""The shared backend: one PostgreSQL database (psycopg 3) for every stage process,
+replica, ingest worker, review console and report.
+
+Concurrency — one chain, appends serialised
+--------------------------------------------
+Every append transaction first takes a transaction-level advisory lock
+(``pg_advisory_xact_lock``), then reads the head, skips (kind, entry id) pairs already
+stored — by any writer, so de-duplication holds across replicas — and inserts its rows
+with consecutive ``seq``. The lock is released at commit or rollback, including when a
+writer's process is killed (its connection ends). The alternative, one chain per
+writer with a combined verification, would let writers proceed in parallel but make
+"the ledger" a set of chains whose union a verifier must reassemble and whose
+de-duplication still needs a shared index; one chain keeps the export, the checkpoint
+and ``verify`` exactly as on SQLite.
+
+The cost, measured by ``bench/bench_ledger.py`` on the 2-core test machine (batches of
+256 records, the stage's default; bench/results/ledger.json): see the table there; in
+short, appends are bound by the serialised critical section, so 2 and 4 writers share
+roughly the single-writer throughput rather than adding to it.
+
+Tamper evidence: UPDATE, DELETE and TRUNCATE on ``entries`` and ``checkpoints`` are
+refused by triggers; a superuser can disable them, which ``verify`` then detects
+(and a signed checkpoint detects even when the chain was recomputed).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from riskpipe.ledger.chain import GENESIS, LedgerError
+from riskpipe.ledger.migrations import Step, migrate
+from riskpipe.ledger import redact
+from riskpipe.ledger.store import Ledger
+
+APPEND_LOCK = 0x7269736B  # "risk": the advisory lock key every appender takes
+_REFUSE = """CREATE OR REPLACE FUNCTION riskpipe_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'ledger is append-only (% on %)', TG_OP, TG_TABLE_NAME; END $$"""
+
+STEPS: list[Step] = [
+    (1, [
+        """CREATE TABLE entries (
+            seq       BIGINT PRIMARY KEY,
+            kind      TEXT NOT NULL,
+            entry_id  TEXT NOT NULL,
+            ts        TEXT,
+            record    TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash      TEXT NOT NULL,
+            UNIQUE (kind, entry_id))""",
+        "CREATE INDEX entries_kind_ts ON entries (kind, ts)",
+        """CREATE TABLE chain_state (
+            id    INTEGER PRIMARY KEY CHECK (id = 1),
+            count BIGINT NOT NULL,
+            head  TEXT NOT NULL)""",
+        f"INSERT INTO chain_state (id, count, head) VALUES (1, 0, '{GENESIS}')",
+        _REFUSE,
+        "CREATE TRIGGER entries_no_change BEFORE UPDATE OR DELETE ON entries FOR EACH ROW EXECUTE FUNCTION riskpipe_append_only()",
+        "CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON entries FOR EACH STATEMENT EXECUTE FUNCTION riskpipe_append_only()",
+    ]),
+    (2, [
+        """CREATE TABLE checkpoints (
+            id         BIGSERIAL PRIMARY KEY,
+            count      BIGINT NOT NULL,
+            head       TEXT NOT NULL,
+            ts         TEXT NOT NULL,
+            key_id     TEXT NOT NULL,
+            public_key TEXT NOT NULL,
+            signature  TEXT NOT NULL)""",
+        "CREATE INDEX entries_entry_id ON entries (entry_id)",
+        "CREATE TRIGGER checkpoints_no_change BEFORE UPDATE OR DELETE ON checkpoints FOR EACH ROW EXECUTE FUNCTION riskpipe_append_only()",
+        "CREATE TRIGGER checkpoints_no_truncate BEFORE TRUNCATE ON checkpoints FOR EACH STATEMENT EXECUTE FUNCTION riskpipe_append_only()",
+    ]),
+]
+
+
+class _Conn:
+    """psycopg with the store's interface: ``?`` placeholders become ``%s``."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+
+    @staticmethod
+    def _sql(sql: str, params) -> str:
+        # without parameters psycopg sends the text as is (a literal % stays single)
+        return sql.replace("%", "%%").replace("?", "%s") if params else sql
+
+    def execute(self, sql: str, params: tuple = ()):
+        return self.conn.execute(self._sql(sql, params), params or None)
+
+    def executemany(self, sql: str, rows) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(self._sql(sql, True), rows)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _has_table(db, name: str) -> bool:
+    return db.execute("SELECT to_regclass(?) IS NOT NULL", (name,)).fetchone()[0]
+
+
+class PostgresLedger(Ledger):
+    """The ledger in a PostgreSQL database named by a ``postgresql://`` DSN."""
+
+    backend = "postgresql"
+
+    def __init__(self, dsn: str, *, timeout: float = 30.0, create: bool = True) -> None:
+        import psycopg
+
+        self.dsn = str(dsn)
+        self.path = None  # no file: readers that need one (the review queue's fast path) check this
+        self._init_lock()
+        self._db = None
+        self._psycopg = psycopg
+        try:
+            conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, int(timeout)))
+        except psycopg.Error as e:
+            raise LedgerError(f"ledger {redact(self.dsn)}: cannot connect ({str(e).strip().splitlines()[0]})") from None
+        self._db = _Conn(conn)
+        try:
+            conn.execute(f"SET lock_timeout = {int(timeout * 1000)}")
+            if not create and not _has_table(self._db, "entries"):
+                raise LedgerError(f"ledger {redact(self.dsn)}: the database holds no ledger (no entries table)")
+            with self._write() as db:
+                self.schema_version = migrate(db, STEPS, _has_table, redact(self.dsn))
+        except psycopg.Error as e:
+            self.close()
+            raise LedgerError(f"ledger {redact(self.dsn)}: not a usable ledger ({str(e).strip().splitlines()[0]})") from None
+        except LedgerError:
+            self.close()
+            raise
+
+    @contextmanager
+    def _write(self):
+        with self._conn() as db, db.conn.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(?)", (APPEND_LOCK,))
+            yield db
+
+    @contextmanager
+    def _read(self):
+        with self._conn() as db, db.conn.transaction():
+            db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield db
+
+    def _rows(self, db, sql: str, params: tuple = ()):
+        cur = db.conn.cursor(name="riskpipe_verify")  # server-side: rows stream, memory stays flat
+        cur.itersize = 5000
+        cur.execute(db._sql(sql, params), params or None)
+        return cur
+
+    def __str__(self) -> str:
+        return redact(self.dsn)
+
+    def __repr__(self) -> str:
+        return f"PostgresLedger({redact(self.dsn)!r})"

@@ -1,0 +1,132 @@
+"""The embedded backend: one SQLite file in WAL mode.
+
+Concurrency: several processes may open one file; every write is a ``BEGIN
+IMMEDIATE`` transaction (SQLite's file lock), so one writer at a time extends the chain
+and readers see a consistent snapshot. Deletions and updates are refused by
+triggers, which stops accidents, not an attacker with write access to the file.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+
+from riskpipe.ledger.chain import GENESIS, LedgerError
+from riskpipe.ledger.migrations import Step, migrate
+from riskpipe.ledger.store import Ledger
+
+STEPS: list[Step] = [
+    (1, [  # riskpipe 0.1
+        """CREATE TABLE IF NOT EXISTS entries (
+            seq       INTEGER PRIMARY KEY,
+            kind      TEXT NOT NULL,
+            entry_id  TEXT NOT NULL,
+            ts        TEXT,
+            record    TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash      TEXT NOT NULL,
+            UNIQUE (kind, entry_id))""",
+        "CREATE INDEX IF NOT EXISTS entries_kind_ts ON entries (kind, ts)",
+        """CREATE TABLE IF NOT EXISTS chain_state (
+            id    INTEGER PRIMARY KEY CHECK (id = 1),
+            count INTEGER NOT NULL,
+            head  TEXT NOT NULL)""",
+        f"INSERT OR IGNORE INTO chain_state (id, count, head) VALUES (1, 0, '{GENESIS}')",
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        """CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
+            BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
+        """CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
+            BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
+    ]),
+    (2, [  # signed checkpoints; entry ids looked up without the kind (cross-kind de-duplication query)
+        """CREATE TABLE checkpoints (
+            id         INTEGER PRIMARY KEY,
+            count      INTEGER NOT NULL,
+            head       TEXT NOT NULL,
+            ts         TEXT NOT NULL,
+            key_id     TEXT NOT NULL,
+            public_key TEXT NOT NULL,
+            signature  TEXT NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS entries_entry_id ON entries (entry_id)",
+        """CREATE TRIGGER checkpoints_no_update BEFORE UPDATE ON checkpoints
+            BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
+        """CREATE TRIGGER checkpoints_no_delete BEFORE DELETE ON checkpoints
+            BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
+        "DELETE FROM meta WHERE key = 'schema_version'",
+    ]),
+]
+
+
+class _Conn:
+    """sqlite3 with the wrapper interface the store uses (``?`` placeholders natively)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def execute(self, sql: str, params: tuple = ()):
+        return self.db.execute(sql, params)
+
+    def executemany(self, sql: str, rows) -> None:
+        self.db.executemany(sql, rows)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _has_table(db, name: str) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+
+
+class SqliteLedger(Ledger):
+    """The ledger in one SQLite file (created if absent unless ``create=False``)."""
+
+    backend = "sqlite"
+
+    def __init__(self, path: str | Path, *, timeout: float = 30.0, synchronous: str = "FULL", create: bool = True) -> None:
+        if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise LedgerError(f"synchronous: must be OFF, NORMAL, FULL or EXTRA; got {synchronous!r}")
+        path = str(path)
+        self.path = Path(path[len("sqlite:///"):] if path.startswith("sqlite:///") else path)
+        if not create and not self.path.is_file():
+            raise LedgerError(f"ledger {self.path}: file not found")
+        if self.path.parent and not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._init_lock()
+        self._db = None
+        try:
+            raw = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None, check_same_thread=False)
+            self._db = _Conn(raw)
+            raw.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            mode = raw.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise LedgerError(f"{self.path}: could not switch to WAL mode (got {mode})")
+            raw.execute(f"PRAGMA synchronous = {synchronous}")
+            with self._write() as db:
+                self.schema_version = migrate(db, STEPS, _has_table, str(self.path))
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise LedgerError(f"{self.path}: not a usable ledger ({exc})") from None
+
+    @contextmanager
+    def _txn(self, begin: str):
+        with self._conn() as db:
+            db.execute(begin)
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def _write(self):
+        return self._txn("BEGIN IMMEDIATE")
+
+    def _read(self):
+        return self._txn("BEGIN")
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"SqliteLedger({str(self.path)!r})"

@@ -1,0 +1,261 @@
+"""The ledger's one interface, written once over a small SQL surface each backend provides.
+
+:class:`Ledger` holds everything that is the same on SQLite and PostgreSQL: validating
+and chaining appends, de-duplication by (kind, entry id), reading, verifying, and the
+table of signed checkpoints. A backend supplies a connection wrapper with
+``execute(sql, params)`` (SQL written with ``?`` placeholders), a write transaction that
+serialises appends across processes, a read transaction that sees one snapshot, and
+its migration steps (:mod:`riskpipe.ledger.migrations`).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
+
+from riskpipe.ledger.chain import (
+    GENESIS,
+    HEX64,
+    Entry,
+    LedgerError,
+    VerifyResult,
+    check_chain,
+    parse_ts,
+    prepare_entries,
+    row_to_entry,
+)
+
+_COLUMNS = "seq, kind, entry_id, ts, record, prev_hash, hash"
+_ID_CHUNK = 500  # entry ids per de-duplication query (SQLite allows 32766 variables)
+
+
+class Ledger:
+    """Append-only hash-chained ledger. ``Ledger(target)`` opens the backend ``target``
+    names (like ``pathlib.Path``): a file path or ``sqlite:///PATH`` for SQLite,
+    ``postgresql://...`` for PostgreSQL; see :func:`riskpipe.ledger.open_ledger`.
+    Use as a context manager."""
+
+    backend = "abstract"
+
+    def __new__(cls, target: Any = None, **options: Any):
+        if cls is Ledger:
+            from riskpipe.ledger import backend_for
+
+            cls = backend_for(target)
+        return super().__new__(cls)
+
+    def __init__(self, target: Any = None, **options: Any) -> None:  # pragma: no cover - backends override
+        raise NotImplementedError
+
+    # -- backend hooks -------------------------------------------------------------------
+    @contextmanager
+    def _write(self):
+        """A transaction that holds the ledger's append lock; yields the connection wrapper."""
+        raise NotImplementedError
+        yield
+
+    @contextmanager
+    def _read(self):
+        """A read-only transaction on one consistent snapshot; yields the connection wrapper."""
+        raise NotImplementedError
+        yield
+
+    def _rows(self, db, sql: str, params: tuple = ()) -> Iterable[tuple]:
+        """Iterate a large result without loading it whole (inside ``_read``)."""
+        return db.execute(sql, params)
+
+    def _init_lock(self) -> None:
+        self._lock = threading.RLock()
+
+    @contextmanager
+    def _conn(self):
+        """The connection wrapper for a single autocommitted statement."""
+        with self._lock:
+            if self._db is None:
+                raise LedgerError(f"{self}: ledger is closed")
+            yield self._db
+
+    # -- writing --------------------------------------------------------------------------
+    def append(self, record: dict, kind: str = "decision", entry_id: str | None = None) -> bool:
+        """Append one record; False (and nothing written) if (kind, entry_id) is already there."""
+        return self.append_entries([(kind, record, entry_id)]) == 1
+
+    def append_many(self, records: Iterable[dict], kind: str = "decision") -> int:
+        """Append a batch of one kind in one transaction; returns how many were new."""
+        return self.append_entries((kind, r, None) for r in records)
+
+    def append_entries(self, entries: Iterable[tuple[str, dict, str | None]]) -> int:
+        """Append ``(kind, record, entry_id or None)`` items in one transaction.
+
+        Every item is validated before anything is written; items already in the
+        ledger (same kind and entry id, whichever process or replica wrote them), or
+        repeated in the batch, are skipped. Returns how many rows were written.
+        """
+        from riskpipe.ledger.chain import entry_hash
+
+        prepared = prepare_entries(entries)
+        if not prepared:
+            return 0
+        with self._write() as db:
+            count = db.execute("SELECT count FROM chain_state WHERE id = 1").fetchone()[0]
+            last = db.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, prev = last if last else (0, GENESIS)
+            seen = self._existing(db, {(k, e) for k, e, _, _ in prepared})
+            rows = []
+            for kind, eid, ts, text in prepared:
+                if (kind, eid) in seen:
+                    continue
+                seen.add((kind, eid))
+                seq += 1
+                h = entry_hash(prev, kind, eid, text)
+                rows.append((seq, kind, eid, ts, text, prev, h))
+                prev = h
+            if rows:
+                db.executemany(f"INSERT INTO entries ({_COLUMNS}) VALUES (?,?,?,?,?,?,?)", rows)
+                db.execute("UPDATE chain_state SET count = ?, head = ? WHERE id = 1", (count + len(rows), prev))
+        return len(rows)
+
+    @staticmethod
+    def _existing(db, keys: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        ids = sorted({e for _, e in keys})
+        found: set[tuple[str, str]] = set()
+        for i in range(0, len(ids), _ID_CHUNK):
+            chunk = ids[i:i + _ID_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for kind, eid in db.execute(f"SELECT kind, entry_id FROM entries WHERE entry_id IN ({marks})", tuple(chunk)):
+                if (kind, eid) in keys:
+                    found.add((kind, eid))
+        return found
+
+    # -- reading --------------------------------------------------------------------------
+    def get(self, entry_id: str, kind: str = "decision") -> dict | None:
+        with self._conn() as db:
+            row = db.execute("SELECT record FROM entries WHERE kind = ? AND entry_id = ?", (kind, entry_id)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def entry(self, entry_id: str, kind: str = "decision") -> Entry | None:
+        with self._conn() as db:
+            row = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE kind = ? AND entry_id = ?", (kind, entry_id)).fetchone()
+        return row_to_entry(row) if row else None
+
+    def records(self, kind: str | None = None, since: Any = None, until: Any = None) -> Iterator[Entry]:
+        """Entries in chain order; ``since`` inclusive, ``until`` exclusive, compared on ``ts``.
+
+        With a time bound, entries without ``ts`` are skipped.
+        """
+        lo = parse_ts(since, "since") if since is not None else None
+        hi = parse_ts(until, "until") if until is not None else None
+        where, args = ("kind = ? AND seq > ?", [kind]) if kind is not None else ("seq > ?", [])
+        sql = f"SELECT {_COLUMNS} FROM entries WHERE {where} ORDER BY seq LIMIT 1000"
+        last_seq = 0
+        while True:  # pages of 1000 rows: no lock or cursor is held while the caller iterates
+            with self._conn() as db:
+                rows = db.execute(sql, (*args, last_seq)).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                last_seq = row[0]
+                if lo is not None or hi is not None:
+                    if row[3] is None:
+                        continue
+                    t = parse_ts(row[3])
+                    if (lo is not None and t < lo) or (hi is not None and t >= hi):
+                        continue
+                yield row_to_entry(row)
+
+    def count(self, kind: str | None = None) -> int:
+        with self._conn() as db:
+            if kind is None:
+                return db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+            return db.execute("SELECT COUNT(*) FROM entries WHERE kind = ?", (kind,)).fetchone()[0]
+
+    def head(self) -> str:
+        """Hash of the last row (GENESIS for an empty ledger): sign or anchor this."""
+        return self.head_and_count()[0]
+
+    def head_and_count(self) -> tuple[str, int]:
+        """(head, row count) read together, as a checkpoint signs them."""
+        with self._read() as db:
+            row = db.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
+        return (row[1], row[0]) if row else (GENESIS, 0)
+
+    def hash_at(self, seq: int) -> str | None:
+        with self._conn() as db:
+            row = db.execute("SELECT hash FROM entries WHERE seq = ?", (seq,)).fetchone()
+        return row[0] if row else None
+
+    # -- signed checkpoints (riskpipe.ledger.checkpoint) ------------------------------------
+    def add_checkpoint(self, cp) -> None:
+        with self._write() as db:
+            db.execute("INSERT INTO checkpoints (count, head, ts, key_id, public_key, signature) VALUES (?,?,?,?,?,?)",
+                       (cp.count, cp.head, cp.ts, cp.key_id, cp.public_key, cp.signature))
+
+    def checkpoints(self) -> list:
+        from riskpipe.ledger.checkpoint import Checkpoint
+
+        with self._conn() as db:
+            rows = db.execute("SELECT count, head, ts, key_id, public_key, signature FROM checkpoints ORDER BY id").fetchall()
+        return [Checkpoint(*r) for r in rows]
+
+    # -- verification ---------------------------------------------------------------------
+    def verify(self, expect_head: str | None = None, expect_count: int | None = None,
+               checkpoints: list | None = None) -> VerifyResult:
+        """Recompute the whole chain; the first row that does not check out is named.
+
+        ``checkpoints``: verified :class:`~riskpipe.ledger.checkpoint.Checkpoint` s (see
+        ``checkpoint.verify_ledger``); each one's row must still carry its signed head.
+        """
+        if expect_head is not None and not HEX64.fullmatch(expect_head):
+            raise LedgerError(f"expect_head: must be 64 lowercase hex characters; got {expect_head!r}")
+        if expect_count is not None and (not isinstance(expect_count, int) or expect_count < 0):
+            raise LedgerError(f"expect_count: must be a non-negative integer; got {expect_count!r}")
+        anchors = {cp.count: cp.head for cp in checkpoints or ()}
+        with self._read() as db:
+            state = db.execute("SELECT count, head FROM chain_state WHERE id = 1").fetchone()
+            rows = self._rows(db, f"SELECT {_COLUMNS} FROM entries ORDER BY seq")
+            n, prev, bad, anchored_seq, bad_anchor = check_chain(rows, expect_head, anchors)
+        if bad_anchor is not None:  # a signed head no longer matches: rows up to it were rewritten
+            return VerifyResult(False, n, prev, *bad_anchor)
+        if bad is not None:
+            return VerifyResult(False, n, prev, *bad)
+        if anchors and max(anchors) > n:
+            last = max(anchors)
+            return VerifyResult(False, n, prev, n + 1, f"truncated: a signed checkpoint covers {last} rows, found {n}")
+        if state is None:
+            return VerifyResult(False, n, prev, n + 1, "chain_state row is missing (tampered)")
+        s_count, s_head = state
+        if s_count > n:
+            return VerifyResult(False, n, prev, n + 1, f"truncated: chain state says {s_count} rows, found {n}")
+        if s_count < n:
+            return VerifyResult(False, n, prev, s_count + 1,
+                                f"rows after {s_count} were added outside the ledger (chain state says {s_count} rows)")
+        if s_head != prev:
+            return VerifyResult(False, n, prev, max(n, 1), f"chain state head {s_head[:12]}… differs from chain head {prev[:12]}…")
+        if expect_count is not None and n < expect_count:
+            return VerifyResult(False, n, prev, n + 1, f"truncated: expected at least {expect_count} rows, found {n}")
+        if expect_head is not None:
+            if anchored_seq is None:
+                if expect_count is not None and expect_count <= n:
+                    return VerifyResult(False, n, prev, max(expect_count, 1),
+                                        f"row {expect_count} is not the anchored head {expect_head[:12]}…: rewritten")
+                return VerifyResult(False, n, prev, n + 1,
+                                    f"anchored head {expect_head[:12]}… is not in the chain: truncated or rewritten")
+            if expect_count is not None and anchored_seq != expect_count:
+                return VerifyResult(False, n, prev, min(anchored_seq, expect_count) + 1,
+                                    f"anchored head is row {anchored_seq}, expected row {expect_count}")
+        return VerifyResult(True, n, prev)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
