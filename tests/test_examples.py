@@ -1,0 +1,71 @@
+"""The committed examples (examples/image, examples/tabular): files match their build
+scripts, models load through riskpipe's loader and classify their reference sets."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from riskpipe.models import load_model
+from riskpipe.policy import load_policy
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SPECS = {"image": "model.pt?shape=3,32,32", "tabular": "model.skops"}
+
+
+def build_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_build_{name}", EXAMPLES / name / "build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def reference(name: str):
+    with np.load(EXAMPLES / name / "reference.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.mark.parametrize("name, shape, classes, min_acc", [("image", (3, 32, 32), 4, 0.85),
+                                                           ("tabular", (30,), 2, 0.9)])
+def test_example_model_classifies_its_reference_set_clean_and_under_policy_noise(name, shape, classes, min_acc):
+    model = load_model(str(EXAMPLES / name / SPECS[name]))
+    ref = reference(name)
+    assert model.input_shape == shape and model.num_classes == classes
+    assert ref["X"].dtype == np.float32 and ref["X"].shape[1:] == shape and ref["y"].dtype == np.int64
+    assert set(np.unique(ref["y"])) == set(range(classes))
+    X, y = ref["X"], ref["y"]
+    assert (model.predict(X) == y).mean() >= min_acc
+    sigma = load_policy(str(EXAMPLES / name / "policy.yaml")).certifier.sigma
+    assert sigma == build_module(name).SIGMA  # trained at the sigma the policy smooths with
+    scale = X.reshape(len(X), -1).std(axis=0).reshape(shape) if name == "tabular" else 1.0
+    noisy = X + sigma * scale * np.random.default_rng(0).standard_normal(X.shape).astype(np.float32)
+    assert (model.predict(noisy) == y).mean() >= min_acc - 0.05
+
+
+def test_example_files_are_small():
+    for f in ("image/model.pt", "image/reference.npz", "tabular/model.skops", "tabular/reference.npz"):
+        assert (EXAMPLES / f).stat().st_size < 2 << 20, f
+
+
+def test_image_reference_set_is_what_build_draws():
+    b = build_module("image")
+    X, y = b.make_images(b.N_TRAIN + b.N_REFERENCE, b.SEED)
+    ref = reference("image")
+    np.testing.assert_array_equal(X[b.N_TRAIN:], ref["X"])
+    np.testing.assert_array_equal(y[b.N_TRAIN:], ref["y"])
+    assert 0.0 <= X.min() and X.max() <= 1.0
+
+
+def test_tabular_build_reproduces_the_committed_model(tmp_path):
+    """Rebuild into tmp_path: same reference set, same predicted probabilities."""
+    import skops.io as sio
+
+    build_module("tabular").main(tmp_path)
+    ref, new = reference("tabular"), np.load(tmp_path / "reference.npz")
+    for k in ("X", "y", "feature_names"):
+        np.testing.assert_array_equal(ref[k], new[k])
+    old_est, new_est = sio.load(EXAMPLES / "tabular" / "model.skops"), sio.load(tmp_path / "model.skops")
+    np.testing.assert_array_equal(old_est.predict_proba(ref["X"]), new_est.predict_proba(ref["X"]))
+    assert len(ref["feature_names"]) == 30 and ref["feature_names"][0] == "mean radius"
+
