@@ -12,7 +12,9 @@ import click
 @click.option("--format", "fmt", type=click.Choice(["html", "md", "json", "pdf"]), default="html", show_default=True,
               help="pdf only when WeasyPrint is installed.")
 @click.option("--out", "out_path", default=None, help="Output file (default: report.<format> next to the ledger).")
-def report(ledger_path, since, until, fmt, out_path):
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="Stage config: its models: entries name classes (labels) and features in the input examples.")
+def report(ledger_path, since, until, fmt, out_path, config_path):
     """Write the compliance report: scope, policies, volumes, decisions, abstention, radii,
     review, dead letters, NIST AI RMF / ISO 27001 mapping, ledger integrity."""
     from pathlib import Path
@@ -27,8 +29,16 @@ def report(ledger_path, since, until, fmt, out_path):
     except ValueError as e:  # LedgerError: an unknown scheme
         fail(str(e))
     out = out_path or str(Path(ledger_path).with_name(f"report.{fmt}") if beside else Path(f"report.{fmt}"))
+    models = None
+    if config_path:
+        from riskpipe.stream.config import ConfigError, load_config
+
+        try:
+            models = dict(load_config(config_path).models)
+        except ConfigError as e:
+            fail(str(e))
     try:
-        path = write_report(ledger_path, out, fmt, since=since, until=until)
+        path = write_report(ledger_path, out, fmt, since=since, until=until, models=models)
     except ReportError as e:
         fail(str(e))
     click.echo(str(path))

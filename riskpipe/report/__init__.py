@@ -23,13 +23,16 @@ def pdf_available() -> bool:
     return importlib.util.find_spec("weasyprint") is not None
 
 
-def render(data: dict, fmt: str) -> str:
-    """Render gathered data as ``html``, ``md`` or ``json`` text."""
+def render(data: dict, fmt: str, models: dict | None = None) -> str:
+    """Render gathered data as ``html``, ``md`` or ``json`` text. ``models`` (the stage
+    config's ``models:`` entries) name classes and features in the input examples."""
     if fmt == "json":
         slim = json.loads(json.dumps(data))
         for g in slim["radius"]["groups"]:
             g.pop("values", None)
         slim["review"].pop("minutes_values", None)
+        for e in slim["examples"]:
+            e["input"].pop("data", None)
         return json.dumps(slim, indent=2, sort_keys=True, allow_nan=False) + "\n"
     from riskpipe.render import environment
 
@@ -37,14 +40,26 @@ def render(data: dict, fmt: str) -> str:
     if fmt == "html":
         from riskpipe.report.plots import all_figures
 
-        return env.get_template("report.html.j2").render(d=data, fig=all_figures(data))
+        return env.get_template("report.html.j2").render(d=data, fig=all_figures(data),
+                                                         examples=_example_views(data["examples"], models or {}))
     if fmt == "md":
         return env.get_template("report.md.j2").render(d=data)
     raise ReportError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
 
 
+def _example_views(examples: list[dict], models: dict) -> list[dict]:
+    from riskpipe.render import class_name, model_info, record_view
+
+    infos = {name: model_info(entry) for name, entry in models.items()}
+    out = []
+    for e in examples:
+        info = infos.get(e["model"]) or model_info()
+        out.append({**e, "view": record_view(e, info), "prediction_name": class_name(e["prediction"], info.labels)})
+    return out
+
+
 def write_report(ledger_path: str | Path, out_path: str | Path, fmt: str = "html", since: Any = None,
-                 until: Any = None) -> Path:
+                 until: Any = None, models: dict | None = None) -> Path:
     """Gather the ledger's evidence for [since, until) and write the report; returns the path."""
     from riskpipe.ledger import LedgerError
     from riskpipe.report.data import gather
@@ -62,9 +77,9 @@ def write_report(ledger_path: str | Path, out_path: str | Path, fmt: str = "html
     if fmt == "pdf":
         import weasyprint
 
-        weasyprint.HTML(string=render(data, "html")).write_pdf(str(out))
+        weasyprint.HTML(string=render(data, "html", models)).write_pdf(str(out))
     else:
-        out.write_text(render(data, fmt), encoding="utf-8")
+        out.write_text(render(data, fmt, models), encoding="utf-8")
     return out
 
 

@@ -120,6 +120,8 @@ def gather(ledger_path: str, since: Any = None, until: Any = None) -> dict:
         "radius": _radius(decisions),
         "review": _review(decisions, verdicts),
         "dlq": _dlq(dlq),
+        "breakdown": _breakdown(decisions, verdicts),
+        "examples": _examples(decisions),
     }
     data["controls"] = _controls(data, decisions)
     return data
@@ -174,6 +176,72 @@ def _volumes(decisions, verdicts, policies, dlq, totals) -> dict:
                    Counter((_get(d, "model", "name"), _get(d, "model", "sha256")) for d in decisions).most_common()],
         "workers": dict(Counter(str(d.get("worker")) for d in decisions).most_common()),
     }
+
+
+def _model_name(d: dict) -> str:
+    m = d.get("model")
+    return str(m.get("name") if isinstance(m, dict) else m)
+
+
+def _policy_name(d: dict) -> str:
+    p = d.get("policy")
+    return f"{p.get('name')} v{p.get('version')}" if isinstance(p, dict) else str(p)
+
+
+def _group_row(name: str, sub: list[dict], verdict_of: dict) -> dict:
+    n = len(sub)
+    counts = Counter(d.get("decision") for d in sub)
+    abst = sum(1 for d in sub if _get(d, "certificate", "abstained") is True)
+    not_cert = sum(1 for d in sub if _get(d, "certificate", "abstained") is True
+                   or _get(d, "certificate", "certified") is False)
+    radii = [r for r in (_num(_get(d, "certificate", "radius_threat")) for d in sub) if r is not None]
+    threats = sorted({f"{_get(d, 'certificate', 'threat_norm')} eps={_num(_get(d, 'certificate', 'threat_epsilon'))}"
+                      for d in sub})
+    verdicts = Counter(verdict_of[d.get("id")] for d in sub if d.get("id") in verdict_of)
+    return {"name": name, "decisions": n, **{k: counts.get(k, 0) for k in DECISIONS},
+            **{f"{k}_rate": _rate(counts.get(k, 0), n) for k in DECISIONS},
+            "abstained": abst, "abstain_rate": _rate(abst, n), "not_certified_rate": _rate(not_cert, n),
+            "median_radius_threat": statistics.median(radii) if radii else None, "threat_models": threats,
+            "routed": sum(1 for d in sub if _get(d, "review", "routed") is True),
+            "verdicts": {k: verdicts.get(k, 0) for k in VERDICTS}}
+
+
+def _breakdown(decisions: list[dict], verdicts: list[dict]) -> dict:
+    """Per model, per policy (name and version), and which policy decided which model's events."""
+    verdict_of = {v.get("id"): v.get("verdict") for v in verdicts}
+
+    def rows(key) -> list[dict]:
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for d in decisions:
+            groups[key(d)].append(d)
+        return [_group_row(k, sub, verdict_of) for k, sub in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))]
+
+    pairs = Counter((_model_name(d), _policy_name(d)) for d in decisions)
+    return {"models": rows(_model_name), "policies": rows(_policy_name),
+            "model_policy": [{"model": m, "policy": p, "decisions": c} for (m, p), c in sorted(pairs.items())]}
+
+
+EXAMPLES_PER_MODEL = 3
+
+
+def _examples(decisions: list[dict]) -> list[dict]:
+    """The first few routed or blocked decisions per model that carry their input, for
+    pictures (images) or tables (tabular rows) in the HTML report."""
+    out, seen = [], Counter()
+    for d in decisions:
+        inp = d.get("input")
+        if not (isinstance(inp, dict) and inp.get("data") is not None):
+            continue
+        if not (_get(d, "review", "routed") is True or d.get("decision") == "block"):
+            continue
+        name = _model_name(d)
+        if seen[name] >= EXAMPLES_PER_MODEL:
+            continue
+        seen[name] += 1
+        out.append({"id": d.get("id"), "model": name, "policy": _policy_name(d), "decision": d.get("decision"),
+                    "prediction": d.get("prediction"), "reasons": d.get("reasons") or [],
+                    "input": {"shape": inp.get("shape"), "data": inp.get("data")}})
+    return out
 
 
 def _decisions(decisions: list[dict], times: list[datetime]) -> dict:
