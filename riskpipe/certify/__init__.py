@@ -34,6 +34,8 @@ class Certifier(Protocol):
 
     def prepare(self) -> None: ...
 
+    def check_inputs(self, X) -> None: ...
+
 
 def family(method: str) -> type:
     """The certifier class of ``method`` (smoothing | ibp | lipschitz)."""

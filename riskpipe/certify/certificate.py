@@ -47,6 +47,7 @@ class Certificate:
     reason: str | None = None
     bound: str | None = None
     input_dim: int | None = None
+    sampler: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -85,15 +86,24 @@ class Certificate:
             if self.mode == "decide" and self.epsilon is not None:
                 what += f"; decides radius >= epsilon={self.epsilon:g} at that level"
             what += "; it covers the smoothed classifier, not the base model"
+            if self.sampler == "sound":
+                grid = self.extra.get("grid_step")
+                what += ("; sampler sound: inputs on a quantisation grid"
+                         + (f" of step {grid:.6g}" if isinstance(grid, (int, float)) else "")
+                         + ", noise a discretised Gaussian drawn from uniform integers, so it is floating-point "
+                         "sound for inputs and perturbations on that grid")
+            else:
+                what += ("; sampler gaussian: float Gaussian noise added in floating point, so the radius holds in "
+                         "real arithmetic and is not floating-point sound (Voráček & Hein 2023)")
         elif self.method == "ibp":
             what = (
                 f"{norm} radius from interval bound propagation: a deterministic bound, "
-                "exact arithmetic aside, for the model as deployed inside its value range"
+                "exact arithmetic aside, for the model as deployed inside its value range; no sampler"
             )
         else:
             what = (
                 f"{norm} radius from a global Lipschitz bound: a deterministic bound for "
-                "the model as deployed"
+                "the model as deployed; no sampler"
             )
         if self.abstained:
             what = "no certificate (abstained): " + what

@@ -4,7 +4,8 @@ A family declares ``method``, the ``norm`` its radii are in and the ``modes`` it
 supports; ``run(mode, X, seeds, epsilon)`` reaches the mode's batch method and
 refuses a mode the family does not have, naming it. ``prepare()`` does one-time
 work (e.g. Lipschitz constants) so that timings can report it apart, and
-``inputs_per_call`` is how many inputs a caller should hand over at once (a
+``check_inputs`` refuses inputs the certifier cannot speak about (e.g. off the
+sound sampler's grid) before any work is done; ``inputs_per_call`` is how many inputs a caller should hand over at once (a
 smoothing input costs thousands of model evaluations, a bound input one pass).
 """
 
@@ -39,3 +40,6 @@ class CertifierBase:
 
     def prepare(self) -> None:
         """One-time work before the first input (none by default)."""
+
+    def check_inputs(self, X) -> None:
+        """Raise ValueError for inputs this certifier cannot certify (all valid inputs by default)."""

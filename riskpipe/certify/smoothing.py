@@ -7,7 +7,11 @@ about g that holds with probability >= 1 - alpha over the noise.
 Noise comes from one ``torch.Generator`` per input, seeded with that input's
 seed, and is drawn in the same pieces whatever else shares the model batch, so
 one input's certificate never depends on its batch-mates and an auditor can
-recompute it from (input, seed, parameters).
+recompute it from (input, seed, parameters). Which noise, and whether the
+certificate survives floating point, is the ``sampler``'s business
+(``riskpipe.certify.samplers``): its ``margin`` is subtracted from every lower
+bound on p_A and added to every threshold, so the statements below hold for the
+distribution the certificate names.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from riskpipe.certify.certificate import Certificate
 from riskpipe.certify.protocol import CertifierBase
+from riskpipe.certify.samplers import make_sampler
 from riskpipe.certify.stats import (
     SequentialPlan,
     binomial_test_pvalue,
@@ -41,7 +46,9 @@ class Smoothing(CertifierBase):
     ``bound``: ``cp`` is Cohen's CERTIFY (one-sided Clopper–Pearson on p_A);
     ``bonferroni`` / ``goodman`` use the seed's eq. (4) with simultaneous bounds on
     p_A and the runner-up p_B. ``batch_size`` caps noise samples per model call,
-    so memory stays bounded for any n.
+    so memory stays bounded for any n. ``sampler``: ``gaussian`` (float noise, not
+    floating-point sound) or ``sound`` (inputs on a grid of ``grid_levels`` steps of
+    the value range, or of ``grid_step``; see ``riskpipe.certify.samplers``).
     """
 
     model: object
@@ -54,6 +61,9 @@ class Smoothing(CertifierBase):
     max_samples: int = 100_000
     first_look: int = 48
     growth: float = 2.0
+    sampler: str = "gaussian"
+    grid_levels: int = 255
+    grid_step: float | None = None
 
     method = "smoothing"
     norm = "l2"
@@ -69,7 +79,14 @@ class Smoothing(CertifierBase):
             raise ValueError("n0, n, batch_size and max_samples must be >= 1")
         if self.bound not in BOUNDS:
             raise ValueError(f"bound: {self.bound!r} is not one of {BOUNDS}")
+        if not (self.first_look >= 1 and self.growth > 1):
+            raise ValueError(f"first_look: must be >= 1 and growth > 1, got {self.first_look}, {self.growth}")
+        self.noise = make_sampler(self.sampler, self.sigma, self.model, self.grid_levels, self.grid_step)
         self._plans: dict[float, SequentialPlan] = {}
+
+    def check_inputs(self, X) -> None:
+        """Raise ``GridError`` (a ValueError) for an input the sampler cannot take."""
+        self.noise.prepare(torch.as_tensor(np.asarray(X, dtype=np.float32)))
 
     # ---- sampling core -------------------------------------------------------------
     def _prepare(self, X, seeds: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
@@ -77,7 +94,7 @@ class Smoothing(CertifierBase):
         if x.shape[1:] != tuple(self.model.input_shape):
             x = x.reshape((len(x),) + tuple(self.model.input_shape))
         gens = [torch.Generator(device=self.model.device).manual_seed(int(s)) for s in seeds]
-        return x, gens
+        return self.noise.prepare(x), gens
 
     def _count(self, x: torch.Tensor, gens: list[torch.Generator], draws: np.ndarray) -> np.ndarray:
         """Class counts (B, K) of f(x_i + noise) over ``draws[i]`` fresh samples per input.
@@ -91,29 +108,30 @@ class Smoothing(CertifierBase):
         B, K, bs = len(x), self.model.num_classes, self.batch_size
         counts = torch.zeros(B * K, dtype=torch.int64, device=x.device)
         pieces = [(i, min(bs, int(m) - o)) for i, m in enumerate(draws) for o in range(0, int(m), bs)]
-        buf = torch.empty((bs,) + tuple(x.shape[1:]), device=x.device)
+        buf = self.noise.new_buffer(min(bs, max((m for _, m in pieces), default=1) * len(x)),
+                                    tuple(x.shape[1:]), x.device)
         j = 0
         while j < len(pieces):
             fill, owners, sizes = 0, [], []
-            while j < len(pieces) and fill + pieces[j][1] <= bs:
+            while j < len(pieces) and fill + pieces[j][1] <= len(buf):
                 i, m = pieces[j]
-                buf[fill : fill + m].normal_(0.0, self.sigma, generator=gens[i])
+                self.noise.draw(buf[fill : fill + m], gens[i])
                 owners.append(i)
                 sizes.append(m)
                 fill += m
                 j += 1
             owner = torch.from_numpy(np.repeat(np.asarray(owners, dtype=np.int64), sizes)).to(x.device)
-            batch = buf[:fill]
-            batch += x.index_select(0, owner)
+            batch = self.noise.perturb(x.index_select(0, owner), buf[:fill])
             ids = self.model.predict_torch(batch)
             counts += torch.bincount(owner * K + ids, minlength=B * K)
         return counts.view(B, K).cpu().numpy()
 
     def _cert(self, mode, t0, seed, batch: int = 1, **kw) -> Certificate:
         """elapsed_ms is the batch's wall time shared equally by its inputs."""
+        kw["extra"] = {**kw.get("extra", {}), **self.noise.describe()}
         return Certificate(method="smoothing", norm="l2", mode=mode, sigma=self.sigma, alpha=self.alpha,
                            seed=int(seed), elapsed_ms=(time.perf_counter() - t0) * 1e3 / batch,
-                           input_dim=self.model.input_dim, bound=kw.pop("bound", None), **kw)
+                           input_dim=self.model.input_dim, bound=kw.pop("bound", None), sampler=self.sampler, **kw)
 
     # ---- CERTIFY ---------------------------------------------------------------------
     def certify(self, x, seed: int = 0) -> Certificate:
@@ -137,7 +155,7 @@ class Smoothing(CertifierBase):
         k_a = est[np.arange(B), top]
         p_b = np.full(B, np.nan)
         if self.bound == "cp":
-            p_a = clopper_pearson_lower(k_a, self.n, self.alpha)
+            p_a = np.maximum(clopper_pearson_lower(k_a, self.n, self.alpha) - self.noise.margin, 0.0)
             radius = radius_from_p(p_a, self.sigma)
         else:
             p_a = np.empty(B)
@@ -166,6 +184,7 @@ class Smoothing(CertifierBase):
             n = counts.sum()
             p_a = clopper_pearson_lower(counts[a], n, self.alpha / 2)
             p_b = clopper_pearson_upper(counts[others], n, self.alpha / (2 * (K - 1))).max()
+        p_a, p_b = max(p_a - self.noise.margin, 0.0), min(p_b + self.noise.margin, 1.0)
         return float(p_a), float(min(p_b, 1 - p_a))
 
     # ---- PREDICT ---------------------------------------------------------------------
@@ -196,7 +215,8 @@ class Smoothing(CertifierBase):
         key = float(epsilon)
         if key not in self._plans:
             self._plans[key] = SequentialPlan.build(epsilon, self.sigma, self.alpha, self.max_samples,
-                                                    self.first_look, self.growth, self.model.num_classes)
+                                                    self.first_look, self.growth, self.model.num_classes,
+                                                    tau_margin=self.noise.margin)
         return self._plans[key]
 
     def decide(self, x, epsilon: float, seed: int = 0) -> Certificate:
@@ -243,6 +263,7 @@ class Smoothing(CertifierBase):
         tops = counts.argmax(axis=1)
         alphas = np.asarray(plan.alphas)[look_idx]
         p_lo = np.atleast_1d(clopper_pearson_lower(counts[np.arange(B), tops], used, alphas))  # one vectorised call
+        p_lo = np.maximum(p_lo - self.noise.margin, 0.0)
         radii = np.atleast_1d(radius_from_p(p_lo, self.sigma))
         out = []
         for i in range(B):

@@ -95,6 +95,11 @@ class SequentialPlan:
     covers the reported radius (Clopper–Pearson lower bound at the deciding look).
     The ``reject`` side can only withhold certificates, never make a wrong one.
 
+    ``tau_margin`` (a sampler's total-variation margin eta, see
+    ``riskpipe.certify.samplers``) raises the tested threshold to tau + eta: the
+    counts are binomial in the implemented probability q_A, |q_A - p_A| <= eta, so
+    q_A >= tau + eta established at level alpha implies p_A >= tau at that level.
+
     Budget-aware futility: certifying at the last look (the budget) needs a top
     fraction of at least ``accept[-1] / looks[-1]``. At look r an input whose
     Clopper–Pearson upper bound (level ``futility``) is below that fraction will
@@ -116,12 +121,14 @@ class SequentialPlan:
     @classmethod
     def build(cls, epsilon: float, sigma: float, alpha: float, max_samples: int,
               first: int = 48, growth: float = 2.0, num_classes: int = 10,
-              futility: float | None = 0.01) -> SequentialPlan:
+              futility: float | None = 0.01, tau_margin: float = 0.0) -> SequentialPlan:
         if not (epsilon >= 0 and sigma > 0 and 0 < alpha < 1):
             raise ValueError("epsilon >= 0, sigma > 0 and 0 < alpha < 1 are required")
         if max_samples < 1 or first < 1 or growth <= 1:
             raise ValueError("max_samples >= 1, first >= 1 and growth > 1 are required")
-        tau = float(stats.norm.cdf(epsilon / sigma))
+        if not 0 <= tau_margin < 0.5:
+            raise ValueError(f"tau_margin: must lie in [0, 1/2), got {tau_margin}")
+        tau = min(float(stats.norm.cdf(epsilon / sigma)) + tau_margin, 1.0)
         looks, n = [], float(min(first, max_samples))
         while True:
             looks.append(int(min(round(n), max_samples)))

@@ -21,13 +21,18 @@ import click
 @click.option("--norm", default=None, help="Certificate norm (ibp: linf or l2; default: the method's native norm).")
 @click.option("--bound", type=click.Choice(["cp", "bonferroni", "goodman"]), default="cp", show_default=True,
               help="cp: Cohen CERTIFY; bonferroni/goodman: seed eq. (4) with simultaneous bounds.")
+@click.option("--sampler", type=click.Choice(["gaussian", "sound"]), default="gaussian", show_default=True,
+              help="Smoothing noise: gaussian (float, not floating-point sound) or sound (inputs on a grid).")
+@click.option("--grid-levels", type=int, default=255, show_default=True,
+              help="Sound sampler: grid steps across the model's value range (255: 8-bit images).")
+@click.option("--grid-step", type=float, default=None, help="Sound sampler: a declared grid step instead.")
 @click.option("--max-samples", type=int, default=100_000, show_default=True, help="Sample budget (decide mode).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of input i is seed + i.")
 @click.option("--batch-size", type=int, default=4096, show_default=True, help="Noise samples per model call.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--output", "output_path", default="-", help="Output JSON lines file (default stdout).")
-def certify(model_spec, input_path, method, mode, sigma, alpha, n0, n, epsilon, norm, bound, max_samples, seed,
-            batch_size, device, output_path):
+def certify(model_spec, input_path, method, mode, sigma, alpha, n0, n, epsilon, norm, bound, sampler, grid_levels,
+            grid_step, max_samples, seed, batch_size, device, output_path):
     """Certify every input of FILE and write one JSON line per input."""
     from tqdm import tqdm
 
@@ -51,7 +56,8 @@ def certify(model_spec, input_path, method, mode, sigma, alpha, n0, n, epsilon, 
         fail(f"input {input_path}: {e}")
     try:
         section = Certifier.for_method(method, norm=norm, sigma=sigma, alpha=alpha, n0=n0, n=n,
-                                       bound=bound, max_samples=max_samples)
+                                       bound=bound, max_samples=max_samples, sampler=sampler,
+                                       grid_levels=grid_levels, grid_step=grid_step)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "options"
@@ -62,6 +68,10 @@ def certify(model_spec, input_path, method, mode, sigma, alpha, n0, n, epsilon, 
         fail(str(e))
     if mode not in cert.modes:
         fail(f"--mode: {method} supports {', '.join(cert.modes)}, not {mode}")
+    try:
+        cert.check_inputs(X)
+    except ValueError as e:
+        fail(f"input {input_path}: {e}")
     out = sys.stdout if output_path == "-" else open(output_path, "w", encoding="utf-8")
     chunk = cert.inputs_per_call
     bar = tqdm(total=len(X), unit="input", disable=not sys.stderr.isatty(), file=sys.stderr)

@@ -24,7 +24,7 @@ PUBLIC_FIELDS = ("id", "ts", "event_ts", "decision", "policy_version", "policy_n
                  "reasons", "controls", "shadow")
 DEFAULT_PUBLIC = ("id", "ts", "decision", "policy_version")
 _CERT_NORMS = {"smoothing": ("l2",), "ibp": ("linf", "l2"), "lipschitz": ("l2",)}
-_SMOOTHING_ONLY = ("sigma", "n0", "n", "max_samples", "bound")
+_SMOOTHING_ONLY = ("sigma", "n0", "n", "max_samples", "bound", "sampler", "grid_levels", "grid_step")
 
 
 class SemanticProblems(Exception):
@@ -69,13 +69,20 @@ class Certifier(_Frozen):
     n: Annotated[int, Field(ge=1)] = 100_000
     max_samples: Annotated[int, Field(ge=1)] = 100_000
     bound: Literal["cp", "bonferroni", "goodman"] = "cp"
+    sampler: Literal["gaussian", "sound"] = "gaussian"
+    grid_levels: Annotated[int, Field(ge=1)] = 255
+    grid_step: Positive | None = None
 
     @model_validator(mode="after")
     def _method_params(self) -> Certifier:
         if self.method == "smoothing" and self.sigma is None:
             raise ValueError("sigma: required for method smoothing")
-        if self.method != "smoothing" and self.sigma is not None:
-            raise ValueError(f"sigma: applies to method smoothing only, not {self.method}")
+        if self.method != "smoothing":
+            for name in ("sigma", "grid_step"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: applies to method smoothing only, not {self.method}")
+            if self.sampler != "gaussian":
+                raise ValueError(f"sampler: applies to method smoothing only, not {self.method}")
         if self.mode == "decide" and self.method != "smoothing":
             raise ValueError(f"mode: decide is a sequential test of randomized smoothing; method {self.method} "
                              "gives a deterministic radius, use mode certify")

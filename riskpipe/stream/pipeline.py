@@ -15,7 +15,7 @@ import numpy as np
 from riskpipe.certify import certifier_for_policy
 from riskpipe.certify.norms import convert_radius
 from riskpipe.models import Model, load_model
-from riskpipe.stream.events import Event
+from riskpipe.stream.events import Event, EventError
 
 
 def utc_now() -> str:
@@ -73,6 +73,16 @@ class Pipeline:
             entry.context = ContextIndex.for_model(model, self.policy.threat_model.norm,
                                                    reference_radii_fn=reference_radii)
         return entry
+
+    def admit(self, ev: Event) -> None:
+        """EventError ``off_grid`` for an input its model's certifier cannot take (off the sound
+        sampler's grid): that event goes to the DLQ instead of failing its micro-batch."""
+        from riskpipe.certify.samplers import GridError
+
+        try:
+            self.entries[ev.model].certifier.check_inputs(ev.x[None])
+        except GridError as e:
+            raise EventError("off_grid", str(e)) from None
 
     def _certify(self, entry: ModelEntry, X: np.ndarray, seeds: list[int]):
         return entry.certifier.run(self.policy.certifier.mode, X, seeds, entry.epsilon_cert)

@@ -239,6 +239,7 @@ class Stage:
                                                                    self.config.guard.window))
             try:
                 ev = parse_event(m.value, m.headers, self.pipeline.models, self.config.max_message_bytes)
+                self.pipeline.admit(ev)
             except EventError as e:
                 self._dead_letter(m, e.code, str(e))
                 rec, eid = dlq_record(e.code, m.value or b"", utc_now(), topic=m.topic, partition=m.partition,

@@ -1,0 +1,177 @@
+"""Where the noise of randomized smoothing comes from: ``gaussian`` (the usual float
+practice) or ``sound`` (exact on a quantisation grid).
+
+``gaussian``: float32 N(0, sigma^2) noise is added to the float input. The radius
+sigma * Phi^-1(p_A) holds for real arithmetic, but the sample the model sees is the
+*rounded* sum x + e, whose distribution is not the Gaussian the theorem speaks about;
+Voráček & Hein (ICLR 2023) build classifiers whose certificates are wrong because of
+it. Certificates made this way say so in their scope.
+
+``sound`` (after Voráček & Hein's rounded-Gaussian sampler). Soundness argument:
+
+1. Inputs lie on a grid ``origin + h * Z`` per coordinate (8-bit images: h = (hi -
+   lo) / 255 of the model's value range); an input off the grid is refused
+   (``GridError``), never snapped silently. Write an input as its integer vector a.
+2. Let e ~ N(0, sigma^2 I) be real Gaussian noise and R(y) = origin + h * round((y -
+   origin) / h) rounding to the grid. The base classifier f' = f o R is an ordinary
+   (deterministic) classifier of real inputs, so Cohen et al.'s theorem holds for it
+   exactly: if P(f'(x + e) = A) >= p > 1/2 then the smoothed f' returns A on the
+   whole l2 ball of radius sigma * Phi^-1(p) around x (in the units of the value
+   range) -- in particular at every grid point in that ball, which is every input
+   the stage accepts.
+3. For x on the grid, R(x + e) = origin + h * (a + round(e / h)): the noise the
+   model sees is the integer j = round(e / h) per coordinate, with P(j) =
+   Phi((j + 1/2) h / sigma) - Phi((j - 1/2) h / sigma). The sum a + j is integer
+   arithmetic (exact), and origin + h * (a + j) is one fixed float per integer, so
+   the model's input is a deterministic function of the lattice point: float
+   rounding no longer enters the distribution.
+4. j is drawn by inverse-CDF lookup: a uniform integer u in [0, 2^62) (torch's
+   generator; the only assumption is that its bits are fair coins) against the
+   integer table T_i = ceil(2^62 * Phi((i + 1/2) h / sigma)), i = -J .. J-1, computed
+   in 60-digit arithmetic (mpmath), with J h >= 10 sigma; the two end bins also take
+   the tails. This *implemented* distribution q is exactly specified by the table.
+   Per coordinate, |q_j - p_j| < 2^-62 for each of the 2J + 1 bins, and the end
+   bins carry at most the tail mass 2 Phi(-(J + 1/2) h / sigma) extra, so the
+   total-variation distance between one noise vector of q and of the rounded
+   Gaussian is at most  eta = d * ((2J + 1) * 2^-62 + 2 Phi(-(J + 1/2) h / sigma)).
+5. Counts are exact binomials of the implemented probability q_A, and
+   |q_A - p_A| <= eta for every event. So a lower confidence bound on q_A minus eta
+   is a lower bound on p_A at the same level (``margin``), and a test of p_A >= tau
+   is a test of q_A >= tau + eta. eta is below 1e-10 for any input the stage takes
+   (d up to 10^7); it is subtracted anyway, so no step of the argument is
+   approximate.
+
+Both samplers draw every input's noise from that input's own generator, so one
+input's samples never depend on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import torch
+from scipy.stats import norm
+
+SAMPLERS = ("gaussian", "sound")
+_BITS = 62
+_Q = 1 << _BITS
+_TAIL_SIGMAS = 10.0
+_GRID_TOLERANCE = 1e-3  # in grid steps: float inputs within this of a grid point are on it
+
+
+class GridError(ValueError):
+    """An input that is not on the sound sampler's grid (names the coordinate and value)."""
+
+
+@dataclass
+class GaussianSampler:
+    """Float Gaussian noise added to the float input (not floating-point sound)."""
+
+    sigma: float
+    name: str = "gaussian"
+    margin: float = 0.0  # no correction: this sampler makes no floating-point claim
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def new_buffer(self, n: int, shape: tuple[int, ...], device) -> torch.Tensor:
+        return torch.empty((n,) + shape, device=device)
+
+    def draw(self, out: torch.Tensor, gen: torch.Generator) -> None:
+        out.normal_(0.0, self.sigma, generator=gen)
+
+    def perturb(self, base: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        noise += base
+        return noise
+
+    def describe(self) -> dict:
+        return {"sampler": self.name}
+
+
+@lru_cache(maxsize=32)
+def _table(sigma_over_h: float) -> tuple[np.ndarray, int, float]:
+    """(thresholds T_i as int64, J, per-coordinate TV bound) for noise sigma / h grid steps."""
+    import mpmath
+
+    mpmath.mp.dps = 60
+    J = max(1, math.ceil(_TAIL_SIGMAS * sigma_over_h))
+    s = mpmath.mpf(sigma_over_h)
+    thresholds = np.array([int(mpmath.ceil(_Q * mpmath.ncdf((i + mpmath.mpf(0.5)) / s))) for i in range(-J, J)],
+                          dtype=np.int64)
+    tail = 2 * float(norm.sf((J + 0.5) / sigma_over_h))
+    return thresholds, J, (2 * J + 1) / _Q + tail
+
+
+@dataclass
+class SoundSampler:
+    """Discretised Gaussian noise on the input grid, drawn from uniform integers (see the
+    module docstring for why the certificate then holds in floating point)."""
+
+    sigma: float
+    value_range: tuple[float, float]
+    input_dim: int
+    grid_levels: int = 255
+    grid_step: float | None = None
+    name: str = "sound"
+    step: float = field(init=False)
+    origin: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        lo, hi = (float(v) for v in self.value_range)
+        if self.grid_step is not None:
+            if not (math.isfinite(self.grid_step) and self.grid_step > 0):
+                raise ValueError(f"grid_step: must be a finite number > 0, got {self.grid_step}")
+            self.step = float(self.grid_step)
+        else:
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError("grid_step: the model's value range is unbounded; declare the grid step "
+                                 "(certifier.grid_step) for the sound sampler")
+            if int(self.grid_levels) < 1:
+                raise ValueError(f"grid_levels: must be >= 1, got {self.grid_levels}")
+            self.step = (hi - lo) / int(self.grid_levels)
+        self.origin = lo if math.isfinite(lo) else 0.0
+        self._thresholds, self.J, tv = _table(self.sigma / self.step)
+        self.margin = self.input_dim * tv
+        self._device_table: dict[str, torch.Tensor] = {}
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The inputs' integer grid coordinates (int64); GridError for an input off the grid."""
+        z = (x.double() - self.origin) / self.step
+        a = torch.round(z)
+        off = (z - a).abs() > _GRID_TOLERANCE
+        if bool(off.any()):
+            idx = torch.nonzero(off)[0].tolist()
+            raise GridError(f"input: coordinate {idx[1:]} of input {idx[0]} is {float(x[tuple(idx)]):.9g}, not on "
+                            f"the sound sampler's grid {self.origin:g} + k * {self.step:.9g}")
+        return a.to(torch.int64)
+
+    def new_buffer(self, n: int, shape: tuple[int, ...], device) -> torch.Tensor:
+        return torch.empty((n,) + shape, dtype=torch.int64, device=device)
+
+    def draw(self, out: torch.Tensor, gen: torch.Generator) -> None:
+        """Integer noise j by inverse-CDF lookup of uniform 62-bit integers (in place)."""
+        key = str(out.device)
+        if key not in self._device_table:
+            self._device_table[key] = torch.from_numpy(self._thresholds).to(out.device)
+        out.random_(0, _Q, generator=gen)
+        out.copy_(torch.searchsorted(self._device_table[key], out, right=True))
+        out -= self.J
+
+    def perturb(self, base: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """origin + step * (a + j): integer sum, then one fixed float per lattice point."""
+        noise += base
+        return noise.to(torch.float64).mul_(self.step).add_(self.origin).to(torch.float32)
+
+    def describe(self) -> dict:
+        return {"sampler": self.name, "grid_step": self.step, "grid_origin": self.origin, "tv_margin": self.margin}
+
+
+def make_sampler(name: str, sigma: float, model, grid_levels: int = 255, grid_step: float | None = None):
+    if name == "gaussian":
+        return GaussianSampler(sigma)
+    if name == "sound":
+        return SoundSampler(sigma, tuple(model.value_range), int(model.input_dim), grid_levels, grid_step)
+    raise ValueError(f"sampler: {name!r} is not one of {', '.join(SAMPLERS)}")
