@@ -68,4 +68,5 @@ def test_tabular_build_reproduces_the_committed_model(tmp_path):
     old_est, new_est = sio.load(EXAMPLES / "tabular" / "model.skops"), sio.load(tmp_path / "model.skops")
     np.testing.assert_array_equal(old_est.predict_proba(ref["X"]), new_est.predict_proba(ref["X"]))
     assert len(ref["feature_names"]) == 30 and ref["feature_names"][0] == "mean radius"
+    assert load_model(str(tmp_path / "model.skops")).meta["feature_names"] == list(ref["feature_names"])
 

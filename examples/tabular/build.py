@@ -9,7 +9,8 @@ training row with exactly that noise added, at the sigma of ``policy.yaml``.
 
 The estimator is ``StandardScaler`` + ``MLPClassifier(solver="lbfgs")``: every type in the
 file is one skops trusts by default (the Adam solver would leave an optimizer object
-skops refuses), so ``riskpipe`` loads it without ``trusted=`` overrides.
+skops refuses), so ``riskpipe`` loads it without ``trusted=`` overrides; the pipeline
+carries the 30 feature names.
 
 Writes, next to this file: ``model.skops`` and ``reference.npz`` (X float32 (N, 30) raw
 units, y int64, feature_names). Seeded with one BLAS thread: a rerun gives the same
@@ -68,6 +69,9 @@ def main(out: Path = HERE) -> None:
         rng = np.random.default_rng(SEED + 1)
         clean = (est.predict(Xref) == yref).mean()
         noisy = (est.predict(Xref + SIGMA * scale * rng.standard_normal(Xref.shape).astype(np.float32)) == yref).mean()
+    # the names fitting on a pandas DataFrame would record (pandas is no dependency here):
+    # riskpipe reads them from the model for the review console and reports
+    est[0].feature_names_in_ = np.asarray(features, dtype=object)
     sio.dump(est, out / "model.skops")
     untrusted = sio.get_untrusted_types(file=str(out / "model.skops"))
     assert not untrusted, f"skops would refuse {untrusted}"
