@@ -18,7 +18,8 @@ def _formats(ctx, param, value: str) -> tuple[str, ...]:
 
 
 @click.command()
-@click.option("--model", "model_spec", default="demo:digits", show_default=True, help="Model spec (a torch model).")
+@click.option("--model", "model_spec", default="demo:digits", show_default=True,
+              help="Model spec: PGD on torch models, a black-box random search on others (skops, ONNX).")
 @click.option("--policy", "policies", multiple=True, required=True,
               help="Policy YAML file; repeat to compare policies on the same traffic.")
 @click.option("--data", default="digits", show_default=True,
@@ -28,7 +29,9 @@ def _formats(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--shift-budgets", default="1x,2x,4x,8x", show_default=True,
               help="Norm-shift budgets in the other norm; Nx = N times the policy epsilon converted by Theorem 2.")
 @click.option("--n", "n", type=int, default=200, show_default=True, help="Inputs (a stratified subset; 0 = all).")
-@click.option("--steps", type=int, default=20, show_default=True, help="PGD steps.")
+@click.option("--steps", type=int, default=20, show_default=True, help="PGD steps (torch models).")
+@click.option("--queries", type=int, default=200, show_default=True,
+              help="Black-box random-search queries per input (models without gradients: skops, ONNX).")
 @click.option("--attempts", type=int, default=None, help="Attempts per attacker (default: a fifth of the inputs).")
 @click.option("--out", "out_dir", default="evaluation", show_default=True, help="Output directory.")
 @click.option("--format", "formats", default="html,md,json", show_default=True, callback=_formats,
@@ -38,7 +41,7 @@ def _formats(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--base-attack", is_flag=True, help="Attack the base model even when the policy smooths.")
 @click.option("--upstream-risk", type=float, default=None,
               help="upstream_risk sent with every clean and attacked event (default: none sent).")
-def evaluate(model_spec, policies, data, budgets, shift_budgets, n, steps, attempts, out_dir, formats, seed, device,
+def evaluate(model_spec, policies, data, budgets, shift_budgets, n, steps, queries, attempts, out_dir, formats, seed, device,
              base_attack, upstream_risk):
     """Evaluate POLICY on clean and attacked traffic: reviewer workload, where successful
     adversarial examples go, certified adversarial examples (Theorem 1), norm shift
@@ -58,7 +61,7 @@ def evaluate(model_spec, policies, data, budgets, shift_budgets, n, steps, attem
     try:
         settings = Settings(model=model_spec, policies=tuple(policies), data=data, n=n or None,
                             budgets=parse_budgets(budgets), shift_budgets=parse_budgets(shift_budgets, "shift-budgets"),
-                            steps=steps, attempts=attempts, seed=seed, device=device,
+                            steps=steps, queries=queries, attempts=attempts, seed=seed, device=device,
                             smoothed_attack=not base_attack, upstream_risk=upstream_risk)
         out = Path(out_dir)
 

@@ -19,7 +19,7 @@ import numpy as np
 from riskpipe.attacks import ATTACK_NORMS
 from riskpipe.certify.norms import conversion_factor
 from riskpipe.evaluate import metrics
-from riskpipe.evaluate.traffic import AttackSpec, SampleSet, attacked_set, clean_set, subsample
+from riskpipe.evaluate.traffic import AttackSpec, SampleSet, attack_name, attacked_set, clean_set, subsample
 
 MODEL_NAME = "model"
 
@@ -75,6 +75,7 @@ class Settings:
     budgets: tuple[Budget, ...] = parse_budgets("0.5x,1x,2x,4x")
     shift_budgets: tuple[Budget, ...] = parse_budgets("1x,2x,4x,8x", "shift-budgets")
     steps: int = 20
+    queries: int = 200  # black-box random search, for models without gradients
     attempts: int | None = None  # per attacker; default a fifth of the inputs
     seed: int = 0
     device: str = "cpu"
@@ -85,7 +86,7 @@ class Settings:
         """The ``riskpipe evaluate`` command line that reproduces this run."""
         parts = ["riskpipe evaluate", f"--model {self.model}"]
         parts += [f"--policy {p}" for p in self.policies]
-        parts += [f"--data {self.data}", f"--n {self.n or 0}", f"--steps {self.steps}",
+        parts += [f"--data {self.data}", f"--n {self.n or 0}", f"--steps {self.steps}", f"--queries {self.queries}",
                   f"--budgets {','.join(map(str, self.budgets))}",
                   f"--shift-budgets {','.join(map(str, self.shift_budgets))}", f"--seed {self.seed}"]
         if self.attempts:
@@ -186,14 +187,13 @@ def evaluate_policy(settings: Settings, policy_path: str, X: np.ndarray, y: np.n
                          review_include_input=False)
     pipeline = Pipeline(policy, config.models, device=settings.device, review_include_input=False)
     model = pipeline.models[MODEL_NAME]
-    if model.module is None:
-        raise EvaluationError(f"model: {settings.model} has no torch module; the attacks need gradients")
     if tuple(X.shape[1:]) != tuple(model.input_shape):
         raise EvaluationError(f"data: inputs of shape {X.shape[1:]} do not fit model input {model.input_shape}")
     tm = policy.threat_model
     cert = policy.certifier
-    noise = float(cert.sigma) if settings.smoothed_attack and cert.method == "smoothing" else 0.0
-    clean = clean_set(model.module, X, y)
+    gradients = model.module is not None
+    noise = float(cert.sigma) if gradients and settings.smoothed_attack and cert.method == "smoothing" else 0.0
+    clean = clean_set(model, X, y)
     sets = [clean]
     cache = attack_cache if attack_cache is not None else {}
     for spec in _attack_specs(settings, tm.norm, float(tm.epsilon), model.input_dim):
@@ -202,8 +202,8 @@ def evaluate_policy(settings: Settings, policy_path: str, X: np.ndarray, y: np.n
             if progress:
                 progress(f"{policy.name}: attacking {spec.name}")
             seed = settings.seed + zlib.crc32(spec.name.encode())  # per attack, independent of the order
-            cache[key] = attacked_set(model.module, clean, spec, steps=settings.steps, seed=seed,
-                                      value_range=model.value_range, noise_sigma=noise)
+            cache[key] = attacked_set(model, clean, spec, steps=settings.steps, seed=seed, noise_sigma=noise,
+                                      queries=settings.queries)
         adv = cache[key]
         sets.append(SampleSet(spec.name, spec.kind, adv.X, adv.y, adv.pred, attack=spec))
     events = [ev for s in sets for ev in s.events(MODEL_NAME, settings.upstream_risk)]
@@ -220,7 +220,8 @@ def evaluate_policy(settings: Settings, policy_path: str, X: np.ndarray, y: np.n
                    "shadow": bool(getattr(policy, "shadow", False)), "threat_norm": tm.norm,
                    "threat_epsilon": float(tm.epsilon), "certifier": cert.method,
                    "sigma": getattr(cert, "sigma", None), "alpha": getattr(cert, "alpha", None),
-                   "mode": getattr(cert, "mode", None), "attack_noise_sigma": noise}
+                   "mode": getattr(cert, "mode", None), "attack_noise_sigma": noise,
+                   "attack": attack_name(model)}
     run = PolicyRun(policy_info, sets, audit, public, dlq, time.perf_counter() - t0)
     run.summary = summarize(run, settings)
     return run
@@ -258,6 +259,8 @@ def run_evaluation(settings: Settings, workdir: str | Path, progress=None) -> di
         raise EvaluationError(f"upstream_risk: must lie in [0, 1], got {settings.upstream_risk}")
     if settings.steps < 1:
         raise EvaluationError(f"steps: must be >= 1, got {settings.steps}")
+    if settings.queries < 1:
+        raise EvaluationError(f"queries: must be >= 1, got {settings.queries}")
     from riskpipe.policy import load_policy
 
     names = [load_policy(p).name for p in settings.policies]

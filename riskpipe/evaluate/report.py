@@ -38,7 +38,8 @@ def tables(result: dict) -> dict:
         for a in s["attacks"]:
             r = a["routes"]
             row = {
-                "policy": name, "attack": "PGD" if a["kind"] == "pgd" else "norm shift",
+                "policy": name, "attack": (p.get("attack") or "PGD") if a["kind"] == "pgd" else
+                f"norm shift ({p.get('attack') or 'PGD'})",
                 "budget": f"{a['norm']} {a['epsilon']:.4g} ({a['budget']})",
                 "success": _of(a["successful"], a["attempted"]),
                 "allow": pct(r["fractions"]["allow"]), "review": pct(r["fractions"]["review"]),

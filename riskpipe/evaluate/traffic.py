@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from riskpipe.attacks import pgd, predict_labels
+from riskpipe import blackbox
+from riskpipe.attacks import pgd
 from riskpipe.stream.events import make_event
 
 
@@ -58,16 +59,27 @@ def row_of(event_id: str) -> int:
     return int(event_id.rsplit("-", 1)[1])
 
 
-def clean_set(module, X: np.ndarray, y: np.ndarray) -> SampleSet:
-    return SampleSet("clean", "clean", X, y, predict_labels(module, X))
+def clean_set(model, X: np.ndarray, y: np.ndarray) -> SampleSet:
+    return SampleSet("clean", "clean", X, y, model.predict(X))
 
 
-def attacked_set(module, clean: SampleSet, spec: AttackSpec, *, steps: int, seed: int, value_range,
-                 noise_sigma: float = 0.0) -> SampleSet:
-    """PGD at ``spec`` on every clean input (seeded per attack, so sets are reproducible)."""
-    X_adv = pgd(module, clean.X, clean.y, spec.epsilon, norm=spec.norm, steps=steps, seed=seed,
-                value_range=value_range, noise_sigma=noise_sigma)
-    return SampleSet(spec.name, spec.kind, X_adv, clean.y, predict_labels(module, X_adv), attack=spec)
+def attack_name(model) -> str:
+    """The attack ``attacked_set`` runs on ``model``: PGD needs gradients (a torch module)."""
+    return "PGD" if model.module is not None else blackbox.NAME
+
+
+def attacked_set(model, clean: SampleSet, spec: AttackSpec, *, steps: int, seed: int, noise_sigma: float = 0.0,
+                 queries: int = 200) -> SampleSet:
+    """The attack at ``spec`` on every clean input (seeded per attack, so sets are
+    reproducible): PGD on torch models, the black-box random search on models without
+    gradients (scikit-learn, ONNX)."""
+    if model.module is not None:
+        X_adv = pgd(model.module, clean.X, clean.y, spec.epsilon, norm=spec.norm, steps=steps, seed=seed,
+                    value_range=blackbox.value_bounds(model.value_range), noise_sigma=noise_sigma)
+    else:
+        X_adv = blackbox.random_search(model.predict, clean.X, clean.y, spec.epsilon, spec.norm, queries=queries,
+                                       value_range=model.value_range, seed=seed)
+    return SampleSet(spec.name, spec.kind, X_adv, clean.y, model.predict(X_adv), attack=spec)
 
 
 def subsample(X: np.ndarray, y: np.ndarray, n: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
