@@ -71,7 +71,7 @@ DECISIONS = ("allow", "review", "block")
 DLQ_REASONS = (
     "invalid_json", "not_an_object", "missing_field", "wrong_type", "wrong_dtype",
     "wrong_shape", "non_finite", "out_of_range", "unknown_model", "oversized",
-    "unsupported_cloudevent", "bad_id",
+    "unsupported_cloudevent", "bad_id", "bad_binary_header", "binary_size_mismatch",
 )
 REVIEW_VERDICTS = ("confirmed_clean", "confirmed_manipulated", "unsure")
 

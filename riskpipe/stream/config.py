@@ -68,7 +68,8 @@ class StageConfig(KafkaSettings):
     batch: Batch = Batch()
     guard: Guard = Guard()
     device: str = "cpu"
-    max_message_bytes: int = Field(1 << 20, ge=1024)
+    max_message_bytes: int = Field(1 << 20, ge=1024)  # a JSON event
+    max_binary_message_bytes: int = Field(16 << 20, ge=1024)  # an event in the binary tensor form
     review_include_input: bool = True
     create_topics: bool = False
     session_timeout_ms: int = Field(10_000, ge=1000)
@@ -82,6 +83,11 @@ class StageConfig(KafkaSettings):
         if not v:
             raise ValueError("at least one model must be registered")
         return v
+
+    @property
+    def largest_message_bytes(self) -> int:
+        """The largest input the stage accepts (fetch and request sizes follow it)."""
+        return max(self.max_message_bytes, self.max_binary_message_bytes)
 
     def kafka(self) -> KafkaSettings:
         """The settings every Kafka client of this process is built from (riskpipe.kafka_clients)."""

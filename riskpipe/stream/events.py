@@ -7,6 +7,10 @@ Accepted envelopes (see riskpipe/schemas/inference-event.v1.json):
 * CloudEvents structured mode: content-type ``application/cloudevents+json``, the
   event object under ``data``;
 * a plain JSON object.
+
+The tensor travels as a JSON list (``data``) or, for large inputs, in the Open
+Inference Protocol binary form (riskpipe/stream/binary.py). UINT8 tensors are
+8-bit images: value v maps to lo + (hi - lo) * v / 255 in the model's value range.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from riskpipe.models.validate import InputError, check_inputs
+from riskpipe.stream import binary
 
 CE_TYPES = ("riskpipe.inference.v1", "org.kserve.inference.request", "inference.request")
 DATATYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT8": np.int8, "INT16": np.int16,
@@ -55,13 +60,20 @@ def _headers(headers) -> dict[str, str]:
     return out
 
 
-def parse_envelope(value: bytes | None, headers=None, max_bytes: int = 1 << 20) -> tuple[dict, dict | None]:
-    """Return (event object, cloudevent attributes or None)."""
+def parse_envelope(value: bytes | None, headers=None, max_bytes: int = 1 << 20,
+                   max_binary_bytes: int = 16 << 20) -> tuple[dict, dict | None]:
+    """Return (event object, cloudevent attributes or None). A message with an
+    ``Inference-Header-Content-Length`` header is the binary tensor form (binary.py),
+    limited to ``max_binary_bytes``; a JSON message to ``max_bytes``."""
     if value is None:
         raise EventError("invalid_json", "value: empty message (tombstone)")
-    if len(value) > max_bytes:
-        raise EventError("oversized", f"value: {len(value)} bytes exceeds the limit of {max_bytes}")
     h = _headers(headers)
+    payload = None
+    limit = max_binary_bytes if binary.HEADER in h else max_bytes
+    if len(value) > limit:
+        raise EventError("oversized", f"value: {len(value)} bytes exceeds the limit of {limit}")
+    if binary.HEADER in h:
+        value, payload = binary.split(value, h[binary.HEADER])
     try:
         obj = json.loads(value)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -87,6 +99,8 @@ def parse_envelope(value: bytes | None, headers=None, max_bytes: int = 1 << 20) 
             obj = {**obj, "id": ce["id"]}
         if "time" not in obj and ce.get("time"):
             obj = {**obj, "time": ce["time"]}
+    if payload is not None:
+        obj = binary.attach(obj, payload)
     return obj, ce
 
 
@@ -114,12 +128,12 @@ def validate_event(obj: dict, models: dict) -> Event:
     dt = t["datatype"]
     if not isinstance(dt, str) or dt not in DATATYPES:
         raise EventError("wrong_dtype", f"inputs[0].datatype: {dt!r} is not an Open Inference Protocol numeric type")
-    if dt not in FLOAT_TYPES and model.dtype.startswith("float"):
+    if dt not in FLOAT_TYPES and dt != "UINT8" and model.dtype.startswith("float"):
         raise EventError("wrong_dtype", f"inputs[0].datatype: model {name} expects floating point, got {dt}")
     shape, data = t["shape"], t["data"]
     if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
         raise EventError("wrong_type", "inputs[0].shape: must be a list of positive integers")
-    if not isinstance(data, list):
+    if not isinstance(data, list | np.ndarray):
         raise EventError("wrong_type", "inputs[0].data: must be a flat list of numbers")
     expected = tuple(model.input_shape)
     dims = tuple(shape[1:]) if len(shape) == len(expected) + 1 and shape[0] == 1 else tuple(shape)
@@ -127,12 +141,17 @@ def validate_event(obj: dict, models: dict) -> Event:
         raise EventError("wrong_shape", f"inputs[0].shape: {shape} does not match model {name} input {list(expected)}")
     if len(data) != math.prod(expected):
         raise EventError("wrong_shape", f"inputs[0].data: {len(data)} values, shape {shape} needs {math.prod(expected)}")
-    try:
-        arr = np.array(data, dtype=np.float64)
-    except (TypeError, ValueError, OverflowError):
-        raise EventError("wrong_type", "inputs[0].data: every element must be a number") from None
-    if arr.ndim != 1 or any(isinstance(v, bool) for v in data):
-        raise EventError("wrong_type", "inputs[0].data: must be a flat list of numbers")
+    if isinstance(data, np.ndarray):  # decoded from the binary form: typed already
+        arr = data
+    else:
+        try:
+            arr = np.array(data, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError):
+            raise EventError("wrong_type", "inputs[0].data: every element must be a number") from None
+        if arr.ndim != 1 or any(isinstance(v, bool) for v in data):
+            raise EventError("wrong_type", "inputs[0].data: must be a flat list of numbers")
+    if dt == "UINT8" and model.dtype.startswith("float"):
+        arr = _from_uint8(arr, model.value_range)
     try:
         x = check_inputs(arr.reshape((1,) + expected), model)[0]
     except InputError as e:
@@ -150,8 +169,17 @@ def validate_event(obj: dict, models: dict) -> Event:
                  context=ctx, time=ts)
 
 
-def parse_event(value: bytes | None, headers, models: dict, max_bytes: int = 1 << 20) -> Event:
-    obj, ce = parse_envelope(value, headers, max_bytes)
+def _from_uint8(arr: np.ndarray, value_range) -> np.ndarray:
+    """8-bit pixel values onto the model's value range: lo + (hi - lo) * v / 255."""
+    if arr.dtype != np.uint8 and ((arr < 0) | (arr > 255) | (arr != np.round(arr))).any():
+        raise EventError("out_of_range", "inputs[0].data: UINT8 values must be integers in [0, 255]")
+    lo, hi = (float(v) for v in value_range)
+    return lo + (hi - lo) * (arr.astype(np.float32) / np.float32(255.0))
+
+
+def parse_event(value: bytes | None, headers, models: dict, max_bytes: int = 1 << 20,
+                max_binary_bytes: int = 16 << 20) -> Event:
+    obj, ce = parse_envelope(value, headers, max_bytes, max_binary_bytes)
     try:
         ev = validate_event(obj, models)
     except EventError:

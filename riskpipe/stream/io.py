@@ -8,6 +8,7 @@ message's offset only after the flush that carried all of its outputs.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -74,7 +75,7 @@ class KafkaSource:
             max_poll_records=config.batch.max_events,
             session_timeout_ms=config.session_timeout_ms,
             heartbeat_interval_ms=config.heartbeat_interval_ms,
-            max_partition_fetch_bytes=max(config.max_message_bytes * 2, 1 << 20),
+            max_partition_fetch_bytes=max(config.largest_message_bytes * 2, 1 << 20),
         )
         self.consumer.subscribe([config.topics.input], listener=Listener())
         self.exhausted = False
@@ -129,7 +130,7 @@ class KafkaSink:
             enable_idempotence=True,
             linger_ms=5,
             batch_size=1 << 18,  # full records are KBs each: fewer, larger produce requests
-            max_request_size=max(config.max_message_bytes * 2, 1 << 20),
+            max_request_size=max(config.largest_message_bytes * 2, 1 << 20),
             retries=5,
             request_timeout_ms=10_000,
             max_block_ms=10_000,
@@ -218,10 +219,11 @@ class JsonlSink:
         if f is None:
             f = self.files[topic] = open(self.dir / f"{topic}.jsonl", "ab")
         if headers:  # dead letters: keep the raw bytes and the error headers together
-            obj = {
-                "headers": {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for k, v in headers},
-                "value": value.decode("utf-8", "replace") if value is not None else None,
-            }
+            obj = {"headers": {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for k, v in headers}}
+            try:
+                obj["value"] = value.decode("utf-8") if value is not None else None
+            except UnicodeDecodeError:  # binary tensors, broken text: the exact bytes, base64
+                obj["value_base64"] = base64.b64encode(value).decode("ascii")
             value = json.dumps(obj, sort_keys=True).encode()
         f.write(value + b"\n")
 

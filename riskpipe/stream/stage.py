@@ -238,7 +238,8 @@ class Stage:
                                                                    self.config.guard.max_consecutive_invalid,
                                                                    self.config.guard.window))
             try:
-                ev = parse_event(m.value, m.headers, self.pipeline.models, self.config.max_message_bytes)
+                ev = parse_event(m.value, m.headers, self.pipeline.models, self.config.max_message_bytes,
+                                 self.config.max_binary_message_bytes)
                 self.pipeline.admit(ev)
             except EventError as e:
                 self._dead_letter(m, e.code, str(e))
