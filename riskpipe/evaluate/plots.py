@@ -19,8 +19,11 @@ def _png(fig) -> bytes:
     return png(fig, dpi=120)
 
 
-def _legend_below(ax) -> None:
+def _finish(fig, ax, summary: dict, title: str) -> bytes:
+    """Title (prefixed by the policy name), legend below the axes, PNG."""
+    ax.set_title(f"{summary['policy']['name']}: {title}", fontsize=9)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
+    return _png(fig)
 
 
 def _label(a: dict) -> str:
@@ -59,12 +62,10 @@ def success(summary: dict) -> bytes:
     ax.plot(eps, [a["certified"] / n for a, n in zip(pgd, per_attempt)], "^--", color="#27ae60",
             label="successful and certified (Thm 1)")
     ax.axvline(summary["policy"]["threat_epsilon"], color="grey", ls=":", label="policy epsilon")
-    ax.set_xlabel(f"PGD budget ({summary['policy']['threat_norm']})")
+    ax.set_xlabel(f"{summary['policy'].get('attack', 'PGD')} budget ({summary['policy']['threat_norm']})")
     ax.set_ylabel("fraction of attempts")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"{summary['policy']['name']}: attack outcome by budget", fontsize=9)
-    _legend_below(ax)
-    return _png(fig)
+    return _finish(fig, ax, summary, "attack outcome by budget")
 
 
 def attackers(summary: dict) -> bytes:
@@ -79,9 +80,7 @@ def attackers(summary: dict) -> bytes:
     ax.set_xticks(list(x), [_label(a) for a in pgd], fontsize=8)
     ax.set_ylabel("misclassified and allowed / attempt")
     ax.set_ylim(0, 1)
-    ax.set_title(f"{summary['policy']['name']}: what the radii give an attacker", fontsize=9)
-    _legend_below(ax)
-    return _png(fig)
+    return _finish(fig, ax, summary, "what the radii give an attacker")
 
 
 def norm_shift(summary: dict) -> bytes:
@@ -98,10 +97,7 @@ def norm_shift(summary: dict) -> bytes:
     ax.set_xticks(list(x), [_label(a) for a in sh], fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("fraction of inputs")
-    ax.set_title(f"{summary['policy']['name']}: norm shift against a "
-                 f"{sh[0]['coverage']['cert_norm'] if sh else ''} certificate", fontsize=9)
-    _legend_below(ax)
-    return _png(fig)
+    return _finish(fig, ax, summary, f"norm shift against a {sh[0]['coverage']['cert_norm'] if sh else ''} certificate")
 
 
 def comparison(summaries: list[dict]) -> bytes:
