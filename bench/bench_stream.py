@@ -25,10 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import rss_mb, table, write_results  # noqa: E402
 
 from riskpipe.models.digits import load_split  # noqa: E402
-from riskpipe.policy import load_policy  # noqa: E402
+from riskpipe.compose import build_pipeline  # noqa: E402
 from riskpipe.stream.config import load_config  # noqa: E402
 from riskpipe.stream.events import make_event  # noqa: E402
-from riskpipe.stream.pipeline import Pipeline  # noqa: E402
 
 
 def events(n: int, prefix: str) -> list[bytes]:
@@ -55,7 +54,7 @@ def run_broker(pipeline, values, on_batch=None):
     from kafka import KafkaProducer
 
     from riskpipe.stream.broker import EmbeddedBroker
-    from riskpipe.stream.runner import make_stage
+    from riskpipe.compose import build_stage
 
     with EmbeddedBroker() as b:
         b.create_topics()
@@ -66,7 +65,7 @@ def run_broker(pipeline, values, on_batch=None):
         p.close()
         cfg = load_config(None, bootstrap_servers=b.bootstrap, session_timeout_ms=2000, heartbeat_interval_ms=600,
                           batch={"max_events": 256, "max_wait_ms": 50})
-        stage = make_stage(cfg, pipeline=pipeline)
+        stage = build_stage(cfg, pipeline=pipeline)
         stage.on_batch = on_batch
         th = threading.Thread(target=stage.run, daemon=True)
         first = {}
@@ -93,7 +92,7 @@ def main() -> None:
     ap.add_argument("--memory-events", type=int, default=100_000)
     args = ap.parse_args()
     cfg = load_config(None)
-    pipeline = Pipeline(load_policy(cfg.policy), cfg.models)
+    pipeline = build_pipeline(cfg)
     results: dict = {"params": {"events": args.events, "policy": cfg.policy, "batch_max_events": 256}}
     overhead = []
 

@@ -17,7 +17,9 @@ For each input, with its certified radius already converted to the threat norm:
 
 Indexes are scikit-learn ``NearestNeighbors`` (one per class) with the metric of the
 threat norm: l1 -> manhattan, l2 -> euclidean, linf -> chebyshev. Saved as .npz
-(arrays only; loaded with ``allow_pickle=False``). Pure apart from save/load/for_model.
+(arrays only; loaded with ``allow_pickle=False``). Pure apart from save/load; which
+reference set a model uses, and the caching of its reference radii, is decided by
+the composition root (riskpipe.compose).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
@@ -165,43 +166,3 @@ class ContextIndex:
             radii = None  # distances and radii were in another norm
         name = str(arrays["name"]) if "name" in arrays else Path(path).stem
         return cls.build(arrays["X"], arrays["y"], use_norm, reference_radii=radii, name=name)
-
-    # ---- per model -----------------------------------------------------------------------
-    @classmethod
-    def for_model(cls, model, norm: str, reference_radii_fn: Callable[[np.ndarray], np.ndarray] | None = None,
-                  reference_path: str | Path | None = None) -> ContextIndex:
-        """The context index for ``model``, cached under cache_dir()/context.
-
-        Demo models use the digits TRAIN split; other models need ``reference_path``, a
-        .npz with arrays X and y. ``reference_radii_fn(X) -> radii`` (threat norm) is
-        called once when the cache has no radii yet, and its result cached.
-        """
-        from riskpipe.paths import cache_dir
-
-        norm = check_norm(norm)
-        if reference_path is None and not str(model.spec).startswith("demo:"):
-            raise ContextError(f"context: model {model.spec} is not a demo model; give a reference .npz "
-                               "with arrays X and y (context reference in the stage config)")
-        cache = cache_dir() / "context" / f"{model.sha256[:16]}-{norm}.npz"
-        index = None
-        if cache.exists():
-            try:
-                index = cls.load(cache)
-            except ContextError:
-                index = None  # a damaged cache is rebuilt
-        changed = index is None
-        if index is None:
-            if reference_path is not None:
-                index = cls.load(reference_path, norm=norm)
-            else:
-                from riskpipe.models.digits import load_split
-
-                X, y = load_split("train")
-                index = cls.build(X, y, norm, name="digits-train")
-        if index.reference_radii is None and reference_radii_fn is not None:
-            X = index.X.reshape((len(index.X),) + tuple(model.input_shape))
-            index = cls.build(index.X, index.y, norm, reference_radii=reference_radii_fn(X), name=index.name)
-            changed = True
-        if changed:
-            index.save(cache)
-        return index

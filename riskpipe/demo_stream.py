@@ -101,7 +101,7 @@ def run_demo(out_dir: Path, ledger_path: Path, n_clean: int | None = None, n_att
     from riskpipe.models import load_model
     from riskpipe.stream.broker import EmbeddedBroker
     from riskpipe.stream.config import load_config
-    from riskpipe.stream.runner import make_stage
+    from riskpipe.compose import build_stage
 
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -126,7 +126,7 @@ def run_demo(out_dir: Path, ledger_path: Path, n_clean: int | None = None, n_att
         bar = tqdm(total=total, unit="event", desc="deciding", disable=not progress)
         stage_box = {}
         finished = threading.Event()
-        stage = make_stage(config, metrics=metrics, ledger=ledger)
+        stage = build_stage(config, metrics=metrics, ledger=ledger)
         console_srv = None
         try:
             if console:

@@ -119,31 +119,40 @@ def _label(value: Any, default: str = "unknown", limit: int = 64) -> str:
 
 
 class _InfoMetric:
-    """An Info metric that also works in multiprocess mode (as a gauge of value 1)."""
+    """An Info metric holding one or more label sets (value 1 each) that also works in
+    multiprocess mode (as a gauge of value 1)."""
 
     def __init__(self, name: str, doc: str, labelnames: tuple[str, ...],
                  registry: CollectorRegistry) -> None:
         self._labelnames = labelnames
-        self._current: tuple[str, ...] | None = None
+        self._current: set[tuple[str, ...]] = set()
         if multiprocess_enabled():
             self._gauge: Gauge | None = Gauge(f"{name}_info", doc, labelnames,
                                               registry=registry, multiprocess_mode="livemax")
             self._info: Info | None = None
         else:
             self._gauge = None
-            self._info = Info(name, doc, registry=registry)
+            self._info = Info(name, doc, labelnames, registry=registry)
 
     def set(self, values: Mapping[str, str]) -> None:
-        labels = tuple(values[n] for n in self._labelnames)
-        if self._info is not None:
-            self._info.info(dict(zip(self._labelnames, labels)))
-            return
-        assert self._gauge is not None
-        if self._current is not None and self._current != labels:
-            # Label removal is not possible across processes: mark the old one 0.
-            self._gauge.labels(*self._current).set(0)
-        self._gauge.labels(*labels).set(1)
-        self._current = labels
+        self.set_many([values])
+
+    def set_many(self, many: list[Mapping[str, str]]) -> None:
+        """Exactly these label sets are current; earlier ones are dropped."""
+        now = {tuple(v[n] for n in self._labelnames) for v in many}
+        for old in self._current - now:
+            if self._info is not None:
+                self._info.remove(*old)
+            else:  # label removal is not possible across processes: mark the old one 0
+                assert self._gauge is not None
+                self._gauge.labels(*old).set(0)
+        for labels in now:
+            if self._info is not None:
+                self._info.labels(*labels).info({})
+            else:
+                assert self._gauge is not None
+                self._gauge.labels(*labels).set(1)
+        self._current = now
 
 
 def _torch_version() -> str:
@@ -315,8 +324,13 @@ class StageMetrics:
     # -- policy ----------------------------------------------------------------
     def set_policy(self, name: str, version: str, sha256: str) -> None:
         """Publish the policy in force; the "policy changed" alert watches the sha."""
-        self.policy_info.set({"name": _label(name), "version": _label(version),
-                              "sha256": _label(sha256)})
+        self.set_policies([(name, version, sha256)])
+
+    def set_policies(self, policies: list[tuple[str, str, str]]) -> None:
+        """Publish every policy in force, (name, version, sha256) each: a stage with
+        several models may decide each model's events under its own policy."""
+        self.policy_info.set_many([{"name": _label(n), "version": _label(v), "sha256": _label(s)}
+                                   for n, v, s in policies])
         self.policy_loaded.set(time.time())
 
     # -- start-up facts -----------------------------------------------------------

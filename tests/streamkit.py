@@ -103,9 +103,9 @@ class StageThread:
     """The stage in this process, on a thread (faster than a subprocess for tests)."""
 
     def __init__(self, config, pipeline=None, ledger=None, metrics=None):
-        from riskpipe.stream.runner import make_stage
+        from riskpipe.compose import build_stage
 
-        self.stage = make_stage(config, pipeline=pipeline, ledger=ledger, metrics=metrics)
+        self.stage = build_stage(config, pipeline=pipeline, ledger=ledger, metrics=metrics)
         self.error = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 

@@ -98,39 +98,6 @@ def test_object_arrays_are_refused(tmp_path):
         ContextIndex.load(p, norm="l2")
 
 
-def fake_model(spec="demo:digits"):
-    return Model(spec=spec, input_shape=(1, 8, 8), num_classes=10, sha256="f00d" * 16)
-
-
-def test_for_model_builds_from_digits_train_and_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("RISKPIPE_CACHE_DIR", str(tmp_path))
-    calls = []
-
-    def radii_fn(X):
-        calls.append(X.shape)
-        return np.linspace(0.0, 1.0, len(X))
-
-    index = ContextIndex.for_model(fake_model(), "l2", reference_radii_fn=radii_fn)
-    assert index.reference == {"name": "digits-train", "size": 1257, "norm": "l2"}
-    assert calls == [(1257, 1, 8, 8)]
-    assert (tmp_path / "context" / f"{'f00d' * 4}-l2.npz").is_file()
-    again = ContextIndex.for_model(fake_model(), "l2", reference_radii_fn=radii_fn)
-    assert len(calls) == 1  # radii came from the cache
-    assert again.percentile(0.5) == index.percentile(0.5)
-    assert ContextIndex.for_model(fake_model(), "linf").norm == "linf"
-
-
-def test_for_model_other_models_need_a_reference(tmp_path, monkeypatch, data):
-    monkeypatch.setenv("RISKPIPE_CACHE_DIR", str(tmp_path))
-    with pytest.raises(ContextError, match="not a demo model"):
-        ContextIndex.for_model(fake_model("model.pt"), "l2")
-    X, y, _ = data
-    ref = tmp_path / "ref.npz"
-    np.savez(ref, X=X.reshape(300, -1)[:, :16].repeat(4, axis=1), y=y)
-    index = ContextIndex.for_model(fake_model("model.pt"), "l2", reference_path=ref)
-    assert index.reference["size"] == 300
-
-
 def test_context_feeds_the_policy_signal(data):
     from pathlib import Path
 

@@ -24,12 +24,10 @@ def broker():
 
 @pytest.fixture(scope="module")
 def pipeline():
-    from riskpipe.policy import load_policy
+    from riskpipe.compose import build_pipeline
     from riskpipe.stream.config import load_config
-    from riskpipe.stream.pipeline import Pipeline
 
-    cfg = load_config(None)
-    return Pipeline(load_policy(cfg.policy), cfg.models)
+    return build_pipeline(load_config(None))
 
 
 def config_for(broker, ledger, **kw):

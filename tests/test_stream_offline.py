@@ -14,11 +14,9 @@ from streamkit import digits
 
 @pytest.fixture(scope="module")
 def pipeline():
-    from riskpipe.policy import load_policy
-    from riskpipe.stream.pipeline import Pipeline
+    from riskpipe.compose import build_pipeline
 
-    cfg = load_config(None)
-    return Pipeline(load_policy(cfg.policy), cfg.models)
+    return build_pipeline(load_config(None))
 
 
 def events(n, prefix="o"):

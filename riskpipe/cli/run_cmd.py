@@ -15,6 +15,8 @@ import click
 @click.option("--sink", default=None, help="jsonl:DIR to write outputs to files instead of Kafka.")
 @click.option("--policy", default=None, help="Policy YAML (default policies/default.yaml).")
 @click.option("--model", "models", multiple=True, help="NAME=SPEC, repeatable (default digits=demo:digits).")
+@click.option("--reference", "references", multiple=True,
+              help="NAME=PATH, repeatable: the model's reference set (.npz with X and optional y).")
 @click.option("--group-id", default=None)
 @click.option("--input-topic", default=None)
 @click.option("--metrics-port", type=int, default=None, help="Serve /metrics and /healthz on PORT (address: metrics_addr, default 127.0.0.1).")
@@ -31,7 +33,7 @@ import click
 @click.option("--idle-exit", type=float, default=None, help="Exit after this many seconds without input.")
 @click.option("--no-metrics-server", is_flag=True, hidden=True)
 @click.option("-v", "--verbose", count=True)
-def run(config_path, bootstrap_servers, source, sink, policy, models, group_id, input_topic, metrics_port, ledger,
+def run(config_path, bootstrap_servers, source, sink, policy, models, references, group_id, input_topic, metrics_port, ledger,
         no_ledger, max_events, max_wait_ms, device, create_topics, session_timeout_ms, heartbeat_interval_ms,
         workers, worker_id, idle_exit, no_metrics_server, verbose):
     """Run the stage: validate, certify, score and route every inference event."""
@@ -42,18 +44,22 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, group_id, 
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kafka-python logs every reconnect attempt at ERROR; the stage reports broker trouble itself
     logging.getLogger("kafka").setLevel(logging.DEBUG if verbose >= 3 else logging.CRITICAL)
-    model_map = None
-    if models:
-        model_map = {}
-        for m in models:
-            name, sep, spec = m.partition("=")
-            if not sep or not name or not spec:
-                fail(f"--model {m!r}: expected NAME=SPEC")
-            model_map[name] = spec
+    def pairs(option: str, values, what: str) -> dict[str, str] | None:
+        out = {}
+        for m in values:
+            name, sep, value = m.partition("=")
+            if not sep or not name or not value:
+                fail(f"{option} {m!r}: expected NAME={what}")
+            out[name] = value
+        return out or None
+
+    model_map = pairs("--model", models, "SPEC")
+    reference_map = pairs("--reference", references, "PATH")
     batch = {k: v for k, v in {"max_events": max_events, "max_wait_ms": max_wait_ms}.items() if v is not None}
     try:
         config = load_config(
-            config_path, bootstrap_servers=bootstrap_servers, policy=policy, models=model_map, group_id=group_id,
+            config_path, bootstrap_servers=bootstrap_servers, policy=policy, models=model_map,
+            references=reference_map, group_id=group_id,
             metrics_port=metrics_port, device=device, create_topics=create_topics, worker_id=worker_id,
             session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=heartbeat_interval_ms,
             batch=batch or None, topics={"input": input_topic} if input_topic else None,
@@ -82,6 +88,7 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, group_id, 
             cleaned.append(argv[i])
             i += 1
         sys.exit(run_workers(workers, cleaned, config.metrics_port, config.metrics_addr))
+    from riskpipe.context import ContextError
     from riskpipe.ledger import LedgerError, redact
     from riskpipe.policy import PolicyError
 
@@ -103,6 +110,8 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, group_id, 
         fail(f"policy: {e}")
     except LedgerError as e:  # e.g. an unknown scheme, an unreachable PostgreSQL server
         fail(str(e))
+    except (ConfigError, ContextError) as e:
+        fail(f"{config_path or 'config'}: {e}")
     finally:
         if server:
             server.shutdown()

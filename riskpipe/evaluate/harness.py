@@ -179,13 +179,13 @@ def evaluate_policy(settings: Settings, policy_path: str, X: np.ndarray, y: np.n
     from riskpipe.policy import load_policy
     from riskpipe.stream.config import load_config
     from riskpipe.stream.offline import run_offline
-    from riskpipe.stream.pipeline import Pipeline
+    from riskpipe.compose import build_pipeline
 
     t0 = time.perf_counter()
     policy = load_policy(policy_path)
     config = load_config(None, models={MODEL_NAME: settings.model}, policy=policy_path, device=settings.device,
                          review_include_input=False)
-    pipeline = Pipeline(policy, config.models, device=settings.device, review_include_input=False)
+    pipeline = build_pipeline(config)
     model = pipeline.models[MODEL_NAME]
     if tuple(X.shape[1:]) != tuple(model.input_shape):
         raise EvaluationError(f"data: inputs of shape {X.shape[1:]} do not fit model input {model.input_shape}")

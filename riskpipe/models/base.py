@@ -39,17 +39,23 @@ class Model:
     models also expose ``module`` (eval mode, float32 batch -> logits), which the
     bound-based certifiers need. ``sha256`` identifies the content (weights), so
     caches and ledger records can name the exact model version.
+
+    ``value_range`` is the declared range of every input value: ``(lo, hi)`` scalars,
+    or arrays broadcastable to ``input_shape`` (per feature); None when nothing is
+    declared (inputs are then only checked for finiteness). ``default_reference`` is
+    a reference .npz the model ships with (the demo models' training split).
     """
 
     spec: str
     input_shape: tuple[int, ...]
     num_classes: int
     sha256: str
-    value_range: tuple[float, float] = (0.0, 1.0)
+    value_range: tuple[Any, Any] | None = None
     dtype: str = "float32"
     module: torch.nn.Module | None = None
     device: str = "cpu"
     _predict_fn: Any = field(default=None, repr=False)
+    default_reference: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property

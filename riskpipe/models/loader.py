@@ -39,12 +39,12 @@ def _shape_opts(opts: dict[str, str], spec: str, default_shape=None, default_cla
     try:
         shape = tuple(int(s) for s in opts["shape"].split(",")) if "shape" in opts else default_shape
         classes = int(opts["classes"]) if "classes" in opts else default_classes
-        rng = tuple(float(s) for s in opts["range"].split(",")) if "range" in opts else (0.0, 1.0)
+        rng = tuple(float(s) for s in opts["range"].split(",")) if "range" in opts else None
     except ValueError as e:
         raise ModelError(f"model {spec}: bad option ({e})") from None
     if shape is None:
         raise ModelError(f"model {spec}: input shape unknown; add ?shape=C,H,W")
-    if len(rng) != 2 or not rng[0] < rng[1]:
+    if rng is not None and (len(rng) != 2 or not rng[0] < rng[1]):
         raise ModelError(f"model {spec}: range must be lo,hi with lo < hi")
     return shape, classes, rng
 
@@ -72,15 +72,18 @@ def _load_demo(spec: str, name: str, opts) -> Model:
     sigma = float(opts["sigma"]) if "sigma" in opts else None
     module = demo.build_demo(name, sigma=sigma)
     recipe = demo.DEMOS[name][0]
-    m = Model(
+    from riskpipe.models.digits import reference_file
+
+    return Model(
         spec=spec,
         input_shape=INPUT_SHAPE,
         num_classes=NUM_CLASSES,
         sha256=sha256_state_dict(module),
+        value_range=(0.0, 1.0),
         module=module,
+        default_reference=str(reference_file()),
         meta={"demo": name, "train_sigma": sigma if sigma is not None else recipe.sigma},
     )
-    return m
 
 
 def _load_factory(spec: str, base: str, opts) -> Model:
@@ -162,6 +165,21 @@ def _is_factory(base: str) -> bool:
     target = base.split("@", 1)[0]
     mod, sep, attr = target.partition(":")
     return bool(sep) and attr.isidentifier() and all(p.isidentifier() for p in mod.split("."))
+
+
+def resolve_spec(spec: str, base: Path) -> str:
+    """``spec`` with a relative model file (or ``@weights`` file) made relative to
+    ``base``, the directory of the config file that names it."""
+    head, q, opts = str(spec).partition("?")
+    if head.startswith("demo:"):
+        return spec
+    if _is_factory(head):
+        target, at, weights = head.partition("@")
+        if at and weights and not Path(weights).is_absolute():
+            head = f"{target}@{base / weights}"
+    elif head and not Path(head).is_absolute():
+        head = str(base / head)
+    return head + q + opts
 
 
 def load_model(spec: str, device: str = "cpu") -> Model:

@@ -32,12 +32,17 @@ def check_inputs(batch: np.ndarray, model) -> np.ndarray:
     if bad.any():
         i = int(np.argwhere(bad.reshape(len(a), -1).any(axis=1))[0][0])
         raise InputError("non_finite", f"inputs[{i}]: contains NaN or inf")
-    lo, hi = model.value_range
-    out = (a < lo) | (a > hi)
+    if model.value_range is None:  # nothing declared: finiteness is all we can check
+        return a
+    lo, hi = (np.asarray(v, dtype=np.float32).reshape(-1) for v in model.value_range)
+    flat = a.reshape(len(a), -1)
+    out = (flat < lo) | (flat > hi)  # lo/hi: one value, or one per feature
     if out.any():
-        i = int(np.argwhere(out.reshape(len(a), -1).any(axis=1))[0][0])
+        i, j = (int(v) for v in np.argwhere(out)[0])
+        lo_j, hi_j = float(lo[j % len(lo)]), float(hi[j % len(hi)])
+        where = "values" if len(lo) == 1 else f"feature {j}"
         raise InputError(
             "out_of_range",
-            f"inputs[{i}]: values must lie in [{lo:g}, {hi:g}], got min {a[i].min():g} max {a[i].max():g}",
+            f"inputs[{i}]: {where} must lie in [{lo_j:g}, {hi_j:g}], got {float(flat[i, j]):g}",
         )
     return a

@@ -4,8 +4,33 @@ Keys (deploy/riskpipe.yaml is a complete example):
 the Kafka connection keys of :class:`riskpipe.kafka_clients.KafkaSettings`
 (bootstrap_servers, security_protocol, sasl_mechanism, sasl_plain_username,
 sasl_plain_password, ssl_cafile, ssl_certfile, ssl_keyfile, ssl_password), topics {input, decisions, review, audit, dlq},
-group_id, models {name: spec}, policy, metrics_port, ledger, batch {max_events,
+group_id, models {name: entry}, policy, metrics_port, ledger, batch {max_events,
 max_wait_ms}, plus the optional tuning keys below.
+
+``models`` maps the model name an event carries to a spec string
+(``models/signs.pt?shape=3,32,32``; TorchScript, .onnx, .skops,
+``module:factory@weights`` or ``demo:NAME``) or to a mapping with these keys
+(``ModelConfig``):
+
+* ``spec`` (required): the model spec string, as above.
+* ``reference``: a .npz with array ``X`` (clean inputs, the model's input shape per
+  row) and optionally ``y`` (integer labels; without it the model's own predictions
+  label the set). Needed by a policy that uses context risk, and by
+  ``scale: standardize``. Demo models default to their built-in reference.
+* ``policy``: this model's policy file (default: the stage's ``policy``).
+* ``labels``: class names, one per model class, for reviewers and reports.
+* ``scale``: tabular inputs. ``standardize`` (per-feature standard deviation of the
+  reference set) or a list of positive numbers, one per feature. Smoothing noise
+  and every radius are then measured in the scaled l2 norm ||delta / s||_2.
+* ``feature_names``: names of the features of a tabular model, one per feature.
+* ``range``: declared input value range, ``[lo, hi]`` for every value or a list of
+  ``[lo, hi]`` pairs, one per feature. Inputs outside it go to the DLQ
+  (``out_of_range``). Without it only finiteness is checked (demo models: [0, 1];
+  ``?range=lo,hi`` in the spec works too).
+
+Relative paths in a config file (``policy``, each model's ``spec`` file,
+``reference`` and ``policy``) resolve against the config file's directory; paths
+given on the command line resolve against the working directory.
 """
 
 from __future__ import annotations
@@ -16,7 +41,7 @@ from typing import Any
 import os
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from riskpipe.kafka_clients import KafkaSettings
 
@@ -53,6 +78,105 @@ class Guard(BaseModel):
     window: int = Field(1000, ge=10)
 
 
+class ModelConfig(BaseModel):
+    """One ``models:`` entry (keys in the module docstring). Checks that need only the
+    file system happen here; checks that need the loaded model (labels vs classes,
+    scale and range vs features, reference shape) happen where the model is built
+    (riskpipe.compose), with the same ``models.NAME.KEY: reason`` messages."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    spec: str = Field(min_length=1)
+    reference: str | None = None
+    policy: str | None = None
+    labels: list[str] | None = None
+    scale: Any = None
+    feature_names: list[str] | None = None
+    range: Any = None
+
+    @field_validator("reference")
+    @classmethod
+    def _reference(cls, v: str | None) -> str | None:
+        if v is not None:
+            read_reference(v)  # raises ValueError with the reason
+        return v
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"{v}: policy file not found")
+        return v
+
+    @field_validator("labels", "feature_names")
+    @classmethod
+    def _names(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("must list at least one name")
+            if len(set(v)) != len(v):
+                raise ValueError("names must be unique")
+        return v
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _scale(cls, v: Any) -> Any:
+        if v is None or v == "standardize":
+            return v
+        if not isinstance(v, list) or not v or not all(_is_number(x) for x in v):
+            raise ValueError("must be 'standardize' or a non-empty list of numbers, one per feature")
+        if not all(0 < x < float("inf") for x in v):
+            raise ValueError("every scale must be a finite number > 0")
+        return [float(x) for x in v]
+
+    @field_validator("range", mode="before")
+    @classmethod
+    def _range(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        is_pair = isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v)
+        pairs = [v] if is_pair else v
+        if not isinstance(pairs, list) or not pairs or not all(
+                isinstance(p, list) and len(p) == 2 and all(_is_number(x) for x in p) for p in pairs):
+            raise ValueError("must be [lo, hi] or a list of [lo, hi] pairs, one per feature")
+        if not all(p[0] < p[1] for p in pairs):
+            raise ValueError("need lo < hi in every pair")
+        out = [[float(a), float(b)] for a, b in pairs]
+        return out[0] if is_pair else out
+
+    @model_validator(mode="after")
+    def _standardize_needs_reference(self) -> ModelConfig:
+        if self.scale == "standardize" and self.reference is None:
+            raise ValueError("scale: 'standardize' needs a reference set (the reference key)")
+        return self
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def read_reference(path: str):
+    """``(X, y or None)`` from a reference .npz; ValueError with the reason."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "X" not in z.files:
+                raise ValueError(f"{path}: no array 'X' (clean inputs) in the .npz")
+            X, y = z["X"], (z["y"] if "y" in z.files else None)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: file not found") from None
+    except (OSError, ValueError, EOFError) as e:
+        if str(e).startswith(f"{path}: "):
+            raise
+        raise ValueError(f"{path}: not a readable .npz of plain arrays ({e})") from None
+    if X.ndim < 2 or len(X) == 0 or X.dtype.kind not in "fiu" or not np.isfinite(X).all():
+        raise ValueError(f"{path}: X must be a non-empty numeric (N, ...) array of finite values")
+    if y is not None and (y.shape != (len(X),) or y.dtype.kind not in "iu"):
+        raise ValueError(f"{path}: y must hold {len(X)} integer labels")
+    return X, y
+
+
 class StageConfig(KafkaSettings):
     """The whole ``riskpipe.yaml``: Kafka connection keys (inherited) plus the stage's own."""
 
@@ -60,7 +184,7 @@ class StageConfig(KafkaSettings):
 
     topics: Topics = Topics()
     group_id: str = "riskpipe"
-    models: dict[str, str] = {"digits": "demo:digits"}
+    models: dict[str, ModelConfig] = {"digits": ModelConfig(spec="demo:digits")}
     policy: str = Field(default_factory=default_policy_path)
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"  # 0.0.0.0 inside a pod, so Prometheus and probes reach it
@@ -77,9 +201,17 @@ class StageConfig(KafkaSettings):
     worker_id: str | None = None
     review: dict[str, Any] | None = None  # read by `riskpipe review` (credentials), ignored by the stage
 
+    @field_validator("models", mode="before")
+    @classmethod
+    def _model_entries(cls, v: Any) -> Any:
+        """A bare spec string is short for ``{spec: ...}``."""
+        if isinstance(v, dict):
+            return {k: ({"spec": e} if isinstance(e, str) else e) for k, e in v.items()}
+        return v
+
     @field_validator("models")
     @classmethod
-    def _models(cls, v: dict[str, str]) -> dict[str, str]:
+    def _models(cls, v: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
         if not v:
             raise ValueError("at least one model must be registered")
         return v
@@ -92,6 +224,10 @@ class StageConfig(KafkaSettings):
     def kafka(self) -> KafkaSettings:
         """The settings every Kafka client of this process is built from (riskpipe.kafka_clients)."""
         return KafkaSettings(**{k: getattr(self, k) for k in KafkaSettings.model_fields})
+
+    def model_policy(self, name: str) -> str:
+        """The policy file that decides events for model ``name``."""
+        return self.models[name].policy or self.policy
 
 
 class ConfigError(ValueError):
@@ -124,9 +260,74 @@ def read_config_file(path: str) -> dict[str, Any]:
     return _expand(data)
 
 
-def load_config(path: str | None = None, **overrides: Any) -> StageConfig:
-    """Config from ``path`` (YAML) with ``overrides`` (None values ignored) on top."""
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative paths of a config file, resolved against the file's directory."""
+    from riskpipe.models.loader import resolve_spec
+
+    def rel(p: Any) -> Any:
+        return str(base / p) if isinstance(p, str) and p and not Path(p).is_absolute() else p
+
+    data = dict(data)
+    if "policy" in data:
+        data["policy"] = rel(data["policy"])
+    models = data.get("models")
+    if isinstance(models, dict):
+        out = {}
+        for name, e in models.items():
+            if isinstance(e, str):
+                e = resolve_spec(e, base)
+            elif isinstance(e, dict):
+                e = dict(e)
+                if isinstance(e.get("spec"), str):
+                    e["spec"] = resolve_spec(e["spec"], base)
+                for key in ("reference", "policy"):
+                    if key in e:
+                        e[key] = rel(e[key])
+            out[name] = e
+        data["models"] = out
+    return data
+
+
+def _merge_models(data: dict[str, Any], models: dict[str, str] | None, references: dict[str, str] | None) -> None:
+    """``--model NAME=SPEC`` sets (or adds) an entry's spec; ``--reference NAME=PATH``
+    sets the reference of a model the config or ``--model`` registers."""
+    entries = data.get("models")
+    if models:
+        entries = {} if not isinstance(entries, dict) else dict(entries)
+        for name, spec in models.items():
+            old = entries.get(name)
+            entries[name] = {**old, "spec": spec} if isinstance(old, dict) else {"spec": spec}
+    if references:
+        if entries is None:
+            entries = {"digits": {"spec": "demo:digits"}}
+        entries = dict(entries)
+        for name, ref in references.items():
+            if name not in entries:
+                raise ConfigError(f"--reference {name}={ref}: no model named {name!r} "
+                                  f"(known: {', '.join(sorted(entries))})")
+            old = entries[name]
+            entries[name] = {**old, "reference": ref} if isinstance(old, dict) else {"spec": old, "reference": ref}
+    if entries is not None:
+        data["models"] = entries
+
+
+def format_validation_error(source: str, e: ValidationError) -> str:
+    """One line: ``source: field.path: reason``."""
+    err = e.errors()[0]
+    field = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")  # a model-level check names its fields itself
+    return f"{source}: {field + ': ' if field else ''}{msg}"
+
+
+def load_config(path: str | None = None, *, references: dict[str, str] | None = None,
+                **overrides: Any) -> StageConfig:
+    """Config from ``path`` (YAML) with ``overrides`` (None values ignored) on top.
+    ``models`` overrides are ``{name: spec}`` (``--model``), ``references``
+    ``{name: path}`` (``--reference``)."""
     data: dict[str, Any] = read_config_file(path) if path else {}
+    if path:
+        data = _resolve_paths(data, Path(path).resolve().parent)
+    _merge_models(data, overrides.pop("models", None), references)
     for k, v in overrides.items():
         if v is None:
             continue
@@ -137,7 +338,4 @@ def load_config(path: str | None = None, **overrides: Any) -> StageConfig:
     try:
         return StageConfig(**data)
     except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")  # a model-level check names its fields itself
-        raise ConfigError(f"{path or 'config'}: {field + ': ' if field else ''}{msg}") from None
+        raise ConfigError(format_validation_error(path or "config", e)) from None

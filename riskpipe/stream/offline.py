@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from riskpipe.stream.io import JsonlSink, JsonlSource, fresh_outputs
-from riskpipe.stream.stage import Stage, Stats
+from riskpipe.stream.io import fresh_outputs
+from riskpipe.stream.stage import Stats
 
 
 @dataclass
@@ -30,21 +30,12 @@ class OfflineResult:
         return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def build_stage(config, make_source, make_sink, policy=None, pipeline=None, ledger=None, metrics=None, **kw) -> Stage:
-    from riskpipe.policy import load_policy
-    from riskpipe.stream.pipeline import Pipeline
-
-    if pipeline is None:
-        policy = policy or load_policy(config.policy)
-        pipeline = Pipeline(policy, config.models, device=config.device, worker=config.worker_id or "w0",
-                            review_include_input=config.review_include_input)
-    return Stage(config, pipeline, make_source, make_sink, ledger=ledger, metrics=metrics, **kw)
-
-
 def run_offline(source: str | Iterable[dict], sink_dir: str | Path, config, *, pipeline=None, ledger=None,
-                metrics=None, checkpoint: str | None = None) -> OfflineResult:
+                metrics=None, checkpoint: str | None = None, on_batch=None) -> OfflineResult:
     """Decide every event of ``source`` (a JSON-lines path, or an iterable of event
     dicts) and write the outputs under ``sink_dir``."""
+    from riskpipe.compose import build_stage
+
     sink_dir = Path(sink_dir)
     tmp = None
     if not isinstance(source, str | Path):
@@ -57,8 +48,8 @@ def run_offline(source: str | Iterable[dict], sink_dir: str | Path, config, *, p
     if checkpoint is None:  # resuming keeps earlier outputs; a fresh run replaces them
         fresh_outputs(sink_dir, [t.decisions, t.review, t.audit, t.dlq])
     try:
-        stage = build_stage(config, lambda on_revoke: JsonlSource(str(source), checkpoint),
-                            lambda: JsonlSink(str(sink_dir)), pipeline=pipeline, ledger=ledger, metrics=metrics)
+        stage = build_stage(config, source=f"jsonl:{source}", sink=f"jsonl:{sink_dir}", checkpoint=checkpoint,
+                            pipeline=pipeline, ledger=ledger, metrics=metrics, on_batch=on_batch)
         stats = stage.run()
     finally:
         if tmp is not None:

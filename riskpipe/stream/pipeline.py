@@ -12,9 +12,8 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from riskpipe.certify import certifier_for_policy
 from riskpipe.certify.norms import convert_radius
-from riskpipe.models import Model, load_model
+from riskpipe.models import Model
 from riskpipe.stream.events import Event, EventError
 
 
@@ -33,62 +32,83 @@ def input_digest(x: np.ndarray) -> str:
 
 @dataclass
 class ModelEntry:
+    """One model as the stage runs it (built by riskpipe.compose).
+
+    ``model`` validates raw inputs; ``certified`` is what the certifier sees: the
+    model itself, or with a per-feature ``scale`` s the wrapped g(z) = f(s * z) on
+    z = x / s (riskpipe.models.scaled), so radii and context distances are in the
+    scaled norm ||delta / s||."""
+
     name: str
     model: Model
+    policy: object
     certifier: object
     epsilon_cert: float  # decide target in the certificate's norm (Theorem 2 applied)
-    context: object | None
+    certified: Model | None = None
+    context: object | None = None
+    scale: np.ndarray | None = None  # shaped like the input
+    scale_desc: str | None = None
+    labels: list[str] | None = None
+    feature_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.certified is None:
+            self.certified = self.model
+
+    def to_certified(self, X: np.ndarray) -> np.ndarray:
+        """Raw inputs -> the certified model's input space (x / s)."""
+        return X if self.scale is None else (np.asarray(X, dtype=np.float32) / self.scale).astype(np.float32)
+
+
+def certify(entry: ModelEntry, Z: np.ndarray, seeds: list[int]) -> list:
+    """Certificates for ``Z`` (already in the certified model's space) as the entry's
+    policy asks: the sequential decide test of radius >= epsilon, or a full radius."""
+    certs = entry.certifier.run(entry.policy.certifier.mode, Z, seeds, entry.epsilon_cert)
+    if entry.scale_desc is not None:  # the scope states the scaled norm
+        certs = [c.replace(extra={**c.extra, "scale": entry.scale_desc}) for c in certs]
+    return certs
+
+
+def radius_in_threat(entry: ModelEntry, cert) -> float:
+    """The certified radius in the threat norm (Theorem 2, d = the certified input's dimension)."""
+    return convert_radius(cert.radius, cert.norm, entry.policy.threat_model.norm, entry.certified.input_dim)
 
 
 class Pipeline:
-    """Models, certifiers, context indexes and the policy, ready to decide batches."""
+    """Models, each with its policy, certifier and context index, ready to decide
+    batches. Built by ``riskpipe.compose.build_pipeline``; only computes."""
 
-    def __init__(self, policy, models: dict[str, str], device: str = "cpu", worker: str = "w0",
-                 review_include_input: bool = True, context: bool = True):
-        self.policy = policy
+    def __init__(self, entries: dict[str, ModelEntry], worker: str = "w0", review_include_input: bool = True):
+        if not entries:
+            raise ValueError("entries: at least one model")
+        self.entries = entries
         self.worker = worker
         self.review_include_input = review_include_input
-        self.entries: dict[str, ModelEntry] = {}
         self.certify_seconds = 0.0  # cumulative time inside certifiers (benchmarks read it)
-        for name, spec in models.items():
-            model = load_model(spec, device=device)
-            self.entries[name] = self._entry(name, model, context)
 
     @property
     def models(self) -> dict[str, Model]:
+        """Models by name, for input validation (raw units, declared ranges)."""
         return {n: e.model for n, e in self.entries.items()}
 
-    def _entry(self, name: str, model: Model, with_context: bool) -> ModelEntry:
-        cert = certifier_for_policy(model, self.policy)
-        eps = self.policy.certificate_epsilon(cert.norm, model.input_dim)
-        entry = ModelEntry(name, model, cert, eps, None)
-        if with_context:
-            from riskpipe.context import ContextIndex
-
-            def reference_radii(X: np.ndarray) -> np.ndarray:
-                X = X[:300]
-                certs = self._certify(entry, X, list(range(len(X))))
-                return np.array([self._radius_threat(c, model) for c in certs])
-
-            entry.context = ContextIndex.for_model(model, self.policy.threat_model.norm,
-                                                   reference_radii_fn=reference_radii)
-        return entry
+    @property
+    def policies(self) -> list:
+        """Every policy in force, once each (by sha256), in model order."""
+        out: dict[str, object] = {}
+        for e in self.entries.values():
+            out.setdefault(e.policy.sha256, e.policy)
+        return list(out.values())
 
     def admit(self, ev: Event) -> None:
         """EventError ``off_grid`` for an input its model's certifier cannot take (off the sound
         sampler's grid): that event goes to the DLQ instead of failing its micro-batch."""
         from riskpipe.certify.samplers import GridError
 
+        entry = self.entries[ev.model]
         try:
-            self.entries[ev.model].certifier.check_inputs(ev.x[None])
+            entry.certifier.check_inputs(entry.to_certified(ev.x[None]))
         except GridError as e:
             raise EventError("off_grid", str(e)) from None
-
-    def _certify(self, entry: ModelEntry, X: np.ndarray, seeds: list[int]):
-        return entry.certifier.run(self.policy.certifier.mode, X, seeds, entry.epsilon_cert)
-
-    def _radius_threat(self, cert, model: Model) -> float:
-        return convert_radius(cert.radius, cert.norm, self.policy.threat_model.norm, model.input_dim)
 
     def process(self, events: list[Event], sources: list[dict]) -> list[dict]:
         """Full decision records (docs/records.md), one per event, in input order."""
@@ -98,15 +118,15 @@ class Pipeline:
             by_model.setdefault(ev.model, []).append(i)
         for name, idx in by_model.items():
             entry = self.entries[name]
-            X = np.stack([events[i].x for i in idx])
-            seeds = [seed_for(events[i].id, self.policy.sha256) for i in idx]
+            Z = entry.to_certified(np.stack([events[i].x for i in idx]))
+            seeds = [seed_for(events[i].id, entry.policy.sha256) for i in idx]
             t0 = time.perf_counter()
-            certs = self._certify(entry, X, seeds)
+            certs = certify(entry, Z, seeds)
             self.certify_seconds += time.perf_counter() - t0
-            r_threat = np.array([self._radius_threat(c, entry.model) for c in certs])
+            r_threat = np.array([radius_in_threat(entry, c) for c in certs])
             if entry.context is not None:
                 preds = np.array([-1 if c.predicted_class is None else c.predicted_class for c in certs])
-                contexts = entry.context.context(X, preds, r_threat)
+                contexts = entry.context.context(Z, preds, r_threat)
             else:
                 contexts = [None] * len(idx)
             for j, i in enumerate(idx):
@@ -114,7 +134,7 @@ class Pipeline:
         return records  # type: ignore[return-value]
 
     def _record(self, ev: Event, entry: ModelEntry, cert, radius_threat: float, context, source: dict) -> dict:
-        p = self.policy
+        p = entry.policy
         decision = p.evaluate(cert, upstream_risk=ev.upstream_risk, context=context, event_id=ev.id)
         d = decision.to_dict()
         now = utc_now()
@@ -156,4 +176,5 @@ class Pipeline:
         }
 
     def public(self, record: dict) -> dict:
-        return self.policy.public_view(record)
+        """The public view of ``record`` under the policy that decided it."""
+        return self.entries[record["model"]["name"]].policy.public_view(record)

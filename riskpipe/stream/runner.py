@@ -1,4 +1,5 @@
-"""Wire a stage to Kafka or files, with the ledger and metrics: what ``riskpipe run`` does."""
+"""Run stage workers: what ``riskpipe run`` does once the config is validated
+(the stage itself is built by riskpipe.compose)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import subprocess
 import sys
 import time
 
-from riskpipe.stream.io import JsonlSink, JsonlSource, KafkaSink, KafkaSource
-
 log = logging.getLogger("riskpipe.stream")
 
 
@@ -20,60 +19,21 @@ def default_ledger_path() -> str:
     return str(data_dir() / "ledger.sqlite")
 
 
-def open_ledger(path: str | None):
-    if not path:
-        return None
-    from riskpipe.ledger import Ledger
-
-    return Ledger(path)
-
-
-def make_stage(config, source: str | None = None, sink: str | None = None, metrics=None, on_record=None,
-               pipeline=None, ledger=None):
-    """A Stage on Kafka (default) or JSON-lines files (``jsonl:PATH`` / ``jsonl:DIR``)."""
-    from riskpipe.stream.offline import build_stage
-
-    if source and source.startswith("jsonl:"):
-        path = source[len("jsonl:"):]
-
-        def make_source(on_revoke):
-            return JsonlSource(path)
-    else:
-        from riskpipe.stream.checksum import check_kafka_crc32c
-
-        check_kafka_crc32c(metrics)
-
-        def make_source(on_revoke):
-            if config.create_topics:  # after a broker restart (memory storage) topics are gone
-                from riskpipe.stream.broker import create_topics
-
-                t = config.topics
-                create_topics(config.kafka(), [t.input, t.decisions, t.review, t.audit, t.dlq])
-            return KafkaSource(config, on_revoke=on_revoke)
-
-    if sink and sink.startswith("jsonl:"):
-        from riskpipe.stream.io import fresh_outputs
-
-        directory = sink[len("jsonl:"):]
-        t = config.topics
-        fresh_outputs(directory, [t.decisions, t.review, t.audit, t.dlq])
-
-        def make_sink():
-            return JsonlSink(directory)
-    else:
-        def make_sink():
-            return KafkaSink(config)
-
-    return build_stage(config, make_source, make_sink, ledger=ledger, metrics=metrics, on_record=on_record,
-                       pipeline=pipeline)
-
-
 def run_stage(config, source: str | None = None, sink: str | None = None, metrics=None, idle_exit_s=None,
               install_signals: bool = True, on_record=None, pipeline=None):
-    """Run one stage worker until stopped; returns its Stats."""
-    ledger = open_ledger(config.ledger)
+    """Run one stage worker until stopped; returns its Stats. Everything is built by
+    the composition root (riskpipe.compose) from ``config``."""
+    from riskpipe.compose import build_stage, open_ledger
+
+    if sink and sink.startswith("jsonl:"):  # a fresh run replaces earlier output files
+        from riskpipe.stream.io import fresh_outputs
+
+        t = config.topics
+        fresh_outputs(sink[len("jsonl:"):], [t.decisions, t.review, t.audit, t.dlq])
+    ledger = open_ledger(config)
     try:
-        stage = make_stage(config, source, sink, metrics, on_record, pipeline, ledger)
+        stage = build_stage(config, source=source, sink=sink, pipeline=pipeline, ledger=ledger, metrics=metrics,
+                            on_record=on_record)
         if install_signals:
             stage.install_signal_handlers()
         return stage.run(idle_exit_s=idle_exit_s)

@@ -83,7 +83,6 @@ class Stage:
         self.guards: dict = {}
         self.buffer: list[Message] = []
         self.stopping = threading.Event()
-        self.policy = pipeline.policy
 
     # ---- lifecycle -------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -120,8 +119,8 @@ class Stage:
         backoff = 0.5
         last_data = time.monotonic()
         if self.metrics:
-            self.metrics.set_policy(self.policy.name, str(self.policy.version), self.policy.sha256)
-        self._record_policy()
+            self.metrics.set_policies([(p.name, str(p.version), p.sha256) for p in self.pipeline.policies])
+        self._record_policies()
         while True:
             try:
                 if self.source is None:
@@ -291,14 +290,15 @@ class Stage:
         if cert["abstained"]:
             self.stats.abstained += 1
 
-    def _record_policy(self) -> None:
+    def _record_policies(self) -> None:
+        """One ledger ``policy`` row per policy in force."""
         if self.ledger is None:
             return
         from riskpipe.ledger import policy_record
 
-        p = self.policy
-        rec, eid = policy_record(p.name, str(p.version), p.sha256, utc_now(), source=getattr(p, "path", None))
-        self.ledger.append(rec, kind="policy", entry_id=eid)
+        for p in self.pipeline.policies:
+            rec, eid = policy_record(p.name, str(p.version), p.sha256, utc_now(), source=getattr(p, "path", None))
+            self.ledger.append(rec, kind="policy", entry_id=eid)
 
 
 def _epoch(ts: str | None) -> float | None:

@@ -1,0 +1,250 @@
+"""The composition root: everything the stage needs, built from one validated StageConfig.
+
+    StageConfig ──► per model: load_model ─► range/scale ─► policy ─► certifier
+                                          └─► context index (only if the policy uses it)
+                ──► Pipeline (computes)  ──► Stage (loops) with source/sink factories,
+                                              ledger and metrics
+
+``riskpipe run`` (one worker or ``--workers N``), the offline mode, the demo, the
+benchmarks and the tests all build through here, so a model is wired the same way
+wherever it runs. Nothing else loads models, policies or reference sets for the stage.
+
+Every problem found while building is a ``ConfigError`` with one line naming the key
+(``models.signs.labels: 3 labels, the model has 10 classes``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from riskpipe.stream.config import ConfigError, ModelConfig, StageConfig, read_reference
+from riskpipe.stream.pipeline import ModelEntry, Pipeline, certify, radius_in_threat
+
+# Rule fields whose value comes from the context index (riskpipe.policy.fields).
+CONTEXT_FIELDS = ("context.", "signals.context_risk.")
+REFERENCE_RADII_SAMPLES = 300  # reference inputs certified once for radius percentiles
+
+
+# ---------------------------------------------------------------- policy ----------
+def uses_context(policy) -> bool:
+    """True when ``policy``'s decisions can depend on context risk: the signal is
+    enabled and either weighs in the score or a rule condition reads it."""
+    if not policy.signals.context_risk.enabled:
+        return False
+    if policy.score.weights.context_risk > 0:
+        return True
+    from riskpipe.policy.rules import iter_conditions
+
+    return any(c.field.startswith(CONTEXT_FIELDS) for r in policy.rules for c in iter_conditions(r.when))
+
+
+def _load_policies(config: StageConfig) -> dict[str, object]:
+    """Each distinct policy file loaded once with ``load_policy`` (its invariant, e.g.
+    uncertified is never allowed, is checked per file)."""
+    from riskpipe.policy import load_policy
+
+    paths = {config.policy} | {m.policy for m in config.models.values() if m.policy}
+    return {p: load_policy(p) for p in sorted(paths)}
+
+
+# ---------------------------------------------------------------- models ----------
+def _err(name: str, key: str, reason: str) -> ConfigError:
+    return ConfigError(f"models.{name}.{key}: {reason}")
+
+
+def _n_features(model) -> int:
+    return int(np.prod(model.input_shape))
+
+
+def _declared_range(name: str, mc: ModelConfig, model):
+    """(lo, hi) from the entry's ``range`` (scalars, or arrays of the input shape)."""
+    if mc.range is None:
+        return model.value_range
+    if not isinstance(mc.range[0], list):
+        return (mc.range[0], mc.range[1])
+    if len(mc.range) != _n_features(model):
+        raise _err(name, "range", f"{len(mc.range)} [lo, hi] pairs, the model has {_n_features(model)} features")
+    lo, hi = np.array(mc.range, dtype=np.float32).T
+    return (lo.reshape(model.input_shape), hi.reshape(model.input_shape))
+
+
+def _reference(name: str, mc: ModelConfig, model):
+    """(path, X shaped like the input, y) of the model's reference set, or None."""
+    path = mc.reference or model.default_reference
+    if path is None:
+        return None
+    try:
+        X, y = read_reference(path)
+    except ValueError as e:
+        raise _err(name, "reference", str(e)) from None
+    if X.shape[1:] != tuple(model.input_shape) and X[0].size == _n_features(model):
+        X = X.reshape((len(X),) + tuple(model.input_shape))
+    if X.shape[1:] != tuple(model.input_shape):
+        raise _err(name, "reference", f"{path}: X rows have shape {list(X.shape[1:])}, "
+                                      f"the model expects {list(model.input_shape)}")
+    return path, X.astype(np.float32), y
+
+
+def _scale(name: str, mc: ModelConfig, reference):
+    """(s as a flat array, description) or (None, None)."""
+    if mc.scale is None:
+        return None, None
+    from riskpipe.models.scaled import standardize_scale
+
+    if mc.scale == "standardize":
+        return standardize_scale(reference[1]), "standardize(reference)"
+    return np.asarray(mc.scale, dtype=np.float64), "configured"
+
+
+def build_entry(name: str, mc: ModelConfig, policy, device: str = "cpu") -> ModelEntry:
+    """One model, checked against its config entry, with its policy, certifier and
+    (only when the policy uses it) context index."""
+    from riskpipe.models import ModelError, load_model
+
+    try:
+        model = load_model(mc.spec, device=device)
+    except ModelError as e:
+        raise _err(name, "spec", str(e)) from None
+    if mc.labels is not None and len(mc.labels) != model.num_classes:
+        raise _err(name, "labels", f"{len(mc.labels)} labels, the model has {model.num_classes} classes")
+    if mc.feature_names is not None and len(mc.feature_names) != _n_features(model):
+        raise _err(name, "feature_names", f"{len(mc.feature_names)} names, the model has "
+                                          f"{_n_features(model)} features")
+    model.value_range = _declared_range(name, mc, model)
+    reference = _reference(name, mc, model) if (mc.reference or mc.scale == "standardize" or uses_context(policy)) \
+        else None
+    s, scale_desc = _scale(name, mc, reference)
+    certified = model
+    if s is not None:
+        if len(s) != _n_features(model):
+            raise _err(name, "scale", f"{len(s)} values, the model has {_n_features(model)} features")
+        from riskpipe.models.scaled import scaled_model
+
+        certified = scaled_model(model, s, scale_desc)
+    from riskpipe.certify import certifier_for_policy
+
+    try:
+        certifier = certifier_for_policy(certified, policy)
+    except ValueError as e:
+        raise _err(name, "policy", f"{getattr(policy, 'path', '') or policy.name}: {e}") from None
+    entry = ModelEntry(name=name, model=model, certified=certified, policy=policy, certifier=certifier,
+                       epsilon_cert=policy.certificate_epsilon(certifier.norm, certified.input_dim),
+                       scale=None if s is None else s.astype(np.float32).reshape(model.input_shape),
+                       scale_desc=scale_desc, labels=mc.labels, feature_names=mc.feature_names)
+    if uses_context(policy):
+        if reference is None:
+            raise _err(name, "reference", f"policy {policy.name} uses context risk; give the model a reference "
+                                          "set (.npz with X and optionally y) under models."
+                                          f"{name}.reference or --reference {name}=PATH")
+        entry.context = _context_index(entry, *reference)
+    return entry
+
+
+# ---------------------------------------------------------------- context ---------
+def _file_sha(path: str) -> str:
+    from riskpipe.models.base import sha256_file
+
+    return sha256_file(path)
+
+
+def _context_index(entry: ModelEntry, path: str, X: np.ndarray, y):
+    """Nearest-neighbour index over the (scaled) reference set in the threat norm,
+    with reference radii certified once and cached by (model sha, certifier
+    settings, reference file sha)."""
+    from riskpipe.context import ContextError, ContextIndex
+    from riskpipe.paths import cache_dir
+
+    Z = entry.to_certified(X)
+    if y is None:  # unlabelled reference: the model's own predictions label it
+        y = entry.certified.predict(Z).astype(np.int64)
+    norm = entry.policy.threat_model.norm
+    settings = {"certifier": entry.policy.certifier.model_dump(mode="json"), "threat_norm": norm,
+                "scale": None if entry.scale is None else entry.scale.ravel().tolist(),
+                "samples": REFERENCE_RADII_SAMPLES}
+    key = hashlib.sha256(json.dumps([entry.model.sha256, settings, _file_sha(path)], sort_keys=True)
+                         .encode()).hexdigest()[:24]
+    cache = Path(cache_dir()) / "context" / f"radii-{key}.npy"
+    radii = None
+    if cache.exists():
+        try:
+            radii = np.load(cache, allow_pickle=False)
+        except (OSError, ValueError):
+            radii = None  # a damaged cache is recomputed
+    if radii is None:
+        sample = Z[:REFERENCE_RADII_SAMPLES]
+        certs = certify(entry, sample, list(range(len(sample))))
+        radii = np.array([radius_in_threat(entry, c) for c in certs])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, radii)
+        tmp.replace(cache)
+    try:
+        return ContextIndex.build(Z, y, norm, reference_radii=radii, name=Path(path).stem)
+    except ContextError as e:
+        raise _err(entry.name, "reference", f"{path}: {e}") from None
+
+
+# ---------------------------------------------------------------- pipeline --------
+def build_pipeline(config: StageConfig) -> Pipeline:
+    """Every model of ``config`` under its own policy, ready to decide batches."""
+    policies = _load_policies(config)
+    entries = {name: build_entry(name, mc, policies[config.model_policy(name)], device=config.device)
+               for name, mc in config.models.items()}
+    return Pipeline(entries, worker=config.worker_id or "w0", review_include_input=config.review_include_input)
+
+
+# ---------------------------------------------------------------- edges -----------
+def open_ledger(config: StageConfig):
+    if not config.ledger:
+        return None
+    from riskpipe.ledger import Ledger
+
+    return Ledger(config.ledger)
+
+
+def source_factory(config: StageConfig, source: str | None = None, checkpoint: str | None = None, metrics=None):
+    """``make_source(on_revoke)``: Kafka (default) or a JSON-lines file (``jsonl:PATH``)."""
+    from riskpipe.stream.io import JsonlSource, KafkaSource
+
+    if source and source.startswith("jsonl:"):
+        path = source[len("jsonl:"):]
+        return lambda on_revoke: JsonlSource(path, checkpoint)
+    from riskpipe.stream.checksum import check_kafka_crc32c
+
+    check_kafka_crc32c(metrics)
+
+    def make_source(on_revoke):
+        if config.create_topics:  # after a broker restart (memory storage) topics are gone
+            from riskpipe.stream.broker import create_topics
+
+            t = config.topics
+            create_topics(config.kafka(), [t.input, t.decisions, t.review, t.audit, t.dlq])
+        return KafkaSource(config, on_revoke=on_revoke)
+
+    return make_source
+
+
+def sink_factory(config: StageConfig, sink: str | None = None):
+    """``make_sink()``: Kafka (default) or JSON-lines files in a directory (``jsonl:DIR``)."""
+    from riskpipe.stream.io import JsonlSink, KafkaSink
+
+    if sink and sink.startswith("jsonl:"):
+        directory = sink[len("jsonl:"):]
+        return lambda: JsonlSink(directory)
+    return lambda: KafkaSink(config)
+
+
+def build_stage(config: StageConfig, *, source: str | None = None, sink: str | None = None,
+                checkpoint: str | None = None, pipeline: Pipeline | None = None, ledger=None, metrics=None,
+                **kw):
+    """A Stage over ``source``/``sink`` (Kafka unless ``jsonl:...``). ``pipeline``
+    may be passed to reuse one already built (tests, benchmarks)."""
+    from riskpipe.stream.stage import Stage
+
+    return Stage(config, pipeline or build_pipeline(config), source_factory(config, source, checkpoint, metrics),
+                 sink_factory(config, sink), ledger=ledger, metrics=metrics, **kw)
