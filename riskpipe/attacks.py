@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from riskpipe.certify.norms import check_norm, conversion_factor
+from riskpipe.models.base import range_tensors
 
 ATTACK_NORMS = ("linf", "l2")
 LOSSES = ("ce", "margin")
@@ -57,9 +58,10 @@ def _check_attack_args(epsilon, norm: str, steps: int, value_range, loss: str) -
         raise ValueError(f"epsilon: must be a finite number >= 0 (or one per input), got {epsilon!r}")
     if int(steps) < 1:
         raise ValueError(f"steps: must be >= 1, got {steps!r}")
-    lo, hi = value_range
-    if not lo < hi:
-        raise ValueError(f"value_range: must be (lo, hi) with lo < hi, got {value_range!r}")
+    if value_range is not None:  # None: nothing declared, unbounded
+        lo, hi = (np.asarray(v) for v in value_range)
+        if not (lo < hi).all():
+            raise ValueError(f"value_range: must be (lo, hi) with lo < hi, got {value_range!r}")
     if loss not in LOSSES:
         raise ValueError(f"loss: {loss!r} is not one of {', '.join(LOSSES)}")
     return norm, eps
@@ -168,8 +170,8 @@ def pgd(
             raise ValueError(f"targeted: {len(targeted)} targets for {len(X)} inputs")
     if not np.any(eps_all > 0) or len(X) == 0:
         return X.copy()
-    lo, hi = (float(v) for v in value_range)
     device = _module_device(module)
+    lo, hi = range_tensors(value_range, device)
     gen = torch.Generator().manual_seed(int(seed))
     labels = np.stack([y, targeted if targeted is not None else y], axis=1)
     was_training = module.training

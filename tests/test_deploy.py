@@ -53,7 +53,7 @@ def test_sample_config_has_exactly_the_documented_keys() -> None:
     assert set(data["batch"]) == {"max_events", "max_wait_ms"}
     config = _stage_config((DEPLOY / "riskpipe.yaml").read_text())
     assert config.metrics_port == 9400
-    assert (ROOT / config.policy).exists()
+    assert (DEPLOY / config.policy).exists()  # relative to the config file
 
 
 def test_every_manifest_parses_and_kustomization_lists_them() -> None:

@@ -204,8 +204,9 @@ class IntervalBounds(CertifierBase):
         if getattr(self.model, "module", None) is None:
             raise ValueError(f"model: ibp needs a torch model, {getattr(self.model, 'spec', self.model)} has none")
         self.layers = sequential_layers(self.model.module)
-        lo, hi = self.model.value_range
-        self.eps_max = float(hi - lo) if self.eps_max is None else float(self.eps_max)
+        rng = self.model.value_range  # None: nothing declared, search up to 1 input unit
+        width = 1.0 if rng is None else float(np.max(np.asarray(rng[1]) - np.asarray(rng[0])))
+        self.eps_max = width if self.eps_max is None else float(self.eps_max)
         if not self.eps_max > 0:
             raise ValueError(f"eps_max: must be > 0, got {self.eps_max}")
         if not 0 < self.tolerance < self.eps_max:
@@ -219,6 +220,13 @@ class IntervalBounds(CertifierBase):
         x = x.to(device=self.model.device, dtype=torch.float32)
         return x.reshape((len(x),) + tuple(self.model.input_shape))
 
+    def _clip(self, x: torch.Tensor):
+        """Clamp to the declared value range (scalars or per feature; none: unbounded)."""
+        from riskpipe.models.base import range_tensors
+
+        lo, hi = range_tensors(self.model.value_range, x.device)
+        return lambda t: t.clamp(lo, hi)
+
     @torch.no_grad()
     def margin_bounds(self, X, eps, y: torch.Tensor | None = None) -> torch.Tensor:
         """Lower bounds (B, K) of z_y - z_j over the l_inf ball of ``eps`` (scalar or per
@@ -228,12 +236,11 @@ class IntervalBounds(CertifierBase):
         if y is None:
             y = self.model.module(x).argmax(dim=1)
         eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.ndim - 1)))
-        lo, hi = self.model.value_range
+        clip = self._clip(x)
         out = []
         for s in range(0, len(x), self.batch_size):
             xb, e = x[s:s + self.batch_size], eps_t if eps_t.numel() == 1 else eps_t[s:s + self.batch_size]
-            out.append(interval_margins(self.layers, (xb - e).clamp(lo, hi), (xb + e).clamp(lo, hi),
-                                        y[s:s + self.batch_size]))
+            out.append(interval_margins(self.layers, clip(xb - e), clip(xb + e), y[s:s + self.batch_size]))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -284,7 +291,8 @@ class IntervalBounds(CertifierBase):
                 elapsed_ms=per_input_ms, seed=int(seeds[i]), input_dim=self.model.input_dim, reason=reason,
                 extra={"model_class": int(y[i]), "linf_radius": float(r_lo[i]), "linf_upper": float(r_hi[i]),
                        "tolerance": self.tolerance, "eps_max": self.eps_max, "passes": passes,
-                       "value_range": list(self.model.value_range)}))
+                       "value_range": None if self.model.value_range is None
+                       else [np.asarray(v).tolist() for v in self.model.value_range]}))
         return out
 
 

@@ -107,6 +107,10 @@ class Certificate:
             )
         if self.abstained:
             what = "no certificate (abstained): " + what
+        scale = self.extra.get("scale")
+        if scale:  # certified on z = x / s (riskpipe.models.scaled): radii are in ||delta / s||
+            what += f"; scaled {norm}: ||delta/s||_{norm[1:]}, s = {scale}"
+            norm = f"scaled {norm}"
         return (
             what
             + f"; it covers only {norm}-bounded changes (other norms after Theorem 2 conversion)"

@@ -31,6 +31,15 @@ def sha256_state_dict(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def range_tensors(value_range, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """A declared value range as (lo, hi) tensors for ``Tensor.clamp``: scalars or per
+    feature (shaped like the input); -inf/inf when nothing is declared (None)."""
+    if value_range is None:
+        return torch.tensor(-float("inf"), device=device), torch.tensor(float("inf"), device=device)
+    lo, hi = (torch.as_tensor(np.asarray(v, dtype=np.float32), device=device) for v in value_range)
+    return lo, hi
+
+
 @dataclass
 class Model:
     """A classifier with its input spec.

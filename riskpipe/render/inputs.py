@@ -58,7 +58,7 @@ def model_info(entry: Any = None, model: Any = None) -> ModelInfo:
     (its declared ``value_range`` and ``meta['feature_names']``, e.g. skops' ``feature_names_in_``).
     The config entry wins where both say something."""
     e = entry if isinstance(entry, dict) else ({"spec": entry} if isinstance(entry, str) else {})
-    if not isinstance(e, dict):  # a pydantic ModelConfig
+    if entry is not None and not isinstance(entry, (dict, str)):  # a pydantic ModelConfig
         e = {k: getattr(entry, k, None) for k in ("spec", "labels", "feature_names", "range")}
     rng = e.get("range")
     value_range = None
