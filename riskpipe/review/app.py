@@ -280,8 +280,8 @@ def create_app(settings: ReviewSettings, *, metrics: Any = "default", publisher=
     def queue_page():
         items = rq.pending(ledger())
         state.note_queue(items)
-        return render_template("queue.html", items=items, now=rq.now_utc(),
-                               reviewed=ledger().count("verdict"))
+        return render_template("queue.html", items=items, now=rq.now_utc(), reviewed=ledger().count("verdict"),
+                               class_name=class_name, labels_of=lambda rec: state.model_info(rec).labels)
 
     @app.get("/item/<path:event_id>")
     @login_required
