@@ -15,13 +15,13 @@ import numpy as np
 NAME = "random search (black-box)"
 
 
-def value_bounds(value_range) -> tuple[float, float]:
-    """``(lo, hi)`` to clip attacked inputs to: the declared range (per-feature ranges are
-    taken at their widest), or no bound when the model declares none."""
+def value_bounds(value_range) -> tuple[np.ndarray, np.ndarray]:
+    """``(lo, hi)`` to clip attacked inputs to: the declared range (scalars, or arrays
+    shaped like one input for per-feature ranges), or no bound when none is declared."""
     if value_range is None:
-        return -np.inf, np.inf
+        return np.float32(-np.inf), np.float32(np.inf)
     lo, hi = value_range
-    return float(np.min(lo)), float(np.max(hi))
+    return np.asarray(lo, dtype=np.float32), np.asarray(hi, dtype=np.float32)
 
 
 def _surface_point(shape: tuple[int, ...], eps: np.ndarray, norm: str, rng: np.random.Generator) -> np.ndarray:

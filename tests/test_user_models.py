@@ -53,7 +53,7 @@ def test_compare_on_a_torchscript_cnn(signs, tmp_path):
 
 
 def test_compare_on_a_skops_model_uses_the_black_box_attack(wine, tmp_path):
-    spec = wine.spec + "?range=0,2000"  # wine features in raw units
+    spec = wine.spec  # raw units, no declared range: inputs are only checked for finiteness
     result, md = _compare(tmp_path, spec, wine.data, "--sigma", "5", "--eps-grid", "l2=0,5,50;linf=0,2,20")
     (m,) = result["models"]
     assert m["input_dim"] == 13 and m["clean_accuracy"] > 0.8
@@ -82,3 +82,41 @@ def test_random_search_finds_only_genuine_examples_inside_the_budget(wine):
         assert np.all(size <= eps * (1 + 1e-5)) and adv.min() >= 0
     with pytest.raises(ValueError, match="norm"):
         random_search(model.predict, X, y, 1.0, "l1")
+
+
+# ---- evaluate on the examples' models, each entry as its stage config declares it ----------------
+
+def _evaluate(tmp_path, example: str, model: str, *extra):
+    root = f"examples/{example}"
+    r = CliRunner().invoke(cli, ["evaluate", "--config", f"{root}/riskpipe.yaml", "--model", model,
+                                 "--data", f"{root}/reference.npz", "--policy", f"{root}/policy.yaml",
+                                 "--n", "8", "--budgets", "8x", "--shift-budgets", "1x", "--attempts", "2",
+                                 "--out", str(tmp_path), "--format", "json,md", *extra])
+    assert r.exit_code == 0, r.output
+    return json.loads((tmp_path / "evaluation.json").read_text()), (tmp_path / "evaluation.md").read_text()
+
+
+def test_evaluate_a_torchscript_image_model_with_pgd(tmp_path, one_thread):
+    result, md = _evaluate(tmp_path, "image", "shapes", "--steps", "5")
+    (s,) = result["policies"]
+    assert result["input_dim"] == 3 * 32 * 32 and s["policy"]["attack"] == "PGD"
+    assert s["clean"]["n"] == 8 and s["clean"]["accuracy"] > 0.5
+    pgd = next(a for a in s["attacks"] if a["kind"] == "pgd")
+    assert pgd["epsilon"] == pytest.approx(8 * 0.25) and pgd["successful"] >= 1  # 8x epsilon breaks this CNN
+    assert "PGD 5 steps" in md and "--config examples/image/riskpipe.yaml" in md
+
+
+def test_evaluate_a_scaled_skops_model_with_the_black_box_attack(tmp_path):
+    result, md = _evaluate(tmp_path, "tabular", "cancer", "--queries", "100")
+    (s,) = result["policies"]
+    assert result["input_dim"] == 30 and s["policy"]["attack"] == "random search (black-box)"
+    assert s["clean"]["accuracy"] > 0.8
+    pgd = next(a for a in s["attacks"] if a["kind"] == "pgd")
+    assert pgd["attempted"] >= 6 and pgd["successful"] >= 1  # 8x epsilon in the standardized norm
+    assert "random search (black-box) attack (100 queries per input; the model has no gradients for PGD)" in md
+
+
+def test_evaluate_names_a_model_missing_from_the_config(tmp_path):
+    r = CliRunner().invoke(cli, ["evaluate", "--config", "examples/tabular/riskpipe.yaml", "--model", "nope",
+                                 "--policy", "examples/tabular/policy.yaml", "--out", str(tmp_path)])
+    assert r.exit_code != 0 and "model: 'nope' is not a model of examples/tabular/riskpipe.yaml (known: cancer)" in r.output

@@ -19,7 +19,12 @@ def _formats(ctx, param, value: str) -> tuple[str, ...]:
 
 @click.command()
 @click.option("--model", "model_spec", default="demo:digits", show_default=True,
-              help="Model spec: PGD on torch models, a black-box random search on others (skops, ONNX).")
+              help="Model spec, or with --config the name of one of its models: entries. PGD on torch models, "
+                   "a black-box random search on others (skops, ONNX).")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="Stage config: evaluate its models: entry --model (reference, scale, range) as the stage runs it.")
+@click.option("--reference", default=None, type=click.Path(dir_okay=False),
+              help="Reference .npz (X, y) of a --model spec, for policies that use context risk.")
 @click.option("--policy", "policies", multiple=True, required=True,
               help="Policy YAML file; repeat to compare policies on the same traffic.")
 @click.option("--data", default="digits", show_default=True,
@@ -41,7 +46,7 @@ def _formats(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--base-attack", is_flag=True, help="Attack the base model even when the policy smooths.")
 @click.option("--upstream-risk", type=float, default=None,
               help="upstream_risk sent with every clean and attacked event (default: none sent).")
-def evaluate(model_spec, policies, data, budgets, shift_budgets, n, steps, queries, attempts, out_dir, formats, seed, device,
+def evaluate(model_spec, config_path, reference, policies, data, budgets, shift_budgets, n, steps, queries, attempts, out_dir, formats, seed, device,
              base_attack, upstream_risk):
     """Evaluate POLICY on clean and attacked traffic: reviewer workload, where successful
     adversarial examples go, certified adversarial examples (Theorem 1), norm shift
@@ -59,7 +64,8 @@ def evaluate(model_spec, policies, data, budgets, shift_budgets, n, steps, queri
     if attempts is not None and attempts < 1:
         fail(f"attempts: must be >= 1, got {attempts}")
     try:
-        settings = Settings(model=model_spec, policies=tuple(policies), data=data, n=n or None,
+        settings = Settings(model=model_spec, config=config_path, reference=reference, policies=tuple(policies),
+                            data=data, n=n or None,
                             budgets=parse_budgets(budgets), shift_budgets=parse_budgets(shift_budgets, "shift-budgets"),
                             steps=steps, queries=queries, attempts=attempts, seed=seed, device=device,
                             smoothed_attack=not base_attack, upstream_risk=upstream_risk)

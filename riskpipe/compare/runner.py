@@ -119,11 +119,10 @@ def attack_name(model, cfg: CompareConfig) -> str:
 
 def _pgd_accuracy(model, X: np.ndarray, y: np.ndarray, norm: str, grid, cfg: CompareConfig) -> list[float]:
     """Accuracy under attack at each epsilon: PGD on torch models, else seeded random search."""
-    bounds = blackbox.value_bounds(model.value_range)
     out = []
     for e in grid:
         if model.module is not None:
-            xa = pgd(model.module, X, y, e, norm, steps=cfg.pgd_steps, value_range=bounds, seed=cfg.seed,
+            xa = pgd(model.module, X, y, e, norm, steps=cfg.pgd_steps, value_range=model.value_range, seed=cfg.seed,
                      loss="margin")
         else:
             xa = blackbox.random_search(model.predict, X, y, e, norm, queries=cfg.attack_queries,

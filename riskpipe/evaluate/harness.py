@@ -68,7 +68,9 @@ class Settings:
     (``Nx`` = N times the policy's epsilon); norm-shift budgets are in the other norm
     (``Nx`` = N times the policy's epsilon converted by Theorem 2)."""
 
-    model: str = "demo:digits"
+    model: str = "demo:digits"  # a spec, or the name of a model entry of ``config``
+    config: str | None = None  # a stage config whose models: entry ``model`` is evaluated
+    reference: str | None = None  # reference .npz for a spec (context risk)
     policies: tuple[str, ...] = ()
     data: str = "digits"
     n: int | None = 200
@@ -85,6 +87,8 @@ class Settings:
     def command(self) -> str:
         """The ``riskpipe evaluate`` command line that reproduces this run."""
         parts = ["riskpipe evaluate", f"--model {self.model}"]
+        parts += [f"--config {self.config}"] if self.config else []
+        parts += [f"--reference {self.reference}"] if self.reference else []
         parts += [f"--policy {p}" for p in self.policies]
         parts += [f"--data {self.data}", f"--n {self.n or 0}", f"--steps {self.steps}", f"--queries {self.queries}",
                   f"--budgets {','.join(map(str, self.budgets))}",
@@ -173,27 +177,64 @@ def _dlq_id(rec: dict) -> str | None:
     return rec.get("id")
 
 
+def model_entry(settings: Settings) -> dict:
+    """The evaluated model's ``models:`` entry: the one named ``model`` in the stage config
+    ``config`` (its reference, scale, range, labels), else ``model`` as a spec with
+    ``reference``."""
+    from riskpipe.stream.config import ConfigError, load_config
+
+    if settings.config:
+        try:
+            entries = load_config(settings.config).models
+        except ConfigError as e:
+            raise EvaluationError(str(e)) from None
+        if settings.model not in entries:
+            raise EvaluationError(f"model: {settings.model!r} is not a model of {settings.config} "
+                                  f"(known: {', '.join(sorted(entries))})")
+        return entries[settings.model].model_dump(exclude_none=True)
+    return {"spec": settings.model, **({"reference": settings.reference} if settings.reference else {})}
+
+
+def stage_config(settings: Settings, policy_path: str):
+    """The stage config the evaluation runs: the model entry under ``policy_path``."""
+    from pydantic import ValidationError
+
+    from riskpipe.stream.config import StageConfig, format_validation_error
+
+    try:
+        return StageConfig(models={MODEL_NAME: {**model_entry(settings), "policy": policy_path}}, policy=policy_path,
+                           device=settings.device, review_include_input=False)
+    except ValidationError as e:
+        raise EvaluationError(format_validation_error("evaluate", e)) from None
+
+
 def evaluate_policy(settings: Settings, policy_path: str, X: np.ndarray, y: np.ndarray, workdir: Path,
                     progress=None, attack_cache: dict | None = None) -> PolicyRun:
     """Send clean and attacked copies of (X, y) through the stage under one policy."""
-    from riskpipe.policy import load_policy
-    from riskpipe.stream.config import load_config
-    from riskpipe.stream.offline import run_offline
     from riskpipe.compose import build_pipeline
+    from riskpipe.policy import load_policy
+    from riskpipe.stream.config import ConfigError
+    from riskpipe.stream.offline import run_offline
 
     t0 = time.perf_counter()
     policy = load_policy(policy_path)
-    config = load_config(None, models={MODEL_NAME: settings.model}, policy=policy_path, device=settings.device,
-                         review_include_input=False)
-    pipeline = build_pipeline(config)
-    model = pipeline.models[MODEL_NAME]
-    if tuple(X.shape[1:]) != tuple(model.input_shape):
-        raise EvaluationError(f"data: inputs of shape {X.shape[1:]} do not fit model input {model.input_shape}")
+    config = stage_config(settings, policy_path)
+    try:
+        pipeline = build_pipeline(config)
+    except ConfigError as e:
+        raise EvaluationError(str(e)) from None
+    me = pipeline.entries[MODEL_NAME]
+    if tuple(X.shape[1:]) != tuple(me.model.input_shape):
+        raise EvaluationError(f"data: inputs of shape {X.shape[1:]} do not fit model input {me.model.input_shape}")
     tm = policy.threat_model
     cert = policy.certifier
+    # attacks run where the certificate holds: on the certified model g(z) = f(s * z) at z = x / s
+    # for a scaled tabular model (budgets in the scaled norm), mapped back to raw inputs for the stage
+    model = me.certified
     gradients = model.module is not None
     noise = float(cert.sigma) if gradients and settings.smoothed_attack and cert.method == "smoothing" else 0.0
-    clean = clean_set(model, X, y)
+    clean = clean_set(me.model, X, y)
+    clean_z = SampleSet("clean", "clean", me.to_certified(X), y, clean.pred)
     sets = [clean]
     cache = attack_cache if attack_cache is not None else {}
     for spec in _attack_specs(settings, tm.norm, float(tm.epsilon), model.input_dim):
@@ -202,8 +243,10 @@ def evaluate_policy(settings: Settings, policy_path: str, X: np.ndarray, y: np.n
             if progress:
                 progress(f"{policy.name}: attacking {spec.name}")
             seed = settings.seed + zlib.crc32(spec.name.encode())  # per attack, independent of the order
-            cache[key] = attacked_set(model, clean, spec, steps=settings.steps, seed=seed, noise_sigma=noise,
-                                      queries=settings.queries)
+            adv = attacked_set(model, clean_z, spec, steps=settings.steps, seed=seed, noise_sigma=noise,
+                               queries=settings.queries)
+            raw = adv.X if me.scale is None else (adv.X * me.scale).astype(np.float32)
+            cache[key] = SampleSet(adv.name, adv.kind, raw, adv.y, adv.pred, attack=spec)
         adv = cache[key]
         sets.append(SampleSet(spec.name, spec.kind, adv.X, adv.y, adv.pred, attack=spec))
     events = [ev for s in sets for ev in s.events(MODEL_NAME, settings.upstream_risk)]

@@ -75,7 +75,7 @@ def attacked_set(model, clean: SampleSet, spec: AttackSpec, *, steps: int, seed:
     gradients (scikit-learn, ONNX)."""
     if model.module is not None:
         X_adv = pgd(model.module, clean.X, clean.y, spec.epsilon, norm=spec.norm, steps=steps, seed=seed,
-                    value_range=blackbox.value_bounds(model.value_range), noise_sigma=noise_sigma)
+                    value_range=model.value_range, noise_sigma=noise_sigma)
     else:
         X_adv = blackbox.random_search(model.predict, clean.X, clean.y, spec.epsilon, spec.norm, queries=queries,
                                        value_range=model.value_range, seed=seed)
