@@ -199,12 +199,24 @@ def build_pipeline(config: StageConfig) -> Pipeline:
 
 
 # ---------------------------------------------------------------- edges -----------
-def open_ledger(config: StageConfig):
+def open_ledger(config: StageConfig, sink: str | None = None):
+    """The stage's ledger (file or postgresql://), signing checkpoints when the config has a
+    ``checkpoint:`` section (published to Kafka unless the sink is ``jsonl:``)."""
     if not config.ledger:
         return None
-    from riskpipe.ledger import Ledger
+    from riskpipe.ledger import open_ledger as open_target
 
-    return Ledger(config.ledger)
+    ledger = open_target(config.ledger)
+    if config.checkpoint is not None:
+        from riskpipe.ledger.checkpoint import checkpointer_for
+
+        try:
+            publish_to = None if (sink or "").startswith("jsonl:") else config.kafka()
+            ledger.after_append.append(checkpointer_for(config.checkpoint, publish_to))
+        except BaseException:
+            ledger.close()
+            raise
+    return ledger
 
 
 def source_factory(config: StageConfig, source: str | None = None, checkpoint: str | None = None, metrics=None):

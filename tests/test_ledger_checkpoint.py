@@ -215,3 +215,38 @@ def test_checkpoint_is_published_to_the_checkpoints_topic(tmp_path, keys):
     published.write_text(json.dumps(got[0]) + "\n")
     rc, out = verify_with_key(target, keys, "--checkpoints", str(published))
     assert rc == 0 and out["ok"]
+
+
+def test_checkpointer_signs_every_n_records_or_seconds(tmp_path, keys):
+    from riskpipe.ledger.checkpoint import Checkpointer
+
+    now = [0.0]
+    cpr = Checkpointer(load_private_key(keys / "key.pem"), every_records=10, every_seconds=30, clock=lambda: now[0])
+    with open_ledger(str(tmp_path / "l.db")) as led:
+        led.after_append.append(cpr)
+        led.append_many([decision_record(i) for i in range(6)])
+        assert led.checkpoints() == []
+        led.append_many([decision_record(i) for i in range(6, 12)])  # 12 rows >= 10: due
+        assert [c.count for c in led.checkpoints()] == [12]
+        now[0] = 31.0
+        assert led.append_many([decision_record(i) for i in range(6)]) == 0  # nothing new: nothing to sign
+        led.append(decision_record(50))  # 31 s and one new row: due
+        assert [c.count for c in led.checkpoints()] == [12, 13]
+        assert verify_ledger(led, [load_public_key(keys / "pub.pem")]).ok
+
+
+def test_stage_config_checkpoint_section(tmp_path, keys):
+    from riskpipe.ledger.checkpoint import checkpointer_for
+    from riskpipe.stream.config import ConfigError, load_config
+
+    f = tmp_path / "c.yaml"
+    f.write_text(f"checkpoint: {{key_file: {keys / 'key.pem'}, every_records: 5}}\n")
+    cfg = load_config(str(f))
+    assert cfg.checkpoint.every_records == 5 and cfg.checkpoint.topic == "checkpoints"
+    assert checkpointer_for(cfg.checkpoint).every_records == 5
+    f.write_text(f"checkpoint: {{key_file: {tmp_path / 'missing.pem'}}}\n")
+    with pytest.raises(LedgerError, match="checkpoint.key_file .*missing.pem: cannot read"):
+        checkpointer_for(load_config(str(f)).checkpoint)
+    f.write_text("checkpoint: {every_records: 5}\n")
+    with pytest.raises(ConfigError, match="checkpoint.key_file: Field required"):
+        load_config(str(f))

@@ -174,3 +174,73 @@ def publish(kafka, topic: str, cp: Checkpoint, timeout_s: float = 10.0) -> None:
         producer.send(topic, key=b"checkpoint", value=canonical_json(cp.to_dict()).encode("utf-8")).get(timeout=timeout_s)
     finally:
         producer.close(timeout=5)
+
+
+class Checkpointer:
+    """Signs a checkpoint after an append once ``every_records`` rows or ``every_seconds``
+    have passed since the last one (whichever first); attach with ``ledger.after_append``.
+
+    Used by the stage (config section ``checkpoint:``). A failure to publish is logged and
+    counted, never fatal: the checkpoint is in the ledger already and the next one is
+    published again.
+    """
+
+    def __init__(self, private_key, every_records: int | None = None, every_seconds: float | None = None,
+                 kafka=None, topic: str | None = None, clock=None) -> None:
+        import time
+
+        if not every_records and not every_seconds:
+            raise LedgerError("checkpoint: set every_records or every_seconds")
+        self.key = private_key
+        self.every_records = every_records
+        self.every_seconds = every_seconds
+        self.kafka, self.topic = kafka, topic
+        self.clock = clock or time.monotonic
+        self.last_time = self.clock()
+        self.rows_since = 0
+        self.made = 0
+        self.publish_failures = 0
+        self._producer = None
+
+    def __call__(self, ledger, written: int) -> Checkpoint | None:
+        self.rows_since += written
+        due = (self.every_records and self.rows_since >= self.every_records) or (
+            self.every_seconds and self.rows_since and self.clock() - self.last_time >= self.every_seconds)
+        if not due:
+            return None
+        cp = make_checkpoint(ledger, self.key)
+        self.rows_since, self.last_time = 0, self.clock()
+        self.made += 1
+        if self.kafka is not None and self.topic:
+            self._publish(cp)
+        return cp
+
+    def _publish(self, cp: Checkpoint) -> None:
+        import logging
+
+        from riskpipe import kafka_clients
+
+        try:
+            if self._producer is None:
+                self._producer = kafka_clients.producer(self.kafka, acks="all", retries=5)
+            value = canonical_json(cp.to_dict()).encode("utf-8")
+            self._producer.send(self.topic, key=b"checkpoint", value=value).get(timeout=10)
+        except Exception as e:  # noqa: BLE001 - the stage keeps deciding; the next checkpoint is published again
+            self.publish_failures += 1
+            logging.getLogger("riskpipe.ledger").error("checkpoint at row %d stored but not published to %s: %s",
+                                                       cp.count, self.topic, e)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close(timeout=5)
+            self._producer = None
+
+
+def checkpointer_for(section, kafka=None) -> Checkpointer:
+    """The stage's Checkpointer from its ``checkpoint:`` config section (key loaded now:
+    a bad key file stops the stage at start, not at the first checkpoint)."""
+    try:
+        key = load_private_key(section.key_file)
+    except LedgerError as e:
+        raise LedgerError(str(e).replace("--key", "checkpoint.key_file", 1)) from None
+    return Checkpointer(key, section.every_records, section.every_seconds, kafka=kafka, topic=section.topic)

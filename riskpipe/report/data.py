@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from riskpipe.ledger import LedgerError, open_ledger, parse_ts
+from riskpipe.ledger import LedgerError, open_ledger, parse_ts, redact
 from riskpipe.policy.controls import CATALOG
 
 DECISIONS = ("allow", "review", "block")
@@ -104,13 +104,13 @@ def gather(ledger_path: str, since: Any = None, until: Any = None) -> dict:
             "title": "riskpipe compliance report",
             "generated_at": _iso(datetime.now(timezone.utc)),
             "riskpipe_version": pkg_version,
-            "ledger": str(ledger_path),
+            "ledger": redact(ledger_path),
             "since": _iso(_ts(since)) if since is not None else None,
             "until": _iso(_ts(until)) if until is not None else None,
             "first_decision": _iso(min(times)) if times else None,
             "last_decision": _iso(max(times)) if times else None,
         },
-        "integrity": {**integrity.to_dict(), "verify_command": f"riskpipe ledger verify {ledger_path} "
+        "integrity": {**integrity.to_dict(), "verify_command": f"riskpipe ledger verify {redact(ledger_path)} "
                       f"--expect-head {integrity.head} --expect-count {integrity.count}"},
         "scope": _scope(decisions),
         "policies": _policies(decisions, policies),

@@ -177,6 +177,18 @@ def read_reference(path: str):
     return X, y
 
 
+class Checkpoint(BaseModel):
+    """Signed ledger checkpoints made by the stage (riskpipe.ledger.checkpoint): after an
+    append once ``every_records`` rows or ``every_seconds`` have passed; published to
+    ``topic`` when the stage writes to Kafka (null: stored in the ledger only)."""
+
+    model_config = ConfigDict(extra="forbid")
+    key_file: str
+    every_records: int | None = Field(10_000, ge=1)
+    every_seconds: float | None = Field(60.0, gt=0)
+    topic: str | None = "checkpoints"
+
+
 class StageConfig(KafkaSettings):
     """The whole ``riskpipe.yaml``: Kafka connection keys (inherited) plus the stage's own."""
 
@@ -188,7 +200,8 @@ class StageConfig(KafkaSettings):
     policy: str = Field(default_factory=default_policy_path)
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"  # 0.0.0.0 inside a pod, so Prometheus and probes reach it
-    ledger: str | None = None
+    ledger: str | None = None  # a file path, sqlite:///PATH or postgresql://USER@HOST/DB
+    checkpoint: Checkpoint | None = None
     batch: Batch = Batch()
     guard: Guard = Guard()
     device: str = "cpu"
@@ -207,6 +220,15 @@ class StageConfig(KafkaSettings):
         """A bare spec string is short for ``{spec: ...}``."""
         if isinstance(v, dict):
             return {k: ({"spec": e} if isinstance(e, str) else e) for k, e in v.items()}
+        return v
+
+    @field_validator("ledger")
+    @classmethod
+    def _ledger(cls, v: str | None) -> str | None:
+        if v:
+            from riskpipe.ledger import backend_for
+
+            backend_for(v)  # an unknown scheme fails here, naming the field
         return v
 
     @field_validator("models")
