@@ -145,6 +145,3 @@ def test_certify_cli_sound_sampler_and_off_grid_error(tmp_path, demo_model, digi
     assert good.returncode == 0, good.stderr
     rows = [json.loads(line) for line in good.stdout.splitlines()]
     assert [r["sampler"] for r in rows] == ["sound", "sound"] and rows[0]["extra"]["grid_step"] == 1 / 16
-    ibp = subprocess.run(base[:-2] + ["--method", "ibp", "--sampler", "sound"], capture_output=True, text=True,
-                         timeout=120)
-    assert ibp.returncode == 0  # the sampler flag is a smoothing option; ibp ignores it

@@ -4,7 +4,9 @@ A family declares ``method``, the ``norm`` its radii are in and the ``modes`` it
 supports; ``run(mode, X, seeds, epsilon)`` reaches the mode's batch method and
 refuses a mode the family does not have, naming it. ``prepare()`` does one-time
 work (e.g. Lipschitz constants) so that timings can report it apart, and
-``check_inputs`` refuses inputs the certifier cannot speak about (e.g. off the
+``classify`` gives the classes of the classifier the certificates speak about (the
+model, or the smoothed classifier), ``admissible`` moves a perturbed input to one the
+certifier accepts (the conformance suite's attack uses both); ``check_inputs`` refuses inputs the certifier cannot speak about (e.g. off the
 sound sampler's grid) before any work is done; ``inputs_per_call`` is how many inputs a caller should hand over at once (a
 smoothing input costs thousands of model evaluations, a bound input one pass).
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import ClassVar
+
+import numpy as np
 
 from riskpipe.certify.certificate import Certificate
 
@@ -43,3 +47,11 @@ class CertifierBase:
 
     def check_inputs(self, X) -> None:
         """Raise ValueError for inputs this certifier cannot certify (all valid inputs by default)."""
+
+    def classify(self, X, seeds: Sequence[int]) -> list[int | None]:
+        """The classes of the classifier the certificates speak about (here: the model itself)."""
+        return [int(c) for c in self.model.predict(np.asarray(X, dtype=np.float32))]
+
+    def admissible(self, x: np.ndarray, x_adv: np.ndarray) -> np.ndarray:
+        """``x_adv`` moved to an input this certifier takes, no farther from ``x`` in any norm."""
+        return x_adv

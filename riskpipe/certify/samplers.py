@@ -87,6 +87,9 @@ class GaussianSampler:
         noise += base
         return noise
 
+    def admissible(self, x: np.ndarray, x_adv: np.ndarray) -> np.ndarray:
+        return x_adv
+
     def describe(self) -> dict:
         return {"sampler": self.name}
 
@@ -121,16 +124,13 @@ class SoundSampler:
 
     def __post_init__(self) -> None:
         lo, hi = (float(v) for v in self.value_range)
+        check_grid(self.grid_levels, self.grid_step)
         if self.grid_step is not None:
-            if not (math.isfinite(self.grid_step) and self.grid_step > 0):
-                raise ValueError(f"grid_step: must be a finite number > 0, got {self.grid_step}")
             self.step = float(self.grid_step)
         else:
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 raise ValueError("grid_step: the model's value range is unbounded; declare the grid step "
                                  "(certifier.grid_step) for the sound sampler")
-            if int(self.grid_levels) < 1:
-                raise ValueError(f"grid_levels: must be >= 1, got {self.grid_levels}")
             self.step = (hi - lo) / int(self.grid_levels)
         self.origin = lo if math.isfinite(lo) else 0.0
         self._thresholds, self.J, tv = _table(self.sigma / self.step)
@@ -151,6 +151,12 @@ class SoundSampler:
     def new_buffer(self, n: int, shape: tuple[int, ...], device) -> torch.Tensor:
         return torch.empty((n,) + shape, dtype=torch.int64, device=device)
 
+    def admissible(self, x: np.ndarray, x_adv: np.ndarray) -> np.ndarray:
+        """The grid point of ``x_adv`` rounded towards ``x`` per coordinate (no farther in any norm)."""
+        a = np.round((np.asarray(x, np.float64) - self.origin) / self.step)
+        k = a + np.trunc((np.asarray(x_adv, np.float64) - self.origin) / self.step - a)
+        return (self.origin + self.step * k).astype(np.float32)
+
     def draw(self, out: torch.Tensor, gen: torch.Generator) -> None:
         """Integer noise j by inverse-CDF lookup of uniform 62-bit integers (in place)."""
         key = str(out.device)
@@ -169,7 +175,17 @@ class SoundSampler:
         return {"sampler": self.name, "grid_step": self.step, "grid_origin": self.origin, "tv_margin": self.margin}
 
 
+def check_grid(grid_levels: int, grid_step: float | None) -> None:
+    if isinstance(grid_levels, bool) or not isinstance(grid_levels, int) or grid_levels < 1:
+        raise ValueError(f"grid_levels: must be an integer >= 1, got {grid_levels!r}")
+    if grid_step is not None and not (math.isfinite(grid_step) and grid_step > 0):
+        raise ValueError(f"grid_step: must be a finite number > 0, got {grid_step}")
+
+
 def make_sampler(name: str, sigma: float, model, grid_levels: int = 255, grid_step: float | None = None):
+    """The sampler ``name``; grid parameters are checked whatever the sampler, so a wrong one
+    never waits silently for the day the sampler changes."""
+    check_grid(grid_levels, grid_step)
     if name == "gaussian":
         return GaussianSampler(sigma)
     if name == "sound":

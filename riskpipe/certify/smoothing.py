@@ -84,6 +84,13 @@ class Smoothing(CertifierBase):
         self.noise = make_sampler(self.sampler, self.sigma, self.model, self.grid_levels, self.grid_step)
         self._plans: dict[float, SequentialPlan] = {}
 
+    def classify(self, X, seeds: Sequence[int]) -> list[int | None]:
+        """The smoothed classifier's classes (PREDICT; None where it abstains)."""
+        return [c.predicted_class for c in self.predict_batch(X, seeds)]
+
+    def admissible(self, x: np.ndarray, x_adv: np.ndarray) -> np.ndarray:
+        return self.noise.admissible(x, x_adv)
+
     def check_inputs(self, X) -> None:
         """Raise ``GridError`` (a ValueError) for an input the sampler cannot take."""
         self.noise.prepare(torch.as_tensor(np.asarray(X, dtype=np.float32)))
