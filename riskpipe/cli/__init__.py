@@ -15,6 +15,7 @@ COMMANDS = {
     "data": "riskpipe.cli.data_cmd:data",
     "policy": "riskpipe.cli.policy_cmd:policy",
     "run": "riskpipe.cli.run_cmd:run",
+    "init": "riskpipe.cli.init_cmd:init",
     "demo": "riskpipe.cli.demo_cmd:demo",
     "broker": "riskpipe.cli.broker_cmd:broker",
     "ledger": "riskpipe.cli.ledger_cmd:ledger",

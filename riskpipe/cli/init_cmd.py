@@ -1,0 +1,203 @@
+"""``riskpipe init``: from a model file and a reference set to a stage config and a policy.
+
+Surveys the model on the reference set (riskpipe.survey), writes ``DIR/policy.yaml``
+(policies/default.yaml with the proposed sigma and epsilon) and ``DIR/riskpipe.yaml``
+(one ``models:`` entry), checks the policy as ``riskpipe policy check`` does, and
+decides a few reference inputs with the written config through the stage's own code
+path, so ``riskpipe run --config DIR/riskpipe.yaml`` is known to work.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+HEADER = "# Written by `riskpipe init`; edit freely, then `riskpipe policy check {policy}`.\n"
+
+
+def _model_name(spec: str) -> str:
+    base = spec.split("?", 1)[0]
+    stem = base[5:] if base.startswith("demo:") else Path(base.split("@", 1)[-1] if ":" in base else base).stem
+    name = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")
+    return name or "model"
+
+
+def _load(spec: str, X):
+    """The model, retried with ``?shape=`` from the reference set when the file does not record its
+    input shape (a plain TorchScript file); returns (model, spec as written to the config)."""
+    from riskpipe.models import ModelError, load_model
+
+    try:
+        return load_model(spec), spec
+    except ModelError as e:
+        if "input shape unknown" not in str(e):
+            raise
+    shaped = f"{spec}{'&' if '?' in spec else '?'}shape={','.join(str(d) for d in X.shape[1:])}"
+    return load_model(shaped), shaped
+
+
+def _config_path(value: str, out: Path) -> str:
+    """A file path as the config needs it: relative to the config's directory."""
+    return os.path.relpath(Path(value).resolve(), out.resolve())
+
+
+def _config_spec(spec: str, out: Path) -> str:
+    base, sep, opts = spec.partition("?")
+    return _config_path(base, out) + sep + opts if Path(base).is_file() else spec
+
+
+def _declared_range(model, X, tabular: bool):
+    """[lo, hi] to declare for image-like inputs that lie in [0, 1] or [0, 255] (inputs outside
+    go to the DLQ as out_of_range); None for tabular inputs or a model that declares its own."""
+    if tabular or model.value_range is not None or X.min() < 0:
+        return None
+    for hi in (1.0, 255.0):
+        if X.max() <= hi:
+            return [0.0, hi]
+    return None
+
+
+def _policy(base: dict, name: str, spec: str, proposal, dim: int, tabular: bool) -> dict:
+    pol = {**base}
+    pol["metadata"] = {**base["metadata"], "name": name[:63], "version": "1.0.0",
+                       "description": f"Written by riskpipe init for {spec}."}
+    unit = "standardized units, ||delta / s||_2 with s the per-feature std of the reference set" if tabular \
+        else "input units"
+    pol["threat_model"] = {"norm": "l2", "epsilon": proposal.epsilon,
+                           "description": f"l2-bounded perturbations of the {dim}-value input in {unit}."}
+    pol["certifier"] = {**base["certifier"], "sigma": proposal.sigma}
+    return pol
+
+
+def _certified_in_threat(c: dict) -> bool:
+    """decide mode: the certificate's own answer at epsilon; certify mode: radius vs epsilon."""
+    if c.get("certified") is not None:
+        return bool(c["certified"])
+    return not c["abstained"] and c["radius_threat"] >= c["threat_epsilon"]
+
+
+def _trial(config_path: Path, name: str, X, n: int, seed: int) -> str:
+    """Decide ``n`` reference inputs with the written config, offline; a one-line summary."""
+    import numpy as np
+
+    from riskpipe.stream.config import load_config
+    from riskpipe.stream.events import make_event
+    from riskpipe.stream.offline import run_offline
+
+    idx = np.random.default_rng(seed).permutation(len(X))[:n]
+    events = [make_event(f"init-trial-{i}", name, X[i], upstream_risk=0.0) for i in idx]
+    t0 = time.perf_counter()
+    config = load_config(str(config_path), ledger=None)
+    with tempfile.TemporaryDirectory() as tmp:
+        audit = run_offline(events, tmp, config).read("audit")
+    decisions = {d: sum(r["decision"] == d for r in audit) for d in ("allow", "review", "block")}
+    certified = sum(_certified_in_threat(r["certificate"]) for r in audit)
+    return (f"trial: {len(audit)} reference inputs decided with {config_path} in {time.perf_counter() - t0:.1f} s "
+            f"(upstream risk 0): allow {decisions['allow']}, review {decisions['review']}, block "
+            f"{decisions['block']}; certified in the threat model {certified}/{len(audit)}")
+
+
+@click.command()
+@click.option("--model", "spec", required=True, metavar="SPEC",
+              help="Your model: PATH.pt (TorchScript), PATH.onnx, PATH.skops, module:factory@weights or demo:NAME.")
+@click.option("--reference", required=True, metavar="REF.npz",
+              help="Clean held-out inputs: .npz with X (N, *input shape) and integer labels y.")
+@click.option("--out", "out_dir", default=".", show_default=True, help="Directory for riskpipe.yaml and policy.yaml.")
+@click.option("--name", default=None, help="Model name events carry (default: from the model file name).")
+@click.option("--trial", type=click.IntRange(0, 10_000), default=24, show_default=True,
+              help="Decide this many reference inputs with the written config (0: skip).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite riskpipe.yaml and policy.yaml in --out.")
+def init(spec, reference, out_dir, name, trial, seed, force):
+    """Propose sigma and epsilon for your model from its reference set; write a stage config and a policy."""
+    import numpy as np
+    import yaml
+
+    from riskpipe.cli.common import fail
+    from riskpipe.models import ModelError
+    from riskpipe.policy import PolicyError, load_policy
+    from riskpipe.stream.config import ConfigError, default_policy_path, read_reference
+    from riskpipe.survey import SurveyError, check_reference, propose, survey
+
+    out = Path(out_dir)
+    config_path, policy_path = out / "riskpipe.yaml", out / "policy.yaml"
+    for p in (config_path, policy_path):
+        if p.exists() and not force:
+            fail(f"{p}: exists; pass --force to overwrite")
+    try:
+        X, y = read_reference(reference)
+        model, spec = _load(spec, X)
+        X, y = check_reference(X, y, tuple(model.input_shape), model.num_classes, source=reference)
+    except (ValueError, ModelError) as e:  # SurveyError and read_reference's errors are ValueErrors
+        fail(str(e))
+    tabular = len(model.input_shape) == 1
+    certified, Z = model, X
+    if tabular:
+        from riskpipe.models.scaled import scaled_model, standardize_scale
+
+        s = standardize_scale(X)
+        certified = scaled_model(model, s, "standardize(reference)")
+        Z = X / s.astype(np.float32)
+    name = name or _model_name(spec)
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
+        fail(f"--name {name!r}: use lower-case letters, digits, '.', '_' and '-'")
+    base = yaml.safe_load(Path(default_policy_path()).read_text(encoding="utf-8"))
+    try:
+        sv = survey(certified.predict, X, Z, y, model.num_classes, seed=seed)
+    except SurveyError as e:
+        fail(str(e))
+    proposal = propose(sv, base["certifier"]["alpha"], base["certifier"]["max_samples"], scaled=tabular)
+
+    click.echo(f"model {spec}: input shape {list(model.input_shape)}, {model.num_classes} classes"
+               f"{', tabular: scale standardize (per-feature std of the reference set)' if tabular else ''}")
+    click.echo(f"reference {reference}: {sv.n_reference} inputs, class counts {sv.class_counts}, values in "
+               f"[{sv.value_min:.4g}, {sv.value_max:.4g}], clean accuracy {sv.clean_accuracy:.3f}")
+    for d in sv.distances.values():
+        click.echo(f"  nearest other-class input ({d.norm}{', scaled' if tabular else ''}): p5 {d.p5:.4g}, "
+                   f"p25 {d.p25:.4g}, median {d.median:.4g} (over {d.n} inputs)")
+    click.echo(f"  noisy accuracy on {sv.sweep_inputs} inputs ({sv.sweep_seconds:.1f} s): "
+               + ", ".join(f"sigma {p.sigma:g}: {p.accuracy:.3f}" for p in sv.sweep))
+    for r in proposal.reasons:
+        click.echo(f"chose {r}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    policy = _policy(base, name, spec, proposal, model.input_dim, tabular)
+    comments = "".join(f"# {line}\n" for r in proposal.reasons for line in _wrap(r))
+    policy_path.write_text(HEADER.format(policy=policy_path) + comments
+                           + yaml.safe_dump(policy, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    try:
+        load_policy(str(policy_path))
+    except PolicyError as e:
+        fail(f"the written policy does not pass policy check (a bug in init): {e}")
+    entry = {"spec": _config_spec(spec, out), "reference": _config_path(reference, out), "policy": "policy.yaml"}
+    if tabular:
+        entry["scale"] = "standardize"
+    declared = _declared_range(model, X, tabular)
+    if declared:
+        entry["range"] = declared
+    config = {"bootstrap_servers": "127.0.0.1:9092", "create_topics": True, "policy": "policy.yaml",
+              "models": {name: entry}}
+    config_path.write_text(HEADER.format(policy=policy_path)
+                           + "# Events name the model `" + name + "`. Add `labels: [...]` (class names) under it.\n"
+                           + "# create_topics suits the embedded broker (`riskpipe broker`); drop it for your Kafka.\n"
+                           + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    click.echo(f"wrote {policy_path} (policy check passes) and {config_path}"
+               + (f"; declared input range {declared}" if declared else ""))
+    if trial:
+        try:
+            click.echo(_trial(config_path, name, X, trial, seed))
+        except (ConfigError, PolicyError, ValueError) as e:
+            fail(f"the written config does not run: {e}")
+    click.echo(f"next: riskpipe run --config {config_path} --bootstrap-servers HOST:PORT   "
+               f"(or --source jsonl:EVENTS --sink jsonl:OUT)")
+
+
+def _wrap(text: str, width: int = 96) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width)

@@ -1,0 +1,214 @@
+"""What ``riskpipe init`` measures about a model and its reference set, and the
+smoothing noise (sigma) and threat-model budget (epsilon) it proposes from them.
+
+Pure: arrays and a predict function in, dataclasses out. Inputs are in the space the
+certificate lives in: raw for images, ``x / s`` for a tabular model with a per-feature
+scale s (the caller passes the scaled reference set and the wrapped model's predict).
+
+Why these rules:
+
+* sigma: randomized smoothing certifies what the base classifier still gets right under
+  N(0, sigma^2 I) noise, and larger sigma certifies larger radii (up to
+  ``sigma * Phi^-1(alpha^(1/n))``). So the proposal is the *largest* sigma of a small
+  grid at which the noisy accuracy stays within ``TOLERANCE`` of the clean accuracy.
+  A model not trained with noise keeps nothing at any sigma; then the smallest sigma
+  is proposed and the reasons say to retrain with Gaussian noise augmentation.
+* epsilon: a radius of sigma needs p_A >= Phi(1) = 0.84, the regime where a
+  noise-trained model certifies most clean inputs, so epsilon starts at sigma. It is
+  capped at a quarter of the 5th percentile of the distance from a reference input to
+  the nearest reference input of another class: between two such inputs the
+  nearest-neighbour label flips at the midpoint, and a budget past a small fraction of
+  that distance would class legitimate neighbours of other classes as attacks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from scipy.stats import norm as normal
+from sklearn.neighbors import NearestNeighbors
+from threadpoolctl import threadpool_limits
+
+SIGMAS = (0.12, 0.25, 0.5, 1.0)  # Cohen et al.'s grid (CIFAR-10 and ImageNet)
+TOLERANCE = 0.05  # accuracy a proposed sigma may cost
+DISTANCE_FRACTION = 0.25  # epsilon <= this * 5th percentile of the other-class distance
+MAX_SURVEY = 2000  # reference inputs used for distances (seeded subsample beyond)
+MAX_SWEEP = 256  # reference inputs in the noisy-accuracy sweep
+NORMS = {"l2": "euclidean", "linf": "chebyshev"}
+
+
+class SurveyError(ValueError):
+    """A reference set that cannot be surveyed; the message names the field and reason."""
+
+
+@dataclass(frozen=True)
+class Distances:
+    """Distance from each reference input to the nearest one of another class."""
+
+    norm: str
+    p5: float
+    p25: float
+    median: float
+    n: int
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    sigma: float
+    accuracy: float  # on inputs plus N(0, sigma^2 I) noise, averaged over draws
+
+
+@dataclass(frozen=True)
+class Survey:
+    input_shape: tuple[int, ...]
+    num_classes: int
+    n_reference: int
+    class_counts: dict[int, int]
+    value_min: float  # raw units
+    value_max: float
+    clean_accuracy: float
+    distances: dict[str, Distances]  # by norm, in certificate units
+    sweep: list[SweepPoint]
+    sweep_inputs: int
+    sweep_seconds: float
+
+
+@dataclass(frozen=True)
+class Proposal:
+    sigma: float
+    epsilon: float
+    max_radius: float  # largest radius decide mode can certify with max_samples at alpha
+    reasons: list[str] = field(default_factory=list)
+
+
+def check_reference(X: np.ndarray, y: np.ndarray | None, input_shape: tuple[int, ...], num_classes: int,
+                    source: str = "reference") -> tuple[np.ndarray, np.ndarray]:
+    """``(X shaped (N, *input_shape) float32, y int64)``, or SurveyError naming the field."""
+    if y is None:
+        raise SurveyError(f"{source}: no array 'y'; init needs the labels of the reference inputs to measure "
+                          "distances to the nearest other-class sample")
+    X = np.asarray(X)
+    n_features = int(np.prod(input_shape))
+    if X.shape[1:] != tuple(input_shape):
+        if X[0].size != n_features:
+            raise SurveyError(f"{source}: X rows have shape {list(X.shape[1:])}, the model expects "
+                              f"{list(input_shape)}")
+        X = X.reshape((len(X),) + tuple(input_shape))
+    y = np.asarray(y)
+    if y.min() < 0 or y.max() >= num_classes:
+        raise SurveyError(f"{source}: y holds labels in [{y.min()}, {y.max()}], the model has {num_classes} "
+                          f"classes (0..{num_classes - 1})")
+    if len(np.unique(y)) < 2:
+        raise SurveyError(f"{source}: y holds one class only; distances to another class need at least two")
+    return X.astype(np.float32), y.astype(np.int64)
+
+
+def _subsample(n: int, k: int, seed: int) -> np.ndarray:
+    if n <= k:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
+def other_class_distances(Z: np.ndarray, y: np.ndarray, norm: str) -> np.ndarray:
+    """(N,) distance in ``norm`` from each row of Z to the nearest row of another class."""
+    flat = Z.reshape(len(Z), -1)
+    out = np.full(len(Z), np.inf)
+    with threadpool_limits(limits=1):
+        for c in np.unique(y):
+            others = flat[y != c]
+            nn = NearestNeighbors(n_neighbors=1, metric=NORMS[norm], algorithm="brute").fit(others)
+            mine = y == c
+            out[mine] = nn.kneighbors(flat[mine], return_distance=True)[0][:, 0]
+    return out
+
+
+def _distances(Z: np.ndarray, y: np.ndarray, norm: str) -> Distances:
+    d = other_class_distances(Z, y, norm)
+    p5, p25, med = np.percentile(d, [5, 25, 50])
+    return Distances(norm=norm, p5=float(p5), p25=float(p25), median=float(med), n=len(d))
+
+
+def noisy_accuracy(predict: Callable[[np.ndarray], np.ndarray], Z: np.ndarray, y: np.ndarray, sigma: float,
+                   rng: np.random.Generator, draws: int = 4) -> float:
+    """Accuracy of ``predict`` on Z + N(0, sigma^2 I), averaged over ``draws`` noise draws."""
+    hits = 0
+    for _ in range(draws):
+        noisy = Z + sigma * rng.standard_normal(Z.shape).astype(np.float32)
+        hits += int((np.asarray(predict(noisy)) == y).sum())
+    return hits / (draws * len(Z))
+
+
+def survey(predict: Callable[[np.ndarray], np.ndarray], X: np.ndarray, Z: np.ndarray, y: np.ndarray,
+           num_classes: int, seed: int = 0, sigmas=SIGMAS, budget_s: float = 30.0) -> Survey:
+    """Measure the reference set (X raw, Z in certificate units, y labels) and the model on it.
+
+    The sweep runs sigmas in increasing order and stops early once ``budget_s`` is
+    spent (at least one sigma is always measured); it stops too once the accuracy has
+    fallen past the tolerance, since larger sigmas only lose more.
+    """
+    keep = _subsample(len(Z), MAX_SURVEY, seed)
+    Zs, ys = Z[keep], y[keep]
+    distances = {n: _distances(Zs, ys, n) for n in NORMS}
+    sweep_idx = _subsample(len(Z), MAX_SWEEP, seed + 1)
+    Zw, yw = Z[sweep_idx], y[sweep_idx]
+    clean = float((np.asarray(predict(Zw)) == yw).mean())
+    rng = np.random.default_rng(seed)
+    points: list[SweepPoint] = []
+    t0 = time.perf_counter()
+    for sigma in sorted(sigmas):
+        points.append(SweepPoint(float(sigma), noisy_accuracy(predict, Zw, yw, sigma, rng)))
+        if points[-1].accuracy < clean - TOLERANCE or time.perf_counter() - t0 > budget_s:
+            break
+    counts = {int(c): int(k) for c, k in zip(*np.unique(y, return_counts=True))}
+    return Survey(input_shape=tuple(X.shape[1:]), num_classes=num_classes, n_reference=len(X), class_counts=counts,
+                  value_min=float(X.min()), value_max=float(X.max()), clean_accuracy=clean, distances=distances,
+                  sweep=points, sweep_inputs=len(Zw), sweep_seconds=time.perf_counter() - t0)
+
+
+def max_certifiable_radius(sigma: float, alpha: float, max_samples: int) -> float:
+    """With every sample for the top class the Clopper-Pearson bound is alpha^(1/n)."""
+    return float(sigma * normal.ppf(alpha ** (1.0 / max_samples)))
+
+
+def _round_down(x: float, digits: int = 2) -> float:
+    """x rounded down to ``digits`` significant digits (a budget never grows by rounding)."""
+    if x <= 0:
+        return x
+    scale = 10 ** (digits - 1 - math.floor(math.log10(x)))
+    return math.floor(x * scale) / scale
+
+
+def propose(s: Survey, alpha: float, max_samples: int, scaled: bool = False) -> Proposal:
+    """sigma and epsilon (l2, certificate units) from a survey; ``reasons`` say why, with numbers."""
+    unit = "standardized units (||delta / s||_2)" if scaled else "input units"
+    ok = [p for p in s.sweep if p.accuracy >= s.clean_accuracy - TOLERANCE]
+    tried = ", ".join(f"{p.sigma:g}: {p.accuracy:.3f}" for p in s.sweep)
+    if ok:
+        sigma = max(p.sigma for p in ok)
+        reasons = [f"sigma {sigma:g}: the largest noise level at which accuracy stays within {TOLERANCE:g} of the "
+                   f"clean {s.clean_accuracy:.3f} on {s.sweep_inputs} reference inputs (noisy accuracy by sigma: "
+                   f"{tried}); larger sigma certifies larger radii"]
+    else:
+        sigma = min(p.sigma for p in s.sweep)
+        reasons = [f"sigma {sigma:g}: no sigma keeps accuracy within {TOLERANCE:g} of the clean {s.clean_accuracy:.3f} "
+                   f"(noisy accuracy by sigma: {tried}); the smallest is proposed. Train the model with Gaussian "
+                   "noise augmentation at this sigma, or most inputs will abstain and go to review"]
+    d = s.distances["l2"]
+    cap = DISTANCE_FRACTION * d.p5
+    epsilon = _round_down(min(sigma, cap))
+    r_max = max_certifiable_radius(sigma, alpha, max_samples)
+    why = "sigma (a radius of sigma needs p_A >= Phi(1) = 0.84)" if sigma <= cap else \
+        f"{DISTANCE_FRACTION:g} x the 5th percentile of the other-class distance"
+    reasons.append(f"epsilon {epsilon:g} (l2, {unit}) = {why}: nearest reference input of another class at "
+                   f"p5 {d.p5:.3g}, p25 {d.p25:.3g}, median {d.median:.3g}; the cap is {cap:.3g}; decide mode can "
+                   f"certify at most {r_max:.3g} at sigma {sigma:g}, alpha {alpha:g}, {max_samples} samples")
+    dim = int(np.prod(s.input_shape))
+    li = s.distances["linf"]
+    reasons.append(f"l_inf: nearest other class at p5 {li.p5:.3g}, median {li.median:.3g}; an l2 certificate of "
+                   f"{epsilon:g} covers an l_inf attacker only out to {epsilon / math.sqrt(dim):.3g} "
+                   f"(Theorem 2, d = {dim})")
+    return Proposal(sigma=float(sigma), epsilon=float(epsilon), max_radius=r_max, reasons=reasons)

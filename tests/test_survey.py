@@ -1,0 +1,94 @@
+"""riskpipe.survey: the measurements and proposal behind `riskpipe init` (pure, no model files)."""
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import cdist
+
+from riskpipe.survey import (SIGMAS, TOLERANCE, SurveyError, check_reference, max_certifiable_radius,
+                             other_class_distances, propose, survey)
+
+
+def blobs(n=300, dim=20, gap=6.0, seed=0):
+    """Two Gaussian classes (unit variance) whose means are ``gap`` apart along axis 0."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    X = rng.standard_normal((n, dim)).astype(np.float32)
+    X[:, 0] += gap * y
+    return X, y.astype(np.int64), (lambda Z: (Z[:, 0] > gap / 2).astype(np.int64))
+
+
+def test_other_class_distances_match_brute_force():
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((60, 3, 4, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 60)
+    flat = X.reshape(60, -1)
+    for norm, metric in (("l2", "euclidean"), ("linf", "chebyshev")):
+        D = cdist(flat, flat, metric=metric)
+        D[y[:, None] == y[None, :]] = np.inf
+        np.testing.assert_allclose(other_class_distances(X, y, norm), D.min(axis=1), rtol=1e-5)
+
+
+def test_robust_model_gets_the_largest_sigma_within_tolerance_and_epsilon_sigma():
+    X, y, predict = blobs(gap=12.0)
+    sv = survey(predict, X, X, y, 2, seed=0)
+    assert sv.clean_accuracy > 0.99 and sv.n_reference == 300 and sv.class_counts == {0: 150, 1: 150}
+    assert [p.sigma for p in sv.sweep] == sorted(SIGMAS)  # never fell past the tolerance
+    p = propose(sv, alpha=0.001, max_samples=10000)
+    assert p.sigma == max(SIGMAS) and p.epsilon == 1.0  # the distance cap (p5 / 4) is larger
+    assert p.max_radius == pytest.approx(max_certifiable_radius(1.0, 0.001, 10000))
+    assert "sigma 1:" in p.reasons[0] and "epsilon 1 (l2" in p.reasons[1] and "d = 20" in p.reasons[2]
+
+
+def test_sweep_stops_at_the_first_sigma_past_the_tolerance():
+    X, y, predict = blobs(gap=2.0, dim=2, n=2000)
+    sv = survey(predict, X, X, y, 2, seed=0)
+    accs = [p.accuracy for p in sv.sweep]
+    assert accs[-1] < sv.clean_accuracy - TOLERANCE  # the sweep stopped there
+    assert all(a >= sv.clean_accuracy - TOLERANCE for a in accs[:-1])
+    p = propose(sv, 0.001, 10000)
+    assert len(sv.sweep) >= 2 and p.sigma == sv.sweep[-2].sigma
+
+
+def test_epsilon_capped_by_other_class_distance_when_classes_are_close():
+    X, y, predict = blobs(gap=12.0)
+    Xs = X / 40.0  # same geometry, 40x closer: distances ~0.3, noise tolerance unchanged relative to them
+    sv = survey(lambda Z: predict(Z * 40.0), Xs, Xs, y, 2, seed=0)
+    p = propose(sv, 0.001, 10000)
+    cap = 0.25 * sv.distances["l2"].p5
+    assert p.epsilon <= cap < p.sigma and p.epsilon >= 0.9 * cap
+    assert "5th percentile" in p.reasons[1]
+
+
+def test_model_that_breaks_under_any_noise_gets_the_smallest_sigma_and_a_retrain_note():
+    X, y, _ = blobs()
+    rng = np.random.default_rng(0)
+    key = rng.standard_normal(X.shape[1])
+    labels = {tuple(np.round(x, 4)): c for x, c in zip(X, y)}  # memorises the exact clean inputs
+    predict = lambda Z: np.array([labels.get(tuple(np.round(z, 4)), int(z @ key > 0)) for z in Z])  # noqa: E731
+    sv = survey(predict, X, X, y, 2, seed=0)
+    assert len(sv.sweep) == 1  # the first sigma already fell past the tolerance
+    p = propose(sv, 0.001, 10000)
+    assert p.sigma == min(SIGMAS) and "Gaussian noise augmentation" in p.reasons[0]
+
+
+def test_survey_is_deterministic_for_a_seed():
+    X, y, predict = blobs(gap=4.0)
+    a, b = survey(predict, X, X, y, 2, seed=3), survey(predict, X, X, y, 2, seed=3)
+    assert a.sweep == b.sweep and a.distances == b.distances
+
+
+@pytest.mark.parametrize("X, y, shape, classes, msg", [
+    (np.zeros((4, 3)), None, (3,), 2, "no array 'y'"),
+    (np.zeros((4, 5)), np.array([0, 1, 0, 1]), (3,), 2, "X rows have shape [5], the model expects [3]"),
+    (np.zeros((4, 3)), np.array([0, 1, 2, 1]), (3,), 2, "the model has 2 classes"),
+    (np.zeros((4, 3)), np.array([1, 1, 1, 1]), (3,), 2, "one class only"),
+])
+def test_check_reference_errors_name_the_field(X, y, shape, classes, msg):
+    with pytest.raises(SurveyError) as e:
+        check_reference(X, y, shape, classes, source="ref.npz")
+    assert str(e.value).startswith("ref.npz: ") and msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_check_reference_reshapes_flat_rows():
+    X, y = check_reference(np.zeros((4, 12)), np.array([0, 1, 0, 1]), (3, 2, 2), 2)
+    assert X.shape == (4, 3, 2, 2) and X.dtype == np.float32 and y.dtype == np.int64
