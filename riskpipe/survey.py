@@ -82,7 +82,8 @@ class Proposal:
     sigma: float
     epsilon: float
     max_radius: float  # largest radius decide mode can certify with max_samples at alpha
-    reasons: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # why this sigma, why this epsilon
+    notes: list[str] = field(default_factory=list)  # what else the numbers say
 
 
 def check_reference(X: np.ndarray, y: np.ndarray | None, input_shape: tuple[int, ...], num_classes: int,
@@ -208,7 +209,7 @@ def propose(s: Survey, alpha: float, max_samples: int, scaled: bool = False) -> 
                    f"certify at most {r_max:.3g} at sigma {sigma:g}, alpha {alpha:g}, {max_samples} samples")
     dim = int(np.prod(s.input_shape))
     li = s.distances["linf"]
-    reasons.append(f"l_inf: nearest other class at p5 {li.p5:.3g}, median {li.median:.3g}; an l2 certificate of "
+    notes = [f"l_inf: nearest other class at p5 {li.p5:.3g}, median {li.median:.3g}; an l2 certificate of "
                    f"{epsilon:g} covers an l_inf attacker only out to {epsilon / math.sqrt(dim):.3g} "
-                   f"(Theorem 2, d = {dim})")
-    return Proposal(sigma=float(sigma), epsilon=float(epsilon), max_radius=r_max, reasons=reasons)
+                   f"(Theorem 2, d = {dim})"]
+    return Proposal(sigma=float(sigma), epsilon=float(epsilon), max_radius=r_max, reasons=reasons, notes=notes)

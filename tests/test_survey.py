@@ -36,7 +36,7 @@ def test_robust_model_gets_the_largest_sigma_within_tolerance_and_epsilon_sigma(
     p = propose(sv, alpha=0.001, max_samples=10000)
     assert p.sigma == max(SIGMAS) and p.epsilon == 1.0  # the distance cap (p5 / 4) is larger
     assert p.max_radius == pytest.approx(max_certifiable_radius(1.0, 0.001, 10000))
-    assert "sigma 1:" in p.reasons[0] and "epsilon 1 (l2" in p.reasons[1] and "d = 20" in p.reasons[2]
+    assert "sigma 1:" in p.reasons[0] and "epsilon 1 (l2" in p.reasons[1] and "d = 20" in p.notes[0]
 
 
 def test_sweep_stops_at_the_first_sigma_past_the_tolerance():

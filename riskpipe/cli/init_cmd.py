@@ -9,7 +9,6 @@ path, so ``riskpipe run --config DIR/riskpipe.yaml`` is known to work.
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 import time
@@ -42,8 +41,10 @@ def _load(spec: str, X):
 
 
 def _config_path(value: str, out: Path) -> str:
-    """A file path as the config needs it: relative to the config's directory."""
-    return os.path.relpath(Path(value).resolve(), out.resolve())
+    """A file path as the config reads it: relative to the config's directory when the
+    file lies inside it (the directory moves as one), absolute otherwise."""
+    path, out = Path(value).resolve(), out.resolve()
+    return str(path.relative_to(out)) if path.is_relative_to(out) else str(path)
 
 
 def _config_spec(spec: str, out: Path) -> str:
@@ -164,10 +165,12 @@ def init(spec, reference, out_dir, name, trial, seed, force):
                + ", ".join(f"sigma {p.sigma:g}: {p.accuracy:.3f}" for p in sv.sweep))
     for r in proposal.reasons:
         click.echo(f"chose {r}")
+    for r in proposal.notes:
+        click.echo(f"note: {r}")
 
     out.mkdir(parents=True, exist_ok=True)
     policy = _policy(base, name, spec, proposal, model.input_dim, tabular)
-    comments = "".join(f"# {line}\n" for r in proposal.reasons for line in _wrap(r))
+    comments = "".join(f"# {line}\n" for r in proposal.reasons + proposal.notes for line in _wrap(r))
     policy_path.write_text(HEADER.format(policy=policy_path) + comments
                            + yaml.safe_dump(policy, sort_keys=False, allow_unicode=True), encoding="utf-8")
     try:

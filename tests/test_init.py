@@ -1,0 +1,130 @@
+"""`riskpipe init` on the two examples' models and reference sets: the written policy passes
+`policy check` and `riskpipe run --config` decides events with the written config as is."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from riskpipe.stream.events import make_event
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def cli(*args):
+    """The riskpipe command in this process (click's runner: exit code, stdout and stderr apart)."""
+    from click.testing import CliRunner
+
+    from riskpipe.cli import cli as riskpipe
+
+    r = CliRunner().invoke(riskpipe, [str(a) for a in args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    r.returncode = r.exit_code
+    return r
+
+
+def reference(name):
+    with np.load(EXAMPLES / name / "reference.npz") as z:
+        return z["X"], z["y"]
+
+
+def fresh_images(n):
+    """Images the model has never seen, drawn like the example's (another seed)."""
+    from test_examples import build_module
+
+    return build_module("image").make_images(n, seed=12345)
+
+
+def run_offline_cli(config: Path, model: str, X, tmp: Path):
+    events = tmp / "events.jsonl"
+    events.write_text("".join(json.dumps(make_event(f"{model}-{i}", model, x, upstream_risk=0.1)) + "\n"
+                              for i, x in enumerate(X)))
+    r = cli("run", "--config", config, "--source", f"jsonl:{events}", "--sink", f"jsonl:{tmp / 'out'}", "--no-ledger")
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in (tmp / "out" / "audit.jsonl").read_text().splitlines()]
+
+
+def test_init_image_model_then_policy_check_and_offline_run(tmp_path):
+    out = tmp_path / "cfg"
+    # a plain TorchScript file that does not record its input shape: init takes it from the reference set
+    r = cli("init", "--model", EXAMPLES / "image" / "model.pt", "--reference", EXAMPLES / "image" / "reference.npz",
+            "--out", out, "--name", "shapes", "--trial", 0)
+    assert r.returncode == 0, r.stderr
+    assert "input shape [3, 32, 32], 4 classes" in r.stdout
+    assert "nearest other-class input (l2): p5 6.879" in r.stdout and "(linf)" in r.stdout
+    assert "chose sigma 0.25:" in r.stdout  # the sigma the model was trained at (0.5 loses accuracy)
+    assert "chose epsilon 0.25 (l2, input units)" in r.stdout
+    cfg = (out / "riskpipe.yaml").read_text()
+    assert "model.pt?shape=3,32,32" in cfg and "range:" in cfg and "scale" not in cfg
+    check = cli("policy", "check", "--strict", "--input-dim", 3072, out / "policy.yaml")
+    assert check.returncode == 0, check.stdout + check.stderr
+    X, _ = fresh_images(6)
+    audit = run_offline_cli(out / "riskpipe.yaml", "shapes", X, tmp_path)
+    assert [r["id"] for r in audit] == [f"shapes-{i}" for i in range(6)]
+    for rec in audit:
+        assert rec["policy"]["name"] == "shapes" and rec["certificate"]["sigma"] == 0.25
+        assert rec["certificate"]["threat_epsilon"] == 0.25 and rec["decision"] in ("allow", "review", "block")
+        assert rec["context"]["nearest_other_class_distance"] > 0  # the reference set feeds the context index
+
+
+def test_init_tabular_model_scales_and_trial_decides_reference_rows(tmp_path):
+    out = tmp_path / "cfg"
+    r = cli("init", "--model", EXAMPLES / "tabular" / "model.skops", "--reference",
+            EXAMPLES / "tabular" / "reference.npz", "--out", out, "--name", "cancer", "--trial", 12)
+    assert r.returncode == 0, r.stderr
+    assert "tabular: scale standardize" in r.stdout and "(l2, scaled): p5 2.156" in r.stdout
+    assert "values in [0, 3143]" in r.stdout  # raw units, surveyed in standardized ones
+    assert "chose epsilon" in r.stdout and "standardized units" in r.stdout
+    trial = next(line for line in r.stdout.splitlines() if line.startswith("trial: "))
+    assert "12 reference inputs decided" in trial
+    cfg = (out / "riskpipe.yaml").read_text()
+    assert "scale: standardize" in cfg and "range" not in cfg  # raw units: finiteness only
+    assert cli("policy", "check", "--input-dim", 30, out / "policy.yaml").returncode == 0
+    X, _ = reference("tabular")
+    audit = run_offline_cli(out / "riskpipe.yaml", "cancer", X[:5], tmp_path)
+    assert len(audit) == 5
+    assert all("||delta/s||_2" in rec["certificate"]["scope"] for rec in audit)
+
+
+def test_init_writes_paths_relative_to_its_directory_when_the_model_lives_there(tmp_path, monkeypatch):
+    for f in ("model.skops", "reference.npz"):
+        (tmp_path / f).write_bytes((EXAMPLES / "tabular" / f).read_bytes())
+    monkeypatch.chdir(tmp_path)
+    r = cli("init", "--model", "model.skops", "--reference", "reference.npz", "--trial", 0)
+    assert r.returncode == 0, r.stderr
+    cfg = (tmp_path / "riskpipe.yaml").read_text()
+    assert "spec: model.skops" in cfg and "reference: reference.npz" in cfg and "  model:" in cfg
+
+
+@pytest.fixture
+def no_labels(tmp_path):
+    X, _ = reference("tabular")
+    np.savez(tmp_path / "nolabels.npz", X=X)
+    return tmp_path / "nolabels.npz"
+
+
+@pytest.mark.parametrize("case", ["missing_model", "missing_reference", "no_labels", "shape_mismatch", "exists"])
+def test_init_bad_inputs_give_one_line(case, tmp_path, no_labels):
+    model, ref = EXAMPLES / "tabular" / "model.skops", EXAMPLES / "tabular" / "reference.npz"
+    expect = {"missing_model": "file not found", "missing_reference": "file not found",
+              "no_labels": "no array 'y'", "shape_mismatch": "X rows have shape [30], the model expects [3, 32, 32]",
+              "exists": "exists; pass --force"}[case]
+    if case == "missing_model":
+        model = tmp_path / "nope.skops"
+    elif case == "missing_reference":
+        ref = tmp_path / "nope.npz"
+    elif case == "no_labels":
+        ref = no_labels
+    elif case == "shape_mismatch":
+        model = f"{EXAMPLES / 'image' / 'model.pt'}?shape=3,32,32"
+    elif case == "exists":
+        (tmp_path / "policy.yaml").write_text("keep me")
+    r = cli("init", "--model", model, "--reference", ref, "--out", tmp_path, "--trial", 0)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("riskpipe: error: ") and expect in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    if case == "exists":
+        assert (tmp_path / "policy.yaml").read_text() == "keep me"
