@@ -302,7 +302,10 @@ def ingest(bootstrap_servers, config_path, topics, ledger_path, group_id, until_
 @click.option("--input", "input_path", required=True, help="The original input: .npy or JSON lines (an event works).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
-def replay(entry_id, ledger_path, input_path, device, as_json):
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="Stage config: rebuild the record's model entry (range, scale, policy) as the stage did; "
+                   "needed for certificates in a scaled norm.")
+def replay(entry_id, ledger_path, input_path, device, as_json, config_path):
     """Recompute decision ENTRY_ID's certificate with its recorded seed and parameters.
 
     Checks the input's digest first, then compares method, predicted class,
@@ -311,7 +314,7 @@ def replay(entry_id, ledger_path, input_path, device, as_json):
     """
     from riskpipe.cli.common import read_inputs
     from riskpipe.models import ModelError
-    from riskpipe.report.replay import ReplayError, replay as do_replay
+    from riskpipe.report.replay import ReplayError, replay as do_replay, stage_entry
 
     with _open(ledger_path) as led:
         record = led.get(entry_id, kind="decision")
@@ -319,7 +322,8 @@ def replay(entry_id, ledger_path, input_path, device, as_json):
         fail(f"ledger {ledger_path}: no decision with id {entry_id!r}")
     X = read_inputs(input_path)
     try:
-        res = do_replay(record, X, device=device)
+        entry = stage_entry(config_path, record, device) if config_path else None
+        res = do_replay(record, X, device=device, entry=entry)
     except (ReplayError, ModelError, ValueError) as e:
         fail(f"replay {entry_id}: {e}")
     if as_json:

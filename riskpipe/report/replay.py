@@ -92,12 +92,34 @@ def _certifier(model, cert: dict):
     return certifier_for_policy(model, section, **recorded)
 
 
-def replay(record: dict, X: np.ndarray, device: str = "cpu", model=None) -> ReplayResult:
+def stage_entry(config_path: str, record: dict, device: str = "cpu"):
+    """The record's model as the stage config builds it (riskpipe.compose.build_entry):
+    its declared range, its ``scale`` (the certified model g(z) = f(s * z) on z = x / s)
+    and its policy."""
+    from riskpipe.compose import build_entry
+    from riskpipe.policy import PolicyError, load_policy
+    from riskpipe.stream.config import ConfigError, load_config
+
+    name = _need(_need(record, "model", "record"), "name", "model")
+    try:
+        config = load_config(config_path, device=device)
+        if name not in config.models:
+            raise ReplayError(f"model.name: {name!r} is not a model of {config_path} "
+                              f"(known: {', '.join(sorted(config.models))})")
+        return build_entry(name, config.models[name], load_policy(config.model_policy(name)), device=device)
+    except (ConfigError, PolicyError) as e:
+        raise ReplayError(str(e)) from None
+
+
+def replay(record: dict, X: np.ndarray, device: str = "cpu", model=None, entry=None) -> ReplayResult:
     """Recompute ``record``'s certificate on the input in ``X`` whose digest matches.
 
     ``X`` is one input or a batch; the row whose float32 digest equals
     ``record["input"]["sha256"]`` is used. No match: nothing is recomputed and the
-    result says so.
+    result says so. ``entry`` (``stage_entry``) is the model as the stage ran it: the
+    input goes through its scale first, and its policy's sha256 is checked too.
+    Without it the model is loaded from the record's spec, which a certificate made in
+    a scaled norm cannot be replayed on.
     """
     from riskpipe.models import load_model
 
@@ -112,9 +134,17 @@ def replay(record: dict, X: np.ndarray, device: str = "cpu", model=None) -> Repl
     if want not in digests:
         return ReplayResult(entry_id, False, want, digests)
     x = candidates[digests.index(want)]
+    scale = (cert.get("extra") or {}).get("scale")
+    if entry is not None:
+        model = entry.certified
+    elif scale:
+        raise ReplayError(f"certificate.extra.scale: the certificate holds in a scaled norm ({scale}); give the "
+                          "stage config (--config) so the model entry's scale is rebuilt as the stage built it")
     if model is None:
         model = load_model(spec, device=device)
     batch = np.ascontiguousarray(x, dtype=np.float32).reshape((1,) + tuple(model.input_shape))
+    if entry is not None:
+        batch = entry.to_certified(batch)
     seed = int(_need(cert, "seed", "certificate"))
     mode = cert.get("mode", "certify")
     certifier = _certifier(model, cert)
@@ -127,6 +157,9 @@ def replay(record: dict, X: np.ndarray, device: str = "cpu", model=None) -> Repl
     recorded_sha = (record.get("model") or {}).get("sha256")
     if recorded_sha:
         checks.append(FieldCheck("model.sha256", recorded_sha, model.sha256, recorded_sha == model.sha256))
+    policy_sha = (record.get("policy") or {}).get("sha256")
+    if entry is not None and policy_sha:
+        checks.append(FieldCheck("policy.sha256", policy_sha, entry.policy.sha256, policy_sha == entry.policy.sha256))
     return ReplayResult(entry_id, True, want, digests, checks, {"mode": mode, "seed": seed, **params})
 
 
