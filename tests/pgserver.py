@@ -27,7 +27,9 @@ def free_port() -> int:
 
 
 class PostgresServer:
-    def __init__(self) -> None:
+    def __init__(self, fsync: bool = False) -> None:
+        """``fsync=False`` (tests): faster, not crash-safe; benchmarks pass True."""
+        self.fsync = fsync
         missing = [b for b in ("initdb", "pg_ctl", "postgres") if not (PG_BIN / b).is_file()]
         if missing:  # never a silent skip: `make test` installs them
             raise RuntimeError(f"PostgreSQL binaries {', '.join(missing)} not found in {PG_BIN}: "
@@ -50,9 +52,9 @@ class PostgresServer:
     def start(self) -> "PostgresServer":
         if self.as_root:
             shutil.chown(self.root, "postgres", "postgres")
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", *([] if self.fsync else ["--no-sync"]))
         opts = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
-                "-c fsync=off -c max_connections=100")
+                f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=100")
         self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.root / "server.log"), "-w", "-t", "60", "start")
         self.pid = int((self.data / "postmaster.pid").read_text().splitlines()[0])
         return self

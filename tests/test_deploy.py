@@ -105,7 +105,11 @@ def test_deployment_is_hardened_and_wired() -> None:
     assert {vm["name"] for vm in mounts.values()} <= set(volumes)
     for vm in mounts.values():
         assert vm.get("readOnly") or "emptyDir" in volumes[vm["name"]], vm
-    assert config.ledger.startswith("/var/lib/riskpipe/") and "/var/lib/riskpipe" in mounts
+    # the ledger is the shared PostgreSQL database, its DSN from a Secret (not a per-pod file)
+    assert config.ledger == "value-of-RISKPIPE_LEDGER_DSN"
+    dsn = {e["name"]: e for e in container["env"]}["RISKPIPE_LEDGER_DSN"]["valueFrom"]["secretKeyRef"]
+    assert dsn == {"name": "riskpipe-ledger", "key": "dsn"}
+    assert m["Secret/riskpipe-ledger"]["stringData"]["dsn"].startswith("postgresql://")
     # the config file and the policy it names are mounted from the ConfigMaps
     assert "/etc/riskpipe/riskpipe.yaml" in container["args"]
     assert mounts["/etc/riskpipe/riskpipe.yaml"]["name"] == "config"
@@ -120,12 +124,47 @@ def test_credentials_come_from_the_secret() -> None:
     text = m["ConfigMap/riskpipe-config"]["data"]["riskpipe.yaml"]
     (container,) = m["Deployment/riskpipe"]["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in container["env"]}
-    secret = m["Secret/riskpipe-kafka"]
     for var in re.findall(r"\$\{([A-Z0-9_]+)\}", text):
         ref = env[var]["valueFrom"]["secretKeyRef"]
-        assert ref["name"] == "riskpipe-kafka" and ref["key"] in secret["stringData"]
+        assert ref["key"] in m[f"Secret/{ref['name']}"]["stringData"], var
     for ref in m["TriggerAuthentication/riskpipe-kafka"]["spec"]["secretTargetRef"]:
-        assert ref["name"] == "riskpipe-kafka" and ref["key"] in secret["stringData"]
+        assert ref["name"] == "riskpipe-kafka" and ref["key"] in m["Secret/riskpipe-kafka"]["stringData"]
+
+
+def _pod_specs(m: dict) -> dict[str, dict]:
+    out = {}
+    for key, doc in m.items():
+        if key.startswith("Deployment/"):
+            out[key] = doc["spec"]["template"]["spec"]
+        elif key.startswith("CronJob/"):
+            out[key] = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return out
+
+
+def test_signing_key_is_mounted_only_where_checkpoints_are_made() -> None:
+    m = _k8s()
+    pods = _pod_specs(m)
+    holders = [k for k, pod in pods.items()
+               if any(v.get("secret", {}).get("secretName") == "riskpipe-ledger-signing" for v in pod["volumes"])]
+    assert holders == ["CronJob/riskpipe-checkpoint"]
+    pod = pods["CronJob/riskpipe-checkpoint"]
+    (container,) = pod["containers"]
+    mounts = {vm["name"]: vm for vm in container["volumeMounts"]}
+    key_path = container["args"][container["args"].index("--key") + 1]
+    assert key_path.startswith(mounts["signing"]["mountPath"] + "/") and mounts["signing"]["readOnly"]
+    assert container["args"][:3] == ["ledger", "checkpoint", "$(RISKPIPE_LEDGER_DSN)"]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    stage_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in pods["Deployment/riskpipe"]["containers"][0]["env"]
+                 if "valueFrom" in e}
+    assert env == stage_env  # same ledger DSN and Kafka credentials as the stage, nothing else
+    config_path = container["args"][container["args"].index("--config") + 1]
+    assert mounts["config"]["mountPath"] == config_path
+    topic = container["args"][container["args"].index("--topic") + 1]
+    assert topic == "checkpoints"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert "checkpoint-cronjob.yaml" in kustomization["resources"]
+    assert "secret.example.yaml" not in kustomization["resources"]
 
 
 def test_service_servicemonitor_and_scaler_agree() -> None:
@@ -155,9 +194,18 @@ def test_compose_is_consistent() -> None:
     services = compose["services"]
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert "controller" in services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"]  # KRaft
-    config_text = compose["configs"]["riskpipe_config"]["content"]
+    config_text = compose["configs"]["riskpipe_config"]["content"].replace("$$", "$")  # compose's escape
     assert set(yaml.safe_load(config_text)) <= DEPLOYED_KEYS
     config = _stage_config(config_text)
+    # one PostgreSQL ledger for every replica; the signing key only in the checkpoint service
+    assert config.ledger == "value-of-RISKPIPE_LEDGER_DSN"
+    assert services["postgres"]["image"].startswith("postgres:")
+    for name in ("riskpipe", "checkpoint"):
+        dsn = services[name]["environment"]["RISKPIPE_LEDGER_DSN"]
+        assert dsn.startswith("postgresql://riskpipe:") and dsn.endswith("@postgres:5432/riskpipe"), dsn
+    assert [n for n, s in services.items() if "ledger_signing_key" in s.get("secrets", [])] == ["checkpoint"]
+    assert "checkpoints" in services["topics"]["command"][0]
+    assert "postgres" in services["riskpipe"]["depends_on"]
     listener = services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
     assert config.bootstrap_servers in listener
     assert (ROOT / "policies" / Path(config.policy).name).exists()
