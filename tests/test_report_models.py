@@ -8,6 +8,7 @@ import hashlib
 import json
 
 import numpy as np
+import yaml
 import pytest
 from browserkit import HAVE_CHROMIUM, chromium, data_url_image, natural_size, screenshot
 from click.testing import CliRunner
@@ -101,3 +102,20 @@ def test_html_shows_pictures_and_tables_of_routed_inputs(ledger):
         assert "policy tabular-strict v7" in captions and "model wine" in captions
     finally:
         driver.quit()
+
+
+def test_cli_takes_class_and_feature_names_from_the_stage_config(ledger):
+    tmp, decisions, _, models = ledger
+    config = tmp / "riskpipe.yaml"
+    config.write_text(yaml.safe_dump({"ledger": str(tmp / "ledger.db"), "models": models}))
+    out = tmp / "cli.html"
+    r = CliRunner().invoke(cli, ["report", "--ledger", str(tmp / "ledger.db"), "--config", str(config),
+                                 "--format", "html", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    html = out.read_text()
+    first = next(x for x in decisions if x["review"]["routed"])
+    assert f"prediction {IMAGE_LABELS[first['prediction']]} (class {first['prediction']})" in html
+    assert all(f"<td>{name}</td>" in html for name in WINE_FEATURES)
+    config.write_text(yaml.safe_dump({"models": {"wine": {"spec": "wine.skops", "labels": []}}}))
+    r = CliRunner().invoke(cli, ["report", "--ledger", str(tmp / "ledger.db"), "--config", str(config)])
+    assert r.exit_code == 2 and "models.wine.labels" in r.output and len(r.output.strip().splitlines()) == 1

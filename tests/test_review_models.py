@@ -145,3 +145,16 @@ def test_views_without_a_browser():
     assert [n for n, _ in unnamed.rows] == ["x[0]", "x[1]", "x[2]"] and "do not match" in unnamed.note
     assert input_view([1.0] * 5, [2, 3]).kind == "none"
     assert model_info({"spec": "m.pt?shape=3,8,8&range=-2,2", "labels": ["a"]}) == ModelInfo(("a",), None, (-2.0, 2.0))
+
+
+def test_console_reads_names_from_the_stage_config_and_the_model_file():
+    """The tabular example's config names the classes; its skops pipeline carries the feature names."""
+    from riskpipe.review.app import ConsoleState
+    from riskpipe.review.settings import resolve_settings
+
+    settings = resolve_settings(config_path="examples/tabular/riskpipe.yaml", ledger="unused.db",
+                                environ={"RISKPIPE_REVIEW_PASSWORD": PASSWORD})
+    info = ConsoleState(settings).model_info({"model": {"name": "cancer"}})
+    assert info.labels == ("malignant", "benign")
+    assert info.feature_names is not None and len(info.feature_names) == 30 and info.feature_names[0] == "mean radius"
+    assert ConsoleState(settings).model_info({"model": {"name": "unknown"}}) == ModelInfo()
