@@ -43,6 +43,11 @@ def test_offline_outputs_and_record_contract(tmp_path, pipeline):
     assert c["method"] == "smoothing" and c["mode"] == "decide" and c["threat_norm"] == "l2"
     assert c["radius_threat"] == pytest.approx(c["radius"])  # l2 policy: no conversion
     assert len(r["input"]["sha256"]) == 64
+    for rec in audit:  # every event says prediction=1: the record says whether the certificate agrees
+        cls = rec["certificate"]["predicted_class"]
+        assert rec["prediction_agrees"] == (None if cls is None else cls == 1)
+        if rec["prediction_agrees"] is False:
+            assert rec["decision"] == "review" and "prediction_mismatch" in rec["reasons"]
     for d in res.read("decisions"):
         assert set(d) <= {"id", "ts", "decision", "policy_version"}
     dlq = res.read("dlq")[0]

@@ -139,7 +139,8 @@ def explain(file, record_path, record_id, as_json):
         cert = Certificate.from_dict(rec["certificate"])
     except (TypeError, ValueError) as e:
         fail(f"records {record_path}: certificate: {e}")
-    d = pol.evaluate(cert, upstream_risk=rec.get("upstream_risk"), context=rec.get("context"), event_id=rec.get("id"))
+    d = pol.evaluate(cert, upstream_risk=rec.get("upstream_risk"), context=rec.get("context"), event_id=rec.get("id"),
+                     prediction=rec.get("prediction"))
     if as_json:
         click.echo(json.dumps({**d.to_dict(), "trace": list(d.trace), "id": rec.get("id")}, sort_keys=True))
         return

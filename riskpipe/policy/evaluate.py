@@ -34,6 +34,7 @@ class Decision:
     threat_norm: str
     threat_epsilon: float
     certified_in_threat: bool
+    prediction_agrees: bool | None
     shadow: bool
     would_be: str | None
     review: dict = field(default_factory=dict)
@@ -45,6 +46,7 @@ class Decision:
             "reasons": list(self.reasons), "controls": list(self.controls), "explanation": self.explanation,
             "radius_threat": self.radius_threat, "threat_norm": self.threat_norm,
             "threat_epsilon": self.threat_epsilon, "certified_in_threat": self.certified_in_threat,
+            "prediction_agrees": self.prediction_agrees,
             "shadow": self.shadow, "would_be": self.would_be, "review": dict(self.review),
         }
 
@@ -89,11 +91,25 @@ def threat_view(policy, cert: Certificate) -> tuple[float, bool, list[str]]:
     return radius_threat, certified, reasons
 
 
+def prediction_agrees(cert: Certificate, prediction: Any) -> bool | None:
+    """Whether the event's prediction is the certified class; None when either is missing."""
+    if prediction is None or cert.predicted_class is None:
+        return None
+    return int(prediction) == int(cert.predicted_class)
+
+
 def evaluate(policy, certificate, upstream_risk: Any = None, context: Any = None,
-             event_id: str | None = None) -> Decision:
+             event_id: str | None = None, prediction: Any = None) -> Decision:
+    """The policy's decision. A certificate for a class other than the event's ``prediction``
+    is no certificate for the decision the pipeline acts on: it counts as not certified in
+    the threat model (reason ``prediction_mismatch``)."""
     cert = _as_certificate(certificate)
     tm = policy.threat_model
     radius_threat, certified, cert_reasons = threat_view(policy, cert)
+    agrees = prediction_agrees(cert, prediction)
+    if agrees is False:
+        certified = False
+        cert_reasons = [r for r in cert_reasons if r != "radius_below_epsilon"] + ["prediction_mismatch"]
     cfg = policy.signals
     signals = {
         "certificate_risk": sig.certificate_risk(cfg.certificate_risk, cert.abstained, radius_threat, tm.epsilon,
@@ -111,6 +127,7 @@ def evaluate(policy, certificate, upstream_risk: Any = None, context: Any = None
     facts = {
         "certificate.abstained": cert.abstained,
         "certified_in_threat": certified,
+        "prediction_agrees": agrees,
         "radius_threat": radius_threat,
         "radius_over_epsilon": radius_threat / tm.epsilon,
         "score": score,
@@ -168,6 +185,7 @@ def evaluate(policy, certificate, upstream_risk: Any = None, context: Any = None
     return Decision(decision=decision, score=score, signals=signals, rule=rule_id, reasons=tuple(reasons),
                     controls=tuple(controls), explanation=explanation, radius_threat=radius_threat,
                     threat_norm=tm.norm, threat_epsilon=tm.epsilon, certified_in_threat=certified,
+                    prediction_agrees=agrees,
                     shadow=policy.shadow, would_be=enforced if policy.shadow else None, review=review,
                     trace=tuple(trace))
 

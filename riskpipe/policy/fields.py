@@ -28,7 +28,10 @@ class FieldSpec:
 FIELDS: dict[str, FieldSpec] = {f.name: f for f in (
     FieldSpec("certificate.abstained", "bool", doc="the certifier abstained (no class, radius 0)"),
     FieldSpec("certified_in_threat", "bool",
-              doc="not abstained and radius_threat >= epsilon (decide mode: the certificate's decision)"),
+              doc="not abstained and radius_threat >= epsilon (decide mode: the certificate's decision), and "
+                  "the certified class is the event's prediction when it carries one"),
+    FieldSpec("prediction_agrees", "bool", nullable=True,
+              doc="the event's prediction equals the certified class (absent: no prediction, or no class)"),
     FieldSpec("radius_threat", "number", doc="certified radius converted to the threat norm (Theorem 2)"),
     FieldSpec("radius_over_epsilon", "number", doc="radius_threat / threat_model.epsilon"),
     FieldSpec("score", "number", hi=1.0, doc="composite risk score"),

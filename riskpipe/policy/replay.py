@@ -77,7 +77,8 @@ def replay(old, new, records: Iterable[dict]) -> Replay:
         except (TypeError, ValueError) as e:
             out.skipped.append((rid, f"certificate: {e}"))
             continue
-        kwargs = {"upstream_risk": rec.get("upstream_risk"), "context": rec.get("context"), "event_id": rec.get("id")}
+        kwargs = {"upstream_risk": rec.get("upstream_risk"), "context": rec.get("context"), "event_id": rec.get("id"),
+                  "prediction": rec.get("prediction")}
         before, after = old.evaluate(cert, **kwargs), new.evaluate(cert, **kwargs)
         out.records += 1
         if rec.get("decision") is not None and rec.get("decision") != before.decision:

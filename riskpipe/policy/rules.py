@@ -20,7 +20,9 @@ Facts that always hold (checked by the property tests):
   certificate risk = 1;
 * not certified_in_threat => certificate risk >= r(1) (see signals.py);
 * certify mode: certified_in_threat <=> not abstained and radius_threat >= epsilon
-  (and radius_over_epsilon >= 1).
+  (and radius_over_epsilon >= 1), unless the prediction disagrees;
+* prediction_agrees false => not certified_in_threat (a certificate for another class
+  is no certificate for the prediction); abstained => prediction_agrees absent.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any, Iterable
 
 from riskpipe.policy.fields import FIELDS, holds
 
-MAX_COMBINATIONS = 50_000
+MAX_COMBINATIONS = 200_000
 ABSENT = None
 
 
@@ -98,6 +100,8 @@ def analyse(policy) -> Analysis:
                 constants.setdefault(c.field, set()).add(float(c.value))
             else:
                 constants.setdefault(c.field, set())
+    # prediction_agrees only restricts certified_in_threat (see _coherent): a policy whose rules
+    # never read it sees nothing a disagreeing input could do that an uncertified one cannot
     fields = sorted(set(constants) | {"certificate.abstained", "certified_in_threat"})
     floor = certificate_risk_floor(policy.signals.certificate_risk)
     extra = {"radius_threat": [0.0, policy.threat_model.epsilon], "radius_over_epsilon": [0.0, 1.0],
@@ -117,7 +121,7 @@ def analyse(policy) -> Analysis:
     i_cert = fields.index("certified_in_threat")
     idx = {f: fields.index(f) if f in fields else None for f in (
         "certificate.abstained", "certified_in_threat", "radius_threat", "radius_over_epsilon",
-        "signals.certificate_risk.value")}
+        "signals.certificate_risk.value", "prediction_agrees")}
     for combo in itertools.product(*axes):
         if not _coherent(combo, idx, certify_mode, eps, floor):
             continue
@@ -156,13 +160,18 @@ def _coherent(combo: tuple, idx: dict, certify_mode: bool, eps: float, floor: fl
         return None if i is None else combo[i]
 
     abstained, certified = get("certificate.abstained"), get("certified_in_threat")
+    agrees = get("prediction_agrees")
+    if certified and agrees is False:  # a certificate for another class certifies nothing acted on
+        return False
+    if abstained and agrees is not None:  # no certified class to compare with
+        return False
     r, t, risk = get("radius_threat"), get("radius_over_epsilon"), get("signals.certificate_risk.value")
     if abstained and (certified or (r is not None and r != 0) or (t is not None and t != 0)
                       or (risk is not None and risk != 1.0)):
         return False
     if not certified and risk is not None and risk < floor:
         return False
-    if certify_mode and not abstained:
+    if certify_mode and not abstained and agrees is not False:
         if r is not None and (r >= eps) != certified:
             return False
         if t is not None and (t >= 1.0) != certified:

@@ -315,10 +315,12 @@ class Policy(_Frozen):
         return float(self.threat_model.epsilon / f)
 
     # ---- decisions ---------------------------------------------------------------------
-    def evaluate(self, certificate, upstream_risk: Any = None, context: Any = None, event_id: str | None = None):
+    def evaluate(self, certificate, upstream_risk: Any = None, context: Any = None, event_id: str | None = None,
+                 prediction: Any = None):
         from riskpipe.policy.evaluate import evaluate
 
-        return evaluate(self, certificate, upstream_risk=upstream_risk, context=context, event_id=event_id)
+        return evaluate(self, certificate, upstream_risk=upstream_risk, context=context, event_id=event_id,
+                        prediction=prediction)
 
     def public_view(self, record: dict) -> dict:
         """The fields of a full decision record that ``disclosure`` lets out publicly."""

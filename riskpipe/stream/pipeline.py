@@ -135,7 +135,8 @@ class Pipeline:
 
     def _record(self, ev: Event, entry: ModelEntry, cert, radius_threat: float, context, source: dict) -> dict:
         p = entry.policy
-        decision = p.evaluate(cert, upstream_risk=ev.upstream_risk, context=context, event_id=ev.id)
+        decision = p.evaluate(cert, upstream_risk=ev.upstream_risk, context=context, event_id=ev.id,
+                              prediction=ev.prediction)
         d = decision.to_dict()
         now = utc_now()
         review = dict(d.get("review") or {})
@@ -169,6 +170,7 @@ class Pipeline:
             "scope": cert.scope,
             "input": inp,
             "prediction": ev.prediction,
+            "prediction_agrees": d["prediction_agrees"],
             "upstream_risk": ev.upstream_risk,
             "event_context": ev.context,
             "source": {k: v for k, v in source.items() if k != "timestamp"},
