@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
@@ -294,8 +295,10 @@ class Policy(_Frozen):
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"),
                           ensure_ascii=False, allow_nan=False)
 
-    @property
+    @cached_property
     def sha256(self) -> str:
+        # cached_property: a plain attribute after the first read (private attributes go
+        # through pydantic's __getattr__, ~20 µs, and every record reads this several times)
         return self._sha256
 
     @property

@@ -167,7 +167,7 @@ class Pipeline:
             "controls": d["controls"],
             "review": review,
             "explanation": d["explanation"],
-            "scope": cert.scope,
+            "scope": certificate["scope"],
             "input": inp,
             "prediction": ev.prediction,
             "prediction_agrees": d["prediction_agrees"],

@@ -14,7 +14,6 @@ from (id, policy), so a re-decided event yields the same record.
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
@@ -22,6 +21,7 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
+from riskpipe.stream import codec
 from riskpipe.stream.events import EventError, parse_event
 from riskpipe.stream.io import Message, SinkError
 from riskpipe.stream.pipeline import Pipeline, utc_now
@@ -266,9 +266,8 @@ class Stage:
     def _emit(self, event_id: str, rec: dict) -> None:
         t = self.config.topics
         key = event_id.encode()
-        full = json.dumps({k: v for k, v in rec.items() if not k.startswith("_")}, sort_keys=True,
-                          allow_nan=False).encode()
-        self.sink.send(t.decisions, key, json.dumps(self.pipeline.public(rec), sort_keys=True).encode())
+        full = codec.dumps({k: v for k, v in rec.items() if not k.startswith("_")})
+        self.sink.send(t.decisions, key, codec.dumps(self.pipeline.public(rec)))
         self.sink.send(t.audit, key, full)
         if rec["review"].get("routed") or rec["review"].get("audit_sample"):
             self.sink.send(t.review, key, full)
