@@ -100,7 +100,8 @@ def _scale(name: str, mc: ModelConfig, reference):
     return np.asarray(mc.scale, dtype=np.float64), "configured"
 
 
-def build_entry(name: str, mc: ModelConfig, policy, device: str = "cpu") -> ModelEntry:
+def build_entry(name: str, mc: ModelConfig, policy, device: str = "cpu",
+                config_batch_size: int | None = None) -> ModelEntry:
     """One model, checked against its config entry, with its policy, certifier and
     (only when the policy uses it) context index."""
     from riskpipe.models import ModelError, load_model
@@ -127,14 +128,20 @@ def build_entry(name: str, mc: ModelConfig, policy, device: str = "cpu") -> Mode
         certified = scaled_model(model, s, scale_desc)
     from riskpipe.certify import certifier_for_policy
 
+    batch = None
+    if policy.certifier.method == "smoothing":  # thousands of noisy copies per input: size matters
+        from riskpipe.tuning import certify_batch_size
+
+        batch = certify_batch_size(certified, mc.certify_batch_size or config_batch_size, name=name)
     try:
-        certifier = certifier_for_policy(certified, policy)
+        certifier = certifier_for_policy(certified, policy, batch_size=batch.size if batch else None)
     except ValueError as e:
         raise _err(name, "policy", f"{getattr(policy, 'path', '') or policy.name}: {e}") from None
     entry = ModelEntry(name=name, model=model, certified=certified, policy=policy, certifier=certifier,
                        epsilon_cert=policy.certificate_epsilon(certifier.norm, certified.input_dim),
                        scale=None if s is None else s.astype(np.float32).reshape(model.input_shape),
-                       scale_desc=scale_desc, labels=mc.labels, feature_names=mc.feature_names)
+                       scale_desc=scale_desc, labels=mc.labels, feature_names=mc.feature_names,
+                       batch_size_source=batch.source if batch else None)
     if uses_context(policy):
         if reference is None:
             raise _err(name, "reference", f"policy {policy.name} uses context risk; give the model a reference "
@@ -193,7 +200,8 @@ def _context_index(entry: ModelEntry, path: str, X: np.ndarray, y):
 def build_pipeline(config: StageConfig) -> Pipeline:
     """Every model of ``config`` under its own policy, ready to decide batches."""
     policies = _load_policies(config)
-    entries = {name: build_entry(name, mc, policies[config.model_policy(name)], device=config.device)
+    entries = {name: build_entry(name, mc, policies[config.model_policy(name)], device=config.device,
+                                 config_batch_size=config.certify_batch_size)
                for name, mc in config.models.items()}
     return Pipeline(entries, worker=config.worker_id or "w0", review_include_input=config.review_include_input)
 
@@ -258,5 +266,10 @@ def build_stage(config: StageConfig, *, source: str | None = None, sink: str | N
     may be passed to reuse one already built (tests, benchmarks)."""
     from riskpipe.stream.stage import Stage
 
-    return Stage(config, pipeline or build_pipeline(config), source_factory(config, source, checkpoint, metrics),
+    pipeline = pipeline or build_pipeline(config)
+    if metrics is not None:
+        for e in pipeline.entries.values():
+            if e.batch_size_source is not None:
+                metrics.set_certify_batch_size(e.name, e.certifier.batch_size, e.batch_size_source)
+    return Stage(config, pipeline, source_factory(config, source, checkpoint, metrics),
                  sink_factory(config, sink), ledger=ledger, metrics=metrics, **kw)

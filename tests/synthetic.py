@@ -50,3 +50,21 @@ def save_torchscript(module: torch.nn.Module, path, input_shape) -> str:
     scripted = torch.jit.trace(module, torch.zeros((1, *input_shape)))
     scripted.save(str(path))
     return f"{path}?shape={','.join(str(s) for s in input_shape)}"
+
+
+def policy_without_context(tmp_path) -> str:
+    """The default policy with context risk off, written under ``tmp_path``: a user
+    model then needs no reference set (for tests about something else)."""
+    import json
+
+    import yaml
+
+    from riskpipe.stream.config import default_policy_path
+
+    pol = yaml.safe_load(open(default_policy_path()))
+    pol["signals"]["context_risk"]["enabled"] = False
+    pol["score"]["weights"]["context_risk"] = 0.0
+    pol["rules"] = [r for r in pol["rules"] if "context" not in json.dumps(r.get("when", {}))]
+    path = tmp_path / "policy-without-context.yaml"
+    path.write_text(yaml.safe_dump(pol))
+    return str(path)

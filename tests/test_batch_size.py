@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from riskpipe.certify.batch_size import BatchSizeProbe, probe
+from synthetic import policy_without_context
 from riskpipe.tuning import cache_path, certify_batch_size
 
 
@@ -60,6 +61,19 @@ def test_probe_keeps_to_its_budget() -> None:
     assert time.perf_counter() - t0 < 1.6
     assert 64 in p.rates and 4096 not in p.rates
     assert "budget" in p.notes[-1]
+
+
+def test_probe_draws_inputs_in_any_declared_range() -> None:
+    seen = []
+    m = TimedModel(lambda b: 0.0, input_shape=(2,))
+    m.predict_torch = lambda x: seen.append(x) or torch.zeros(len(x), dtype=torch.int64)
+    for declared in (None, (np.array([10.0, -5.0]), np.array([11.0, -4.0]))):
+        m.value_range = declared
+        seen.clear()
+        probe(m, candidates=(64,), budget_s=1.0)
+        assert all(torch.isfinite(x).all() for x in seen)
+    centre = seen[0].mean(dim=0)
+    assert abs(float(centre[0]) - 10.5) < 0.2 and abs(float(centre[1]) + 4.5) < 0.2
 
 
 def test_probe_rejects_bad_arguments() -> None:
@@ -122,3 +136,91 @@ def test_tabular_sklearn_model_is_probed(tmp_path) -> None:
                   _predict_fn=lambda a: clf.predict(a.astype(np.float64)))
     c = certify_batch_size(model, cache_dir=tmp_path, budget_s=0.5)
     assert c.source == "probe" and c.size in c.rates
+
+
+# ---- wired into the composition root, the config, the CLI and the metrics -----------------
+@pytest.fixture(scope="module")
+def cnn_spec(tmp_path_factory):
+    from synthetic import cifar_cnn, save_torchscript
+
+    return save_torchscript(cifar_cnn(), tmp_path_factory.mktemp("cnn") / "cnn.pt", (3, 32, 32)) + "&range=0,1"
+
+
+def _config(tmp_path, models: dict, **top):
+    """A stage config file with these ``models:`` entries (and top-level keys), loaded."""
+    import yaml
+
+    from riskpipe.stream.config import load_config
+
+    path = tmp_path / "stage.yaml"
+    path.write_text(yaml.safe_dump({"policy": policy_without_context(tmp_path), "models": models, **top}))
+    return load_config(str(path))
+
+
+def test_composition_root_takes_model_then_stage_value_else_the_probe(tmp_path, monkeypatch, cnn_spec) -> None:
+    import riskpipe.certify.batch_size as bs
+    from riskpipe.compose import build_pipeline
+
+    monkeypatch.setenv("RISKPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = _config(tmp_path, {"cnn": {"spec": cnn_spec, "certify_batch_size": 96}, "other": cnn_spec},
+                  certify_batch_size=200)
+    p = build_pipeline(cfg)
+    assert (p.entries["cnn"].certifier.batch_size, p.entries["cnn"].batch_size_source) == (96, "config")
+    assert (p.entries["other"].certifier.batch_size, p.entries["other"].batch_size_source) == (200, "config")
+    # nothing configured: the probe's answer (a fixed measurement here) is what the certifier gets
+    monkeypatch.setattr(bs, "probe", lambda model, **kw: BatchSizeProbe({64: 1000.0, 128: 3000.0, 256: 2000.0}))
+    p = build_pipeline(_config(tmp_path, {"cnn": cnn_spec}))
+    assert (p.entries["cnn"].certifier.batch_size, p.entries["cnn"].batch_size_source) == (128, "probe")
+
+
+def test_probe_result_reaches_the_certifier_and_is_reused(tmp_path, monkeypatch, cnn_spec, one_thread) -> None:
+    import riskpipe.certify.batch_size as bs
+    from riskpipe.compose import build_pipeline
+
+    monkeypatch.setenv("RISKPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    real = bs.probe
+    monkeypatch.setattr(bs, "probe", lambda model, **kw: real(model, candidates=(8, 16), budget_s=0.3))
+    cfg = _config(tmp_path, {"cnn": cnn_spec})
+    first = build_pipeline(cfg).entries["cnn"]
+    assert first.batch_size_source == "probe" and first.certifier.batch_size in (8, 16)
+    again = build_pipeline(cfg).entries["cnn"]
+    assert (again.batch_size_source, again.certifier.batch_size) == ("cache", first.certifier.batch_size)
+    assert len(list((tmp_path / "cache" / "batch_size").glob("*.json"))) == 1
+
+
+def test_chosen_size_is_exported_per_model(tmp_path, cnn_spec) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from riskpipe.compose import build_stage
+    from riskpipe.metrics import StageMetrics, expose
+
+    m = StageMetrics()
+    cfg = _config(tmp_path, {"cnn": {"spec": cnn_spec, "certify_batch_size": 320}})
+    build_stage(cfg, source=f"jsonl:{tmp_path / 'none.jsonl'}", sink=f"jsonl:{tmp_path}", metrics=m)
+    got = {tuple(sorted(s.labels.items())): s.value
+           for f in text_string_to_metric_families(expose(m.registry).decode()) for s in f.samples
+           if s.name == "riskpipe_certify_batch_size"}
+    assert got == {(("model", "cnn"), ("source", "config")): 320.0}
+
+
+def test_cli_flag_overrides_every_model_and_is_logged(tmp_path, cnn_spec) -> None:
+    import subprocess
+    import sys
+
+    from riskpipe.stream.events import make_event
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(make_event(f"c{i}", "cnn", rng.random((3, 32, 32)).round(2))) + "\n"
+                           for i in range(2)))
+    cfg = tmp_path / "stage.yaml"
+    cfg.write_text(f"policy: {policy_without_context(tmp_path)}\n"
+                   f"models:\n  cnn:\n    spec: '{cnn_spec}'\n    certify_batch_size: 999\n")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "run", "--config", str(cfg), "--no-ledger", "-v",
+                        "--source", f"jsonl:{src}", "--sink", f"jsonl:{out}", "--certify-batch-size", "128"],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "model cnn: certification batch size 128 (config)" in r.stderr
+    recs = [json.loads(s) for s in (out / "audit.jsonl").read_text().splitlines()]
+    assert [rec["certificate"]["extra"]["batch_size"] for rec in recs] == [128, 128]

@@ -169,13 +169,17 @@ def _valid_messages(n_digits: int = 2) -> list[tuple[str, bytes, list]]:
     return out
 
 
-def _pipeline(big_spec):
-    from riskpipe.policy import load_policy
-    from riskpipe.stream.config import load_config
-    from riskpipe.stream.pipeline import Pipeline
+def _pipeline(big_spec, tmp_path):
+    import yaml
 
-    cfg = load_config(None)
-    return Pipeline(load_policy(cfg.policy), {"digits": "demo:digits", "big": big_spec}, context=False)
+    from riskpipe.compose import build_pipeline
+    from riskpipe.stream.config import load_config
+    from synthetic import policy_without_context
+
+    path = tmp_path / "stage.yaml"
+    path.write_text(yaml.safe_dump({"policy": policy_without_context(tmp_path),
+                                    "models": {"digits": "demo:digits", "big": big_spec}}))
+    return build_pipeline(load_config(str(path)))
 
 
 def test_offline_stage_decides_binary_events_and_dead_letters_the_rest(tmp_path, models, big_spec) -> None:
@@ -188,7 +192,7 @@ def test_offline_stage_decides_binary_events_and_dead_letters_the_rest(tmp_path,
     msgs += [Message(v, "inferences", 0, 100 + i, case.encode(), h) for i, (case, (v, h)) in enumerate(bad.items())]
     cfg = load_config(None, max_message_bytes=LIMITS["max_bytes"], max_binary_message_bytes=1 << 20,
                       batch={"max_events": 64, "max_wait_ms": 10})
-    stage = Stage(cfg, _pipeline(big_spec), lambda r: ListSource(msgs), lambda: JsonlSink(str(tmp_path)))
+    stage = Stage(cfg, _pipeline(big_spec, tmp_path), lambda r: ListSource(msgs), lambda: JsonlSink(str(tmp_path)))
     stats = stage.run()
     audit = [json.loads(s) for s in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in audit) == sorted(eid for eid, _, _ in valid)
@@ -222,7 +226,7 @@ def test_broker_stage_decides_binary_events_and_dead_letters_the_rest(tmp_path, 
                           max_message_bytes=LIMITS["max_bytes"], max_binary_message_bytes=LIMITS["max_binary_bytes"],
                           batch={"max_events": 64, "max_wait_ms": 20})
         ledger_path = tmp_path / "l.sqlite"
-        with Ledger(str(ledger_path)) as led, StageThread(cfg, _pipeline(big_spec), led) as stage:
+        with Ledger(str(ledger_path)) as led, StageThread(cfg, _pipeline(big_spec, tmp_path), led) as stage:
             total = len(valid) + len(bad)
             assert wait_for(lambda: stage.stats.decided + sum(stage.stats.dlq.values()) >= total, 120)
         out = consume_all(b.bootstrap, ["audit", "dlq"], expect=total)
@@ -246,7 +250,7 @@ def test_broker_stage_decides_a_224x224_uint8_image(tmp_path, big_spec) -> None:
         produce(b.bootstrap, [(value, headers)])
         cfg = load_config(None, bootstrap_servers=b.bootstrap, session_timeout_ms=2000, heartbeat_interval_ms=600,
                           batch={"max_events": 8, "max_wait_ms": 20})
-        with StageThread(cfg, _pipeline(big_spec)) as stage:
+        with StageThread(cfg, _pipeline(big_spec, tmp_path)) as stage:
             assert wait_for(lambda: stage.stats.decided >= 1, 120)
         out = consume_all(b.bootstrap, ["decisions", "audit"], expect=2)
     rec = json.loads(out["audit"][0].value)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 CANDIDATES = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -51,7 +52,7 @@ def probe(model, candidates: Sequence[int] = CANDIDATES, budget_s: float = 1.5, 
     (at least two); its rate is the fastest call's. The probe stops early when the
     next size would not fit in what is left of ``budget_s`` (predicted from the best
     rate so far) or when the rate has fallen below half the best (past the peak).
-    Inputs are uniform over the model's declared value range plus N(0, 0.25^2) noise,
+    Inputs are uniform over the model's declared value range ([0, 1] if none) plus N(0, 0.25^2) noise,
     the kind of batch smoothing sends.
     """
     sizes = sorted({int(b) for b in candidates})
@@ -60,7 +61,8 @@ def probe(model, candidates: Sequence[int] = CANDIDATES, budget_s: float = 1.5, 
     if budget_s <= 0:
         raise ValueError(f"budget_s: must be > 0, got {budget_s}")
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    lo, hi = (float(v) for v in getattr(model, "value_range", (0.0, 1.0)))
+    declared = getattr(model, "value_range", None)  # None: unbounded; scalars or per-feature arrays
+    lo, hi = (torch.as_tensor(np.asarray(v, dtype=np.float32)) for v in (declared or (0.0, 1.0)))
     shape = tuple(model.input_shape)
     t_start = time.perf_counter()
     deadline = t_start + budget_s

@@ -25,6 +25,8 @@ import click
 @click.option("--max-events", type=int, default=None, help="Micro-batch size.")
 @click.option("--max-wait-ms", type=int, default=None, help="Micro-batch latency budget.")
 @click.option("--device", default=None)
+@click.option("--certify-batch-size", type=click.IntRange(min=1), default=None,
+              help="Noise samples per model call for every model (default: probed per model at start-up, cached).")
 @click.option("--create-topics", is_flag=True, default=None, help="Create missing topics (embedded broker).")
 @click.option("--session-timeout-ms", type=int, default=None)
 @click.option("--heartbeat-interval-ms", type=int, default=None)
@@ -34,7 +36,7 @@ import click
 @click.option("--no-metrics-server", is_flag=True, hidden=True)
 @click.option("-v", "--verbose", count=True)
 def run(config_path, bootstrap_servers, source, sink, policy, models, references, group_id, input_topic, metrics_port, ledger,
-        no_ledger, max_events, max_wait_ms, device, create_topics, session_timeout_ms, heartbeat_interval_ms,
+        no_ledger, max_events, max_wait_ms, device, certify_batch_size, create_topics, session_timeout_ms, heartbeat_interval_ms,
         workers, worker_id, idle_exit, no_metrics_server, verbose):
     """Run the stage: validate, certify, score and route every inference event."""
     from riskpipe.cli.common import fail
@@ -66,6 +68,11 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, references
         )
     except ConfigError as e:
         fail(str(e))
+    if certify_batch_size is not None:  # the command line wins over every config value
+        config = config.model_copy(update={
+            "certify_batch_size": certify_batch_size,
+            "models": {n: m.model_copy(update={"certify_batch_size": certify_batch_size})
+                       for n, m in config.models.items()}})
     from riskpipe.stream.runner import default_ledger_path, run_stage, run_workers
 
     if no_ledger:

@@ -27,6 +27,10 @@ max_wait_ms}, plus the optional tuning keys below.
   ``[lo, hi]`` pairs, one per feature. Inputs outside it go to the DLQ
   (``out_of_range``). Without it only finiteness is checked (demo models: [0, 1];
   ``?range=lo,hi`` in the spec works too).
+* ``certify_batch_size``: noise samples per model call when smoothing certifies this
+  model. Default: the stage-wide ``certify_batch_size`` if set, else measured by a
+  short forward-throughput probe at start-up, cached per (model sha256, device,
+  torch threads) in the cache directory (riskpipe/tuning.py).
 
 Relative paths in a config file (``policy``, each model's ``spec`` file,
 ``reference`` and ``policy``) resolve against the config file's directory; paths
@@ -93,6 +97,7 @@ class ModelConfig(BaseModel):
     scale: Any = None
     feature_names: list[str] | None = None
     range: Any = None
+    certify_batch_size: int | None = Field(None, ge=1)
 
     @field_validator("reference")
     @classmethod
@@ -207,6 +212,7 @@ class StageConfig(KafkaSettings):
     device: str = "cpu"
     max_message_bytes: int = Field(1 << 20, ge=1024)  # a JSON event
     max_binary_message_bytes: int = Field(16 << 20, ge=1024)  # an event in the binary tensor form
+    certify_batch_size: int | None = Field(None, ge=1)  # None: probed per model (riskpipe.tuning)
     review_include_input: bool = True
     create_topics: bool = False
     session_timeout_ms: int = Field(10_000, ge=1000)

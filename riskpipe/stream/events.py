@@ -151,7 +151,7 @@ def validate_event(obj: dict, models: dict) -> Event:
         if arr.ndim != 1 or bool in set(map(type, data)):  # set(map(type)): one C loop, not a Python one
             raise EventError("wrong_type", "inputs[0].data: must be a flat list of numbers")
     if dt == "UINT8" and model.dtype.startswith("float"):
-        arr = _from_uint8(arr, model.value_range)
+        arr = _from_uint8(arr.reshape(expected), model)
     try:
         x = check_inputs(arr.reshape((1,) + expected), model)[0]
     except InputError as e:
@@ -169,11 +169,15 @@ def validate_event(obj: dict, models: dict) -> Event:
                  context=ctx, time=ts)
 
 
-def _from_uint8(arr: np.ndarray, value_range) -> np.ndarray:
-    """8-bit pixel values onto the model's value range: lo + (hi - lo) * v / 255."""
+def _from_uint8(arr: np.ndarray, model) -> np.ndarray:
+    """8-bit values (shaped like the input) onto the model's declared value range:
+    lo + (hi - lo) * v / 255, per feature where the range is per feature."""
+    if model.value_range is None:
+        raise EventError("wrong_dtype", f"inputs[0].datatype: UINT8 needs a declared value range to map onto; "
+                                        f"model {model.spec} declares none (send FP32 or declare its range)")
     if arr.dtype != np.uint8 and ((arr < 0) | (arr > 255) | (arr != np.round(arr))).any():
         raise EventError("out_of_range", "inputs[0].data: UINT8 values must be integers in [0, 255]")
-    lo, hi = (float(v) for v in value_range)
+    lo, hi = (np.asarray(v, dtype=np.float32) for v in model.value_range)
     return lo + (hi - lo) * (arr.astype(np.float32) / np.float32(255.0))
 
 

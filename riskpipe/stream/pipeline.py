@@ -50,6 +50,7 @@ class ModelEntry:
     scale_desc: str | None = None
     labels: list[str] | None = None
     feature_names: list[str] | None = None
+    batch_size_source: str | None = None  # how the certifier's batch size was chosen (riskpipe.tuning)
 
     def __post_init__(self) -> None:
         if self.certified is None:
