@@ -158,3 +158,45 @@ def test_console_reads_names_from_the_stage_config_and_the_model_file():
     assert info.labels == ("malignant", "benign")
     assert info.feature_names is not None and len(info.feature_names) == 30 and info.feature_names[0] == "mean radius"
     assert ConsoleState(settings).model_info({"model": {"name": "unknown"}}) == ModelInfo()
+
+
+@needs_browser
+@pytest.mark.parametrize("example, model", [("image", "shapes"), ("tabular", "cancer")])
+def test_items_the_stage_routed_for_the_examples(tmp_path, example, model):
+    """End to end: the stage decides the example's inputs (an upstream risk of 0.99 blocks and
+    routes them), the console reads the same stage config, Chromium shows the real records."""
+    from selenium.webdriver.common.by import By
+
+    from riskpipe.review import queue as rq
+    from riskpipe.stream.config import load_config
+    from usermodels import stage_ledger
+
+    ledger, inputs = stage_ledger(tmp_path, example, model, n=2, upstream_risk=0.99)
+    with Ledger(ledger) as led:
+        routed = [it.id for it in rq.pending(led)]
+    assert routed == [f"{example}-0", f"{example}-1"] or sorted(routed) == [f"{example}-0", f"{example}-1"]
+    config = load_config(f"examples/{example}/riskpipe.yaml")
+    server = serve_background(ledger, "127.0.0.1", 0, PASSWORD, models=config.models, metrics=None)
+    driver = chromium(tmp_path / "chromium")
+    try:
+        _open_item(driver, server, f"{example}-1")
+        x = np.load(inputs)[1]
+        labels = config.models[model].labels
+        shown = by_id(driver, "prediction").text  # the event carries no prediction: the certified class by name
+        assert shown.startswith("n/a (certified classifier predicts ")
+        assert any(f"predicts {n} (class {i})" in shown for i, n in enumerate(labels)), shown
+        assert "upstream" in by_id(driver, "reasons").text or by_id(driver, "decision").text == "block"
+        if example == "image":
+            img = by_id(driver, "input-image")
+            _painted(driver, img)
+            pixels = data_url_image(img.get_attribute("src"))[::7, ::7] / 255.0
+            np.testing.assert_allclose(pixels, np.moveaxis(x, 0, -1), atol=1 / 255)  # declared range [0, 1]
+        else:
+            table = by_id(driver, "input-table")
+            names = [td.text for td in table.find_elements(By.CSS_SELECTOR, "tbody tr > th")]
+            assert len(names) == 30 and names[0] == "mean radius"  # from the skops file
+            values = [float(td.text) for td in table.find_elements(By.CSS_SELECTOR, "td")]
+            np.testing.assert_allclose(values, x, rtol=1e-5)
+    finally:
+        driver.quit()
+        server.stop()

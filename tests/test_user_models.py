@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from usermodels import image_model, tabular_model
+from usermodels import image_model, stage_ledger, tabular_model
 
 from riskpipe.blackbox import random_search
 from riskpipe.cli import cli
@@ -124,29 +124,13 @@ def test_evaluate_names_a_model_missing_from_the_config(tmp_path):
 
 # ---- ledger replay of records the stage wrote for the examples' models ----------------------------
 
-def _stage_ledger(tmp_path, example: str, model: str, n: int = 3):
-    """Run the stage offline on the example's config; returns (ledger, inputs .npy)."""
-    from riskpipe.stream.events import make_event
-
-    X = np.load(f"examples/{example}/reference.npz")["X"][:n].astype(np.float32)
-    np.save(tmp_path / "inputs.npy", X)
-    (tmp_path / "events.jsonl").write_text("".join(json.dumps(make_event(f"{example}-{i}", model, x)) + "\n"
-                                                   for i, x in enumerate(X)))
-    ledger = tmp_path / "ledger.db"
-    r = CliRunner().invoke(cli, ["run", "--config", f"examples/{example}/riskpipe.yaml", "--source",
-                                 f"jsonl:{tmp_path / 'events.jsonl'}", "--sink", f"jsonl:{tmp_path / 'out'}",
-                                 "--ledger", str(ledger), "--no-metrics-server"])
-    assert r.exit_code == 0 and f"decided {n} events" in r.output, r.output
-    return ledger, tmp_path / "inputs.npy"
-
-
 def _replay(*args):
     r = CliRunner().invoke(cli, ["ledger", "replay", *args, "--json"])
     return r.exit_code, (json.loads(r.output) if r.output.startswith("{") else r.output)
 
 
 def test_replay_a_torchscript_image_model(tmp_path, one_thread):
-    ledger, inputs = _stage_ledger(tmp_path, "image", "shapes")
+    ledger, inputs = stage_ledger(tmp_path, "image", "shapes")
     code, res = _replay("image-1", "--ledger", str(ledger), "--input", str(inputs))
     assert code == 0 and res["ok"] and res["input_match"]
     checks = {c["name"]: c for c in res["checks"]}
@@ -162,7 +146,7 @@ def test_replay_a_torchscript_image_model(tmp_path, one_thread):
 
 
 def test_replay_a_scaled_skops_model_needs_and_uses_its_config(tmp_path):
-    ledger, inputs = _stage_ledger(tmp_path, "tabular", "cancer")
+    ledger, inputs = stage_ledger(tmp_path, "tabular", "cancer")
     code, res = _replay("tabular-2", "--ledger", str(ledger), "--input", str(inputs), "--config",
                         "examples/tabular/riskpipe.yaml")
     assert code == 0 and res["ok"], res

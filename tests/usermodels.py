@@ -100,3 +100,26 @@ def tabular_model(tmp: Path) -> UserModel:
     np.savez(tmp / "wine-test.npz", X=X[test], y=y[test])
     return UserModel(spec=str(path), data=tmp / "wine-test.npz", labels=list(wine.target_names),
                      feature_names=list(wine.feature_names))
+
+
+def stage_ledger(tmp_path, example: str, model: str, n: int = 3, **event_fields):
+    """Run the stage offline (``riskpipe run --config examples/EXAMPLE/riskpipe.yaml``) on the
+    first ``n`` reference inputs as events ``EXAMPLE-i`` (with ``event_fields``, e.g.
+    upstream_risk); returns (ledger, inputs .npy)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from riskpipe.cli import cli
+    from riskpipe.stream.events import make_event
+
+    X = np.load(f"examples/{example}/reference.npz")["X"][:n].astype(np.float32)
+    np.save(tmp_path / "inputs.npy", X)
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(make_event(f"{example}-{i}", model, x, **event_fields)) + "\n"
+                                                   for i, x in enumerate(X)))
+    ledger = tmp_path / "ledger.db"
+    r = CliRunner().invoke(cli, ["run", "--config", f"examples/{example}/riskpipe.yaml", "--source",
+                                 f"jsonl:{tmp_path / 'events.jsonl'}", "--sink", f"jsonl:{tmp_path / 'out'}",
+                                 "--ledger", str(ledger), "--no-metrics-server"])
+    assert r.exit_code == 0 and f"decided {n} events" in r.output, r.output
+    return ledger, tmp_path / "inputs.npy"
