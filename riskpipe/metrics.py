@@ -71,7 +71,8 @@ DECISIONS = ("allow", "review", "block")
 DLQ_REASONS = (
     "invalid_json", "not_an_object", "missing_field", "wrong_type", "wrong_dtype",
     "wrong_shape", "non_finite", "out_of_range", "unknown_model", "oversized",
-    "unsupported_cloudevent", "bad_id", "bad_binary_header", "binary_size_mismatch",
+    "unsupported_cloudevent", "bad_id", "bad_binary_header", "binary_size_mismatch", "off_grid",
+    "bad_time", "id_conflict", "internal_error",
 )
 REVIEW_VERDICTS = ("confirmed_clean", "confirmed_manipulated", "unsure")
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from riskpipe.stream.events import EventError, make_event, parse_event
 
 REASONS = {"invalid_json", "not_an_object", "missing_field", "wrong_type", "wrong_dtype", "wrong_shape",
-           "non_finite", "out_of_range", "unknown_model", "oversized", "unsupported_cloudevent", "bad_id"}
+           "non_finite", "out_of_range", "unknown_model", "oversized", "unsupported_cloudevent", "bad_id",
+           "bad_time"}
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +148,65 @@ def test_fuzz_validator_never_raises_anything_else(models, case):
     # whatever got through is a valid event for the model
     assert ev.x.shape == (1, 8, 8) and np.isfinite(ev.x).all() and ev.x.min() >= 0 and ev.x.max() <= 1
     assert isinstance(ev.id, str) and ev.id
+
+
+def _raw(e: dict) -> bytes:
+    return json.dumps(e).encode()
+
+
+def test_ids_are_unicode_text_without_control_characters(models):
+    for bad in ("a\nb", "tab\there", "nul\x00", "del\x7f", "c1\x85"):
+        assert _reason(_mut(id=bad), models) == "bad_id"
+    # a lone surrogate can only arrive as a JSON escape
+    assert _reason(_mut(id="PLACEHOLDER").replace(b"PLACEHOLDER", b"\\ud800"), models) == "bad_id"
+    assert parse_event(_mut(id="ünïcødé-✓"), [], models).id == "ünïcødé-✓"
+
+
+def test_every_number_is_bounded_and_finite(models):
+    huge = "9" * 5000  # beyond Python's 4,300-digit int() limit
+    for field in ("prediction", "context"):
+        value = _mut(**{field: 0}).replace(f'"{field}": 0'.encode(), f'"{field}": {huge}'.encode())
+        assert _reason(value, models) == "out_of_range"
+    nested = _mut(context={"a": [1, {"b": 7}]}).replace(b'{"b": 7}', f'{{"b": {huge}}}'.encode())
+    with pytest.raises(EventError, match=r"context\.a\[1\]\.b: an integer of 5000 digits"):
+        parse_event(nested, [], models)
+    data = _mut(data=[0] * 64).replace(b"[0, 0", f"[{huge}, 0".encode(), 1)
+    assert _reason(data, models) == "out_of_range"
+    for const in (b"NaN", b"Infinity", b"-Infinity"):
+        ctx = _mut(context={"score": 0}).replace(b'"score": 0', b'"score": ' + const)
+        with pytest.raises(EventError, match=r"context\.score: NaN or infinity") as e:
+            parse_event(ctx, [], models)
+        assert e.value.code == "non_finite"
+    assert _reason(_mut(context={"k": 0}).replace(b'"k"', b'"\\udfff"'), models) == "invalid_json"
+
+
+def test_non_finite_upstream_risk_is_flagged_by_the_policy_not_rejected(models):
+    from riskpipe.policy import load_policy
+    from riskpipe.stream.config import default_policy_path
+
+    policy = load_policy(default_policy_path())
+    for const in (b"NaN", b"Infinity"):
+        ev = parse_event(_mut(upstream_risk=0.5).replace(b'"upstream_risk": 0.5', b'"upstream_risk": ' + const),
+                         [], models)
+        assert not math.isfinite(ev.upstream_risk)
+        from riskpipe.policy.signals import upstream_risk
+
+        s = upstream_risk(policy.signals.upstream_risk, ev.upstream_risk)
+        assert s["flagged"] and s["reason"] == "non_finite"
+        json.dumps(s, allow_nan=False)
+
+
+def test_tensor_data_holds_json_numbers_only(models):
+    flat = good()["inputs"][0]["data"]
+    for bad in ("0.5", True, None, [0.5]):
+        with pytest.raises(EventError, match=r"inputs\[0\]\.data: every element must be a JSON number") as e:
+            parse_event(_mut(data=[bad] + flat[1:]), [], models)
+        assert e.value.code == "wrong_type"
+    assert parse_event(_mut(data=[1] + flat[1:]), [], models).x.ravel()[0] == 1.0
+
+
+def test_time_is_rfc3339(models):
+    for ok in ("2026-01-01T00:00:00Z", "2026-01-01t00:00:00.123+02:00", "2026-12-31 23:59:59-05:30"):
+        assert parse_event(_mut(time=ok), [], models).time == ok
+    for bad in ("not a time", "2026-01-01", "2026-13-01T00:00:00Z", "2026-01-01T25:00:00Z", "1767225600", 5):
+        assert _reason(_mut(time=bad), models) == "bad_time"

@@ -4,7 +4,8 @@ standard library here) with the standard library's reading of what orjson refuse
 ``loads`` reads exactly what ``json.loads`` reads: orjson rejects NaN/Infinity
 literals, integers beyond 64 bits and lone surrogates, and those messages are read
 again by the standard library, so validation (not the parser) says what is wrong
-with them. ``dumps`` writes compact, key-sorted UTF-8 for the output topics; the
+with them; there an integer literal of more than ``MAX_INT_DIGITS`` digits becomes an
+``OversizedInt`` (validation reports it as ``out_of_range``) instead of raising. ``dumps`` writes compact, key-sorted UTF-8 for the output topics; the
 ledger's canonical JSON (riskpipe/ledger/chain.py) does not come through here.
 """
 
@@ -16,11 +17,29 @@ from typing import Any
 import orjson
 
 
+MAX_INT_DIGITS = 20  # int64 and uint64 fit; a longer integer literal is never a sensible value
+
+
+class OversizedInt:
+    """An integer literal with more than ``MAX_INT_DIGITS`` digits, kept unconverted
+    (Python refuses int() beyond 4,300 digits, and nothing needs such a number):
+    validation reports it as ``out_of_range`` at its field."""
+
+    __slots__ = ("digits",)
+
+    def __init__(self, text: str):
+        self.digits = len(text.lstrip("-"))
+
+
+def _bounded_int(text: str):
+    return OversizedInt(text) if len(text) > MAX_INT_DIGITS else int(text)
+
+
 def loads(value: bytes | str) -> Any:
     try:
         return orjson.loads(value)
-    except orjson.JSONDecodeError:
-        return json.loads(value)
+    except orjson.JSONDecodeError:  # bounded: a 5,000-digit integer must not raise (int() stops at 4,300)
+        return json.loads(value, parse_int=_bounded_int)
 
 
 def dumps(obj: Any) -> bytes:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from datetime import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,8 @@ CE_TYPES = ("riskpipe.inference.v1", "org.kserve.inference.request", "inference.
 DATATYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT8": np.int8, "INT16": np.int16,
              "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8}
 FLOAT_TYPES = ("FP32", "FP64", "FP16")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
 
 
 class EventError(ValueError):
@@ -58,6 +62,57 @@ def _headers(headers) -> dict[str, str]:
         except UnicodeDecodeError:
             out[k.lower()] = ""
     return out
+
+
+def _path(parts) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "value"
+
+
+def check_values(obj: dict) -> None:
+    """Every number anywhere in the event is bounded and finite, every string valid
+    Unicode. Two places are left to their own checks: the tensor ``data`` (numbers
+    only, checked against the model's input spec) and ``upstream_risk`` (a
+    non-finite risk is the policy's business: default value, flagged ``non_finite``)."""
+    stack: list = [((), obj)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, codec.OversizedInt):
+            raise EventError("out_of_range", f"{_path(path)}: an integer of {v.digits} digits "
+                                             f"(more than {codec.MAX_INT_DIGITS}) is not accepted")
+        if isinstance(v, float):
+            if not math.isfinite(v) and path != ("upstream_risk",):
+                raise EventError("non_finite", f"{_path(path)}: NaN or infinity is not accepted")
+        elif isinstance(v, str):
+            _check_text(v, _path(path))
+        elif isinstance(v, dict):
+            for k, child in v.items():
+                _check_text(k, f"{_path(path + (k,))} (a key)")
+                stack.append((path + (k,), child))
+        elif isinstance(v, list):
+            if len(path) == 3 and path[0] == "inputs" and path[2] == "data":
+                continue
+            stack.extend((path + (i,), child) for i, child in enumerate(v))
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EventError("invalid_json", f"{where}: string is not valid Unicode (lone surrogate)") from None
+
+
+def check_time(ts) -> str:
+    """``time`` must be an RFC 3339 timestamp (``2026-01-01T00:00:00Z``)."""
+    if not isinstance(ts, str) or not _RFC3339.fullmatch(ts):
+        raise EventError("bad_time", f"time: {str(ts)[:40]!r} is not an RFC 3339 timestamp (e.g. 2026-01-01T00:00:00Z)")
+    try:
+        datetime.fromisoformat(ts.upper().replace("Z", "+00:00").replace(" ", "T"))
+    except ValueError as e:
+        raise EventError("bad_time", f"time: {ts!r} is not a valid date and time ({e})") from None
+    return ts
 
 
 def parse_envelope(value: bytes | None, headers=None, max_bytes: int = 1 << 20,
@@ -112,6 +167,13 @@ def validate_event(obj: dict, models: dict) -> Event:
     eid = obj["id"]
     if not isinstance(eid, str) or not eid or len(eid) > 256:
         raise EventError("bad_id", "id: must be a non-empty string of at most 256 characters")
+    if _CONTROL.search(eid):
+        raise EventError("bad_id", f"id: {eid!r} contains a control character")
+    try:
+        eid.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EventError("bad_id", "id: is not valid Unicode text (lone surrogate)") from None
+    check_values(obj)
     name = obj["model"]
     if not isinstance(name, str):
         raise EventError("wrong_type", "model: must be a string")
@@ -144,12 +206,17 @@ def validate_event(obj: dict, models: dict) -> Event:
     if isinstance(data, np.ndarray):  # decoded from the binary form: typed already
         arr = data
     else:
+        kinds = set(map(type, data))
+        if codec.OversizedInt in kinds:
+            raise EventError("out_of_range", f"inputs[0].data: an integer of more than {codec.MAX_INT_DIGITS} digits")
+        if not kinds <= {int, float}:  # no strings ("0.5"), booleans, null or nested lists
+            bad = sorted(k.__name__ for k in kinds - {int, float})
+            raise EventError("wrong_type",
+                             f"inputs[0].data: every element must be a JSON number, found {', '.join(bad)}")
         try:
             arr = np.array(data, dtype=np.float64)
         except (TypeError, ValueError, OverflowError):
             raise EventError("wrong_type", "inputs[0].data: every element must be a number") from None
-        if arr.ndim != 1 or bool in set(map(type, data)):  # set(map(type)): one C loop, not a Python one
-            raise EventError("wrong_type", "inputs[0].data: must be a flat list of numbers")
     if dt == "UINT8" and model.dtype.startswith("float"):
         arr = _from_uint8(arr.reshape(expected), model)
     try:
@@ -163,8 +230,8 @@ def validate_event(obj: dict, models: dict) -> Event:
     if not isinstance(ctx, dict):
         raise EventError("wrong_type", "context: must be an object")
     ts = obj.get("time")
-    if ts is not None and not isinstance(ts, str):
-        raise EventError("wrong_type", "time: must be an RFC 3339 string")
+    if ts is not None:
+        check_time(ts)
     return Event(id=eid, model=name, x=x, datatype=dt, prediction=pred, upstream_risk=obj.get("upstream_risk"),
                  context=ctx, time=ts)
 

@@ -100,6 +100,11 @@ class KafkaSource:
         if offsets:
             self.consumer.commit(offsets)
 
+    @property
+    def holds_partitions(self) -> bool:
+        """True while the group has assigned this member at least one partition."""
+        return bool(self.consumer.assignment())
+
     def lag(self) -> dict[tuple[str, int], int]:
         """Per-partition lag from highwater() - position() (end_offsets() is wrong on Tansu)."""
         out = {}

@@ -14,6 +14,7 @@ import numpy as np
 
 from riskpipe.certify.norms import convert_radius
 from riskpipe.models import Model
+from riskpipe.policy.signals import json_safe
 from riskpipe.stream.events import Event, EventError
 
 
@@ -172,7 +173,7 @@ class Pipeline:
             "input": inp,
             "prediction": ev.prediction,
             "prediction_agrees": d["prediction_agrees"],
-            "upstream_risk": ev.upstream_risk,
+            "upstream_risk": json_safe(ev.upstream_risk),  # NaN is flagged, and JSON cannot carry it
             "event_context": ev.context,
             "source": {k: v for k, v in source.items() if k != "timestamp"},
             "worker": self.worker,

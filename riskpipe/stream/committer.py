@@ -1,0 +1,124 @@
+"""The committer: the one place that orders a batch's side effects.
+
+Per batch, strictly in this order (Quix Streams' checkpoint, Arroyo's submit/join):
+
+1. **ledger** — every decision row and every dead-letter row, in one transaction.
+   If that transaction fails, each decision row is tried on its own: a row the
+   ledger refuses turns its event into a dead letter (``internal_error``, stage
+   ``ledger``) and nothing is published for it. If even dead-letter rows cannot
+   be written, the ledger itself is broken (infrastructure): the exception goes up,
+   nothing of the batch has been sent, and no offset moves.
+2. **send** — every output: decisions (public), audit and review (trusted), DLQ.
+3. **flush** — returns only when every send is acknowledged (``SinkError``
+   otherwise: the stage recreates its clients and the batch is redelivered).
+4. **commit** — the batch's offsets.
+5. **after-commit hooks** — ``after_commit`` callables ``hook(outcome)``, run once
+   the offsets are committed (e.g. a periodic signed ledger checkpoint). A hook
+   that raises stops the stage (it is the stage's own machinery, not data).
+
+Why nothing is lost or published unrecorded, crash point by crash point:
+
+* before 1 completes: nothing written, nothing sent, offsets unmoved; the batch is
+  redelivered and decided afresh (certificates are seeded from (id, policy), so the
+  record is the same);
+* after 1, before 4 (during send or flush, or after the flush): the ledger holds the
+  rows, outputs may be partly sent, offsets unmoved. The batch is redelivered; triage
+  finds each id in the ledger *as the record of the very same message* (same topic,
+  partition and offset) and sends that stored record's outputs again — so an output
+  that was never acknowledged is sent now. Outputs are keyed by event id: at least
+  once, consumers dedupe by key. Dead-letter rows already in the ledger are skipped
+  (same entry id) and the DLQ message is sent again;
+* after 4: done. An id met again at another offset is a producer's re-delivery
+  (skipped) or a conflicting re-use of the id (``id_conflict``).
+
+Hooks for other stages of the work: outputs are built before the committer (so a
+serialisation failure is one event's, see ``stream/outputs.py``); ack-wait overlap
+belongs between 2 and 3 (``send`` may return before ``flush`` for the previous batch
+completes, as long as 4 waits for 3); periodic checkpoints belong in ``after_commit``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from riskpipe.stream.io import Message
+from riskpipe.stream.outputs import Output, dead_letter_output
+from riskpipe.stream.pipeline import utc_now
+from riskpipe.stream.triage import Dead
+
+log = logging.getLogger("riskpipe.stream")
+
+
+@dataclass
+class Decided:
+    message: Message
+    record: dict
+    outputs: list[Output]
+    enqueued: float | None = None  # source timestamp (epoch seconds), for end-to-end latency
+
+
+@dataclass
+class Outcome:
+    """Everything one batch produced; what the committer writes and the observer counts."""
+    messages: list[Message]
+    decided: list[Decided] = field(default_factory=list)
+    dead: list[Dead] = field(default_factory=list)
+    duplicates: list[Message] = field(default_factory=list)
+    redelivered: list[Decided] = field(default_factory=list)  # outputs re-sent from the ledger
+    seconds: float = 0.0
+    certify_seconds: float = 0.0
+
+    def dead_positions(self) -> set[tuple[str, int, int]]:
+        return {(d.message.topic, d.message.partition, d.message.offset) for d in self.dead}
+
+
+def dlq_entry(d: Dead) -> tuple[dict, str]:
+    from riskpipe.ledger import dlq_record
+
+    m = d.message
+    return dlq_record(d.reason, m.value or b"", utc_now(), topic=m.topic, partition=m.partition, offset=m.offset,
+                      message=d.text)
+
+
+class Committer:
+    def __init__(self, ledger, dlq_topic: str, after_commit: list[Callable[[Outcome], None]] | None = None):
+        self.ledger = ledger
+        self.dlq_topic = dlq_topic
+        self.after_commit: list[Callable[[Outcome], None]] = list(after_commit or [])
+
+    def commit(self, outcome: Outcome, sink, source) -> Outcome:
+        self.write_ledger(outcome)
+        for d in outcome.decided + outcome.redelivered:
+            for o in d.outputs:
+                sink.send(o.topic, o.key, o.value, o.headers)
+        for d in outcome.dead:
+            o = dead_letter_output(d.message, d.reason, d.text, self.dlq_topic, d.exception)
+            sink.send(o.topic, o.key, o.value, o.headers)
+        sink.flush()
+        source.commit(outcome.messages)
+        for hook in self.after_commit:
+            hook(outcome)
+        return outcome
+
+    def write_ledger(self, outcome: Outcome) -> None:
+        """Step 1; moves events whose decision row the ledger refuses to ``outcome.dead``."""
+        if self.ledger is None:
+            return
+        rows = [("decision", d.record, None) for d in outcome.decided]
+        try:
+            self.ledger.append_entries(rows + [("dlq", *dlq_entry(d)) for d in outcome.dead])
+            return
+        except Exception as e:  # noqa: BLE001 - find the culprit row by row, below
+            log.warning("ledger refused a batch (%s: %s); writing row by row", type(e).__name__, e)
+        kept = []
+        for d in outcome.decided:
+            try:
+                self.ledger.append_entries([("decision", d.record, None)])
+                kept.append(d)
+            except Exception as e:  # noqa: BLE001 - this event's row: its event is dead-lettered
+                outcome.dead.append(Dead.from_exception(d.message, e, "ledger"))
+        outcome.decided = kept
+        # If these cannot be written either, the ledger is down: raise, nothing was sent.
+        self.ledger.append_entries([("dlq", *dlq_entry(d)) for d in outcome.dead])

@@ -1,0 +1,101 @@
+"""The observer: the stage's one place for counting — stats, Prometheus metrics and
+the user's callbacks (``on_record`` per decided record, ``on_batch`` per batch).
+
+Batches are counted only after their commit: a batch that failed to flush is
+redelivered and counted then (its events as ``decided``, and as ``redelivered`` too
+when their ledger rows were already written by the failed attempt).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Stats:
+    events: int = 0
+    decided: int = 0
+    duplicates: int = 0
+    # of ``decided``: already in the ledger from a batch whose commit never happened
+    # (crash or broker error after the ledger write); counted now, outputs sent again
+    redelivered: int = 0
+    dlq: dict = field(default_factory=lambda: defaultdict(int))
+    decisions: dict = field(default_factory=lambda: defaultdict(int))
+    abstained: int = 0
+    broker_errors: int = 0
+    reconnects: int = 0
+    started: float = field(default_factory=time.monotonic)
+    busy_s: float = 0.0
+
+
+class Observer:
+    def __init__(self, metrics=None, on_record=None, on_batch=None):
+        self.metrics = metrics
+        self.on_record = on_record
+        self.on_batch = on_batch  # (messages, seconds, certify seconds) per committed batch
+        self.stats = Stats()
+
+    def started(self, policies) -> None:
+        if self.metrics:
+            self.metrics.set_policies([(p.name, str(p.version), p.sha256) for p in policies])
+
+    def connected(self) -> None:
+        if self.metrics:
+            self.metrics.set_broker_up(True)
+
+    def polled(self) -> None:
+        if self.metrics:
+            self.metrics.poll()
+
+    def lag(self, source) -> None:
+        if self.metrics and hasattr(source, "lag"):
+            for (topic, part), lag in source.lag().items():
+                self.metrics.set_lag(topic, part, lag)
+
+    def revoked(self, partitions) -> None:
+        if self.metrics:
+            for tp in partitions:
+                self.metrics.drop_lag(tp.topic, tp.partition)
+
+    def broker_error(self, e: Exception) -> None:
+        self.stats.broker_errors += 1
+        self.stats.reconnects += 1
+        if self.metrics:
+            self.metrics.broker_error(type(e).__name__)
+            self.metrics.set_broker_up(False)
+            self.metrics.reconnect()
+
+    def committed(self, outcome) -> None:
+        s = self.stats
+        s.events += len(outcome.messages)
+        s.busy_s += outcome.seconds
+        s.duplicates += len(outcome.duplicates)
+        s.redelivered += len(outcome.redelivered)
+        if self.on_batch:
+            self.on_batch(len(outcome.messages), outcome.seconds, outcome.certify_seconds)
+        m = self.metrics
+        now = time.time()
+        for d in outcome.decided + outcome.redelivered:
+            rec = d.record
+            s.decided += 1
+            s.decisions[rec["decision"]] += 1
+            if rec["certificate"]["abstained"]:
+                s.abstained += 1
+            if m:
+                m.decision(rec)
+                m.event("decided")
+                if d.enqueued:
+                    m.end_to_end(max(0.0, now - d.enqueued))
+        for dead in outcome.dead:
+            s.dlq[dead.reason] += 1
+            if m:
+                m.dlq(dead.reason)
+                m.event("dlq")
+        if m:
+            for _ in outcome.duplicates:
+                m.event("duplicate")
+        if self.on_record:
+            for d in outcome.decided + outcome.redelivered:
+                self.on_record(d.record)

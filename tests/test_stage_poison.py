@@ -1,0 +1,237 @@
+"""Poison isolation: whatever one event raises (parse, decide, ledger, emit) sends
+that event to the DLQ with reason ``internal_error``; the batch goes on; nothing is
+published for an event whose ledger row cannot be written. Run on a user's 3x32x32
+TorchScript CNN, not the digits demo."""
+
+import json
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+
+from riskpipe.ledger import Ledger, LedgerError
+from riskpipe.stream.config import load_config
+from riskpipe.stream.events import make_event
+from riskpipe.stream.io import JsonlSink, JsonlSource, Message
+from riskpipe.stream.offline import run_offline
+from riskpipe.stream.stage import Stage
+from streamkit import policy_with, tiny_cnn
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    from riskpipe.policy import load_policy
+    from riskpipe.stream.pipeline import Pipeline
+
+    d = tmp_path_factory.mktemp("cnn")
+    policy = load_policy(policy_with(d, certifier={"method": "smoothing", "mode": "decide", "sigma": 0.25,
+                                                   "alpha": 0.01, "max_samples": 200}))
+    return Pipeline(policy, {"cnn": tiny_cnn(d)}, context=False)
+
+
+def cnn_events(n, prefix, seed=0):
+    rng = np.random.default_rng(seed)
+    return [make_event(f"{prefix}-{i}", "cnn", rng.random((3, 32, 32), dtype=np.float32), upstream_risk=0.1)
+            for i in range(n)]
+
+
+def config():
+    return load_config(None, batch={"max_events": 8, "max_wait_ms": 10})
+
+
+def dlq_by_id(res):
+    return {json.loads(d["value"])["id"]: d["headers"] for d in res.read("dlq")}
+
+
+def test_model_failure_dead_letters_only_the_culprit(tmp_path, cnn, monkeypatch):
+    original = cnn.process
+
+    def process(events, sources):
+        for ev in events:
+            if ev.id in ("p-2", "p-5"):
+                raise RuntimeError(f"kernel fault on {ev.id}")
+        return original(events, sources)
+
+    monkeypatch.setattr(cnn, "process", process)
+    with Ledger(str(tmp_path / "l.sqlite")) as led:
+        res = run_offline(cnn_events(8, "p"), tmp_path / "out", config(), pipeline=cnn, ledger=led)
+        assert led.count("decision") == 6 and led.count("dlq") == 2 and led.verify().ok
+        dlq_rows = [e.record for e in led.records(kind="dlq")]
+    assert res.stats.decided == 6 and dict(res.stats.dlq) == {"internal_error": 2}
+    assert sorted(r["id"] for r in res.read("audit")) == sorted(f"p-{i}" for i in (0, 1, 3, 4, 6, 7))
+    dead = dlq_by_id(res)
+    assert set(dead) == {"p-2", "p-5"}
+    h = dead["p-2"]
+    assert h["__riskpipe.errors.reason"] == "internal_error"
+    assert h["__riskpipe.errors.exception"] == "RuntimeError"
+    assert "decide: RuntimeError: kernel fault on p-2" in h["__riskpipe.errors.message"]
+    assert all(r["reason"] == "internal_error" and "RuntimeError" in r["message"] for r in dlq_rows)
+
+
+def test_a_record_that_cannot_be_serialised_or_recorded_is_that_events_failure(tmp_path, cnn, monkeypatch):
+    original = cnn.process
+
+    def process(events, sources):
+        recs = original(events, sources)
+        for r in recs:
+            if r["id"] == "n-1":
+                r["event_context"] = {"x": float("nan")}  # JSON cannot carry it: the ledger refuses the row
+            if r["id"] == "n-2":
+                r["event_context"] = {"x": object()}  # not serialisable at all
+        return recs
+
+    monkeypatch.setattr(cnn, "process", process)
+    with Ledger(str(tmp_path / "l.sqlite")) as led:
+        res = run_offline(cnn_events(4, "n"), tmp_path / "out", config(), pipeline=cnn, ledger=led)
+        assert led.count("decision") == 2 and led.get("n-1") is None and led.verify().ok
+    for kind in ("decisions", "audit", "review"):
+        assert not {"n-1", "n-2"} & {r["id"] for r in res.read(kind)}
+    dead = dlq_by_id(res)
+    assert dead["n-1"]["__riskpipe.errors.message"].startswith("ledger: LedgerError")
+    assert dead["n-2"]["__riskpipe.errors.message"].startswith("emit: ")
+    assert dict(res.stats.dlq) == {"internal_error": 2}
+
+
+class RefusingLedger(Ledger):
+    """A ledger that refuses the decision row of some ids (as it would a malformed row)."""
+    refuse: set = set()
+
+    def append_entries(self, entries):
+        entries = list(entries)
+        for kind, rec, _ in entries:
+            if kind == "decision" and rec["id"] in self.refuse:
+                raise LedgerError(f"id: refused {rec['id']}")
+        return super().append_entries(entries)
+
+
+def test_nothing_is_published_for_an_event_whose_ledger_row_fails(tmp_path, cnn):
+    led = RefusingLedger(str(tmp_path / "l.sqlite"))
+    led.refuse = {"r-3"}
+    try:
+        res = run_offline(cnn_events(6, "r"), tmp_path / "out", config(), pipeline=cnn, ledger=led)
+        assert led.count("decision") == 5 and led.count("dlq") == 1 and led.verify().ok
+    finally:
+        led.close()
+    for kind in ("decisions", "audit", "review"):
+        assert "r-3" not in {r["id"] for r in res.read(kind)}
+    assert len(res.read("decisions")) == 5
+    msg = dlq_by_id(res)["r-3"]["__riskpipe.errors.message"]
+    assert msg.startswith("ledger: LedgerError")
+
+
+class BrokenLedger(Ledger):
+    def append_entries(self, entries):
+        entries = list(entries)
+        if any(kind != "policy" for kind, _, _ in entries):
+            raise sqlite3.OperationalError("disk I/O error")
+        return super().append_entries(entries)
+
+
+def test_a_broken_ledger_stops_the_stage_before_anything_is_sent(tmp_path, cnn):
+    led = BrokenLedger(str(tmp_path / "l.sqlite"))
+    try:
+        with pytest.raises(sqlite3.OperationalError):
+            run_offline(cnn_events(5, "b") + [{"id": "junk"}], tmp_path / "out", config(), pipeline=cnn, ledger=led)
+    finally:
+        led.close()
+    for kind in ("decisions", "audit", "review", "dlq"):
+        p = tmp_path / "out" / f"{kind}.jsonl"
+        assert not p.exists() or p.read_text() == ""
+
+
+def test_redelivery_after_a_crash_between_ledger_and_commit_resends_outputs(tmp_path, cnn):
+    src = tmp_path / "in.jsonl"
+    evs = cnn_events(5, "c")
+    src.write_text("".join(json.dumps(e) + "\n" for e in evs))
+    cfg = config()
+    with Ledger(str(tmp_path / "l.sqlite")) as led:
+        stage = Stage(cfg, cnn, lambda r: JsonlSource(str(src)), lambda: JsonlSink(str(tmp_path / "o1")), ledger=led)
+        source = JsonlSource(str(src))
+        outcome = stage.handle(source.poll(100, 10))
+        stage.committer.write_ledger(outcome)  # ... and the process dies before sending anything
+        source.close()
+        assert led.count("decision") == 5
+        res = run_offline(str(src), tmp_path / "o2", cfg, pipeline=cnn, ledger=led)
+        assert led.count("decision") == 5 and led.verify().ok
+    assert res.stats.decided == 5 and res.stats.redelivered == 5 and res.stats.duplicates == 0
+    stored = {r["id"]: r for r in (d.record for d in outcome.decided)}
+    audit = {r["id"]: r for r in res.read("audit")}
+    assert audit.keys() == stored.keys()
+    assert audit["c-0"]["ts"] == stored["c-0"]["ts"]  # the recorded decision, not a new one
+    assert len(res.read("decisions")) == 5
+
+
+def test_id_conflict_and_identical_redelivery(tmp_path, cnn):
+    a, b = cnn_events(2, "k")
+    conflicting = {**b, "id": a["id"]}
+    with Ledger(str(tmp_path / "l.sqlite")) as led:
+        res = run_offline([a, a, conflicting], tmp_path / "o1", config(), pipeline=cnn, ledger=led)
+        assert res.stats.decided == 1 and res.stats.duplicates == 1 and dict(res.stats.dlq) == {"id_conflict": 1}
+        h = res.read("dlq")[0]["headers"]
+        assert h["__riskpipe.errors.reason"] == "id_conflict" and "k-0" in h["__riskpipe.errors.message"]
+        # a later run (another file: other positions) against the same ledger
+        res = run_offline([conflicting, a], tmp_path / "o2", config(), pipeline=cnn, ledger=led)
+        assert res.stats.decided == 0 and res.stats.duplicates == 1 and dict(res.stats.dlq) == {"id_conflict": 1}
+        assert led.count("decision") == 1 and led.verify().ok
+
+
+class SlowJoinSource:
+    """A source whose group assignment arrives only after ``join_s`` seconds."""
+
+    def __init__(self, join_s):
+        self.t0 = time.monotonic()
+        self.join_s = join_s
+        self.exhausted = False
+
+    @property
+    def holds_partitions(self):
+        return time.monotonic() - self.t0 >= self.join_s
+
+    def poll(self, n, timeout_ms):
+        time.sleep(timeout_ms / 1000)
+        return []
+
+    def commit(self, msgs):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_idle_exit_counts_only_while_holding_partitions(tmp_path, cnn):
+    cfg = load_config(None, batch={"max_events": 8, "max_wait_ms": 50})
+    stage = Stage(cfg, cnn, lambda r: SlowJoinSource(1.5), lambda: JsonlSink(str(tmp_path / "o")))
+    t0 = time.monotonic()
+    stage.run(idle_exit_s=0.5)
+    assert time.monotonic() - t0 >= 1.9  # 1.5 s joining + 0.5 s idle (less one 50 ms poll)
+    stage = Stage(cfg, cnn, lambda r: SlowJoinSource(0.0), lambda: JsonlSink(str(tmp_path / "o")))
+    t0 = time.monotonic()
+    stage.run(idle_exit_s=0.5)
+    assert 0.5 <= time.monotonic() - t0 < 1.5
+
+
+def test_handle_has_no_side_effects_and_isolates_parse_failures(cnn, monkeypatch):
+    import riskpipe.stream.stage as stage_mod
+
+    real = stage_mod.parse_event
+
+    def parse(value, *a, **kw):
+        if b"explode" in (value or b""):
+            raise KeyError("surprise")
+        return real(value, *a, **kw)
+
+    monkeypatch.setattr(stage_mod, "parse_event", parse)
+    evs = cnn_events(3, "h")
+    msgs = [Message(json.dumps(e).encode(), "t", 0, i) for i, e in enumerate(evs)]
+    msgs.append(Message(b'{"explode": 1}', "t", 0, 3))
+
+    class NoSink:
+        def send(self, *a):
+            raise AssertionError("handle must not send")
+
+    stage = Stage(config(), cnn, None, None)
+    stage.sink = NoSink()
+    out = stage.handle(msgs)
+    assert [d.record["id"] for d in out.decided] == ["h-0", "h-1", "h-2"]
+    assert [(d.reason, d.exception) for d in out.dead] == [("internal_error", "KeyError")]
