@@ -66,7 +66,7 @@ def run_broker(pipeline, values, on_batch=None):
         cfg = load_config(None, bootstrap_servers=b.bootstrap, session_timeout_ms=2000, heartbeat_interval_ms=600,
                           batch={"max_events": 256, "max_wait_ms": 50})
         stage = build_stage(cfg, pipeline=pipeline)
-        stage.on_batch = on_batch
+        stage.observer.on_batch = on_batch
         th = threading.Thread(target=stage.run, daemon=True)
         first = {}
 
@@ -75,7 +75,7 @@ def run_broker(pipeline, values, on_batch=None):
             if on_batch:
                 on_batch(n, s, c)
 
-        stage.on_batch = batch_hook
+        stage.observer.on_batch = batch_hook
         th.start()
         while stage.stats.decided < len(values):
             time.sleep(0.05)

@@ -1,7 +1,8 @@
 """load_policy: YAML file -> validated Policy, or PolicyError with one line per problem.
 
 The file is read with ``yaml.safe_load`` semantics: composed into a node tree with the
-safe loader, then constructed from that tree, so that every problem's field
+safe loader (size and nesting bounded by ``riskpipe.safe_yaml``: an alias bomb is
+refused in milliseconds), then constructed from that tree, so that every problem's field
 path maps back to the line it came from: ``file:line: field: reason``.
 """
 
@@ -17,11 +18,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from riskpipe import safe_yaml
 from riskpipe.policy.schema import Policy, SemanticProblems
 
 
-# safe_load semantics (SafeLoader constructors), libyaml's parser when available
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# safe_load semantics (SafeLoader constructors), libyaml's parser when available,
+# aliases and nesting bounded (riskpipe.safe_yaml)
+_LOADER = safe_yaml.LOADER
 
 
 @dataclass(frozen=True)
@@ -119,10 +122,11 @@ def _reason(err: dict) -> str:
 
 
 def _yaml_data(text: str, name: str, loader_cls=_LOADER) -> tuple[Any, yaml.Node | None]:
-    loader = loader_cls(text)
     try:
-        root = loader.get_single_node()
-        data = loader.construct_document(root) if root is not None else None
+        root = safe_yaml.compose(text, loader_cls)
+        data = safe_yaml.construct(root, loader_cls)
+    except safe_yaml.YAMLLimitError as e:
+        raise PolicyError([Problem(name, e.line, "(yaml)", e.reason)]) from None
     except yaml.MarkedYAMLError as e:
         if loader_cls is not yaml.SafeLoader:  # report with the pure parser: same words on every machine
             return _yaml_data(text, name, yaml.SafeLoader)
@@ -131,8 +135,6 @@ def _yaml_data(text: str, name: str, loader_cls=_LOADER) -> tuple[Any, yaml.Node
         raise PolicyError([Problem(name, line, "(yaml)", " ".join(str(e.problem or e).split()))]) from None
     except yaml.YAMLError as e:
         raise PolicyError([Problem(name, 1, "(yaml)", " ".join(str(e).split()))]) from None
-    finally:
-        loader.dispose()
     dups = _duplicate_keys(root, ())
     if dups:
         raise PolicyError([Problem(name, line, field_path(loc), "duplicate key (YAML keeps only the last; remove one)")

@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,25 @@ def tansu_binary() -> Path:
     if not os.access(path, os.X_OK):
         path.chmod(path.stat().st_mode | 0o111)
     return path
+
+
+def _die_with_parent(parent_pid: int):
+    """A ``preexec_fn``: the child gets SIGKILL when its parent dies (Linux
+    ``PR_SET_PDEATHSIG``), even when the parent is killed with SIGKILL and has no
+    chance to clean up. Set between fork and exec; it survives the exec. If the
+    parent died before the call, the child kills itself. (The signal follows the
+    *thread* that started the child: start the broker from a thread that lives as
+    long as the broker should, e.g. the main thread.)"""
+    def preexec() -> None:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec if sys.platform.startswith("linux") else None
 
 
 def free_port() -> int:
@@ -55,6 +75,7 @@ class EmbeddedBroker:
             [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/"],
             stdout=self._log, stderr=self._log, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent(os.getpid()),  # never orphaned on its port, SIGKILL included
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

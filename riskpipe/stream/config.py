@@ -276,13 +276,19 @@ def _expand(value: Any) -> Any:
 def read_config_file(path: str) -> dict[str, Any]:
     """The YAML mapping in ``path`` with ``${VAR}`` expanded; ConfigError names the file
     and the reason. Shared by the stage and the review console (one riskpipe.yaml serves both)."""
+    from riskpipe import safe_yaml
+
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            data = safe_yaml.load(f.read()) or {}
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except safe_yaml.YAMLLimitError as e:
+        raise ConfigError(f"{path}:{e.line}: {e.reason}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return _expand(data)

@@ -1,0 +1,67 @@
+"""Every YAML file riskpipe reads (policy, stage config, review config) is bounded:
+an alias bomb, a recursive anchor or absurd nesting is refused fast, in one line."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from riskpipe import safe_yaml
+
+
+def bomb(levels: int = 9, width: int = 9) -> str:
+    """``levels`` levels of ``width`` aliases: width**levels leaves once expanded."""
+    lines = ["a0: &a0 [" + ", ".join(['"lol"'] * width) + "]"]
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_limits_count_expanded_aliases_depth_and_recursion():
+    assert safe_yaml.load("a: &x [1, 2]\nb: *x\nc: {d: 1}\n") == {"a": [1, 2], "b": [1, 2], "c": {"d": 1}}
+    t0 = time.perf_counter()
+    with pytest.raises(safe_yaml.YAMLLimitError, match="expands to more than"):
+        safe_yaml.load(bomb())
+    assert time.perf_counter() - t0 < 2.0
+    with pytest.raises(safe_yaml.YAMLLimitError, match="recursive alias"):
+        safe_yaml.load("&a [*a]")
+    with pytest.raises(safe_yaml.YAMLLimitError, match="nesting deeper than 64"):
+        safe_yaml.load("[" * 100 + "]" * 100)
+    # below the limits the same shapes load
+    assert len(safe_yaml.load(bomb(3, 9))["a2"]) == 9
+    assert safe_yaml.load("[" * 60 + "]" * 60) is not None
+
+
+def test_policy_bomb_refused_with_one_line_naming_the_file(tmp_path):
+    from riskpipe.policy import PolicyError, load_policy
+
+    p = tmp_path / "bomb.yaml"
+    p.write_text(bomb())
+    t0 = time.perf_counter()
+    with pytest.raises(PolicyError) as e:
+        load_policy(p)
+    assert time.perf_counter() - t0 < 2.0
+    assert str(e.value).count("\n") == 0 and str(e.value).startswith(f"{p}:")
+    r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "policy", "check", str(p)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert str(p) in r.stderr + r.stdout and "expands to more than" in r.stderr + r.stdout
+
+
+def test_stage_and_review_config_bomb_refused(tmp_path):
+    from riskpipe.review.settings import SettingsError, load_config_file
+    from riskpipe.stream.config import ConfigError, load_config
+
+    p = tmp_path / "riskpipe.yaml"
+    p.write_text(bomb())
+    for load, err in ((load_config, ConfigError), (load_config_file, SettingsError)):
+        t0 = time.perf_counter()
+        with pytest.raises(err, match="expands to more than") as e:
+            load(str(p))
+        assert time.perf_counter() - t0 < 2.0
+        assert str(e.value).startswith(f"{p}:") and "\n" not in str(e.value)
+    r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "run", "--config", str(p)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "expands to more than" in r.stderr
+    assert len([line for line in r.stderr.splitlines() if line.strip()]) == 1
