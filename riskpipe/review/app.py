@@ -5,10 +5,13 @@ Security model
 * Every page but ``/login``, ``/metrics``, ``/healthz`` and the stylesheet needs a
   logged-in reviewer; anything else gets a redirect to the login page (GET) or 401
   (other methods), and never a byte of a record.
-* Passwords are compared in constant time (``settings.Credentials``); five failed logins
-  from one address within five minutes lock that address out for five minutes.
-* The session is Flask's signed cookie: HttpOnly, SameSite=Strict, a random key per
-  process unless one is configured (so restarting the console logs everyone out).
+* Passwords are compared in constant time, and a login attempt costs the same whether
+  the name exists or not (``settings.Credentials``); five failed logins from one
+  address, or for one reviewer name, within five minutes lock that address or name
+  out for five minutes.
+* The session is Flask's signed cookie (HttpOnly, SameSite=Strict) carrying a session
+  id the server keeps (``SessionRegistry``): logout ends the session on the server,
+  so a copied old cookie stops working; restarting the console logs everyone out.
 * Every POST carries a Flask-WTF CSRF token tied to the session (CSRFProtect).
 * Responses set a Content-Security-Policy that allows nothing from outside the console
   (images are data: URIs), forbid framing, and are not cached.
@@ -73,25 +76,66 @@ class LogoutForm(FlaskForm):
 
 @dataclass
 class LoginThrottle:
-    """Failed logins per client address in a sliding window."""
+    """Failed logins per key (a client address, a reviewer name) in a sliding window.
+
+    The console locks out an address *and* a reviewer name: per address alone, an
+    attacker spreading guesses at one name over many addresses is never slowed. The
+    price: anyone can lock a reviewer out for ``LOCKOUT_SECONDS`` by failing five
+    times under their name; that is the lesser harm for a console behind a login.
+    """
 
     failures: dict[str, deque] = field(default_factory=lambda: defaultdict(deque))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def locked(self, addr: str) -> bool:
+    def locked(self, *keys: str) -> bool:
         with self.lock:
-            q = self.failures[addr]
-            while q and time.monotonic() - q[0] > LOCKOUT_SECONDS:
-                q.popleft()
-            return len(q) >= MAX_FAILURES
+            hit = False
+            for key in keys:
+                q = self.failures[key]
+                while q and time.monotonic() - q[0] > LOCKOUT_SECONDS:
+                    q.popleft()
+                hit = hit or len(q) >= MAX_FAILURES
+            return hit
 
-    def fail(self, addr: str) -> None:
+    def fail(self, *keys: str) -> None:
         with self.lock:
-            self.failures[addr].append(time.monotonic())
+            for key in keys:
+                self.failures[key].append(time.monotonic())
 
-    def clear(self, addr: str) -> None:
+    def clear(self, *keys: str) -> None:
         with self.lock:
-            self.failures.pop(addr, None)
+            for key in keys:
+                self.failures.pop(key, None)
+
+
+@dataclass
+class SessionRegistry:
+    """Sessions the server considers open. The cookie is signed, so without this a
+    copied cookie would keep working after logout until it expired; with it, logout
+    (and a console restart) ends the session on the server: an old cookie names a
+    session id that is no longer here."""
+
+    lifetime_s: float
+    open_: dict[str, tuple[str, float]] = field(default_factory=dict)  # sid -> (reviewer, expiry)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self, reviewer: str) -> str:
+        sid = secrets.token_urlsafe(32)
+        with self.lock:
+            now = time.monotonic()
+            self.open_ = {k: v for k, v in self.open_.items() if v[1] > now}
+            self.open_[sid] = (reviewer, now + self.lifetime_s)
+        return sid
+
+    def valid(self, sid: Any, reviewer: Any) -> bool:
+        with self.lock:
+            hit = self.open_.get(sid) if isinstance(sid, str) else None
+            return hit is not None and hit[0] == reviewer and hit[1] > time.monotonic()
+
+    def end(self, sid: Any) -> None:
+        with self.lock:
+            if isinstance(sid, str):
+                self.open_.pop(sid, None)
 
 
 class ConsoleState:
@@ -102,6 +146,7 @@ class ConsoleState:
         self.metrics = metrics
         self.publisher = publisher
         self.throttle = LoginThrottle()
+        self.sessions = SessionRegistry(settings.session_hours * 3600)
         self._breached: set[str] = set()
         self._lock = threading.Lock()
         self._infos: dict[str, ModelInfo] = {}
@@ -215,7 +260,8 @@ def create_app(settings: ReviewSettings, *, metrics: Any = "default", publisher=
     def login_required(view):
         @wraps(view)
         def wrapped(*args, **kwargs):
-            if not session.get("reviewer"):
+            if not session.get("reviewer") or not state.sessions.valid(session.get("sid"), session["reviewer"]):
+                session.clear()
                 if request.method == "GET":
                     return redirect(url_for("login", next=request.full_path.rstrip("?")))
                 abort(401)
@@ -226,7 +272,8 @@ def create_app(settings: ReviewSettings, *, metrics: Any = "default", publisher=
 
     @app.context_processor
     def _common():
-        return {"reviewer": session.get("reviewer"), "logout_form": LogoutForm(), "verdict_labels": rq.VERDICTS}
+        who = session.get("reviewer")
+        return {"reviewer": who if state.sessions.valid(session.get("sid"), who) else None, "logout_form": LogoutForm(), "verdict_labels": rq.VERDICTS}
 
     @app.errorhandler(CSRFError)
     def _csrf(e: CSRFError):
@@ -247,20 +294,23 @@ def create_app(settings: ReviewSettings, *, metrics: Any = "default", publisher=
         addr = request.remote_addr or "unknown"
         status = 200
         if form.validate_on_submit():
-            if state.throttle.locked(addr):
-                flash("Too many failed logins from this address; try again in a few minutes.", "error")
+            keys = (f"addr:{addr}", f"user:{form.username.data}")
+            if state.throttle.locked(*keys):
+                flash("Too many failed logins for this reviewer or from this address; try again in a few minutes.",
+                      "error")
                 return render_template("login.html", form=form), 429
             who = settings.credentials.authenticate(form.username.data, form.password.data)
             if who is None:
-                state.throttle.fail(addr)
+                state.throttle.fail(*keys)
                 log.warning("review console: failed login for %r from %s", form.username.data, addr)
                 flash("Wrong reviewer name or password.", "error")
                 status = 401
             else:
-                state.throttle.clear(addr)
+                state.throttle.clear(*keys)
                 session.clear()
                 session.permanent = True
                 session["reviewer"] = who
+                session["sid"] = state.sessions.start(who)
                 session["login_at"] = rq.rfc3339(rq.now_utc())
                 log.info("review console: %s logged in from %s", who, addr)
                 return redirect(_safe_next(request.args.get("next")))
@@ -271,6 +321,7 @@ def create_app(settings: ReviewSettings, *, metrics: Any = "default", publisher=
     @app.post("/logout")
     @login_required
     def logout():
+        state.sessions.end(session.get("sid"))
         session.clear()
         flash("Logged out.", "info")
         return redirect(url_for("login"))

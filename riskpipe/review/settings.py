@@ -27,12 +27,13 @@ from __future__ import annotations
 import hmac
 import os
 import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from werkzeug.security import check_password_hash
+from werkzeug.security import check_password_hash, generate_password_hash
 
 from riskpipe.kafka_clients import KafkaSettings
 
@@ -69,6 +70,8 @@ class Credentials:
 
     users: dict[str, str] = field(default_factory=dict)
     shared: str | None = None
+    # a hash of a random password in the users' hash method: what an unknown name is checked against
+    _dummy_hash: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.users and not self.shared:
@@ -83,20 +86,35 @@ class Credentials:
                 raise SettingsError(f"review.users: {name!r} is not a valid reviewer name (letters, digits, . _ @ -)")
             if not secret.startswith(_HASH_PREFIXES):
                 _check_password(f"review.users.{name}", secret)
+        methods = [s.split("$", 1)[0] for s in self.users.values() if s.startswith(_HASH_PREFIXES)]
+        if methods:
+            object.__setattr__(self, "_dummy_hash", generate_password_hash(secrets.token_urlsafe(16), method=methods[0]))
 
     def authenticate(self, name: str, password: str) -> str | None:
         """The reviewer's name when ``password`` is right for ``name``, else None.
 
         A configured user can log in only with their own password, never with the
         shared one, so the shared password cannot be used to act as a named reviewer.
+
+        Every attempt costs the same, whether ``name`` exists or not: exactly one
+        password-hash verification (the user's own hash, or a dummy hash made with the
+        configured users' hash method), the shared password's check and constant-time
+        compares, so the response
+        time does not tell an attacker which reviewer names exist.
         """
         if not isinstance(name, str) or not isinstance(password, str) or not REVIEWER_NAME_RE.match(name):
+            name, password = "", password if isinstance(password, str) else ""
+        secret = self.users.get(name)
+        hashed = secret if secret is not None and secret.startswith(_HASH_PREFIXES) else self._dummy_hash
+        hash_ok = check_password_hash(hashed, password) if hashed else False
+        plain_ok = hmac.compare_digest((secret or "").encode("utf-8"), password.encode("utf-8"))
+        shared_ok = self.shared is not None and _matches(self.shared, password)  # checked on every path
+        if not name:
             return None
-        if name in self.users:
-            return name if _matches(self.users[name], password) else None
-        if self.shared is not None and _matches(self.shared, password):
-            return name
-        return None
+        if secret is not None:
+            own_ok = hash_ok if hashed is secret else plain_ok
+            return name if own_ok else None
+        return name if shared_ok else None
 
 
 def _check_password(what: str, secret: str) -> None:
