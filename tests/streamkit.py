@@ -125,19 +125,6 @@ class StageThread:
         assert not self.thread.is_alive()
 
 
-def tiny_cnn(directory, shape=(3, 32, 32), classes: int = 5, seed: int = 0) -> str:
-    """A small TorchScript CNN on ``shape`` inputs saved under ``directory``: a user's
-    model that is not the 8x8 digits demo. Returns its model spec."""
-    import torch
-
-    torch.manual_seed(seed)
-    m = torch.nn.Sequential(torch.nn.Conv2d(shape[0], 4, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(4),
-                            torch.nn.Flatten(), torch.nn.Linear(64, classes)).eval()
-    path = os.path.join(str(directory), "cnn.pt")
-    torch.jit.trace(m, torch.zeros((1, *shape))).save(path)
-    return f"{path}?shape={','.join(map(str, shape))}"
-
-
 def policy_with(directory, base: str = "default", **changes) -> str:
     """A copy of a shipped policy with top-level sections replaced (e.g. a cheaper certifier)."""
     import yaml

@@ -11,23 +11,27 @@ import numpy as np
 import pytest
 
 from riskpipe.ledger import Ledger, LedgerError
+from riskpipe.ledger.sqlite import SqliteLedger
 from riskpipe.stream.config import load_config
 from riskpipe.stream.events import make_event
 from riskpipe.stream.io import JsonlSink, JsonlSource, Message
 from riskpipe.stream.offline import run_offline
 from riskpipe.stream.stage import Stage
-from streamkit import policy_with, tiny_cnn
+from streamkit import policy_with
+from usermodels import image_model
 
 
 @pytest.fixture(scope="module")
 def cnn(tmp_path_factory):
-    from riskpipe.policy import load_policy
-    from riskpipe.stream.pipeline import Pipeline
+    """A user's 3x32x32 TorchScript CNN under a cheap smoothing policy (few samples)."""
+    from riskpipe.compose import build_pipeline
 
     d = tmp_path_factory.mktemp("cnn")
-    policy = load_policy(policy_with(d, certifier={"method": "smoothing", "mode": "decide", "sigma": 0.25,
-                                                   "alpha": 0.01, "max_samples": 200}))
-    return Pipeline(policy, {"cnn": tiny_cnn(d)}, context=False)
+    policy = policy_with(d, certifier={"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01,
+                                       "max_samples": 200})
+    um = image_model(d)
+    return build_pipeline(load_config(None, models={"cnn": um.spec}, references={"cnn": str(um.data)},
+                                      policy=policy))
 
 
 def cnn_events(n, prefix, seed=0):
@@ -93,7 +97,7 @@ def test_a_record_that_cannot_be_serialised_or_recorded_is_that_events_failure(t
     assert dict(res.stats.dlq) == {"internal_error": 2}
 
 
-class RefusingLedger(Ledger):
+class RefusingLedger(SqliteLedger):
     """A ledger that refuses the decision row of some ids (as it would a malformed row)."""
     refuse: set = set()
 
@@ -120,7 +124,7 @@ def test_nothing_is_published_for_an_event_whose_ledger_row_fails(tmp_path, cnn)
     assert msg.startswith("ledger: LedgerError")
 
 
-class BrokenLedger(Ledger):
+class BrokenLedger(SqliteLedger):
     def append_entries(self, entries):
         entries = list(entries)
         if any(kind != "policy" for kind, _, _ in entries):
