@@ -139,3 +139,33 @@ def policy_with(directory, base: str = "default", **changes) -> str:
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(data, f)
     return path
+
+
+def poisoned_tabular_pipeline(directory, poison_prefix: str = "poison"):
+    """A user's tabular skops model (wine, 13 raw features) under a cheap smoothing policy,
+    whose model raises for events whose id starts with ``poison_prefix`` (a poison event
+    the validator cannot see). Returns (pipeline, the reference rows)."""
+    from riskpipe.compose import build_pipeline
+    from riskpipe.stream.config import load_config
+    from usermodels import tabular_model
+
+    um = tabular_model(directory)
+    policy = policy_with(directory, certifier={"method": "smoothing", "mode": "decide", "sigma": 0.25,
+                                               "alpha": 0.01, "max_samples": 200})
+    pipe = build_pipeline(load_config(None, models={"wine": um.spec}, references={"wine": str(um.data)},
+                                      policy=policy))
+    real = pipe.process
+
+    def process(events, sources):
+        for ev in events:
+            if ev.id.startswith(poison_prefix):
+                raise ArithmeticError(f"model blew up on {ev.id}")
+        return real(events, sources)
+
+    pipe.process = process
+    return pipe, np.load(um.data)["X"]
+
+
+def tabular_event(eid: str, x, **extra) -> dict:
+    return {"id": eid, "model": "wine", "inputs": [{"name": "x", "shape": [1, len(x)], "datatype": "FP32",
+                                                    "data": [float(v) for v in x]}], "upstream_risk": 0.2, **extra}

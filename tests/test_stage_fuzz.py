@@ -21,8 +21,7 @@ from riskpipe.stream.config import load_config
 from riskpipe.stream.io import JsonlSink, Message
 from riskpipe.stream.offline import run_offline
 from riskpipe.stream.stage import Stage
-from streamkit import policy_with
-from usermodels import tabular_model
+from streamkit import poisoned_tabular_pipeline, tabular_event as event
 
 HUGE = "7" * 5000  # beyond Python's 4,300-digit int() limit
 POISON = "poison"  # ids with this prefix make the model raise
@@ -36,30 +35,7 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def wine(tmp_path_factory):
-    from riskpipe.compose import build_pipeline
-
-    d = tmp_path_factory.mktemp("wine")
-    um = tabular_model(d)
-    policy = policy_with(d, certifier={"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01,
-                                       "max_samples": 200})
-    pipe = build_pipeline(load_config(None, models={"wine": um.spec}, references={"wine": str(um.data)},
-                                      policy=policy))
-    real = pipe.process
-
-    def process(events, sources):
-        for ev in events:
-            if ev.id.startswith(POISON):
-                raise ArithmeticError(f"model blew up on {ev.id}")
-        return real(events, sources)
-
-    pipe.process = process
-    X = np.load(um.data)["X"]
-    return pipe, X
-
-
-def event(eid, x, **extra) -> dict:
-    return {"id": eid, "model": "wine", "inputs": [{"name": "x", "shape": [1, 13], "datatype": "FP32",
-                                                    "data": [float(v) for v in x]}], "upstream_risk": 0.2, **extra}
+    return poisoned_tabular_pipeline(tmp_path_factory.mktemp("wine"), POISON)
 
 
 @st.composite
