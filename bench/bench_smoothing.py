@@ -26,29 +26,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import table, write_results  # noqa: E402
+from common import best_forward, table, write_results  # noqa: E402
 
 from riskpipe.certify.smoothing import Smoothing  # noqa: E402
 from riskpipe.models import load_model  # noqa: E402
 from riskpipe.models.digits import load_split  # noqa: E402
 
 SIGMA, ALPHA, EPS = 0.25, 0.001, 0.25
-
-
-def best_forward(model, batch_sizes=(256, 1024, 4096, 16384), seconds: float = 1.5) -> tuple[float, int]:
-    """Best raw samples/s of model.predict_torch over batch sizes (noise-free inputs)."""
-    best = (0.0, 0)
-    for bs in batch_sizes:
-        x = torch.rand((bs,) + model.input_shape)
-        for _ in range(3):
-            model.predict_torch(x)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            model.predict_torch(x)
-            n += bs
-        rate = n / (time.perf_counter() - t0)
-        best = max(best, (rate, bs))
-    return best
 
 
 def decide(model, X, budget, batch_size=4096):

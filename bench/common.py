@@ -48,3 +48,21 @@ def rss_mb(field: str = "VmRSS") -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(field)
+
+
+def best_forward(model, batch_sizes=(256, 1024, 4096, 16384), seconds: float = 1.5) -> tuple[float, int]:
+    """Best raw samples/s of model.predict_torch over batch sizes (noise-free inputs), and that batch size."""
+    import torch
+
+    best = (0.0, 0)
+    for bs in batch_sizes:
+        x = torch.rand((bs,) + model.input_shape)
+        for _ in range(3):
+            model.predict_torch(x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            model.predict_torch(x)
+            n += bs
+        rate = n / (time.perf_counter() - t0)
+        best = max(best, (rate, bs))
+    return best
