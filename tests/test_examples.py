@@ -70,3 +70,18 @@ def test_tabular_build_reproduces_the_committed_model(tmp_path):
     assert len(ref["feature_names"]) == 30 and ref["feature_names"][0] == "mean radius"
     assert load_model(str(tmp_path / "model.skops")).meta["feature_names"] == list(ref["feature_names"])
 
+
+
+def test_example_policies_are_the_default_policy_with_their_own_threat_model():
+    """Kept in step with policies/default.yaml: only the name, descriptions and threat model differ."""
+    import yaml
+
+    from riskpipe.stream.config import default_policy_path
+
+    base = yaml.safe_load(Path(default_policy_path()).read_text())
+    for name in ("image", "tabular"):
+        pol = yaml.safe_load((EXAMPLES / name / "policy.yaml").read_text())
+        for key in set(base) | set(pol):
+            if key not in ("metadata", "threat_model"):
+                assert pol.get(key) == base.get(key), (name, key)
+        assert pol["threat_model"]["norm"] == "l2" and pol["threat_model"]["epsilon"] == 0.25
