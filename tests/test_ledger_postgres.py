@@ -239,3 +239,25 @@ def test_a_newer_schema_is_refused(tmp_path):
     db.close()
     with pytest.raises(LedgerError, match="schema version 9 is newer than this riskpipe supports"):
         Ledger(path)
+
+
+def test_policy_diff_reads_a_postgresql_ledger(pg_url):
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from riskpipe.cli.policy_cmd import policy
+
+    root = Path(__file__).resolve().parents[1]
+    data = root / "tests" / "data" / "policies" / "records.jsonl"
+    with open_ledger(pg_url) as led:
+        for line in data.read_text().splitlines():
+            rec = json.loads(line)
+            led.append(rec, kind="decision", entry_id=rec["id"])
+    args = ["diff", str(root / "policies/default.yaml"), str(root / "policies/strict.yaml"), "--json", "--ledger"]
+    from_pg = CliRunner().invoke(policy, [*args, pg_url])
+    from_file = CliRunner().invoke(policy, [*args, str(data)])
+    assert from_pg.exit_code == 0, from_pg.output
+    assert json.loads(from_pg.output) == json.loads(from_file.output) and json.loads(from_pg.output)["records"] == 5
+    bad = CliRunner().invoke(policy, [*args, "mysql://x@h/db"])
+    assert bad.exit_code == 2 and "unknown scheme 'mysql'" in bad.output

@@ -15,6 +15,42 @@ from riskpipe.ledger.chain import LedgerError
 
 Step = tuple[int, list[str]]
 
+def chain_tables(int_type: str) -> list[str]:
+    """Schema 1's tables, the same on every backend but for the integer type
+    (SQLite: INTEGER, so ``seq`` is the rowid; PostgreSQL: BIGINT)."""
+    return [
+        f"""CREATE TABLE IF NOT EXISTS entries (
+            seq       {int_type} PRIMARY KEY,
+            kind      TEXT NOT NULL,
+            entry_id  TEXT NOT NULL,
+            ts        TEXT,
+            record    TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash      TEXT NOT NULL,
+            UNIQUE (kind, entry_id))""",
+        "CREATE INDEX IF NOT EXISTS entries_kind_ts ON entries (kind, ts)",
+        f"""CREATE TABLE IF NOT EXISTS chain_state (
+            id    INTEGER PRIMARY KEY CHECK (id = 1),
+            count {int_type} NOT NULL,
+            head  TEXT NOT NULL)""",
+    ]
+
+
+def checkpoint_tables(id_column: str, int_type: str) -> list[str]:
+    """Schema 2's signed-checkpoint table and the entry-id index."""
+    return [
+        f"""CREATE TABLE checkpoints (
+            {id_column},
+            count      {int_type} NOT NULL,
+            head       TEXT NOT NULL,
+            ts         TEXT NOT NULL,
+            key_id     TEXT NOT NULL,
+            public_key TEXT NOT NULL,
+            signature  TEXT NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS entries_entry_id ON entries (entry_id)",
+    ]
+
+
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
 
 

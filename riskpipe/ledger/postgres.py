@@ -32,7 +32,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from riskpipe.ledger.chain import GENESIS, LedgerError
-from riskpipe.ledger.migrations import Step, migrate
+from riskpipe.ledger.migrations import Step, chain_tables, checkpoint_tables, migrate
 from riskpipe.ledger import redact
 from riskpipe.ledger.store import Ledger
 
@@ -42,35 +42,14 @@ BEGIN RAISE EXCEPTION 'ledger is append-only (% on %)', TG_OP, TG_TABLE_NAME; EN
 
 STEPS: list[Step] = [
     (1, [
-        """CREATE TABLE entries (
-            seq       BIGINT PRIMARY KEY,
-            kind      TEXT NOT NULL,
-            entry_id  TEXT NOT NULL,
-            ts        TEXT,
-            record    TEXT NOT NULL,
-            prev_hash TEXT NOT NULL,
-            hash      TEXT NOT NULL,
-            UNIQUE (kind, entry_id))""",
-        "CREATE INDEX entries_kind_ts ON entries (kind, ts)",
-        """CREATE TABLE chain_state (
-            id    INTEGER PRIMARY KEY CHECK (id = 1),
-            count BIGINT NOT NULL,
-            head  TEXT NOT NULL)""",
+        *chain_tables("BIGINT"),
         f"INSERT INTO chain_state (id, count, head) VALUES (1, 0, '{GENESIS}')",
         _REFUSE,
         "CREATE TRIGGER entries_no_change BEFORE UPDATE OR DELETE ON entries FOR EACH ROW EXECUTE FUNCTION riskpipe_append_only()",
         "CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON entries FOR EACH STATEMENT EXECUTE FUNCTION riskpipe_append_only()",
     ]),
     (2, [
-        """CREATE TABLE checkpoints (
-            id         BIGSERIAL PRIMARY KEY,
-            count      BIGINT NOT NULL,
-            head       TEXT NOT NULL,
-            ts         TEXT NOT NULL,
-            key_id     TEXT NOT NULL,
-            public_key TEXT NOT NULL,
-            signature  TEXT NOT NULL)""",
-        "CREATE INDEX entries_entry_id ON entries (entry_id)",
+        *checkpoint_tables("id BIGSERIAL PRIMARY KEY", "BIGINT"),
         "CREATE TRIGGER checkpoints_no_change BEFORE UPDATE OR DELETE ON checkpoints FOR EACH ROW EXECUTE FUNCTION riskpipe_append_only()",
         "CREATE TRIGGER checkpoints_no_truncate BEFORE TRUNCATE ON checkpoints FOR EACH STATEMENT EXECUTE FUNCTION riskpipe_append_only()",
     ]),

@@ -13,25 +13,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from riskpipe.ledger.chain import GENESIS, LedgerError
-from riskpipe.ledger.migrations import Step, migrate
+from riskpipe.ledger.migrations import Step, chain_tables, checkpoint_tables, migrate
 from riskpipe.ledger.store import Ledger
 
 STEPS: list[Step] = [
     (1, [  # riskpipe 0.1
-        """CREATE TABLE IF NOT EXISTS entries (
-            seq       INTEGER PRIMARY KEY,
-            kind      TEXT NOT NULL,
-            entry_id  TEXT NOT NULL,
-            ts        TEXT,
-            record    TEXT NOT NULL,
-            prev_hash TEXT NOT NULL,
-            hash      TEXT NOT NULL,
-            UNIQUE (kind, entry_id))""",
-        "CREATE INDEX IF NOT EXISTS entries_kind_ts ON entries (kind, ts)",
-        """CREATE TABLE IF NOT EXISTS chain_state (
-            id    INTEGER PRIMARY KEY CHECK (id = 1),
-            count INTEGER NOT NULL,
-            head  TEXT NOT NULL)""",
+        *chain_tables("INTEGER"),
         f"INSERT OR IGNORE INTO chain_state (id, count, head) VALUES (1, 0, '{GENESIS}')",
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
         """CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
@@ -39,16 +26,8 @@ STEPS: list[Step] = [
         """CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
             BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
     ]),
-    (2, [  # signed checkpoints; entry ids looked up without the kind (cross-kind de-duplication query)
-        """CREATE TABLE checkpoints (
-            id         INTEGER PRIMARY KEY,
-            count      INTEGER NOT NULL,
-            head       TEXT NOT NULL,
-            ts         TEXT NOT NULL,
-            key_id     TEXT NOT NULL,
-            public_key TEXT NOT NULL,
-            signature  TEXT NOT NULL)""",
-        "CREATE INDEX IF NOT EXISTS entries_entry_id ON entries (entry_id)",
+    (2, [  # signed checkpoints; entry ids looked up without the kind (the de-duplication query)
+        *checkpoint_tables("id INTEGER PRIMARY KEY", "INTEGER"),
         """CREATE TRIGGER checkpoints_no_update BEFORE UPDATE ON checkpoints
             BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
         """CREATE TRIGGER checkpoints_no_delete BEFORE DELETE ON checkpoints
