@@ -93,7 +93,10 @@ def test_same_seed_same_figures_through_the_cli_and_reports(run, tmp_path):
     assert "| default v1.0.0 | PGD | l2 1 (4x) |" in md and "(figures/default-routes.png)" in md
     assert (out / "figures" / "default-routes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (out / "evaluation.html").read_text(encoding="utf-8")
-    assert html.count("data:image/png;base64,") == 4
+    examples = result["policies"][0]["examples"]  # 4x epsilon succeeds: adversarial inputs beside clean ones
+    assert 1 <= len(examples) <= 3 and all(e["adversarial_prediction"] != e["label"] for e in examples)
+    assert html.count("data:image/png;base64,") == 4 + 2 * len(examples)
+    assert html.count('class="input-image"') == 2 * len(examples)
     written = write_report(result, tmp_path / "json-only", ("json",))
     assert [p.name for p in written] == ["evaluation.json"]
 

@@ -91,7 +91,7 @@ def _evaluate(tmp_path, example: str, model: str, *extra):
     r = CliRunner().invoke(cli, ["evaluate", "--config", f"{root}/riskpipe.yaml", "--model", model,
                                  "--data", f"{root}/reference.npz", "--policy", f"{root}/policy.yaml",
                                  "--n", "8", "--budgets", "8x", "--shift-budgets", "1x", "--attempts", "2",
-                                 "--out", str(tmp_path), "--format", "json,md", *extra])
+                                 "--out", str(tmp_path), "--format", "json,md,html", *extra])
     assert r.exit_code == 0, r.output
     return json.loads((tmp_path / "evaluation.json").read_text()), (tmp_path / "evaluation.md").read_text()
 
@@ -104,6 +104,9 @@ def test_evaluate_a_torchscript_image_model_with_pgd(tmp_path, one_thread):
     pgd = next(a for a in s["attacks"] if a["kind"] == "pgd")
     assert pgd["epsilon"] == pytest.approx(8 * 0.25) and pgd["successful"] >= 1  # 8x epsilon breaks this CNN
     assert "PGD 5 steps" in md and "--config examples/image/riskpipe.yaml" in md
+    html = (tmp_path / "evaluation.html").read_text()
+    assert s["examples"] and html.count('class="input-image"') == 2 * len(s["examples"])
+    assert any(f"model now says {n} (class {i})" in html for i, n in enumerate(["circle", "square", "triangle", "cross"]))
 
 
 def test_evaluate_a_scaled_skops_model_with_the_black_box_attack(tmp_path):
@@ -114,6 +117,11 @@ def test_evaluate_a_scaled_skops_model_with_the_black_box_attack(tmp_path):
     pgd = next(a for a in s["attacks"] if a["kind"] == "pgd")
     assert pgd["attempted"] >= 6 and pgd["successful"] >= 1  # 8x epsilon in the standardized norm
     assert "random search (black-box) attack (100 queries per input; the model has no gradients for PGD)" in md
+    # the successful adversarial rows beside the clean ones, as tables named by the skops file's features
+    html = (tmp_path / "evaluation.html").read_text()
+    assert 1 <= len(s["examples"]) <= 3 and html.count('class="input-table"') == 2 * len(s["examples"])
+    assert "<td>mean radius</td>" in html
+    assert any(f"model now says {n} (class {i})" in html for i, n in enumerate(["malignant", "benign"]))
 
 
 def test_evaluate_names_a_model_missing_from_the_config(tmp_path):

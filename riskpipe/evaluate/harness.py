@@ -288,8 +288,28 @@ def summarize(run: PolicyRun, settings: Settings) -> dict:
         "policy": run.policy,
         "clean": metrics.clean_metrics(clean, run.audit, run.dlq_ids),
         "attacks": attacks,
+        "examples": adversarial_examples(clean, [s for s in run.sets[1:] if s.kind == "pgd"], run.audit),
         "elapsed_s": round(run.elapsed_s, 2),
     }
+
+
+EXAMPLES = 3
+
+
+def adversarial_examples(clean: SampleSet, attacked: list[SampleSet], audit: dict[str, dict]) -> list[dict]:
+    """Up to ``EXAMPLES`` successful adversarial inputs of the largest threat-norm budget
+    (allowed ones first: Theorem 1 made visible), each beside its clean input, for the
+    report's pictures or tables."""
+    if not attacked:
+        return []
+    s = max(attacked, key=lambda a: a.attack.epsilon)
+    hits = [i for i in range(len(s.ids)) if clean.pred[i] == clean.y[i] and s.pred[i] != s.y[i] and s.ids[i] in audit]
+    hits.sort(key=lambda i: audit[s.ids[i]].get("decision") != "allow")  # stable: allowed first, then input order
+    return [{"id": s.ids[i], "attack": s.attack.name, "label": int(s.y[i]), "adversarial_prediction": int(s.pred[i]),
+             "decision": audit[s.ids[i]].get("decision"),
+             "certified": (audit[s.ids[i]].get("certificate") or {}).get("certified"),
+             "shape": list(s.X.shape[1:]), "clean": clean.X[i].ravel().tolist(),
+             "adversarial": s.X[i].ravel().tolist()} for i in hits[:EXAMPLES]]
 
 
 def run_evaluation(settings: Settings, workdir: str | Path, progress=None) -> dict:

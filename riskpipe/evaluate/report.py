@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from riskpipe.evaluate import plots
-from riskpipe.render import b64, environment, pct
+from riskpipe.render import b64, class_name, entry_info, environment, input_view, pct
 
 FORMATS = ("html", "md", "json")
 
@@ -85,9 +85,30 @@ def render_markdown(result: dict, figure_dir: str | None = "figures", figure_nam
                                                           figure_names=list(figure_names))
 
 
+def example_views(result: dict) -> dict[str, list[dict]]:
+    """Per policy, its adversarial examples drawn beside their clean inputs (riskpipe.render),
+    with class names from the evaluated model entry's labels."""
+    from riskpipe.evaluate.harness import Settings, model_entry
+
+    settings = result["settings"]
+    entry = model_entry(Settings(model=settings["model"], config=settings.get("config"))) \
+        if settings.get("config") else {"spec": settings["model"]}
+    info = entry_info(entry)
+    out = {}
+    for s in result["policies"]:
+        out[s["policy"]["name"]] = [
+            {**e, "clean_view": input_view(e["clean"], e["shape"], info),
+             "adversarial_view": input_view(e["adversarial"], e["shape"], info),
+             "label_name": class_name(e["label"], info.labels),
+             "adversarial_name": class_name(e["adversarial_prediction"], info.labels)}
+            for e in s.get("examples", [])]
+    return out
+
+
 def render_html(result: dict, figs: dict[str, bytes]) -> str:
     embedded = {k: b64(v) for k, v in figs.items()}
-    return environment("riskpipe.evaluate").get_template("evaluation.html.j2").render(r=result, t=tables(result), figures=embedded)
+    return environment("riskpipe.evaluate").get_template("evaluation.html.j2").render(
+        r=result, t=tables(result), figures=embedded, examples=example_views(result))
 
 
 def write_report(result: dict, out_dir: str | Path, formats=FORMATS) -> list[Path]:

@@ -10,6 +10,7 @@ edges. A 1-D input is a tabular row, shown as a table of feature name and value.
 from __future__ import annotations
 
 import io
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from PIL import Image
 
 from riskpipe.render.figures import data_uri
 
+log = logging.getLogger("riskpipe.render")
 TARGET_PIXELS = 224  # displayed size of the longer side; small images are upscaled by a whole factor
 
 
@@ -73,6 +75,28 @@ def model_info(entry: Any = None, model: Any = None) -> ModelInfo:
             value_range = (float(mr[0]), float(mr[1]))
         names = names or _names((getattr(model, "meta", None) or {}).get("feature_names"))
     return ModelInfo(labels=_names(e.get("labels")), feature_names=names, value_range=value_range)
+
+
+TABULAR_FILES = (".skops", ".onnx")
+
+
+def entry_info(entry: Any) -> ModelInfo:
+    """``model_info`` of a config entry; a tabular model file (.skops, .onnx) whose entry
+    names no features is loaded for the names it carries itself (skops' ``feature_names_in_``).
+    A file that cannot be loaded here leaves the names unknown (tables show positions)."""
+    info = model_info(entry)
+    spec = entry if isinstance(entry, str) else (
+        entry.get("spec") if isinstance(entry, dict) else getattr(entry, "spec", None))
+    if info.feature_names is not None or not isinstance(spec, str) or \
+            not spec.partition("?")[0].lower().endswith(TABULAR_FILES):
+        return info
+    from riskpipe.models import ModelError, load_model
+
+    try:
+        return model_info(entry, load_model(spec))
+    except (ModelError, OSError, ImportError) as e:
+        log.warning("model %s not loaded for its feature names: %s", spec, e)
+        return info
 
 
 def class_name(class_id: Any, labels: tuple[str, ...] | list[str] | None) -> str:

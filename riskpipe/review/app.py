@@ -40,7 +40,7 @@ from wtforms.validators import DataRequired, Length, Regexp
 
 from riskpipe.ledger import Ledger
 from riskpipe.review import queue as rq
-from riskpipe.render import ModelInfo, class_name, model_info, record_view
+from riskpipe.render import ModelInfo, class_name, entry_info, record_view
 from riskpipe.review.render import split_controls
 from riskpipe.review.settings import REVIEWER_NAME_RE, ReviewSettings
 
@@ -161,14 +161,7 @@ class ConsoleState:
             return ModelInfo()
         with self._lock:
             if name not in self._infos:
-                entry = self.settings.models[name]
-                info = model_info(entry)
-                spec = entry if isinstance(entry, str) else getattr(entry, "spec", None) or (
-                    entry.get("spec") if isinstance(entry, dict) else None)
-                if info.feature_names is None and isinstance(spec, str) and \
-                        spec.partition("?")[0].lower().endswith((".skops", ".onnx")):
-                    info = model_info(entry, _load_quietly(spec))
-                self._infos[name] = info
+                self._infos[name] = entry_info(self.settings.models[name])
             return self._infos[name]
 
     def note_queue(self, items: list[rq.QueueItem]) -> None:
@@ -194,17 +187,6 @@ class ConsoleState:
             return
         with Ledger(self.settings.ledger) as ledger:
             self.note_queue(rq.pending(ledger))
-
-
-def _load_quietly(spec: str):
-    """The model, or None when it cannot be loaded here (the page then shows positions)."""
-    from riskpipe.models import ModelError, load_model
-
-    try:
-        return load_model(spec)
-    except (ModelError, OSError, ImportError) as e:
-        log.warning("review console: model %s not loaded for its feature names: %s", spec, e)
-        return None
 
 
 def default_metrics():
