@@ -261,3 +261,15 @@ def test_policy_diff_reads_a_postgresql_ledger(pg_url):
     assert json.loads(from_pg.output) == json.loads(from_file.output) and json.loads(from_pg.output)["records"] == 5
     bad = CliRunner().invoke(policy, [*args, "mysql://x@h/db"])
     assert bad.exit_code == 2 and "unknown scheme 'mysql'" in bad.output
+
+
+def test_a_dropped_connection_is_reopened(pg_url):
+    with open_ledger(pg_url) as led:
+        led.append_many(records(3))
+        with psycopg.connect(pg_url, autocommit=True) as admin:  # as a server restart or failover would
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        with pytest.raises(psycopg.OperationalError):
+            led.append(records(1, 3)[0])  # the transaction in flight when the server went away fails
+        assert led.append(records(1, 3)[0]) is True  # the next one reconnects
+        assert led.reconnects == 1 and led.verify().ok and led.count() == 4

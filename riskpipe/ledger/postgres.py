@@ -94,14 +94,10 @@ class PostgresLedger(Ledger):
         self.path = None  # no file: readers that need one (the review queue's fast path) check this
         self._init_lock()
         self._db = None
-        self._psycopg = psycopg
+        self.timeout = timeout
+        self.reconnects = 0
+        self._db = self._connect()
         try:
-            conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, int(timeout)))
-        except psycopg.Error as e:
-            raise LedgerError(f"ledger {redact(self.dsn)}: cannot connect ({str(e).strip().splitlines()[0]})") from None
-        self._db = _Conn(conn)
-        try:
-            conn.execute(f"SET lock_timeout = {int(timeout * 1000)}")
             if not create and not _has_table(self._db, "entries"):
                 raise LedgerError(f"ledger {redact(self.dsn)}: the database holds no ledger (no entries table)")
             with self._write() as db:
@@ -112,6 +108,28 @@ class PostgresLedger(Ledger):
         except LedgerError:
             self.close()
             raise
+
+    def _connect(self) -> _Conn:
+        import psycopg
+
+        try:
+            conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, int(self.timeout)))
+            conn.execute(f"SET lock_timeout = {int(self.timeout * 1000)}")
+        except psycopg.Error as e:
+            raise LedgerError(f"ledger {redact(self.dsn)}: cannot connect ({str(e).strip().splitlines()[0]})") from None
+        return _Conn(conn)
+
+    @contextmanager
+    def _conn(self):
+        """The connection, re-opened first if the server dropped it (a restart, a failover):
+        the transaction that was running when it went fails; the next one reconnects."""
+        with self._lock:
+            if self._db is None:
+                raise LedgerError(f"{self}: ledger is closed")
+            if self._db.conn.broken or self._db.conn.closed:
+                self._db = self._connect()
+                self.reconnects += 1
+            yield self._db
 
     @contextmanager
     def _write(self):
