@@ -185,6 +185,11 @@ class StageMetrics:
             "Certificates by method and outcome (certified in the threat model, "
             "abstained, or radius below the threat epsilon).",
             ["method", "outcome"], registry=r)
+        self.certify_deadline = Counter(
+            f"{p}_certify_deadline_total",
+            "Inputs whose certification stopped at the policy's latency budget (max_latency_ms), "
+            "treated as not certified.",
+            ["method"], registry=r)
         self.radius = Histogram(
             f"{p}_certified_radius",
             "Certified radius converted to the policy's threat-model norm (Theorem 2); "
@@ -274,6 +279,8 @@ class StageMetrics:
         cert = record.get("certificate") or {}
         method = _label(cert.get("method"))
         self.certificates.labels(method, certificate_outcome(cert)).inc()
+        if cert.get("reason") == "deadline":
+            self.certify_deadline.labels(method).inc()
         radius = _number(cert.get("radius_threat"))
         if radius is not None and not cert.get("abstained"):
             norm = cert.get("threat_norm") or cert.get("norm")

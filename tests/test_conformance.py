@@ -40,7 +40,7 @@ def cnn():
         opt.step()
     module.eval()
     model = Model(spec="test:cnn3x8x8", input_shape=(3, 8, 8), num_classes=3, sha256=sha256_state_dict(module),
-                  module=module)
+                  module=module, value_range=(0.0, 1.0))
     return model, _data(6, 2)[0]
 
 

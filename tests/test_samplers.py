@@ -84,7 +84,7 @@ def test_off_grid_input_is_refused_with_coordinate_and_value():
 
 def test_declared_grid_for_tabular_inputs_and_unbounded_range_needs_one():
     m = _cnn_model(shape=(13,), value_range=(-np.inf, np.inf))
-    with pytest.raises(ValueError, match="grid_step: the model's value range is unbounded"):
+    with pytest.raises(ValueError, match="grid_step: the model's value range is undeclared, per feature or unbounded"):
         family("smoothing")(m, sigma=0.5, sampler="sound")
     s = family("smoothing")(m, sigma=0.5, sampler="sound", grid_step=0.01, n0=10, n=100)
     X = np.round(np.random.default_rng(1).normal(0, 3, (2, 13)), 2).astype(np.float32)
@@ -124,8 +124,8 @@ def test_pipeline_sends_off_grid_events_to_the_dlq_reason(tmp_path):
     pol = parse_policy(text, "sound.yaml")
     m = _cnn_model()
     pipe = Pipeline.__new__(Pipeline)
-    pipe.policy = pol
-    pipe.entries = {"cnn": ModelEntry("cnn", m, certifier_for_policy(m, pol), 0.25, None)}
+    pipe.entries = {"cnn": ModelEntry(name="cnn", model=m, policy=pol, certifier=certifier_for_policy(m, pol),
+                                      epsilon_cert=0.25)}
     ok = Event("a", "cnn", np.full((3, 32, 32), 3 / 255, np.float32), "FP32")
     pipe.admit(ok)
     bad = Event("b", "cnn", np.full((3, 32, 32), 0.3333, np.float32), "FP32")

@@ -114,7 +114,7 @@ class SoundSampler:
     module docstring for why the certificate then holds in floating point)."""
 
     sigma: float
-    value_range: tuple[float, float]
+    value_range: tuple | None  # the model's: (lo, hi) scalars, per-feature arrays, or None
     input_dim: int
     grid_levels: int = 255
     grid_step: float | None = None
@@ -123,14 +123,15 @@ class SoundSampler:
     origin: float = field(init=False)
 
     def __post_init__(self) -> None:
-        lo, hi = (float(v) for v in self.value_range)
+        scalar = self.value_range is not None and all(np.ndim(v) == 0 for v in self.value_range)
+        lo, hi = (float(v) for v in self.value_range) if scalar else (-math.inf, math.inf)
         check_grid(self.grid_levels, self.grid_step)
         if self.grid_step is not None:
             self.step = float(self.grid_step)
         else:
             if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise ValueError("grid_step: the model's value range is unbounded; declare the grid step "
-                                 "(certifier.grid_step) for the sound sampler")
+                raise ValueError("grid_step: the model's value range is undeclared, per feature or unbounded; "
+                                 "declare the grid step (certifier.grid_step) for the sound sampler")
             self.step = (hi - lo) / int(self.grid_levels)
         self.origin = lo if math.isfinite(lo) else 0.0
         self._thresholds, self.J, tv = _table(self.sigma / self.step)
@@ -189,5 +190,5 @@ def make_sampler(name: str, sigma: float, model, grid_levels: int = 255, grid_st
     if name == "gaussian":
         return GaussianSampler(sigma)
     if name == "sound":
-        return SoundSampler(sigma, tuple(model.value_range), int(model.input_dim), grid_levels, grid_step)
+        return SoundSampler(sigma, model.value_range, int(model.input_dim), grid_levels, grid_step)
     raise ValueError(f"sampler: {name!r} is not one of {', '.join(SAMPLERS)}")

@@ -16,6 +16,7 @@ distribution the certificate names.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ class Smoothing(CertifierBase):
     sampler: str = "gaussian"
     grid_levels: int = 255
     grid_step: float | None = None
+    max_latency_ms: float | None = None
+    max_looks: int | None = None
 
     method = "smoothing"
     norm = "l2"
@@ -81,6 +84,10 @@ class Smoothing(CertifierBase):
             raise ValueError(f"bound: {self.bound!r} is not one of {BOUNDS}")
         if not (self.first_look >= 1 and self.growth > 1):
             raise ValueError(f"first_look: must be >= 1 and growth > 1, got {self.first_look}, {self.growth}")
+        if self.max_latency_ms is not None and not (math.isfinite(self.max_latency_ms) and self.max_latency_ms > 0):
+            raise ValueError(f"max_latency_ms: must be a finite number > 0, got {self.max_latency_ms}")
+        if self.max_looks is not None and self.max_looks < 1:
+            raise ValueError(f"max_looks: must be >= 1, got {self.max_looks}")
         self.noise = make_sampler(self.sampler, self.sigma, self.model, self.grid_levels, self.grid_step)
         self._plans: dict[float, SequentialPlan] = {}
 
@@ -238,6 +245,17 @@ class Smoothing(CertifierBase):
         guarantee CERTIFY gives at alpha. Inputs still undecided at max_samples are
         reported not certified with reason ``budget``: that withholds a certificate,
         it never makes a wrong one. All inputs' noise goes through the model together.
+
+        Latency budget: when ``max_latency_ms`` has passed before a look (after the
+        first), the inputs still undecided stop there with reason ``deadline`` and are
+        not certified, so one hard input cannot hold up its micro-batch. This spends no
+        alpha: a wrong certificate needs some look r at which a count crosses accept[r],
+        and SequentialPlan's union bound already covers every look of the full plan, so
+        stopping earlier (by the clock or by anything else) only removes looks at which
+        a certificate could have been made. The radius reported with it is the
+        Clopper-Pearson bound at the last look done, inside the same union. The looks
+        done are recorded as ``extra.max_looks``, so a replay stops at the same look
+        (``max_looks``) and recomputes the certificate exactly without the clock.
         """
         t0 = time.perf_counter()
         plan = self.plan(epsilon)
@@ -252,6 +270,9 @@ class Smoothing(CertifierBase):
         for r, n_r in enumerate(plan.looks):
             active = np.flatnonzero(~done)
             if len(active) == 0:
+                break
+            if r >= 1 and self._out_of_time(r, t0):
+                outcome[active], look_idx[active], done[active] = "deadline", r - 1, True
                 break
             draws = np.zeros(B, dtype=np.int64)
             draws[active] = n_r - prev
@@ -277,11 +298,19 @@ class Smoothing(CertifierBase):
             r, n_i, top, radius = int(look_idx[i]), int(used[i]), int(tops[i]), float(radii[i])
             abstain = radius <= 0.0
             certified = outcome[i] == "certified"
+            limit = {"max_looks": r + 1, "latency_budget_ms": self.max_latency_ms} if outcome[i] == "deadline" else {}
             out.append(self._cert(
                 "decide", t0, seeds[i], B, radius=0.0 if abstain else radius, abstained=abstain,
                 predicted_class=None if abstain else top, p_lower=float(p_lo[i]), n_samples=n_i,
                 epsilon=float(epsilon), certified=bool(certified), reason=None if certified else str(outcome[i]),
                 extra={"looks": r + 1, "alpha_look": plan.alphas[r], "tau": plan.tau,
                        "selection": plan.selection, "max_samples": self.max_samples,
-                       "first_look": self.first_look, "growth": self.growth, "batch_size": self.batch_size}))
+                       "first_look": self.first_look, "growth": self.growth, "batch_size": self.batch_size,
+                       **limit}))
         return out
+
+    def _out_of_time(self, look: int, t0: float) -> bool:
+        """Whether look ``look`` must not start: past ``max_looks`` or ``max_latency_ms``."""
+        if self.max_looks is not None and look >= self.max_looks:
+            return True
+        return self.max_latency_ms is not None and (time.perf_counter() - t0) * 1e3 >= self.max_latency_ms

@@ -25,7 +25,8 @@ PUBLIC_FIELDS = ("id", "ts", "event_ts", "decision", "policy_version", "policy_n
                  "reasons", "controls", "shadow")
 DEFAULT_PUBLIC = ("id", "ts", "decision", "policy_version")
 _CERT_NORMS = {"smoothing": ("l2",), "ibp": ("linf", "l2"), "lipschitz": ("l2",)}
-_SMOOTHING_ONLY = ("sigma", "n0", "n", "max_samples", "bound", "sampler", "grid_levels", "grid_step")
+_SMOOTHING_ONLY = ("sigma", "n0", "n", "max_samples", "bound", "sampler", "grid_levels", "grid_step",
+                   "max_latency_ms")
 
 
 class SemanticProblems(Exception):
@@ -73,6 +74,7 @@ class Certifier(_Frozen):
     sampler: Literal["gaussian", "sound"] = "gaussian"
     grid_levels: Annotated[int, Field(ge=1)] = 255
     grid_step: Positive | None = None
+    max_latency_ms: Positive | None = None
 
     @model_validator(mode="after")
     def _method_params(self) -> Certifier:
@@ -87,6 +89,8 @@ class Certifier(_Frozen):
         if self.mode == "decide" and self.method != "smoothing":
             raise ValueError(f"mode: decide is a sequential test of randomized smoothing; method {self.method} "
                              "gives a deterministic radius, use mode certify")
+        if self.max_latency_ms is not None and self.mode != "decide":
+            raise ValueError("max_latency_ms: applies to mode decide only (certify mode has no early stop)")
         if self.mode == "decide" and self.bound != "cp":
             raise ValueError("bound: applies to mode certify only (decide uses Clopper-Pearson per look)")
         if self.norm is not None and self.norm not in _CERT_NORMS[self.method]:
