@@ -26,6 +26,7 @@ import numpy as np
 
 from riskpipe.models.validate import InputError, check_inputs
 from riskpipe.stream import binary, codec
+from riskpipe.stream.trace import trace_context
 
 CE_TYPES = ("riskpipe.inference.v1", "org.kserve.inference.request", "inference.request")
 DATATYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT8": np.int8, "INT16": np.int16,
@@ -52,6 +53,7 @@ class Event:
     context: dict = field(default_factory=dict)
     time: str | None = None
     cloudevent: dict | None = None
+    trace: dict | None = None  # W3C trace context of the message (riskpipe/stream/trace.py)
 
 
 def _headers(headers) -> dict[str, str]:
@@ -259,6 +261,7 @@ def parse_event(value: bytes | None, headers, models: dict, max_bytes: int = 1 <
         # A shape of input the checks above did not foresee: still a clean DLQ reason.
         raise EventError("wrong_type", f"event: malformed ({type(e).__name__}: {e})") from None
     ev.cloudevent = ce
+    ev.trace = trace_context(_headers(headers))
     return ev
 
 

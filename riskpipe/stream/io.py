@@ -223,7 +223,9 @@ class JsonlSink:
         f = self.files.get(topic)
         if f is None:
             f = self.files[topic] = open(self.dir / f"{topic}.jsonl", "ab")
-        if headers:  # dead letters: keep the raw bytes and the error headers together
+        if headers and any(k.startswith("__riskpipe.errors.") for k, _ in headers):
+            # dead letters: keep the raw bytes and the error headers together (other
+            # headers, e.g. trace context, are in the record a file line carries)
             obj = {"headers": {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for k, v in headers}}
             try:
                 obj["value"] = value.decode("utf-8") if value is not None else None

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from riskpipe.stream import codec
 from riskpipe.stream.io import Message
+from riskpipe.stream.trace import trace_headers
 
 
 @dataclass
@@ -35,10 +36,12 @@ def decision_outputs(record: dict, topics, public_view: Callable[[dict], dict]) 
     refuses it, and the committer then publishes nothing for the event.)"""
     key = record["id"].encode()
     full = codec.dumps(trusted_view(record))
-    out = [Output(topics.decisions, key, codec.dumps(public_view(record))), Output(topics.audit, key, full)]
+    headers = trace_headers(record)  # the input's W3C trace context, on every output
+    out = [Output(topics.decisions, key, codec.dumps(public_view(record)), headers),
+           Output(topics.audit, key, full, headers)]
     review = record.get("review") or {}
     if review.get("routed") or review.get("audit_sample"):
-        out.append(Output(topics.review, key, full))
+        out.append(Output(topics.review, key, full, headers))
     return out
 
 

@@ -177,6 +177,7 @@ class Pipeline:
             "event_context": ev.context,
             "source": {k: v for k, v in source.items() if k != "timestamp"},
             "worker": self.worker,
+            "trace": ev.trace,
         }
 
     def public(self, record: dict) -> dict:

@@ -1,0 +1,91 @@
+"""W3C trace context: an input's traceparent reaches every output and the ledger."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from riskpipe.stream.trace import trace_context, trace_headers
+
+TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_valid_traceparent_and_tracestate_are_taken() -> None:
+    assert trace_context({"traceparent": TP, "tracestate": "rojo=00f067aa0ba902b7"}) == {
+        "traceparent": TP, "tracestate": "rojo=00f067aa0ba902b7"}
+    assert trace_context({"traceparent": TP}) == {"traceparent": TP}
+    # a future version may append fields
+    future = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"
+    assert trace_context({"traceparent": future}) == {"traceparent": future}
+    assert trace_headers({"trace": {"traceparent": TP}}) == [("traceparent", TP.encode())]
+    assert trace_headers({"trace": None}) == []
+
+
+@pytest.mark.parametrize("bad", [
+    "", "garbage", TP.upper(), TP.replace("00-", "ff-", 1), TP + "-x",
+    "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+    "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+    "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+])
+def test_invalid_traceparent_is_ignored_with_its_tracestate(bad) -> None:
+    assert trace_context({"traceparent": bad, "tracestate": "a=b"}) is None
+
+
+@pytest.mark.broker
+def test_traceparent_reaches_decisions_review_audit_dlq_and_the_ledger(tmp_path) -> None:
+    import yaml
+
+    from riskpipe.compose import build_pipeline
+    from riskpipe.ledger import Ledger
+    from riskpipe.stream.binary import make_binary_event
+    from riskpipe.stream.broker import EmbeddedBroker
+    from riskpipe.stream.config import load_config
+    from streamkit import StageThread, consume_all, digits, produce, wait_for
+    from synthetic import cifar_cnn, policy_without_context, save_torchscript
+
+    from riskpipe.stream.events import make_event
+
+    cnn = save_torchscript(cifar_cnn(), tmp_path / "cnn.pt", (3, 32, 32)) + "&range=0,1"
+    cfg_path = tmp_path / "stage.yaml"
+    cfg_path.write_text(yaml.safe_dump({"policy": policy_without_context(tmp_path),
+                                        "models": {"digits": "demo:digits", "cnn": cnn}}))
+    rng = np.random.default_rng(0)
+    traces = {f"t{i}": f"00-{i + 1:032x}-{i + 7:016x}-01" for i in range(6)}
+    msgs = []
+    for i, x in enumerate(digits(3)):
+        eid = f"t{i}"
+        risk = 1.0 if i == 1 else 0.0  # t1: routed to review by its upstream risk
+        msgs.append((json.dumps(make_event(eid, "digits", x, upstream_risk=risk)).encode(),
+                     [("traceparent", traces[eid].encode()), ("tracestate", b"vendor=1")]))
+    for i in range(3, 6):  # the CNN, binary UINT8 form
+        eid = f"t{i}"
+        value, headers = make_binary_event(eid, "cnn", rng.integers(0, 256, (3, 32, 32), dtype=np.uint8), "UINT8")
+        msgs.append((value, headers + [("traceparent", traces[eid].encode())]))
+    msgs.append((json.dumps(make_event("plain", "digits", digits(1)[0])).encode(), []))
+    msgs.append((b"{not json", [("traceparent", b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01")]))
+    ledger_path = tmp_path / "l.sqlite"
+    with EmbeddedBroker() as b:
+        b.create_topics(partitions=1)
+        produce(b.bootstrap, msgs)
+        cfg = load_config(str(cfg_path), bootstrap_servers=b.bootstrap, session_timeout_ms=2000,
+                          heartbeat_interval_ms=600)
+        with Ledger(str(ledger_path)) as led, StageThread(cfg, build_pipeline(cfg), led) as stage:
+            assert wait_for(lambda: stage.stats.decided + sum(stage.stats.dlq.values()) >= 8, 120)
+        out = consume_all(b.bootstrap, ["decisions", "audit", "review", "dlq"], expect=7 + 7 + 1)
+    for topic in ("decisions", "audit", "review"):
+        for m in out[topic]:
+            eid, h = m.key.decode(), dict(m.headers)
+            if eid == "plain":
+                assert "traceparent" not in h
+                continue
+            assert h["traceparent"].decode() == traces[eid], (topic, eid)
+            assert (h.get("tracestate") == b"vendor=1") == (eid in ("t0", "t1", "t2"))
+    assert len(out["decisions"]) == len(out["audit"]) == 7 and out["review"]
+    (dlq,) = out["dlq"]
+    assert dict(dlq.headers)["traceparent"] == b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01"
+    with Ledger(str(ledger_path)) as led:
+        for eid, tp in traces.items():
+            assert led.get(eid)["trace"]["traceparent"] == tp
+        assert led.get("plain")["trace"] is None
