@@ -45,7 +45,7 @@ from typing import Any
 import os
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from riskpipe.kafka_clients import KafkaSettings
 
@@ -123,7 +123,9 @@ class ModelConfig(BaseModel):
 
     @field_validator("scale", mode="before")
     @classmethod
-    def _scale(cls, v: Any) -> Any:
+    def _scale(cls, v: Any, info: ValidationInfo) -> Any:
+        if v == "standardize" and info.data.get("reference") is None:
+            raise ValueError("'standardize' needs a reference set (the reference key)")
         if v is None or v == "standardize":
             return v
         if not isinstance(v, list) or not v or not all(_is_number(x) for x in v):
@@ -146,12 +148,6 @@ class ModelConfig(BaseModel):
             raise ValueError("need lo < hi in every pair")
         out = [[float(a), float(b)] for a, b in pairs]
         return out[0] if is_pair else out
-
-    @model_validator(mode="after")
-    def _standardize_needs_reference(self) -> ModelConfig:
-        if self.scale == "standardize" and self.reference is None:
-            raise ValueError("scale: 'standardize' needs a reference set (the reference key)")
-        return self
 
 
 def _is_number(x: Any) -> bool:

@@ -127,7 +127,7 @@ class Pipeline:
             self.certify_seconds += time.perf_counter() - t0
             r_threat = np.array([radius_in_threat(entry, c) for c in certs])
             if entry.context is not None:
-                preds = np.array([-1 if c.predicted_class is None else c.predicted_class for c in certs])
+                preds = [c.predicted_class for c in certs]  # None (abstained): the nearest label stands in
                 contexts = entry.context.context(Z, preds, r_threat)
             else:
                 contexts = [None] * len(idx)
