@@ -66,6 +66,18 @@ def test_compare_on_a_skops_model_uses_the_black_box_attack(wine, tmp_path):
     assert "random search (black-box), 200 queries (upper bound)" in md
 
 
+def test_compare_a_config_entry_in_its_scaled_norm(tmp_path):
+    """--config: the tabular example's entry (scale: standardize) is certified as the stage does."""
+    result, md = _compare(tmp_path, "cancer", "examples/tabular/reference.npz", "--config",
+                          "examples/tabular/riskpipe.yaml", "--eps-grid", "l2=0,0.25,4;linf=0,0.05,1")
+    (m,) = result["models"]
+    assert m["scale"] == "standardize(reference)" and m["input_dim"] == 30 and m["clean_accuracy"] > 0.8
+    smooth = next(r for r in m["methods"] if r["method"] == "smoothing")
+    # sigma 0.25 in standardized units certifies most rows at the policy's epsilon 0.25
+    assert smooth["certified_accuracy"]["l2"][1] > 0.5
+    assert "**cancer is certified in the scaled norm** ||delta / s||_2 (s: standardize(reference))" in md
+
+
 def test_random_search_finds_only_genuine_examples_inside_the_budget(wine):
     model = load_model(wine.spec)
     d = np.load(wine.data)

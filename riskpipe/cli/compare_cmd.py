@@ -34,7 +34,11 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 @click.command()
-@click.option("--model", "models", multiple=True, help=f"Model spec (repeatable; default: {', '.join(DEFAULT_MODELS)}).")
+@click.option("--model", "models", multiple=True,
+              help=f"Model spec, or with --config a model name (repeatable; default: {', '.join(DEFAULT_MODELS)}).")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="Stage config: a --model NAME of its models: entries is certified as the stage builds it "
+                   "(declared range, scale).")
 @click.option("--methods", default=",".join(METHODS), show_default=True, help="Comma-separated families.")
 @click.option("--eps-grid", default=None, help="Epsilons: '0,0.1,0.2' for every norm or 'l2=0,0.5;linf=0,0.05'.")
 @click.option("--norms", default="l2,linf", show_default=True, help="Norms to compare in (after Theorem 2).")
@@ -48,8 +52,8 @@ def _csv(text: str) -> tuple[str, ...]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", default="compare-report", show_default=True, help="Output directory.")
 @click.option("--format", "formats", default="html,md,json", show_default=True, help="Comma-separated: html, md, json.")
-def compare(models, methods, eps_grid, norms, n_samples, limit, sigma, data_path, threads, device, seed, out_dir,
-            formats):
+def compare(models, config_path, methods, eps_grid, norms, n_samples, limit, sigma, data_path, threads, device, seed,
+            out_dir, formats):
     """Certified accuracy, time, memory and parallelism of smoothing, IBP and Lipschitz, side by side."""
     import sys
 
@@ -70,7 +74,7 @@ def compare(models, methods, eps_grid, norms, n_samples, limit, sigma, data_path
     try:
         cfg = CompareConfig(models=tuple(models) or DEFAULT_MODELS, methods=_csv(methods), norms=norm_list,
                             eps_grid=parse_grid(eps_grid, norm_list), n_samples=n_samples, limit=limit,
-                            sigma=sigma, seed=seed, device=device)
+                            sigma=sigma, seed=seed, device=device, config=config_path)
     except ValueError as e:
         fail(str(e))
     X = y = None

@@ -61,6 +61,7 @@ class CompareConfig:
     attack_queries: int = 200  # black-box random search, for models without gradients
     seed: int = 0
     device: str = "cpu"
+    config: str | None = None  # a stage config: a model NAME of its models: entries is built as the stage does
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -221,10 +222,28 @@ def _width_sweep(method: str, cfg: CompareConfig) -> list[dict]:
     return rows
 
 
+def _certified_view(spec: str, X: np.ndarray, cfg: CompareConfig):
+    """(model, inputs, scale description) as certified: a model entry of ``cfg.config``
+    (NAME) is built as the stage builds it (declared range, ``scale``: inputs go to
+    z = x / s and every radius is in the scaled norm); anything else is a spec."""
+    from riskpipe.models import check_inputs, load_model
+
+    if cfg.config:
+        from riskpipe.compose import build_entry
+        from riskpipe.policy import load_policy
+        from riskpipe.stream.config import load_config
+
+        config = load_config(cfg.config, device=cfg.device)
+        if spec in config.models:
+            entry = build_entry(spec, config.models[spec], load_policy(config.model_policy(spec)), device=cfg.device)
+            return entry.certified, entry.to_certified(check_inputs(X, entry.model)), entry.scale_desc
+    model = load_model(spec, device=cfg.device)
+    return model, check_inputs(X, model), None
+
+
 def run_compare(cfg: CompareConfig, X: np.ndarray | None = None, y: np.ndarray | None = None,
                 log=lambda msg: None) -> dict:
     """Everything the report card shows, as plain data (JSON-serialisable)."""
-    from riskpipe.models import check_inputs, load_model
     from riskpipe.models.digits import load_split
 
     t_start = time.perf_counter()
@@ -233,11 +252,11 @@ def run_compare(cfg: CompareConfig, X: np.ndarray | None = None, y: np.ndarray |
         X, y = load_split("test")
         data_name = "demo digits, test split"
     X, y = np.asarray(X)[: cfg.limit], np.asarray(y)[: cfg.limit]
-    models = []
+    models, first = [], None
     for spec in cfg.models:
         log(f"model {spec}")
-        model = load_model(spec, device=cfg.device)
-        Xc = check_inputs(X, model)
+        model, Xc, scale = _certified_view(spec, X, cfg)
+        first = first or (model, Xc)
         with torch.no_grad():
             clean = float(np.mean(model.predict(Xc) == y))
         runs = []
@@ -245,11 +264,10 @@ def run_compare(cfg: CompareConfig, X: np.ndarray | None = None, y: np.ndarray |
             log(f"  {method}")
             runs.append(_method_run(model, method, Xc, y, cfg))
         pgd_acc = {n: _pgd_accuracy(model, Xc, y, n, cfg.eps_grid[n], cfg) for n in cfg.norms}
-        models.append({"spec": spec, "sha256": model.sha256, "input_dim": model.input_dim,
+        models.append({"spec": spec, "sha256": model.sha256, "input_dim": model.input_dim, "scale": scale,
                        "clean_accuracy": clean, "pgd_accuracy": pgd_acc, "attack": attack_name(model, cfg),
                        "methods": runs})
-    first = load_model(cfg.models[0], device=cfg.device)
-    Xf = check_inputs(X, first)
+    first, Xf = first
     log("cost sweeps")
     sweeps = {m: {"batch": _batch_sweep(first, m, Xf, cfg), "width": _width_sweep(m, cfg)} for m in cfg.methods}
     fwd = timed(lambda: first.predict(Xf), cfg.device, repeat=3) / len(Xf)
