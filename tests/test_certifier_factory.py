@@ -68,3 +68,24 @@ def test_run_reaches_each_mode_and_refuses_the_others():
 def test_unknown_method_is_named():
     with pytest.raises(ValueError, match="method: 'cohen'"):
         family("cohen")
+
+
+def test_policy_check_builds_the_certifier_on_a_model(tmp_path):
+    """`policy check --model` runs the stage's own construction: a sound sampler on a model
+    without a bounded value range and no declared grid fails with file, field and reason."""
+    from click.testing import CliRunner
+
+    from riskpipe.cli.policy_cmd import policy
+
+    module = nn.Sequential(nn.Linear(13, 3)).eval()
+    torch.jit.script(module).save(str(tmp_path / "tab.pt"))
+    spec = f"{tmp_path / 'tab.pt'}?shape=13"
+    text = POLICY.replace("  max_samples: 10000\n", "  max_samples: 10000\n  sampler: sound\n")
+    (tmp_path / "sound.yaml").write_text(text)
+    (tmp_path / "sound-grid.yaml").write_text(text.replace("  sampler: sound\n", "  sampler: sound\n  grid_step: 0.01\n"))
+    r = CliRunner().invoke(policy, ["check", str(tmp_path / "sound.yaml"), "--model", spec])
+    assert r.exit_code == 1
+    assert "sound.yaml:" in r.output and "certifier: on model" in r.output
+    assert "grid_step: the model's value range" in r.output
+    ok = CliRunner().invoke(policy, ["check", str(tmp_path / "sound-grid.yaml"), "--model", spec])
+    assert ok.exit_code == 0, ok.output

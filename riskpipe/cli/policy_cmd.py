@@ -32,13 +32,26 @@ def policy() -> None:
 @click.option("--input-dim", type=click.IntRange(min=1), default=64, show_default=True,
               help="Input dimension for Theorem 2 norm conversion in lint messages.")
 @click.option("--strict", is_flag=True, help="Exit non-zero on lint warnings too.")
-def check(files, input_dim, strict):
+@click.option("--model", "model_spec", default=None,
+              help="Also build each policy's certifier on this model (the stage's own construction) and lint "
+                   "with its input dimension.")
+def check(files, input_dim, strict, model_spec):
     """Validate FILES and lint them. Exit 0 when valid; otherwise one line per problem
     (``file:line: field: reason``) and exit 1."""
+    from riskpipe.certify import certifier_for_policy
     from riskpipe.policy import PolicyError, load_policy
     from riskpipe.policy.lint import lint
     from riskpipe.policy.loader import locate
 
+    model = None
+    if model_spec is not None:
+        from riskpipe.models import ModelError, load_model
+
+        try:
+            model = load_model(model_spec)
+        except ModelError as e:
+            fail(str(e))
+        input_dim = model.input_dim
     bad = warned = False
     for path in files:
         try:
@@ -47,6 +60,14 @@ def check(files, input_dim, strict):
             click.echo(str(e))
             bad = True
             continue
+        if model is not None:
+            try:
+                certifier_for_policy(model, pol)
+            except ValueError as e:
+                where = locate(path, ("certifier",))
+                click.echo(f"{where.file}:{where.line}: certifier: on model {model_spec}: {e}")
+                bad = True
+                continue
         warnings = lint(pol, input_dim=input_dim)
         if warnings:
             for w in warnings:
