@@ -239,3 +239,27 @@ def test_handle_has_no_side_effects_and_isolates_parse_failures(cnn, monkeypatch
     out = stage.handle(msgs)
     assert [d.record["id"] for d in out.decided] == ["h-0", "h-1", "h-2"]
     assert [(d.reason, d.exception) for d in out.dead] == [("internal_error", "KeyError")]
+
+
+class SmallSink(JsonlSink):
+    """A sink that takes records of at most 150 kB (as a Kafka producer has a request size)."""
+    max_message_bytes = 150_000
+
+
+def test_an_output_larger_than_the_sink_takes_is_that_events_failure(tmp_path, cnn):
+    evs = cnn_events(3, "z")
+    evs[1]["context"] = {"notes": "x" * 200_000}  # carried into the full record: too large to send
+    with Ledger(str(tmp_path / "l.sqlite")) as led:
+        stage = Stage(config(), cnn, lambda r: JsonlSource(str(_jsonl(tmp_path, evs))),
+                      lambda: SmallSink(str(tmp_path / "out")), ledger=led)
+        stats = stage.run()
+        assert led.count("decision") == 2 and led.get("z-1") is None and led.verify().ok
+    assert stats.decided == 2 and dict(stats.dlq) == {"internal_error": 1}
+    dlq = [json.loads(line) for line in (tmp_path / "out" / "dlq.jsonl").read_text().splitlines()]
+    assert "exceeds the sink's limit of 150000" in dlq[0]["headers"]["__riskpipe.errors.message"]
+
+
+def _jsonl(tmp_path, evs):
+    p = tmp_path / "in.jsonl"
+    p.write_text("".join(json.dumps(e) + "\n" for e in evs))
+    return p

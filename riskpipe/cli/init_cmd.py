@@ -119,6 +119,7 @@ def init(spec, reference, out_dir, name, trial, seed, force):
     import numpy as np
     import yaml
 
+    from riskpipe import safe_yaml
     from riskpipe.cli.common import fail
     from riskpipe.models import ModelError
     from riskpipe.policy import PolicyError, load_policy
@@ -147,7 +148,7 @@ def init(spec, reference, out_dir, name, trial, seed, force):
     name = name or _model_name(spec)
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
         fail(f"--name {name!r}: use lower-case letters, digits, '.', '_' and '-'")
-    base = yaml.safe_load(Path(default_policy_path()).read_text(encoding="utf-8"))
+    base = safe_yaml.load(Path(default_policy_path()).read_text(encoding="utf-8"))
     try:
         sv = survey(certified.predict, X, Z, y, model.num_classes, seed=seed)
     except SurveyError as e:

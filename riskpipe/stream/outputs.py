@@ -45,6 +45,19 @@ def decision_outputs(record: dict, topics, public_view: Callable[[dict], dict]) 
     return out
 
 
+RECORD_OVERHEAD = 1024  # key, headers and Kafka record framing, generously
+
+
+def check_sizes(outputs: list[Output], limit: int | None) -> list[Output]:
+    """``outputs``, or ValueError if one is larger than the sink takes (``limit`` bytes)."""
+    if limit is not None:
+        for o in outputs:
+            size = len(o.value) + len(o.key or b"") + RECORD_OVERHEAD
+            if size > limit:
+                raise ValueError(f"{o.topic} output of {size} bytes exceeds the sink's limit of {limit}")
+    return outputs
+
+
 def dead_letter_output(m: Message, reason: str, text: str, dlq_topic: str, exception: str | None = None) -> Output:
     """The original bytes and headers plus ``__riskpipe.errors.*`` (Kafka Connect's convention)."""
     headers = list(m.headers or []) + [

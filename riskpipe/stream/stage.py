@@ -31,7 +31,7 @@ from riskpipe.stream.events import parse_event
 from riskpipe.stream.guard import GuardTripped, Guards, PartitionGuard  # noqa: F401 - re-exported
 from riskpipe.stream.io import Message, SinkError
 from riskpipe.stream.observer import Observer, Stats  # noqa: F401 - re-exported
-from riskpipe.stream.outputs import decision_outputs
+from riskpipe.stream.outputs import check_sizes, decision_outputs
 from riskpipe.stream.pipeline import Pipeline
 from riskpipe.stream.triage import Accepted, Dead, classify, parse_batch
 
@@ -162,16 +162,18 @@ class Stage:
         known, failed = self._lookup(parsed)
         tri = classify([a for a in parsed if id(a) not in failed], known)
         outcome = Outcome(msgs, dead=dead + list(failed.values()) + tri.dead, duplicates=tri.duplicates)
-        topics, public = self.config.topics, self.pipeline.public
+        def outputs(rec):
+            return check_sizes(decision_outputs(rec, self.config.topics, self.pipeline.public),
+                               getattr(self.sink, "max_message_bytes", None))
+
         for m, stored in tri.redelivered:
             try:
-                outcome.redelivered.append(Decided(m, stored, decision_outputs(stored, topics, public)))
+                outcome.redelivered.append(Decided(m, stored, outputs(stored)))
             except Exception as e:  # noqa: BLE001
                 outcome.dead.append(Dead.from_exception(m, e, "emit"))
         for a, rec in self._decide(tri.accepted, outcome.dead):
             try:
-                outcome.decided.append(Decided(a.message, rec, decision_outputs(rec, topics, public),
-                                               _epoch_ms(a.message.timestamp)))
+                outcome.decided.append(Decided(a.message, rec, outputs(rec), _epoch_ms(a.message.timestamp)))
             except Exception as e:  # noqa: BLE001 - e.g. a value JSON cannot carry
                 outcome.dead.append(Dead.from_exception(a.message, e, "emit"))
         return outcome
