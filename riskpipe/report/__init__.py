@@ -48,9 +48,9 @@ def render(data: dict, fmt: str, models: dict | None = None) -> str:
 
 
 def _example_views(examples: list[dict], models: dict) -> list[dict]:
-    from riskpipe.render import class_name, model_info, record_view
+    from riskpipe.render import class_name, entry_info, model_info, record_view
 
-    infos = {name: model_info(entry) for name, entry in models.items()}
+    infos = {name: entry_info(entry) for name, entry in models.items()}
     out = []
     for e in examples:
         info = infos.get(e["model"]) or model_info()
