@@ -174,3 +174,18 @@ def test_replay_a_scaled_skops_model_needs_and_uses_its_config(tmp_path):
     # from the record's spec alone the scale is unknown: refused with the reason, never a false match
     code, out = _replay("tabular-2", "--ledger", str(ledger), "--input", str(inputs))
     assert code == 2 and "certificate.extra.scale: the certificate holds in a scaled norm" in out
+
+
+def test_evaluate_a_skops_spec_with_a_reference_for_context(wine, tmp_path):
+    """--model SPEC --reference: the default policy uses context risk, so the model needs its reference set."""
+    args = ["evaluate", "--model", wine.spec, "--data", str(wine.data), "--policy", "policies/default.yaml",
+            "--n", "8", "--budgets", "400x", "--shift-budgets", "1x", "--attempts", "2", "--queries", "50",
+            "--out", str(tmp_path), "--format", "json"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code != 0 and "reference" in r.output and len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(cli, [*args, "--reference", str(wine.data)])
+    assert r.exit_code == 0, r.output
+    (s,) = json.loads((tmp_path / "evaluation.json").read_text())["policies"]
+    assert s["policy"]["attack"] == "random search (black-box)" and s["clean"]["accuracy"] > 0.8
+    pgd = next(a for a in s["attacks"] if a["kind"] == "pgd")
+    assert pgd["epsilon"] == pytest.approx(100.0) and pgd["successful"] >= 1  # 100 raw units change the wine class
