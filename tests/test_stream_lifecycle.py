@@ -1,4 +1,5 @@
-"""``riskpipe broker`` never leaves Tansu running after it dies, SIGKILL included."""
+"""Lifecycle: ``riskpipe broker`` never leaves Tansu running after it dies (SIGKILL
+included); ``riskpipe run --idle-exit`` counts idle time only while it holds partitions."""
 
 import os
 import signal
@@ -58,3 +59,22 @@ def test_sigkill_of_riskpipe_broker_takes_tansu_down():
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_idle_exit_waits_for_the_group_assignment(tmp_path):
+    """Joining the group takes about half the session timeout on Tansu (~4 s here), longer
+    than the idle limit (1.5 s): a stage counting from start-up would exit having decided
+    nothing. It decides every event, then exits after 1.5 s without new ones."""
+    from riskpipe.stream.broker import EmbeddedBroker
+    from streamkit import ledger_ids, produce, valid_events
+
+    with EmbeddedBroker() as b:
+        b.create_topics()
+        produce(b.bootstrap, valid_events("idle", 6))
+        ledger = str(tmp_path / "l.sqlite")
+        r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "run", "--bootstrap-servers", b.bootstrap,
+                            "--ledger", ledger, "--session-timeout-ms", "8000", "--heartbeat-interval-ms", "1000",
+                            "--idle-exit", "1.5"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "decided 6 events" in r.stderr
+    assert len(ledger_ids(ledger)) == 6
