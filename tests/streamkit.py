@@ -169,3 +169,25 @@ def poisoned_tabular_pipeline(directory, poison_prefix: str = "poison"):
 def tabular_event(eid: str, x, **extra) -> dict:
     return {"id": eid, "model": "wine", "inputs": [{"name": "x", "shape": [1, len(x)], "datatype": "FP32",
                                                     "data": [float(v) for v in x]}], "upstream_risk": 0.2, **extra}
+
+
+class ListSource:
+    """Messages from memory (no broker), ``max_records`` per poll; commits are recorded."""
+
+    def __init__(self, msgs, log: list | None = None):
+        self.msgs, self.exhausted, self.log = list(msgs), False, log
+
+    def poll(self, max_records, timeout_ms):
+        out, self.msgs = self.msgs[:max_records], self.msgs[max_records:]
+        self.exhausted = not self.msgs
+        return out
+
+    def commit(self, messages):
+        if self.log is not None:
+            self.log.append(("commit", tuple(m.offset for m in messages)))
+
+    def lag(self):
+        return {}
+
+    def close(self):
+        pass

@@ -13,6 +13,7 @@ import torch
 from riskpipe.stream.binary import make_binary_event
 from riskpipe.stream.events import EventError, parse_event
 from riskpipe.stream.io import JsonlSink, Message
+from streamkit import ListSource
 
 BIG = (3, 224, 224)
 
@@ -129,27 +130,6 @@ def test_every_malformed_binary_message_has_its_reason(models) -> None:
     # a binary event is held to the binary limit, not the (smaller) JSON one
     ok = make_binary_event("m", "digits", np.zeros((1, 8, 8), np.float32))
     assert len(ok[0]) > 256 and _parse(*ok, models, max_bytes=1024, max_binary_bytes=8192).id == "m"
-
-
-class ListSource:
-    """Messages from memory (no broker): the offline stage over binary messages."""
-
-    def __init__(self, msgs):
-        self.msgs, self.exhausted = list(msgs), False
-
-    def poll(self, max_records, timeout_ms):
-        out, self.msgs = self.msgs[:max_records], self.msgs[max_records:]
-        self.exhausted = not self.msgs
-        return out
-
-    def commit(self, messages):
-        pass
-
-    def lag(self):
-        return {}
-
-    def close(self):
-        pass
 
 
 def _valid_messages(n_digits: int = 2) -> list[tuple[str, bytes, list]]:

@@ -31,10 +31,16 @@ Why nothing is lost or published unrecorded, crash point by crash point:
 * after 4: done. An id met again at another offset is a producer's re-delivery
   (skipped) or a conflicting re-use of the id (``id_conflict``).
 
-Hooks for other stages of the work: outputs are built before the committer (so a
-serialisation failure is one event's, see ``stream/outputs.py``); ack-wait overlap
-belongs between 2 and 3 (``send`` may return before ``flush`` for the previous batch
-completes, as long as 4 waits for 3); periodic checkpoints belong in ``after_commit``.
+Ack-wait overlap: the stage loop calls ``submit`` (1-2) for batch k and ``complete``
+(3-5) only after it has handled (certified) batch k+1, so the broker's acks for k
+arrive while k+1 is being certified. The order per batch is unchanged — 4 still waits
+for 3, and 1 precedes 2 — so the crash-point argument above holds for each batch in
+flight; a crash loses at most the uncommitted offsets of k and k+1, which are
+redelivered and found in the ledger. Batches complete in submission order, so an
+offset never moves past a batch whose acks are outstanding.
+
+Outputs are built before the committer (so a serialisation failure is one event's,
+see ``stream/outputs.py``); periodic checkpoints belong in ``after_commit``.
 """
 
 from __future__ import annotations
@@ -89,6 +95,12 @@ class Committer:
         self.after_commit: list[Callable[[Outcome], None]] = list(after_commit or [])
 
     def commit(self, outcome: Outcome, sink, source) -> Outcome:
+        self.submit(outcome, sink)
+        return self.complete(outcome, sink, source)
+
+    def submit(self, outcome: Outcome, sink) -> None:
+        """Steps 1-2: ledger rows, then every send. The acks arrive in the background
+        (the producer's sender thread) while the stage handles the next batch."""
         self.write_ledger(outcome)
         for d in outcome.decided + outcome.redelivered:
             for o in d.outputs:
@@ -96,6 +108,10 @@ class Committer:
         for d in outcome.dead:
             o = dead_letter_output(d.message, d.reason, d.text, self.dlq_topic, d.exception)
             sink.send(o.topic, o.key, o.value, o.headers)
+
+    def complete(self, outcome: Outcome, sink, source) -> Outcome:
+        """Steps 3-5 for a submitted batch: wait for every ack, then commit its offsets,
+        then the hooks. Batches are completed in the order they were submitted."""
         sink.flush()
         source.commit(outcome.messages)
         for hook in self.after_commit:

@@ -4,7 +4,8 @@
     ─► handle(): parse + validate ─► ledger lookup of the ids ─► triage
                  ─► decide (Pipeline.process) ─► serialise outputs
     ─► Guards (stop loudly if a partition is mostly invalid)
-    ─► Committer: ledger rows ─► send ─► flush (acks) ─► commit offsets ─► hooks
+    ─► Committer: ledger rows ─► send ... (next batch handled meanwhile) ... flush (acks)
+                  ─► commit offsets ─► hooks
     ─► Observer: stats, metrics, callbacks
 
 Poison isolation is one mechanism: every step of ``handle`` runs per event or, for
@@ -51,6 +52,7 @@ class Stage:
         self.committer = Committer(ledger, config.topics.dlq, after_commit)
         self.observer = Observer(metrics, on_record, on_batch)
         self.stopping = threading.Event()
+        self.in_flight: Outcome | None = None  # submitted, acks outstanding, offsets not committed
 
     @property
     def stats(self) -> Stats:
@@ -80,6 +82,12 @@ class Stage:
         self.source = self.sink = None
 
     def _on_revoke(self, revoked) -> None:
+        if self.in_flight is not None:
+            # No commit inside the rebalance callback (kafka-python 3 forbids it): the
+            # batch in flight is left uncommitted; its rows are in the ledger, so the new
+            # owner re-sends its stored outputs (committer: "after 1, before 4").
+            log.info("rebalance: %d in-flight messages left uncommitted", len(self.in_flight.messages))
+            self.in_flight = None
         dropped = self.batcher.drop_partitions({(tp.topic, tp.partition) for tp in revoked})
         self.observer.revoked(revoked)
         if dropped:
@@ -108,9 +116,11 @@ class Stage:
                     idle_since = time.monotonic()
                 if self.stopping.is_set() or (exhausted and not self.batcher.buffer):
                     self._flush()
+                    self._complete_in_flight()
                     break
                 if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                     self._flush()
+                    self._complete_in_flight()
                     break
             except GuardTripped:
                 self._close()
@@ -122,6 +132,7 @@ class Stage:
                 self.observer.broker_error(e)
                 log.warning("broker error (%s: %s); recreating clients in %.1fs", type(e).__name__, e, backoff)
                 self.batcher.clear()  # uncommitted: redelivered after reconnect
+                self.in_flight = None  # likewise (its rows are in the ledger: outputs re-sent)
                 self._close()
                 if self.stopping.wait(backoff):
                     break
@@ -135,25 +146,47 @@ class Stage:
         self.observer.polled()
         if self.batcher.ready(getattr(self.source, "exhausted", False), self.stopping.is_set()):
             self._flush()
+        else:  # no next batch to overlap with: finish the one in flight now
+            self._complete_in_flight()
         self.observer.lag(self.source)
         return got
 
     def _flush(self) -> None:
         if not self.batcher.buffer or self.source is None:
             return
-        self.process_batch(self.batcher.take())
+        self.process_batch(self.batcher.take(), overlap=True)
 
-    def process_batch(self, msgs: list[Message]) -> Outcome:
-        """handle ─► guard ─► commit ─► observe, for one batch."""
+    def process_batch(self, msgs: list[Message], overlap: bool = False) -> Outcome:
+        """handle ─► guard ─► commit ─► observe, for one batch.
+
+        With ``overlap`` the batch is left in flight after its sends: its acks are
+        awaited, its offsets committed and it is observed only after the *next* batch
+        has been handled, so certifying batch k+1 overlaps the ack wait of batch k
+        (the committer's docstring argues why that keeps at-least-once)."""
         t0 = time.perf_counter()
         c0 = self.pipeline.certify_seconds
         outcome = self.handle(msgs)
-        self.guards.observe(msgs, outcome.dead_positions())
-        self.committer.commit(outcome, self.sink, self.source)
-        outcome.seconds = time.perf_counter() - t0
         outcome.certify_seconds = self.pipeline.certify_seconds - c0
-        self.observer.committed(outcome)
+        handled = time.perf_counter()
+        self._complete_in_flight()  # batch k: its acks arrived while this one was handled
+        t1 = time.perf_counter()
+        self.guards.observe(msgs, outcome.dead_positions())
+        self.committer.submit(outcome, self.sink)
+        outcome.seconds = (handled - t0) + (time.perf_counter() - t1)
+        self.in_flight = outcome
+        if not overlap:
+            self._complete_in_flight()
         return outcome
+
+    def _complete_in_flight(self) -> None:
+        """Acks, offsets and observation of the batch in flight, if any."""
+        outcome, self.in_flight = self.in_flight, None
+        if outcome is None:
+            return
+        t0 = time.perf_counter()
+        self.committer.complete(outcome, self.sink, self.source)
+        outcome.seconds += time.perf_counter() - t0  # the wait that was not overlapped
+        self.observer.committed(outcome)
 
     def handle(self, msgs: list[Message]) -> Outcome:
         """Decide ``msgs`` without side effects on the outputs: parse and validate,
