@@ -263,3 +263,42 @@ def _jsonl(tmp_path, evs):
     p = tmp_path / "in.jsonl"
     p.write_text("".join(json.dumps(e) + "\n" for e in evs))
     return p
+
+
+def test_run_command_survives_every_poison_class_of_the_issue(tmp_path):
+    """The five inputs that used to stop ``riskpipe run`` (and an unchecked time, string
+    tensor data) among valid events: exit 0, each valid event decided, each poison dead-lettered."""
+    import subprocess
+    import sys
+
+    from streamkit import digits
+
+    x = digits(3)
+    ok = [make_event(f"ok-{i}", "digits", x[i]) for i in range(3)]
+    bad_data = make_event("strs", "digits", x[0])
+    bad_data["inputs"][0]["data"][0] = "0.5"
+    lines = [json.dumps(ok[0]),
+             json.dumps(make_event("ctl\n", "digits", x[0])),
+             json.dumps(make_event("SURR", "digits", x[0])).replace("SURR", "sur\\ud800"),
+             json.dumps(make_event("nan-risk", "digits", x[1], upstream_risk=float("nan"))),
+             json.dumps(make_event("nan-ctx", "digits", x[1], context={"k": float("nan")})),
+             json.dumps(make_event("big", "digits", x[1], prediction=0)).replace('"prediction": 0',
+                                                                                '"prediction": ' + "9" * 5000),
+             json.dumps(make_event("when", "digits", x[2], time="not a time")),
+             json.dumps(bad_data),
+             json.dumps(ok[1]), json.dumps(ok[2])]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "run", "--source", f"jsonl:{src}", "--sink",
+                        f"jsonl:{out}", "--ledger", str(tmp_path / "l.sqlite")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "decided 4 events, 6 to the DLQ" in r.stderr
+    reasons = sorted(json.loads(line)["headers"]["__riskpipe.errors.reason"]
+                     for line in (out / "dlq.jsonl").read_text().splitlines())
+    assert reasons == ["bad_id", "bad_id", "bad_time", "non_finite", "out_of_range", "wrong_type"]
+    nan_risk = next(json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()
+                    if json.loads(line)["id"] == "nan-risk")
+    assert nan_risk["signals"]["upstream_risk"]["flagged"] and nan_risk["signals"]["upstream_risk"]["reason"] == \
+        "non_finite"
