@@ -39,7 +39,7 @@ def cases(n_inputs: int):
     yield "demo digits 1x8x8", digits, X[:n_inputs], 16, 2048
     module = cifar_cnn()
     cnn = Model(spec="cifar_cnn", input_shape=(3, 32, 32), num_classes=10, sha256=sha256_state_dict(module),
-                module=module)
+                module=module, value_range=(0.0, 1.0))
     Xc = np.random.default_rng(0).integers(0, 256, (n_inputs, 3, 32, 32)).astype(np.float32) / 255
     yield "CIFAR-sized CNN 3x32x32", cnn, Xc, 255, 512
 

@@ -145,3 +145,14 @@ def test_certify_cli_sound_sampler_and_off_grid_error(tmp_path, demo_model, digi
     assert good.returncode == 0, good.stderr
     rows = [json.loads(line) for line in good.stdout.splitlines()]
     assert [r["sampler"] for r in rows] == ["sound", "sound"] and rows[0]["extra"]["grid_step"] == 1 / 16
+
+
+def test_bucket_lookup_equals_a_full_binary_search():
+    """The fast inverse-CDF lookup gives the count of thresholds <= u for every u, at and
+    around each threshold and in the tails."""
+    s = SoundSampler(0.25, (0.0, 1.0), 4)
+    t = torch.from_numpy(s._thresholds)
+    edges = torch.cat([t - 1, t, t + 1, torch.tensor([0, 1, (1 << 62) - 1])])
+    edges = edges[(edges >= 0) & (edges < (1 << 62))]
+    u = torch.cat([edges, torch.randint(0, 1 << 62, (200_000,), generator=torch.Generator().manual_seed(0))])
+    assert torch.equal(s.lookup(u), torch.searchsorted(t, u, right=True) - s.J)

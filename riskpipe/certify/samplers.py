@@ -60,6 +60,7 @@ _BITS = 62
 _Q = 1 << _BITS
 _TAIL_SIGMAS = 10.0
 _GRID_TOLERANCE = 1e-3  # in grid steps: float inputs within this of a grid point are on it
+_BUCKET_BITS = 16  # inverse-CDF lookup: the top bits of u index a table of threshold counts
 
 
 class GridError(ValueError):
@@ -136,7 +137,7 @@ class SoundSampler:
         self.origin = lo if math.isfinite(lo) else 0.0
         self._thresholds, self.J, tv = _table(self.sigma / self.step)
         self.margin = self.input_dim * tv
-        self._device_table: dict[str, torch.Tensor] = {}
+        self._device_tables: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """The inputs' integer grid coordinates (int64); GridError for an input off the grid."""
@@ -158,14 +159,35 @@ class SoundSampler:
         k = a + np.trunc((np.asarray(x_adv, np.float64) - self.origin) / self.step - a)
         return (self.origin + self.step * k).astype(np.float32)
 
+    def _tables(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._device_tables:
+            t = self._thresholds
+            starts = np.arange(1 << _BUCKET_BITS, dtype=np.int64) << (_BITS - _BUCKET_BITS)
+            counts = np.searchsorted(t, starts, side="right")  # thresholds <= each bucket's first u
+            ext = np.append(t, np.int64(_Q))  # a sentinel no u reaches
+            self._device_tables[key] = tuple(torch.from_numpy(a).to(device) for a in (t, counts, ext))
+        return self._device_tables[key]
+
     def draw(self, out: torch.Tensor, gen: torch.Generator) -> None:
-        """Integer noise j by inverse-CDF lookup of uniform 62-bit integers (in place)."""
-        key = str(out.device)
-        if key not in self._device_table:
-            self._device_table[key] = torch.from_numpy(self._thresholds).to(out.device)
+        """Integer noise j by inverse-CDF lookup of uniform 62-bit integers u (in place)."""
         out.random_(0, _Q, generator=gen)
-        out.copy_(torch.searchsorted(self._device_table[key], out, right=True))
-        out -= self.J
+        self.lookup(out, out=out)
+
+    def lookup(self, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """j = #{thresholds <= u} - J for u in [0, 2^62). The count at u's bucket start (top
+        16 bits), one step past it, and an exact binary search for the rare u with a further
+        threshold in its bucket (tail bins): the count a search of the whole table gives."""
+        table, counts, ext = self._tables(u.device)
+        flat = u.reshape(-1)
+        j = counts.index_select(0, flat >> (_BITS - _BUCKET_BITS))
+        # every threshold below index j is <= u; step over the bucket's next one if u reaches it
+        j.add_(torch.ge(flat, ext.index_select(0, j)).to(torch.int64))
+        more = torch.ge(flat, ext.index_select(0, j))
+        if bool(more.any()):
+            j[more] = torch.searchsorted(table, flat[more], right=True)
+        j = j.view(u.shape)
+        return torch.sub(j, self.J, out=out)
 
     def perturb(self, base: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """origin + step * (a + j): integer sum, then one fixed float per lattice point."""
