@@ -318,3 +318,38 @@ def test_declared_ranges_and_finiteness_only_without_one(user, tmp_path):
     assert dlq["g-0"]["__riskpipe.errors.reason"] == "out_of_range"
     assert "feature 1 must lie in [-500, 500]" in dlq["g-0"]["__riskpipe.errors.message"]
     assert dlq["d-0"]["__riskpipe.errors.reason"] == "out_of_range"  # the demo keeps [0, 1]
+
+
+def sign_of_x0():
+    """``module:factory`` for a torch tabular model: class 1 iff x0 > 0 (feature 1 ignored)."""
+    import torch
+
+    layer = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[-1000.0, 0.0], [1000.0, 0.0]]))
+        layer.bias.zero_()
+    return torch.nn.Sequential(layer)
+
+
+@pytest.mark.parametrize("method,norm", [("ibp", "linf"), ("lipschitz", "l2")])
+def test_scale_wraps_torch_models_for_the_bound_families(user, tmp_path, method, norm):
+    """With scale, IBP and global-Lipschitz certify g(z) = f(s * z) too: at x0 = 0.02 with
+    s0 ~ 0.01 the exact distance to the boundary is 0.02 / s0 ~ 2 in the scaled norm
+    (both families are tight on a linear model), never more."""
+    _, ref = user["lowvar"]
+    p = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())
+    p["threat_model"] = {"norm": norm, "epsilon": 0.5}
+    p["certifier"] = {"method": method, "mode": "certify"}
+    p["signals"]["context_risk"]["enabled"] = False
+    p["score"]["weights"]["context_risk"] = 0.0
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(p))
+    models = {"t": {"spec": "test_compose:sign_of_x0?shape=2", "reference": str(ref), "scale": "standardize",
+                    "range": [[-1, 1], [-1000, 1000]]}}
+    pipe = build_pipeline(load_config(str(write_config(tmp_path / "c.yaml", models, tmp_path / "p.yaml"))))
+    s = pipe.entries["t"].scale.ravel()
+    res = run_offline(events_for("t", [np.array([0.02, 37.0], np.float32)], "b"), tmp_path / "o", load_config(None),
+                      pipeline=pipe)
+    cert = res.read("audit")[0]["certificate"]
+    assert cert["method"] == method and not cert["abstained"] and cert["predicted_class"] == 1
+    assert 0.9 * (0.02 / s[0]) <= cert["radius"] <= 0.02 / s[0] + 1e-4
+    assert "scaled" in cert["scope"]

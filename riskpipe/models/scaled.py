@@ -12,8 +12,8 @@ exactly like f on the raw input. Hence, without any change to a certifier:
 * Theorem 2 conversion uses d = the number of features (the dimension of z), and
   context distances are measured between z's (reference X / s), in the same norm.
 
-One wrapper serves torch modules (a fixed elementwise multiply in front, so interval
-and Lipschitz bounds see it too) and predict-function models (ONNX, skops).
+One wrapper serves torch modules (a fixed diagonal layer in front, so interval and
+Lipschitz bounds see it too) and predict-function models (ONNX, skops).
 """
 
 from __future__ import annotations
@@ -36,6 +36,21 @@ class _Unscale(nn.Module):
         return z * self.s
 
 
+def _unscale_layer(s: np.ndarray) -> nn.Module:
+    """x = s * z as a layer. Feature vectors get a diagonal ``nn.Linear``, which the
+    interval-bound and Lipschitz certifiers handle like any other affine layer (so a
+    ``module:factory`` Sequential stays certifiable by every family); other shapes get
+    an elementwise multiply."""
+    t = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32))
+    if t.ndim != 1:
+        return _Unscale(t)
+    layer = nn.Linear(len(t), len(t), bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.diag(t))
+    layer.weight.requires_grad_(False)
+    return layer
+
+
 def standardize_scale(X: np.ndarray) -> np.ndarray:
     """Per-feature standard deviation of a reference set X (N, *shape); a feature that
     is constant there gets scale 1 (it cannot be standardized, and 0 would divide)."""
@@ -52,7 +67,7 @@ def scaled_model(model: Model, scale, describe: str) -> Model:
         raise ValueError("scale: every value must be finite and > 0")
     module = None
     if model.module is not None:
-        module = nn.Sequential(_Unscale(torch.from_numpy(s.copy())), model.module).eval().to(model.device)
+        module = nn.Sequential(_unscale_layer(s), model.module).eval().to(model.device)
     predict = None
     if model._predict_fn is not None:
         raw_predict = model._predict_fn
