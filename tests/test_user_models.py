@@ -16,6 +16,7 @@ from riskpipe.blackbox import random_search
 from riskpipe.cli import cli
 from riskpipe.models import load_model
 
+pytestmark = pytest.mark.slow  # trains a small CNN, runs the stage and evaluations: tens of seconds each
 
 @pytest.fixture(scope="module")
 def signs(tmp_path_factory, one_thread):
