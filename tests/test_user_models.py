@@ -18,6 +18,7 @@ from riskpipe.models import load_model
 
 pytestmark = pytest.mark.slow  # trains a small CNN, runs the stage and evaluations: tens of seconds each
 
+
 @pytest.fixture(scope="module")
 def signs(tmp_path_factory, one_thread):
     return image_model(tmp_path_factory.mktemp("signs"))
