@@ -207,24 +207,25 @@ def build_pipeline(config: StageConfig) -> Pipeline:
 
 
 # ---------------------------------------------------------------- edges -----------
-def open_ledger(config: StageConfig, sink: str | None = None):
-    """The stage's ledger (file or postgresql://), signing checkpoints when the config has a
-    ``checkpoint:`` section (published to Kafka unless the sink is ``jsonl:``)."""
+def open_ledger(config: StageConfig):
+    """The stage's ledger: a file, sqlite:///PATH or postgresql://... (riskpipe.ledger)."""
     if not config.ledger:
         return None
     from riskpipe.ledger import open_ledger as open_target
 
-    ledger = open_target(config.ledger)
-    if config.checkpoint is not None:
-        from riskpipe.ledger.checkpoint import checkpointer_for
+    return open_target(config.ledger)
 
-        try:
-            publish_to = None if (sink or "").startswith("jsonl:") else config.kafka()
-            ledger.after_append.append(checkpointer_for(config.checkpoint, publish_to))
-        except BaseException:
-            ledger.close()
-            raise
-    return ledger
+
+def checkpoint_hooks(config: StageConfig, ledger, sink: str | None = None) -> list:
+    """The committer's after-commit hook that signs a ledger checkpoint every
+    ``checkpoint.every_records`` records or ``every_seconds`` (config ``checkpoint:``),
+    published to Kafka unless the sink is ``jsonl:``; none without that section."""
+    if ledger is None or config.checkpoint is None:
+        return []
+    from riskpipe.ledger.checkpoint import checkpointer_for
+
+    signer = checkpointer_for(config.checkpoint, None if (sink or "").startswith("jsonl:") else config.kafka())
+    return [lambda outcome: signer(ledger, len(outcome.decided) + len(outcome.dead))]
 
 
 def source_factory(config: StageConfig, source: str | None = None, checkpoint: str | None = None, metrics=None):
@@ -271,5 +272,6 @@ def build_stage(config: StageConfig, *, source: str | None = None, sink: str | N
         for e in pipeline.entries.values():
             if e.batch_size_source is not None:
                 metrics.set_certify_batch_size(e.name, e.certifier.batch_size, e.batch_size_source)
+    kw["after_commit"] = [*checkpoint_hooks(config, ledger, sink), *(kw.get("after_commit") or [])]
     return Stage(config, pipeline, source_factory(config, source, checkpoint, metrics),
                  sink_factory(config, sink), ledger=ledger, metrics=metrics, **kw)

@@ -223,14 +223,18 @@ def test_checkpointer_signs_every_n_records_or_seconds(tmp_path, keys):
     now = [0.0]
     cpr = Checkpointer(load_private_key(keys / "key.pem"), every_records=10, every_seconds=30, clock=lambda: now[0])
     with open_ledger(str(tmp_path / "l.db")) as led:
-        led.after_append.append(cpr)
-        led.append_many([decision_record(i) for i in range(6)])
+        def commit(records):  # what the stage's after-commit hook does after each batch
+            led.append_many(records)
+            cpr(led, len(records))
+
+        commit([decision_record(i) for i in range(6)])
         assert led.checkpoints() == []
-        led.append_many([decision_record(i) for i in range(6, 12)])  # 12 rows >= 10: due
+        commit([decision_record(i) for i in range(6, 12)])  # 12 records >= 10: due
         assert [c.count for c in led.checkpoints()] == [12]
         now[0] = 31.0
-        assert led.append_many([decision_record(i) for i in range(6)]) == 0  # nothing new: nothing to sign
-        led.append(decision_record(50))  # 31 s and one new row: due
+        commit([])  # 31 s but nothing committed since: nothing to sign
+        assert len(led.checkpoints()) == 1
+        commit([decision_record(50)])  # 31 s and one new record: due
         assert [c.count for c in led.checkpoints()] == [12, 13]
         assert verify_ledger(led, [load_public_key(keys / "pub.pem")]).ok
 
@@ -250,3 +254,28 @@ def test_stage_config_checkpoint_section(tmp_path, keys):
     f.write_text("checkpoint: {every_records: 5}\n")
     with pytest.raises(ConfigError, match="checkpoint.key_file: Field required"):
         load_config(str(f))
+
+
+def test_offline_stage_signs_checkpoints_after_commits(tmp_path, keys):
+    from streamkit import valid_events
+
+    events = tmp_path / "events.jsonl"
+    events.write_text("".join(json.dumps(e) + "\n" for e in valid_events("cp", 40)))
+    cfg = tmp_path / "riskpipe.yaml"
+    cfg.write_text(f"batch: {{max_events: 8}}\ncheckpoint: {{key_file: {keys / 'key.pem'}, every_records: 16}}\n")
+    ledger = str(tmp_path / "l.db")
+    r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "run", "--config", str(cfg), "--source",
+                        f"jsonl:{events}", "--sink", f"jsonl:{tmp_path / 'out'}", "--ledger", ledger],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open_ledger(ledger) as led:
+        counts = [c.count for c in led.checkpoints()]
+        assert led.count("decision") == 40
+    assert len(counts) == 2 and counts == sorted(counts) and counts[-1] <= 41  # every 16 records: after 16, 32
+    rc, out = verify_with_key(ledger, keys)
+    assert rc == 0 and out["ok"]
+    cfg.write_text(f"checkpoint: {{key_file: {tmp_path / 'nope.pem'}}}\n")
+    r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "run", "--config", str(cfg), "--source",
+                        f"jsonl:{events}", "--sink", f"jsonl:{tmp_path / 'out'}", "--ledger", ledger],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "checkpoint.key_file" in r.stderr and "Traceback" not in r.stderr

@@ -177,12 +177,14 @@ def publish(kafka, topic: str, cp: Checkpoint, timeout_s: float = 10.0) -> None:
 
 
 class Checkpointer:
-    """Signs a checkpoint after an append once ``every_records`` rows or ``every_seconds``
-    have passed since the last one (whichever first); attach with ``ledger.after_append``.
+    """``signer(ledger, n)`` after ``n`` more records are committed: signs a checkpoint
+    once ``every_records`` records or ``every_seconds`` have passed since the last one
+    (whichever first, and only if something was written meanwhile).
 
-    Used by the stage (config section ``checkpoint:``). A failure to publish is logged and
-    counted, never fatal: the checkpoint is in the ledger already and the next one is
-    published again.
+    The stage calls it from its committer's after-commit hook (config section
+    ``checkpoint:``, riskpipe.compose.checkpoint_hooks). A failure to publish is logged
+    and counted, never fatal: the checkpoint is in the ledger already and the next one
+    is published again.
     """
 
     def __init__(self, private_key, every_records: int | None = None, every_seconds: float | None = None,
@@ -200,7 +202,6 @@ class Checkpointer:
         self.rows_since = 0
         self.made = 0
         self.publish_failures = 0
-        self._producer = None
 
     def __call__(self, ledger, written: int) -> Checkpoint | None:
         self.rows_since += written
@@ -218,22 +219,12 @@ class Checkpointer:
     def _publish(self, cp: Checkpoint) -> None:
         import logging
 
-        from riskpipe import kafka_clients
-
-        try:
-            if self._producer is None:
-                self._producer = kafka_clients.producer(self.kafka, acks="all", retries=5)
-            value = canonical_json(cp.to_dict()).encode("utf-8")
-            self._producer.send(self.topic, key=b"checkpoint", value=value).get(timeout=10)
+        try:  # a producer per checkpoint (one a minute or so): nothing to close when the stage ends
+            publish(self.kafka, self.topic, cp)
         except Exception as e:  # noqa: BLE001 - the stage keeps deciding; the next checkpoint is published again
             self.publish_failures += 1
             logging.getLogger("riskpipe.ledger").error("checkpoint at row %d stored but not published to %s: %s",
                                                        cp.count, self.topic, e)
-
-    def close(self) -> None:
-        if self._producer is not None:
-            self._producer.close(timeout=5)
-            self._producer = None
 
 
 def checkpointer_for(section, kafka=None) -> Checkpointer:

@@ -68,7 +68,6 @@ class Ledger:
 
     def _init_lock(self) -> None:
         self._lock = threading.RLock()
-        self.after_append: list = []  # callables (ledger, rows_written) run after a committed append
 
     @contextmanager
     def _conn(self):
@@ -116,9 +115,6 @@ class Ledger:
             if rows:
                 db.executemany(f"INSERT INTO entries ({_COLUMNS}) VALUES (?,?,?,?,?,?,?)", rows)
                 db.execute("UPDATE chain_state SET count = ?, head = ? WHERE id = 1", (count + len(rows), prev))
-        if rows:
-            for hook in self.after_append:
-                hook(self, len(rows))
         return len(rows)
 
     @staticmethod
@@ -253,10 +249,6 @@ class Ledger:
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
-        for hook in self.after_append:
-            if hasattr(hook, "close"):
-                hook.close()
-        self.after_append = []
         with self._lock:
             if self._db is not None:
                 self._db.close()

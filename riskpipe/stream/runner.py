@@ -30,7 +30,7 @@ def run_stage(config, source: str | None = None, sink: str | None = None, metric
 
         t = config.topics
         fresh_outputs(sink[len("jsonl:"):], [t.decisions, t.review, t.audit, t.dlq])
-    ledger = open_ledger(config, sink)
+    ledger = open_ledger(config)
     try:
         stage = build_stage(config, source=source, sink=sink, pipeline=pipeline, ledger=ledger, metrics=metrics,
                             on_record=on_record)
