@@ -2,7 +2,7 @@
 processes on PostgreSQL and SQLite, and ``verify`` time per 100,000 rows on each.
 
 Both durable: SQLite ``synchronous=FULL`` (the default), PostgreSQL with ``fsync=on``.
-Records are full decision records as the stage writes them (~2.4 KB of canonical
+Records are full decision records as the stage writes them (~2.0 KB of canonical
 JSON); writers append batches of 256 (the stage's default batch) or 16, each writer
 its own ids. PostgreSQL appends are serialised by an advisory lock (one chain), SQLite
 by its file lock, so extra writers add contention rather than throughput; the figures
@@ -109,7 +109,7 @@ def main() -> None:
     print(table([(v["backend"], v["rows"], v["verify_seconds"], v["verify_seconds_per_100k"]) for v in verifies],
                 ("backend", "rows", "verify s", "verify s / 100k rows")))
     path = write_results("ledger", {
-        "settings": {"record_bytes": "~2.4 KB canonical JSON (tests/ledger_records.decision_record)",
+        "settings": {"record_bytes": "~2.0 KB canonical JSON (tests/ledger_records.decision_record)",
                      "sqlite": "WAL, synchronous=FULL", "postgresql": "15, fsync=on, one local server, TCP 127.0.0.1",
                      "quick": args.quick},
         "appends": appends, "verify": verifies})

@@ -14,7 +14,7 @@ de-duplication still needs a shared index; one chain keeps the export, the check
 and ``verify`` exactly as on SQLite.
 
 The cost, measured by ``bench/bench_ledger.py`` (bench/results/ledger.json; a shared,
-noisy 2-core machine; PostgreSQL 15 with fsync=on next to SQLite synchronous=FULL, ~2.4 KB
+noisy 2-core machine; PostgreSQL 15 with fsync=on next to SQLite synchronous=FULL, ~2.0 KB
 decision records): with batches of 256 (the stage's default) 1 / 2 / 4 writer processes
 appended 2112 / 2288 / 2980 rows/s on PostgreSQL (SQLite 3475 / 2405 / 3174); with
 batches of 16, 425 / 609 / 544 rows/s (SQLite 1281 / 1855 / 1355). Writers wait for
