@@ -103,12 +103,15 @@ def test_config_errors_name_the_key_in_one_line(user, tmp_path):
         assert want in msg and "\n" not in msg, (want, msg)
 
 
-def test_cli_config_error_is_one_line_without_traceback(user, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_cli_config_error_is_one_line_without_traceback(user, tmp_path, workers):
+    """Also with --workers: the parent checks the entries once, before starting any worker."""
     cfg = write_config(tmp_path / "c.yaml", {"wine": {"spec": user["tabular"].spec, "scale": [1.0, 2.0]}},
                        user["no_context"])
+    (tmp_path / "none.jsonl").write_text("")
     r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "run", "--config", str(cfg), "--no-ledger",
-                        "--source", f"jsonl:{tmp_path / 'none.jsonl'}", "--sink", f"jsonl:{tmp_path / 'o'}"],
-                       capture_output=True, text=True, timeout=120)
+                        "--workers", workers, "--source", f"jsonl:{tmp_path / 'none.jsonl'}",
+                        "--sink", f"jsonl:{tmp_path / 'o'}"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert lines == [f"riskpipe: error: {cfg}: models.wine.scale: 2 values, the model has 13 features"], r.stderr

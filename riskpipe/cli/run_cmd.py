@@ -4,8 +4,29 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 
 import click
+
+
+@contextmanager
+def startup_errors(config_path: str | None):
+    """A policy, model entry, reference set or ledger that cannot be used ends the
+    command with one line naming it (never a traceback)."""
+    from riskpipe.cli.common import fail
+    from riskpipe.context import ContextError
+    from riskpipe.ledger import LedgerError
+    from riskpipe.policy import PolicyError
+    from riskpipe.stream.config import ConfigError
+
+    try:
+        yield
+    except PolicyError as e:
+        fail(f"policy: {e}")
+    except LedgerError as e:  # e.g. an unknown scheme, an unreachable PostgreSQL server
+        fail(str(e))
+    except (ConfigError, ContextError) as e:
+        fail(f"{config_path or 'config'}: {e}")
 
 
 @click.command()
@@ -94,13 +115,15 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, references
                 continue
             cleaned.append(argv[i])
             i += 1
+        with startup_errors(config_path):  # fail once, here, not in every worker; warms the caches
+            from riskpipe.compose import build_pipeline
+
+            build_pipeline(config)
         sys.exit(run_workers(workers, cleaned, config.metrics_port, config.metrics_addr))
-    from riskpipe.context import ContextError
-    from riskpipe.ledger import LedgerError, redact
-    from riskpipe.policy import PolicyError
+    from riskpipe.ledger import redact
 
     metrics = server = None
-    try:
+    with startup_errors(config_path):
         from riskpipe.metrics import StageMetrics
 
         metrics = StageMetrics()
@@ -113,14 +136,8 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, references
             stats = run_stage(config, source, sink, metrics=metrics, idle_exit_s=idle_exit)
         except GuardTripped as e:
             fail(f"DLQ guard tripped, stage stopped: {e}", code=3)
-    except PolicyError as e:
-        fail(f"policy: {e}")
-    except LedgerError as e:  # e.g. an unknown scheme, an unreachable PostgreSQL server
-        fail(str(e))
-    except (ConfigError, ContextError) as e:
-        fail(f"{config_path or 'config'}: {e}")
-    finally:
-        if server:
-            server.shutdown()
+        finally:
+            if server:
+                server.shutdown()
     click.echo(f"decided {stats.decided} events, {sum(stats.dlq.values())} to the DLQ, "
                f"{stats.duplicates} duplicates skipped; ledger {redact(config.ledger or '')}", err=True)
