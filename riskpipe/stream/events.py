@@ -88,10 +88,10 @@ def check_values(obj: dict) -> None:
             if not math.isfinite(v) and path != ("upstream_risk",):
                 raise EventError("non_finite", f"{_path(path)}: NaN or infinity is not accepted")
         elif isinstance(v, str):
-            _check_text(v, _path(path))
+            _check_text(v, path)
         elif isinstance(v, dict):
             for k, child in v.items():
-                _check_text(k, f"{_path(path + (k,))} (a key)")
+                _check_text(k, path + (k,), " (a key)")
                 stack.append((path + (k,), child))
         elif isinstance(v, list):
             if len(path) == 3 and path[0] == "inputs" and path[2] == "data":
@@ -99,11 +99,12 @@ def check_values(obj: dict) -> None:
             stack.extend((path + (i,), child) for i, child in enumerate(v))
 
 
-def _check_text(text: str, where: str) -> None:
+def _check_text(text: str, path: tuple, what: str = "") -> None:
+    """The field's path is formatted only for an error (this runs for every key)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise EventError("invalid_json", f"{where}: string is not valid Unicode (lone surrogate)") from None
+        raise EventError("invalid_json", f"{_path(path)}{what}: string is not valid Unicode (lone surrogate)") from None
 
 
 def check_time(ts) -> str:
