@@ -212,4 +212,8 @@ def propose(s: Survey, alpha: float, max_samples: int, scaled: bool = False) -> 
     notes = [f"l_inf: nearest other class at p5 {li.p5:.3g}, median {li.median:.3g}; an l2 certificate of "
                    f"{epsilon:g} covers an l_inf attacker only out to {epsilon / math.sqrt(dim):.3g} "
                    f"(Theorem 2, d = {dim})"]
+    if s.clean_accuracy < 0.5:
+        notes.insert(0, f"clean accuracy on the reference set is only {s.clean_accuracy:.3f}: check that X is in the "
+                        "units the model takes (e.g. [0, 1] rather than [0, 255]) and that y follows the model's "
+                        "class order")
     return Proposal(sigma=float(sigma), epsilon=float(epsilon), max_radius=r_max, reasons=reasons, notes=notes)

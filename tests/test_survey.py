@@ -71,6 +71,13 @@ def test_model_that_breaks_under_any_noise_gets_the_smallest_sigma_and_a_retrain
     assert p.sigma == min(SIGMAS) and "Gaussian noise augmentation" in p.reasons[0]
 
 
+def test_reference_the_model_gets_wrong_is_pointed_out():
+    X, y, predict = blobs(gap=12.0)
+    p = propose(survey(lambda Z: 1 - predict(Z), X, X, y, 2, seed=0), 0.001, 10000)
+    assert "check that X is in the units the model takes" in p.notes[0]
+    assert not any("units the model takes" in n for n in propose(survey(predict, X, X, y, 2), 0.001, 10000).notes)
+
+
 def test_survey_is_deterministic_for_a_seed():
     X, y, predict = blobs(gap=4.0)
     a, b = survey(predict, X, X, y, 2, seed=3), survey(predict, X, X, y, 2, seed=3)
