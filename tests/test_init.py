@@ -105,12 +105,14 @@ def no_labels(tmp_path):
     return tmp_path / "nolabels.npz"
 
 
-@pytest.mark.parametrize("case", ["missing_model", "missing_reference", "no_labels", "shape_mismatch", "exists"])
+@pytest.mark.parametrize("case", ["missing_model", "missing_reference", "no_labels", "shape_mismatch", "exists",
+                                  "bad_name"])
 def test_init_bad_inputs_give_one_line(case, tmp_path, no_labels):
     model, ref = EXAMPLES / "tabular" / "model.skops", EXAMPLES / "tabular" / "reference.npz"
     expect = {"missing_model": "file not found", "missing_reference": "file not found",
               "no_labels": "no array 'y'", "shape_mismatch": "X rows have shape [30], the model expects [3, 32, 32]",
-              "exists": "exists; pass --force"}[case]
+              "exists": "exists; pass --force", "bad_name": "--name 'Bad Name': use lower-case letters"}[case]
+    extra = ["--name", "Bad Name"] if case == "bad_name" else []
     if case == "missing_model":
         model = tmp_path / "nope.skops"
     elif case == "missing_reference":
@@ -121,7 +123,7 @@ def test_init_bad_inputs_give_one_line(case, tmp_path, no_labels):
         model = f"{EXAMPLES / 'image' / 'model.pt'}?shape=3,32,32"
     elif case == "exists":
         (tmp_path / "policy.yaml").write_text("keep me")
-    r = cli("init", "--model", model, "--reference", ref, "--out", tmp_path, "--trial", 0)
+    r = cli("init", "--model", model, "--reference", ref, "--out", tmp_path, "--trial", 0, *extra)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("riskpipe: error: ") and expect in lines[0], r.stderr

@@ -126,6 +126,9 @@ def init(spec, reference, out_dir, name, trial, seed, force):
     from riskpipe.stream.config import ConfigError, default_policy_path, read_reference
     from riskpipe.survey import SurveyError, check_reference, propose, survey
 
+    name = name or _model_name(spec)
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
+        fail(f"--name {name!r}: use lower-case letters, digits, '.', '_' and '-'")
     out = Path(out_dir)
     config_path, policy_path = out / "riskpipe.yaml", out / "policy.yaml"
     for p in (config_path, policy_path):
@@ -145,9 +148,6 @@ def init(spec, reference, out_dir, name, trial, seed, force):
         s = standardize_scale(X)
         certified = scaled_model(model, s, "standardize(reference)")
         Z = X / s.astype(np.float32)
-    name = name or _model_name(spec)
-    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
-        fail(f"--name {name!r}: use lower-case letters, digits, '.', '_' and '-'")
     base = safe_yaml.load(Path(default_policy_path()).read_text(encoding="utf-8"))
     try:
         sv = survey(certified.predict, X, Z, y, model.num_classes, seed=seed)
