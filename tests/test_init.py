@@ -130,3 +130,17 @@ def test_init_bad_inputs_give_one_line(case, tmp_path, no_labels):
     assert "Traceback" not in r.stderr
     if case == "exists":
         assert (tmp_path / "policy.yaml").read_text() == "keep me"
+
+
+def test_init_on_the_demo_model_proposes_what_the_hand_written_default_policy_uses(tmp_path, digits_test):
+    """policies/default.yaml was tuned by hand for demo:digits (sigma 0.25, epsilon 0.25 in l2)."""
+    X, y = digits_test
+    np.savez(tmp_path / "ref.npz", X=X[:200], y=y[:200])
+    r = cli("init", "--model", "demo:digits", "--reference", tmp_path / "ref.npz", "--out", tmp_path / "cfg",
+            "--trial", 0)
+    assert r.returncode == 0, r.stderr
+    from riskpipe.policy import load_policy
+
+    pol = load_policy(str(tmp_path / "cfg" / "policy.yaml"))
+    assert pol.certifier.sigma == 0.25 and pol.threat_model.epsilon == 0.25 and pol.threat_model.norm == "l2"
+    assert "spec: demo:digits" in (tmp_path / "cfg" / "riskpipe.yaml").read_text()
