@@ -191,3 +191,19 @@ class ListSource:
 
     def close(self):
         pass
+
+
+def kill_9_then_finish(bootstrap: str, ledger: str, total: int, kill_after: int, max_events: int) -> None:
+    """Run the stage CLI, SIGKILL it once ``kill_after`` ledger rows exist (and before
+    ``total``), restart it and let it decide the rest; it must then stop cleanly."""
+    p = run_cli(stage_args(bootstrap, ledger, "--max-events", str(max_events)))
+    assert wait_for(lambda: len(ledger_ids(ledger)) >= kill_after, 120)
+    rc, _ = stop(p, signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    assert len(ledger_ids(ledger)) < total
+    p = run_cli(stage_args(bootstrap, ledger))
+    try:
+        assert wait_for(lambda: len(ledger_ids(ledger)) >= total, 150)
+    finally:
+        rc, err = stop(p)
+    assert rc == 0, err[-2000:]

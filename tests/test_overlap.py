@@ -4,7 +4,6 @@ offset moves only after every output of its batch is acknowledged and in the led
 from __future__ import annotations
 
 import json
-import signal
 
 import numpy as np
 import pytest
@@ -89,24 +88,14 @@ def test_kill_9_with_batches_in_flight_loses_no_output(tmp_path) -> None:
     that state during every certification): after a restart every event has exactly
     one ledger row and at least one audit and decisions message."""
     from riskpipe.stream.broker import EmbeddedBroker
-    from streamkit import consume_all, ledger_ids, produce, run_cli, stage_args, stop, valid_events, wait_for
+    from streamkit import consume_all, kill_9_then_finish, ledger_ids, produce, valid_events
 
     with EmbeddedBroker() as b:
         b.create_topics()
         events = valid_events("k", 200)
         ledger = str(tmp_path / "l.sqlite")
         produce(b.bootstrap, events)
-        p = run_cli(stage_args(b.bootstrap, ledger, "--max-events", "8"))
-        assert wait_for(lambda: len(ledger_ids(ledger)) >= 40, 120)
-        rc, _ = stop(p, signal.SIGKILL)
-        assert rc == -signal.SIGKILL
-        assert len(ledger_ids(ledger)) < 200
-        p = run_cli(stage_args(b.bootstrap, ledger))
-        try:
-            assert wait_for(lambda: len(ledger_ids(ledger)) >= 200, 150)
-        finally:
-            rc, err = stop(p)
-        assert rc == 0, err[-2000:]
+        kill_9_then_finish(b.bootstrap, ledger, total=200, kill_after=40, max_events=8)
         ids = ledger_ids(ledger)
         assert len(ids) == len(set(ids)) == 200
         out = consume_all(b.bootstrap, ["audit", "decisions"], expect=400, timeout=60)

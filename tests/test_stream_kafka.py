@@ -7,8 +7,8 @@ import time
 import pytest
 
 from riskpipe.stream.broker import EmbeddedBroker
-from streamkit import (StageThread, consume_all, ledger_ids, produce, run_cli, stage_args, stop, valid_events,
-                       wait_for)
+from streamkit import (StageThread, consume_all, kill_9_then_finish, ledger_ids, produce, run_cli, stage_args, stop,
+                       valid_events, wait_for)
 
 pytestmark = pytest.mark.broker
 
@@ -121,18 +121,7 @@ def test_kill_9_and_restart_loses_nothing_duplicates_nothing(tmp_path):
         events = valid_events("k", 300)
         ledger = str(tmp_path / "l.sqlite")
         produce(b.bootstrap, events)
-        p = run_cli(stage_args(b.bootstrap, ledger, "--max-events", "16"))
-        assert wait_for(lambda: len(ledger_ids(ledger)) >= 20, 120)
-        rc, _ = stop(p, signal.SIGKILL)
-        assert rc == -signal.SIGKILL
-        done_before = len(ledger_ids(ledger))
-        assert done_before < 300
-        p = run_cli(stage_args(b.bootstrap, ledger))
-        try:
-            assert wait_for(lambda: len(ledger_ids(ledger)) >= 300, 150)
-        finally:
-            rc, err = stop(p)
-        assert rc == 0, err[-2000:]
+        kill_9_then_finish(b.bootstrap, ledger, total=300, kill_after=20, max_events=16)
         ids = ledger_ids(ledger)
         assert len(ids) == len(set(ids)) == 300
 
