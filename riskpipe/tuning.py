@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +37,11 @@ def cache_path(model, cache_dir: Path | None = None) -> Path:
 
 
 def certify_batch_size(model, configured: int | None = None, cache_dir: Path | None = None,
-                       budget_s: float = 1.5, name: str | None = None) -> BatchSizeChoice:
+                       budget_s: float = 1.5, name: str | None = None,
+                       clock: Callable[[], float] = time.perf_counter) -> BatchSizeChoice:
     """The batch size to certify ``model`` with: ``configured`` if given, else the cached
-    probe result for this model/device/thread count, else a fresh probe (then cached)."""
+    probe result for this model/device/thread count, else a fresh probe (then cached).
+    ``clock`` times the probe (tests pass a simulated one)."""
     from riskpipe.certify.batch_size import probe
 
     label = name or model.spec
@@ -47,7 +51,7 @@ def certify_batch_size(model, configured: int | None = None, cache_dir: Path | N
         path = cache_path(model, cache_dir)
         choice = _read(path)
         if choice is None:
-            p = probe(model, budget_s=budget_s)
+            p = probe(model, budget_s=budget_s, clock=clock)
             choice = BatchSizeChoice(p.best, "probe", p.rates)
             _write(path, choice)
             log.info("model %s: probed forward rates %s in %.2f s", label,

@@ -1,10 +1,13 @@
-"""The certification batch size comes from the model's measured forward throughput."""
+"""The certification batch size comes from the model's measured forward throughput.
+
+The probe's own tests run on simulated time: ``TimedModel`` advances a ``SimClock`` by
+its known forward cost and the probe reads that clock, so rates, choices and budget
+stops are exact on any machine, however loaded."""
 
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -16,10 +19,24 @@ from riskpipe.tuning import cache_path, certify_batch_size
 
 
 @dataclass
+class SimClock:
+    """Simulated seconds: only ``advance`` moves it."""
+
+    now: float = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
 class TimedModel:
-    """A model whose forward pass takes ``cost(batch size)`` seconds (known rates)."""
+    """A model whose forward pass takes ``cost(batch size)`` simulated seconds on ``clock``."""
 
     cost: object
+    clock: SimClock = field(default_factory=SimClock)
     input_shape: tuple = (3, 32, 32)
     value_range: tuple = (0.0, 1.0)
     device: str = "cpu"
@@ -30,21 +47,24 @@ class TimedModel:
     def predict_torch(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         assert x.shape[1:] == self.input_shape and x.dtype == torch.float32
-        time.sleep(self.cost(len(x)))
+        self.clock.advance(self.cost(len(x)))
         return torch.zeros(len(x), dtype=torch.int64)
 
 
 def peaked(b: int) -> float:
-    # fastest at 256 (4 µs/sample); 8 µs/sample at 512 and below 256, 20 µs/sample beyond
-    per = 4e-6 if b == 256 else (8e-6 if b <= 512 else 20e-6)
+    # fastest at 256 (4 µs/sample); 7 µs/sample at 512 and below 256 (above half the peak
+    # rate, so not "falling"), 20 µs/sample beyond (below half: the probe stops after two)
+    per = 4e-6 if b == 256 else (7e-6 if b <= 512 else 20e-6)
     return b * per
 
 
 def test_probe_picks_the_fastest_size_and_stops_past_the_peak() -> None:
-    p = probe(TimedModel(peaked), budget_s=3.0, min_time_s=0.02)
+    m = TimedModel(peaked)
+    p = probe(m, budget_s=3.0, min_time_s=0.02, clock=m.clock)
     assert p.best == 256
     assert p.rates[256] > 1.5 * p.rates[128] and p.rates[256] > 1.5 * p.rates[512]
     assert p.rates[2048] < 0.5 * p.best_rate
+    assert p.rates == pytest.approx({b: b / peaked(b) for b in (64, 128, 256, 512, 1024, 2048)})
     assert 4096 not in p.rates and "fell below half" in p.notes[-1]  # stopped past the peak
 
 
@@ -56,9 +76,8 @@ def test_best_is_the_smallest_within_tolerance() -> None:
 
 def test_probe_keeps_to_its_budget() -> None:
     slow = TimedModel(lambda b: 0.1 + b * 2e-4)  # 64: 0.11 s per call; 4096: 0.9 s
-    t0 = time.perf_counter()
-    p = probe(slow, budget_s=0.8, min_time_s=0.0)
-    assert time.perf_counter() - t0 < 1.6
+    p = probe(slow, budget_s=0.8, min_time_s=0.0, clock=slow.clock)
+    assert p.elapsed_s == slow.clock.now <= 0.8
     assert 64 in p.rates and 4096 not in p.rates
     assert "budget" in p.notes[-1]
 
@@ -95,13 +114,13 @@ def test_probe_on_a_cifar_sized_torchscript_cnn(tmp_path, one_thread) -> None:
 
 def test_choice_is_probed_once_then_cached_per_model_device_and_threads(tmp_path) -> None:
     m = TimedModel(peaked)
-    first = certify_batch_size(m, cache_dir=tmp_path, budget_s=3.0)
+    first = certify_batch_size(m, cache_dir=tmp_path, budget_s=3.0, clock=m.clock)
     assert first.source == "probe" and first.size == 256
     path = cache_path(m, tmp_path)
     assert json.loads(path.read_text())["batch_size"] == 256
     assert f"-cpu-t{torch.get_num_threads()}.json" in path.name and path.name.startswith("t" * 32)
     calls = m.calls
-    again = certify_batch_size(m, cache_dir=tmp_path)
+    again = certify_batch_size(m, cache_dir=tmp_path, clock=m.clock)
     assert (again.size, again.source, m.calls) == (256, "cache", calls)  # no model call
     other = TimedModel(peaked, sha256="u" * 64)
     assert cache_path(other, tmp_path) != path
@@ -119,7 +138,7 @@ def test_unreadable_cache_is_probed_again(tmp_path) -> None:
     path = cache_path(m, tmp_path)
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
-    assert certify_batch_size(m, cache_dir=tmp_path, budget_s=3.0).source == "probe"
+    assert certify_batch_size(m, cache_dir=tmp_path, budget_s=3.0, clock=m.clock).source == "probe"
     assert json.loads(path.read_text())["batch_size"] == 256
 
 
