@@ -1,9 +1,9 @@
 """``riskpipe demo``: the whole product on one machine in under two minutes.
 
 Starts the embedded broker, prepares the demo model, streams the digits test split,
-PGD-attacked digits and a handful of malformed events, runs the stage (metrics and
-the review console served meanwhile), and ends with a summary, a compliance report
-and the paths of everything written.
+PGD-attacked digits and one malformed event per dead-letter reason a producer can
+cause, runs the stage (metrics and the review console served meanwhile), and ends
+with a summary, a compliance report and the paths of everything written.
 """
 
 from __future__ import annotations
@@ -28,8 +28,16 @@ class DemoEvents:
     malformed: dict = field(default_factory=dict)
 
 
-def malformed_events(x: np.ndarray, max_bytes: int) -> list[tuple[str, bytes, list]]:
-    """One event per DLQ reason the stage knows, each with the reason it must get."""
+def malformed_events(x: np.ndarray, max_bytes: int, taken: dict) -> list[tuple[str, str | None, bytes, list]]:
+    """One event per DLQ reason a producer can cause, each as (reason it must get, key,
+    value, headers). ``taken`` is a valid event sent before these: the ``id_conflict``
+    one reuses its id (and key, so it lands on the same partition, after it) with
+    another input.
+
+    Not here: ``off_grid`` (only a policy with the sound sampler has a grid; the demo's
+    is Gaussian) and ``internal_error`` (a fault of the stage, not of the input)."""
+    from riskpipe.stream.binary import make_binary_event
+
     good = make_event("bad-0", "digits", x)
     flat = good["inputs"][0]["data"]
 
@@ -40,17 +48,30 @@ def malformed_events(x: np.ndarray, max_bytes: int) -> list[tuple[str, bytes, li
             (t if k in t else e)[k] = v
         return json.dumps(e).encode()
 
+    binary, binary_headers = make_binary_event("bad-bin", "digits", x)
+    head_length = binary_headers[0][1]
+    conflict = json.loads(json.dumps(taken))
+    conflict["inputs"][0]["data"] = [round(1.0 - v, 4) for v in conflict["inputs"][0]["data"]]
     return [
-        ("invalid_json", b'{"id": "bad-json", "model": "digits", "inputs": [', []),
-        ("missing_field", json.dumps({"id": "bad-missing", "model": "digits"}).encode(), []),
-        ("wrong_dtype", ev(datatype="BYTES"), []),
-        ("wrong_shape", ev(shape=[1, 1, 4, 4], data=flat[:16]), []),
-        ("non_finite", ev(data=[float("nan")] + flat[1:]), []),
-        ("out_of_range", ev(data=[7.0] + flat[1:]), []),
-        ("unknown_model", ev(model="resnet-9000"), []),
-        ("oversized", b'{"id": "big", "pad": "' + b"x" * (max_bytes + 10) + b'"}', []),
-        ("unsupported_cloudevent", ev(), [("ce_id", b"bad-ce"), ("ce_source", b"/demo"),
-                                          ("ce_type", b"com.example.unknown"), ("ce_specversion", b"1.0")]),
+        ("invalid_json", None, b'{"id": "bad-json", "model": "digits", "inputs": [', []),
+        ("not_an_object", None, b'["bad-array", "digits"]', []),
+        ("missing_field", None, json.dumps({"id": "bad-missing", "model": "digits"}).encode(), []),
+        ("wrong_type", None, ev(data=["0.5"] + flat[1:]), []),
+        ("wrong_dtype", None, ev(datatype="BYTES"), []),
+        ("wrong_shape", None, ev(shape=[1, 1, 4, 4], data=flat[:16]), []),
+        ("non_finite", None, ev(data=[float("nan")] + flat[1:]), []),
+        ("out_of_range", None, ev(data=[7.0] + flat[1:]), []),
+        ("unknown_model", None, ev(model="resnet-9000"), []),
+        ("oversized", None, b'{"id": "big", "pad": "' + b"x" * (max_bytes + 10) + b'"}', []),
+        ("unsupported_cloudevent", None, ev(), [("ce_id", b"bad-ce"), ("ce_source", b"/demo"),
+                                                ("ce_type", b"com.example.unknown"), ("ce_specversion", b"1.0")]),
+        ("bad_id", None, ev(id="bad\nid"), []),
+        ("bad_time", None, ev(time="yesterday at noon"), []),
+        # Open Inference Protocol binary form: a header length that is not a number, and
+        # four stray bytes after the tensor the sizes account for
+        ("bad_binary_header", None, binary, [("Inference-Header-Content-Length", b"0x" + head_length)]),
+        ("binary_size_mismatch", None, binary + b"\0\0\0\0", binary_headers),
+        ("id_conflict", taken["id"], json.dumps(conflict).encode(), []),
     ]
 
 
@@ -82,11 +103,16 @@ def build_events(model, n_clean: int | None, n_attacked: int, attack_eps: float,
                        context={"label": int(y[i]), "attack": f"pgd-l2-{attack_eps:g}"})
         out.messages.append((e["id"], json.dumps(e).encode(), []))
         out.attacked += 1
-    for code, value, headers in malformed_events(X[0], max_bytes):
-        out.messages.append((None, value, headers))
+    first = json.loads(out.messages[0][1])
+    malformed = malformed_events(X[0], max_bytes, first)
+    for code, key, value, headers in malformed:
         out.malformed[code] = out.malformed.get(code, 0) + 1
-    order = rng.permutation(len(out.messages))
-    out.messages = [out.messages[k] for k in order]
+    shuffled = [(key, value, headers) for code, key, value, headers in malformed if code != "id_conflict"]
+    shuffled += out.messages
+    order = rng.permutation(len(shuffled))
+    # the id_conflict event goes last: after the event whose id it reuses (same key, same partition)
+    out.messages = [shuffled[k] for k in order] + [(key, value, headers) for code, key, value, headers
+                                                    in malformed if code == "id_conflict"]
     return out
 
 
