@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import http.client
 import re
-import statistics
-import time
 from urllib.parse import urlencode, urlsplit
 
 import pytest
@@ -116,19 +114,13 @@ def test_login_costs_the_same_whether_the_name_exists_or_not(monkeypatch):
     calls = []
     real = settings_mod.check_password_hash
     monkeypatch.setattr(settings_mod, "check_password_hash", lambda h, p: calls.append(h) or real(h, p))
-    for name in ("bob", "carol", "nobody", "x" * 3):
+    # The cost of an attempt is its hash verification: exactly one on every path, with
+    # the same method and work factor (e.g. scrypt:32768:8:1) as a real user's hash.
+    # Counted, not timed: a wall-clock ratio flakes on a loaded machine.
+    method = creds.users["bob"].split("$", 1)[0]
+    for name in ("bob", "carol", "nobody", "x" * 3, "bad name!"):
         calls.clear()
         assert creds.authenticate(name, "wrong password") is None
         assert len(calls) == 1, name  # one hash verification on every path
+        assert calls[0].split("$", 1)[0] == method, (name, calls[0].split("$", 1)[0])
     assert creds.authenticate("bob", BOB) == "bob" and creds.authenticate("carol", "carols plain passphrase") == "carol"
-
-    def median_s(name):
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            creds.authenticate(name, "wrong password")
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    known, unknown = median_s("bob"), median_s("nobody")
-    assert 0.5 < unknown / known < 2.0, (known, unknown)

@@ -9,6 +9,11 @@ import pytest
 
 from riskpipe import safe_yaml
 
+# A bound on refusing a bomb, not a speed target: a correct loader refuses it in about a
+# millisecond, while expanding it (9**9 leaves) takes far longer and gigabytes. 20 s
+# cannot fail on a loaded machine for a correct loader and still catches an expanding one.
+REFUSED_WITHIN_S = 20.0
+
 
 def bomb(levels: int = 9, width: int = 9) -> str:
     """``levels`` levels of ``width`` aliases: width**levels leaves once expanded."""
@@ -23,7 +28,7 @@ def test_limits_count_expanded_aliases_depth_and_recursion():
     t0 = time.perf_counter()
     with pytest.raises(safe_yaml.YAMLLimitError, match="expands to more than"):
         safe_yaml.load(bomb())
-    assert time.perf_counter() - t0 < 2.0
+    assert time.perf_counter() - t0 < REFUSED_WITHIN_S
     with pytest.raises(safe_yaml.YAMLLimitError, match="recursive alias"):
         safe_yaml.load("&a [*a]")
     with pytest.raises(safe_yaml.YAMLLimitError, match="nesting deeper than 64"):
@@ -41,7 +46,7 @@ def test_policy_bomb_refused_with_one_line_naming_the_file(tmp_path):
     t0 = time.perf_counter()
     with pytest.raises(PolicyError) as e:
         load_policy(p)
-    assert time.perf_counter() - t0 < 2.0
+    assert time.perf_counter() - t0 < REFUSED_WITHIN_S
     assert str(e.value).count("\n") == 0 and str(e.value).startswith(f"{p}:")
     r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "policy", "check", str(p)], capture_output=True,
                        text=True, timeout=60)
@@ -59,7 +64,7 @@ def test_stage_and_review_config_bomb_refused(tmp_path):
         t0 = time.perf_counter()
         with pytest.raises(err, match="expands to more than") as e:
             load(str(p))
-        assert time.perf_counter() - t0 < 2.0
+        assert time.perf_counter() - t0 < REFUSED_WITHIN_S
         assert str(e.value).startswith(f"{p}:") and "\n" not in str(e.value)
     r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "run", "--config", str(p)], capture_output=True,
                        text=True, timeout=60)

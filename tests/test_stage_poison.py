@@ -5,7 +5,6 @@ TorchScript CNN, not the digits demo."""
 
 import json
 import sqlite3
-import time
 
 import numpy as np
 import pytest
@@ -180,20 +179,36 @@ def test_id_conflict_and_identical_redelivery(tmp_path, cnn):
         assert led.count("decision") == 1 and led.verify().ok
 
 
-class SlowJoinSource:
-    """A source whose group assignment arrives only after ``join_s`` seconds."""
+class SimTime:
+    """Simulated seconds for the stage module's ``time``: only a poll moves it."""
 
-    def __init__(self, join_s):
-        self.t0 = time.monotonic()
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    perf_counter = monotonic
+
+
+class SlowJoinSource:
+    """A source whose group assignment arrives only after ``join_s`` (simulated) seconds;
+    each poll waits out its whole timeout, as an idle broker's does."""
+
+    def __init__(self, clock: SimTime, join_s: float):
+        self.clock = clock
+        self.t0 = clock.now
         self.join_s = join_s
         self.exhausted = False
+        self.polls = 0
 
     @property
     def holds_partitions(self):
-        return time.monotonic() - self.t0 >= self.join_s
+        return self.clock.now - self.t0 >= self.join_s
 
     def poll(self, n, timeout_ms):
-        time.sleep(timeout_ms / 1000)
+        self.polls += 1
+        self.clock.now += timeout_ms / 1000
         return []
 
     def commit(self, msgs):
@@ -203,16 +218,21 @@ class SlowJoinSource:
         pass
 
 
-def test_idle_exit_counts_only_while_holding_partitions(tmp_path, cnn):
+def test_idle_exit_counts_only_while_holding_partitions(tmp_path, cnn, monkeypatch):
+    import riskpipe.stream.stage as stage_mod
+
+    clock = SimTime()
+    monkeypatch.setattr(stage_mod, "time", clock)  # the stage's idle clock, driven by the polls below
     cfg = load_config(None, batch={"max_events": 8, "max_wait_ms": 50})
-    stage = Stage(cfg, cnn, lambda r: SlowJoinSource(1.5), lambda: JsonlSink(str(tmp_path / "o")))
-    t0 = time.monotonic()
-    stage.run(idle_exit_s=0.5)
-    assert time.monotonic() - t0 >= 1.9  # 1.5 s joining + 0.5 s idle (less one 50 ms poll)
-    stage = Stage(cfg, cnn, lambda r: SlowJoinSource(0.0), lambda: JsonlSink(str(tmp_path / "o")))
-    t0 = time.monotonic()
-    stage.run(idle_exit_s=0.5)
-    assert 0.5 <= time.monotonic() - t0 < 1.5
+    for join_s, least in ((1.5, 2.0), (0.0, 0.5)):  # joining time never counts as idle
+        sources = []
+        stage = Stage(cfg, cnn, lambda r: sources.append(SlowJoinSource(clock, join_s)) or sources[-1],
+                      lambda: JsonlSink(str(tmp_path / "o")))
+        t0 = clock.now
+        stage.run(idle_exit_s=0.5)
+        elapsed = clock.now - t0
+        assert least <= elapsed <= least + 0.1 + 1e-9, (join_s, elapsed)  # within two 50 ms polls
+        assert sources[0].polls >= round(least / 0.05)
 
 
 def test_handle_has_no_side_effects_and_isolates_parse_failures(cnn, monkeypatch):
