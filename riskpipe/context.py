@@ -15,8 +15,10 @@ For each input, with its certified radius already converted to the threat norm:
   radii). The reference radii are certified once for the reference set by a cheap
   certifier call the caller supplies, converted to the threat norm by that caller.
 
-Indexes are scikit-learn ``NearestNeighbors`` (one per class) with the metric of the
-threat norm: l1 -> manhattan, l2 -> euclidean, linf -> chebyshev. Saved as .npz
+Queries compute one distance matrix to every reference sample (scikit-learn
+``pairwise_distances_chunked`` with the metric of the threat norm: l1 -> manhattan, l2 ->
+euclidean, linf -> chebyshev) and take the minimum per class over the samples sorted
+by label: one call per micro-batch instead of one neighbour search per class. Saved as .npz
 (arrays only; loaded with ``allow_pickle=False``). Pure apart from save/load; which
 reference set a model uses, and the caching of its reference radii, is decided by
 the composition root (riskpipe.compose).
@@ -29,13 +31,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sklearn.neighbors import NearestNeighbors
-from threadpoolctl import threadpool_limits
+from sklearn.metrics import pairwise_distances_chunked
+from threadpoolctl import ThreadpoolController
 
 from riskpipe.certify.norms import check_norm
 
 METRICS = {"l1": "manhattan", "l2": "euclidean", "linf": "chebyshev"}
 FORMAT_VERSION = 1
+
+
+_THREADPOOLS: list[ThreadpoolController] = []
+
+
+def _one_blas_thread():
+    """Limit BLAS to one thread for a query. The controller is made once: scanning the
+    loaded libraries (what ``threadpool_limits`` does per call) cost more than the query."""
+    if not _THREADPOOLS:
+        _THREADPOOLS.append(ThreadpoolController())
+    return _THREADPOOLS[0].limit(limits=1)
 
 
 class ContextError(ValueError):
@@ -49,7 +62,9 @@ class ContextIndex:
     norm: str
     name: str = "reference"
     reference_radii: np.ndarray | None = None  # sorted, threat norm
-    _indexes: dict[int, NearestNeighbors] = field(default_factory=dict, repr=False)
+    _sorted: np.ndarray | None = field(default=None, repr=False)  # X ordered by label
+    _classes: np.ndarray | None = field(default=None, repr=False)  # the labels, ascending
+    _starts: np.ndarray | None = field(default=None, repr=False)  # first row of each class in _sorted
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -79,20 +94,17 @@ class ContextIndex:
         return index
 
     def _fit(self) -> None:
-        self._indexes = {}
-        for c in np.unique(self.y):
-            nn = NearestNeighbors(n_neighbors=1, metric=METRICS[self.norm], algorithm="brute")
-            nn.fit(self.X[self.y == c])
-            self._indexes[int(c)] = nn
+        order = np.argsort(self.y, kind="stable")
+        self._sorted = np.ascontiguousarray(self.X[order])
+        self._classes, self._starts = np.unique(self.y[order], return_index=True)
 
     # ---- queries -------------------------------------------------------------------------
     def _class_distances(self, Xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, C) distance to the nearest sample of each class, and the class ids."""
-        classes = np.array(sorted(self._indexes))
-        D = np.empty((len(Xq), len(classes)))
-        for j, c in enumerate(classes):
-            D[:, j] = self._indexes[int(c)].kneighbors(Xq, return_distance=True)[0][:, 0]
-        return D, classes
+        """(B, C) distance to the nearest sample of each class, and the class ids. Queries
+        go in chunks (scikit-learn's working memory), so a large reference set stays bounded."""
+        per_class = lambda D, start: np.minimum.reduceat(D, self._starts, axis=1)  # noqa: E731
+        chunks = pairwise_distances_chunked(Xq, self._sorted, metric=METRICS[self.norm], reduce_func=per_class)
+        return np.vstack(list(chunks)), self._classes
 
     def context(self, x_batch, predicted_classes, radius_threat) -> list[dict]:
         """One context dict per input (see the module docstring for each field)."""
@@ -102,23 +114,26 @@ class ContextIndex:
         radii = np.asarray(radius_threat, dtype=np.float64).reshape(-1)
         if len(radii) != len(Xq) or len(predicted_classes) != len(Xq):
             raise ContextError("context: x_batch, predicted_classes and radius_threat need the same length")
-        with threadpool_limits(limits=1):  # small queries: BLAS threads only contend (20x slower on a busy box)
+        with _one_blas_thread():  # small queries: BLAS threads only contend (20x slower on a busy box)
             D, classes = self._class_distances(Xq)
-        out = []
-        for i in range(len(Xq)):
-            own = predicted_classes[i]
-            if own is None:
-                own = int(classes[D[i].argmin()])
-            others = D[i][classes != int(own)]
-            d = float(others.min())
-            r = float(radii[i])
-            out.append({
-                "nearest_other_class_distance": d,
-                "radius_to_distance_ratio": r / d if d > 0 else None,
-                "radius_percentile": self.percentile(r),
-                "reference": self.reference,
-            })
-        return out
+        rows = np.arange(len(Xq))
+        own = np.array([D[i].argmin() if c is None else -1 for i, c in enumerate(predicted_classes)])
+        known = own < 0  # a predicted class (not the nearest label) stands in
+        pred = np.array([-1 if c is None else int(c) for c in predicted_classes], dtype=np.int64)
+        pos = np.minimum(np.searchsorted(classes, pred), len(classes) - 1)
+        own = np.where(known, np.where(classes[pos] == pred, pos, -1), own)
+        D = D.copy()
+        D[rows[own >= 0], own[own >= 0]] = np.inf  # the input's own class does not count
+        d = D.min(axis=1)
+        pct = (None if self.reference_radii is None else
+               100.0 * np.searchsorted(self.reference_radii, radii, side="right") / len(self.reference_radii))
+        reference = self.reference
+        return [{
+            "nearest_other_class_distance": float(d[i]),
+            "radius_to_distance_ratio": float(radii[i]) / float(d[i]) if d[i] > 0 else None,
+            "radius_percentile": None if pct is None else float(pct[i]),
+            "reference": dict(reference),
+        } for i in rows]
 
     def percentile(self, radius: float) -> float | None:
         if self.reference_radii is None:
