@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from riskpipe.certify.certificate import Certificate
 from riskpipe.certify.norms import conversion_factor
 from riskpipe.policy import signals as sig
-from riskpipe.policy.fields import holds
+from riskpipe.policy.fields import OPS, holds
 from riskpipe.policy.rules import conditions_hold, iter_conditions
 from riskpipe.policy.scoring import combine
 
@@ -102,53 +105,126 @@ def evaluate(policy, certificate, upstream_risk: Any = None, context: Any = None
              event_id: str | None = None, prediction: Any = None) -> Decision:
     """The policy's decision. A certificate for a class other than the event's ``prediction``
     is no certificate for the decision the pipeline acts on: it counts as not certified in
-    the threat model (reason ``prediction_mismatch``)."""
-    cert = _as_certificate(certificate)
-    tm = policy.threat_model
-    radius_threat, certified, cert_reasons = threat_view(policy, cert)
-    agrees = prediction_agrees(cert, prediction)
-    if agrees is False:
-        certified = False
-        cert_reasons = [r for r in cert_reasons if r != "radius_below_epsilon"] + ["prediction_mismatch"]
-    cfg = policy.signals
-    signals = {
-        "certificate_risk": sig.certificate_risk(cfg.certificate_risk, cert.abstained, radius_threat, tm.epsilon,
-                                                 certified),
-        "upstream_risk": sig.upstream_risk(cfg.upstream_risk, upstream_risk),
-    }
-    if cfg.context_risk.enabled:
-        signals["context_risk"] = sig.context_risk(cfg.context_risk, context, radius_threat)
-    weights = policy.score.weights.model_dump()
-    score, formula = combine(policy.score.combiner, {k: v["value"] for k, v in signals.items()}, weights)
-    for name, s in signals.items():
-        s["weight"] = weights[name]
+    the threat model (reason ``prediction_mismatch``).
 
-    ctx = signals.get("context_risk", {})
-    facts = {
-        "certificate.abstained": cert.abstained,
-        "certified_in_threat": certified,
-        "prediction_agrees": agrees,
-        "radius_threat": radius_threat,
-        "radius_over_epsilon": radius_threat / tm.epsilon,
-        "score": score,
-        "signals.certificate_risk.value": signals["certificate_risk"]["value"],
-        "signals.upstream_risk.value": signals["upstream_risk"]["value"],
-        "signals.upstream_risk.flagged": signals["upstream_risk"]["flagged"],
-        "signals.context_risk.value": ctx.get("value"),
-        "signals.context_risk.flagged": ctx.get("flagged"),
-        "context.radius_to_distance_ratio": ctx.get("radius_to_distance_ratio"),
-        "context.radius_percentile": ctx.get("radius_percentile"),
-    }
-
+    This is the reference: ``evaluate_batch`` gives the same decisions for a micro-batch."""
+    ev = _Evidence.gather(policy, _as_certificate(certificate), upstream_risk, context, prediction)
     trace, fired = [], None
     for rule in policy.rules:
-        ok = conditions_hold(rule.when, facts)
+        ok = conditions_hold(rule.when, ev.facts)
         trace.append({"rule": rule.id, "matched": ok, "conditions": [
-            {"field": c.field, "op": c.op, "value": c.value, "actual": facts.get(c.field),
-             "holds": holds(c.field, c.op, c.value, facts)} for c in iter_conditions(rule.when)]})
+            {"field": c.field, "op": c.op, "value": c.value, "actual": ev.facts.get(c.field),
+             "holds": holds(c.field, c.op, c.value, ev.facts)} for c in iter_conditions(rule.when)]})
         if ok:
             fired = rule
             break
+    return _conclude(policy, ev, fired, trace, event_id)
+
+
+def evaluate_batch(policy, certificates: Sequence, upstream_risks: Sequence, contexts: Sequence,
+                   event_ids: Sequence, predictions: Sequence) -> list[Decision]:
+    """``evaluate`` for a micro-batch (equal decisions, tested against it): each rule
+    condition is tested once for the whole batch as an array comparison, so the per-event
+    Python work is gathering the evidence and writing the decision."""
+    evs = [_Evidence.gather(policy, _as_certificate(c), u, x, p)
+           for c, u, x, p in zip(certificates, upstream_risks, contexts, predictions, strict=True)]
+    n = len(evs)
+    if n == 0:
+        return []
+    rules = policy.rules
+    table: list[list[tuple[Any, np.ndarray, list]]] = []  # per rule: (condition, holds, actual) each
+    matched = np.zeros((len(rules), n), dtype=bool)
+    for r, rule in enumerate(rules):
+        conds = []
+        for c in iter_conditions(rule.when):
+            actual = [e.facts.get(c.field) for e in evs]
+            conds.append((c, _holds_all(c.op, c.value, actual), actual))
+        table.append(conds)
+        when, ok = rule.when, np.ones(n, dtype=bool)
+        if when is not None:
+            n_all = len(when.all or ())
+            for _, h, _ in conds[:n_all]:
+                ok &= h
+            if when.any is not None:
+                ok &= np.logical_or.reduce([h for _, h, _ in conds[n_all:]], axis=0) if conds[n_all:] else False
+        matched[r] = ok
+    any_fired = matched.any(axis=0)
+    first = np.where(any_fired, matched.argmax(axis=0), len(rules))
+    out = []
+    for i, ev in enumerate(evs):
+        last = min(int(first[i]), len(rules) - 1)
+        trace = [{"rule": rules[r].id, "matched": bool(matched[r, i]), "conditions": [
+            {"field": c.field, "op": c.op, "value": c.value, "actual": actual[i], "holds": bool(h[i])}
+            for c, h, actual in table[r]]} for r in range(last + 1)]
+        out.append(_conclude(policy, ev, rules[first[i]] if any_fired[i] else None, trace, event_ids[i]))
+    return out
+
+
+def _holds_all(op: str, value: Any, actual: list) -> np.ndarray:
+    """``holds`` for one condition over many facts: absent (None) never holds."""
+    present = np.array([a is not None for a in actual], dtype=bool)
+    vals = np.array([np.nan if a is None else float(a) for a in actual], dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return present & OPS[op](vals, float(value))
+
+
+@dataclass
+class _Evidence:
+    """What one event's decision rests on: the certificate in the threat model, the
+    signals, the score and the facts the rules read."""
+
+    cert: Certificate
+    radius_threat: float
+    certified: bool
+    cert_reasons: list
+    agrees: bool | None
+    signals: dict
+    score: float
+    formula: str
+    facts: dict
+
+    @classmethod
+    def gather(cls, policy, cert: Certificate, upstream_risk: Any, context: Any, prediction: Any) -> _Evidence:
+        tm = policy.threat_model
+        radius_threat, certified, cert_reasons = threat_view(policy, cert)
+        agrees = prediction_agrees(cert, prediction)
+        if agrees is False:
+            certified = False
+            cert_reasons = [r for r in cert_reasons if r != "radius_below_epsilon"] + ["prediction_mismatch"]
+        cfg = policy.signals
+        signals = {
+            "certificate_risk": sig.certificate_risk(cfg.certificate_risk, cert.abstained, radius_threat,
+                                                     tm.epsilon, certified),
+            "upstream_risk": sig.upstream_risk(cfg.upstream_risk, upstream_risk),
+        }
+        if cfg.context_risk.enabled:
+            signals["context_risk"] = sig.context_risk(cfg.context_risk, context, radius_threat)
+        weights = policy.score.weights.model_dump()
+        score, formula = combine(policy.score.combiner, {k: v["value"] for k, v in signals.items()}, weights)
+        for name, s in signals.items():
+            s["weight"] = weights[name]
+        ctx = signals.get("context_risk", {})
+        facts = {
+            "certificate.abstained": cert.abstained,
+            "certified_in_threat": certified,
+            "prediction_agrees": agrees,
+            "radius_threat": radius_threat,
+            "radius_over_epsilon": radius_threat / tm.epsilon,
+            "score": score,
+            "signals.certificate_risk.value": signals["certificate_risk"]["value"],
+            "signals.upstream_risk.value": signals["upstream_risk"]["value"],
+            "signals.upstream_risk.flagged": signals["upstream_risk"]["flagged"],
+            "signals.context_risk.value": ctx.get("value"),
+            "signals.context_risk.flagged": ctx.get("flagged"),
+            "context.radius_to_distance_ratio": ctx.get("radius_to_distance_ratio"),
+            "context.radius_percentile": ctx.get("radius_percentile"),
+        }
+        return cls(cert, radius_threat, certified, cert_reasons, agrees, signals, score, formula, facts)
+
+
+def _conclude(policy, ev: _Evidence, fired, trace: list, event_id: str | None) -> Decision:
+    """The decision once the rule that fired (None: the fallback) is known."""
+    tm, certified, signals, score = policy.threat_model, ev.certified, ev.signals, ev.score
     if fired is not None:
         enforced, rule_id, reasons, controls = fired.decision, fired.id, list(fired.reasons), list(fired.controls)
     else:
@@ -157,7 +233,7 @@ def evaluate(policy, certificate, upstream_risk: Any = None, context: Any = None
     if enforced == "allow" and not certified:
         # The loader proves this unreachable; kept so that a bug can never let one through.
         enforced, reasons = "review", reasons + ["invariant_guard"]
-    for code in cert_reasons:
+    for code in ev.cert_reasons:
         if code not in reasons and not certified:
             reasons.append(code)
     for name, s in signals.items():
@@ -180,12 +256,12 @@ def evaluate(policy, certificate, upstream_risk: Any = None, context: Any = None
     controls += list(policy.controls.always) + (list(policy.controls.when_routed) if routed else [])
     controls = list(dict.fromkeys(controls))
 
-    explanation = _explain(policy, cert, radius_threat, certified, signals, formula, rule_id, trace, enforced,
-                           decision, review)
+    explanation = _explain(policy, ev.cert, ev.radius_threat, certified, signals, ev.formula, rule_id, trace,
+                           enforced, decision, review)
     return Decision(decision=decision, score=score, signals=signals, rule=rule_id, reasons=tuple(reasons),
-                    controls=tuple(controls), explanation=explanation, radius_threat=radius_threat,
+                    controls=tuple(controls), explanation=explanation, radius_threat=ev.radius_threat,
                     threat_norm=tm.norm, threat_epsilon=tm.epsilon, certified_in_threat=certified,
-                    prediction_agrees=agrees,
+                    prediction_agrees=ev.agrees,
                     shadow=policy.shadow, would_be=enforced if policy.shadow else None, review=review,
                     trace=tuple(trace))
 

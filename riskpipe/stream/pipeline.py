@@ -14,6 +14,7 @@ import numpy as np
 
 from riskpipe.certify.norms import convert_radius
 from riskpipe.models import Model
+from riskpipe.policy.evaluate import evaluate_batch
 from riskpipe.policy.signals import json_safe
 from riskpipe.stream.events import Event, EventError
 
@@ -131,20 +132,23 @@ class Pipeline:
                 contexts = entry.context.context(Z, preds, r_threat)
             else:
                 contexts = [None] * len(idx)
+            batch = [events[i] for i in idx]
+            decisions = evaluate_batch(entry.policy, certs, [ev.upstream_risk for ev in batch], contexts,
+                                       [ev.id for ev in batch], [ev.prediction for ev in batch])
+            now, wall = utc_now(), time.time()  # one timestamp per micro-batch: its records are made together
             for j, i in enumerate(idx):
-                records[i] = self._record(events[i], entry, certs[j], float(r_threat[j]), contexts[j], sources[i])
+                records[i] = self._record(events[i], entry, certs[j], float(r_threat[j]), contexts[j], sources[i],
+                                          decisions[j], now, wall)
         return records  # type: ignore[return-value]
 
-    def _record(self, ev: Event, entry: ModelEntry, cert, radius_threat: float, context, source: dict) -> dict:
+    def _record(self, ev: Event, entry: ModelEntry, cert, radius_threat: float, context, source: dict,
+                decision, now: str, wall: float) -> dict:
         p = entry.policy
-        decision = p.evaluate(cert, upstream_risk=ev.upstream_risk, context=context, event_id=ev.id,
-                              prediction=ev.prediction)
         d = decision.to_dict()
-        now = utc_now()
         review = dict(d.get("review") or {})
         deadline_s = review.pop("deadline_seconds", None)
         review["deadline"] = (
-            datetime.fromtimestamp(time.time() + deadline_s, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+            datetime.fromtimestamp(wall + deadline_s, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
             if deadline_s is not None and (review.get("routed") or review.get("audit_sample")) else None
         )
         certificate = {**cert.to_dict(), "radius_threat": radius_threat, "threat_norm": p.threat_model.norm,
