@@ -2,6 +2,7 @@
 not certified, without holding up their batch-mates; no alpha is spent; the stop replays."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -31,7 +32,24 @@ def _two_inputs_model() -> Model:
                  value_range=(-1e9, 1e9), module=torch.nn.Sequential(lin).eval())
 
 
-def test_hard_input_stops_at_the_deadline_and_easy_ones_are_decided():
+@pytest.fixture
+def ticking(monkeypatch):
+    """The smoothing certifier's clock advances 0.4 ms per read, however fast the machine:
+    the 1 ms budgets below run out at the same look on every run (a real clock let the
+    whole plan finish inside 1 ms on a fast machine)."""
+    import riskpipe.certify.smoothing as smoothing_mod
+
+    now = [0.0]
+
+    def perf_counter() -> float:
+        now[0] += 4e-4
+        return now[0]
+
+    monkeypatch.setattr(smoothing_mod, "time", SimpleNamespace(perf_counter=perf_counter))
+    return now
+
+
+def test_hard_input_stops_at_the_deadline_and_easy_ones_are_decided(ticking):
     m = _two_inputs_model()
     X = np.array([[0.0], [-3.0], [-3.0]], np.float32)
     free = family("smoothing")(m, sigma=SIGMA, max_samples=200_000, batch_size=512)
@@ -74,7 +92,7 @@ def test_policy_field_reaches_the_certifier_and_is_checked():
         parse_policy(_policy("  max_latency_ms: -1\n"), "p.yaml")
 
 
-def test_deadline_is_counted_in_a_metric_and_treated_as_uncertified():
+def test_deadline_is_counted_in_a_metric_and_treated_as_uncertified(ticking):
     m = _two_inputs_model()
     pol = parse_policy(_policy("  max_latency_ms: 1\n"), "p.yaml")
     hard = certifier_for_policy(m, pol, batch_size=512).run("decide", np.zeros((1, 1), np.float32), [1], EPS)[0]
