@@ -68,7 +68,7 @@ def stream_section(args, tmp: Path, cache: Path) -> dict:
     """Demo model: probe, decide_batch alone, offline and broker on the same events."""
     from riskpipe.models.digits import load_split
 
-    pipeline = build_pipeline(load_config(None))
+    pipeline = build_pipeline(load_config(None, torch_threads=args.threads))
     entry = pipeline.entries["digits"]
     model = entry.certified
     probe = probe_and_choose(model, cache)
@@ -112,7 +112,7 @@ def cnn_section(args, tmp: Path, cache: Path) -> dict:
     spec = save_torchscript(cifar_cnn(), tmp / "cnn.pt", (3, 32, 32)) + "&range=0,1"
     cfg_path = tmp / "cnn.yaml"
     cfg_path.write_text(json.dumps({"policy": policy_without_context(tmp), "models": {"cnn": spec}}))
-    entry = build_pipeline(load_config(str(cfg_path))).entries["cnn"]
+    entry = build_pipeline(load_config(str(cfg_path), torch_threads=args.threads)).entries["cnn"]
     probe = probe_and_choose(entry.certified, cache)
     rng = np.random.default_rng(0)
     X = (rng.integers(0, 256, size=(args.cnn_inputs, 3, 32, 32)) / 255).astype(np.float32)  # on the 8-bit grid
@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--cnn-inputs", type=int, default=16)
     ap.add_argument("--wire-reps", type=int, default=50)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the stage's torch_threads)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from riskpipe.stream.config import ConfigError, ModelConfig, StageConfig, read_reference
 from riskpipe.stream.pipeline import ModelEntry, Pipeline, certify, radius_in_threat
@@ -199,6 +200,8 @@ def _context_index(entry: ModelEntry, path: str, X: np.ndarray, y):
 # ---------------------------------------------------------------- pipeline --------
 def build_pipeline(config: StageConfig) -> Pipeline:
     """Every model of ``config`` under its own policy, ready to decide batches."""
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)  # before the batch-size probe: it measures at this count
     policies = _load_policies(config)
     entries = {name: build_entry(name, mc, policies[config.model_policy(name)], device=config.device,
                                  config_batch_size=config.certify_batch_size)

@@ -56,7 +56,10 @@ def certify_batch_size(model, configured: int | None = None, cache_dir: Path | N
             _write(path, choice)
             log.info("model %s: probed forward rates %s in %.2f s", label,
                      ", ".join(f"{b}: {r:.0f}/s" for b, r in sorted(p.rates.items())), p.elapsed_s)
-    log.info("model %s: certification batch size %d (%s)", label, choice.size, choice.source)
+    import torch
+
+    log.info("model %s: certification batch size %d (%s), torch threads %d", label, choice.size, choice.source,
+             torch.get_num_threads())
     return choice
 
 

@@ -356,3 +356,29 @@ def test_scale_wraps_torch_models_for_the_bound_families(user, tmp_path, method,
     assert cert["method"] == method and not cert["abstained"] and cert["predicted_class"] == 1
     assert 0.9 * (0.02 / s[0]) <= cert["radius"] <= 0.02 / s[0] + 1e-4
     assert "scaled" in cert["scope"]
+
+
+def test_torch_threads_is_set_before_the_models_are_built(user, tmp_path):
+    """``torch_threads`` (default 1, bench/results/threads.json) is torch's intra-op thread
+    count from the pipeline on; null leaves it alone; 0 is refused naming the key."""
+    import torch
+
+    img = user["image"]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        build_pipeline(load_config(str(write_config(tmp_path / "a.yaml", {"signs": img.spec}, user["no_context"]))))
+        assert torch.get_num_threads() == 1
+        build_pipeline(load_config(str(write_config(tmp_path / "b.yaml", {"signs": img.spec}, user["no_context"],
+                                                    torch_threads=2))))
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(3)
+        build_pipeline(load_config(str(write_config(tmp_path / "c.yaml", {"signs": img.spec}, user["no_context"],
+                                                    torch_threads=None))))
+        assert torch.get_num_threads() == 3
+        with pytest.raises(ConfigError) as e:
+            load_config(str(write_config(tmp_path / "d.yaml", {"signs": img.spec}, user["no_context"],
+                                         torch_threads=0)))
+        assert "torch_threads" in str(e.value) and "\n" not in str(e.value)
+    finally:
+        torch.set_num_threads(before)

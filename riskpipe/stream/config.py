@@ -32,6 +32,15 @@ max_wait_ms}, plus the optional tuning keys below.
   short forward-throughput probe at start-up, cached per (model sha256, device,
   torch threads) in the cache directory (riskpipe/tuning.py).
 
+Stage-wide ``torch_threads`` (default 1): torch's intra-op threads in the stage,
+set once when the pipeline is built (before the batch-size probe, whose cache is per
+thread count); ``null`` leaves torch's own default (one per core). Default 1 from
+bench/bench_threads.py (bench/results/threads.json), decide_batch interleaved at 1
+and 2 threads on 2 shared cores: 2 threads gave 0.08x the evaluations/s of 1 on the
+demo model and 0.72x on a CIFAR-sized CNN. Micro-batches of noise samples are small
+work items; extra OpenMP threads spin and contend with the stage's other threads
+and any other process. Raise it only on a dedicated machine after measuring there.
+
 Relative paths in a config file (``policy``, each model's ``spec`` file,
 ``reference`` and ``policy``) resolve against the config file's directory; paths
 given on the command line resolve against the working directory.
@@ -207,6 +216,7 @@ class StageConfig(KafkaSettings):
     max_message_bytes: int = Field(1 << 20, ge=1024)  # a JSON event
     max_binary_message_bytes: int = Field(16 << 20, ge=1024)  # an event in the binary tensor form
     certify_batch_size: int | None = Field(None, ge=1)  # None: probed per model (riskpipe.tuning)
+    torch_threads: int | None = Field(1, ge=1)  # None: torch's default (see the module docstring)
     review_include_input: bool = True
     create_topics: bool = False
     session_timeout_ms: int = Field(10_000, ge=1000)
