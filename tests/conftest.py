@@ -3,6 +3,14 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
+
+# Every property test is the same on every run and machine: examples derived from the
+# test (derandomize), no example database carried between runs, and no per-example
+# deadline (a loaded 2-core CI machine must not turn a slow example into a failure).
+# A test's own @settings still overrides these fields.
+settings.register_profile("riskpipe", derandomize=True, database=None, deadline=None)
+settings.load_profile("riskpipe")
 
 
 def pytest_configure(config):
