@@ -108,7 +108,8 @@ def evaluate(policy, certificate, upstream_risk: Any = None, context: Any = None
     the threat model (reason ``prediction_mismatch``).
 
     This is the reference: ``evaluate_batch`` gives the same decisions for a micro-batch."""
-    ev = _Evidence.gather(policy, _as_certificate(certificate), upstream_risk, context, prediction)
+    ev = _Evidence.gather(policy, _as_certificate(certificate), upstream_risk, context, prediction,
+                          policy.score.weights.model_dump())
     trace, fired = [], None
     for rule in policy.rules:
         ok = conditions_hold(rule.when, ev.facts)
@@ -126,7 +127,8 @@ def evaluate_batch(policy, certificates: Sequence, upstream_risks: Sequence, con
     """``evaluate`` for a micro-batch (equal decisions, tested against it): each rule
     condition is tested once for the whole batch as an array comparison, so the per-event
     Python work is gathering the evidence and writing the decision."""
-    evs = [_Evidence.gather(policy, _as_certificate(c), u, x, p)
+    weights = policy.score.weights.model_dump()
+    evs = [_Evidence.gather(policy, _as_certificate(c), u, x, p, weights)
            for c, u, x, p in zip(certificates, upstream_risks, contexts, predictions, strict=True)]
     n = len(evs)
     if n == 0:
@@ -184,7 +186,8 @@ class _Evidence:
     facts: dict
 
     @classmethod
-    def gather(cls, policy, cert: Certificate, upstream_risk: Any, context: Any, prediction: Any) -> _Evidence:
+    def gather(cls, policy, cert: Certificate, upstream_risk: Any, context: Any, prediction: Any,
+               weights: dict[str, float]) -> _Evidence:
         tm = policy.threat_model
         radius_threat, certified, cert_reasons = threat_view(policy, cert)
         agrees = prediction_agrees(cert, prediction)
@@ -199,7 +202,6 @@ class _Evidence:
         }
         if cfg.context_risk.enabled:
             signals["context_risk"] = sig.context_risk(cfg.context_risk, context, radius_threat)
-        weights = policy.score.weights.model_dump()
         score, formula = combine(policy.score.combiner, {k: v["value"] for k, v in signals.items()}, weights)
         for name, s in signals.items():
             s["weight"] = weights[name]
