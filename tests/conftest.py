@@ -3,13 +3,15 @@ import os
 import numpy as np
 import pytest
 import torch
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
 # Every property test is the same on every run and machine: examples derived from the
 # test (derandomize), no example database carried between runs, and no per-example
-# deadline (a loaded 2-core CI machine must not turn a slow example into a failure).
-# A test's own @settings still overrides these fields.
-settings.register_profile("riskpipe", derandomize=True, database=None, deadline=None)
+# deadline and no too_slow health check (both time the machine: a loaded 2-core CI
+# machine must not turn a slow example into a failure). A test's own @settings still
+# overrides these fields.
+settings.register_profile("riskpipe", derandomize=True, database=None, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("riskpipe")
 
 
