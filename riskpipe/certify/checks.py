@@ -128,7 +128,7 @@ def check_no_attack_inside_radius(factory, model, X, certs: list[Certificate], s
     x = np.asarray(X, dtype=np.float32)[ok]
     y = np.array([certs[i].predicted_class for i in ok])
     radius = np.array([certs[i].radius for i in ok]) * (1 - 1e-6)
-    noise = float(getattr(cert, "sigma", 0.0) or 0.0)  # a smoothing family's classifier is the smoothed one
+    noise = float(cert.noise_sigma or 0.0)  # aim at the classifier the certificates speak about
     x_adv = pgd(model.module, x, y, radius, norm=norm, steps=steps, seed=seed, value_range=model.value_range,
                 loss="margin", noise_sigma=noise, noise_samples=16)
     x_adv = cert.admissible(x, x_adv)

@@ -8,7 +8,9 @@ work (e.g. Lipschitz constants) so that timings can report it apart, and
 model, or the smoothed classifier), ``admissible`` moves a perturbed input to one the
 certifier accepts (the conformance suite's attack uses both); ``check_inputs`` refuses inputs the certifier cannot speak about (e.g. off the
 sound sampler's grid) before any work is done; ``inputs_per_call`` is how many inputs a caller should hand over at once (a
-smoothing input costs thousands of model evaluations, a bound input one pass).
+smoothing input costs thousands of model evaluations, a bound input one pass);
+``noise_sigma`` is the scale of the Gaussian noise the classifier of ``classify``
+averages over (None: it is the model itself), so an attack can aim at that classifier.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class CertifierBase:
     method: ClassVar[str]
     modes: ClassVar[tuple[str, ...]]
     inputs_per_call: ClassVar[int] = 512
+    noise_sigma: ClassVar[float | None] = None
     norm: str
 
     def run(self, mode: str, X, seeds: Sequence[int], epsilon: float | None = None) -> list[Certificate]:

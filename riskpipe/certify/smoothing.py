@@ -91,6 +91,10 @@ class Smoothing(CertifierBase):
         self.noise = make_sampler(self.sampler, self.sigma, self.model, self.grid_levels, self.grid_step)
         self._plans: dict[float, SequentialPlan] = {}
 
+    @property
+    def noise_sigma(self) -> float:
+        return self.sigma
+
     def classify(self, X, seeds: Sequence[int]) -> list[int | None]:
         """The smoothed classifier's classes (PREDICT; None where it abstains)."""
         return [c.predicted_class for c in self.predict_batch(X, seeds)]

@@ -56,6 +56,12 @@ def radius_from_p(p_lower, sigma):
     return float(r) if r.ndim == 0 else r
 
 
+def max_radius(sigma, alpha, n):
+    """The largest radius smoothing can report from ``n`` samples at level ``alpha``:
+    every sample for the top class gives the Clopper-Pearson bound alpha ** (1 / n)."""
+    return radius_from_p(clopper_pearson_lower(n, n, alpha), sigma)
+
+
 def radius_two_class(p_a_lower, p_b_upper, sigma):
     """Seed eq. (4): sigma/2 * (Phi^-1(p_A_lower) - Phi^-1(p_B_upper)); 0 where not positive."""
     pa, pb = np.asarray(p_a_lower, float), np.asarray(p_b_upper, float)

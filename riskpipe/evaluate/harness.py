@@ -232,7 +232,8 @@ def evaluate_policy(settings: Settings, policy_path: str, X: np.ndarray, y: np.n
     # for a scaled tabular model (budgets in the scaled norm), mapped back to raw inputs for the stage
     model = me.certified
     gradients = model.module is not None
-    noise = float(cert.sigma) if gradients and settings.smoothed_attack and cert.method == "smoothing" else 0.0
+    sigma = me.certifier.noise_sigma  # the certified classifier's noise (None: the model itself)
+    noise = float(sigma) if gradients and settings.smoothed_attack and sigma is not None else 0.0
     clean = clean_set(me.model, X, y)
     clean_z = SampleSet("clean", "clean", me.to_certified(X), y, clean.pred)
     sets = [clean]

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scipy.stats import norm as normal
-
 from riskpipe.certify.norms import conversion_factor
+from riskpipe.certify.stats import max_radius
 from riskpipe.policy.fields import FIELDS
 from riskpipe.policy.rules import analyse, describe_facts, iter_conditions
 
@@ -39,13 +38,14 @@ def _never(c) -> bool:
 
 
 def max_certifiable_radius(certifier) -> float | None:
-    """The largest smoothing radius the certifier can report: every sample for the top
-    class gives a one-sided Clopper-Pearson lower bound of alpha ** (1 / n)."""
-    if certifier.method != "smoothing":
+    """The largest radius the certifier section can report, or None when no sample budget
+    caps it: a certificate drawn from noise of scale ``sigma`` rests on at most ``n``
+    samples (``max_samples`` in decide mode), whose best Clopper-Pearson bound is
+    alpha ** (1 / n). Deterministic bounds carry no sigma."""
+    if certifier.sigma is None:
         return None
     n = certifier.max_samples if certifier.mode == "decide" else certifier.n
-    p = certifier.alpha ** (1.0 / n)
-    return float(certifier.sigma * normal.ppf(p))
+    return max_radius(certifier.sigma, certifier.alpha, n)
 
 
 def lint(policy, input_dim: int = 64) -> list[LintWarning]:
