@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from scipy.stats import norm as normal
 from sklearn.neighbors import NearestNeighbors
 from threadpoolctl import threadpool_limits
+
+from riskpipe.certify.samplers import F32_SLACK, float32_slack
+from riskpipe.certify.stats import max_radius
 
 SIGMAS = (0.12, 0.25, 0.5, 1.0)  # Cohen et al.'s grid (CIFAR-10 and ImageNet)
 TOLERANCE = 0.05  # accuracy a proposed sigma may cost
@@ -39,6 +41,15 @@ DISTANCE_FRACTION = 0.25  # epsilon <= this * 5th percentile of the other-class 
 MAX_SURVEY = 2000  # reference inputs used for distances (seeded subsample beyond)
 MAX_SWEEP = 256  # reference inputs in the noisy-accuracy sweep
 NORMS = {"l2": "euclidean", "linf": "chebyshev"}
+
+
+MAX_GRID_LEVELS = 65535  # 16-bit inputs
+RESOLVABLE = 0.05  # a grid counts only where float32's slack is below this fraction of its step
+UINT8_LEVELS = 255  # OIP UINT8 tensors: v -> lo + (hi - lo) * v / 255
+# The sound sampler's cost against the gaussian one, measured side by side by
+# bench/bench_sound.py (bench/results/sound.json; a test keeps these in step with it).
+SOUND_COST_CNN_PER_EVAL = 0.98  # certify cost per model evaluation, CIFAR-sized CNN 3x32x32
+SOUND_COST_DEMO_DECISIONS = 0.70  # decisions/s, demo digits 1x8x8 (sampling dominates a tiny model)
 
 
 class SurveyError(ValueError):
@@ -84,6 +95,90 @@ class Proposal:
     max_radius: float  # largest radius decide mode can certify with max_samples at alpha
     reasons: list[str] = field(default_factory=list)  # why this sigma, why this epsilon
     notes: list[str] = field(default_factory=list)  # what else the numbers say
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Every reference value lies on lo + k * (hi - lo) / levels, k integer."""
+
+    levels: int
+    lo: float
+    hi: float
+    distinct: int  # distinct values in the reference set
+    max_offset: float  # largest distance of a value from its grid point, in grid steps
+
+
+@dataclass(frozen=True)
+class SamplerProposal:
+    sampler: str  # gaussian | sound
+    grid_levels: int | None
+    reasons: list[str] = field(default_factory=list)
+
+
+def quantisation_grid(X: np.ndarray, lo: float, hi: float, max_levels: int = MAX_GRID_LEVELS) -> Grid | None:
+    """The grid of [lo, hi] with the fewest levels L <= ``max_levels`` on which every value
+    of X lies, or None.
+
+    Exact: a value counts as on the grid only within float32's representation slack
+    (``float32_slack``), never within a fraction of a step; and L is the smallest such
+    integer, found by testing every candidate L against every distinct value (candidates
+    die after a few values unless the data are on their grid). L stops where the slack
+    reaches ``RESOLVABLE`` of a step (for [0, 1]: beyond 65535), since float32 could not
+    tell a finer grid from none.
+    """
+    lo, hi = float(lo), float(hi)
+    v = np.unique(np.asarray(X, dtype=np.float32)).astype(np.float64)
+    width = hi - lo
+    slack = float32_slack(np.abs(v), lo) / width  # in units of the range
+    if not width > 0 or v[0] < lo - slack[0] * width or v[-1] > hi + slack[-1] * width:
+        return None
+    top = min(max_levels, math.floor(RESOLVABLE * width / (F32_SLACK * max(abs(lo), abs(hi)))))
+    levels = np.arange(1, top + 1, dtype=np.float64)
+    t = (v - lo) / width
+    for start in range(0, len(t), 32):
+        k = t[start:start + 32, None] * levels
+        fits = (np.abs(k - np.round(k)) <= slack[start:start + 32, None] * levels).all(axis=0)
+        levels = levels[fits]
+        if len(levels) == 0:
+            return None
+    L = int(levels[0])
+    offset = float(np.abs(t * L - np.round(t * L)).max())
+    return Grid(levels=L, lo=lo, hi=hi, distinct=len(v), max_offset=offset)
+
+
+def propose_sampler(grid: Grid | None, n_values: int, value_range: tuple[float, float] | None,
+                    tabular: bool = False) -> SamplerProposal:
+    """``sound`` with the measured grid when the reference set is quantised, else ``gaussian``
+    (the schema's default, since nothing tells riskpipe that inputs are quantised); the
+    reasons say why, what it costs, and what to declare to change it."""
+    uint8 = (f"events sent as UINT8 Open Inference Protocol binary tensors (v -> lo + (hi - lo) * v / "
+             f"{UINT8_LEVELS}) lie on the {UINT8_LEVELS}-level grid of the value range by construction")
+    if grid is not None:
+        lo, hi, L = grid.lo, grid.hi, grid.levels
+        both = math.lcm(L, UINT8_LEVELS)
+        uint8_note = (f"{uint8}, so they are on this grid too" if L % UINT8_LEVELS == 0 else
+                      f"{uint8}; to accept them as well, set grid_levels: {both} (a multiple of both)"
+                      if both <= MAX_GRID_LEVELS else f"{uint8}, which this grid does not hold: they go to the DLQ")
+        return SamplerProposal("sound", L, [
+            f"sampler sound, grid_levels {L}: all {n_values} reference values ({grid.distinct} distinct) lie on "
+            f"the grid {lo:g} + k * ({hi:g} - {lo:g}) / {L} (largest offset {grid.max_offset:.2g} steps, float32 "
+            "representation), so the sound sampler's certificates hold in floating point (Voráček & Hein 2023); "
+            f"measured against the gaussian sampler side by side (bench/results/sound.json): "
+            f"{SOUND_COST_CNN_PER_EVAL:.2f}x the cost per model evaluation on a CIFAR-sized CNN, "
+            f"{SOUND_COST_DEMO_DECISIONS:.2f}x the decisions/s on the 8x8 demo model, the same inputs certified. "
+            f"Inputs off the grid go to the DLQ (reason off_grid); {uint8_note}"])
+    declare = ("if your inputs are quantised, declare it: certifier.sampler: sound with grid_levels (steps of "
+               "the declared value range) or grid_step; " + uint8 + " (grid_levels: 255)")
+    if tabular:
+        why = "tabular inputs are certified in standardized units x / s, where the features share no grid"
+    elif value_range is None:
+        why = "the model declares no value range to look for a quantisation grid in"
+    else:
+        why = (f"the reference values are on no grid {value_range[0]:g} + k * ({value_range[1]:g} - "
+               f"{value_range[0]:g}) / L with L <= {MAX_GRID_LEVELS} up to float32 representation")
+    return SamplerProposal("gaussian", None, [
+        f"sampler gaussian: {why}. Its certificates are not floating-point sound (float Gaussian noise added in "
+        f"floating point; Voráček & Hein 2023), and their scope says so; {declare}"])
 
 
 def check_reference(X: np.ndarray, y: np.ndarray | None, input_shape: tuple[int, ...], num_classes: int,
@@ -170,11 +265,6 @@ def survey(predict: Callable[[np.ndarray], np.ndarray], X: np.ndarray, Z: np.nda
                   sweep=points, sweep_inputs=len(Zw), sweep_seconds=time.perf_counter() - t0)
 
 
-def max_certifiable_radius(sigma: float, alpha: float, max_samples: int) -> float:
-    """With every sample for the top class the Clopper-Pearson bound is alpha^(1/n)."""
-    return float(sigma * normal.ppf(alpha ** (1.0 / max_samples)))
-
-
 def _round_down(x: float, digits: int = 2) -> float:
     """x rounded down to ``digits`` significant digits (a budget never grows by rounding)."""
     if x <= 0:
@@ -201,7 +291,7 @@ def propose(s: Survey, alpha: float, max_samples: int, scaled: bool = False) -> 
     d = s.distances["l2"]
     cap = DISTANCE_FRACTION * d.p5
     epsilon = _round_down(min(sigma, cap))
-    r_max = max_certifiable_radius(sigma, alpha, max_samples)
+    r_max = max_radius(sigma, alpha, max_samples)
     why = "sigma (a radius of sigma needs p_A >= Phi(1) = 0.84)" if sigma <= cap else \
         f"{DISTANCE_FRACTION:g} x the 5th percentile of the other-class distance"
     reasons.append(f"epsilon {epsilon:g} (l2, {unit}) = {why}: nearest reference input of another class at "

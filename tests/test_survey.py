@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from riskpipe.survey import (SIGMAS, TOLERANCE, SurveyError, check_reference, max_certifiable_radius,
+from riskpipe.certify.stats import max_radius
+from riskpipe.survey import (SIGMAS, TOLERANCE, SurveyError, check_reference,
                              other_class_distances, propose, survey)
 
 
@@ -35,7 +36,7 @@ def test_robust_model_gets_the_largest_sigma_within_tolerance_and_epsilon_sigma(
     assert [p.sigma for p in sv.sweep] == sorted(SIGMAS)  # never fell past the tolerance
     p = propose(sv, alpha=0.001, max_samples=10000)
     assert p.sigma == max(SIGMAS) and p.epsilon == 1.0  # the distance cap (p5 / 4) is larger
-    assert p.max_radius == pytest.approx(max_certifiable_radius(1.0, 0.001, 10000))
+    assert p.max_radius == pytest.approx(max_radius(1.0, 0.001, 10000))
     assert "sigma 1:" in p.reasons[0] and "epsilon 1 (l2" in p.reasons[1] and "d = 20" in p.notes[0]
 
 

@@ -60,6 +60,7 @@ _BITS = 62
 _Q = 1 << _BITS
 _TAIL_SIGMAS = 10.0
 _GRID_TOLERANCE = 1e-3  # in grid steps: float inputs within this of a grid point are on it
+F32_SLACK = 2.0 ** -21  # relative: a few float32 roundings of lo + k * h (store, scale, shift)
 _BUCKET_BITS = 16  # inverse-CDF lookup: the top bits of u index a table of threshold counts
 
 
@@ -141,9 +142,11 @@ class SoundSampler:
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """The inputs' integer grid coordinates (int64); GridError for an input off the grid."""
-        z = (x.double() - self.origin) / self.step
+        xd = x.double()
+        z = (xd - self.origin) / self.step
         a = torch.round(z)
-        off = (z - a).abs() > _GRID_TOLERANCE
+        slack = float32_slack(xd.abs(), self.origin) / self.step
+        off = (z - a).abs() > torch.clamp(slack, min=_GRID_TOLERANCE)
         if bool(off.any()):
             idx = torch.nonzero(off)[0].tolist()
             raise GridError(f"input: coordinate {idx[1:]} of input {idx[0]} is {float(x[tuple(idx)]):.9g}, not on "
@@ -196,6 +199,17 @@ class SoundSampler:
 
     def describe(self) -> dict:
         return {"sampler": self.name, "grid_step": self.step, "grid_origin": self.origin, "tv_margin": self.margin}
+
+
+def float32_slack(magnitude, origin: float):
+    """How far a float32 value of ``magnitude`` may lie from the grid point it stands for,
+    in input units: its float32 representation and the arithmetic that made it (lo + (hi -
+    lo) * v / 255 for a UINT8 tensor). The sampler takes inputs within this (or 1e-3 grid
+    steps) of a grid point, and ``riskpipe init`` calls a reference set quantised only
+    when every value lies within this of its grid (``riskpipe.survey.quantisation_grid``)."""
+    if isinstance(magnitude, torch.Tensor):
+        return magnitude.clamp(min=abs(origin)) * F32_SLACK
+    return np.maximum(magnitude, abs(origin)) * F32_SLACK
 
 
 def check_grid(grid_levels: int, grid_step: float | None) -> None:

@@ -1,7 +1,8 @@
 """``riskpipe init``: from a model file and a reference set to a stage config and a policy.
 
 Surveys the model on the reference set (riskpipe.survey), writes ``DIR/policy.yaml``
-(policies/default.yaml with the proposed sigma and epsilon) and ``DIR/riskpipe.yaml``
+(policies/default.yaml with the proposed sigma and epsilon, and the sound sampler with
+the measured grid when the reference set is quantised) and ``DIR/riskpipe.yaml``
 (one ``models:`` entry), checks the policy as ``riskpipe policy check`` does, and
 decides a few reference inputs with the written config through the stage's own code
 path, so ``riskpipe run --config DIR/riskpipe.yaml`` is known to work.
@@ -63,7 +64,17 @@ def _declared_range(model, X, tabular: bool):
     return None
 
 
-def _policy(base: dict, name: str, spec: str, proposal, dim: int, tabular: bool) -> dict:
+def _scalar_range(model, declared):
+    """(lo, hi) the stage will check inputs against, when it is one pair of scalars."""
+    import numpy as np
+
+    rng = declared or model.value_range
+    if rng is None or any(np.ndim(v) != 0 for v in rng):
+        return None
+    return float(rng[0]), float(rng[1])
+
+
+def _policy(base: dict, name: str, spec: str, proposal, sampler, dim: int, tabular: bool) -> dict:
     pol = {**base}
     pol["metadata"] = {**base["metadata"], "name": name[:63], "version": "1.0.0",
                        "description": f"Written by riskpipe init for {spec}."}
@@ -71,7 +82,9 @@ def _policy(base: dict, name: str, spec: str, proposal, dim: int, tabular: bool)
         else "input units"
     pol["threat_model"] = {"norm": "l2", "epsilon": proposal.epsilon,
                            "description": f"l2-bounded perturbations of the {dim}-value input in {unit}."}
-    pol["certifier"] = {**base["certifier"], "sigma": proposal.sigma}
+    pol["certifier"] = {**base["certifier"], "sigma": proposal.sigma, "sampler": sampler.sampler}
+    if sampler.grid_levels is not None:
+        pol["certifier"]["grid_levels"] = sampler.grid_levels
     return pol
 
 
@@ -124,7 +137,7 @@ def init(spec, reference, out_dir, name, trial, seed, force):
     from riskpipe.models import ModelError
     from riskpipe.policy import PolicyError, load_policy
     from riskpipe.stream.config import ConfigError, default_policy_path, read_reference
-    from riskpipe.survey import SurveyError, check_reference, propose, survey
+    from riskpipe.survey import SurveyError, check_reference, propose, propose_sampler, quantisation_grid, survey
 
     name = name or _model_name(spec)
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
@@ -154,6 +167,10 @@ def init(spec, reference, out_dir, name, trial, seed, force):
     except SurveyError as e:
         fail(str(e))
     proposal = propose(sv, base["certifier"]["alpha"], base["certifier"]["max_samples"], scaled=tabular)
+    declared = _declared_range(model, X, tabular)
+    value_range = None if tabular else _scalar_range(model, declared)
+    grid = quantisation_grid(X, *value_range) if value_range else None
+    sampler = propose_sampler(grid, X.size, value_range, tabular)
 
     click.echo(f"model {spec}: input shape {list(model.input_shape)}, {model.num_classes} classes"
                f"{', tabular: scale standardize (per-feature std of the reference set)' if tabular else ''}")
@@ -164,14 +181,15 @@ def init(spec, reference, out_dir, name, trial, seed, force):
                    f"p25 {d.p25:.4g}, median {d.median:.4g} (over {d.n} inputs)")
     click.echo(f"  noisy accuracy on {sv.sweep_inputs} inputs ({sv.sweep_seconds:.1f} s): "
                + ", ".join(f"sigma {p.sigma:g}: {p.accuracy:.3f}" for p in sv.sweep))
-    for r in proposal.reasons:
+    reasons = proposal.reasons + sampler.reasons
+    for r in reasons:
         click.echo(f"chose {r}")
     for r in proposal.notes:
         click.echo(f"note: {r}")
 
     out.mkdir(parents=True, exist_ok=True)
-    policy = _policy(base, name, spec, proposal, model.input_dim, tabular)
-    comments = "".join(f"# {line}\n" for r in proposal.reasons + proposal.notes for line in _wrap(r))
+    policy = _policy(base, name, spec, proposal, sampler, model.input_dim, tabular)
+    comments = "".join(f"# {line}\n" for r in reasons + proposal.notes for line in _wrap(r))
     policy_path.write_text(HEADER.format(policy=policy_path) + comments
                            + yaml.safe_dump(policy, sort_keys=False, allow_unicode=True), encoding="utf-8")
     try:
@@ -181,7 +199,6 @@ def init(spec, reference, out_dir, name, trial, seed, force):
     entry = {"spec": _config_spec(spec, out), "reference": _config_path(reference, out), "policy": "policy.yaml"}
     if tabular:
         entry["scale"] = "standardize"
-    declared = _declared_range(model, X, tabular)
     if declared:
         entry["range"] = declared
     config = {"bootstrap_servers": "127.0.0.1:9092", "create_topics": True, "policy": "policy.yaml",
