@@ -55,6 +55,11 @@ def test_image_reference_set_is_what_build_draws():
     np.testing.assert_array_equal(X[b.N_TRAIN:], ref["X"])
     np.testing.assert_array_equal(y[b.N_TRAIN:], ref["y"])
     assert 0.0 <= X.min() and X.max() <= 1.0
+    # 8-bit pixels: exactly k / 255 in float32, the grid the policy's sound sampler certifies on
+    np.testing.assert_array_equal(ref["X"], (np.round(ref["X"] * 255) / np.float32(255)).astype(np.float32))
+    from riskpipe.survey import quantisation_grid
+
+    assert quantisation_grid(ref["X"], 0.0, 1.0).levels == b.LEVELS == 255
 
 
 def test_tabular_build_reproduces_the_committed_model(tmp_path):
@@ -73,15 +78,18 @@ def test_tabular_build_reproduces_the_committed_model(tmp_path):
 
 
 def test_example_policies_are_the_default_policy_with_their_own_threat_model():
-    """Kept in step with policies/default.yaml: only the name, descriptions and threat model differ."""
+    """Kept in step with policies/default.yaml: only the name, descriptions, threat model and
+    (for the 8-bit images) the sampler differ."""
     import yaml
 
     from riskpipe.stream.config import default_policy_path
 
     base = yaml.safe_load(Path(default_policy_path()).read_text())
+    sampler = {"image": {"sampler": "sound", "grid_levels": build_module("image").LEVELS}, "tabular": {}}
     for name in ("image", "tabular"):
         pol = yaml.safe_load((EXAMPLES / name / "policy.yaml").read_text())
         for key in set(base) | set(pol):
             if key not in ("metadata", "threat_model"):
-                assert pol.get(key) == base.get(key), (name, key)
+                want = {**base[key], **sampler[name]} if key == "certifier" else base.get(key)
+                assert pol.get(key) == want, (name, key)
         assert pol["threat_model"]["norm"] == "l2" and pol["threat_model"]["epsilon"] == 0.25

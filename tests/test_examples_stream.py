@@ -83,10 +83,12 @@ def check_outputs(out, ledger, good: list[dict], bad: dict):
         assert r["decision"] in ("allow", "review", "block") and r["certificate"]["sigma"] == 0.25
         if not r["certificate"]["certified"]:
             assert r["decision"] != "allow"  # the invariant, per policy
-        if model == "cancer":
+        if model == "cancer":  # raw tabular units are on no grid: the default sampler
             assert "||delta/s||_2" in r["certificate"]["scope"] and r["certificate"]["input_dim"] == 30
-        if model == "shapes":
+            assert r["certificate"]["sampler"] == "gaussian" and "not floating-point sound" in r["certificate"]["scope"]
+        if model == "shapes":  # 8-bit images: the sound sampler on the 1/255 grid
             assert r["input"]["shape"] == [3, 32, 32] and r["certificate"]["input_dim"] == 3072
+            assert r["certificate"]["sampler"] == "sound" and "sampler sound" in r["certificate"]["scope"]
     reasons = {m.key.decode() if m.key else json.loads(m.value)["id"]: dict(m.headers)["__riskpipe.errors.reason"]
                .decode() for m in out["dlq"]}
     assert reasons == {k: reason for k, (_, reason) in bad.items()}

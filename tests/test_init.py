@@ -37,6 +37,12 @@ def fresh_images(n):
     return build_module("image").make_images(n, seed=12345)
 
 
+def written_certifier(out: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((out / "policy.yaml").read_text())["certifier"]
+
+
 def run_offline_cli(config: Path, model: str, X, tmp: Path):
     events = tmp / "events.jsonl"
     events.write_text("".join(json.dumps(make_event(f"{model}-{i}", model, x, upstream_risk=0.1)) + "\n"
@@ -53,13 +59,19 @@ def test_init_image_model_then_policy_check_and_offline_run(tmp_path):
             "--out", out, "--name", "shapes", "--trial", 0)
     assert r.returncode == 0, r.stderr
     assert "input shape [3, 32, 32], 4 classes" in r.stdout
-    assert "nearest other-class input (l2): p5 6.879" in r.stdout and "(linf)" in r.stdout
+    assert "nearest other-class input (l2): p5 6.884" in r.stdout and "(linf)" in r.stdout
+    # 8-bit images: the sound sampler on the 255-level grid of the declared range [0, 1]
+    assert "chose sampler sound, grid_levels 255: all 491520 reference values (256 distinct)" in r.stdout
     assert "chose sigma 0.25:" in r.stdout  # the sigma the model was trained at (0.5 loses accuracy)
     assert "chose epsilon 0.25 (l2, input units)" in r.stdout
     cfg = (out / "riskpipe.yaml").read_text()
     assert "model.pt?shape=3,32,32" in cfg and "range:" in cfg and "scale" not in cfg
     check = cli("policy", "check", "--strict", "--input-dim", 3072, out / "policy.yaml")
     assert check.returncode == 0, check.stdout + check.stderr
+    from riskpipe.policy import load_policy
+
+    cert = load_policy(str(out / "policy.yaml")).certifier
+    assert (cert.sampler, cert.grid_levels) == ("sound", 255)
     X, _ = fresh_images(6)
     audit = run_offline_cli(out / "riskpipe.yaml", "shapes", X, tmp_path)
     assert [r["id"] for r in audit] == [f"shapes-{i}" for i in range(6)]
@@ -67,6 +79,7 @@ def test_init_image_model_then_policy_check_and_offline_run(tmp_path):
         assert rec["policy"]["name"] == "shapes" and rec["certificate"]["sigma"] == 0.25
         assert rec["certificate"]["threat_epsilon"] == 0.25 and rec["decision"] in ("allow", "review", "block")
         assert rec["context"]["nearest_other_class_distance"] > 0  # the reference set feeds the context index
+        assert rec["certificate"]["sampler"] == "sound" and "sampler sound" in rec["certificate"]["scope"]
 
 
 def test_init_tabular_model_scales_and_trial_decides_reference_rows(tmp_path):
@@ -86,6 +99,11 @@ def test_init_tabular_model_scales_and_trial_decides_reference_rows(tmp_path):
     audit = run_offline_cli(out / "riskpipe.yaml", "cancer", X[:5], tmp_path)
     assert len(audit) == 5
     assert all("||delta/s||_2" in rec["certificate"]["scope"] for rec in audit)
+    # raw tabular units share no grid: the default sampler, and the advice says what to declare
+    assert "chose sampler gaussian: tabular inputs are certified in standardized units" in r.stdout
+    assert "not floating-point sound" in r.stdout and "UINT8" in r.stdout
+    assert all("sampler gaussian" in rec["certificate"]["scope"] for rec in audit)
+    assert written_certifier(out)["sampler"] == "gaussian" and "grid_levels" not in written_certifier(out)
 
 
 def test_init_writes_paths_relative_to_its_directory_when_the_model_lives_there(tmp_path, monkeypatch):
@@ -144,3 +162,43 @@ def test_init_on_the_demo_model_proposes_what_the_hand_written_default_policy_us
     pol = load_policy(str(tmp_path / "cfg" / "policy.yaml"))
     assert pol.certifier.sigma == 0.25 and pol.threat_model.epsilon == 0.25 and pol.threat_model.norm == "l2"
     assert "spec: demo:digits" in (tmp_path / "cfg" / "riskpipe.yaml").read_text()
+
+
+@pytest.fixture(scope="module")
+def signs(tmp_path_factory):
+    """A small 3x32x32 TorchScript CNN (not the demo, not the example) and its continuous test images."""
+    from usermodels import image_model
+
+    return image_model(tmp_path_factory.mktemp("signs"))
+
+
+@pytest.mark.parametrize("pixels", ["continuous", "8-bit"])
+def test_init_proposes_the_sound_sampler_exactly_when_the_reference_set_is_quantised(pixels, signs, tmp_path):
+    with np.load(signs.data) as z:
+        X, y = z["X"], z["y"]
+    if pixels == "8-bit":
+        X = (np.round(X * 255) / np.float32(255)).astype(np.float32)
+    np.savez(tmp_path / "ref.npz", X=X[:40], y=y[:40])
+    out = tmp_path / "cfg"
+    r = cli("init", "--model", signs.spec, "--reference", tmp_path / "ref.npz", "--out", out, "--name", "signs",
+            "--trial", 0)
+    assert r.returncode == 0, r.stderr
+    from riskpipe.policy import load_policy
+
+    cert = load_policy(str(out / "policy.yaml")).certifier
+    if pixels == "8-bit":
+        assert (cert.sampler, cert.grid_levels) == ("sound", 255)
+        assert "chose sampler sound, grid_levels 255" in r.stdout and "0.98x the cost per model evaluation" in r.stdout
+        assert "UINT8" in r.stdout and "so they are on this grid too" in r.stdout
+    else:
+        assert cert.sampler == "gaussian" and "grid_levels" not in written_certifier(out)
+        assert "chose sampler gaussian: the reference values are on no grid 0 + k * (1 - 0) / L" in r.stdout
+        assert "not floating-point sound" in r.stdout and "certifier.sampler: sound with grid_levels" in r.stdout
+        assert "UINT8" in r.stdout
+    check = cli("policy", "check", "--strict", "--input-dim", 3072, out / "policy.yaml")
+    assert check.returncode == 0, check.stdout + check.stderr
+    audit = run_offline_cli(out / "riskpipe.yaml", "signs", X[40:44], tmp_path)
+    sampler = "sound" if pixels == "8-bit" else "gaussian"
+    assert len(audit) == 4 and all(rec["decision"] in ("allow", "review", "block") for rec in audit)
+    for rec in audit:
+        assert rec["certificate"]["sampler"] == sampler and f"sampler {sampler}" in rec["certificate"]["scope"]

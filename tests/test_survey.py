@@ -5,7 +5,7 @@ import pytest
 from scipy.spatial.distance import cdist
 
 from riskpipe.certify.stats import max_radius
-from riskpipe.survey import (SIGMAS, TOLERANCE, SurveyError, check_reference,
+from riskpipe.survey import (SIGMAS, TOLERANCE, SurveyError, check_reference, propose_sampler, quantisation_grid,
                              other_class_distances, propose, survey)
 
 
@@ -100,3 +100,83 @@ def test_check_reference_errors_name_the_field(X, y, shape, classes, msg):
 def test_check_reference_reshapes_flat_rows():
     X, y = check_reference(np.zeros((4, 12)), np.array([0, 1, 0, 1]), (3, 2, 2), 2)
     assert X.shape == (4, 3, 2, 2) and X.dtype == np.float32 and y.dtype == np.int64
+
+
+# ---- quantisation grid: whether init proposes the sound sampler ---------------------------
+
+def on_grid(levels, lo, hi, shape=(300, 3, 8, 8), seed=0, ks=None):
+    """float32 values lo + k (hi - lo) / levels, computed in float32 as a sender would."""
+    k = np.random.default_rng(seed).integers(0, levels + 1, shape) if ks is None else ks
+    return (np.float32(lo) + np.float32(hi - lo) * (k.astype(np.float32) / np.float32(levels))).astype(np.float32)
+
+
+@pytest.mark.parametrize("levels", [1, 2, 16, 255, 1000, 4096, 65535])
+@pytest.mark.parametrize("lo, hi", [(0.0, 1.0), (-1.0, 1.0), (0.0, 255.0)])
+def test_grid_is_found_with_the_smallest_levels_and_the_sampler_takes_every_value(levels, lo, hi):
+    import torch
+
+    from riskpipe.certify.samplers import SoundSampler
+
+    X = on_grid(levels, lo, hi)
+    g = quantisation_grid(X, lo, hi)
+    assert g is not None and g.levels == levels and (g.lo, g.hi) == (lo, hi)
+    assert g.distinct == len(np.unique(X)) and g.max_offset < 0.05
+    # the stage's sound sampler with that grid accepts every value init saw (no off_grid)
+    sigma = 10 * (hi - lo) / levels  # ten steps: one small noise table for every grid
+    SoundSampler(sigma, (lo, hi), X[0].size, grid_levels=g.levels).prepare(torch.from_numpy(X))
+
+
+def test_grid_levels_are_the_fewest_that_hold_every_value():
+    # only even steps of a 510-level grid: that is the 255-level grid, not 510
+    X = on_grid(510, 0.0, 1.0, ks=2 * np.random.default_rng(1).integers(0, 256, (50, 20)))
+    assert quantisation_grid(X, 0.0, 1.0).levels == 255
+    # one value that only a finer grid holds makes the grid that fine
+    X[0, 0] = np.float32(1 / 7)
+    assert quantisation_grid(X, 0.0, 1.0).levels == 1785  # lcm(255, 7)
+
+
+@pytest.mark.parametrize("case", ["continuous", "near_grid", "outside_range", "float16"])
+def test_no_grid_for_values_off_every_grid(case):
+    rng = np.random.default_rng(2)
+    X = on_grid(255, 0.0, 1.0)
+    if case == "continuous":
+        X = rng.random((160, 3, 32, 32)).astype(np.float32)
+    elif case == "near_grid":  # 0.002 steps off: within the sampler's 1e-3-step slack? no; within float32? no
+        X = (X + np.float32(0.002 / 255) * rng.choice([-1, 1], X.shape)).astype(np.float32)
+    elif case == "outside_range":
+        X = X * np.float32(2.0)
+    else:  # half precision cannot carry an 8-bit grid exactly
+        X = X.astype(np.float16).astype(np.float32)
+    assert quantisation_grid(X, 0.0, 1.0) is None
+
+
+def test_sampler_proposal_says_why_what_it_costs_and_what_to_declare():
+    g = quantisation_grid(on_grid(16, 0.0, 1.0), 0.0, 1.0)
+    p = propose_sampler(g, 19200, (0.0, 1.0))
+    assert (p.sampler, p.grid_levels) == ("sound", 16)
+    assert "grid 0 + k * (1 - 0) / 16" in p.reasons[0] and "all 19200 reference values (17 distinct)" in p.reasons[0]
+    assert "0.98x the cost per model evaluation" in p.reasons[0] and "0.70x the decisions/s" in p.reasons[0]
+    assert "UINT8" in p.reasons[0] and "grid_levels: 4080" in p.reasons[0]  # lcm(16, 255) takes 8-bit events too
+    p8 = propose_sampler(quantisation_grid(on_grid(255, 0.0, 1.0), 0.0, 1.0), 1, (0.0, 1.0))
+    assert (p8.sampler, p8.grid_levels) == ("sound", 255) and "so they are on this grid too" in p8.reasons[0]
+    for args, why in ((((0.0, 1.0),), "on no grid 0 + k * (1 - 0) / L with L <= 65535"),
+                      ((None,), "declares no value range"),
+                      ((None, True), "standardized units")):
+        q = propose_sampler(None, 10, *args)
+        assert (q.sampler, q.grid_levels) == ("gaussian", None)
+        assert why in q.reasons[0] and "not floating-point sound" in q.reasons[0]
+        assert "certifier.sampler: sound with grid_levels" in q.reasons[0] and "UINT8" in q.reasons[0]
+
+
+def test_sound_cost_figures_are_the_committed_benchmark():
+    import json
+    from pathlib import Path
+
+    from riskpipe import survey as sv
+
+    res = json.loads((Path(__file__).resolve().parents[1] / "bench" / "results" / "sound.json").read_text())
+    ratios = {name: m["ratio_sound_over_gaussian"] for name, m in res["models"].items()}
+    cnn = next(v for k, v in ratios.items() if "CIFAR" in k)
+    demo = next(v for k, v in ratios.items() if "demo" in k)
+    assert round(cnn["certify_cost_per_eval"], 2) == sv.SOUND_COST_CNN_PER_EVAL
+    assert round(demo["decisions_per_s"], 2) == sv.SOUND_COST_DEMO_DECISIONS

@@ -3,7 +3,7 @@
 No real image set ships offline, so the data are drawn here, deterministically: a
 coloured shape (circle, square, triangle, cross; random size, position, rotation and
 colour) over a 32x32 crop of one of scikit-learn's two bundled photographs
-(``load_sample_images``), pixel values in [0, 1]. The CNN is trained with Gaussian noise
+(``load_sample_images``), 8-bit pixel values k / 255 in [0, 1]. The CNN is trained with Gaussian noise
 augmentation at the sigma its policy certifies with (Cohen et al. 2019 train the base
 classifier with the noise they smooth with).
 
@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 LABELS = ["circle", "square", "triangle", "cross"]
 SIZE = 32
 SIGMA = 0.25  # must equal certifier.sigma in policy.yaml
+LEVELS = 255  # 8-bit pixels: must equal certifier.grid_levels in policy.yaml
 SEED = 0
 THREADS = 1  # small batches: one thread is fastest, and weights are bit-identical only for a fixed count
 N_TRAIN, N_REFERENCE = 4000, 160
@@ -68,7 +69,7 @@ def _mask(kind: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` images (N, 3, 32, 32) float32 in [0, 1] and balanced labels (N,) int64."""
+    """``n`` images (N, 3, 32, 32) float32 on the 8-bit grid k / 255 and balanced labels (N,) int64."""
     rng = np.random.default_rng(seed)
     backgrounds = _backgrounds()
     y = np.arange(n) % len(LABELS)
@@ -85,7 +86,13 @@ def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         colour = np.clip(colour - colour.mean() + crop.mean() + gap, 0, 1)
         m = _mask(int(kind), rng)[..., None]
         X[i] = np.clip(np.where(m, colour, crop), 0, 1).transpose(2, 0, 1)
-    return X, y.astype(np.int64)
+    return quantise(X), y.astype(np.int64)
+
+
+def quantise(X: np.ndarray) -> np.ndarray:
+    """8-bit pixels, k / 255 as float32 (what a camera or a UINT8 tensor delivers): the
+    grid the policy's sound sampler certifies on."""
+    return (np.round(X * LEVELS) / np.float32(LEVELS)).astype(np.float32)
 
 
 def shapes_cnn(width: int = 16) -> nn.Sequential:
