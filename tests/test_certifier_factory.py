@@ -89,3 +89,27 @@ def test_policy_check_builds_the_certifier_on_a_model(tmp_path):
     assert "grid_step: the model's value range" in r.output
     ok = CliRunner().invoke(policy, ["check", str(tmp_path / "sound-grid.yaml"), "--model", spec])
     assert ok.exit_code == 0, ok.output
+
+
+@pytest.mark.parametrize("section, noise, cap", [
+    ("certifier:\n  method: smoothing\n  mode: decide\n  sigma: 0.5\n  max_samples: 1000\n", 0.5, 1000),
+    ("certifier:\n  method: smoothing\n  sigma: 0.25\n  n: 400\n  sampler: sound\n  grid_levels: 255\n", 0.25, 400),
+    ("certifier:\n  method: ibp\n", None, None),
+    ("certifier:\n  method: lipschitz\n", None, None),
+])
+def test_noise_and_radius_cap_come_from_the_protocol_not_the_method_name(section, noise, cap):
+    """evaluate's smoothed attack reads ``noise_sigma``; lint's unreachable-radius check reads
+    the section's sigma and sample budget (decide: max_samples, certify: n)."""
+    from scipy.stats import norm
+
+    from riskpipe.policy.lint import max_certifiable_radius
+
+    model = _cnn()
+    model.value_range = (0.0, 1.0)
+    pol = _policy("l2", section)
+    assert certifier_for_policy(model, pol).noise_sigma == noise
+    r = max_certifiable_radius(pol.certifier)
+    if cap is None:
+        assert r is None
+    else:  # every sample for the top class: the Clopper-Pearson bound is alpha ** (1 / n)
+        assert r == pytest.approx(noise * norm.ppf(pol.certifier.alpha ** (1 / cap)), rel=1e-9)
