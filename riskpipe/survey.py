@@ -172,7 +172,7 @@ def propose_sampler(grid: Grid | None, n_values: int, value_range: tuple[float, 
     if tabular:
         why = "tabular inputs are certified in standardized units x / s, where the features share no grid"
     elif value_range is None:
-        why = "the model declares no value range to look for a quantisation grid in"
+        why = "the model declares no single value range (lo, hi) to look for a quantisation grid in"
     else:
         why = (f"the reference values are on no grid {value_range[0]:g} + k * ({value_range[1]:g} - "
                f"{value_range[0]:g}) / L with L <= {MAX_GRID_LEVELS} up to float32 representation")

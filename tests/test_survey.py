@@ -160,7 +160,7 @@ def test_sampler_proposal_says_why_what_it_costs_and_what_to_declare():
     p8 = propose_sampler(quantisation_grid(on_grid(255, 0.0, 1.0), 0.0, 1.0), 1, (0.0, 1.0))
     assert (p8.sampler, p8.grid_levels) == ("sound", 255) and "so they are on this grid too" in p8.reasons[0]
     for args, why in ((((0.0, 1.0),), "on no grid 0 + k * (1 - 0) / L with L <= 65535"),
-                      ((None,), "declares no value range"),
+                      ((None,), "declares no single value range (lo, hi)"),
                       ((None, True), "standardized units")):
         q = propose_sampler(None, 10, *args)
         assert (q.sampler, q.grid_levels) == ("gaussian", None)
