@@ -155,4 +155,8 @@ def test_bucket_lookup_equals_a_full_binary_search():
     edges = torch.cat([t - 1, t, t + 1, torch.tensor([0, 1, (1 << 62) - 1])])
     edges = edges[(edges >= 0) & (edges < (1 << 62))]
     u = torch.cat([edges, torch.randint(0, 1 << 62, (200_000,), generator=torch.Generator().manual_seed(0))])
-    assert torch.equal(s.lookup(u), torch.searchsorted(t, u, right=True) - s.J)
+    want = torch.searchsorted(t, u, right=True) - s.J
+    assert torch.equal(s.lookup(u), want)
+    in_place = u.clone()
+    s.lookup(in_place, out=in_place)  # how draw() calls it: u overwritten by j
+    assert torch.equal(in_place, want)

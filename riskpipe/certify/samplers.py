@@ -163,13 +163,16 @@ class SoundSampler:
         return (self.origin + self.step * k).astype(np.float32)
 
     def _tables(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(thresholds, j at each bucket's first u, whether a threshold lies inside the bucket)."""
         key = str(device)
         if key not in self._device_tables:
             t = self._thresholds
-            starts = np.arange(1 << _BUCKET_BITS, dtype=np.int64) << (_BITS - _BUCKET_BITS)
-            counts = np.searchsorted(t, starts, side="right")  # thresholds <= each bucket's first u
-            ext = np.append(t, np.int64(_Q))  # a sentinel no u reaches
-            self._device_tables[key] = tuple(torch.from_numpy(a).to(device) for a in (t, counts, ext))
+            width = 1 << (_BITS - _BUCKET_BITS)
+            starts = np.arange(1 << _BUCKET_BITS, dtype=np.int64) * width
+            first = np.searchsorted(t, starts, side="right")  # thresholds <= each bucket's first u
+            last = np.searchsorted(t, starts + (width - 1), side="right")  # ... <= its last u
+            self._device_tables[key] = tuple(torch.from_numpy(a).to(device)
+                                             for a in (t, first - self.J, last != first))
         return self._device_tables[key]
 
     def draw(self, out: torch.Tensor, gen: torch.Generator) -> None:
@@ -178,19 +181,18 @@ class SoundSampler:
         self.lookup(out, out=out)
 
     def lookup(self, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """j = #{thresholds <= u} - J for u in [0, 2^62). The count at u's bucket start (top
-        16 bits), one step past it, and an exact binary search for the rare u with a further
-        threshold in its bucket (tail bins): the count a search of the whole table gives."""
-        table, counts, ext = self._tables(u.device)
+        """j = #{thresholds <= u} - J for u in [0, 2^62). Most buckets (top 16 bits of u) hold
+        no threshold, so j is the bucket's count, one gather; for u in the few buckets that
+        hold one (about 2J of the 65536), an exact binary search of the whole table."""
+        table, first, inside = self._tables(u.device)
         flat = u.reshape(-1)
-        j = counts.index_select(0, flat >> (_BITS - _BUCKET_BITS))
-        # every threshold below index j is <= u; step over the bucket's next one if u reaches it
-        j.add_(torch.ge(flat, ext.index_select(0, j)).to(torch.int64))
-        more = torch.ge(flat, ext.index_select(0, j))
-        if bool(more.any()):
-            j[more] = torch.searchsorted(table, flat[more], right=True)
-        j = j.view(u.shape)
-        return torch.sub(j, self.J, out=out)
+        bucket = flat >> (_BITS - _BUCKET_BITS)
+        hard = inside.index_select(0, bucket)
+        exact = torch.searchsorted(table, flat[hard], right=True) - self.J if bool(hard.any()) else None
+        j = first.index_select(0, bucket) if out is None else torch.index_select(first, 0, bucket, out=out.view(-1))
+        if exact is not None:
+            j[hard] = exact
+        return j.view(u.shape)
 
     def perturb(self, base: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """origin + step * (a + j): integer sum, then one fixed float per lattice point."""
