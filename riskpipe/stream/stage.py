@@ -21,6 +21,7 @@ crash point by crash point.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -103,6 +104,7 @@ class Stage:
         (time spent joining the group or between assignments does not count)."""
         backoff = 0.5
         idle_since = time.monotonic()
+        _freeze_startup_heap()
         self.observer.started(self.pipeline.policies)
         self._record_policies()
         while True:
@@ -266,6 +268,18 @@ class Stage:
 
 def _epoch_ms(ms: int | None) -> float | None:
     return ms / 1000 if ms and ms > 0 else None
+
+
+def _freeze_startup_heap() -> None:
+    """Move what exists before the loop (torch, numpy, the models, reference sets,
+    policies: ~240k objects on the demo) out of the cyclic collector's reach.
+
+    Those objects live as long as the process; without this every full collection
+    rescans them (~150 ms on the demo, one per ~2,000 events, ~0.075 ms a message).
+    The young generations are collected first so that little garbage is frozen with
+    them; ``gc.freeze`` is process-wide and repeated calls only add what is new."""
+    gc.collect(1)
+    gc.freeze()
 
 
 def _is_transport_error(e: Exception) -> bool:
