@@ -145,7 +145,9 @@ def test_broker_restart_recovers_and_decides_new_events(tmp_path, pipeline):
     with EmbeddedBroker() as b:
         b.create_topics()
         ledger_path = tmp_path / "l.sqlite"
-        cfg = config_for(b, ledger_path, create_topics=True)
+        # Tansu re-creates the input topic with 4 partitions when the reconnecting consumer
+        # asks for its metadata first; a short metadata age lets the stage notice them
+        cfg = config_for(b, ledger_path, create_topics=True, metadata_max_age_ms=1000)
         with Ledger(str(ledger_path)) as led, StageThread(cfg, pipeline, led) as stage:
             produce(b.bootstrap, valid_events("before", 10))
             assert wait_for(lambda: stage.stats.decided >= 10, 60)

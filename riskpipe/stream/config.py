@@ -221,6 +221,9 @@ class StageConfig(KafkaSettings):
     create_topics: bool = False
     session_timeout_ms: int = Field(10_000, ge=1000)
     heartbeat_interval_ms: int = Field(3_000, ge=100)
+    # how often the consumer refreshes topic metadata, so added partitions (or a topic
+    # re-created after a broker lost its data) are picked up; kafka-python's default is 5 min
+    metadata_max_age_ms: int = Field(30_000, ge=500)
     worker_id: str | None = None
     review: dict[str, Any] | None = None  # read by `riskpipe review` (credentials), ignored by the stage
 

@@ -75,6 +75,7 @@ class KafkaSource:
             max_poll_records=config.batch.max_events,
             session_timeout_ms=config.session_timeout_ms,
             heartbeat_interval_ms=config.heartbeat_interval_ms,
+            metadata_max_age_ms=config.metadata_max_age_ms,
             max_partition_fetch_bytes=max(config.largest_message_bytes * 2, 1 << 20),
         )
         self.consumer.subscribe([config.topics.input], listener=Listener())
