@@ -210,3 +210,14 @@ def test_time_is_rfc3339(models):
         assert parse_event(_mut(time=ok), [], models).time == ok
     for bad in ("not a time", "2026-01-01", "2026-13-01T00:00:00Z", "2026-01-01T25:00:00Z", "1767225600", 5):
         assert _reason(_mut(time=bad), models) == "bad_time"
+
+
+def test_only_what_orjson_reads_skips_the_value_walk():
+    """parse_event skips check_values for what orjson read (``clean``); everything
+    orjson refuses goes to the standard library and is walked."""
+    from riskpipe.stream import codec
+
+    assert codec.loads_checked(b'{"a": [1.5, "t", {"k": 2}]}') == ({"a": [1.5, "t", {"k": 2}]}, True)
+    for raw in (b'{"a": NaN}', b'{"a": Infinity}', b'{"a": 1e400}', b'{"a": "\\ud800"}', b'{"\\udc00": 1}',
+                b'{"a": ' + b"9" * 400 + b"}"):
+        assert codec.loads_checked(raw)[1] is False, raw

@@ -36,10 +36,18 @@ def _bounded_int(text: str):
 
 
 def loads(value: bytes | str) -> Any:
+    return loads_checked(value)[0]
+
+
+def loads_checked(value: bytes | str) -> tuple[Any, bool]:
+    """(object, clean). ``clean`` when orjson read it: orjson refuses NaN/Infinity,
+    numbers that overflow a double and lone surrogates, so such an object holds only
+    finite numbers, integers that are no ``OversizedInt`` and valid Unicode text, and
+    validation need not walk it again (riskpipe.stream.events.check_values)."""
     try:
-        return orjson.loads(value)
+        return orjson.loads(value), True
     except orjson.JSONDecodeError:  # bounded: a 5,000-digit integer must not raise (int() stops at 4,300)
-        return json.loads(value, parse_int=_bounded_int)
+        return json.loads(value, parse_int=_bounded_int), False
 
 
 def dumps(obj: Any) -> bytes:

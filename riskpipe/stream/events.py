@@ -119,8 +119,10 @@ def check_time(ts) -> str:
 
 
 def parse_envelope(value: bytes | None, headers=None, max_bytes: int = 1 << 20,
-                   max_binary_bytes: int = 16 << 20) -> tuple[dict, dict | None]:
-    """Return (event object, cloudevent attributes or None). A message with an
+                   max_binary_bytes: int = 16 << 20) -> tuple[dict, dict | None, bool]:
+    """Return (event object, cloudevent attributes or None, clean: see
+    codec.loads_checked; header values added to the object are decoded UTF-8 text,
+    so they keep it clean). A message with an
     ``Inference-Header-Content-Length`` header is the binary tensor form (binary.py),
     limited to ``max_binary_bytes``; a JSON message to ``max_bytes``."""
     if value is None:
@@ -133,7 +135,7 @@ def parse_envelope(value: bytes | None, headers=None, max_bytes: int = 1 << 20,
     if binary.HEADER in h:
         value, payload = binary.split(value, h[binary.HEADER])
     try:
-        obj = codec.loads(value)
+        obj, clean = codec.loads_checked(value)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise EventError("invalid_json", f"value: not valid UTF-8 JSON ({type(e).__name__})") from None
     if not isinstance(obj, dict):
@@ -159,11 +161,12 @@ def parse_envelope(value: bytes | None, headers=None, max_bytes: int = 1 << 20,
             obj = {**obj, "time": ce["time"]}
     if payload is not None:
         obj = binary.attach(obj, payload)
-    return obj, ce
+    return obj, ce, clean
 
 
-def validate_event(obj: dict, models: dict) -> Event:
-    """Check ``obj`` against the contract and the named model's input spec."""
+def validate_event(obj: dict, models: dict, values_checked: bool = False) -> Event:
+    """Check ``obj`` against the contract and the named model's input spec.
+    ``values_checked``: the parser already guarantees what check_values checks."""
     for f in ("id", "model", "inputs"):
         if f not in obj:
             raise EventError("missing_field", f"{f}: required field is missing")
@@ -176,7 +179,8 @@ def validate_event(obj: dict, models: dict) -> Event:
         eid.encode("utf-8")
     except UnicodeEncodeError:
         raise EventError("bad_id", "id: is not valid Unicode text (lone surrogate)") from None
-    check_values(obj)
+    if not values_checked:
+        check_values(obj)
     name = obj["model"]
     if not isinstance(name, str):
         raise EventError("wrong_type", "model: must be a string")
@@ -253,9 +257,9 @@ def _from_uint8(arr: np.ndarray, model) -> np.ndarray:
 
 def parse_event(value: bytes | None, headers, models: dict, max_bytes: int = 1 << 20,
                 max_binary_bytes: int = 16 << 20) -> Event:
-    obj, ce = parse_envelope(value, headers, max_bytes, max_binary_bytes)
+    obj, ce, clean = parse_envelope(value, headers, max_bytes, max_binary_bytes)
     try:
-        ev = validate_event(obj, models)
+        ev = validate_event(obj, models, values_checked=clean)
     except EventError:
         raise
     except (TypeError, ValueError, OverflowError, KeyError, AttributeError) as e:
