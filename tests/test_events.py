@@ -221,3 +221,19 @@ def test_only_what_orjson_reads_skips_the_value_walk():
     for raw in (b'{"a": NaN}', b'{"a": Infinity}', b'{"a": 1e400}', b'{"a": "\\ud800"}', b'{"\\udc00": 1}',
                 b'{"a": ' + b"9" * 400 + b"}"):
         assert codec.loads_checked(raw)[1] is False, raw
+
+
+def test_both_json_readers_agree_on_long_integers():
+    """orjson reads an integer beyond 64 bits as a double; the standard library's
+    fallback (taken when a message holds NaN, say) must read it the same way, and an
+    integer no double holds is out_of_range on either path."""
+    from riskpipe.stream import codec
+
+    long_int = "1234567890123456789012345"  # 25 digits
+    fast, clean = codec.loads_checked(b'{"a": ' + long_int.encode() + b"}")
+    slow, unclean = codec.loads_checked(b'{"a": ' + long_int.encode() + b', "b": NaN}')
+    assert clean and not unclean
+    assert fast["a"] == slow["a"] == float(long_int) and type(slow["a"]) is float
+    assert codec.loads(b'{"a": 12345678901234567890}')["a"] == 12345678901234567890  # 20 digits: exact
+    huge, _ = codec.loads_checked(b'{"a": ' + b"9" * 400 + b"}")
+    assert isinstance(huge["a"], codec.OversizedInt) and huge["a"].digits == 400

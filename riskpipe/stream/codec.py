@@ -2,27 +2,29 @@
 standard library here) with the standard library's reading of what orjson refuses.
 
 ``loads`` reads exactly what ``json.loads`` reads: orjson rejects NaN/Infinity
-literals, integers beyond 64 bits and lone surrogates, and those messages are read
+literals, numbers no double can hold and lone surrogates, and those messages are read
 again by the standard library, so validation (not the parser) says what is wrong
-with them; there an integer literal of more than ``MAX_INT_DIGITS`` digits becomes an
-``OversizedInt`` (validation reports it as ``out_of_range``) instead of raising. ``dumps`` writes compact, key-sorted UTF-8 for the output topics; the
+with them. Both readers turn an integer literal beyond 64 bits into a double (orjson
+does so itself); one too large even for a double becomes an ``OversizedInt``
+(validation reports it as ``out_of_range``) instead of raising. ``dumps`` writes compact, key-sorted UTF-8 for the output topics; the
 ledger's canonical JSON (riskpipe/ledger/chain.py) does not come through here.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import orjson
 
 
-MAX_INT_DIGITS = 20  # int64 and uint64 fit; a longer integer literal is never a sensible value
+MAX_INT_DIGITS = 20  # int64 and uint64 fit; longer integer literals are read as doubles, as orjson does
 
 
 class OversizedInt:
-    """An integer literal with more than ``MAX_INT_DIGITS`` digits, kept unconverted
-    (Python refuses int() beyond 4,300 digits, and nothing needs such a number):
+    """An integer literal too large for a double, kept unconverted (Python refuses
+    int() beyond 4,300 digits, and nothing needs such a number):
     validation reports it as ``out_of_range`` at its field."""
 
     __slots__ = ("digits",)
@@ -32,7 +34,13 @@ class OversizedInt:
 
 
 def _bounded_int(text: str):
-    return OversizedInt(text) if len(text) > MAX_INT_DIGITS else int(text)
+    """What orjson makes of an integer literal, so both readers agree: exact up to
+    ``MAX_INT_DIGITS`` digits, a (finite) double beyond that, and ``OversizedInt`` when
+    not even a double holds it (more than ~309 digits)."""
+    if len(text) <= MAX_INT_DIGITS:
+        return int(text)
+    f = float(text)
+    return f if math.isfinite(f) else OversizedInt(text)
 
 
 def loads(value: bytes | str) -> Any:

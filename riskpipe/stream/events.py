@@ -83,7 +83,7 @@ def check_values(obj: dict) -> None:
         path, v = stack.pop()
         if isinstance(v, codec.OversizedInt):
             raise EventError("out_of_range", f"{_path(path)}: an integer of {v.digits} digits "
-                                             f"(more than {codec.MAX_INT_DIGITS}) is not accepted")
+                                             "(too large for a double) is not accepted")
         if isinstance(v, float):
             if not math.isfinite(v) and path != ("upstream_risk",):
                 raise EventError("non_finite", f"{_path(path)}: NaN or infinity is not accepted")
@@ -215,7 +215,7 @@ def validate_event(obj: dict, models: dict, values_checked: bool = False) -> Eve
     else:
         kinds = set(map(type, data))
         if codec.OversizedInt in kinds:
-            raise EventError("out_of_range", f"inputs[0].data: an integer of more than {codec.MAX_INT_DIGITS} digits")
+            raise EventError("out_of_range", "inputs[0].data: an integer too large for a double")
         if not kinds <= {int, float}:  # no strings ("0.5"), booleans, null or nested lists
             bad = sorted(k.__name__ for k in kinds - {int, float})
             raise EventError("wrong_type",
