@@ -145,15 +145,10 @@ def poisoned_tabular_pipeline(directory, poison_prefix: str = "poison"):
     """A user's tabular skops model (wine, 13 raw features) under a cheap smoothing policy,
     whose model raises for events whose id starts with ``poison_prefix`` (a poison event
     the validator cannot see). Returns (pipeline, the reference rows)."""
-    from riskpipe.compose import build_pipeline
-    from riskpipe.stream.config import load_config
-    from usermodels import tabular_model
+    from usermodels import cheap_pipeline, tabular_model
 
     um = tabular_model(directory)
-    policy = policy_with(directory, certifier={"method": "smoothing", "mode": "decide", "sigma": 0.25,
-                                               "alpha": 0.01, "max_samples": 200})
-    pipe = build_pipeline(load_config(None, models={"wine": um.spec}, references={"wine": str(um.data)},
-                                      policy=policy))
+    pipe = cheap_pipeline(directory, "wine", um)
     real = pipe.process
 
     def process(events, sources):

@@ -16,21 +16,13 @@ from riskpipe.stream.events import make_event
 from riskpipe.stream.io import JsonlSink, JsonlSource, Message
 from riskpipe.stream.offline import run_offline
 from riskpipe.stream.stage import Stage
-from streamkit import policy_with
-from usermodels import image_model
+from usermodels import cheap_image_pipeline
 
 
 @pytest.fixture(scope="module")
 def cnn(tmp_path_factory):
     """A user's 3x32x32 TorchScript CNN under a cheap smoothing policy (few samples)."""
-    from riskpipe.compose import build_pipeline
-
-    d = tmp_path_factory.mktemp("cnn")
-    policy = policy_with(d, certifier={"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01,
-                                       "max_samples": 200})
-    um = image_model(d)
-    return build_pipeline(load_config(None, models={"cnn": um.spec}, references={"cnn": str(um.data)},
-                                      policy=policy))
+    return cheap_image_pipeline(tmp_path_factory.mktemp("cnn"))
 
 
 def cnn_events(n, prefix, seed=0):

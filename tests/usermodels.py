@@ -123,3 +123,21 @@ def stage_ledger(tmp_path, example: str, model: str, n: int = 3, **event_fields)
                                  "--ledger", str(ledger), "--no-metrics-server"])
     assert r.exit_code == 0 and f"decided {n} events" in r.output, r.output
     return ledger, tmp_path / "inputs.npy"
+
+
+
+def cheap_pipeline(tmp: Path, name: str, um: UserModel):
+    """A Pipeline serving the user's model ``um`` as ``name`` under a cheap smoothing
+    policy (few samples), for stage tests that need a non-demo model."""
+    from riskpipe.compose import build_pipeline
+    from riskpipe.stream.config import load_config
+    from streamkit import policy_with
+
+    policy = policy_with(tmp, certifier={"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01,
+                                         "max_samples": 200})
+    return build_pipeline(load_config(None, models={name: um.spec}, references={name: str(um.data)}, policy=policy))
+
+
+def cheap_image_pipeline(tmp: Path):
+    """``cheap_pipeline`` around the 3x32x32 TorchScript CNN (``image_model``) as ``cnn``."""
+    return cheap_pipeline(tmp, "cnn", image_model(tmp))
