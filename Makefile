@@ -13,8 +13,11 @@ APT_PACKAGES := prometheus chromium chromium-driver postgresql
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
+	# CPU build of torch first (a bare `torch` requirement pulls the multi-GB CUDA build): the +cpu wheel
+	# where pip can find one (PyTorch's CPU index, or a local wheel directory), else the plain pin; it says which.
+	$(BIN)/pip install --quiet "torch==2.13.0+cpu" --retries 1 --extra-index-url https://download.pytorch.org/whl/cpu \
+	  || $(BIN)/pip install --quiet torch==2.13.0
+	@$(BIN)/python -c "import torch; print('installed torch', torch.__version__, '(CUDA build)' if torch.version.cuda else '(CPU build)')"
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
