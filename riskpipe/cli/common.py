@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import numpy as np
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -19,6 +22,8 @@ def fail(message: str, code: int = 2) -> None:
 def read_inputs(path: str) -> np.ndarray:
     """Inputs from a .npy file or JSON lines (one array, or an object with ``data``
     or Open Inference Protocol ``inputs``, per line)."""
+    import numpy as np
+
     p = Path(path)
     if not p.is_file():
         fail(f"input {path}: file not found")

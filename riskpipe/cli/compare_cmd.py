@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from riskpipe.compare.runner import DEFAULT_GRID, DEFAULT_MODELS, METHODS
+from riskpipe.compare.defaults import DEFAULT_GRID, DEFAULT_MODELS, METHODS
 
 
 def _floats(text: str, field: str) -> tuple[float, ...]:

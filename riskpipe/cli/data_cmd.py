@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-import numpy as np
 
 
 @click.group()
@@ -17,6 +16,8 @@ def data():
 @click.option("--labels", "labels_path", default=None, help="Where to write y (.npy, int64).")
 def digits(split, out_path, labels_path):
     """Write scikit-learn's digits split (test_size=0.3, random_state=0, stratified)."""
+    import numpy as np
+
     from riskpipe.models.digits import load_split
 
     X, y = load_split(split)

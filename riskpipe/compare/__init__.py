@@ -1,7 +1,26 @@
 """``riskpipe compare``: certification families side by side on one model and data set
-(certified accuracy, time, memory, parallelism), rendered as a report card."""
+(certified accuracy, time, memory, parallelism), rendered as a report card.
 
-from riskpipe.compare.card import FORMATS, render
-from riskpipe.compare.runner import DEFAULT_GRID, METHODS, CompareConfig, certified_accuracy, run_compare
+Names load on first use (PEP 562), so ``riskpipe.compare.defaults`` can be read
+without importing torch and matplotlib."""
 
-__all__ = ["DEFAULT_GRID", "FORMATS", "METHODS", "CompareConfig", "certified_accuracy", "render", "run_compare"]
+import importlib
+
+_EXPORTS = {
+    "DEFAULT_GRID": "riskpipe.compare.defaults",
+    "METHODS": "riskpipe.compare.defaults",
+    "FORMATS": "riskpipe.compare.card",
+    "render": "riskpipe.compare.card",
+    "CompareConfig": "riskpipe.compare.runner",
+    "certified_accuracy": "riskpipe.compare.runner",
+    "run_compare": "riskpipe.compare.runner",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

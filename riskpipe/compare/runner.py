@@ -25,11 +25,9 @@ from riskpipe import blackbox
 from riskpipe.certify import certifier_for_policy
 from riskpipe.certify.norms import check_norm, conversion_factor, convert_radius
 from riskpipe.attacks import pgd
+from riskpipe.compare.defaults import DEFAULT_GRID, DEFAULT_MODELS, METHODS
 from riskpipe.compare.measure import peak_memory, summary_ms, timed
 
-METHODS = ("smoothing", "ibp", "lipschitz")
-DEFAULT_MODELS = ("demo:digits", "demo:digits-ibp", "demo:digits-lipschitz")
-DEFAULT_GRID = {"l2": (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5), "linf": (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)}
 PARALLELISM = {
     "smoothing": "Monte Carlo samples are independent: the n samples of one input split over any number of "
                  "workers or devices (counts add up), so latency falls with workers; cost grows linearly in n.",
