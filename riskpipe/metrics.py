@@ -28,6 +28,20 @@ it to 0 with :meth:`StageMetrics.drop_lag`), broker-up and last-poll take the
 smallest (one stuck worker is enough to alert). Info metrics cannot be stored in
 multiprocess mode, so policy and build info become gauges of value 1 with the
 same name and labels (what the text exposition of an Info metric is anyway).
+
+Per model, per policy
+---------------------
+Every decision, certificate, radius, fault and latency metric carries ``model`` and
+``policy`` (the policy's name) labels: radii of a model certified in pixel units
+and of one in standardised units never share a histogram, and each model's
+abstention rate is its own. The values come from the config:
+:meth:`StageMetrics.declare` names the stage's models with their policies (the
+stage does that at start-up), pre-registers their series at zero, and a record of
+any other model or policy is refused (``ValueError``), so the label set stays
+the config's. ``riskpipe_policy_info{model, name, version, sha256}`` says which
+policy version each model runs. DLQ messages stay unlabelled by model: a message
+that cannot be parsed names no model, and one naming an unknown model must not
+mint a label value.
 """
 
 from __future__ import annotations
@@ -63,6 +77,7 @@ PREFIX = "riskpipe"
 # The *_created series double the series count and nothing here queries them.
 disable_created_metrics()
 
+MODEL_LABELS = ("model", "policy")
 EVENT_OUTCOMES = ("decided", "dlq", "duplicate")
 CERTIFICATE_OUTCOMES = ("certified", "abstained", "below_epsilon")
 DECISIONS = ("allow", "review", "block")
@@ -76,10 +91,11 @@ DLQ_REASONS = (
 )
 REVIEW_VERDICTS = ("confirmed_clean", "confirmed_manipulated", "unsure")
 
-# Bucket boundaries. Radii are distances in the threat-model norm: l_inf radii sit
-# around 1e-3..0.5, l2 radii around 0.01..10, so the buckets are geometric.
-RADIUS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5,
-                  0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+# Bucket boundaries. Radii are distances in the threat-model norm, in each model's own
+# units: l_inf radii on [0, 1] pixels sit around 1e-3..0.5, l2 radii around 0.01..10,
+# radii on 0..255 pixels or raw tabular units reach the hundreds; geometric buckets
+# 1-2-5 from 1e-4 to 1e3 cover them all (each model has its own histogram).
+RADIUS_BUCKETS = tuple(round(m * 10.0 ** e, 6) for e in range(-4, 3) for m in (1, 2, 5)) + (1000.0,)
 SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 EVALUATION_BUCKETS = (1, 10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000, 100_000)
 CERTIFY_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -178,41 +194,43 @@ class StageMetrics:
         p = PREFIX
         self.events = Counter(f"{p}_events_total", "Input events by outcome.",
                               ["outcome"], registry=r)
-        self.decisions = Counter(f"{p}_decisions_total", "Decisions by kind and policy version.",
-                                 ["decision", "policy_version"], registry=r)
+        mp = list(MODEL_LABELS)
+        self.decisions = Counter(f"{p}_decisions_total", "Decisions by model, policy and kind.",
+                                 [*mp, "decision"], registry=r)
         self.certificates = Counter(
             f"{p}_certificates_total",
-            "Certificates by method and outcome (certified in the threat model, "
+            "Certificates by model, policy, method and outcome (certified in the threat model, "
             "abstained, or radius below the threat epsilon).",
-            ["method", "outcome"], registry=r)
+            [*mp, "method", "outcome"], registry=r)
         self.certify_deadline = Counter(
             f"{p}_certify_deadline_total",
             "Inputs whose certification stopped at the policy's latency budget (max_latency_ms), "
             "treated as not certified.",
-            ["method"], registry=r)
+            [*mp, "method"], registry=r)
         self.radius = Histogram(
             f"{p}_certified_radius",
-            "Certified radius converted to the policy's threat-model norm (Theorem 2); "
+            "Certified radius converted to the policy's threat-model norm (Theorem 2), per model: "
+            "each model's radii are in its own units (pixels, standardised features); "
             "abstentions are not observed.",
-            ["norm"], buckets=RADIUS_BUCKETS, registry=r)
+            [*mp, "norm"], buckets=RADIUS_BUCKETS, registry=r)
         self.score = Histogram(f"{p}_risk_score", "Composite risk score in [0, 1].",
-                               buckets=SCORE_BUCKETS, registry=r)
+                               mp, buckets=SCORE_BUCKETS, registry=r)
         self.evaluations = Histogram(
             f"{p}_model_evaluations", "Model evaluations used by one certificate.",
-            ["method"], buckets=EVALUATION_BUCKETS, registry=r)
+            [*mp, "method"], buckets=EVALUATION_BUCKETS, registry=r)
         self.certify_seconds = Histogram(
             f"{p}_certification_duration_seconds", "Time to compute one certificate.",
-            ["method"], buckets=CERTIFY_SECONDS_BUCKETS, registry=r)
+            [*mp, "method"], buckets=CERTIFY_SECONDS_BUCKETS, registry=r)
         self.end_to_end_seconds = Histogram(
             f"{p}_end_to_end_latency_seconds",
             "From event time (or Kafka timestamp) to the decision being emitted.",
-            buckets=END_TO_END_BUCKETS, registry=r)
+            mp, buckets=END_TO_END_BUCKETS, registry=r)
         self.dlq_messages = Counter(f"{p}_dlq_messages_total",
                                     "Messages sent to the dead-letter topic, by reason.",
                                     ["reason"], registry=r)
         self.review_routed = Counter(f"{p}_review_routed_total",
-                                     "Decisions routed to human review, by first reason code.",
-                                     ["reason"], registry=r)
+                                     "Decisions routed to human review, by model, policy and first reason code.",
+                                     [*mp, "reason"], registry=r)
         self.review_backlog = Gauge(f"{p}_review_backlog",
                                     "Items in the review queue awaiting a verdict.",
                                     registry=r, multiprocess_mode="livemax")
@@ -229,8 +247,9 @@ class StageMetrics:
         self.lag = Gauge(f"{p}_consumer_lag_messages",
                          "Messages behind the partition's end offset.",
                          ["topic", "partition"], registry=r, multiprocess_mode="livemax")
-        self.policy_info = _InfoMetric(f"{p}_policy", "The policy in force.",
-                                       ("name", "version", "sha256"), r)
+        self.policy_info = _InfoMetric(f"{p}_policy", "The policy in force for each model.",
+                                       ("model", "name", "version", "sha256"), r)
+        self._declared: set[tuple[str, str]] = set()
         self.policy_loaded = Gauge(f"{p}_policy_loaded_timestamp_seconds",
                                    "Unix time the policy in force was loaded.",
                                    registry=r, multiprocess_mode="livemax")
@@ -267,39 +286,77 @@ class StageMetrics:
             raise ValueError(f"outcome: {outcome!r} is not one of {EVENT_OUTCOMES}")
         self.events.labels(outcome).inc()
 
-    def decision(self, record: Mapping[str, Any]) -> None:
-        """Record everything a full decision record (docs/records.md) says.
+    def declare(self, models: Mapping[str, Any]) -> None:
+        """The stage's models, each with the policy that decides its events (name,
+        version, sha256, certifier.method, threat_model.norm, as riskpipe.policy has
+        them): the only label values decision metrics accept. Their series start at
+        zero, and ``riskpipe_policy_info`` names each model's policy version."""
+        declared = set()
+        infos = []
+        for model, policy in models.items():
+            labels = (_label(model), _label(policy.name))
+            declared.add(labels)
+            method, norm = _label(policy.certifier.method), _label(policy.threat_model.norm)
+            for decision in DECISIONS:
+                self.decisions.labels(*labels, decision)
+            for outcome in CERTIFICATE_OUTCOMES:
+                self.certificates.labels(*labels, method, outcome)
+            for metric in (self.certify_deadline, self.evaluations, self.certify_seconds):
+                metric.labels(*labels, method)
+            self.radius.labels(*labels, norm)
+            self.score.labels(*labels)
+            self.end_to_end_seconds.labels(*labels)
+            infos.append({"model": labels[0], "name": labels[1], "version": _label(policy.version),
+                          "sha256": _label(policy.sha256)})
+        self._declared = declared
+        self.policy_info.set_many(infos)
+        self.policy_loaded.set(time.time())
 
-        Missing optional fields are skipped rather than raised: metrics must never
-        stop the stage.
+    def model_labels(self, record: Mapping[str, Any]) -> tuple[str, str]:
+        """(model, policy) of a decision record; ValueError unless :meth:`declare` named them."""
+        model = record.get("model")
+        if isinstance(model, Mapping):
+            model = model.get("name")
+        labels = (_label(model), _label((record.get("policy") or {}).get("name")))
+        if labels not in self._declared:
+            raise ValueError(f"model {labels[0]!r} under policy {labels[1]!r}: not a model and policy of "
+                             f"this stage's config (declared: {sorted(self._declared)})")
+        return labels
+
+    def decision(self, record: Mapping[str, Any]) -> None:
+        """Record everything a full decision record (docs/records.md) says, under its
+        model and policy.
+
+        Missing optional fields are skipped rather than raised; a model or policy the
+        config does not name is refused (see :meth:`declare`).
         """
-        policy = record.get("policy") or {}
-        decision = record.get("decision")
-        self.decisions.labels(_label(decision), _label(policy.get("version"))).inc()
+        labels = self.model_labels(record)
+        self.decisions.labels(*labels, _label(record.get("decision"))).inc()
         cert = record.get("certificate") or {}
         method = _label(cert.get("method"))
-        self.certificates.labels(method, certificate_outcome(cert)).inc()
+        self.certificates.labels(*labels, method, certificate_outcome(cert)).inc()
         if cert.get("reason") == "deadline":
-            self.certify_deadline.labels(method).inc()
+            self.certify_deadline.labels(*labels, method).inc()
         radius = _number(cert.get("radius_threat"))
         if radius is not None and not cert.get("abstained"):
             norm = cert.get("threat_norm") or cert.get("norm")
-            self.radius.labels(_label(norm)).observe(radius)
+            self.radius.labels(*labels, _label(norm)).observe(radius)
         score = _number(record.get("score"))
         if score is not None:
-            self.score.observe(score)
+            self.score.labels(*labels).observe(score)
         n = _number(cert.get("n_samples"))
         if n is not None:
-            self.evaluations.labels(method).observe(n)
+            self.evaluations.labels(*labels, method).observe(n)
         ms = _number(cert.get("elapsed_ms"))
         if ms is not None:
-            self.certify_seconds.labels(method).observe(ms / 1000.0)
+            self.certify_seconds.labels(*labels, method).observe(ms / 1000.0)
         review = record.get("review") or {}
         if review.get("routed"):
-            self.review_routed.labels(review_reason(record)).inc()
+            self.review_routed.labels(*labels, review_reason(record)).inc()
 
-    def end_to_end(self, seconds: float) -> None:
-        self.end_to_end_seconds.observe(max(0.0, float(seconds)))
+    def end_to_end(self, record: Mapping[str, Any], seconds: float) -> None:
+        """Event time to emitted decision for ``record`` (under its model and policy)."""
+        self.end_to_end_seconds.labels(*self.model_labels(record)).observe(max(0.0, float(seconds)))
 
     def dlq(self, reason: str) -> None:
         self.dlq_messages.labels(reason if reason in DLQ_REASONS else "other").inc()
@@ -328,18 +385,6 @@ class StageMetrics:
 
     def reconnect(self) -> None:
         self.reconnects.inc()
-
-    # -- policy ----------------------------------------------------------------
-    def set_policy(self, name: str, version: str, sha256: str) -> None:
-        """Publish the policy in force; the "policy changed" alert watches the sha."""
-        self.set_policies([(name, version, sha256)])
-
-    def set_policies(self, policies: list[tuple[str, str, str]]) -> None:
-        """Publish every policy in force, (name, version, sha256) each: a stage with
-        several models may decide each model's events under its own policy."""
-        self.policy_info.set_many([{"name": _label(n), "version": _label(v), "sha256": _label(s)}
-                                   for n, v, s in policies])
-        self.policy_loaded.set(time.time())
 
     # -- start-up facts -----------------------------------------------------------
     def set_kafka_crc32c(self, implementation: str) -> None:

@@ -106,3 +106,22 @@ def test_rules_query_only_exported_metrics_and_recorded_series() -> None:
         used_records = set(re.findall(r"\briskpipe:[a-z0-9_:]+", rule["expr"]))
         assert used_records <= recorded, (name, used_records - recorded)
         assert used or used_records or "up{" in rule["expr"], name
+
+
+PER_MODEL_METRICS = ("riskpipe_certificates_total", "riskpipe_certified_radius", "riskpipe_decisions_total",
+                     "riskpipe_certification_duration_seconds", "riskpipe_policy_info", "riskpipe:certificate",
+                     "riskpipe:certified_radius", "riskpipe:certification_duration")
+
+
+def test_rules_on_per_model_metrics_keep_the_model_label() -> None:
+    """Every aggregation over a per-model metric groups by model: one model's radii or
+    abstentions are never blended with another's (their units may differ)."""
+    checked = 0
+    for rule in _rules():
+        expr = rule["expr"]
+        if not any(m in expr for m in PER_MODEL_METRICS):
+            continue
+        checked += 1
+        for grouping in re.findall(r"\b(?:by|on) \(([^)]*)\)", expr):
+            assert "model" in grouping.replace(" ", "").split(","), (rule.get("alert") or rule.get("record"), grouping)
+    assert checked >= 8

@@ -228,6 +228,24 @@ def test_two_models_two_policies_offline(user, two_policies, tmp_path):
     infos = {s.labels["name"]: s.labels["sha256"] for fam in metrics.registry.collect()
              if fam.name == "riskpipe_policy" for s in fam.samples}
     assert infos == rows
+    # two models in different units (pixels, standardised features): each its own series
+    samples = [s for fam in metrics.registry.collect() for s in fam.samples]
+    by_model = {name: {"decided": 0.0, "radii": 0.0, "radius_sum": 0.0} for name in ("signs", "wine")}
+    for s in samples:
+        model = s.labels.get("model")
+        if s.name == "riskpipe_decisions_total":
+            by_model[model]["decided"] += s.value
+            assert s.labels["policy"] == pipe.entries[model].policy.name
+        if s.name == "riskpipe_certified_radius_count":
+            by_model[model]["radii"] += s.value
+        if s.name == "riskpipe_certified_radius_sum":
+            by_model[model]["radius_sum"] += s.value
+    for name in ("signs", "wine"):
+        recs = [r for r in audit if r["model"]["name"] == name]
+        assert by_model[name]["decided"] == len(recs)
+        radii = [r["certificate"]["radius_threat"] for r in recs if not r["certificate"]["abstained"]]
+        assert by_model[name]["radii"] == len(radii)
+        assert by_model[name]["radius_sum"] == pytest.approx(sum(radii))
 
 
 def test_two_models_on_the_broker(user, two_policies, tmp_path):

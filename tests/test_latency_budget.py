@@ -100,6 +100,8 @@ def test_deadline_is_counted_in_a_metric_and_treated_as_uncertified(ticking):
     d = pol.evaluate(Certificate.from_dict(hard.to_dict()), upstream_risk=0.05, event_id="e")
     assert not d.certified_in_threat and d.decision == "review"
     metrics = StageMetrics()
-    metrics.decision({"decision": d.decision, "certificate": hard.to_dict(), "policy": {"version": "1"}})
+    metrics.declare({"two": pol})
+    metrics.decision({"decision": d.decision, "certificate": hard.to_dict(), "model": {"name": "two"},
+                      "policy": {"name": pol.name, "version": "1"}})
     text = expose(metrics.registry).decode()
-    assert 'riskpipe_certify_deadline_total{method="smoothing"} 1.0' in text
+    assert f'riskpipe_certify_deadline_total{{method="smoothing",model="two",policy="{pol.name}"}} 1.0' in text

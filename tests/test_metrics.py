@@ -8,6 +8,8 @@ import time
 import urllib.error
 import urllib.request
 
+from types import SimpleNamespace
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,9 +22,26 @@ from riskpipe.metrics import (
 )
 
 
+def _policy(name: str = "default", version: str = "3", sha256: str = "ab" * 32, method: str = "smoothing",
+            norm: str = "linf") -> SimpleNamespace:
+    """What StageMetrics.declare reads of a policy (riskpipe.policy's Policy has these fields)."""
+    return SimpleNamespace(name=name, version=version, sha256=sha256, certifier=SimpleNamespace(method=method),
+                           threat_model=SimpleNamespace(norm=norm))
+
+
+def _metrics(**models) -> StageMetrics:
+    m = StageMetrics()
+    m.declare(models or {"digits": _policy()})
+    return m
+
+
+M = (("model", "digits"), ("policy", "default"))  # the labels every per-model series carries here
+
+
 def _record(**over) -> dict:
     record = {
         "id": "e-1",
+        "model": {"name": "digits", "spec": "demo:digits", "sha256": "cd" * 32},
         "decision": "review",
         "policy": {"name": "default", "version": "3", "sha256": "ab" * 32},
         "score": 0.62,
@@ -45,24 +64,65 @@ def _samples(metrics: StageMetrics) -> dict[tuple[str, tuple], float]:
     return out
 
 
+def _key(name: str, *labels: tuple[str, str]) -> tuple[str, tuple]:
+    return name, tuple(sorted([*M, *labels]))
+
+
 def test_decision_record_feeds_every_metric() -> None:
-    m = StageMetrics()
+    m = _metrics()
     m.decision(_record())
+    m.end_to_end(_record(), 0.3)
     s = _samples(m)
-    assert s[("riskpipe_decisions_total", (("decision", "review"), ("policy_version", "3")))] == 1
-    assert s[("riskpipe_certificates_total",
-              (("method", "smoothing"), ("outcome", "below_epsilon")))] == 1
+    assert s[_key("riskpipe_decisions_total", ("decision", "review"))] == 1
+    assert s[_key("riskpipe_certificates_total", ("method", "smoothing"), ("outcome", "below_epsilon"))] == 1
     # radius in the threat norm, not the certificate's own
-    assert s[("riskpipe_certified_radius_sum", (("norm", "linf"),))] == pytest.approx(0.2)
-    assert s[("riskpipe_certified_radius_bucket", (("le", "0.2"), ("norm", "linf")))] == 1
-    assert s[("riskpipe_certified_radius_bucket", (("le", "0.1"), ("norm", "linf")))] == 0
-    assert s[("riskpipe_risk_score_sum", ())] == pytest.approx(0.62)
-    assert s[("riskpipe_model_evaluations_sum", (("method", "smoothing"),))] == 1200
-    assert s[("riskpipe_model_evaluations_bucket",
-              (("le", "100000.0"), ("method", "smoothing")))] == 1
-    assert s[("riskpipe_certification_duration_seconds_sum",
-              (("method", "smoothing"),))] == pytest.approx(0.035)
-    assert s[("riskpipe_review_routed_total", (("reason", "below_epsilon"),))] == 1
+    assert s[_key("riskpipe_certified_radius_sum", ("norm", "linf"))] == pytest.approx(0.2)
+    assert s[_key("riskpipe_certified_radius_bucket", ("le", "0.2"), ("norm", "linf"))] == 1
+    assert s[_key("riskpipe_certified_radius_bucket", ("le", "0.1"), ("norm", "linf"))] == 0
+    assert s[_key("riskpipe_risk_score_sum")] == pytest.approx(0.62)
+    assert s[_key("riskpipe_model_evaluations_sum", ("method", "smoothing"))] == 1200
+    assert s[_key("riskpipe_model_evaluations_bucket", ("le", "100000.0"), ("method", "smoothing"))] == 1
+    assert s[_key("riskpipe_certification_duration_seconds_sum", ("method", "smoothing"))] == pytest.approx(0.035)
+    assert s[_key("riskpipe_review_routed_total", ("reason", "below_epsilon"))] == 1
+    assert s[_key("riskpipe_end_to_end_latency_seconds_count")] == 1
+
+
+def test_two_models_in_different_units_get_their_own_series() -> None:
+    """A pixel-unit image model (radii ~0.5) and a standardised tabular model (radii ~50) in one
+    stage: each model's radius histogram holds only its own radii, under its own policy."""
+    m = _metrics(cnn=_policy("cnn-policy", "2026.12.02", "11" * 32, norm="l2"),
+                 credit=_policy("credit-policy", "2026.12.01", "22" * 32, norm="l2"))
+    for i in range(3):
+        cert = {"method": "smoothing", "abstained": False, "radius_threat": 0.5 + 0.01 * i, "threat_norm": "l2",
+                "threat_epsilon": 0.1}
+        m.decision(_record(model={"name": "cnn"}, policy={"name": "cnn-policy"}, certificate=cert))
+    cert = {"method": "smoothing", "abstained": False, "radius_threat": 50.0, "threat_norm": "l2",
+            "threat_epsilon": 1.0}
+    m.decision(_record(model={"name": "credit"}, policy={"name": "credit-policy"}, certificate=cert))
+    s = _samples(m)
+    cnn = (("model", "cnn"), ("norm", "l2"), ("policy", "cnn-policy"))
+    credit = (("model", "credit"), ("norm", "l2"), ("policy", "credit-policy"))
+    assert s[("riskpipe_certified_radius_count", cnn)] == 3
+    assert s[("riskpipe_certified_radius_sum", cnn)] == pytest.approx(1.53)
+    assert s[("riskpipe_certified_radius_count", credit)] == 1
+    assert s[("riskpipe_certified_radius_bucket", tuple(sorted([("le", "10.0"), *credit])))] == 0
+    infos = {dict(k[1])["model"]: dict(k[1]) for k in s if k[0] == "riskpipe_policy_info"}
+    assert infos["cnn"]["version"] == "2026.12.02" and infos["credit"]["sha256"] == "22" * 32
+
+
+def test_declared_series_start_at_zero_and_undeclared_ones_are_refused() -> None:
+    m = _metrics()
+    s = _samples(m)
+    for decision in ("allow", "review", "block"):
+        assert s[_key("riskpipe_decisions_total", ("decision", decision))] == 0
+    assert s[_key("riskpipe_certificates_total", ("method", "smoothing"), ("outcome", "abstained"))] == 0
+    with pytest.raises(ValueError, match="'other'.*not a model and policy of this stage's config"):
+        m.decision(_record(model={"name": "other"}))
+    with pytest.raises(ValueError, match="'strict'"):  # a declared model under a policy it does not run
+        m.decision(_record(policy={"name": "strict"}))
+    with pytest.raises(ValueError, match="not a model"):
+        StageMetrics().decision(_record())  # nothing declared: nothing accepted
+    assert not any(dict(k[1]).get("model") in ("other", "unknown") for k in _samples(m))
 
 
 @pytest.mark.parametrize("cert, outcome", [
@@ -83,14 +143,14 @@ def test_certificate_outcome(cert: dict, outcome: str) -> None:
 
 
 def test_abstention_is_counted_but_has_no_radius() -> None:
-    m = StageMetrics()
+    m = _metrics()
     cert = {"method": "ibp", "abstained": True, "radius": 0.0, "radius_threat": 0.0,
             "threat_norm": "l2", "n_samples": 1, "elapsed_ms": 2.0}
     m.decision(_record(certificate=cert, review={"routed": True, "audit_sample": True}))
     s = _samples(m)
-    assert s[("riskpipe_certificates_total", (("method", "ibp"), ("outcome", "abstained")))] == 1
-    assert not any(k[0].startswith("riskpipe_certified_radius") for k in s)
-    assert s[("riskpipe_review_routed_total", (("reason", "audit_sample"),))] == 1
+    assert s[_key("riskpipe_certificates_total", ("method", "ibp"), ("outcome", "abstained"))] == 1
+    assert s[_key("riskpipe_certified_radius_count", ("norm", "linf"))] == 0  # declared, never observed
+    assert s[_key("riskpipe_review_routed_total", ("reason", "audit_sample"))] == 1
 
 
 def test_review_reason() -> None:
@@ -100,14 +160,14 @@ def test_review_reason() -> None:
 
 
 def test_sparse_record_does_not_raise() -> None:
-    m = StageMetrics()
-    m.decision({"decision": "allow"})
-    m.decision({"decision": "block", "certificate": {"elapsed_ms": float("nan")},
+    m = _metrics()
+    ids = {"model": {"name": "digits"}, "policy": {"name": "default"}}
+    m.decision({**ids, "decision": "allow"})
+    m.decision({**ids, "decision": "block", "certificate": {"elapsed_ms": float("nan")},
                 "score": None, "review": None})
     s = _samples(m)
-    assert s[("riskpipe_decisions_total",
-              (("decision", "allow"), ("policy_version", "unknown")))] == 1
-    assert not any(k[0].startswith("riskpipe_certification_duration") for k in s)
+    assert s[_key("riskpipe_decisions_total", ("decision", "allow"))] == 1
+    assert s[_key("riskpipe_certification_duration_seconds_count", ("method", "smoothing"))] == 0
 
 
 def test_labels_stay_bounded() -> None:
@@ -132,14 +192,13 @@ def test_gauges_infos_and_counters() -> None:
     m.set_lag("inferences", 0, 42)
     m.set_lag("inferences", 1, 7)
     m.drop_lag("inferences", 1)
-    m.set_policy("default", "1", "a" * 64)
-    m.set_policy("default", "2", "b" * 64)
+    m.declare({"digits": _policy(version="1", sha256="a" * 64)})
+    m.declare({"digits": _policy(version="2", sha256="b" * 64)})
     m.set_broker_up(True)
     m.broker_error("timeout")
     m.reconnect()
     m.set_review_backlog(5)
     m.review_deadline_breach()
-    m.end_to_end(0.3)
     before = time.time()
     m.poll()
     s = _samples(m)
@@ -149,13 +208,12 @@ def test_gauges_infos_and_counters() -> None:
             (("partition", "1"), ("topic", "inferences"))) not in s
     policies = [k for k in s if k[0] == "riskpipe_policy_info"]
     assert policies == [("riskpipe_policy_info",
-                         (("name", "default"), ("sha256", "b" * 64), ("version", "2")))]
+                         (("model", "digits"), ("name", "default"), ("sha256", "b" * 64), ("version", "2")))]
     assert s[("riskpipe_broker_up", ())] == 1
     assert s[("riskpipe_broker_errors_total", (("kind", "timeout"),))] == 1
     assert s[("riskpipe_broker_reconnects_total", ())] == 1
     assert s[("riskpipe_review_backlog", ())] == 5
     assert s[("riskpipe_review_deadline_breaches_total", ())] == 1
-    assert s[("riskpipe_end_to_end_latency_seconds_count", ())] == 1
     assert s[("riskpipe_last_poll_timestamp_seconds", ())] >= before
     assert start <= s[("riskpipe_policy_loaded_timestamp_seconds", ())] <= before
     build = [dict(k[1]) for k in s if k[0] == "riskpipe_build_info"]
@@ -176,11 +234,10 @@ def test_names_follow_prometheus_conventions() -> None:
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool missing")
 def test_promtool_check_metrics_lints_a_real_scrape() -> None:
-    m = StageMetrics()
+    m = _metrics()
     m.event("decided")
     m.decision(_record())
     m.set_lag("inferences", 0, 3)
-    m.set_policy("default", "3", "c" * 64)
     m.dlq("invalid_json")
     m.review_verdict("unsure", 30.0)
     server = m.serve(0)

@@ -19,7 +19,12 @@ from riskpipe import metrics
 
 WORKER = textwrap.dedent("""
     import os, sys
+    from types import SimpleNamespace
     from riskpipe.metrics import StageMetrics
+    def policy(version, sha):
+        return SimpleNamespace(name="default", version=version, sha256=sha,
+                               certifier=SimpleNamespace(method="smoothing"),
+                               threat_model=SimpleNamespace(norm="l2"))
     i = int(sys.argv[1])
     m = StageMetrics()
     for _ in range(i + 1):
@@ -27,9 +32,9 @@ WORKER = textwrap.dedent("""
     m.set_lag("inferences", i, 10 * (i + 1))
     m.set_broker_up(i == 0)          # worker 1 lost its broker
     m.last_poll.set(1000.0 + i)      # worker 0 polled longest ago
-    m.set_policy("default", "1", "a" * 64)
+    m.declare({"digits": policy("1", "a" * 64)})
     if i == 1:
-        m.set_policy("default", "2", "b" * 64)
+        m.declare({"digits": policy("2", "b" * 64)})
     print(os.getpid())
 """)
 

@@ -113,8 +113,13 @@ def test_prometheus_scrapes_a_running_stage(tmp_path: Path) -> None:
                            "riskpipe_model_evaluations_count", "riskpipe_risk_score_count",
                            "riskpipe_last_poll_timestamp_seconds", "riskpipe_broker_up"):
                 assert _query(base, series), series
+            # per model: every decision series names the model and its policy, nothing else
+            by_model = _query(base, "sum by (model, policy) (riskpipe_decisions_total)")
+            assert [(r["metric"]["model"], r["metric"]["policy"], float(r["value"][1])) for r in by_model] == [
+                ("digits", "default", 4.0)]
+            assert _query(base, 'riskpipe_certified_radius_count{model="digits", policy="default"}')
             policy = _query(base, "riskpipe_policy_info")
-            assert policy and policy[0]["metric"]["name"] == "default"
+            assert policy and policy[0]["metric"]["name"] == "default" and policy[0]["metric"]["model"] == "digits"
             assert len(policy[0]["metric"]["sha256"]) == 64
             build = _query(base, "riskpipe_build_info")
             assert set(build[0]["metric"]) >= {"version", "python", "torch"}

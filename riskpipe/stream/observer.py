@@ -37,9 +37,11 @@ class Observer:
         self.on_batch = on_batch  # (messages, seconds, certify seconds) per committed batch
         self.stats = Stats()
 
-    def started(self, policies) -> None:
+    def started(self, pipeline) -> None:
+        """Declare the pipeline's models and their policies: the label values of every
+        per-model metric."""
         if self.metrics:
-            self.metrics.set_policies([(p.name, str(p.version), p.sha256) for p in policies])
+            self.metrics.declare({name: e.policy for name, e in pipeline.entries.items()})
 
     def connected(self) -> None:
         if self.metrics:
@@ -87,7 +89,7 @@ class Observer:
                 m.decision(rec)
                 m.event("decided")
                 if d.enqueued:
-                    m.end_to_end(max(0.0, now - d.enqueued))
+                    m.end_to_end(rec, max(0.0, now - d.enqueued))
         for dead in outcome.dead:
             s.dlq[dead.reason] += 1
             if m:

@@ -105,7 +105,7 @@ class Stage:
         backoff = 0.5
         idle_since = time.monotonic()
         _freeze_startup_heap()
-        self.observer.started(self.pipeline.policies)
+        self.observer.started(self.pipeline)
         self._record_policies()
         while True:
             try:
