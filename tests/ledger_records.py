@@ -104,3 +104,31 @@ def build_ledger(path, n: int = 60, seed: int = 0) -> dict:
         led.append_many(verdicts, "verdict")
         led.append_entries(("dlq", rec, eid) for rec, eid in dlq)
     return {"decisions": decisions, "verdicts": verdicts, "dlq": [r for r, _ in dlq]}
+
+
+def forge_tree(target) -> None:
+    """Rebuild the Merkle tree from the rows as they are now, as a forger with full
+    database rights would after editing or cutting rows (triggers bypassed)."""
+    import sqlite3
+
+    from riskpipe.ledger.tree import build_existing
+
+    if str(target).startswith("postgresql://"):
+        import psycopg
+
+        from riskpipe.ledger.postgres import _Conn
+
+        with psycopg.connect(str(target), autocommit=True) as conn:
+            conn.execute("SET session_replication_role = replica")
+            db = _Conn(conn)
+            with conn.transaction():
+                db.execute("DELETE FROM tree_nodes")
+                db.execute("DELETE FROM tree_state")
+                build_existing(db)
+        return
+    db = sqlite3.connect(str(target), isolation_level=None)
+    db.execute("DROP TRIGGER IF EXISTS tree_nodes_no_delete")
+    db.execute("DELETE FROM tree_nodes")
+    db.execute("DELETE FROM tree_state")
+    build_existing(db)
+    db.close()

@@ -8,7 +8,7 @@ import multiprocessing as mp
 import sqlite3
 
 import pytest
-from ledger_records import build_ledger, decision_record
+from ledger_records import build_ledger, decision_record, forge_tree
 
 from riskpipe.ledger import GENESIS, Ledger, LedgerError, canonical_json, entry_hash
 
@@ -151,7 +151,9 @@ def test_truncation_with_forged_checkpoint_caught_by_anchor(ledger_path):
     db.execute("DELETE FROM entries WHERE seq > 7")
     db.execute("UPDATE chain_state SET count = 7, head = ?", (head7,))
     db.close()
-    assert verify(ledger_path).ok  # without an anchor a clean cut is invisible
+    assert not verify(ledger_path).ok  # the Merkle tree still has the cut rows' nodes
+    forge_tree(ledger_path)
+    assert verify(ledger_path).ok  # without an anchor a clean cut of rows and tree is invisible
     res = verify(ledger_path, expect_head=anchor)
     assert not res.ok and res.first_bad_seq == 8 and "not in the chain" in res.reason
     res = verify(ledger_path, expect_head=anchor, expect_count=count)

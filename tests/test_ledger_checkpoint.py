@@ -11,7 +11,7 @@ import sys
 
 import psycopg
 import pytest
-from ledger_records import decision_record
+from ledger_records import decision_record, forge_tree
 
 from riskpipe.ledger import LedgerError, canonical_json, entry_hash, open_ledger
 from riskpipe.ledger.checkpoint import (
@@ -44,7 +44,8 @@ def target(request, tmp_path):
 
 
 def superuser_sql(target, statements):
-    """Change rows as someone with full database rights: triggers off, then any SQL."""
+    """Change rows as someone with full database rights: triggers off, then any SQL, then
+    the Merkle tree rebuilt over the changed rows (a consistent forgery)."""
     if target.startswith("postgresql://"):
         with psycopg.connect(target, autocommit=True) as conn:
             conn.execute("SET session_replication_role = replica")
@@ -57,6 +58,7 @@ def superuser_sql(target, statements):
         for s in statements:
             db.execute(s)
         db.close()
+    forge_tree(target)
 
 
 def rechain_from(target, start, edit):

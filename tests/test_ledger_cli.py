@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from ledger_records import build_ledger, decision_record
+from ledger_records import build_ledger, decision_record, forge_tree
 
 from riskpipe.cli import cli
 from riskpipe.ledger import Ledger, canonical_json, entry_hash
@@ -70,6 +70,8 @@ def test_verify_expect_head_detects_truncation(ledger_path):
     head = db.execute("SELECT hash FROM entries WHERE seq = ?", (n - 3,)).fetchone()[0]
     db.execute("UPDATE chain_state SET count = ?, head = ?", (n - 3, head))
     db.close()
+    assert run("ledger", "verify", ledger_path).exit_code == 1  # the Merkle tree still covers the cut rows
+    forge_tree(ledger_path)
     assert run("ledger", "verify", ledger_path).exit_code == 0
     r = run("ledger", "verify", ledger_path, "--expect-head", anchor, "--expect-count", str(n))
     assert r.exit_code == 1 and f"first bad row {n - 2}" in r.output

@@ -41,9 +41,11 @@ def ledger() -> None:
               help="More signed checkpoints, JSON lines as published to the checkpoints topic (needs --public-key).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def verify(path, expect_head, expect_count, public_keys, checkpoint_file, as_json):
-    """Recompute the hash chain of PATH (a file or postgresql://...); exit 0 only if it is intact.
+    """Recompute the hash chain and the RFC 9162 Merkle tree of PATH (a file or
+    postgresql://...); exit 0 only if both are intact.
 
-    Detects edited, deleted, inserted and reordered rows, and a truncated tail
+    Detects edited, deleted, inserted and reordered rows, stored tree nodes or tree
+    state that do not match the rows, and a truncated tail
     (against the ledger's chain state, and against --expect-head / --expect-count
     when that was forged too). With --public-key, every signed checkpoint is checked
     and the chain must still reach each one: truncation, deletion or re-chaining up to
@@ -70,7 +72,8 @@ def verify(path, expect_head, expect_count, public_keys, checkpoint_file, as_jso
     if as_json:
         click.echo(json.dumps(res.to_dict(), sort_keys=True))
     elif res.ok:
-        click.echo(f"ok: {res.count} rows, head {res.head}" + (f" ({res.reason})" if res.reason else ""))
+        click.echo(f"ok: {res.count} rows, head {res.head}, Merkle root {res.root}"
+                   + (f" ({res.reason})" if res.reason else ""))
     else:
         click.echo(f"TAMPERED: first bad row {res.first_bad_seq}: {res.reason}")
         click.echo(f"  {res.count} rows check out before it; last good head {res.head}")

@@ -60,6 +60,7 @@ class VerifyResult:
     head: str
     first_bad_seq: int | None = None
     reason: str | None = None
+    root: str | None = None  # the Merkle root of the ``count`` rows (hex), when they all check out
 
     def to_dict(self) -> dict:
         return asdict(self)

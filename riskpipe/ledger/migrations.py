@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 
 from riskpipe.ledger.chain import LedgerError
 
-Step = tuple[int, list[str]]
+Step = tuple[int, list]  # (version, [SQL text, or a callable(db) for work SQL cannot express])
 
 def chain_tables(int_type: str) -> list[str]:
     """Schema 1's tables, the same on every backend but for the integer type
@@ -89,6 +89,6 @@ def migrate(db, steps: list[Step], has_table, where: str) -> int:
         if version <= have:
             continue
         for stmt in statements:
-            db.execute(stmt)
+            stmt(db) if callable(stmt) else db.execute(stmt)
         db.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, now))
     return latest(steps)

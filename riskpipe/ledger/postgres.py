@@ -35,6 +35,7 @@ from riskpipe.ledger.chain import GENESIS, LedgerError
 from riskpipe.ledger.migrations import Step, chain_tables, checkpoint_tables, migrate
 from riskpipe.ledger import redact
 from riskpipe.ledger.store import Ledger
+from riskpipe.ledger.tree import build_existing, tree_tables
 
 APPEND_LOCK = 0x7269736B  # "risk": the advisory lock key every appender takes
 _REFUSE = """CREATE OR REPLACE FUNCTION riskpipe_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -52,6 +53,13 @@ STEPS: list[Step] = [
         *checkpoint_tables("id BIGSERIAL PRIMARY KEY", "BIGINT"),
         "CREATE TRIGGER checkpoints_no_change BEFORE UPDATE OR DELETE ON checkpoints FOR EACH ROW EXECUTE FUNCTION riskpipe_append_only()",
         "CREATE TRIGGER checkpoints_no_truncate BEFORE TRUNCATE ON checkpoints FOR EACH STATEMENT EXECUTE FUNCTION riskpipe_append_only()",
+    ]),
+    (3, [  # the RFC 9162 Merkle tree over the rows, and C2SP signed notes (checkpoints)
+        *tree_tables("BIGINT"),
+        *(stmt for t in ("tree_nodes", "signed_notes") for stmt in (
+            f"CREATE TRIGGER {t}_no_change BEFORE UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION riskpipe_append_only()",
+            f"CREATE TRIGGER {t}_no_truncate BEFORE TRUNCATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION riskpipe_append_only()")),
+        build_existing,
     ]),
 ]
 
@@ -143,8 +151,8 @@ class PostgresLedger(Ledger):
             db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             yield db
 
-    def _rows(self, db, sql: str, params: tuple = ()):
-        cur = db.conn.cursor(name="riskpipe_verify")  # server-side: rows stream, memory stays flat
+    def _rows(self, db, sql: str, params: tuple = (), name: str = "riskpipe_verify"):
+        cur = db.conn.cursor(name=name)  # server-side: rows stream, memory stays flat
         cur.itersize = 5000
         cur.execute(db._sql(sql, params), params or None)
         return cur

@@ -15,6 +15,7 @@ from pathlib import Path
 from riskpipe.ledger.chain import GENESIS, LedgerError
 from riskpipe.ledger.migrations import Step, chain_tables, checkpoint_tables, migrate
 from riskpipe.ledger.store import Ledger
+from riskpipe.ledger.tree import build_existing, tree_tables
 
 STEPS: list[Step] = [
     (1, [  # riskpipe 0.1
@@ -33,6 +34,13 @@ STEPS: list[Step] = [
         """CREATE TRIGGER checkpoints_no_delete BEFORE DELETE ON checkpoints
             BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
         "DELETE FROM meta WHERE key = 'schema_version'",
+    ]),
+    (3, [  # the RFC 9162 Merkle tree over the rows, and C2SP signed notes (checkpoints)
+        *tree_tables("INTEGER"),
+        *(f"""CREATE TRIGGER {t}_no_{op} BEFORE {op.upper()} ON {t}
+            BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END"""
+          for t in ("tree_nodes", "signed_notes") for op in ("update", "delete")),
+        build_existing,
     ]),
 ]
 

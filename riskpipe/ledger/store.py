@@ -1,8 +1,9 @@
 """The ledger's one interface, written once over a small SQL surface each backend provides.
 
 :class:`Ledger` holds everything that is the same on SQLite and PostgreSQL: validating
-and chaining appends, de-duplication by (kind, entry id), reading, verifying, and the
-table of signed checkpoints. A backend supplies a connection wrapper with
+and chaining appends, the RFC 9162 Merkle tree over the rows (:mod:`riskpipe.ledger.tree`)
+and its proofs, de-duplication by (kind, entry id), reading, verifying, and the
+tables of signed checkpoints. A backend supplies a connection wrapper with
 ``execute(sql, params)`` (SQL written with ``?`` placeholders), a write transaction that
 serialises appends across processes, a read transaction that sees one snapshot, and
 its migration steps (:mod:`riskpipe.ledger.migrations`).
@@ -15,6 +16,7 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
+from riskpipe.ledger import merkle, tree
 from riskpipe.ledger.chain import (
     GENESIS,
     HEX64,
@@ -62,8 +64,9 @@ class Ledger:
         raise NotImplementedError
         yield
 
-    def _rows(self, db, sql: str, params: tuple = ()) -> Iterable[tuple]:
-        """Iterate a large result without loading it whole (inside ``_read``)."""
+    def _rows(self, db, sql: str, params: tuple = (), name: str = "") -> Iterable[tuple]:
+        """Iterate a large result without loading it whole (inside ``_read``); ``name``
+        tells concurrent cursors apart where the backend needs it."""
         return db.execute(sql, params)
 
     def _init_lock(self) -> None:
@@ -103,7 +106,7 @@ class Ledger:
             last = db.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
             seq, prev = last if last else (0, GENESIS)
             seen = self._existing(db, {(k, e) for k, e, _, _ in prepared})
-            rows = []
+            rows, leaves = [], []
             for kind, eid, ts, text in prepared:
                 if (kind, eid) in seen:
                     continue
@@ -111,10 +114,12 @@ class Ledger:
                 seq += 1
                 h = entry_hash(prev, kind, eid, text)
                 rows.append((seq, kind, eid, ts, text, prev, h))
+                leaves.append(merkle.leaf_hash(tree.leaf_bytes(kind, eid, text)))
                 prev = h
             if rows:
                 db.executemany(f"INSERT INTO entries ({_COLUMNS}) VALUES (?,?,?,?,?,?,?)", rows)
                 db.execute("UPDATE chain_state SET count = ?, head = ? WHERE id = 1", (count + len(rows), prev))
+                tree.append_leaves(db, leaves, seq - len(rows))
         return len(rows)
 
     @staticmethod
@@ -186,6 +191,43 @@ class Ledger:
             row = db.execute("SELECT hash FROM entries WHERE seq = ?", (seq,)).fetchone()
         return row[0] if row else None
 
+    # -- the Merkle tree (riskpipe.ledger.tree) ---------------------------------------------
+    def tree_head(self) -> tuple[int, str]:
+        """(tree size, root hex) as of the last append: what a checkpoint signs."""
+        with self._read() as db:
+            size, root, _ = tree.read_state(db)
+        return size, root
+
+    def leaf_at(self, index: int) -> tuple[bytes, "Entry"] | None:
+        """(leaf bytes, entry) of 0-based leaf ``index`` (row ``seq = index + 1``)."""
+        with self._conn() as db:
+            row = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE seq = ?", (index + 1,)).fetchone()
+        if row is None:
+            return None
+        return tree.leaf_bytes(row[1], row[2], row[4]), row_to_entry(row)
+
+    def tree_root(self, size: int) -> bytes:
+        """MTH of the first ``size`` leaves, from stored nodes (log2(size) lookups)."""
+        with self._read() as db:
+            return self._subtree(db, size)(0, size) if size else merkle.EMPTY_ROOT
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """RFC 9162 audit path of leaf ``index`` in the tree of ``size`` leaves."""
+        with self._read() as db:
+            return merkle.inclusion_proof(index, size, self._subtree(db, size))
+
+    def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
+        """RFC 9162 consistency proof from the tree of ``old_size`` to that of ``new_size``."""
+        with self._read() as db:
+            return merkle.consistency_proof(old_size, new_size, self._subtree(db, new_size))
+
+    @staticmethod
+    def _subtree(db, size: int):
+        have = tree.read_state(db)[0]
+        if size > have:
+            raise LedgerError(f"tree size {size}: the ledger's tree has only {have} leaves")
+        return tree.subtree_reader(db, size)
+
     # -- signed checkpoints (riskpipe.ledger.checkpoint) ------------------------------------
     def add_checkpoint(self, cp) -> None:
         with self._write() as db:
@@ -211,11 +253,22 @@ class Ledger:
             raise LedgerError(f"expect_head: must be 64 lowercase hex characters; got {expect_head!r}")
         if expect_count is not None and (not isinstance(expect_count, int) or expect_count < 0):
             raise LedgerError(f"expect_count: must be a non-negative integer; got {expect_count!r}")
-        anchors = {cp.count: cp.head for cp in checkpoints or ()}
+        anchors = {cp.count: cp.head for cp in checkpoints or () if hasattr(cp, "head")}
+        signed_roots = {cp.tree_size: cp.root.hex() for cp in checkpoints or () if hasattr(cp, "root")}
         with self._read() as db:
             state = db.execute("SELECT count, head FROM chain_state WHERE id = 1").fetchone()
+            tstate = db.execute("SELECT size, root FROM tree_state WHERE id = 1").fetchone()
+            check = tree.TreeCheck(self._rows(db, "SELECT last, level, hash FROM tree_nodes ORDER BY last, level",
+                                              name="riskpipe_verify_tree"), signed_roots)
+
+            def feed(rows):  # the tree is rebuilt from the same stream the chain walk reads
+                for row in rows:
+                    check.add(row[0], row[1], row[2], row[4])
+                    yield row
+
             rows = self._rows(db, f"SELECT {_COLUMNS} FROM entries ORDER BY seq")
-            n, prev, bad, anchored_seq, bad_anchor = check_chain(rows, expect_head, anchors)
+            n, prev, bad, anchored_seq, bad_anchor = check_chain(feed(rows), expect_head, anchors)
+            tree_bad = check.finish(n, tstate) if bad is None and bad_anchor is None else None
         if bad_anchor is not None:  # a signed head no longer matches: rows up to it were rewritten
             return VerifyResult(False, n, prev, *bad_anchor)
         if bad is not None:
@@ -233,6 +286,8 @@ class Ledger:
                                 f"rows after {s_count} were added outside the ledger (chain state says {s_count} rows)")
         if s_head != prev:
             return VerifyResult(False, n, prev, max(n, 1), f"chain state head {s_head[:12]}… differs from chain head {prev[:12]}…")
+        if tree_bad is not None:
+            return VerifyResult(False, n, prev, *tree_bad)
         if expect_count is not None and n < expect_count:
             return VerifyResult(False, n, prev, n + 1, f"truncated: expected at least {expect_count} rows, found {n}")
         if expect_head is not None:
@@ -245,7 +300,7 @@ class Ledger:
             if expect_count is not None and anchored_seq != expect_count:
                 return VerifyResult(False, n, prev, min(anchored_seq, expect_count) + 1,
                                     f"anchored head is row {anchored_seq}, expected row {expect_count}")
-        return VerifyResult(True, n, prev)
+        return VerifyResult(True, n, prev, root=check.root())
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:

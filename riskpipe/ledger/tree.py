@@ -1,0 +1,206 @@
+"""The ledger's RFC 9162 Merkle tree in SQL, next to the hash chain (schema 3).
+
+Leaf ``i`` (0-based) is row ``seq = i + 1``; its bytes are :func:`leaf_bytes`. Tables:
+
+* ``tree_nodes (last, level, hash)``: every complete subtree, written once when its
+  last leaf is appended (about 2 per row). The subtree at ``level`` covering leaves
+  ``[j * 2**level, (j + 1) * 2**level)`` has ``last = (j + 1) * 2**level - 1``; rows sort
+  by ``(last, level)`` in the order appends create them, so ``verify`` streams them
+  side by side with the entries. Any range the RFC's proofs ask for is at most
+  log2(n) lookups, for any tree size up to the current one (nodes never change).
+* ``tree_state (size, root, edge)``: updated in the same transaction as every append,
+  like ``chain_state``; ``edge`` is the right edge (compact range) the next append
+  continues from, so an append reads one row, not the tree.
+
+Hashes are stored as 64 lowercase hex characters, like the chain's.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Iterable, Iterator
+
+from riskpipe.ledger import merkle
+from riskpipe.ledger.chain import LedgerError
+
+_BATCH = 2000  # rows per INSERT batch while building the tree of an existing ledger
+
+
+def leaf_bytes(kind: str, entry_id: str, canonical_record: str) -> bytes:
+    """The bytes a row contributes as a Merkle leaf: ``kind \\n entry_id \\n record``
+    (UTF-8; neither kind nor entry id may contain a newline, canonical JSON has none)."""
+    return f"{kind}\n{entry_id}\n{canonical_record}".encode("utf-8")
+
+
+def split_leaf(data: bytes) -> tuple[str, str, str]:
+    """(kind, entry_id, canonical record text) of leaf bytes; ValueError if malformed."""
+    kind, entry_id, record = data.decode("utf-8").split("\n", 2)
+    return kind, entry_id, record
+
+
+def node_last(level: int, index: int) -> int:
+    return ((index + 1) << level) - 1
+
+
+def tree_tables(int_type: str) -> list[str]:
+    """Schema 3's tables (``int_type``: INTEGER on SQLite, BIGINT on PostgreSQL)."""
+    return [
+        f"""CREATE TABLE tree_nodes (
+            last  {int_type} NOT NULL,
+            level INTEGER NOT NULL,
+            hash  TEXT NOT NULL,
+            PRIMARY KEY (last, level))""",
+        f"""CREATE TABLE tree_state (
+            id      INTEGER PRIMARY KEY CHECK (id = 1),
+            size    {int_type} NOT NULL,
+            root    TEXT NOT NULL,
+            edge    TEXT NOT NULL,
+            log_id  TEXT NOT NULL)""",
+        f"""CREATE TABLE signed_notes (
+            id        {'INTEGER PRIMARY KEY' if int_type == 'INTEGER' else 'BIGSERIAL PRIMARY KEY'},
+            tree_size {int_type} NOT NULL,
+            root      TEXT NOT NULL,
+            note      TEXT NOT NULL)""",
+    ]
+
+
+def build_existing(db) -> None:
+    """Migration step: the tree over the rows an older ledger already holds."""
+    frontier = merkle.Frontier()
+    pending: list[tuple] = []
+    last_seq = 0
+    while True:  # pages by seq: bounded memory on a large ledger
+        rows = db.execute("SELECT seq, kind, entry_id, record FROM entries WHERE seq > ? ORDER BY seq LIMIT 5000",
+                          (last_seq,)).fetchall()
+        if not rows:
+            break
+        for seq, kind, eid, text in rows:
+            if seq != frontier.size + 1:
+                raise LedgerError(f"cannot build the Merkle tree: row {frontier.size + 1} is missing (next is {seq}); "
+                                  "run `riskpipe ledger verify` on the previous riskpipe")
+            pending.extend(_node_rows(frontier.push(merkle.leaf_hash(leaf_bytes(kind, eid, text)))))
+            last_seq = seq
+        if len(pending) >= _BATCH:
+            db.executemany("INSERT INTO tree_nodes (last, level, hash) VALUES (?,?,?)", pending)
+            pending = []
+    if pending:
+        db.executemany("INSERT INTO tree_nodes (last, level, hash) VALUES (?,?,?)", pending)
+    db.execute("INSERT INTO tree_state (id, size, root, edge, log_id) VALUES (1, ?, ?, ?, ?)",
+               (frontier.size, frontier.root().hex(), _edge_text(frontier), secrets.token_hex(8)))
+
+
+def _node_rows(done: list[tuple[int, int, bytes]]) -> list[tuple[int, int, str]]:
+    return [(node_last(level, index), level, h.hex()) for level, index, h in done]
+
+
+def _edge_text(frontier: merkle.Frontier) -> str:
+    return "".join(h.hex() for h in frontier.edge)
+
+
+def read_state(db) -> tuple[int, str, merkle.Frontier]:
+    """(size, root hex, frontier) from ``tree_state``; LedgerError if it is missing or torn."""
+    row = db.execute("SELECT size, root, edge FROM tree_state WHERE id = 1").fetchone()
+    if row is None:
+        raise LedgerError("ledger: tree_state row is missing (tampered)")
+    size, root, edge = row
+    try:
+        frontier = merkle.Frontier(size, [bytes.fromhex(edge[i:i + 64]) for i in range(0, len(edge), 64)])
+    except ValueError as e:
+        raise LedgerError(f"ledger: tree_state is damaged ({e})") from None
+    return size, root, frontier
+
+
+def append_leaves(db, leaves: Iterable[bytes], expect_size: int) -> tuple[int, str]:
+    """Add the leaf hashes of rows just inserted (rows ``expect_size + 1 ...``); returns
+    the new (size, root hex). Runs inside the backend's write transaction."""
+    size, _, frontier = read_state(db)
+    if size != expect_size:
+        raise LedgerError(f"ledger: the Merkle tree has {size} leaves but the chain {expect_size} rows "
+                          "(tampered, or written by a riskpipe without the tree); appends refused")
+    nodes: list[tuple] = []
+    for h in leaves:
+        nodes.extend(_node_rows(frontier.push(h)))
+    db.executemany("INSERT INTO tree_nodes (last, level, hash) VALUES (?,?,?)", nodes)
+    root = frontier.root().hex()
+    db.execute("UPDATE tree_state SET size = ?, root = ?, edge = ? WHERE id = 1", (frontier.size, root, _edge_text(frontier)))
+    return frontier.size, root
+
+
+def subtree_reader(db, size: int) -> merkle.Subtree:
+    """``subtree(lo, hi)`` over stored nodes (for ``hi <= size``), memoised per call site."""
+    memo: dict[tuple[int, int], bytes] = {}
+
+    def node(level: int, index: int) -> bytes:
+        row = db.execute("SELECT hash FROM tree_nodes WHERE last = ? AND level = ?",
+                         (node_last(level, index), level)).fetchone()
+        if row is None:
+            raise LedgerError(f"ledger: Merkle tree node (level {level}, index {index}) is missing (tampered)")
+        return bytes.fromhex(row[0])
+
+    def subtree(lo: int, hi: int) -> bytes:
+        if not 0 <= lo < hi <= size:
+            raise LedgerError(f"ledger: no subtree [{lo}, {hi}) in a tree of size {size}")
+        key = (lo, hi)
+        if key not in memo:
+            parts = [node(level, index) for level, index in merkle.complete_subtrees(lo, hi)]
+            h = parts[-1]
+            for p in reversed(parts[:-1]):
+                h = merkle.node_hash(p, h)
+            memo[key] = h
+        return memo[key]
+
+    return subtree
+
+
+class TreeCheck:
+    """Rebuilds the tree from rows as ``verify`` streams them and compares it with the
+    stored nodes (``nodes``: ``(last, level, hash)`` in key order) and with signed roots
+    (``anchors``: tree size -> root hex). The first difference is kept as ``problem``."""
+
+    def __init__(self, nodes: Iterable[tuple], anchors: dict[int, str] | None = None) -> None:
+        self.nodes: Iterator[tuple] = iter(nodes)
+        self.anchors = anchors or {}
+        self.frontier = merkle.Frontier()
+        self.problem: tuple[int, str] | None = None
+        self.last_anchor = 0
+
+    def add(self, seq: int, kind: str, entry_id: str, text: str) -> None:
+        if self.problem is not None:
+            return
+        done = self.frontier.push(merkle.leaf_hash(leaf_bytes(kind, entry_id, text)))
+        for level, index, h in done:
+            stored = next(self.nodes, None)
+            want = (node_last(level, index), level, h.hex())
+            if stored is None or tuple(stored) != want:
+                self.problem = (seq, f"row {seq}: stored Merkle tree node (level {level}, index {index}) "
+                                     "does not match the rows (tree or row tampered)")
+                return
+        signed = self.anchors.get(self.frontier.size)
+        if signed is not None:
+            if self.frontier.root().hex() != signed:
+                first = self.last_anchor + 1
+                self.problem = (first, f"the Merkle root of the first {seq} rows differs from the signed checkpoint "
+                                       f"for tree size {seq} ({signed[:12]}…): rows {first}..{seq} were rewritten")
+                return
+            self.last_anchor = seq
+
+    def finish(self, n: int, state: tuple | None) -> tuple[int, str] | None:
+        """After ``n`` good rows: leftover nodes, the tree state, anchors beyond the end."""
+        if self.problem is not None:
+            return self.problem
+        if next(self.nodes, None) is not None:
+            return n + 1, f"the Merkle tree has nodes beyond row {n} (tampered)"
+        if state is None:
+            return n + 1, "tree_state row is missing (tampered)"
+        size, root = state
+        if size != n:
+            return min(size, n) + 1, f"tree state says {size} leaves, the ledger has {n} rows"
+        if root != self.frontier.root().hex():
+            return max(n, 1), f"tree state root {root[:12]}… differs from the root of the rows"
+        beyond = [s for s in self.anchors if s > n]
+        if beyond:
+            return n + 1, f"truncated: a signed checkpoint covers tree size {max(beyond)}, found {n} rows"
+        return None
+
+    def root(self) -> str:
+        return self.frontier.root().hex()
