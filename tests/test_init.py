@@ -2,6 +2,7 @@
 `policy check` and `riskpipe run --config` decides events with the written config as is."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -94,11 +95,28 @@ def test_init_tabular_model_scales_and_trial_decides_reference_rows(tmp_path):
     assert "12 reference inputs decided" in trial
     cfg = (out / "riskpipe.yaml").read_text()
     assert "scale: standardize" in cfg and "range" not in cfg  # raw units: finiteness only
+    import os
+
+    import yaml
+
+    entry = yaml.safe_load(cfg)["models"]["cancer"]
+    # paths relative to the config (README), even for files outside its directory
+    assert entry["spec"] == os.path.relpath(EXAMPLES / "tabular" / "model.skops", out)
+    assert entry["reference"] == os.path.relpath(EXAMPLES / "tabular" / "reference.npz", out)
+    with np.load(EXAMPLES / "tabular" / "reference.npz") as z:  # the names the reference set carries
+        assert entry["feature_names"] == [str(n) for n in z["feature_names"]] and len(entry["feature_names"]) == 30
+    meta = yaml.safe_load((out / "policy.yaml").read_text())["metadata"]
+    assert meta["name"] == "cancer" and re.fullmatch(r"20\d\d\.\d\d\.\d\d\+[0-9a-f]{8}", meta["version"])
+    # the example's 171 rows: below a few hundred, said once; every class has 20+ rows
+    assert [w for w in r.stderr.splitlines() if w.startswith("warning:")] == [
+        "warning: the reference set has 171 rows, below 300: the distance percentiles and the noise sweep rest on "
+        "few inputs; add held-out rows"]
     assert cli("policy", "check", "--input-dim", 30, out / "policy.yaml").returncode == 0
     X, _ = reference("tabular")
     audit = run_offline_cli(out / "riskpipe.yaml", "cancer", X[:5], tmp_path)
     assert len(audit) == 5
     assert all("||delta/s||_2" in rec["certificate"]["scope"] for rec in audit)
+    assert {rec["policy"]["version"] for rec in audit} == {meta["version"]}
     # raw tabular units share no grid: the default sampler, and the advice says what to declare
     assert "chose sampler gaussian: tabular inputs are certified in standardized units" in r.stdout
     assert "not floating-point sound" in r.stdout and "UINT8" in r.stdout
@@ -183,6 +201,9 @@ def test_init_proposes_the_sound_sampler_exactly_when_the_reference_set_is_quant
     r = cli("init", "--model", signs.spec, "--reference", tmp_path / "ref.npz", "--out", out, "--name", "signs",
             "--trial", 0)
     assert r.returncode == 0, r.stderr
+    # 40 rows: init still writes, and says why the proposal rests on little
+    assert "warning: the reference set has 40 rows, below 300" in r.stderr
+    assert re.search(r"warning: classes with fewer than 20 reference rows: 0: \d+", r.stderr)
     from riskpipe.policy import load_policy
 
     cert = load_policy(str(out / "policy.yaml")).certifier
@@ -202,3 +223,61 @@ def test_init_proposes_the_sound_sampler_exactly_when_the_reference_set_is_quant
     assert len(audit) == 4 and all(rec["decision"] in ("allow", "review", "block") for rec in audit)
     for rec in audit:
         assert rec["certificate"]["sampler"] == sampler and f"sampler {sampler}" in rec["certificate"]["scope"]
+
+
+def test_policy_versions_tell_the_policies_init_writes_apart():
+    import datetime
+
+    from riskpipe.cli.init_cmd import policy_version
+
+    a = {"metadata": {"name": "cnn", "description": "x"}, "certifier": {"sigma": 0.25}}
+    b = {"metadata": {"name": "credit", "description": "x"}, "certifier": {"sigma": 0.25}}
+    c = {"metadata": {"name": "cnn", "description": "x"}, "certifier": {"sigma": 0.5}}
+    day = datetime.date(2026, 12, 2)
+    va, vb, vc = (policy_version(p, day) for p in (a, b, c))
+    assert va.startswith("2026.12.02+") and len({va, vb, vc}) == 3  # another model or content: another version
+    assert policy_version({**a, "metadata": {**a["metadata"], "version": "old"}}, day) == va  # content, not version
+    assert policy_version(a, datetime.date(2026, 12, 3)) != va
+
+
+def test_reference_warnings_thresholds():
+    from riskpipe.cli.init_cmd import reference_warnings
+
+    assert reference_warnings(300, {0: 150, 1: 150}) == []
+    w = reference_warnings(299, {0: 280, 1: 19})
+    assert len(w) == 2 and "299 rows, below 300" in w[0] and "1: 19" in w[1]
+
+
+def test_init_trial_that_decides_nothing_fails_with_the_reason(tmp_path, digits_test):
+    """Every trial input dead-lettered (here: values outside the demo model's range [0, 1]) is a
+    failure with the reason, never a success line."""
+    from riskpipe.cli.init_cmd import TrialError, _trial
+
+    X, _ = digits_test
+    (tmp_path / "riskpipe.yaml").write_text("models:\n  digits:\n    spec: demo:digits\n")
+    with pytest.raises(TrialError, match=r"0 of 4 reference inputs decided .*dead-lettered out_of_range 4 "
+                                         r"\(first: out_of_range: "):
+        _trial(tmp_path / "riskpipe.yaml", "digits", X[:4] * 300, 4, 0)
+    ok = _trial(tmp_path / "riskpipe.yaml", "digits", np.concatenate([X[:3], X[3:4] * 300]), 4, 0)
+    assert ok.startswith("trial: 3 of 4 reference inputs decided") and ok.endswith("; dead-lettered out_of_range 1")
+
+
+def test_feature_names_default_to_the_reference_sets_own(tmp_path):
+    """The config key wins; without it the reference .npz's feature_names array names the features
+    (reports, console); a feature_names array that is not strings is a config error naming the file."""
+    from riskpipe.stream.config import ConfigError, load_config
+
+    ref = EXAMPLES / "tabular" / "reference.npz"
+    with np.load(ref) as z:
+        names = [str(n) for n in z["feature_names"]]
+    (tmp_path / "a.yaml").write_text(f"models:\n  cancer:\n    spec: {EXAMPLES / 'tabular' / 'model.skops'}\n"
+                                     f"    reference: {ref}\n")
+    assert load_config(str(tmp_path / "a.yaml")).models["cancer"].feature_names == names
+    own = [f"f{i}" for i in range(30)]
+    (tmp_path / "b.yaml").write_text((tmp_path / "a.yaml").read_text() + f"    feature_names: {own}\n")
+    assert load_config(str(tmp_path / "b.yaml")).models["cancer"].feature_names == own
+    X, y = reference("tabular")
+    np.savez(tmp_path / "bad.npz", X=X, y=y, feature_names=np.arange(30))
+    (tmp_path / "c.yaml").write_text((tmp_path / "a.yaml").read_text().replace(str(ref), str(tmp_path / "bad.npz")))
+    with pytest.raises(ConfigError, match="bad.npz: feature_names must be a 1-D array of strings"):
+        load_config(str(tmp_path / "c.yaml"))

@@ -18,6 +18,13 @@ from pathlib import Path
 import click
 
 HEADER = "# Written by `riskpipe init`; edit freely, then `riskpipe policy check {policy}`.\n"
+# Below these the survey's percentiles and the sigma sweep rest on too few inputs to trust.
+MIN_REFERENCE_ROWS = 300
+MIN_PER_CLASS = 20
+
+
+class TrialError(ValueError):
+    """The trial decided none of its inputs: the written config cannot serve this model."""
 
 
 def _model_name(spec: str) -> str:
@@ -42,10 +49,12 @@ def _load(spec: str, X):
 
 
 def _config_path(value: str, out: Path) -> str:
-    """A file path as the config reads it: relative to the config's directory when the
-    file lies inside it (the directory moves as one), absolute otherwise."""
-    path, out = Path(value).resolve(), out.resolve()
-    return str(path.relative_to(out)) if path.is_relative_to(out) else str(path)
+    """A file path as the config reads it: relative to the config's directory (README: paths
+    in the config are relative to it), so the config, its model and its reference set move
+    together."""
+    import os
+
+    return os.path.relpath(Path(value).resolve(), out.resolve())
 
 
 def _config_spec(spec: str, out: Path) -> str:
@@ -74,9 +83,22 @@ def _scalar_range(model, declared):
     return float(rng[0]), float(rng[1])
 
 
+def policy_version(policy: dict, today=None) -> str:
+    """``YYYY.MM.DD+`` the first 8 hex digits of the sha256 of the policy's content (without
+    its version): two policies init writes for different models, or on different days, never
+    share a version, and the same content written the same day keeps it."""
+    import datetime
+    import hashlib
+    import json
+
+    content = {**policy, "metadata": {k: v for k, v in policy["metadata"].items() if k != "version"}}
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{(today or datetime.date.today()):%Y.%m.%d}+{digest}"
+
+
 def _policy(base: dict, name: str, spec: str, proposal, sampler, dim: int, tabular: bool) -> dict:
     pol = {**base}
-    pol["metadata"] = {**base["metadata"], "name": name[:63], "version": "1.0.0",
+    pol["metadata"] = {**base["metadata"], "name": name[:63],
                        "description": f"Written by riskpipe init for {spec}."}
     unit = "standardized units, ||delta / s||_2 with s the per-feature std of the reference set" if tabular \
         else "input units"
@@ -85,6 +107,8 @@ def _policy(base: dict, name: str, spec: str, proposal, sampler, dim: int, tabul
     pol["certifier"] = {**base["certifier"], "sigma": proposal.sigma, "sampler": sampler.sampler}
     if sampler.grid_levels is not None:
         pol["certifier"]["grid_levels"] = sampler.grid_levels
+    pol["metadata"] = {"name": pol["metadata"]["name"], "version": policy_version(pol),
+                       **{k: v for k, v in pol["metadata"].items() if k not in ("name", "version")}}
     return pol
 
 
@@ -108,12 +132,40 @@ def _trial(config_path: Path, name: str, X, n: int, seed: int) -> str:
     t0 = time.perf_counter()
     config = load_config(str(config_path), ledger=None)
     with tempfile.TemporaryDirectory() as tmp:
-        audit = run_offline(events, tmp, config).read("audit")
+        res = run_offline(events, tmp, config)
+        audit = res.read("audit")
+        dead = res.read("dlq") if not audit else []
+    if not audit:
+        first = dead[0]["headers"] if dead else {}
+        raise TrialError(f"trial: 0 of {len(events)} reference inputs decided with {config_path}; "
+                         f"dead-lettered {_counts(res.stats.dlq)}"
+                         + (f" (first: {first.get('__riskpipe.errors.reason')}: "
+                            f"{first.get('__riskpipe.errors.message')})" if first else ""))
     decisions = {d: sum(r["decision"] == d for r in audit) for d in ("allow", "review", "block")}
     certified = sum(_certified_in_threat(r["certificate"]) for r in audit)
-    return (f"trial: {len(audit)} reference inputs decided with {config_path} in {time.perf_counter() - t0:.1f} s "
-            f"(upstream risk 0): allow {decisions['allow']}, review {decisions['review']}, block "
-            f"{decisions['block']}; certified in the threat model {certified}/{len(audit)}")
+    dlq = f"; dead-lettered {_counts(res.stats.dlq)}" if res.stats.dlq else ""
+    return (f"trial: {len(audit)} of {len(events)} reference inputs decided with {config_path} in "
+            f"{time.perf_counter() - t0:.1f} s (upstream risk 0): allow {decisions['allow']}, review "
+            f"{decisions['review']}, block {decisions['block']}; certified in the threat model "
+            f"{certified}/{len(audit)}{dlq}")
+
+
+def _counts(by_reason: dict) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(by_reason.items()))
+
+
+def reference_warnings(n_rows: int, class_counts: dict) -> list[str]:
+    """What makes a reference set too small to base sigma and epsilon on."""
+    out = []
+    if n_rows < MIN_REFERENCE_ROWS:
+        out.append(f"the reference set has {n_rows} rows, below {MIN_REFERENCE_ROWS}: the distance percentiles "
+                   f"and the noise sweep rest on few inputs; add held-out rows")
+    small = {c: k for c, k in sorted(class_counts.items()) if k < MIN_PER_CLASS}
+    if small:
+        out.append(f"classes with fewer than {MIN_PER_CLASS} reference rows: "
+                   + ", ".join(f"{c}: {k}" for c, k in small.items())
+                   + "; their nearest-other-class distances and context are unreliable")
+    return out
 
 
 @click.command()
@@ -136,7 +188,7 @@ def init(spec, reference, out_dir, name, trial, seed, force):
     from riskpipe.cli.common import fail
     from riskpipe.models import ModelError
     from riskpipe.policy import PolicyError, load_policy
-    from riskpipe.stream.config import ConfigError, default_policy_path, read_reference
+    from riskpipe.stream.config import ConfigError, default_policy_path, read_reference, reference_feature_names
     from riskpipe.survey import SurveyError, check_reference, propose, propose_sampler, quantisation_grid, survey
 
     name = name or _model_name(spec)
@@ -149,6 +201,7 @@ def init(spec, reference, out_dir, name, trial, seed, force):
             fail(f"{p}: exists; pass --force to overwrite")
     try:
         X, y = read_reference(reference)
+        feature_names = reference_feature_names(reference)
         model, spec = _load(spec, X)
         X, y = check_reference(X, y, tuple(model.input_shape), model.num_classes, source=reference)
     except (ValueError, ModelError) as e:  # SurveyError and read_reference's errors are ValueErrors
@@ -176,6 +229,8 @@ def init(spec, reference, out_dir, name, trial, seed, force):
                f"{', tabular: scale standardize (per-feature std of the reference set)' if tabular else ''}")
     click.echo(f"reference {reference}: {sv.n_reference} inputs, class counts {sv.class_counts}, values in "
                f"[{sv.value_min:.4g}, {sv.value_max:.4g}], clean accuracy {sv.clean_accuracy:.3f}")
+    for w in reference_warnings(sv.n_reference, sv.class_counts):
+        click.echo(f"warning: {w}", err=True)
     for d in sv.distances.values():
         click.echo(f"  nearest other-class input ({d.norm}{', scaled' if tabular else ''}): p5 {d.p5:.4g}, "
                    f"p25 {d.p25:.4g}, median {d.median:.4g} (over {d.n} inputs)")
@@ -201,6 +256,8 @@ def init(spec, reference, out_dir, name, trial, seed, force):
         entry["scale"] = "standardize"
     if declared:
         entry["range"] = declared
+    if feature_names is not None:
+        entry["feature_names"] = feature_names
     config = {"bootstrap_servers": "127.0.0.1:9092", "create_topics": True, "policy": "policy.yaml",
               "models": {name: entry}}
     config_path.write_text(HEADER.format(policy=policy_path)
@@ -212,6 +269,8 @@ def init(spec, reference, out_dir, name, trial, seed, force):
     if trial:
         try:
             click.echo(_trial(config_path, name, X, trial, seed))
+        except TrialError as e:
+            fail(f"{e}; the config and policy are written, but the stage would dead-letter this model's inputs")
         except (ConfigError, PolicyError, ValueError) as e:
             fail(f"the written config does not run: {e}")
     click.echo(f"next: riskpipe run --config {config_path} --bootstrap-servers HOST:PORT   "

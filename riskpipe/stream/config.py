@@ -23,6 +23,7 @@ max_wait_ms}, plus the optional tuning keys below.
   reference set) or a list of positive numbers, one per feature. Smoothing noise
   and every radius are then measured in the scaled l2 norm ||delta / s||_2.
 * ``feature_names``: names of the features of a tabular model, one per feature.
+  Default: the reference .npz's ``feature_names`` array, when it has one.
 * ``range``: declared input value range, ``[lo, hi]`` for every value or a list of
   ``[lo, hi]`` pairs, one per feature. Inputs outside it go to the DLQ
   (``out_of_range``). Without it only finiteness is checked (demo models: [0, 1];
@@ -54,7 +55,7 @@ from typing import Any
 import os
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from riskpipe.kafka_clients import KafkaSettings
 
@@ -105,6 +106,16 @@ class ModelConfig(BaseModel):
     feature_names: list[str] | None = None
     range: Any = None
     certify_batch_size: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_from_reference(cls, data: Any) -> Any:
+        """``feature_names`` default to the reference set's own ``feature_names`` array."""
+        if isinstance(data, dict) and data.get("feature_names") is None and isinstance(data.get("reference"), str):
+            names = reference_feature_names(data["reference"])
+            if names is not None:
+                data = {**data, "feature_names": names}
+        return data
 
     @field_validator("reference")
     @classmethod
@@ -161,6 +172,23 @@ class ModelConfig(BaseModel):
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def reference_feature_names(path: str) -> list[str] | None:
+    """The ``feature_names`` array of a reference .npz as strings; None when it has none
+    (or cannot be read: ``read_reference`` reports that)."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "feature_names" not in z.files:
+                return None
+            names = z["feature_names"]
+    except (OSError, ValueError, EOFError):
+        return None
+    if names.ndim != 1 or names.dtype.kind not in "US":
+        raise ValueError(f"{path}: feature_names must be a 1-D array of strings, not {names.dtype} {names.shape}")
+    return [str(n) for n in names]
 
 
 def read_reference(path: str):
