@@ -22,6 +22,8 @@ from riskpipe.report import write_report
 WINE_FEATURES = ["alcohol", "malic_acid", "ash"]
 SIGNS = {"name": "signs-policy", "version": "2", "sha256": hashlib.sha256(b"signs").hexdigest(), "shadow": False}
 TABLE = {"name": "tabular-strict", "version": "7", "sha256": hashlib.sha256(b"tab").hexdigest(), "shadow": False}
+SIGNS_LABEL = f"signs-policy v2 · sha256 {SIGNS['sha256'][:12]}"
+TABLE_LABEL = f"tabular-strict v7 · sha256 {TABLE['sha256'][:12]}"
 
 
 def _record(i: int, model: str, policy: dict, x: np.ndarray, **kw) -> dict:
@@ -56,8 +58,8 @@ def test_breakdown_per_model_and_policy_matches_the_records(ledger):
     d = json.loads((tmp / "r.json").read_text())
     by_model = {row["name"]: row for row in d["breakdown"]["models"]}
     by_policy = {row["name"]: row for row in d["breakdown"]["policies"]}
-    assert set(by_model) == {"signs", "wine"} and set(by_policy) == {"signs-policy v2", "tabular-strict v7"}
-    for name, pol, sub in (("signs", "signs-policy v2", decisions[:12]), ("wine", "tabular-strict v7", decisions[12:])):
+    assert set(by_model) == {"signs", "wine"} and set(by_policy) == {SIGNS_LABEL, TABLE_LABEL}
+    for name, pol, sub in (("signs", SIGNS_LABEL, decisions[:12]), ("wine", TABLE_LABEL, decisions[12:])):
         for row in (by_model[name], by_policy[pol]):
             assert row["decisions"] == len(sub)
             for kind in ("allow", "review", "block"):
@@ -68,8 +70,8 @@ def test_breakdown_per_model_and_policy_matches_the_records(ledger):
             assert row["median_radius_threat"] == pytest.approx(float(np.median(radii)))
     assert by_model["signs"]["abstained"] == 4 and by_model["wine"]["review"] == 5
     assert sum(row["verdicts"]["confirmed_manipulated"] for row in by_model.values()) == len(verdicts)
-    assert d["breakdown"]["model_policy"] == [{"model": "signs", "policy": "signs-policy v2", "decisions": 12},
-                                              {"model": "wine", "policy": "tabular-strict v7", "decisions": 8}]
+    assert d["breakdown"]["model_policy"] == [{"model": "signs", "policy": SIGNS_LABEL, "decisions": 12},
+                                              {"model": "wine", "policy": TABLE_LABEL, "decisions": 8}]
     # three routed examples per model, without their input values in JSON
     assert [e["model"] for e in d["examples"]] == ["signs"] * 3 + ["wine"] * 3
     assert all("data" not in e["input"] for e in d["examples"])
@@ -99,7 +101,7 @@ def test_html_shows_pictures_and_tables_of_routed_inputs(ledger):
         assert [td.text for td in tables[0].find_elements(By.CSS_SELECTOR, "tr td:first-child")] == WINE_FEATURES
         captions = driver.find_element(By.ID, "inputs").text
         assert f"prediction {IMAGE_LABELS[first['prediction']]} (class {first['prediction']})" in captions
-        assert "policy tabular-strict v7" in captions and "model wine" in captions
+        assert f"policy {TABLE_LABEL}" in captions and "model wine" in captions
     finally:
         driver.quit()
 
@@ -119,3 +121,17 @@ def test_cli_takes_class_and_feature_names_from_the_stage_config(ledger):
     config.write_text(yaml.safe_dump({"models": {"wine": {"spec": "wine.skops", "labels": []}}}))
     r = CliRunner().invoke(cli, ["report", "--ledger", str(tmp / "ledger.db"), "--config", str(config)])
     assert r.exit_code == 2 and "models.wine.labels" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_two_policies_with_one_name_and_version_are_two_rows(tmp_path):
+    """Two stages' policies both called default v1.0.0 but with different content: the
+    per-policy table keeps them apart by sha256 (it used to merge them into one row)."""
+    a = {"name": "default", "version": "1.0.0", "sha256": "a" * 64, "shadow": False}
+    b = {"name": "default", "version": "1.0.0", "sha256": "b" * 64, "shadow": False}
+    decisions = [decision_record(i, policy=a) for i in range(3)] + [decision_record(10 + i, policy=b) for i in range(2)]
+    with Ledger(tmp_path / "l.db") as led:
+        led.append_many(decisions, "decision")
+    d = json.loads(write_report(tmp_path / "l.db", tmp_path / "r.json", "json").read_text())
+    rows = {row["name"]: row["decisions"] for row in d["breakdown"]["policies"]}
+    assert rows == {"default v1.0.0 · sha256 aaaaaaaaaaaa": 3, "default v1.0.0 · sha256 bbbbbbbbbbbb": 2}
+    assert {(p["sha256"], p["decisions"]) for p in d["policies"]} == {("a" * 64, 3), ("b" * 64, 2)}

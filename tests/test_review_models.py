@@ -79,14 +79,16 @@ needs_browser = pytest.mark.skipif(not HAVE_CHROMIUM, reason="needs Debian chrom
 def test_queue_names_classes_and_policies(setup):
     from selenium.webdriver.common.by import By
 
-    server, driver, _, wine = setup
+    server, driver, recs, wine = setup
     _open_item(driver, server, "evt-image")
     driver.get(server.url)
     rows = {r.get_attribute("data-id"): [td.text for td in r.find_elements(By.TAG_NAME, "td")]
             for r in driver.find_elements(By.CSS_SELECTOR, "#queue tbody tr")}
-    assert rows["evt-image"][-3:] == [f"{IMAGE_LABELS[2]} (class 2)", "signs", "signs-policy v2"]
-    assert rows["evt-row"][-3:] == [f"{wine.labels[1]} (class 1)", "wine", "tabular-strict v7"]
-    assert rows["evt-digit"][-2:] == ["digits", "default v3"]
+    sha = "sha256 " + "12" * 6  # a policy is named by name, version and sha256 (two may share the first two)
+    assert rows["evt-image"][-3:] == [f"{IMAGE_LABELS[2]} (class 2)", "signs", f"signs-policy v2 · {sha}"]
+    assert rows["evt-row"][-3:] == [f"{wine.labels[1]} (class 1)", "wine", f"tabular-strict v7 · {sha}"]
+    digit_sha = recs["evt-digit"]["policy"]["sha256"][:12]
+    assert rows["evt-digit"][-2:] == ["digits", f"default v3 · sha256 {digit_sha}"]
 
 
 @needs_browser

@@ -15,6 +15,7 @@ from typing import Any
 
 from riskpipe.ledger import LedgerError, open_ledger, parse_ts, redact
 from riskpipe.policy.controls import CATALOG
+from riskpipe.policy.naming import policy_label
 
 DECISIONS = ("allow", "review", "block")
 VERDICTS = ("confirmed_clean", "confirmed_manipulated", "unsure")
@@ -184,8 +185,9 @@ def _model_name(d: dict) -> str:
 
 
 def _policy_name(d: dict) -> str:
-    p = d.get("policy")
-    return f"{p.get('name')} v{p.get('version')}" if isinstance(p, dict) else str(p)
+    """Name, version and sha256 prefix: two policies both called ``default v1.0.0`` with
+    different content are two rows, never one."""
+    return policy_label(d.get("policy"))
 
 
 def _group_row(name: str, sub: list[dict], verdict_of: dict) -> dict:
@@ -207,7 +209,7 @@ def _group_row(name: str, sub: list[dict], verdict_of: dict) -> dict:
 
 
 def _breakdown(decisions: list[dict], verdicts: list[dict]) -> dict:
-    """Per model, per policy (name and version), and which policy decided which model's events."""
+    """Per model, per policy (name, version and sha256), and which policy decided which model's events."""
     verdict_of = {v.get("id"): v.get("verdict") for v in verdicts}
 
     def rows(key) -> list[dict]:

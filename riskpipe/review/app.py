@@ -40,6 +40,7 @@ from wtforms.validators import DataRequired, Length, Regexp
 
 from riskpipe.ledger import Ledger
 from riskpipe.review import queue as rq
+from riskpipe.policy.naming import policy_label
 from riskpipe.render import ModelInfo, class_name, entry_info, record_view
 from riskpipe.review.render import split_controls
 from riskpipe.review.settings import REVIEWER_NAME_RE, ReviewSettings
@@ -186,7 +187,7 @@ class ConsoleState:
         if self.metrics is None:
             return
         with Ledger(self.settings.ledger) as ledger:
-            self.note_queue(rq.pending(ledger))
+            self.note_queue(rq.pending(ledger, self.settings.scope))
 
 
 def default_metrics():
@@ -212,6 +213,7 @@ def create_app(settings: ReviewSettings, *, metrics: Any = "default", publisher=
         MAX_CONTENT_LENGTH=64 * 1024,
     )
     CSRFProtect(app)
+    app.jinja_env.globals["policy_label"] = policy_label
     state = ConsoleState(settings, default_metrics() if metrics == "default" else metrics, publisher)
     app.extensions["riskpipe_review"] = state
 
@@ -311,10 +313,11 @@ def create_app(settings: ReviewSettings, *, metrics: Any = "default", publisher=
     @app.get("/")
     @login_required
     def queue_page():
-        items = rq.pending(ledger())
+        items, outside = rq.pending_split(ledger(), settings.scope)
         state.note_queue(items)
         return render_template("queue.html", items=items, now=rq.now_utc(), reviewed=ledger().count("verdict"),
-                               class_name=class_name, labels_of=lambda rec: state.model_info(rec).labels)
+                               class_name=class_name, labels_of=lambda rec: state.model_info(rec).labels,
+                               outside=outside, scope=settings.scope)
 
     @app.get("/item/<path:event_id>")
     @login_required
@@ -327,9 +330,7 @@ def create_app(settings: ReviewSettings, *, metrics: Any = "default", publisher=
         form = VerdictForm()
         if not form.validate_on_submit():
             return _render_item(event_id, form, status=400)
-        decision = ledger().get(event_id, kind="decision")
-        if decision is None:
-            abort(404, description=f"No decision record {event_id!r} in the ledger.")
+        decision = _own_decision(event_id)
         if not rq.needs_review(decision):
             return _render_item(event_id, form, status=409,
                                 error="This decision was not routed to review or drawn for audit.")
@@ -359,12 +360,21 @@ def create_app(settings: ReviewSettings, *, metrics: Any = "default", publisher=
             item = rq.QueueItem(decision, 0)
             if item.overdue(rq.parse_ts(record["ts"])):
                 state.note_breach(record["id"])
-            state.note_queue(rq.pending(ledger()))
+            state.note_queue(rq.pending(ledger(), settings.scope))
 
-    def _render_item(event_id: str, form: VerdictForm, status: int = 200, error: str | None = None):
+    def _own_decision(event_id: str) -> dict:
+        """The decision record ``event_id`` of this console's stage, else 404 (another
+        stage's record is not shown, and takes no verdict here)."""
         decision = ledger().get(event_id, kind="decision")
         if decision is None:
             abort(404, description=f"No decision record {event_id!r} in the ledger.")
+        why = settings.scope.refuses(decision) if settings.scope is not None else None
+        if why is not None:
+            abort(404, description=f"{event_id!r} is not a record of this console's stage: {why}.")
+        return decision
+
+    def _render_item(event_id: str, form: VerdictForm, status: int = 200, error: str | None = None):
+        decision = _own_decision(event_id)
         try:
             rq.check_decision_record(decision)
             problem = None

@@ -2,7 +2,9 @@
 
 * :class:`ReviewTopicFeed` reads full decision records from the trusted ``review`` topic
   into the ledger (idempotent on the event id), committing offsets only after the
-  ledger write: at-least-once, and a redelivered record is a no-op.
+  ledger write: at-least-once, and a redelivered record is a no-op. With a scope
+  (riskpipe.review.scope) it stores only its stage's records: another stage sharing
+  the topic is counted in ``other_stage`` and left out of this ledger.
 * :class:`OutcomePublisher` writes verdicts to ``review-outcomes`` (acks=all, key =
   event id) so the stage, the report and anyone else can follow the feedback loop.
 """
@@ -28,8 +30,11 @@ class ReviewTopicFeed:
     def __init__(self, kafka: KafkaSettings, topic: str, ledger_path: str, *,
                  group_id: str = "riskpipe-review-console",
                  session_timeout_ms: int = 10_000, heartbeat_interval_ms: int = 3_000,
-                 on_batch: Callable[[], None] | None = None) -> None:
+                 on_batch: Callable[[], None] | None = None, scope=None) -> None:
         self.topic = topic
+        self.scope = scope
+        self.other_stage = 0
+        self._noted: set[str] = set()
         self.on_batch = on_batch  # e.g. refresh the backlog gauge once new records are stored
         self.ledger_path = ledger_path
         self.received = 0
@@ -77,6 +82,13 @@ class ReviewTopicFeed:
         where = f"{msg.topic}[{msg.partition}]@{msg.offset}"
         try:
             record = check_decision_record(json.loads(msg.value))
+            why = self.scope.refuses(record) if self.scope is not None else None
+            if why is not None:  # another stage on a shared topic: expected, said once per kind
+                self.other_stage += 1
+                if why not in self._noted and len(self._noted) < 100:
+                    self._noted.add(why)
+                    log.info("review topic: not this stage's records, left out: %s", why)
+                return
             ledger.append(record, kind="decision")
             self.received += 1
         except (ValueError, ReviewError, LedgerError) as e:  # JSONDecodeError is a ValueError

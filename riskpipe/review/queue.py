@@ -135,16 +135,25 @@ def _pending_rows_api(ledger: Ledger) -> list[tuple[int, dict]]:
             if e.entry_id not in reviewed and needs_review(e.record)]
 
 
-def pending(ledger: Ledger) -> list[QueueItem]:
-    """Records waiting for a verdict: priority 1 first, then the earliest deadline."""
-    items = []
+def pending(ledger: Ledger, scope=None) -> list[QueueItem]:
+    """Records waiting for a verdict: priority 1 first, then the earliest deadline; with a
+    ``scope`` (riskpipe.review.scope) only the stage's own (``outside`` counts the rest)."""
+    return pending_split(ledger, scope)[0]
+
+
+def pending_split(ledger: Ledger, scope=None) -> tuple[list[QueueItem], int]:
+    """(this stage's waiting items, how many waiting records belong to other stages)."""
+    items, outside = [], 0
     for seq, record in _pending_rows(ledger):
         try:
             check_decision_record(record)
         except ReviewError:
             continue  # shown on its own page with the reason; never breaks the queue
+        if scope is not None and scope.refuses(record) is not None:
+            outside += 1
+            continue
         items.append(QueueItem(record, seq))
-    return sorted(items, key=QueueItem.sort_key)
+    return sorted(items, key=QueueItem.sort_key), outside
 
 
 def make_verdict(decision: dict, verdict: str, note: str, reviewer: str, when: datetime) -> dict:

@@ -33,7 +33,8 @@ class ConsoleServer:
             self.feed = ReviewTopicFeed(settings.kafka, settings.review_topic, settings.ledger,
                                         session_timeout_ms=consumer_session_timeout_ms,
                                         heartbeat_interval_ms=consumer_heartbeat_ms,
-                                        on_batch=self.app.extensions["riskpipe_review"].refresh_backlog)
+                                        on_batch=self.app.extensions["riskpipe_review"].refresh_backlog,
+                                        scope=settings.scope)
         try:
             self._httpd = make_server(settings.host, settings.port, self.app, threaded=True)
         except (OSError, SystemExit) as e:  # werkzeug exits on a port in use
@@ -93,19 +94,20 @@ def serve_background(ledger_path: str, host: str = "127.0.0.1", port: int = 0, p
                      kafka: KafkaSettings | None = None,
                      review_topic: str = "review", outcomes_topic: str = "review-outcomes",
                      secret_key: bytes | None = None, metrics="default", models: dict | None = None,
-                     **server_options) -> ConsoleServer:
+                     scope=None, **server_options) -> ConsoleServer:
     """Start the console in a thread (for ``riskpipe demo`` and tests).
 
     ``password`` (shared) or ``users`` is required: there is no default credential.
     ``kafka`` (full settings) or ``bootstrap_servers`` (plaintext) connects the Kafka edges.
-    ``models`` are the stage config's ``models:`` entries (class and feature names per model).
+    ``models`` are the stage config's ``models:`` entries (class and feature names per model);
+    ``scope`` (riskpipe.review.scope.StageScope) limits the console to that stage's records.
     Returns the running server: print ``.url``, call ``.stop()`` when done.
     """
     settings = ReviewSettings(
         ledger=str(ledger_path), credentials=Credentials(users=dict(users or {}), shared=password),
         kafka=kafka or (KafkaSettings(bootstrap_servers=bootstrap_servers) if bootstrap_servers else None),
         review_topic=review_topic, outcomes_topic=outcomes_topic,
-        host=host, port=port, secret_key=secret_key, models=dict(models or {}),
+        host=host, port=port, secret_key=secret_key, models=dict(models or {}), scope=scope,
     )
     return start(settings, metrics=metrics, **server_options)
 

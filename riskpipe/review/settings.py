@@ -158,6 +158,9 @@ class ReviewSettings:
     # the stage config's ``models:`` entries (spec string or mapping with labels, feature_names,
     # range): how the console names classes and features and scales pictures, per model name
     models: dict[str, Any] = field(default_factory=dict)
+    # the stage the console serves (riskpipe.review.scope): records of other stages' models or
+    # policies are neither ingested nor shown; None (no --config) serves every record
+    scope: Any = None
 
     @property
     def bootstrap_servers(self) -> str | None:
@@ -226,6 +229,15 @@ def resolve_settings(
         raise SettingsError(str(e)) from None
     if not config.ledger:
         raise SettingsError("ledger: no ledger given (use --ledger PATH or `ledger:` in the config file)")
+    scope = None
+    if config_path:
+        from riskpipe.policy import PolicyError
+        from riskpipe.review.scope import StageScope
+
+        try:
+            scope = StageScope.from_config(config)
+        except PolicyError as e:
+            raise SettingsError(str(e)) from None
     return ReviewSettings(
         ledger=str(config.ledger),
         credentials=credentials,
@@ -237,4 +249,5 @@ def resolve_settings(
         secret_key=secret_key,
         session_hours=section.session_hours,
         models=dict(config.models) if config_path else {},
+        scope=scope,
     )
