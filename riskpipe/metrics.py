@@ -263,6 +263,14 @@ class StageMetrics:
                                registry=r, multiprocess_mode="livemin")
         self.reconnects = Counter(f"{p}_broker_reconnects_total",
                                   "Reconnections to the broker.", registry=r)
+        self.infrastructure_outage = Gauge(
+            f"{p}_infrastructure_outage",
+            "1 while the stage is paused because its ledger or broker is unavailable, else 0.",
+            registry=r, multiprocess_mode="livemax")
+        self.infrastructure_retries = Counter(
+            f"{p}_infrastructure_retries_total",
+            "Failed attempts to reach an unavailable component (ledger or broker) while paused.",
+            ["component"], registry=r)
         self.last_poll = Gauge(f"{p}_last_poll_timestamp_seconds",
                                "Unix time of the stage's last poll of the input topic.",
                                registry=r, multiprocess_mode="livemin")
@@ -385,6 +393,14 @@ class StageMetrics:
 
     def reconnect(self) -> None:
         self.reconnects.inc()
+
+    def infrastructure_retry(self, component: str) -> None:
+        """One failed attempt while ``component`` is unavailable; the outage gauge goes to 1."""
+        self.infrastructure_retries.labels(_label(component, limit=16)).inc()
+        self.infrastructure_outage.set(1)
+
+    def set_infrastructure_outage(self, on: bool) -> None:
+        self.infrastructure_outage.set(1 if on else 0)
 
     # -- start-up facts -----------------------------------------------------------
     def set_kafka_crc32c(self, implementation: str) -> None:

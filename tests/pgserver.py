@@ -53,11 +53,21 @@ class PostgresServer:
         if self.as_root:
             shutil.chown(self.root, "postgres", "postgres")
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", *([] if self.fsync else ["--no-sync"]))
+        return self.resume()
+
+    def resume(self) -> "PostgresServer":
+        """Start the server on its data directory and port (after ``start`` or ``halt``)."""
         opts = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
                 f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=100")
         self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.root / "server.log"), "-w", "-t", "60", "start")
         self.pid = int((self.data / "postmaster.pid").read_text().splitlines()[0])
         return self
+
+    def halt(self, mode: str = "immediate") -> None:
+        """Stop the server, keeping its data (an outage: ``resume`` brings it back).
+        ``immediate`` drops every connection at once, as a crash or a failover does."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "30", "stop")
+        self.pid = None
 
     def url(self, database: str = "postgres", user: str = "postgres") -> str:
         return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"

@@ -13,6 +13,7 @@ from riskpipe.ledger import Ledger, LedgerError
 from riskpipe.ledger.sqlite import SqliteLedger
 from riskpipe.stream.config import load_config
 from riskpipe.stream.events import make_event
+from riskpipe.stream.infra import InfrastructureUnavailable
 from riskpipe.stream.io import JsonlSink, JsonlSource, Message
 from riskpipe.stream.offline import run_offline
 from riskpipe.stream.stage import Stage
@@ -124,10 +125,16 @@ class BrokenLedger(SqliteLedger):
 
 
 def test_a_broken_ledger_stops_the_stage_before_anything_is_sent(tmp_path, cnn):
+    """A disk I/O error is the ledger's, not the events': retried (no event dead-lettered),
+    then, past infrastructure_timeout_s, the stage stops with nothing sent or committed."""
     led = BrokenLedger(str(tmp_path / "l.sqlite"))
+    cfg = config()
+    cfg.infrastructure_timeout_s = 0.5
     try:
-        with pytest.raises(sqlite3.OperationalError):
-            run_offline(cnn_events(5, "b") + [{"id": "junk"}], tmp_path / "out", config(), pipeline=cnn, ledger=led)
+        with pytest.raises(InfrastructureUnavailable, match=r"^ledger unavailable for .*disk I/O error") as e:
+            run_offline(cnn_events(5, "b") + [{"id": "junk"}], tmp_path / "out", cfg, pipeline=cnn, ledger=led)
+        assert isinstance(e.value.__cause__, sqlite3.OperationalError)
+        assert led.count("dlq") == 0 and led.count("decision") == 0
     finally:
         led.close()
     for kind in ("decisions", "audit", "review", "dlq"):

@@ -130,12 +130,15 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, references
         if config.metrics_port is not None and not no_metrics_server:
             server = metrics.serve(config.metrics_port, config.metrics_addr)
             click.echo(f"metrics on {server.url}", err=True)
+        from riskpipe.stream.infra import InfrastructureUnavailable
         from riskpipe.stream.stage import GuardTripped
 
         try:
             stats = run_stage(config, source, sink, metrics=metrics, idle_exit_s=idle_exit)
         except GuardTripped as e:
             fail(f"DLQ guard tripped, stage stopped: {e}", code=3)
+        except InfrastructureUnavailable as e:
+            fail(str(e), code=4)
         finally:
             if server:
                 server.shutdown()

@@ -39,6 +39,7 @@ from riskpipe.ledger.chain import (
     KINDS,
     Entry,
     LedgerError,
+    LedgerUnavailable,
     VerifyResult,
     canonical_json,
     check_chain,
@@ -52,7 +53,7 @@ def redact(target: str) -> str:
     """A ledger URL or path fit for logs: the password of a DSN replaced by ***."""
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", str(target))
 
-__all__ = ["GENESIS", "KINDS", "Entry", "Ledger", "LedgerError", "VerifyResult", "backend_for", "canonical_json",
+__all__ = ["GENESIS", "KINDS", "Entry", "Ledger", "LedgerError", "LedgerUnavailable", "VerifyResult", "backend_for", "canonical_json",
            "check_chain", "dlq_record", "entry_hash", "open_ledger", "parse_ts", "policy_record", "redact"]
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")

@@ -39,6 +39,11 @@ class LedgerError(ValueError):
     """A record or argument the ledger cannot accept (message names field and reason)."""
 
 
+class LedgerUnavailable(LedgerError):
+    """The ledger's server cannot be reached (an infrastructure fault, not the record's:
+    see riskpipe.stream.infra); the same call may succeed once it is back."""
+
+
 @dataclass(frozen=True)
 class Entry:
     seq: int

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from riskpipe.ledger.chain import GENESIS, LedgerError
+from riskpipe.ledger.chain import GENESIS, LedgerError, LedgerUnavailable
 from riskpipe.ledger.migrations import Step, chain_tables, checkpoint_tables, migrate
 from riskpipe.ledger import redact
 from riskpipe.ledger.store import Ledger
@@ -124,7 +124,7 @@ class PostgresLedger(Ledger):
             conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, int(self.timeout)))
             conn.execute(f"SET lock_timeout = {int(self.timeout * 1000)}")
         except psycopg.Error as e:
-            raise LedgerError(f"ledger {redact(self.dsn)}: cannot connect ({str(e).strip().splitlines()[0]})") from None
+            raise LedgerUnavailable(f"ledger {redact(self.dsn)}: cannot connect ({str(e).strip().splitlines()[0]})") from None
         return _Conn(conn)
 
     @contextmanager

@@ -135,6 +135,12 @@ class Ledger:
         return found
 
     # -- reading --------------------------------------------------------------------------
+    def ping(self) -> None:
+        """Raise unless the ledger answers a read now (the stage probes it during an outage;
+        on PostgreSQL a dropped connection is re-opened first)."""
+        with self._conn() as db:
+            db.execute("SELECT count FROM chain_state WHERE id = 1").fetchone()
+
     def get(self, entry_id: str, kind: str = "decision") -> dict | None:
         with self._conn() as db:
             row = db.execute("SELECT record FROM entries WHERE kind = ? AND entry_id = ?", (kind, entry_id)).fetchone()

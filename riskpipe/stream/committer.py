@@ -3,18 +3,24 @@
 Per batch, strictly in this order (Quix Streams' checkpoint, Arroyo's submit/join):
 
 1. **ledger** — every decision row and every dead-letter row, in one transaction.
-   If that transaction fails, each decision row is tried on its own: a row the
-   ledger refuses turns its event into a dead letter (``internal_error``, stage
-   ``ledger``) and nothing is published for it. If even dead-letter rows cannot
-   be written, the ledger itself is broken (infrastructure): the exception goes up,
-   nothing of the batch has been sent, and no offset moves.
+   If that transaction fails for a *data* reason, each decision row is tried on its
+   own: a row the ledger refuses turns its event into a dead letter
+   (``internal_error``, stage ``ledger``) and nothing is published for it. If it
+   fails for an *infrastructure* reason (``riskpipe.stream.infra`` decides which:
+   the ledger is down, restarting, locked), the exception goes up at once — no row
+   of the batch is blamed on its event, nothing of the batch has been sent, and no
+   offset moves; the stage pauses and reads the batch again when the ledger is back.
+   If even dead-letter rows cannot be written, the ledger itself is broken: the
+   exception goes up likewise.
 2. **send** — every output: decisions (public), audit and review (trusted), DLQ.
 3. **flush** — returns only when every send is acknowledged (``SinkError``
    otherwise: the stage recreates its clients and the batch is redelivered).
 4. **commit** — the batch's offsets.
 5. **after-commit hooks** — ``after_commit`` callables ``hook(outcome)``, run once
    the offsets are committed (e.g. a periodic signed ledger checkpoint). A hook
-   that raises stops the stage (it is the stage's own machinery, not data).
+   that raises for an infrastructure reason pauses the stage like any outage (the
+   batch is committed already); any other exception stops it (it is the stage's
+   own machinery, not data).
 
 Why nothing is lost or published unrecorded, crash point by crash point:
 
@@ -30,6 +36,17 @@ Why nothing is lost or published unrecorded, crash point by crash point:
   (same entry id) and the DLQ message is sent again;
 * after 4: done. An id met again at another offset is a producer's re-delivery
   (skipped) or a conflicting re-use of the id (``id_conflict``).
+
+An infrastructure outage is the first two cases without the crash: the stage drops
+what it holds uncommitted (its buffer and the batch in flight), returns its source to
+the last committed offsets and waits with backoff. An outage during 1 (or during the
+id look-ups before it) is "before 1 completes": no row is written, so no event is
+dead-lettered for it, and the batch is decided afresh. An outage during 2-3 (broker)
+or after 1 of the batch in flight is "after 1, before 4": rows stored, offsets unmoved,
+outputs re-sent from the ledger. The outage never reaches 4 for a batch whose step 1
+or 3 failed, because 4 runs only after both returned: so no offset moves past an
+undecided event, however long the outage. Past ``infrastructure_timeout_s`` the stage
+exits non-zero from the same state: nothing further committed.
 
 Ack-wait overlap: the stage loop calls ``submit`` (1-2) for batch k and ``complete``
 (3-5) only after it has handled (certified) batch k+1, so the broker's acks for k
@@ -49,6 +66,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from riskpipe.stream.infra import infrastructure_component
 from riskpipe.stream.io import Message
 from riskpipe.stream.outputs import Output, dead_letter_output
 from riskpipe.stream.pipeline import utc_now
@@ -112,11 +130,20 @@ class Committer:
     def complete(self, outcome: Outcome, sink, source) -> Outcome:
         """Steps 3-5 for a submitted batch: wait for every ack, then commit its offsets,
         then the hooks. Batches are completed in the order they were submitted."""
+        self.acknowledge(outcome, sink, source)
+        self.run_hooks(outcome)
+        return outcome
+
+    @staticmethod
+    def acknowledge(outcome: Outcome, sink, source) -> None:
+        """Steps 3-4: every ack, then the batch's offsets."""
         sink.flush()
         source.commit(outcome.messages)
+
+    def run_hooks(self, outcome: Outcome) -> None:
+        """Step 5, for a committed batch."""
         for hook in self.after_commit:
             hook(outcome)
-        return outcome
 
     def write_ledger(self, outcome: Outcome) -> None:
         """Step 1; moves events whose decision row the ledger refuses to ``outcome.dead``."""
@@ -127,6 +154,8 @@ class Committer:
             self.ledger.append_entries(rows + [("dlq", *dlq_entry(d)) for d in outcome.dead])
             return
         except Exception as e:  # noqa: BLE001 - find the culprit row by row, below
+            if infrastructure_component(e):
+                raise  # the ledger is unavailable: no row is the culprit
             log.warning("ledger refused a batch (%s: %s); writing row by row", type(e).__name__, e)
         kept = []
         for d in outcome.decided:
@@ -134,6 +163,8 @@ class Committer:
                 self.ledger.append_entries([("decision", d.record, None)])
                 kept.append(d)
             except Exception as e:  # noqa: BLE001 - this event's row: its event is dead-lettered
+                if infrastructure_component(e):
+                    raise
                 outcome.dead.append(Dead.from_exception(d.message, e, "ledger"))
         outcome.decided = kept
         # If these cannot be written either, the ledger is down: raise, nothing was sent.

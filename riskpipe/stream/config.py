@@ -33,6 +33,11 @@ max_wait_ms}, plus the optional tuning keys below.
   short forward-throughput probe at start-up, cached per (model sha256, device,
   torch threads) in the cache directory (riskpipe/tuning.py).
 
+Stage-wide ``infrastructure_timeout_s`` (default 300): a ledger or broker outage is
+ridden out (consumption paused, retried with bounded exponential backoff, no offset
+moved past an undecided event); one longer than this stops the stage with a non-zero
+exit and nothing undecided committed.
+
 Stage-wide ``torch_threads`` (default 1): torch's intra-op threads in the stage,
 set once when the pipeline is built (before the batch-size probe, whose cache is per
 thread count); ``null`` leaves torch's own default (one per core). Default 1 from
@@ -253,6 +258,9 @@ class StageConfig(KafkaSettings):
     # re-created after a broker lost its data) are picked up; kafka-python's default is 5 min
     metadata_max_age_ms: int = Field(30_000, ge=500)
     worker_id: str | None = None
+    # a ledger or broker outage longer than this stops the stage (non-zero exit, nothing
+    # undecided committed); shorter ones are ridden out (riskpipe.stream.infra)
+    infrastructure_timeout_s: float = Field(300.0, gt=0, le=86_400)
     review: dict[str, Any] | None = None  # read by `riskpipe review` (credentials), ignored by the stage
 
     @field_validator("models", mode="before")

@@ -43,6 +43,11 @@ class SinkError(RuntimeError):
     pass
 
 
+# How long a new stage client tries to reach the cluster before it raises (kafka-python's
+# default is 30 s): the stage's outage loop owns longer waits (backoff, infrastructure_timeout_s)
+BOOTSTRAP_TIMEOUT_MS = 5_000
+
+
 # ---------------------------------------------------------------- Kafka -------------
 class KafkaSource:
     """A consumer-group member on the input topic; manual commits only."""
@@ -76,6 +81,7 @@ class KafkaSource:
             session_timeout_ms=config.session_timeout_ms,
             heartbeat_interval_ms=config.heartbeat_interval_ms,
             metadata_max_age_ms=config.metadata_max_age_ms,
+            bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS,
             max_partition_fetch_bytes=max(config.largest_message_bytes * 2, 1 << 20),
         )
         self.consumer.subscribe([config.topics.input], listener=Listener())
@@ -100,6 +106,17 @@ class KafkaSource:
                 offsets[tp] = OffsetAndMetadata(m.offset + 1, "", -1)
         if offsets:
             self.consumer.commit(offsets)
+
+    def rewind(self) -> None:
+        """Every assigned partition back to its last committed offset (its start if none):
+        what was polled but not committed is read again (the stage calls this when it
+        drops undecided messages during an outage)."""
+        for tp in self.consumer.assignment():
+            committed = self.consumer.committed(tp)
+            if committed is None:
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, committed)
 
     @property
     def holds_partitions(self) -> bool:
@@ -143,6 +160,7 @@ class KafkaSink:
             retries=5,
             request_timeout_ms=10_000,
             max_block_ms=10_000,
+            bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS,
         )
         self.pending: list = []
 
@@ -177,11 +195,16 @@ class JsonlSource:
         self.topic = f"file:{path}"
         self.checkpoint = checkpoint
         self.f = open(path, "rb")
-        self.offset = 0
-        start = 0
+        self.committed = 0  # the line after the last committed one
         if checkpoint and os.path.exists(checkpoint):
-            start = int(Path(checkpoint).read_text().strip() or 0)
-        while self.offset < start and self.f.readline():
+            self.committed = int(Path(checkpoint).read_text().strip() or 0)
+        self.rewind()
+
+    def rewind(self) -> None:
+        """Back to the line after the last committed one (see ``KafkaSource.rewind``)."""
+        self.f.seek(0)
+        self.offset = 0
+        while self.offset < self.committed and self.f.readline():
             self.offset += 1
         self.exhausted = False
 
@@ -199,9 +222,12 @@ class JsonlSource:
         return out
 
     def commit(self, messages: list[Message]) -> None:
-        if self.checkpoint and messages:
+        if not messages:
+            return
+        self.committed = max(self.committed, max(m.offset for m in messages) + 1)
+        if self.checkpoint:
             tmp = self.checkpoint + ".tmp"
-            Path(tmp).write_text(str(max(m.offset for m in messages) + 1))
+            Path(tmp).write_text(str(self.committed))
             os.replace(tmp, self.checkpoint)
 
     def lag(self) -> dict:

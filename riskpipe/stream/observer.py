@@ -25,6 +25,7 @@ class Stats:
     decisions: dict = field(default_factory=lambda: defaultdict(int))
     abstained: int = 0
     broker_errors: int = 0
+    infrastructure_retries: dict = field(default_factory=lambda: defaultdict(int))  # by component
     reconnects: int = 0
     started: float = field(default_factory=time.monotonic)
     busy_s: float = 0.0
@@ -61,13 +62,22 @@ class Observer:
             for tp in partitions:
                 self.metrics.drop_lag(tp.topic, tp.partition)
 
-    def broker_error(self, e: Exception) -> None:
-        self.stats.broker_errors += 1
-        self.stats.reconnects += 1
+    def infrastructure_error(self, component: str, e: Exception) -> None:
+        """One failed attempt while ``component`` (ledger or broker) is unavailable."""
+        self.stats.infrastructure_retries[component] += 1
+        if component == "broker":
+            self.stats.broker_errors += 1
+            self.stats.reconnects += 1
         if self.metrics:
-            self.metrics.broker_error(type(e).__name__)
-            self.metrics.set_broker_up(False)
-            self.metrics.reconnect()
+            self.metrics.infrastructure_retry(component)
+            if component == "broker":
+                self.metrics.broker_error(type(e).__name__)
+                self.metrics.set_broker_up(False)
+                self.metrics.reconnect()
+
+    def outage_over(self) -> None:
+        if self.metrics:
+            self.metrics.set_infrastructure_outage(False)
 
     def committed(self, outcome) -> None:
         s = self.stats

@@ -13,7 +13,14 @@ the model batch, falls back to one event at a time when the batch fails; whateve
 an event raises makes *that* event a dead letter (``internal_error``, exception type
 and message in the record and the ``__riskpipe.errors.*`` headers). The committer
 applies the same rule to ledger rows. So data never stops the stage: it exits
-non-zero only for its configuration (a tripped guard) or infrastructure.
+non-zero only for its configuration (a tripped guard) or an infrastructure outage
+longer than ``infrastructure_timeout_s``.
+
+Infrastructure is not data: where the stage touches the ledger or the broker, an
+exception that ``infra.infrastructure_component`` calls infrastructure is never an
+event's dead letter. It goes up to ``run``, which pauses consumption (the source goes
+back to its committed offsets; nothing is polled), retries with bounded exponential
+backoff and jitter, and reads the batch again when the component answers.
 
 At-least-once: see ``committer`` for the order of side effects and the argument,
 crash point by crash point.
@@ -30,8 +37,10 @@ import time
 from riskpipe.stream.batcher import Batcher
 from riskpipe.stream.committer import Committer, Decided, Outcome
 from riskpipe.stream.events import parse_event
+from riskpipe.ledger import redact
 from riskpipe.stream.guard import GuardTripped, Guards, PartitionGuard  # noqa: F401 - re-exported
-from riskpipe.stream.io import Message, SinkError
+from riskpipe.stream.infra import BROKER, LEDGER, InfrastructureUnavailable, Outage, infrastructure_component
+from riskpipe.stream.io import Message
 from riskpipe.stream.observer import Observer, Stats  # noqa: F401 - re-exported
 from riskpipe.stream.outputs import check_sizes, decision_outputs
 from riskpipe.stream.pipeline import Pipeline
@@ -54,6 +63,8 @@ class Stage:
         self.observer = Observer(metrics, on_record, on_batch)
         self.stopping = threading.Event()
         self.in_flight: Outcome | None = None  # submitted, acks outstanding, offsets not committed
+        self.outage: Outage | None = None  # the ledger or broker outage being ridden out
+        self._policies_recorded = False
 
     @property
     def stats(self) -> Stats:
@@ -101,18 +112,18 @@ class Stage:
     def run(self, idle_exit_s: float | None = None) -> Stats:
         """Consume until stopped (signal, ``stop()``), the source is exhausted (files),
         or nothing arrived for ``idle_exit_s`` seconds *while holding partitions*
-        (time spent joining the group or between assignments does not count)."""
-        backoff = 0.5
+        (time spent joining the group, between assignments or in an outage does not count).
+
+        A ledger or broker outage is ridden out (``_outage``); one longer than
+        ``infrastructure_timeout_s`` raises ``InfrastructureUnavailable``."""
         idle_since = time.monotonic()
         _freeze_startup_heap()
         self.observer.started(self.pipeline)
-        self._record_policies()
         while True:
             try:
-                if self.source is None:
-                    self._open()
+                self._recover()
                 got = self._turn()
-                backoff = 0.5
+                self._progress()
                 exhausted = getattr(self.source, "exhausted", False)
                 if got or self.batcher.buffer or not self._holds_partitions():
                     idle_since = time.monotonic()
@@ -127,20 +138,81 @@ class Stage:
             except GuardTripped:
                 self._close()
                 raise
-            except Exception as e:  # noqa: BLE001 - broker trouble is retried, never fatal
-                if not _is_transport_error(e):
+            except Exception as e:  # noqa: BLE001 - infrastructure is retried, anything else raised
+                component = infrastructure_component(e)
+                if component is None:
                     self._close()
                     raise
-                self.observer.broker_error(e)
-                log.warning("broker error (%s: %s); recreating clients in %.1fs", type(e).__name__, e, backoff)
-                self.batcher.clear()  # uncommitted: redelivered after reconnect
-                self.in_flight = None  # likewise (its rows are in the ledger: outputs re-sent)
-                self._close()
-                if self.stopping.wait(backoff):
+                if self._outage(component, e):
                     break
-                backoff = min(backoff * 2, 10.0)
+                idle_since = time.monotonic()  # an outage is not idleness
         self._close()
         return self.stats
+
+    # ---- outages ---------------------------------------------------------------------
+    def _recover(self) -> None:
+        """Before a turn: during a ledger outage, probe the ledger; record the policies
+        once; (re)open the clients. Each raises while its component is unavailable."""
+        if self.outage is not None and self.outage.component == LEDGER and self.ledger is not None:
+            self.ledger.ping()
+        if not self._policies_recorded:
+            self._record_policies()
+            self._policies_recorded = True
+        if self.source is None:
+            self._open()
+
+    def _progress(self) -> None:
+        """After a turn without an exception: with nothing undecided held, the outage is
+        over (so is it once a batch commits: ``_complete_in_flight``)."""
+        if not self.batcher.buffer and self.in_flight is None:
+            self._end_outage()
+
+    def _end_outage(self) -> None:
+        if self.outage is not None:
+            log.warning("%s available again after %.1f s (%d retries)", self.outage.component,
+                        time.monotonic() - self.outage.since, self.outage.retries)
+            self.outage = None
+            self.observer.outage_over()
+
+    def _outage(self, component: str, e: Exception) -> bool:
+        """Pause for ``component``: drop everything uncommitted, return the source to its
+        committed offsets (or close the clients), wait with backoff. True if stopping.
+
+        Nothing uncommitted is lost: the buffer and the batch in flight are read again
+        from the committed offsets (a batch whose ledger rows were written has its
+        outputs re-sent from the ledger; see ``committer``)."""
+        now = time.monotonic()
+        if self.outage is None:
+            self.outage = Outage(component, now)
+        else:
+            self.outage.component = component
+        self.observer.infrastructure_error(component, e)
+        waited, timeout = now - self.outage.since, self.config.infrastructure_timeout_s
+        self.batcher.clear()
+        self.in_flight = None
+        if component == BROKER or not self._rewind():
+            self._close()
+        if waited > timeout:
+            self._close()
+            raise InfrastructureUnavailable(component, waited, timeout, e) from e
+        delay = min(self.outage.next_delay(), timeout - waited + 0.05)
+        log.warning("%s unavailable (%s: %s); consumption paused, retry %d in %.2f s (%.1f s of %g s)", component,
+                    type(e).__name__, redact(" ".join(str(e).split()))[:300], self.outage.retries, delay, waited,
+                    timeout)
+        return self.stopping.wait(delay)
+
+    def _rewind(self) -> bool:
+        """Return the open source to its committed offsets; False if it cannot (then the
+        clients are closed and re-opened, which starts from the committed offsets too)."""
+        rewind = getattr(self.source, "rewind", None)
+        if rewind is None:
+            return False
+        try:
+            rewind()
+            return True
+        except Exception as e:  # noqa: BLE001 - e.g. the broker is down as well
+            log.warning("cannot rewind the source (%s: %s); re-opening the clients", type(e).__name__, e)
+            return False
 
     # ---- one turn of the loop ----------------------------------------------------------
     def _turn(self) -> int:
@@ -186,9 +258,11 @@ class Stage:
         if outcome is None:
             return
         t0 = time.perf_counter()
-        self.committer.complete(outcome, self.sink, self.source)
+        self.committer.acknowledge(outcome, self.sink, self.source)
         outcome.seconds += time.perf_counter() - t0  # the wait that was not overlapped
+        self._end_outage()  # a batch decided, recorded, acknowledged and committed
         self.observer.committed(outcome)
+        self.committer.run_hooks(outcome)
 
     def handle(self, msgs: list[Message]) -> Outcome:
         """Decide ``msgs`` without side effects on the outputs: parse and validate,
@@ -220,7 +294,8 @@ class Stage:
         return ev
 
     def _lookup(self, parsed: list[Accepted]) -> tuple[dict[str, dict], dict[int, Dead]]:
-        """Stored ledger records of the batch's ids; an id the lookup fails on is that event's failure."""
+        """Stored ledger records of the batch's ids; an id the lookup fails on for a data
+        reason is that event's failure. An unavailable ledger raises (the batch waits)."""
         known: dict[str, dict] = {}
         failed: dict[int, Dead] = {}
         if self.ledger is None:
@@ -229,6 +304,8 @@ class Stage:
             try:
                 rec = self.ledger.get(a.event.id)
             except Exception as e:  # noqa: BLE001
+                if infrastructure_component(e):
+                    raise
                 failed[id(a)] = Dead.from_exception(a.message, e, "ledger lookup")
                 continue
             if rec is not None:
@@ -280,13 +357,3 @@ def _freeze_startup_heap() -> None:
     them; ``gc.freeze`` is process-wide and repeated calls only add what is new."""
     gc.collect(1)
     gc.freeze()
-
-
-def _is_transport_error(e: Exception) -> bool:
-    """Broker/transport trouble (retry with fresh clients) vs. a bug (raise)."""
-    try:
-        from kafka.errors import KafkaError
-    except ImportError:  # pragma: no cover
-        KafkaError = ()  # noqa: N806
-    return isinstance(e, (KafkaError, SinkError, ConnectionError, TimeoutError, OSError)) and not isinstance(
-        e, (FileNotFoundError, PermissionError))

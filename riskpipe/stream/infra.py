@@ -1,0 +1,102 @@
+"""Infrastructure is not data: the one classifier of exceptions, and the stage's backoff.
+
+An exception raised while the stage talks to its ledger or its broker is either an
+*infrastructure* fault (the server is down, restarting, locked, unreachable) or a
+*data* fault (this event's row or output cannot be written: e.g. a value the ledger's
+canonical JSON refuses). Only a data fault may become the event's dead letter; an
+infrastructure fault pauses the stage (``Stage.run``): nothing of the batch is sent,
+no offset moves, and the batch is read again once the component answers.
+
+:func:`infrastructure_component` is the one place that tells them apart; every
+caller that touches the ledger or the broker asks it (stage look-ups, the committer's
+ledger write, the stage loop) instead of keeping its own list of exception types.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import sys
+from dataclasses import dataclass, field
+
+from riskpipe.ledger.chain import LedgerUnavailable
+
+LEDGER, BROKER = "ledger", "broker"
+COMPONENTS = (LEDGER, BROKER)
+
+# SQLite errors that say "the file is busy or the disk failed", not "this row is bad"
+_SQLITE_TRANSIENT = ("database is locked", "database table is locked", "disk i/o error", "unable to open database",
+                     "database or disk is full")
+
+# Backoff between retries: BASE_S doubling up to CAP_S, "equal jitter" (half the delay
+# fixed, half uniform) so workers that failed together do not retry together.
+BASE_S, CAP_S = 0.2, 5.0
+
+
+def infrastructure_component(exc: BaseException) -> str | None:
+    """``"ledger"`` or ``"broker"`` if ``exc`` (or an exception it was raised from) says
+    that component is unavailable; None if it is anything else (data or a bug).
+
+    * ledger: :class:`~riskpipe.ledger.chain.LedgerUnavailable` (cannot connect),
+      psycopg ``OperationalError`` / ``InterfaceError`` (connection lost, server
+      shutting down, lock or statement timeout, disk full), SQLite ``database is
+      locked`` / ``disk I/O error`` / ``unable to open database file``;
+    * broker: any kafka-python ``KafkaError``, ``SinkError`` (sends not acknowledged),
+      ``ConnectionError``/``TimeoutError`` and other ``OSError`` of the transport (not a
+      missing file or a permission, which are configuration).
+    """
+    from riskpipe.stream.io import SinkError
+
+    psycopg = sys.modules.get("psycopg")  # not imported: no psycopg error can exist
+    kafka_errors = sys.modules.get("kafka.errors")
+    for e in _chain(exc):
+        if isinstance(e, LedgerUnavailable):
+            return LEDGER
+        if psycopg is not None and isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError)):
+            return LEDGER
+        if isinstance(e, sqlite3.OperationalError) and any(s in str(e).lower() for s in _SQLITE_TRANSIENT):
+            return LEDGER
+        if kafka_errors is not None and isinstance(e, kafka_errors.KafkaError):
+            return BROKER
+        if isinstance(e, SinkError):
+            return BROKER
+        if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            return BROKER
+    return None
+
+
+def _chain(exc: BaseException, limit: int = 8):
+    seen = set()
+    while exc is not None and id(exc) not in seen and len(seen) < limit:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+class InfrastructureUnavailable(RuntimeError):
+    """A component stayed unavailable past ``infrastructure_timeout_s``; the stage
+    stopped without committing anything it had not decided and recorded."""
+
+    def __init__(self, component: str, seconds: float, timeout_s: float, cause: BaseException):
+        from riskpipe.ledger import redact
+
+        self.component = component
+        detail = redact(" ".join(str(cause).split()))[:300]
+        super().__init__(f"{component} unavailable for {seconds:.1f} s (infrastructure_timeout_s {timeout_s:g}): "
+                         f"{type(cause).__name__}: {detail}; stopped without committing undecided events")
+
+
+@dataclass
+class Outage:
+    """One outage: when it began, how often the stage retried, the next backoff delay."""
+
+    component: str
+    since: float  # time.monotonic()
+    retries: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next_delay(self) -> float:
+        """Bounded exponential backoff with equal jitter: in [d/2, d], d = min(CAP_S, BASE_S * 2^retries)."""
+        d = min(CAP_S, BASE_S * 2 ** min(self.retries, 16))
+        self.retries += 1
+        return d / 2 + self.rng.uniform(0, d / 2)

@@ -1,0 +1,259 @@
+"""Infrastructure is not data (issue 19, item 3): a ledger outage pauses the stage, no
+valid event is dead-lettered for it, no offset moves past an undecided event, and an
+outage longer than ``infrastructure_timeout_s`` stops the stage non-zero without
+committing. Real PostgreSQL (its own server: these tests stop it), the real embedded
+broker, a user's tabular skops model (not the demo)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+from pgserver import PostgresServer
+from streamkit import consume_all, policy_with, produce, run_cli, stop, tabular_event, wait_for
+from usermodels import cheap_pipeline, tabular_model
+
+from riskpipe.ledger import open_ledger
+from riskpipe.ledger.postgres import PostgresLedger
+from riskpipe.stream.broker import EmbeddedBroker
+
+pytestmark = pytest.mark.broker
+
+TOPICS = ["inferences", "decisions", "review", "audit", "dlq"]
+
+
+@pytest.fixture
+def pg():
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def broker():
+    with EmbeddedBroker() as b:
+        b.create_topics(TOPICS, partitions=1)
+        yield b
+
+
+@pytest.fixture(scope="module")
+def wine(tmp_path_factory):
+    d = tmp_path_factory.mktemp("wine")
+    um = tabular_model(d)
+    return d, um, np.load(um.data)["X"]
+
+
+def wine_events(X, prefix: str, n: int, start: int = 0) -> list[dict]:
+    return [tabular_event(f"{prefix}-{i}", X[i % len(X)]) for i in range(start, start + n)]
+
+
+class OutageLedger(PostgresLedger):
+    """The real PostgreSQL ledger; on the ``at``-th id look-up and on the ``at``-th decision
+    write the server is stopped (immediate mode: every connection dropped) and started
+    again ``down_s`` later on another thread, so the outage falls inside a batch."""
+
+    server: PostgresServer
+    at = 3
+    down_s = 1.0
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.calls = {"get": 0, "append": 0}
+        self.outages: list[str] = []
+
+    def _maybe_fail(self, where: str) -> None:
+        self.calls[where] += 1
+        if self.calls[where] == self.at:
+            self.server.halt()
+            self.outages.append(where)
+            threading.Timer(self.down_s, self.server.resume).start()
+
+    def get(self, entry_id, kind="decision"):
+        self._maybe_fail("get")
+        return super().get(entry_id, kind)
+
+    def append_entries(self, entries):
+        entries = list(entries)
+        if any(k == "decision" for k, _, _ in entries):
+            self._maybe_fail("append")
+        return super().append_entries(entries)
+
+
+def committed_offset(bootstrap: str, group: str, topic: str = "inferences") -> int | None:
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return c.committed(TopicPartition(topic, 0))
+    finally:
+        c.close()
+
+
+def assert_published_match_ledger(bootstrap: str, dsn: str, valid_ids: set[str]) -> dict[str, list]:
+    """Every valid id decided exactly once in the ledger, the ledger verifies, every
+    audit record published equals its ledger row, and no DLQ record is internal_error."""
+    with open_ledger(dsn) as led:
+        decided = [e.entry_id for e in led.records(kind="decision")]
+        rows = {e.entry_id: e.record for e in led.records(kind="decision")}
+        dlq_rows = [e.record for e in led.records(kind="dlq")]
+        assert led.verify().ok
+    assert len(decided) == len(set(decided)) and set(decided) == valid_ids
+    assert all(r["reason"] != "internal_error" for r in dlq_rows), dlq_rows
+    out = consume_all(bootstrap, ["audit", "dlq"], timeout=4)
+    for m in out["audit"]:
+        rec = json.loads(m.value)
+        assert rec == rows[rec["id"]]
+    assert {json.loads(m.value)["id"] for m in out["audit"]} == valid_ids
+    reasons = [dict(m.headers)["__riskpipe.errors.reason"].decode() for m in out["dlq"]]
+    assert "internal_error" not in reasons
+    return out
+
+
+def test_classifier_tells_infrastructure_from_data():
+    import sqlite3
+
+    import psycopg
+    from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+
+    from riskpipe.ledger import LedgerError, LedgerUnavailable
+    from riskpipe.stream.infra import infrastructure_component
+    from riskpipe.stream.io import SinkError
+
+    infra = [
+        (psycopg.OperationalError("server closed the connection unexpectedly"), "ledger"),
+        (psycopg.InterfaceError("the connection is closed"), "ledger"),
+        (psycopg.errors.AdminShutdown("terminating connection due to administrator command"), "ledger"),
+        (LedgerUnavailable("ledger postgresql://u:***@h/db: cannot connect"), "ledger"),
+        (sqlite3.OperationalError("database is locked"), "ledger"),
+        (sqlite3.OperationalError("disk I/O error"), "ledger"),
+        (KafkaConnectionError("no brokers"), "broker"),
+        (KafkaTimeoutError("timed out"), "broker"),
+        (SinkError("send not acknowledged"), "broker"),
+        (ConnectionResetError("reset"), "broker"),
+    ]
+    for exc, component in infra:
+        assert infrastructure_component(exc) == component, exc
+    wrapped = RuntimeError("while appending")
+    wrapped.__cause__ = psycopg.OperationalError("connection lost")
+    assert infrastructure_component(wrapped) == "ledger"
+    data = [LedgerError("record: canonical JSON refuses NaN"), ValueError("bad"), ArithmeticError("model"),
+            sqlite3.OperationalError("no such table: entries"), psycopg.errors.UniqueViolation("dup"),
+            psycopg.DataError("invalid input"), FileNotFoundError("policy.yaml"), KeyError("x")]
+    for exc in data:
+        assert infrastructure_component(exc) is None, exc
+
+
+def test_postgresql_stopped_inside_batches_decides_every_event_once(pg, broker, wine, tmp_path):
+    """PostgreSQL stops for about a second during one batch's id look-ups and again during
+    another batch's ledger write: every valid event is decided exactly once, none is
+    dead-lettered as internal_error, the malformed ones are dead-lettered with their
+    reason, offsets reach the end only once everything is decided, and --idle-exit
+    does not count the outages as idle."""
+    from riskpipe.compose import build_stage
+    from riskpipe.metrics import StageMetrics
+    from riskpipe.stream.config import load_config
+
+    d, um, X = wine
+    dsn = pg.create_database("outage")
+    events = wine_events(X, "w", 48)
+    junk = [(b'{"id": "junk-1", "model": "wine"}', []), (b"not json", [])]
+    produce(broker.bootstrap, events[:24] + junk + events[24:])
+    cfg = load_config(None, bootstrap_servers=broker.bootstrap, ledger=dsn, session_timeout_ms=2000,
+                      heartbeat_interval_ms=600, batch={"max_events": 8, "max_wait_ms": 20}, group_id="g-outage",
+                      infrastructure_timeout_s=60)
+    OutageLedger.server = pg
+    led = OutageLedger(dsn)
+    metrics = StageMetrics()
+    stage = build_stage(cfg, pipeline=cheap_pipeline(d, "wine", um), ledger=led, metrics=metrics)
+    errors = []
+
+    def run():
+        try:
+            stage.run(idle_exit_s=1.0)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=180)
+    alive = t.is_alive()
+    stage.stop()
+    led.close()
+    assert not alive and not errors, errors
+    assert led.outages == ["get", "append"]
+    assert stage.stats.infrastructure_retries["ledger"] >= 2
+    assert stage.stats.decided == 48 and sum(stage.stats.dlq.values()) == 2, stage.stats
+    assert "internal_error" not in stage.stats.dlq
+    assert committed_offset(broker.bootstrap, "g-outage") == 50
+    out = assert_published_match_ledger(broker.bootstrap, dsn, {e["id"] for e in events})
+    assert len(out["dlq"]) >= 2
+    retries = metrics.infrastructure_retries.labels("ledger")._value.get()
+    assert retries >= 2 and metrics.infrastructure_outage._value.get() == 0
+
+
+def test_an_outage_longer_than_the_timeout_exits_without_committing(pg, broker, wine, tmp_path):
+    """PostgreSQL stays down past infrastructure_timeout_s: the stage exits 4 with one line,
+    commits nothing past the last decided event and dead-letters nothing; a stage started
+    once PostgreSQL is back decides the waiting events."""
+    d, um, X = wine
+    dsn = pg.create_database("timeout")
+    policy = policy_with(tmp_path, certifier={"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01,
+                                              "max_samples": 200})
+    cfg = tmp_path / "riskpipe.yaml"
+    cfg.write_text(f"bootstrap_servers: {broker.bootstrap}\nledger: {dsn}\ngroup_id: g-timeout\n"
+                   f"models: {{wine: {{spec: {um.spec}, reference: {um.data}}}}}\npolicy: {policy}\n"
+                   "session_timeout_ms: 2000\nheartbeat_interval_ms: 600\nbatch: {max_events: 8, max_wait_ms: 20}\n"
+                   "infrastructure_timeout_s: 3\n")
+    first, second = wine_events(X, "a", 8), wine_events(X, "b", 12, start=8)
+    produce(broker.bootstrap, first)
+    p = run_cli(["run", "--config", str(cfg)])
+    try:
+        assert wait_for(lambda: committed_offset(broker.bootstrap, "g-timeout") == 8, 120)
+        pg.halt()
+        produce(broker.bootstrap, second)
+        _, err = p.communicate(timeout=120)
+        rc = p.returncode
+    finally:
+        if p.poll() is None:
+            stop(p)
+    assert rc == 4, err[-3000:]
+    assert "riskpipe: error: ledger unavailable for" in err and "infrastructure_timeout_s 3" in err, err[-3000:]
+    assert "stopped without committing" in err and "Traceback" not in err
+    assert committed_offset(broker.bootstrap, "g-timeout") == 8  # nothing past the undecided events
+    assert consume_all(broker.bootstrap, ["dlq"], timeout=2)["dlq"] == []
+    pg.resume()
+    with open_ledger(dsn) as led:
+        assert led.count("decision") == 8 and led.count("dlq") == 0
+    p = run_cli(["run", "--config", str(cfg), "--idle-exit", "2"])
+    _, err = p.communicate(timeout=180)
+    rc = p.returncode
+    assert rc == 0, err[-3000:]
+    assert committed_offset(broker.bootstrap, "g-timeout") == 20
+    assert_published_match_ledger(broker.bootstrap, dsn, {e["id"] for e in first + second})
+
+
+def test_an_unreachable_broker_is_retried_then_stops_the_stage(wine, tmp_path):
+    """No broker answers: the stage retries with backoff (counted per component), an
+    ``idle_exit_s`` shorter than the outage does not end it as "idle", and past
+    infrastructure_timeout_s it raises InfrastructureUnavailable naming the broker."""
+    from pgserver import free_port
+
+    from riskpipe.compose import build_stage
+    from riskpipe.metrics import StageMetrics
+    from riskpipe.stream.config import load_config
+    from riskpipe.stream.infra import InfrastructureUnavailable
+
+    d, um, _ = wine
+    cfg = load_config(None, bootstrap_servers=f"127.0.0.1:{free_port()}", ledger=str(tmp_path / "l.sqlite"),
+                      infrastructure_timeout_s=3)
+    metrics = StageMetrics()
+    with open_ledger(cfg.ledger) as led:
+        stage = build_stage(cfg, pipeline=cheap_pipeline(d, "wine", um), ledger=led, metrics=metrics)
+        with pytest.raises(InfrastructureUnavailable, match=r"^broker unavailable for \d+\.\d s "
+                                                            r"\(infrastructure_timeout_s 3\)"):
+            stage.run(idle_exit_s=0.5)
+        assert led.count("decision") == 0
+    assert stage.stats.infrastructure_retries["broker"] >= 2
+    assert metrics.infrastructure_retries.labels("broker")._value.get() >= 2
+    assert metrics.infrastructure_outage._value.get() == 1
