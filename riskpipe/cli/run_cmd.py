@@ -67,6 +67,8 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, references
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kafka-python logs every reconnect attempt at ERROR; the stage reports broker trouble itself
     logging.getLogger("kafka").setLevel(logging.DEBUG if verbose >= 3 else logging.CRITICAL)
+    # start-up facts per model and the periodic progress line, without -v (riskpipe.stream.status)
+    logging.getLogger("riskpipe.status").setLevel(logging.INFO)
     def pairs(option: str, values, what: str) -> dict[str, str] | None:
         out = {}
         for m in values:

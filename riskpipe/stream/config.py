@@ -47,6 +47,10 @@ demo model and 0.72x on a CIFAR-sized CNN. Micro-batches of noise samples are sm
 work items; extra OpenMP threads spin and contend with the stage's other threads
 and any other process. Raise it only on a dedicated machine after measuring there.
 
+``progress_interval_s`` (default 30; 0: off): seconds between the stage's progress lines
+(decided by kind, DLQ by reason, events/s, consumer lag), logged without ``-v`` as are
+the start-up lines per model (riskpipe.stream.status).
+
 Relative paths in a config file (``policy``, each model's ``spec`` file,
 ``reference`` and ``policy``) resolve against the config file's directory; paths
 given on the command line resolve against the working directory.
@@ -261,6 +265,8 @@ class StageConfig(KafkaSettings):
     # a ledger or broker outage longer than this stops the stage (non-zero exit, nothing
     # undecided committed); shorter ones are ridden out (riskpipe.stream.infra)
     infrastructure_timeout_s: float = Field(300.0, gt=0, le=86_400)
+    # seconds between the stage's progress lines (decided, DLQ by reason, rate, lag); 0: none
+    progress_interval_s: float = Field(30.0, ge=0)
     review: dict[str, Any] | None = None  # read by `riskpipe review` (credentials), ignored by the stage
 
     @field_validator("models", mode="before")

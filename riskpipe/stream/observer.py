@@ -29,18 +29,23 @@ class Stats:
     reconnects: int = 0
     started: float = field(default_factory=time.monotonic)
     busy_s: float = 0.0
+    lag: int | None = None  # messages behind the input partitions' ends (Kafka sources), last seen
 
 
 class Observer:
-    def __init__(self, metrics=None, on_record=None, on_batch=None):
+    def __init__(self, metrics=None, on_record=None, on_batch=None, progress=None):
         self.metrics = metrics
+        self.progress = progress  # riskpipe.stream.status.Progress: the periodic line for people
         self.on_record = on_record
         self.on_batch = on_batch  # (messages, seconds, certify seconds) per committed batch
         self.stats = Stats()
 
     def started(self, pipeline) -> None:
-        """Declare the pipeline's models and their policies: the label values of every
-        per-model metric."""
+        """Log one line per model for people; declare the pipeline's models and their
+        policies: the label values of every per-model metric."""
+        from riskpipe.stream.status import log_models
+
+        log_models(pipeline)
         if self.metrics:
             self.metrics.declare({name: e.policy for name, e in pipeline.entries.items()})
 
@@ -53,9 +58,16 @@ class Observer:
             self.metrics.poll()
 
     def lag(self, source) -> None:
-        if self.metrics and hasattr(source, "lag"):
-            for (topic, part), lag in source.lag().items():
-                self.metrics.set_lag(topic, part, lag)
+        """Once per turn of the loop: consumer lag, then the progress line when due."""
+        due = self.progress is not None and self.progress.due()
+        if hasattr(source, "lag") and (self.metrics or due):
+            lags = source.lag()
+            self.stats.lag = int(sum(lags.values())) if lags else None  # None: a file, or no partitions yet
+            if self.metrics:
+                for (topic, part), lag in lags.items():
+                    self.metrics.set_lag(topic, part, lag)
+        if due:
+            self.progress.report(self.stats)
 
     def revoked(self, partitions) -> None:
         if self.metrics:

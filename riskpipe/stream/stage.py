@@ -44,6 +44,7 @@ from riskpipe.stream.io import Message
 from riskpipe.stream.observer import Observer, Stats  # noqa: F401 - re-exported
 from riskpipe.stream.outputs import check_sizes, decision_outputs
 from riskpipe.stream.pipeline import Pipeline
+from riskpipe.stream.status import Progress
 from riskpipe.stream.triage import Accepted, Dead, classify, parse_batch
 
 log = logging.getLogger("riskpipe.stream")
@@ -60,7 +61,8 @@ class Stage:
         self.batcher = Batcher(config.batch.max_events, config.batch.max_wait_ms)
         self.guards = Guards(config.guard)
         self.committer = Committer(ledger, config.topics.dlq, after_commit)
-        self.observer = Observer(metrics, on_record, on_batch)
+        self.observer = Observer(metrics, on_record, on_batch,
+                                 progress=Progress(getattr(config, "progress_interval_s", None)))
         self.stopping = threading.Event()
         self.in_flight: Outcome | None = None  # submitted, acks outstanding, offsets not committed
         self.outage: Outage | None = None  # the ledger or broker outage being ridden out
