@@ -105,10 +105,15 @@ def build_entry(name: str, mc: ModelConfig, policy, device: str = "cpu",
                 config_batch_size: int | None = None) -> ModelEntry:
     """One model, checked against its config entry, with its policy, certifier and
     (only when the policy uses it) context index."""
-    from riskpipe.models import ModelError, load_model
+    from riskpipe.models import ModelError, ShapeUnknown, load_model, load_model_for
 
     try:
-        model = load_model(mc.spec, device=device)
+        try:
+            model = load_model(mc.spec, device=device)
+        except ShapeUnknown:  # a plain TorchScript file: its input shape from the reference set, as init takes it
+            if not mc.reference:
+                raise
+            model = load_model_for(mc.spec, read_reference(mc.reference)[0].shape[1:], device=device)
     except ModelError as e:
         raise _err(name, "spec", str(e)) from None
     if mc.labels is not None and len(mc.labels) != model.num_classes:

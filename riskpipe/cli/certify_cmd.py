@@ -40,12 +40,12 @@ def certify(model_spec, input_path, method, mode, sigma, alpha, n0, n, epsilon, 
 
     from riskpipe.certify import certifier_for_policy
     from riskpipe.cli.common import fail, read_inputs
-    from riskpipe.models import InputError, ModelError, check_inputs, load_model
+    from riskpipe.models import InputError, ModelError, check_inputs, load_model_for
     from riskpipe.policy.schema import Certifier
 
     X = read_inputs(input_path)
     try:
-        model = load_model(model_spec, device=device)
+        model = load_model_for(model_spec, X.shape[1:], device=device)  # TorchScript: shape from the inputs
     except ModelError as e:
         fail(str(e))
     except (RuntimeError, AssertionError) as e:

@@ -35,17 +35,12 @@ def _model_name(spec: str) -> str:
 
 
 def _load(spec: str, X):
-    """The model, retried with ``?shape=`` from the reference set when the file does not record its
-    input shape (a plain TorchScript file); returns (model, spec as written to the config)."""
-    from riskpipe.models import ModelError, load_model
+    """The model, its input shape from the reference set when the file does not record it (a plain
+    TorchScript file); returns (model, spec as written to the config)."""
+    from riskpipe.models import load_model_for
 
-    try:
-        return load_model(spec), spec
-    except ModelError as e:
-        if "input shape unknown" not in str(e):
-            raise
-    shaped = f"{spec}{'&' if '?' in spec else '?'}shape={','.join(str(d) for d in X.shape[1:])}"
-    return load_model(shaped), shaped
+    model = load_model_for(spec, X.shape[1:])
+    return model, model.spec
 
 
 def _config_path(value: str, out: Path) -> str:

@@ -224,7 +224,7 @@ def _certified_view(spec: str, X: np.ndarray, cfg: CompareConfig):
     """(model, inputs, scale description) as certified: a model entry of ``cfg.config``
     (NAME) is built as the stage builds it (declared range, ``scale``: inputs go to
     z = x / s and every radius is in the scaled norm); anything else is a spec."""
-    from riskpipe.models import check_inputs, load_model
+    from riskpipe.models import check_inputs, load_model_for
 
     if cfg.config:
         from riskpipe.compose import build_entry
@@ -235,7 +235,7 @@ def _certified_view(spec: str, X: np.ndarray, cfg: CompareConfig):
         if spec in config.models:
             entry = build_entry(spec, config.models[spec], load_policy(config.model_policy(spec)), device=cfg.device)
             return entry.certified, entry.to_certified(check_inputs(X, entry.model)), entry.scale_desc
-    model = load_model(spec, device=cfg.device)
+    model = load_model_for(spec, X.shape[1:], device=cfg.device)
     return model, check_inputs(X, model), None
 
 

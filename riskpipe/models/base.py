@@ -16,6 +16,10 @@ class ModelError(ValueError):
     """A model spec that cannot be loaded; the message names the spec and the reason."""
 
 
+class ShapeUnknown(ModelError):
+    """The model file records no input shape (a plain TorchScript file) and the spec gives none."""
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

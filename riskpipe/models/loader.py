@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 import torch
 
-from riskpipe.models.base import Model, ModelError, sha256_file, sha256_state_dict
+from riskpipe.models.base import Model, ModelError, ShapeUnknown, sha256_file, sha256_state_dict
 from riskpipe.models.digits import INPUT_SHAPE, NUM_CLASSES
 
 
@@ -43,7 +43,7 @@ def _shape_opts(opts: dict[str, str], spec: str, default_shape=None, default_cla
     except ValueError as e:
         raise ModelError(f"model {spec}: bad option ({e})") from None
     if shape is None:
-        raise ModelError(f"model {spec}: input shape unknown; add ?shape=C,H,W")
+        raise ShapeUnknown(f"model {spec}: input shape unknown; add ?shape=C,H,W (or give inputs to take it from)")
     if rng is not None and (len(rng) != 2 or not rng[0] < rng[1]):
         raise ModelError(f"model {spec}: range must be lo,hi with lo < hi")
     return shape, classes, rng
@@ -180,6 +180,20 @@ def resolve_spec(spec: str, base: Path) -> str:
     elif head and not Path(head).is_absolute():
         head = str(base / head)
     return head + q + opts
+
+
+def load_model_for(spec: str, sample_shape, device: str = "cpu") -> Model:
+    """``load_model``, with the input shape taken from the inputs at hand (``sample_shape``:
+    one input's shape) when the file records none (a plain TorchScript file): the model's
+    spec then carries ``?shape=...``. Every command that has inputs loads models this way
+    (init, certify, compare, replay, the stage with a reference set)."""
+    try:
+        return load_model(spec, device=device)
+    except ShapeUnknown:
+        if sample_shape is None or not len(sample_shape):
+            raise
+    shape = ",".join(str(int(d)) for d in sample_shape)
+    return load_model(f"{spec}{'&' if '?' in spec else '?'}shape={shape}", device=device)
 
 
 def load_model(spec: str, device: str = "cpu") -> Model:

@@ -121,7 +121,7 @@ def replay(record: dict, X: np.ndarray, device: str = "cpu", model=None, entry=N
     Without it the model is loaded from the record's spec, which a certificate made in
     a scaled norm cannot be replayed on.
     """
-    from riskpipe.models import load_model
+    from riskpipe.models import load_model_for
 
     entry_id = str(_need(record, "id", "record"))
     want = str(_need(_need(record, "input", "record"), "sha256", "input"))
@@ -141,7 +141,7 @@ def replay(record: dict, X: np.ndarray, device: str = "cpu", model=None, entry=N
         raise ReplayError(f"certificate.extra.scale: the certificate holds in a scaled norm ({scale}); give the "
                           "stage config (--config) so the model entry's scale is rebuilt as the stage built it")
     if model is None:
-        model = load_model(spec, device=device)
+        model = load_model_for(spec, shape or x.shape, device=device)  # the record's input shape
     batch = np.ascontiguousarray(x, dtype=np.float32).reshape((1,) + tuple(model.input_shape))
     if entry is not None:
         batch = entry.to_certified(batch)
