@@ -69,13 +69,17 @@ def test_compare_on_a_skops_model_uses_the_black_box_attack(wine, tmp_path):
 
 
 def test_compare_a_config_entry_in_its_scaled_norm(tmp_path):
-    """--config: the tabular example's entry (scale: standardize) is certified as the stage does."""
+    """--config: the tabular example's entry (scale: standardize) is certified as the stage does,
+    with its policy's certifier settings (sigma 0.25), not the command's --sigma."""
     result, md = _compare(tmp_path, "cancer", "examples/tabular/reference.npz", "--config",
-                          "examples/tabular/riskpipe.yaml", "--eps-grid", "l2=0,0.25,4;linf=0,0.05,1")
+                          "examples/tabular/riskpipe.yaml", "--eps-grid", "l2=0,0.25,4;linf=0,0.05,1", "--sigma", "5")
     (m,) = result["models"]
     assert m["scale"] == "standardize(reference)" and m["input_dim"] == 30 and m["clean_accuracy"] > 0.8
     smooth = next(r for r in m["methods"] if r["method"] == "smoothing")
-    # sigma 0.25 in standardized units certifies most rows at the policy's epsilon 0.25
+    assert smooth["settings"] == ("sigma 0.25, alpha 0.001, n0 100, n 100, sampler gaussian, bound cp "
+                                  "(from policy tabular-breast-cancer v1.0.0)")
+    assert "cancer smoothing: sigma 0.25, alpha 0.001, n0 100, n 100" in md
+    # sigma 0.25 in standardized units certifies most rows at the policy's epsilon 0.25 (sigma 5 would not)
     assert smooth["certified_accuracy"]["l2"][1] > 0.5
     assert "**cancer is certified in the scaled norm** ||delta / s||_2 (s: standardize(reference))" in md
 

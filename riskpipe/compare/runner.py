@@ -87,12 +87,23 @@ class CompareConfig:
             raise ValueError(f"sigma: must be > 0 and alpha in (0, 1), got {self.sigma}, {self.alpha}")
 
 
-def _certifier(model, method: str, cfg: CompareConfig):
-    """Each family in certify mode at its native norm; Lipschitz without an abstain threshold."""
+def certifier_section(method: str, cfg: CompareConfig, policy=None):
+    """The family's certifier section in certify mode. With ``policy`` (the model's policy in
+    the stage config, ``compare --config``) its own family keeps the policy's settings (sigma,
+    alpha, n0, sampler and grid, bound, norm), so the card measures what the stage certifies;
+    ``--n-samples`` stays the estimation budget. Otherwise the command's flags, at the
+    family's native norm."""
     from riskpipe.policy.schema import Certifier
 
-    section = Certifier.for_method(method, sigma=cfg.sigma, alpha=cfg.alpha, n0=cfg.n0, n=cfg.n_samples)
-    return certifier_for_policy(model, section, batch_size=4096, epsilon=0.0)
+    values = {"sigma": cfg.sigma, "alpha": cfg.alpha, "n0": cfg.n0}
+    if policy is not None and policy.certifier.method == method:
+        values = policy.certifier.model_dump(exclude={"method", "mode", "max_samples", "max_latency_ms"})
+    return Certifier.for_method(method, **{**values, "n": cfg.n_samples, "mode": "certify"})
+
+
+def _certifier(model, method: str, cfg: CompareConfig, policy=None):
+    """Each family in certify mode (see ``certifier_section``); Lipschitz without an abstain threshold."""
+    return certifier_for_policy(model, certifier_section(method, cfg, policy), batch_size=4096, epsilon=0.0)
 
 
 def _certify_all(cert, X: np.ndarray, seed: int):
@@ -134,7 +145,7 @@ def _pgd_accuracy(model, X: np.ndarray, y: np.ndarray, norm: str, grid, cfg: Com
 def unavailable(method: str, reason: str, cfg: CompareConfig) -> dict:
     """A family that cannot certify this model: every number n/a, the reason stated."""
     return {
-        "method": method, "native_norm": None, "unavailable": reason,
+        "method": method, "native_norm": None, "unavailable": reason, "settings": None,
         "certified_accuracy": {n: [None] * len(cfg.eps_grid[n]) for n in cfg.norms},
         "conversion_factor": dict.fromkeys(cfg.norms), "abstain_rate": None, "median_radius_native": None,
         "latency_ms": {"median": None, "p90": None, "n": 0}, "amortized_ms": None, "total_ms": None, "setup_ms": None,
@@ -143,11 +154,11 @@ def unavailable(method: str, reason: str, cfg: CompareConfig) -> dict:
     }
 
 
-def _ready_certifier(model, method: str, cfg: CompareConfig, probe: np.ndarray):
+def _ready_certifier(model, method: str, cfg: CompareConfig, probe: np.ndarray, policy=None):
     """(certifier, one-time setup ms, None) after one probe input, or (None, None, reason)
     when the family cannot certify ``model``."""
     try:
-        cert = _certifier(model, method, cfg)
+        cert = _certifier(model, method, cfg, policy)
         setup_ms = timed(cert.prepare, cfg.device)
         cert.run("certify", probe[:1], [cfg.seed])
     except (ValueError, TypeError) as e:  # ModelError is a ValueError: e.g. no nn.Sequential module
@@ -155,8 +166,8 @@ def _ready_certifier(model, method: str, cfg: CompareConfig, probe: np.ndarray):
     return cert, setup_ms, None
 
 
-def _method_run(model, method: str, X, y, cfg: CompareConfig) -> dict:
-    cert, setup_ms, reason = _ready_certifier(model, method, cfg, X)
+def _method_run(model, method: str, X, y, cfg: CompareConfig, policy=None) -> dict:
+    cert, setup_ms, reason = _ready_certifier(model, method, cfg, X, policy)
     if cert is None:
         return unavailable(method, reason, cfg)
     d = model.input_dim
@@ -169,6 +180,7 @@ def _method_run(model, method: str, X, y, cfg: CompareConfig) -> dict:
     native = cert.norm
     return {
         "method": method, "native_norm": native, "unavailable": None,
+        "settings": _settings(certifier_section(method, cfg, policy), policy),
         "certified_accuracy": {n: certified_accuracy(certs, y, native, n, cfg.eps_grid[n], d) for n in cfg.norms},
         "conversion_factor": {n: conversion_factor(native, n, d) for n in cfg.norms},
         "abstain_rate": float(np.mean([c.abstained for c in certs])),
@@ -182,8 +194,17 @@ def _method_run(model, method: str, X, y, cfg: CompareConfig) -> dict:
     }
 
 
-def _batch_sweep(model, method: str, X, cfg: CompareConfig) -> list[dict]:
-    cert, _, _ = _ready_certifier(model, method, cfg, X)  # the one-time cost is reported separately
+def _settings(section, policy) -> str:
+    """What the card says each family ran with, and where the settings came from."""
+    keys = ("sigma", "alpha", "n0", "n", "sampler", "bound") if section.method == "smoothing" else ("norm",)
+    own = ", ".join(f"{k} {getattr(section, k)}" for k in keys if getattr(section, k) is not None)
+    where = (f"policy {policy.name} v{policy.version}" if policy is not None and policy.certifier.method ==
+             section.method else "command-line options")
+    return f"{own or 'native norm'} (from {where})"
+
+
+def _batch_sweep(model, method: str, X, cfg: CompareConfig, policy=None) -> list[dict]:
+    cert, _, _ = _ready_certifier(model, method, cfg, X, policy)  # the one-time cost is reported separately
     if cert is None:
         return []
     rows = []
@@ -234,9 +255,9 @@ def _certified_view(spec: str, X: np.ndarray, cfg: CompareConfig):
         config = load_config(cfg.config, device=cfg.device)
         if spec in config.models:
             entry = build_entry(spec, config.models[spec], load_policy(config.model_policy(spec)), device=cfg.device)
-            return entry.certified, entry.to_certified(check_inputs(X, entry.model)), entry.scale_desc
+            return entry.certified, entry.to_certified(check_inputs(X, entry.model)), entry.scale_desc, entry.policy
     model = load_model_for(spec, X.shape[1:], device=cfg.device)
-    return model, check_inputs(X, model), None
+    return model, check_inputs(X, model), None, None
 
 
 def run_compare(cfg: CompareConfig, X: np.ndarray | None = None, y: np.ndarray | None = None,
@@ -253,21 +274,22 @@ def run_compare(cfg: CompareConfig, X: np.ndarray | None = None, y: np.ndarray |
     models, first = [], None
     for spec in cfg.models:
         log(f"model {spec}")
-        model, Xc, scale = _certified_view(spec, X, cfg)
-        first = first or (model, Xc)
+        model, Xc, scale, policy = _certified_view(spec, X, cfg)
+        first = first or (model, Xc, policy)
         with torch.no_grad():
             clean = float(np.mean(model.predict(Xc) == y))
         runs = []
         for method in cfg.methods:
             log(f"  {method}")
-            runs.append(_method_run(model, method, Xc, y, cfg))
+            runs.append(_method_run(model, method, Xc, y, cfg, policy))
         pgd_acc = {n: _pgd_accuracy(model, Xc, y, n, cfg.eps_grid[n], cfg) for n in cfg.norms}
         models.append({"spec": spec, "sha256": model.sha256, "input_dim": model.input_dim, "scale": scale,
                        "clean_accuracy": clean, "pgd_accuracy": pgd_acc, "attack": attack_name(model, cfg),
                        "methods": runs})
-    first, Xf = first
+    first, Xf, first_policy = first
     log("cost sweeps")
-    sweeps = {m: {"batch": _batch_sweep(first, m, Xf, cfg), "width": _width_sweep(m, cfg)} for m in cfg.methods}
+    sweeps = {m: {"batch": _batch_sweep(first, m, Xf, cfg, first_policy), "width": _width_sweep(m, cfg)}
+              for m in cfg.methods}
     fwd = timed(lambda: first.predict(Xf), cfg.device, repeat=3) / len(Xf)
     return {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
