@@ -232,7 +232,8 @@ def checkpoint_hooks(config: StageConfig, ledger, sink: str | None = None) -> li
         return []
     from riskpipe.ledger.checkpoint import checkpointer_for
 
-    signer = checkpointer_for(config.checkpoint, None if (sink or "").startswith("jsonl:") else config.kafka())
+    signer = checkpointer_for(config.checkpoint, None if (sink or "").startswith("jsonl:") else config.kafka(),
+                              origin=config.ledger_origin)
     return [lambda outcome: signer(ledger, len(outcome.decided) + len(outcome.dead))]
 
 

@@ -66,3 +66,16 @@ def pg_url(postgres, request):
 
     name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
     return postgres.create_database(name)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    """Two Ed25519 key pairs as the docs tell users to make them (openssl genpkey -algorithm
+    ed25519): key.pem / pub.pem, and other.pem / other.pub.pem."""
+    import subprocess
+
+    d = tmp_path_factory.mktemp("keys")
+    for key, pub in (("key.pem", "pub.pem"), ("other.pem", "other.pub.pem")):
+        subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(d / key)], check=True)
+        subprocess.run(["openssl", "pkey", "-in", str(d / key), "-pubout", "-out", str(d / pub)], check=True)
+    return d

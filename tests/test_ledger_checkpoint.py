@@ -1,6 +1,8 @@
-"""Signed checkpoints: Ed25519 over (head, count, time), stored in the ledger and published;
-`verify --public-key` catches truncation and re-chaining up to the latest checkpoint with
-only the public key, on SQLite and on PostgreSQL (rows changed behind the triggers' back)."""
+"""Signed checkpoints: C2SP checkpoint notes (Ed25519) over the Merkle tree size and root,
+stored in the ledger and published; `verify --public-key` catches truncation and
+rewriting (chain and tree recomputed) up to the latest checkpoint with only the public
+key, on SQLite and on PostgreSQL (rows changed behind the triggers' back); `consistency`
+proves a later checkpoint extends an earlier one; legacy checkpoints still verify."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from ledger_records import decision_record, forge_tree
 from riskpipe.ledger import LedgerError, canonical_json, entry_hash, open_ledger
 from riskpipe.ledger.checkpoint import (
     Checkpoint,
+    LegacyCheckpoint,
     load_private_key,
     load_public_key,
     make_checkpoint,
@@ -23,17 +26,6 @@ from riskpipe.ledger.checkpoint import (
 )
 
 CLI = [sys.executable, "-m", "riskpipe.cli", "ledger"]
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    """A key pair as the docs tell users to make it: openssl genpkey -algorithm ed25519."""
-    d = tmp_path_factory.mktemp("keys")
-    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(d / "key.pem")], check=True)
-    subprocess.run(["openssl", "pkey", "-in", str(d / "key.pem"), "-pubout", "-out", str(d / "pub.pem")], check=True)
-    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(d / "other.pem")], check=True)
-    subprocess.run(["openssl", "pkey", "-in", str(d / "other.pem"), "-pubout", "-out", str(d / "other.pub.pem")], check=True)
-    return d
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -96,16 +88,81 @@ def verify_with_key(target, keys, *extra):
     return r.returncode, (json.loads(r.stdout) if r.stdout.strip() else r.stderr)
 
 
-def test_checkpoints_sign_head_and_count(target, keys):
+def test_checkpoints_are_c2sp_notes_over_size_and_root(target, keys):
+    import base64
+    import hashlib
+
+    from riskpipe.ledger.note import raw_public_key
+
     cp1, cp2 = build(target, keys)
-    assert (cp1.count, cp2.count) == (10, 20)
+    assert (cp1.tree_size, cp2.tree_size) == (10, 20)
+    pub = load_public_key(keys / "pub.pem")
     with open_ledger(target) as led:
-        assert led.checkpoints() == [cp1, cp2]
-        assert led.hash_at(10) == cp1.head and led.head() == cp2.head
-        res = verify_ledger(led, [load_public_key(keys / "pub.pem")])
-    assert res.ok and res.count == 20
+        assert led.notes() == [cp1.note, cp2.note]
+        assert led.tree_root(10) == cp1.root and led.tree_head() == (20, cp2.root.hex())
+        origin = f"riskpipe/ledger/{led.log_id()}"
+        res = verify_ledger(led, [pub])
+    assert res.ok and res.count == 20 and res.root == cp2.root.hex()
+    # the format, checked byte by byte against the C2SP text (not against riskpipe's code)
+    body, sig_line = cp1.note.split("\n\n")
+    assert body == f"{origin}\n10\n{base64.b64encode(cp1.root).decode()}"
+    dash, name, blob = sig_line.rstrip("\n").split(" ")
+    assert dash == "\u2014" and name == origin and sig_line.endswith("\n") and cp1.note.count("\n") == 5
+    blob = base64.b64decode(blob)
+    assert len(blob) == 68
+    assert blob[:4] == hashlib.sha256(origin.encode() + b"\n\x01" + raw_public_key(pub)).digest()[:4]
+    pub.verify(blob[4:], (body + "\n").encode())
     rc, out = verify_with_key(target, keys)
     assert rc == 0 and out["ok"] and out["count"] == 20
+
+
+def test_signed_note_matches_the_go_reference_vector():
+    """golang.org/x/mod/sumdb/note's documented example (key PeterNeumann+c74f20a3)."""
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from riskpipe.ledger import note
+
+    seed = base64.b64decode("AYEKFALVFGyNhPJEMzD1QIDr+Y7hfZx09iUvxdXHKDFz")[1:]
+    key = Ed25519PrivateKey.from_private_bytes(seed)
+    assert base64.b64decode("ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW")[1:] == note.raw_public_key(key.public_key())
+    assert note.key_id("PeterNeumann", key.public_key()).hex() == "c74f20a3"
+    text = "If you think cryptography is the answer to your problem,\nthen you don't know what your problem is.\n"
+    want = text + "\n\u2014 PeterNeumann x08go/ZJkuBS9UG/SffcvIAQxVBtiFupLLr8pAcElZInNIuGUgYN1FFYC2pZSNXgKvqfqdngotpRZb6KE6RyyBwJnAM=\n"
+    assert note.sign(text, "PeterNeumann", key) == want
+    assert note.verify(want, [key.public_key()]) == (text, "PeterNeumann")
+    with pytest.raises(note.NoteError, match="does not verify"):
+        note.verify(want.replace("cryptography", "cryptographY"), [key.public_key()])
+    assert note.split_notes(want + "\n" + want) == [want, want]
+
+
+def test_legacy_checkpoints_still_verify(tmp_path, keys):
+    """A checkpoint signed by riskpipe before the tree (JSON over head and count) keeps
+    anchoring the chain after the migration, with the same key."""
+    import base64
+
+    from riskpipe.ledger.checkpoint import legacy_key_id, signed_bytes
+    from riskpipe.ledger.note import raw_public_key
+
+    target = str(tmp_path / "l.db")
+    key = load_private_key(keys / "key.pem")
+    with open_ledger(target) as led:
+        led.append_many([decision_record(i) for i in range(6)])
+        head = led.head()
+    ts = "2024-05-01T00:00:00.000000Z"
+    pub = key.public_key()
+    sig = base64.b64encode(key.sign(signed_bytes(6, head, ts))).decode()
+    db = sqlite3.connect(target, isolation_level=None)
+    db.execute("INSERT INTO checkpoints (count, head, ts, key_id, public_key, signature) VALUES (?,?,?,?,?,?)",
+               (6, head, ts, legacy_key_id(pub), base64.b64encode(raw_public_key(pub)).decode(), sig))
+    db.close()
+    with open_ledger(target) as led:
+        assert [c.count for c in led.legacy_checkpoints()] == [6]
+        assert verify_ledger(led, [load_public_key(keys / "pub.pem")]).ok
+    rechain_from(target, 2, lambda r: {**r, "decision": "block"})
+    rc, out = verify_with_key(target, keys)
+    assert rc == 1 and out["first_bad_seq"] == 1 and "rewritten and re-chained" in out["reason"]
 
 
 def test_rechained_history_is_caught_with_only_the_public_key(target, keys):
@@ -142,13 +199,13 @@ def test_deleted_checkpoints_are_caught_by_the_published_copies(target, keys, tm
     cp1, cp2 = build(target, keys)
     with open_ledger(target) as led:
         head12 = led.hash_at(12)
-    published = tmp_path / "checkpoints.jsonl"
-    published.write_text("\n".join(canonical_json(c.to_dict()) for c in (cp1, cp2)) + "\n")
+    published = tmp_path / "checkpoints.txt"
+    published.write_text(cp1.note + "\n" + cp2.note)  # as a consumer of the checkpoints topic writes them
     if target.startswith("postgresql://"):
-        superuser_sql(target, ["DELETE FROM checkpoints WHERE count = 20", "DELETE FROM entries WHERE seq > 12",
+        superuser_sql(target, ["DELETE FROM signed_notes WHERE tree_size = 20", "DELETE FROM entries WHERE seq > 12",
                                f"UPDATE chain_state SET count = 12, head = '{head12}' WHERE id = 1"])
     else:
-        superuser_sql(target, ["DROP TRIGGER checkpoints_no_delete", "DELETE FROM checkpoints WHERE count = 20",
+        superuser_sql(target, ["DROP TRIGGER signed_notes_no_delete", "DELETE FROM signed_notes WHERE tree_size = 20",
                                "DELETE FROM entries WHERE seq > 12",
                                f"UPDATE chain_state SET count = 12, head = '{head12}' WHERE id = 1"])
     rc, out = verify_with_key(target, keys)
@@ -157,17 +214,29 @@ def test_deleted_checkpoints_are_caught_by_the_published_copies(target, keys, tm
     assert rc == 1 and out["first_bad_seq"] == 13 and "truncated" in out["reason"]
 
 
+def make_note(origin, size, root, key):
+    from riskpipe.ledger import note
+
+    return note.sign(note.checkpoint_text(origin, size, root), origin, key)
+
+
 def test_forged_or_foreign_checkpoints_fail(tmp_path, keys):
     target = str(tmp_path / "l.db")
     cp1, _ = build(target, keys)
-    forged = Checkpoint(**{**cp1.to_dict(), "count": 9})
-    f = tmp_path / "forged.jsonl"
-    f.write_text(canonical_json(forged.to_dict()) + "\n")
+    f = tmp_path / "forged.txt"
+    f.write_text(cp1.note.replace("\n10\n", "\n9\n"))  # a smaller tree under the old signature
     rc, out = verify_with_key(target, keys, "--checkpoints", str(f))
     assert rc == 1 and "signature does not verify" in out["reason"]
+    other = load_private_key(keys / "other.pem")
+    f.write_text(make_note(cp1.origin, 10, b"\x07" * 32, other))  # re-signed with another key
+    rc, out = verify_with_key(target, keys, "--checkpoints", str(f))
+    assert rc == 1 and "with no given public key" in out["reason"]
+    f.write_text(make_note(cp1.origin, 10, b"\x07" * 32, load_private_key(keys / "key.pem")))  # the key, another root
+    rc, out = verify_with_key(target, keys, "--checkpoints", str(f))
+    assert rc == 1 and "different roots (a fork)" in out["reason"]
     r = subprocess.run([*CLI, "verify", target, "--public-key", str(keys / "other.pub.pem")], capture_output=True,
                        text=True, timeout=60)
-    assert r.returncode == 1 and "not by a given public key" in r.stdout
+    assert r.returncode == 1 and "with no given public key" in r.stdout
     r = subprocess.run([*CLI, "verify", target, "--public-key", str(keys / "other.pub.pem"), "--public-key",
                         str(keys / "pub.pem")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout  # a rotated key: both public keys given
@@ -177,12 +246,19 @@ def test_checkpoint_command_and_bad_keys(tmp_path, keys):
     target = str(tmp_path / "l.db")
     with open_ledger(target) as led:
         led.append_many([decision_record(i) for i in range(3)])
-        head = led.head()
+        size, root = led.tree_head()
     r = subprocess.run([*CLI, "checkpoint", target, "--key", str(keys / "key.pem"), "--json"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     cp = json.loads(r.stdout)
-    assert cp["count"] == 3 and cp["head"] == head
+    assert cp["tree_size"] == 3 and cp["root"] == root and cp["note"].startswith(cp["origin"] + "\n3\n")
+    cfg = tmp_path / "riskpipe.yaml"
+    cfg.write_text("ledger_origin: example.com/decisions\n")
+    r = subprocess.run([*CLI, "checkpoint", target, "--key", str(keys / "key.pem"), "--config", str(cfg),
+                        "--out", str(tmp_path / "cp.txt")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == (tmp_path / "cp.txt").read_text() and r.stdout.startswith("example.com/decisions\n3\n")
+    assert "\n\n\u2014 example.com/decisions " in r.stdout
     for bad, message in [(keys / "pub.pem", "not an unencrypted PEM private key"), (tmp_path / "nope.pem", "cannot read")]:
         r = subprocess.run([*CLI, "checkpoint", target, "--key", str(bad)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
@@ -210,11 +286,11 @@ def test_checkpoint_is_published_to_the_checkpoints_topic(tmp_path, keys):
                                           consumer_timeout_ms=5000)
         consumer.assign([TopicPartition("checkpoints", 0)])
         consumer.seek_to_beginning()
-        got = [json.loads(m.value) for m in consumer]
+        got = [m.value.decode("utf-8") for m in consumer]
         consumer.close()
-    assert got == [json.loads(r.stdout)]
-    published = tmp_path / "published.jsonl"
-    published.write_text(json.dumps(got[0]) + "\n")
+    assert got == [json.loads(r.stdout)["note"]]
+    published = tmp_path / "published.txt"
+    published.write_text(got[0])
     rc, out = verify_with_key(target, keys, "--checkpoints", str(published))
     assert rc == 0 and out["ok"]
 
@@ -229,15 +305,18 @@ def test_checkpointer_signs_every_n_records_or_seconds(tmp_path, keys):
             led.append_many(records)
             cpr(led, len(records))
 
+        def sizes():
+            return [Checkpoint.from_note(n).tree_size for n in led.notes()]
+
         commit([decision_record(i) for i in range(6)])
-        assert led.checkpoints() == []
+        assert sizes() == []
         commit([decision_record(i) for i in range(6, 12)])  # 12 records >= 10: due
-        assert [c.count for c in led.checkpoints()] == [12]
+        assert sizes() == [12]
         now[0] = 31.0
         commit([])  # 31 s but nothing committed since: nothing to sign
-        assert len(led.checkpoints()) == 1
+        assert len(sizes()) == 1
         commit([decision_record(50)])  # 31 s and one new record: due
-        assert [c.count for c in led.checkpoints()] == [12, 13]
+        assert sizes() == [12, 13]
         assert verify_ledger(led, [load_public_key(keys / "pub.pem")]).ok
 
 
@@ -271,7 +350,7 @@ def test_offline_stage_signs_checkpoints_after_commits(tmp_path, keys):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     with open_ledger(ledger) as led:
-        counts = [c.count for c in led.checkpoints()]
+        counts = [Checkpoint.from_note(n).tree_size for n in led.notes()]
         assert led.count("decision") == 40
     assert len(counts) == 2 and counts == sorted(counts) and counts[-1] <= 41  # every 16 records: after 16, 32
     rc, out = verify_with_key(ledger, keys)
@@ -281,3 +360,36 @@ def test_offline_stage_signs_checkpoints_after_commits(tmp_path, keys):
                         f"jsonl:{events}", "--sink", f"jsonl:{tmp_path / 'out'}", "--ledger", ledger],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "checkpoint.key_file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_consistency_between_checkpoints(tmp_path, keys):
+    target = str(tmp_path / "l.db")
+    cp1, cp2 = build(target, keys)
+    old, new = tmp_path / "old.txt", tmp_path / "new.txt"
+    old.write_text(cp1.note)
+    new.write_text(cp2.note)
+
+    def consistency(a, b, *extra):
+        r = subprocess.run([*CLI, "consistency", str(a), str(b), "--ledger", target, "--json", *extra],
+                           capture_output=True, text=True, timeout=60)
+        return r.returncode, (json.loads(r.stdout) if r.stdout.strip() else r.stderr)
+
+    rc, out = consistency(old, new, "--public-key", str(keys / "pub.pem"))
+    assert rc == 0 and out["ok"] and out["signatures_checked"] and (out["old_size"], out["new_size"]) == (10, 20)
+    assert 1 <= len(out["proof"]) <= 5
+    rc, out = consistency(new, old)  # a checkpoint for a smaller tree cannot extend a larger one
+    assert rc == 1 and "smaller" in out["reason"]
+    # a fork: another history under the same origin and key (rows 11..20 differ)
+    fork = str(tmp_path / "fork.db")
+    key = load_private_key(keys / "key.pem")
+    with open_ledger(fork) as led:
+        led.append_many([decision_record(i) for i in range(10)])
+        led.append_many([decision_record(i) for i in range(100, 110)])
+        forked = make_note(cp1.origin, 20, bytes.fromhex(led.tree_head()[1]), key)
+    (tmp_path / "forked.txt").write_text(forked)
+    rc, out = consistency(old, tmp_path / "forked.txt", "--public-key", str(keys / "pub.pem"))
+    assert rc == 1 and not out["ok"] and "does not lead to the root of tree size 20" in out["reason"]
+    # a checkpoint re-signed with another key is refused before any proof is asked for
+    (tmp_path / "other.txt").write_text(make_note(cp1.origin, 20, cp2.root, load_private_key(keys / "other.pem")))
+    rc, err = consistency(old, tmp_path / "other.txt", "--public-key", str(keys / "pub.pem"))
+    assert rc == 2 and "with no given public key" in err and "Traceback" not in err

@@ -209,7 +209,7 @@ def test_sqlite_ledger_from_schema_1_is_migrated(tmp_path):
     with Ledger(path) as led:
         assert led.schema_version == 3 and led.verify().ok and led.count() == 6 and led.tree_head()[0] == 6
         assert led.append(decision_record(99)) and led.verify().ok
-        assert led.checkpoints() == []
+        assert led.legacy_checkpoints() == [] and led.notes() == []
     db = sqlite3.connect(str(path))
     assert [v for v, in db.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
     db.close()
@@ -226,7 +226,7 @@ def test_postgresql_ledger_from_schema_1_is_migrated(pg_url):
             cur.executemany("INSERT INTO entries VALUES (%s,%s,%s,%s,%s,%s,%s)", rows)
         conn.execute("UPDATE chain_state SET count = 6, head = %s WHERE id = 1", (head,))
     with open_ledger(pg_url) as led:
-        assert led.schema_version == 3 and led.verify().ok and led.checkpoints() == [] and led.tree_head()[0] == 6
+        assert led.schema_version == 3 and led.verify().ok and led.legacy_checkpoints() == [] and led.notes() == [] and led.tree_head()[0] == 6
     with psycopg.connect(pg_url) as conn:
         assert [v for v, in conn.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
 

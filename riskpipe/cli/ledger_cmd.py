@@ -94,18 +94,36 @@ def head(path, as_json):
         click.echo(h)
 
 
+def _origin(origin: str | None, config_path: str | None) -> str | None:
+    """``--origin``, else ``ledger_origin`` from ``--config``, else None (the ledger's default)."""
+    if origin or not config_path:
+        return origin
+    from riskpipe.stream.config import ConfigError, load_config
+
+    try:
+        return load_config(config_path).ledger_origin
+    except ConfigError as e:
+        fail(str(e))
+
+
 @ledger.command()
 @click.argument("path")
 @click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False),
               help="Ed25519 private key, PEM (openssl genpkey -algorithm ed25519 -out KEY.pem).")
+@click.option("--origin", default=None,
+              help="Checkpoint origin line (default: config ledger_origin, else riskpipe/ledger/<log id>).")
+@click.option("--key-name", default=None, help="Key name on the signature line (default: the origin).")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write the signed note to this file.")
 @click.option("--bootstrap-servers", default=None, help="Also publish the checkpoint to Kafka (HOST:PORT).")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
-              help="riskpipe.yaml: Kafka connection and TLS/SASL settings for publishing.")
+              help="riskpipe.yaml: ledger_origin, and Kafka connection and TLS/SASL settings for publishing.")
 @click.option("--topic", default="checkpoints", show_default=True, help="Topic the checkpoint is published to.")
-@click.option("--json", "as_json", is_flag=True, help="Print the checkpoint as JSON.")
-def checkpoint(path, key_path, bootstrap_servers, config_path, topic, as_json):
-    """Sign PATH's (head, row count, time) with Ed25519, store it in the ledger and
-    optionally publish it; `ledger verify --public-key` checks it later."""
+@click.option("--json", "as_json", is_flag=True, help="Print {origin, tree_size, root, note} as JSON.")
+def checkpoint(path, key_path, origin, key_name, out_path, bootstrap_servers, config_path, topic, as_json):
+    """Sign PATH's Merkle tree size and root as a C2SP checkpoint (signed note, Ed25519),
+    store it in the ledger, print it and optionally publish it; `ledger verify
+    --public-key` and `ledger consistency` check it later."""
     from riskpipe.ledger import LedgerError
     from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint, publish
 
@@ -113,25 +131,190 @@ def checkpoint(path, key_path, bootstrap_servers, config_path, topic, as_json):
         key = load_private_key(key_path)
     except LedgerError as e:
         fail(str(e))
+    origin = _origin(origin, config_path)
     kafka = None
-    if bootstrap_servers or config_path:
+    if bootstrap_servers or (config_path and _sets_bootstrap(config_path)):
         from riskpipe.cli.common import kafka_settings
 
         kafka = kafka_settings(config_path, bootstrap_servers)
     with _open(path) as led:
-        cp = make_checkpoint(led, key)
+        try:
+            cp = make_checkpoint(led, key, origin, key_name)
+        except LedgerError as e:
+            fail(str(e))
+    if out_path:
+        Path(out_path).write_text(cp.note, encoding="utf-8")
     if kafka is not None:
         try:
             publish(kafka, topic, cp)
         except Exception as e:  # noqa: BLE001 - broker failures are user-facing; the checkpoint is stored already
             fail(f"checkpoint stored, but publishing to {topic} on {kafka.bootstrap_servers} failed: {type(e).__name__}: {e}")
     if as_json:
-        from riskpipe.ledger import canonical_json
-
-        click.echo(canonical_json(cp.to_dict()))
+        click.echo(json.dumps({"origin": cp.origin, "tree_size": cp.tree_size, "root": cp.root.hex(), "note": cp.note},
+                              sort_keys=True))
     else:
-        click.echo(f"checkpoint: row {cp.count}, head {cp.head}, {cp.ts}, key {cp.key_id}"
-                   + (f"; published to {topic}" if kafka is not None else ""))
+        click.echo(cp.note, nl=False)
+        if kafka is not None:
+            click.echo(f"published to {topic}", err=True)
+
+
+def _sets_bootstrap(config_path: str) -> bool:
+    """Whether --config names a broker (then the checkpoint is published there)."""
+    from riskpipe.stream.config import ConfigError, load_config
+
+    try:
+        return "bootstrap_servers" in load_config(config_path).model_fields_set
+    except ConfigError as e:
+        fail(str(e))
+
+
+def _read_note(path: str, keys, what: str):
+    from riskpipe.ledger import LedgerError
+    from riskpipe.ledger.checkpoint import Checkpoint
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"{what} {path}: cannot read ({getattr(e, 'strerror', None) or e})")
+    try:
+        return Checkpoint.from_note(text, keys or None, f"{what} {path}")
+    except LedgerError as e:
+        fail(str(e))
+
+
+@ledger.command()
+@click.argument("old_path", metavar="OLD")
+@click.argument("new_path", metavar="NEW")
+@click.option("--ledger", "ledger_path", required=True, help="The ledger the checkpoints are of (serves the proof).")
+@click.option("--public-key", "public_keys", multiple=True, type=click.Path(dir_okay=False),
+              help="Ed25519 public key (PEM) one of which must have signed both checkpoints; repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the sizes, roots and proof (hex) as JSON.")
+def consistency(old_path, new_path, ledger_path, public_keys, as_json):
+    """Prove that checkpoint NEW extends checkpoint OLD (files holding signed notes):
+    an RFC 9162 consistency proof from the ledger, verified against both signed roots.
+    Exit 0 if it verifies, 1 if not (a rewritten or forked history)."""
+    from riskpipe.ledger import LedgerError, merkle
+    from riskpipe.ledger.checkpoint import load_public_key
+
+    try:
+        keys = [load_public_key(k) for k in public_keys]
+    except LedgerError as e:
+        fail(str(e))
+    old, new = _read_note(old_path, keys, "OLD"), _read_note(new_path, keys, "NEW")
+    if old.origin != new.origin:
+        fail(f"OLD is a checkpoint of {old.origin!r}, NEW of {new.origin!r}: not the same log")
+    problem, proof = None, []
+    if new.tree_size < old.tree_size:
+        problem = f"NEW (tree size {new.tree_size}) is smaller than OLD (tree size {old.tree_size})"
+    else:
+        with _open(ledger_path) as led:
+            try:
+                proof = led.consistency_proof(old.tree_size, new.tree_size)
+            except LedgerError as e:
+                problem = str(e)
+        if problem is None:
+            try:
+                merkle.verify_consistency(old.tree_size, new.tree_size, old.root, new.root, proof)
+            except merkle.ProofError as e:
+                problem = str(e)
+    if as_json:
+        click.echo(json.dumps({"ok": problem is None, "reason": problem, "old_size": old.tree_size,
+                               "new_size": new.tree_size, "old_root": old.root.hex(), "new_root": new.root.hex(),
+                               "proof": [p.hex() for p in proof], "signatures_checked": bool(keys)}, sort_keys=True))
+    elif problem is None:
+        click.echo(f"consistent: tree size {old.tree_size} -> {new.tree_size} of {new.origin}, proof of {len(proof)} hashes"
+                   + ("" if keys else " (signatures not checked: give --public-key)"))
+    else:
+        click.echo(f"INCONSISTENT: {problem}")
+    sys.exit(0 if problem is None else 1)
+
+
+@ledger.command()
+@click.argument("event_id")
+@click.option("--ledger", "ledger_path", required=True, help="Ledger: a file or postgresql://USER@HOST/DB.")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="Write the receipt here (default: stdout).")
+@click.option("--kind", type=click.Choice(["decision", "verdict", "policy", "dlq"]), default="decision",
+              show_default=True, help="Which kind of entry EVENT_ID names.")
+@click.option("--model", default=None, help="The decision of this model (when several models decided the event).")
+@click.option("--policy-sha256", default=None, help="The decision under this policy (sha256 of the policy file).")
+@click.option("--key", "key_path", default=None, type=click.Path(dir_okay=False),
+              help="Ed25519 private key: sign a checkpoint now if none covers the entry yet.")
+@click.option("--origin", default=None, help="With --key: the new checkpoint's origin (default as `ledger checkpoint`).")
+def receipt(event_id, ledger_path, out_path, kind, model, policy_sha256, key_path, origin):
+    """Write the receipt of one decision: the exact leaf bytes, the record, its index, an
+    RFC 9162 inclusion proof and the signed checkpoint it leads to (docs/receipts.md).
+    Anyone with the public key checks it offline (`ledger verify-receipt`)."""
+    from riskpipe.ledger import LedgerError
+    from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint
+    from riskpipe.ledger.receipt import find_decisions, make_receipt
+
+    with _open(ledger_path) as led:
+        try:
+            found = find_decisions(led, event_id, kind, model, policy_sha256)
+            if not found:
+                fail(f"ledger {ledger_path}: no {kind} for {event_id!r}"
+                     + (" with the given --model/--policy-sha256" if model or policy_sha256 else ""))
+            if len(found) > 1:
+                which = "; ".join(f"model {(e.record.get('model') or {}).get('name')!r} policy sha256 "
+                                  f"{(e.record.get('policy') or {}).get('sha256')}" for e in found[:10])
+                fail(f"{event_id!r}: {len(found)} {kind} entries ({which}): choose one with --model and --policy-sha256")
+            entry = found[0]
+            note = led.latest_note(min_size=entry.seq)
+            if note is None and key_path:
+                note = make_checkpoint(led, load_private_key(key_path), origin).note
+            if note is None:
+                fail(f"ledger {ledger_path}: no signed checkpoint covers row {entry.seq} yet: run `riskpipe ledger "
+                     "checkpoint` (or pass --key), or wait for the stage's next one")
+            text = json.dumps(make_receipt(led, entry.seq, note), sort_keys=True, ensure_ascii=False, indent=1) + "\n"
+        except LedgerError as e:
+            fail(str(e))
+    if out_path:
+        Path(out_path).write_text(text, encoding="utf-8")
+        click.echo(f"receipt for {kind} {entry.entry_id} (row {entry.seq}) against tree size "
+                   f"{json.loads(text)['tree_size']} written to {out_path}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+@ledger.command("verify-receipt")
+@click.argument("receipt_path", metavar="FILE")
+@click.option("--public-key", "public_keys", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="Ed25519 public key (PEM) of the ledger's checkpoints; repeatable (key rotation).")
+@click.option("--origin", default=None, help="Also require this checkpoint origin.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify_receipt(receipt_path, public_keys, origin, as_json):
+    """Check a receipt offline: the checkpoint's signature, the record against the leaf,
+    and the inclusion proof against the signed root (about log2(n) hashes). Exit 0 if it
+    holds, 1 if not."""
+    from riskpipe.ledger import LedgerError
+    from riskpipe.ledger.checkpoint import load_public_key
+    from riskpipe.ledger.receipt import verify_receipt as check
+
+    try:
+        keys = [load_public_key(k) for k in public_keys]
+    except LedgerError as e:
+        fail(str(e))
+    try:
+        rec = json.loads(Path(receipt_path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"{receipt_path}: cannot read ({getattr(e, 'strerror', None) or e})")
+    except json.JSONDecodeError as e:
+        fail(f"{receipt_path}: not JSON ({e.msg} at line {e.lineno})")
+    try:
+        cp = check(rec, keys, origin)
+        problem = None
+    except LedgerError as e:
+        cp, problem = None, str(e)
+    if as_json:
+        click.echo(json.dumps({"ok": problem is None, "reason": problem, "origin": cp and cp.origin,
+                               "tree_size": cp and cp.tree_size, "index": rec.get("index") if isinstance(rec, dict) else None},
+                              sort_keys=True))
+    elif problem is None:
+        click.echo(f"ok: leaf {rec['index']} of {cp.origin} at tree size {cp.tree_size}, signed checkpoint verified")
+    else:
+        click.echo(f"INVALID: {problem}")
+    sys.exit(0 if problem is None else 1)
 
 
 @ledger.command()

@@ -1,19 +1,32 @@
-"""Signed checkpoints: Ed25519 signatures over (head hash, row count, time).
+"""Signed checkpoints: C2SP ``tlog-checkpoint`` notes over the ledger's Merkle tree.
 
-A checkpoint says "row ``count`` of this ledger had hash ``head`` at ``ts``", signed
-with a private key kept apart from the database (``openssl genpkey -algorithm ed25519``
-writes one). It is stored in the ledger's ``checkpoints`` table and, optionally,
-published to a Kafka topic so a copy lives outside the database.
+A checkpoint says "the first ``tree_size`` rows of the log ``origin`` have RFC 9162
+root ``root``", as a C2SP signed note (:mod:`riskpipe.ledger.note`) signed with an
+Ed25519 key kept apart from the database (``openssl genpkey -algorithm ed25519``
+writes one)::
+
+    riskpipe/ledger/3f2a9c0d1b2e4f56
+    1024
+    <base64 root hash>
+
+    — riskpipe/ledger/3f2a9c0d1b2e4f56 <base64(4-byte key id || 64-byte Ed25519 signature)>
+
+The origin is config ``ledger_origin`` (or ``--origin``), by default
+``riskpipe/ledger/<log id>`` with the random log id the ledger made when its tree was
+created; the key name is the origin unless given. Checkpoints are stored in the
+ledger's ``signed_notes`` table and, optionally, published to a Kafka topic (the note
+text is the message value) so a copy lives outside the database. Sigstore, the Go
+checksum database and Tessera use the same format, so their tools read these notes.
 
 ``verify`` with only the public key then detects what the hash chain alone cannot:
-someone with write access to the database who truncates the chain below a
-checkpointed row, or deletes or edits a row at or before it and recomputes every later
-hash (and ``chain_state``). The row reported first is the one after the last
-checkpoint that still matches (a recomputed chain carries no trace of the edited
-row itself). Rows after the latest checkpoint are protected by the hash chain only.
+someone with write access to the database who truncates the ledger below a signed
+tree size, or edits a row at or before it and recomputes every hash, the chain state
+and the tree. Rows after the latest checkpoint are protected by the chain and tree only.
 
-Signed bytes: the canonical JSON (``riskpipe.ledger.chain.canonical_json``) of
-``{"count": N, "head": "<64 hex>", "ts": "<RFC 3339>", "type": "riskpipe-ledger-checkpoint/1"}``.
+Checkpoints of riskpipe before the Merkle tree (JSON over (head, count, ts), class
+:class:`LegacyCheckpoint`, in the ``checkpoints`` table) are still verified with the
+same keys: signed bytes are the canonical JSON of ``{"count": N, "head": "<64 hex>",
+"ts": "<RFC 3339>", "type": "riskpipe-ledger-checkpoint/1"}``.
 """
 
 from __future__ import annotations
@@ -22,10 +35,10 @@ import base64
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
+from riskpipe.ledger import note as notes
 from riskpipe.ledger.chain import HEX64, LedgerError, VerifyResult, canonical_json
 
 TYPE = "riskpipe-ledger-checkpoint/1"
@@ -33,6 +46,44 @@ TYPE = "riskpipe-ledger-checkpoint/1"
 
 @dataclass(frozen=True)
 class Checkpoint:
+    """A C2SP checkpoint: origin, tree size, root hash and the signed note carrying them."""
+
+    origin: str
+    tree_size: int
+    root: bytes
+    note: str
+
+    @classmethod
+    def from_note(cls, text: str, public_keys=None, where: str = "checkpoint") -> "Checkpoint":
+        """Parse a signed note; with ``public_keys``, one of them must have signed it."""
+        try:
+            body = notes.verify(text, public_keys)[0] if public_keys is not None else notes.parse(text)[0]
+            origin, size, root = notes.parse_checkpoint(body)
+        except notes.NoteError as e:
+            raise LedgerError(f"{where}: {e}") from None
+        return cls(origin, size, root, text)
+
+
+def default_origin(ledger) -> str:
+    """``riskpipe/ledger/<log id>``: the log id is random, made with the ledger's tree."""
+    return f"riskpipe/ledger/{ledger.log_id()}"
+
+
+def make_checkpoint(ledger, private_key, origin: str | None = None, key_name: str | None = None) -> Checkpoint:
+    """Sign the ledger's current tree size and root as a C2SP checkpoint and store it."""
+    size, root = ledger.tree_head()
+    origin = origin or default_origin(ledger)
+    try:
+        text = notes.sign(notes.checkpoint_text(origin, size, bytes.fromhex(root)), key_name or origin, private_key)
+    except notes.NoteError as e:
+        raise LedgerError(f"checkpoint: {e}") from None
+    cp = Checkpoint(origin, size, bytes.fromhex(root), text)
+    ledger.add_note(size, root, text)
+    return cp
+
+
+@dataclass(frozen=True)
+class LegacyCheckpoint:
     count: int
     head: str
     ts: str
@@ -47,7 +98,7 @@ class Checkpoint:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "checkpoint") -> "Checkpoint":
+    def from_dict(cls, d: dict, where: str = "checkpoint") -> "LegacyCheckpoint":
         try:
             cp = cls(int(d["count"]), str(d["head"]), str(d["ts"]), str(d["key_id"]), str(d["public_key"]),
                      str(d["signature"]))
@@ -62,14 +113,9 @@ def signed_bytes(count: int, head: str, ts: str) -> bytes:
     return canonical_json({"count": count, "head": head, "ts": ts, "type": TYPE}).encode("utf-8")
 
 
-def _raw(public_key) -> bytes:
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    return public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-
-def key_id(public_key) -> str:
-    return hashlib.sha256(_raw(public_key)).hexdigest()[:16]
+def legacy_key_id(public_key) -> str:
+    """A legacy checkpoint's key id: the first 16 hex digits of sha256(raw public key)."""
+    return hashlib.sha256(notes.raw_public_key(public_key)).hexdigest()[:16]
 
 
 def load_private_key(path: str | Path):
@@ -104,23 +150,12 @@ def load_public_key(path: str | Path):
     return key
 
 
-def make_checkpoint(ledger, private_key, now: datetime | None = None) -> Checkpoint:
-    """Sign the ledger's current (head, count, time) and store the checkpoint in it."""
-    head, count = ledger.head_and_count()
-    ts = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    pub = private_key.public_key()
-    cp = Checkpoint(count, head, ts, key_id(pub), base64.b64encode(_raw(pub)).decode("ascii"),
-                    base64.b64encode(private_key.sign(signed_bytes(count, head, ts))).decode("ascii"))
-    ledger.add_checkpoint(cp)
-    return cp
-
-
-def check_signatures(checkpoints: Iterable[Checkpoint], public_keys) -> tuple[list[Checkpoint], str | None]:
+def check_signatures(checkpoints: Iterable[LegacyCheckpoint], public_keys) -> tuple[list[LegacyCheckpoint], str | None]:
     """The checkpoints whose signature verifies under one of ``public_keys``, or the first
     problem: a checkpoint signed by an unknown key, or a signature that does not verify."""
     from cryptography.exceptions import InvalidSignature
 
-    by_id = {key_id(k): k for k in public_keys}
+    by_id = {legacy_key_id(k): k for k in public_keys}
     good = []
     for i, cp in enumerate(checkpoints, 1):
         key = by_id.get(cp.key_id)
@@ -134,44 +169,68 @@ def check_signatures(checkpoints: Iterable[Checkpoint], public_keys) -> tuple[li
     return good, None
 
 
-def verify_ledger(ledger, public_keys, external: Iterable[Checkpoint] = ()) -> VerifyResult:
+def verify_ledger(ledger, public_keys, external: Iterable = ()) -> VerifyResult:
     """Check every checkpoint's signature (those stored in the ledger and ``external``
-    copies, e.g. from the ``checkpoints`` topic), then the chain against all of them."""
-    stored = ledger.checkpoints()
-    good, problem = check_signatures([*stored, *external], public_keys)
+    copies, e.g. from the ``checkpoints`` topic: note texts or legacy checkpoints), then
+    the chain and tree against all of them."""
+    external = list(external)
+    legacy = [*ledger.legacy_checkpoints(), *(c for c in external if isinstance(c, LegacyCheckpoint))]
+    good, problem = check_signatures(legacy, public_keys)
+    signed: list[Checkpoint] = []
+    if problem is None:
+        by_size: dict[int, bytes] = {}
+        for i, text in enumerate([*ledger.notes(), *(c for c in external if isinstance(c, str))], 1):
+            try:
+                cp = Checkpoint.from_note(text, public_keys, f"signed checkpoint {i}")
+            except LedgerError as e:
+                problem = str(e)
+                break
+            if by_size.setdefault(cp.tree_size, cp.root) != cp.root:
+                problem = f"two signed checkpoints for tree size {cp.tree_size} with different roots (a fork)"
+                break
+            signed.append(cp)
     if problem:
         head, count = ledger.head_and_count()
         return VerifyResult(False, count, head, None, problem)
-    res = ledger.verify(checkpoints=[cp for cp in good if cp.count > 0])
-    if res.ok and not good:
-        return VerifyResult(True, res.count, res.head, None, "no signed checkpoint yet: the chain alone was verified")
+    res = ledger.verify(checkpoints=[*(cp for cp in good if cp.count > 0), *(cp for cp in signed if cp.tree_size > 0)])
+    if res.ok and not good and not signed:
+        return VerifyResult(True, res.count, res.head, None, "no signed checkpoint yet: the chain and tree alone were verified",
+                            res.root)
     return res
 
 
-def read_checkpoint_file(path: str | Path) -> list[Checkpoint]:
-    """Checkpoints from JSON lines (one ``Checkpoint.to_dict()`` per line, as published)."""
+def read_checkpoint_file(path: str | Path) -> list:
+    """Checkpoints from a file: signed notes one after another (as published), or JSON
+    lines of legacy checkpoints (``LegacyCheckpoint.to_dict()``)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise LedgerError(f"--checkpoints {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise LedgerError(f"--checkpoints {path}: not UTF-8 text") from None
+    if not text.lstrip().startswith("{"):
+        try:
+            return notes.split_notes(text)
+        except notes.NoteError as e:
+            raise LedgerError(f"--checkpoints {path}: {e}") from None
     out = []
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise LedgerError(f"--checkpoints {path}:{n}: invalid JSON ({e.msg})") from None
-            out.append(Checkpoint.from_dict(obj, f"--checkpoints {path}:{n}"))
+            out.append(LegacyCheckpoint.from_dict(obj, f"--checkpoints {path}:{n}"))
     return out
 
 
 def publish(kafka, topic: str, cp: Checkpoint, timeout_s: float = 10.0) -> None:
-    """Send the checkpoint to ``topic`` (key ``checkpoint``) and wait for the acknowledgement."""
+    """Send the signed note to ``topic`` (key ``checkpoint``) and wait for the acknowledgement."""
     from riskpipe import kafka_clients
 
     producer = kafka_clients.producer(kafka, acks="all", retries=5)
     try:
-        producer.send(topic, key=b"checkpoint", value=canonical_json(cp.to_dict()).encode("utf-8")).get(timeout=timeout_s)
+        producer.send(topic, key=b"checkpoint", value=cp.note.encode("utf-8")).get(timeout=timeout_s)
     finally:
         producer.close(timeout=5)
 
@@ -188,7 +247,7 @@ class Checkpointer:
     """
 
     def __init__(self, private_key, every_records: int | None = None, every_seconds: float | None = None,
-                 kafka=None, topic: str | None = None, clock=None) -> None:
+                 kafka=None, topic: str | None = None, clock=None, origin: str | None = None) -> None:
         import time
 
         if not every_records and not every_seconds:
@@ -197,6 +256,7 @@ class Checkpointer:
         self.every_records = every_records
         self.every_seconds = every_seconds
         self.kafka, self.topic = kafka, topic
+        self.origin = origin
         self.clock = clock or time.monotonic
         self.last_time = self.clock()
         self.rows_since = 0
@@ -209,7 +269,7 @@ class Checkpointer:
             self.every_seconds and self.rows_since and self.clock() - self.last_time >= self.every_seconds)
         if not due:
             return None
-        cp = make_checkpoint(ledger, self.key)
+        cp = make_checkpoint(ledger, self.key, self.origin)
         self.rows_since, self.last_time = 0, self.clock()
         self.made += 1
         if self.kafka is not None and self.topic:
@@ -223,15 +283,16 @@ class Checkpointer:
             publish(self.kafka, self.topic, cp)
         except Exception as e:  # noqa: BLE001 - the stage keeps deciding; the next checkpoint is published again
             self.publish_failures += 1
-            logging.getLogger("riskpipe.ledger").error("checkpoint at row %d stored but not published to %s: %s",
-                                                       cp.count, self.topic, e)
+            logging.getLogger("riskpipe.ledger").error("checkpoint at tree size %d stored but not published to %s: %s",
+                                                       cp.tree_size, self.topic, e)
 
 
-def checkpointer_for(section, kafka=None) -> Checkpointer:
+def checkpointer_for(section, kafka=None, origin: str | None = None) -> Checkpointer:
     """The stage's Checkpointer from its ``checkpoint:`` config section (key loaded now:
     a bad key file stops the stage at start, not at the first checkpoint)."""
     try:
         key = load_private_key(section.key_file)
     except LedgerError as e:
         raise LedgerError(str(e).replace("--key", "checkpoint.key_file", 1)) from None
-    return Checkpointer(key, section.every_records, section.every_seconds, kafka=kafka, topic=section.topic)
+    return Checkpointer(key, section.every_records, section.every_seconds, kafka=kafka, topic=section.topic,
+                        origin=origin)

@@ -151,6 +151,13 @@ class Ledger:
             row = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE kind = ? AND entry_id = ?", (kind, entry_id)).fetchone()
         return row_to_entry(row) if row else None
 
+    def entries_with_prefix(self, prefix: str, kind: str, limit: int = 1000) -> list[Entry]:
+        """Entries of ``kind`` whose entry id starts with ``prefix`` (an index range scan)."""
+        with self._conn() as db:
+            rows = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE kind = ? AND entry_id >= ? AND entry_id < ? "
+                              "ORDER BY seq LIMIT ?", (kind, prefix, prefix + "\U0010ffff", limit)).fetchall()
+        return [row_to_entry(r) for r in rows]
+
     def records(self, kind: str | None = None, since: Any = None, until: Any = None) -> Iterator[Entry]:
         """Entries in chain order; ``since`` inclusive, ``until`` exclusive, compared on ``ts``.
 
@@ -235,17 +242,35 @@ class Ledger:
         return tree.subtree_reader(db, size)
 
     # -- signed checkpoints (riskpipe.ledger.checkpoint) ------------------------------------
-    def add_checkpoint(self, cp) -> None:
-        with self._write() as db:
-            db.execute("INSERT INTO checkpoints (count, head, ts, key_id, public_key, signature) VALUES (?,?,?,?,?,?)",
-                       (cp.count, cp.head, cp.ts, cp.key_id, cp.public_key, cp.signature))
+    def log_id(self) -> str:
+        """The random id made with the ledger's tree (the default checkpoint origin's tail)."""
+        with self._conn() as db:
+            return db.execute("SELECT log_id FROM tree_state WHERE id = 1").fetchone()[0]
 
-    def checkpoints(self) -> list:
-        from riskpipe.ledger.checkpoint import Checkpoint
+    def add_note(self, tree_size: int, root: str, note: str) -> None:
+        """Store a signed checkpoint note (C2SP) for the tree of ``tree_size`` with ``root`` (hex)."""
+        with self._write() as db:
+            db.execute("INSERT INTO signed_notes (tree_size, root, note) VALUES (?,?,?)", (tree_size, root, note))
+
+    def notes(self) -> list[str]:
+        """The stored signed checkpoint notes, oldest first."""
+        with self._conn() as db:
+            return [r[0] for r in db.execute("SELECT note FROM signed_notes ORDER BY id").fetchall()]
+
+    def latest_note(self, min_size: int = 0) -> str | None:
+        """The newest stored note for a tree of at least ``min_size`` leaves."""
+        with self._conn() as db:
+            row = db.execute("SELECT note FROM signed_notes WHERE tree_size >= ? ORDER BY tree_size DESC, id DESC LIMIT 1",
+                             (min_size,)).fetchone()
+        return row[0] if row else None
+
+    def legacy_checkpoints(self) -> list:
+        """Checkpoints signed by riskpipe before the Merkle tree (JSON over head and count)."""
+        from riskpipe.ledger.checkpoint import LegacyCheckpoint
 
         with self._conn() as db:
             rows = db.execute("SELECT count, head, ts, key_id, public_key, signature FROM checkpoints ORDER BY id").fetchall()
-        return [Checkpoint(*r) for r in rows]
+        return [LegacyCheckpoint(*r) for r in rows]
 
     # -- verification ---------------------------------------------------------------------
     def verify(self, expect_head: str | None = None, expect_count: int | None = None,

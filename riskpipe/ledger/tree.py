@@ -21,7 +21,7 @@ import secrets
 from typing import Iterable, Iterator
 
 from riskpipe.ledger import merkle
-from riskpipe.ledger.chain import LedgerError
+from riskpipe.ledger.chain import LedgerError, LedgerUnavailable
 
 _BATCH = 2000  # rows per INSERT batch while building the tree of an existing ledger
 
@@ -98,15 +98,16 @@ def _edge_text(frontier: merkle.Frontier) -> str:
 
 
 def read_state(db) -> tuple[int, str, merkle.Frontier]:
-    """(size, root hex, frontier) from ``tree_state``; LedgerError if it is missing or torn."""
+    """(size, root hex, frontier) from ``tree_state``; LedgerUnavailable (an infrastructure
+    fault: no record is to blame) if it is missing or torn."""
     row = db.execute("SELECT size, root, edge FROM tree_state WHERE id = 1").fetchone()
     if row is None:
-        raise LedgerError("ledger: tree_state row is missing (tampered)")
+        raise LedgerUnavailable("ledger: tree_state row is missing (tampered)")
     size, root, edge = row
     try:
         frontier = merkle.Frontier(size, [bytes.fromhex(edge[i:i + 64]) for i in range(0, len(edge), 64)])
     except ValueError as e:
-        raise LedgerError(f"ledger: tree_state is damaged ({e})") from None
+        raise LedgerUnavailable(f"ledger: tree_state is damaged ({e})") from None
     return size, root, frontier
 
 
@@ -114,9 +115,10 @@ def append_leaves(db, leaves: Iterable[bytes], expect_size: int) -> tuple[int, s
     """Add the leaf hashes of rows just inserted (rows ``expect_size + 1 ...``); returns
     the new (size, root hex). Runs inside the backend's write transaction."""
     size, _, frontier = read_state(db)
-    if size != expect_size:
-        raise LedgerError(f"ledger: the Merkle tree has {size} leaves but the chain {expect_size} rows "
-                          "(tampered, or written by a riskpipe without the tree); appends refused")
+    if size != expect_size:  # not this record's fault: the stage pauses as for an unavailable ledger
+        raise LedgerUnavailable(f"ledger: the Merkle tree has {size} leaves but the chain {expect_size} rows "
+                                "(tampered, or written by a riskpipe without the tree); appends refused until "
+                                "`riskpipe ledger verify` is clean")
     nodes: list[tuple] = []
     for h in leaves:
         nodes.extend(_node_rows(frontier.push(h)))

@@ -246,6 +246,9 @@ class StageConfig(KafkaSettings):
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"  # 0.0.0.0 inside a pod, so Prometheus and probes reach it
     ledger: str | None = None  # a file path, sqlite:///PATH or postgresql://USER@HOST/DB
+    # origin line of the ledger's signed checkpoints (C2SP tlog-checkpoint); None:
+    # riskpipe/ledger/<the ledger's random log id>
+    ledger_origin: str | None = Field(None, pattern=r"^[^\s+]+$")
     checkpoint: Checkpoint | None = None
     batch: Batch = Batch()
     guard: Guard = Guard()

@@ -1,0 +1,157 @@
+"""C2SP signed notes (https://c2sp.org/signed-note) with Ed25519, and the C2SP
+checkpoint body (https://c2sp.org/tlog-checkpoint) they carry.
+
+A note is UTF-8 text ending in a newline, then a blank line, then one or more lines::
+
+    — <key name> <base64(key id || signature)>
+
+(U+2014 EM DASH, space). For Ed25519 the signature is 64 bytes over the note text
+(every byte before the blank line, final newline included) and the key id is the first
+4 bytes of SHA-256(key name || 0x0A || 0x01 || 32-byte public key). A checkpoint's text
+is ``<origin>\\n<tree size, decimal>\\n<base64 root hash>\\n`` (extension lines may follow;
+they are kept in the text and ignored here).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from dataclasses import dataclass
+
+DASH = "\u2014"
+ED25519 = 0x01
+_NAME = re.compile(r"^[^\s+]+$")
+_SIZE = re.compile(r"^(0|[1-9][0-9]{0,19})$")
+
+
+class NoteError(ValueError):
+    """A note or checkpoint that is malformed or whose signature does not verify."""
+
+
+def raw_public_key(public_key) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def key_id(name: str, public_key) -> bytes:
+    """The 4-byte signed-note key id of an Ed25519 public key under ``name``."""
+    return hashlib.sha256(name.encode("utf-8") + b"\n" + bytes([ED25519]) + raw_public_key(public_key)).digest()[:4]
+
+
+def check_name(name: str, what: str = "key name") -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise NoteError(f"{what}: must be non-empty, without spaces or '+'; got {name!r}")
+    return name
+
+
+def sign(text: str, name: str, private_key) -> str:
+    """The signed note: ``text`` (ending in a newline), a blank line, one signature line."""
+    check_name(name)
+    if not text.endswith("\n"):
+        raise NoteError("note text must end with a newline")
+    sig = private_key.sign(text.encode("utf-8"))
+    kid = key_id(name, private_key.public_key())
+    return f"{text}\n{DASH} {name} {base64.b64encode(kid + sig).decode('ascii')}\n"
+
+
+@dataclass(frozen=True)
+class Signature:
+    name: str
+    key_id: bytes
+    signature: bytes
+
+
+def parse(note: str) -> tuple[str, list[Signature]]:
+    """(text, signature lines) of a signed note; NoteError if malformed."""
+    if not isinstance(note, str):
+        raise NoteError("note: not text")
+    text, sep, sigs = note.partition("\n\n")  # a note's text has no empty line
+    if not sep or not text or not sigs.endswith("\n"):
+        raise NoteError("note: no blank line followed by signature lines")
+    text += "\n"
+    if any(ord(c) < 0x20 and c != "\n" for c in note):
+        raise NoteError("note: control characters")
+    out = []
+    for line in sigs[:-1].split("\n"):
+        parts = line.split(" ")
+        if len(parts) != 3 or parts[0] != DASH:
+            raise NoteError(f"note: malformed signature line {line[:60]!r}")
+        try:
+            blob = base64.b64decode(parts[2], validate=True)
+        except (binascii.Error, ValueError):
+            raise NoteError(f"note: signature of {parts[1]!r} is not base64") from None
+        if len(blob) < 5:
+            raise NoteError(f"note: signature of {parts[1]!r} is too short")
+        out.append(Signature(check_name(parts[1]), blob[:4], blob[4:]))
+    return text, out
+
+
+def verify(note: str, public_keys) -> tuple[str, str]:
+    """(text, key name) of a note with at least one valid Ed25519 signature by one of
+    ``public_keys`` (matched by key id under the line's name); NoteError otherwise."""
+    from cryptography.exceptions import InvalidSignature
+
+    text, sigs = parse(note)
+    known = False
+    for s in sigs:
+        for pk in public_keys:
+            if key_id(s.name, pk) != s.key_id:
+                continue
+            known = True
+            if len(s.signature) != 64:
+                continue
+            try:
+                pk.verify(s.signature, text.encode("utf-8"))
+            except InvalidSignature:
+                continue
+            return text, s.name
+    if known:
+        raise NoteError("note: signature does not verify (forged or altered)")
+    raise NoteError(f"note: signed by {', '.join(s.name for s in sigs)} with no given public key")
+
+
+def checkpoint_text(origin: str, size: int, root: bytes) -> str:
+    check_name(origin, "origin")
+    return f"{origin}\n{size}\n{base64.b64encode(root).decode('ascii')}\n"
+
+
+def parse_checkpoint(text: str) -> tuple[str, int, bytes]:
+    """(origin, tree size, root hash) of a checkpoint's note text; NoteError if malformed."""
+    lines = text.split("\n")
+    if len(lines) < 4:
+        raise NoteError("checkpoint: needs origin, tree size and root hash lines")
+    origin, size, root = lines[:3]
+    check_name(origin, "checkpoint origin")
+    if not _SIZE.match(size):
+        raise NoteError(f"checkpoint: tree size {size[:30]!r} is not a decimal number")
+    try:
+        root_bytes = base64.b64decode(root, validate=True)
+    except (binascii.Error, ValueError):
+        raise NoteError("checkpoint: root hash is not base64") from None
+    if len(root_bytes) != 32:
+        raise NoteError(f"checkpoint: root hash has {len(root_bytes)} bytes, not 32")
+    return origin, int(size), root_bytes
+
+
+def split_notes(text: str) -> list[str]:
+    """The signed notes in ``text``, one after another (as a consumer of the checkpoints
+    topic writes them); blank lines between notes are allowed."""
+    notes, lines, body, sigs = [], text.split("\n"), [], []
+    for line in lines:
+        if sigs and not line.startswith(DASH + " "):
+            notes.append("\n".join(body) + "\n\n" + "\n".join(sigs) + "\n")
+            body, sigs = [], []
+        if line.startswith(DASH + " ") and body and (sigs or body[-1] == ""):
+            if not sigs:
+                body.pop()  # the blank line before the signatures
+            sigs.append(line)
+        elif line or body:
+            body.append(line)
+    if sigs:
+        notes.append("\n".join(body) + "\n\n" + "\n".join(sigs) + "\n")
+    elif any(b.strip() for b in body):
+        raise NoteError("checkpoints file: text after the last signed note has no signature")
+    return notes

@@ -1,0 +1,99 @@
+"""Receipts: one decision, proved against a signed checkpoint without the rest of the ledger.
+
+A receipt is one JSON object with exactly the keys ``leaf``, ``record``, ``index``,
+``tree_size``, ``inclusion_proof`` and ``checkpoint``; docs/receipts.md specifies it
+(well enough to write a verifier from the document alone: tests/test_receipts.py holds
+one). Verifying costs one signature check and about log2(tree_size) hashes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from riskpipe.ledger import merkle
+from riskpipe.ledger.chain import LedgerError, canonical_json
+from riskpipe.ledger.checkpoint import Checkpoint
+from riskpipe.ledger.tree import leaf_bytes, split_leaf
+
+KEYS = ("checkpoint", "inclusion_proof", "index", "leaf", "record", "tree_size")
+
+
+def make_receipt(ledger, seq: int, note: str) -> dict:
+    """The receipt of row ``seq`` against the signed checkpoint ``note`` (which must cover it)."""
+    cp = Checkpoint.from_note(note)
+    index = seq - 1
+    if not 0 <= index < cp.tree_size:
+        raise LedgerError(f"checkpoint for tree size {cp.tree_size} does not cover row {seq}")
+    got = ledger.leaf_at(index)
+    if got is None:
+        raise LedgerError(f"ledger: row {seq} is missing")
+    data, entry = got
+    proof = ledger.inclusion_proof(index, cp.tree_size)
+    if merkle.root_from_inclusion_proof(index, cp.tree_size, merkle.leaf_hash(data), proof) != cp.root:
+        raise LedgerError(f"ledger: row {seq} does not lead to the signed root of tree size {cp.tree_size} "
+                          "(ledger tampered: run `riskpipe ledger verify`)")
+    return {"leaf": base64.b64encode(data).decode("ascii"), "record": entry.record, "index": index,
+            "tree_size": cp.tree_size, "inclusion_proof": [p.hex() for p in proof], "checkpoint": note}
+
+
+def verify_receipt(receipt: Any, public_keys, origin: str | None = None) -> Checkpoint:
+    """Check a receipt offline; returns its checkpoint, or raises LedgerError naming the
+    first check that failed (docs/receipts.md, "Verifying")."""
+    if not isinstance(receipt, dict) or set(receipt) != set(KEYS):
+        got = sorted(receipt) if isinstance(receipt, dict) else type(receipt).__name__
+        raise LedgerError(f"receipt: expected exactly the keys {', '.join(KEYS)}; got {got}")
+    index, size, proof_hex = receipt["index"], receipt["tree_size"], receipt["inclusion_proof"]
+    if not (type(index) is int and type(size) is int and 0 <= index < size):
+        raise LedgerError(f"receipt: index {index!r} must be an integer in [0, tree_size {size!r})")
+    if not isinstance(receipt["checkpoint"], str):
+        raise LedgerError("receipt.checkpoint: not text")
+    cp = Checkpoint.from_note(receipt["checkpoint"], public_keys, "receipt.checkpoint")
+    if origin is not None and cp.origin != origin:
+        raise LedgerError(f"receipt.checkpoint: origin {cp.origin!r}, expected {origin!r}")
+    if cp.tree_size != size:
+        raise LedgerError(f"receipt: tree_size {size} but the checkpoint is for tree size {cp.tree_size}")
+    try:
+        data = base64.b64decode(receipt["leaf"], validate=True)
+        kind, entry_id, text = split_leaf(data)
+    except (binascii.Error, ValueError, TypeError):
+        raise LedgerError("receipt.leaf: not base64 of 'kind \\n entry id \\n record'") from None
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        raise LedgerError("receipt.leaf: its record part is not JSON") from None
+    if canonical_json(parsed) != text:
+        raise LedgerError("receipt.leaf: its record part is not canonical JSON")
+    if parsed != receipt["record"] or canonical_json(receipt["record"]) != text:
+        raise LedgerError("receipt.record: differs from the record in the leaf (edited)")
+    if not isinstance(proof_hex, list) or not all(isinstance(p, str) and len(p) == 64 for p in proof_hex):
+        raise LedgerError("receipt.inclusion_proof: must be a list of 64-character hex hashes")
+    try:
+        proof = [bytes.fromhex(p) for p in proof_hex]
+    except ValueError:
+        raise LedgerError("receipt.inclusion_proof: not hex") from None
+    try:
+        merkle.verify_inclusion(index, size, merkle.leaf_hash(data), proof, cp.root)
+    except merkle.ProofError as e:
+        raise LedgerError(f"receipt: {e} (leaf, index or proof altered)") from None
+    return cp
+
+
+def find_decisions(ledger, event_id: str, kind: str = "decision", model: str | None = None,
+                   policy_sha256: str | None = None) -> list:
+    """Entries of ``kind`` for ``event_id``: the entry id itself, or any entry whose record's
+    ``id`` is the event id (when decisions are keyed by event, model and policy), narrowed
+    by model name and policy sha256."""
+    found = []
+    for e in ledger.entries_with_prefix(event_id, kind):
+        if e.entry_id != event_id and e.record.get("id") != event_id:
+            continue
+        m, p = e.record.get("model"), e.record.get("policy")
+        if model is not None and not (isinstance(m, dict) and m.get("name") == model):
+            continue
+        if policy_sha256 is not None and not (isinstance(p, dict) and p.get("sha256") == policy_sha256):
+            continue
+        found.append(e)
+    return found

@@ -1,0 +1,128 @@
+"""An independent receipt verifier, written from docs/receipts.md alone.
+
+It uses only the standard library (hashlib, base64, json) and the ``cryptography``
+package; it must not import riskpipe (tests/test_receipts.py checks that), so that
+it shows the document is enough to check a receipt.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
+
+FIELDS = {"leaf", "record", "index", "tree_size", "inclusion_proof", "checkpoint"}
+
+
+class Invalid(Exception):
+    pass
+
+
+def _b64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise Invalid(f"bad base64: {e}") from None
+
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def verify(receipt: dict, public_key_pem: bytes, origin: str | None = None) -> None:
+    """Raise Invalid unless the receipt holds under the PEM public key."""
+    pub = load_pem_public_key(public_key_pem)
+    if not isinstance(pub, Ed25519PublicKey):
+        raise Invalid("not an Ed25519 key")
+    raw = pub.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    # step 1
+    if not isinstance(receipt, dict) or set(receipt) != FIELDS:
+        raise Invalid("wrong keys")
+    index, size = receipt["index"], receipt["tree_size"]
+    if type(index) is not int or type(size) is not int or not 0 <= index < size:
+        raise Invalid("index/tree_size")
+    # step 2: the signed note
+    note = receipt["checkpoint"]
+    if not isinstance(note, str) or "\n\n" not in note:
+        raise Invalid("checkpoint is not a signed note")
+    sep = note.index("\n\n")
+    text, sig_block = note[:sep + 1], note[sep + 2:]
+    if not sig_block.endswith("\n"):
+        raise Invalid("signature block must end with a newline")
+    signed = False
+    for line in sig_block[:-1].split("\n"):
+        if not line.startswith("\u2014 "):
+            raise Invalid("malformed signature line")
+        name, _, blob_b64 = line[2:].partition(" ")
+        blob = _b64(blob_b64)
+        kid = hashlib.sha256(name.encode() + b"\x0a\x01" + raw).digest()[:4]
+        if len(blob) != 68 or blob[:4] != kid:
+            continue
+        try:
+            pub.verify(blob[4:], text.encode("utf-8"))
+        except InvalidSignature:
+            continue
+        signed = True
+    if not signed:
+        raise Invalid("no valid signature by the trusted key")
+    # step 3: the checkpoint body
+    lines = text.split("\n")
+    if len(lines) < 4 or not lines[0]:
+        raise Invalid("checkpoint body")
+    if origin is not None and lines[0] != origin:
+        raise Invalid("origin")
+    if not lines[1].isdigit() or (lines[1] != "0" and lines[1].startswith("0")) or int(lines[1]) != size:
+        raise Invalid("checkpoint tree size differs from tree_size")
+    root = _b64(lines[2])
+    if len(root) != 32:
+        raise Invalid("root length")
+    # step 4: leaf and record
+    leaf = _b64(receipt["leaf"]) if isinstance(receipt["leaf"], str) else b""
+    parts = leaf.split(b"\n", 2)
+    if len(parts) != 3:
+        raise Invalid("leaf layout")
+    try:
+        record_text = parts[2].decode("utf-8")
+        parsed = json.loads(record_text)
+    except (UnicodeDecodeError, ValueError):
+        raise Invalid("record part is not JSON") from None
+    if parsed != receipt["record"]:
+        raise Invalid("record differs from the leaf")
+    try:
+        if _canonical(receipt["record"]) != record_text:
+            raise Invalid("record part is not canonical")
+    except ValueError:
+        raise Invalid("record not serialisable") from None
+    # step 5
+    path = receipt["inclusion_proof"]
+    if not isinstance(path, list):
+        raise Invalid("inclusion_proof")
+    try:
+        nodes = [bytes.fromhex(p) for p in path if isinstance(p, str) and len(p) == 64]
+    except ValueError:
+        raise Invalid("inclusion_proof hex") from None
+    if len(nodes) != len(path):
+        raise Invalid("inclusion_proof elements")
+    # step 6: RFC 9162 2.1.3.2
+    fn, sn = index, size - 1
+    r = hashlib.sha256(b"\x00" + leaf).digest()
+    for p in nodes:
+        if sn == 0:
+            raise Invalid("proof too long")
+        if fn % 2 == 1 or fn == sn:
+            r = hashlib.sha256(b"\x01" + p + r).digest()
+            if fn % 2 == 0:
+                while fn != 0 and fn % 2 == 0:
+                    fn >>= 1
+                    sn >>= 1
+        else:
+            r = hashlib.sha256(b"\x01" + r + p).digest()
+        fn >>= 1
+        sn >>= 1
+    if sn != 0 or r != root:
+        raise Invalid("inclusion proof does not lead to the signed root")

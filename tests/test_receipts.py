@@ -1,0 +1,148 @@
+"""Receipts: `ledger receipt` writes the six-key object of docs/receipts.md and both
+`ledger verify-receipt` and an independent verifier written from that document
+(tests/receipt_verifier.py: hashlib, base64, json, cryptography; no riskpipe) accept
+it — and reject an edited record, an altered proof or leaf, a checkpoint re-signed with
+another key, and a checkpoint for a smaller tree. On SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import receipt_verifier
+from ledger_records import decision_record
+
+from riskpipe.ledger import note, open_ledger
+from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint
+
+CLI = [sys.executable, "-m", "riskpipe.cli", "ledger"]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path):
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.db")
+    return request.getfixturevalue("pg_url")
+
+
+def cli(*args):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_the_independent_verifier_does_not_import_riskpipe():
+    tree = ast.parse(Path(receipt_verifier.__file__).read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= {"__future__", "base64", "binascii", "hashlib", "json", "cryptography"}, imported
+
+
+def test_receipt_round_trip_and_tampering(target, keys, tmp_path):
+    with open_ledger(target) as led:
+        led.append_many([decision_record(i) for i in range(13)])
+        small = make_checkpoint(led, load_private_key(keys / "key.pem"))  # tree size 13
+        led.append_many([decision_record(i) for i in range(13, 37)])
+        make_checkpoint(led, load_private_key(keys / "key.pem"))  # tree size 37
+    pem = (keys / "pub.pem").read_bytes()
+    out = tmp_path / "r.json"
+    r = cli("receipt", "evt-00020", "--ledger", target, "--out", out)
+    assert r.returncode == 0, r.stderr
+    receipt = json.loads(out.read_text())
+    assert set(receipt) == {"leaf", "record", "index", "tree_size", "inclusion_proof", "checkpoint"}
+    assert receipt["index"] == 20 and receipt["tree_size"] == 37 and receipt["record"]["id"] == "evt-00020"
+    assert len(receipt["inclusion_proof"]) == 6  # ceil(log2(37))
+    leaf = base64.b64decode(receipt["leaf"])
+    assert leaf.startswith(b"decision\nevt-00020\n{") and json.loads(leaf.split(b"\n", 2)[2]) == receipt["record"]
+    receipt_verifier.verify(receipt, pem)
+    r = cli("verify-receipt", out, "--public-key", keys / "pub.pem")
+    assert r.returncode == 0 and r.stdout.startswith("ok: leaf 20 of riskpipe/ledger/"), r.stdout + r.stderr
+
+    def edited(change):
+        bad = copy.deepcopy(receipt)
+        change(bad)
+        return bad
+
+    def flip_proof(b):
+        p = b["inclusion_proof"]
+        p[2] = ("0" if p[2][0] != "0" else "1") + p[2][1:]
+
+    other = load_private_key(keys / "other.pem")
+    body = receipt["checkpoint"].split("\n\n")[0] + "\n"
+    cases = {
+        "record edited": lambda b: b["record"].update(decision="block"),
+        "record and leaf edited": lambda b: (b["record"].update(decision="block"), b.update(leaf=base64.b64encode(
+            leaf.replace(b'"decision":"allow"', b'"decision":"block"')).decode())),
+        "proof altered": flip_proof,
+        "proof shortened": lambda b: b["inclusion_proof"].pop(),
+        "index changed": lambda b: b.update(index=21),
+        "re-signed with another key": lambda b: b.update(checkpoint=note.sign(body, body.split("\n")[0], other)),
+        "checkpoint for a smaller tree": lambda b: b.update(checkpoint=small.note),
+        "smaller tree, sizes agreeing": lambda b: b.update(checkpoint=small.note, tree_size=13, index=5),
+        "extra key": lambda b: b.update(note="x"),
+    }
+    for name, change in cases.items():
+        bad = edited(change)
+        with pytest.raises(receipt_verifier.Invalid):
+            receipt_verifier.verify(bad, pem)
+        f = tmp_path / "bad.json"
+        f.write_text(json.dumps(bad))
+        r = cli("verify-receipt", f, "--public-key", keys / "pub.pem", "--json")
+        assert r.returncode == 1 and not json.loads(r.stdout)["ok"], (name, r.stdout, r.stderr)
+
+
+def test_every_leaf_of_a_small_log_gets_a_valid_receipt(tmp_path, keys):
+    """Receipts for every index and a checkpoint at every size 1..20 (proof shapes differ)."""
+    from riskpipe.ledger.receipt import make_receipt, verify_receipt
+    from riskpipe.ledger.checkpoint import load_public_key
+
+    key, pem = load_private_key(keys / "key.pem"), (keys / "pub.pem").read_bytes()
+    with open_ledger(str(tmp_path / "l.db")) as led:
+        for size in range(1, 21):
+            led.append(decision_record(size))
+            cp = make_checkpoint(led, key, origin="example.com/decisions")
+            for seq in range(1, size + 1):
+                rec = make_receipt(led, seq, cp.note)
+                receipt_verifier.verify(rec, pem, origin="example.com/decisions")
+                verify_receipt(rec, [load_public_key(keys / "pub.pem")], origin="example.com/decisions")
+            with pytest.raises(receipt_verifier.Invalid):
+                receipt_verifier.verify(rec, pem, origin="example.com/other")
+
+
+def test_receipt_picks_one_decision_per_event(tmp_path, keys):
+    """An event decided by two models (decision identity = event, model, policy): the
+    receipt needs --model / --policy-sha256 and then proves that decision."""
+    target = str(tmp_path / "l.db")
+    a, b = decision_record(7), decision_record(7)
+    b["model"] = {"name": "fraud-trees", "spec": "sklearn:fraud.skops", "sha256": "ab" * 32}
+    with open_ledger(target) as led:
+        led.append(a, entry_id="evt-00007|digits")
+        led.append(b, entry_id="evt-00007|fraud-trees")
+        led.append(decision_record(8))
+    r = cli("receipt", "evt-00007", "--ledger", target, "--key", keys / "key.pem")
+    assert r.returncode == 2 and "2 decision entries" in r.stderr and "--model" in r.stderr
+    r = cli("receipt", "evt-00007", "--ledger", target, "--model", "fraud-trees", "--key", keys / "key.pem")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["record"]["model"]["name"] == "fraud-trees" and rec["index"] == 1 and rec["tree_size"] == 3
+    receipt_verifier.verify(rec, (keys / "pub.pem").read_bytes())
+    r = cli("receipt", "evt-00007", "--ledger", target, "--policy-sha256", "00" * 32)
+    assert r.returncode == 2 and "no decision" in r.stderr
+
+
+def test_receipt_needs_a_covering_checkpoint(tmp_path, keys):
+    target = str(tmp_path / "l.db")
+    with open_ledger(target) as led:
+        led.append_many([decision_record(i) for i in range(3)])
+        make_checkpoint(led, load_private_key(keys / "key.pem"))
+        led.append(decision_record(9))
+    r = cli("receipt", "evt-00009", "--ledger", target)
+    assert r.returncode == 2 and "no signed checkpoint covers row 4" in r.stderr and "Traceback" not in r.stderr
+    r = cli("receipt", "evt-00001", "--ledger", target)
+    assert r.returncode == 0 and json.loads(r.stdout)["tree_size"] == 3
+    r = cli("verify-receipt", tmp_path / "missing.json", "--public-key", keys / "pub.pem")
+    assert r.returncode == 2 and "cannot read" in r.stderr
