@@ -50,7 +50,10 @@ def run_offline_cli(config: Path, model: str, X, tmp: Path):
                               for i, x in enumerate(X)))
     r = cli("run", "--config", config, "--source", f"jsonl:{events}", "--sink", f"jsonl:{tmp / 'out'}", "--no-ledger")
     assert r.returncode == 0, r.stderr
-    return [json.loads(line) for line in (tmp / "out" / "audit.jsonl").read_text().splitlines()]
+    from riskpipe.stream.config import load_config
+
+    audit = tmp / "out" / f"{load_config(str(config)).topics.audit}.jsonl"  # sink files are named after the topics
+    return [json.loads(line) for line in audit.read_text().splitlines()]
 
 
 def test_init_image_model_then_policy_check_and_offline_run(tmp_path):
@@ -132,6 +135,34 @@ def test_init_writes_paths_relative_to_its_directory_when_the_model_lives_there(
     assert r.returncode == 0, r.stderr
     cfg = (tmp_path / "riskpipe.yaml").read_text()
     assert "spec: model.skops" in cfg and "reference: reference.npz" in cfg and "  model:" in cfg
+
+
+def test_two_stages_from_init_never_share_group_topics_or_ledger(tmp_path, monkeypatch):
+    from riskpipe.ledger import open_ledger
+    from riskpipe.stream.config import Topics, load_config
+
+    model, ref = EXAMPLES / "tabular" / "model.skops", EXAMPLES / "tabular" / "reference.npz"
+    configs = []
+    for d in ("a", "b"):
+        r = cli("init", "--model", model, "--reference", ref, "--out", tmp_path / d, "--name", "cancer", "--trial", 0)
+        assert r.returncode == 0, r.stderr
+        configs.append(load_config(str(tmp_path / d / "riskpipe.yaml")))
+    a, b = configs
+    assert a.group_id != b.group_id and "riskpipe" != a.group_id
+    topics_a, topics_b = set(a.topics.model_dump().values()), set(b.topics.model_dump().values())
+    assert len(topics_a) == 5 and not topics_a & topics_b and not topics_a & set(Topics().model_dump().values())
+    assert a.ledger == str(tmp_path / "a" / "ledger.sqlite") and b.ledger == str(tmp_path / "b" / "ledger.sqlite")
+    # the ledger path is relative to the config: run from elsewhere, the rows land next to the config
+    monkeypatch.chdir(tmp_path)
+    X, _ = reference("tabular")
+    events = tmp_path / "events.jsonl"
+    events.write_text("".join(json.dumps(make_event(f"c-{i}", "cancer", x)) + "\n" for i, x in enumerate(X[:3])))
+    r = cli("run", "--config", tmp_path / "a" / "riskpipe.yaml", "--source", f"jsonl:{events}",
+            "--sink", f"jsonl:{tmp_path / 'out'}", "--no-metrics-server")
+    assert r.returncode == 0 and "decided 3 events" in r.stderr, r.stderr
+    with open_ledger(str(tmp_path / "a" / "ledger.sqlite"), create=False) as led:
+        assert led.count("decision") == 3
+    assert not (tmp_path / "b" / "ledger.sqlite").exists() and not (tmp_path / "ledger.sqlite").exists()
 
 
 @pytest.fixture

@@ -116,7 +116,7 @@ def test_inserted_row_is_named(ledger_path):
     forged = canonical_json(decision_record(99))
     prev = db.execute("SELECT hash FROM entries WHERE seq = 5").fetchone()[0]
     # A forger who knows the layout links the new row correctly; the row after it no longer links.
-    db.execute("INSERT INTO entries VALUES (6, 'decision', 'evt-00099', ?, ?, ?, ?)",
+    db.execute("INSERT INTO entries (seq, kind, entry_id, ts, record, prev_hash, hash) VALUES (6, 'decision', 'evt-00099', ?, ?, ?, ?)",
                (json.loads(forged)["ts"], forged, prev, entry_hash(prev, "decision", "evt-00099", forged)))
     db.execute("UPDATE chain_state SET count = 11")
     db.close()
@@ -128,7 +128,7 @@ def test_appended_forged_row_caught_by_checkpoint(ledger_path):
     db = raw(ledger_path)
     prev = db.execute("SELECT hash FROM entries WHERE seq = 10").fetchone()[0]
     forged = canonical_json(decision_record(42))
-    db.execute("INSERT INTO entries VALUES (11, 'decision', 'evt-00042', ?, ?, ?, ?)",
+    db.execute("INSERT INTO entries (seq, kind, entry_id, ts, record, prev_hash, hash) VALUES (11, 'decision', 'evt-00042', ?, ?, ?, ?)",
                (json.loads(forged)["ts"], forged, prev, entry_hash(prev, "decision", "evt-00042", forged)))
     db.close()
     res = verify(ledger_path)

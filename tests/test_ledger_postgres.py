@@ -12,7 +12,7 @@ import sys
 
 import psycopg
 import pytest
-from ledger_records import decision_record
+from ledger_records import POLICY_V4, decision_record
 
 from riskpipe.ledger import Ledger, LedgerError, canonical_json, entry_hash, open_ledger
 from riskpipe.ledger import postgres as pg_backend
@@ -196,6 +196,17 @@ def _v1_rows(n):
     return rows, prev
 
 
+def assert_identity_after_migration(led):
+    """Schema 3 keys decisions by (event id, model, policy sha256): the migrated rows got
+    their scope, so the same decision is still a duplicate and another policy's is new."""
+    assert led.append(decision_record(2)) is False
+    other = decision_record(2, policy=POLICY_V4)
+    assert led.append(other) is True and led.verify().ok
+    assert led.get_all("evt-00002") == [decision_record(2), other]
+    assert led.get("evt-00002") == other  # the latest
+    assert led.append(other) is False
+
+
 def test_sqlite_ledger_from_schema_1_is_migrated(tmp_path):
     """A ledger as riskpipe 0.1 wrote it (no schema_version table, version in meta)."""
     path = tmp_path / "old.db"
@@ -207,11 +218,12 @@ def test_sqlite_ledger_from_schema_1_is_migrated(tmp_path):
     db.execute("UPDATE chain_state SET count = 6, head = ? WHERE id = 1", (head,))
     db.close()
     with Ledger(path) as led:
-        assert led.schema_version == 3 and led.verify().ok and led.count() == 6 and led.tree_head()[0] == 6
+        assert led.schema_version == 4 and led.verify().ok and led.count() == 6 and led.tree_head()[0] == 6
         assert led.append(decision_record(99)) and led.verify().ok
         assert led.legacy_checkpoints() == [] and led.notes() == []
+        assert_identity_after_migration(led)
     db = sqlite3.connect(str(path))
-    assert [v for v, in db.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
+    assert [v for v, in db.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3, 4]
     db.close()
 
 
@@ -226,9 +238,10 @@ def test_postgresql_ledger_from_schema_1_is_migrated(pg_url):
             cur.executemany("INSERT INTO entries VALUES (%s,%s,%s,%s,%s,%s,%s)", rows)
         conn.execute("UPDATE chain_state SET count = 6, head = %s WHERE id = 1", (head,))
     with open_ledger(pg_url) as led:
-        assert led.schema_version == 3 and led.verify().ok and led.legacy_checkpoints() == [] and led.notes() == [] and led.tree_head()[0] == 6
+        assert led.schema_version == 4 and led.verify().ok and led.legacy_checkpoints() == [] and led.notes() == [] and led.tree_head()[0] == 6
+        assert_identity_after_migration(led)
     with psycopg.connect(pg_url) as conn:
-        assert [v for v, in conn.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
+        assert [v for v, in conn.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3, 4]
 
 
 def test_a_newer_schema_is_refused(tmp_path):

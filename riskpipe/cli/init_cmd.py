@@ -91,6 +91,20 @@ def policy_version(policy: dict, today=None) -> str:
     return f"{(today or datetime.date.today()):%Y.%m.%d}+{digest}"
 
 
+def _stage_identity(name: str, out: Path) -> dict:
+    """A consumer group, topic names and a ledger path of this stage's own, so two stages
+    written by ``init`` never take each other's traffic: named after the model and a
+    digest of the config's directory (stable when init is re-run in the same place)."""
+    import hashlib
+
+    stage = f"{name}-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:8]}"
+    return {"group_id": f"riskpipe-{stage}",
+            "topics": {t: f"riskpipe.{stage}.{suffix}" for t, suffix in
+                       (("input", "inferences"), ("decisions", "decisions"), ("review", "review"), ("audit", "audit"),
+                        ("dlq", "dlq"))},
+            "ledger": "ledger.sqlite"}
+
+
 def _policy(base: dict, name: str, spec: str, proposal, sampler, dim: int, tabular: bool) -> dict:
     pol = {**base}
     pol["metadata"] = {**base["metadata"], "name": name[:63],
@@ -125,11 +139,11 @@ def _trial(config_path: Path, name: str, X, n: int, seed: int) -> str:
     idx = np.random.default_rng(seed).permutation(len(X))[:n]
     events = [make_event(f"init-trial-{i}", name, X[i], upstream_risk=0.0) for i in idx]
     t0 = time.perf_counter()
-    config = load_config(str(config_path), ledger=None)
+    config = load_config(str(config_path)).model_copy(update={"ledger": None})  # a trial leaves no ledger rows
     with tempfile.TemporaryDirectory() as tmp:
         res = run_offline(events, tmp, config)
-        audit = res.read("audit")
-        dead = res.read("dlq") if not audit else []
+        audit = res.read(config.topics.audit)
+        dead = res.read(config.topics.dlq) if not audit else []
     if not audit:
         first = dead[0]["headers"] if dead else {}
         raise TrialError(f"trial: 0 of {len(events)} reference inputs decided with {config_path}; "
@@ -253,11 +267,13 @@ def init(spec, reference, out_dir, name, trial, seed, force):
         entry["range"] = declared
     if feature_names is not None:
         entry["feature_names"] = feature_names
-    config = {"bootstrap_servers": "127.0.0.1:9092", "create_topics": True, "policy": "policy.yaml",
-              "models": {name: entry}}
+    config = {"bootstrap_servers": "127.0.0.1:9092", "create_topics": True, **_stage_identity(name, out),
+              "policy": "policy.yaml", "models": {name: entry}}
     config_path.write_text(HEADER.format(policy=policy_path)
                            + "# Events name the model `" + name + "`. Add `labels: [...]` (class names) under it.\n"
                            + "# create_topics suits the embedded broker (`riskpipe broker`); drop it for your Kafka.\n"
+                           + "# group_id, topics and ledger are this stage's own (the ledger file next to this config);\n"
+                           + "# point topics.input at your inference topic, ledger at a shared postgresql:// DSN.\n"
                            + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     click.echo(f"wrote {policy_path} (policy check passes) and {config_path}"
                + (f"; declared input range {declared}" if declared else ""))

@@ -146,3 +146,9 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, references
                 server.shutdown()
     click.echo(f"decided {stats.decided} events, {sum(stats.dlq.values())} to the DLQ, "
                f"{stats.duplicates} duplicates skipped; ledger {redact(config.ledger or '')}", err=True)
+    if stats.redelivered:
+        click.echo(f"{stats.redelivered} of the decided events were already in the ledger under this run's model and "
+                   "policy at the same source position: their recorded decisions were re-sent", err=True)
+    for label, n in sorted(stats.earlier.items()):
+        click.echo(f"{n} of the decided events were already decided under {label}; "
+                   "decided anew under this run's model and policy", err=True)

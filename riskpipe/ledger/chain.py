@@ -174,11 +174,29 @@ def row_to_entry(row: tuple) -> Entry:
 
 
 
-def prepare_entries(entries: Iterable[tuple[str, dict, str | None]]) -> list[tuple[str, str, str | None, str]]:
+def decision_scope(kind: str, record: Any) -> str:
+    """The part of a row's identity beyond (kind, entry id): for a ``decision``, the
+    ``policy sha256/model sha256/model name`` that decided it, so one event id holds one
+    decision per (model, policy) -- a decision is identified by (event id, model, policy
+    sha256). Empty for every other kind. Derived from the record (which the hash
+    covers), so it is an index column, not part of the chain; schema 3's migration
+    computes the same text in SQL (``migrations.scope_sql``)."""
+    if kind != "decision" or not isinstance(record, dict):
+        return ""
+
+    def text(obj: Any, key: str) -> str:
+        v = obj.get(key) if isinstance(obj, dict) else None
+        return v if isinstance(v, str) else ""
+
+    policy, model = record.get("policy"), record.get("model")
+    return f"{text(policy, 'sha256')}/{text(model, 'sha256')}/{text(model, 'name')}"
+
+
+def prepare_entries(entries: Iterable[tuple[str, dict, str | None]]) -> list[tuple[str, str, str | None, str, str]]:
     """Validate ``(kind, record, entry_id or None)`` items before anything is written.
 
-    Returns ``(kind, entry_id, ts, canonical_record)`` tuples; raises LedgerError naming
-    the item and field at the first bad one.
+    Returns ``(kind, entry_id, ts, canonical_record, scope)`` tuples; raises LedgerError
+    naming the item and field at the first bad one.
     """
     prepared = []
     for i, (kind, record, eid) in enumerate(entries):
@@ -191,5 +209,5 @@ def prepare_entries(entries: Iterable[tuple[str, dict, str | None]]) -> list[tup
             if not isinstance(ts, str):
                 raise LedgerError(f"record[{i}].ts: must be an RFC 3339 string, got {type(ts).__name__}")
             parse_ts(ts, f"record[{i}].ts")
-        prepared.append((kind, eid, ts, canonical_json(record)))
+        prepared.append((kind, eid, ts, canonical_json(record), decision_scope(kind, record)))
     return prepared

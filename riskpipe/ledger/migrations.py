@@ -51,6 +51,14 @@ def checkpoint_tables(id_column: str, int_type: str) -> list[str]:
     ]
 
 
+def scope_sql(text_at) -> str:
+    """Schema 3's ``scope`` of an existing row, in SQL, as ``chain.decision_scope`` computes
+    it: ``text_at("policy.sha256")`` is the backend's expression for a string field of
+    ``record`` ('' when it is absent or not a string)."""
+    parts = " || '/' || ".join(text_at(p) for p in ("policy.sha256", "model.sha256", "model.name"))
+    return f"CASE WHEN kind = 'decision' THEN {parts} ELSE '' END"
+
+
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
 
 

@@ -32,10 +32,16 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from riskpipe.ledger.chain import GENESIS, LedgerError, LedgerUnavailable
-from riskpipe.ledger.migrations import Step, chain_tables, checkpoint_tables, migrate
+from riskpipe.ledger.migrations import Step, chain_tables, checkpoint_tables, migrate, scope_sql
 from riskpipe.ledger import redact
 from riskpipe.ledger.store import Ledger
 from riskpipe.ledger.tree import build_existing, tree_tables
+
+
+def _text_at(path: str) -> str:
+    p = "{" + path.replace(".", ",") + "}"
+    return f"CASE WHEN jsonb_typeof(record::jsonb #> '{p}') = 'string' THEN record::jsonb #>> '{p}' ELSE '' END"
+
 
 APPEND_LOCK = 0x7269736B  # "risk": the advisory lock key every appender takes
 _REFUSE = """CREATE OR REPLACE FUNCTION riskpipe_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -60,6 +66,14 @@ STEPS: list[Step] = [
             f"CREATE TRIGGER {t}_no_change BEFORE UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION riskpipe_append_only()",
             f"CREATE TRIGGER {t}_no_truncate BEFORE TRUNCATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION riskpipe_append_only()")),
         build_existing,
+    ]),
+    (4, [  # decision identity: unique (kind, entry_id, scope); existing rows get their scope once
+        "ALTER TABLE entries ADD COLUMN scope TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE entries DISABLE TRIGGER entries_no_change",
+        f"UPDATE entries SET scope = {scope_sql(_text_at)} WHERE kind = 'decision'",
+        "ALTER TABLE entries ENABLE TRIGGER entries_no_change",
+        "ALTER TABLE entries DROP CONSTRAINT entries_kind_entry_id_key",
+        "ALTER TABLE entries ADD CONSTRAINT entries_identity_key UNIQUE (kind, entry_id, scope)",
     ]),
 ]
 

@@ -13,9 +13,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from riskpipe.ledger.chain import GENESIS, LedgerError
-from riskpipe.ledger.migrations import Step, chain_tables, checkpoint_tables, migrate
+from riskpipe.ledger.migrations import Step, chain_tables, checkpoint_tables, migrate, scope_sql
 from riskpipe.ledger.store import Ledger
 from riskpipe.ledger.tree import build_existing, tree_tables
+
+
+def _text_at(path: str) -> str:
+    return f"CASE WHEN json_type(record, '$.{path}') = 'text' THEN json_extract(record, '$.{path}') ELSE '' END"
+
 
 STEPS: list[Step] = [
     (1, [  # riskpipe 0.1
@@ -41,6 +46,28 @@ STEPS: list[Step] = [
             BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END"""
           for t in ("tree_nodes", "signed_notes") for op in ("update", "delete")),
         build_existing,
+    ]),
+    (4, [  # decision identity: unique (kind, entry_id, scope); SQLite changes a constraint by rebuilding
+        """CREATE TABLE entries_v4 (
+            seq       INTEGER PRIMARY KEY,
+            kind      TEXT NOT NULL,
+            entry_id  TEXT NOT NULL,
+            ts        TEXT,
+            record    TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash      TEXT NOT NULL,
+            scope     TEXT NOT NULL DEFAULT '',
+            UNIQUE (kind, entry_id, scope))""",
+        "INSERT INTO entries_v4 (seq, kind, entry_id, ts, record, prev_hash, hash, scope) "
+        f"SELECT seq, kind, entry_id, ts, record, prev_hash, hash, {scope_sql(_text_at)} FROM entries ORDER BY seq",
+        "DROP TABLE entries",  # its indexes and triggers go with it; recreated below
+        "ALTER TABLE entries_v4 RENAME TO entries",
+        "CREATE INDEX entries_kind_ts ON entries (kind, ts)",
+        "CREATE INDEX entries_entry_id ON entries (entry_id)",
+        """CREATE TRIGGER entries_no_update BEFORE UPDATE ON entries
+            BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
+        """CREATE TRIGGER entries_no_delete BEFORE DELETE ON entries
+            BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
     ]),
 ]
 

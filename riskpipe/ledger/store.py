@@ -2,7 +2,9 @@
 
 :class:`Ledger` holds everything that is the same on SQLite and PostgreSQL: validating
 and chaining appends, the RFC 9162 Merkle tree over the rows (:mod:`riskpipe.ledger.tree`)
-and its proofs, de-duplication by (kind, entry id), reading, verifying, and the
+and its proofs, de-duplication by (kind, entry id, scope) -- the scope is empty but for
+decisions, which are identified by (event id, model, policy sha256), see
+:func:`~riskpipe.ledger.chain.decision_scope` --, reading, verifying, and the
 tables of signed checkpoints. A backend supplies a connection wrapper with
 ``execute(sql, params)`` (SQL written with ``?`` placeholders), a write transaction that
 serialises appends across processes, a read transaction that sees one snapshot, and
@@ -82,7 +84,7 @@ class Ledger:
 
     # -- writing --------------------------------------------------------------------------
     def append(self, record: dict, kind: str = "decision", entry_id: str | None = None) -> bool:
-        """Append one record; False (and nothing written) if (kind, entry_id) is already there."""
+        """Append one record; False (and nothing written) if (kind, entry_id, scope) is already there."""
         return self.append_entries([(kind, record, entry_id)]) == 1
 
     def append_many(self, records: Iterable[dict], kind: str = "decision") -> int:
@@ -93,8 +95,8 @@ class Ledger:
         """Append ``(kind, record, entry_id or None)`` items in one transaction.
 
         Every item is validated before anything is written; items already in the
-        ledger (same kind and entry id, whichever process or replica wrote them), or
-        repeated in the batch, are skipped. Returns how many rows were written.
+        ledger (same kind, entry id and scope, whichever process or replica wrote them),
+        or repeated in the batch, are skipped. Returns how many rows were written.
         """
         from riskpipe.ledger.chain import entry_hash
 
@@ -105,33 +107,33 @@ class Ledger:
             count = db.execute("SELECT count FROM chain_state WHERE id = 1").fetchone()[0]
             last = db.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
             seq, prev = last if last else (0, GENESIS)
-            seen = self._existing(db, {(k, e) for k, e, _, _ in prepared})
+            seen = self._existing(db, {(k, e, sc) for k, e, _, _, sc in prepared})
             rows, leaves = [], []
-            for kind, eid, ts, text in prepared:
-                if (kind, eid) in seen:
+            for kind, eid, ts, text, scope in prepared:
+                if (kind, eid, scope) in seen:
                     continue
-                seen.add((kind, eid))
+                seen.add((kind, eid, scope))
                 seq += 1
                 h = entry_hash(prev, kind, eid, text)
-                rows.append((seq, kind, eid, ts, text, prev, h))
+                rows.append((seq, kind, eid, ts, text, prev, h, scope))
                 leaves.append(merkle.leaf_hash(tree.leaf_bytes(kind, eid, text)))
                 prev = h
             if rows:
-                db.executemany(f"INSERT INTO entries ({_COLUMNS}) VALUES (?,?,?,?,?,?,?)", rows)
+                db.executemany(f"INSERT INTO entries ({_COLUMNS}, scope) VALUES (?,?,?,?,?,?,?,?)", rows)
                 db.execute("UPDATE chain_state SET count = ?, head = ? WHERE id = 1", (count + len(rows), prev))
                 tree.append_leaves(db, leaves, seq - len(rows))
         return len(rows)
 
     @staticmethod
-    def _existing(db, keys: set[tuple[str, str]]) -> set[tuple[str, str]]:
-        ids = sorted({e for _, e in keys})
-        found: set[tuple[str, str]] = set()
+    def _existing(db, keys: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
+        ids = sorted({e for _, e, _ in keys})
+        found: set[tuple[str, str, str]] = set()
         for i in range(0, len(ids), _ID_CHUNK):
             chunk = ids[i:i + _ID_CHUNK]
             marks = ",".join("?" * len(chunk))
-            for kind, eid in db.execute(f"SELECT kind, entry_id FROM entries WHERE entry_id IN ({marks})", tuple(chunk)):
-                if (kind, eid) in keys:
-                    found.add((kind, eid))
+            for key in db.execute(f"SELECT kind, entry_id, scope FROM entries WHERE entry_id IN ({marks})", tuple(chunk)):
+                if tuple(key) in keys:
+                    found.add(tuple(key))
         return found
 
     # -- reading --------------------------------------------------------------------------
@@ -142,13 +144,15 @@ class Ledger:
             db.execute("SELECT count FROM chain_state WHERE id = 1").fetchone()
 
     def get(self, entry_id: str, kind: str = "decision") -> dict | None:
-        with self._conn() as db:
-            row = db.execute("SELECT record FROM entries WHERE kind = ? AND entry_id = ?", (kind, entry_id)).fetchone()
-        return json.loads(row[0]) if row else None
+        """The record of (kind, entry_id); of several decisions of one event id (other
+        models or policies), the latest."""
+        entry = self.entry(entry_id, kind)
+        return entry.record if entry else None
 
     def entry(self, entry_id: str, kind: str = "decision") -> Entry | None:
         with self._conn() as db:
-            row = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE kind = ? AND entry_id = ?", (kind, entry_id)).fetchone()
+            row = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE kind = ? AND entry_id = ? ORDER BY seq DESC LIMIT 1",
+                             (kind, entry_id)).fetchone()
         return row_to_entry(row) if row else None
 
     def entries_with_prefix(self, prefix: str, kind: str, limit: int = 1000) -> list[Entry]:
@@ -157,6 +161,14 @@ class Ledger:
             rows = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE kind = ? AND entry_id >= ? AND entry_id < ? "
                               "ORDER BY seq LIMIT ?", (kind, prefix, prefix + "\U0010ffff", limit)).fetchall()
         return [row_to_entry(r) for r in rows]
+
+    def get_all(self, entry_id: str, kind: str = "decision") -> list[dict]:
+        """Every record of (kind, entry_id) in chain order: one per scope (for decisions,
+        one per model and policy that decided the event)."""
+        with self._conn() as db:
+            rows = db.execute("SELECT record FROM entries WHERE kind = ? AND entry_id = ? ORDER BY seq",
+                              (kind, entry_id)).fetchall()
+        return [json.loads(r[0]) for r in rows]
 
     def records(self, kind: str | None = None, since: Any = None, until: Any = None) -> Iterator[Entry]:
         """Entries in chain order; ``since`` inclusive, ``until`` exclusive, compared on ``ts``.

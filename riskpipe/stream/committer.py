@@ -63,6 +63,7 @@ see ``stream/outputs.py``); periodic checkpoints belong in ``after_commit``.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -91,6 +92,7 @@ class Outcome:
     dead: list[Dead] = field(default_factory=list)
     duplicates: list[Message] = field(default_factory=list)
     redelivered: list[Decided] = field(default_factory=list)  # outputs re-sent from the ledger
+    earlier: Counter = field(default_factory=Counter)  # decided before under another model/policy (triage)
     seconds: float = 0.0
     certify_seconds: float = 0.0
 

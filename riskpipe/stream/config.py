@@ -356,6 +356,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     data = dict(data)
     if "policy" in data:
         data["policy"] = rel(data["policy"])
+    if isinstance(data.get("ledger"), str) and "://" not in data["ledger"]:  # a file, not a DSN
+        data["ledger"] = rel(data["ledger"])
     models = data.get("models")
     if isinstance(models, dict):
         out = {}

@@ -9,7 +9,7 @@ when their ledger rows were already written by the failed attempt).
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 
@@ -21,6 +21,9 @@ class Stats:
     # of ``decided``: already in the ledger from a batch whose commit never happened
     # (crash or broker error after the ledger write); counted now, outputs sent again
     redelivered: int = 0
+    # of ``decided``: events the ledger already held a decision of under another model
+    # or policy, by "policy NAME vV (sha256 ...), model ..." (decided anew under this one)
+    earlier: Counter = field(default_factory=Counter)
     dlq: dict = field(default_factory=lambda: defaultdict(int))
     decisions: dict = field(default_factory=lambda: defaultdict(int))
     abstained: int = 0
@@ -97,6 +100,7 @@ class Observer:
         s.busy_s += outcome.seconds
         s.duplicates += len(outcome.duplicates)
         s.redelivered += len(outcome.redelivered)
+        s.earlier.update(outcome.earlier)
         if self.on_batch:
             self.on_batch(len(outcome.messages), outcome.seconds, outcome.certify_seconds)
         m = self.metrics

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from riskpipe.certify.norms import convert_radius
+from riskpipe.ledger.chain import canonical_json, decision_scope
 from riskpipe.models import Model
 from riskpipe.policy.evaluate import evaluate_batch
 from riskpipe.policy.signals import json_safe
@@ -30,6 +31,20 @@ def seed_for(event_id: str, policy_sha: str) -> int:
 
 def input_digest(x: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(x, dtype=np.float32).tobytes()).hexdigest()
+
+
+def event_digest(input_sha256: str, model: str, prediction, upstream_risk, context) -> str:
+    """sha256 of everything in an event that decides its outcome: the tensor (by its
+    digest), the model, the prediction, the upstream risk and the context. The same id
+    re-used with any of them changed is an ``id_conflict`` (stream/triage.py)."""
+    fields = [input_sha256, model, prediction, json_safe(upstream_risk), context]
+    return hashlib.sha256(canonical_json(fields).encode("utf-8")).hexdigest()
+
+
+def record_digest(record: dict) -> str:
+    """``event_digest`` of the event a stored decision record was made for."""
+    return event_digest((record.get("input") or {}).get("sha256"), (record.get("model") or {}).get("name"),
+                        record.get("prediction"), record.get("upstream_risk"), record.get("event_context"))
 
 
 @dataclass
@@ -101,6 +116,14 @@ class Pipeline:
         for e in self.entries.values():
             out.setdefault(e.policy.sha256, e.policy)
         return list(out.values())
+
+    @property
+    def scopes(self) -> dict[str, str]:
+        """Each model's decision scope (ledger.chain.decision_scope): with the event id,
+        the identity of the decisions this pipeline makes."""
+        return {n: decision_scope("decision", {"policy": {"sha256": e.policy.sha256},
+                                               "model": {"name": n, "sha256": e.model.sha256}})
+                for n, e in self.entries.items()}
 
     def admit(self, ev: Event) -> None:
         """EventError ``off_grid`` for an input its model's certifier cannot take (off the sound

@@ -271,8 +271,9 @@ class Stage:
         triage against the ledger, decide, serialise. Never raises for data."""
         parsed, dead = parse_batch(msgs, self._parse)
         known, failed = self._lookup(parsed)
-        tri = classify([a for a in parsed if id(a) not in failed], known)
-        outcome = Outcome(msgs, dead=dead + list(failed.values()) + tri.dead, duplicates=tri.duplicates)
+        tri = classify([a for a in parsed if id(a) not in failed], known, self.pipeline.scopes)
+        outcome = Outcome(msgs, dead=dead + list(failed.values()) + tri.dead, duplicates=tri.duplicates,
+                          earlier=tri.earlier)
         def outputs(rec):
             return check_sizes(decision_outputs(rec, self.config.topics, self.pipeline.public),
                                getattr(self.sink, "max_message_bytes", None))
@@ -295,23 +296,24 @@ class Stage:
         self.pipeline.admit(ev)
         return ev
 
-    def _lookup(self, parsed: list[Accepted]) -> tuple[dict[str, dict], dict[int, Dead]]:
-        """Stored ledger records of the batch's ids; an id the lookup fails on for a data
-        reason is that event's failure. An unavailable ledger raises (the batch waits)."""
-        known: dict[str, dict] = {}
+    def _lookup(self, parsed: list[Accepted]) -> tuple[dict[str, list[dict]], dict[int, Dead]]:
+        """Stored decisions of the batch's ids (under any model and policy); an id the
+        lookup fails on for a data reason is that event's failure. An unavailable ledger
+        raises (the batch waits)."""
+        known: dict[str, list[dict]] = {}
         failed: dict[int, Dead] = {}
         if self.ledger is None:
             return known, failed
         for a in parsed:
             try:
-                rec = self.ledger.get(a.event.id)
+                recs = self.ledger.get_all(a.event.id)
             except Exception as e:  # noqa: BLE001
                 if infrastructure_component(e):
                     raise
                 failed[id(a)] = Dead.from_exception(a.message, e, "ledger lookup")
                 continue
-            if rec is not None:
-                known[a.event.id] = rec
+            if recs:
+                known[a.event.id] = recs
         return known, failed
 
     def _decide(self, accepted: list[Accepted], dead: list[Dead]) -> list[tuple[Accepted, dict]]:

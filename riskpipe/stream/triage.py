@@ -10,12 +10,14 @@ of the batch goes on.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from riskpipe.ledger.chain import decision_scope
 from riskpipe.stream.events import Event, EventError
 from riskpipe.stream.io import Message
-from riskpipe.stream.pipeline import input_digest
+from riskpipe.stream.pipeline import event_digest, input_digest, record_digest
 
 INTERNAL_ERROR = "internal_error"
 ID_CONFLICT = "id_conflict"
@@ -50,6 +52,11 @@ class Accepted:
     event: Event
     digest: str  # sha256 of the input tensor, as the record's ``input.sha256``
 
+    @property
+    def conflict_digest(self) -> str:
+        ev = self.event
+        return event_digest(self.digest, ev.model, ev.prediction, ev.upstream_risk, ev.context)
+
 
 @dataclass
 class Triaged:
@@ -58,6 +65,9 @@ class Triaged:
     duplicates: list[Message] = field(default_factory=list)
     # redeliveries of a message whose record is in the ledger: (message, stored record)
     redelivered: list[tuple[Message, dict]] = field(default_factory=list)
+    # accepted events the ledger holds decisions of under another model or policy:
+    # how many, by ``decided_under`` label (they are decided anew under this stage's)
+    earlier: Counter = field(default_factory=Counter)
 
 
 def parse_batch(msgs: list[Message], parse: Callable[[Message], Event]) -> tuple[list[Accepted], list[Dead]]:
@@ -80,31 +90,51 @@ def same_position(record: dict, m: Message) -> bool:
     return (src.get("topic"), src.get("partition"), src.get("offset")) == (m.topic, m.partition, m.offset)
 
 
-def classify(parsed: list[Accepted], known: Mapping[str, dict]) -> Triaged:
-    """Split parsed events by their id against the batch so far and the ledger (``known``).
+def decided_under(record: dict) -> str:
+    """The model and policy a stored decision was made under, as the run summary names them."""
+    p, m = record.get("policy") or {}, record.get("model") or {}
+    return (f"policy {p.get('name')} v{p.get('version')} (sha256 {str(p.get('sha256'))[:12]}), "
+            f"model {m.get('name')} (sha256 {str(m.get('sha256'))[:12]})")
 
-    * id new: accepted;
-    * id seen before (earlier in the batch or in the ledger) with a different input
-      digest: dead letter ``id_conflict`` (the id is an idempotency key, not a name);
-    * id in the ledger as the record of this very message (same topic, partition,
-      offset): a redelivery after a crash between the ledger write and the offset
-      commit; its stored outputs are sent again (see ``committer``);
+
+def classify(parsed: list[Accepted], known: Mapping[str, list[dict]], scopes: Mapping[str, str]) -> Triaged:
+    """Split parsed events against the batch so far and the ledger (``known``: every stored
+    decision of each id, under any model and policy).
+
+    A decision is identified by (event id, model, policy sha256): ``scopes`` gives each
+    model's scope (``ledger.chain.decision_scope``) under this stage's policy, and only
+    stored decisions of the same scope count as this event's. Against those:
+
+    * none: accepted (decided anew; decisions of the id under another model or policy
+      are only counted, in ``earlier``);
+    * one with a different conflict digest (tensor, model, prediction, upstream risk,
+      context: everything that decides the outcome; ``pipeline.event_digest``): dead
+      letter ``id_conflict`` -- the id is an idempotency key, not a name;
+    * the record of this very message (same topic, partition, offset): a redelivery
+      after a crash between the ledger write and the offset commit; its stored outputs
+      are sent again (see ``committer``);
     * otherwise an identical re-delivery: skipped.
     """
     out = Triaged()
-    first: dict[str, str] = {}
+    first: dict[tuple[str, str], str] = {}
     for a in parsed:
         eid = a.event.id
-        stored = known.get(eid)
-        seen = first.get(eid) or ((stored.get("input") or {}).get("sha256") if stored else None)
+        key = (eid, scopes[a.event.model])
+        stored_all = known.get(eid) or []
+        stored = next((r for r in reversed(stored_all) if decision_scope("decision", r) == key[1]), None)
+        digest = a.conflict_digest
+        seen = first.get(key) or (record_digest(stored) if stored is not None else None)
         if seen is None:
-            first[eid] = a.digest
+            first[key] = digest
             out.accepted.append(a)
-        elif seen != a.digest:
+            for label in {decided_under(r) for r in stored_all}:
+                out.earlier[label] += 1
+        elif seen != digest:
             out.dead.append(Dead(a.message, ID_CONFLICT,
-                                 f"id: {eid!r} was already used for a different input (sha256 {seen[:12]}...)"))
-        elif eid not in first and stored is not None and same_position(stored, a.message):
-            first[eid] = a.digest
+                                 f"id: {eid!r} was already decided under this model and policy for a different event "
+                                 f"(tensor, prediction, upstream risk or context differ; digest {seen[:12]}...)"))
+        elif key not in first and stored is not None and same_position(stored, a.message):
+            first[key] = digest
             out.redelivered.append((a.message, stored))
         else:
             out.duplicates.append(a.message)
