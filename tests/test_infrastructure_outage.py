@@ -69,9 +69,9 @@ class OutageLedger(PostgresLedger):
             self.outages.append(where)
             threading.Timer(self.down_s, self.server.resume).start()
 
-    def get(self, entry_id, kind="decision"):
+    def get_all(self, entry_id, kind="decision"):  # the stage's id look-up
         self._maybe_fail("get")
-        return super().get(entry_id, kind)
+        return super().get_all(entry_id, kind)
 
     def append_entries(self, entries):
         entries = list(entries)
