@@ -114,6 +114,13 @@ def test_checkpoints_are_c2sp_notes_over_size_and_root(target, keys):
     pub.verify(blob[4:], (body + "\n").encode())
     rc, out = verify_with_key(target, keys)
     assert rc == 0 and out["ok"] and out["count"] == 20
+    # it says which checkpoint the chain was matched against: the latest one
+    assert out["checkpoint"] == {"kind": "c2sp", "origin": origin, "tree_size": 20, "root": cp2.root.hex(),
+                                 "key": origin, "verified": 2}
+    r = subprocess.run([*CLI, "verify", target, "--public-key", str(keys / "pub.pem")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and (f"signed checkpoint matched: origin {origin}, tree size 20, root {cp2.root.hex()}, "
+                                  f"key {origin} (latest of 2 verified checkpoint(s))") in r.stdout
 
 
 def test_signed_note_matches_the_go_reference_vector():

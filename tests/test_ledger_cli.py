@@ -176,3 +176,35 @@ def test_ingest_two_workers_share_one_ledger(tmp_path):
     assert reasons == ["invalid_json", "invalid_json"]
     assert all("payload" not in d and "secret" not in json.dumps(d) for d in dlq)
     assert any(d["source"] == {"topic": "inferences", "partition": 0, "offset": 77} for d in dlq)
+
+
+def test_an_empty_or_foreign_ledger_is_never_ok(tmp_path):
+    """A ledger with no rows verifies nothing (exit 1, EMPTY); a file without ledger tables (a
+    WAL-mode ledger copied without its -wal file, an empty file, another database) is an error
+    and is left as it was."""
+    import shutil
+
+    led = Ledger(tmp_path / "live.db")
+    led.append_many([decision_record(i) for i in range(5)])
+    shutil.copy(tmp_path / "live.db", tmp_path / "copied.db")  # the rows are still in live.db-wal
+    led.close()
+    with sqlite3.connect(tmp_path / "copied.db") as db:
+        assert not db.execute("SELECT name FROM sqlite_master").fetchall()  # what the copy holds
+    (tmp_path / "empty.db").write_bytes(b"")
+    with sqlite3.connect(tmp_path / "other.db") as db:
+        db.execute("CREATE TABLE t (x)")
+    for name in ("copied.db", "empty.db", "other.db"):
+        before = (tmp_path / name).read_bytes()
+        r = CliRunner().invoke(cli, ["ledger", "verify", str(tmp_path / name)])
+        assert r.exit_code == 2 and "holds no ledger tables" in r.output and "ok:" not in r.output, r.output
+        assert (tmp_path / name).read_bytes() == before  # not turned into an empty ledger
+    Ledger(tmp_path / "fresh.db").close()
+    r = run_any("ledger", "verify", str(tmp_path / "fresh.db"))
+    assert r.exit_code == 1 and r.output.startswith("EMPTY: empty: ") and "ok:" not in r.output
+    r = run_any("ledger", "verify", str(tmp_path / "fresh.db"), "--json")
+    out = json.loads(r.output)
+    assert r.exit_code == 1 and out["ok"] is False and out["count"] == 0 and out["reason"].startswith("empty: ")
+
+
+def run_any(*args):
+    return CliRunner().invoke(cli, list(args))

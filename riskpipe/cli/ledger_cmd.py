@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -69,11 +70,24 @@ def verify(path, expect_head, expect_count, public_keys, checkpoint_file, as_jso
                                                                             expect_count=expect_count)
         except LedgerError as e:
             fail(str(e))
+    empty = res.ok and res.count == 0
+    if empty:  # nothing was verified: never "ok"
+        res = dataclasses.replace(res, ok=False, reason=f"empty: {path} holds no rows, so nothing was verified (a "
+                                                        "copy of a WAL-mode SQLite ledger made without its -wal file "
+                                                        "looks like this)")
     if as_json:
         click.echo(json.dumps(res.to_dict(), sort_keys=True))
     elif res.ok:
         click.echo(f"ok: {res.count} rows, head {res.head}, Merkle root {res.root}"
                    + (f" ({res.reason})" if res.reason else ""))
+        if res.checkpoint:
+            cp = res.checkpoint
+            what = (f"origin {cp['origin']}, tree size {cp['tree_size']}, root {cp['root']}" if cp["kind"] == "c2sp"
+                    else f"row {cp['tree_size']}, head {cp['head']}, {cp['ts']}")
+            click.echo(f"  signed checkpoint matched: {what}, key {cp['key']} "
+                       f"(latest of {cp['verified']} verified checkpoint(s))")
+    elif empty:
+        click.echo(f"EMPTY: {res.reason}")
     else:
         click.echo(f"TAMPERED: first bad row {res.first_bad_seq}: {res.reason}")
         click.echo(f"  {res.count} rows check out before it; last good head {res.head}")

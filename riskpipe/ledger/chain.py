@@ -66,6 +66,7 @@ class VerifyResult:
     first_bad_seq: int | None = None
     reason: str | None = None
     root: str | None = None  # the Merkle root of the ``count`` rows (hex), when they all check out
+    checkpoint: dict | None = None  # the latest signed checkpoint the chain was checked against (verify_ledger)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -32,6 +32,7 @@ same keys: signed bytes are the canonical JSON of ``{"count": N, "head": "<64 he
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -169,6 +170,20 @@ def check_signatures(checkpoints: Iterable[LegacyCheckpoint], public_keys) -> tu
     return good, None
 
 
+def _matched(legacy: list[LegacyCheckpoint], signed: list[Checkpoint], public_keys) -> dict:
+    """The latest verified checkpoint (the largest tree size; a C2SP one before a legacy one
+    of the same size), as ``ledger verify`` reports it."""
+    verified = len(legacy) + len(signed)
+    if signed:
+        cp = max(signed, key=lambda c: c.tree_size)
+        if not legacy or cp.tree_size >= max(c.count for c in legacy):
+            return {"kind": "c2sp", "origin": cp.origin, "tree_size": cp.tree_size, "root": cp.root.hex(),
+                    "key": notes.verify(cp.note, public_keys)[1], "verified": verified}
+    cp = max(legacy, key=lambda c: (c.count, c.ts))
+    return {"kind": "legacy", "tree_size": cp.count, "head": cp.head, "ts": cp.ts, "key": cp.key_id,
+            "verified": verified}
+
+
 def verify_ledger(ledger, public_keys, external: Iterable = ()) -> VerifyResult:
     """Check every checkpoint's signature (those stored in the ledger and ``external``
     copies, e.g. from the ``checkpoints`` topic: note texts or legacy checkpoints), then
@@ -196,6 +211,8 @@ def verify_ledger(ledger, public_keys, external: Iterable = ()) -> VerifyResult:
     if res.ok and not good and not signed:
         return VerifyResult(True, res.count, res.head, None, "no signed checkpoint yet: the chain and tree alone were verified",
                             res.root)
+    if res.ok:  # say which checkpoint the chain and tree were matched against, not just "ok"
+        res = dataclasses.replace(res, checkpoint=_matched(good, signed, public_keys))
     return res
 
 

@@ -112,6 +112,10 @@ class SqliteLedger(Ledger):
             raw = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None, check_same_thread=False)
             self._db = _Conn(raw)
             raw.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            if not create and not _has_table(raw, "entries"):  # never turn a stray file into an empty ledger
+                self.close()
+                raise LedgerError(f"ledger {self.path}: holds no ledger tables (an empty file, another SQLite "
+                                  f"database, or a copy of a WAL-mode ledger made without its -wal file)")
             mode = raw.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise LedgerError(f"{self.path}: could not switch to WAL mode (got {mode})")
