@@ -229,6 +229,38 @@ def predict_labels(module: nn.Module, X: np.ndarray, batch_size: int = 1024) -> 
     return np.concatenate(preds) if preds else np.empty(0, dtype=np.int64)
 
 
+# ---------------------------------------------------------------------- one entry point
+
+
+def attack_name(model, steps: int, queries: int) -> str:
+    """What ``attack_model`` runs on ``model``, with its strength, in plain words."""
+    from riskpipe import blackbox, tree_attack
+
+    if model.module is not None:
+        return f"PGD ({steps} steps, gradients)"
+    if getattr(model, "trees", None) is not None:
+        return f"{tree_attack.NAME}, {tree_attack.MAX_CELLS} cells per feature and round"
+    return f"{blackbox.NAME}, {queries} queries"
+
+
+def attack_model(model, X: np.ndarray, y: np.ndarray, epsilon, norm: str, *, steps: int, seed: int,
+                 queries: int, noise_sigma: float = 0.0, noise_samples: int = 8, loss: str = "margin") -> np.ndarray:
+    """The strongest attack riskpipe has for ``model`` (a riskpipe Model), one candidate
+    per row: PGD with gradients for torch models (on the smoothed classifier when
+    ``noise_sigma`` > 0), the tree search for tree ensembles, a decision-based
+    black-box attack (``queries`` model calls per input) for everything else."""
+    from riskpipe import blackbox
+    from riskpipe.tree_attack import tree_attack
+
+    if model.module is not None:
+        return pgd(model.module, X, y, epsilon, norm=norm, steps=steps, seed=seed, value_range=model.value_range,
+                   loss=loss, noise_sigma=noise_sigma, noise_samples=noise_samples)
+    if getattr(model, "trees", None) is not None:
+        return tree_attack(model.trees, model.predict, X, y, epsilon, norm, value_range=model.value_range, seed=seed)
+    return blackbox.random_search(model.predict, X, y, epsilon, norm, queries=queries, value_range=model.value_range,
+                                  seed=seed)
+
+
 # ---------------------------------------------------------------------- norm shift
 
 

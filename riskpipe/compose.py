@@ -106,14 +106,19 @@ def build_entry(name: str, mc: ModelConfig, policy, device: str = "cpu",
     """One model, checked against its config entry, with its policy, certifier and
     (only when the policy uses it) context index."""
     from riskpipe.models import ModelError, ShapeUnknown, load_model, load_model_for
+    from riskpipe.models.loader import UntrustedTypes
 
+    trusted = mc.trusted_types or ()
     try:
         try:
-            model = load_model(mc.spec, device=device)
+            model = load_model(mc.spec, device=device, trusted_types=trusted)
         except ShapeUnknown:  # a plain TorchScript file: its input shape from the reference set, as init takes it
             if not mc.reference:
                 raise
-            model = load_model_for(mc.spec, read_reference(mc.reference)[0].shape[1:], device=device)
+            model = load_model_for(mc.spec, read_reference(mc.reference)[0].shape[1:], device=device,
+                                   trusted_types=trusted)
+    except UntrustedTypes as e:
+        raise _err(name, "spec", str(UntrustedTypes(e.spec, e.types, f"models.{name}.trusted_types"))) from None
     except ModelError as e:
         raise _err(name, "spec", str(e)) from None
     if mc.labels is not None and len(mc.labels) != model.num_classes:

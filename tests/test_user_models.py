@@ -117,11 +117,11 @@ def _evaluate(tmp_path, example: str, model: str, *extra):
 def test_evaluate_a_torchscript_image_model_with_pgd(tmp_path, one_thread):
     result, md = _evaluate(tmp_path, "image", "shapes", "--steps", "5")
     (s,) = result["policies"]
-    assert result["input_dim"] == 3 * 32 * 32 and s["policy"]["attack"] == "PGD"
+    assert result["input_dim"] == 3 * 32 * 32 and s["policy"]["attack"] == "PGD (5 steps, gradients)"
     assert s["clean"]["n"] == 8 and s["clean"]["accuracy"] > 0.5
     pgd = next(a for a in s["attacks"] if a["kind"] == "pgd")
     assert pgd["epsilon"] == pytest.approx(8 * 0.25) and pgd["successful"] >= 1  # 8x epsilon breaks this CNN
-    assert "PGD 5 steps" in md and "--config examples/image/riskpipe.yaml" in md
+    assert "attack PGD (5 steps, gradients)" in md and "--config examples/image/riskpipe.yaml" in md
     html = (tmp_path / "evaluation.html").read_text()
     assert s["examples"] and html.count('class="input-image"') == 2 * len(s["examples"])
     assert any(f"model now says {n} (class {i})" in html for i, n in enumerate(["circle", "square", "triangle", "cross"]))
@@ -130,11 +130,11 @@ def test_evaluate_a_torchscript_image_model_with_pgd(tmp_path, one_thread):
 def test_evaluate_a_scaled_skops_model_with_the_black_box_attack(tmp_path):
     result, md = _evaluate(tmp_path, "tabular", "cancer", "--queries", "100")
     (s,) = result["policies"]
-    assert result["input_dim"] == 30 and s["policy"]["attack"] == "random search (black-box)"
+    assert result["input_dim"] == 30 and s["policy"]["attack"] == "random search (black-box), 100 queries"
     assert s["clean"]["accuracy"] > 0.8
     pgd = next(a for a in s["attacks"] if a["kind"] == "pgd")
     assert pgd["attempted"] >= 6 and pgd["successful"] >= 1  # 8x epsilon in the standardized norm
-    assert "random search (black-box) attack (100 queries per input; the model has no gradients for PGD)" in md
+    assert "attack random search (black-box), 100 queries" in md
     # the successful adversarial rows beside the clean ones, as tables named by the skops file's features
     html = (tmp_path / "evaluation.html").read_text()
     assert 1 <= len(s["examples"]) <= 3 and html.count('class="input-table"') == 2 * len(s["examples"])
@@ -192,6 +192,6 @@ def test_evaluate_a_skops_spec_with_a_reference_for_context(wine, tmp_path):
     r = CliRunner().invoke(cli, [*args, "--reference", str(wine.data)])
     assert r.exit_code == 0, r.output
     (s,) = json.loads((tmp_path / "evaluation.json").read_text())["policies"]
-    assert s["policy"]["attack"] == "random search (black-box)" and s["clean"]["accuracy"] > 0.8
+    assert s["policy"]["attack"].startswith("random search (black-box)") and s["clean"]["accuracy"] > 0.8
     pgd = next(a for a in s["attacks"] if a["kind"] == "pgd")
     assert pgd["epsilon"] == pytest.approx(100.0) and pgd["successful"] >= 1  # 100 raw units change the wine class

@@ -15,13 +15,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from riskpipe.certify.certificate import Certificate
-from riskpipe.certify.norms import conversion_factor, convert_radius
-
-_FAMILIES = {
-    "smoothing": ("riskpipe.certify.smoothing", "Smoothing"),
-    "ibp": ("riskpipe.certify.bounds", "IntervalBounds"),
-    "lipschitz": ("riskpipe.certify.lipschitz", "GlobalLipschitz"),
-}
+from riskpipe.certify.families import FAMILIES as _FAMILIES
 
 
 class Certifier(Protocol):
@@ -38,10 +32,10 @@ class Certifier(Protocol):
 
 
 def family(method: str) -> type:
-    """The certifier class of ``method`` (smoothing | ibp | lipschitz)."""
+    """The certifier class of ``method`` (one of ``riskpipe.certify.families.METHODS``)."""
     if method not in _FAMILIES:
         raise ValueError(f"method: {method!r} is not one of {', '.join(_FAMILIES)}")
-    module, name = _FAMILIES[method]
+    module, name, _ = _FAMILIES[method]
     return getattr(importlib.import_module(module), name)
 
 
@@ -79,6 +73,10 @@ def certifier_parameters(policy) -> dict[str, Any]:
 def __getattr__(name):
     if name == "Smoothing":
         return family("smoothing")
+    if name in ("conversion_factor", "convert_radius"):  # numpy: loaded on first use
+        from riskpipe.certify import norms
+
+        return getattr(norms, name)
     raise AttributeError(name)
 
 

@@ -14,8 +14,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from riskpipe.certify.families import METHODS
+
 NORMS = ("l1", "l2", "linf")
-METHODS = ("smoothing", "ibp", "lipschitz")
 MODES = ("certify", "predict", "decide", "bound")
 
 
@@ -99,6 +100,13 @@ class Certificate:
             what = (
                 f"{norm} radius from interval bound propagation: a deterministic bound, "
                 "exact arithmetic aside, for the model as deployed inside its value range; no sampler"
+            )
+        elif self.method == "trees":
+            what = (
+                f"{norm} radius from the leaves of every tree reachable from the l_inf box (inside the value range): "
+                "a deterministic bound for the tree ensemble as deployed, exact for a single tree and conservative "
+                "for an ensemble (each tree bounded on its own), up to a relative rounding allowance of 1e-6 per "
+                f"threshold and a search tolerance of {self.extra.get('rel_tol', 1e-9):g} relative; no sampler"
             )
         else:
             what = (

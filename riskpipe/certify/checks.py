@@ -11,9 +11,11 @@
   (classes, counts and flags exactly; radii to 1e-6 relative, see ``_same``);
 * ``abstain_radius_zero``: an abstaining certificate has radius 0 and no class;
 * ``json_roundtrip``: ``Certificate.from_json(c.to_json()) == c``;
-* ``no_attack_inside_radius``: the one PGD (``riskpipe.attacks.pgd``, margin loss; on
-  the smoothed classifier for a smoothing family) finds no class change of the
-  classifier the certificate speaks about inside any certified radius;
+* ``no_attack_inside_radius``: the strongest attack for the model
+  (``riskpipe.attacks.attack_model``: PGD with the margin loss for torch models, on the
+  smoothed classifier for a smoothing family; the tree search for tree ensembles; a
+  decision-based attack otherwise) finds no class change of the classifier the
+  certificate speaks about inside any certified radius;
 * ``alpha_level`` (families with an ``alpha``): on synthetic linear classifiers whose
   smoothed class probabilities are known exactly, certify mode over-states the radius
   and decide mode certifies a too-small radius in at most about alpha of the trials
@@ -118,7 +120,7 @@ def check_json_roundtrip(certs: list[Certificate], mode: str) -> None:
 
 def check_no_attack_inside_radius(factory, model, X, certs: list[Certificate], seed: int, steps: int) -> int:
     """Returns how many certified inputs were attacked."""
-    from riskpipe.attacks import pgd
+    from riskpipe.attacks import attack_model
 
     cert = factory(model)
     ok = [i for i, c in enumerate(certs) if not c.abstained and c.radius > 0]
@@ -129,14 +131,14 @@ def check_no_attack_inside_radius(factory, model, X, certs: list[Certificate], s
     y = np.array([certs[i].predicted_class for i in ok])
     radius = np.array([certs[i].radius for i in ok]) * (1 - 1e-6)
     noise = float(cert.noise_sigma or 0.0)  # aim at the classifier the certificates speak about
-    x_adv = pgd(model.module, x, y, radius, norm=norm, steps=steps, seed=seed, value_range=model.value_range,
-                loss="margin", noise_sigma=noise, noise_samples=16)
+    x_adv = attack_model(model, x, y, radius, norm, steps=steps, seed=seed, queries=50 * steps, loss="margin",
+                         noise_sigma=noise, noise_samples=16)
     x_adv = cert.admissible(x, x_adv)
     got = cert.classify(x_adv, [seed + 1000 + i for i in range(len(x_adv))])
     for j, i in enumerate(ok):
         if got[j] is not None and got[j] != y[j]:
             _fail("no_attack_inside_radius", f"input {i}: certified class {y[j]} at {norm} radius "
-                                             f"{certs[i].radius:.6g}, PGD found class {got[j]} inside it")
+                                             f"{certs[i].radius:.6g}, the attack found class {got[j]} inside it")
     return len(ok)
 
 

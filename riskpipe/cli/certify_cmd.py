@@ -7,18 +7,20 @@ import sys
 
 import click
 
+from riskpipe.certify.families import METHODS
+
 
 @click.command()
 @click.option("--model", "model_spec", default="demo:digits", show_default=True, help="Model spec (see docs).")
 @click.option("--input", "input_path", required=True, help="Inputs: .npy or JSON lines.")
-@click.option("--method", type=click.Choice(["smoothing", "ibp", "lipschitz"]), default="smoothing", show_default=True)
+@click.option("--method", type=click.Choice(list(METHODS)), default="smoothing", show_default=True)
 @click.option("--mode", type=click.Choice(["certify", "predict", "decide"]), default="certify", show_default=True)
 @click.option("--sigma", type=float, default=0.25, show_default=True, help="Smoothing noise level.")
 @click.option("--alpha", type=float, default=0.001, show_default=True, help="Failure probability.")
 @click.option("--n0", type=int, default=100, show_default=True, help="Selection samples (certify).")
 @click.option("--n", type=int, default=100_000, show_default=True, help="Estimation samples.")
 @click.option("--epsilon", type=float, default=0.25, show_default=True, help="Target radius (decide mode, Lipschitz abstain).")
-@click.option("--norm", default=None, help="Certificate norm (ibp: linf or l2; default: the method's native norm).")
+@click.option("--norm", default=None, help="Certificate norm (ibp, trees: linf or l2; default: the method's native norm).")
 @click.option("--bound", type=click.Choice(["cp", "bonferroni", "goodman"]), default="cp", show_default=True,
               help="cp: Cohen CERTIFY; bonferroni/goodman: seed eq. (4) with simultaneous bounds.")
 @click.option("--sampler", type=click.Choice(["gaussian", "sound"]), default="gaussian", show_default=True,

@@ -3,6 +3,7 @@
 Kept apart from the runner (which imports torch) so the command's options can show
 them without loading a model stack."""
 
-METHODS = ("smoothing", "ibp", "lipschitz")
+from riskpipe.certify.families import METHODS  # noqa: F401 - every family, one list (names only)
+
 DEFAULT_MODELS = ("demo:digits", "demo:digits-ibp", "demo:digits-lipschitz")
 DEFAULT_GRID = {"l2": (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5), "linf": (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)}

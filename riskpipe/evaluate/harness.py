@@ -268,7 +268,7 @@ def evaluate_policy(settings: Settings, policy_path: str, X: np.ndarray, y: np.n
                    "threat_epsilon": float(tm.epsilon), "certifier": cert.method,
                    "sigma": getattr(cert, "sigma", None), "alpha": getattr(cert, "alpha", None),
                    "mode": getattr(cert, "mode", None), "attack_noise_sigma": noise,
-                   "attack": attack_name(model)}
+                   "attack": attack_name(model, settings.steps, settings.queries)}
     run = PolicyRun(policy_info, sets, audit, public, dlq, time.perf_counter() - t0)
     run.summary = summarize(run, settings)
     return run

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from riskpipe import blackbox
-from riskpipe.attacks import pgd
+from riskpipe import attacks
 from riskpipe.stream.events import make_event
+
+QUERIES = 200  # model calls per input of the decision-based attack (models without gradients or trees)
 
 
 @dataclass(frozen=True)
@@ -63,22 +64,18 @@ def clean_set(model, X: np.ndarray, y: np.ndarray) -> SampleSet:
     return SampleSet("clean", "clean", X, y, model.predict(X))
 
 
-def attack_name(model) -> str:
-    """The attack ``attacked_set`` runs on ``model``: PGD needs gradients (a torch module)."""
-    return "PGD" if model.module is not None else blackbox.NAME
+def attack_name(model, steps: int, queries: int = QUERIES) -> str:
+    """The attack ``attacked_set`` runs on ``model``, with its strength."""
+    return attacks.attack_name(model, steps, queries)
 
 
 def attacked_set(model, clean: SampleSet, spec: AttackSpec, *, steps: int, seed: int, noise_sigma: float = 0.0,
-                 queries: int = 200) -> SampleSet:
+                 queries: int = QUERIES) -> SampleSet:
     """The attack at ``spec`` on every clean input (seeded per attack, so sets are
-    reproducible): PGD on torch models, the black-box random search on models without
-    gradients (scikit-learn, ONNX)."""
-    if model.module is not None:
-        X_adv = pgd(model.module, clean.X, clean.y, spec.epsilon, norm=spec.norm, steps=steps, seed=seed,
-                    value_range=model.value_range, noise_sigma=noise_sigma)
-    else:
-        X_adv = blackbox.random_search(model.predict, clean.X, clean.y, spec.epsilon, spec.norm, queries=queries,
-                                       value_range=model.value_range, seed=seed)
+    reproducible): the model's strongest attack (``riskpipe.attacks.attack_model``: PGD
+    with gradients, the tree search for tree ensembles, decision-based otherwise)."""
+    X_adv = attacks.attack_model(model, clean.X, clean.y, spec.epsilon, spec.norm, steps=steps, seed=seed,
+                                 queries=queries, noise_sigma=noise_sigma, loss="ce")
     return SampleSet(spec.name, spec.kind, X_adv, clean.y, model.predict(X_adv), attack=spec)
 
 

@@ -58,6 +58,8 @@ class Model:
     or arrays broadcastable to ``input_shape`` (per feature); None when nothing is
     declared (inputs are then only checked for finiteness). ``default_reference`` is
     a reference .npz the model ships with (the demo models' training split).
+    ``trees`` holds a tree ensemble's flat node arrays (extracted once at load time),
+    which the ``trees`` certificate and the tree attack read.
     """
 
     spec: str
@@ -71,6 +73,7 @@ class Model:
     _predict_fn: Any = field(default=None, repr=False)
     default_reference: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    trees: Any = field(default=None, repr=False)  # TreeEnsemble (riskpipe.models.trees) of a tree model
 
     @property
     def input_dim(self) -> int:

@@ -3,11 +3,21 @@
 Specs:
   ``demo:NAME``                     a demo model (``demo:digits``)
   ``PATH.pt`` / ``PATH.ts``          a TorchScript file
-  ``PATH.onnx``                      an ONNX file (onnxruntime; smoothing only)
+  ``PATH.onnx``                      an ONNX file (onnxruntime; smoothing only). The class
+                                     scores are the first (batch, classes) float output, or
+                                     a ZipMap (skl2onnx classifiers: label first, then
+                                     probabilities); a fixed batch dimension is run in
+                                     chunks of that size, the last one padded
   ``module:factory@WEIGHTS``         ``factory()`` builds the nn.Module, weights loaded
                                      with ``torch.load(weights_only=True)``
-  ``PATH.skops``                     a scikit-learn estimator saved with skops; only
-                                     types skops reports as trusted are loaded
+  ``PATH.skops``                     a scikit-learn estimator saved with skops; only types
+                                     skops trusts, the tree ensembles' ``TREE_TYPES`` and
+                                     the config's ``trusted_types`` are loaded
+  ``PATH.json`` / ``PATH.ubj``        an XGBoost booster (native JSON / UBJSON), and
+  ``PATH.txt``                       a LightGBM booster (text model): extra ``riskpipe[trees]``;
+                                     ``?format=xgboost|lightgbm`` for other file names
+Tree ensembles (skops, XGBoost, LightGBM) also get ``model.trees``, their flat node
+arrays (riskpipe.models.trees), which the ``trees`` certificate and attack use.
 Options after ``?`` set the input spec where the file cannot carry it, e.g.
 ``model.onnx?shape=1,8,8&classes=10&range=0,1``.
 
@@ -24,6 +34,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 import torch
 
+from riskpipe.models import trees as _trees
 from riskpipe.models.base import Model, ModelError, ShapeUnknown, sha256_file, sha256_state_dict
 from riskpipe.models.digits import INPUT_SHAPE, NUM_CLASSES
 
@@ -110,33 +121,107 @@ def _load_factory(spec: str, base: str, opts) -> Model:
     return _torch_model(spec, module, opts, sha, default_shape)
 
 
+def _score_output(sess, spec: str):
+    """(index, is_zipmap) of the output that carries class scores: the first rank-2 float
+    tensor, else a ZipMap's sequence of {class: probability} maps. skl2onnx classifiers
+    put the label first and the probabilities second (as a ZipMap unless disabled)."""
+    outputs = sess.get_outputs()
+    for i, o in enumerate(outputs):
+        if o.type in ("tensor(float)", "tensor(double)") and len(o.shape or ()) == 2:
+            return i, False
+    for i, o in enumerate(outputs):
+        if o.type.startswith("seq(map("):
+            return i, True
+    raise ModelError(f"model {spec}: no ONNX output holds class scores (outputs: "
+                     f"{', '.join(f'{o.name} {o.type}' for o in outputs)}); need a (batch, classes) float tensor")
+
+
 def _load_onnx(spec: str, path: Path, opts) -> Model:
     try:
         import onnxruntime as ort
     except ImportError:
         raise ModelError(f"model {spec}: onnxruntime is not installed (pip install 'riskpipe[onnx]')") from None
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
+        raise ModelError(f"model {spec}: not a loadable ONNX file ({type(e).__name__}: {str(e)[:200]})") from None
     inp = sess.get_inputs()[0]
     file_shape = tuple(d for d in inp.shape[1:]) if all(isinstance(d, int) for d in inp.shape[1:]) else None
     shape, classes, rng = _shape_opts(opts, spec, file_shape)
-    if classes is None:
-        out = sess.run(None, {inp.name: np.zeros((1,) + tuple(shape), np.float32)})[0]
-        classes = int(out.shape[1])
+    fixed = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
+    dtype = np.float64 if inp.type == "tensor(double)" else np.float32
+    out_index, zipmap = _score_output(sess, spec)
+    keys: list = []
+
+    def run(chunk: np.ndarray) -> np.ndarray:
+        out = sess.run(None, {inp.name: chunk})[out_index]
+        if zipmap:  # [{class: p}, ...] with the same keys in every row
+            if not keys:
+                keys.extend(sorted(out[0]))
+            return np.array([[row[k] for k in keys] for row in out], dtype=np.float64)
+        return np.asarray(out)
+
+    def scores(batch: np.ndarray) -> np.ndarray:
+        batch = np.asarray(batch, dtype=dtype).reshape((len(batch),) + tuple(shape))
+        if fixed is None:
+            return run(batch)
+        parts = []  # a fixed batch dimension: chunks of that size, the last one padded with its last row
+        for a in range(0, len(batch), fixed):
+            chunk = batch[a:a + fixed]
+            n = len(chunk)
+            if n < fixed:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - n, axis=0)])
+            parts.append(run(chunk)[:n])
+        return np.concatenate(parts)
+
+    try:
+        probe = scores(np.zeros((1,) + tuple(shape), dtype))
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"model {spec}: the model does not run on a (1, {', '.join(map(str, shape))}) input "
+                         f"({type(e).__name__}: {str(e)[:200]}); set ?shape=") from None
+    if probe.ndim != 2:
+        raise ModelError(f"model {spec}: scores must be (batch, classes), got shape {list(probe.shape)}")
+    classes = classes or int(probe.shape[1])
 
     def predict(batch: np.ndarray) -> np.ndarray:
-        return sess.run(None, {inp.name: batch.astype(np.float32, copy=False)})[0].argmax(axis=1)
+        return scores(batch).argmax(axis=1)
 
+    meta = {"format": "onnx", "onnx_output": sess.get_outputs()[out_index].name}
+    if fixed is not None:
+        meta["onnx_fixed_batch"] = fixed
     return Model(spec=spec, input_shape=tuple(shape), num_classes=classes, sha256=sha256_file(path),
-                 value_range=rng, _predict_fn=predict, meta={"format": "onnx"})
+                 value_range=rng, _predict_fn=predict, meta=meta)
 
 
-def _load_skops(spec: str, path: Path, opts) -> Model:
+class UntrustedTypes(ModelError):
+    """A skops file with types nobody trusted; the message names them and the key to set."""
+
+    def __init__(self, spec: str, types: list[str], key: str = "models.NAME.trusted_types"):
+        self.spec, self.types = spec, list(types)
+        super().__init__(f"model {spec}: skops file contains untrusted types {self.types}; refusing to load "
+                         f"(if you have reviewed them, list them under {key})")
+
+
+# Exactly the types scikit-learn's tree ensembles add to what skops trusts by default
+# (DecisionTree, RandomForest, ExtraTrees, GradientBoosting, HistGradientBoosting
+# classifiers, and Pipelines of them): their fitted tree structures.
+TREE_TYPES = (
+    "sklearn.tree._tree.Tree",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+)
+
+
+def _load_skops(spec: str, path: Path, opts, trusted_types=()) -> Model:
     import skops.io as sio
 
-    untrusted = sio.get_untrusted_types(file=str(path))
+    trusted = [*TREE_TYPES, *trusted_types]
+    try:
+        untrusted = [t for t in sio.get_untrusted_types(file=str(path)) if t not in trusted]
+    except Exception as e:  # noqa: BLE001 - skops raises several types for a file that is not its format
+        raise ModelError(f"model {spec}: not a skops file ({type(e).__name__})") from None
     if untrusted:
-        raise ModelError(f"model {spec}: skops file contains untrusted types {untrusted}; refusing to load")
-    est = sio.load(str(path), trusted=[])
+        raise UntrustedTypes(spec, untrusted)
+    est = sio.load(str(path), trusted=trusted)
     n_features = getattr(est, "n_features_in_", None)
     shape, classes, rng = _shape_opts(opts, spec, (n_features,) if n_features else None)
     classes = classes or len(getattr(est, "classes_", [])) or None
@@ -150,8 +235,85 @@ def _load_skops(spec: str, path: Path, opts) -> Model:
             pred = est.predict(batch.reshape(len(batch), -1))
         return np.searchsorted(classes_, pred)
 
-    return Model(spec=spec, input_shape=tuple(shape), num_classes=classes, sha256=sha256_file(path),
-                 value_range=rng, _predict_fn=predict, meta={"format": "skops", **_feature_names(est)})
+    model = Model(spec=spec, input_shape=tuple(shape), num_classes=classes, sha256=sha256_file(path),
+                  value_range=rng, _predict_fn=predict, meta={"format": "skops", **_feature_names(est)})
+    return _attach_trees(model, lambda: _trees.sklearn_ensemble(est))
+
+
+def _attach_trees(model: Model, extract) -> Model:
+    """``model.trees`` from ``extract()`` when the trees agree with the model's predict;
+    otherwise the reason goes to ``meta['trees_error']`` (the ``trees`` certificate names it)."""
+    try:
+        ens = extract()
+        _trees.check_agreement(ens, model._predict_fn, model.num_classes)
+        if ens.n_features != model.input_dim:
+            raise _trees.TreeError(f"trees use {ens.n_features} features, the input has {model.input_dim}")
+    except _trees.TreeError as e:
+        model.meta["trees_error"] = str(e)
+        return model
+    model.trees = ens
+    model.meta["trees"] = {"source": ens.source, "trees": ens.n_trees, "nodes": int(len(ens.feature))}
+    return model
+
+
+def _booster_format(path: Path, opts) -> str | None:
+    """``xgboost`` / ``lightgbm`` for a booster's native file, else None. ``?format=`` decides;
+    otherwise .ubj is XGBoost, a .json with a ``learner`` is XGBoost, and a text file that
+    starts with LightGBM's ``tree`` header is LightGBM."""
+    fmt = opts.get("format")
+    if fmt is not None:
+        if fmt not in ("xgboost", "lightgbm"):
+            raise ModelError(f"model {path}: format must be xgboost or lightgbm, got {fmt!r}")
+        return fmt
+    suffix = path.suffix.lower()
+    if suffix == ".ubj":
+        return "xgboost"
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if suffix == ".json" and b'"learner"' in head:
+        return "xgboost"
+    if suffix in (".txt", ".lgb", ".model") and head.startswith(b"tree\n"):
+        return "lightgbm"
+    return None
+
+
+def _load_booster(spec: str, path: Path, fmt: str, opts) -> Model:
+    """An XGBoost (JSON/UBJ) or LightGBM (text) booster from its native file; its trees
+    are read through the library's own model dump, and its margins classify."""
+    try:
+        if fmt == "xgboost":
+            import xgboost as lib
+        else:
+            import lightgbm as lib
+    except ImportError:
+        raise ModelError(f"model {spec}: {fmt} is not installed (pip install 'riskpipe[trees]')") from None
+    try:
+        if fmt == "xgboost":
+            booster = lib.Booster(model_file=str(path))
+            booster.set_param({"nthread": 1})
+            ens, classes = _trees.xgboost_ensemble(booster)
+            margin = _trees.xgboost_margin
+        else:
+            booster = lib.Booster(model_file=str(path))
+            ens, classes = _trees.lightgbm_ensemble(booster)
+            margin = _trees.lightgbm_margin
+    except _trees.TreeError as e:
+        raise ModelError(f"model {spec}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the libraries raise their own error types for a bad file
+        raise ModelError(f"model {spec}: not a {fmt} model file ({type(e).__name__}: {str(e)[:200]})") from None
+    shape, opt_classes, rng = _shape_opts(opts, spec, (ens.n_features,))
+    if opt_classes not in (None, classes):
+        raise ModelError(f"model {spec}: ?classes={opt_classes}, the booster has {classes}")
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return margin(booster, np.asarray(batch).reshape(len(batch), -1), classes).argmax(axis=1)
+
+    model = Model(spec=spec, input_shape=tuple(shape), num_classes=classes, sha256=sha256_file(path),
+                  value_range=rng, _predict_fn=predict, meta={"format": fmt})
+    model = _attach_trees(model, lambda: ens)
+    if model.trees is None:
+        raise ModelError(f"model {spec}: {model.meta['trees_error']}")
+    return model
 
 
 def _feature_names(est) -> dict:
@@ -182,22 +344,23 @@ def resolve_spec(spec: str, base: Path) -> str:
     return head + q + opts
 
 
-def load_model_for(spec: str, sample_shape, device: str = "cpu") -> Model:
+def load_model_for(spec: str, sample_shape, device: str = "cpu", trusted_types=()) -> Model:
     """``load_model``, with the input shape taken from the inputs at hand (``sample_shape``:
     one input's shape) when the file records none (a plain TorchScript file): the model's
     spec then carries ``?shape=...``. Every command that has inputs loads models this way
     (init, certify, compare, replay, the stage with a reference set)."""
     try:
-        return load_model(spec, device=device)
+        return load_model(spec, device=device, trusted_types=trusted_types)
     except ShapeUnknown:
         if sample_shape is None or not len(sample_shape):
             raise
     shape = ",".join(str(int(d)) for d in sample_shape)
-    return load_model(f"{spec}{'&' if '?' in spec else '?'}shape={shape}", device=device)
+    return load_model(f"{spec}{'&' if '?' in spec else '?'}shape={shape}", device=device, trusted_types=trusted_types)
 
 
-def load_model(spec: str, device: str = "cpu") -> Model:
-    """Load a model from ``spec`` (see module docstring); raises ModelError with the reason."""
+def load_model(spec: str, device: str = "cpu", trusted_types=()) -> Model:
+    """Load a model from ``spec`` (see module docstring); raises ModelError with the reason.
+    ``trusted_types`` (skops only) are types trusted beyond the tree ensembles' own."""
     base, opts = _options(str(spec))
     if base.startswith("demo:"):
         model = _load_demo(spec, base[5:], opts)
@@ -211,7 +374,9 @@ def load_model(spec: str, device: str = "cpu") -> Model:
         if suffix == ".onnx":
             model = _load_onnx(spec, path, opts)
         elif suffix == ".skops":
-            model = _load_skops(spec, path, opts)
+            model = _load_skops(spec, path, opts, tuple(trusted_types or ()))
+        elif (fmt := _booster_format(path, opts)) is not None:
+            model = _load_booster(spec, path, fmt, opts)
         elif suffix in (".pt", ".ts", ".pth", ".torchscript"):
             try:
                 module = torch.jit.load(str(path), map_location="cpu")
@@ -219,5 +384,6 @@ def load_model(spec: str, device: str = "cpu") -> Model:
                 raise ModelError(f"model {spec}: not a TorchScript file ({type(e).__name__})") from None
             model = _torch_model(spec, module, opts, sha256_file(path), getattr(module, "input_shape", None))
         else:
-            raise ModelError(f"model {spec}: unknown format {suffix!r} (use .pt TorchScript, .onnx, .skops, module:factory@weights or demo:NAME)")
+            raise ModelError(f"model {spec}: unknown format {suffix!r} (use .pt TorchScript, .onnx, .skops, "
+                             "an XGBoost .json/.ubj or LightGBM .txt booster, module:factory@weights or demo:NAME)")
     return model.to(device)

@@ -13,7 +13,8 @@ exactly like f on the raw input. Hence, without any change to a certifier:
   context distances are measured between z's (reference X / s), in the same norm.
 
 One wrapper serves torch modules (a fixed diagonal layer in front, so interval and
-Lipschitz bounds see it too) and predict-function models (ONNX, skops).
+Lipschitz bounds see it too), predict-function models (ONNX, skops) and tree
+ensembles (thresholds divided by s, so the ``trees`` certificate sees g).
 """
 
 from __future__ import annotations
@@ -82,4 +83,5 @@ def scaled_model(model: Model, scale, describe: str) -> Model:
     return Model(spec=model.spec, input_shape=tuple(model.input_shape), num_classes=model.num_classes,
                  sha256=model.sha256, value_range=value_range, dtype=model.dtype, module=module,
                  device=model.device, _predict_fn=predict, default_reference=model.default_reference,
-                 meta={**model.meta, "scale": describe, "scale_values": s.ravel().tolist()})
+                 meta={**model.meta, "scale": describe, "scale_values": s.ravel().tolist()},
+                 trees=None if model.trees is None else model.trees.scaled(s))

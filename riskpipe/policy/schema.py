@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from riskpipe.certify.families import CERT_NORMS, METHODS
 from riskpipe.certify.norms import check_norm, conversion_factor
 from riskpipe.policy.controls import check_control
 from riskpipe.policy.fields import check_condition
@@ -24,7 +25,7 @@ SECRET_FIELDS = ("radius", "radius_threat", "p_lower", "p_upper", "probabilities
 PUBLIC_FIELDS = ("id", "ts", "event_ts", "decision", "policy_version", "policy_name", "model_name", "rule",
                  "reasons", "controls", "shadow")
 DEFAULT_PUBLIC = ("id", "ts", "decision", "policy_version")
-_CERT_NORMS = {"smoothing": ("l2",), "ibp": ("linf", "l2"), "lipschitz": ("l2",)}
+_CERT_NORMS = CERT_NORMS
 _SMOOTHING_ONLY = ("sigma", "n0", "n", "max_samples", "bound", "sampler", "grid_levels", "grid_step",
                    "max_latency_ms")
 
@@ -62,7 +63,7 @@ class ThreatModel(_Frozen):
 
 
 class Certifier(_Frozen):
-    method: Literal["smoothing", "ibp", "lipschitz"] = "smoothing"
+    method: Literal[METHODS] = "smoothing"  # type: ignore[valid-type]
     mode: Literal["certify", "decide"] = "certify"
     norm: Annotated[str, AfterValidator(check_norm)] | None = None
     sigma: Positive | None = None

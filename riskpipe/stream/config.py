@@ -28,6 +28,10 @@ max_wait_ms}, plus the optional tuning keys below.
   ``[lo, hi]`` pairs, one per feature. Inputs outside it go to the DLQ
   (``out_of_range``). Without it only finiteness is checked (demo models: [0, 1];
   ``?range=lo,hi`` in the spec works too).
+* ``trusted_types``: skops files only. Type names (as skops reports them) trusted on
+  top of what skops trusts by default and the tree ensembles' own types
+  (riskpipe.models.loader.TREE_TYPES); a file with any other type is refused, naming
+  the types and this key. Trust only types whose code you have reviewed.
 * ``certify_batch_size``: noise samples per model call when smoothing certifies this
   model. Default: the stage-wide ``certify_batch_size`` if set, else measured by a
   short forward-throughput probe at start-up, cached per (model sha256, device,
@@ -115,6 +119,7 @@ class ModelConfig(BaseModel):
     feature_names: list[str] | None = None
     range: Any = None
     certify_batch_size: int | None = Field(None, ge=1)
+    trusted_types: list[str] | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -1,0 +1,429 @@
+"""Tree ensembles as flat arrays, extracted once when a model is loaded.
+
+Every supported ensemble (scikit-learn DecisionTree, RandomForest, ExtraTrees,
+GradientBoosting and HistGradientBoosting classifiers, alone or behind per-feature
+scalers in a Pipeline; XGBoost and LightGBM boosters) becomes one ``TreeEnsemble``:
+
+    score_c(x) = base_c + sum over trees t of value_t[leaf_t(x), c]
+    class(x)   = argmax_c score_c(x)
+
+where ``leaf_t(x)`` follows ``x[feature] <= threshold`` to the left child. Forests
+store each tree's class probabilities divided by the number of trees (the forest's
+``predict_proba``); boosting stores raw margins (one column per class; a binary
+booster's margin m becomes the pair (0, m), so class 1 wins exactly when m > 0).
+
+``slack`` is, per node, how far the model's own comparison may sit from ``threshold``
+in the input's units because of rounding (float32 casts, a folded scaler, a strict
+``<`` turned into ``<=``). Certificates treat a node as undecided within its slack,
+so they stay sound without reproducing each library's arithmetic bit for bit.
+
+An extraction that cannot be trusted raises ``TreeError``; the loader also checks
+the extracted ensemble against the model's own ``predict`` on probe points.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+REL_SLACK = 1e-6  # relative rounding allowance per threshold (float32 has 6e-8)
+_SCALERS = ("StandardScaler", "MinMaxScaler", "MaxAbsScaler", "RobustScaler")
+
+
+class TreeError(ValueError):
+    """An estimator whose trees cannot be extracted faithfully; the message says why."""
+
+
+@dataclass(frozen=True, eq=False)
+class TreeEnsemble:
+    """All trees of a model in one set of flat node arrays (trees stored one after another).
+
+    ``feature[n] == -1`` marks a leaf; ``value[n]`` is a leaf's contribution to each
+    class score; ``tree[n]`` the tree a node belongs to; ``roots`` each tree's root."""
+
+    feature: np.ndarray    # (N,) int64
+    threshold: np.ndarray  # (N,) float64: left iff x[feature] <= threshold
+    slack: np.ndarray      # (N,) float64 >= 0
+    left: np.ndarray       # (N,) int64
+    right: np.ndarray      # (N,) int64
+    value: np.ndarray      # (N, C) float64
+    tree: np.ndarray       # (N,) int64
+    roots: np.ndarray      # (T,) int64
+    base: np.ndarray       # (C,) float64
+    n_features: int
+    kind: str              # "forest" (averaged probabilities) or "boosting" (summed margins)
+    source: str            # the estimator, e.g. "RandomForestClassifier"
+
+    @property
+    def n_trees(self) -> int:
+        return len(self.roots)
+
+    @property
+    def n_classes(self) -> int:
+        return self.value.shape[1]
+
+    @property
+    def leaves(self) -> np.ndarray:
+        return np.flatnonzero(self.feature < 0)
+
+    def levels(self) -> list[np.ndarray]:
+        """Internal nodes grouped by depth, roots first (parents before children)."""
+        out, frontier = [], self.roots
+        while len(frontier):
+            inner = frontier[self.feature[frontier] >= 0]
+            if len(inner) == 0:
+                break
+            out.append(inner)
+            frontier = np.concatenate([self.left[inner], self.right[inner]])
+        return out
+
+    def apply(self, X: np.ndarray) -> np.ndarray:
+        """(B, T) leaf index of every tree for every row of X (float64 comparisons)."""
+        X = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
+        B, T = len(X), self.n_trees
+        node = np.tile(self.roots, B)
+        offset = np.repeat(np.arange(B) * X.shape[1], T)  # row start in the flat X
+        flat = X.ravel()
+        active = np.arange(B * T)
+        while len(active):
+            n = node[active]
+            f = self.feature[n]
+            inner = f >= 0
+            active, n, f = active[inner], n[inner], f[inner]
+            right = flat[offset[active] + f] > self.threshold[n]
+            node[active] = np.where(right, self.right[n], self.left[n])
+        return node.reshape(B, T)
+
+    def scores(self, X: np.ndarray) -> np.ndarray:
+        """(B, C) class scores of the ensemble."""
+        return self.base + self.value[self.apply(X)].sum(axis=1)
+
+    def scaled(self, s: np.ndarray) -> TreeEnsemble:
+        """The ensemble of g(z) = f(s * z): thresholds and slack divided by s[feature]."""
+        s = np.asarray(s, dtype=np.float64).ravel()
+        if len(s) != self.n_features:
+            raise TreeError(f"scale: {len(s)} values, the trees use {self.n_features} features")
+        sf = s[np.where(self.feature >= 0, self.feature, 0)]
+        thr = np.where(self.feature >= 0, self.threshold / sf, 0.0)
+        slack = np.where(self.feature >= 0, self.slack / sf + REL_SLACK * np.abs(thr), 0.0)
+        return replace(self, threshold=thr, slack=slack)
+
+
+# ---------------------------------------------------------------- assembling --------
+class _Builder:
+    """Collects trees given as node arrays (children as indices local to the tree)."""
+
+    def __init__(self, n_classes: int):
+        self.n_classes = n_classes
+        self.parts: list[tuple] = []
+        self.size = 0
+
+    def add(self, feature, threshold, slack, left, right, value) -> None:
+        feature = np.asarray(feature, dtype=np.int64)
+        n = len(feature)
+        leaf = feature < 0
+        off = self.size
+        left = np.where(leaf, -1, np.asarray(left, dtype=np.int64) + off)
+        right = np.where(leaf, -1, np.asarray(right, dtype=np.int64) + off)
+        value = np.where(leaf[:, None], np.asarray(value, dtype=np.float64).reshape(n, self.n_classes), 0.0)
+        thr = np.where(leaf, 0.0, np.asarray(threshold, dtype=np.float64))
+        sl = np.where(leaf, 0.0, np.asarray(slack, dtype=np.float64))
+        self.parts.append((feature, thr, sl, left, right, value, off))
+        self.size += n
+
+    def build(self, base, n_features: int, kind: str, source: str) -> TreeEnsemble:
+        if not self.parts:
+            raise TreeError(f"{source}: no trees")
+        cat = [np.concatenate([p[k] for p in self.parts]) for k in range(6)]
+        tree = np.concatenate([np.full(len(p[0]), t, dtype=np.int64) for t, p in enumerate(self.parts)])
+        roots = np.array([p[6] for p in self.parts], dtype=np.int64)
+        ens = TreeEnsemble(*cat, tree=tree, roots=roots, base=np.asarray(base, dtype=np.float64).reshape(-1),
+                           n_features=int(n_features), kind=kind, source=source)
+        if not (np.isfinite(ens.threshold).all() and np.isfinite(ens.value).all() and np.isfinite(ens.base).all()):
+            raise TreeError(f"{source}: non-finite thresholds or leaf values")
+        if (ens.feature >= n_features).any():
+            raise TreeError(f"{source}: a split uses a feature beyond the model's {n_features}")
+        return ens
+
+
+def _binary_values(v: np.ndarray) -> np.ndarray:
+    """A binary booster's margin m as the class-score pair (0, m)."""
+    return np.stack([np.zeros_like(v), v], axis=1)
+
+
+def _rel(t: np.ndarray) -> np.ndarray:
+    return REL_SLACK * np.abs(t)
+
+
+# ---------------------------------------------------------------- scikit-learn ------
+def _fold(scaler) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) with scaler(x) = a * x + b per feature, a > 0."""
+    name = type(scaler).__name__
+    if name == "StandardScaler":
+        a = 1.0 / scaler.scale_ if scaler.scale_ is not None else np.ones(scaler.n_features_in_)
+        b = -scaler.mean_ * a if scaler.mean_ is not None else np.zeros_like(a)
+    elif name == "RobustScaler":
+        a = 1.0 / scaler.scale_ if scaler.scale_ is not None else np.ones(scaler.n_features_in_)
+        b = -scaler.center_ * a if scaler.center_ is not None else np.zeros_like(a)
+    elif name == "MaxAbsScaler":
+        a, b = 1.0 / scaler.scale_, np.zeros(len(scaler.scale_))
+    elif name == "MinMaxScaler":
+        if scaler.clip:
+            raise TreeError("MinMaxScaler(clip=True) is not a per-feature affine map")
+        a, b = np.asarray(scaler.scale_, dtype=np.float64), np.asarray(scaler.min_, dtype=np.float64)
+    else:
+        raise TreeError(f"pipeline step {name} is not a per-feature scaler ({', '.join(_SCALERS)})")
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if not (np.isfinite(a).all() and (a > 0).all() and np.isfinite(b).all()):
+        raise TreeError(f"{name}: scales must be finite and positive")
+    return a, b
+
+
+def _sk_tree(builder: _Builder, tree, fold, values: np.ndarray) -> None:
+    """One sklearn ``Tree`` (left iff float32(x') <= threshold on x' = a x + b)."""
+    a, b = fold
+    feature = tree.feature.astype(np.int64)
+    inner = feature >= 0
+    f = np.where(inner, feature, 0)
+    t = tree.threshold.astype(np.float64)
+    raw = (t - b[f]) / a[f]
+    slack = REL_SLACK * (np.abs(raw) + np.abs(t / a[f]) + np.abs(b[f] / a[f])) + 1e-300
+    builder.add(np.where(inner, feature, -1), raw, slack, tree.children_left, tree.children_right, values)
+
+
+def _proba(tree) -> np.ndarray:
+    v = tree.value[:, 0, :].astype(np.float64)
+    total = v.sum(axis=1, keepdims=True)
+    return np.divide(v, total, out=np.zeros_like(v), where=total > 0)
+
+
+def _from_sklearn(est, n_features: int, fold) -> TreeEnsemble:
+    name = type(est).__name__
+    K = len(est.classes_)
+    b = _Builder(K)
+    if name == "DecisionTreeClassifier":
+        _check_single_output(est)
+        _sk_tree(b, est.tree_, fold, _proba(est.tree_))
+        return b.build(np.zeros(K), n_features, "forest", name)
+    if name in ("RandomForestClassifier", "ExtraTreesClassifier"):
+        _check_single_output(est)
+        T = len(est.estimators_)
+        for e in est.estimators_:
+            _sk_tree(b, e.tree_, fold, _proba(e.tree_) / T)
+        return b.build(np.zeros(K), n_features, "forest", name)
+    if name == "GradientBoostingClassifier":
+        init = est.init_
+        if not (init == "zero" or type(init).__name__ == "DummyClassifier"):
+            raise TreeError(f"{name}: init estimator {type(init).__name__} is not a constant")
+        probe = np.zeros((1, n_features))
+        base = np.asarray(est._raw_predict_init(probe), dtype=np.float64).reshape(-1)
+        lr = float(est.learning_rate)
+        for stage in est.estimators_:
+            for k, reg in enumerate(stage):
+                v = reg.tree_.value[:, 0, 0].astype(np.float64) * lr
+                if K == 2:
+                    vals = _binary_values(v)
+                else:
+                    vals = np.zeros((len(v), K))
+                    vals[:, k] = v
+                _sk_tree(b, reg.tree_, fold, vals)
+        return b.build(_binary_values(base)[0] if K == 2 else base, n_features, "boosting", name)
+    if name == "HistGradientBoostingClassifier":
+        a, off = fold
+        base = np.asarray(est._baseline_prediction, dtype=np.float64).reshape(-1)
+        for stage in est._predictors:
+            for k, pred in enumerate(stage):
+                nodes = pred.nodes
+                if nodes["is_categorical"].any():
+                    raise TreeError(f"{name}: categorical splits are not supported")
+                leaf = nodes["is_leaf"].astype(bool)
+                feature = np.where(leaf, -1, nodes["feature_idx"].astype(np.int64))
+                f = np.where(leaf, 0, feature)
+                t = nodes["num_threshold"].astype(np.float64)  # left iff float64(x') <= t
+                raw = (t - off[f]) / a[f]
+                slack = REL_SLACK * (np.abs(raw) + np.abs(t / a[f]) + np.abs(off[f] / a[f])) + 1e-300
+                v = nodes["value"].astype(np.float64)
+                if K == 2:
+                    vals = _binary_values(v)
+                else:
+                    vals = np.zeros((len(v), K))
+                    vals[:, k] = v
+                b.add(feature, raw, slack, nodes["left"], nodes["right"], vals)
+        return b.build(_binary_values(base)[0] if K == 2 else base, n_features, "boosting", name)
+    raise TreeError(f"{name} is not a supported tree ensemble")
+
+
+def _check_single_output(est) -> None:
+    if getattr(est, "n_outputs_", 1) != 1:
+        raise TreeError(f"{type(est).__name__}: multi-output trees are not supported")
+
+
+def sklearn_ensemble(est) -> TreeEnsemble:
+    """The trees of a fitted scikit-learn classifier (or Pipeline of per-feature scalers
+    ending in one). Raises TreeError for anything else."""
+    n_features = getattr(est, "n_features_in_", None)
+    if n_features is None:
+        raise TreeError(f"{type(est).__name__}: not fitted")
+    a, b = np.ones(n_features), np.zeros(n_features)
+    if type(est).__name__ == "Pipeline":
+        *pre, (_, final) = est.steps
+        for _, step in pre:
+            if step is None or step == "passthrough":
+                continue
+            if type(step).__name__ == "SimpleImputer" and not step.add_indicator \
+                    and isinstance(step.missing_values, float) and np.isnan(step.missing_values):
+                continue  # identity on finite inputs (the stage admits only finite values)
+            sa, sb = _fold(step)
+            a, b = a * sa, b * sa + sb
+        est = final
+    return _from_sklearn(est, int(n_features), (a, b))
+
+
+# ---------------------------------------------------------------- XGBoost -----------
+def xgboost_ensemble(booster) -> tuple[TreeEnsemble, int]:
+    """(trees, number of classes) of an XGBoost ``Booster`` (gbtree, numeric splits).
+
+    XGBoost goes left iff float32(x) < split; for float32 inputs that is
+    x <= the float32 just below the split. The base margin is recovered from the
+    booster's own margin prediction (the JSON spells it differently across versions)."""
+    cfg = json.loads(booster.save_raw("json"))
+    learner = cfg["learner"]
+    objective = learner["objective"]["name"]
+    gb = learner["gradient_booster"]
+    if gb.get("name") != "gbtree":
+        raise TreeError(f"XGBoost booster {gb.get('name')!r}: only gbtree has trees")
+    model = gb["model"]
+    n_features = int(learner["learner_model_param"]["num_feature"])
+    if objective.startswith("multi:"):
+        K, cols = int(learner["learner_model_param"]["num_class"]), None
+    elif objective in ("binary:logistic", "binary:logitraw", "binary:hinge"):
+        K = 2
+    else:
+        raise TreeError(f"XGBoost objective {objective!r} is not a classifier")
+    info = model.get("tree_info") or [0] * len(model["trees"])
+    b = _Builder(K)
+    for t, k in zip(model["trees"], info):
+        left = np.asarray(t["left_children"], dtype=np.int64)
+        leaf = left < 0
+        if any(int(c) != 0 for c in t.get("split_type", [])):
+            raise TreeError("XGBoost: categorical splits are not supported")
+        cond = np.asarray(t["split_conditions"], dtype=np.float32)
+        thr = np.nextafter(cond, np.float32(-np.inf)).astype(np.float64)  # x < c  <=>  x <= prev(c)
+        feature = np.where(leaf, -1, np.asarray(t["split_indices"], dtype=np.int64))
+        v = cond.astype(np.float64)
+        if K == 2:
+            vals = _binary_values(v)
+        else:
+            vals = np.zeros((len(v), K))
+            vals[:, int(k)] = v
+        b.add(feature, thr, _rel(thr), left, t["right_children"], vals)
+    ens = b.build(np.zeros(K), n_features, "boosting", f"XGBoost {objective}")
+    return _with_base(ens, lambda X: xgboost_margin(booster, X, K)), K
+
+
+def xgboost_margin(booster, X: np.ndarray, K: int) -> np.ndarray:
+    """(B, C) margins as class scores (binary: (0, m))."""
+    m = np.asarray(booster.inplace_predict(np.asarray(X, dtype=np.float32), predict_type="margin"),
+                   dtype=np.float64)
+    return _binary_values(m.reshape(-1)) if K == 2 else m.reshape(len(X), K)
+
+
+# ---------------------------------------------------------------- LightGBM ----------
+def lightgbm_ensemble(booster) -> tuple[TreeEnsemble, int]:
+    """(trees, number of classes) of a LightGBM ``Booster`` (numeric ``<=`` splits)."""
+    dump = booster.dump_model()
+    objective = str(dump.get("objective", ""))
+    if objective.startswith(("multiclass", "multiclassova")):
+        K = int(dump["num_class"])
+    elif objective.startswith(("binary", "cross_entropy")):
+        K = 2
+    else:
+        raise TreeError(f"LightGBM objective {objective!r} is not a classifier")
+    n_features = int(dump["max_feature_idx"]) + 1
+    per_iter = int(dump.get("num_tree_per_iteration", 1))
+    b = _Builder(K)
+    for i, info in enumerate(dump["tree_info"]):
+        nodes: list[dict] = []
+        _lgb_walk(info["tree_structure"], nodes)
+        feature = np.array([n["f"] for n in nodes], dtype=np.int64)
+        thr = np.array([n["t"] for n in nodes], dtype=np.float64)
+        v = np.array([n["v"] for n in nodes], dtype=np.float64)
+        if K == 2:
+            vals = _binary_values(v)
+        else:
+            vals = np.zeros((len(v), K))
+            vals[:, i % per_iter] = v
+        b.add(feature, thr, _rel(thr), [n["l"] for n in nodes], [n["r"] for n in nodes], vals)
+    ens = b.build(np.zeros(K), n_features, "boosting", f"LightGBM {objective.split()[0]}")
+    return _with_base(ens, lambda X: lightgbm_margin(booster, X, K)), K
+
+
+def _lgb_walk(node: dict, out: list[dict]) -> int:
+    idx = len(out)
+    if "leaf_value" in node or "split_feature" not in node:
+        out.append({"f": -1, "t": 0.0, "v": float(node.get("leaf_value", 0.0)), "l": -1, "r": -1})
+        return idx
+    if node.get("decision_type", "<=") != "<=":
+        raise TreeError("LightGBM: categorical splits are not supported")
+    if node.get("missing_type") == "Zero":
+        raise TreeError("LightGBM: zero-as-missing splits are not supported")
+    entry = {"f": int(node["split_feature"]), "t": float(node["threshold"]), "v": 0.0}
+    out.append(entry)
+    entry["l"] = _lgb_walk(node["left_child"], out)
+    entry["r"] = _lgb_walk(node["right_child"], out)
+    return idx
+
+
+def lightgbm_margin(booster, X: np.ndarray, K: int) -> np.ndarray:
+    m = np.asarray(booster.predict(np.asarray(X, dtype=np.float64), raw_score=True), dtype=np.float64)
+    return _binary_values(m.reshape(-1)) if K == 2 else m.reshape(len(X), K)
+
+
+def _with_base(ens: TreeEnsemble, margin) -> TreeEnsemble:
+    """The constant part of a booster's margin: its own margin minus the trees' sum,
+    which must be the same on every probe point."""
+    X = probe_points(ens)
+    diff = margin(X) - ens.scores(X)
+    base = np.median(diff, axis=0)
+    if not np.allclose(diff, base, rtol=1e-5, atol=1e-5 * (1 + np.abs(base).max())):
+        raise TreeError(f"{ens.source}: margins are not the trees' sum plus a constant")
+    return replace(ens, base=base)
+
+
+# ---------------------------------------------------------------- checking ----------
+def probe_points(ens: TreeEnsemble, n: int = 256, seed: int = 0) -> np.ndarray:
+    """Points around the thresholds (each feature set near one of its own thresholds,
+    on either side), where a mistake in the extraction would show."""
+    rng = np.random.default_rng(seed)
+    X = np.zeros((n, ens.n_features))
+    inner = ens.feature >= 0
+    for f in range(ens.n_features):
+        t = ens.threshold[inner & (ens.feature == f)]
+        if len(t) == 0:
+            continue
+        pick = rng.choice(t, size=n)
+        X[:, f] = pick + rng.choice([-1.0, 1.0], size=n) * (np.abs(pick) * 1e-3 + 1e-3) * rng.random(n)
+    return X.astype(np.float32)
+
+
+def check_agreement(ens: TreeEnsemble, predict, num_classes: int) -> None:
+    """Raise TreeError unless the trees classify the probe points as ``predict`` does
+    (rows where two class scores are within rounding of each other are skipped)."""
+    if ens.n_classes != num_classes:
+        raise TreeError(f"{ens.source}: trees give {ens.n_classes} classes, the model {num_classes}")
+    X = probe_points(ens)
+    s = ens.scores(X)
+    top = np.sort(s, axis=1)
+    clear = top[:, -1] - top[:, -2] > 1e-6 * (1 + np.abs(top[:, -1]))
+    mine = s.argmax(axis=1)
+    theirs = np.asarray(predict(X))
+    bad = np.flatnonzero(clear & (mine != theirs))
+    if len(bad):
+        raise TreeError(f"{ens.source}: extracted trees disagree with the model's predict on "
+                        f"{len(bad)} of {len(X)} probe points")
+
+
+__all__ = ["REL_SLACK", "TreeEnsemble", "TreeError", "check_agreement", "lightgbm_ensemble", "probe_points",
+           "sklearn_ensemble", "xgboost_ensemble"]
