@@ -1,4 +1,4 @@
-"""The committed examples (examples/image, examples/tabular): files match their build
+"""The committed examples (examples/image, examples/tabular, examples/fraud): files match their build
 scripts, models load through riskpipe's loader and classify their reference sets."""
 
 import importlib.util
@@ -93,3 +93,41 @@ def test_example_policies_are_the_default_policy_with_their_own_threat_model():
                 want = {**base[key], **sampler[name]} if key == "certifier" else base.get(key)
                 assert pol.get(key) == want, (name, key)
         assert pol["threat_model"]["norm"] == "l2" and pol["threat_model"]["epsilon"] == 0.25
+
+
+def test_fraud_example_loads_through_the_tree_allow_list_and_rebuilds(tmp_path):
+    """The committed HistGradientBoosting loads without trusted_types (its tree type is on
+    riskpipe's allow-list), carries its trees, and build.py reproduces it."""
+    import skops.io as sio
+
+    model = load_model(str(EXAMPLES / "fraud" / "model.skops"))
+    ref = reference("fraud")
+    assert model.input_shape == (10,) and model.num_classes == 2 and model.trees is not None
+    assert model.meta["feature_names"] == list(ref["feature_names"])
+    assert 0.02 <= ref["y"].mean() <= 0.05  # imbalanced: about 3 % fraud
+    assert (model.predict(ref["X"]) == ref["y"]).mean() >= 0.95
+    assert sio.get_untrusted_types(file=str(EXAMPLES / "fraud" / "model.skops")) != []  # skops alone would refuse
+    build_module("fraud").main(tmp_path)
+    new = np.load(tmp_path / "reference.npz")
+    for k in ("X", "y", "feature_names"):
+        np.testing.assert_array_equal(ref[k], new[k])
+    assert (load_model(str(tmp_path / "model.skops")).predict(ref["X"]) == model.predict(ref["X"])).all()
+    assert (EXAMPLES / "fraud" / "model.skops").stat().st_size < 2 << 20
+
+
+def test_fraud_compare_puts_the_trees_certificate_beside_smoothing():
+    from riskpipe.compare import CompareConfig, run_compare
+
+    ref = reference("fraud")
+    cfg = CompareConfig(models=("fraud",), methods=("trees", "smoothing"), config=str(EXAMPLES / "fraud" / "riskpipe.yaml"),
+                        norms=("linf",), eps_grid={"linf": (0.0, 0.1, 0.3)}, limit=16, n_samples=100, n0=16,
+                        timing_inputs=2, batch_sizes=(4,), widths=(4,), pgd_steps=5)
+    result = run_compare(cfg, ref["X"], ref["y"])
+    (m,) = result["models"]
+    runs = {r["method"]: r for r in m["methods"]}
+    assert runs["trees"]["unavailable"] is None and runs["smoothing"]["unavailable"] is None
+    assert m["attack"].startswith("tree leaf-region search")
+    trees = runs["trees"]["certified_accuracy"]["linf"]
+    assert trees[1] >= 0.6  # most rows certified at the policy's epsilon 0.1 (standardized l_inf)
+    assert all(c <= a + 1e-12 for c, a in zip(trees, m["pgd_accuracy"]["linf"]))  # sound: never above the attack
+    assert runs["trees"]["evaluations_per_input"] == 1 and runs["smoothing"]["evaluations_per_input"] > 100

@@ -150,3 +150,31 @@ def _entry(config_path: Path, model: str) -> dict:
     for key in ("reference", "policy"):
         entry[key] = str(config_path.parent / entry[key])
     return entry
+
+
+def test_fraud_example_end_to_end_through_the_broker_with_the_trees_certificate(broker, tmp_path):
+    """examples/fraud/riskpipe.yaml as committed: a HistGradientBoosting decided with the
+    deterministic trees certificate in standardized l_inf units; a short row is dead-lettered."""
+    with np.load(EXAMPLES / "fraud" / "reference.npz") as z:
+        X, y = z["X"][:24], z["y"][:24]
+    good = [make_event(f"fraud-{i}", "fraud", x, upstream_risk=0.1) for i, x in enumerate(X)]
+    bad = make_event("fraud-bad", "fraud", X[0][:9])
+    produce(broker.bootstrap, good + [bad])
+    config = stage_config(broker, tmp_path, EXAMPLES / "fraud" / "riskpipe.yaml")
+    out, ledger = run_stage(broker, tmp_path, config, len(good), 1)
+    audit = [json.loads(m.value) for m in out["audit"]]
+    assert sorted(r["id"] for r in audit) == sorted(e["id"] for e in good) == sorted(ledger)
+    for m in out["decisions"]:
+        assert set(json.loads(m.value)) <= PUBLIC
+    for r in audit:
+        c = r["certificate"]
+        assert r["policy"]["name"] == "fraud-transactions" and c["method"] == "trees" and c["norm"] == "linf"
+        assert c["sigma"] is None and c["input_dim"] == 10 and c["threat_norm"] == "linf"
+        assert "exact for a single tree" in r["scope"] and "scaled l_inf" in r["scope"]
+        if c["abstained"] or c["radius_threat"] < 0.1:  # uncertified at the threat model's epsilon
+            assert r["decision"] != "allow"
+    certified = [r for r in audit if not r["certificate"]["abstained"] and r["certificate"]["radius_threat"] >= 0.1]
+    assert len(certified) >= len(good) // 2
+    assert sum(r["decision"] == "allow" for r in audit) >= len(good) // 2
+    (dlq,) = out["dlq"]
+    assert dict(dlq.headers)["__riskpipe.errors.reason"].decode() == "wrong_shape"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from riskpipe.compare.defaults import DEFAULT_GRID, DEFAULT_MODELS, METHODS
+from riskpipe.compare.defaults import DEFAULT_GRID, DEFAULT_METHODS, DEFAULT_MODELS
 
 
 def _floats(text: str, field: str) -> tuple[float, ...]:
@@ -39,7 +39,8 @@ def _csv(text: str) -> tuple[str, ...]:
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
               help="Stage config: a --model NAME of its models: entries is certified as the stage builds it "
                    "(declared range, scale).")
-@click.option("--methods", default=",".join(METHODS), show_default=True, help="Comma-separated families.")
+@click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True,
+              help="Comma-separated families (smoothing, ibp, lipschitz, trees).")
 @click.option("--eps-grid", default=None, help="Epsilons: '0,0.1,0.2' for every norm or 'l2=0,0.5;linf=0,0.05'.")
 @click.option("--norms", default="l2,linf", show_default=True, help="Norms to compare in (after Theorem 2).")
 @click.option("--n-samples", type=int, default=1000, show_default=True, help="Smoothing estimation samples n.")

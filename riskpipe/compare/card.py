@@ -10,11 +10,12 @@ from riskpipe.render import data_uri, environment, png, pyplot
 FORMATS = ("html", "md", "json")
 THEOREM2 = ("Radii of different norms are compared only after the Theorem 2 conversion: an l_p certificate "
             "of radius r covers an l_q attacker out to r_q = min(d^(1/q - 1/p), 1) * r (d = input dimension). "
-            "Smoothing and Lipschitz certify l2 radii, IBP certifies l_inf; an l_inf radius r is an l2 radius r "
+            "Smoothing and Lipschitz certify l2 radii, IBP and trees certify l_inf; an l_inf radius r is an l2 radius r "
             "(the l2 ball lies in the l_inf box) and an l2 radius r is an l_inf radius r / sqrt(d).")
 SCOPE = ("A certificate bounds the distance to the nearest class-changing input; it says nothing about whether "
          "the input is clean (adversarial inputs can be certified too). Smoothing certifies the smoothed "
-         "classifier at level alpha; IBP and Lipschitz are deterministic bounds on the model as deployed.")
+         "classifier at level alpha; IBP, Lipschitz and trees are deterministic bounds on the model as deployed "
+         "(trees: exact for one tree, conservative for ensembles).")
 
 
 def plots(result: dict) -> dict[str, bytes]:

@@ -26,7 +26,7 @@ from riskpipe import attacks
 from riskpipe.certify import certifier_for_policy
 from riskpipe.certify.families import METHODS
 from riskpipe.certify.norms import check_norm, conversion_factor, convert_radius
-from riskpipe.compare.defaults import DEFAULT_GRID, DEFAULT_MODELS
+from riskpipe.compare.defaults import DEFAULT_GRID, DEFAULT_METHODS, DEFAULT_MODELS
 from riskpipe.compare.measure import peak_memory, summary_ms, timed
 
 PARALLELISM = {
@@ -49,7 +49,7 @@ class CompareConfig:
     """What ``riskpipe compare`` runs; checked at construction."""
 
     models: tuple[str, ...] = DEFAULT_MODELS
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     norms: tuple[str, ...] = ("l2", "linf")
     eps_grid: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(DEFAULT_GRID))
     limit: int = 100
