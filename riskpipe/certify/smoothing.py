@@ -144,11 +144,16 @@ class Smoothing(CertifierBase):
             counts += torch.bincount(owner * K + ids, minlength=B * K)
         return counts.view(B, K).cpu().numpy()
 
-    def _cert(self, mode, t0, seed, batch: int = 1, **kw) -> Certificate:
-        """elapsed_ms is the batch's wall time shared equally by its inputs."""
+    @staticmethod
+    def _share_ms(t0: float, batch: int) -> float:
+        """elapsed_ms of each certificate of a batch: its wall time shared equally by its inputs
+        (docs/records.md; one value for the whole batch)."""
+        return (time.perf_counter() - t0) * 1e3 / max(batch, 1)
+
+    def _cert(self, mode, elapsed_ms: float, seed, **kw) -> Certificate:
         kw["extra"] = {**kw.get("extra", {}), **self.noise.describe()}
         return Certificate(method="smoothing", norm="l2", mode=mode, sigma=self.sigma, alpha=self.alpha,
-                           seed=int(seed), elapsed_ms=(time.perf_counter() - t0) * 1e3 / batch,
+                           seed=int(seed), elapsed_ms=elapsed_ms,
                            input_dim=self.model.input_dim, bound=kw.pop("bound", None), sampler=self.sampler, **kw)
 
     # ---- CERTIFY ---------------------------------------------------------------------
@@ -181,10 +186,11 @@ class Smoothing(CertifierBase):
                 p_a[i], p_b[i] = self._two_class_bounds(est[i], top[i])
             radius = radius_two_class(p_a, p_b, self.sigma)
         out = []
+        share = self._share_ms(t0, B)
         for i in range(B):
             abstain = bool(p_a[i] < 0.5 or radius[i] <= 0)
             out.append(self._cert(
-                "certify", t0, seeds[i], B, radius=0.0 if abstain else float(radius[i]), abstained=abstain,
+                "certify", share, seeds[i], radius=0.0 if abstain else float(radius[i]), abstained=abstain,
                 predicted_class=None if abstain else int(top[i]), p_lower=float(p_a[i]),
                 p_upper=None if np.isnan(p_b[i]) else float(p_b[i]), n_samples=self.n0 + self.n,
                 bound=self.bound, reason="p_lower_below_half" if abstain else None,
@@ -217,12 +223,13 @@ class Smoothing(CertifierBase):
         x, gens = self._prepare(X, seeds)
         counts = self._count(x, gens, np.full(len(x), self.n))
         out = []
+        share = self._share_ms(t0, len(counts))
         for i, c in enumerate(counts):
             order = np.argsort(c)[::-1]
             k_a, k_b = int(c[order[0]]), int(c[order[1]]) if len(c) > 1 else 0
             pval = binomial_test_pvalue(k_a, k_b)
             abstain = pval > self.alpha
-            out.append(self._cert("predict", t0, seeds[i], len(counts), radius=0.0, abstained=abstain,
+            out.append(self._cert("predict", share, seeds[i], radius=0.0, abstained=abstain,
                                   predicted_class=None if abstain else int(order[0]), n_samples=self.n,
                                   reason="not_significant" if abstain else None,
                                   extra={"p_value": pval, "counts_top2": [k_a, k_b]}))
@@ -298,13 +305,14 @@ class Smoothing(CertifierBase):
         p_lo = np.maximum(p_lo - self.noise.margin, 0.0)
         radii = np.atleast_1d(radius_from_p(p_lo, self.sigma))
         out = []
+        share = self._share_ms(t0, B)
         for i in range(B):
             r, n_i, top, radius = int(look_idx[i]), int(used[i]), int(tops[i]), float(radii[i])
             abstain = radius <= 0.0
             certified = outcome[i] == "certified"
             limit = {"max_looks": r + 1, "latency_budget_ms": self.max_latency_ms} if outcome[i] == "deadline" else {}
             out.append(self._cert(
-                "decide", t0, seeds[i], B, radius=0.0 if abstain else radius, abstained=abstain,
+                "decide", share, seeds[i], radius=0.0 if abstain else radius, abstained=abstain,
                 predicted_class=None if abstain else top, p_lower=float(p_lo[i]), n_samples=n_i,
                 epsilon=float(epsilon), certified=bool(certified), reason=None if certified else str(outcome[i]),
                 extra={"looks": r + 1, "alpha_look": plan.alphas[r], "tau": plan.tau,
