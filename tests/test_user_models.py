@@ -6,6 +6,7 @@ and the black-box attack itself."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -104,14 +105,15 @@ def test_random_search_finds_only_genuine_examples_inside_the_budget(wine):
 
 # ---- evaluate on the examples' models, each entry as its stage config declares it ----------------
 
-def _evaluate(tmp_path, example: str, model: str, *extra):
+def _evaluate(tmp_path, example: str, model: str, *extra, with_output: bool = False):
     root = f"examples/{example}"
     r = CliRunner().invoke(cli, ["evaluate", "--config", f"{root}/riskpipe.yaml", "--model", model,
                                  "--data", f"{root}/reference.npz", "--policy", f"{root}/policy.yaml",
                                  "--n", "8", "--budgets", "8x", "--shift-budgets", "1x", "--attempts", "2",
                                  "--out", str(tmp_path), "--format", "json,md,html", *extra])
     assert r.exit_code == 0, r.output
-    return json.loads((tmp_path / "evaluation.json").read_text()), (tmp_path / "evaluation.md").read_text()
+    result = json.loads((tmp_path / "evaluation.json").read_text()), (tmp_path / "evaluation.md").read_text()
+    return (*result, r.output) if with_output else result
 
 
 def test_evaluate_a_torchscript_image_model_with_pgd(tmp_path, one_thread):
@@ -128,9 +130,13 @@ def test_evaluate_a_torchscript_image_model_with_pgd(tmp_path, one_thread):
 
 
 def test_evaluate_a_scaled_skops_model_with_the_black_box_attack(tmp_path):
-    result, md = _evaluate(tmp_path, "tabular", "cancer", "--queries", "100")
+    result, md, out = _evaluate(tmp_path, "tabular", "cancer", "--queries", "100", with_output=True)
     (s,) = result["policies"]
     assert result["input_dim"] == 30 and s["policy"]["attack"] == "random search (black-box), 100 queries"
+    # the progress line names the attack that runs, not PGD (the model has no gradients)
+    assert "attacking pgd" not in out and re.search(
+        r"riskpipe evaluate: tabular-breast-cancer: pgd-l2-[0-9.]+: random search \(black-box\), 100 queries, "
+        r"l2 epsilon [0-9.]+", out), out
     assert s["clean"]["accuracy"] > 0.8
     pgd = next(a for a in s["attacks"] if a["kind"] == "pgd")
     assert pgd["attempted"] >= 6 and pgd["successful"] >= 1  # 8x epsilon in the standardized norm

@@ -242,7 +242,9 @@ def evaluate_policy(settings: Settings, policy_path: str, X: np.ndarray, y: np.n
         key = (model.sha256, spec.kind, spec.norm, spec.epsilon, noise)
         if key not in cache:
             if progress:
-                progress(f"{policy.name}: attacking {spec.name}")
+                # the attack that actually runs (PGD needs gradients; else the tree or black-box search)
+                progress(f"{policy.name}: {spec.name}: {attack_name(model, settings.steps, settings.queries)}, "
+                         f"{spec.norm} epsilon {spec.epsilon:g}")
             seed = settings.seed + zlib.crc32(spec.name.encode())  # per attack, independent of the order
             cache[key] = attacked_set(model, clean_z, spec, steps=settings.steps, seed=seed, noise_sigma=noise,
                                       queries=settings.queries)
