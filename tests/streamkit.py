@@ -25,9 +25,9 @@ def digits(n: int, offset: int = 0) -> np.ndarray:
     return X[offset: offset + n]
 
 
-def produce(bootstrap: str, events: list, topic: str = "inferences") -> None:
+def produce(bootstrap: str, events: list, topic: str = "inferences", max_request_size: int = 1 << 20) -> None:
     """events: dicts (valid JSON events) or (value bytes, headers) tuples."""
-    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_request_size=max_request_size)
     for e in events:
         if isinstance(e, dict):
             p.send(topic, key=e["id"].encode(), value=json.dumps(e).encode())

@@ -93,12 +93,12 @@ class RefusingLedger(SqliteLedger):
     """A ledger that refuses the decision row of some ids (as it would a malformed row)."""
     refuse: set = set()
 
-    def append_entries(self, entries):
+    def append_entries(self, entries, inputs=()):
         entries = list(entries)
         for kind, rec, _ in entries:
             if kind == "decision" and rec["id"] in self.refuse:
                 raise LedgerError(f"id: refused {rec['id']}")
-        return super().append_entries(entries)
+        return super().append_entries(entries, inputs)
 
 
 def test_nothing_is_published_for_an_event_whose_ledger_row_fails(tmp_path, cnn):
@@ -117,11 +117,11 @@ def test_nothing_is_published_for_an_event_whose_ledger_row_fails(tmp_path, cnn)
 
 
 class BrokenLedger(SqliteLedger):
-    def append_entries(self, entries):
+    def append_entries(self, entries, inputs=()):
         entries = list(entries)
         if any(kind != "policy" for kind, _, _ in entries):
             raise sqlite3.OperationalError("disk I/O error")
-        return super().append_entries(entries)
+        return super().append_entries(entries, inputs)
 
 
 def test_a_broken_ledger_stops_the_stage_before_anything_is_sent(tmp_path, cnn):
@@ -260,22 +260,20 @@ def test_handle_has_no_side_effects_and_isolates_parse_failures(cnn, monkeypatch
     assert [(d.reason, d.exception) for d in out.dead] == [("internal_error", "KeyError")]
 
 
-class SmallSink(JsonlSink):
-    """A sink that takes records of at most 150 kB (as a Kafka producer has a request size)."""
-    max_message_bytes = 150_000
-
-
-def test_an_output_larger_than_the_sink_takes_is_that_events_failure(tmp_path, cnn):
+def test_an_output_larger_than_max_output_bytes_is_that_events_failure(tmp_path, cnn):
     evs = cnn_events(3, "z")
     evs[1]["context"] = {"notes": "x" * 200_000}  # carried into the full record: too large to send
+    cfg = load_config(None, batch={"max_events": 8, "max_wait_ms": 10}, max_output_bytes=150_000)
     with Ledger(str(tmp_path / "l.sqlite")) as led:
-        stage = Stage(config(), cnn, lambda r: JsonlSource(str(_jsonl(tmp_path, evs))),
-                      lambda: SmallSink(str(tmp_path / "out")), ledger=led)
+        stage = Stage(cfg, cnn, lambda r: JsonlSource(str(_jsonl(tmp_path, evs))),
+                      lambda: JsonlSink(str(tmp_path / "out")), ledger=led)
         stats = stage.run()
         assert led.count("decision") == 2 and led.get("z-1") is None and led.verify().ok
-    assert stats.decided == 2 and dict(stats.dlq) == {"internal_error": 1}
+    assert stats.decided == 2 and dict(stats.dlq) == {"output_too_large": 1}
     dlq = [json.loads(line) for line in (tmp_path / "out" / "dlq.jsonl").read_text().splitlines()]
-    assert "exceeds the sink's limit of 150000" in dlq[0]["headers"]["__riskpipe.errors.message"]
+    assert "exceeds max_output_bytes 150000" in dlq[0]["headers"]["__riskpipe.errors.message"]
+    # the 200 kB original does not fit the DLQ either: left out, named by digest and size
+    assert dlq[0]["headers"]["__riskpipe.errors.payload"] == "omitted" and dlq[0]["value"] == ""
 
 
 def _jsonl(tmp_path, evs):

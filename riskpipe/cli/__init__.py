@@ -45,6 +45,9 @@ def cli() -> None:
 
 
 def main() -> None:
+    from riskpipe.redaction import install
+
+    install()  # no DSN password or other secret in any output of any command
     try:
         cli.main(prog_name="riskpipe", standalone_mode=True)
     except KeyboardInterrupt:

@@ -14,8 +14,10 @@ if TYPE_CHECKING:
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print ``riskpipe: error: message`` on stderr and exit non-zero (no traceback)."""
-    click.echo(f"riskpipe: error: {message}", err=True)
+    """Print ``riskpipe: error: message`` on stderr and exit non-zero (no traceback, no secret)."""
+    from riskpipe.redaction import redact
+
+    click.echo(f"riskpipe: error: {redact(message)}", err=True)
     sys.exit(code)
 
 

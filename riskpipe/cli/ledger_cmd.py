@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from riskpipe.cli.common import fail
+from riskpipe.redaction import redact
 
 # which ledger kind a topic's messages become (``--topic NAME=KIND`` overrides)
 TOPIC_KINDS = {"audit": "decision", "review-outcomes": "verdict", "dlq": "dlq"}
@@ -118,6 +119,34 @@ def _origin(origin: str | None, config_path: str | None) -> str | None:
         return load_config(config_path).ledger_origin
     except ConfigError as e:
         fail(str(e))
+
+
+@ledger.command("input")
+@click.argument("path")
+@click.argument("sha256")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="Write the tensor to this .npy file (default: print {sha256, datatype, shape, base64} as JSON).")
+def input_cmd(path, sha256, out_path):
+    """Print (or save) the input with digest SHA256 that PATH stores once for its records
+    (docs/records.md, "Inputs in records"); UINT8 inputs come back as UINT8."""
+    import base64
+
+    import numpy as np
+
+    with _open(path) as led:
+        stored = led.get_input(sha256.lower())
+    if stored is None:
+        fail(f"ledger {led}: no stored input with sha256 {sha256}")
+    try:
+        a = stored.array()
+    except ValueError as e:
+        fail(str(e))
+    if out_path:
+        np.save(out_path, a)
+        click.echo(f"wrote {stored.datatype} {list(a.shape)} to {out_path}", err=True)
+    else:
+        click.echo(json.dumps({"sha256": stored.sha256, "datatype": stored.datatype, "shape": list(a.shape),
+                               "byte_order": "little", "base64": base64.b64encode(stored.data).decode("ascii")}))
 
 
 @ledger.command()
@@ -492,7 +521,7 @@ def ingest(bootstrap_servers, config_path, topics, ledger_path, group_id, until_
             fail(f"--bootstrap-servers {kafka.bootstrap_servers}: {type(e).__name__}: {e}")
         raise
     click.echo(f"ingested {stats['messages']} messages, {stats['written']} new ledger rows, "
-               f"{stats['unreadable']} unreadable (recorded as dlq); ledger {ledger_path}: "
+               f"{stats['unreadable']} unreadable (recorded as dlq); ledger {redact(ledger_path)}: "
                f"{stats['count']} rows, head {stats['head']}")
 
 
@@ -519,7 +548,7 @@ def replay(entry_id, ledger_path, input_path, device, as_json, config_path):
     with _open(ledger_path) as led:
         record = led.get(entry_id, kind="decision")
     if record is None:
-        fail(f"ledger {ledger_path}: no decision with id {entry_id!r}")
+        fail(f"ledger {redact(ledger_path)}: no decision with id {entry_id!r}")
     X = read_inputs(input_path)
     try:
         entry = stage_entry(config_path, record, device) if config_path else None

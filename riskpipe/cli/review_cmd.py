@@ -26,6 +26,7 @@ def review(ledger_path, bootstrap_servers, review_topic, outcomes_topic, host, p
 
     from riskpipe.cli.common import fail
     from riskpipe.ledger import LedgerError
+    from riskpipe.redaction import redact
     from riskpipe.review.server import ConsoleServer
     from riskpipe.review.settings import SettingsError, resolve_settings
 
@@ -51,7 +52,7 @@ def review(ledger_path, bootstrap_servers, review_topic, outcomes_topic, host, p
     if users and settings.credentials.shared:
         who += " or the shared password"
     click.echo(f"riskpipe review: console at {server.url} (login with {who})")
-    click.echo(f"riskpipe review: ledger {settings.ledger}: {server.counts['decision']} decision(s), "
+    click.echo(f"riskpipe review: ledger {redact(settings.ledger)}: {server.counts['decision']} decision(s), "
                f"{server.counts['verdict']} verdict(s)")
     if settings.bootstrap_servers:
         click.echo(f"riskpipe review: reading {settings.review_topic}, publishing verdicts to "

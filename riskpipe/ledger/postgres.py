@@ -32,6 +32,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from riskpipe.ledger.chain import GENESIS, LedgerError, LedgerUnavailable
+from riskpipe.ledger.inputs import table_statements as input_tables
 from riskpipe.ledger.migrations import Step, chain_tables, checkpoint_tables, migrate, scope_sql
 from riskpipe.ledger import redact
 from riskpipe.ledger.store import Ledger
@@ -74,6 +75,11 @@ STEPS: list[Step] = [
         "ALTER TABLE entries ENABLE TRIGGER entries_no_change",
         "ALTER TABLE entries DROP CONSTRAINT entries_kind_entry_id_key",
         "ALTER TABLE entries ADD CONSTRAINT entries_identity_key UNIQUE (kind, entry_id, scope)",
+    ]),
+    (5, [  # inputs stored once, by digest (riskpipe.ledger.inputs)
+        *input_tables("BYTEA"),
+        "CREATE TRIGGER inputs_no_change BEFORE UPDATE OR DELETE ON inputs FOR EACH ROW EXECUTE FUNCTION riskpipe_append_only()",
+        "CREATE TRIGGER inputs_no_truncate BEFORE TRUNCATE ON inputs FOR EACH STATEMENT EXECUTE FUNCTION riskpipe_append_only()",
     ]),
 ]
 

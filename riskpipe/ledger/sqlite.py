@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from riskpipe.ledger.chain import GENESIS, LedgerError
+from riskpipe.ledger.inputs import table_statements as input_tables
 from riskpipe.ledger.migrations import Step, chain_tables, checkpoint_tables, migrate, scope_sql
 from riskpipe.ledger.store import Ledger
 from riskpipe.ledger.tree import build_existing, tree_tables
@@ -67,6 +68,13 @@ STEPS: list[Step] = [
         """CREATE TRIGGER entries_no_update BEFORE UPDATE ON entries
             BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
         """CREATE TRIGGER entries_no_delete BEFORE DELETE ON entries
+            BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
+    ]),
+    (5, [  # inputs stored once, by digest (riskpipe.ledger.inputs)
+        *input_tables("BLOB"),
+        """CREATE TRIGGER inputs_no_update BEFORE UPDATE ON inputs
+            BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
+        """CREATE TRIGGER inputs_no_delete BEFORE DELETE ON inputs
             BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
     ]),
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import datetime, timezone
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
@@ -91,12 +92,14 @@ class Ledger:
         """Append a batch of one kind in one transaction; returns how many were new."""
         return self.append_entries((kind, r, None) for r in records)
 
-    def append_entries(self, entries: Iterable[tuple[str, dict, str | None]]) -> int:
+    def append_entries(self, entries: Iterable[tuple[str, dict, str | None]], inputs: Iterable = ()) -> int:
         """Append ``(kind, record, entry_id or None)`` items in one transaction.
 
         Every item is validated before anything is written; items already in the
         ledger (same kind, entry id and scope, whichever process or replica wrote them),
         or repeated in the batch, are skipped. Returns how many rows were written.
+        ``inputs`` (:class:`riskpipe.ledger.inputs.StoredInput`) are the tensors the
+        records reference, stored in the same transaction, once per digest.
         """
         from riskpipe.ledger.chain import entry_hash
 
@@ -118,6 +121,11 @@ class Ledger:
                 rows.append((seq, kind, eid, ts, text, prev, h, scope))
                 leaves.append(merkle.leaf_hash(tree.leaf_bytes(kind, eid, text)))
                 prev = h
+            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            stored = {s.sha256: s.row(now) for s in inputs}
+            if stored:
+                db.executemany("INSERT INTO inputs (sha256, datatype, shape, data, ts) VALUES (?,?,?,?,?) "
+                               "ON CONFLICT (sha256) DO NOTHING", list(stored.values()))
             if rows:
                 db.executemany(f"INSERT INTO entries ({_COLUMNS}, scope) VALUES (?,?,?,?,?,?,?,?)", rows)
                 db.execute("UPDATE chain_state SET count = ?, head = ? WHERE id = 1", (count + len(rows), prev))
@@ -148,6 +156,14 @@ class Ledger:
         models or policies), the latest."""
         entry = self.entry(entry_id, kind)
         return entry.record if entry else None
+
+    def get_input(self, sha256: str):
+        """The stored tensor with input digest ``sha256`` (:class:`riskpipe.ledger.inputs.StoredInput`) or None."""
+        from riskpipe.ledger.inputs import StoredInput
+
+        with self._conn() as db:
+            row = db.execute("SELECT sha256, datatype, shape, data FROM inputs WHERE sha256 = ?", (sha256,)).fetchone()
+        return StoredInput(row[0], row[1], tuple(json.loads(row[2])), bytes(row[3])) if row else None
 
     def entry(self, entry_id: str, kind: str = "decision") -> Entry | None:
         with self._conn() as db:

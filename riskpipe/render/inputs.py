@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -202,7 +202,17 @@ def input_view(data: Any, shape: Any, info: ModelInfo | None = None) -> InputVie
     return InputView("image", note, data_uri(png_bytes), w, h)
 
 
-def record_view(record: dict, info: ModelInfo | None = None) -> InputView:
-    """The view of a decision record's ``input`` ({shape, data} as the stage stores it)."""
+def record_view(record: dict, info: ModelInfo | None = None, fetch=None) -> InputView:
+    """The view of a decision record's ``input`` (docs/records.md: inline ``data``, or a
+    ``tensor`` inline in base64 or stored in the ledger; ``fetch`` is the ledger's
+    ``get_input``). A UINT8 tensor is drawn on its own 0..255 scale."""
+    from riskpipe.ledger.inputs import InputUnavailable, record_array
+
     inp = record.get("input") if isinstance(record.get("input"), dict) else {}
-    return input_view(inp.get("data"), inp.get("shape"), info)
+    try:
+        data = record_array(inp, fetch)
+    except InputUnavailable as e:
+        return _none(str(e))
+    if data is not None and data.dtype == np.uint8:
+        info = replace(info or ModelInfo(), value_range=(0.0, 255.0))
+    return input_view(data, inp.get("shape"), info)

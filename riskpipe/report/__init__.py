@@ -33,6 +33,7 @@ def render(data: dict, fmt: str, models: dict | None = None) -> str:
         slim["review"].pop("minutes_values", None)
         for e in slim["examples"]:
             e["input"].pop("data", None)
+            e["input"].pop("tensor", None)
         return json.dumps(slim, indent=2, sort_keys=True, allow_nan=False) + "\n"
     from riskpipe.render import environment
 

@@ -95,6 +95,7 @@ def gather(ledger_path: str, since: Any = None, until: Any = None) -> dict:
         policies = [e.record for e in led.records("policy", None, until)]
         dlq = [e.record for e in led.records("dlq", since, until)]
         totals = {k: led.count(k) for k in ("decision", "verdict", "policy", "dlq")}
+        examples = _examples(decisions, led.get_input)
     times = [t for t in (_ts(d.get("ts")) for d in decisions) if t]
     try:
         pkg_version = version("riskpipe")
@@ -122,7 +123,7 @@ def gather(ledger_path: str, since: Any = None, until: Any = None) -> dict:
         "review": _review(decisions, verdicts),
         "dlq": _dlq(dlq),
         "breakdown": _breakdown(decisions, verdicts),
-        "examples": _examples(decisions),
+        "examples": examples,
     }
     data["controls"] = _controls(data, decisions)
     return data
@@ -226,13 +227,16 @@ def _breakdown(decisions: list[dict], verdicts: list[dict]) -> dict:
 EXAMPLES_PER_MODEL = 3
 
 
-def _examples(decisions: list[dict]) -> list[dict]:
+def _examples(decisions: list[dict], fetch=None) -> list[dict]:
     """The first few routed or blocked decisions per model that carry their input, for
-    pictures (images) or tables (tabular rows) in the HTML report."""
+    pictures (images) or tables (tabular rows) in the HTML report. A tensor stored in
+    the ledger is read through ``fetch`` and carried inline (base64) in the example."""
+    from riskpipe.ledger.inputs import inline_copy
+
     out, seen = [], Counter()
     for d in decisions:
         inp = d.get("input")
-        if not (isinstance(inp, dict) and inp.get("data") is not None):
+        if not (isinstance(inp, dict) and (inp.get("data") is not None or isinstance(inp.get("tensor"), dict))):
             continue
         if not (_get(d, "review", "routed") is True or d.get("decision") == "block"):
             continue
@@ -242,7 +246,7 @@ def _examples(decisions: list[dict]) -> list[dict]:
         seen[name] += 1
         out.append({"id": d.get("id"), "model": name, "policy": _policy_name(d), "decision": d.get("decision"),
                     "prediction": d.get("prediction"), "reasons": d.get("reasons") or [],
-                    "input": {"shape": inp.get("shape"), "data": inp.get("data")}})
+                    "input": inline_copy(inp, fetch)})
     return out
 
 

@@ -36,19 +36,24 @@ from flask import Flask, abort, flash, g, redirect, render_template, request, se
 from flask_wtf import CSRFProtect, FlaskForm
 from flask_wtf.csrf import CSRFError
 from wtforms import PasswordField, RadioField, StringField, TextAreaField
-from wtforms.validators import DataRequired, Length, Regexp
+from wtforms.validators import DataRequired, Length, ValidationError
 
 from riskpipe.ledger import Ledger
 from riskpipe.review import queue as rq
 from riskpipe.policy.naming import policy_label
 from riskpipe.render import ModelInfo, class_name, entry_info, record_view
 from riskpipe.review.render import split_controls
-from riskpipe.review.settings import REVIEWER_NAME_RE, ReviewSettings
+from riskpipe.review.settings import ReviewSettings, client_address, normalize_reviewer
 
 log = logging.getLogger("riskpipe.review")
 
 MAX_FAILURES = 5
 LOCKOUT_SECONDS = 300.0
+# failed guesses at the shared password, from any address under any name, before it is
+# locked for everyone: the limit per credential (a guesser spreading tries over names
+# and addresses meets it); higher than MAX_FAILURES because every reviewer shares it
+SHARED_MAX_FAILURES = 20
+SHARED_CREDENTIAL = "credential:shared"
 # Sample names the console exposes; the stage's own metrics are not the console's to report.
 REVIEW_METRIC_SAMPLES = (
     "riskpipe_review_backlog",
@@ -60,8 +65,13 @@ REVIEW_METRIC_SAMPLES = (
 )
 
 
+def _reviewer_name(form, field) -> None:
+    if normalize_reviewer(field.data) is None:
+        raise ValidationError("not a valid reviewer name (letters, digits, . _ @ -)")
+
+
 class LoginForm(FlaskForm):
-    username = StringField("Reviewer", validators=[DataRequired(), Regexp(REVIEWER_NAME_RE.pattern)])
+    username = StringField("Reviewer", validators=[DataRequired(), _reviewer_name])
     password = PasswordField("Password", validators=[DataRequired()])
 
 
@@ -83,6 +93,9 @@ class LoginThrottle:
     attacker spreading guesses at one name over many addresses is never slowed. The
     price: anyone can lock a reviewer out for ``LOCKOUT_SECONDS`` by failing five
     times under their name; that is the lesser harm for a console behind a login.
+    A guess at the shared password (a name that is not a configured user) also counts
+    against the credential itself (``SHARED_CREDENTIAL``, ``SHARED_MAX_FAILURES``), so
+    spreading guesses over many names and addresses does not escape the limit either.
     """
 
     failures: dict[str, deque] = field(default_factory=lambda: defaultdict(deque))
@@ -95,7 +108,7 @@ class LoginThrottle:
                 q = self.failures[key]
                 while q and time.monotonic() - q[0] > LOCKOUT_SECONDS:
                     q.popleft()
-                hit = hit or len(q) >= MAX_FAILURES
+                hit = hit or len(q) >= (SHARED_MAX_FAILURES if key == SHARED_CREDENTIAL else MAX_FAILURES)
             return hit
 
     def fail(self, *keys: str) -> None:
@@ -275,18 +288,20 @@ def create_app(settings: ReviewSettings, *, metrics: Any = "default", publisher=
     @app.route("/login", methods=["GET", "POST"])
     def login():
         form = LoginForm()
-        addr = request.remote_addr or "unknown"
+        addr = client_address(request.remote_addr, request.headers.get("X-Forwarded-For"), settings.trusted_proxies)
         status = 200
         if form.validate_on_submit():
-            keys = (f"addr:{addr}", f"user:{form.username.data}")
-            if state.throttle.locked(*keys):
-                flash("Too many failed logins for this reviewer or from this address; try again in a few minutes.",
-                      "error")
+            name = normalize_reviewer(form.username.data)
+            keys = (f"addr:{addr}", f"user:{name}")
+            credential = (SHARED_CREDENTIAL,) if name not in settings.credentials.users else ()
+            if state.throttle.locked(*keys, *credential):
+                flash("Too many failed logins for this reviewer, from this address or with this password; "
+                      "try again in a few minutes.", "error")
                 return render_template("login.html", form=form), 429
-            who = settings.credentials.authenticate(form.username.data, form.password.data)
+            who = settings.credentials.authenticate(name, form.password.data)
             if who is None:
-                state.throttle.fail(*keys)
-                log.warning("review console: failed login for %r from %s", form.username.data, addr)
+                state.throttle.fail(*keys, *credential)
+                log.warning("review console: failed login for %r from %s", name, addr)
                 flash("Wrong reviewer name or password.", "error")
                 status = 401
             else:
@@ -384,7 +399,7 @@ def create_app(settings: ReviewSettings, *, metrics: Any = "default", publisher=
         info = state.model_info(decision)
         return render_template(
             "item.html", rec=decision, item=rq.QueueItem(decision, 0) if problem is None else None,
-            problem=problem, form=form, error=error, view=record_view(decision, info),
+            problem=problem, form=form, error=error, view=record_view(decision, info, ledger().get_input),
             labels=info.labels, class_name=class_name,
             verdict=ledger().get(event_id, kind="verdict"), routed=rq.needs_review(decision),
             nist=nist, other_controls=other, now=rq.now_utc(),

@@ -94,7 +94,7 @@ def serve_background(ledger_path: str, host: str = "127.0.0.1", port: int = 0, p
                      kafka: KafkaSettings | None = None,
                      review_topic: str = "review", outcomes_topic: str = "review-outcomes",
                      secret_key: bytes | None = None, metrics="default", models: dict | None = None,
-                     scope=None, **server_options) -> ConsoleServer:
+                     scope=None, trusted_proxies: tuple[str, ...] = (), **server_options) -> ConsoleServer:
     """Start the console in a thread (for ``riskpipe demo`` and tests).
 
     ``password`` (shared) or ``users`` is required: there is no default credential.
@@ -108,6 +108,7 @@ def serve_background(ledger_path: str, host: str = "127.0.0.1", port: int = 0, p
         kafka=kafka or (KafkaSettings(bootstrap_servers=bootstrap_servers) if bootstrap_servers else None),
         review_topic=review_topic, outcomes_topic=outcomes_topic,
         host=host, port=port, secret_key=secret_key, models=dict(models or {}), scope=scope,
+        trusted_proxies=tuple(trusted_proxies),
     )
     return start(settings, metrics=metrics, **server_options)
 

@@ -20,27 +20,53 @@ loader, so one file validated one way serves both; the console uses these keys):
       outcomes_topic: review-outcomes
       host: 127.0.0.1
       port: 8470
+      trusted_proxies: [10.0.0.0/8]         # reverse proxies whose X-Forwarded-For is believed
+
+Reviewer names are compared NFKC-normalised and case-folded and must match
+``REVIEWER_NAME_RE`` in full (``Alice`` and ``alice`` are one reviewer; ``"alice\n"`` is
+no name). Failed logins lock out the client address and the reviewer name (5 in 5
+minutes each); guesses at the shared password also count against the credential
+itself, from any name and address (``SHARED_MAX_FAILURES`` in riskpipe/review/app.py).
+The client address is the TCP peer, unless the peer is one of ``trusted_proxies``
+(addresses or networks): then it is the right-most ``X-Forwarded-For`` hop that is
+not a trusted proxy. Without ``trusted_proxies`` the header is ignored, so behind a
+proxy every client shares the proxy's address (and its lockout) until you list it.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 import re
+import unicodedata
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from werkzeug.security import check_password_hash, generate_password_hash
+
+from riskpipe.redaction import register_secret
 
 from riskpipe.kafka_clients import KafkaSettings
 
 PASSWORD_ENV = "RISKPIPE_REVIEW_PASSWORD"
 SECRET_KEY_ENV = "RISKPIPE_REVIEW_SECRET_KEY"
 MIN_PASSWORD_LENGTH = 8
-REVIEWER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+# a reviewer name after normalize_reviewer (NFKC, case-folded), matched in full
+REVIEWER_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._@-]{0,63}")
+
+
+def normalize_reviewer(name: object) -> str | None:
+    """The canonical form of a reviewer name (NFKC-normalised, case-folded), or None
+    unless that form matches ``REVIEWER_NAME_RE`` in full. ``"Alice"`` and ``"ａｌｉｃｅ"``
+    are ``"alice"``; ``"alice\n"`` is no name at all (a ``$`` anchor would have let it in)."""
+    if not isinstance(name, str) or len(name) > 256:
+        return None
+    canonical = unicodedata.normalize("NFKC", name).casefold()
+    return canonical if REVIEWER_NAME_RE.fullmatch(canonical) else None
 _HASH_PREFIXES = ("scrypt:", "pbkdf2:")
 
 
@@ -61,6 +87,19 @@ class ReviewSection(BaseModel):
     host: str | None = None
     port: int | None = Field(None, ge=0, le=65535)
     session_hours: float = Field(8.0, gt=0, le=24 * 7)
+    # addresses or networks of reverse proxies whose X-Forwarded-For the console believes
+    # (for the per-address login lockout); empty: the TCP peer is the client
+    trusted_proxies: list[str] = Field(default_factory=list)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/8)") from None
+        return v
 
 
 @dataclass(frozen=True)
@@ -81,11 +120,20 @@ class Credentials:
             )
         if self.shared is not None:
             _check_password("shared password", self.shared)
+        users: dict[str, str] = {}
         for name, secret in self.users.items():
-            if not REVIEWER_NAME_RE.match(name):
+            canonical = normalize_reviewer(name)
+            if canonical is None:
                 raise SettingsError(f"review.users: {name!r} is not a valid reviewer name (letters, digits, . _ @ -)")
+            if canonical in users:
+                raise SettingsError(f"review.users: {name!r} is the same reviewer as another entry "
+                                    f"(names are compared NFKC-normalised and case-folded: {canonical!r})")
             if not secret.startswith(_HASH_PREFIXES):
                 _check_password(f"review.users.{name}", secret)
+                register_secret(secret)
+            users[canonical] = secret
+        object.__setattr__(self, "users", users)
+        register_secret(self.shared)
         methods = [s.split("$", 1)[0] for s in self.users.values() if s.startswith(_HASH_PREFIXES)]
         if methods:
             object.__setattr__(self, "_dummy_hash", generate_password_hash(secrets.token_urlsafe(16), method=methods[0]))
@@ -102,8 +150,9 @@ class Credentials:
         compares, so the response
         time does not tell an attacker which reviewer names exist.
         """
-        if not isinstance(name, str) or not isinstance(password, str) or not REVIEWER_NAME_RE.match(name):
-            name, password = "", password if isinstance(password, str) else ""
+        name = normalize_reviewer(name) or ""
+        if not isinstance(password, str):
+            password = ""
         secret = self.users.get(name)
         hashed = secret if secret is not None and secret.startswith(_HASH_PREFIXES) else self._dummy_hash
         hash_ok = check_password_hash(hashed, password) if hashed else False
@@ -161,6 +210,7 @@ class ReviewSettings:
     # the stage the console serves (riskpipe.review.scope): records of other stages' models or
     # policies are neither ingested nor shown; None (no --config) serves every record
     scope: Any = None
+    trusted_proxies: tuple[str, ...] = ()  # review.trusted_proxies (see client_address)
 
     @property
     def bootstrap_servers(self) -> str | None:
@@ -250,4 +300,33 @@ def resolve_settings(
         session_hours=section.session_hours,
         models=dict(config.models) if config_path else {},
         scope=scope,
+        trusted_proxies=tuple(section.trusted_proxies),
     )
+
+
+def client_address(peer: str | None, forwarded_for: str | None, trusted_proxies) -> str:
+    """The client's address for the login lockout. ``X-Forwarded-For`` is believed only
+    when the TCP peer is a trusted proxy, and then only back to the first hop that is
+    not one (read right to left: the entries left of it are the client's own claims,
+    which anyone can forge). Without trusted proxies it is ignored: the peer is the client."""
+    nets = [ipaddress.ip_network(n, strict=False) for n in trusted_proxies]
+
+    def trusted(addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in n for n in nets)
+
+    addr = peer or "unknown"
+    if not nets or not forwarded_for or not trusted(addr):
+        return addr
+    for hop in reversed([h.strip() for h in forwarded_for.split(",")]):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return addr  # a malformed hop: stop at the last address a trusted proxy vouched for
+        addr = hop
+        if not trusted(hop):
+            return hop
+    return addr

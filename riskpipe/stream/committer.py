@@ -82,6 +82,7 @@ class Decided:
     record: dict
     outputs: list[Output]
     enqueued: float | None = None  # source timestamp (epoch seconds), for end-to-end latency
+    inputs: list = field(default_factory=list)  # tensors the record references (ledger ``inputs`` table)
 
 
 @dataclass
@@ -109,9 +110,11 @@ def dlq_entry(d: Dead) -> tuple[dict, str]:
 
 
 class Committer:
-    def __init__(self, ledger, dlq_topic: str, after_commit: list[Callable[[Outcome], None]] | None = None):
+    def __init__(self, ledger, dlq_topic: str, after_commit: list[Callable[[Outcome], None]] | None = None,
+                 max_output_bytes: int | None = None):
         self.ledger = ledger
         self.dlq_topic = dlq_topic
+        self.max_output_bytes = max_output_bytes
         self.after_commit: list[Callable[[Outcome], None]] = list(after_commit or [])
 
     def commit(self, outcome: Outcome, sink, source) -> Outcome:
@@ -126,7 +129,7 @@ class Committer:
             for o in d.outputs:
                 sink.send(o.topic, o.key, o.value, o.headers)
         for d in outcome.dead:
-            o = dead_letter_output(d.message, d.reason, d.text, self.dlq_topic, d.exception)
+            o = dead_letter_output(d.message, d.reason, d.text, self.dlq_topic, d.exception, self.max_output_bytes)
             sink.send(o.topic, o.key, o.value, o.headers)
 
     def complete(self, outcome: Outcome, sink, source) -> Outcome:
@@ -153,7 +156,8 @@ class Committer:
             return
         rows = [("decision", d.record, None) for d in outcome.decided]
         try:
-            self.ledger.append_entries(rows + [("dlq", *dlq_entry(d)) for d in outcome.dead])
+            self.ledger.append_entries(rows + [("dlq", *dlq_entry(d)) for d in outcome.dead],
+                                       [s for d in outcome.decided for s in d.inputs])
             return
         except Exception as e:  # noqa: BLE001 - find the culprit row by row, below
             if infrastructure_component(e):
@@ -162,7 +166,7 @@ class Committer:
         kept = []
         for d in outcome.decided:
             try:
-                self.ledger.append_entries([("decision", d.record, None)])
+                self.ledger.append_entries([("decision", d.record, None)], d.inputs)
                 kept.append(d)
             except Exception as e:  # noqa: BLE001 - this event's row: its event is dead-lettered
                 if infrastructure_component(e):

@@ -7,6 +7,14 @@ sasl_plain_password, ssl_cafile, ssl_certfile, ssl_keyfile, ssl_password), topic
 group_id, models {name: entry}, policy, metrics_port, ledger, batch {max_events,
 max_wait_ms}, plus the optional tuning keys below.
 
+Size limits: ``max_message_bytes`` (a JSON event, default 1 MiB),
+``max_binary_message_bytes`` (an event in the binary tensor form, default 16 MiB; its
+JSON part still has the JSON limit) and ``max_output_bytes`` (every output record, key
+and headers included, default 1 MiB = Kafka's default ``message.max.bytes``; set it
+to your topics' ``max.message.bytes``). A decision whose output would be larger is
+dead-lettered with reason ``output_too_large``; a dead letter drops the original
+payload (then its headers) to fit (docs/records.md).
+
 ``models`` maps the model name an event carries to a spec string
 (``models/signs.pt?shape=3,32,32``; TorchScript, .onnx, .skops,
 ``module:factory@weights`` or ``demo:NAME``) or to a mapping with these keys
@@ -66,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 import os
+import re
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -260,6 +269,9 @@ class StageConfig(KafkaSettings):
     device: str = "cpu"
     max_message_bytes: int = Field(1 << 20, ge=1024)  # a JSON event
     max_binary_message_bytes: int = Field(16 << 20, ge=1024)  # an event in the binary tensor form
+    # every output (decisions, review, audit, dlq), key and headers included: Kafka's default
+    # message.max.bytes; larger decision outputs are that event's dead letter (output_too_large)
+    max_output_bytes: int = Field(1 << 20, ge=8192)
     certify_batch_size: int | None = Field(None, ge=1)  # None: probed per model (riskpipe.tuning)
     torch_threads: int | None = Field(1, ge=1)  # None: torch's default (see the module docstring)
     review_include_input: bool = True
@@ -319,14 +331,28 @@ class ConfigError(ValueError):
     pass
 
 
-def _expand(value: Any) -> Any:
-    """``${VAR}`` in string values from the environment (Kubernetes injects secrets that way)."""
+_VAR = re.compile(r"\$\{([^}]*)\}")
+_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _expand(value: Any, where: str = "") -> Any:
+    """``${VAR}`` in string values from the environment (Kubernetes injects secrets that
+    way). Only that form is expanded (``$HOME`` or a ``$`` inside a password stays as
+    written); an unset variable is a ConfigError naming it and the field."""
     if isinstance(value, str):
-        return os.path.expandvars(value)
+        def sub(m: re.Match) -> str:
+            name = m.group(1)
+            if not _VAR_NAME.fullmatch(name):
+                raise ConfigError(f"{where or 'value'}: ${{{name}}} is not a valid variable name")
+            if name not in os.environ:
+                raise ConfigError(f"{where or 'value'}: environment variable {name} is not set (used as ${{{name}}})")
+            return os.environ[name]
+
+        return _VAR.sub(sub, value) if "${" in value else value
     if isinstance(value, dict):
-        return {k: _expand(v) for k, v in value.items()}
+        return {k: _expand(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand(v) for v in value]
+        return [_expand(v, f"{where}[{i}]") for i, v in enumerate(value)]
     return value
 
 
@@ -348,7 +374,10 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    return _expand(data)
+    try:
+        return _expand(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:

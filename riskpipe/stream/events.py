@@ -54,6 +54,7 @@ class Event:
     time: str | None = None
     cloudevent: dict | None = None
     trace: dict | None = None  # W3C trace context of the message (riskpipe/stream/trace.py)
+    raw: np.ndarray | None = None  # a UINT8 tensor as sent (records keep it UINT8: riskpipe/ledger/inputs.py)
 
 
 def _headers(headers) -> dict[str, str]:
@@ -134,6 +135,9 @@ def parse_envelope(value: bytes | None, headers=None, max_bytes: int = 1 << 20,
         raise EventError("oversized", f"value: {len(value)} bytes exceeds the limit of {limit}")
     if binary.HEADER in h:
         value, payload = binary.split(value, h[binary.HEADER])
+        if len(value) > max_bytes:  # the header lifts the limit for tensor bytes only, never for JSON
+            raise EventError("oversized", f"value: the JSON part of {len(value)} bytes exceeds the JSON limit "
+                                          f"of {max_bytes} (only binary tensor data may use the binary limit)")
     try:
         obj, clean = codec.loads_checked(value)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -224,8 +228,10 @@ def validate_event(obj: dict, models: dict, values_checked: bool = False) -> Eve
             arr = np.array(data, dtype=np.float64)
         except (TypeError, ValueError, OverflowError):
             raise EventError("wrong_type", "inputs[0].data: every element must be a number") from None
+    raw = None
     if dt == "UINT8" and model.dtype.startswith("float"):
-        arr = _from_uint8(arr.reshape(expected), model)
+        mapped = _from_uint8(arr.reshape(expected), model)  # checks the values are integers in [0, 255]
+        raw, arr = arr.reshape(expected).astype(np.uint8), mapped
     try:
         x = check_inputs(arr.reshape((1,) + expected), model)[0]
     except InputError as e:
@@ -240,7 +246,7 @@ def validate_event(obj: dict, models: dict, values_checked: bool = False) -> Eve
     if ts is not None:
         check_time(ts)
     return Event(id=eid, model=name, x=x, datatype=dt, prediction=pred, upstream_risk=obj.get("upstream_risk"),
-                 context=ctx, time=ts)
+                 context=ctx, time=ts, raw=raw)
 
 
 def _from_uint8(arr: np.ndarray, model) -> np.ndarray:

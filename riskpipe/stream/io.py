@@ -149,13 +149,13 @@ class KafkaSink:
     def __init__(self, config):
         # the largest record this producer sends; the stage dead-letters an event whose
         # output would be larger (else the send fails on every redelivery: a stuck partition)
-        self.max_message_bytes = max(config.largest_message_bytes * 2, 1 << 20)
+        self.max_message_bytes = config.max_output_bytes
         self.producer = kafka_clients.producer(
             config.kafka(),
             acks="all",
             enable_idempotence=True,
             linger_ms=5,
-            batch_size=1 << 18,  # full records are KBs each: fewer, larger produce requests
+            batch_size=min(1 << 18, self.max_message_bytes),  # full records are KBs each: fewer, larger requests
             max_request_size=self.max_message_bytes,
             retries=5,
             request_timeout_ms=10_000,

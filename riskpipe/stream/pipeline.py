@@ -14,6 +14,7 @@ import numpy as np
 
 from riskpipe.certify.norms import convert_radius
 from riskpipe.ledger.chain import canonical_json, decision_scope
+from riskpipe.ledger.inputs import input_digest, input_fields  # noqa: F401 - input_digest re-exported
 from riskpipe.models import Model
 from riskpipe.policy.evaluate import evaluate_batch
 from riskpipe.policy.signals import json_safe
@@ -29,8 +30,6 @@ def seed_for(event_id: str, policy_sha: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{event_id}\x00{policy_sha}".encode()).digest()[:8], "big") >> 1
 
 
-def input_digest(x: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(x, dtype=np.float32).tobytes()).hexdigest()
 
 
 def event_digest(input_sha256: str, model: str, prediction, upstream_risk, context) -> str:
@@ -102,6 +101,9 @@ class Pipeline:
         self.entries = entries
         self.worker = worker
         self.review_include_input = review_include_input
+        # the stage sets this when it has a ledger: large inputs are then stored there once and
+        # records carry a reference (riskpipe/ledger/inputs.py); without one they are inlined
+        self.store_inputs = False
         self.certify_seconds = 0.0  # cumulative time inside certifiers (benchmarks read it)
 
     @property
@@ -176,9 +178,8 @@ class Pipeline:
         )
         certificate = {**cert.to_dict(), "radius_threat": radius_threat, "threat_norm": p.threat_model.norm,
                        "threat_epsilon": p.threat_model.epsilon}
-        inp = {"sha256": input_digest(ev.x), "shape": list(ev.x.shape), "datatype": ev.datatype}
-        if self.review_include_input and (review.get("routed") or review.get("audit_sample")):
-            inp["data"] = np.asarray(ev.x, dtype=np.float32).ravel().tolist()
+        include = self.review_include_input and bool(review.get("routed") or review.get("audit_sample"))
+        inp, _ = input_fields(ev.x, ev.datatype, ev.raw, include, self.store_inputs)
         return {
             "id": ev.id,
             "ts": now,

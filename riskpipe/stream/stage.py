@@ -42,7 +42,8 @@ from riskpipe.stream.guard import GuardTripped, Guards, PartitionGuard  # noqa: 
 from riskpipe.stream.infra import BROKER, LEDGER, InfrastructureUnavailable, Outage, infrastructure_component
 from riskpipe.stream.io import Message
 from riskpipe.stream.observer import Observer, Stats  # noqa: F401 - re-exported
-from riskpipe.stream.outputs import check_sizes, decision_outputs
+from riskpipe.ledger.inputs import REF_PREFIX, stored_input
+from riskpipe.stream.outputs import OUTPUT_TOO_LARGE, OutputTooLarge, check_sizes, decision_outputs
 from riskpipe.stream.pipeline import Pipeline
 from riskpipe.stream.status import Progress
 from riskpipe.stream.triage import Accepted, Dead, classify, parse_batch
@@ -60,7 +61,8 @@ class Stage:
         self.ledger = ledger
         self.batcher = Batcher(config.batch.max_events, config.batch.max_wait_ms)
         self.guards = Guards(config.guard)
-        self.committer = Committer(ledger, config.topics.dlq, after_commit)
+        self.committer = Committer(ledger, config.topics.dlq, after_commit, config.max_output_bytes)
+        pipeline.store_inputs = ledger is not None  # large inputs: once in the ledger, referenced by records
         self.observer = Observer(metrics, on_record, on_batch,
                                  progress=Progress(getattr(config, "progress_interval_s", None)))
         self.stopping = threading.Event()
@@ -276,18 +278,25 @@ class Stage:
                           earlier=tri.earlier)
         def outputs(rec):
             return check_sizes(decision_outputs(rec, self.config.topics, self.pipeline.public),
-                               getattr(self.sink, "max_message_bytes", None))
+                               self.config.max_output_bytes)
+
+        def emit(make, m):
+            try:
+                return make()
+            except OutputTooLarge as e:  # never sent, never allowed: that event's dead letter
+                outcome.dead.append(Dead(m, OUTPUT_TOO_LARGE, f"emit: {e}"))
+            except Exception as e:  # noqa: BLE001 - e.g. a value JSON cannot carry
+                outcome.dead.append(Dead.from_exception(m, e, "emit"))
 
         for m, stored in tri.redelivered:
-            try:
-                outcome.redelivered.append(Decided(m, stored, outputs(stored)))
-            except Exception as e:  # noqa: BLE001
-                outcome.dead.append(Dead.from_exception(m, e, "emit"))
+            d = emit(lambda: Decided(m, stored, outputs(stored)), m)
+            if d is not None:
+                outcome.redelivered.append(d)
         for a, rec in self._decide(tri.accepted, outcome.dead):
-            try:
-                outcome.decided.append(Decided(a.message, rec, outputs(rec), _epoch_ms(a.message.timestamp)))
-            except Exception as e:  # noqa: BLE001 - e.g. a value JSON cannot carry
-                outcome.dead.append(Dead.from_exception(a.message, e, "emit"))
+            d = emit(lambda: Decided(a.message, rec, outputs(rec), _epoch_ms(a.message.timestamp),
+                                     _stored_inputs(a.event, rec)), a.message)
+            if d is not None:
+                outcome.decided.append(d)
         return outcome
 
     def _parse(self, m: Message):
@@ -345,6 +354,14 @@ class Stage:
         for p in self.pipeline.policies:
             rec, eid = policy_record(p.name, str(p.version), p.sha256, utc_now(), source=getattr(p, "path", None))
             self.ledger.append(rec, kind="policy", entry_id=eid)
+
+
+def _stored_inputs(ev, record: dict) -> list:
+    """The tensor the ledger must hold for ``record`` (its input is a reference), if any."""
+    inp = record.get("input") or {}
+    if str((inp.get("tensor") or {}).get("ref", "")).startswith(REF_PREFIX):
+        return [stored_input(ev.x, ev.raw, inp["sha256"])]
+    return []
 
 
 def _epoch_ms(ms: int | None) -> float | None:
