@@ -73,11 +73,11 @@ class OutageLedger(PostgresLedger):
         self._maybe_fail("get")
         return super().get_all(entry_id, kind)
 
-    def append_entries(self, entries):
+    def append_entries(self, entries, inputs=()):
         entries = list(entries)
         if any(k == "decision" for k, _, _ in entries):
             self._maybe_fail("append")
-        return super().append_entries(entries)
+        return super().append_entries(entries, inputs)
 
 
 def committed_offset(bootstrap: str, group: str, topic: str = "inferences") -> int | None:
