@@ -46,6 +46,10 @@ class KafkaSettings(BaseModel):
             raise ValueError(f"sasl_plain_username/sasl_plain_password: required with sasl_mechanism {self.sasl_mechanism}")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile/ssl_keyfile: give both (client certificate and its key) or neither")
+        from riskpipe.redaction import register_secret
+
+        register_secret(self.sasl_plain_password)  # masked in every output from now on
+        register_secret(self.ssl_password)
         return self
 
     @classmethod

@@ -248,3 +248,19 @@ def test_ledger_input_command_returns_the_stored_tensor_by_digest(tmp_path) -> N
     r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "ledger", "input", path, "0" * 64],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no stored input" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_ingested_dead_letter_without_its_payload_keeps_the_payloads_digest() -> None:
+    import hashlib
+    from types import SimpleNamespace
+
+    from riskpipe.cli.ledger_cmd import message_entries
+
+    payload = b"z" * 300_000
+    out = dead_letter_output(Message(payload, "inferences", 1, 9), "output_too_large", "emit: too big", "dlq",
+                             limit=64 * 1024)
+    msg = SimpleNamespace(topic="dlq", partition=0, offset=5, timestamp=0, value=out.value, headers=out.headers)
+    [(kind, rec, eid)] = message_entries(msg, "dlq")
+    sha = hashlib.sha256(payload).hexdigest()
+    assert kind == "dlq" and rec["reason"] == "output_too_large" and rec["digest"] == {"sha256": sha, "size": 300_000}
+    assert eid == f"inferences:1:9:{sha[:16]}"  # the entry the stage wrote itself: ingest adds no second one

@@ -169,3 +169,11 @@ def test_no_command_prints_the_dsn_password(postgres, pg_url, tmp_path) -> None:
 
     with open_ledger(url) as led:
         assert led.count("decision") == 4 + 1 and led.verify().ok  # the stage runs, then the ingested record
+
+
+def test_kafka_passwords_from_the_config_are_masked() -> None:
+    from riskpipe.kafka_clients import KafkaSettings
+
+    KafkaSettings(bootstrap_servers="b:9093", security_protocol="SASL_SSL", sasl_mechanism="PLAIN",
+                  sasl_plain_username="stage", sasl_plain_password="kafka-Pa55-word")
+    assert redact("auth failed for stage/kafka-Pa55-word") == "auth failed for stage/***"

@@ -424,10 +424,14 @@ def message_entries(msg, kind: str) -> list[tuple[str, dict, str | None]]:
         src = {k: _header(msg, f"__riskpipe.errors.{k}") for k in ("topic", "partition", "offset")}
         if src["topic"] is None:
             src = where
+        omitted = _header(msg, "__riskpipe.errors.payload") == "omitted"  # left out to fit max_output_bytes
+        size = _header(msg, "__riskpipe.errors.payload_bytes")
         rec, eid = dlq_record(reason, msg.value or b"", ts, topic=src["topic"],
                               partition=int(src["partition"]) if src["partition"] not in (None, "") else None,
                               offset=int(src["offset"]) if src["offset"] not in (None, "") else None,
-                              message=_header(msg, "__riskpipe.errors.message"))
+                              message=_header(msg, "__riskpipe.errors.message"),
+                              digest={"sha256": _header(msg, "__riskpipe.errors.payload_sha256"),
+                                      "size": int(size) if (size or "").isdigit() else None} if omitted else None)
         return [("dlq", rec, eid)]
     try:
         record = json.loads(msg.value)

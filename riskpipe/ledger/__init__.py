@@ -151,14 +151,17 @@ def policy_record(name: str, version: str, sha256: str, ts: str, event: str = "l
 
 def dlq_record(reason: str, value: bytes, ts: str, *, topic: str | None = None, partition: int | None = None,
                offset: int | None = None, file: str | None = None, line: int | None = None,
-               message: str | None = None) -> tuple[dict, str]:
+               message: str | None = None, digest: dict | None = None) -> tuple[dict, str]:
     """A ``dlq`` entry and its entry id: reason, source and the payload's sha256 — never the payload.
 
     The entry id is the position plus the payload's digest (``topic:partition:offset:sha256[:16]``):
     a redelivery of the same message is one entry, while another message at a position
     used before (a topic deleted and re-created, a broker that lost its data, a rewritten
-    file) is an entry of its own instead of being skipped as a duplicate."""
-    sha = hashlib.sha256(value).hexdigest()
+    file) is an entry of its own instead of being skipped as a duplicate. ``digest``
+    ({sha256, size}) names a payload that is no longer at hand (a dead letter whose
+    payload was left out to fit ``max_output_bytes``): the entry is the one the stage wrote."""
+    digest = digest or {"sha256": hashlib.sha256(value).hexdigest(), "size": len(value)}
+    sha = str(digest["sha256"])
     if topic is not None:
         source: dict = {"topic": topic, "partition": partition, "offset": offset}
         eid = f"{topic}:{partition}:{offset}:{sha[:16]}"
@@ -166,5 +169,5 @@ def dlq_record(reason: str, value: bytes, ts: str, *, topic: str | None = None, 
         source = {"file": file, "line": line}
         eid = f"{file}:{line}:{sha[:16]}"
     rec = {"id": eid, "ts": ts, "reason": reason, "message": message, "source": source,
-           "digest": {"sha256": sha, "size": len(value)}}
+           "digest": digest}
     return rec, eid
