@@ -36,12 +36,10 @@ from riskpipe.certify.families import METHODS
 def certify(model_spec, input_path, method, mode, sigma, alpha, n0, n, epsilon, norm, bound, sampler, grid_levels,
             grid_step, max_samples, seed, batch_size, device, output_path):
     """Certify every input of FILE and write one JSON line per input."""
-    from tqdm import tqdm
-
     from pydantic import ValidationError
 
     from riskpipe.certify import certifier_for_policy
-    from riskpipe.cli.common import fail, read_inputs
+    from riskpipe.cli.common import fail, progress_bar, read_inputs
     from riskpipe.models import InputError, ModelError, check_inputs, load_model_for
     from riskpipe.policy.schema import Certifier
 
@@ -76,7 +74,7 @@ def certify(model_spec, input_path, method, mode, sigma, alpha, n0, n, epsilon, 
         fail(f"input {input_path}: {e}")
     out = sys.stdout if output_path == "-" else open(output_path, "w", encoding="utf-8")
     chunk = cert.inputs_per_call
-    bar = tqdm(total=len(X), unit="input", disable=not sys.stderr.isatty(), file=sys.stderr)
+    bar = progress_bar(len(X), f"certify ({method}, {mode})")
     try:
         for start in range(0, len(X), chunk):
             xb = X[start : start + chunk]

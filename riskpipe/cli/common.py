@@ -21,6 +21,61 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def on_terminal() -> bool:
+    """Progress is drawn only for a person at a terminal: quiet in pipes, files and CI logs."""
+    return sys.stderr.isatty()
+
+
+def _size() -> dict:
+    """tqdm's ncols/nrows from the terminal; 100 x 24 when it reports 0 (a terminal that never
+    set its size, e.g. under `script`), where tqdm would draw nothing."""
+    import shutil
+
+    cols, rows = shutil.get_terminal_size((100, 24))
+    return {"ncols": cols or 100, "nrows": rows or 24}
+
+
+def progress_bar(total: int | None, desc: str, unit: str = "input"):
+    """A tqdm bar on stderr, disabled when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not on_terminal(), file=sys.stderr, leave=False,
+                **_size())
+
+
+class working:
+    """``with working("verifying 1,204,113 rows"):`` a ticking elapsed-time line on a terminal
+    for a step that reports no progress of its own; nothing when stderr is not a terminal."""
+
+    def __init__(self, desc: str, interval_s: float = 0.5) -> None:
+        self.desc, self.interval_s = desc, interval_s
+        self._thread = None
+
+    def __enter__(self) -> working:
+        if on_terminal():
+            import threading
+
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=None, desc=self.desc, bar_format="{desc} ({elapsed})", file=sys.stderr,
+                             leave=False, **_size())
+            self._stop = threading.Event()
+
+            def tick() -> None:
+                while not self._stop.wait(self.interval_s):
+                    self._bar.refresh()
+
+            self._thread = threading.Thread(target=tick, name="riskpipe-working", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=2)
+            self._bar.close()
+
+
 def read_inputs(path: str) -> np.ndarray:
     """Inputs from a .npy file or JSON lines (one array, or an object with ``data``
     or Open Inference Protocol ``inputs``, per line)."""

@@ -61,7 +61,7 @@ def compare(models, config_path, methods, eps_grid, norms, n_samples, limit, sig
     import numpy as np
     import torch
 
-    from riskpipe.cli.common import fail
+    from riskpipe.cli.common import fail, progress_bar
     from riskpipe.compare import FORMATS, CompareConfig, render, run_compare
     from riskpipe.models import InputError, ModelError
 
@@ -91,7 +91,8 @@ def compare(models, config_path, methods, eps_grid, norms, n_samples, limit, sig
             fail(f"--data {data_path}: X has {len(X)} rows, y has {len(y)}")
     torch.set_num_threads(threads)
     try:
-        result = run_compare(cfg, X, y, log=lambda m: click.echo(m, err=True))
+        result = run_compare(cfg, X, y, log=lambda m: click.echo(m, err=True),
+                             bar=lambda total, desc: progress_bar(total, f"  {desc}"))
     except (ModelError, InputError, ValueError) as e:
         fail(str(e))
     written = render(result, out_dir, fmts)

@@ -63,12 +63,16 @@ def verify(path, expect_head, expect_count, public_keys, checkpoint_file, as_jso
         external = read_checkpoint_file(checkpoint_file) if checkpoint_file else []
     except LedgerError as e:
         fail(str(e))
+    from riskpipe.cli.common import working
+    from riskpipe.ledger import redact
+
     with _open(path) as led:
         try:
             if keys and (expect_head or expect_count is not None):
                 fail("--public-key: use either signed checkpoints or --expect-head/--expect-count")
-            res = verify_ledger(led, keys, external) if keys else led.verify(expect_head=expect_head,
-                                                                            expect_count=expect_count)
+            with working(f"verifying {led.count():,} rows of {redact(path)}"):
+                res = verify_ledger(led, keys, external) if keys else led.verify(expect_head=expect_head,
+                                                                                expect_count=expect_count)
         except LedgerError as e:
             fail(str(e))
     empty = res.ok and res.count == 0

@@ -19,10 +19,10 @@ def report(ledger_path, since, until, fmt, out_path, config_path):
     review, dead letters, NIST AI RMF / ISO 27001 mapping, ledger integrity."""
     from pathlib import Path
 
-    from riskpipe.cli.common import fail
+    from riskpipe.cli.common import fail, working
     from riskpipe.report import ReportError, write_report
 
-    from riskpipe.ledger import backend_for
+    from riskpipe.ledger import backend_for, redact
 
     try:
         beside = backend_for(ledger_path).backend == "sqlite"
@@ -38,7 +38,8 @@ def report(ledger_path, since, until, fmt, out_path, config_path):
         except ConfigError as e:
             fail(str(e))
     try:
-        path = write_report(ledger_path, out, fmt, since=since, until=until, models=models)
+        with working(f"report ({fmt}) from {redact(ledger_path)}"):
+            path = write_report(ledger_path, out, fmt, since=since, until=until, models=models)
     except ReportError as e:
         fail(str(e))
     click.echo(str(path))

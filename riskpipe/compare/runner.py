@@ -111,12 +111,14 @@ def _certifier(model, method: str, cfg: CompareConfig, policy=None):
     return certifier_for_policy(model, certifier_section(method, cfg, policy), batch_size=4096, epsilon=0.0)
 
 
-def _certify_all(cert, X: np.ndarray, seed: int):
+def _certify_all(cert, X: np.ndarray, seed: int, bar=None):
     out = []
     step = cert.inputs_per_call
     for s in range(0, len(X), step):
         xb = X[s:s + step]
         out += cert.run("certify", xb, [seed + s + i for i in range(len(xb))])
+        if bar is not None:
+            bar.update(len(xb))
     return out
 
 
@@ -166,14 +168,18 @@ def _ready_certifier(model, method: str, cfg: CompareConfig, probe: np.ndarray, 
     return cert, setup_ms, None
 
 
-def _method_run(model, method: str, X, y, cfg: CompareConfig, policy=None) -> dict:
+def _method_run(model, method: str, X, y, cfg: CompareConfig, policy=None, bar=None) -> dict:
     cert, setup_ms, reason = _ready_certifier(model, method, cfg, X, policy)
     if cert is None:
         return unavailable(method, reason, cfg)
     d = model.input_dim
     with peak_memory(cfg.device) as mem:
         t0 = time.perf_counter()
-        certs = _certify_all(cert, X, cfg.seed)
+        if bar is None:
+            certs = _certify_all(cert, X, cfg.seed)
+        else:
+            with bar(len(X), method) as b:
+                certs = _certify_all(cert, X, cfg.seed, b)
         total_ms = (time.perf_counter() - t0) * 1e3
     lat = [timed(lambda i=i: cert.certify_batch(X[i:i + 1], [cfg.seed + i]), cfg.device)
            for i in range(min(cfg.timing_inputs, len(X)))]
@@ -264,8 +270,9 @@ def _certified_view(spec: str, X: np.ndarray, cfg: CompareConfig):
 
 
 def run_compare(cfg: CompareConfig, X: np.ndarray | None = None, y: np.ndarray | None = None,
-                log=lambda msg: None) -> dict:
-    """Everything the report card shows, as plain data (JSON-serialisable)."""
+                log=lambda msg: None, bar=None) -> dict:
+    """Everything the report card shows, as plain data (JSON-serialisable). ``bar(total, desc)``
+    (the CLI's terminal progress bar) counts the inputs each family certifies."""
     from riskpipe.models.digits import load_split
 
     t_start = time.perf_counter()
@@ -284,7 +291,7 @@ def run_compare(cfg: CompareConfig, X: np.ndarray | None = None, y: np.ndarray |
         runs = []
         for method in cfg.methods:
             log(f"  {method}")
-            runs.append(_method_run(model, method, Xc, y, cfg, policy))
+            runs.append(_method_run(model, method, Xc, y, cfg, policy, bar))
         pgd_acc = {n: _pgd_accuracy(model, Xc, y, n, cfg.eps_grid[n], cfg) for n in cfg.norms}
         models.append({"spec": spec, "sha256": model.sha256, "input_dim": model.input_dim, "scale": scale,
                        "clean_accuracy": clean, "pgd_accuracy": pgd_acc, "attack": attack_name(model, cfg),
