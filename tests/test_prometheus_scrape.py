@@ -133,3 +133,60 @@ def test_prometheus_scrapes_a_running_stage(tmp_path: Path) -> None:
         finally:
             _stop(prometheus)
             _stop(stage)
+
+
+def test_prometheus_sees_two_models_in_different_units_apart(tmp_path: Path) -> None:
+    """One stage, two models: the demo's 8x8 pixels in [0, 1] and the tabular example's 30 raw
+    features certified in standardised units. Every per-model series carries its model and
+    policy, the radius histograms are separate, and the per-model recording rules evaluate."""
+    from kafka import KafkaProducer
+
+    root = Path(__file__).resolve().parents[1]
+    tab = root / "examples" / "tabular"
+    config = {"policy": str(root / "policies" / "default.yaml"), "progress_interval_s": 0,
+              "models": {"digits": {"spec": "demo:digits"},
+                         "cancer": {"spec": str(tab / "model.skops"), "reference": str(tab / "reference.npz"),
+                                    "policy": str(tab / "policy.yaml"), "scale": "standardize"}}}
+    stage_port, prom_port = free_port(), free_port()
+    with EmbeddedBroker() as broker:
+        broker.create_topics()
+        config["bootstrap_servers"] = broker.bootstrap
+        (tmp_path / "riskpipe.yaml").write_text(yaml.safe_dump(config))
+        rng = np.random.default_rng(1)
+        X = np.load(tab / "reference.npz")["X"]
+        events = [make_event(f"px-{i}", "digits", rng.random((1, 8, 8))) for i in range(4)]
+        events += [make_event(f"tab-{i}", "cancer", X[i]) for i in range(5)]
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+        for event in events:
+            producer.send("inferences", key=event["id"].encode(), value=json.dumps(event).encode())
+        producer.flush()
+        producer.close()
+        env = dict(os.environ, RISKPIPE_DATA_DIR=str(tmp_path / "data"))
+        stage = subprocess.Popen(
+            [sys.executable, "-m", "riskpipe.cli", "run", "--config", str(tmp_path / "riskpipe.yaml"),
+             "--metrics-port", str(stage_port), "--no-ledger"],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stage.log", "wb"))
+        prom = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(RULES)],
+                "scrape_configs": [{"job_name": "riskpipe", "static_configs": [{"targets": [f"127.0.0.1:{stage_port}"]}]}]}
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prom))
+        prometheus = subprocess.Popen(
+            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{prom_port}"],
+            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
+        base = f"http://127.0.0.1:{prom_port}"
+        try:
+            _wait(lambda: _query(base, 'sum(riskpipe_events_total{outcome="decided"}) >= 9'), 120, "9 decisions")
+            assert stage.poll() is None, (tmp_path / "stage.log").read_text()[-2000:]
+            by_model = {r["metric"]["model"]: (r["metric"]["policy"], float(r["value"][1]))
+                        for r in _query(base, "sum by (model, policy) (riskpipe_decisions_total)")}
+            assert by_model == {"digits": ("default", 4.0), "cancer": ("tabular-breast-cancer", 5.0)}
+            radii = {r["metric"]["model"] for r in _query(base, "riskpipe_certified_radius_bucket")}
+            assert radii == {"digits", "cancer"}  # one histogram per model, never a shared one
+            infos = {r["metric"]["model"]: r["metric"]["name"] for r in _query(base, "riskpipe_policy_info == 1")}
+            assert infos == {"digits": "default", "cancer": "tabular-breast-cancer"}
+            # the per-model recording rules evaluate against these series (health, not values: they run each minute)
+            groups = _get(f"{base}/api/v1/rules")["data"]["groups"]
+            assert not [r for g in groups for r in g["rules"] if r["health"] == "err"], groups
+        finally:
+            _stop(prometheus)
+            _stop(stage)
