@@ -65,6 +65,20 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def _prometheus(tmp_path: Path, stage_port: int, prom_port: int) -> subprocess.Popen:
+    """A real Prometheus scraping the stage every second, with the alert and recording rules."""
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [{"job_name": "riskpipe", "static_configs": [{"targets": [f"127.0.0.1:{stage_port}"]}]}],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    return subprocess.Popen(
+        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prom_port}"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
+
+
 def test_prometheus_scrapes_a_running_stage(tmp_path: Path) -> None:
     from kafka import KafkaProducer
 
@@ -85,18 +99,7 @@ def test_prometheus_scrapes_a_running_stage(tmp_path: Path) -> None:
             [sys.executable, "-m", "riskpipe.cli", "run", "--bootstrap-servers", broker.bootstrap,
              "--metrics-port", str(stage_port), "--no-ledger"],
             env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stage.log", "wb"))
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(RULES)],
-            "scrape_configs": [{"job_name": "riskpipe",
-                                "static_configs": [{"targets": [f"127.0.0.1:{stage_port}"]}]}],
-        }
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-        prometheus = subprocess.Popen(
-            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}"],
-            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
+        prometheus = _prometheus(tmp_path, stage_port, prom_port)
         base = f"http://127.0.0.1:{prom_port}"
         try:
             decided = _wait(lambda: _query(base, 'riskpipe_events_total{job="riskpipe", outcome="decided"} >= 4'),
@@ -166,13 +169,7 @@ def test_prometheus_sees_two_models_in_different_units_apart(tmp_path: Path) -> 
             [sys.executable, "-m", "riskpipe.cli", "run", "--config", str(tmp_path / "riskpipe.yaml"),
              "--metrics-port", str(stage_port), "--no-ledger"],
             env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stage.log", "wb"))
-        prom = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(RULES)],
-                "scrape_configs": [{"job_name": "riskpipe", "static_configs": [{"targets": [f"127.0.0.1:{stage_port}"]}]}]}
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prom))
-        prometheus = subprocess.Popen(
-            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}"],
-            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
+        prometheus = _prometheus(tmp_path, stage_port, prom_port)
         base = f"http://127.0.0.1:{prom_port}"
         try:
             _wait(lambda: _query(base, 'sum(riskpipe_events_total{outcome="decided"}) >= 9'), 120, "9 decisions")
