@@ -26,14 +26,17 @@ from riskpipe.stream.config import ConfigError, ModelConfig, StageConfig, read_r
 from riskpipe.stream.pipeline import ModelEntry, Pipeline, certify, radius_in_threat
 
 # Rule fields whose value comes from the context index (riskpipe.policy.fields).
-CONTEXT_FIELDS = ("context.", "signals.context_risk.")
+CONTEXT_FIELDS = ("context.", "signals.context_risk.", "signals.support_risk.")
 REFERENCE_RADII_SAMPLES = 300  # reference inputs certified once for radius percentiles
 
 
 # ---------------------------------------------------------------- policy ----------
 def uses_context(policy) -> bool:
-    """True when ``policy``'s decisions can depend on context risk: the signal is
-    enabled and either weighs in the score or a rule condition reads it."""
+    """True when ``policy``'s decisions can depend on the context index: the support
+    signal is enabled, or the context signal is enabled and either weighs in the score
+    or a rule condition reads it."""
+    if policy.signals.support_risk.enabled:
+        return True
     if not policy.signals.context_risk.enabled:
         return False
     if policy.score.weights.context_risk > 0:

@@ -13,7 +13,14 @@ For each input, with its certified radius already converted to the threat norm:
   ratio far below 0.5 means an attacker has room the certificate does not cover;
 * ``radius_percentile``: percent of reference radii <= radius (None without reference
   radii). The reference radii are certified once for the reference set by a cheap
-  certifier call the caller supplies, converted to the threat norm by that caller.
+  certifier call the caller supplies, converted to the threat norm by that caller;
+* support of the reference set: ``nearest_reference_distance``, the distance to the
+  nearest reference sample of *any* class, beside the same distance measured for the
+  reference set itself, leaving each sample out (its leave-one-out nearest-neighbour
+  distances, computed once when the index is built): ``support_reference_distance`` is
+  their ``support_quantile`` quantile and ``support_percentile`` the percent of them <=
+  the input's distance. Calibrated on the reference set itself, the ratio of the two
+  means the same for every model and scale (the policy's ``support_risk`` signal).
 
 Queries compute one distance matrix to every reference sample (scikit-learn
 ``pairwise_distances_chunked`` with the metric of the threat norm: l1 -> manhattan, l2 ->
@@ -65,6 +72,7 @@ class ContextIndex:
     _sorted: np.ndarray | None = field(default=None, repr=False)  # X ordered by label
     _classes: np.ndarray | None = field(default=None, repr=False)  # the labels, ascending
     _starts: np.ndarray | None = field(default=None, repr=False)  # first row of each class in _sorted
+    support_distances: np.ndarray | None = field(default=None, repr=False)  # sorted leave-one-out NN distances
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -97,6 +105,21 @@ class ContextIndex:
         order = np.argsort(self.y, kind="stable")
         self._sorted = np.ascontiguousarray(self.X[order])
         self._classes, self._starts = np.unique(self.y[order], return_index=True)
+        self.support_distances = self._leave_one_out()
+
+    def _leave_one_out(self) -> np.ndarray:
+        """Sorted distance from each reference sample to its nearest *other* reference sample."""
+        def nearest(D: np.ndarray, start: int) -> np.ndarray:
+            rows = np.arange(len(D))
+            D[rows, start + rows] = np.inf  # the sample itself is left out
+            return D.min(axis=1)
+
+        chunks = pairwise_distances_chunked(self.X, self.X, metric=METRICS[self.norm], reduce_func=nearest)
+        return np.sort(np.concatenate(list(chunks)).astype(np.float64))
+
+    def support_reference_distance(self, quantile: float) -> float:
+        """The ``quantile`` of the reference set's leave-one-out nearest-neighbour distances."""
+        return float(np.quantile(self.support_distances, quantile))
 
     # ---- queries -------------------------------------------------------------------------
     def _class_distances(self, Xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +129,7 @@ class ContextIndex:
         chunks = pairwise_distances_chunked(Xq, self._sorted, metric=METRICS[self.norm], reduce_func=per_class)
         return np.vstack(list(chunks)), self._classes
 
-    def context(self, x_batch, predicted_classes, radius_threat) -> list[dict]:
+    def context(self, x_batch, predicted_classes, radius_threat, support_quantile: float = 0.99) -> list[dict]:
         """One context dict per input (see the module docstring for each field)."""
         Xq = np.asarray(x_batch, dtype=np.float32).reshape(len(x_batch), -1)
         if Xq.shape[1] != self.X.shape[1]:
@@ -122,9 +145,12 @@ class ContextIndex:
         pred = np.array([-1 if c is None else int(c) for c in predicted_classes], dtype=np.int64)
         pos = np.minimum(np.searchsorted(classes, pred), len(classes) - 1)
         own = np.where(known, np.where(classes[pos] == pred, pos, -1), own)
+        d_any = D.min(axis=1)  # nearest reference sample of any class: the support
         D = D.copy()
         D[rows[own >= 0], own[own >= 0]] = np.inf  # the input's own class does not count
         d = D.min(axis=1)
+        support_ref = self.support_reference_distance(support_quantile)
+        support_pct = 100.0 * np.searchsorted(self.support_distances, d_any, side="right") / len(self.support_distances)
         pct = (None if self.reference_radii is None else
                100.0 * np.searchsorted(self.reference_radii, radii, side="right") / len(self.reference_radii))
         reference = self.reference
@@ -132,6 +158,10 @@ class ContextIndex:
             "nearest_other_class_distance": float(d[i]),
             "radius_to_distance_ratio": float(radii[i]) / float(d[i]) if d[i] > 0 else None,
             "radius_percentile": None if pct is None else float(pct[i]),
+            "nearest_reference_distance": float(d_any[i]),
+            "support_reference_distance": support_ref,
+            "support_quantile": float(support_quantile),
+            "support_percentile": float(support_pct[i]),
             "reference": dict(reference),
         } for i in rows]
 

@@ -31,6 +31,7 @@ def write_policy(path: Path, name: str, *, context: bool, mode: str = "decide", 
     p["certifier"] = {"method": "smoothing", "mode": mode, "sigma": sigma, "alpha": 0.001, "max_samples": n,
                       **({"n0": 50, "n": n} if mode == "certify" else {})}
     p["signals"]["context_risk"]["enabled"] = context
+    p["signals"]["support_risk"]["enabled"] = context  # the other signal that reads the context index
     if not context:
         p["score"]["weights"]["context_risk"] = 0.0
     path.write_text(yaml.safe_dump(p, sort_keys=False))
@@ -362,6 +363,7 @@ def test_scale_wraps_torch_models_for_the_bound_families(user, tmp_path, method,
     p["threat_model"] = {"norm": norm, "epsilon": 0.5}
     p["certifier"] = {"method": method, "mode": "certify"}
     p["signals"]["context_risk"]["enabled"] = False
+    p["signals"]["support_risk"]["enabled"] = False
     p["score"]["weights"]["context_risk"] = 0.0
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(p))
     models = {"t": {"spec": "test_compose:sign_of_x0?shape=2", "reference": str(ref), "scale": "standardize",

@@ -97,7 +97,17 @@ def test_init_tabular_model_scales_and_trial_decides_reference_rows(tmp_path):
     trial = next(line for line in r.stdout.splitlines() if line.startswith("trial: "))
     assert "12 reference inputs decided" in trial
     cfg = (out / "riskpipe.yaml").read_text()
-    assert "scale: standardize" in cfg and "range" not in cfg  # raw units: finiteness only
+    assert "scale: standardize" in cfg
+    # a per-feature range from the reference set, widened by half its span on each side
+    from riskpipe.stream.config import load_config
+
+    written = load_config(str(out / "riskpipe.yaml")).models["cancer"].range
+    X, _ = reference("tabular")
+    span = X.max(axis=0) - X.min(axis=0)
+    assert len(written) == 30
+    np.testing.assert_allclose(np.array(written), np.stack([X.min(0) - span / 2, X.max(0) + span / 2], axis=1),
+                               rtol=1e-5, atol=1e-6)
+    assert "half its span" in r.stdout or "widened by 0.5 x its span" in r.stdout
     import os
 
     import yaml

@@ -67,9 +67,10 @@ def test_explain_certified_record():
     out = r.output
     assert "record evt-certified: recorded allow (rule certified) under default 1.0.0" in out
     assert "radius 0.31 -> 0.31 in l2 vs epsilon 0.25: certified in the threat model" in out
-    assert "1. prediction-mismatch: no" in out and "2. uncertified: no" in out
+    assert "1. out-of-support: no" in out  # the record's context predates the support signal
+    assert "2. prediction-mismatch: no" in out and "3. uncertified: no" in out
     assert "[no ] certified_in_threat eq false   (actual true)" in out
-    assert "5. certified: FIRED" in out and "[yes] certified_in_threat eq true   (actual true)" in out
+    assert "6. certified: FIRED" in out and "[yes] certified_in_threat eq true   (actual true)" in out
     assert "score = weighted_mean = sum(w_i * s_i) / sum(w_i)" in out
     assert "decision: allow" in out and "note:" not in out
 
@@ -78,14 +79,14 @@ def test_explain_flags_missing_upstream_signal_by_signal():
     r = run("explain", DEFAULT, "--record", RECORDS, "--id", "evt-below-eps")
     assert r.exit_code == 0, r.output
     assert "upstream_risk     0.5000" in r.output and "FLAGGED (missing: policy default used)" in r.output
-    assert "2. uncertified: FIRED" in r.output and "decision: review" in r.output
+    assert "3. uncertified: FIRED" in r.output and "decision: review" in r.output
 
 
 def test_explain_under_another_policy_notes_the_difference():
     r = run("explain", STRICT, "--record", RECORDS, "--id", "evt-abstained", "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
-    assert (d["decision"], d["rule"]) == ("block", "abstained") and d["trace"][0]["matched"]
+    assert (d["decision"], d["rule"]) == ("block", "abstained") and d["trace"][1]["matched"]
 
 
 def test_explain_bad_record_is_one_line(tmp_path):

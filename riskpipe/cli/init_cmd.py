@@ -68,6 +68,40 @@ def _declared_range(model, X, tabular: bool):
     return None
 
 
+RANGE_MARGIN = 0.5  # the written range: the reference's [min, max] widened by half its span on each side
+
+
+def _reference_range(X, tabular: bool) -> list:
+    """The range to declare when the model and the data suggest none: the reference
+    set's [min, max] widened by RANGE_MARGIN x (max - min) on each side (a value the
+    reference never varies gets max(|value| / 2, 1)). Per feature for a tabular model,
+    one pair over all values otherwise. Inputs outside it go to the DLQ (out_of_range);
+    inputs inside it but far from every reference input are the support signal's."""
+    import numpy as np
+
+    flat = X.reshape(len(X), -1).astype(np.float64)
+    lo, hi = (flat.min(axis=0), flat.max(axis=0)) if tabular else (flat.min(keepdims=True), flat.max(keepdims=True))
+    span = hi - lo
+    margin = np.where(span > 0, RANGE_MARGIN * span, np.maximum(np.abs(hi) / 2, 1.0))
+    pairs = [[float(f"{a:.6g}"), float(f"{b:.6g}")] for a, b in zip(lo - margin, hi + margin)]
+    pairs = [[a, b] if a < b else [a, a + 1.0] for a, b in pairs]  # rounding never collapses a pair
+    return pairs if tabular else pairs[0]
+
+
+class _Pair(list):
+    """A [lo, hi] pair, written on one line."""
+
+
+def _dumper():
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    Dumper.add_representer(_Pair, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+    return Dumper
+
+
 def _scalar_range(model, declared):
     """(lo, hi) the stage will check inputs against, when it is one pair of scalars."""
     import numpy as np
@@ -263,8 +297,9 @@ def init(spec, reference, out_dir, name, trial, seed, force):
     entry = {"spec": _config_spec(spec, out), "reference": _config_path(reference, out), "policy": "policy.yaml"}
     if tabular:
         entry["scale"] = "standardize"
-    if declared:
-        entry["range"] = declared
+    written_range = declared or (None if model.value_range is not None else _reference_range(X, tabular))
+    if written_range:
+        entry["range"] = [_Pair(p) for p in written_range] if isinstance(written_range[0], list) else _Pair(written_range)
     if feature_names is not None:
         entry["feature_names"] = feature_names
     config = {"bootstrap_servers": "127.0.0.1:9092", "create_topics": True, **_stage_identity(name, out),
@@ -274,9 +309,12 @@ def init(spec, reference, out_dir, name, trial, seed, force):
                            + "# create_topics suits the embedded broker (`riskpipe broker`); drop it for your Kafka.\n"
                            + "# group_id, topics and ledger are this stage's own (the ledger file next to this config);\n"
                            + "# point topics.input at your inference topic, ledger at a shared postgresql:// DSN.\n"
-                           + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+                           + yaml.dump(config, Dumper=_dumper(), sort_keys=False), encoding="utf-8")
     click.echo(f"wrote {policy_path} (policy check passes) and {config_path}"
-               + (f"; declared input range {declared}" if declared else ""))
+               + (f"; declared input range {declared}" if declared else "")
+               + ("" if declared or not written_range else
+                  f"; declared input range: the reference's [min, max] widened by {RANGE_MARGIN:g} x its span on "
+                  f"each side{', per feature' if tabular else ''} (outside it: DLQ out_of_range)"))
     if trial:
         try:
             click.echo(_trial(config_path, name, X, trial, seed))

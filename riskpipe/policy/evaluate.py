@@ -205,7 +205,10 @@ class _Evidence:
         score, formula = combine(policy.score.combiner, {k: v["value"] for k, v in signals.items()}, weights)
         for name, s in signals.items():
             s["weight"] = weights[name]
+        if cfg.support_risk.enabled:  # read by rules, never in the score
+            signals["support_risk"] = {**sig.support_risk(cfg.support_risk, context), "weight": 0.0}
         ctx = signals.get("context_risk", {})
+        sup = signals.get("support_risk", {})
         facts = {
             "certificate.abstained": cert.abstained,
             "certified_in_threat": certified,
@@ -220,6 +223,8 @@ class _Evidence:
             "signals.context_risk.flagged": ctx.get("flagged"),
             "context.radius_to_distance_ratio": ctx.get("radius_to_distance_ratio"),
             "context.radius_percentile": ctx.get("radius_percentile"),
+            "signals.support_risk.value": sup.get("value"),
+            "signals.support_risk.out_of_support": sup.get("out_of_support"),
         }
         return cls(cert, radius_threat, certified, cert_reasons, agrees, signals, score, formula, facts)
 

@@ -41,6 +41,12 @@ FIELDS: dict[str, FieldSpec] = {f.name: f for f in (
     FieldSpec("signals.context_risk.value", "number", hi=1.0, nullable=True,
               doc="context risk signal (absent when disabled)"),
     FieldSpec("signals.context_risk.flagged", "bool", nullable=True, doc="context was missing or malformed"),
+    FieldSpec("signals.support_risk.value", "number", hi=1.0, nullable=True,
+              doc="support risk signal: distance to the nearest reference sample over the reference set's own "
+                  "leave-one-out quantile, divided by the factor, capped at 1 (absent when disabled)"),
+    FieldSpec("signals.support_risk.out_of_support", "bool", nullable=True,
+              doc="the input lies beyond factor x the reference set's own leave-one-out nearest-neighbour "
+                  "distance quantile (absent when disabled or without context)"),
     FieldSpec("context.radius_to_distance_ratio", "number", nullable=True,
               doc="radius_threat / distance to the nearest reference sample of another class"),
     FieldSpec("context.radius_percentile", "number", hi=100.0, nullable=True,

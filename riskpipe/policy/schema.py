@@ -132,10 +132,19 @@ class ContextRiskSignal(_Frozen):
     default: Unit = 0.5
 
 
+class SupportRiskSignal(_Frozen):
+    """Distance to the reference set's support (policy.signals.support_risk); off unless enabled."""
+    enabled: bool = False
+    quantile: Annotated[float, Field(ge=0.5, le=1.0, allow_inf_nan=False)] = 0.99
+    factor: Annotated[float, Field(ge=1.0, le=1e6, allow_inf_nan=False)] = 2.0
+    default: Unit = 1.0
+
+
 class Signals(_Frozen):
     certificate_risk: CertificateRiskSignal = CertificateRiskSignal()
     upstream_risk: UpstreamRiskSignal
     context_risk: ContextRiskSignal = ContextRiskSignal()
+    support_risk: SupportRiskSignal = SupportRiskSignal()
 
 
 class Weights(_Frozen):

@@ -26,7 +26,21 @@ context_risk
     ``w = ratio_weight``. Half the distance is the meaningful yardstick: the
     nearest-neighbour label between two reference samples flips at the midpoint. If
     only one of ratio and percentile is known, that term alone is used; with neither
-    (no context) the policy's default applies and the signal is flagged.
+    (no context) the policy's default applies and the signal is flagged. A larger
+    distance never lowers it (the ratio term is non-decreasing in ``d_other``; at
+    ``d_other = 0`` it takes its limit: 0 for a positive radius, 1 for radius 0).
+
+support_risk
+    How far the input lies outside the reference set's support. With ``d`` the distance
+    to the nearest reference sample of any class and ``q`` the reference set's own
+    leave-one-out nearest-neighbour distance at the policy's ``quantile``
+    (``riskpipe.context``)::
+
+        ratio = d / q;  r = min(1, ratio / factor);  out_of_support = ratio > factor
+
+    Non-decreasing in ``d``. It does not enter the score (in-support decisions are
+    unchanged); rules read ``signals.support_risk.out_of_support`` (the shipped
+    policies route it to review with reason ``out_of_support``).
 """
 
 from __future__ import annotations
@@ -88,20 +102,22 @@ def upstream_risk(cfg, raw: Any) -> dict:
 def context_risk(cfg, context: Any, radius_threat: float) -> dict:
     """``context`` as ``ContextIndex.context`` returns it; the ratio is recomputed from
     the stored distance so that a replay under another threat model stays consistent."""
-    ratio = pct = None
+    ratio = pct = ratio_term = None
     if isinstance(context, dict):
         d = context.get("nearest_other_class_distance")
         if _finite_number(d) and d > 0:
             ratio = radius_threat / d
+            ratio_term = 1.0 - min(1.0, ratio / 0.5)
+        elif _finite_number(d) and d == 0:  # the limit as d -> 0, so a larger d never lowers the risk
+            ratio_term = 0.0 if radius_threat > 0 else 1.0
         p = context.get("radius_percentile")
         if _finite_number(p) and 0.0 <= p <= 100.0:
             pct = float(p)
     out: dict[str, Any] = {"radius_to_distance_ratio": ratio, "radius_percentile": pct,
                            "ratio_weight": cfg.ratio_weight}
-    if ratio is None and pct is None:
+    if ratio_term is None and pct is None:
         reason = "missing" if context is None else "malformed"
         return {**out, "value": cfg.default, "default": cfg.default, "flagged": True, "reason": reason}
-    ratio_term = None if ratio is None else 1.0 - min(1.0, ratio / 0.5)
     pct_term = None if pct is None else 1.0 - pct / 100.0
     if ratio_term is None:
         value = pct_term
@@ -110,3 +126,20 @@ def context_risk(cfg, context: Any, radius_threat: float) -> dict:
     else:
         value = cfg.ratio_weight * ratio_term + (1.0 - cfg.ratio_weight) * pct_term
     return {**out, "value": float(min(1.0, max(0.0, value))), "flagged": False}
+
+
+def support_risk(cfg, context: Any) -> dict:
+    """``context`` as ``ContextIndex.context`` returns it (see the module docstring)."""
+    d = q = None
+    if isinstance(context, dict):
+        d, q = context.get("nearest_reference_distance"), context.get("support_reference_distance")
+    out: dict[str, Any] = {"nearest_reference_distance": d if _finite_number(d) else None,
+                           "support_reference_distance": q if _finite_number(q) else None,
+                           "quantile": cfg.quantile, "factor": cfg.factor}
+    if not (_finite_number(d) and d >= 0 and _finite_number(q) and q >= 0):
+        reason = "missing" if context is None else "malformed"
+        return {**out, "ratio": None, "value": cfg.default, "default": cfg.default, "out_of_support": None,
+                "flagged": True, "reason": reason}
+    ratio = d / q if q > 0 else (math.inf if d > 0 else 0.0)
+    return {**out, "ratio": ratio if math.isfinite(ratio) else None, "value": float(min(1.0, ratio / cfg.factor)),
+            "out_of_support": bool(ratio > cfg.factor), "flagged": False}

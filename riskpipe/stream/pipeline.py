@@ -154,7 +154,8 @@ class Pipeline:
             r_threat = np.array([radius_in_threat(entry, c) for c in certs])
             if entry.context is not None:
                 preds = [c.predicted_class for c in certs]  # None (abstained): the nearest label stands in
-                contexts = entry.context.context(Z, preds, r_threat)
+                contexts = entry.context.context(Z, preds, r_threat,
+                                                 support_quantile=entry.policy.signals.support_risk.quantile)
             else:
                 contexts = [None] * len(idx)
             batch = [events[i] for i in idx]
