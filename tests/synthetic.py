@@ -53,8 +53,8 @@ def save_torchscript(module: torch.nn.Module, path, input_shape) -> str:
 
 
 def policy_without_context(tmp_path) -> str:
-    """The default policy with context risk off, written under ``tmp_path``: a user
-    model then needs no reference set (for tests about something else)."""
+    """The default policy with context and support risk off, written under ``tmp_path``:
+    a user model then needs no reference set (for tests about something else)."""
     import json
 
     import yaml
@@ -64,7 +64,10 @@ def policy_without_context(tmp_path) -> str:
     pol = yaml.safe_load(open(default_policy_path()))
     pol["signals"]["context_risk"]["enabled"] = False
     pol["score"]["weights"]["context_risk"] = 0.0
-    pol["rules"] = [r for r in pol["rules"] if "context" not in json.dumps(r.get("when", {}))]
+    if "support_risk" in pol["signals"]:
+        pol["signals"]["support_risk"]["enabled"] = False
+    pol["rules"] = [r for r in pol["rules"]
+                    if "context" not in json.dumps(r.get("when", {})) and "support" not in json.dumps(r.get("when", {}))]
     path = tmp_path / "policy-without-context.yaml"
     path.write_text(yaml.safe_dump(pol))
     return str(path)
