@@ -28,6 +28,10 @@ from riskpipe.stream.pipeline import ModelEntry, Pipeline, certify, radius_in_th
 # Rule fields whose value comes from the context index (riskpipe.policy.fields).
 CONTEXT_FIELDS = ("context.", "signals.context_risk.", "signals.support_risk.")
 REFERENCE_RADII_SAMPLES = 300  # reference inputs certified once for radius percentiles
+PROBE_INPUTS = 8  # reference rows (or range points) a model's output contract is checked on at start-up
+# One model call of smoothing holds batch_size noisy inputs (float32) and their outputs;
+# a batch size that cannot fit this is a configuration error, not an out-of-memory crash.
+MAX_CERTIFY_BATCH_BYTES = 2 << 30
 
 
 # ---------------------------------------------------------------- policy ----------
@@ -104,6 +108,51 @@ def _scale(name: str, mc: ModelConfig, reference):
     return np.asarray(mc.scale, dtype=np.float64), "configured"
 
 
+def _probe_inputs(model, reference) -> np.ndarray:
+    """Inputs to check the model's output contract on at start-up: the first reference
+    rows, else the low end, middle and high end of the declared range, else 0 and 1."""
+    if reference is not None:
+        return reference[1][:PROBE_INPUTS]
+    shape = tuple(model.input_shape)
+    if model.value_range is not None:
+        lo, hi = (np.broadcast_to(np.asarray(v, dtype=np.float32), shape) for v in model.value_range)
+        if np.isfinite(lo).all() and np.isfinite(hi).all():
+            return np.stack([lo, (lo + hi) / 2, hi])
+    return np.stack([np.zeros(shape, np.float32), np.ones(shape, np.float32)])
+
+
+def _check_forward(name: str, model, reference) -> None:
+    """A model that raises, or whose output is not finite (N, C) logits, stops the start-up
+    with one line naming it (riskpipe.models.output)."""
+    from riskpipe.models import ModelError
+
+    try:
+        model.check_forward(_probe_inputs(model, reference))
+    except ModelError as e:
+        raise _err(name, "spec", str(e)) from None
+
+
+def _batch_size(name: str, mc: ModelConfig, model, configured: int | None):
+    """The smoothing batch size (riskpipe.tuning), bounded so one model call fits in memory."""
+    from riskpipe.models import ModelError
+    from riskpipe.models.base import one_line
+    from riskpipe.tuning import certify_batch_size
+
+    limit = max(1, MAX_CERTIFY_BATCH_BYTES // (4 * _n_features(model)))
+    size = mc.certify_batch_size or configured
+    if size is not None and size > limit:
+        key = "certify_batch_size" if mc.certify_batch_size else "(stage) certify_batch_size"
+        raise _err(name, key, f"{size} noisy inputs of {_n_features(model)} values per model call need "
+                              f"{4 * size * _n_features(model) / 2**30:.3g} GiB; at most {limit} for this model")
+    try:
+        return certify_batch_size(model, size, name=name)
+    except ModelError as e:
+        raise _err(name, "spec", f"{e} (batch-size probe)") from None
+    except Exception as e:  # noqa: BLE001 - the user's model failing at a larger batch is a start-up error
+        raise _err(name, "spec", f"model {model.spec}: batch-size probe: forward pass raised "
+                                 f"{type(e).__name__}: {one_line(e)}") from None
+
+
 def build_entry(name: str, mc: ModelConfig, policy, device: str = "cpu",
                 config_batch_size: int | None = None) -> ModelEntry:
     """One model, checked against its config entry, with its policy, certifier and
@@ -132,6 +181,7 @@ def build_entry(name: str, mc: ModelConfig, policy, device: str = "cpu",
     model.value_range = _declared_range(name, mc, model)
     reference = _reference(name, mc, model) if (mc.reference or mc.scale == "standardize" or uses_context(policy)) \
         else None
+    _check_forward(name, model, reference)
     s, scale_desc = _scale(name, mc, reference)
     certified = model
     if s is not None:
@@ -144,9 +194,7 @@ def build_entry(name: str, mc: ModelConfig, policy, device: str = "cpu",
 
     batch = None
     if policy.certifier.method == "smoothing":  # thousands of noisy copies per input: size matters
-        from riskpipe.tuning import certify_batch_size
-
-        batch = certify_batch_size(certified, mc.certify_batch_size or config_batch_size, name=name)
+        batch = _batch_size(name, mc, certified, config_batch_size)
     try:
         certifier = certifier_for_policy(certified, policy, batch_size=batch.size if batch else None)
     except ValueError as e:
@@ -179,9 +227,16 @@ def _context_index(entry: ModelEntry, path: str, X: np.ndarray, y):
     from riskpipe.context import ContextError, ContextIndex
     from riskpipe.paths import cache_dir
 
+    from riskpipe.certify.certificate import MODEL_FAULT
+    from riskpipe.certify.samplers import GridError
+    from riskpipe.models import ModelError
+
     Z = entry.to_certified(X)
     if y is None:  # unlabelled reference: the model's own predictions label it
-        y = entry.certified.predict(Z).astype(np.int64)
+        try:
+            y = entry.certified.predict(Z).astype(np.int64)
+        except ModelError as e:
+            raise _err(entry.name, "spec", f"{e} (labelling the reference set {path})") from None
     norm = entry.policy.threat_model.norm
     settings = {"certifier": entry.policy.certifier.model_dump(mode="json"), "threat_norm": norm,
                 "scale": None if entry.scale is None else entry.scale.ravel().tolist(),
@@ -197,7 +252,14 @@ def _context_index(entry: ModelEntry, path: str, X: np.ndarray, y):
             radii = None  # a damaged cache is recomputed
     if radii is None:
         sample = Z[:REFERENCE_RADII_SAMPLES]
-        certs = certify(entry, sample, list(range(len(sample))))
+        try:
+            certs = certify(entry, sample, list(range(len(sample))))
+        except GridError as e:
+            raise _err(entry.name, "reference", f"{path}: cannot certify the reference radii: {e}") from None
+        faults = [i for i, c in enumerate(certs) if c.reason == MODEL_FAULT]
+        if faults:
+            raise _err(entry.name, "spec", f"model {entry.model.spec}: {certs[faults[0]].extra[MODEL_FAULT]} while "
+                                           f"certifying {len(faults)} of {len(certs)} reference inputs of {path}")
         radii = np.array([radius_in_threat(entry, c) for c in certs])
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.tmp")

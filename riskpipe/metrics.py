@@ -71,6 +71,7 @@ from prometheus_client import (
 from prometheus_client.exposition import ThreadingWSGIServer
 
 import riskpipe
+from riskpipe.certify.certificate import MODEL_FAULT
 
 PREFIX = "riskpipe"
 
@@ -202,6 +203,11 @@ class StageMetrics:
             "Certificates by model, policy, method and outcome (certified in the threat model, "
             "abstained, or radius below the threat epsilon).",
             [*mp, "method", "outcome"], registry=r)
+        self.model_faults = Counter(
+            f"{p}_model_faults_total",
+            "Inputs whose certificate is a model_fault: the model's output for them (or their noise "
+            "batch) was not finite or not (N, C); never allowed.",
+            ["model"], registry=r)
         self.certify_deadline = Counter(
             f"{p}_certify_deadline_total",
             "Inputs whose certification stopped at the policy's latency budget (max_latency_ms), "
@@ -311,6 +317,7 @@ class StageMetrics:
                 self.certificates.labels(*labels, method, outcome)
             for metric in (self.certify_deadline, self.evaluations, self.certify_seconds):
                 metric.labels(*labels, method)
+            self.model_faults.labels(labels[0])
             self.radius.labels(*labels, norm)
             self.score.labels(*labels)
             self.end_to_end_seconds.labels(*labels)
@@ -343,6 +350,8 @@ class StageMetrics:
         cert = record.get("certificate") or {}
         method = _label(cert.get("method"))
         self.certificates.labels(*labels, method, certificate_outcome(cert)).inc()
+        if cert.get("reason") == MODEL_FAULT:
+            self.model_faults.labels(labels[0]).inc()
         if cert.get("reason") == "deadline":
             self.certify_deadline.labels(*labels, method).inc()
         radius = _number(cert.get("radius_threat"))

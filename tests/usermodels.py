@@ -141,3 +141,70 @@ def cheap_pipeline(tmp: Path, name: str, um: UserModel):
 def cheap_image_pipeline(tmp: Path):
     """``cheap_pipeline`` around the 3x32x32 TorchScript CNN (``image_model``) as ``cnn``."""
     return cheap_pipeline(tmp, "cnn", image_model(tmp))
+
+
+# ---- models that break the output contract (issue 19: fail closed) --------------------------
+FAULT_FEATURES = 4
+FAULT_CLASSES = 3
+
+
+class _Faulty(torch.nn.Module):
+    """Logits 5 * x[1:4] (a clear margin, so healthy inputs certify), broken for every row
+    whose first feature is above 2.5 (start-up probes stay below): ``nan``/``inf``/``-inf`` logits, ``few_rows`` (the batch
+    loses its last row), ``extra_axis`` ((N, C, 1)), ``raises``. ``always`` breaks every row."""
+
+    def __init__(self, kind: str, always: bool = False):
+        super().__init__()
+        self.kind, self.always = kind, always
+        w = torch.zeros(FAULT_CLASSES, FAULT_FEATURES)
+        w[0, 1], w[1, 2], w[2, 3] = 5.0, 5.0, 5.0
+        self.register_buffer("w", w)
+
+    def forward(self, x):
+        out = x @ self.w.t()
+        hit = torch.ones_like(x[:, 0], dtype=torch.bool) if self.always else x[:, 0] > 2.5
+        if self.kind in ("nan", "inf", "-inf"):
+            value = float(self.kind)
+            return torch.where(hit[:, None], torch.full_like(out, value), out)
+        if bool(hit.any()):
+            if self.kind == "few_rows":
+                return out[:-1]
+            if self.kind == "extra_axis":
+                return out[:, :, None]
+            if self.kind == "raises":
+                raise RuntimeError("the model blew up")
+        return out
+
+
+def faulty_model(tmp: Path, kind: str, always: bool = False) -> str:
+    """A TorchScript file of ``_Faulty(kind)`` (4 features, 3 classes); returns its spec."""
+    path = Path(tmp) / f"faulty-{kind}{'-always' if always else ''}.pt"
+    torch.jit.script(_Faulty(kind, always)).save(str(path))
+    return f"{path}?shape={FAULT_FEATURES}"
+
+
+def faulty_onnx_model(tmp: Path, kind: str = "nan") -> str:
+    """``_Faulty(kind)`` exported to ONNX (the TorchScript-based exporter, no onnxscript needed)."""
+    import warnings
+
+    path = Path(tmp) / f"faulty-{kind}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Faulty(kind).eval(), (torch.zeros(2, FAULT_FEATURES),), str(path), dynamo=False,
+                          input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}})
+    return f"{path}?shape={FAULT_FEATURES}"
+
+
+def fault_inputs(healthy: int, faulty: int) -> tuple[np.ndarray, np.ndarray]:
+    """(healthy inputs: first feature -3, far from the trigger under any smoothing noise;
+    triggering inputs: first feature 5), each with a clear class in features 1..3."""
+    rng = np.random.default_rng(7)
+
+    def rows(n, first):
+        X = np.zeros((n, FAULT_FEATURES), np.float32)
+        X[:, 0] = first
+        X[np.arange(n), 1 + rng.integers(0, FAULT_CLASSES, n)] = 1.0
+        return X
+
+    return rows(healthy, -3.0), rows(faulty, 5.0)

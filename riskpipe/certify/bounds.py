@@ -33,14 +33,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from riskpipe.certify.certificate import Certificate
+from riskpipe.certify.certificate import MODEL_FAULT, Certificate
 from riskpipe.certify.norms import check_norm, convert_radius
 from riskpipe.certify.protocol import CertifierBase
 
 FP_SLACK = 1e-5
+
+
+class Scale(nn.Module):
+    """x * s elementwise, ``s`` shaped like one input: a diagonal linear map kept as its
+    diagonal (O(d) memory; a diagonal ``nn.Linear`` would hold d^2 weights)."""
+
+    def __init__(self, s: torch.Tensor):
+        super().__init__()
+        self.register_buffer("s", s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.s
+
+
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.AvgPool2d, nn.BatchNorm1d, nn.BatchNorm2d,
-             nn.Dropout, nn.Identity)
-_SUPPORTED_NAMES = "Linear, Conv2d, ReLU, Flatten, AvgPool2d, BatchNorm1d/2d (eval), Dropout, Identity"
+             nn.Dropout, nn.Identity, Scale)
+_SUPPORTED_NAMES = "Linear, Conv2d, ReLU, Flatten, AvgPool2d, BatchNorm1d/2d (eval), Dropout, Identity, Scale"
 
 
 # ---- layers ------------------------------------------------------------------------------
@@ -113,6 +127,8 @@ def linear_part(layer: nn.Module, x: torch.Tensor, absolute: bool = False) -> to
     if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
         scale, _ = _bn_scale_shift(layer, x.ndim)
         return x * (scale.abs() if absolute else scale)
+    if isinstance(layer, Scale):
+        return x * (layer.s.abs() if absolute else layer.s)
     if is_passthrough(layer):
         return x
     return layer(x)  # Flatten, AvgPool2d: linear with non-negative coefficients, |A| = A
@@ -234,7 +250,7 @@ class IntervalBounds(CertifierBase):
         column y is 0."""
         x = self._tensor(X)
         if y is None:
-            y = self.model.module(x).argmax(dim=1)
+            y = self.model.classes(x).values
         eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.ndim - 1)))
         clip = self._clip(x)
         out = []
@@ -248,8 +264,12 @@ class IntervalBounds(CertifierBase):
         """(certified l_inf radius, checked-failing upper end, predicted class) per input.
 
         Radius 0 means not even the point itself has a positive margin bound."""
-        x = self._tensor(X)
-        y = self.model.module(x).argmax(dim=1)
+        return self._radii(self._tensor(X))[:3]
+
+    def _radii(self, x: torch.Tensor):
+        """``radii`` and the model's checked forward pass (its ``bad`` rows are model faults)."""
+        out = self.model.classes(x)
+        y = out.values
         B = len(x)
 
         def ok(eps: torch.Tensor) -> torch.Tensor:
@@ -265,7 +285,7 @@ class IntervalBounds(CertifierBase):
         top = torch.full_like(lo, self.eps_max)
         lo = torch.where(at_max, top, torch.where(at_point, lo, torch.zeros_like(lo)))
         hi = torch.where(at_max, top, torch.where(at_point, hi, torch.zeros_like(hi)))
-        return lo, hi, y
+        return lo, hi, y, out
 
     def certify_batch(self, X, seeds: Sequence[int]) -> list[Certificate]:
         """One certificate per input: the model's class is constant on the l_inf ball of
@@ -275,26 +295,31 @@ class IntervalBounds(CertifierBase):
         x = self._tensor(X)
         if len(seeds) != len(x):
             raise ValueError(f"seeds: need one per input ({len(x)}), got {len(seeds)}")
-        r_lo, r_hi, y = (t.cpu().numpy() for t in self.radii(x))
+        with torch.no_grad():
+            r_lo, r_hi, y, fwd = self._radii(x)
+        r_lo, r_hi, y, bad = (t.cpu().numpy() for t in (r_lo, r_hi, y, fwd.bad))
         per_input_ms = (time.perf_counter() - t0) * 1e3 / max(len(x), 1)
         passes = self.steps + 2
         out = []
         for i in range(len(x)):
             radius = convert_radius(float(r_lo[i]), "linf", self.norm, self.model.input_dim)
-            abstain = radius <= 0.0
+            abstain = radius <= 0.0 or bool(bad[i])
             reason = None
-            if abstain:
+            if bad[i]:  # the bounds speak about a model whose output broke the contract
+                reason = MODEL_FAULT
+            elif abstain:
                 reason = "margin_not_positive" if r_hi[i] == 0 else "radius_below_tolerance"
             out.append(Certificate(
                 method="ibp", mode="bound", norm=self.norm, radius=0.0 if abstain else radius,
                 abstained=abstain, predicted_class=None if abstain else int(y[i]), n_samples=passes,
                 elapsed_ms=per_input_ms, seed=int(seeds[i]), input_dim=self.model.input_dim, reason=reason,
-                extra={"model_class": int(y[i]), "linf_radius": float(r_lo[i]), "linf_upper": float(r_hi[i]),
+                extra={**({MODEL_FAULT: fwd.reason} if bad[i] else {}),
+                       "model_class": int(y[i]), "linf_radius": float(r_lo[i]), "linf_upper": float(r_hi[i]),
                        "tolerance": self.tolerance, "eps_max": self.eps_max, "passes": passes,
                        "value_range": None if self.model.value_range is None
                        else [np.asarray(v).tolist() for v in self.model.value_range]}))
         return out
 
 
-__all__ = ["FP_SLACK", "IntervalBounds", "affine", "interval_margins", "linear_part", "propagate_box",
+__all__ = ["FP_SLACK", "IntervalBounds", "Scale", "affine", "interval_margins", "linear_part", "propagate_box",
            "sequential_layers", "worst_margin"]

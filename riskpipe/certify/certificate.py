@@ -18,6 +18,9 @@ from riskpipe.certify.families import METHODS
 
 NORMS = ("l1", "l2", "linf")
 MODES = ("certify", "predict", "decide", "bound")
+# The reason of a certificate computed from a model output that broke its contract
+# (riskpipe.models.output): abstained, radius 0, never certified, whatever the family.
+MODEL_FAULT = "model_fault"
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,10 @@ class Certificate:
                 f"{norm} radius from a global Lipschitz bound: a deterministic bound for "
                 "the model as deployed; no sampler"
             )
-        if self.abstained:
+        if self.reason == MODEL_FAULT:
+            what = "no certificate (model fault: the model's output broke its contract, see extra.model_fault): " \
+                + what
+        elif self.abstained:
             what = "no certificate (abstained): " + what
         scale = self.extra.get("scale")
         if scale:  # certified on z = x / s (riskpipe.models.scaled): radii are in ||delta / s||

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from riskpipe.certify.bounds import affine, linear_part, sequential_layers
-from riskpipe.certify.certificate import Certificate
+from riskpipe.certify.certificate import MODEL_FAULT, Certificate
 from riskpipe.certify.protocol import CertifierBase
 
 FP_SLACK = 1e-6
@@ -177,10 +177,17 @@ class GlobalLipschitz(CertifierBase):
     @torch.no_grad()
     def radii(self, X) -> tuple[np.ndarray, np.ndarray]:
         """(certified l2 radius before the epsilon abstain, predicted class) per input."""
+        return self._radii(X)[:2]
+
+    def _radii(self, X) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | None]:
+        """``radii``, and which rows' model output broke the contract (and how): those
+        rows' radii are 0 and their certificates model faults."""
         pair = self.constants.pairwise
         x = torch.as_tensor(X if isinstance(X, torch.Tensor) else np.asarray(X, dtype=np.float32))
         x = x.to(device=self.model.device, dtype=torch.float32).reshape((len(x),) + tuple(self.model.input_shape))
-        z = self.model.module(x).double().cpu().numpy()
+        out = self.model.scores(x)
+        z = out.values.double().cpu().numpy()
+        bad = out.bad.cpu().numpy()
         y = z.argmax(axis=1)
         rows = np.arange(len(z))
         zy = z[rows, y][:, None]
@@ -189,7 +196,7 @@ class GlobalLipschitz(CertifierBase):
         with np.errstate(divide="ignore", invalid="ignore"):
             r = np.where(L > 0, margin / L, np.where(margin > 0, np.inf, -np.inf))
         r[rows, y] = np.inf
-        return np.maximum(r.min(axis=1), 0.0), y
+        return np.where(bad, 0.0, np.maximum(r.min(axis=1), 0.0)), y, bad, out.reason
 
     def certify_batch(self, X, seeds: Sequence[int]) -> list[Certificate]:
         """One l2 certificate per input: the model's class is constant on the l2 ball of
@@ -198,7 +205,7 @@ class GlobalLipschitz(CertifierBase):
         reported in ``extra`` and not charged to the input."""
         consts = self.constants
         t0 = time.perf_counter()
-        radius, y = self.radii(X)
+        radius, y, bad, why = self._radii(X)
         if len(seeds) != len(radius):
             raise ValueError(f"seeds: need one per input ({len(radius)}), got {len(seeds)}")
         per_input_ms = (time.perf_counter() - t0) * 1e3 / max(len(radius), 1)
@@ -208,14 +215,17 @@ class GlobalLipschitz(CertifierBase):
             if not math.isfinite(r):
                 raise ValueError("model: a margin has zero Lipschitz constant and no finite radius;"
                                  " the model ignores its input")
-            abstain = r <= 0.0 or r < self.epsilon
+            abstain = r <= 0.0 or r < self.epsilon or bool(bad[i])
             reason = None if not abstain else ("margin_not_positive" if r <= 0 else "radius_below_epsilon")
+            if bad[i]:  # the margin speaks about a model whose output broke the contract
+                reason = MODEL_FAULT
             out.append(Certificate(
                 method="lipschitz", mode="bound", norm="l2", radius=0.0 if abstain else r, abstained=abstain,
                 predicted_class=None if abstain else int(y[i]), n_samples=1, elapsed_ms=per_input_ms,
                 seed=int(seeds[i]), epsilon=float(self.epsilon), certified=not abstain, reason=reason,
                 input_dim=self.model.input_dim,
-                extra={"model_class": int(y[i]), "radius_bound": r, "lipschitz_rest": consts.rest,
+                extra={**({MODEL_FAULT: why} if bad[i] else {}), "model_class": int(y[i]), "radius_bound": r,
+                       "lipschitz_rest": consts.rest,
                        "constant_ms": consts.elapsed_ms, "safety": self.safety, "tol": self.tol}))
         return out
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from riskpipe.certify.certificate import Certificate
+from riskpipe.certify.certificate import MODEL_FAULT, Certificate
 from riskpipe.certify.protocol import CertifierBase
 from riskpipe.certify.samplers import make_sampler
 from riskpipe.certify.stats import (
@@ -114,8 +114,14 @@ class Smoothing(CertifierBase):
         gens = [torch.Generator(device=self.model.device).manual_seed(int(s)) for s in seeds]
         return self.noise.prepare(x), gens
 
-    def _count(self, x: torch.Tensor, gens: list[torch.Generator], draws: np.ndarray) -> np.ndarray:
-        """Class counts (B, K) of f(x_i + noise) over ``draws[i]`` fresh samples per input.
+    def _count(self, x: torch.Tensor, gens: list[torch.Generator],
+               draws: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+        """(class counts (B, K) of f(x_i + noise) over ``draws[i]`` fresh samples per
+        input, faults: input index -> what was wrong).
+
+        A sample whose model output breaks the contract (riskpipe.models.output: not
+        finite, not (n, C)) is counted for no class and marks its input as faulted; that
+        input's certificate is a ``model_fault``, whatever its other samples said.
 
         Each input's draws are cut into pieces at fixed offsets (multiples of
         batch_size) and whole pieces are packed into model batches of at most
@@ -128,6 +134,7 @@ class Smoothing(CertifierBase):
         pieces = [(i, min(bs, int(m) - o)) for i, m in enumerate(draws) for o in range(0, int(m), bs)]
         buf = self.noise.new_buffer(min(bs, max((m for _, m in pieces), default=1) * len(x)),
                                     tuple(x.shape[1:]), x.device)
+        faults: dict[int, str] = {}
         j = 0
         while j < len(pieces):
             fill, owners, sizes = 0, [], []
@@ -140,9 +147,20 @@ class Smoothing(CertifierBase):
                 j += 1
             owner = torch.from_numpy(np.repeat(np.asarray(owners, dtype=np.int64), sizes)).to(x.device)
             batch = self.noise.perturb(x.index_select(0, owner), buf[:fill])
-            ids = self.model.predict_torch(batch)
+            out = self.model.classes(batch)
+            if out.any_bad:
+                for i in torch.unique(owner[out.bad]).tolist():
+                    faults.setdefault(i, out.reason)
+                owner, ids = owner[~out.bad], out.values[~out.bad]
+            else:
+                ids = out.values
             counts += torch.bincount(owner * K + ids, minlength=B * K)
-        return counts.view(B, K).cpu().numpy()
+        return counts.view(B, K).cpu().numpy(), faults
+
+    def _fault(self, mode: str, t0: float, seed, batch: int, why: str, n_samples: int, **kw) -> Certificate:
+        """The certificate of an input whose noise batch met a broken model output: uncertified."""
+        return self._cert(mode, t0, seed, batch, radius=0.0, abstained=True, predicted_class=None,
+                          n_samples=n_samples, reason=MODEL_FAULT, extra={MODEL_FAULT: why}, **kw)
 
     @staticmethod
     def _share_ms(t0: float, batch: int) -> float:
@@ -172,8 +190,9 @@ class Smoothing(CertifierBase):
         t0 = time.perf_counter()
         x, gens = self._prepare(X, seeds)
         B = len(x)
-        sel = self._count(x, gens, np.full(B, self.n0))
-        est = self._count(x, gens, np.full(B, self.n))
+        sel, faults = self._count(x, gens, np.full(B, self.n0))
+        est, more = self._count(x, gens, np.full(B, self.n))
+        faults = {**more, **faults}
         top = sel.argmax(axis=1)
         k_a = est[np.arange(B), top]
         p_b = np.full(B, np.nan)
@@ -188,6 +207,9 @@ class Smoothing(CertifierBase):
         out = []
         share = self._share_ms(t0, B)
         for i in range(B):
+            if i in faults:
+                out.append(self._fault("certify", t0, seeds[i], B, faults[i], self.n0 + self.n, bound=self.bound))
+                continue
             abstain = bool(p_a[i] < 0.5 or radius[i] <= 0)
             out.append(self._cert(
                 "certify", share, seeds[i], radius=0.0 if abstain else float(radius[i]), abstained=abstain,
@@ -221,10 +243,13 @@ class Smoothing(CertifierBase):
         the top two counts, scipy.stats.binomtest). No radius is claimed."""
         t0 = time.perf_counter()
         x, gens = self._prepare(X, seeds)
-        counts = self._count(x, gens, np.full(len(x), self.n))
+        counts, faults = self._count(x, gens, np.full(len(x), self.n))
         out = []
         share = self._share_ms(t0, len(counts))
         for i, c in enumerate(counts):
+            if i in faults:
+                out.append(self._fault("predict", t0, seeds[i], len(counts), faults[i], self.n))
+                continue
             order = np.argsort(c)[::-1]
             k_a, k_b = int(c[order[0]]), int(c[order[1]]) if len(c) > 1 else 0
             pval = binomial_test_pvalue(k_a, k_b)
@@ -277,6 +302,7 @@ class Smoothing(CertifierBase):
         outcome = np.full(B, "budget", dtype=object)
         look_idx = np.full(B, len(plan.looks) - 1)
         used = np.zeros(B, dtype=np.int64)
+        faults: dict[int, str] = {}
         prev = 0
         for r, n_r in enumerate(plan.looks):
             active = np.flatnonzero(~done)
@@ -287,15 +313,21 @@ class Smoothing(CertifierBase):
                 break
             draws = np.zeros(B, dtype=np.int64)
             draws[active] = n_r - prev
-            counts[active] += self._count(x[active], [gens[i] for i in active], draws[active])
+            got, bad = self._count(x[active], [gens[i] for i in active], draws[active])
+            counts[active] += got
             used[active] = n_r
+            for k, why in bad.items():  # a broken output ends that input's sampling
+                faults[int(active[k])] = why
             top = counts[active].max(axis=1)
             acc, rej = top >= plan.accept[r], top <= plan.reject[r]
+            acc[list(bad)] = rej[list(bad)] = False
             futile = top <= plan.futile[r]  # certificate out of reach within the budget
             outcome[active[acc]] = "certified"
             outcome[active[futile & ~acc]] = "budget"
             outcome[active[rej & ~acc]] = "below_epsilon"
-            finished = active[acc | rej | futile]
+            broken = np.zeros(len(active), dtype=bool)
+            broken[list(bad)] = True
+            finished = active[acc | rej | futile | broken]
             done[finished] = True
             look_idx[finished] = r
             prev = n_r
@@ -307,6 +339,10 @@ class Smoothing(CertifierBase):
         out = []
         share = self._share_ms(t0, B)
         for i in range(B):
+            if i in faults:
+                out.append(self._fault("decide", t0, seeds[i], B, faults[i], int(used[i]), epsilon=float(epsilon),
+                                       certified=False))
+                continue
             r, n_i, top, radius = int(look_idx[i]), int(used[i]), int(tops[i]), float(radii[i])
             abstain = radius <= 0.0
             certified = outcome[i] == "certified"

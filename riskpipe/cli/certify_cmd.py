@@ -30,7 +30,8 @@ from riskpipe.certify.families import METHODS
 @click.option("--grid-step", type=float, default=None, help="Sound sampler: a declared grid step instead.")
 @click.option("--max-samples", type=int, default=100_000, show_default=True, help="Sample budget (decide mode).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of input i is seed + i.")
-@click.option("--batch-size", type=int, default=4096, show_default=True, help="Noise samples per model call.")
+@click.option("--batch-size", type=click.IntRange(1, 1 << 20), default=4096, show_default=True,
+              help="Noise samples per model call.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--output", "output_path", default="-", help="Output JSON lines file (default stdout).")
 def certify(model_spec, input_path, method, mode, sigma, alpha, n0, n, epsilon, norm, bound, sampler, grid_levels,
@@ -79,7 +80,13 @@ def certify(model_spec, input_path, method, mode, sigma, alpha, n0, n, epsilon, 
         for start in range(0, len(X), chunk):
             xb = X[start : start + chunk]
             seeds = [seed + start + i for i in range(len(xb))]
-            certs = cert.run(mode, xb, seeds, epsilon)
+            try:
+                certs = cert.run(mode, xb, seeds, epsilon)
+            except Exception as e:  # noqa: BLE001 - the user's model raising: one line, never a traceback
+                from riskpipe.models.base import one_line
+
+                fail(f"model {model_spec}: certifying inputs {start}..{start + len(xb) - 1} of {input_path}: "
+                     f"{type(e).__name__}: {one_line(e)}")
             for c in certs:
                 out.write(json.dumps(c.to_dict(), sort_keys=True) + "\n")
             bar.update(len(xb))

@@ -152,3 +152,6 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, references
     for label, n in sorted(stats.earlier.items()):
         click.echo(f"{n} of the decided events were already decided under {label}; "
                    "decided anew under this run's model and policy", err=True)
+    if stats.model_faults:
+        click.echo(f"{stats.model_faults} of them model faults: the model's output broke its contract, so they were "
+                   "not certified (reason model_fault, never allowed)", err=True)

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from riskpipe.models.output import Checked, check_output
+
 
 class ModelError(ValueError):
     """A model spec that cannot be loaded; the message names the spec and the reason."""
@@ -18,6 +20,15 @@ class ModelError(ValueError):
 
 class ShapeUnknown(ModelError):
     """The model file records no input shape (a plain TorchScript file) and the spec gives none."""
+
+
+class ModelFault(ModelError):
+    """A forward pass whose output broke the contract (riskpipe.models.output) where no
+    per-input certificate can carry it (start-up checks, ``predict``)."""
+
+    def __init__(self, spec: str, reason: str):
+        super().__init__(f"model {spec}: {reason}")
+        self.spec, self.reason = spec, reason
 
 
 def sha256_file(path: str | Path) -> str:
@@ -36,6 +47,16 @@ def sha256_state_dict(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line: TorchScript errors carry the script's traceback
+    before the error itself, so the last line is the one that says what went wrong."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    text = lines[-1] if len(lines) > 1 and any("Traceback" in ln for ln in lines) else lines[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def range_tensors(value_range, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """A declared value range as (lo, hi) tensors for ``Tensor.clamp``: scalars or per
     feature (shaped like the input); -inf/inf when nothing is declared (None)."""
@@ -51,7 +72,9 @@ class Model:
 
     ``predict`` maps a batch of shape ``(B, *input_shape)`` to class ids. Torch
     models also expose ``module`` (eval mode, float32 batch -> logits), which the
-    bound-based certifiers need. ``sha256`` identifies the content (weights), so
+    bound-based certifiers need; other models a ``_predict_fn`` (numpy batch -> logits
+    (B, C) or class ids (B,)). Forward passes go through ``scores``/``classes``,
+    which check the output contract (riskpipe.models.output). ``sha256`` identifies the content (weights), so
     caches and ledger records can name the exact model version.
 
     ``value_range`` is the declared range of every input value: ``(lo, hi)`` scalars,
@@ -85,13 +108,43 @@ class Model:
             self.module.to(self.device)
         return self
 
-    def predict_torch(self, batch: torch.Tensor) -> torch.Tensor:
-        """Class ids (int64 tensor on the batch's device) for a float32 batch."""
+    def scores(self, batch: torch.Tensor) -> Checked:
+        """The torch module's logits (n, C) for a float32 batch, checked against the
+        output contract (riskpipe.models.output): bad rows are marked, not trusted."""
+        with torch.inference_mode():
+            out = self.module(batch)
+        return check_output(out, len(batch), self.num_classes, batch.device)
+
+    def classes(self, batch: torch.Tensor) -> Checked:
+        """Class ids (int64, on the batch's device) for a float32 batch, checked.
+
+        Every forward pass of every certifier goes through here or ``scores``, so one
+        check covers them all; a predict function may return logits (n, C) or ids (n,)."""
         if self.module is not None:
-            with torch.inference_mode():
-                return self.module(batch).argmax(dim=1)
-        ids = self._predict_fn(batch.detach().cpu().numpy())
-        return torch.as_tensor(np.asarray(ids, dtype=np.int64), device=batch.device)
+            c = self.scores(batch)
+        else:
+            c = check_output(self._predict_fn(batch.detach().cpu().numpy()), len(batch), self.num_classes,
+                             batch.device)
+        return Checked(c.values.argmax(dim=1), c.bad, c.reason) if c.values.ndim == 2 else c
+
+    def predict_torch(self, batch: torch.Tensor) -> torch.Tensor:
+        """Class ids (int64 tensor on the batch's device) for a float32 batch; raises
+        ModelFault when the output breaks the contract (no id is made up for a bad row)."""
+        c = self.classes(batch)
+        if c.any_bad:
+            raise ModelFault(self.spec, c.reason)
+        return c.values
+
+    def check_forward(self, X: np.ndarray) -> None:
+        """Raise ModelFault (one line naming the model) unless a forward pass over the
+        probe inputs ``X`` keeps the output contract; an exception the model raises is
+        reported the same way. Run at start-up, before anything is certified."""
+        try:
+            c = self.classes(torch.as_tensor(np.asarray(X, dtype=np.float32), device=self.device))
+        except Exception as e:  # noqa: BLE001 - whatever the user's model raises is its fault
+            raise ModelFault(self.spec, f"forward pass raised {type(e).__name__}: {one_line(e)}") from None
+        if c.any_bad:
+            raise ModelFault(self.spec, f"{c.reason} on {len(X)} start-up probe inputs")
 
     def predict(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """Class ids as a numpy array."""

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from riskpipe.models import trees as _trees
-from riskpipe.models.base import Model, ModelError, ShapeUnknown, sha256_file, sha256_state_dict
+from riskpipe.models.base import (Model, ModelError, ModelFault, ShapeUnknown, one_line, sha256_file,
+                                  sha256_state_dict)
 from riskpipe.models.digits import INPUT_SHAPE, NUM_CLASSES
 
 
@@ -60,18 +61,30 @@ def _shape_opts(opts: dict[str, str], spec: str, default_shape=None, default_cla
     return shape, classes, rng
 
 
-def _probe_classes(module: torch.nn.Module, shape: tuple[int, ...], spec: str) -> int:
-    with torch.inference_mode():
-        out = module(torch.zeros((1,) + tuple(shape)))
-    if out.ndim != 2:
-        raise ModelError(f"model {spec}: output must be (batch, classes) logits, got shape {tuple(out.shape)}")
+def _probe_classes(forward, shape: tuple[int, ...], spec: str) -> int:
+    """The number of classes from one forward pass on a zero input (``?classes=N`` skips it);
+    a model that raises or returns no (1, C) logits is a one-line ModelError."""
+    try:
+        out = forward(np.zeros((1,) + tuple(shape), np.float32))
+    except Exception as e:  # noqa: BLE001 - whatever the user's model raises
+        raise ModelFault(spec, f"forward pass raised {type(e).__name__}: {one_line(e)}") from None
+    if getattr(out, "ndim", None) != 2 or out.shape[0] != 1:
+        raise ModelFault(spec, f"output must be (batch, classes) logits, got "
+                               f"{f'shape {tuple(out.shape)}' if hasattr(out, 'shape') else type(out).__name__}")
     return int(out.shape[1])
+
+
+def _module_forward(module: torch.nn.Module):
+    def forward(x: np.ndarray):
+        with torch.inference_mode():
+            return module(torch.from_numpy(x))
+    return forward
 
 
 def _torch_model(spec: str, module: torch.nn.Module, opts, sha: str, default_shape=None) -> Model:
     module.eval()
     shape, classes, rng = _shape_opts(opts, spec, default_shape)
-    classes = classes or _probe_classes(module, shape, spec)
+    classes = classes or _probe_classes(_module_forward(module), shape, spec)
     return Model(spec=spec, input_shape=tuple(shape), num_classes=classes, sha256=sha, value_range=rng, module=module)
 
 
@@ -104,7 +117,10 @@ def _load_factory(spec: str, base: str, opts) -> Model:
         factory = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as e:
         raise ModelError(f"model {spec}: cannot import factory {target!r} ({e})") from None
-    module = factory()
+    try:
+        module = factory()
+    except Exception as e:  # noqa: BLE001 - whatever the user's factory raises
+        raise ModelError(f"model {spec}: factory {target!r} raised {type(e).__name__}: {one_line(e)}") from None
     if not isinstance(module, torch.nn.Module):
         raise ModelError(f"model {spec}: factory {target!r} did not return an nn.Module")
     sha = None
@@ -183,8 +199,8 @@ def _load_onnx(spec: str, path: Path, opts) -> Model:
         raise ModelError(f"model {spec}: scores must be (batch, classes), got shape {list(probe.shape)}")
     classes = classes or int(probe.shape[1])
 
-    def predict(batch: np.ndarray) -> np.ndarray:
-        return scores(batch).argmax(axis=1)
+    def predict(batch: np.ndarray) -> np.ndarray:  # scores: Model.classes checks them, then takes argmax
+        return scores(batch)
 
     meta = {"format": "onnx", "onnx_output": sess.get_outputs()[out_index].name}
     if fixed is not None:

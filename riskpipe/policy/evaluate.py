@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from riskpipe.certify.certificate import Certificate
+from riskpipe.certify.certificate import MODEL_FAULT, Certificate
 from riskpipe.certify.norms import conversion_factor
 from riskpipe.policy import signals as sig
 from riskpipe.policy.fields import OPS, holds
@@ -22,8 +22,8 @@ from riskpipe.policy.scoring import combine
 class Decision:
     """One policy decision with everything needed to audit it.
 
-    ``decision`` is what the pipeline does; in shadow mode it is always ``allow`` and
-    ``would_be`` holds what the rules decided (``would_be`` is None when enforcing).
+    ``decision`` is what the pipeline does; in shadow mode it is ``allow`` (except for a
+    ``model_fault``, which is enforced even there) and ``would_be`` holds what the rules decided (``would_be`` is None when enforcing).
     """
 
     decision: str
@@ -73,6 +73,8 @@ def threat_view(policy, cert: Certificate) -> tuple[float, bool, list[str]]:
     """(radius in the threat norm, certified in the threat model, reason codes)."""
     tm = policy.threat_model
     reasons: list[str] = []
+    if cert.reason == MODEL_FAULT:  # the model's output broke its contract: no statement at all
+        return 0.0, False, [MODEL_FAULT]
     if cert.abstained:
         return 0.0, False, ["abstained"]
     if cert.norm == tm.norm:
@@ -247,8 +249,11 @@ def _conclude(policy, ev: _Evidence, fired, trace: list, event_id: str | None) -
         if s.get("flagged"):
             reasons.append(f"{name}_{s['reason']}")
 
-    decision = "allow" if policy.shadow else enforced
-    if policy.shadow:
+    # Shadow mode observes a policy without enforcing it, but a broken model output is no
+    # decision to observe: a model_fault is enforced even there, never allowed.
+    shadowed = policy.shadow and MODEL_FAULT not in ev.cert_reasons
+    decision = "allow" if shadowed else enforced
+    if shadowed:
         reasons.append("shadow_mode")
 
     rv = policy.review

@@ -12,6 +12,8 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+from riskpipe.certify.certificate import MODEL_FAULT
+
 
 @dataclass
 class Stats:
@@ -27,6 +29,7 @@ class Stats:
     dlq: dict = field(default_factory=lambda: defaultdict(int))
     decisions: dict = field(default_factory=lambda: defaultdict(int))
     abstained: int = 0
+    model_faults: int = 0  # of ``decided``: certificates with reason model_fault
     broker_errors: int = 0
     infrastructure_retries: dict = field(default_factory=lambda: defaultdict(int))  # by component
     reconnects: int = 0
@@ -111,6 +114,8 @@ class Observer:
             s.decisions[rec["decision"]] += 1
             if rec["certificate"]["abstained"]:
                 s.abstained += 1
+            if rec["certificate"].get("reason") == MODEL_FAULT:
+                s.model_faults += 1
             if m:
                 m.decision(rec)
                 m.event("decided")

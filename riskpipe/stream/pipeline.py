@@ -6,12 +6,14 @@ call ``Pipeline.process``, so a batch is decided the same way wherever it came f
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
 
+from riskpipe.certify.certificate import MODEL_FAULT
 from riskpipe.certify.norms import convert_radius
 from riskpipe.ledger.chain import canonical_json, decision_scope
 from riskpipe.ledger.inputs import input_digest, input_fields  # noqa: F401 - input_digest re-exported
@@ -19,6 +21,8 @@ from riskpipe.models import Model
 from riskpipe.policy.evaluate import evaluate_batch
 from riskpipe.policy.signals import json_safe
 from riskpipe.stream.events import Event, EventError
+
+log = logging.getLogger("riskpipe.stream")
 
 
 def utc_now() -> str:
@@ -86,6 +90,14 @@ def certify(entry: ModelEntry, Z: np.ndarray, seeds: list[int]) -> list:
     return certs
 
 
+def _log_faults(name: str, entry: ModelEntry, certs: list) -> None:
+    """One warning per micro-batch with model faults (each is also in its record and metric)."""
+    faults = [c for c in certs if c.reason == MODEL_FAULT]
+    if faults:
+        log.warning("model %s (%s): %d of %d inputs not certified, model_fault: %s", name, entry.model.spec,
+                    len(faults), len(certs), faults[0].extra.get(MODEL_FAULT))
+
+
 def radius_in_threat(entry: ModelEntry, cert) -> float:
     """The certified radius in the threat norm (Theorem 2, d = the certified input's dimension)."""
     return convert_radius(cert.radius, cert.norm, entry.policy.threat_model.norm, entry.certified.input_dim)
@@ -151,6 +163,7 @@ class Pipeline:
             t0 = time.perf_counter()
             certs = certify(entry, Z, seeds)
             self.certify_seconds += time.perf_counter() - t0
+            _log_faults(name, entry, certs)
             r_threat = np.array([radius_in_threat(entry, c) for c in certs])
             if entry.context is not None:
                 preds = [c.predicted_class for c in certs]  # None (abstained): the nearest label stands in

@@ -1,0 +1,90 @@
+"""The model output contract, checked on every forward pass.
+
+A model is a black box that can break: a TorchScript or ONNX file that returns NaN or
+±inf logits, fewer rows than inputs, an extra axis, integers or a tuple. Before this
+check such an output was read as a vote (``argmax`` of a NaN row is class 0), so a
+broken model got certificates and ``allow``. Now every forward pass of every
+certification family, the batch-size probe and the start-up checks go through
+``Model.scores`` / ``Model.classes`` (riskpipe.models.base), which call
+``check_output``; a row that breaks the contract is *bad*, and whatever was computed
+from a bad row is a ``model_fault`` (an uncertified certificate,
+``riskpipe.certify.certificate.MODEL_FAULT``), never a verdict.
+
+The contract for a batch of ``n`` inputs and ``C`` classes:
+
+* logits or scores: a floating-point array of shape ``(n, C)``, every value finite;
+* class ids (predict-function models such as scikit-learn's ``predict``): an integer
+  array of shape ``(n,)`` with every id in ``[0, C)``.
+
+A row with a non-finite value (or an id out of range) is bad on its own; an output of
+the wrong type, shape or dtype cannot be attributed to rows, so every row is bad.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A checked forward pass: ``values`` (logits (n, C) or class ids (n,)), with every
+    bad row zeroed so callers can go on computing; ``bad`` (n,) bool; ``reason`` says
+    what the first violation was (None when every row is good)."""
+
+    values: torch.Tensor
+    bad: torch.Tensor
+    reason: str | None
+
+    @property
+    def any_bad(self) -> bool:
+        return self.reason is not None
+
+
+def _as_tensor(out, device) -> torch.Tensor | str:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(out)).to(device) if out.dtype.kind in "biuf" else \
+            f"output dtype {out.dtype} is not numeric"
+    return f"output is a {type(out).__name__}, not a tensor or array"
+
+
+def _all_bad(n: int, num_classes: int, logits: bool, device, reason: str) -> Checked:
+    shape = (n, num_classes) if logits else (n,)
+    dtype = torch.float32 if logits else torch.int64
+    return Checked(torch.zeros(shape, dtype=dtype, device=device), torch.ones(n, dtype=torch.bool, device=device),
+                   reason)
+
+
+def check_output(out, n: int, num_classes: int, device="cpu") -> Checked:
+    """``out`` of a forward pass over ``n`` inputs, checked against the contract above.
+
+    A float output must be logits ``(n, C)``; an integer output class ids ``(n,)``.
+    ``values`` comes back as float logits or int64 ids accordingly."""
+    t = _as_tensor(out, device)
+    if isinstance(t, str):
+        return _all_bad(n, num_classes, True, device, t)
+    shape = tuple(t.shape)
+    if t.is_floating_point():
+        if shape != (n, num_classes):
+            return _all_bad(n, num_classes, True, t.device,
+                            f"output shape {shape}, expected ({n}, {num_classes}) logits")
+        bad = ~torch.isfinite(t).all(dim=1)
+        if not bool(bad.any()):
+            return Checked(t, bad, None)
+        kinds = [k for k, hit in (("NaN", torch.isnan(t).any()), ("inf", torch.isinf(t).any())) if bool(hit)]
+        return Checked(t.masked_fill(bad[:, None], 0.0), bad,
+                       f"output has non-finite values ({', '.join(kinds)}) in {int(bad.sum())} of {n} rows")
+    if t.dtype in (torch.bool, torch.complex64, torch.complex128) or t.is_complex():
+        return _all_bad(n, num_classes, True, t.device, f"output dtype {t.dtype} is neither float logits nor int ids")
+    if shape != (n,):
+        return _all_bad(n, num_classes, False, t.device, f"output shape {shape}, expected ({n},) class ids "
+                                                         f"or ({n}, {num_classes}) logits")
+    t = t.to(torch.int64)
+    bad = (t < 0) | (t >= num_classes)
+    if not bool(bad.any()):
+        return Checked(t, bad, None)
+    return Checked(t.masked_fill(bad, 0), bad, f"class ids outside [0, {num_classes}) in {int(bad.sum())} of {n} rows")
