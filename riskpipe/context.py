@@ -41,6 +41,7 @@ import numpy as np
 from sklearn.metrics import pairwise_distances_chunked
 from threadpoolctl import ThreadpoolController
 
+from riskpipe import npy
 from riskpipe.certify.norms import check_norm
 
 METRICS = {"l1": "manhattan", "l2": "euclidean", "linf": "chebyshev"}
@@ -193,7 +194,7 @@ class ContextIndex:
         """Load a saved index, or a plain reference .npz with arrays ``X`` and ``y``
         (then ``norm`` is required and an index is built)."""
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with npy.load(path) as z:
                 arrays = {k: z[k] for k in z.files}
         except FileNotFoundError:
             raise ContextError(f"context {path}: file not found") from None

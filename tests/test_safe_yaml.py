@@ -70,3 +70,39 @@ def test_stage_and_review_config_bomb_refused(tmp_path):
                        text=True, timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "expands to more than" in r.stderr
     assert len([line for line in r.stderr.splitlines() if line.strip()]) == 1
+
+
+def fat_leaf(megabytes: int = 1, references: int = 1000) -> str:
+    """One ``megabytes`` MB string referenced ``references`` times: few nodes, many bytes."""
+    return f"leaf: &x \"{'x' * (megabytes << 20)}\"\nrefs: [" + ", ".join(["*x"] * references) + "]\n"
+
+
+def test_fat_leaf_alias_bomb_is_refused_by_expanded_bytes(tmp_path):
+    """1,001 nodes (far under the node limit) but a gigabyte once expanded."""
+    text = fat_leaf()
+    assert safe_yaml.MAX_NODES > 1001
+    t0 = time.perf_counter()
+    with pytest.raises(safe_yaml.YAMLLimitError, match="more than 8388608 bytes") as e:
+        safe_yaml.load(text)
+    assert time.perf_counter() - t0 < REFUSED_WITHIN_S and e.value.line == 2  # the list of references
+    assert len(safe_yaml.load(fat_leaf(1, 4))["refs"]) == 4  # 5 MB expanded: under the limit
+    p = tmp_path / "fat.yaml"
+    p.write_text(text)
+    for args in (["policy", "check", str(p)], ["run", "--config", str(p)]):
+        r = subprocess.run([sys.executable, "-m", "riskpipe.cli", *args], capture_output=True, text=True, timeout=60)
+        out = (r.stdout + r.stderr).strip()
+        assert r.returncode != 0 and "Traceback" not in out and len(out.splitlines()) == 1, out
+        assert str(p) in out and "bytes of text" in out
+
+
+def test_a_5000_digit_integer_is_one_line_not_a_traceback(tmp_path):
+    with pytest.raises(safe_yaml.YAMLLimitError, match="integer of 5000 digits") as e:
+        safe_yaml.load("a: 1\nb: " + "9" * 5000 + "\n")
+    assert e.value.line == 2
+    assert safe_yaml.load("b: " + "9" * 30 + "\n") == {"b": int("9" * 30)}
+    p = tmp_path / "riskpipe.yaml"
+    p.write_text("certify_batch_size: " + "7" * 5000 + "\n")
+    r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "run", "--config", str(p)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and f"{p}:1:" in r.stderr and "5000 digits" in r.stderr

@@ -16,9 +16,9 @@ def test_valid_traceparent_and_tracestate_are_taken() -> None:
     assert trace_context({"traceparent": TP, "tracestate": "rojo=00f067aa0ba902b7"}) == {
         "traceparent": TP, "tracestate": "rojo=00f067aa0ba902b7"}
     assert trace_context({"traceparent": TP}) == {"traceparent": TP}
-    # a future version may append fields
+    # a future version may append fields: its known fields are carried as version 00, the rest is not
     future = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"
-    assert trace_context({"traceparent": future}) == {"traceparent": future}
+    assert trace_context({"traceparent": future}) == {"traceparent": "00" + future[2:55]}
     assert trace_headers({"trace": {"traceparent": TP}}) == [("traceparent", TP.encode())]
     assert trace_headers({"trace": None}) == []
 
@@ -28,9 +28,34 @@ def test_valid_traceparent_and_tracestate_are_taken() -> None:
     "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
     "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
     "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+    TP + "\n", TP + "\x00", TP + "\r\nx-injected: 1", TP + "0",           # nothing may follow version 00
+    "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x",            # a higher version: "-" or the end
+    "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-\x00" + "a" * 300_000,
+    "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
 ])
 def test_invalid_traceparent_is_ignored_with_its_tracestate(bad) -> None:
     assert trace_context({"traceparent": bad, "tracestate": "a=b"}) is None
+
+
+def test_tracestate_follows_the_w3c_grammar_and_bounds() -> None:
+    def state(value):
+        return (trace_context({"traceparent": TP, "tracestate": value}) or {}).get("tracestate")
+
+    assert state("rojo=00f067aa0ba902b7, congo=t61rcWkgMzE") == "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
+    assert state("a=1,,  ,b=2") == "a=1,b=2"  # empty list-members are allowed
+    assert state("tenant1@vendor=x,k_-*/9=v") == "tenant1@vendor=x,k_-*/9=v"
+    members = [f"k{i}=v" for i in range(32)]
+    assert state(",".join(members)) == ",".join(members)
+    for bad in (",".join(members + ["k32=v"]),  # 33 members
+                "Upper=1", "9key=1", "a=1,a=2", "a", "a=", "a=b c=", "a=x\x00", "a=1\r\nb=2", "a=x=y,", "a=,",
+                "a=" + "v" * 257, "k" * 257 + "=1", "a@" + "s" * 15 + "=1", "\x00" * 300_000):
+        assert state(bad) is None, bad
+    # over 512 characters: whole members go, those over 128 characters first, then from the end
+    long = "big=" + "x" * 200
+    kept = [f"m{i:02d}=" + "y" * 20 for i in range(20)]  # 20 x 24 + 19 commas = 499 characters
+    assert state(",".join(kept[:10] + [long] + kept[10:])) == ",".join(kept)
+    many = [f"m{i:02d}=" + "y" * 60 for i in range(12)]  # 64 characters each
+    assert state(",".join(many)) == ",".join(many[:7])  # 7 x 64 + 6 = 454 <= 512 < 519
 
 
 @pytest.mark.broker

@@ -28,8 +28,10 @@ it. Certificates made this way say so in their scope.
 4. j is drawn by inverse-CDF lookup: a uniform integer u in [0, 2^62) (torch's
    generator; the only assumption is that its bits are fair coins) against the
    integer table T_i = ceil(2^62 * Phi((i + 1/2) h / sigma)), i = -J .. J-1, computed
-   in 60-digit arithmetic (mpmath), with J h >= 10 sigma; the two end bins also take
-   the tails. This *implemented* distribution q is exactly specified by the table.
+   exactly (``riskpipe.certify.normal_table``: equal, entry for entry, to evaluating it
+   in 60-digit arithmetic), with J h >= 10 sigma; the two end bins also take the
+   tails. The table has 2J = 20 sigma / h entries: at most ``MAX_TABLE_ENTRIES``, so a
+   grid too fine for its sigma is refused before anything is built. This *implemented* distribution q is exactly specified by the table.
    Per coordinate, |q_j - p_j| < 2^-62 for each of the 2J + 1 bins, and the end
    bins carry at most the tail mass 2 Phi(-(J + 1/2) h / sigma) extra, so the
    total-variation distance between one noise vector of q and of the rounded
@@ -55,10 +57,12 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
+from riskpipe.certify.normal_table import MAX_TABLE_ENTRIES, check_table, table_entries  # noqa: F401
+
 SAMPLERS = ("gaussian", "sound")
 _BITS = 62
 _Q = 1 << _BITS
-_TAIL_SIGMAS = 10.0
+_TAIL_SIGMAS = 10.0  # J h >= 10 sigma (riskpipe.certify.normal_table.TAIL_SIGMAS)
 _GRID_TOLERANCE = 1e-3  # in grid steps: float inputs within this of a grid point are on it
 F32_SLACK = 2.0 ** -21  # relative: a few float32 roundings of lo + k * h (store, scale, shift)
 _BUCKET_BITS = 16  # inverse-CDF lookup: the top bits of u index a table of threshold counts
@@ -99,15 +103,11 @@ class GaussianSampler:
 @lru_cache(maxsize=32)
 def _table(sigma_over_h: float) -> tuple[np.ndarray, int, float]:
     """(thresholds T_i as int64, J, per-coordinate TV bound) for noise sigma / h grid steps."""
-    import mpmath
+    from riskpipe.certify.normal_table import thresholds
 
-    mpmath.mp.dps = 60
-    J = max(1, math.ceil(_TAIL_SIGMAS * sigma_over_h))
-    s = mpmath.mpf(sigma_over_h)
-    thresholds = np.array([int(mpmath.ceil(_Q * mpmath.ncdf((i + mpmath.mpf(0.5)) / s))) for i in range(-J, J)],
-                          dtype=np.int64)
+    J = table_entries(sigma_over_h, _TAIL_SIGMAS) // 2
     tail = 2 * float(norm.sf((J + 0.5) / sigma_over_h))
-    return thresholds, J, (2 * J + 1) / _Q + tail
+    return thresholds(sigma_over_h, J, _BITS), J, (2 * J + 1) / _Q + tail
 
 
 @dataclass
@@ -136,6 +136,7 @@ class SoundSampler:
                                  "declare the grid step (certifier.grid_step) for the sound sampler")
             self.step = (hi - lo) / int(self.grid_levels)
         self.origin = lo if math.isfinite(lo) else 0.0
+        check_table(self.sigma, self.step, _TAIL_SIGMAS)
         self._thresholds, self.J, tv = _table(self.sigma / self.step)
         self.margin = self.input_dim * tv
         self._device_tables: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}

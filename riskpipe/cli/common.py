@@ -85,6 +85,12 @@ def read_inputs(path: str) -> np.ndarray:
     if not p.is_file():
         fail(f"input {path}: file not found")
     if p.suffix == ".npy":
+        from riskpipe import npy
+
+        try:
+            npy.check_file(p)
+        except (ValueError, OSError) as e:
+            fail(f"input {e}" if str(e).startswith(str(p)) else f"input {path}: {e}")
         try:
             a = np.load(p, allow_pickle=False)
         except Exception as e:  # noqa: BLE001 - any unreadable file is a user error

@@ -61,6 +61,7 @@ def compare(models, config_path, methods, eps_grid, norms, n_samples, limit, sig
     import numpy as np
     import torch
 
+    from riskpipe import npy
     from riskpipe.cli.common import fail, progress_bar
     from riskpipe.compare import FORMATS, CompareConfig, render, run_compare
     from riskpipe.models import InputError, ModelError
@@ -81,10 +82,10 @@ def compare(models, config_path, methods, eps_grid, norms, n_samples, limit, sig
     X = y = None
     if data_path:
         try:
-            with np.load(data_path, allow_pickle=False) as d:
+            with npy.load(data_path) as d:
                 X, y = d["X"], d["y"].astype(np.int64)
         except (OSError, ValueError) as e:
-            fail(f"--data {data_path}: not a readable .npz ({type(e).__name__})")
+            fail(f"--data {data_path}: not a readable .npz ({type(e).__name__}: {e})")
         except KeyError as e:
             fail(f"--data {data_path}: missing array {e} (need X and y)")
         if len(X) != len(y):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from riskpipe import npy
 from riskpipe.attacks import ATTACK_NORMS
 from riskpipe.certify.norms import conversion_factor
 from riskpipe.evaluate import metrics
@@ -122,7 +123,7 @@ def load_data(spec: str, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     if not p.is_file():
         raise EvaluationError(f"data: {spec}: file not found")
     try:
-        with np.load(p, allow_pickle=False) as z:
+        with npy.load(p) as z:
             missing = [k for k in ("X", "y") if k not in z.files]
             if missing:
                 raise EvaluationError(f"data: {spec}: missing array {missing[0]!r}")

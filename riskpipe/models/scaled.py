@@ -14,7 +14,9 @@ exactly like f on the raw input. Hence, without any change to a certifier:
 
 One wrapper serves torch modules (a fixed diagonal layer in front, so interval and
 Lipschitz bounds see it too), predict-function models (ONNX, skops) and tree
-ensembles (thresholds divided by s, so the ``trees`` certificate sees g).
+ensembles (thresholds divided by s, so the ``trees`` certificate sees g). Memory is
+O(d): the diagonal is kept as a vector, and the standard deviations of ``standardize``
+are accumulated over row chunks.
 """
 
 from __future__ import annotations
@@ -23,39 +25,39 @@ import numpy as np
 import torch
 from torch import nn
 
+from riskpipe.certify.bounds import Scale
 from riskpipe.models.base import Model
 
 
-class _Unscale(nn.Module):
-    """x = s * z, the first layer of g."""
-
-    def __init__(self, s: torch.Tensor):
-        super().__init__()
-        self.register_buffer("s", s)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.s
-
-
 def _unscale_layer(s: np.ndarray) -> nn.Module:
-    """x = s * z as a layer. Feature vectors get a diagonal ``nn.Linear``, which the
-    interval-bound and Lipschitz certifiers handle like any other affine layer (so a
-    ``module:factory`` Sequential stays certifiable by every family); other shapes get
-    an elementwise multiply."""
-    t = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32))
-    if t.ndim != 1:
-        return _Unscale(t)
-    layer = nn.Linear(len(t), len(t), bias=False)
-    with torch.no_grad():
-        layer.weight.copy_(torch.diag(t))
-    layer.weight.requires_grad_(False)
-    return layer
+    """x = s * z as a layer: ``Scale``, an elementwise multiply that the interval-bound and
+    Lipschitz certifiers handle as the diagonal linear map it is (so a ``module:factory``
+    Sequential stays certifiable by every family)."""
+    return Scale(torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32)))
 
 
-def standardize_scale(X: np.ndarray) -> np.ndarray:
+def standardize_scale(X: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """Per-feature standard deviation of a reference set X (N, *shape); a feature that
-    is constant there gets scale 1 (it cannot be standardized, and 0 would divide)."""
-    s = np.asarray(X, dtype=np.float64).reshape(len(X), -1).std(axis=0)
+    is constant there gets scale 1 (it cannot be standardized, and 0 would divide).
+
+    Accumulated over chunks of rows (Chan et al.'s pairwise update of mean and squared
+    deviations, in float64), so memory is O(d) beyond X itself."""
+    n = len(X)
+    flat = np.asarray(X).reshape(n, -1)
+    mean = np.zeros(flat.shape[1])
+    m2 = np.zeros(flat.shape[1])
+    seen = 0
+    for start in range(0, n, chunk):
+        block = flat[start:start + chunk].astype(np.float64)
+        k = len(block)
+        b_mean = block.mean(axis=0)
+        b_m2 = ((block - b_mean) ** 2).sum(axis=0)
+        delta = b_mean - mean
+        total = seen + k
+        mean += delta * (k / total)
+        m2 += b_m2 + delta ** 2 * (seen * k / total)
+        seen = total
+    s = np.sqrt(m2 / max(seen, 1))
     return np.where(s > 0, s, 1.0)
 
 

@@ -25,6 +25,9 @@ SECRET_FIELDS = ("radius", "radius_threat", "p_lower", "p_upper", "probabilities
 PUBLIC_FIELDS = ("id", "ts", "event_ts", "decision", "policy_version", "policy_name", "model_name", "rule",
                  "reasons", "controls", "shadow")
 DEFAULT_PUBLIC = ("id", "ts", "decision", "policy_version")
+# Sound-sampler grid levels across a value range: 2^20 is 16 times a 16-bit quantisation; the
+# noise table grows with grid_levels * sigma / range (riskpipe.certify.normal_table bounds it).
+MAX_GRID_LEVELS = 1 << 20
 _CERT_NORMS = CERT_NORMS
 _SMOOTHING_ONLY = ("sigma", "n0", "n", "max_samples", "bound", "sampler", "grid_levels", "grid_step",
                    "max_latency_ms")
@@ -73,7 +76,7 @@ class Certifier(_Frozen):
     max_samples: Annotated[int, Field(ge=1)] = 100_000
     bound: Literal["cp", "bonferroni", "goodman"] = "cp"
     sampler: Literal["gaussian", "sound"] = "gaussian"
-    grid_levels: Annotated[int, Field(ge=1)] = 255
+    grid_levels: Annotated[int, Field(ge=1, le=MAX_GRID_LEVELS)] = 255
     grid_step: Positive | None = None
     max_latency_ms: Positive | None = None
 
@@ -90,6 +93,10 @@ class Certifier(_Frozen):
         if self.mode == "decide" and self.method != "smoothing":
             raise ValueError(f"mode: decide is a sequential test of randomized smoothing; method {self.method} "
                              "gives a deterministic radius, use mode certify")
+        if self.sampler == "sound" and self.grid_step is not None and self.sigma is not None:
+            from riskpipe.certify.normal_table import check_table
+
+            check_table(self.sigma, self.grid_step)  # with grid_levels it also needs the model's range
         if self.max_latency_ms is not None and self.mode != "decide":
             raise ValueError("max_latency_ms: applies to mode decide only (certify mode has no early stop)")
         if self.mode == "decide" and self.bound != "cp":

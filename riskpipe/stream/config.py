@@ -81,6 +81,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from riskpipe.kafka_clients import KafkaSettings
 
+# Noise samples per smoothing model call: the probe's largest candidate is 4096; above
+# 2^20 no model call fits in memory (riskpipe.compose also bounds it by the input size).
+MAX_CERTIFY_BATCH_SIZE = 1 << 20
+
 
 def default_policy_path() -> str:
     """The packaged default policy (riskpipe/policies/; the checkout's policies/ links to it)."""
@@ -127,7 +131,7 @@ class ModelConfig(BaseModel):
     scale: Any = None
     feature_names: list[str] | None = None
     range: Any = None
-    certify_batch_size: int | None = Field(None, ge=1)
+    certify_batch_size: int | None = Field(None, ge=1, le=MAX_CERTIFY_BATCH_SIZE)
     trusted_types: list[str] | None = None
 
     @model_validator(mode="before")
@@ -218,8 +222,10 @@ def read_reference(path: str):
     """``(X, y or None)`` from a reference .npz; ValueError with the reason."""
     import numpy as np
 
+    from riskpipe import npy
+
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with npy.load(path) as z:
             if "X" not in z.files:
                 raise ValueError(f"{path}: no array 'X' (clean inputs) in the .npz")
             X, y = z["X"], (z["y"] if "y" in z.files else None)
@@ -272,7 +278,7 @@ class StageConfig(KafkaSettings):
     # every output (decisions, review, audit, dlq), key and headers included: Kafka's default
     # message.max.bytes; larger decision outputs are that event's dead letter (output_too_large)
     max_output_bytes: int = Field(1 << 20, ge=8192)
-    certify_batch_size: int | None = Field(None, ge=1)  # None: probed per model (riskpipe.tuning)
+    certify_batch_size: int | None = Field(None, ge=1, le=MAX_CERTIFY_BATCH_SIZE)  # None: probed (riskpipe.tuning)
     torch_threads: int | None = Field(1, ge=1)  # None: torch's default (see the module docstring)
     review_include_input: bool = True
     create_topics: bool = False
