@@ -167,8 +167,13 @@ def build_entry(name: str, mc: ModelConfig, policy, device: str = "cpu",
         except ShapeUnknown:  # a plain TorchScript file: its input shape from the reference set, as init takes it
             if not mc.reference:
                 raise
-            model = load_model_for(mc.spec, read_reference(mc.reference)[0].shape[1:], device=device,
-                                   trusted_types=trusted)
+            try:
+                shape = read_reference(mc.reference)[0].shape[1:]
+            except ValueError as e:
+                if isinstance(e, ModelError):
+                    raise
+                raise _err(name, "reference", str(e)) from None
+            model = load_model_for(mc.spec, shape, device=device, trusted_types=trusted)
     except UntrustedTypes as e:
         raise _err(name, "spec", str(UntrustedTypes(e.spec, e.types, f"models.{name}.trusted_types"))) from None
     except ModelError as e:

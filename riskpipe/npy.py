@@ -37,13 +37,14 @@ def check_header(f, data_bytes_after_header, where: str, max_bytes: int) -> None
     ``data_bytes_after_header(header_length)``; ValueError naming ``where``."""
     try:
         version = npformat.read_magic(f)
-        read = {(1, 0): npformat.read_array_header_1_0, (2, 0): npformat.read_array_header_2_0}.get(version)
-        if read is None:  # 3.0 (utf-8 field names): the reader np.load itself uses
-            shape, _fortran, dtype = npformat._read_array_header(f, version)
-        else:
-            shape, _fortran, dtype = read(f)
-    except ValueError as e:
-        raise ValueError(f"{where}: not an .npy array ({e})") from None
+        # 3.0 differs from 2.0 only in utf-8 field names, which do not change the item size
+        read = {(1, 0): npformat.read_array_header_1_0, (2, 0): npformat.read_array_header_2_0,
+                (3, 0): npformat.read_array_header_2_0}.get(version)
+        if read is None:
+            raise ValueError(f"unknown format version {version}")
+        shape, _fortran, dtype = read(f)
+    except (ValueError, SyntaxError, UnicodeDecodeError, EOFError) as e:
+        raise ValueError(f"{where}: not a readable .npy file ({e})") from None
     if dtype.hasobject:
         raise ValueError(f"{where}: dtype {dtype} holds Python objects; only plain arrays are read")
     declared = math.prod(shape) * dtype.itemsize
