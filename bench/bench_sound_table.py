@@ -66,7 +66,8 @@ def main() -> None:
                  "new_cpu_s": round(new_cpu, 4)}
         if 2 * J <= args.skip_old_above:
             old, old_wall, old_cpu = timed(lambda: old_table(s, J))
-            entry.update(old_wall_s=round(old_wall, 3), old_cpu_s=round(old_cpu, 3), equal=bool(np.array_equal(old, new)),
+            entry.update(old_wall_s=round(old_wall, 3), old_cpu_s=round(old_cpu, 3),
+                         equal=bool(np.array_equal(old, new)),
                          speedup_cpu=round(old_cpu / max(new_cpu, 1e-9), 1))
         results.append(entry)
         rows.append((levels, 2 * J, entry.get("old_cpu_s", "-"), entry.get("old_wall_s", "-"), entry["new_cpu_s"],

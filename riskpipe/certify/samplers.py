@@ -31,7 +31,8 @@ it. Certificates made this way say so in their scope.
    exactly (``riskpipe.certify.normal_table``: equal, entry for entry, to evaluating it
    in 60-digit arithmetic), with J h >= 10 sigma; the two end bins also take the
    tails. The table has 2J = 20 sigma / h entries: at most ``MAX_TABLE_ENTRIES``, so a
-   grid too fine for its sigma is refused before anything is built. This *implemented* distribution q is exactly specified by the table.
+   grid too fine for its sigma is refused before anything is built. This *implemented*
+   distribution q is exactly specified by the table.
    Per coordinate, |q_j - p_j| < 2^-62 for each of the 2J + 1 bins, and the end
    bins carry at most the tail mass 2 Phi(-(J + 1/2) h / sigma) extra, so the
    total-variation distance between one noise vector of q and of the rounded

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from riskpipe.certify.certificate import Certificate
+from riskpipe.certify.certificate import MODEL_FAULT, Certificate
 from riskpipe.certify.norms import check_norm
 from riskpipe.certify.protocol import CertifierBase
 
@@ -194,7 +194,10 @@ class TreeBounds(CertifierBase):
         Z = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
         if len(seeds) != len(Z):
             raise ValueError(f"seeds: need one per input ({len(Z)}), got {len(seeds)}")
-        y = np.asarray(self.model.predict(Z.reshape((len(Z),) + tuple(self.model.input_shape))), dtype=np.int64)
+        import torch
+
+        fwd = self.model.classes(torch.from_numpy(Z.reshape((len(Z),) + tuple(self.model.input_shape))))
+        y, bad = fwd.values.cpu().numpy().astype(np.int64), fwd.bad.cpu().numpy()
         Z = Z.astype(np.float64)
         radius, at_point = np.zeros(len(Z)), np.zeros(len(Z), dtype=bool)
         evals = 0
@@ -207,14 +210,17 @@ class TreeBounds(CertifierBase):
         ens = self.model.trees
         out = []
         for i in range(len(Z)):
-            r = float(radius[i])
+            r = 0.0 if bad[i] else float(radius[i])
             abstain = r <= 0.0
             reason = None if not abstain else ("margin_not_positive" if not at_point[i] else "radius_below_tolerance")
+            if bad[i]:  # the model's own output broke its contract: the trees' bound speaks about nothing
+                reason = MODEL_FAULT
             out.append(Certificate(
                 method="trees", mode="bound", norm=self.norm, radius=0.0 if abstain else r, abstained=abstain,
                 predicted_class=None if abstain else int(y[i]), n_samples=1, elapsed_ms=per_input_ms,
                 seed=int(seeds[i]), input_dim=self.model.input_dim, reason=reason,
-                extra={"model_class": int(y[i]), "linf_radius": r, "eps_max": self.eps_max,
+                extra={**({MODEL_FAULT: fwd.reason} if bad[i] else {}),
+                       "model_class": int(y[i]), "linf_radius": r, "eps_max": self.eps_max,
                        "capped": bool(r >= self.eps_max), "rel_tol": self.rel_tol, "box_evaluations": evals,
                        "trees": ens.n_trees, "nodes": int(len(ens.feature)), "ensemble": ens.source,
                        "value_range": None if self.model.value_range is None
