@@ -157,9 +157,9 @@ class Smoothing(CertifierBase):
             counts += torch.bincount(owner * K + ids, minlength=B * K)
         return counts.view(B, K).cpu().numpy(), faults
 
-    def _fault(self, mode: str, t0: float, seed, batch: int, why: str, n_samples: int, **kw) -> Certificate:
+    def _fault(self, mode: str, elapsed_ms: float, seed, why: str, n_samples: int, **kw) -> Certificate:
         """The certificate of an input whose noise batch met a broken model output: uncertified."""
-        return self._cert(mode, t0, seed, batch, radius=0.0, abstained=True, predicted_class=None,
+        return self._cert(mode, elapsed_ms, seed, radius=0.0, abstained=True, predicted_class=None,
                           n_samples=n_samples, reason=MODEL_FAULT, extra={MODEL_FAULT: why}, **kw)
 
     @staticmethod
@@ -208,7 +208,7 @@ class Smoothing(CertifierBase):
         share = self._share_ms(t0, B)
         for i in range(B):
             if i in faults:
-                out.append(self._fault("certify", t0, seeds[i], B, faults[i], self.n0 + self.n, bound=self.bound))
+                out.append(self._fault("certify", share, seeds[i], faults[i], self.n0 + self.n, bound=self.bound))
                 continue
             abstain = bool(p_a[i] < 0.5 or radius[i] <= 0)
             out.append(self._cert(
@@ -248,7 +248,7 @@ class Smoothing(CertifierBase):
         share = self._share_ms(t0, len(counts))
         for i, c in enumerate(counts):
             if i in faults:
-                out.append(self._fault("predict", t0, seeds[i], len(counts), faults[i], self.n))
+                out.append(self._fault("predict", share, seeds[i], faults[i], self.n))
                 continue
             order = np.argsort(c)[::-1]
             k_a, k_b = int(c[order[0]]), int(c[order[1]]) if len(c) > 1 else 0
@@ -340,7 +340,7 @@ class Smoothing(CertifierBase):
         share = self._share_ms(t0, B)
         for i in range(B):
             if i in faults:
-                out.append(self._fault("decide", t0, seeds[i], B, faults[i], int(used[i]), epsilon=float(epsilon),
+                out.append(self._fault("decide", share, seeds[i], faults[i], int(used[i]), epsilon=float(epsilon),
                                        certified=False))
                 continue
             r, n_i, top, radius = int(look_idx[i]), int(used[i]), int(tops[i]), float(radii[i])
