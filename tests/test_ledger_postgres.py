@@ -218,13 +218,15 @@ def test_sqlite_ledger_from_schema_1_is_migrated(tmp_path):
     db.execute("UPDATE chain_state SET count = 6, head = ? WHERE id = 1", (head,))
     db.close()
     with Ledger(path) as led:
-        assert led.schema_version == 5 and led.verify().ok and led.count() == 6 and led.tree_head()[0] == 6
+        latest = sqlite_backend.STEPS[-1][0]
+        assert led.schema_version == latest and led.verify().ok and led.count() == 6 and led.tree_head()[0] == 6
         assert led.get_input("0" * 64) is None
         assert led.append(decision_record(99)) and led.verify().ok
         assert led.legacy_checkpoints() == [] and led.notes() == []
         assert_identity_after_migration(led)
     db = sqlite3.connect(str(path))
-    assert [v for v, in db.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3, 4, 5]
+    assert [v for v, in db.execute("SELECT version FROM schema_version ORDER BY version")] == list(range(1, latest + 1))
+    assert db.execute("SELECT COUNT(*) FROM facts").fetchone()[0] == 7  # the report's facts, built for the old rows too
     db.close()
 
 
@@ -239,11 +241,13 @@ def test_postgresql_ledger_from_schema_1_is_migrated(pg_url):
             cur.executemany("INSERT INTO entries VALUES (%s,%s,%s,%s,%s,%s,%s)", rows)
         conn.execute("UPDATE chain_state SET count = 6, head = %s WHERE id = 1", (head,))
     with open_ledger(pg_url) as led:
-        assert led.schema_version == 5 and led.verify().ok and led.legacy_checkpoints() == [] and led.notes() == [] and led.tree_head()[0] == 6
+        latest = pg_backend.STEPS[-1][0]
+        assert led.schema_version == latest and led.verify().ok and led.legacy_checkpoints() == [] and led.notes() == [] and led.tree_head()[0] == 6
         assert_identity_after_migration(led)
         assert led.get_input("0" * 64) is None
     with psycopg.connect(pg_url) as conn:
-        assert [v for v, in conn.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3, 4, 5]
+        assert [v for v, in conn.execute("SELECT version FROM schema_version ORDER BY version")] == list(range(1, latest + 1))
+        assert conn.execute("SELECT COUNT(*) FROM facts").fetchone()[0] == 6
 
 
 def test_a_newer_schema_is_refused(tmp_path):

@@ -96,13 +96,58 @@ def test_queue_holds_routed_and_audit_items_in_priority_then_deadline_order(tmp_
     assert ids == ["evt-urgent", "evt-urgent-later", "evt-routine", "evt-audit", "evt-no-priority"]
 
 
-def test_sql_filter_and_ledger_api_agree(tmp_path):
-    seed_ledger(tmp_path / "l.db")
+def _reference_queue(led) -> list[str]:
+    """The queue by its definition, from the records themselves (every record parsed)."""
+    reviewed = {e.entry_id for e in led.records(kind="verdict")}
+    items = []
+    for e in led.records(kind="decision"):
+        if e.entry_id in reviewed or not rq.needs_review(e.record):
+            continue
+        try:
+            rq.check_decision_record(e.record)
+        except rq.ReviewError:
+            continue
+        items.append(rq.QueueItem(e.record, e.seq))
+    return [it.id for it in sorted(items, key=rq.QueueItem.sort_key)]
+
+
+def test_queue_from_the_facts_table_agrees_with_the_records(tmp_path):
+    now = datetime.now(timezone.utc)
+    seed_ledger(tmp_path / "l.db", now)
     with Ledger(tmp_path / "l.db") as led:
         led.append(decision_record("evt-audit-2", decision="allow", routed=False, audit_sample=True))
-        sql, api = rq._pending_rows(led), rq._pending_rows_api(led)
-    assert [seq for seq, _ in sql] == [seq for seq, _ in api] and len(sql) == 4
-    assert [r for _, r in sql] == [r for _, r in api]
+        bad = decision_record("evt-bad-priority")
+        bad["review"]["priority"] = "high"  # the console cannot sort it: shown on its own page, not in the queue
+        led.append(bad)
+        huge = decision_record("evt-huge-priority", priority=2**70)  # beyond 64 bits: still sorted, last of the ints
+        led.append(huge)
+        for i in range(30):
+            led.append(decision_record(f"evt-{i:02d}", priority=[1, 2, None][i % 3],
+                                       deadline=None if i % 4 == 0 else now + timedelta(minutes=i * 7 % 50)))
+        rq.record_verdict(led, "evt-07", "unsure", "", "dave", now)
+        want = _reference_queue(led)
+        assert [it.id for it in rq.pending(led)] == want and len(want) == 34
+        assert rq.backlog(led) == len(want)
+        pages = [rq.pending(led, offset=o, limit=7) for o in range(0, 40, 7)]
+        assert [it.id for page in pages for it in page] == want and all(len(p) <= 7 for p in pages)
+
+
+def test_queue_filters_by_model_policy_and_reason(tmp_path):
+    seed_ledger(tmp_path / "l.db")
+    with Ledger(tmp_path / "l.db") as led:
+        other = decision_record("evt-other-model")
+        other["model"] = {"name": "cifar_cnn", "sha256": "ef" * 32}
+        other["policy"] = {"name": "strict", "version": "1", "sha256": "01" * 32}
+        other["reasons"] = ["out_of_support", "no_certificate"]
+        led.append(other)
+        assert [i.id for i in rq.pending(led, where=rq.QueueFilter(model="cifar_cnn"))] == ["evt-other-model"]
+        assert [i.id for i in rq.pending(led, where=rq.QueueFilter(policy="default"))] == ["evt-urgent", "evt-routine", "evt-audit"]
+        assert [i.id for i in rq.pending(led, where=rq.QueueFilter(reason="no_certificate"))] == ["evt-other-model"]
+        assert [i.id for i in rq.pending(led, where=rq.QueueFilter(reason="certificate_abstained"))] == ["evt-urgent", "evt-routine"]
+        assert rq.pending(led, where=rq.QueueFilter(reason="no%certificate")) == []  # a wildcard is a character, not a pattern
+        assert rq.pending(led, where=rq.QueueFilter(reason="no_certificat")) == []  # whole codes only
+        assert rq.backlog(led, where=rq.QueueFilter(model="digits", reason="certificate_abstained")) == 2
+        assert rq.filter_choices(led) == {"model": ["cifar_cnn", "digits"], "policy": ["default", "strict"]}
 
 
 def test_verdict_record_follows_docs_and_a_second_one_is_refused(tmp_path):

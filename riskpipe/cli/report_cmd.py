@@ -14,7 +14,10 @@ import click
 @click.option("--out", "out_path", default=None, help="Output file (default: report.<format> next to the ledger).")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
               help="Stage config: its models: entries name classes (labels) and features in the input examples.")
-def report(ledger_path, since, until, fmt, out_path, config_path):
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Walk the whole chain first (as `riskpipe ledger verify`; its time grows with the ledger). "
+                   "Without it the report states the head and count it read, not verified.")
+def report(ledger_path, since, until, fmt, out_path, config_path, verify):
     """Write the compliance report: scope, policies, volumes, decisions, abstention, radii,
     review, dead letters, NIST AI RMF / ISO 27001 mapping, ledger integrity."""
     from pathlib import Path
@@ -39,7 +42,7 @@ def report(ledger_path, since, until, fmt, out_path, config_path):
             fail(str(e))
     try:
         with working(f"report ({fmt}) from {redact(ledger_path)}"):
-            path = write_report(ledger_path, out, fmt, since=since, until=until, models=models)
+            path = write_report(ledger_path, out, fmt, since=since, until=until, models=models, verify=verify)
     except ReportError as e:
         fail(str(e))
     click.echo(str(path))

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
+import orjson
+
 GENESIS = "0" * 64
 KINDS = ("decision", "verdict", "policy", "dlq")
 _KIND_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -139,13 +141,10 @@ def check_chain(rows: Iterable[tuple], expect_head: str | None = None, anchors: 
         if prev_hash != prev:
             problem = f"row {seq} does not link to row {seq - 1} (prev_hash mismatch): deleted, inserted or reordered"
         else:
-            try:
-                record = json.loads(text)
-            except (TypeError, ValueError):
-                record, problem = None, f"row {seq}: stored record is not JSON (edited)"
-            if problem is None and canonical_json(record) != text:
-                problem = f"row {seq}: stored record is not canonical JSON (edited)"
-            elif problem is None and entry_hash(prev, kind, eid, text) != stored:
+            record, problem = read_canonical(text)
+            if problem is not None:
+                problem = f"row {seq}: {problem}"
+            elif entry_hash(prev, kind, eid, text) != stored:
                 problem = f"row {seq}: hash mismatch (record, kind or id edited)"
             elif problem is None and ts != (record.get("ts") if isinstance(record, dict) else None):
                 problem = f"row {seq}: ts column {ts!r} differs from the record's ts (edited)"
@@ -166,6 +165,42 @@ def check_chain(rows: Iterable[tuple], expect_head: str | None = None, anchors: 
                            f"rows 1..{seq} were rewritten and re-chained")
             last_anchor = seq
     return n, prev, None, anchored_seq, None
+
+
+# Where orjson writes a float differently from the standard library (exponents -5 to -9:
+# "0.00001" for "1e-05", "1e-6" for "1e-06"); every other value it writes alike.
+_ORJSON_OWN_FLOAT = re.compile(rb"0\.0000|e-[0-9](?![0-9])")
+
+
+def read_canonical(text: Any) -> tuple[Any, str | None]:
+    """(record, None) if ``text`` is the canonical JSON of the record it holds, else
+    (record or None, problem).
+
+    Fast path: orjson reads the text and writes it back with sorted keys; if that gives
+    the same bytes and the text holds none of the few float forms orjson writes
+    otherwise than the standard library, the standard library would too. Anything else
+    (a mismatch, a value orjson refuses such as an integer beyond 64 bits) is decided by
+    the standard library, the reference (``canonical_json``)."""
+    if isinstance(text, str):
+        raw = text.encode("utf-8", "surrogatepass")
+        try:
+            record = orjson.loads(raw)
+            if orjson.dumps(record, option=orjson.OPT_SORT_KEYS) == raw and not (
+                    b"0.0000" in raw or (b"e-" in raw and _ORJSON_OWN_FLOAT.search(raw))):
+                return record, None
+        except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+            pass
+    try:
+        record = json.loads(text)
+    except (TypeError, ValueError):
+        return None, "stored record is not JSON (edited)"
+    try:
+        canonical = canonical_json(record)
+    except LedgerError:  # NaN or Infinity: the standard library reads them, canonical JSON has none
+        canonical = None
+    if canonical != text:
+        return record, "stored record is not canonical JSON (edited)"
+    return record, None
 
 
 def row_to_entry(row: tuple) -> Entry:

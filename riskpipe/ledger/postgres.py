@@ -35,6 +35,7 @@ from riskpipe.ledger.chain import GENESIS, LedgerError, LedgerUnavailable
 from riskpipe.ledger.inputs import table_statements as input_tables
 from riskpipe.ledger.migrations import Step, chain_tables, checkpoint_tables, migrate, scope_sql
 from riskpipe.ledger import redact
+from riskpipe.ledger import facts
 from riskpipe.ledger.store import Ledger
 from riskpipe.ledger.tree import build_existing, tree_tables
 
@@ -80,6 +81,12 @@ STEPS: list[Step] = [
         *input_tables("BYTEA"),
         "CREATE TRIGGER inputs_no_change BEFORE UPDATE OR DELETE ON inputs FOR EACH ROW EXECUTE FUNCTION riskpipe_append_only()",
         "CREATE TRIGGER inputs_no_truncate BEFORE TRUNCATE ON inputs FOR EACH STATEMENT EXECUTE FUNCTION riskpipe_append_only()",
+    ]),
+    (6, [  # the facts the report and the review queue aggregate and filter in SQL (riskpipe.ledger.facts)
+        *facts.table_statements("BIGINT", "DOUBLE PRECISION"),
+        "CREATE TRIGGER facts_no_change BEFORE UPDATE OR DELETE ON facts FOR EACH ROW EXECUTE FUNCTION riskpipe_append_only()",
+        "CREATE TRIGGER facts_no_truncate BEFORE TRUNCATE ON facts FOR EACH STATEMENT EXECUTE FUNCTION riskpipe_append_only()",
+        facts.build_existing,
     ]),
 ]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from riskpipe.ledger.chain import GENESIS, LedgerError
 from riskpipe.ledger.inputs import table_statements as input_tables
 from riskpipe.ledger.migrations import Step, chain_tables, checkpoint_tables, migrate, scope_sql
+from riskpipe.ledger import facts
 from riskpipe.ledger.store import Ledger
 from riskpipe.ledger.tree import build_existing, tree_tables
 
@@ -76,6 +77,12 @@ STEPS: list[Step] = [
             BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
         """CREATE TRIGGER inputs_no_delete BEFORE DELETE ON inputs
             BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
+    ]),
+    (6, [  # the facts the report and the review queue aggregate and filter in SQL (riskpipe.ledger.facts)
+        *facts.table_statements("INTEGER", "REAL"),
+        *(f"""CREATE TRIGGER facts_no_{op} BEFORE {op.upper()} ON facts
+            BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""" for op in ("update", "delete")),
+        facts.build_existing,
     ]),
 ]
 

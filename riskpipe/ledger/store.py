@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
-from riskpipe.ledger import merkle, tree
+from riskpipe.ledger import facts, merkle, tree
 from riskpipe.ledger.chain import (
     GENESIS,
     HEX64,
@@ -103,6 +103,7 @@ class Ledger:
         """
         from riskpipe.ledger.chain import entry_hash
 
+        entries = list(entries)
         prepared = prepare_entries(entries)
         if not prepared:
             return 0
@@ -111,8 +112,8 @@ class Ledger:
             last = db.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
             seq, prev = last if last else (0, GENESIS)
             seen = self._existing(db, {(k, e, sc) for k, e, _, _, sc in prepared})
-            rows, leaves = [], []
-            for kind, eid, ts, text, scope in prepared:
+            rows, leaves, new = [], [], []
+            for (kind, eid, ts, text, scope), (_, record, _) in zip(prepared, entries):
                 if (kind, eid, scope) in seen:
                     continue
                 seen.add((kind, eid, scope))
@@ -120,6 +121,7 @@ class Ledger:
                 h = entry_hash(prev, kind, eid, text)
                 rows.append((seq, kind, eid, ts, text, prev, h, scope))
                 leaves.append(merkle.leaf_hash(tree.leaf_bytes(kind, eid, text)))
+                new.append((seq, kind, eid, record))
                 prev = h
             now = datetime.now(timezone.utc).isoformat(timespec="seconds")
             stored = {s.sha256: s.row(now) for s in inputs}
@@ -130,6 +132,7 @@ class Ledger:
                 db.executemany(f"INSERT INTO entries ({_COLUMNS}, scope) VALUES (?,?,?,?,?,?,?,?)", rows)
                 db.execute("UPDATE chain_state SET count = ?, head = ? WHERE id = 1", (count + len(rows), prev))
                 tree.append_leaves(db, leaves, seq - len(rows))
+                facts.insert(db, new)
         return len(rows)
 
     @staticmethod
@@ -231,6 +234,13 @@ class Ledger:
         with self._conn() as db:
             row = db.execute("SELECT hash FROM entries WHERE seq = ?", (seq,)).fetchone()
         return row[0] if row else None
+
+    @contextmanager
+    def snapshot(self):
+        """``query(sql, params) -> rows`` on one consistent read snapshot: the report and the
+        review queue run their SQL (``?`` placeholders, the ``facts`` table) through it."""
+        with self._read() as db:
+            yield lambda sql, params=(): db.execute(sql, tuple(params)).fetchall()
 
     # -- the Merkle tree (riskpipe.ledger.tree) ---------------------------------------------
     def tree_head(self) -> tuple[int, str]:

@@ -28,8 +28,6 @@ def render(data: dict, fmt: str, models: dict | None = None) -> str:
     config's ``models:`` entries) name classes and features in the input examples."""
     if fmt == "json":
         slim = json.loads(json.dumps(data))
-        for g in slim["radius"]["groups"]:
-            g.pop("values", None)
         slim["review"].pop("minutes_values", None)
         for e in slim["examples"]:
             e["input"].pop("data", None)
@@ -60,8 +58,9 @@ def _example_views(examples: list[dict], models: dict) -> list[dict]:
 
 
 def write_report(ledger_path: str | Path, out_path: str | Path, fmt: str = "html", since: Any = None,
-                 until: Any = None, models: dict | None = None) -> Path:
-    """Gather the ledger's evidence for [since, until) and write the report; returns the path."""
+                 until: Any = None, models: dict | None = None, verify: bool = True) -> Path:
+    """Gather the ledger's evidence for [since, until) and write the report; returns the path.
+    ``verify=False`` skips the walk over the whole chain (the report then says so)."""
     from riskpipe.ledger import LedgerError
     from riskpipe.report.data import gather
 
@@ -70,7 +69,7 @@ def write_report(ledger_path: str | Path, out_path: str | Path, fmt: str = "html
     if fmt == "pdf" and not pdf_available():
         raise ReportError("format: pdf needs WeasyPrint (pip install weasyprint); use html, md or json")
     try:
-        data = gather(str(ledger_path), since=since, until=until)
+        data = gather(str(ledger_path), since=since, until=until, verify=verify)
     except LedgerError as e:
         raise ReportError(str(e)) from None
     out = Path(out_path)

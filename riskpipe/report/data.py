@@ -7,6 +7,7 @@ counts as unknown, it never breaks the report.
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
@@ -47,18 +48,6 @@ SCOPE_STATEMENTS = [
 ]
 
 
-def _get(d: Any, *path: str) -> Any:
-    for p in path:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(p)
-    return d
-
-
-def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
 def _ts(v: Any) -> datetime | None:
     try:
         return parse_ts(v) if v is not None else None
@@ -86,17 +75,40 @@ def _rate(k: int, n: int) -> float | None:
     return k / n if n else None
 
 
-def gather(ledger_path: str, since: Any = None, until: Any = None) -> dict:
-    """All report sections for decisions with ``since <= ts < until`` (others by their own ts)."""
+def gather(ledger_path: str, since: Any = None, until: Any = None, verify: bool = True) -> dict:
+    """All report sections for decisions with ``since <= ts < until`` (others by their own ts).
+
+    Decisions and dead letters are read from the ledger's ``facts`` table
+    (:mod:`riskpipe.ledger.facts`) in two passes the database does: one GROUP BY over the
+    columns the sections count by (a few thousand groups, however many rows), and the
+    radii (one number per decision) for exact quantiles. Only verdicts, policy entries and
+    the example records the report shows are read whole. ``verify`` walks the whole chain
+    first (the same walk as ``riskpipe ledger verify``; its time grows with the ledger)."""
     with open_ledger(ledger_path, create=False) as led:
-        integrity = led.verify()
-        decisions = [e.record for e in led.records("decision", since, until)]
+        integrity = _integrity(led, ledger_path, verify)
         verdicts = [e.record for e in led.records("verdict", since, until)]
         policies = [e.record for e in led.records("policy", None, until)]
-        dlq = [e.record for e in led.records("dlq", since, until)]
         totals = {k: led.count(k) for k in ("decision", "verdict", "policy", "dlq")}
-        examples = _examples(decisions, led.get_input)
-    times = [t for t in (_ts(d.get("ts")) for d in decisions) if t]
+        with led.snapshot() as q:
+            f = _Facts(q, since, until)
+            first, last = f.rows("SELECT MIN(t), MAX(t)")[0]
+            bucket = "hour" if first is None or last - first <= 3 * 86400 else "day"
+            g = _Groups(f, bucket)
+            radii = _Radii(f)
+            looked_up = f.lookup([v.get("id") for v in verdicts])
+            data = {
+                "scope": _scope(g, f),
+                "policies": _policies(g, policies),
+                "volumes": _volumes(g, f, verdicts, totals),
+                "decisions": _decisions(g, bucket),
+                "abstention": _abstention(g),
+                "radius": _radius(radii),
+                "review": _review(g, verdicts, looked_up),
+                "dlq": _dlq(f),
+                "breakdown": _breakdown(g, radii, verdicts, looked_up),
+                "examples": _examples(f, led.get_input),
+            }
+        integrity.update(_facts_check(f.kind_counts, totals))
     try:
         pkg_version = version("riskpipe")
     except PackageNotFoundError:
@@ -109,75 +121,254 @@ def gather(ledger_path: str, since: Any = None, until: Any = None) -> dict:
             "ledger": redact(ledger_path),
             "since": _iso(_ts(since)) if since is not None else None,
             "until": _iso(_ts(until)) if until is not None else None,
-            "first_decision": _iso(min(times)) if times else None,
-            "last_decision": _iso(max(times)) if times else None,
+            "first_decision": _iso(_from_epoch(first)),
+            "last_decision": _iso(_from_epoch(last)),
+            "figures_from": "the ledger's facts table (one row per decision and dead letter, written with it)",
         },
-        "integrity": {**integrity.to_dict(), "verify_command": f"riskpipe ledger verify {redact(ledger_path)} "
-                      f"--expect-head {integrity.head} --expect-count {integrity.count}"},
-        "scope": _scope(decisions),
-        "policies": _policies(decisions, policies),
-        "volumes": _volumes(decisions, verdicts, policies, dlq, totals),
-        "decisions": _decisions(decisions, times),
-        "abstention": _abstention(decisions),
-        "radius": _radius(decisions),
-        "review": _review(decisions, verdicts),
-        "dlq": _dlq(dlq),
-        "breakdown": _breakdown(decisions, verdicts),
-        "examples": examples,
+        "integrity": integrity,
+        **data,
     }
-    data["controls"] = _controls(data, decisions)
+    data["controls"] = _controls(data, g.expand("controls"))
     return data
 
 
-def _scope(decisions: list[dict]) -> dict:
-    threat = Counter((_get(d, "certificate", "threat_norm"), _num(_get(d, "certificate", "threat_epsilon")))
-                     for d in decisions)
-    families = Counter((_get(d, "certificate", "method"), _get(d, "certificate", "mode"),
-                        _get(d, "certificate", "norm"), _num(_get(d, "certificate", "sigma")),
-                        _num(_get(d, "certificate", "alpha"))) for d in decisions)
+def _integrity(led, ledger_path: str, verify: bool) -> dict:
+    if verify:
+        result = led.verify().to_dict()
+    else:
+        head, count = led.head_and_count()
+        result = {"ok": None, "count": count, "head": head, "first_bad_seq": None,
+                  "reason": "not verified in this report (--no-verify): run the command below"}
+    return {**result, "verified": verify, "verify_command": f"riskpipe ledger verify {redact(ledger_path)} "
+            f"--expect-head {result['head']} --expect-count {result['count']}"}
+
+
+def _facts_check(facts_counts: dict, totals: dict) -> dict:
+    """The facts table holds one row per decision and dead letter in the ledger."""
+    bad = [f"{k}: {facts_counts.get(k, 0)} facts rows for {totals[k]} ledger rows" for k in ("decision", "dlq")
+           if facts_counts.get(k, 0) != totals[k]]
+    if not bad:
+        return {"facts_ok": True}
+    return {"facts_ok": False, "ok": False, "reason": "facts table does not match the ledger (" + "; ".join(bad) + ")"}
+
+
+def _from_epoch(t: float | None) -> datetime | None:
+    return datetime.fromtimestamp(t, timezone.utc) if t is not None else None
+
+
+class _Facts:
+    """SQL over the ``facts`` rows of one kind inside the report's time window."""
+
+    def __init__(self, q, since: Any, until: Any) -> None:
+        self.q = q
+        bounds, params = [], []
+        if since is not None:
+            bounds.append("t >= ?")
+            params.append(parse_ts(since, "since").timestamp())
+        if until is not None:
+            bounds.append("t < ?")
+            params.append(parse_ts(until, "until").timestamp())
+        self.bounds, self.bound_params = bounds, tuple(params)
+        self.kind_counts = {k: q("SELECT COUNT(*) FROM facts WHERE kind = ?", (k,))[0][0] for k in ("decision", "dlq")}
+
+    def where(self, *conds: str, alias: str = "") -> str:
+        return " WHERE " + " AND ".join((f"{alias}kind = ?", *(alias + b for b in self.bounds), *conds))
+
+    def rows(self, select: str, *conds: str, params: tuple = (), tail: str = "", kind: str = "decision") -> list:
+        return self.q(f"{select} FROM facts{self.where(*conds)} {tail}", (kind, *self.bound_params, *params))
+
+    def lookup(self, ids: list) -> dict:
+        """Facts of the decisions in the window with these event ids (the verdicts')."""
+        ids = sorted({i for i in ids if isinstance(i, str)})
+        out = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            rows = self.q("SELECT f.entry_id, f.decision, e.ts, f.deadline, f.routed, f.model_label, f.policy_label "
+                          "FROM facts f JOIN entries e ON e.seq = f.seq"
+                          + self.where(f"f.entry_id IN ({','.join('?' * len(chunk))})", alias="f."),
+                          ("decision", *self.bound_params, *chunk))
+            for eid, decision, ts, deadline, routed, model, policy in rows:
+                out[eid] = {"decision": decision, "ts": ts, "deadline": deadline, "routed": routed,
+                            "model": model, "policy": policy}
+        return out
+
+    def records_at(self, seqs: list[int]) -> list[dict]:
+        """The ledger records of these rows, in chain order."""
+        out = []
+        for i in range(0, len(seqs), 500):
+            chunk = seqs[i:i + 500]
+            out += self.q(f"SELECT seq, record FROM entries WHERE seq IN ({','.join('?' * len(chunk))})", tuple(chunk))
+        return [json.loads(text) for _, text in sorted(out)]
+
+
+# what the sections count decisions by; one GROUP BY over these gives every count in the report
+_BY = ("decision", "model", "model_sha", "model_label", "policy", "policy_version", "policy_sha", "policy_label",
+       "policy_shadow", "method", "mode", "norm", "sigma", "alpha", "threat_norm", "threat_eps", "rule", "worker",
+       "reasons", "controls", "priority_label", "abstained", "not_certified", "routed", "audit", "scope_key")
+
+
+class _Groups:
+    """The window's decisions grouped by every column a section counts by (and the time
+    bucket): counts, first row and time span per group. Sections sum over these."""
+
+    def __init__(self, f: _Facts, bucket: str) -> None:
+        cols = ", ".join((*_BY, bucket))
+        self.rows = [dict(zip((*_BY, "bucket", "n", "first", "t0", "t1"), r)) for r in
+                     f.rows(f"SELECT {cols}, COUNT(*), MIN(seq), MIN(t), MAX(t)", tail=f"GROUP BY {cols}")]
+
+    def count(self, *keys: str, where=None) -> list[tuple]:
+        """``(values..., n)`` per distinct value, most common first, ties in order of first row."""
+        acc: dict[tuple, list] = {}
+        for r in self.rows:
+            if where is None or where(r):
+                k = tuple(r[c] for c in keys)
+                a = acc.setdefault(k, [0, r["first"]])
+                a[0] += r["n"]
+                a[1] = min(a[1], r["first"])
+        return [(*k, n) for k, (n, _) in sorted(acc.items(), key=lambda kv: (-kv[1][0], kv[1][1]))]
+
+    def total(self, flag: str | None = None, where=None) -> int:
+        return sum(r["n"] for r in self.rows if (flag is None or r[flag]) and (where is None or where(r)))
+
+    def expand(self, column: str, where=None) -> Counter:
+        """Counts of the items of a JSON-list column (reasons, controls)."""
+        out: Counter = Counter()
+        for r in sorted(self.rows, key=lambda r: r["first"]):
+            if where is None or where(r):
+                for item in json.loads(r[column]):
+                    out[item] += r["n"]
+        return out
+
+
+class _Radii:
+    """The radii in the threat norm of the window's decisions (one float each), for exact
+    quantiles, medians and the histogram."""
+
+    def __init__(self, f: _Facts) -> None:
+        rows = f.rows("SELECT threat_norm, threat_eps, model_label, policy_label, radius_threat",
+                      "radius_threat IS NOT NULL", tail="ORDER BY seq")
+        self.by: dict[tuple, dict] = defaultdict(lambda: defaultdict(list))
+        for norm, eps, model, policy, r in rows:
+            self.by["threat"][(norm, eps)].append(r)
+            self.by["model_label"][model].append(r)
+            self.by["policy_label"][policy].append(r)
+
+    def groups(self) -> list[tuple[tuple, list[float]]]:
+        """Per threat model, most radii first, ties in order of first appearance."""
+        return sorted(self.by["threat"].items(), key=lambda kv: -len(kv[1]))
+
+    def median(self, column: str, name: str) -> float | None:
+        vals = self.by[column].get(name)
+        return statistics.median(vals) if vals else None
+
+
+def _histogram(vals: list[float]) -> dict:
+    import numpy as np
+
+    counts, edges = np.histogram(vals, bins=min(40, max(5, len(vals) // 3)))
+    return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
+
+
+def _scope(g: _Groups, f: _Facts) -> dict:
+    firsts = sorted(first for *_, first in ((k, min(r["first"] for r in g.rows if r["scope_key"] == k))
+                                            for k in {r["scope_key"] for r in g.rows} if k is not None))[:100]
+    scopes = {str(rec.get("scope")) for rec in f.records_at(firsts)}
     return {
         "statements": [{"title": t, "text": s} for t, s in SCOPE_STATEMENTS],
-        "threat_models": [{"norm": n, "epsilon": e, "decisions": c} for (n, e), c in threat.most_common()],
+        "threat_models": [{"norm": n, "epsilon": e, "decisions": c} for n, e, c in g.count("threat_norm", "threat_eps")],
         "certificate_families": [{"method": m, "mode": mo, "norm": no, "sigma": s, "alpha": a, "decisions": c}
-                                 for (m, mo, no, s, a), c in families.most_common()],
-        "record_scope_examples": sorted({str(d["scope"]) for d in decisions if d.get("scope")})[:3],
+                                 for m, mo, no, s, a, c in g.count("method", "mode", "norm", "sigma", "alpha")],
+        "record_scope_examples": sorted(scopes)[:3],
     }
 
 
-def _policies(decisions: list[dict], policy_entries: list[dict]) -> list[dict]:
+def _policies(g: _Groups, policy_entries: list[dict]) -> list[dict]:
     rows: dict[tuple, dict] = {}
     for p in policy_entries:
         key = (p.get("name"), str(p.get("version")), p.get("sha256"))
         rows.setdefault(key, {"name": key[0], "version": key[1], "sha256": key[2], "shadow": p.get("shadow"),
                               "ledger_entry": _ts(p.get("ts")), "first_decision": None, "last_decision": None,
                               "decisions": 0})
-    for d in decisions:
-        p = d.get("policy") or {}
-        key = (p.get("name"), str(p.get("version")), p.get("sha256"))
-        row = rows.setdefault(key, {"name": key[0], "version": key[1], "sha256": key[2], "shadow": p.get("shadow"),
+    for r in sorted(g.rows, key=lambda r: r["first"]):
+        key = (r["policy"], r["policy_version"], r["policy_sha"])
+        row = rows.setdefault(key, {"name": key[0], "version": key[1], "sha256": key[2], "shadow": None,
                                     "ledger_entry": None, "first_decision": None, "last_decision": None,
                                     "decisions": 0})
-        row["decisions"] += 1
-        if row["shadow"] is None:
-            row["shadow"] = p.get("shadow")
-        t = _ts(d.get("ts"))
-        if t:
-            row["first_decision"] = min(filter(None, [row["first_decision"], t]))
-            row["last_decision"] = max(filter(None, [row["last_decision"], t]))
+        row["decisions"] += r["n"]
+        if row["shadow"] is None and r["policy_shadow"] is not None:
+            row["shadow"] = bool(r["policy_shadow"])
+        for t in (_from_epoch(r["t0"]), _from_epoch(r["t1"])):
+            if t:
+                row["first_decision"] = min(filter(None, [row["first_decision"], t]))
+                row["last_decision"] = max(filter(None, [row["last_decision"], t]))
     out = []
     for row in rows.values():
         out.append({**row, **{k: _iso(row[k]) for k in ("ledger_entry", "first_decision", "last_decision")}})
     return sorted(out, key=lambda r: (r["first_decision"] or r["ledger_entry"] or "", str(r["name"])))
 
 
-def _volumes(decisions, verdicts, policies, dlq, totals) -> dict:
+def _volumes(g: _Groups, f: _Facts, verdicts: list[dict], totals: dict) -> dict:
     return {
-        "in_period": {"decision": len(decisions), "verdict": len(verdicts), "dlq": len(dlq)},
+        "in_period": {"decision": g.total(), "verdict": len(verdicts),
+                      "dlq": f.rows("SELECT COUNT(*)", kind="dlq")[0][0]},
         "ledger_totals": totals,
-        "models": [{"name": n, "sha256": s, "decisions": c} for (n, s), c in
-                   Counter((_get(d, "model", "name"), _get(d, "model", "sha256")) for d in decisions).most_common()],
-        "workers": dict(Counter(str(d.get("worker")) for d in decisions).most_common()),
+        "models": [{"name": n, "sha256": s, "decisions": c} for n, s, c in g.count("model", "model_sha")],
+        "workers": {w: c for w, c in g.count("worker")},
     }
+
+
+def _group_rows(g: _Groups, radii: _Radii, column: str, verdicts: list[dict], looked_up: dict) -> list[dict]:
+    verdict_counts: dict[str, Counter] = defaultdict(Counter)
+    for v in verdicts:
+        dec = looked_up.get(v.get("id"))
+        if dec is not None:
+            verdict_counts[dec["model" if column == "model_label" else "policy"]][v.get("verdict")] += 1
+    out = []
+    for name, n in g.count(column):
+        def mine(r, name=name):
+            return r[column] == name
+
+        by = {k: g.total(where=lambda r, k=k: mine(r) and r["decision"] == k) for k in DECISIONS}
+        abst, not_cert = g.total("abstained", mine), g.total("not_certified", mine)
+        verdict_of = verdict_counts.get(name, Counter())
+        out.append({"name": name, "decisions": n, **by, **{f"{k}_rate": _rate(by[k], n) for k in DECISIONS},
+                    "abstained": abst, "abstain_rate": _rate(abst, n), "not_certified_rate": _rate(not_cert, n),
+                    "median_radius_threat": radii.median(column, name),
+                    "threat_models": sorted({f"{r['threat_norm']} eps={r['threat_eps']}" for r in g.rows if mine(r)}),
+                    "routed": g.total("routed", mine),
+                    "verdicts": {k: verdict_of.get(k, 0) for k in VERDICTS}})
+    return sorted(out, key=lambda r: (-r["decisions"], r["name"]))
+
+
+def _breakdown(g: _Groups, radii: _Radii, verdicts: list[dict], looked_up: dict) -> dict:
+    """Per model, per policy (name, version and sha256), and which policy decided which model's events."""
+    pairs = sorted(g.count("model_label", "policy_label"))
+    return {"models": _group_rows(g, radii, "model_label", verdicts, looked_up),
+            "policies": _group_rows(g, radii, "policy_label", verdicts, looked_up),
+            "model_policy": [{"model": m, "policy": p, "decisions": c} for m, p, c in pairs]}
+
+
+EXAMPLES_PER_MODEL = 3
+
+
+def _examples(f: _Facts, fetch=None) -> list[dict]:
+    """The first few routed or blocked decisions per model that carry their input, for
+    pictures (images) or tables (tabular rows) in the HTML report. A tensor stored in
+    the ledger is read through ``fetch`` and carried inline (base64) in the example."""
+    from riskpipe.ledger.inputs import inline_copy
+
+    seqs = []
+    for (model,) in f.rows("SELECT DISTINCT model_label"):
+        seqs += [r[0] for r in f.rows("SELECT seq", "model_label = ?", "has_input = 1",
+                                      "(routed = 1 OR decision = 'block')", params=(model,),
+                                      tail=f"ORDER BY seq LIMIT {EXAMPLES_PER_MODEL}")]
+    out = []
+    for d in f.records_at(sorted(seqs)):
+        inp = d["input"]
+        out.append({"id": d.get("id"), "model": _model_name(d), "policy": _policy_name(d), "decision": d.get("decision"),
+                    "prediction": d.get("prediction"), "reasons": d.get("reasons") or [],
+                    "input": inline_copy(inp, fetch)})
+    return out
 
 
 def _model_name(d: dict) -> str:
@@ -191,121 +382,50 @@ def _policy_name(d: dict) -> str:
     return policy_label(d.get("policy"))
 
 
-def _group_row(name: str, sub: list[dict], verdict_of: dict) -> dict:
-    n = len(sub)
-    counts = Counter(d.get("decision") for d in sub)
-    abst = sum(1 for d in sub if _get(d, "certificate", "abstained") is True)
-    not_cert = sum(1 for d in sub if _get(d, "certificate", "abstained") is True
-                   or _get(d, "certificate", "certified") is False)
-    radii = [r for r in (_num(_get(d, "certificate", "radius_threat")) for d in sub) if r is not None]
-    threats = sorted({f"{_get(d, 'certificate', 'threat_norm')} eps={_num(_get(d, 'certificate', 'threat_epsilon'))}"
-                      for d in sub})
-    verdicts = Counter(verdict_of[d.get("id")] for d in sub if d.get("id") in verdict_of)
-    return {"name": name, "decisions": n, **{k: counts.get(k, 0) for k in DECISIONS},
-            **{f"{k}_rate": _rate(counts.get(k, 0), n) for k in DECISIONS},
-            "abstained": abst, "abstain_rate": _rate(abst, n), "not_certified_rate": _rate(not_cert, n),
-            "median_radius_threat": statistics.median(radii) if radii else None, "threat_models": threats,
-            "routed": sum(1 for d in sub if _get(d, "review", "routed") is True),
-            "verdicts": {k: verdicts.get(k, 0) for k in VERDICTS}}
-
-
-def _breakdown(decisions: list[dict], verdicts: list[dict]) -> dict:
-    """Per model, per policy (name, version and sha256), and which policy decided which model's events."""
-    verdict_of = {v.get("id"): v.get("verdict") for v in verdicts}
-
-    def rows(key) -> list[dict]:
-        groups: dict[str, list[dict]] = defaultdict(list)
-        for d in decisions:
-            groups[key(d)].append(d)
-        return [_group_row(k, sub, verdict_of) for k, sub in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))]
-
-    pairs = Counter((_model_name(d), _policy_name(d)) for d in decisions)
-    return {"models": rows(_model_name), "policies": rows(_policy_name),
-            "model_policy": [{"model": m, "policy": p, "decisions": c} for (m, p), c in sorted(pairs.items())]}
-
-
-EXAMPLES_PER_MODEL = 3
-
-
-def _examples(decisions: list[dict], fetch=None) -> list[dict]:
-    """The first few routed or blocked decisions per model that carry their input, for
-    pictures (images) or tables (tabular rows) in the HTML report. A tensor stored in
-    the ledger is read through ``fetch`` and carried inline (base64) in the example."""
-    from riskpipe.ledger.inputs import inline_copy
-
-    out, seen = [], Counter()
-    for d in decisions:
-        inp = d.get("input")
-        if not (isinstance(inp, dict) and (inp.get("data") is not None or isinstance(inp.get("tensor"), dict))):
-            continue
-        if not (_get(d, "review", "routed") is True or d.get("decision") == "block"):
-            continue
-        name = _model_name(d)
-        if seen[name] >= EXAMPLES_PER_MODEL:
-            continue
-        seen[name] += 1
-        out.append({"id": d.get("id"), "model": name, "policy": _policy_name(d), "decision": d.get("decision"),
-                    "prediction": d.get("prediction"), "reasons": d.get("reasons") or [],
-                    "input": inline_copy(inp, fetch)})
-    return out
-
-
-def _decisions(decisions: list[dict], times: list[datetime]) -> dict:
-    span = (max(times) - min(times)).total_seconds() if times else 0
-    bucket = "hour" if span <= 3 * 86400 else "day"
-    fmt = "%Y-%m-%dT%H:00Z" if bucket == "hour" else "%Y-%m-%d"
+def _decisions(g: _Groups, bucket: str) -> dict:
     series: dict[str, Counter] = defaultdict(Counter)
-    for d in decisions:
-        t = _ts(d.get("ts"))
-        if t:
-            series[t.strftime(fmt)][d.get("decision")] += 1
+    for t, decision, n in g.count("bucket", "decision"):
+        if t is not None:
+            series[t][decision] += n
+    totals = {d: n for d, n in g.count("decision")}
     return {
-        "totals": {k: sum(1 for d in decisions if d.get("decision") == k) for k in DECISIONS},
+        "totals": {k: totals.get(k, 0) for k in DECISIONS},
         "bucket": bucket,
         "series": [{"t": k, **{c: series[k].get(c, 0) for c in DECISIONS}} for k in sorted(series)],
-        "by_rule": dict(Counter(str(d.get("rule")) for d in decisions).most_common()),
-        "reasons": dict(Counter(r for d in decisions for r in (d.get("reasons") or [])).most_common()),
+        "by_rule": {r: c for r, c in g.count("rule")},
+        "reasons": dict(g.expand("reasons").most_common()),
     }
 
 
-def _abstention(decisions: list[dict]) -> dict:
-    n = len(decisions)
-    abst = sum(1 for d in decisions if _get(d, "certificate", "abstained") is True)
-    not_cert = sum(1 for d in decisions if _get(d, "certificate", "abstained") is True
-                   or _get(d, "certificate", "certified") is False)
+def _abstention(g: _Groups) -> dict:
+    n, abst, not_cert = g.total(), g.total("abstained"), g.total("not_certified")
     by_method = {}
-    for m in sorted({str(_get(d, "certificate", "method")) for d in decisions}):
-        sub = [d for d in decisions if str(_get(d, "certificate", "method")) == m]
-        k = sum(1 for d in sub if _get(d, "certificate", "abstained") is True)
-        by_method[m] = {"decisions": len(sub), "abstained": k, "rate": _rate(k, len(sub))}
+    for m in sorted({str(r["method"]) for r in g.rows}):
+        def mine(r, m=m):
+            return str(r["method"]) == m
+
+        c, k = g.total(where=mine), g.total("abstained", mine)
+        by_method[m] = {"decisions": c, "abstained": k, "rate": _rate(k, c)}
     return {"decisions": n, "abstained": abst, "rate": _rate(abst, n), "not_certified": not_cert,
             "not_certified_rate": _rate(not_cert, n), "by_method": by_method}
 
 
-def _radius(decisions: list[dict]) -> dict:
-    groups: dict[tuple, list[float]] = defaultdict(list)
-    for d in decisions:
-        r = _num(_get(d, "certificate", "radius_threat"))
-        if r is not None:
-            groups[(_get(d, "certificate", "threat_norm"), _num(_get(d, "certificate", "threat_epsilon")))].append(r)
+def _radius(radii: _Radii) -> dict:
     out = []
-    for (norm, eps), vals in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+    for (norm, eps), vals in radii.groups():
         below = sum(1 for v in vals if eps is not None and v < eps)
         out.append({"norm": norm, "epsilon": eps, "quantiles": _quantiles(vals), "below_epsilon": below,
                     "below_epsilon_rate": _rate(below, len(vals)), "zero": sum(1 for v in vals if v == 0.0),
-                    "values": vals})
+                    "histogram": _histogram(vals)})
     return {"groups": out}
 
 
-def _review(decisions: list[dict], verdicts: list[dict]) -> dict:
-    n = len(decisions)
-    routed = [d for d in decisions if _get(d, "review", "routed") is True]
-    audit = [d for d in decisions if _get(d, "review", "audit_sample") is True]
-    by_id = {d.get("id"): d for d in decisions}
+def _review(g: _Groups, verdicts: list[dict], looked_up: dict) -> dict:
+    n, routed, audit = g.total(), g.total("routed"), g.total("audit")
     counts = Counter(v.get("verdict") for v in verdicts)
     overrides, eligible, minutes, late = [], 0, [], 0
     for v in verdicts:
-        dec = by_id.get(v.get("id"))
+        dec = looked_up.get(v.get("id"))
         decision = v.get("decision") or (dec or {}).get("decision")
         if decision in ("allow", "block"):
             eligible += 1
@@ -315,14 +435,14 @@ def _review(decisions: list[dict], verdicts: list[dict]) -> dict:
         t_v, t_d = _ts(v.get("ts")), _ts(v.get("decision_ts") or (dec or {}).get("ts"))
         if t_v and t_d:
             minutes.append((t_v - t_d).total_seconds() / 60)
-        deadline = _ts(_get(dec, "review", "deadline"))
-        if t_v and deadline and t_v > deadline:
+        deadline = (dec or {}).get("deadline")
+        if t_v and deadline is not None and t_v.timestamp() > deadline:
             late += 1
-    reviewed = {v.get("id") for v in verdicts}
+    reviewed_routed = sum(1 for i in {v.get("id") for v in verdicts} if (looked_up.get(i) or {}).get("routed"))
     return {
-        "routed": len(routed), "routed_rate": _rate(len(routed), n),
-        "by_priority": dict(Counter(str(_get(d, "review", "priority")) for d in routed).most_common()),
-        "audit_samples": len(audit), "audit_rate": _rate(len(audit), n),
+        "routed": routed, "routed_rate": _rate(routed, n),
+        "by_priority": {p: c for p, c in g.count("priority_label", where=lambda r: r["routed"])},
+        "audit_samples": audit, "audit_rate": _rate(audit, n),
         "verdicts": {k: counts.get(k, 0) for k in VERDICTS}, "verdicts_total": len(verdicts),
         "reviewers": dict(Counter(str(v.get("reviewer")) for v in verdicts).most_common()),
         "overrides": len(overrides), "override_eligible": eligible, "override_rate": _rate(len(overrides), eligible),
@@ -331,14 +451,17 @@ def _review(decisions: list[dict], verdicts: list[dict]) -> dict:
         "override_examples": overrides[:10],
         "minutes_to_review": _quantiles(minutes), "minutes_values": minutes,
         "deadline_missed": late,
-        "pending": sum(1 for d in routed if d.get("id") not in reviewed),
+        "pending": routed - reviewed_routed,
     }
 
 
-def _dlq(dlq: list[dict]) -> dict:
-    return {"total": len(dlq), "by_reason": dict(Counter(str(d.get("reason")) for d in dlq).most_common()),
-            "by_source_topic": dict(Counter(str(_get(d, "source", "topic") or _get(d, "source", "file"))
-                                            for d in dlq).most_common())}
+def _dlq(f: _Facts) -> dict:
+    def counts(column: str) -> dict:
+        return {v: c for v, c in f.rows(f"SELECT {column}, COUNT(*)", kind="dlq",
+                                        tail=f"GROUP BY {column} ORDER BY COUNT(*) DESC, MIN(seq)")}
+
+    return {"total": f.rows("SELECT COUNT(*)", kind="dlq")[0][0], "by_reason": counts("dlq_reason"),
+            "by_source_topic": counts("dlq_source")}
 
 
 # control id -> (evidence in this report, report sections that carry it)
@@ -363,8 +486,7 @@ EVIDENCE = {
 }
 
 
-def _controls(data: dict, decisions: list[dict]) -> list[dict]:
-    cited = Counter(c for d in decisions for c in (d.get("controls") or []))
+def _controls(data: dict, cited: Counter) -> list[dict]:
     have = {
         "policies": bool(data["policies"]), "volumes": data["volumes"]["in_period"]["decision"] > 0,
         "decisions": data["volumes"]["in_period"]["decision"] > 0, "scope": True,
@@ -380,7 +502,8 @@ def _controls(data: dict, decisions: list[dict]) -> list[dict]:
             "framework": "ISO/IEC 27001:2022 Annex A" if cid.startswith("ISO") else "NIST AI RMF 1.0",
             "id": cid.replace("ISO/IEC 27001:2022 ", ""), "full_id": cid, "name": name, "evidence": evidence,
             "sections": sections,
-            "status": ("ledger verification FAILED" if "integrity" in sections and not data["integrity"]["ok"]
+            "status": ("ledger not verified in this report" if "integrity" in sections and data["integrity"]["ok"] is None
+                       else "ledger verification FAILED" if "integrity" in sections and not data["integrity"]["ok"]
                        else "evidence in this report" if present else "no entries in this period"),
             "cited_by_decisions": cited.get(cid, 0),
         })

@@ -34,11 +34,11 @@ def decisions_over_time(series: list[dict], bucket: str) -> str | None:
 
 
 def radius_histogram(group: dict) -> str | None:
-    vals = group["values"]
-    if not vals:
+    hist = group.get("histogram")
+    if not hist or not sum(hist["counts"]):
         return None
     fig, ax = plt.subplots(figsize=(8, 3))
-    ax.hist(vals, bins=min(40, max(5, len(vals) // 3)), color="#1565c0", alpha=0.85)
+    ax.stairs(hist["counts"], hist["edges"], fill=True, color="#1565c0", alpha=0.85)
     eps = group.get("epsilon")
     if eps is not None:
         ax.axvline(eps, color="#c62828", linestyle="--", label=f"epsilon = {eps:g}")

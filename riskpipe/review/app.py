@@ -178,15 +178,13 @@ class ConsoleState:
                 self._infos[name] = entry_info(self.settings.models[name])
             return self._infos[name]
 
-    def note_queue(self, items: list[rq.QueueItem]) -> None:
-        """Backlog gauge, and one deadline breach per item whose deadline has passed."""
+    def note_queue(self, ledger: Ledger) -> None:
+        """Backlog gauge, and one deadline breach per waiting item whose deadline has passed."""
         if self.metrics is None:
             return
-        self.metrics.set_review_backlog(len(items))
-        now = rq.now_utc()
-        for item in items:
-            if item.overdue(now):
-                self.note_breach(item.id)
+        self.metrics.set_review_backlog(rq.backlog(ledger, self.settings.scope))
+        for event_id in rq.overdue(ledger, rq.now_utc(), self.settings.scope):
+            self.note_breach(event_id)
 
     def note_breach(self, event_id: str) -> None:
         with self._lock:
@@ -200,7 +198,7 @@ class ConsoleState:
         if self.metrics is None:
             return
         with Ledger(self.settings.ledger) as ledger:
-            self.note_queue(rq.pending(ledger, self.settings.scope))
+            self.note_queue(ledger)
 
 
 def default_metrics():
@@ -328,11 +326,22 @@ def create_app(settings: ReviewSettings, *, metrics: Any = "default", publisher=
     @app.get("/")
     @login_required
     def queue_page():
-        items, outside = rq.pending_split(ledger(), settings.scope)
-        state.note_queue(items)
-        return render_template("queue.html", items=items, now=rq.now_utc(), reviewed=ledger().count("verdict"),
+        where = rq.QueueFilter(**{k: request.args.get(k) or None for k in ("model", "policy", "reason")})
+        size = min(rq.MAX_PAGE_SIZE, max(1, request.args.get("size", rq.PAGE_SIZE, type=int)))
+        page = max(1, request.args.get("page", 1, type=int))
+        scope = settings.scope
+        items = rq.pending(ledger(), scope, where, offset=(page - 1) * size, limit=size)
+        total = rq.backlog(ledger(), scope, where)
+        if state.metrics is not None:
+            now = rq.now_utc()
+            for item in items:  # the gauge and the full breach scan run with the backlog refresh
+                if item.overdue(now):
+                    state.note_breach(item.id)
+        return render_template("queue.html", items=items, total=total, where=where, page=page, size=size,
+                               pages=max(1, -(-total // size)), choices=rq.filter_choices(ledger(), scope),
+                               now=rq.now_utc(), reviewed=ledger().count("verdict"),
                                class_name=class_name, labels_of=lambda rec: state.model_info(rec).labels,
-                               outside=outside, scope=settings.scope)
+                               outside=rq.outside(ledger(), scope), scope=scope)
 
     @app.get("/item/<path:event_id>")
     @login_required
@@ -375,7 +384,7 @@ def create_app(settings: ReviewSettings, *, metrics: Any = "default", publisher=
             item = rq.QueueItem(decision, 0)
             if item.overdue(rq.parse_ts(record["ts"])):
                 state.note_breach(record["id"])
-            state.note_queue(rq.pending(ledger(), settings.scope))
+            state.note_queue(ledger())
 
     def _own_decision(event_id: str) -> dict:
         """The decision record ``event_id`` of this console's stage, else 404 (another

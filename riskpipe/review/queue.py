@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
-from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -106,54 +104,113 @@ class QueueItem:
         return (prio, self.deadline or _FAR_FUTURE, self.seq)
 
 
-# Routed or audit-sampled decisions without a verdict, filtered inside SQLite so a ledger of
-# many allowed decisions is not parsed row by row in Python. Reads the ledger's documented
-# ``entries`` table (riskpipe/ledger.py); ``pending`` falls back to the Ledger API if it changes.
-_PENDING_SQL = """
-SELECT d.seq, d.record FROM entries AS d
-WHERE d.kind = 'decision'
-  AND (json_extract(d.record, '$.review.routed') = 1 OR json_extract(d.record, '$.review.audit_sample') = 1)
-  AND NOT EXISTS (SELECT 1 FROM entries AS v WHERE v.kind = 'verdict' AND v.entry_id = d.entry_id)
-"""
+PAGE_SIZE = 50  # items per queue page unless asked otherwise
+MAX_PAGE_SIZE = 200  # at most this many: a page stays small (about 0.5 KB of HTML per item)
 
 
-def _pending_rows(ledger: Ledger) -> list[tuple[int, dict]]:
-    if ledger.backend != "sqlite":
-        return _pending_rows_api(ledger)
-    try:
-        uri = f"file:{ledger.path.resolve()}?mode=ro"
-        with closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
-            return [(seq, json.loads(text)) for seq, text in db.execute(_PENDING_SQL)]
-    except sqlite3.Error:
-        return _pending_rows_api(ledger)
+@dataclass(frozen=True)
+class QueueFilter:
+    """Which waiting items to show: a model name, a policy name, a reason code (any may be None)."""
+
+    model: str | None = None
+    policy: str | None = None
+    reason: str | None = None
+
+    def sql(self) -> tuple[list[str], list]:
+        conds, params = [], []
+        if self.model:
+            conds.append("f.model = ?")
+            params.append(self.model)
+        if self.policy:
+            conds.append("f.policy = ?")
+            params.append(self.policy)
+        if self.reason:  # the reasons column is a JSON list: match the quoted code, LIKE wildcards escaped
+            conds.append("f.reasons LIKE ? ESCAPE '\\'")
+            code = json.dumps(self.reason, ensure_ascii=False)
+            params.append("%" + code.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+        return conds, params
 
 
-def _pending_rows_api(ledger: Ledger) -> list[tuple[int, dict]]:
-    """The same rows through the Ledger API (parses every decision: slower)."""
-    reviewed = {e.entry_id for e in ledger.records(kind="verdict")}
-    return [(e.seq, e.record) for e in ledger.records(kind="decision")
-            if e.entry_id not in reviewed and needs_review(e.record)]
+# Routed or audit-sampled decisions the console can show, without a verdict, in queue order,
+# through the ledger's facts table (riskpipe.ledger.facts) and its index on that order: a page
+# reads its own rows, not the queue.
+_WAITING = ("f.kind = 'decision' AND f.needs_review = 1 AND f.review_ok = 1 AND NOT EXISTS "
+            "(SELECT 1 FROM entries v WHERE v.kind = 'verdict' AND v.entry_id = f.entry_id)")
+_ORDER = "ORDER BY f.needs_review, f.review_ok, f.priority, f.due, f.seq"
 
 
-def pending(ledger: Ledger, scope=None) -> list[QueueItem]:
-    """Records waiting for a verdict: priority 1 first, then the earliest deadline; with a
-    ``scope`` (riskpipe.review.scope) only the stage's own (``outside`` counts the rest)."""
-    return pending_split(ledger, scope)[0]
+def _scope_sql(scope) -> tuple[list[str], list]:
+    """A stage scope (riskpipe.review.scope.StageScope) as SQL: each model under its policy
+    (name, version and sha256), as ``StageScope.refuses`` decides."""
+    if scope is None:
+        return [], []
+    if not scope.policies:
+        return ["1 = 0"], []
+    parts, params = [], []
+    for model, p in sorted(scope.policies.items()):
+        parts.append("(f.model = ? AND f.policy = ? AND f.policy_version = ? AND f.policy_sha = ?)")
+        params += [model, p.name, p.version, p.sha256]
+    return ["(" + " OR ".join(parts) + ")"], params
+
+
+def _conditions(scope, where: QueueFilter) -> tuple[list[str], list]:
+    sc, sp = _scope_sql(scope)
+    wc, wp = where.sql()
+    return sc + wc, sp + wp
+
+
+def pending(ledger: Ledger, scope=None, where: QueueFilter = QueueFilter(), offset: int = 0,
+            limit: int | None = None) -> list[QueueItem]:
+    """Records waiting for a verdict: priority 1 first, then the earliest deadline, then
+    arrival; with a ``scope`` (riskpipe.review.scope) only the stage's own; ``where``
+    filters; ``offset``/``limit`` page through them (all of them when ``limit`` is None)."""
+    conds, params = _conditions(scope, where)
+    page = f" LIMIT {int(limit)} OFFSET {max(0, int(offset))}" if limit is not None else ""
+    sql = (f"SELECT f.seq, e.record FROM facts f JOIN entries e ON e.seq = f.seq "
+           f"WHERE {' AND '.join([_WAITING, *conds])} {_ORDER}{page}")
+    with ledger.snapshot() as q:
+        return [QueueItem(json.loads(text), seq) for seq, text in q(sql, params)]
 
 
 def pending_split(ledger: Ledger, scope=None) -> tuple[list[QueueItem], int]:
     """(this stage's waiting items, how many waiting records belong to other stages)."""
-    items, outside = [], 0
-    for seq, record in _pending_rows(ledger):
-        try:
-            check_decision_record(record)
-        except ReviewError:
-            continue  # shown on its own page with the reason; never breaks the queue
-        if scope is not None and scope.refuses(record) is not None:
-            outside += 1
-            continue
-        items.append(QueueItem(record, seq))
-    return sorted(items, key=QueueItem.sort_key), outside
+    return pending(ledger, scope), outside(ledger, scope)
+
+
+def outside(ledger: Ledger, scope=None) -> int:
+    """How many waiting records belong to other stages (0 without a scope)."""
+    return backlog(ledger) - backlog(ledger, scope) if scope is not None else 0
+
+
+def backlog(ledger: Ledger, scope=None, where: QueueFilter = QueueFilter()) -> int:
+    """How many records wait (in ``scope``, matching ``where``): routed items less those
+    with a verdict, so the count reads the queue's index and the verdicts, not every
+    waiting record."""
+    conds, params = _conditions(scope, where)
+    routed = " AND ".join(["f.kind = 'decision' AND f.needs_review = 1 AND f.review_ok = 1", *conds])
+    with ledger.snapshot() as q:
+        total = q(f"SELECT COUNT(*) FROM facts f WHERE {routed}", params)[0][0]
+        done = q(f"SELECT COUNT(*) FROM entries v JOIN facts f ON f.entry_id = v.entry_id "
+                 f"WHERE v.kind = 'verdict' AND {routed}", params)[0][0]
+    return total - done
+
+
+def overdue(ledger: Ledger, now: datetime, scope=None) -> list[str]:
+    """Ids of waiting records (in ``scope``) whose deadline has passed."""
+    conds, params = _scope_sql(scope)
+    with ledger.snapshot() as q:
+        return [r[0] for r in q(f"SELECT f.entry_id FROM facts f WHERE {' AND '.join([_WAITING, *conds])} "
+                               "AND f.deadline < ?", (*params, now.timestamp()))]
+
+
+def filter_choices(ledger: Ledger, scope=None) -> dict[str, list[str]]:
+    """The models and policies with records waiting (in ``scope``), for the filter form."""
+    conds, params = _scope_sql(scope)
+    where = " AND ".join(["f.kind = 'decision'", "f.needs_review = 1", *conds])
+    with ledger.snapshot() as q:
+        return {col: [r[0] for r in q(f"SELECT DISTINCT f.{col} FROM facts f WHERE {where} AND f.{col} IS NOT NULL "
+                                      "ORDER BY 1", params)]
+                for col in ("model", "policy")}
 
 
 def make_verdict(decision: dict, verdict: str, note: str, reviewer: str, when: datetime) -> dict:

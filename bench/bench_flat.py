@@ -1,0 +1,164 @@
+"""Costs that must stay flat as the ledger grows, side by side in one run at two sizes:
+``riskpipe report`` (with and without the chain walk), one review-queue page (its time
+and bytes, over HTTP through the real console app), and ``ledger verify`` against its
+measured lower bound. Writes bench/results/flat.json.
+
+Records are full decision records (~2 KB of canonical JSON, tests/ledger_records.py),
+every one routed to review, so the queue holds as many items as the ledger holds
+decisions. The lower bound of ``verify`` is what any verifier of this chain must do,
+timed in the same process on the same rows: fetch every row in order, sha256 of the
+chain layout, and a fast JSON reader (orjson.loads) of each record; "with tree" adds the
+RFC 9162 leaf hash the Merkle tree check needs.
+
+    python bench/bench_flat.py [--rows 1000000] [--small 100000] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+
+from common import table, write_results  # noqa: E402
+
+
+def build(path: Path, rows: int) -> None:
+    """A ledger of ``rows`` routed decisions (appended in the stage's batch size)."""
+    from datetime import timedelta
+
+    from ledger_records import T0, decision_record
+
+    from riskpipe.ledger import open_ledger
+
+    with open_ledger(path) as led:
+        have = led.count("decision")
+        for start in range(have, rows, 2000):
+            batch = []
+            for i in range(start, min(rows, start + 2000)):
+                r = decision_record(i, t=T0 + timedelta(seconds=i), decision="review", radius=0.1 + (i % 97) / 100)
+                r["id"] = f"evt-{i:08d}"
+                r["review"]["priority"] = 1 + i % 3
+                batch.append(r)
+            led.append_many(batch)
+
+
+def timed(fn, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def report_seconds(path: Path, verify: bool) -> float:
+    from riskpipe.report import write_report
+
+    return timed(lambda: write_report(path, path.with_name(f"report-{verify}.html"), "html", verify=verify),
+                 repeat=1 if verify else 2)
+
+
+def queue_page(path: Path) -> dict:
+    from werkzeug.security import generate_password_hash
+
+    from riskpipe.review.app import create_app
+    from riskpipe.review.settings import Credentials, ReviewSettings
+
+    app = create_app(ReviewSettings(ledger=str(path), credentials=Credentials(
+        users={"bench": generate_password_hash("bench passphrase")})), metrics=None)
+    client = app.test_client()
+    html = client.get("/login").get_data(as_text=True)
+    token = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', html).group(1)
+    client.post("/login", data={"csrf_token": token, "username": "bench", "password": "bench passphrase"})
+    out = {}
+    for name, url in (("first page", "/"), ("page 1000", "/?page=1000"), ("largest page (200)", "/?size=200"),
+                      ("filtered (reason)", "/?reason=no_certificate&size=200")):
+        body = {}
+
+        def get():
+            r = client.get(url)
+            assert r.status_code == 200, r.status_code
+            body["bytes"] = len(r.get_data())
+
+        out[name] = {"seconds": round(timed(get), 4), "bytes": body["bytes"]}
+    return out
+
+
+def verify_vs_lower_bound(path: Path) -> dict:
+    import orjson
+
+    from riskpipe.ledger import open_ledger
+
+    def lower_bound(tree: bool):
+        with open_ledger(path) as led, led.snapshot() as q:
+            prev = "0" * 64
+            last = 0
+            while True:
+                page = q("SELECT seq, kind, entry_id, ts, record, prev_hash, hash FROM entries WHERE seq > ? "
+                         "ORDER BY seq LIMIT 20000", (last,))
+                if not page:
+                    return
+                for seq, kind, eid, ts, text, prev_hash, stored in page:
+                    raw = text.encode("utf-8")
+                    h = hashlib.sha256(prev.encode("ascii") + b"\n" + kind.encode() + b"\n" + eid.encode() + b"\n" + raw)
+                    if tree:
+                        hashlib.sha256(b"\x00" + kind.encode() + b"\n" + eid.encode() + b"\n" + raw).digest()
+                    orjson.loads(raw)
+                    prev = h.hexdigest()
+                last = page[-1][0]
+
+    def verify():
+        with open_ledger(path) as led:
+            assert led.verify().ok
+
+    t_verify = timed(verify, repeat=1)
+    t_lb = timed(lambda: lower_bound(False), repeat=1)
+    t_lb_tree = timed(lambda: lower_bound(True), repeat=1)
+    return {"verify_s": round(t_verify, 3), "lower_bound_s": round(t_lb, 3), "lower_bound_with_tree_s": round(t_lb_tree, 3),
+            "ratio": round(t_lb / t_verify, 3), "ratio_with_tree": round(t_lb_tree / t_verify, 3)}
+
+
+def measure(path: Path, rows: int) -> dict:
+    t0 = time.perf_counter()
+    build(path, rows)
+    built = time.perf_counter() - t0
+    r = {"rows": rows, "build_s": round(built, 1), "db_mb": round(path.stat().st_size / 2**20, 1),
+         "report_no_verify_s": round(report_seconds(path, False), 3),
+         "queue": queue_page(path), **verify_vs_lower_bound(path)}
+    r["report_with_verify_s"] = round(report_seconds(path, True), 3)
+    print(r, flush=True)
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--small", type=int, default=100_000, help="the smaller size, for the growth ratio")
+    ap.add_argument("--keep", default=None, help="directory to keep (and reuse) the ledgers in")
+    args = ap.parse_args()
+    where = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="riskpipe-flat-"))
+    where.mkdir(parents=True, exist_ok=True)
+    runs = [measure(where / f"ledger-{n}.db", n) for n in (args.small, args.rows)]
+    small, big = runs
+    growth = {k: round(big[k] / small[k], 2) for k in ("report_no_verify_s", "report_with_verify_s", "verify_s")}
+    growth["queue_first_page"] = round(big["queue"]["first page"]["seconds"] / small["queue"]["first page"]["seconds"], 2)
+    print(table([(r["rows"], r["report_no_verify_s"], r["report_with_verify_s"], r["queue"]["first page"]["seconds"],
+                  r["queue"]["largest page (200)"]["bytes"], r["verify_s"], r["ratio"]) for r in runs],
+                ("rows", "report s", "report+verify s", "page s", "page(200) bytes", "verify s", "lower bound/verify")))
+    print("growth", args.small, "->", args.rows, growth)
+    path = write_results("flat", {"settings": {"record": "tests/ledger_records.decision_record, ~2 KB, all routed",
+                                               "backend": "SQLite (WAL, synchronous=FULL)"},
+                                  "runs": runs, "growth": growth,
+                                  "targets": {"report_s_at_1m": 10, "page_kb": 200, "page_s": 0.5, "verify_ratio": 0.7}})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
