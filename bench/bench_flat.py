@@ -77,9 +77,15 @@ def queue_page(path: Path) -> dict:
     html = client.get("/login").get_data(as_text=True)
     token = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', html).group(1)
     client.post("/login", data={"csrf_token": token, "username": "bench", "password": "bench passphrase"})
+    from riskpipe.ledger import open_ledger
+
+    with open_ledger(path) as led, led.snapshot() as q:  # the queue position halfway down (keyset cursor)
+        n = q("SELECT COUNT(*) FROM facts WHERE needs_review = 1")[0][0]
+        prio, due, seq = q("SELECT priority, due, seq FROM facts WHERE needs_review = 1 AND review_ok = 1 "
+                           f"ORDER BY needs_review, review_ok, priority, due, seq LIMIT 1 OFFSET {n // 2}")[0]
     out = {}
-    for name, url in (("first page", "/"), ("page 1000", "/?page=1000"), ("largest page (200)", "/?size=200"),
-                      ("filtered (reason)", "/?reason=no_certificate&size=200")):
+    for name, url in (("first page", "/"), ("halfway down the queue", f"/?after={prio}:{due!r}:{seq}"),
+                      ("largest page (200)", "/?size=200"), ("filtered (reason)", "/?reason=no_certificate&size=200")):
         body = {}
 
         def get():

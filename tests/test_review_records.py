@@ -128,8 +128,16 @@ def test_queue_from_the_facts_table_agrees_with_the_records(tmp_path):
         want = _reference_queue(led)
         assert [it.id for it in rq.pending(led)] == want and len(want) == 34
         assert rq.backlog(led) == len(want)
-        pages = [rq.pending(led, offset=o, limit=7) for o in range(0, 40, 7)]
-        assert [it.id for page in pages for it in page] == want and all(len(p) <= 7 for p in pages)
+        pages, after = [], None
+        while True:  # keyset pages: each starts after the last item of the one before
+            page = rq.pending(led, after=after, limit=7)
+            if not page:
+                break
+            pages.append(page)
+            after = page[-1].cursor
+        assert [it.id for page in pages for it in page] == want and [len(p) for p in pages] == [7] * 4 + [6]
+        with pytest.raises(rq.ReviewError, match="after: not a queue position"):
+            rq.pending(led, after="1:x", limit=7)
 
 
 def test_queue_filters_by_model_policy_and_reason(tmp_path):
@@ -147,7 +155,6 @@ def test_queue_filters_by_model_policy_and_reason(tmp_path):
         assert rq.pending(led, where=rq.QueueFilter(reason="no%certificate")) == []  # a wildcard is a character, not a pattern
         assert rq.pending(led, where=rq.QueueFilter(reason="no_certificat")) == []  # whole codes only
         assert rq.backlog(led, where=rq.QueueFilter(model="digits", reason="certificate_abstained")) == 2
-        assert rq.filter_choices(led) == {"model": ["cifar_cnn", "digits"], "policy": ["default", "strict"]}
 
 
 def test_verdict_record_follows_docs_and_a_second_one_is_refused(tmp_path):

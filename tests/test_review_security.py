@@ -215,3 +215,26 @@ def test_credential_sources_and_precedence(tmp_path):
         resolve_settings(ledger="l.db", password_file=str(tmp_path / "empty"), environ={})
     with pytest.raises(SettingsError, match="--password-file .*missing: cannot read"):
         resolve_settings(ledger="l.db", password_file=str(tmp_path / "missing"), environ={})
+
+
+def test_queue_page_is_paginated_and_filtered(app, ledger_path):
+    from test_review_records import decision_record
+
+    with Ledger(ledger_path) as led:  # 3 waiting from seed_ledger, and 220 more
+        led.append_many([decision_record(f"evt-bulk-{i:03d}", priority=2) for i in range(220)])
+    client = app.test_client()
+    log_in(client)
+    seen, url, sizes = [], "/?size=100", []
+    while url:
+        html = client.get(url).get_data(as_text=True)
+        ids = re.findall(r'data-id="([^"]+)"', html)
+        sizes.append(len(ids))
+        seen += ids
+        assert '<span class="count" id="backlog">223</span>' in html
+        nxt = re.search(r'id="next" href="([^"]+)"', html)
+        url = nxt.group(1).replace("&amp;", "&") if nxt else None
+    assert sizes == [100, 100, 23] and len(set(seen)) == 223 and seen[0] == "evt-urgent"
+    assert len(re.findall(r'data-id=', client.get("/?size=5000").get_data(as_text=True))) == 200  # bounded
+    filtered = client.get("/?reason=certificate_abstained&model=digits").get_data(as_text=True)
+    assert len(re.findall(r'data-id=', filtered)) == 50 and "matching the filter" in filtered
+    assert client.get("/?after=nonsense").status_code == 400

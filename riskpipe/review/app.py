@@ -328,18 +328,20 @@ def create_app(settings: ReviewSettings, *, metrics: Any = "default", publisher=
     def queue_page():
         where = rq.QueueFilter(**{k: request.args.get(k) or None for k in ("model", "policy", "reason")})
         size = min(rq.MAX_PAGE_SIZE, max(1, request.args.get("size", rq.PAGE_SIZE, type=int)))
-        page = max(1, request.args.get("page", 1, type=int))
+        after = request.args.get("after") or None
         scope = settings.scope
-        items = rq.pending(ledger(), scope, where, offset=(page - 1) * size, limit=size)
-        total = rq.backlog(ledger(), scope, where)
+        try:
+            items = rq.pending(ledger(), scope, where, after=after, limit=size + 1)
+        except rq.ReviewError as e:
+            abort(400, description=str(e))
+        more, items = len(items) > size, items[:size]
         if state.metrics is not None:
             now = rq.now_utc()
             for item in items:  # the gauge and the full breach scan run with the backlog refresh
                 if item.overdue(now):
                     state.note_breach(item.id)
-        return render_template("queue.html", items=items, total=total, where=where, page=page, size=size,
-                               pages=max(1, -(-total // size)), choices=rq.filter_choices(ledger(), scope),
-                               now=rq.now_utc(), reviewed=ledger().count("verdict"),
+        return render_template("queue.html", items=items, total=rq.backlog(ledger(), scope), where=where, size=size,
+                               after=after, more=more, now=rq.now_utc(), reviewed=ledger().count("verdict"),
                                class_name=class_name, labels_of=lambda rec: state.model_info(rec).labels,
                                outside=rq.outside(ledger(), scope), scope=scope)
 

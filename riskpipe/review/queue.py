@@ -78,6 +78,7 @@ class QueueItem:
 
     record: dict
     seq: int
+    cursor: str | None = None  # where the next page starts after this item (``pending(after=...)``)
 
     @property
     def id(self) -> str:
@@ -133,8 +134,9 @@ class QueueFilter:
 
 # Routed or audit-sampled decisions the console can show, without a verdict, in queue order,
 # through the ledger's facts table (riskpipe.ledger.facts) and its index on that order: a page
-# reads its own rows, not the queue.
-_WAITING = ("f.kind = 'decision' AND f.needs_review = 1 AND f.review_ok = 1 AND NOT EXISTS "
+# reads its own rows, not the queue. Only decisions have needs_review = 1 (dead letters NULL),
+# so no kind test is needed, and the index alone answers the conditions and the order.
+_WAITING = ("f.needs_review = 1 AND f.review_ok = 1 AND NOT EXISTS "
             "(SELECT 1 FROM entries v WHERE v.kind = 'verdict' AND v.entry_id = f.entry_id)")
 _ORDER = "ORDER BY f.needs_review, f.review_ok, f.priority, f.due, f.seq"
 
@@ -159,17 +161,30 @@ def _conditions(scope, where: QueueFilter) -> tuple[list[str], list]:
     return sc + wc, sp + wp
 
 
-def pending(ledger: Ledger, scope=None, where: QueueFilter = QueueFilter(), offset: int = 0,
+def pending(ledger: Ledger, scope=None, where: QueueFilter = QueueFilter(), after: str | None = None,
             limit: int | None = None) -> list[QueueItem]:
     """Records waiting for a verdict: priority 1 first, then the earliest deadline, then
     arrival; with a ``scope`` (riskpipe.review.scope) only the stage's own; ``where``
-    filters; ``offset``/``limit`` page through them (all of them when ``limit`` is None)."""
+    filters. ``limit`` items from ``after`` (an item's ``cursor``: keyset pagination, so a
+    page deep in the queue costs what the first one does); all of them without a limit."""
     conds, params = _conditions(scope, where)
-    page = f" LIMIT {int(limit)} OFFSET {max(0, int(offset))}" if limit is not None else ""
-    sql = (f"SELECT f.seq, e.record FROM facts f JOIN entries e ON e.seq = f.seq "
+    if after is not None:
+        conds.append("(f.priority, f.due, f.seq) > (?, ?, ?)")
+        params += list(parse_cursor(after))
+    page = f" LIMIT {int(limit)}" if limit is not None else ""
+    sql = (f"SELECT f.seq, e.record, f.priority, f.due FROM facts f JOIN entries e ON e.seq = f.seq "
            f"WHERE {' AND '.join([_WAITING, *conds])} {_ORDER}{page}")
     with ledger.snapshot() as q:
-        return [QueueItem(json.loads(text), seq) for seq, text in q(sql, params)]
+        return [QueueItem(json.loads(text), seq, f"{prio}:{due!r}:{seq}") for seq, text, prio, due in q(sql, params)]
+
+
+def parse_cursor(text: str) -> tuple[int, float, int]:
+    """An item's cursor back into its (priority, due, seq); ReviewError when malformed."""
+    try:
+        prio, due, seq = text.split(":")
+        return int(prio), float(due), int(seq)
+    except (AttributeError, ValueError):
+        raise ReviewError(f"after: not a queue position: {text!r}") from None
 
 
 def pending_split(ledger: Ledger, scope=None) -> tuple[list[QueueItem], int]:
@@ -187,11 +202,12 @@ def backlog(ledger: Ledger, scope=None, where: QueueFilter = QueueFilter()) -> i
     with a verdict, so the count reads the queue's index and the verdicts, not every
     waiting record."""
     conds, params = _conditions(scope, where)
-    routed = " AND ".join(["f.kind = 'decision' AND f.needs_review = 1 AND f.review_ok = 1", *conds])
+    routed = " AND ".join(["f.needs_review = 1 AND f.review_ok = 1", *conds])
     with ledger.snapshot() as q:
         total = q(f"SELECT COUNT(*) FROM facts f WHERE {routed}", params)[0][0]
-        done = q(f"SELECT COUNT(*) FROM entries v JOIN facts f ON f.entry_id = v.entry_id "
-                 f"WHERE v.kind = 'verdict' AND {routed}", params)[0][0]
+        # from the verdicts (few) to their decisions: CROSS JOIN fixes that order in SQLite
+        done = q(f"SELECT COUNT(*) FROM entries v CROSS JOIN facts f "
+                 f"WHERE v.kind = 'verdict' AND f.entry_id = v.entry_id AND {routed}", params)[0][0]
     return total - done
 
 
@@ -201,16 +217,6 @@ def overdue(ledger: Ledger, now: datetime, scope=None) -> list[str]:
     with ledger.snapshot() as q:
         return [r[0] for r in q(f"SELECT f.entry_id FROM facts f WHERE {' AND '.join([_WAITING, *conds])} "
                                "AND f.deadline < ?", (*params, now.timestamp()))]
-
-
-def filter_choices(ledger: Ledger, scope=None) -> dict[str, list[str]]:
-    """The models and policies with records waiting (in ``scope``), for the filter form."""
-    conds, params = _scope_sql(scope)
-    where = " AND ".join(["f.kind = 'decision'", "f.needs_review = 1", *conds])
-    with ledger.snapshot() as q:
-        return {col: [r[0] for r in q(f"SELECT DISTINCT f.{col} FROM facts f WHERE {where} AND f.{col} IS NOT NULL "
-                                      "ORDER BY 1", params)]
-                for col in ("model", "policy")}
 
 
 def make_verdict(decision: dict, verdict: str, note: str, reviewer: str, when: datetime) -> dict:
