@@ -278,6 +278,17 @@ def _context_index(entry: ModelEntry, path: str, X: np.ndarray, y):
 
 
 # ---------------------------------------------------------------- pipeline --------
+def limit_native_threads(n: int) -> None:
+    """Cap the BLAS and OpenMP thread pools the loaded models use (scikit-learn's
+    OpenBLAS, XGBoost's and LightGBM's OpenMP) at ``n``, as torch_threads caps torch's:
+    torch.set_num_threads does not reach them, and on a small machine their default
+    (one thread per core) contends with the stage's own. Called once the models are
+    loaded, so their libraries are there to be limited (threadpoolctl)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=n)
+
+
 def build_pipeline(config: StageConfig) -> Pipeline:
     """Every model of ``config`` under its own policy, ready to decide batches."""
     if config.torch_threads is not None:
@@ -286,6 +297,8 @@ def build_pipeline(config: StageConfig) -> Pipeline:
     entries = {name: build_entry(name, mc, policies[config.model_policy(name)], device=config.device,
                                  config_batch_size=config.certify_batch_size)
                for name, mc in config.models.items()}
+    if config.torch_threads is not None:
+        limit_native_threads(config.torch_threads)
     return Pipeline(entries, worker=config.worker_id or "w0", review_include_input=config.review_include_input)
 
 

@@ -157,8 +157,12 @@ def _load_onnx(spec: str, path: Path, opts) -> Model:
         import onnxruntime as ort
     except ImportError:
         raise ModelError(f"model {spec}: onnxruntime is not installed (pip install 'riskpipe[onnx]')") from None
+    options = ort.SessionOptions()  # ONNX Runtime's own thread pools follow the stage's torch_threads
+    options.intra_op_num_threads = torch.get_num_threads()  # (compose sets it before models load)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
         raise ModelError(f"model {spec}: not a loadable ONNX file ({type(e).__name__}: {str(e)[:200]})") from None
     inp = sess.get_inputs()[0]
@@ -202,7 +206,8 @@ def _load_onnx(spec: str, path: Path, opts) -> Model:
     def predict(batch: np.ndarray) -> np.ndarray:  # scores: Model.classes checks them, then takes argmax
         return scores(batch)
 
-    meta = {"format": "onnx", "onnx_output": sess.get_outputs()[out_index].name}
+    meta = {"format": "onnx", "onnx_output": sess.get_outputs()[out_index].name,
+            "onnx_threads": sess.get_session_options().intra_op_num_threads}
     if fixed is not None:
         meta["onnx_fixed_batch"] = fixed
     return Model(spec=spec, input_shape=tuple(shape), num_classes=classes, sha256=sha256_file(path),

@@ -50,8 +50,9 @@ ridden out (consumption paused, retried with bounded exponential backoff, no off
 moved past an undecided event); one longer than this stops the stage with a non-zero
 exit and nothing undecided committed.
 
-Stage-wide ``torch_threads`` (default 1): torch's intra-op threads in the stage,
-set once when the pipeline is built (before the batch-size probe, whose cache is per
+Stage-wide ``torch_threads`` (default 1): torch's intra-op threads in the stage, and
+the cap of the models' BLAS/OpenMP pools (threadpoolctl) and ONNX Runtime's intra-op
+pool, set once when the pipeline is built (before the batch-size probe, whose cache is per
 thread count); ``null`` leaves torch's own default (one per core). Default 1 from
 bench/bench_threads.py (bench/results/threads.json), decide_batch interleaved at 1
 and 2 threads on 2 shared cores: 2 threads gave 0.08x the evaluations/s of 1 on the
