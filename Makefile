@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 SYSSTAMP := $(VENV)/.system-packages
 APT_PACKAGES := prometheus chromium chromium-driver postgresql
 
-.PHONY: setup system-packages demo test bench clean
+.PHONY: setup system-packages demo test bench chaos clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -42,6 +42,9 @@ test: $(STAMP) $(SYSSTAMP)
 
 bench: $(STAMP)
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+chaos: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(BIN)/python bench/chaos.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
