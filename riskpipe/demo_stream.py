@@ -34,6 +34,9 @@ def malformed_events(x: np.ndarray, max_bytes: int, taken: dict) -> list[tuple[s
     one reuses its id (and key, so it lands on the same partition, after it) with
     another input.
 
+    ``output_too_large`` is an event the stage accepts (just under ``max_bytes``) whose
+    full record, which echoes its context, cannot fit the output limit.
+
     Not here: ``off_grid`` (only a policy with the sound sampler has a grid; the demo's
     is Gaussian) and ``internal_error`` (a fault of the stage, not of the input)."""
     from riskpipe.stream.binary import make_binary_event
@@ -48,6 +51,10 @@ def malformed_events(x: np.ndarray, max_bytes: int, taken: dict) -> list[tuple[s
             (t if k in t else e)[k] = v
         return json.dumps(e).encode()
 
+    # a valid event just under the event limit whose free-form context every full record
+    # echoes: decided, but its audit record exceeds max_output_bytes (the same limit by default)
+    pad = max_bytes - len(ev(id="bad-big-record", context={"note": ""})) - 256
+    big_record = ev(id="bad-big-record", context={"note": "x" * pad})
     binary, binary_headers = make_binary_event("bad-bin", "digits", x)
     head_length = binary_headers[0][1]
     conflict = json.loads(json.dumps(taken))
@@ -63,6 +70,7 @@ def malformed_events(x: np.ndarray, max_bytes: int, taken: dict) -> list[tuple[s
         ("out_of_range", None, ev(data=[7.0] + flat[1:]), []),
         ("unknown_model", None, ev(model="resnet-9000"), []),
         ("oversized", None, b'{"id": "big", "pad": "' + b"x" * (max_bytes + 10) + b'"}', []),
+        ("output_too_large", None, big_record, []),
         ("unsupported_cloudevent", None, ev(), [("ce_id", b"bad-ce"), ("ce_source", b"/demo"),
                                                 ("ce_type", b"com.example.unknown"), ("ce_specversion", b"1.0")]),
         ("bad_id", None, ev(id="bad\nid"), []),

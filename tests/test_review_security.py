@@ -200,7 +200,8 @@ def test_credential_sources_and_precedence(tmp_path):
     cfg.write_text("ledger: from-config.db\nbootstrap_servers: 127.0.0.1:9\ntopics: {review: rev}\n"
                    "review: {password: 'config passphrase', users: {dana: 'danas passphrase'}, port: 8470}\n")
     s = resolve_settings(config_path=str(cfg), environ={})
-    assert (s.ledger, s.bootstrap_servers, s.review_topic, s.port) == ("from-config.db", "127.0.0.1:9", "rev", 8470)
+    assert (s.ledger, s.bootstrap_servers, s.review_topic, s.port) == (str(tmp_path / "from-config.db"), "127.0.0.1:9",
+                                                                      "rev", 8470)  # relative to the config
     assert s.credentials.authenticate("erin", "config passphrase") == "erin"
     assert s.credentials.authenticate("dana", "danas passphrase") == "dana"
     s = resolve_settings(config_path=str(cfg), environ={PASSWORD_ENV: "env passphrase"})

@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from riskpipe.ledger import LedgerError, open_ledger, parse_ts, redact
-from riskpipe.policy.controls import CATALOG
+from riskpipe.policy.controls import frameworks, mapping
 from riskpipe.policy.naming import policy_label
 
 DECISIONS = ("allow", "review", "block")
@@ -129,6 +129,7 @@ def gather(ledger_path: str, since: Any = None, until: Any = None, verify: bool 
         **data,
     }
     data["controls"] = _controls(data, g.expand("controls"))
+    data["frameworks"] = [{"framework": f, "mapping_version": v, "source": s} for f, v, s in frameworks()]
     return data
 
 
@@ -464,47 +465,24 @@ def _dlq(f: _Facts) -> dict:
             "by_source_topic": counts("dlq_source")}
 
 
-# control id -> (evidence in this report, report sections that carry it)
-EVIDENCE = {
-    "GOVERN 1.4": ("Versioned policies with sha256 hashes; every decision names the policy it ran under.", ["policies"]),
-    "GOVERN 1.5": ("This periodic report; alerting rules are evidenced by the deployment (Prometheus).", ["volumes", "decisions"]),
-    "GOVERN 3.2": ("Review routing rules and the reviewer identity on each verdict.", ["review"]),
-    "MAP 3.5": ("Review queue volumes, audit sampling rate, deadlines met and missed.", ["review"]),
-    "MEASURE 2.4": ("Production volumes and decisions over time.", ["volumes", "decisions"]),
-    "MEASURE 2.5": ("Scope and limitations statements; abstention rate; radius distribution against epsilon.", ["scope", "abstention", "radius"]),
-    "MEASURE 2.7": ("A robustness certificate per inference, with its threat model and confidence.", ["scope", "radius"]),
-    "MEASURE 2.8": ("Hash-chained ledger, per-decision explanations and scope, this report.", ["integrity", "scope"]),
-    "MEASURE 3.1": ("Abstention rate and radius drift in the threat norm over the period.", ["abstention", "radius"]),
-    "MANAGE 1.3": ("Allow / review / block responses per rule.", ["decisions"]),
-    "MANAGE 2.4": ("Block decisions and shadow-mode policies.", ["decisions", "policies"]),
-    "MANAGE 4.1": ("Reviewer verdicts, override rate, policy change entries.", ["review", "policies"]),
-    "MANAGE 4.3": ("Dead-letter counts by reason; blocked decisions.", ["dlq", "decisions"]),
-    "ISO/IEC 27001:2022 A.5.28": ("Ledger export and certificate replay (`riskpipe ledger export`, `riskpipe ledger replay`).", ["integrity"]),
-    "ISO/IEC 27001:2022 A.5.33": ("Hash-chained, append-only ledger and its verification result.", ["integrity"]),
-    "ISO/IEC 27001:2022 A.8.15": ("Every decision, verdict, policy change and dead letter is a ledger entry.", ["volumes", "dlq"]),
-    "ISO/IEC 27001:2022 A.8.16": ("Monitoring of decisions, abstention and review; Prometheus metrics and alerts in deployment.", ["decisions", "abstention", "review"]),
-}
-
-
 def _controls(data: dict, cited: Counter) -> list[dict]:
     have = {
         "policies": bool(data["policies"]), "volumes": data["volumes"]["in_period"]["decision"] > 0,
         "decisions": data["volumes"]["in_period"]["decision"] > 0, "scope": True,
         "abstention": data["abstention"]["decisions"] > 0, "radius": bool(data["radius"]["groups"]),
         "review": data["review"]["routed"] > 0 or data["review"]["verdicts_total"] > 0,
-        "dlq": True, "integrity": True,
+        "dlq": True, "integrity": True, "breakdown": bool(data["breakdown"]["models"]),
     }
     rows = []
-    for cid, name in CATALOG.items():
-        evidence, sections = EVIDENCE[cid]
-        present = [s for s in sections if have.get(s)]
+    for c in mapping().values():
+        present = [s for s in c.sections if have.get(s)]
         rows.append({
-            "framework": "ISO/IEC 27001:2022 Annex A" if cid.startswith("ISO") else "NIST AI RMF 1.0",
-            "id": cid.replace("ISO/IEC 27001:2022 ", ""), "full_id": cid, "name": name, "evidence": evidence,
-            "sections": sections,
-            "status": ("ledger not verified in this report" if "integrity" in sections and data["integrity"]["ok"] is None
-                       else "ledger verification FAILED" if "integrity" in sections and not data["integrity"]["ok"]
+            "framework": c.framework, "mapping_version": c.mapping_version,
+            "id": c.short_id, "full_id": c.id, "name": c.title, "evidence": c.evidence,
+            "sections": list(c.sections),
+            "status": ("ledger not verified in this report" if "integrity" in c.sections and data["integrity"]["ok"] is None
+                       else "ledger verification FAILED" if "integrity" in c.sections and not data["integrity"]["ok"]
                        else "evidence in this report" if present else "no entries in this period"),
-            "cited_by_decisions": cited.get(cid, 0),
+            "cited_by_decisions": cited.get(c.id, 0),
         })
     return rows
