@@ -63,8 +63,9 @@ def consume_all(bootstrap: str, topics, expect: int | None = None, timeout: floa
 
 
 def run_cli(args, env=None, **kw) -> subprocess.Popen:
+    kw = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kw}
     return subprocess.Popen([sys.executable, "-m", "riskpipe.cli", *args], env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+                            text=True, **kw)
 
 
 def stage_args(bootstrap: str, ledger: str, *extra) -> list[str]:

@@ -100,8 +100,13 @@ def test_two_workers_split_partitions(tmp_path):
         b.create_topics()
         events = valid_events("w", 120)
         ledger = str(tmp_path / "l.sqlite")
-        procs = [run_cli(stage_args(b.bootstrap, ledger, "--worker-id", f"w{i}")) for i in range(2)]
+        logs = [tmp_path / f"w{i}.log" for i in range(2)]
+        procs = [run_cli(stage_args(b.bootstrap, ledger, "--worker-id", f"w{i}", "-v"), stderr=log.open("w"))
+                 for i, log in enumerate(logs)]
         try:
+            # both members hold partitions before the first event (a slow start-up must not
+            # leave one worker all the traffic)
+            assert wait_for(lambda: all("partitions assigned: ['" in log.read_text() for log in logs), 120)
             produce(b.bootstrap, events)
             assert wait_for(lambda: len(ledger_ids(ledger)) >= 120, 150)
         finally:
