@@ -240,15 +240,24 @@ def attack_name(model, steps: int, queries: int) -> str:
         return f"PGD ({steps} steps, gradients)"
     if getattr(model, "trees", None) is not None:
         return f"{tree_attack.NAME}, {tree_attack.MAX_CELLS} cells per feature and round"
+    if getattr(model, "_scores_fn", None) is not None:
+        return f"{blackbox.SCORE_NAME}, {steps} steps x {2 * _samples(queries, steps) + 1} queries"
     return f"{blackbox.NAME}, {queries} queries"
+
+
+def _samples(queries: int, steps: int) -> int:
+    """NES probe pairs per step so that a score-based attack spends about ``queries`` calls."""
+    return max(1, (int(queries) // max(int(steps), 1) - 1) // 2)
 
 
 def attack_model(model, X: np.ndarray, y: np.ndarray, epsilon, norm: str, *, steps: int, seed: int,
                  queries: int, noise_sigma: float = 0.0, noise_samples: int = 8, loss: str = "margin") -> np.ndarray:
     """The strongest attack riskpipe has for ``model`` (a riskpipe Model), one candidate
     per row: PGD with gradients for torch models (on the smoothed classifier when
-    ``noise_sigma`` > 0), the tree search for tree ensembles, a decision-based
-    black-box attack (``queries`` model calls per input) for everything else."""
+    ``noise_sigma`` > 0), the tree search for tree ensembles, PGD on gradients estimated
+    from the class scores for models that expose scores (ONNX, predict_proba), the
+    decision-based HopSkipJump attack for models with labels only; the black-box ones
+    spend about ``queries`` model calls per input."""
     from riskpipe import blackbox
     from riskpipe.tree_attack import tree_attack
 
@@ -257,7 +266,10 @@ def attack_model(model, X: np.ndarray, y: np.ndarray, epsilon, norm: str, *, ste
                    loss=loss, noise_sigma=noise_sigma, noise_samples=noise_samples)
     if getattr(model, "trees", None) is not None:
         return tree_attack(model.trees, model.predict, X, y, epsilon, norm, value_range=model.value_range, seed=seed)
-    return blackbox.random_search(model.predict, X, y, epsilon, norm, queries=queries, value_range=model.value_range,
+    if getattr(model, "_scores_fn", None) is not None:
+        return blackbox.nes_pgd(model.scores, X, y, epsilon, norm, steps=steps, samples=_samples(queries, steps),
+                                value_range=model.value_range, seed=seed)
+    return blackbox.hop_skip_jump(model.predict, X, y, epsilon, norm, queries=queries, value_range=model.value_range,
                                   seed=seed)
 
 

@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from usermodels import image_model, stage_ledger, tabular_model
 
@@ -60,13 +61,13 @@ def test_compare_on_a_skops_model_uses_the_black_box_attack(wine, tmp_path):
     result, md = _compare(tmp_path, spec, wine.data, "--sigma", "5", "--eps-grid", "l2=0,5,50;linf=0,2,20")
     (m,) = result["models"]
     assert m["input_dim"] == 13 and m["clean_accuracy"] > 0.8
-    assert m["attack"].startswith("random search (black-box)")
+    assert m["attack"].startswith("PGD on NES gradient estimates (score-based, black-box)")
     runs = {r["method"]: r for r in m["methods"]}
     assert runs["smoothing"]["unavailable"] is None
     assert "needs a torch model" in runs["ibp"]["unavailable"] and "torch model" in runs["lipschitz"]["unavailable"]
     acc = m["pgd_accuracy"]["l2"]
     assert acc[0] == m["clean_accuracy"] and acc[2] < acc[0]  # a large budget does find class changes
-    assert "random search (black-box), 200 queries (upper bound)" in md
+    assert "PGD on NES gradient estimates (score-based, black-box), 10 steps x 99 queries (upper bound)" in md
 
 
 def test_compare_a_config_entry_in_its_scaled_norm(tmp_path):
@@ -132,15 +133,15 @@ def test_evaluate_a_torchscript_image_model_with_pgd(tmp_path, one_thread):
 def test_evaluate_a_scaled_skops_model_with_the_black_box_attack(tmp_path):
     result, md, out = _evaluate(tmp_path, "tabular", "cancer", "--queries", "100", with_output=True)
     (s,) = result["policies"]
-    assert result["input_dim"] == 30 and s["policy"]["attack"] == "random search (black-box), 100 queries"
-    # the progress line names the attack that runs, not PGD (the model has no gradients)
+    assert result["input_dim"] == 30 and s["policy"]["attack"].startswith("PGD on NES gradient estimates")
+    # the progress line names the attack that runs, not PGD with gradients (the model has none)
     assert "attacking pgd" not in out and re.search(
-        r"riskpipe evaluate: tabular-breast-cancer: pgd-l2-[0-9.]+: random search \(black-box\), 100 queries, "
-        r"l2 epsilon [0-9.]+", out), out
+        r"riskpipe evaluate: tabular-breast-cancer: pgd-l2-[0-9.]+: PGD on NES gradient estimates \(score-based, "
+        r"black-box\), 20 steps x 5 queries, l2 epsilon [0-9.]+", out), out
     assert s["clean"]["accuracy"] > 0.8
     pgd = next(a for a in s["attacks"] if a["kind"] == "pgd")
     assert pgd["attempted"] >= 6 and pgd["successful"] >= 1  # 8x epsilon in the standardized norm
-    assert "attack random search (black-box), 100 queries" in md
+    assert "attack PGD on NES gradient estimates (score-based, black-box)" in md
     # the successful adversarial rows beside the clean ones, as tables named by the skops file's features
     html = (tmp_path / "evaluation.html").read_text()
     assert 1 <= len(s["examples"]) <= 3 and html.count('class="input-table"') == 2 * len(s["examples"])
@@ -198,6 +199,58 @@ def test_evaluate_a_skops_spec_with_a_reference_for_context(wine, tmp_path):
     r = CliRunner().invoke(cli, [*args, "--reference", str(wine.data)])
     assert r.exit_code == 0, r.output
     (s,) = json.loads((tmp_path / "evaluation.json").read_text())["policies"]
-    assert s["policy"]["attack"].startswith("random search (black-box)") and s["clean"]["accuracy"] > 0.8
+    assert s["policy"]["attack"].startswith("PGD on NES gradient estimates") and s["clean"]["accuracy"] > 0.8
     pgd = next(a for a in s["attacks"] if a["kind"] == "pgd")
     assert pgd["epsilon"] == pytest.approx(100.0) and pgd["successful"] >= 1  # 100 raw units change the wine class
+
+
+@pytest.mark.parametrize("attack", ["hop_skip_jump", "nes_pgd"])
+def test_black_box_attacks_find_only_genuine_examples_and_beat_random_search(demo_model, digits_test, attack):
+    """HopSkipJump (labels only) and PGD on NES estimates (scores only) on the demo network
+    seen as a black box, at the query budget random search gets: seeded, every example
+    inside the budget and genuine, and far more found than random search in l2."""
+    from riskpipe import blackbox
+
+    X, y = digits_test[0][:60], digits_test[1][:60]
+    ok = demo_model.predict(X) == y
+    X, y = X[ok], y[ok]
+
+    def scores(batch):
+        with torch.no_grad():
+            return demo_model.module(torch.as_tensor(batch)).numpy()
+
+    kw = {"value_range": (0.0, 1.0), "seed": 3}
+    for norm, eps in (("l2", 1.0), ("linf", 0.1)):
+        if attack == "hop_skip_jump":
+            run = lambda: blackbox.hop_skip_jump(demo_model.predict, X, y, eps, norm, queries=400, **kw)  # noqa: E731
+        else:
+            run = lambda: blackbox.nes_pgd(scores, X, y, eps, norm, steps=10, samples=19, **kw)  # noqa: E731
+        adv = run()
+        np.testing.assert_array_equal(adv, run())  # seeded
+        delta = (adv - X).reshape(len(X), -1).astype(np.float64)
+        size = np.abs(delta).max(axis=1) if norm == "linf" else np.linalg.norm(delta, axis=1)
+        assert np.all(size <= eps * (1 + 1e-5)) and 0 <= adv.min() and adv.max() <= 1
+        fooled = (demo_model.predict(adv) != y).sum()
+        rs = (demo_model.predict(random_search(demo_model.predict, X, y, eps, norm, queries=400, **kw)) != y).sum()
+        if norm == "l2":
+            assert fooled >= 3 * max(rs, 5), (attack, fooled, rs)  # measured: 51 and 51 against 6 of 57
+        else:
+            assert fooled >= 1
+
+
+def test_evaluate_and_replay_the_fraud_forest_with_the_trees_certificate(tmp_path):
+    """evaluate attacks the tree ensemble with the tree search (named so) and sends the
+    results through the stage under the trees policy; replay recomputes a trees
+    certificate from the ledger through the config."""
+    result, md = _evaluate(tmp_path, "fraud", "fraud", "--budgets", "1x,8x")
+    (s,) = result["policies"]
+    assert s["policy"]["certifier"] == "trees" and s["policy"]["attack"].startswith("tree leaf-region search")
+    assert "attack tree leaf-region search" in md
+    big = next(a for a in s["attacks"] if a["kind"] == "pgd" and a["epsilon"] == pytest.approx(0.8))
+    assert big["successful"] >= 1  # 8x epsilon in standardized l_inf changes some decisions
+    (tmp_path / "replay").mkdir()
+    ledger, inputs = stage_ledger(tmp_path / "replay", "fraud", "fraud")
+    code, res = _replay("fraud-1", "--ledger", str(ledger), "--input", str(inputs), "--config",
+                        "examples/fraud/riskpipe.yaml")
+    assert code == 0 and res["ok"], res
+    assert res["parameters"]["eps_max"] > 0 and all(c["match"] for c in res["checks"])

@@ -20,7 +20,7 @@ def _formats(ctx, param, value: str) -> tuple[str, ...]:
 @click.command()
 @click.option("--model", "model_spec", default="demo:digits", show_default=True,
               help="Model spec, or with --config the name of one of its models: entries. PGD on torch models, "
-                   "a black-box random search on others (skops, ONNX).")
+                   "the tree search on tree ensembles, black-box attacks on others (skops, ONNX).")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
               help="Stage config: evaluate its models: entry --model (reference, scale, range) as the stage runs it.")
 @click.option("--reference", default=None, type=click.Path(dir_okay=False),
@@ -35,8 +35,9 @@ def _formats(ctx, param, value: str) -> tuple[str, ...]:
               help="Norm-shift budgets in the other norm; Nx = N times the policy epsilon converted by Theorem 2.")
 @click.option("--n", "n", type=int, default=200, show_default=True, help="Inputs (a stratified subset; 0 = all).")
 @click.option("--steps", type=int, default=20, show_default=True, help="PGD steps (torch models).")
-@click.option("--queries", type=int, default=200, show_default=True,
-              help="Black-box random-search queries per input (models without gradients: skops, ONNX).")
+@click.option("--queries", type=int, default=1000, show_default=True,
+              help="Model calls per input of the black-box attacks (models without gradients or trees: "
+                   "score-based PGD on NES estimates where the model gives scores, else HopSkipJump).")
 @click.option("--attempts", type=int, default=None, help="Attempts per attacker (default: a fifth of the inputs).")
 @click.option("--out", "out_dir", default="evaluation", show_default=True, help="Output directory.")
 @click.option("--format", "formats", default="html,md,json", show_default=True, callback=_formats,

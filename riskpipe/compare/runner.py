@@ -3,10 +3,10 @@
 For each model and method: certify a labelled subset once (native norm), convert
 every radius to each requested norm with Theorem 2 (``convert_radius``), and read
 certified accuracy off the epsilon grid; time single inputs for latency, measure
-peak memory, and sweep batch size and model width for cost growth. A PGD attack
-(torch models) or a black-box random search (models without gradients) gives the
-empirical robust accuracy, an upper bound no certificate can beat (the tree search for
-tree ensembles: ``riskpipe.attacks.attack_model``).
+peak memory, and sweep batch size and model width for cost growth. The model's
+strongest attack (``riskpipe.attacks.attack_model``: PGD for torch models, the tree
+search for tree ensembles, score- or decision-based black-box attacks otherwise) gives
+the empirical robust accuracy, an upper bound no certificate can beat.
 
 Any model works: a family that cannot certify a model (bounds need a plain
 ``nn.Sequential`` torch module; scikit-learn and ONNX models have none) is reported
@@ -61,7 +61,7 @@ class CompareConfig:
     batch_sizes: tuple[int, ...] = (1, 16, 64)
     widths: tuple[int, ...] = (4, 8, 16, 32)
     pgd_steps: int = 10
-    attack_queries: int = 200  # black-box random search, for models without gradients
+    attack_queries: int = 1000  # black-box attacks (models without gradients or trees): model calls per input
     seed: int = 0
     device: str = "cpu"
     config: str | None = None  # a stage config: a model NAME of its models: entries is built as the stage does

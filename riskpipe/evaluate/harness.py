@@ -78,7 +78,7 @@ class Settings:
     budgets: tuple[Budget, ...] = parse_budgets("0.5x,1x,2x,4x")
     shift_budgets: tuple[Budget, ...] = parse_budgets("1x,2x,4x,8x", "shift-budgets")
     steps: int = 20
-    queries: int = 200  # black-box random search, for models without gradients
+    queries: int = 1000  # black-box attacks (models without gradients or trees): model calls per input
     attempts: int | None = None  # per attacker; default a fifth of the inputs
     seed: int = 0
     device: str = "cpu"

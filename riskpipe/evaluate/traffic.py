@@ -15,7 +15,7 @@ import numpy as np
 from riskpipe import attacks
 from riskpipe.stream.events import make_event
 
-QUERIES = 200  # model calls per input of the decision-based attack (models without gradients or trees)
+QUERIES = 1000  # model calls per input of the black-box attacks (models without gradients or trees)
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,8 @@ def attacked_set(model, clean: SampleSet, spec: AttackSpec, *, steps: int, seed:
                  queries: int = QUERIES) -> SampleSet:
     """The attack at ``spec`` on every clean input (seeded per attack, so sets are
     reproducible): the model's strongest attack (``riskpipe.attacks.attack_model``: PGD
-    with gradients, the tree search for tree ensembles, decision-based otherwise)."""
+    with gradients, the tree search for tree ensembles, score-based or decision-based
+    black-box attacks otherwise)."""
     X_adv = attacks.attack_model(model, clean.X, clean.y, spec.epsilon, spec.norm, steps=steps, seed=seed,
                                  queries=queries, noise_sigma=noise_sigma, loss="ce")
     return SampleSet(spec.name, spec.kind, X_adv, clean.y, model.predict(X_adv), attack=spec)

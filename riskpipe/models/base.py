@@ -97,6 +97,7 @@ class Model:
     default_reference: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     trees: Any = field(default=None, repr=False)  # TreeEnsemble (riskpipe.models.trees) of a tree model
+    _scores_fn: Any = field(default=None, repr=False)  # batch -> (B, classes) scores, where the format has them
 
     @property
     def input_dim(self) -> int:
@@ -151,6 +152,14 @@ class Model:
         t = torch.as_tensor(np.asarray(batch, dtype=np.float32) if not isinstance(batch, torch.Tensor) else batch)
         t = t.to(device=self.device, dtype=torch.float32)
         return self.predict_torch(t).cpu().numpy()
+
+    def scores(self, batch: np.ndarray) -> np.ndarray | None:
+        """(B, classes) class scores (logits, probabilities or margins; argmax is the class)
+        of a model without a torch module whose format exposes them (ONNX, scikit-learn's
+        predict_proba, boosters' margins), else None. A score-based attack reads them."""
+        if self._scores_fn is None:
+            return None
+        return np.asarray(self._scores_fn(np.asarray(batch, dtype=np.float32)), dtype=np.float64)
 
     def check_batch(self, batch: np.ndarray) -> None:
         """Raise ValueError naming the problem if ``batch`` does not fit the input spec."""

@@ -211,7 +211,7 @@ def _load_onnx(spec: str, path: Path, opts) -> Model:
     if fixed is not None:
         meta["onnx_fixed_batch"] = fixed
     return Model(spec=spec, input_shape=tuple(shape), num_classes=classes, sha256=sha256_file(path),
-                 value_range=rng, _predict_fn=predict, meta=meta)
+                 value_range=rng, _predict_fn=predict, _scores_fn=scores, meta=meta)
 
 
 class UntrustedTypes(ModelError):
@@ -256,8 +256,16 @@ def _load_skops(spec: str, path: Path, opts, trusted_types=()) -> Model:
             pred = est.predict(batch.reshape(len(batch), -1))
         return np.searchsorted(classes_, pred)
 
+    proba = None
+    if hasattr(est, "predict_proba"):
+        def proba(batch: np.ndarray) -> np.ndarray:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="X does not have valid feature names")
+                return est.predict_proba(batch.reshape(len(batch), -1))
+
     model = Model(spec=spec, input_shape=tuple(shape), num_classes=classes, sha256=sha256_file(path),
-                  value_range=rng, _predict_fn=predict, meta={"format": "skops", **_feature_names(est)})
+                  value_range=rng, _predict_fn=predict, _scores_fn=proba,
+                  meta={"format": "skops", **_feature_names(est)})
     return _attach_trees(model, lambda: _trees.sklearn_ensemble(est))
 
 
@@ -329,8 +337,11 @@ def _load_booster(spec: str, path: Path, fmt: str, opts) -> Model:
     def predict(batch: np.ndarray) -> np.ndarray:
         return margin(booster, np.asarray(batch).reshape(len(batch), -1), classes).argmax(axis=1)
 
+    def scores(batch: np.ndarray) -> np.ndarray:
+        return margin(booster, np.asarray(batch).reshape(len(batch), -1), classes)
+
     model = Model(spec=spec, input_shape=tuple(shape), num_classes=classes, sha256=sha256_file(path),
-                  value_range=rng, _predict_fn=predict, meta={"format": fmt})
+                  value_range=rng, _predict_fn=predict, _scores_fn=scores, meta={"format": fmt})
     model = _attach_trees(model, lambda: ens)
     if model.trees is None:
         raise ModelError(f"model {spec}: {model.meta['trees_error']}")

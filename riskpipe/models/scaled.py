@@ -78,6 +78,13 @@ def scaled_model(model: Model, scale, describe: str) -> Model:
         def predict(z: np.ndarray) -> np.ndarray:
             return raw_predict(np.asarray(z, dtype=np.float32) * s)
 
+    scores = None
+    if model._scores_fn is not None:
+        raw_scores = model._scores_fn
+
+        def scores(z: np.ndarray) -> np.ndarray:
+            return raw_scores(np.asarray(z, dtype=np.float32) * s)
+
     value_range = None
     if model.value_range is not None:
         lo, hi = (np.broadcast_to(np.asarray(v, dtype=np.float32), model.input_shape) / s for v in model.value_range)
@@ -86,4 +93,4 @@ def scaled_model(model: Model, scale, describe: str) -> Model:
                  sha256=model.sha256, value_range=value_range, dtype=model.dtype, module=module,
                  device=model.device, _predict_fn=predict, default_reference=model.default_reference,
                  meta={**model.meta, "scale": describe, "scale_values": s.ravel().tolist()},
-                 trees=None if model.trees is None else model.trees.scaled(s))
+                 trees=None if model.trees is None else model.trees.scaled(s), _scores_fn=scores)
