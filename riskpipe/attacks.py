@@ -267,7 +267,7 @@ def attack_model(model, X: np.ndarray, y: np.ndarray, epsilon, norm: str, *, ste
     if getattr(model, "trees", None) is not None:
         return tree_attack(model.trees, model.predict, X, y, epsilon, norm, value_range=model.value_range, seed=seed)
     if getattr(model, "_scores_fn", None) is not None:
-        return blackbox.nes_pgd(model.scores, X, y, epsilon, norm, steps=steps, samples=_samples(queries, steps),
+        return blackbox.nes_pgd(model.class_scores, X, y, epsilon, norm, steps=steps, samples=_samples(queries, steps),
                                 value_range=model.value_range, seed=seed)
     return blackbox.hop_skip_jump(model.predict, X, y, epsilon, norm, queries=queries, value_range=model.value_range,
                                   seed=seed)

@@ -153,7 +153,7 @@ class Model:
         t = t.to(device=self.device, dtype=torch.float32)
         return self.predict_torch(t).cpu().numpy()
 
-    def scores(self, batch: np.ndarray) -> np.ndarray | None:
+    def class_scores(self, batch: np.ndarray) -> np.ndarray | None:
         """(B, classes) class scores (logits, probabilities or margins; argmax is the class)
         of a model without a torch module whose format exposes them (ONNX, scikit-learn's
         predict_proba, boosters' margins), else None. A score-based attack reads them."""
