@@ -272,7 +272,23 @@ def test_suite_catches_an_inflated_tree_radius(tmp_path):
 
 
 # ---------------------------------------------------------------- the stage ---------
-@pytest.mark.parametrize("name", list(ESTIMATORS))
+def _booster_file(tmp_path, name: str, X, y) -> str:
+    if name == "xgboost":
+        xgb = pytest.importorskip("xgboost")
+        path = str(tmp_path / "booster.ubj")
+        xgb.XGBClassifier(n_estimators=20, max_depth=3, random_state=0, n_jobs=1).fit(X, y).get_booster() \
+            .save_model(path)
+        return path
+    if name == "lightgbm":
+        lgb = pytest.importorskip("lightgbm")
+        path = str(tmp_path / "booster.txt")
+        lgb.LGBMClassifier(n_estimators=20, num_leaves=8, random_state=0, n_jobs=1, verbose=-1).fit(X, y) \
+            .booster_.save_model(path)
+        return path
+    return saved(tmp_path, ESTIMATORS[name]().fit(X, y))
+
+
+@pytest.mark.parametrize("name", [*ESTIMATORS, "xgboost", "lightgbm"])
 def test_each_estimator_is_decided_through_the_stage_with_the_trees_certificate(tmp_path, name):
     from streamkit import policy_with
 
@@ -282,7 +298,7 @@ def test_each_estimator_is_decided_through_the_stage_with_the_trees_certificate(
     from riskpipe.stream.offline import run_offline
 
     X, y = data(2)
-    path = saved(tmp_path, ESTIMATORS[name]().fit(X, y))
+    path = _booster_file(tmp_path, name, X, y)
     np.savez(tmp_path / "ref.npz", X=X[:100], y=y[:100])
     policy = policy_with(tmp_path, certifier={"method": "trees"})
     (tmp_path / "riskpipe.yaml").write_text(json.dumps({"policy": policy, "models": {"fraud": {

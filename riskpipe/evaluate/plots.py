@@ -34,7 +34,7 @@ def routes(summary: dict) -> bytes:
     """Stacked bars: share of clean traffic and of successful adversarial examples per route."""
     clean = summary["clean"]["routes"]["fractions"]
     attacks = [a for a in summary["attacks"]]
-    labels = ["clean\n(all)"] + [("PGD " if a["kind"] == "pgd" else "shift ") + _label(a) for a in attacks]
+    labels = ["clean\n(all)"] + [("attack " if a["kind"] == "pgd" else "shift ") + _label(a) for a in attacks]
     rows = [clean] + [a["routes"]["fractions"] for a in attacks]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 3.6))
     bottom = [0.0] * len(rows)
@@ -108,7 +108,7 @@ def comparison(summaries: list[dict]) -> bytes:
         allowed = [a["routes"]["counts"]["allow"] / max(1, a["attempted"]) for a in pgd]
         ax.plot([a["epsilon"] / s["policy"]["threat_epsilon"] for a in pgd], allowed, "o-",
                 label=f"{s['policy']['name']} (clean review {100 * (s['clean']['review_rate'] or 0):.0f}%)")
-    ax.set_xlabel("PGD budget / policy epsilon")
+    ax.set_xlabel("attack budget / policy epsilon (attack: see the report)")
     ax.set_ylabel("misclassified and allowed / attempt")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("Policies compared: evasions against reviewer workload", fontsize=9)
