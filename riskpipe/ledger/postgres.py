@@ -45,6 +45,13 @@ def _text_at(path: str) -> str:
     return f"CASE WHEN jsonb_typeof(record::jsonb #> '{p}') = 'string' THEN record::jsonb #>> '{p}' ELSE '' END"
 
 
+def _number_at(path: str) -> str:
+    """A numeric field of the record (NULL when absent or not a number)."""
+    p = "{" + path.replace(".", ",") + "}"
+    return (f"CASE WHEN jsonb_typeof(record::jsonb #> '{p}') = 'number' "
+            f"THEN (record::jsonb #>> '{p}')::double precision END")
+
+
 APPEND_LOCK = 0x7269736B  # "risk": the advisory lock key every appender takes
 _REFUSE = """CREATE OR REPLACE FUNCTION riskpipe_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN RAISE EXCEPTION 'ledger is append-only (% on %)', TG_OP, TG_TABLE_NAME; END $$"""
@@ -121,6 +128,7 @@ class PostgresLedger(Ledger):
     """The ledger in a PostgreSQL database named by a ``postgresql://`` DSN."""
 
     backend = "postgresql"
+    number_at = staticmethod(_number_at)
 
     def __init__(self, dsn: str, *, timeout: float = 30.0, create: bool = True) -> None:
         import psycopg

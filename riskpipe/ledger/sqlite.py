@@ -24,6 +24,11 @@ def _text_at(path: str) -> str:
     return f"CASE WHEN json_type(record, '$.{path}') = 'text' THEN json_extract(record, '$.{path}') ELSE '' END"
 
 
+def _number_at(path: str) -> str:
+    """A numeric field of the record (NULL when absent or not a number)."""
+    return f"CASE WHEN json_type(record, '$.{path}') IN ('integer', 'real') THEN json_extract(record, '$.{path}') END"
+
+
 STEPS: list[Step] = [
     (1, [  # riskpipe 0.1
         *chain_tables("INTEGER"),
@@ -111,6 +116,7 @@ class SqliteLedger(Ledger):
     """The ledger in one SQLite file (created if absent unless ``create=False``)."""
 
     backend = "sqlite"
+    number_at = staticmethod(_number_at)
 
     def __init__(self, path: str | Path, *, timeout: float = 30.0, synchronous: str = "FULL", create: bool = True) -> None:
         if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):

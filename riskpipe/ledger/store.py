@@ -43,6 +43,9 @@ class Ledger:
     Use as a context manager."""
 
     backend = "abstract"
+    # number_at(path) -> the backend's SQL expression for a numeric field of ``entries.record``
+    # ("certificate.p_lower"), NULL when absent or not a number; set by each backend
+    number_at = None
 
     def __new__(cls, target: Any = None, **options: Any):
         if cls is Ledger:

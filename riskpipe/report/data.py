@@ -59,16 +59,17 @@ def _iso(t: datetime | None) -> str | None:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ") if t else None
 
 
-def _quantiles(values: list[float]) -> dict:
+def _quantiles(values: list[float], mean: bool = True) -> dict:
+    """Quantiles (and the mean unless ``mean=False``: the certified radius's mean is no quality measure)."""
     if not values:
-        return {"n": 0, **dict.fromkeys(("min", "p10", "median", "p90", "max", "mean"))}
+        return {"n": 0, **dict.fromkeys(("min", "p10", "median", "p90", "max", *(("mean",) if mean else ())))}
     v = sorted(values)
 
     def q(p: float) -> float:
         return v[min(len(v) - 1, int(round(p * (len(v) - 1))))]
 
     return {"n": len(v), "min": v[0], "p10": q(0.1), "median": q(0.5), "p90": q(0.9), "max": v[-1],
-            "mean": statistics.fmean(v)}
+            **({"mean": statistics.fmean(v)} if mean else {})}
 
 
 def _rate(k: int, n: int) -> float | None:
@@ -102,6 +103,8 @@ def gather(ledger_path: str, since: Any = None, until: Any = None, verify: bool 
                 "volumes": _volumes(g, f, verdicts, totals),
                 "decisions": _decisions(g, bucket),
                 "abstention": _abstention(g),
+                "certificates": _certificates(g, f.numbers(led.number_at("certificate.p_lower"),
+                                                           "model_label", "policy_label")),
                 "radius": _radius(radii),
                 "review": _review(g, verdicts, looked_up),
                 "dlq": _dlq(f),
@@ -192,6 +195,13 @@ class _Facts:
                 out[eid] = {"decision": decision, "ts": ts, "deadline": deadline, "routed": routed,
                             "model": model, "policy": policy}
         return out
+
+    def numbers(self, expr: str, *columns: str) -> list[tuple]:
+        """``(columns..., value)`` per decision in the window, ``expr`` an SQL expression over
+        the ledger row's record (the backend's ``number_at``), in chain order."""
+        cols = "".join(f"f.{c}, " for c in columns)
+        return self.q(f"SELECT {cols}{expr} FROM facts f JOIN entries e ON e.seq = f.seq"
+                      + self.where(alias="f.") + " ORDER BY f.seq", ("decision", *self.bound_params))
 
     def records_at(self, seqs: list[int]) -> list[dict]:
         """The ledger records of these rows, in chain order."""
@@ -415,10 +425,81 @@ def _radius(radii: _Radii) -> dict:
     out = []
     for (norm, eps), vals in radii.groups():
         below = sum(1 for v in vals if eps is not None and v < eps)
-        out.append({"norm": norm, "epsilon": eps, "quantiles": _quantiles(vals), "below_epsilon": below,
+        out.append({"norm": norm, "epsilon": eps, "quantiles": _quantiles(vals, mean=False), "below_epsilon": below,
                     "below_epsilon_rate": _rate(below, len(vals)), "zero": sum(1 for v in vals if v == 0.0),
                     "histogram": _histogram(vals)})
     return {"groups": out}
+
+
+FALSE_CERTIFICATES = (
+    "Each certificate holds with probability at least 1 - alpha over the certifier's sampling noise, so the "
+    "expected number of false certificates among the certified decisions below is at most the sum of their "
+    "alphas (linearity of expectation: no independence between decisions is assumed). Deterministic families "
+    "(interval bounds, Lipschitz, tree ensembles) carry no alpha and contribute 0. The figure bounds wrong "
+    "certificates, not wrong decisions: a certificate is not a cleanliness check (Theorem 1).")
+RADIUS_NOTE = (
+    "The mean certified radius is not reported: a trivial classifier can have an arbitrarily large one (Sun, Mao, "
+    "Mueller, Vechev), so this report shows the certified fraction at the policy's epsilon and the distribution "
+    "of the lower bound on p_A instead; radius quantiles are secondary.")
+
+
+def _certified_rows(g: _Groups, *keys: str) -> list[dict]:
+    """Certified fraction at epsilon, abstention and model-fault rates per value of ``keys``."""
+    out = []
+    for *vals, n in g.count(*keys):
+        def mine(r, vals=vals):
+            return all(r[k] == v for k, v in zip(keys, vals))
+
+        certified = n - g.total("not_certified", mine)
+        abst = g.total("abstained", mine)
+        faults = g.expand("reasons", mine).get("model_fault", 0)
+        out.append({**dict(zip(keys, vals)), "decisions": n, "certified": certified,
+                    "certified_rate": _rate(certified, n), "abstained": abst, "abstain_rate": _rate(abst, n),
+                    "model_faults": faults, "model_fault_rate": _rate(faults, n)})
+    return out
+
+
+def _alpha_sums(g: _Groups, *keys: str) -> list[dict]:
+    """Sum of alpha over certified decisions per value of ``keys`` (those without alpha: 0)."""
+    acc: dict[tuple, dict] = {}
+    for r in sorted(g.rows, key=lambda r: r["first"]):
+        if r["not_certified"]:
+            continue
+        a = acc.setdefault(tuple(r[k] for k in keys), {"certified": 0, "alpha_sum": 0.0, "without_alpha": 0})
+        a["certified"] += r["n"]
+        if r["alpha"] is None:
+            a["without_alpha"] += r["n"]
+        else:
+            a["alpha_sum"] += r["alpha"] * r["n"]
+    return [{**dict(zip(keys, k)), **v} for k, v in sorted(acc.items(), key=lambda kv: tuple(map(str, kv[0])))]
+
+
+def _certificates(g: _Groups, p_lower: list[tuple]) -> dict:
+    """The statistics that do not flatter: certified fraction at epsilon, abstention and
+    model faults per model and policy, the p_A lower-bound distribution, and the stream's
+    bound on false certificates (sum of alpha per model and period)."""
+    by_model: dict[str, list[float]] = defaultdict(list)
+    for model, _policy, p in p_lower:
+        if p is not None:
+            by_model[model].append(float(p))
+    total = _alpha_sums(g)
+    return {
+        "by_model": _certified_rows(g, "model_label"), "by_policy": _certified_rows(g, "policy_label"),
+        "by_model_policy": _certified_rows(g, "model_label", "policy_label"),
+        "p_lower": [{"model": m, "quantiles": _quantiles(v, mean=False), "histogram": _histogram(v)}
+                    for m, v in sorted(by_model.items())],
+        "false_certificates": {
+            "bound": total[0]["alpha_sum"] if total else 0.0,
+            "certified": total[0]["certified"] if total else 0,
+            "without_alpha": total[0]["without_alpha"] if total else 0,
+            "by_model": _alpha_sums(g, "model_label"),
+            "by_model_period": _alpha_sums(g, "model_label", "bucket"),
+            "without_alpha_by_method": {m: c for m, c in g.count("method", where=lambda r: not r["not_certified"]
+                                                                  and r["alpha"] is None)},
+            "meaning": FALSE_CERTIFICATES,
+        },
+        "radius_note": RADIUS_NOTE,
+    }
 
 
 def _review(g: _Groups, verdicts: list[dict], looked_up: dict) -> dict:

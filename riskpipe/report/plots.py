@@ -33,20 +33,25 @@ def decisions_over_time(series: list[dict], bucket: str) -> str | None:
     return _png(fig)
 
 
-def radius_histogram(group: dict) -> str | None:
-    hist = group.get("histogram")
+def histogram(hist: dict | None, xlabel: str, mark: float | None = None, mark_label: str = "") -> str | None:
+    """A pre-binned histogram (``edges``, ``counts``), with an optional dashed marker line."""
     if not hist or not sum(hist["counts"]):
         return None
     fig, ax = plt.subplots(figsize=(8, 3))
     ax.stairs(hist["counts"], hist["edges"], fill=True, color="#1565c0", alpha=0.85)
-    eps = group.get("epsilon")
-    if eps is not None:
-        ax.axvline(eps, color="#c62828", linestyle="--", label=f"epsilon = {eps:g}")
+    if mark is not None:
+        ax.axvline(mark, color="#c62828", linestyle="--", label=mark_label)
         ax.legend(fontsize=8)
-    ax.set_xlabel(f"certified radius in the threat norm ({group.get('norm')}); 0 = no certificate")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("decisions")
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)
+
+
+def radius_histogram(group: dict) -> str | None:
+    eps = group.get("epsilon")
+    return histogram(group.get("histogram"), f"certified radius in the threat norm ({group.get('norm')}); "
+                     "0 = no certificate", eps, f"epsilon = {eps:g}" if eps is not None else "")
 
 
 def counts_bar(counts: dict, xlabel: str, colour: str = "#6a1b9a") -> str | None:
@@ -76,6 +81,8 @@ def all_figures(data: dict) -> dict:
     return {
         "decisions": decisions_over_time(data["decisions"]["series"], data["decisions"]["bucket"]),
         "radius": [radius_histogram(g) for g in data["radius"]["groups"]],
+        "p_lower": [histogram(g["histogram"], f"lower confidence bound on p_A, model {g['model']}", 0.5,
+                              "1/2: abstain at or below") for g in data["certificates"]["p_lower"]],
         "dlq": counts_bar(data["dlq"]["by_reason"], "dead letters"),
         "review_times": review_times(data["review"]["minutes_values"]),
     }
