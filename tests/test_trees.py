@@ -333,3 +333,27 @@ def test_onnx_without_a_score_output_is_refused(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
     with pytest.raises(ModelError, match="no ONNX output holds class scores.*label tensor\\(int64\\)"):
         load_model(str(path))
+
+
+def test_a_model_fault_is_an_uncertified_trees_certificate(tmp_path):
+    """The model's own output decides the class; a row whose output breaks the contract
+    (here NaN scores) is a model_fault certificate, never a radius."""
+    import dataclasses
+
+    X, y = data(2)
+    model = load_model(saved(tmp_path, ESTIMATORS["random-forest"]().fit(X, y)))
+    good = model._predict_fn
+
+    def faulty(batch):
+        s = np.eye(2)[np.asarray(good(batch))]
+        s[np.asarray(batch)[:, 0] > 0] = np.nan
+        return s
+
+    broken = dataclasses.replace(model, _predict_fn=faulty)
+    certs = family("trees")(broken).run("certify", X[:20], list(range(20)))
+    for x, c in zip(X[:20], certs):
+        if x[0] > 0:
+            assert c.abstained and c.reason == "model_fault" and c.radius == 0 and "model_fault" in c.extra
+        else:
+            assert c.reason != "model_fault"
+    assert any(x[0] > 0 for x in X[:20]) and any(not c.abstained for c in certs)
