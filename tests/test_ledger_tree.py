@@ -110,7 +110,7 @@ def test_appends_refuse_a_tree_out_of_step_with_the_chain(target):
     with open_ledger(target) as led, pytest.raises(LedgerUnavailable, match="Merkle tree has 2 leaves but the chain 3 rows"):
         led.append(decision_record(50))
     with open_ledger(target) as led:
-        assert led.count() == 3  # nothing written: the append failed closed
+        assert led.count() == 3 and led.head_and_count()[1] == 3  # nothing written: the append failed closed
 
 
 def test_schema_2_ledger_gets_its_tree(tmp_path):
@@ -135,7 +135,7 @@ def test_schema_2_ledger_gets_its_tree(tmp_path):
     db.execute("UPDATE chain_state SET count = 11, head = ?", (prev,))
     db.close()
     with open_ledger(str(path)) as led:
-        assert led.schema_version == 5  # 3: the tree, 4: decision identity, 5: stored inputs
+        assert led.schema_version == 6  # 3: the tree, 4: decision identity, 5: stored inputs, 6: facts
         leaves = reference_leaves(led)
         assert led.tree_head() == (11, merkle.mth(leaves).hex()) and led.verify().ok
         led.append(decision_record(40))

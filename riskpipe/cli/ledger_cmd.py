@@ -307,6 +307,12 @@ def receipt(event_id, ledger_path, out_path, kind, model, policy_sha256, key_pat
                                   f"{(e.record.get('policy') or {}).get('sha256')}" for e in found[:10])
                 fail(f"{event_id!r}: {len(found)} {kind} entries ({which}): choose one with --model and --policy-sha256")
             entry = found[0]
+            if entry.seq is None:  # written by a writer whose rows await sequencing
+                led.integrate()
+                entry = find_decisions(led, event_id, kind, model, policy_sha256)[0]
+            if entry.seq is None:
+                fail(f"ledger {ledger_path}: {entry.entry_id!r} is stored but not yet sequenced into the tree "
+                     "(another process holds the integrator lease); try again in a moment")
             note = led.latest_note(min_size=entry.seq)
             if note is None and key_path:
                 note = make_checkpoint(led, load_private_key(key_path), origin).note

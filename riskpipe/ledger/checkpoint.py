@@ -71,7 +71,9 @@ def default_origin(ledger) -> str:
 
 
 def make_checkpoint(ledger, private_key, origin: str | None = None, key_name: str | None = None) -> Checkpoint:
-    """Sign the ledger's current tree size and root as a C2SP checkpoint and store it."""
+    """Sign the ledger's current tree size and root as a C2SP checkpoint and store it
+    (rows other writers left pending are sequenced first, so it covers every stored row)."""
+    ledger.integrate()
     size, root = ledger.tree_head()
     origin = origin or default_origin(ledger)
     try:

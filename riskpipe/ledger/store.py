@@ -104,39 +104,67 @@ class Ledger:
         ``inputs`` (:class:`riskpipe.ledger.inputs.StoredInput`) are the tensors the
         records reference, stored in the same transaction, once per digest.
         """
-        from riskpipe.ledger.chain import entry_hash
 
         entries = list(entries)
         prepared = prepare_entries(entries)
         if not prepared:
             return 0
         with self._write() as db:
-            count = db.execute("SELECT count FROM chain_state WHERE id = 1").fetchone()[0]
-            last = db.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
-            seq, prev = last if last else (0, GENESIS)
-            seen = self._existing(db, {(k, e, sc) for k, e, _, _, sc in prepared})
-            rows, leaves, new = [], [], []
-            for (kind, eid, ts, text, scope), (_, record, _) in zip(prepared, entries):
-                if (kind, eid, scope) in seen:
-                    continue
-                seen.add((kind, eid, scope))
-                seq += 1
-                h = entry_hash(prev, kind, eid, text)
-                rows.append((seq, kind, eid, ts, text, prev, h, scope))
-                leaves.append(merkle.leaf_hash(tree.leaf_bytes(kind, eid, text)))
-                new.append((seq, kind, eid, record))
-                prev = h
             now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            stored = {s.sha256: s.row(now) for s in inputs}
-            if stored:
-                db.executemany("INSERT INTO inputs (sha256, datatype, shape, data, ts) VALUES (?,?,?,?,?) "
-                               "ON CONFLICT (sha256) DO NOTHING", list(stored.values()))
+            self._store_inputs(db, inputs, now)
+            seen = self._existing(db, {(k, e, sc) for k, e, _, _, sc in prepared})
+            new = []
+            for (kind, eid, ts, text, scope), (_, record, _) in zip(prepared, entries):
+                if (kind, eid, scope) not in seen:
+                    seen.add((kind, eid, scope))
+                    new.append((kind, eid, ts, text, scope, record))
+            rows = self._sequence(db, new)
             if rows:
                 db.executemany(f"INSERT INTO entries ({_COLUMNS}, scope) VALUES (?,?,?,?,?,?,?,?)", rows)
-                db.execute("UPDATE chain_state SET count = ?, head = ? WHERE id = 1", (count + len(rows), prev))
-                tree.append_leaves(db, leaves, seq - len(rows))
-                facts.insert(db, new)
         return len(rows)
+
+    @staticmethod
+    def _store_inputs(db, inputs, now: str) -> None:
+        stored = {s.sha256: s.row(now) for s in inputs}
+        if stored:
+            db.executemany("INSERT INTO inputs (sha256, datatype, shape, data, ts) VALUES (?,?,?,?,?) "
+                           "ON CONFLICT (sha256) DO NOTHING", list(stored.values()))
+
+    @staticmethod
+    def _sequence(db, items: list[tuple]) -> list[tuple]:
+        """Give ``(kind, entry_id, ts, record_text, scope, record)`` items the next seqs:
+        chain hashes, Merkle leaves, ``chain_state``, ``tree_state`` and their ``facts``
+        rows (inside the append lock; ``record``: the dict, or None to parse the text).
+        Returns the rows ``(seq, kind, entry_id, ts, record, prev_hash, hash, scope)``."""
+        from riskpipe.ledger.chain import entry_hash
+
+        if not items:
+            return []
+        count = db.execute("SELECT count FROM chain_state WHERE id = 1").fetchone()[0]
+        last = db.execute("SELECT seq, hash FROM entries WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = last if last else (0, GENESIS)
+        rows, leaves, new = [], [], []
+        for kind, eid, ts, text, scope, record in items:
+            seq += 1
+            h = entry_hash(prev, kind, eid, text)
+            rows.append((seq, kind, eid, ts, text, prev, h, scope))
+            leaves.append(merkle.leaf_hash(tree.leaf_bytes(kind, eid, text)))
+            new.append((seq, kind, eid, json.loads(text) if record is None else record))
+            prev = h
+        db.execute("UPDATE chain_state SET count = ?, head = ? WHERE id = 1", (count + len(rows), prev))
+        tree.append_leaves(db, leaves, seq - len(rows))
+        facts.insert(db, new)
+        return rows
+
+    def integrate(self) -> int:
+        """Sequence rows written but not yet in the chain and tree; returns how many.
+        Here appends are sequenced in their own transaction, so there are none; the
+        PostgreSQL backend overrides this (writers there do not wait for each other)."""
+        return 0
+
+    def pending(self) -> int:
+        """Rows written but not yet sequenced into the chain and tree."""
+        return 0
 
     @staticmethod
     def _existing(db, keys: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
@@ -230,7 +258,7 @@ class Ledger:
     def head_and_count(self) -> tuple[str, int]:
         """(head, row count) read together, as a checkpoint signs them."""
         with self._read() as db:
-            row = db.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
+            row = db.execute("SELECT seq, hash FROM entries WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1").fetchone()
         return (row[1], row[0]) if row else (GENESIS, 0)
 
     def hash_at(self, seq: int) -> str | None:
@@ -338,7 +366,7 @@ class Ledger:
                     check.add(row[0], row[1], row[2], row[4])
                     yield row
 
-            rows = self._rows(db, f"SELECT {_COLUMNS} FROM entries ORDER BY seq")
+            rows = self._rows(db, f"SELECT {_COLUMNS} FROM entries WHERE seq IS NOT NULL ORDER BY seq")
             n, prev, bad, anchored_seq, bad_anchor = check_chain(feed(rows), expect_head, anchors)
             tree_bad = check.finish(n, tstate) if bad is None and bad_anchor is None else None
         if bad_anchor is not None:  # a signed head no longer matches: rows up to it were rewritten
