@@ -1,6 +1,7 @@
-"""Statistics that do not flatter, on a ledger built through the stage: two users' models
-(a tabular skops model, and a TorchScript model whose output breaks its contract on some
-inputs) under two policies with different alphas. The report's certified fractions,
+"""Statistics that do not flatter, on a ledger built through the stage and the review
+console: two users' models (a tabular skops model, and a TorchScript model whose output
+breaks its contract on some inputs) under two policies with different alphas, verdicts by
+two reviewers (overrides among them) through the console. The report's certified fractions,
 model-fault rates, p_A lower-bound quantiles and the bound on false certificates (sum of
 alpha over certified decisions, per model and period) equal the figures computed here
 independently from the ledger rows."""
@@ -45,7 +46,7 @@ def stage_ledger(tmp_path_factory):
     X = np.load(wine.data)["X"][:10].astype(np.float32)
     runs = [
         (load_config(None, models={"wine": wine.spec}, references={"wine": str(wine.data)}, policy=wine_policy),
-         [make_event(f"wine-{i}", "wine", x, upstream_risk=0.1) for i, x in enumerate(X)]),
+         [make_event(f"wine-{i}", "wine", x, upstream_risk=0.1 if i < 6 else 0.97) for i, x in enumerate(X)]),
         (load_config(None, models={"faulty": faulty_model(tmp, "nan")}, policy=fault_policy),
          [make_event(f"f-{i}", "faulty", x, upstream_risk=0.0) for i, x in enumerate(np.concatenate([healthy, faulty]))]),
     ]
@@ -55,8 +56,36 @@ def stage_ledger(tmp_path_factory):
             res = run_offline(events, tmp / f"out{k}", config, pipeline=build_pipeline(config), ledger=led)
             assert res.stats.decided == len(events)
         records = [e.record for e in led.records("decision")]
-    report = json.loads(write_report(path, tmp / "r.json", "json").read_text())
-    return path, records, report
+    _review_through_the_console(path, [r for r in records if r["review"]["routed"]])
+    with Ledger(str(path)) as led:
+        verdicts = [e.record for e in led.records("verdict")]
+    report = json.loads(write_report(path, tmp / "r.json", "json", until=UNTIL).read_text())
+    return path, records, report, verdicts
+
+
+UNTIL = "2100-01-01T00:00:00Z"
+
+
+def _review_through_the_console(path, routed: list[dict]) -> None:
+    """alice and bob take verdicts in the real console app (login, CSRF, form post); the
+    last two routed decisions stay in the backlog. Blocks are called clean (overrides)."""
+    from test_review_security import csrf_token, log_in
+    from werkzeug.security import generate_password_hash
+
+    from riskpipe.review.app import create_app
+    from riskpipe.review.settings import Credentials, ReviewSettings
+
+    creds = Credentials(users={n: generate_password_hash(f"{n} passphrase") for n in ("alice", "bob")})
+    app = create_app(ReviewSettings(ledger=str(path), credentials=creds), metrics=None)
+    assert len(routed) >= 4
+    for i, rec in enumerate(routed[:-2]):
+        name = ("alice", "bob")[i % 2]
+        with app.test_client() as client:
+            assert log_in(client, name, f"{name} passphrase").status_code == 302
+            token = csrf_token(client.get(f"/item/{rec['id']}").get_data(as_text=True))
+            verdict = "confirmed_clean" if rec["decision"] == "block" or i % 3 == 0 else "confirmed_manipulated"
+            r = client.post(f"/verdict/{rec['id']}", data={"csrf_token": token, "verdict": verdict})
+            assert r.status_code == 302, r.get_data(as_text=True)[:500]
 
 
 def _certified(r: dict) -> bool:
@@ -65,7 +94,7 @@ def _certified(r: dict) -> bool:
 
 
 def test_false_certificate_bound_is_the_sum_of_alpha_from_the_ledger_rows(stage_ledger):
-    _, records, d = stage_ledger
+    _, records, d, _ = stage_ledger
     fc = d["certificates"]["false_certificates"]
     by_model, by_period = defaultdict(float), defaultdict(float)
     for r in records:
@@ -84,7 +113,7 @@ def test_false_certificate_bound_is_the_sum_of_alpha_from_the_ledger_rows(stage_
 
 
 def test_certified_fraction_model_faults_and_p_lower_match_the_ledger(stage_ledger):
-    _, records, d = stage_ledger
+    _, records, d, _ = stage_ledger
     c = d["certificates"]
     rows = {r["model_label"]: r for r in c["by_model"]}
     assert set(rows) == {"wine", "faulty"}
@@ -109,7 +138,7 @@ def test_certified_fraction_model_faults_and_p_lower_match_the_ledger(stage_ledg
 
 
 def test_html_and_markdown_state_the_bound_and_what_it_means(stage_ledger, tmp_path):
-    path, _, d = stage_ledger
+    path, _, d, _ = stage_ledger
     html = write_report(path, tmp_path / "r.html", "html").read_text()
     assert '<section id="certificates">' in html and 'id="false-certificates"' in html
     bound = d["certificates"]["false_certificates"]["bound"]
@@ -119,3 +148,39 @@ def test_html_and_markdown_state_the_bound_and_what_it_means(stage_ledger, tmp_p
     md = write_report(path, tmp_path / "r.md", "md").read_text()
     assert "Bound on false certificates" in md and "| faulty |" in md
 
+
+
+def _p(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
+
+
+def test_oversight_figures_per_reason_and_backlog_match_the_ledger(stage_ledger):
+    from riskpipe.ledger import parse_ts
+
+    _, records, d, verdicts = stage_ledger
+    rev = d["review"]
+    by_id = {r["id"]: r for r in records}
+    assert {v["reviewer"] for v in verdicts} == {"alice", "bob"}
+    minutes, overrides, eligible = defaultdict(list), defaultdict(int), defaultdict(int)
+    for v in verdicts:
+        dec = by_id[v["id"]]
+        for reason in dec["reasons"] or ["(no reason)"]:
+            minutes[reason].append((parse_ts(v["ts"]) - parse_ts(dec["ts"])).total_seconds() / 60)
+            eligible[reason] += dec["decision"] in ("allow", "block")
+            overrides[reason] += (dec["decision"], v["verdict"]) in {("allow", "confirmed_manipulated"),
+                                                                      ("block", "confirmed_clean")}
+    rows = {r["reason"]: r for r in rev["by_reason"]}
+    assert set(rows) == set(minutes) and "model_fault" in rows
+    for reason, row in rows.items():
+        assert row["verdicts"] == len(minutes[reason])
+        assert row["minutes_to_verdict"]["p50"] == pytest.approx(_p(minutes[reason], 0.5))
+        assert row["minutes_to_verdict"]["p95"] == pytest.approx(_p(minutes[reason], 0.95))
+        assert (row["overrides"], row["override_eligible"]) == (overrides[reason], eligible[reason])
+    assert sum(overrides.values()) > 0
+    waiting = [r for r in records if r["review"]["routed"] and r["id"] not in {v["id"] for v in verdicts}]
+    assert rev["backlog"]["items"] == len(waiting) == rev["pending"] == 2
+    until = parse_ts(UNTIL)
+    ages = [(until - parse_ts(r["ts"])).total_seconds() / 3600 for r in waiting]
+    assert rev["backlog"]["age_hours"]["max"] == pytest.approx(max(ages))
+    assert rev["backlog"]["age_hours"]["p50"] == pytest.approx(_p(ages, 0.5))

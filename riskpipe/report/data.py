@@ -106,7 +106,7 @@ def gather(ledger_path: str, since: Any = None, until: Any = None, verify: bool 
                 "certificates": _certificates(g, f.numbers(led.number_at("certificate.p_lower"),
                                                            "model_label", "policy_label")),
                 "radius": _radius(radii),
-                "review": _review(g, verdicts, looked_up),
+                "review": _review(g, verdicts, looked_up, f.backlog(), until),
                 "dlq": _dlq(f),
                 "breakdown": _breakdown(g, radii, verdicts, looked_up),
                 "examples": _examples(f, led.get_input),
@@ -187,13 +187,14 @@ class _Facts:
         out = {}
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
-            rows = self.q("SELECT f.entry_id, f.decision, e.ts, f.deadline, f.routed, f.model_label, f.policy_label "
+            rows = self.q("SELECT f.entry_id, f.decision, e.ts, f.deadline, f.routed, f.model_label, f.policy_label, "
+                          "f.reasons "
                           "FROM facts f JOIN entries e ON e.seq = f.seq"
                           + self.where(f"f.entry_id IN ({','.join('?' * len(chunk))})", alias="f."),
                           ("decision", *self.bound_params, *chunk))
-            for eid, decision, ts, deadline, routed, model, policy in rows:
+            for eid, decision, ts, deadline, routed, model, policy, reasons in rows:
                 out[eid] = {"decision": decision, "ts": ts, "deadline": deadline, "routed": routed,
-                            "model": model, "policy": policy}
+                            "model": model, "policy": policy, "reasons": json.loads(reasons or "[]")}
         return out
 
     def numbers(self, expr: str, *columns: str) -> list[tuple]:
@@ -202,6 +203,12 @@ class _Facts:
         cols = "".join(f"f.{c}, " for c in columns)
         return self.q(f"SELECT {cols}{expr} FROM facts f JOIN entries e ON e.seq = f.seq"
                       + self.where(alias="f.") + " ORDER BY f.seq", ("decision", *self.bound_params))
+
+    def backlog(self) -> list[tuple]:
+        """``(t, reasons)`` of the window's routed decisions that have no verdict yet."""
+        return self.q("SELECT f.t, f.reasons FROM facts f" + self.where("f.routed = 1", alias="f.")
+                      + " AND NOT EXISTS (SELECT 1 FROM entries v WHERE v.kind = 'verdict' AND v.entry_id = f.entry_id)"
+                      " ORDER BY f.seq", ("decision", *self.bound_params))
 
     def records_at(self, seqs: list[int]) -> list[dict]:
         """The ledger records of these rows, in chain order."""
@@ -502,25 +509,47 @@ def _certificates(g: _Groups, p_lower: list[tuple]) -> dict:
     }
 
 
-def _review(g: _Groups, verdicts: list[dict], looked_up: dict) -> dict:
+def _p50_p95(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0, "p50": None, "p95": None, "max": None}
+    v = sorted(values)
+    return {"n": len(v), "p50": v[min(len(v) - 1, int(round(0.5 * (len(v) - 1))))],
+            "p95": v[min(len(v) - 1, int(round(0.95 * (len(v) - 1))))], "max": v[-1]}
+
+
+NO_REASON = "(no reason)"
+
+
+def _review(g: _Groups, verdicts: list[dict], looked_up: dict, backlog: list[tuple], until: Any) -> dict:
     n, routed, audit = g.total(), g.total("routed"), g.total("audit")
     counts = Counter(v.get("verdict") for v in verdicts)
     overrides, eligible, minutes, late = [], 0, [], 0
+    by_reason: dict[str, dict] = defaultdict(lambda: {"minutes": [], "eligible": 0, "overrides": 0, "verdicts": 0})
     for v in verdicts:
         dec = looked_up.get(v.get("id"))
+        reasons = (dec or {}).get("reasons") or [NO_REASON]
         decision = v.get("decision") or (dec or {}).get("decision")
+        overridden = (decision, v.get("verdict")) in CONTRADICTS
+        for reason in reasons:
+            by_reason[reason]["verdicts"] += 1
+            by_reason[reason]["eligible"] += decision in ("allow", "block")
+            by_reason[reason]["overrides"] += overridden
         if decision in ("allow", "block"):
             eligible += 1
-            if (decision, v.get("verdict")) in CONTRADICTS:
+            if overridden:
                 overrides.append({"id": v.get("id"), "decision": decision, "verdict": v.get("verdict"),
                                   "reviewer": v.get("reviewer"), "ts": v.get("ts")})
         t_v, t_d = _ts(v.get("ts")), _ts(v.get("decision_ts") or (dec or {}).get("ts"))
         if t_v and t_d:
             minutes.append((t_v - t_d).total_seconds() / 60)
+            for reason in reasons:
+                by_reason[reason]["minutes"].append(minutes[-1])
         deadline = (dec or {}).get("deadline")
         if t_v and deadline is not None and t_v.timestamp() > deadline:
             late += 1
     reviewed_routed = sum(1 for i in {v.get("id") for v in verdicts} if (looked_up.get(i) or {}).get("routed"))
+    as_of = _ts(until) if until is not None else datetime.now(timezone.utc)
+    ages = [(as_of.timestamp() - t) / 3600 for t, _ in backlog if t is not None]
     return {
         "routed": routed, "routed_rate": _rate(routed, n),
         "by_priority": {p: c for p, c in g.count("priority_label", where=lambda r: r["routed"])},
@@ -532,6 +561,13 @@ def _review(g: _Groups, verdicts: list[dict], looked_up: dict) -> dict:
                                "confirmed_clean (review decisions leave the call to the reviewer and never count)",
         "override_examples": overrides[:10],
         "minutes_to_review": _quantiles(minutes), "minutes_values": minutes,
+        "by_reason": [{"reason": r, "verdicts": b["verdicts"], "minutes_to_verdict": _p50_p95(b["minutes"]),
+                       "overrides": b["overrides"], "override_eligible": b["eligible"],
+                       "override_rate": _rate(b["overrides"], b["eligible"])}
+                      for r, b in sorted(by_reason.items(), key=lambda kv: (-kv[1]["verdicts"], kv[0]))],
+        "backlog": {"items": len(backlog), "as_of": _iso(as_of), "age_hours": _p50_p95(ages),
+                    "by_reason": dict(Counter(r for _, rs in backlog for r in (json.loads(rs) or [NO_REASON]))
+                                      .most_common())},
         "deadline_missed": late,
         "pending": routed - reviewed_routed,
     }
