@@ -23,12 +23,13 @@ see every stored row.
 Measured by ``bench/bench_ledger_writers.py`` (bench/results/ledger_writers.json; a
 shared 2-core machine under load ~11, PostgreSQL fsync=on, ~2.0 KB records, 6,144 rows
 a run, side by side with the previous scheme of one blocking lock per append): batches
-of 16, 1 / 2 / 4 writers appended 799 / 806 / 700 rows/s (previous: 932 / 612 / 578);
-batches of 256, 1160 / 1158 / 1100 (previous: 1688 / 1169 / 1038). Extra writers no
-longer lose throughput to the lock, but on 2 busy cores the CPU is the limit: the
-target of 4 writers at 2x one writer was not reached there (a --quick run reached
-1.99x with batches of 16). ``verify`` took ~30 s per 100,000 rows (chain and tree,
-bound by re-parsing every record in Python).
+of 16, 1 / 2 / 4 writers appended 550 / 1298 / 819 rows/s (previous scheme: 713 / 994 /
+758); batches of 256, 1594 / 1561 / 858 (previous: 1381 / 2382 / 1662). The target of
+4 writers at 2x one writer was NOT reached on this machine (1.49x with batches of 16,
+0.54x with 256; runs vary by +-40% with the machine's load): with two busy cores the CPU,
+not the lock, is the limit, so the figures need re-measuring on a machine with spare
+cores. ``verify`` took ~28 s per 100,000 rows (chain and tree, bound by re-parsing every
+record in Python); an inclusion proof at 6,144 rows is 13 hashes (416 bytes), ~7 ms.
 
 Tamper evidence: UPDATE, DELETE and TRUNCATE on ``entries`` and ``checkpoints`` are
 refused by triggers; a superuser can disable them, which ``verify`` then detects
