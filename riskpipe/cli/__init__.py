@@ -20,6 +20,7 @@ COMMANDS = {
     "broker": "riskpipe.cli.broker_cmd:broker",
     "ledger": "riskpipe.cli.ledger_cmd:ledger",
     "report": "riskpipe.cli.report_cmd:report",
+    "verify-bundle": "riskpipe.cli.report_cmd:verify_bundle",
     "compare": "riskpipe.cli.compare_cmd:compare",
     "review": "riskpipe.cli.review_cmd:review",
     "evaluate": "riskpipe.cli.evaluate_cmd:evaluate",

@@ -1,0 +1,150 @@
+"""The evidence bundle: `riskpipe report --bundle` on a ledger built through the stage and
+the review console, and `riskpipe verify-bundle` offline with the public key only; any
+changed, added or removed file, or a wrong key, fails it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from test_report_statistics import stage_ledger  # noqa: F401 - the shared module fixture
+
+from riskpipe.cli import cli
+from riskpipe.ledger import Ledger
+
+
+def _keys(tmp, name: str):
+    key = Ed25519PrivateKey.generate()
+    priv, pub = tmp / f"{name}.pem", tmp / f"{name}.pub.pem"
+    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    return priv, pub
+
+
+@pytest.fixture(scope="module")
+def bundle(stage_ledger, tmp_path_factory):  # noqa: F811
+    path, records, _, _ = stage_ledger
+    tmp = tmp_path_factory.mktemp("bundle")
+    ledger = tmp / "ledger.db"
+    shutil.copy(path, ledger)
+    priv, pub = _keys(tmp, "ledger")
+    stats = path.parent  # the stage's model and policy files (test_report_statistics.stage_ledger)
+    config = tmp / "riskpipe.yaml"
+    config.write_text(yaml.safe_dump({"models": {
+        "wine": {"spec": str(stats / "wine.skops"), "reference": str(stats / "wine-test.npz"),
+                 "policy": str(stats / "p1" / "default-variant.yaml")},
+        "faulty": {"spec": f"{stats / 'faulty-nan.pt'}?shape=4", "policy": str(stats / "p2" / "default-variant.yaml")},
+    }}))
+    out = tmp / "evidence.zip"
+    r = CliRunner().invoke(cli, ["report", "--ledger", str(ledger), "--bundle", str(out), "--key", str(priv),
+                                 "--sample", "5", "--seed", "3", "--config", str(config)])
+    assert r.exit_code == 0, r.output
+    return tmp, out, pub, records, ledger, config
+
+
+def _verify(zip_path, pub):
+    return CliRunner().invoke(cli, ["verify-bundle", str(zip_path), "--public-key", str(pub)])
+
+
+def test_bundle_contents_and_offline_verification(bundle):
+    tmp, out, pub, records, ledger, config = bundle
+    with zipfile.ZipFile(out) as z:
+        names = set(z.namelist())
+        manifest = json.loads(z.read("MANIFEST.json"))
+        models = json.loads(z.read("models.json"))
+        policies = json.loads(z.read("policies.json"))
+        receipts = [json.loads(z.read(n)) for n in sorted(names) if n.startswith("receipts/")]
+        verify_txt = z.read("verify.txt").decode()
+        html = z.read("report.html").decode()
+    assert {"report.html", "report.json", "checkpoint.txt", "verify.txt", "models.json", "policies.json",
+            "MANIFEST.json", "MANIFEST.sig"} <= names
+    assert set(manifest["files"]) == names - {"MANIFEST.json", "MANIFEST.sig"}
+    assert {m["name"] for m in models} == {"wine", "faulty"}
+    assert {m["sha256"] for m in models} == {r["model"]["sha256"] for r in records}
+    decided_under = {r["policy"]["sha256"] for r in records}
+    assert {p["sha256"] for p in policies} == decided_under and all("canonical_json" in p for p in policies)
+    assert len(receipts) == 5 == manifest["receipts"]["written"] and all(x["record"]["id"] for x in receipts)
+    assert '"ok": true' in verify_txt and '<section id="certificates">' in html
+    # the same seed draws the same sample
+    again = tmp / "again.zip"
+    r = CliRunner().invoke(cli, ["report", "--ledger", str(ledger), "--bundle", str(again), "--key",
+                                 str(tmp / "ledger.pem"), "--sample", "5", "--seed", "3", "--config", str(config)])
+    assert r.exit_code == 0, r.output
+    with zipfile.ZipFile(again) as z:
+        assert sorted(n for n in z.namelist() if n.startswith("receipts/")) == \
+            sorted(n for n in names if n.startswith("receipts/"))
+    r = _verify(out, pub)
+    assert r.exit_code == 0, r.output
+    assert "INVALID" not in r.output and "5 decision receipts verified" in r.output
+    assert "2 policies hash to the sha256" in r.output
+
+
+def _rewrite(src, dst, change):
+    with zipfile.ZipFile(src) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    change(files)
+    with zipfile.ZipFile(dst, "w") as z:
+        for n, b in files.items():
+            z.writestr(n, b)
+
+
+def _flip_last_byte(name):
+    def change(files):
+        b = bytearray(files[name])
+        b[-2] ^= 0x01
+        files[name] = bytes(b)
+    return change
+
+
+def test_every_changed_file_fails_verification(bundle):
+    tmp, out, pub, _, _, _ = bundle
+    with zipfile.ZipFile(out) as z:
+        names = z.namelist()
+    assert len(names) >= 12
+    for i, name in enumerate(names):
+        bad = tmp / f"bad-{i}.zip"
+        _rewrite(out, bad, _flip_last_byte(name))
+        r = _verify(bad, pub)
+        assert r.exit_code == 1 and "INVALID" in r.output, (name, r.output)
+
+
+def test_added_removed_file_or_resigned_manifest_or_wrong_key_fail(bundle):
+    tmp, out, pub, _, _, _ = bundle
+    cases = {
+        "added": lambda f: f.__setitem__("extra.txt", b"x"),
+        "removed": lambda f: f.pop(sorted(n for n in f if n.startswith("receipts/"))[0]),
+        "manifest updated to match an edited report": _edit_report_and_manifest,
+    }
+    for what, change in cases.items():
+        bad = tmp / "case.zip"
+        _rewrite(out, bad, change)
+        r = _verify(bad, pub)
+        assert r.exit_code == 1 and "INVALID" in r.output, (what, r.output)
+    _, other = _keys(tmp, "other")
+    r = _verify(out, other)
+    assert r.exit_code == 1 and "MANIFEST.sig" in r.output
+
+
+def _edit_report_and_manifest(files):
+    import hashlib
+
+    files["report.html"] = files["report.html"].replace(b"Bound on false certificates", b"Bound on nothing")
+    m = json.loads(files["MANIFEST.json"])
+    m["files"]["report.html"] = hashlib.sha256(files["report.html"]).hexdigest()
+    files["MANIFEST.json"] = (json.dumps(m, sort_keys=True, indent=1) + "\n").encode()
+
+
+def test_bundle_needs_the_key_and_says_so(bundle):
+    _, _, _, _, ledger, _ = bundle
+    r = CliRunner().invoke(cli, ["report", "--ledger", str(ledger), "--bundle", "x.zip"])
+    assert r.exit_code != 0 and "--bundle needs --key" in r.output and "Traceback" not in r.output
+    with Ledger(str(ledger)) as led:
+        assert led.latest_note() is not None
