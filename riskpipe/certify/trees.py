@@ -23,7 +23,7 @@ itself — the exact largest radius up to ``rel_tol`` for this bound. Every node
 undecided within its rounding ``slack`` (riskpipe.models.trees), and a small
 allowance guards the float64 sums, so rounding cannot certify a zero margin.
 
-Vectorised over the micro-batch: reachability is one boolean (B, nodes) pass per
+Vectorised over the micro-batch: reachability is one boolean (nodes, B) pass per
 depth level, the per-tree minima one ``np.minimum.reduceat``.
 """
 
@@ -42,6 +42,7 @@ from riskpipe.certify.norms import check_norm
 from riskpipe.certify.protocol import CertifierBase
 
 FP_ALLOWANCE = 1e-9  # relative to the largest possible |sum of leaf values|
+_COARSE_PASSES = 8  # plain bisection passes before the breakpoint search
 _PASS_CELLS = 4_000_000  # inputs x nodes per radius search (breakpoints are float64: 2 x 8 bytes per cell)
 
 
@@ -51,6 +52,9 @@ class TreeGeometry:
     def __init__(self, ens):
         self.ens = ens
         self.levels = ens.levels()
+        # per level: nodes, split features, and the thresholds with their slack folded in
+        self.level_tests = [(n, ens.feature[n], (ens.threshold[n] + ens.slack[n])[:, None],
+                             (ens.threshold[n] - ens.slack[n])[:, None]) for n in self.levels]
         self.inner = np.flatnonzero(ens.feature >= 0)
         self.leaves = ens.leaves
         self.starts = np.searchsorted(ens.tree[self.leaves], np.arange(ens.n_trees))
@@ -61,29 +65,32 @@ class TreeGeometry:
         self.threshold_span = float(inner_thr.max() - inner_thr.min()) if len(inner_thr) else 0.0
 
     def reachable(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        """(B, N) bool: node n reachable from some point of the box [lo, hi] (rows)."""
+        """(N, B) bool: node n reachable from some point of the box [lo, hi] (rows of lo, hi).
+        Nodes are the rows, so each level gathers and scatters whole contiguous rows."""
         e = self.ens
-        reach = np.zeros((len(lo), len(e.feature)), dtype=bool)
-        reach[:, e.roots] = True
-        for nodes in self.levels:
-            f, t, s = e.feature[nodes], e.threshold[nodes], e.slack[nodes]
-            here = reach[:, nodes]
-            reach[:, e.left[nodes]] = here & (lo[:, f] <= t + s)
-            reach[:, e.right[nodes]] = here & (hi[:, f] > t - s)
+        loT, hiT = np.ascontiguousarray(lo.T), np.ascontiguousarray(hi.T)
+        reach = np.zeros((len(e.feature), len(lo)), dtype=bool)
+        reach[e.roots] = True
+        for nodes, f, left_t, right_t in self.level_tests:
+            here = reach[nodes]
+            reach[e.left[nodes]] = here & (loT[f] <= left_t)
+            reach[e.right[nodes]] = here & (hiT[f] > right_t)
         return reach
 
     def margin_lower(self, reach: np.ndarray, y: np.ndarray) -> np.ndarray:
         """(B, C) lower bounds of score_y - score_j over the box; column y is +inf."""
         V, base = self.leaf_values, self.ens.base
-        rl = reach[:, self.leaves]
+        rl = reach[self.leaves]  # (L, B)
         out = np.full((len(y), V.shape[1]), np.inf)
-        for c in np.unique(y):
+        for c in range(V.shape[1]):
             rows = np.flatnonzero(y == c)
-            rc = rl[rows]
+            if len(rows) == 0:
+                continue
+            rc = rl[:, rows]
             for j in range(V.shape[1]):
                 if j != c:  # per tree, the smallest v_c - v_j over its reachable leaves
-                    d = np.where(rc, V[:, c] - V[:, j], np.inf)
-                    out[rows, j] = np.minimum.reduceat(d, self.starts, axis=1).sum(axis=1) + base[c] - base[j]
+                    d = np.where(rc, (V[:, c] - V[:, j])[:, None], np.inf)
+                    out[rows, j] = np.minimum.reduceat(d, self.starts, axis=0).sum(axis=0) + base[c] - base[j]
         return out - self.allowance
 
     def certified(self, z: np.ndarray, r: np.ndarray, y: np.ndarray, lo_rng, hi_rng) -> np.ndarray:
@@ -161,29 +168,52 @@ class TreeBounds(CertifierBase):
                                      np.float64(v), (d,)) for v in rng)
 
     def radii(self, Z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        """(certified l_inf radius, certified at the point, box evaluations) per input of class y."""
+        """(certified l_inf radius, certified at the point, box evaluations) per input of class y.
+
+        A few plain bisection passes first narrow each input's bracket [r_ok, r_bad]
+        (certified, failed), so only the breakpoints inside it are sorted and searched;
+        every radius reported is one that was checked."""
         geo = self.geometry
         lo_rng, hi_rng = self._range(Z.shape[1])
         B = len(Z)
-        at_point = geo.certified(Z, np.zeros(B), y, lo_rng, hi_rng)
-        cand = geo.breakpoints(Z)
-        cand = np.where((cand > 0) & (cand < self.eps_max), cand * (1 - self.rel_tol), np.inf)
-        cand = np.sort(np.concatenate([cand, np.full((B, 1), self.eps_max)], axis=1), axis=1)
-        m = np.isfinite(cand).sum(axis=1)
-        lo = np.where(at_point, -1, -2)  # index of the largest certified candidate (-1: only r = 0)
-        hi = np.where(at_point, m, -1)   # index of the smallest failed one
-        evals = 1
-        rows = np.arange(B)
-        while True:
-            active = np.flatnonzero(hi - lo > 1)
-            if len(active) == 0:
+
+        def ok(rows, r):
+            return geo.certified(Z[rows], r, y[rows], lo_rng, hi_rng)
+
+        every = np.arange(B)
+        at_point = ok(every, np.zeros(B))
+        at_max = ok(every, np.full(B, self.eps_max)) & at_point
+        r_ok, r_bad = np.zeros(B), np.full(B, self.eps_max)
+        evals = 2
+        for _ in range(_COARSE_PASSES):
+            act = np.flatnonzero(at_point & ~at_max)
+            if len(act) == 0:
                 break
-            mid = (lo[active] + hi[active]) // 2
-            ok = geo.certified(Z[active], cand[active, mid], y[active], lo_rng, hi_rng)
-            lo[active] = np.where(ok, mid, lo[active])
-            hi[active] = np.where(ok, hi[active], mid)
+            mid = (r_ok[act] + r_bad[act]) / 2
+            good = ok(act, mid)
+            r_ok[act] = np.where(good, mid, r_ok[act])
+            r_bad[act] = np.where(good, r_bad[act], mid)
             evals += 1
-        radius = np.where(lo >= 0, cand[rows, np.maximum(lo, 0)], 0.0)
+        raw = geo.breakpoints(Z) * (1 - self.rel_tol)  # just below each breakpoint
+        inside = [np.sort(raw[i][(raw[i] > r_ok[i]) & (raw[i] < r_bad[i])]) if at_point[i] and not at_max[i]
+                  else np.empty(0) for i in range(B)]
+        m = np.array([len(c) for c in inside])
+        cand = np.full((B, max(int(m.max()), 1)), np.inf)
+        for i, c in enumerate(inside):
+            cand[i, :len(c)] = c
+        lo = np.full(B, -1)  # index of the largest certified candidate (-1: none above r_ok)
+        hi = m.copy()        # index of the smallest failed one
+        while True:
+            act = np.flatnonzero(hi - lo > 1)
+            if len(act) == 0:
+                break
+            mid = (lo[act] + hi[act]) // 2
+            good = ok(act, cand[act, mid])
+            lo[act] = np.where(good, mid, lo[act])
+            hi[act] = np.where(good, hi[act], mid)
+            evals += 1
+        radius = np.where(lo >= 0, cand[every, np.maximum(lo, 0)], r_ok)
+        radius = np.where(at_max, self.eps_max, np.where(at_point, radius, 0.0))
         return radius, at_point, evals
 
     def certify_batch(self, X, seeds: Sequence[int]) -> list[Certificate]:
