@@ -14,6 +14,7 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
+from browserkit import chromium, natural_size, needs_chromium, screenshot
 from streamkit import policy_with
 from usermodels import fault_inputs, faulty_model, tabular_model
 
@@ -147,6 +148,7 @@ def test_html_and_markdown_state_the_bound_and_what_it_means(stage_ledger, tmp_p
     assert html.count("histogram of the lower bound on p_A") == len(d["certificates"]["p_lower"])
     md = write_report(path, tmp_path / "r.md", "md").read_text()
     assert "Bound on false certificates" in md and "| faulty |" in md
+    assert f"{d['review']['backlog']['waiting']} routed without a verdict" in md
 
 
 
@@ -179,8 +181,49 @@ def test_oversight_figures_per_reason_and_backlog_match_the_ledger(stage_ledger)
         assert (row["overrides"], row["override_eligible"]) == (overrides[reason], eligible[reason])
     assert sum(overrides.values()) > 0
     waiting = [r for r in records if r["review"]["routed"] and r["id"] not in {v["id"] for v in verdicts}]
-    assert rev["backlog"]["items"] == len(waiting) == rev["pending"] == 2
+    assert rev["backlog"]["waiting"] == len(waiting) == rev["pending"] == 2
     until = parse_ts(UNTIL)
     ages = [(until - parse_ts(r["ts"])).total_seconds() / 3600 for r in waiting]
     assert rev["backlog"]["age_hours"]["max"] == pytest.approx(max(ages))
     assert rev["backlog"]["age_hours"]["p50"] == pytest.approx(_p(ages, 0.5))
+
+
+@needs_chromium
+def test_sections_as_chromium_paints_them(stage_ledger, tmp_path):
+    """Looked at as a person would: each new section is displayed, painted (its screenshot
+    is not blank) and its rendered text carries the figures; the p_A histograms decode."""
+    from selenium.webdriver.common.by import By
+
+    from riskpipe.policy.controls import mapping
+
+    path, _, d, _ = stage_ledger
+    out = write_report(path, tmp_path / "r.html", "html", until=UNTIL)
+    fc = d["certificates"]["false_certificates"]
+    want = {
+        "certified-by-model": ["wine", "faulty", "40.0%"],
+        "false-certificates": [f"At most {fc['bound']:.4g} false certificates expected", "sum of their alphas"],
+        "false-certificates-by-period": ["wine", "faulty"],
+        "oversight-by-reason": ["model_fault", "p95"],
+        "backlog": [f"{d['review']['backlog']['waiting']} routed decisions without a verdict"],
+        "controls": ["EU AI Act", "Art. 15(3)", "A.6.2.8", "AML.T0015", "ML01:2023", "NIST AI 800-4"],
+    }
+    driver = chromium(tmp_path / "chromium", 1280, 1000)
+    try:
+        driver.get(out.as_uri())
+        for element_id, texts in want.items():
+            el = driver.find_element(By.ID, element_id)
+            driver.execute_script("arguments[0].scrollIntoView();", el)
+            assert el.is_displayed() and el.size["width"] > 200 and el.size["height"] > 10, element_id
+            assert screenshot(el).std() > 5, f"{element_id}: painted blank"
+            text = el.text
+            for t in texts:
+                assert t in text, (element_id, t)
+        rows = driver.find_elements(By.CSS_SELECTOR, "#controls table tr")
+        assert len(rows) >= len(mapping()) + 1
+        imgs = driver.find_elements(By.CSS_SELECTOR, "#certificates img")
+        assert len(imgs) == len(d["certificates"]["p_lower"]) > 0
+        for img in imgs:
+            driver.execute_script("arguments[0].scrollIntoView();", img)
+            assert natural_size(driver, img)[0] > 100 and screenshot(img).std() > 10
+    finally:
+        driver.quit()

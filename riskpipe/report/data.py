@@ -565,7 +565,7 @@ def _review(g: _Groups, verdicts: list[dict], looked_up: dict, backlog: list[tup
                        "overrides": b["overrides"], "override_eligible": b["eligible"],
                        "override_rate": _rate(b["overrides"], b["eligible"])}
                       for r, b in sorted(by_reason.items(), key=lambda kv: (-kv[1]["verdicts"], kv[0]))],
-        "backlog": {"items": len(backlog), "as_of": _iso(as_of), "age_hours": _p50_p95(ages),
+        "backlog": {"waiting": len(backlog), "as_of": _iso(as_of), "age_hours": _p50_p95(ages),
                     "by_reason": dict(Counter(r for _, rs in backlog for r in (json.loads(rs) or [NO_REASON]))
                                       .most_common())},
         "deadline_missed": late,
