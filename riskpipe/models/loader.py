@@ -232,6 +232,50 @@ TREE_TYPES = (
 )
 
 
+def _sklearn_call(method, batch: np.ndarray):
+    """``method`` (an estimator's predict / predict_proba) on ``batch`` as one C-contiguous
+    float32 (n, features) array, without scikit-learn's per-call re-validation.
+
+    Every batch reaching a model here was built by riskpipe: inputs checked finite and in
+    shape at the edge (riskpipe.models.validate), noise added by the certifier, so
+    ``assume_finite`` (no NaN/inf scan) and ``skip_parameter_validation`` drop work that can
+    find nothing; the output is still checked (riskpipe.models.output). float32 C order is
+    what the tree predictors read without a copy. Fitted on named columns and fed a plain
+    array is expected here, so that warning is silenced for the call only."""
+    import sklearn  # loaded already with the estimator
+
+    x = np.ascontiguousarray(batch, dtype=np.float32).reshape(len(batch), -1)
+    with warnings.catch_warnings(), sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+        warnings.filterwarnings("ignore", message="X does not have valid feature names")
+        return method(x)
+
+
+def _forest_proba(est):
+    """A random forest's / extra-trees' ``predict_proba`` without joblib, or None for any
+    other estimator.
+
+    scikit-learn dispatches every tree of a forest through joblib, which re-applies its
+    config and warning filters per tree: on a 200-tree forest that costs more than the
+    trees themselves. This sums the same per-tree ``predict_proba(X, check_input=False)``
+    in the same (estimator) order into the same float64 array and divides by the number of
+    trees, exactly as ``ForestClassifier.predict_proba`` does with one job, so the result
+    is the same bits (and deterministic whatever ``n_jobs`` the file was saved with)."""
+    from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
+
+    if not isinstance(est, RandomForestClassifier | ExtraTreesClassifier) or est.n_outputs_ != 1:
+        return None
+    trees, k = list(est.estimators_), int(est.n_classes_)
+
+    def proba(x: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(x), k), dtype=np.float64)
+        for tree in trees:
+            out += tree.predict_proba(x, check_input=False)
+        out /= len(trees)
+        return out
+
+    return proba
+
+
 def _load_skops(spec: str, path: Path, opts, trusted_types=()) -> Model:
     import skops.io as sio
 
@@ -250,18 +294,18 @@ def _load_skops(spec: str, path: Path, opts, trusted_types=()) -> Model:
         raise ModelError(f"model {spec}: number of classes unknown; add ?classes=N")
     classes_ = np.asarray(getattr(est, "classes_", np.arange(classes)))
 
-    def predict(batch: np.ndarray) -> np.ndarray:
-        with warnings.catch_warnings():  # fitted on named columns, fed plain arrays: expected here
-            warnings.filterwarnings("ignore", message="X does not have valid feature names")
-            pred = est.predict(batch.reshape(len(batch), -1))
-        return np.searchsorted(classes_, pred)
+    forest = _forest_proba(est)
+    if forest is not None:  # predict is classes_[argmax(predict_proba)]: the index is the argmax
+        def predict(batch: np.ndarray) -> np.ndarray:
+            return _sklearn_call(forest, batch).argmax(axis=1)
+    else:
+        def predict(batch: np.ndarray) -> np.ndarray:
+            return np.searchsorted(classes_, _sklearn_call(est.predict, batch))
 
     proba = None
-    if hasattr(est, "predict_proba"):
+    if forest is not None or hasattr(est, "predict_proba"):
         def proba(batch: np.ndarray) -> np.ndarray:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="X does not have valid feature names")
-                return est.predict_proba(batch.reshape(len(batch), -1))
+            return _sklearn_call(forest or est.predict_proba, batch)
 
     model = Model(spec=spec, input_shape=tuple(shape), num_classes=classes, sha256=sha256_file(path),
                   value_range=rng, _predict_fn=predict, _scores_fn=proba,
