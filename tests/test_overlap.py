@@ -4,6 +4,7 @@ offset moves only after every output of its batch is acknowledged and in the led
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -40,46 +41,129 @@ def cnn_pipeline(tmp_path_factory):
     return build_pipeline(load_config(str(tmp / "stage.yaml")))
 
 
-def test_certification_of_the_next_batch_runs_before_the_ack_wait(tmp_path, cnn_pipeline) -> None:
-    from riskpipe.ledger import Ledger
+def six_events() -> list[Message]:
     from riskpipe.stream.binary import make_binary_event
-    from riskpipe.stream.config import load_config
-    from riskpipe.stream.stage import Stage
 
     rng = np.random.default_rng(0)
     msgs = []
     for i in range(6):
         value, headers = make_binary_event(f"e{i}", "cnn", rng.integers(0, 256, (3, 32, 32), dtype=np.uint8), "UINT8")
         msgs.append(Message(value, "in", 0, i, f"e{i}".encode(), headers))
-    log: list = []
-    real = cnn_pipeline.process
+    return msgs
+
+
+class RowCheckingSink(LoggingSink):
+    """Logs each send with whether its event's decision row was in the ledger then."""
+
+    def __init__(self, log, ledger):
+        super().__init__(log)
+        self.ledger = ledger
+
+    def send(self, topic, key, value, headers=None):
+        k = key.decode() if key else None
+        self.log.append(("send", topic, k, k is not None and self.ledger.get(k) is not None))
+
+
+def run_stage(tmp_path, pipeline, log, ledger_class, msgs=None):
+    from riskpipe.stream.config import load_config
+    from riskpipe.stream.stage import Stage
+
+    real = pipeline.process
 
     def process(events, sources):
         log.append(("certify", tuple(e.id for e in events)))
         return real(events, sources)
 
-    cnn_pipeline.process = process
+    pipeline.process = process
     try:
-        with Ledger(str(tmp_path / "l.sqlite")) as led:
+        with ledger_class(str(tmp_path / "l.sqlite")) as led:
             rows = lambda: {e.entry_id for e in led.records(kind="decision")}  # noqa: E731
             cfg = load_config(None, batch={"max_events": 2, "max_wait_ms": 0})
-            stage = Stage(cfg, cnn_pipeline, lambda r: ListSource(msgs, log), lambda: LoggingSink(log), ledger=led)
+            stage = Stage(cfg, pipeline, lambda r: ListSource(msgs or six_events(), log),
+                          lambda: RowCheckingSink(log, led), ledger=led)
             committed_rows = []
             stage.committer.after_commit.append(lambda o: committed_rows.append(rows()))
             stats = stage.run()
     finally:
-        cnn_pipeline.process = real
+        pipeline.process = real
+    return stats, committed_rows
+
+
+def test_certification_of_the_next_batch_runs_before_the_ack_wait(tmp_path, cnn_pipeline) -> None:
+    from riskpipe.ledger import Ledger
+
+    log: list = []
+    stats, committed_rows = run_stage(tmp_path, cnn_pipeline, log, Ledger)
     assert stats.decided == 6
-    coarse = [e[0] if e[0] != "send" else "send" for e in log]
-    squeezed = [c for i, c in enumerate(coarse) if i == 0 or c != coarse[i - 1]]
-    # certify 1, send 1, certify 2 (acks of 1 in flight), flush, commit 1, send 2, certify 3, ...
-    assert squeezed == ["certify", "send", "certify", "flush", "commit", "send", "certify", "flush", "commit",
-                        "send", "flush", "commit"], squeezed
+    # certify 1, (send 1 on the writer thread), certify 2, flush, commit 1, (send 2), certify 3, ...
+    main_thread = [e for e in log if e[0] != "send"]
+    squeezed = [e[0] for i, e in enumerate(main_thread) if i == 0 or e[0] != main_thread[i - 1][0]]
+    assert squeezed == ["certify", "flush", "commit", "certify", "flush", "commit", "flush", "commit"], squeezed
     assert [e for e in log if e[0] in ("certify", "commit")] == [
         ("certify", ("e0", "e1")), ("certify", ("e2", "e3")), ("commit", (0, 1)),
         ("certify", ("e4", "e5")), ("commit", (2, 3)), ("commit", (4, 5))]
-    # every committed offset's decision row was in the ledger before its outputs were sent
+    for k, (first, last) in enumerate(((0, 1), (2, 3), (4, 5))):  # every send of k before k's flush and commit
+        sends = [i for i, e in enumerate(log) if e[0] == "send" and e[2] in (f"e{first}", f"e{last}")]
+        commit = log.index(("commit", (first, last)))
+        flush = max(i for i, e in enumerate(log[:commit]) if e[0] == "flush")
+        assert sends and max(sends) < flush < commit, (k, log)
+    # nothing was sent before its decision row was written; committed offsets' rows all stored
+    assert all(e[3] for e in log if e[0] == "send" and e[1] != "dlq"), log
     assert committed_rows[0] >= {"e0", "e1"} and committed_rows[-1] == {f"e{i}" for i in range(6)}
+
+
+def test_the_ledger_write_overlaps_the_next_batchs_certification(tmp_path, cnn_pipeline) -> None:
+    """Batch k's ledger transaction waits (on the writer thread) until batch k+1 has been
+    certified: that can finish only if the stage certifies while k's rows are written.
+    Without the overlap the wait times out and the test fails."""
+    from riskpipe.ledger.sqlite import SqliteLedger
+
+    log: list = []
+    waited: list[bool] = []
+
+    class SlowLedger(SqliteLedger):
+        def append_entries(self, entries, inputs=()):
+            entries = list(entries)
+            ids = [r["id"] for k, r, _ in entries if k == "decision"]
+            if ids and ids[-1] != "e5":  # not the last batch: there is a next one to overlap with
+                nxt = (f"e{int(ids[-1][1:]) + 1}", f"e{int(ids[-1][1:]) + 2}")
+                deadline = time.monotonic() + 30
+                while ("certify", nxt) not in log and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                waited.append(("certify", nxt) in log)
+            return super().append_entries(entries, inputs)
+
+    stats, committed_rows = run_stage(tmp_path, cnn_pipeline, log, SlowLedger)
+    assert stats.decided == 6 and waited == [True, True]
+    assert all(e[3] for e in log if e[0] == "send"), log  # still: no output before its row
+    assert committed_rows[-1] == {f"e{i}" for i in range(6)}
+
+
+def test_an_id_repeated_while_its_row_is_being_written_is_a_duplicate(tmp_path, cnn_pipeline) -> None:
+    """Batch 2 repeats an id of batch 1 while batch 1's rows are still being written (the
+    writer waits for batch 2's certification): triage counts it from the batch in
+    flight, so it is skipped as a duplicate, not decided and published twice."""
+    from riskpipe.ledger.sqlite import SqliteLedger
+
+    e = six_events()
+    again = Message(e[1].value, "in", 0, 2, e[1].key, e[1].headers)  # e1 re-delivered at another offset
+    msgs = [e[0], e[1], again, Message(e[3].value, "in", 0, 3, e[3].key, e[3].headers)]
+    log: list = []
+
+    class SlowLedger(SqliteLedger):
+        def append_entries(self, entries, inputs=()):
+            entries = list(entries)
+            if any(k == "decision" and r["id"] == "e1" for k, r, _ in entries):
+                deadline = time.monotonic() + 30
+                while not any(x[0] == "certify" and "e3" in x[1] for x in log) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            return super().append_entries(entries, inputs)
+
+    stats, committed_rows = run_stage(tmp_path, cnn_pipeline, log, SlowLedger, msgs)
+    assert [x for x in log if x[0] == "certify"] == [("certify", ("e0", "e1")), ("certify", ("e3",))]
+    assert stats.decided == 3 and stats.duplicates == 1 and not stats.dlq
+    assert committed_rows[-1] == {"e0", "e1", "e3"}
+    assert sorted(x[2] for x in log if x[0] == "send" and x[1] == "audit") == ["e0", "e1", "e3"]
 
 
 @pytest.mark.broker

@@ -151,7 +151,7 @@ def test_redelivery_after_a_crash_between_ledger_and_commit_resends_outputs(tmp_
         stage = Stage(cfg, cnn, lambda r: JsonlSource(str(src)), lambda: JsonlSink(str(tmp_path / "o1")), ledger=led)
         source = JsonlSource(str(src))
         outcome = stage.handle(source.poll(100, 10))
-        stage.committer.write_ledger(outcome)  # ... and the process dies before sending anything
+        stage.committer.write_ledger(outcome, led)  # ... and the process dies before sending anything
         source.close()
         assert led.count("decision") == 5
         res = run_offline(str(src), tmp_path / "o2", cfg, pipeline=cnn, ledger=led)

@@ -129,10 +129,10 @@ class SqliteLedger(Ledger):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._init_lock()
         self._db = None
+        self.timeout, self.synchronous = timeout, synchronous
         try:
-            raw = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None, check_same_thread=False)
-            self._db = _Conn(raw)
-            raw.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            self._db = self._connect()
+            raw = self._db.db
             if not create and not _has_table(raw, "entries"):  # never turn a stray file into an empty ledger
                 self.close()
                 raise LedgerError(f"ledger {self.path}: holds no ledger tables (an empty file, another SQLite "
@@ -146,6 +146,13 @@ class SqliteLedger(Ledger):
         except sqlite3.DatabaseError as exc:
             self.close()
             raise LedgerError(f"{self.path}: not a usable ledger ({exc})") from None
+
+    def _connect(self) -> _Conn:
+        raw = sqlite3.connect(str(self.path), timeout=self.timeout, isolation_level=None, check_same_thread=False)
+        raw.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        if self._db is not None:  # a second connection (``Ledger.another_connection``); WAL is the file's mode
+            raw.execute(f"PRAGMA synchronous = {self.synchronous}")
+        return _Conn(raw)
 
     @contextmanager
     def _txn(self, begin: str):

@@ -78,6 +78,17 @@ class Ledger:
     def _init_lock(self) -> None:
         self._lock = threading.RLock()
 
+    def another_connection(self) -> "Ledger":
+        """The same ledger (same class, same settings) on a connection of its own, for a
+        second thread: the stage's ledger writer appends on it while the stage looks ids
+        up on this one. Closed on its own."""
+        import copy
+
+        other = copy.copy(self)
+        other._init_lock()
+        other._db = other._connect()
+        return other
+
     @contextmanager
     def _conn(self):
         """The connection wrapper for a single autocommitted statement."""

@@ -48,13 +48,32 @@ or 3 failed, because 4 runs only after both returned: so no offset moves past an
 undecided event, however long the outage. Past ``infrastructure_timeout_s`` the stage
 exits non-zero from the same state: nothing further committed.
 
-Ack-wait overlap: the stage loop calls ``submit`` (1-2) for batch k and ``complete``
-(3-5) only after it has handled (certified) batch k+1, so the broker's acks for k
-arrive while k+1 is being certified. The order per batch is unchanged — 4 still waits
-for 3, and 1 precedes 2 — so the crash-point argument above holds for each batch in
-flight; a crash loses at most the uncommitted offsets of k and k+1, which are
-redelivered and found in the ledger. Batches complete in submission order, so an
-offset never moves past a batch whose acks are outstanding.
+Overlap: the stage loop calls ``submit`` for batch k, which hands steps 1-2 to the
+committer's one writer thread (its own ledger connection, ``Ledger.another_connection``)
+and returns at once; it calls ``complete`` (wait for 1-2, then 3-5) only after it has
+handled (certified) batch k+1. So the ledger's transaction and commit wait (SQLite's
+fsync, PostgreSQL's round trips and WAL flush) and the broker's acks for k all happen
+while k+1 is certified. The invariant holds for each batch in flight:
+
+* ledger rows, then outputs: 1 and 2 run in that order on the one writer thread, so
+  nothing of k is sent unless k's transaction committed; a row the ledger refuses is
+  dead-lettered before the sends, as without the overlap;
+* outputs, then acks, then offsets: 3 starts only after the writer has finished 1-2
+  for k (``complete`` waits for it and re-raises what it raised), and 4 only after 3;
+  a ledger outage in 1 therefore surfaces in ``complete``, before any offset of k
+  moves, and is handled as any outage "before 1 completes" (nothing of k was sent);
+* no offset past an undecided event: batches are submitted to one thread and
+  completed in submission order, and k+1 is submitted only after k completed, so at
+  most one batch's 1-2 runs at a time and offsets move in order;
+* a crash loses at most the uncommitted offsets of k and k+1: redelivered, found in
+  the ledger (outputs re-sent) or decided afresh, as in the crash points above.
+
+While k's rows are being written, k+1's id look-ups may not see them yet; the stage
+adds the records of the batch in flight to what the ledger returned (``pending``), so
+an id repeated across two consecutive batches is triaged (duplicate or
+``id_conflict``) exactly as if k's rows were already stored. A batch dropped in flight
+(an outage, a rebalance) is first waited for (``drain``), so no write or send of it
+runs on behind the recovery.
 
 Outputs are built before the committer (so a serialisation failure is one event's,
 see ``stream/outputs.py``); periodic checkpoints belong in ``after_commit``.
@@ -65,6 +84,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from riskpipe.stream.infra import infrastructure_component
@@ -96,6 +116,8 @@ class Outcome:
     earlier: Counter = field(default_factory=Counter)  # decided before under another model/policy (triage)
     seconds: float = 0.0
     certify_seconds: float = 0.0
+    written: Future | None = None  # steps 1-2 on the writer thread (``Committer.submit``)
+    pending: dict[str, dict] = field(default_factory=dict)  # id -> record, until its row is known written
 
     def dead_positions(self) -> set[tuple[str, int, int]]:
         return {(d.message.topic, d.message.partition, d.message.offset) for d in self.dead}
@@ -116,15 +138,26 @@ class Committer:
         self.dlq_topic = dlq_topic
         self.max_output_bytes = max_output_bytes
         self.after_commit: list[Callable[[Outcome], None]] = list(after_commit or [])
+        self._writer: ThreadPoolExecutor | None = None
+        self._writer_ledger = None  # the ledger on the writer thread's own connection
 
     def commit(self, outcome: Outcome, sink, source) -> Outcome:
         self.submit(outcome, sink)
         return self.complete(outcome, sink, source)
 
     def submit(self, outcome: Outcome, sink) -> None:
-        """Steps 1-2: ledger rows, then every send. The acks arrive in the background
-        (the producer's sender thread) while the stage handles the next batch."""
-        self.write_ledger(outcome)
+        """Steps 1-2 handed to the writer thread: ledger rows, then every send. The
+        transaction, its commit and the acks complete while the stage handles the next
+        batch; ``complete`` waits for them."""
+        if self._writer is None:
+            if self.ledger is not None:
+                self._writer_ledger = self.ledger.another_connection()
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="riskpipe-ledger-writer")
+        outcome.pending = {d.record["id"]: d.record for d in outcome.decided if isinstance(d.record.get("id"), str)}
+        outcome.written = self._writer.submit(self._write_and_send, outcome, sink)
+
+    def _write_and_send(self, outcome: Outcome, sink) -> None:
+        self.write_ledger(outcome, self._writer_ledger)
         for d in outcome.decided + outcome.redelivered:
             for o in d.outputs:
                 sink.send(o.topic, o.key, o.value, o.headers)
@@ -139,24 +172,45 @@ class Committer:
         self.run_hooks(outcome)
         return outcome
 
-    @staticmethod
-    def acknowledge(outcome: Outcome, sink, source) -> None:
-        """Steps 3-4: every ack, then the batch's offsets."""
+    def acknowledge(self, outcome: Outcome, sink, source) -> None:
+        """Steps 3-4, once 1-2 are done (what they raised is raised here): every ack,
+        then the batch's offsets."""
+        if outcome.written is not None:
+            outcome.written.result()
         sink.flush()
         source.commit(outcome.messages)
+
+    @staticmethod
+    def drain(outcome: Outcome | None) -> None:
+        """Wait for a batch dropped in flight to finish 1-2 (its offsets stay uncommitted;
+        what it raised does not matter: the batch is read again)."""
+        if outcome is not None and outcome.written is not None:
+            try:
+                outcome.written.result()
+            except Exception:  # noqa: BLE001 - the batch is redelivered whatever happened
+                pass
+
+    def close(self) -> None:
+        """Stop the writer thread and close its ledger connection (re-opened on the next submit)."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        if self._writer_ledger is not None:
+            self._writer_ledger.close()
+            self._writer_ledger = None
 
     def run_hooks(self, outcome: Outcome) -> None:
         """Step 5, for a committed batch."""
         for hook in self.after_commit:
             hook(outcome)
 
-    def write_ledger(self, outcome: Outcome) -> None:
-        """Step 1; moves events whose decision row the ledger refuses to ``outcome.dead``."""
-        if self.ledger is None:
+    def write_ledger(self, outcome: Outcome, ledger) -> None:
+        """Step 1 on ``ledger``; moves events whose decision row it refuses to ``outcome.dead``."""
+        if ledger is None:
             return
         rows = [("decision", d.record, None) for d in outcome.decided]
         try:
-            self.ledger.append_entries(rows + [("dlq", *dlq_entry(d)) for d in outcome.dead],
+            ledger.append_entries(rows + [("dlq", *dlq_entry(d)) for d in outcome.dead],
                                        [s for d in outcome.decided for s in d.inputs])
             return
         except Exception as e:  # noqa: BLE001 - find the culprit row by row, below
@@ -166,7 +220,7 @@ class Committer:
         kept = []
         for d in outcome.decided:
             try:
-                self.ledger.append_entries([("decision", d.record, None)], d.inputs)
+                ledger.append_entries([("decision", d.record, None)], d.inputs)
                 kept.append(d)
             except Exception as e:  # noqa: BLE001 - this event's row: its event is dead-lettered
                 if infrastructure_component(e):
@@ -174,4 +228,4 @@ class Committer:
                 outcome.dead.append(Dead.from_exception(d.message, e, "ledger"))
         outcome.decided = kept
         # If these cannot be written either, the ledger is down: raise, nothing was sent.
-        self.ledger.append_entries([("dlq", *dlq_entry(d)) for d in outcome.dead])
+        ledger.append_entries([("dlq", *dlq_entry(d)) for d in outcome.dead])

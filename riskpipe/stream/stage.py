@@ -92,6 +92,7 @@ class Stage:
         self.observer.connected()
 
     def _close(self) -> None:
+        self.committer.drain(self.in_flight)  # no write or send of it runs on behind the close
         for c in (self.source, self.sink):
             if c is not None:
                 c.close()
@@ -103,6 +104,7 @@ class Stage:
             # batch in flight is left uncommitted; its rows are in the ledger, so the new
             # owner re-sends its stored outputs (committer: "after 1, before 4").
             log.info("rebalance: %d in-flight messages left uncommitted", len(self.in_flight.messages))
+            self.committer.drain(self.in_flight)
             self.in_flight = None
         dropped = self.batcher.drop_partitions({(tp.topic, tp.partition) for tp in revoked})
         self.observer.revoked(revoked)
@@ -120,6 +122,12 @@ class Stage:
 
         A ledger or broker outage is ridden out (``_outage``); one longer than
         ``infrastructure_timeout_s`` raises ``InfrastructureUnavailable``."""
+        try:
+            return self._run(idle_exit_s)
+        finally:
+            self.committer.close()  # the ledger writer thread and its connection
+
+    def _run(self, idle_exit_s: float | None) -> Stats:
         idle_since = time.monotonic()
         _freeze_startup_heap()
         self.observer.started(self.pipeline)
@@ -193,6 +201,7 @@ class Stage:
         self.observer.infrastructure_error(component, e)
         waited, timeout = now - self.outage.since, self.config.infrastructure_timeout_s
         self.batcher.clear()
+        self.committer.drain(self.in_flight)
         self.in_flight = None
         if component == BROKER or not self._rewind():
             self._close()
@@ -313,9 +322,12 @@ class Stage:
         failed: dict[int, Dead] = {}
         if self.ledger is None:
             return known, failed
+        pending = self.in_flight.pending if self.in_flight is not None else {}  # rows being written now
         for a in parsed:
             try:
                 recs = self.ledger.get_all(a.event.id)
+                if a.event.id in pending and pending[a.event.id] not in recs:
+                    recs = [*recs, pending[a.event.id]]
             except Exception as e:  # noqa: BLE001
                 if infrastructure_component(e):
                     raise
