@@ -89,7 +89,7 @@ def stream_section(args, tmp: Path, cache: Path) -> dict:
         c0 = pipeline.certify_seconds
         off_stats, off_s = run_offline(pipeline, values, tmp, lambda n, s, c: ov_off.append((s - c) / n))
         off_cert = pipeline.certify_seconds - c0
-        br_stats, br_s = run_broker(pipeline, [v.replace(b'"s-', f'"b{r}-'.encode()) for v in values],
+        br_stats, br_s, _ = run_broker(pipeline, [v.replace(b'"s-', f'"b{r}-'.encode()) for v in values],
                                     lambda n, s, c: ov_br.append((s - c) / n))
         assert off_stats.decided == br_stats.decided == args.events, (off_stats.decided, br_stats.decided)
         off_rate, br_rate = off_stats.decided / off_s, br_stats.decided / br_s

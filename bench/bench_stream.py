@@ -1,10 +1,13 @@
 """Stream-stage benchmark (issue 4), demo model, default policy (decide mode).
 
 Measured in one run and written to bench/results/stream.json:
-* end-to-end decisions/s through the embedded broker (Tansu) and the same stage in
+* end-to-end decisions/s through the embedded broker (Tansu), timed from the
+  production of the first event to the last decision, and the same stage in
   offline mode over the same events, and their ratio (target >= 0.8; >= 1000/s);
 * per-message overhead outside certification (batch wall time minus time in the
   certifier, per message), p50 and p99 over batches (target p50 <= 0.5 ms);
+* decisions/s through the broker with no ledger, a SQLite and a PostgreSQL ledger,
+  interleaved, and each ledger's ratio to no ledger (target >= 0.95);
 * resident memory of the stage after 10k and after N events (default 100k; target
   flat within 10%), offline mode with the events cycled.
 """
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "tests")]
 from common import rss_mb, table, write_results  # noqa: E402
 
 from riskpipe.models.digits import load_split  # noqa: E402
@@ -50,7 +53,12 @@ def run_offline(pipeline, values, tmp: Path, on_batch=None):
     return stats, time.perf_counter() - t0
 
 
-def run_broker(pipeline, values, on_batch=None):
+def run_broker(pipeline, values, on_batch=None, ledger=None):
+    """``values`` through the embedded broker; returns (stats, seconds, join seconds).
+
+    The stage starts first and joins its group (that one-off join is timed apart, as
+    the join seconds); the clock then runs from the production of the first event to
+    the last decision, so the producer's time and the first batch's wait are counted."""
     from kafka import KafkaProducer
 
     from riskpipe.stream.broker import EmbeddedBroker
@@ -59,37 +67,66 @@ def run_broker(pipeline, values, on_batch=None):
     with EmbeddedBroker() as b:
         b.create_topics()
         p = KafkaProducer(bootstrap_servers=b.bootstrap, acks="all", linger_ms=5, batch_size=1 << 18)
+        cfg = load_config(None, bootstrap_servers=b.bootstrap, session_timeout_ms=2000, heartbeat_interval_ms=600,
+                          batch={"max_events": 256, "max_wait_ms": 50})
+        stage = build_stage(cfg, pipeline=pipeline, ledger=ledger)
+        stage.observer.on_batch = on_batch
+        th = threading.Thread(target=stage.run, daemon=True)
+        t_join = time.perf_counter()
+        th.start()
+        while stage.source is None or not stage.source.holds_partitions:
+            time.sleep(0.01)
+        t0 = time.perf_counter()
         for i, v in enumerate(values):
             p.send("inferences", key=str(i).encode(), value=v)
         p.flush()
-        p.close()
-        cfg = load_config(None, bootstrap_servers=b.bootstrap, session_timeout_ms=2000, heartbeat_interval_ms=600,
-                          batch={"max_events": 256, "max_wait_ms": 50})
-        stage = build_stage(cfg, pipeline=pipeline)
-        stage.observer.on_batch = on_batch
-        th = threading.Thread(target=stage.run, daemon=True)
-        first = {}
-
-        def batch_hook(n, s, c):
-            first.setdefault("t", time.perf_counter() - s)
-            if on_batch:
-                on_batch(n, s, c)
-
-        stage.observer.on_batch = batch_hook
-        th.start()
         while stage.stats.decided < len(values):
-            time.sleep(0.05)
+            time.sleep(0.005)
         t_end = time.perf_counter()
         stage.stop()
         th.join(timeout=30)
-    # from the first batch's start: excludes the one-off consumer-group join
-    return stage.stats, t_end - first["t"]
+        p.close()
+    return stage.stats, t_end - t0, t0 - t_join
+
+
+def ledger_section(pipeline, n: int, rounds: int, tmp: Path) -> dict:
+    """Decisions/s through the broker with no ledger, a SQLite ledger and a PostgreSQL
+    ledger (fsync on), interleaved round by round on the same events; ratio to no ledger."""
+    from pgserver import PostgresServer
+
+    from riskpipe.ledger import open_ledger
+
+    out: dict = {"rounds": []}
+    with PostgresServer(fsync=True) as pg:
+        for r in range(rounds):
+            row = {}
+            for backend in ("none", "sqlite", "postgresql"):
+                target = {"none": None, "sqlite": str(tmp / f"l{r}.sqlite"),
+                          "postgresql": pg.create_database(f"l{r}")}[backend]
+                led = open_ledger(target) if target else None
+                try:
+                    stats, secs, _ = run_broker(pipeline, events(n, f"l{r}{backend[0]}"), ledger=led)
+                finally:
+                    if led is not None:
+                        led.close()
+                row[backend] = stats.decided / secs
+            row["ratio_sqlite_vs_none"] = row["sqlite"] / row["none"]
+            row["ratio_postgresql_vs_none"] = row["postgresql"] / row["none"]
+            print(f"ledger round {r + 1}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()), flush=True)
+            out["rounds"].append(row)
+    for k in ("ratio_sqlite_vs_none", "ratio_postgresql_vs_none", "none", "sqlite", "postgresql"):
+        vals = sorted(x[k] for x in out["rounds"])
+        out[k] = {"min": vals[0], "median": float(np.median(vals)), "max": vals[-1]}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=5000, help="events for the throughput comparison")
     ap.add_argument("--memory-events", type=int, default=100_000)
+    ap.add_argument("--ledger-events", type=int, default=2000, help="events per run of the ledger comparison")
+    ap.add_argument("--ledger-rounds", type=int, default=3)
+    ap.add_argument("--only-ledger", action="store_true", help="just the ledger comparison (bench/results/stream_ledger.json)")
     args = ap.parse_args()
     cfg = load_config(None)
     pipeline = build_pipeline(cfg)
@@ -102,9 +139,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         run_offline(pipeline, events(300, "warm"), tmp)  # warm caches and the context index
+        led = ledger_section(pipeline, args.ledger_events, args.ledger_rounds, tmp)
+        print(table([(k, f"{led[k]['min']:.2f} / {led[k]['median']:.2f} / {led[k]['max']:.2f}", ">= 0.95")
+                     for k in ("ratio_sqlite_vs_none", "ratio_postgresql_vs_none")],
+                    ("ledger in the stage (min / median / max)", "measured", "target")))
+        if args.only_ledger:
+            print(f"wrote {write_results('stream_ledger', {'params': vars(args), 'ledger': led})}")
+            return
+        results["ledger"] = led
         off_stats, off_s = run_offline(pipeline, events(args.events, "off"), tmp, on_batch)
-        br_stats, br_s = run_broker(pipeline, events(args.events, "br"), on_batch)
-        results["throughput"] = {
+        br_stats, br_s, join_s = run_broker(pipeline, events(args.events, "br"), on_batch)
+        results["throughput"] = {"group_join_seconds": join_s,
             "offline_decisions_per_s": off_stats.decided / off_s, "broker_decisions_per_s": br_stats.decided / br_s,
             "ratio_broker_vs_offline": (br_stats.decided / br_s) / (off_stats.decided / off_s),
             "offline_certify_share": pipeline.certify_seconds and None,
