@@ -240,6 +240,9 @@ class StageMetrics:
         self.review_backlog = Gauge(f"{p}_review_backlog",
                                     "Items in the review queue awaiting a verdict.",
                                     registry=r, multiprocess_mode="livemax")
+        self.review_backlog_age = Gauge(f"{p}_review_backlog_oldest_age_seconds",
+                                        "Age of the oldest review item awaiting a verdict (0 when none waits).",
+                                        registry=r, multiprocess_mode="livemax")
         self.review_verdicts = Counter(f"{p}_review_verdicts_total",
                                        "Review verdicts received, by verdict.",
                                        ["verdict"], registry=r)
@@ -421,6 +424,9 @@ class StageMetrics:
     # -- review -----------------------------------------------------------------
     def set_review_backlog(self, n: int) -> None:
         self.review_backlog.set(max(0, n))
+
+    def set_review_backlog_age(self, seconds: float) -> None:
+        self.review_backlog_age.set(max(0.0, seconds))
 
     def review_verdict(self, verdict: str, seconds_to_review: float | None) -> None:
         v = verdict if verdict in REVIEW_VERDICTS else "other"

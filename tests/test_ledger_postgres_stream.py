@@ -43,9 +43,14 @@ def test_two_stages_one_killed_share_one_postgresql_ledger(pg_url, signing_key, 
                        "session_timeout_ms: 2000\nheartbeat_interval_ms: 600\nbatch: {max_events: 16}\n"
                        f"checkpoint: {{key_file: {signing_key / 'key.pem'}, every_records: 60, every_seconds: 5}}\n")
         env = {"LEDGER_DSN": pg_url}  # the DSN from the environment, as a Kubernetes Secret provides it
-        produce(b.bootstrap, events)
-        procs = [run_cli(["run", "--config", str(cfg), "--worker-id", f"w{i}"], env=env) for i in range(2)]
+        logs = [tmp_path / f"w{i}.log" for i in range(2)]
+        procs = [run_cli(["run", "--config", str(cfg), "--worker-id", f"w{i}", "-v"], env=env,
+                         stderr=log.open("w")) for i, log in enumerate(logs)]
         try:
+            # both stages hold partitions before the first event, so both decide some
+            # (under load one stage's slow start-up used to leave the other all the traffic)
+            assert wait_for(lambda: all("partitions assigned: ['" in log.read_text() for log in logs), 120)
+            produce(b.bootstrap, events)
             assert wait_for(lambda: len(ledger_ids(pg_url)) >= 40, 150)
             rc, _ = stop(procs[0], signal.SIGKILL)
             assert rc == -signal.SIGKILL
@@ -54,7 +59,7 @@ def test_two_stages_one_killed_share_one_postgresql_ledger(pg_url, signing_key, 
             assert wait_for(lambda: len(ledger_ids(pg_url)) >= 300, 200)
         finally:
             results = [stop(p) for p in procs]
-        assert results[1][0] == 0, results[1][1][-2000:]
+        assert results[1][0] == 0, logs[1].read_text()[-2000:]
         ids = ledger_ids(pg_url)
         assert len(ids) == len(set(ids)) == 300  # every event decided once across both stages
         assert set(ids) == {e["id"] for e in events}

@@ -57,6 +57,7 @@ SHARED_CREDENTIAL = "credential:shared"
 # Sample names the console exposes; the stage's own metrics are not the console's to report.
 REVIEW_METRIC_SAMPLES = (
     "riskpipe_review_backlog",
+    "riskpipe_review_backlog_oldest_age_seconds",
     "riskpipe_review_verdicts_total",
     "riskpipe_review_time_to_verdict_seconds_bucket",
     "riskpipe_review_time_to_verdict_seconds_count",
@@ -179,11 +180,15 @@ class ConsoleState:
             return self._infos[name]
 
     def note_queue(self, ledger: Ledger) -> None:
-        """Backlog gauge, and one deadline breach per waiting item whose deadline has passed."""
+        """Backlog gauges (size, oldest item's age), and one deadline breach per waiting
+        item whose deadline has passed."""
         if self.metrics is None:
             return
+        now = rq.now_utc()
         self.metrics.set_review_backlog(rq.backlog(ledger, self.settings.scope))
-        for event_id in rq.overdue(ledger, rq.now_utc(), self.settings.scope):
+        oldest = rq.oldest_waiting(ledger, self.settings.scope)
+        self.metrics.set_review_backlog_age((now - oldest).total_seconds() if oldest else 0.0)
+        for event_id in rq.overdue(ledger, now, self.settings.scope):
             self.note_breach(event_id)
 
     def note_breach(self, event_id: str) -> None:

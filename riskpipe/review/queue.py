@@ -211,6 +211,14 @@ def backlog(ledger: Ledger, scope=None, where: QueueFilter = QueueFilter()) -> i
     return total - done
 
 
+def oldest_waiting(ledger: Ledger, scope=None) -> datetime | None:
+    """Decision time of the oldest waiting record (in ``scope``); None when none waits."""
+    conds, params = _scope_sql(scope)
+    with ledger.snapshot() as q:
+        t = q(f"SELECT MIN(f.t) FROM facts f WHERE {' AND '.join([_WAITING, *conds])}", params)[0][0]
+    return None if t is None else datetime.fromtimestamp(t, timezone.utc)
+
+
 def overdue(ledger: Ledger, now: datetime, scope=None) -> list[str]:
     """Ids of waiting records (in ``scope``) whose deadline has passed."""
     conds, params = _scope_sql(scope)
