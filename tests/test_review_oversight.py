@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 
+from browserkit import by_id, chromium, click_and_wait, needs_chromium
 from test_review_records import seed_ledger
 from test_review_security import csrf_token, log_in
 from werkzeug.security import generate_password_hash
@@ -48,3 +49,121 @@ def test_backlog_age_gauge_is_the_oldest_waiting_item(tmp_path):
         expected = _oldest_waiting_age(path)
         assert abs(_gauge(app) - expected) < 5.0, (rec["id"], _gauge(app), expected)
     assert _oldest_waiting_age(path) >= 0.0
+
+
+# ---- four eyes: review.require_second_reviewer_for: [block] --------------------------------
+USERS = ("alice", "bob")
+
+
+def _four_eyes_ledger(tmp_path):
+    from test_review_records import decision_record
+
+    path = tmp_path / "four-eyes.sqlite3"
+    with Ledger(str(path)) as led:
+        led.append(decision_record("blk-1", decision="block", abstained=False))
+        led.append(decision_record("blk-2", decision="block", abstained=False, digit_index=1))
+        led.append(decision_record("rev-1", decision="review", digit_index=2))
+    return path
+
+
+def _settings(path, required=("block",)):
+    creds = Credentials(users={n: generate_password_hash(f"{n} passphrase") for n in USERS})
+    return ReviewSettings(ledger=str(path), credentials=creds, require_second_reviewer_for=tuple(required))
+
+
+def _post(app, name, event_id, verdict):
+    client = app.test_client()
+    log_in(client, name, f"{name} passphrase")
+    token = csrf_token(client.get(f"/item/{event_id}").get_data(as_text=True))
+    return client.post(f"/verdict/{event_id}", data={"csrf_token": token, "verdict": verdict})
+
+
+def test_overriding_a_block_needs_a_second_reviewer(tmp_path):
+    path = _four_eyes_ledger(tmp_path)
+    app = create_app(_settings(path), metrics=None)
+    assert _post(app, "alice", "blk-1", "confirmed_clean").status_code == 302
+    with Ledger(str(path)) as led:
+        assert led.get("blk-1", kind="verdict") is None  # not final on one reviewer's word
+        assert led.get("blk-1", kind="first_review")["reviewer"] == "alice"
+    again = _post(app, "alice", "blk-1", "confirmed_clean")
+    assert again.status_code == 409 and "needs a second reviewer" in again.get_data(as_text=True)
+    assert _post(app, "bob", "blk-1", "confirmed_clean").status_code == 302
+    with Ledger(str(path)) as led:
+        final = led.get("blk-1", kind="verdict")
+        assert (final["reviewer"], final["first_reviewer"], final["verdict"]) == ("bob", "alice", "confirmed_clean")
+        assert led.verify().ok
+    # keeping a block, and verdicts on review decisions, need one reviewer
+    assert _post(app, "alice", "blk-2", "confirmed_manipulated").status_code == 302
+    assert _post(app, "alice", "rev-1", "confirmed_clean").status_code == 302
+    with Ledger(str(path)) as led:
+        assert led.get("blk-2", kind="verdict")["reviewer"] == "alice"
+        assert led.get("rev-1", kind="verdict")["reviewer"] == "alice"
+    # without the setting, one reviewer overrides a block (the documented default)
+    path2 = _four_eyes_ledger(tmp_path / "plain")
+    plain = create_app(_settings(path2, required=()), metrics=None)
+    assert _post(plain, "alice", "blk-1", "confirmed_clean").status_code == 302
+    with Ledger(str(path2)) as led:
+        assert led.get("blk-1", kind="verdict")["reviewer"] == "alice"
+
+
+def test_require_second_reviewer_for_is_validated(tmp_path):
+    import yaml
+
+    from riskpipe.review.settings import SettingsError, resolve_settings
+
+    cfg = tmp_path / "riskpipe.yaml"
+    cfg.write_text(yaml.safe_dump({"ledger": str(tmp_path / "l.db"),
+                                   "review": {"require_second_reviewer_for": ["block"]}}))
+    env = {"RISKPIPE_REVIEW_PASSWORD": "a long enough shared passphrase"}
+    assert resolve_settings(config_path=str(cfg), environ=env).require_second_reviewer_for == ("block",)
+    cfg.write_text(yaml.safe_dump({"ledger": str(tmp_path / "l.db"),
+                                   "review": {"require_second_reviewer_for": ["blocks"]}}))
+    try:
+        resolve_settings(config_path=str(cfg), environ=env)
+    except SettingsError as e:
+        assert "review.require_second_reviewer_for" in str(e) and "\n" not in str(e)
+    else:
+        raise AssertionError("a bad decision name was accepted")
+
+
+@needs_chromium
+def test_four_eyes_in_a_real_browser(tmp_path):
+    from selenium.webdriver.common.by import By
+
+    from riskpipe.review.server import start
+
+    path = _four_eyes_ledger(tmp_path)
+    server = start(_settings(path), metrics=None)
+    driver = chromium(tmp_path / "chromium")
+    try:
+        def login(name):
+            driver.delete_all_cookies()
+            driver.get(server.url + "login")
+            by_id(driver, "username").send_keys(name)
+            by_id(driver, "password").send_keys(f"{name} passphrase")
+            click_and_wait(driver, by_id(driver, "login"))
+
+        def give(verdict):
+            driver.get(server.url + "item/blk-1")
+            by_id(driver, f"verdict-{verdict}").click()
+            click_and_wait(driver, by_id(driver, "submit-verdict"))
+
+        login("alice")
+        give("confirmed_clean")
+        assert "takes effect when a second reviewer confirms it" in driver.page_source
+        driver.get(server.url + "item/blk-1")
+        assert "First of two reviews" in by_id(driver, "first-review").text and "alice" in by_id(driver, "first-review").text
+        give("confirmed_clean")
+        assert "needs a second reviewer" in by_id(driver, "verdict-error").text
+        with Ledger(str(path)) as led:
+            assert led.get("blk-1", kind="verdict") is None
+        login("bob")
+        give("confirmed_clean")
+        driver.get(server.url + "item/blk-1")
+        assert "bob" in by_id(driver, "existing-verdict").text
+        assert not driver.find_elements(By.ID, "verdict-form")
+        with Ledger(str(path)) as led:
+            assert led.get("blk-1", kind="verdict")["first_reviewer"] == "alice"
+    finally:
+        driver.quit()
+        server.stop()

@@ -17,11 +17,10 @@ from typing import Any
 from riskpipe.ledger import LedgerError, open_ledger, parse_ts, redact
 from riskpipe.policy.controls import frameworks, mapping
 from riskpipe.policy.naming import policy_label
+from riskpipe.review.queue import OVERRIDES as CONTRADICTS  # one definition of an override, the console's
 
 DECISIONS = ("allow", "review", "block")
 VERDICTS = ("confirmed_clean", "confirmed_manipulated", "unsure")
-# a verdict overrides a decision when it contradicts it; "review" decisions hand the call to the reviewer
-CONTRADICTS = {("allow", "confirmed_manipulated"), ("block", "confirmed_clean")}
 
 SCOPE_STATEMENTS = [
     ("What a certificate guarantees",

@@ -366,11 +366,18 @@ def create_app(settings: ReviewSettings, *, metrics: Any = "default", publisher=
             return _render_item(event_id, form, status=409,
                                 error="This decision was not routed to review or drawn for audit.")
         try:
-            record = rq.record_verdict(ledger(), event_id, form.verdict.data, form.note.data or "", g.reviewer)
+            record, final = rq.record_review(ledger(), event_id, form.verdict.data, form.note.data or "", g.reviewer,
+                                             settings.require_second_reviewer_for)
         except rq.AlreadyReviewed as e:
             return _render_item(event_id, form, status=409, error=str(e))
         except rq.ReviewError as e:
-            return _render_item(event_id, form, status=400, error=str(e))
+            return _render_item(event_id, form, status=409 if "second reviewer" in str(e) else 400, error=str(e))
+        if not final:
+            log.info("review console: %s gave the first of two reviews (%s) for %s", g.reviewer, record["verdict"],
+                     event_id)
+            flash(f"First review “{rq.VERDICTS[record['verdict']]}” recorded for {event_id} by {g.reviewer}: overriding "
+                  f"a {decision.get('decision')} takes effect when a second reviewer confirms it.", "info")
+            return redirect(url_for("queue_page"))
         log.info("review console: %s recorded %s for %s", g.reviewer, record["verdict"], event_id)
         _after_verdict(record, decision)
         flash(f"Verdict “{rq.VERDICTS[record['verdict']]}” recorded for {event_id} by {g.reviewer} at {record['ts']}.",
@@ -418,6 +425,7 @@ def create_app(settings: ReviewSettings, *, metrics: Any = "default", publisher=
             problem=problem, form=form, error=error, view=record_view(decision, info, ledger().get_input),
             labels=info.labels, class_name=class_name,
             verdict=ledger().get(event_id, kind="verdict"), routed=rq.needs_review(decision),
+            first_review=ledger().get(event_id, kind=rq.FIRST_REVIEW),
             nist=nist, other_controls=other, now=rq.now_utc(),
         ), status
 

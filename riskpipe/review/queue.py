@@ -261,6 +261,39 @@ def record_verdict(ledger: Ledger, event_id: str, verdict: str, note: str, revie
     return record
 
 
+# a verdict overrides a decision when it contradicts it; "review" decisions hand the call to the reviewer
+OVERRIDES = frozenset({("allow", "confirmed_manipulated"), ("block", "confirmed_clean")})
+FIRST_REVIEW = "first_review"  # ledger kind: the first of two reviews of a four-eyes override
+
+
+def record_review(ledger: Ledger, event_id: str, verdict: str, note: str, reviewer: str,
+                  second_reviewer_for: tuple[str, ...] = (), when: datetime | None = None) -> tuple[dict, bool]:
+    """``(record, final)``. A verdict overriding a decision listed in ``second_reviewer_for``
+    (``review.require_second_reviewer_for``) is first recorded as a ``first_review`` entry,
+    not final; it becomes the verdict (with ``first_reviewer``) when another reviewer gives
+    the same verdict. Any other verdict is final at once."""
+    decision = ledger.get(event_id, kind="decision")
+    if decision is None:
+        raise ReviewError(f"{event_id}: no decision record with this id in the ledger")
+    record = make_verdict(decision, verdict, note, reviewer, when or now_utc())
+    if (decision.get("decision"), verdict) not in OVERRIDES or decision.get("decision") not in second_reviewer_for:
+        return record_verdict(ledger, event_id, verdict, note, reviewer, when), True
+    first = ledger.get(event_id, kind=FIRST_REVIEW)
+    if first is None:
+        if not ledger.append(record, kind=FIRST_REVIEW, entry_id=event_id):
+            first = ledger.get(event_id, kind=FIRST_REVIEW) or {}
+            raise ReviewError(f"{event_id}: {first.get('reviewer')} has just proposed this override; "
+                              "a second reviewer confirms it")
+        return record, False
+    if first.get("reviewer") == reviewer:
+        raise ReviewError(f"{event_id}: overriding a {decision.get('decision')} needs a second reviewer; "
+                          f"{reviewer} gave the first review at {first.get('ts')}")
+    final = {**record, "first_reviewer": first.get("reviewer"), "first_review_ts": first.get("ts")}
+    if not ledger.append(final, kind="verdict", entry_id=event_id):
+        raise AlreadyReviewed(event_id, ledger.get(event_id, kind="verdict") or {})
+    return final, True
+
+
 def seconds_to_review(verdict: dict) -> float | None:
     """Decision time to verdict time, in seconds (None when the decision has no time)."""
     if not verdict.get("decision_ts"):

@@ -43,7 +43,7 @@ import unicodedata
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from werkzeug.security import check_password_hash, generate_password_hash
@@ -90,6 +90,9 @@ class ReviewSection(BaseModel):
     # addresses or networks of reverse proxies whose X-Forwarded-For the console believes
     # (for the per-address login lockout); empty: the TCP peer is the client
     trusted_proxies: list[str] = Field(default_factory=list)
+    # four eyes: a verdict that overrides one of these decisions (block then confirmed_clean,
+    # allow then confirmed_manipulated) takes effect only when a second reviewer confirms it
+    require_second_reviewer_for: list[Literal["allow", "block"]] = Field(default_factory=list)
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -211,6 +214,7 @@ class ReviewSettings:
     # policies are neither ingested nor shown; None (no --config) serves every record
     scope: Any = None
     trusted_proxies: tuple[str, ...] = ()  # review.trusted_proxies (see client_address)
+    require_second_reviewer_for: tuple[str, ...] = ()  # review.require_second_reviewer_for (four eyes)
 
     @property
     def bootstrap_servers(self) -> str | None:
@@ -301,6 +305,7 @@ def resolve_settings(
         models=dict(config.models) if config_path else {},
         scope=scope,
         trusted_proxies=tuple(section.trusted_proxies),
+        require_second_reviewer_for=tuple(section.require_second_reviewer_for),
     )
 
 
