@@ -40,7 +40,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from common import best_forward, table, write_results  # noqa: E402
 
-BASE = "c0b0297"  # main just before the predict-only speed changes
+BASE = "29d5893"  # main just before the predict-only speed changes
 EXAMPLE = ROOT / "examples" / "tabular"
 
 
