@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 
+import pytest
+
 from browserkit import by_id, chromium, click_and_wait, needs_chromium
 from test_review_records import seed_ledger
 from test_review_security import csrf_token, log_in
@@ -167,3 +169,56 @@ def test_four_eyes_in_a_real_browser(tmp_path):
     finally:
         driver.quit()
         server.stop()
+
+
+def test_double_review_sample_and_the_reports_agreement(tmp_path):
+    """With review.double_review_fraction 1.0 every routed item gets two independent
+    reviews; the second reviewer does not see the first verdict; the report's agreement and
+    Cohen's kappa are the ones computed here from the pairs."""
+    import json
+
+    from test_review_records import decision_record
+
+    from riskpipe.report import write_report
+
+    path = tmp_path / "double.sqlite3"
+    with Ledger(str(path)) as led:
+        for i in range(6):
+            led.append(decision_record(f"d-{i}", decision="review", digit_index=i))
+    import dataclasses
+
+    app = create_app(dataclasses.replace(_settings(path, required=()), double_review_fraction=1.0), metrics=None)
+    firsts = ["confirmed_clean", "confirmed_manipulated", "unsure", "confirmed_clean", "confirmed_manipulated", "unsure"]
+    seconds = ["confirmed_clean", "confirmed_manipulated", "confirmed_clean", "confirmed_clean", "unsure", "unsure"]
+    for i, (a, b) in enumerate(zip(firsts, seconds)):
+        assert _post(app, "alice", f"d-{i}", a).status_code == 302
+        page = _logged_in(app, "bob").get(f"/item/d-{i}").get_data(as_text=True)
+        assert "Double-review sample" in page and "the first verdict is not shown" in page
+        assert "Confirmed" not in page.split('id="first-review"')[1].split("</p>")[0]
+        assert _post(app, "bob", f"d-{i}", b).status_code == 302
+    d = json.loads(write_report(path, tmp_path / "r.json", "json").read_text())
+    ag = d["review"]["agreement"]
+    n, agree = 6, sum(a == b for a, b in zip(firsts, seconds))
+    chance = sum(firsts.count(k) * seconds.count(k) for k in set(firsts) | set(seconds)) / n**2
+    assert (ag["pairs"], ag["agree"]) == (n, agree)
+    assert ag["cohen_kappa"] == pytest.approx((agree / n - chance) / (1 - chance))
+    with Ledger(str(path)) as led:
+        v = led.get("d-2", kind="verdict")
+        assert (v["reviewer"], v["first_reviewer"], v["first_verdict"], v["double_review"]) == \
+            ("bob", "alice", "unsure", "sample")
+
+
+def _logged_in(app, name):
+    client = app.test_client()
+    log_in(client, name, f"{name} passphrase")
+    return client
+
+
+def test_double_review_draw_is_deterministic_and_near_its_fraction():
+    from riskpipe.review.queue import in_double_review_sample
+
+    ids = [f"evt-{i}" for i in range(4000)]
+    drawn = [i for i in ids if in_double_review_sample(i, 0.1)]
+    assert drawn == [i for i in ids if in_double_review_sample(i, 0.1)]
+    assert 0.08 < len(drawn) / len(ids) < 0.12
+    assert not any(in_double_review_sample(i, 0.0) for i in ids) and all(in_double_review_sample(i, 1.0) for i in ids)

@@ -569,7 +569,25 @@ def _review(g: _Groups, verdicts: list[dict], looked_up: dict, backlog: list[tup
                                       .most_common())},
         "deadline_missed": late,
         "pending": routed - reviewed_routed,
+        "agreement": _agreement([v for v in verdicts if v.get("double_review") == "sample"]),
+        "four_eyes_overrides": sum(1 for v in verdicts if v.get("double_review") == "four_eyes"
+                                   and v.get("verdict") == v.get("first_verdict")),
     }
+
+
+def _agreement(pairs: list[dict]) -> dict:
+    """Agreement of two independent reviewers on the double-review sample: observed
+    agreement and Cohen's kappa (agreement beyond what the reviewers' verdict rates give by chance)."""
+    n = len(pairs)
+    agree = sum(1 for v in pairs if v.get("verdict") == v.get("first_verdict"))
+    first, second = Counter(v.get("first_verdict") for v in pairs), Counter(v.get("verdict") for v in pairs)
+    chance = sum(first[k] * second[k] for k in VERDICTS) / (n * n) if n else None
+    kappa = None
+    if n and chance is not None and chance < 1:
+        kappa = (agree / n - chance) / (1 - chance)
+    return {"pairs": n, "agree": agree, "rate": _rate(agree, n), "cohen_kappa": kappa,
+            "definition": "items drawn by event id (review.double_review_fraction) judged by two reviewers, the "
+                          "second without seeing the first verdict"}
 
 
 def _dlq(f: _Facts) -> dict:

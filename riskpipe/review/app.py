@@ -367,7 +367,7 @@ def create_app(settings: ReviewSettings, *, metrics: Any = "default", publisher=
                                 error="This decision was not routed to review or drawn for audit.")
         try:
             record, final = rq.record_review(ledger(), event_id, form.verdict.data, form.note.data or "", g.reviewer,
-                                             settings.require_second_reviewer_for)
+                                             settings.require_second_reviewer_for, settings.double_review_fraction)
         except rq.AlreadyReviewed as e:
             return _render_item(event_id, form, status=409, error=str(e))
         except rq.ReviewError as e:
@@ -375,8 +375,11 @@ def create_app(settings: ReviewSettings, *, metrics: Any = "default", publisher=
         if not final:
             log.info("review console: %s gave the first of two reviews (%s) for %s", g.reviewer, record["verdict"],
                      event_id)
-            flash(f"First review “{rq.VERDICTS[record['verdict']]}” recorded for {event_id} by {g.reviewer}: overriding "
-                  f"a {decision.get('decision')} takes effect when a second reviewer confirms it.", "info")
+            why = (f"overriding a {decision.get('decision')} takes effect when a second reviewer confirms it"
+                   if record["double_review"] == "four_eyes" else
+                   "this item is in the double-review sample: a second reviewer judges it independently")
+            flash(f"First review “{rq.VERDICTS[record['verdict']]}” recorded for {event_id} by {g.reviewer}: {why}.",
+                  "info")
             return redirect(url_for("queue_page"))
         log.info("review console: %s recorded %s for %s", g.reviewer, record["verdict"], event_id)
         _after_verdict(record, decision)

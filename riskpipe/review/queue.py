@@ -8,6 +8,7 @@ ledger itself refuses a second verdict for the same event.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -266,29 +267,50 @@ OVERRIDES = frozenset({("allow", "confirmed_manipulated"), ("block", "confirmed_
 FIRST_REVIEW = "first_review"  # ledger kind: the first of two reviews of a four-eyes override
 
 
+def in_double_review_sample(event_id: str, fraction: float) -> bool:
+    """Deterministic draw keyed on the event id (every console replica agrees)."""
+    return fraction > 0 and int(hashlib.sha256(event_id.encode("utf-8")).hexdigest()[:8], 16) < fraction * 2**32
+
+
+def two_reviews(decision: dict, verdict: str, second_reviewer_for: tuple[str, ...] = (),
+                double_review_fraction: float = 0.0) -> str | None:
+    """Why this verdict needs a second reviewer: ``four_eyes`` (it overrides a decision in
+    ``review.require_second_reviewer_for``), ``sample`` (the item is in the double-review
+    sample, ``review.double_review_fraction``), or None."""
+    if (decision.get("decision"), verdict) in OVERRIDES and decision.get("decision") in second_reviewer_for:
+        return "four_eyes"
+    if needs_review(decision) and in_double_review_sample(str(decision.get("id")), double_review_fraction):
+        return "sample"
+    return None
+
+
 def record_review(ledger: Ledger, event_id: str, verdict: str, note: str, reviewer: str,
-                  second_reviewer_for: tuple[str, ...] = (), when: datetime | None = None) -> tuple[dict, bool]:
-    """``(record, final)``. A verdict overriding a decision listed in ``second_reviewer_for``
-    (``review.require_second_reviewer_for``) is first recorded as a ``first_review`` entry,
-    not final; it becomes the verdict (with ``first_reviewer``) when another reviewer gives
-    the same verdict. Any other verdict is final at once."""
+                  second_reviewer_for: tuple[str, ...] = (), double_review_fraction: float = 0.0,
+                  when: datetime | None = None) -> tuple[dict, bool]:
+    """``(record, final)``. When a first review of the event is in the ledger, this is the
+    second: another reviewer's verdict, final, carrying ``first_reviewer``, ``first_verdict``
+    and ``double_review`` (why there were two). Otherwise a verdict that needs two reviews
+    (:func:`two_reviews`) is recorded as a ``first_review`` entry, not final; any other is
+    final at once."""
     decision = ledger.get(event_id, kind="decision")
     if decision is None:
         raise ReviewError(f"{event_id}: no decision record with this id in the ledger")
     record = make_verdict(decision, verdict, note, reviewer, when or now_utc())
-    if (decision.get("decision"), verdict) not in OVERRIDES or decision.get("decision") not in second_reviewer_for:
-        return record_verdict(ledger, event_id, verdict, note, reviewer, when), True
     first = ledger.get(event_id, kind=FIRST_REVIEW)
     if first is None:
-        if not ledger.append(record, kind=FIRST_REVIEW, entry_id=event_id):
-            first = ledger.get(event_id, kind=FIRST_REVIEW) or {}
-            raise ReviewError(f"{event_id}: {first.get('reviewer')} has just proposed this override; "
-                              "a second reviewer confirms it")
-        return record, False
+        why = two_reviews(decision, verdict, second_reviewer_for, double_review_fraction)
+        if why is None:
+            return record_verdict(ledger, event_id, verdict, note, reviewer, when), True
+        if not ledger.append({**record, "double_review": why}, kind=FIRST_REVIEW, entry_id=event_id):
+            raise ReviewError(f"{event_id}: another reviewer has just given the first review; "
+                              "a second reviewer gives the verdict")
+        return {**record, "double_review": why}, False
     if first.get("reviewer") == reviewer:
-        raise ReviewError(f"{event_id}: overriding a {decision.get('decision')} needs a second reviewer; "
+        raise ReviewError(f"{event_id}: this item needs a second reviewer "
+                          f"({'overriding a ' + str(decision.get('decision')) if first.get('double_review') == 'four_eyes' else 'double-review sample'}); "
                           f"{reviewer} gave the first review at {first.get('ts')}")
-    final = {**record, "first_reviewer": first.get("reviewer"), "first_review_ts": first.get("ts")}
+    final = {**record, "first_reviewer": first.get("reviewer"), "first_verdict": first.get("verdict"),
+             "first_review_ts": first.get("ts"), "double_review": first.get("double_review")}
     if not ledger.append(final, kind="verdict", entry_id=event_id):
         raise AlreadyReviewed(event_id, ledger.get(event_id, kind="verdict") or {})
     return final, True

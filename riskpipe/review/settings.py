@@ -93,6 +93,9 @@ class ReviewSection(BaseModel):
     # four eyes: a verdict that overrides one of these decisions (block then confirmed_clean,
     # allow then confirmed_manipulated) takes effect only when a second reviewer confirms it
     require_second_reviewer_for: list[Literal["allow", "block"]] = Field(default_factory=list)
+    # fraction of routed items (drawn by event id) that two reviewers judge independently:
+    # the report's agreement between reviewers
+    double_review_fraction: float = Field(0.0, ge=0.0, le=1.0)
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -215,6 +218,7 @@ class ReviewSettings:
     scope: Any = None
     trusted_proxies: tuple[str, ...] = ()  # review.trusted_proxies (see client_address)
     require_second_reviewer_for: tuple[str, ...] = ()  # review.require_second_reviewer_for (four eyes)
+    double_review_fraction: float = 0.0  # review.double_review_fraction (agreement sample)
 
     @property
     def bootstrap_servers(self) -> str | None:
@@ -306,6 +310,7 @@ def resolve_settings(
         scope=scope,
         trusted_proxies=tuple(section.trusted_proxies),
         require_second_reviewer_for=tuple(section.require_second_reviewer_for),
+        double_review_fraction=section.double_review_fraction,
     )
 
 
