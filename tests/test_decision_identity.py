@@ -88,6 +88,9 @@ def test_two_policies_on_one_ledger_each_decide_and_publish_their_own(tmp_path, 
         assert dict(rb.stats.earlier) and sum(rb.stats.earlier.values()) == 12
         assert led.count("decision") == 24 and led.verify().ok
         assert all(shas(led.get_all(f"e-{i}")) == {sha_a, sha_b} for i in range(12))
+        # the stage's per-batch look-up returns the same records, in chain order; unknown ids absent
+        ids = [f"e-{i}" for i in range(12)] + ["never-seen"]
+        assert led.get_all_many(ids) == {i: led.get_all(i) for i in ids[:-1]}
         # stage A again on the same file (a redelivery of the same positions): its own records only
         ra2 = run_offline(str(src), tmp_path / "a2", config(), pipeline=wine.a, ledger=led)
         assert (ra2.stats.decided, ra2.stats.redelivered) == (12, 12)

@@ -69,9 +69,9 @@ class OutageLedger(PostgresLedger):
             self.outages.append(where)
             threading.Timer(self.down_s, self.server.resume).start()
 
-    def get_all(self, entry_id, kind="decision"):  # the stage's id look-up
+    def get_all_many(self, entry_ids, kind="decision"):  # the stage's id look-up (one per batch)
         self._maybe_fail("get")
-        return super().get_all(entry_id, kind)
+        return super().get_all_many(entry_ids, kind)
 
     def append_entries(self, entries, inputs=()):
         entries = list(entries)

@@ -231,6 +231,20 @@ class Ledger:
                               (kind, entry_id)).fetchall()
         return [json.loads(r[0]) for r in rows]
 
+    def get_all_many(self, entry_ids: Iterable[str], kind: str = "decision") -> dict[str, list[dict]]:
+        """``get_all`` for many ids in a few queries (the stage's per-batch id look-up):
+        id -> its records in chain order; ids with none are absent."""
+        ids = sorted(set(entry_ids))
+        out: dict[str, list[dict]] = {}
+        with self._conn() as db:
+            for i in range(0, len(ids), _ID_CHUNK):
+                chunk = ids[i:i + _ID_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for eid, rec in db.execute(f"SELECT entry_id, record FROM entries WHERE kind = ? AND entry_id IN "
+                                           f"({marks}) ORDER BY seq", (kind, *chunk)).fetchall():
+                    out.setdefault(eid, []).append(json.loads(rec))
+        return out
+
     def records(self, kind: str | None = None, since: Any = None, until: Any = None) -> Iterator[Entry]:
         """Entries in chain order; ``since`` inclusive, ``until`` exclusive, compared on ``ts``.
 

@@ -315,26 +315,33 @@ class Stage:
         return ev
 
     def _lookup(self, parsed: list[Accepted]) -> tuple[dict[str, list[dict]], dict[int, Dead]]:
-        """Stored decisions of the batch's ids (under any model and policy); an id the
-        lookup fails on for a data reason is that event's failure. An unavailable ledger
-        raises (the batch waits)."""
+        """Stored decisions of the batch's ids (under any model and policy), in one look-up
+        per batch; if that fails for a data reason, id by id, and an id the look-up fails
+        on is that event's failure. An unavailable ledger raises (the batch waits)."""
         known: dict[str, list[dict]] = {}
         failed: dict[int, Dead] = {}
-        if self.ledger is None:
+        if self.ledger is None or not parsed:
             return known, failed
+        try:
+            known = self.ledger.get_all_many([a.event.id for a in parsed])
+        except Exception as e:  # noqa: BLE001 - find the culprit id, below
+            if infrastructure_component(e):
+                raise
+            for a in parsed:
+                try:
+                    recs = self.ledger.get_all(a.event.id)
+                except Exception as e:  # noqa: BLE001
+                    if infrastructure_component(e):
+                        raise
+                    failed[id(a)] = Dead.from_exception(a.message, e, "ledger lookup")
+                    continue
+                if recs:
+                    known[a.event.id] = recs
         pending = self.in_flight.pending if self.in_flight is not None else {}  # rows being written now
         for a in parsed:
-            try:
-                recs = self.ledger.get_all(a.event.id)
-                if a.event.id in pending and pending[a.event.id] not in recs:
-                    recs = [*recs, pending[a.event.id]]
-            except Exception as e:  # noqa: BLE001
-                if infrastructure_component(e):
-                    raise
-                failed[id(a)] = Dead.from_exception(a.message, e, "ledger lookup")
-                continue
-            if recs:
-                known[a.event.id] = recs
+            rec = pending.get(a.event.id)
+            if rec is not None and rec not in known.get(a.event.id, []):
+                known[a.event.id] = [*known.get(a.event.id, []), rec]
         return known, failed
 
     def _decide(self, accepted: list[Accepted], dead: list[Dead]) -> list[tuple[Accepted, dict]]:
