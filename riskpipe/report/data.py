@@ -105,7 +105,8 @@ def gather(ledger_path: str, since: Any = None, until: Any = None, verify: bool 
                 "certificates": _certificates(g, f.numbers(led.number_at("certificate.p_lower"),
                                                            "model_label", "policy_label")),
                 "radius": _radius(radii),
-                "review": _review(g, verdicts, looked_up, f.backlog(), until),
+                "review": _review(g, verdicts, looked_up, f.backlog(),
+                                  _ts(until) if until is not None else _from_epoch(last)),
                 "dlq": _dlq(f),
                 "breakdown": _breakdown(g, radii, verdicts, looked_up),
                 "examples": _examples(f, led.get_input),
@@ -519,7 +520,9 @@ def _p50_p95(values: list[float]) -> dict:
 NO_REASON = "(no reason)"
 
 
-def _review(g: _Groups, verdicts: list[dict], looked_up: dict, backlog: list[tuple], until: Any) -> dict:
+def _review(g: _Groups, verdicts: list[dict], looked_up: dict, backlog: list[tuple], as_of: datetime | None) -> dict:
+    """``as_of``: the end of the period (``until``, else the last decision), so the
+    backlog's age is reproducible; the console's gauge has the age as of now."""
     n, routed, audit = g.total(), g.total("routed"), g.total("audit")
     counts = Counter(v.get("verdict") for v in verdicts)
     overrides, eligible, minutes, late = [], 0, [], 0
@@ -547,8 +550,7 @@ def _review(g: _Groups, verdicts: list[dict], looked_up: dict, backlog: list[tup
         if t_v and deadline is not None and t_v.timestamp() > deadline:
             late += 1
     reviewed_routed = sum(1 for i in {v.get("id") for v in verdicts} if (looked_up.get(i) or {}).get("routed"))
-    as_of = _ts(until) if until is not None else datetime.now(timezone.utc)
-    ages = [(as_of.timestamp() - t) / 3600 for t, _ in backlog if t is not None]
+    ages = [(as_of.timestamp() - t) / 3600 for t, _ in backlog if t is not None] if as_of else []
     return {
         "routed": routed, "routed_rate": _rate(routed, n),
         "by_priority": {p: c for p, c in g.count("priority_label", where=lambda r: r["routed"])},
