@@ -6,13 +6,29 @@ samplers ``--reps`` times and keeping the best of each:
 * noise cost per evaluation: drawing the noise and forming the model's inputs, no model;
 * cost per evaluation in certify mode (n0 + n samples per input, model included);
 * decisions/s of decide mode (epsilon 0.25, budget ``--budget``) on a set of inputs.
-Prints a table and writes bench/results/sound.json with the ratios sound / gaussian.
+
+Then, through the stage (``run_offline`` under each example's own policy, no ledger),
+the code at ``--before`` (default c0b0297, exported with ``git archive`` into a temp
+directory) and this tree side by side, each in its own process, alternating ``--reps``
+times (best of each kept): for the demo (sampler sound on its 1/16 grid) and the image
+example (its policy: sound, 8-bit grid), with the sound and the gaussian sampler,
+* the share of stage wall time spent drawing noise and forming the model's inputs
+  (the sampler's draw + perturb, timed around each call),
+* evaluations/s (sum of the certificates' n_samples over the stage's wall time).
+Prints tables and writes bench/results/sound.json with the ratios sound / gaussian and
+after / before.
+
+    python bench/bench_sound.py [--reps 3] [--events 48] [--before c0b0297]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -72,13 +88,120 @@ def run(s, X):
             "certified": int(sum(c.certified for c in dec)), "mean_radius_certify": float(np.mean([c.radius for c in certs]))}
 
 
+STAGE_CASES = [  # (label, config file or None for the defaults, model name, grid levels for sound)
+    ("demo digits 1x8x8", None, "digits", 16),
+    ("image example 3x32x32", HERE.parent / "examples" / "image" / "riskpipe.yaml", "shapes", 255),
+]
+
+
+def timed(fn, clock: list):
+    def wrapper(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            clock[0] += time.perf_counter() - t0
+    return wrapper
+
+
+def stage_measure(events: int) -> dict:
+    """In this process (whatever riskpipe PYTHONPATH gives): per case and sampler, the
+    stage's wall time, the time inside the sampler's draw + perturb, and evaluations."""
+    from bench_models import inputs
+
+    from riskpipe.certify.samplers import make_sampler
+    from riskpipe.compose import build_pipeline
+    from riskpipe.stream.config import load_config
+    from riskpipe.stream.events import make_event
+    from riskpipe.stream.offline import run_offline
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, path, model, levels in STAGE_CASES:
+            config = load_config(str(path) if path else None, ledger=None,
+                                 batch={"max_events": 32, "max_wait_ms": 50})
+            pipeline = build_pipeline(config)
+            cert = pipeline.entries[model].certifier
+            X = inputs(model, events)
+            evs = [make_event(f"{model}-{i}", model, x, upstream_risk=0.1) for i, x in enumerate(X)]
+            for sampler in ("gaussian", "sound"):
+                cert.sampler, cert.noise = sampler, make_sampler(sampler, cert.sigma, cert.model, grid_levels=levels)
+                clock = [0.0]
+                cert.noise.draw = timed(cert.noise.draw, clock)
+                cert.noise.perturb = timed(cert.noise.perturb, clock)
+                run_offline(evs[:4], Path(tmp) / f"warm-{model}-{sampler}", config, pipeline=pipeline)
+                clock[0] = 0.0
+                t0 = time.perf_counter()
+                res = run_offline(evs, Path(tmp) / f"{model}-{sampler}", config, pipeline=pipeline)
+                wall = time.perf_counter() - t0
+                audit = res.read("audit")
+                assert len(audit) == events and all(r["certificate"]["sampler"] == sampler for r in audit), label
+                evals = sum(r["certificate"]["n_samples"] for r in audit)
+                out.setdefault(label, {})[sampler] = {
+                    "wall_s": wall, "noise_s": clock[0], "noise_share_of_stage": clock[0] / wall,
+                    "evals": evals, "evals_per_s": evals / wall, "decisions_per_s": events / wall}
+    return out
+
+
+def export(ref: str, into: Path) -> Path:
+    """The package ``riskpipe`` as it was at ``ref``, in ``into`` (for PYTHONPATH)."""
+    root = HERE.parent
+    tar = subprocess.run(["git", "-C", str(root), "archive", ref, "riskpipe"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=tar, check=True)
+    return into
+
+
+def stage_side_by_side(before: str, reps: int, events: int) -> dict:
+    """Before (``before``) and after (this tree) alternating in fresh processes, best of each."""
+    best: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {"before": export(before, Path(tmp)), "after": HERE.parent}
+        for _ in range(reps):
+            for code, tree in trees.items():
+                env = {**os.environ, "PYTHONPATH": str(tree)}
+                run = subprocess.run([sys.executable, __file__, "--stage-child", str(events)], env=env,
+                                     capture_output=True, text=True, check=True)
+                for label, by in json.loads(run.stdout.splitlines()[-1]).items():
+                    for sampler, r in by.items():
+                        b = best.setdefault(code, {}).setdefault(label, {}).setdefault(sampler, r)
+                        for k in ("noise_share_of_stage", "noise_s", "wall_s"):
+                            b[k] = min(b[k], r[k])
+                        for k in ("evals_per_s", "decisions_per_s"):
+                            b[k] = max(b[k], r[k])
+    out = {"before_ref": before, "events": events, "reps": reps, "code": best, "ratios": {}}
+    for label in best["after"]:
+        a, b = best["after"][label], best["before"][label]
+        out["ratios"][label] = {
+            "sound_over_gaussian_evals_per_s": {c: best[c][label]["sound"]["evals_per_s"]
+                                                / best[c][label]["gaussian"]["evals_per_s"] for c in best},
+            "sound_evals_per_s_after_over_before": a["sound"]["evals_per_s"] / b["sound"]["evals_per_s"],
+            "sound_noise_share": {c: best[c][label]["sound"]["noise_share_of_stage"] for c in best},
+            "gaussian_noise_share": {c: best[c][label]["gaussian"]["noise_share_of_stage"] for c in best}}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--inputs", type=int, default=32)
     ap.add_argument("--n", type=int, default=2048)
     ap.add_argument("--budget", type=int, default=10_000)
+    ap.add_argument("--events", type=int, default=48, help="events per model through the stage")
+    ap.add_argument("--before", default="c0b0297", help="git ref of the code to compare against")
+    ap.add_argument("--stage-child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.stage_child:
+        print(json.dumps(stage_measure(args.stage_child)))
+        return
+    stage = stage_side_by_side(args.before, args.reps, args.events)
+    srows = [(label, code, sampler, f"{r['noise_share_of_stage']:.1%}", f"{r['evals_per_s']:.0f}",
+              f"{r['decisions_per_s']:.1f}")
+             for code in ("before", "after") for label, by in stage["code"][code].items() for sampler, r in by.items()]
+    print(table(srows, ("model", "code", "sampler", "noise share of stage", "evals/s", "decisions/s")))
+    for label, r in stage["ratios"].items():
+        print(f"{label}: sound/gaussian evals/s before {r['sound_over_gaussian_evals_per_s']['before']:.2f}x, "
+              f"after {r['sound_over_gaussian_evals_per_s']['after']:.2f}x; sound after/before "
+              f"{r['sound_evals_per_s_after_over_before']:.2f}x")
     out, rows = {}, []
     for name, model, X, levels, batch in cases(args.inputs):
         best: dict[str, dict] = {}
@@ -110,7 +233,8 @@ def main() -> None:
     print(table(rows, ("model", "sampler", "noise us/eval", "certify us/eval", "decide evals/s", "decisions/s",
                        "certified", "mean radius")))
     path = write_results("sound", {"sigma": SIGMA, "alpha": ALPHA, "epsilon": EPS, "reps": args.reps,
-                                   "inputs": args.inputs, "n": args.n, "budget": args.budget, "models": out})
+                                   "inputs": args.inputs, "n": args.n, "budget": args.budget, "models": out,
+                                   "stage": stage})
     print(f"wrote {path}")
 
 

@@ -246,11 +246,12 @@ def test_init_proposes_the_sound_sampler_exactly_when_the_reference_set_is_quant
     assert "warning: the reference set has 40 rows, below 300" in r.stderr
     assert re.search(r"warning: classes with fewer than 20 reference rows: 0: \d+", r.stderr)
     from riskpipe.policy import load_policy
+    from riskpipe.survey import SOUND_EVALS_IMAGE
 
     cert = load_policy(str(out / "policy.yaml")).certifier
     if pixels == "8-bit":
         assert (cert.sampler, cert.grid_levels) == ("sound", 255)
-        assert "chose sampler sound, grid_levels 255" in r.stdout and "0.98x the cost per model evaluation" in r.stdout
+        assert "chose sampler sound, grid_levels 255" in r.stdout and f"{SOUND_EVALS_IMAGE:.2f}x the gaussian sampler's model evaluations/s" in r.stdout
         assert "UINT8" in r.stdout and "so they are on this grid too" in r.stdout
     else:
         assert cert.sampler == "gaussian" and "grid_levels" not in written_certifier(out)

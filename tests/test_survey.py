@@ -151,11 +151,14 @@ def test_no_grid_for_values_off_every_grid(case):
 
 
 def test_sampler_proposal_says_why_what_it_costs_and_what_to_declare():
+    from riskpipe import survey as sv
+
     g = quantisation_grid(on_grid(16, 0.0, 1.0), 0.0, 1.0)
     p = propose_sampler(g, 19200, (0.0, 1.0))
     assert (p.sampler, p.grid_levels) == ("sound", 16)
     assert "grid 0 + k * (1 - 0) / 16" in p.reasons[0] and "all 19200 reference values (17 distinct)" in p.reasons[0]
-    assert "0.98x the cost per model evaluation" in p.reasons[0] and "0.70x the decisions/s" in p.reasons[0]
+    assert f"{sv.SOUND_EVALS_IMAGE:.2f}x the gaussian sampler's model evaluations/s" in p.reasons[0]
+    assert f"{sv.SOUND_EVALS_DEMO:.2f}x on the 8x8 demo model" in p.reasons[0]
     assert "UINT8" in p.reasons[0] and "grid_levels: 4080" in p.reasons[0]  # lcm(16, 255) takes 8-bit events too
     p8 = propose_sampler(quantisation_grid(on_grid(255, 0.0, 1.0), 0.0, 1.0), 1, (0.0, 1.0))
     assert (p8.sampler, p8.grid_levels) == ("sound", 255) and "so they are on this grid too" in p8.reasons[0]
@@ -175,8 +178,8 @@ def test_sound_cost_figures_are_the_committed_benchmark():
     from riskpipe import survey as sv
 
     res = json.loads((Path(__file__).resolve().parents[1] / "bench" / "results" / "sound.json").read_text())
-    ratios = {name: m["ratio_sound_over_gaussian"] for name, m in res["models"].items()}
-    cnn = next(v for k, v in ratios.items() if "CIFAR" in k)
+    ratios = {name: r["sound_over_gaussian_evals_per_s"]["after"] for name, r in res["stage"]["ratios"].items()}
+    image = next(v for k, v in ratios.items() if "image" in k)
     demo = next(v for k, v in ratios.items() if "demo" in k)
-    assert round(cnn["certify_cost_per_eval"], 2) == sv.SOUND_COST_CNN_PER_EVAL
-    assert round(demo["decisions_per_s"], 2) == sv.SOUND_COST_DEMO_DECISIONS
+    assert round(image, 2) == sv.SOUND_EVALS_IMAGE
+    assert round(demo, 2) == sv.SOUND_EVALS_DEMO

@@ -25,8 +25,9 @@ it. Certificates made this way say so in their scope.
    arithmetic (exact), and origin + h * (a + j) is one fixed float per integer, so
    the model's input is a deterministic function of the lattice point: float
    rounding no longer enters the distribution.
-4. j is drawn by inverse-CDF lookup: a uniform integer u in [0, 2^62) (torch's
-   generator; the only assumption is that its bits are fair coins) against the
+4. j is drawn by inverse-CDF lookup: j = #{i : T_i <= u} - J for a uniform integer u
+   in [0, 2^62) (torch's generator; the only assumption is that its bits are fair
+   coins) against the
    integer table T_i = ceil(2^62 * Phi((i + 1/2) h / sigma)), i = -J .. J-1, computed
    exactly (``riskpipe.certify.normal_table``: equal, entry for entry, to evaluating it
    in 60-digit arithmetic), with J h >= 10 sigma; the two end bins also take the
@@ -43,6 +44,18 @@ it. Certificates made this way say so in their scope.
    is a test of q_A >= tau + eta. eta is below 1e-10 for any input the stage takes
    (d up to 10^7); it is subtracted anyway, so no step of the argument is
    approximate.
+
+How u is drawn (``SoundSampler.draw``), without changing its law: u's top 16 bits b
+come first, a quarter of one uniform 64-bit word of the generator per coordinate
+(``random_(-2^63, None)``: all 64 bits). Most values of b (all but
+about 2J of the 65536) leave no threshold inside [b 2^46, (b + 1) 2^46), so j is fixed
+by b alone and read from a 65536-entry table. For a coordinate whose b does hold a
+threshold, its low 46 bits r are drawn (uniform in [0, 2^46), independent of b) and
+j is looked up for u = b 2^46 + r. u is then uniform on [0, 2^62) exactly as if all 62
+bits were drawn at once, and j the same function of it; only the order in which the
+generator's bits are used differs, and that order is fixed by the seed (same seed,
+same noise, same certificate). r uses a power-of-two range, so torch's
+``random_(0, 2^46)`` (a 64-bit word modulo 2^46) is exactly uniform.
 
 Both samplers draw every input's noise from that input's own generator, so one
 input's samples never depend on its batch-mates.
@@ -67,6 +80,9 @@ _TAIL_SIGMAS = 10.0  # J h >= 10 sigma (riskpipe.certify.normal_table.TAIL_SIGMA
 _GRID_TOLERANCE = 1e-3  # in grid steps: float inputs within this of a grid point are on it
 F32_SLACK = 2.0 ** -21  # relative: a few float32 roundings of lo + k * h (store, scale, shift)
 _BUCKET_BITS = 16  # inverse-CDF lookup: the top bits of u index a table of threshold counts
+_LOW_BITS = _BITS - _BUCKET_BITS
+_HARD = -(1 << 31)  # bucket code: a threshold lies inside the bucket (never a j: J <= 2^20)
+_VALUE_TABLE_MAX = 1 << 22  # perturb: lattice floats by table lookup when the batch spans fewer points
 
 
 class GridError(ValueError):
@@ -140,7 +156,8 @@ class SoundSampler:
         check_table(self.sigma, self.step, _TAIL_SIGMAS)
         self._thresholds, self.J, tv = _table(self.sigma / self.step)
         self.margin = self.input_dim * tv
-        self._device_tables: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._device_tables: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._value_tables: dict[str, tuple[int, torch.Tensor]] = {}  # device -> (first k, floats of k..)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """The inputs' integer grid coordinates (int64); GridError for an input off the grid."""
@@ -153,10 +170,11 @@ class SoundSampler:
             idx = torch.nonzero(off)[0].tolist()
             raise GridError(f"input: coordinate {idx[1:]} of input {idx[0]} is {float(x[tuple(idx)]):.9g}, not on "
                             f"the sound sampler's grid {self.origin:g} + k * {self.step:.9g}")
-        return a.to(torch.int64)
+        fits = a.numel() == 0 or float(a.abs().max()) + self.J < 2 ** 31  # a + j stays an int32
+        return a.to(torch.int32 if fits else torch.int64)
 
     def new_buffer(self, n: int, shape: tuple[int, ...], device) -> torch.Tensor:
-        return torch.empty((n,) + shape, dtype=torch.int64, device=device)
+        return torch.empty((n,) + shape, dtype=torch.int32, device=device)
 
     def admissible(self, x: np.ndarray, x_adv: np.ndarray) -> np.ndarray:
         """The grid point of ``x_adv`` rounded towards ``x`` per coordinate (no farther in any norm)."""
@@ -164,8 +182,9 @@ class SoundSampler:
         k = a + np.trunc((np.asarray(x_adv, np.float64) - self.origin) / self.step - a)
         return (self.origin + self.step * k).astype(np.float32)
 
-    def _tables(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(thresholds, j at each bucket's first u, whether a threshold lies inside the bucket)."""
+    def _tables(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(thresholds, j at each bucket's first u, whether a threshold lies inside the bucket,
+        and per bucket as int32 its j or ``_HARD`` where a threshold lies inside)."""
         key = str(device)
         if key not in self._device_tables:
             t = self._thresholds
@@ -173,20 +192,33 @@ class SoundSampler:
             starts = np.arange(1 << _BUCKET_BITS, dtype=np.int64) * width
             first = np.searchsorted(t, starts, side="right")  # thresholds <= each bucket's first u
             last = np.searchsorted(t, starts + (width - 1), side="right")  # ... <= its last u
+            code = np.where(last != first, _HARD, first - self.J).astype(np.int32)
             self._device_tables[key] = tuple(torch.from_numpy(a).to(device)
-                                             for a in (t, first - self.J, last != first))
+                                             for a in (t, first - self.J, last != first, code))
         return self._device_tables[key]
 
     def draw(self, out: torch.Tensor, gen: torch.Generator) -> None:
-        """Integer noise j by inverse-CDF lookup of uniform 62-bit integers u (in place)."""
-        out.random_(0, _Q, generator=gen)
-        self.lookup(out, out=out)
+        """Integer noise j into ``out`` (int32) by inverse-CDF lookup of uniform 62-bit u,
+        drawn top 16 bits first and the low 46 bits only where they matter (module docstring)."""
+        table, first, inside, code = self._tables(out.device)
+        n = out.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=out.device).random_(-(1 << 63), None,
+                                                                                     generator=gen)
+        bucket = out.view(-1).copy_(words.view(torch.int16)[:n]).bitwise_and_((1 << _BUCKET_BITS) - 1)
+        j = code.index_select(0, bucket)
+        hard = torch.nonzero(j == _HARD).squeeze(1)
+        if hard.numel():
+            u = torch.empty(hard.numel(), dtype=torch.int64, device=out.device).random_(0, 1 << _LOW_BITS,
+                                                                                         generator=gen)
+            u |= bucket.index_select(0, hard).to(torch.int64) << _LOW_BITS
+            j.index_copy_(0, hard, torch.searchsorted(table, u, right=True, out_int32=True).sub_(self.J))
+        bucket.copy_(j)
 
     def lookup(self, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """j = #{thresholds <= u} - J for u in [0, 2^62). Most buckets (top 16 bits of u) hold
         no threshold, so j is the bucket's count, one gather; for u in the few buckets that
         hold one (about 2J of the 65536), an exact binary search of the whole table."""
-        table, first, inside = self._tables(u.device)
+        table, first, inside, _ = self._tables(u.device)
         flat = u.reshape(-1)
         bucket = flat >> (_BITS - _BUCKET_BITS)
         hard = inside.index_select(0, bucket)
@@ -197,9 +229,24 @@ class SoundSampler:
         return j.view(u.shape)
 
     def perturb(self, base: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """origin + step * (a + j): integer sum, then one fixed float per lattice point."""
-        noise += base
-        return noise.to(torch.float64).mul_(self.step).add_(self.origin).to(torch.float32)
+        """origin + step * (a + j): integer sum, then one fixed float per lattice point
+        (float32 of the float64 expression), read from a table of the lattice points the
+        batch spans when they are few, computed per coordinate otherwise: the same floats."""
+        k = noise.add_(base) if base.dtype == noise.dtype else noise.to(base.dtype).add_(base)
+        if k.numel() == 0:
+            return k.to(torch.float32)
+        lo, hi = (int(v) for v in torch.aminmax(k))
+        have = self._value_tables.get(str(k.device))
+        if have is None or not have[0] <= lo <= hi < have[0] + len(have[1]):
+            lo, hi = (lo, hi) if have is None else (min(lo, have[0]), max(hi, have[0] + len(have[1]) - 1))
+            if hi - lo >= _VALUE_TABLE_MAX:
+                return self._lattice_floats(k)
+            have = lo, self._lattice_floats(torch.arange(lo, hi + 1, dtype=torch.int64, device=k.device))
+            self._value_tables[str(k.device)] = have
+        return have[1].index_select(0, k.sub_(have[0]).view(-1)).view(k.shape)
+
+    def _lattice_floats(self, k: torch.Tensor) -> torch.Tensor:
+        return k.to(torch.float64).mul_(self.step).add_(self.origin).to(torch.float32)
 
     def describe(self) -> dict:
         return {"sampler": self.name, "grid_step": self.step, "grid_origin": self.origin, "tv_margin": self.margin}

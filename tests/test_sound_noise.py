@@ -1,0 +1,63 @@
+"""The sound sampler's fast noise path (issue 21 item 1): the bucket table agrees with the
+exact lookup, draws follow the table's law and repeat under a seed, and the lattice floats
+are the float64 expression's whatever path forms them."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chi2
+
+from riskpipe.certify.samplers import _BUCKET_BITS, _HARD, _LOW_BITS, SoundSampler
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _sampler(sigma=0.25, levels=255, d=3072):
+    return SoundSampler(sigma, (0.0, 1.0), d, levels)
+
+
+@pytest.mark.parametrize("sigma,levels", [(0.25, 255), (0.5, 16), (0.12, 65535)])
+def test_bucket_codes_are_the_exact_lookup_at_both_ends_of_every_bucket(sigma, levels):
+    s = _sampler(sigma, levels)
+    code = s._tables("cpu")[3]
+    b = torch.arange(1 << _BUCKET_BITS, dtype=torch.int64)
+    lo, hi = s.lookup(b << _LOW_BITS), s.lookup(((b + 1) << _LOW_BITS) - 1)
+    easy = code != _HARD
+    assert torch.equal(code[easy].long(), lo[easy]) and torch.equal(lo[easy], hi[easy])
+    assert bool((lo[~easy] != hi[~easy]).all())  # a bucket is hard only when a threshold lies inside it
+
+
+def test_draws_follow_the_tables_law_and_repeat_under_a_seed():
+    s = _sampler()
+    buf = s.new_buffer(1_000_003, (), "cpu")  # not a multiple of 4: the last 64-bit word is cut
+    s.draw(buf, torch.Generator().manual_seed(7))
+    t = s._thresholds.astype(object)
+    q = np.diff(np.concatenate([[0], t, [1 << 62]])).astype(float) / 2.0 ** 62
+    counts = np.bincount(buf.numpy() + s.J, minlength=2 * s.J + 1)
+    assert counts.sum() == len(buf) and len(counts) == 2 * s.J + 1  # every j within [-J, J]
+    big = q * len(buf) > 20
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(q[big], q[~big].sum()) * len(buf)
+    assert chi2.sf(((obs - exp) ** 2 / exp).sum(), len(obs) - 1) > 1e-4
+    again = s.new_buffer(1_000_003, (), "cpu")
+    s.draw(again, torch.Generator().manual_seed(7))
+    assert torch.equal(buf, again)
+
+
+def test_lattice_floats_are_the_float64_expression_on_every_path():
+    s = SoundSampler(0.25, (-1.0, 1.0), 4, 255)
+    k = torch.randint(-3000, 3000, (50_000,), generator=torch.Generator().manual_seed(0))
+    want = (k.double() * s.step + s.origin).float()
+    a = s.prepare(want[:0].reshape(0, 4))
+    assert a.dtype == torch.int32  # grid coordinates of ordinary inputs are int32
+    assert torch.equal(s.perturb(k.int(), torch.zeros(len(k), dtype=torch.int32)), want)  # table path
+    assert torch.equal(s.perturb(k[::7].int(), torch.zeros(len(k[::7]), dtype=torch.int32)), want[::7])  # cached
+    wide = torch.tensor([0, 1 << 23, -(1 << 22)])
+    assert torch.equal(s.perturb(wide.int(), torch.zeros(3, dtype=torch.int32)),
+                       (wide.double() * s.step + s.origin).float())  # too wide for a table
+    far = SoundSampler(1e-10, None, 2, grid_step=1e-12)
+    x = torch.tensor([[1.0, 3.0]])
+    a = far.prepare(x)
+    assert a.dtype == torch.int64  # coordinates past int32: the sum stays exact in int64
+    noise = torch.tensor([[5, -7]], dtype=torch.int32)
+    assert torch.equal(far.perturb(a, noise.clone()), ((a + noise).double() * far.step + far.origin).float())
