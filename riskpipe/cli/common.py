@@ -36,10 +36,11 @@ def _size() -> dict:
 
 
 def progress_bar(total: int | None, desc: str, unit: str = "input"):
-    """A tqdm bar on stderr, disabled when stderr is not a terminal."""
+    """A tqdm bar on stderr, disabled when stderr is not a terminal. The finished bar stays
+    on the terminal (its final count, e.g. 6/6, is drawn at close however fast the work was)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not on_terminal(), file=sys.stderr, leave=False,
+    return tqdm(total=total, desc=desc, unit=unit, disable=not on_terminal(), file=sys.stderr, leave=True,
                 **_size())
 
 
