@@ -75,6 +75,12 @@ class Observer:
         if due:
             self.progress.report(self.stats)
 
+    def finished(self) -> None:
+        """The stage stops: a last progress line when lines are on and work was done since
+        the previous one (a run shorter than one interval still gets its line)."""
+        if self.progress is not None and self.progress.pending(self.stats):
+            self.progress.report(self.stats)
+
     def revoked(self, partitions) -> None:
         if self.metrics:
             for tp in partitions:

@@ -159,6 +159,7 @@ class Stage:
                     break
                 idle_since = time.monotonic()  # an outage is not idleness
         self._close()
+        self.observer.finished()
         return self.stats
 
     # ---- outages ---------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """What a running stage tells a person without ``-v`` (logger ``riskpipe.status``, at INFO,
 which ``riskpipe run`` always shows): one start-up line per model, and a progress line
-every ``progress_interval_s`` while events flow."""
+every ``progress_interval_s`` while events flow, and a last one when the stage stops."""
 
 from __future__ import annotations
 
@@ -58,9 +58,17 @@ class Progress:
     def due(self) -> bool:
         return bool(self.interval_s) and self.clock() - self._last_t >= self.interval_s
 
+    @staticmethod
+    def _handled(stats: Any) -> int:
+        return stats.decided + sum(stats.dlq.values()) + stats.duplicates
+
+    def pending(self, stats: Any) -> bool:
+        """Lines are on and events were handled since the last line."""
+        return bool(self.interval_s) and self._handled(stats) > self._last_n
+
     def report(self, stats: Any) -> None:
         now = self.clock()
-        n = stats.decided + sum(stats.dlq.values()) + stats.duplicates
+        n = self._handled(stats)
         rate = (n - self._last_n) / max(now - self._last_t, 1e-9)
         log.info("%s", progress_line(stats, rate, stats.lag))
         self._last_t, self._last_n = now, n
