@@ -13,7 +13,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
+# 70 s on a quiet machine; the suite-wide 300 s limit is too tight for it on a loaded one
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_chaos_run_loses_nothing_and_allows_nothing_faulty(tmp_path):
