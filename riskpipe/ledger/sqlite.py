@@ -9,6 +9,7 @@ triggers, which stops accidents, not an attacker with write access to the file.
 from __future__ import annotations
 
 import sqlite3
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -108,6 +109,10 @@ class _Conn:
         self.db.close()
 
 
+class _Busy(Exception):
+    """Opening raced another process holding the file's lock."""
+
+
 def _has_table(db, name: str) -> bool:
     return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
@@ -130,6 +135,19 @@ class SqliteLedger(Ledger):
         self._init_lock()
         self._db = None
         self.timeout, self.synchronous = timeout, synchronous
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._open(create)
+                return
+            except _Busy:
+                # two processes opening a new ledger at once: the switch to WAL mode does not
+                # wait on SQLite's busy handler, so the loser retries until ``timeout``
+                if time.monotonic() >= deadline:
+                    raise LedgerError(f"{self.path}: not a usable ledger (database is locked)") from None
+                time.sleep(0.05)
+
+    def _open(self, create: bool) -> None:
         try:
             self._db = self._connect()
             raw = self._db.db
@@ -140,11 +158,13 @@ class SqliteLedger(Ledger):
             mode = raw.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise LedgerError(f"{self.path}: could not switch to WAL mode (got {mode})")
-            raw.execute(f"PRAGMA synchronous = {synchronous}")
+            raw.execute(f"PRAGMA synchronous = {self.synchronous}")
             with self._write() as db:
                 self.schema_version = migrate(db, STEPS, _has_table, str(self.path))
         except sqlite3.DatabaseError as exc:
             self.close()
+            if isinstance(exc, sqlite3.OperationalError) and "database is locked" in str(exc):
+                raise _Busy from None
             raise LedgerError(f"{self.path}: not a usable ledger ({exc})") from None
 
     def _connect(self) -> _Conn:
