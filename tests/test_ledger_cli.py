@@ -15,7 +15,7 @@ from ledger_records import build_ledger, decision_record, forge_tree
 
 from riskpipe.cli import cli
 from riskpipe.ledger import Ledger, canonical_json, entry_hash
-from riskpipe.report.replay import input_digest
+from riskpipe.ledger.inputs import input_digest
 
 
 def run(*args):

@@ -2,19 +2,19 @@
 
 Certificates are seeded, so the same input, model weights, seed and parameters give
 the same certificate bit for bit on the same software stack. The ledger keeps only
-the input's digest: ``sha256`` of the input tensor as float32, C order
-(``np.ascontiguousarray(x, dtype=np.float32).tobytes()``); the digest is checked before
-anything is recomputed.
+the input's digest (``riskpipe.ledger.inputs.input_digest``: ``sha256`` of the input
+tensor as float32, C order); the digest is checked before anything is recomputed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+
+from riskpipe.ledger.inputs import input_digest
 
 COMPARED = ("method", "predicted_class", "abstained", "certified", "n_samples", "radius")
 TOLERANCE = 1e-9
@@ -22,10 +22,6 @@ TOLERANCE = 1e-9
 
 class ReplayError(ValueError):
     """A ledger record or input that cannot be replayed (names field and reason)."""
-
-
-def input_digest(x: Any) -> str:
-    return hashlib.sha256(np.ascontiguousarray(x, dtype=np.float32).tobytes()).hexdigest()
 
 
 @dataclass(frozen=True)
