@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -232,15 +233,34 @@ def predict_labels(module: nn.Module, X: np.ndarray, batch_size: int = 1024) -> 
 # ---------------------------------------------------------------------- one entry point
 
 
+AttackKind = Literal["pgd", "trees", "scores", "labels"]
+
+
+def attack_kind(model) -> AttackKind:
+    """Which attack riskpipe has for ``model`` (a riskpipe Model): ``"pgd"`` for torch
+    models (gradients), ``"trees"`` for tree ensembles, ``"scores"`` for models that
+    expose class scores without gradients (ONNX, predict_proba), ``"labels"`` for models
+    with labels only. The one place that makes the choice: ``attack_name`` and
+    ``attack_model`` (and whoever asks whether the attack has gradients) follow it."""
+    if model.module is not None:
+        return "pgd"
+    if getattr(model, "trees", None) is not None:
+        return "trees"
+    if getattr(model, "_scores_fn", None) is not None:
+        return "scores"
+    return "labels"
+
+
 def attack_name(model, steps: int, queries: int) -> str:
     """What ``attack_model`` runs on ``model``, with its strength, in plain words."""
     from riskpipe import blackbox, tree_attack
 
-    if model.module is not None:
+    kind = attack_kind(model)
+    if kind == "pgd":
         return f"PGD ({steps} steps, gradients)"
-    if getattr(model, "trees", None) is not None:
+    if kind == "trees":
         return f"{tree_attack.NAME}, {tree_attack.MAX_CELLS} cells per feature and round"
-    if getattr(model, "_scores_fn", None) is not None:
+    if kind == "scores":
         return f"{blackbox.SCORE_NAME}, {steps} steps x {2 * _samples(queries, steps) + 1} queries"
     return f"{blackbox.NAME}, {queries} queries"
 
@@ -261,12 +281,13 @@ def attack_model(model, X: np.ndarray, y: np.ndarray, epsilon, norm: str, *, ste
     from riskpipe import blackbox
     from riskpipe.tree_attack import tree_attack
 
-    if model.module is not None:
+    kind = attack_kind(model)
+    if kind == "pgd":
         return pgd(model.module, X, y, epsilon, norm=norm, steps=steps, seed=seed, value_range=model.value_range,
                    loss=loss, noise_sigma=noise_sigma, noise_samples=noise_samples)
-    if getattr(model, "trees", None) is not None:
+    if kind == "trees":
         return tree_attack(model.trees, model.predict, X, y, epsilon, norm, value_range=model.value_range, seed=seed)
-    if getattr(model, "_scores_fn", None) is not None:
+    if kind == "scores":
         return blackbox.nes_pgd(model.class_scores, X, y, epsilon, norm, steps=steps, samples=_samples(queries, steps),
                                 value_range=model.value_range, seed=seed)
     return blackbox.hop_skip_jump(model.predict, X, y, epsilon, norm, queries=queries, value_range=model.value_range,

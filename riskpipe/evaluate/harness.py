@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from riskpipe import npy
-from riskpipe.attacks import ATTACK_NORMS
+from riskpipe.attacks import ATTACK_NORMS, attack_kind
 from riskpipe.certify.norms import conversion_factor
 from riskpipe.evaluate import metrics
 from riskpipe.evaluate.traffic import AttackSpec, SampleSet, attack_name, attacked_set, clean_set, subsample
@@ -232,7 +232,7 @@ def evaluate_policy(settings: Settings, policy_path: str, X: np.ndarray, y: np.n
     # attacks run where the certificate holds: on the certified model g(z) = f(s * z) at z = x / s
     # for a scaled tabular model (budgets in the scaled norm), mapped back to raw inputs for the stage
     model = me.certified
-    gradients = model.module is not None
+    gradients = attack_kind(model) == "pgd"
     sigma = me.certifier.noise_sigma  # the certified classifier's noise (None: the model itself)
     noise = float(sigma) if gradients and settings.smoothed_attack and sigma is not None else 0.0
     clean = clean_set(me.model, X, y)
