@@ -14,6 +14,7 @@ import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
 
 from riskpipe.stream.events import make_event
+from riskpipe.stream.ports import Message, SourceBase
 
 FAST_GROUP = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 600}
 
@@ -167,25 +168,38 @@ def tabular_event(eid: str, x, **extra) -> dict:
                                                     "data": [float(v) for v in x]}], "upstream_risk": 0.2, **extra}
 
 
-class ListSource:
+class ListSource(SourceBase):
     """Messages from memory (no broker), ``max_records`` per poll; commits are recorded."""
 
     def __init__(self, msgs, log: list | None = None):
         self.msgs, self.exhausted, self.log = list(msgs), False, log
 
-    def poll(self, max_records, timeout_ms):
+    def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
         out, self.msgs = self.msgs[:max_records], self.msgs[max_records:]
         self.exhausted = not self.msgs
         return out
 
-    def commit(self, messages):
+    def commit(self, messages: list[Message]) -> None:
         if self.log is not None:
             self.log.append(("commit", tuple(m.offset for m in messages)))
 
-    def lag(self):
-        return {}
+    def close(self) -> None:
+        pass
 
-    def close(self):
+
+class LoggingSink:
+    """Outputs to memory: ``log`` gets ("send", topic, key) per send and ("flush",) per flush."""
+
+    def __init__(self, log: list):
+        self.log = log
+
+    def send(self, topic: str, key: bytes | None, value: bytes, headers: list | None = None) -> None:
+        self.log.append(("send", topic, key.decode() if key else None))
+
+    def flush(self, timeout: float = 30.0) -> None:
+        self.log.append(("flush",))
+
+    def close(self) -> None:
         pass
 
 

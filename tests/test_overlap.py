@@ -11,21 +11,7 @@ import pytest
 import yaml
 
 from riskpipe.stream.io import Message
-from streamkit import ListSource
-
-
-class LoggingSink:
-    def __init__(self, log):
-        self.log = log
-
-    def send(self, topic, key, value, headers=None):
-        self.log.append(("send", topic, key.decode() if key else None))
-
-    def flush(self, timeout=30.0):
-        self.log.append(("flush",))
-
-    def close(self):
-        pass
+from streamkit import ListSource, LoggingSink
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +45,7 @@ class RowCheckingSink(LoggingSink):
         super().__init__(log)
         self.ledger = ledger
 
-    def send(self, topic, key, value, headers=None):
+    def send(self, topic: str, key: bytes | None, value: bytes, headers: list | None = None) -> None:
         k = key.decode() if key else None
         self.log.append(("send", topic, k, k is not None and self.ledger.get(k) is not None))
 

@@ -21,7 +21,7 @@ from riskpipe.stream.config import load_config
 from riskpipe.stream.io import JsonlSink, Message
 from riskpipe.stream.offline import run_offline
 from riskpipe.stream.stage import Stage
-from streamkit import poisoned_tabular_pipeline, tabular_event as event
+from streamkit import ListSource, poisoned_tabular_pipeline, tabular_event as event
 
 HUGE = "7" * 5000  # beyond Python's 4,300-digit int() limit
 POISON = "poison"  # ids with this prefix make the model raise
@@ -139,18 +139,12 @@ def test_stage_process_batch_decides_or_dead_letters_every_input(wine, batch):
         with Ledger(str(Path(tmp) / "l.sqlite")) as led:
             stage = Stage(load_config(None, guard=GUARD_OFF), pipe, None, None, ledger=led)
             stage.sink = JsonlSink(tmp)
-
-            class Source:
-                committed: list = []
-
-                def commit(self, msgs):
-                    self.committed.extend(m.offset for m in msgs)
-
-            stage.source = Source()
+            commits: list = []
+            stage.source = ListSource([], commits)
             msgs = [Message(value, "fuzz", 0, off) for off, (_, value) in enumerate(batch)]
             out = stage.process_batch(msgs)
             stage.sink.close()
-            assert stage.source.committed == list(range(len(batch)))  # the whole batch committed
+            assert commits == [("commit", tuple(range(len(batch))))]  # the whole batch committed
         dlq = {d.message.offset: d.reason for d in out.dead}
         check([k for k, _ in batch], [d.record["id"] for d in out.decided], dlq, len(out.duplicates),
               Path(tmp) / "l.sqlite")

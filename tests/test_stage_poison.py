@@ -16,6 +16,7 @@ from riskpipe.stream.events import make_event
 from riskpipe.stream.infra import InfrastructureUnavailable
 from riskpipe.stream.io import JsonlSink, JsonlSource, Message
 from riskpipe.stream.offline import run_offline
+from riskpipe.stream.ports import SourceBase
 from riskpipe.stream.stage import Stage
 from usermodels import cheap_image_pipeline
 
@@ -190,7 +191,7 @@ class SimTime:
     perf_counter = monotonic
 
 
-class SlowJoinSource:
+class SlowJoinSource(SourceBase):
     """A source whose group assignment arrives only after ``join_s`` (simulated) seconds;
     each poll waits out its whole timeout, as an idle broker's does."""
 
@@ -198,22 +199,21 @@ class SlowJoinSource:
         self.clock = clock
         self.t0 = clock.now
         self.join_s = join_s
-        self.exhausted = False
         self.polls = 0
 
     @property
-    def holds_partitions(self):
+    def holds_partitions(self) -> bool:
         return self.clock.now - self.t0 >= self.join_s
 
-    def poll(self, n, timeout_ms):
+    def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
         self.polls += 1
         self.clock.now += timeout_ms / 1000
         return []
 
-    def commit(self, msgs):
+    def commit(self, messages: list[Message]) -> None:
         pass
 
-    def close(self):
+    def close(self) -> None:
         pass
 
 
@@ -250,8 +250,14 @@ def test_handle_has_no_side_effects_and_isolates_parse_failures(cnn, monkeypatch
     msgs.append(Message(b'{"explode": 1}', "t", 0, 3))
 
     class NoSink:
-        def send(self, *a):
+        def send(self, topic, key, value, headers=None):
             raise AssertionError("handle must not send")
+
+        def flush(self, timeout=30.0):
+            raise AssertionError("handle must not flush")
+
+        def close(self):
+            pass
 
     stage = Stage(config(), cnn, None, None)
     stage.sink = NoSink()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from riskpipe.stream.io import Message
+from riskpipe.stream.ports import Message, Source
 
 
 class Batcher:
@@ -23,7 +23,7 @@ class Batcher:
     def _age_ms(self) -> float:
         return (time.monotonic() - self._first) * 1000
 
-    def poll(self, source, stopping: bool = False) -> int:
+    def poll(self, source: Source, stopping: bool = False) -> int:
         """Poll ``source`` for at most the room left (waiting at most the batch's
         remaining latency budget); returns how many messages arrived."""
         room = self.max_events - len(self.buffer)

@@ -88,7 +88,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from riskpipe.stream.infra import infrastructure_component
-from riskpipe.stream.io import Message
+from riskpipe.stream.ports import Message, Sink, Source
 from riskpipe.stream.outputs import Output, dead_letter_output
 from riskpipe.stream.pipeline import utc_now
 from riskpipe.stream.triage import Dead
@@ -141,11 +141,11 @@ class Committer:
         self._writer: ThreadPoolExecutor | None = None
         self._writer_ledger = None  # the ledger on the writer thread's own connection
 
-    def commit(self, outcome: Outcome, sink, source) -> Outcome:
+    def commit(self, outcome: Outcome, sink: Sink, source: Source) -> Outcome:
         self.submit(outcome, sink)
         return self.complete(outcome, sink, source)
 
-    def submit(self, outcome: Outcome, sink) -> None:
+    def submit(self, outcome: Outcome, sink: Sink) -> None:
         """Steps 1-2 handed to the writer thread: ledger rows, then every send. The
         transaction, its commit and the acks complete while the stage handles the next
         batch; ``complete`` waits for them."""
@@ -156,7 +156,7 @@ class Committer:
         outcome.pending = {d.record["id"]: d.record for d in outcome.decided if isinstance(d.record.get("id"), str)}
         outcome.written = self._writer.submit(self._write_and_send, outcome, sink)
 
-    def _write_and_send(self, outcome: Outcome, sink) -> None:
+    def _write_and_send(self, outcome: Outcome, sink: Sink) -> None:
         self.write_ledger(outcome, self._writer_ledger)
         for d in outcome.decided + outcome.redelivered:
             for o in d.outputs:
@@ -165,14 +165,14 @@ class Committer:
             o = dead_letter_output(d.message, d.reason, d.text, self.dlq_topic, d.exception, self.max_output_bytes)
             sink.send(o.topic, o.key, o.value, o.headers)
 
-    def complete(self, outcome: Outcome, sink, source) -> Outcome:
+    def complete(self, outcome: Outcome, sink: Sink, source: Source) -> Outcome:
         """Steps 3-5 for a submitted batch: wait for every ack, then commit its offsets,
         then the hooks. Batches are completed in the order they were submitted."""
         self.acknowledge(outcome, sink, source)
         self.run_hooks(outcome)
         return outcome
 
-    def acknowledge(self, outcome: Outcome, sink, source) -> None:
+    def acknowledge(self, outcome: Outcome, sink: Sink, source: Source) -> None:
         """Steps 3-4, once 1-2 are done (what they raised is raised here): every ack,
         then the batch's offsets."""
         if outcome.written is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from riskpipe.stream.io import Message
+from riskpipe.stream.ports import Message
 
 
 class GuardTripped(RuntimeError):

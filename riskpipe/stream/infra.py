@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass, field
 
 from riskpipe.ledger.chain import LedgerUnavailable
+from riskpipe.stream.ports import SinkError
 
 LEDGER, BROKER = "ledger", "broker"
 COMPONENTS = (LEDGER, BROKER)
@@ -45,8 +46,6 @@ def infrastructure_component(exc: BaseException) -> str | None:
       ``ConnectionError``/``TimeoutError`` and other ``OSError`` of the transport (not a
       missing file or a permission, which are configuration).
     """
-    from riskpipe.stream.io import SinkError
-
     psycopg = sys.modules.get("psycopg")  # not imported: no psycopg error can exist
     kafka_errors = sys.modules.get("kafka.errors")
     for e in _chain(exc):

@@ -1,9 +1,7 @@
 """Sources and sinks at the edge of the stage: Kafka (kafka-python) and JSON lines.
 
-A source yields ``Message``s and commits what the stage has finished; a sink sends
-(topic, key, value, headers) and ``flush()`` returns only once every send since the
-last flush is acknowledged (raising ``SinkError`` otherwise). The stage commits a
-message's offset only after the flush that carried all of its outputs.
+Each implements ``Source`` or ``Sink`` (``stream/ports.py``: the members the stage
+uses and what they promise).
 """
 
 from __future__ import annotations
@@ -12,35 +10,12 @@ import base64
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from riskpipe import kafka_clients
+from riskpipe.stream.ports import Message, SinkError, SourceBase  # noqa: F401 - Message re-exported
 
 log = logging.getLogger("riskpipe.stream")
-
-
-@dataclass
-class Message:
-    value: bytes | None
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None = None
-    headers: list = field(default_factory=list)
-    timestamp: int | None = None  # ms since epoch
-
-    def source(self) -> dict:
-        from datetime import UTC, datetime
-
-        ts = None
-        if self.timestamp is not None and self.timestamp > 0:
-            ts = datetime.fromtimestamp(self.timestamp / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        return {"topic": self.topic, "partition": self.partition, "offset": self.offset, "timestamp": ts}
-
-
-class SinkError(RuntimeError):
-    pass
 
 
 # How long a new stage client tries to reach the cluster before it raises (kafka-python's
@@ -49,7 +24,7 @@ BOOTSTRAP_TIMEOUT_MS = 5_000
 
 
 # ---------------------------------------------------------------- Kafka -------------
-class KafkaSource:
+class KafkaSource(SourceBase):
     """A consumer-group member on the input topic; manual commits only."""
 
     def __init__(self, config, on_revoke=None):
@@ -85,7 +60,6 @@ class KafkaSource:
             max_partition_fetch_bytes=max(config.largest_message_bytes * 2, 1 << 20),
         )
         self.consumer.subscribe([config.topics.input], listener=Listener())
-        self.exhausted = False
 
     def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
         batch = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
@@ -107,7 +81,7 @@ class KafkaSource:
         if offsets:
             self.consumer.commit(offsets)
 
-    def rewind(self) -> None:
+    def rewind(self) -> bool:
         """Every assigned partition back to its last committed offset (its start if none):
         what was polled but not committed is read again (the stage calls this when it
         drops undecided messages during an outage)."""
@@ -117,6 +91,7 @@ class KafkaSource:
                 self.consumer.seek_to_beginning(tp)
             else:
                 self.consumer.seek(tp, committed)
+        return True
 
     @property
     def holds_partitions(self) -> bool:
@@ -184,7 +159,7 @@ class KafkaSink:
 
 
 # ---------------------------------------------------------------- JSON lines --------
-class JsonlSource:
+class JsonlSource(SourceBase):
     """Each line of a file is one message value; the offset is the 0-based line number.
 
     With a ``checkpoint`` file the source resumes after the last committed line.
@@ -200,13 +175,14 @@ class JsonlSource:
             self.committed = int(Path(checkpoint).read_text().strip() or 0)
         self.rewind()
 
-    def rewind(self) -> None:
+    def rewind(self) -> bool:
         """Back to the line after the last committed one (see ``KafkaSource.rewind``)."""
         self.f.seek(0)
         self.offset = 0
         while self.offset < self.committed and self.f.readline():
             self.offset += 1
         self.exhausted = False
+        return True
 
     def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
         out = []
@@ -229,9 +205,6 @@ class JsonlSource:
             tmp = self.checkpoint + ".tmp"
             Path(tmp).write_text(str(self.committed))
             os.replace(tmp, self.checkpoint)
-
-    def lag(self) -> dict:
-        return {}
 
     def close(self) -> None:
         self.f.close()

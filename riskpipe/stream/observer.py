@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from riskpipe.certify.certificate import MODEL_FAULT
+from riskpipe.stream.ports import Source
 
 
 @dataclass
@@ -63,10 +64,10 @@ class Observer:
         if self.metrics:
             self.metrics.poll()
 
-    def lag(self, source) -> None:
+    def lag(self, source: Source) -> None:
         """Once per turn of the loop: consumer lag, then the progress line when due."""
         due = self.progress is not None and self.progress.due()
-        if hasattr(source, "lag") and (self.metrics or due):
+        if self.metrics or due:
             lags = source.lag()
             self.stats.lag = int(sum(lags.values())) if lags else None  # None: a file, or no partitions yet
             if self.metrics:

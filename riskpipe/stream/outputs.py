@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from riskpipe.stream import codec
-from riskpipe.stream.io import Message
+from riskpipe.stream.ports import Message
 from riskpipe.stream.trace import trace_headers
 
 

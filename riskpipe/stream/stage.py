@@ -33,6 +33,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 from riskpipe.stream.batcher import Batcher
 from riskpipe.stream.committer import Committer, Decided, Outcome
@@ -40,7 +41,7 @@ from riskpipe.stream.events import parse_event
 from riskpipe.ledger import redact
 from riskpipe.stream.guard import GuardTripped, Guards, PartitionGuard  # noqa: F401 - re-exported
 from riskpipe.stream.infra import BROKER, LEDGER, InfrastructureUnavailable, Outage, infrastructure_component
-from riskpipe.stream.io import Message
+from riskpipe.stream.ports import Message, Sink, Source
 from riskpipe.stream.observer import Observer, Stats  # noqa: F401 - re-exported
 from riskpipe.ledger.inputs import REF_PREFIX, stored_input
 from riskpipe.stream.outputs import OUTPUT_TOO_LARGE, OutputTooLarge, check_sizes, decision_outputs
@@ -52,12 +53,14 @@ log = logging.getLogger("riskpipe.stream")
 
 
 class Stage:
-    def __init__(self, config, pipeline: Pipeline, make_source, make_sink, ledger=None, metrics=None,
-                 on_record=None, on_batch=None, after_commit=None):
+    def __init__(self, config, pipeline: Pipeline, make_source: Callable[[Callable], Source],
+                 make_sink: Callable[[], Sink], ledger=None, metrics=None, on_record=None, on_batch=None,
+                 after_commit=None):
         self.config = config
         self.pipeline = pipeline
         self.make_source, self.make_sink = make_source, make_sink
-        self.source = self.sink = None
+        self.source: Source | None = None
+        self.sink: Sink | None = None
         self.ledger = ledger
         self.batcher = Batcher(config.batch.max_events, config.batch.max_wait_ms)
         self.guards = Guards(config.guard)
@@ -111,10 +114,6 @@ class Stage:
         if dropped:
             log.info("rebalance: dropped %d unprocessed messages (the new owner re-reads them)", dropped)
 
-    def _holds_partitions(self) -> bool:
-        """Does the source hold input now? (a Kafka consumer between assignments does not)"""
-        return getattr(self.source, "holds_partitions", True)
-
     def run(self, idle_exit_s: float | None = None) -> Stats:
         """Consume until stopped (signal, ``stop()``), the source is exhausted (files),
         or nothing arrived for ``idle_exit_s`` seconds *while holding partitions*
@@ -136,8 +135,8 @@ class Stage:
                 self._recover()
                 got = self._turn()
                 self._progress()
-                exhausted = getattr(self.source, "exhausted", False)
-                if got or self.batcher.buffer or not self._holds_partitions():
+                exhausted = self.source.exhausted
+                if got or self.batcher.buffer or not self.source.holds_partitions:
                     idle_since = time.monotonic()
                 if self.stopping.is_set() or (exhausted and not self.batcher.buffer):
                     self._flush()
@@ -218,12 +217,10 @@ class Stage:
     def _rewind(self) -> bool:
         """Return the open source to its committed offsets; False if it cannot (then the
         clients are closed and re-opened, which starts from the committed offsets too)."""
-        rewind = getattr(self.source, "rewind", None)
-        if rewind is None:
+        if self.source is None:  # it failed to open
             return False
         try:
-            rewind()
-            return True
+            return self.source.rewind()
         except Exception as e:  # noqa: BLE001 - e.g. the broker is down as well
             log.warning("cannot rewind the source (%s: %s); re-opening the clients", type(e).__name__, e)
             return False
@@ -232,7 +229,7 @@ class Stage:
     def _turn(self) -> int:
         got = self.batcher.poll(self.source, self.stopping.is_set())
         self.observer.polled()
-        if self.batcher.ready(getattr(self.source, "exhausted", False), self.stopping.is_set()):
+        if self.batcher.ready(self.source.exhausted, self.stopping.is_set()):
             self._flush()
         else:  # no next batch to overlap with: finish the one in flight now
             self._complete_in_flight()

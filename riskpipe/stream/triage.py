@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from riskpipe.ledger.chain import decision_scope
 from riskpipe.stream.events import Event, EventError
-from riskpipe.stream.io import Message
+from riskpipe.stream.ports import Message
 from riskpipe.stream.pipeline import event_digest, input_digest, record_digest
 
 INTERNAL_ERROR = "internal_error"
