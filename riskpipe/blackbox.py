@@ -18,6 +18,7 @@ example either reports is genuine (checked against the model, inside the budget)
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,6 +33,31 @@ def value_bounds(value_range) -> tuple[np.ndarray, np.ndarray]:
         return np.float32(-np.inf), np.float32(np.inf)
     lo, hi = value_range
     return np.asarray(lo, dtype=np.float32), np.asarray(hi, dtype=np.float32)
+
+
+class Rows(NamedTuple):
+    """An attack's inputs as flat rows: ``X`` (n, d) float32, the input ``shape``, labels
+    ``y`` (int64), one budget per row ``eps`` (float64, a copy the attack may change) and
+    the value bounds ``lo``, ``hi`` per feature."""
+
+    X: np.ndarray
+    shape: tuple[int, ...]
+    y: np.ndarray
+    eps: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+
+def flat_rows(X: np.ndarray, y: np.ndarray, epsilon, value_range, bound_dtype=np.float32) -> Rows:
+    """``X``, ``y``, ``epsilon`` (one budget or one per input) and ``value_range`` as the
+    per-row attacks take them (``hop_skip_jump``, ``nes_pgd``, ``tree_attack``)."""
+    X = np.asarray(X, dtype=np.float32)
+    flat = X.reshape(len(X), -1)
+    d = flat.shape[1]
+    eps = np.broadcast_to(np.asarray(epsilon, dtype=np.float64), (len(X),)).copy()
+    lo, hi = (np.broadcast_to(np.asarray(v, dtype=bound_dtype).reshape(-1) if np.ndim(v) else v, (d,))
+              for v in value_bounds(value_range))
+    return Rows(flat, X.shape, np.asarray(y, dtype=np.int64).reshape(-1), eps, lo, hi)
 
 
 def _surface_point(shape: tuple[int, ...], eps: np.ndarray, norm: str, rng: np.random.Generator) -> np.ndarray:
@@ -98,14 +124,8 @@ def hop_skip_jump(predict, X: np.ndarray, y: np.ndarray, epsilon, norm: str = "l
         raise ValueError(f"norm: HopSkipJump supports l2 or linf, got {norm!r}")
     if queries < 20:
         raise ValueError(f"queries: HopSkipJump needs at least 20 per input, got {queries}")
-    X = np.asarray(X, dtype=np.float32)
-    shape = X.shape
-    x0 = X.reshape(len(X), -1)
-    y = np.asarray(y, dtype=np.int64).reshape(-1)
+    x0, shape, y, eps, lo, hi = flat_rows(X, y, epsilon, value_range)
     n, d = x0.shape
-    eps = np.broadcast_to(np.asarray(epsilon, dtype=np.float64), (n,)).copy()
-    lo, hi = (np.broadcast_to(np.asarray(v, dtype=np.float32).reshape(-1) if np.ndim(v) else v, (d,))
-              for v in value_bounds(value_range))
     rng = np.random.default_rng(seed)
     used = np.zeros(n, dtype=np.int64)
     out = x0.copy()
@@ -212,14 +232,9 @@ def nes_pgd(scores, X: np.ndarray, y: np.ndarray, epsilon, norm: str = "l2", ste
         raise ValueError(f"norm: the score-based attack supports l2 or linf, got {norm!r}")
     if steps < 1 or samples < 1:
         raise ValueError(f"steps, samples: must be >= 1, got {steps}, {samples}")
-    X = np.asarray(X, dtype=np.float32)
-    shape = X.shape
-    x0 = X.reshape(len(X), -1).astype(np.float64)
-    y = np.asarray(y, dtype=np.int64).reshape(-1)
+    x0, shape, y, eps, lo, hi = flat_rows(X, y, epsilon, value_range, np.float64)
+    x0 = x0.astype(np.float64)
     n, d = x0.shape
-    eps = np.broadcast_to(np.asarray(epsilon, dtype=np.float64), (n,)).copy()
-    lo, hi = (np.broadcast_to(np.asarray(v, dtype=np.float64).reshape(-1) if np.ndim(v) else v, (d,))
-              for v in value_bounds(value_range))
     rng = np.random.default_rng(seed)
 
     def margin(P: np.ndarray, labels: np.ndarray) -> np.ndarray:

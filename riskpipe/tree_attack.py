@@ -101,19 +101,13 @@ def tree_attack(ens, predict, X: np.ndarray, y: np.ndarray, epsilon, norm: str =
     model classifies with ``predict``, one per row of ``X``: a point within ``epsilon``
     (``norm`` linf or l2; one budget or one per input) of the row that ``predict``
     classifies differently from ``y``, else the row itself. Seeded; float32 out."""
-    from riskpipe.blackbox import value_bounds
+    from riskpipe.blackbox import flat_rows
 
     if norm not in ("linf", "l2"):
         raise ValueError(f"norm: the tree attack supports linf or l2, got {norm!r}")
     if restarts < 0:
         raise ValueError(f"restarts: must be >= 0, got {restarts}")
-    X = np.asarray(X, dtype=np.float32)
-    shape = X.shape
-    X2 = X.reshape(len(X), -1)
-    y = np.asarray(y, dtype=np.int64).reshape(-1)
-    eps = np.broadcast_to(np.asarray(epsilon, dtype=np.float64), (len(X),))
-    vlo, vhi = (np.broadcast_to(np.asarray(v, dtype=np.float64).reshape(-1) if np.ndim(v) else v, (X2.shape[1],))
-                for v in value_bounds(value_range))
+    X2, shape, y, eps, vlo, vhi = flat_rows(X, y, epsilon, value_range, np.float64)
     rounds = rounds or min(2 * X2.shape[1] + 4, 16)
     rng = np.random.default_rng(seed)
 
