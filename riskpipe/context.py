@@ -33,7 +33,6 @@ the composition root (riskpipe.compose).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from threadpoolctl import ThreadpoolController
 
 from riskpipe import npy
 from riskpipe.certify.norms import check_norm
+from riskpipe.paths import atomic_write
 
 METRICS = {"l1": "manhattan", "l2": "euclidean", "linf": "chebyshev"}
 FORMAT_VERSION = 1
@@ -180,13 +180,11 @@ class ContextIndex:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         radii = self.reference_radii if self.reference_radii is not None else np.zeros(0)
-        with open(tmp, "wb") as f:
+        with atomic_write(path) as f:
             np.savez(f, X=self.X, y=self.y, norm=np.array(self.norm), name=np.array(self.name),
                      reference_radii=radii, has_radii=np.array(self.reference_radii is not None),
                      version=np.array(FORMAT_VERSION))
-        os.replace(tmp, path)
         return path
 
     @classmethod

@@ -1,4 +1,5 @@
-"""Where riskpipe keeps per-user files: model cache and data directory.
+"""Where riskpipe keeps per-user files (model cache and data directory), and how it
+writes a file that others may be reading (``atomic_write``).
 
 ``RISKPIPE_CACHE_DIR`` and ``RISKPIPE_DATA_DIR`` override the defaults
 (``$XDG_CACHE_HOME/riskpipe`` and ``$XDG_DATA_HOME/riskpipe``).
@@ -7,7 +8,11 @@
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import IO, Any
 
 
 def _user_dir(override: str, xdg: str, fallback: str) -> Path:
@@ -23,3 +28,30 @@ def cache_dir() -> Path:
 
 def data_dir() -> Path:
     return _user_dir("RISKPIPE_DATA_DIR", "XDG_DATA_HOME", "~/.local/share")
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
+    """A new file beside ``path`` to write (``mode`` "wb" or "w"); on a clean exit it is
+    flushed, fsynced and renamed over ``path`` (``os.replace``), so a reader, another
+    process filling the same cache, or a crash sees the old file or the whole new one,
+    never a part. On an error the temporary file is removed and ``path`` is untouched.
+
+    The temporary name is unique per process and call, and the file is created like
+    ``open`` creates one (permissions from the umask). The parent must exist. Hand-written:
+    the library that did this (``atomicwrites``) is archived."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"mode: 'wb' or 'w', got {mode!r}")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    f = open(tmp, mode.replace("w", "x"), encoding=encoding)  # x: never someone else's file
+    try:
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            tmp.unlink()
+        raise

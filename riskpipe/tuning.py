@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from riskpipe.paths import atomic_write
 
 log = logging.getLogger("riskpipe.tuning")
 
@@ -76,8 +77,7 @@ def _read(path: Path) -> BatchSizeChoice | None:
 def _write(path: Path, choice: BatchSizeChoice) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"batch_size": choice.size, "rates": choice.rates}, sort_keys=True))
-        os.replace(tmp, path)
+        with atomic_write(path, "w") as f:
+            f.write(json.dumps({"batch_size": choice.size, "rates": choice.rates}, sort_keys=True))
     except OSError as e:  # a read-only cache costs a probe per start, nothing else
         log.warning("batch size cache %s: cannot write (%s)", path, e.strerror)

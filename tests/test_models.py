@@ -27,6 +27,8 @@ def test_demo_training_is_deterministic(tmp_path, monkeypatch):
         monkeypatch.setenv("RISKPIPE_CACHE_DIR", str(tmp_path / sub))
         shas.append(sha256_state_dict(demo.build_demo("digits-short")))
     assert shas[0] == shas[1]
+    assert sha256_state_dict(demo.build_demo("digits-short")) == shas[1]  # read back from the cache file
+    assert [p.suffix for p in (tmp_path / "b" / "models").iterdir()] == [".pt"]  # no temporary file left
     del demo.DEMOS["digits-short"]
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,7 +24,7 @@ from torch import nn
 
 from riskpipe.models import robust_training as robust
 from riskpipe.models.digits import INPUT_SHAPE, NUM_CLASSES, load_split
-from riskpipe.paths import cache_dir
+from riskpipe.paths import atomic_write, cache_dir
 
 RECIPE_VERSION = 1
 TRAIN_THREADS = 2  # intra-op threads while training; weights are bit-identical only for the same count
@@ -159,9 +158,8 @@ def build_demo(name: str, *, sigma: float | None = None, retrain: bool = False) 
     finally:
         torch.set_num_threads(threads)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(module.state_dict(), tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        torch.save(module.state_dict(), f)
     module.eval()
     return module
 

@@ -34,17 +34,14 @@ def load_split(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
 def reference_file() -> "Path":
     """The demo models' default reference set (the TRAIN split) as a .npz with X and
     y, written once under cache_dir()/data: the same kind of file a user supplies."""
-    import os
     from pathlib import Path
 
-    from riskpipe.paths import cache_dir
+    from riskpipe.paths import atomic_write, cache_dir
 
     path = Path(cache_dir()) / "data" / "digits-train.npz"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         X, y = load_split("train")
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
+        with atomic_write(path) as f:
             np.savez(f, X=X, y=y)
-        os.replace(tmp, path)
     return path

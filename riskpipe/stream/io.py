@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from riskpipe import kafka_clients
+from riskpipe.paths import atomic_write
 from riskpipe.stream.ports import Message, SinkError, SourceBase  # noqa: F401 - Message re-exported
 
 log = logging.getLogger("riskpipe.stream")
@@ -202,9 +203,8 @@ class JsonlSource(SourceBase):
             return
         self.committed = max(self.committed, max(m.offset for m in messages) + 1)
         if self.checkpoint:
-            tmp = self.checkpoint + ".tmp"
-            Path(tmp).write_text(str(self.committed))
-            os.replace(tmp, self.checkpoint)
+            with atomic_write(self.checkpoint, "w") as f:
+                f.write(str(self.committed))
 
     def close(self) -> None:
         self.f.close()
