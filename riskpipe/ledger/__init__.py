@@ -94,7 +94,7 @@ def _register_dsn_password(target: str) -> None:
         register_secret(v[1:-1].replace("\\'", "'").replace("\\\\", "\\") if v.startswith("'") else v)
 
 
-def backend_for(target: Any) -> type:
+def backend_for(target: Any) -> type[Ledger]:
     """The Ledger class for ``target``; LedgerError (one line) for an unknown scheme.
 
     PostgreSQL takes a URL (``postgresql://USER:PASSWORD@HOST/DB``) or a libpq keyword
@@ -142,7 +142,7 @@ def open_ledger(target: str | Path, **options: Any) -> Ledger:
 
 
 # -- record constructors for the non-decision kinds ------------------------------------------
-def policy_record(name: str, version: str, sha256: str, ts: str, event: str = "loaded", **extra: Any) -> tuple[dict, str]:
+def policy_record(name: str, version: str, sha256: str, ts: str, event: str = "loaded", **extra: Any) -> tuple[dict[str, Any], str]:
     """A ``policy`` entry and its entry id; one entry per distinct (name, version, sha256)."""
     rec = {"id": f"{name}@{version}#{sha256}", "ts": ts, "event": event, "name": name, "version": str(version),
            "sha256": sha256, **extra}
@@ -151,7 +151,7 @@ def policy_record(name: str, version: str, sha256: str, ts: str, event: str = "l
 
 def dlq_record(reason: str, value: bytes, ts: str, *, topic: str | None = None, partition: int | None = None,
                offset: int | None = None, file: str | None = None, line: int | None = None,
-               message: str | None = None, digest: dict | None = None) -> tuple[dict, str]:
+               message: str | None = None, digest: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
     """A ``dlq`` entry and its entry id: reason, source and the payload's sha256 — never the payload.
 
     The entry id is the position plus the payload's digest (``topic:partition:offset:sha256[:16]``):
@@ -163,7 +163,7 @@ def dlq_record(reason: str, value: bytes, ts: str, *, topic: str | None = None, 
     digest = digest or {"sha256": hashlib.sha256(value).hexdigest(), "size": len(value)}
     sha = str(digest["sha256"])
     if topic is not None:
-        source: dict = {"topic": topic, "partition": partition, "offset": offset}
+        source: dict[str, Any] = {"topic": topic, "partition": partition, "offset": offset}
         eid = f"{topic}:{partition}:{offset}:{sha[:16]}"
     else:
         source = {"file": file, "line": line}

@@ -52,11 +52,11 @@ class Entry:
     kind: str
     entry_id: str
     ts: str | None
-    record: dict
+    record: dict[str, Any]
     prev_hash: str
     hash: str
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -68,9 +68,9 @@ class VerifyResult:
     first_bad_seq: int | None = None
     reason: str | None = None
     root: str | None = None  # the Merkle root of the ``count`` rows (hex), when they all check out
-    checkpoint: dict | None = None  # the latest signed checkpoint the chain was checked against (verify_ledger)
+    checkpoint: dict[str, Any] | None = None  # the latest signed checkpoint the chain was checked against (verify_ledger)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -120,7 +120,11 @@ def check_entry_id(entry_id: Any) -> str:
     return entry_id
 
 
-def check_chain(rows: Iterable[tuple], expect_head: str | None = None, anchors: dict[int, str] | None = None):
+Problem = tuple[int, str]  # (first bad seq, reason)
+
+
+def check_chain(rows: Iterable[tuple[Any, ...]], expect_head: str | None = None, anchors: dict[int, str] | None = None
+                ) -> tuple[int, str, Problem | None, int | None, Problem | None]:
     """Walk ``(seq, kind, entry_id, ts, record_text, prev_hash, hash)`` rows in order.
 
     ``anchors`` maps a row number to the head a signed checkpoint recorded for it.
@@ -203,7 +207,7 @@ def read_canonical(text: Any) -> tuple[Any, str | None]:
     return record, None
 
 
-def row_to_entry(row: tuple) -> Entry:
+def row_to_entry(row: tuple[Any, ...]) -> Entry:
     seq, kind, entry_id, ts, record, prev_hash, hash_ = row
     return Entry(seq, kind, entry_id, ts, json.loads(record), prev_hash, hash_)
 
@@ -228,7 +232,7 @@ def decision_scope(kind: str, record: Any) -> str:
     return f"{text(policy, 'sha256')}/{text(model, 'sha256')}/{text(model, 'name')}"
 
 
-def prepare_entries(entries: Iterable[tuple[str, dict, str | None]]) -> list[tuple[str, str, str | None, str, str]]:
+def prepare_entries(entries: Iterable[tuple[str, dict[str, Any], str | None]]) -> list[tuple[str, str, str | None, str, str]]:
     """Validate ``(kind, record, entry_id or None)`` items before anything is written.
 
     Returns ``(kind, entry_id, ts, canonical_record, scope)`` tuples; raises LedgerError

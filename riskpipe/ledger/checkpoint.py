@@ -36,11 +36,17 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Any
 
 from riskpipe.ledger import note as notes
 from riskpipe.ledger.chain import HEX64, LedgerError, VerifyResult, canonical_json
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+    from riskpipe.ledger.store import Ledger
 
 TYPE = "riskpipe-ledger-checkpoint/1"
 
@@ -55,7 +61,8 @@ class Checkpoint:
     note: str
 
     @classmethod
-    def from_note(cls, text: str, public_keys=None, where: str = "checkpoint") -> "Checkpoint":
+    def from_note(cls, text: str, public_keys: Iterable[Ed25519PublicKey] | None = None,
+                  where: str = "checkpoint") -> Checkpoint:
         """Parse a signed note; with ``public_keys``, one of them must have signed it."""
         try:
             body = notes.verify(text, public_keys)[0] if public_keys is not None else notes.parse(text)[0]
@@ -65,12 +72,12 @@ class Checkpoint:
         return cls(origin, size, root, text)
 
 
-def default_origin(ledger) -> str:
+def default_origin(ledger: Ledger) -> str:
     """``riskpipe/ledger/<log id>``: the log id is random, made with the ledger's tree."""
     return f"riskpipe/ledger/{ledger.log_id()}"
 
 
-def make_checkpoint(ledger, private_key, origin: str | None = None, key_name: str | None = None) -> Checkpoint:
+def make_checkpoint(ledger: Ledger, private_key: Ed25519PrivateKey, origin: str | None = None, key_name: str | None = None) -> Checkpoint:
     """Sign the ledger's current tree size and root as a C2SP checkpoint and store it
     (rows other writers left pending are sequenced first, so it covers every stored row)."""
     ledger.integrate()
@@ -97,11 +104,11 @@ class LegacyCheckpoint:
     def payload(self) -> bytes:
         return signed_bytes(self.count, self.head, self.ts)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "checkpoint") -> "LegacyCheckpoint":
+    def from_dict(cls, d: dict[str, Any], where: str = "checkpoint") -> LegacyCheckpoint:
         try:
             cp = cls(int(d["count"]), str(d["head"]), str(d["ts"]), str(d["key_id"]), str(d["public_key"]),
                      str(d["signature"]))
@@ -116,12 +123,12 @@ def signed_bytes(count: int, head: str, ts: str) -> bytes:
     return canonical_json({"count": count, "head": head, "ts": ts, "type": TYPE}).encode("utf-8")
 
 
-def legacy_key_id(public_key) -> str:
+def legacy_key_id(public_key: Ed25519PublicKey) -> str:
     """A legacy checkpoint's key id: the first 16 hex digits of sha256(raw public key)."""
     return hashlib.sha256(notes.raw_public_key(public_key)).hexdigest()[:16]
 
 
-def load_private_key(path: str | Path):
+def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     """An Ed25519 private key from a PEM file (``openssl genpkey -algorithm ed25519``)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -137,7 +144,7 @@ def load_private_key(path: str | Path):
     return key
 
 
-def load_public_key(path: str | Path):
+def load_public_key(path: str | Path) -> Ed25519PublicKey:
     """An Ed25519 public key from a PEM file (``openssl pkey -in KEY.pem -pubout``)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -153,13 +160,14 @@ def load_public_key(path: str | Path):
     return key
 
 
-def check_signatures(checkpoints: Iterable[LegacyCheckpoint], public_keys) -> tuple[list[LegacyCheckpoint], str | None]:
+def check_signatures(checkpoints: Iterable[LegacyCheckpoint], public_keys: Iterable[Ed25519PublicKey]
+                     ) -> tuple[list[LegacyCheckpoint], str | None]:
     """The checkpoints whose signature verifies under one of ``public_keys``, or the first
     problem: a checkpoint signed by an unknown key, or a signature that does not verify."""
     from cryptography.exceptions import InvalidSignature
 
     by_id = {legacy_key_id(k): k for k in public_keys}
-    good = []
+    good: list[LegacyCheckpoint] = []
     for i, cp in enumerate(checkpoints, 1):
         key = by_id.get(cp.key_id)
         if key is None:
@@ -172,7 +180,8 @@ def check_signatures(checkpoints: Iterable[LegacyCheckpoint], public_keys) -> tu
     return good, None
 
 
-def _matched(legacy: list[LegacyCheckpoint], signed: list[Checkpoint], public_keys) -> dict:
+def _matched(legacy: list[LegacyCheckpoint], signed: list[Checkpoint], public_keys: Iterable[Ed25519PublicKey]
+             ) -> dict[str, Any]:
     """The latest verified checkpoint (the largest tree size; a C2SP one before a legacy one
     of the same size), as ``ledger verify`` reports it."""
     verified = len(legacy) + len(signed)
@@ -181,12 +190,13 @@ def _matched(legacy: list[LegacyCheckpoint], signed: list[Checkpoint], public_ke
         if not legacy or cp.tree_size >= max(c.count for c in legacy):
             return {"kind": "c2sp", "origin": cp.origin, "tree_size": cp.tree_size, "root": cp.root.hex(),
                     "key": notes.verify(cp.note, public_keys)[1], "verified": verified}
-    cp = max(legacy, key=lambda c: (c.count, c.ts))
-    return {"kind": "legacy", "tree_size": cp.count, "head": cp.head, "ts": cp.ts, "key": cp.key_id,
+    old = max(legacy, key=lambda c: (c.count, c.ts))
+    return {"kind": "legacy", "tree_size": old.count, "head": old.head, "ts": old.ts, "key": old.key_id,
             "verified": verified}
 
 
-def verify_ledger(ledger, public_keys, external: Iterable = ()) -> VerifyResult:
+def verify_ledger(ledger: Ledger, public_keys: Sequence[Ed25519PublicKey],
+                  external: Iterable[str | LegacyCheckpoint] = ()) -> VerifyResult:
     """Check every checkpoint's signature (those stored in the ledger and ``external``
     copies, e.g. from the ``checkpoints`` topic: note texts or legacy checkpoints), then
     the chain and tree against all of them."""
@@ -218,7 +228,7 @@ def verify_ledger(ledger, public_keys, external: Iterable = ()) -> VerifyResult:
     return res
 
 
-def read_checkpoint_file(path: str | Path) -> list:
+def read_checkpoint_file(path: str | Path) -> list[str] | list[LegacyCheckpoint]:
     """Checkpoints from a file: signed notes one after another (as published), or JSON
     lines of legacy checkpoints (``LegacyCheckpoint.to_dict()``)."""
     try:
@@ -232,7 +242,7 @@ def read_checkpoint_file(path: str | Path) -> list:
             return notes.split_notes(text)
         except notes.NoteError as e:
             raise LedgerError(f"--checkpoints {path}: {e}") from None
-    out = []
+    out: list[LegacyCheckpoint] = []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
@@ -243,7 +253,7 @@ def read_checkpoint_file(path: str | Path) -> list:
     return out
 
 
-def publish(kafka, topic: str, cp: Checkpoint, timeout_s: float = 10.0) -> None:
+def publish(kafka: Any, topic: str, cp: Checkpoint, timeout_s: float = 10.0) -> None:
     """Send the signed note to ``topic`` (key ``checkpoint``) and wait for the acknowledgement."""
     from riskpipe import kafka_clients
 
@@ -265,8 +275,9 @@ class Checkpointer:
     is published again.
     """
 
-    def __init__(self, private_key, every_records: int | None = None, every_seconds: float | None = None,
-                 kafka=None, topic: str | None = None, clock=None, origin: str | None = None) -> None:
+    def __init__(self, private_key: Ed25519PrivateKey, every_records: int | None = None,
+                 every_seconds: float | None = None, kafka: Any = None, topic: str | None = None,
+                 clock: Callable[[], float] | None = None, origin: str | None = None) -> None:
         import time
 
         if not every_records and not every_seconds:
@@ -282,7 +293,7 @@ class Checkpointer:
         self.made = 0
         self.publish_failures = 0
 
-    def __call__(self, ledger, written: int) -> Checkpoint | None:
+    def __call__(self, ledger: Ledger, written: int) -> Checkpoint | None:
         self.rows_since += written
         due = (self.every_records and self.rows_since >= self.every_records) or (
             self.every_seconds and self.rows_since and self.clock() - self.last_time >= self.every_seconds)
@@ -292,21 +303,21 @@ class Checkpointer:
         self.rows_since, self.last_time = 0, self.clock()
         self.made += 1
         if self.kafka is not None and self.topic:
-            self._publish(cp)
+            self._publish(cp, self.topic)
         return cp
 
-    def _publish(self, cp: Checkpoint) -> None:
+    def _publish(self, cp: Checkpoint, topic: str) -> None:
         import logging
 
         try:  # a producer per checkpoint (one a minute or so): nothing to close when the stage ends
-            publish(self.kafka, self.topic, cp)
+            publish(self.kafka, topic, cp)
         except Exception as e:  # noqa: BLE001 - the stage keeps deciding; the next checkpoint is published again
             self.publish_failures += 1
             logging.getLogger("riskpipe.ledger").error("checkpoint at tree size %d stored but not published to %s: %s",
-                                                       cp.tree_size, self.topic, e)
+                                                       cp.tree_size, topic, e)
 
 
-def checkpointer_for(section, kafka=None, origin: str | None = None) -> Checkpointer:
+def checkpointer_for(section: Any, kafka: Any = None, origin: str | None = None) -> Checkpointer:
     """The stage's Checkpointer from its ``checkpoint:`` config section (key loaded now:
     a bad key file stops the stage at start, not at the first checkpoint)."""
     try:

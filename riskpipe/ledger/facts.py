@@ -22,6 +22,7 @@ import json
 from typing import Any
 
 from riskpipe.ledger.chain import LedgerError, parse_ts
+from riskpipe.ledger.conn import Db, Row
 from riskpipe.policy.naming import policy_label
 
 KINDS = ("decision", "dlq")
@@ -100,7 +101,7 @@ def _deadline(review: Any) -> tuple[float | None, int]:
     return t, int(ok)
 
 
-def facts_of(seq: int, kind: str, entry_id: str, record: dict) -> tuple | None:
+def facts_of(seq: int, kind: str, entry_id: str, record: dict[str, Any]) -> Row | None:
     """The facts row of one ledger row (None for kinds the report reads whole)."""
     if kind not in KINDS:
         return None
@@ -127,7 +128,7 @@ def facts_of(seq: int, kind: str, entry_id: str, record: dict) -> tuple | None:
         model_label=str(model.get("name") if isinstance(model, dict) else model),
         policy=_text(_get(policy, "name")), policy_version=str(_get(policy, "version")),
         policy_sha=_text(_get(policy, "sha256")),
-        policy_shadow=None if not isinstance(_get(policy, "shadow"), bool) else int(policy["shadow"]),
+        policy_shadow=None if not isinstance(_get(policy, "shadow"), bool) else int(_get(policy, "shadow")),
         policy_label=policy_label(policy),
         method=_text(_get(cert, "method")), mode=_text(_get(cert, "mode")), norm=_text(_get(cert, "norm")),
         sigma=_num(_get(cert, "sigma")), alpha=_num(_get(cert, "alpha")),
@@ -160,14 +161,14 @@ def _list_text(v: Any) -> str:
                       ensure_ascii=False, default=str)
 
 
-def insert(db, rows: list[tuple[int, str, str, dict]]) -> None:
+def insert(db: Db, rows: list[tuple[int, str, str, dict[str, Any]]]) -> None:
     """Insert the facts of ``(seq, kind, entry_id, record)`` rows (inside the append)."""
     facts = [f for f in (facts_of(*r) for r in rows) if f is not None]
     if facts:
         db.executemany(_INSERT, facts)
 
 
-def build_existing(db) -> None:
+def build_existing(db: Db) -> None:
     """Migration step: the facts of the rows an older ledger already holds."""
     last = 0
     while True:  # pages by seq: bounded memory on a large ledger

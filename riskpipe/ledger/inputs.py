@@ -24,14 +24,18 @@ import base64
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from riskpipe.ledger.conn import Row
+
 INLINE_VALUES = 1024
 REF_PREFIX = "ledger:inputs/"
-DTYPES = {"UINT8": np.dtype("u1"), "FP32": np.dtype("<f4")}
+DTYPES: dict[str, np.dtype[Any]] = {"UINT8": np.dtype("u1"), "FP32": np.dtype("<f4")}
+Fetch = Callable[[str], "StoredInput | None"]  # the ledger's ``get_input``
 
 
 def input_digest(x: np.ndarray) -> str:
@@ -55,7 +59,7 @@ class StoredInput:
                              f"{self.datatype} of shape {list(self.shape)}")
         return np.frombuffer(self.data, dtype=dt).reshape(self.shape)
 
-    def row(self, ts: str) -> tuple:
+    def row(self, ts: str) -> Row:
         return (self.sha256, self.datatype, json.dumps(list(self.shape)), self.data, ts)
 
 
@@ -66,7 +70,8 @@ def stored_input(x: np.ndarray, raw: np.ndarray | None, digest: str | None = Non
     return StoredInput(digest or input_digest(x), "UINT8" if raw is not None else "FP32", tuple(a.shape), a.tobytes())
 
 
-def input_fields(x: np.ndarray, datatype: str, raw: np.ndarray | None, include: bool, store: bool) -> tuple[dict, StoredInput | None]:
+def input_fields(x: np.ndarray, datatype: str, raw: np.ndarray | None, include: bool, store: bool
+                 ) -> tuple[dict[str, Any], StoredInput | None]:
     """A record's ``input`` object and the tensor the ledger must store for it (or None).
 
     ``include``: carry the input itself (else digest, shape and datatype only);
@@ -92,7 +97,7 @@ class InputUnavailable(ValueError):
     """The record's input cannot be read back; the message says why."""
 
 
-def record_array(inp: Any, fetch=None) -> np.ndarray | None:
+def record_array(inp: Any, fetch: Fetch | None = None) -> np.ndarray | None:
     """The tensor of a record's ``input`` (shaped, values as stored: UINT8 stays uint8),
     or None when the record carries no input. ``fetch(sha256) -> StoredInput | None``
     reads a referenced input (the ledger's ``get_input``). InputUnavailable for a
@@ -126,7 +131,8 @@ def record_array(inp: Any, fetch=None) -> np.ndarray | None:
         if s.datatype == "FP32" and input_digest(a) != sha:
             raise InputUnavailable(f"input.tensor.ref: the stored tensor does not match digest {sha}")
         return a
-    dt = DTYPES.get(t.get("datatype"))
+    datatype = t.get("datatype")
+    dt = DTYPES.get(datatype) if isinstance(datatype, str) else None
     if dt is None or not isinstance(t.get("base64"), str):
         raise InputUnavailable("input.tensor: needs a datatype (UINT8 or FP32) and base64 or ref")
     try:
@@ -138,7 +144,7 @@ def record_array(inp: Any, fetch=None) -> np.ndarray | None:
     return np.frombuffer(raw, dtype=dt).reshape(shape)
 
 
-def inline_copy(inp: dict, fetch=None) -> dict:
+def inline_copy(inp: dict[str, Any], fetch: Fetch | None = None) -> dict[str, Any]:
     """``inp`` ({shape, data} or {shape, tensor}) with a stored tensor read through ``fetch``
     and carried inline (base64); a reference that cannot be read stays as it is."""
     out = {k: inp.get(k) for k in ("sha256", "shape", "datatype", "data", "tensor") if inp.get(k) is not None}

@@ -9,11 +9,14 @@ recognised by their ``entries`` table and upgraded from there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 from riskpipe.ledger.chain import LedgerError
+from riskpipe.ledger.conn import Db
 
-Step = tuple[int, list]  # (version, [SQL text, or a callable(db) for work SQL cannot express])
+Step = tuple[int, list[str | Callable[[Db], None]]]  # (version, [SQL text, or a callable(db) for work SQL cannot express])
+HasTable = Callable[[Db, str], bool]  # has_table(db, name): the backend's test for a table
 
 def chain_tables(int_type: str) -> list[str]:
     """Schema 1's tables, the same on every backend but for the integer type
@@ -51,7 +54,7 @@ def checkpoint_tables(id_column: str, int_type: str) -> list[str]:
     ]
 
 
-def scope_sql(text_at) -> str:
+def scope_sql(text_at: Callable[[str], str]) -> str:
     """Schema 3's ``scope`` of an existing row, in SQL, as ``chain.decision_scope`` computes
     it: ``text_at("policy.sha256")`` is the backend's expression for a string field of
     ``record`` ('' when it is absent or not a string)."""
@@ -66,7 +69,7 @@ def latest(steps: list[Step]) -> int:
     return steps[-1][0]
 
 
-def current_version(db, has_table) -> int:
+def current_version(db: Db, has_table: HasTable) -> int:
     """The schema version of an open database (0: empty)."""
     row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
     if row and row[0] is not None:
@@ -80,7 +83,7 @@ def current_version(db, has_table) -> int:
     return 1
 
 
-def migrate(db, steps: list[Step], has_table, where: str) -> int:
+def migrate(db: Db, steps: list[Step], has_table: HasTable, where: str) -> int:
     """Apply the steps newer than the database's version; returns the final version."""
     versions = [v for v, _ in steps]
     if versions != sorted(set(versions)) or versions[0] != 1:

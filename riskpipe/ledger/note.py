@@ -18,7 +18,12 @@ import base64
 import binascii
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 DASH = "\u2014"
 ED25519 = 0x01
@@ -30,13 +35,13 @@ class NoteError(ValueError):
     """A note or checkpoint that is malformed or whose signature does not verify."""
 
 
-def raw_public_key(public_key) -> bytes:
+def raw_public_key(public_key: Ed25519PublicKey) -> bytes:
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
     return public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def key_id(name: str, public_key) -> bytes:
+def key_id(name: str, public_key: Ed25519PublicKey) -> bytes:
     """The 4-byte signed-note key id of an Ed25519 public key under ``name``."""
     return hashlib.sha256(name.encode("utf-8") + b"\n" + bytes([ED25519]) + raw_public_key(public_key)).digest()[:4]
 
@@ -47,7 +52,7 @@ def check_name(name: str, what: str = "key name") -> str:
     return name
 
 
-def sign(text: str, name: str, private_key) -> str:
+def sign(text: str, name: str, private_key: Ed25519PrivateKey) -> str:
     """The signed note: ``text`` (ending in a newline), a blank line, one signature line."""
     check_name(name)
     if not text.endswith("\n"):
@@ -89,7 +94,7 @@ def parse(note: str) -> tuple[str, list[Signature]]:
     return text, out
 
 
-def verify(note: str, public_keys) -> tuple[str, str]:
+def verify(note: str, public_keys: Iterable[Ed25519PublicKey]) -> tuple[str, str]:
     """(text, key name) of a note with at least one valid Ed25519 signature by one of
     ``public_keys`` (matched by key id under the line's name); NoteError otherwise."""
     from cryptography.exceptions import InvalidSignature
@@ -139,7 +144,10 @@ def parse_checkpoint(text: str) -> tuple[str, int, bytes]:
 def split_notes(text: str) -> list[str]:
     """The signed notes in ``text``, one after another (as a consumer of the checkpoints
     topic writes them); blank lines between notes are allowed."""
-    notes, lines, body, sigs = [], text.split("\n"), [], []
+    notes: list[str] = []
+    body: list[str] = []
+    sigs: list[str] = []
+    lines = text.split("\n")
     for line in lines:
         if sigs and not line.startswith(DASH + " "):
             notes.append("\n".join(body) + "\n\n" + "\n".join(sigs) + "\n")

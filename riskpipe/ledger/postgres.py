@@ -38,16 +38,23 @@ refused by triggers; a superuser can disable them, which ``verify`` then detects
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, cast
 
 from riskpipe.ledger.chain import GENESIS, LedgerError, LedgerUnavailable
+from riskpipe.ledger.conn import Cursor, Db, Row
 from riskpipe.ledger.inputs import table_statements as input_tables
 from riskpipe.ledger.migrations import (Step, chain_tables, checkpoint_tables, current_version, latest, migrate,
                                         scope_sql)
 from riskpipe.ledger import redact
 from riskpipe.ledger import facts
-from riskpipe.ledger.store import _COLUMNS, Ledger
+from riskpipe.ledger.inputs import StoredInput
+from riskpipe.ledger.store import _COLUMNS, Ledger, Pending, Record
 from riskpipe.ledger.tree import build_existing, tree_tables
+
+if TYPE_CHECKING:
+    import psycopg
 
 
 def _text_at(path: str) -> str:
@@ -132,7 +139,7 @@ STEPS: list[Step] = [
 ]
 
 
-def _insert(db, sql: str, rows: list) -> int:
+def _insert(db: _Conn, sql: str, rows: list[Row]) -> int:
     """Pipelined inserts (psycopg sums ``rowcount`` over them): rows actually written."""
     with db.conn.cursor() as cur:
         cur.executemany(sql, rows)
@@ -146,18 +153,18 @@ class _Raced(Exception):
 class _Conn:
     """psycopg with the store's interface: ``?`` placeholders become ``%s``."""
 
-    def __init__(self, conn) -> None:
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.conn = conn
 
     @staticmethod
-    def _sql(sql: str, params) -> str:
+    def _sql(sql: str, params: object) -> str:
         # without parameters psycopg sends the text as is (a literal % stays single)
         return sql.replace("%", "%%").replace("?", "%s") if params else sql
 
-    def execute(self, sql: str, params: tuple = ()):
+    def execute(self, sql: str, params: Row = ()) -> Cursor:
         return self.conn.execute(self._sql(sql, params), params or None)
 
-    def executemany(self, sql: str, rows) -> None:
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         with self.conn.cursor() as cur:
             cur.executemany(self._sql(sql, True), rows)
 
@@ -165,8 +172,8 @@ class _Conn:
         self.conn.close()
 
 
-def _has_table(db, name: str) -> bool:
-    return db.execute("SELECT to_regclass(?) IS NOT NULL", (name,)).fetchone()[0]
+def _has_table(db: Db, name: str) -> bool:
+    return bool(db.execute("SELECT to_regclass(?) IS NOT NULL", (name,)).fetchone()[0])
 
 
 class PostgresLedger(Ledger):
@@ -174,12 +181,13 @@ class PostgresLedger(Ledger):
 
     backend = "postgresql"
     number_at = staticmethod(_number_at)
+    _db: _Conn | None
 
     def __init__(self, dsn: str, *, timeout: float = 30.0, create: bool = True) -> None:
         import psycopg
 
         self.dsn = str(dsn)
-        self.path = None  # no file: readers that need one (the review queue's fast path) check this
+        self.path: None = None  # no file: readers that need one (the review queue's fast path) check this
         self._init_lock()
         self._db = None
         self.timeout = timeout
@@ -213,7 +221,7 @@ class PostgresLedger(Ledger):
         return _Conn(conn)
 
     @contextmanager
-    def _conn(self):
+    def _conn(self) -> Iterator[_Conn]:
         """The connection, re-opened first if the server dropped it (a restart, a failover):
         the transaction that was running when it went fails; the next one reconnects."""
         with self._lock:
@@ -225,19 +233,20 @@ class PostgresLedger(Ledger):
             yield self._db
 
     @contextmanager
-    def _write(self):
+    def _write(self) -> Iterator[_Conn]:
         with self._conn() as db, db.conn.transaction():
             db.execute("SELECT pg_advisory_xact_lock(?)", (APPEND_LOCK,))
             yield db
 
     @contextmanager
-    def _read(self):
+    def _read(self) -> Iterator[_Conn]:
         with self._conn() as db, db.conn.transaction():
             db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             yield db
 
     # -- appends: unsequenced inserts; whoever holds the lease sequences them ----------------
-    def append_entries(self, entries, inputs=()) -> int:
+    def append_entries(self, entries: Iterable[tuple[str, Record, str | None]],
+                       inputs: Iterable[StoredInput] = ()) -> int:
         """Append without waiting for any lock: a writer that can take the integrator
         lease (the append lock, ``pg_try_advisory_xact_lock``) sequences the rows others
         left pending and inserts its own sequenced; a writer that cannot inserts its rows
@@ -249,7 +258,8 @@ class PostgresLedger(Ledger):
         from datetime import datetime, timezone
 
         entries = list(entries)
-        prepared, seen = [], set()
+        prepared: list[Pending] = []
+        seen: set[tuple[str, str, str]] = set()
         for (kind, eid, ts, text, scope), (_, record, _) in zip(prepare_entries(entries), entries):
             if (kind, eid, scope) not in seen:
                 seen.add((kind, eid, scope))
@@ -266,7 +276,7 @@ class PostgresLedger(Ledger):
                 self.integrate()
         return written
 
-    def _append_leased(self, db, prepared: list) -> int | None:
+    def _append_leased(self, db: _Conn, prepared: list[Pending]) -> int | None:
         """Holding the lease: sequence the rows other writers left pending, then insert
         ours already sequenced (one write per row, as with a plain lock). None if a
         concurrent writer inserted one of our ids meanwhile: everything of this step is
@@ -285,7 +295,7 @@ class PostgresLedger(Ledger):
         return len(rows)
 
     @staticmethod
-    def _insert_unsequenced(db, prepared: list) -> int:
+    def _insert_unsequenced(db: _Conn, prepared: list[Pending]) -> int:
         return _insert(db, "INSERT INTO entries (kind, entry_id, ts, record, scope) VALUES (%s,%s,%s,%s,%s) "
                            "ON CONFLICT (kind, entry_id, scope) DO NOTHING", [p[:5] for p in prepared])
 
@@ -312,14 +322,14 @@ class PostgresLedger(Ledger):
                     return total
 
     @staticmethod
-    def _take_lease(db) -> bool:
-        return db.execute("SELECT pg_try_advisory_xact_lock(?)", (APPEND_LOCK,)).fetchone()[0]
+    def _take_lease(db: Db) -> bool:
+        return bool(db.execute("SELECT pg_try_advisory_xact_lock(?)", (APPEND_LOCK,)).fetchone()[0])
 
     @staticmethod
-    def _pending_exists(db) -> bool:
-        return db.execute("SELECT EXISTS (SELECT 1 FROM entries WHERE seq IS NULL)").fetchone()[0]
+    def _pending_exists(db: Db) -> bool:
+        return bool(db.execute("SELECT EXISTS (SELECT 1 FROM entries WHERE seq IS NULL)").fetchone()[0])
 
-    def _integrate_batch(self, db, limit: int) -> int:
+    def _integrate_batch(self, db: Db, limit: int) -> int:
         """Inside a transaction holding the lease: sequence up to ``limit`` pending rows."""
         pending = db.execute("SELECT pid, kind, entry_id, ts, record, scope FROM entries WHERE seq IS NULL "
                              "ORDER BY pid LIMIT ?", (limit,)).fetchall()
@@ -333,12 +343,13 @@ class PostgresLedger(Ledger):
     def pending(self) -> int:
         """Rows written but not yet sequenced into the chain and tree."""
         with self._conn() as db:
-            return db.execute("SELECT COUNT(*) FROM entries WHERE seq IS NULL").fetchone()[0]
+            return int(db.execute("SELECT COUNT(*) FROM entries WHERE seq IS NULL").fetchone()[0])
 
-    def _rows(self, db, sql: str, params: tuple = (), name: str = "riskpipe_verify"):
-        cur = db.conn.cursor(name=name)  # server-side: rows stream, memory stays flat
+    def _rows(self, db: Db, sql: str, params: Row = (), name: str = "riskpipe_verify") -> Iterable[Row]:
+        pg = cast(_Conn, db)  # the connection this backend's ``_read`` yields
+        cur = pg.conn.cursor(name=name)  # server-side: rows stream, memory stays flat
         cur.itersize = 5000
-        cur.execute(db._sql(sql, params), params or None)
+        cur.execute(pg._sql(sql, params), params or None)
         return cur
 
     def __str__(self) -> str:

@@ -11,17 +11,23 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from riskpipe.ledger import merkle
-from riskpipe.ledger.chain import LedgerError, canonical_json
+from riskpipe.ledger.chain import Entry, LedgerError, canonical_json
 from riskpipe.ledger.checkpoint import Checkpoint
 from riskpipe.ledger.tree import leaf_bytes, split_leaf
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from riskpipe.ledger.store import Ledger
 
 KEYS = ("checkpoint", "inclusion_proof", "index", "leaf", "record", "tree_size")
 
 
-def make_receipt(ledger, seq: int, note: str) -> dict:
+def make_receipt(ledger: Ledger, seq: int, note: str) -> dict[str, Any]:
     """The receipt of row ``seq`` against the signed checkpoint ``note`` (which must cover it)."""
     cp = Checkpoint.from_note(note)
     index = seq - 1
@@ -39,7 +45,7 @@ def make_receipt(ledger, seq: int, note: str) -> dict:
             "tree_size": cp.tree_size, "inclusion_proof": [p.hex() for p in proof], "checkpoint": note}
 
 
-def verify_receipt(receipt: Any, public_keys, origin: str | None = None) -> Checkpoint:
+def verify_receipt(receipt: Any, public_keys: Iterable[Ed25519PublicKey], origin: str | None = None) -> Checkpoint:
     """Check a receipt offline; returns its checkpoint, or raises LedgerError naming the
     first check that failed (docs/receipts.md, "Verifying")."""
     if not isinstance(receipt, dict) or set(receipt) != set(KEYS):
@@ -81,8 +87,8 @@ def verify_receipt(receipt: Any, public_keys, origin: str | None = None) -> Chec
     return cp
 
 
-def find_decisions(ledger, event_id: str, kind: str = "decision", model: str | None = None,
-                   policy_sha256: str | None = None) -> list:
+def find_decisions(ledger: Ledger, event_id: str, kind: str = "decision", model: str | None = None,
+                   policy_sha256: str | None = None) -> list[Entry]:
     """Entries of ``kind`` for ``event_id``: the entry id itself, or any entry whose record's
     ``id`` is the event id (when decisions are keyed by event, model and policy), narrowed
     by model name and policy sha256."""

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 from riskpipe.ledger.chain import GENESIS, LedgerError
+from riskpipe.ledger.conn import Db, Row
 from riskpipe.ledger.inputs import table_statements as input_tables
 from riskpipe.ledger.migrations import Step, chain_tables, checkpoint_tables, migrate, scope_sql
 from riskpipe.ledger import facts
@@ -99,10 +102,10 @@ class _Conn:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
 
-    def execute(self, sql: str, params: tuple = ()):
+    def execute(self, sql: str, params: Row = ()) -> sqlite3.Cursor:
         return self.db.execute(sql, params)
 
-    def executemany(self, sql: str, rows) -> None:
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         self.db.executemany(sql, rows)
 
     def close(self) -> None:
@@ -113,7 +116,7 @@ class _Busy(Exception):
     """Opening raced another process holding the file's lock."""
 
 
-def _has_table(db, name: str) -> bool:
+def _has_table(db: Db | sqlite3.Connection, name: str) -> bool:
     return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
 
@@ -122,6 +125,7 @@ class SqliteLedger(Ledger):
 
     backend = "sqlite"
     number_at = staticmethod(_number_at)
+    _db: _Conn | None
 
     def __init__(self, path: str | Path, *, timeout: float = 30.0, synchronous: str = "FULL", create: bool = True) -> None:
         if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
@@ -175,7 +179,7 @@ class SqliteLedger(Ledger):
         return _Conn(raw)
 
     @contextmanager
-    def _txn(self, begin: str):
+    def _txn(self, begin: str) -> Iterator[Db]:
         with self._conn() as db:
             db.execute(begin)
             try:
@@ -185,10 +189,10 @@ class SqliteLedger(Ledger):
                 raise
             db.execute("COMMIT")
 
-    def _write(self):
+    def _write(self) -> AbstractContextManager[Db]:
         return self._txn("BEGIN IMMEDIATE")
 
-    def _read(self):
+    def _read(self) -> AbstractContextManager[Db]:
         return self._txn("BEGIN")
 
     def __str__(self) -> str:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
-from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from riskpipe.ledger import facts, merkle, tree
 from riskpipe.ledger.chain import (
@@ -31,6 +32,15 @@ from riskpipe.ledger.chain import (
     prepare_entries,
     row_to_entry,
 )
+from riskpipe.ledger.checkpoint import Checkpoint, LegacyCheckpoint
+from riskpipe.ledger.conn import Db, Row
+
+if TYPE_CHECKING:
+    from riskpipe.ledger.inputs import StoredInput
+
+Record = dict[str, Any]
+# an item to sequence: (kind, entry_id, ts, canonical record text, scope, record or None to parse the text)
+Pending = tuple[str, str, str | None, str, str, Record | None]
 
 _COLUMNS = "seq, kind, entry_id, ts, record, prev_hash, hash"
 _ID_CHUNK = 500  # entry ids per de-duplication query (SQLite allows 32766 variables)
@@ -45,9 +55,12 @@ class Ledger:
     backend = "abstract"
     # number_at(path) -> the backend's SQL expression for a numeric field of ``entries.record``
     # ("certificate.p_lower"), NULL when absent or not a number; set by each backend
-    number_at = None
+    number_at: Callable[[str], str] | None = None
+    schema_version: int
+    _db: Db | None
+    _lock: threading.RLock
 
-    def __new__(cls, target: Any = None, **options: Any):
+    def __new__(cls, target: Any = None, **options: Any) -> Ledger:
         if cls is Ledger:
             from riskpipe.ledger import backend_for
 
@@ -58,19 +71,19 @@ class Ledger:
         raise NotImplementedError
 
     # -- backend hooks -------------------------------------------------------------------
-    @contextmanager
-    def _write(self):
+    def _connect(self) -> Db:
+        """A new connection to the backend."""
+        raise NotImplementedError
+
+    def _write(self) -> AbstractContextManager[Db]:
         """A transaction that holds the ledger's append lock; yields the connection wrapper."""
         raise NotImplementedError
-        yield
 
-    @contextmanager
-    def _read(self):
+    def _read(self) -> AbstractContextManager[Db]:
         """A read-only transaction on one consistent snapshot; yields the connection wrapper."""
         raise NotImplementedError
-        yield
 
-    def _rows(self, db, sql: str, params: tuple = (), name: str = "") -> Iterable[tuple]:
+    def _rows(self, db: Db, sql: str, params: Row = (), name: str = "") -> Iterable[Row]:
         """Iterate a large result without loading it whole (inside ``_read``); ``name``
         tells concurrent cursors apart where the backend needs it."""
         return db.execute(sql, params)
@@ -78,7 +91,7 @@ class Ledger:
     def _init_lock(self) -> None:
         self._lock = threading.RLock()
 
-    def another_connection(self) -> "Ledger":
+    def another_connection(self) -> Ledger:
         """The same ledger (same class, same settings) on a connection of its own, for a
         second thread: the stage's ledger writer appends on it while the stage looks ids
         up on this one. Closed on its own."""
@@ -90,7 +103,7 @@ class Ledger:
         return other
 
     @contextmanager
-    def _conn(self):
+    def _conn(self) -> Iterator[Db]:
         """The connection wrapper for a single autocommitted statement."""
         with self._lock:
             if self._db is None:
@@ -98,15 +111,15 @@ class Ledger:
             yield self._db
 
     # -- writing --------------------------------------------------------------------------
-    def append(self, record: dict, kind: str = "decision", entry_id: str | None = None) -> bool:
+    def append(self, record: Record, kind: str = "decision", entry_id: str | None = None) -> bool:
         """Append one record; False (and nothing written) if (kind, entry_id, scope) is already there."""
         return self.append_entries([(kind, record, entry_id)]) == 1
 
-    def append_many(self, records: Iterable[dict], kind: str = "decision") -> int:
+    def append_many(self, records: Iterable[Record], kind: str = "decision") -> int:
         """Append a batch of one kind in one transaction; returns how many were new."""
         return self.append_entries((kind, r, None) for r in records)
 
-    def append_entries(self, entries: Iterable[tuple[str, dict, str | None]], inputs: Iterable = ()) -> int:
+    def append_entries(self, entries: Iterable[tuple[str, Record, str | None]], inputs: Iterable[StoredInput] = ()) -> int:
         """Append ``(kind, record, entry_id or None)`` items in one transaction.
 
         Every item is validated before anything is written; items already in the
@@ -124,7 +137,7 @@ class Ledger:
             now = datetime.now(timezone.utc).isoformat(timespec="seconds")
             self._store_inputs(db, inputs, now)
             seen = self._existing(db, {(k, e, sc) for k, e, _, _, sc in prepared})
-            new = []
+            new: list[Pending] = []
             for (kind, eid, ts, text, scope), (_, record, _) in zip(prepared, entries):
                 if (kind, eid, scope) not in seen:
                     seen.add((kind, eid, scope))
@@ -135,14 +148,14 @@ class Ledger:
         return len(rows)
 
     @staticmethod
-    def _store_inputs(db, inputs, now: str) -> None:
+    def _store_inputs(db: Db, inputs: Iterable[StoredInput], now: str) -> None:
         stored = {s.sha256: s.row(now) for s in inputs}
         if stored:
             db.executemany("INSERT INTO inputs (sha256, datatype, shape, data, ts) VALUES (?,?,?,?,?) "
                            "ON CONFLICT (sha256) DO NOTHING", list(stored.values()))
 
     @staticmethod
-    def _sequence(db, items: list[tuple]) -> list[tuple]:
+    def _sequence(db: Db, items: list[Pending]) -> list[Row]:
         """Give ``(kind, entry_id, ts, record_text, scope, record)`` items the next seqs:
         chain hashes, Merkle leaves, ``chain_state``, ``tree_state`` and their ``facts``
         rows (inside the append lock; ``record``: the dict, or None to parse the text).
@@ -154,7 +167,9 @@ class Ledger:
         count = db.execute("SELECT count FROM chain_state WHERE id = 1").fetchone()[0]
         last = db.execute("SELECT seq, hash FROM entries WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1").fetchone()
         seq, prev = last if last else (0, GENESIS)
-        rows, leaves, new = [], [], []
+        rows: list[Row] = []
+        leaves: list[bytes] = []
+        new: list[tuple[int, str, str, Record]] = []
         for kind, eid, ts, text, scope, record in items:
             seq += 1
             h = entry_hash(prev, kind, eid, text)
@@ -178,7 +193,7 @@ class Ledger:
         return 0
 
     @staticmethod
-    def _existing(db, keys: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
+    def _existing(db: Db, keys: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
         ids = sorted({e for _, e, _ in keys})
         found: set[tuple[str, str, str]] = set()
         for i in range(0, len(ids), _ID_CHUNK):
@@ -196,13 +211,13 @@ class Ledger:
         with self._conn() as db:
             db.execute("SELECT count FROM chain_state WHERE id = 1").fetchone()
 
-    def get(self, entry_id: str, kind: str = "decision") -> dict | None:
+    def get(self, entry_id: str, kind: str = "decision") -> Record | None:
         """The record of (kind, entry_id); of several decisions of one event id (other
         models or policies), the latest."""
         entry = self.entry(entry_id, kind)
         return entry.record if entry else None
 
-    def get_input(self, sha256: str):
+    def get_input(self, sha256: str) -> StoredInput | None:
         """The stored tensor with input digest ``sha256`` (:class:`riskpipe.ledger.inputs.StoredInput`) or None."""
         from riskpipe.ledger.inputs import StoredInput
 
@@ -223,7 +238,7 @@ class Ledger:
                               "ORDER BY seq LIMIT ?", (kind, prefix, prefix + "\U0010ffff", limit)).fetchall()
         return [row_to_entry(r) for r in rows]
 
-    def get_all(self, entry_id: str, kind: str = "decision") -> list[dict]:
+    def get_all(self, entry_id: str, kind: str = "decision") -> list[Record]:
         """Every record of (kind, entry_id) in chain order: one per scope (for decisions,
         one per model and policy that decided the event)."""
         with self._conn() as db:
@@ -231,11 +246,11 @@ class Ledger:
                               (kind, entry_id)).fetchall()
         return [json.loads(r[0]) for r in rows]
 
-    def get_all_many(self, entry_ids: Iterable[str], kind: str = "decision") -> dict[str, list[dict]]:
+    def get_all_many(self, entry_ids: Iterable[str], kind: str = "decision") -> dict[str, list[Record]]:
         """``get_all`` for many ids in a few queries (the stage's per-batch id look-up):
         id -> its records in chain order; ids with none are absent."""
         ids = sorted(set(entry_ids))
-        out: dict[str, list[dict]] = {}
+        out: dict[str, list[Record]] = {}
         with self._conn() as db:
             for i in range(0, len(ids), _ID_CHUNK):
                 chunk = ids[i:i + _ID_CHUNK]
@@ -252,7 +267,7 @@ class Ledger:
         """
         lo = parse_ts(since, "since") if since is not None else None
         hi = parse_ts(until, "until") if until is not None else None
-        where, args = ("kind = ? AND seq > ?", [kind]) if kind is not None else ("seq > ?", [])
+        where, args = ("kind = ? AND seq > ?", (kind,)) if kind is not None else ("seq > ?", ())
         sql = f"SELECT {_COLUMNS} FROM entries WHERE {where} ORDER BY seq LIMIT 1000"
         last_seq = 0
         while True:  # pages of 1000 rows: no lock or cursor is held while the caller iterates
@@ -273,8 +288,8 @@ class Ledger:
     def count(self, kind: str | None = None) -> int:
         with self._conn() as db:
             if kind is None:
-                return db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
-            return db.execute("SELECT COUNT(*) FROM entries WHERE kind = ?", (kind,)).fetchone()[0]
+                return int(db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+            return int(db.execute("SELECT COUNT(*) FROM entries WHERE kind = ?", (kind,)).fetchone()[0])
 
     def head(self) -> str:
         """Hash of the last row (GENESIS for an empty ledger): sign or anchor this."""
@@ -292,7 +307,7 @@ class Ledger:
         return row[0] if row else None
 
     @contextmanager
-    def snapshot(self):
+    def snapshot(self) -> Iterator[Callable[..., Sequence[Row]]]:
         """``query(sql, params) -> rows`` on one consistent read snapshot: the report and the
         review queue run their SQL (``?`` placeholders, the ``facts`` table) through it."""
         with self._read() as db:
@@ -305,7 +320,7 @@ class Ledger:
             size, root, _ = tree.read_state(db)
         return size, root
 
-    def leaf_at(self, index: int) -> tuple[bytes, "Entry"] | None:
+    def leaf_at(self, index: int) -> tuple[bytes, Entry] | None:
         """(leaf bytes, entry) of 0-based leaf ``index`` (row ``seq = index + 1``)."""
         with self._conn() as db:
             row = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE seq = ?", (index + 1,)).fetchone()
@@ -329,7 +344,7 @@ class Ledger:
             return merkle.consistency_proof(old_size, new_size, self._subtree(db, new_size))
 
     @staticmethod
-    def _subtree(db, size: int):
+    def _subtree(db: Db, size: int) -> merkle.Subtree:
         have = tree.read_state(db)[0]
         if size > have:
             raise LedgerError(f"tree size {size}: the ledger's tree has only {have} leaves")
@@ -339,7 +354,7 @@ class Ledger:
     def log_id(self) -> str:
         """The random id made with the ledger's tree (the default checkpoint origin's tail)."""
         with self._conn() as db:
-            return db.execute("SELECT log_id FROM tree_state WHERE id = 1").fetchone()[0]
+            return str(db.execute("SELECT log_id FROM tree_state WHERE id = 1").fetchone()[0])
 
     def add_note(self, tree_size: int, root: str, note: str) -> None:
         """Store a signed checkpoint note (C2SP) for the tree of ``tree_size`` with ``root`` (hex)."""
@@ -358,17 +373,15 @@ class Ledger:
                              (min_size,)).fetchone()
         return row[0] if row else None
 
-    def legacy_checkpoints(self) -> list:
+    def legacy_checkpoints(self) -> list[LegacyCheckpoint]:
         """Checkpoints signed by riskpipe before the Merkle tree (JSON over head and count)."""
-        from riskpipe.ledger.checkpoint import LegacyCheckpoint
-
         with self._conn() as db:
             rows = db.execute("SELECT count, head, ts, key_id, public_key, signature FROM checkpoints ORDER BY id").fetchall()
         return [LegacyCheckpoint(*r) for r in rows]
 
     # -- verification ---------------------------------------------------------------------
     def verify(self, expect_head: str | None = None, expect_count: int | None = None,
-               checkpoints: list | None = None) -> VerifyResult:
+               checkpoints: Sequence[Checkpoint | LegacyCheckpoint] | None = None) -> VerifyResult:
         """Recompute the whole chain; the first row that does not check out is named.
 
         ``checkpoints``: verified :class:`~riskpipe.ledger.checkpoint.Checkpoint` s (see
@@ -378,15 +391,15 @@ class Ledger:
             raise LedgerError(f"expect_head: must be 64 lowercase hex characters; got {expect_head!r}")
         if expect_count is not None and (not isinstance(expect_count, int) or expect_count < 0):
             raise LedgerError(f"expect_count: must be a non-negative integer; got {expect_count!r}")
-        anchors = {cp.count: cp.head for cp in checkpoints or () if hasattr(cp, "head")}
-        signed_roots = {cp.tree_size: cp.root.hex() for cp in checkpoints or () if hasattr(cp, "root")}
+        anchors = {cp.count: cp.head for cp in checkpoints or () if isinstance(cp, LegacyCheckpoint)}
+        signed_roots = {cp.tree_size: cp.root.hex() for cp in checkpoints or () if isinstance(cp, Checkpoint)}
         with self._read() as db:
             state = db.execute("SELECT count, head FROM chain_state WHERE id = 1").fetchone()
             tstate = db.execute("SELECT size, root FROM tree_state WHERE id = 1").fetchone()
             check = tree.TreeCheck(self._rows(db, "SELECT last, level, hash FROM tree_nodes ORDER BY last, level",
                                               name="riskpipe_verify_tree"), signed_roots)
 
-            def feed(rows):  # the tree is rebuilt from the same stream the chain walk reads
+            def feed(rows: Iterable[Row]) -> Iterator[Row]:  # the tree is rebuilt from the same stream the chain walk reads
                 for row in rows:
                     check.add(row[0], row[1], row[2], row[4])
                     yield row
@@ -434,8 +447,8 @@ class Ledger:
                 self._db.close()
                 self._db = None
 
-    def __enter__(self) -> "Ledger":
+    def __enter__(self) -> Ledger:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 
 from riskpipe.ledger import merkle
 from riskpipe.ledger.chain import LedgerError, LedgerUnavailable
+from riskpipe.ledger.conn import Db, Row
 
 _BATCH = 2000  # rows per INSERT batch while building the tree of an existing ledger
 
@@ -64,10 +65,10 @@ def tree_tables(int_type: str) -> list[str]:
     ]
 
 
-def build_existing(db) -> None:
+def build_existing(db: Db) -> None:
     """Migration step: the tree over the rows an older ledger already holds."""
     frontier = merkle.Frontier()
-    pending: list[tuple] = []
+    pending: list[tuple[int, int, str]] = []
     last_seq = 0
     while True:  # pages by seq: bounded memory on a large ledger
         rows = db.execute("SELECT seq, kind, entry_id, record FROM entries WHERE seq > ? ORDER BY seq LIMIT 5000",
@@ -97,7 +98,7 @@ def _edge_text(frontier: merkle.Frontier) -> str:
     return "".join(h.hex() for h in frontier.edge)
 
 
-def read_state(db) -> tuple[int, str, merkle.Frontier]:
+def read_state(db: Db) -> tuple[int, str, merkle.Frontier]:
     """(size, root hex, frontier) from ``tree_state``; LedgerUnavailable (an infrastructure
     fault: no record is to blame) if it is missing or torn."""
     row = db.execute("SELECT size, root, edge FROM tree_state WHERE id = 1").fetchone()
@@ -111,7 +112,7 @@ def read_state(db) -> tuple[int, str, merkle.Frontier]:
     return size, root, frontier
 
 
-def append_leaves(db, leaves: Iterable[bytes], expect_size: int) -> tuple[int, str]:
+def append_leaves(db: Db, leaves: Iterable[bytes], expect_size: int) -> tuple[int, str]:
     """Add the leaf hashes of rows just inserted (rows ``expect_size + 1 ...``); returns
     the new (size, root hex). Runs inside the backend's write transaction."""
     size, _, frontier = read_state(db)
@@ -119,7 +120,7 @@ def append_leaves(db, leaves: Iterable[bytes], expect_size: int) -> tuple[int, s
         raise LedgerUnavailable(f"ledger: the Merkle tree has {size} leaves but the chain {expect_size} rows "
                                 "(tampered, or written by a riskpipe without the tree); appends refused until "
                                 "`riskpipe ledger verify` is clean")
-    nodes: list[tuple] = []
+    nodes: list[tuple[int, int, str]] = []
     for h in leaves:
         nodes.extend(_node_rows(frontier.push(h)))
     db.executemany("INSERT INTO tree_nodes (last, level, hash) VALUES (?,?,?)", nodes)
@@ -128,7 +129,7 @@ def append_leaves(db, leaves: Iterable[bytes], expect_size: int) -> tuple[int, s
     return frontier.size, root
 
 
-def subtree_reader(db, size: int) -> merkle.Subtree:
+def subtree_reader(db: Db, size: int) -> merkle.Subtree:
     """``subtree(lo, hi)`` over stored nodes (for ``hi <= size``), memoised per call site."""
     memo: dict[tuple[int, int], bytes] = {}
 
@@ -159,8 +160,8 @@ class TreeCheck:
     stored nodes (``nodes``: ``(last, level, hash)`` in key order) and with signed roots
     (``anchors``: tree size -> root hex). The first difference is kept as ``problem``."""
 
-    def __init__(self, nodes: Iterable[tuple], anchors: dict[int, str] | None = None) -> None:
-        self.nodes: Iterator[tuple] = iter(nodes)
+    def __init__(self, nodes: Iterable[Row], anchors: dict[int, str] | None = None) -> None:
+        self.nodes: Iterator[Row] = iter(nodes)
         self.anchors = anchors or {}
         self.frontier = merkle.Frontier()
         self.problem: tuple[int, str] | None = None
@@ -186,7 +187,7 @@ class TreeCheck:
                 return
             self.last_anchor = seq
 
-    def finish(self, n: int, state: tuple | None) -> tuple[int, str] | None:
+    def finish(self, n: int, state: Row | None) -> tuple[int, str] | None:
         """After ``n`` good rows: leftover nodes, the tree state, anchors beyond the end."""
         if self.problem is not None:
             return self.problem
