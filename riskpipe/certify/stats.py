@@ -8,12 +8,19 @@ Functions accept scalars or numpy arrays.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 from scipy import stats
 
+Arr = float | np.ndarray  # a scalar, or an array (broadcast against the others)
 
-def clopper_pearson_lower(k, n, alpha):
+
+@overload
+def clopper_pearson_lower(k: float, n: float, alpha: float) -> float: ...
+@overload
+def clopper_pearson_lower(k: np.ndarray, n: Arr, alpha: Arr) -> np.ndarray: ...
+def clopper_pearson_lower(k: Arr, n: Arr, alpha: Arr) -> float | np.ndarray:
     """One-sided lower confidence bound on a binomial p at level 1 - alpha.
 
     P(p >= bound) >= 1 - alpha. Equals Beta(alpha; k, n - k + 1) quantile; 0 when k = 0.
@@ -25,7 +32,11 @@ def clopper_pearson_lower(k, n, alpha):
     return float(out) if out.ndim == 0 else out
 
 
-def clopper_pearson_upper(k, n, alpha):
+@overload
+def clopper_pearson_upper(k: float, n: float, alpha: float) -> float: ...
+@overload
+def clopper_pearson_upper(k: np.ndarray, n: Arr, alpha: Arr) -> np.ndarray: ...
+def clopper_pearson_upper(k: Arr, n: Arr, alpha: Arr) -> float | np.ndarray:
     """One-sided upper confidence bound on a binomial p at level 1 - alpha; 1 when k = n."""
     k, n = np.asarray(k, dtype=float), np.asarray(n, dtype=float)
     with np.errstate(invalid="ignore"):
@@ -34,7 +45,7 @@ def clopper_pearson_upper(k, n, alpha):
     return float(out) if out.ndim == 0 else out
 
 
-def goodman_intervals(counts, alpha):
+def goodman_intervals(counts: Arr, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """Simultaneous (1 - alpha) confidence intervals for all multinomial proportions
     (Goodman 1965): each class uses the chi-square(1) quantile at 1 - alpha/K.
 
@@ -49,20 +60,28 @@ def goodman_intervals(counts, alpha):
     return np.clip(lower, 0.0, 1.0), np.clip(upper, 0.0, 1.0)
 
 
-def radius_from_p(p_lower, sigma):
+@overload
+def radius_from_p(p_lower: float, sigma: float) -> float: ...
+@overload
+def radius_from_p(p_lower: np.ndarray, sigma: Arr) -> np.ndarray: ...
+def radius_from_p(p_lower: Arr, sigma: Arr) -> float | np.ndarray:
     """Cohen et al.'s l2 radius sigma * Phi^-1(p_lower); 0 where p_lower <= 1/2."""
     p = np.asarray(p_lower, dtype=float)
     r = np.where(p > 0.5, sigma * stats.norm.ppf(np.clip(p, 0.5, 1.0)), 0.0)
     return float(r) if r.ndim == 0 else r
 
 
-def max_radius(sigma, alpha, n):
+def max_radius(sigma: float, alpha: float, n: int) -> float:
     """The largest radius smoothing can report from ``n`` samples at level ``alpha``:
     every sample for the top class gives the Clopper-Pearson bound alpha ** (1 / n)."""
     return radius_from_p(clopper_pearson_lower(n, n, alpha), sigma)
 
 
-def radius_two_class(p_a_lower, p_b_upper, sigma):
+@overload
+def radius_two_class(p_a_lower: float, p_b_upper: float, sigma: float) -> float: ...
+@overload
+def radius_two_class(p_a_lower: np.ndarray, p_b_upper: Arr, sigma: Arr) -> np.ndarray: ...
+def radius_two_class(p_a_lower: Arr, p_b_upper: Arr, sigma: Arr) -> float | np.ndarray:
     """Seed eq. (4): sigma/2 * (Phi^-1(p_A_lower) - Phi^-1(p_B_upper)); 0 where not positive."""
     pa, pb = np.asarray(p_a_lower, float), np.asarray(p_b_upper, float)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -71,7 +90,7 @@ def radius_two_class(p_a_lower, p_b_upper, sigma):
     return float(r) if r.ndim == 0 else r
 
 
-def binomial_test_pvalue(k_a, k_b):
+def binomial_test_pvalue(k_a: int, k_b: int) -> float:
     """Two-sided binomial test of k_a against k_b at p = 1/2 (Cohen's PREDICT)."""
     if k_a + k_b == 0:
         return 1.0
@@ -135,7 +154,8 @@ class SequentialPlan:
         if not 0 <= tau_margin < 0.5:
             raise ValueError(f"tau_margin: must lie in [0, 1/2), got {tau_margin}")
         tau = min(float(stats.norm.cdf(epsilon / sigma)) + tau_margin, 1.0)
-        looks, n = [], float(min(first, max_samples))
+        looks: list[int] = []
+        n = float(min(first, max_samples))
         while True:
             looks.append(int(min(round(n), max_samples)))
             if looks[-1] >= max_samples:
@@ -150,14 +170,15 @@ class SequentialPlan:
             if np.all(2 * accept >= looks_a + 1):
                 err = alphas.sum() + 2 * stats.binom.sf(accept - 1, looks_a, 0.5).sum()
                 if err <= alpha:
-                    return cls._make(tau, alpha, looks_a, alphas, accept, err, "top-class", futility)
+                    return cls._make(tau, alpha, looks_a, alphas, accept, float(err), "top-class", futility)
         alphas = alpha * w / num_classes  # Bonferroni over the classes: always valid
         accept = _accept(looks_a, tau, alphas)
         err = float(num_classes * alphas.sum())
         return cls._make(tau, alpha, looks_a, alphas, accept, err, f"bonferroni-{num_classes}", futility)
 
     @classmethod
-    def _make(cls, tau, alpha, looks, alphas, accept, err, selection, futility):
+    def _make(cls, tau: float, alpha: float, looks: np.ndarray, alphas: np.ndarray, accept: np.ndarray, err: float,
+              selection: str, futility: float | None) -> SequentialPlan:
         reject = stats.binom.ppf(alphas, looks, tau).astype(int)
         # ppf gives the smallest k with cdf(k) >= alpha_r; step back where cdf exceeds it
         reject = np.where(stats.binom.cdf(reject, looks, tau) > alphas, reject - 1, reject)
@@ -179,4 +200,5 @@ def _accept(looks: np.ndarray, tau: float, alphas: np.ndarray) -> np.ndarray:
     # isf is the smallest k' with sf(k') <= alpha, sf(k') = P(X > k'); so X >= k'+1.
     ok = stats.binom.sf(k - 1, looks, tau) <= alphas
     k = np.where(ok, k, k + 1)
-    return np.minimum(k, looks + 1)
+    out: np.ndarray = np.minimum(k, looks + 1)
+    return out

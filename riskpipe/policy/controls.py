@@ -34,7 +34,7 @@ class Control:
     source: str
 
 
-def _text(where: str, field: str, value) -> str:
+def _text(where: str, field: str, value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise MappingError(f"{where}: field {field!r} must be a non-empty string")
     return value

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -16,6 +16,9 @@ from riskpipe.policy import signals as sig
 from riskpipe.policy.fields import OPS, holds
 from riskpipe.policy.rules import conditions_hold, iter_conditions
 from riskpipe.policy.scoring import combine
+
+if TYPE_CHECKING:
+    from riskpipe.policy.schema import Condition, Policy, Rule
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class Decision:
 
     decision: str
     score: float
-    signals: dict
+    signals: dict[str, dict[str, Any]]
     rule: str
     reasons: tuple[str, ...]
     controls: tuple[str, ...]
@@ -40,10 +43,10 @@ class Decision:
     prediction_agrees: bool | None
     shadow: bool
     would_be: str | None
-    review: dict = field(default_factory=dict)
-    trace: tuple[dict, ...] = field(default=(), repr=False, compare=False)
+    review: dict[str, Any] = field(default_factory=dict)
+    trace: tuple[dict[str, Any], ...] = field(default=(), repr=False, compare=False)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "decision": self.decision, "score": self.score, "signals": self.signals, "rule": self.rule,
             "reasons": list(self.reasons), "controls": list(self.controls), "explanation": self.explanation,
@@ -61,7 +64,7 @@ def audit_draw(event_id: str, policy_sha256: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def _as_certificate(certificate) -> Certificate:
+def _as_certificate(certificate: Certificate | dict[str, Any]) -> Certificate:
     if isinstance(certificate, Certificate):
         return certificate
     if isinstance(certificate, dict):
@@ -69,7 +72,7 @@ def _as_certificate(certificate) -> Certificate:
     raise TypeError(f"certificate: expected a Certificate or its dict, got {type(certificate).__name__}")
 
 
-def threat_view(policy, cert: Certificate) -> tuple[float, bool, list[str]]:
+def threat_view(policy: Policy, cert: Certificate) -> tuple[float, bool, list[str]]:
     """(radius in the threat norm, certified in the threat model, reason codes)."""
     tm = policy.threat_model
     reasons: list[str] = []
@@ -103,7 +106,7 @@ def prediction_agrees(cert: Certificate, prediction: Any) -> bool | None:
     return int(prediction) == int(cert.predicted_class)
 
 
-def evaluate(policy, certificate, upstream_risk: Any = None, context: Any = None,
+def evaluate(policy: Policy, certificate: Certificate | dict[str, Any], upstream_risk: Any = None, context: Any = None,
              event_id: str | None = None, prediction: Any = None) -> Decision:
     """The policy's decision. A certificate for a class other than the event's ``prediction``
     is no certificate for the decision the pipeline acts on: it counts as not certified in
@@ -112,7 +115,8 @@ def evaluate(policy, certificate, upstream_risk: Any = None, context: Any = None
     This is the reference: ``evaluate_batch`` gives the same decisions for a micro-batch."""
     ev = _Evidence.gather(policy, _as_certificate(certificate), upstream_risk, context, prediction,
                           policy.score.weights.model_dump())
-    trace, fired = [], None
+    trace: list[dict[str, Any]] = []
+    fired = None
     for rule in policy.rules:
         ok = conditions_hold(rule.when, ev.facts)
         trace.append({"rule": rule.id, "matched": ok, "conditions": [
@@ -124,8 +128,9 @@ def evaluate(policy, certificate, upstream_risk: Any = None, context: Any = None
     return _conclude(policy, ev, fired, trace, event_id)
 
 
-def evaluate_batch(policy, certificates: Sequence, upstream_risks: Sequence, contexts: Sequence,
-                   event_ids: Sequence, predictions: Sequence) -> list[Decision]:
+def evaluate_batch(policy: Policy, certificates: Sequence[Certificate | dict[str, Any]], upstream_risks: Sequence[Any],
+                   contexts: Sequence[Any], event_ids: Sequence[str | None], predictions: Sequence[Any]
+                   ) -> list[Decision]:
     """``evaluate`` for a micro-batch (equal decisions, tested against it): each rule
     condition is tested once for the whole batch as an array comparison, so the per-event
     Python work is gathering the evidence and writing the decision."""
@@ -136,10 +141,10 @@ def evaluate_batch(policy, certificates: Sequence, upstream_risks: Sequence, con
     if n == 0:
         return []
     rules = policy.rules
-    table: list[list[tuple[Any, np.ndarray, list]]] = []  # per rule: (condition, holds, actual) each
+    table: list[list[tuple[Condition, np.ndarray, list[Any]]]] = []  # per rule: (condition, holds, actual) each
     matched = np.zeros((len(rules), n), dtype=bool)
     for r, rule in enumerate(rules):
-        conds = []
+        conds: list[tuple[Condition, np.ndarray, list[Any]]] = []
         for c in iter_conditions(rule.when):
             actual = [e.facts.get(c.field) for e in evs]
             conds.append((c, _holds_all(c.op, c.value, actual), actual))
@@ -152,9 +157,9 @@ def evaluate_batch(policy, certificates: Sequence, upstream_risks: Sequence, con
             if when.any is not None:
                 ok &= np.logical_or.reduce([h for _, h, _ in conds[n_all:]], axis=0) if conds[n_all:] else False
         matched[r] = ok
-    any_fired = matched.any(axis=0)
+    any_fired = np.asarray(matched.any(axis=0))
     first = np.where(any_fired, matched.argmax(axis=0), len(rules))
-    out = []
+    out: list[Decision] = []
     for i, ev in enumerate(evs):
         last = min(int(first[i]), len(rules) - 1)
         trace = [{"rule": rules[r].id, "matched": bool(matched[r, i]), "conditions": [
@@ -164,12 +169,13 @@ def evaluate_batch(policy, certificates: Sequence, upstream_risks: Sequence, con
     return out
 
 
-def _holds_all(op: str, value: Any, actual: list) -> np.ndarray:
+def _holds_all(op: str, value: Any, actual: list[Any]) -> np.ndarray:
     """``holds`` for one condition over many facts: absent (None) never holds."""
     present = np.array([a is not None for a in actual], dtype=bool)
     vals = np.array([np.nan if a is None else float(a) for a in actual], dtype=np.float64)
     with np.errstate(invalid="ignore"):
-        return present & OPS[op](vals, float(value))
+        held: np.ndarray = present & OPS[op](vals, float(value))
+    return held
 
 
 @dataclass
@@ -180,15 +186,15 @@ class _Evidence:
     cert: Certificate
     radius_threat: float
     certified: bool
-    cert_reasons: list
+    cert_reasons: list[str]
     agrees: bool | None
-    signals: dict
+    signals: dict[str, dict[str, Any]]
     score: float
     formula: str
-    facts: dict
+    facts: dict[str, Any]
 
     @classmethod
-    def gather(cls, policy, cert: Certificate, upstream_risk: Any, context: Any, prediction: Any,
+    def gather(cls, policy: Policy, cert: Certificate, upstream_risk: Any, context: Any, prediction: Any,
                weights: dict[str, float]) -> _Evidence:
         tm = policy.threat_model
         radius_threat, certified, cert_reasons = threat_view(policy, cert)
@@ -231,7 +237,8 @@ class _Evidence:
         return cls(cert, radius_threat, certified, cert_reasons, agrees, signals, score, formula, facts)
 
 
-def _conclude(policy, ev: _Evidence, fired, trace: list, event_id: str | None) -> Decision:
+def _conclude(policy: Policy, ev: _Evidence, fired: Rule | None, trace: list[dict[str, Any]], event_id: str | None
+              ) -> Decision:
     """The decision once the rule that fired (None: the fallback) is known."""
     tm, certified, signals, score = policy.threat_model, ev.certified, ev.signals, ev.score
     if fired is not None:
@@ -289,8 +296,9 @@ def format_value(v: Any) -> str:
     return str(v)
 
 
-def _explain(policy, cert, radius_threat, certified, signals, formula, rule_id, trace, enforced, decision,
-             review) -> str:
+def _explain(policy: Policy, cert: Certificate, radius_threat: float, certified: bool, signals: dict[str, dict[str, Any]],
+             formula: str, rule_id: str, trace: list[dict[str, Any]], enforced: str, decision: str,
+             review: dict[str, Any]) -> str:
     tm = policy.threat_model
     parts = [f"Policy {policy.name} {policy.version} (sha256 {policy.sha256[:12]})."]
     if cert.abstained:

@@ -13,20 +13,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from riskpipe.certify.norms import conversion_factor
 from riskpipe.certify.stats import max_radius
 from riskpipe.policy.fields import FIELDS
 from riskpipe.policy.rules import analyse, describe_facts, iter_conditions
 
+if TYPE_CHECKING:
+    from riskpipe.policy.schema import Certifier, Condition, Policy
+
 
 @dataclass(frozen=True)
 class LintWarning:
-    path: tuple
+    path: tuple[str | int, ...]
     message: str
 
 
-def _never(c) -> bool:
+def _never(c: Condition) -> bool:
     """A single condition that no value in its field's domain satisfies."""
     spec = FIELDS[c.field]
     if spec.kind == "bool":
@@ -37,7 +41,7 @@ def _never(c) -> bool:
             or (c.op == "eq" and not spec.lo <= v <= spec.hi))
 
 
-def max_certifiable_radius(certifier) -> float | None:
+def max_certifiable_radius(certifier: Certifier) -> float | None:
     """The largest radius the certifier section can report, or None when no sample budget
     caps it: a certificate drawn from noise of scale ``sigma`` rests on at most ``n``
     samples (``max_samples`` in decide mode), whose best Clopper-Pearson bound is
@@ -48,7 +52,7 @@ def max_certifiable_radius(certifier) -> float | None:
     return max_radius(certifier.sigma, certifier.alpha, n)
 
 
-def lint(policy, input_dim: int = 64) -> list[LintWarning]:
+def lint(policy: Policy, input_dim: int = 64) -> list[LintWarning]:
     out: list[LintWarning] = []
     a = analyse(policy)
     if not a.exhaustive:
@@ -85,10 +89,10 @@ def lint(policy, input_dim: int = 64) -> list[LintWarning]:
     r_max = max_certifiable_radius(policy.certifier)
     need = policy.certificate_epsilon(cert_norm, input_dim)
     if r_max is not None and r_max < need:
-        c = policy.certifier
-        n_name = "max_samples" if c.mode == "decide" else "n"
+        cfg = policy.certifier
+        n_name = "max_samples" if cfg.mode == "decide" else "n"
         out.append(LintWarning(("certifier", n_name), (
-            f"no input can be certified: with {n_name}={getattr(c, n_name)}, alpha={c.alpha:g}, sigma={c.sigma:g} "
+            f"no input can be certified: with {n_name}={getattr(cfg, n_name)}, alpha={cfg.alpha:g}, sigma={cfg.sigma:g} "
             f"the largest radius smoothing can report is {r_max:.4g} < {need:.4g} needed for the threat model")))
     if policy.signals.upstream_risk.default == 0.0:
         out.append(LintWarning(("signals", "upstream_risk", "default"),

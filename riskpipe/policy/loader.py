@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from riskpipe import safe_yaml
 from riskpipe.policy.schema import Policy, SemanticProblems
@@ -25,6 +26,7 @@ from riskpipe.policy.schema import Policy, SemanticProblems
 # safe_load semantics (SafeLoader constructors), libyaml's parser when available,
 # aliases and nesting bounded (riskpipe.safe_yaml)
 _LOADER = safe_yaml.LOADER
+Loc = tuple[str | int, ...]  # a field's path: keys and list indexes
 
 
 @dataclass(frozen=True)
@@ -41,19 +43,19 @@ class Problem:
 class PolicyError(ValueError):
     """A policy that cannot be loaded. ``str()`` is one line per problem."""
 
-    def __init__(self, problems: list[Problem]):
+    def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
 
 
-def field_path(loc: tuple) -> str:
+def field_path(loc: Loc) -> str:
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(policy)"
 
 
-def _line(root: yaml.Node | None, loc: tuple) -> int:
+def _line(root: yaml.Node | None, loc: Loc) -> int:
     """Line of the field at ``loc``: its key when it exists, else the key of the
     deepest enclosing field that does (e.g. the section a required field is missing from)."""
     if root is None:
@@ -74,7 +76,7 @@ def _line(root: yaml.Node | None, loc: tuple) -> int:
     return line
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
+def _allowed_keys(loc: Loc) -> list[str]:
     """Field names the schema allows at the mapping that contains ``loc[-1]``."""
     model: Any = Policy
     for part in loc[:-1]:
@@ -101,7 +103,7 @@ def _unwrap(tp: Any) -> Any:
             return tp
 
 
-def _reason(err: dict) -> str:
+def _reason(err: ErrorDetails) -> str:
     kind, msg = err["type"], err["msg"]
     if kind == "missing":
         return "required field is missing"
@@ -121,7 +123,7 @@ def _reason(err: dict) -> str:
     return msg[:1].lower() + msg[1:]
 
 
-def _yaml_data(text: str, name: str, loader_cls=_LOADER) -> tuple[Any, yaml.Node | None]:
+def _yaml_data(text: str, name: str, loader_cls: type[yaml.SafeLoader] = _LOADER) -> tuple[Any, yaml.Node | None]:
     try:
         root = safe_yaml.compose(text, loader_cls)
         data = safe_yaml.construct(root, loader_cls)
@@ -142,8 +144,8 @@ def _yaml_data(text: str, name: str, loader_cls=_LOADER) -> tuple[Any, yaml.Node
     return data, root
 
 
-def _duplicate_keys(node, loc) -> list[tuple[tuple, int]]:
-    out = []
+def _duplicate_keys(node: yaml.Node | None, loc: Loc) -> list[tuple[Loc, int]]:
+    out: list[tuple[Loc, int]] = []
     if isinstance(node, yaml.MappingNode):
         seen = set()
         for k, v in node.value:
@@ -180,7 +182,7 @@ def parse_policy(text: str, name: str = "<policy>") -> Policy:
     raise PolicyError(problems)
 
 
-def locate(path: str | Path, loc: tuple) -> Problem:
+def locate(path: str | Path, loc: Loc) -> Problem:
     """A Problem pointing at field ``loc`` of the policy file at ``path`` (reason empty)."""
     _, root = _yaml_data(Path(path).read_text(encoding="utf-8"), str(path))
     return Problem(str(path), _line(root, loc), field_path(loc), "")

@@ -12,23 +12,29 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from riskpipe.certify.certificate import Certificate
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from riskpipe.policy.evaluate import Decision
+    from riskpipe.policy.schema import Policy
 
 
 @dataclass
 class Replay:
     records: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (id or #n, reason)
-    transitions: Counter = field(default_factory=Counter)
-    changes: list[dict] = field(default_factory=list)
+    transitions: Counter[str] = field(default_factory=Counter)
+    changes: list[dict[str, Any]] = field(default_factory=list)
     recorded_mismatch: list[str] = field(default_factory=list)  # recorded decision != OLD replay
-    recertify: list[dict] = field(default_factory=list)
+    recertify: list[dict[str, Any]] = field(default_factory=list)
     certifier_changes: list[str] = field(default_factory=list)
     threat_changes: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"records": self.records, "skipped": [{"id": i, "reason": r} for i, r in self.skipped],
                 "changed": len(self.changes), "transitions": dict(sorted(self.transitions.items())),
                 "changes": self.changes, "recorded_mismatch": self.recorded_mismatch,
@@ -36,14 +42,14 @@ class Replay:
                 "threat_model_changes": self.threat_changes}
 
 
-def _section_changes(old, new) -> list[str]:
+def _section_changes(old: BaseModel, new: BaseModel) -> list[str]:
     a, b = old.model_dump(exclude={"description"}), new.model_dump(exclude={"description"})
     return [f"{k} {a[k]!r} -> {b[k]!r}" for k in sorted(a) if a[k] != b[k]]
 
 
-def recertify_reasons(policy, cert: Certificate) -> list[str]:
+def recertify_reasons(policy: Policy, cert: Certificate) -> list[str]:
     """Why ``cert`` does not answer ``policy``'s certification question ([] if it does)."""
-    c, out = policy.certifier, []
+    c, out = policy.certifier, list[str]()
     if cert.method != c.method:
         out.append(f"method {cert.method} != {c.method}")
     # the smoothed classifier is defined by sigma; alpha is the confidence asked for
@@ -60,11 +66,11 @@ def recertify_reasons(policy, cert: Certificate) -> list[str]:
     return out
 
 
-def _summary(d) -> dict:
+def _summary(d: Decision) -> dict[str, Any]:
     return {"decision": d.decision, "rule": d.rule, "score": round(d.score, 6), "reasons": list(d.reasons)}
 
 
-def replay(old, new, records: Iterable[dict]) -> Replay:
+def replay(old: Policy, new: Policy, records: Iterable[dict[str, Any]]) -> Replay:
     out = Replay(certifier_changes=_section_changes(old.certifier, new.certifier),
                  threat_changes=_section_changes(old.threat_model, new.threat_model))
     for n, rec in enumerate(records, 1):

@@ -29,16 +29,22 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from riskpipe.policy.fields import FIELDS, holds
+
+if TYPE_CHECKING:
+    from riskpipe.policy.schema import Condition, Policy, Rule, When
+
+Combo = tuple[Any, ...]  # one abstract input: a value (or ABSENT) per field, in the analysis' field order
 
 MAX_COMBINATIONS = 200_000
 ABSENT = None
 
 
-def conditions_hold(when, facts: dict[str, Any]) -> bool:
+def conditions_hold(when: When | None, facts: dict[str, Any]) -> bool:
     if when is None:
         return True
     if when.all is not None and not all(holds(c.field, c.op, c.value, facts) for c in when.all):
@@ -48,31 +54,31 @@ def conditions_hold(when, facts: dict[str, Any]) -> bool:
     return True
 
 
-def first_match(rules, facts: dict[str, Any]) -> int | None:
+def first_match(rules: Iterable[Rule], facts: dict[str, Any]) -> int | None:
     for i, rule in enumerate(rules):
         if conditions_hold(rule.when, facts):
             return i
     return None
 
 
-def iter_conditions(when) -> Iterable:
+def iter_conditions(when: When | None) -> tuple[Condition, ...]:
     if when is None:
         return ()
     return tuple(when.all or ()) + tuple(when.any or ())
 
 
 # ---- abstract inputs ------------------------------------------------------------------
-def _points(field: str, constants: set[float], extra: Iterable[float]) -> list:
+def _points(field: str, constants: set[float], extra: Iterable[float]) -> list[float | None]:
     spec = FIELDS[field]
     if spec.kind == "bool":
-        pts: list = [False, True]
+        pts: list[float | None] = [False, True]
     else:
         anchors = {spec.lo, *(c for c in constants if spec.lo <= c <= spec.hi),
                    *(e for e in extra if spec.lo <= e <= spec.hi)}
         if math.isfinite(spec.hi):
             anchors.add(spec.hi)
         xs = sorted(anchors)
-        pts = list(xs) + [(a + b) / 2 for a, b in zip(xs, xs[1:])]
+        pts = [*xs, *((a + b) / 2 for a, b in zip(xs, xs[1:]))]
         if not math.isfinite(spec.hi):
             pts.append(xs[-1] + 1.0)
     if spec.nullable:
@@ -85,11 +91,11 @@ class Analysis:
     exhaustive: bool
     satisfiable: tuple[bool, ...]  # rule i can hold for some input
     reachable: tuple[bool, ...]  # rule i fires for some input
-    uncovered: dict | None  # an input no rule matches (witness), or None
-    invariant_witness: dict[int, dict]  # allow rule i -> an uncertified input that reaches it
+    uncovered: dict[str, Any] | None  # an input no rule matches (witness), or None
+    invariant_witness: dict[int, dict[str, Any]]  # allow rule i -> an uncertified input that reaches it
 
 
-def analyse(policy) -> Analysis:
+def analyse(policy: Policy) -> Analysis:
     from riskpipe.policy.signals import certificate_risk_floor
 
     rules = policy.rules
@@ -104,7 +110,7 @@ def analyse(policy) -> Analysis:
     # never read it sees nothing a disagreeing input could do that an uncertified one cannot
     fields = sorted(set(constants) | {"certificate.abstained", "certified_in_threat"})
     floor = certificate_risk_floor(policy.signals.certificate_risk)
-    extra = {"radius_threat": [0.0, policy.threat_model.epsilon], "radius_over_epsilon": [0.0, 1.0],
+    extra: dict[str, list[float]] = {"radius_threat": [0.0, policy.threat_model.epsilon], "radius_over_epsilon": [0.0, 1.0],
              "signals.certificate_risk.value": [floor, 1.0]}
     axes = [_points(f, constants.get(f, set()), extra.get(f, ())) for f in fields]
     total = math.prod(len(a) for a in axes)
@@ -112,8 +118,8 @@ def analyse(policy) -> Analysis:
         return _syntactic(policy)
     n = len(rules)
     sat, reach = [False] * n, [False] * n
-    uncovered = None
-    witness: dict[int, dict] = {}
+    uncovered: dict[str, Any] | None = None
+    witness: dict[int, dict[str, Any]] = {}
     certify_mode = policy.certifier.mode == "certify"
     eps = policy.threat_model.epsilon
     compiled = [_compile(rule.when, fields) for rule in rules]
@@ -139,13 +145,13 @@ def analyse(policy) -> Analysis:
     return Analysis(True, tuple(sat), tuple(reach), uncovered, witness)
 
 
-def _compile(when, fields: list[str]):
+def _compile(when: When | None, fields: list[str]) -> Callable[[Combo], bool]:
     """``conditions_hold`` for a tuple of facts in ``fields`` order (the analysis hot loop)."""
     from riskpipe.policy.fields import OPS
 
     if when is None:
         return lambda combo: True
-    def leaf(c):
+    def leaf(c: Condition) -> Callable[[Combo], bool]:
         i, op, v = fields.index(c.field), OPS[c.op], c.value
         return lambda combo: combo[i] is not None and op(combo[i], v)
     all_ = [leaf(c) for c in when.all or ()]
@@ -154,8 +160,8 @@ def _compile(when, fields: list[str]):
     return lambda combo: all(f(combo) for f in all_) and (not has_any or any(f(combo) for f in any_))
 
 
-def _coherent(combo: tuple, idx: dict, certify_mode: bool, eps: float, floor: float) -> bool:
-    def get(name):
+def _coherent(combo: Combo, idx: dict[str, int | None], certify_mode: bool, eps: float, floor: float) -> bool:
+    def get(name: str) -> Any:
         i = idx[name]
         return None if i is None else combo[i]
 
@@ -179,22 +185,22 @@ def _coherent(combo: tuple, idx: dict, certify_mode: bool, eps: float, floor: fl
     return True
 
 
-def _excludes_uncertified(when) -> bool:
+def _excludes_uncertified(when: When | None) -> bool:
     return when is not None and any(
         c.field == "certified_in_threat" and ((c.op == "eq" and c.value is True) or (c.op == "ne" and c.value is False))
         for c in (when.all or ()))
 
 
-def _syntactic(policy) -> Analysis:
+def _syntactic(policy: Policy) -> Analysis:
     """Fallback when there are too many combinations: an allow rule is accepted only
     if its ``all`` list requires certified_in_threat to be true."""
     n = len(policy.rules)
-    witness = {i: {"certified_in_threat": False} for i, r in enumerate(policy.rules)
+    witness: dict[int, dict[str, Any]] = {i: {"certified_in_threat": False} for i, r in enumerate(policy.rules)
                if r.decision == "allow" and not _excludes_uncertified(r.when)}
     return Analysis(False, (True,) * n, (True,) * n, None, witness)
 
 
-def describe_facts(facts: dict) -> str:
+def describe_facts(facts: dict[str, Any]) -> str:
     parts = []
     for k, v in sorted(facts.items()):
         parts.append(f"{k}={'absent' if v is None else (str(v).lower() if isinstance(v, bool) else f'{v:g}')}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
@@ -19,6 +19,10 @@ from riskpipe.certify.families import CERT_NORMS, METHODS
 from riskpipe.certify.norms import check_norm, conversion_factor
 from riskpipe.policy.controls import check_control
 from riskpipe.policy.fields import check_condition
+
+if TYPE_CHECKING:
+    from riskpipe.certify.certificate import Certificate
+    from riskpipe.policy.evaluate import Decision
 
 SECRET_FIELDS = ("radius", "radius_threat", "p_lower", "p_upper", "probabilities", "score", "signals",
                  "certificate", "context", "explanation", "upstream_risk", "input", "prediction")
@@ -36,7 +40,7 @@ _SMOOTHING_ONLY = ("sigma", "n0", "n", "max_samples", "bound", "sampler", "grid_
 class SemanticProblems(Exception):
     """Cross-field problems: a list of (path tuple, reason)."""
 
-    def __init__(self, problems: list[tuple[tuple, str]]):
+    def __init__(self, problems: list[tuple[tuple[str | int, ...], str]]) -> None:
         super().__init__("; ".join(r for _, r in problems))
         self.problems = problems
 
@@ -291,7 +295,7 @@ class Policy(_Frozen):
     def _whole_policy(self) -> Policy:
         from riskpipe.policy.rules import analyse, describe_facts
 
-        problems: list[tuple[tuple, str]] = []
+        problems: list[tuple[tuple[str | int, ...], str]] = []
         seen: dict[str, int] = {}
         for i, rule in enumerate(self.rules):
             if rule.id in seen:
@@ -339,14 +343,14 @@ class Policy(_Frozen):
         return float(self.threat_model.epsilon / f)
 
     # ---- decisions ---------------------------------------------------------------------
-    def evaluate(self, certificate, upstream_risk: Any = None, context: Any = None, event_id: str | None = None,
-                 prediction: Any = None):
+    def evaluate(self, certificate: Certificate | dict[str, Any], upstream_risk: Any = None, context: Any = None,
+                 event_id: str | None = None, prediction: Any = None) -> Decision:
         from riskpipe.policy.evaluate import evaluate
 
         return evaluate(self, certificate, upstream_risk=upstream_risk, context=context, event_id=event_id,
                         prediction=prediction)
 
-    def public_view(self, record: dict) -> dict:
+    def public_view(self, record: dict[str, Any]) -> dict[str, Any]:
         """The fields of a full decision record that ``disclosure`` lets out publicly."""
         getters = {
             "policy_version": lambda r: (r.get("policy") or {}).get("version"),

@@ -46,10 +46,14 @@ support_risk
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
+
+if TYPE_CHECKING:
+    from riskpipe.policy.schema import (CertificateRiskSignal, ContextRiskSignal, SupportRiskSignal,
+                                        UpstreamRiskSignal)
 
 
-def _finite_number(v: Any) -> bool:
+def _finite_number(v: Any) -> TypeGuard[float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -61,7 +65,8 @@ def json_safe(v: Any) -> Any:
     return text if len(text) <= 64 else text[:61] + "..."
 
 
-def certificate_risk(cfg, abstained: bool, radius_threat: float, epsilon: float, certified: bool) -> dict:
+def certificate_risk(cfg: CertificateRiskSignal, abstained: bool, radius_threat: float, epsilon: float,
+                     certified: bool) -> dict[str, Any]:
     if abstained:
         return {"value": 1.0, "abstained": True, "radius_threat": 0.0, "epsilon": epsilon, "t": 0.0,
                 "function": cfg.function, "flagged": False}
@@ -73,18 +78,18 @@ def certificate_risk(cfg, abstained: bool, radius_threat: float, epsilon: float,
             "function": cfg.function, "flagged": False}
 
 
-def _curve(cfg, t: float) -> float:
+def _curve(cfg: CertificateRiskSignal, t: float) -> float:
     if cfg.function == "exponential":
         return float(2.0 ** (-t / cfg.half_life))
     return float(max(0.0, 1.0 - t / cfg.zero_at))
 
 
-def certificate_risk_floor(cfg) -> float:
+def certificate_risk_floor(cfg: CertificateRiskSignal) -> float:
     """The least certificate risk an uncertified sample can get: r(1)."""
     return _curve(cfg, 1.0)
 
 
-def upstream_risk(cfg, raw: Any) -> dict:
+def upstream_risk(cfg: UpstreamRiskSignal, raw: Any) -> dict[str, Any]:
     if raw is None:
         reason = "missing"
     elif isinstance(raw, bool) or not isinstance(raw, (int, float)):
@@ -99,10 +104,12 @@ def upstream_risk(cfg, raw: Any) -> dict:
             "reason": reason}
 
 
-def context_risk(cfg, context: Any, radius_threat: float) -> dict:
+def context_risk(cfg: ContextRiskSignal, context: Any, radius_threat: float) -> dict[str, Any]:
     """``context`` as ``ContextIndex.context`` returns it; the ratio is recomputed from
     the stored distance so that a replay under another threat model stays consistent."""
-    ratio = pct = ratio_term = None
+    ratio: float | None = None
+    pct: float | None = None
+    ratio_term: float | None = None
     if isinstance(context, dict):
         d = context.get("nearest_other_class_distance")
         if _finite_number(d) and d > 0:
@@ -115,20 +122,19 @@ def context_risk(cfg, context: Any, radius_threat: float) -> dict:
             pct = float(p)
     out: dict[str, Any] = {"radius_to_distance_ratio": ratio, "radius_percentile": pct,
                            "ratio_weight": cfg.ratio_weight}
-    if ratio_term is None and pct is None:
-        reason = "missing" if context is None else "malformed"
-        return {**out, "value": cfg.default, "default": cfg.default, "flagged": True, "reason": reason}
     pct_term = None if pct is None else 1.0 - pct / 100.0
-    if ratio_term is None:
-        value = pct_term
-    elif pct_term is None:
-        value = ratio_term
+    if ratio_term is None or pct_term is None:  # one term alone, or neither (the default, flagged)
+        single = pct_term if ratio_term is None else ratio_term
+        if single is None:
+            reason = "missing" if context is None else "malformed"
+            return {**out, "value": cfg.default, "default": cfg.default, "flagged": True, "reason": reason}
+        value = single
     else:
         value = cfg.ratio_weight * ratio_term + (1.0 - cfg.ratio_weight) * pct_term
     return {**out, "value": float(min(1.0, max(0.0, value))), "flagged": False}
 
 
-def support_risk(cfg, context: Any) -> dict:
+def support_risk(cfg: SupportRiskSignal, context: Any) -> dict[str, Any]:
     """``context`` as ``ContextIndex.context`` returns it (see the module docstring)."""
     d = q = None
     if isinstance(context, dict):
