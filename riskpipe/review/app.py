@@ -23,10 +23,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
-import time
-from collections import defaultdict, deque
-from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import wraps
 from typing import Any
@@ -39,21 +35,19 @@ from wtforms import PasswordField, RadioField, StringField, TextAreaField
 from wtforms.validators import DataRequired, Length, ValidationError
 
 from riskpipe.ledger import Ledger
-from riskpipe.review import queue as rq
 from riskpipe.policy.naming import policy_label
-from riskpipe.render import ModelInfo, class_name, entry_info, record_view
+from riskpipe.render import class_name, record_view
+from riskpipe.review import queue as rq
+from riskpipe.review.access import SHARED_CREDENTIAL, SHARED_MAX_FAILURES
+from riskpipe.review.context import ConsoleState, default_metrics
 from riskpipe.review.render import split_controls
 from riskpipe.review.settings import ReviewSettings, client_address, normalize_reviewer
 
 log = logging.getLogger("riskpipe.review")
 
-MAX_FAILURES = 5
-LOCKOUT_SECONDS = 300.0
-# failed guesses at the shared password, from any address under any name, before it is
-# locked for everyone: the limit per credential (a guesser spreading tries over names
-# and addresses meets it); higher than MAX_FAILURES because every reviewer shares it
-SHARED_MAX_FAILURES = 20
-SHARED_CREDENTIAL = "credential:shared"
+# ConsoleState and SHARED_MAX_FAILURES are re-exported: callers and tests import them from here
+__all__ = ["SHARED_MAX_FAILURES", "ConsoleState", "create_app"]
+
 # Sample names the console exposes; the stage's own metrics are not the console's to report.
 REVIEW_METRIC_SAMPLES = (
     "riskpipe_review_backlog",
@@ -84,135 +78,6 @@ class VerdictForm(FlaskForm):
 
 class LogoutForm(FlaskForm):
     pass
-
-
-@dataclass
-class LoginThrottle:
-    """Failed logins per key (a client address, a reviewer name) in a sliding window.
-
-    The console locks out an address *and* a reviewer name: per address alone, an
-    attacker spreading guesses at one name over many addresses is never slowed. The
-    price: anyone can lock a reviewer out for ``LOCKOUT_SECONDS`` by failing five
-    times under their name; that is the lesser harm for a console behind a login.
-    A guess at the shared password (a name that is not a configured user) also counts
-    against the credential itself (``SHARED_CREDENTIAL``, ``SHARED_MAX_FAILURES``), so
-    spreading guesses over many names and addresses does not escape the limit either.
-    """
-
-    failures: dict[str, deque] = field(default_factory=lambda: defaultdict(deque))
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def locked(self, *keys: str) -> bool:
-        with self.lock:
-            hit = False
-            for key in keys:
-                q = self.failures[key]
-                while q and time.monotonic() - q[0] > LOCKOUT_SECONDS:
-                    q.popleft()
-                hit = hit or len(q) >= (SHARED_MAX_FAILURES if key == SHARED_CREDENTIAL else MAX_FAILURES)
-            return hit
-
-    def fail(self, *keys: str) -> None:
-        with self.lock:
-            for key in keys:
-                self.failures[key].append(time.monotonic())
-
-    def clear(self, *keys: str) -> None:
-        with self.lock:
-            for key in keys:
-                self.failures.pop(key, None)
-
-
-@dataclass
-class SessionRegistry:
-    """Sessions the server considers open. The cookie is signed, so without this a
-    copied cookie would keep working after logout until it expired; with it, logout
-    (and a console restart) ends the session on the server: an old cookie names a
-    session id that is no longer here."""
-
-    lifetime_s: float
-    open_: dict[str, tuple[str, float]] = field(default_factory=dict)  # sid -> (reviewer, expiry)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def start(self, reviewer: str) -> str:
-        sid = secrets.token_urlsafe(32)
-        with self.lock:
-            now = time.monotonic()
-            self.open_ = {k: v for k, v in self.open_.items() if v[1] > now}
-            self.open_[sid] = (reviewer, now + self.lifetime_s)
-        return sid
-
-    def valid(self, sid: Any, reviewer: Any) -> bool:
-        with self.lock:
-            hit = self.open_.get(sid) if isinstance(sid, str) else None
-            return hit is not None and hit[0] == reviewer and hit[1] > time.monotonic()
-
-    def end(self, sid: Any) -> None:
-        with self.lock:
-            if isinstance(sid, str):
-                self.open_.pop(sid, None)
-
-
-class ConsoleState:
-    """What the request handlers share: settings, metrics, the outcomes publisher."""
-
-    def __init__(self, settings: ReviewSettings, metrics=None, publisher=None) -> None:
-        self.settings = settings
-        self.metrics = metrics
-        self.publisher = publisher
-        self.throttle = LoginThrottle()
-        self.sessions = SessionRegistry(settings.session_hours * 3600)
-        self._breached: set[str] = set()
-        self._lock = threading.Lock()
-        self._infos: dict[str, ModelInfo] = {}
-
-    def model_info(self, record: dict) -> ModelInfo:
-        """Labels, feature names and value range for the record's model, from the config's
-        ``models:`` entry; a tabular model file (.skops, .onnx) whose entry names no features
-        is loaded once for the names it carries itself."""
-        model = record.get("model")
-        name = model.get("name") if isinstance(model, dict) else model
-        if not isinstance(name, str) or name not in self.settings.models:
-            return ModelInfo()
-        with self._lock:
-            if name not in self._infos:
-                self._infos[name] = entry_info(self.settings.models[name])
-            return self._infos[name]
-
-    def note_queue(self, ledger: Ledger) -> None:
-        """Backlog gauges (size, oldest item's age), and one deadline breach per waiting
-        item whose deadline has passed."""
-        if self.metrics is None:
-            return
-        now = rq.now_utc()
-        self.metrics.set_review_backlog(rq.backlog(ledger, self.settings.scope))
-        oldest = rq.oldest_waiting(ledger, self.settings.scope)
-        self.metrics.set_review_backlog_age((now - oldest).total_seconds() if oldest else 0.0)
-        for event_id in rq.overdue(ledger, now, self.settings.scope):
-            self.note_breach(event_id)
-
-    def note_breach(self, event_id: str) -> None:
-        with self._lock:
-            if event_id in self._breached:
-                return
-            self._breached.add(event_id)
-        if self.metrics is not None:
-            self.metrics.review_deadline_breach()
-
-    def refresh_backlog(self) -> None:
-        if self.metrics is None:
-            return
-        with Ledger(self.settings.ledger) as ledger:
-            self.note_queue(ledger)
-
-
-def default_metrics():
-    """A private-registry StageMetrics when riskpipe.metrics is available."""
-    try:
-        from riskpipe.metrics import StageMetrics
-    except ImportError:
-        return None
-    return StageMetrics()
 
 
 def create_app(settings: ReviewSettings, *, metrics: Any = "default", publisher=None) -> Flask:

@@ -26,7 +26,7 @@ Reviewer names are compared NFKC-normalised and case-folded and must match
 ``REVIEWER_NAME_RE`` in full (``Alice`` and ``alice`` are one reviewer; ``"alice\n"`` is
 no name). Failed logins lock out the client address and the reviewer name (5 in 5
 minutes each); guesses at the shared password also count against the credential
-itself, from any name and address (``SHARED_MAX_FAILURES`` in riskpipe/review/app.py).
+itself, from any name and address (``SHARED_MAX_FAILURES`` in riskpipe/review/access.py).
 The client address is the TCP peer, unless the peer is one of ``trusted_proxies``
 (addresses or networks): then it is the right-most ``X-Forwarded-For`` hop that is
 not a trusted proxy. Without ``trusted_proxies`` the header is ignored, so behind a
