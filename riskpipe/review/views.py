@@ -1,0 +1,172 @@
+"""The reviewer's pages: the queue, one item, the verdict on it (ledger, then the outcomes
+topic and the review metrics), and the open ``/metrics`` and ``/healthz`` endpoints.
+
+Only decision records of this console's stage are shown or take a verdict; another
+stage's record is a 404 (``_own_decision``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import abort, flash, g, redirect, render_template, request, url_for
+from flask.typing import ResponseReturnValue
+from flask_wtf import FlaskForm
+from wtforms import RadioField, TextAreaField
+from wtforms.validators import DataRequired, Length
+
+from riskpipe.render import class_name, record_view
+from riskpipe.review import queue as rq
+from riskpipe.review.auth import login_required
+from riskpipe.review.context import console, request_ledger
+from riskpipe.review.render import split_controls
+
+log = logging.getLogger("riskpipe.review")
+
+# Sample names the console exposes; the stage's own metrics are not the console's to report.
+REVIEW_METRIC_SAMPLES = (
+    "riskpipe_review_backlog",
+    "riskpipe_review_backlog_oldest_age_seconds",
+    "riskpipe_review_verdicts_total",
+    "riskpipe_review_time_to_verdict_seconds_bucket",
+    "riskpipe_review_time_to_verdict_seconds_count",
+    "riskpipe_review_time_to_verdict_seconds_sum",
+    "riskpipe_review_deadline_breaches_total",
+)
+
+
+class VerdictForm(FlaskForm):
+    # values only (labels come from rq.VERDICTS in the template): the one choices form every wtforms 3 accepts
+    verdict = RadioField("Verdict", choices=list(rq.VERDICTS), validators=[DataRequired()])
+    note = TextAreaField("Note", validators=[Length(max=rq.MAX_NOTE)])
+
+
+@login_required
+def queue_page() -> ResponseReturnValue:
+    state, ledger = console(), request_ledger()
+    where = rq.QueueFilter(**{k: request.args.get(k) or None for k in ("model", "policy", "reason")})
+    size = min(rq.MAX_PAGE_SIZE, max(1, request.args.get("size", rq.PAGE_SIZE, type=int)))
+    after = request.args.get("after") or None
+    scope = state.settings.scope
+    try:
+        items = rq.pending(ledger, scope, where, after=after, limit=size + 1)
+    except rq.ReviewError as e:
+        abort(400, description=str(e))
+    more, items = len(items) > size, items[:size]
+    if state.metrics is not None:
+        now = rq.now_utc()
+        for item in items:  # the gauge and the full breach scan run with the backlog refresh
+            if item.overdue(now):
+                state.note_breach(item.id)
+    return render_template("queue.html", items=items, total=rq.backlog(ledger, scope), where=where, size=size,
+                           after=after, more=more, now=rq.now_utc(), reviewed=ledger.count("verdict"),
+                           class_name=class_name, labels_of=lambda rec: state.model_info(rec).labels,
+                           outside=rq.outside(ledger, scope), scope=scope)
+
+
+@login_required
+def item_page(event_id: str) -> ResponseReturnValue:
+    return _render_item(event_id, VerdictForm())
+
+
+@login_required
+def verdict(event_id: str) -> ResponseReturnValue:
+    form = VerdictForm()
+    if not form.validate_on_submit():
+        return _render_item(event_id, form, status=400)
+    decision = _own_decision(event_id)
+    if not rq.needs_review(decision):
+        return _render_item(event_id, form, status=409,
+                            error="This decision was not routed to review or drawn for audit.")
+    settings = console().settings
+    try:
+        record, final = rq.record_review(request_ledger(), event_id, form.verdict.data, form.note.data or "",
+                                         g.reviewer, settings.require_second_reviewer_for,
+                                         settings.double_review_fraction)
+    except rq.AlreadyReviewed as e:
+        return _render_item(event_id, form, status=409, error=str(e))
+    except rq.ReviewError as e:
+        return _render_item(event_id, form, status=409 if "second reviewer" in str(e) else 400, error=str(e))
+    if not final:
+        _flash_first_review(record, decision, event_id)
+        return redirect(url_for("review.queue_page"))
+    log.info("review console: %s recorded %s for %s", g.reviewer, record["verdict"], event_id)
+    _after_verdict(record, decision)
+    flash(f"Verdict “{rq.VERDICTS[record['verdict']]}” recorded for {event_id} by {g.reviewer} at {record['ts']}.",
+          "info")
+    return redirect(url_for("review.queue_page"))
+
+
+def _flash_first_review(record: dict[str, Any], decision: dict[str, Any], event_id: str) -> None:
+    """Tell the reviewer their review waits for a second one, and why."""
+    log.info("review console: %s gave the first of two reviews (%s) for %s", g.reviewer, record["verdict"], event_id)
+    why = (f"overriding a {decision.get('decision')} takes effect when a second reviewer confirms it"
+           if record["double_review"] == "four_eyes" else
+           "this item is in the double-review sample: a second reviewer judges it independently")
+    flash(f"First review “{rq.VERDICTS[record['verdict']]}” recorded for {event_id} by {g.reviewer}: {why}.", "info")
+
+
+def _after_verdict(record: dict[str, Any], decision: dict[str, Any]) -> None:
+    """A final verdict is in the ledger: publish it to the outcomes topic, count it."""
+    state = console()
+    if state.publisher is not None:
+        try:
+            state.publisher.publish(record)
+        except Exception as e:  # noqa: BLE001 - the ledger has it; tell the reviewer, don't lose the page
+            topic = state.settings.outcomes_topic
+            log.error("review console: verdict %s not published to %s: %s", record["id"], topic, e)
+            flash(f"The verdict is in the ledger but was not published to {topic}: {type(e).__name__}: {e}", "error")
+    if state.metrics is not None:
+        state.metrics.review_verdict(record["verdict"], rq.seconds_to_review(record))
+        item = rq.QueueItem(decision, 0)
+        if item.overdue(rq.parse_ts(record["ts"])):
+            state.note_breach(record["id"])
+        state.note_queue(request_ledger())
+
+
+def _own_decision(event_id: str) -> dict[str, Any]:
+    """The decision record ``event_id`` of this console's stage, else 404 (another
+    stage's record is not shown, and takes no verdict here)."""
+    decision = request_ledger().get(event_id, kind="decision")
+    if decision is None:
+        abort(404, description=f"No decision record {event_id!r} in the ledger.")
+    scope = console().settings.scope
+    why = scope.refuses(decision) if scope is not None else None
+    if why is not None:
+        abort(404, description=f"{event_id!r} is not a record of this console's stage: {why}.")
+    return decision
+
+
+def _render_item(event_id: str, form: VerdictForm, status: int = 200, error: str | None = None) -> ResponseReturnValue:
+    decision = _own_decision(event_id)
+    try:
+        rq.check_decision_record(decision)
+        problem = None
+    except rq.ReviewError as e:
+        problem = str(e)
+    nist, other = split_controls(decision.get("controls"))
+    info = console().model_info(decision)
+    ledger = request_ledger()
+    return render_template(
+        "item.html", rec=decision, item=rq.QueueItem(decision, 0) if problem is None else None,
+        problem=problem, form=form, error=error, view=record_view(decision, info, ledger.get_input),
+        labels=info.labels, class_name=class_name,
+        verdict=ledger.get(event_id, kind="verdict"), routed=rq.needs_review(decision),
+        first_review=ledger.get(event_id, kind=rq.FIRST_REVIEW),
+        nist=nist, other_controls=other, now=rq.now_utc(),
+    ), status
+
+
+def metrics_endpoint() -> ResponseReturnValue:
+    metrics = console().metrics
+    if metrics is None:
+        abort(404, description="Metrics are off (riskpipe.metrics is not available).")
+    # imported here like riskpipe.metrics itself (context.default_metrics): only once metrics are on
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    body = generate_latest(metrics.registry.restricted_registry(REVIEW_METRIC_SAMPLES))
+    return body, 200, {"Content-Type": CONTENT_TYPE_LATEST}
+
+
+def healthz() -> ResponseReturnValue:
+    return "ok\n", 200, {"Content-Type": "text/plain"}
