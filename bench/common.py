@@ -8,6 +8,8 @@ import platform
 import time
 from pathlib import Path
 
+from riskpipe.timestamps import rfc3339_seconds
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -22,7 +24,7 @@ def machine() -> dict:
 def write_results(name: str, results: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
+    payload = {"benchmark": name, "when": rfc3339_seconds(), "machine": machine(),
                **results}
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return path

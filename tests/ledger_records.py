@@ -7,6 +7,7 @@ import random
 from datetime import datetime, timedelta, timezone
 
 from riskpipe.ledger import Ledger, dlq_record, policy_record
+from riskpipe.timestamps import rfc3339_micros as rfc3339
 
 T0 = datetime(2024, 5, 1, 8, 0, tzinfo=timezone.utc)
 POLICY = {"name": "default", "version": "3", "sha256": hashlib.sha256(b"default-policy-v3").hexdigest(), "shadow": False}
@@ -15,10 +16,6 @@ MODEL = {"name": "digits", "spec": "demo:digits", "sha256": hashlib.sha256(b"dig
 CONTROLS = ["GOVERN 1.4", "MEASURE 2.7", "MANAGE 1.3", "ISO/IEC 27001:2022 A.8.15", "ISO/IEC 27001:2022 A.5.33"]
 SCOPE = ("l2 radius of the Gaussian-smoothed classifier (sigma=0.25), holds with probability >= 0.999 over the noise; "
          "a certificate says nothing about whether the input is clean (adversarial inputs can be certified too)")
-
-
-def rfc3339(t: datetime) -> str:
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def decision_record(i: int, *, t: datetime | None = None, radius: float = 0.6, abstained: bool = False,

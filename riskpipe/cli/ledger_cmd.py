@@ -6,13 +6,13 @@ import dataclasses
 import json
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 
 from riskpipe.cli.common import fail
 from riskpipe.redaction import redact
+from riskpipe.timestamps import from_epoch, rfc3339_micros, rfc3339_seconds
 
 # which ledger kind a topic's messages become (``--topic NAME=KIND`` overrides)
 TOPIC_KINDS = {"audit": "decision", "review-outcomes": "verdict", "dlq": "dlq"}
@@ -107,7 +107,7 @@ def head(path, as_json):
     with _open(path) as led:
         h, n = led.head_and_count()
     if as_json:
-        ts = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        ts = rfc3339_seconds()
         click.echo(json.dumps({"head": h, "count": n, "ts": ts, "ledger": str(led.path.resolve()) if led.path else str(led)}, sort_keys=True))
     else:
         click.echo(h)
@@ -427,7 +427,7 @@ def message_entries(msg, kind: str) -> list[tuple[str, dict, str | None]]:
     entry (reason and digest, never the payload) so the gap is on record."""
     from riskpipe.ledger import dlq_record, policy_record
 
-    ts = datetime.fromtimestamp((msg.timestamp or 0) / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    ts = rfc3339_micros(from_epoch((msg.timestamp or 0) / 1000))
     where = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
     if kind == "dlq":
         reason = _header(msg, "__riskpipe.errors.reason") or "unknown"

@@ -10,10 +10,10 @@ recognised by their ``entries`` table and upgraded from there.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timezone
 
 from riskpipe.ledger.chain import LedgerError
 from riskpipe.ledger.conn import Db
+from riskpipe.timestamps import iso_seconds
 
 Step = tuple[int, list[str | Callable[[Db], None]]]  # (version, [SQL text, or a callable(db) for work SQL cannot express])
 HasTable = Callable[[Db, str], bool]  # has_table(db, name): the backend's test for a table
@@ -93,7 +93,7 @@ def migrate(db: Db, steps: list[Step], has_table: HasTable, where: str) -> int:
     if have > latest(steps):
         raise LedgerError(f"{where}: ledger schema version {have} is newer than this riskpipe supports "
                           f"({latest(steps)}): upgrade riskpipe")
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    now = iso_seconds()
     if have and not db.execute("SELECT 1 FROM schema_version WHERE version = ?", (have,)).fetchone():
         db.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (have, "before-versioning"))
     for version, statements in steps:

@@ -52,6 +52,7 @@ from riskpipe.ledger import facts
 from riskpipe.ledger.inputs import StoredInput
 from riskpipe.ledger.store import _COLUMNS, Ledger, Pending, Record
 from riskpipe.ledger.tree import build_existing, tree_tables
+from riskpipe.timestamps import iso_seconds
 
 if TYPE_CHECKING:
     import psycopg
@@ -255,8 +256,6 @@ class PostgresLedger(Ledger):
         De-duplication is the unique (kind, entry id) index; returns how many rows were new."""
         from riskpipe.ledger.chain import prepare_entries
 
-        from datetime import datetime, timezone
-
         entries = list(entries)
         prepared: list[Pending] = []
         seen: set[tuple[str, str, str]] = set()
@@ -268,7 +267,7 @@ class PostgresLedger(Ledger):
             return 0
         with self._conn() as db:
             with db.conn.transaction():
-                self._store_inputs(db, inputs, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                self._store_inputs(db, inputs, iso_seconds())
                 written = self._append_leased(db, prepared) if self._take_lease(db) else None
                 if written is None:
                     written = self._insert_unsequenced(db, prepared)

@@ -17,7 +17,6 @@ import json
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from riskpipe.ledger import facts, merkle, tree
@@ -34,6 +33,7 @@ from riskpipe.ledger.chain import (
 )
 from riskpipe.ledger.checkpoint import Checkpoint, LegacyCheckpoint
 from riskpipe.ledger.conn import Db, Row
+from riskpipe.timestamps import iso_seconds
 
 if TYPE_CHECKING:
     from riskpipe.ledger.inputs import StoredInput
@@ -134,8 +134,7 @@ class Ledger:
         if not prepared:
             return 0
         with self._write() as db:
-            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            self._store_inputs(db, inputs, now)
+            self._store_inputs(db, inputs, iso_seconds())
             seen = self._existing(db, {(k, e, sc) for k, e, _, _, sc in prepared})
             new: list[Pending] = []
             for (kind, eid, ts, text, scope), (_, record, _) in zip(prepared, entries):

@@ -21,9 +21,10 @@ import json
 import random
 import zipfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from riskpipe.timestamps import rfc3339_seconds
 
 BUNDLE_FORMAT = "riskpipe-evidence-bundle/1"
 MANIFEST, SIGNATURE, CHECKPOINT = "MANIFEST.json", "MANIFEST.sig", "checkpoint.txt"
@@ -116,7 +117,7 @@ def write_bundle(ledger_path: str, out_path: str | Path, *, key_path: str, sampl
         + json.dumps(result.to_dict(), sort_keys=True) + "\n"
         + ("ok: chain and Merkle tree intact, checkpoints verified\n" if result.ok else f"FAILED: {result.reason}\n")
     ).encode("utf-8")
-    manifest = {"format": BUNDLE_FORMAT, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    manifest = {"format": BUNDLE_FORMAT, "created": rfc3339_seconds(),
                 "ledger": redact(str(ledger_path)), "checkpoint": {"origin": cp.origin, "tree_size": cp.tree_size},
                 "receipts": {"seed": seed, "requested": sample, "written": len(chosen), "population": len(seqs)},
                 "verified": result.ok, "files": {n: _sha256(b) for n, b in sorted(files.items())}}

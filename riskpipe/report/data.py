@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import Counter, defaultdict
-from datetime import datetime, timezone
+from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -18,6 +18,7 @@ from riskpipe.ledger import LedgerError, open_ledger, parse_ts, redact
 from riskpipe.policy.controls import frameworks, mapping
 from riskpipe.policy.naming import policy_label
 from riskpipe.review.queue import OVERRIDES as CONTRADICTS  # one definition of an override, the console's
+from riskpipe.timestamps import from_epoch, rfc3339_seconds
 
 DECISIONS = ("allow", "review", "block")
 VERDICTS = ("confirmed_clean", "confirmed_manipulated", "unsure")
@@ -55,7 +56,7 @@ def _ts(v: Any) -> datetime | None:
 
 
 def _iso(t: datetime | None) -> str | None:
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ") if t else None
+    return rfc3339_seconds(t) if t else None
 
 
 def _quantiles(values: list[float], mean: bool = True) -> dict:
@@ -119,7 +120,7 @@ def gather(ledger_path: str, since: Any = None, until: Any = None, verify: bool 
     data = {
         "meta": {
             "title": "riskpipe compliance report",
-            "generated_at": _iso(datetime.now(timezone.utc)),
+            "generated_at": rfc3339_seconds(),
             "riskpipe_version": pkg_version,
             "ledger": redact(ledger_path),
             "since": _iso(_ts(since)) if since is not None else None,
@@ -157,7 +158,7 @@ def _facts_check(facts_counts: dict, totals: dict) -> dict:
 
 
 def _from_epoch(t: float | None) -> datetime | None:
-    return datetime.fromtimestamp(t, timezone.utc) if t is not None else None
+    return from_epoch(t) if t is not None else None
 
 
 class _Facts:

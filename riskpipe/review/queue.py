@@ -16,6 +16,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from riskpipe.ledger import Ledger, LedgerError, parse_ts
+from riskpipe.timestamps import from_epoch
+from riskpipe.timestamps import rfc3339_millis as rfc3339  # rq.rfc3339: a verdict's ts, the console's login time
+from riskpipe.timestamps import utc_now as now_utc  # rq.now_utc: the console's clock
 
 VERDICTS = {
     "confirmed_clean": "Confirmed clean",
@@ -37,14 +40,6 @@ class AlreadyReviewed(ReviewError):
             f"{event_id}: a verdict already exists ({existing.get('verdict')} by {existing.get('reviewer')} "
             f"at {existing.get('ts')}); verdicts are final"
         )
-
-
-def now_utc() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def rfc3339(dt: datetime) -> str:
-    return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def needs_review(record: Any) -> bool:
@@ -217,7 +212,7 @@ def oldest_waiting(ledger: Ledger, scope=None) -> datetime | None:
     conds, params = _scope_sql(scope)
     with ledger.snapshot() as q:
         t = q(f"SELECT MIN(f.t) FROM facts f WHERE {' AND '.join([_WAITING, *conds])}", params)[0][0]
-    return None if t is None else datetime.fromtimestamp(t, timezone.utc)
+    return None if t is None else from_epoch(t)
 
 
 def overdue(ledger: Ledger, now: datetime, scope=None) -> list[str]:

@@ -9,7 +9,6 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import numpy as np
 
@@ -21,12 +20,14 @@ from riskpipe.models import Model
 from riskpipe.policy.evaluate import evaluate_batch
 from riskpipe.policy.signals import json_safe
 from riskpipe.stream.events import Event, EventError
+from riskpipe.timestamps import from_epoch, rfc3339_millis, rfc3339_seconds
 
 log = logging.getLogger("riskpipe.stream")
 
 
 def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """Now as a record's ``ts``."""
+    return rfc3339_millis()
 
 
 def seed_for(event_id: str, policy_sha: str) -> int:
@@ -187,7 +188,7 @@ class Pipeline:
         review = dict(d.get("review") or {})
         deadline_s = review.pop("deadline_seconds", None)
         review["deadline"] = (
-            datetime.fromtimestamp(wall + deadline_s, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+            rfc3339_seconds(from_epoch(wall + deadline_s))
             if deadline_s is not None and (review.get("routed") or review.get("audit_sample")) else None
         )
         certificate = {**cert.to_dict(), "radius_threat": radius_threat, "threat_norm": p.threat_model.norm,

@@ -13,8 +13,9 @@ stage never asks whether a member exists.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
+
+from riskpipe.timestamps import from_epoch, rfc3339_millis
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Message:
     def source(self) -> dict:
         ts = None
         if self.timestamp is not None and self.timestamp > 0:
-            ts = datetime.fromtimestamp(self.timestamp / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            ts = rfc3339_millis(from_epoch(self.timestamp / 1000))
         return {"topic": self.topic, "partition": self.partition, "offset": self.offset, "timestamp": ts}
 
 
