@@ -13,12 +13,13 @@ from riskpipe.certify import Certificate
 from riskpipe.ledger import Ledger
 from riskpipe.models.digits import load_split
 from riskpipe.review import queue as rq
+from riskpipe.timestamps import rfc3339_millis
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 
 
 def ts(dt: datetime) -> str:
-    return rq.rfc3339(dt)
+    return rfc3339_millis(dt)
 
 
 def decision_record(event_id: str, *, digit_index: int = 0, decision: str = "review", routed: bool = True,

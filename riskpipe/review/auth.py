@@ -24,6 +24,7 @@ from riskpipe.review import queue as rq
 from riskpipe.review.access import SHARED_CREDENTIAL
 from riskpipe.review.context import console
 from riskpipe.review.settings import client_address, normalize_reviewer
+from riskpipe.timestamps import rfc3339_millis
 
 log = logging.getLogger("riskpipe.review")
 
@@ -93,7 +94,7 @@ def _start_session(who: str, addr: str) -> Response:
     session.permanent = True
     session["reviewer"] = who
     session["sid"] = console().sessions.start(who)
-    session["login_at"] = rq.rfc3339(rq.now_utc())
+    session["login_at"] = rfc3339_millis()
     log.info("review console: %s logged in from %s", who, addr)
     return redirect(_safe_next(request.args.get("next")))
 

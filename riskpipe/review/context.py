@@ -17,6 +17,7 @@ from riskpipe.render import ModelInfo, entry_info
 from riskpipe.review import queue as rq
 from riskpipe.review.access import LoginThrottle, SessionRegistry
 from riskpipe.review.settings import ReviewSettings
+from riskpipe.timestamps import utc_now
 
 if TYPE_CHECKING:
     from riskpipe.metrics import StageMetrics
@@ -62,7 +63,7 @@ class ConsoleState:
         item whose deadline has passed."""
         if self.metrics is None:
             return
-        now = rq.now_utc()
+        now = utc_now()
         self.metrics.set_review_backlog(rq.backlog(ledger, self.settings.scope))
         oldest = rq.oldest_waiting(ledger, self.settings.scope)
         self.metrics.set_review_backlog_age((now - oldest).total_seconds() if oldest else 0.0)

@@ -16,9 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from riskpipe.ledger import Ledger, LedgerError, parse_ts
-from riskpipe.timestamps import from_epoch
-from riskpipe.timestamps import rfc3339_millis as rfc3339  # rq.rfc3339: a verdict's ts, the console's login time
-from riskpipe.timestamps import utc_now as now_utc  # rq.now_utc: the console's clock
+from riskpipe.timestamps import from_epoch, rfc3339_millis, utc_now
 
 VERDICTS = {
     "confirmed_clean": "Confirmed clean",
@@ -238,7 +236,7 @@ def make_verdict(decision: dict, verdict: str, note: str, reviewer: str, when: d
         "verdict": verdict,
         "note": note,
         "reviewer": reviewer,
-        "ts": rfc3339(when),
+        "ts": rfc3339_millis(when),
         "decision_ts": decision.get("ts"),
         "decision": decision.get("decision"),
         "policy_version": policy.get("version"),
@@ -251,7 +249,7 @@ def record_verdict(ledger: Ledger, event_id: str, verdict: str, note: str, revie
     decision = ledger.get(event_id, kind="decision")
     if decision is None:
         raise ReviewError(f"{event_id}: no decision record with this id in the ledger")
-    record = make_verdict(decision, verdict, note, reviewer, when or now_utc())
+    record = make_verdict(decision, verdict, note, reviewer, when or utc_now())
     if not ledger.append(record, kind="verdict", entry_id=event_id):
         raise AlreadyReviewed(event_id, ledger.get(event_id, kind="verdict") or {})
     return record
@@ -290,7 +288,7 @@ def record_review(ledger: Ledger, event_id: str, verdict: str, note: str, review
     decision = ledger.get(event_id, kind="decision")
     if decision is None:
         raise ReviewError(f"{event_id}: no decision record with this id in the ledger")
-    record = make_verdict(decision, verdict, note, reviewer, when or now_utc())
+    record = make_verdict(decision, verdict, note, reviewer, when or utc_now())
     first = ledger.get(event_id, kind=FIRST_REVIEW)
     if first is None:
         why = two_reviews(decision, verdict, second_reviewer_for, double_review_fraction)

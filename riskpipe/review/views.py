@@ -20,6 +20,7 @@ from riskpipe.review import queue as rq
 from riskpipe.review.auth import login_required
 from riskpipe.review.context import console, request_ledger
 from riskpipe.review.render import split_controls
+from riskpipe.timestamps import utc_now
 
 log = logging.getLogger("riskpipe.review")
 
@@ -54,12 +55,12 @@ def queue_page() -> ResponseReturnValue:
         abort(400, description=str(e))
     more, items = len(items) > size, items[:size]
     if state.metrics is not None:
-        now = rq.now_utc()
+        now = utc_now()
         for item in items:  # the gauge and the full breach scan run with the backlog refresh
             if item.overdue(now):
                 state.note_breach(item.id)
     return render_template("queue.html", items=items, total=rq.backlog(ledger, scope), where=where, size=size,
-                           after=after, more=more, now=rq.now_utc(), reviewed=ledger.count("verdict"),
+                           after=after, more=more, now=utc_now(), reviewed=ledger.count("verdict"),
                            class_name=class_name, labels_of=lambda rec: state.model_info(rec).labels,
                            outside=rq.outside(ledger, scope), scope=scope)
 
@@ -153,7 +154,7 @@ def _render_item(event_id: str, form: VerdictForm, status: int = 200, error: str
         labels=info.labels, class_name=class_name,
         verdict=ledger.get(event_id, kind="verdict"), routed=rq.needs_review(decision),
         first_review=ledger.get(event_id, kind=rq.FIRST_REVIEW),
-        nist=nist, other_controls=other, now=rq.now_utc(),
+        nist=nist, other_controls=other, now=utc_now(),
     ), status
 
 
