@@ -18,19 +18,27 @@ from riskpipe.timestamps import iso_seconds
 Step = tuple[int, list[str | Callable[[Db], None]]]  # (version, [SQL text, or a callable(db) for work SQL cannot express])
 HasTable = Callable[[Db, str], bool]  # has_table(db, name): the backend's test for a table
 
-def chain_tables(int_type: str) -> list[str]:
-    """Schema 1's tables, the same on every backend but for the integer type
-    (SQLite: INTEGER, so ``seq`` is the rowid; PostgreSQL: BIGINT)."""
-    return [
-        f"""CREATE TABLE IF NOT EXISTS entries (
+def entries_table(int_type: str, *, scope: bool = False, name: str = "entries") -> str:
+    """The ``entries`` table (the hash-chained rows): schema 1's, or with ``scope`` schema
+    4's, unique by (kind, entry_id, scope) (decision identity), which SQLite builds as a new
+    table under another ``name`` and renames."""
+    scope_column = "\n            scope     TEXT NOT NULL DEFAULT ''," if scope else ""
+    return f"""CREATE TABLE IF NOT EXISTS {name} (
             seq       {int_type} PRIMARY KEY,
             kind      TEXT NOT NULL,
             entry_id  TEXT NOT NULL,
             ts        TEXT,
             record    TEXT NOT NULL,
             prev_hash TEXT NOT NULL,
-            hash      TEXT NOT NULL,
-            UNIQUE (kind, entry_id))""",
+            hash      TEXT NOT NULL,{scope_column}
+            UNIQUE (kind, entry_id{", scope" if scope else ""}))"""
+
+
+def chain_tables(int_type: str) -> list[str]:
+    """Schema 1's tables, the same on every backend but for the integer type
+    (SQLite: INTEGER, so ``seq`` is the rowid; PostgreSQL: BIGINT)."""
+    return [
+        entries_table(int_type),
         "CREATE INDEX IF NOT EXISTS entries_kind_ts ON entries (kind, ts)",
         f"""CREATE TABLE IF NOT EXISTS chain_state (
             id    INTEGER PRIMARY KEY CHECK (id = 1),

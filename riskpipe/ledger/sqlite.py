@@ -18,7 +18,7 @@ from typing import Any
 from riskpipe.ledger.chain import GENESIS, LedgerError
 from riskpipe.ledger.conn import Db, Row
 from riskpipe.ledger.inputs import table_statements as input_tables
-from riskpipe.ledger.migrations import Step, chain_tables, checkpoint_tables, migrate, scope_sql
+from riskpipe.ledger.migrations import Step, chain_tables, checkpoint_tables, entries_table, migrate, scope_sql
 from riskpipe.ledger import facts
 from riskpipe.ledger.store import Ledger
 from riskpipe.ledger.tree import build_existing, tree_tables
@@ -59,16 +59,7 @@ STEPS: list[Step] = [
         build_existing,
     ]),
     (4, [  # decision identity: unique (kind, entry_id, scope); SQLite changes a constraint by rebuilding
-        """CREATE TABLE entries_v4 (
-            seq       INTEGER PRIMARY KEY,
-            kind      TEXT NOT NULL,
-            entry_id  TEXT NOT NULL,
-            ts        TEXT,
-            record    TEXT NOT NULL,
-            prev_hash TEXT NOT NULL,
-            hash      TEXT NOT NULL,
-            scope     TEXT NOT NULL DEFAULT '',
-            UNIQUE (kind, entry_id, scope))""",
+        entries_table("INTEGER", scope=True, name="entries_v4"),
         "INSERT INTO entries_v4 (seq, kind, entry_id, ts, record, prev_hash, hash, scope) "
         f"SELECT seq, kind, entry_id, ts, record, prev_hash, hash, {scope_sql(_text_at)} FROM entries ORDER BY seq",
         "DROP TABLE entries",  # its indexes and triggers go with it; recreated below
