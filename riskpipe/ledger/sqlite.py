@@ -33,29 +33,28 @@ def _number_at(path: str) -> str:
     return f"CASE WHEN json_type(record, '$.{path}') IN ('integer', 'real') THEN json_extract(record, '$.{path}') END"
 
 
+def _append_only(*tables: str, if_not_exists: bool = False) -> list[str]:
+    """Triggers that refuse UPDATE and DELETE on each of ``tables``."""
+    guard = "IF NOT EXISTS " if if_not_exists else ""
+    return [f"""CREATE TRIGGER {guard}{t}_no_{op} BEFORE {op.upper()} ON {t}
+            BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""" for t in tables for op in ("update", "delete")]
+
+
 STEPS: list[Step] = [
     (1, [  # riskpipe 0.1
         *chain_tables("INTEGER"),
         f"INSERT OR IGNORE INTO chain_state (id, count, head) VALUES (1, 0, '{GENESIS}')",
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-        """CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
-            BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
-        """CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
-            BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
+        *_append_only("entries", if_not_exists=True),
     ]),
     (2, [  # signed checkpoints; entry ids looked up without the kind (the de-duplication query)
         *checkpoint_tables("id INTEGER PRIMARY KEY", "INTEGER"),
-        """CREATE TRIGGER checkpoints_no_update BEFORE UPDATE ON checkpoints
-            BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
-        """CREATE TRIGGER checkpoints_no_delete BEFORE DELETE ON checkpoints
-            BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
+        *_append_only("checkpoints"),
         "DELETE FROM meta WHERE key = 'schema_version'",
     ]),
     (3, [  # the RFC 9162 Merkle tree over the rows, and C2SP signed notes (checkpoints)
         *tree_tables("INTEGER"),
-        *(f"""CREATE TRIGGER {t}_no_{op} BEFORE {op.upper()} ON {t}
-            BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END"""
-          for t in ("tree_nodes", "signed_notes") for op in ("update", "delete")),
+        *_append_only("tree_nodes", "signed_notes"),
         build_existing,
     ]),
     (4, [  # decision identity: unique (kind, entry_id, scope); SQLite changes a constraint by rebuilding
@@ -66,22 +65,15 @@ STEPS: list[Step] = [
         "ALTER TABLE entries_v4 RENAME TO entries",
         "CREATE INDEX entries_kind_ts ON entries (kind, ts)",
         "CREATE INDEX entries_entry_id ON entries (entry_id)",
-        """CREATE TRIGGER entries_no_update BEFORE UPDATE ON entries
-            BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
-        """CREATE TRIGGER entries_no_delete BEFORE DELETE ON entries
-            BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
+        *_append_only("entries"),
     ]),
     (5, [  # inputs stored once, by digest (riskpipe.ledger.inputs)
         *input_tables("BLOB"),
-        """CREATE TRIGGER inputs_no_update BEFORE UPDATE ON inputs
-            BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
-        """CREATE TRIGGER inputs_no_delete BEFORE DELETE ON inputs
-            BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""",
+        *_append_only("inputs"),
     ]),
     (6, [  # the facts the report and the review queue aggregate and filter in SQL (riskpipe.ledger.facts)
         *facts.table_statements("INTEGER", "REAL"),
-        *(f"""CREATE TRIGGER facts_no_{op} BEFORE {op.upper()} ON facts
-            BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END""" for op in ("update", "delete")),
+        *_append_only("facts"),
         facts.build_existing,
     ]),
 ]
