@@ -35,10 +35,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_forward, table, write_results  # noqa: E402
 
-from riskpipe.compose import build_pipeline  # noqa: E402
-from riskpipe.stream.config import load_config  # noqa: E402
+from riskpipe.app.compose import build_pipeline  # noqa: E402
+from riskpipe.app.config import load_config  # noqa: E402
 from riskpipe.stream.events import make_event  # noqa: E402
-from riskpipe.stream.offline import run_offline  # noqa: E402
+from riskpipe.app.offline import run_offline  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -75,9 +75,9 @@ def events(reference: Path, model: str, n: int) -> list[dict]:
 
 def worker(config: str, model: str, events_path: str, batch: int) -> dict:
     """One measurement in this process's riskpipe (the one on PYTHONPATH)."""
-    from riskpipe.compose import build_pipeline
-    from riskpipe.stream.config import load_config
-    from riskpipe.stream.offline import run_offline
+    from riskpipe.app.compose import build_pipeline
+    from riskpipe.app.config import load_config
+    from riskpipe.app.offline import run_offline
 
     cfg = load_config(config, ledger=None, batch={"max_events": batch, "max_wait_ms": 50})
     pipeline = build_pipeline(cfg)

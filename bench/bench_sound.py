@@ -110,10 +110,10 @@ def stage_measure(events: int) -> dict:
     from bench_models import inputs
 
     from riskpipe.certify.samplers import make_sampler
-    from riskpipe.compose import build_pipeline
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.compose import build_pipeline
+    from riskpipe.app.config import load_config
     from riskpipe.stream.events import make_event
-    from riskpipe.stream.offline import run_offline
+    from riskpipe.app.offline import run_offline
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

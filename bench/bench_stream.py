@@ -28,8 +28,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from common import rss_mb, table, write_results  # noqa: E402
 
 from riskpipe.models.digits import load_split  # noqa: E402
-from riskpipe.compose import build_pipeline  # noqa: E402
-from riskpipe.stream.config import load_config  # noqa: E402
+from riskpipe.app.compose import build_pipeline  # noqa: E402
+from riskpipe.app.config import load_config  # noqa: E402
 from riskpipe.stream.events import make_event  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def run_broker(pipeline, values, on_batch=None, ledger=None):
     from kafka import KafkaProducer
 
     from riskpipe.stream.broker import EmbeddedBroker
-    from riskpipe.compose import build_stage
+    from riskpipe.app.compose import build_stage
 
     with EmbeddedBroker() as b:
         b.create_topics()

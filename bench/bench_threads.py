@@ -4,7 +4,7 @@ decide_batch evaluations/s at 1, 2, ... (up to the core count) torch threads, me
 interleaved (each round runs every thread count back to back, so load changes hit all
 alike), on the demo model and on a CIFAR-sized CNN (3x32x32, 603k parameters), at a
 fixed certification batch size. Writes bench/results/threads.json; the stage's default
-``torch_threads`` follows from it (riskpipe/stream/config.py).
+``torch_threads`` follows from it (riskpipe/app/config.py).
 
 Usage: python bench/bench_threads.py [--rounds 4] [--inputs 256] [--cnn-inputs 4]
 """
@@ -29,8 +29,8 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from common import table, write_results  # noqa: E402
 from synthetic import cifar_cnn, policy_without_context, save_torchscript  # noqa: E402
 
-from riskpipe.compose import build_pipeline  # noqa: E402
-from riskpipe.stream.config import load_config  # noqa: E402
+from riskpipe.app.compose import build_pipeline  # noqa: E402
+from riskpipe.app.config import load_config  # noqa: E402
 
 
 def evals_per_s(entry, X, seeds) -> float:

@@ -28,7 +28,7 @@ euclidean, linf -> chebyshev) and take the minimum per class over the samples so
 by label: one call per micro-batch instead of one neighbour search per class. Saved as .npz
 (arrays only; loaded with ``allow_pickle=False``). Pure apart from save/load; which
 reference set a model uses, and the caching of its reference radii, is decided by
-the composition root (riskpipe.compose).
+the composition root (riskpipe.app.compose).
 """
 
 from __future__ import annotations

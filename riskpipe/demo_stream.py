@@ -4,6 +4,10 @@ Starts the embedded broker, prepares the demo model, streams the digits test spl
 PGD-attacked digits and one malformed event per dead-letter reason a producer can
 cause, runs the stage (metrics and the review console served meanwhile), and ends
 with a summary, a compliance report and the paths of everything written.
+
+It sits on the entry floor beside the CLI (tests/test_architecture.py, ``FLOORS``), not
+in riskpipe/app/: it drives the review console and the compliance report, which read
+the app's config, so inside app/ it would make app and review/report import each other.
 """
 
 from __future__ import annotations
@@ -134,8 +138,8 @@ def run_demo(out_dir: Path, ledger_path: Path, n_clean: int | None = None, n_att
     from riskpipe.metrics import StageMetrics
     from riskpipe.models import load_model
     from riskpipe.stream.broker import EmbeddedBroker
-    from riskpipe.stream.config import load_config
-    from riskpipe.compose import build_stage
+    from riskpipe.app.config import load_config
+    from riskpipe.app.compose import build_stage
 
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

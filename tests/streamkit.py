@@ -105,7 +105,7 @@ class StageThread:
     """The stage in this process, on a thread (faster than a subprocess for tests)."""
 
     def __init__(self, config, pipeline=None, ledger=None, metrics=None):
-        from riskpipe.compose import build_stage
+        from riskpipe.app.compose import build_stage
 
         self.stage = build_stage(config, pipeline=pipeline, ledger=ledger, metrics=metrics)
         self.error = None
@@ -131,7 +131,7 @@ def policy_with(directory, base: str = "default", **changes) -> str:
     """A copy of a shipped policy with top-level sections replaced (e.g. a cheaper certifier)."""
     import yaml
 
-    from riskpipe.stream.config import default_policy_path
+    from riskpipe.app.config import default_policy_path
 
     src = os.path.join(os.path.dirname(default_policy_path()), f"{base}.yaml")
     with open(src, encoding="utf-8") as f:

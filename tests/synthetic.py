@@ -59,7 +59,7 @@ def policy_without_context(tmp_path) -> str:
 
     import yaml
 
-    from riskpipe.stream.config import default_policy_path
+    from riskpipe.app.config import default_policy_path
 
     pol = yaml.safe_load(open(default_policy_path()))
     pol["signals"]["context_risk"]["enabled"] = False

@@ -169,7 +169,7 @@ def _config(tmp_path, models: dict, **top):
     """A stage config file with these ``models:`` entries (and top-level keys), loaded."""
     import yaml
 
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.config import load_config
 
     path = tmp_path / "stage.yaml"
     path.write_text(yaml.safe_dump({"policy": policy_without_context(tmp_path), "models": models, **top}))
@@ -178,7 +178,7 @@ def _config(tmp_path, models: dict, **top):
 
 def test_composition_root_takes_model_then_stage_value_else_the_probe(tmp_path, monkeypatch, cnn_spec) -> None:
     import riskpipe.certify.batch_size as bs
-    from riskpipe.compose import build_pipeline
+    from riskpipe.app.compose import build_pipeline
 
     monkeypatch.setenv("RISKPIPE_CACHE_DIR", str(tmp_path / "cache"))
     cfg = _config(tmp_path, {"cnn": {"spec": cnn_spec, "certify_batch_size": 96}, "other": cnn_spec},
@@ -194,7 +194,7 @@ def test_composition_root_takes_model_then_stage_value_else_the_probe(tmp_path, 
 
 def test_probe_result_reaches_the_certifier_and_is_reused(tmp_path, monkeypatch, cnn_spec, one_thread) -> None:
     import riskpipe.certify.batch_size as bs
-    from riskpipe.compose import build_pipeline
+    from riskpipe.app.compose import build_pipeline
 
     monkeypatch.setenv("RISKPIPE_CACHE_DIR", str(tmp_path / "cache"))
     real = bs.probe
@@ -210,7 +210,7 @@ def test_probe_result_reaches_the_certifier_and_is_reused(tmp_path, monkeypatch,
 def test_chosen_size_is_exported_per_model(tmp_path, cnn_spec) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from riskpipe.compose import build_stage
+    from riskpipe.app.compose import build_stage
     from riskpipe.metrics import StageMetrics, expose
 
     m = StageMetrics()

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from riskpipe.stream.binary import make_binary_event
-from riskpipe.stream.events import EventError, parse_event
+from riskpipe.stream.errors import EventError
+from riskpipe.stream.events import parse_event
 from riskpipe.stream.io import JsonlSink, Message
 from streamkit import ListSource
 
@@ -152,8 +153,8 @@ def _valid_messages(n_digits: int = 2) -> list[tuple[str, bytes, list]]:
 def _pipeline(big_spec, tmp_path):
     import yaml
 
-    from riskpipe.compose import build_pipeline
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.compose import build_pipeline
+    from riskpipe.app.config import load_config
     from synthetic import policy_without_context
 
     path = tmp_path / "stage.yaml"
@@ -163,7 +164,7 @@ def _pipeline(big_spec, tmp_path):
 
 
 def test_offline_stage_decides_binary_events_and_dead_letters_the_rest(tmp_path, models, big_spec) -> None:
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.config import load_config
     from riskpipe.stream.stage import Stage
 
     valid = _valid_messages()
@@ -194,7 +195,7 @@ def test_offline_stage_decides_binary_events_and_dead_letters_the_rest(tmp_path,
 def test_broker_stage_decides_binary_events_and_dead_letters_the_rest(tmp_path, models, big_spec) -> None:
     from riskpipe.ledger import Ledger
     from riskpipe.stream.broker import EmbeddedBroker
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.config import load_config
     from streamkit import StageThread, consume_all, ledger_ids, produce, wait_for
 
     valid = _valid_messages(n_digits=3)
@@ -221,7 +222,7 @@ def test_broker_stage_decides_binary_events_and_dead_letters_the_rest(tmp_path, 
 @pytest.mark.broker
 def test_broker_stage_decides_a_224x224_uint8_image(tmp_path, big_spec) -> None:
     from riskpipe.stream.broker import EmbeddedBroker
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.config import load_config
     from streamkit import StageThread, consume_all, produce, wait_for
 
     _, value, headers = _valid_messages(n_digits=0)[-1]

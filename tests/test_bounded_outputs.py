@@ -13,7 +13,8 @@ import torch
 from riskpipe.ledger import open_ledger
 from riskpipe.ledger.inputs import input_fields, record_array
 from riskpipe.stream.binary import make_binary_event
-from riskpipe.stream.events import EventError, parse_event
+from riskpipe.stream.errors import EventError
+from riskpipe.stream.events import parse_event
 from riskpipe.stream.io import KafkaSink, Message
 from riskpipe.stream.outputs import dead_letter_output, output_size
 
@@ -54,7 +55,7 @@ def _image(seed: int = 1) -> np.ndarray:
 def _stage_config(tmp_path, image_spec, **kw):
     import yaml
 
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.config import load_config
     from synthetic import policy_without_context
 
     # too few samples to certify anything: every input is uncertified and routed to review,
@@ -146,7 +147,7 @@ def test_broker_stage_bounds_every_output_and_dead_letters_what_cannot_fit(tmp_p
     that refuses what Kafka's default message.max.bytes refuses: its records carry a
     reference, the input comes back from the ledger by digest; an event whose output cannot
     fit is dead-lettered (output_too_large, never allowed) and the partition goes on."""
-    from riskpipe.compose import build_pipeline, source_factory
+    from riskpipe.app.compose import build_pipeline, source_factory
     from riskpipe.render import record_view
     from riskpipe.stream.broker import EmbeddedBroker
     from riskpipe.stream.stage import Stage

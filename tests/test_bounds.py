@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from riskpipe.certify import family
-from riskpipe.certify.bounds import IntervalBounds, worst_margin
+from riskpipe.certify.bounds import IntervalBounds
+from riskpipe.models.layers import worst_margin
 from riskpipe.attacks import pgd
 from riskpipe.models import load_model
 from riskpipe.models.base import Model, sha256_state_dict

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import yaml
 
-from riskpipe.compose import build_pipeline
-from riskpipe.stream.config import ConfigError, load_config
+from riskpipe.app.compose import build_pipeline
+from riskpipe.app.config import ConfigError, load_config
 from riskpipe.stream.events import make_event
-from riskpipe.stream.offline import run_offline
+from riskpipe.app.offline import run_offline
 from riskpipe.stream.pipeline import seed_for
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The conformance suite (riskpipe.certify.checks) on every family and sampler, on a small
+"""The conformance suite (riskpipe.conformance) on every family and sampler, on a small
 seeded 3x8x8 CNN that is not the demo model, plus proof that the suite has teeth."""
 
 import dataclasses
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from riskpipe.certify import family
-from riskpipe.certify.checks import CertifierCheckError, check_certifier
+from riskpipe.conformance import CertifierCheckError, check_certifier
 from riskpipe.models.base import Model, sha256_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,8 +15,8 @@ from streamkit import consume_all, policy_with, tabular_event, wait_for
 from usermodels import tabular_model
 
 from riskpipe.ledger import open_ledger
-from riskpipe.stream.config import load_config
-from riskpipe.stream.offline import run_offline
+from riskpipe.app.config import load_config
+from riskpipe.app.offline import run_offline
 
 CHEAP = {"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01, "max_samples": 200}
 
@@ -24,7 +24,7 @@ CHEAP = {"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01, 
 @pytest.fixture(scope="module")
 def wine(tmp_path_factory):
     """The wine model under two policies (default and strict, both with a cheap certifier)."""
-    from riskpipe.compose import build_pipeline
+    from riskpipe.app.compose import build_pipeline
 
     d = tmp_path_factory.mktemp("wine")
     um = tabular_model(d)

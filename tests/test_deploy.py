@@ -13,12 +13,12 @@ import yaml
 
 from riskpipe.metrics import metric_names
 from riskpipe.policy.loader import parse_policy
-from riskpipe.stream.config import StageConfig
+from riskpipe.app.config import StageConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-# The keys the stage reads (riskpipe/stream/config.py); manifests may use no others.
+# The keys the stage reads (riskpipe/app/config.py); manifests may use no others.
 CONFIG_KEYS = {"bootstrap_servers", "security_protocol", "sasl_mechanism", "sasl_plain_username",
                "sasl_plain_password", "ssl_cafile", "topics", "group_id", "models", "policy",
                "metrics_port", "ledger", "batch"}

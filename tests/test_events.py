@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from riskpipe.stream.events import EventError, make_event, parse_event
+from riskpipe.stream.errors import EventError
+from riskpipe.stream.events import make_event, parse_event
 
 REASONS = {"invalid_json", "not_an_object", "missing_field", "wrong_type", "wrong_dtype", "wrong_shape",
            "non_finite", "out_of_range", "unknown_model", "oversized", "unsupported_cloudevent", "bad_id",
@@ -182,7 +183,7 @@ def test_every_number_is_bounded_and_finite(models):
 
 def test_non_finite_upstream_risk_is_flagged_by_the_policy_not_rejected(models):
     from riskpipe.policy import load_policy
-    from riskpipe.stream.config import default_policy_path
+    from riskpipe.app.config import default_policy_path
 
     policy = load_policy(default_policy_path())
     for const in (b"NaN", b"Infinity"):

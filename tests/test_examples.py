@@ -82,7 +82,7 @@ def test_example_policies_are_the_default_policy_with_their_own_threat_model():
     (for the 8-bit images) the sampler differ."""
     import yaml
 
-    from riskpipe.stream.config import default_policy_path
+    from riskpipe.app.config import default_policy_path
 
     base = yaml.safe_load(Path(default_policy_path()).read_text())
     sampler = {"image": {"sampler": "sound", "grid_levels": build_module("image").LEVELS}, "tabular": {}}

@@ -54,7 +54,7 @@ def bad_events() -> dict[str, tuple[dict, str]]:
 
 
 def run_stage(broker, tmp_path, config, expect_decided: int, expect_dlq: int, expect_duplicates: int = 0):
-    from riskpipe.compose import build_pipeline
+    from riskpipe.app.compose import build_pipeline
     from riskpipe.ledger import Ledger
 
     ledger_path = tmp_path / "ledger.sqlite"
@@ -96,7 +96,7 @@ def check_outputs(out, ledger, good: list[dict], bad: dict):
 
 
 def stage_config(broker, tmp_path, path=None, **kw):
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.config import load_config
 
     return load_config(str(path) if path else None, bootstrap_servers=broker.bootstrap,
                        ledger=str(tmp_path / "ledger.sqlite"), session_timeout_ms=2000, heartbeat_interval_ms=600,

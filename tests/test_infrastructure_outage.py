@@ -150,9 +150,9 @@ def test_postgresql_stopped_inside_batches_decides_every_event_once(pg, broker, 
     dead-lettered as internal_error, the malformed ones are dead-lettered with their
     reason, offsets reach the end only once everything is decided, and --idle-exit
     does not count the outages as idle."""
-    from riskpipe.compose import build_stage
+    from riskpipe.app.compose import build_stage
     from riskpipe.metrics import StageMetrics
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.config import load_config
 
     d, um, X = wine
     dsn = pg.create_database("outage")
@@ -239,9 +239,9 @@ def test_an_unreachable_broker_is_retried_then_stops_the_stage(wine, tmp_path):
     infrastructure_timeout_s it raises InfrastructureUnavailable naming the broker."""
     from pgserver import free_port
 
-    from riskpipe.compose import build_stage
+    from riskpipe.app.compose import build_stage
     from riskpipe.metrics import StageMetrics
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.config import load_config
     from riskpipe.stream.infra import InfrastructureUnavailable
 
     d, um, _ = wine

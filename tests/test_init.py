@@ -50,7 +50,7 @@ def run_offline_cli(config: Path, model: str, X, tmp: Path):
                               for i, x in enumerate(X)))
     r = cli("run", "--config", config, "--source", f"jsonl:{events}", "--sink", f"jsonl:{tmp / 'out'}", "--no-ledger")
     assert r.returncode == 0, r.stderr
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.config import load_config
 
     audit = tmp / "out" / f"{load_config(str(config)).topics.audit}.jsonl"  # sink files are named after the topics
     return [json.loads(line) for line in audit.read_text().splitlines()]
@@ -99,7 +99,7 @@ def test_init_tabular_model_scales_and_trial_decides_reference_rows(tmp_path):
     cfg = (out / "riskpipe.yaml").read_text()
     assert "scale: standardize" in cfg
     # a per-feature range from the reference set, widened by half its span on each side
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.config import load_config
 
     written = load_config(str(out / "riskpipe.yaml")).models["cancer"].range
     X, _ = reference("tabular")
@@ -149,7 +149,7 @@ def test_init_writes_paths_relative_to_its_directory_when_the_model_lives_there(
 
 def test_two_stages_from_init_never_share_group_topics_or_ledger(tmp_path, monkeypatch):
     from riskpipe.ledger import open_ledger
-    from riskpipe.stream.config import Topics, load_config
+    from riskpipe.app.config import Topics, load_config
 
     model, ref = EXAMPLES / "tabular" / "model.skops", EXAMPLES / "tabular" / "reference.npz"
     configs = []
@@ -307,7 +307,7 @@ def test_init_trial_that_decides_nothing_fails_with_the_reason(tmp_path, digits_
 def test_feature_names_default_to_the_reference_sets_own(tmp_path):
     """The config key wins; without it the reference .npz's feature_names array names the features
     (reports, console); a feature_names array that is not strings is a config error naming the file."""
-    from riskpipe.stream.config import ConfigError, load_config
+    from riskpipe.app.config import ConfigError, load_config
 
     ref = EXAMPLES / "tabular" / "reference.npz"
     with np.load(ref) as z:

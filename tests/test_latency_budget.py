@@ -10,7 +10,7 @@ import torch
 from scipy import stats
 
 from riskpipe.certify import Certificate, certifier_for_policy, family
-from riskpipe.certify.checks import threshold_classifier
+from riskpipe.conformance import threshold_classifier
 from riskpipe.metrics import StageMetrics, expose
 from riskpipe.models.base import Model
 from riskpipe.policy import PolicyError, parse_policy

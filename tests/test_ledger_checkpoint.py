@@ -16,9 +16,8 @@ import pytest
 from ledger_records import decision_record, forge_tree
 
 from riskpipe.ledger import LedgerError, canonical_json, entry_hash, open_ledger
+from riskpipe.ledger.anchors import Checkpoint
 from riskpipe.ledger.checkpoint import (
-    Checkpoint,
-    LegacyCheckpoint,
     load_private_key,
     load_public_key,
     make_checkpoint,
@@ -149,7 +148,8 @@ def test_legacy_checkpoints_still_verify(tmp_path, keys):
     anchoring the chain after the migration, with the same key."""
     import base64
 
-    from riskpipe.ledger.checkpoint import legacy_key_id, signed_bytes
+    from riskpipe.ledger.anchors import signed_bytes
+    from riskpipe.ledger.checkpoint import legacy_key_id
     from riskpipe.ledger.note import raw_public_key
 
     target = str(tmp_path / "l.db")
@@ -329,7 +329,7 @@ def test_checkpointer_signs_every_n_records_or_seconds(tmp_path, keys):
 
 def test_stage_config_checkpoint_section(tmp_path, keys):
     from riskpipe.ledger.checkpoint import checkpointer_for
-    from riskpipe.stream.config import ConfigError, load_config
+    from riskpipe.app.config import ConfigError, load_config
 
     f = tmp_path / "c.yaml"
     f.write_text(f"checkpoint: {{key_file: {keys / 'key.pem'}, every_records: 5}}\n")

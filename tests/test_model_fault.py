@@ -120,7 +120,7 @@ def test_the_policy_never_allows_a_model_fault_and_names_it():
     from riskpipe.certify.certificate import Certificate
     from riskpipe.policy import load_policy
     from riskpipe.policy.evaluate import evaluate
-    from riskpipe.stream.config import default_policy_path
+    from riskpipe.app.config import default_policy_path
 
     cert = Certificate(method="smoothing", norm="l2", radius=0.0, abstained=True, predicted_class=None,
                        mode="decide", sigma=0.25, alpha=0.001, epsilon=0.25, certified=False, reason=MODEL_FAULT,
@@ -162,8 +162,8 @@ def _samples(metrics) -> dict:
 @pytest.mark.parametrize("kind", ["nan", "inf", "-inf", "few_rows", "onnx-nan"])
 def test_stage_never_allows_a_model_fault_and_counts_it(tmp_path, kind):
     from riskpipe.metrics import StageMetrics
-    from riskpipe.stream.config import load_config
-    from riskpipe.stream.offline import run_offline
+    from riskpipe.app.config import load_config
+    from riskpipe.app.offline import run_offline
 
     if kind.startswith("onnx"):
         pytest.importorskip("onnx")

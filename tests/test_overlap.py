@@ -16,8 +16,8 @@ from streamkit import ListSource, LoggingSink
 
 @pytest.fixture(scope="module")
 def cnn_pipeline(tmp_path_factory):
-    from riskpipe.compose import build_pipeline
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.compose import build_pipeline
+    from riskpipe.app.config import load_config
     from synthetic import cifar_cnn, policy_without_context, save_torchscript
 
     tmp = tmp_path_factory.mktemp("cnn")
@@ -51,7 +51,7 @@ class RowCheckingSink(LoggingSink):
 
 
 def run_stage(tmp_path, pipeline, log, ledger_class, msgs=None):
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.config import load_config
     from riskpipe.stream.stage import Stage
 
     real = pipeline.process

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from riskpipe import kafka_clients
-from riskpipe.stream.config import load_config
+from riskpipe.app.config import load_config
 from riskpipe.stream.io import JsonlSink, JsonlSource, KafkaSink, KafkaSource
 from riskpipe.stream.ports import Message, Sink, Source
 from streamkit import ListSource, LoggingSink

@@ -32,10 +32,10 @@ def _smoothing(alpha: float) -> dict:
 
 @pytest.fixture(scope="module")
 def stage_ledger(tmp_path_factory):
-    from riskpipe.compose import build_pipeline
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.compose import build_pipeline
+    from riskpipe.app.config import load_config
     from riskpipe.stream.events import make_event
-    from riskpipe.stream.offline import run_offline
+    from riskpipe.app.offline import run_offline
 
     tmp = tmp_path_factory.mktemp("stats")
     wine = tabular_model(tmp)

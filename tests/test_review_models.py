@@ -171,7 +171,7 @@ def test_items_the_stage_routed_for_the_examples(tmp_path, example, model):
 
     from riskpipe.policy import load_policy
     from riskpipe.review import queue as rq
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.config import load_config
     from usermodels import stage_ledger
 
     ledger, inputs = stage_ledger(tmp_path, example, model, n=2, upstream_risk=0.99)

@@ -16,7 +16,8 @@ from riskpipe.certify import family
 from riskpipe.certify.samplers import GridError, SoundSampler, _table
 from riskpipe.models import load_model
 from riskpipe.models.base import Model, sha256_state_dict
-from riskpipe.stream.events import Event, EventError
+from riskpipe.stream.errors import EventError
+from riskpipe.stream.events import Event
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -43,7 +43,7 @@ def test_a_registered_secret_is_masked_anywhere() -> None:
 
 
 def test_only_braced_variables_are_expanded_and_an_unset_one_is_named(tmp_path, monkeypatch) -> None:
-    from riskpipe.stream.config import ConfigError, load_config
+    from riskpipe.app.config import ConfigError, load_config
 
     monkeypatch.setenv("RP_TEST_LEDGER", str(tmp_path / "l.sqlite"))
     monkeypatch.setenv("HOME", "/should/not/appear")
@@ -93,7 +93,7 @@ def test_no_command_prints_the_dsn_password(postgres, pg_url, tmp_path) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from riskpipe.stream.broker import EmbeddedBroker
-    from riskpipe.stream.config import default_policy_path
+    from riskpipe.app.config import default_policy_path
     from streamkit import produce, valid_events
 
     dbname = pg_url.rsplit("/", 1)[1]

@@ -42,9 +42,9 @@ def test_certify_cli_needs_no_shape_option_for_torchscript(tmp_path):
 
 
 def test_the_stage_takes_the_shape_from_the_reference_set(tmp_path):
-    from riskpipe.compose import build_entry
+    from riskpipe.app.compose import build_entry
     from riskpipe.policy import load_policy
-    from riskpipe.stream.config import ConfigError, load_config
+    from riskpipe.app.config import ConfigError, load_config
 
     import yaml
 

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from riskpipe.ledger import Ledger
-from riskpipe.stream.config import load_config
+from riskpipe.app.config import load_config
 from riskpipe.stream.io import JsonlSink, Message
-from riskpipe.stream.offline import run_offline
+from riskpipe.app.offline import run_offline
 from riskpipe.stream.stage import Stage
 from streamkit import ListSource, poisoned_tabular_pipeline, tabular_event as event
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import riskpipe.stream.stage as stage_mod
-from riskpipe.stream.config import load_config
+from riskpipe.app.config import load_config
 from riskpipe.stream.events import make_event
-from riskpipe.stream.offline import run_offline
+from riskpipe.app.offline import run_offline
 from usermodels import cheap_image_pipeline
 
 

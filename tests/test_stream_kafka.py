@@ -24,14 +24,14 @@ def broker():
 
 @pytest.fixture(scope="module")
 def pipeline():
-    from riskpipe.compose import build_pipeline
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.compose import build_pipeline
+    from riskpipe.app.config import load_config
 
     return build_pipeline(load_config(None))
 
 
 def config_for(broker, ledger, **kw):
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.config import load_config
 
     kw.setdefault("batch", {"max_events": 64, "max_wait_ms": 20})
     return load_config(None, bootstrap_servers=broker.bootstrap, ledger=str(ledger), session_timeout_ms=2000,

@@ -6,15 +6,15 @@ import sys
 
 import pytest
 
-from riskpipe.stream.config import ConfigError, load_config
+from riskpipe.app.config import ConfigError, load_config
 from riskpipe.stream.events import make_event
-from riskpipe.stream.offline import run_offline
+from riskpipe.app.offline import run_offline
 from streamkit import digits
 
 
 @pytest.fixture(scope="module")
 def pipeline():
-    from riskpipe.compose import build_pipeline
+    from riskpipe.app.compose import build_pipeline
 
     return build_pipeline(load_config(None))
 

@@ -20,9 +20,9 @@ from usermodels import image_model, synthetic_images, tabular_model
 from riskpipe.context import ContextIndex
 from riskpipe.policy import signals as sig
 from riskpipe.policy.schema import ContextRiskSignal, SupportRiskSignal
-from riskpipe.stream.config import default_policy_path, load_config
+from riskpipe.app.config import default_policy_path, load_config
 from riskpipe.stream.events import make_event
-from riskpipe.stream.offline import run_offline
+from riskpipe.app.offline import run_offline
 
 CHEAP = {"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01, "max_samples": 200}
 
@@ -42,7 +42,7 @@ def policy_file(directory, base="default", support=True) -> str:
 
 
 def pipeline(um, policy, name):
-    from riskpipe.compose import build_pipeline
+    from riskpipe.app.compose import build_pipeline
 
     return build_pipeline(load_config(None, models={name: um.spec}, references={name: str(um.data)}, policy=policy))
 

@@ -62,11 +62,11 @@ def test_tracestate_follows_the_w3c_grammar_and_bounds() -> None:
 def test_traceparent_reaches_decisions_review_audit_dlq_and_the_ledger(tmp_path) -> None:
     import yaml
 
-    from riskpipe.compose import build_pipeline
+    from riskpipe.app.compose import build_pipeline
     from riskpipe.ledger import Ledger
     from riskpipe.stream.binary import make_binary_event
     from riskpipe.stream.broker import EmbeddedBroker
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.config import load_config
     from streamkit import StageThread, consume_all, digits, produce, wait_for
     from synthetic import cifar_cnn, policy_without_context, save_torchscript
 

@@ -17,7 +17,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 
 from riskpipe.certify import family
-from riskpipe.certify.checks import CertifierCheckError, check_certifier
+from riskpipe.conformance import CertifierCheckError, check_certifier
 from riskpipe.models import ModelError, load_model
 from riskpipe.tree_attack import tree_attack
 
@@ -63,9 +63,9 @@ def test_each_tree_estimator_loads_from_skops_with_its_trees(tmp_path, name, cla
 def test_untrusted_type_is_refused_naming_the_types_and_the_key(tmp_path):
     from sklearn.preprocessing import FunctionTransformer
 
-    from riskpipe.compose import build_entry
+    from riskpipe.app.compose import build_entry
     from riskpipe.policy import load_policy
-    from riskpipe.stream.config import ConfigError, ModelConfig, default_policy_path
+    from riskpipe.app.config import ConfigError, ModelConfig, default_policy_path
 
     X, y = data()
     est = make_pipeline(FunctionTransformer(np.round), DecisionTreeClassifier(max_depth=3)).fit(X, y)
@@ -292,10 +292,10 @@ def _booster_file(tmp_path, name: str, X, y) -> str:
 def test_each_estimator_is_decided_through_the_stage_with_the_trees_certificate(tmp_path, name):
     from streamkit import policy_with
 
-    from riskpipe.compose import build_pipeline
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.compose import build_pipeline
+    from riskpipe.app.config import load_config
     from riskpipe.stream.events import make_event
-    from riskpipe.stream.offline import run_offline
+    from riskpipe.app.offline import run_offline
 
     X, y = data(2)
     path = _booster_file(tmp_path, name, X, y)

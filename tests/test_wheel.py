@@ -79,7 +79,7 @@ def test_wheel_runs_the_stage_offline_in_a_fresh_environment(wheel, tmp_path):
 
     work = tmp_path / "elsewhere"  # not a checkout: nothing found by walking up to policies/
     work.mkdir()
-    where = subprocess.run([str(py), "-c", "import riskpipe, riskpipe.stream.config as c; "
+    where = subprocess.run([str(py), "-c", "import riskpipe, riskpipe.app.config as c; "
                             "print(riskpipe.__file__); print(c.default_policy_path())"],
                            capture_output=True, text=True, timeout=120, env=env, cwd=work)
     assert where.returncode == 0, where.stderr

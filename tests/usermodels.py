@@ -129,8 +129,8 @@ def stage_ledger(tmp_path, example: str, model: str, n: int = 3, **event_fields)
 def cheap_pipeline(tmp: Path, name: str, um: UserModel):
     """A Pipeline serving the user's model ``um`` as ``name`` under a cheap smoothing
     policy (few samples), for stage tests that need a non-demo model."""
-    from riskpipe.compose import build_pipeline
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.compose import build_pipeline
+    from riskpipe.app.config import load_config
     from streamkit import policy_with
 
     policy = policy_with(tmp, certifier={"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01,

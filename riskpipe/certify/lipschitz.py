@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from riskpipe.certify.bounds import affine, linear_part, sequential_layers
+from riskpipe.models.layers import affine, linear_part, sequential_layers
 from riskpipe.certify.certificate import MODEL_FAULT, Certificate
 from riskpipe.certify.protocol import CertifierBase
 

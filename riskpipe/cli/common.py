@@ -131,7 +131,7 @@ def read_inputs(path: str) -> np.ndarray:
 def kafka_settings(config_path: str | None, bootstrap_servers: str | None):
     """Kafka connection and security settings from ``--config`` (riskpipe.yaml, ``${VAR}``
     expanded) with ``--bootstrap-servers`` on top; a bad file fails with one line."""
-    from riskpipe.stream.config import ConfigError, load_config
+    from riskpipe.app.config import ConfigError, load_config
 
     try:
         config = load_config(config_path, bootstrap_servers=bootstrap_servers)

@@ -166,9 +166,9 @@ def _trial(config_path: Path, name: str, X, n: int, seed: int) -> str:
     """Decide ``n`` reference inputs with the written config, offline; a one-line summary."""
     import numpy as np
 
-    from riskpipe.stream.config import load_config
+    from riskpipe.app.config import load_config
     from riskpipe.stream.events import make_event
-    from riskpipe.stream.offline import run_offline
+    from riskpipe.app.offline import run_offline
 
     idx = np.random.default_rng(seed).permutation(len(X))[:n]
     events = [make_event(f"init-trial-{i}", name, X[i], upstream_risk=0.0) for i in idx]
@@ -231,7 +231,7 @@ def init(spec, reference, out_dir, name, trial, seed, force):
     from riskpipe.cli.common import fail
     from riskpipe.models import ModelError
     from riskpipe.policy import PolicyError, load_policy
-    from riskpipe.stream.config import ConfigError, default_policy_path, read_reference, reference_feature_names
+    from riskpipe.app.config import ConfigError, default_policy_path, read_reference, reference_feature_names
     from riskpipe.survey import SurveyError, check_reference, propose, propose_sampler, quantisation_grid, survey
 
     name = name or _model_name(spec)

@@ -117,7 +117,7 @@ def _origin(origin: str | None, config_path: str | None) -> str | None:
     """``--origin``, else ``ledger_origin`` from ``--config``, else None (the ledger's default)."""
     if origin or not config_path:
         return origin
-    from riskpipe.stream.config import ConfigError, load_config
+    from riskpipe.app.config import ConfigError, load_config
 
     try:
         return load_config(config_path).ledger_origin
@@ -207,7 +207,7 @@ def checkpoint(path, key_path, origin, key_name, out_path, bootstrap_servers, co
 
 def _sets_bootstrap(config_path: str) -> bool:
     """Whether --config names a broker (then the checkpoint is published there)."""
-    from riskpipe.stream.config import ConfigError, load_config
+    from riskpipe.app.config import ConfigError, load_config
 
     try:
         return "bootstrap_servers" in load_config(config_path).model_fields_set
@@ -217,7 +217,7 @@ def _sets_bootstrap(config_path: str) -> bool:
 
 def _read_note(path: str, keys, what: str):
     from riskpipe.ledger import LedgerError
-    from riskpipe.ledger.checkpoint import Checkpoint
+    from riskpipe.ledger.anchors import Checkpoint
 
     try:
         text = Path(path).read_text(encoding="utf-8")

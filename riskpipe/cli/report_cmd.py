@@ -43,7 +43,7 @@ def report(ledger_path, since, until, fmt, out_path, config_path, verify, bundle
     out = out_path or str(Path(ledger_path).with_name(f"report.{fmt}") if beside else Path(f"report.{fmt}"))
     models, policies = None, []
     if config_path:
-        from riskpipe.stream.config import ConfigError, load_config
+        from riskpipe.app.config import ConfigError, load_config
 
         try:
             config = load_config(config_path)

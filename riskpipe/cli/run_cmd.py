@@ -17,7 +17,7 @@ def startup_errors(config_path: str | None):
     from riskpipe.context import ContextError
     from riskpipe.ledger import LedgerError
     from riskpipe.policy import PolicyError
-    from riskpipe.stream.config import ConfigError
+    from riskpipe.app.config import ConfigError
 
     try:
         yield
@@ -61,7 +61,7 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, references
         workers, worker_id, idle_exit, no_metrics_server, verbose):
     """Run the stage: validate, certify, score and route every inference event."""
     from riskpipe.cli.common import fail
-    from riskpipe.stream.config import ConfigError, load_config
+    from riskpipe.app.config import ConfigError, load_config
 
     logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -96,7 +96,7 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, references
             "certify_batch_size": certify_batch_size,
             "models": {n: m.model_copy(update={"certify_batch_size": certify_batch_size})
                        for n, m in config.models.items()}})
-    from riskpipe.stream.runner import default_ledger_path, run_stage, run_workers
+    from riskpipe.app.runner import default_ledger_path, run_stage, run_workers
 
     if no_ledger:
         config = config.model_copy(update={"ledger": None})
@@ -118,7 +118,7 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, references
             cleaned.append(argv[i])
             i += 1
         with startup_errors(config_path):  # fail once, here, not in every worker; warms the caches
-            from riskpipe.compose import build_pipeline
+            from riskpipe.app.compose import build_pipeline
 
             build_pipeline(config)
         sys.exit(run_workers(workers, cleaned, config.metrics_port, config.metrics_addr))

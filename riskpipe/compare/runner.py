@@ -257,9 +257,9 @@ def _certified_view(spec: str, X: np.ndarray, cfg: CompareConfig):
     from riskpipe.models import check_inputs, load_model_for
 
     if cfg.config:
-        from riskpipe.compose import build_entry
+        from riskpipe.app.compose import build_entry
         from riskpipe.policy import load_policy
-        from riskpipe.stream.config import load_config
+        from riskpipe.app.config import load_config
 
         config = load_config(cfg.config, device=cfg.device)
         if spec in config.models:

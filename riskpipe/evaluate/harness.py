@@ -182,7 +182,7 @@ def model_entry(settings: Settings) -> dict:
     """The evaluated model's ``models:`` entry: the one named ``model`` in the stage config
     ``config`` (its reference, scale, range, labels), else ``model`` as a spec with
     ``reference``."""
-    from riskpipe.stream.config import ConfigError, load_config
+    from riskpipe.app.config import ConfigError, load_config
 
     if settings.config:
         try:
@@ -200,7 +200,7 @@ def stage_config(settings: Settings, policy_path: str):
     """The stage config the evaluation runs: the model entry under ``policy_path``."""
     from pydantic import ValidationError
 
-    from riskpipe.stream.config import StageConfig, format_validation_error
+    from riskpipe.app.config import StageConfig, format_validation_error
 
     try:
         return StageConfig(models={MODEL_NAME: {**model_entry(settings), "policy": policy_path}}, policy=policy_path,
@@ -212,10 +212,10 @@ def stage_config(settings: Settings, policy_path: str):
 def evaluate_policy(settings: Settings, policy_path: str, X: np.ndarray, y: np.ndarray, workdir: Path,
                     progress=None, attack_cache: dict | None = None) -> PolicyRun:
     """Send clean and attacked copies of (X, y) through the stage under one policy."""
-    from riskpipe.compose import build_pipeline
+    from riskpipe.app.compose import build_pipeline
     from riskpipe.policy import load_policy
-    from riskpipe.stream.config import ConfigError
-    from riskpipe.stream.offline import run_offline
+    from riskpipe.app.config import ConfigError
+    from riskpipe.app.offline import run_offline
 
     t0 = time.perf_counter()
     policy = load_policy(policy_path)

@@ -30,7 +30,6 @@ triggers, which stops accidents, not an attacker with database superuser rights.
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 from typing import Any
 
@@ -46,94 +45,14 @@ from riskpipe.ledger.chain import (
     entry_hash,
     parse_ts,
 )
-from riskpipe.ledger.store import Ledger
+from riskpipe.ledger.postgres import PostgresLedger  # defining the backends makes backend_for find them
+from riskpipe.ledger.sqlite import SqliteLedger
+from riskpipe.ledger.store import Ledger, backend_for
+from riskpipe.redaction import redact  # the one redaction function, re-exported
 
-
-from riskpipe.redaction import redact  # noqa: E402 - the one redaction function, re-exported
-
-__all__ = ["GENESIS", "KINDS", "Entry", "Ledger", "LedgerError", "LedgerUnavailable", "VerifyResult", "backend_for", "canonical_json",
+__all__ = ["GENESIS", "KINDS", "Entry", "Ledger", "LedgerError", "LedgerUnavailable", "PostgresLedger", "SqliteLedger",
+           "VerifyResult", "backend_for", "canonical_json",
            "check_chain", "dlq_record", "entry_hash", "open_ledger", "parse_ts", "policy_record", "redact"]
-
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-# libpq connection keywords (https://www.postgresql.org/docs/current/libpq-connect.html)
-_LIBPQ_KEYWORDS = frozenset("""host hostaddr port dbname user password passfile channel_binding connect_timeout
-    client_encoding options application_name fallback_application_name keepalives keepalives_idle
-    keepalives_interval keepalives_count tcp_user_timeout replication gssencmode sslmode requiressl
-    sslcompression sslcert sslkey sslpassword sslcertmode sslrootcert sslcrl sslcrldir sslsni
-    requirepeer ssl_min_protocol_version ssl_max_protocol_version krbsrvname gsslib gssdelegation
-    service target_session_attrs load_balance_hosts""".split())
-_KEYWORD_PAIR = re.compile(r"\s*([A-Za-z_]+)\s*=\s*(?:'(?:[^'\\]|\\.)*'|[^\s']+)")
-
-
-def _keyword_dsn(target: str) -> list[str] | None:
-    """The keywords of a libpq keyword DSN (``host=db dbname=x password=...``), or None
-    when ``target`` is not one."""
-    keys, pos = [], 0
-    while pos < len(target.rstrip()):
-        m = _KEYWORD_PAIR.match(target, pos)
-        if m is None:
-            return None
-        keys.append(m.group(1).lower())
-        pos = m.end()
-    return keys or None
-
-
-def _register_dsn_password(target: str) -> None:
-    from urllib.parse import urlsplit
-
-    from riskpipe.redaction import register_secret
-
-    try:
-        register_secret(urlsplit(target).password)
-    except ValueError:
-        pass
-    for m in re.finditer(r"(?i)\bpassword\s*=\s*('(?:[^'\\]|\\.)*'|[^\s&]+)", target):
-        v = m.group(1)
-        register_secret(v[1:-1].replace("\\'", "'").replace("\\\\", "\\") if v.startswith("'") else v)
-
-
-def backend_for(target: Any) -> type[Ledger]:
-    """The Ledger class for ``target``; LedgerError (one line) for an unknown scheme.
-
-    PostgreSQL takes a URL (``postgresql://USER:PASSWORD@HOST/DB``) or a libpq keyword
-    DSN (``host=HOST dbname=DB user=USER password=...``); a keyword string with an
-    unknown keyword is refused rather than taken for a file name. Either way the
-    password is registered for redaction (riskpipe.redaction)."""
-    if isinstance(target, Path):
-        from riskpipe.ledger.sqlite import SqliteLedger
-
-        return SqliteLedger
-    if not isinstance(target, str) or not target.strip():
-        raise LedgerError(f"ledger: expected a file path, a postgresql:// URL or a keyword DSN, got {redact(repr(target))}")
-    m = _SCHEME.match(target)
-    scheme = m.group(1).lower() if m else None
-    if scheme is None:
-        keys = _keyword_dsn(target)
-        if keys is not None:
-            _register_dsn_password(target)
-            unknown = sorted(set(keys) - _LIBPQ_KEYWORDS)
-            if unknown:
-                raise LedgerError(f"ledger {redact(target)}: not a PostgreSQL keyword DSN (unknown keyword "
-                                  f"{', '.join(unknown)}); use postgresql://USER@HOST/DB or host=... dbname=..., "
-                                  "or sqlite:///PATH for a file whose name holds '='")
-            from riskpipe.ledger.postgres import PostgresLedger
-
-            return PostgresLedger
-        if "${" in target:
-            raise LedgerError(f"ledger {redact(target)}: holds an unexpanded ${{VAR}} (set the variable)")
-    if scheme in ("postgresql", "postgres"):
-        _register_dsn_password(target)
-        from riskpipe.ledger.postgres import PostgresLedger
-
-        return PostgresLedger
-    if scheme in (None, "sqlite"):
-        from riskpipe.ledger.sqlite import SqliteLedger
-
-        return SqliteLedger
-    raise LedgerError(f"ledger {redact(target)}: unknown scheme {scheme!r} "
-                      "(use a file path, sqlite:///PATH or postgresql://USER@HOST/DB)")
 
 
 def open_ledger(target: str | Path, **options: Any) -> Ledger:

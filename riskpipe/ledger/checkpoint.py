@@ -24,7 +24,7 @@ tree size, or edits a row at or before it and recomputes every hash, the chain s
 and the tree. Rows after the latest checkpoint are protected by the chain and tree only.
 
 Checkpoints of riskpipe before the Merkle tree (JSON over (head, count, ts), class
-:class:`LegacyCheckpoint`, in the ``checkpoints`` table) are still verified with the
+:class:`~riskpipe.ledger.anchors.LegacyCheckpoint`, in the ``checkpoints`` table) are still verified with the
 same keys: signed bytes are the canonical JSON of ``{"count": N, "head": "<64 hex>",
 "ts": "<RFC 3339>", "type": "riskpipe-ledger-checkpoint/1"}``.
 """
@@ -35,42 +35,18 @@ import base64
 import dataclasses
 import hashlib
 import json
-from dataclasses import asdict, dataclass
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from riskpipe.ledger import note as notes
-from riskpipe.ledger.chain import HEX64, LedgerError, VerifyResult, canonical_json
+from riskpipe.ledger.anchors import Checkpoint, LegacyCheckpoint
+from riskpipe.ledger.chain import LedgerError, VerifyResult
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
     from riskpipe.ledger.store import Ledger
-
-TYPE = "riskpipe-ledger-checkpoint/1"
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A C2SP checkpoint: origin, tree size, root hash and the signed note carrying them."""
-
-    origin: str
-    tree_size: int
-    root: bytes
-    note: str
-
-    @classmethod
-    def from_note(cls, text: str, public_keys: Iterable[Ed25519PublicKey] | None = None,
-                  where: str = "checkpoint") -> Checkpoint:
-        """Parse a signed note; with ``public_keys``, one of them must have signed it."""
-        try:
-            body = notes.verify(text, public_keys)[0] if public_keys is not None else notes.parse(text)[0]
-            origin, size, root = notes.parse_checkpoint(body)
-        except notes.NoteError as e:
-            raise LedgerError(f"{where}: {e}") from None
-        return cls(origin, size, root, text)
-
 
 def default_origin(ledger: Ledger) -> str:
     """``riskpipe/ledger/<log id>``: the log id is random, made with the ledger's tree."""
@@ -90,37 +66,6 @@ def make_checkpoint(ledger: Ledger, private_key: Ed25519PrivateKey, origin: str 
     cp = Checkpoint(origin, size, bytes.fromhex(root), text)
     ledger.add_note(size, root, text)
     return cp
-
-
-@dataclass(frozen=True)
-class LegacyCheckpoint:
-    count: int
-    head: str
-    ts: str
-    key_id: str  # first 16 hex digits of sha256(raw public key)
-    public_key: str  # raw 32-byte Ed25519 public key, base64
-    signature: str  # base64
-
-    def payload(self) -> bytes:
-        return signed_bytes(self.count, self.head, self.ts)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "checkpoint") -> LegacyCheckpoint:
-        try:
-            cp = cls(int(d["count"]), str(d["head"]), str(d["ts"]), str(d["key_id"]), str(d["public_key"]),
-                     str(d["signature"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise LedgerError(f"{where}: not a checkpoint ({type(e).__name__}: {e})") from None
-        if not HEX64.fullmatch(cp.head) or cp.count < 0:
-            raise LedgerError(f"{where}: head must be 64 lowercase hex characters and count >= 0")
-        return cp
-
-
-def signed_bytes(count: int, head: str, ts: str) -> bytes:
-    return canonical_json({"count": count, "head": head, "ts": ts, "type": TYPE}).encode("utf-8")
 
 
 def legacy_key_id(public_key: Ed25519PublicKey) -> str:
@@ -270,7 +215,7 @@ class Checkpointer:
     (whichever first, and only if something was written meanwhile).
 
     The stage calls it from its committer's after-commit hook (config section
-    ``checkpoint:``, riskpipe.compose.checkpoint_hooks). A failure to publish is logged
+    ``checkpoint:``, riskpipe.app.compose.checkpoint_hooks). A failure to publish is logged
     and counted, never fatal: the checkpoint is in the ledger already and the next one
     is published again.
     """

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from riskpipe.ledger import merkle
 from riskpipe.ledger.chain import Entry, LedgerError, canonical_json
-from riskpipe.ledger.checkpoint import Checkpoint
+from riskpipe.ledger.anchors import Checkpoint
 from riskpipe.ledger.tree import leaf_bytes, split_leaf
 
 if TYPE_CHECKING:

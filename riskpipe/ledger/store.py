@@ -31,8 +31,9 @@ from riskpipe.ledger.chain import (
     prepare_entries,
     row_to_entry,
 )
-from riskpipe.ledger.checkpoint import Checkpoint, LegacyCheckpoint
+from riskpipe.ledger.anchors import Checkpoint, LegacyCheckpoint
 from riskpipe.ledger.conn import Db, Row
+from riskpipe.ledger.targets import backend_name
 from riskpipe.timestamps import iso_seconds
 
 if TYPE_CHECKING:
@@ -62,8 +63,6 @@ class Ledger:
 
     def __new__(cls, target: Any = None, **options: Any) -> Ledger:
         if cls is Ledger:
-            from riskpipe.ledger import backend_for
-
             cls = backend_for(target)
         return super().__new__(cls)
 
@@ -383,7 +382,7 @@ class Ledger:
                checkpoints: Sequence[Checkpoint | LegacyCheckpoint] | None = None) -> VerifyResult:
         """Recompute the whole chain; the first row that does not check out is named.
 
-        ``checkpoints``: verified :class:`~riskpipe.ledger.checkpoint.Checkpoint` s (see
+        ``checkpoints``: verified :class:`~riskpipe.ledger.anchors.Checkpoint` s (see
         ``checkpoint.verify_ledger``); each one's row must still carry its signed head.
         """
         if expect_head is not None and not HEX64.fullmatch(expect_head):
@@ -451,3 +450,19 @@ class Ledger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def backend_for(target: Any) -> type[Ledger]:
+    """The Ledger class for ``target``; LedgerError (one line) for an unknown scheme.
+
+    PostgreSQL takes a URL (``postgresql://USER:PASSWORD@HOST/DB``) or a libpq keyword
+    DSN (``host=HOST dbname=DB user=USER password=...``); a keyword string with an
+    unknown keyword is refused rather than taken for a file name. Either way the
+    password is registered for redaction (riskpipe.redaction). The backends are the
+    subclasses of ``Ledger`` (riskpipe.ledger.sqlite, riskpipe.ledger.postgres, both
+    imported by the package), so this module imports neither."""
+    name = backend_name(target)
+    for cls in Ledger.__subclasses__():
+        if cls.backend == name:
+            return cls
+    raise LedgerError(f"ledger: the {name} backend is not loaded (import riskpipe.ledger)")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
-from riskpipe.certify.bounds import interval_margins
+from riskpipe.models.layers import interval_margins
 from riskpipe.models.digits import NUM_CLASSES, load_split
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from riskpipe.certify.bounds import Scale
+from riskpipe.models.layers import Scale
 from riskpipe.models.base import Model
 
 

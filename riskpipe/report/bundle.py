@@ -83,7 +83,8 @@ def write_bundle(ledger_path: str, out_path: str | Path, *, key_path: str, sampl
     with ``key_path`` when the newest stored one does not cover every row."""
     from riskpipe.ledger import open_ledger, redact
     from riskpipe.ledger import note as notes
-    from riskpipe.ledger.checkpoint import Checkpoint, load_private_key, make_checkpoint, verify_ledger
+    from riskpipe.ledger.anchors import Checkpoint
+    from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint, verify_ledger
     from riskpipe.ledger.receipt import make_receipt
     from riskpipe.report import pdf_available, render
     from riskpipe.report.data import gather
@@ -147,7 +148,7 @@ def verify_bundle(path: str | Path, public_keys) -> BundleCheck:
     """Check a bundle offline (module docstring); the first failed check is the problem."""
     from riskpipe.ledger import LedgerError
     from riskpipe.ledger import note as notes
-    from riskpipe.ledger.checkpoint import Checkpoint
+    from riskpipe.ledger.anchors import Checkpoint
     from riskpipe.ledger.receipt import verify_receipt
 
     res = BundleCheck(True)

@@ -89,12 +89,12 @@ def _certifier(model, cert: dict):
 
 
 def stage_entry(config_path: str, record: dict, device: str = "cpu"):
-    """The record's model as the stage config builds it (riskpipe.compose.build_entry):
+    """The record's model as the stage config builds it (riskpipe.app.compose.build_entry):
     its declared range, its ``scale`` (the certified model g(z) = f(s * z) on z = x / s)
     and its policy."""
-    from riskpipe.compose import build_entry
+    from riskpipe.app.compose import build_entry
     from riskpipe.policy import PolicyError, load_policy
-    from riskpipe.stream.config import ConfigError, load_config
+    from riskpipe.app.config import ConfigError, load_config
 
     name = _need(_need(record, "model", "record"), "name", "model")
     try:

@@ -226,7 +226,7 @@ class ReviewSettings:
 
 
 def load_config_file(path: str) -> dict[str, Any]:
-    from riskpipe.stream.config import ConfigError, read_config_file
+    from riskpipe.app.config import ConfigError, read_config_file
 
     try:
         return read_config_file(path)
@@ -279,7 +279,7 @@ def resolve_settings(
     if secret_key is not None and len(secret_key) < 32:
         raise SettingsError(f"{where}: review.secret_key: must be at least 32 characters")
 
-    from riskpipe.stream.config import ConfigError, load_config
+    from riskpipe.app.config import ConfigError, load_config
 
     try:  # the shared keys (ledger, topics, Kafka connection and security) validated as the stage does
         config = load_config(config_path, ledger=ledger, bootstrap_servers=bootstrap_servers)

@@ -28,13 +28,13 @@ import math
 
 import numpy as np
 
+from riskpipe.stream.errors import EventError
+
 HEADER = "inference-header-content-length"  # Kafka header names are matched lower-cased
 DTYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "UINT8": np.dtype("u1")}
 
 
 def _error(code: str, message: str) -> Exception:
-    from riskpipe.stream.events import EventError  # events imports this module
-
     return EventError(code, message)
 
 

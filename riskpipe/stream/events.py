@@ -26,6 +26,7 @@ import numpy as np
 
 from riskpipe.models.validate import InputError, check_inputs
 from riskpipe.stream import binary, codec
+from riskpipe.stream.errors import EventError
 from riskpipe.stream.trace import trace_context
 
 CE_TYPES = ("riskpipe.inference.v1", "org.kserve.inference.request", "inference.request")
@@ -34,12 +35,6 @@ DATATYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT8":
 FLOAT_TYPES = ("FP32", "FP64", "FP16")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
-
-
-class EventError(ValueError):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass

@@ -19,7 +19,8 @@ from riskpipe.ledger.inputs import input_digest, input_fields  # noqa: F401 - in
 from riskpipe.models import Model
 from riskpipe.policy.evaluate import evaluate_batch
 from riskpipe.policy.signals import json_safe
-from riskpipe.stream.events import Event, EventError
+from riskpipe.stream.errors import EventError
+from riskpipe.stream.events import Event
 from riskpipe.timestamps import from_epoch, rfc3339_millis, rfc3339_seconds
 
 log = logging.getLogger("riskpipe.stream")
@@ -53,7 +54,7 @@ def record_digest(record: dict) -> str:
 
 @dataclass
 class ModelEntry:
-    """One model as the stage runs it (built by riskpipe.compose).
+    """One model as the stage runs it (built by riskpipe.app.compose).
 
     ``model`` validates raw inputs; ``certified`` is what the certifier sees: the
     model itself, or with a per-feature ``scale`` s the wrapped g(z) = f(s * z) on
@@ -106,7 +107,7 @@ def radius_in_threat(entry: ModelEntry, cert) -> float:
 
 class Pipeline:
     """Models, each with its policy, certifier and context index, ready to decide
-    batches. Built by ``riskpipe.compose.build_pipeline``; only computes."""
+    batches. Built by ``riskpipe.app.compose.build_pipeline``; only computes."""
 
     def __init__(self, entries: dict[str, ModelEntry], worker: str = "w0", review_include_input: bool = True):
         if not entries:

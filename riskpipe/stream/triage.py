@@ -15,7 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from riskpipe.ledger.chain import decision_scope
-from riskpipe.stream.events import Event, EventError
+from riskpipe.stream.errors import EventError
+from riskpipe.stream.events import Event
 from riskpipe.stream.ports import Message
 from riskpipe.stream.pipeline import event_digest, input_digest, record_digest
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from riskpipe.stream.config import ConfigError, ModelConfig, StageConfig, read_reference
+from riskpipe.app.config import ConfigError, ModelConfig, StageConfig, read_reference
 from riskpipe.stream.pipeline import ModelEntry, Pipeline, certify, radius_in_threat
 
 # Rule fields whose value comes from the context index (riskpipe.policy.fields).

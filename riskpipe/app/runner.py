@@ -1,5 +1,5 @@
 """Run stage workers: what ``riskpipe run`` does once the config is validated
-(the stage itself is built by riskpipe.compose)."""
+(the stage itself is built by riskpipe.app.compose)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ def default_ledger_path() -> str:
 def run_stage(config, source: str | None = None, sink: str | None = None, metrics=None, idle_exit_s=None,
               install_signals: bool = True, on_record=None, pipeline=None):
     """Run one stage worker until stopped; returns its Stats. Everything is built by
-    the composition root (riskpipe.compose) from ``config``."""
-    from riskpipe.compose import build_stage, open_ledger
+    the composition root (riskpipe.app.compose) from ``config``."""
+    from riskpipe.app.compose import build_stage, open_ledger
 
     if sink and sink.startswith("jsonl:"):  # a fresh run replaces earlier output files
         from riskpipe.stream.io import fresh_outputs

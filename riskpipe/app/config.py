@@ -83,7 +83,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from riskpipe.kafka_clients import KafkaSettings
 
 # Noise samples per smoothing model call: the probe's largest candidate is 4096; above
-# 2^20 no model call fits in memory (riskpipe.compose also bounds it by the input size).
+# 2^20 no model call fits in memory (riskpipe.app.compose also bounds it by the input size).
 MAX_CERTIFY_BATCH_SIZE = 1 << 20
 
 
@@ -121,7 +121,7 @@ class ModelConfig(BaseModel):
     """One ``models:`` entry (keys in the module docstring). Checks that need only the
     file system happen here; checks that need the loaded model (labels vs classes,
     scale and range vs features, reference shape) happen where the model is built
-    (riskpipe.compose), with the same ``models.NAME.KEY: reason`` messages."""
+    (riskpipe.app.compose), with the same ``models.NAME.KEY: reason`` messages."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
