@@ -26,7 +26,7 @@ NAME = "HopSkipJump (decision-based, black-box)"
 RANDOM_SEARCH = "random search (black-box)"
 
 
-def value_bounds(value_range) -> tuple[np.ndarray, np.ndarray]:
+def value_bounds(value_range) -> tuple[np.ndarray | np.float32, np.ndarray | np.float32]:
     """``(lo, hi)`` to clip attacked inputs to: the declared range (scalars, or arrays
     shaped like one input for per-feature ranges), or no bound when none is declared."""
     if value_range is None:

@@ -120,15 +120,18 @@ class ContextIndex:
 
     def support_reference_distance(self, quantile: float) -> float:
         """The ``quantile`` of the reference set's leave-one-out nearest-neighbour distances."""
+        assert self.support_distances is not None  # set by _fit
         return float(np.quantile(self.support_distances, quantile))
 
     # ---- queries -------------------------------------------------------------------------
     def _class_distances(self, Xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, C) distance to the nearest sample of each class, and the class ids. Queries
         go in chunks (scikit-learn's working memory), so a large reference set stays bounded."""
-        per_class = lambda D, start: np.minimum.reduceat(D, self._starts, axis=1)  # noqa: E731
+        starts, classes = self._starts, self._classes
+        assert starts is not None and classes is not None  # set by _fit
+        per_class = lambda D, start: np.minimum.reduceat(D, starts, axis=1)  # noqa: E731
         chunks = pairwise_distances_chunked(Xq, self._sorted, metric=METRICS[self.norm], reduce_func=per_class)
-        return np.vstack(list(chunks)), self._classes
+        return np.vstack(list(chunks)), classes
 
     def context(self, x_batch, predicted_classes, radius_threat, support_quantile: float = 0.99) -> list[dict]:
         """One context dict per input (see the module docstring for each field)."""
@@ -151,6 +154,7 @@ class ContextIndex:
         D[rows[own >= 0], own[own >= 0]] = np.inf  # the input's own class does not count
         d = D.min(axis=1)
         support_ref = self.support_reference_distance(support_quantile)
+        assert self.support_distances is not None  # set by _fit
         support_pct = 100.0 * np.searchsorted(self.support_distances, d_any, side="right") / len(self.support_distances)
         pct = (None if self.reference_radii is None else
                100.0 * np.searchsorted(self.reference_radii, radii, side="right") / len(self.reference_radii))

@@ -309,7 +309,7 @@ class StageMetrics:
         them): the only label values decision metrics accept. Their series start at
         zero, and ``riskpipe_policy_info`` names each model's policy version."""
         declared = set()
-        infos = []
+        infos: list[Mapping[str, str]] = []
         for model, policy in models.items():
             labels = (_label(model), _label(policy.name))
             declared.add(labels)
@@ -522,7 +522,7 @@ class MetricsServer:
         self._httpd = httpd
         self._thread = thread
         self.port: int = httpd.server_port
-        self.addr: str = httpd.server_address[0]
+        self.addr: str = str(httpd.server_address[0])
 
     @property
     def url(self) -> str:

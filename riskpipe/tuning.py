@@ -50,8 +50,10 @@ def certify_batch_size(model, configured: int | None = None, cache_dir: Path | N
         choice = BatchSizeChoice(int(configured), "config")
     else:
         path = cache_path(model, cache_dir)
-        choice = _read(path)
-        if choice is None:
+        cached = _read(path)
+        if cached is not None:
+            choice = cached
+        else:
             p = probe(model, budget_s=budget_s, clock=clock)
             choice = BatchSizeChoice(p.best, "probe", p.rates)
             _write(path, choice)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 if TYPE_CHECKING:
+    import threading
+
     import numpy as np
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     """Print ``riskpipe: error: message`` on stderr and exit non-zero (no traceback, no secret)."""
     from riskpipe.redaction import redact
 
@@ -50,7 +52,7 @@ class working:
 
     def __init__(self, desc: str, interval_s: float = 0.5) -> None:
         self.desc, self.interval_s = desc, interval_s
-        self._thread = None
+        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> working:
         if on_terminal():

@@ -16,7 +16,7 @@ def _floats(text: str, field: str) -> tuple[float, ...]:
 
 def parse_grid(text: str | None, norms: tuple[str, ...]) -> dict[str, tuple[float, ...]]:
     """``0,0.1,0.2`` (every norm) or ``l2=0,0.5,1;linf=0,0.05`` (per norm; others keep defaults)."""
-    grid = {n: DEFAULT_GRID[n] for n in norms if n in DEFAULT_GRID}
+    grid: dict[str, tuple[float, ...]] = {n: DEFAULT_GRID[n] for n in norms if n in DEFAULT_GRID}
     if not text:
         return grid
     if "=" not in text:

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -441,7 +442,8 @@ def message_entries(msg, kind: str) -> list[tuple[str, dict, str | None]]:
                               offset=int(src["offset"]) if src["offset"] not in (None, "") else None,
                               message=_header(msg, "__riskpipe.errors.message"),
                               digest={"sha256": _header(msg, "__riskpipe.errors.payload_sha256"),
-                                      "size": int(size) if (size or "").isdigit() else None} if omitted else None)
+                                      "size": int(size) if size is not None and size.isdigit() else None}
+                              if omitted else None)
         return [("dlq", rec, eid)]
     try:
         record = json.loads(msg.value)
@@ -453,7 +455,7 @@ def message_entries(msg, kind: str) -> list[tuple[str, dict, str | None]]:
         reason = "missing_field" if "missing field" in str(e) else ("not_an_object" if "object" in str(e) else "invalid_json")
         rec, eid = dlq_record(reason, msg.value or b"", ts, message=f"ledger ingest: {e}", **where)
         return [("dlq", rec, eid)]
-    out = []
+    out: list[tuple[str, dict, str | None]] = []
     pol = record.get("policy")
     if kind == "decision" and isinstance(pol, dict) and {"name", "version", "sha256"} <= pol.keys():
         prec, peid = policy_record(str(pol["name"]), str(pol["version"]), str(pol["sha256"]),
@@ -474,7 +476,7 @@ def ingest_topics(kafka, topic_kinds: dict[str, str], ledger_path: str, group_id
     from riskpipe import kafka_clients
     from riskpipe.ledger import LedgerError, open_ledger
 
-    stats = {"messages": 0, "written": 0, "unreadable": 0}
+    stats: dict[str, Any] = {"messages": 0, "written": 0, "unreadable": 0}
     consumer = kafka_clients.consumer(
         kafka, *topic_kinds, group_id=group_id, enable_auto_commit=False,
         auto_offset_reset="earliest", session_timeout_ms=10_000 if until_idle is None else 2000,

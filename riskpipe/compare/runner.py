@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -281,7 +282,8 @@ def run_compare(cfg: CompareConfig, X: np.ndarray | None = None, y: np.ndarray |
         X, y = load_split("test")
         data_name = "demo digits, test split"
     X, y = np.asarray(X)[: cfg.limit], np.asarray(y)[: cfg.limit]
-    models, first = [], None
+    models: list[dict[str, Any]] = []
+    first: tuple[Any, np.ndarray, Any] | None = None  # (model, its inputs, its policy)
     for spec in cfg.models:
         log(f"model {spec}")
         model, Xc, scale, policy = _certified_view(spec, X, cfg)
@@ -296,11 +298,13 @@ def run_compare(cfg: CompareConfig, X: np.ndarray | None = None, y: np.ndarray |
         models.append({"spec": spec, "sha256": model.sha256, "input_dim": model.input_dim, "scale": scale,
                        "clean_accuracy": clean, "pgd_accuracy": pgd_acc, "attack": attack_name(model, cfg),
                        "methods": runs})
-    first, Xf, first_policy = first
+    if first is None:
+        raise ValueError("models: give at least one model to compare")
+    first_model, Xf, first_policy = first
     log("cost sweeps")
-    sweeps = {m: {"batch": _batch_sweep(first, m, Xf, cfg, first_policy), "width": _width_sweep(m, cfg)}
+    sweeps = {m: {"batch": _batch_sweep(first_model, m, Xf, cfg, first_policy), "width": _width_sweep(m, cfg)}
               for m in cfg.methods}
-    fwd = timed(lambda: first.predict(Xf), cfg.device, repeat=3) / len(Xf)
+    fwd = timed(lambda: first_model.predict(Xf), cfg.device, repeat=3) / len(Xf)
     return {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "data": {"name": data_name, "n": int(len(X)), "input_dim": int(np.prod(X.shape[1:]))},

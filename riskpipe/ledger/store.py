@@ -54,12 +54,15 @@ class Ledger:
     Use as a context manager."""
 
     backend = "abstract"
-    # number_at(path) -> the backend's SQL expression for a numeric field of ``entries.record``
-    # ("certificate.p_lower"), NULL when absent or not a number; set by each backend
-    number_at: Callable[[str], str] | None = None
     schema_version: int
     _db: Db | None
     _lock: threading.RLock
+
+    @staticmethod
+    def number_at(path: str) -> str:
+        """The backend's SQL expression for a numeric field of ``entries.record``
+        ("certificate.p_lower"), NULL when absent or not a number; set by each backend."""
+        raise NotImplementedError
 
     def __new__(cls, target: Any = None, **options: Any) -> Ledger:
         if cls is Ledger:

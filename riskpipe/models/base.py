@@ -112,6 +112,8 @@ class Model:
     def scores(self, batch: torch.Tensor) -> Checked:
         """The torch module's logits (n, C) for a float32 batch, checked against the
         output contract (riskpipe.models.output): bad rows are marked, not trusted."""
+        if self.module is None:
+            raise ModelError(f"model {self.spec}: no torch module to compute scores with")
         with torch.inference_mode():
             out = self.module(batch)
         return check_output(out, len(batch), self.num_classes, batch.device)
@@ -133,7 +135,7 @@ class Model:
         ModelFault when the output breaks the contract (no id is made up for a bad row)."""
         c = self.classes(batch)
         if c.any_bad:
-            raise ModelFault(self.spec, c.reason)
+            raise ModelFault(self.spec, str(c.reason))
         return c.values
 
     def check_forward(self, X: np.ndarray) -> None:

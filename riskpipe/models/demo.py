@@ -92,7 +92,8 @@ def code_fingerprint(*fns) -> str:
     seen: set = set()
     for fn in fns:
         _riskpipe_functions(fn, seen)
-    files = sorted({inspect.getsourcefile(f) for f in seen} | {sys.modules[f.__module__].__file__ for f in seen})
+    sources = {inspect.getsourcefile(f) for f in seen} | {sys.modules[f.__module__].__file__ for f in seen}
+    files = sorted(f for f in sources if f is not None)  # riskpipe's own functions: always from a file
     h = hashlib.sha256()
     for f in files:
         h.update(Path(f).read_bytes())
@@ -123,7 +124,7 @@ def train_noise(model: nn.Module, recipe: Recipe) -> None:
 
 
 # name -> (recipe, architecture factory, trainer). Other demo variants register here.
-DEMOS: dict[str, tuple[Recipe, Callable[[], nn.Module], Callable[[nn.Module, Recipe], None]]] = {
+DEMOS: dict[str, tuple[Recipe, Callable[[], nn.Module], Callable[..., None]]] = {
     "digits": (Recipe("digits"), lambda: digits_cnn(8), train_noise),
     "digits-ibp": (Recipe("digits-ibp", width=8, sigma=0.0, epochs=25, trainer=robust.IBP.tag()),
                    lambda: robust.ibp_cnn(8), robust.train_ibp),
@@ -132,7 +133,7 @@ DEMOS: dict[str, tuple[Recipe, Callable[[], nn.Module], Callable[[nn.Module, Rec
 }
 
 
-def register_demo(recipe: Recipe, factory: Callable[[], nn.Module], trainer: Callable[[nn.Module, Recipe], None]) -> None:
+def register_demo(recipe: Recipe, factory: Callable[[], nn.Module], trainer: Callable[..., None]) -> None:
     DEMOS[recipe.name] = (recipe, factory, trainer)
 
 

@@ -354,10 +354,7 @@ def _load_booster(spec: str, path: Path, fmt: str, opts) -> Model:
     """An XGBoost (JSON/UBJ) or LightGBM (text) booster from its native file; its trees
     are read through the library's own model dump, and its margins classify."""
     try:
-        if fmt == "xgboost":
-            import xgboost as lib
-        else:
-            import lightgbm as lib
+        lib = importlib.import_module("xgboost" if fmt == "xgboost" else "lightgbm")
     except ImportError:
         raise ModelError(f"model {spec}: {fmt} is not installed (pip install 'riskpipe[trees]')") from None
     try:

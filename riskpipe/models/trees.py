@@ -136,10 +136,10 @@ class _Builder:
     def build(self, base, n_features: int, kind: str, source: str) -> TreeEnsemble:
         if not self.parts:
             raise TreeError(f"{source}: no trees")
-        cat = [np.concatenate([p[k] for p in self.parts]) for k in range(6)]
+        feature, threshold, slack, left, right, value = (np.concatenate([p[k] for p in self.parts]) for k in range(6))
         tree = np.concatenate([np.full(len(p[0]), t, dtype=np.int64) for t, p in enumerate(self.parts)])
         roots = np.array([p[6] for p in self.parts], dtype=np.int64)
-        ens = TreeEnsemble(*cat, tree=tree, roots=roots, base=np.asarray(base, dtype=np.float64).reshape(-1),
+        ens = TreeEnsemble(feature, threshold, slack, left, right, value, tree=tree, roots=roots, base=np.asarray(base, dtype=np.float64).reshape(-1),
                            n_features=int(n_features), kind=kind, source=source)
         if not (np.isfinite(ens.threshold).all() and np.isfinite(ens.value).all() and np.isfinite(ens.base).all()):
             raise TreeError(f"{source}: non-finite thresholds or leaf values")

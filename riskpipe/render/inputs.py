@@ -189,7 +189,7 @@ def input_view(data: Any, shape: Any, info: ModelInfo | None = None) -> InputVie
         return _none(f"input.data: {a.size} values do not fill shape {list(shape)}")
     if not np.all(np.isfinite(a)):
         return _none("input.data: contains NaN or infinity")
-    a = a.reshape(shape)
+    a = a.reshape(tuple(shape))
     while a.ndim > 1 and a.shape[0] == 1:
         a = a[0]
     if a.ndim == 1:
@@ -208,7 +208,8 @@ def record_view(record: dict, info: ModelInfo | None = None, fetch=None) -> Inpu
     ``get_input``). A UINT8 tensor is drawn on its own 0..255 scale."""
     from riskpipe.ledger.inputs import InputUnavailable, record_array
 
-    inp = record.get("input") if isinstance(record.get("input"), dict) else {}
+    raw = record.get("input")
+    inp = raw if isinstance(raw, dict) else {}
     try:
         data = record_array(inp, fetch)
     except InputUnavailable as e:

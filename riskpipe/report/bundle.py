@@ -51,7 +51,7 @@ def _policy_files(ledger, config_policies: list[str]) -> tuple[dict[str, bytes],
     from riskpipe.policy import load_policy
     from riskpipe.policy.loader import PolicyError
 
-    wanted = {}
+    wanted: dict[Any, dict[str, Any]] = {}
     for e in ledger.records("policy"):
         r = e.record
         wanted.setdefault(r.get("sha256"), {"name": r.get("name"), "version": r.get("version"),

@@ -266,7 +266,7 @@ class _Radii:
     def __init__(self, f: _Facts) -> None:
         rows = f.rows("SELECT threat_norm, threat_eps, model_label, policy_label, radius_threat",
                       "radius_threat IS NOT NULL", tail="ORDER BY seq")
-        self.by: dict[tuple, dict] = defaultdict(lambda: defaultdict(list))
+        self.by: dict[str, dict[Any, list[float]]] = defaultdict(lambda: defaultdict(list))
         for norm, eps, model, policy, r in rows:
             self.by["threat"][(norm, eps)].append(r)
             self.by["model_label"][model].append(r)
