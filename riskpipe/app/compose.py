@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from riskpipe.app.config import ConfigError, ModelConfig, StageConfig, read_reference
+from riskpipe.paths import atomic_write, cache_dir
 from riskpipe.stream.pipeline import ModelEntry, Pipeline, certify, radius_in_threat
 
 # Rule fields whose value comes from the context index (riskpipe.policy.fields).
@@ -230,7 +231,6 @@ def _context_index(entry: ModelEntry, path: str, X: np.ndarray, y):
     with reference radii certified once and cached by (model sha, certifier
     settings, reference file sha)."""
     from riskpipe.context import ContextError, ContextIndex
-    from riskpipe.paths import cache_dir
 
     from riskpipe.certify.certificate import MODEL_FAULT
     from riskpipe.certify.samplers import GridError
@@ -267,10 +267,8 @@ def _context_index(entry: ModelEntry, path: str, X: np.ndarray, y):
                                            f"certifying {len(faults)} of {len(certs)} reference inputs of {path}")
         radii = np.array([radius_in_threat(entry, c) for c in certs])
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_write(cache) as f:
             np.save(f, radii)
-        tmp.replace(cache)
     try:
         return ContextIndex.build(Z, y, norm, reference_radii=radii, name=Path(path).stem)
     except ContextError as e:
