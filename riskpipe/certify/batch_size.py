@@ -17,9 +17,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from riskpipe.models.base import Model
 
 CANDIDATES = (64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -44,7 +48,7 @@ class BatchSizeProbe:
         return min(b for b, r in self.rates.items() if r >= self.tolerance * top)
 
 
-def probe(model, candidates: Sequence[int] = CANDIDATES, budget_s: float = 1.5, min_time_s: float = 0.05,
+def probe(model: Model, candidates: Sequence[int] = CANDIDATES, budget_s: float = 1.5, min_time_s: float = 0.05,
           seed: int = 0, tolerance: float = 0.97,
           clock: Callable[[], float] = time.perf_counter) -> BatchSizeProbe:
     """Time ``model.predict_torch`` on noisy inputs at each candidate size, smallest first.

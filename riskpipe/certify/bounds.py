@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,11 @@ from riskpipe.certify.norms import check_norm, convert_radius
 from riskpipe.certify.protocol import CertifierBase
 from riskpipe.models.base import range_tensors
 from riskpipe.models.layers import interval_margins, sequential_layers, worst_margin
+
+if TYPE_CHECKING:
+    from riskpipe.certify.protocol import Batch
+    from riskpipe.models.base import Model
+    from riskpipe.models.output import Checked
 
 
 # ---- the certifier -----------------------------------------------------------------------
@@ -40,7 +46,7 @@ class IntervalBounds(CertifierBase):
     ``batch_size`` caps inputs per propagation (memory grows with batch x width).
     """
 
-    model: object
+    model: Model
     norm: str = "linf"
     tolerance: float = 1e-3
     eps_max: float | None = None
@@ -67,18 +73,18 @@ class IntervalBounds(CertifierBase):
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
         self.steps = math.ceil(math.log2(self.eps_max / self.tolerance))
 
-    def _tensor(self, X) -> torch.Tensor:
+    def _tensor(self, X: Batch) -> torch.Tensor:
         x = torch.as_tensor(X if isinstance(X, torch.Tensor) else np.asarray(X, dtype=np.float32))
         x = x.to(device=self.model.device, dtype=torch.float32)
         return x.reshape((len(x),) + tuple(self.model.input_shape))
 
-    def _clip(self, x: torch.Tensor):
+    def _clip(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """Clamp to the declared value range (scalars or per feature; none: unbounded)."""
         lo, hi = range_tensors(self.model.value_range, x.device)
         return lambda t: t.clamp(lo, hi)
 
     @torch.no_grad()
-    def margin_bounds(self, X, eps, y: torch.Tensor | None = None) -> torch.Tensor:
+    def margin_bounds(self, X: Batch, eps: float | torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Lower bounds (B, K) of z_y - z_j over the l_inf ball of ``eps`` (scalar or per
         input) intersected with the value range; y defaults to the model's argmax;
         column y is 0."""
@@ -94,14 +100,16 @@ class IntervalBounds(CertifierBase):
         return torch.cat(out)
 
     @torch.no_grad()
-    def radii(self, X) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def radii(self, X: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(certified l_inf radius, checked-failing upper end, predicted class) per input.
 
         Radius 0 means not even the point itself has a positive margin bound."""
-        return self._radii(self._tensor(X))[:3]
+        lo, hi, y, _ = self._radii(self._tensor(X))
+        return lo, hi, y
 
-    def _radii(self, x: torch.Tensor):
+    def _radii(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Checked]:
         """``radii`` and the model's checked forward pass (its ``bad`` rows are model faults)."""
+        assert self.eps_max is not None  # set in __post_init__
         out = self.model.classes(x)
         y = out.values
         B = len(x)
@@ -121,7 +129,7 @@ class IntervalBounds(CertifierBase):
         hi = torch.where(at_max, top, torch.where(at_point, hi, torch.zeros_like(hi)))
         return lo, hi, y, out
 
-    def certify_batch(self, X, seeds: Sequence[int]) -> list[Certificate]:
+    def certify_batch(self, X: Batch, seeds: Sequence[int]) -> list[Certificate]:
         """One certificate per input: the model's class is constant on the l_inf ball of
         the reported radius (inside the value range); abstains when no positive radius
         within ``tolerance`` is certified. Seeds are recorded, IBP uses no randomness."""
@@ -130,8 +138,8 @@ class IntervalBounds(CertifierBase):
         if len(seeds) != len(x):
             raise ValueError(f"seeds: need one per input ({len(x)}), got {len(seeds)}")
         with torch.no_grad():
-            r_lo, r_hi, y, fwd = self._radii(x)
-        r_lo, r_hi, y, bad = (t.cpu().numpy() for t in (r_lo, r_hi, y, fwd.bad))
+            lo_t, hi_t, y_t, fwd = self._radii(x)
+        r_lo, r_hi, y, bad = (t.cpu().numpy() for t in (lo_t, hi_t, y_t, fwd.bad))
         per_input_ms = (time.perf_counter() - t0) * 1e3 / max(len(x), 1)
         passes = self.steps + 2
         out = []

@@ -24,8 +24,9 @@ import copy
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,8 +36,13 @@ from riskpipe.models.layers import affine, linear_part, sequential_layers
 from riskpipe.certify.certificate import MODEL_FAULT, Certificate
 from riskpipe.certify.protocol import CertifierBase
 
+if TYPE_CHECKING:
+    from riskpipe.certify.protocol import Batch
+    from riskpipe.models.base import Model
+
 FP_SLACK = 1e-6
-_CACHE: OrderedDict[tuple, LipschitzConstants] = OrderedDict()
+# (model sha256, n_iter, tol, safety, seed) -> constants
+_CACHE: OrderedDict[tuple[str, int, float, float, int], LipschitzConstants] = OrderedDict()
 _CACHE_SIZE = 16
 
 
@@ -48,7 +54,7 @@ class LipschitzConstants:
     group_norms: tuple[float, ...]
     iterations: tuple[int, ...]
     elapsed_ms: float
-    params: dict = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rest(self) -> float:
@@ -66,7 +72,7 @@ def _groups(layers: list[nn.Module]) -> list[list[nn.Module]]:
     return groups
 
 
-def _linear_map(group: Sequence[nn.Module]):
+def _linear_map(group: Sequence[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
     def apply(x: torch.Tensor) -> torch.Tensor:
         for layer in group:
             x = linear_part(layer, x)
@@ -74,7 +80,7 @@ def _linear_map(group: Sequence[nn.Module]):
     return apply
 
 
-def spectral_norm(apply, in_shape: tuple[int, ...], n_iter: int = 500, tol: float = 1e-7,
+def spectral_norm(apply: Callable[[torch.Tensor], torch.Tensor], in_shape: tuple[int, ...], n_iter: int = 500, tol: float = 1e-7,
                   seed: int = 0) -> tuple[float, int]:
     """Power-iteration estimate of ||A||_2 for the linear map ``apply`` (float64), and the
     iterations used. The estimate ||A v|| with ||v|| = 1 never exceeds the true norm."""
@@ -99,7 +105,7 @@ def spectral_norm(apply, in_shape: tuple[int, ...], n_iter: int = 500, tol: floa
     return sigma, it
 
 
-def lipschitz_constants(model, n_iter: int = 500, tol: float = 1e-7, safety: float = 0.01,
+def lipschitz_constants(model: Model, n_iter: int = 500, tol: float = 1e-7, safety: float = 0.01,
                         seed: int = 0) -> LipschitzConstants:
     """Pairwise margin Lipschitz constants of ``model`` (cached per sha256 and parameters)."""
     key = (model.sha256, n_iter, tol, safety, seed)
@@ -110,10 +116,11 @@ def lipschitz_constants(model, n_iter: int = 500, tol: float = 1e-7, safety: flo
     layers = [copy.deepcopy(layer).to(device="cpu", dtype=torch.float64).eval()
               for layer in sequential_layers(model.module, "Lipschitz bounds")]
     groups = _groups(layers)
-    norms, iters = [], []
+    norms: list[float] = []
+    iters: list[int] = []
     x = torch.zeros((1,) + tuple(model.input_shape), dtype=torch.float64)
     with torch.no_grad():
-        shapes = []
+        shapes: list[tuple[int, ...]] = []
         for gi, group in enumerate(groups):
             shapes.append(tuple(x.shape[1:]))
             for layer in group:
@@ -123,7 +130,7 @@ def lipschitz_constants(model, n_iter: int = 500, tol: float = 1e-7, safety: flo
         norms.append(s * (1.0 + safety))
         iters.append(it)
     last = _linear_map(groups[-1])
-    jac = torch.autograd.functional.jacobian(last, torch.zeros((1,) + shapes[-1], dtype=torch.float64))
+    jac: torch.Tensor = torch.autograd.functional.jacobian(last, torch.zeros((1,) + shapes[-1], dtype=torch.float64))
     W = jac.reshape(jac.shape[1], -1)  # (K, H): the last group's matrix
     if W.shape[0] != model.num_classes:
         raise ValueError(f"model: last layer has {W.shape[0]} outputs, expected {model.num_classes} classes")
@@ -143,7 +150,7 @@ def lipschitz_constants(model, n_iter: int = 500, tol: float = 1e-7, safety: flo
 class GlobalLipschitz(CertifierBase):
     """Lipschitz-margin certifier: l2 radius min_j margin_j / L_yj, abstain below ``epsilon``."""
 
-    model: object
+    model: Model
     epsilon: float = 0.0
     n_iter: int = 500
     tol: float = 1e-7
@@ -175,11 +182,12 @@ class GlobalLipschitz(CertifierBase):
         return lipschitz_constants(self.model, self.n_iter, self.tol, self.safety)
 
     @torch.no_grad()
-    def radii(self, X) -> tuple[np.ndarray, np.ndarray]:
+    def radii(self, X: Batch) -> tuple[np.ndarray, np.ndarray]:
         """(certified l2 radius before the epsilon abstain, predicted class) per input."""
-        return self._radii(X)[:2]
+        radius, y, _, _ = self._radii(X)
+        return radius, y
 
-    def _radii(self, X) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | None]:
+    def _radii(self, X: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | None]:
         """``radii``, and which rows' model output broke the contract (and how): those
         rows' radii are 0 and their certificates model faults."""
         pair = self.constants.pairwise
@@ -198,7 +206,7 @@ class GlobalLipschitz(CertifierBase):
         r[rows, y] = np.inf
         return np.where(bad, 0.0, np.maximum(r.min(axis=1), 0.0)), y, bad, out.reason
 
-    def certify_batch(self, X, seeds: Sequence[int]) -> list[Certificate]:
+    def certify_batch(self, X: Batch, seeds: Sequence[int]) -> list[Certificate]:
         """One l2 certificate per input: the model's class is constant on the l2 ball of
         the reported radius; abstains (GloRo's bottom class) when that radius is below
         ``epsilon`` or the margin is not positive. The one-time constant computation is

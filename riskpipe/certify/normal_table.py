@@ -37,6 +37,7 @@ them), so certificates, their margins and replays do not change.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -53,43 +54,46 @@ _SPLIT = 134217729.0  # 2^27 + 1
 
 
 # ---- double-double arithmetic on numpy arrays: (hi, lo) with |lo| <= ulp(hi) / 2 ----------
-def _two_sum(a, b):
+DD = tuple[np.ndarray, np.ndarray]  # a double-double: (hi, lo)
+
+
+def _two_sum(a: np.ndarray, b: np.ndarray) -> DD:
     s = a + b
     bb = s - a
     return s, (a - (s - bb)) + (b - bb)
 
 
-def _quick_two_sum(a, b):
+def _quick_two_sum(a: np.ndarray, b: np.ndarray) -> DD:
     s = a + b
     return s, b - (s - a)
 
 
-def _split(a):
+def _split(a: np.ndarray) -> DD:
     t = _SPLIT * a
     hi = t - (t - a)
     return hi, a - hi
 
 
-def _two_prod(a, b):
+def _two_prod(a: np.ndarray, b: np.ndarray) -> DD:
     p = a * b
     ah, al = _split(a)
     bh, bl = _split(b)
     return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
 
 
-def _dd_mul(ah, al, bh, bl):
+def _dd_mul(ah: np.ndarray, al: np.ndarray, bh: np.ndarray, bl: np.ndarray) -> DD:
     p, e = _two_prod(ah, bh)
     return _quick_two_sum(p, e + (ah * bl + al * bh))
 
 
-def _dd_add(ah, al, bh, bl):
+def _dd_add(ah: np.ndarray, al: np.ndarray, bh: np.ndarray, bl: np.ndarray) -> DD:
     s, e = _two_sum(ah, bh)
     t, f = _two_sum(al, bl)
     s, e = _quick_two_sum(s, e + t)
     return _quick_two_sum(s, e + f)
 
 
-def _dd(x) -> tuple[float, float]:
+def _dd(x: Any) -> tuple[float, float]:
     """An mpmath number as a double-double."""
     hi = float(x)
     return hi, float(x - hi)
@@ -172,9 +176,9 @@ def _upper_half(s: float, J: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
     vh, vl = _dd_mul(vh, vl, th, tl)
     vh, vl = _dd_add(vh, vl, coef[0, seg, 0], coef[1, seg, 0])
     scale = float(2 ** bits)
-    a, b = vh * scale, vl * scale  # exact: a power of two
-    whole = np.floor(a)
-    r = (a - whole) + b  # a - floor(a) is exact; |r| < 2^9 for bits = 62
+    hi, lo = vh * scale, vl * scale  # exact: a power of two
+    whole = np.floor(hi)
+    r = (hi - whole) + lo  # hi - floor(hi) is exact; |r| < 2^9 for bits = 62
     up = np.ceil(r)
     out = whole.astype(np.int64) + up.astype(np.int64)
     near = np.minimum(r - np.floor(r), up - r) < AMBIGUOUS

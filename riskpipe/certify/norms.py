@@ -38,4 +38,5 @@ def vector_norm(v: np.ndarray, norm: str) -> np.ndarray:
     """Norm of each row of a (batch, ...) array."""
     flat = np.asarray(v, dtype=np.float64).reshape(len(v), -1)
     order = {"l1": 1, "l2": 2, "linf": np.inf}[check_norm(norm)]
-    return np.linalg.norm(flat, ord=order, axis=1)
+    norms: np.ndarray = np.linalg.norm(flat, ord=order, axis=1)
+    return norms

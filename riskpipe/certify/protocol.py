@@ -15,12 +15,20 @@ averages over (None: it is the model itself), so an attack can aim at that class
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, ClassVar, TypeAlias
 
 import numpy as np
 
 from riskpipe.certify.certificate import Certificate
+
+if TYPE_CHECKING:
+    import torch
+    from numpy.typing import ArrayLike
+
+    from riskpipe.models.base import Model
+
+    Batch: TypeAlias = ArrayLike | torch.Tensor  # inputs (B, *input_shape): an array, a tensor or nested lists
 
 # A "bound" certificate is what certify mode returns for a deterministic family.
 _ALIASES = {"bound": "certify"}
@@ -30,10 +38,13 @@ class CertifierBase:
     method: ClassVar[str]
     modes: ClassVar[tuple[str, ...]]
     inputs_per_call: ClassVar[int] = 512
-    noise_sigma: ClassVar[float | None] = None
     norm: str
+    model: Model
+    # the mode methods a family has (``modes``), reached through ``run``
+    certify_batch: Callable[[Batch, Sequence[int]], list[Certificate]]
+    decide_batch: Callable[[Batch, Sequence[int], float], list[Certificate]]
 
-    def run(self, mode: str, X, seeds: Sequence[int], epsilon: float | None = None) -> list[Certificate]:
+    def run(self, mode: str, X: Batch, seeds: Sequence[int], epsilon: float | None = None) -> list[Certificate]:
         """Certificates for ``X`` in ``mode`` (one of ``modes``); ``epsilon`` is the
         decide-mode target radius in the certificate's norm."""
         mode = _ALIASES.get(mode, mode)
@@ -43,15 +54,21 @@ class CertifierBase:
             if epsilon is None:
                 raise ValueError("epsilon: decide mode needs a target radius")
             return self.decide_batch(X, seeds, float(epsilon))
-        return getattr(self, f"{mode}_batch")(X, seeds)
+        batch: Callable[[Batch, Sequence[int]], list[Certificate]] = getattr(self, f"{mode}_batch")
+        return batch(X, seeds)
+
+    @property
+    def noise_sigma(self) -> float | None:
+        """The scale of the Gaussian noise ``classify`` averages over (None: the model itself)."""
+        return None
 
     def prepare(self) -> None:
         """One-time work before the first input (none by default)."""
 
-    def check_inputs(self, X) -> None:
+    def check_inputs(self, X: Batch) -> None:
         """Raise ValueError for inputs this certifier cannot certify (all valid inputs by default)."""
 
-    def classify(self, X, seeds: Sequence[int]) -> list[int | None]:
+    def classify(self, X: Batch, seeds: Sequence[int]) -> list[int | None]:
         """The classes of the classifier the certificates speak about (here: the model itself)."""
         return [int(c) for c in self.model.predict(np.asarray(X, dtype=np.float32))]
 

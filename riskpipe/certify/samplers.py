@@ -66,12 +66,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 import torch
 from scipy.stats import norm
 
 from riskpipe.certify.normal_table import MAX_TABLE_ENTRIES, check_table, table_entries  # noqa: F401
+
+if TYPE_CHECKING:
+    from riskpipe.models.base import Model
 
 SAMPLERS = ("gaussian", "sound")
 _BITS = 62
@@ -100,7 +104,7 @@ class GaussianSampler:
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def new_buffer(self, n: int, shape: tuple[int, ...], device) -> torch.Tensor:
+    def new_buffer(self, n: int, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
         return torch.empty((n,) + shape, device=device)
 
     def draw(self, out: torch.Tensor, gen: torch.Generator) -> None:
@@ -113,7 +117,7 @@ class GaussianSampler:
     def admissible(self, x: np.ndarray, x_adv: np.ndarray) -> np.ndarray:
         return x_adv
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {"sampler": self.name}
 
 
@@ -133,7 +137,7 @@ class SoundSampler:
     module docstring for why the certificate then holds in floating point)."""
 
     sigma: float
-    value_range: tuple | None  # the model's: (lo, hi) scalars, per-feature arrays, or None
+    value_range: tuple[Any, Any] | None  # the model's: (lo, hi) scalars, per-feature arrays, or None
     input_dim: int
     grid_levels: int = 255
     grid_step: float | None = None
@@ -143,7 +147,7 @@ class SoundSampler:
 
     def __post_init__(self) -> None:
         scalar = self.value_range is not None and all(np.ndim(v) == 0 for v in self.value_range)
-        lo, hi = (float(v) for v in self.value_range) if scalar else (-math.inf, math.inf)
+        lo, hi = (float(v) for v in self.value_range) if scalar and self.value_range is not None else (-math.inf, math.inf)
         check_grid(self.grid_levels, self.grid_step)
         if self.grid_step is not None:
             self.step = float(self.grid_step)
@@ -156,7 +160,7 @@ class SoundSampler:
         check_table(self.sigma, self.step, _TAIL_SIGMAS)
         self._thresholds, self.J, tv = _table(self.sigma / self.step)
         self.margin = self.input_dim * tv
-        self._device_tables: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._device_tables: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._value_tables: dict[str, tuple[int, torch.Tensor]] = {}  # device -> (first k, floats of k..)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +177,7 @@ class SoundSampler:
         fits = a.numel() == 0 or float(a.abs().max()) + self.J < 2 ** 31  # a + j stays an int32
         return a.to(torch.int32 if fits else torch.int64)
 
-    def new_buffer(self, n: int, shape: tuple[int, ...], device) -> torch.Tensor:
+    def new_buffer(self, n: int, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
         return torch.empty((n,) + shape, dtype=torch.int32, device=device)
 
     def admissible(self, x: np.ndarray, x_adv: np.ndarray) -> np.ndarray:
@@ -182,7 +186,7 @@ class SoundSampler:
         k = a + np.trunc((np.asarray(x_adv, np.float64) - self.origin) / self.step - a)
         return (self.origin + self.step * k).astype(np.float32)
 
-    def _tables(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(thresholds, j at each bucket's first u, whether a threshold lies inside the bucket,
         and per bucket as int32 its j or ``_HARD`` where a threshold lies inside)."""
         key = str(device)
@@ -193,8 +197,9 @@ class SoundSampler:
             first = np.searchsorted(t, starts, side="right")  # thresholds <= each bucket's first u
             last = np.searchsorted(t, starts + (width - 1), side="right")  # ... <= its last u
             code = np.where(last != first, _HARD, first - self.J).astype(np.int32)
-            self._device_tables[key] = tuple(torch.from_numpy(a).to(device)
-                                             for a in (t, first - self.J, last != first, code))
+            t_t, first_t, inside_t, code_t = (torch.from_numpy(a).to(device)
+                                              for a in (t, first - self.J, last != first, code))
+            self._device_tables[key] = t_t, first_t, inside_t, code_t
         return self._device_tables[key]
 
     def draw(self, out: torch.Tensor, gen: torch.Generator) -> None:
@@ -248,11 +253,15 @@ class SoundSampler:
     def _lattice_floats(self, k: torch.Tensor) -> torch.Tensor:
         return k.to(torch.float64).mul_(self.step).add_(self.origin).to(torch.float32)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {"sampler": self.name, "grid_step": self.step, "grid_origin": self.origin, "tv_margin": self.margin}
 
 
-def float32_slack(magnitude, origin: float):
+@overload
+def float32_slack(magnitude: torch.Tensor, origin: float) -> torch.Tensor: ...
+@overload
+def float32_slack(magnitude: np.ndarray | float, origin: float) -> np.ndarray: ...
+def float32_slack(magnitude: torch.Tensor | np.ndarray | float, origin: float) -> torch.Tensor | np.ndarray:
     """How far a float32 value of ``magnitude`` may lie from the grid point it stands for,
     in input units: its float32 representation and the arithmetic that made it (lo + (hi -
     lo) * v / 255 for a UINT8 tensor). The sampler takes inputs within this (or 1e-3 grid
@@ -260,7 +269,8 @@ def float32_slack(magnitude, origin: float):
     when every value lies within this of its grid (``riskpipe.survey.quantisation_grid``)."""
     if isinstance(magnitude, torch.Tensor):
         return magnitude.clamp(min=abs(origin)) * F32_SLACK
-    return np.maximum(magnitude, abs(origin)) * F32_SLACK
+    slack: np.ndarray = np.maximum(magnitude, abs(origin)) * F32_SLACK
+    return slack
 
 
 def check_grid(grid_levels: int, grid_step: float | None) -> None:
@@ -270,7 +280,11 @@ def check_grid(grid_levels: int, grid_step: float | None) -> None:
         raise ValueError(f"grid_step: must be a finite number > 0, got {grid_step}")
 
 
-def make_sampler(name: str, sigma: float, model, grid_levels: int = 255, grid_step: float | None = None):
+Sampler = GaussianSampler | SoundSampler
+
+
+def make_sampler(name: str, sigma: float, model: Model, grid_levels: int = 255, grid_step: float | None = None
+                 ) -> Sampler:
     """The sampler ``name``; grid parameters are checked whatever the sampler, so a wrong one
     never waits silently for the day the sampler changes."""
     check_grid(grid_levels, grid_step)

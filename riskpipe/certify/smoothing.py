@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +38,10 @@ from riskpipe.certify.stats import (
     radius_two_class,
 )
 
+if TYPE_CHECKING:
+    from riskpipe.certify.protocol import Batch
+    from riskpipe.models.base import Model
+
 BOUNDS = ("cp", "bonferroni", "goodman")
 
 
@@ -52,7 +57,7 @@ class Smoothing(CertifierBase):
     the value range, or of ``grid_step``; see ``riskpipe.certify.samplers``).
     """
 
-    model: object
+    model: Model
     sigma: float = 0.25
     alpha: float = 0.001
     n0: int = 100
@@ -95,19 +100,19 @@ class Smoothing(CertifierBase):
     def noise_sigma(self) -> float:
         return self.sigma
 
-    def classify(self, X, seeds: Sequence[int]) -> list[int | None]:
+    def classify(self, X: Batch, seeds: Sequence[int]) -> list[int | None]:
         """The smoothed classifier's classes (PREDICT; None where it abstains)."""
         return [c.predicted_class for c in self.predict_batch(X, seeds)]
 
     def admissible(self, x: np.ndarray, x_adv: np.ndarray) -> np.ndarray:
         return self.noise.admissible(x, x_adv)
 
-    def check_inputs(self, X) -> None:
+    def check_inputs(self, X: Batch) -> None:
         """Raise ``GridError`` (a ValueError) for an input the sampler cannot take."""
         self.noise.prepare(torch.as_tensor(np.asarray(X, dtype=np.float32)))
 
     # ---- sampling core -------------------------------------------------------------
-    def _prepare(self, X, seeds: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+    def _prepare(self, X: Batch, seeds: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
         x = torch.as_tensor(np.asarray(X, dtype=np.float32), device=self.model.device)
         if x.shape[1:] != tuple(self.model.input_shape):
             x = x.reshape((len(x),) + tuple(self.model.input_shape))
@@ -137,7 +142,9 @@ class Smoothing(CertifierBase):
         faults: dict[int, str] = {}
         j = 0
         while j < len(pieces):
-            fill, owners, sizes = 0, [], []
+            fill = 0
+            owners: list[int] = []
+            sizes: list[int] = []
             while j < len(pieces) and fill + pieces[j][1] <= len(buf):
                 i, m = pieces[j]
                 self.noise.draw(buf[fill : fill + m], gens[i])
@@ -150,14 +157,14 @@ class Smoothing(CertifierBase):
             out = self.model.classes(batch)
             if out.any_bad:
                 for i in torch.unique(owner[out.bad]).tolist():
-                    faults.setdefault(i, out.reason)
+                    faults.setdefault(i, str(out.reason))
                 owner, ids = owner[~out.bad], out.values[~out.bad]
             else:
                 ids = out.values
             counts += torch.bincount(owner * K + ids, minlength=B * K)
         return counts.view(B, K).cpu().numpy(), faults
 
-    def _fault(self, mode: str, elapsed_ms: float, seed, why: str, n_samples: int, **kw) -> Certificate:
+    def _fault(self, mode: str, elapsed_ms: float, seed: int, why: str, n_samples: int, **kw: Any) -> Certificate:
         """The certificate of an input whose noise batch met a broken model output: uncertified."""
         return self._cert(mode, elapsed_ms, seed, radius=0.0, abstained=True, predicted_class=None,
                           n_samples=n_samples, reason=MODEL_FAULT, extra={MODEL_FAULT: why}, **kw)
@@ -168,17 +175,17 @@ class Smoothing(CertifierBase):
         (docs/records.md; one value for the whole batch)."""
         return (time.perf_counter() - t0) * 1e3 / max(batch, 1)
 
-    def _cert(self, mode, elapsed_ms: float, seed, **kw) -> Certificate:
+    def _cert(self, mode: str, elapsed_ms: float, seed: int, **kw: Any) -> Certificate:
         kw["extra"] = {**kw.get("extra", {}), **self.noise.describe()}
         return Certificate(method="smoothing", norm="l2", mode=mode, sigma=self.sigma, alpha=self.alpha,
                            seed=int(seed), elapsed_ms=elapsed_ms,
                            input_dim=self.model.input_dim, bound=kw.pop("bound", None), sampler=self.sampler, **kw)
 
     # ---- CERTIFY ---------------------------------------------------------------------
-    def certify(self, x, seed: int = 0) -> Certificate:
+    def certify(self, x: Batch, seed: int = 0) -> Certificate:
         return self.certify_batch(np.asarray(x)[None], [seed])[0]
 
-    def certify_batch(self, X, seeds: Sequence[int]) -> list[Certificate]:
+    def certify_batch(self, X: Batch, seeds: Sequence[int]) -> list[Certificate]:
         """CERTIFY for each input: with probability >= 1 - alpha (over the noise) the
         smoothed classifier returns the reported class everywhere in the l2 ball of the
         reported radius; abstains when the bound on p_A is below 1/2.
@@ -234,10 +241,10 @@ class Smoothing(CertifierBase):
         return float(p_a), float(min(p_b, 1 - p_a))
 
     # ---- PREDICT ---------------------------------------------------------------------
-    def predict(self, x, seed: int = 0) -> Certificate:
+    def predict(self, x: Batch, seed: int = 0) -> Certificate:
         return self.predict_batch(np.asarray(x)[None], [seed])[0]
 
-    def predict_batch(self, X, seeds: Sequence[int]) -> list[Certificate]:
+    def predict_batch(self, X: Batch, seeds: Sequence[int]) -> list[Certificate]:
         """PREDICT: returns the smoothed classifier's class, or abstains; the returned
         class differs from g(x) with probability <= alpha (two-sided binomial test of
         the top two counts, scipy.stats.binomtest). No radius is claimed."""
@@ -269,10 +276,10 @@ class Smoothing(CertifierBase):
                                                     tau_margin=self.noise.margin)
         return self._plans[key]
 
-    def decide(self, x, epsilon: float, seed: int = 0) -> Certificate:
+    def decide(self, x: Batch, epsilon: float, seed: int = 0) -> Certificate:
         return self.decide_batch(np.asarray(x)[None], [seed], epsilon)[0]
 
-    def decide_batch(self, X, seeds: Sequence[int], epsilon: float) -> list[Certificate]:
+    def decide_batch(self, X: Batch, seeds: Sequence[int], epsilon: float) -> list[Certificate]:
         """Decide, per input, whether the smoothed l2 radius is >= epsilon.
 
         Samples in growing looks (``SequentialPlan``) and stops each input as soon as

@@ -34,12 +34,18 @@ import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from riskpipe.certify.certificate import MODEL_FAULT, Certificate
 from riskpipe.certify.norms import check_norm
 from riskpipe.certify.protocol import CertifierBase
+
+if TYPE_CHECKING:
+    from riskpipe.certify.protocol import Batch
+    from riskpipe.models.base import Model
+    from riskpipe.models.trees import TreeEnsemble
 
 FP_ALLOWANCE = 1e-9  # relative to the largest possible |sum of leaf values|
 _COARSE_PASSES = 8  # plain bisection passes before the breakpoint search
@@ -49,7 +55,7 @@ _PASS_CELLS = 4_000_000  # inputs x nodes per radius search (breakpoints are flo
 class TreeGeometry:
     """What the bounds need from a ``TreeEnsemble``, arranged once per model."""
 
-    def __init__(self, ens):
+    def __init__(self, ens: TreeEnsemble) -> None:
         self.ens = ens
         self.levels = ens.levels()
         # per level: nodes, split features, and the thresholds with their slack folded in
@@ -91,13 +97,16 @@ class TreeGeometry:
                 if j != c:  # per tree, the smallest v_c - v_j over its reachable leaves
                     d = np.where(rc, (V[:, c] - V[:, j])[:, None], np.inf)
                     out[rows, j] = np.minimum.reduceat(d, self.starts, axis=0).sum(axis=0) + base[c] - base[j]
-        return out - self.allowance
+        lower: np.ndarray = out - self.allowance
+        return lower
 
-    def certified(self, z: np.ndarray, r: np.ndarray, y: np.ndarray, lo_rng, hi_rng) -> np.ndarray:
+    def certified(self, z: np.ndarray, r: np.ndarray, y: np.ndarray, lo_rng: np.ndarray, hi_rng: np.ndarray
+                  ) -> np.ndarray:
         """(B,) bool: class y constant on the l_inf box of radius r around z (within the range)."""
         rr = r[:, None]
         lo, hi = np.maximum(z - rr, lo_rng), np.minimum(z + rr, hi_rng)
-        return self.margin_lower(self.reachable(lo, hi), y).min(axis=1) > 0
+        ok: np.ndarray = self.margin_lower(self.reachable(lo, hi), y).min(axis=1) > 0
+        return ok
 
     def breakpoints(self, z: np.ndarray) -> np.ndarray:
         """(B, 2 * inner) radii at which the box's edges cross a threshold (<= 0: crossed already)."""
@@ -106,10 +115,10 @@ class TreeGeometry:
         return np.concatenate([zf - (e.threshold[n] + e.slack[n]), (e.threshold[n] - e.slack[n]) - zf], axis=1)
 
 
-_GEOMETRY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_GEOMETRY: weakref.WeakKeyDictionary[TreeEnsemble, TreeGeometry] = weakref.WeakKeyDictionary()
 
 
-def _geometry(ens) -> TreeGeometry:
+def _geometry(ens: TreeEnsemble) -> TreeGeometry:
     """Arranged once per ensemble (a model's trees are extracted once at load time)."""
     geo = _GEOMETRY.get(ens)
     if geo is None:
@@ -126,7 +135,7 @@ class TreeBounds(CertifierBase):
     below a failing breakpoint the reported radius sits; ``batch_size`` caps inputs
     per pass (memory grows with inputs x nodes)."""
 
-    model: object
+    model: Model
     norm: str = "linf"
     eps_max: float | None = None
     rel_tol: float = 1e-9
@@ -164,8 +173,9 @@ class TreeBounds(CertifierBase):
         rng = self.model.value_range
         if rng is None:
             return np.full(d, -np.inf), np.full(d, np.inf)
-        return tuple(np.broadcast_to(np.asarray(v, dtype=np.float64).reshape(-1) if np.ndim(v) else
-                                     np.float64(v), (d,)) for v in rng)
+        lo, hi = (np.broadcast_to(np.asarray(v, dtype=np.float64).reshape(-1) if np.ndim(v) else
+                                  np.float64(v), (d,)) for v in rng)
+        return lo, hi
 
     def radii(self, Z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         """(certified l_inf radius, certified at the point, box evaluations) per input of class y.
@@ -174,16 +184,18 @@ class TreeBounds(CertifierBase):
         (certified, failed), so only the breakpoints inside it are sorted and searched;
         every radius reported is one that was checked."""
         geo = self.geometry
+        eps_max = self.eps_max
+        assert eps_max is not None  # set in __post_init__
         lo_rng, hi_rng = self._range(Z.shape[1])
         B = len(Z)
 
-        def ok(rows, r):
+        def ok(rows: np.ndarray, r: np.ndarray) -> np.ndarray:
             return geo.certified(Z[rows], r, y[rows], lo_rng, hi_rng)
 
         every = np.arange(B)
         at_point = ok(every, np.zeros(B))
-        at_max = ok(every, np.full(B, self.eps_max)) & at_point
-        r_ok, r_bad = np.zeros(B), np.full(B, self.eps_max)
+        at_max = ok(every, np.full(B, eps_max)) & at_point
+        r_ok, r_bad = np.zeros(B), np.full(B, eps_max)
         evals = 2
         for _ in range(_COARSE_PASSES):
             act = np.flatnonzero(at_point & ~at_max)
@@ -213,15 +225,16 @@ class TreeBounds(CertifierBase):
             hi[act] = np.where(good, hi[act], mid)
             evals += 1
         radius = np.where(lo >= 0, cand[every, np.maximum(lo, 0)], r_ok)
-        radius = np.where(at_max, self.eps_max, np.where(at_point, radius, 0.0))
+        radius = np.where(at_max, eps_max, np.where(at_point, radius, 0.0))
         return radius, at_point, evals
 
-    def certify_batch(self, X, seeds: Sequence[int]) -> list[Certificate]:
+    def certify_batch(self, X: Batch, seeds: Sequence[int]) -> list[Certificate]:
         """One certificate per input: the model's class is constant on the l_inf box of the
         reported radius (inside the value range); abstains when not even the input's
         own box of rounding slack keeps the class. Seeds are recorded, nothing is random."""
         t0 = time.perf_counter()
-        Z = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
+        Z = np.asarray(X, dtype=np.float32)
+        Z = Z.reshape(len(Z), -1)
         if len(seeds) != len(Z):
             raise ValueError(f"seeds: need one per input ({len(Z)}), got {len(seeds)}")
         import torch
@@ -238,20 +251,22 @@ class TreeBounds(CertifierBase):
             evals = max(evals, n)
         per_input_ms = (time.perf_counter() - t0) * 1e3 / max(len(Z), 1)
         ens = self.model.trees
+        eps_max = self.eps_max
+        assert eps_max is not None  # set in __post_init__
         out = []
         for i in range(len(Z)):
-            r = 0.0 if bad[i] else float(radius[i])
-            abstain = r <= 0.0
+            r_i = 0.0 if bad[i] else float(radius[i])
+            abstain = r_i <= 0.0
             reason = None if not abstain else ("margin_not_positive" if not at_point[i] else "radius_below_tolerance")
             if bad[i]:  # the model's own output broke its contract: the trees' bound speaks about nothing
                 reason = MODEL_FAULT
             out.append(Certificate(
-                method="trees", mode="bound", norm=self.norm, radius=0.0 if abstain else r, abstained=abstain,
+                method="trees", mode="bound", norm=self.norm, radius=0.0 if abstain else r_i, abstained=abstain,
                 predicted_class=None if abstain else int(y[i]), n_samples=1, elapsed_ms=per_input_ms,
                 seed=int(seeds[i]), input_dim=self.model.input_dim, reason=reason,
                 extra={**({MODEL_FAULT: fwd.reason} if bad[i] else {}),
-                       "model_class": int(y[i]), "linf_radius": r, "eps_max": self.eps_max,
-                       "capped": bool(r >= self.eps_max), "rel_tol": self.rel_tol, "box_evaluations": evals,
+                       "model_class": int(y[i]), "linf_radius": r_i, "eps_max": self.eps_max,
+                       "capped": bool(r_i >= eps_max), "rel_tol": self.rel_tol, "box_evaluations": evals,
                        "trees": ens.n_trees, "nodes": int(len(ens.feature)), "ensemble": ens.source,
                        "value_range": None if self.model.value_range is None
                        else [np.asarray(v).tolist() for v in self.model.value_range]}))

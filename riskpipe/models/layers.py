@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,9 @@ class Scale(nn.Module):
     """x * s elementwise, ``s`` shaped like one input: a diagonal linear map kept as its
     diagonal (O(d) memory; a diagonal ``nn.Linear`` would hold d^2 weights)."""
 
-    def __init__(self, s: torch.Tensor):
+    s: torch.Tensor
+
+    def __init__(self, s: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("s", s)
 
@@ -50,7 +53,7 @@ _SUPPORTED_NAMES = "Linear, Conv2d, ReLU, Flatten, AvgPool2d, BatchNorm1d/2d (ev
 
 
 # ---- layers ------------------------------------------------------------------------------
-def sequential_layers(module: nn.Module, what: str = "interval bounds") -> list[nn.Module]:
+def sequential_layers(module: nn.Module | None, what: str = "interval bounds") -> list[nn.Module]:
     """The layers of an ``nn.Sequential`` (nested Sequentials flattened), checked.
 
     Raises ValueError naming the first unsupported layer's type and index."""
@@ -82,11 +85,14 @@ def sequential_layers(module: nn.Module, what: str = "interval bounds") -> list[
     return out
 
 
-def _bn_scale_shift(layer: nn.Module, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = torch.rsqrt(layer.running_var + layer.eps)
+def _bn_scale_shift(layer: nn.BatchNorm1d | nn.BatchNorm2d, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    var, mean = layer.running_var, layer.running_mean
+    if var is None or mean is None:  # sequential_layers refuses such layers
+        raise ValueError(f"{type(layer).__name__} without running statistics")
+    scale = torch.rsqrt(var + layer.eps)
     if layer.weight is not None:
         scale = scale * layer.weight
-    shift = -layer.running_mean * scale
+    shift = -mean * scale
     if layer.bias is not None:
         shift = shift + layer.bias
     shape = (1, -1) + (1,) * (ndim - 2)
@@ -166,7 +172,7 @@ def interval_margins(layers: Sequence[nn.Module], x_lo: torch.Tensor, x_hi: torc
     else:
         c, r = propagate_box(layers[:k], c, r)
         c, r = c.flatten(1), r.flatten(1)
-        last = layers[k]
+        last = cast(nn.Linear, layers[k])  # _fold_index found a Linear there
         W = last.weight
         zc = F.linear(c, W)  # (W_y - W_j) c = zc_y - zc_j: no (B, K, H) product needed
         Dabs = (W[y][:, None, :] - W[None, :, :]).abs()  # (B, K, H): |W_y - W_j|
