@@ -309,10 +309,10 @@ def adversarial_examples(clean: SampleSet, attacked: list[SampleSet], audit: dic
     report's pictures or tables."""
     if not attacked:
         return []
-    s = max(attacked, key=lambda a: a.attack.epsilon)
+    s = max(attacked, key=lambda a: a.spec.epsilon)
     hits = [i for i in range(len(s.ids)) if clean.pred[i] == clean.y[i] and s.pred[i] != s.y[i] and s.ids[i] in audit]
     hits.sort(key=lambda i: audit[s.ids[i]].get("decision") != "allow")  # stable: allowed first, then input order
-    return [{"id": s.ids[i], "attack": s.attack.name, "label": int(s.y[i]), "adversarial_prediction": int(s.pred[i]),
+    return [{"id": s.ids[i], "attack": s.spec.name, "label": int(s.y[i]), "adversarial_prediction": int(s.pred[i]),
              "decision": audit[s.ids[i]].get("decision"),
              "certified": (audit[s.ids[i]].get("certificate") or {}).get("certified"),
              "shape": list(s.X.shape[1:]), "clean": clean.X[i].ravel().tolist(),

@@ -90,7 +90,7 @@ def attack_metrics(clean: SampleSet, adv: SampleSet, records: Mapping[str, Mappi
         if adv.ids[i] in records
         and records[adv.ids[i]]["certificate"].get("predicted_class") not in (None, int(adv.y[i]))
     )
-    spec = adv.attack
+    spec = adv.spec
     return {
         "name": adv.name,
         "kind": spec.kind,
@@ -119,7 +119,7 @@ def attacker_comparison(clean: SampleSet, adv: SampleSet, clean_audit: Sequence[
     *evades* when the adversarial copy is misclassified and the stage allows it.
     """
     trusted, public = TrustedView.from_records(clean_audit), PublicView.from_records(clean_public)
-    guided = GuidedAttacker(attempts, adv.attack.epsilon, seed, margin)
+    guided = GuidedAttacker(attempts, adv.spec.epsilon, seed, margin)
     chosen = {"guided": guided.choose(trusted), "public": PublicAttacker(attempts, seed).choose(public)}
 
     def outcome(ids: list[str]) -> dict:
@@ -135,7 +135,7 @@ def attacker_comparison(clean: SampleSet, adv: SampleSet, clean_audit: Sequence[
                 "evasion_rate": _fraction(evaded, len(ids))}
 
     g, p = outcome(chosen["guided"]), outcome(chosen["public"])
-    skipped = sum(1 for e in trusted.entries if not e.abstained and e.radius_threat >= adv.attack.epsilon)
+    skipped = sum(1 for e in trusted.entries if not e.abstained and e.radius_threat >= adv.spec.epsilon)
     gain = None if g["evasion_rate"] is None or p["evasion_rate"] is None else g["evasion_rate"] - p["evasion_rate"]
     return {"attempts": attempts, "guided": g, "public": p, "guided_skipped_out_of_reach": skipped,
             "gain": gain}
@@ -149,7 +149,7 @@ def coverage_metrics(clean_audit: Sequence[Mapping], clean: SampleSet, adv: Samp
         return {}
     cert_norm = certs[0]["norm"]
     radii = np.array([c["radius"] for c in certs], dtype=np.float64)
-    cov = norm_shift_coverage(radii, cert_norm, adv.attack.norm, adv.attack.epsilon, int(np.prod(clean.X.shape[1:])))
+    cov = norm_shift_coverage(radii, cert_norm, adv.spec.norm, adv.spec.epsilon, int(np.prod(clean.X.shape[1:])))
     rows = [i for i, c in enumerate(clean.ids) if c in by_id]
     success = np.array([clean.pred[i] == clean.y[i] and adv.pred[i] != adv.y[i] for i in rows])
     misread = cov.naive_covered & ~cov.covered

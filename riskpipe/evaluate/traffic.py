@@ -48,6 +48,13 @@ class SampleSet:
         if not self.ids:
             self.ids = [f"{self.name}-{i:05d}" for i in range(len(self.X))]
 
+    @property
+    def spec(self) -> AttackSpec:
+        """The attack that made this set; ValueError for the clean set."""
+        if self.attack is None:
+            raise ValueError(f"{self.name}: not an attacked set")
+        return self.attack
+
     def events(self, model_name: str, upstream_risk: float | None = None) -> list[dict]:
         """Inference events; ``upstream_risk`` (the same for every sample: an upstream
         detector that tells clean from attacked no better than chance) is omitted when None."""

@@ -230,7 +230,8 @@ def make_verdict(decision: dict, verdict: str, note: str, reviewer: str, when: d
         raise ReviewError(f"note: at most {MAX_NOTE} characters, got {len(note)}")
     if not reviewer:
         raise ReviewError("reviewer: missing")
-    policy = decision.get("policy") if isinstance(decision.get("policy"), dict) else {}
+    raw = decision.get("policy")
+    policy = raw if isinstance(raw, dict) else {}
     return {
         "id": decision["id"],
         "verdict": verdict,

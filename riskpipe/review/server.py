@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from werkzeug.serving import make_server
+from typing import cast
+
+from werkzeug.serving import ThreadedWSGIServer, make_server
 
 from riskpipe.kafka_clients import KafkaSettings
 from riskpipe.ledger import Ledger
@@ -36,7 +38,8 @@ class ConsoleServer:
                                         on_batch=self.app.extensions["riskpipe_review"].refresh_backlog,
                                         scope=settings.scope)
         try:
-            self._httpd = make_server(settings.host, settings.port, self.app, threaded=True)
+            # threaded=True: a ThreadedWSGIServer
+            self._httpd = cast(ThreadedWSGIServer, make_server(settings.host, settings.port, self.app, threaded=True))
         except (OSError, SystemExit) as e:  # werkzeug exits on a port in use
             self._close_kafka()
             raise OSError(f"review console: cannot listen on {settings.host}:{settings.port} ({e})") from None

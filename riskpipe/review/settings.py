@@ -258,6 +258,7 @@ def resolve_settings(
     except TypeError:
         raise SettingsError(f"{where}: review: must be a mapping") from None
 
+    shared: str | None
     if password_file:
         shared = read_secret_file(password_file, "--password-file")
     elif env.get(PASSWORD_ENV):
