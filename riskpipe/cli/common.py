@@ -142,3 +142,42 @@ def kafka_settings(config_path: str | None, bootstrap_servers: str | None):
     if bootstrap_servers is None and "bootstrap_servers" not in config.model_fields_set:
         fail("--bootstrap-servers: required (or `bootstrap_servers:` in --config)")
     return config.kafka()
+
+
+def public_key_option(help: str, required: bool = False):
+    """``--public-key`` as every command that checks ledger signatures takes it: Ed25519
+    PEM files, repeatable (key rotation); read them with ``read_public_keys``."""
+    return click.option("--public-key", "public_keys", multiple=True, required=required,
+                        type=click.Path(dir_okay=False), help=help)
+
+
+def read_public_keys(paths: tuple[str, ...]) -> list:
+    """The keys ``--public-key`` names; one line and exit 2 on one that cannot be read."""
+    from riskpipe.ledger import LedgerError  # the ledger package stays off `--help`'s start-up path
+    from riskpipe.ledger.checkpoint import load_public_key
+
+    try:
+        return [load_public_key(k) for k in paths]
+    except LedgerError as e:
+        fail(str(e))
+
+
+def signing_key_options(required: bool, key_help: str, origin_help: str):
+    """``--key`` (Ed25519 private key, PEM) and ``--origin`` (the checkpoint's origin line),
+    as the commands that sign checkpoints take them; read the key with ``read_private_key``."""
+    def decorate(command):
+        command = click.option("--origin", default=None, help=origin_help)(command)
+        return click.option("--key", "key_path", required=required, type=click.Path(dir_okay=False),
+                            help=key_help)(command)
+    return decorate
+
+
+def read_private_key(path: str):
+    """The signing key ``--key`` names; one line and exit 2 when it cannot be read."""
+    from riskpipe.ledger import LedgerError  # off the start-up path, as in read_public_keys
+    from riskpipe.ledger.checkpoint import load_private_key
+
+    try:
+        return load_private_key(path)
+    except LedgerError as e:
+        fail(str(e))

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from riskpipe.cli.common import fail
+from riskpipe.cli.common import fail, public_key_option, read_private_key, read_public_keys, signing_key_options
 from riskpipe.redaction import redact
 from riskpipe.timestamps import from_epoch, rfc3339_micros, rfc3339_seconds
 
@@ -38,8 +38,7 @@ def ledger() -> None:
 @click.argument("path")
 @click.option("--expect-head", default=None, help="A head printed earlier by `ledger head` (anchored or signed).")
 @click.option("--expect-count", type=click.IntRange(min=0), default=None, help="The row count that head was taken at.")
-@click.option("--public-key", "public_keys", multiple=True, type=click.Path(dir_okay=False),
-              help="Ed25519 public key (PEM) the checkpoints are signed with; repeatable (key rotation).")
+@public_key_option("Ed25519 public key (PEM) the checkpoints are signed with; repeatable (key rotation).")
 @click.option("--checkpoints", "checkpoint_file", default=None, type=click.Path(dir_okay=False),
               help="More signed checkpoints, JSON lines as published to the checkpoints topic (needs --public-key).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -55,12 +54,12 @@ def verify(path, expect_head, expect_count, public_keys, checkpoint_file, as_jso
     the latest checkpoint's row is detected even when every hash was recomputed.
     """
     from riskpipe.ledger import LedgerError
-    from riskpipe.ledger.checkpoint import load_public_key, read_checkpoint_file, verify_ledger
+    from riskpipe.ledger.checkpoint import read_checkpoint_file, verify_ledger
 
     if checkpoint_file and not public_keys:
         fail("--checkpoints: needs --public-key to check the signatures")
+    keys = read_public_keys(public_keys)
     try:
-        keys = [load_public_key(k) for k in public_keys]
         external = read_checkpoint_file(checkpoint_file) if checkpoint_file else []
     except LedgerError as e:
         fail(str(e))
@@ -156,10 +155,8 @@ def input_cmd(path, sha256, out_path):
 
 @ledger.command()
 @click.argument("path")
-@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False),
-              help="Ed25519 private key, PEM (openssl genpkey -algorithm ed25519 -out KEY.pem).")
-@click.option("--origin", default=None,
-              help="Checkpoint origin line (default: config ledger_origin, else riskpipe/ledger/<log id>).")
+@signing_key_options(True, "Ed25519 private key, PEM (openssl genpkey -algorithm ed25519 -out KEY.pem).",
+                     "Checkpoint origin line (default: config ledger_origin, else riskpipe/ledger/<log id>).")
 @click.option("--key-name", default=None, help="Key name on the signature line (default: the origin).")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the signed note to this file.")
@@ -173,12 +170,9 @@ def checkpoint(path, key_path, origin, key_name, out_path, bootstrap_servers, co
     store it in the ledger, print it and optionally publish it; `ledger verify
     --public-key` and `ledger consistency` check it later."""
     from riskpipe.ledger import LedgerError
-    from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint, publish
+    from riskpipe.ledger.checkpoint import make_checkpoint, publish
 
-    try:
-        key = load_private_key(key_path)
-    except LedgerError as e:
-        fail(str(e))
+    key = read_private_key(key_path)
     origin = _origin(origin, config_path)
     kafka = None
     if bootstrap_servers or (config_path and _sets_bootstrap(config_path)):
@@ -234,20 +228,14 @@ def _read_note(path: str, keys, what: str):
 @click.argument("old_path", metavar="OLD")
 @click.argument("new_path", metavar="NEW")
 @click.option("--ledger", "ledger_path", required=True, help="The ledger the checkpoints are of (serves the proof).")
-@click.option("--public-key", "public_keys", multiple=True, type=click.Path(dir_okay=False),
-              help="Ed25519 public key (PEM) one of which must have signed both checkpoints; repeatable.")
+@public_key_option("Ed25519 public key (PEM) one of which must have signed both checkpoints; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the sizes, roots and proof (hex) as JSON.")
 def consistency(old_path, new_path, ledger_path, public_keys, as_json):
     """Prove that checkpoint NEW extends checkpoint OLD (files holding signed notes):
     an RFC 9162 consistency proof from the ledger, verified against both signed roots.
     Exit 0 if it verifies, 1 if not (a rewritten or forked history)."""
     from riskpipe.ledger import LedgerError, merkle
-    from riskpipe.ledger.checkpoint import load_public_key
-
-    try:
-        keys = [load_public_key(k) for k in public_keys]
-    except LedgerError as e:
-        fail(str(e))
+    keys = read_public_keys(public_keys)
     old, new = _read_note(old_path, keys, "OLD"), _read_note(new_path, keys, "NEW")
     if old.origin != new.origin:
         fail(f"OLD is a checkpoint of {old.origin!r}, NEW of {new.origin!r}: not the same log")
@@ -286,15 +274,14 @@ def consistency(old_path, new_path, ledger_path, public_keys, as_json):
               show_default=True, help="Which kind of entry EVENT_ID names.")
 @click.option("--model", default=None, help="The decision of this model (when several models decided the event).")
 @click.option("--policy-sha256", default=None, help="The decision under this policy (sha256 of the policy file).")
-@click.option("--key", "key_path", default=None, type=click.Path(dir_okay=False),
-              help="Ed25519 private key: sign a checkpoint now if none covers the entry yet.")
-@click.option("--origin", default=None, help="With --key: the new checkpoint's origin (default as `ledger checkpoint`).")
+@signing_key_options(False, "Ed25519 private key: sign a checkpoint now if none covers the entry yet.",
+                     "With --key: the new checkpoint's origin (default as `ledger checkpoint`).")
 def receipt(event_id, ledger_path, out_path, kind, model, policy_sha256, key_path, origin):
     """Write the receipt of one decision: the exact leaf bytes, the record, its index, an
     RFC 9162 inclusion proof and the signed checkpoint it leads to (docs/receipts.md).
     Anyone with the public key checks it offline (`ledger verify-receipt`)."""
     from riskpipe.ledger import LedgerError
-    from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint
+    from riskpipe.ledger.checkpoint import make_checkpoint
     from riskpipe.ledger.receipt import find_decisions, make_receipt
 
     with _open(ledger_path) as led:
@@ -316,7 +303,7 @@ def receipt(event_id, ledger_path, out_path, kind, model, policy_sha256, key_pat
                      "(another process holds the integrator lease); try again in a moment")
             note = led.latest_note(min_size=entry.seq)
             if note is None and key_path:
-                note = make_checkpoint(led, load_private_key(key_path), origin).note
+                note = make_checkpoint(led, read_private_key(key_path), origin).note
             if note is None:
                 fail(f"ledger {ledger_path}: no signed checkpoint covers row {entry.seq} yet: run `riskpipe ledger "
                      "checkpoint` (or pass --key), or wait for the stage's next one")
@@ -333,8 +320,7 @@ def receipt(event_id, ledger_path, out_path, kind, model, policy_sha256, key_pat
 
 @ledger.command("verify-receipt")
 @click.argument("receipt_path", metavar="FILE")
-@click.option("--public-key", "public_keys", multiple=True, required=True, type=click.Path(dir_okay=False),
-              help="Ed25519 public key (PEM) of the ledger's checkpoints; repeatable (key rotation).")
+@public_key_option("Ed25519 public key (PEM) of the ledger's checkpoints; repeatable (key rotation).", required=True)
 @click.option("--origin", default=None, help="Also require this checkpoint origin.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def verify_receipt(receipt_path, public_keys, origin, as_json):
@@ -342,13 +328,9 @@ def verify_receipt(receipt_path, public_keys, origin, as_json):
     and the inclusion proof against the signed root (about log2(n) hashes). Exit 0 if it
     holds, 1 if not."""
     from riskpipe.ledger import LedgerError
-    from riskpipe.ledger.checkpoint import load_public_key
     from riskpipe.ledger.receipt import verify_receipt as check
 
-    try:
-        keys = [load_public_key(k) for k in public_keys]
-    except LedgerError as e:
-        fail(str(e))
+    keys = read_public_keys(public_keys)
     try:
         rec = json.loads(Path(receipt_path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:

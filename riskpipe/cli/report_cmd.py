@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from riskpipe.cli.common import public_key_option, read_public_keys
+
 
 @click.command()
 @click.option("--ledger", "ledger_path", required=True, help="Ledger: a file or postgresql://USER@HOST/DB.")
@@ -81,24 +83,16 @@ def _bundle(ledger_path, bundle_path, key_path, sample, seed, since, until, mode
 
 @click.command("verify-bundle")
 @click.argument("bundle_path", metavar="BUNDLE.zip")
-@click.option("--public-key", "public_keys", multiple=True, required=True, type=click.Path(dir_okay=False),
-              help="Ed25519 public key (PEM) of the ledger's checkpoints; repeatable (key rotation).")
+@public_key_option("Ed25519 public key (PEM) of the ledger's checkpoints; repeatable (key rotation).", required=True)
 def verify_bundle(bundle_path, public_keys):
     """Check an evidence bundle offline: the manifest's signature, every file against the
     manifest, the signed checkpoint, every receipt, every policy's sha256. Exit 0 if it
     holds, 1 if not."""
     import sys
 
-    from riskpipe.cli.common import fail
-    from riskpipe.ledger import LedgerError
-    from riskpipe.ledger.checkpoint import load_public_key
     from riskpipe.report.bundle import verify_bundle as check
 
-    try:
-        keys = [load_public_key(k) for k in public_keys]
-    except LedgerError as e:
-        fail(str(e))
-    res = check(bundle_path, keys)
+    res = check(bundle_path, read_public_keys(public_keys))
     for line in res.checks:
         click.echo(f"ok: {line}")
     if not res.ok:
