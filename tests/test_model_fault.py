@@ -19,9 +19,7 @@ import torch
 from riskpipe.certify.certificate import MODEL_FAULT
 from riskpipe.models import Model, load_model
 from riskpipe.models.output import check_output
-from usermodels import FAULT_CLASSES, fault_inputs, faulty_model, faulty_onnx_model
-
-SMOOTHING = {"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01, "max_samples": 400}
+from usermodels import FAULT_CLASSES, fault_inputs, fault_policy, faulty_model, faulty_onnx_model
 
 
 # ---- the check itself ----------------------------------------------------------------------
@@ -136,17 +134,6 @@ def test_the_policy_never_allows_a_model_fault_and_names_it():
 
 
 # ---- through the stage -------------------------------------------------------------------------
-def _policy(tmp_path) -> str:
-    """The default policy with a cheap certifier and no context signal (these models have no reference)."""
-    from streamkit import policy_with
-
-    return policy_with(tmp_path, certifier=SMOOTHING,
-                       signals={"certificate_risk": {"function": "exponential", "half_life": 1.0},
-                                "upstream_risk": {"default": 0.5}, "context_risk": {"enabled": False}},
-                       score={"combiner": "weighted_mean",
-                              "weights": {"certificate_risk": 0.5, "upstream_risk": 0.5, "context_risk": 0.0}})
-
-
 def _events(name: str, healthy: np.ndarray, faulty: np.ndarray) -> list[dict]:
     from riskpipe.stream.events import make_event
 
@@ -171,7 +158,7 @@ def test_stage_never_allows_a_model_fault_and_counts_it(tmp_path, kind):
     else:
         spec = faulty_model(tmp_path, kind)
     healthy, faulty = fault_inputs(6, 4)
-    config = load_config(None, models={"faulty": spec}, policy=_policy(tmp_path))
+    config = load_config(None, models={"faulty": spec}, policy=fault_policy(tmp_path))
     config = config.model_copy(update={"certify_batch_size": 256})
     metrics = StageMetrics()
     res = run_offline(_events("faulty", healthy, faulty), tmp_path / "out", config, metrics=metrics)
@@ -201,7 +188,7 @@ def _run_cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
 def test_cli_run_decides_model_faults_as_review(tmp_path):
     healthy, faulty = fault_inputs(3, 2)
     (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in _events("f", healthy, faulty)))
-    r = _run_cli(tmp_path, "run", "--model", f"f={faulty_model(tmp_path, 'nan')}", "--policy", _policy(tmp_path),
+    r = _run_cli(tmp_path, "run", "--model", f"f={faulty_model(tmp_path, 'nan')}", "--policy", fault_policy(tmp_path),
                  "--source", f"jsonl:{tmp_path / 'events.jsonl'}", "--sink", f"jsonl:{tmp_path / 'out'}",
                  "--ledger", str(tmp_path / "ledger.db"), "--certify-batch-size", "256", "--no-metrics-server")
     assert r.returncode == 0, r.stderr
@@ -233,7 +220,7 @@ def test_cli_certify_reports_model_fault_per_input(tmp_path):
 def test_startup_refuses_a_broken_model_in_one_line(tmp_path, kind, why):
     spec = faulty_model(tmp_path, kind, always=True)
     (tmp_path / "events.jsonl").write_text("")
-    r = _run_cli(tmp_path, "run", "--model", f"broken={spec}&classes=3", "--policy", _policy(tmp_path),
+    r = _run_cli(tmp_path, "run", "--model", f"broken={spec}&classes=3", "--policy", fault_policy(tmp_path),
                  "--source", f"jsonl:{tmp_path / 'events.jsonl'}", "--sink", f"jsonl:{tmp_path / 'out'}",
                  "--no-ledger", "--certify-batch-size", "64", "--no-metrics-server")
     assert r.returncode == 2

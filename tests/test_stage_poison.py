@@ -235,16 +235,16 @@ def test_idle_exit_counts_only_while_holding_partitions(tmp_path, cnn, monkeypat
 
 
 def test_handle_has_no_side_effects_and_isolates_parse_failures(cnn, monkeypatch):
-    import riskpipe.stream.stage as stage_mod
+    import riskpipe.stream.decider as decider_mod
 
-    real = stage_mod.parse_event
+    real = decider_mod.parse_event
 
     def parse(value, *a, **kw):
         if b"explode" in (value or b""):
             raise KeyError("surprise")
         return real(value, *a, **kw)
 
-    monkeypatch.setattr(stage_mod, "parse_event", parse)
+    monkeypatch.setattr(decider_mod, "parse_event", parse)
     evs = cnn_events(3, "h")
     msgs = [Message(json.dumps(e).encode(), "t", 0, i) for i, e in enumerate(evs)]
     msgs.append(Message(b'{"explode": 1}', "t", 0, 3))

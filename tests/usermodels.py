@@ -196,6 +196,18 @@ def faulty_onnx_model(tmp: Path, kind: str = "nan") -> str:
     return f"{path}?shape={FAULT_FEATURES}"
 
 
+def fault_policy(tmp: Path) -> str:
+    """The default policy with a cheap certifier and no context signal (these models have no reference)."""
+    from streamkit import policy_with
+
+    return policy_with(tmp, certifier={"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01,
+                                       "max_samples": 400},
+                       signals={"certificate_risk": {"function": "exponential", "half_life": 1.0},
+                                "upstream_risk": {"default": 0.5}, "context_risk": {"enabled": False}},
+                       score={"combiner": "weighted_mean",
+                              "weights": {"certificate_risk": 0.5, "upstream_risk": 0.5, "context_risk": 0.0}})
+
+
 def fault_inputs(healthy: int, faulty: int) -> tuple[np.ndarray, np.ndarray]:
     """(healthy inputs: first feature -3, far from the trigger under any smoothing noise;
     triggering inputs: first feature 5), each with a clear class in features 1..3."""

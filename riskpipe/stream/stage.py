@@ -1,20 +1,19 @@
 """The stage loop. Read it top to bottom to follow one batch:
 
-  Batcher (poll; close by size or latency)
-    ─► handle(): parse + validate ─► ledger lookup of the ids ─► triage
-                 ─► decide (Pipeline.process) ─► serialise outputs
+  Batcher (poll the Source; close by size or latency)
+    ─► handle(): Decider.parse ─► ledger lookup of the ids
+                 ─► Decider.decide (triage, Pipeline.process, serialise outputs)
     ─► Guards (stop loudly if a partition is mostly invalid)
-    ─► Committer: ledger rows ─► send ... (next batch handled meanwhile) ... flush (acks)
-                  ─► commit offsets ─► hooks
+    ─► Committer: ledger rows ─► send to the Sink ... (next batch handled meanwhile)
+                  ... flush (acks) ─► commit offsets ─► hooks
     ─► Observer: stats, metrics, callbacks
 
-Poison isolation is one mechanism: every step of ``handle`` runs per event or, for
-the model batch, falls back to one event at a time when the batch fails; whatever
-an event raises makes *that* event a dead letter (``internal_error``, exception type
-and message in the record and the ``__riskpipe.errors.*`` headers). The committer
-applies the same rule to ledger rows. So data never stops the stage: it exits
-non-zero only for its configuration (a tripped guard) or an infrastructure outage
-longer than ``infrastructure_timeout_s``.
+The stage owns the lifecycle (open, close, signals, rebalances, outages) and the order
+of side effects; what becomes of each event is the ``Decider``'s, which does no I/O.
+Poison isolation (``decider``): whatever an event raises makes *that* event a dead
+letter (``internal_error``); the committer applies the same rule to ledger rows. So
+data never stops the stage: it exits non-zero only for its configuration (a tripped
+guard) or an infrastructure outage longer than ``infrastructure_timeout_s``.
 
 Infrastructure is not data: where the stage touches the ledger or the broker, an
 exception that ``infra.infrastructure_component`` calls infrastructure is never an
@@ -35,19 +34,17 @@ import threading
 import time
 from collections.abc import Callable
 
+from riskpipe.ledger import policy_record, redact
 from riskpipe.stream.batcher import Batcher
-from riskpipe.stream.committer import Committer, Decided, Outcome
-from riskpipe.stream.events import parse_event
-from riskpipe.ledger import redact
+from riskpipe.stream.committer import Committer, Outcome
+from riskpipe.stream.decider import Decider
 from riskpipe.stream.guard import GuardTripped, Guards, PartitionGuard  # noqa: F401 - re-exported
 from riskpipe.stream.infra import BROKER, LEDGER, InfrastructureUnavailable, Outage, infrastructure_component
-from riskpipe.stream.ports import Message, Sink, Source
 from riskpipe.stream.observer import Observer, Stats  # noqa: F401 - re-exported
-from riskpipe.ledger.inputs import REF_PREFIX, stored_input
-from riskpipe.stream.outputs import OUTPUT_TOO_LARGE, OutputTooLarge, check_sizes, decision_outputs
-from riskpipe.stream.pipeline import Pipeline
+from riskpipe.stream.pipeline import Pipeline, utc_now
+from riskpipe.stream.ports import Message, Sink, Source
 from riskpipe.stream.status import Progress
-from riskpipe.stream.triage import Accepted, Dead, classify, parse_batch
+from riskpipe.stream.triage import Accepted, Dead
 
 log = logging.getLogger("riskpipe.stream")
 
@@ -65,9 +62,10 @@ class Stage:
         self.batcher = Batcher(config.batch.max_events, config.batch.max_wait_ms)
         self.guards = Guards(config.guard)
         self.committer = Committer(ledger, config.topics.dlq, after_commit, config.max_output_bytes)
+        self.decider = Decider.for_config(pipeline, config)
         pipeline.store_inputs = ledger is not None  # large inputs: once in the ledger, referenced by records
         self.observer = Observer(metrics, on_record, on_batch,
-                                 progress=Progress(getattr(config, "progress_interval_s", None)))
+                                 progress=Progress(config.progress_interval_s))
         self.stopping = threading.Event()
         self.in_flight: Outcome | None = None  # submitted, acks outstanding, offsets not committed
         self.outage: Outage | None = None  # the ledger or broker outage being ridden out
@@ -276,41 +274,13 @@ class Stage:
         self.committer.run_hooks(outcome)
 
     def handle(self, msgs: list[Message]) -> Outcome:
-        """Decide ``msgs`` without side effects on the outputs: parse and validate,
-        triage against the ledger, decide, serialise. Never raises for data."""
-        parsed, dead = parse_batch(msgs, self._parse)
+        """Decide ``msgs`` without side effects on the outputs: parse and validate, look the
+        ids up in the ledger, then triage, decide and serialise (``Decider``). Never raises
+        for data; an unavailable ledger raises (the batch waits)."""
+        parsed, dead = self.decider.parse(msgs)
         known, failed = self._lookup(parsed)
-        tri = classify([a for a in parsed if id(a) not in failed], known, self.pipeline.scopes)
-        outcome = Outcome(msgs, dead=dead + list(failed.values()) + tri.dead, duplicates=tri.duplicates,
-                          earlier=tri.earlier)
-        def outputs(rec):
-            return check_sizes(decision_outputs(rec, self.config.topics, self.pipeline.public),
-                               self.config.max_output_bytes)
-
-        def emit(make, m):
-            try:
-                return make()
-            except OutputTooLarge as e:  # never sent, never allowed: that event's dead letter
-                outcome.dead.append(Dead(m, OUTPUT_TOO_LARGE, f"emit: {e}"))
-            except Exception as e:  # noqa: BLE001 - e.g. a value JSON cannot carry
-                outcome.dead.append(Dead.from_exception(m, e, "emit"))
-
-        for m, stored in tri.redelivered:
-            d = emit(lambda: Decided(m, stored, outputs(stored)), m)
-            if d is not None:
-                outcome.redelivered.append(d)
-        for a, rec in self._decide(tri.accepted, outcome.dead):
-            d = emit(lambda: Decided(a.message, rec, outputs(rec), _epoch_ms(a.message.timestamp),
-                                     _stored_inputs(a.event, rec)), a.message)
-            if d is not None:
-                outcome.decided.append(d)
-        return outcome
-
-    def _parse(self, m: Message):
-        ev = parse_event(m.value, m.headers, self.pipeline.models, self.config.max_message_bytes,
-                         self.config.max_binary_message_bytes)
-        self.pipeline.admit(ev)
-        return ev
+        return self.decider.decide(msgs, [a for a in parsed if id(a) not in failed], known,
+                                   [*dead, *failed.values()])
 
     def _lookup(self, parsed: list[Accepted]) -> tuple[dict[str, list[dict]], dict[int, Dead]]:
         """Stored decisions of the batch's ids (under any model and policy), in one look-up
@@ -342,47 +312,13 @@ class Stage:
                 known[a.event.id] = [*known.get(a.event.id, []), rec]
         return known, failed
 
-    def _decide(self, accepted: list[Accepted], dead: list[Dead]) -> list[tuple[Accepted, dict]]:
-        """Records for ``accepted``; if the model batch raises, retry one event at a
-        time so only the culprit(s) become dead letters (``dead`` is appended to)."""
-        if not accepted:
-            return []
-        try:
-            records = self.pipeline.process([a.event for a in accepted], [a.message.source() for a in accepted])
-            return list(zip(accepted, records, strict=True))
-        except Exception as e:  # noqa: BLE001 - poison isolation
-            if len(accepted) == 1:
-                dead.append(Dead.from_exception(accepted[0].message, e, "decide"))
-                return []
-            log.warning("a batch of %d failed to decide (%s: %s); retrying one by one", len(accepted),
-                        type(e).__name__, e)
-        out = []
-        for a in accepted:
-            out.extend(self._decide([a], dead))
-        return out
-
     def _record_policies(self) -> None:
         """One ledger ``policy`` row per policy in force."""
         if self.ledger is None:
             return
-        from riskpipe.ledger import policy_record
-        from riskpipe.stream.pipeline import utc_now
-
         for p in self.pipeline.policies:
             rec, eid = policy_record(p.name, str(p.version), p.sha256, utc_now(), source=getattr(p, "path", None))
             self.ledger.append(rec, kind="policy", entry_id=eid)
-
-
-def _stored_inputs(ev, record: dict) -> list:
-    """The tensor the ledger must hold for ``record`` (its input is a reference), if any."""
-    inp = record.get("input") or {}
-    if str((inp.get("tensor") or {}).get("ref", "")).startswith(REF_PREFIX):
-        return [stored_input(ev.x, ev.raw, inp["sha256"])]
-    return []
-
-
-def _epoch_ms(ms: int | None) -> float | None:
-    return ms / 1000 if ms and ms > 0 else None
 
 
 def _freeze_startup_heap() -> None:

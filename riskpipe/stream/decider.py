@@ -1,0 +1,125 @@
+"""The decider: a batch of messages in, its decisions and dead letters out, without I/O.
+
+  parse  ─► each message parsed and validated against its model (events.parse_event),
+            and admitted by that model's certifier (Pipeline.admit)
+  decide ─► triage against the stored decisions of the ids (triage.classify)
+         ─► certify, contextualise, score, build records (Pipeline.process: the model,
+            certifier and policy of each event's model)
+         ─► serialise each record's outputs (outputs.decision_outputs, size-checked)
+
+No broker, no ledger, no files: the stage reads the stored decisions of the batch's ids
+between ``parse`` and ``decide`` and hands them in as ``known``; the committer writes
+and sends the ``Outcome`` this returns.
+
+Poison isolation: every step runs per event or, for the model batch, falls back to one
+event at a time when the batch raises; whatever an event raises makes *that* event a
+dead letter (``internal_error``, exception type and message in the record), and the
+rest of the batch goes on. So data never makes ``decide`` raise.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+from riskpipe.ledger.inputs import REF_PREFIX, stored_input
+from riskpipe.stream.committer import Decided, Outcome
+from riskpipe.stream.events import Event, parse_event
+from riskpipe.stream.outputs import OUTPUT_TOO_LARGE, Output, OutputTooLarge, check_sizes, decision_outputs
+from riskpipe.stream.pipeline import Pipeline
+from riskpipe.stream.ports import Message
+from riskpipe.stream.triage import Accepted, Dead, classify, parse_batch
+
+log = logging.getLogger("riskpipe.stream")
+
+
+class Decider:
+    """Decides batches with ``pipeline`` (its models, certifiers and policies); ``topics``
+    names the outputs; the limits are the config's ``max_message_bytes``,
+    ``max_binary_message_bytes`` and ``max_output_bytes``."""
+
+    def __init__(self, pipeline: Pipeline, topics, *, max_message_bytes: int, max_binary_message_bytes: int,
+                 max_output_bytes: int):
+        self.pipeline = pipeline
+        self.topics = topics
+        self.max_message_bytes = max_message_bytes
+        self.max_binary_message_bytes = max_binary_message_bytes
+        self.max_output_bytes = max_output_bytes
+
+    @classmethod
+    def for_config(cls, pipeline: Pipeline, config) -> Decider:
+        """A decider with the topics and size limits of the stage's ``config``."""
+        return cls(pipeline, config.topics, max_message_bytes=config.max_message_bytes,
+                   max_binary_message_bytes=config.max_binary_message_bytes,
+                   max_output_bytes=config.max_output_bytes)
+
+    def parse(self, msgs: list[Message]) -> tuple[list[Accepted], list[Dead]]:
+        """Every message parsed and validated on its own: (accepted events, dead letters)."""
+        return parse_batch(msgs, self._parse_one)
+
+    def decide(self, msgs: list[Message], parsed: list[Accepted], known: Mapping[str, list[dict]],
+               dead: list[Dead] | None = None) -> Outcome:
+        """The outcome of the batch ``msgs``: ``parsed`` triaged against ``known`` (every
+        stored decision of each id, under any model and policy), the accepted ones decided,
+        every decision's outputs serialised. ``dead``: the batch's dead letters so far."""
+        tri = classify(parsed, known, self.pipeline.scopes)
+        outcome = Outcome(msgs, dead=[*(dead or []), *tri.dead], duplicates=tri.duplicates, earlier=tri.earlier)
+        for m, stored in tri.redelivered:  # decided before the crash: its stored outputs again
+            self._emit(outcome, outcome.redelivered, m, lambda: Decided(m, stored, self.outputs(stored)))
+        for a, rec in self._records(tri.accepted, outcome.dead):
+            self._emit(outcome, outcome.decided, a.message,
+                       lambda: Decided(a.message, rec, self.outputs(rec), _epoch_s(a.message.timestamp),
+                                       _stored_inputs(a.event, rec)))
+        return outcome
+
+    def outputs(self, record: dict) -> list[Output]:
+        """``record``'s outputs (public decision, audit, review), each within ``max_output_bytes``."""
+        return check_sizes(decision_outputs(record, self.topics, self.pipeline.public), self.max_output_bytes)
+
+    def _parse_one(self, m: Message) -> Event:
+        ev = parse_event(m.value, m.headers, self.pipeline.models, self.max_message_bytes,
+                         self.max_binary_message_bytes)
+        self.pipeline.admit(ev)
+        return ev
+
+    def _records(self, accepted: list[Accepted], dead: list[Dead]) -> list[tuple[Accepted, dict]]:
+        """Records for ``accepted``; if the model batch raises, retry one event at a
+        time so only the culprit(s) become dead letters (``dead`` is appended to)."""
+        if not accepted:
+            return []
+        try:
+            records = self.pipeline.process([a.event for a in accepted], [a.message.source() for a in accepted])
+            return list(zip(accepted, records, strict=True))
+        except Exception as e:  # noqa: BLE001 - poison isolation
+            if len(accepted) == 1:
+                dead.append(Dead.from_exception(accepted[0].message, e, "decide"))
+                return []
+            log.warning("a batch of %d failed to decide (%s: %s); retrying one by one", len(accepted),
+                        type(e).__name__, e)
+        out = []
+        for a in accepted:
+            out.extend(self._records([a], dead))
+        return out
+
+    @staticmethod
+    def _emit(outcome: Outcome, into: list[Decided], m: Message, make: Callable[[], Decided]) -> None:
+        """``make()`` appended to ``into``, or, if building its outputs fails, ``m`` a dead letter."""
+        try:
+            into.append(make())
+        except OutputTooLarge as e:  # never sent, never allowed: that event's dead letter
+            outcome.dead.append(Dead(m, OUTPUT_TOO_LARGE, f"emit: {e}"))
+        except Exception as e:  # noqa: BLE001 - e.g. a value JSON cannot carry
+            outcome.dead.append(Dead.from_exception(m, e, "emit"))
+
+
+def _stored_inputs(ev: Event, record: dict) -> list:
+    """The tensor the ledger must hold for ``record`` (its input is a reference), if any."""
+    inp = record.get("input") or {}
+    if str((inp.get("tensor") or {}).get("ref", "")).startswith(REF_PREFIX):
+        return [stored_input(ev.x, ev.raw, inp["sha256"])]
+    return []
+
+
+def _epoch_s(ms: int | None) -> float | None:
+    """A source timestamp (ms since the epoch; 0 or None: unknown) in seconds."""
+    return ms / 1000 if ms and ms > 0 else None
