@@ -99,6 +99,12 @@ class Stage:
                 c.close()
         self.source = self.sink = None
 
+    def _clients(self) -> tuple[Source, Sink]:
+        """The open source and sink: the loop uses them only between ``_open`` and ``_close``."""
+        if self.source is None or self.sink is None:
+            raise RuntimeError("the stage's source and sink are not open")
+        return self.source, self.sink
+
     def _on_revoke(self, revoked) -> None:
         if self.in_flight is not None:
             # No commit inside the rebalance callback (kafka-python 3 forbids it): the
@@ -133,10 +139,10 @@ class Stage:
                 self._recover()
                 got = self._turn()
                 self._progress()
-                exhausted = self.source.exhausted
-                if got or self.batcher.buffer or not self.source.holds_partitions:
+                source, _ = self._clients()
+                if got or self.batcher.buffer or not source.holds_partitions:
                     idle_since = time.monotonic()
-                if self.stopping.is_set() or (exhausted and not self.batcher.buffer):
+                if self.stopping.is_set() or (source.exhausted and not self.batcher.buffer):
                     self._flush()
                     self._complete_in_flight()
                     break
@@ -225,13 +231,14 @@ class Stage:
 
     # ---- one turn of the loop ----------------------------------------------------------
     def _turn(self) -> int:
-        got = self.batcher.poll(self.source, self.stopping.is_set())
+        source, _ = self._clients()
+        got = self.batcher.poll(source, self.stopping.is_set())
         self.observer.polled()
-        if self.batcher.ready(self.source.exhausted, self.stopping.is_set()):
+        if self.batcher.ready(source.exhausted, self.stopping.is_set()):
             self._flush()
         else:  # no next batch to overlap with: finish the one in flight now
             self._complete_in_flight()
-        self.observer.lag(self.source)
+        self.observer.lag(source)
         return got
 
     def _flush(self) -> None:
@@ -254,7 +261,7 @@ class Stage:
         self._complete_in_flight()  # batch k: its acks arrived while this one was handled
         t1 = time.perf_counter()
         self.guards.observe(msgs, outcome.dead_positions())
-        self.committer.submit(outcome, self.sink)
+        self.committer.submit(outcome, self._clients()[1])
         outcome.seconds = (handled - t0) + (time.perf_counter() - t1)
         self.in_flight = outcome
         if not overlap:
@@ -266,8 +273,9 @@ class Stage:
         outcome, self.in_flight = self.in_flight, None
         if outcome is None:
             return
+        source, sink = self._clients()
         t0 = time.perf_counter()
-        self.committer.acknowledge(outcome, self.sink, self.source)
+        self.committer.acknowledge(outcome, sink, source)
         outcome.seconds += time.perf_counter() - t0  # the wait that was not overlapped
         self._end_outage()  # a batch decided, recorded, acknowledged and committed
         self.observer.committed(outcome)
