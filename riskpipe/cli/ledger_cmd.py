@@ -6,8 +6,9 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -210,6 +211,18 @@ def _sets_bootstrap(config_path: str) -> bool:
         fail(str(e))
 
 
+def _outcome(problem: str | None, as_json: bool, failed: str, fields: dict, ok_line: Callable[[], str]) -> NoReturn:
+    """A check's outcome: JSON (``ok``, ``reason`` and ``fields``), or ``ok_line()`` when it
+    holds and ``FAILED: problem`` when not; exit 0 if it holds, 1 if not."""
+    if as_json:
+        click.echo(json.dumps({"ok": problem is None, "reason": problem, **fields}, sort_keys=True))
+    elif problem is None:
+        click.echo(ok_line())
+    else:
+        click.echo(f"{failed}: {problem}")
+    sys.exit(0 if problem is None else 1)
+
+
 def _read_note(path: str, keys, what: str):
     from riskpipe.ledger import LedgerError
     from riskpipe.ledger.anchors import Checkpoint
@@ -253,16 +266,11 @@ def consistency(old_path, new_path, ledger_path, public_keys, as_json):
                 merkle.verify_consistency(old.tree_size, new.tree_size, old.root, new.root, proof)
             except merkle.ProofError as e:
                 problem = str(e)
-    if as_json:
-        click.echo(json.dumps({"ok": problem is None, "reason": problem, "old_size": old.tree_size,
-                               "new_size": new.tree_size, "old_root": old.root.hex(), "new_root": new.root.hex(),
-                               "proof": [p.hex() for p in proof], "signatures_checked": bool(keys)}, sort_keys=True))
-    elif problem is None:
-        click.echo(f"consistent: tree size {old.tree_size} -> {new.tree_size} of {new.origin}, proof of {len(proof)} hashes"
-                   + ("" if keys else " (signatures not checked: give --public-key)"))
-    else:
-        click.echo(f"INCONSISTENT: {problem}")
-    sys.exit(0 if problem is None else 1)
+    _outcome(problem, as_json, "INCONSISTENT",
+             {"old_size": old.tree_size, "new_size": new.tree_size, "old_root": old.root.hex(),
+              "new_root": new.root.hex(), "proof": [p.hex() for p in proof], "signatures_checked": bool(keys)},
+             lambda: f"consistent: tree size {old.tree_size} -> {new.tree_size} of {new.origin}, proof of "
+                     f"{len(proof)} hashes" + ("" if keys else " (signatures not checked: give --public-key)"))
 
 
 @ledger.command()
@@ -342,15 +350,10 @@ def verify_receipt(receipt_path, public_keys, origin, as_json):
         problem = None
     except LedgerError as e:
         cp, problem = None, str(e)
-    if as_json:
-        click.echo(json.dumps({"ok": problem is None, "reason": problem, "origin": cp and cp.origin,
-                               "tree_size": cp and cp.tree_size, "index": rec.get("index") if isinstance(rec, dict) else None},
-                              sort_keys=True))
-    elif problem is None:
-        click.echo(f"ok: leaf {rec['index']} of {cp.origin} at tree size {cp.tree_size}, signed checkpoint verified")
-    else:
-        click.echo(f"INVALID: {problem}")
-    sys.exit(0 if problem is None else 1)
+    _outcome(problem, as_json, "INVALID",
+             {"origin": cp and cp.origin, "tree_size": cp and cp.tree_size,
+              "index": rec.get("index") if isinstance(rec, dict) else None},
+             lambda: f"ok: leaf {rec['index']} of {cp.origin} at tree size {cp.tree_size}, signed checkpoint verified")
 
 
 @ledger.command()
