@@ -7,13 +7,19 @@ publishing) comes from :func:`consumer`, :func:`producer` or :func:`admin` with 
 all of them. The settings are the flat top-level keys of ``riskpipe.yaml``
 (``bootstrap_servers``, ``security_protocol``, ``sasl_*``, ``ssl_*``); callers add
 only what is specific to their role (group id, acks, timeouts).
+
+A group member's session timeout and heartbeat interval left unset (None) are chosen
+for the broker it reaches (:func:`group_timing`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+log = logging.getLogger("riskpipe.kafka")
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI")
@@ -83,10 +89,65 @@ def _merge(settings: KafkaSettings, options: dict[str, Any]) -> dict[str, Any]:
     return {**settings.client_options(), **options}
 
 
+# (session timeout, heartbeat interval) in ms of a group member whose config leaves them unset.
+# Apache Kafka refuses session timeouts below its group.min.session.timeout.ms (6 s by
+# default); these are kafka-python's own defaults.
+KAFKA_GROUP_TIMING = (10_000, 3_000)
+# Tansu, the embedded broker, holds every JoinGroup until half the group's session timeout
+# has passed, re-checking once a second, and holds a follower's SyncGroup in the same 1 s
+# steps until the leader's assignment is in: a 2 s session makes each of those one step, so a
+# 2-member group forms in 1-3 s (5-13 s at 10 s / 3 s; bench/bench_workers.py). The session
+# timeout is also how long a member may go without a heartbeat before Tansu evicts it.
+EMBEDDED_GROUP_TIMING = (2_000, 500)
+# how the embedded broker is recognised: Tansu's default cluster id, which
+# riskpipe.stream.broker.EmbeddedBroker passes explicitly
+EMBEDDED_CLUSTER_ID = "tansu_cluster"
+_cluster_ids: dict[KafkaSettings, str] = {}
+
+
+def cluster_id(settings: KafkaSettings, timeout_ms: int = 5_000) -> str | None:
+    """The cluster id the brokers report (DescribeCluster), None when it cannot be had;
+    remembered per settings once known."""
+    if settings not in _cluster_ids:
+        try:
+            client = admin(settings, request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms)
+            try:
+                _cluster_ids[settings] = client.describe_cluster()["cluster_id"]
+            finally:
+                client.close()
+        except Exception as e:  # noqa: BLE001 - unreachable, or a broker without DescribeCluster
+            log.debug("cluster id of %s unknown: %r", settings.bootstrap_servers, e)
+            return None
+    return _cluster_ids[settings]
+
+
+def group_timing(settings: KafkaSettings, session_timeout_ms: int | None = None,
+                 heartbeat_interval_ms: int | None = None) -> tuple[int, int]:
+    """(session timeout, heartbeat interval) in ms: the given values; an unset one from
+    :data:`EMBEDDED_GROUP_TIMING` on the embedded broker, :data:`KAFKA_GROUP_TIMING`
+    elsewhere (also when the cluster id cannot be read), kept consistent with a given one
+    (heartbeat at most a third of the session timeout)."""
+    if session_timeout_ms is not None and heartbeat_interval_ms is not None:
+        return session_timeout_ms, heartbeat_interval_ms
+    embedded = cluster_id(settings) == EMBEDDED_CLUSTER_ID
+    session, heartbeat = EMBEDDED_GROUP_TIMING if embedded else KAFKA_GROUP_TIMING
+    if session_timeout_ms is not None:
+        return session_timeout_ms, min(heartbeat, session_timeout_ms // 3)
+    if heartbeat_interval_ms is not None:
+        return max(session, 3 * heartbeat_interval_ms), heartbeat_interval_ms
+    return session, heartbeat
+
+
 def consumer(settings: KafkaSettings, *topics: str, **options: Any):
-    """A ``kafka.KafkaConsumer`` (subscribed to ``topics`` if any)."""
+    """A ``kafka.KafkaConsumer`` (subscribed to ``topics`` if any). With a ``group_id``,
+    a ``session_timeout_ms`` / ``heartbeat_interval_ms`` left out or None comes from
+    :func:`group_timing`."""
     from kafka import KafkaConsumer
 
+    if options.get("group_id") is not None:
+        session, heartbeat = options["session_timeout_ms"], options["heartbeat_interval_ms"] = group_timing(
+            settings, options.get("session_timeout_ms"), options.get("heartbeat_interval_ms"))
+        log.info("group %s: session timeout %d ms, heartbeat interval %d ms", options["group_id"], session, heartbeat)
     return KafkaConsumer(*topics, **_merge(settings, options))
 
 

@@ -111,9 +111,12 @@ def test_stage_source_sink_and_topic_creation_use_the_settings(secure_config, re
     for build in (lambda: KafkaSource(cfg), lambda: KafkaSink(cfg), lambda: create_topics(cfg.kafka(), ["t"], timeout=0)):
         with pytest.raises(Refused):
             build()
-    assert [c[0] for c in recorded] == ["consumer", "producer", "admin"]
+    # the source asks the cluster its id first (group timing), with the same settings
+    assert [c[0] for c in recorded] == ["admin", "consumer", "producer", "admin"]
     for _, _, kwargs in recorded:
         assert_secure(kwargs)
+    assert (recorded[1][2]["session_timeout_ms"], recorded[1][2]["heartbeat_interval_ms"]) == \
+        kafka_clients.KAFKA_GROUP_TIMING  # the id could not be read: timing any Kafka accepts
 
 
 def test_review_console_reads_expanded_settings_and_uses_them(secure_config, recorded):
@@ -160,3 +163,52 @@ def test_ingest_without_servers_fails_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "ledger", "ingest", "--ledger", str(tmp_path / "l.db")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--bootstrap-servers: required" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("cluster, given, expected", [
+    ("tansu_cluster", {}, kafka_clients.EMBEDDED_GROUP_TIMING),
+    ("kafka-prod-1", {}, kafka_clients.KAFKA_GROUP_TIMING),
+    (None, {}, kafka_clients.KAFKA_GROUP_TIMING),  # unreadable: a timing every Kafka accepts
+    ("tansu_cluster", {"session_timeout_ms": 6000}, (6000, 500)),
+    ("kafka-prod-1", {"session_timeout_ms": 6000}, (6000, 2000)),  # heartbeat at most a third
+    ("tansu_cluster", {"heartbeat_interval_ms": 1000}, (3000, 1000)),
+    ("kafka-prod-1", {"heartbeat_interval_ms": 1000}, (10_000, 1000)),
+])
+def test_group_timing_left_unset_follows_the_broker(monkeypatch, cluster, given, expected):
+    monkeypatch.setattr(kafka_clients, "cluster_id", lambda settings: cluster)
+    assert kafka_clients.group_timing(KafkaSettings(), **given) == expected
+
+
+def test_group_timing_given_in_full_asks_nothing(monkeypatch):
+    def refuse(settings):
+        raise AssertionError("no probe expected")
+
+    monkeypatch.setattr(kafka_clients, "cluster_id", refuse)
+    assert kafka_clients.group_timing(KafkaSettings(), 45_000, 3_000) == (45_000, 3_000)
+
+
+def test_stage_consumer_on_the_embedded_broker_gets_its_group_timing(caplog):
+    import logging
+
+    from riskpipe.stream.broker import EmbeddedBroker
+    from riskpipe.stream.io import KafkaSource
+
+    with EmbeddedBroker() as b:
+        b.create_topics(["inferences"])
+        assert kafka_clients.cluster_id(KafkaSettings(bootstrap_servers=b.bootstrap)) == kafka_clients.EMBEDDED_CLUSTER_ID
+        with caplog.at_level(logging.INFO):
+            source = KafkaSource(load_config(None, bootstrap_servers=b.bootstrap))
+        try:
+            c = source.consumer.config
+            assert (c["session_timeout_ms"], c["heartbeat_interval_ms"]) == kafka_clients.EMBEDDED_GROUP_TIMING
+            assert "group riskpipe: session timeout 2000 ms, heartbeat interval 500 ms" in caplog.text
+            assert "subscribed to inferences as a member of group riskpipe" in caplog.text
+        finally:
+            source.close()
+        # a config's values win
+        source = KafkaSource(load_config(None, bootstrap_servers=b.bootstrap, session_timeout_ms=10_000,
+                                         heartbeat_interval_ms=3_000))
+        try:
+            assert source.consumer.config["session_timeout_ms"] == 10_000
+        finally:
+            source.close()

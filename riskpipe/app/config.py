@@ -283,8 +283,10 @@ class StageConfig(KafkaSettings):
     torch_threads: int | None = Field(1, ge=1)  # None: torch's default (see the module docstring)
     review_include_input: bool = True
     create_topics: bool = False
-    session_timeout_ms: int = Field(10_000, ge=1000)
-    heartbeat_interval_ms: int = Field(3_000, ge=100)
+    # consumer-group timing; None: 10000 / 3000, or 2000 / 500 on the embedded broker, where a
+    # group forms in steps of half the session timeout (riskpipe.kafka_clients.group_timing)
+    session_timeout_ms: int | None = Field(None, ge=1000)
+    heartbeat_interval_ms: int | None = Field(None, ge=100)
     # how often the consumer refreshes topic metadata, so added partitions (or a topic
     # re-created after a broker lost its data) are picked up; kafka-python's default is 5 min
     metadata_max_age_ms: int = Field(30_000, ge=500)

@@ -49,8 +49,10 @@ def startup_errors(config_path: str | None):
 @click.option("--certify-batch-size", type=click.IntRange(min=1), default=None,
               help="Noise samples per model call for every model (default: probed per model at start-up, cached).")
 @click.option("--create-topics", is_flag=True, default=None, help="Create missing topics (embedded broker).")
-@click.option("--session-timeout-ms", type=int, default=None)
-@click.option("--heartbeat-interval-ms", type=int, default=None)
+@click.option("--session-timeout-ms", type=int, default=None,
+              help="Consumer-group session timeout (default: 10000, 2000 on the embedded broker).")
+@click.option("--heartbeat-interval-ms", type=int, default=None,
+              help="Consumer-group heartbeat interval (default: 3000, 500 on the embedded broker).")
 @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes in one consumer group.")
 @click.option("--worker-id", default=None)
 @click.option("--idle-exit", type=float, default=None, help="Exit after this many seconds without input.")
@@ -63,8 +65,10 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, references
     from riskpipe.cli.common import fail
     from riskpipe.app.config import ConfigError, load_config
 
+    # a worker of `--workers N` shares its parent's stderr: its lines carry its id
+    who = f" [{worker_id.replace('%', '%%')}]" if worker_id else ""
     logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s{who} %(name)s: %(message)s")
     # kafka-python logs every reconnect attempt at ERROR; the stage reports broker trouble itself
     logging.getLogger("kafka").setLevel(logging.DEBUG if verbose >= 3 else logging.CRITICAL)
     # start-up facts per model and the periodic progress line, without -v (riskpipe.stream.status)

@@ -69,11 +69,14 @@ class EmbeddedBroker:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 15.0) -> EmbeddedBroker:
+        # the cluster id is how consumers recognise this broker and choose group timing for it
+        from riskpipe.kafka_clients import EMBEDDED_CLUSTER_ID
+
         url = f"tcp://127.0.0.1:{self.port}"
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
+             "--storage-engine", "memory://tansu/", "--cluster-id", EMBEDDED_CLUSTER_ID],
             stdout=self._log, stderr=self._log, stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent(os.getpid()),  # never orphaned on its port, SIGKILL included
         )

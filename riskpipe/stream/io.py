@@ -61,6 +61,7 @@ class KafkaSource(SourceBase):
             max_partition_fetch_bytes=max(config.largest_message_bytes * 2, 1 << 20),
         )
         self.consumer.subscribe([config.topics.input], listener=Listener())
+        log.info("subscribed to %s as a member of group %s", config.topics.input, config.group_id)
 
     def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
         batch = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
