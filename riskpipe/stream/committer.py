@@ -90,8 +90,8 @@ from dataclasses import dataclass, field
 from riskpipe.stream.infra import infrastructure_component
 from riskpipe.stream.ports import Message, Sink, Source
 from riskpipe.stream.outputs import Output, dead_letter_output
-from riskpipe.stream.pipeline import utc_now
 from riskpipe.stream.triage import Dead
+from riskpipe.timestamps import rfc3339_millis
 
 log = logging.getLogger("riskpipe.stream")
 
@@ -127,7 +127,7 @@ def dlq_entry(d: Dead) -> tuple[dict, str]:
     from riskpipe.ledger import dlq_record
 
     m = d.message
-    return dlq_record(d.reason, m.value or b"", utc_now(), topic=m.topic, partition=m.partition, offset=m.offset,
+    return dlq_record(d.reason, m.value or b"", rfc3339_millis(), topic=m.topic, partition=m.partition, offset=m.offset,
                       message=d.text)
 
 

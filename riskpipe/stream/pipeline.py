@@ -26,11 +26,6 @@ from riskpipe.timestamps import from_epoch, rfc3339_millis, rfc3339_seconds
 log = logging.getLogger("riskpipe.stream")
 
 
-def utc_now() -> str:
-    """Now as a record's ``ts``."""
-    return rfc3339_millis()
-
-
 def seed_for(event_id: str, policy_sha: str) -> int:
     """Certificates are seeded from (event id, policy) so an auditor can recompute one."""
     return int.from_bytes(hashlib.sha256(f"{event_id}\x00{policy_sha}".encode()).digest()[:8], "big") >> 1
@@ -176,7 +171,7 @@ class Pipeline:
             batch = [events[i] for i in idx]
             decisions = evaluate_batch(entry.policy, certs, [ev.upstream_risk for ev in batch], contexts,
                                        [ev.id for ev in batch], [ev.prediction for ev in batch])
-            now, wall = utc_now(), time.time()  # one timestamp per micro-batch: its records are made together
+            now, wall = rfc3339_millis(), time.time()  # one timestamp per micro-batch: its records are made together
             for j, i in enumerate(idx):
                 records[i] = self._record(events[i], entry, certs[j], float(r_threat[j]), contexts[j], sources[i],
                                           decisions[j], now, wall)

@@ -41,10 +41,11 @@ from riskpipe.stream.decider import Decider
 from riskpipe.stream.guard import GuardTripped, Guards, PartitionGuard  # noqa: F401 - re-exported
 from riskpipe.stream.infra import BROKER, LEDGER, InfrastructureUnavailable, Outage, infrastructure_component
 from riskpipe.stream.observer import Observer, Stats  # noqa: F401 - re-exported
-from riskpipe.stream.pipeline import Pipeline, utc_now
+from riskpipe.stream.pipeline import Pipeline
 from riskpipe.stream.ports import Message, Sink, Source
 from riskpipe.stream.status import Progress
 from riskpipe.stream.triage import Accepted, Dead
+from riskpipe.timestamps import rfc3339_millis
 
 log = logging.getLogger("riskpipe.stream")
 
@@ -325,7 +326,7 @@ class Stage:
         if self.ledger is None:
             return
         for p in self.pipeline.policies:
-            rec, eid = policy_record(p.name, str(p.version), p.sha256, utc_now(), source=getattr(p, "path", None))
+            rec, eid = policy_record(p.name, str(p.version), p.sha256, rfc3339_millis(), source=getattr(p, "path", None))
             self.ledger.append(rec, kind="policy", entry_id=eid)
 
 
