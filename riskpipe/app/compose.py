@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 from riskpipe.app.config import ConfigError, ModelConfig, StageConfig, read_reference
 from riskpipe.paths import atomic_write, cache_dir
 from riskpipe.stream.pipeline import ModelEntry, Pipeline, certify, radius_in_threat
+from riskpipe.stream.ports import Sink, Source
 
 # Rule fields whose value comes from the context index (riskpipe.policy.fields).
 CONTEXT_FIELDS = ("context.", "signals.context_risk.", "signals.support_risk.")
@@ -323,7 +325,8 @@ def checkpoint_hooks(config: StageConfig, ledger, sink: str | None = None) -> li
     return [lambda outcome: signer(ledger, len(outcome.decided) + len(outcome.dead))]
 
 
-def source_factory(config: StageConfig, source: str | None = None, checkpoint: str | None = None, metrics=None):
+def source_factory(config: StageConfig, source: str | None = None, checkpoint: str | None = None,
+                   metrics=None) -> Callable[[Callable], Source]:
     """``make_source(on_revoke)``: Kafka (default) or a JSON-lines file (``jsonl:PATH``)."""
     from riskpipe.stream.io import JsonlSource, KafkaSource
 
@@ -334,7 +337,7 @@ def source_factory(config: StageConfig, source: str | None = None, checkpoint: s
 
     check_kafka_crc32c(metrics)
 
-    def make_source(on_revoke):
+    def make_source(on_revoke: Callable) -> Source:
         if config.create_topics:  # after a broker restart (memory storage) topics are gone
             from riskpipe.stream.broker import create_topics
 
@@ -345,7 +348,7 @@ def source_factory(config: StageConfig, source: str | None = None, checkpoint: s
     return make_source
 
 
-def sink_factory(config: StageConfig, sink: str | None = None):
+def sink_factory(config: StageConfig, sink: str | None = None) -> Callable[[], Sink]:
     """``make_sink()``: Kafka (default) or JSON-lines files in a directory (``jsonl:DIR``)."""
     from riskpipe.stream.io import JsonlSink, KafkaSink
 
