@@ -37,27 +37,35 @@ def _records(writer: int, start: int, n: int) -> list[dict]:
     return out
 
 
-def _writer(target: str, writer: int, batches: int, batch: int, go, q) -> None:
-    from riskpipe.ledger import open_ledger
+def _writer(target: str, mode: str, writer: int, batches: int, batch: int, go, q) -> None:
+    """One writer process: ``queued`` appends as the stage does (``append_many``), ``locked``
+    through ``Ledger.append_entries`` (every append under the chain's lock)."""
+    from riskpipe.ledger import Ledger, open_ledger
 
     data = [_records(writer, b * batch, batch) for b in range(batches)]  # built before the clock starts
     with open_ledger(target) as led:
+        append = led.append_many if mode == "queued" else (
+            lambda recs: Ledger.append_entries(led, (("decision", r, None) for r in recs)))
         go.wait()
         t0 = time.perf_counter()
-        n = sum(led.append_many(recs) for recs in data)
+        n = sum(append(recs) for recs in data)
         q.put((n, t0, time.perf_counter()))
 
 
-def appends_per_s(target: str, writers: int, total_batches: int, batch: int) -> dict:
+def appends_per_s(target: str, writers: int, total_batches: int, batch: int, mode: str = "queued",
+                  timeout_s: float = 600) -> dict:
+    """``writers`` processes appending ``total_batches`` batches of ``batch`` records to
+    ``target`` between them, released together: rows and seconds from the first start to
+    the last finish (also bench_ledger_writers.py)."""
     ctx = mp.get_context("spawn")
     go, q = ctx.Event(), ctx.Queue()
     per = total_batches // writers
-    procs = [ctx.Process(target=_writer, args=(target, w, per, batch, go, q)) for w in range(writers)]
+    procs = [ctx.Process(target=_writer, args=(target, mode, w, per, batch, go, q)) for w in range(writers)]
     for p in procs:
         p.start()
     time.sleep(3.0)  # let every writer import, connect and build its records
     go.set()
-    got = [q.get(timeout=600) for _ in procs]
+    got = [q.get(timeout=timeout_s) for _ in procs]
     for p in procs:
         p.join()
     rows = sum(n for n, _, _ in got)

@@ -16,7 +16,6 @@ the chain and tree, not only inserted. Writes bench/results/ledger_writers.json.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import sys
 import time
 from pathlib import Path
@@ -24,45 +23,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
-from bench_ledger import _records  # noqa: E402
+from bench_ledger import appends_per_s  # noqa: E402
 from common import table, write_results  # noqa: E402
-
-
-def _writer(target: str, mode: str, writer: int, batches: int, batch: int, go, q) -> None:
-    from riskpipe.ledger import Ledger, open_ledger
-
-    data = [_records(writer, b * batch, batch) for b in range(batches)]  # built before the clock starts
-    with open_ledger(target) as led:
-        append = led.append_many if mode == "queued" else (
-            lambda recs: Ledger.append_entries(led, (("decision", r, None) for r in recs)))
-        go.wait()
-        t0 = time.perf_counter()
-        n = sum(append(recs) for recs in data)
-        q.put((n, t0, time.perf_counter()))
 
 
 def run(target: str, mode: str, writers: int, total_batches: int, batch: int) -> dict:
     from riskpipe.ledger import open_ledger
 
-    ctx = mp.get_context("spawn")
-    go, q = ctx.Event(), ctx.Queue()
-    per = total_batches // writers
-    procs = [ctx.Process(target=_writer, args=(target, mode, w, per, batch, go, q)) for w in range(writers)]
-    for p in procs:
-        p.start()
-    time.sleep(3.0)  # let every writer import, connect and build its records
-    go.set()
-    got = [q.get(timeout=900) for _ in procs]
-    for p in procs:
-        p.join()
-    rows = sum(n for n, _, _ in got)
-    wall = max(t1 for _, _, t1 in got) - min(t0 for _, t0, _ in got)
+    r = appends_per_s(target, writers, total_batches, batch, mode, timeout_s=900)
     with open_ledger(target) as led:
         res = led.verify()
         pending = led.pending()
-    assert res.ok and res.count == rows and pending == 0, (res, pending)
-    return {"mode": mode, "writers": writers, "batch": batch, "rows": rows, "seconds": round(wall, 3),
-            "appends_per_s": round(rows / wall, 1)}
+    assert res.ok and res.count == r["rows"] and pending == 0, (res, pending)
+    return {"mode": mode, **r}
 
 
 def proof_sizes(target: str) -> dict:
