@@ -199,9 +199,10 @@ def build_entry(name: str, mc: ModelConfig, policy, device: str = "cpu",
 
         certified = scaled_model(model, s, scale_desc)
     from riskpipe.certify import certifier_for_policy
+    from riskpipe.certify.families import family
 
     batch = None
-    if policy.certifier.method == "smoothing":  # thousands of noisy copies per input: size matters
+    if family(policy.certifier.method).batch_probe:  # thousands of model calls per input: size matters
         batch = _batch_size(name, mc, certified, config_batch_size)
     try:
         certifier = certifier_for_policy(certified, policy, batch_size=batch.size if batch else None)

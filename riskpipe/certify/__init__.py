@@ -1,49 +1,35 @@
 """Certification families behind one protocol, built from a policy by one function.
 
-Every certifier has ``method``, ``norm`` (of its radii) and ``modes``, and is reached
-through ``run(mode, X, seeds, epsilon)`` (``riskpipe.certify.protocol``). The one place
-that turns a policy's ``certifier`` section into a certifier is
-``certifier_for_policy``; the stage, ``certify``, ``compare`` and replay all use it.
-Heavy modules (torch) load on first use, so importing the package is cheap.
+Every certifier follows ``riskpipe.certify.protocol.Certifier`` (``method``, ``norm``,
+``modes``, ``run(mode, X, seeds, epsilon)``, ...); which families exist, and what each
+takes, is the registry ``riskpipe.certify.families``. The one place that turns a
+policy's ``certifier`` section into a certifier is ``certifier_for_policy``; the stage,
+``certify``, ``compare`` and replay all use it. Heavy modules (torch, numpy) load on
+first use, so importing the package is cheap.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
+from riskpipe.certify import families as _families
 from riskpipe.certify.certificate import Certificate
-from riskpipe.certify.families import FAMILIES as _FAMILIES
 
-
-class Certifier(Protocol):
-    method: str
-    norm: str
-    modes: tuple[str, ...]
-    inputs_per_call: int
-
-    def run(self, mode: str, X, seeds: Sequence[int], epsilon: float | None = None) -> list[Certificate]: ...
-
-    def prepare(self) -> None: ...
-
-    def check_inputs(self, X) -> None: ...
+if TYPE_CHECKING:
+    from riskpipe.certify.protocol import Certifier
 
 
 def family(method: str) -> type:
-    """The certifier class of ``method`` (one of ``riskpipe.certify.families.METHODS``)."""
-    if method not in _FAMILIES:
-        raise ValueError(f"method: {method!r} is not one of {', '.join(_FAMILIES)}")
-    module, name, _ = _FAMILIES[method]
-    return getattr(importlib.import_module(module), name)
+    """The certifier class of ``method`` (a name in ``riskpipe.certify.families.FAMILIES``)."""
+    return _families.family(method).load()
 
 
 def _fields(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if f.name != "model"}
 
 
-def certifier_for_policy(model, policy, **overrides: Any) -> Certifier:
+def certifier_for_policy(model: Any, policy: Any, **overrides: Any) -> Certifier:
     """The certifier a policy asks for, on ``model``.
 
     ``policy`` is a loaded Policy or its ``certifier`` section (``schema.Certifier``).
@@ -57,10 +43,11 @@ def certifier_for_policy(model, policy, **overrides: Any) -> Certifier:
     names = _fields(cls)
     params = certifier_parameters(policy)
     params.update({k: v for k, v in overrides.items() if k in names and v is not None})
-    return cls(model, **params)
+    certifier: Certifier = cls(model, **params)
+    return certifier
 
 
-def certifier_parameters(policy) -> dict[str, Any]:
+def certifier_parameters(policy: Any) -> dict[str, Any]:
     """The parameters ``certifier_for_policy`` passes for ``policy`` (no model needed)."""
     section = getattr(policy, "certifier", policy)
     names = _fields(family(section.method))
@@ -70,9 +57,15 @@ def certifier_parameters(policy) -> dict[str, Any]:
     return params
 
 
-def __getattr__(name):
-    if name == "Smoothing":
-        return family("smoothing")
+def __getattr__(name: str) -> Any:
+    # each family's class by its class name (riskpipe.certify.Smoothing), imported on first use
+    for f in _families.FAMILIES.values():
+        if f.factory.endswith(f":{name}"):
+            return f.load()
+    if name == "Certifier":  # numpy: the protocol module loads on first use
+        from riskpipe.certify.protocol import Certifier
+
+        return Certifier
     if name in ("conversion_factor", "convert_radius"):  # numpy: loaded on first use
         from riskpipe.certify import norms
 
@@ -80,5 +73,5 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["Certificate", "Certifier", "Smoothing", "certifier_for_policy", "certifier_parameters",
-           "conversion_factor", "convert_radius", "family"]
+__all__ = ["Certificate", "Certifier", "certifier_for_policy", "certifier_parameters", "conversion_factor",
+           "convert_radius", "family"]

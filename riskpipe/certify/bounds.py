@@ -152,7 +152,7 @@ class IntervalBounds(CertifierBase):
             elif abstain:
                 reason = "margin_not_positive" if r_hi[i] == 0 else "radius_below_tolerance"
             out.append(Certificate(
-                method="ibp", mode="bound", norm=self.norm, radius=0.0 if abstain else radius,
+                method=self.method, mode="bound", norm=self.norm, radius=0.0 if abstain else radius,
                 abstained=abstain, predicted_class=None if abstain else int(y[i]), n_samples=passes,
                 elapsed_ms=per_input_ms, seed=int(seeds[i]), input_dim=self.model.input_dim, reason=reason,
                 extra={**({MODEL_FAULT: fwd.reason} if bad[i] else {}),

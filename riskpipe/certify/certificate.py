@@ -1,8 +1,8 @@
 """The Certificate: one robustness statement about one input, with its scope.
 
-Every certification family (randomized smoothing, interval bounds, global
-Lipschitz) returns this type, so the policy, ledger and report never need to know
-which family produced it. A certificate bounds the distance to the nearest
+Every certification family (``riskpipe.certify.families``) returns this type, so the
+policy, ledger and report never need to know which family produced it; the scope
+wording of each family comes from its registry entry. A certificate bounds the distance to the nearest
 class-changing input; it never says the input is clean (position paper, Theorem 1).
 """
 
@@ -14,9 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from riskpipe.certify.families import METHODS
+from riskpipe.certify.families import FAMILIES, NORMS
 
-NORMS = ("l1", "l2", "linf")
 MODES = ("certify", "predict", "decide", "bound")
 # The reason of a certificate computed from a model output that broke its contract
 # (riskpipe.models.output): abstained, radius 0, never certified, whatever the family.
@@ -55,8 +54,8 @@ class Certificate:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method: {self.method!r} is not one of {METHODS}")
+        if self.method not in FAMILIES:
+            raise ValueError(f"method: {self.method!r} is not one of {tuple(FAMILIES)}")
         if self.norm not in NORMS:
             raise ValueError(f"norm: {self.norm!r} is not one of {NORMS}")
         if self.mode not in MODES:
@@ -82,40 +81,7 @@ class Certificate:
     def scope(self) -> str:
         """Plain words: what this certificate guarantees and what it does not."""
         norm = {"l1": "l1", "l2": "l2", "linf": "l_inf"}[self.norm]
-        if self.method == "smoothing":
-            what = (
-                f"{norm} radius of the Gaussian-smoothed classifier (sigma={self.sigma:g}), "
-                f"holds with probability >= {1 - self.alpha:g} over the noise (alpha={self.alpha:g})"
-            )
-            if self.mode == "decide" and self.epsilon is not None:
-                what += f"; decides radius >= epsilon={self.epsilon:g} at that level"
-            what += "; it covers the smoothed classifier, not the base model"
-            if self.sampler == "sound":
-                grid = self.extra.get("grid_step")
-                what += ("; sampler sound: inputs on a quantisation grid"
-                         + (f" of step {grid:.6g}" if isinstance(grid, (int, float)) else "")
-                         + ", noise a discretised Gaussian drawn from uniform integers, so it is floating-point "
-                         "sound for inputs and perturbations on that grid")
-            else:
-                what += ("; sampler gaussian: float Gaussian noise added in floating point, so the radius holds in "
-                         "real arithmetic and is not floating-point sound (Voráček & Hein 2023)")
-        elif self.method == "ibp":
-            what = (
-                f"{norm} radius from interval bound propagation: a deterministic bound, "
-                "exact arithmetic aside, for the model as deployed inside its value range; no sampler"
-            )
-        elif self.method == "trees":
-            what = (
-                f"{norm} radius from the leaves of every tree reachable from the l_inf box (inside the value range): "
-                "a deterministic bound for the tree ensemble as deployed, exact for a single tree and conservative "
-                "for an ensemble (each tree bounded on its own), up to a relative rounding allowance of 1e-6 per "
-                f"threshold and a search tolerance of {self.extra.get('rel_tol', 1e-9):g} relative; no sampler"
-            )
-        else:
-            what = (
-                f"{norm} radius from a global Lipschitz bound: a deterministic bound for "
-                "the model as deployed; no sampler"
-            )
+        what = FAMILIES[self.method].scope(self, norm)
         if self.reason == MODEL_FAULT:
             what = "no certificate (model fault: the model's output broke its contract, see extra.model_fault): " \
                 + what

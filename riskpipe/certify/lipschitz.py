@@ -228,7 +228,7 @@ class GlobalLipschitz(CertifierBase):
             if bad[i]:  # the margin speaks about a model whose output broke the contract
                 reason = MODEL_FAULT
             out.append(Certificate(
-                method="lipschitz", mode="bound", norm="l2", radius=0.0 if abstain else r, abstained=abstain,
+                method=self.method, mode="bound", norm="l2", radius=0.0 if abstain else r, abstained=abstain,
                 predicted_class=None if abstain else int(y[i]), n_samples=1, elapsed_ms=per_input_ms,
                 seed=int(seeds[i]), epsilon=float(self.epsilon), certified=not abstain, reason=reason,
                 input_dim=self.model.input_dim,

@@ -1,6 +1,8 @@
 """What every certification family offers, so no caller branches on a method name.
 
-A family declares ``method``, the ``norm`` its radii are in and the ``modes`` it
+``Certifier`` is the one protocol (the factory returns it; the conformance suite checks
+every member is there and agrees with the family's registry entry); ``CertifierBase``
+gives the defaults a family may keep. A family declares ``method``, the ``norm`` its radii are in and the ``modes`` it
 supports; ``run(mode, X, seeds, epsilon)`` reaches the mode's batch method and
 refuses a mode the family does not have, naming it. ``prepare()`` does one-time
 work (e.g. Lipschitz constants) so that timings can report it apart, and
@@ -16,7 +18,7 @@ averages over (None: it is the model itself), so an attack can aim at that class
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, ClassVar, TypeAlias
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeAlias, runtime_checkable
 
 import numpy as np
 
@@ -34,7 +36,46 @@ if TYPE_CHECKING:
 _ALIASES = {"bound": "certify"}
 
 
+@runtime_checkable
+class Certifier(Protocol):
+    """Every member a caller may use; a family class has them all (``CertifierBase``)."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def norm(self) -> str: ...
+
+    @property
+    def modes(self) -> tuple[str, ...]: ...
+
+    @property
+    def inputs_per_call(self) -> int: ...
+
+    @property
+    def noise_sigma(self) -> float | None: ...
+
+    def run(self, mode: str, X: Batch, seeds: Sequence[int], epsilon: float | None = None) -> list[Certificate]: ...
+
+    def certify_batch(self, X: Batch, seeds: Sequence[int]) -> list[Certificate]: ...
+
+    def prepare(self) -> None: ...
+
+    def check_inputs(self, X: Batch) -> None: ...
+
+    def classify(self, X: Batch, seeds: Sequence[int]) -> list[int | None]: ...
+
+    def admissible(self, x: np.ndarray, x_adv: np.ndarray) -> np.ndarray: ...
+
+
+# The protocol's members by name (the conformance suite names a missing one).
+MEMBERS: tuple[str, ...] = tuple(n for n in vars(Certifier) if not n.startswith("_"))
+
+
 class CertifierBase:
+    """The defaults of ``Certifier``; a family sets its class variables (they agree with its
+    registry entry) and writes ``certify_batch`` and the batch method of each other mode."""
+
     method: ClassVar[str]
     modes: ClassVar[tuple[str, ...]]
     inputs_per_call: ClassVar[int] = 512

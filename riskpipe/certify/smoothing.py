@@ -177,7 +177,7 @@ class Smoothing(CertifierBase):
 
     def _cert(self, mode: str, elapsed_ms: float, seed: int, **kw: Any) -> Certificate:
         kw["extra"] = {**kw.get("extra", {}), **self.noise.describe()}
-        return Certificate(method="smoothing", norm="l2", mode=mode, sigma=self.sigma, alpha=self.alpha,
+        return Certificate(method=self.method, norm="l2", mode=mode, sigma=self.sigma, alpha=self.alpha,
                            seed=int(seed), elapsed_ms=elapsed_ms,
                            input_dim=self.model.input_dim, bound=kw.pop("bound", None), sampler=self.sampler, **kw)
 

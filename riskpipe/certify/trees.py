@@ -261,7 +261,7 @@ class TreeBounds(CertifierBase):
             if bad[i]:  # the model's own output broke its contract: the trees' bound speaks about nothing
                 reason = MODEL_FAULT
             out.append(Certificate(
-                method="trees", mode="bound", norm=self.norm, radius=0.0 if abstain else r_i, abstained=abstain,
+                method=self.method, mode="bound", norm=self.norm, radius=0.0 if abstain else r_i, abstained=abstain,
                 predicted_class=None if abstain else int(y[i]), n_samples=1, elapsed_ms=per_input_ms,
                 seed=int(seeds[i]), input_dim=self.model.input_dim, reason=reason,
                 extra={**({MODEL_FAULT: fwd.reason} if bad[i] else {}),

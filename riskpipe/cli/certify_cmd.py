@@ -7,13 +7,13 @@ import sys
 
 import click
 
-from riskpipe.certify.families import METHODS
+from riskpipe.certify.families import DEFAULT_METHOD, FAMILIES
 
 
 @click.command()
 @click.option("--model", "model_spec", default="demo:digits", show_default=True, help="Model spec (see docs).")
 @click.option("--input", "input_path", required=True, help="Inputs: .npy or JSON lines.")
-@click.option("--method", type=click.Choice(list(METHODS)), default="smoothing", show_default=True)
+@click.option("--method", type=click.Choice(list(FAMILIES)), default=DEFAULT_METHOD, show_default=True)
 @click.option("--mode", type=click.Choice(["certify", "predict", "decide"]), default="certify", show_default=True)
 @click.option("--sigma", type=float, default=0.25, show_default=True, help="Smoothing noise level.")
 @click.option("--alpha", type=float, default=0.001, show_default=True, help="Failure probability.")

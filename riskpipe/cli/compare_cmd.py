@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from riskpipe.certify.families import FAMILIES
 from riskpipe.compare.defaults import DEFAULT_GRID, DEFAULT_METHODS, DEFAULT_MODELS
 
 
@@ -40,7 +41,7 @@ def _csv(text: str) -> tuple[str, ...]:
               help="Stage config: a --model NAME of its models: entries is certified as the stage builds it "
                    "(declared range, scale).")
 @click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True,
-              help="Comma-separated families (smoothing, ibp, lipschitz, trees).")
+              help=f"Comma-separated families ({', '.join(FAMILIES)}).")
 @click.option("--eps-grid", default=None, help="Epsilons: '0,0.1,0.2' for every norm or 'l2=0,0.5;linf=0,0.05'.")
 @click.option("--norms", default="l2,linf", show_default=True, help="Norms to compare in (after Theorem 2).")
 @click.option("--n-samples", type=int, default=1000, show_default=True, help="Smoothing estimation samples n.")

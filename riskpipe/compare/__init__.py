@@ -8,7 +8,7 @@ import importlib
 
 _EXPORTS = {
     "DEFAULT_GRID": "riskpipe.compare.defaults",
-    "METHODS": "riskpipe.compare.defaults",
+    "DEFAULT_METHODS": "riskpipe.compare.defaults",
     "FORMATS": "riskpipe.compare.card",
     "render": "riskpipe.compare.card",
     "CompareConfig": "riskpipe.compare.runner",

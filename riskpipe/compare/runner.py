@@ -25,25 +25,10 @@ import torch
 
 from riskpipe import attacks
 from riskpipe.certify import certifier_for_policy
-from riskpipe.certify.families import METHODS
+from riskpipe.certify.families import FAMILIES, family
 from riskpipe.certify.norms import check_norm, conversion_factor, convert_radius
 from riskpipe.compare.defaults import DEFAULT_GRID, DEFAULT_METHODS, DEFAULT_MODELS
 from riskpipe.compare.measure import peak_memory, summary_ms, timed
-
-PARALLELISM = {
-    "smoothing": "Monte Carlo samples are independent: the n samples of one input split over any number of "
-                 "workers or devices (counts add up), so latency falls with workers; cost grows linearly in n.",
-    "ibp": "One bound pass costs about two forward passes (centre and radius) and parallelises over inputs "
-           "like a forward pass; the radius search runs its bisection passes one after the other. Memory "
-           "grows with width (two activation tensors per layer, plus K x hidden margin rows per input).",
-    "lipschitz": "The constant is computed once per model version (sequential power iteration); after "
-                 "that each certificate is one forward pass, parallel over inputs, with no extra memory.",
-    "trees": "Reachable leaves are one boolean pass per tree depth over (inputs x nodes), vectorised over "
-             "inputs; the radius search bisects each input's sorted threshold breakpoints (about log2 of "
-             "twice the node count passes, one after the other). Memory grows with inputs x nodes; no model "
-             "evaluations beyond one predict.",
-}
-
 
 @dataclass
 class CompareConfig:
@@ -70,9 +55,9 @@ class CompareConfig:
     def __post_init__(self) -> None:
         if not self.models:
             raise ValueError("models: give at least one model")
-        bad = [m for m in self.methods if m not in METHODS]
+        bad = [m for m in self.methods if m not in FAMILIES]
         if bad or not self.methods:
-            raise ValueError(f"methods: {bad or 'none'} not among {', '.join(METHODS)}")
+            raise ValueError(f"methods: {bad or 'none'} not among {', '.join(FAMILIES)}")
         self.norms = tuple(check_norm(n) for n in self.norms)
         bad = [n for n in self.norms if n not in ("l2", "linf")]
         if bad or not self.norms:
@@ -153,7 +138,7 @@ def unavailable(method: str, reason: str, cfg: CompareConfig) -> dict:
         "conversion_factor": dict.fromkeys(cfg.norms), "abstain_rate": None, "median_radius_native": None,
         "latency_ms": {"median": None, "p90": None, "n": 0}, "amortized_ms": None, "total_ms": None, "setup_ms": None,
         "evaluations_per_input": None, "memory": {"rss_peak_mb": None, "cuda_peak_mb": None},
-        "parallelism": PARALLELISM[method],
+        "parallelism": family(method).parallelism,
     }
 
 
@@ -197,14 +182,14 @@ def _method_run(model, method: str, X, y, cfg: CompareConfig, policy=None, bar=N
         "total_ms": total_ms, "setup_ms": setup_ms,
         "evaluations_per_input": float(np.mean([c.n_samples for c in certs])),
         "memory": mem,
-        "parallelism": PARALLELISM[method],
+        "parallelism": family(method).parallelism,
     }
 
 
 def _settings(section, policy) -> str:
     """What the card says each family ran with, and where the settings came from."""
-    keys = ("sigma", "alpha", "n0", "n", "sampler", "bound") if section.method == "smoothing" else ("norm",)
-    own = ", ".join(f"{k} {getattr(section, k)}" for k in keys if getattr(section, k) is not None)
+    own = ", ".join(f"{k} {getattr(section, k)}" for k in family(section.method).card_settings
+                    if getattr(section, k) is not None)
     where = (f"policy {policy.name} v{policy.version}" if policy is not None and policy.certifier.method ==
              section.method else "command-line options")
     return f"{own or 'native norm'} (from {where})"

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from functools import cached_property
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, create_model, model_validator
 
-from riskpipe.certify.families import CERT_NORMS, METHODS
+from riskpipe.certify.families import (DEFAULT_METHOD, FAMILIES, POLICY_MODES, SECTION_FIELDS, Family, Param,
+                                       section_params)
 from riskpipe.certify.norms import check_norm, conversion_factor
 from riskpipe.policy.controls import check_control
 from riskpipe.policy.fields import check_condition
@@ -29,12 +31,6 @@ SECRET_FIELDS = ("radius", "radius_threat", "p_lower", "p_upper", "probabilities
 PUBLIC_FIELDS = ("id", "ts", "event_ts", "decision", "policy_version", "policy_name", "model_name", "rule",
                  "reasons", "controls", "shadow")
 DEFAULT_PUBLIC = ("id", "ts", "decision", "policy_version")
-# Sound-sampler grid levels across a value range: 2^20 is 16 times a 16-bit quantisation; the
-# noise table grows with grid_levels * sigma / range (riskpipe.certify.normal_table bounds it).
-MAX_GRID_LEVELS = 1 << 20
-_CERT_NORMS = CERT_NORMS
-_SMOOTHING_ONLY = ("sigma", "n0", "n", "max_samples", "bound", "sampler", "grid_levels", "grid_step",
-                   "max_latency_ms")
 
 
 class SemanticProblems(Exception):
@@ -69,62 +65,93 @@ class ThreatModel(_Frozen):
     description: str = ""
 
 
-class Certifier(_Frozen):
-    method: Literal[METHODS] = "smoothing"  # type: ignore[valid-type]
-    mode: Literal["certify", "decide"] = "certify"
-    norm: Annotated[str, AfterValidator(check_norm)] | None = None
-    sigma: Positive | None = None
-    alpha: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.001
-    n0: Annotated[int, Field(ge=1)] = 100
-    n: Annotated[int, Field(ge=1)] = 100_000
-    max_samples: Annotated[int, Field(ge=1)] = 100_000
-    bound: Literal["cp", "bonferroni", "goodman"] = "cp"
-    sampler: Literal["gaussian", "sound"] = "gaussian"
-    grid_levels: Annotated[int, Field(ge=1, le=MAX_GRID_LEVELS)] = 255
-    grid_step: Positive | None = None
-    max_latency_ms: Positive | None = None
+class CertifierSection(_Frozen):
+    """The policy's ``certifier`` section: ``method``, ``mode``, ``norm`` and the parameters of
+    the families in the registry (``riskpipe.certify.families``), checked as each family's
+    entry says. ``Certifier`` is this model with the registry's fields, built by
+    ``certifier_section``; family parameters are attributes named as in the registry."""
+
+    families: ClassVar[Mapping[str, Family]]
+
+    if TYPE_CHECKING:  # the fields are the registry's (certifier_section)
+        method: str
+        mode: str
+        norm: str | None
+
+        def __getattr__(self, name: str) -> Any: ...
 
     @model_validator(mode="after")
-    def _method_params(self) -> Certifier:
-        if self.method == "smoothing" and self.sigma is None:
-            raise ValueError("sigma: required for method smoothing")
-        if self.method != "smoothing":
-            for name in ("sigma", "grid_step"):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"{name}: applies to method smoothing only, not {self.method}")
-            if self.sampler != "gaussian":
-                raise ValueError(f"sampler: applies to method smoothing only, not {self.method}")
-        if self.mode == "decide" and self.method != "smoothing":
+    def _method_params(self) -> CertifierSection:
+        fam = self.families[self.method]
+        own = {p.name for p in fam.params}
+        for p in fam.params:
+            if p.required and getattr(self, p.name) is None:
+                raise ValueError(f"{p.name}: required for method {self.method}")
+        for other in self.families.values():
+            for p in other.params:
+                if p.exclusive and p.name not in own and getattr(self, p.name) != p.default:
+                    raise ValueError(f"{p.name}: applies to method {other.name} only, not {self.method}")
+        if self.mode not in fam.modes:  # every family certifies (families.register): this is decide
             raise ValueError(f"mode: decide is a sequential test of randomized smoothing; method {self.method} "
                              "gives a deterministic radius, use mode certify")
-        if self.sampler == "sound" and self.grid_step is not None and self.sigma is not None:
-            from riskpipe.certify.normal_table import check_table
-
-            check_table(self.sigma, self.grid_step)  # with grid_levels it also needs the model's range
-        if self.max_latency_ms is not None and self.mode != "decide":
-            raise ValueError("max_latency_ms: applies to mode decide only (certify mode has no early stop)")
-        if self.mode == "decide" and self.bound != "cp":
-            raise ValueError("bound: applies to mode certify only (decide uses Clopper-Pearson per look)")
-        if self.norm is not None and self.norm not in _CERT_NORMS[self.method]:
-            raise ValueError(f"norm: method {self.method} certifies {' or '.join(_CERT_NORMS[self.method])}, "
-                             f"not {self.norm}")
+        if fam.check is not None:
+            fam.check(self)
+        for p in section_params(self.families).values():
+            if p.modes and self.mode not in p.modes and getattr(self, p.name) != p.default:
+                raise ValueError(f"{p.name}: applies to mode {' or '.join(p.modes)} only ({p.why})")
+        if self.norm is not None and self.norm not in fam.norms:
+            raise ValueError(f"norm: method {self.method} certifies {' or '.join(fam.norms)}, not {self.norm}")
         return self
 
     @property
     def certificate_norm(self) -> str:
         """The norm of the certificates: the policy's ``norm``, else the family's native norm."""
-        return self.norm or _CERT_NORMS[self.method][0]
+        return self.norm or self.families[self.method].native_norm
 
     @classmethod
-    def for_method(cls, method: str, **values: Any) -> Certifier:
+    def for_method(cls, method: str, **values: Any) -> CertifierSection:
         """A section for ``method`` from options that may belong to other methods (command-line
         flags, a recorded certificate): keeps the fields this method takes, drops None, and
         validates the rest. A recorded ``mode: bound`` is certify mode of a deterministic family."""
-        keep = {k: v for k, v in values.items()
-                if k in cls.model_fields and v is not None and (method == "smoothing" or k not in _SMOOTHING_ONLY)}
+        fam = cls.families.get(method)
+        takes = set(SECTION_FIELDS) | {p.name for p in (fam.params if fam else ())}
+        keep = {k: v for k, v in values.items() if k in takes and v is not None}
         if keep.get("mode") == "bound":
             keep["mode"] = "certify"
         return cls(**{**keep, "method": method})
+
+
+def _annotation(p: Param) -> Any:
+    """The pydantic type of a registry parameter."""
+    if p.choices:
+        t: Any = Literal[p.choices]
+    else:
+        bounds = {k: getattr(p, k) for k in ("gt", "ge", "lt", "le") if getattr(p, k) is not None}
+        if p.type is float and p.finite:
+            bounds["allow_inf_nan"] = False
+        t = Annotated[p.type, Field(**bounds)] if bounds else p.type
+    return t if p.default is not None else t | None
+
+
+def certifier_section(families: Mapping[str, Family] = FAMILIES) -> type[CertifierSection]:
+    """The certifier-section model of ``families`` (the registry as it is now, by default):
+    ``method`` one of their names, then every family parameter as an optional field."""
+    fields: dict[str, Any] = {
+        "method": (Literal[tuple(families)], DEFAULT_METHOD),
+        "mode": (Literal[POLICY_MODES], "certify"),
+        "norm": (Annotated[str, AfterValidator(check_norm)] | None, None),
+    }
+    for p in section_params(families).values():
+        fields[p.name] = (_annotation(p), p.default)
+    model = create_model("Certifier", __base__=CertifierSection, __module__=__name__, **fields)
+    model.families = dict(families)
+    return model
+
+
+if TYPE_CHECKING:
+    Certifier = CertifierSection
+else:
+    Certifier = certifier_section()
 
 
 class CertificateRiskSignal(_Frozen):

@@ -8,6 +8,8 @@ import logging
 import time
 from typing import Any
 
+from riskpipe.certify.families import family
+
 log = logging.getLogger("riskpipe.status")
 
 
@@ -18,11 +20,7 @@ def _policy(p: Any) -> str:
 def model_line(entry: Any, threads: int | None) -> str:
     """``model NAME: spec ..., sha256 ..., <certifier>, batch size ..., threads ..., policy ...``."""
     c = entry.policy.certifier
-    if c.method == "smoothing":
-        grid = f" grid_levels {c.grid_levels}" if c.sampler == "sound" and c.grid_levels else ""
-        how = f"smoothing ({c.mode}), sampler {c.sampler}{grid}, sigma {c.sigma:g}"
-    else:
-        how = f"{c.method} ({c.mode})"
+    how = family(c.method).summary(c)
     size = getattr(entry.certifier, "batch_size", None)
     batch = f"batch size {size} ({entry.batch_size_source or 'default'})" if size else "batch size n/a"
     return (f"model {entry.name}: spec {entry.model.spec}, sha256 {str(entry.model.sha256)[:12]}, {how}, {batch}, "
