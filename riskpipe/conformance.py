@@ -4,6 +4,11 @@
 ``factory(model, **params)`` builds, in every mode it declares, and raises
 ``CertifierCheckError`` naming the check that failed:
 
+* ``protocol``: the certifier has every member of ``riskpipe.certify.protocol.Certifier``
+  and agrees with its family's registry entry (``riskpipe.certify.families``): method
+  registered, native norm, modes, and a constructor that takes every section parameter
+  the entry declares (and ``norm`` when the family certifies more than one), so the
+  factory drops none of them;
 * ``invalid_parameters``: each constructor parameter set to a value outside its domain
   is rejected at construction, with the parameter named in the message;
 * ``reproducible``: the same inputs and seeds give the same certificates, bit for bit;
@@ -28,12 +33,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 from scipy import stats
 
 from riskpipe.certify.certificate import Certificate
+from riskpipe.certify.families import FAMILIES
+from riskpipe.certify.protocol import MEMBERS
 
 _COMPARED = ("method", "norm", "mode", "radius", "abstained", "predicted_class", "p_lower", "p_upper", "n_samples",
              "certified", "reason", "sampler")
@@ -43,7 +51,7 @@ class CertifierCheckError(AssertionError):
     """A certifier that fails a conformance check; the message starts with the check's name."""
 
 
-def _fail(check: str, why: str) -> None:
+def _fail(check: str, why: str) -> NoReturn:
     raise CertifierCheckError(f"{check}: {why}")
 
 
@@ -69,6 +77,26 @@ def _run(cert, mode: str, X, seeds, epsilon):
 
 
 # ---- the checks ------------------------------------------------------------------------------
+def check_protocol(factory: Callable[..., Any], model: Any) -> None:
+    cert = factory(model)
+    missing = [m for m in MEMBERS if not hasattr(cert, m)]
+    if missing:
+        _fail("protocol", f"{type(cert).__name__} lacks {', '.join(missing)}")
+    entry = FAMILIES.get(cert.method)
+    if entry is None:
+        _fail("protocol", f"method {cert.method!r} is not in the registry ({', '.join(FAMILIES)})")
+    if cert.norm != entry.native_norm:
+        _fail("protocol", f"{cert.method}: default norm {cert.norm}, the registry says {entry.native_norm}")
+    if tuple(cert.modes) != entry.modes:
+        _fail("protocol", f"{cert.method}: modes {tuple(cert.modes)}, the registry says {entry.modes}")
+    fields = {f.name for f in dataclasses.fields(cert)}
+    takes = [p.name for p in entry.params] + (["norm"] if len(entry.norms) > 1 else [])
+    dropped = [name for name in takes if name not in fields]
+    if dropped:
+        _fail("protocol", f"{cert.method}: the constructor does not take {', '.join(dropped)}, which the "
+                          "registry declares (the factory would drop them)")
+
+
 def check_invalid_parameters(factory: Callable, model) -> None:
     cert = factory(model)
     for f in dataclasses.fields(cert):
@@ -212,8 +240,9 @@ def check_certifier(factory: Callable, model, X, *, epsilon: float | None = None
     if len(X) < 2:
         raise ValueError("X: the suite needs at least two inputs")
     report: dict = {"checks": []}
+    check_protocol(factory, model)
     check_invalid_parameters(factory, model)
-    report["checks"].append("invalid_parameters")
+    report["checks"] += ["protocol", "invalid_parameters"]
     cert = factory(model)
     seeds = [seed + 17 * i + 1 for i in range(len(X))]
     modes = tuple(cert.modes)
