@@ -469,8 +469,9 @@ def run_chaos(workdir: Path, seconds: float = 240.0, rate: float = 30.0, seed: i
 
         step = seconds / 8  # traffic between chaos actions
         episode = max(1.0, seconds / 40)
-        try:
-            time.sleep(step)
+
+        def sigkill_between_nan_episodes() -> None:
+            """NaN traffic, SIGKILL the stage and wait until it (restarted) makes progress, NaN traffic again."""
             nan_episode(episode)
             time.sleep(step)
             stage.kill9()
@@ -478,6 +479,10 @@ def run_chaos(workdir: Path, seconds: float = 240.0, rate: float = 30.0, seed: i
             note("stage_back", waited_s=wait_progress(dsn))
             nan_episode(episode)
             time.sleep(step)
+
+        try:
+            time.sleep(step)
+            sigkill_between_nan_episodes()
             pg.halt()
             note("postgresql_stop")
             time.sleep(min(5.0, max(2.0, seconds / 40)))
@@ -493,13 +498,7 @@ def run_chaos(workdir: Path, seconds: float = 240.0, rate: float = 30.0, seed: i
             note("broker_restart", drained_s=round(drained, 1))
             traffic.resume()
             note("stage_progress", waited_s=wait_progress(dsn))
-            nan_episode(episode)
-            time.sleep(step)
-            stage.kill9()
-            note("stage_sigkill")
-            note("stage_back", waited_s=wait_progress(dsn))
-            nan_episode(episode)
-            time.sleep(step)
+            sigkill_between_nan_episodes()
             traffic.pause()
             note("traffic_stopped")
             drained = wait_drained(traffic, dsn, 300)
