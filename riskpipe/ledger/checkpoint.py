@@ -35,16 +35,22 @@ import base64
 import dataclasses
 import hashlib
 import json
+import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
+
+from riskpipe import kafka_clients
 from riskpipe.ledger import note as notes
 from riskpipe.ledger.anchors import Checkpoint, LegacyCheckpoint
 from riskpipe.ledger.chain import LedgerError, VerifyResult
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
     from riskpipe.ledger.store import Ledger
 
@@ -75,8 +81,6 @@ def legacy_key_id(public_key: Ed25519PublicKey) -> str:
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     """An Ed25519 private key from a PEM file (``openssl genpkey -algorithm ed25519``)."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     try:
         key = load_pem_private_key(Path(path).read_bytes(), password=None)
@@ -91,8 +95,6 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
 
 def load_public_key(path: str | Path) -> Ed25519PublicKey:
     """An Ed25519 public key from a PEM file (``openssl pkey -in KEY.pem -pubout``)."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     try:
         key = load_pem_public_key(Path(path).read_bytes())
@@ -109,7 +111,6 @@ def check_signatures(checkpoints: Iterable[LegacyCheckpoint], public_keys: Itera
                      ) -> tuple[list[LegacyCheckpoint], str | None]:
     """The checkpoints whose signature verifies under one of ``public_keys``, or the first
     problem: a checkpoint signed by an unknown key, or a signature that does not verify."""
-    from cryptography.exceptions import InvalidSignature
 
     by_id = {legacy_key_id(k): k for k in public_keys}
     good: list[LegacyCheckpoint] = []
@@ -200,7 +201,6 @@ def read_checkpoint_file(path: str | Path) -> list[str] | list[LegacyCheckpoint]
 
 def publish(kafka: Any, topic: str, cp: Checkpoint, timeout_s: float = 10.0) -> None:
     """Send the signed note to ``topic`` (key ``checkpoint``) and wait for the acknowledgement."""
-    from riskpipe import kafka_clients
 
     producer = kafka_clients.producer(kafka, acks="all", retries=5)
     try:
@@ -223,8 +223,6 @@ class Checkpointer:
     def __init__(self, private_key: Ed25519PrivateKey, every_records: int | None = None,
                  every_seconds: float | None = None, kafka: Any = None, topic: str | None = None,
                  clock: Callable[[], float] | None = None, origin: str | None = None) -> None:
-        import time
-
         if not every_records and not every_seconds:
             raise LedgerError("checkpoint: set every_records or every_seconds")
         self.key = private_key
@@ -252,8 +250,6 @@ class Checkpointer:
         return cp
 
     def _publish(self, cp: Checkpoint, topic: str) -> None:
-        import logging
-
         try:  # a producer per checkpoint (one a minute or so): nothing to close when the stage ends
             publish(self.kafka, topic, cp)
         except Exception as e:  # noqa: BLE001 - the stage keeps deciding; the next checkpoint is published again

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import datetime, timezone
 from typing import Any
 
 from riskpipe.ledger.chain import LedgerError, parse_ts
@@ -105,7 +106,6 @@ def facts_of(seq: int, kind: str, entry_id: str, record: dict[str, Any]) -> Row 
     """The facts row of one ledger row (None for kinds the report reads whole)."""
     if kind not in KINDS:
         return None
-    from datetime import datetime, timezone
 
     t = _epoch(record.get("ts"))
     when = datetime.fromtimestamp(t, timezone.utc) if t is not None else None

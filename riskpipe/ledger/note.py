@@ -22,6 +22,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -36,8 +39,6 @@ class NoteError(ValueError):
 
 
 def raw_public_key(public_key: Ed25519PublicKey) -> bytes:
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
     return public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
@@ -97,7 +98,6 @@ def parse(note: str) -> tuple[str, list[Signature]]:
 def verify(note: str, public_keys: Iterable[Ed25519PublicKey]) -> tuple[str, str]:
     """(text, key name) of a note with at least one valid Ed25519 signature by one of
     ``public_keys`` (matched by key id under the line's name); NoteError otherwise."""
-    from cryptography.exceptions import InvalidSignature
 
     text, sigs = parse(note)
     known = False

@@ -40,9 +40,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
-from riskpipe.ledger.chain import GENESIS, LedgerError, LedgerUnavailable
+import psycopg
+
+from riskpipe.ledger.chain import GENESIS, LedgerError, LedgerUnavailable, prepare_entries
 from riskpipe.ledger.conn import Cursor, Db, Row
 from riskpipe.ledger.inputs import table_statements as input_tables
 from riskpipe.ledger.migrations import (Step, chain_tables, checkpoint_tables, current_version, latest, migrate,
@@ -53,9 +55,6 @@ from riskpipe.ledger.store import _COLUMNS, Ledger, Pending, Record
 from riskpipe.ledger.tree import build_existing, tree_tables
 from riskpipe.redaction import redact
 from riskpipe.timestamps import iso_seconds
-
-if TYPE_CHECKING:
-    import psycopg
 
 
 def _text_at(path: str) -> str:
@@ -185,8 +184,6 @@ class PostgresLedger(Ledger):
     _db: _Conn | None
 
     def __init__(self, dsn: str, *, timeout: float = 30.0, create: bool = True) -> None:
-        import psycopg
-
         self.dsn = str(dsn)
         self.path: None = None  # no file: readers that need one (the review queue's fast path) check this
         self._init_lock()
@@ -212,8 +209,6 @@ class PostgresLedger(Ledger):
             raise
 
     def _connect(self) -> _Conn:
-        import psycopg
-
         try:
             conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, int(self.timeout)))
             conn.execute(f"SET lock_timeout = {int(self.timeout * 1000)}")
@@ -254,7 +249,6 @@ class PostgresLedger(Ledger):
         unsequenced and commits at once — writers' transactions and commits (fsync)
         overlap — and the lease holder sequences them (:meth:`integrate`).
         De-duplication is the unique (kind, entry id) index; returns how many rows were new."""
-        from riskpipe.ledger.chain import prepare_entries
 
         entries = list(entries)
         prepared: list[Pending] = []

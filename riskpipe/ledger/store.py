@@ -13,11 +13,12 @@ its migration steps (:mod:`riskpipe.ledger.migrations`).
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from riskpipe.ledger import facts, merkle, tree
 from riskpipe.ledger.chain import (
@@ -27,17 +28,16 @@ from riskpipe.ledger.chain import (
     LedgerError,
     VerifyResult,
     check_chain,
+    entry_hash,
     parse_ts,
     prepare_entries,
     row_to_entry,
 )
 from riskpipe.ledger.anchors import Checkpoint, LegacyCheckpoint
 from riskpipe.ledger.conn import Db, Row
+from riskpipe.ledger.inputs import StoredInput
 from riskpipe.ledger.targets import backend_name
 from riskpipe.timestamps import iso_seconds
-
-if TYPE_CHECKING:
-    from riskpipe.ledger.inputs import StoredInput
 
 Record = dict[str, Any]
 # an item to sequence: (kind, entry_id, ts, canonical record text, scope, record or None to parse the text)
@@ -97,7 +97,6 @@ class Ledger:
         """The same ledger (same class, same settings) on a connection of its own, for a
         second thread: the stage's ledger writer appends on it while the stage looks ids
         up on this one. Closed on its own."""
-        import copy
 
         other = copy.copy(self)
         other._init_lock()
@@ -161,7 +160,6 @@ class Ledger:
         chain hashes, Merkle leaves, ``chain_state``, ``tree_state`` and their ``facts``
         rows (inside the append lock; ``record``: the dict, or None to parse the text).
         Returns the rows ``(seq, kind, entry_id, ts, record, prev_hash, hash, scope)``."""
-        from riskpipe.ledger.chain import entry_hash
 
         if not items:
             return []
@@ -220,7 +218,6 @@ class Ledger:
 
     def get_input(self, sha256: str) -> StoredInput | None:
         """The stored tensor with input digest ``sha256`` (:class:`riskpipe.ledger.inputs.StoredInput`) or None."""
-        from riskpipe.ledger.inputs import StoredInput
 
         with self._conn() as db:
             row = db.execute("SELECT sha256, datatype, shape, data FROM inputs WHERE sha256 = ?", (sha256,)).fetchone()
