@@ -10,6 +10,15 @@ import click
 from riskpipe.certify.families import DEFAULT_METHOD, FAMILIES
 
 
+def _norm_choices() -> str:
+    """``ibp, trees: linf or l2``: the families that certify more than one norm, by norms."""
+    by_norms: dict[tuple[str, ...], list[str]] = {}
+    for name, f in FAMILIES.items():
+        if len(f.norms) > 1:
+            by_norms.setdefault(f.norms, []).append(name)
+    return "; ".join(f"{', '.join(names)}: {' or '.join(norms)}" for norms, names in by_norms.items())
+
+
 @click.command()
 @click.option("--model", "model_spec", default="demo:digits", show_default=True, help="Model spec (see docs).")
 @click.option("--input", "input_path", required=True, help="Inputs: .npy or JSON lines.")
@@ -20,7 +29,7 @@ from riskpipe.certify.families import DEFAULT_METHOD, FAMILIES
 @click.option("--n0", type=int, default=100, show_default=True, help="Selection samples (certify).")
 @click.option("--n", type=int, default=100_000, show_default=True, help="Estimation samples.")
 @click.option("--epsilon", type=float, default=0.25, show_default=True, help="Target radius (decide mode, Lipschitz abstain).")
-@click.option("--norm", default=None, help="Certificate norm (ibp, trees: linf or l2; default: the method's native norm).")
+@click.option("--norm", default=None, help=f"Certificate norm ({_norm_choices()}; default: the method's native norm).")
 @click.option("--bound", type=click.Choice(["cp", "bonferroni", "goodman"]), default="cp", show_default=True,
               help="cp: Cohen CERTIFY; bonferroni/goodman: seed eq. (4) with simultaneous bounds.")
 @click.option("--sampler", type=click.Choice(["gaussian", "sound"]), default="gaussian", show_default=True,
