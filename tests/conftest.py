@@ -68,6 +68,15 @@ def pg_url(postgres, request):
     return postgres.create_database(name)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path):
+    """Where a ledger test's ledger goes, once per backend: a SQLite file that does not
+    exist yet, then an empty PostgreSQL database (its URL)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.db")
+    return request.getfixturevalue("pg_url")
+
+
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     """Two Ed25519 key pairs as the docs tell users to make them (openssl genpkey -algorithm

@@ -103,6 +103,29 @@ def build_ledger(path, n: int = 60, seed: int = 0) -> dict:
     return {"decisions": decisions, "verdicts": verdicts, "dlq": [r for r, _ in dlq]}
 
 
+def as_superuser(target, statements, tables=("entries",)) -> None:
+    """Run SQL with full database rights, the append-only triggers out of the way: on
+    PostgreSQL for this session (``session_replication_role = replica``), on SQLite by
+    dropping the update and delete triggers of ``tables``."""
+    import sqlite3
+
+    if str(target).startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(str(target), autocommit=True) as conn:
+            conn.execute("SET session_replication_role = replica")
+            for s in statements:
+                conn.execute(s)
+        return
+    db = sqlite3.connect(str(target), isolation_level=None)
+    for table in tables:
+        db.execute(f"DROP TRIGGER {table}_no_update")
+        db.execute(f"DROP TRIGGER {table}_no_delete")
+    for s in statements:
+        db.execute(s)
+    db.close()
+
+
 def forge_tree(target) -> None:
     """Rebuild the Merkle tree from the rows as they are now, as a forger with full
     database rights would after editing or cutting rows (triggers bypassed)."""

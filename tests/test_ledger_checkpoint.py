@@ -11,9 +11,8 @@ import sqlite3
 import subprocess
 import sys
 
-import psycopg
 import pytest
-from ledger_records import decision_record, forge_tree
+from ledger_records import as_superuser, decision_record, forge_tree
 
 from riskpipe.ledger import LedgerError, canonical_json, entry_hash, open_ledger
 from riskpipe.ledger.anchors import Checkpoint
@@ -27,28 +26,10 @@ from riskpipe.ledger.checkpoint import (
 CLI = [sys.executable, "-m", "riskpipe.cli", "ledger"]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def target(request, tmp_path):
-    if request.param == "sqlite":
-        return str(tmp_path / "ledger.db")
-    return request.getfixturevalue("pg_url")
-
-
 def superuser_sql(target, statements):
     """Change rows as someone with full database rights: triggers off, then any SQL, then
     the Merkle tree rebuilt over the changed rows (a consistent forgery)."""
-    if target.startswith("postgresql://"):
-        with psycopg.connect(target, autocommit=True) as conn:
-            conn.execute("SET session_replication_role = replica")
-            for s in statements:
-                conn.execute(s)
-    else:
-        db = sqlite3.connect(target, isolation_level=None)
-        db.execute("DROP TRIGGER entries_no_update")
-        db.execute("DROP TRIGGER entries_no_delete")
-        for s in statements:
-            db.execute(s)
-        db.close()
+    as_superuser(target, statements)
     forge_tree(target)
 
 

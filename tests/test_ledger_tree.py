@@ -6,20 +6,12 @@ from __future__ import annotations
 
 import sqlite3
 
-import psycopg
 import pytest
-from ledger_records import decision_record
+from ledger_records import as_superuser, decision_record
 
 from riskpipe.ledger import LedgerError, canonical_json, merkle, open_ledger
 from riskpipe.ledger.chain import LedgerUnavailable
 from riskpipe.ledger.tree import leaf_bytes
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def target(request, tmp_path):
-    if request.param == "sqlite":
-        return str(tmp_path / "ledger.db")
-    return request.getfixturevalue("pg_url")
 
 
 def fill(target, sizes):
@@ -66,18 +58,7 @@ def test_duplicates_do_not_enter_the_tree(target):
 
 
 def superuser(target, *statements):
-    if target.startswith("postgresql://"):
-        with psycopg.connect(target, autocommit=True) as conn:
-            conn.execute("SET session_replication_role = replica")
-            for s in statements:
-                conn.execute(s)
-        return
-    db = sqlite3.connect(target, isolation_level=None)
-    db.execute("DROP TRIGGER tree_nodes_no_update")
-    db.execute("DROP TRIGGER tree_nodes_no_delete")
-    for s in statements:
-        db.execute(s)
-    db.close()
+    as_superuser(target, statements, tables=("tree_nodes",))
 
 
 @pytest.mark.parametrize("case, first_bad, reason", [

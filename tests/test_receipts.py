@@ -24,13 +24,6 @@ from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint
 CLI = [sys.executable, "-m", "riskpipe.cli", "ledger"]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def target(request, tmp_path):
-    if request.param == "sqlite":
-        return str(tmp_path / "ledger.db")
-    return request.getfixturevalue("pg_url")
-
-
 def cli(*args):
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=120)
 
