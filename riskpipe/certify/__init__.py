@@ -63,11 +63,11 @@ def __getattr__(name: str) -> Any:
         if f.factory.endswith(f":{name}"):
             return f.load()
     if name == "Certifier":  # numpy: the protocol module loads on first use
-        from riskpipe.certify.protocol import Certifier
+        from riskpipe.certify.protocol import Certifier  # lazy: numpy off the CLI start-up path
 
         return Certifier
     if name in ("conversion_factor", "convert_radius"):  # numpy: loaded on first use
-        from riskpipe.certify import norms
+        from riskpipe.certify import norms  # lazy: numpy off the CLI start-up path
 
         return getattr(norms, name)
     raise AttributeError(name)

@@ -164,7 +164,7 @@ def _smoothing_scope(c: Any, norm: str) -> str:
 def _smoothing_check(section: Any) -> None:
     if section.sampler == "sound" and section.grid_step is not None:
         # numpy: loaded only when a sound grid is declared (riskpipe --help reads this module)
-        from riskpipe.certify.normal_table import check_table
+        from riskpipe.certify.normal_table import check_table  # lazy: numpy off the CLI start-up path
 
         check_table(section.sigma, section.grid_step)  # with grid_levels it also needs the model's range
 

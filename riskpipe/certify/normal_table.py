@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import mpmath
 import numpy as np
 
 K = 24  # Taylor terms
@@ -118,7 +119,6 @@ def check_table(sigma: float, step: float, tail_sigmas: float = TAIL_SIGMAS) -> 
 
 def direct(i: int, s: float, bits: int) -> int:
     """ceil(2^bits * Phi((i + 1/2) / s)) in 60-digit arithmetic (the defining formula)."""
-    import mpmath
 
     with mpmath.workdps(60):
         return int(mpmath.ceil(mpmath.mpf(2) ** bits * mpmath.ncdf((i + mpmath.mpf(0.5)) / mpmath.mpf(s))))
@@ -139,7 +139,6 @@ def thresholds(s: float, J: int, bits: int) -> np.ndarray:
 
 def _upper_half(s: float, J: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """(T_i for i = 0 .. J-1, which of them were within 2^-20 of an integer before the ceiling)."""
-    import mpmath
 
     idx = np.arange(0, J, dtype=np.int64)
     m = max(1, int(2 * T_MAX * s))  # entries per anchor: |i - i0| <= m / 2, so |t| <= T_MAX

@@ -72,7 +72,7 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
-from riskpipe.certify.normal_table import MAX_TABLE_ENTRIES, check_table, table_entries  # noqa: F401
+from riskpipe.certify.normal_table import MAX_TABLE_ENTRIES, check_table, table_entries, thresholds  # noqa: F401
 
 if TYPE_CHECKING:
     from riskpipe.models.base import Model
@@ -124,7 +124,6 @@ class GaussianSampler:
 @lru_cache(maxsize=32)
 def _table(sigma_over_h: float) -> tuple[np.ndarray, int, float]:
     """(thresholds T_i as int64, J, per-coordinate TV bound) for noise sigma / h grid steps."""
-    from riskpipe.certify.normal_table import thresholds
 
     J = table_entries(sigma_over_h, _TAIL_SIGMAS) // 2
     tail = 2 * float(norm.sf((J + 0.5) / sigma_over_h))

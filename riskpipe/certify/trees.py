@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from riskpipe.certify.certificate import MODEL_FAULT, Certificate
 from riskpipe.certify.norms import check_norm
@@ -237,7 +238,6 @@ class TreeBounds(CertifierBase):
         Z = Z.reshape(len(Z), -1)
         if len(seeds) != len(Z):
             raise ValueError(f"seeds: need one per input ({len(Z)}), got {len(seeds)}")
-        import torch
 
         fwd = self.model.classes(torch.from_numpy(Z.reshape((len(Z),) + tuple(self.model.input_shape))))
         y, bad = fwd.values.cpu().numpy().astype(np.int64), fwd.bad.cpu().numpy()
