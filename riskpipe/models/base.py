@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from riskpipe.models.output import Checked, check_output
+from riskpipe.models.validate import check_inputs
 
 
 class ModelError(ValueError):
@@ -165,6 +166,5 @@ class Model:
 
     def check_batch(self, batch: np.ndarray) -> None:
         """Raise ValueError naming the problem if ``batch`` does not fit the input spec."""
-        from riskpipe.models.validate import check_inputs
 
         check_inputs(batch, self)

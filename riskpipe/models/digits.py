@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from riskpipe.paths import atomic_write, cache_dir
 
 INPUT_SHAPE = (1, 8, 8)
 NUM_CLASSES = 10
@@ -12,9 +17,6 @@ NUM_CLASSES = 10
 
 @lru_cache(maxsize=1)
 def _split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     d = load_digits()
     X = (d.images / 16.0).astype(np.float32).reshape(-1, *INPUT_SHAPE)
     y = d.target.astype(np.int64)
@@ -34,9 +36,6 @@ def load_split(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
 def reference_file() -> "Path":
     """The demo models' default reference set (the TRAIN split) as a .npz with X and
     y, written once under cache_dir()/data: the same kind of file a user supplies."""
-    from pathlib import Path
-
-    from riskpipe.paths import atomic_write, cache_dir
 
     path = Path(cache_dir()) / "data" / "digits-train.npz"
     if not path.exists():

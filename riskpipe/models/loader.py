@@ -32,12 +32,15 @@ from pathlib import Path
 from urllib.parse import parse_qsl
 
 import numpy as np
+import sklearn
+import skops.io as sio
 import torch
+from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
 
-from riskpipe.models import trees as _trees
+from riskpipe.models import demo, trees as _trees
 from riskpipe.models.base import (Model, ModelError, ModelFault, ShapeUnknown, one_line, sha256_file,
                                   sha256_state_dict)
-from riskpipe.models.digits import INPUT_SHAPE, NUM_CLASSES
+from riskpipe.models.digits import INPUT_SHAPE, NUM_CLASSES, reference_file
 
 
 def _options(spec: str) -> tuple[str, dict[str, str]]:
@@ -89,14 +92,11 @@ def _torch_model(spec: str, module: torch.nn.Module, opts, sha: str, default_sha
 
 
 def _load_demo(spec: str, name: str, opts) -> Model:
-    from riskpipe.models import demo
-
     if name not in demo.DEMOS:
         raise ModelError(f"model {spec}: unknown demo model {name!r} (known: {', '.join(sorted(demo.DEMOS))})")
     sigma = float(opts["sigma"]) if "sigma" in opts else None
     module = demo.build_demo(name, sigma=sigma)
     recipe = demo.DEMOS[name][0]
-    from riskpipe.models.digits import reference_file
 
     return Model(
         spec=spec,
@@ -154,7 +154,7 @@ def _score_output(sess, spec: str):
 
 def _load_onnx(spec: str, path: Path, opts) -> Model:
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional: onnxruntime is the optional [onnx] extra
     except ImportError:
         raise ModelError(f"model {spec}: onnxruntime is not installed (pip install 'riskpipe[onnx]')") from None
     options = ort.SessionOptions()  # ONNX Runtime's own thread pools follow the stage's torch_threads
@@ -242,7 +242,6 @@ def _sklearn_call(method, batch: np.ndarray):
     find nothing; the output is still checked (riskpipe.models.output). float32 C order is
     what the tree predictors read without a copy. Fitted on named columns and fed a plain
     array is expected here, so that warning is silenced for the call only."""
-    import sklearn  # loaded already with the estimator
 
     x = np.ascontiguousarray(batch, dtype=np.float32).reshape(len(batch), -1)
     with warnings.catch_warnings(), sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
@@ -260,7 +259,6 @@ def _forest_proba(est):
     in the same (estimator) order into the same float64 array and divides by the number of
     trees, exactly as ``ForestClassifier.predict_proba`` does with one job, so the result
     is the same bits (and deterministic whatever ``n_jobs`` the file was saved with)."""
-    from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
 
     if not isinstance(est, RandomForestClassifier | ExtraTreesClassifier) or est.n_outputs_ != 1:
         return None
@@ -277,8 +275,6 @@ def _forest_proba(est):
 
 
 def _load_skops(spec: str, path: Path, opts, trusted_types=()) -> Model:
-    import skops.io as sio
-
     trusted = [*TREE_TYPES, *trusted_types]
     try:
         untrusted = [t for t in sio.get_untrusted_types(file=str(path)) if t not in trusted]
