@@ -8,6 +8,7 @@ rejected, so a typo never reaches an audit report. Titles are short paraphrases.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.resources import files
@@ -108,7 +109,6 @@ def check_control(ref: str) -> str:
     """Return ``ref`` if it is a mapped control id, else raise ValueError naming the closest."""
     if ref in CATALOG:
         return ref
-    import difflib
 
     close = difflib.get_close_matches(ref, CATALOG, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]!r}?)" if close else " (see policies/README.md for the list)"

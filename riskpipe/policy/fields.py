@@ -9,6 +9,7 @@ context, context signal disabled) is never met, whatever the operator.
 
 from __future__ import annotations
 
+import difflib
 import math
 import operator
 from dataclasses import dataclass
@@ -64,8 +65,6 @@ def check_condition(field: str, op: str, value: Any) -> None:
     """Raise ValueError if ``field op value`` is not a well-typed condition."""
     spec = FIELDS.get(field)
     if spec is None:
-        import difflib
-
         close = difflib.get_close_matches(field, FIELDS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"{field!r} is not a rule field (see policies/README.md){hint}")

@@ -33,7 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
-from riskpipe.policy.fields import FIELDS, holds
+from riskpipe.policy.fields import FIELDS, OPS, holds
+from riskpipe.policy.signals import certificate_risk_floor
 
 if TYPE_CHECKING:
     from riskpipe.policy.schema import Condition, Policy, Rule, When
@@ -96,8 +97,6 @@ class Analysis:
 
 
 def analyse(policy: Policy) -> Analysis:
-    from riskpipe.policy.signals import certificate_risk_floor
-
     rules = policy.rules
     constants: dict[str, set[float]] = {}
     for rule in rules:
@@ -147,7 +146,6 @@ def analyse(policy: Policy) -> Analysis:
 
 def _compile(when: When | None, fields: list[str]) -> Callable[[Combo], bool]:
     """``conditions_hold`` for a tuple of facts in ``fields`` order (the analysis hot loop)."""
-    from riskpipe.policy.fields import OPS
 
     if when is None:
         return lambda combo: True

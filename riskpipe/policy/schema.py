@@ -20,7 +20,9 @@ from riskpipe.certify.families import (DEFAULT_METHOD, FAMILIES, POLICY_MODES, S
                                        section_params)
 from riskpipe.certify.norms import check_norm, conversion_factor
 from riskpipe.policy.controls import check_control
+from riskpipe.policy.evaluate import evaluate
 from riskpipe.policy.fields import check_condition
+from riskpipe.policy.rules import analyse, describe_facts
 
 if TYPE_CHECKING:
     from riskpipe.certify.certificate import Certificate
@@ -320,8 +322,6 @@ class Policy(_Frozen):
 
     @model_validator(mode="after")
     def _whole_policy(self) -> Policy:
-        from riskpipe.policy.rules import analyse, describe_facts
-
         problems: list[tuple[tuple[str | int, ...], str]] = []
         seen: dict[str, int] = {}
         for i, rule in enumerate(self.rules):
@@ -372,8 +372,6 @@ class Policy(_Frozen):
     # ---- decisions ---------------------------------------------------------------------
     def evaluate(self, certificate: Certificate | dict[str, Any], upstream_risk: Any = None, context: Any = None,
                  event_id: str | None = None, prediction: Any = None) -> Decision:
-        from riskpipe.policy.evaluate import evaluate
-
         return evaluate(self, certificate, upstream_risk=upstream_risk, context=context, event_id=event_id,
                         prediction=prediction)
 
