@@ -12,7 +12,7 @@ import sys
 
 import psycopg
 import pytest
-from ledger_records import POLICY_V4, decision_record
+from ledger_records import POLICY_V4, as_superuser, decision_record
 
 from riskpipe.ledger import Ledger, LedgerError, canonical_json, entry_hash, open_ledger
 from riskpipe.ledger import postgres as pg_backend
@@ -108,14 +108,6 @@ def test_triggers_refuse_update_delete_truncate(pg_url):
         assert led.verify().ok and led.count() == 5
 
 
-def tamper(url, *statements):
-    """Superuser edits with the append-only triggers disabled for this session."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("SET session_replication_role = replica")
-        for sql in statements:
-            conn.execute(sql)
-
-
 def rechain_sql(led, start):
     """Statements that recompute every hash from row ``start`` on, as a forger who knows the layout would."""
     rows = [(e.seq, e.kind, e.entry_id, canonical_json(e.record)) for e in led.records()]
@@ -150,7 +142,7 @@ def test_tampering_behind_the_triggers_is_detected_at_the_right_row(pg_url, case
         "ts": ["UPDATE entries SET ts = '2020-01-01T00:00:00Z' WHERE seq = 6"],
     }[case]
     assert e4.seq == 4 and e5.seq == 5
-    tamper(pg_url, *statements)
+    as_superuser(pg_url, statements)
     with open_ledger(pg_url) as led:
         res = led.verify()
     assert not res.ok and res.first_bad_seq == first_bad and reason in res.reason, res
