@@ -5,36 +5,95 @@ the row, built for ledgers written before it existed, and refused edits like ent
 import sqlite3
 
 import pytest
-from ledger_records import build_ledger
+from ledger_records import build_ledger, decision_record
 
 from riskpipe.ledger import open_ledger
 from riskpipe.ledger import sqlite as sqlite_backend
-from riskpipe.ledger.facts import NAMES, build_existing, facts_of
+from riskpipe.ledger.facts import GROUP_COLUMNS, NAMES, build_existing, build_groups, facts_of, hour_of
+from riskpipe.ledger.migrations import migrate
 from riskpipe.report.data import gather
 
 
 FACTS_VERSION = next(v for v, steps in sqlite_backend.STEPS if build_existing in steps)
+GROUPS_VERSION = next(v for v, steps in sqlite_backend.STEPS if build_groups in steps)
+GID = NAMES.index("gid")
 
 
-def _facts(path):
+def _state(path):
+    """The facts rows (their gid as the group's values), and the hourly counts per group
+    values and hour: what the ledger's facts tables hold, whatever the gid numbering."""
     with open_ledger(path) as led, led.snapshot() as q:
-        return q(f"SELECT {', '.join(NAMES)} FROM facts ORDER BY seq")
+        groups = {r[0]: tuple(r[1:]) for r in q(f"SELECT gid, {', '.join(GROUP_COLUMNS)} FROM fact_groups")}
+        assert len(set(groups.values())) == len(groups)  # one gid per group
+        facts = [(*f[:GID], groups[f[GID]], *f[GID + 1:]) for f in q(f"SELECT {', '.join(NAMES)} FROM facts ORDER BY seq")]
+        counts = {(groups[gid], h): rest for gid, h, *rest in q("SELECT gid, h, n, first_seq, t0, t1 FROM fact_counts")}
+    return facts, counts
 
 
 def _expected(path):
+    """The same, computed record by record (facts_of) and counted here."""
     with open_ledger(path) as led:
-        return [f for f in (facts_of(e.seq, e.kind, e.entry_id, e.record) for e in led.records()) if f is not None]
+        rows = [f for f in (facts_of(e.seq, e.kind, e.entry_id, e.record) for e in led.records()) if f is not None]
+    at = [NAMES.index(c) for c in GROUP_COLUMNS]
+    facts = [(*f[:GID], tuple(f[i] for i in at), *f[GID + 1:]) for f in rows]
+    counts: dict = {}
+    for f in facts:
+        t, seq = f[NAMES.index("t")], f[0]
+        n, first, t0, t1 = counts.get((f[GID], hour_of(t)), (0, seq, t, t))
+        counts[(f[GID], hour_of(t))] = (n + 1, min(first, seq), t if t0 is None else min(t0, t),
+                                        t if t1 is None else max(t1, t))
+    return facts, {k: list(v) for k, v in counts.items()}
 
 
 def test_facts_match_the_records_and_older_ledgers_get_them_on_open(tmp_path):
     path = tmp_path / "l.db"
     build_ledger(path, n=40, seed=5)
+    with open_ledger(path) as led:  # a decision without a time, and one with an integer p_lower
+        led.append_many([{**decision_record(900), "ts": None}])
+        rec = decision_record(901)
+        rec["certificate"]["p_lower"] = 1
+        led.append(rec)
     want = _expected(path)
-    assert _facts(path) == want and {f[1] for f in want} == {"decision", "dlq"}
-    with sqlite3.connect(path) as db:  # the ledger as schema 2 left it: no facts table
-        db.execute("DROP TABLE facts")
-        db.execute("DELETE FROM schema_version WHERE version = ?", (FACTS_VERSION,))
-    assert _facts(path) == want  # opening migrates and builds the table from the rows
+    facts, counts = _state(path)
+    assert facts == want[0] and counts == want[1] and {f[1] for f in facts} == {"decision", "dlq"}
+    assert {f[NAMES.index("p_lower")] for f in facts if f[2] in ("evt-00901", "evt-00000")} == {1.0, 0.93}
+    assert any(h == hour_of(None) for _, h in counts)
+    with sqlite3.connect(path) as db:  # the ledger as schema 5 left it: no facts tables
+        for table in ("facts", "fact_groups", "fact_counts"):
+            db.execute(f"DROP TABLE {table}")
+        db.execute("DELETE FROM schema_version WHERE version >= ?", (FACTS_VERSION,))
+    assert _state(path) == want  # opening migrates and builds the tables from the rows
+
+
+def test_a_schema_6_ledger_gets_p_lower_group_codes_and_counts_on_open(tmp_path):
+    """Schema 7 on a ledger written by schema 6 (its facts table as schema 6's step made
+    it): p_lower read from the records in SQL, gids and hourly counts from the facts
+    columns, the new indexes; the result equals what appends write."""
+    path = tmp_path / "l.db"
+    build_ledger(path, n=40, seed=6)
+    want = _expected(path)
+    db = sqlite3.connect(path, isolation_level=None)
+    for table in ("facts", "fact_groups", "fact_counts"):
+        db.execute(f"DROP TABLE {table}")
+    db.execute("DELETE FROM schema_version WHERE version >= ?", (FACTS_VERSION,))
+    db.execute("BEGIN IMMEDIATE")
+    assert migrate(db, sqlite_backend.STEPS[:FACTS_VERSION], sqlite_backend._has_table, "test") == FACTS_VERSION
+    db.execute("COMMIT")
+    v6_columns = [r[1] for r in db.execute("PRAGMA table_info(facts)")]
+    assert "gid" not in v6_columns and "p_lower" not in v6_columns
+    db.close()
+    with open_ledger(path) as led:
+        assert led.schema_version == GROUPS_VERSION
+        with led.snapshot() as q:
+            indexes = {r[0] for r in q("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'facts'")}
+    assert {"facts_window", "facts_queue", "facts_gid", "facts_queue_gid"} <= indexes and "facts_kind_t" not in indexes
+    assert _state(path) == want
+    with open_ledger(path) as led:  # and appends go on from there
+        led.append(decision_record(500))
+    assert _state(path) == _expected(path)
+    with sqlite3.connect(path) as db:
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            db.execute("UPDATE facts SET gid = 0")
 
 
 def test_facts_rows_are_append_only(tmp_path):
@@ -66,3 +125,32 @@ def test_report_without_the_chain_walk_says_so(tmp_path):
     assert "not verified in this report" in d["integrity"]["reason"]
     assert {c["status"] for c in d["controls"] if "integrity" in c["sections"]} == {"ledger not verified in this report"}
     assert d["volumes"]["in_period"]["decision"] == 10 and gather(str(path))["integrity"]["ok"] is True
+
+
+def test_postgresql_facts_and_their_migration(pg_url, tmp_path):
+    """The same on PostgreSQL: facts, groups and counts as appends write them, and as its
+    migration step (8 there) builds them on a ledger its schema 7 wrote."""
+    import psycopg
+
+    from riskpipe.ledger import postgres as pg_backend
+
+    build_ledger(tmp_path / "l.db", n=30, seed=7)
+    with open_ledger(tmp_path / "l.db") as lite, open_ledger(pg_url) as pg:
+        entries = [(e.kind, e.record, e.entry_id) for e in lite.records()]
+        for start in range(0, len(entries), 7):
+            pg.append_entries(entries[start:start + 7])
+    want = _expected(pg_url)
+    assert _state(pg_url) == want and want == _expected(tmp_path / "l.db")
+    version = next(v for v, steps in pg_backend.STEPS if build_groups in steps)
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # back to what schema 7 left
+        for stmt in ("DROP TABLE fact_groups", "DROP TABLE fact_counts", "DROP INDEX facts_window",
+                     "DROP INDEX facts_gid", "DROP INDEX facts_queue_gid", "DROP INDEX facts_queue_deadline",
+                     "ALTER TABLE facts DROP COLUMN gid", "ALTER TABLE facts DROP COLUMN p_lower",
+                     "CREATE INDEX facts_kind_t ON facts (kind, t)",
+                     "CREATE INDEX facts_radius ON facts (threat_norm, threat_eps, radius_threat)"):
+            conn.execute(stmt)
+        conn.execute("DELETE FROM schema_version WHERE version = %s", (version,))
+    assert _state(pg_url) == want
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        with pytest.raises(psycopg.Error, match="append-only"):
+            conn.execute("UPDATE facts SET gid = 0")

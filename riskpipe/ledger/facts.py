@@ -13,12 +13,22 @@ table, is the evidence: ``riskpipe ledger verify`` checks the chain; the report 
 that its figures are read from this table, and checks that it holds one row per
 decision and dead letter in the ledger (a deleted or added row shows); an edited facts
 row is not detected short of recomputing it from the record.
+
+Schema 7 (SQLite; 8 on PostgreSQL) adds what keeps the report's cost flat as the ledger
+grows: ``p_lower`` (the certificate's lower bound on p_A, so the report no longer parses
+records for it), and ``gid``, an integer code for the row's *group* -- its values of
+:data:`GROUP_COLUMNS`, the columns the report counts by and the queue filters on -- listed
+once in ``fact_groups``. ``fact_counts`` holds, per group and hour, how many rows there
+are, the first row's seq and the time span, kept up to date in the append transaction, so
+the report's counts read a few rows per group and hour instead of every row. The
+report checks that ``fact_counts`` adds up to the facts rows.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -31,7 +41,8 @@ NO_PRIORITY = 2**62  # sorts after every priority a record can carry (in the ``p
 NO_DEADLINE = 1e300  # sorts after every deadline (in the ``due`` column; ``deadline`` stays NULL)
 
 # (column, SQL type) in insert order; "REAL" is a double on both backends once mapped.
-COLUMNS: tuple[tuple[str, str], ...] = (
+# Schema 6's columns: its migration step creates exactly these (schema 7 adds the rest).
+COLUMNS_V6: tuple[tuple[str, str], ...] = (
     ("seq", "INT"), ("kind", "TEXT"), ("entry_id", "TEXT"),
     ("t", "REAL"), ("hour", "TEXT"), ("day", "TEXT"),
     ("decision", "TEXT"), ("model", "TEXT"), ("model_sha", "TEXT"), ("model_label", "TEXT"),
@@ -45,14 +56,45 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("rule", "TEXT"), ("worker", "TEXT"), ("has_input", "INTEGER"), ("scope_key", "TEXT"),
     ("reasons", "TEXT"), ("controls", "TEXT"), ("dlq_reason", "TEXT"), ("dlq_source", "TEXT"),
 )
+COLUMNS = (*COLUMNS_V6, ("p_lower", "REAL"), ("gid", "BIG"))
 NAMES = tuple(c for c, _ in COLUMNS)
 _INSERT = f"INSERT INTO facts ({', '.join(NAMES)}) VALUES ({','.join('?' * len(NAMES))})"
+_INSERT_V6 = f"INSERT INTO facts ({', '.join(NAMES[:len(COLUMNS_V6)])}) VALUES ({','.join('?' * len(COLUMNS_V6))})"
+
+# What the report counts decisions and dead letters by, and the queue filters on: each
+# distinct combination of these values is one group (a few per model, policy and worker,
+# however many rows), coded by ``gid``.
+GROUP_COLUMNS = (
+    "kind", "decision", "model", "model_sha", "model_label", "policy", "policy_version", "policy_sha", "policy_label",
+    "policy_shadow", "method", "mode", "norm", "sigma", "alpha", "threat_norm", "threat_eps", "rule", "worker",
+    "reasons", "controls", "priority_label", "abstained", "not_certified", "routed", "audit", "needs_review",
+    "review_ok", "has_input", "scope_key", "dlq_reason", "dlq_source",
+)
+NO_HOUR = -2**62  # fact_counts.h of the rows without a time
+# (gid, hour) -> [rows, first seq, first t, last t]: what fact_counts holds, as a batch adds to it
+Counts = dict[tuple[int, int], list[Any]]
+_TYPES = dict(COLUMNS)
+_AT = {c: i for i, c in enumerate(NAMES)}
+_GROUP_AT = [_AT[c] for c in GROUP_COLUMNS]
+_INSERT_GROUP = (f"INSERT INTO fact_groups (gid, gkey, {', '.join(GROUP_COLUMNS)}) "
+                 f"VALUES ({','.join('?' * (len(GROUP_COLUMNS) + 2))})")
+_ADD_COUNTS = (
+    "INSERT INTO fact_counts (gid, h, n, first_seq, t0, t1) VALUES (?,?,?,?,?,?) ON CONFLICT (gid, h) DO UPDATE SET "
+    "n = fact_counts.n + excluded.n, "
+    "first_seq = CASE WHEN excluded.first_seq < fact_counts.first_seq THEN excluded.first_seq "
+    "ELSE fact_counts.first_seq END, "
+    "t0 = CASE WHEN excluded.t0 < fact_counts.t0 THEN excluded.t0 ELSE fact_counts.t0 END, "
+    "t1 = CASE WHEN excluded.t1 > fact_counts.t1 THEN excluded.t1 ELSE fact_counts.t1 END")
+
+
+def _sql_types(int_type: str, real_type: str) -> dict[str, str]:
+    return {"INT": f"{int_type} PRIMARY KEY", "BIG": int_type, "REAL": real_type, "INTEGER": "INTEGER", "TEXT": "TEXT"}
 
 
 def table_statements(int_type: str, real_type: str) -> list[str]:
-    """The table and the indexes the report and the queue read through."""
-    types = {"INT": f"{int_type} PRIMARY KEY", "BIG": int_type, "REAL": real_type, "INTEGER": "INTEGER", "TEXT": "TEXT"}
-    cols = ",\n            ".join(f"{c} {types[t]}" for c, t in COLUMNS)
+    """Schema 6: the table and the indexes the report and the queue read through."""
+    types = _sql_types(int_type, real_type)
+    cols = ",\n            ".join(f"{c} {types[t]}" for c, t in COLUMNS_V6)
     return [
         f"CREATE TABLE facts (\n            {cols})",
         "CREATE INDEX facts_kind_t ON facts (kind, t)",
@@ -60,6 +102,49 @@ def table_statements(int_type: str, real_type: str) -> list[str]:
         # the queue's order (priority 1 first, no priority last, then deadline, none last, then arrival)
         "CREATE INDEX facts_queue ON facts (needs_review, review_ok, priority, due, seq)",
         "CREATE INDEX facts_radius ON facts (threat_norm, threat_eps, radius_threat)",
+    ]
+
+
+def v7_statements(int_type: str, real_type: str, number_at: Callable[[str], str], unlock: list[str],
+                  lock: list[str]) -> list[str | Callable[[Db], None]]:
+    """Schema 7: ``p_lower`` and ``gid`` on the facts rows, ``fact_groups`` and
+    ``fact_counts``, filled for the rows a ledger already holds (``number_at``: the
+    backend's SQL for a numeric record field; ``unlock``/``lock``: its statements that
+    lift and restore the facts table's refusal of updates around the backfill), and the
+    indexes the report and the queue read through."""
+    types = _sql_types(int_type, real_type)
+    group_cols = ",\n            ".join(f"{c} {types[_TYPES[c]] if c != 'kind' else 'TEXT NOT NULL'}"
+                                        for c in GROUP_COLUMNS)
+    return [
+        f"ALTER TABLE facts ADD COLUMN p_lower {real_type}",
+        f"ALTER TABLE facts ADD COLUMN gid {int_type}",
+        f"""CREATE TABLE fact_groups (
+            gid  {int_type} PRIMARY KEY,
+            gkey TEXT NOT NULL UNIQUE,
+            {group_cols})""",
+        f"""CREATE TABLE fact_counts (
+            gid       {int_type} NOT NULL,
+            h         {int_type} NOT NULL,
+            n         {int_type} NOT NULL,
+            first_seq {int_type} NOT NULL,
+            t0        {real_type},
+            t1        {real_type},
+            PRIMARY KEY (gid, h))""",
+        *unlock,
+        f"UPDATE facts SET p_lower = (SELECT {number_at('certificate.p_lower')} FROM entries e WHERE e.seq = facts.seq) "
+        "WHERE kind = 'decision'",
+        build_groups,
+        *lock,
+        "DROP INDEX facts_kind_t",
+        "DROP INDEX facts_radius",
+        # the report's window: its counts outside whole hours, and its distributions, from the index alone
+        "CREATE INDEX facts_window ON facts (kind, t, gid, radius_threat, p_lower)",
+        # a group's rows in chain order (the report's examples) and its queue items in queue order
+        # (a filtered or scoped queue page reads each group's range)
+        "CREATE INDEX facts_gid ON facts (gid, seq, t)",
+        "CREATE INDEX facts_queue_gid ON facts (gid, priority, due, seq) WHERE needs_review = 1 AND review_ok = 1",
+        # queue items by deadline: the console notes each breach once, looking only at deadlines passed since
+        "CREATE INDEX facts_queue_deadline ON facts (deadline) WHERE needs_review = 1 AND review_ok = 1",
     ]
 
 
@@ -103,7 +188,8 @@ def _deadline(review: Any) -> tuple[float | None, int]:
 
 
 def facts_of(seq: int, kind: str, entry_id: str, record: dict[str, Any]) -> Row | None:
-    """The facts row of one ledger row (None for kinds the report reads whole)."""
+    """The facts row of one ledger row (None for kinds the report reads whole); its
+    ``gid`` is None until :func:`insert` gives it the group's code."""
     if kind not in KINDS:
         return None
 
@@ -143,6 +229,7 @@ def facts_of(seq: int, kind: str, entry_id: str, record: dict[str, Any]) -> Row 
         has_input=int(isinstance(inp, dict) and (inp.get("data") is not None or isinstance(inp.get("tensor"), dict))),
         scope_key=hashlib.sha256(str(scope).encode("utf-8", "surrogatepass")).hexdigest()[:16] if scope else None,
         reasons=_list_text(record.get("reasons")), controls=_list_text(record.get("controls")),
+        p_lower=_num(_get(cert, "p_lower")),
     )
     return tuple(row[c] for c in NAMES)
 
@@ -162,19 +249,105 @@ def _list_text(v: Any) -> str:
 
 
 def insert(db: Db, rows: list[tuple[int, str, str, dict[str, Any]]]) -> None:
-    """Insert the facts of ``(seq, kind, entry_id, record)`` rows (inside the append)."""
+    """Insert the facts of ``(seq, kind, entry_id, record)`` rows (inside the append),
+    with their group codes, and add them to ``fact_counts``."""
     facts = [f for f in (facts_of(*r) for r in rows) if f is not None]
-    if facts:
-        db.executemany(_INSERT, facts)
+    if not facts:
+        return
+    gids = group_ids(db, {tuple(f[i] for i in _GROUP_AT) for f in facts})
+    at = _AT["gid"]
+    facts = [(*f[:at], gids[tuple(f[i] for i in _GROUP_AT)], *f[at + 1:]) for f in facts]
+    db.executemany(_INSERT, facts)
+    counts: Counts = {}
+    for f in facts:
+        count_row(counts, f[at], f[_AT["seq"]], f[_AT["t"]])
+    _add_counts(db, counts)
+
+
+def group_key(values: Row) -> str:
+    """``fact_groups.gkey``: the group's values (GROUP_COLUMNS order) as one text, hashed."""
+    text = json.dumps(list(values), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def group_ids(db: Db, groups: set[Row]) -> dict[Row, int]:
+    """The ``gid`` of each group (its GROUP_COLUMNS values); groups not yet listed in
+    ``fact_groups`` are added (inside the append lock: one writer numbers them)."""
+    keys = {group_key(g): g for g in groups}
+    out: dict[Row, int] = {}
+    texts = sorted(keys)
+    for i in range(0, len(texts), 500):
+        chunk = texts[i:i + 500]
+        for gid, gkey in db.execute(f"SELECT gid, gkey FROM fact_groups WHERE gkey IN ({','.join('?' * len(chunk))})",
+                                    tuple(chunk)).fetchall():
+            out[keys[gkey]] = gid
+    new = [k for k in texts if keys[k] not in out]
+    if new:
+        top = int(db.execute("SELECT COALESCE(MAX(gid), 0) FROM fact_groups").fetchone()[0])
+        rows = []
+        for k in new:
+            top += 1
+            out[keys[k]] = top
+            rows.append((top, k, *keys[k]))
+        db.executemany(_INSERT_GROUP, rows)
+    return out
+
+
+def hour_of(t: float | None) -> int:
+    """``fact_counts.h``: the hour a row's time falls in (``t // 3600``, exact for floats),
+    NO_HOUR without a time."""
+    return NO_HOUR if t is None else int(t // 3600)
+
+
+def count_row(counts: Counts, gid: int, seq: int, t: float | None) -> None:
+    """Add a row to ``counts`` (``(gid, hour) -> [rows, first seq, first t, last t]``)."""
+    key = (gid, hour_of(t))
+    c = counts.get(key)
+    if c is None:
+        counts[key] = [1, seq, t, t]
+        return
+    c[0] += 1
+    c[1] = min(c[1], seq)
+    if t is not None:
+        c[2], c[3] = min(c[2], t), max(c[3], t)
+
+
+def _add_counts(db: Db, counts: Counts) -> None:
+    db.executemany(_ADD_COUNTS, [(gid, h, *c) for (gid, h), c in sorted(counts.items())])
 
 
 def build_existing(db: Db) -> None:
-    """Migration step: the facts of the rows an older ledger already holds."""
+    """Migration step 6: the facts of the rows an older ledger already holds (schema 6's
+    columns; step 7 adds the rest as it does for every schema-6 ledger)."""
+    n = len(COLUMNS_V6)
     last = 0
     while True:  # pages by seq: bounded memory on a large ledger
         rows = db.execute("SELECT seq, kind, entry_id, record FROM entries WHERE seq > ? AND kind IN ('decision', 'dlq') "
                           "ORDER BY seq LIMIT 5000", (last,)).fetchall()
         if not rows:
             return
-        insert(db, [(seq, kind, eid, json.loads(text)) for seq, kind, eid, text in rows])
+        facts = (facts_of(seq, kind, eid, json.loads(text)) for seq, kind, eid, text in rows)
+        db.executemany(_INSERT_V6, [f[:n] for f in facts if f is not None])
         last = rows[-1][0]
+
+
+def build_groups(db: Db) -> None:
+    """Migration step 7: the group codes and hourly counts of the facts rows a schema-6
+    ledger holds, from their columns (no record is parsed)."""
+    cols = ", ".join(("seq", "t", *GROUP_COLUMNS))
+    gids: dict[Row, int] = {}
+    counts: Counts = {}
+    last = 0
+    while True:  # pages by seq: bounded memory on a large ledger
+        rows = db.execute(f"SELECT {cols} FROM facts WHERE seq > ? ORDER BY seq LIMIT 20000", (last,)).fetchall()
+        if not rows:
+            break
+        new = {tuple(r[2:]) for r in rows} - gids.keys()
+        if new:
+            gids.update(group_ids(db, new))
+        coded = [(gids[tuple(r[2:])], r[0], r[1]) for r in rows]
+        db.executemany("UPDATE facts SET gid = ? WHERE seq = ?", [(gid, seq) for gid, seq, _ in coded])
+        for gid, seq, t in coded:
+            count_row(counts, gid, seq, t)
+        last = rows[-1][0]
+    _add_counts(db, counts)

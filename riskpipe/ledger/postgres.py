@@ -136,6 +136,9 @@ STEPS: list[Step] = [
         "CREATE TRIGGER entries_no_change BEFORE UPDATE OR DELETE ON entries FOR EACH ROW "
         "EXECUTE FUNCTION riskpipe_sequence_only()",
     ]),
+    (8, facts.v7_statements(  # p_lower, group codes and hourly counts: the report's cost stays flat
+        "BIGINT", "DOUBLE PRECISION", _number_at, unlock=["ALTER TABLE facts DISABLE TRIGGER facts_no_change"],
+        lock=["ALTER TABLE facts ENABLE TRIGGER facts_no_change"])),
 ]
 
 
@@ -338,7 +341,7 @@ class PostgresLedger(Ledger):
         with self._conn() as db:
             return int(db.execute("SELECT COUNT(*) FROM entries WHERE seq IS NULL").fetchone()[0])
 
-    def _rows(self, db: Db, sql: str, params: Row = (), name: str = "riskpipe_verify") -> Iterable[Row]:
+    def _rows(self, db: Db, sql: str, params: Row = (), name: str = "riskpipe_verify") -> Cursor:
         pg = cast(_Conn, db)  # the connection this backend's ``_read`` yields
         cur = pg.conn.cursor(name=name)  # server-side: rows stream, memory stays flat
         cur.itersize = 5000

@@ -76,6 +76,9 @@ STEPS: list[Step] = [
         *_append_only("facts"),
         facts.build_existing,
     ]),
+    (7, facts.v7_statements(  # p_lower, group codes and hourly counts: the report's cost stays flat
+        "INTEGER", "REAL", _number_at, unlock=["DROP TRIGGER facts_no_update", "DROP TRIGGER facts_no_delete"],
+        lock=_append_only("facts"))),
 ]
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import threading
-from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -34,7 +33,7 @@ from riskpipe.ledger.chain import (
     row_to_entry,
 )
 from riskpipe.ledger.anchors import Checkpoint, LegacyCheckpoint
-from riskpipe.ledger.conn import Db, Row
+from riskpipe.ledger.conn import Cursor, Db, Row
 from riskpipe.ledger.inputs import StoredInput
 from riskpipe.ledger.targets import backend_name
 from riskpipe.timestamps import iso_seconds
@@ -85,7 +84,7 @@ class Ledger:
         """A read-only transaction on one consistent snapshot; yields the connection wrapper."""
         raise NotImplementedError
 
-    def _rows(self, db: Db, sql: str, params: Row = (), name: str = "") -> Iterable[Row]:
+    def _rows(self, db: Db, sql: str, params: Row = (), name: str = "") -> Cursor:
         """Iterate a large result without loading it whole (inside ``_read``); ``name``
         tells concurrent cursors apart where the backend needs it."""
         return db.execute(sql, params)
@@ -305,11 +304,12 @@ class Ledger:
         return row[0] if row else None
 
     @contextmanager
-    def snapshot(self) -> Iterator[Callable[..., Sequence[Row]]]:
+    def snapshot(self) -> Iterator[Snapshot]:
         """``query(sql, params) -> rows`` on one consistent read snapshot: the report and the
-        review queue run their SQL (``?`` placeholders, the ``facts`` table) through it."""
+        review queue run their SQL (``?`` placeholders, the ``facts`` table) through it;
+        ``query.stream(sql, params)`` reads a large result in lists of rows, not whole."""
         with self._read() as db:
-            yield lambda sql, params=(): db.execute(sql, tuple(params)).fetchall()
+            yield Snapshot(self, db)
 
     # -- the Merkle tree (riskpipe.ledger.tree) ---------------------------------------------
     def tree_head(self) -> tuple[int, str]:
@@ -466,3 +466,24 @@ def backend_for(target: Any) -> type[Ledger]:
         if cls.backend == name:
             return cls
     raise LedgerError(f"ledger: the {name} backend is not loaded (import riskpipe.ledger)")
+
+
+class Snapshot:
+    """The query function :meth:`Ledger.snapshot` yields."""
+
+    def __init__(self, ledger: Ledger, db: Db) -> None:
+        self._ledger, self._db = ledger, db
+        self._streams = 0
+
+    def __call__(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
+        return list(self._db.execute(sql, tuple(params)).fetchall())
+
+    def stream(self, sql: str, params: Iterable[Any] = (), size: int = 20_000) -> Iterator[list[Row]]:
+        """The rows in lists of at most ``size`` (fetched by the driver, not row by row)."""
+        self._streams += 1
+        rows = self._ledger._rows(self._db, sql, tuple(params), name=f"riskpipe_snapshot_{self._streams}")
+        try:
+            while chunk := rows.fetchmany(size):
+                yield list(chunk)
+        finally:
+            rows.close()

@@ -14,7 +14,10 @@ from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import numpy as np
+
 from riskpipe.ledger import LedgerError, open_ledger, parse_ts, redact
+from riskpipe.ledger.facts import GROUP_COLUMNS, KINDS, NO_HOUR, count_row
 from riskpipe.policy.controls import frameworks, mapping
 from riskpipe.policy.naming import policy_label
 from riskpipe.review.queue import OVERRIDES as CONTRADICTS  # one definition of an override, the console's
@@ -59,11 +62,11 @@ def _iso(t: datetime | None) -> str | None:
     return rfc3339_seconds(t) if t else None
 
 
-def _quantiles(values: list[float], mean: bool = True) -> dict:
+def _quantiles(values: list[float] | np.ndarray, mean: bool = True) -> dict:
     """Quantiles (and the mean unless ``mean=False``: the certified radius's mean is no quality measure)."""
-    if not values:
+    if not len(values):
         return {"n": 0, **dict.fromkeys(("min", "p10", "median", "p90", "max", *(("mean",) if mean else ())))}
-    v = sorted(values)
+    v = np.sort(values).tolist() if isinstance(values, np.ndarray) else sorted(values)
 
     def q(p: float) -> float:
         return v[min(len(v) - 1, int(round(p * (len(v) - 1))))]
@@ -79,12 +82,15 @@ def _rate(k: int, n: int) -> float | None:
 def gather(ledger_path: str, since: Any = None, until: Any = None, verify: bool = True) -> dict:
     """All report sections for decisions with ``since <= ts < until`` (others by their own ts).
 
-    Decisions and dead letters are read from the ledger's ``facts`` table
-    (:mod:`riskpipe.ledger.facts`) in two passes the database does: one GROUP BY over the
-    columns the sections count by (a few thousand groups, however many rows), and the
-    radii (one number per decision) for exact quantiles. Only verdicts, policy entries and
-    the example records the report shows are read whole. ``verify`` walks the whole chain
-    first (the same walk as ``riskpipe ledger verify``; its time grows with the ledger)."""
+    Decisions and dead letters are read from the ledger's ``facts`` tables
+    (:mod:`riskpipe.ledger.facts`). Counts come from ``fact_counts`` (per group and hour,
+    kept by the appends) for the window's whole hours and from the facts rows of the
+    partial hours at its edges, so they cost what the groups and hours cost, not the rows.
+    The exact distributions (radii, p_A lower bounds, the ages of the items waiting for
+    review) need one number per decision: they are streamed from one index of the facts
+    table into arrays. Only verdicts, policy entries and the example records the report
+    shows are read whole. ``verify`` walks the whole chain first (the same walk as
+    ``riskpipe ledger verify``; its time grows with the ledger)."""
     with open_ledger(ledger_path, create=False) as led:
         integrity = _integrity(led, ledger_path, verify)
         verdicts = [e.record for e in led.records("verdict", since, until)]
@@ -94,25 +100,27 @@ def gather(ledger_path: str, since: Any = None, until: Any = None, verify: bool 
             f = _Facts(q, since, until)
             first, last = f.rows("SELECT MIN(t), MAX(t)")[0]
             bucket = "hour" if first is None or last - first <= 3 * 86400 else "day"
-            g = _Groups(f, bucket)
-            radii = _Radii(f)
+            hours = f.hour_counts()
+            g = _Groups(f, hours, bucket, _BY)
+            dlq = _Groups(f, hours, bucket, ("dlq_reason", "dlq_source"), kind="dlq")
+            numbers = f.numbers()
+            radii = _Radii(f, numbers)
             looked_up = f.lookup([v.get("id") for v in verdicts])
             data = {
                 "scope": _scope(g, f),
                 "policies": _policies(g, policies),
-                "volumes": _volumes(g, f, verdicts, totals),
+                "volumes": _volumes(g, dlq, verdicts, totals),
                 "decisions": _decisions(g, bucket),
                 "abstention": _abstention(g),
-                "certificates": _certificates(g, f.numbers(led.number_at("certificate.p_lower"),
-                                                           "model_label", "policy_label")),
+                "certificates": _certificates(g, _by(f, numbers, "p_lower", lambda grp: grp["model_label"])),
                 "radius": _radius(radii),
-                "review": _review(g, verdicts, looked_up, f.backlog(),
+                "review": _review(g, verdicts, looked_up, _Backlog(f, hours, numbers),
                                   _ts(until) if until is not None else _from_epoch(last)),
-                "dlq": _dlq(f),
+                "dlq": _dlq(dlq),
                 "breakdown": _breakdown(g, radii, verdicts, looked_up),
                 "examples": _examples(f, led.get_input),
             }
-        integrity.update(_facts_check(f.kind_counts, totals))
+            integrity.update(_facts_check(f, totals))
     try:
         pkg_version = version("riskpipe")
     except PackageNotFoundError:
@@ -148,10 +156,16 @@ def _integrity(led, ledger_path: str, verify: bool) -> dict:
             f"--expect-head {result['head']} --expect-count {result['count']}"}
 
 
-def _facts_check(facts_counts: dict, totals: dict) -> dict:
-    """The facts table holds one row per decision and dead letter in the ledger."""
-    bad = [f"{k}: {facts_counts.get(k, 0)} facts rows for {totals[k]} ledger rows" for k in ("decision", "dlq")
-           if facts_counts.get(k, 0) != totals[k]]
+def _facts_check(f: "_Facts", totals: dict) -> dict:
+    """The facts table holds one row per decision and dead letter in the ledger, and the
+    hourly counts add up to its rows."""
+    counted: Counter[str] = Counter()
+    for gid, n in f.q("SELECT gid, SUM(n) FROM fact_counts GROUP BY gid"):
+        counted[f.groups[gid]["kind"] if gid in f.groups else "(no group)"] += n
+    bad = [f"{k}: {f.kind_counts.get(k, 0)} facts rows for {totals[k]} ledger rows" for k in KINDS
+           if f.kind_counts.get(k, 0) != totals[k]]
+    bad += [f"{k}: fact_counts adds up to {counted.get(k, 0)} rows, the facts table holds {f.kind_counts.get(k, 0)}"
+            for k in (*KINDS, "(no group)") if counted.get(k, 0) != f.kind_counts.get(k, 0)]
     if not bad:
         return {"facts_ok": True}
     return {"facts_ok": False, "ok": False, "reason": "facts table does not match the ledger (" + "; ".join(bad) + ")"}
@@ -161,26 +175,98 @@ def _from_epoch(t: float | None) -> datetime | None:
     return from_epoch(t) if t is not None else None
 
 
+def _ceil_hour(t: float) -> int:
+    h = int(t // 3600)
+    return h if h * 3600 >= t else h + 1
+
+
+def _split_window(lo: float | None, hi: float | None) -> tuple[tuple[int | None, int | None] | None,
+                                                                list[tuple[float, float]]]:
+    """The window ``[lo, hi)`` (epoch seconds; None: unbounded) as its whole hours
+    ``(first, end)`` (hour numbers as ``facts.hour_of`` counts them, end exclusive, None:
+    unbounded; None when it holds no whole hour) and the partial hours at its edges, as
+    ``[(a, b)]`` time ranges."""
+    lo_h = None if lo is None else _ceil_hour(lo)
+    hi_h = None if hi is None else int(hi // 3600)
+    if lo is not None and hi is not None and lo_h is not None and hi_h is not None and lo_h >= hi_h:
+        return None, [(lo, hi)] if lo < hi else []
+    edges: list[tuple[float, float]] = []
+    if lo is not None and lo_h is not None and lo < lo_h * 3600:
+        edges.append((lo, lo_h * 3600))
+    if hi is not None and hi_h is not None and hi_h * 3600 < hi:
+        edges.append((hi_h * 3600, hi))
+    return (lo_h, hi_h), edges
+
+
+def _hour_names(h: int) -> tuple[str | None, str | None]:
+    """The (hour, day) bucket names of hour ``h``."""
+    if h == NO_HOUR:
+        return None, None
+    when = from_epoch(h * 3600)
+    return when.strftime("%Y-%m-%dT%H:00Z"), when.strftime("%Y-%m-%d")
+
+
+# one decision's numbers, as the report's single scan of the window reads them (inf: NULL)
+_ROW = np.dtype([("gid", np.int64), ("seq", np.int64), ("t", np.float64), ("radius_threat", np.float64),
+                 ("p_lower", np.float64)])
+
+
 class _Facts:
-    """SQL over the ``facts`` rows of one kind inside the report's time window."""
+    """SQL over the ``facts`` rows of one kind inside the report's time window, and the
+    groups they are counted by (``fact_groups``: a few per model, policy and worker)."""
 
     def __init__(self, q, since: Any, until: Any) -> None:
         self.q = q
-        bounds, params = [], []
-        if since is not None:
-            bounds.append("t >= ?")
-            params.append(parse_ts(since, "since").timestamp())
-        if until is not None:
-            bounds.append("t < ?")
-            params.append(parse_ts(until, "until").timestamp())
-        self.bounds, self.bound_params = bounds, tuple(params)
-        self.kind_counts = {k: q("SELECT COUNT(*) FROM facts WHERE kind = ?", (k,))[0][0] for k in ("decision", "dlq")}
+        self.lo = parse_ts(since, "since").timestamp() if since is not None else None
+        self.hi = parse_ts(until, "until").timestamp() if until is not None else None
+        self.bounds = [b for b, v in (("t >= ?", self.lo), ("t < ?", self.hi)) if v is not None]
+        self.bound_params = tuple(v for v in (self.lo, self.hi) if v is not None)
+        self.kind_counts = {k: q("SELECT COUNT(*) FROM facts WHERE kind = ?", (k,))[0][0] for k in KINDS}
+        self.groups = {r[0]: dict(zip(GROUP_COLUMNS, r[1:]))
+                       for r in q(f"SELECT gid, {', '.join(GROUP_COLUMNS)} FROM fact_groups")}
 
     def where(self, *conds: str, alias: str = "") -> str:
         return " WHERE " + " AND ".join((f"{alias}kind = ?", *(alias + b for b in self.bounds), *conds))
 
     def rows(self, select: str, *conds: str, params: tuple = (), tail: str = "", kind: str = "decision") -> list:
         return self.q(f"{select} FROM facts{self.where(*conds)} {tail}", (kind, *self.bound_params, *params))
+
+    def gids(self, kind: str = "decision", **values: Any) -> list[int]:
+        """The groups of ``kind`` whose columns have these values."""
+        return sorted(gid for gid, grp in self.groups.items()
+                      if grp["kind"] == kind and all(grp[c] == v for c, v in values.items()))
+
+    def hour_counts(self) -> dict[tuple[int, int], list]:
+        """``(gid, hour) -> [rows, first seq, first t, last t]`` in the window: the whole
+        hours from ``fact_counts``, the partial hours at the window's edges counted from
+        their facts rows (through the index on kind and time)."""
+        whole, edges = _split_window(self.lo, self.hi)
+        counts: dict[tuple[int, int], list] = {}
+        if whole is not None:
+            conds, params = [], []
+            for cond, v in (("h <> ?", NO_HOUR if self.bounds else None), ("h >= ?", whole[0]), ("h < ?", whole[1])):
+                if v is not None:
+                    conds.append(cond)
+                    params.append(v)
+            sql = "SELECT gid, h, n, first_seq, t0, t1 FROM fact_counts" + (" WHERE " + " AND ".join(conds) if conds else "")
+            counts = {(gid, h): [n, first, t0, t1] for gid, h, n, first, t0, t1 in self.q(sql, params)}
+        for kind in KINDS:
+            for a, b in edges:
+                for chunk in self.q.stream("SELECT gid, seq, t FROM facts WHERE kind = ? AND t >= ? AND t < ?",
+                                           (kind, a, b)):
+                    for gid, seq, t in chunk:
+                        count_row(counts, gid, seq, t)
+        return counts
+
+    def numbers(self) -> np.ndarray:
+        """``(gid, seq, t, radius_threat, p_lower)`` of every decision in the window, from
+        one index of the facts table, streamed into one structured array (NULL as +inf,
+        which no record holds: canonical JSON has no infinity)."""
+        inf = float("inf")
+        chunks = [np.array(chunk, _ROW) for chunk in self.q.stream(
+            "SELECT COALESCE(gid, 0), seq, COALESCE(t, ?), COALESCE(radius_threat, ?), COALESCE(p_lower, ?) FROM facts"
+            + self.where(), (inf, inf, inf, "decision", *self.bound_params))]
+        return np.concatenate(chunks) if chunks else np.zeros(0, _ROW)
 
     def lookup(self, ids: list) -> dict:
         """Facts of the decisions in the window with these event ids (the verdicts')."""
@@ -198,18 +284,11 @@ class _Facts:
                             "model": model, "policy": policy, "reasons": json.loads(reasons or "[]")}
         return out
 
-    def numbers(self, expr: str, *columns: str) -> list[tuple]:
-        """``(columns..., value)`` per decision in the window, ``expr`` an SQL expression over
-        the ledger row's record (the backend's ``number_at``), in chain order."""
-        cols = "".join(f"f.{c}, " for c in columns)
-        return self.q(f"SELECT {cols}{expr} FROM facts f JOIN entries e ON e.seq = f.seq"
-                      + self.where(alias="f.") + " ORDER BY f.seq", ("decision", *self.bound_params))
-
-    def backlog(self) -> list[tuple]:
-        """``(t, reasons)`` of the window's routed decisions that have no verdict yet."""
-        return self.q("SELECT f.t, f.reasons FROM facts f" + self.where("f.routed = 1", alias="f.")
-                      + " AND NOT EXISTS (SELECT 1 FROM entries v WHERE v.kind = 'verdict' AND v.entry_id = f.entry_id)"
-                      " ORDER BY f.seq", ("decision", *self.bound_params))
+    def first_rows(self, gid: int, limit: int) -> list[int]:
+        """The seqs of the first ``limit`` rows of group ``gid`` in the window (its index)."""
+        conds = " AND ".join(("gid = ?", *self.bounds))  # no kind term: the planner takes the group's index
+        return [r[0] for r in self.q(f"SELECT seq FROM facts WHERE {conds} ORDER BY seq LIMIT {int(limit)}",
+                                     (gid, *self.bound_params))]
 
     def records_at(self, seqs: list[int]) -> list[dict]:
         """The ledger records of these rows, in chain order."""
@@ -220,20 +299,40 @@ class _Facts:
         return [json.loads(text) for _, text in sorted(out)]
 
 
-# what the sections count decisions by; one GROUP BY over these gives every count in the report
+# what the sections count decisions by (the report's grouping; fact_groups holds a finer one)
 _BY = ("decision", "model", "model_sha", "model_label", "policy", "policy_version", "policy_sha", "policy_label",
        "policy_shadow", "method", "mode", "norm", "sigma", "alpha", "threat_norm", "threat_eps", "rule", "worker",
        "reasons", "controls", "priority_label", "abstained", "not_certified", "routed", "audit", "scope_key")
 
 
-class _Groups:
-    """The window's decisions grouped by every column a section counts by (and the time
-    bucket): counts, first row and time span per group. Sections sum over these."""
+def _min(a, b):
+    return b if a is None else a if b is None else min(a, b)
 
-    def __init__(self, f: _Facts, bucket: str) -> None:
-        cols = ", ".join((*_BY, bucket))
-        self.rows = [dict(zip((*_BY, "bucket", "n", "first", "t0", "t1"), r)) for r in
-                     f.rows(f"SELECT {cols}, COUNT(*), MIN(seq), MIN(t), MAX(t)", tail=f"GROUP BY {cols}")]
+
+def _max(a, b):
+    return b if a is None else a if b is None else max(a, b)
+
+
+class _Groups:
+    """The window's rows of one kind grouped by ``columns`` and the time bucket, summed
+    over the hourly counts: rows, first row and time span per group. Sections sum over these."""
+
+    def __init__(self, f: _Facts, hours: dict, bucket: str, columns: tuple[str, ...], kind: str = "decision") -> None:
+        names: dict[int, tuple] = {}
+        acc: dict[tuple, list] = {}
+        for (gid, h), (n, first, t0, t1) in hours.items():
+            grp = f.groups.get(gid)
+            if grp is None or grp["kind"] != kind:
+                continue
+            if h not in names:
+                names[h] = _hour_names(h)
+            key = (*(grp[c] for c in columns), names[h][0 if bucket == "hour" else 1])
+            a = acc.get(key)
+            if a is None:
+                acc[key] = [n, first, t0, t1]
+            else:
+                a[0], a[1], a[2], a[3] = a[0] + n, min(a[1], first), _min(a[2], t0), _max(a[3], t1)
+        self.rows = [dict(zip((*columns, "bucket", "n", "first", "t0", "t1"), (*k, *v))) for k, v in acc.items()]
 
     def count(self, *keys: str, where=None) -> list[tuple]:
         """``(values..., n)`` per distinct value, most common first, ties in order of first row."""
@@ -259,31 +358,115 @@ class _Groups:
         return out
 
 
+def _lookup(f: _Facts, rows: np.ndarray, fill) -> np.ndarray:
+    """An array indexed by gid (every gid of the groups and of the rows), filled with ``fill``."""
+    size = max(max(f.groups, default=0), int(rows["gid"].max()) if len(rows) else 0) + 1
+    return np.full(size, fill)
+
+
+def _by(f: _Facts, rows: np.ndarray, field: str, key) -> dict[Any, tuple[np.ndarray, int]]:
+    """``key(group) -> (its sorted values of field, first seq)`` over the rows (of
+    :meth:`_Facts.numbers`) where the field is not NULL, in order of first appearance."""
+    values = rows[field]
+    have = np.isfinite(values)
+    if not have.any():
+        return {}
+    values, gids, seqs = values[have], rows["gid"][have], rows["seq"][have]
+    order = np.argsort(values, kind="stable")
+    values, gids, seqs = values[order], gids[order], seqs[order]
+    keys: dict[Any, int] = {}
+    code = _lookup(f, rows, -1)
+    for gid, grp in f.groups.items():
+        code[gid] = keys.setdefault(key(grp), len(keys))
+    codes = code[gids]
+    out = []
+    for k, c in keys.items():
+        mine = codes == c
+        if mine.any():
+            out.append((int(seqs[mine].min()), k, values[mine]))
+    return {k: (v, first) for first, k, v in sorted(out, key=lambda x: x[0])}
+
+
+def _median(v: np.ndarray) -> float | None:
+    """``statistics.median`` of sorted values."""
+    n = len(v)
+    if not n:
+        return None
+    i = n // 2
+    return float(v[i]) if n % 2 else (float(v[i - 1]) + float(v[i])) / 2
+
+
 class _Radii:
     """The radii in the threat norm of the window's decisions (one float each), for exact
     quantiles, medians and the histogram."""
 
-    def __init__(self, f: _Facts) -> None:
-        rows = f.rows("SELECT threat_norm, threat_eps, model_label, policy_label, radius_threat",
-                      "radius_threat IS NOT NULL", tail="ORDER BY seq")
-        self.by: dict[str, dict[Any, list[float]]] = defaultdict(lambda: defaultdict(list))
-        for norm, eps, model, policy, r in rows:
-            self.by["threat"][(norm, eps)].append(r)
-            self.by["model_label"][model].append(r)
-            self.by["policy_label"][policy].append(r)
+    def __init__(self, f: _Facts, rows: np.ndarray) -> None:
+        self.by = {"threat": _by(f, rows, "radius_threat", lambda g: (g["threat_norm"], g["threat_eps"])),
+                   "model_label": _by(f, rows, "radius_threat", lambda g: g["model_label"]),
+                   "policy_label": _by(f, rows, "radius_threat", lambda g: g["policy_label"])}
 
-    def groups(self) -> list[tuple[tuple, list[float]]]:
+    def groups(self) -> list[tuple[tuple, np.ndarray]]:
         """Per threat model, most radii first, ties in order of first appearance."""
-        return sorted(self.by["threat"].items(), key=lambda kv: -len(kv[1]))
+        return [(k, v) for k, (v, _) in sorted(self.by["threat"].items(), key=lambda kv: (-len(kv[1][0]), kv[1][1]))]
 
     def median(self, column: str, name: str) -> float | None:
         vals = self.by[column].get(name)
-        return statistics.median(vals) if vals else None
+        return _median(vals[0]) if vals is not None else None
 
 
-def _histogram(vals: list[float]) -> dict:
-    import numpy as np
+class _Backlog:
+    """The window's routed decisions without a verdict: how many, by reason, and their
+    ages. The routed ones are counted by group and hour; those with a verdict (read from
+    the verdicts' side) are taken off."""
 
+    def __init__(self, f: _Facts, hours: dict, rows: np.ndarray) -> None:
+        self.f, self.rows = f, rows
+        self.routed = f.gids(routed=1)
+        n: Counter = Counter()
+        first: dict[int, int] = {}
+        for (gid, _h), (k, seq, _, _) in hours.items():
+            if gid in self.routed:
+                n[gid] += k
+                first[gid] = min(first.get(gid, seq), seq)
+        self.done = f.q("SELECT f.seq, f.gid, f.t FROM entries v CROSS JOIN facts f"
+                        + f.where("f.routed = 1", "v.kind = 'verdict'", "f.entry_id = v.entry_id", alias="f."),
+                        ("decision", *f.bound_params))
+        self.waiting = sum(n.values()) - len(self.done)
+        done_seqs: dict[int, set] = defaultdict(set)
+        for seq, gid, _ in self.done:
+            done_seqs[gid].add(seq)
+        reasons: dict[str, list] = {}  # reason -> [waiting, first waiting seq, place in that row's reasons]
+        for gid in sorted(n):
+            left = n[gid] - len(done_seqs[gid])
+            if left <= 0:
+                continue
+            at = first[gid]
+            if at in done_seqs[gid]:  # the group's first row has a verdict: its first waiting one is a few rows on
+                at = next(s for s in f.first_rows(gid, len(done_seqs[gid]) + 1) if s not in done_seqs[gid])
+            for place, r in enumerate(json.loads(f.groups[gid]["reasons"]) or [NO_REASON]):
+                a = reasons.get(r)
+                if a is None or (at, place) < (a[1], a[2]):
+                    reasons[r] = [left + (a[0] if a else 0), at, place]
+                else:
+                    a[0] += left
+        self.by_reason = {r: a[0] for r, a in sorted(reasons.items(), key=lambda kv: (-kv[1][0], kv[1][1], kv[1][2]))}
+
+    def ages(self, as_of: datetime | None) -> np.ndarray:
+        """Hours from each waiting decision (with a time) to ``as_of``."""
+        if as_of is None:
+            return np.zeros(0)
+        routed = _lookup(self.f, self.rows, False)
+        routed[self.routed] = True
+        t = self.rows["t"][routed[self.rows["gid"]]]
+        t = np.sort(t[np.isfinite(t)])
+        done = np.sort(np.array([t for _, _, t in self.done if t is not None], dtype=np.float64))
+        if len(done):  # take one equal value off per decision with a verdict
+            nth = np.arange(len(done)) - np.searchsorted(done, done, "left")
+            t = np.delete(t, np.searchsorted(t, done, "left") + nth)
+        return (as_of.timestamp() - t) / 3600
+
+
+def _histogram(vals: np.ndarray) -> dict:
     counts, edges = np.histogram(vals, bins=min(40, max(5, len(vals) // 3)))
     return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
 
@@ -326,10 +509,9 @@ def _policies(g: _Groups, policy_entries: list[dict]) -> list[dict]:
     return sorted(out, key=lambda r: (r["first_decision"] or r["ledger_entry"] or "", str(r["name"])))
 
 
-def _volumes(g: _Groups, f: _Facts, verdicts: list[dict], totals: dict) -> dict:
+def _volumes(g: _Groups, dlq: _Groups, verdicts: list[dict], totals: dict) -> dict:
     return {
-        "in_period": {"decision": g.total(), "verdict": len(verdicts),
-                      "dlq": f.rows("SELECT COUNT(*)", kind="dlq")[0][0]},
+        "in_period": {"decision": g.total(), "verdict": len(verdicts), "dlq": dlq.total()},
         "ledger_totals": totals,
         "models": [{"name": n, "sha256": s, "decisions": c} for n, s, c in g.count("model", "model_sha")],
         "workers": {w: c for w, c in g.count("worker")},
@@ -376,11 +558,12 @@ def _examples(f: _Facts, fetch=None) -> list[dict]:
     the ledger is read through ``fetch`` and carried inline (base64) in the example."""
     from riskpipe.ledger.inputs import inline_copy
 
-    seqs = []
-    for (model,) in f.rows("SELECT DISTINCT model_label"):
-        seqs += [r[0] for r in f.rows("SELECT seq", "model_label = ?", "has_input = 1",
-                                      "(routed = 1 OR decision = 'block')", params=(model,),
-                                      tail=f"ORDER BY seq LIMIT {EXAMPLES_PER_MODEL}")]
+    by_model: dict[str, list[int]] = defaultdict(list)
+    for gid in f.gids(has_input=1):
+        grp = f.groups[gid]
+        if grp["routed"] == 1 or grp["decision"] == "block":
+            by_model[grp["model_label"]] += f.first_rows(gid, EXAMPLES_PER_MODEL)
+    seqs = [s for firsts in by_model.values() for s in sorted(firsts)[:EXAMPLES_PER_MODEL]]
     out = []
     for d in f.records_at(sorted(seqs)):
         inp = d["input"]
@@ -432,9 +615,9 @@ def _abstention(g: _Groups) -> dict:
 def _radius(radii: _Radii) -> dict:
     out = []
     for (norm, eps), vals in radii.groups():
-        below = sum(1 for v in vals if eps is not None and v < eps)
+        below = int(np.count_nonzero(vals < eps)) if eps is not None else 0
         out.append({"norm": norm, "epsilon": eps, "quantiles": _quantiles(vals, mean=False), "below_epsilon": below,
-                    "below_epsilon_rate": _rate(below, len(vals)), "zero": sum(1 for v in vals if v == 0.0),
+                    "below_epsilon_rate": _rate(below, len(vals)), "zero": int(np.count_nonzero(vals == 0.0)),
                     "histogram": _histogram(vals)})
     return {"groups": out}
 
@@ -482,20 +665,16 @@ def _alpha_sums(g: _Groups, *keys: str) -> list[dict]:
     return [{**dict(zip(keys, k)), **v} for k, v in sorted(acc.items(), key=lambda kv: tuple(map(str, kv[0])))]
 
 
-def _certificates(g: _Groups, p_lower: list[tuple]) -> dict:
+def _certificates(g: _Groups, p_lower: dict[str, tuple]) -> dict:
     """The statistics that do not flatter: certified fraction at epsilon, abstention and
     model faults per model and policy, the p_A lower-bound distribution, and the stream's
     bound on false certificates (sum of alpha per model and period)."""
-    by_model: dict[str, list[float]] = defaultdict(list)
-    for model, _policy, p in p_lower:
-        if p is not None:
-            by_model[model].append(float(p))
     total = _alpha_sums(g)
     return {
         "by_model": _certified_rows(g, "model_label"), "by_policy": _certified_rows(g, "policy_label"),
         "by_model_policy": _certified_rows(g, "model_label", "policy_label"),
         "p_lower": [{"model": m, "quantiles": _quantiles(v, mean=False), "histogram": _histogram(v)}
-                    for m, v in sorted(by_model.items())],
+                    for m, (v, _) in sorted(p_lower.items())],
         "false_certificates": {
             "bound": total[0]["alpha_sum"] if total else 0.0,
             "certified": total[0]["certified"] if total else 0,
@@ -510,10 +689,10 @@ def _certificates(g: _Groups, p_lower: list[tuple]) -> dict:
     }
 
 
-def _p50_p95(values: list[float]) -> dict:
-    if not values:
+def _p50_p95(values: list[float] | np.ndarray) -> dict:
+    if not len(values):
         return {"n": 0, "p50": None, "p95": None, "max": None}
-    v = sorted(values)
+    v = np.sort(values).tolist() if isinstance(values, np.ndarray) else sorted(values)
     return {"n": len(v), "p50": v[min(len(v) - 1, int(round(0.5 * (len(v) - 1))))],
             "p95": v[min(len(v) - 1, int(round(0.95 * (len(v) - 1))))], "max": v[-1]}
 
@@ -521,7 +700,7 @@ def _p50_p95(values: list[float]) -> dict:
 NO_REASON = "(no reason)"
 
 
-def _review(g: _Groups, verdicts: list[dict], looked_up: dict, backlog: list[tuple], as_of: datetime | None) -> dict:
+def _review(g: _Groups, verdicts: list[dict], looked_up: dict, backlog: "_Backlog", as_of: datetime | None) -> dict:
     """``as_of``: the end of the period (``until``, else the last decision), so the
     backlog's age is reproducible; the console's gauge has the age as of now."""
     n, routed, audit = g.total(), g.total("routed"), g.total("audit")
@@ -551,7 +730,6 @@ def _review(g: _Groups, verdicts: list[dict], looked_up: dict, backlog: list[tup
         if t_v and deadline is not None and t_v.timestamp() > deadline:
             late += 1
     reviewed_routed = sum(1 for i in {v.get("id") for v in verdicts} if (looked_up.get(i) or {}).get("routed"))
-    ages = [(as_of.timestamp() - t) / 3600 for t, _ in backlog if t is not None] if as_of else []
     return {
         "routed": routed, "routed_rate": _rate(routed, n),
         "by_priority": {p: c for p, c in g.count("priority_label", where=lambda r: r["routed"])},
@@ -567,9 +745,8 @@ def _review(g: _Groups, verdicts: list[dict], looked_up: dict, backlog: list[tup
                        "overrides": b["overrides"], "override_eligible": b["eligible"],
                        "override_rate": _rate(b["overrides"], b["eligible"])}
                       for r, b in sorted(by_reason.items(), key=lambda kv: (-kv[1]["verdicts"], kv[0]))],
-        "backlog": {"waiting": len(backlog), "as_of": _iso(as_of), "age_hours": _p50_p95(ages),
-                    "by_reason": dict(Counter(r for _, rs in backlog for r in (json.loads(rs) or [NO_REASON]))
-                                      .most_common())},
+        "backlog": {"waiting": backlog.waiting, "as_of": _iso(as_of), "age_hours": _p50_p95(backlog.ages(as_of)),
+                    "by_reason": backlog.by_reason},
         "deadline_missed": late,
         "pending": routed - reviewed_routed,
         "agreement": _agreement([v for v in verdicts if v.get("double_review") == "sample"]),
@@ -593,13 +770,9 @@ def _agreement(pairs: list[dict]) -> dict:
                           "second without seeing the first verdict"}
 
 
-def _dlq(f: _Facts) -> dict:
-    def counts(column: str) -> dict:
-        return {v: c for v, c in f.rows(f"SELECT {column}, COUNT(*)", kind="dlq",
-                                        tail=f"GROUP BY {column} ORDER BY COUNT(*) DESC, MIN(seq)")}
-
-    return {"total": f.rows("SELECT COUNT(*)", kind="dlq")[0][0], "by_reason": counts("dlq_reason"),
-            "by_source_topic": counts("dlq_source")}
+def _dlq(g: _Groups) -> dict:
+    return {"total": g.total(), "by_reason": {v: c for v, c in g.count("dlq_reason")},
+            "by_source_topic": {v: c for v, c in g.count("dlq_source")}}
 
 
 def _controls(data: dict, cited: Counter) -> list[dict]:
