@@ -141,6 +141,68 @@ def test_queue_from_the_facts_table_agrees_with_the_records(tmp_path):
             rq.pending(led, after="1:x", limit=7)
 
 
+class _Gauges:
+    """The three metrics the console's backlog refresh sets (riskpipe.metrics.StageMetrics)."""
+
+    def __init__(self) -> None:
+        self.backlog, self.age, self.breaches = None, None, 0
+
+    def set_review_backlog(self, n: int) -> None:
+        self.backlog = n
+
+    def set_review_backlog_age(self, seconds: float) -> None:
+        self.age = seconds
+
+    def review_deadline_breach(self) -> None:
+        self.breaches += 1
+
+
+def test_backlog_gauges_and_each_deadline_breach_once(tmp_path, monkeypatch):
+    """The refresh after each verdict reads only deadlines passed since the previous one
+    and records appended since (one arriving overdue included), and notes every waiting
+    item past its deadline exactly once; the backlog and its age match the records."""
+    from riskpipe.review import context
+    from riskpipe.review.app import ConsoleState
+    from riskpipe.review.settings import Credentials, ReviewSettings
+
+    now = datetime.now(timezone.utc)
+    seed_ledger(tmp_path / "l.db", now)
+    state = ConsoleState(ReviewSettings(ledger=str(tmp_path / "l.db"), credentials=Credentials(shared="x" * 16)),
+                         metrics=_Gauges())
+    with Ledger(tmp_path / "l.db") as led:
+        for i in range(6):  # deadlines 10 minutes apart, the first three already passed
+            led.append(decision_record(f"evt-late-{i}", priority=2, deadline=now + timedelta(minutes=10 * i - 25),
+                                       when=now - timedelta(hours=i)))
+        clock = [now]
+        monkeypatch.setattr(context, "utc_now", lambda: clock[0])
+        scans = []
+        real = rq.overdue
+
+        def overdue(*args, **kwargs):
+            found, mark = real(*args, **kwargs)
+            scans.append(found)
+            return found, mark
+
+        monkeypatch.setattr(rq, "overdue", overdue)
+        state.note_queue(led)
+        assert sorted(scans[-1]) == ["evt-late-0", "evt-late-1", "evt-late-2"] and state.metrics.breaches == 3
+        assert state.metrics.backlog == rq.backlog(led) == len(_reference_queue(led)) == 9
+        assert state.metrics.age == (now - min(T0, now - timedelta(hours=5))).total_seconds()
+        assert rq.oldest_waiting(led) == min(T0, now - timedelta(hours=5))
+        clock[0] = now + timedelta(minutes=12)  # evt-late-3 passes its deadline; a record arrives overdue
+        led.append(decision_record("evt-arrived-late", priority=2, deadline=now - timedelta(days=2)))
+        state.note_queue(led)
+        assert sorted(scans[-1]) == ["evt-arrived-late", "evt-late-3"] and state.metrics.breaches == 5
+        rq.record_verdict(led, "evt-late-4", "unsure", "", "erin", now)
+        clock[0] = now + timedelta(hours=5)  # evt-late-4 has a verdict: not a breach; evt-late-5 and two seeded ones are
+        state.note_queue(led)
+        assert sorted(scans[-1]) == ["evt-late-5", "evt-routine", "evt-urgent"] and state.metrics.breaches == 8
+        state.note_queue(led)
+        assert scans[-1] == [] and state.metrics.breaches == 8
+        full, _ = real(led, clock[0])
+        assert len(full) == len(set(full)) == 8  # what a scan from scratch finds: each of them, noted once
+
+
 def test_queue_filters_by_model_policy_and_reason(tmp_path):
     seed_ledger(tmp_path / "l.db")
     with Ledger(tmp_path / "l.db") as led:

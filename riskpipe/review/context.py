@@ -42,6 +42,7 @@ class ConsoleState:
         self.throttle = LoginThrottle()
         self.sessions = SessionRegistry(settings.session_hours * 3600)
         self._breached: set[str] = set()
+        self._breach_mark: tuple[float, int] | None = None  # how far the deadline scan has looked (rq.overdue)
         self._lock = threading.Lock()
         self._infos: dict[str, ModelInfo] = {}
 
@@ -67,7 +68,8 @@ class ConsoleState:
         self.metrics.set_review_backlog(rq.backlog(ledger, self.settings.scope))
         oldest = rq.oldest_waiting(ledger, self.settings.scope)
         self.metrics.set_review_backlog_age((now - oldest).total_seconds() if oldest else 0.0)
-        for event_id in rq.overdue(ledger, now, self.settings.scope):
+        late, self._breach_mark = rq.overdue(ledger, now, self.settings.scope, self._breach_mark)
+        for event_id in late:
             self.note_breach(event_id)
 
     def note_breach(self, event_id: str) -> None:

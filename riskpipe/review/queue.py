@@ -111,48 +111,47 @@ class QueueFilter:
     policy: str | None = None
     reason: str | None = None
 
-    def sql(self) -> tuple[list[str], list]:
-        conds, params = [], []
-        if self.model:
-            conds.append("f.model = ?")
-            params.append(self.model)
-        if self.policy:
-            conds.append("f.policy = ?")
-            params.append(self.policy)
-        if self.reason:  # the reasons column is a JSON list: match the quoted code, LIKE wildcards escaped
-            conds.append("f.reasons LIKE ? ESCAPE '\\'")
-            code = json.dumps(self.reason, ensure_ascii=False)
-            params.append("%" + code.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
-        return conds, params
+    def admits(self, group: dict) -> bool:
+        """Whether the items of a facts group (``fact_groups``: model, policy, the JSON
+        list of reason codes) pass the filter; a reason matches whole codes only."""
+        return ((not self.model or group["model"] == self.model)
+                and (not self.policy or group["policy"] == self.policy)
+                and (not self.reason or self.reason in json.loads(group["reasons"] or "[]")))
 
 
-# Routed or audit-sampled decisions the console can show, without a verdict, in queue order,
-# through the ledger's facts table (riskpipe.ledger.facts) and its index on that order: a page
-# reads its own rows, not the queue. Only decisions have needs_review = 1 (dead letters NULL),
-# so no kind test is needed, and the index alone answers the conditions and the order.
+# The queue is read through the ledger's facts tables (riskpipe.ledger.facts): an item is a
+# decision that was routed or audit-sampled and that the console can show (needs_review = 1
+# AND review_ok = 1: columns of its group), without a verdict. Filters and the stage scope are
+# decided on the groups (fact_groups, a few rows); a page reads its own rows through an index
+# in queue order -- facts_queue for the whole queue, facts_queue_gid group by group when a
+# filter or a scope narrows it -- and counts come from the hourly counts (fact_counts), less
+# the items with a verdict (read from the verdicts' side).
 _WAITING = ("f.needs_review = 1 AND f.review_ok = 1 AND NOT EXISTS "
             "(SELECT 1 FROM entries v WHERE v.kind = 'verdict' AND v.entry_id = f.entry_id)")
-_ORDER = "ORDER BY f.needs_review, f.review_ok, f.priority, f.due, f.seq"
+_ORDER = "ORDER BY f.priority, f.due, f.seq"
+_AFTER = "(f.priority, f.due, f.seq) > (?, ?, ?)"
+_GROUP_COLUMNS = ("gid", "model", "policy", "policy_version", "policy_sha", "reasons")
 
 
-def _scope_sql(scope) -> tuple[list[str], list]:
-    """A stage scope (riskpipe.review.scope.StageScope) as SQL: each model under its policy
-    (name, version and sha256), as ``StageScope.refuses`` decides."""
-    if scope is None:
-        return [], []
-    if not scope.policies:
-        return ["1 = 0"], []
-    parts, params = [], []
-    for model, p in sorted(scope.policies.items()):
-        parts.append("(f.model = ? AND f.policy = ? AND f.policy_version = ? AND f.policy_sha = ?)")
-        params += [model, p.name, p.version, p.sha256]
-    return ["(" + " OR ".join(parts) + ")"], params
+def _in_scope(scope, group: dict) -> bool:
+    """A stage scope (riskpipe.review.scope.StageScope): each model under its policy (name,
+    version and sha256), as ``StageScope.refuses`` decides."""
+    p = scope.policies.get(group["model"]) if scope is not None else None
+    return scope is None or (p is not None and (group["policy"], group["policy_version"], group["policy_sha"])
+                             == (p.name, p.version, p.sha256))
 
 
-def _conditions(scope, where: QueueFilter) -> tuple[list[str], list]:
-    sc, sp = _scope_sql(scope)
-    wc, wp = where.sql()
-    return sc + wc, sp + wp
+def _groups(q, scope, where: QueueFilter) -> tuple[list[int], bool]:
+    """(the queue's groups in ``scope`` matching ``where``, whether those narrow the queue)."""
+    rows = q(f"SELECT {', '.join(_GROUP_COLUMNS)} FROM fact_groups WHERE needs_review = 1 AND review_ok = 1 "
+             "ORDER BY gid")
+    groups = [dict(zip(_GROUP_COLUMNS, r)) for r in rows]
+    return ([g["gid"] for g in groups if _in_scope(scope, g) and where.admits(g)],
+            scope is not None or where != QueueFilter())
+
+
+def _marks(values: list) -> str:
+    return ",".join("?" * len(values))
 
 
 def pending(ledger: Ledger, scope=None, where: QueueFilter = QueueFilter(), after: str | None = None,
@@ -161,15 +160,28 @@ def pending(ledger: Ledger, scope=None, where: QueueFilter = QueueFilter(), afte
     arrival; with a ``scope`` (riskpipe.review.scope) only the stage's own; ``where``
     filters. ``limit`` items from ``after`` (an item's ``cursor``: keyset pagination, so a
     page deep in the queue costs what the first one does); all of them without a limit."""
-    conds, params = _conditions(scope, where)
+    conds, params = [], []
     if after is not None:
-        conds.append("(f.priority, f.due, f.seq) > (?, ?, ?)")
+        conds.append(_AFTER)
         params += list(parse_cursor(after))
     page = f" LIMIT {int(limit)}" if limit is not None else ""
-    sql = (f"SELECT f.seq, e.record, f.priority, f.due FROM facts f JOIN entries e ON e.seq = f.seq "
-           f"WHERE {' AND '.join([_WAITING, *conds])} {_ORDER}{page}")
     with ledger.snapshot() as q:
-        return [QueueItem(json.loads(text), seq, f"{prio}:{due!r}:{seq}") for seq, text, prio, due in q(sql, params)]
+        gids, narrowed = _groups(q, scope, where)
+        if not narrowed:
+            keys = q(f"SELECT f.priority, f.due, f.seq FROM facts f WHERE {' AND '.join([_WAITING, *conds])} "
+                     f"{_ORDER}{page}", params)
+        else:  # each group's first items through its own index range, merged
+            keys = []
+            for gid in gids:
+                keys += q(f"SELECT f.priority, f.due, f.seq FROM facts f "
+                          f"WHERE {' AND '.join([_WAITING, 'f.gid = ?', *conds])} {_ORDER}{page}", [gid, *params])
+            keys = sorted(map(tuple, keys))[:limit]
+        seqs = [k[2] for k in keys]
+        texts: dict[int, str] = {}
+        for i in range(0, len(seqs), 500):
+            chunk = seqs[i:i + 500]
+            texts.update(q(f"SELECT seq, record FROM entries WHERE seq IN ({_marks(chunk)})", chunk))
+    return [QueueItem(json.loads(texts[seq]), seq, f"{prio}:{due!r}:{seq}") for prio, due, seq in keys]
 
 
 def parse_cursor(text: str) -> tuple[int, float, int]:
@@ -192,33 +204,55 @@ def outside(ledger: Ledger, scope=None) -> int:
 
 
 def backlog(ledger: Ledger, scope=None, where: QueueFilter = QueueFilter()) -> int:
-    """How many records wait (in ``scope``, matching ``where``): routed items less those
-    with a verdict, so the count reads the queue's index and the verdicts, not every
-    waiting record."""
-    conds, params = _conditions(scope, where)
-    routed = " AND ".join(["f.needs_review = 1 AND f.review_ok = 1", *conds])
+    """How many records wait (in ``scope``, matching ``where``): the queue groups' rows in
+    the hourly counts, less those with a verdict (from the verdicts' side), so the count
+    costs what the groups, hours and verdicts cost, not the waiting records."""
     with ledger.snapshot() as q:
-        total = q(f"SELECT COUNT(*) FROM facts f WHERE {routed}", params)[0][0]
+        gids, _ = _groups(q, scope, where)
+        if not gids:
+            return 0
+        total = q(f"SELECT COALESCE(SUM(n), 0) FROM fact_counts WHERE gid IN ({_marks(gids)})", gids)[0][0]
         # from the verdicts (few) to their decisions: CROSS JOIN fixes that order in SQLite
-        done = q(f"SELECT COUNT(*) FROM entries v CROSS JOIN facts f "
-                 f"WHERE v.kind = 'verdict' AND f.entry_id = v.entry_id AND {routed}", params)[0][0]
-    return total - done
+        done = q(f"SELECT COUNT(*) FROM entries v CROSS JOIN facts f WHERE v.kind = 'verdict' "
+                 f"AND f.entry_id = v.entry_id AND f.gid IN ({_marks(gids)})", gids)[0][0]
+    return int(total) - done
 
 
 def oldest_waiting(ledger: Ledger, scope=None) -> datetime | None:
-    """Decision time of the oldest waiting record (in ``scope``); None when none waits."""
-    conds, params = _scope_sql(scope)
+    """Decision time of the oldest waiting record (in ``scope``); None when none waits
+    (the facts index in time order, from the oldest decision until one waits)."""
     with ledger.snapshot() as q:
-        t = q(f"SELECT MIN(f.t) FROM facts f WHERE {' AND '.join([_WAITING, *conds])}", params)[0][0]
-    return None if t is None else from_epoch(t)
+        gids, _ = _groups(q, scope, QueueFilter())
+        if not gids:
+            return None
+        row = q(f"SELECT f.t FROM facts f WHERE f.kind = 'decision' AND f.t IS NOT NULL AND f.gid IN ({_marks(gids)}) "
+                f"AND {_WAITING} ORDER BY f.t LIMIT 1", gids)
+    return from_epoch(row[0][0]) if row else None
 
 
-def overdue(ledger: Ledger, now: datetime, scope=None) -> list[str]:
-    """Ids of waiting records (in ``scope``) whose deadline has passed."""
-    conds, params = _scope_sql(scope)
+def overdue(ledger: Ledger, now: datetime, scope=None,
+            mark: tuple[float, int] | None = None) -> tuple[list[str], tuple[float, int]]:
+    """(ids of waiting records (in ``scope``) whose deadline has passed by ``now``, the mark
+    for the next call). With ``mark``, the one a previous call returned, only those whose
+    deadline passed since then or that were appended since (a late record may arrive
+    overdue): a console that notes each breach once reads the new ones, not the backlog."""
     with ledger.snapshot() as q:
-        return [r[0] for r in q(f"SELECT f.entry_id FROM facts f WHERE {' AND '.join([_WAITING, *conds])} "
-                               "AND f.deadline < ?", (*params, now.timestamp()))]
+        gids, narrowed = _groups(q, scope, QueueFilter())
+        new_mark = (now.timestamp(), q("SELECT COALESCE(MAX(seq), 0) FROM facts")[0][0])
+        if narrowed and not gids:
+            return [], new_mark
+        conds, params = [_WAITING, "f.deadline < ?"], [now.timestamp()]
+        if narrowed:
+            conds.append(f"f.gid IN ({_marks(gids)})")
+            params += gids
+        where = " AND ".join(conds)
+        if mark is None:
+            rows = q(f"SELECT f.entry_id FROM facts f WHERE {where}", params)
+        else:  # deadlines passed since the mark (their index), and rows appended since (by seq)
+            rows = q(f"SELECT f.entry_id FROM facts f WHERE {where} AND f.deadline >= ? UNION ALL "
+                     f"SELECT f.entry_id FROM facts f WHERE {where} AND f.seq > ?",
+                     [*params, mark[0], *params, mark[1]])
+    return list(dict.fromkeys(r[0] for r in rows)), new_mark
 
 
 def make_verdict(decision: dict, verdict: str, note: str, reviewer: str, when: datetime) -> dict:
