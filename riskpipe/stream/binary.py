@@ -24,6 +24,7 @@ message raises ``EventError`` with a reason code:
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -99,7 +100,6 @@ def make_binary_event(event_id: str, model: str, x: np.ndarray, datatype: str = 
                       **extra) -> tuple[bytes, list[tuple[str, bytes]]]:
     """An inference event for ``x`` in the binary form: (message value, Kafka headers).
     ``x`` is cast to ``datatype`` (UINT8: pass the 0..255 pixel values)."""
-    import json
 
     a = np.ascontiguousarray(x, dtype=DTYPES[datatype])
     head = json.dumps({"id": event_id, "model": model, **extra, "inputs": [

@@ -6,14 +6,22 @@ production points riskpipe at its own Kafka with ``--bootstrap-servers``.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from riskpipe import kafka_clients
+from riskpipe.kafka_clients import EMBEDDED_CLUSTER_ID
 
 DEFAULT_TOPICS = ("inferences", "decisions", "review", "audit", "dlq", "review-outcomes")
 
@@ -38,9 +46,6 @@ def _die_with_parent(parent_pid: int):
     *thread* that started the child: start the broker from a thread that lives as
     long as the broker should, e.g. the main thread.)"""
     def preexec() -> None:
-        import ctypes
-        import signal
-
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
         if os.getppid() != parent_pid:
@@ -70,7 +75,6 @@ class EmbeddedBroker:
 
     def start(self, timeout: float = 15.0) -> EmbeddedBroker:
         # the cluster id is how consumers recognise this broker and choose group timing for it
-        from riskpipe.kafka_clients import EMBEDDED_CLUSTER_ID
 
         url = f"tcp://127.0.0.1:{self.port}"
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
@@ -123,10 +127,6 @@ def create_topics(kafka, names, partitions: int = 1, timeout: float = 15.0) -> N
     """Create topics explicitly (auto-created topics get 4 partitions on Tansu); existing ones are kept.
 
     ``kafka``: a :class:`riskpipe.kafka_clients.KafkaSettings` (or bootstrap servers, plaintext)."""
-    from kafka.admin import NewTopic
-    from kafka.errors import TopicAlreadyExistsError
-
-    from riskpipe import kafka_clients
 
     settings = kafka if isinstance(kafka, kafka_clients.KafkaSettings) else kafka_clients.KafkaSettings(bootstrap_servers=kafka)
     deadline = time.monotonic() + timeout

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import logging
 
+import crc32c
+from kafka.record import util
+
 log = logging.getLogger("riskpipe.stream")
 
 PURE_PYTHON = "pure-python"
@@ -23,7 +26,6 @@ def implementation_of(fn) -> str:
     module = getattr(fn, "__module__", None) or ""
     if module.split(".")[0] != "crc32c":
         return PURE_PYTHON
-    import crc32c
 
     return "crc32c-hardware" if getattr(crc32c, "hardware_based", False) else "crc32c-software"
 
@@ -31,7 +33,6 @@ def implementation_of(fn) -> str:
 def active_function():
     """The function kafka-python's record batches call (bound as a default argument
     of ``calc_crc32c`` at import time, so this reads what is really in use)."""
-    from kafka.record import util
 
     defaults = getattr(util.calc_crc32c, "__defaults__", None) or ()
     return defaults[0] if defaults else getattr(util, "_crc32c", util.calc_crc32c)

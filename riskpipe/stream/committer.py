@@ -87,6 +87,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from riskpipe.ledger import dlq_record
 from riskpipe.stream.infra import infrastructure_component
 from riskpipe.stream.ports import Message, Sink, Source
 from riskpipe.stream.outputs import Output, dead_letter_output
@@ -124,8 +125,6 @@ class Outcome:
 
 
 def dlq_entry(d: Dead) -> tuple[dict, str]:
-    from riskpipe.ledger import dlq_record
-
     m = d.message
     return dlq_record(d.reason, m.value or b"", rfc3339_millis(), topic=m.topic, partition=m.partition, offset=m.offset,
                       message=d.text)

@@ -19,6 +19,7 @@ import sqlite3
 import sys
 from dataclasses import dataclass, field
 
+from riskpipe.ledger import redact
 from riskpipe.ledger.chain import LedgerUnavailable
 from riskpipe.stream.ports import SinkError
 
@@ -77,8 +78,6 @@ class InfrastructureUnavailable(RuntimeError):
     stopped without committing anything it had not decided and recorded."""
 
     def __init__(self, component: str, seconds: float, timeout_s: float, cause: BaseException):
-        from riskpipe.ledger import redact
-
         self.component = component
         detail = redact(" ".join(str(cause).split()))[:300]
         super().__init__(f"{component} unavailable for {seconds:.1f} s (infrastructure_timeout_s {timeout_s:g}): "

@@ -12,6 +12,10 @@ import logging
 import os
 from pathlib import Path
 
+from kafka import TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.structs import OffsetAndMetadata
+
 from riskpipe import kafka_clients
 from riskpipe.paths import atomic_write
 from riskpipe.stream.ports import Message, SinkError, SourceBase  # noqa: F401 - Message re-exported
@@ -29,8 +33,6 @@ class KafkaSource(SourceBase):
     """A consumer-group member on the input topic; manual commits only."""
 
     def __init__(self, config, on_revoke=None):
-        from kafka.consumer.subscription_state import ConsumerRebalanceListener
-
         self.config = config
         self.revoked: set = set()
         source = self
@@ -72,9 +74,6 @@ class KafkaSource(SourceBase):
         return out
 
     def commit(self, messages: list[Message]) -> None:
-        from kafka import TopicPartition
-        from kafka.structs import OffsetAndMetadata
-
         offsets: dict = {}
         for m in messages:
             tp = TopicPartition(m.topic, m.partition)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from riskpipe.certify.certificate import MODEL_FAULT
 from riskpipe.stream.ports import Source
+from riskpipe.stream.status import log_models
 
 
 @dataclass
@@ -50,7 +51,6 @@ class Observer:
     def started(self, pipeline) -> None:
         """Log one line per model for people; declare the pipeline's models and their
         policies: the label values of every per-model metric."""
-        from riskpipe.stream.status import log_models
 
         log_models(pipeline)
         if self.metrics:

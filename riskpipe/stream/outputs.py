@@ -7,6 +7,7 @@ never the batch's.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -96,8 +97,6 @@ def dead_letter_output(m: Message, reason: str, text: str, dlq_topic: str, excep
     original = list(m.headers or [])
     key = m.key
     if limit is not None and output_size(key, value, original + errors) > limit:
-        import hashlib
-
         errors += [("__riskpipe.errors.payload", b"omitted"),
                    ("__riskpipe.errors.payload_sha256", hashlib.sha256(value).hexdigest().encode()),
                    ("__riskpipe.errors.payload_bytes", str(len(value)).encode())]

@@ -14,6 +14,7 @@ import numpy as np
 
 from riskpipe.certify.certificate import MODEL_FAULT
 from riskpipe.certify.norms import convert_radius
+from riskpipe.certify.samplers import GridError
 from riskpipe.ledger.chain import canonical_json, decision_scope
 from riskpipe.ledger.inputs import input_digest, input_fields  # noqa: F401 - input_digest re-exported
 from riskpipe.models import Model
@@ -139,7 +140,6 @@ class Pipeline:
     def admit(self, ev: Event) -> None:
         """EventError ``off_grid`` for an input its model's certifier cannot take (off the sound
         sampler's grid): that event goes to the DLQ instead of failing its micro-batch."""
-        from riskpipe.certify.samplers import GridError
 
         entry = self.entries[ev.model]
         try:

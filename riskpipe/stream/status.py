@@ -8,6 +8,8 @@ import logging
 import time
 from typing import Any
 
+import torch
+
 from riskpipe.certify.families import family
 
 log = logging.getLogger("riskpipe.status")
@@ -28,8 +30,6 @@ def model_line(entry: Any, threads: int | None) -> str:
 
 
 def log_models(pipeline: Any) -> None:
-    import torch  # already loaded by the models' pipeline
-
     threads = torch.get_num_threads()
     for entry in pipeline.entries.values():
         log.info("%s", model_line(entry, threads))
