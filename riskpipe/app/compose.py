@@ -22,11 +22,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from riskpipe.app.config import ConfigError, ModelConfig, StageConfig, read_reference
+from riskpipe.certify import certifier_for_policy
+from riskpipe.certify.certificate import MODEL_FAULT
+from riskpipe.certify.families import family
+from riskpipe.certify.samplers import GridError
+from riskpipe.context import ContextError, ContextIndex
+from riskpipe.ledger import open_ledger as open_target
+from riskpipe.ledger.checkpoint import checkpointer_for
+from riskpipe.models import ModelError, ShapeUnknown, load_model, load_model_for
+from riskpipe.models.base import one_line, sha256_file
+from riskpipe.models.loader import UntrustedTypes
+from riskpipe.models.scaled import scaled_model, standardize_scale
 from riskpipe.paths import atomic_write, cache_dir
+from riskpipe.policy import load_policy
+from riskpipe.policy.rules import iter_conditions
+from riskpipe.stream.broker import create_topics
+from riskpipe.stream.checksum import check_kafka_crc32c
+from riskpipe.stream.io import JsonlSink, JsonlSource, KafkaSink, KafkaSource
 from riskpipe.stream.pipeline import ModelEntry, Pipeline, certify, radius_in_threat
 from riskpipe.stream.ports import Sink, Source
+from riskpipe.stream.stage import Stage
+from riskpipe.tuning import certify_batch_size
 
 # Rule fields whose value comes from the context index (riskpipe.policy.fields).
 CONTEXT_FIELDS = ("context.", "signals.context_risk.", "signals.support_risk.")
@@ -48,7 +67,6 @@ def uses_context(policy) -> bool:
         return False
     if policy.score.weights.context_risk > 0:
         return True
-    from riskpipe.policy.rules import iter_conditions
 
     return any(c.field.startswith(CONTEXT_FIELDS) for r in policy.rules for c in iter_conditions(r.when))
 
@@ -56,7 +74,6 @@ def uses_context(policy) -> bool:
 def _load_policies(config: StageConfig) -> dict[str, object]:
     """Each distinct policy file loaded once with ``load_policy`` (its invariant, e.g.
     uncertified is never allowed, is checked per file)."""
-    from riskpipe.policy import load_policy
 
     paths = {config.policy} | {m.policy for m in config.models.values() if m.policy}
     return {p: load_policy(p) for p in sorted(paths)}
@@ -104,7 +121,6 @@ def _scale(name: str, mc: ModelConfig, reference):
     """(s as a flat array, description) or (None, None)."""
     if mc.scale is None:
         return None, None
-    from riskpipe.models.scaled import standardize_scale
 
     if mc.scale == "standardize":
         return standardize_scale(reference[1]), "standardize(reference)"
@@ -127,7 +143,6 @@ def _probe_inputs(model, reference) -> np.ndarray:
 def _check_forward(name: str, model, reference) -> None:
     """A model that raises, or whose output is not finite (N, C) logits, stops the start-up
     with one line naming it (riskpipe.models.output)."""
-    from riskpipe.models import ModelError
 
     try:
         model.check_forward(_probe_inputs(model, reference))
@@ -137,9 +152,6 @@ def _check_forward(name: str, model, reference) -> None:
 
 def _batch_size(name: str, mc: ModelConfig, model, configured: int | None):
     """The smoothing batch size (riskpipe.tuning), bounded so one model call fits in memory."""
-    from riskpipe.models import ModelError
-    from riskpipe.models.base import one_line
-    from riskpipe.tuning import certify_batch_size
 
     limit = max(1, MAX_CERTIFY_BATCH_BYTES // (4 * _n_features(model)))
     size = mc.certify_batch_size or configured
@@ -160,8 +172,6 @@ def build_entry(name: str, mc: ModelConfig, policy, device: str = "cpu",
                 config_batch_size: int | None = None) -> ModelEntry:
     """One model, checked against its config entry, with its policy, certifier and
     (only when the policy uses it) context index."""
-    from riskpipe.models import ModelError, ShapeUnknown, load_model, load_model_for
-    from riskpipe.models.loader import UntrustedTypes
 
     trusted = mc.trusted_types or ()
     try:
@@ -195,11 +205,8 @@ def build_entry(name: str, mc: ModelConfig, policy, device: str = "cpu",
     if s is not None:
         if len(s) != _n_features(model):
             raise _err(name, "scale", f"{len(s)} values, the model has {_n_features(model)} features")
-        from riskpipe.models.scaled import scaled_model
 
         certified = scaled_model(model, s, scale_desc)
-    from riskpipe.certify import certifier_for_policy
-    from riskpipe.certify.families import family
 
     batch = None
     if family(policy.certifier.method).batch_probe:  # thousands of model calls per input: size matters
@@ -224,8 +231,6 @@ def build_entry(name: str, mc: ModelConfig, policy, device: str = "cpu",
 
 # ---------------------------------------------------------------- context ---------
 def _file_sha(path: str) -> str:
-    from riskpipe.models.base import sha256_file
-
     return sha256_file(path)
 
 
@@ -233,11 +238,6 @@ def _context_index(entry: ModelEntry, path: str, X: np.ndarray, y):
     """Nearest-neighbour index over the (scaled) reference set in the threat norm,
     with reference radii certified once and cached by (model sha, certifier
     settings, reference file sha)."""
-    from riskpipe.context import ContextError, ContextIndex
-
-    from riskpipe.certify.certificate import MODEL_FAULT
-    from riskpipe.certify.samplers import GridError
-    from riskpipe.models import ModelError
 
     Z = entry.to_certified(X)
     if y is None:  # unlabelled reference: the model's own predictions label it
@@ -285,7 +285,6 @@ def limit_native_threads(n: int) -> None:
     torch.set_num_threads does not reach them, and on a small machine their default
     (one thread per core) contends with the stage's own. Called once the models are
     loaded, so their libraries are there to be limited (threadpoolctl)."""
-    from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=n)
 
@@ -308,7 +307,6 @@ def open_ledger(config: StageConfig):
     """The stage's ledger: a file, sqlite:///PATH or postgresql://... (riskpipe.ledger)."""
     if not config.ledger:
         return None
-    from riskpipe.ledger import open_ledger as open_target
 
     return open_target(config.ledger)
 
@@ -319,7 +317,6 @@ def checkpoint_hooks(config: StageConfig, ledger, sink: str | None = None) -> li
     published to Kafka unless the sink is ``jsonl:``; none without that section."""
     if ledger is None or config.checkpoint is None:
         return []
-    from riskpipe.ledger.checkpoint import checkpointer_for
 
     signer = checkpointer_for(config.checkpoint, None if (sink or "").startswith("jsonl:") else config.kafka(),
                               origin=config.ledger_origin)
@@ -329,18 +326,15 @@ def checkpoint_hooks(config: StageConfig, ledger, sink: str | None = None) -> li
 def source_factory(config: StageConfig, source: str | None = None, checkpoint: str | None = None,
                    metrics=None) -> Callable[[Callable], Source]:
     """``make_source(on_revoke)``: Kafka (default) or a JSON-lines file (``jsonl:PATH``)."""
-    from riskpipe.stream.io import JsonlSource, KafkaSource
 
     if source and source.startswith("jsonl:"):
         path = source[len("jsonl:"):]
         return lambda on_revoke: JsonlSource(path, checkpoint)
-    from riskpipe.stream.checksum import check_kafka_crc32c
 
     check_kafka_crc32c(metrics)
 
     def make_source(on_revoke: Callable) -> Source:
         if config.create_topics:  # after a broker restart (memory storage) topics are gone
-            from riskpipe.stream.broker import create_topics
 
             t = config.topics
             create_topics(config.kafka(), [t.input, t.decisions, t.review, t.audit, t.dlq])
@@ -351,7 +345,6 @@ def source_factory(config: StageConfig, source: str | None = None, checkpoint: s
 
 def sink_factory(config: StageConfig, sink: str | None = None) -> Callable[[], Sink]:
     """``make_sink()``: Kafka (default) or JSON-lines files in a directory (``jsonl:DIR``)."""
-    from riskpipe.stream.io import JsonlSink, KafkaSink
 
     if sink and sink.startswith("jsonl:"):
         directory = sink[len("jsonl:"):]
@@ -364,7 +357,6 @@ def build_stage(config: StageConfig, *, source: str | None = None, sink: str | N
                 **kw):
     """A Stage over ``source``/``sink`` (Kafka unless ``jsonl:...``). ``pipeline``
     may be passed to reuse one already built (tests, benchmarks)."""
-    from riskpipe.stream.stage import Stage
 
     pipeline = pipeline or build_pipeline(config)
     if metrics is not None:

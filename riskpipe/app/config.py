@@ -77,10 +77,14 @@ from typing import Any
 import os
 import re
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from riskpipe import npy, safe_yaml
 from riskpipe.kafka_clients import KafkaSettings
+from riskpipe.ledger import backend_for
+from riskpipe.models.loader import resolve_spec
 
 # Noise samples per smoothing model call: the probe's largest candidate is 4096; above
 # 2^20 no model call fits in memory (riskpipe.app.compose also bounds it by the input size).
@@ -205,7 +209,6 @@ def _is_number(x: Any) -> bool:
 def reference_feature_names(path: str) -> list[str] | None:
     """The ``feature_names`` array of a reference .npz as strings; None when it has none
     (or cannot be read: ``read_reference`` reports that)."""
-    import numpy as np
 
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -221,9 +224,6 @@ def reference_feature_names(path: str) -> list[str] | None:
 
 def read_reference(path: str):
     """``(X, y or None)`` from a reference .npz; ValueError with the reason."""
-    import numpy as np
-
-    from riskpipe import npy
 
     try:
         with npy.load(path) as z:
@@ -310,8 +310,6 @@ class StageConfig(KafkaSettings):
     @classmethod
     def _ledger(cls, v: str | None) -> str | None:
         if v:
-            from riskpipe.ledger import backend_for
-
             backend_for(v)  # an unknown scheme fails here, naming the field
         return v
 
@@ -368,7 +366,6 @@ def _expand(value: Any, where: str = "") -> Any:
 def read_config_file(path: str) -> dict[str, Any]:
     """The YAML mapping in ``path`` with ``${VAR}`` expanded; ConfigError names the file
     and the reason. Shared by the stage and the review console (one riskpipe.yaml serves both)."""
-    from riskpipe import safe_yaml
 
     try:
         with open(path, encoding="utf-8") as f:
@@ -391,7 +388,6 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Relative paths of a config file, resolved against the file's directory."""
-    from riskpipe.models.loader import resolve_spec
 
     def rel(p: Any) -> Any:
         return str(base / p) if isinstance(p, str) and p and not Path(p).is_absolute() else p

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from riskpipe.app.compose import build_stage
 from riskpipe.stream.io import fresh_outputs
 from riskpipe.stream.stage import Stats
 
@@ -34,7 +35,6 @@ def run_offline(source: str | Iterable[dict], sink_dir: str | Path, config, *, p
                 metrics=None, checkpoint: str | None = None, on_batch=None) -> OfflineResult:
     """Decide every event of ``source`` (a JSON-lines path, or an iterable of event
     dicts) and write the outputs under ``sink_dir``."""
-    from riskpipe.app.compose import build_stage
 
     sink_dir = Path(sink_dir)
     tmp = None

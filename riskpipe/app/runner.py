@@ -8,14 +8,18 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+
+from riskpipe.app.compose import build_stage, open_ledger
+from riskpipe.metrics import mark_worker_dead, serve
+from riskpipe.paths import data_dir
+from riskpipe.stream.io import fresh_outputs
 
 log = logging.getLogger("riskpipe.stream")
 
 
 def default_ledger_path() -> str:
-    from riskpipe.paths import data_dir
-
     return str(data_dir() / "ledger.sqlite")
 
 
@@ -23,10 +27,8 @@ def run_stage(config, source: str | None = None, sink: str | None = None, metric
               install_signals: bool = True, on_record=None, pipeline=None):
     """Run one stage worker until stopped; returns its Stats. Everything is built by
     the composition root (riskpipe.app.compose) from ``config``."""
-    from riskpipe.app.compose import build_stage, open_ledger
 
     if sink and sink.startswith("jsonl:"):  # a fresh run replaces earlier output files
-        from riskpipe.stream.io import fresh_outputs
 
         t = config.topics
         fresh_outputs(sink[len("jsonl:"):], [t.decisions, t.review, t.audit, t.dlq])
@@ -45,7 +47,6 @@ def run_stage(config, source: str | None = None, sink: str | None = None, metric
 def run_workers(n: int, argv: list[str], metrics_port: int | None, metrics_addr: str = "127.0.0.1") -> int:
     """Start ``n`` worker processes of ``riskpipe run`` in one consumer group and serve
     their aggregated metrics (prometheus_client multiprocess mode) from this process."""
-    import tempfile
 
     mp_dir = tempfile.mkdtemp(prefix="riskpipe-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
@@ -54,8 +55,6 @@ def run_workers(n: int, argv: list[str], metrics_port: int | None, metrics_addr:
                                "--worker-id", f"w{i}", "--no-metrics-server"], env=env) for i in range(n)]
     server = None
     if metrics_port is not None:
-        from riskpipe.metrics import serve
-
         server = serve(metrics_port, metrics_addr)
         log.info("metrics of %d workers on %s", n, server.url)
 
@@ -70,7 +69,6 @@ def run_workers(n: int, argv: list[str], metrics_port: int | None, metrics_addr:
     try:
         while any(p.poll() is None for p in procs):
             time.sleep(0.2)
-        from riskpipe.metrics import mark_worker_dead
 
         for p in procs:
             mark_worker_dead(p.pid)
