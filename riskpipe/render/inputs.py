@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from riskpipe.ledger.inputs import InputUnavailable, record_array
+from riskpipe.models import ModelError, load_model
 from riskpipe.render.figures import data_uri
 
 log = logging.getLogger("riskpipe.render")
@@ -90,7 +92,6 @@ def entry_info(entry: Any) -> ModelInfo:
     if info.feature_names is not None or not isinstance(spec, str) or \
             not spec.partition("?")[0].lower().endswith(TABULAR_FILES):
         return info
-    from riskpipe.models import ModelError, load_model
 
     try:
         return model_info(entry, load_model(spec))
@@ -206,7 +207,6 @@ def record_view(record: dict, info: ModelInfo | None = None, fetch=None) -> Inpu
     """The view of a decision record's ``input`` (docs/records.md: inline ``data``, or a
     ``tensor`` inline in base64 or stored in the ledger; ``fetch`` is the ledger's
     ``get_input``). A UINT8 tensor is drawn on its own 0..255 scale."""
-    from riskpipe.ledger.inputs import InputUnavailable, record_array
 
     raw = record.get("input")
     inp = raw if isinstance(raw, dict) else {}
