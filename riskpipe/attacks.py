@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from riskpipe import blackbox, tree_attack
 from riskpipe.certify.norms import check_norm, conversion_factor
 from riskpipe.models.base import range_tensors
 
@@ -253,7 +254,6 @@ def attack_kind(model) -> AttackKind:
 
 def attack_name(model, steps: int, queries: int) -> str:
     """What ``attack_model`` runs on ``model``, with its strength, in plain words."""
-    from riskpipe import blackbox, tree_attack
 
     kind = attack_kind(model)
     if kind == "pgd":
@@ -278,15 +278,13 @@ def attack_model(model, X: np.ndarray, y: np.ndarray, epsilon, norm: str, *, ste
     from the class scores for models that expose scores (ONNX, predict_proba), the
     decision-based HopSkipJump attack for models with labels only; the black-box ones
     spend about ``queries`` model calls per input."""
-    from riskpipe import blackbox
-    from riskpipe.tree_attack import tree_attack
-
     kind = attack_kind(model)
     if kind == "pgd":
         return pgd(model.module, X, y, epsilon, norm=norm, steps=steps, seed=seed, value_range=model.value_range,
                    loss=loss, noise_sigma=noise_sigma, noise_samples=noise_samples)
     if kind == "trees":
-        return tree_attack(model.trees, model.predict, X, y, epsilon, norm, value_range=model.value_range, seed=seed)
+        return tree_attack.tree_attack(model.trees, model.predict, X, y, epsilon, norm, value_range=model.value_range,
+                                       seed=seed)
     if kind == "scores":
         return blackbox.nes_pgd(model.class_scores, X, y, epsilon, norm, steps=steps, samples=_samples(queries, steps),
                                 value_range=model.value_range, seed=seed)

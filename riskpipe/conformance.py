@@ -39,9 +39,11 @@ import numpy as np
 import torch
 from scipy import stats
 
+from riskpipe.attacks import attack_model
 from riskpipe.certify.certificate import Certificate
 from riskpipe.certify.families import FAMILIES
 from riskpipe.certify.protocol import MEMBERS
+from riskpipe.models.base import Model
 
 _COMPARED = ("method", "norm", "mode", "radius", "abstained", "predicted_class", "p_lower", "p_upper", "n_samples",
              "certified", "reason", "sampler")
@@ -148,7 +150,6 @@ def check_json_roundtrip(certs: list[Certificate], mode: str) -> None:
 
 def check_no_attack_inside_radius(factory, model, X, certs: list[Certificate], seed: int, steps: int) -> int:
     """Returns how many certified inputs were attacked."""
-    from riskpipe.attacks import attack_model
 
     cert = factory(model)
     ok = [i for i, c in enumerate(certs) if not c.abstained and c.radius > 0]
@@ -180,7 +181,6 @@ def threshold_classifier(threshold: float):
     At x = 0 under N(0, sigma^2) noise, P(f = 0) = Phi(threshold / sigma) and the smoothed
     classifier's radius is ``threshold``; with the threshold half-way between two grid
     points the same holds for noise rounded to that grid."""
-    from riskpipe.models.base import Model
 
     lin = torch.nn.Linear(1, 2)
     with torch.no_grad():

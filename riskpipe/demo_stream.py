@@ -20,7 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from riskpipe import kafka_clients
+from riskpipe.app.compose import build_stage
+from riskpipe.app.config import load_config
+from riskpipe.attacks import pgd
+from riskpipe.ledger import Ledger
+from riskpipe.metrics import StageMetrics
+from riskpipe.models import load_model
+from riskpipe.models.digits import load_split
+from riskpipe.report import write_report
+from riskpipe.review import serve_background
+from riskpipe.stream.binary import make_binary_event
+from riskpipe.stream.broker import EmbeddedBroker
 from riskpipe.stream.events import make_event
 
 
@@ -43,7 +56,6 @@ def malformed_events(x: np.ndarray, max_bytes: int, taken: dict) -> list[tuple[s
 
     Not here: ``off_grid`` (only a policy with the sound sampler has a grid; the demo's
     is Gaussian) and ``internal_error`` (a fault of the stage, not of the input)."""
-    from riskpipe.stream.binary import make_binary_event
 
     good = make_event("bad-0", "digits", x)
     flat = good["inputs"][0]["data"]
@@ -89,9 +101,6 @@ def malformed_events(x: np.ndarray, max_bytes: int, taken: dict) -> list[tuple[s
 
 def build_events(model, n_clean: int | None, n_attacked: int, attack_eps: float, max_bytes: int,
                  seed: int = 0) -> DemoEvents:
-    from riskpipe.attacks import pgd
-    from riskpipe.models.digits import load_split
-
     X, y = load_split("test")
     if n_clean is not None:
         X, y = X[:n_clean], y[:n_clean]
@@ -131,16 +140,6 @@ def build_events(model, n_clean: int | None, n_attacked: int, attack_eps: float,
 def run_demo(out_dir: Path, ledger_path: Path, n_clean: int | None = None, n_attacked: int = 120,
              attack_eps: float = 1.0, metrics_port: int = 0, console: bool = True, keep_serving: bool = False,
              echo=print, progress: bool = True) -> dict:
-    from tqdm import tqdm
-
-    from riskpipe import kafka_clients
-
-    from riskpipe.metrics import StageMetrics
-    from riskpipe.models import load_model
-    from riskpipe.stream.broker import EmbeddedBroker
-    from riskpipe.app.config import load_config
-    from riskpipe.app.compose import build_stage
-
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     summary: dict = {"paths": {}}
@@ -158,7 +157,6 @@ def run_demo(out_dir: Path, ledger_path: Path, n_clean: int | None = None, n_att
         metrics = StageMetrics()
         server = metrics.serve(metrics_port)
         echo(f"metrics on {server.url}")
-        from riskpipe.ledger import Ledger
 
         ledger = Ledger(str(ledger_path))
         bar = tqdm(total=total, unit="event", desc="deciding", disable=not progress)
@@ -168,8 +166,6 @@ def run_demo(out_dir: Path, ledger_path: Path, n_clean: int | None = None, n_att
         console_srv = None
         try:
             if console:
-                from riskpipe.review import serve_background
-
                 password = secrets.token_urlsafe(12)
                 console_srv = serve_background(str(ledger_path), password=password, kafka=config.kafka())
                 echo(f"review console on {console_srv.url}  (password: {password})")
@@ -207,7 +203,6 @@ def run_demo(out_dir: Path, ledger_path: Path, n_clean: int | None = None, n_att
                 raise stage_box["error"]
             stats = stage.stats
             summary.update(_summarise(ledger, stats, events, elapsed))
-            from riskpipe.report import write_report
 
             report = out_dir / "report.html"
             write_report(str(ledger_path), str(report), "html")

@@ -17,7 +17,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
+import kafka
+import kafka.admin
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from riskpipe.redaction import register_secret
 
 log = logging.getLogger("riskpipe.kafka")
 
@@ -52,7 +56,6 @@ class KafkaSettings(BaseModel):
             raise ValueError(f"sasl_plain_username/sasl_plain_password: required with sasl_mechanism {self.sasl_mechanism}")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile/ssl_keyfile: give both (client certificate and its key) or neither")
-        from riskpipe.redaction import register_secret
 
         register_secret(self.sasl_plain_password)  # masked in every output from now on
         register_secret(self.ssl_password)
@@ -142,24 +145,21 @@ def consumer(settings: KafkaSettings, *topics: str, **options: Any):
     """A ``kafka.KafkaConsumer`` (subscribed to ``topics`` if any). With a ``group_id``,
     a ``session_timeout_ms`` / ``heartbeat_interval_ms`` left out or None comes from
     :func:`group_timing`."""
-    from kafka import KafkaConsumer
 
     if options.get("group_id") is not None:
         session, heartbeat = options["session_timeout_ms"], options["heartbeat_interval_ms"] = group_timing(
             settings, options.get("session_timeout_ms"), options.get("heartbeat_interval_ms"))
         log.info("group %s: session timeout %d ms, heartbeat interval %d ms", options["group_id"], session, heartbeat)
-    return KafkaConsumer(*topics, **_merge(settings, options))
+    return kafka.KafkaConsumer(*topics, **_merge(settings, options))
 
 
 def producer(settings: KafkaSettings, **options: Any):
     """A ``kafka.KafkaProducer``."""
-    from kafka import KafkaProducer
 
-    return KafkaProducer(**_merge(settings, options))
+    return kafka.KafkaProducer(**_merge(settings, options))
 
 
 def admin(settings: KafkaSettings, **options: Any):
     """A ``kafka.admin.KafkaAdminClient``."""
-    from kafka.admin import KafkaAdminClient
 
-    return KafkaAdminClient(**_merge(settings, options))
+    return kafka.admin.KafkaAdminClient(**_merge(settings, options))

@@ -67,6 +67,7 @@ from prometheus_client import (
     generate_latest,
     make_wsgi_app,
     multiprocess,
+    values,
 )
 from prometheus_client.exposition import ThreadingWSGIServer
 
@@ -117,7 +118,6 @@ def multiprocess_enabled() -> bool:
 
 def _check_multiprocess_setup() -> None:
     """Fail loudly if the env var was set after prometheus_client chose its value class."""
-    from prometheus_client import values
 
     if multiprocess_enabled() and values.ValueClass is values.MutexValue:
         raise RuntimeError(

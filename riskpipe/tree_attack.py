@@ -25,6 +25,8 @@ import weakref
 
 import numpy as np
 
+from riskpipe.blackbox import flat_rows
+
 NAME = "tree leaf-region search (greedy threshold crossings)"
 MAX_CELLS = 32  # representatives per feature and round (evenly spread when there are more)
 
@@ -101,7 +103,6 @@ def tree_attack(ens, predict, X: np.ndarray, y: np.ndarray, epsilon, norm: str =
     model classifies with ``predict``, one per row of ``X``: a point within ``epsilon``
     (``norm`` linf or l2; one budget or one per input) of the row that ``predict``
     classifies differently from ``y``, else the row itself. Seeded; float32 out."""
-    from riskpipe.blackbox import flat_rows
 
     if norm not in ("linf", "l2"):
         raise ValueError(f"norm: the tree attack supports linf or l2, got {norm!r}")

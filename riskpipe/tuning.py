@@ -15,7 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from riskpipe.paths import atomic_write
+import torch
+
+from riskpipe.certify import batch_size
+from riskpipe.paths import atomic_write, cache_dir as default_cache_dir
 
 log = logging.getLogger("riskpipe.tuning")
 
@@ -28,10 +31,6 @@ class BatchSizeChoice:
 
 
 def cache_path(model, cache_dir: Path | None = None) -> Path:
-    import torch
-
-    from riskpipe.paths import cache_dir as default_cache_dir
-
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     device = str(model.device).replace(":", "_")
     return root / "batch_size" / f"{model.sha256[:32]}-{device}-t{torch.get_num_threads()}.json"
@@ -43,7 +42,6 @@ def certify_batch_size(model, configured: int | None = None, cache_dir: Path | N
     """The batch size to certify ``model`` with: ``configured`` if given, else the cached
     probe result for this model/device/thread count, else a fresh probe (then cached).
     ``clock`` times the probe (tests pass a simulated one)."""
-    from riskpipe.certify.batch_size import probe
 
     label = name or model.spec
     if configured is not None:
@@ -54,12 +52,11 @@ def certify_batch_size(model, configured: int | None = None, cache_dir: Path | N
         if cached is not None:
             choice = cached
         else:
-            p = probe(model, budget_s=budget_s, clock=clock)
+            p = batch_size.probe(model, budget_s=budget_s, clock=clock)
             choice = BatchSizeChoice(p.best, "probe", p.rates)
             _write(path, choice)
             log.info("model %s: probed forward rates %s in %.2f s", label,
                      ", ".join(f"{b}: {r:.0f}/s" for b, r in sorted(p.rates.items())), p.elapsed_s)
-    import torch
 
     log.info("model %s: certification batch size %d (%s), torch threads %d", label, choice.size, choice.source,
              torch.get_num_threads())
