@@ -11,6 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from riskpipe.ledger import LedgerError
+from riskpipe.render import class_name, entry_info, environment, model_info, record_view
+from riskpipe.report.data import gather
+from riskpipe.report.plots import all_figures
+
 FORMATS = ("html", "md", "json", "pdf")
 
 
@@ -33,12 +38,9 @@ def render(data: dict, fmt: str, models: dict | None = None) -> str:
             e["input"].pop("data", None)
             e["input"].pop("tensor", None)
         return json.dumps(slim, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    from riskpipe.render import environment
 
     env = environment("riskpipe.report", autoescape=fmt == "html")
     if fmt == "html":
-        from riskpipe.report.plots import all_figures
-
         return env.get_template("report.html.j2").render(d=data, fig=all_figures(data),
                                                          examples=_example_views(data["examples"], models or {}))
     if fmt == "md":
@@ -47,8 +49,6 @@ def render(data: dict, fmt: str, models: dict | None = None) -> str:
 
 
 def _example_views(examples: list[dict], models: dict) -> list[dict]:
-    from riskpipe.render import class_name, entry_info, model_info, record_view
-
     infos = {name: entry_info(entry) for name, entry in models.items()}
     out = []
     for e in examples:
@@ -61,8 +61,6 @@ def write_report(ledger_path: str | Path, out_path: str | Path, fmt: str = "html
                  until: Any = None, models: dict | None = None, verify: bool = True) -> Path:
     """Gather the ledger's evidence for [since, until) and write the report; returns the path.
     ``verify=False`` skips the walk over the whole chain (the report then says so)."""
-    from riskpipe.ledger import LedgerError
-    from riskpipe.report.data import gather
 
     if fmt not in FORMATS:
         raise ReportError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -75,7 +73,7 @@ def write_report(ledger_path: str | Path, out_path: str | Path, fmt: str = "html
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "pdf":
-        import weasyprint
+        import weasyprint  # optional: weasyprint is optional (PDF output)
 
         weasyprint.HTML(string=render(data, "html", models)).write_pdf(str(out))
     else:

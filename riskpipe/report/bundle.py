@@ -24,6 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from riskpipe.ledger import LedgerError, note as notes, open_ledger, redact
+from riskpipe.ledger.anchors import Checkpoint
+from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint, verify_ledger
+from riskpipe.ledger.receipt import make_receipt, verify_receipt
+from riskpipe.policy import load_policy
+from riskpipe.policy.loader import PolicyError
+from riskpipe.report import pdf_available, render
+from riskpipe.report.data import gather
 from riskpipe.timestamps import rfc3339_seconds
 
 BUNDLE_FORMAT = "riskpipe-evidence-bundle/1"
@@ -48,8 +56,6 @@ def _policy_files(ledger, config_policies: list[str]) -> tuple[dict[str, bytes],
     """Files of the policies in the ledger (``policy`` rows) and the config: canonical JSON
     (hashes to the policy sha256) and the YAML source. Policies whose file is not at hand
     (or whose content changed since) are listed as missing, never passed off."""
-    from riskpipe.policy import load_policy
-    from riskpipe.policy.loader import PolicyError
 
     wanted: dict[Any, dict[str, Any]] = {}
     for e in ledger.records("policy"):
@@ -81,20 +87,13 @@ def write_bundle(ledger_path: str, out_path: str | Path, *, key_path: str, sampl
                  config_policies: list[str] | None = None) -> dict:
     """Write the bundle; returns its manifest. A checkpoint of the current tree is signed
     with ``key_path`` when the newest stored one does not cover every row."""
-    from riskpipe.ledger import open_ledger, redact
-    from riskpipe.ledger import note as notes
-    from riskpipe.ledger.anchors import Checkpoint
-    from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint, verify_ledger
-    from riskpipe.ledger.receipt import make_receipt
-    from riskpipe.report import pdf_available, render
-    from riskpipe.report.data import gather
 
     key = load_private_key(key_path)
     data = gather(str(ledger_path), since=since, until=until)
     files: dict[str, bytes] = {"report.html": render(data, "html", models).encode("utf-8"),
                                "report.json": render(data, "json", models).encode("utf-8")}
     if pdf_available():
-        import weasyprint
+        import weasyprint  # optional: weasyprint is optional (PDF output)
 
         files["report.pdf"] = weasyprint.HTML(string=files["report.html"].decode("utf-8")).write_pdf()
     with open_ledger(str(ledger_path), create=False) as led:
@@ -146,10 +145,6 @@ class BundleCheck:
 
 def verify_bundle(path: str | Path, public_keys) -> BundleCheck:
     """Check a bundle offline (module docstring); the first failed check is the problem."""
-    from riskpipe.ledger import LedgerError
-    from riskpipe.ledger import note as notes
-    from riskpipe.ledger.anchors import Checkpoint
-    from riskpipe.ledger.receipt import verify_receipt
 
     res = BundleCheck(True)
 

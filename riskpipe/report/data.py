@@ -18,6 +18,7 @@ import numpy as np
 
 from riskpipe.ledger import LedgerError, open_ledger, parse_ts, redact
 from riskpipe.ledger.facts import GROUP_COLUMNS, KINDS, NO_HOUR, count_row
+from riskpipe.ledger.inputs import inline_copy
 from riskpipe.policy.controls import frameworks, mapping
 from riskpipe.policy.naming import policy_label
 from riskpipe.review.queue import OVERRIDES as CONTRADICTS  # one definition of an override, the console's
@@ -556,7 +557,6 @@ def _examples(f: _Facts, fetch=None) -> list[dict]:
     """The first few routed or blocked decisions per model that carry their input, for
     pictures (images) or tables (tabular rows) in the HTML report. A tensor stored in
     the ledger is read through ``fetch`` and carried inline (base64) in the example."""
-    from riskpipe.ledger.inputs import inline_copy
 
     by_model: dict[str, list[int]] = defaultdict(list)
     for gid in f.gids(has_input=1):

@@ -8,13 +8,21 @@ tensor as float32, C order); the digest is checked before anything is recomputed
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
+from riskpipe.app.compose import build_entry
+from riskpipe.app.config import ConfigError, load_config
+from riskpipe.certify import certifier_for_policy
 from riskpipe.ledger.inputs import input_digest
+from riskpipe.models import load_model_for
+from riskpipe.policy import PolicyError, load_policy
+from riskpipe.policy.schema import Certifier
 
 COMPARED = ("method", "predicted_class", "abstained", "certified", "n_samples", "radius")
 TOLERANCE = 1e-9
@@ -72,10 +80,6 @@ def recorded_parameters(cert: dict) -> dict:
 
 def _certifier(model, cert: dict):
     """The certifier that made ``cert``, through the one policy-to-certifier function."""
-    from pydantic import ValidationError
-
-    from riskpipe.certify import certifier_for_policy
-    from riskpipe.policy.schema import Certifier
 
     recorded = recorded_parameters(cert)
     try:
@@ -92,9 +96,6 @@ def stage_entry(config_path: str, record: dict, device: str = "cpu"):
     """The record's model as the stage config builds it (riskpipe.app.compose.build_entry):
     its declared range, its ``scale`` (the certified model g(z) = f(s * z) on z = x / s)
     and its policy."""
-    from riskpipe.app.compose import build_entry
-    from riskpipe.policy import PolicyError, load_policy
-    from riskpipe.app.config import ConfigError, load_config
 
     name = _need(_need(record, "model", "record"), "name", "model")
     try:
@@ -117,7 +118,6 @@ def replay(record: dict, X: np.ndarray, device: str = "cpu", model=None, entry=N
     Without it the model is loaded from the record's spec, which a certificate made in
     a scaled norm cannot be replayed on.
     """
-    from riskpipe.models import load_model_for
 
     entry_id = str(_need(record, "id", "record"))
     want = str(_need(_need(record, "input", "record"), "sha256", "input"))
@@ -160,6 +160,4 @@ def replay(record: dict, X: np.ndarray, device: str = "cpu", model=None, entry=N
 
 
 def certifier_fields(certifier) -> list[str]:
-    import dataclasses
-
     return [f.name for f in dataclasses.fields(certifier) if f.name != "model"]
