@@ -90,7 +90,7 @@ class ConsoleState:
 def default_metrics() -> StageMetrics | None:
     """A private-registry StageMetrics when riskpipe.metrics is available."""
     try:
-        # imported here: riskpipe.metrics loads prometheus_client, which fixes its value class on
+        # lazy: riskpipe.metrics loads prometheus_client, which fixes its value class on
         # import (multiprocess mode, riskpipe/metrics.py); importing the console must not do that
         from riskpipe.metrics import StageMetrics
     except ImportError:

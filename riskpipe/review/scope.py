@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from riskpipe.policy import load_policy
+
 
 @dataclass(frozen=True)
 class PolicyId:
@@ -39,7 +41,6 @@ class StageScope:
     def from_config(cls, config) -> StageScope:
         """The scope of a loaded ``StageConfig`` (each model's policy file is loaded and
         checked as the stage loads it)."""
-        from riskpipe.policy import load_policy
 
         loaded: dict[str, PolicyId] = {}
         out = {}

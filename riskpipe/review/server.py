@@ -11,6 +11,7 @@ from werkzeug.serving import ThreadedWSGIServer, make_server
 from riskpipe.kafka_clients import KafkaSettings
 from riskpipe.ledger import Ledger
 from riskpipe.review.app import create_app
+from riskpipe.review.kafka_io import OutcomePublisher, ReviewTopicFeed
 from riskpipe.review.settings import Credentials, ReviewSettings
 
 log = logging.getLogger("riskpipe.review")
@@ -27,8 +28,6 @@ class ConsoleServer:
         self.feed = None
         self.publisher = None
         if settings.kafka is not None:
-            from riskpipe.review.kafka_io import OutcomePublisher, ReviewTopicFeed
-
             self.publisher = OutcomePublisher(settings.kafka, settings.outcomes_topic)
         self.app = create_app(settings, metrics=metrics, publisher=self.publisher)
         if settings.kafka is not None:

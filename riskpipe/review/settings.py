@@ -48,9 +48,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from riskpipe.app.config import ConfigError, load_config, read_config_file
+from riskpipe.policy import PolicyError
 from riskpipe.redaction import register_secret
 
 from riskpipe.kafka_clients import KafkaSettings
+from riskpipe.review.scope import StageScope
 
 PASSWORD_ENV = "RISKPIPE_REVIEW_PASSWORD"
 SECRET_KEY_ENV = "RISKPIPE_REVIEW_SECRET_KEY"
@@ -226,8 +229,6 @@ class ReviewSettings:
 
 
 def load_config_file(path: str) -> dict[str, Any]:
-    from riskpipe.app.config import ConfigError, read_config_file
-
     try:
         return read_config_file(path)
     except ConfigError as e:
@@ -280,8 +281,6 @@ def resolve_settings(
     if secret_key is not None and len(secret_key) < 32:
         raise SettingsError(f"{where}: review.secret_key: must be at least 32 characters")
 
-    from riskpipe.app.config import ConfigError, load_config
-
     try:  # the shared keys (ledger, topics, Kafka connection and security) validated as the stage does
         config = load_config(config_path, ledger=ledger, bootstrap_servers=bootstrap_servers)
     except ConfigError as e:
@@ -290,9 +289,6 @@ def resolve_settings(
         raise SettingsError("ledger: no ledger given (use --ledger PATH or `ledger:` in the config file)")
     scope = None
     if config_path:
-        from riskpipe.policy import PolicyError
-        from riskpipe.review.scope import StageScope
-
         try:
             scope = StageScope.from_config(config)
         except PolicyError as e:

@@ -162,7 +162,8 @@ def metrics_endpoint() -> ResponseReturnValue:
     metrics = console().metrics
     if metrics is None:
         abort(404, description="Metrics are off (riskpipe.metrics is not available).")
-    # imported here like riskpipe.metrics itself (context.default_metrics): only once metrics are on
+    # lazy: prometheus_client fixes its metric value class on import (riskpipe/metrics.py), so the console
+    # imports it only once metrics are on, like riskpipe.metrics itself (context.default_metrics)
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     body = generate_latest(metrics.registry.restricted_registry(REVIEW_METRIC_SAMPLES))
