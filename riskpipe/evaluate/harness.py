@@ -9,18 +9,25 @@ records the stage wrote. Nothing is decided here that the stage did not decide.
 
 from __future__ import annotations
 
+import json
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
 from riskpipe import npy
+from riskpipe.app.compose import build_pipeline
+from riskpipe.app.config import ConfigError, StageConfig, format_validation_error, load_config
+from riskpipe.app.offline import run_offline
 from riskpipe.attacks import ATTACK_NORMS, attack_kind
 from riskpipe.certify.norms import conversion_factor
 from riskpipe.evaluate import metrics
 from riskpipe.evaluate.traffic import AttackSpec, SampleSet, attack_name, attacked_set, clean_set, subsample
+from riskpipe.models.digits import load_split
+from riskpipe.policy import load_policy
 
 MODEL_NAME = "model"
 
@@ -114,8 +121,6 @@ class Settings:
 def load_data(spec: str, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     """``digits`` (the demo data's test split) or an ``.npz`` file with arrays X and y."""
     if spec in ("digits", "demo:digits"):
-        from riskpipe.models.digits import load_split
-
         return load_split(split)
     p = Path(spec)
     if p.suffix != ".npz":
@@ -164,7 +169,6 @@ def _attack_specs(settings: Settings, threat_norm: str, eps: float, input_dim: i
 
 def _dlq_id(rec: dict) -> str | None:
     """The event id of a dead letter, when its value is a JSON object with an id."""
-    import json
 
     value = rec.get("value")
     if isinstance(value, dict):
@@ -182,7 +186,6 @@ def model_entry(settings: Settings) -> dict:
     """The evaluated model's ``models:`` entry: the one named ``model`` in the stage config
     ``config`` (its reference, scale, range, labels), else ``model`` as a spec with
     ``reference``."""
-    from riskpipe.app.config import ConfigError, load_config
 
     if settings.config:
         try:
@@ -198,9 +201,6 @@ def model_entry(settings: Settings) -> dict:
 
 def stage_config(settings: Settings, policy_path: str):
     """The stage config the evaluation runs: the model entry under ``policy_path``."""
-    from pydantic import ValidationError
-
-    from riskpipe.app.config import StageConfig, format_validation_error
 
     try:
         return StageConfig(models={MODEL_NAME: {**model_entry(settings), "policy": policy_path}}, policy=policy_path,
@@ -212,10 +212,6 @@ def stage_config(settings: Settings, policy_path: str):
 def evaluate_policy(settings: Settings, policy_path: str, X: np.ndarray, y: np.ndarray, workdir: Path,
                     progress=None, attack_cache: dict | None = None) -> PolicyRun:
     """Send clean and attacked copies of (X, y) through the stage under one policy."""
-    from riskpipe.app.compose import build_pipeline
-    from riskpipe.policy import load_policy
-    from riskpipe.app.config import ConfigError
-    from riskpipe.app.offline import run_offline
 
     t0 = time.perf_counter()
     policy = load_policy(policy_path)
@@ -331,7 +327,6 @@ def run_evaluation(settings: Settings, workdir: str | Path, progress=None) -> di
         raise EvaluationError(f"steps: must be >= 1, got {settings.steps}")
     if settings.queries < 1:
         raise EvaluationError(f"queries: must be >= 1, got {settings.queries}")
-    from riskpipe.policy import load_policy
 
     names = [load_policy(p).name for p in settings.policies]
     dup = next((n for n in names if names.count(n) > 1), None)

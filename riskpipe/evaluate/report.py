@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from riskpipe.evaluate import plots
+from riskpipe.evaluate.harness import Settings, model_entry
 from riskpipe.render import b64, class_name, entry_info, environment, input_view, pct
 
 FORMATS = ("html", "md", "json")
@@ -88,7 +89,6 @@ def render_markdown(result: dict, figure_dir: str | None = "figures", figure_nam
 def example_views(result: dict) -> dict[str, list[dict]]:
     """Per policy, its adversarial examples drawn beside their clean inputs (riskpipe.render),
     with class names from the evaluated model entry's labels."""
-    from riskpipe.evaluate.harness import Settings, model_entry
 
     settings = result["settings"]
     entry = model_entry(Settings(model=settings["model"], config=settings.get("config"))) \

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from sklearn.model_selection import train_test_split
 
 from riskpipe import attacks
 from riskpipe.stream.events import make_event
@@ -91,7 +92,6 @@ def subsample(X: np.ndarray, y: np.ndarray, n: int | None, seed: int) -> tuple[n
     """A seeded subset of ``n`` rows, stratified by label, in a fixed order."""
     if n is None or n >= len(X):
         return X, y
-    from sklearn.model_selection import train_test_split
 
     classes, counts = np.unique(y, return_counts=True)
     stratify = y if n >= len(classes) and counts.min() >= 2 else None
