@@ -24,11 +24,19 @@ import numpy as np
 import torch
 
 from riskpipe import attacks
+from riskpipe.app.compose import build_entry
+from riskpipe.app.config import load_config
 from riskpipe.certify import certifier_for_policy
 from riskpipe.certify.families import FAMILIES, family
 from riskpipe.certify.norms import check_norm, conversion_factor, convert_radius
 from riskpipe.compare.defaults import DEFAULT_GRID, DEFAULT_METHODS, DEFAULT_MODELS
 from riskpipe.compare.measure import peak_memory, summary_ms, timed
+from riskpipe.models import check_inputs, load_model_for
+from riskpipe.models.base import Model, sha256_state_dict
+from riskpipe.models.demo import digits_cnn
+from riskpipe.models.digits import load_split
+from riskpipe.policy import load_policy
+from riskpipe.policy.schema import Certifier
 
 @dataclass
 class CompareConfig:
@@ -84,7 +92,6 @@ def certifier_section(method: str, cfg: CompareConfig, policy=None):
     alpha, n0, sampler and grid, bound, norm), so the card measures what the stage certifies;
     ``--n-samples`` stays the estimation budget. Otherwise the command's flags, at the
     family's native norm."""
-    from riskpipe.policy.schema import Certifier
 
     values = {"sigma": cfg.sigma, "alpha": cfg.alpha, "n0": cfg.n0}
     if policy is not None and policy.certifier.method == method:
@@ -210,9 +217,6 @@ def _batch_sweep(model, method: str, X, cfg: CompareConfig, policy=None) -> list
 def _width_sweep(method: str, cfg: CompareConfig) -> list[dict]:
     """Cost per input on the demo CNN family (``digits_cnn(width)``, seeded random weights:
     cost does not depend on the weights) on demo digits, whatever the user's model."""
-    from riskpipe.models.base import Model, sha256_state_dict
-    from riskpipe.models.demo import digits_cnn
-    from riskpipe.models.digits import load_split
 
     rows = []
     X = load_split("test")[0]
@@ -240,13 +244,8 @@ def _certified_view(spec: str, X: np.ndarray, cfg: CompareConfig):
     """(model, inputs, scale description) as certified: a model entry of ``cfg.config``
     (NAME) is built as the stage builds it (declared range, ``scale``: inputs go to
     z = x / s and every radius is in the scaled norm); anything else is a spec."""
-    from riskpipe.models import check_inputs, load_model_for
 
     if cfg.config:
-        from riskpipe.app.compose import build_entry
-        from riskpipe.policy import load_policy
-        from riskpipe.app.config import load_config
-
         config = load_config(cfg.config, device=cfg.device)
         if spec in config.models:
             entry = build_entry(spec, config.models[spec], load_policy(config.model_policy(spec)), device=cfg.device)
@@ -259,7 +258,6 @@ def run_compare(cfg: CompareConfig, X: np.ndarray | None = None, y: np.ndarray |
                 log=lambda msg: None, bar=None) -> dict:
     """Everything the report card shows, as plain data (JSON-serialisable). ``bar(total, desc)``
     (the CLI's terminal progress bar) counts the inputs each family certifies."""
-    from riskpipe.models.digits import load_split
 
     t_start = time.perf_counter()
     data_name = "user data"
