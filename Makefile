@@ -1,6 +1,7 @@
 # Two entry points for a new user (see README.md):
 #   make demo   set everything up, then run the demo stream on the embedded broker
-#   make test   set everything up, then run the test suite
+#   make test   set everything up, then run the linters and the test suite
+#   make lint   ruff and mypy only (configured in pyproject.toml)
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -8,7 +9,7 @@ STAMP   := $(VENV)/.installed
 SYSSTAMP := $(VENV)/.system-packages
 APT_PACKAGES := prometheus chromium chromium-driver postgresql
 
-.PHONY: setup system-packages demo test bench chaos clean
+.PHONY: setup system-packages demo lint test bench chaos clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -37,7 +38,12 @@ system-packages: $(SYSSTAMP)
 demo: $(STAMP)
 	$(BIN)/riskpipe demo
 
-test: $(STAMP) $(SYSSTAMP)
+# A new lint or type error fails `make test` (and so CI) before any test runs.
+lint: $(STAMP)
+	$(BIN)/ruff check riskpipe tests bench
+	$(BIN)/mypy
+
+test: lint $(SYSSTAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
@@ -47,4 +53,4 @@ chaos: $(STAMP)
 	PYTHONPATH=$(CURDIR) $(BIN)/python bench/chaos.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

@@ -127,9 +127,9 @@ def verify_vs_lower_bound(path: Path) -> dict:
                          "ORDER BY seq LIMIT 20000", (last,))
                 if not page:
                     return
-                for seq, kind, eid, ts, text, prev_hash, stored in page:
+                for _seq, kind, eid, _ts, text, _prev_hash, _stored in page:
                     raw = text.encode("utf-8")
-                    h = hashlib.sha256(prev.encode("ascii") + b"\n" + kind.encode() + b"\n" + eid.encode() + b"\n" + raw)
+                    h = hashlib.sha256(b"\n".join((prev.encode("ascii"), kind.encode(), eid.encode(), raw)))
                     if tree:
                         hashlib.sha256(b"\x00" + kind.encode() + b"\n" + eid.encode() + b"\n" + raw).digest()
                     orjson.loads(raw)
@@ -143,7 +143,8 @@ def verify_vs_lower_bound(path: Path) -> dict:
     t_verify = timed(verify, repeat=1)
     t_lb = timed(lambda: lower_bound(False), repeat=1)
     t_lb_tree = timed(lambda: lower_bound(True), repeat=1)
-    return {"verify_s": round(t_verify, 3), "lower_bound_s": round(t_lb, 3), "lower_bound_with_tree_s": round(t_lb_tree, 3),
+    return {"verify_s": round(t_verify, 3), "lower_bound_s": round(t_lb, 3),
+            "lower_bound_with_tree_s": round(t_lb_tree, 3),
             "ratio": round(t_lb / t_verify, 3), "ratio_with_tree": round(t_lb_tree / t_verify, 3)}
 
 
@@ -190,7 +191,8 @@ def main() -> None:
     runs = [measure(where / f"flat-{RECORDS}-{n}.db", n) for n in (args.small, args.rows)]
     small, big = runs
     growth = {k: round(big[k] / small[k], 2) for k in ("report_no_verify_s", "report_with_verify_s", "verify_s")}
-    growth["queue_first_page"] = round(big["queue"]["first page"]["seconds"] / small["queue"]["first page"]["seconds"], 2)
+    growth["queue_first_page"] = round(big["queue"]["first page"]["seconds"] / small["queue"]["first page"]["seconds"],
+                                       2)
     print(table([(r["rows"], r["report_no_verify_s"], r["report_with_verify_s"], r["queue"]["first page"]["seconds"],
                   r["queue"]["largest page (200)"]["bytes"], r["verify_s"], r["ratio"]) for r in runs],
                 ("rows", "report s", "report+verify s", "page s", "page(200) bytes", "verify s", "lower bound/verify")))
@@ -198,7 +200,8 @@ def main() -> None:
     path = write_results("flat", {"settings": {"record": "tests/ledger_records.decision_record, ~2 KB, all routed",
                                                "backend": "SQLite (WAL, synchronous=FULL)"},
                                   "runs": runs, "growth": growth,
-                                  "targets": {"report_s_at_1m": 10, "page_kb": 200, "page_s": 0.5, "verify_ratio": 0.7}})
+                                  "targets": {"report_s_at_1m": 10, "page_kb": 200, "page_s": 0.5,
+                                              "verify_ratio": 0.7}})
     print(f"wrote {path}")
 
 

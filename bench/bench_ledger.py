@@ -112,7 +112,8 @@ def main() -> None:
             r = {"backend": backend, **verify_seconds(target, verify_rows)}
             verifies.append(r)
             print(r, flush=True)
-    print(table([(a["backend"], a["batch"], a["writers"], a["rows"], a["seconds"], a["appends_per_s"]) for a in appends],
+    print(table([(a["backend"], a["batch"], a["writers"], a["rows"], a["seconds"],
+                  a["appends_per_s"]) for a in appends],
                 ("backend", "batch", "writers", "rows", "seconds", "appends/s")))
     print(table([(v["backend"], v["rows"], v["verify_seconds"], v["verify_seconds_per_100k"]) for v in verifies],
                 ("backend", "rows", "verify s", "verify s / 100k rows")))

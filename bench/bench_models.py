@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_forward, table, write_results  # noqa: E402
+from common import best_forward, table, write_results
 
-from riskpipe.app.compose import build_pipeline  # noqa: E402
-from riskpipe.app.config import load_config  # noqa: E402
-from riskpipe.stream.events import make_event  # noqa: E402
-from riskpipe.app.offline import run_offline  # noqa: E402
+from riskpipe.app.compose import build_pipeline
+from riskpipe.app.config import load_config
+from riskpipe.stream.events import make_event
+from riskpipe.app.offline import run_offline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -105,7 +105,8 @@ def measure(label: str, config_path: Path | None, model: str, n: int, batch: int
         "evals_per_decision_p90": float(np.percentile(evals, 90)),
         "certify_seconds": certify_s, "certify_share_of_wall": certify_s / wall,
         "evals_per_s_in_certification": float(evals_per_s), "best_forward_samples_per_s": fwd,
-        "best_forward_batch_size": fwd_bs, "best_forward_before_after": [fwd_before[0], fwd_after[0]], "certification_vs_forward": float(evals_per_s / fwd),
+        "best_forward_batch_size": fwd_bs, "best_forward_before_after": [fwd_before[0], fwd_after[0]],
+        "certification_vs_forward": float(evals_per_s / fwd),
         "decisions": decisions,
         "certified": sum(bool(r["certificate"]["certified"]) for r in audit),
     }

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import best_forward, table, write_results  # noqa: E402
+from common import best_forward, table, write_results
 
-from riskpipe.certify.smoothing import Smoothing  # noqa: E402
-from riskpipe.models import load_model  # noqa: E402
-from riskpipe.models.digits import load_split  # noqa: E402
+from riskpipe.certify.smoothing import Smoothing
+from riskpipe.models import load_model
+from riskpipe.models.digits import load_split
 
 SIGMA, ALPHA, EPS = 0.25, 0.001, 0.25
 
@@ -78,7 +78,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     model = load_model("demo:digits")
-    X, y = load_split("test")
+    X, _y = load_split("test")
     results: dict = {"params": {"sigma": SIGMA, "alpha": ALPHA, "epsilon": EPS, "norm": "l2", "inputs": len(X)}}
 
     # 1. decide vs CERTIFY
@@ -132,12 +132,16 @@ def main() -> None:
 
     d = results["decide_vs_certify"]
     print(table([
-        ("decide median / p90 / mean evals (budget 1e5)", f"{d['decide_median_evals']:.0f} / {d['decide_p90_evals']:.0f} / {d['decide_mean_evals']:.0f}", "median <= 64"),
+        ("decide median / p90 / mean evals (budget 1e5)",
+         f"{d['decide_median_evals']:.0f} / {d['decide_p90_evals']:.0f} / {d['decide_mean_evals']:.0f}",
+         "median <= 64"),
         ("fewer evals than CERTIFY (median)", f"{d['fewer_times_median']:.0f}x", ">= 1500x"),
-        ("agreement with CERTIFY on radius >= eps", f"{d['agreement']:.3f} ({d['agreement_inputs']} inputs)", ">= 0.99"),
+        ("agreement with CERTIFY on radius >= eps", f"{d['agreement']:.3f} ({d['agreement_inputs']} inputs)",
+         ">= 0.99"),
         *[(f"budget {b}: mean evals, lost certificates", f"{v['mean_evals']:.0f}, {v['lost_vs_100000']}", "")
           for b, v in results["budgets"].items()],
-        *[(f"{n}: evals/s / best forward", f"{v['ratio']:.2f} ({v['decide_evals_per_s']:.0f} / {v['best_forward_samples_per_s']:.0f})", ">= 0.9")
+        *[(f"{n}: evals/s / best forward",
+           f"{v['ratio']:.2f} ({v['decide_evals_per_s']:.0f} / {v['best_forward_samples_per_s']:.0f})", ">= 0.9")
           for n, v in results["throughput"].items()],
         ("decisions/s at budget 10000 (demo)", f"{results['budgets']['10000']['decisions_per_s']:.0f}", ">= 1000"),
         ("CERTIFY n=1e5 peak above model", f"{results['certify_memory']['above_model_mb']:.1f} MB", "<= 100 MB"),

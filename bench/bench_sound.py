@@ -85,7 +85,8 @@ def run(s, X):
     decide_s = time.perf_counter() - t0
     return {"noise_us_per_eval": noise * 1e3, "certify_us_per_eval": certify_s * 1e6 / evals,
             "decisions_per_s": len(X) / decide_s, "decide_evals_per_s": sum(c.n_samples for c in dec) / decide_s,
-            "certified": int(sum(c.certified for c in dec)), "mean_radius_certify": float(np.mean([c.radius for c in certs]))}
+            "certified": int(sum(c.certified for c in dec)),
+            "mean_radius_certify": float(np.mean([c.radius for c in certs]))}
 
 
 STAGE_CASES = [  # (label, config file or None for the defaults, model name, grid levels for sound)

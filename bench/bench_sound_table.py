@@ -15,7 +15,6 @@ Usage: python bench/bench_sound_table.py [--skip-old-above 400000]
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -64,7 +63,7 @@ def main() -> None:
         new, new_wall, new_cpu = timed(lambda: normal_table.thresholds(s, J, 62))
         entry = {"levels": levels, "sigma": SIGMA, "entries": 2 * J, "new_wall_s": round(new_wall, 4),
                  "new_cpu_s": round(new_cpu, 4)}
-        if 2 * J <= args.skip_old_above:
+        if args.skip_old_above >= 2 * J:
             old, old_wall, old_cpu = timed(lambda: old_table(s, J))
             entry.update(old_wall_s=round(old_wall, 3), old_cpu_s=round(old_cpu, 3),
                          equal=bool(np.array_equal(old, new)),

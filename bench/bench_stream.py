@@ -126,7 +126,8 @@ def main() -> None:
     ap.add_argument("--memory-events", type=int, default=100_000)
     ap.add_argument("--ledger-events", type=int, default=2000, help="events per run of the ledger comparison")
     ap.add_argument("--ledger-rounds", type=int, default=3)
-    ap.add_argument("--only-ledger", action="store_true", help="just the ledger comparison (bench/results/stream_ledger.json)")
+    ap.add_argument("--only-ledger", action="store_true",
+                    help="just the ledger comparison (bench/results/stream_ledger.json)")
     args = ap.parse_args()
     cfg = load_config(None)
     pipeline = build_pipeline(cfg)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table, write_results  # noqa: E402
+from common import table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 

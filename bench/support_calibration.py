@@ -62,7 +62,8 @@ def main() -> None:
         beyond = {f"{f:g}": float((r > f).mean()) for f in FACTORS}
         results[name] = {"reference_rows": len(X) // 2, "held_out_rows": len(r), "max_ratio": float(r.max()),
                          "median_ratio": float(np.median(r)), "fraction_beyond_factor": beyond}
-        rows.append((name, len(r), f"{np.median(r):.2f}", f"{r.max():.2f}", *(f"{beyond[f'{f:g}']:.3f}" for f in FACTORS)))
+        rows.append((name, len(r), f"{np.median(r):.2f}", f"{r.max():.2f}",
+                     *(f"{beyond[f'{f:g}']:.3f}" for f in FACTORS)))
     print(table(rows, ("data set", "held out", "median d/q", "max d/q", *(f"> {f:g}" for f in FACTORS))))
     path = write_results("support", {"quantile": QUANTILE, "data_sets": results,
                                      "max_ratio_overall": max(v["max_ratio"] for v in results.values())})

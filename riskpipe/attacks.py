@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -335,7 +334,8 @@ class NormShift:
         }
 
 
-def norm_shift_coverage(radii: np.ndarray, cert_norm: str, attack_norm: str, epsilon: float, input_dim: int) -> NormShift:
+def norm_shift_coverage(radii: np.ndarray, cert_norm: str, attack_norm: str, epsilon: float,
+                        input_dim: int) -> NormShift:
     """Which certificates (``radii`` in ``cert_norm``) cover an ``attack_norm`` attack of ``epsilon``."""
     cert_norm, attack_norm = check_norm(cert_norm), check_norm(attack_norm)
     radii = np.asarray(radii, dtype=np.float64).reshape(-1)

@@ -126,7 +126,7 @@ def build_events(model, n_clean: int | None, n_attacked: int, attack_eps: float,
         out.attacked += 1
     first = json.loads(out.messages[0][1])
     malformed = malformed_events(X[0], max_bytes, first)
-    for code, key, value, headers in malformed:
+    for code, _key, _value, _headers in malformed:
         out.malformed[code] = out.malformed.get(code, 0) + 1
     shuffled = [(key, value, headers) for code, key, value, headers in malformed if code != "id_conflict"]
     shuffled += out.messages
@@ -262,10 +262,12 @@ def format_summary(s: dict) -> str:
     rows = [
         ("events produced", f"{s['events']}  ({s['clean']} clean digits, {s['attacked']} PGD-attacked, "
                             f"{sum(s['dlq_expected'].values())} malformed)"),
-        ("decisions", f"{s['decided']}  (allow {s['decisions'].get('allow', 0)}, review {s['decisions'].get('review', 0)}, "
+        ("decisions",
+         f"{s['decided']}  (allow {s['decisions'].get('allow', 0)}, review {s['decisions'].get('review', 0)}, "
                       f"block {s['decisions'].get('block', 0)})"),
         ("abstentions (no certificate)", str(s["abstained"])),
-        ("attacked inputs that fooled the base model", f"{s['attacks']['fooled_base_model']} of {s['attacks']['events']}"),
+        ("attacked inputs that fooled the base model",
+         f"{s['attacks']['fooled_base_model']} of {s['attacks']['events']}"),
         ("attacked inputs certified anyway", f"{s['attacks']['certified']}  "
                                              f"({s['attacks']['certified_wrong_class']} certified for a WRONG class: "
                                              "Theorem 1 — a certificate does not mean clean)"),

@@ -47,13 +47,14 @@ class KafkaSettings(BaseModel):
     client_id: str | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> "KafkaSettings":
+    def _consistent(self) -> KafkaSettings:
         if self.security_protocol.startswith("SASL_") and self.sasl_mechanism is None:
             raise ValueError(f"sasl_mechanism: required with security_protocol {self.security_protocol}")
         if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512") and not (
             self.sasl_plain_username and self.sasl_plain_password
         ):
-            raise ValueError(f"sasl_plain_username/sasl_plain_password: required with sasl_mechanism {self.sasl_mechanism}")
+            raise ValueError("sasl_plain_username/sasl_plain_password: required with sasl_mechanism "
+                             f"{self.sasl_mechanism}")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile/ssl_keyfile: give both (client certificate and its key) or neither")
 
@@ -80,7 +81,7 @@ class KafkaSettings(BaseModel):
             opts["ssl_check_hostname"] = self.ssl_check_hostname
         return opts
 
-    def with_servers(self, bootstrap_servers: str | None) -> "KafkaSettings":
+    def with_servers(self, bootstrap_servers: str | None) -> KafkaSettings:
         """The same security settings for other bootstrap servers (a ``--bootstrap-servers`` flag)."""
         return self if not bootstrap_servers else self.model_copy(update={"bootstrap_servers": bootstrap_servers})
 

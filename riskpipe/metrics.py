@@ -113,7 +113,7 @@ _LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.:-]")
 def multiprocess_enabled() -> bool:
     """True when PROMETHEUS_MULTIPROC_DIR is set (prometheus_client multiprocess mode)."""
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or
-                os.environ.get("prometheus_multiproc_dir"))
+                os.environ.get("prometheus_multiproc_dir"))  # noqa: SIM112 - the client's legacy name
 
 
 def _check_multiprocess_setup() -> None:
@@ -124,7 +124,7 @@ def _check_multiprocess_setup() -> None:
             "PROMETHEUS_MULTIPROC_DIR: set after prometheus_client was imported; set it "
             "before starting the worker process (see riskpipe/metrics.py)")
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get(
-        "prometheus_multiproc_dir")
+        "prometheus_multiproc_dir")  # noqa: SIM112 - the client's legacy name
     if directory and not os.path.isdir(directory):
         raise RuntimeError(f"PROMETHEUS_MULTIPROC_DIR: {directory!r} is not a directory")
 
@@ -511,7 +511,7 @@ def last_poll_age(registry: CollectorRegistry, now: float | None = None) -> floa
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+    def log_message(self, format: str, *args: Any) -> None:  # stdlib name
         pass
 
 

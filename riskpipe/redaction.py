@@ -74,7 +74,7 @@ class RedactingStream:
 class RedactingRecord(logging.LogRecord):
     """A log record whose message (arguments included) is redacted."""
 
-    def getMessage(self) -> str:  # noqa: N802 - logging's name
+    def getMessage(self) -> str:  # logging's name
         return redact(super().getMessage())
 
 

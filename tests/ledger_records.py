@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 from riskpipe.ledger import Ledger, dlq_record, policy_record
 from riskpipe.timestamps import rfc3339_micros as rfc3339
 
-T0 = datetime(2024, 5, 1, 8, 0, tzinfo=timezone.utc)
-POLICY = {"name": "default", "version": "3", "sha256": hashlib.sha256(b"default-policy-v3").hexdigest(), "shadow": False}
-POLICY_V4 = {"name": "default", "version": "4", "sha256": hashlib.sha256(b"default-policy-v4").hexdigest(), "shadow": False}
+T0 = datetime(2024, 5, 1, 8, 0, tzinfo=UTC)
+POLICY = {"name": "default", "version": "3", "sha256": hashlib.sha256(b"default-policy-v3").hexdigest(),
+          "shadow": False}
+POLICY_V4 = {"name": "default", "version": "4", "sha256": hashlib.sha256(b"default-policy-v4").hexdigest(),
+             "shadow": False}
 MODEL = {"name": "digits", "spec": "demo:digits", "sha256": hashlib.sha256(b"digits-weights").hexdigest()}
 CONTROLS = ["GOVERN 1.4", "MEASURE 2.7", "MANAGE 1.3", "ISO/IEC 27001:2022 A.8.15", "ISO/IEC 27001:2022 A.5.33"]
 SCOPE = ("l2 radius of the Gaussian-smoothed classifier (sigma=0.25), holds with probability >= 0.999 over the noise; "
@@ -43,11 +45,13 @@ def decision_record(i: int, *, t: datetime | None = None, radius: float = 0.6, a
         "model": dict(MODEL), "policy": dict(policy), "certificate": cert,
         "context": {"nearest_other_class_distance": 2.1, "radius_to_distance_ratio": radius / 2.1,
                     "radius_percentile": 0.5, "reference": "digits-train"},
-        "signals": {"certificate_risk": {"value": 0.0 if certified else 1.0, "radius_threat": radius, "flagged": not certified},
+        "signals": {"certificate_risk": {"value": 0.0 if certified else 1.0, "radius_threat": radius,
+                                         "flagged": not certified},
                     "upstream_risk": {"value": 0.1, "flagged": False},
                     "context_risk": {"value": 0.2, "flagged": False}},
         "score": 0.1 if certified else 0.7, "decision": decision,
-        "rule": "certified-allow" if decision == "allow" else ("uncertified-review" if decision == "review" else "high-risk-block"),
+        "rule": ("certified-allow" if decision == "allow"
+                 else "uncertified-review" if decision == "review" else "high-risk-block"),
         "reasons": [] if certified else ["no_certificate"], "controls": list(CONTROLS),
         "review": {"routed": routed, "priority": "high" if abstained else ("normal" if routed else None),
                    "deadline": rfc3339(t + timedelta(hours=4)) if routed else None, "audit_sample": audit_sample},
@@ -83,7 +87,8 @@ def build_ledger(path, n: int = 60, seed: int = 0) -> dict:
         elif u < 0.38:
             d = decision_record(i, t=t, radius=round(rng.uniform(0.3, 1.0), 4), decision="block", policy=policy)
         else:
-            d = decision_record(i, t=t, radius=round(rng.uniform(0.26, 1.5), 4), policy=policy, audit_sample=rng.random() < 0.1)
+            d = decision_record(i, t=t, radius=round(rng.uniform(0.26, 1.5), 4), policy=policy,
+                                audit_sample=rng.random() < 0.1)
         decisions.append(d)
     for d in decisions:
         if d["review"]["routed"] or d["decision"] == "block":

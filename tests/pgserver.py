@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 PG_BIN = Path(os.environ.get("RISKPIPE_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -49,17 +48,19 @@ class PostgresServer:
             raise RuntimeError(f"{' '.join(args[:2])} failed: {r.stderr.strip() or r.stdout.strip()}")
         return r
 
-    def start(self) -> "PostgresServer":
+    def start(self) -> PostgresServer:
         if self.as_root:
             shutil.chown(self.root, "postgres", "postgres")
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", *([] if self.fsync else ["--no-sync"]))
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                  *([] if self.fsync else ["--no-sync"]))
         return self.resume()
 
-    def resume(self) -> "PostgresServer":
+    def resume(self) -> PostgresServer:
         """Start the server on its data directory and port (after ``start`` or ``halt``)."""
         opts = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
                 f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=100")
-        self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.root / "server.log"), "-w", "-t", "60", "start")
+        self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.root / "server.log"), "-w", "-t", "60",
+                  "start")
         self.pid = int((self.data / "postmaster.pid").read_text().splitlines()[0])
         return self
 
@@ -92,7 +93,7 @@ class PostgresServer:
             self.pid = None
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "PostgresServer":
+    def __enter__(self) -> PostgresServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -1,6 +1,5 @@
 """Synthetic classifiers whose smoothed behaviour is known exactly."""
 
-import numpy as np
 import torch
 from scipy import stats
 
@@ -67,7 +66,8 @@ def policy_without_context(tmp_path) -> str:
     if "support_risk" in pol["signals"]:
         pol["signals"]["support_risk"]["enabled"] = False
     pol["rules"] = [r for r in pol["rules"]
-                    if "context" not in json.dumps(r.get("when", {})) and "support" not in json.dumps(r.get("when", {}))]
+                    if "context" not in json.dumps(r.get("when", {}))
+                    and "support" not in json.dumps(r.get("when", {}))]
     path = tmp_path / "policy-without-context.yaml"
     path.write_text(yaml.safe_dump(pol))
     return str(path)

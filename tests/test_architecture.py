@@ -302,7 +302,8 @@ def test_graph_sees_local_and_type_checking_imports(tmp_path):
     (pkg / "a" / "__init__.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
                                            "    from riskpipe.b import X\n")
     (pkg / "a" / "m.py").write_text("def f():\n    from . import n\n    import riskpipe.b\n")
-    (pkg / "a" / "n.py").write_text("def g():\n    # lazy: a reason\n    import json\n    import riskpipe.b  # lazy: x\n")
+    (pkg / "a" / "n.py").write_text("def g():\n    # lazy: a reason\n    import json\n    import riskpipe.b  # lazy: "
+                                    "x\n")
     (pkg / "b.py").write_text("from riskpipe.a import m\n")
     g = build_graph(pkg)
     got = {(i.source, i.target, i.local) for i in g.imports}

@@ -25,10 +25,9 @@ def test_the_new_file_replaces_the_old_one_whole_and_leaves_no_temporary_file(tm
 def test_an_error_while_writing_keeps_the_old_file_and_removes_the_temporary_one(tmp_path):
     path = tmp_path / "choice.json"
     path.write_text("{}")
-    with pytest.raises(RuntimeError, match="interrupted"):
-        with atomic_write(path, "w") as f:
-            f.write('{"batch_size": ')
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError, match="interrupted"), atomic_write(path, "w") as f:
+        f.write('{"batch_size": ')
+        raise RuntimeError("interrupted")
     assert path.read_text() == "{}"
     assert os.listdir(tmp_path) == ["choice.json"]
 
@@ -42,9 +41,8 @@ def test_the_file_gets_the_permissions_open_would_give_it(tmp_path):
 
 
 def test_only_write_modes_are_accepted(tmp_path):
-    with pytest.raises(ValueError, match="mode"):
-        with atomic_write(tmp_path / "f", "ab"):
-            pass
+    with pytest.raises(ValueError, match="mode"), atomic_write(tmp_path / "f", "ab"):
+        pass
 
 
 def test_a_jsonl_source_resumes_after_its_checkpoint(tmp_path):

@@ -157,7 +157,7 @@ def test_public_view_carries_no_radius_and_gives_the_guided_attacker_nothing():
     assert {f.name for f in dataclasses.fields(view.entries[0])} == set(PUBLIC_FIELDS)
     assert PublicView.from_records(audit) == view
     # Radii (with decisions unchanged) do not move the public view at all.
-    audit2, public2 = _records(np.where(radii >= 0.25, radii * 3, radii / 2), decisions)
+    _audit2, public2 = _records(np.where(radii >= 0.25, radii * 3, radii / 2), decisions)
     assert PublicView.from_records(public2) == view
     guided, public_only = GuidedAttacker(10, 0.5, seed=3), PublicAttacker(10, seed=3)
     assert guided.choose(view) == public_only.choose(view)

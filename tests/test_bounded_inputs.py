@@ -134,7 +134,7 @@ def test_a_160_gb_npy_header_is_refused_before_allocating(tmp_path):
     big = tmp_path / "big.npz"
     with zipfile.ZipFile(big, "w") as z:
         z.writestr("X.npy", _fake_npy(GB160))
-    with pytest.raises(ValueError, match="header declares shape .40000000000,. of float32 = 160 GB"):
+    with pytest.raises(ValueError, match=r"header declares shape .40000000000,. of float32 = 160 GB"):
         npy.check_file(big)
     lying = tmp_path / "lying.npy"  # small declared shape, but not what the file holds
     lying.write_bytes(_fake_npy((1000,)))

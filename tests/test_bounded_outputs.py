@@ -96,9 +96,8 @@ def test_inputs_are_stored_on_postgresql_too(pg_url) -> None:
         assert led.schema_version >= 5
         led.append_entries([("decision", {"id": "pg-img", "ts": "2026-01-01T00:00:00Z", "input": ref}, None)], [stored])
         assert np.array_equal(record_array(ref, led.get_input), img)
-        with pytest.raises(Exception, match="append-only"):
-            with led._write() as db:
-                db.execute("DELETE FROM inputs")
+        with pytest.raises(Exception, match="append-only"), led._write() as db:
+            db.execute("DELETE FROM inputs")
 
 
 def test_a_stored_fp32_tensor_that_does_not_match_its_digest_is_refused(tmp_path) -> None:
@@ -157,7 +156,8 @@ def test_broker_stage_bounds_every_output_and_dead_letters_what_cannot_fit(tmp_p
     msgs = [make_binary_event("img-1", "img", img, "UINT8", upstream_risk=0.9)]
     # a JSON event under the 1 MiB input limit whose full record cannot fit in 1 MiB
     fat = {"id": "fat", "model": "img", "upstream_risk": 0.0, "context": {"note": "y" * 1_045_000},
-           "inputs": [{"name": "i", "shape": [1, *IMAGE], "datatype": "UINT8", "parameters": {"binary_data_size": img.size}}]}
+           "inputs": [{"name": "i", "shape": [1, *IMAGE], "datatype": "UINT8",
+                       "parameters": {"binary_data_size": img.size}}]}
     head = json.dumps(fat, separators=(",", ":")).encode()
     msgs.append((head + img.tobytes(), [("Inference-Header-Content-Length", str(len(head)).encode())]))
     msgs.append(make_binary_event("img-2", "img", _image(3), "UINT8", upstream_risk=0.9))
@@ -241,7 +241,8 @@ def test_ledger_input_command_returns_the_stored_tensor_by_digest(tmp_path) -> N
     with open_ledger(path) as led:
         led.append_entries([("decision", {"id": "e", "ts": "2026-01-01T00:00:00Z", "input": ref}, None)], [stored])
     out = tmp_path / "x.npy"
-    r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "ledger", "input", path, ref["sha256"], "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "ledger", "input", path, ref["sha256"], "--out",
+                        str(out)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     back = np.load(out)

@@ -82,7 +82,8 @@ def test_policy_check_builds_the_certifier_on_a_model(tmp_path):
     spec = f"{tmp_path / 'tab.pt'}?shape=13"
     text = POLICY.replace("  max_samples: 10000\n", "  max_samples: 10000\n  sampler: sound\n")
     (tmp_path / "sound.yaml").write_text(text)
-    (tmp_path / "sound-grid.yaml").write_text(text.replace("  sampler: sound\n", "  sampler: sound\n  grid_step: 0.01\n"))
+    (tmp_path / "sound-grid.yaml").write_text(text.replace("  sampler: sound\n",
+                                                           "  sampler: sound\n  grid_step: 0.01\n"))
     r = CliRunner().invoke(policy, ["check", str(tmp_path / "sound.yaml"), "--model", spec])
     assert r.exit_code == 1
     assert "sound.yaml:" in r.output and "certifier: on model" in r.output

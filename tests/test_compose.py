@@ -87,7 +87,8 @@ def test_config_errors_name_the_key_in_one_line(user, tmp_path):
         ({"signs": {"spec": img.spec, "reference": str(tmp_path / "nope.npz")}},
          "models.signs.reference: " + str(tmp_path / "nope.npz") + ": file not found"),
         ({"signs": {"spec": img.spec, "policy": "policies/nope.yaml"}}, "models.signs.policy: "),
-        ({"wine": {"spec": tab.spec, "scale": [1.0, 0.0]}}, "models.wine.scale: every scale must be a finite number > 0"),
+        ({"wine": {"spec": tab.spec, "scale": [1.0, 0.0]}},
+         "models.wine.scale: every scale must be a finite number > 0"),
         ({"wine": {"spec": tab.spec, "scale": "whiten"}}, "models.wine.scale: must be 'standardize' or"),
         ({"wine": {"spec": tab.spec, "scale": "standardize"}}, "models.wine.scale: 'standardize' needs a reference"),
         ({"wine": {"spec": tab.spec, "scale": [1.0, 2.0]}}, "models.wine.scale: 2 values, the model has 13 features"),
@@ -283,7 +284,7 @@ def test_run_command_offline_with_reference_flag(user, tmp_path):
     assert "decided 16 events, 0 to the DLQ" in r.stderr
     audit = [json.loads(x) for x in (out / "audit.jsonl").read_text().splitlines()]
     assert {r["model"]["name"]: r["policy"]["name"] for r in audit} == {"signs": "signs", "wine": "wine"}
-    with pytest.raises(ConfigError, match="--reference nope=.*: no model named 'nope'"):
+    with pytest.raises(ConfigError, match=r"--reference nope=.*: no model named 'nope'"):
         load_config(str(cfg), references={"nope": str(tab.data)})
 
 
@@ -325,7 +326,7 @@ def test_scaled_noise_certifies_in_the_scaled_norm(user, tmp_path):
 
 
 def test_declared_ranges_and_finiteness_only_without_one(user, tmp_path):
-    spec, ref = user["lowvar"]
+    spec, _ref = user["lowvar"]
     models = {"free": {"spec": spec}, "ranged": {"spec": spec, "range": [[-1, 1], [-500, 500]]},
               "image": user["image"].spec, "demo": "demo:digits"}
     cfg = load_config(str(write_config(tmp_path / "c.yaml", models, user["no_context"])))

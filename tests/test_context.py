@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from riskpipe.context import ContextError, ContextIndex
-from riskpipe.models import Model
 
 ORD = {"l1": 1, "l2": 2, "linf": np.inf}
 
@@ -49,7 +48,8 @@ def test_abstained_input_uses_the_nearest_samples_class(data):
     q = Q[0].reshape(-1)
     nearest_label = y[np.linalg.norm(Xf - q, axis=1).argmin()]
     c = index.context(Q[:1], [None], [0.0])[0]
-    assert c["nearest_other_class_distance"] == pytest.approx(brute_other_class(Xf, y, q, nearest_label, "l2"), rel=1e-5)
+    want = brute_other_class(Xf, y, q, nearest_label, "l2")
+    assert c["nearest_other_class_distance"] == pytest.approx(want, rel=1e-5)
     assert c["radius_to_distance_ratio"] == 0.0
 
 

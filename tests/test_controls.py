@@ -28,7 +28,7 @@ REQUIRED = {  # identifiers the issue asks for, each checked against public sour
 
 def test_shipped_mappings_cover_the_frameworks():
     m = mapping()
-    assert REQUIRED <= set(m)
+    assert set(m) >= REQUIRED
     assert {c.framework for c in m.values()} >= {
         "NIST AI RMF 1.0", "ISO/IEC 27001:2022 Annex A", "EU AI Act (Regulation (EU) 2024/1689)",
         "ISO/IEC 42001:2023 Annex A", "NIST AI 600-1 (Generative AI Profile)", "MITRE ATLAS",

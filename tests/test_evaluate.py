@@ -139,6 +139,7 @@ def test_npz_data_is_checked(tmp_path):
 
 def test_bad_policy_file_is_one_clear_error(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("apiVersion: riskpipe/v1\nkind: RiskPolicy\nthreat_model: {norm: l7, epsilon: 1}\n", encoding="utf-8")
+    bad.write_text("apiVersion: riskpipe/v1\nkind: RiskPolicy\nthreat_model: {norm: l7, epsilon: 1}\n",
+                   encoding="utf-8")
     res = CliRunner().invoke(evaluate, ["--policy", str(bad), "--n", "5"])
     assert res.exit_code == 2 and "riskpipe: error:" in res.output and "Traceback" not in res.output

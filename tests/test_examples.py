@@ -54,7 +54,7 @@ def test_image_reference_set_is_what_build_draws():
     ref = reference("image")
     np.testing.assert_array_equal(X[b.N_TRAIN:], ref["X"])
     np.testing.assert_array_equal(y[b.N_TRAIN:], ref["y"])
-    assert 0.0 <= X.min() and X.max() <= 1.0
+    assert X.min() >= 0.0 and X.max() <= 1.0
     # 8-bit pixels: exactly k / 255 in float32, the grid the policy's sound sampler certifies on
     np.testing.assert_array_equal(ref["X"], (np.round(ref["X"] * 255) / np.float32(255)).astype(np.float32))
     from riskpipe.survey import quantisation_grid
@@ -119,7 +119,8 @@ def test_fraud_compare_puts_the_trees_certificate_beside_smoothing():
     from riskpipe.compare import CompareConfig, run_compare
 
     ref = reference("fraud")
-    cfg = CompareConfig(models=("fraud",), methods=("trees", "smoothing"), config=str(EXAMPLES / "fraud" / "riskpipe.yaml"),
+    cfg = CompareConfig(models=("fraud",), methods=("trees", "smoothing"),
+                        config=str(EXAMPLES / "fraud" / "riskpipe.yaml"),
                         norms=("linf",), eps_grid={"linf": (0.0, 0.1, 0.3)}, limit=16, n_samples=100, n0=16,
                         timing_inputs=2, batch_sizes=(4,), widths=(4,), pgd_steps=5)
     result = run_compare(cfg, ref["X"], ref["y"])

@@ -156,7 +156,7 @@ def test_fraud_example_end_to_end_through_the_broker_with_the_trees_certificate(
     """examples/fraud/riskpipe.yaml as committed: a HistGradientBoosting decided with the
     deterministic trees certificate in standardized l_inf units; a short row is dead-lettered."""
     with np.load(EXAMPLES / "fraud" / "reference.npz") as z:
-        X, y = z["X"][:24], z["y"][:24]
+        X = z["X"][:24]
     good = [make_event(f"fraud-{i}", "fraud", x, upstream_risk=0.1) for i, x in enumerate(X)]
     bad = make_event("fraud-bad", "fraud", X[0][:9])
     produce(broker.bootstrap, good + [bad])

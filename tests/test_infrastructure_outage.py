@@ -196,7 +196,7 @@ def test_an_outage_longer_than_the_timeout_exits_without_committing(pg, broker, 
     """PostgreSQL stays down past infrastructure_timeout_s: the stage exits 4 with one line,
     commits nothing past the last decided event and dead-letters nothing; a stage started
     once PostgreSQL is back decides the waiting events."""
-    d, um, X = wine
+    _d, um, X = wine
     dsn = pg.create_database("timeout")
     policy = policy_with(tmp_path, certifier={"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01,
                                               "max_samples": 200})

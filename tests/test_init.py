@@ -158,7 +158,7 @@ def test_two_stages_from_init_never_share_group_topics_or_ledger(tmp_path, monke
         assert r.returncode == 0, r.stderr
         configs.append(load_config(str(tmp_path / d / "riskpipe.yaml")))
     a, b = configs
-    assert a.group_id != b.group_id and "riskpipe" != a.group_id
+    assert a.group_id != b.group_id and a.group_id != "riskpipe"
     topics_a, topics_b = set(a.topics.model_dump().values()), set(b.topics.model_dump().values())
     assert len(topics_a) == 5 and not topics_a & topics_b and not topics_a & set(Topics().model_dump().values())
     assert a.ledger == str(tmp_path / "a" / "ledger.sqlite") and b.ledger == str(tmp_path / "b" / "ledger.sqlite")
@@ -251,7 +251,8 @@ def test_init_proposes_the_sound_sampler_exactly_when_the_reference_set_is_quant
     cert = load_policy(str(out / "policy.yaml")).certifier
     if pixels == "8-bit":
         assert (cert.sampler, cert.grid_levels) == ("sound", 255)
-        assert "chose sampler sound, grid_levels 255" in r.stdout and f"{SOUND_EVALS_IMAGE:.2f}x the gaussian sampler's model evaluations/s" in r.stdout
+        assert "chose sampler sound, grid_levels 255" in r.stdout
+        assert f"{SOUND_EVALS_IMAGE:.2f}x the gaussian sampler's model evaluations/s" in r.stdout
         assert "UINT8" in r.stdout and "so they are on this grid too" in r.stdout
     else:
         assert cert.sampler == "gaussian" and "grid_levels" not in written_certifier(out)
@@ -321,5 +322,5 @@ def test_feature_names_default_to_the_reference_sets_own(tmp_path):
     X, y = reference("tabular")
     np.savez(tmp_path / "bad.npz", X=X, y=y, feature_names=np.arange(30))
     (tmp_path / "c.yaml").write_text((tmp_path / "a.yaml").read_text().replace(str(ref), str(tmp_path / "bad.npz")))
-    with pytest.raises(ConfigError, match="bad.npz: feature_names must be a 1-D array of strings"):
+    with pytest.raises(ConfigError, match=r"bad.npz: feature_names must be a 1-D array of strings"):
         load_config(str(tmp_path / "c.yaml"))

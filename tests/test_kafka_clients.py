@@ -108,7 +108,8 @@ def test_stage_source_sink_and_topic_creation_use_the_settings(secure_config, re
     from riskpipe.stream.io import KafkaSink, KafkaSource
 
     cfg = load_config(str(secure_config))
-    for build in (lambda: KafkaSource(cfg), lambda: KafkaSink(cfg), lambda: create_topics(cfg.kafka(), ["t"], timeout=0)):
+    for build in (lambda: KafkaSource(cfg), lambda: KafkaSink(cfg),
+                  lambda: create_topics(cfg.kafka(), ["t"], timeout=0)):
         with pytest.raises(Refused):
             build()
     # the source asks the cluster its id first (group timing), with the same settings
@@ -195,7 +196,8 @@ def test_stage_consumer_on_the_embedded_broker_gets_its_group_timing(caplog):
 
     with EmbeddedBroker() as b:
         b.create_topics(["inferences"])
-        assert kafka_clients.cluster_id(KafkaSettings(bootstrap_servers=b.bootstrap)) == kafka_clients.EMBEDDED_CLUSTER_ID
+        cluster = kafka_clients.cluster_id(KafkaSettings(bootstrap_servers=b.bootstrap))
+        assert cluster == kafka_clients.EMBEDDED_CLUSTER_ID
         with caplog.at_level(logging.INFO):
             source = KafkaSource(load_config(None, bootstrap_servers=b.bootstrap))
         try:

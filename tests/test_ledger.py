@@ -44,7 +44,8 @@ def test_intact_chain_and_byte_layout(ledger_path):
     for prev, e in zip([GENESIS] + [x.hash for x in entries], entries):
         assert e.prev_hash == prev
         layout = (prev + "\n" + e.kind + "\n" + e.entry_id + "\n" + canonical_json(e.record)).encode()
-        assert e.hash == hashlib.sha256(layout).hexdigest() == entry_hash(prev, e.kind, e.entry_id, canonical_json(e.record))
+        assert e.hash == hashlib.sha256(layout).hexdigest() == entry_hash(
+            prev, e.kind, e.entry_id, canonical_json(e.record))
 
 
 def test_triggers_refuse_update_and_delete(ledger_path):
@@ -116,7 +117,8 @@ def test_inserted_row_is_named(ledger_path):
     forged = canonical_json(decision_record(99))
     prev = db.execute("SELECT hash FROM entries WHERE seq = 5").fetchone()[0]
     # A forger who knows the layout links the new row correctly; the row after it no longer links.
-    db.execute("INSERT INTO entries (seq, kind, entry_id, ts, record, prev_hash, hash) VALUES (6, 'decision', 'evt-00099', ?, ?, ?, ?)",
+    db.execute("INSERT INTO entries (seq, kind, entry_id, ts, record, prev_hash, hash) VALUES (6, 'decision', "
+               "'evt-00099', ?, ?, ?, ?)",
                (json.loads(forged)["ts"], forged, prev, entry_hash(prev, "decision", "evt-00099", forged)))
     db.execute("UPDATE chain_state SET count = 11")
     db.close()
@@ -128,7 +130,8 @@ def test_appended_forged_row_caught_by_checkpoint(ledger_path):
     db = raw(ledger_path)
     prev = db.execute("SELECT hash FROM entries WHERE seq = 10").fetchone()[0]
     forged = canonical_json(decision_record(42))
-    db.execute("INSERT INTO entries (seq, kind, entry_id, ts, record, prev_hash, hash) VALUES (11, 'decision', 'evt-00042', ?, ?, ?, ?)",
+    db.execute("INSERT INTO entries (seq, kind, entry_id, ts, record, prev_hash, hash) VALUES (11, 'decision', "
+               "'evt-00042', ?, ?, ?, ?)",
                (json.loads(forged)["ts"], forged, prev, entry_hash(prev, "decision", "evt-00042", forged)))
     db.close()
     res = verify(ledger_path)
@@ -199,7 +202,8 @@ def test_bad_records_rejected_with_field(tmp_path):
 def test_records_time_window(tmp_path):
     with Ledger(tmp_path / "l.db") as led:
         led.append_many([decision_record(i) for i in range(10)])
-        got = [e.entry_id for e in led.records("decision", since="2024-05-01T08:03:00Z", until="2024-05-01T08:06:00+00:00")]
+        got = [e.entry_id for e in led.records("decision", since="2024-05-01T08:03:00Z",
+                                               until="2024-05-01T08:06:00+00:00")]
         assert got == ["evt-00003", "evt-00004", "evt-00005"]
         assert list(led.records("verdict")) == []
 

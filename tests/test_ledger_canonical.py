@@ -31,7 +31,9 @@ def agree(text):
 floats = st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from(
     [1e-5, 3.2e-6, 7e-7, 1.5e-8, 9.9e-9, 1e-4, 1e-10, 1e16, 1e-300, 5e-324, -0.0, 0.0001, 2.5e-05])
 scalars = st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70) | floats | st.text(max_size=8)
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+values = st.recursive(scalars,
+                      lambda inner: (st.lists(inner, max_size=4)
+                                     | st.dictionaries(st.text(max_size=4), inner, max_size=4)),
                       max_leaves=12)
 
 

@@ -116,7 +116,8 @@ def test_signed_note_matches_the_go_reference_vector():
     assert base64.b64decode("ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW")[1:] == note.raw_public_key(key.public_key())
     assert note.key_id("PeterNeumann", key.public_key()).hex() == "c74f20a3"
     text = "If you think cryptography is the answer to your problem,\nthen you don't know what your problem is.\n"
-    want = text + "\n\u2014 PeterNeumann x08go/ZJkuBS9UG/SffcvIAQxVBtiFupLLr8pAcElZInNIuGUgYN1FFYC2pZSNXgKvqfqdngotpRZb6KE6RyyBwJnAM=\n"
+    want = (text + "\n\u2014 PeterNeumann "
+            "x08go/ZJkuBS9UG/SffcvIAQxVBtiFupLLr8pAcElZInNIuGUgYN1FFYC2pZSNXgKvqfqdngotpRZb6KE6RyyBwJnAM=\n")
     assert note.sign(text, "PeterNeumann", key) == want
     assert note.verify(want, [key.public_key()]) == (text, "PeterNeumann")
     with pytest.raises(note.NoteError, match="does not verify"):
@@ -171,7 +172,7 @@ def test_rechaining_before_the_first_checkpoint_is_reported_from_row_1(target, k
 
 
 def test_truncation_after_a_checkpoint_is_caught_with_only_the_public_key(target, keys):
-    cp1, cp2 = build(target, keys)
+    _cp1, _cp2 = build(target, keys)
     with open_ledger(target) as led:
         head15 = led.hash_at(15)
     # drop rows 16..20 and forge the chain state so the plain chain looks intact
@@ -234,7 +235,7 @@ def test_checkpoint_command_and_bad_keys(tmp_path, keys):
     target = str(tmp_path / "l.db")
     with open_ledger(target) as led:
         led.append_many([decision_record(i) for i in range(3)])
-        size, root = led.tree_head()
+        _size, root = led.tree_head()
     r = subprocess.run([*CLI, "checkpoint", target, "--key", str(keys / "key.pem"), "--json"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -247,10 +248,11 @@ def test_checkpoint_command_and_bad_keys(tmp_path, keys):
     assert r.returncode == 0, r.stderr
     assert r.stdout == (tmp_path / "cp.txt").read_text() and r.stdout.startswith("example.com/decisions\n3\n")
     assert "\n\n\u2014 example.com/decisions " in r.stdout
-    for bad, message in [(keys / "pub.pem", "not an unencrypted PEM private key"), (tmp_path / "nope.pem", "cannot read")]:
+    for bad, message in [(keys / "pub.pem", "not an unencrypted PEM private key"),
+                         (tmp_path / "nope.pem", "cannot read")]:
         r = subprocess.run([*CLI, "checkpoint", target, "--key", str(bad)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
-    with pytest.raises(LedgerError, match="not an Ed25519 public key|not a PEM public key"):
+    with pytest.raises(LedgerError, match=r"not an Ed25519 public key|not a PEM public key"):
         load_public_key(keys / "key.pem")
 
 
@@ -318,10 +320,10 @@ def test_stage_config_checkpoint_section(tmp_path, keys):
     assert cfg.checkpoint.every_records == 5 and cfg.checkpoint.topic == "checkpoints"
     assert checkpointer_for(cfg.checkpoint).every_records == 5
     f.write_text(f"checkpoint: {{key_file: {tmp_path / 'missing.pem'}}}\n")
-    with pytest.raises(LedgerError, match="checkpoint.key_file .*missing.pem: cannot read"):
+    with pytest.raises(LedgerError, match=r"checkpoint.key_file .*missing.pem: cannot read"):
         checkpointer_for(load_config(str(f)).checkpoint)
     f.write_text("checkpoint: {every_records: 5}\n")
-    with pytest.raises(ConfigError, match="checkpoint.key_file: Field required"):
+    with pytest.raises(ConfigError, match=r"checkpoint.key_file: Field required"):
         load_config(str(f))
 
 

@@ -6,7 +6,6 @@ import json
 import sqlite3
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -46,13 +45,15 @@ def test_verify_head_export(ledger_path, tmp_path):
         assert prev == e["hash"]
     assert prev == head
     r = run("ledger", "export", ledger_path, "--out", str(tmp_path / "v.jsonl"), "--kind", "verdict")
-    assert r.exit_code == 0 and all(json.loads(x)["kind"] == "verdict" for x in (tmp_path / "v.jsonl").read_text().splitlines())
+    lines = (tmp_path / "v.jsonl").read_text().splitlines()
+    assert r.exit_code == 0 and all(json.loads(x)["kind"] == "verdict" for x in lines)
 
 
 def test_verify_names_first_bad_row_and_exits_1(ledger_path):
     db = sqlite3.connect(ledger_path, isolation_level=None)
     db.execute("DROP TRIGGER entries_no_update")
-    db.execute("UPDATE entries SET record = replace(record, '\"decision\":\"allow\"', '\"decision\":\"block\"') WHERE seq = 9")
+    db.execute("UPDATE entries SET record = replace(record, '\"decision\":\"allow\"', '\"decision\":\"block\"') WHERE "
+               "seq = 9")
     db.close()
     r = run("ledger", "verify", ledger_path)
     assert r.exit_code == 1 and "first bad row 9" in r.output
@@ -164,7 +165,7 @@ def test_ingest_two_workers_share_one_ledger(tmp_path):
                "--topic", "audit", "--topic", "dlq", "--ledger", path, "--until-idle", "4"]
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
         outs = [p.communicate(timeout=90) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err
     with Ledger(path) as led:
         assert led.verify().ok

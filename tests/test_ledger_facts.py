@@ -25,7 +25,8 @@ def _state(path):
     with open_ledger(path) as led, led.snapshot() as q:
         groups = {r[0]: tuple(r[1:]) for r in q(f"SELECT gid, {', '.join(GROUP_COLUMNS)} FROM fact_groups")}
         assert len(set(groups.values())) == len(groups)  # one gid per group
-        facts = [(*f[:GID], groups[f[GID]], *f[GID + 1:]) for f in q(f"SELECT {', '.join(NAMES)} FROM facts ORDER BY seq")]
+        facts = [(*f[:GID], groups[f[GID]],
+                  *f[GID + 1:]) for f in q(f"SELECT {', '.join(NAMES)} FROM facts ORDER BY seq")]
         counts = {(groups[gid], h): rest for gid, h, *rest in q("SELECT gid, h, n, first_seq, t0, t1 FROM fact_counts")}
     return facts, counts
 
@@ -91,9 +92,8 @@ def test_a_schema_6_ledger_gets_p_lower_group_codes_and_counts_on_open(tmp_path)
     with open_ledger(path) as led:  # and appends go on from there
         led.append(decision_record(500))
     assert _state(path) == _expected(path)
-    with sqlite3.connect(path) as db:
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            db.execute("UPDATE facts SET gid = 0")
+    with sqlite3.connect(path) as db, pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("UPDATE facts SET gid = 0")
 
 
 def test_facts_rows_are_append_only(tmp_path):
@@ -123,7 +123,8 @@ def test_report_without_the_chain_walk_says_so(tmp_path):
     d = gather(str(path), verify=False)
     assert d["integrity"]["ok"] is None and d["integrity"]["verified"] is False and d["integrity"]["count"] > 10
     assert "not verified in this report" in d["integrity"]["reason"]
-    assert {c["status"] for c in d["controls"] if "integrity" in c["sections"]} == {"ledger not verified in this report"}
+    statuses = {c["status"] for c in d["controls"] if "integrity" in c["sections"]}
+    assert statuses == {"ledger not verified in this report"}
     assert d["volumes"]["in_period"]["decision"] == 10 and gather(str(path))["integrity"]["ok"] is True
 
 
@@ -151,6 +152,5 @@ def test_postgresql_facts_and_their_migration(pg_url, tmp_path):
             conn.execute(stmt)
         conn.execute("DELETE FROM schema_version WHERE version = %s", (version,))
     assert _state(pg_url) == want
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        with pytest.raises(psycopg.Error, match="append-only"):
-            conn.execute("UPDATE facts SET gid = 0")
+    with psycopg.connect(pg_url, autocommit=True) as conn, pytest.raises(psycopg.Error, match="append-only"):
+        conn.execute("UPDATE facts SET gid = 0")

@@ -119,7 +119,8 @@ def test_rows_of_an_older_riskpipe_and_updates_are_refused(pg_url):
                     "UPDATE entries SET record = '{}' WHERE seq = 3", "DELETE FROM entries WHERE seq = 1"):
             with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
                 conn.execute(sql)
-        conn.execute("INSERT INTO entries (kind, entry_id, ts, record) VALUES ('decision', 'x1', NULL, '{\"id\":\"x1\"}')")
+        conn.execute("INSERT INTO entries (kind, entry_id, ts, record) VALUES ('decision', 'x1', NULL, "
+                     "'{\"id\":\"x1\"}')")
         with pytest.raises(psycopg.errors.RaiseException, match="append-only"):  # sequencing must not edit the row
             conn.execute("UPDATE entries SET seq = 4, prev_hash = 'a', hash = 'b', record = '{}' WHERE entry_id = 'x1'")
     with open_ledger(pg_url) as led:

@@ -40,7 +40,8 @@ def test_both_backends_store_the_same_chain(pg_url, tmp_path):
         assert pg.get("evt-00007") == lite.get("evt-00007") == records(1, 7)[0]
         assert pg.count("verdict") == 1 and pg.entry("evt-00005", "verdict").seq == 31
         window = dict(since="2024-05-01T08:10:00Z", until="2024-05-01T08:20:00Z")
-        assert [e.entry_id for e in pg.records("decision", **window)] == [e.entry_id for e in lite.records("decision", **window)]
+        assert ([e.entry_id for e in pg.records("decision", **window)]
+                == [e.entry_id for e in lite.records("decision", **window)])
         assert len(list(pg.records("decision", **window))) == 10
 
 
@@ -73,7 +74,8 @@ def _append_worker(url, worker, n, batch, q):
             written = 0
             for start in range(0, n, batch):
                 # every worker offers the same ids: like replicas re-delivering after a rebalance
-                written += led.append_many([decision_record(i, worker=f"w{worker}") for i in range(start, start + batch)])
+                written += led.append_many([decision_record(i, worker=f"w{worker}")
+                                            for i in range(start, start + batch)])
         q.put(written)
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         q.put(repr(e))
@@ -158,7 +160,8 @@ def test_cli_head_export_verify_on_postgresql(pg_url, tmp_path):
     cli = [sys.executable, "-m", "riskpipe.cli", "ledger"]
     r = subprocess.run([*cli, "head", pg_url], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == head
-    r = subprocess.run([*cli, "export", pg_url, "--out", str(tmp_path / "x.jsonl")], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([*cli, "export", pg_url, "--out", str(tmp_path / "x.jsonl")], capture_output=True, text=True,
+                       timeout=60)
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in (tmp_path / "x.jsonl").read_text().splitlines()]
     prev = "0" * 64
@@ -219,7 +222,8 @@ def test_sqlite_ledger_from_schema_1_is_migrated(tmp_path):
     db = sqlite3.connect(str(path))
     assert [v for v, in db.execute("SELECT version FROM schema_version ORDER BY version")] == list(range(1, latest + 1))
     assert db.execute("SELECT COUNT(*) FROM facts").fetchone()[0] == \
-        db.execute("SELECT COUNT(*) FROM entries WHERE kind IN ('decision', 'dlq')").fetchone()[0] >= 7  # built for the old rows too
+        db.execute("SELECT COUNT(*) FROM entries WHERE kind IN ('decision', 'dlq')").fetchone()[0] >= 7  \
+        # built for the old rows too
     db.close()
 
 
@@ -234,7 +238,8 @@ def test_postgresql_ledger_from_schema_1_is_migrated(pg_url):
             cur.executemany("INSERT INTO entries VALUES (%s,%s,%s,%s,%s,%s,%s)", rows)
         conn.execute("UPDATE chain_state SET count = 6, head = %s WHERE id = 1", (head,))
     with open_ledger(pg_url) as led:
-        assert led.schema_version == pg_backend.STEPS[-1][0] and led.verify().ok and led.legacy_checkpoints() == [] and led.notes() == [] and led.tree_head()[0] == 6
+        assert led.schema_version == pg_backend.STEPS[-1][0] and led.verify().ok
+        assert led.legacy_checkpoints() == [] and led.notes() == [] and led.tree_head()[0] == 6
         assert_identity_after_migration(led)
         assert led.get_input("0" * 64) is None
         assert led.append(decision_record(99)) and led.verify().count == 8

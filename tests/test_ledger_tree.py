@@ -88,7 +88,8 @@ def test_tree_tampering_is_detected(target, case, first_bad, reason):
 def test_appends_refuse_a_tree_out_of_step_with_the_chain(target):
     fill(target, [3])
     superuser(target, "UPDATE tree_state SET size = 2, edge = substr(edge, 1, 64)")
-    with open_ledger(target) as led, pytest.raises(LedgerUnavailable, match="Merkle tree has 2 leaves but the chain 3 rows"):
+    with open_ledger(target) as led, pytest.raises(LedgerUnavailable,
+                                                   match="Merkle tree has 2 leaves but the chain 3 rows"):
         led.append(decision_record(50))
     with open_ledger(target) as led:
         assert led.count() == 3 and led.head_and_count()[1] == 3  # nothing written: the append failed closed

@@ -110,7 +110,8 @@ def test_every_inclusion_proof_up_to_64() -> None:
             with pytest.raises(ProofError):  # another leaf at this index
                 merkle.verify_inclusion(index, size, leaves[(index + 1) % 64], proof, root)
             with pytest.raises(ProofError):  # wrong index or size
-                merkle.verify_inclusion(index ^ 1 if size > 1 else 1, size if size > 1 else 1, leaves[index], proof, root)
+                merkle.verify_inclusion(index ^ 1 if size > 1 else 1, size if size > 1 else 1, leaves[index], proof,
+                                        root)
             with pytest.raises(ProofError):
                 merkle.verify_inclusion(index, size * 2, leaves[index], proof, root)
             for i in range(len(proof)):

@@ -116,7 +116,7 @@ def test_declared_series_start_at_zero_and_undeclared_ones_are_refused() -> None
     for decision in ("allow", "review", "block"):
         assert s[_key("riskpipe_decisions_total", ("decision", decision))] == 0
     assert s[_key("riskpipe_certificates_total", ("method", "smoothing"), ("outcome", "abstained"))] == 0
-    with pytest.raises(ValueError, match="'other'.*not a model and policy of this stage's config"):
+    with pytest.raises(ValueError, match=r"'other'.*not a model and policy of this stage's config"):
         m.decision(_record(model={"name": "other"}))
     with pytest.raises(ValueError, match="'strict'"):  # a declared model under a policy it does not run
         m.decision(_record(policy={"name": "strict"}))

@@ -17,9 +17,10 @@ def test_theorem2_containment(p, q, rng):
     # tightness: the extreme vector for this pair reaches the l_p sphere
     if p == q:
         assert r_q == r_p
-    e = np.zeros(d); e[0] = 1
+    e = np.zeros(d)
+    e[0] = 1
     ones = np.ones(d)
-    worst = max((vector_norm((u / vector_norm(u[None], q))[None] * r_q, p)[0] for u in (e, ones)))
+    worst = max(vector_norm((u / vector_norm(u[None], q))[None] * r_q, p)[0] for u in (e, ones))
     assert worst == pytest.approx(r_p, rel=1e-9)
 
 

@@ -49,7 +49,7 @@ def test_check_warnings_and_theorem_2_factor(tmp_path):
     p.write_text(text)
     r = run("check", p, "--input-dim", "784")
     assert r.exit_code == 0
-    line = next(l for l in r.output.splitlines() if "warning" in l)
+    line = next(ln for ln in r.output.splitlines() if "warning" in ln)
     # l2 -> linf at d = 784 shrinks by 1/sqrt(784) = 1/28
     assert line.startswith(f"{p}:14: threat_model.norm: warning: threat norm linf differs")
     assert "0.03571 * r" in line and "must reach 0.84" in line
@@ -129,7 +129,7 @@ def test_diff_same_policy_changes_nothing():
 def test_diff_reads_a_ledger_database_and_export_lines(tmp_path):
     ledger_mod = pytest.importorskip("riskpipe.ledger")
     db = tmp_path / "ledger.db"
-    records = [json.loads(l) for l in RECORDS.read_text().splitlines()]
+    records = [json.loads(ln) for ln in RECORDS.read_text().splitlines()]
     with ledger_mod.Ledger(db) as led:
         for rec in records:
             led.append(rec, kind="decision", entry_id=rec["id"])

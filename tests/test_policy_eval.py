@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from riskpipe.certify import Certificate
@@ -167,7 +167,8 @@ def test_loader_rejection_is_not_vacuous():
                           "any": []}], "decide")
     assert safe.rules[0].decision == "allow"
     with pytest.raises(PolicyError, match="could allow an uncertified sample"):
-        build_policy([{"decision": "allow", "all": [{"field": "score", "op": "lt", "value": 0.5}], "any": []}], "decide")
+        build_policy([{"decision": "allow", "all": [{"field": "score", "op": "lt", "value": 0.5}], "any": []}],
+                     "decide")
     # in certify mode a radius threshold at or above epsilon implies certification
     build_policy([{"decision": "allow", "all": [{"field": "radius_threat", "op": "ge", "value": 0.3}], "any": []},
                   {"decision": "review", "all": [], "any": []}], "certify")

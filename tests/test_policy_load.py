@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from riskpipe.policy import Policy, PolicyError, load_policy, parse_policy
 from riskpipe.policy.lint import lint
@@ -61,9 +62,9 @@ def test_missing_file_is_one_line():
 
 def test_policy_is_immutable():
     pol = load_policy(ROOT / "policies/default.yaml")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         pol.threat_model.epsilon = 1.0  # type: ignore[misc]
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         pol.shadow = True  # type: ignore[misc]
     assert isinstance(pol.rules, tuple)
 
@@ -86,7 +87,8 @@ def test_defaults_are_explicit_in_the_canonical_form():
 
 
 def test_certificate_epsilon_follows_theorem_2():
-    text = (ROOT / "policies/default.yaml").read_text().replace("norm: l2\n  epsilon: 0.25", "norm: linf\n  epsilon: 0.03")
+    text = (ROOT / "policies/default.yaml").read_text()
+    text = text.replace("norm: l2\n  epsilon: 0.25", "norm: linf\n  epsilon: 0.03")
     pol = parse_policy(text, "linf.yaml")
     # an l2 radius r covers r / sqrt(d) in linf: covering 0.03 needs 0.03 * sqrt(64)
     assert pol.certificate_epsilon("l2", 64) == pytest.approx(0.24)
@@ -112,7 +114,8 @@ def test_lint_reports_norm_shrink_unreachable_and_uncovered(tmp_path):
 
 def test_lint_unreachable_rule():
     text = (ROOT / "policies/default.yaml").read_text()
-    text = text.replace("fallback:\n", "  - id: never\n    when:\n      all:\n        - {field: score, op: ge, value: 0.9}\n"
+    text = text.replace("fallback:\n",
+                        "  - id: never\n    when:\n      all:\n        - {field: score, op: ge, value: 0.9}\n"
                                       "    decision: block\n    reasons: [late]\nfallback:\n")
     msgs = [w.message for w in lint(parse_policy(text, "x.yaml"))]
     assert msgs == ["unreachable: earlier rules match every input rule 'never' matches"]

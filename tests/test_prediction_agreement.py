@@ -56,7 +56,7 @@ ALLOW_DISAGREEING = """  - id: trust-the-radius
 
 def test_loader_rejects_a_policy_that_could_allow_a_disagreeing_event():
     """radius >= epsilon is not enough: the certified class may not be the prediction."""
-    with pytest.raises(PolicyError, match="trust-the-radius.*could allow an uncertified sample"):
+    with pytest.raises(PolicyError, match=r"trust-the-radius.*could allow an uncertified sample"):
         parse_policy(_with_rules(ALLOW_DISAGREEING), "p.yaml")
     assert parse_policy(_with_rules(ALLOW_DISAGREEING, shadow=True), "p.yaml").shadow
     ok = ALLOW_DISAGREEING.replace("{field: radius_over_epsilon, op: ge, value: 1.0}",

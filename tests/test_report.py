@@ -18,7 +18,8 @@ from riskpipe.policy.controls import mapping
 from riskpipe.report import ReportError, write_report
 from riskpipe.report.data import CONTRADICTS
 
-SECTIONS = ["scope", "policies", "volumes", "decisions", "abstention", "radius", "review", "dlq", "controls", "integrity"]
+SECTIONS = ["scope", "policies", "volumes", "decisions", "abstention", "radius", "review", "dlq", "controls",
+            "integrity"]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,8 @@ def test_json_numbers_match_the_ledger(demo, report_json):
 
 def test_time_window(demo):
     path, data = demo
-    out = write_report(path, path.with_name("w.json"), "json", since="2024-05-02T00:00:00Z", until="2024-05-03T00:00:00Z")
+    out = write_report(path, path.with_name("w.json"), "json", since="2024-05-02T00:00:00Z",
+                       until="2024-05-03T00:00:00Z")
     d = json.loads(out.read_text())
     want = [x for x in data["decisions"] if "2024-05-02" <= x["ts"] < "2024-05-03"]
     assert d["volumes"]["in_period"]["decision"] == len(want) == 12

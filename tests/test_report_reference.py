@@ -257,7 +257,8 @@ def reference(path, since=None, until=None) -> dict:
         "verdicts_by_model": {m: dict(c) for m, c in verdict_of_model.items()},
         "model_policy": sorted(Counter((model(d), policy_label(d["policy"])) for d in ds).items()),
         "examples": examples,
-        "policies": {k: (n, a.strftime("%Y-%m-%dT%H:%M:%SZ") if a else None, b.strftime("%Y-%m-%dT%H:%M:%SZ") if b else None)
+        "policies": {k: (n, a.strftime("%Y-%m-%dT%H:%M:%SZ") if a else None,
+                         b.strftime("%Y-%m-%dT%H:%M:%SZ") if b else None)
                      for k, (n, a, b) in policies.items()},
         "dlq": (len(dlq), _common(str(r["reason"]) for r in dlq), _common(str(r["source"]["topic"]) for r in dlq)),
         "cited": Counter(c for d in ds for c in d["controls"]),
@@ -292,7 +293,8 @@ def report_view(d: dict) -> dict:
         "age_hours": rv["backlog"]["age_hours"],
         "breakdown_models": [{k: r[k] for k in ("name", "decisions", "allow", "review", "block", "abstained", "routed",
                                                 "median_radius_threat", "threat_models")} for r in b["models"]],
-        "breakdown_policies": [{k: r[k] for k in ("name", "decisions", "allow", "review", "block", "abstained", "routed",
+        "breakdown_policies": [{k: r[k] for k in ("name", "decisions", "allow", "review", "block", "abstained",
+                                                  "routed",
                                                   "median_radius_threat", "threat_models")} for r in b["policies"]],
         "verdicts_by_model": {r["name"]: {k: n for k, n in r["verdicts"].items() if n} for r in b["models"]
                               if any(r["verdicts"].values())},

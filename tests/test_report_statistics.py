@@ -49,7 +49,8 @@ def stage_ledger(tmp_path_factory):
         (load_config(None, models={"wine": wine.spec}, references={"wine": str(wine.data)}, policy=wine_policy),
          [make_event(f"wine-{i}", "wine", x, upstream_risk=0.1 if i < 6 else 0.97) for i, x in enumerate(X)]),
         (load_config(None, models={"faulty": faulty_model(tmp, "nan")}, policy=fault_policy),
-         [make_event(f"f-{i}", "faulty", x, upstream_risk=0.0) for i, x in enumerate(np.concatenate([healthy, faulty]))]),
+         [make_event(f"f-{i}", "faulty", x, upstream_risk=0.0) for i,
+          x in enumerate(np.concatenate([healthy, faulty]))]),
     ]
     path = tmp / "ledger.db"
     with Ledger(str(path)) as led:
@@ -107,7 +108,8 @@ def test_false_certificate_bound_is_the_sum_of_alpha_from_the_ledger_rows(stage_
     assert fc["bound"] == pytest.approx(sum(by_model.values()))
     assert fc["certified"] == sum(map(_certified, records)) and fc["without_alpha"] == 0
     assert {r["model_label"]: r["alpha_sum"] for r in fc["by_model"]} == pytest.approx(dict(by_model))
-    assert {(r["model_label"], r["bucket"]): r["alpha_sum"] for r in fc["by_model_period"]} == pytest.approx(dict(by_period))
+    assert {(r["model_label"],
+             r["bucket"]): r["alpha_sum"] for r in fc["by_model_period"]} == pytest.approx(dict(by_period))
     # the two policies' alphas differ, so a bound that ignored them would not match
     assert {r["certificate"]["alpha"] for r in records} == {0.01, 0.001}
     assert "expected number of false certificates" in fc["meaning"] and "at most the sum" in fc["meaning"]

@@ -10,7 +10,7 @@ import json
 import threading
 import time
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
@@ -102,7 +102,8 @@ def test_unauthenticated_visitor_sees_only_the_login_page(console, browser):
         browser.get(console.url + path)
         assert "/login" in browser.current_url
         page = browser.page_source
-        for secret in ("radius", "p_lower", "0.4412", "abstain-to-review", "certificate_risk", "evt-urgent\"", "looked fine"):
+        for secret in ("radius", "p_lower", "0.4412", "abstain-to-review", "certificate_risk", "evt-urgent\"",
+                       "looked fine"):
             assert secret not in page, f"{secret!r} leaked to an unauthenticated request for /{path}"
 
 
@@ -145,7 +146,7 @@ def test_login_queue_item_verdict_reach_ledger_and_outcomes_topic(console, brows
 
     by_id(browser, "verdict-confirmed_manipulated").click()
     by_id(browser, "note").send_keys("extra stroke on the left edge")
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     click_and_wait(browser, by_id(browser, "submit-verdict"))
     assert "recorded for evt-urgent by alice" in browser.page_source
     assert queue_ids(browser) == ["evt-routine", "evt-audit"]
@@ -157,7 +158,7 @@ def test_login_queue_item_verdict_reach_ledger_and_outcomes_topic(console, brows
     assert verdict["note"] == "extra stroke on the left edge"
     assert verdict["decision_ts"] == rec["ts"] and verdict["decision"] == "review" and verdict["policy_version"] == "3"
     when = datetime.fromisoformat(verdict["ts"])
-    assert before - timedelta(seconds=1) <= when <= datetime.now(timezone.utc)
+    assert before - timedelta(seconds=1) <= when <= datetime.now(UTC)
 
     published = outcomes(broker.bootstrap, "evt-urgent")
     assert ("evt-urgent", verdict) in published
@@ -172,7 +173,7 @@ def test_records_on_the_review_topic_join_the_queue(console, browser, broker):
     from kafka import KafkaProducer
 
     rec = decision_record("evt-from-kafka", digit_index=7, priority=1,
-                          deadline=datetime.now(timezone.utc) + timedelta(minutes=30))
+                          deadline=datetime.now(UTC) + timedelta(minutes=30))
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
     try:
         producer.send("review", key=b"evt-from-kafka", value=json.dumps(rec).encode()).get(timeout=10)

@@ -31,7 +31,8 @@ def test_review_command_serves_and_stops_on_interrupt(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         first = proc.stdout.readline()
-        m = re.match(r"riskpipe review: console at (http://127\.0\.0\.1:\d+/) \(login with the shared password\)", first)
+        m = re.match(r"riskpipe review: console at (http://127\.0\.0\.1:\d+/) \(login with the shared password\)",
+                     first)
         assert m, first + proc.stderr.read() if proc.poll() is not None else first
         assert proc.stdout.readline().strip().endswith("5 decision(s), 1 verdict(s)")
         url = m.group(1)
@@ -45,6 +46,6 @@ def test_review_command_serves_and_stops_on_interrupt(tmp_path):
             assert e.code == 302 and e.headers["Location"].startswith("/login")
     finally:
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
+        _out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert "Traceback" not in err

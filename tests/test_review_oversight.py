@@ -5,7 +5,7 @@ alert (deploy/prometheus, promtool-tested in test_alerts)."""
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import pytest
 
@@ -31,7 +31,7 @@ def _oldest_waiting_age(path) -> float:
         waiting = [e.record for e in led.records("decision") if (e.record.get("review") or {}).get("routed")
                    or (e.record.get("review") or {}).get("audit_sample")]
         times = [parse_ts(r["ts"]) for r in waiting if r["id"] not in done]
-    return (datetime.now(timezone.utc) - min(times)).total_seconds() if times else 0.0
+    return (datetime.now(UTC) - min(times)).total_seconds() if times else 0.0
 
 
 def test_backlog_age_gauge_is_the_oldest_waiting_item(tmp_path):
@@ -154,7 +154,8 @@ def test_four_eyes_in_a_real_browser(tmp_path):
         give("confirmed_clean")
         assert "takes effect when a second reviewer confirms it" in driver.page_source
         driver.get(server.url + "item/blk-1")
-        assert "First of two reviews" in by_id(driver, "first-review").text and "alice" in by_id(driver, "first-review").text
+        first = by_id(driver, "first-review").text
+        assert "First of two reviews" in first and "alice" in first
         give("confirmed_clean")
         assert "needs a second reviewer" in by_id(driver, "verdict-error").text
         with Ledger(str(path)) as led:
@@ -188,7 +189,8 @@ def test_double_review_sample_and_the_reports_agreement(tmp_path):
     import dataclasses
 
     app = create_app(dataclasses.replace(_settings(path, required=()), double_review_fraction=1.0), metrics=None)
-    firsts = ["confirmed_clean", "confirmed_manipulated", "unsure", "confirmed_clean", "confirmed_manipulated", "unsure"]
+    firsts = ["confirmed_clean", "confirmed_manipulated", "unsure", "confirmed_clean", "confirmed_manipulated",
+              "unsure"]
     seconds = ["confirmed_clean", "confirmed_manipulated", "confirmed_clean", "confirmed_clean", "unsure", "unsure"]
     for i, (a, b) in enumerate(zip(firsts, seconds)):
         assert _post(app, "alice", f"d-{i}", a).status_code == 302

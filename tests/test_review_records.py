@@ -4,7 +4,7 @@ the queue's rules checked on them: who is in the queue, in which order, and verd
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 import numpy as np
 import pytest
@@ -15,7 +15,7 @@ from riskpipe.models.digits import load_split
 from riskpipe.review import queue as rq
 from riskpipe.timestamps import rfc3339_millis
 
-T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 
 
 def ts(dt: datetime) -> str:
@@ -30,7 +30,8 @@ def decision_record(event_id: str, *, digit_index: int = 0, decision: str = "rev
     x = X[digit_index]
     radius = 0.0 if abstained else 0.61
     cert = Certificate(method="smoothing", mode="certify", norm="l2", radius=radius, abstained=abstained,
-                       predicted_class=None if abstained else int(y[digit_index]), p_lower=0.4412 if abstained else 0.9931,
+                       predicted_class=None if abstained else int(y[digit_index]),
+                       p_lower=0.4412 if abstained else 0.9931,
                        sigma=0.25, alpha=0.001, n_samples=100_100, elapsed_ms=41.5, seed=1234, input_dim=64)
     cert_d = {**cert.to_dict(), "radius_threat": radius / 8.0, "threat_norm": "linf", "threat_epsilon": 0.03}
     inp = {"sha256": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest(), "shape": list(x.shape),
@@ -71,7 +72,7 @@ def decision_record(event_id: str, *, digit_index: int = 0, decision: str = "rev
 def seed_ledger(path, now: datetime | None = None) -> dict[str, dict]:
     """A ledger with two routed items, one audit sample, one allowed decision and one
     already reviewed item; returns the records by id."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     recs = {
         "evt-routine": decision_record("evt-routine", digit_index=1, priority=2, deadline=now + timedelta(hours=4)),
         "evt-urgent": decision_record("evt-urgent", digit_index=0, priority=1, deadline=now + timedelta(hours=1)),
@@ -88,7 +89,7 @@ def seed_ledger(path, now: datetime | None = None) -> dict[str, dict]:
 
 
 def test_queue_holds_routed_and_audit_items_in_priority_then_deadline_order(tmp_path):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     seed_ledger(tmp_path / "l.db", now)
     with Ledger(tmp_path / "l.db") as led:
         led.append(decision_record("evt-urgent-later", priority=1, deadline=now + timedelta(hours=3)))
@@ -113,7 +114,7 @@ def _reference_queue(led) -> list[str]:
 
 
 def test_queue_from_the_facts_table_agrees_with_the_records(tmp_path):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     seed_ledger(tmp_path / "l.db", now)
     with Ledger(tmp_path / "l.db") as led:
         led.append(decision_record("evt-audit-2", decision="allow", routed=False, audit_sample=True))
@@ -165,7 +166,7 @@ def test_backlog_gauges_and_each_deadline_breach_once(tmp_path, monkeypatch):
     from riskpipe.review.app import ConsoleState
     from riskpipe.review.settings import Credentials, ReviewSettings
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     seed_ledger(tmp_path / "l.db", now)
     state = ConsoleState(ReviewSettings(ledger=str(tmp_path / "l.db"), credentials=Credentials(shared="x" * 16)),
                          metrics=_Gauges())
@@ -194,7 +195,8 @@ def test_backlog_gauges_and_each_deadline_breach_once(tmp_path, monkeypatch):
         state.note_queue(led)
         assert sorted(scans[-1]) == ["evt-arrived-late", "evt-late-3"] and state.metrics.breaches == 5
         rq.record_verdict(led, "evt-late-4", "unsure", "", "erin", now)
-        clock[0] = now + timedelta(hours=5)  # evt-late-4 has a verdict: not a breach; evt-late-5 and two seeded ones are
+        # evt-late-4 has a verdict: not a breach; evt-late-5 and two seeded ones are
+        clock[0] = now + timedelta(hours=5)
         state.note_queue(led)
         assert sorted(scans[-1]) == ["evt-late-5", "evt-routine", "evt-urgent"] and state.metrics.breaches == 8
         state.note_queue(led)
@@ -212,10 +214,13 @@ def test_queue_filters_by_model_policy_and_reason(tmp_path):
         other["reasons"] = ["out_of_support", "no_certificate"]
         led.append(other)
         assert [i.id for i in rq.pending(led, where=rq.QueueFilter(model="cifar_cnn"))] == ["evt-other-model"]
-        assert [i.id for i in rq.pending(led, where=rq.QueueFilter(policy="default"))] == ["evt-urgent", "evt-routine", "evt-audit"]
+        assert [i.id for i in rq.pending(led, where=rq.QueueFilter(policy="default"))] == [
+            "evt-urgent", "evt-routine", "evt-audit"]
         assert [i.id for i in rq.pending(led, where=rq.QueueFilter(reason="no_certificate"))] == ["evt-other-model"]
-        assert [i.id for i in rq.pending(led, where=rq.QueueFilter(reason="certificate_abstained"))] == ["evt-urgent", "evt-routine"]
-        assert rq.pending(led, where=rq.QueueFilter(reason="no%certificate")) == []  # a wildcard is a character, not a pattern
+        assert [i.id for i in rq.pending(led, where=rq.QueueFilter(reason="certificate_abstained"))] == [
+            "evt-urgent", "evt-routine"]
+        # a wildcard is a character, not a pattern
+        assert rq.pending(led, where=rq.QueueFilter(reason="no%certificate")) == []
         assert rq.pending(led, where=rq.QueueFilter(reason="no_certificat")) == []  # whole codes only
         assert rq.backlog(led, where=rq.QueueFilter(model="digits", reason="certificate_abstained")) == 2
 
@@ -230,7 +235,7 @@ def test_verdict_record_follows_docs_and_a_second_one_is_refused(tmp_path):
                      "decision": "review", "policy_version": "3"}
         assert led.get("evt-urgent", kind="verdict") == v
         assert rq.seconds_to_review(v) == 1800.0
-        with pytest.raises(rq.AlreadyReviewed, match="evt-urgent: a verdict already exists .*alice"):
+        with pytest.raises(rq.AlreadyReviewed, match=r"evt-urgent: a verdict already exists .*alice"):
             rq.record_verdict(led, "evt-urgent", "unsure", "", "bob", when)
         assert led.count("verdict") == 2
         assert led.verify().ok
@@ -252,7 +257,7 @@ def test_bad_verdicts_are_refused_with_the_field_named(tmp_path, args, message):
 def test_malformed_records_are_named_not_crashed_on():
     rec = decision_record("evt-x")
     rec["review"]["deadline"] = "next tuesday"
-    with pytest.raises(rq.ReviewError, match="evt-x: review.deadline: not an RFC 3339 time"):
+    with pytest.raises(rq.ReviewError, match=r"evt-x: review.deadline: not an RFC 3339 time"):
         rq.check_decision_record(rec)
     with pytest.raises(rq.ReviewError, match="id: missing"):
         rq.check_decision_record({"review": {}})

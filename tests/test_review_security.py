@@ -159,14 +159,15 @@ def test_login_next_parameter_cannot_redirect_off_site(app):
         assert r.headers["Location"] == "/"
     client = app.test_client()
     token = csrf_token(client.get("/login").get_data(as_text=True))
-    r = client.post("/login?next=/item/evt-audit", data={"csrf_token": token, "username": "alice", "password": PASSWORD})
+    r = client.post("/login?next=/item/evt-audit",
+                    data={"csrf_token": token, "username": "alice", "password": PASSWORD})
     assert r.headers["Location"] == "/item/evt-audit"
 
 
 # -- configuration -------------------------------------------------------------------------
 
 def test_no_credential_means_no_console(tmp_path):
-    with pytest.raises(SettingsError, match="no reviewer credential configured.*there is no default"):
+    with pytest.raises(SettingsError, match=r"no reviewer credential configured.*there is no default"):
         resolve_settings(ledger=str(tmp_path / "l.db"), environ={})
 
 
@@ -212,9 +213,9 @@ def test_credential_sources_and_precedence(tmp_path):
     s = resolve_settings(config_path=str(cfg), password_file=str(pw), port=0, environ={PASSWORD_ENV: "env passphrase"})
     assert s.credentials.authenticate("erin", "file passphrase") == "erin" and s.port == 0
     (tmp_path / "empty").write_text("\n")
-    with pytest.raises(SettingsError, match="--password-file .*empty: file is empty"):
+    with pytest.raises(SettingsError, match=r"--password-file .*empty: file is empty"):
         resolve_settings(ledger="l.db", password_file=str(tmp_path / "empty"), environ={})
-    with pytest.raises(SettingsError, match="--password-file .*missing: cannot read"):
+    with pytest.raises(SettingsError, match=r"--password-file .*missing: cannot read"):
         resolve_settings(ledger="l.db", password_file=str(tmp_path / "missing"), environ={})
 
 

@@ -5,6 +5,7 @@ TorchScript CNN, not the digits demo."""
 
 import json
 import sqlite3
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -92,7 +93,7 @@ def test_a_record_that_cannot_be_serialised_or_recorded_is_that_events_failure(t
 
 class RefusingLedger(SqliteLedger):
     """A ledger that refuses the decision row of some ids (as it would a malformed row)."""
-    refuse: set = set()
+    refuse: ClassVar[set[str]] = set()
 
     def append_entries(self, entries, inputs=()):
         entries = list(entries)

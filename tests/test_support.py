@@ -65,11 +65,11 @@ def decide(pipe, events, tmp, name="out"):
 
 
 def test_a_feature_at_a_million_is_reviewed_out_of_support(tmp_path, wine):
-    d, um, ref, held = wine
+    _d, um, _ref, held = wine
     pipe = pipeline(um, policy_file(tmp_path), "wine")
     far = held[0].copy()
     far[0] = 1e6
-    res, recs = decide(pipe, [tabular_event("far", far), tabular_event("near", held[0])], tmp_path)
+    _res, recs = decide(pipe, [tabular_event("far", far), tabular_event("near", held[0])], tmp_path)
     rec = recs["far"]
     assert rec["decision"] == "review" and rec["rule"] == "out-of-support" and "out_of_support" in rec["reasons"]
     s = rec["signals"]["support_risk"]
@@ -82,7 +82,7 @@ def test_a_feature_at_a_million_is_reviewed_out_of_support(tmp_path, wine):
 
 
 def test_strict_policy_reviews_out_of_support_too(tmp_path, wine):
-    d, um, ref, held = wine
+    _d, um, _ref, held = wine
     far = held[1].copy()
     far[3] = -1e6
     _, recs = decide(pipeline(um, policy_file(tmp_path, "strict"), "wine"), [tabular_event("far", far)], tmp_path)
@@ -96,7 +96,7 @@ def test_in_support_inputs_are_decided_as_before(tmp_path, wine):
     from riskpipe.policy import load_policy
     from riskpipe.policy.evaluate import evaluate
 
-    d, um, ref, held = wine
+    _d, um, _ref, held = wine
     events = [tabular_event(f"h-{i}", x, upstream_risk=float(i % 5) / 5) for i, x in enumerate(held)]
     _, recs = decide(pipeline(um, policy_file(tmp_path), "wine"), events, tmp_path, "a")
     before = load_policy(policy_file(tmp_path, support=False))
@@ -137,7 +137,7 @@ def test_init_range_dead_letters_out_of_range_and_reviews_a_far_combination(tmp_
 
     from riskpipe.cli import cli
 
-    d, um, ref, held = wine
+    _d, um, _ref, held = wine
     out = tmp_path / "stage"
     r = CliRunner().invoke(cli, ["init", "--model", um.spec, "--reference", str(um.data), "--out", str(out),
                                  "--name", "wine", "--trial", "0"])

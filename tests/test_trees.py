@@ -331,7 +331,7 @@ def test_onnx_without_a_score_output_is_refused(tmp_path):
         [helper.make_tensor_value_info("label", TensorProto.INT64, [None])])
     path = tmp_path / "labels.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
-    with pytest.raises(ModelError, match="no ONNX output holds class scores.*label tensor\\(int64\\)"):
+    with pytest.raises(ModelError, match=r"no ONNX output holds class scores.*label tensor\(int64\)"):
         load_model(str(path))
 
 

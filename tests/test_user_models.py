@@ -127,7 +127,8 @@ def test_evaluate_a_torchscript_image_model_with_pgd(tmp_path, one_thread):
     assert "attack PGD (5 steps, gradients)" in md and "--config examples/image/riskpipe.yaml" in md
     html = (tmp_path / "evaluation.html").read_text()
     assert s["examples"] and html.count('class="input-image"') == 2 * len(s["examples"])
-    assert any(f"model now says {n} (class {i})" in html for i, n in enumerate(["circle", "square", "triangle", "cross"]))
+    assert any(f"model now says {n} (class {i})" in html for i,
+               n in enumerate(["circle", "square", "triangle", "cross"]))
 
 
 def test_evaluate_a_scaled_skops_model_with_the_black_box_attack(tmp_path):
@@ -152,7 +153,8 @@ def test_evaluate_a_scaled_skops_model_with_the_black_box_attack(tmp_path):
 def test_evaluate_names_a_model_missing_from_the_config(tmp_path):
     r = CliRunner().invoke(cli, ["evaluate", "--config", "examples/tabular/riskpipe.yaml", "--model", "nope",
                                  "--policy", "examples/tabular/policy.yaml", "--out", str(tmp_path)])
-    assert r.exit_code != 0 and "model: 'nope' is not a model of examples/tabular/riskpipe.yaml (known: cancer)" in r.output
+    assert r.exit_code != 0
+    assert "model: 'nope' is not a model of examples/tabular/riskpipe.yaml (known: cancer)" in r.output
 
 
 # ---- ledger replay of records the stage wrote for the examples' models ----------------------------
@@ -229,7 +231,7 @@ def test_black_box_attacks_find_only_genuine_examples_and_beat_random_search(dem
         np.testing.assert_array_equal(adv, run())  # seeded
         delta = (adv - X).reshape(len(X), -1).astype(np.float64)
         size = np.abs(delta).max(axis=1) if norm == "linf" else np.linalg.norm(delta, axis=1)
-        assert np.all(size <= eps * (1 + 1e-5)) and 0 <= adv.min() and adv.max() <= 1
+        assert np.all(size <= eps * (1 + 1e-5)) and adv.min() >= 0 and adv.max() <= 1
         fooled = (demo_model.predict(adv) != y).sum()
         rs = (demo_model.predict(random_search(demo_model.predict, X, y, eps, norm, queries=400, **kw)) != y).sum()
         if norm == "l2":

@@ -115,8 +115,8 @@ def stage_ledger(tmp_path, example: str, model: str, n: int = 3, **event_fields)
 
     X = np.load(f"examples/{example}/reference.npz")["X"][:n].astype(np.float32)
     np.save(tmp_path / "inputs.npy", X)
-    (tmp_path / "events.jsonl").write_text("".join(json.dumps(make_event(f"{example}-{i}", model, x, **event_fields)) + "\n"
-                                                   for i, x in enumerate(X)))
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(make_event(f"{example}-{i}", model, x, **event_fields))
+                                                   + "\n" for i, x in enumerate(X)))
     ledger = tmp_path / "ledger.db"
     r = CliRunner().invoke(cli, ["run", "--config", f"examples/{example}/riskpipe.yaml", "--source",
                                  f"jsonl:{tmp_path / 'events.jsonl'}", "--sink", f"jsonl:{tmp_path / 'out'}",
@@ -150,8 +150,9 @@ FAULT_CLASSES = 3
 
 class _Faulty(torch.nn.Module):
     """Logits 5 * x[1:4] (a clear margin, so healthy inputs certify), broken for every row
-    whose first feature is above 2.5 (start-up probes stay below): ``nan``/``inf``/``-inf`` logits, ``few_rows`` (the batch
-    loses its last row), ``extra_axis`` ((N, C, 1)), ``raises``. ``always`` breaks every row."""
+    whose first feature is above 2.5 (start-up probes stay below): ``nan``/``inf``/``-inf``
+    logits, ``few_rows`` (the batch loses its last row), ``extra_axis`` ((N, C, 1)),
+    ``raises``. ``always`` breaks every row."""
 
     def __init__(self, kind: str, always: bool = False):
         super().__init__()

@@ -362,7 +362,9 @@ def build_stage(config: StageConfig, *, source: str | None = None, sink: str | N
     if metrics is not None:
         for e in pipeline.entries.values():
             if e.batch_size_source is not None:
-                metrics.set_certify_batch_size(e.name, e.certifier.batch_size, e.batch_size_source)
+                # a batch size is chosen only for the families that take one
+                size = e.certifier.batch_size  # type: ignore[attr-defined]
+                metrics.set_certify_batch_size(e.name, size, e.batch_size_source)
     kw["after_commit"] = [*checkpoint_hooks(config, ledger, sink), *(kw.get("after_commit") or [])]
     return Stage(config, pipeline, source_factory(config, source, checkpoint, metrics),
                  sink_factory(config, sink), ledger=ledger, metrics=metrics, **kw)

@@ -3,9 +3,9 @@
 Keys (deploy/riskpipe.yaml is a complete example):
 the Kafka connection keys of :class:`riskpipe.kafka_clients.KafkaSettings`
 (bootstrap_servers, security_protocol, sasl_mechanism, sasl_plain_username,
-sasl_plain_password, ssl_cafile, ssl_certfile, ssl_keyfile, ssl_password), topics {input, decisions, review, audit, dlq},
-group_id, models {name: entry}, policy, metrics_port, ledger, batch {max_events,
-max_wait_ms}, plus the optional tuning keys below.
+sasl_plain_password, ssl_cafile, ssl_certfile, ssl_keyfile, ssl_password), topics {input,
+decisions, review, audit, dlq}, group_id, models {name: entry}, policy, metrics_port,
+ledger, batch {max_events, max_wait_ms}, plus the optional tuning keys below.
 
 Size limits: ``max_message_bytes`` (a JSON event, default 1 MiB),
 ``max_binary_message_bytes`` (an event in the binary tensor form, default 16 MiB; its
@@ -262,7 +262,7 @@ class StageConfig(KafkaSettings):
 
     topics: Topics = Topics()
     group_id: str = "riskpipe"
-    models: dict[str, ModelConfig] = {"digits": ModelConfig(spec="demo:digits")}
+    models: dict[str, ModelConfig] = {"digits": ModelConfig(spec="demo:digits")}  # noqa: RUF012 - pydantic copies it
     policy: str = Field(default_factory=default_policy_path)
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"  # 0.0.0.0 inside a pod, so Prometheus and probes reach it

@@ -80,7 +80,8 @@ def _linear_map(group: Sequence[nn.Module]) -> Callable[[torch.Tensor], torch.Te
     return apply
 
 
-def spectral_norm(apply: Callable[[torch.Tensor], torch.Tensor], in_shape: tuple[int, ...], n_iter: int = 500, tol: float = 1e-7,
+def spectral_norm(apply: Callable[[torch.Tensor], torch.Tensor], in_shape: tuple[int, ...], n_iter: int = 500,
+                  tol: float = 1e-7,
                   seed: int = 0) -> tuple[float, int]:
     """Power-iteration estimate of ||A||_2 for the linear map ``apply`` (float64), and the
     iterations used. The estimate ||A v|| with ||v|| = 1 never exceeds the true norm."""
@@ -121,7 +122,7 @@ def lipschitz_constants(model: Model, n_iter: int = 500, tol: float = 1e-7, safe
     x = torch.zeros((1,) + tuple(model.input_shape), dtype=torch.float64)
     with torch.no_grad():
         shapes: list[tuple[int, ...]] = []
-        for gi, group in enumerate(groups):
+        for _gi, group in enumerate(groups):
             shapes.append(tuple(x.shape[1:]))
             for layer in group:
                 x = affine(layer, x)

@@ -8,9 +8,10 @@ refuses a mode the family does not have, naming it. ``prepare()`` does one-time
 work (e.g. Lipschitz constants) so that timings can report it apart, and
 ``classify`` gives the classes of the classifier the certificates speak about (the
 model, or the smoothed classifier), ``admissible`` moves a perturbed input to one the
-certifier accepts (the conformance suite's attack uses both); ``check_inputs`` refuses inputs the certifier cannot speak about (e.g. off the
-sound sampler's grid) before any work is done; ``inputs_per_call`` is how many inputs a caller should hand over at once (a
-smoothing input costs thousands of model evaluations, a bound input one pass);
+certifier accepts (the conformance suite's attack uses both); ``check_inputs`` refuses
+inputs the certifier cannot speak about (e.g. off the sound sampler's grid) before any
+work is done; ``inputs_per_call`` is how many inputs a caller should hand over at once
+(a smoothing input costs thousands of model evaluations, a bound input one pass);
 ``noise_sigma`` is the scale of the Gaussian noise the classifier of ``classify``
 averages over (None: it is the model itself), so an attack can aim at that classifier.
 """

@@ -146,7 +146,10 @@ class SoundSampler:
 
     def __post_init__(self) -> None:
         scalar = self.value_range is not None and all(np.ndim(v) == 0 for v in self.value_range)
-        lo, hi = (float(v) for v in self.value_range) if scalar and self.value_range is not None else (-math.inf, math.inf)
+        if scalar and self.value_range is not None:
+            lo, hi = (float(v) for v in self.value_range)
+        else:
+            lo, hi = -math.inf, math.inf
         check_grid(self.grid_levels, self.grid_step)
         if self.grid_step is not None:
             self.step = float(self.grid_step)
@@ -204,7 +207,7 @@ class SoundSampler:
     def draw(self, out: torch.Tensor, gen: torch.Generator) -> None:
         """Integer noise j into ``out`` (int32) by inverse-CDF lookup of uniform 62-bit u,
         drawn top 16 bits first and the low 46 bits only where they matter (module docstring)."""
-        table, first, inside, code = self._tables(out.device)
+        table, _first, _inside, code = self._tables(out.device)
         n = out.numel()
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=out.device).random_(-(1 << 63), None,
                                                                                      generator=gen)

@@ -28,7 +28,8 @@ def _norm_choices() -> str:
 @click.option("--alpha", type=float, default=0.001, show_default=True, help="Failure probability.")
 @click.option("--n0", type=int, default=100, show_default=True, help="Selection samples (certify).")
 @click.option("--n", type=int, default=100_000, show_default=True, help="Estimation samples.")
-@click.option("--epsilon", type=float, default=0.25, show_default=True, help="Target radius (decide mode, Lipschitz abstain).")
+@click.option("--epsilon", type=float, default=0.25, show_default=True,
+              help="Target radius (decide mode, Lipschitz abstain).")
 @click.option("--norm", default=None, help=f"Certificate norm ({_norm_choices()}; default: the method's native norm).")
 @click.option("--bound", type=click.Choice(["cp", "bonferroni", "goodman"]), default="cp", show_default=True,
               help="cp: Cohen CERTIFY; bonferroni/goodman: seed eq. (4) with simultaneous bounds.")

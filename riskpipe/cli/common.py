@@ -110,7 +110,7 @@ def read_inputs(path: str) -> np.ndarray:
                 except json.JSONDecodeError as e:
                     fail(f"input {path}:{lineno}: invalid JSON ({e.msg})")
                 if isinstance(obj, dict):
-                    if "inputs" in obj and obj["inputs"]:
+                    if obj.get("inputs"):
                         t = obj["inputs"][0]
                         obj = np.asarray(t.get("data"), dtype=float).reshape(t.get("shape", [-1]))
                     elif "data" in obj:

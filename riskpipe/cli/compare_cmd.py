@@ -47,7 +47,8 @@ def _csv(text: str) -> tuple[str, ...]:
 @click.option("--n-samples", type=int, default=1000, show_default=True, help="Smoothing estimation samples n.")
 @click.option("--limit", type=int, default=100, show_default=True, help="Labelled inputs to certify.")
 @click.option("--sigma", type=float, default=0.25, show_default=True, help="Smoothing noise level.")
-@click.option("--data", "data_path", default=None, help="Labelled data: .npz with arrays X and y (default: demo digits test split).")
+@click.option("--data", "data_path", default=None,
+              help="Labelled data: .npz with arrays X and y (default: demo digits test split).")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="Torch CPU threads (1 suits small models and busy machines).")
 @click.option("--device", default="cpu", show_default=True)

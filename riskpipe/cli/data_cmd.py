@@ -24,4 +24,5 @@ def digits(split, out_path, labels_path):
     np.save(out_path, X)
     if labels_path:
         np.save(labels_path, y)
-    click.echo(f"wrote {len(X)} {split} digits to {out_path}" + (f" and labels to {labels_path}" if labels_path else ""))
+    click.echo(f"wrote {len(X)} {split} digits to {out_path}"
+               + (f" and labels to {labels_path}" if labels_path else ""))

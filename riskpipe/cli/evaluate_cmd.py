@@ -47,7 +47,8 @@ def _formats(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--base-attack", is_flag=True, help="Attack the base model even when the policy smooths.")
 @click.option("--upstream-risk", type=float, default=None,
               help="upstream_risk sent with every clean and attacked event (default: none sent).")
-def evaluate(model_spec, config_path, reference, policies, data, budgets, shift_budgets, n, steps, queries, attempts, out_dir, formats, seed, device,
+def evaluate(model_spec, config_path, reference, policies, data, budgets, shift_budgets, n, steps, queries, attempts,
+             out_dir, formats, seed, device,
              base_attack, upstream_risk):
     """Evaluate POLICY on clean and attacked traffic: reviewer workload, where successful
     adversarial examples go, certified adversarial examples (Theorem 1), norm shift

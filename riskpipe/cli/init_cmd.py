@@ -299,7 +299,8 @@ def init(spec, reference, out_dir, name, trial, seed, force):
         entry["scale"] = "standardize"
     written_range = declared or (None if model.value_range is not None else _reference_range(X, tabular))
     if written_range:
-        entry["range"] = [_Pair(p) for p in written_range] if isinstance(written_range[0], list) else _Pair(written_range)
+        entry["range"] = ([_Pair(p) for p in written_range] if isinstance(written_range[0], list)
+                          else _Pair(written_range))
     if feature_names is not None:
         entry["feature_names"] = feature_names
     config = {"bootstrap_servers": "127.0.0.1:9092", "create_topics": True, **_stage_identity(name, out),
@@ -307,7 +308,8 @@ def init(spec, reference, out_dir, name, trial, seed, force):
     config_path.write_text(HEADER.format(policy=policy_path)
                            + "# Events name the model `" + name + "`. Add `labels: [...]` (class names) under it.\n"
                            + "# create_topics suits the embedded broker (`riskpipe broker`); drop it for your Kafka.\n"
-                           + "# group_id, topics and ledger are this stage's own (the ledger file next to this config);\n"
+                           + "# group_id, topics and ledger are this stage's own (the ledger file next to this "
+                             "config);\n"
                            + "# point topics.input at your inference topic, ledger at a shared postgresql:// DSN.\n"
                            + yaml.dump(config, Dumper=_dumper(), sort_keys=False), encoding="utf-8")
     click.echo(f"wrote {policy_path} (policy check passes) and {config_path}"

@@ -109,7 +109,8 @@ def head(path, as_json):
         h, n = led.head_and_count()
     if as_json:
         ts = rfc3339_seconds()
-        click.echo(json.dumps({"head": h, "count": n, "ts": ts, "ledger": str(led.path.resolve()) if led.path else str(led)}, sort_keys=True))
+        click.echo(json.dumps({"head": h, "count": n, "ts": ts,
+                               "ledger": str(led.path.resolve()) if led.path else str(led)}, sort_keys=True))
     else:
         click.echo(h)
 
@@ -191,7 +192,8 @@ def checkpoint(path, key_path, origin, key_name, out_path, bootstrap_servers, co
         try:
             publish(kafka, topic, cp)
         except Exception as e:  # noqa: BLE001 - broker failures are user-facing; the checkpoint is stored already
-            fail(f"checkpoint stored, but publishing to {topic} on {kafka.bootstrap_servers} failed: {type(e).__name__}: {e}")
+            fail(f"checkpoint stored, but publishing to {topic} on {kafka.bootstrap_servers} failed: "
+                 f"{type(e).__name__}: {e}")
     if as_json:
         click.echo(json.dumps({"origin": cp.origin, "tree_size": cp.tree_size, "root": cp.root.hex(), "note": cp.note},
                               sort_keys=True))
@@ -301,7 +303,8 @@ def receipt(event_id, ledger_path, out_path, kind, model, policy_sha256, key_pat
             if len(found) > 1:
                 which = "; ".join(f"model {(e.record.get('model') or {}).get('name')!r} policy sha256 "
                                   f"{(e.record.get('policy') or {}).get('sha256')}" for e in found[:10])
-                fail(f"{event_id!r}: {len(found)} {kind} entries ({which}): choose one with --model and --policy-sha256")
+                fail(f"{event_id!r}: {len(found)} {kind} entries ({which}): "
+                     "choose one with --model and --policy-sha256")
             entry = found[0]
             if entry.seq is None:  # written by a writer whose rows await sequencing
                 led.integrate()
@@ -437,7 +440,8 @@ def message_entries(msg, kind: str) -> list[tuple[str, dict, str | None]]:
         if not isinstance(record.get("id"), str) or not record["id"]:
             raise ValueError("missing field 'id'")
     except (TypeError, ValueError) as e:
-        reason = "missing_field" if "missing field" in str(e) else ("not_an_object" if "object" in str(e) else "invalid_json")
+        reason = ("missing_field" if "missing field" in str(e)
+                  else "not_an_object" if "object" in str(e) else "invalid_json")
         rec, eid = dlq_record(reason, msg.value or b"", ts, message=f"ledger ingest: {e}", **where)
         return [("dlq", rec, eid)]
     out: list[tuple[str, dict, str | None]] = []
@@ -499,13 +503,17 @@ def ingest_topics(kafka, topic_kinds: dict[str, str], ledger_path: str, group_id
 
 
 @ledger.command()
-@click.option("--bootstrap-servers", default=None, help="Kafka bootstrap servers, HOST:PORT (or `bootstrap_servers:` in --config).")
+@click.option("--bootstrap-servers", default=None,
+              help="Kafka bootstrap servers, HOST:PORT (or `bootstrap_servers:` in --config).")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
               help="riskpipe.yaml: Kafka connection and TLS/SASL settings (${VAR} expanded).")
 @click.option("--topic", "topics", multiple=True, default=("audit",), show_default=True,
-              help="Topic to consume, optionally NAME=KIND (audit=decision, review-outcomes=verdict, dlq=dlq). Repeatable.")
-@click.option("--ledger", "ledger_path", required=True, help="Ledger: a file or postgresql://USER@HOST/DB (created if absent).")
-@click.option("--group-id", default="riskpipe-ledger", show_default=True, help="Consumer group shared by ingest workers.")
+              help="Topic to consume, optionally NAME=KIND (audit=decision, review-outcomes=verdict, dlq=dlq). "
+                   "Repeatable.")
+@click.option("--ledger", "ledger_path", required=True,
+              help="Ledger: a file or postgresql://USER@HOST/DB (created if absent).")
+@click.option("--group-id", default="riskpipe-ledger", show_default=True,
+              help="Consumer group shared by ingest workers.")
 @click.option("--until-idle", type=click.FloatRange(min=0.1), default=None,
               help="Stop after this many seconds without messages (default: run until interrupted).")
 def ingest(bootstrap_servers, config_path, topics, ledger_path, group_id, until_idle):
@@ -515,7 +523,7 @@ def ingest(bootstrap_servers, config_path, topics, ledger_path, group_id, until_
     kafka = kafka_settings(config_path, bootstrap_servers)
     try:
         stats = ingest_topics(kafka, _topic_kinds(topics), ledger_path, group_id, until_idle)
-    except Exception as e:  # noqa: BLE001 - broker and network failures are user-facing
+    except Exception as e:  # broker and network failures are user-facing
         from kafka.errors import KafkaError
 
         if isinstance(e, (KafkaError, OSError)):
@@ -561,13 +569,15 @@ def replay(entry_id, ledger_path, input_path, device, as_json, config_path):
         sys.exit(0 if res.ok else 1)
     if not res.input_match:
         click.echo(f"MISMATCH input: recorded sha256 {res.recorded_digest}; {input_path} has "
-                   f"{', '.join(d[:16] + '…' for d in res.input_digests[:5])}{' …' if len(res.input_digests) > 5 else ''}")
+                   f"{', '.join(d[:16] + '…' for d in res.input_digests[:5])}"
+                   f"{' …' if len(res.input_digests) > 5 else ''}")
         click.echo("  (digest = sha256 of the input as float32, C order); certificate not recomputed")
         sys.exit(1)
     click.echo(f"input sha256 {res.recorded_digest}: match")
     params = ", ".join(f"{k}={v}" for k, v in res.parameters.items())
     click.echo(f"recomputed with {params}")
     for c in res.checks:
-        click.echo(f"  {'match   ' if c.match else 'MISMATCH'} {c.name}: recorded {c.recorded!r}, replayed {c.replayed!r}")
+        click.echo(f"  {'match   ' if c.match else 'MISMATCH'} {c.name}: recorded {c.recorded!r}, replayed "
+                   f"{c.replayed!r}")
     click.echo("replay: match" if res.ok else "replay: MISMATCH")
     sys.exit(0 if res.ok else 1)

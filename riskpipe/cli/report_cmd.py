@@ -78,7 +78,8 @@ def _bundle(ledger_path, bundle_path, key_path, sample, seed, since, until, mode
     except (BundleError, LedgerError) as e:
         fail(str(e))
     click.echo(f"{bundle_path}: {len(m['files'])} files, {m['receipts']['written']} receipts against tree size "
-               f"{m['checkpoint']['tree_size']}; check with `riskpipe verify-bundle {bundle_path} --public-key PUB.pem`")
+               f"{m['checkpoint']['tree_size']}; check with "
+               f"`riskpipe verify-bundle {bundle_path} --public-key PUB.pem`")
 
 
 @click.command("verify-bundle")

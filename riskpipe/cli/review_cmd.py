@@ -12,7 +12,8 @@ import click
 @click.option("--outcomes-topic", help="Topic the verdicts go to.  [default: review-outcomes]")
 @click.option("--host", help="Address to listen on.  [default: 127.0.0.1]")
 @click.option("--port", type=click.IntRange(0, 65535), help="Port; 0 picks a free one.  [default: 0]")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="riskpipe.yaml (reads its `review:` section).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="riskpipe.yaml (reads its `review:` section).")
 @click.option("--password-file", type=click.Path(dir_okay=False),
               help="File whose first line is the shared reviewer password (else RISKPIPE_REVIEW_PASSWORD).")
 def review(ledger_path, bootstrap_servers, review_topic, outcomes_topic, host, port, config_path, password_file):

@@ -40,7 +40,8 @@ def startup_errors(config_path: str | None):
               help="NAME=PATH, repeatable: the model's reference set (.npz with X and optional y).")
 @click.option("--group-id", default=None)
 @click.option("--input-topic", default=None)
-@click.option("--metrics-port", type=int, default=None, help="Serve /metrics and /healthz on PORT (address: metrics_addr, default 127.0.0.1).")
+@click.option("--metrics-port", type=int, default=None,
+              help="Serve /metrics and /healthz on PORT (address: metrics_addr, default 127.0.0.1).")
 @click.option("--ledger", default=None, help="Ledger path (default: ledger.sqlite in the data directory).")
 @click.option("--no-ledger", is_flag=True, help="Do not write a ledger (use `riskpipe ledger ingest`).")
 @click.option("--max-events", type=int, default=None, help="Micro-batch size.")
@@ -58,9 +59,9 @@ def startup_errors(config_path: str | None):
 @click.option("--idle-exit", type=float, default=None, help="Exit after this many seconds without input.")
 @click.option("--no-metrics-server", is_flag=True, hidden=True)
 @click.option("-v", "--verbose", count=True)
-def run(config_path, bootstrap_servers, source, sink, policy, models, references, group_id, input_topic, metrics_port, ledger,
-        no_ledger, max_events, max_wait_ms, device, certify_batch_size, create_topics, session_timeout_ms, heartbeat_interval_ms,
-        workers, worker_id, idle_exit, no_metrics_server, verbose):
+def run(config_path, bootstrap_servers, source, sink, policy, models, references, group_id, input_topic, metrics_port,
+        ledger, no_ledger, max_events, max_wait_ms, device, certify_batch_size, create_topics, session_timeout_ms,
+        heartbeat_interval_ms, workers, worker_id, idle_exit, no_metrics_server, verbose):
     """Run the stage: validate, certify, score and route every inference event."""
     from riskpipe.cli.common import fail
     from riskpipe.app.config import ConfigError, load_config

@@ -10,7 +10,8 @@ from riskpipe.render import data_uri, environment, png, pyplot
 FORMATS = ("html", "md", "json")
 THEOREM2 = ("Radii of different norms are compared only after the Theorem 2 conversion: an l_p certificate "
             "of radius r covers an l_q attacker out to r_q = min(d^(1/q - 1/p), 1) * r (d = input dimension). "
-            "Smoothing and Lipschitz certify l2 radii, IBP and trees certify l_inf; an l_inf radius r is an l2 radius r "
+            "Smoothing and Lipschitz certify l2 radii, IBP and trees certify l_inf; an l_inf radius r is an l2 radius "
+            "r "
             "(the l2 ball lies in the l_inf box) and an l2 radius r is an l_inf radius r / sqrt(d).")
 SCOPE = ("A certificate bounds the distance to the nearest class-changing input; it says nothing about whether "
          "the input is clean (adversarial inputs can be certified too). Smoothing certifies the smoothed "
@@ -78,7 +79,8 @@ def render(result: dict, out_dir: str | Path, formats=FORMATS) -> dict[str, Path
         if "html" in formats:
             imgs = {k: data_uri(v) for k, v in pngs.items()}
             p = out / "compare.html"
-            p.write_text(environment("riskpipe.compare").get_template("card.html.j2").render(**ctx, img=imgs), encoding="utf-8")
+            p.write_text(environment("riskpipe.compare").get_template("card.html.j2").render(**ctx, img=imgs),
+                         encoding="utf-8")
             written["html"] = p
         if "md" in formats:
             imgs = {}
@@ -86,6 +88,7 @@ def render(result: dict, out_dir: str | Path, formats=FORMATS) -> dict[str, Path
                 (out / f"compare-{k}.png").write_bytes(v)
                 imgs[k] = f"compare-{k}.png"
             p = out / "compare.md"
-            p.write_text(environment("riskpipe.compare", autoescape=False).get_template("card.md.j2").render(**ctx, img=imgs), encoding="utf-8")
+            template = environment("riskpipe.compare", autoescape=False).get_template("card.md.j2")
+            p.write_text(template.render(**ctx, img=imgs), encoding="utf-8")
             written["md"] = p
     return written

@@ -5,6 +5,14 @@ See ``DEFINITIONS`` (stated in every report).
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from riskpipe.attacks import GuidedAttacker, PublicAttacker, PublicView, TrustedView, norm_shift_coverage
+from riskpipe.evaluate.traffic import SampleSet, row_of
+
 DEFINITIONS = """\
 * an attack *attempt* is the attacked copy of a clean input the base model got right;
 * it is *successful* when the base model's prediction on it differs from the label
@@ -18,14 +26,6 @@ DEFINITIONS = """\
 * an attempt *evades* when it is successful and the stage allows it (for the attacker
   comparison, which counts evasions per attempt for the same number of attempts).
 """
-
-from collections import Counter
-from collections.abc import Mapping, Sequence
-
-import numpy as np
-
-from riskpipe.attacks import GuidedAttacker, PublicAttacker, PublicView, TrustedView, norm_shift_coverage
-from riskpipe.evaluate.traffic import SampleSet, row_of
 
 DECISIONS = ("allow", "review", "block")
 
@@ -141,7 +141,8 @@ def attacker_comparison(clean: SampleSet, adv: SampleSet, clean_audit: Sequence[
             "gain": gain}
 
 
-def coverage_metrics(clean_audit: Sequence[Mapping], clean: SampleSet, adv: SampleSet, records: Mapping[str, Mapping]) -> dict:
+def coverage_metrics(clean_audit: Sequence[Mapping], clean: SampleSet, adv: SampleSet,
+                     records: Mapping[str, Mapping]) -> dict:
     """Norm shift: which clean certificates cover the attack by Theorem 2, which only look like they do."""
     by_id = {r["id"]: r for r in clean_audit}
     certs = [by_id[i]["certificate"] for i in clean.ids if i in by_id]

@@ -82,8 +82,8 @@ def figures(result: dict) -> dict[str, bytes]:
 
 
 def render_markdown(result: dict, figure_dir: str | None = "figures", figure_names=()) -> str:
-    return environment("riskpipe.evaluate", autoescape=False).get_template("evaluation.md.j2").render(r=result, t=tables(result), figure_dir=figure_dir,
-                                                          figure_names=list(figure_names))
+    template = environment("riskpipe.evaluate", autoescape=False).get_template("evaluation.md.j2")
+    return template.render(r=result, t=tables(result), figure_dir=figure_dir, figure_names=list(figure_names))
 
 
 def example_views(result: dict) -> dict[str, list[dict]]:

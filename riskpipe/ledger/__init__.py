@@ -61,7 +61,8 @@ def open_ledger(target: str | Path, **options: Any) -> Ledger:
 
 
 # -- record constructors for the non-decision kinds ------------------------------------------
-def policy_record(name: str, version: str, sha256: str, ts: str, event: str = "loaded", **extra: Any) -> tuple[dict[str, Any], str]:
+def policy_record(name: str, version: str, sha256: str, ts: str, event: str = "loaded",
+                  **extra: Any) -> tuple[dict[str, Any], str]:
     """A ``policy`` entry and its entry id; one entry per distinct (name, version, sha256)."""
     rec = {"id": f"{name}@{version}#{sha256}", "ts": ts, "event": event, "name": name, "version": str(version),
            "sha256": sha256, **extra}

@@ -25,8 +25,9 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-from typing import Any, Iterable
+from datetime import datetime, UTC
+from typing import Any
+from collections.abc import Iterable
 
 import orjson
 
@@ -68,7 +69,8 @@ class VerifyResult:
     first_bad_seq: int | None = None
     reason: str | None = None
     root: str | None = None  # the Merkle root of the ``count`` rows (hex), when they all check out
-    checkpoint: dict[str, Any] | None = None  # the latest signed checkpoint the chain was checked against (verify_ledger)
+    # the latest signed checkpoint the chain was checked against (verify_ledger)
+    checkpoint: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,7 +105,7 @@ def parse_ts(value: Any, field: str = "ts") -> datetime:
             raise LedgerError(f"{field}: not an RFC 3339 time: {value!r}") from None
     else:
         raise LedgerError(f"{field}: expected an RFC 3339 time, got {type(value).__name__}")
-    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 def check_kind(kind: Any) -> str:
@@ -140,7 +142,8 @@ def check_chain(rows: Iterable[tuple[Any, ...]], expect_head: str | None = None,
     for seq, kind, eid, ts, text, prev_hash, stored in rows:
         expected_seq = n + 1
         if seq != expected_seq:
-            return n, prev, (expected_seq, f"row {expected_seq} is missing (next row is seq {seq}): deleted"), anchored_seq, None
+            return n, prev, (expected_seq,
+                             f"row {expected_seq} is missing (next row is seq {seq}): deleted"), anchored_seq, None
         problem = None
         if prev_hash != prev:
             problem = f"row {seq} does not link to row {seq - 1} (prev_hash mismatch): deleted, inserted or reordered"
@@ -163,7 +166,8 @@ def check_chain(rows: Iterable[tuple[Any, ...]], expect_head: str | None = None,
                 first = last_anchor + 1
                 return n, prev, None, anchored_seq, (
                     first, f"row {seq} no longer has the head signed in its checkpoint ({signed[:12]}…): "
-                           f"rows {first}..{seq} were rewritten and re-chained (row {last_anchor} still matches its checkpoint)"
+                           f"rows {first}..{seq} were rewritten and re-chained (row {last_anchor} still matches its "
+                           "checkpoint)"
                            if last_anchor else
                            f"row {seq} no longer has the head signed in its checkpoint ({signed[:12]}…): "
                            f"rows 1..{seq} were rewritten and re-chained")
@@ -232,7 +236,8 @@ def decision_scope(kind: str, record: Any) -> str:
     return f"{text(policy, 'sha256')}/{text(model, 'sha256')}/{text(model, 'name')}"
 
 
-def prepare_entries(entries: Iterable[tuple[str, dict[str, Any], str | None]]) -> list[tuple[str, str, str | None, str, str]]:
+def prepare_entries(entries: Iterable[tuple[str, dict[str, Any], str | None]]
+                    ) -> list[tuple[str, str, str | None, str, str]]:
     """Validate ``(kind, record, entry_id or None)`` items before anything is written.
 
     Returns ``(kind, entry_id, ts, canonical_record, scope)`` tuples; raises LedgerError

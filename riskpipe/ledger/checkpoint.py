@@ -59,7 +59,8 @@ def default_origin(ledger: Ledger) -> str:
     return f"riskpipe/ledger/{ledger.log_id()}"
 
 
-def make_checkpoint(ledger: Ledger, private_key: Ed25519PrivateKey, origin: str | None = None, key_name: str | None = None) -> Checkpoint:
+def make_checkpoint(ledger: Ledger, private_key: Ed25519PrivateKey, origin: str | None = None,
+                    key_name: str | None = None) -> Checkpoint:
     """Sign the ledger's current tree size and root as a C2SP checkpoint and store it
     (rows other writers left pending are sequenced first, so it covers every stored row)."""
     ledger.integrate()
@@ -117,7 +118,8 @@ def check_signatures(checkpoints: Iterable[LegacyCheckpoint], public_keys: Itera
     for i, cp in enumerate(checkpoints, 1):
         key = by_id.get(cp.key_id)
         if key is None:
-            return good, f"checkpoint {i} (row {cp.count}, {cp.ts}) is signed by key {cp.key_id}, not by a given public key"
+            return good, (f"checkpoint {i} (row {cp.count}, {cp.ts}) is signed by key {cp.key_id}, "
+                          "not by a given public key")
         try:
             key.verify(base64.b64decode(cp.signature), cp.payload())
         except (InvalidSignature, ValueError):
@@ -167,7 +169,8 @@ def verify_ledger(ledger: Ledger, public_keys: Sequence[Ed25519PublicKey],
         return VerifyResult(False, count, head, None, problem)
     res = ledger.verify(checkpoints=[*(cp for cp in good if cp.count > 0), *(cp for cp in signed if cp.tree_size > 0)])
     if res.ok and not good and not signed:
-        return VerifyResult(True, res.count, res.head, None, "no signed checkpoint yet: the chain and tree alone were verified",
+        return VerifyResult(True, res.count, res.head, None,
+                            "no signed checkpoint yet: the chain and tree alone were verified",
                             res.root)
     if res.ok:  # say which checkpoint the chain and tree were matched against, not just "ok"
         res = dataclasses.replace(res, checkpoint=_matched(good, signed, public_keys))

@@ -29,12 +29,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from riskpipe.ledger.chain import LedgerError, parse_ts
 from riskpipe.ledger.conn import Db, Row
 from riskpipe.policy.naming import policy_label
+from datetime import UTC
 
 KINDS = ("decision", "dlq")
 NO_PRIORITY = 2**62  # sorts after every priority a record can carry (in the ``priority`` column)
@@ -131,7 +132,8 @@ def v7_statements(int_type: str, real_type: str, number_at: Callable[[str], str]
             t1        {real_type},
             PRIMARY KEY (gid, h))""",
         *unlock,
-        f"UPDATE facts SET p_lower = (SELECT {number_at('certificate.p_lower')} FROM entries e WHERE e.seq = facts.seq) "
+        f"UPDATE facts SET p_lower = (SELECT {number_at('certificate.p_lower')} FROM entries e WHERE e.seq = "
+        "facts.seq) "
         "WHERE kind = 'decision'",
         build_groups,
         *lock,
@@ -194,7 +196,7 @@ def facts_of(seq: int, kind: str, entry_id: str, record: dict[str, Any]) -> Row 
         return None
 
     t = _epoch(record.get("ts"))
-    when = datetime.fromtimestamp(t, timezone.utc) if t is not None else None
+    when = datetime.fromtimestamp(t, UTC) if t is not None else None
     row = dict.fromkeys(NAMES)
     row.update(seq=seq, kind=kind, entry_id=entry_id, t=t,
                hour=when.strftime("%Y-%m-%dT%H:00Z") if when else None, day=when.strftime("%Y-%m-%d") if when else None)
@@ -322,7 +324,8 @@ def build_existing(db: Db) -> None:
     n = len(COLUMNS_V6)
     last = 0
     while True:  # pages by seq: bounded memory on a large ledger
-        rows = db.execute("SELECT seq, kind, entry_id, record FROM entries WHERE seq > ? AND kind IN ('decision', 'dlq') "
+        rows = db.execute("SELECT seq, kind, entry_id, record FROM entries WHERE seq > ? AND kind IN ('decision', "
+                          "'dlq') "
                           "ORDER BY seq LIMIT 5000", (last,)).fetchall()
         if not rows:
             return

@@ -66,7 +66,8 @@ class StoredInput:
 def stored_input(x: np.ndarray, raw: np.ndarray | None, digest: str | None = None) -> StoredInput:
     """The tensor to keep for input ``x`` (float32, as the model saw it): ``raw`` when the
     event sent UINT8 (the bytes as sent), else ``x`` as float32."""
-    a = np.ascontiguousarray(raw, dtype=DTYPES["UINT8"]) if raw is not None else np.ascontiguousarray(x, dtype=DTYPES["FP32"])
+    a = (np.ascontiguousarray(raw, dtype=DTYPES["UINT8"]) if raw is not None
+         else np.ascontiguousarray(x, dtype=DTYPES["FP32"]))
     return StoredInput(digest or input_digest(x), "UINT8" if raw is not None else "FP32", tuple(a.shape), a.tobytes())
 
 

@@ -17,7 +17,7 @@ multiple of a power of two and splits into at most log2(n) complete subtrees
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 HASH_SIZE = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()

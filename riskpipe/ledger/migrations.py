@@ -15,7 +15,8 @@ from riskpipe.ledger.chain import LedgerError
 from riskpipe.ledger.conn import Db
 from riskpipe.timestamps import iso_seconds
 
-Step = tuple[int, list[str | Callable[[Db], None]]]  # (version, [SQL text, or a callable(db) for work SQL cannot express])
+# (version, [SQL text, or a callable(db) for work SQL cannot express])
+Step = tuple[int, list[str | Callable[[Db], None]]]
 HasTable = Callable[[Db, str], bool]  # has_table(db, name): the backend's test for a table
 
 def entries_table(int_type: str, *, scope: bool = False, name: str = "entries") -> str:

@@ -79,19 +79,25 @@ STEPS: list[Step] = [
         *chain_tables("BIGINT"),
         f"INSERT INTO chain_state (id, count, head) VALUES (1, 0, '{GENESIS}')",
         _REFUSE,
-        "CREATE TRIGGER entries_no_change BEFORE UPDATE OR DELETE ON entries FOR EACH ROW EXECUTE FUNCTION riskpipe_append_only()",
-        "CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON entries FOR EACH STATEMENT EXECUTE FUNCTION riskpipe_append_only()",
+        "CREATE TRIGGER entries_no_change BEFORE UPDATE OR DELETE ON entries FOR EACH ROW EXECUTE FUNCTION "
+        "riskpipe_append_only()",
+        "CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON entries FOR EACH STATEMENT EXECUTE FUNCTION "
+        "riskpipe_append_only()",
     ]),
     (2, [
         *checkpoint_tables("id BIGSERIAL PRIMARY KEY", "BIGINT"),
-        "CREATE TRIGGER checkpoints_no_change BEFORE UPDATE OR DELETE ON checkpoints FOR EACH ROW EXECUTE FUNCTION riskpipe_append_only()",
-        "CREATE TRIGGER checkpoints_no_truncate BEFORE TRUNCATE ON checkpoints FOR EACH STATEMENT EXECUTE FUNCTION riskpipe_append_only()",
+        "CREATE TRIGGER checkpoints_no_change BEFORE UPDATE OR DELETE ON checkpoints FOR EACH ROW EXECUTE FUNCTION "
+        "riskpipe_append_only()",
+        "CREATE TRIGGER checkpoints_no_truncate BEFORE TRUNCATE ON checkpoints FOR EACH STATEMENT EXECUTE FUNCTION "
+        "riskpipe_append_only()",
     ]),
     (3, [  # the RFC 9162 Merkle tree over the rows, and C2SP signed notes (checkpoints)
         *tree_tables("BIGINT"),
         *(stmt for t in ("tree_nodes", "signed_notes") for stmt in (
-            f"CREATE TRIGGER {t}_no_change BEFORE UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION riskpipe_append_only()",
-            f"CREATE TRIGGER {t}_no_truncate BEFORE TRUNCATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION riskpipe_append_only()")),
+            f"CREATE TRIGGER {t}_no_change BEFORE UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION "
+            "riskpipe_append_only()",
+            f"CREATE TRIGGER {t}_no_truncate BEFORE TRUNCATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION "
+            "riskpipe_append_only()")),
         build_existing,
     ]),
     (4, [  # decision identity: unique (kind, entry_id, scope); existing rows get their scope once
@@ -104,13 +110,17 @@ STEPS: list[Step] = [
     ]),
     (5, [  # inputs stored once, by digest (riskpipe.ledger.inputs)
         *input_tables("BYTEA"),
-        "CREATE TRIGGER inputs_no_change BEFORE UPDATE OR DELETE ON inputs FOR EACH ROW EXECUTE FUNCTION riskpipe_append_only()",
-        "CREATE TRIGGER inputs_no_truncate BEFORE TRUNCATE ON inputs FOR EACH STATEMENT EXECUTE FUNCTION riskpipe_append_only()",
+        "CREATE TRIGGER inputs_no_change BEFORE UPDATE OR DELETE ON inputs FOR EACH ROW EXECUTE FUNCTION "
+        "riskpipe_append_only()",
+        "CREATE TRIGGER inputs_no_truncate BEFORE TRUNCATE ON inputs FOR EACH STATEMENT EXECUTE FUNCTION "
+        "riskpipe_append_only()",
     ]),
     (6, [  # the facts the report and the review queue aggregate and filter in SQL (riskpipe.ledger.facts)
         *facts.table_statements("BIGINT", "DOUBLE PRECISION"),
-        "CREATE TRIGGER facts_no_change BEFORE UPDATE OR DELETE ON facts FOR EACH ROW EXECUTE FUNCTION riskpipe_append_only()",
-        "CREATE TRIGGER facts_no_truncate BEFORE TRUNCATE ON facts FOR EACH STATEMENT EXECUTE FUNCTION riskpipe_append_only()",
+        "CREATE TRIGGER facts_no_change BEFORE UPDATE OR DELETE ON facts FOR EACH ROW EXECUTE FUNCTION "
+        "riskpipe_append_only()",
+        "CREATE TRIGGER facts_no_truncate BEFORE TRUNCATE ON facts FOR EACH STATEMENT EXECUTE FUNCTION "
+        "riskpipe_append_only()",
         facts.build_existing,
     ]),
     (7, [  # writers insert unsequenced rows; one integrator at a time gives them seq, chain and tree
@@ -206,7 +216,8 @@ class PostgresLedger(Ledger):
                     self.schema_version = migrate(db, STEPS, _has_table, redact(self.dsn))
         except psycopg.Error as e:
             self.close()
-            raise LedgerError(f"ledger {redact(self.dsn)}: not a usable ledger ({str(e).strip().splitlines()[0]})") from None
+            raise LedgerError(f"ledger {redact(self.dsn)}: not a usable ledger "
+                              f"({str(e).strip().splitlines()[0]})") from None
         except LedgerError:
             self.close()
             raise
@@ -216,7 +227,8 @@ class PostgresLedger(Ledger):
             conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, int(self.timeout)))
             conn.execute(f"SET lock_timeout = {int(self.timeout * 1000)}")
         except psycopg.Error as e:
-            raise LedgerUnavailable(f"ledger {redact(self.dsn)}: cannot connect ({str(e).strip().splitlines()[0]})") from None
+            raise LedgerUnavailable(f"ledger {redact(self.dsn)}: cannot connect "
+                                    f"({str(e).strip().splitlines()[0]})") from None
         return _Conn(conn)
 
     @contextmanager

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from riskpipe.ledger import merkle
 from riskpipe.ledger.chain import Entry, LedgerError, canonical_json
 from riskpipe.ledger.anchors import Checkpoint
-from riskpipe.ledger.tree import leaf_bytes, split_leaf
+from riskpipe.ledger.tree import split_leaf
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -63,7 +63,7 @@ def verify_receipt(receipt: Any, public_keys: Iterable[Ed25519PublicKey], origin
         raise LedgerError(f"receipt: tree_size {size} but the checkpoint is for tree size {cp.tree_size}")
     try:
         data = base64.b64decode(receipt["leaf"], validate=True)
-        kind, entry_id, text = split_leaf(data)
+        _kind, _entry_id, text = split_leaf(data)
     except (binascii.Error, ValueError, TypeError):
         raise LedgerError("receipt.leaf: not base64 of 'kind \\n entry id \\n record'") from None
     try:

@@ -113,7 +113,8 @@ class SqliteLedger(Ledger):
     number_at = staticmethod(_number_at)
     _db: _Conn | None
 
-    def __init__(self, path: str | Path, *, timeout: float = 30.0, synchronous: str = "FULL", create: bool = True) -> None:
+    def __init__(self, path: str | Path, *, timeout: float = 30.0, synchronous: str = "FULL",
+                 create: bool = True) -> None:
         if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise LedgerError(f"synchronous: must be OFF, NORMAL, FULL or EXTRA; got {synchronous!r}")
         path = str(path)

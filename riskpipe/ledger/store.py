@@ -17,7 +17,8 @@ import copy
 import json
 import threading
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
 
 from riskpipe.ledger import facts, merkle, tree
 from riskpipe.ledger.chain import (
@@ -119,7 +120,8 @@ class Ledger:
         """Append a batch of one kind in one transaction; returns how many were new."""
         return self.append_entries((kind, r, None) for r in records)
 
-    def append_entries(self, entries: Iterable[tuple[str, Record, str | None]], inputs: Iterable[StoredInput] = ()) -> int:
+    def append_entries(self, entries: Iterable[tuple[str, Record, str | None]],
+                       inputs: Iterable[StoredInput] = ()) -> int:
         """Append ``(kind, record, entry_id or None)`` items in one transaction.
 
         Every item is validated before anything is written; items already in the
@@ -197,7 +199,8 @@ class Ledger:
         for i in range(0, len(ids), _ID_CHUNK):
             chunk = ids[i:i + _ID_CHUNK]
             marks = ",".join("?" * len(chunk))
-            for key in db.execute(f"SELECT kind, entry_id, scope FROM entries WHERE entry_id IN ({marks})", tuple(chunk)):
+            for key in db.execute(f"SELECT kind, entry_id, scope FROM entries WHERE entry_id IN ({marks})",
+                                  tuple(chunk)):
                 if tuple(key) in keys:
                     found.add(tuple(key))
         return found
@@ -224,8 +227,8 @@ class Ledger:
 
     def entry(self, entry_id: str, kind: str = "decision") -> Entry | None:
         with self._conn() as db:
-            row = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE kind = ? AND entry_id = ? ORDER BY seq DESC LIMIT 1",
-                             (kind, entry_id)).fetchone()
+            row = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE kind = ? AND entry_id = ? "
+                             "ORDER BY seq DESC LIMIT 1", (kind, entry_id)).fetchone()
         return row_to_entry(row) if row else None
 
     def entries_with_prefix(self, prefix: str, kind: str, limit: int = 1000) -> list[Entry]:
@@ -367,14 +370,16 @@ class Ledger:
     def latest_note(self, min_size: int = 0) -> str | None:
         """The newest stored note for a tree of at least ``min_size`` leaves."""
         with self._conn() as db:
-            row = db.execute("SELECT note FROM signed_notes WHERE tree_size >= ? ORDER BY tree_size DESC, id DESC LIMIT 1",
+            row = db.execute("SELECT note FROM signed_notes WHERE tree_size >= ? ORDER BY tree_size DESC, id DESC "
+                             "LIMIT 1",
                              (min_size,)).fetchone()
         return row[0] if row else None
 
     def legacy_checkpoints(self) -> list[LegacyCheckpoint]:
         """Checkpoints signed by riskpipe before the Merkle tree (JSON over head and count)."""
         with self._conn() as db:
-            rows = db.execute("SELECT count, head, ts, key_id, public_key, signature FROM checkpoints ORDER BY id").fetchall()
+            rows = db.execute("SELECT count, head, ts, key_id, public_key, signature FROM checkpoints "
+                              "ORDER BY id").fetchall()
         return [LegacyCheckpoint(*r) for r in rows]
 
     # -- verification ---------------------------------------------------------------------
@@ -397,7 +402,8 @@ class Ledger:
             check = tree.TreeCheck(self._rows(db, "SELECT last, level, hash FROM tree_nodes ORDER BY last, level",
                                               name="riskpipe_verify_tree"), signed_roots)
 
-            def feed(rows: Iterable[Row]) -> Iterator[Row]:  # the tree is rebuilt from the same stream the chain walk reads
+            # the tree is rebuilt from the same stream the chain walk reads
+            def feed(rows: Iterable[Row]) -> Iterator[Row]:
                 for row in rows:
                     check.add(row[0], row[1], row[2], row[4])
                     yield row
@@ -421,7 +427,8 @@ class Ledger:
             return VerifyResult(False, n, prev, s_count + 1,
                                 f"rows after {s_count} were added outside the ledger (chain state says {s_count} rows)")
         if s_head != prev:
-            return VerifyResult(False, n, prev, max(n, 1), f"chain state head {s_head[:12]}… differs from chain head {prev[:12]}…")
+            return VerifyResult(False, n, prev, max(n, 1),
+                                f"chain state head {s_head[:12]}… differs from chain head {prev[:12]}…")
         if tree_bad is not None:
             return VerifyResult(False, n, prev, *tree_bad)
         if expect_count is not None and n < expect_count:

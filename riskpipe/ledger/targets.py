@@ -62,7 +62,8 @@ def backend_name(target: Any) -> str:
     if isinstance(target, Path):
         return "sqlite"
     if not isinstance(target, str) or not target.strip():
-        raise LedgerError(f"ledger: expected a file path, a postgresql:// URL or a keyword DSN, got {redact(repr(target))}")
+        raise LedgerError("ledger: expected a file path, a postgresql:// URL or a keyword DSN, got "
+                          f"{redact(repr(target))}")
     m = _SCHEME.match(target)
     scheme = m.group(1).lower() if m else None
     if scheme is None:

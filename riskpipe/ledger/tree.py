@@ -18,7 +18,7 @@ Hashes are stored as 64 lowercase hex characters, like the chain's.
 from __future__ import annotations
 
 import secrets
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from riskpipe.ledger import merkle
 from riskpipe.ledger.chain import LedgerError, LedgerUnavailable
@@ -30,7 +30,7 @@ _BATCH = 2000  # rows per INSERT batch while building the tree of an existing le
 def leaf_bytes(kind: str, entry_id: str, canonical_record: str) -> bytes:
     """The bytes a row contributes as a Merkle leaf: ``kind \\n entry_id \\n record``
     (UTF-8; neither kind nor entry id may contain a newline, canonical JSON has none)."""
-    return f"{kind}\n{entry_id}\n{canonical_record}".encode("utf-8")
+    return f"{kind}\n{entry_id}\n{canonical_record}".encode()
 
 
 def split_leaf(data: bytes) -> tuple[str, str, str]:
@@ -125,7 +125,8 @@ def append_leaves(db: Db, leaves: Iterable[bytes], expect_size: int) -> tuple[in
         nodes.extend(_node_rows(frontier.push(h)))
     db.executemany("INSERT INTO tree_nodes (last, level, hash) VALUES (?,?,?)", nodes)
     root = frontier.root().hex()
-    db.execute("UPDATE tree_state SET size = ?, root = ?, edge = ? WHERE id = 1", (frontier.size, root, _edge_text(frontier)))
+    db.execute("UPDATE tree_state SET size = ?, root = ?, edge = ? WHERE id = 1",
+               (frontier.size, root, _edge_text(frontier)))
     return frontier.size, root
 
 

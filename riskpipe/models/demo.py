@@ -173,4 +173,4 @@ def accuracy(module: nn.Module, X: np.ndarray, y: np.ndarray, sigma: float = 0.0
         return float((module(x).argmax(1).numpy() == y).mean())
 
 
-__all__ = ["DEMOS", "INPUT_SHAPE", "NUM_CLASSES", "Recipe", "build_demo", "digits_cnn", "register_demo", "accuracy"]
+__all__ = ["DEMOS", "INPUT_SHAPE", "NUM_CLASSES", "Recipe", "accuracy", "build_demo", "digits_cnn", "register_demo"]

@@ -33,7 +33,7 @@ def load_split(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     return X.copy(), y.copy()
 
 
-def reference_file() -> "Path":
+def reference_file() -> Path:
     """The demo models' default reference set (the TRAIN split) as a .npz with X and
     y, written once under cache_dir()/data: the same kind of file a user supplies."""
 

@@ -145,5 +145,13 @@ def train_lipschitz(model: nn.Sequential, recipe, cfg: LipschitzConfig = LIPSCHI
     model.eval()
 
 
-__all__ = ["IBP", "IBPConfig", "LIPSCHITZ", "LipschitzConfig", "ibp_cnn", "lipschitz_mlp", "train_ibp",
-           "train_lipschitz"]
+__all__ = [
+    "IBP",
+    "LIPSCHITZ",
+    "IBPConfig",
+    "LipschitzConfig",
+    "ibp_cnn",
+    "lipschitz_mlp",
+    "train_ibp",
+    "train_lipschitz",
+]

@@ -139,7 +139,8 @@ class _Builder:
         feature, threshold, slack, left, right, value = (np.concatenate([p[k] for p in self.parts]) for k in range(6))
         tree = np.concatenate([np.full(len(p[0]), t, dtype=np.int64) for t, p in enumerate(self.parts)])
         roots = np.array([p[6] for p in self.parts], dtype=np.int64)
-        ens = TreeEnsemble(feature, threshold, slack, left, right, value, tree=tree, roots=roots, base=np.asarray(base, dtype=np.float64).reshape(-1),
+        ens = TreeEnsemble(feature, threshold, slack, left, right, value, tree=tree, roots=roots,
+                           base=np.asarray(base, dtype=np.float64).reshape(-1),
                            n_features=int(n_features), kind=kind, source=source)
         if not (np.isfinite(ens.threshold).all() and np.isfinite(ens.value).all() and np.isfinite(ens.base).all()):
             raise TreeError(f"{source}: non-finite thresholds or leaf values")
@@ -297,7 +298,7 @@ def xgboost_ensemble(booster) -> tuple[TreeEnsemble, int]:
     model = gb["model"]
     n_features = int(learner["learner_model_param"]["num_feature"])
     if objective.startswith("multi:"):
-        K, cols = int(learner["learner_model_param"]["num_class"]), None
+        K = int(learner["learner_model_param"]["num_class"])
     elif objective in ("binary:logistic", "binary:logitraw", "binary:hinge"):
         K = 2
     else:

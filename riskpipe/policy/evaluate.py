@@ -26,7 +26,8 @@ class Decision:
     """One policy decision with everything needed to audit it.
 
     ``decision`` is what the pipeline does; in shadow mode it is ``allow`` (except for a
-    ``model_fault``, which is enforced even there) and ``would_be`` holds what the rules decided (``would_be`` is None when enforcing).
+    ``model_fault``, which is enforced even there) and ``would_be`` holds what the rules
+    decided (``would_be`` is None when enforcing).
     """
 
     decision: str
@@ -296,7 +297,8 @@ def format_value(v: Any) -> str:
     return str(v)
 
 
-def _explain(policy: Policy, cert: Certificate, radius_threat: float, certified: bool, signals: dict[str, dict[str, Any]],
+def _explain(policy: Policy, cert: Certificate, radius_threat: float, certified: bool,
+             signals: dict[str, dict[str, Any]],
              formula: str, rule_id: str, trace: list[dict[str, Any]], enforced: str, decision: str,
              review: dict[str, Any]) -> str:
     tm = policy.threat_model
@@ -315,7 +317,8 @@ def _explain(policy: Policy, cert: Certificate, radius_threat: float, certified:
         parts.append(f"No rule matched; the fallback gives {enforced}.")
     else:
         conds = trace[-1]["conditions"]
-        why = "; ".join(f"{c['field']} {c['op']} {format_value(c['value'])} (is {format_value(c['actual'])})" for c in conds)
+        why = "; ".join(f"{c['field']} {c['op']} {format_value(c['value'])} (is {format_value(c['actual'])})"
+                        for c in conds)
         parts.append(f"Rule {rule_id!r} fired" + (f": {why}." if why else " (no conditions)."))
     if policy.shadow:
         parts.append(f"Shadow mode: the rules say {enforced}; nothing is enforced, the decision is allow.")

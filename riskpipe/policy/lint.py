@@ -92,7 +92,8 @@ def lint(policy: Policy, input_dim: int = 64) -> list[LintWarning]:
         cfg = policy.certifier
         n_name = "max_samples" if cfg.mode == "decide" else "n"
         out.append(LintWarning(("certifier", n_name), (
-            f"no input can be certified: with {n_name}={getattr(cfg, n_name)}, alpha={cfg.alpha:g}, sigma={cfg.sigma:g} "
+            f"no input can be certified: with {n_name}={getattr(cfg, n_name)}, alpha={cfg.alpha:g}, "
+            f"sigma={cfg.sigma:g} "
             f"the largest radius smoothing can report is {r_max:.4g} < {need:.4g} needed for the threat model")))
     if policy.signals.upstream_risk.default == 0.0:
         out.append(LintWarning(("signals", "upstream_risk", "default"),

@@ -31,7 +31,8 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
 
 from riskpipe.policy.fields import FIELDS, OPS, holds
 from riskpipe.policy.signals import certificate_risk_floor
@@ -50,9 +51,7 @@ def conditions_hold(when: When | None, facts: dict[str, Any]) -> bool:
         return True
     if when.all is not None and not all(holds(c.field, c.op, c.value, facts) for c in when.all):
         return False
-    if when.any is not None and not any(holds(c.field, c.op, c.value, facts) for c in when.any):
-        return False
-    return True
+    return when.any is None or any(holds(c.field, c.op, c.value, facts) for c in when.any)
 
 
 def first_match(rules: Iterable[Rule], facts: dict[str, Any]) -> int | None:
@@ -79,7 +78,7 @@ def _points(field: str, constants: set[float], extra: Iterable[float]) -> list[f
         if math.isfinite(spec.hi):
             anchors.add(spec.hi)
         xs = sorted(anchors)
-        pts = [*xs, *((a + b) / 2 for a, b in zip(xs, xs[1:]))]
+        pts = [*xs, *((a + b) / 2 for a, b in itertools.pairwise(xs))]
         if not math.isfinite(spec.hi):
             pts.append(xs[-1] + 1.0)
     if spec.nullable:
@@ -109,7 +108,8 @@ def analyse(policy: Policy) -> Analysis:
     # never read it sees nothing a disagreeing input could do that an uncertified one cannot
     fields = sorted(set(constants) | {"certificate.abstained", "certified_in_threat"})
     floor = certificate_risk_floor(policy.signals.certificate_risk)
-    extra: dict[str, list[float]] = {"radius_threat": [0.0, policy.threat_model.epsilon], "radius_over_epsilon": [0.0, 1.0],
+    extra: dict[str, list[float]] = {"radius_threat": [0.0, policy.threat_model.epsilon],
+                                     "radius_over_epsilon": [0.0, 1.0],
              "signals.certificate_risk.value": [floor, 1.0]}
     axes = [_points(f, constants.get(f, set()), extra.get(f, ())) for f in fields]
     total = math.prod(len(a) for a in axes)

@@ -8,6 +8,7 @@ the loader maps to file lines.
 
 from __future__ import annotations
 
+import itertools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -266,7 +267,7 @@ class Review(_Frozen):
         if len(set(scores)) != len(scores):
             raise ValueError("bands: min_score values must be distinct")
         ordered = sorted(self.bands, key=lambda b: -b.min_score)
-        for hi, lo in zip(ordered, ordered[1:]):
+        for hi, lo in itertools.pairwise(ordered):
             if hi.priority > lo.priority:
                 raise ValueError(f"bands: a higher score must not get a less urgent priority (min_score "
                                  f"{hi.min_score:g} has priority {hi.priority}, {lo.min_score:g} has {lo.priority})")

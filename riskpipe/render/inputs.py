@@ -142,7 +142,8 @@ def _scaled(a: np.ndarray, shape, value_range) -> tuple[np.ndarray, str]:
     kind = "grey levels" if a.ndim == 2 else "colour"
     if value_range is not None:
         lo, hi = value_range
-        return np.clip((a - lo) / (hi - lo), 0, 1), f"shape {list(shape)}, the model's range [{lo:g}, {hi:g}] shown as {kind}"
+        return np.clip((a - lo) / (hi - lo), 0,
+                       1), f"shape {list(shape)}, the model's range [{lo:g}, {hi:g}] shown as {kind}"
     lo, hi = float(a.min()), float(a.max())
     if lo >= 0.0 and hi <= 1.0:
         return a, f"shape {list(shape)}, values in [0, 1] shown as {kind} (black 0, white 1)"

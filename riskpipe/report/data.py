@@ -157,7 +157,7 @@ def _integrity(led, ledger_path: str, verify: bool) -> dict:
             f"--expect-head {result['head']} --expect-count {result['count']}"}
 
 
-def _facts_check(f: "_Facts", totals: dict) -> dict:
+def _facts_check(f: _Facts, totals: dict) -> dict:
     """The facts table holds one row per decision and dead letter in the ledger, and the
     hourly counts add up to its rows."""
     counted: Counter[str] = Counter()
@@ -249,7 +249,8 @@ class _Facts:
                 if v is not None:
                     conds.append(cond)
                     params.append(v)
-            sql = "SELECT gid, h, n, first_seq, t0, t1 FROM fact_counts" + (" WHERE " + " AND ".join(conds) if conds else "")
+            sql = "SELECT gid, h, n, first_seq, t0, t1 FROM fact_counts" + (
+                " WHERE " + " AND ".join(conds) if conds else "")
             counts = {(gid, h): [n, first, t0, t1] for gid, h, n, first, t0, t1 in self.q(sql, params)}
         for kind in KINDS:
             for a, b in edges:
@@ -478,7 +479,8 @@ def _scope(g: _Groups, f: _Facts) -> dict:
     scopes = {str(rec.get("scope")) for rec in f.records_at(firsts)}
     return {
         "statements": [{"title": t, "text": s} for t, s in SCOPE_STATEMENTS],
-        "threat_models": [{"norm": n, "epsilon": e, "decisions": c} for n, e, c in g.count("threat_norm", "threat_eps")],
+        "threat_models": [{"norm": n, "epsilon": e, "decisions": c} for n, e,
+                          c in g.count("threat_norm", "threat_eps")],
         "certificate_families": [{"method": m, "mode": mo, "norm": no, "sigma": s, "alpha": a, "decisions": c}
                                  for m, mo, no, s, a, c in g.count("method", "mode", "norm", "sigma", "alpha")],
         "record_scope_examples": sorted(scopes)[:3],
@@ -567,7 +569,8 @@ def _examples(f: _Facts, fetch=None) -> list[dict]:
     out = []
     for d in f.records_at(sorted(seqs)):
         inp = d["input"]
-        out.append({"id": d.get("id"), "model": _model_name(d), "policy": _policy_name(d), "decision": d.get("decision"),
+        out.append({"id": d.get("id"), "model": _model_name(d), "policy": _policy_name(d),
+                    "decision": d.get("decision"),
                     "prediction": d.get("prediction"), "reasons": d.get("reasons") or [],
                     "input": inline_copy(inp, fetch)})
     return out
@@ -700,7 +703,7 @@ def _p50_p95(values: list[float] | np.ndarray) -> dict:
 NO_REASON = "(no reason)"
 
 
-def _review(g: _Groups, verdicts: list[dict], looked_up: dict, backlog: "_Backlog", as_of: datetime | None) -> dict:
+def _review(g: _Groups, verdicts: list[dict], looked_up: dict, backlog: _Backlog, as_of: datetime | None) -> dict:
     """``as_of``: the end of the period (``until``, else the last decision), so the
     backlog's age is reproducible; the console's gauge has the age as of now."""
     n, routed, audit = g.total(), g.total("routed"), g.total("audit")
@@ -790,7 +793,8 @@ def _controls(data: dict, cited: Counter) -> list[dict]:
             "framework": c.framework, "mapping_version": c.mapping_version,
             "id": c.short_id, "full_id": c.id, "name": c.title, "evidence": c.evidence,
             "sections": list(c.sections),
-            "status": ("ledger not verified in this report" if "integrity" in c.sections and data["integrity"]["ok"] is None
+            "status": ("ledger not verified in this report"
+                       if "integrity" in c.sections and data["integrity"]["ok"] is None
                        else "ledger verification FAILED" if "integrity" in c.sections and not data["integrity"]["ok"]
                        else "evidence in this report" if present else "no entries in this period"),
             "cited_by_decisions": cited.get(c.id, 0),

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["SHARED_MAX_FAILURES", "ConsoleState", "create_app"]
 
 
-def create_app(settings: ReviewSettings, *, metrics: StageMetrics | None | Literal["default"] = "default",
+def create_app(settings: ReviewSettings, *, metrics: StageMetrics | Literal["default"] | None = "default",
                publisher: Publisher | None = None) -> Flask:
     """The console for ``settings``; ``metrics`` is a StageMetrics (or None for none)."""
     app = Flask(__name__)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from riskpipe import kafka_clients
 from riskpipe.kafka_clients import KafkaSettings

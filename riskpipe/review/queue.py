@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 from riskpipe.ledger import Ledger, LedgerError, parse_ts
@@ -24,7 +24,7 @@ VERDICTS = {
     "unsure": "Unsure",
 }
 MAX_NOTE = 2000
-_FAR_FUTURE = datetime.max.replace(tzinfo=timezone.utc)
+_FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
 
 
 class ReviewError(ValueError):
@@ -334,8 +334,9 @@ def record_review(ledger: Ledger, event_id: str, verdict: str, note: str, review
                               "a second reviewer gives the verdict")
         return {**record, "double_review": why}, False
     if first.get("reviewer") == reviewer:
-        raise ReviewError(f"{event_id}: this item needs a second reviewer "
-                          f"({'overriding a ' + str(decision.get('decision')) if first.get('double_review') == 'four_eyes' else 'double-review sample'}); "
+        which = ("overriding a " + str(decision.get("decision")) if first.get("double_review") == "four_eyes"
+                 else "double-review sample")
+        raise ReviewError(f"{event_id}: this item needs a second reviewer ({which}); "
                           f"{reviewer} gave the first review at {first.get('ts')}")
     final = {**record, "first_reviewer": first.get("reviewer"), "first_verdict": first.get("verdict"),
              "first_review_ts": first.get("ts"), "double_review": first.get("double_review")}

@@ -145,7 +145,8 @@ class Credentials:
         register_secret(self.shared)
         methods = [s.split("$", 1)[0] for s in self.users.values() if s.startswith(_HASH_PREFIXES)]
         if methods:
-            object.__setattr__(self, "_dummy_hash", generate_password_hash(secrets.token_urlsafe(16), method=methods[0]))
+            object.__setattr__(self, "_dummy_hash",
+                               generate_password_hash(secrets.token_urlsafe(16), method=methods[0]))
 
     def authenticate(self, name: str, password: str) -> str | None:
         """The reviewer's name when ``password`` is right for ``name``, else None.

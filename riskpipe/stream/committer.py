@@ -160,8 +160,9 @@ class Committer:
         for d in outcome.decided + outcome.redelivered:
             for o in d.outputs:
                 sink.send(o.topic, o.key, o.value, o.headers)
-        for d in outcome.dead:
-            o = dead_letter_output(d.message, d.reason, d.text, self.dlq_topic, d.exception, self.max_output_bytes)
+        for dead in outcome.dead:
+            o = dead_letter_output(dead.message, dead.reason, dead.text, self.dlq_topic, dead.exception,
+                                   self.max_output_bytes)
             sink.send(o.topic, o.key, o.value, o.headers)
 
     def complete(self, outcome: Outcome, sink: Sink, source: Source) -> Outcome:
@@ -212,7 +213,7 @@ class Committer:
             ledger.append_entries(rows + [("dlq", *dlq_entry(d)) for d in outcome.dead],
                                        [s for d in outcome.decided for s in d.inputs])
             return
-        except Exception as e:  # noqa: BLE001 - find the culprit row by row, below
+        except Exception as e:  # find the culprit row by row, below
             if infrastructure_component(e):
                 raise  # the ledger is unavailable: no row is the culprit
             log.warning("ledger refused a batch (%s: %s); writing row by row", type(e).__name__, e)
@@ -221,7 +222,7 @@ class Committer:
             try:
                 ledger.append_entries([("decision", d.record, None)], d.inputs)
                 kept.append(d)
-            except Exception as e:  # noqa: BLE001 - this event's row: its event is dead-lettered
+            except Exception as e:  # this event's row: its event is dead-lettered
                 if infrastructure_component(e):
                     raise
                 outcome.dead.append(Dead.from_exception(d.message, e, "ledger"))

@@ -208,7 +208,8 @@ def validate_event(obj: dict, models: dict, values_checked: bool = False) -> Eve
     if dims != expected:
         raise EventError("wrong_shape", f"inputs[0].shape: {shape} does not match model {name} input {list(expected)}")
     if len(data) != math.prod(expected):
-        raise EventError("wrong_shape", f"inputs[0].data: {len(data)} values, shape {shape} needs {math.prod(expected)}")
+        raise EventError("wrong_shape",
+                         f"inputs[0].data: {len(data)} values, shape {shape} needs {math.prod(expected)}")
     if isinstance(data, np.ndarray):  # decoded from the binary form: typed already
         arr = data
     else:

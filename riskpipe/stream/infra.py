@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 import sqlite3
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from riskpipe.ledger import redact
@@ -65,8 +66,8 @@ def infrastructure_component(exc: BaseException) -> str | None:
     return None
 
 
-def _chain(exc: BaseException, limit: int = 8):
-    seen = set()
+def _chain(exc: BaseException | None, limit: int = 8) -> Iterator[BaseException]:
+    seen: set[int] = set()
     while exc is not None and id(exc) not in seen and len(seen) < limit:
         seen.add(id(exc))
         yield exc

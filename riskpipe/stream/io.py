@@ -18,7 +18,7 @@ from kafka.structs import OffsetAndMetadata
 
 from riskpipe import kafka_clients
 from riskpipe.paths import atomic_write
-from riskpipe.stream.ports import Message, SinkError, SourceBase  # noqa: F401 - Message re-exported
+from riskpipe.stream.ports import Message, SinkError, SourceBase
 
 log = logging.getLogger("riskpipe.stream")
 
@@ -68,7 +68,7 @@ class KafkaSource(SourceBase):
     def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
         batch = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         out = []
-        for tp, recs in batch.items():
+        for _tp, recs in batch.items():
             for r in recs:
                 out.append(Message(r.value, r.topic, r.partition, r.offset, r.key, list(r.headers or []), r.timestamp))
         return out
@@ -186,7 +186,7 @@ class JsonlSource(SourceBase):
         return True
 
     def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
-        out = []
+        out: list[Message] = []
         while len(out) < max_records:
             line = self.f.readline()
             if not line:
@@ -229,7 +229,8 @@ class JsonlSink:
         if headers and any(k.startswith("__riskpipe.errors.") for k, _ in headers):
             # dead letters: keep the raw bytes and the error headers together (other
             # headers, e.g. trace context, are in the record a file line carries)
-            obj = {"headers": {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for k, v in headers}}
+            obj: dict[str, object] = {
+                "headers": {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for k, v in headers}}
             try:
                 obj["value"] = value.decode("utf-8") if value is not None else None
             except UnicodeDecodeError:  # binary tensors, broken text: the exact bytes, base64

@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +26,11 @@ from riskpipe.stream.errors import EventError
 from riskpipe.stream.events import Event
 from riskpipe.timestamps import from_epoch, rfc3339_millis, rfc3339_seconds
 
+if TYPE_CHECKING:
+    from riskpipe.certify.protocol import Certifier
+    from riskpipe.context import ContextIndex
+    from riskpipe.policy.schema import Policy
+
 log = logging.getLogger("riskpipe.stream")
 
 
@@ -34,7 +41,7 @@ def seed_for(event_id: str, policy_sha: str) -> int:
 
 
 
-def event_digest(input_sha256: str, model: str, prediction, upstream_risk, context) -> str:
+def event_digest(input_sha256: str | None, model: str | None, prediction, upstream_risk, context) -> str:
     """sha256 of everything in an event that decides its outcome: the tensor (by its
     digest), the model, the prediction, the upstream risk and the context. The same id
     re-used with any of them changed is an ``id_conflict`` (stream/triage.py)."""
@@ -59,11 +66,12 @@ class ModelEntry:
 
     name: str
     model: Model
-    policy: object
-    certifier: object
+    policy: Policy
+    certifier: Certifier
     epsilon_cert: float  # decide target in the certificate's norm (Theorem 2 applied)
-    certified: Model | None = None
-    context: object | None = None
+    # None when built: the model itself (set in __post_init__, so readers always find a Model)
+    certified: Model = None  # type: ignore[assignment]
+    context: ContextIndex | None = None
     scale: np.ndarray | None = None  # shaped like the input
     scale_desc: str | None = None
     labels: list[str] | None = None
@@ -162,6 +170,7 @@ class Pipeline:
             self.certify_seconds += time.perf_counter() - t0
             _log_faults(name, entry, certs)
             r_threat = np.array([radius_in_threat(entry, c) for c in certs])
+            contexts: Sequence[dict | None]
             if entry.context is not None:
                 preds = [c.predicted_class for c in certs]  # None (abstained): the nearest label stands in
                 contexts = entry.context.context(Z, preds, r_threat,
@@ -175,7 +184,7 @@ class Pipeline:
             for j, i in enumerate(idx):
                 records[i] = self._record(events[i], entry, certs[j], float(r_threat[j]), contexts[j], sources[i],
                                           decisions[j], now, wall)
-        return records  # type: ignore[return-value]
+        return records  # type: ignore[return-value]  # every event belongs to one model: no slot is left None
 
     def _record(self, ev: Event, entry: ModelEntry, cert, radius_threat: float, context, source: dict,
                 decision, now: str, wall: float) -> dict:

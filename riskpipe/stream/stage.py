@@ -40,7 +40,7 @@ from riskpipe.stream.committer import Committer, Outcome
 from riskpipe.stream.decider import Decider
 from riskpipe.stream.guard import GuardTripped, Guards, PartitionGuard  # noqa: F401 - re-exported
 from riskpipe.stream.infra import BROKER, LEDGER, InfrastructureUnavailable, Outage, infrastructure_component
-from riskpipe.stream.observer import Observer, Stats  # noqa: F401 - re-exported
+from riskpipe.stream.observer import Observer, Stats
 from riskpipe.stream.pipeline import Pipeline
 from riskpipe.stream.ports import Message, Sink, Source
 from riskpipe.stream.status import Progress
@@ -154,7 +154,7 @@ class Stage:
             except GuardTripped:
                 self._close()
                 raise
-            except Exception as e:  # noqa: BLE001 - infrastructure is retried, anything else raised
+            except Exception as e:  # infrastructure is retried, anything else raised
                 component = infrastructure_component(e)
                 if component is None:
                     self._close()
@@ -301,13 +301,13 @@ class Stage:
             return known, failed
         try:
             known = self.ledger.get_all_many([a.event.id for a in parsed])
-        except Exception as e:  # noqa: BLE001 - find the culprit id, below
+        except Exception as e:  # find the culprit id, below
             if infrastructure_component(e):
                 raise
             for a in parsed:
                 try:
                     recs = self.ledger.get_all(a.event.id)
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     if infrastructure_component(e):
                         raise
                     failed[id(a)] = Dead.from_exception(a.message, e, "ledger lookup")
@@ -326,7 +326,8 @@ class Stage:
         if self.ledger is None:
             return
         for p in self.pipeline.policies:
-            rec, eid = policy_record(p.name, str(p.version), p.sha256, rfc3339_millis(), source=getattr(p, "path", None))
+            rec, eid = policy_record(p.name, str(p.version), p.sha256, rfc3339_millis(),
+                                     source=getattr(p, "path", None))
             self.ledger.append(rec, kind="policy", entry_id=eid)
 
 
