@@ -84,7 +84,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from riskpipe import npy, safe_yaml
 from riskpipe.kafka_clients import KafkaSettings
 from riskpipe.ledger import backend_for
-from riskpipe.models.loader import resolve_spec
 
 # Noise samples per smoothing model call: the probe's largest candidate is 4096; above
 # 2^20 no model call fits in memory (riskpipe.app.compose also bounds it by the input size).
@@ -399,6 +398,9 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         data["ledger"] = rel(data["ledger"])
     models = data.get("models")
     if isinstance(models, dict):
+        # lazy: riskpipe.models loads torch; the review console and the report read this config without it
+        from riskpipe.models.loader import resolve_spec
+
         out = {}
         for name, e in models.items():
             if isinstance(e, str):

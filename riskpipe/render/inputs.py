@@ -19,7 +19,6 @@ import numpy as np
 from PIL import Image
 
 from riskpipe.ledger.inputs import InputUnavailable, record_array
-from riskpipe.models import ModelError, load_model
 from riskpipe.render.figures import data_uri
 
 log = logging.getLogger("riskpipe.render")
@@ -92,6 +91,9 @@ def entry_info(entry: Any) -> ModelInfo:
     if info.feature_names is not None or not isinstance(spec, str) or \
             not spec.partition("?")[0].lower().endswith(TABULAR_FILES):
         return info
+
+    # lazy: riskpipe.models loads torch; the review console renders without it unless a file needs loading
+    from riskpipe.models import ModelError, load_model
 
     try:
         return model_info(entry, load_model(spec))
