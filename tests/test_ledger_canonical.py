@@ -8,7 +8,7 @@ import math
 from hypothesis import given, strategies as st
 
 from riskpipe.ledger import canonical_json
-from riskpipe.ledger.chain import read_canonical
+from riskpipe.ledger.chain import _orjson_own_form, read_canonical
 from ledger_records import decision_record
 
 
@@ -21,11 +21,12 @@ def reference(text):
 
 
 def agree(text):
-    fast_record, fast_problem = read_canonical(text)
     ref_record, ref_problem = reference(text)
-    assert (fast_problem is None) == (ref_problem is None), (text, fast_problem, ref_problem)
-    if ref_problem is None:
-        assert fast_record == ref_record
+    for stored in (text, text.encode("utf-8", "surrogatepass")):  # verify reads the stored bytes
+        fast_record, fast_problem = read_canonical(stored)
+        assert (fast_problem is None) == (ref_problem is None), (text, fast_problem, ref_problem)
+        if ref_problem is None:
+            assert fast_record == ref_record
 
 
 floats = st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from(
@@ -75,3 +76,12 @@ def test_edits_that_keep_the_json_valid_are_not_canonical():
         assert read_canonical(edited)[1] == "stored record is not canonical JSON (edited)"
     assert read_canonical(good[:-1])[1] == "stored record is not JSON (edited)"
     assert read_canonical('{"a":NaN}')[1] is not None
+
+
+def test_times_in_strings_keep_their_record_on_the_fast_path():
+    """Only a number can be one of orjson's own forms: a time such as 12:00:10.000000Z in a
+    string does not send its record to the standard library (a tenth of the benchmark's)."""
+    rec = {**decision_record(3), "ts": "2024-05-01T12:00:10.000000Z", "note": "rule-e-x"}
+    assert not _orjson_own_form(canonical_json(rec).encode())
+    for text in ('{"r":0.00001}', '{"r":-0.00002}', '[0.00001]', '0.00001', '{"r":1e-6}'):
+        assert _orjson_own_form(text.encode()), text

@@ -137,67 +137,130 @@ def check_chain(rows: Iterable[tuple[Any, ...]], expect_head: str | None = None,
     A chain that is internally consistent but misses an anchor was rewritten and its
     hashes recomputed: the rewrite started after the last anchor that still matches.
     """
-    anchors = anchors or {}
-    prev, n, anchored_seq, last_anchor = GENESIS, 0, None, 0
-    for seq, kind, eid, ts, text, prev_hash, stored in rows:
-        expected_seq = n + 1
-        if seq != expected_seq:
-            return n, prev, (expected_seq,
-                             f"row {expected_seq} is missing (next row is seq {seq}): deleted"), anchored_seq, None
-        problem = None
-        if prev_hash != prev:
-            problem = f"row {seq} does not link to row {seq - 1} (prev_hash mismatch): deleted, inserted or reordered"
-        else:
-            record, problem = read_canonical(text)
-            if problem is not None:
-                problem = f"row {seq}: {problem}"
-            elif entry_hash(prev, kind, eid, text) != stored:
-                problem = f"row {seq}: hash mismatch (record, kind or id edited)"
-            elif problem is None and ts != (record.get("ts") if isinstance(record, dict) else None):
-                problem = f"row {seq}: ts column {ts!r} differs from the record's ts (edited)"
-        if problem:
-            return n, prev, (seq, problem), anchored_seq, None
-        n, prev = seq, stored
-        if expect_head is not None and stored == expect_head:
-            anchored_seq = seq
-        signed = anchors.get(seq)
-        if signed is not None:
-            if signed != stored:
-                first = last_anchor + 1
-                return n, prev, None, anchored_seq, (
-                    first, f"row {seq} no longer has the head signed in its checkpoint ({signed[:12]}…): "
-                           f"rows {first}..{seq} were rewritten and re-chained (row {last_anchor} still matches its "
-                           "checkpoint)"
-                           if last_anchor else
-                           f"row {seq} no longer has the head signed in its checkpoint ({signed[:12]}…): "
-                           f"rows 1..{seq} were rewritten and re-chained")
-            last_anchor = seq
-    return n, prev, None, anchored_seq, None
+    walk = ChainWalk(expect_head, anchors)
+    batch: list[tuple[Any, ...]] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == 5000:
+            walk.feed(batch)
+            batch = []
+            if walk.stopped:
+                break
+    if batch and not walk.stopped:
+        walk.feed(batch)
+    return walk.n, walk.prev, walk.bad, walk.anchored_seq, walk.bad_anchor
+
+
+class ChainWalk:
+    """:func:`check_chain` batch by batch (``verify`` feeds it the rows as the driver
+    fetches them). ``feed`` returns the RFC 9162 leaf hashes of the batch's rows that
+    check out, in order, for the Merkle tree check: each row's bytes are read once for
+    both hashes. The record text may come as ``str`` or as its UTF-8 ``bytes``."""
+
+    def __init__(self, expect_head: str | None = None, anchors: dict[int, str] | None = None) -> None:
+        self.expect_head, self.anchors = expect_head, anchors or {}
+        self.prev, self.n, self.anchored_seq, self.last_anchor = GENESIS, 0, None, 0
+        self.bad: Problem | None = None
+        self.bad_anchor: Problem | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.bad is not None or self.bad_anchor is not None
+
+    def feed(self, rows: Iterable[tuple[Any, ...]]) -> list[bytes]:
+        leaves: list[bytes] = []
+        if self.stopped:
+            return leaves
+        sha256, loads, dumps, sort_keys = hashlib.sha256, orjson.loads, orjson.dumps, orjson.OPT_SORT_KEYS
+        prev, n, anchors, expect_head = self.prev, self.n, self.anchors, self.expect_head
+        for seq, kind, eid, ts, text, prev_hash, stored in rows:
+            if seq != n + 1:
+                self.bad = (n + 1, f"row {n + 1} is missing (next row is seq {seq}): deleted")
+                break
+            if prev_hash != prev:
+                self.bad = (seq, f"row {seq} does not link to row {seq - 1} (prev_hash mismatch): "
+                                 "deleted, inserted or reordered")
+                break
+            raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+            try:  # the fast canonical check of read_canonical, inline: the reference decides anything else
+                record = loads(raw)
+                fast = dumps(record, option=sort_keys) == raw and not (
+                    (b"0.0000" in raw or b"e-" in raw) and _orjson_own_form(raw))
+            except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+                fast = False
+            if not fast:
+                record, problem = read_canonical(text)
+                if problem is not None:
+                    self.bad = (seq, f"row {seq}: {problem}")
+                    break
+            body = f"{kind}\n{eid}\n".encode() + raw  # the leaf bytes; the chain hashes them after prev_hash
+            if sha256(f"{prev}\n".encode("ascii") + body).hexdigest() != stored:
+                self.bad = (seq, f"row {seq}: hash mismatch (record, kind or id edited)")
+                break
+            if ts != (record.get("ts") if isinstance(record, dict) else None):
+                self.bad = (seq, f"row {seq}: ts column {ts!r} differs from the record's ts (edited)")
+                break
+            leaves.append(sha256(b"\x00" + body).digest())
+            n, prev = seq, stored
+            if expect_head is not None and stored == expect_head:
+                self.anchored_seq = seq
+            signed = anchors.get(seq) if anchors else None
+            if signed is not None:
+                if signed != stored:
+                    first = self.last_anchor + 1
+                    self.bad_anchor = (
+                        first, f"row {seq} no longer has the head signed in its checkpoint ({signed[:12]}…): "
+                               f"rows {first}..{seq} were rewritten and re-chained (row {self.last_anchor} still "
+                               "matches its checkpoint)" if self.last_anchor else
+                               f"row {seq} no longer has the head signed in its checkpoint ({signed[:12]}…): "
+                               f"rows 1..{seq} were rewritten and re-chained")
+                    break
+                self.last_anchor = seq
+        self.prev, self.n = prev, n
+        return leaves
 
 
 # Where orjson writes a float differently from the standard library (exponents -5 to -9:
 # "0.00001" for "1e-05", "1e-6" for "1e-06"); every other value it writes alike.
-_ORJSON_OWN_FLOAT = re.compile(rb"0\.0000|e-[0-9](?![0-9])")
+_ORJSON_SHORT_EXPONENT = re.compile(rb"e-[0-9](?![0-9])")
+
+
+def _orjson_own_form(raw: bytes) -> bool:
+    """Whether ``raw`` may hold a float in one of those forms: a number ``0.0000...`` (not
+    preceded by a digit or a point, so times such as "12:00:10.000000Z" in strings do not
+    send their record to the slow path) or a one-digit negative exponent. (Callers test
+    ``b"0.0000" in raw or b"e-" in raw`` first: most records hold neither.)"""
+    at = raw.find(b"0.0000")
+    while at >= 0:
+        if at == 0 or raw[at - 1] not in b"0123456789.":
+            return True
+        at = raw.find(b"0.0000", at + 1)
+    return b"e-" in raw and _ORJSON_SHORT_EXPONENT.search(raw) is not None
 
 
 def read_canonical(text: Any) -> tuple[Any, str | None]:
-    """(record, None) if ``text`` is the canonical JSON of the record it holds, else
-    (record or None, problem).
+    """(record, None) if ``text`` (``str``, or its UTF-8 ``bytes``) is the canonical JSON
+    of the record it holds, else (record or None, problem).
 
     Fast path: orjson reads the text and writes it back with sorted keys; if that gives
     the same bytes and the text holds none of the few float forms orjson writes
     otherwise than the standard library, the standard library would too. Anything else
     (a mismatch, a value orjson refuses such as an integer beyond 64 bits) is decided by
     the standard library, the reference (``canonical_json``)."""
-    if isinstance(text, str):
-        raw = text.encode("utf-8", "surrogatepass")
+    if isinstance(text, (str, bytes)):
+        raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
         try:
             record = orjson.loads(raw)
             if orjson.dumps(record, option=orjson.OPT_SORT_KEYS) == raw and not (
-                    b"0.0000" in raw or (b"e-" in raw and _ORJSON_OWN_FLOAT.search(raw))):
+                    (b"0.0000" in raw or b"e-" in raw) and _orjson_own_form(raw)):
                 return record, None
         except (orjson.JSONDecodeError, orjson.JSONEncodeError):
             pass
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "stored record is not JSON (edited)"
     try:
         record = json.loads(text)
     except (TypeError, ValueError):

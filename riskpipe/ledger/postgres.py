@@ -193,6 +193,9 @@ class PostgresLedger(Ledger):
     """The ledger in a PostgreSQL database named by a ``postgresql://`` DSN."""
 
     backend = "postgresql"
+    record_bytes = "convert_to(record, 'UTF8')"
+    tree_nodes_text = ("SELECT string_agg(last || ',' || level || ',' || hash, ';' ORDER BY last, level) "
+                       "FROM tree_nodes WHERE last >= ? AND last < ?")
     number_at = staticmethod(_number_at)
     _db: _Conn | None
 

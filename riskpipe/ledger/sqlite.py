@@ -110,6 +110,9 @@ class SqliteLedger(Ledger):
     """The ledger in one SQLite file (created if absent unless ``create=False``)."""
 
     backend = "sqlite"
+    record_bytes = "CAST(record AS BLOB)"
+    tree_nodes_text = ("SELECT group_concat(n, ';') FROM (SELECT last || ',' || level || ',' || hash AS n "
+                       "FROM tree_nodes WHERE last >= ? AND last < ? ORDER BY last, level)")
     number_at = staticmethod(_number_at)
     _db: _Conn | None
 

@@ -27,7 +27,7 @@ from riskpipe.ledger.chain import (
     Entry,
     LedgerError,
     VerifyResult,
-    check_chain,
+    ChainWalk,
     entry_hash,
     parse_ts,
     prepare_entries,
@@ -44,6 +44,7 @@ Record = dict[str, Any]
 Pending = tuple[str, str, str | None, str, str, Record | None]
 
 _COLUMNS = "seq, kind, entry_id, ts, record, prev_hash, hash"
+_VERIFY_BATCH = 5000  # rows per fetch while verify walks the chain
 _ID_CHUNK = 500  # entry ids per de-duplication query (SQLite allows 32766 variables)
 
 
@@ -54,6 +55,11 @@ class Ledger:
     Use as a context manager."""
 
     backend = "abstract"
+    # the SQL that reads ``entries.record`` as its UTF-8 bytes (verify hashes and parses bytes)
+    record_bytes = "record"
+    # the SQL for one text of the tree nodes with ``?`` <= last < ``?``: "last,level,hash" in
+    # (last, level) order joined by ";" (verify compares it with the nodes it computes); None: row by row
+    tree_nodes_text: str | None = None
     schema_version: int
     _db: Db | None
     _lock: threading.RLock
@@ -399,17 +405,14 @@ class Ledger:
         with self._read() as db:
             state = db.execute("SELECT count, head FROM chain_state WHERE id = 1").fetchone()
             tstate = db.execute("SELECT size, root FROM tree_state WHERE id = 1").fetchone()
-            check = tree.TreeCheck(self._rows(db, "SELECT last, level, hash FROM tree_nodes ORDER BY last, level",
-                                              name="riskpipe_verify_tree"), signed_roots)
-
-            # the tree is rebuilt from the same stream the chain walk reads
-            def feed(rows: Iterable[Row]) -> Iterator[Row]:
-                for row in rows:
-                    check.add(row[0], row[1], row[2], row[4])
-                    yield row
-
-            rows = self._rows(db, f"SELECT {_COLUMNS} FROM entries WHERE seq IS NOT NULL ORDER BY seq")
-            n, prev, bad, anchored_seq, bad_anchor = check_chain(feed(rows), expect_head, anchors)
+            check = tree.TreeCheck(db, signed_roots, self.tree_nodes_text)
+            walk = ChainWalk(expect_head, anchors)
+            rows = self._rows(db, f"SELECT seq, kind, entry_id, ts, {self.record_bytes}, prev_hash, hash FROM entries "
+                                  "WHERE seq IS NOT NULL ORDER BY seq")
+            while not walk.stopped and (batch := rows.fetchmany(_VERIFY_BATCH)):
+                first = walk.n + 1
+                check.add_leaves(first, walk.feed(batch))  # the tree is rebuilt from the rows the chain walk reads
+            n, prev, bad, anchored_seq, bad_anchor = walk.n, walk.prev, walk.bad, walk.anchored_seq, walk.bad_anchor
             tree_bad = check.finish(n, tstate) if bad is None and bad_anchor is None else None
         if bad_anchor is not None:  # a signed head no longer matches: rows up to it were rewritten
             return VerifyResult(False, n, prev, *bad_anchor)

@@ -17,8 +17,9 @@ Hashes are stored as 64 lowercase hex characters, like the chain's.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from riskpipe.ledger import merkle
 from riskpipe.ledger.chain import LedgerError, LedgerUnavailable
@@ -157,42 +158,74 @@ def subtree_reader(db: Db, size: int) -> merkle.Subtree:
 
 
 class TreeCheck:
-    """Rebuilds the tree from rows as ``verify`` streams them and compares it with the
-    stored nodes (``nodes``: ``(last, level, hash)`` in key order) and with signed roots
+    """Rebuilds the tree from the rows as ``verify`` walks them and compares it with the
+    stored nodes (``tree_nodes`` of ``db``, read range by range) and with signed roots
     (``anchors``: tree size -> root hex). The first difference is kept as ``problem``."""
 
-    def __init__(self, nodes: Iterable[Row], anchors: dict[int, str] | None = None) -> None:
-        self.nodes: Iterator[Row] = iter(nodes)
+    def __init__(self, db: Db, anchors: dict[int, str] | None = None, nodes_text: str | None = None) -> None:
+        self.db = db
         self.anchors = anchors or {}
+        self.nodes_text = nodes_text
         self.frontier = merkle.Frontier()
         self.problem: tuple[int, str] | None = None
         self.last_anchor = 0
 
-    def add(self, seq: int, kind: str, entry_id: str, text: str) -> None:
-        if self.problem is not None:
+    def add_leaves(self, first_seq: int, leaves: list[bytes]) -> None:
+        """Push the leaf hashes of rows ``first_seq, first_seq + 1, ...`` and compare the
+        nodes they complete (each stored with ``last`` = the index of the leaf that
+        completed it) with the stored nodes of that range of ``last`` at once: as one text
+        the database writes (``nodes_text``: the backend's SQL for ``last,level,hash`` of
+        the range joined by ``;``) against the one written here, and row by row only when
+        those differ, to name the first node that does."""
+        if self.problem is not None or not leaves:
             return
-        done = self.frontier.push(merkle.leaf_hash(leaf_bytes(kind, entry_id, text)))
-        for level, index, h in done:
-            stored = next(self.nodes, None)
-            want = (node_last(level, index), level, h.hex())
-            if stored is None or tuple(stored) != want:
-                self.problem = (seq, f"row {seq}: stored Merkle tree node (level {level}, index {index}) "
-                                     "does not match the rows (tree or row tampered)")
+        sha256 = hashlib.sha256
+        edge, size, anchors = self.frontier.edge, self.frontier.size, self.anchors
+        first_index = size
+        want: list[str] = []  # "last,level,hash" of each node completed, in (last, level) order
+        owner: list[int] = []  # the row whose leaf completed each node
+        signed_bad: tuple[int, str] | None = None
+        for seq, h in enumerate(leaves, first_seq):
+            want.append(f"{size},0,{h.hex()}")
+            owner.append(seq)
+            level = 0
+            while size >> level & 1:  # merkle.Frontier.push, inline
+                h = sha256(b"\x01" + edge.pop() + h).digest()
+                level += 1
+                want.append(f"{size},{level},{h.hex()}")
+                owner.append(seq)
+            edge.append(h)
+            size += 1
+            signed = anchors.get(size) if anchors else None
+            if signed is not None:
+                self.frontier.size = size
+                if self.frontier.root().hex() != signed:
+                    first = self.last_anchor + 1
+                    signed_bad = (first, f"the Merkle root of the first {seq} rows differs from the signed checkpoint "
+                                         f"for tree size {seq} ({signed[:12]}…): rows {first}..{seq} were rewritten")
+                    break
+                self.last_anchor = seq
+        self.frontier.size = size
+        span = (first_index, size)
+        if self.nodes_text is None or self.db.execute(self.nodes_text, span).fetchone()[0] != ";".join(want):
+            stored = [tuple(r) for r in self.db.execute("SELECT last, level, hash FROM tree_nodes WHERE last >= ? "
+                                                        "AND last < ? ORDER BY last, level", span).fetchall()]
+            expect = [(int(last), int(level), h) for last, level, h in (w.split(",") for w in want)]
+            if stored != expect:
+                i = next(i for i, w in enumerate(expect) if i >= len(stored) or stored[i] != w)
+                last, level = expect[i][0], expect[i][1]
+                self.problem = (owner[i], f"row {owner[i]}: stored Merkle tree node (level {level}, index "
+                                          f"{last >> level}) does not match the rows (tree or row tampered)")
                 return
-        signed = self.anchors.get(self.frontier.size)
-        if signed is not None:
-            if self.frontier.root().hex() != signed:
-                first = self.last_anchor + 1
-                self.problem = (first, f"the Merkle root of the first {seq} rows differs from the signed checkpoint "
-                                       f"for tree size {seq} ({signed[:12]}…): rows {first}..{seq} were rewritten")
-                return
-            self.last_anchor = seq
+        self.problem = signed_bad
 
     def finish(self, n: int, state: Row | None) -> tuple[int, str] | None:
-        """After ``n`` good rows: leftover nodes, the tree state, anchors beyond the end."""
+        """After ``n`` good rows: nodes outside the rows, the tree state, anchors beyond the end."""
         if self.problem is not None:
             return self.problem
-        if next(self.nodes, None) is not None:
+        if self.db.execute("SELECT 1 FROM tree_nodes WHERE last < 0 LIMIT 1").fetchone() is not None:
+            return 1, "the Merkle tree has nodes before row 1 (tampered)"
+        if self.db.execute("SELECT 1 FROM tree_nodes WHERE last >= ? LIMIT 1", (n,)).fetchone() is not None:
             return n + 1, f"the Merkle tree has nodes beyond row {n} (tampered)"
         if state is None:
             return n + 1, "tree_state row is missing (tampered)"
