@@ -87,6 +87,30 @@ def test_bundle_contents_and_offline_verification(bundle):
     assert "2 policies hash to the sha256" in r.output
 
 
+def test_bundle_finds_the_policy_files_through_the_ledger_without_the_config(bundle, stage_ledger):  # noqa: F811
+    """The stage names each policy's file in its ledger ``policy`` row, so a bundle written
+    without --config still carries every policy's YAML and canonical JSON."""
+    tmp, _, pub, records, ledger, _ = bundle
+    stats = stage_ledger[0].parent
+    files = {"wine": stats / "p1" / "default-variant.yaml", "faulty": stats / "p2" / "default-variant.yaml"}
+    with Ledger(str(ledger)) as led:
+        sources = {e.record["sha256"]: e.record["source"] for e in led.records("policy")}
+    shas = {r["model"]["name"]: r["policy"]["sha256"] for r in records}
+    assert sources == {shas[m]: str(files[m]) for m in files}
+    out = tmp / "no-config.zip"
+    r = CliRunner().invoke(cli, ["report", "--ledger", str(ledger), "--bundle", str(out), "--key",
+                                 str(tmp / "ledger.pem"), "--sample", "2"])
+    assert r.exit_code == 0, r.output
+    with zipfile.ZipFile(out) as z:
+        policies = {p["sha256"]: p for p in json.loads(z.read("policies.json"))}
+        assert set(policies) == set(sources)
+        for m, path in files.items():
+            p = policies[shas[m]]
+            assert "missing" not in p and z.read(p["source"]) == path.read_bytes()
+    r = _verify(out, pub)
+    assert r.exit_code == 0 and "2 policies hash to the sha256" in r.output, r.output
+
+
 def _rewrite(src, dst, change):
     with zipfile.ZipFile(src) as z:
         files = {n: z.read(n) for n in z.namelist()}

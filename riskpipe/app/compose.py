@@ -169,9 +169,9 @@ def _batch_size(name: str, mc: ModelConfig, model, configured: int | None):
 
 
 def build_entry(name: str, mc: ModelConfig, policy, device: str = "cpu",
-                config_batch_size: int | None = None) -> ModelEntry:
-    """One model, checked against its config entry, with its policy, certifier and
-    (only when the policy uses it) context index."""
+                config_batch_size: int | None = None, policy_source: str | None = None) -> ModelEntry:
+    """One model, checked against its config entry, with its policy (loaded from the file
+    ``policy_source``, when known), certifier and (only when the policy uses it) context index."""
 
     trusted = mc.trusted_types or ()
     try:
@@ -214,12 +214,12 @@ def build_entry(name: str, mc: ModelConfig, policy, device: str = "cpu",
     try:
         certifier = certifier_for_policy(certified, policy, batch_size=batch.size if batch else None)
     except ValueError as e:
-        raise _err(name, "policy", f"{getattr(policy, 'path', '') or policy.name}: {e}") from None
+        raise _err(name, "policy", f"{policy_source or policy.name}: {e}") from None
     entry = ModelEntry(name=name, model=model, certified=certified, policy=policy, certifier=certifier,
                        epsilon_cert=policy.certificate_epsilon(certifier.norm, certified.input_dim),
                        scale=None if s is None else s.astype(np.float32).reshape(model.input_shape),
                        scale_desc=scale_desc, labels=mc.labels, feature_names=mc.feature_names,
-                       batch_size_source=batch.source if batch else None)
+                       batch_size_source=batch.source if batch else None, policy_source=policy_source)
     if uses_context(policy):
         if reference is None:
             raise _err(name, "reference", f"policy {policy.name} uses context risk; give the model a reference "
@@ -294,9 +294,12 @@ def build_pipeline(config: StageConfig) -> Pipeline:
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)  # before the batch-size probe: it measures at this count
     policies = _load_policies(config)
-    entries = {name: build_entry(name, mc, policies[config.model_policy(name)], device=config.device,
-                                 config_batch_size=config.certify_batch_size)
-               for name, mc in config.models.items()}
+    entries = {}
+    for name, mc in config.models.items():
+        path = config.model_policy(name)
+        entries[name] = build_entry(name, mc, policies[path], device=config.device,
+                                    config_batch_size=config.certify_batch_size,
+                                    policy_source=str(Path(path).absolute()))
     if config.torch_threads is not None:
         limit_native_threads(config.torch_threads)
     return Pipeline(entries, worker=config.worker_id or "w0", review_include_input=config.review_include_input)

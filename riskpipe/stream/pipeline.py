@@ -77,6 +77,9 @@ class ModelEntry:
     labels: list[str] | None = None
     feature_names: list[str] | None = None
     batch_size_source: str | None = None  # how the certifier's batch size was chosen (riskpipe.tuning)
+    # the file the policy was loaded from: its ledger ``policy`` row names it, so an evidence
+    # bundle (riskpipe.report.bundle) can include the YAML without being given the config
+    policy_source: str | None = None
 
     def __post_init__(self) -> None:
         if self.certified is None:
@@ -130,11 +133,17 @@ class Pipeline:
         return {n: e.model for n, e in self.entries.items()}
 
     @property
-    def policies(self) -> list:
+    def policies(self) -> list[Policy]:
         """Every policy in force, once each (by sha256), in model order."""
-        out: dict[str, object] = {}
+        return [p for p, _ in self.policy_sources]
+
+    @property
+    def policy_sources(self) -> list[tuple[Policy, str | None]]:
+        """``policies`` with the file each was loaded from (the first model's, when two
+        files hold the same policy; None when the entry was built without one)."""
+        out: dict[str, tuple[Policy, str | None]] = {}
         for e in self.entries.values():
-            out.setdefault(e.policy.sha256, e.policy)
+            out.setdefault(e.policy.sha256, (e.policy, e.policy_source))
         return list(out.values())
 
     @property

@@ -325,9 +325,8 @@ class Stage:
         """One ledger ``policy`` row per policy in force."""
         if self.ledger is None:
             return
-        for p in self.pipeline.policies:
-            rec, eid = policy_record(p.name, str(p.version), p.sha256, rfc3339_millis(),
-                                     source=getattr(p, "path", None))
+        for p, source in self.pipeline.policy_sources:
+            rec, eid = policy_record(p.name, str(p.version), p.sha256, rfc3339_millis(), source=source)
             self.ledger.append(rec, kind="policy", entry_id=eid)
 
 
