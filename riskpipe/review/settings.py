@@ -41,6 +41,7 @@ import os
 import re
 import unicodedata
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +49,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from riskpipe.app.config import ConfigError, load_config, read_config_file
+from riskpipe.app.config import ConfigError, StageConfig, load_config, read_config_file
 from riskpipe.policy import PolicyError
 from riskpipe.redaction import register_secret
 
@@ -236,6 +237,61 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise SettingsError(str(e)) from None
 
 
+def _review_section(data: dict, where: str) -> ReviewSection:
+    """The config file's ``review:`` section, validated (the first problem, with its key)."""
+    try:
+        return ReviewSection(**(data.get("review") or {}))
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise SettingsError(f"{where}: review.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+    except TypeError:
+        raise SettingsError(f"{where}: review: must be a mapping") from None
+
+
+def _shared_password(password_file: str | None, env: Mapping[str, str], section: ReviewSection) -> str | None:
+    """The shared password: --password-file, then the environment, then the config file."""
+    if password_file:
+        return read_secret_file(password_file, "--password-file")
+    if env.get(PASSWORD_ENV):
+        return env[PASSWORD_ENV]
+    if section.password_file:
+        return read_secret_file(section.password_file, "review.password_file")
+    return section.password
+
+
+def _secret_key(env: Mapping[str, str], section: ReviewSection, where: str) -> bytes | None:
+    """The session signing key: the environment, then the config file; at least 32 characters."""
+    if env.get(SECRET_KEY_ENV):
+        secret_key: bytes | None = env[SECRET_KEY_ENV].encode("utf-8")
+    elif section.secret_key_file:
+        secret_key = read_secret_file(section.secret_key_file, "review.secret_key_file").encode("utf-8")
+    elif section.secret_key:
+        secret_key = section.secret_key.encode("utf-8")
+    else:
+        secret_key = None
+    if secret_key is not None and len(secret_key) < 32:
+        raise SettingsError(f"{where}: review.secret_key: must be at least 32 characters")
+    return secret_key
+
+
+def _stage_config(config_path: str | None, ledger: str | None,
+                  bootstrap_servers: str | None) -> tuple[StageConfig, StageScope | None]:
+    """The shared keys (ledger, topics, Kafka connection and security) validated as the
+    stage does, and the stage's scope (models and policies) when a config file is given."""
+    try:
+        config = load_config(config_path, ledger=ledger, bootstrap_servers=bootstrap_servers)
+    except ConfigError as e:
+        raise SettingsError(str(e)) from None
+    if not config.ledger:
+        raise SettingsError("ledger: no ledger given (use --ledger PATH or `ledger:` in the config file)")
+    if not config_path:
+        return config, None
+    try:
+        return config, StageScope.from_config(config)
+    except PolicyError as e:
+        raise SettingsError(str(e)) from None
+
+
 def resolve_settings(
     *,
     ledger: str | None = None,
@@ -250,50 +306,11 @@ def resolve_settings(
 ) -> ReviewSettings:
     """Command-line values win over the environment, which wins over the config file."""
     env = os.environ if environ is None else environ
-    data = load_config_file(config_path) if config_path else {}
     where = config_path or "config"
-    try:
-        section = ReviewSection(**(data.get("review") or {}))
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise SettingsError(f"{where}: review.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
-    except TypeError:
-        raise SettingsError(f"{where}: review: must be a mapping") from None
-
-    shared: str | None
-    if password_file:
-        shared = read_secret_file(password_file, "--password-file")
-    elif env.get(PASSWORD_ENV):
-        shared = env[PASSWORD_ENV]
-    elif section.password_file:
-        shared = read_secret_file(section.password_file, "review.password_file")
-    else:
-        shared = section.password
-    credentials = Credentials(users=dict(section.users), shared=shared)
-
-    if env.get(SECRET_KEY_ENV):
-        secret_key: bytes | None = env[SECRET_KEY_ENV].encode("utf-8")
-    elif section.secret_key_file:
-        secret_key = read_secret_file(section.secret_key_file, "review.secret_key_file").encode("utf-8")
-    elif section.secret_key:
-        secret_key = section.secret_key.encode("utf-8")
-    else:
-        secret_key = None
-    if secret_key is not None and len(secret_key) < 32:
-        raise SettingsError(f"{where}: review.secret_key: must be at least 32 characters")
-
-    try:  # the shared keys (ledger, topics, Kafka connection and security) validated as the stage does
-        config = load_config(config_path, ledger=ledger, bootstrap_servers=bootstrap_servers)
-    except ConfigError as e:
-        raise SettingsError(str(e)) from None
-    if not config.ledger:
-        raise SettingsError("ledger: no ledger given (use --ledger PATH or `ledger:` in the config file)")
-    scope = None
-    if config_path:
-        try:
-            scope = StageScope.from_config(config)
-        except PolicyError as e:
-            raise SettingsError(str(e)) from None
+    section = _review_section(load_config_file(config_path) if config_path else {}, where)
+    credentials = Credentials(users=dict(section.users), shared=_shared_password(password_file, env, section))
+    secret_key = _secret_key(env, section, where)
+    config, scope = _stage_config(config_path, ledger, bootstrap_servers)
     return ReviewSettings(
         ledger=str(config.ledger),
         credentials=credentials,
