@@ -143,7 +143,7 @@ def test_a_changed_model_is_another_decision(wine):
     ev = json.dumps(tabular_event("m-0", wine.X[0])).encode()
     msg = Message(ev, "t", 0, 5)
     from riskpipe.stream.events import parse_event
-    from riskpipe.stream.pipeline import input_digest
+    from riskpipe.ledger.inputs import input_digest
 
     event = parse_event(ev, [], pipe.models)
     acc = Accepted(msg, event, input_digest(event.x))

@@ -18,7 +18,7 @@ from riskpipe.certify.certificate import MODEL_FAULT
 from riskpipe.certify.norms import convert_radius
 from riskpipe.certify.samplers import GridError
 from riskpipe.ledger.chain import canonical_json, decision_scope
-from riskpipe.ledger.inputs import input_digest, input_fields  # noqa: F401 - input_digest re-exported
+from riskpipe.ledger.inputs import input_fields
 from riskpipe.models import Model
 from riskpipe.policy.evaluate import evaluate_batch
 from riskpipe.policy.signals import json_safe
