@@ -11,6 +11,7 @@ from werkzeug.serving import ThreadedWSGIServer, make_server
 from riskpipe.kafka_clients import KafkaSettings
 from riskpipe.ledger import Ledger
 from riskpipe.review.app import create_app
+from riskpipe.review.context import EXTENSION, ConsoleState
 from riskpipe.review.kafka_io import OutcomePublisher, ReviewTopicFeed
 from riskpipe.review.settings import Credentials, ReviewSettings
 
@@ -30,11 +31,12 @@ class ConsoleServer:
         if settings.kafka is not None:
             self.publisher = OutcomePublisher(settings.kafka, settings.outcomes_topic)
         self.app = create_app(settings, metrics=metrics, publisher=self.publisher)
+        self.state: ConsoleState = self.app.extensions[EXTENSION]
         if settings.kafka is not None:
             self.feed = ReviewTopicFeed(settings.kafka, settings.review_topic, settings.ledger,
                                         session_timeout_ms=consumer_session_timeout_ms,
                                         heartbeat_interval_ms=consumer_heartbeat_ms,
-                                        on_batch=self.app.extensions["riskpipe_review"].refresh_backlog,
+                                        on_batch=self.state.refresh_backlog,
                                         scope=settings.scope)
         try:
             # threaded=True: a ThreadedWSGIServer
@@ -56,14 +58,14 @@ class ConsoleServer:
         if self.feed is not None:
             self.feed.start()
         self._thread.start()
-        self.app.extensions["riskpipe_review"].refresh_backlog()
+        self.state.refresh_backlog()
         return self
 
     def serve_forever(self) -> None:
         """Block until interrupted (the CLI); Ctrl-C stops cleanly."""
         if self.feed is not None:
             self.feed.start()
-        self.app.extensions["riskpipe_review"].refresh_backlog()
+        self.state.refresh_backlog()
         try:
             self._httpd.serve_forever()
         finally:
