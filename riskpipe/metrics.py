@@ -191,110 +191,130 @@ class StageMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         _check_multiprocess_setup()
         self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
-        p = PREFIX
-        self.events = Counter(f"{p}_events_total", "Input events by outcome.",
-                              ["outcome"], registry=r)
+        # registered in this order, which is the order of the exposition text
+        self._decision_metrics(self.registry)
+        self._distribution_metrics(self.registry)
+        self._queue_metrics(self.registry)
+        self._identity_metrics(self.registry)
+        self._runtime_metrics(self.registry)
+
+    def _decision_metrics(self, r: CollectorRegistry) -> None:
+        """Events by outcome; decisions, certificates, model faults and deadlines by model and policy."""
         mp = list(MODEL_LABELS)
-        self.decisions = Counter(f"{p}_decisions_total", "Decisions by model, policy and kind.",
+        self.events = Counter(f"{PREFIX}_events_total", "Input events by outcome.",
+                              ["outcome"], registry=r)
+        self.decisions = Counter(f"{PREFIX}_decisions_total", "Decisions by model, policy and kind.",
                                  [*mp, "decision"], registry=r)
         self.certificates = Counter(
-            f"{p}_certificates_total",
+            f"{PREFIX}_certificates_total",
             "Certificates by model, policy, method and outcome (certified in the threat model, "
             "abstained, or radius below the threat epsilon).",
             [*mp, "method", "outcome"], registry=r)
         self.model_faults = Counter(
-            f"{p}_model_faults_total",
+            f"{PREFIX}_model_faults_total",
             "Inputs whose certificate is a model_fault: the model's output for them (or their noise "
             "batch) was not finite or not (N, C); never allowed.",
             ["model"], registry=r)
         self.certify_deadline = Counter(
-            f"{p}_certify_deadline_total",
+            f"{PREFIX}_certify_deadline_total",
             "Inputs whose certification stopped at the policy's latency budget (max_latency_ms), "
             "treated as not certified.",
             [*mp, "method"], registry=r)
+
+    def _distribution_metrics(self, r: CollectorRegistry) -> None:
+        """Histograms per model and policy: radius, score, model evaluations, latencies."""
+        mp = list(MODEL_LABELS)
         self.radius = Histogram(
-            f"{p}_certified_radius",
+            f"{PREFIX}_certified_radius",
             "Certified radius converted to the policy's threat-model norm (Theorem 2), per model: "
             "each model's radii are in its own units (pixels, standardised features); "
             "abstentions are not observed.",
             [*mp, "norm"], buckets=RADIUS_BUCKETS, registry=r)
-        self.score = Histogram(f"{p}_risk_score", "Composite risk score in [0, 1].",
+        self.score = Histogram(f"{PREFIX}_risk_score", "Composite risk score in [0, 1].",
                                mp, buckets=SCORE_BUCKETS, registry=r)
         self.evaluations = Histogram(
-            f"{p}_model_evaluations", "Model evaluations used by one certificate.",
+            f"{PREFIX}_model_evaluations", "Model evaluations used by one certificate.",
             [*mp, "method"], buckets=EVALUATION_BUCKETS, registry=r)
         self.certify_seconds = Histogram(
-            f"{p}_certification_duration_seconds", "Time to compute one certificate.",
+            f"{PREFIX}_certification_duration_seconds", "Time to compute one certificate.",
             [*mp, "method"], buckets=CERTIFY_SECONDS_BUCKETS, registry=r)
         self.end_to_end_seconds = Histogram(
-            f"{p}_end_to_end_latency_seconds",
+            f"{PREFIX}_end_to_end_latency_seconds",
             "From event time (or Kafka timestamp) to the decision being emitted.",
             mp, buckets=END_TO_END_BUCKETS, registry=r)
-        self.dlq_messages = Counter(f"{p}_dlq_messages_total",
+
+    def _queue_metrics(self, r: CollectorRegistry) -> None:
+        """Where messages wait or go aside: the dead-letter topic, human review, consumer lag."""
+        self.dlq_messages = Counter(f"{PREFIX}_dlq_messages_total",
                                     "Messages sent to the dead-letter topic, by reason.",
                                     ["reason"], registry=r)
-        self.review_routed = Counter(f"{p}_review_routed_total",
+        self.review_routed = Counter(f"{PREFIX}_review_routed_total",
                                      "Decisions routed to human review, by model, policy and first reason code.",
-                                     [*mp, "reason"], registry=r)
-        self.review_backlog = Gauge(f"{p}_review_backlog",
+                                     [*MODEL_LABELS, "reason"], registry=r)
+        self.review_backlog = Gauge(f"{PREFIX}_review_backlog",
                                     "Items in the review queue awaiting a verdict.",
                                     registry=r, multiprocess_mode="livemax")
-        self.review_backlog_age = Gauge(f"{p}_review_backlog_oldest_age_seconds",
+        self.review_backlog_age = Gauge(f"{PREFIX}_review_backlog_oldest_age_seconds",
                                         "Age of the oldest review item awaiting a verdict (0 when none waits).",
                                         registry=r, multiprocess_mode="livemax")
-        self.review_verdicts = Counter(f"{p}_review_verdicts_total",
+        self.review_verdicts = Counter(f"{PREFIX}_review_verdicts_total",
                                        "Review verdicts received, by verdict.",
                                        ["verdict"], registry=r)
         self.review_seconds = Histogram(
-            f"{p}_review_time_to_verdict_seconds",
+            f"{PREFIX}_review_time_to_verdict_seconds",
             "From the decision to the reviewer's verdict.",
             ["verdict"], buckets=REVIEW_SECONDS_BUCKETS, registry=r)
         self.review_deadline_breaches = Counter(
-            f"{p}_review_deadline_breaches_total",
+            f"{PREFIX}_review_deadline_breaches_total",
             "Review items whose deadline passed without a verdict.", registry=r)
-        self.lag = Gauge(f"{p}_consumer_lag_messages",
+        self.lag = Gauge(f"{PREFIX}_consumer_lag_messages",
                          "Messages behind the partition's end offset.",
                          ["topic", "partition"], registry=r, multiprocess_mode="livemax")
-        self.policy_info = _InfoMetric(f"{p}_policy", "The policy in force for each model.",
+
+    def _identity_metrics(self, r: CollectorRegistry) -> None:
+        """What runs: the policy in force for each model, and the riskpipe build."""
+        self.policy_info = _InfoMetric(f"{PREFIX}_policy", "The policy in force for each model.",
                                        ("model", "name", "version", "sha256"), r)
         self._declared: set[tuple[str, str]] = set()
-        self.policy_loaded = Gauge(f"{p}_policy_loaded_timestamp_seconds",
+        self.policy_loaded = Gauge(f"{PREFIX}_policy_loaded_timestamp_seconds",
                                    "Unix time the policy in force was loaded.",
                                    registry=r, multiprocess_mode="livemax")
-        self.build_info = _InfoMetric(f"{p}_build", "riskpipe build.",
+        self.build_info = _InfoMetric(f"{PREFIX}_build", "riskpipe build.",
                                       ("version", "python", "torch"), r)
-        self.broker_errors = Counter(f"{p}_broker_errors_total",
-                                     "Errors talking to the Kafka broker, by kind.",
-                                     ["kind"], registry=r)
-        self.broker_up = Gauge(f"{p}_broker_up",
-                               "1 when the stage is connected to the broker, else 0.",
-                               registry=r, multiprocess_mode="livemin")
-        self.reconnects = Counter(f"{p}_broker_reconnects_total",
-                                  "Reconnections to the broker.", registry=r)
-        self.infrastructure_outage = Gauge(
-            f"{p}_infrastructure_outage",
-            "1 while the stage is paused because its ledger or broker is unavailable, else 0.",
-            registry=r, multiprocess_mode="livemax")
-        self.infrastructure_retries = Counter(
-            f"{p}_infrastructure_retries_total",
-            "Failed attempts to reach an unavailable component (ledger or broker) while paused.",
-            ["component"], registry=r)
-        self.last_poll = Gauge(f"{p}_last_poll_timestamp_seconds",
-                               "Unix time of the stage's last poll of the input topic.",
-                               registry=r, multiprocess_mode="livemin")
-        self.kafka_crc32c = _InfoMetric(
-            f"{p}_kafka_crc32c",
-            "CRC-32C implementation kafka-python uses (pure-python is about half as fast).",
-            ("implementation",), r)
-        self.certify_batch_size = Gauge(
-            f"{p}_certify_batch_size",
-            "Noise samples per model call in certification, per model, and how it was chosen "
-            "(probe, cache or config).",
-            ["model", "source"], registry=r, multiprocess_mode="livemax")
         self.build_info.set({"version": riskpipe.__version__,
                              "python": platform.python_version(),
                              "torch": _torch_version()})
+
+    def _runtime_metrics(self, r: CollectorRegistry) -> None:
+        """The stage's connections (broker, ledger outages, polls) and how it is tuned."""
+        self.broker_errors = Counter(f"{PREFIX}_broker_errors_total",
+                                     "Errors talking to the Kafka broker, by kind.",
+                                     ["kind"], registry=r)
+        self.broker_up = Gauge(f"{PREFIX}_broker_up",
+                               "1 when the stage is connected to the broker, else 0.",
+                               registry=r, multiprocess_mode="livemin")
+        self.reconnects = Counter(f"{PREFIX}_broker_reconnects_total",
+                                  "Reconnections to the broker.", registry=r)
+        self.infrastructure_outage = Gauge(
+            f"{PREFIX}_infrastructure_outage",
+            "1 while the stage is paused because its ledger or broker is unavailable, else 0.",
+            registry=r, multiprocess_mode="livemax")
+        self.infrastructure_retries = Counter(
+            f"{PREFIX}_infrastructure_retries_total",
+            "Failed attempts to reach an unavailable component (ledger or broker) while paused.",
+            ["component"], registry=r)
+        self.last_poll = Gauge(f"{PREFIX}_last_poll_timestamp_seconds",
+                               "Unix time of the stage's last poll of the input topic.",
+                               registry=r, multiprocess_mode="livemin")
+        self.kafka_crc32c = _InfoMetric(
+            f"{PREFIX}_kafka_crc32c",
+            "CRC-32C implementation kafka-python uses (pure-python is about half as fast).",
+            ("implementation",), r)
+        self.certify_batch_size = Gauge(
+            f"{PREFIX}_certify_batch_size",
+            "Noise samples per model call in certification, per model, and how it was chosen "
+            "(probe, cache or config).",
+            ["model", "source"], registry=r, multiprocess_mode="livemax")
 
     # -- events and decisions -------------------------------------------------
     def event(self, outcome: str) -> None:
