@@ -9,6 +9,8 @@ import sys
 
 import click
 
+from riskpipe.redaction import install
+
 # command name -> "module:attribute"; a command whose module is absent is not listed.
 COMMANDS = {
     "certify": "riskpipe.cli.certify_cmd:certify",
@@ -46,8 +48,6 @@ def cli() -> None:
 
 
 def main() -> None:
-    from riskpipe.redaction import install
-
     install()  # no DSN password or other secret in any output of any command
     try:
         cli.main(prog_name="riskpipe", standalone_mode=True)

@@ -7,6 +7,8 @@ import threading
 
 import click
 
+from riskpipe.cli.common import fail
+
 
 @click.command()
 @click.option("--port", type=int, default=None, help="Loopback port (default: a free one).")
@@ -17,7 +19,7 @@ def broker(port, partitions, no_topics):
 
     Memory storage: everything is lost when it stops. Point production at your own
     Kafka with --bootstrap-servers."""
-    from riskpipe.cli.common import fail
+    # lazy: kafka and pydantic off the CLI start-up path
     from riskpipe.stream.broker import DEFAULT_TOPICS, EmbeddedBroker
 
     b = EmbeddedBroker(port=port)

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import click
 
+from riskpipe.redaction import redact
+
 if TYPE_CHECKING:
-    import threading
 
     import numpy as np
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print ``riskpipe: error: message`` on stderr and exit non-zero (no traceback, no secret)."""
-    from riskpipe.redaction import redact
 
     click.echo(f"riskpipe: error: {redact(message)}", err=True)
     sys.exit(code)
@@ -31,7 +33,6 @@ def on_terminal() -> bool:
 def _size() -> dict:
     """tqdm's ncols/nrows from the terminal; 100 x 24 when it reports 0 (a terminal that never
     set its size, e.g. under `script`), where tqdm would draw nothing."""
-    import shutil
 
     cols, rows = shutil.get_terminal_size((100, 24))
     return {"ncols": cols or 100, "nrows": rows or 24}
@@ -40,7 +41,7 @@ def _size() -> dict:
 def progress_bar(total: int | None, desc: str, unit: str = "input"):
     """A tqdm bar on stderr, disabled when stderr is not a terminal. The finished bar stays
     on the terminal (its final count, e.g. 6/6, is drawn at close however fast the work was)."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # lazy: tqdm off the CLI start-up path
 
     return tqdm(total=total, desc=desc, unit=unit, disable=not on_terminal(), file=sys.stderr, leave=True,
                 **_size())
@@ -56,9 +57,7 @@ class working:
 
     def __enter__(self) -> working:
         if on_terminal():
-            import threading
-
-            from tqdm import tqdm
+            from tqdm import tqdm  # lazy: tqdm off the CLI start-up path
 
             self._bar = tqdm(total=None, desc=self.desc, bar_format="{desc} ({elapsed})", file=sys.stderr,
                              leave=False, **_size())
@@ -82,13 +81,13 @@ class working:
 def read_inputs(path: str) -> np.ndarray:
     """Inputs from a .npy file or JSON lines (one array, or an object with ``data``
     or Open Inference Protocol ``inputs``, per line)."""
-    import numpy as np
+    import numpy as np  # lazy: numpy off the CLI start-up path
 
     p = Path(path)
     if not p.is_file():
         fail(f"input {path}: file not found")
     if p.suffix == ".npy":
-        from riskpipe import npy
+        from riskpipe import npy  # lazy: numpy off the CLI start-up path
 
         try:
             npy.check_file(p)
@@ -133,7 +132,7 @@ def read_inputs(path: str) -> np.ndarray:
 def kafka_settings(config_path: str | None, bootstrap_servers: str | None):
     """Kafka connection and security settings from ``--config`` (riskpipe.yaml, ``${VAR}``
     expanded) with ``--bootstrap-servers`` on top; a bad file fails with one line."""
-    from riskpipe.app.config import ConfigError, load_config
+    from riskpipe.app.config import ConfigError, load_config  # lazy: kafka and psycopg off the CLI start-up path
 
     try:
         config = load_config(config_path, bootstrap_servers=bootstrap_servers)
@@ -153,6 +152,7 @@ def public_key_option(help: str, required: bool = False):
 
 def read_public_keys(paths: tuple[str, ...]) -> list:
     """The keys ``--public-key`` names; one line and exit 2 on one that cannot be read."""
+    # lazy: kafka and psycopg off the CLI start-up path
     from riskpipe.ledger import LedgerError  # the ledger package stays off `--help`'s start-up path
     from riskpipe.ledger.checkpoint import load_public_key
 
@@ -174,6 +174,7 @@ def signing_key_options(required: bool, key_help: str, origin_help: str):
 
 def read_private_key(path: str):
     """The signing key ``--key`` names; one line and exit 2 when it cannot be read."""
+    # lazy: kafka and psycopg off the CLI start-up path
     from riskpipe.ledger import LedgerError  # off the start-up path, as in read_public_keys
     from riskpipe.ledger.checkpoint import load_private_key
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from riskpipe.certify.families import FAMILIES
+from riskpipe.cli.common import fail, progress_bar
 from riskpipe.compare.defaults import DEFAULT_GRID, DEFAULT_METHODS, DEFAULT_MODELS
 
 
@@ -58,13 +61,12 @@ def _csv(text: str) -> tuple[str, ...]:
 def compare(models, config_path, methods, eps_grid, norms, n_samples, limit, sigma, data_path, threads, device, seed,
             out_dir, formats):
     """Certified accuracy, time, memory and parallelism of smoothing, IBP and Lipschitz, side by side."""
-    import sys
 
+    # lazy: torch, numpy and matplotlib off the CLI start-up path
     import numpy as np
     import torch
 
     from riskpipe import npy
-    from riskpipe.cli.common import fail, progress_bar
     from riskpipe.compare import FORMATS, CompareConfig, render, run_compare
     from riskpipe.models import InputError, ModelError
 

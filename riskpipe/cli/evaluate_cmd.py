@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
+from riskpipe.cli.common import fail
+
 
 def _formats(ctx, param, value: str) -> tuple[str, ...]:
-    from riskpipe.evaluate import FORMATS
+    from riskpipe.evaluate import FORMATS  # lazy: torch and sklearn off the CLI start-up path
 
     fmts = tuple(f.strip().lower() for f in value.split(",") if f.strip())
     bad = [f for f in fmts if f not in FORMATS]
@@ -53,9 +56,8 @@ def evaluate(model_spec, config_path, reference, policies, data, budgets, shift_
     """Evaluate POLICY on clean and attacked traffic: reviewer workload, where successful
     adversarial examples go, certified adversarial examples (Theorem 1), norm shift
     (Theorem 2), and what a certificate-guided attacker gains over a public-only one."""
-    from pathlib import Path
 
-    from riskpipe.cli.common import fail
+    # lazy: torch and sklearn off the CLI start-up path
     from riskpipe.evaluate import EvaluationError, Settings, parse_budgets, run_evaluation, write_report
     from riskpipe.models import ModelError
     from riskpipe.policy import PolicyError

@@ -10,12 +10,19 @@ path, so ``riskpipe run --config DIR/riskpipe.yaml`` is known to work.
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
+import os
 import re
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
 import click
+
+from riskpipe.cli.common import fail
 
 HEADER = "# Written by `riskpipe init`; edit freely, then `riskpipe policy check {policy}`.\n"
 # Below these the survey's percentiles and the sigma sweep rest on too few inputs to trust.
@@ -37,7 +44,7 @@ def _model_name(spec: str) -> str:
 def _load(spec: str, X):
     """The model, its input shape from the reference set when the file does not record it (a plain
     TorchScript file); returns (model, spec as written to the config)."""
-    from riskpipe.models import load_model_for
+    from riskpipe.models import load_model_for  # lazy: torch and sklearn off the CLI start-up path
 
     model = load_model_for(spec, X.shape[1:])
     return model, model.spec
@@ -47,7 +54,6 @@ def _config_path(value: str, out: Path) -> str:
     """A file path as the config reads it: relative to the config's directory (README: paths
     in the config are relative to it), so the config, its model and its reference set move
     together."""
-    import os
 
     return os.path.relpath(Path(value).resolve(), out.resolve())
 
@@ -77,7 +83,7 @@ def _reference_range(X, tabular: bool) -> list:
     reference never varies gets max(|value| / 2, 1)). Per feature for a tabular model,
     one pair over all values otherwise. Inputs outside it go to the DLQ (out_of_range);
     inputs inside it but far from every reference input are the support signal's."""
-    import numpy as np
+    import numpy as np  # lazy: numpy off the CLI start-up path
 
     flat = X.reshape(len(X), -1).astype(np.float64)
     lo, hi = (flat.min(axis=0), flat.max(axis=0)) if tabular else (flat.min(keepdims=True), flat.max(keepdims=True))
@@ -93,7 +99,7 @@ class _Pair(list):
 
 
 def _dumper():
-    import yaml
+    import yaml  # lazy: yaml off the CLI start-up path
 
     class Dumper(yaml.SafeDumper):
         pass
@@ -104,7 +110,7 @@ def _dumper():
 
 def _scalar_range(model, declared):
     """(lo, hi) the stage will check inputs against, when it is one pair of scalars."""
-    import numpy as np
+    import numpy as np  # lazy: numpy off the CLI start-up path
 
     rng = declared or model.value_range
     if rng is None or any(np.ndim(v) != 0 for v in rng):
@@ -116,9 +122,6 @@ def policy_version(policy: dict, today=None) -> str:
     """``YYYY.MM.DD+`` the first 8 hex digits of the sha256 of the policy's content (without
     its version): two policies init writes for different models, or on different days, never
     share a version, and the same content written the same day keeps it."""
-    import datetime
-    import hashlib
-    import json
 
     content = {**policy, "metadata": {k: v for k, v in policy["metadata"].items() if k != "version"}}
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -129,7 +132,6 @@ def _stage_identity(name: str, out: Path) -> dict:
     """A consumer group, topic names and a ledger path of this stage's own, so two stages
     written by ``init`` never take each other's traffic: named after the model and a
     digest of the config's directory (stable when init is re-run in the same place)."""
-    import hashlib
 
     stage = f"{name}-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:8]}"
     return {"group_id": f"riskpipe-{stage}",
@@ -164,8 +166,9 @@ def _certified_in_threat(c: dict) -> bool:
 
 def _trial(config_path: Path, name: str, X, n: int, seed: int) -> str:
     """Decide ``n`` reference inputs with the written config, offline; a one-line summary."""
-    import numpy as np
+    import numpy as np  # lazy: numpy off the CLI start-up path
 
+    # lazy: torch and sklearn off the CLI start-up path
     from riskpipe.app.config import load_config
     from riskpipe.stream.events import make_event
     from riskpipe.app.offline import run_offline
@@ -224,11 +227,12 @@ def reference_warnings(n_rows: int, class_counts: dict) -> list[str]:
 @click.option("--force", is_flag=True, help="Overwrite riskpipe.yaml and policy.yaml in --out.")
 def init(spec, reference, out_dir, name, trial, seed, force):
     """Propose sigma and epsilon for your model from its reference set; write a stage config and a policy."""
+    # lazy: numpy and yaml off the CLI start-up path
     import numpy as np
     import yaml
 
-    from riskpipe import safe_yaml
-    from riskpipe.cli.common import fail
+    from riskpipe import safe_yaml  # lazy: yaml off the CLI start-up path
+    # lazy: torch and sklearn off the CLI start-up path
     from riskpipe.models import ModelError
     from riskpipe.policy import PolicyError, load_policy
     from riskpipe.app.config import ConfigError, default_policy_path, read_reference, reference_feature_names
@@ -252,6 +256,7 @@ def init(spec, reference, out_dir, name, trial, seed, force):
     tabular = len(model.input_shape) == 1
     certified, Z = model, X
     if tabular:
+        # lazy: torch and sklearn off the CLI start-up path
         from riskpipe.models.scaled import scaled_model, standardize_scale
 
         s = standardize_scale(X)
@@ -329,6 +334,4 @@ def init(spec, reference, out_dir, name, trial, seed, force):
 
 
 def _wrap(text: str, width: int = 96) -> list[str]:
-    import textwrap
-
     return textwrap.wrap(text, width)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import sys
@@ -12,7 +13,8 @@ from typing import Any, NoReturn
 
 import click
 
-from riskpipe.cli.common import fail, public_key_option, read_private_key, read_public_keys, signing_key_options
+from riskpipe.cli.common import (fail, kafka_settings, public_key_option, read_inputs, read_private_key,
+                                 read_public_keys, signing_key_options, working)
 from riskpipe.redaction import redact
 from riskpipe.timestamps import from_epoch, rfc3339_micros, rfc3339_seconds
 
@@ -22,7 +24,7 @@ TOPIC_KINDS = {"audit": "decision", "review-outcomes": "verdict", "dlq": "dlq"}
 
 def _open(path: str, must_exist: bool = True):
     """The ledger PATH names (a file, sqlite:///PATH or postgresql://...); one-line errors."""
-    from riskpipe.ledger import LedgerError, open_ledger
+    from riskpipe.ledger import LedgerError, open_ledger  # lazy: psycopg and cryptography off the CLI start-up path
 
     try:
         return open_ledger(path, create=not must_exist)
@@ -54,6 +56,7 @@ def verify(path, expect_head, expect_count, public_keys, checkpoint_file, as_jso
     and the chain must still reach each one: truncation, deletion or re-chaining up to
     the latest checkpoint's row is detected even when every hash was recomputed.
     """
+    # lazy: kafka and psycopg off the CLI start-up path
     from riskpipe.ledger import LedgerError
     from riskpipe.ledger.checkpoint import read_checkpoint_file, verify_ledger
 
@@ -64,9 +67,6 @@ def verify(path, expect_head, expect_count, public_keys, checkpoint_file, as_jso
         external = read_checkpoint_file(checkpoint_file) if checkpoint_file else []
     except LedgerError as e:
         fail(str(e))
-    from riskpipe.cli.common import working
-    from riskpipe.ledger import redact
-
     with _open(path) as led:
         try:
             if keys and (expect_head or expect_count is not None):
@@ -119,7 +119,7 @@ def _origin(origin: str | None, config_path: str | None) -> str | None:
     """``--origin``, else ``ledger_origin`` from ``--config``, else None (the ledger's default)."""
     if origin or not config_path:
         return origin
-    from riskpipe.app.config import ConfigError, load_config
+    from riskpipe.app.config import ConfigError, load_config  # lazy: kafka and psycopg off the CLI start-up path
 
     try:
         return load_config(config_path).ledger_origin
@@ -135,9 +135,8 @@ def _origin(origin: str | None, config_path: str | None) -> str | None:
 def input_cmd(path, sha256, out_path):
     """Print (or save) the input with digest SHA256 that PATH stores once for its records
     (docs/records.md, "Inputs in records"); UINT8 inputs come back as UINT8."""
-    import base64
 
-    import numpy as np
+    import numpy as np  # lazy: numpy off the CLI start-up path
 
     with _open(path) as led:
         stored = led.get_input(sha256.lower())
@@ -171,6 +170,7 @@ def checkpoint(path, key_path, origin, key_name, out_path, bootstrap_servers, co
     """Sign PATH's Merkle tree size and root as a C2SP checkpoint (signed note, Ed25519),
     store it in the ledger, print it and optionally publish it; `ledger verify
     --public-key` and `ledger consistency` check it later."""
+    # lazy: kafka and psycopg off the CLI start-up path
     from riskpipe.ledger import LedgerError
     from riskpipe.ledger.checkpoint import make_checkpoint, publish
 
@@ -178,8 +178,6 @@ def checkpoint(path, key_path, origin, key_name, out_path, bootstrap_servers, co
     origin = _origin(origin, config_path)
     kafka = None
     if bootstrap_servers or (config_path and _sets_bootstrap(config_path)):
-        from riskpipe.cli.common import kafka_settings
-
         kafka = kafka_settings(config_path, bootstrap_servers)
     with _open(path) as led:
         try:
@@ -205,7 +203,7 @@ def checkpoint(path, key_path, origin, key_name, out_path, bootstrap_servers, co
 
 def _sets_bootstrap(config_path: str) -> bool:
     """Whether --config names a broker (then the checkpoint is published there)."""
-    from riskpipe.app.config import ConfigError, load_config
+    from riskpipe.app.config import ConfigError, load_config  # lazy: kafka and psycopg off the CLI start-up path
 
     try:
         return "bootstrap_servers" in load_config(config_path).model_fields_set
@@ -226,6 +224,7 @@ def _outcome(problem: str | None, as_json: bool, failed: str, fields: dict, ok_l
 
 
 def _read_note(path: str, keys, what: str):
+    # lazy: psycopg and cryptography off the CLI start-up path
     from riskpipe.ledger import LedgerError
     from riskpipe.ledger.anchors import Checkpoint
 
@@ -249,7 +248,7 @@ def consistency(old_path, new_path, ledger_path, public_keys, as_json):
     """Prove that checkpoint NEW extends checkpoint OLD (files holding signed notes):
     an RFC 9162 consistency proof from the ledger, verified against both signed roots.
     Exit 0 if it verifies, 1 if not (a rewritten or forked history)."""
-    from riskpipe.ledger import LedgerError, merkle
+    from riskpipe.ledger import LedgerError, merkle  # lazy: psycopg and cryptography off the CLI start-up path
     keys = read_public_keys(public_keys)
     old, new = _read_note(old_path, keys, "OLD"), _read_note(new_path, keys, "NEW")
     if old.origin != new.origin:
@@ -290,6 +289,7 @@ def receipt(event_id, ledger_path, out_path, kind, model, policy_sha256, key_pat
     """Write the receipt of one decision: the exact leaf bytes, the record, its index, an
     RFC 9162 inclusion proof and the signed checkpoint it leads to (docs/receipts.md).
     Anyone with the public key checks it offline (`ledger verify-receipt`)."""
+    # lazy: kafka and psycopg off the CLI start-up path
     from riskpipe.ledger import LedgerError
     from riskpipe.ledger.checkpoint import make_checkpoint
     from riskpipe.ledger.receipt import find_decisions, make_receipt
@@ -338,6 +338,7 @@ def verify_receipt(receipt_path, public_keys, origin, as_json):
     """Check a receipt offline: the checkpoint's signature, the record against the leaf,
     and the inclusion proof against the signed root (about log2(n) hashes). Exit 0 if it
     holds, 1 if not."""
+    # lazy: psycopg and cryptography off the CLI start-up path
     from riskpipe.ledger import LedgerError
     from riskpipe.ledger.receipt import verify_receipt as check
 
@@ -372,7 +373,7 @@ def export(path, out_path, kind, since, until):
     A full export (no filters) can be re-verified by anyone with sha256 (layout in
     riskpipe/ledger.py).
     """
-    from riskpipe.ledger import LedgerError, canonical_json
+    from riskpipe.ledger import LedgerError, canonical_json  # lazy: psycopg and cryptography off the CLI start-up path
 
     n = 0
     with _open(path) as led:
@@ -391,7 +392,7 @@ def export(path, out_path, kind, since, until):
 
 
 def _topic_kinds(topics: tuple[str, ...]) -> dict[str, str]:
-    from riskpipe.ledger import KINDS
+    from riskpipe.ledger import KINDS  # lazy: psycopg and cryptography off the CLI start-up path
 
     mapping = {}
     for t in topics:
@@ -414,7 +415,7 @@ def message_entries(msg, kind: str) -> list[tuple[str, dict, str | None]]:
     """Ledger entries for one Kafka message. Audit records also yield a ``policy`` entry the
     first time a policy (name, version, sha256) is seen; unreadable messages become a ``dlq``
     entry (reason and digest, never the payload) so the gap is on record."""
-    from riskpipe.ledger import dlq_record, policy_record
+    from riskpipe.ledger import dlq_record, policy_record  # lazy: psycopg and cryptography off the CLI start-up path
 
     ts = rfc3339_micros(from_epoch((msg.timestamp or 0) / 1000))
     where = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
@@ -460,8 +461,9 @@ def ingest_topics(kafka, topic_kinds: dict[str, str], ledger_path: str, group_id
     transaction, so a crash re-delivers and the idempotent append drops the copies;
     several workers in one group share partitions and one ledger file.
     ``kafka``: :class:`riskpipe.kafka_clients.KafkaSettings`."""
-    from kafka import OffsetAndMetadata
+    from kafka import OffsetAndMetadata  # lazy: kafka off the CLI start-up path
 
+    # lazy: kafka and psycopg off the CLI start-up path
     from riskpipe import kafka_clients
     from riskpipe.ledger import LedgerError, open_ledger
 
@@ -518,13 +520,12 @@ def ingest_topics(kafka, topic_kinds: dict[str, str], ledger_path: str, group_id
               help="Stop after this many seconds without messages (default: run until interrupted).")
 def ingest(bootstrap_servers, config_path, topics, ledger_path, group_id, until_idle):
     """Build the ledger from the audit topic (and optionally review-outcomes and dlq)."""
-    from riskpipe.cli.common import kafka_settings
 
     kafka = kafka_settings(config_path, bootstrap_servers)
     try:
         stats = ingest_topics(kafka, _topic_kinds(topics), ledger_path, group_id, until_idle)
     except Exception as e:  # broker and network failures are user-facing
-        from kafka.errors import KafkaError
+        from kafka.errors import KafkaError  # lazy: kafka off the CLI start-up path
 
         if isinstance(e, (KafkaError, OSError)):
             fail(f"--bootstrap-servers {kafka.bootstrap_servers}: {type(e).__name__}: {e}")
@@ -550,7 +551,7 @@ def replay(entry_id, ledger_path, input_path, device, as_json, config_path):
     abstained, certified, n_samples and radius (to 1e-9). Exit 0 on a match, 1 on a
     mismatch.
     """
-    from riskpipe.cli.common import read_inputs
+    # lazy: torch and sklearn off the CLI start-up path
     from riskpipe.models import ModelError
     from riskpipe.report.replay import ReplayError, replay as do_replay, stage_entry
 

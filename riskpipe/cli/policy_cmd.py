@@ -9,11 +9,13 @@ from pathlib import Path
 
 import click
 
+from riskpipe.certify import certifier_for_policy
+from riskpipe.certify.certificate import Certificate
 from riskpipe.cli.common import fail
 
 
 def _load(path: str):
-    from riskpipe.policy import PolicyError, load_policy
+    from riskpipe.policy import PolicyError, load_policy  # lazy: numpy and pydantic off the CLI start-up path
 
     try:
         return load_policy(path)
@@ -38,14 +40,14 @@ def policy() -> None:
 def check(files, input_dim, strict, model_spec):
     """Validate FILES and lint them. Exit 0 when valid; otherwise one line per problem
     (``file:line: field: reason``) and exit 1."""
-    from riskpipe.certify import certifier_for_policy
+    # lazy: scipy and numpy off the CLI start-up path
     from riskpipe.policy import PolicyError, load_policy
     from riskpipe.policy.lint import lint
     from riskpipe.policy.loader import locate
 
     model = None
     if model_spec is not None:
-        from riskpipe.models import ModelError, load_model
+        from riskpipe.models import ModelError, load_model  # lazy: torch and sklearn off the CLI start-up path
 
         try:
             model = load_model(model_spec)
@@ -107,6 +109,7 @@ def _read_json_records(path: str):
 
 
 def _read_ledger(path: str):
+    # lazy: psycopg and cryptography off the CLI start-up path
     from riskpipe.ledger import LedgerError, backend_for, open_ledger
 
     try:
@@ -131,7 +134,7 @@ def _read_ledger(path: str):
 
 
 def _fmt(v) -> str:
-    from riskpipe.policy.evaluate import format_value
+    from riskpipe.policy.evaluate import format_value  # lazy: numpy and pydantic off the CLI start-up path
 
     return format_value(v)
 
@@ -143,7 +146,6 @@ def _fmt(v) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the decision and rule trace as JSON.")
 def explain(file, record_path, record_id, as_json):
     """Re-evaluate a recorded decision under FILE: which rule fired and why, signal by signal."""
-    from riskpipe.certify.certificate import Certificate
 
     pol = _load(file)
     records = list(_read_json_records(record_path))
@@ -214,7 +216,7 @@ def explain(file, record_path, record_id, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the full comparison as JSON.")
 def diff(old, new, ledger_path, limit, as_json):
     """Replay recorded decisions under OLD and NEW and show what would change."""
-    from riskpipe.policy.replay import replay
+    from riskpipe.policy.replay import replay  # lazy: numpy and pydantic off the CLI start-up path
 
     p_old, p_new = _load(old), _load(new)
     result = replay(p_old, p_new, _read_ledger(ledger_path))

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+import sys
+
 import click
+
+from riskpipe.cli.common import fail
+from riskpipe.redaction import redact
 
 
 @click.command()
@@ -22,12 +29,9 @@ def review(ledger_path, bootstrap_servers, review_topic, outcomes_topic, host, p
     Reviewers log in with a password from --password-file, RISKPIPE_REVIEW_PASSWORD or
     the config file's review.users / review.password; there is no default credential.
     """
-    import logging
-    import sys
 
-    from riskpipe.cli.common import fail
-    from riskpipe.ledger import LedgerError
-    from riskpipe.redaction import redact
+    from riskpipe.ledger import LedgerError  # lazy: psycopg and cryptography off the CLI start-up path
+    # lazy: matplotlib and flask off the CLI start-up path
     from riskpipe.review.server import ConsoleServer
     from riskpipe.review.settings import SettingsError, resolve_settings
 
@@ -60,7 +64,6 @@ def review(ledger_path, bootstrap_servers, review_topic, outcomes_topic, host, p
                    f"{settings.outcomes_topic} on {settings.bootstrap_servers}")
     click.echo("riskpipe review: /metrics carries review counters only (no record content); Ctrl-C stops")
     sys.stdout.flush()  # the address must reach a pipe (a supervisor, the demo) before serving blocks
-    import signal
 
     def _interrupt(signum, frame):
         raise KeyboardInterrupt

@@ -8,12 +8,15 @@ from contextlib import contextmanager
 
 import click
 
+from riskpipe.cli.common import fail
+from riskpipe.redaction import redact
+
 
 @contextmanager
 def startup_errors(config_path: str | None):
     """A policy, model entry, reference set or ledger that cannot be used ends the
     command with one line naming it (never a traceback)."""
-    from riskpipe.cli.common import fail
+    # lazy: sklearn and scipy off the CLI start-up path
     from riskpipe.context import ContextError
     from riskpipe.ledger import LedgerError
     from riskpipe.policy import PolicyError
@@ -63,8 +66,7 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, references
         ledger, no_ledger, max_events, max_wait_ms, device, certify_batch_size, create_topics, session_timeout_ms,
         heartbeat_interval_ms, workers, worker_id, idle_exit, no_metrics_server, verbose):
     """Run the stage: validate, certify, score and route every inference event."""
-    from riskpipe.cli.common import fail
-    from riskpipe.app.config import ConfigError, load_config
+    from riskpipe.app.config import ConfigError, load_config  # lazy: kafka and psycopg off the CLI start-up path
 
     # a worker of `--workers N` shares its parent's stderr: its lines carry its id
     who = f" [{worker_id.replace('%', '%%')}]" if worker_id else ""
@@ -101,6 +103,7 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, references
             "certify_batch_size": certify_batch_size,
             "models": {n: m.model_copy(update={"certify_batch_size": certify_batch_size})
                        for n, m in config.models.items()}})
+    # lazy: torch and sklearn off the CLI start-up path
     from riskpipe.app.runner import default_ledger_path, run_stage, run_workers
 
     if no_ledger:
@@ -123,20 +126,20 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, references
             cleaned.append(argv[i])
             i += 1
         with startup_errors(config_path):  # fail once, here, not in every worker; warms the caches
-            from riskpipe.app.compose import build_pipeline
+            from riskpipe.app.compose import build_pipeline  # lazy: torch and sklearn off the CLI start-up path
 
             build_pipeline(config)
         sys.exit(run_workers(workers, cleaned, config.metrics_port, config.metrics_addr))
-    from riskpipe.ledger import redact
 
     metrics = server = None
     with startup_errors(config_path):
-        from riskpipe.metrics import StageMetrics
+        from riskpipe.metrics import StageMetrics  # lazy: prometheus_client off the CLI start-up path
 
         metrics = StageMetrics()
         if config.metrics_port is not None and not no_metrics_server:
             server = metrics.serve(config.metrics_port, config.metrics_addr)
             click.echo(f"metrics on {server.url}", err=True)
+        # lazy: torch and sklearn off the CLI start-up path
         from riskpipe.stream.infra import InfrastructureUnavailable
         from riskpipe.stream.stage import GuardTripped
 
