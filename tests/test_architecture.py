@@ -12,8 +12,8 @@ a package ``__init__`` counts as an import of that package (``riskpipe.ledger``)
 
 A function-local import is allowed only for an optional dependency or to keep a heavy
 one off the ``riskpipe --help`` start-up path, and says so in a reason comment
-(``# lazy: ...`` or ``# optional: ...``) on its line or on the comment line(s) just
-above it (one comment may head a block of consecutive imports).
+(``# lazy: ...`` or ``# optional: ...``) on its line or on a comment line above it
+(one comment may head a block of imports).
 """
 
 from __future__ import annotations
@@ -134,8 +134,8 @@ def _resolve(node: ast.Import | ast.ImportFrom, module: str, is_package: bool, m
 
 
 def _has_reason(lines: list[str], node: ast.stmt, prev_import_lines: set[int]) -> bool:
-    """A reason comment on the statement's own lines, or on the comment lines just above
-    it, looking past consecutive import lines (one comment heads a block)."""
+    """A reason comment on the statement's own lines, or on the comment lines above it,
+    looking past the import and blank lines before it (one comment heads a block)."""
     if any(REASON.search(lines[i - 1]) for i in range(node.lineno, (node.end_lineno or node.lineno) + 1)):
         return True
     i = node.lineno - 1
@@ -144,7 +144,7 @@ def _has_reason(lines: list[str], node: ast.stmt, prev_import_lines: set[int]) -
         if text.startswith("#"):
             if REASON.search(text):
                 return True
-        elif i not in prev_import_lines:
+        elif text and i not in prev_import_lines:
             return False
         i -= 1
     return False
@@ -287,6 +287,15 @@ def test_no_cycle_between_units():
     found = cycles(unit_edges(GRAPH))
     assert not found, "import cycles between packages:\n" + "\n".join(
         f"{' <-> '.join(c)}:\n{_explain(GRAPH, c, unit)}" for c in found)
+
+
+def test_every_function_local_import_says_why():
+    """Imports belong at the top of the file, where its dependencies can be read; one inside
+    a function is for an optional dependency or to keep a heavy one off the start-up path,
+    and says which in a reason comment (module docstring), so the count cannot creep back."""
+    bare = [f"{path}:{line}: `{text}`" for path, line, text, reason in GRAPH.local_imports if not reason]
+    assert not bare, ("function-local imports without a reason comment (`# lazy: ...` or `# optional: ...`); "
+                      "move them to the top of the file or say why they stay:\n" + "\n".join(bare))
 
 
 def test_the_engine_does_not_import_the_application():
