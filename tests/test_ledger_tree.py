@@ -117,7 +117,7 @@ def test_schema_2_ledger_gets_its_tree(tmp_path):
     db.execute("UPDATE chain_state SET count = 11, head = ?", (prev,))
     db.close()
     with open_ledger(str(path)) as led:
-        assert led.schema_version == 7  # 3: the tree, 4: decision identity, 5: stored inputs, 6: facts, 7: their groups
+        assert led.schema_version == 8  # 3: the tree, 4: decision identity, 5: stored inputs, 6: facts, 7-8: groups
         leaves = reference_leaves(led)
         assert led.tree_head() == (11, merkle.mth(leaves).hex()) and led.verify().ok
         led.append(decision_record(40))

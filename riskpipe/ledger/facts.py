@@ -88,6 +88,17 @@ _ADD_COUNTS = (
     "t1 = CASE WHEN excluded.t1 > fact_counts.t1 THEN excluded.t1 ELSE fact_counts.t1 END")
 
 
+def v8_statements() -> list[str | Callable[[Db], None]]:
+    """Schema 8: a group's queue items through an index that leads with the group *and* the
+    queue's two flags, so the planner takes it over ``facts_queue`` (whose two flags alone
+    it otherwise prefers, walking the whole queue for a rare group)."""
+    return [
+        "DROP INDEX facts_queue_gid",
+        "CREATE INDEX facts_queue_group ON facts (gid, needs_review, review_ok, priority, due, seq) "
+        "WHERE needs_review = 1 AND review_ok = 1",
+    ]
+
+
 def _sql_types(int_type: str, real_type: str) -> dict[str, str]:
     return {"INT": f"{int_type} PRIMARY KEY", "BIG": int_type, "REAL": real_type, "INTEGER": "INTEGER", "TEXT": "TEXT"}
 
@@ -144,6 +155,7 @@ def v7_statements(int_type: str, real_type: str, number_at: Callable[[str], str]
         # a group's rows in chain order (the report's examples) and its queue items in queue order
         # (a filtered or scoped queue page reads each group's range)
         "CREATE INDEX facts_gid ON facts (gid, seq, t)",
+        # (schema 8 replaces it with facts_queue_group)
         "CREATE INDEX facts_queue_gid ON facts (gid, priority, due, seq) WHERE needs_review = 1 AND review_ok = 1",
         # queue items by deadline: the console notes each breach once, looking only at deadlines passed since
         "CREATE INDEX facts_queue_deadline ON facts (deadline) WHERE needs_review = 1 AND review_ok = 1",

@@ -149,6 +149,7 @@ STEPS: list[Step] = [
     (8, facts.v7_statements(  # p_lower, group codes and hourly counts: the report's cost stays flat
         "BIGINT", "DOUBLE PRECISION", _number_at, unlock=["ALTER TABLE facts DISABLE TRIGGER facts_no_change"],
         lock=["ALTER TABLE facts ENABLE TRIGGER facts_no_change"])),
+    (9, facts.v8_statements()),  # a filtered or scoped queue page reads its groups' ranges
 ]
 
 

@@ -79,6 +79,7 @@ STEPS: list[Step] = [
     (7, facts.v7_statements(  # p_lower, group codes and hourly counts: the report's cost stays flat
         "INTEGER", "REAL", _number_at, unlock=["DROP TRIGGER facts_no_update", "DROP TRIGGER facts_no_delete"],
         lock=_append_only("facts"))),
+    (8, facts.v8_statements()),  # a filtered or scoped queue page reads its groups' ranges
 ]
 
 

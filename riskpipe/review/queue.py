@@ -123,7 +123,7 @@ class QueueFilter:
 # decision that was routed or audit-sampled and that the console can show (needs_review = 1
 # AND review_ok = 1: columns of its group), without a verdict. Filters and the stage scope are
 # decided on the groups (fact_groups, a few rows); a page reads its own rows through an index
-# in queue order -- facts_queue for the whole queue, facts_queue_gid group by group when a
+# in queue order -- facts_queue for the whole queue, facts_queue_group group by group when a
 # filter or a scope narrows it -- and counts come from the hourly counts (fact_counts), less
 # the items with a verdict (read from the verdicts' side).
 _WAITING = ("f.needs_review = 1 AND f.review_ok = 1 AND NOT EXISTS "
