@@ -1,40 +1,79 @@
-"""`riskpipe --help` (and each subcommand's --help) stays light: no model stack, plots or
-numerics are imported just to print usage (issue 21: start-up <= 0.3 s)."""
+"""`riskpipe --help` stays light (issue 21: start-up <= 0.3 s): it lists the commands from
+``riskpipe.cli.COMMANDS`` and imports no command module, so no model stack, plots,
+numerics, kafka or psycopg. A command's own modules, heavy ones included, load when that
+command (or its own --help) runs (issue 24 item 2: imports at the top of each module)."""
 
 import json
 import subprocess
 import sys
 
+import click
 import pytest
+from click.testing import CliRunner
 
-from riskpipe.cli import COMMANDS
+from riskpipe.cli import COMMANDS, cli, short_help
 
-HEAVY = ("torch", "matplotlib", "sklearn", "scipy", "numpy", "onnxruntime", "kafka", "psycopg")
+HEAVY = ("torch", "matplotlib", "sklearn", "scipy", "numpy", "onnxruntime", "kafka", "psycopg", "pydantic")
 
+# prints what `riskpipe ARGS` printed, or with `--complete WORD` the completions of `riskpipe WORD`,
+# and which heavy and riskpipe.cli modules that loaded
 PROBE = """
 import json, sys
+from click.shell_completion import BashComplete
 from click.testing import CliRunner
 from riskpipe.cli import cli
-result = CliRunner().invoke(cli, sys.argv[1:])
-loaded = sorted({m.split(".")[0] for m in sys.modules} & set(json.loads(%r)))
-print(json.dumps({"exit_code": result.exit_code, "output": result.output, "heavy": loaded}))
+if sys.argv[1:2] == ["--complete"]:
+    items = BashComplete(cli, {}, "riskpipe", "_RISKPIPE_COMPLETE").get_completions([], sys.argv[2])
+    result = {"exit_code": 0, "output": [(i.value, i.help) for i in items]}
+else:
+    run = CliRunner().invoke(cli, sys.argv[1:])
+    result = {"exit_code": run.exit_code, "output": run.output}
+result["heavy"] = sorted({m.split(".")[0] for m in sys.modules} & set(json.loads(%r)))
+result["commands"] = sorted(m for m in sys.modules if m.startswith("riskpipe.cli."))
+print(json.dumps(result))
 """ % json.dumps(HEAVY)  # noqa: UP031 - % keeps the probe's braces literal
 
 
-def _help(*args):
+def _probe(*args):
     out = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=60, check=True)
     return json.loads(out.stdout)
 
 
-def test_top_level_help_imports_no_heavy_module():
-    seen = _help("--help")
+def test_top_level_help_imports_no_command_module():
+    seen = _probe("--help")
     assert seen["exit_code"] == 0
     assert "Commands:" in seen["output"] and "compare" in seen["output"]
+    assert seen["commands"] == [], f"`riskpipe --help` imported {seen['commands']}"
     assert seen["heavy"] == [], f"`riskpipe --help` imported {seen['heavy']}"
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_subcommand_help_imports_no_heavy_module(command):
-    seen = _help(command, "--help")
-    assert seen["exit_code"] == 0, seen["output"]
-    assert seen["heavy"] == [], f"`riskpipe {command} --help` imported {seen['heavy']}"
+def test_command_name_completion_imports_no_command_module():
+    seen = _probe("--complete", "")
+    assert seen["output"] == [[n, short_help(n)] for n in sorted(COMMANDS)]
+    assert seen["commands"] == [], f"completing a command name imported {seen['commands']}"
+    assert _probe("--complete", "re")["output"] == [["report", short_help("report")], ["review", short_help("review")]]
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_table_short_help_is_the_commands_own(name):
+    """The table repeats each command's first sentence; it cannot drift from the command."""
+    command = cli.get_command(click.Context(cli), name)
+    assert command is not None and not command.hidden and not command.deprecated
+    for limit in (30, 45, 60, 74, 200, 10_000):
+        assert short_help(name, limit) == command.get_short_help_str(limit), (name, limit)
+
+
+def test_command_list_is_clicks_own():
+    """`riskpipe --help` lists the commands exactly as click's default would (which imports them all)."""
+    ctx = click.Context(cli, info_name="riskpipe")
+    ours, clicks = ctx.make_formatter(), ctx.make_formatter()
+    cli.format_commands(ctx, ours)
+    click.Group.format_commands(cli, ctx, clicks)
+    assert ours.getvalue() == clicks.getvalue() and "verify-bundle" in ours.getvalue()
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_subcommand_help(name):
+    result = CliRunner().invoke(cli, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"Usage: cli {name} ")
