@@ -119,6 +119,16 @@ def test_cli_config_error_is_one_line_without_traceback(user, tmp_path, workers)
     assert lines == [f"riskpipe: error: {cfg}: models.wine.scale: 2 values, the model has 13 features"], r.stderr
 
 
+def test_workers_get_the_command_line_without_the_parents_options():
+    """`run --workers N` starts each worker with the same arguments less --workers and
+    --metrics-port (the parent serves the aggregated /metrics), in either spelling."""
+    from riskpipe.cli.run_cmd import _worker_argv
+
+    argv = ["--config", "c.yaml", "--workers", "3", "--metrics-port=9100", "--source", "jsonl:e.jsonl",
+            "--workers=3", "--metrics-port", "9100", "-v"]
+    assert _worker_argv(argv) == ["--config", "c.yaml", "--source", "jsonl:e.jsonl", "-v"]
+
+
 def test_relative_paths_resolve_against_the_config_file(user, tmp_path):
     d = tmp_path / "deploy"
     d.mkdir()

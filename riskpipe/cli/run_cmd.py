@@ -66,8 +66,19 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, references
         ledger, no_ledger, max_events, max_wait_ms, device, certify_batch_size, create_topics, session_timeout_ms,
         heartbeat_interval_ms, workers, worker_id, idle_exit, no_metrics_server, verbose):
     """Run the stage: validate, certify, score and route every inference event."""
-    from riskpipe.app.config import ConfigError, load_config  # lazy: kafka and psycopg off the CLI start-up path
+    _configure_logging(worker_id, verbose)
+    config = _stage_config(config_path, models, references, max_events, max_wait_ms, input_topic, certify_batch_size,
+                           bootstrap_servers=bootstrap_servers, policy=policy, group_id=group_id,
+                           metrics_port=metrics_port, device=device, create_topics=create_topics, worker_id=worker_id,
+                           session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=heartbeat_interval_ms)
+    config = _with_ledger(config, ledger, no_ledger)
+    if workers > 1:
+        _run_workers(config, config_path, workers)
+    stats = _run_one(config, config_path, source, sink, idle_exit, serve_metrics=not no_metrics_server)
+    _summary(stats, config.ledger)
 
+
+def _configure_logging(worker_id: str | None, verbose: int) -> None:
     # a worker of `--workers N` shares its parent's stderr: its lines carry its id
     who = f" [{worker_id.replace('%', '%%')}]" if worker_id else ""
     logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2),
@@ -76,67 +87,92 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, references
     logging.getLogger("kafka").setLevel(logging.DEBUG if verbose >= 3 else logging.CRITICAL)
     # start-up facts per model and the periodic progress line, without -v (riskpipe.stream.status)
     logging.getLogger("riskpipe.status").setLevel(logging.INFO)
-    def pairs(option: str, values, what: str) -> dict[str, str] | None:
-        out = {}
-        for m in values:
-            name, sep, value = m.partition("=")
-            if not sep or not name or not value:
-                fail(f"{option} {m!r}: expected NAME={what}")
-            out[name] = value
-        return out or None
 
-    model_map = pairs("--model", models, "SPEC")
-    reference_map = pairs("--reference", references, "PATH")
+
+def _pairs(option: str, values, what: str) -> dict[str, str] | None:
+    """``NAME=VALUE`` options as a mapping (None when none is given)."""
+    out = {}
+    for m in values:
+        name, sep, value = m.partition("=")
+        if not sep or not name or not value:
+            fail(f"{option} {m!r}: expected NAME={what}")
+        out[name] = value
+    return out or None
+
+
+def _stage_config(config_path, models, references, max_events, max_wait_ms, input_topic, certify_batch_size, **given):
+    """The config file with the command line's values over it (``given``: the options that
+    ``load_config`` takes as they are); --certify-batch-size wins over every config value."""
+    from riskpipe.app.config import ConfigError, load_config  # lazy: kafka and psycopg off the CLI start-up path
+
+    model_map = _pairs("--model", models, "SPEC")
+    reference_map = _pairs("--reference", references, "PATH")
     batch = {k: v for k, v in {"max_events": max_events, "max_wait_ms": max_wait_ms}.items() if v is not None}
     try:
-        config = load_config(
-            config_path, bootstrap_servers=bootstrap_servers, policy=policy, models=model_map,
-            references=reference_map, group_id=group_id,
-            metrics_port=metrics_port, device=device, create_topics=create_topics, worker_id=worker_id,
-            session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=heartbeat_interval_ms,
-            batch=batch or None, topics={"input": input_topic} if input_topic else None,
-        )
+        config = load_config(config_path, models=model_map, references=reference_map, batch=batch or None,
+                             topics={"input": input_topic} if input_topic else None, **given)
     except ConfigError as e:
         fail(str(e))
-    if certify_batch_size is not None:  # the command line wins over every config value
+    if certify_batch_size is not None:
         config = config.model_copy(update={
             "certify_batch_size": certify_batch_size,
             "models": {n: m.model_copy(update={"certify_batch_size": certify_batch_size})
                        for n, m in config.models.items()}})
-    # lazy: torch and sklearn off the CLI start-up path
-    from riskpipe.app.runner import default_ledger_path, run_stage, run_workers
+    return config
+
+
+def _with_ledger(config, ledger: str | None, no_ledger: bool):
+    """--no-ledger, else --ledger, else the config's, else the data directory's default."""
+    from riskpipe.app.runner import default_ledger_path  # lazy: torch and sklearn off the CLI start-up path
 
     if no_ledger:
-        config = config.model_copy(update={"ledger": None})
-    elif not config.ledger:
-        config = config.model_copy(update={"ledger": ledger or default_ledger_path()})
-    elif ledger:
-        config = config.model_copy(update={"ledger": ledger})
-    if workers > 1:
-        argv = [a for a in sys.argv[2:]]
-        i = 0
-        cleaned = []
-        while i < len(argv):  # drop --workers N / --metrics-port P: the parent owns them
-            if argv[i] in ("--workers", "--metrics-port"):
-                i += 2
-                continue
-            if argv[i].startswith(("--workers=", "--metrics-port=")):
-                i += 1
-                continue
-            cleaned.append(argv[i])
+        return config.model_copy(update={"ledger": None})
+    if not config.ledger:
+        return config.model_copy(update={"ledger": ledger or default_ledger_path()})
+    if ledger:
+        return config.model_copy(update={"ledger": ledger})
+    return config
+
+
+def _worker_argv(argv: list[str]) -> list[str]:
+    """This command's arguments for each worker: without --workers N / --metrics-port P
+    (the parent owns them)."""
+    i, cleaned = 0, []
+    while i < len(argv):
+        if argv[i] in ("--workers", "--metrics-port"):
+            i += 2
+            continue
+        if argv[i].startswith(("--workers=", "--metrics-port=")):
             i += 1
-        with startup_errors(config_path):  # fail once, here, not in every worker; warms the caches
-            from riskpipe.app.compose import build_pipeline  # lazy: torch and sklearn off the CLI start-up path
+            continue
+        cleaned.append(argv[i])
+        i += 1
+    return cleaned
 
-            build_pipeline(config)
-        sys.exit(run_workers(workers, cleaned, config.metrics_port, config.metrics_addr))
 
-    metrics = server = None
+def _run_workers(config, config_path: str | None, workers: int) -> None:
+    """Start ``workers`` processes of this command in one consumer group; exits with their status."""
+    # lazy: torch and sklearn off the CLI start-up path
+    from riskpipe.app.compose import build_pipeline
+    from riskpipe.app.runner import run_workers
+
+    with startup_errors(config_path):  # fail once, here, not in every worker; warms the caches
+
+        build_pipeline(config)
+    sys.exit(run_workers(workers, _worker_argv(sys.argv[2:]), config.metrics_port, config.metrics_addr))
+
+
+def _run_one(config, config_path: str | None, source: str | None, sink: str | None, idle_exit: float | None,
+             serve_metrics: bool):
+    """The stage in this process, with its /metrics server when a port is configured; its stats."""
+    from riskpipe.app.runner import run_stage  # lazy: torch and sklearn off the CLI start-up path
+
+    server = None
     with startup_errors(config_path):
         from riskpipe.metrics import StageMetrics  # lazy: prometheus_client off the CLI start-up path
 
         metrics = StageMetrics()
-        if config.metrics_port is not None and not no_metrics_server:
+        if config.metrics_port is not None and serve_metrics:
             server = metrics.serve(config.metrics_port, config.metrics_addr)
             click.echo(f"metrics on {server.url}", err=True)
         # lazy: torch and sklearn off the CLI start-up path
@@ -144,7 +180,7 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, references
         from riskpipe.stream.stage import GuardTripped
 
         try:
-            stats = run_stage(config, source, sink, metrics=metrics, idle_exit_s=idle_exit)
+            return run_stage(config, source, sink, metrics=metrics, idle_exit_s=idle_exit)
         except GuardTripped as e:
             fail(f"DLQ guard tripped, stage stopped: {e}", code=3)
         except InfrastructureUnavailable as e:
@@ -152,8 +188,12 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, references
         finally:
             if server:
                 server.shutdown()
+
+
+def _summary(stats, ledger: str | None) -> None:
+    """The closing lines on stderr: what was decided, and what was not decided anew."""
     click.echo(f"decided {stats.decided} events, {sum(stats.dlq.values())} to the DLQ, "
-               f"{stats.duplicates} duplicates skipped; ledger {redact(config.ledger or '')}", err=True)
+               f"{stats.duplicates} duplicates skipped; ledger {redact(ledger or '')}", err=True)
     if stats.redelivered:
         click.echo(f"{stats.redelivered} of the decided events were already in the ledger under this run's model and "
                    "policy at the same source position: their recorded decisions were re-sent", err=True)
