@@ -27,7 +27,6 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from common import table, write_results  # noqa: E402
 
-
 CACHE = HERE / ".cache"  # built ledgers, reused across runs (a 1,000,000-row ledger takes minutes to write)
 RECORDS = "v2"  # bump when the records below change: a cached ledger of other records is not reused
 

@@ -34,11 +34,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_forward, table, write_results
-
 from riskpipe.app.compose import build_pipeline
 from riskpipe.app.config import load_config
-from riskpipe.stream.events import make_event
 from riskpipe.app.offline import run_offline
+from riskpipe.stream.events import make_event
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

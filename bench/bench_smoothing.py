@@ -27,7 +27,6 @@ import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from common import best_forward, table, write_results
-
 from riskpipe.certify.smoothing import Smoothing
 from riskpipe.models import load_model
 from riskpipe.models.digits import load_split

@@ -39,12 +39,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 from common import table, write_results  # noqa: E402
-from synthetic import cifar_cnn  # noqa: E402
-
 from riskpipe.certify import family  # noqa: E402
 from riskpipe.models import load_model  # noqa: E402
 from riskpipe.models.base import Model, sha256_state_dict  # noqa: E402
 from riskpipe.models.digits import load_split  # noqa: E402
+from synthetic import cifar_cnn  # noqa: E402
 
 SIGMA, ALPHA, EPS = 0.25, 0.001, 0.25
 
@@ -109,12 +108,11 @@ def stage_measure(events: int) -> dict:
     """In this process (whatever riskpipe PYTHONPATH gives): per case and sampler, the
     stage's wall time, the time inside the sampler's draw + perturb, and evaluations."""
     from bench_models import inputs
-
-    from riskpipe.certify.samplers import make_sampler
     from riskpipe.app.compose import build_pipeline
     from riskpipe.app.config import load_config
-    from riskpipe.stream.events import make_event
     from riskpipe.app.offline import run_offline
+    from riskpipe.certify.samplers import make_sampler
+    from riskpipe.stream.events import make_event
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

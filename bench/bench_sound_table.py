@@ -24,7 +24,6 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import table, write_results  # noqa: E402
-
 from riskpipe.certify import normal_table  # noqa: E402
 
 SIGMA = 0.25

@@ -39,11 +39,10 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 from bench_stream import events, run_broker, run_offline  # noqa: E402
 from common import best_forward, table, write_results  # noqa: E402
-from synthetic import cifar_cnn, policy_without_context, save_torchscript  # noqa: E402
-
 from riskpipe.app.compose import build_pipeline  # noqa: E402
 from riskpipe.app.config import load_config  # noqa: E402
 from riskpipe.stream.pipeline import seed_for  # noqa: E402
+from synthetic import cifar_cnn, policy_without_context, save_torchscript  # noqa: E402
 
 
 def probe_and_choose(model, cache: Path) -> dict:

@@ -26,10 +26,9 @@ import numpy as np
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "tests")]
 from common import rss_mb, table, write_results  # noqa: E402
-
-from riskpipe.models.digits import load_split  # noqa: E402
 from riskpipe.app.compose import build_pipeline  # noqa: E402
 from riskpipe.app.config import load_config  # noqa: E402
+from riskpipe.models.digits import load_split  # noqa: E402
 from riskpipe.stream.events import make_event  # noqa: E402
 
 
@@ -61,8 +60,8 @@ def run_broker(pipeline, values, on_batch=None, ledger=None):
     the last decision, so the producer's time and the first batch's wait are counted."""
     from kafka import KafkaProducer
 
-    from riskpipe.stream.broker import EmbeddedBroker
     from riskpipe.app.compose import build_stage
+    from riskpipe.stream.broker import EmbeddedBroker
 
     with EmbeddedBroker() as b:
         b.create_topics()
@@ -93,7 +92,6 @@ def ledger_section(pipeline, n: int, rounds: int, tmp: Path) -> dict:
     """Decisions/s through the broker with no ledger, a SQLite ledger and a PostgreSQL
     ledger (fsync on), interleaved round by round on the same events; ratio to no ledger."""
     from pgserver import PostgresServer
-
     from riskpipe.ledger import open_ledger
 
     out: dict = {"rounds": []}

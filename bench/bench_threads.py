@@ -27,10 +27,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 from common import table, write_results  # noqa: E402
-from synthetic import cifar_cnn, policy_without_context, save_torchscript  # noqa: E402
-
 from riskpipe.app.compose import build_pipeline  # noqa: E402
 from riskpipe.app.config import load_config  # noqa: E402
+from synthetic import cifar_cnn, policy_without_context, save_torchscript  # noqa: E402
 
 
 def evals_per_s(entry, X, seeds) -> float:

@@ -138,6 +138,7 @@ def load_wine_X():
 
 def write_setup(tmp: Path, bootstrap: str, dsn: str) -> Setup:
     import numpy as np
+
     from streamkit import digits, policy_with
     from usermodels import tabular_model
 
@@ -440,7 +441,6 @@ def check(traffic: Traffic, dsn: str, published: dict[str, list]) -> tuple[dict,
 # ---------------------------------------------------------------- the run ---------------
 def run_chaos(workdir: Path, seconds: float = 240.0, rate: float = 30.0, seed: int = 0) -> dict:
     from pgserver import PostgresServer
-
     from riskpipe.stream.broker import EmbeddedBroker
 
     workdir = Path(workdir)

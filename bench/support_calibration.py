@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, write_results  # noqa: E402
-
 from riskpipe.context import ContextIndex  # noqa: E402
 
 QUANTILE = 0.99

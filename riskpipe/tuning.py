@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from riskpipe.certify import batch_size
-from riskpipe.paths import atomic_write, cache_dir as default_cache_dir
+from riskpipe.paths import atomic_write
+from riskpipe.paths import cache_dir as default_cache_dir
 
 log = logging.getLogger("riskpipe.tuning")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from datetime import datetime, timedelta, UTC
+from datetime import UTC, datetime, timedelta
 
 from riskpipe.ledger import Ledger, dlq_record, policy_record
 from riskpipe.timestamps import rfc3339_micros as rfc3339

@@ -25,7 +25,6 @@ from riskpipe.attacks import (
 from riskpipe.certify.norms import vector_norm
 from riskpipe.models.digits import load_split
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from riskpipe.certify.batch_size import BatchSizeProbe, probe
-from synthetic import policy_without_context
 from riskpipe.tuning import cache_path, certify_batch_size
+from synthetic import policy_without_context
 
 
 @dataclass
@@ -103,9 +103,8 @@ def test_probe_rejects_bad_arguments() -> None:
 
 
 def test_probe_on_a_cifar_sized_torchscript_cnn(tmp_path, one_thread) -> None:
-    from synthetic import cifar_cnn, save_torchscript
-
     from riskpipe.models import load_model
+    from synthetic import cifar_cnn, save_torchscript
 
     model = load_model(save_torchscript(cifar_cnn(), tmp_path / "cnn.pt", (3, 32, 32)))
     p = probe(model, candidates=(8, 16), budget_s=0.5, min_time_s=0.0)

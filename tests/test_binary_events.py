@@ -193,9 +193,9 @@ def test_offline_stage_decides_binary_events_and_dead_letters_the_rest(tmp_path,
 
 @pytest.mark.broker
 def test_broker_stage_decides_binary_events_and_dead_letters_the_rest(tmp_path, models, big_spec) -> None:
+    from riskpipe.app.config import load_config
     from riskpipe.ledger import Ledger
     from riskpipe.stream.broker import EmbeddedBroker
-    from riskpipe.app.config import load_config
     from streamkit import StageThread, consume_all, ledger_ids, produce, wait_for
 
     valid = _valid_messages(n_digits=3)
@@ -221,8 +221,8 @@ def test_broker_stage_decides_binary_events_and_dead_letters_the_rest(tmp_path, 
 
 @pytest.mark.broker
 def test_broker_stage_decides_a_224x224_uint8_image(tmp_path, big_spec) -> None:
-    from riskpipe.stream.broker import EmbeddedBroker
     from riskpipe.app.config import load_config
+    from riskpipe.stream.broker import EmbeddedBroker
     from streamkit import StageThread, consume_all, produce, wait_for
 
     _, value, headers = _valid_messages(n_digits=0)[-1]

@@ -5,14 +5,13 @@ import pytest
 import torch
 from torch import nn
 
+from riskpipe.attacks import pgd
 from riskpipe.certify import family
 from riskpipe.certify.bounds import IntervalBounds
-from riskpipe.models.layers import worst_margin
-from riskpipe.attacks import pgd
 from riskpipe.models import load_model
 from riskpipe.models.base import Model, sha256_state_dict
 from riskpipe.models.digits import load_split
-
+from riskpipe.models.layers import worst_margin
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,10 +13,10 @@ import yaml
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from test_report_statistics import stage_ledger  # noqa: F401 - the shared module fixture
 
 from riskpipe.cli import cli
 from riskpipe.ledger import Ledger
+from test_report_statistics import stage_ledger  # noqa: F401 - the shared module fixture
 
 
 def _keys(tmp, name: str):

@@ -12,6 +12,7 @@ import sys
 import time
 
 import numpy as np
+
 from ledger_records import build_ledger
 
 

@@ -15,8 +15,8 @@ import yaml
 
 from riskpipe.app.compose import build_pipeline
 from riskpipe.app.config import ConfigError, load_config
-from riskpipe.stream.events import make_event
 from riskpipe.app.offline import run_offline
+from riskpipe.stream.events import make_event
 from riskpipe.stream.pipeline import seed_for
 
 ROOT = Path(__file__).resolve().parents[1]

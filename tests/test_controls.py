@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from ledger_records import build_ledger
 
+from ledger_records import build_ledger
 from riskpipe.cli.policy_cmd import policy
 from riskpipe.policy.controls import MappingError, check_control, load_mappings, mapping
 from riskpipe.report import write_report

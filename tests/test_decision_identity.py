@@ -11,12 +11,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from streamkit import consume_all, policy_with, tabular_event, wait_for
-from usermodels import tabular_model
 
-from riskpipe.ledger import open_ledger
 from riskpipe.app.config import load_config
 from riskpipe.app.offline import run_offline
+from riskpipe.ledger import open_ledger
+from streamkit import consume_all, policy_with, tabular_event, wait_for
+from usermodels import tabular_model
 
 CHEAP = {"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01, "max_samples": 200}
 
@@ -142,8 +142,8 @@ def test_a_changed_model_is_another_decision(wine):
     pipe = wine.a
     ev = json.dumps(tabular_event("m-0", wine.X[0])).encode()
     msg = Message(ev, "t", 0, 5)
-    from riskpipe.stream.events import parse_event
     from riskpipe.ledger.inputs import input_digest
+    from riskpipe.stream.events import parse_event
 
     event = parse_event(ev, [], pipe.models)
     acc = Accepted(msg, event, input_digest(event.x))
@@ -163,9 +163,8 @@ def test_two_stages_one_topic_one_postgresql_ledger(pg_url, wine):
     """Two stages with different policies read one topic on the real broker into one
     PostgreSQL ledger, one after the other (the second sees the first's records at the
     same positions): each publishes only its own records."""
-    from streamkit import StageThread, produce
-
     from riskpipe.stream.broker import EmbeddedBroker
+    from streamkit import StageThread, produce
 
     evs = events(wine, 20, "bk")
     with EmbeddedBroker() as b:

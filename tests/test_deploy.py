@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from riskpipe.app.config import StageConfig
 from riskpipe.metrics import metric_names
 from riskpipe.policy.loader import parse_policy
-from riskpipe.app.config import StageConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

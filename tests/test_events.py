@@ -182,8 +182,8 @@ def test_every_number_is_bounded_and_finite(models):
 
 
 def test_non_finite_upstream_risk_is_flagged_by_the_policy_not_rejected(models):
-    from riskpipe.policy import load_policy
     from riskpipe.app.config import default_policy_path
+    from riskpipe.policy import load_policy
 
     policy = load_policy(default_policy_path())
     for const in (b"NaN", b"Infinity"):

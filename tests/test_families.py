@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from linear_family import LINEAR, LinearMargin, linear_model
 from pydantic import ValidationError
 
+from linear_family import LINEAR, LinearMargin, linear_model
 from riskpipe.certify import certifier_for_policy, family
 from riskpipe.certify.families import FAMILIES, Family, Param, register
 from riskpipe.certify.protocol import Certifier as CertifierProtocol

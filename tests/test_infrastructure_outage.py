@@ -11,13 +11,13 @@ import threading
 
 import numpy as np
 import pytest
-from pgserver import PostgresServer
-from streamkit import consume_all, policy_with, produce, run_cli, stop, tabular_event, wait_for
-from usermodels import cheap_pipeline, tabular_model
 
+from pgserver import PostgresServer
 from riskpipe.ledger import open_ledger
 from riskpipe.ledger.postgres import PostgresLedger
 from riskpipe.stream.broker import EmbeddedBroker
+from streamkit import consume_all, policy_with, produce, run_cli, stop, tabular_event, wait_for
+from usermodels import cheap_pipeline, tabular_model
 
 pytestmark = pytest.mark.broker
 
@@ -151,8 +151,8 @@ def test_postgresql_stopped_inside_batches_decides_every_event_once(pg, broker, 
     reason, offsets reach the end only once everything is decided, and --idle-exit
     does not count the outages as idle."""
     from riskpipe.app.compose import build_stage
-    from riskpipe.metrics import StageMetrics
     from riskpipe.app.config import load_config
+    from riskpipe.metrics import StageMetrics
 
     d, um, X = wine
     dsn = pg.create_database("outage")
@@ -238,10 +238,9 @@ def test_an_unreachable_broker_is_retried_then_stops_the_stage(wine, tmp_path):
     ``idle_exit_s`` shorter than the outage does not end it as "idle", and past
     infrastructure_timeout_s it raises InfrastructureUnavailable naming the broker."""
     from pgserver import free_port
-
     from riskpipe.app.compose import build_stage
-    from riskpipe.metrics import StageMetrics
     from riskpipe.app.config import load_config
+    from riskpipe.metrics import StageMetrics
     from riskpipe.stream.infra import InfrastructureUnavailable
 
     d, um, _ = wine

@@ -148,8 +148,8 @@ def test_init_writes_paths_relative_to_its_directory_when_the_model_lives_there(
 
 
 def test_two_stages_from_init_never_share_group_topics_or_ledger(tmp_path, monkeypatch):
-    from riskpipe.ledger import open_ledger
     from riskpipe.app.config import Topics, load_config
+    from riskpipe.ledger import open_ledger
 
     model, ref = EXAMPLES / "tabular" / "model.skops", EXAMPLES / "tabular" / "reference.npz"
     configs = []

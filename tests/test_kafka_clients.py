@@ -15,8 +15,8 @@ import textwrap
 import pytest
 
 from riskpipe import kafka_clients
-from riskpipe.kafka_clients import KafkaSettings
 from riskpipe.app.config import ConfigError, load_config
+from riskpipe.kafka_clients import KafkaSettings
 
 SECURE = dict(bootstrap_servers="kafka-0.example:9093,kafka-1.example:9093", security_protocol="SASL_SSL",
               sasl_mechanism="SCRAM-SHA-512", sasl_plain_username="riskpipe", sasl_plain_password="s3cret-pass",

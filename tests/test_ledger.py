@@ -8,8 +8,8 @@ import multiprocessing as mp
 import sqlite3
 
 import pytest
-from ledger_records import build_ledger, decision_record, forge_tree
 
+from ledger_records import build_ledger, decision_record, forge_tree
 from riskpipe.ledger import GENESIS, Ledger, LedgerError, canonical_json, entry_hash
 
 

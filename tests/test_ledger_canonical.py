@@ -5,11 +5,12 @@ with the float forms orjson writes differently, and edited texts."""
 import json
 import math
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
+from ledger_records import decision_record
 from riskpipe.ledger import canonical_json
 from riskpipe.ledger.chain import _orjson_own_form, read_canonical
-from ledger_records import decision_record
 
 
 def reference(text):

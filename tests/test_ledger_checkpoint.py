@@ -12,8 +12,8 @@ import subprocess
 import sys
 
 import pytest
-from ledger_records import as_superuser, decision_record, forge_tree
 
+from ledger_records import as_superuser, decision_record, forge_tree
 from riskpipe.ledger import LedgerError, canonical_json, entry_hash, open_ledger
 from riskpipe.ledger.anchors import Checkpoint
 from riskpipe.ledger.checkpoint import (
@@ -311,8 +311,8 @@ def test_checkpointer_signs_every_n_records_or_seconds(tmp_path, keys):
 
 
 def test_stage_config_checkpoint_section(tmp_path, keys):
-    from riskpipe.ledger.checkpoint import checkpointer_for
     from riskpipe.app.config import ConfigError, load_config
+    from riskpipe.ledger.checkpoint import checkpointer_for
 
     f = tmp_path / "c.yaml"
     f.write_text(f"checkpoint: {{key_file: {keys / 'key.pem'}, every_records: 5}}\n")

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from ledger_records import build_ledger, decision_record, forge_tree
 
+from ledger_records import build_ledger, decision_record, forge_tree
 from riskpipe.cli import cli
 from riskpipe.ledger import Ledger, canonical_json, entry_hash
 from riskpipe.ledger.inputs import input_digest

@@ -5,14 +5,13 @@ the row, built for ledgers written before it existed, and refused edits like ent
 import sqlite3
 
 import pytest
-from ledger_records import build_ledger, decision_record
 
+from ledger_records import build_ledger, decision_record
 from riskpipe.ledger import open_ledger
 from riskpipe.ledger import sqlite as sqlite_backend
 from riskpipe.ledger.facts import GROUP_COLUMNS, NAMES, build_existing, build_groups, facts_of, hour_of
 from riskpipe.ledger.migrations import migrate
 from riskpipe.report.data import gather
-
 
 FACTS_VERSION = next(v for v, steps in sqlite_backend.STEPS if build_existing in steps)
 GROUPS_VERSION = next(v for v, steps in sqlite_backend.STEPS if build_groups in steps)

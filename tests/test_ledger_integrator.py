@@ -14,8 +14,8 @@ import sys
 import time
 
 import psycopg
-from ledger_records import decision_record
 
+from ledger_records import decision_record
 from riskpipe.ledger import canonical_json, open_ledger
 from riskpipe.ledger.chain import decision_scope
 

@@ -12,8 +12,8 @@ import sys
 
 import psycopg
 import pytest
-from ledger_records import POLICY_V4, as_superuser, decision_record
 
+from ledger_records import POLICY_V4, as_superuser, decision_record
 from riskpipe.ledger import Ledger, LedgerError, canonical_json, entry_hash, open_ledger
 from riskpipe.ledger import postgres as pg_backend
 from riskpipe.ledger import sqlite as sqlite_backend

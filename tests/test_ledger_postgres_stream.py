@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
-from ledger_records import build_ledger
-from streamkit import produce, run_cli, stop, valid_events, wait_for
 
+from ledger_records import build_ledger
 from riskpipe.ledger import open_ledger
+from streamkit import produce, run_cli, stop, valid_events, wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -104,13 +104,12 @@ def test_report_on_a_postgresql_ledger(pg_url, tmp_path):
 
 
 def test_review_console_on_a_postgresql_ledger(pg_url, tmp_path):
-    from test_review_records import seed_ledger
-    from test_review_security import PASSWORD, csrf_token, log_in
-
     from riskpipe.metrics import StageMetrics
     from riskpipe.review import queue as rq
     from riskpipe.review.app import create_app
     from riskpipe.review.settings import Credentials, ReviewSettings
+    from test_review_records import seed_ledger
+    from test_review_security import PASSWORD, csrf_token, log_in
 
     seed_ledger(pg_url)
     seed_ledger(tmp_path / "same.db")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from ledger_records import as_superuser, decision_record
 
+from ledger_records import as_superuser, decision_record
 from riskpipe.ledger import LedgerError, canonical_json, merkle, open_ledger
 from riskpipe.ledger.chain import LedgerUnavailable
 from riskpipe.ledger.tree import leaf_bytes

@@ -5,13 +5,12 @@ import pytest
 import torch
 from torch import nn
 
+from riskpipe.attacks import pgd
 from riskpipe.certify import family
 from riskpipe.certify.lipschitz import GlobalLipschitz, lipschitz_constants, spectral_norm
-from riskpipe.attacks import pgd
 from riskpipe.models import load_model
 from riskpipe.models.base import Model, sha256_state_dict
 from riskpipe.models.digits import load_split
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

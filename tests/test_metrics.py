@@ -7,7 +7,6 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-
 from types import SimpleNamespace
 
 import pytest

@@ -115,10 +115,10 @@ def test_predict_refuses_a_broken_output(tmp_path):
 def test_the_policy_never_allows_a_model_fault_and_names_it():
     """Every shipped policy: a model_fault is not certified in the threat model, so the
     loader's invariant keeps it from allow; the shadow policy enforces it too."""
+    from riskpipe.app.config import default_policy_path
     from riskpipe.certify.certificate import Certificate
     from riskpipe.policy import load_policy
     from riskpipe.policy.evaluate import evaluate
-    from riskpipe.app.config import default_policy_path
 
     cert = Certificate(method="smoothing", norm="l2", radius=0.0, abstained=True, predicted_class=None,
                        mode="decide", sigma=0.25, alpha=0.001, epsilon=0.25, certified=False, reason=MODEL_FAULT,
@@ -148,9 +148,9 @@ def _samples(metrics) -> dict:
 
 @pytest.mark.parametrize("kind", ["nan", "inf", "-inf", "few_rows", "onnx-nan"])
 def test_stage_never_allows_a_model_fault_and_counts_it(tmp_path, kind):
-    from riskpipe.metrics import StageMetrics
     from riskpipe.app.config import load_config
     from riskpipe.app.offline import run_offline
+    from riskpipe.metrics import StageMetrics
 
     if kind.startswith("onnx"):
         pytest.importorskip("onnx")

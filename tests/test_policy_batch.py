@@ -9,10 +9,10 @@ import json
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
-from test_policy_eval import DEFAULT_TEXT, POLICIES, SETTINGS, cert, certificates, contexts, upstreams
 
 from riskpipe.policy import parse_policy
 from riskpipe.policy.evaluate import evaluate, evaluate_batch
+from test_policy_eval import DEFAULT_TEXT, POLICIES, SETTINGS, cert, certificates, contexts, upstreams
 
 
 def _policy_reading_every_field():

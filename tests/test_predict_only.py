@@ -9,11 +9,11 @@ import warnings
 
 import numpy as np
 import pytest
-from usermodels import tabular_model
 
 from riskpipe.certify.smoothing import Smoothing
 from riskpipe.models.base import Model
 from riskpipe.models.loader import load_model
+from usermodels import tabular_model
 
 
 def _forest(tmp_path, n_jobs: int, cls: str = "RandomForestClassifier"):

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
 import receipt_verifier
 from ledger_records import decision_record
-
 from riskpipe.ledger import note, open_ledger
 from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint
 
@@ -90,8 +90,8 @@ def test_receipt_round_trip_and_tampering(target, keys, tmp_path):
 
 def test_every_leaf_of_a_small_log_gets_a_valid_receipt(tmp_path, keys):
     """Receipts for every index and a checkpoint at every size 1..20 (proof shapes differ)."""
-    from riskpipe.ledger.receipt import make_receipt, verify_receipt
     from riskpipe.ledger.checkpoint import load_public_key
+    from riskpipe.ledger.receipt import make_receipt, verify_receipt
 
     key, pem = load_private_key(keys / "key.pem"), (keys / "pub.pem").read_bytes()
     with open_ledger(str(tmp_path / "l.db")) as led:

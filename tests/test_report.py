@@ -9,10 +9,10 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from browserkit import HAVE_CHROMIUM, chromium
 from click.testing import CliRunner
-from ledger_records import CONTROLS, POLICY, POLICY_V4, build_ledger
 
+from browserkit import HAVE_CHROMIUM, chromium
+from ledger_records import CONTROLS, POLICY, POLICY_V4, build_ledger
 from riskpipe.cli import cli
 from riskpipe.policy.controls import mapping
 from riskpipe.report import ReportError, write_report

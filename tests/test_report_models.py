@@ -8,16 +8,16 @@ import hashlib
 import json
 
 import numpy as np
-import yaml
 import pytest
-from browserkit import HAVE_CHROMIUM, chromium, data_url_image, natural_size, screenshot
+import yaml
 from click.testing import CliRunner
-from ledger_records import decision_record, verdict_record
-from usermodels import IMAGE_LABELS, synthetic_images
 
+from browserkit import HAVE_CHROMIUM, chromium, data_url_image, natural_size, screenshot
+from ledger_records import decision_record, verdict_record
 from riskpipe.cli import cli
 from riskpipe.ledger import Ledger
 from riskpipe.report import write_report
+from usermodels import IMAGE_LABELS, synthetic_images
 
 WINE_FEATURES = ["alcohol", "malic_acid", "ash"]
 SIGNS = {"name": "signs-policy", "version": "2", "sha256": hashlib.sha256(b"signs").hexdigest(), "shadow": False}

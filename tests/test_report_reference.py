@@ -18,8 +18,8 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
-from ledger_records import POLICY, POLICY_V4, T0, decision_record, rfc3339, verdict_record
 
+from ledger_records import POLICY, POLICY_V4, T0, decision_record, rfc3339, verdict_record
 from riskpipe.ledger import dlq_record, open_ledger, parse_ts
 from riskpipe.policy.controls import mapping
 from riskpipe.policy.naming import policy_label

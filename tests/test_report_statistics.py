@@ -14,12 +14,12 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-from browserkit import chromium, natural_size, needs_chromium, screenshot
-from streamkit import policy_with
-from usermodels import fault_inputs, faulty_model, tabular_model
 
+from browserkit import chromium, natural_size, needs_chromium, screenshot
 from riskpipe.ledger import Ledger
 from riskpipe.report import write_report
+from streamkit import policy_with
+from usermodels import fault_inputs, faulty_model, tabular_model
 
 CONTEXT_OFF = {"certificate_risk": {"function": "exponential", "half_life": 1.0},
                "upstream_risk": {"default": 0.5}, "context_risk": {"enabled": False}}
@@ -34,8 +34,8 @@ def _smoothing(alpha: float) -> dict:
 def stage_ledger(tmp_path_factory):
     from riskpipe.app.compose import build_pipeline
     from riskpipe.app.config import load_config
-    from riskpipe.stream.events import make_event
     from riskpipe.app.offline import run_offline
+    from riskpipe.stream.events import make_event
 
     tmp = tmp_path_factory.mktemp("stats")
     wine = tabular_model(tmp)
@@ -71,11 +71,11 @@ UNTIL = "2100-01-01T00:00:00Z"
 def _review_through_the_console(path, routed: list[dict]) -> None:
     """alice and bob take verdicts in the real console app (login, CSRF, form post); the
     last two routed decisions stay in the backlog. Blocks are called clean (overrides)."""
-    from test_review_security import csrf_token, log_in
     from werkzeug.security import generate_password_hash
 
     from riskpipe.review.app import create_app
     from riskpipe.review.settings import Credentials, ReviewSettings
+    from test_review_security import csrf_token, log_in
 
     creds = Credentials(users={n: generate_password_hash(f"{n} passphrase") for n in ("alice", "bob")})
     app = create_app(ReviewSettings(ledger=str(path), credentials=creds), metrics=None)

@@ -6,13 +6,12 @@ from __future__ import annotations
 import inspect
 import sys
 
-from test_review_records import seed_ledger
-from test_review_security import PASSWORD, log_in
-
 from riskpipe.review import blueprint
 from riskpipe.review.app import create_app
 from riskpipe.review.context import EXTENSION, ConsoleState
 from riskpipe.review.settings import Credentials, ReviewSettings
+from test_review_records import seed_ledger
+from test_review_security import PASSWORD, log_in
 
 ROUTES = {
     ("/login", "review.login"), ("/logout", "review.logout"), ("/", "review.queue_page"),

@@ -10,7 +10,7 @@ import json
 import threading
 import time
 import urllib.request
-from datetime import datetime, timedelta, UTC
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from browserkit import HAVE_CHROMIUM, by_id, chromium, click_and_wait, data_url_image, natural_size, screenshot
-from test_review_records import decision_record
-from usermodels import IMAGE_LABELS, synthetic_images, tabular_model
 
+from browserkit import HAVE_CHROMIUM, by_id, chromium, click_and_wait, data_url_image, natural_size, screenshot
 from riskpipe.ledger import Ledger
 from riskpipe.render import ModelInfo, input_view, model_info
 from riskpipe.review import serve_background
+from test_review_records import decision_record
+from usermodels import IMAGE_LABELS, synthetic_images, tabular_model
 
 pytestmark = pytest.mark.slow
 PASSWORD = "correct horse battery staple"
@@ -169,9 +169,9 @@ def test_items_the_stage_routed_for_the_examples(tmp_path, example, model):
     routes them), the console reads the same stage config, Chromium shows the real records."""
     from selenium.webdriver.common.by import By
 
+    from riskpipe.app.config import load_config
     from riskpipe.policy import load_policy
     from riskpipe.review import queue as rq
-    from riskpipe.app.config import load_config
     from usermodels import stage_ledger
 
     ledger, inputs = stage_ledger(tmp_path, example, model, n=2, upstream_risk=0.99)

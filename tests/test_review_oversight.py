@@ -5,19 +5,18 @@ alert (deploy/prometheus, promtool-tested in test_alerts)."""
 from __future__ import annotations
 
 import re
-from datetime import datetime, UTC
+from datetime import UTC, datetime
 
 import pytest
-
-from browserkit import by_id, chromium, click_and_wait, needs_chromium
-from test_review_records import seed_ledger
-from test_review_security import csrf_token, log_in
 from werkzeug.security import generate_password_hash
 
+from browserkit import by_id, chromium, click_and_wait, needs_chromium
 from riskpipe.ledger import Ledger, parse_ts
 from riskpipe.metrics import StageMetrics
 from riskpipe.review.app import create_app
 from riskpipe.review.settings import Credentials, ReviewSettings
+from test_review_records import seed_ledger
+from test_review_security import csrf_token, log_in
 
 
 def _gauge(app) -> float:
@@ -178,9 +177,8 @@ def test_double_review_sample_and_the_reports_agreement(tmp_path):
     Cohen's kappa are the ones computed here from the pairs."""
     import json
 
-    from test_review_records import decision_record
-
     from riskpipe.report import write_report
+    from test_review_records import decision_record
 
     path = tmp_path / "double.sqlite3"
     with Ledger(str(path)) as led:

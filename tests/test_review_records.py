@@ -4,7 +4,7 @@ the queue's rules checked on them: who is in the queue, in which order, and verd
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timedelta, UTC
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from browserkit import HAVE_CHROMIUM, by_id, chromium, click_and_wait
-from test_review_records import decision_record
 
+from browserkit import HAVE_CHROMIUM, by_id, chromium, click_and_wait
 from riskpipe.ledger import Ledger
 from riskpipe.policy import load_policy
 from riskpipe.review.scope import PolicyId, StageScope
+from test_review_records import decision_record
 
 PASSWORD = "correct horse battery staple"
 ROOT = Path(__file__).resolve().parents[1]

@@ -55,8 +55,8 @@ def test_policy_bomb_refused_with_one_line_naming_the_file(tmp_path):
 
 
 def test_stage_and_review_config_bomb_refused(tmp_path):
-    from riskpipe.review.settings import SettingsError, load_config_file
     from riskpipe.app.config import ConfigError, load_config
+    from riskpipe.review.settings import SettingsError, load_config_file
 
     p = tmp_path / "riskpipe.yaml"
     p.write_text(bomb())

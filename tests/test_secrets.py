@@ -92,8 +92,8 @@ def test_no_command_prints_the_dsn_password(postgres, pg_url, tmp_path) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from riskpipe.stream.broker import EmbeddedBroker
     from riskpipe.app.config import default_policy_path
+    from riskpipe.stream.broker import EmbeddedBroker
     from streamkit import produce, valid_events
 
     dbname = pg_url.rsplit("/", 1)[1]

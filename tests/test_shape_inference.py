@@ -42,11 +42,11 @@ def test_certify_cli_needs_no_shape_option_for_torchscript(tmp_path):
 
 
 def test_the_stage_takes_the_shape_from_the_reference_set(tmp_path):
-    from riskpipe.app.compose import build_entry
-    from riskpipe.policy import load_policy
-    from riskpipe.app.config import ConfigError, load_config
-
     import yaml
+
+    from riskpipe.app.compose import build_entry
+    from riskpipe.app.config import ConfigError, load_config
+    from riskpipe.policy import load_policy
 
     policy = load_policy(str(IMAGE / "policy.yaml"))  # the sound sampler on [0, 1]: range declared below
     entry_cfg = {"spec": str(IMAGE / "model.pt"), "range": [0, 1], "reference": str(IMAGE / "reference.npz")}

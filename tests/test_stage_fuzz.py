@@ -16,12 +16,13 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from riskpipe.ledger import Ledger
 from riskpipe.app.config import load_config
-from riskpipe.stream.io import JsonlSink, Message
 from riskpipe.app.offline import run_offline
+from riskpipe.ledger import Ledger
+from riskpipe.stream.io import JsonlSink, Message
 from riskpipe.stream.stage import Stage
-from streamkit import ListSource, poisoned_tabular_pipeline, tabular_event as event
+from streamkit import ListSource, poisoned_tabular_pipeline
+from streamkit import tabular_event as event
 
 HUGE = "7" * 5000  # beyond Python's 4,300-digit int() limit
 POISON = "poison"  # ids with this prefix make the model raise

@@ -10,8 +10,8 @@ import pytest
 
 import riskpipe.stream.stage as stage_mod
 from riskpipe.app.config import load_config
-from riskpipe.stream.events import make_event
 from riskpipe.app.offline import run_offline
+from riskpipe.stream.events import make_event
 from usermodels import cheap_image_pipeline
 
 

@@ -10,13 +10,13 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
+from riskpipe.app.config import load_config
+from riskpipe.app.offline import run_offline
 from riskpipe.ledger import Ledger, LedgerError
 from riskpipe.ledger.sqlite import SqliteLedger
-from riskpipe.app.config import load_config
 from riskpipe.stream.events import make_event
 from riskpipe.stream.infra import InfrastructureUnavailable
 from riskpipe.stream.io import JsonlSink, JsonlSource, Message
-from riskpipe.app.offline import run_offline
 from riskpipe.stream.ports import SourceBase
 from riskpipe.stream.stage import Stage
 from usermodels import cheap_image_pipeline

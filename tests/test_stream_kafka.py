@@ -7,8 +7,18 @@ import time
 import pytest
 
 from riskpipe.stream.broker import EmbeddedBroker
-from streamkit import (StageThread, consume_all, kill_9_then_finish, ledger_ids, produce, run_cli, stage_args, stop,
-                       valid_events, wait_for)
+from streamkit import (
+    StageThread,
+    consume_all,
+    kill_9_then_finish,
+    ledger_ids,
+    produce,
+    run_cli,
+    stage_args,
+    stop,
+    valid_events,
+    wait_for,
+)
 
 pytestmark = pytest.mark.broker
 

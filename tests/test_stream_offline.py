@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from riskpipe.app.config import ConfigError, load_config
-from riskpipe.stream.events import make_event
 from riskpipe.app.offline import run_offline
+from riskpipe.stream.events import make_event
 from streamkit import digits
 
 

@@ -7,9 +7,9 @@ import json
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
+from riskpipe.app.config import load_config
 from riskpipe.ledger import Ledger
 from riskpipe.stream.broker import EmbeddedBroker
-from riskpipe.app.config import load_config
 from streamkit import StageThread, consume_all, poisoned_tabular_pipeline, produce, tabular_event, wait_for
 
 pytestmark = pytest.mark.broker

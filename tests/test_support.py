@@ -14,15 +14,15 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from streamkit import tabular_event
-from usermodels import image_model, synthetic_images, tabular_model
 
+from riskpipe.app.config import default_policy_path, load_config
+from riskpipe.app.offline import run_offline
 from riskpipe.context import ContextIndex
 from riskpipe.policy import signals as sig
 from riskpipe.policy.schema import ContextRiskSignal, SupportRiskSignal
-from riskpipe.app.config import default_policy_path, load_config
 from riskpipe.stream.events import make_event
-from riskpipe.app.offline import run_offline
+from streamkit import tabular_event
+from usermodels import image_model, synthetic_images, tabular_model
 
 CHEAP = {"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01, "max_samples": 200}
 

@@ -5,8 +5,17 @@ import pytest
 from scipy.spatial.distance import cdist
 
 from riskpipe.certify.stats import max_radius
-from riskpipe.survey import (SIGMAS, TOLERANCE, SurveyError, check_reference, propose_sampler, quantisation_grid,
-                             other_class_distances, propose, survey)
+from riskpipe.survey import (
+    SIGMAS,
+    TOLERANCE,
+    SurveyError,
+    check_reference,
+    other_class_distances,
+    propose,
+    propose_sampler,
+    quantisation_grid,
+    survey,
+)
 
 
 def blobs(n=300, dim=20, gap=6.0, seed=0):

@@ -63,14 +63,13 @@ def test_traceparent_reaches_decisions_review_audit_dlq_and_the_ledger(tmp_path)
     import yaml
 
     from riskpipe.app.compose import build_pipeline
+    from riskpipe.app.config import load_config
     from riskpipe.ledger import Ledger
     from riskpipe.stream.binary import make_binary_event
     from riskpipe.stream.broker import EmbeddedBroker
-    from riskpipe.app.config import load_config
+    from riskpipe.stream.events import make_event
     from streamkit import StageThread, consume_all, digits, produce, wait_for
     from synthetic import cifar_cnn, policy_without_context, save_torchscript
-
-    from riskpipe.stream.events import make_event
 
     cnn = save_torchscript(cifar_cnn(), tmp_path / "cnn.pt", (3, 32, 32)) + "&range=0,1"
     cfg_path = tmp_path / "stage.yaml"

@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 import skops.io as sio
 from sklearn.datasets import make_classification
-from sklearn.ensemble import (ExtraTreesClassifier, GradientBoostingClassifier, HistGradientBoostingClassifier,
-                              RandomForestClassifier)
+from sklearn.ensemble import (
+    ExtraTreesClassifier,
+    GradientBoostingClassifier,
+    HistGradientBoostingClassifier,
+    RandomForestClassifier,
+)
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
@@ -64,8 +68,8 @@ def test_untrusted_type_is_refused_naming_the_types_and_the_key(tmp_path):
     from sklearn.preprocessing import FunctionTransformer
 
     from riskpipe.app.compose import build_entry
-    from riskpipe.policy import load_policy
     from riskpipe.app.config import ConfigError, ModelConfig, default_policy_path
+    from riskpipe.policy import load_policy
 
     X, y = data()
     est = make_pipeline(FunctionTransformer(np.round), DecisionTreeClassifier(max_depth=3)).fit(X, y)
@@ -290,12 +294,11 @@ def _booster_file(tmp_path, name: str, X, y) -> str:
 
 @pytest.mark.parametrize("name", [*ESTIMATORS, "xgboost", "lightgbm"])
 def test_each_estimator_is_decided_through_the_stage_with_the_trees_certificate(tmp_path, name):
-    from streamkit import policy_with
-
     from riskpipe.app.compose import build_pipeline
     from riskpipe.app.config import load_config
-    from riskpipe.stream.events import make_event
     from riskpipe.app.offline import run_offline
+    from riskpipe.stream.events import make_event
+    from streamkit import policy_with
 
     X, y = data(2)
     path = _booster_file(tmp_path, name, X, y)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from usermodels import image_model, stage_ledger, tabular_model
 
 from riskpipe.blackbox import random_search
 from riskpipe.cli import cli
 from riskpipe.models import load_model
+from usermodels import image_model, stage_ledger, tabular_model
 
 pytestmark = pytest.mark.slow  # trains a small CNN, runs the stage and evaluations: tens of seconds each
 

@@ -71,11 +71,10 @@ given on the command line resolve against the working directory.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import os
 import re
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml

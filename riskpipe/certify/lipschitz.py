@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from riskpipe.models.layers import affine, linear_part, sequential_layers
 from riskpipe.certify.certificate import MODEL_FAULT, Certificate
 from riskpipe.certify.protocol import CertifierBase
+from riskpipe.models.layers import affine, linear_part, sequential_layers
 
 if TYPE_CHECKING:
     from riskpipe.certify.protocol import Batch

@@ -170,8 +170,8 @@ def _trial(config_path: Path, name: str, X, n: int, seed: int) -> str:
 
     # lazy: torch and sklearn off the CLI start-up path
     from riskpipe.app.config import load_config
-    from riskpipe.stream.events import make_event
     from riskpipe.app.offline import run_offline
+    from riskpipe.stream.events import make_event
 
     idx = np.random.default_rng(seed).permutation(len(X))[:n]
     events = [make_event(f"init-trial-{i}", name, X[i], upstream_risk=0.0) for i in idx]
@@ -232,10 +232,11 @@ def init(spec, reference, out_dir, name, trial, seed, force):
     import yaml
 
     from riskpipe import safe_yaml  # lazy: yaml off the CLI start-up path
+    from riskpipe.app.config import ConfigError, default_policy_path, read_reference, reference_feature_names
+
     # lazy: torch and sklearn off the CLI start-up path
     from riskpipe.models import ModelError
     from riskpipe.policy import PolicyError, load_policy
-    from riskpipe.app.config import ConfigError, default_policy_path, read_reference, reference_feature_names
     from riskpipe.survey import SurveyError, check_reference, propose, propose_sampler, quantisation_grid, survey
 
     name = name or _model_name(spec)

@@ -13,8 +13,16 @@ from typing import Any, NoReturn
 
 import click
 
-from riskpipe.cli.common import (fail, kafka_settings, public_key_option, read_inputs, read_private_key,
-                                 read_public_keys, signing_key_options, working)
+from riskpipe.cli.common import (
+    fail,
+    kafka_settings,
+    public_key_option,
+    read_inputs,
+    read_private_key,
+    read_public_keys,
+    signing_key_options,
+    working,
+)
 from riskpipe.redaction import redact
 from riskpipe.timestamps import from_epoch, rfc3339_micros, rfc3339_seconds
 
@@ -553,7 +561,8 @@ def replay(entry_id, ledger_path, input_path, device, as_json, config_path):
     """
     # lazy: torch and sklearn off the CLI start-up path
     from riskpipe.models import ModelError
-    from riskpipe.report.replay import ReplayError, replay as do_replay, stage_entry
+    from riskpipe.report.replay import ReplayError, stage_entry
+    from riskpipe.report.replay import replay as do_replay
 
     with _open(ledger_path) as led:
         record = led.get(entry_id, kind="decision")

@@ -36,9 +36,8 @@ def report(ledger_path, since, until, fmt, out_path, config_path, verify, bundle
     """Write the compliance report: scope, policies, volumes, decisions, abstention, radii,
     review, dead letters, the control mapping (riskpipe/policy/frameworks), ledger integrity."""
 
-    from riskpipe.report import ReportError, write_report  # lazy: matplotlib and flask off the CLI start-up path
-
     from riskpipe.ledger import backend_for  # lazy: psycopg and cryptography off the CLI start-up path
+    from riskpipe.report import ReportError, write_report  # lazy: matplotlib and flask off the CLI start-up path
 
     try:
         beside = backend_for(ledger_path).backend == "sqlite"

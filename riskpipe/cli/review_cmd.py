@@ -31,6 +31,7 @@ def review(ledger_path, bootstrap_servers, review_topic, outcomes_topic, host, p
     """
 
     from riskpipe.ledger import LedgerError  # lazy: psycopg and cryptography off the CLI start-up path
+
     # lazy: matplotlib and flask off the CLI start-up path
     from riskpipe.review.server import ConsoleServer
     from riskpipe.review.settings import SettingsError, resolve_settings

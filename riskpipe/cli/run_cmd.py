@@ -17,10 +17,10 @@ def startup_errors(config_path: str | None):
     """A policy, model entry, reference set or ledger that cannot be used ends the
     command with one line naming it (never a traceback)."""
     # lazy: sklearn and scipy off the CLI start-up path
+    from riskpipe.app.config import ConfigError
     from riskpipe.context import ContextError
     from riskpipe.ledger import LedgerError
     from riskpipe.policy import PolicyError
-    from riskpipe.app.config import ConfigError
 
     try:
         yield

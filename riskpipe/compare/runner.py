@@ -38,6 +38,7 @@ from riskpipe.models.digits import load_split
 from riskpipe.policy import load_policy
 from riskpipe.policy.schema import Certifier
 
+
 @dataclass
 class CompareConfig:
     """What ``riskpipe compare`` runs; checked at construction."""

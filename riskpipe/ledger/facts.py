@@ -29,13 +29,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from riskpipe.ledger.chain import LedgerError, parse_ts
 from riskpipe.ledger.conn import Db, Row
 from riskpipe.policy.naming import policy_label
-from datetime import UTC
 
 KINDS = ("decision", "dlq")
 NO_PRIORITY = 2**62  # sorts after every priority a record can carry (in the ``priority`` column)

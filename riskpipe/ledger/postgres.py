@@ -44,13 +44,20 @@ from typing import Any, cast
 
 import psycopg
 
+from riskpipe.ledger import facts
 from riskpipe.ledger.chain import GENESIS, LedgerError, LedgerUnavailable, prepare_entries
 from riskpipe.ledger.conn import Cursor, Db, Row
-from riskpipe.ledger.inputs import table_statements as input_tables
-from riskpipe.ledger.migrations import (Step, chain_tables, checkpoint_tables, current_version, latest, migrate,
-                                        scope_sql)
-from riskpipe.ledger import facts
 from riskpipe.ledger.inputs import StoredInput
+from riskpipe.ledger.inputs import table_statements as input_tables
+from riskpipe.ledger.migrations import (
+    Step,
+    chain_tables,
+    checkpoint_tables,
+    current_version,
+    latest,
+    migrate,
+    scope_sql,
+)
 from riskpipe.ledger.store import _COLUMNS, Ledger, Pending, Record
 from riskpipe.ledger.tree import build_existing, tree_tables
 from riskpipe.redaction import redact

@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from riskpipe.ledger import merkle
-from riskpipe.ledger.chain import Entry, LedgerError, canonical_json
 from riskpipe.ledger.anchors import Checkpoint
+from riskpipe.ledger.chain import Entry, LedgerError, canonical_json
 from riskpipe.ledger.tree import split_leaf
 
 if TYPE_CHECKING:

@@ -15,11 +15,11 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
+from riskpipe.ledger import facts
 from riskpipe.ledger.chain import GENESIS, LedgerError
 from riskpipe.ledger.conn import Db, Row
 from riskpipe.ledger.inputs import table_statements as input_tables
 from riskpipe.ledger.migrations import Step, chain_tables, checkpoint_tables, entries_table, migrate, scope_sql
-from riskpipe.ledger import facts
 from riskpipe.ledger.store import Ledger
 from riskpipe.ledger.tree import build_existing, tree_tables
 

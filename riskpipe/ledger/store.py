@@ -16,24 +16,24 @@ from __future__ import annotations
 import copy
 import json
 import threading
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
-from collections.abc import Iterable, Iterator, Sequence
 
 from riskpipe.ledger import facts, merkle, tree
+from riskpipe.ledger.anchors import Checkpoint, LegacyCheckpoint
 from riskpipe.ledger.chain import (
     GENESIS,
     HEX64,
+    ChainWalk,
     Entry,
     LedgerError,
     VerifyResult,
-    ChainWalk,
     entry_hash,
     parse_ts,
     prepare_entries,
     row_to_entry,
 )
-from riskpipe.ledger.anchors import Checkpoint, LegacyCheckpoint
 from riskpipe.ledger.conn import Cursor, Db, Row
 from riskpipe.ledger.inputs import StoredInput
 from riskpipe.ledger.targets import backend_name

@@ -37,9 +37,9 @@ import skops.io as sio
 import torch
 from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
 
-from riskpipe.models import demo, trees as _trees
-from riskpipe.models.base import (Model, ModelError, ModelFault, ShapeUnknown, one_line, sha256_file,
-                                  sha256_state_dict)
+from riskpipe.models import demo
+from riskpipe.models import trees as _trees
+from riskpipe.models.base import Model, ModelError, ModelFault, ShapeUnknown, one_line, sha256_file, sha256_state_dict
 from riskpipe.models.digits import INPUT_SHAPE, NUM_CLASSES, reference_file
 
 

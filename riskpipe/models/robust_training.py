@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
-from riskpipe.models.layers import interval_margins
 from riskpipe.models.digits import NUM_CLASSES, load_split
+from riskpipe.models.layers import interval_margins
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from riskpipe.models.layers import Scale
 from riskpipe.models.base import Model
+from riskpipe.models.layers import Scale
 
 
 def _unscale_layer(s: np.ndarray) -> nn.Module:

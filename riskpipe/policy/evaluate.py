@@ -4,8 +4,8 @@ no clock, no randomness (audit sampling hashes the event id with the policy hash
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np

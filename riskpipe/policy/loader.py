@@ -22,7 +22,6 @@ from pydantic_core import ErrorDetails
 from riskpipe import safe_yaml
 from riskpipe.policy.schema import Policy, SemanticProblems
 
-
 # safe_load semantics (SafeLoader constructors), libyaml's parser when available,
 # aliases and nesting bounded (riskpipe.safe_yaml)
 _LOADER = safe_yaml.LOADER

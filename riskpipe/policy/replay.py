@@ -11,9 +11,9 @@ decision is then the conservative one (no certificate counted that was not made)
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from collections.abc import Iterable
 
 from riskpipe.certify.certificate import Certificate
 

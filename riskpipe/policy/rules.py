@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from collections.abc import Iterable
 
 from riskpipe.policy.fields import FIELDS, OPS, holds
 from riskpipe.policy.signals import certificate_risk_floor

@@ -8,8 +8,8 @@ the loader maps to file lines.
 
 from __future__ import annotations
 
-import itertools
 import hashlib
+import itertools
 import json
 from collections.abc import Mapping
 from functools import cached_property
@@ -17,8 +17,15 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, create_model, model_validator
 
-from riskpipe.certify.families import (DEFAULT_METHOD, FAMILIES, POLICY_MODES, SECTION_FIELDS, Family, Param,
-                                       section_params)
+from riskpipe.certify.families import (
+    DEFAULT_METHOD,
+    FAMILIES,
+    POLICY_MODES,
+    SECTION_FIELDS,
+    Family,
+    Param,
+    section_params,
+)
 from riskpipe.certify.norms import check_norm, conversion_factor
 from riskpipe.policy.controls import check_control
 from riskpipe.policy.evaluate import evaluate

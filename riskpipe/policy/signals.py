@@ -49,8 +49,7 @@ import math
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 if TYPE_CHECKING:
-    from riskpipe.policy.schema import (CertificateRiskSignal, ContextRiskSignal, SupportRiskSignal,
-                                        UpstreamRiskSignal)
+    from riskpipe.policy.schema import CertificateRiskSignal, ContextRiskSignal, SupportRiskSignal, UpstreamRiskSignal
 
 
 def _finite_number(v: Any) -> TypeGuard[float]:

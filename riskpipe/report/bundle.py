@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from riskpipe.ledger import LedgerError, note as notes, open_ledger, redact
+from riskpipe.ledger import LedgerError, open_ledger, redact
+from riskpipe.ledger import note as notes
 from riskpipe.ledger.anchors import Checkpoint
 from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint, verify_ledger
 from riskpipe.ledger.receipt import make_receipt, verify_receipt

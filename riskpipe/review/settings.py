@@ -39,8 +39,8 @@ import hmac
 import ipaddress
 import os
 import re
-import unicodedata
 import secrets
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,10 +50,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from riskpipe.app.config import ConfigError, StageConfig, load_config, read_config_file
+from riskpipe.kafka_clients import KafkaSettings
 from riskpipe.policy import PolicyError
 from riskpipe.redaction import register_secret
-
-from riskpipe.kafka_clients import KafkaSettings
 from riskpipe.review.scope import StageScope
 
 PASSWORD_ENV = "RISKPIPE_REVIEW_PASSWORD"

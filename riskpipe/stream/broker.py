@@ -15,8 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from typing import BinaryIO
 from pathlib import Path
+from typing import BinaryIO
 
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError

@@ -19,7 +19,6 @@ from typing import Any
 
 import orjson
 
-
 MAX_INT_DIGITS = 20  # int64 and uint64 fit; longer integer literals are read as doubles, as orjson does
 
 

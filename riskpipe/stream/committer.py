@@ -89,8 +89,8 @@ from dataclasses import dataclass, field
 
 from riskpipe.ledger import dlq_record
 from riskpipe.stream.infra import infrastructure_component
-from riskpipe.stream.ports import Message, Sink, Source
 from riskpipe.stream.outputs import Output, dead_letter_output
+from riskpipe.stream.ports import Message, Sink, Source
 from riskpipe.stream.triage import Dead
 from riskpipe.timestamps import rfc3339_millis
 

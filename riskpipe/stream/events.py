@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from datetime import datetime
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np

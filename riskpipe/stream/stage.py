@@ -38,7 +38,7 @@ from riskpipe.ledger import policy_record, redact
 from riskpipe.stream.batcher import Batcher
 from riskpipe.stream.committer import Committer, Outcome
 from riskpipe.stream.decider import Decider
-from riskpipe.stream.guard import GuardTripped, Guards, PartitionGuard  # noqa: F401 - re-exported
+from riskpipe.stream.guard import Guards, GuardTripped, PartitionGuard  # noqa: F401 - re-exported
 from riskpipe.stream.infra import BROKER, LEDGER, InfrastructureUnavailable, Outage, infrastructure_component
 from riskpipe.stream.observer import Observer, Stats
 from riskpipe.stream.pipeline import Pipeline

@@ -18,8 +18,8 @@ from riskpipe.ledger.chain import decision_scope
 from riskpipe.ledger.inputs import input_digest
 from riskpipe.stream.errors import EventError
 from riskpipe.stream.events import Event
-from riskpipe.stream.ports import Message
 from riskpipe.stream.pipeline import event_digest, record_digest
+from riskpipe.stream.ports import Message
 
 INTERNAL_ERROR = "internal_error"
 ID_CONFLICT = "id_conflict"
