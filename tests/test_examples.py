@@ -71,7 +71,12 @@ def test_tabular_build_reproduces_the_committed_model(tmp_path):
     for k in ("X", "y", "feature_names"):
         np.testing.assert_array_equal(ref[k], new[k])
     old_est, new_est = sio.load(EXAMPLES / "tabular" / "model.skops"), sio.load(tmp_path / "model.skops")
-    np.testing.assert_array_equal(old_est.predict_proba(ref["X"]), new_est.predict_proba(ref["X"]))
+    # Same seed and data give the same model up to floating point: L-BFGS runs on BLAS kernels chosen per CPU
+    # (AVX2 and AVX-512 round differently), so bit equality holds only on the machine that built it; 5e-5 was the
+    # largest difference seen between two x86-64 machines. The decisions must be the same everywhere.
+    old_p, new_p = old_est.predict_proba(ref["X"]), new_est.predict_proba(ref["X"])
+    np.testing.assert_array_equal(old_p.argmax(axis=1), new_p.argmax(axis=1))
+    np.testing.assert_allclose(old_p, new_p, rtol=0, atol=1e-3)
     assert len(ref["feature_names"]) == 30 and ref["feature_names"][0] == "mean radius"
     assert load_model(str(tmp_path / "model.skops")).meta["feature_names"] == list(ref["feature_names"])
 
