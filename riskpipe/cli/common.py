@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import click
+from tqdm import tqdm
 
 from riskpipe.redaction import redact
 
@@ -41,8 +42,6 @@ def _size() -> dict:
 def progress_bar(total: int | None, desc: str, unit: str = "input"):
     """A tqdm bar on stderr, disabled when stderr is not a terminal. The finished bar stays
     on the terminal (its final count, e.g. 6/6, is drawn at close however fast the work was)."""
-    from tqdm import tqdm  # lazy: tqdm off the CLI start-up path
-
     return tqdm(total=total, desc=desc, unit=unit, disable=not on_terminal(), file=sys.stderr, leave=True,
                 **_size())
 
@@ -57,8 +56,6 @@ class working:
 
     def __enter__(self) -> working:
         if on_terminal():
-            from tqdm import tqdm  # lazy: tqdm off the CLI start-up path
-
             self._bar = tqdm(total=None, desc=self.desc, bar_format="{desc} ({elapsed})", file=sys.stderr,
                              leave=False, **_size())
             self._stop = threading.Event()
@@ -81,13 +78,14 @@ class working:
 def read_inputs(path: str) -> np.ndarray:
     """Inputs from a .npy file or JSON lines (one array, or an object with ``data``
     or Open Inference Protocol ``inputs``, per line)."""
-    import numpy as np  # lazy: numpy off the CLI start-up path
+    # lazy: every command imports this module; numpy loads only for those that read inputs
+    import numpy as np
 
     p = Path(path)
     if not p.is_file():
         fail(f"input {path}: file not found")
     if p.suffix == ".npy":
-        from riskpipe import npy  # lazy: numpy off the CLI start-up path
+        from riskpipe import npy  # lazy: as numpy above
 
         try:
             npy.check_file(p)
@@ -129,20 +127,6 @@ def read_inputs(path: str) -> np.ndarray:
         fail(f"input {path}: inputs have different shapes")
 
 
-def kafka_settings(config_path: str | None, bootstrap_servers: str | None):
-    """Kafka connection and security settings from ``--config`` (riskpipe.yaml, ``${VAR}``
-    expanded) with ``--bootstrap-servers`` on top; a bad file fails with one line."""
-    from riskpipe.app.config import ConfigError, load_config  # lazy: kafka and psycopg off the CLI start-up path
-
-    try:
-        config = load_config(config_path, bootstrap_servers=bootstrap_servers)
-    except ConfigError as e:
-        fail(str(e))
-    if bootstrap_servers is None and "bootstrap_servers" not in config.model_fields_set:
-        fail("--bootstrap-servers: required (or `bootstrap_servers:` in --config)")
-    return config.kafka()
-
-
 def public_key_option(help: str, required: bool = False):
     """``--public-key`` as every command that checks ledger signatures takes it: Ed25519
     PEM files, repeatable (key rotation); read them with ``read_public_keys``."""
@@ -152,33 +136,11 @@ def public_key_option(help: str, required: bool = False):
 
 def read_public_keys(paths: tuple[str, ...]) -> list:
     """The keys ``--public-key`` names; one line and exit 2 on one that cannot be read."""
-    # lazy: kafka and psycopg off the CLI start-up path
-    from riskpipe.ledger import LedgerError  # the ledger package stays off `--help`'s start-up path
+    # lazy: every command imports this module; the ledger package loads only for those that check signatures
+    from riskpipe.ledger import LedgerError
     from riskpipe.ledger.checkpoint import load_public_key
 
     try:
         return [load_public_key(k) for k in paths]
-    except LedgerError as e:
-        fail(str(e))
-
-
-def signing_key_options(required: bool, key_help: str, origin_help: str):
-    """``--key`` (Ed25519 private key, PEM) and ``--origin`` (the checkpoint's origin line),
-    as the commands that sign checkpoints take them; read the key with ``read_private_key``."""
-    def decorate(command):
-        command = click.option("--origin", default=None, help=origin_help)(command)
-        return click.option("--key", "key_path", required=required, type=click.Path(dir_okay=False),
-                            help=key_help)(command)
-    return decorate
-
-
-def read_private_key(path: str):
-    """The signing key ``--key`` names; one line and exit 2 when it cannot be read."""
-    # lazy: kafka and psycopg off the CLI start-up path
-    from riskpipe.ledger import LedgerError  # off the start-up path, as in read_public_keys
-    from riskpipe.ledger.checkpoint import load_private_key
-
-    try:
-        return load_private_key(path)
     except LedgerError as e:
         fail(str(e))

@@ -12,27 +12,60 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+import numpy as np
+from kafka import OffsetAndMetadata
+from kafka.errors import KafkaError
 
-from riskpipe.cli.common import (
-    fail,
-    kafka_settings,
-    public_key_option,
-    read_inputs,
-    read_private_key,
-    read_public_keys,
-    signing_key_options,
-    working,
-)
+from riskpipe import kafka_clients
+from riskpipe.app.config import ConfigError, load_config
+from riskpipe.cli.common import fail, public_key_option, read_inputs, read_public_keys, working
+from riskpipe.ledger import KINDS, LedgerError, canonical_json, dlq_record, merkle, open_ledger, policy_record
+from riskpipe.ledger.anchors import Checkpoint
+from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint, publish, read_checkpoint_file, verify_ledger
+from riskpipe.ledger.receipt import find_decisions, make_receipt
+from riskpipe.ledger.receipt import verify_receipt as check
+from riskpipe.models import ModelError
 from riskpipe.redaction import redact
+from riskpipe.report.replay import ReplayError, stage_entry
+from riskpipe.report.replay import replay as do_replay
 from riskpipe.timestamps import from_epoch, rfc3339_micros, rfc3339_seconds
 
 # which ledger kind a topic's messages become (``--topic NAME=KIND`` overrides)
 TOPIC_KINDS = {"audit": "decision", "review-outcomes": "verdict", "dlq": "dlq"}
 
 
+def kafka_settings(config_path: str | None, bootstrap_servers: str | None):
+    """Kafka connection and security settings from ``--config`` (riskpipe.yaml, ``${VAR}``
+    expanded) with ``--bootstrap-servers`` on top; a bad file fails with one line."""
+    try:
+        config = load_config(config_path, bootstrap_servers=bootstrap_servers)
+    except ConfigError as e:
+        fail(str(e))
+    if bootstrap_servers is None and "bootstrap_servers" not in config.model_fields_set:
+        fail("--bootstrap-servers: required (or `bootstrap_servers:` in --config)")
+    return config.kafka()
+
+
+def signing_key_options(required: bool, key_help: str, origin_help: str):
+    """``--key`` (Ed25519 private key, PEM) and ``--origin`` (the checkpoint's origin line),
+    as the commands that sign checkpoints take them; read the key with ``read_private_key``."""
+    def decorate(command):
+        command = click.option("--origin", default=None, help=origin_help)(command)
+        return click.option("--key", "key_path", required=required, type=click.Path(dir_okay=False),
+                            help=key_help)(command)
+    return decorate
+
+
+def read_private_key(path: str):
+    """The signing key ``--key`` names; one line and exit 2 when it cannot be read."""
+    try:
+        return load_private_key(path)
+    except LedgerError as e:
+        fail(str(e))
+
+
 def _open(path: str, must_exist: bool = True):
     """The ledger PATH names (a file, sqlite:///PATH or postgresql://...); one-line errors."""
-    from riskpipe.ledger import LedgerError, open_ledger  # lazy: psycopg and cryptography off the CLI start-up path
 
     try:
         return open_ledger(path, create=not must_exist)
@@ -64,9 +97,6 @@ def verify(path, expect_head, expect_count, public_keys, checkpoint_file, as_jso
     and the chain must still reach each one: truncation, deletion or re-chaining up to
     the latest checkpoint's row is detected even when every hash was recomputed.
     """
-    # lazy: kafka and psycopg off the CLI start-up path
-    from riskpipe.ledger import LedgerError
-    from riskpipe.ledger.checkpoint import read_checkpoint_file, verify_ledger
 
     if checkpoint_file and not public_keys:
         fail("--checkpoints: needs --public-key to check the signatures")
@@ -127,7 +157,6 @@ def _origin(origin: str | None, config_path: str | None) -> str | None:
     """``--origin``, else ``ledger_origin`` from ``--config``, else None (the ledger's default)."""
     if origin or not config_path:
         return origin
-    from riskpipe.app.config import ConfigError, load_config  # lazy: kafka and psycopg off the CLI start-up path
 
     try:
         return load_config(config_path).ledger_origin
@@ -143,8 +172,6 @@ def _origin(origin: str | None, config_path: str | None) -> str | None:
 def input_cmd(path, sha256, out_path):
     """Print (or save) the input with digest SHA256 that PATH stores once for its records
     (docs/records.md, "Inputs in records"); UINT8 inputs come back as UINT8."""
-
-    import numpy as np  # lazy: numpy off the CLI start-up path
 
     with _open(path) as led:
         stored = led.get_input(sha256.lower())
@@ -178,9 +205,6 @@ def checkpoint(path, key_path, origin, key_name, out_path, bootstrap_servers, co
     """Sign PATH's Merkle tree size and root as a C2SP checkpoint (signed note, Ed25519),
     store it in the ledger, print it and optionally publish it; `ledger verify
     --public-key` and `ledger consistency` check it later."""
-    # lazy: kafka and psycopg off the CLI start-up path
-    from riskpipe.ledger import LedgerError
-    from riskpipe.ledger.checkpoint import make_checkpoint, publish
 
     key = read_private_key(key_path)
     origin = _origin(origin, config_path)
@@ -211,7 +235,6 @@ def checkpoint(path, key_path, origin, key_name, out_path, bootstrap_servers, co
 
 def _sets_bootstrap(config_path: str) -> bool:
     """Whether --config names a broker (then the checkpoint is published there)."""
-    from riskpipe.app.config import ConfigError, load_config  # lazy: kafka and psycopg off the CLI start-up path
 
     try:
         return "bootstrap_servers" in load_config(config_path).model_fields_set
@@ -232,10 +255,6 @@ def _outcome(problem: str | None, as_json: bool, failed: str, fields: dict, ok_l
 
 
 def _read_note(path: str, keys, what: str):
-    # lazy: psycopg and cryptography off the CLI start-up path
-    from riskpipe.ledger import LedgerError
-    from riskpipe.ledger.anchors import Checkpoint
-
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -256,7 +275,6 @@ def consistency(old_path, new_path, ledger_path, public_keys, as_json):
     """Prove that checkpoint NEW extends checkpoint OLD (files holding signed notes):
     an RFC 9162 consistency proof from the ledger, verified against both signed roots.
     Exit 0 if it verifies, 1 if not (a rewritten or forked history)."""
-    from riskpipe.ledger import LedgerError, merkle  # lazy: psycopg and cryptography off the CLI start-up path
     keys = read_public_keys(public_keys)
     old, new = _read_note(old_path, keys, "OLD"), _read_note(new_path, keys, "NEW")
     if old.origin != new.origin:
@@ -297,10 +315,6 @@ def receipt(event_id, ledger_path, out_path, kind, model, policy_sha256, key_pat
     """Write the receipt of one decision: the exact leaf bytes, the record, its index, an
     RFC 9162 inclusion proof and the signed checkpoint it leads to (docs/receipts.md).
     Anyone with the public key checks it offline (`ledger verify-receipt`)."""
-    # lazy: kafka and psycopg off the CLI start-up path
-    from riskpipe.ledger import LedgerError
-    from riskpipe.ledger.checkpoint import make_checkpoint
-    from riskpipe.ledger.receipt import find_decisions, make_receipt
 
     with _open(ledger_path) as led:
         try:
@@ -346,9 +360,6 @@ def verify_receipt(receipt_path, public_keys, origin, as_json):
     """Check a receipt offline: the checkpoint's signature, the record against the leaf,
     and the inclusion proof against the signed root (about log2(n) hashes). Exit 0 if it
     holds, 1 if not."""
-    # lazy: psycopg and cryptography off the CLI start-up path
-    from riskpipe.ledger import LedgerError
-    from riskpipe.ledger.receipt import verify_receipt as check
 
     keys = read_public_keys(public_keys)
     try:
@@ -381,7 +392,6 @@ def export(path, out_path, kind, since, until):
     A full export (no filters) can be re-verified by anyone with sha256 (layout in
     riskpipe/ledger.py).
     """
-    from riskpipe.ledger import LedgerError, canonical_json  # lazy: psycopg and cryptography off the CLI start-up path
 
     n = 0
     with _open(path) as led:
@@ -400,8 +410,6 @@ def export(path, out_path, kind, since, until):
 
 
 def _topic_kinds(topics: tuple[str, ...]) -> dict[str, str]:
-    from riskpipe.ledger import KINDS  # lazy: psycopg and cryptography off the CLI start-up path
-
     mapping = {}
     for t in topics:
         name, _, kind = t.partition("=")
@@ -423,7 +431,6 @@ def message_entries(msg, kind: str) -> list[tuple[str, dict, str | None]]:
     """Ledger entries for one Kafka message. Audit records also yield a ``policy`` entry the
     first time a policy (name, version, sha256) is seen; unreadable messages become a ``dlq``
     entry (reason and digest, never the payload) so the gap is on record."""
-    from riskpipe.ledger import dlq_record, policy_record  # lazy: psycopg and cryptography off the CLI start-up path
 
     ts = rfc3339_micros(from_epoch((msg.timestamp or 0) / 1000))
     where = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
@@ -469,11 +476,6 @@ def ingest_topics(kafka, topic_kinds: dict[str, str], ledger_path: str, group_id
     transaction, so a crash re-delivers and the idempotent append drops the copies;
     several workers in one group share partitions and one ledger file.
     ``kafka``: :class:`riskpipe.kafka_clients.KafkaSettings`."""
-    from kafka import OffsetAndMetadata  # lazy: kafka off the CLI start-up path
-
-    # lazy: kafka and psycopg off the CLI start-up path
-    from riskpipe import kafka_clients
-    from riskpipe.ledger import LedgerError, open_ledger
 
     stats: dict[str, Any] = {"messages": 0, "written": 0, "unreadable": 0}
     consumer = kafka_clients.consumer(
@@ -533,8 +535,6 @@ def ingest(bootstrap_servers, config_path, topics, ledger_path, group_id, until_
     try:
         stats = ingest_topics(kafka, _topic_kinds(topics), ledger_path, group_id, until_idle)
     except Exception as e:  # broker and network failures are user-facing
-        from kafka.errors import KafkaError  # lazy: kafka off the CLI start-up path
-
         if isinstance(e, (KafkaError, OSError)):
             fail(f"--bootstrap-servers {kafka.bootstrap_servers}: {type(e).__name__}: {e}")
         raise
@@ -559,10 +559,6 @@ def replay(entry_id, ledger_path, input_path, device, as_json, config_path):
     abstained, certified, n_samples and radius (to 1e-9). Exit 0 on a match, 1 on a
     mismatch.
     """
-    # lazy: torch and sklearn off the CLI start-up path
-    from riskpipe.models import ModelError
-    from riskpipe.report.replay import ReplayError, stage_entry
-    from riskpipe.report.replay import replay as do_replay
 
     with _open(ledger_path) as led:
         record = led.get(entry_id, kind="decision")

@@ -12,11 +12,16 @@ import click
 from riskpipe.certify import certifier_for_policy
 from riskpipe.certify.certificate import Certificate
 from riskpipe.cli.common import fail
+from riskpipe.ledger import LedgerError, backend_for, open_ledger
+from riskpipe.models import ModelError, load_model
+from riskpipe.policy import PolicyError, load_policy
+from riskpipe.policy.evaluate import format_value
+from riskpipe.policy.lint import lint
+from riskpipe.policy.loader import locate
+from riskpipe.policy.replay import replay
 
 
 def _load(path: str):
-    from riskpipe.policy import PolicyError, load_policy  # lazy: numpy and pydantic off the CLI start-up path
-
     try:
         return load_policy(path)
     except PolicyError as e:
@@ -40,15 +45,9 @@ def policy() -> None:
 def check(files, input_dim, strict, model_spec):
     """Validate FILES and lint them. Exit 0 when valid; otherwise one line per problem
     (``file:line: field: reason``) and exit 1."""
-    # lazy: scipy and numpy off the CLI start-up path
-    from riskpipe.policy import PolicyError, load_policy
-    from riskpipe.policy.lint import lint
-    from riskpipe.policy.loader import locate
 
     model = None
     if model_spec is not None:
-        from riskpipe.models import ModelError, load_model  # lazy: torch and sklearn off the CLI start-up path
-
         try:
             model = load_model(model_spec)
         except ModelError as e:
@@ -109,9 +108,6 @@ def _read_json_records(path: str):
 
 
 def _read_ledger(path: str):
-    # lazy: psycopg and cryptography off the CLI start-up path
-    from riskpipe.ledger import LedgerError, backend_for, open_ledger
-
     try:
         is_file_ledger = backend_for(path).backend == "sqlite"
     except LedgerError as e:
@@ -134,8 +130,6 @@ def _read_ledger(path: str):
 
 
 def _fmt(v) -> str:
-    from riskpipe.policy.evaluate import format_value  # lazy: numpy and pydantic off the CLI start-up path
-
     return format_value(v)
 
 
@@ -216,7 +210,6 @@ def explain(file, record_path, record_id, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the full comparison as JSON.")
 def diff(old, new, ledger_path, limit, as_json):
     """Replay recorded decisions under OLD and NEW and show what would change."""
-    from riskpipe.policy.replay import replay  # lazy: numpy and pydantic off the CLI start-up path
 
     p_old, p_new = _load(old), _load(new)
     result = replay(p_old, p_new, _read_ledger(ledger_path))

@@ -7,8 +7,13 @@ from pathlib import Path
 
 import click
 
+from riskpipe.app.config import ConfigError, load_config
 from riskpipe.cli.common import fail, public_key_option, read_public_keys, working
+from riskpipe.ledger import LedgerError, backend_for
 from riskpipe.redaction import redact
+from riskpipe.report import ReportError, write_report
+from riskpipe.report.bundle import BundleError, write_bundle
+from riskpipe.report.bundle import verify_bundle as check
 
 
 @click.command()
@@ -36,9 +41,6 @@ def report(ledger_path, since, until, fmt, out_path, config_path, verify, bundle
     """Write the compliance report: scope, policies, volumes, decisions, abstention, radii,
     review, dead letters, the control mapping (riskpipe/policy/frameworks), ledger integrity."""
 
-    from riskpipe.ledger import backend_for  # lazy: psycopg and cryptography off the CLI start-up path
-    from riskpipe.report import ReportError, write_report  # lazy: matplotlib and flask off the CLI start-up path
-
     try:
         beside = backend_for(ledger_path).backend == "sqlite"
     except ValueError as e:  # LedgerError: an unknown scheme
@@ -46,8 +48,6 @@ def report(ledger_path, since, until, fmt, out_path, config_path, verify, bundle
     out = out_path or str(Path(ledger_path).with_name(f"report.{fmt}") if beside else Path(f"report.{fmt}"))
     models, policies = None, []
     if config_path:
-        from riskpipe.app.config import ConfigError, load_config  # lazy: kafka and psycopg off the CLI start-up path
-
         try:
             config = load_config(config_path)
         except ConfigError as e:
@@ -66,10 +66,6 @@ def report(ledger_path, since, until, fmt, out_path, config_path, verify, bundle
 
 
 def _bundle(ledger_path, bundle_path, key_path, sample, seed, since, until, models, policies) -> None:
-    # lazy: matplotlib and flask off the CLI start-up path
-    from riskpipe.ledger import LedgerError
-    from riskpipe.report.bundle import BundleError, write_bundle
-
     if not key_path:
         fail("--bundle needs --key (the ledger's checkpoint key signs the bundle's manifest)")
     try:
@@ -90,8 +86,6 @@ def verify_bundle(bundle_path, public_keys):
     """Check an evidence bundle offline: the manifest's signature, every file against the
     manifest, the signed checkpoint, every receipt, every policy's sha256. Exit 0 if it
     holds, 1 if not."""
-
-    from riskpipe.report.bundle import verify_bundle as check  # lazy: matplotlib and flask off the CLI start-up path
 
     res = check(bundle_path, read_public_keys(public_keys))
     for line in res.checks:

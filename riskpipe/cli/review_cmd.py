@@ -9,7 +9,10 @@ import sys
 import click
 
 from riskpipe.cli.common import fail
+from riskpipe.ledger import LedgerError
 from riskpipe.redaction import redact
+from riskpipe.review.server import ConsoleServer
+from riskpipe.review.settings import SettingsError, resolve_settings
 
 
 @click.command()
@@ -29,12 +32,6 @@ def review(ledger_path, bootstrap_servers, review_topic, outcomes_topic, host, p
     Reviewers log in with a password from --password-file, RISKPIPE_REVIEW_PASSWORD or
     the config file's review.users / review.password; there is no default credential.
     """
-
-    from riskpipe.ledger import LedgerError  # lazy: psycopg and cryptography off the CLI start-up path
-
-    # lazy: matplotlib and flask off the CLI start-up path
-    from riskpipe.review.server import ConsoleServer
-    from riskpipe.review.settings import SettingsError, resolve_settings
 
     try:
         settings = resolve_settings(
