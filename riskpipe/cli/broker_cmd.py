@@ -8,6 +8,7 @@ import threading
 import click
 
 from riskpipe.cli.common import fail
+from riskpipe.stream.broker import DEFAULT_TOPICS, EmbeddedBroker
 
 
 @click.command()
@@ -19,8 +20,6 @@ def broker(port, partitions, no_topics):
 
     Memory storage: everything is lost when it stops. Point production at your own
     Kafka with --bootstrap-servers."""
-    # lazy: kafka and pydantic off the CLI start-up path
-    from riskpipe.stream.broker import DEFAULT_TOPICS, EmbeddedBroker
 
     b = EmbeddedBroker(port=port)
     try:

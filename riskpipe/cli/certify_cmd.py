@@ -6,10 +6,14 @@ import json
 import sys
 
 import click
+from pydantic import ValidationError
 
 from riskpipe.certify import certifier_for_policy
 from riskpipe.certify.families import DEFAULT_METHOD, FAMILIES
 from riskpipe.cli.common import fail, progress_bar, read_inputs
+from riskpipe.models import InputError, ModelError, check_inputs, load_model_for
+from riskpipe.models.base import one_line
+from riskpipe.policy.schema import Certifier
 
 
 def _norm_choices() -> str:
@@ -49,11 +53,6 @@ def _norm_choices() -> str:
 def certify(model_spec, input_path, method, mode, sigma, alpha, n0, n, epsilon, norm, bound, sampler, grid_levels,
             grid_step, max_samples, seed, batch_size, device, output_path):
     """Certify every input of FILE and write one JSON line per input."""
-    from pydantic import ValidationError  # lazy: pydantic off the CLI start-up path
-
-    # lazy: torch and sklearn off the CLI start-up path
-    from riskpipe.models import InputError, ModelError, check_inputs, load_model_for
-    from riskpipe.policy.schema import Certifier
 
     X = read_inputs(input_path)
     try:
@@ -94,8 +93,6 @@ def certify(model_spec, input_path, method, mode, sigma, alpha, n0, n, epsilon, 
             try:
                 certs = cert.run(mode, xb, seeds, epsilon)
             except Exception as e:  # noqa: BLE001 - the user's model raising: one line, never a traceback
-                from riskpipe.models.base import one_line  # lazy: torch and sklearn off the CLI start-up path
-
                 fail(f"model {model_spec}: certifying inputs {start}..{start + len(xb) - 1} of {input_path}: "
                      f"{type(e).__name__}: {one_line(e)}")
             for c in certs:

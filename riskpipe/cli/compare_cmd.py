@@ -5,10 +5,15 @@ from __future__ import annotations
 import sys
 
 import click
+import numpy as np
+import torch
 
+from riskpipe import npy
 from riskpipe.certify.families import FAMILIES
 from riskpipe.cli.common import fail, progress_bar
+from riskpipe.compare import FORMATS, CompareConfig, render, run_compare
 from riskpipe.compare.defaults import DEFAULT_GRID, DEFAULT_METHODS, DEFAULT_MODELS
+from riskpipe.models import InputError, ModelError
 
 
 def _floats(text: str, field: str) -> tuple[float, ...]:
@@ -61,14 +66,6 @@ def _csv(text: str) -> tuple[str, ...]:
 def compare(models, config_path, methods, eps_grid, norms, n_samples, limit, sigma, data_path, threads, device, seed,
             out_dir, formats):
     """Certified accuracy, time, memory and parallelism of smoothing, IBP and Lipschitz, side by side."""
-
-    # lazy: torch, numpy and matplotlib off the CLI start-up path
-    import numpy as np
-    import torch
-
-    from riskpipe import npy
-    from riskpipe.compare import FORMATS, CompareConfig, render, run_compare
-    from riskpipe.models import InputError, ModelError
 
     fmts = _csv(formats)
     bad = [f for f in fmts if f not in FORMATS]

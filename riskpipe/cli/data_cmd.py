@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import click
+import numpy as np
+
+from riskpipe.models.digits import load_split
 
 
 @click.group()
@@ -16,9 +19,6 @@ def data():
 @click.option("--labels", "labels_path", default=None, help="Where to write y (.npy, int64).")
 def digits(split, out_path, labels_path):
     """Write scikit-learn's digits split (test_size=0.3, random_state=0, stratified)."""
-    import numpy as np  # lazy: numpy off the CLI start-up path
-
-    from riskpipe.models.digits import load_split  # lazy: torch and sklearn off the CLI start-up path
 
     X, y = load_split(split)
     np.save(out_path, X)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from riskpipe.demo_stream import format_summary, run_demo
 from riskpipe.paths import data_dir
 
 
@@ -21,7 +22,6 @@ from riskpipe.paths import data_dir
 @click.option("--keep-serving", is_flag=True, help="Keep the review console up after the summary.")
 def demo(out_dir, ledger, n_clean, n_attacked, attack_eps, metrics_port, no_console, keep_serving):
     """Stream digits, attacked digits and malformed events through the stage."""
-    from riskpipe.demo_stream import format_summary, run_demo  # lazy: torch and sklearn off the CLI start-up path
 
     out = Path(out_dir) if out_dir else data_dir() / "demo"
     ledger_path = Path(ledger) if ledger else out / "ledger.sqlite"

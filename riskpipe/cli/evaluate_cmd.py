@@ -8,11 +8,12 @@ from pathlib import Path
 import click
 
 from riskpipe.cli.common import fail
+from riskpipe.evaluate import FORMATS, EvaluationError, Settings, parse_budgets, run_evaluation, write_report
+from riskpipe.models import ModelError
+from riskpipe.policy import PolicyError
 
 
 def _formats(ctx, param, value: str) -> tuple[str, ...]:
-    from riskpipe.evaluate import FORMATS  # lazy: torch and sklearn off the CLI start-up path
-
     fmts = tuple(f.strip().lower() for f in value.split(",") if f.strip())
     bad = [f for f in fmts if f not in FORMATS]
     if bad or not fmts:
@@ -56,11 +57,6 @@ def evaluate(model_spec, config_path, reference, policies, data, budgets, shift_
     """Evaluate POLICY on clean and attacked traffic: reviewer workload, where successful
     adversarial examples go, certified adversarial examples (Theorem 1), norm shift
     (Theorem 2), and what a certificate-guided attacker gains over a public-only one."""
-
-    # lazy: torch and sklearn off the CLI start-up path
-    from riskpipe.evaluate import EvaluationError, Settings, parse_budgets, run_evaluation, write_report
-    from riskpipe.models import ModelError
-    from riskpipe.policy import PolicyError
 
     for p in policies:
         if not Path(p).is_file():

@@ -21,8 +21,18 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
+import yaml
 
+from riskpipe import safe_yaml
+from riskpipe.app.config import ConfigError, default_policy_path, load_config, read_reference, reference_feature_names
+from riskpipe.app.offline import run_offline
 from riskpipe.cli.common import fail
+from riskpipe.models import ModelError, load_model_for
+from riskpipe.models.scaled import scaled_model, standardize_scale
+from riskpipe.policy import PolicyError, load_policy
+from riskpipe.stream.events import make_event
+from riskpipe.survey import SurveyError, check_reference, propose, propose_sampler, quantisation_grid, survey
 
 HEADER = "# Written by `riskpipe init`; edit freely, then `riskpipe policy check {policy}`.\n"
 # Below these the survey's percentiles and the sigma sweep rest on too few inputs to trust.
@@ -44,7 +54,6 @@ def _model_name(spec: str) -> str:
 def _load(spec: str, X):
     """The model, its input shape from the reference set when the file does not record it (a plain
     TorchScript file); returns (model, spec as written to the config)."""
-    from riskpipe.models import load_model_for  # lazy: torch and sklearn off the CLI start-up path
 
     model = load_model_for(spec, X.shape[1:])
     return model, model.spec
@@ -83,7 +92,6 @@ def _reference_range(X, tabular: bool) -> list:
     reference never varies gets max(|value| / 2, 1)). Per feature for a tabular model,
     one pair over all values otherwise. Inputs outside it go to the DLQ (out_of_range);
     inputs inside it but far from every reference input are the support signal's."""
-    import numpy as np  # lazy: numpy off the CLI start-up path
 
     flat = X.reshape(len(X), -1).astype(np.float64)
     lo, hi = (flat.min(axis=0), flat.max(axis=0)) if tabular else (flat.min(keepdims=True), flat.max(keepdims=True))
@@ -99,8 +107,6 @@ class _Pair(list):
 
 
 def _dumper():
-    import yaml  # lazy: yaml off the CLI start-up path
-
     class Dumper(yaml.SafeDumper):
         pass
 
@@ -110,7 +116,6 @@ def _dumper():
 
 def _scalar_range(model, declared):
     """(lo, hi) the stage will check inputs against, when it is one pair of scalars."""
-    import numpy as np  # lazy: numpy off the CLI start-up path
 
     rng = declared or model.value_range
     if rng is None or any(np.ndim(v) != 0 for v in rng):
@@ -166,12 +171,6 @@ def _certified_in_threat(c: dict) -> bool:
 
 def _trial(config_path: Path, name: str, X, n: int, seed: int) -> str:
     """Decide ``n`` reference inputs with the written config, offline; a one-line summary."""
-    import numpy as np  # lazy: numpy off the CLI start-up path
-
-    # lazy: torch and sklearn off the CLI start-up path
-    from riskpipe.app.config import load_config
-    from riskpipe.app.offline import run_offline
-    from riskpipe.stream.events import make_event
 
     idx = np.random.default_rng(seed).permutation(len(X))[:n]
     events = [make_event(f"init-trial-{i}", name, X[i], upstream_risk=0.0) for i in idx]
@@ -227,17 +226,6 @@ def reference_warnings(n_rows: int, class_counts: dict) -> list[str]:
 @click.option("--force", is_flag=True, help="Overwrite riskpipe.yaml and policy.yaml in --out.")
 def init(spec, reference, out_dir, name, trial, seed, force):
     """Propose sigma and epsilon for your model from its reference set; write a stage config and a policy."""
-    # lazy: numpy and yaml off the CLI start-up path
-    import numpy as np
-    import yaml
-
-    from riskpipe import safe_yaml  # lazy: yaml off the CLI start-up path
-    from riskpipe.app.config import ConfigError, default_policy_path, read_reference, reference_feature_names
-
-    # lazy: torch and sklearn off the CLI start-up path
-    from riskpipe.models import ModelError
-    from riskpipe.policy import PolicyError, load_policy
-    from riskpipe.survey import SurveyError, check_reference, propose, propose_sampler, quantisation_grid, survey
 
     name = name or _model_name(spec)
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
@@ -257,9 +245,6 @@ def init(spec, reference, out_dir, name, trial, seed, force):
     tabular = len(model.input_shape) == 1
     certified, Z = model, X
     if tabular:
-        # lazy: torch and sklearn off the CLI start-up path
-        from riskpipe.models.scaled import scaled_model, standardize_scale
-
         s = standardize_scale(X)
         certified = scaled_model(model, s, "standardize(reference)")
         Z = X / s.astype(np.float32)
