@@ -8,19 +8,23 @@ from contextlib import contextmanager
 
 import click
 
+from riskpipe.app.compose import build_pipeline
+from riskpipe.app.config import ConfigError, load_config
+from riskpipe.app.runner import default_ledger_path, run_stage, run_workers
 from riskpipe.cli.common import fail
+from riskpipe.context import ContextError
+from riskpipe.ledger import LedgerError
+from riskpipe.metrics import StageMetrics
+from riskpipe.policy import PolicyError
 from riskpipe.redaction import redact
+from riskpipe.stream.infra import InfrastructureUnavailable
+from riskpipe.stream.stage import GuardTripped
 
 
 @contextmanager
 def startup_errors(config_path: str | None):
     """A policy, model entry, reference set or ledger that cannot be used ends the
     command with one line naming it (never a traceback)."""
-    # lazy: sklearn and scipy off the CLI start-up path
-    from riskpipe.app.config import ConfigError
-    from riskpipe.context import ContextError
-    from riskpipe.ledger import LedgerError
-    from riskpipe.policy import PolicyError
 
     try:
         yield
@@ -103,7 +107,6 @@ def _pairs(option: str, values, what: str) -> dict[str, str] | None:
 def _stage_config(config_path, models, references, max_events, max_wait_ms, input_topic, certify_batch_size, **given):
     """The config file with the command line's values over it (``given``: the options that
     ``load_config`` takes as they are); --certify-batch-size wins over every config value."""
-    from riskpipe.app.config import ConfigError, load_config  # lazy: kafka and psycopg off the CLI start-up path
 
     model_map = _pairs("--model", models, "SPEC")
     reference_map = _pairs("--reference", references, "PATH")
@@ -123,7 +126,6 @@ def _stage_config(config_path, models, references, max_events, max_wait_ms, inpu
 
 def _with_ledger(config, ledger: str | None, no_ledger: bool):
     """--no-ledger, else --ledger, else the config's, else the data directory's default."""
-    from riskpipe.app.runner import default_ledger_path  # lazy: torch and sklearn off the CLI start-up path
 
     if no_ledger:
         return config.model_copy(update={"ledger": None})
@@ -152,9 +154,6 @@ def _worker_argv(argv: list[str]) -> list[str]:
 
 def _run_workers(config, config_path: str | None, workers: int) -> None:
     """Start ``workers`` processes of this command in one consumer group; exits with their status."""
-    # lazy: torch and sklearn off the CLI start-up path
-    from riskpipe.app.compose import build_pipeline
-    from riskpipe.app.runner import run_workers
 
     with startup_errors(config_path):  # fail once, here, not in every worker; warms the caches
 
@@ -165,19 +164,13 @@ def _run_workers(config, config_path: str | None, workers: int) -> None:
 def _run_one(config, config_path: str | None, source: str | None, sink: str | None, idle_exit: float | None,
              serve_metrics: bool):
     """The stage in this process, with its /metrics server when a port is configured; its stats."""
-    from riskpipe.app.runner import run_stage  # lazy: torch and sklearn off the CLI start-up path
 
     server = None
     with startup_errors(config_path):
-        from riskpipe.metrics import StageMetrics  # lazy: prometheus_client off the CLI start-up path
-
         metrics = StageMetrics()
         if config.metrics_port is not None and serve_metrics:
             server = metrics.serve(config.metrics_port, config.metrics_addr)
             click.echo(f"metrics on {server.url}", err=True)
-        # lazy: torch and sklearn off the CLI start-up path
-        from riskpipe.stream.infra import InfrastructureUnavailable
-        from riskpipe.stream.stage import GuardTripped
 
         try:
             return run_stage(config, source, sink, metrics=metrics, idle_exit_s=idle_exit)
