@@ -23,7 +23,6 @@ Writes bench/results/predict_only.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -38,7 +37,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import best_forward, table, write_results  # noqa: E402
+from common import best_forward, certificates_digest, table, write_results  # noqa: E402
 
 BASE = "29d5893"  # main just before the predict-only speed changes
 EXAMPLE = ROOT / "examples" / "tabular"
@@ -94,9 +93,7 @@ def worker(config: str, model: str, events_path: str, batch: int) -> dict:
     assert len(audit) == len(evs), (len(audit), len(evs), res.read("dlq")[:1])
     evals = float(np.mean([r["certificate"]["n_samples"] for r in audit]))
     fwd = (fwd_before[0] + fwd_after[0]) / 2
-    keep = ("radius", "certified", "predicted_class", "n_samples", "p_lower", "reason")
-    digest = hashlib.sha256(json.dumps([(r["id"], r["decision"], {k: r["certificate"].get(k) for k in keep})
-                                        for r in audit], sort_keys=True).encode()).hexdigest()
+    digest = certificates_digest(audit)
     limit = fwd / evals
     return {"decisions_per_s": len(evs) / wall, "wall_s": wall, "evals_per_decision_mean": evals,
             "best_predict_samples_per_s": fwd, "best_predict_batch": max(fwd_before, fwd_after)[1],

@@ -52,7 +52,7 @@ def run_offline(pipeline, values, tmp: Path, on_batch=None):
     return stats, time.perf_counter() - t0
 
 
-def run_broker(pipeline, values, on_batch=None, ledger=None):
+def run_broker(pipeline, values, on_batch=None, ledger=None, on_record=None):
     """``values`` through the embedded broker; returns (stats, seconds, join seconds).
 
     The stage starts first and joins its group (that one-off join is timed apart, as
@@ -70,6 +70,7 @@ def run_broker(pipeline, values, on_batch=None, ledger=None):
                           batch={"max_events": 256, "max_wait_ms": 50})
         stage = build_stage(cfg, pipeline=pipeline, ledger=ledger)
         stage.observer.on_batch = on_batch
+        stage.observer.on_record = on_record
         th = threading.Thread(target=stage.run, daemon=True)
         t_join = time.perf_counter()
         th.start()

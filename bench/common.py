@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -68,3 +69,14 @@ def best_forward(model, batch_sizes=(256, 1024, 4096, 16384), seconds: float = 1
         rate = n / (time.perf_counter() - t0)
         best = max(best, (rate, bs))
     return best
+
+
+CERTIFICATE_KEYS = ("radius", "certified", "predicted_class", "n_samples", "p_lower", "reason")
+
+
+def certificates_digest(audit: list[dict]) -> str:
+    """sha256 over every audit record's id, decision and certificate (what a seed decides;
+    not its timing), in id order: equal digests, same certificates."""
+    rows = sorted(([r["id"], r["decision"], {k: r["certificate"].get(k) for k in CERTIFICATE_KEYS}] for r in audit),
+                  key=lambda row: row[0])
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
