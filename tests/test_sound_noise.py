@@ -61,3 +61,45 @@ def test_lattice_floats_are_the_float64_expression_on_every_path():
     assert a.dtype == torch.int64  # coordinates past int32: the sum stays exact in int64
     noise = torch.tensor([[5, -7]], dtype=torch.int32)
     assert torch.equal(far.perturb(a, noise.clone()), ((a + noise).double() * far.step + far.origin).float())
+
+
+def _reference_draw(s: SoundSampler, n: int, seed: int) -> np.ndarray:
+    """The module docstring's draw, written plainly: the bucket b of every coordinate from a
+    quarter of a 64-bit word, then the low 46 bits of the coordinates whose bucket holds a
+    threshold, in position order, and j = #{T_i <= u} - J."""
+    gen = torch.Generator().manual_seed(seed)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None, generator=gen)
+    b = words.numpy().view(np.uint16)[:n].astype(np.int64)
+    t = s._thresholds
+    hard = np.flatnonzero(np.searchsorted(t, b << _LOW_BITS, side="right")
+                          != np.searchsorted(t, ((b + 1) << _LOW_BITS) - 1, side="right"))
+    u = b << _LOW_BITS
+    if len(hard):
+        u[hard] |= torch.empty(len(hard), dtype=torch.int64).random_(0, 1 << _LOW_BITS, generator=gen).numpy()
+    return np.searchsorted(t, u, side="right") - s.J
+
+
+@pytest.mark.parametrize("sigma,levels", [(0.25, 255), (0.5, 16), (0.12, 65535)])
+@pytest.mark.parametrize("shape", [(128, 3, 32, 32), (48, 3, 32, 32), (5, 13), (7,), (3,), (0, 4)])
+def test_draw_is_the_plain_reference_bit_for_bit(sigma, levels, shape):
+    """The fast draw (codes gathered in place, hard codes found by column minima or, where
+    they are common, by a full compare) uses the generator's bits exactly as the plain
+    reference does: same seed, same j, whatever the shape (cut words, ragged columns)."""
+    s = _sampler(sigma, levels)
+    out = s.new_buffer(shape[0], shape[1:], "cpu")
+    s.draw(out, torch.Generator().manual_seed(11))
+    want = _reference_draw(s, out.numel(), 11)
+    assert np.array_equal(out.numpy().reshape(-1), want)
+    if out.numel() >= 3072:
+        assert (want != np.searchsorted(s._thresholds, 0) - s.J).any()  # not a degenerate draw
+
+
+def test_hard_positions_on_both_paths():
+    for sigma, levels in [(0.25, 255), (0.12, 65535)]:  # rare hard buckets (column minima) and common ones
+        s = _sampler(sigma, levels)
+        s._tables("cpu")
+        for n in (0, 1, 7, 8, 9, 64, 1000, 4099):
+            j = torch.randint(-5, 5, (n,), dtype=torch.int32, generator=torch.Generator().manual_seed(n))
+            j[torch.randperm(n, generator=torch.Generator().manual_seed(1))[: n // 3]] = _HARD
+            j[-1:] = _HARD  # the last coordinate, in the ragged tail when n % 8 != 0
+            assert torch.equal(s._hard_positions(j), torch.nonzero(j == _HARD).squeeze(1)), (sigma, n)
