@@ -89,6 +89,7 @@ _HARD = -(1 << 31)  # bucket code: a threshold lies inside the bucket (never a j
 _VALUE_TABLE_MAX = 1 << 22  # perturb: lattice floats by table lookup when the batch spans fewer points
 _UINT16 = getattr(torch, "uint16", None)  # the bucket index read straight from the words (torch >= 2.3)
 _SCAN = 8  # draw: rows j is folded into to find the rare hard codes by a column-wise minimum
+_SCAN_MIN = 1 << 15  # ... from this many coordinates on (below, its extra calls cost more than it saves)
 
 
 class GridError(ValueError):
@@ -238,7 +239,7 @@ class SoundSampler:
         vectorised reduction) are searched: a compare and ``nonzero`` over every coordinate
         cost more than the gather that made j."""
         n = j.numel()
-        if self._hard_share * _SCAN > 0.25 or n < _SCAN:
+        if self._hard_share * _SCAN > 0.25 or n < _SCAN_MIN:  # common, or too few for the fold to pay
             return torch.nonzero(j == _HARD).squeeze(1)
         cols = n // _SCAN
         hit = torch.nonzero(j[: cols * _SCAN].view(_SCAN, cols).amin(0) == _HARD).squeeze(1)
