@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 from collections.abc import Callable
+from functools import lru_cache
 from datetime import UTC, datetime
 from typing import Any
 
@@ -207,14 +209,13 @@ def facts_of(seq: int, kind: str, entry_id: str, record: dict[str, Any]) -> Row 
         return None
 
     t = _epoch(record.get("ts"))
-    when = datetime.fromtimestamp(t, UTC) if t is not None else None
+    hour, day = _hour_day(hour_of(t)) if t is not None else (None, None)
     row = dict.fromkeys(NAMES)
-    row.update(seq=seq, kind=kind, entry_id=entry_id, t=t,
-               hour=when.strftime("%Y-%m-%dT%H:00Z") if when else None, day=when.strftime("%Y-%m-%d") if when else None)
+    row.update(seq=seq, kind=kind, entry_id=entry_id, t=t, hour=hour, day=day)
     if kind == "dlq":
         row.update(dlq_reason=str(record.get("reason")),
                    dlq_source=str(_get(record, "source", "topic") or _get(record, "source", "file")))
-        return tuple(row[c] for c in NAMES)
+        return _ROW(row)
     cert, review, model, policy = (record.get(k) for k in ("certificate", "review", "model", "policy"))
     abstained = _get(cert, "abstained") is True
     prio = _get(review, "priority")
@@ -244,7 +245,18 @@ def facts_of(seq: int, kind: str, entry_id: str, record: dict[str, Any]) -> Row 
         reasons=_list_text(record.get("reasons")), controls=_list_text(record.get("controls")),
         p_lower=_num(_get(cert, "p_lower")),
     )
-    return tuple(row[c] for c in NAMES)
+    return _ROW(row)
+
+
+_ROW = operator.itemgetter(*NAMES)  # a facts row's values, in column order
+
+
+@lru_cache(maxsize=4096)
+def _hour_day(h: int) -> tuple[str, str]:
+    """The ``hour`` and ``day`` texts of hour number ``h`` (``hour_of``): one strftime
+    pair per hour rather than per row."""
+    when = datetime.fromtimestamp(h * 3600, UTC)
+    return when.strftime("%Y-%m-%dT%H:00Z"), when.strftime("%Y-%m-%d")
 
 
 def _priority_key(prio: Any) -> int:
@@ -256,9 +268,18 @@ def _priority_key(prio: Any) -> int:
 
 def _list_text(v: Any) -> str:
     """A list field as canonical JSON text (``[]`` when absent), grouped on in SQL and
-    expanded in Python: the distinct combinations are few."""
-    return json.dumps(list(v) if isinstance(v, (list, tuple)) else [], sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False, default=str)
+    expanded in Python: the distinct combinations are few (so a list of texts is
+    encoded once per combination)."""
+    if not isinstance(v, (list, tuple)):
+        return "[]"
+    if all(type(x) is str for x in v):
+        return _texts_json(tuple(v))
+    return json.dumps(list(v), sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+@lru_cache(maxsize=4096)
+def _texts_json(v: tuple[str, ...]) -> str:
+    return json.dumps(list(v), separators=(",", ":"), ensure_ascii=False)
 
 
 def insert(db: Db, rows: list[tuple[int, str, str, dict[str, Any]]]) -> None:

@@ -82,6 +82,7 @@ see ``stream/outputs.py``); periodic checkpoints belong in ``after_commit``.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -119,6 +120,8 @@ class Outcome:
     certify_seconds: float = 0.0
     written: Future | None = None  # steps 1-2 on the writer thread (``Committer.submit``)
     pending: dict[str, dict] = field(default_factory=dict)  # id -> record, until its row is known written
+    ledger_seconds: float = 0.0  # step 1, on the writer thread
+    waited: float = 0.0  # the stage thread's wait for steps 1-2: what the overlap did not hide
 
     def dead_positions(self) -> set[tuple[str, int, int]]:
         return {(d.message.topic, d.message.partition, d.message.offset) for d in self.dead}
@@ -156,7 +159,9 @@ class Committer:
         outcome.written = self._writer.submit(self._write_and_send, outcome, sink)
 
     def _write_and_send(self, outcome: Outcome, sink: Sink) -> None:
+        t0 = time.perf_counter()
         self.write_ledger(outcome, self._writer_ledger)
+        outcome.ledger_seconds = time.perf_counter() - t0
         for d in outcome.decided + outcome.redelivered:
             for o in d.outputs:
                 sink.send(o.topic, o.key, o.value, o.headers)
@@ -176,7 +181,11 @@ class Committer:
         """Steps 3-4, once 1-2 are done (what they raised is raised here): every ack,
         then the batch's offsets."""
         if outcome.written is not None:
-            outcome.written.result()
+            t0 = time.perf_counter()
+            try:
+                outcome.written.result()
+            finally:
+                outcome.waited = time.perf_counter() - t0
         sink.flush()
         source.commit(outcome.messages)
 

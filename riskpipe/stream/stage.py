@@ -237,7 +237,9 @@ class Stage:
         self.observer.polled()
         if self.batcher.ready(source.exhausted, self.stopping.is_set()):
             self._flush()
-        else:  # no next batch to overlap with: finish the one in flight now
+        elif not self.batcher.buffer or self._in_flight_written():
+            # no next batch forming (or nothing left to wait for): finish the one in flight
+            # now; while a next batch forms and the ledger still writes this one, poll on
             self._complete_in_flight()
         self.observer.lag(source)
         return got
@@ -268,6 +270,11 @@ class Stage:
         if not overlap:
             self._complete_in_flight()
         return outcome
+
+    def _in_flight_written(self) -> bool:
+        """Whether the batch in flight (if any) is past steps 1-2 (ledger rows, sends)."""
+        o = self.in_flight
+        return o is None or o.written is None or o.written.done()
 
     def _complete_in_flight(self) -> None:
         """Acks, offsets and observation of the batch in flight, if any."""
