@@ -104,7 +104,6 @@ def ledger_section(pipeline, n: int, rounds: int, tmp: Path, broker: bool) -> di
     writer thread's time in the ledger (``Outcome.ledger_seconds``) and the stage
     thread's wait for it (``Outcome.waited``: what the overlap did not hide)."""
     from pgserver import PostgresServer
-
     from riskpipe.ledger import open_ledger
 
     out: dict = {"mode": "broker" if broker else "offline", "events": n, "rounds": []}

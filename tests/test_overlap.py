@@ -3,7 +3,9 @@ offset moves only after every output of its batch is acknowledged and in the led
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 import time
 
 import numpy as np
@@ -173,3 +175,61 @@ def test_kill_9_with_batches_in_flight_loses_no_output(tmp_path) -> None:
     assert {m.key.decode() for m in out["audit"]} == want
     assert {m.key.decode() for m in out["decisions"]} == want
     assert all(json.loads(m.value)["id"] == m.key.decode() for m in out["audit"])
+
+
+def test_a_forming_batch_is_polled_while_the_ledger_writes_the_one_in_flight(tmp_path, cnn_pipeline) -> None:
+    """Messages arrive one per poll and batches close by size: while batch 2 forms, the
+    stage keeps polling instead of blocking on batch 1's ledger write (which here waits
+    until batch 2's last message has been polled; blocking would time it out). The
+    committer records the writer's ledger time and the stage thread's wait for it."""
+    from riskpipe.app.config import load_config
+    from riskpipe.ledger.sqlite import SqliteLedger
+    from riskpipe.stream.stage import Stage
+
+    log: list = []
+    slow: list[tuple[bool, float]] = []
+
+    class OnePerPoll(ListSource):
+        def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
+            out = super().poll(1, timeout_ms)
+            log.extend(("poll", m.offset) for m in out)
+            return out
+
+    class SlowLedger(SqliteLedger):
+        def append_entries(self, entries, inputs=()):
+            entries = list(entries)
+            if any(k == "decision" and r["id"] == "e1" for k, r, _ in entries):
+                t0 = deadline = time.monotonic()
+                deadline += 10
+                while ("poll", 3) not in log and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                slow.append((("poll", 3) in log, time.monotonic() - t0))
+            return super().append_entries(entries, inputs)
+
+    outcomes: list = []
+    with SlowLedger(str(tmp_path / "l.sqlite")) as led:
+        cfg = load_config(None, batch={"max_events": 2, "max_wait_ms": 60_000})
+        stage = Stage(cfg, cnn_pipeline, lambda r: OnePerPoll(six_events(), log), lambda: LoggingSink(log),
+                      ledger=led, after_commit=[outcomes.append])
+        stats = stage.run()
+        stored = {e.entry_id for e in led.records(kind="decision")}
+    assert stats.decided == 6 and stored == {f"e{i}" for i in range(6)}
+    assert [x[0] for x in slow] == [True], slow
+    assert [x[1] for x in log if x[0] == "commit"] == [(0, 1), (2, 3), (4, 5)]
+    assert [len(o.messages) for o in outcomes] == [2, 2, 2]
+    assert outcomes[0].ledger_seconds >= slow[0][1] and all(o.ledger_seconds > 0 for o in outcomes)
+    assert all(o.waited >= 0 for o in outcomes)
+
+
+def test_postgresql_plain_inserts_go_through_copy() -> None:
+    """The facts rows and tree nodes (plain inserts) are sent as COPY on PostgreSQL; the
+    entries insert, which skips duplicates (ON CONFLICT), is not."""
+    from riskpipe.ledger import facts, tree
+    from riskpipe.ledger.postgres import _PLAIN_INSERT
+
+    assert _PLAIN_INSERT.fullmatch(facts._INSERT)
+    nodes = re.findall(r'"(INSERT INTO tree_nodes [^"]*)"', inspect.getsource(tree))
+    assert nodes and all(_PLAIN_INSERT.fullmatch(s) for s in nodes)
+    assert not _PLAIN_INSERT.fullmatch(facts._ADD_COUNTS)
+    assert not _PLAIN_INSERT.fullmatch("INSERT INTO entries (kind, entry_id, ts, record, scope) VALUES (?,?,?,?,?) "
+                                       "ON CONFLICT (kind, entry_id, scope) DO NOTHING")

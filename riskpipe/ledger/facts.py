@@ -30,8 +30,8 @@ import hashlib
 import json
 import operator
 from collections.abc import Callable
-from functools import lru_cache
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from riskpipe.ledger.chain import LedgerError, parse_ts
@@ -248,7 +248,7 @@ def facts_of(seq: int, kind: str, entry_id: str, record: dict[str, Any]) -> Row 
     return _ROW(row)
 
 
-_ROW = operator.itemgetter(*NAMES)  # a facts row's values, in column order
+_ROW: Callable[[dict[str, Any]], Row] = operator.itemgetter(*NAMES)  # a facts row's values, in column order
 
 
 @lru_cache(maxsize=4096)

@@ -51,9 +51,11 @@ exits non-zero from the same state: nothing further committed.
 Overlap: the stage loop calls ``submit`` for batch k, which hands steps 1-2 to the
 committer's one writer thread (its own ledger connection, ``Ledger.another_connection``)
 and returns at once; it calls ``complete`` (wait for 1-2, then 3-5) only after it has
-handled (certified) batch k+1. So the ledger's transaction and commit wait (SQLite's
+handled (certified) batch k+1, or at a turn where no batch k+1 is forming (nothing
+buffered) or 1-2 of k are done; while k+1 forms and the writer is still on k, the stage
+polls on rather than wait. So the ledger's transaction and commit wait (SQLite's
 fsync, PostgreSQL's round trips and WAL flush) and the broker's acks for k all happen
-while k+1 is certified. The invariant holds for each batch in flight:
+while k+1 is read and certified. The invariant holds for each batch in flight:
 
 * ledger rows, then outputs: 1 and 2 run in that order on the one writer thread, so
   nothing of k is sent unless k's transaction committed; a row the ledger refuses is
