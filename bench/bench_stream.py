@@ -102,7 +102,10 @@ def ledger_section(pipeline, n: int, rounds: int, tmp: Path, broker: bool) -> di
     Offline (JSONL source, no broker) the stage is CPU-bound and the figure is steady;
     through the embedded broker it is what production sees, and noisier. Per batch, the
     writer thread's time in the ledger (``Outcome.ledger_seconds``) and the stage
-    thread's wait for it (``Outcome.waited``: what the overlap did not hide)."""
+    thread's wait for it (``Outcome.waited``: what the overlap did not hide), and the
+    process's CPU time per decision (all its threads; not the broker's or PostgreSQL's
+    processes): on a loaded machine the wall-clock ratio swings with the neighbours,
+    the CPU cost of the ledger much less."""
     from pgserver import PostgresServer
     from riskpipe.ledger import open_ledger
 
@@ -116,6 +119,7 @@ def ledger_section(pipeline, n: int, rounds: int, tmp: Path, broker: bool) -> di
                 led = open_ledger(target) if target else None
                 batches: list = []
                 values = events(n, f"l{r}{backend[0]}{'b' if broker else 'o'}")
+                cpu = time.process_time()
                 try:
                     if broker:
                         stats, secs, _ = run_broker(pipeline, values, ledger=led, after_commit=[batches.append])
@@ -125,16 +129,21 @@ def ledger_section(pipeline, n: int, rounds: int, tmp: Path, broker: bool) -> di
                     if led is not None:
                         led.close()
                 row[backend] = stats.decided / secs
+                row[f"{backend}_cpu_ms_per_decision"] = 1000 * (time.process_time() - cpu) / stats.decided
                 row[f"{backend}_ledger_ms_per_batch"] = 1000 * float(np.mean([o.ledger_seconds for o in batches]))
                 row[f"{backend}_waited_ms_per_batch"] = 1000 * float(np.mean([o.waited for o in batches]))
                 row[f"{backend}_batches"] = len(batches)
             row["ratio_sqlite_vs_none"] = row["sqlite"] / row["none"]
             row["ratio_postgresql_vs_none"] = row["postgresql"] / row["none"]
+            for b in BACKENDS[1:]:
+                row[f"cpu_{b}_vs_none"] = row[f"{b}_cpu_ms_per_decision"] / row["none_cpu_ms_per_decision"]
             print(f"{out['mode']} round {r + 1}: " + ", ".join(
-                f"{k} {row[k]:.3g}" for k in (*BACKENDS, "ratio_sqlite_vs_none", "ratio_postgresql_vs_none")),
+                f"{k} {row[k]:.3g}" for k in (*BACKENDS, "ratio_sqlite_vs_none", "ratio_postgresql_vs_none",
+                                              "cpu_sqlite_vs_none", "cpu_postgresql_vs_none")),
                 flush=True)
             out["rounds"].append(row)
-    keys = ("ratio_sqlite_vs_none", "ratio_postgresql_vs_none", *BACKENDS,
+    keys = ("ratio_sqlite_vs_none", "ratio_postgresql_vs_none", "cpu_sqlite_vs_none", "cpu_postgresql_vs_none",
+            *BACKENDS, *(f"{b}_cpu_ms_per_decision" for b in BACKENDS),
             *(f"{b}_{m}_ms_per_batch" for b in BACKENDS[1:] for m in ("ledger", "waited")))
     for k in keys:
         vals = sorted(x[k] for x in out["rounds"])
@@ -149,6 +158,9 @@ def ledger_table(sections: list[dict]) -> str:
             k = f"ratio_{b}_vs_none"
             rows.append((f"{led['mode']}: {b} / no ledger (min / median / max)",
                          f"{led[k]['min']:.2f} / {led[k]['median']:.2f} / {led[k]['max']:.2f}", ">= 0.95"))
+            k = f"cpu_{b}_vs_none"
+            rows.append((f"{led['mode']}: {b} / no ledger, process CPU per decision",
+                         f"{led[k]['min']:.2f} / {led[k]['median']:.2f} / {led[k]['max']:.2f}", ""))
             rows.append((f"{led['mode']}: {b} ledger ms / stage waited ms, per batch (median)",
                          f"{led[f'{b}_ledger_ms_per_batch']['median']:.1f} / "
                          f"{led[f'{b}_waited_ms_per_batch']['median']:.1f}", ""))
@@ -161,7 +173,7 @@ def main() -> None:
     ap.add_argument("--memory-events", type=int, default=100_000)
     ap.add_argument("--ledger-events", type=int, default=2000, help="events per run of the ledger comparison")
     ap.add_argument("--ledger-rounds", type=int, default=5)
-    ap.add_argument("--offline-ledger-events", type=int, default=3000,
+    ap.add_argument("--offline-ledger-events", type=int, default=2000,
                     help="events per run of the offline ledger comparison (0: skip it)")
     ap.add_argument("--only-ledger", action="store_true",
                     help="just the ledger comparison (bench/results/stream_ledger.json)")
