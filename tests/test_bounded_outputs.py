@@ -256,7 +256,7 @@ def test_an_ingested_dead_letter_without_its_payload_keeps_the_payloads_digest()
     import hashlib
     from types import SimpleNamespace
 
-    from riskpipe.cli.ledger_cmd import message_entries
+    from riskpipe.cli.ledger_impl import message_entries
 
     payload = b"z" * 300_000
     out = dead_letter_output(Message(payload, "inferences", 1, 9), "output_too_large", "emit: too big", "dlq",

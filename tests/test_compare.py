@@ -9,7 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from riskpipe.certify import Certificate
-from riskpipe.cli.compare_cmd import compare, parse_grid
+from riskpipe.cli.compare_cmd import compare
+from riskpipe.cli.compare_impl import parse_grid
 from riskpipe.compare import CompareConfig, certified_accuracy, render, run_compare
 
 

@@ -122,7 +122,7 @@ def test_cli_config_error_is_one_line_without_traceback(user, tmp_path, workers)
 def test_workers_get_the_command_line_without_the_parents_options():
     """`run --workers N` starts each worker with the same arguments less --workers and
     --metrics-port (the parent serves the aggregated /metrics), in either spelling."""
-    from riskpipe.cli.run_cmd import _worker_argv
+    from riskpipe.cli.run_impl import _worker_argv
 
     argv = ["--config", "c.yaml", "--workers", "3", "--metrics-port=9100", "--source", "jsonl:e.jsonl",
             "--workers=3", "--metrics-port", "9100", "-v"]

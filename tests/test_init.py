@@ -271,7 +271,7 @@ def test_init_proposes_the_sound_sampler_exactly_when_the_reference_set_is_quant
 def test_policy_versions_tell_the_policies_init_writes_apart():
     import datetime
 
-    from riskpipe.cli.init_cmd import policy_version
+    from riskpipe.cli.init_impl import policy_version
 
     a = {"metadata": {"name": "cnn", "description": "x"}, "certifier": {"sigma": 0.25}}
     b = {"metadata": {"name": "credit", "description": "x"}, "certifier": {"sigma": 0.25}}
@@ -284,7 +284,7 @@ def test_policy_versions_tell_the_policies_init_writes_apart():
 
 
 def test_reference_warnings_thresholds():
-    from riskpipe.cli.init_cmd import reference_warnings
+    from riskpipe.cli.init_impl import reference_warnings
 
     assert reference_warnings(300, {0: 150, 1: 150}) == []
     w = reference_warnings(299, {0: 280, 1: 19})
@@ -294,7 +294,7 @@ def test_reference_warnings_thresholds():
 def test_init_trial_that_decides_nothing_fails_with_the_reason(tmp_path, digits_test):
     """Every trial input dead-lettered (here: values outside the demo model's range [0, 1]) is a
     failure with the reason, never a success line."""
-    from riskpipe.cli.init_cmd import TrialError, _trial
+    from riskpipe.cli.init_impl import TrialError, _trial
 
     X, _ = digits_test
     (tmp_path / "riskpipe.yaml").write_text("models:\n  digits:\n    spec: demo:digits\n")

@@ -1,6 +1,8 @@
 """The ``riskpipe`` command. Subcommands live in their own modules and load only when
 named: ``riskpipe --help`` and command-name completion print from ``COMMANDS`` and
-import no command module (so no torch, pydantic, kafka or psycopg)."""
+import no command module (so no torch, pydantic, kafka or psycopg). A command module
+(``NAME_cmd.py``) declares only the options; the command imports its body (``NAME_impl.py``)
+when it runs, so ``riskpipe NAME --help`` stays as light (docs/architecture.md, section 4)."""
 
 from __future__ import annotations
 

@@ -2,23 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import click
-
-from riskpipe.cli.common import fail
-from riskpipe.evaluate import FORMATS, EvaluationError, Settings, parse_budgets, run_evaluation, write_report
-from riskpipe.models import ModelError
-from riskpipe.policy import PolicyError
-
-
-def _formats(ctx, param, value: str) -> tuple[str, ...]:
-    fmts = tuple(f.strip().lower() for f in value.split(",") if f.strip())
-    bad = [f for f in fmts if f not in FORMATS]
-    if bad or not fmts:
-        raise click.BadParameter(f"{bad[0] if bad else value!r} is not one of {', '.join(FORMATS)}")
-    return fmts
 
 
 @click.command()
@@ -44,43 +28,17 @@ def _formats(ctx, param, value: str) -> tuple[str, ...]:
                    "score-based PGD on NES estimates where the model gives scores, else HopSkipJump).")
 @click.option("--attempts", type=int, default=None, help="Attempts per attacker (default: a fifth of the inputs).")
 @click.option("--out", "out_dir", default="evaluation", show_default=True, help="Output directory.")
-@click.option("--format", "formats", default="html,md,json", show_default=True, callback=_formats,
+@click.option("--format", "formats", default="html,md,json", show_default=True,
               help="Comma-separated: html, md, json.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--base-attack", is_flag=True, help="Attack the base model even when the policy smooths.")
 @click.option("--upstream-risk", type=float, default=None,
               help="upstream_risk sent with every clean and attacked event (default: none sent).")
-def evaluate(model_spec, config_path, reference, policies, data, budgets, shift_budgets, n, steps, queries, attempts,
-             out_dir, formats, seed, device,
-             base_attack, upstream_risk):
+def evaluate(**options):
     """Evaluate POLICY on clean and attacked traffic: reviewer workload, where successful
     adversarial examples go, certified adversarial examples (Theorem 1), norm shift
     (Theorem 2), and what a certificate-guided attacker gains over a public-only one."""
+    from riskpipe.cli import evaluate_impl  # lazy: the body's imports (torch, kafka, ...) stay off --help
 
-    for p in policies:
-        if not Path(p).is_file():
-            fail(f"policy {p}: file not found")
-    if attempts is not None and attempts < 1:
-        fail(f"attempts: must be >= 1, got {attempts}")
-    try:
-        settings = Settings(model=model_spec, config=config_path, reference=reference, policies=tuple(policies),
-                            data=data, n=n or None,
-                            budgets=parse_budgets(budgets), shift_budgets=parse_budgets(shift_budgets, "shift-budgets"),
-                            steps=steps, queries=queries, attempts=attempts, seed=seed, device=device,
-                            smoothed_attack=not base_attack, upstream_risk=upstream_risk)
-        out = Path(out_dir)
-
-        def progress(msg: str) -> None:
-            click.echo(f"riskpipe evaluate: {msg}", err=True)
-
-        result = run_evaluation(settings, out / "stage", progress=progress)
-    except (EvaluationError, ModelError, PolicyError) as e:
-        fail(str(e))
-    except (RuntimeError, AssertionError) as e:
-        if device != "cpu":
-            fail(f"device {device}: {e}")
-        raise
-    for path in write_report(result, out, formats):
-        click.echo(str(path))
-    sys.stdout.flush()
+    evaluate_impl.evaluate(**options)

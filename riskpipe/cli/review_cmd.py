@@ -2,17 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-import signal
-import sys
-
 import click
-
-from riskpipe.cli.common import fail
-from riskpipe.ledger import LedgerError
-from riskpipe.redaction import redact
-from riskpipe.review.server import ConsoleServer
-from riskpipe.review.settings import SettingsError, resolve_settings
 
 
 @click.command()
@@ -26,50 +16,12 @@ from riskpipe.review.settings import SettingsError, resolve_settings
               help="riskpipe.yaml (reads its `review:` section).")
 @click.option("--password-file", type=click.Path(dir_okay=False),
               help="File whose first line is the shared reviewer password (else RISKPIPE_REVIEW_PASSWORD).")
-def review(ledger_path, bootstrap_servers, review_topic, outcomes_topic, host, port, config_path, password_file):
+def review(**options):
     """Serve the review console: the queue, each item with its certificate, and verdicts.
 
     Reviewers log in with a password from --password-file, RISKPIPE_REVIEW_PASSWORD or
     the config file's review.users / review.password; there is no default credential.
     """
+    from riskpipe.cli import review_impl  # lazy: the body's imports (torch, kafka, ...) stay off --help
 
-    try:
-        settings = resolve_settings(
-            ledger=ledger_path, config_path=config_path, password_file=password_file,
-            bootstrap_servers=bootstrap_servers, review_topic=review_topic, outcomes_topic=outcomes_topic,
-            host=host, port=port,
-        )
-    except SettingsError as e:
-        fail(str(e))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # kafka-python logs every reconnect attempt; the console logs what matters to a reviewer itself
-    logging.getLogger("kafka").setLevel(logging.CRITICAL)
-    try:
-        server = ConsoleServer(settings)
-    except (OSError, LedgerError) as e:
-        fail(str(e))
-    except Exception as e:  # noqa: BLE001 - kafka-python raises its own errors for an unreachable broker
-        fail(f"--bootstrap-servers {settings.bootstrap_servers}: cannot reach the broker ({e})")
-    users = sorted(settings.credentials.users)
-    who = f"users {', '.join(users)}" if users else "the shared password"
-    if users and settings.credentials.shared:
-        who += " or the shared password"
-    click.echo(f"riskpipe review: console at {server.url} (login with {who})")
-    click.echo(f"riskpipe review: ledger {redact(settings.ledger)}: {server.counts['decision']} decision(s), "
-               f"{server.counts['verdict']} verdict(s)")
-    if settings.bootstrap_servers:
-        click.echo(f"riskpipe review: reading {settings.review_topic}, publishing verdicts to "
-                   f"{settings.outcomes_topic} on {settings.bootstrap_servers}")
-    click.echo("riskpipe review: /metrics carries review counters only (no record content); Ctrl-C stops")
-    sys.stdout.flush()  # the address must reach a pipe (a supervisor, the demo) before serving blocks
-
-    def _interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    # explicit: a process started with SIGINT ignored (nohup, `cmd &`) would otherwise never stop on Ctrl-C
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    review_impl.review(**options)

@@ -1,0 +1,450 @@
+"""The bodies of the ``riskpipe ledger`` subcommands, imported when one runs (their options:
+riskpipe/cli/ledger_cmd.py), and ledger ingest's consumer."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import numpy as np
+from kafka import OffsetAndMetadata
+from kafka.errors import KafkaError
+
+from riskpipe import kafka_clients
+from riskpipe.app.config import ConfigError, load_config
+from riskpipe.cli.common import fail, read_inputs, read_public_keys, working
+from riskpipe.ledger import KINDS, LedgerError, canonical_json, dlq_record, merkle, open_ledger, policy_record
+from riskpipe.ledger.anchors import Checkpoint
+from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint, publish, read_checkpoint_file, verify_ledger
+from riskpipe.ledger.receipt import find_decisions, make_receipt
+from riskpipe.ledger.receipt import verify_receipt as check
+from riskpipe.models import ModelError
+from riskpipe.redaction import redact
+from riskpipe.report.replay import ReplayError, stage_entry
+from riskpipe.report.replay import replay as do_replay
+from riskpipe.timestamps import from_epoch, rfc3339_micros, rfc3339_seconds
+
+# which ledger kind a topic's messages become (``--topic NAME=KIND`` overrides)
+TOPIC_KINDS = {"audit": "decision", "review-outcomes": "verdict", "dlq": "dlq"}
+
+
+def kafka_settings(config_path: str | None, bootstrap_servers: str | None):
+    """Kafka connection and security settings from ``--config`` (riskpipe.yaml, ``${VAR}``
+    expanded) with ``--bootstrap-servers`` on top; a bad file fails with one line."""
+    try:
+        config = load_config(config_path, bootstrap_servers=bootstrap_servers)
+    except ConfigError as e:
+        fail(str(e))
+    if bootstrap_servers is None and "bootstrap_servers" not in config.model_fields_set:
+        fail("--bootstrap-servers: required (or `bootstrap_servers:` in --config)")
+    return config.kafka()
+
+
+def read_private_key(path: str):
+    """The signing key ``--key`` names; one line and exit 2 when it cannot be read."""
+    try:
+        return load_private_key(path)
+    except LedgerError as e:
+        fail(str(e))
+
+
+def _open(path: str, must_exist: bool = True):
+    """The ledger PATH names (a file, sqlite:///PATH or postgresql://...); one-line errors."""
+
+    try:
+        return open_ledger(path, create=not must_exist)
+    except LedgerError as e:
+        fail(str(e))
+
+
+def verify(path, expect_head, expect_count, public_keys, checkpoint_file, as_json):
+    if checkpoint_file and not public_keys:
+        fail("--checkpoints: needs --public-key to check the signatures")
+    keys = read_public_keys(public_keys)
+    try:
+        external = read_checkpoint_file(checkpoint_file) if checkpoint_file else []
+    except LedgerError as e:
+        fail(str(e))
+    with _open(path) as led:
+        try:
+            if keys and (expect_head or expect_count is not None):
+                fail("--public-key: use either signed checkpoints or --expect-head/--expect-count")
+            with working(f"verifying {led.count():,} rows of {redact(path)}"):
+                res = verify_ledger(led, keys, external) if keys else led.verify(expect_head=expect_head,
+                                                                                expect_count=expect_count)
+        except LedgerError as e:
+            fail(str(e))
+    empty = res.ok and res.count == 0
+    if empty:  # nothing was verified: never "ok"
+        res = dataclasses.replace(res, ok=False, reason=f"empty: {path} holds no rows, so nothing was verified (a "
+                                                        "copy of a WAL-mode SQLite ledger made without its -wal file "
+                                                        "looks like this)")
+    if as_json:
+        click.echo(json.dumps(res.to_dict(), sort_keys=True))
+    elif res.ok:
+        click.echo(f"ok: {res.count} rows, head {res.head}, Merkle root {res.root}"
+                   + (f" ({res.reason})" if res.reason else ""))
+        if res.checkpoint:
+            cp = res.checkpoint
+            what = (f"origin {cp['origin']}, tree size {cp['tree_size']}, root {cp['root']}" if cp["kind"] == "c2sp"
+                    else f"row {cp['tree_size']}, head {cp['head']}, {cp['ts']}")
+            click.echo(f"  signed checkpoint matched: {what}, key {cp['key']} "
+                       f"(latest of {cp['verified']} verified checkpoint(s))")
+    elif empty:
+        click.echo(f"EMPTY: {res.reason}")
+    else:
+        click.echo(f"TAMPERED: first bad row {res.first_bad_seq}: {res.reason}")
+        click.echo(f"  {res.count} rows check out before it; last good head {res.head}")
+    sys.exit(0 if res.ok else 1)
+
+
+def head(path, as_json):
+    with _open(path) as led:
+        h, n = led.head_and_count()
+    if as_json:
+        ts = rfc3339_seconds()
+        click.echo(json.dumps({"head": h, "count": n, "ts": ts,
+                               "ledger": str(led.path.resolve()) if led.path else str(led)}, sort_keys=True))
+    else:
+        click.echo(h)
+
+
+def _origin(origin: str | None, config_path: str | None) -> str | None:
+    """``--origin``, else ``ledger_origin`` from ``--config``, else None (the ledger's default)."""
+    if origin or not config_path:
+        return origin
+
+    try:
+        return load_config(config_path).ledger_origin
+    except ConfigError as e:
+        fail(str(e))
+
+
+def input_cmd(path, sha256, out_path):
+    with _open(path) as led:
+        stored = led.get_input(sha256.lower())
+    if stored is None:
+        fail(f"ledger {led}: no stored input with sha256 {sha256}")
+    try:
+        a = stored.array()
+    except ValueError as e:
+        fail(str(e))
+    if out_path:
+        np.save(out_path, a)
+        click.echo(f"wrote {stored.datatype} {list(a.shape)} to {out_path}", err=True)
+    else:
+        click.echo(json.dumps({"sha256": stored.sha256, "datatype": stored.datatype, "shape": list(a.shape),
+                               "byte_order": "little", "base64": base64.b64encode(stored.data).decode("ascii")}))
+
+
+def checkpoint(path, key_path, origin, key_name, out_path, bootstrap_servers, config_path, topic, as_json):
+    key = read_private_key(key_path)
+    origin = _origin(origin, config_path)
+    kafka = None
+    if bootstrap_servers or (config_path and _sets_bootstrap(config_path)):
+        kafka = kafka_settings(config_path, bootstrap_servers)
+    with _open(path) as led:
+        try:
+            cp = make_checkpoint(led, key, origin, key_name)
+        except LedgerError as e:
+            fail(str(e))
+    if out_path:
+        Path(out_path).write_text(cp.note, encoding="utf-8")
+    if kafka is not None:
+        try:
+            publish(kafka, topic, cp)
+        except Exception as e:  # noqa: BLE001 - broker failures are user-facing; the checkpoint is stored already
+            fail(f"checkpoint stored, but publishing to {topic} on {kafka.bootstrap_servers} failed: "
+                 f"{type(e).__name__}: {e}")
+    if as_json:
+        click.echo(json.dumps({"origin": cp.origin, "tree_size": cp.tree_size, "root": cp.root.hex(), "note": cp.note},
+                              sort_keys=True))
+    else:
+        click.echo(cp.note, nl=False)
+        if kafka is not None:
+            click.echo(f"published to {topic}", err=True)
+
+
+def _sets_bootstrap(config_path: str) -> bool:
+    """Whether --config names a broker (then the checkpoint is published there)."""
+
+    try:
+        return "bootstrap_servers" in load_config(config_path).model_fields_set
+    except ConfigError as e:
+        fail(str(e))
+
+
+def _outcome(problem: str | None, as_json: bool, failed: str, fields: dict, ok_line: Callable[[], str]) -> NoReturn:
+    """A check's outcome: JSON (``ok``, ``reason`` and ``fields``), or ``ok_line()`` when it
+    holds and ``FAILED: problem`` when not; exit 0 if it holds, 1 if not."""
+    if as_json:
+        click.echo(json.dumps({"ok": problem is None, "reason": problem, **fields}, sort_keys=True))
+    elif problem is None:
+        click.echo(ok_line())
+    else:
+        click.echo(f"{failed}: {problem}")
+    sys.exit(0 if problem is None else 1)
+
+
+def _read_note(path: str, keys, what: str):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"{what} {path}: cannot read ({getattr(e, 'strerror', None) or e})")
+    try:
+        return Checkpoint.from_note(text, keys or None, f"{what} {path}")
+    except LedgerError as e:
+        fail(str(e))
+
+
+def consistency(old_path, new_path, ledger_path, public_keys, as_json):
+    keys = read_public_keys(public_keys)
+    old, new = _read_note(old_path, keys, "OLD"), _read_note(new_path, keys, "NEW")
+    if old.origin != new.origin:
+        fail(f"OLD is a checkpoint of {old.origin!r}, NEW of {new.origin!r}: not the same log")
+    problem, proof = None, []
+    if new.tree_size < old.tree_size:
+        problem = f"NEW (tree size {new.tree_size}) is smaller than OLD (tree size {old.tree_size})"
+    else:
+        with _open(ledger_path) as led:
+            try:
+                proof = led.consistency_proof(old.tree_size, new.tree_size)
+            except LedgerError as e:
+                problem = str(e)
+        if problem is None:
+            try:
+                merkle.verify_consistency(old.tree_size, new.tree_size, old.root, new.root, proof)
+            except merkle.ProofError as e:
+                problem = str(e)
+    _outcome(problem, as_json, "INCONSISTENT",
+             {"old_size": old.tree_size, "new_size": new.tree_size, "old_root": old.root.hex(),
+              "new_root": new.root.hex(), "proof": [p.hex() for p in proof], "signatures_checked": bool(keys)},
+             lambda: f"consistent: tree size {old.tree_size} -> {new.tree_size} of {new.origin}, proof of "
+                     f"{len(proof)} hashes" + ("" if keys else " (signatures not checked: give --public-key)"))
+
+
+def receipt(event_id, ledger_path, out_path, kind, model, policy_sha256, key_path, origin):
+    with _open(ledger_path) as led:
+        try:
+            found = find_decisions(led, event_id, kind, model, policy_sha256)
+            if not found:
+                fail(f"ledger {ledger_path}: no {kind} for {event_id!r}"
+                     + (" with the given --model/--policy-sha256" if model or policy_sha256 else ""))
+            if len(found) > 1:
+                which = "; ".join(f"model {(e.record.get('model') or {}).get('name')!r} policy sha256 "
+                                  f"{(e.record.get('policy') or {}).get('sha256')}" for e in found[:10])
+                fail(f"{event_id!r}: {len(found)} {kind} entries ({which}): "
+                     "choose one with --model and --policy-sha256")
+            entry = found[0]
+            if entry.seq is None:  # written by a writer whose rows await sequencing
+                led.integrate()
+                entry = find_decisions(led, event_id, kind, model, policy_sha256)[0]
+            if entry.seq is None:
+                fail(f"ledger {ledger_path}: {entry.entry_id!r} is stored but not yet sequenced into the tree "
+                     "(another process holds the integrator lease); try again in a moment")
+            note = led.latest_note(min_size=entry.seq)
+            if note is None and key_path:
+                note = make_checkpoint(led, read_private_key(key_path), origin).note
+            if note is None:
+                fail(f"ledger {ledger_path}: no signed checkpoint covers row {entry.seq} yet: run `riskpipe ledger "
+                     "checkpoint` (or pass --key), or wait for the stage's next one")
+            text = json.dumps(make_receipt(led, entry.seq, note), sort_keys=True, ensure_ascii=False, indent=1) + "\n"
+        except LedgerError as e:
+            fail(str(e))
+    if out_path:
+        Path(out_path).write_text(text, encoding="utf-8")
+        click.echo(f"receipt for {kind} {entry.entry_id} (row {entry.seq}) against tree size "
+                   f"{json.loads(text)['tree_size']} written to {out_path}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+def verify_receipt(receipt_path, public_keys, origin, as_json):
+    keys = read_public_keys(public_keys)
+    try:
+        rec = json.loads(Path(receipt_path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"{receipt_path}: cannot read ({getattr(e, 'strerror', None) or e})")
+    except json.JSONDecodeError as e:
+        fail(f"{receipt_path}: not JSON ({e.msg} at line {e.lineno})")
+    try:
+        cp = check(rec, keys, origin)
+        problem = None
+    except LedgerError as e:
+        cp, problem = None, str(e)
+    _outcome(problem, as_json, "INVALID",
+             {"origin": cp and cp.origin, "tree_size": cp and cp.tree_size,
+              "index": rec.get("index") if isinstance(rec, dict) else None},
+             lambda: f"ok: leaf {rec['index']} of {cp.origin} at tree size {cp.tree_size}, signed checkpoint verified")
+
+
+def export(path, out_path, kind, since, until):
+    n = 0
+    with _open(path) as led:
+        out = sys.stdout if out_path == "-" else open(out_path, "w", encoding="utf-8")
+        try:
+            for e in led.records(kind=kind, since=since, until=until):
+                out.write(canonical_json(e.to_dict()) + "\n")
+                n += 1
+        except LedgerError as e:
+            fail(str(e))
+        finally:
+            if out is not sys.stdout:
+                out.close()
+    if out_path != "-":
+        click.echo(f"wrote {n} entries to {out_path}", err=True)
+
+
+def _topic_kinds(topics: tuple[str, ...]) -> dict[str, str]:
+    mapping = {}
+    for t in topics:
+        name, _, kind = t.partition("=")
+        kind = kind or TOPIC_KINDS.get(name, "decision")
+        if kind not in KINDS:
+            fail(f"--topic {t}: kind {kind!r} is not one of {', '.join(KINDS)}")
+        mapping[name] = kind
+    return mapping
+
+
+def _header(msg, name: str) -> str | None:
+    for k, v in msg.headers or []:
+        if k == name:
+            return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+    return None
+
+
+def message_entries(msg, kind: str) -> list[tuple[str, dict, str | None]]:
+    """Ledger entries for one Kafka message. Audit records also yield a ``policy`` entry the
+    first time a policy (name, version, sha256) is seen; unreadable messages become a ``dlq``
+    entry (reason and digest, never the payload) so the gap is on record."""
+
+    ts = rfc3339_micros(from_epoch((msg.timestamp or 0) / 1000))
+    where = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
+    if kind == "dlq":
+        reason = _header(msg, "__riskpipe.errors.reason") or "unknown"
+        src = {k: _header(msg, f"__riskpipe.errors.{k}") for k in ("topic", "partition", "offset")}
+        if src["topic"] is None:
+            src = where
+        omitted = _header(msg, "__riskpipe.errors.payload") == "omitted"  # left out to fit max_output_bytes
+        size = _header(msg, "__riskpipe.errors.payload_bytes")
+        rec, eid = dlq_record(reason, msg.value or b"", ts, topic=src["topic"],
+                              partition=int(src["partition"]) if src["partition"] not in (None, "") else None,
+                              offset=int(src["offset"]) if src["offset"] not in (None, "") else None,
+                              message=_header(msg, "__riskpipe.errors.message"),
+                              digest={"sha256": _header(msg, "__riskpipe.errors.payload_sha256"),
+                                      "size": int(size) if size is not None and size.isdigit() else None}
+                              if omitted else None)
+        return [("dlq", rec, eid)]
+    try:
+        record = json.loads(msg.value)
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        if not isinstance(record.get("id"), str) or not record["id"]:
+            raise ValueError("missing field 'id'")
+    except (TypeError, ValueError) as e:
+        reason = ("missing_field" if "missing field" in str(e)
+                  else "not_an_object" if "object" in str(e) else "invalid_json")
+        rec, eid = dlq_record(reason, msg.value or b"", ts, message=f"ledger ingest: {e}", **where)
+        return [("dlq", rec, eid)]
+    out: list[tuple[str, dict, str | None]] = []
+    pol = record.get("policy")
+    if kind == "decision" and isinstance(pol, dict) and {"name", "version", "sha256"} <= pol.keys():
+        prec, peid = policy_record(str(pol["name"]), str(pol["version"]), str(pol["sha256"]),
+                                   record.get("ts") or ts, event="first_seen", shadow=pol.get("shadow"))
+        out.append(("policy", prec, peid))
+    out.append((kind, record, None))
+    return out
+
+
+def ingest_topics(kafka, topic_kinds: dict[str, str], ledger_path: str, group_id: str,
+                  until_idle: float | None = None, max_records: int = 500, echo=click.echo) -> dict:
+    """Consume the topics into the ledger. Offsets are committed only after the ledger
+    transaction, so a crash re-delivers and the idempotent append drops the copies;
+    several workers in one group share partitions and one ledger file.
+    ``kafka``: :class:`riskpipe.kafka_clients.KafkaSettings`."""
+
+    stats: dict[str, Any] = {"messages": 0, "written": 0, "unreadable": 0}
+    consumer = kafka_clients.consumer(
+        kafka, *topic_kinds, group_id=group_id, enable_auto_commit=False,
+        auto_offset_reset="earliest", session_timeout_ms=10_000 if until_idle is None else 2000,
+        heartbeat_interval_ms=3000 if until_idle is None else 600, client_id=f"riskpipe-ledger-{group_id}",
+    )
+    led = open_ledger(ledger_path)
+    last_data = time.monotonic()
+    try:
+        while until_idle is None or time.monotonic() - last_data < until_idle:
+            batch = consumer.poll(timeout_ms=200, max_records=max_records)
+            if not batch:
+                continue
+            last_data = time.monotonic()
+            entries, offsets = [], {}
+            for tp, msgs in batch.items():
+                for m in msgs:
+                    got = message_entries(m, topic_kinds[tp.topic])
+                    stats["unreadable"] += sum(1 for k, _, _ in got if k == "dlq" and topic_kinds[tp.topic] != "dlq")
+                    entries.extend(got)
+                    offsets[tp] = OffsetAndMetadata(m.offset + 1, None, -1)
+                    stats["messages"] += 1
+            try:
+                written = led.append_entries(entries)
+            except LedgerError as e:
+                fail(f"ledger ingest: {e}")
+            stats["written"] += written
+            consumer.commit(offsets)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close(autocommit=False)
+        stats["head"], stats["count"] = led.head(), led.count()
+        led.close()
+    return stats
+
+
+def ingest(bootstrap_servers, config_path, topics, ledger_path, group_id, until_idle):
+    kafka = kafka_settings(config_path, bootstrap_servers)
+    try:
+        stats = ingest_topics(kafka, _topic_kinds(topics), ledger_path, group_id, until_idle)
+    except Exception as e:  # broker and network failures are user-facing
+        if isinstance(e, (KafkaError, OSError)):
+            fail(f"--bootstrap-servers {kafka.bootstrap_servers}: {type(e).__name__}: {e}")
+        raise
+    click.echo(f"ingested {stats['messages']} messages, {stats['written']} new ledger rows, "
+               f"{stats['unreadable']} unreadable (recorded as dlq); ledger {redact(ledger_path)}: "
+               f"{stats['count']} rows, head {stats['head']}")
+
+
+def replay(entry_id, ledger_path, input_path, device, as_json, config_path):
+    with _open(ledger_path) as led:
+        record = led.get(entry_id, kind="decision")
+    if record is None:
+        fail(f"ledger {redact(ledger_path)}: no decision with id {entry_id!r}")
+    X = read_inputs(input_path)
+    try:
+        entry = stage_entry(config_path, record, device) if config_path else None
+        res = do_replay(record, X, device=device, entry=entry)
+    except (ReplayError, ModelError, ValueError) as e:
+        fail(f"replay {entry_id}: {e}")
+    if as_json:
+        click.echo(json.dumps(res.to_dict(), sort_keys=True, default=str))
+        sys.exit(0 if res.ok else 1)
+    if not res.input_match:
+        click.echo(f"MISMATCH input: recorded sha256 {res.recorded_digest}; {input_path} has "
+                   f"{', '.join(d[:16] + '…' for d in res.input_digests[:5])}"
+                   f"{' …' if len(res.input_digests) > 5 else ''}")
+        click.echo("  (digest = sha256 of the input as float32, C order); certificate not recomputed")
+        sys.exit(1)
+    click.echo(f"input sha256 {res.recorded_digest}: match")
+    params = ", ".join(f"{k}={v}" for k, v in res.parameters.items())
+    click.echo(f"recomputed with {params}")
+    for c in res.checks:
+        click.echo(f"  {'match   ' if c.match else 'MISMATCH'} {c.name}: recorded {c.recorded!r}, replayed "
+                   f"{c.replayed!r}")
+    click.echo("replay: match" if res.ok else "replay: MISMATCH")
+    sys.exit(0 if res.ok else 1)
