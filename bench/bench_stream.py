@@ -171,9 +171,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=5000, help="events for the throughput comparison")
     ap.add_argument("--memory-events", type=int, default=100_000)
-    ap.add_argument("--ledger-events", type=int, default=2000, help="events per run of the ledger comparison")
-    ap.add_argument("--ledger-rounds", type=int, default=5)
-    ap.add_argument("--offline-ledger-events", type=int, default=2000,
+    ap.add_argument("--ledger-events", type=int, default=1500, help="events per run of the ledger comparison")
+    ap.add_argument("--ledger-rounds", type=int, default=7)
+    ap.add_argument("--offline-ledger-events", type=int, default=1500,
                     help="events per run of the offline ledger comparison (0: skip it)")
     ap.add_argument("--only-ledger", action="store_true",
                     help="just the ledger comparison (bench/results/stream_ledger.json)")
