@@ -15,7 +15,8 @@ predict-only), in one process, interleaved over ``--rounds`` (min / median / max
   no ledger), wall time of the run; evaluations per decision from its audit records;
 * the demo through the embedded broker (``bench_stream.run_broker``), timed from the
   production of the first event to the last decision, evaluations from its records;
-* the process's peak RSS (VmHWM), the whole run.
+* the process's peak RSS (VmHWM), the whole run, and the CPU seconds of each offline run
+  (less moved by the other processes on a shared machine than the wall time).
 
 Every round decides the same events (same ids: same seeds), so each model's
 certificates must be identical across rounds and between offline and broker; a digest
@@ -79,16 +80,16 @@ class Case:
     def offline_round(self) -> dict:
         fwd_before = self.forward()
         peak_rss_reset()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = run_offline(str(self.path), self.tmp / self.model, self.config, pipeline=self.pipeline)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         peak = rss_mb("VmHWM")
         fwd = (fwd_before + self.forward()) / 2
         audit = res.read("audit")
         assert len(audit) == len(self.events), (self.label, len(audit), res.read("dlq")[:1])
         self.digests.add(certificates_digest(audit))
         return measure(len(audit), wall, sum(r["certificate"]["n_samples"] for r in audit), fwd,
-                       peak_rss_mb=peak)
+                       peak_rss_mb=peak, cpu_s=cpu)
 
 
 def measure(decided: int, wall: float, evals: int, forward: float, **extra) -> dict:
@@ -127,6 +128,7 @@ def main() -> None:
     ap.add_argument("--tabular-events", type=int, default=1000)
     ap.add_argument("--forward-seconds", type=float, default=0.5, help="per batch size, per forward measurement")
     ap.add_argument("--no-broker", action="store_true", help="offline only")
+    ap.add_argument("--out", default="physical", help="results name: bench/results/OUT.json")
     args = ap.parse_args()
     sizes = {"digits": args.demo_events, "shapes": args.image_events, "cancer": args.tabular_events}
     t_start = time.perf_counter()
@@ -150,13 +152,12 @@ def main() -> None:
         results["models"][c.name] = {
             "label": c.label, "spec": c.entry.model.spec, "policy": c.entry.policy.name,
             "sampler": c.entry.certifier.sampler, "certify_batch_size": c.entry.certifier.batch_size,
+            "forward_batch": getattr(c.entry.certifier, "forward_batch", None),
             "events": len(c.events), "best_forward_sweep": {"samples_per_s": c.sweep_rate, "batch": c.best_batch},
             "rounds": c.rounds, **s, "target_ratio": target,
             "target_met": None if target is None else s["ratio"]["median"] >= target,
             "certificates_sha256": sorted(c.digests), "same_certificates_every_round": len(c.digests) == 1}
-        rows.append((f"{c.name} offline", c.entry.certifier.sampler, f"{s['forward_samples_per_s']['median']:.0f}",
-                     f"{s['evals_per_decision']['median']:.1f}", f"{s['physical_limit_decisions_per_s']['median']:.0f}",
-                     f"{s['decisions_per_s']['median']:.0f}", fmt(s["ratio"]), status(s["ratio"], target)))
+        rows.append(row(f"{c.name} offline", c.entry.certifier, s, target))
     if broker:
         s = summary(broker)
         target = TARGETS["demo_broker"]
@@ -164,19 +165,28 @@ def main() -> None:
                                   "target_met": s["ratio"]["median"] >= target,
                                   "certificates_sha256": sorted(demo.broker_digests),
                                   "same_certificates_as_offline": demo.broker_digests == demo.digests}
-        rows.append(("demo broker", demo.entry.certifier.sampler, f"{s['forward_samples_per_s']['median']:.0f}",
-                     f"{s['evals_per_decision']['median']:.1f}", f"{s['physical_limit_decisions_per_s']['median']:.0f}",
-                     f"{s['decisions_per_s']['median']:.0f}", fmt(s["ratio"]), status(s["ratio"], target)))
+        rows.append(row("demo broker", demo.entry.certifier, s, target))
     results["peak_rss_mb"] = max(
         [r["peak_rss_mb"] for c in cases for r in c.rounds] + [r["peak_rss_mb"] for r in broker])
     results["run_seconds"] = time.perf_counter() - t_start
-    path = write_results("physical", results)
-    print(table(rows, ("case", "sampler", "best forward/s", "evals/decision", "limit decisions/s", "decisions/s",
-                       "ratio min / median / max", "target (median)")))
+    path = write_results(args.out, results)
+    print(table(rows, ("case", "sampler", "noise piece / call", "best forward/s", "evals/decision",
+                       "limit decisions/s", "decisions/s", "ratio min / median / max", "target (median)")))
     print(f"peak RSS of the stage process {results['peak_rss_mb']:.0f} MB; same certificates every round: "
           + ", ".join(f"{c.name} {len(c.digests) == 1}" for c in cases)
           + (f"; broker = offline: {demo.broker_digests == demo.digests}" if broker else ""))
     print(f"wrote {path} ({results['run_seconds']:.0f} s)")
+
+
+def row(case: str, certifier, s: dict, target: float | None) -> tuple:
+    return (case, certifier.sampler, calls(certifier), f"{s['forward_samples_per_s']['median']:.0f}",
+            f"{s['evals_per_decision']['median']:.1f}", f"{s['physical_limit_decisions_per_s']['median']:.0f}",
+            f"{s['decisions_per_s']['median']:.0f}", fmt(s["ratio"]), status(s["ratio"], target))
+
+
+def calls(certifier) -> str:
+    """Noise piece size (batch_size) / rows per model call (forward_size, where the code has one)."""
+    return f"{certifier.batch_size} / {getattr(certifier, 'forward_size', certifier.batch_size)}"
 
 
 def fmt(s: dict) -> str:

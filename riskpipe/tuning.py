@@ -30,6 +30,15 @@ class BatchSizeChoice:
     source: str  # config | cache | probe
     rates: dict[int, float] | None = None
 
+    @property
+    def forward(self) -> int | None:
+        """Rows per model call: the measured size the model ran fastest at, not below
+        ``size`` (the smallest size within tolerance of the fastest: it shapes the
+        noise, so certificates record it, and the call size does not). None when the size
+        was configured: it then caps every call, as given."""
+        rates = self.rates
+        return max(self.size, max(rates, key=rates.__getitem__)) if rates else None
+
 
 def cache_path(model, cache_dir: Path | None = None) -> Path:
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from riskpipe.certify.batch_size import BatchSizeProbe, probe
-from riskpipe.tuning import cache_path, certify_batch_size
+from riskpipe.tuning import BatchSizeChoice, cache_path, certify_batch_size
 from synthetic import policy_without_context
 
 
@@ -156,6 +156,13 @@ def test_tabular_sklearn_model_is_probed(tmp_path) -> None:
     assert c.source == "probe" and c.size in c.rates
 
 
+def test_forward_batch_is_the_fastest_measured_size_never_below_the_chosen_one() -> None:
+    rates = {64: 1000.0, 128: 2950.0, 256: 2000.0, 512: 3000.0}
+    assert BatchSizeChoice(128, "probe", rates).forward == 512  # 128: the smallest within 3 % of the fastest
+    assert BatchSizeChoice(256, "cache", {64: 1000.0, 128: 3000.0, 256: 2990.0}).forward == 256
+    assert BatchSizeChoice(700, "config").forward is None  # a configured size caps every call
+
+
 # ---- wired into the composition root, the config, the CLI and the metrics -----------------
 @pytest.fixture(scope="module")
 def cnn_spec(tmp_path_factory):
@@ -189,6 +196,10 @@ def test_composition_root_takes_model_then_stage_value_else_the_probe(tmp_path, 
     monkeypatch.setattr(bs, "probe", lambda model, **kw: BatchSizeProbe({64: 1000.0, 128: 3000.0, 256: 2000.0}))
     p = build_pipeline(_config(tmp_path, {"cnn": cnn_spec}))
     assert (p.entries["cnn"].certifier.batch_size, p.entries["cnn"].batch_size_source) == (128, "probe")
+    monkeypatch.setattr(bs, "probe", lambda model, **kw: BatchSizeProbe({64: 1000.0, 128: 2950.0, 256: 3000.0}))
+    monkeypatch.setenv("RISKPIPE_CACHE_DIR", str(tmp_path / "cache2"))
+    c = build_pipeline(_config(tmp_path, {"cnn": cnn_spec})).entries["cnn"].certifier
+    assert (c.batch_size, c.forward_batch, c.forward_size) == (128, 256, 256)  # calls at the fastest size
 
 
 def test_probe_result_reaches_the_certifier_and_is_reused(tmp_path, monkeypatch, cnn_spec, one_thread) -> None:

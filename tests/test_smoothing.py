@@ -1,5 +1,6 @@
 """Randomized smoothing: exact radii on a linear classifier, and alpha-level soundness."""
 
+import copy
 import json
 
 import numpy as np
@@ -129,6 +130,43 @@ def test_noise_independent_of_batch_mates_and_reproducible(demo_model, digits_te
     d1 = s.decide(X[3], 0.25, seed=5)
     d2 = s.decide_batch(X[:5], [1, 2, 3, 5, 4], 0.25)[3]
     assert (d1.certified, d1.n_samples, d1.radius) == (d2.certified, d2.n_samples, d2.radius)
+
+
+@pytest.mark.parametrize("sampler", ["gaussian", "sound"])
+def test_forward_batch_sets_the_model_calls_and_changes_no_certificate(demo_model, digits_test, sampler):
+    """Noise pieces are cut at batch_size offsets whatever the call size, so every
+    forward_batch gives the same certificates; every model call but the last of a count
+    holds exactly forward_batch rows (never fewer than batch_size)."""
+    X, _ = digits_test
+    sizes: list[int] = []
+    model = copy.copy(demo_model)
+
+    def classes(batch):
+        sizes.append(len(batch))
+        return demo_model.classes(batch)
+
+    model.classes = classes
+    seen = {}
+    for fb in (None, 100, 333, 1024, 10):
+        s = Smoothing(model, sigma=0.25, n0=40, n=300, max_samples=2000, first_look=24, batch_size=64,
+                      sampler=sampler, grid_levels=16, forward_batch=fb)
+        sizes.clear()
+        counts: list[int] = []  # samples asked of each _count
+        count = s._count
+
+        def counted(x, gens, draws, count=count):
+            counts.append(int(draws.sum()))
+            return count(x, gens, draws)
+
+        s._count = counted
+        certs = [*s.decide_batch(X[:30], list(range(30)), 0.25), *s.certify_batch(X[:7], list(range(7))),
+                 *s.predict_batch(X[:5], list(range(5)))]
+        seen[fb] = [(c.n_samples, c.radius, c.certified, c.predicted_class, c.p_lower) for c in certs]
+        assert s.forward_size == max(fb or 64, 64)
+        assert sizes == [min(s.forward_size, total - k) for total in counts for k in range(0, total, s.forward_size)]
+    assert all(v == seen[None] for v in seen.values())
+    with pytest.raises(ValueError, match="forward_batch"):
+        Smoothing(model, forward_batch=0)
 
 
 def test_certificate_json_roundtrip_and_scope(demo_model, digits_test):

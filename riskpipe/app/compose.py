@@ -212,7 +212,8 @@ def build_entry(name: str, mc: ModelConfig, policy, device: str = "cpu",
     if family(policy.certifier.method).batch_probe:  # thousands of model calls per input: size matters
         batch = _batch_size(name, mc, certified, config_batch_size)
     try:
-        certifier = certifier_for_policy(certified, policy, batch_size=batch.size if batch else None)
+        certifier = certifier_for_policy(certified, policy, batch_size=batch.size if batch else None,
+                                         forward_batch=batch.forward if batch else None)
     except ValueError as e:
         raise _err(name, "policy", f"{policy_source or policy.name}: {e}") from None
     entry = ModelEntry(name=name, model=model, certified=certified, policy=policy, certifier=certifier,

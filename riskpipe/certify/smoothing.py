@@ -51,8 +51,10 @@ class Smoothing(CertifierBase):
 
     ``bound``: ``cp`` is Cohen's CERTIFY (one-sided Clopper–Pearson on p_A);
     ``bonferroni`` / ``goodman`` use the seed's eq. (4) with simultaneous bounds on
-    p_A and the runner-up p_B. ``batch_size`` caps noise samples per model call,
-    so memory stays bounded for any n. ``sampler``: ``gaussian`` (float noise, not
+    p_A and the runner-up p_B. ``batch_size`` is the size of the pieces each input's
+    noise is drawn in (it shapes the noise stream, so certificates record it);
+    ``forward_batch`` (default: batch_size) the rows per model call, which changes the
+    speed, never a certificate; so memory stays bounded for any n. ``sampler``: ``gaussian`` (float noise, not
     floating-point sound) or ``sound`` (inputs on a grid of ``grid_levels`` steps of
     the value range, or of ``grid_step``; see ``riskpipe.certify.samplers``).
     """
@@ -72,6 +74,7 @@ class Smoothing(CertifierBase):
     grid_step: float | None = None
     max_latency_ms: float | None = None
     max_looks: int | None = None
+    forward_batch: int | None = None
 
     method = "smoothing"
     norm = "l2"
@@ -85,6 +88,8 @@ class Smoothing(CertifierBase):
             raise ValueError(f"alpha: must lie in (0, 1), got {self.alpha}")
         if self.n0 < 1 or self.n < 1 or self.batch_size < 1 or self.max_samples < 1:
             raise ValueError("n0, n, batch_size and max_samples must be >= 1")
+        if self.forward_batch is not None and self.forward_batch < 1:
+            raise ValueError(f"forward_batch: must be >= 1, got {self.forward_batch}")
         if self.bound not in BOUNDS:
             raise ValueError(f"bound: {self.bound!r} is not one of {BOUNDS}")
         if not (self.first_look >= 1 and self.growth > 1):
@@ -129,31 +134,35 @@ class Smoothing(CertifierBase):
         input's certificate is a ``model_fault``, whatever its other samples said.
 
         Each input's draws are cut into pieces at fixed offsets (multiples of
-        batch_size) and whole pieces are packed into model batches of at most
-        batch_size samples: the noise stream of an input is the same however the
-        inputs are packed. Per piece only the noise draw is a separate call; adding
-        the inputs and tallying are one vectorised op per model batch.
+        batch_size), each drawn whole from that input's generator, so the noise stream
+        of an input is the same however the inputs are packed. The drawn rows go to the
+        model in calls of exactly ``forward_size`` rows (the last call of a count may be
+        shorter): a piece that does not fit waits, already drawn, for the next call. So
+        the calls keep the size the model runs fastest at whatever the pieces' sizes,
+        and the size changes no certificate. Adding the inputs and tallying are one
+        vectorised op per model call.
         """
-        B, K, bs = len(x), self.model.num_classes, self.batch_size
+        B, K = len(x), self.model.num_classes
         counts = torch.zeros(B * K, dtype=torch.int64, device=x.device)
-        pieces = [(i, min(bs, int(m) - o)) for i, m in enumerate(draws) for o in range(0, int(m), bs)]
-        buf = self.noise.new_buffer(min(bs, max((m for _, m in pieces), default=1) * len(x)),
-                                    tuple(x.shape[1:]), x.device)
+        pieces = [(i, min(self.batch_size, int(m) - o)) for i, m in enumerate(draws)
+                  for o in range(0, int(m), self.batch_size)]
+        total = sum(m for _, m in pieces)
+        call = min(self.forward_size, total)
+        cap = min(total, call + max((m for _, m in pieces), default=1) - 1)  # one call and a piece's overflow
+        buf = self.noise.new_buffer(max(cap, 1), tuple(x.shape[1:]), x.device)
+        rows = np.empty(max(cap, 1), dtype=np.int64)  # row -> its input
         faults: dict[int, str] = {}
-        j = 0
-        while j < len(pieces):
-            fill = 0
-            owners: list[int] = []
-            sizes: list[int] = []
-            while j < len(pieces) and fill + pieces[j][1] <= len(buf):
+        j = fill = 0
+        while j < len(pieces) or fill:
+            while j < len(pieces) and fill < call:
                 i, m = pieces[j]
                 self.noise.draw(buf[fill : fill + m], gens[i])
-                owners.append(i)
-                sizes.append(m)
+                rows[fill : fill + m] = i
                 fill += m
                 j += 1
-            owner = torch.from_numpy(np.repeat(np.asarray(owners, dtype=np.int64), sizes)).to(x.device)
-            batch = self.noise.perturb(x.index_select(0, owner), buf[:fill])
+            n = min(fill, call)
+            owner = torch.from_numpy(rows[:n].copy()).to(x.device)
+            batch = self.noise.perturb(x.index_select(0, owner), buf[:n])
             out = self.model.classes(batch)
             if out.any_bad:
                 for i in torch.unique(owner[out.bad]).tolist():
@@ -162,7 +171,16 @@ class Smoothing(CertifierBase):
             else:
                 ids = out.values
             counts += torch.bincount(owner * K + ids, minlength=B * K)
+            fill -= n  # the overflow (< one piece, so < n rows: no overlap) moves to the front
+            if fill:
+                buf[:fill] = buf[n : n + fill]
+                rows[:fill] = rows[n : n + fill]
         return counts.view(B, K).cpu().numpy(), faults
+
+    @property
+    def forward_size(self) -> int:
+        """Rows per model call: ``forward_batch`` if set (never below ``batch_size``), else ``batch_size``."""
+        return max(self.forward_batch or self.batch_size, self.batch_size)
 
     def _fault(self, mode: str, elapsed_ms: float, seed: int, why: str, n_samples: int, **kw: Any) -> Certificate:
         """The certificate of an input whose noise batch met a broken model output: uncertified."""
