@@ -15,8 +15,10 @@ predict-only), in one process, interleaved over ``--rounds`` (min / median / max
   no ledger), wall time of the run; evaluations per decision from its audit records;
 * the demo through the embedded broker (``bench_stream.run_broker``), timed from the
   production of the first event to the last decision, evaluations from its records;
-* the process's peak RSS (VmHWM), the whole run, and the CPU seconds of each offline run
-  (less moved by the other processes on a shared machine than the wall time).
+* the process's peak RSS (VmHWM), the whole run;
+* the offline ratio by CPU time too (``ratio_cpu``: decisions per CPU second of the process
+  over the forward rate per CPU second / evaluations), less moved than the wall clock by
+  the other processes of a shared machine; work on a second thread counts in it.
 
 Every round decides the same events (same ids: same seeds), so each model's
 certificates must be identical across rounds and between offline and broker; a digest
@@ -40,7 +42,15 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 from bench_models import CASES, inputs  # noqa: E402
 from bench_stream import run_broker  # noqa: E402
-from common import best_forward, certificates_digest, peak_rss_reset, rss_mb, table, write_results  # noqa: E402
+from common import (  # noqa: E402
+    best_forward,
+    certificates_digest,
+    forward_rates,
+    peak_rss_reset,
+    rss_mb,
+    table,
+    write_results,
+)
 from riskpipe.app.compose import build_pipeline  # noqa: E402
 from riskpipe.app.config import load_config  # noqa: E402
 from riskpipe.app.offline import run_offline  # noqa: E402
@@ -74,8 +84,9 @@ class Case:
         self.digests: set[str] = set()
         self.broker_digests: set[str] = set()
 
-    def forward(self) -> float:
-        return best_forward(self.entry.certified, (self.best_batch,), seconds=self.forward_s)[0]
+    def forward(self) -> tuple[float, float]:
+        """(wall-clock, CPU-time) forward rates at the best batch size."""
+        return forward_rates(self.entry.certified, self.best_batch, self.forward_s)
 
     def offline_round(self) -> dict:
         fwd_before = self.forward()
@@ -84,20 +95,31 @@ class Case:
         res = run_offline(str(self.path), self.tmp / self.model, self.config, pipeline=self.pipeline)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         peak = rss_mb("VmHWM")
-        fwd = (fwd_before + self.forward()) / 2
+        fwd = mean_rates(fwd_before, self.forward())
         audit = res.read("audit")
         assert len(audit) == len(self.events), (self.label, len(audit), res.read("dlq")[:1])
         self.digests.add(certificates_digest(audit))
         return measure(len(audit), wall, sum(r["certificate"]["n_samples"] for r in audit), fwd,
-                       peak_rss_mb=peak, cpu_s=cpu)
+                       peak_rss_mb=peak, cpu=cpu)
 
 
-def measure(decided: int, wall: float, evals: int, forward: float, **extra) -> dict:
+def mean_rates(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    return (a[0] + b[0]) / 2, (a[1] + b[1]) / 2
+
+
+def measure(decided: int, wall: float, evals: int, forward: tuple[float, float], cpu: float | None = None,
+            **extra) -> dict:
+    """The ratio by the wall clock (the definition); with ``cpu`` (the run's CPU seconds) also by
+    CPU time: decisions per CPU second over the forward rate per CPU second / evaluations."""
     evals_per_decision = evals / decided
-    limit = forward / evals_per_decision
-    return {"decisions_per_s": decided / wall, "wall_s": wall, "evals_per_decision": evals_per_decision,
-            "forward_samples_per_s": forward, "physical_limit_decisions_per_s": limit,
-            "ratio": decided / wall / limit, **extra}
+    limit = forward[0] / evals_per_decision
+    out = {"decisions_per_s": decided / wall, "wall_s": wall, "evals_per_decision": evals_per_decision,
+           "forward_samples_per_s": forward[0], "physical_limit_decisions_per_s": limit,
+           "ratio": decided / wall / limit, **extra}
+    if cpu is not None:
+        out.update(cpu_s=cpu, forward_samples_per_cpu_s=forward[1],
+                   ratio_cpu=decided / cpu / (forward[1] / evals_per_decision))
+    return out
 
 
 def broker_round(demo: Case) -> dict:
@@ -108,7 +130,7 @@ def broker_round(demo: Case) -> dict:
     peak_rss_reset()
     stats, secs, join_s = run_broker(demo.pipeline, values, on_record=records.append)
     peak = rss_mb("VmHWM")
-    fwd = (fwd_before + demo.forward()) / 2
+    fwd = mean_rates(fwd_before, demo.forward())
     assert stats.decided == len(values) == len(records), (stats.decided, len(records))
     demo.broker_digests.add(certificates_digest(records))
     return measure(stats.decided, secs, sum(r["certificate"]["n_samples"] for r in records), fwd,
@@ -142,7 +164,8 @@ def main() -> None:
                 c.rounds.append(c.offline_round())
             if not args.no_broker:
                 broker.append(broker_round(demo))
-            print(f"round {r + 1}: " + ", ".join(f"{c.name} {c.rounds[-1]['ratio']:.2f}" for c in cases)
+            print(f"round {r + 1}: " + ", ".join(f"{c.name} {c.rounds[-1]['ratio']:.2f} (CPU time "
+                                                  f"{c.rounds[-1]['ratio_cpu']:.2f})" for c in cases)
                   + (f", demo broker {broker[-1]['ratio']:.2f}" if broker else ""), flush=True)
     results: dict = {"params": vars(args), "definition": __doc__.split("\n\n")[1].replace("\n", " "), "models": {}}
     rows = []
@@ -171,7 +194,8 @@ def main() -> None:
     results["run_seconds"] = time.perf_counter() - t_start
     path = write_results(args.out, results)
     print(table(rows, ("case", "sampler", "noise piece / call", "best forward/s", "evals/decision",
-                       "limit decisions/s", "decisions/s", "ratio min / median / max", "target (median)")))
+                       "limit decisions/s", "decisions/s", "ratio min / median / max", "target (median)",
+                       "CPU-time ratio")))
     print(f"peak RSS of the stage process {results['peak_rss_mb']:.0f} MB; same certificates every round: "
           + ", ".join(f"{c.name} {len(c.digests) == 1}" for c in cases)
           + (f"; broker = offline: {demo.broker_digests == demo.digests}" if broker else ""))
@@ -181,7 +205,8 @@ def main() -> None:
 def row(case: str, certifier, s: dict, target: float | None) -> tuple:
     return (case, certifier.sampler, calls(certifier), f"{s['forward_samples_per_s']['median']:.0f}",
             f"{s['evals_per_decision']['median']:.1f}", f"{s['physical_limit_decisions_per_s']['median']:.0f}",
-            f"{s['decisions_per_s']['median']:.0f}", fmt(s["ratio"]), status(s["ratio"], target))
+            f"{s['decisions_per_s']['median']:.0f}", fmt(s["ratio"]), status(s["ratio"], target),
+            fmt(s["ratio_cpu"]) if "ratio_cpu" in s else "")
 
 
 def calls(certifier) -> str:

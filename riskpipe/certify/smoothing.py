@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from riskpipe.models.base import Model
 
 BOUNDS = ("cp", "bonferroni", "goodman")
+T = TypeVar("T")
 
 
 @dataclass
@@ -75,6 +77,7 @@ class Smoothing(CertifierBase):
     max_latency_ms: float | None = None
     max_looks: int | None = None
     forward_batch: int | None = None
+    overlap: bool = True
 
     method = "smoothing"
     norm = "l2"
@@ -141,41 +144,61 @@ class Smoothing(CertifierBase):
         the calls keep the size the model runs fastest at whatever the pieces' sizes,
         and the size changes no certificate. Adding the inputs and tallying are one
         vectorised op per model call.
+
+        With ``overlap`` one helper thread draws the noise of the next call while the
+        model runs this one (torch releases the GIL in both): one thread draws all the
+        noise, in the same order, so the certificates are the same either way.
         """
         B, K = len(x), self.model.num_classes
         counts = torch.zeros(B * K, dtype=torch.int64, device=x.device)
+        faults: dict[int, str] = {}
+        calls = self._calls(x, gens, draws)
+        with ThreadPoolExecutor(1, thread_name_prefix="riskpipe-noise") as pool:
+            for owner, batch in _ahead(calls, pool) if self.overlap else calls:
+                out = self.model.classes(batch)
+                if out.any_bad:
+                    for i in torch.unique(owner[out.bad]).tolist():
+                        faults.setdefault(i, str(out.reason))
+                    owner, ids = owner[~out.bad], out.values[~out.bad]
+                else:
+                    ids = out.values
+                counts += torch.bincount(owner * K + ids, minlength=B * K)
+        return counts.view(B, K).cpu().numpy(), faults
+
+    def _calls(self, x: torch.Tensor, gens: list[torch.Generator],
+               draws: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(owner input of each row, model inputs) of each model call of ``_count``, in order.
+
+        With ``overlap`` two buffers take turns, so the batch handed out stays intact while
+        the next one is drawn (``_ahead`` asks for call k + 1 once the caller is done with
+        call k - 1); the overflow of a call is copied to the front of the next buffer."""
         pieces = [(i, min(self.batch_size, int(m) - o)) for i, m in enumerate(draws)
                   for o in range(0, int(m), self.batch_size)]
         total = sum(m for _, m in pieces)
         call = min(self.forward_size, total)
-        cap = min(total, call + max((m for _, m in pieces), default=1) - 1)  # one call and a piece's overflow
-        buf = self.noise.new_buffer(max(cap, 1), tuple(x.shape[1:]), x.device)
-        rows = np.empty(max(cap, 1), dtype=np.int64)  # row -> its input
-        faults: dict[int, str] = {}
-        j = fill = 0
+        cap = max(1, min(total, call + max((m for _, m in pieces), default=1) - 1))  # a call and an overflow
+        shape = tuple(x.shape[1:])
+        bufs = [self.noise.new_buffer(cap, shape, x.device) for _ in range(2 if self.overlap else 1)]
+        rows = [np.empty(cap, dtype=np.int64) for _ in bufs]  # row -> its input
+        j = fill = k = 0
         while j < len(pieces) or fill:
+            buf, row = bufs[k % len(bufs)], rows[k % len(bufs)]
             while j < len(pieces) and fill < call:
                 i, m = pieces[j]
                 self.noise.draw(buf[fill : fill + m], gens[i])
-                rows[fill : fill + m] = i
+                row[fill : fill + m] = i
                 fill += m
                 j += 1
             n = min(fill, call)
-            owner = torch.from_numpy(rows[:n].copy()).to(x.device)
-            batch = self.noise.perturb(x.index_select(0, owner), buf[:n])
-            out = self.model.classes(batch)
-            if out.any_bad:
-                for i in torch.unique(owner[out.bad]).tolist():
-                    faults.setdefault(i, str(out.reason))
-                owner, ids = owner[~out.bad], out.values[~out.bad]
-            else:
-                ids = out.values
-            counts += torch.bincount(owner * K + ids, minlength=B * K)
-            fill -= n  # the overflow (< one piece, so < n rows: no overlap) moves to the front
+            owner = torch.from_numpy(row[:n].copy()).to(x.device)
+            yield owner, self.noise.perturb(x.index_select(0, owner), buf[:n])
+            # the caller is done with the call before last: the overflow (< one piece, so < n
+            # rows, not touched by perturb) moves to the front of that call's buffer
+            fill -= n
+            k += 1
             if fill:
-                buf[:fill] = buf[n : n + fill]
-                rows[:fill] = rows[n : n + fill]
-        return counts.view(B, K).cpu().numpy(), faults
+                bufs[k % len(bufs)][:fill] = buf[n : n + fill]
+                rows[k % len(bufs)][:fill] = row[n : n + fill]
 
     @property
     def forward_size(self) -> int:
@@ -387,3 +410,15 @@ class Smoothing(CertifierBase):
         if self.max_looks is not None and look >= self.max_looks:
             return True
         return self.max_latency_ms is not None and (time.perf_counter() - t0) * 1e3 >= self.max_latency_ms
+
+
+def _ahead(items: Iterator[T], pool: Executor) -> Iterator[T]:
+    """``items``, each computed on ``pool`` while the caller works on the one before.
+    Nothing runs on after the caller stops early: the pending item is awaited."""
+    pending = pool.submit(next, items, None)
+    try:
+        while (item := pending.result()) is not None:
+            pending = pool.submit(next, items, None)
+            yield item
+    finally:
+        pending.cancel() or pending.exception()
