@@ -2,7 +2,6 @@
 
 import copy
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -136,9 +135,8 @@ def test_noise_independent_of_batch_mates_and_reproducible(demo_model, digits_te
 @pytest.mark.parametrize("sampler", ["gaussian", "sound"])
 def test_forward_batch_sets_the_model_calls_and_changes_no_certificate(demo_model, digits_test, sampler):
     """Noise pieces are cut at batch_size offsets whatever the call size, so every
-    forward_batch gives the same certificates, with the noise drawn ahead on a helper
-    thread (overlap) or not; every model call but the last of a count holds exactly
-    forward_batch rows (never fewer than batch_size)."""
+    forward_batch gives the same certificates; every model call but the last of a count
+    holds exactly forward_batch rows (never fewer than batch_size)."""
     X, _ = digits_test
     sizes: list[int] = []
     model = copy.copy(demo_model)
@@ -149,10 +147,9 @@ def test_forward_batch_sets_the_model_calls_and_changes_no_certificate(demo_mode
 
     model.classes = classes
     seen = {}
-    for fb, overlap in ((None, False), (None, True), (100, True), (333, False), (333, True), (1024, True),
-                        (10, True)):
+    for fb in (None, 100, 333, 1024, 10):
         s = Smoothing(model, sigma=0.25, n0=40, n=300, max_samples=2000, first_look=24, batch_size=64,
-                      sampler=sampler, grid_levels=16, forward_batch=fb, overlap=overlap)
+                      sampler=sampler, grid_levels=16, forward_batch=fb)
         sizes.clear()
         counts: list[int] = []  # samples asked of each _count
         count = s._count
@@ -164,33 +161,12 @@ def test_forward_batch_sets_the_model_calls_and_changes_no_certificate(demo_mode
         s._count = counted
         certs = [*s.decide_batch(X[:30], list(range(30)), 0.25), *s.certify_batch(X[:7], list(range(7))),
                  *s.predict_batch(X[:5], list(range(5)))]
-        seen[fb, overlap] = [(c.n_samples, c.radius, c.certified, c.predicted_class, c.p_lower) for c in certs]
+        seen[fb] = [(c.n_samples, c.radius, c.certified, c.predicted_class, c.p_lower) for c in certs]
         assert s.forward_size == max(fb or 64, 64)
         assert sizes == [min(s.forward_size, total - k) for total in counts for k in range(0, total, s.forward_size)]
-    assert all(v == seen[None, False] for v in seen.values())
+    assert all(v == seen[None] for v in seen.values())
     with pytest.raises(ValueError, match="forward_batch"):
         Smoothing(model, forward_batch=0)
-
-
-def test_a_raising_model_stops_the_noise_thread_too(demo_model, digits_test):
-    """With the noise drawn ahead, an exception of the model reaches the caller (the stage's
-    poison isolation) and no helper thread is left running."""
-    X, _ = digits_test
-    model = copy.copy(demo_model)
-    calls = []
-
-    def classes(batch):
-        calls.append(len(batch))
-        if len(calls) == 3:
-            raise RuntimeError("model blew up")
-        return demo_model.classes(batch)
-
-    model.classes = classes
-    before = {t.name for t in threading.enumerate()}
-    s = Smoothing(model, sigma=0.25, n0=40, n=300, batch_size=64)
-    with pytest.raises(RuntimeError, match="blew up"):
-        s.certify_batch(X[:10], list(range(10)))
-    assert {t.name for t in threading.enumerate()} == before
 
 
 def test_certificate_json_roundtrip_and_scope(demo_model, digits_test):

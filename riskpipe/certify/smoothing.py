@@ -19,9 +19,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,7 +43,6 @@ if TYPE_CHECKING:
     from riskpipe.models.base import Model
 
 BOUNDS = ("cp", "bonferroni", "goodman")
-T = TypeVar("T")
 
 
 @dataclass
@@ -77,7 +75,6 @@ class Smoothing(CertifierBase):
     max_latency_ms: float | None = None
     max_looks: int | None = None
     forward_batch: int | None = None
-    overlap: bool = True
 
     method = "smoothing"
     norm = "l2"
@@ -145,44 +142,37 @@ class Smoothing(CertifierBase):
         and the size changes no certificate. Adding the inputs and tallying are one
         vectorised op per model call.
 
-        With ``overlap`` one helper thread draws the noise of the next call while the
-        model runs this one (torch releases the GIL in both): one thread draws all the
-        noise, in the same order, so the certificates are the same either way.
         """
         B, K = len(x), self.model.num_classes
         counts = torch.zeros(B * K, dtype=torch.int64, device=x.device)
         faults: dict[int, str] = {}
-        calls = self._calls(x, gens, draws)
-        with ThreadPoolExecutor(1, thread_name_prefix="riskpipe-noise") as pool:
-            for owner, batch in _ahead(calls, pool) if self.overlap else calls:
-                out = self.model.classes(batch)
-                if out.any_bad:
-                    for i in torch.unique(owner[out.bad]).tolist():
-                        faults.setdefault(i, str(out.reason))
-                    owner, ids = owner[~out.bad], out.values[~out.bad]
-                else:
-                    ids = out.values
-                counts += torch.bincount(owner * K + ids, minlength=B * K)
+        for owner, batch in self._calls(x, gens, draws):
+            out = self.model.classes(batch)
+            if out.any_bad:
+                for i in torch.unique(owner[out.bad]).tolist():
+                    faults.setdefault(i, str(out.reason))
+                owner, ids = owner[~out.bad], out.values[~out.bad]
+            else:
+                ids = out.values
+            counts += torch.bincount(owner * K + ids, minlength=B * K)
         return counts.view(B, K).cpu().numpy(), faults
 
     def _calls(self, x: torch.Tensor, gens: list[torch.Generator],
                draws: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(owner input of each row, model inputs) of each model call of ``_count``, in order.
 
-        With ``overlap`` two buffers take turns, so the batch handed out stays intact while
-        the next one is drawn (``_ahead`` asks for call k + 1 once the caller is done with
-        call k - 1); the overflow of a call is copied to the front of the next buffer."""
+        The caller is done with a call before the next is drawn (a generator), so one
+        buffer serves them all: the overflow of a call moves to its front."""
         pieces = [(i, min(self.batch_size, int(m) - o)) for i, m in enumerate(draws)
                   for o in range(0, int(m), self.batch_size)]
         total = sum(m for _, m in pieces)
         call = min(self.forward_size, total)
         cap = max(1, min(total, call + max((m for _, m in pieces), default=1) - 1))  # a call and an overflow
         shape = tuple(x.shape[1:])
-        bufs = [self.noise.new_buffer(cap, shape, x.device) for _ in range(2 if self.overlap else 1)]
-        rows = [np.empty(cap, dtype=np.int64) for _ in bufs]  # row -> its input
-        j = fill = k = 0
+        buf = self.noise.new_buffer(cap, shape, x.device)
+        row = np.empty(cap, dtype=np.int64)  # row -> its input
+        j = fill = 0
         while j < len(pieces) or fill:
-            buf, row = bufs[k % len(bufs)], rows[k % len(bufs)]
             while j < len(pieces) and fill < call:
                 i, m = pieces[j]
                 self.noise.draw(buf[fill : fill + m], gens[i])
@@ -192,13 +182,10 @@ class Smoothing(CertifierBase):
             n = min(fill, call)
             owner = torch.from_numpy(row[:n].copy()).to(x.device)
             yield owner, self.noise.perturb(x.index_select(0, owner), buf[:n])
-            # the caller is done with the call before last: the overflow (< one piece, so < n
-            # rows, not touched by perturb) moves to the front of that call's buffer
-            fill -= n
-            k += 1
+            fill -= n  # the overflow (< one piece, so < n rows; perturb left it alone) to the front
             if fill:
-                bufs[k % len(bufs)][:fill] = buf[n : n + fill]
-                rows[k % len(bufs)][:fill] = row[n : n + fill]
+                buf[:fill] = buf[n : n + fill]
+                row[:fill] = row[n : n + fill]
 
     @property
     def forward_size(self) -> int:
@@ -411,14 +398,3 @@ class Smoothing(CertifierBase):
             return True
         return self.max_latency_ms is not None and (time.perf_counter() - t0) * 1e3 >= self.max_latency_ms
 
-
-def _ahead(items: Iterator[T], pool: Executor) -> Iterator[T]:
-    """``items``, each computed on ``pool`` while the caller works on the one before.
-    Nothing runs on after the caller stops early: the pending item is awaited."""
-    pending = pool.submit(next, items, None)
-    try:
-        while (item := pending.result()) is not None:
-            pending = pool.submit(next, items, None)
-            yield item
-    finally:
-        pending.cancel() or pending.exception()
