@@ -51,8 +51,10 @@ from riskpipe.tuning import certify_batch_size
 CONTEXT_FIELDS = ("context.", "signals.context_risk.", "signals.support_risk.")
 REFERENCE_RADII_SAMPLES = 300  # reference inputs certified once for radius percentiles
 PROBE_INPUTS = 8  # reference rows (or range points) a model's output contract is checked on at start-up
-# One model call of smoothing holds batch_size noisy inputs (float32) and their outputs;
-# a batch size that cannot fit this is a configuration error, not an out-of-memory crash.
+# One model call of smoothing holds batch_size noisy inputs (float32) and their outputs
+# (or the probe's fastest size, which it ran; the noise buffer holds a call and up to one
+# piece more); a batch size that cannot fit this is a configuration error, not an
+# out-of-memory crash.
 MAX_CERTIFY_BATCH_BYTES = 2 << 30
 
 
