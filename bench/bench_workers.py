@@ -10,11 +10,16 @@ For each run, written to bench/results/workers.json:
 * group join time, from process start and from the last member's subscription, to the moment
   every member holds its final share of the partitions (from the workers' ``-v`` log lines:
   ``subscribed to``, ``partitions assigned``, ``partitions revoked``; each carries its worker id);
-* decisions/s in total and per worker, timed from the production of the first event to the
+* start to ready: until every member's stage has started (its ``riskpipe.status: model``
+  line): a member joins its group before it builds its pipeline, so this can come after the join;
+* decisions/s in total and per worker, once every member is ready, timed from the production of the first event to the
   last decision (the latest create timestamp of the audit records, stamped when the stage
   sends them), and each worker's share (the audit record's ``worker``);
 * per round, the ratio of each configuration's total decisions/s to 1 worker's.
 min / median / max over the rounds: the machine is shared, so single runs are noisy.
+
+``--baseline DIR`` (a copy of an older commit, e.g. ``git archive``) runs every configuration
+from DIR too, interleaved round by round, as ``NAME (baseline)``: before/after side by side.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ PARTITIONS = 4
 CONFIGS = {"1 worker": ("workers", 1), "--workers 2": ("workers", 2), "2 replicas": ("replicas", 2)}
 LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ \[([^\]]+)\] riskpipe\.stream: "
                   r"(subscribed to|partitions assigned|partitions revoked)(.*)$")
+READY = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ \[([^\]]+)\] riskpipe\.status: model ")
 TIMING = re.compile(r"riskpipe\.kafka: group \S+: session timeout (\d+) ms, heartbeat interval (\d+) ms")
 
 
@@ -56,11 +62,14 @@ class Members:
         self.holds: dict[str, frozenset] = {}
         self.timing: tuple[int, int] | None = None
         self.changed = 0.0  # wall time of the latest assignment or revocation
+        self.ready: dict[str, float] = {}  # when each member's pipeline was built (its stage started)
 
     def read(self, text: str) -> None:
         for line in text.splitlines():
             if (tm := TIMING.search(line)) is not None:
                 self.timing = (int(tm.group(1)), int(tm.group(2)))
+            if (rd := READY.match(line)) is not None:
+                self.ready.setdefault(rd.group(2), datetime.strptime(rd.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
             m = LINE.match(line)
             if not m:
                 continue
@@ -80,16 +89,21 @@ class Members:
                 and len(frozenset().union(*held)) == PARTITIONS)
 
 
-def launch(kind: str, n: int, bootstrap: str, group: str, logdir: Path, extra: list[str]) -> list[subprocess.Popen]:
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def launch(kind: str, n: int, bootstrap: str, group: str, logdir: Path, extra: list[str],
+           root: Path = ROOT) -> list[subprocess.Popen]:
     base = [sys.executable, "-m", "riskpipe.cli", "run", "--bootstrap-servers", bootstrap, "--group-id", group,
             "--no-ledger", "-v", *extra]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
-                                                         os.environ.get("PYTHONPATH", "")])}
+    # cwd too: `python -m` puts the working directory ahead of PYTHONPATH
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     if kind == "workers":  # one parent; its workers are w0..w{n-1} (one worker: given that id)
         cmd = base + (["--workers", str(n)] if n > 1 else ["--worker-id", "w0"])
-        return [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=(logdir / "p0.log").open("w"), env=env)]
+        return [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=(logdir / "p0.log").open("w"), env=env,
+                                 cwd=root)]
     return [subprocess.Popen(base + ["--worker-id", f"r{i}"], stdout=subprocess.DEVNULL,
-                             stderr=(logdir / f"p{i}.log").open("w"), env=env) for i in range(n)]
+                             stderr=(logdir / f"p{i}.log").open("w"), env=env, cwd=root) for i in range(n)]
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
@@ -113,7 +127,7 @@ def read_audit(reader, want: int, timeout: float) -> list:
     return got
 
 
-def one_run(name: str, n_events: int, extra: list[str], run_no: int) -> dict:
+def one_run(name: str, n_events: int, extra: list[str], run_no: int, root: Path = ROOT) -> dict:
     kind, n = CONFIGS[name]
     group = f"bench-{uuid.uuid4().hex[:8]}"
     with EmbeddedBroker() as b, tempfile.TemporaryDirectory() as d:
@@ -123,7 +137,7 @@ def one_run(name: str, n_events: int, extra: list[str], run_no: int) -> dict:
         values = events(n_events, f"{run_no}-{kind}{n}")
         logdir = Path(d)
         t_launch = time.time()
-        procs = launch(kind, n, b.bootstrap, group, logdir, extra)
+        procs = launch(kind, n, b.bootstrap, group, logdir, extra, root)
         members = Members()
         try:
             deadline = time.monotonic() + 180
@@ -139,6 +153,15 @@ def one_run(name: str, n_events: int, extra: list[str], run_no: int) -> dict:
             join = {"from_start_s": members.changed - t_launch,
                     "from_subscribe_s": members.changed - max(members.subscribed.values()),
                     "start_to_subscribe_s": max(members.subscribed.values()) - t_launch}
+            # a member joins before its pipeline is built: events are produced once every one is ready,
+            # so decisions/s is the stage's, not its start-up's
+            while len(members.ready) < n:
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                    raise RuntimeError(f"{name}: the members did not start their stages")
+                time.sleep(0.05)
+                for f in sorted(logdir.glob("*.log")):
+                    members.read(f.read_text())
+            join["start_to_ready_s"] = max(members.ready.values()) - t_launch
             from kafka import TopicPartition
 
             reader = kafka_clients.consumer(settings, enable_auto_commit=False, fetch_max_wait_ms=100)
@@ -183,7 +206,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--session-timeout-ms", type=int, default=None, help="passed to riskpipe run (default: its own)")
     ap.add_argument("--heartbeat-interval-ms", type=int, default=None, help="passed to riskpipe run")
+    ap.add_argument("--baseline", type=Path, default=None, help="another checkout, run side by side")
     args = ap.parse_args()
+    roots = {"": ROOT} | ({" (baseline)": args.baseline.resolve()} if args.baseline else {})
     extra = []
     if args.session_timeout_ms is not None:
         extra += ["--session-timeout-ms", str(args.session_timeout_ms)]
@@ -191,20 +216,25 @@ def main() -> None:
         extra += ["--heartbeat-interval-ms", str(args.heartbeat_interval_ms)]
     runs: list[dict] = []
     for r in range(args.rounds):
-        for name in CONFIGS:
-            run = one_run(name, args.events, extra, r)
-            run["round"] = r
-            runs.append(run)
-            print(f"round {r + 1} {name}: join {run['join']['from_start_s']:.2f} s from start, "
-                  f"{run['join']['from_subscribe_s']:.2f} s from subscribe; {run['decisions_per_s']:.0f} decisions/s "
-                  f"({', '.join(w + ' ' + str(e['decisions']) for w, e in run['workers'].items())})", flush=True)
+        for config in CONFIGS:
+            for suffix, root in roots.items():
+                name = config + suffix
+                run = one_run(config, args.events, extra, r, root)
+                run["config"], run["round"] = name, r
+                runs.append(run)
+                print(f"round {r + 1} {name}: join {run['join']['from_start_s']:.2f} s from start, "
+                          f"{run['join']['from_subscribe_s']:.2f} s from subscribe, ready "
+                      f"{run['join']['start_to_ready_s']:.2f} s from start; {run['decisions_per_s']:.0f} "
+                      f"decisions/s ({', '.join(w + ' ' + str(e['decisions']) for w, e in run['workers'].items())})",
+                      flush=True)
     summary: dict = {}
-    base = {x["round"]: x["decisions_per_s"] for x in runs if x["config"] == "1 worker"}
-    for name in CONFIGS:
+    for name, suffix in ((c + sfx, sfx) for c in CONFIGS for sfx in roots):
+        base = {x["round"]: x["decisions_per_s"] for x in runs if x["config"] == "1 worker" + suffix}
         mine = [x for x in runs if x["config"] == name]
         summary[name] = {
             "join_from_start_s": spread([x["join"]["from_start_s"] for x in mine]),
             "join_from_subscribe_s": spread([x["join"]["from_subscribe_s"] for x in mine]),
+            "start_to_ready_s": spread([x["join"]["start_to_ready_s"] for x in mine]),
             "decisions_per_s": spread([x["decisions_per_s"] for x in mine]),
             "per_worker_decisions_per_s": spread([x["per_worker_decisions_per_s"] for x in mine]),
             "ratio_vs_1_worker": spread([x["decisions_per_s"] / base[x["round"]] for x in mine]),
@@ -212,6 +242,7 @@ def main() -> None:
     timing = {tuple(x["group_timing_ms"] or ()) for x in runs}
     path = write_results("workers", {
         "params": {"events": args.events, "rounds": args.rounds, "partitions": PARTITIONS, "ledger": None,
+                   "baseline": str(args.baseline) if args.baseline else None,
                    "model": "demo:digits", "policy": "default", "group_timing_ms": sorted(timing),
                    "machine_note": "2 cores shared with other users' jobs: figures are noisy, see load_avg_1m per run"},
         "summary": summary, "runs": runs})
@@ -219,11 +250,12 @@ def main() -> None:
     def mmm(d, fmt="{:.2f}"):
         return " / ".join(fmt.format(d[k]) for k in ("min", "median", "max"))
 
-    print(table([(name, mmm(s["join_from_start_s"]), mmm(s["join_from_subscribe_s"]),
+    print(table([(name, mmm(s["join_from_start_s"]), mmm(s["join_from_subscribe_s"]), mmm(s["start_to_ready_s"]),
                   mmm(s["decisions_per_s"], "{:.0f}"), mmm(s["per_worker_decisions_per_s"], "{:.0f}"),
                   mmm(s["ratio_vs_1_worker"]))
                  for name, s in summary.items()],
-                ("config (min / median / max)", "join from start s", "join from subscribe s", "decisions/s",
+                ("config (min / median / max)", "join from start s", "join from subscribe s", "start to ready s",
+                 "decisions/s",
                  "per worker", "vs 1 worker")))
     print(f"group timing (session, heartbeat ms): {sorted(timing)}; target: a 2-member group joins in <= 3 s")
     print(f"\nwrote {path}")

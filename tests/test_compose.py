@@ -107,7 +107,9 @@ def test_config_errors_name_the_key_in_one_line(user, tmp_path):
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_cli_config_error_is_one_line_without_traceback(user, tmp_path, workers):
-    """Also with --workers: the parent checks the entries once, before starting any worker."""
+    """Also with --workers: each worker checks the entries as it builds its pipeline (the
+    parent validates the config file only, and loads no model), and the parent prints their
+    identical error once."""
     cfg = write_config(tmp_path / "c.yaml", {"wine": {"spec": user["tabular"].spec, "scale": [1.0, 2.0]}},
                        user["no_context"])
     (tmp_path / "none.jsonl").write_text("")

@@ -41,7 +41,7 @@ from riskpipe.policy import load_policy
 from riskpipe.policy.rules import iter_conditions
 from riskpipe.stream.broker import create_topics
 from riskpipe.stream.checksum import check_kafka_crc32c
-from riskpipe.stream.io import JsonlSink, JsonlSource, KafkaSink, KafkaSource
+from riskpipe.stream.io import EarlyJoin, JsonlSink, JsonlSource, KafkaSink, KafkaSource
 from riskpipe.stream.pipeline import ModelEntry, Pipeline, certify, radius_in_threat
 from riskpipe.stream.ports import Sink, Source
 from riskpipe.stream.stage import Stage
@@ -330,16 +330,21 @@ def checkpoint_hooks(config: StageConfig, ledger, sink: str | None = None) -> li
 
 
 def source_factory(config: StageConfig, source: str | None = None, checkpoint: str | None = None,
-                   metrics=None) -> Callable[[Callable], Source]:
-    """``make_source(on_revoke)``: Kafka (default) or a JSON-lines file (``jsonl:PATH``)."""
+                   metrics=None, joined: EarlyJoin | None = None) -> Callable[[Callable], Source]:
+    """``make_source(on_revoke)``: Kafka (default) or a JSON-lines file (``jsonl:PATH``).
+    ``joined``: the Kafka source is already a group member (``riskpipe.app.runner``); the
+    first call takes it, a reopen after an outage makes a new one."""
 
     if source and source.startswith("jsonl:"):
         path = source[len("jsonl:"):]
         return lambda on_revoke: JsonlSource(path, checkpoint)
 
     check_kafka_crc32c(metrics)
+    early = [joined] if joined is not None else []
 
     def make_source(on_revoke: Callable) -> Source:
+        if early:
+            return early.pop().take(on_revoke)
         if config.create_topics:  # after a broker restart (memory storage) topics are gone
 
             t = config.topics
@@ -360,9 +365,10 @@ def sink_factory(config: StageConfig, sink: str | None = None) -> Callable[[], S
 
 def build_stage(config: StageConfig, *, source: str | None = None, sink: str | None = None,
                 checkpoint: str | None = None, pipeline: Pipeline | None = None, ledger=None, metrics=None,
-                **kw):
+                joined: EarlyJoin | None = None, **kw):
     """A Stage over ``source``/``sink`` (Kafka unless ``jsonl:...``). ``pipeline``
-    may be passed to reuse one already built (tests, benchmarks)."""
+    may be passed to reuse one already built (tests, benchmarks); ``joined``: a Kafka
+    source that joined its group while the pipeline was built."""
 
     pipeline = pipeline or build_pipeline(config)
     if metrics is not None:
@@ -372,5 +378,5 @@ def build_stage(config: StageConfig, *, source: str | None = None, sink: str | N
                 size = e.certifier.batch_size  # type: ignore[attr-defined]
                 metrics.set_certify_batch_size(e.name, size, e.batch_size_source)
     kw["after_commit"] = [*checkpoint_hooks(config, ledger, sink), *(kw.get("after_commit") or [])]
-    return Stage(config, pipeline, source_factory(config, source, checkpoint, metrics),
+    return Stage(config, pipeline, source_factory(config, source, checkpoint, metrics, joined),
                  sink_factory(config, sink), ledger=ledger, metrics=metrics, **kw)

@@ -8,23 +8,22 @@ from contextlib import contextmanager
 
 import click
 
-from riskpipe.app.compose import build_pipeline
 from riskpipe.app.config import ConfigError, load_config
 from riskpipe.app.runner import default_ledger_path, run_stage, run_workers
 from riskpipe.cli.common import fail
-from riskpipe.context import ContextError
 from riskpipe.ledger import LedgerError
 from riskpipe.metrics import StageMetrics
 from riskpipe.policy import PolicyError
 from riskpipe.redaction import redact
+from riskpipe.stream.guard import GuardTripped
 from riskpipe.stream.infra import InfrastructureUnavailable
-from riskpipe.stream.stage import GuardTripped
 
 
 @contextmanager
 def startup_errors(config_path: str | None):
     """A policy, model entry, reference set or ledger that cannot be used ends the
-    command with one line naming it (never a traceback)."""
+    command with one line naming it (never a traceback; the composition root reports a
+    reference set's ContextError as the ConfigError of its key)."""
 
     try:
         yield
@@ -32,7 +31,7 @@ def startup_errors(config_path: str | None):
         fail(f"policy: {e}")
     except LedgerError as e:  # e.g. an unknown scheme, an unreachable PostgreSQL server
         fail(str(e))
-    except (ConfigError, ContextError) as e:
+    except ConfigError as e:
         fail(f"{config_path or 'config'}: {e}")
 
 
@@ -46,7 +45,7 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, references
                            session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=heartbeat_interval_ms)
     config = _with_ledger(config, ledger, no_ledger)
     if workers > 1:
-        _run_workers(config, config_path, workers)
+        _run_workers(config, workers)
     stats = _run_one(config, config_path, source, sink, idle_exit, serve_metrics=not no_metrics_server)
     _summary(stats, config.ledger)
 
@@ -121,12 +120,12 @@ def _worker_argv(argv: list[str]) -> list[str]:
     return cleaned
 
 
-def _run_workers(config, config_path: str | None, workers: int) -> None:
-    """Start ``workers`` processes of this command in one consumer group; exits with their status."""
+def _run_workers(config, workers: int) -> None:
+    """Start ``workers`` processes of this command in one consumer group; exits with their
+    status. The config is validated (``_stage_config`` failed fast on a bad file, field or
+    value); the pipeline is the workers' to build, each while it joins the group
+    (riskpipe.app.runner), so the parent never loads torch."""
 
-    with startup_errors(config_path):  # fail once, here, not in every worker; warms the caches
-
-        build_pipeline(config)
     sys.exit(run_workers(workers, _worker_argv(sys.argv[2:]), config.metrics_port, config.metrics_addr))
 
 

@@ -33,7 +33,6 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 import sklearn
-import skops.io as sio
 import torch
 from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
 
@@ -275,6 +274,9 @@ def _forest_proba(est):
 
 
 def _load_skops(spec: str, path: Path, opts, trusted_types=()) -> Model:
+    # lazy: skops.io imports all of scikit-learn to list the types it trusts (~2 s), for .skops models only
+    import skops.io as sio
+
     trusted = [*TREE_TYPES, *trusted_types]
     try:
         untrusted = [t for t in sio.get_untrusted_types(file=str(path)) if t not in trusted]

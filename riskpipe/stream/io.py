@@ -10,6 +10,7 @@ import base64
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 from kafka import TopicPartition
@@ -30,11 +31,16 @@ BOOTSTRAP_TIMEOUT_MS = 5_000
 
 # ---------------------------------------------------------------- Kafka -------------
 class KafkaSource(SourceBase):
-    """A consumer-group member on the input topic; manual commits only."""
+    """A consumer-group member on the input topic; manual commits only.
 
-    def __init__(self, config, on_revoke=None):
+    ``held=True`` joins the group without consuming (``join_early``): every partition the
+    group assigns is paused until ``release``, so ``poll`` fetches nothing."""
+
+    def __init__(self, config, on_revoke=None, held: bool = False):
         self.config = config
         self.revoked: set = set()
+        self.on_revoke = on_revoke
+        self.held = held
         source = self
 
         class Listener(ConsumerRebalanceListener):
@@ -43,11 +49,13 @@ class KafkaSource(SourceBase):
             # finished is ever left uncommitted when a rebalance starts.
             def on_partitions_revoked(self, revoked):
                 source.revoked |= {(tp.topic, tp.partition) for tp in revoked}
-                if on_revoke:
-                    on_revoke(revoked)
+                if source.on_revoke:
+                    source.on_revoke(revoked)
                 log.info("partitions revoked: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in revoked))
 
             def on_partitions_assigned(self, assigned):
+                if source.held:  # before this poll fetches: nothing is read until release()
+                    source.consumer.pause(*assigned)
                 log.info("partitions assigned: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
 
         self.consumer = kafka_clients.consumer(
@@ -112,11 +120,71 @@ class KafkaSource(SourceBase):
                 out[(tp.topic, tp.partition)] = max(0, hw - pos)
         return out
 
+    def hold_poll(self, timeout_ms: int) -> None:
+        """One poll while held: it joins or rejoins the group and keeps this member in it;
+        a record it returns all the same is not consumed: its partition goes back to it."""
+        for tp, recs in self.consumer.poll(timeout_ms=timeout_ms).items():
+            if recs:
+                self.consumer.seek(tp, min(r.offset for r in recs))
+
+    def release(self, on_revoke=None) -> None:
+        """End the hold: the stage's revoke callback from now on, and the paused partitions resume."""
+        self.on_revoke = on_revoke
+        self.held = False
+        self.consumer.resume(*self.consumer.assignment())
+
     def close(self) -> None:
         try:
             self.consumer.close(autocommit=False)
         except Exception as e:  # noqa: BLE001
             log.warning("consumer close: %s", e)
+
+
+class EarlyJoin:
+    """A stage's group membership, begun before its pipeline is built (issue 21: a worker
+    joins its group while torch and its models load, not after).
+
+    A thread polls a held ``KafkaSource``: every partition the group assigns is paused, so
+    nothing is fetched, decided or committed, while the member joins, takes part in
+    rebalances and stays in the group (heartbeats; a poll every ``POLL_MS``, well inside
+    max.poll.interval). ``take`` hands the source to the stage, which reads from the
+    committed offsets as any new owner does. Never taken (the build failed): ``close``
+    leaves the group."""
+
+    POLL_MS = 100
+
+    def __init__(self, config):
+        self.source = KafkaSource(config, held=True)
+        self._taken = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._hold, name="riskpipe-join", daemon=True)
+        self._thread.start()
+
+    def _hold(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.source.hold_poll(self.POLL_MS)
+            except Exception as e:  # noqa: BLE001 - a broker error while held: the stage rides out outages once it runs
+                log.warning("joining group %s: %s", self.source.config.group_id, e)
+                self._stop.wait(0.5)
+
+    def _end_hold(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def take(self, on_revoke) -> KafkaSource:
+        """The source, no longer held, for the stage (its ``make_source``); the stage closes it."""
+        self._end_hold()
+        self.source.release(on_revoke)
+        self._taken = True
+        return self.source
+
+    def close(self) -> None:
+        """Leave the group, unless the stage took the source."""
+        if not self._taken:
+            self._end_hold()
+            self.source.close()
+            self._taken = True
 
 
 class KafkaSink:
