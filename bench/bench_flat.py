@@ -11,6 +11,11 @@ chain layout, and a fast JSON reader (orjson.loads) of each record; "with tree" 
 RFC 9162 leaf hash the Merkle tree check needs.
 
     python bench/bench_flat.py [--rows 1000000] [--small 100000] [--cache bench/.cache]
+    python bench/bench_flat.py --only-verify [--rounds 5] --rows 200000   # -> flat_verify.json
+
+``--only-verify`` times ``verify`` and its lower bounds alone, interleaved over several
+rounds at one size, wall and CPU time (min/median/max; the machine is shared and noisy).
+``verify`` runs in one thread like the lower bound, so the ratio compares like with like.
 """
 
 from __future__ import annotations
@@ -112,7 +117,8 @@ def queue_page(path: Path) -> dict:
     return out
 
 
-def verify_vs_lower_bound(path: Path) -> dict:
+def verify_fns(path: Path) -> dict:
+    """``verify`` and its lower bounds (without and with the Merkle leaf hash) on ``path``."""
     import orjson
 
     from riskpipe.ledger import open_ledger
@@ -139,9 +145,15 @@ def verify_vs_lower_bound(path: Path) -> dict:
         with open_ledger(path) as led:
             assert led.verify().ok
 
-    t_verify = timed(verify, repeat=1)
-    t_lb = timed(lambda: lower_bound(False), repeat=1)
-    t_lb_tree = timed(lambda: lower_bound(True), repeat=1)
+    return {"verify": verify, "lower_bound": lambda: lower_bound(False),
+            "lower_bound_with_tree": lambda: lower_bound(True)}
+
+
+def verify_vs_lower_bound(path: Path) -> dict:
+    fns = verify_fns(path)
+    t_verify = timed(fns["verify"], repeat=1)
+    t_lb = timed(fns["lower_bound"], repeat=1)
+    t_lb_tree = timed(fns["lower_bound_with_tree"], repeat=1)
     return {"verify_s": round(t_verify, 3), "lower_bound_s": round(t_lb, 3),
             "lower_bound_with_tree_s": round(t_lb_tree, 3),
             "ratio": round(t_lb / t_verify, 3), "ratio_with_tree": round(t_lb_tree / t_verify, 3)}
@@ -179,14 +191,51 @@ def measure(path: Path, rows: int) -> dict:
     return r
 
 
+def only_verify(path: Path, rows: int, rounds: int) -> dict:
+    """``verify`` against its lower bounds, interleaved over ``rounds`` rounds."""
+    from statistics import median
+
+    build(path, rows)
+    fns = verify_fns(path)
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            wall[k].append(time.perf_counter() - w)
+            cpu[k].append(time.process_time() - c)
+
+    def stats(xs: list[float]) -> dict:
+        return {"min": round(min(xs), 3), "median": round(median(xs), 3), "max": round(max(xs), 3)}
+
+    out: dict = {"rows": rows, "rounds": rounds}
+    for name, t in (("wall_s", wall), ("cpu_s", cpu)):
+        out[name] = {k: stats(v) for k, v in t.items()}
+        for bound in ("lower_bound", "lower_bound_with_tree"):  # per round, side by side
+            out[name][f"ratio_{bound}"] = stats([b / v for b, v in zip(t[bound], t["verify"], strict=True)])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--small", type=int, default=100_000, help="the smaller size, for the growth ratio")
     ap.add_argument("--cache", default=str(CACHE), help="directory the built ledgers are kept (and reused) in")
+    ap.add_argument("--only-verify", action="store_true", help="verify against its lower bound at --rows only")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds for --only-verify")
     args = ap.parse_args()
     where = Path(args.cache)
     where.mkdir(parents=True, exist_ok=True)
+    if args.only_verify:
+        r = only_verify(where / f"flat-{RECORDS}-{args.rows}.db", args.rows, args.rounds)
+        print(table([(unit, k, v["min"], v["median"], v["max"]) for unit in ("wall_s", "cpu_s")
+                     for k, v in r[unit].items()], ("unit", "what", "min", "median", "max")))
+        path = write_results("flat_verify", {"settings": {"record": "tests/ledger_records.decision_record, ~2 KB",
+                                                          "backend": "SQLite (WAL)", "threads": 1},
+                                             "run": r, "targets": {"verify_ratio": 0.7}})
+        print(f"wrote {path}")
+        return
     runs = [measure(where / f"flat-{RECORDS}-{n}.db", n) for n in (args.small, args.rows)]
     small, big = runs
     growth = {k: round(big[k] / small[k], 2) for k in ("report_no_verify_s", "report_with_verify_s", "verify_s")}

@@ -183,26 +183,25 @@ class TreeCheck:
         edge, size, anchors = self.frontier.edge, self.frontier.size, self.anchors
         first_index = size
         want: list[str] = []  # "last,level,hash" of each node completed, in (last, level) order
-        owner: list[int] = []  # the row whose leaf completed each node
+        keep = want.append
         signed_bad: tuple[int, str] | None = None
         for seq, h in enumerate(leaves, first_seq):
-            want.append(f"{size},0,{h.hex()}")
-            owner.append(seq)
-            level = 0
-            while size >> level & 1:  # merkle.Frontier.push, inline
-                h = sha256(b"\x01" + edge.pop() + h).digest()
-                level += 1
-                want.append(f"{size},{level},{h.hex()}")
-                owner.append(seq)
+            keep(f"{size},0,{h.hex()}")
+            if size & 1:  # merkle.Frontier.push, inline
+                level = 0
+                while size >> level & 1:
+                    h = sha256(b"\x01" + edge.pop() + h).digest()
+                    level += 1
+                    keep(f"{size},{level},{h.hex()}")
             edge.append(h)
             size += 1
-            signed = anchors.get(size) if anchors else None
-            if signed is not None:
+            if anchors and size in anchors:
                 self.frontier.size = size
-                if self.frontier.root().hex() != signed:
+                if self.frontier.root().hex() != anchors[size]:
                     first = self.last_anchor + 1
                     signed_bad = (first, f"the Merkle root of the first {seq} rows differs from the signed checkpoint "
-                                         f"for tree size {seq} ({signed[:12]}…): rows {first}..{seq} were rewritten")
+                                         f"for tree size {seq} ({anchors[size][:12]}…): rows {first}..{seq} were "
+                                         "rewritten")
                     break
                 self.last_anchor = seq
         self.frontier.size = size
@@ -214,8 +213,9 @@ class TreeCheck:
             if stored != expect:
                 i = next(i for i, w in enumerate(expect) if i >= len(stored) or stored[i] != w)
                 last, level = expect[i][0], expect[i][1]
-                self.problem = (owner[i], f"row {owner[i]}: stored Merkle tree node (level {level}, index "
-                                          f"{last >> level}) does not match the rows (tree or row tampered)")
+                owner = first_seq + last - first_index  # the row whose leaf completed the node
+                self.problem = (owner, f"row {owner}: stored Merkle tree node (level {level}, index "
+                                       f"{last >> level}) does not match the rows (tree or row tampered)")
                 return
         self.problem = signed_bad
 
