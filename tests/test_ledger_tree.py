@@ -66,6 +66,9 @@ def superuser(target, *statements):
     ("leaf", 3, "stored Merkle tree node (level 0, index 2)"),
     ("missing", 8, "stored Merkle tree node (level 3, index 0)"),
     ("extra", 11, "nodes beyond row 10"),
+    ("moved", 6, "stored Merkle tree node (level 1, index 2)"),  # (5, 1) stored as (5, 7): same hash order
+    ("resplit", 4, "stored Merkle tree node (level 0, index 3)"),  # the joined hash text unchanged
+    ("merged", 4, "stored Merkle tree node (level 0, index 3)"),  # (3, 1) folded into (3, 0) as "h;3,1,h"
     ("state", 10, "tree state root"),
     ("size", 10, "tree state says 9 leaves"),
 ])
@@ -76,6 +79,13 @@ def test_tree_tampering_is_detected(target, case, first_bad, reason):
         "leaf": ["UPDATE tree_nodes SET hash = '" + "cd" * 32 + "' WHERE last = 2 AND level = 0"],
         "missing": ["DELETE FROM tree_nodes WHERE last = 7 AND level = 3"],
         "extra": ["INSERT INTO tree_nodes (last, level, hash) VALUES (10, 0, '" + "ef" * 32 + "')"],
+        "moved": ["UPDATE tree_nodes SET level = 7 WHERE last = 5 AND level = 1"],
+        "resplit": ["UPDATE tree_nodes SET hash = hash || (SELECT substr(n.hash, 1, 1) FROM tree_nodes n "
+                    "WHERE n.last = 3 AND n.level = 1) WHERE last = 3 AND level = 0",
+                    "UPDATE tree_nodes SET hash = substr(hash, 2) WHERE last = 3 AND level = 1"],
+        "merged": ["UPDATE tree_nodes SET hash = hash || ';3,1,' || (SELECT n.hash FROM tree_nodes n "
+                   "WHERE n.last = 3 AND n.level = 1) WHERE last = 3 AND level = 0",
+                   "DELETE FROM tree_nodes WHERE last = 3 AND level = 1"],
         "state": ["UPDATE tree_state SET root = '" + "01" * 32 + "'"],
         "size": ["UPDATE tree_state SET size = 9"],
     }[case]
@@ -122,3 +132,16 @@ def test_schema_2_ledger_gets_its_tree(tmp_path):
         assert led.tree_head() == (11, merkle.mth(leaves).hex()) and led.verify().ok
         led.append(decision_record(40))
         assert led.tree_head() == (12, merkle.mth(reference_leaves(led)).hex()) and led.verify().ok
+
+
+def test_a_node_stored_twice_is_detected(target):
+    """Without its primary key a table could hold a key twice and miss another while the
+    hashes still read in the same order; verify names the node either way."""
+    if not str(target).startswith("postgresql://"):
+        pytest.skip("SQLite cannot drop a table's primary key")
+    fill(target, [10])
+    superuser(target, "ALTER TABLE tree_nodes DROP CONSTRAINT tree_nodes_pkey",
+              "UPDATE tree_nodes SET level = 0 WHERE last = 5 AND level = 1")
+    with open_ledger(target) as led:
+        res = led.verify()
+    assert not res.ok and res.first_bad_seq == 6 and "Merkle tree" in res.reason, res

@@ -217,8 +217,9 @@ class PostgresLedger(Ledger):
 
     backend = "postgresql"
     record_bytes = "convert_to(record, 'UTF8')"
-    tree_nodes_text = ("SELECT string_agg(last || ',' || level || ',' || hash, ';' ORDER BY last, level) "
-                       "FROM tree_nodes WHERE last >= ? AND last < ?")
+    tree_nodes_check = ("SELECT string_agg(hash, '' ORDER BY last, level), count(*), sum(CASE WHEN length(hash) = 64 "
+                        "AND level BETWEEN 0 AND 62 THEN CASE WHEN (last + 1) % (1::bigint << level) = 0 THEN 0 "
+                        "ELSE 1 END ELSE 1 END) FROM tree_nodes WHERE last >= ? AND last < ?")
     number_at = staticmethod(_number_at)
     _db: _Conn | None
 

@@ -112,8 +112,11 @@ class SqliteLedger(Ledger):
 
     backend = "sqlite"
     record_bytes = "CAST(record AS BLOB)"
-    tree_nodes_text = ("SELECT group_concat(n, ';') FROM (SELECT last || ',' || level || ',' || hash AS n "
-                       "FROM tree_nodes WHERE last >= ? AND last < ? ORDER BY last, level)")
+    tree_nodes_check = ("SELECT group_concat(hash, ''), count(*), sum(CASE WHEN typeof(last) = 'integer' "
+                        "AND typeof(level) = 'integer' AND typeof(hash) = 'text' AND length(hash) = 64 "
+                        "AND level BETWEEN 0 AND 62 THEN CASE WHEN (last + 1) % (1 << level) = 0 THEN 0 ELSE 1 END "
+                        "ELSE 1 END) FROM (SELECT last, level, hash FROM tree_nodes WHERE last >= ? AND last < ? "
+                        "ORDER BY last, level)")
     number_at = staticmethod(_number_at)
     _db: _Conn | None
 

@@ -57,9 +57,9 @@ class Ledger:
     backend = "abstract"
     # the SQL that reads ``entries.record`` as its UTF-8 bytes (verify hashes and parses bytes)
     record_bytes = "record"
-    # the SQL for one text of the tree nodes with ``?`` <= last < ``?``: "last,level,hash" in
-    # (last, level) order joined by ";" (verify compares it with the nodes it computes); None: row by row
-    tree_nodes_text: str | None = None
+    # the SQL for (hashes joined in (last, level) order, count, count of malformed keys) of the tree
+    # nodes with ``?`` <= last < ``?`` (tree.TreeCheck.add_leaves); None: row by row
+    tree_nodes_check: str | None = None
     schema_version: int
     _db: Db | None
     _lock: threading.RLock
@@ -405,7 +405,7 @@ class Ledger:
         with self._read() as db:
             state = db.execute("SELECT count, head FROM chain_state WHERE id = 1").fetchone()
             tstate = db.execute("SELECT size, root FROM tree_state WHERE id = 1").fetchone()
-            check = tree.TreeCheck(db, signed_roots, self.tree_nodes_text)
+            check = tree.TreeCheck(db, signed_roots, self.tree_nodes_check)
             walk = ChainWalk(expect_head, anchors)
             rows = self._rows(db, f"SELECT seq, kind, entry_id, ts, {self.record_bytes}, prev_hash, hash FROM entries "
                                   "WHERE seq IS NOT NULL ORDER BY seq")

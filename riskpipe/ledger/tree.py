@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from riskpipe.ledger import merkle
 from riskpipe.ledger.chain import LedgerError, LedgerUnavailable
@@ -157,15 +157,25 @@ def subtree_reader(db: Db, size: int) -> merkle.Subtree:
     return subtree
 
 
+def _node_keys(lo: int, hi: int) -> Iterator[tuple[int, int]]:
+    """(last, level) of the nodes leaves ``lo .. hi - 1`` complete, in (last, level) order."""
+    for last in range(lo, hi):
+        level = 0
+        yield last, 0
+        while last >> level & 1:
+            level += 1
+            yield last, level
+
+
 class TreeCheck:
     """Rebuilds the tree from the rows as ``verify`` walks them and compares it with the
     stored nodes (``tree_nodes`` of ``db``, read range by range) and with signed roots
     (``anchors``: tree size -> root hex). The first difference is kept as ``problem``."""
 
-    def __init__(self, db: Db, anchors: dict[int, str] | None = None, nodes_text: str | None = None) -> None:
+    def __init__(self, db: Db, anchors: dict[int, str] | None = None, nodes_check: str | None = None) -> None:
         self.db = db
         self.anchors = anchors or {}
-        self.nodes_text = nodes_text
+        self.nodes_check = nodes_check
         self.frontier = merkle.Frontier()
         self.problem: tuple[int, str] | None = None
         self.last_anchor = 0
@@ -173,26 +183,31 @@ class TreeCheck:
     def add_leaves(self, first_seq: int, leaves: list[bytes]) -> None:
         """Push the leaf hashes of rows ``first_seq, first_seq + 1, ...`` and compare the
         nodes they complete (each stored with ``last`` = the index of the leaf that
-        completed it) with the stored nodes of that range of ``last`` at once: as one text
-        the database writes (``nodes_text``: the backend's SQL for ``last,level,hash`` of
-        the range joined by ``;``) against the one written here, and row by row only when
-        those differ, to name the first node that does."""
+        completed it) with the stored nodes of that range of ``last`` at once, and row by
+        row only when those differ, to name the first node that does.
+
+        At once (``nodes_check``, the backend's SQL): the stored hashes joined in (last,
+        level) order equal the computed ones, as many nodes are stored as computed, and
+        each stored key is one the range must hold (integers, ``last + 1`` a multiple of
+        ``2 ** level``, a 64-character hash). Keys are unique (the primary key; ``finish``
+        checks it too), so the stored keys are exactly the computed ones, each with its
+        hash: no per-node text is written on either side."""
         if self.problem is not None or not leaves:
             return
         sha256 = hashlib.sha256
         edge, size, anchors = self.frontier.edge, self.frontier.size, self.anchors
         first_index = size
-        want: list[str] = []  # "last,level,hash" of each node completed, in (last, level) order
-        keep = want.append
+        nodes: list[bytes] = []  # each node completed, in (last, level) order
+        keep = nodes.append
         signed_bad: tuple[int, str] | None = None
         for seq, h in enumerate(leaves, first_seq):
-            keep(f"{size},0,{h.hex()}")
+            keep(h)
             if size & 1:  # merkle.Frontier.push, inline
                 level = 0
                 while size >> level & 1:
                     h = sha256(b"\x01" + edge.pop() + h).digest()
                     level += 1
-                    keep(f"{size},{level},{h.hex()}")
+                    keep(h)
             edge.append(h)
             size += 1
             if anchors and size in anchors:
@@ -206,10 +221,12 @@ class TreeCheck:
                 self.last_anchor = seq
         self.frontier.size = size
         span = (first_index, size)
-        if self.nodes_text is None or self.db.execute(self.nodes_text, span).fetchone()[0] != ";".join(want):
+        if self.nodes_check is None or tuple(self.db.execute(self.nodes_check, span).fetchone()) != (
+                b"".join(nodes).hex(), len(nodes), 0):
             stored = [tuple(r) for r in self.db.execute("SELECT last, level, hash FROM tree_nodes WHERE last >= ? "
                                                         "AND last < ? ORDER BY last, level", span).fetchall()]
-            expect = [(int(last), int(level), h) for last, level, h in (w.split(",") for w in want)]
+            expect = [(last, level, h.hex()) for (last, level), h in zip(_node_keys(first_index, size), nodes,
+                                                                          strict=True)]
             if stored != expect:
                 i = next(i for i, w in enumerate(expect) if i >= len(stored) or stored[i] != w)
                 last, level = expect[i][0], expect[i][1]
@@ -220,13 +237,20 @@ class TreeCheck:
         self.problem = signed_bad
 
     def finish(self, n: int, state: Row | None) -> tuple[int, str] | None:
-        """After ``n`` good rows: nodes outside the rows, the tree state, anchors beyond the end."""
+        """After ``n`` good rows: nodes outside the rows or stored twice, the tree state, anchors
+        beyond the end."""
         if self.problem is not None:
             return self.problem
         if self.db.execute("SELECT 1 FROM tree_nodes WHERE last < 0 LIMIT 1").fetchone() is not None:
             return 1, "the Merkle tree has nodes before row 1 (tampered)"
         if self.db.execute("SELECT 1 FROM tree_nodes WHERE last >= ? LIMIT 1", (n,)).fetchone() is not None:
             return n + 1, f"the Merkle tree has nodes beyond row {n} (tampered)"
+        twice = self.db.execute("SELECT last, level FROM tree_nodes GROUP BY last, level HAVING count(*) > 1 "
+                                "ORDER BY last, level LIMIT 1").fetchone()
+        if twice is not None:  # only if the primary key was dropped; add_leaves relies on unique keys
+            last, level = twice
+            return last + 1, (f"row {last + 1}: the Merkle tree holds node (level {level}, index {last >> level}) "
+                              "more than once (tampered)")
         if state is None:
             return n + 1, "tree_state row is missing (tampered)"
         size, root = state
