@@ -81,6 +81,13 @@ def ledger_ids(path: str, kind: str = "decision") -> list[str]:
         return [e.entry_id for e in led.records(kind=kind)]
 
 
+def ready_with_partitions(log_text: str) -> bool:
+    """Whether a ``riskpipe run`` log shows its pipeline built and partitions assigned: a
+    worker joins its group before it builds its pipeline (riskpipe.stream.io.EarlyJoin), so
+    "partitions assigned" alone does not mean it decides anything yet."""
+    return "partitions assigned: ['" in log_text and "riskpipe.status: ready: " in log_text
+
+
 def wait_for(pred, timeout: float = 60.0, interval: float = 0.2) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

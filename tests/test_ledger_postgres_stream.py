@@ -12,7 +12,7 @@ import pytest
 
 from ledger_records import build_ledger
 from riskpipe.ledger import open_ledger
-from streamkit import produce, run_cli, stop, valid_events, wait_for
+from streamkit import produce, ready_with_partitions, run_cli, stop, valid_events, wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -47,9 +47,9 @@ def test_two_stages_one_killed_share_one_postgresql_ledger(pg_url, signing_key, 
         procs = [run_cli(["run", "--config", str(cfg), "--worker-id", f"w{i}", "-v"], env=env,
                          stderr=log.open("w")) for i, log in enumerate(logs)]
         try:
-            # both stages hold partitions before the first event, so both decide some
+            # both stages are ready and hold partitions before the first event, so both decide some
             # (under load one stage's slow start-up used to leave the other all the traffic)
-            assert wait_for(lambda: all("partitions assigned: ['" in log.read_text() for log in logs), 120)
+            assert wait_for(lambda: all(ready_with_partitions(log.read_text()) for log in logs), 120)
             produce(b.bootstrap, events)
             assert wait_for(lambda: len(ledger_ids(pg_url)) >= 40, 150)
             rc, _ = stop(procs[0], signal.SIGKILL)

@@ -13,6 +13,7 @@ from streamkit import (
     kill_9_then_finish,
     ledger_ids,
     produce,
+    ready_with_partitions,
     run_cli,
     stage_args,
     stop,
@@ -114,9 +115,9 @@ def test_two_workers_split_partitions(tmp_path):
         procs = [run_cli(stage_args(b.bootstrap, ledger, "--worker-id", f"w{i}", "-v"), stderr=log.open("w"))
                  for i, log in enumerate(logs)]
         try:
-            # both members hold partitions before the first event (a slow start-up must not
+            # both members are ready and hold partitions before the first event (a slow start-up must not
             # leave one worker all the traffic)
-            assert wait_for(lambda: all("partitions assigned: ['" in log.read_text() for log in logs), 120)
+            assert wait_for(lambda: all(ready_with_partitions(log.read_text()) for log in logs), 120)
             produce(b.bootstrap, events)
             assert wait_for(lambda: len(ledger_ids(ledger)) >= 120, 150)
         finally:

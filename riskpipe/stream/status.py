@@ -33,6 +33,8 @@ def log_models(pipeline: Any) -> None:
     threads = torch.get_num_threads()
     for entry in pipeline.entries.values():
         log.info("%s", model_line(entry, threads))
+    # the pipeline is built: a worker that joined its group early reads from here on
+    log.info("ready: %d model(s) loaded, reading events", len(pipeline.entries))
 
 
 def progress_line(stats: Any, rate: float, lag: int | None) -> str:
