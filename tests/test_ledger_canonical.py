@@ -1,16 +1,27 @@
-"""The chain walk's fast canonical-JSON check (orjson) decides exactly as the standard
-library's reference (``canonical_json``) on every text: canonical records, records
-with the float forms orjson writes differently, and edited texts."""
+"""The fast canonical JSON (orjson) decides exactly as the standard library's reference
+(``json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+allow_nan=False)``, docs/records.md): the chain walk's check on every text (canonical
+records, records with the float forms orjson writes differently, edited texts) and
+``canonical_json`` on every value (same text, or refused where the reference raises)."""
 
+import dataclasses
+import enum
 import json
 import math
+import random
+import uuid
+from datetime import UTC, datetime
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ledger_records import decision_record
-from riskpipe.ledger import canonical_json
+from riskpipe.ledger import LedgerError, canonical_json
 from riskpipe.ledger.chain import _orjson_own_form, read_canonical
+
+
+def reference_json(value):
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def reference(text):
@@ -18,7 +29,10 @@ def reference(text):
         record = json.loads(text)
     except ValueError:
         return None, "not JSON"
-    return record, None if canonical_json(record) == text else "not canonical"
+    try:
+        return record, None if reference_json(record) == text else "not canonical"
+    except ValueError:  # NaN or Infinity
+        return record, "not canonical"
 
 
 def agree(text):
@@ -86,3 +100,115 @@ def test_times_in_strings_keep_their_record_on_the_fast_path():
     assert not _orjson_own_form(canonical_json(rec).encode())
     for text in ('{"r":0.00001}', '{"r":-0.00002}', '[0.00001]', '0.00001', '{"r":1e-6}'):
         assert _orjson_own_form(text.encode()), text
+
+
+def written_like_the_reference(value):
+    """``canonical_json(value)`` is the reference's text, or LedgerError where the reference raises."""
+    try:
+        want = reference_json(value)
+    except (TypeError, ValueError, RecursionError):
+        want = None
+    if want is None:
+        try:
+            got = canonical_json(value)
+        except LedgerError:
+            return
+        raise AssertionError(f"{value!r}: the reference refuses it, canonical_json wrote {got!r}")
+    assert canonical_json(value) == want, value
+
+
+class _Str(str):
+    pass
+
+
+class _Int(int):
+    def __repr__(self):
+        return "_Int()"
+
+
+class _Dict(dict):
+    pass
+
+
+class _Color(enum.Enum):
+    RED = 1
+
+
+class _Level(enum.IntEnum):
+    HIGH = 3
+
+
+class _Mode(str, enum.Enum):
+    DECIDE = "decide"
+
+
+@dataclasses.dataclass
+class _Point:
+    x: int
+
+
+_FLOATS = [1e-5, 1e-05, 2.5e-05, 3.2e-6, 7e-7, 1.5e-8, 9.9e-9, 1e-9, 1e-10, 1e-4, 0.0001, 1e15, 1e16, 1e17, 1e22,
+           1.7976931348623157e308, 2.2250738585072014e-308, 5e-324, 1e-320, -0.0, 0.0, 0.1, 1 / 3, 123456789.125]
+_TEXTS = ["", "a", "é", "\u2028", "\u2029", "\x00", "\x1f", "\x7f", "\t\n\r\b\f", '"\\/', "\ufeff", "\U0001f600",
+          "\ud800", "x\udfffy", "12:00:10.000000Z", "rule-e-5", "0.00001", "null", "NaN"]
+
+
+def _scalar(rng):
+    kind = rng.randrange(12)
+    if kind == 0:
+        return rng.choice(_FLOATS) * rng.choice([1, -1])
+    if kind == 1:  # any magnitude, subnormals included
+        return rng.choice([1, -1]) * rng.random() * 10.0 ** rng.randint(-325, 308)
+    if kind == 2:
+        return rng.choice([0, 1, -1, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -2**63, -2**63 - 1, 10**30,
+                           rng.randint(-2**70, 2**70)])
+    if kind == 3:
+        return "".join(rng.choice(_TEXTS) + chr(rng.randrange(0x30000)) * rng.randrange(2) for _ in range(3))
+    if kind == 4:
+        return rng.choice([None, True, False])
+    if kind == 5 and rng.random() < 0.2:  # values the reference refuses or writes its own way
+        return rng.choice([math.nan, math.inf, -math.inf, _Str("s"), _Int(5), _Dict(a=1), _Color.RED, _Level.HIGH,
+                           _Mode.DECIDE, uuid.UUID(int=7), datetime(2024, 5, 1, tzinfo=UTC), _Point(1), (1, 2.5),
+                           b"bytes", {1: 2}, {None: 1}, {2.5: "x"}])
+    return rng.random() * rng.choice([1, 1e-6, 1e20])
+
+
+def _value(rng, depth=0):
+    if depth < 4 and rng.random() < 0.35:
+        if rng.random() < 0.5:
+            return [_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+        return {rng.choice(_TEXTS) + str(rng.randrange(50)): _value(rng, depth + 1) for _ in range(rng.randrange(5))}
+    return _scalar(rng)
+
+
+def test_canonical_json_writes_the_reference_text_on_seeded_random_records():
+    rng = random.Random(20261203)
+    for _ in range(20000):
+        written_like_the_reference({"id": "x", "v": _value(rng)})
+
+
+def test_canonical_json_writes_decision_records_like_the_reference():
+    for i in range(200):
+        rec = decision_record(i, radius=[0.6, 1e-5, 3e-7, 0.0][i % 4], abstained=i % 7 == 0)
+        assert canonical_json(rec) == reference_json(rec)
+
+
+def test_canonical_json_refuses_what_the_reference_refuses():
+    """orjson would write NaN and Infinity as null, a UUID, Enum or datetime as text: the
+    ledger refuses them (fail closed), as the reference does."""
+    rec = decision_record(1)
+    for bad in (math.nan, math.inf, -math.inf, uuid.UUID(int=1), _Color.RED, datetime(2024, 5, 1), _Point(1)):
+        for where in ({**rec, "score": bad}, {**rec, "certificate": {**rec["certificate"], "bound": [1.0, bad]}}):
+            try:
+                canonical_json(where)
+            except LedgerError:
+                continue
+            raise AssertionError(f"{bad!r} was written")
+    assert canonical_json({"a": _Level.HIGH, "b": _Mode.DECIDE, "c": (1, 2)}) == '{"a":3,"b":"decide","c":[1,2]}'
+    assert canonical_json({"n": 2**64}) == '{"n":18446744073709551616}'
+    assert canonical_json({"r": 1e-05}) == '{"r":1e-05}'
+
+
+@given(values | st.sampled_from([math.nan, math.inf, -math.inf]))
+def test_canonical_json_agrees_with_the_reference(value):
+    written_like_the_reference({"v": value})

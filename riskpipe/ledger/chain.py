@@ -76,8 +76,25 @@ class VerifyResult:
         return asdict(self)
 
 
+# orjson writes datetimes, dataclasses and str/int/dict/list subclasses itself; passed through
+# (no ``default``) they raise instead, and the reference decides them
+_WRITE_OPTIONS = (orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+                  | orjson.OPT_PASSTHROUGH_SUBCLASS)
+
+
 def canonical_json(record: Any) -> str:
-    """The canonical JSON text of ``record`` (docs/records.md)."""
+    """The canonical JSON text of ``record`` (docs/records.md).
+
+    Fast path: orjson's sorted-keys bytes, kept when reading them back gives ``record``
+    again (so no NaN or Infinity became ``null``, no UUID or Enum became a string or a
+    number: the reference refuses those) and they hold none of :func:`_orjson_own_form`'s
+    float forms; anything else is decided by the standard library, the reference."""
+    try:
+        raw = orjson.dumps(record, option=_WRITE_OPTIONS)
+        if not _orjson_own_form(raw) and orjson.loads(raw) == record:
+            return raw.decode("utf-8")
+    except _ORJSON_ERRORS:
+        pass
     try:
         return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
