@@ -138,7 +138,7 @@ class _Level(enum.IntEnum):
     HIGH = 3
 
 
-class _Mode(str, enum.Enum):
+class _Mode(enum.StrEnum):
     DECIDE = "decide"
 
 

@@ -78,6 +78,7 @@ Counts = dict[tuple[int, int], list[Any]]
 _TYPES = dict(COLUMNS)
 _AT = {c: i for i, c in enumerate(NAMES)}
 _GROUP_AT = [_AT[c] for c in GROUP_COLUMNS]
+_GROUP_OF: Callable[[Row], Row] = operator.itemgetter(*_GROUP_AT)  # a facts row's GROUP_COLUMNS values
 _INSERT_GROUP = (f"INSERT INTO fact_groups (gid, gkey, {', '.join(GROUP_COLUMNS)}) "
                  f"VALUES ({','.join('?' * (len(GROUP_COLUMNS) + 2))})")
 _ADD_COUNTS = (
@@ -210,45 +211,56 @@ def facts_of(seq: int, kind: str, entry_id: str, record: dict[str, Any]) -> Row 
 
     t = _epoch(record.get("ts"))
     hour, day = _hour_day(hour_of(t)) if t is not None else (None, None)
-    row = dict.fromkeys(NAMES)
+    row = _EMPTY_ROW.copy()
     row.update(seq=seq, kind=kind, entry_id=entry_id, t=t, hour=hour, day=day)
     if kind == "dlq":
         row.update(dlq_reason=str(record.get("reason")),
                    dlq_source=str(_get(record, "source", "topic") or _get(record, "source", "file")))
         return _ROW(row)
     cert, review, model, policy = (record.get(k) for k in ("certificate", "review", "model", "policy"))
-    abstained = _get(cert, "abstained") is True
-    prio = _get(review, "priority")
+    # each sub-object or {} (what _get does per lookup, once per object: the rows are written per decision)
+    c, r, m, p = (v if isinstance(v, dict) else _NO_OBJECT for v in (cert, review, model, policy))
+    abstained = c.get("abstained") is True
+    prio = r.get("priority")
+    shadow = p.get("shadow")
     deadline, review_ok = _deadline(review)
     inp = record.get("input")
     scope = record.get("scope")
     row.update(
         decision=_text(record.get("decision")),
-        model=_text(_get(model, "name")), model_sha=_text(_get(model, "sha256")),
+        model=_text(m.get("name")), model_sha=_text(m.get("sha256")),
         model_label=str(model.get("name") if isinstance(model, dict) else model),
-        policy=_text(_get(policy, "name")), policy_version=str(_get(policy, "version")),
-        policy_sha=_text(_get(policy, "sha256")),
-        policy_shadow=None if not isinstance(_get(policy, "shadow"), bool) else int(_get(policy, "shadow")),
+        policy=_text(p.get("name")), policy_version=str(p.get("version")),
+        policy_sha=_text(p.get("sha256")),
+        policy_shadow=int(shadow) if isinstance(shadow, bool) else None,
         policy_label=policy_label(policy),
-        method=_text(_get(cert, "method")), mode=_text(_get(cert, "mode")), norm=_text(_get(cert, "norm")),
-        sigma=_num(_get(cert, "sigma")), alpha=_num(_get(cert, "alpha")),
-        threat_norm=_text(_get(cert, "threat_norm")), threat_eps=_num(_get(cert, "threat_epsilon")),
-        radius_threat=_num(_get(cert, "radius_threat")),
-        abstained=int(abstained), not_certified=int(abstained or _get(cert, "certified") is False),
-        routed=_bool(_get(review, "routed")), audit=_bool(_get(review, "audit_sample")),
+        method=_text(c.get("method")), mode=_text(c.get("mode")), norm=_text(c.get("norm")),
+        sigma=_num(c.get("sigma")), alpha=_num(c.get("alpha")),
+        threat_norm=_text(c.get("threat_norm")), threat_eps=_num(c.get("threat_epsilon")),
+        radius_threat=_num(c.get("radius_threat")),
+        abstained=int(abstained), not_certified=int(abstained or c.get("certified") is False),
+        routed=_bool(r.get("routed")), audit=_bool(r.get("audit_sample")),
         needs_review=int(isinstance(review, dict) and bool(review.get("routed") or review.get("audit_sample"))),
         review_ok=review_ok, priority=_priority_key(prio) if review_ok else NO_PRIORITY,
         priority_label=str(prio), deadline=deadline, due=NO_DEADLINE if deadline is None else deadline,
         rule=str(record.get("rule")), worker=str(record.get("worker")),
         has_input=int(isinstance(inp, dict) and (inp.get("data") is not None or isinstance(inp.get("tensor"), dict))),
-        scope_key=hashlib.sha256(str(scope).encode("utf-8", "surrogatepass")).hexdigest()[:16] if scope else None,
+        scope_key=_scope_key(scope if type(scope) is str else str(scope)) if scope else None,
         reasons=_list_text(record.get("reasons")), controls=_list_text(record.get("controls")),
-        p_lower=_num(_get(cert, "p_lower")),
+        p_lower=_num(c.get("p_lower")),
     )
     return _ROW(row)
 
 
 _ROW: Callable[[dict[str, Any]], Row] = operator.itemgetter(*NAMES)  # a facts row's values, in column order
+_EMPTY_ROW: dict[str, Any] = dict.fromkeys(NAMES)
+_NO_OBJECT: dict[str, Any] = {}
+
+
+@lru_cache(maxsize=256)
+def _scope_key(scope: str) -> str:
+    """``scope_key``: a short digest of the record's scope text (the same text on most rows)."""
+    return hashlib.sha256(scope.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 @lru_cache(maxsize=4096)
@@ -288,9 +300,10 @@ def insert(db: Db, rows: list[tuple[int, str, str, dict[str, Any]]]) -> None:
     facts = [f for f in (facts_of(*r) for r in rows) if f is not None]
     if not facts:
         return
-    gids = group_ids(db, {tuple(f[i] for i in _GROUP_AT) for f in facts})
+    groups = [_GROUP_OF(f) for f in facts]
+    gids = group_ids(db, set(groups))
     at = _AT["gid"]
-    facts = [(*f[:at], gids[tuple(f[i] for i in _GROUP_AT)], *f[at + 1:]) for f in facts]
+    facts = [(*f[:at], gids[g], *f[at + 1:]) for f, g in zip(facts, groups)]
     db.executemany(_INSERT, facts)
     counts: Counts = {}
     for f in facts:

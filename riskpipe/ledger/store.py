@@ -14,6 +14,7 @@ its migration steps (:mod:`riskpipe.ledger.migrations`).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,7 +30,6 @@ from riskpipe.ledger.chain import (
     Entry,
     LedgerError,
     VerifyResult,
-    entry_hash,
     parse_ts,
     prepare_entries,
     row_to_entry,
@@ -178,9 +178,10 @@ class Ledger:
         new: list[tuple[int, str, str, Record]] = []
         for kind, eid, ts, text, scope, record in items:
             seq += 1
-            h = entry_hash(prev, kind, eid, text)
+            leaf = tree.leaf_bytes(kind, eid, text)  # kind \n id \n record: encoded once for both hashes
+            h = hashlib.sha256(f"{prev}\n".encode("ascii") + leaf).hexdigest()  # = entry_hash(prev, kind, eid, text)
             rows.append((seq, kind, eid, ts, text, prev, h, scope))
-            leaves.append(merkle.leaf_hash(tree.leaf_bytes(kind, eid, text)))
+            leaves.append(merkle.leaf_hash(leaf))
             new.append((seq, kind, eid, json.loads(text) if record is None else record))
             prev = h
         db.execute("UPDATE chain_state SET count = ?, head = ? WHERE id = 1", (count + len(rows), prev))
