@@ -290,3 +290,21 @@ def test_a_dropped_connection_is_reopened(pg_url):
             led.append(records(1, 3)[0])  # the transaction in flight when the server went away fails
         assert led.append(records(1, 3)[0]) is True  # the next one reconnects
         assert led.reconnects == 1 and led.verify().ok and led.count() == 4
+
+
+def test_an_id_another_writer_inserts_while_the_lease_holder_appends_is_written_once(pg_url, monkeypatch):
+    """The lease holder inserts its sequenced rows with one COPY; when another writer
+    inserted one of the ids after the holder looked them up, the COPY fails on the
+    identity constraint, the savepoint (chain, tree, facts) rolls back, and the rows go
+    in unsequenced with ON CONFLICT DO NOTHING: each id once, the chain intact."""
+    with open_ledger(pg_url) as led:
+        assert led.append_many(records(1)) == 1
+        # as if the look-up ran before another writer's row (evt-00000) committed
+        monkeypatch.setattr(pg_backend.PostgresLedger, "_existing", staticmethod(lambda db, keys: set()))
+        assert led.append_many(records(3)) == 2
+        monkeypatch.undo()
+        assert led.pending() == 0 and led.count() == 3
+        assert [e.entry_id for e in led.records()] == ["evt-00000", "evt-00001", "evt-00002"]
+        res = led.verify()
+        assert res.ok and res.count == 3
+        assert led.get("evt-00002") == records(1, 2)[0]

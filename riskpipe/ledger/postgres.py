@@ -165,15 +165,14 @@ STEPS: list[Step] = [
 _PLAIN_INSERT = re.compile(r"INSERT INTO (\w+ \([\w, ]+\)) VALUES \((?:\?,\s*)*\?\)")
 
 
+_IDENTITY = "entries_identity_key"  # the unique (kind, entry_id, scope) constraint (schema 4)
+
+
 def _insert(db: _Conn, sql: str, rows: list[Row]) -> int:
     """Pipelined inserts (psycopg sums ``rowcount`` over them): rows actually written."""
     with db.conn.cursor() as cur:
         cur.executemany(sql, rows)
         return cur.rowcount
-
-
-class _Raced(Exception):
-    """A concurrent writer inserted one of the ids being appended (rolls a savepoint back)."""
 
 
 class _Conn:
@@ -322,10 +321,11 @@ class PostgresLedger(Ledger):
         try:
             with db.conn.transaction():  # a savepoint
                 rows = self._sequence(db, new)
-                if rows and _insert(db, f"INSERT INTO entries ({_COLUMNS}, scope) VALUES (%s,%s,%s,%s,%s,%s,%s,%s) "
-                                            "ON CONFLICT (kind, entry_id, scope) DO NOTHING", rows) != len(rows):
-                    raise _Raced
-        except _Raced:
+                if rows:  # one COPY (formatted in C, not ~15 us of Python per row); a raced id makes it fail
+                    db.executemany(f"INSERT INTO entries ({_COLUMNS}, scope) VALUES (?,?,?,?,?,?,?,?)", rows)
+        except psycopg.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name != _IDENTITY:
+                raise
             return None
         return len(rows)
 
