@@ -1,14 +1,15 @@
 """The ledger's Python CPU per appended row, this tree against a base revision, side by side.
 
 A child process appends batches of 256 full decision records (tests/ledger_records.py,
-the stage's batch) to a fresh SQLite ledger and reports its process CPU per row for the
-whole append (``append_many``: canonical JSON, checks, chain and Merkle hashes, facts
-rows, SQL), and for its two Python-heavy parts alone: ``prepare_entries`` (canonical
+the stage's batch) to a fresh SQLite ledger and to a fresh PostgreSQL database (a
+server from tests/pgserver.py) and reports its process CPU per row for the whole append
+(``append_many``: canonical JSON, checks, chain and Merkle hashes, facts rows, SQL; not
+the server's CPU), and for its two Python-heavy parts alone: ``prepare_entries`` (canonical
 JSON and checks) and ``facts_of``. Children run the base revision (``git archive``'d
 to a temporary directory) and this tree alternately, in interleaved rounds, the order
 rotated per round; min/median/max over the rounds. Writes bench/results/ledger_cpu.json.
 
-    python bench/bench_ledger_cpu.py [--base REV] [--rounds 5] [--batches 12]
+    python bench/bench_ledger_cpu.py [--base REV] [--rounds 5] [--batches 8]
 """
 
 from __future__ import annotations
@@ -31,25 +32,32 @@ sys.path[:0] = [str(HERE), str(ROOT / "tests")]
 
 from common import table, write_results  # noqa: E402
 from ledger_records import decision_record  # noqa: E402
+from pgserver import PostgresServer  # noqa: E402
 from riskpipe.ledger import Ledger  # noqa: E402
 from riskpipe.ledger.chain import prepare_entries  # noqa: E402
 from riskpipe.ledger.facts import facts_of  # noqa: E402
 
 BATCH = 256
-PARTS = ("append", "prepare_entries", "facts_of")
+PARTS = ("append_sqlite", "append_postgresql", "prepare_entries", "facts_of")
 
 
-def child(batches: int) -> dict[str, float]:
-    """CPU microseconds per row of each part (run with the tree under test first on sys.path)."""
-    records = [decision_record(i, audit_sample=i % 5 == 0, abstained=i % 11 == 0) for i in range((batches + 1) * BATCH)]
-    n = batches * BATCH
-    out = {}
-    with tempfile.TemporaryDirectory() as tmp, Ledger(os.path.join(tmp, "l.db"), synchronous="NORMAL") as led:
+def _append_cpu(target: str, records: list[dict], batches: int) -> float:
+    with Ledger(target) as led:
         led.append_many(records[:BATCH])  # warm: tables, groups, caches
         t0 = time.process_time()
         for b in range(1, batches + 1):
             led.append_many(records[b * BATCH:(b + 1) * BATCH])
-        out["append"] = (time.process_time() - t0) / n * 1e6
+        return (time.process_time() - t0) / (batches * BATCH) * 1e6
+
+
+def child(batches: int, pg_url: str) -> dict[str, float]:
+    """CPU microseconds per row of each part (run with the tree under test first on sys.path)."""
+    records = [decision_record(i, audit_sample=i % 5 == 0, abstained=i % 11 == 0) for i in range((batches + 1) * BATCH)]
+    n = batches * BATCH
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out["append_sqlite"] = _append_cpu(os.path.join(tmp, "l.db"), records, batches)
+    out["append_postgresql"] = _append_cpu(pg_url, records, batches)
     entries = [("decision", r, None) for r in records[BATCH:]]
     t0 = time.process_time()
     for b in range(batches):
@@ -62,10 +70,10 @@ def child(batches: int) -> dict[str, float]:
     return out
 
 
-def run_child(tree: Path, batches: int) -> dict[str, float]:
+def run_child(tree: Path, batches: int, pg_url: str) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    res = subprocess.run([sys.executable, __file__, "--child", "--batches", str(batches)], env=env, check=True,
-                         capture_output=True, text=True, cwd=tree)
+    res = subprocess.run([sys.executable, __file__, "--child", "--batches", str(batches), "--pg", pg_url], env=env,
+                         check=True, capture_output=True, text=True, cwd=tree)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -73,17 +81,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", default="main", help="the revision to compare with (git rev)")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--batches", type=int, default=12)
+    ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--pg", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.batches)))
+        print(json.dumps(child(args.batches, args.pg)))
         return
     base_rev = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, check=True, capture_output=True,
                               text=True).stdout.strip()
     head_rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True, capture_output=True,
                               text=True).stdout.strip()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, PostgresServer(fsync=True) as pg:
         archive = subprocess.run(["git", "archive", base_rev, "riskpipe"], cwd=ROOT, check=True,
                                  capture_output=True).stdout
         with tarfile.open(fileobj=BytesIO(archive)) as tar:
@@ -92,7 +101,7 @@ def main() -> None:
         got: dict[str, list[dict[str, float]]] = {"base": [], "this": []}
         for r in range(args.rounds):
             for name in (("base", "this") if r % 2 == 0 else ("this", "base")):
-                got[name].append(run_child(trees[name], args.batches))
+                got[name].append(run_child(trees[name], args.batches, pg.create_database(f"c{r}{name}")))
     stats = {name: {p: {"min": min(v[p] for v in runs), "median": statistics.median(v[p] for v in runs),
                         "max": max(v[p] for v in runs)} for p in PARTS} for name, runs in got.items()}
     ratios = {p: sorted(t[p] / b[p] for t, b in zip(got["this"], got["base"])) for p in PARTS}
