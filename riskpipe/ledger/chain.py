@@ -27,6 +27,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -123,6 +124,13 @@ def parse_ts(value: Any, field: str = "ts") -> datetime:
     else:
         raise LedgerError(f"{field}: expected an RFC 3339 time, got {type(value).__name__}")
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+@lru_cache(maxsize=4096)
+def ts_epoch(text: str) -> float:
+    """``parse_ts(text).timestamp()`` for a time text, remembered: an append checks each
+    record's ``ts`` and its facts row needs the same instant (LedgerError as parse_ts)."""
+    return parse_ts(text).timestamp()
 
 
 def check_kind(kind: Any) -> str:
@@ -340,6 +348,9 @@ def prepare_entries(entries: Iterable[tuple[str, dict[str, Any], str | None]]
         if ts is not None:
             if not isinstance(ts, str):
                 raise LedgerError(f"record[{i}].ts: must be an RFC 3339 string, got {type(ts).__name__}")
-            parse_ts(ts, f"record[{i}].ts")
+            try:
+                ts_epoch(ts)  # the facts row reads the same time (cached)
+            except LedgerError:
+                raise LedgerError(f"record[{i}].ts: not an RFC 3339 time: {ts!r}") from None
         prepared.append((kind, eid, ts, canonical_json(record), decision_scope(kind, record)))
     return prepared

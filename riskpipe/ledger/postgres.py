@@ -380,6 +380,12 @@ class PostgresLedger(Ledger):
         with self._conn() as db:
             return int(db.execute("SELECT COUNT(*) FROM entries WHERE seq IS NULL").fetchone()[0])
 
+    def _id_filters(self, ids: list[str]) -> Iterator[tuple[str, Row]]:
+        """One ``text[]`` parameter for every id: psycopg formats a query of 256 ``%s``
+        parameters in Python (~2 us each, under the GIL), an array in C."""
+        if ids:
+            yield "= ANY(?)", (ids,)
+
     def _rows(self, db: Db, sql: str, params: Row = (), name: str = "riskpipe_verify") -> Cursor:
         pg = cast(_Conn, db)  # the connection this backend's ``_read`` yields
         cur = pg.conn.cursor(name=name)  # server-side: rows stream, memory stays flat

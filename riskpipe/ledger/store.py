@@ -176,12 +176,17 @@ class Ledger:
         rows: list[Row] = []
         leaves: list[bytes] = []
         new: list[tuple[int, str, str, Record]] = []
+        sha256, leaf_prefix = hashlib.sha256, merkle.LEAF_PREFIX
         for kind, eid, ts, text, scope, record in items:
             seq += 1
             leaf = tree.leaf_bytes(kind, eid, text)  # kind \n id \n record: encoded once for both hashes
-            h = hashlib.sha256(f"{prev}\n".encode("ascii") + leaf).hexdigest()  # = entry_hash(prev, kind, eid, text)
+            chain = sha256(f"{prev}\n".encode("ascii"))
+            chain.update(leaf)  # = entry_hash(prev, kind, eid, text), without copying the leaf
+            h = chain.hexdigest()
+            node = sha256(leaf_prefix)
+            node.update(leaf)  # = merkle.leaf_hash(leaf)
             rows.append((seq, kind, eid, ts, text, prev, h, scope))
-            leaves.append(merkle.leaf_hash(leaf))
+            leaves.append(node.digest())
             new.append((seq, kind, eid, json.loads(text) if record is None else record))
             prev = h
         db.execute("UPDATE chain_state SET count = ?, head = ? WHERE id = 1", (count + len(rows), prev))
@@ -199,18 +204,20 @@ class Ledger:
         """Rows written but not yet sequenced into the chain and tree."""
         return 0
 
-    @staticmethod
-    def _existing(db: Db, keys: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
-        ids = sorted({e for _, e, _ in keys})
+    def _existing(self, db: Db, keys: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
         found: set[tuple[str, str, str]] = set()
-        for i in range(0, len(ids), _ID_CHUNK):
-            chunk = ids[i:i + _ID_CHUNK]
-            marks = ",".join("?" * len(chunk))
-            for key in db.execute(f"SELECT kind, entry_id, scope FROM entries WHERE entry_id IN ({marks})",
-                                  tuple(chunk)):
+        for match, params in self._id_filters(sorted({e for _, e, _ in keys})):
+            for key in db.execute(f"SELECT kind, entry_id, scope FROM entries WHERE entry_id {match}", params):
                 if tuple(key) in keys:
                     found.add(tuple(key))
         return found
+
+    def _id_filters(self, ids: list[str]) -> Iterator[tuple[str, Row]]:
+        """``(SQL after "entry_id", parameters)`` matching ``ids``, chunk by chunk (SQLite
+        allows 32766 variables); the PostgreSQL backend passes one array instead."""
+        for i in range(0, len(ids), _ID_CHUNK):
+            chunk = ids[i:i + _ID_CHUNK]
+            yield f"IN ({','.join('?' * len(chunk))})", tuple(chunk)
 
     # -- reading --------------------------------------------------------------------------
     def ping(self) -> None:
@@ -259,11 +266,9 @@ class Ledger:
         ids = sorted(set(entry_ids))
         out: dict[str, list[Record]] = {}
         with self._conn() as db:
-            for i in range(0, len(ids), _ID_CHUNK):
-                chunk = ids[i:i + _ID_CHUNK]
-                marks = ",".join("?" * len(chunk))
-                for eid, rec in db.execute(f"SELECT entry_id, record FROM entries WHERE kind = ? AND entry_id IN "
-                                           f"({marks}) ORDER BY seq", (kind, *chunk)).fetchall():
+            for match, params in self._id_filters(ids):
+                for eid, rec in db.execute(f"SELECT entry_id, record FROM entries WHERE kind = ? AND entry_id {match} "
+                                           "ORDER BY seq", (kind, *params)).fetchall():
                     out.setdefault(eid, []).append(json.loads(rec))
         return out
 
