@@ -154,14 +154,17 @@ class Committer:
         transaction, its commit and the acks complete while the stage handles the next
         batch; ``complete`` waits for them."""
         if self._writer is None:
-            if self.ledger is not None:
-                self._writer_ledger = self.ledger.another_connection()
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="riskpipe-ledger-writer")
         outcome.pending = {d.record["id"]: d.record for d in outcome.decided if isinstance(d.record.get("id"), str)}
         outcome.written = self._writer.submit(self._write_and_send, outcome, sink)
 
     def _write_and_send(self, outcome: Outcome, sink: Sink) -> None:
         t0 = time.perf_counter()
+        if self.ledger is not None and self._writer_ledger is None:
+            # opened here, on the writer thread, not in ``submit``: the stage thread does not
+            # wait for the connection (a server round trip or two); failing, it is step 1's
+            # failure (``complete`` raises it, nothing of the batch written or sent)
+            self._writer_ledger = self.ledger.another_connection()
         self.write_ledger(outcome, self._writer_ledger)
         outcome.ledger_seconds = time.perf_counter() - t0
         for d in outcome.decided + outcome.redelivered:
