@@ -162,7 +162,7 @@ STEPS: list[Step] = [
 
 
 # "INSERT INTO t (columns) VALUES (?,...,?)": a plain one-row insert (no ON CONFLICT)
-_PLAIN_INSERT = re.compile(r"INSERT INTO (\w+ \([\w, ]+\)) VALUES \((?:\?,\s*)*\?\)")
+_PLAIN_INSERT = re.compile(r"INSERT INTO (\w+) \(([\w, ]+)\) VALUES \((?:\?,\s*)*\?\)")
 
 
 _IDENTITY = "entries_identity_key"  # the unique (kind, entry_id, scope) constraint (schema 4)
@@ -180,6 +180,7 @@ class _Conn:
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.conn = conn
+        self._copy_types: dict[tuple[str, str], list[str]] = {}
 
     @staticmethod
     def _sql(sql: str, params: object) -> str:
@@ -191,17 +192,33 @@ class _Conn:
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         """``sql`` once per row. A plain ``INSERT ... VALUES (?,...)`` (no ``ON CONFLICT``)
-        is sent as one ``COPY`` instead: psycopg's pipelined ``executemany`` spends ~15 us
-        of Python per row under the GIL, time the stage's certification waits for while
-        the ledger writer thread appends beside it; ``COPY`` formats rows in C."""
+        is sent as one binary ``COPY`` instead: psycopg's pipelined ``executemany`` spends
+        ~15 us of Python per row under the GIL, time the stage's certification waits for
+        while the ledger writer thread appends beside it; ``COPY`` formats rows in C, and
+        in the binary format (the columns' types read once from the catalog) without
+        escaping text or printing numbers: a facts row took 6-7 us as text, ~2.5 us so.
+        The stored values are the same (a double travels as its 8 bytes, not as text)."""
         m = _PLAIN_INSERT.fullmatch(sql)
         with self.conn.cursor() as cur:
             if m is None:
                 cur.executemany(self._sql(sql, True), rows)
                 return
-            with cur.copy(f"COPY {m.group(1)} FROM STDIN") as copy:
+            table, columns = m.groups()
+            types = self._column_types(table, columns)
+            with cur.copy(f"COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(types)
                 for row in rows:
                     copy.write_row(row)
+
+    def _column_types(self, table: str, columns: str) -> list[str]:
+        """The SQL types of ``columns`` ("a, b") of ``table``, as a binary COPY sends them."""
+        key = (table, columns)
+        if key not in self._copy_types:
+            types = dict(self.conn.execute(
+                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = %s::regclass "
+                "AND attnum > 0 AND NOT attisdropped", (table,)).fetchall())
+            self._copy_types[key] = [types[c.strip()] for c in columns.split(",")]
+        return self._copy_types[key]
 
     def close(self) -> None:
         self.conn.close()
