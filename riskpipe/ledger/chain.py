@@ -134,6 +134,8 @@ def ts_epoch(text: str) -> float:
 
 
 def check_kind(kind: Any) -> str:
+    if kind.__class__ is str and kind in KINDS:  # the usual kinds: no pattern match per row
+        return kind
     if not isinstance(kind, str) or not _KIND_RE.match(kind):
         raise LedgerError(f"kind: must be a short lowercase name such as {', '.join(KINDS)}; got {kind!r}")
     return kind
@@ -322,13 +324,13 @@ def decision_scope(kind: str, record: Any) -> str:
     computes the same text in SQL (``migrations.scope_sql``)."""
     if kind != "decision" or not isinstance(record, dict):
         return ""
-
-    def text(obj: Any, key: str) -> str:
-        v = obj.get(key) if isinstance(obj, dict) else None
-        return v if isinstance(v, str) else ""
-
     policy, model = record.get("policy"), record.get("model")
-    return f"{text(policy, 'sha256')}/{text(model, 'sha256')}/{text(model, 'name')}"
+    return f"{_text_of(policy, 'sha256')}/{_text_of(model, 'sha256')}/{_text_of(model, 'name')}"
+
+
+def _text_of(obj: Any, key: str) -> str:
+    v = obj.get(key) if isinstance(obj, dict) else None
+    return v if isinstance(v, str) else ""
 
 
 def prepare_entries(entries: Iterable[tuple[str, dict[str, Any], str | None]]

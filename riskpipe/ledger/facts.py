@@ -254,6 +254,7 @@ def facts_of(seq: int, kind: str, entry_id: str, record: dict[str, Any]) -> Row 
     )
 
 
+assert NAMES[-1] == "gid"  # insert sets it by replacing the last value
 _DLQ_NONE = (None,) * (_AT["dlq_reason"] - _AT["day"] - 1)  # a dead letter's columns from decision to dlq_source
 _NO_OBJECT: dict[str, Any] = {}
 
@@ -301,14 +302,18 @@ def insert(db: Db, rows: list[tuple[int, str, str, dict[str, Any]]]) -> None:
     facts = [f for f in (facts_of(*r) for r in rows) if f is not None]
     if not facts:
         return
-    groups = [_GROUP_OF(f) for f in facts]
-    gids = group_ids(db, set(groups))
-    at = _AT["gid"]
-    facts = [(*f[:at], gids[g], *f[at + 1:]) for f, g in zip(facts, groups)]
-    db.executemany(_INSERT, facts)
+    by_group: dict[Row, list[int]] = {}  # each group's rows: its 32 values hashed once per row
+    for i, f in enumerate(facts):
+        by_group.setdefault(_GROUP_OF(f), []).append(i)
+    gids = group_ids(db, set(by_group))
     counts: Counts = {}
-    for f in facts:
-        count_row(counts, f[at], f[_AT["seq"]], f[_AT["t"]])
+    seq_at, t_at = _AT["seq"], _AT["t"]
+    for g, rows_of in by_group.items():
+        gid = gids[g]
+        for i in rows_of:
+            f = facts[i] = facts[i][:-1] + (gid,)  # gid is the last column
+            count_row(counts, gid, f[seq_at], f[t_at])
+    db.executemany(_INSERT, facts)
     _add_counts(db, counts)
 
 
