@@ -154,3 +154,31 @@ def test_postgresql_facts_and_their_migration(pg_url, tmp_path):
     assert _state(pg_url) == want
     with psycopg.connect(pg_url, autocommit=True) as conn, pytest.raises(psycopg.Error, match="append-only"):
         conn.execute("UPDATE facts SET gid = 0")
+
+
+def test_postgresql_binary_copy_stores_what_sqlite_stores(pg_url, tmp_path):
+    """Facts rows, tree nodes and entries go to PostgreSQL as a binary COPY: odd values
+    (an integer where a double is stored, a priority beyond 64 bits, no time, non-ASCII
+    text, a shadow policy, a dead letter) are stored exactly as SQLite stores them."""
+    from riskpipe.ledger import dlq_record
+
+    recs = [decision_record(i, audit_sample=i % 3 == 0, abstained=i % 4 == 0) for i in range(12)]
+    recs[1]["certificate"]["sigma"] = 1
+    recs[2]["review"]["priority"] = 2**70
+    recs[3]["ts"] = None
+    recs[4]["model"]["name"] = "modèle ünï ✓"
+    recs[5]["policy"]["shadow"] = True
+    recs[6]["certificate"]["p_lower"] = 0.1 + 0.2
+    dead, eid = dlq_record("bad_json", b"\xff not json", "2024-05-01T08:00:00.000Z", topic="in", partition=0,
+                           offset=7, message="not JSON")
+    entries = [("decision", r, None) for r in recs] + [("dlq", dead, eid)]
+    with open_ledger(tmp_path / "l.db") as lite, open_ledger(pg_url) as pg:
+        for led in (lite, pg):
+            led.append_entries(entries[:5])
+            led.append_entries(entries[5:])
+            assert led.verify().ok
+        assert [(e.entry_id, e.hash) for e in pg.records()] == [(e.entry_id, e.hash) for e in lite.records()]
+        assert pg.tree_head()[1] == lite.tree_head()[1]
+    want = _expected(pg_url)
+    assert _state(pg_url) == want == _state(tmp_path / "l.db")
+    assert {f[NAMES.index("priority")] for f in want[0]} >= {2**62 - 1}

@@ -233,3 +233,50 @@ def test_postgresql_plain_inserts_go_through_copy() -> None:
     assert not _PLAIN_INSERT.fullmatch(facts._ADD_COUNTS.format(values="(?,?,?,?,?,?),(?,?,?,?,?,?)"))
     assert not _PLAIN_INSERT.fullmatch("INSERT INTO entries (kind, entry_id, ts, record, scope) VALUES (?,?,?,?,?) "
                                        "ON CONFLICT (kind, entry_id, scope) DO NOTHING")
+
+
+def test_the_writer_thread_opens_its_connection_and_a_failure_is_step_1s(tmp_path) -> None:
+    """The ledger writer's own connection is opened on the writer thread (the stage thread
+    does not wait for it in ``submit``). If it cannot be opened, ``complete`` raises the
+    outage for that batch: nothing sent, no offset committed; the next batch opens it."""
+    import threading
+
+    from riskpipe.ledger import LedgerUnavailable, open_ledger
+    from riskpipe.stream.committer import Committer, Decided, Outcome
+    from riskpipe.stream.outputs import Output
+    from streamkit import ListSource
+
+    opened_on: list[str] = []
+    fail = [True]
+
+    with open_ledger(tmp_path / "l.sqlite") as led:
+        real = led.another_connection
+
+        def another_connection():
+            opened_on.append(threading.current_thread().name)
+            if fail[0]:
+                raise LedgerUnavailable("ledger: cannot connect (test)")
+            return real()
+
+        led.another_connection = another_connection  # type: ignore[method-assign]
+        committer = Committer(led, "dlq")
+        log: list = []
+        sink, source = LoggingSink(log), ListSource([], log)
+
+        def batch(i: int) -> Outcome:
+            m = Message(b"{}", "in", 0, i, f"e{i}".encode())
+            rec = {"id": f"e{i}", "ts": "2024-05-01T08:00:00Z", "decision": "allow"}
+            return Outcome([m], decided=[Decided(m, rec, [Output("decisions", f"e{i}".encode(), b"{}")])])
+
+        first = batch(0)
+        committer.submit(first, sink)
+        with pytest.raises(LedgerUnavailable):
+            committer.complete(first, sink, source)
+        assert log == [] and led.get("e0") is None  # nothing sent, no offset committed
+        fail[0] = False
+        second = batch(1)
+        committer.submit(second, sink)
+        committer.complete(second, sink, source)
+        committer.close()
+        assert log == [("send", "decisions", "e1"), ("flush",), ("commit", (1,))] and led.get("e1") is not None
+    assert opened_on and all(name.startswith("riskpipe-ledger-writer") for name in opened_on)
