@@ -29,11 +29,8 @@ class ProofError(ValueError):
     """A proof that does not verify (the message says which check failed)."""
 
 
-LEAF_PREFIX = b"\x00"  # RFC 9162's domain separation: a leaf hash starts with 0x00, a node's with 0x01
-
-
 def leaf_hash(data: bytes) -> bytes:
-    return hashlib.sha256(LEAF_PREFIX + data).digest()
+    return hashlib.sha256(b"\x00" + data).digest()
 
 
 def node_hash(left: bytes, right: bytes) -> bytes:
