@@ -16,8 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ledger_records import decision_record
-from riskpipe.ledger import LedgerError, canonical_json
-from riskpipe.ledger.chain import _orjson_own_form, read_canonical
+from riskpipe.ledger import LedgerError, canonical_json, entry_hash
+from riskpipe.ledger.chain import ChainWalk, _orjson_own_form, _own_form_seqs, read_canonical
 
 
 def reference_json(value):
@@ -100,6 +100,35 @@ def test_times_in_strings_keep_their_record_on_the_fast_path():
     assert not _orjson_own_form(canonical_json(rec).encode())
     for text in ('{"r":0.00001}', '{"r":-0.00002}', '[0.00001]', '0.00001', '{"r":1e-6}'):
         assert _orjson_own_form(text.encode()), text
+
+
+_FORM_TEXTS = ['{"r":0.00001}', '{"r":-0.00002}', '[0.00001]', '0.00001', '{"r":1e-6}', '1e-7', '{"a":[1.5e-9]}',
+               '{"t":"12:00:10.000000Z"}', '{"n":"rule-e-x"}', '{"r":1e-10}', '{"r":10.00001}', '{"r":1.00001}',
+               '{"s":"x0.0000"}', '{"s":".0.00001"}', '{"r":1e-05}', 'e-5', '5e-', '-0.00001', '"\\n0.00001"', '']
+
+
+def test_a_batch_is_scanned_for_orjson_forms_as_each_text_is():
+    """The walk scans a batch's texts joined: the same texts are flagged as text by text,
+    wherever a form sits (a text's first or last bytes next to its neighbours' included),
+    as bytes or as str, and a flagged record is decided by the reference."""
+    rng = random.Random(20261203)
+    plain = canonical_json(decision_record(1))
+    for _ in range(300):
+        texts = [rng.choice(_FORM_TEXTS + [plain] * 4) for _ in range(rng.randrange(1, 9))]
+        if rng.random() < 0.5:  # the forms glued to a neighbour's first or last bytes
+            texts = [t + rng.choice(["", "0", "9", ".", "e", "-"]) if rng.random() < 0.3 else t for t in texts]
+        want = {seq for seq, t in enumerate(texts, 1) if _orjson_own_form(t.encode())}
+        for stored in (texts, [t.encode() for t in texts], [t if i % 2 else t.encode() for i, t in enumerate(texts)]):
+            assert _own_form_seqs([(seq, None, None, None, t) for seq, t in enumerate(stored, 1)]) == want, texts
+    # an orjson-form record (hash and all else intact) is refused by the walk, as by read_canonical
+    rows, prev = [], "0" * 64
+    for seq, text in enumerate([plain, '{"r":1e-6,"ts":null}', plain], 1):
+        stored = entry_hash(prev, "decision", f"e{seq}", text)
+        rows.append((seq, "decision", f"e{seq}", json.loads(text)["ts"], text.encode(), prev, stored))
+        prev = stored
+    walk = ChainWalk()
+    walk.feed(rows)
+    assert walk.bad == (2, "row 2: stored record is not canonical JSON (edited)")
 
 
 def written_like_the_reference(value):
