@@ -16,6 +16,10 @@ predict-only), in one process, interleaved over ``--rounds`` (min / median / max
 * the demo through the embedded broker (``bench_stream.run_broker``), timed from the
   production of the first event to the last decision, evaluations from its records;
 * the process's peak RSS (VmHWM), the whole run;
+* the offline ratio with the noise never drawn ahead (``ratio_overlap_off``: the
+  certifier's ``overlap`` False, run right after the default run, which draws ahead
+  where ``Smoothing._overlaps`` says it pays), so the helper thread's gain or loss on
+  this machine's load is measured side by side;
 * the offline ratio by CPU time too (``ratio_cpu``: decisions per CPU second of the process
   over the forward rate per CPU second / evaluations), less moved than the wall clock by
   the other processes of a shared machine; work on a second thread counts in it.
@@ -91,16 +95,33 @@ class Case:
     def offline_round(self) -> dict:
         fwd_before = self.forward()
         peak_rss_reset()
-        t0, c0 = time.perf_counter(), time.process_time()
-        res = run_offline(str(self.path), self.tmp / self.model, self.config, pipeline=self.pipeline)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        wall, cpu, audit = self.run("auto")
         peak = rss_mb("VmHWM")
+        off_wall, _, off_audit = self.run("off")
         fwd = mean_rates(fwd_before, self.forward())
+        assert certificates_digest(off_audit) == certificates_digest(audit), self.label  # overlap changes none
+        evals = sum(r["certificate"]["n_samples"] for r in audit)
+        out = measure(len(audit), wall, evals, fwd, peak_rss_mb=peak, cpu=cpu)
+        out["ratio_overlap_off"] = measure(len(audit), off_wall, evals, fwd)["ratio"]
+        return out
+
+    def run(self, overlap: str) -> tuple[float, float, list[dict]]:
+        """(wall s, CPU s, audit records) of one offline run; ``overlap`` "off": never draw ahead."""
+        certifier = self.entry.certifier
+        saved = getattr(certifier, "overlap", None)
+        if overlap == "off" and hasattr(certifier, "overlap"):
+            certifier.overlap = False
+        try:
+            t0, c0 = time.perf_counter(), time.process_time()
+            res = run_offline(str(self.path), self.tmp / f"{self.model}-{overlap}", self.config, pipeline=self.pipeline)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        finally:
+            if hasattr(certifier, "overlap"):
+                certifier.overlap = saved
         audit = res.read("audit")
         assert len(audit) == len(self.events), (self.label, len(audit), res.read("dlq")[:1])
         self.digests.add(certificates_digest(audit))
-        return measure(len(audit), wall, sum(r["certificate"]["n_samples"] for r in audit), fwd,
-                       peak_rss_mb=peak, cpu=cpu)
+        return wall, cpu, audit
 
 
 def mean_rates(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
@@ -175,6 +196,8 @@ def main() -> None:
         results["models"][c.name] = {
             "label": c.label, "spec": c.entry.model.spec, "policy": c.entry.policy.name,
             "sampler": c.entry.certifier.sampler, "certify_batch_size": c.entry.certifier.batch_size,
+            "noise_overlap": "auto (Smoothing._overlaps: a spare core and >= OVERLAP_MIN coordinates a piece)"
+            if getattr(c.entry.certifier, "overlap", False) is None else getattr(c.entry.certifier, "overlap", None),
             "forward_batch": getattr(c.entry.certifier, "forward_batch", None),
             "events": len(c.events), "best_forward_sweep": {"samples_per_s": c.sweep_rate, "batch": c.best_batch},
             "rounds": c.rounds, **s, "target_ratio": target,
@@ -195,7 +218,7 @@ def main() -> None:
     path = write_results(args.out, results)
     print(table(rows, ("case", "sampler", "noise piece / call", "best forward/s", "evals/decision",
                        "limit decisions/s", "decisions/s", "ratio min / median / max", "target (median)",
-                       "CPU-time ratio")))
+                       "CPU-time ratio", "ratio, noise not drawn ahead")))
     print(f"peak RSS of the stage process {results['peak_rss_mb']:.0f} MB; same certificates every round: "
           + ", ".join(f"{c.name} {len(c.digests) == 1}" for c in cases)
           + (f"; broker = offline: {demo.broker_digests == demo.digests}" if broker else ""))
@@ -206,7 +229,8 @@ def row(case: str, certifier, s: dict, target: float | None) -> tuple:
     return (case, certifier.sampler, calls(certifier), f"{s['forward_samples_per_s']['median']:.0f}",
             f"{s['evals_per_decision']['median']:.1f}", f"{s['physical_limit_decisions_per_s']['median']:.0f}",
             f"{s['decisions_per_s']['median']:.0f}", fmt(s["ratio"]), status(s["ratio"], target),
-            fmt(s["ratio_cpu"]) if "ratio_cpu" in s else "")
+            fmt(s["ratio_cpu"]) if "ratio_cpu" in s else "",
+            fmt(s["ratio_overlap_off"]) if "ratio_overlap_off" in s else "")
 
 
 def calls(certifier) -> str:

@@ -1,13 +1,15 @@
 """Randomized smoothing: exact radii on a linear classifier, and alpha-level soundness."""
 
 import copy
+import itertools
 import json
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
-from riskpipe.certify import Certificate, Smoothing
+from riskpipe.certify import Certificate, Smoothing, smoothing
 from synthetic import threshold_for, threshold_model
 
 SIGMA = 0.5
@@ -147,9 +149,9 @@ def test_forward_batch_sets_the_model_calls_and_changes_no_certificate(demo_mode
 
     model.classes = classes
     seen = {}
-    for fb in (None, 100, 333, 1024, 10):
+    for fb, overlap in itertools.product((None, 100, 333, 1024, 10), (False, True)):
         s = Smoothing(model, sigma=0.25, n0=40, n=300, max_samples=2000, first_look=24, batch_size=64,
-                      sampler=sampler, grid_levels=16, forward_batch=fb)
+                      sampler=sampler, grid_levels=16, forward_batch=fb, overlap=overlap)
         sizes.clear()
         counts: list[int] = []  # samples asked of each _count
         count = s._count
@@ -161,12 +163,41 @@ def test_forward_batch_sets_the_model_calls_and_changes_no_certificate(demo_mode
         s._count = counted
         certs = [*s.decide_batch(X[:30], list(range(30)), 0.25), *s.certify_batch(X[:7], list(range(7))),
                  *s.predict_batch(X[:5], list(range(5)))]
-        seen[fb] = [(c.n_samples, c.radius, c.certified, c.predicted_class, c.p_lower) for c in certs]
+        seen[fb, overlap] = [(c.n_samples, c.radius, c.certified, c.predicted_class, c.p_lower) for c in certs]
         assert s.forward_size == max(fb or 64, 64)
         assert sizes == [min(s.forward_size, total - k) for total in counts for k in range(0, total, s.forward_size)]
-    assert all(v == seen[None] for v in seen.values())
+    assert all(v == seen[None, False] for v in seen.values())
     with pytest.raises(ValueError, match="forward_batch"):
         Smoothing(model, forward_batch=0)
+
+
+def test_drawing_ahead_only_with_a_spare_core_and_big_pieces(demo_model, monkeypatch):
+    """overlap None: the noise is drawn ahead on the helper thread only when a core is left
+    beside torch's threads and the pieces average OVERLAP_MIN coordinates (the demo's 8x8
+    inputs: from 1024 rows a piece); True / False force it."""
+    x = torch.zeros((3, *demo_model.input_shape))
+    per_piece = smoothing.OVERLAP_MIN // demo_model.input_dim
+    s = Smoothing(demo_model, batch_size=4096)
+    monkeypatch.setattr(smoothing, "_CORES", torch.get_num_threads() + 1)
+    assert s._overlaps(x, np.array([per_piece] * 3))
+    assert not s._overlaps(x, np.array([per_piece - 1] * 3))
+    assert not Smoothing(demo_model, batch_size=per_piece - 1)._overlaps(x, np.array([per_piece] * 3))
+    assert not s._overlaps(x, np.array([], dtype=np.int64))
+    monkeypatch.setattr(smoothing, "_CORES", torch.get_num_threads())
+    assert not s._overlaps(x, np.array([per_piece] * 3))
+    assert Smoothing(demo_model, overlap=True)._overlaps(x, np.array([1]))
+    monkeypatch.setattr(smoothing, "_CORES", 64)
+    assert not Smoothing(demo_model, batch_size=4096, overlap=False)._overlaps(x, np.array([per_piece] * 3))
+
+
+def test_a_forked_child_gets_a_noise_thread_of_its_own(monkeypatch):
+    """The parent's noise thread does not exist in a forked child: keyed by process id,
+    the child starts its own instead of queueing on the parent's forever."""
+    pool = smoothing._noise_pool()
+    assert smoothing._noise_pool() is pool
+    monkeypatch.setattr(smoothing.os, "getpid", lambda: -1)
+    child = smoothing._noise_pool()
+    assert child is not pool and child.submit(lambda: 7).result(timeout=10) == 7
 
 
 def test_certificate_json_roundtrip_and_scope(demo_model, digits_test):

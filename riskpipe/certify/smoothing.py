@@ -17,10 +17,12 @@ distribution the certificate names.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -43,6 +45,9 @@ if TYPE_CHECKING:
     from riskpipe.models.base import Model
 
 BOUNDS = ("cp", "bonferroni", "goodman")
+T = TypeVar("T")
+OVERLAP_MIN = 1 << 16  # coordinates per noise piece from which drawing ahead pays (Smoothing._overlaps)
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @dataclass
@@ -54,7 +59,9 @@ class Smoothing(CertifierBase):
     p_A and the runner-up p_B. ``batch_size`` is the size of the pieces each input's
     noise is drawn in (it shapes the noise stream, so certificates record it);
     ``forward_batch`` (default: batch_size) the rows per model call, which changes the
-    speed, never a certificate; so memory stays bounded for any n. ``sampler``: ``gaussian`` (float noise, not
+    speed, never a certificate; so memory stays bounded for any n. ``overlap``: whether
+    the noise of the next model call is drawn on a helper thread while the model runs
+    this one (``_count``); None: when it pays (``_overlaps``). ``sampler``: ``gaussian`` (float noise, not
     floating-point sound) or ``sound`` (inputs on a grid of ``grid_levels`` steps of
     the value range, or of ``grid_step``; see ``riskpipe.certify.samplers``).
     """
@@ -75,6 +82,7 @@ class Smoothing(CertifierBase):
     max_latency_ms: float | None = None
     max_looks: int | None = None
     forward_batch: int | None = None
+    overlap: bool | None = None
 
     method = "smoothing"
     norm = "l2"
@@ -142,11 +150,17 @@ class Smoothing(CertifierBase):
         and the size changes no certificate. Adding the inputs and tallying are one
         vectorised op per model call.
 
+        With ``overlap`` (``_overlaps``) one helper thread draws the noise of the next
+        call while the model runs this one: one thread draws all the noise, each input's
+        pieces in the same order from its own generator, so the certificates are the
+        same either way (tested).
         """
         B, K = len(x), self.model.num_classes
         counts = torch.zeros(B * K, dtype=torch.int64, device=x.device)
         faults: dict[int, str] = {}
-        for owner, batch in self._calls(x, gens, draws):
+        ahead = self._overlaps(x, draws)
+        calls = self._calls(x, gens, draws, 2 if ahead else 1)
+        for owner, batch in _ahead(calls, _noise_pool()) if ahead else calls:
             out = self.model.classes(batch)
             if out.any_bad:
                 for i in torch.unique(owner[out.bad]).tolist():
@@ -157,22 +171,27 @@ class Smoothing(CertifierBase):
             counts += torch.bincount(owner * K + ids, minlength=B * K)
         return counts.view(B, K).cpu().numpy(), faults
 
-    def _calls(self, x: torch.Tensor, gens: list[torch.Generator],
-               draws: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _calls(self, x: torch.Tensor, gens: list[torch.Generator], draws: np.ndarray,
+               buffers: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(owner input of each row, model inputs) of each model call of ``_count``, in order.
 
-        The caller is done with a call before the next is drawn (a generator), so one
-        buffer serves them all: the overflow of a call moves to its front."""
+        With one buffer the caller is done with a call before the next is drawn (a
+        generator), so it serves them all: the overflow of a call moves to its front.
+        With two (drawing ahead, ``_ahead``) they take turns, so the call handed out stays
+        intact while the next is drawn: ``_ahead`` asks for call k + 1 only once the
+        caller is done with call k - 1, whose buffer takes the overflow of call k.
+        ``perturb`` reads a call's rows and writes none past them."""
         pieces = [(i, min(self.batch_size, int(m) - o)) for i, m in enumerate(draws)
                   for o in range(0, int(m), self.batch_size)]
         total = sum(m for _, m in pieces)
         call = min(self.forward_size, total)
         cap = max(1, min(total, call + max((m for _, m in pieces), default=1) - 1))  # a call and an overflow
         shape = tuple(x.shape[1:])
-        buf = self.noise.new_buffer(cap, shape, x.device)
-        row = np.empty(cap, dtype=np.int64)  # row -> its input
-        j = fill = 0
+        bufs = [self.noise.new_buffer(cap, shape, x.device) for _ in range(buffers)]
+        rows = [np.empty(cap, dtype=np.int64) for _ in bufs]  # row -> its input
+        j = fill = k = 0
         while j < len(pieces) or fill:
+            buf, row = bufs[k % len(bufs)], rows[k % len(bufs)]
             while j < len(pieces) and fill < call:
                 i, m = pieces[j]
                 self.noise.draw(buf[fill : fill + m], gens[i])
@@ -182,10 +201,11 @@ class Smoothing(CertifierBase):
             n = min(fill, call)
             owner = torch.from_numpy(row[:n].copy()).to(x.device)
             yield owner, self.noise.perturb(x.index_select(0, owner), buf[:n])
-            fill -= n  # the overflow (< one piece, so < n rows; perturb left it alone) to the front
+            fill -= n  # the overflow (< one piece, so < n rows; perturb left it alone) to the next buffer's front
+            k += 1
             if fill:
-                buf[:fill] = buf[n : n + fill]
-                row[:fill] = row[n : n + fill]
+                bufs[k % len(bufs)][:fill] = buf[n : n + fill]
+                rows[k % len(bufs)][:fill] = row[n : n + fill]
 
     @property
     def forward_size(self) -> int:
@@ -398,3 +418,42 @@ class Smoothing(CertifierBase):
             return True
         return self.max_latency_ms is not None and (time.perf_counter() - t0) * 1e3 >= self.max_latency_ms
 
+    def _overlaps(self, x: torch.Tensor, draws: np.ndarray) -> bool:
+        """``overlap``, or if None: whether drawing ahead on a helper thread pays here.
+
+        It needs a core torch does not use (the stage's torch_threads, default 1), and
+        pieces big enough that the helper spends its time in torch's kernels, which
+        release the GIL, rather than in the Python around each draw: from OVERLAP_MIN
+        coordinates per piece on average. Below that, each piece's few microseconds of
+        Python contend for the GIL with the model call's own and the overlap costs more
+        than it hides (bench/bench_physical.py measures both: --overlap on / off)."""
+        if self.overlap is not None:
+            return self.overlap
+        if len(draws) == 0 or torch.get_num_threads() >= _CORES:
+            return False
+        rows = float(np.mean(np.minimum(draws, self.batch_size)))
+        return rows * math.prod(x.shape[1:]) >= OVERLAP_MIN
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _noise_pool() -> ThreadPoolExecutor:
+    """The process's noise-drawing thread (one per process id: a forked child gets its own,
+    as the parent's thread does not exist there)."""
+    pool = _pools.get(os.getpid())
+    if pool is None:
+        pool = _pools[os.getpid()] = ThreadPoolExecutor(1, thread_name_prefix="riskpipe-noise")
+    return pool
+
+
+def _ahead(items: Iterator[T], pool: ThreadPoolExecutor) -> Iterator[T]:
+    """``items``, each computed on ``pool`` while the caller works on the one before.
+    Nothing runs on after the caller stops early: the pending item is awaited."""
+    pending = pool.submit(next, items, None)
+    try:
+        while (item := pending.result()) is not None:
+            pending = pool.submit(next, items, None)
+            yield item
+    finally:
+        pending.cancel() or pending.exception()
