@@ -115,11 +115,15 @@ def timed(fn, clock: list):
     return wrapper
 
 
+_WAITS: dict[str, list] = {}  # "clock": the clock the stage thread's waits go to now
+
+
 def timed_ahead(clock: list) -> None:
     """Where the tree draws noise ahead on a helper thread (smoothing._ahead), the time the
-    stage thread waits for each next call's noise, added to ``clock[2]``."""
+    stage thread waits for each next call's noise, added to ``clock[2]`` from now on."""
     from riskpipe.certify import smoothing
 
+    _WAITS["clock"] = clock
     ahead = getattr(smoothing, "_ahead", None)
     if ahead is None or getattr(ahead, "timed", False):
         return
@@ -134,7 +138,7 @@ def timed_ahead(clock: list) -> None:
                 except StopIteration:
                     return
                 finally:
-                    clock[2] += time.perf_counter() - t0
+                    _WAITS["clock"][2] += time.perf_counter() - t0
                 yield item
         finally:
             it.close()
