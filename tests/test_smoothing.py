@@ -235,3 +235,26 @@ def test_sklearn_base_classifier(digits_test, tmp_path):
     c = Smoothing(m, sigma=0.25, n0=50, n=500).certify(X[0], seed=0)
     assert c.predicted_class == y[0] or c.abstained
     assert m.num_classes == 10 and m.input_shape == (1, 8, 8)
+
+
+def test_a_model_error_while_drawing_ahead_propagates_and_leaves_the_noise_thread_usable(demo_model, digits_test):
+    """The model raising on its second call while the third call's noise is drawn ahead:
+    the error reaches the caller (the decider then isolates the event), the draw in flight
+    is awaited, and the next certification draws ahead as before, with the same result."""
+    X, _ = digits_test
+    model = copy.copy(demo_model)
+    calls = []
+
+    def classes(batch):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise RuntimeError("model broke")
+        return demo_model.classes(batch)
+
+    model.classes = classes
+    s = Smoothing(model, n0=20, n=400, batch_size=64, overlap=True)
+    with pytest.raises(RuntimeError, match="model broke"):
+        s.certify_batch(X[:4], [1, 2, 3, 4])
+    want = Smoothing(demo_model, n0=20, n=400, batch_size=64, overlap=False).certify_batch(X[:4], [1, 2, 3, 4])
+    got = s.certify_batch(X[:4], [1, 2, 3, 4])
+    assert [(c.radius, c.predicted_class) for c in got] == [(c.radius, c.predicted_class) for c in want]

@@ -106,6 +106,8 @@ class Smoothing(CertifierBase):
             raise ValueError(f"max_latency_ms: must be a finite number > 0, got {self.max_latency_ms}")
         if self.max_looks is not None and self.max_looks < 1:
             raise ValueError(f"max_looks: must be >= 1, got {self.max_looks}")
+        if self.overlap not in (None, True, False):
+            raise ValueError(f"overlap: must be true, false or null (when it pays), got {self.overlap!r}")
         self.noise = make_sampler(self.sampler, self.sigma, self.model, self.grid_levels, self.grid_step)
         self._plans: dict[float, SequentialPlan] = {}
 
