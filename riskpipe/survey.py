@@ -49,8 +49,8 @@ UINT8_LEVELS = 255  # OIP UINT8 tensors: v -> lo + (hi - lo) * v / 255
 # The sound sampler's model evaluations/s through the stage over the gaussian one's, measured
 # side by side by bench/bench_sound.py (bench/results/sound.json, "stage"; a test keeps these
 # in step with it).
-SOUND_EVALS_IMAGE = 0.86  # the image example, 3x32x32 CNN, 8-bit grid, batches of 64
-SOUND_EVALS_DEMO = 1.01  # demo digits 1x8x8 (its grid of 16 levels: a small table, cheap lookups)
+SOUND_EVALS_IMAGE = 0.93  # the image example, 3x32x32 CNN, 8-bit grid, batches of 64
+SOUND_EVALS_DEMO = 1.00  # demo digits 1x8x8 (its grid of 16 levels: a small table, cheap lookups)
 
 
 class SurveyError(ValueError):
