@@ -81,6 +81,7 @@ def test_off_grid_input_is_refused_with_coordinate_and_value():
         s.check_inputs(X)
     with pytest.raises(GridError):
         s.run("certify", X, [0])
+    family("smoothing")(m, sigma=0.25, sampler="gaussian").check_inputs(X)  # the gaussian sampler takes it
 
 
 def test_declared_grid_for_tabular_inputs_and_unbounded_range_needs_one():

@@ -66,7 +66,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, ClassVar, overload
 
 import numpy as np
 import torch
@@ -103,6 +103,7 @@ class GaussianSampler:
     sigma: float
     name: str = "gaussian"
     margin: float = 0.0  # no correction: this sampler makes no floating-point claim
+    on_grid: ClassVar[bool] = False  # takes any (finite) input: nothing for ``prepare`` to check
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -146,6 +147,7 @@ class SoundSampler:
     name: str = "sound"
     step: float = field(init=False)
     origin: float = field(init=False)
+    on_grid: ClassVar[bool] = True  # inputs must lie on the grid: ``prepare`` checks them
 
     def __post_init__(self) -> None:
         scalar = self.value_range is not None and all(np.ndim(v) == 0 for v in self.value_range)

@@ -123,8 +123,10 @@ class Smoothing(CertifierBase):
         return self.noise.admissible(x, x_adv)
 
     def check_inputs(self, X: Batch) -> None:
-        """Raise ``GridError`` (a ValueError) for an input the sampler cannot take."""
-        self.noise.prepare(torch.as_tensor(np.asarray(X, dtype=np.float32)))
+        """Raise ``GridError`` (a ValueError) for an input the sampler cannot take (off the
+        sound sampler's grid; the gaussian sampler takes any input, so nothing is converted)."""
+        if self.noise.on_grid:
+            self.noise.prepare(torch.as_tensor(np.asarray(X, dtype=np.float32)))
 
     # ---- sampling core -------------------------------------------------------------
     def _prepare(self, X: Batch, seeds: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
