@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,15 +42,16 @@ class BatchSizeChoice:
 def cache_path(model, cache_dir: Path | None = None) -> Path:
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     device = str(model.device).replace(":", "_")
-    return root / "batch_size" / f"{model.sha256[:32]}-{device}-t{torch.get_num_threads()}.json"
+    # "-c2": probed by CPU time (batch_size.probe_clock); answers of the wall-clock probe are not reused
+    return root / "batch_size" / f"{model.sha256[:32]}-{device}-t{torch.get_num_threads()}-c2.json"
 
 
 def certify_batch_size(model, configured: int | None = None, cache_dir: Path | None = None,
                        budget_s: float = 1.5, name: str | None = None,
-                       clock: Callable[[], float] = time.perf_counter) -> BatchSizeChoice:
+                       clock: Callable[[], float] | None = None) -> BatchSizeChoice:
     """The batch size to certify ``model`` with: ``configured`` if given, else the cached
     probe result for this model/device/thread count, else a fresh probe (then cached).
-    ``clock`` times the probe (tests pass a simulated one)."""
+    ``clock`` times the probe (default: ``batch_size.probe_clock``; tests pass a simulated one)."""
 
     label = name or model.spec
     if configured is not None:

@@ -7,13 +7,14 @@ stops are exact on any machine, however loaded."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 import torch
 
-from riskpipe.certify.batch_size import BatchSizeProbe, probe
+from riskpipe.certify.batch_size import BatchSizeProbe, probe, probe_clock
 from riskpipe.tuning import BatchSizeChoice, cache_path, certify_batch_size
 from synthetic import policy_without_context
 
@@ -117,7 +118,7 @@ def test_choice_is_probed_once_then_cached_per_model_device_and_threads(tmp_path
     assert first.source == "probe" and first.size == 256
     path = cache_path(m, tmp_path)
     assert json.loads(path.read_text())["batch_size"] == 256
-    assert f"-cpu-t{torch.get_num_threads()}.json" in path.name and path.name.startswith("t" * 32)
+    assert f"-cpu-t{torch.get_num_threads()}-c2.json" in path.name and path.name.startswith("t" * 32)
     calls = m.calls
     again = certify_batch_size(m, cache_dir=tmp_path, clock=m.clock)
     assert (again.size, again.source, m.calls) == (256, "cache", calls)  # no model call
@@ -253,3 +254,16 @@ def test_cli_flag_overrides_every_model_and_is_logged(tmp_path, cnn_spec) -> Non
     assert "model cnn: certification batch size 128 (config)" in r.stderr
     recs = [json.loads(s) for s in (out / "audit.jsonl").read_text().splitlines()]
     assert [rec["certificate"]["extra"]["batch_size"] for rec in recs] == [128, 128]
+
+
+def test_the_probe_times_by_cpu_time_where_the_work_is_the_process_s_own(monkeypatch) -> None:
+    """One torch thread on the CPU (the stage's default): the process's CPU time, which other
+    processes on the machine do not move; more threads or another device: the wall clock."""
+    m = TimedModel(peaked)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert probe_clock(m) is time.process_time
+    m.device = "cuda:0"
+    assert probe_clock(m) is time.perf_counter
+    m.device = "cpu"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert probe_clock(m) is time.perf_counter

@@ -48,9 +48,21 @@ class BatchSizeProbe:
         return min(b for b, r in self.rates.items() if r >= self.tolerance * top)
 
 
+def probe_clock(model: Model) -> Callable[[], float]:
+    """The clock the probe times with: the process's CPU time when the model computes on the
+    CPU with one torch thread (the stage's default), so the calls of other processes on a
+    shared machine do not move the answer (by the wall clock a loaded machine picked sizes
+    at random); the wall clock otherwise, where the work runs on threads or a device whose
+    time the process's CPU clock does not add up as throughput. On the CPU clock the probe's
+    budget is CPU seconds: on a loaded machine it takes longer by the wall clock."""
+    if str(getattr(model, "device", "cpu")) == "cpu" and torch.get_num_threads() == 1:
+        return time.process_time
+    return time.perf_counter
+
+
 def probe(model: Model, candidates: Sequence[int] = CANDIDATES, budget_s: float = 1.5, min_time_s: float = 0.05,
           seed: int = 0, tolerance: float = 0.97,
-          clock: Callable[[], float] = time.perf_counter) -> BatchSizeProbe:
+          clock: Callable[[], float] | None = None) -> BatchSizeProbe:
     """Time ``model.predict_torch`` on noisy inputs at each candidate size, smallest first.
 
     Each size gets one warm-up call, then timed calls until ``min_time_s`` has passed
@@ -58,9 +70,11 @@ def probe(model: Model, candidates: Sequence[int] = CANDIDATES, budget_s: float 
     next size would not fit in what is left of ``budget_s`` (predicted from the best
     rate so far) or when the rate has fallen below half the best (past the peak).
     Inputs are uniform over the model's declared value range ([0, 1] if none) plus N(0, 0.25^2) noise,
-    the kind of batch smoothing sends. ``clock`` (seconds) times everything: tests pass
-    a simulated one that their model advances, so the probe's choices are exact.
+    the kind of batch smoothing sends. ``clock`` (seconds; default ``probe_clock``) times
+    everything: tests pass a simulated one that their model advances, so the probe's
+    choices are exact.
     """
+    clock = clock or probe_clock(model)
     sizes = sorted({int(b) for b in candidates})
     if not sizes or sizes[0] < 1:
         raise ValueError(f"candidates: need positive batch sizes, got {list(candidates)}")
