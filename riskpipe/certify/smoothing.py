@@ -428,9 +428,11 @@ class Smoothing(CertifierBase):
         It needs a core torch does not use (the stage's torch_threads, default 1), and
         pieces big enough that the helper spends its time in torch's kernels, which
         release the GIL, rather than in the Python around each draw: from OVERLAP_MIN
-        coordinates per piece on average. Below that, each piece's few microseconds of
+        coordinates in an input's draws of this count, capped at one piece (batch_size
+        rows), on average over the inputs. Below that, each piece's few microseconds of
         Python contend for the GIL with the model call's own and the overlap costs more
-        than it hides (bench/bench_physical.py measures both: --overlap on / off)."""
+        than it hides (bench/bench_physical.py measures it against ``overlap`` False side
+        by side: ``ratio_overlap_off``)."""
         if self.overlap is not None:
             return self.overlap
         if len(draws) == 0 or torch.get_num_threads() >= _CORES:
