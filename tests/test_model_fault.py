@@ -63,13 +63,15 @@ def _certifier(method: str, model: Model):
 
 
 # ---- every family --------------------------------------------------------------------------
+@pytest.mark.parametrize("overlap", [None, True])  # the default rule, and the noise always drawn ahead
 @pytest.mark.parametrize("mode", ["certify", "predict", "decide"])
 @pytest.mark.parametrize("kind", ["nan", "inf", "-inf", "few_rows"])
-def test_smoothing_faults_only_the_inputs_whose_noise_met_a_broken_output(tmp_path, kind, mode):
+def test_smoothing_faults_only_the_inputs_whose_noise_met_a_broken_output(tmp_path, kind, mode, overlap):
     healthy, faulty = fault_inputs(3, 2)
     X = np.concatenate([healthy, faulty])
     seeds = list(range(len(X)))
     broken = _certifier("smoothing", load_model(faulty_model(tmp_path, kind)))
+    broken.overlap = overlap
     certs = broken.run(mode, X, seeds, 0.1)
     for c in certs[3:]:
         assert c.reason == MODEL_FAULT and c.abstained and c.radius == 0.0 and c.predicted_class is None
