@@ -50,6 +50,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
@@ -181,6 +182,9 @@ class Traffic:
     idle: threading.Event = field(default_factory=threading.Event)  # set while paused and flushed
     stopping: threading.Event = field(default_factory=threading.Event)
     errors: int = 0
+    last_error: str = ""
+    producers: int = 0  # producers made (a failed send replaces the producer)
+    producer: Any = None  # the one in use (a KafkaProducer), on the traffic thread
 
     def __post_init__(self):
         self.rng = random.Random(self.seed)
@@ -227,41 +231,51 @@ class Traffic:
 
         while not self.stopping.is_set():
             try:
-                return KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5, retries=5)
+                producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5, retries=5)
+                self.producers += 1
+                return producer
             except Exception:  # noqa: BLE001 - broker restarting
                 time.sleep(0.5)
         return None
 
+    def _drop_producer(self, flush: bool) -> None:
+        if self.producer is not None:
+            if flush:
+                self.producer.flush()
+            self.producer.close(timeout=None if flush else 0)
+            self.producer = None
+
     def _run(self):
-        producer, i, i0, t0 = self._producer(), 0, 0, time.monotonic()
+        self.producer, i, i0, t0 = self._producer(), 0, 0, time.monotonic()
         while not self.stopping.is_set():
             if self.paused.is_set():
-                if producer is not None:
-                    producer.flush()
-                    producer.close()
-                    producer = None
+                self._drop_producer(flush=True)
                 self.idle.set()
                 time.sleep(0.05)
                 continue
-            if producer is None:
-                producer = self._producer()
+            if self.producer is None:
+                self.producer = self._producer()
                 t0, i0 = time.monotonic(), i
+                continue  # stopping may have been set while the broker was away
             self.idle.clear()
             key, value, sent = self._message(i)
             try:
-                producer.send("inferences", key=key, value=value).get(timeout=30)
+                self.producer.send("inferences", key=key, value=value).get(timeout=30)
                 self.sent.append(sent)
                 i += 1
-            except Exception:  # noqa: BLE001 - not acknowledged: counted, not expected anywhere
+            except Exception as e:  # noqa: BLE001 - not acknowledged: counted, not expected anywhere
+                # A fresh producer for the next send: kafka-python's idempotent producer stays
+                # in a fatal state for good once its InitProducerId fails (Tansu answers
+                # UnknownError now and then just after a restart), and every later send fails.
                 self.errors += 1
+                self.last_error = repr(e)[:200]
+                self._drop_producer(flush=False)
                 time.sleep(0.2)
                 continue
             ahead = (i - i0) / self.rate - (time.monotonic() - t0)
             if ahead > 0:
                 time.sleep(ahead)
-        if producer is not None:
-            producer.flush()
-            producer.close()
+        self._drop_producer(flush=True)
 
     def pause(self, timeout: float = 60) -> None:
         self.paused.set()
@@ -335,7 +349,7 @@ def wait_started(dsn: str, stage: StageProcess, timeout: float = 300) -> None:
     raise RuntimeError("stage did not start")
 
 
-def wait_progress(dsn: str, timeout: float = 300) -> float:
+def wait_progress(dsn: str, traffic: Traffic, timeout: float = 300) -> float:
     """Seconds until the ledger holds more decisions than now (the stage is back at work)."""
     t0 = time.monotonic()
     before = None
@@ -349,7 +363,9 @@ def wait_progress(dsn: str, timeout: float = 300) -> float:
         except Exception:  # noqa: BLE001 - PostgreSQL restarting
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"the stage made no progress within {timeout:g} s")
+    raise RuntimeError(f"the stage made no progress within {timeout:g} s (traffic: {len(traffic.sent)} sent, "
+                       f"{traffic.errors} failed sends, {traffic.producers} producers, last error "
+                       f"{traffic.last_error or 'none'})")
 
 
 def accounted(sent: list[Sent], decided: dict, dead: dict) -> bool:
@@ -476,7 +492,7 @@ def run_chaos(workdir: Path, seconds: float = 240.0, rate: float = 30.0, seed: i
             time.sleep(step)
             stage.kill9()
             note("stage_sigkill")
-            note("stage_back", waited_s=wait_progress(dsn))
+            note("stage_back", waited_s=wait_progress(dsn, traffic))
             nan_episode(episode)
             time.sleep(step)
 
@@ -488,7 +504,7 @@ def run_chaos(workdir: Path, seconds: float = 240.0, rate: float = 30.0, seed: i
             time.sleep(min(5.0, max(2.0, seconds / 40)))
             pg.resume()
             note("postgresql_start")
-            note("stage_progress", waited_s=wait_progress(dsn))
+            note("stage_progress", waited_s=wait_progress(dsn, traffic))
             time.sleep(step)
             traffic.pause()
             drained = wait_drained(traffic, dsn, 240)
@@ -497,7 +513,7 @@ def run_chaos(workdir: Path, seconds: float = 240.0, rate: float = 30.0, seed: i
             broker.create_topics(TOPICS)
             note("broker_restart", drained_s=round(drained, 1))
             traffic.resume()
-            note("stage_progress", waited_s=wait_progress(dsn))
+            note("stage_progress", waited_s=wait_progress(dsn, traffic))
             sigkill_between_nan_episodes()
             traffic.pause()
             note("traffic_stopped")

@@ -30,3 +30,44 @@ def test_chaos_run_loses_nothing_and_allows_nothing_faulty(tmp_path):
     assert kinds.get("valid", 0) > 100 and kinds.get("duplicate", 0) > 0
     assert all(kinds.get(k, 0) > 0 for k in MALFORMED), kinds
     assert f["stage_log_tracebacks"] == 0
+
+
+def test_traffic_replaces_a_producer_that_kafka_python_left_in_a_fatal_state():
+    """The chaos run stalled once after the broker restart: the traffic's fresh idempotent
+    producer got UnknownError to its InitProducerId, which kafka-python makes fatal for
+    good, so every later send failed and no event reached the stage. The harness now
+    makes a new producer after a failed send; here its producer is put in that state."""
+    import time
+
+    import numpy as np
+    from kafka.errors import KafkaError
+
+    from chaos import Setup, Traffic
+    from riskpipe.stream.broker import EmbeddedBroker
+
+    rng = np.random.default_rng(0)
+    setup = Setup(config=Path("unused"), digits=rng.random((4, 64), dtype=np.float32),
+                  wine=rng.random((4, 13), dtype=np.float32), nan=rng.random((4, 13), dtype=np.float32))
+    with EmbeddedBroker() as broker:
+        broker.create_topics(["inferences"])
+        traffic = Traffic(broker.bootstrap, setup, rate=50.0, seed=0)
+        traffic.thread.start()
+        try:
+            deadline = time.monotonic() + 60
+            while len(traffic.sent) < 5 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(traffic.sent) >= 5, (traffic.errors, traffic.last_error)
+            # the state kafka-python enters on an InitProducerId error: every later send fails
+            traffic.producer._transaction_manager.transition_to_fatal_error(
+                KafkaError("Unexpected error in InitProducerIdResponse: [Error -1] UnknownError"))
+            poisoned = traffic.producers
+            n = len(traffic.sent)
+            while (len(traffic.sent) < n + 20 or traffic.errors == 0) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            traffic.stopping.set()
+            traffic.paused.clear()
+            traffic.thread.join(timeout=60)
+    assert traffic.errors >= 1 and "InitProducerId" in traffic.last_error
+    assert traffic.producers > poisoned
+    assert len(traffic.sent) >= n + 20
