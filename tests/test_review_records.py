@@ -232,7 +232,10 @@ def test_verdict_record_follows_docs_and_a_second_one_is_refused(tmp_path):
         v = rq.record_verdict(led, "evt-urgent", "confirmed_manipulated", "  stroke added  ", "alice", when)
         assert v == {"id": "evt-urgent", "verdict": "confirmed_manipulated", "note": "stroke added",
                      "reviewer": "alice", "ts": "2025-03-01T12:30:00.000Z", "decision_ts": recs["evt-urgent"]["ts"],
-                     "decision": "review", "policy_version": "3"}
+                     "decision": "review", "policy_version": "3",
+                     # the decision it is on (its ledger scope): a verdict on one stage's decision is not another's
+                     "model": {k: recs["evt-urgent"]["model"][k] for k in ("name", "sha256")},
+                     "policy": {k: recs["evt-urgent"]["policy"][k] for k in ("name", "version", "sha256")}}
         assert led.get("evt-urgent", kind="verdict") == v
         assert rq.seconds_to_review(v) == 1800.0
         with pytest.raises(rq.AlreadyReviewed, match=r"evt-urgent: a verdict already exists .*alice"):

@@ -331,14 +331,25 @@ def row_to_entry(row: tuple[Any, ...]) -> Entry:
 
 
 
+# kinds whose rows are about one decision: a review of it carries the decision's model and
+# policy, so each decision of an event id has its own review (riskpipe.review.queue)
+REVIEW_KINDS = ("verdict", "first_review")
+
+
 def decision_scope(kind: str, record: Any) -> str:
     """The part of a row's identity beyond (kind, entry id): for a ``decision``, the
     ``policy sha256/model sha256/model name`` that decided it, so one event id holds one
     decision per (model, policy) -- a decision is identified by (event id, model, policy
-    sha256). Empty for every other kind. Derived from the record (which the hash
-    covers), so it is an index column, not part of the chain; schema 3's migration
-    computes the same text in SQL (``migrations.scope_sql``)."""
-    if kind != "decision" or not isinstance(record, dict):
+    sha256). A review (``REVIEW_KINDS``) that names its decision's ``model`` takes that
+    decision's scope, so one event id holds one verdict per decision, and a verdict on
+    one model's or policy's decision is never read as a verdict on another's. Empty for
+    every other kind, and for a review written before reviews named their decision (it
+    covers every decision of its id). Derived from the record (which the hash covers),
+    so it is an index column, not part of the chain; schema 3's migration computes the
+    same text in SQL (``migrations.scope_sql``), for decisions (no review named its
+    decision then)."""
+    if not isinstance(record, dict) or not (
+            kind == "decision" or (kind in REVIEW_KINDS and isinstance(record.get("model"), dict))):
         return ""
     policy, model = record.get("policy"), record.get("model")
     return f"{_text_of(policy, 'sha256')}/{_text_of(model, 'sha256')}/{_text_of(model, 'name')}"

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from riskpipe.ledger import LedgerError, open_ledger, parse_ts, redact
+from riskpipe.ledger.chain import decision_scope
 from riskpipe.ledger.facts import GROUP_COLUMNS, KINDS, NO_HOUR, count_row
 from riskpipe.ledger.inputs import inline_copy
 from riskpipe.policy.controls import frameworks, mapping
@@ -106,7 +107,7 @@ def gather(ledger_path: str, since: Any = None, until: Any = None, verify: bool 
             dlq = _Groups(f, hours, bucket, ("dlq_reason", "dlq_source"), kind="dlq")
             numbers = f.numbers()
             radii = _Radii(f, numbers)
-            looked_up = f.lookup([v.get("id") for v in verdicts])
+            looked_up = f.lookup(verdicts)
             data = {
                 "scope": _scope(g, f),
                 "policies": _policies(g, policies),
@@ -270,20 +271,29 @@ class _Facts:
             + self.where(), (inf, inf, inf, "decision", *self.bound_params))]
         return np.concatenate(chunks) if chunks else np.zeros(0, _ROW)
 
-    def lookup(self, ids: list) -> dict:
-        """Facts of the decisions in the window with these event ids (the verdicts')."""
-        ids = sorted({i for i in ids if isinstance(i, str)})
-        out = {}
+    def lookup(self, verdicts: list[dict]) -> list[dict | None]:
+        """Facts of the decision each verdict is on, in the window (None where it is not):
+        the decision of the verdict's scope (``ledger.chain.decision_scope``: its model and
+        policy), or for an older verdict that names none, the latest decision of its id."""
+        ids = sorted({str(v["id"]) for v in verdicts if isinstance(v.get("id"), str)})
+        found: dict[str, dict[str, dict]] = {}  # id -> scope -> facts, in chain order
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
             rows = self.q("SELECT f.entry_id, f.decision, e.ts, f.deadline, f.routed, f.model_label, f.policy_label, "
-                          "f.reasons "
+                          "f.reasons, e.scope "
                           "FROM facts f JOIN entries e ON e.seq = f.seq"
-                          + self.where(f"f.entry_id IN ({','.join('?' * len(chunk))})", alias="f."),
+                          + self.where(f"f.entry_id IN ({','.join('?' * len(chunk))})", alias="f.")
+                          + " ORDER BY f.seq",
                           ("decision", *self.bound_params, *chunk))
-            for eid, decision, ts, deadline, routed, model, policy, reasons in rows:
-                out[eid] = {"decision": decision, "ts": ts, "deadline": deadline, "routed": routed,
-                            "model": model, "policy": policy, "reasons": json.loads(reasons or "[]")}
+            for eid, decision, ts, deadline, routed, model, policy, reasons, scope in rows:
+                found.setdefault(eid, {})[scope] = {
+                    "decision": decision, "ts": ts, "deadline": deadline, "routed": routed, "model": model,
+                    "policy": policy, "reasons": json.loads(reasons or "[]")}
+        out: list[dict | None] = []
+        for v in verdicts:
+            of_id = found.get(str(v.get("id"))) or {}
+            scope = decision_scope("verdict", v)
+            out.append(of_id.get(scope) if scope else (list(of_id.values())[-1] if of_id else None))
         return out
 
     def first_rows(self, gid: int, limit: int) -> list[int]:
@@ -521,10 +531,10 @@ def _volumes(g: _Groups, dlq: _Groups, verdicts: list[dict], totals: dict) -> di
     }
 
 
-def _group_rows(g: _Groups, radii: _Radii, column: str, verdicts: list[dict], looked_up: dict) -> list[dict]:
+def _group_rows(g: _Groups, radii: _Radii, column: str, verdicts: list[dict],
+                looked_up: list[dict | None]) -> list[dict]:
     verdict_counts: dict[str, Counter] = defaultdict(Counter)
-    for v in verdicts:
-        dec = looked_up.get(v.get("id"))
+    for v, dec in zip(verdicts, looked_up, strict=True):
         if dec is not None:
             verdict_counts[dec["model" if column == "model_label" else "policy"]][v.get("verdict")] += 1
     out = []
@@ -544,7 +554,7 @@ def _group_rows(g: _Groups, radii: _Radii, column: str, verdicts: list[dict], lo
     return sorted(out, key=lambda r: (-r["decisions"], r["name"]))
 
 
-def _breakdown(g: _Groups, radii: _Radii, verdicts: list[dict], looked_up: dict) -> dict:
+def _breakdown(g: _Groups, radii: _Radii, verdicts: list[dict], looked_up: list[dict | None]) -> dict:
     """Per model, per policy (name, version and sha256), and which policy decided which model's events."""
     pairs = sorted(g.count("model_label", "policy_label"))
     return {"models": _group_rows(g, radii, "model_label", verdicts, looked_up),
@@ -703,15 +713,15 @@ def _p50_p95(values: list[float] | np.ndarray) -> dict:
 NO_REASON = "(no reason)"
 
 
-def _review(g: _Groups, verdicts: list[dict], looked_up: dict, backlog: _Backlog, as_of: datetime | None) -> dict:
+def _review(g: _Groups, verdicts: list[dict], looked_up: list[dict | None], backlog: _Backlog,
+            as_of: datetime | None) -> dict:
     """``as_of``: the end of the period (``until``, else the last decision), so the
     backlog's age is reproducible; the console's gauge has the age as of now."""
     n, routed, audit = g.total(), g.total("routed"), g.total("audit")
     counts = Counter(v.get("verdict") for v in verdicts)
     overrides, eligible, minutes, late = [], 0, [], 0
     by_reason: dict[str, dict] = defaultdict(lambda: {"minutes": [], "eligible": 0, "overrides": 0, "verdicts": 0})
-    for v in verdicts:
-        dec = looked_up.get(v.get("id"))
+    for v, dec in zip(verdicts, looked_up, strict=True):
         reasons = (dec or {}).get("reasons") or [NO_REASON]
         decision = v.get("decision") or (dec or {}).get("decision")
         overridden = (decision, v.get("verdict")) in CONTRADICTS
@@ -732,7 +742,9 @@ def _review(g: _Groups, verdicts: list[dict], looked_up: dict, backlog: _Backlog
         deadline = (dec or {}).get("deadline")
         if t_v and deadline is not None and t_v.timestamp() > deadline:
             late += 1
-    reviewed_routed = sum(1 for i in {v.get("id") for v in verdicts} if (looked_up.get(i) or {}).get("routed"))
+    # decisions (one per verdict now; an older unscoped verdict counts once per id) routed and reviewed
+    reviewed_routed = len({(v.get("id"), decision_scope("verdict", v))
+                           for v, dec in zip(verdicts, looked_up, strict=True) if (dec or {}).get("routed")})
     return {
         "routed": routed, "routed_rate": _rate(routed, n),
         "by_priority": {p: c for p, c in g.count("priority_label", where=lambda r: r["routed"])},

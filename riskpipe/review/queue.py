@@ -1,9 +1,13 @@
 """The review queue and verdicts, both kept in the ledger.
 
 A full decision record (docs/records.md) is in the queue when the policy routed it to
-review or drew it as an audit sample, and no ``verdict`` entry exists for its id.
-Verdicts are ledger entries of kind ``verdict`` whose entry id is the event id, so the
-ledger itself refuses a second verdict for the same event.
+review or drew it as an audit sample, and no verdict on it exists. Verdicts are ledger
+entries of kind ``verdict`` whose entry id is the event id and whose record names the
+decision's model and policy, so their scope (``riskpipe.ledger.chain.decision_scope``)
+is the decision's: the ledger itself refuses a second verdict on the same decision, and
+when several stages (models, policies) decided one event, a verdict on one stage's
+decision leaves the others waiting. A verdict written before verdicts named their
+decision has an empty scope and covers every decision of its id.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from riskpipe.ledger import Ledger, LedgerError, parse_ts
+from riskpipe.ledger.chain import decision_scope
 from riskpipe.timestamps import from_epoch, rfc3339_millis, utc_now
 
 VERDICTS = {
@@ -126,8 +131,12 @@ class QueueFilter:
 # in queue order -- facts_queue for the whole queue, facts_queue_group group by group when a
 # filter or a scope narrows it -- and counts come from the hourly counts (fact_counts), less
 # the items with a verdict (read from the verdicts' side).
+# A verdict covers the decision whose scope it carries, or (an older, unscoped one) every
+# decision of its id; the decision's scope is read from its own row (f.seq), only for the
+# ids that have a verdict.
+_COVERS = "v.scope IN ('', (SELECT d.scope FROM entries d WHERE d.seq = f.seq))"
 _WAITING = ("f.needs_review = 1 AND f.review_ok = 1 AND NOT EXISTS "
-            "(SELECT 1 FROM entries v WHERE v.kind = 'verdict' AND v.entry_id = f.entry_id)")
+            f"(SELECT 1 FROM entries v WHERE v.kind = 'verdict' AND v.entry_id = f.entry_id AND {_COVERS})")
 _ORDER = "ORDER BY f.priority, f.due, f.seq"
 _AFTER = "(f.priority, f.due, f.seq) > (?, ?, ?)"
 _GROUP_COLUMNS = ("gid", "model", "policy", "policy_version", "policy_sha", "reasons")
@@ -213,8 +222,8 @@ def backlog(ledger: Ledger, scope=None, where: QueueFilter = QueueFilter()) -> i
             return 0
         total = q(f"SELECT COALESCE(SUM(n), 0) FROM fact_counts WHERE gid IN ({_marks(gids)})", gids)[0][0]
         # from the verdicts (few) to their decisions: CROSS JOIN fixes that order in SQLite
-        done = q(f"SELECT COUNT(*) FROM entries v CROSS JOIN facts f WHERE v.kind = 'verdict' "
-                 f"AND f.entry_id = v.entry_id AND f.gid IN ({_marks(gids)})", gids)[0][0]
+        done = q(f"SELECT COUNT(DISTINCT f.seq) FROM entries v CROSS JOIN facts f WHERE v.kind = 'verdict' "
+                 f"AND f.entry_id = v.entry_id AND {_COVERS} AND f.gid IN ({_marks(gids)})", gids)[0][0]
     return int(total) - done
 
 
@@ -264,8 +273,9 @@ def make_verdict(decision: dict, verdict: str, note: str, reviewer: str, when: d
         raise ReviewError(f"note: at most {MAX_NOTE} characters, got {len(note)}")
     if not reviewer:
         raise ReviewError("reviewer: missing")
-    raw = decision.get("policy")
+    raw, raw_model = decision.get("policy"), decision.get("model")
     policy = raw if isinstance(raw, dict) else {}
+    model = raw_model if isinstance(raw_model, dict) else {"name": raw_model}
     return {
         "id": decision["id"],
         "verdict": verdict,
@@ -275,19 +285,59 @@ def make_verdict(decision: dict, verdict: str, note: str, reviewer: str, when: d
         "decision_ts": decision.get("ts"),
         "decision": decision.get("decision"),
         "policy_version": policy.get("version"),
+        # which decision of the event this verdict is on (its ledger scope: decision_scope)
+        "model": {"name": model.get("name"), "sha256": model.get("sha256")},
+        "policy": {"name": policy.get("name"), "version": policy.get("version"), "sha256": policy.get("sha256")},
     }
 
 
-def record_verdict(ledger: Ledger, event_id: str, verdict: str, note: str, reviewer: str,
-                   when: datetime | None = None) -> dict:
-    """Append the verdict to the ledger; AlreadyReviewed when the event has one."""
-    decision = ledger.get(event_id, kind="decision")
-    if decision is None:
-        raise ReviewError(f"{event_id}: no decision record with this id in the ledger")
-    record = make_verdict(decision, verdict, note, reviewer, when or utc_now())
-    if not ledger.append(record, kind="verdict", entry_id=event_id):
-        raise AlreadyReviewed(event_id, ledger.get(event_id, kind="verdict") or {})
+def decision_of(ledger: Ledger, event_id: str, scope=None) -> dict:
+    """The decision record of ``event_id`` a verdict is given on: with a stage ``scope``
+    (riskpipe.review.scope.StageScope) that stage's (the latest, should its model file have
+    changed); without one the event's only decision. ReviewError when there is none, or
+    when several stages decided the event and no scope says whose: a verdict is never
+    given on a decision nobody chose."""
+    decisions = ledger.get_all(event_id, kind="decision")
+    if scope is not None:
+        decisions = [d for d in decisions if scope.refuses(d) is None]
+    if not decisions:
+        raise ReviewError(f"{event_id}: no decision record with this id in the ledger"
+                          + (" for this stage" if scope is not None else ""))
+    scopes = {decision_scope("decision", d) for d in decisions}
+    if scope is None and len(scopes) > 1:
+        which = "; ".join(f"model {_name(d.get('model'))} under policy {_name(d.get('policy'))} "
+                          f"v{(d.get('policy') or {}).get('version')}" for d in decisions[:5])
+        raise ReviewError(f"{event_id}: decided by {len(scopes)} stages ({which}); review it in the "
+                          "console of its stage (riskpipe review --config), which picks that stage's decision")
+    return decisions[-1]
+
+
+def _name(obj: Any) -> Any:
+    return obj.get("name") if isinstance(obj, dict) else obj
+
+
+def review_of(ledger: Ledger, decision: dict, kind: str = "verdict") -> dict | None:
+    """The ``verdict`` (or ``first_review``) on ``decision``: one naming that decision, or an
+    older one that names none (it covers every decision of its id); None when there is none."""
+    mine = decision_scope("decision", decision)
+    found = [r for r in ledger.get_all(str(decision.get("id")), kind=kind) if decision_scope(kind, r) in ("", mine)]
+    return found[-1] if found else None
+
+
+def _append_final(ledger: Ledger, record: dict, decision: dict) -> dict:
+    """Append a final verdict on ``decision``; AlreadyReviewed when it has one."""
+    existing = review_of(ledger, decision)
+    if existing is not None or not ledger.append(record, kind="verdict", entry_id=record["id"]):
+        raise AlreadyReviewed(record["id"], existing or review_of(ledger, decision) or {})
     return record
+
+
+def record_verdict(ledger: Ledger, event_id: str, verdict: str, note: str, reviewer: str,
+                   when: datetime | None = None, scope=None) -> dict:
+    """Append the verdict on the event's decision (``decision_of``, in ``scope``) to the
+    ledger; AlreadyReviewed when that decision has one."""
+    decision = decision_of(ledger, event_id, scope)
+    return _append_final(ledger, make_verdict(decision, verdict, note, reviewer, when or utc_now()), decision)
 
 
 # a verdict overrides a decision when it contradicts it; "review" decisions hand the call to the reviewer
@@ -314,21 +364,22 @@ def two_reviews(decision: dict, verdict: str, second_reviewer_for: tuple[str, ..
 
 def record_review(ledger: Ledger, event_id: str, verdict: str, note: str, reviewer: str,
                   second_reviewer_for: tuple[str, ...] = (), double_review_fraction: float = 0.0,
-                  when: datetime | None = None) -> tuple[dict, bool]:
-    """``(record, final)``. When a first review of the event is in the ledger, this is the
-    second: another reviewer's verdict, final, carrying ``first_reviewer``, ``first_verdict``
-    and ``double_review`` (why there were two). Otherwise a verdict that needs two reviews
+                  when: datetime | None = None, scope=None) -> tuple[dict, bool]:
+    """``(record, final)`` for the event's decision (``decision_of``, in ``scope``). When a
+    first review of that decision is in the ledger, this is the second: another
+    reviewer's verdict, final, carrying ``first_reviewer``, ``first_verdict`` and
+    ``double_review`` (why there were two). Otherwise a verdict that needs two reviews
     (:func:`two_reviews`) is recorded as a ``first_review`` entry, not final; any other is
     final at once."""
-    decision = ledger.get(event_id, kind="decision")
-    if decision is None:
-        raise ReviewError(f"{event_id}: no decision record with this id in the ledger")
+    decision = decision_of(ledger, event_id, scope)
     record = make_verdict(decision, verdict, note, reviewer, when or utc_now())
-    first = ledger.get(event_id, kind=FIRST_REVIEW)
+    first = review_of(ledger, decision, FIRST_REVIEW)
     if first is None:
         why = two_reviews(decision, verdict, second_reviewer_for, double_review_fraction)
         if why is None:
-            return record_verdict(ledger, event_id, verdict, note, reviewer, when), True
+            return _append_final(ledger, record, decision), True
+        if review_of(ledger, decision) is not None:
+            raise AlreadyReviewed(event_id, review_of(ledger, decision) or {})
         if not ledger.append({**record, "double_review": why}, kind=FIRST_REVIEW, entry_id=event_id):
             raise ReviewError(f"{event_id}: another reviewer has just given the first review; "
                               "a second reviewer gives the verdict")
@@ -340,9 +391,7 @@ def record_review(ledger: Ledger, event_id: str, verdict: str, note: str, review
                           f"{reviewer} gave the first review at {first.get('ts')}")
     final = {**record, "first_reviewer": first.get("reviewer"), "first_verdict": first.get("verdict"),
              "first_review_ts": first.get("ts"), "double_review": first.get("double_review")}
-    if not ledger.append(final, kind="verdict", entry_id=event_id):
-        raise AlreadyReviewed(event_id, ledger.get(event_id, kind="verdict") or {})
-    return final, True
+    return _append_final(ledger, final, decision), True
 
 
 def seconds_to_review(verdict: dict) -> float | None:

@@ -83,7 +83,7 @@ def verdict(event_id: str) -> ResponseReturnValue:
     try:
         record, final = rq.record_review(request_ledger(), event_id, form.verdict.data, form.note.data or "",
                                          g.reviewer, settings.require_second_reviewer_for,
-                                         settings.double_review_fraction)
+                                         settings.double_review_fraction, scope=settings.scope)
     except rq.AlreadyReviewed as e:
         return _render_item(event_id, form, status=409, error=str(e))
     except rq.ReviewError as e:
@@ -126,16 +126,20 @@ def _after_verdict(record: dict[str, Any], decision: dict[str, Any]) -> None:
 
 
 def _own_decision(event_id: str) -> dict[str, Any]:
-    """The decision record ``event_id`` of this console's stage, else 404 (another
-    stage's record is not shown, and takes no verdict here)."""
-    decision = request_ledger().get(event_id, kind="decision")
-    if decision is None:
+    """The decision record ``event_id`` of this console's stage (``queue.decision_of``), else
+    404 (another stage's record is not shown, and takes no verdict here), or 409 when
+    several stages decided the event and this console names no stage."""
+    ledger, scope = request_ledger(), console().settings.scope
+    decisions = ledger.get_all(event_id, kind="decision")
+    if not decisions:
         abort(404, description=f"No decision record {event_id!r} in the ledger.")
-    scope = console().settings.scope
-    why = scope.refuses(decision) if scope is not None else None
-    if why is not None:
-        abort(404, description=f"{event_id!r} is not a record of this console's stage: {why}.")
-    return decision
+    try:
+        return rq.decision_of(ledger, event_id, scope)
+    except rq.ReviewError as e:
+        if scope is None:
+            abort(409, description=str(e))
+        abort(404, description=f"{event_id!r} is not a record of this console's stage: "
+                               f"{scope.refuses(decisions[-1])}.")
 
 
 def _render_item(event_id: str, form: VerdictForm, status: int = 200, error: str | None = None) -> ResponseReturnValue:
@@ -152,8 +156,8 @@ def _render_item(event_id: str, form: VerdictForm, status: int = 200, error: str
         "item.html", rec=decision, item=rq.QueueItem(decision, 0) if problem is None else None,
         problem=problem, form=form, error=error, view=record_view(decision, info, ledger.get_input),
         labels=info.labels, class_name=class_name,
-        verdict=ledger.get(event_id, kind="verdict"), routed=rq.needs_review(decision),
-        first_review=ledger.get(event_id, kind=rq.FIRST_REVIEW),
+        verdict=rq.review_of(ledger, decision), routed=rq.needs_review(decision),
+        first_review=rq.review_of(ledger, decision, rq.FIRST_REVIEW),
         nist=nist, other_controls=other, now=utc_now(),
     ), status
 
