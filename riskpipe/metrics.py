@@ -270,6 +270,10 @@ class StageMetrics:
         self.lag = Gauge(f"{PREFIX}_consumer_lag_messages",
                          "Messages behind the partition's end offset.",
                          ["topic", "partition"], registry=r, multiprocess_mode="livemax")
+        self.input_recreated = Counter(
+            f"{PREFIX}_input_partition_recreated_total",
+            "Input partitions found re-created (a new topic id: the broker lost its data, or the topic was deleted "
+            "and made again) and read again from their start.", ["topic", "partition"], registry=r)
 
     def _identity_metrics(self, r: CollectorRegistry) -> None:
         """What runs: the policy in force for each model, and the riskpipe build."""
@@ -425,6 +429,9 @@ class StageMetrics:
 
     def reconnect(self) -> None:
         self.reconnects.inc()
+
+    def partition_recreated(self, topic: str, partition: int) -> None:
+        self.input_recreated.labels(_label(topic, limit=249), str(int(partition))).inc()
 
     def infrastructure_retry(self, component: str) -> None:
         """One failed attempt while ``component`` is unavailable; the outage gauge goes to 1."""

@@ -176,6 +176,86 @@ def test_broker_restart_recovers_and_decides_new_events(tmp_path, pipeline):
         assert {e["id"] for e in after} <= ids
 
 
+def test_a_partition_the_broker_lost_is_read_again_from_its_start(tmp_path, pipeline):
+    """The stage over a broker restart that loses its data, with fewer events after it
+    than the stage had read before (the new log stays below the member's old offset):
+    the stage notices the input topic's new id, counts it (stats and
+    riskpipe_input_partition_recreated_total) and decides every new event once. (Here its
+    producer also fails on the restarted broker and the stage re-opens its clients, which
+    reads from the start too; the source test below shows the re-read on its own, where
+    nothing else would have rescued the partition.)"""
+    from riskpipe.ledger import Ledger
+    from riskpipe.metrics import StageMetrics
+
+    with EmbeddedBroker() as b:
+        b.create_topics()
+        ledger_path = tmp_path / "l.sqlite"
+        cfg = config_for(b, ledger_path, create_topics=True, metadata_max_age_ms=1000)
+        metrics = StageMetrics()
+        with Ledger(str(ledger_path)) as led, StageThread(cfg, pipeline, led, metrics=metrics) as stage:
+            produce(b.bootstrap, valid_events("before", 30))
+            assert wait_for(lambda: stage.stats.decided >= 30, 60)
+            b.restart()  # memory storage: the input log starts again at offset 0
+            b.create_topics()
+            after = valid_events("after", 6, offset=30)
+            assert wait_for(lambda: _produce_ok(b.bootstrap, after), 30)
+            assert wait_for(lambda: stage.stats.decided >= 36, 120), stage.stats
+            assert stage.stats.recreated >= 1
+            counted = metrics.registry.get_sample_value("riskpipe_input_partition_recreated_total",
+                                                        {"topic": cfg.topics.input, "partition": "0"})
+            assert counted is not None and counted >= 1
+        ids = ledger_ids(str(ledger_path))
+        assert {e["id"] for e in after} <= set(ids) and len(ids) == len(set(ids)) == 36
+
+
+def test_the_source_reads_a_re_created_partition_from_its_start(tmp_path):
+    """The mechanism alone, on the Kafka source: it read 40 messages of partition 0 and
+    committed; the broker restarts with its data gone and the topic is made again before
+    anything is produced (here by the consumer's own metadata request: Tansu creates a
+    missing topic with 4 partitions). kafka-python keeps partition 0's position 40, and
+    Tansu answers a fetch there with no records and no error, so without the re-read
+    the messages below 40 of the new partition 0 never arrive."""
+    from kafka import KafkaProducer
+
+    from riskpipe.app.config import load_config
+    from riskpipe.stream.io import KafkaSource
+
+    with EmbeddedBroker() as b:
+        b.create_topics(["inferences"])
+        cfg = load_config(None, bootstrap_servers=b.bootstrap, session_timeout_ms=2000, heartbeat_interval_ms=600,
+                          metadata_max_age_ms=1000)
+        p = KafkaProducer(bootstrap_servers=b.bootstrap)
+        for i in range(40):
+            p.send("inferences", key=b"k", value=b"old-%d" % i)
+        p.flush()
+        p.close()
+        src = KafkaSource(cfg)
+        try:
+            got: list = []
+            deadline = time.monotonic() + 60
+            while len(got) < 40 and time.monotonic() < deadline:  # polled back to back, as the stage does
+                got += src.poll(100, 200)
+            assert len(got) == 40
+            src.commit(got)
+            b.restart()  # no topics now; the consumer's next metadata request makes the input topic again
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # the member rejoins, with the partition's old position
+                assert src.poll(100, 200) == []
+            p = KafkaProducer(bootstrap_servers=b.bootstrap)
+            for i in range(12):  # keys spread over the new partitions, partition 0 among them
+                p.send("inferences", key=b"%d" % i, value=b"new-%d" % i)
+            p.flush()
+            p.close()
+            new: list = []
+            deadline = time.monotonic() + 90
+            while len(new) < 12 and time.monotonic() < deadline:
+                new += [m for m in src.poll(100, 200) if m.value.startswith(b"new-")]
+            assert sorted(m.value for m in new) == sorted(b"new-%d" % i for i in range(12))
+            assert ("inferences", 0) in src.recreated()
+        finally:
+            src.close()
+
+
 def _produce_ok(bootstrap, events) -> bool:
     try:
         produce(bootstrap, events)

@@ -30,6 +30,15 @@ BOOTSTRAP_TIMEOUT_MS = 5_000
 
 
 # ---------------------------------------------------------------- Kafka -------------
+def _topic_id(consumer, topic: str):
+    """The topic's id (KIP-516) in the consumer's cluster metadata, or None (unknown, or a
+    broker that gives none). kafka-python keeps it on its client's cluster object, which
+    ``KafkaConsumer`` has no public accessor for."""
+    cluster = getattr(getattr(consumer, "_client", None), "cluster", None)
+    getter = getattr(cluster, "topic_id", None)
+    return getter(topic) if getter is not None else None
+
+
 class KafkaSource(SourceBase):
     """A consumer-group member on the input topic; manual commits only.
 
@@ -39,6 +48,8 @@ class KafkaSource(SourceBase):
     def __init__(self, config, on_revoke=None, held: bool = False):
         self.config = config
         self.revoked: set = set()
+        self._topic_ids: dict = {}  # TopicPartition -> the topic id its position was read under
+        self._recreated: list[tuple[str, int]] = []
         self.on_revoke = on_revoke
         self.held = held
         source = self
@@ -79,6 +90,40 @@ class KafkaSource(SourceBase):
         for _tp, recs in batch.items():
             for r in recs:
                 out.append(Message(r.value, r.topic, r.partition, r.offset, r.key, list(r.headers or []), r.timestamp))
+        self._realign()
+        return out
+
+    def _realign(self) -> None:
+        """Read a re-created partition from its start.
+
+        A topic deleted and made again, or a broker that lost its data (the embedded
+        broker's memory storage), starts the partition's offsets again at 0 under a new
+        topic id (KIP-516). A real Kafka broker answers a fetch beyond the new end with
+        OFFSET_OUT_OF_RANGE and the consumer resets to the start (``auto_offset_reset``);
+        Tansu answers with no records and no error, and kafka-python keeps the old
+        position across the group rejoin, so the member waited until the new log grew past
+        its old offset and then skipped everything below it: decisions lost. So each
+        assigned partition's topic id is kept from when its position was first read; a
+        new one means the position belongs to a log that no longer exists, and the
+        partition is read from its start. What this member read of the new log already
+        is read again and skipped by its event id (the ledger's idempotent append); a
+        leader change keeps the topic id, so it never rewinds. Brokers without topic ids
+        (metadata before v10) are left to their own out-of-range answer."""
+        for tp in self.consumer.assignment():
+            now = _topic_id(self.consumer, tp.topic)
+            if now is None:
+                continue
+            before = self._topic_ids.setdefault(tp, now)
+            if before != now:
+                self._topic_ids[tp] = now
+                self.consumer.seek_to_beginning(tp)
+                self._recreated.append((tp.topic, tp.partition))
+                log.warning("%s-%d was re-created (topic id %s, before %s: the broker lost its data or the topic was "
+                            "made again); reading it again from its start, decided events are skipped by id",
+                            tp.topic, tp.partition, now, before)
+
+    def recreated(self) -> list[tuple[str, int]]:
+        out, self._recreated = self._recreated, []
         return out
 
     def commit(self, messages: list[Message]) -> None:

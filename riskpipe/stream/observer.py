@@ -35,6 +35,7 @@ class Stats:
     broker_errors: int = 0
     infrastructure_retries: dict = field(default_factory=lambda: defaultdict(int))  # by component
     reconnects: int = 0
+    recreated: int = 0  # input partitions found re-created and read again from their start
     started: float = field(default_factory=time.monotonic)
     busy_s: float = 0.0
     lag: int | None = None  # messages behind the input partitions' ends (Kafka sources), last seen
@@ -81,6 +82,13 @@ class Observer:
         the previous one (a run shorter than one interval still gets its line)."""
         if self.progress is not None and self.progress.pending(self.stats):
             self.progress.report(self.stats)
+
+    def recreated(self, partitions: list[tuple[str, int]]) -> None:
+        """Input partitions the source found re-created and reads again from their start."""
+        self.stats.recreated += len(partitions)
+        if self.metrics:
+            for topic, partition in partitions:
+                self.metrics.partition_recreated(topic, partition)
 
     def revoked(self, partitions) -> None:
         if self.metrics:

@@ -72,6 +72,12 @@ class Source(Protocol):
         """Messages behind the end, per (topic, partition); empty if unknown."""
         ...
 
+    def recreated(self) -> list[tuple[str, int]]:
+        """The (topic, partition)s found re-created since the last call (a broker that lost
+        its data, a topic deleted and made again) and read again from their start, so no
+        message of the new log is skipped; each call returns them once."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -90,6 +96,9 @@ class SourceBase:
 
     def lag(self) -> dict[tuple[str, int], int]:
         return {}
+
+    def recreated(self) -> list[tuple[str, int]]:
+        return []
 
 
 @runtime_checkable

@@ -235,6 +235,8 @@ class Stage:
         source, _ = self._clients()
         got = self.batcher.poll(source, self.stopping.is_set())
         self.observer.polled()
+        if recreated := source.recreated():
+            self.observer.recreated(recreated)
         if self.batcher.ready(source.exhausted, self.stopping.is_set()):
             self._flush()
         elif not self.batcher.buffer or self._in_flight_written():
