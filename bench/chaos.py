@@ -537,6 +537,8 @@ def run_chaos(workdir: Path, seconds: float = 240.0, rate: float = 30.0, seed: i
                      "broker": sum(c["what"] == "broker_restart" for c in chaos)},
         "nan_episodes": sum(c["what"] == "nan_episode" for c in chaos),
         "stage_log_outage_lines": {c: text.count(f"{c} unavailable (") for c in ("ledger", "broker")},
+        # input partitions the stage found re-created after the broker restart and read again from their start
+        "stage_log_partitions_recreated": text.count(" was re-created (topic id "),
         "stage_log_tracebacks": text.count("Traceback"),
         "stage_exit_code": rc,
     })
