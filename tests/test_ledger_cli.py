@@ -123,6 +123,28 @@ def test_replay_matches_and_changed_input_does_not(digits_record, tmp_path):
     assert run("ledger", "replay", "nope", "--ledger", path, "--input", str(tmp_path / "batch.npy")).exit_code == 2
 
 
+def test_replay_of_an_event_two_stages_decided_names_them_and_takes_the_chosen_one(digits_record, tmp_path):
+    """Two policies decided one event (one decision each in the ledger): replay does not
+    pick one silently (it used to take the later); --policy-sha256 chooses, as for receipts."""
+    rec, X = digits_record
+    other = json.loads(json.dumps(rec))
+    other["policy"] = {**other["policy"], "sha256": "e" * 64}
+    other["certificate"]["radius"] += 0.05  # the later decision does not replay: taking it silently fails
+    path = str(tmp_path / "l.db")
+    with Ledger(path) as led:
+        assert led.append(rec) and led.append(other)
+    np.save(tmp_path / "x.npy", X[3][None])
+    r = run("ledger", "replay", rec["id"], "--ledger", path, "--input", str(tmp_path / "x.npy"))
+    assert r.exit_code == 2 and "2 decision entries" in r.output and "choose one with --model and --policy-sha256" \
+        in r.output and "e" * 64 in r.output
+    r = run("ledger", "replay", rec["id"], "--ledger", path, "--input", str(tmp_path / "x.npy"),
+            "--policy-sha256", rec["policy"]["sha256"])
+    assert r.exit_code == 0 and "replay: match" in r.output, r.output
+    r = run("ledger", "replay", rec["id"], "--ledger", path, "--input", str(tmp_path / "x.npy"),
+            "--policy-sha256", "e" * 64)
+    assert r.exit_code == 1 and "MISMATCH" in r.output
+
+
 def test_replay_detects_edited_certificate(digits_record, tmp_path):
     rec, X = digits_record
     forged = json.loads(json.dumps(rec))

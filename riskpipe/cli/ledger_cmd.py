@@ -187,6 +187,8 @@ def ingest(**options):
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
               help="Stage config: rebuild the record's model entry (range, scale, policy) as the stage did; "
                    "needed for certificates in a scaled norm.")
+@click.option("--model", default=None, help="The decision of this model (when several models decided the event).")
+@click.option("--policy-sha256", default=None, help="The decision under this policy (sha256 of the policy file).")
 def replay(**options):
     """Recompute decision ENTRY_ID's certificate with its recorded seed and parameters.
 

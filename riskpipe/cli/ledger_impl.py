@@ -230,19 +230,24 @@ def consistency(old_path, new_path, ledger_path, public_keys, as_json):
                      f"{len(proof)} hashes" + ("" if keys else " (signatures not checked: give --public-key)"))
 
 
+def _one_decision(led, event_id, kind, model, policy_sha256, ledger_path):
+    """The one entry of ``kind`` for ``event_id`` (``find_decisions``), narrowed by --model and
+    --policy-sha256; fails naming them when none or several stages' entries match."""
+    found = find_decisions(led, event_id, kind, model, policy_sha256)
+    if not found:
+        fail(f"ledger {redact(ledger_path)}: no {kind} for {event_id!r}"
+             + (" with the given --model/--policy-sha256" if model or policy_sha256 else ""))
+    if len(found) > 1:
+        which = "; ".join(f"model {(e.record.get('model') or {}).get('name')!r} policy sha256 "
+                          f"{(e.record.get('policy') or {}).get('sha256')}" for e in found[:10])
+        fail(f"{event_id!r}: {len(found)} {kind} entries ({which}): choose one with --model and --policy-sha256")
+    return found[0]
+
+
 def receipt(event_id, ledger_path, out_path, kind, model, policy_sha256, key_path, origin):
     with _open(ledger_path) as led:
         try:
-            found = find_decisions(led, event_id, kind, model, policy_sha256)
-            if not found:
-                fail(f"ledger {ledger_path}: no {kind} for {event_id!r}"
-                     + (" with the given --model/--policy-sha256" if model or policy_sha256 else ""))
-            if len(found) > 1:
-                which = "; ".join(f"model {(e.record.get('model') or {}).get('name')!r} policy sha256 "
-                                  f"{(e.record.get('policy') or {}).get('sha256')}" for e in found[:10])
-                fail(f"{event_id!r}: {len(found)} {kind} entries ({which}): "
-                     "choose one with --model and --policy-sha256")
-            entry = found[0]
+            entry = _one_decision(led, event_id, kind, model, policy_sha256, ledger_path)
             if entry.seq is None:  # written by a writer whose rows await sequencing
                 led.integrate()
                 entry = find_decisions(led, event_id, kind, model, policy_sha256)[0]
@@ -420,11 +425,9 @@ def ingest(bootstrap_servers, config_path, topics, ledger_path, group_id, until_
                f"{stats['count']} rows, head {stats['head']}")
 
 
-def replay(entry_id, ledger_path, input_path, device, as_json, config_path):
+def replay(entry_id, ledger_path, input_path, device, as_json, config_path, model=None, policy_sha256=None):
     with _open(ledger_path) as led:
-        record = led.get(entry_id, kind="decision")
-    if record is None:
-        fail(f"ledger {redact(ledger_path)}: no decision with id {entry_id!r}")
+        record = _one_decision(led, entry_id, "decision", model, policy_sha256, ledger_path).record
     X = read_inputs(input_path)
     try:
         entry = stage_entry(config_path, record, device) if config_path else None
