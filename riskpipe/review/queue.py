@@ -21,6 +21,7 @@ from typing import Any
 
 from riskpipe.ledger import Ledger, LedgerError, parse_ts
 from riskpipe.ledger.chain import decision_scope
+from riskpipe.policy.naming import policy_label
 from riskpipe.timestamps import from_epoch, rfc3339_millis, utc_now
 
 VERDICTS = {
@@ -303,17 +304,18 @@ def decision_of(ledger: Ledger, event_id: str, scope=None) -> dict:
     if not decisions:
         raise ReviewError(f"{event_id}: no decision record with this id in the ledger"
                           + (" for this stage" if scope is not None else ""))
-    scopes = {decision_scope("decision", d) for d in decisions}
-    if scope is None and len(scopes) > 1:
-        which = "; ".join(f"model {_name(d.get('model'))} under policy {_name(d.get('policy'))} "
-                          f"v{(d.get('policy') or {}).get('version')}" for d in decisions[:5])
-        raise ReviewError(f"{event_id}: decided by {len(scopes)} stages ({which}); review it in the "
+    stages = len({decision_scope("decision", d) for d in decisions}) if scope is None else 1
+    if stages > 1:
+        which = "; ".join(f"model {_model_name(d)!r} under policy {policy_label(d.get('policy'))}"
+                          for d in decisions[:5])
+        raise ReviewError(f"{event_id}: decided by {stages} stages ({which}); review it in the "
                           "console of its stage (riskpipe review --config), which picks that stage's decision")
     return decisions[-1]
 
 
-def _name(obj: Any) -> Any:
-    return obj.get("name") if isinstance(obj, dict) else obj
+def _model_name(decision: dict) -> Any:
+    model = decision.get("model")
+    return model.get("name") if isinstance(model, dict) else model
 
 
 def review_of(ledger: Ledger, decision: dict, kind: str = "verdict") -> dict | None:
@@ -378,8 +380,8 @@ def record_review(ledger: Ledger, event_id: str, verdict: str, note: str, review
         why = two_reviews(decision, verdict, second_reviewer_for, double_review_fraction)
         if why is None:
             return _append_final(ledger, record, decision), True
-        if review_of(ledger, decision) is not None:
-            raise AlreadyReviewed(event_id, review_of(ledger, decision) or {})
+        if (existing := review_of(ledger, decision)) is not None:
+            raise AlreadyReviewed(event_id, existing)
         if not ledger.append({**record, "double_review": why}, kind=FIRST_REVIEW, entry_id=event_id):
             raise ReviewError(f"{event_id}: another reviewer has just given the first review; "
                               "a second reviewer gives the verdict")

@@ -130,12 +130,12 @@ def _own_decision(event_id: str) -> dict[str, Any]:
     404 (another stage's record is not shown, and takes no verdict here), or 409 when
     several stages decided the event and this console names no stage."""
     ledger, scope = request_ledger(), console().settings.scope
-    decisions = ledger.get_all(event_id, kind="decision")
-    if not decisions:
-        abort(404, description=f"No decision record {event_id!r} in the ledger.")
     try:
         return rq.decision_of(ledger, event_id, scope)
-    except rq.ReviewError as e:
+    except rq.ReviewError as e:  # only now: which of the three it is
+        decisions = ledger.get_all(event_id, kind="decision")
+        if not decisions:
+            abort(404, description=f"No decision record {event_id!r} in the ledger.")
         if scope is None:
             abort(409, description=str(e))
         abort(404, description=f"{event_id!r} is not a record of this console's stage: "
