@@ -32,6 +32,24 @@ def test_check_output_marks_non_finite_rows_only():
     assert check_output(out[[0, 3]], 2, 2).reason is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_check_output_reads_large_finite_logits_as_good_and_cancelling_infinities_as_bad(dtype):
+    """The check sums the batch first (one op) and goes row by row only when the sum is not
+    finite: finite logits whose sum overflows are still every one good, and +inf beside
+    -inf (whose sum is NaN, not a cancellation) still bad."""
+    big = torch.finfo(dtype).max
+    out = torch.tensor([[big, big], [big, -1.0], [1.0, 2.0]], dtype=dtype)
+    assert not torch.isfinite(out.sum())  # the sum overflows
+    c = check_output(out, 3, 2)
+    assert c.reason is None and not c.bad.any() and c.bad.shape == (3,) and c.bad.dtype == torch.bool
+    assert c.values is out
+    mixed = torch.tensor([[float("inf"), 0.0], [1.0, 2.0], [0.0, float("-inf")]], dtype=dtype)
+    c = check_output(mixed, 3, 2)
+    assert c.bad.tolist() == [True, False, True] and "inf" in c.reason
+    good = check_output(torch.ones(5, 2, dtype=dtype), 5, 2)
+    assert good.reason is None and good.bad.tolist() == [False] * 5
+
+
 @pytest.mark.parametrize("out, why", [
     (torch.zeros(3, 2), "shape (3, 2), expected (4, 2)"),              # too few rows
     (torch.zeros(4, 2, 1), "shape (4, 2, 1)"),                          # an extra axis
