@@ -64,6 +64,24 @@ def test_seeded_certificates_are_reproducible(tmp_path, pipeline):
     assert [r["decision"] for r in a] == [r["decision"] for r in b]
 
 
+def test_outputs_follow_the_configured_topic_names(tmp_path, pipeline):
+    """A config that renames the topics gets its files under those names, a rerun replaces
+    them, and ``read`` finds them by kind (it read ``audit.jsonl`` whatever the topic was)."""
+    topics = {"decisions": "risk-decisions", "review": "risk-review", "audit": "risk-audit", "dlq": "risk-dlq"}
+    config = load_config(None, topics=topics)
+    evs = events(6, "named") + [{"id": "bad", "model": "digits"}]
+    for _ in range(2):
+        res = run_offline(evs, tmp_path / "out", config, pipeline=pipeline)
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert {"risk-audit.jsonl", "risk-decisions.jsonl", "risk-dlq.jsonl"} <= set(files), files
+    assert not any(p in files for p in ("audit.jsonl", "decisions.jsonl", "dlq.jsonl"))
+    assert [r["id"] for r in res.read("audit")] == [e["id"] for e in evs[:6]]  # replaced, not appended
+    assert len(res.read("decisions")) == 6 and len(res.read("dlq")) == 1
+    assert len(res.read("review")) == sum(r["decision"] == "review" for r in res.read("audit"))
+    with pytest.raises(ValueError, match="'checkpoints' is not one of decisions, review, audit, dlq"):
+        res.read("checkpoints")
+
+
 def test_second_run_over_same_ledger_decides_nothing_twice(tmp_path, pipeline):
     from riskpipe.ledger import Ledger
 

@@ -346,9 +346,7 @@ def source_factory(config: StageConfig, source: str | None = None, checkpoint: s
         if early:
             return early.pop().take(on_revoke)
         if config.create_topics:  # after a broker restart (memory storage) topics are gone
-
-            t = config.topics
-            create_topics(config.kafka(), [t.input, t.decisions, t.review, t.audit, t.dlq])
+            create_topics(config.kafka(), config.topics.all)
         return KafkaSource(config, on_revoke=on_revoke)
 
     return make_source

@@ -94,6 +94,9 @@ def default_policy_path() -> str:
     return str(Path(__file__).resolve().parents[1] / "policies" / "default.yaml")
 
 
+OUTPUT_KINDS = ("decisions", "review", "audit", "dlq")  # what the stage writes; Topics names each one's topic
+
+
 class Topics(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input: str = "inferences"
@@ -101,6 +104,22 @@ class Topics(BaseModel):
     review: str = "review"
     audit: str = "audit"
     dlq: str = "dlq"
+
+    @property
+    def outputs(self) -> tuple[str, str, str, str]:
+        """The output topics in ``OUTPUT_KINDS`` order (the offline sink's file names)."""
+        return self.decisions, self.review, self.audit, self.dlq
+
+    def of(self, kind: str) -> str:
+        """The topic of output ``kind`` (one of ``OUTPUT_KINDS``)."""
+        if kind not in OUTPUT_KINDS:
+            raise ValueError(f"output kind: {kind!r} is not one of {', '.join(OUTPUT_KINDS)}")
+        return str(getattr(self, kind))
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        """The input topic and the outputs: what ``create_topics`` makes."""
+        return self.input, *self.outputs
 
 
 class Batch(BaseModel):

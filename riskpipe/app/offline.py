@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from riskpipe.app.compose import build_stage
+from riskpipe.app.config import Topics
 from riskpipe.stream.io import fresh_outputs
 from riskpipe.stream.stage import Stats
 
@@ -22,10 +23,12 @@ from riskpipe.stream.stage import Stats
 class OfflineResult:
     stats: Stats
     sink_dir: Path
+    topics: Topics = field(default_factory=Topics)
 
     def read(self, kind: str) -> list[dict]:
-        """Records written to ``kind`` (decisions, review, audit or dlq)."""
-        p = self.sink_dir / f"{kind}.jsonl"
+        """Records written to ``kind`` (decisions, review, audit or dlq), from the file
+        named after that output's configured topic."""
+        p = self.sink_dir / f"{self.topics.of(kind)}.jsonl"
         if not p.exists():
             return []
         return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -44,9 +47,8 @@ def run_offline(source: str | Iterable[dict], sink_dir: str | Path, config, *, p
             tmp.write(json.dumps(ev) + "\n")
         tmp.close()
         source = tmp.name
-    t = config.topics
     if checkpoint is None:  # resuming keeps earlier outputs; a fresh run replaces them
-        fresh_outputs(sink_dir, [t.decisions, t.review, t.audit, t.dlq])
+        fresh_outputs(sink_dir, config.topics.outputs)
     try:
         stage = build_stage(config, source=f"jsonl:{source}", sink=f"jsonl:{sink_dir}", checkpoint=checkpoint,
                             pipeline=pipeline, ledger=ledger, metrics=metrics, on_batch=on_batch)
@@ -54,4 +56,4 @@ def run_offline(source: str | Iterable[dict], sink_dir: str | Path, config, *, p
     finally:
         if tmp is not None:
             Path(tmp.name).unlink(missing_ok=True)
-    return OfflineResult(stats, sink_dir)
+    return OfflineResult(stats, sink_dir, config.topics)

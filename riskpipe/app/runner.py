@@ -37,9 +37,7 @@ def run_stage(config, source: str | None = None, sink: str | None = None, metric
     the composition root (riskpipe.app.compose) from ``config``."""
 
     if sink and sink.startswith("jsonl:"):  # a fresh run replaces earlier output files
-
-        t = config.topics
-        fresh_outputs(sink[len("jsonl:"):], [t.decisions, t.review, t.audit, t.dlq])
+        fresh_outputs(sink[len("jsonl:"):], config.topics.outputs)
     joined = join_early(config) if source is None and pipeline is None else None
     ledger = None
     try:
@@ -65,8 +63,7 @@ def join_early(config) -> EarlyJoin | None:
     itself and rides out the outage as it does at any time."""
     try:
         if config.create_topics:  # as riskpipe.app.compose.source_factory: topics first
-            t = config.topics
-            create_topics(config.kafka(), [t.input, t.decisions, t.review, t.audit, t.dlq])
+            create_topics(config.kafka(), config.topics.all)
         return EarlyJoin(config)
     except Exception as e:  # noqa: BLE001 - joining early is only a head start; the stage handles the broker
         log.info("could not join group %s before building the pipeline: %s", config.group_id, e)

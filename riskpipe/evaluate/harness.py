@@ -256,8 +256,6 @@ def evaluate_policy(settings: Settings, policy_path: str, X: np.ndarray, y: np.n
     if progress:
         progress(f"{policy.name}: {len(events)} events through the stage")
     sink = workdir / f"stage-{policy.name}"
-    for topic in ("decisions", "review", "audit", "dlq"):  # the JSON-lines sink appends; start afresh
-        (sink / f"{topic}.jsonl").unlink(missing_ok=True)
     result = run_offline(events, sink, config, pipeline=pipeline)
     audit = {r["id"]: r for r in result.read("audit")}
     public = {r["id"]: r for r in result.read("decisions")}
