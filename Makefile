@@ -7,7 +7,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 SYSSTAMP := $(VENV)/.system-packages
-APT_PACKAGES := prometheus chromium chromium-driver postgresql
+APT_PACKAGES := prometheus chromium chromium-driver postgresql libpango-1.0-0 libpangoft2-1.0-0 fonts-dejavu-core
 
 .PHONY: setup system-packages demo lint test bench chaos clean
 
@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Debian tools the tests drive for real: promtool + prometheus, headless chromium, PostgreSQL 15 (ledger backend).
+# Debian tools the tests drive for real: promtool + prometheus, headless chromium, PostgreSQL 15 (ledger backend),
+# Pango and a font for WeasyPrint (the PDF report).
 $(SYSSTAMP):
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

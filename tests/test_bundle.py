@@ -14,8 +14,10 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from pdfkit import check_pdf
 from riskpipe.cli import cli
 from riskpipe.ledger import Ledger
+from riskpipe.report import pdf_available
 from test_report_statistics import stage_ledger  # noqa: F401 - the shared module fixture
 
 
@@ -64,6 +66,11 @@ def test_bundle_contents_and_offline_verification(bundle):
         receipts = [json.loads(z.read(n)) for n in sorted(names) if n.startswith("receipts/")]
         verify_txt = z.read("verify.txt").decode()
         html = z.read("report.html").decode()
+        pdf = z.read("report.pdf") if "report.pdf" in names else None
+    assert ("report.pdf" in names) == pdf_available()  # where WeasyPrint works (test_report_pdf says so)
+    if pdf is not None:  # the stage's ledger of two non-demo models, every column on the page
+        text = " ".join(check_pdf(pdf).split())
+        assert "wine" in text and "faulty" in text and "Ledger integrity: intact" in text
     assert {"report.html", "report.json", "checkpoint.txt", "verify.txt", "models.json", "policies.json",
             "MANIFEST.json", "MANIFEST.sig"} <= names
     assert set(manifest["files"]) == names - {"MANIFEST.json", "MANIFEST.sig"}

@@ -12,7 +12,7 @@ from riskpipe.cli.common import public_key_option
 @click.option("--since", default=None, help="RFC 3339 time, inclusive (default: start of ledger).")
 @click.option("--until", default=None, help="RFC 3339 time, exclusive (default: now).")
 @click.option("--format", "fmt", type=click.Choice(["html", "md", "json", "pdf"]), default="html", show_default=True,
-              help="pdf only when WeasyPrint is installed.")
+              help="pdf needs WeasyPrint (the pdf extra).")
 @click.option("--out", "out_path", default=None, help="Output file (default: report.<format> next to the ledger).")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
               help="Stage config: its models: entries name classes (labels) and features in the input examples.")

@@ -6,8 +6,8 @@ numbers, ``plots`` the figures, ``templates/`` the layouts.
 
 from __future__ import annotations
 
-import importlib.util
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,23 @@ class ReportError(ValueError):
     """A report that cannot be written (names the option and the reason)."""
 
 
+@lru_cache(maxsize=1)
+def pdf_unavailable() -> str | None:
+    """None where PDF output works, else why not. PDF needs WeasyPrint (the ``pdf`` extra;
+    riskpipe does not depend on it) and the system libraries it loads on import (Pango):
+    a WeasyPrint without them fails its import with OSError, which is reported, not raised."""
+    try:
+        import weasyprint  # noqa: F401 - optional (PDF output)
+    except ImportError:
+        return "WeasyPrint is not installed (pip install 'riskpipe[pdf]')"
+    except OSError as e:
+        return (f"WeasyPrint cannot load its system libraries ({' '.join(str(e).split())[:200]}); install Pango "
+                "(Debian: libpango-1.0-0 libpangoft2-1.0-0)")
+    return None
+
+
 def pdf_available() -> bool:
-    """PDF needs WeasyPrint, which riskpipe does not depend on."""
-    return importlib.util.find_spec("weasyprint") is not None
+    return pdf_unavailable() is None
 
 
 def render(data: dict, fmt: str, models: dict | None = None) -> str:
@@ -64,8 +78,8 @@ def write_report(ledger_path: str | Path, out_path: str | Path, fmt: str = "html
 
     if fmt not in FORMATS:
         raise ReportError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
-    if fmt == "pdf" and not pdf_available():
-        raise ReportError("format: pdf needs WeasyPrint (pip install weasyprint); use html, md or json")
+    if fmt == "pdf" and (why := pdf_unavailable()) is not None:
+        raise ReportError(f"format: pdf is not available here: {why}; use html, md or json")
     try:
         data = gather(str(ledger_path), since=since, until=until, verify=verify)
     except LedgerError as e:
