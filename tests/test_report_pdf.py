@@ -59,9 +59,9 @@ def test_pdf_of_an_empty_ledger(tmp_path):
 def test_no_pdf_without_weasyprint_or_its_libraries_says_why(monkeypatch, tmp_path, ledger):
     """WeasyPrint absent, or present without Pango (its import raises OSError): a one-line
     reason, exit 2, no traceback; the check itself tells the two apart."""
-    import builtins
+    import importlib
 
-    real_import, check = builtins.__import__, report_pkg.pdf_unavailable.__wrapped__
+    real_import, check = importlib.import_module, report_pkg.pdf_unavailable.__wrapped__
     for exc, why in ((ImportError("No module named 'weasyprint'"), "WeasyPrint is not installed"),
                      (OSError("cannot load library 'libpango-1.0-0': not found"), "cannot load its system libraries")):
         def fake(name, *a, exc=exc, **kw):
@@ -69,9 +69,9 @@ def test_no_pdf_without_weasyprint_or_its_libraries_says_why(monkeypatch, tmp_pa
                 raise exc
             return real_import(name, *a, **kw)
 
-        monkeypatch.setattr(builtins, "__import__", fake)
+        monkeypatch.setattr(importlib, "import_module", fake)
         reason = check()
-        monkeypatch.setattr(builtins, "__import__", real_import)
+        monkeypatch.setattr(importlib, "import_module", real_import)
         assert reason is not None and why in reason
         monkeypatch.setattr(report_pkg, "pdf_unavailable", lambda reason=reason: reason)
         r = CliRunner().invoke(cli, ["report", "--ledger", str(ledger[0]), "--format", "pdf", "--out",

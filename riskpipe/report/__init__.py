@@ -6,6 +6,7 @@ numbers, ``plots`` the figures, ``templates/`` the layouts.
 
 from __future__ import annotations
 
+import importlib
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -29,7 +30,7 @@ def pdf_unavailable() -> str | None:
     riskpipe does not depend on it) and the system libraries it loads on import (Pango):
     a WeasyPrint without them fails its import with OSError, which is reported, not raised."""
     try:
-        import weasyprint  # noqa: F401 - optional (PDF output)
+        importlib.import_module("weasyprint")  # its import loads Pango: OSError without it
     except ImportError:
         return "WeasyPrint is not installed (pip install 'riskpipe[pdf]')"
     except OSError as e:
