@@ -91,6 +91,9 @@ def malformed_events(x: np.ndarray, max_bytes: int, taken: dict) -> list[tuple[s
                                                 ("ce_type", b"com.example.unknown"), ("ce_specversion", b"1.0")]),
         ("bad_id", None, ev(id="bad\nid"), []),
         ("bad_time", None, ev(time="yesterday at noon"), []),
+        # the tensor twice: readers that keep the first name would see one input, the stage another
+        ("duplicate_key", None, ev(id="bad-dup").replace(b'"datatype"', b'"data": ' + json.dumps(
+            [round(1.0 - v, 4) for v in flat]).encode() + b', "datatype"'), []),
         # Open Inference Protocol binary form: a header length that is not a number, and
         # four stray bytes after the tensor the sizes account for
         ("bad_binary_header", None, binary, [("Inference-Header-Content-Length", b"0x" + head_length)]),

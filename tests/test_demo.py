@@ -28,7 +28,7 @@ def test_demo_streams_decides_reports_and_summarises(tmp_path):
                         "--attacked", "8"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
-    assert re.search(r"events produced\s+65\s+\(40 clean digits, 8 PGD-attacked, 17 malformed\)", out)
+    assert re.search(r"events produced\s+66\s+\(40 clean digits, 8 PGD-attacked, 18 malformed\)", out)
     assert re.search(r"decisions\s+48\s", out)
     assert "review console on http://127.0.0.1:" in out and "(password: " in out
     dead = dict(item.rsplit(" ", 1) for item in re.search(r"dead letters\s+(.*)", out).group(1).split(", "))
@@ -37,6 +37,6 @@ def test_demo_streams_decides_reports_and_summarises(tmp_path):
     from riskpipe.ledger import Ledger
 
     with Ledger(str(tmp_path / "ledger.sqlite")) as led:
-        assert led.count("decision") == 48 and led.count("dlq") == 17 and led.verify().ok
+        assert led.count("decision") == 48 and led.count("dlq") == 18 and led.verify().ok
     html = (tmp_path / "report.html").read_text()
     assert "<img" in html and "ledger" in html.lower()

@@ -14,7 +14,7 @@ from riskpipe.stream.events import make_event, parse_event
 
 REASONS = {"invalid_json", "not_an_object", "missing_field", "wrong_type", "wrong_dtype", "wrong_shape",
            "non_finite", "out_of_range", "unknown_model", "oversized", "unsupported_cloudevent", "bad_id",
-           "bad_time"}
+           "bad_time", "duplicate_key"}
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +238,96 @@ def test_both_json_readers_agree_on_long_integers():
     assert codec.loads(b'{"a": 12345678901234567890}')["a"] == 12345678901234567890  # 20 digits: exact
     huge, _ = codec.loads_checked(b'{"a": ' + b"9" * 400 + b"}")
     assert isinstance(huge["a"], codec.OversizedInt) and huge["a"].digits == 400
+
+
+# ---- a name given twice ----------------------------------------------------------------------
+def _dup_message(models, raw: bytes, headers=()) -> str:
+    with pytest.raises(EventError) as e:
+        parse_event(raw, list(headers), models)
+    assert e.value.code == "duplicate_key", e.value
+    return str(e.value)
+
+
+def test_a_member_name_given_twice_is_refused_wherever_it_is(models):
+    """Readers differ on a name given twice (Python's keep the last, others the first or
+    refuse), so an event with one could be certified as one tensor and served as another:
+    none is read, however the name is escaped, at any depth, with equal values too."""
+    e = good()
+    data = json.dumps(e["inputs"][0]["data"]).encode()
+    bad = json.dumps([0.0] * 63 + [0.9]).encode()
+    body = json.dumps(e).encode()
+    cases = {
+        "id": body.replace(b'{"id": "e1"', b'{"id": "e1", "id": "e2"'),
+        "id ": body.replace(b'{"id": "e1"', b'{"id": "e1", "\\u0069d": "e2"'),  # "id", escaped
+        "data": body.replace(b'"data": ' + data, b'"data": ' + data + b', "data": ' + bad),
+        "k": _mut(context={"k": 1}).replace(b'{"k": 1}', b'{"k": 1, "k": 1}'),  # the same value: still refused
+        "prediction": body.replace(b'"prediction": 3', b'"prediction": 3,\n  "prediction" :  4'),
+    }
+    for key, raw in cases.items():
+        assert raw != body, key
+        message = _dup_message(models, raw)
+        assert f"{key.strip()!r} appears twice" in message and message.startswith("value:"), message
+    structured = {"specversion": "1.0", "id": "ce-1", "source": "/s", "type": "riskpipe.inference.v1", "data": e}
+    raw = json.dumps(structured).encode().replace(b'"specversion": "1.0"', b'"specversion": "1.0", "id": "ce-0"')
+    assert "'id' appears twice" in _dup_message(models, raw, [("content-type", b"application/cloudevents+json")])
+
+
+def test_text_that_only_looks_like_a_name_is_not_a_duplicate(models):
+    """Quotes, colons and backslashes inside strings (keys and values) are string content,
+    never names: no false alarm."""
+    tricky = {"note": '"id": "x", "data": [1]', "a\\": "b\\", 'q"': ':"', "\\": {"\\\\": "\\"},
+              "list": [{"id": 1}, {"id": 2}, ["id", "id"]], "id:": "id"}
+    ev = parse_event(json.dumps({**good(), "context": tricky}).encode(), [], models)
+    assert ev.context == tricky
+    compact = json.dumps({**good(), "context": tricky}, separators=(",", ":")).encode()
+    assert parse_event(compact, [], models).context == tricky
+
+
+def test_a_header_the_stage_reads_given_twice_is_refused(models):
+    body = json.dumps({k: v for k, v in good().items() if k != "id"}).encode()
+    ce = [("ce_id", b"ce-9"), ("ce_source", b"/x"), ("ce_type", b"riskpipe.inference.v1"), ("ce_specversion", b"1.0")]
+    assert parse_event(body, ce + [("x-app", b"1"), ("x-app", b"2")], models).id == "ce-9"  # not read: no matter
+    for extra in (("ce_id", b"ce-8"), ("CE_ID", b"ce-9"), ("ce_type", b"riskpipe.inference.v1")):
+        message = _dup_message(models, body, ce + [extra])
+        assert message.startswith("headers:") and repr(extra[0].lower()) in message, message
+    plain = json.dumps(good()).encode()
+    assert "'content-type'" in _dup_message(models, plain, [("content-type", b"application/json")] * 2)
+
+
+json_text_pairs = st.recursive(
+    st.none() | st.integers(-5, 5) | st.text(alphabet='ab"\\:{}[], \u00e9', max_size=4),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.lists(st.tuples(st.text(alphabet='ab"\\: ', max_size=2), inner), max_size=4).map(lambda p: ("obj", p)),
+    max_leaves=10,
+)
+
+
+def _write(v, escape: bool) -> str:
+    """JSON text of ``v``, where ("obj", [(name, value), ...]) is an object written with every
+    pair (names may repeat) and names are written ASCII-escaped (``\u00e9``) when ``escape``."""
+    if isinstance(v, tuple):
+        return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=escape)} :{_write(x, escape)}" for k, x in v[1]) + "}"
+    if isinstance(v, list):
+        return "[" + ",".join(_write(x, escape) for x in v) + "]"
+    return json.dumps(v, ensure_ascii=escape)
+
+
+def _has_duplicate(v) -> bool:
+    if isinstance(v, tuple):
+        names = [k for k, _ in v[1]]
+        return len(names) != len(set(names)) or any(_has_duplicate(x) for _, x in v[1])
+    return isinstance(v, list) and any(_has_duplicate(x) for x in v)
+
+
+@settings(max_examples=3000, deadline=None, derandomize=True, database=None, phases=[Phase.generate])
+@given(json_text_pairs, st.booleans())
+def test_duplicate_key_is_exact(value, escape):
+    """codec.duplicate_key against the written pairs: a name repeated in some object (as
+    written, before any reader dropped one) is found, and nothing else is."""
+    import orjson
+
+    from riskpipe.stream import codec
+
+    text = _write(value, escape).encode()
+    found = codec.duplicate_key(text, orjson.loads(text))
+    assert (found is not None) == _has_duplicate(value), (text, found)

@@ -62,6 +62,21 @@ def _headers(headers) -> dict[str, str]:
     return out
 
 
+def _read_headers(headers) -> dict[str, str]:
+    """``_headers``, refusing a header the stage reads (``ce_*``, ``content-type``, the binary
+    form's length) that comes more than once: Kafka keeps every copy, and which one a
+    reader takes (first, last) is up to it."""
+    names = [k.lower() for k, _ in headers or ()]
+    if len(names) != len(set(names)):
+        seen: set[str] = set()
+        for name in names:
+            if name in seen and (name.startswith("ce_") or name in ("content-type", binary.HEADER)):
+                raise EventError("duplicate_key", f"headers: {name[:80]!r} comes more than once; readers disagree "
+                                                  "on which one counts, so the event is not read at all")
+            seen.add(name)
+    return _headers(headers)
+
+
 def _path(parts) -> str:
     out = ""
     for p in parts:
@@ -123,7 +138,7 @@ def parse_envelope(value: bytes | None, headers=None, max_bytes: int = 1 << 20,
     limited to ``max_binary_bytes``; a JSON message to ``max_bytes``."""
     if value is None:
         raise EventError("invalid_json", "value: empty message (tombstone)")
-    h = _headers(headers)
+    h = _read_headers(headers)
     payload = None
     limit = max_binary_bytes if binary.HEADER in h else max_bytes
     if len(value) > limit:
@@ -139,6 +154,9 @@ def parse_envelope(value: bytes | None, headers=None, max_bytes: int = 1 << 20,
         raise EventError("invalid_json", f"value: not valid UTF-8 JSON ({type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise EventError("not_an_object", f"value: expected a JSON object, got {type(obj).__name__}")
+    if (key := codec.duplicate_key(value, obj)) is not None:
+        raise EventError("duplicate_key", f"value: the member name {key[:80]!r} appears twice in one object; readers "
+                                          "disagree on which one counts, so the event is not read at all")
     ce = None
     if "ce_type" in h or "ce_specversion" in h:
         ce = {k[3:]: v for k, v in h.items() if k.startswith("ce_")}
