@@ -152,9 +152,9 @@ def test_init_range_dead_letters_out_of_range_and_reviews_a_far_combination(tmp_
                                  "models": {"wine": cfg.models["wine"].model_copy(update={"policy": policy})}})
     res = run_offline([tabular_event("far", far), tabular_event("corner", corner), tabular_event("near", held[0])],
                       tmp_path / "o", cfg)
-    dlq = {json.loads(x["value"])["id"]: x["headers"]["__riskpipe.errors.reason"] for x in res.read(cfg.topics.dlq)}
+    dlq = {json.loads(x["value"])["id"]: x["headers"]["__riskpipe.errors.reason"] for x in res.read("dlq")}
     assert dlq == {"far": "out_of_range"}
-    audit = {x["id"]: x for x in res.read(cfg.topics.audit)}
+    audit = {x["id"]: x for x in res.read("audit")}
     assert audit["corner"]["decision"] == "review" and audit["corner"]["rule"] == "out-of-support"
     assert audit["near"]["rule"] != "out-of-support"
 

@@ -174,8 +174,8 @@ def _trial(config_path: Path, name: str, X, n: int, seed: int) -> str:
     config = load_config(str(config_path)).model_copy(update={"ledger": None})  # a trial leaves no ledger rows
     with tempfile.TemporaryDirectory() as tmp:
         res = run_offline(events, tmp, config)
-        audit = res.read(config.topics.audit)
-        dead = res.read(config.topics.dlq) if not audit else []
+        audit = res.read("audit")
+        dead = res.read("dlq") if not audit else []
     if not audit:
         first = dead[0]["headers"] if dead else {}
         raise TrialError(f"trial: 0 of {len(events)} reference inputs decided with {config_path}; "
