@@ -201,6 +201,33 @@ def test_ingest_two_workers_share_one_ledger(tmp_path):
     assert any(d["source"] == {"topic": "inferences", "partition": 0, "offset": 77} for d in dlq)
 
 
+def test_ingest_records_what_it_cannot_take_as_a_dead_letter_with_its_reason():
+    """A verdict whose ``verdict`` is given twice (readers differ on which copy counts: the
+    stage refuses such an event, so ingest refuses such a record) is a ``duplicate_key``
+    dead letter naming the key, never a verdict; the other unreadable records keep their
+    reasons, and a readable verdict is taken as it is."""
+    from types import SimpleNamespace
+
+    from riskpipe.cli.ledger_impl import message_entries
+
+    def entries(value: bytes):
+        return message_entries(SimpleNamespace(topic="review-outcomes", partition=0, offset=3, timestamp=0,
+                                               value=value, headers=[]), "verdict")
+
+    verdict = {"id": "e-1", "verdict": "confirmed_clean", "reviewer": "alice", "ts": "2026-01-01T00:00:00Z"}
+    [(kind, rec, _)] = entries(json.dumps(verdict).encode())
+    assert kind == "verdict" and rec == verdict
+    twice = json.dumps(verdict).replace('"verdict": "confirmed_clean"',
+                                        '"verdict": "confirmed_clean", "verdict": "confirmed_manipulated"')
+    for value, reason, says in ((twice.encode(), "duplicate_key", "'verdict' appears twice"),
+                                (b'["e-1"]', "not_an_object", "not a JSON object"),
+                                (b'{"verdict": "unsure"}', "missing_field", "missing field 'id'"),
+                                (b"{not json", "invalid_json", "")):
+        [(kind, rec, _)] = entries(value)
+        assert (kind, rec["reason"]) == ("dlq", reason) and says in rec["message"], rec
+        assert rec["source"] == {"topic": "review-outcomes", "partition": 0, "offset": 3}
+
+
 def test_an_empty_or_foreign_ledger_is_never_ok(tmp_path):
     """A ledger with no rows verifies nothing (exit 1, EMPTY); a file without ledger tables (a
     WAL-mode ledger copied without its -wal file, an empty file, another database) is an error

@@ -29,6 +29,7 @@ from riskpipe.models import ModelError
 from riskpipe.redaction import redact
 from riskpipe.report.replay import ReplayError, stage_entry
 from riskpipe.report.replay import replay as do_replay
+from riskpipe.stream import codec
 from riskpipe.timestamps import from_epoch, rfc3339_micros, rfc3339_seconds
 
 # which ledger kind a topic's messages become (``--topic NAME=KIND`` overrides)
@@ -325,6 +326,19 @@ def _header(msg, name: str) -> str | None:
     return None
 
 
+def _unreadable(text: bytes, record: Any) -> tuple[str, str] | None:
+    """(dead-letter reason, why) for a parsed record the ledger cannot take, else None. A
+    name given twice (a verdict with two ``verdict`` members, say) is refused as the stage
+    refuses it in an event: readers differ on which copy counts."""
+    if not isinstance(record, dict):
+        return "not_an_object", "not a JSON object"
+    if (key := codec.duplicate_key(text, record)) is not None:
+        return "duplicate_key", f"the member name {key[:80]!r} appears twice in one object"
+    if not isinstance(record.get("id"), str) or not record["id"]:
+        return "missing_field", "missing field 'id'"
+    return None
+
+
 def message_entries(msg, kind: str) -> list[tuple[str, dict, str | None]]:
     """Ledger entries for one Kafka message. Audit records also yield a ``policy`` entry the
     first time a policy (name, version, sha256) is seen; unreadable messages become a ``dlq``
@@ -347,16 +361,15 @@ def message_entries(msg, kind: str) -> list[tuple[str, dict, str | None]]:
                                       "size": int(size) if size is not None and size.isdigit() else None}
                               if omitted else None)
         return [("dlq", rec, eid)]
+    unreadable: tuple[str, str] | None
     try:
         record = json.loads(msg.value)
-        if not isinstance(record, dict):
-            raise ValueError("not a JSON object")
-        if not isinstance(record.get("id"), str) or not record["id"]:
-            raise ValueError("missing field 'id'")
     except (TypeError, ValueError) as e:
-        reason = ("missing_field" if "missing field" in str(e)
-                  else "not_an_object" if "object" in str(e) else "invalid_json")
-        rec, eid = dlq_record(reason, msg.value or b"", ts, message=f"ledger ingest: {e}", **where)
+        record, unreadable = None, ("invalid_json", str(e))
+    else:
+        unreadable = _unreadable(msg.value, record)
+    if unreadable is not None:
+        rec, eid = dlq_record(unreadable[0], msg.value or b"", ts, message=f"ledger ingest: {unreadable[1]}", **where)
         return [("dlq", rec, eid)]
     out: list[tuple[str, dict, str | None]] = []
     pol = record.get("policy")
