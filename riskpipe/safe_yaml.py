@@ -11,6 +11,10 @@ thousand nodes but a gigabyte) and its depth, in one pass over the distinct node
 (memoised), refusing beyond the limits. Recursive anchors (a node containing itself)
 are refused too, and so is an integer too long to be a number any riskpipe file
 means (Python refuses to convert one of more than 4,300 digits, with a traceback).
+
+A key given twice in one mapping is refused as well (``duplicate_keys``): YAML's loaders
+keep the last copy silently, so a reviewer who reads the first ``policy:`` of a model in
+riskpipe.yaml would approve a file the stage reads otherwise.
 """
 
 from __future__ import annotations
@@ -29,12 +33,32 @@ LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class YAMLLimitError(yaml.YAMLError):
-    """The document is beyond the size or nesting limits (or recursive)."""
+    """The document is refused before anything is built from it: beyond the size or
+    nesting limits, recursive, or (``DuplicateKeyError``) with a key given twice."""
 
     def __init__(self, reason: str, line: int = 1):
         super().__init__(reason)
         self.reason = reason
         self.line = line
+
+
+class DuplicateKeyError(YAMLLimitError):
+    """A key given twice in one mapping (the first such key: ``loc`` its path, ``line`` its second line)."""
+
+    def __init__(self, loc: tuple[str | int, ...], line: int):
+        super().__init__(f"{field_path(loc)}: {DUPLICATE}", line)
+        self.loc = loc
+
+
+DUPLICATE = "duplicate key (YAML keeps only the last; remove one)"
+
+
+def field_path(loc: tuple[str | int, ...], top: str = "(top level)") -> str:
+    """``models.digits.policy``, ``rules[2].when``: a key's path as the error messages write it."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or top
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
@@ -96,6 +120,49 @@ def check_limits(root: yaml.Node | None, max_nodes: int = MAX_NODES, max_depth: 
         stack.extend((k, False) for k in _children(node) if id(k) not in size)
 
 
+def _key(node: yaml.Node, builder: yaml.constructor.SafeConstructor) -> Any:
+    """A mapping key as the loader builds it (``1`` and ``01``, ``yes`` and ``true`` are one
+    key); a fresh object, equal to no other key, for a key that is not a scalar (YAML
+    allows them; riskpipe's files never use them)."""
+    if not isinstance(node, yaml.ScalarNode):
+        return object()
+    try:
+        value = builder.construct_object(node)
+        hash(value)
+        return value
+    except (yaml.YAMLError, TypeError, ValueError):  # e.g. a merge key (<<), which only merging builds
+        return (node.tag, node.value)
+
+
+def duplicate_keys(root: yaml.Node | None) -> list[tuple[tuple[str | int, ...], int]]:
+    """(path, line) of every key given twice in one mapping of a ``compose``-checked tree,
+    in document order (the line is the repeated key's). A node reached again through an
+    alias is looked at once."""
+    out: list[tuple[tuple[str | int, ...], int]] = []
+    builder = yaml.constructor.SafeConstructor()  # scalar keys only: no alias, nothing kept but this call's keys
+    seen_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, tuple[str | int, ...]]] = [(root, ())] if root is not None else []
+    while stack:
+        node, loc = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        children: list[tuple[yaml.Node, tuple[str | int, ...]]] = []
+        if isinstance(node, yaml.MappingNode):
+            keys: set[Any] = set()
+            for k, v in node.value:
+                key = _key(k, builder)
+                name = k.value if isinstance(k, yaml.ScalarNode) else "?"
+                if key in keys:
+                    out.append((loc + (name,), k.start_mark.line + 1))
+                keys.add(key)
+                children.append((v, loc + (name,)))
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(v, loc + (i,)) for i, v in enumerate(node.value)]
+        stack.extend(reversed(children))
+    return out
+
+
 def compose(text: str, loader_cls=LOADER) -> yaml.Node | None:
     """The checked node tree of the single document in ``text``."""
     loader = loader_cls(text)
@@ -122,5 +189,9 @@ def construct(root: yaml.Node | None, loader_cls=LOADER) -> Any:
 
 
 def load(text: str) -> Any:
-    """``yaml.safe_load(text)`` within the limits (``YAMLLimitError`` beyond them)."""
-    return construct(compose(text))
+    """``yaml.safe_load(text)`` within the limits (``YAMLLimitError`` beyond them) and
+    with every key once per mapping (``DuplicateKeyError`` for the first one given twice)."""
+    root = compose(text)
+    if dups := duplicate_keys(root):
+        raise DuplicateKeyError(*dups[0])
+    return construct(root)

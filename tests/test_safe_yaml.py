@@ -106,3 +106,42 @@ def test_a_5000_digit_integer_is_one_line_not_a_traceback(tmp_path):
                        text=True, timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().count("\n") == 0 and f"{p}:1:" in r.stderr and "5000 digits" in r.stderr
+
+
+def test_a_key_given_twice_is_refused_in_every_file_riskpipe_reads(tmp_path):
+    """YAML's loaders keep the last copy of a key silently: a reviewer who reads a model's
+    first ``policy:`` would approve a riskpipe.yaml the stage reads otherwise. The stage
+    config and the review console's refuse it with file, line and field (as policies
+    always did, now through the same check), before anything is built."""
+    from riskpipe.app.config import ConfigError, load_config
+    from riskpipe.review.settings import SettingsError, load_config_file
+
+    p = tmp_path / "riskpipe.yaml"
+    p.write_text("models:\n  digits:\n    spec: demo:digits\n    policy: policies/strict.yaml\n"
+                 "    reference: ref.npz\n    policy: policies/default.yaml\n")
+    for load, err in ((load_config, ConfigError), (load_config_file, SettingsError)):
+        with pytest.raises(err) as e:
+            load(str(p))
+        assert str(e.value) == f"{p}:6: models.digits.policy: duplicate key (YAML keeps only the last; remove one)"
+    r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "run", "--config", str(p)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "riskpipe.yaml:6: models.digits.policy: duplicate key" in r.stderr
+
+
+@pytest.mark.parametrize("text, refused", [
+    ("a: 1\nb: 2\na: 3\n", ("a", 3)),
+    ("m:\n  x: 1\n  01: 2\n  1: 3\n", ("m.1", 4)),  # 01 and 1 are one key once built
+    ("k: [{a: 1}, {a: 1, a: 1}]\n", ("k[1].a", 1)),  # equal values too (flow style: one line)
+    ("~: 1\nnull: 2\n", ("null", 2)),
+    ("x: &a {q: 1, q: 2}\ny: *a\n", ("x.q", 1)),  # once, where the anchor is
+    ("base: &b {p: 1}\nuse:\n  <<: *b\n  p: 2\n", None),  # a merge key's override is no duplicate
+    ("a: 1\nA: 2\n'a ': 3\n", None),
+])
+def test_duplicate_keys_compares_keys_as_the_loader_builds_them(text, refused):
+    if refused is None:
+        assert safe_yaml.load(text)
+        return
+    with pytest.raises(safe_yaml.DuplicateKeyError) as e:
+        safe_yaml.load(text)
+    assert (safe_yaml.field_path(e.value.loc), e.value.line) == refused

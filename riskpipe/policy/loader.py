@@ -48,10 +48,7 @@ class PolicyError(ValueError):
 
 
 def field_path(loc: Loc) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(policy)"
+    return safe_yaml.field_path(loc, "(policy)")
 
 
 def _line(root: yaml.Node | None, loc: Loc) -> int:
@@ -136,26 +133,10 @@ def _yaml_data(text: str, name: str, loader_cls: type[yaml.SafeLoader] = _LOADER
         raise PolicyError([Problem(name, line, "(yaml)", " ".join(str(e.problem or e).split()))]) from None
     except yaml.YAMLError as e:
         raise PolicyError([Problem(name, 1, "(yaml)", " ".join(str(e).split()))]) from None
-    dups = _duplicate_keys(root, ())
+    dups = safe_yaml.duplicate_keys(root)
     if dups:
-        raise PolicyError([Problem(name, line, field_path(loc), "duplicate key (YAML keeps only the last; remove one)")
-                           for loc, line in dups])
+        raise PolicyError([Problem(name, line, field_path(loc), safe_yaml.DUPLICATE) for loc, line in dups])
     return data, root
-
-
-def _duplicate_keys(node: yaml.Node | None, loc: Loc) -> list[tuple[Loc, int]]:
-    out: list[tuple[Loc, int]] = []
-    if isinstance(node, yaml.MappingNode):
-        seen = set()
-        for k, v in node.value:
-            if k.value in seen:
-                out.append((loc + (k.value,), k.start_mark.line + 1))
-            seen.add(k.value)
-            out += _duplicate_keys(v, loc + (k.value,))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            out += _duplicate_keys(v, loc + (i,))
-    return out
 
 
 def parse_policy(text: str, name: str = "<policy>") -> Policy:
