@@ -88,6 +88,29 @@ def test_receipt_round_trip_and_tampering(target, keys, tmp_path):
         assert r.returncode == 1 and not json.loads(r.stdout)["ok"], (name, r.stdout, r.stderr)
 
 
+def test_a_receipt_giving_a_name_twice_is_invalid(tmp_path, keys):
+    """A forged ``record`` written before the real one: riskpipe's reader keeps the last
+    copy (the real one, whose proof holds), a reader keeping the first would show the
+    forgery as verified. Such a receipt is INVALID, at the top level or inside the record."""
+    target = str(tmp_path / "l.db")
+    with open_ledger(target) as led:
+        led.append_many([decision_record(i) for i in range(5)])
+        make_checkpoint(led, load_private_key(keys / "key.pem"))
+    out = tmp_path / "r.json"
+    assert cli("receipt", "evt-00002", "--ledger", target, "--out", out).returncode == 0
+    text = out.read_text()
+    real = json.loads(text)
+    forged = json.dumps({**real["record"], "decision": "block"})
+    for name, bad in (("record", text.replace('"record":', f'"record": {forged}, "record":', 1)),
+                      ("decision", text.replace('"decision": "', '"decision": "block", "decision": "', 1))):
+        assert bad != text and json.loads(bad) == real  # what a last-copy reader sees: the real receipt
+        f = tmp_path / f"{name}.json"
+        f.write_text(bad)
+        r = cli("verify-receipt", f, "--public-key", keys / "pub.pem")
+        assert r.returncode == 1 and f"the member name '{name}' appears twice" in r.stdout + r.stderr, r
+    assert cli("verify-receipt", out, "--public-key", keys / "pub.pem").returncode == 0
+
+
 def test_every_leaf_of_a_small_log_gets_a_valid_receipt(tmp_path, keys):
     """Receipts for every index and a checkpoint at every size 1..20 (proof shapes differ)."""
     from riskpipe.ledger.checkpoint import load_public_key

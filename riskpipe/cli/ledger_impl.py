@@ -20,16 +20,16 @@ from kafka.errors import KafkaError
 from riskpipe import kafka_clients
 from riskpipe.app.config import ConfigError, load_config
 from riskpipe.cli.common import fail, read_inputs, read_public_keys, working
+from riskpipe.json_names import duplicate_key
 from riskpipe.ledger import KINDS, LedgerError, canonical_json, dlq_record, merkle, open_ledger, policy_record
 from riskpipe.ledger.anchors import Checkpoint
 from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint, publish, read_checkpoint_file, verify_ledger
-from riskpipe.ledger.receipt import find_decisions, make_receipt
+from riskpipe.ledger.receipt import find_decisions, make_receipt, parse_receipt
 from riskpipe.ledger.receipt import verify_receipt as check
 from riskpipe.models import ModelError
 from riskpipe.redaction import redact
 from riskpipe.report.replay import ReplayError, stage_entry
 from riskpipe.report.replay import replay as do_replay
-from riskpipe.stream import codec
 from riskpipe.timestamps import from_epoch, rfc3339_micros, rfc3339_seconds
 
 # which ledger kind a topic's messages become (``--topic NAME=KIND`` overrides)
@@ -275,12 +275,14 @@ def receipt(event_id, ledger_path, out_path, kind, model, policy_sha256, key_pat
 def verify_receipt(receipt_path, public_keys, origin, as_json):
     keys = read_public_keys(public_keys)
     try:
-        rec = json.loads(Path(receipt_path).read_text(encoding="utf-8"))
+        text = Path(receipt_path).read_text(encoding="utf-8")
+        rec = json.loads(text)
     except (OSError, UnicodeDecodeError) as e:
         fail(f"{receipt_path}: cannot read ({getattr(e, 'strerror', None) or e})")
     except json.JSONDecodeError as e:
         fail(f"{receipt_path}: not JSON ({e.msg} at line {e.lineno})")
     try:
+        rec = parse_receipt(text)  # a name given twice: INVALID (exit 1), not unreadable
         cp = check(rec, keys, origin)
         problem = None
     except LedgerError as e:
@@ -332,7 +334,7 @@ def _unreadable(text: bytes, record: Any) -> tuple[str, str] | None:
     refuses it in an event: readers differ on which copy counts."""
     if not isinstance(record, dict):
         return "not_an_object", "not a JSON object"
-    if (key := codec.duplicate_key(text, record)) is not None:
+    if (key := duplicate_key(text, record)) is not None:
         return "duplicate_key", f"the member name {key[:80]!r} appears twice in one object"
     if not isinstance(record.get("id"), str) or not record["id"]:
         return "missing_field", "missing field 'id'"

@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from riskpipe.json_names import duplicate_key
 from riskpipe.ledger import merkle
 from riskpipe.ledger.anchors import Checkpoint
 from riskpipe.ledger.chain import Entry, LedgerError, canonical_json
@@ -43,6 +44,20 @@ def make_receipt(ledger: Ledger, seq: int, note: str) -> dict[str, Any]:
                           "(ledger tampered: run `riskpipe ledger verify`)")
     return {"leaf": base64.b64encode(data).decode("ascii"), "record": entry.record, "index": index,
             "tree_size": cp.tree_size, "inclusion_proof": [p.hex() for p in proof], "checkpoint": note}
+
+
+def parse_receipt(text: str | bytes) -> Any:
+    """A receipt file's JSON, refusing (LedgerError) a text with a member name given twice
+    in one object: riskpipe's reader keeps the last copy, a reader that keeps the first
+    would show an auditor another ``record`` than the one verified (docs/receipts.md)."""
+    try:
+        receipt = json.loads(text)
+    except ValueError as e:
+        raise LedgerError(f"receipt: not JSON ({e})") from None
+    if (key := duplicate_key(text, receipt)) is not None:
+        raise LedgerError(f"receipt: the member name {key[:80]!r} appears twice in one object; readers disagree on "
+                          "which one counts")
+    return receipt
 
 
 def verify_receipt(receipt: Any, public_keys: Iterable[Ed25519PublicKey], origin: str | None = None) -> Checkpoint:

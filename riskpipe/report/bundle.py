@@ -28,7 +28,7 @@ from riskpipe.ledger import LedgerError, open_ledger, redact
 from riskpipe.ledger import note as notes
 from riskpipe.ledger.anchors import Checkpoint
 from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint, verify_ledger
-from riskpipe.ledger.receipt import make_receipt, verify_receipt
+from riskpipe.ledger.receipt import make_receipt, parse_receipt, verify_receipt
 from riskpipe.policy import load_policy
 from riskpipe.policy.loader import PolicyError
 from riskpipe.report import pdf_available, render
@@ -195,7 +195,7 @@ def verify_bundle(path: str | Path, public_keys) -> BundleCheck:
     receipts = sorted(n for n in listed if n.startswith("receipts/"))
     for name in receipts:
         try:
-            got = verify_receipt(json.loads(files[name]), public_keys, cp.origin)
+            got = verify_receipt(parse_receipt(files[name]), public_keys, cp.origin)
         except (LedgerError, ValueError) as e:
             return fail(f"{name}: {e}")
         if got.tree_size > cp.tree_size:

@@ -8,8 +8,8 @@ with them. Both readers turn an integer literal beyond 64 bits into a double (or
 does so itself); one too large even for a double becomes an ``OversizedInt``
 (validation reports it as ``out_of_range``) instead of raising. Both keep the last of
 a member name given twice in one object, as many readers do but not all (some keep the
-first, some refuse): ``duplicate_key`` finds such names, so the stage certifies only events
-every reader reads alike (I-JSON, RFC 7493: names unique). ``dumps`` writes compact,
+first, some refuse): ``duplicate_key`` (riskpipe.json_names) finds such names, so the stage
+certifies only events every reader reads alike (I-JSON, RFC 7493: names unique). ``dumps`` writes compact,
 key-sorted UTF-8 for the output topics; the ledger's canonical JSON
 (riskpipe/ledger/chain.py) does not come through here.
 """
@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any
 
 import orjson
+
+from riskpipe.json_names import duplicate_key  # noqa: F401 - part of the codec's API (events.parse_envelope)
 
 MAX_INT_DIGITS = 20  # int64 and uint64 fit; longer integer literals are read as doubles, as orjson does
 
@@ -60,55 +61,6 @@ def loads_checked(value: bytes | str) -> tuple[Any, bool]:
         return orjson.loads(value), True
     except orjson.JSONDecodeError:  # bounded: a 5,000-digit integer must not raise (int() stops at 4,300)
         return json.loads(value, parse_int=_bounded_int), False
-
-
-# Every JSON string in order, and whether a colon follows it (then it is a member name).
-# Outside strings JSON has no quotes, so scanning from one string's end to the next quote
-# never starts inside a string: the matches are exactly the text's strings.
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"(\s*:)?')
-
-
-def _names_in(obj: Any) -> int:
-    """How many member names the parsed ``obj`` kept (the sizes of all its objects)."""
-    n, stack = 0, [obj]
-    while stack:
-        v = stack.pop()
-        if type(v) is dict:
-            n += len(v)
-            v = v.values()
-        stack.extend(c for c in v if type(c) is dict or type(c) is list)
-    return n
-
-
-def duplicate_key(text: bytes, obj: Any) -> str | None:
-    """The first member name given twice in one object of the JSON ``text`` (parsed as
-    ``obj``), else None. Exact: the text's member names are counted (``_STRING``) against
-    those the parser kept, in one pass each; only a text that has more is read again,
-    with the standard library, to name the key (however it was escaped: ``"\u0069d"`` is
-    ``"id"``)."""
-    if type(obj) is not dict and type(obj) is not list:
-        return None
-    if sum(1 for colon in _STRING.findall(text) if colon) == _names_in(obj):
-        return None
-
-    def pairs(items: list[tuple[str, Any]]) -> dict:
-        seen: dict = {}
-        for k, v in items:
-            if k in seen:
-                raise _Duplicate(k)
-            seen[k] = v
-        return seen
-
-    try:
-        json.loads(text, object_pairs_hook=pairs, parse_int=_bounded_int)
-    except _Duplicate as d:
-        return d.key
-    return None
-
-
-class _Duplicate(Exception):
-    def __init__(self, key: str) -> None:
-        self.key = key
 
 
 def dumps(obj: Any) -> bytes:

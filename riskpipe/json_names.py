@@ -1,0 +1,70 @@
+"""Member names given twice in one JSON object.
+
+RFC 8259 leaves such a text's meaning open: Python's readers (orjson, the standard
+library) keep the last copy, others keep the first or refuse the text. Wherever riskpipe
+acts on JSON that someone else may read too (an inference event served by a model server,
+a verdict, a receipt shown to an auditor) a name given twice is refused, so every reader
+reads the same thing (I-JSON, RFC 7493: names unique).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+
+def _zero(_text: str) -> int:
+    """Numbers are not needed to find names (and a 5,000-digit integer must not raise)."""
+    return 0
+
+
+# Every JSON string in order, and whether a colon follows it (then it is a member name).
+# Outside strings JSON has no quotes, so scanning from one string's end to the next quote
+# never starts inside a string: the matches are exactly the text's strings.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"(\s*:)?')
+
+
+def _names_in(obj: Any) -> int:
+    """How many member names the parsed ``obj`` kept (the sizes of all its objects)."""
+    n, stack = 0, [obj]
+    while stack:
+        v = stack.pop()
+        if type(v) is dict:
+            n += len(v)
+            v = v.values()
+        stack.extend(c for c in v if type(c) is dict or type(c) is list)
+    return n
+
+
+def duplicate_key(text: bytes | str, obj: Any) -> str | None:
+    """The first member name given twice in one object of the JSON ``text`` (parsed as
+    ``obj``), else None. Exact: the text's member names are counted (``_STRING``) against
+    those the parser kept, in one pass each; only a text that has more is read again,
+    with the standard library, to name the key (however it was escaped: ``"\\u0069d"`` is
+    ``"id"``). ``text`` may be ``str`` (read as its UTF-8)."""
+    if type(obj) is not dict and type(obj) is not list:
+        return None
+    if isinstance(text, str):
+        text = text.encode("utf-8", "surrogatepass")
+    if sum(1 for colon in _STRING.findall(text) if colon) == _names_in(obj):
+        return None
+
+    def pairs(items: list[tuple[str, Any]]) -> dict:
+        seen: dict = {}
+        for k, v in items:
+            if k in seen:
+                raise _Duplicate(k)
+            seen[k] = v
+        return seen
+
+    try:
+        json.loads(text, object_pairs_hook=pairs, parse_int=_zero, parse_float=_zero, parse_constant=_zero)
+    except _Duplicate as d:
+        return d.key
+    return None
+
+
+class _Duplicate(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
