@@ -34,6 +34,21 @@ def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+def read(text: str) -> dict:
+    """Step 0: the receipt's JSON text, every member name once per object."""
+
+    def unique(pairs):
+        names = [k for k, _ in pairs]
+        if len(names) != len(set(names)):
+            raise Invalid("a member name given twice")
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=unique)
+    except ValueError as e:
+        raise Invalid(f"not JSON: {e}") from None
+
+
 def verify(receipt: dict, public_key_pem: bytes, origin: str | None = None) -> None:
     """Raise Invalid unless the receipt holds under the PEM public key."""
     pub = load_pem_public_key(public_key_pem)

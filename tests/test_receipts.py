@@ -99,11 +99,15 @@ def test_a_receipt_giving_a_name_twice_is_invalid(tmp_path, keys):
     out = tmp_path / "r.json"
     assert cli("receipt", "evt-00002", "--ledger", target, "--out", out).returncode == 0
     text = out.read_text()
-    real = json.loads(text)
+    real, pem = json.loads(text), (keys / "pub.pem").read_bytes()
+    receipt_verifier.verify(receipt_verifier.read(text), pem)
     forged = json.dumps({**real["record"], "decision": "block"})
     for name, bad in (("record", text.replace('"record":', f'"record": {forged}, "record":', 1)),
                       ("decision", text.replace('"decision": "', '"decision": "block", "decision": "', 1))):
         assert bad != text and json.loads(bad) == real  # what a last-copy reader sees: the real receipt
+        receipt_verifier.verify(json.loads(bad), pem)  # steps 1-6 pass on that reading; step 0 refuses the text
+        with pytest.raises(receipt_verifier.Invalid, match="given twice"):
+            receipt_verifier.read(bad)
         f = tmp_path / f"{name}.json"
         f.write_text(bad)
         r = cli("verify-receipt", f, "--public-key", keys / "pub.pem")
