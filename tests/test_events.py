@@ -326,8 +326,8 @@ def test_duplicate_key_is_exact(value, escape):
     written, before any reader dropped one) is found, and nothing else is."""
     import orjson
 
-    from riskpipe.stream import codec
+    from riskpipe.json_names import duplicate_key
 
     text = _write(value, escape).encode()
-    found = codec.duplicate_key(text, orjson.loads(text))
+    found = duplicate_key(text, orjson.loads(text))
     assert (found is not None) == _has_duplicate(value), (text, found)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from riskpipe.json_names import duplicate_key
 from riskpipe.models.validate import InputError, check_inputs
 from riskpipe.stream import binary, codec
 from riskpipe.stream.errors import EventError
@@ -154,7 +155,7 @@ def parse_envelope(value: bytes | None, headers=None, max_bytes: int = 1 << 20,
         raise EventError("invalid_json", f"value: not valid UTF-8 JSON ({type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise EventError("not_an_object", f"value: expected a JSON object, got {type(obj).__name__}")
-    if (key := codec.duplicate_key(value, obj)) is not None:
+    if (key := duplicate_key(value, obj)) is not None:
         raise EventError("duplicate_key", f"value: the member name {key[:80]!r} appears twice in one object; readers "
                                           "disagree on which one counts, so the event is not read at all")
     ce = None
