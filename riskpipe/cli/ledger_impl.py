@@ -24,7 +24,7 @@ from riskpipe.json_names import duplicate_key
 from riskpipe.ledger import KINDS, LedgerError, canonical_json, dlq_record, merkle, open_ledger, policy_record
 from riskpipe.ledger.anchors import Checkpoint
 from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint, publish, read_checkpoint_file, verify_ledger
-from riskpipe.ledger.receipt import find_decisions, make_receipt, parse_receipt
+from riskpipe.ledger.receipt import find_decisions, make_receipt, refuse_repeated_names
 from riskpipe.ledger.receipt import verify_receipt as check
 from riskpipe.models import ModelError
 from riskpipe.redaction import redact
@@ -282,7 +282,7 @@ def verify_receipt(receipt_path, public_keys, origin, as_json):
     except json.JSONDecodeError as e:
         fail(f"{receipt_path}: not JSON ({e.msg} at line {e.lineno})")
     try:
-        rec = parse_receipt(text)  # a name given twice: INVALID (exit 1), not unreadable
+        refuse_repeated_names(text, rec)  # a name given twice: INVALID (exit 1), not unreadable
         cp = check(rec, keys, origin)
         problem = None
     except LedgerError as e:

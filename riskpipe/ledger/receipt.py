@@ -47,17 +47,22 @@ def make_receipt(ledger: Ledger, seq: int, note: str) -> dict[str, Any]:
 
 
 def parse_receipt(text: str | bytes) -> Any:
-    """A receipt file's JSON, refusing (LedgerError) a text with a member name given twice
-    in one object: riskpipe's reader keeps the last copy, a reader that keeps the first
-    would show an auditor another ``record`` than the one verified (docs/receipts.md)."""
+    """A receipt file's JSON (``refuse_repeated_names`` applied); LedgerError if it is not JSON."""
     try:
         receipt = json.loads(text)
     except ValueError as e:
         raise LedgerError(f"receipt: not JSON ({e})") from None
+    refuse_repeated_names(text, receipt)
+    return receipt
+
+
+def refuse_repeated_names(text: str | bytes, receipt: Any) -> None:
+    """LedgerError if the receipt's ``text`` (parsed as ``receipt``) gives a member name twice
+    in one object: riskpipe's reader keeps the last copy, a reader that keeps the first
+    would show an auditor another ``record`` than the one verified (docs/receipts.md, step 0)."""
     if (key := duplicate_key(text, receipt)) is not None:
         raise LedgerError(f"receipt: the member name {key[:80]!r} appears twice in one object; readers disagree on "
                           "which one counts")
-    return receipt
 
 
 def verify_receipt(receipt: Any, public_keys: Iterable[Ed25519PublicKey], origin: str | None = None) -> Checkpoint:

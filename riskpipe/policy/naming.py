@@ -1,4 +1,4 @@
-"""How a policy is named wherever a person reads it (report, console)."""
+"""How a policy (and a record's model) is named wherever a person reads it (report, console)."""
 
 from __future__ import annotations
 
@@ -12,3 +12,9 @@ def policy_label(policy: Any) -> str:
         return str(policy) if policy else "—"
     sha = policy.get("sha256")
     return f"{policy.get('name')} v{policy.get('version')}" + (f" · sha256 {str(sha)[:12]}" if sha else "")
+
+
+def model_name(record: dict[str, Any]) -> str:
+    """The name of the model a decision record names (its ``model`` dict, or a bare value)."""
+    model = record.get("model")
+    return str(model.get("name") if isinstance(model, dict) else model)

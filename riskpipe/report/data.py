@@ -21,7 +21,7 @@ from riskpipe.ledger.chain import decision_scope
 from riskpipe.ledger.facts import GROUP_COLUMNS, KINDS, NO_HOUR, count_row
 from riskpipe.ledger.inputs import inline_copy
 from riskpipe.policy.controls import frameworks, mapping
-from riskpipe.policy.naming import policy_label
+from riskpipe.policy.naming import model_name, policy_label
 from riskpipe.review.queue import OVERRIDES as CONTRADICTS  # one definition of an override, the console's
 from riskpipe.timestamps import from_epoch, rfc3339_seconds
 
@@ -579,16 +579,11 @@ def _examples(f: _Facts, fetch=None) -> list[dict]:
     out = []
     for d in f.records_at(sorted(seqs)):
         inp = d["input"]
-        out.append({"id": d.get("id"), "model": _model_name(d), "policy": _policy_name(d),
+        out.append({"id": d.get("id"), "model": model_name(d), "policy": _policy_name(d),
                     "decision": d.get("decision"),
                     "prediction": d.get("prediction"), "reasons": d.get("reasons") or [],
                     "input": inline_copy(inp, fetch)})
     return out
-
-
-def _model_name(d: dict) -> str:
-    m = d.get("model")
-    return str(m.get("name") if isinstance(m, dict) else m)
 
 
 def _policy_name(d: dict) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 from riskpipe.ledger import Ledger, LedgerError, parse_ts
 from riskpipe.ledger.chain import decision_scope
-from riskpipe.policy.naming import policy_label
+from riskpipe.policy.naming import model_name, policy_label
 from riskpipe.timestamps import from_epoch, rfc3339_millis, utc_now
 
 VERDICTS = {
@@ -306,17 +306,11 @@ def decision_of(ledger: Ledger, event_id: str, scope=None) -> dict:
                           + (" for this stage" if scope is not None else ""))
     stages = len({decision_scope("decision", d) for d in decisions}) if scope is None else 1
     if stages > 1:
-        which = "; ".join(f"model {_model_name(d)!r} under policy {policy_label(d.get('policy'))}"
+        which = "; ".join(f"model {model_name(d)!r} under policy {policy_label(d.get('policy'))}"
                           for d in decisions[:5])
         raise ReviewError(f"{event_id}: decided by {stages} stages ({which}); review it in the "
                           "console of its stage (riskpipe review --config), which picks that stage's decision")
     return decisions[-1]
-
-
-def _model_name(decision: dict) -> Any:
-    model = decision.get("model")
-    return model.get("name") if isinstance(model, dict) else model
-
 
 def review_of(ledger: Ledger, decision: dict, kind: str = "verdict") -> dict | None:
     """The ``verdict`` (or ``first_review``) on ``decision``: one naming that decision, or an

@@ -54,28 +54,20 @@ class Event:
 
 
 def _headers(headers) -> dict[str, str]:
-    out = {}
+    """Header name (lower-cased) -> text. A header the stage reads (``ce_*``,
+    ``content-type``, the binary form's length) that comes more than once is refused:
+    Kafka keeps every copy, and which one a reader takes (first, last) is up to it."""
+    out: dict[str, str] = {}
     for k, v in headers or ():
+        name = k.lower()
+        if name in out and (name.startswith("ce_") or name in ("content-type", binary.HEADER)):
+            raise EventError("duplicate_key", f"headers: {name[:80]!r} comes more than once; readers disagree "
+                                              "on which one counts, so the event is not read at all")
         try:
-            out[k.lower()] = v.decode("utf-8") if isinstance(v, bytes | bytearray) else str(v)
+            out[name] = v.decode("utf-8") if isinstance(v, bytes | bytearray) else str(v)
         except UnicodeDecodeError:
-            out[k.lower()] = ""
+            out[name] = ""
     return out
-
-
-def _read_headers(headers) -> dict[str, str]:
-    """``_headers``, refusing a header the stage reads (``ce_*``, ``content-type``, the binary
-    form's length) that comes more than once: Kafka keeps every copy, and which one a
-    reader takes (first, last) is up to it."""
-    names = [k.lower() for k, _ in headers or ()]
-    if len(names) != len(set(names)):
-        seen: set[str] = set()
-        for name in names:
-            if name in seen and (name.startswith("ce_") or name in ("content-type", binary.HEADER)):
-                raise EventError("duplicate_key", f"headers: {name[:80]!r} comes more than once; readers disagree "
-                                                  "on which one counts, so the event is not read at all")
-            seen.add(name)
-    return _headers(headers)
 
 
 def _path(parts) -> str:
@@ -139,7 +131,7 @@ def parse_envelope(value: bytes | None, headers=None, max_bytes: int = 1 << 20,
     limited to ``max_binary_bytes``; a JSON message to ``max_bytes``."""
     if value is None:
         raise EventError("invalid_json", "value: empty message (tombstone)")
-    h = _read_headers(headers)
+    h = _headers(headers)
     payload = None
     limit = max_binary_bytes if binary.HEADER in h else max_bytes
     if len(value) > limit:
