@@ -117,7 +117,7 @@ def test_cli_takes_class_and_feature_names_from_the_stage_config(ledger):
     html = out.read_text()
     first = next(x for x in decisions if x["review"]["routed"])
     assert f"prediction {IMAGE_LABELS[first['prediction']]} (class {first['prediction']})" in html
-    assert all(f"<td>{name}</td>" in html for name in WINE_FEATURES)
+    assert all(f"<td class=\"name\">{name}</td>" in html for name in WINE_FEATURES)
     config.write_text(yaml.safe_dump({"models": {"wine": {"spec": "wine.skops", "labels": []}}}))
     r = CliRunner().invoke(cli, ["report", "--ledger", str(tmp / "ledger.db"), "--config", str(config)])
     assert r.exit_code == 2 and "models.wine.labels" in r.output and len(r.output.strip().splitlines()) == 1

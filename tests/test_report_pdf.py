@@ -48,6 +48,28 @@ def test_pdf_report_has_every_section_on_the_page(ledger, tmp_path):
     assert "routedtoreview" in flat and f"{routed}({100 * routed / len(data['decisions']):.1f}%)" in flat
 
 
+def test_names_without_a_break_point_stay_on_the_page(tmp_path):
+    """Model and policy names are the user's: ones of ~90 characters with no space or
+    hyphen (where break-word cannot break) used to widen their tables past the page, and the
+    columns after them (decision counts, model faults) were cut off."""
+    from ledger_records import MODEL, decision_record
+    from riskpipe.ledger import Ledger
+
+    model = "imageclassifierresnet50v220261203productioncanaryeuwest1withaverylongnamewithoutbreaks"
+    policy = {**POLICY, "name": "fraudscreeningpolicyfortheeuwest1productioncanarycohortwithaverylongnamewithout"}
+    records = []
+    for i in range(12):
+        r = decision_record(i, policy=policy, decision="review" if i % 3 else "allow")
+        r["model"] = {**MODEL, "name": model}
+        records.append(r)
+    with Ledger(tmp_path / "long.db") as led:
+        led.append_many(records)
+    out = report_pkg.write_report(tmp_path / "long.db", tmp_path / "long.pdf", "pdf")
+    flat = re.sub(r"\s+", "", check_pdf(out.read_bytes()))
+    assert model in flat and policy["name"] in flat
+    assert "lastdecision" in flat and "modelfaults" in flat  # the columns that used to fall off
+
+
 def test_pdf_of_an_empty_ledger(tmp_path):
     from riskpipe.ledger import Ledger
 
