@@ -58,6 +58,28 @@ def test_tracestate_follows_the_w3c_grammar_and_bounds() -> None:
     assert state(",".join(many)) == ",".join(many[:7])  # 7 x 64 + 6 = 454 <= 512 < 519
 
 
+def test_repeated_trace_headers_are_combined_as_http_combines_them(demo_model) -> None:
+    """Kafka keeps every copy of a header. Two ``tracestate`` copies are one list (W3C Trace
+    Context); two ``traceparent`` copies, even equal ones, are no valid traceparent: the
+    event is decided without a trace rather than with one copy picked (the last, before)."""
+    from riskpipe.stream.events import make_event, parse_event
+
+    models = {"digits": demo_model}
+    body = json.dumps(make_event("e1", "digits", np.zeros((1, 8, 8), np.float32))).encode()
+    other = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+
+    def trace(*headers):
+        return parse_event(body, list(headers), models).trace
+
+    assert trace(("traceparent", TP.encode()), ("tracestate", b"a=1"), ("TraceState", b"b=2")) == {
+        "traceparent": TP, "tracestate": "a=1,b=2"}
+    assert trace(("traceparent", TP.encode()), ("tracestate", b"a=1"), ("tracestate", b"a=2")) == {
+        "traceparent": TP}  # one list with the key twice: invalid, dropped whole as before
+    for copies in ((TP, other), (other, TP), (TP, TP)):
+        assert trace(*(("traceparent", c.encode()) for c in copies), ("tracestate", b"a=1")) is None, copies
+    assert trace(("traceparent", TP.encode())) == {"traceparent": TP}
+
+
 @pytest.mark.broker
 def test_traceparent_reaches_decisions_review_audit_dlq_and_the_ledger(tmp_path) -> None:
     import yaml

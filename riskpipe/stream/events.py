@@ -54,19 +54,26 @@ class Event:
 
 
 def _headers(headers) -> dict[str, str]:
-    """Header name (lower-cased) -> text. A header the stage reads (``ce_*``,
-    ``content-type``, the binary form's length) that comes more than once is refused:
-    Kafka keeps every copy, and which one a reader takes (first, last) is up to it."""
+    """Header name (lower-cased) -> text, read once per event. A header the stage reads
+    (``ce_*``, ``content-type``, the binary form's length) that comes more than once is
+    refused: Kafka keeps every copy, and which one a reader takes (first, last) is up to
+    it. Any other header's copies are combined in order, separated by commas, as HTTP
+    combines a repeated field (RFC 9110, section 5.3): two ``tracestate`` copies are one
+    list, as W3C Trace Context asks, and two ``traceparent`` copies are no valid
+    traceparent, so the trace context is ignored rather than one copy picked."""
     out: dict[str, str] = {}
     for k, v in headers or ():
         name = k.lower()
-        if name in out and (name.startswith("ce_") or name in ("content-type", binary.HEADER)):
-            raise EventError("duplicate_key", f"headers: {name[:80]!r} comes more than once; readers disagree "
-                                              "on which one counts, so the event is not read at all")
         try:
-            out[name] = v.decode("utf-8") if isinstance(v, bytes | bytearray) else str(v)
+            text = v.decode("utf-8") if isinstance(v, bytes | bytearray) else str(v)
         except UnicodeDecodeError:
-            out[name] = ""
+            text = ""
+        if name in out:
+            if name.startswith("ce_") or name in ("content-type", binary.HEADER):
+                raise EventError("duplicate_key", f"headers: {name[:80]!r} comes more than once; readers disagree "
+                                                  "on which one counts, so the event is not read at all")
+            text = f"{out[name]},{text}"
+        out[name] = text
     return out
 
 
@@ -129,9 +136,14 @@ def parse_envelope(value: bytes | None, headers=None, max_bytes: int = 1 << 20,
     so they keep it clean). A message with an
     ``Inference-Header-Content-Length`` header is the binary tensor form (binary.py),
     limited to ``max_binary_bytes``; a JSON message to ``max_bytes``."""
+    return _envelope(value, _headers(headers), max_bytes, max_binary_bytes)
+
+
+def _envelope(value: bytes | None, h: dict[str, str], max_bytes: int,
+              max_binary_bytes: int) -> tuple[dict, dict | None, bool]:
+    """:func:`parse_envelope` with the headers already read (``_headers``)."""
     if value is None:
         raise EventError("invalid_json", "value: empty message (tombstone)")
-    h = _headers(headers)
     payload = None
     limit = max_binary_bytes if binary.HEADER in h else max_bytes
     if len(value) > limit:
@@ -270,7 +282,8 @@ def _from_uint8(arr: np.ndarray, model) -> np.ndarray:
 
 def parse_event(value: bytes | None, headers, models: dict, max_bytes: int = 1 << 20,
                 max_binary_bytes: int = 16 << 20) -> Event:
-    obj, ce, clean = parse_envelope(value, headers, max_bytes, max_binary_bytes)
+    h = _headers(headers)
+    obj, ce, clean = _envelope(value, h, max_bytes, max_binary_bytes)
     try:
         ev = validate_event(obj, models, values_checked=clean)
     except EventError:
@@ -279,7 +292,7 @@ def parse_event(value: bytes | None, headers, models: dict, max_bytes: int = 1 <
         # A shape of input the checks above did not foresee: still a clean DLQ reason.
         raise EventError("wrong_type", f"event: malformed ({type(e).__name__}: {e})") from None
     ev.cloudevent = ce
-    ev.trace = trace_context(_headers(headers))
+    ev.trace = trace_context(h)
     return ev
 
 

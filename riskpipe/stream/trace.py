@@ -19,6 +19,10 @@ specification allows is carried, bounded:
   duplicate keys, else it is dropped whole; over 512 characters, whole members are
   dropped (those over 128 characters first, then from the end) as the
   specification suggests.
+
+A header given more than once reaches ``trace_context`` combined (``events._headers``:
+copies joined by commas, as HTTP combines a repeated field): the copies of
+``tracestate`` make one list, and two copies of ``traceparent`` make no valid one.
 """
 
 from __future__ import annotations
