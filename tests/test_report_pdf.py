@@ -70,6 +70,30 @@ def test_names_without_a_break_point_stay_on_the_page(tmp_path):
     assert "lastdecision" in flat and "modelfaults" in flat  # the columns that used to fall off
 
 
+def test_the_pdf_renderer_fetches_nothing_but_inline_data(monkeypatch, tmp_path, ledger):
+    """WeasyPrint fetches what the HTML points at: a file: image or a rel=attachment link
+    would put a local file into the compliance PDF, an http: one would call a server.
+    The report's own figures are data: URLs; anything else is refused, even if markup got
+    past autoescaping (here the rendered HTML is replaced outright)."""
+    from PIL import Image
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("db password: hunter2\n")
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "local.png")
+    inline = report_pkg.render(report_pkg.gather(str(ledger[0]), verify=False), "html")
+    assert 'src="data:image/png;base64,' in inline  # the real report's figures, still drawn below
+    hostile = (f'<link rel="attachment" href="{secret.as_uri()}"><img src="{(tmp_path / "local.png").as_uri()}">'
+               f'<a rel="attachment" href="{secret.as_uri()}">x</a>')
+    monkeypatch.setattr(report_pkg, "render", lambda *a, **k: inline.replace("<main>", "<main>" + hostile, 1))
+    data = report_pkg.write_report(ledger[0], tmp_path / "r.pdf", "pdf", verify=False).read_bytes()
+    check_pdf(data)
+    assert b"/EmbeddedFile" not in data and b"hunter2" not in data
+    figures = data.count(b"/Subtype /Image")
+    monkeypatch.setattr(report_pkg, "render", lambda *a, **k: inline)
+    plain = report_pkg.write_report(ledger[0], tmp_path / "p.pdf", "pdf", verify=False).read_bytes()
+    assert figures == plain.count(b"/Subtype /Image") > 0  # the inline figures, and not the local image
+
+
 def test_pdf_of_an_empty_ledger(tmp_path):
     from riskpipe.ledger import Ledger
 

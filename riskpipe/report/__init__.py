@@ -39,6 +39,31 @@ def pdf_unavailable() -> str | None:
     return None
 
 
+def html_to_pdf(html: str) -> bytes:
+    """The PDF of a rendered HTML report (WeasyPrint: check ``pdf_unavailable`` first),
+    fetching nothing but the report's inline ``data:`` resources (``_inline_only``)."""
+    import weasyprint  # optional: weasyprint is optional (PDF output)
+
+    return weasyprint.HTML(string=html, url_fetcher=_inline_only(weasyprint)).write_pdf()
+
+
+def _inline_only(weasyprint: Any) -> Any:
+    """A WeasyPrint URL fetcher for ``data:`` URLs only. The report carries its figures
+    inline; a ``file:``, ``http:`` or other URL in it would make the renderer read a local
+    file into the PDF (an image, a ``rel=attachment`` link) or call a server. Autoescaping
+    already keeps the names in the report (models, policies, event ids: the user's) from
+    becoming markup; this holds even if a template let one through."""
+    if hasattr(weasyprint, "URLFetcher"):  # WeasyPrint >= 66: a fetcher class with a protocol allow-list
+        return weasyprint.URLFetcher(allowed_protocols=("data",))
+
+    def fetch(url: str) -> Any:  # earlier releases: a function; what it raises is a warning, the resource left out
+        if not url.lower().startswith("data:"):
+            raise ValueError(f"not fetched: the report embeds data: URLs only ({url[:40]!r})")
+        return weasyprint.default_url_fetcher(url)
+
+    return fetch
+
+
 def pdf_available() -> bool:
     return pdf_unavailable() is None
 
@@ -88,12 +113,10 @@ def write_report(ledger_path: str | Path, out_path: str | Path, fmt: str = "html
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "pdf":
-        import weasyprint  # optional: weasyprint is optional (PDF output)
-
-        weasyprint.HTML(string=render(data, "html", models)).write_pdf(str(out))
+        out.write_bytes(html_to_pdf(render(data, "html", models)))
     else:
         out.write_text(render(data, fmt, models), encoding="utf-8")
     return out
 
 
-__all__ = ["FORMATS", "ReportError", "render", "write_report"]
+__all__ = ["FORMATS", "ReportError", "html_to_pdf", "render", "write_report"]

@@ -31,7 +31,7 @@ from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint, verify
 from riskpipe.ledger.receipt import make_receipt, parse_receipt, verify_receipt
 from riskpipe.policy import load_policy
 from riskpipe.policy.loader import PolicyError
-from riskpipe.report import pdf_available, render
+from riskpipe.report import html_to_pdf, pdf_available, render
 from riskpipe.report.data import gather
 from riskpipe.timestamps import rfc3339_seconds
 
@@ -94,9 +94,7 @@ def write_bundle(ledger_path: str, out_path: str | Path, *, key_path: str, sampl
     files: dict[str, bytes] = {"report.html": render(data, "html", models).encode("utf-8"),
                                "report.json": render(data, "json", models).encode("utf-8")}
     if pdf_available():
-        import weasyprint  # optional: weasyprint is optional (PDF output)
-
-        files["report.pdf"] = weasyprint.HTML(string=files["report.html"].decode("utf-8")).write_pdf()
+        files["report.pdf"] = html_to_pdf(files["report.html"].decode("utf-8"))
     with open_ledger(str(ledger_path), create=False) as led:
         led.integrate()
         size, _ = led.tree_head()
