@@ -64,3 +64,36 @@ def test_cli_unknown_model_and_missing_file(tmp_path):
     bad.write_text("{not json\n")
     r = riskpipe("certify", "--input", str(bad))
     assert r.returncode != 0 and "invalid JSON" in r.stderr and ":1:" in r.stderr
+
+
+@pytest.mark.parametrize("line,expected", [
+    ('{"inputs": [1]}', "inputs: expected a non-empty list of tensor objects"),
+    ('{"inputs": {"a": 1}}', "inputs: expected a non-empty list of tensor objects"),
+    ('{"inputs": [{"shape": [1]}]}', "inputs[0].data: required field is missing"),
+    ('{"inputs": [{"data": "x"}]}', "inputs[0].data: expected an array of numbers"),
+    ('{"inputs": [{"data": [1, 2], "shape": "ab"}]}', "inputs[0].shape: expected a list of integers"),
+    ('{"inputs": [{"data": [1, 2], "shape": [1, true]}]}', "inputs[0].shape: expected a list of integers"),
+    ('{"inputs": [{"data": [1, 2], "shape": [3]}]}', "inputs[0].shape: cannot reshape"),
+    ('{"data": {"a": 1}}', "data: expected an array of numbers"),
+    ('{"other": 1}', "neither 'inputs' nor 'data'"),
+    ('"text"', "value: expected an array of numbers"),
+    ("[" + "9" * 400 + "]", "value: expected an array of numbers"),
+    ('{"data": [0.1], "data": [0.9]}', "the member name 'data' appears twice"),
+    ("[" * 100_000, "invalid JSON (nested too deeply)"),
+])
+def test_a_malformed_json_input_line_is_one_line_naming_line_and_field(tmp_path, capsys, line, expected):
+    """`certify --input` and `ledger replay --input` read inputs through read_inputs: each of
+    these used to end in a traceback (AttributeError, KeyError, TypeError, OverflowError) or
+    to take the last of two ``data`` members."""
+    from riskpipe.cli.common import read_inputs
+
+    good = json.dumps({"data": np.zeros((1, 8, 8)).tolist()})
+    f = tmp_path / "in.jsonl"
+    f.write_text(good + "\n" + line + "\n")
+    with pytest.raises(SystemExit) as exc:
+        read_inputs(str(f))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith(f"riskpipe: error: input {f}:2: ") and expected in err, err
+    assert len(err.strip().splitlines()) == 1
+    f.write_text(good + "\n" + json.dumps({"inputs": [{"data": [0.5] * 64, "shape": [1, 8, 8]}]}) + "\n")
+    assert read_inputs(str(f)).shape == (2, 1, 8, 8)

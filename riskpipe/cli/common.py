@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, NoReturn
 import click
 from tqdm import tqdm
 
+from riskpipe.json_names import duplicate_key
 from riskpipe.redaction import redact
 
 if TYPE_CHECKING:
@@ -106,25 +107,58 @@ def read_inputs(path: str) -> np.ndarray:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     fail(f"input {path}:{lineno}: invalid JSON ({e.msg})")
-                if isinstance(obj, dict):
-                    if obj.get("inputs"):
-                        t = obj["inputs"][0]
-                        obj = np.asarray(t.get("data"), dtype=float).reshape(t.get("shape", [-1]))
-                    elif "data" in obj:
-                        obj = obj["data"]
-                    else:
-                        fail(f"input {path}:{lineno}: object has neither 'inputs' nor 'data'")
-                rows.append(np.asarray(obj, dtype=float))
+                except RecursionError:
+                    fail(f"input {path}:{lineno}: invalid JSON (nested too deeply)")
+                try:
+                    rows.append(_json_row(line, obj))
+                except ValueError as e:
+                    fail(f"input {path}:{lineno}: {e}")
     except UnicodeDecodeError:
         fail(f"input {path}: not UTF-8 text (use .npy or JSON lines)")
-    except ValueError as e:
-        fail(f"input {path}: {e}")
     if not rows:
         fail(f"input {path}: no inputs")
     try:
         return np.stack(rows)
     except ValueError:
         fail(f"input {path}: inputs have different shapes")
+
+
+def _json_row(text: str, obj: object) -> np.ndarray:
+    """One JSON line's input: an array, an object with ``data``, or an Open Inference
+    Protocol event (its first tensor, reshaped to its ``shape``); ValueError naming the
+    field and the reason."""
+    import numpy as np  # lazy: as in read_inputs
+
+    if (key := duplicate_key(text, obj)) is not None:
+        raise ValueError(f"the member name {key[:80]!r} appears twice in one object; readers disagree on which "
+                         "one counts")
+    shape = None
+    if isinstance(obj, dict):
+        if "inputs" in obj:
+            tensors = obj["inputs"]
+            if not isinstance(tensors, list) or not tensors or not isinstance(tensors[0], dict):
+                raise ValueError("inputs: expected a non-empty list of tensor objects (Open Inference Protocol)")
+            if "data" not in tensors[0]:
+                raise ValueError("inputs[0].data: required field is missing")
+            field, data, shape = "inputs[0].data", tensors[0]["data"], tensors[0].get("shape", [-1])
+            if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+                raise ValueError(f"inputs[0].shape: expected a list of integers, got {json.dumps(shape)[:80]}")
+        elif "data" in obj:
+            field, data = "data", obj["data"]
+        else:
+            raise ValueError("object has neither 'inputs' nor 'data'")
+    else:
+        field, data = "value", obj
+    try:
+        a = np.asarray(data, dtype=float)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"{field}: expected an array of numbers ({e})") from None
+    if shape is not None:
+        try:
+            a = a.reshape(shape)
+        except ValueError as e:
+            raise ValueError(f"inputs[0].shape: {e}") from None
+    return a
 
 
 def public_key_option(help: str, required: bool = False):
