@@ -326,7 +326,7 @@ def test_duplicate_key_is_exact(value, escape):
     written, before any reader dropped one) is found, and nothing else is."""
     import orjson
 
-    from riskpipe.json_names import duplicate_key
+    from riskpipe.json_text import duplicate_key
 
     text = _write(value, escape).encode()
     found = duplicate_key(text, orjson.loads(text))

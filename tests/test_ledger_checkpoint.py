@@ -7,6 +7,7 @@ proves a later checkpoint extends an earlier one; legacy checkpoints still verif
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from riskpipe.ledger.checkpoint import (
     load_private_key,
     load_public_key,
     make_checkpoint,
+    read_checkpoint_file,
     verify_ledger,
 )
 
@@ -383,3 +385,13 @@ def test_consistency_between_checkpoints(tmp_path, keys):
     (tmp_path / "other.txt").write_text(make_note(cp1.origin, 20, cp2.root, load_private_key(keys / "other.pem")))
     rc, err = consistency(old, tmp_path / "other.txt", "--public-key", str(keys / "pub.pem"))
     assert rc == 2 and "with no given public key" in err and "Traceback" not in err
+
+
+def test_an_unreadable_checkpoints_file_is_one_error_naming_the_line(tmp_path):
+    """Legacy checkpoints are JSON lines: a line nested too deeply for the standard library
+    (a RecursionError, before) is invalid JSON like any other."""
+    f = tmp_path / "checkpoints.jsonl"
+    for line, says in (("{not json", "invalid JSON"), ('{"a":' * 50_000, "invalid JSON (nested too deeply)")):
+        f.write_text(line + "\n")
+        with pytest.raises(LedgerError, match=rf"--checkpoints {re.escape(str(f))}:1: {re.escape(says)}"):
+            read_checkpoint_file(f)

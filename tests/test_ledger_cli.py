@@ -222,7 +222,8 @@ def test_ingest_records_what_it_cannot_take_as_a_dead_letter_with_its_reason():
     for value, reason, says in ((twice.encode(), "duplicate_key", "'verdict' appears twice"),
                                 (b'["e-1"]', "not_an_object", "not a JSON object"),
                                 (b'{"verdict": "unsure"}', "missing_field", "missing field 'id'"),
-                                (b"{not json", "invalid_json", "")):
+                                (b"{not json", "invalid_json", ""),
+                                (b"[" * 100_000, "invalid_json", "nested too deeply")):  # was a RecursionError
         [(kind, rec, _)] = entries(value)
         assert (kind, rec["reason"]) == ("dlq", reason) and says in rec["message"], rec
         assert rec["source"] == {"topic": "review-outcomes", "partition": 0, "offset": 3}

@@ -150,3 +150,6 @@ def test_diff_bad_inputs_are_one_line(tmp_path):
     assert r.exit_code == 2 and "bad.jsonl:2: invalid JSON" in r.output
     r = run("diff", DEFAULT, DATA / "bad_norm.yaml", "--ledger", RECORDS)
     assert r.exit_code == 1 and "threat_model.norm" in r.output
+    bad.write_text('{"id": "a"}\n' + "[" * 100_000 + "\n")  # the standard library's RecursionError
+    for r in (run("diff", DEFAULT, STRICT, "--ledger", bad), run("explain", DEFAULT, "--record", bad)):
+        assert r.exit_code == 2 and "bad.jsonl:2: invalid JSON (nested too deeply)" in r.output, r.output

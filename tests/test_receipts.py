@@ -166,3 +166,6 @@ def test_receipt_needs_a_covering_checkpoint(tmp_path, keys):
     assert r.returncode == 0 and json.loads(r.stdout)["tree_size"] == 3
     r = cli("verify-receipt", tmp_path / "missing.json", "--public-key", keys / "pub.pem")
     assert r.returncode == 2 and "cannot read" in r.stderr
+    (tmp_path / "deep.json").write_text("[" * 100_000)  # was a RecursionError traceback
+    r = cli("verify-receipt", tmp_path / "deep.json", "--public-key", keys / "pub.pem")
+    assert r.returncode == 2 and "not JSON (nested too deeply" in r.stderr and "Traceback" not in r.stderr

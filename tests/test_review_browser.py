@@ -178,24 +178,31 @@ def test_records_on_the_review_topic_join_the_queue(console, browser, broker):
     try:
         producer.send("review", key=b"evt-from-kafka", value=json.dumps(rec).encode()).get(timeout=10)
         producer.send("review", key=b"junk", value=b"{not json").get(timeout=10)
+        # nested too deeply for the standard library's reader: a RecursionError, not a ValueError,
+        # used to end the feed's thread, and no later record reached the queue
+        producer.send("review", key=b"deep", value=b"[" * 100_000).get(timeout=10)
+        late = decision_record("evt-after-deep", digit_index=3, priority=1,
+                               deadline=datetime.now(UTC) + timedelta(minutes=40))
+        producer.send("review", key=b"evt-after-deep", value=json.dumps(late).encode()).get(timeout=10)
     finally:
         producer.close()
     # the backlog gauge follows the topic without anyone opening a page
     deadline = time.monotonic() + 20
-    while "riskpipe_review_backlog 3.0" not in metrics_text(console.url) and time.monotonic() < deadline:
+    while "riskpipe_review_backlog 4.0" not in metrics_text(console.url) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert "riskpipe_review_backlog 3.0" in metrics_text(console.url)
+    assert "riskpipe_review_backlog 4.0" in metrics_text(console.url)
     login(browser, console.url)
     deadline = time.monotonic() + 20
-    while "evt-from-kafka" not in queue_ids(browser) and time.monotonic() < deadline:
+    while "evt-after-deep" not in queue_ids(browser) and time.monotonic() < deadline:
         time.sleep(0.3)
         browser.refresh()
-    assert queue_ids(browser)[0] == "evt-from-kafka"  # priority 1, earliest deadline
-    # the malformed message is skipped with its position named, and the feed carries on
+    assert queue_ids(browser)[:2] == ["evt-from-kafka", "evt-after-deep"]  # priority 1, earliest deadlines
+    # the malformed messages are skipped with their positions named, and the feed carries on
     deadline = time.monotonic() + 10
-    while console.feed.rejected < 1 and time.monotonic() < deadline:
+    while console.feed.rejected < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert console.feed.rejected == 1 and console.feed.last_error.startswith("review[0]@1: skipped")
+    assert console.feed.rejected == 2 and console.feed.last_error.startswith("review[0]@2: skipped")
+    assert "nested too deeply" in console.feed.last_error
 
 
 @pytest.fixture

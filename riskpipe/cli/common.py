@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, NoReturn
 import click
 from tqdm import tqdm
 
-from riskpipe.json_names import duplicate_key
+from riskpipe import json_text
 from riskpipe.redaction import redact
 
 if TYPE_CHECKING:
@@ -104,11 +104,9 @@ def read_inputs(path: str) -> np.ndarray:
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
+                    obj = json_text.loads(line)
                 except json.JSONDecodeError as e:
                     fail(f"input {path}:{lineno}: invalid JSON ({e.msg})")
-                except RecursionError:
-                    fail(f"input {path}:{lineno}: invalid JSON (nested too deeply)")
                 try:
                     rows.append(_json_row(line, obj))
                 except ValueError as e:
@@ -129,7 +127,7 @@ def _json_row(text: str, obj: object) -> np.ndarray:
     field and the reason."""
     import numpy as np  # lazy: as in read_inputs
 
-    if (key := duplicate_key(text, obj)) is not None:
+    if (key := json_text.duplicate_key(text, obj)) is not None:
         raise ValueError(f"the member name {key[:80]!r} appears twice in one object; readers disagree on which "
                          "one counts")
     shape = None

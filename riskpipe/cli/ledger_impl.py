@@ -17,10 +17,9 @@ import numpy as np
 from kafka import OffsetAndMetadata
 from kafka.errors import KafkaError
 
-from riskpipe import kafka_clients
+from riskpipe import json_text, kafka_clients
 from riskpipe.app.config import ConfigError, load_config
 from riskpipe.cli.common import fail, read_inputs, read_public_keys, working
-from riskpipe.json_names import duplicate_key
 from riskpipe.ledger import KINDS, LedgerError, canonical_json, dlq_record, merkle, open_ledger, policy_record
 from riskpipe.ledger.anchors import Checkpoint
 from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint, publish, read_checkpoint_file, verify_ledger
@@ -276,7 +275,7 @@ def verify_receipt(receipt_path, public_keys, origin, as_json):
     keys = read_public_keys(public_keys)
     try:
         text = Path(receipt_path).read_text(encoding="utf-8")
-        rec = json.loads(text)
+        rec = json_text.loads(text)
     except (OSError, UnicodeDecodeError) as e:
         fail(f"{receipt_path}: cannot read ({getattr(e, 'strerror', None) or e})")
     except json.JSONDecodeError as e:
@@ -334,7 +333,7 @@ def _unreadable(text: bytes, record: Any) -> tuple[str, str] | None:
     refuses it in an event: readers differ on which copy counts."""
     if not isinstance(record, dict):
         return "not_an_object", "not a JSON object"
-    if (key := duplicate_key(text, record)) is not None:
+    if (key := json_text.duplicate_key(text, record)) is not None:
         return "duplicate_key", f"the member name {key[:80]!r} appears twice in one object"
     if not isinstance(record.get("id"), str) or not record["id"]:
         return "missing_field", "missing field 'id'"
@@ -365,7 +364,7 @@ def message_entries(msg, kind: str) -> list[tuple[str, dict, str | None]]:
         return [("dlq", rec, eid)]
     unreadable: tuple[str, str] | None
     try:
-        record = json.loads(msg.value)
+        record = json_text.loads(msg.value)
     except (TypeError, ValueError) as e:
         record, unreadable = None, ("invalid_json", str(e))
     else:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from riskpipe import json_text
 from riskpipe.certify import certifier_for_policy
 from riskpipe.certify.certificate import Certificate
 from riskpipe.cli.common import fail
@@ -72,7 +73,7 @@ def _read_json_records(path: str):
         fail(f"records {path}: file not found")
     text = p.read_text(encoding="utf-8", errors="replace")
     try:
-        whole = json.loads(text)
+        whole = json_text.loads(text)
         items = whole if isinstance(whole, list) else [whole]
     except json.JSONDecodeError:
         items = []
@@ -80,7 +81,7 @@ def _read_json_records(path: str):
             if not line.strip():
                 continue
             try:
-                items.append(json.loads(line))
+                items.append(json_text.loads(line))
             except json.JSONDecodeError as e:
                 fail(f"records {path}:{lineno}: invalid JSON ({e.msg})")
     for obj in items:

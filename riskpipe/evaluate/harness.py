@@ -9,7 +9,6 @@ records the stage wrote. Nothing is decided here that the stage did not decide.
 
 from __future__ import annotations
 
-import json
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from riskpipe import npy
+from riskpipe import json_text, npy
 from riskpipe.app.compose import build_pipeline
 from riskpipe.app.config import ConfigError, StageConfig, format_validation_error, load_config
 from riskpipe.app.offline import run_offline
@@ -175,7 +174,7 @@ def _dlq_id(rec: dict) -> str | None:
         return value.get("id")
     if isinstance(value, str):
         try:
-            obj = json.loads(value)
+            obj = json_text.loads(value)  # the dead-lettered payload: anyone's text
         except ValueError:
             return None
         return obj.get("id") if isinstance(obj, dict) else None

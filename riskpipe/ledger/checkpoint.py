@@ -45,7 +45,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
 
-from riskpipe import kafka_clients
+from riskpipe import json_text, kafka_clients
 from riskpipe.ledger import note as notes
 from riskpipe.ledger.anchors import Checkpoint, LegacyCheckpoint
 from riskpipe.ledger.chain import LedgerError, VerifyResult
@@ -195,7 +195,7 @@ def read_checkpoint_file(path: str | Path) -> list[str] | list[LegacyCheckpoint]
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                obj = json.loads(line)
+                obj = json_text.loads(line)
             except json.JSONDecodeError as e:
                 raise LedgerError(f"--checkpoints {path}:{n}: invalid JSON ({e.msg})") from None
             out.append(LegacyCheckpoint.from_dict(obj, f"--checkpoints {path}:{n}"))

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from riskpipe.json_names import duplicate_key
+from riskpipe import json_text
 from riskpipe.ledger import merkle
 from riskpipe.ledger.anchors import Checkpoint
 from riskpipe.ledger.chain import Entry, LedgerError, canonical_json
@@ -49,7 +48,7 @@ def make_receipt(ledger: Ledger, seq: int, note: str) -> dict[str, Any]:
 def parse_receipt(text: str | bytes) -> Any:
     """A receipt file's JSON (``refuse_repeated_names`` applied); LedgerError if it is not JSON."""
     try:
-        receipt = json.loads(text)
+        receipt = json_text.loads(text)
     except ValueError as e:
         raise LedgerError(f"receipt: not JSON ({e})") from None
     refuse_repeated_names(text, receipt)
@@ -60,7 +59,7 @@ def refuse_repeated_names(text: str | bytes, receipt: Any) -> None:
     """LedgerError if the receipt's ``text`` (parsed as ``receipt``) gives a member name twice
     in one object: riskpipe's reader keeps the last copy, a reader that keeps the first
     would show an auditor another ``record`` than the one verified (docs/receipts.md, step 0)."""
-    if (key := duplicate_key(text, receipt)) is not None:
+    if (key := json_text.duplicate_key(text, receipt)) is not None:
         raise LedgerError(f"receipt: the member name {key[:80]!r} appears twice in one object; readers disagree on "
                           "which one counts")
 
@@ -87,7 +86,7 @@ def verify_receipt(receipt: Any, public_keys: Iterable[Ed25519PublicKey], origin
     except (binascii.Error, ValueError, TypeError):
         raise LedgerError("receipt.leaf: not base64 of 'kind \\n entry id \\n record'") from None
     try:
-        parsed = json.loads(text)
+        parsed = json_text.loads(text)
     except ValueError:
         raise LedgerError("receipt.leaf: its record part is not JSON") from None
     if canonical_json(parsed) != text:

@@ -16,7 +16,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from riskpipe import kafka_clients
+from riskpipe import json_text, kafka_clients
 from riskpipe.kafka_clients import KafkaSettings
 from riskpipe.ledger import Ledger, LedgerError
 from riskpipe.review.queue import ReviewError, check_decision_record
@@ -81,7 +81,7 @@ class ReviewTopicFeed:
     def _store(self, ledger: Ledger, msg) -> None:
         where = f"{msg.topic}[{msg.partition}]@{msg.offset}"
         try:
-            record = check_decision_record(json.loads(msg.value))
+            record = check_decision_record(json_text.loads(msg.value))
             why = self.scope.refuses(record) if self.scope is not None else None
             if why is not None:  # another stage on a shared topic: expected, said once per kind
                 self.other_stage += 1

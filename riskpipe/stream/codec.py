@@ -8,7 +8,7 @@ with them. Both readers turn an integer literal beyond 64 bits into a double (or
 does so itself); one too large even for a double becomes an ``OversizedInt``
 (validation reports it as ``out_of_range``) instead of raising. Both keep the last of
 a member name given twice in one object, as many readers do but not all (some keep the
-first, some refuse): ``riskpipe.json_names.duplicate_key`` finds such names, so the
+first, some refuse): ``riskpipe.json_text.duplicate_key`` finds such names, so the
 stage certifies only events every reader reads alike (I-JSON, RFC 7493: names unique).
 ``dumps`` writes compact, key-sorted UTF-8 for the output topics; the ledger's
 canonical JSON (riskpipe/ledger/chain.py) does not come through here.

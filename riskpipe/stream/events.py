@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from riskpipe.json_names import duplicate_key
+from riskpipe.json_text import duplicate_key
 from riskpipe.models.validate import InputError, check_inputs
 from riskpipe.stream import binary, codec
 from riskpipe.stream.errors import EventError

@@ -1,10 +1,15 @@
-"""Member names given twice in one JSON object.
+"""Reading JSON text that riskpipe did not write (a Kafka message, a file a user hands in).
 
-RFC 8259 leaves such a text's meaning open: Python's readers (orjson, the standard
-library) keep the last copy, others keep the first or refuse the text. Wherever riskpipe
-acts on JSON that someone else may read too (an inference event served by a model server,
-a verdict, a receipt shown to an auditor) a name given twice is refused, so every reader
-reads the same thing (I-JSON, RFC 7493: names unique).
+* :func:`loads`: ``json.loads`` whose every refusal is a ValueError. The standard library
+  raises RecursionError for arrays or objects nested some thousand deep, which a reader
+  catching bad JSON as ValueError does not catch: one such message stopped
+  ``ledger ingest`` and the review console's feed, one such file gave a traceback.
+* :func:`duplicate_key`: member names given twice in one object. RFC 8259 leaves such a
+  text's meaning open: Python's readers (orjson, the standard library) keep the last copy,
+  others keep the first or refuse the text. Wherever riskpipe acts on JSON that someone
+  else may read too (an inference event served by a model server, a verdict, a receipt
+  shown to an auditor) a name given twice is refused, so every reader reads the same thing
+  (I-JSON, RFC 7493: names unique).
 """
 
 from __future__ import annotations
@@ -12,6 +17,15 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
+
+
+def loads(text: str | bytes | bytearray) -> Any:
+    """``json.loads(text)``; too deep a nesting is a ``json.JSONDecodeError`` (a ValueError)
+    like any other text that is not JSON, not a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
 
 
 def _zero(_text: str) -> int:
