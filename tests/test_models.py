@@ -63,6 +63,19 @@ def test_bad_specs_name_the_reason(spec, msg):
         load_model(spec)
 
 
+def test_a_file_with_a_booster_suffix_that_is_no_booster_says_so(tmp_path):
+    """A .txt or .json that is neither LightGBM text nor XGBoost JSON was an "unknown format
+    '.txt'" beside a list naming .txt as supported."""
+    for name, text in (("model.txt", "x\n"), ("model.json", '{"a": 1}'), ("model.lgb", "")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ModelError, match=rf"not a booster file: a \{name[5:]} model is read as XGBoost JSON .*"
+                                             r"\?format=xgboost or \?format=lightgbm"):
+            load_model(str(tmp_path / name))
+    (tmp_path / "model.bin").write_text("x")
+    with pytest.raises(ModelError, match=r"unknown format '\.bin'"):
+        load_model(str(tmp_path / "model.bin"))
+
+
 def test_weights_only_refuses_pickled_objects(tmp_path):
     import pickle
 

@@ -327,6 +327,9 @@ def _attach_trees(model: Model, extract) -> Model:
     return model
 
 
+_BOOSTER_SUFFIXES = (".json", ".txt", ".lgb", ".model")  # told apart from other files of the name by content
+
+
 def _booster_format(path: Path, opts) -> str | None:
     """``xgboost`` / ``lightgbm`` for a booster's native file, else None. ``?format=`` decides;
     otherwise .ubj is XGBoost, a .json with a ``learner`` is XGBoost, and a text file that
@@ -343,7 +346,7 @@ def _booster_format(path: Path, opts) -> str | None:
         head = f.read(4096)
     if suffix == ".json" and b'"learner"' in head:
         return "xgboost"
-    if suffix in (".txt", ".lgb", ".model") and head.startswith(b"tree\n"):
+    if suffix in _BOOSTER_SUFFIXES[1:] and head.startswith(b"tree\n"):
         return "lightgbm"
     return None
 
@@ -454,6 +457,10 @@ def load_model(spec: str, device: str = "cpu", trusted_types=()) -> Model:
             except Exception as e:  # noqa: BLE001
                 raise ModelError(f"model {spec}: not a TorchScript file ({type(e).__name__})") from None
             model = _torch_model(spec, module, opts, sha256_file(path), getattr(module, "input_shape", None))
+        elif suffix in _BOOSTER_SUFFIXES:  # a suffix boosters use, but the content is not one
+            raise ModelError(f"model {spec}: not a booster file: a {suffix} model is read as XGBoost JSON (with a "
+                             "\"learner\" member) or LightGBM text (starting with \"tree\"), and this is neither; "
+                             "if it is one, name it with ?format=xgboost or ?format=lightgbm")
         else:
             raise ModelError(f"model {spec}: unknown format {suffix!r} (use .pt TorchScript, .onnx, .skops, "
                              "an XGBoost .json/.ubj or LightGBM .txt booster, module:factory@weights or demo:NAME)")
