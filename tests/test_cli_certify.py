@@ -70,10 +70,12 @@ def test_cli_unknown_model_and_missing_file(tmp_path):
     ('{"inputs": [1]}', "inputs: expected a non-empty list of tensor objects"),
     ('{"inputs": {"a": 1}}', "inputs: expected a non-empty list of tensor objects"),
     ('{"inputs": [{"shape": [1]}]}', "inputs[0].data: required field is missing"),
-    ('{"inputs": [{"data": "x"}]}', "inputs[0].data: expected an array of numbers"),
+    ('{"inputs": [{"data": "x", "shape": [1, 1]}]}', "inputs[0].data: expected an array of numbers"),
     ('{"inputs": [{"data": [1, 2], "shape": "ab"}]}', "inputs[0].shape: expected a list of integers"),
     ('{"inputs": [{"data": [1, 2], "shape": [1, true]}]}', "inputs[0].shape: expected a list of integers"),
     ('{"inputs": [{"data": [1, 2], "shape": [3]}]}', "inputs[0].shape: cannot reshape"),
+    ('{"inputs": [{"data": [1, 2]}]}', "inputs[0].shape: required field is missing"),
+    ('{"inputs": [{"data": [1, 2], "shape": [2]}]}', "inputs[0].shape: [2]: expected [batch, *input shape]"),
     ('{"data": {"a": 1}}', "data: expected an array of numbers"),
     ('{"other": 1}', "neither 'inputs' nor 'data'"),
     ('"text"', "value: expected an array of numbers"),
@@ -95,5 +97,5 @@ def test_a_malformed_json_input_line_is_one_line_naming_line_and_field(tmp_path,
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith(f"riskpipe: error: input {f}:2: ") and expected in err, err
     assert len(err.strip().splitlines()) == 1
-    f.write_text(good + "\n" + json.dumps({"inputs": [{"data": [0.5] * 64, "shape": [1, 8, 8]}]}) + "\n")
-    assert read_inputs(str(f)).shape == (2, 1, 8, 8)
+    f.write_text(good + "\n" + json.dumps({"inputs": [{"data": [0.5] * 128, "shape": [2, 1, 8, 8]}]}) + "\n")
+    assert read_inputs(str(f)).shape == (3, 1, 8, 8)  # an event's tensor is a batch: [2, *input shape]

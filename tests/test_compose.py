@@ -415,3 +415,32 @@ def test_torch_threads_is_set_before_the_models_are_built(user, tmp_path):
         assert "torch_threads" in str(e.value) and "\n" not in str(e.value)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_device_or_port_this_machine_cannot_use_is_a_config_error(tmp_path):
+    """A device torch does not know, CUDA on a machine without it, a port beyond 65535: one
+    config line naming the key (they were an AssertionError, a RuntimeError or a ValueError
+    traceback at start-up), before any model is loaded."""
+    import torch
+
+    from riskpipe.app.config import StageConfig
+    from riskpipe.models import ModelError, check_device
+
+    bad = {"foo": "not a torch device", "meta": "riskpipe runs models on cpu, cuda or mps"}
+    if not torch.cuda.is_available():
+        bad.update({"cuda": "CUDA is not available here", "cuda:7": "CUDA is not available here"})
+    else:
+        bad[f"cuda:{torch.cuda.device_count()}"] = "CUDA device(s)"
+    for device, why in bad.items():
+        with pytest.raises(ConfigError, match=rf"^device: '{device}': {why}"):
+            build_pipeline(StageConfig(device=device))
+        with pytest.raises(ModelError, match=rf"^device '{device}': {why}"):
+            check_device(device)
+    assert check_device("cpu") == torch.device("cpu")
+    for port in (-1, 65536):
+        with pytest.raises(ConfigError, match="metrics_port: Input should be"):
+            (tmp_path / "c.yaml").write_text(yaml.safe_dump({"metrics_port": port}))
+            load_config(str(tmp_path / "c.yaml"))
+    r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "run", "--workers", "0", "--no-ledger"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "'--workers': 0 is not in the range x>=1" in r.stderr and "Traceback" not in r.stderr

@@ -281,7 +281,7 @@ class StageConfig(KafkaSettings):
     group_id: str = "riskpipe"
     models: dict[str, ModelConfig] = {"digits": ModelConfig(spec="demo:digits")}  # noqa: RUF012 - pydantic copies it
     policy: str = Field(default_factory=default_policy_path)
-    metrics_port: int | None = None
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # 0: a free port
     metrics_addr: str = "127.0.0.1"  # 0.0.0.0 inside a pod, so Prometheus and probes reach it
     ledger: str | None = None  # a file path, sqlite:///PATH or postgresql://USER@HOST/DB
     # origin line of the ledger's signed checkpoints (C2SP tlog-checkpoint); None:

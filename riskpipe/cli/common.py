@@ -97,7 +97,7 @@ def read_inputs(path: str) -> np.ndarray:
         except Exception as e:  # noqa: BLE001 - any unreadable file is a user error
             fail(f"input {path}: not a readable .npy file ({type(e).__name__})")
         return a
-    rows = []
+    rows: list[np.ndarray] = []
     try:
         with open(p, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -108,7 +108,7 @@ def read_inputs(path: str) -> np.ndarray:
                 except json.JSONDecodeError as e:
                     fail(f"input {path}:{lineno}: invalid JSON ({e.msg})")
                 try:
-                    rows.append(_json_row(line, obj))
+                    rows.extend(_json_inputs(line, obj))
                 except ValueError as e:
                     fail(f"input {path}:{lineno}: {e}")
     except UnicodeDecodeError:
@@ -121,10 +121,11 @@ def read_inputs(path: str) -> np.ndarray:
         fail(f"input {path}: inputs have different shapes")
 
 
-def _json_row(text: str, obj: object) -> np.ndarray:
-    """One JSON line's input: an array, an object with ``data``, or an Open Inference
-    Protocol event (its first tensor, reshaped to its ``shape``); ValueError naming the
-    field and the reason."""
+def _json_inputs(text: str, obj: object) -> np.ndarray:
+    """One JSON line's inputs, as a batch: an array or an object with ``data`` is one input;
+    an Open Inference Protocol event (the stage's own event format) holds as many as the
+    first dimension of its first tensor's ``shape`` (``[1, *input shape]`` for one input).
+    ValueError naming the field and the reason."""
     import numpy as np  # lazy: as in read_inputs
 
     if (key := json_text.duplicate_key(text, obj)) is not None:
@@ -136,9 +137,10 @@ def _json_row(text: str, obj: object) -> np.ndarray:
             tensors = obj["inputs"]
             if not isinstance(tensors, list) or not tensors or not isinstance(tensors[0], dict):
                 raise ValueError("inputs: expected a non-empty list of tensor objects (Open Inference Protocol)")
-            if "data" not in tensors[0]:
-                raise ValueError("inputs[0].data: required field is missing")
-            field, data, shape = "inputs[0].data", tensors[0]["data"], tensors[0].get("shape", [-1])
+            for key in ("data", "shape"):
+                if key not in tensors[0]:
+                    raise ValueError(f"inputs[0].{key}: required field is missing")
+            field, data, shape = "inputs[0].data", tensors[0]["data"], tensors[0]["shape"]
             if not isinstance(shape, list) or not all(type(d) is int for d in shape):
                 raise ValueError(f"inputs[0].shape: expected a list of integers, got {json.dumps(shape)[:80]}")
         elif "data" in obj:
@@ -151,11 +153,14 @@ def _json_row(text: str, obj: object) -> np.ndarray:
         a = np.asarray(data, dtype=float)
     except (TypeError, ValueError, OverflowError) as e:
         raise ValueError(f"{field}: expected an array of numbers ({e})") from None
-    if shape is not None:
-        try:
-            a = a.reshape(shape)
-        except ValueError as e:
-            raise ValueError(f"inputs[0].shape: {e}") from None
+    if shape is None:
+        return a[None]
+    try:
+        a = a.reshape(shape)
+    except ValueError as e:
+        raise ValueError(f"inputs[0].shape: {e}") from None
+    if a.ndim < 2:
+        raise ValueError(f"inputs[0].shape: {shape}: expected [batch, *input shape]")
     return a
 
 

@@ -30,7 +30,8 @@ import click
               help="Consumer-group session timeout (default: 10000, 2000 on the embedded broker).")
 @click.option("--heartbeat-interval-ms", type=int, default=None,
               help="Consumer-group heartbeat interval (default: 3000, 500 on the embedded broker).")
-@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes in one consumer group.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes in one consumer group.")
 @click.option("--worker-id", default=None)
 @click.option("--idle-exit", type=float, default=None, help="Exit after this many seconds without input.")
 @click.option("--no-metrics-server", is_flag=True, hidden=True)

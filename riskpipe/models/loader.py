@@ -432,9 +432,32 @@ def load_model_for(spec: str, sample_shape, device: str = "cpu", trusted_types=(
     return load_model(f"{spec}{'&' if '?' in spec else '?'}shape={shape}", device=device, trusted_types=trusted_types)
 
 
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device this process can use, or ModelError naming it and why: a
+    name torch does not know, CUDA or MPS that this torch build or machine lacks, a CUDA
+    index beyond the devices present (torch says so only at the first tensor moved, with a
+    RuntimeError or an AssertionError)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelError(f"device {device!r}: not a torch device (cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}"
+                             f"{', built without CUDA' if torch.version.cuda is None else ''})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"device {device!r}: MPS is not available here")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"device {device!r}: riskpipe runs models on cpu, cuda or mps")
+    return dev
+
+
 def load_model(spec: str, device: str = "cpu", trusted_types=()) -> Model:
     """Load a model from ``spec`` (see module docstring); raises ModelError with the reason.
     ``trusted_types`` (skops only) are types trusted beyond the tree ensembles' own."""
+    check_device(device)
     base, opts = _options(str(spec))
     if base.startswith("demo:"):
         model = _load_demo(spec, base[5:], opts)
