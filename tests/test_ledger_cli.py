@@ -86,6 +86,22 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.exit_code == 2 and "not a usable ledger" in r.output
 
 
+def test_an_output_file_that_cannot_be_written_is_one_line(ledger_path, tmp_path):
+    """`--out` under a regular file (or in a missing or read-only directory): one line naming
+    the file and the reason, exit 2, for every command (the CLI group catches the OSError;
+    export and report used to end in a FileNotFoundError or NotADirectoryError traceback)."""
+    (tmp_path / "file").write_text("x")
+    blocked = tmp_path / "file" / "out"
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 8, 8), np.float32))
+    for args in (["ledger", "export", ledger_path, "--out", str(blocked)],
+                 ["report", "--ledger", ledger_path, "--format", "json", "--out", str(blocked)],
+                 ["certify", "--input", str(tmp_path / "x.npy"), "--mode", "predict", "--output", str(blocked)]):
+        r = run(*args)
+        assert r.exit_code == 2, (args, r.output)
+        assert r.output.startswith(f"riskpipe: error: {tmp_path / 'file'}") and r.output.count("\n") == 1, r.output
+        assert "Traceback" not in r.output
+
+
 # ---- replay ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

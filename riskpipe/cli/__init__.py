@@ -13,7 +13,7 @@ import sys
 import click
 from click.shell_completion import CompletionItem
 
-from riskpipe.redaction import install
+from riskpipe.redaction import install, redact
 
 # command name -> ("module:attribute", its short help). The short help is the command's
 # first sentence, repeated here so listing commands imports none of them;
@@ -76,6 +76,19 @@ class LazyGroup(click.Group):
             limit = formatter.width - 6 - max(len(n) for n in names)  # click's own spacing
             with formatter.section("Commands"):
                 formatter.write_dl([(n, short_help(n, limit)) for n in names])
+
+    def invoke(self, ctx):
+        """Every command: a file it cannot read or write (``--out`` in a missing or read-only
+        directory, say) is one line naming the file and the reason, exit 2, as the commands'
+        own checks say it, never a traceback. A closed pipe (``| head``) stays click's."""
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"riskpipe: error: {redact(where + (e.strerror or str(e)))}", err=True)
+            sys.exit(2)
 
     def shell_complete(self, ctx, incomplete):
         """Command-name completion from ``COMMANDS``, without importing the commands."""
