@@ -106,6 +106,11 @@ def test_empty_ledger_and_bad_options(tmp_path):
         write_report(tmp_path / "empty.db", tmp_path / "x.txt", "txt")
     r = CliRunner().invoke(cli, ["report", "--ledger", str(tmp_path / "empty.db"), "--since", "soon"])
     assert r.exit_code == 2 and "since: not an RFC 3339 time" in r.output
+    for since, until in (("2030-01-01", "2020-01-01"), ("2026-01-01T00:00:00Z", "2026-01-01T01:00:00+01:00")):
+        r = CliRunner().invoke(cli, ["report", "--ledger", str(tmp_path / "empty.db"), "--since", since, "--until",
+                                     until, "--out", str(tmp_path / "p.html")])  # an empty period, not a report
+        assert r.exit_code == 2 and f"since {since} is not before until {until}" in r.output, r.output
+        assert not (tmp_path / "p.html").exists()
 
 
 def test_html_is_self_contained_and_renders_in_chromium(demo, tmp_path):

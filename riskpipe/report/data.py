@@ -93,6 +93,8 @@ def gather(ledger_path: str, since: Any = None, until: Any = None, verify: bool 
     table into arrays. Only verdicts, policy entries and the example records the report
     shows are read whole. ``verify`` walks the whole chain first (the same walk as
     ``riskpipe ledger verify``; its time grows with the ledger)."""
+    if since is not None and until is not None and parse_ts(since, "since") >= parse_ts(until, "until"):
+        raise LedgerError(f"since {since} is not before until {until}: the report's period would be empty")
     with open_ledger(ledger_path, create=False) as led:
         integrity = _integrity(led, ledger_path, verify)
         verdicts = [e.record for e in led.records("verdict", since, until)]
