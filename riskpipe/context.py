@@ -196,7 +196,7 @@ class ContextIndex:
         """Load a saved index, or a plain reference .npz with arrays ``X`` and ``y``
         (then ``norm`` is required and an index is built)."""
         try:
-            with npy.load(path) as z:
+            with npy.load_npz(path) as z:
                 arrays = {k: z[k] for k in z.files}
         except FileNotFoundError:
             raise ContextError(f"context {path}: file not found") from None

@@ -77,7 +77,13 @@ def check_file(path: str | Path, max_bytes: int | None = None) -> None:
         check_header(f, lambda n: size - n, str(path), limit)
 
 
-def load(path: str | Path, max_bytes: int | None = None):
-    """``np.load(path, allow_pickle=False)`` after ``check_file``."""
+def load_npz(path: str | Path, max_bytes: int | None = None):
+    """``np.load(path, allow_pickle=False)`` of an .npz archive of named arrays, after
+    ``check_file``: ValueError for a single .npy array, which every caller would otherwise
+    meet as a TypeError (``with`` on an ndarray) or a missing ``files``."""
     check_file(path, max_bytes)
-    return np.load(path, allow_pickle=False)
+    z = np.load(path, allow_pickle=False)
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: a single .npy array, not an .npz archive of named arrays (np.savez(path, X=..., "
+                         "y=...))")
+    return z

@@ -152,6 +152,25 @@ def test_a_160_gb_npy_header_is_refused_before_allocating(tmp_path):
     _one_line(_cli("certify", "--input", str(tmp_path / "x.npy")), str(tmp_path / "x.npy"), "160 GB")
 
 
+def test_a_single_npy_where_an_npz_is_read_is_one_line(tmp_path):
+    """A reference, context or data file must be an .npz of named arrays: a plain .npy
+    (np.save instead of np.savez) was a TypeError traceback (``with`` on an ndarray) in
+    init, the stage's reference and compare --data."""
+    from riskpipe import npy
+
+    ref = tmp_path / "ref.npy"
+    np.save(ref, np.zeros((20, 1, 8, 8), np.float32))
+    with pytest.raises(ValueError, match=r"ref.npy: a single .npy array, not an .npz archive of named arrays"):
+        npy.load_npz(ref)
+    (tmp_path / "events.jsonl").write_text("")
+    r = _cli("run", "--model", "digits=demo:digits", "--reference", f"digits={ref}", "--source",
+             f"jsonl:{tmp_path / 'events.jsonl'}", "--sink", f"jsonl:{tmp_path / 'out'}", "--no-ledger",
+             "--certify-batch-size", "64", "--no-metrics-server")
+    _one_line(r, "models.digits.reference", str(ref), "not an .npz archive")
+    _one_line(_cli("init", "--model", "demo:digits", "--reference", str(ref), "--out", str(tmp_path / "init")),
+              str(ref), "not an .npz archive")
+
+
 # ---- batch size ---------------------------------------------------------------------------
 def test_a_billion_certify_batch_size_is_one_line(tmp_path):
     (tmp_path / "events.jsonl").write_text("")

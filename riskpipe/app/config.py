@@ -228,7 +228,7 @@ def reference_feature_names(path: str) -> list[str] | None:
     (or cannot be read: ``read_reference`` reports that)."""
 
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with npy.load_npz(path) as z:
             if "feature_names" not in z.files:
                 return None
             names = z["feature_names"]
@@ -243,7 +243,7 @@ def read_reference(path: str):
     """``(X, y or None)`` from a reference .npz; ValueError with the reason."""
 
     try:
-        with npy.load(path) as z:
+        with npy.load_npz(path) as z:
             if "X" not in z.files:
                 raise ValueError(f"{path}: no array 'X' (clean inputs) in the .npz")
             X, y = z["X"], (z["y"] if "y" in z.files else None)

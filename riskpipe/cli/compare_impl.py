@@ -59,7 +59,7 @@ def compare(models, config_path, methods, eps_grid, norms, n_samples, limit, sig
     X = y = None
     if data_path:
         try:
-            with npy.load(data_path) as d:
+            with npy.load_npz(data_path) as d:
                 X, y = d["X"], d["y"].astype(np.int64)
         except (OSError, ValueError) as e:
             fail(f"--data {data_path}: not a readable .npz ({type(e).__name__}: {e})")

@@ -127,7 +127,7 @@ def load_data(spec: str, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     if not p.is_file():
         raise EvaluationError(f"data: {spec}: file not found")
     try:
-        with npy.load(p) as z:
+        with npy.load_npz(p) as z:
             missing = [k for k in ("X", "y") if k not in z.files]
             if missing:
                 raise EvaluationError(f"data: {spec}: missing array {missing[0]!r}")
