@@ -102,3 +102,18 @@ def test_subcommand_help(name):
     result = CliRunner().invoke(cli, [name, "--help"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"Usage: cli {name} ")
+
+
+@pytest.mark.parametrize("args,says", [
+    (["demo", "--clean", "0"], "'--clean': 0 is not in the range x>=1"),  # IndexError: no digit to attack
+    (["demo", "--clean", "-1"], "'--clean': -1 is not in the range x>=1"),  # silently all but the last digit
+    (["demo", "--attacked", "-5"], "'--attacked': -5 is not in the range x>=0"),  # ValueError traceback
+    (["demo", "--attack-eps", "nan"], "'--attack-eps': nan is not a finite number > 0"),
+    (["demo", "--attack-eps", "-1"], "'--attack-eps': -1.0 is not a finite number > 0"),
+    (["demo", "--metrics-port", "99999"], "'--metrics-port': 99999 is not in the range 0<=x<=65535"),
+    (["run", "--workers", "0"], "'--workers': 0 is not in the range x>=1"),
+])
+def test_out_of_range_options_are_refused_before_the_command_runs(args, says):
+    """The main job's options among them: each was a traceback, or ran something else."""
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and says in r.output, r.output
