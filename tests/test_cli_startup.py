@@ -109,9 +109,13 @@ def test_subcommand_help(name):
     (["demo", "--clean", "-1"], "'--clean': -1 is not in the range x>=1"),  # silently all but the last digit
     (["demo", "--attacked", "-5"], "'--attacked': -5 is not in the range x>=0"),  # ValueError traceback
     (["demo", "--attack-eps", "nan"], "'--attack-eps': nan is not a finite number > 0"),
-    (["demo", "--attack-eps", "-1"], "'--attack-eps': -1.0 is not a finite number > 0"),
+    (["demo", "--attack-eps", "-1"], "'--attack-eps': -1 is not a finite number > 0"),
     (["demo", "--metrics-port", "99999"], "'--metrics-port': 99999 is not in the range 0<=x<=65535"),
     (["run", "--workers", "0"], "'--workers': 0 is not in the range x>=1"),
+    (["run", "--idle-exit", "nan"], "'--idle-exit': nan is not a finite number >= 0"),
+    (["run", "--idle-exit", "-1"], "'--idle-exit': -1 is not a finite number >= 0"),
+    (["broker", "--partitions", "0"], "'--partitions': 0 is not in the range x>=1"),  # started a broker
+    (["broker", "--port", "99999"], "'--port': 99999 is not in the range 1<=x<=65535"),
 ])
 def test_out_of_range_options_are_refused_before_the_command_runs(args, says):
     """The main job's options among them: each was a traceback, or ran something else."""

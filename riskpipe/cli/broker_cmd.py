@@ -6,8 +6,9 @@ import click
 
 
 @click.command()
-@click.option("--port", type=int, default=None, help="Loopback port (default: a free one).")
-@click.option("--partitions", type=int, default=1, show_default=True, help="Partitions of the input topic.")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Loopback port (default: a free one).")
+@click.option("--partitions", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Partitions of the input topic.")
 @click.option("--no-topics", is_flag=True, help="Do not create the default topics.")
 def broker(**options):
     """Start Tansu on 127.0.0.1, print the bootstrap address, stop cleanly on Ctrl-C/SIGTERM.

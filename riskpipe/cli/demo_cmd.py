@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import click
 
-
-def _positive(ctx: click.Context, param: click.Parameter, value: float) -> float:
-    if not (math.isfinite(value) and value > 0):
-        raise click.BadParameter(f"{value} is not a finite number > 0")
-    return value
+from riskpipe.cli.params import FiniteFloat
 
 
 @click.command()
@@ -20,7 +14,8 @@ def _positive(ctx: click.Context, param: click.Parameter, value: float) -> float
               help="Clean test digits to stream (default all 540); the attacked ones are drawn from them.")
 @click.option("--attacked", "n_attacked", type=click.IntRange(min=0), default=120, show_default=True,
               help="PGD-attacked digits (at most --clean).")
-@click.option("--attack-eps", type=float, default=1.0, show_default=True, callback=_positive, help="PGD l2 budget.")
+@click.option("--attack-eps", type=FiniteFloat(0, closed=False), default=1.0, show_default=True,
+              help="PGD l2 budget.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=0, show_default=True,
               help="0 picks a free port.")
 @click.option("--no-console", is_flag=True, help="Do not start the review console.")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from riskpipe.cli.params import FiniteFloat
+
 
 @click.command()
 @click.option("--config", "config_path", default=None, help="Stage config YAML (deploy/riskpipe.yaml).")
@@ -33,7 +35,8 @@ import click
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes in one consumer group.")
 @click.option("--worker-id", default=None)
-@click.option("--idle-exit", type=float, default=None, help="Exit after this many seconds without input.")
+@click.option("--idle-exit", type=FiniteFloat(0, closed=True), default=None,
+              help="Exit after this many seconds without input.")
 @click.option("--no-metrics-server", is_flag=True, hidden=True)
 @click.option("-v", "--verbose", count=True)
 def run(**options):
