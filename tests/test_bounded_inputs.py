@@ -128,6 +128,14 @@ def _fake_npy(shape) -> bytes:
     return b.getvalue()
 
 
+def _run_with_reference(tmp_path, reference):
+    """``riskpipe run`` of the demo model with ``reference`` (no events: it fails at start-up or not)."""
+    (tmp_path / "events.jsonl").write_text("")
+    return _cli("run", "--model", "digits=demo:digits", "--reference", f"digits={reference}", "--source",
+                f"jsonl:{tmp_path / 'events.jsonl'}", "--sink", f"jsonl:{tmp_path / 'out'}", "--no-ledger",
+                "--certify-batch-size", "64", "--no-metrics-server")
+
+
 def test_a_160_gb_npy_header_is_refused_before_allocating(tmp_path):
     from riskpipe import npy
 
@@ -143,11 +151,7 @@ def test_a_160_gb_npy_header_is_refused_before_allocating(tmp_path):
     ok = tmp_path / "ok.npz"
     np.savez(ok, X=np.zeros((2, 3), np.float32), y=np.arange(2))
     npy.check_file(ok)
-    (tmp_path / "events.jsonl").write_text("")
-    r = _cli("run", "--model", "digits=demo:digits", "--reference", f"digits={big}", "--source",
-             f"jsonl:{tmp_path / 'events.jsonl'}", "--sink", f"jsonl:{tmp_path / 'out'}", "--no-ledger",
-             "--certify-batch-size", "64", "--no-metrics-server")
-    _one_line(r, "models.digits.reference", str(big), "160 GB")
+    _one_line(_run_with_reference(tmp_path, big), "models.digits.reference", str(big), "160 GB")
     (tmp_path / "x.npy").write_bytes(_fake_npy(GB160))
     _one_line(_cli("certify", "--input", str(tmp_path / "x.npy")), str(tmp_path / "x.npy"), "160 GB")
 
@@ -162,11 +166,7 @@ def test_a_single_npy_where_an_npz_is_read_is_one_line(tmp_path):
     np.save(ref, np.zeros((20, 1, 8, 8), np.float32))
     with pytest.raises(ValueError, match=r"ref.npy: a single .npy array, not an .npz archive of named arrays"):
         npy.load_npz(ref)
-    (tmp_path / "events.jsonl").write_text("")
-    r = _cli("run", "--model", "digits=demo:digits", "--reference", f"digits={ref}", "--source",
-             f"jsonl:{tmp_path / 'events.jsonl'}", "--sink", f"jsonl:{tmp_path / 'out'}", "--no-ledger",
-             "--certify-batch-size", "64", "--no-metrics-server")
-    _one_line(r, "models.digits.reference", str(ref), "not an .npz archive")
+    _one_line(_run_with_reference(tmp_path, ref), "models.digits.reference", str(ref), "not an .npz archive")
     _one_line(_cli("init", "--model", "demo:digits", "--reference", str(ref), "--out", str(tmp_path / "init")),
               str(ref), "not an .npz archive")
 
