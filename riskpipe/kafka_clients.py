@@ -15,11 +15,12 @@ for the broker it reaches (:func:`group_timing`).
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
 import kafka
 import kafka.admin
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from riskpipe.redaction import register_secret
 
@@ -27,6 +28,23 @@ log = logging.getLogger("riskpipe.kafka")
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI")
+
+
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def check_topic(name: str) -> str:
+    """``name`` if Kafka takes it as a topic name (its legal characters, at most 249 of them,
+    not ``.`` or ``..``), else ValueError: the broker would refuse it only at the first send
+    or subscribe, long after start-up, and as an offline file name it would leave the sink
+    directory."""
+    if not _TOPIC.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"{name[:300]!r} is not a Kafka topic name: letters, digits, '.', '_' and '-', at most 249, "
+                         "not '.' or '..'")
+    return name
+
+
+TopicName = Annotated[str, AfterValidator(check_topic)]
 
 
 class KafkaSettings(BaseModel):

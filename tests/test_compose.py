@@ -441,3 +441,20 @@ def test_a_device_or_port_this_machine_cannot_use_is_a_config_error(tmp_path):
         with pytest.raises(ConfigError, match="metrics_port: Input should be"):
             (tmp_path / "c.yaml").write_text(yaml.safe_dump({"metrics_port": port}))
             load_config(str(tmp_path / "c.yaml"))
+
+
+def test_topic_names_follow_kafkas_rule(tmp_path):
+    """A topic Kafka would refuse (a space, a slash, over 249 characters, '..') is a config
+    error naming the key; offline, '../../x' was a file written outside the sink directory,
+    and on a broker the refusal came at the first send."""
+    for key, name in (("topics.audit", "../../x"), ("topics.input", "a b"), ("topics.dlq", "t" * 250),
+                      ("topics.review", ".."), ("checkpoint.topic", "a/b")):
+        section, field = key.split(".")
+        body = {section: {field: name}} if section == "topics" else {
+            "checkpoint": {"key_file": "k.pem", field: name}}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(body))
+        with pytest.raises(ConfigError, match=rf"{key}: .* is not a Kafka topic name"):
+            load_config(str(tmp_path / "c.yaml"))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"topics": {"audit": "team.audit_v2-" + "t" * 235}}))
+    assert len(load_config(str(tmp_path / "c.yaml")).topics.audit) == 249
+

@@ -183,13 +183,14 @@ def no_labels(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_model", "missing_reference", "no_labels", "shape_mismatch", "exists",
-                                  "bad_name"])
+                                  "bad_name", "long_name"])
 def test_init_bad_inputs_give_one_line(case, tmp_path, no_labels):
     model, ref = EXAMPLES / "tabular" / "model.skops", EXAMPLES / "tabular" / "reference.npz"
     expect = {"missing_model": "file not found", "missing_reference": "file not found",
               "no_labels": "no array 'y'", "shape_mismatch": "X rows have shape [30], the model expects [3, 32, 32]",
-              "exists": "exists; pass --force", "bad_name": "--name 'Bad Name': use lower-case letters"}[case]
-    extra = ["--name", "Bad Name"] if case == "bad_name" else []
+              "exists": "exists; pass --force", "bad_name": "--name 'Bad Name': use at most 64 lower-case letters",
+              "long_name": "use at most 64"}[case]  # 300: its topic names (and offline files) were too long
+    extra = {"bad_name": ["--name", "Bad Name"], "long_name": ["--name", "n" * 300]}.get(case, [])
     if case == "missing_model":
         model = tmp_path / "nope.skops"
     elif case == "missing_reference":

@@ -217,6 +217,12 @@ def test_ingest_two_workers_share_one_ledger(tmp_path):
     assert any(d["source"] == {"topic": "inferences", "partition": 0, "offset": 77} for d in dlq)
 
 
+def test_ingest_refuses_a_topic_kafka_would_refuse(tmp_path):
+    r = CliRunner().invoke(cli, ["ledger", "ingest", "--ledger", str(tmp_path / "l.db"), "--bootstrap-servers",
+                                 "127.0.0.1:1", "--topic", "a/b=verdict"])
+    assert r.exit_code == 2 and "--topic a/b=verdict: 'a/b' is not a Kafka topic name" in r.output, r.output
+
+
 def test_ingest_records_what_it_cannot_take_as_a_dead_letter_with_its_reason():
     """A verdict whose ``verdict`` is given twice (readers differ on which copy counts: the
     stage refuses such an event, so ingest refuses such a record) is a ``duplicate_key``

@@ -188,12 +188,21 @@ def test_review_command_refuses_to_start_without_a_credential(tmp_path):
     ("review: [1, 2]", "review: must be a mapping"),
     ("review: {password: 'a long passphrase', secret_key: tooshort}", "review.secret_key: must be at least 32"),
     ("review: {", "invalid YAML"),
+    ("review: {password: 'a long passphrase', outcomes_topic: 'review outcomes'}",
+     "review.outcomes_topic: .* is not a Kafka topic name"),
 ])
 def test_bad_config_is_named(tmp_path, config, message):
     cfg = tmp_path / "riskpipe.yaml"
     cfg.write_text(config)
     with pytest.raises(SettingsError, match=message):
         resolve_settings(ledger=str(tmp_path / "l.db"), config_path=str(cfg), environ={})
+
+
+def test_topic_options_follow_kafkas_rule(tmp_path):
+    for option, kw in (("--review-topic", {"review_topic": "a/b"}), ("--outcomes-topic", {"outcomes_topic": ".."})):
+        with pytest.raises(SettingsError, match=rf"^{option}: .* is not a Kafka topic name"):
+            resolve_settings(ledger=str(tmp_path / "l.db"), environ={"RISKPIPE_REVIEW_PASSWORD": "a long passphrase"},
+                             **kw)
 
 
 def test_credential_sources_and_precedence(tmp_path):

@@ -81,7 +81,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from riskpipe import npy, safe_yaml
-from riskpipe.kafka_clients import KafkaSettings
+from riskpipe.kafka_clients import KafkaSettings, TopicName
 from riskpipe.ledger import backend_for
 
 # Noise samples per smoothing model call: the probe's largest candidate is 4096; above
@@ -99,11 +99,11 @@ OUTPUT_KINDS = ("decisions", "review", "audit", "dlq")  # what the stage writes;
 
 class Topics(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    input: str = "inferences"
-    decisions: str = "decisions"
-    review: str = "review"
-    audit: str = "audit"
-    dlq: str = "dlq"
+    input: TopicName = "inferences"
+    decisions: TopicName = "decisions"
+    review: TopicName = "review"
+    audit: TopicName = "audit"
+    dlq: TopicName = "dlq"
 
     @property
     def outputs(self) -> tuple[str, str, str, str]:
@@ -269,7 +269,7 @@ class Checkpoint(BaseModel):
     key_file: str
     every_records: int | None = Field(10_000, ge=1)
     every_seconds: float | None = Field(60.0, gt=0)
-    topic: str | None = "checkpoints"
+    topic: TopicName | None = "checkpoints"
 
 
 class StageConfig(KafkaSettings):

@@ -211,8 +211,8 @@ def reference_warnings(n_rows: int, class_counts: dict) -> list[str]:
 
 def init(spec, reference, out_dir, name, trial, seed, force):
     name = name or _model_name(spec)
-    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
-        fail(f"--name {name!r}: use lower-case letters, digits, '.', '_' and '-'")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name):  # short enough for the topic names made of it
+        fail(f"--name {name[:100]!r}: use at most 64 lower-case letters, digits, '.', '_' and '-'")
     out = Path(out_dir)
     config_path, policy_path = out / "riskpipe.yaml", out / "policy.yaml"
     for p in (config_path, policy_path):

@@ -313,6 +313,10 @@ def _topic_kinds(topics: tuple[str, ...]) -> dict[str, str]:
     mapping = {}
     for t in topics:
         name, _, kind = t.partition("=")
+        try:
+            kafka_clients.check_topic(name)
+        except ValueError as e:
+            fail(f"--topic {t}: {e}")
         kind = kind or TOPIC_KINDS.get(name, "decision")
         if kind not in KINDS:
             fail(f"--topic {t}: kind {kind!r} is not one of {', '.join(KINDS)}")

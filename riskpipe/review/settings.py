@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from riskpipe.app.config import ConfigError, StageConfig, load_config, read_config_file
-from riskpipe.kafka_clients import KafkaSettings
+from riskpipe.kafka_clients import KafkaSettings, TopicName, check_topic
 from riskpipe.policy import PolicyError
 from riskpipe.redaction import register_secret
 from riskpipe.review.scope import StageScope
@@ -86,7 +86,7 @@ class ReviewSection(BaseModel):
     users: dict[str, str] = Field(default_factory=dict)
     secret_key: str | None = None
     secret_key_file: str | None = None
-    outcomes_topic: str = "review-outcomes"
+    outcomes_topic: TopicName = "review-outcomes"
     host: str | None = None
     port: int | None = Field(None, ge=0, le=65535)
     session_hours: float = Field(8.0, gt=0, le=24 * 7)
@@ -291,6 +291,13 @@ def _stage_config(config_path: str | None, ledger: str | None,
         raise SettingsError(str(e)) from None
 
 
+def _topic(option: str, name: str | None) -> str | None:
+    try:
+        return None if name is None else check_topic(name)
+    except ValueError as e:
+        raise SettingsError(f"{option}: {e}") from None
+
+
 def resolve_settings(
     *,
     ledger: str | None = None,
@@ -314,8 +321,8 @@ def resolve_settings(
         ledger=str(config.ledger),
         credentials=credentials,
         kafka=config.kafka() if "bootstrap_servers" in config.model_fields_set else None,
-        review_topic=review_topic or config.topics.review,
-        outcomes_topic=outcomes_topic or section.outcomes_topic,
+        review_topic=_topic("--review-topic", review_topic) or config.topics.review,
+        outcomes_topic=_topic("--outcomes-topic", outcomes_topic) or section.outcomes_topic,
         host=host or section.host or "127.0.0.1",
         port=port if port is not None else (section.port if section.port is not None else 0),
         secret_key=secret_key,
