@@ -164,6 +164,26 @@ def test_added_removed_file_or_resigned_manifest_or_wrong_key_fail(bundle):
     assert r.exit_code == 1 and "MANIFEST.sig" in r.output
 
 
+def test_a_zip_bomb_is_refused_before_any_file_is_read(bundle, monkeypatch):
+    """verify_bundle reads every file into memory: an archive declaring more than a bundle's
+    limit (a few kilobytes of zip that inflate to gigabytes) is INVALID before any is read.
+    The limit is lowered here so the bomb stays small; the real bundle is far below it."""
+    from riskpipe.report import bundle as bundle_mod
+
+    tmp, out, pub, _, _, _ = bundle
+    bomb = tmp / "bomb.zip"
+    shutil.copy(out, bomb)
+    with zipfile.ZipFile(bomb, "a", compression=zipfile.ZIP_DEFLATED) as z, z.open("zeros.bin", "w") as f:
+        for _ in range(8):
+            f.write(bytes(1 << 20))
+    assert bomb.stat().st_size < out.stat().st_size + 64 * 1024
+    monkeypatch.setattr(bundle_mod, "MAX_BUNDLE_BYTES", 8 << 20)
+    read = []
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda self, name, *a: read.append(name))
+    r = _verify(bomb, pub)
+    assert r.exit_code == 1 and "over a bundle's limit of 8388608" in r.output and read == [], r.output
+
+
 def _edit_report_and_manifest(files):
     import hashlib
 

@@ -36,6 +36,9 @@ from riskpipe.report.data import gather
 from riskpipe.timestamps import rfc3339_seconds
 
 BUNDLE_FORMAT = "riskpipe-evidence-bundle/1"
+# A bundle holds a report, a sample of receipts and the policies: megabytes. verify_bundle reads
+# every file into memory, so an archive declaring more is refused before any is read.
+MAX_BUNDLE_BYTES = 1 << 30
 MANIFEST, SIGNATURE, CHECKPOINT = "MANIFEST.json", "MANIFEST.sig", "checkpoint.txt"
 # the signed note's first line: a bundle signature can never be read as a checkpoint
 SIGNED_PREFIX = "riskpipe evidence bundle manifest\n"
@@ -156,6 +159,10 @@ def verify_bundle(path: str | Path, public_keys) -> BundleCheck:
             names = [i.filename for i in z.infolist()]
             if len(names) != len(set(names)):
                 return fail("the zip holds a file name twice")
+            declared = sum(i.file_size for i in z.infolist())  # zipfile reads no member past its declared size
+            if declared > MAX_BUNDLE_BYTES:
+                return fail(f"the zip's files declare {declared} bytes uncompressed, over a bundle's limit of "
+                            f"{MAX_BUNDLE_BYTES} (refused before reading: a zip bomb would fill the memory)")
             files = {n: z.read(n) for n in names}
     except (OSError, zipfile.BadZipFile) as e:
         return fail(f"{path}: not a readable zip ({e})")
