@@ -143,6 +143,20 @@ def test_diff_reads_a_ledger_database_and_export_lines(tmp_path):
     assert json.loads(run("diff", DEFAULT, STRICT, "--ledger", export, "--json").output) == from_jsonl
 
 
+def test_diff_that_replays_nothing_exits_1(tmp_path):
+    """Records none of which could be replayed (or none at all) are no evidence that the new
+    policy changes nothing: "decisions changed: 0 of 0" used to exit 0, so a CI gate on the
+    exit status (or on --json's "changed": 0) passed on any such file."""
+    f = tmp_path / "none.jsonl"
+    for text, skipped in (('{"id": "a"}\n[1]\n', " (2 skipped)"), ("", "")):
+        f.write_text(text)
+        for extra in ([], ["--json"]):
+            r = run("diff", DEFAULT, STRICT, "--ledger", f, *extra)
+            assert r.exit_code == 1, r.output
+            assert f"nothing replayed: {f} holds no decision record with a certificate{skipped}" in r.output
+    assert run("diff", DEFAULT, STRICT, "--ledger", RECORDS).exit_code == 0
+
+
 def test_diff_bad_inputs_are_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a"}\nnot json\n')

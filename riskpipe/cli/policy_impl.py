@@ -13,7 +13,7 @@ from riskpipe import json_text
 from riskpipe.certify import certifier_for_policy
 from riskpipe.certify.certificate import Certificate
 from riskpipe.cli.common import fail
-from riskpipe.ledger import LedgerError, backend_for, open_ledger
+from riskpipe.ledger import LedgerError, backend_for, open_ledger, redact
 from riskpipe.models import ModelError, load_model
 from riskpipe.policy import PolicyError, load_policy
 from riskpipe.policy.evaluate import format_value
@@ -186,7 +186,15 @@ def diff(old, new, ledger_path, limit, as_json):
         click.echo(json.dumps({"old": {"name": p_old.name, "version": p_old.version, "sha256": p_old.sha256},
                                "new": {"name": p_new.name, "version": p_new.version, "sha256": p_new.sha256},
                                **result.to_dict()}, sort_keys=True))
-        return
+    else:
+        _print_diff(p_old, p_new, result, limit)
+    if result.records == 0:  # "0 of 0 changed" is no evidence that nothing changes (as ledger verify's EMPTY)
+        click.echo(f"nothing replayed: {redact(ledger_path)} holds no decision record with a certificate"
+                   + (f" ({len(result.skipped)} skipped)" if result.skipped else ""), err=True)
+        sys.exit(1)
+
+
+def _print_diff(p_old, p_new, result, limit: int) -> None:
     click.echo(f"policy diff: {p_old.name} {p_old.version} ({p_old.sha256[:12]}) -> "
                f"{p_new.name} {p_new.version} ({p_new.sha256[:12]})")
     click.echo(f"records replayed: {result.records}" + (f", skipped: {len(result.skipped)}" if result.skipped else ""))
