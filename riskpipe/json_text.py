@@ -4,7 +4,8 @@
   raises RecursionError for arrays or objects nested some thousand deep, which a reader
   catching bad JSON as ValueError does not catch: one such message stopped
   ``ledger ingest`` and the review console's feed, one such file gave a traceback.
-* :func:`duplicate_key`: member names given twice in one object. RFC 8259 leaves such a
+* :func:`duplicate_key` (and :func:`repeated_name`, the sentence that refuses it): member
+  names given twice in one object. RFC 8259 leaves such a
   text's meaning open: Python's readers (orjson, the standard library) keep the last copy,
   others keep the first or refuse the text. Wherever riskpipe acts on JSON that someone
   else may read too (an inference event served by a model server, a verdict, a receipt
@@ -77,6 +78,15 @@ def duplicate_key(text: bytes | str, obj: Any) -> str | None:
     except _Duplicate as d:
         return d.key
     return None
+
+
+def repeated_name(text: bytes | str, obj: Any) -> str | None:
+    """Why ``text`` (parsed as ``obj``) is refused when it gives a member name twice in one
+    object (``duplicate_key``), in the words every reader of it uses; None when it does not."""
+    key = duplicate_key(text, obj)
+    if key is None:
+        return None
+    return f"the member name {key[:80]!r} appears twice in one object; readers disagree on which one counts"
 
 
 class _Duplicate(Exception):

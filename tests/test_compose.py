@@ -438,8 +438,8 @@ def test_a_device_or_port_this_machine_cannot_use_is_a_config_error(tmp_path):
             check_device(device)
     assert check_device("cpu") == torch.device("cpu")
     for port in (-1, 65536):
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump({"metrics_port": port}))
         with pytest.raises(ConfigError, match="metrics_port: Input should be"):
-            (tmp_path / "c.yaml").write_text(yaml.safe_dump({"metrics_port": port}))
             load_config(str(tmp_path / "c.yaml"))
 
 

@@ -32,7 +32,7 @@ from riskpipe.certify.samplers import GridError
 from riskpipe.context import ContextError, ContextIndex
 from riskpipe.ledger import open_ledger as open_target
 from riskpipe.ledger.checkpoint import checkpointer_for
-from riskpipe.models import ModelError, ShapeUnknown, check_device, load_model, load_model_for
+from riskpipe.models import ModelError, ShapeUnknown, device_problem, load_model, load_model_for
 from riskpipe.models.base import one_line, sha256_file
 from riskpipe.models.loader import UntrustedTypes
 from riskpipe.models.scaled import scaled_model, standardize_scale
@@ -294,10 +294,8 @@ def limit_native_threads(n: int) -> None:
 
 def build_pipeline(config: StageConfig) -> Pipeline:
     """Every model of ``config`` under its own policy, ready to decide batches."""
-    try:
-        check_device(config.device)  # once for the stage, named as its own key (load_model checks it too)
-    except ModelError as e:
-        raise ConfigError(str(e).replace("device ", "device: ", 1)) from None
+    if (why := device_problem(config.device)) is not None:  # named as the stage's key (load_model checks it too)
+        raise ConfigError(f"device: {why}")
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)  # before the batch-size probe: it measures at this count
     policies = _load_policies(config)

@@ -128,9 +128,8 @@ def _json_inputs(text: str, obj: object) -> np.ndarray:
     ValueError naming the field and the reason."""
     import numpy as np  # lazy: as in read_inputs
 
-    if (key := json_text.duplicate_key(text, obj)) is not None:
-        raise ValueError(f"the member name {key[:80]!r} appears twice in one object; readers disagree on which "
-                         "one counts")
+    if (why := json_text.repeated_name(text, obj)) is not None:
+        raise ValueError(why)
     shape = None
     if isinstance(obj, dict):
         if "inputs" in obj:

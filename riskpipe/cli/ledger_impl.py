@@ -337,8 +337,8 @@ def _unreadable(text: bytes, record: Any) -> tuple[str, str] | None:
     refuses it in an event: readers differ on which copy counts."""
     if not isinstance(record, dict):
         return "not_an_object", "not a JSON object"
-    if (key := json_text.duplicate_key(text, record)) is not None:
-        return "duplicate_key", f"the member name {key[:80]!r} appears twice in one object"
+    if (why := json_text.repeated_name(text, record)) is not None:
+        return "duplicate_key", why
     if not isinstance(record.get("id"), str) or not record["id"]:
         return "missing_field", "missing field 'id'"
     return None

@@ -59,9 +59,8 @@ def refuse_repeated_names(text: str | bytes, receipt: Any) -> None:
     """LedgerError if the receipt's ``text`` (parsed as ``receipt``) gives a member name twice
     in one object: riskpipe's reader keeps the last copy, a reader that keeps the first
     would show an auditor another ``record`` than the one verified (docs/receipts.md, step 0)."""
-    if (key := json_text.duplicate_key(text, receipt)) is not None:
-        raise LedgerError(f"receipt: the member name {key[:80]!r} appears twice in one object; readers disagree on "
-                          "which one counts")
+    if (why := json_text.repeated_name(text, receipt)) is not None:
+        raise LedgerError(f"receipt: {why}")
 
 
 def verify_receipt(receipt: Any, public_keys: Iterable[Ed25519PublicKey], origin: str | None = None) -> Checkpoint:

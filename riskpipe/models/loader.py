@@ -327,7 +327,9 @@ def _attach_trees(model: Model, extract) -> Model:
     return model
 
 
-_BOOSTER_SUFFIXES = (".json", ".txt", ".lgb", ".model")  # told apart from other files of the name by content
+# suffixes a booster's native file may have: told apart from other files of the name by content
+_LIGHTGBM_SUFFIXES = (".txt", ".lgb", ".model")
+_BOOSTER_SUFFIXES = (".json", *_LIGHTGBM_SUFFIXES)
 
 
 def _booster_format(path: Path, opts) -> str | None:
@@ -346,7 +348,7 @@ def _booster_format(path: Path, opts) -> str | None:
         head = f.read(4096)
     if suffix == ".json" and b'"learner"' in head:
         return "xgboost"
-    if suffix in _BOOSTER_SUFFIXES[1:] and head.startswith(b"tree\n"):
+    if suffix in _LIGHTGBM_SUFFIXES and head.startswith(b"tree\n"):
         return "lightgbm"
     return None
 
@@ -432,26 +434,33 @@ def load_model_for(spec: str, sample_shape, device: str = "cpu", trusted_types=(
     return load_model(f"{spec}{'&' if '?' in spec else '?'}shape={shape}", device=device, trusted_types=trusted_types)
 
 
-def check_device(device: str) -> torch.device:
-    """``device`` as a torch device this process can use, or ModelError naming it and why: a
+def device_problem(device: str) -> str | None:
+    """Why this process cannot run models on ``device`` (``'NAME': reason``), else None: a
     name torch does not know, CUDA or MPS that this torch build or machine lacks, a CUDA
     index beyond the devices present (torch says so only at the first tensor moved, with a
     RuntimeError or an AssertionError)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ModelError(f"device {device!r}: not a torch device (cpu, cuda, cuda:N, mps)") from None
+        return f"{device!r}: not a torch device (cpu, cuda, cuda:N, mps)"
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ModelError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}"
-                             f"{', built without CUDA' if torch.version.cuda is None else ''})")
+            return (f"{device!r}: CUDA is not available here (torch {torch.__version__}"
+                    f"{', built without CUDA' if torch.version.cuda is None else ''})")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ModelError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            return f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
     elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ModelError(f"device {device!r}: MPS is not available here")
+        return f"{device!r}: MPS is not available here"
     elif dev.type not in ("cpu", "cuda", "mps"):
-        raise ModelError(f"device {device!r}: riskpipe runs models on cpu, cuda or mps")
-    return dev
+        return f"{device!r}: riskpipe runs models on cpu, cuda or mps"
+    return None
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device, or ModelError ``device NAME: reason`` (``device_problem``)."""
+    if (why := device_problem(device)) is not None:
+        raise ModelError(f"device {why}")
+    return torch.device(device)
 
 
 def load_model(spec: str, device: str = "cpu", trusted_types=()) -> Model:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from riskpipe.json_text import duplicate_key
+from riskpipe.json_text import repeated_name
 from riskpipe.models.validate import InputError, check_inputs
 from riskpipe.stream import binary, codec
 from riskpipe.stream.errors import EventError
@@ -129,19 +129,13 @@ def check_time(ts) -> str:
     return ts
 
 
-def parse_envelope(value: bytes | None, headers=None, max_bytes: int = 1 << 20,
-                   max_binary_bytes: int = 16 << 20) -> tuple[dict, dict | None, bool]:
-    """Return (event object, cloudevent attributes or None, clean: see
-    codec.loads_checked; header values added to the object are decoded UTF-8 text,
-    so they keep it clean). A message with an
-    ``Inference-Header-Content-Length`` header is the binary tensor form (binary.py),
-    limited to ``max_binary_bytes``; a JSON message to ``max_bytes``."""
-    return _envelope(value, _headers(headers), max_bytes, max_binary_bytes)
-
-
 def _envelope(value: bytes | None, h: dict[str, str], max_bytes: int,
               max_binary_bytes: int) -> tuple[dict, dict | None, bool]:
-    """:func:`parse_envelope` with the headers already read (``_headers``)."""
+    """Return (event object, cloudevent attributes or None, clean: see
+    codec.loads_checked; header values added to the object are decoded UTF-8 text,
+    so they keep it clean) of a message whose headers ``h`` are read (``_headers``). A
+    message with an ``Inference-Header-Content-Length`` header is the binary tensor form
+    (binary.py), limited to ``max_binary_bytes``; a JSON message to ``max_bytes``."""
     if value is None:
         raise EventError("invalid_json", "value: empty message (tombstone)")
     payload = None
@@ -159,9 +153,8 @@ def _envelope(value: bytes | None, h: dict[str, str], max_bytes: int,
         raise EventError("invalid_json", f"value: not valid UTF-8 JSON ({type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise EventError("not_an_object", f"value: expected a JSON object, got {type(obj).__name__}")
-    if (key := duplicate_key(value, obj)) is not None:
-        raise EventError("duplicate_key", f"value: the member name {key[:80]!r} appears twice in one object; readers "
-                                          "disagree on which one counts, so the event is not read at all")
+    if (why := repeated_name(value, obj)) is not None:
+        raise EventError("duplicate_key", f"value: {why}, so the event is not read at all")
     ce = None
     if "ce_type" in h or "ce_specversion" in h:
         ce = {k[3:]: v for k, v in h.items() if k.startswith("ce_")}
