@@ -169,7 +169,34 @@ def consumer(settings: KafkaSettings, *topics: str, **options: Any):
         session, heartbeat = options["session_timeout_ms"], options["heartbeat_interval_ms"] = group_timing(
             settings, options.get("session_timeout_ms"), options.get("heartbeat_interval_ms"))
         log.info("group %s: session timeout %d ms, heartbeat interval %d ms", options["group_id"], session, heartbeat)
-    return kafka.KafkaConsumer(*topics, **_merge(settings, options))
+    made = kafka.KafkaConsumer(*topics, **_merge(settings, options))
+    if options.get("group_id") is not None:
+        _rejoin_until_applied(made)
+    return made
+
+
+def _rejoin_until_applied(consumer) -> None:
+    """Keep a group member rebalancing until the answer to its join has been applied.
+
+    kafka-python 3's ``join_group_async`` loops ``while need_rejoin()`` and leaves its
+    join attempt in flight when ``poll``'s timeout ends first. A rebalance the leader
+    starts on a metadata change (partitions added, a topic made again) is flagged only by
+    its assignment snapshot differing from the metadata, and the leader's own assignment
+    makes the two equal again before SyncGroup is answered. A poll that times out in that
+    window leaves ``need_rejoin()`` False: the answer is never applied, the revoked
+    partitions are never assigned again, the heartbeat stays off, the broker drops the
+    member and it never asks again; the stage reads nothing from then on. The Java
+    client tests ``rejoinNeeded || joinFuture != null`` (``rejoinNeededOrPending``);
+    kafka-python did too before its asyncio rewrite (dpkp/kafka-python#1695). This puts
+    the pending half back: a join attempt whose answer has not been applied (its task is
+    cleared only once applied, or on an error that retries) is a rejoin still needed.
+    A client without that attribute is left as it is."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None or not hasattr(coordinator, "_join_task"):
+        log.debug("kafka-python %s: no pending-join hook; its own rejoin check is used", kafka.__version__)
+        return
+    flagged = coordinator.need_rejoin
+    coordinator.need_rejoin = lambda: flagged() or coordinator._join_task is not None
 
 
 def producer(settings: KafkaSettings, **options: Any):

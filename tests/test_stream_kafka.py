@@ -265,6 +265,71 @@ def test_the_source_reads_a_re_created_partition_from_its_start(tmp_path):
             src.close()
 
 
+def test_a_member_applies_a_join_answered_after_its_poll_timed_out():
+    """kafka-python 3 drops a join answer that arrives after ``poll``'s timeout when the
+    rebalance began on a metadata change (the input topic made again, partitions added):
+    the member's partitions were revoked and it never takes any again, sends no
+    heartbeat and never rejoins, so the stage reads nothing (the CI failure of the
+    re-created-partition test, reproduced on a loaded machine where SyncGroup took 13 ms).
+    Here every join answer arrives 0.6 s late, as over a slow link, while the member polls
+    every 100 ms; a consumer riskpipe builds (``kafka_clients.consumer``) still applies it
+    and reads what the new log holds. Without ``_rejoin_until_applied`` nothing arrives."""
+    from kafka import KafkaProducer
+    from kafka.admin import KafkaAdminClient
+    from kafka.consumer.subscription_state import ConsumerRebalanceListener
+
+    from riskpipe import kafka_clients
+
+    events: list = []
+
+    class Recorder(ConsumerRebalanceListener):
+        def on_partitions_revoked(self, revoked):
+            events.append("revoked")
+
+        def on_partitions_assigned(self, assigned):
+            events.append("assigned")
+
+    def poll_until(check, seconds: float) -> list:
+        got, deadline = [], time.monotonic() + seconds
+        while not check(got) and time.monotonic() < deadline:
+            got += [r.value for recs in member.poll(timeout_ms=100).values() for r in recs]
+        return got
+
+    with EmbeddedBroker() as b:
+        b.create_topics(["t"], partitions=1)
+        member = kafka_clients.consumer(
+            kafka_clients.KafkaSettings(bootstrap_servers=b.bootstrap), group_id="g", enable_auto_commit=False,
+            auto_offset_reset="earliest", session_timeout_ms=2000, heartbeat_interval_ms=600, metadata_max_age_ms=300)
+        try:
+            member.subscribe(["t"], listener=Recorder())
+            poll_until(lambda _: events[-1:] == ["assigned"], 60)
+            assert events[-1:] == ["assigned"]
+            coordinator = member._coordinator
+            join = coordinator._do_join_and_sync_async
+
+            async def late_answer():
+                answer = await join()
+                await coordinator._manager._net.sleep(0.6)
+                return answer
+
+            coordinator._do_join_and_sync_async = late_answer
+            events.clear()
+            admin = KafkaAdminClient(bootstrap_servers=b.bootstrap)
+            admin.delete_topics(["t"])
+            admin.close()
+            b.create_topics(["t"], partitions=2)  # a partition more: the leader's metadata check sees it
+            poll_until(lambda _: "revoked" in events, 30)
+            assert "revoked" in events  # the rebalance has begun
+            p = KafkaProducer(bootstrap_servers=b.bootstrap)
+            for i in range(5):
+                p.send("t", value=b"new-%d" % i, partition=0).get(timeout=30)
+            p.close()
+            got = poll_until(lambda got: len(got) >= 5, 30)
+            assert events[-1] == "assigned" and got == [b"new-%d" % i for i in range(5)]
+        finally:
+            member.close()
+
+
 def _produce_ok(bootstrap, events) -> bool:
     try:
         produce(bootstrap, events)
