@@ -6,6 +6,7 @@ proves a later checkpoint extends an earlier one; legacy checkpoints still verif
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sqlite3
@@ -231,6 +232,32 @@ def test_forged_or_foreign_checkpoints_fail(tmp_path, keys):
     r = subprocess.run([*CLI, "verify", target, "--public-key", str(keys / "other.pub.pem"), "--public-key",
                         str(keys / "pub.pem")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout  # a rotated key: both public keys given
+
+
+def test_a_signed_size_zero_with_another_root_is_refused(tmp_path, keys):
+    """The empty tree has one root (SHA-256 of nothing), and every tree extends it, so no
+    proof is asked of it: a checkpoint of size 0 signed with another root was 'consistent'
+    with any later one and counted among the verified checkpoints, though no tree has it.
+    ``ledger verify`` fails it without saying any row was checked; ``consistency`` refuses it."""
+    target = str(tmp_path / "l.db")
+    cp1, _ = build(target, keys)
+    zero = tmp_path / "zero.txt"
+    zero.write_text(make_note(cp1.origin, 0, bytes(32), load_private_key(keys / "key.pem")))
+    r = subprocess.run([*CLI, "verify", target, "--public-key", str(keys / "pub.pem"), "--checkpoints", str(zero)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "tree size 0 with root 00000000" in r.stdout
+    assert "first bad row None" not in r.stdout and "check out before it" not in r.stdout
+    assert "the rows were not checked" in r.stdout
+    old = tmp_path / "old.txt"
+    old.write_text(cp1.note)
+    r = subprocess.run([*CLI, "consistency", str(zero), str(old), "--ledger", target, "--public-key",
+                        str(keys / "pub.pem")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "the empty tree's root is e3b0c442" in r.stderr and "Traceback" not in r.stderr
+    empty = tmp_path / "empty.txt"  # the true empty tree stays consistent with every later checkpoint
+    empty.write_text(make_note(cp1.origin, 0, hashlib.sha256(b"").digest(), load_private_key(keys / "key.pem")))
+    r = subprocess.run([*CLI, "consistency", str(empty), str(old), "--ledger", target, "--public-key",
+                        str(keys / "pub.pem")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("consistent: tree size 0 -> 10")
 
 
 def test_checkpoint_command_and_bad_keys(tmp_path, keys):

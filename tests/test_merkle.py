@@ -161,6 +161,19 @@ def test_consistency_refuses_a_smaller_tree_and_forked_equal_sizes() -> None:
         merkle.verify_consistency(4, 4, sub(0, 4), sub(0, 3), [])
 
 
+def test_a_size_zero_tree_has_only_the_empty_root() -> None:
+    """No proof is asked from the empty tree (every tree extends it), so its root is all that
+    can be wrong: a signed size 0 with another root was accepted as consistent with any tree."""
+    sub = merkle.list_subtree(_tree(8))
+    merkle.verify_consistency(0, 8, merkle.EMPTY_ROOT, sub(0, 8), [])
+    merkle.verify_consistency(0, 0, merkle.EMPTY_ROOT, merkle.EMPTY_ROOT, [])
+    for other in (bytes(32), sub(0, 8)):
+        with pytest.raises(ProofError, match="empty tree's root"):
+            merkle.verify_consistency(0, 8, other, sub(0, 8), [])
+        with pytest.raises(ProofError, match="empty tree's root"):
+            merkle.verify_consistency(0, 0, other, other, [])
+
+
 def test_frontier_completes_each_node_once() -> None:
     leaves = _tree(64)
     sub = merkle.list_subtree(leaves)

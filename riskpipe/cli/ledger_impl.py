@@ -99,6 +99,9 @@ def verify(path, expect_head, expect_count, public_keys, checkpoint_file, as_jso
                        f"(latest of {cp['verified']} verified checkpoint(s))")
     elif empty:
         click.echo(f"EMPTY: {res.reason}")
+    elif res.first_bad_seq is None:  # a checkpoint failed before any row was checked against it
+        click.echo(f"TAMPERED: {res.reason}")
+        click.echo(f"  the rows were not checked: every checkpoint must hold first ({res.count} rows, head {res.head})")
     else:
         click.echo(f"TAMPERED: first bad row {res.first_bad_seq}: {res.reason}")
         click.echo(f"  {res.count} rows check out before it; last good head {res.head}")

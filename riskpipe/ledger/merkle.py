@@ -168,6 +168,10 @@ def verify_consistency(old_size: int, new_size: int, old_root: bytes, new_root: 
         _check_hash(f"proof[{i}]", p)
     if old_size < 0 or new_size < old_size:
         raise ProofError(f"tree size {new_size} is smaller than the earlier size {old_size}")
+    if old_size == 0 and old_root != EMPTY_ROOT:
+        # every tree extends the empty one, so no proof is asked of it; but the empty tree has
+        # one root, and a signed size 0 with another is a statement about no tree at all
+        raise ProofError(f"the empty tree's root is {EMPTY_ROOT.hex()}, not {old_root.hex()}")
     if old_size == new_size:
         if proof:
             raise ProofError("equal tree sizes need an empty proof")

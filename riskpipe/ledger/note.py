@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from riskpipe.ledger.merkle import EMPTY_ROOT
+
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -138,6 +140,9 @@ def parse_checkpoint(text: str) -> tuple[str, int, bytes]:
         raise NoteError("checkpoint: root hash is not base64") from None
     if len(root_bytes) != 32:
         raise NoteError(f"checkpoint: root hash has {len(root_bytes)} bytes, not 32")
+    if int(size) == 0 and root_bytes != EMPTY_ROOT:  # no tree has it: a signed false statement
+        raise NoteError(f"checkpoint: tree size 0 with root {root_bytes.hex()}; the empty tree's root is "
+                        f"{EMPTY_ROOT.hex()}")
     return origin, int(size), root_bytes
 
 
