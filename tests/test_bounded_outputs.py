@@ -252,6 +252,27 @@ def test_ledger_input_command_returns_the_stored_tensor_by_digest(tmp_path) -> N
     assert r.returncode == 2 and "no stored input" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_ledger_input_refuses_an_fp32_tensor_that_does_not_match_its_digest(tmp_path) -> None:
+    """An auditor fetching evidence by digest: the review console and the report checked a
+    stored FP32 tensor against its digest, ``ledger input`` printed whatever the row held.
+    The check is now the stored tensor's own (``StoredInput.array``), so every reader has it."""
+    import subprocess
+    import sys
+
+    from riskpipe.ledger.inputs import StoredInput
+
+    x = np.linspace(0, 1, 2000, dtype=np.float32).reshape(1, 2000)
+    ref, stored = input_fields(x, "FP32", None, include=True, store=True)
+    forged = StoredInput(stored.sha256, "FP32", stored.shape, np.ascontiguousarray(x[:, ::-1]).tobytes())
+    path = str(tmp_path / "l.sqlite")
+    with open_ledger(path) as led:
+        led.append_entries([("decision", {"id": "e", "ts": "2026-01-01T00:00:00Z", "input": ref}, None)], [forged])
+    r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "ledger", "input", path, ref["sha256"]],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "does not match its digest" in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
 def test_an_ingested_dead_letter_without_its_payload_keeps_the_payloads_digest() -> None:
     import hashlib
     from types import SimpleNamespace

@@ -53,11 +53,18 @@ class StoredInput:
     data: bytes  # little-endian, row-major
 
     def array(self) -> np.ndarray:
+        """The tensor; ValueError if the bytes do not hold it or, for FP32 (the values the model
+        saw), do not hash to its digest: the row was altered. A UINT8 tensor's digest is of the
+        values the model's range made of it, which the ledger does not hold."""
         dt = DTYPES.get(self.datatype)
         if dt is None or len(self.data) != math.prod(self.shape) * dt.itemsize:
             raise ValueError(f"stored input {self.sha256}: {len(self.data)} bytes do not hold "
                              f"{self.datatype} of shape {list(self.shape)}")
-        return np.frombuffer(self.data, dtype=dt).reshape(self.shape)
+        a = np.frombuffer(self.data, dtype=dt).reshape(self.shape)
+        if self.datatype == "FP32" and input_digest(a) != self.sha256:
+            raise ValueError(f"stored input {self.sha256}: the stored tensor does not match its digest "
+                             "(the ledger's inputs table was altered)")
+        return a
 
     def row(self, ts: str) -> Row:
         return (self.sha256, self.datatype, json.dumps(list(self.shape)), self.data, ts)
@@ -126,12 +133,9 @@ def record_array(inp: Any, fetch: Fetch | None = None) -> np.ndarray | None:
         if s is None:
             raise InputUnavailable(f"input.tensor.ref: {t['ref']} is not in this ledger")
         try:
-            a = s.array().reshape(shape)
+            return s.array().reshape(shape)
         except ValueError as e:
             raise InputUnavailable(str(e)) from None
-        if s.datatype == "FP32" and input_digest(a) != sha:
-            raise InputUnavailable(f"input.tensor.ref: the stored tensor does not match digest {sha}")
-        return a
     datatype = t.get("datatype")
     dt = DTYPES.get(datatype) if isinstance(datatype, str) else None
     if dt is None or not isinstance(t.get("base64"), str):
