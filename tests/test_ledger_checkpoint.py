@@ -281,6 +281,10 @@ def test_checkpoint_command_and_bad_keys(tmp_path, keys):
                          (tmp_path / "nope.pem", "cannot read")]:
         r = subprocess.run([*CLI, "checkpoint", target, "--key", str(bad)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    for flag, what in [("--origin", "origin"), ("--key-name", "key name")]:  # given empty: refused, not defaulted
+        r = subprocess.run([*CLI, "checkpoint", target, "--key", str(keys / "key.pem"), flag, ""], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2 and f"{what}: must be non-empty" in r.stderr and r.stdout == ""
     with pytest.raises(LedgerError, match=r"not an Ed25519 public key|not a PEM public key"):
         load_public_key(keys / "key.pem")
 

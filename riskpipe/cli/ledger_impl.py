@@ -121,7 +121,7 @@ def head(path, as_json):
 
 def _origin(origin: str | None, config_path: str | None) -> str | None:
     """``--origin``, else ``ledger_origin`` from ``--config``, else None (the ledger's default)."""
-    if origin or not config_path:
+    if origin is not None or not config_path:
         return origin
 
     try:

@@ -65,9 +65,10 @@ def make_checkpoint(ledger: Ledger, private_key: Ed25519PrivateKey, origin: str 
     (rows other writers left pending are sequenced first, so it covers every stored row)."""
     ledger.integrate()
     size, root = ledger.tree_head()
-    origin = origin or default_origin(ledger)
+    origin = default_origin(ledger) if origin is None else origin  # an empty one is refused, not replaced
     try:
-        text = notes.sign(notes.checkpoint_text(origin, size, bytes.fromhex(root)), key_name or origin, private_key)
+        text = notes.sign(notes.checkpoint_text(origin, size, bytes.fromhex(root)),
+                          origin if key_name is None else key_name, private_key)
     except notes.NoteError as e:
         raise LedgerError(f"checkpoint: {e}") from None
     cp = Checkpoint(origin, size, bytes.fromhex(root), text)
