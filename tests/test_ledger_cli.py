@@ -47,6 +47,14 @@ def test_verify_head_export(ledger_path, tmp_path):
     r = run("ledger", "export", ledger_path, "--out", str(tmp_path / "v.jsonl"), "--kind", "verdict")
     lines = (tmp_path / "v.jsonl").read_text().splitlines()
     assert r.exit_code == 0 and all(json.loads(x)["kind"] == "verdict" for x in lines)
+    # a period that is no period, or a bound that is no time: refused before the file is made (it
+    # exited 0 with an empty export, which reads as "nothing happened")
+    for bounds, message in ((("--since", "2030-01-01", "--until", "2020-01-01"), "is not before until 2020-01-01"),
+                            (("--since", "2026-01-01T00:00:00Z", "--until", "2026-01-01T01:00:00+01:00"),
+                             "the period would be empty"),
+                            (("--since", "soon"), "since: not an RFC 3339 time")):
+        r = CliRunner().invoke(cli, ["ledger", "export", ledger_path, "--out", str(tmp_path / "p.jsonl"), *bounds])
+        assert r.exit_code == 2 and message in r.output and not (tmp_path / "p.jsonl").exists(), r.output
 
 
 def test_verify_names_first_bad_row_and_exits_1(ledger_path):

@@ -22,6 +22,7 @@ from riskpipe.app.config import ConfigError, load_config
 from riskpipe.cli.common import fail, read_inputs, read_public_keys, working
 from riskpipe.ledger import KINDS, LedgerError, canonical_json, dlq_record, merkle, open_ledger, policy_record
 from riskpipe.ledger.anchors import Checkpoint
+from riskpipe.ledger.chain import time_window
 from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint, publish, read_checkpoint_file, verify_ledger
 from riskpipe.ledger.receipt import find_decisions, make_receipt, refuse_repeated_names
 from riskpipe.ledger.receipt import verify_receipt as check
@@ -296,6 +297,10 @@ def verify_receipt(receipt_path, public_keys, origin, as_json):
 
 
 def export(path, out_path, kind, since, until):
+    try:
+        time_window(since, until)  # before the file is made: a bad period writes nothing
+    except LedgerError as bad:
+        fail(str(bad))
     n = 0
     with _open(path) as led:
         out = sys.stdout if out_path == "-" else open(out_path, "w", encoding="utf-8")

@@ -128,6 +128,17 @@ def parse_ts(value: Any, field: str = "ts") -> datetime:
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
+def time_window(since: Any, until: Any) -> tuple[datetime | None, datetime | None]:
+    """``[since, until)`` as UTC datetimes (None: unbounded). LedgerError if a bound is not
+    a time, or ``since`` is not before ``until``: that period is empty, and a report or an
+    export of it would read as "nothing happened"."""
+    lo = parse_ts(since, "since") if since is not None else None
+    hi = parse_ts(until, "until") if until is not None else None
+    if lo is not None and hi is not None and lo >= hi:
+        raise LedgerError(f"since {since} is not before until {until}: the period would be empty")
+    return lo, hi
+
+
 @lru_cache(maxsize=4096)
 def ts_epoch(text: str) -> float:
     """``parse_ts(text).timestamp()`` for a time text, remembered: an append checks each

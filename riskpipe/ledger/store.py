@@ -33,6 +33,7 @@ from riskpipe.ledger.chain import (
     parse_ts,
     prepare_entries,
     row_to_entry,
+    time_window,
 )
 from riskpipe.ledger.conn import Cursor, Db, Row
 from riskpipe.ledger.inputs import StoredInput
@@ -273,8 +274,7 @@ class Ledger:
 
         With a time bound, entries without ``ts`` are skipped.
         """
-        lo = parse_ts(since, "since") if since is not None else None
-        hi = parse_ts(until, "until") if until is not None else None
+        lo, hi = time_window(since, until)
         where, args = ("kind = ? AND seq > ?", (kind,)) if kind is not None else ("seq > ?", ())
         sql = f"SELECT {_COLUMNS} FROM entries WHERE {where} ORDER BY seq LIMIT 1000"
         last_seq = 0

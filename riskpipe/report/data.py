@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from riskpipe.ledger import LedgerError, open_ledger, parse_ts, redact
-from riskpipe.ledger.chain import decision_scope
+from riskpipe.ledger.chain import decision_scope, time_window
 from riskpipe.ledger.facts import GROUP_COLUMNS, KINDS, NO_HOUR, count_row
 from riskpipe.ledger.inputs import inline_copy
 from riskpipe.policy.controls import frameworks, mapping
@@ -93,8 +93,7 @@ def gather(ledger_path: str, since: Any = None, until: Any = None, verify: bool 
     table into arrays. Only verdicts, policy entries and the example records the report
     shows are read whole. ``verify`` walks the whole chain first (the same walk as
     ``riskpipe ledger verify``; its time grows with the ledger)."""
-    if since is not None and until is not None and parse_ts(since, "since") >= parse_ts(until, "until"):
-        raise LedgerError(f"since {since} is not before until {until}: the report's period would be empty")
+    time_window(since, until)  # a period that is no period is refused before anything is read
     with open_ledger(ledger_path, create=False) as led:
         integrity = _integrity(led, ledger_path, verify)
         verdicts = [e.record for e in led.records("verdict", since, until)]
