@@ -220,8 +220,7 @@ class _Facts:
 
     def __init__(self, q, since: Any, until: Any) -> None:
         self.q = q
-        self.lo = parse_ts(since, "since").timestamp() if since is not None else None
-        self.hi = parse_ts(until, "until").timestamp() if until is not None else None
+        self.lo, self.hi = (b.timestamp() if b is not None else None for b in time_window(since, until))
         self.bounds = [b for b, v in (("t >= ?", self.lo), ("t < ?", self.hi)) if v is not None]
         self.bound_params = tuple(v for v in (self.lo, self.hi) if v is not None)
         self.kind_counts = {k: q("SELECT COUNT(*) FROM facts WHERE kind = ?", (k,))[0][0] for k in KINDS}
