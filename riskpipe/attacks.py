@@ -225,7 +225,8 @@ def predict_labels(module: nn.Module, X: np.ndarray, batch_size: int = 1024) -> 
     preds = []
     with torch.inference_mode():
         for start in range(0, len(X), batch_size):
-            xb = torch.from_numpy(np.asarray(X[start : start + batch_size], dtype=np.float32)).to(device)
+            rows = np.array(X[start : start + batch_size], dtype=np.float32)  # a copy: a model may write into it
+            xb = torch.from_numpy(rows).to(device)
             preds.append(module(xb).argmax(dim=1).cpu().numpy())
     return np.concatenate(preds) if preds else np.empty(0, dtype=np.int64)
 

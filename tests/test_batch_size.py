@@ -45,7 +45,7 @@ class TimedModel:
     sha256: str = "t" * 64
     calls: int = 0
 
-    def predict_torch(self, x: torch.Tensor) -> torch.Tensor:
+    def predict_torch(self, x: torch.Tensor, scratch: bool = False) -> torch.Tensor:
         self.calls += 1
         assert x.shape[1:] == self.input_shape and x.dtype == torch.float32
         self.clock.advance(self.cost(len(x)))
@@ -86,7 +86,7 @@ def test_probe_keeps_to_its_budget() -> None:
 def test_probe_draws_inputs_in_any_declared_range() -> None:
     seen = []
     m = TimedModel(lambda b: 0.0, input_shape=(2,))
-    m.predict_torch = lambda x: seen.append(x) or torch.zeros(len(x), dtype=torch.int64)
+    m.predict_torch = lambda x, scratch=False: seen.append(x) or torch.zeros(len(x), dtype=torch.int64)
     for declared in (None, (np.array([10.0, -5.0]), np.array([11.0, -4.0]))):
         m.value_range = declared
         seen.clear()

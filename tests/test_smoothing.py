@@ -143,9 +143,9 @@ def test_forward_batch_sets_the_model_calls_and_changes_no_certificate(demo_mode
     sizes: list[int] = []
     model = copy.copy(demo_model)
 
-    def classes(batch):
+    def classes(batch, scratch=False):
         sizes.append(len(batch))
-        return demo_model.classes(batch)
+        return demo_model.classes(batch, scratch)
 
     model.classes = classes
     seen = {}
@@ -245,11 +245,11 @@ def test_a_model_error_while_drawing_ahead_propagates_and_leaves_the_noise_threa
     model = copy.copy(demo_model)
     calls = []
 
-    def classes(batch):
+    def classes(batch, scratch=False):
         calls.append(len(batch))
         if len(calls) == 2:
             raise RuntimeError("model broke")
-        return demo_model.classes(batch)
+        return demo_model.classes(batch, scratch)
 
     model.classes = classes
     s = Smoothing(model, n0=20, n=400, batch_size=64, overlap=True)

@@ -165,7 +165,7 @@ class Smoothing(CertifierBase):
         ahead = self._overlaps(x, draws)
         calls = self._calls(x, gens, draws, 2 if ahead else 1)
         for owner, batch in _ahead(calls, _noise_pool()) if ahead else calls:
-            out = self.model.classes(batch)
+            out = self.model.classes(batch, scratch=True)  # a noise buffer, drawn again before its next use
             if out.any_bad:
                 for i in torch.unique(owner[out.bad]).tolist():
                     faults.setdefault(i, str(out.reason))

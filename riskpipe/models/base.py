@@ -110,31 +110,41 @@ class Model:
             self.module.to(self.device)
         return self
 
-    def scores(self, batch: torch.Tensor) -> Checked:
+    def scores(self, batch: torch.Tensor, scratch: bool = False) -> Checked:
         """The torch module's logits (n, C) for a float32 batch, checked against the
-        output contract (riskpipe.models.output): bad rows are marked, not trusted."""
+        output contract (riskpipe.models.output): bad rows are marked, not trusted.
+
+        A model may write into its input (an in-place normalisation such as
+        ``x.sub_(mean)``, scikit-learn's ``copy=False``), and the caller's batch is often
+        memory it goes on using: an event's input, the reference set the context index
+        is built from. So the model gets a copy, unless the caller passes ``scratch``
+        for a batch it throws away after the call (smoothing's noise buffers: no copy
+        on the hot path)."""
         if self.module is None:
             raise ModelError(f"model {self.spec}: no torch module to compute scores with")
         with torch.inference_mode():
-            out = self.module(batch)
+            out = self.module(batch if scratch else batch.clone())
         return check_output(out, len(batch), self.num_classes, batch.device)
 
-    def classes(self, batch: torch.Tensor) -> Checked:
+    def classes(self, batch: torch.Tensor, scratch: bool = False) -> Checked:
         """Class ids (int64, on the batch's device) for a float32 batch, checked.
 
         Every forward pass of every certifier goes through here or ``scores``, so one
-        check covers them all; a predict function may return logits (n, C) or ids (n,)."""
+        check covers them all; a predict function may return logits (n, C) or ids (n,).
+        ``scratch`` as in ``scores``: otherwise the model gets a copy of the batch."""
         if self.module is not None:
-            c = self.scores(batch)
+            c = self.scores(batch, scratch)
         else:
-            c = check_output(self._predict_fn(batch.detach().cpu().numpy()), len(batch), self.num_classes,
+            rows = batch.detach().cpu().numpy()
+            c = check_output(self._predict_fn(rows if scratch else rows.copy()), len(batch), self.num_classes,
                              batch.device)
         return Checked(c.values.argmax(dim=1), c.bad, c.reason) if c.values.ndim == 2 else c
 
-    def predict_torch(self, batch: torch.Tensor) -> torch.Tensor:
+    def predict_torch(self, batch: torch.Tensor, scratch: bool = False) -> torch.Tensor:
         """Class ids (int64 tensor on the batch's device) for a float32 batch; raises
-        ModelFault when the output breaks the contract (no id is made up for a bad row)."""
-        c = self.classes(batch)
+        ModelFault when the output breaks the contract (no id is made up for a bad row).
+        ``scratch`` as in ``scores``."""
+        c = self.classes(batch, scratch)
         if c.any_bad:
             raise ModelFault(self.spec, str(c.reason))
         return c.values
@@ -162,7 +172,7 @@ class Model:
         predict_proba, boosters' margins), else None. A score-based attack reads them."""
         if self._scores_fn is None:
             return None
-        return np.asarray(self._scores_fn(np.asarray(batch, dtype=np.float32)), dtype=np.float64)
+        return np.asarray(self._scores_fn(np.array(batch, dtype=np.float32)), dtype=np.float64)  # a copy (scores)
 
     def check_batch(self, batch: np.ndarray) -> None:
         """Raise ValueError naming the problem if ``batch`` does not fit the input spec."""
