@@ -127,6 +127,41 @@ def test_constant_is_cached_per_model_version(lip_digits):
     assert lipschitz_constants(other) is not lipschitz_constants(model)
 
 
+def test_a_scaled_model_never_gets_the_constant_of_the_model_it_wraps():
+    """g(z) = f(s * z) (riskpipe.models.scaled) keeps f's sha256, which names the model
+    file; its constant is max(s) times f's. Certified after f in one process it used to
+    get f's cached constant: a radius 10 times too large, an unsound certificate. Either
+    order now gives each model the radius it gets alone; the same layers with other
+    settings (a stride, a slope) are other layers too."""
+    from riskpipe.certify import lipschitz
+    from riskpipe.models.scaled import scaled_model
+
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    raw = Model(spec="user:mlp", input_shape=(4,), num_classes=3, sha256=sha256_state_dict(seq), module=seq)
+    scaled = scaled_model(raw, np.full(4, 10.0), "test: s = 10")
+    assert scaled.sha256 == raw.sha256
+    z = np.array([[0.01, 0.02, -0.01, 0.0]], np.float32)
+    inputs = {"raw": z * 10, "scaled": z}  # the same raw point
+    models = {"raw": raw, "scaled": scaled}
+
+    def radii(order):
+        lipschitz._CACHE.clear()
+        return {k: GlobalLipschitz(models[k]).certify_batch(inputs[k], [0])[0].radius for k in order}
+
+    alone = {k: radii([k])[k] for k in models}
+    assert alone["raw"] == pytest.approx(10 * alone["scaled"], rel=1e-6) and alone["scaled"] > 0
+    assert radii(["raw", "scaled"]) == alone and radii(["scaled", "raw"]) == alone
+
+    def conv(stride: int) -> Model:
+        torch.manual_seed(1)  # the same weights: only the stride differs
+        return _model(nn.Sequential(nn.Conv2d(1, 2, 3, stride=stride), nn.ReLU()))
+
+    one, two = conv(1), conv(2)
+    assert one.sha256 == two.sha256
+    assert lipschitz.layers_fingerprint(one) != lipschitz.layers_fingerprint(two)
+
+
 @pytest.mark.parametrize("module, match", [
     (nn.Sequential(nn.Flatten(), nn.Linear(64, 5), nn.Softmax(dim=1)), r"layer 2 \(Softmax\)"),
     (nn.Linear(64, 5), "nn.Sequential"),

@@ -14,13 +14,18 @@ autograd, i.e. conv_transpose), in float64, until the estimate changes by less t
 ``tol`` (relative). Power iteration approaches ||A||_2 from below, so the estimate
 is multiplied by (1 + ``safety``); the test suite checks the result against the exact
 SVD of materialised operators. The last group's rows are exact (K vector-Jacobian
-products). Constants are computed once per model version (``model.sha256``) and
-parameters, and kept in memory.
+products). Constants are computed once per layer stack and parameters, and kept in
+memory: the cache key is a fingerprint of the layers actually bounded (each layer's type
+and settings, its weights and buffers) and the input shape, not ``model.sha256``, which
+names the model file and is shared by the scaled model g(z) = f(s * z) built from it
+(riskpipe.models.scaled): keyed by it, a scaled model certified after its unscaled
+model in one process got the unscaled constant, and radii ``max(s)`` times too large.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 from collections import OrderedDict
@@ -41,7 +46,7 @@ if TYPE_CHECKING:
     from riskpipe.models.base import Model
 
 FP_SLACK = 1e-6
-# (model sha256, n_iter, tol, safety, seed) -> constants
+# (layers_fingerprint, n_iter, tol, safety, seed) -> constants
 _CACHE: OrderedDict[tuple[str, int, float, float, int], LipschitzConstants] = OrderedDict()
 _CACHE_SIZE = 16
 
@@ -106,10 +111,25 @@ def spectral_norm(apply: Callable[[torch.Tensor], torch.Tensor], in_shape: tuple
     return sigma, it
 
 
+def layers_fingerprint(model: Model) -> str:
+    """SHA-256 of what the constants of ``model`` depend on: the input shape, the class
+    count, and each layer of its Sequential in order (type and settings as ``repr`` gives
+    them, weights and buffers by name). Costs a pass over the weights: take it once per
+    certifier, not per batch."""
+    h = hashlib.sha256(repr((tuple(model.input_shape), int(model.num_classes))).encode())
+    for layer in sequential_layers(model.module, "Lipschitz bounds"):
+        h.update(repr(layer).encode())
+        for name, t in sorted(layer.state_dict().items()):
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def lipschitz_constants(model: Model, n_iter: int = 500, tol: float = 1e-7, safety: float = 0.01,
-                        seed: int = 0) -> LipschitzConstants:
-    """Pairwise margin Lipschitz constants of ``model`` (cached per sha256 and parameters)."""
-    key = (model.sha256, n_iter, tol, safety, seed)
+                        seed: int = 0, fingerprint: str | None = None) -> LipschitzConstants:
+    """Pairwise margin Lipschitz constants of ``model``, cached per ``layers_fingerprint``
+    (pass it when known) and parameters."""
+    key = (fingerprint or layers_fingerprint(model), n_iter, tol, safety, seed)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
@@ -173,14 +193,14 @@ class GlobalLipschitz(CertifierBase):
         if getattr(self.model, "module", None) is None:
             raise ValueError(f"model: Lipschitz bounds need a torch model, "
                              f"{getattr(self.model, 'spec', self.model)} has none")
-        sequential_layers(self.model.module, "Lipschitz bounds")
+        self._fingerprint = layers_fingerprint(self.model)  # checks the layers too
 
     def prepare(self) -> None:
-        self.constants  # noqa: B018 - computed once per model version and cached
+        self.constants  # noqa: B018 - computed once per layer stack and cached
 
     @property
     def constants(self) -> LipschitzConstants:
-        return lipschitz_constants(self.model, self.n_iter, self.tol, self.safety)
+        return lipschitz_constants(self.model, self.n_iter, self.tol, self.safety, fingerprint=self._fingerprint)
 
     @torch.no_grad()
     def radii(self, X: Batch) -> tuple[np.ndarray, np.ndarray]:
