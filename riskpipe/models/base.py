@@ -19,6 +19,13 @@ class ModelError(ValueError):
     """A model spec that cannot be loaded; the message names the spec and the reason."""
 
 
+# How a binary model with one output is read (loader option ``?binary=``): the score of
+# class 0 beside the output, which is class 1's (riskpipe.models.layers.BinaryScores).
+BINARY_THRESHOLDS = {"logit": 0.0, "probability": 0.5}
+BINARY_HINT = ("for a binary model with one output add ?binary=logit (class 1 where the logit is > 0) or "
+               "?binary=probability (class 1 where the probability is > 0.5) to the spec")
+
+
 class ShapeUnknown(ModelError):
     """The model file records no input shape (a plain TorchScript file) and the spec gives none."""
 
@@ -99,6 +106,16 @@ class Model:
     meta: dict[str, Any] = field(default_factory=dict)
     trees: Any = field(default=None, repr=False)  # TreeEnsemble (riskpipe.models.trees) of a tree model
     _scores_fn: Any = field(default=None, repr=False)  # batch -> (B, classes) scores, where the format has them
+
+    def __post_init__(self) -> None:
+        """A classifier of fewer than two classes certifies nothing: argmax over one score
+        is the same class for every input, so every input would get the largest radius.
+        That is what a binary model with one output (a logit or a probability) looks like
+        when read as (n, C) scores, so it is refused, with the option that reads it."""
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, (int, np.integer)) \
+                or self.num_classes < 2:
+            raise ModelError(f"model {self.spec}: {self.num_classes!r} class(es): a classifier needs scores for at "
+                             f"least 2 classes; {BINARY_HINT}")
 
     @property
     def input_dim(self) -> int:

@@ -47,6 +47,25 @@ class Scale(nn.Module):
         return x * self.s
 
 
+class BinaryScores(nn.Linear):
+    """The one output z of a binary classifier as two class scores (t, z): class 1 exactly
+    where z > t (argmax takes the first of equal scores), with t = 0 for a logit and 0.5
+    for a probability (riskpipe.models.loader's ``?binary=``). A fixed ``nn.Linear(1, 2)``
+    (weights (0, 1), biases (t, 0)), so the interval-bound and Lipschitz certifiers take
+    it as the linear layer it is: the margin between the classes is z - t. An output of
+    shape (n,) is read as (n, 1)."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__(1, 2)
+        with torch.no_grad():
+            self.weight.copy_(torch.tensor([[0.0], [1.0]]))
+            self.bias.copy_(torch.tensor([float(threshold), 0.0]))
+        self.requires_grad_(False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return super().forward(z.reshape(len(z), -1))
+
+
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.AvgPool2d, nn.BatchNorm1d, nn.BatchNorm2d,
              nn.Dropout, nn.Identity, Scale)
 _SUPPORTED_NAMES = "Linear, Conv2d, ReLU, Flatten, AvgPool2d, BatchNorm1d/2d (eval), Dropout, Identity, Scale"

@@ -19,7 +19,10 @@ Specs:
 Tree ensembles (skops, XGBoost, LightGBM) also get ``model.trees``, their flat node
 arrays (riskpipe.models.trees), which the ``trees`` certificate and attack use.
 Options after ``?`` set the input spec where the file cannot carry it, e.g.
-``model.onnx?shape=1,8,8&classes=10&range=0,1``.
+``model.onnx?shape=1,8,8&classes=10&range=0,1``. ``?binary=logit|probability`` reads a
+torch or ONNX model with one output (n, 1) or (n,) as two class scores: class 1 where the
+logit is > 0 or the probability > 0.5 (riskpipe.models.layers.BinaryScores). Without it
+such a model is refused: a Model needs at least two classes.
 
 Nothing here unpickles an untrusted file.
 """
@@ -35,11 +38,23 @@ import numpy as np
 import sklearn
 import torch
 from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
+from torch import nn
 
 from riskpipe.models import demo
 from riskpipe.models import trees as _trees
-from riskpipe.models.base import Model, ModelError, ModelFault, ShapeUnknown, one_line, sha256_file, sha256_state_dict
+from riskpipe.models.base import (
+    BINARY_HINT,
+    BINARY_THRESHOLDS,
+    Model,
+    ModelError,
+    ModelFault,
+    ShapeUnknown,
+    one_line,
+    sha256_file,
+    sha256_state_dict,
+)
 from riskpipe.models.digits import INPUT_SHAPE, NUM_CLASSES, reference_file
+from riskpipe.models.layers import BinaryScores
 
 
 def _options(spec: str) -> tuple[str, dict[str, str]]:
@@ -63,17 +78,45 @@ def _shape_opts(opts: dict[str, str], spec: str, default_shape=None, default_cla
     return shape, classes, rng
 
 
-def _probe_classes(forward, shape: tuple[int, ...], spec: str) -> int:
-    """The number of classes from one forward pass on a zero input (``?classes=N`` skips it);
-    a model that raises or returns no (1, C) logits is a one-line ModelError."""
+def _probe_output(forward, shape: tuple[int, ...], spec: str) -> tuple[int, ...]:
+    """The output shape of one forward pass on a zero input; a model that raises or
+    returns no tensor is a one-line ModelError."""
     try:
         out = forward(np.zeros((1,) + tuple(shape), np.float32))
     except Exception as e:  # noqa: BLE001 - whatever the user's model raises
         raise ModelFault(spec, f"forward pass raised {type(e).__name__}: {one_line(e)}") from None
-    if getattr(out, "ndim", None) != 2 or out.shape[0] != 1:
-        raise ModelFault(spec, f"output must be (batch, classes) logits, got "
-                               f"{f'shape {tuple(out.shape)}' if hasattr(out, 'shape') else type(out).__name__}")
-    return int(out.shape[1])
+    if not hasattr(out, "shape"):
+        raise ModelFault(spec, f"output must be (batch, classes) logits, got {type(out).__name__}")
+    return tuple(int(d) for d in out.shape)
+
+
+def _probe_classes(forward, shape: tuple[int, ...], spec: str) -> int:
+    """The number of classes from one forward pass on a zero input (``?classes=N`` skips it);
+    a model that raises or returns no (1, C) logits is a one-line ModelError, and one
+    output per input names the ``?binary=`` option."""
+    out = _probe_output(forward, shape, spec)
+    if out in ((1,), (1, 1)):
+        raise ModelFault(spec, f"output has one score per input (shape {out} for one input), not one per class; "
+                               f"{BINARY_HINT}")
+    if len(out) != 2 or out[0] != 1:
+        raise ModelFault(spec, f"output must be (batch, classes) logits, got shape {out}")
+    return out[1]
+
+
+def _binary(opts: dict[str, str], spec: str) -> float | None:
+    """The class-0 score of ``?binary=logit|probability`` (None without the option)."""
+    kind = opts.get("binary")
+    if kind is None:
+        return None
+    if kind not in BINARY_THRESHOLDS:
+        raise ModelError(f"model {spec}: binary={kind!r}: must be one of {', '.join(BINARY_THRESHOLDS)}")
+    return BINARY_THRESHOLDS[kind]
+
+
+def _one_score(out: tuple[int, ...], spec: str, kind: str) -> None:
+    if out not in ((1,), (1, 1)):
+        raise ModelError(f"model {spec}: binary={kind}: the model must give one score per input, (n, 1) or (n,); "
+                         f"it gives shape {out} for one input")
 
 
 def _module_forward(module: torch.nn.Module):
@@ -86,8 +129,17 @@ def _module_forward(module: torch.nn.Module):
 def _torch_model(spec: str, module: torch.nn.Module, opts, sha: str, default_shape=None) -> Model:
     module.eval()
     shape, classes, rng = _shape_opts(opts, spec, default_shape)
+    meta = {}
+    threshold = _binary(opts, spec)
+    if threshold is not None:  # (n, 1) -> (n, 2) scores by one more linear layer (BinaryScores)
+        _one_score(_probe_output(_module_forward(module), shape, spec), spec, opts["binary"])
+        head = BinaryScores(threshold)
+        module = nn.Sequential(*module, head) if isinstance(module, nn.Sequential) else nn.Sequential(module, head)
+        module.eval()
+        meta["binary"] = opts["binary"]
     classes = classes or _probe_classes(_module_forward(module), shape, spec)
-    return Model(spec=spec, input_shape=tuple(shape), num_classes=classes, sha256=sha, value_range=rng, module=module)
+    return Model(spec=spec, input_shape=tuple(shape), num_classes=classes, sha256=sha, value_range=rng, module=module,
+                 meta=meta)
 
 
 def _load_demo(spec: str, name: str, opts) -> Model:
@@ -198,6 +250,20 @@ def _load_onnx(spec: str, path: Path, opts) -> Model:
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"model {spec}: the model does not run on a (1, {', '.join(map(str, shape))}) input "
                          f"({type(e).__name__}: {str(e)[:200]}); set ?shape=") from None
+    meta: dict = {}
+    threshold = _binary(opts, spec)
+    if threshold is not None:  # one score per input -> (threshold, score): class 1 where the score is above it
+        _one_score(tuple(probe.shape), spec, opts["binary"])
+        one = scores
+
+        def scores(batch: np.ndarray) -> np.ndarray:
+            z = np.asarray(one(batch), dtype=np.float64).reshape(len(batch), -1)
+            return np.concatenate([np.full_like(z, threshold), z], axis=1)
+
+        probe = scores(np.zeros((1,) + tuple(shape), dtype))
+        meta["binary"] = opts["binary"]
+    elif tuple(probe.shape) == (1, 1):
+        raise ModelError(f"model {spec}: scores have one column, not one per class; {BINARY_HINT}")
     if probe.ndim != 2:
         raise ModelError(f"model {spec}: scores must be (batch, classes), got shape {list(probe.shape)}")
     classes = classes or int(probe.shape[1])
@@ -205,8 +271,8 @@ def _load_onnx(spec: str, path: Path, opts) -> Model:
     def predict(batch: np.ndarray) -> np.ndarray:  # scores: Model.classes checks them, then takes argmax
         return scores(batch)
 
-    meta = {"format": "onnx", "onnx_output": sess.get_outputs()[out_index].name,
-            "onnx_threads": sess.get_session_options().intra_op_num_threads}
+    meta.update({"format": "onnx", "onnx_output": sess.get_outputs()[out_index].name,
+                 "onnx_threads": sess.get_session_options().intra_op_num_threads})
     if fixed is not None:
         meta["onnx_fixed_batch"] = fixed
     return Model(spec=spec, input_shape=tuple(shape), num_classes=classes, sha256=sha256_file(path),
@@ -496,4 +562,7 @@ def load_model(spec: str, device: str = "cpu", trusted_types=()) -> Model:
         else:
             raise ModelError(f"model {spec}: unknown format {suffix!r} (use .pt TorchScript, .onnx, .skops, "
                              "an XGBoost .json/.ubj or LightGBM .txt booster, module:factory@weights or demo:NAME)")
+    if "binary" in opts and model.meta.get("binary") != opts["binary"]:
+        raise ModelError(f"model {spec}: ?binary= reads a torch or ONNX model with one output; this model gives "
+                         f"scores for each of its {model.num_classes} classes")
     return model.to(device)
