@@ -148,7 +148,7 @@ def test_the_stage_decides_a_binary_model_by_its_output(tmp_path):
     from riskpipe.app.offline import run_offline
     from riskpipe.stream.events import make_event
 
-    X, y = _data(16, 4)
+    X, _ = _data(16, 4)
     ref = tmp_path / "ref.npz"
     Xr, yr = _data(300, 5)
     np.savez(ref, X=Xr, y=yr)
