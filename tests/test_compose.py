@@ -458,3 +458,37 @@ def test_topic_names_follow_kafkas_rule(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"topics": {"audit": "team.audit_v2-" + "t" * 235}}))
     assert len(load_config(str(tmp_path / "c.yaml")).topics.audit) == 249
 
+
+
+def test_class_names_come_from_a_scikit_learn_model_in_its_own_order(tmp_path):
+    """A model fitted on string classes keeps them sorted (``classes_ == ['fraud',
+    'legit']``): class 0 is ``fraud`` whatever order the user wrote them in. With no
+    ``labels`` the stage and the review console name the classes from the model; labels
+    that are the same names in another order are refused (a reviewer would read ``legit``
+    for a fraud prediction); other names of the user's own are kept."""
+    import skops.io as sio
+    from sklearn.linear_model import LogisticRegression
+
+    from riskpipe.render.inputs import entry_info
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 3)).astype(np.float32)
+    y = np.where(X[:, 0] > 0, "legit", "fraud")  # the user's natural order: legit first
+    est = LogisticRegression().fit(X, y)
+    assert list(est.classes_) == ["fraud", "legit"]
+    path = tmp_path / "fraud.skops"
+    sio.dump(est, path)
+    policy = str(write_policy(tmp_path / "p.yaml", "fraud", context=False))
+
+    def entry(labels):
+        cfg = {"spec": str(path), **({"labels": labels} if labels is not None else {})}
+        f = tmp_path / "riskpipe.yaml"
+        f.write_text(yaml.safe_dump({"policy": policy, "models": {"fraud": cfg}}))
+        return load_config(str(f))
+
+    assert build_pipeline(entry(None)).entries["fraud"].labels == ["fraud", "legit"]
+    assert entry_info({"spec": str(path)}).labels == ("fraud", "legit")
+    with pytest.raises(ConfigError) as e:
+        build_pipeline(entry(["legit", "fraud"]))
+    assert "models.fraud.labels" in str(e.value) and "['fraud', 'legit']" in str(e.value)
+    assert build_pipeline(entry(["Fraudulent", "Legitimate"])).entries["fraud"].labels == ["Fraudulent", "Legitimate"]

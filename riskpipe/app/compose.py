@@ -142,6 +142,21 @@ def _probe_inputs(model, reference) -> np.ndarray:
     return np.stack([np.zeros(shape, np.float32), np.ones(shape, np.float32)])
 
 
+def _labels(name: str, mc: ModelConfig, model) -> list[str] | None:
+    """The class names reviewers and reports show. A model that names its classes
+    (scikit-learn's ``classes_``: ``meta['class_names']``) gives them where the entry has
+    no ``labels``; ``labels`` that are those names in another order are refused, since
+    class i is the model's i-th class and a reviewer would read ``legit`` for ``fraud``."""
+    names = model.meta.get("class_names")
+    if mc.labels is None:
+        return None if names is None else list(names)
+    if names is not None and list(mc.labels) != list(names) and \
+            sorted(v.casefold() for v in mc.labels) == sorted(v.casefold() for v in names):
+        raise _err(name, "labels", f"{list(mc.labels)} name the model's classes in another order: class i is its "
+                                   f"classes_[i], {list(names)} (scikit-learn sorts them); write them in that order")
+    return list(mc.labels)
+
+
 def _check_forward(name: str, model, reference) -> None:
     """A model that raises, or whose output is not finite (N, C) logits, stops the start-up
     with one line naming it (riskpipe.models.output)."""
@@ -195,6 +210,7 @@ def build_entry(name: str, mc: ModelConfig, policy, device: str = "cpu",
         raise _err(name, "spec", str(e)) from None
     if mc.labels is not None and len(mc.labels) != model.num_classes:
         raise _err(name, "labels", f"{len(mc.labels)} labels, the model has {model.num_classes} classes")
+    labels = _labels(name, mc, model)
     if mc.feature_names is not None and len(mc.feature_names) != _n_features(model):
         raise _err(name, "feature_names", f"{len(mc.feature_names)} names, the model has "
                                           f"{_n_features(model)} features")
@@ -221,7 +237,7 @@ def build_entry(name: str, mc: ModelConfig, policy, device: str = "cpu",
     entry = ModelEntry(name=name, model=model, certified=certified, policy=policy, certifier=certifier,
                        epsilon_cert=policy.certificate_epsilon(certifier.norm, certified.input_dim),
                        scale=None if s is None else s.astype(np.float32).reshape(model.input_shape),
-                       scale_desc=scale_desc, labels=mc.labels, feature_names=mc.feature_names,
+                       scale_desc=scale_desc, labels=labels, feature_names=mc.feature_names,
                        batch_size_source=batch.source if batch else None, policy_source=policy_source)
     if uses_context(policy):
         if reference is None:

@@ -26,7 +26,9 @@ payload (then its headers) to fit (docs/records.md).
   label the set). Needed by a policy that uses context risk, and by
   ``scale: standardize``. Demo models default to their built-in reference.
 * ``policy``: this model's policy file (default: the stage's ``policy``).
-* ``labels``: class names, one per model class, for reviewers and reports.
+* ``labels``: class names, one per model class, for reviewers and reports. A scikit-learn
+  model fitted on named classes gives its own (``classes_``, sorted) where this is unset;
+  the same names in another order are refused.
 * ``scale``: tabular inputs. ``standardize`` (per-feature standard deviation of the
   reference set) or a list of positive numbers, one per feature. Smoothing noise
   and every radius are then measured in the scaled l2 norm ||delta / s||_2.

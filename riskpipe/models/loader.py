@@ -373,7 +373,7 @@ def _load_skops(spec: str, path: Path, opts, trusted_types=()) -> Model:
 
     model = Model(spec=spec, input_shape=tuple(shape), num_classes=classes, sha256=sha256_file(path),
                   value_range=rng, _predict_fn=predict, _scores_fn=proba,
-                  meta={"format": "skops", **_feature_names(est)})
+                  meta={"format": "skops", **_feature_names(est), **_class_names(classes_)})
     return _attach_trees(model, lambda: _trees.sklearn_ensemble(est))
 
 
@@ -462,6 +462,15 @@ def _feature_names(est) -> dict:
     """``{"feature_names": [...]}`` when the estimator was fitted on named columns."""
     names = getattr(est, "feature_names_in_", None)
     return {"feature_names": [str(n) for n in names]} if names is not None else {}
+
+
+def _class_names(classes_: np.ndarray) -> dict:
+    """``{"class_names": [...]}`` when an estimator's classes are not just 0..K-1 (strings
+    such as ``"fraud"``, or other integers): class i is ``classes_[i]``, in the sorted order
+    scikit-learn keeps them in, which need not be the order a user would write them in."""
+    if classes_.dtype.kind in "iu" and np.array_equal(classes_, np.arange(len(classes_))):
+        return {}
+    return {"class_names": [str(c) for c in classes_]}
 
 
 def _is_factory(base: str) -> bool:

@@ -58,7 +58,8 @@ def _names(value: Any) -> tuple[str, ...] | None:
 def model_info(entry: Any = None, model: Any = None) -> ModelInfo:
     """ModelInfo from a stage config's ``models:`` entry (a spec string, or a mapping with
     ``spec``, ``labels``, ``feature_names``, ``range``) and, when given, the loaded model
-    (its declared ``value_range`` and ``meta['feature_names']``, e.g. skops' ``feature_names_in_``).
+    (its declared ``value_range``, ``meta['feature_names']`` and ``meta['class_names']``, e.g.
+    skops' ``feature_names_in_`` and ``classes_``).
     The config entry wins where both say something."""
     e = entry if isinstance(entry, dict) else ({"spec": entry} if isinstance(entry, str) else {})
     if entry is not None and not isinstance(entry, (dict, str)):  # a pydantic ModelConfig
@@ -69,13 +70,15 @@ def model_info(entry: Any = None, model: Any = None) -> ModelInfo:
         value_range = (float(rng[0]), float(rng[1]))
     elif e.get("spec"):
         value_range = _spec_range(e["spec"])
-    names = _names(e.get("feature_names"))
+    names, labels = _names(e.get("feature_names")), _names(e.get("labels"))
     if model is not None:
         mr = getattr(model, "value_range", None)
         if value_range is None and mr is not None and np.ndim(mr[0]) == 0 and np.ndim(mr[1]) == 0:
             value_range = (float(mr[0]), float(mr[1]))
-        names = names or _names((getattr(model, "meta", None) or {}).get("feature_names"))
-    return ModelInfo(labels=_names(e.get("labels")), feature_names=names, value_range=value_range)
+        meta = getattr(model, "meta", None) or {}
+        names = names or _names(meta.get("feature_names"))
+        labels = labels or _names(meta.get("class_names"))
+    return ModelInfo(labels=labels, feature_names=names, value_range=value_range)
 
 
 TABULAR_FILES = (".skops", ".onnx")
@@ -83,12 +86,13 @@ TABULAR_FILES = (".skops", ".onnx")
 
 def entry_info(entry: Any) -> ModelInfo:
     """``model_info`` of a config entry; a tabular model file (.skops, .onnx) whose entry
-    names no features is loaded for the names it carries itself (skops' ``feature_names_in_``).
+    names no features or no classes is loaded for the names it carries itself (skops'
+    ``feature_names_in_`` and ``classes_``).
     A file that cannot be loaded here leaves the names unknown (tables show positions)."""
     info = model_info(entry)
     spec = entry if isinstance(entry, str) else (
         entry.get("spec") if isinstance(entry, dict) else getattr(entry, "spec", None))
-    if info.feature_names is not None or not isinstance(spec, str) or \
+    if (info.feature_names is not None and info.labels is not None) or not isinstance(spec, str) or \
             not spec.partition("?")[0].lower().endswith(TABULAR_FILES):
         return info
 
