@@ -73,12 +73,12 @@ def _spec(factory: str, binary: str | None = None) -> str:
     return f"{MODULE}:{factory}?shape={FEATURES}&range=0,1" + (f"&binary={binary}" if binary else "")
 
 
-def _onnx(tmp_path) -> str:
-    path = tmp_path / "binary.onnx"
+def _onnx(tmp_path, module: nn.Module = _NET, name: str = "binary") -> str:
+    path = tmp_path / f"{name}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_NET, (torch.zeros(2, FEATURES),), str(path), dynamo=False, input_names=["x"],
-                          output_names=["logit"], dynamic_axes={"x": {0: "n"}, "logit": {0: "n"}})
+        torch.onnx.export(module, (torch.zeros(2, FEATURES),), str(path), dynamo=False, input_names=["x"],
+                          output_names=["score"], dynamic_axes={"x": {0: "n"}, "score": {0: "n"}})
     return f"{path}?shape={FEATURES}&range=0,1"
 
 
@@ -87,7 +87,8 @@ def test_a_model_with_one_output_is_refused_naming_the_option(tmp_path):
     and no Model of fewer than two classes can be made."""
     ts = tmp_path / "binary.pt"
     torch.jit.script(_NET).save(str(ts))
-    for spec in (_spec("one_logit"), _spec("one_probability"), f"{ts}?shape={FEATURES}", _onnx(tmp_path)):
+    for spec in (_spec("one_logit"), _spec("one_probability"), f"{ts}?shape={FEATURES}", _onnx(tmp_path),
+                 _onnx(tmp_path, _Probability(), "probability")):
         with pytest.raises(ModelError, match=r"\?binary=logit .*\?binary=probability"):
             load_model(spec)
     for classes in (1, 0, -2, True):
@@ -107,7 +108,8 @@ def test_binary_reads_the_sign_of_the_logit_and_half_of_the_probability(tmp_path
     ts = tmp_path / "binary.pt"
     torch.jit.script(_NET).save(str(ts))
     specs = [_spec("one_logit", "logit"), _spec("one_probability", "probability"),
-             f"{ts}?shape={FEATURES}&binary=logit", _onnx(tmp_path) + "&binary=logit"]
+             f"{ts}?shape={FEATURES}&binary=logit", _onnx(tmp_path) + "&binary=logit",
+             _onnx(tmp_path, _Probability(), "probability") + "&binary=probability"]  # an (n,) output
     for spec in specs:
         model = load_model(spec)
         assert model.num_classes == 2 and model.meta["binary"] in ("logit", "probability")

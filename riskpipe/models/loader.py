@@ -188,19 +188,23 @@ def _load_factory(spec: str, base: str, opts) -> Model:
     return _torch_model(spec, module, opts, sha, default_shape)
 
 
-def _score_output(sess, spec: str):
+def _score_output(sess, spec: str, one_score: bool = False):
     """(index, is_zipmap) of the output that carries class scores: the first rank-2 float
-    tensor, else a ZipMap's sequence of {class: probability} maps. skl2onnx classifiers
-    put the label first and the probabilities second (as a ZipMap unless disabled)."""
+    tensor (or rank 1, with ``one_score``: a binary model's one output per input), else a
+    ZipMap's sequence of {class: probability} maps. skl2onnx classifiers put the label
+    first and the probabilities second (as a ZipMap unless disabled)."""
     outputs = sess.get_outputs()
+    ranks = (1, 2) if one_score else (2,)
     for i, o in enumerate(outputs):
-        if o.type in ("tensor(float)", "tensor(double)") and len(o.shape or ()) == 2:
+        if o.type in ("tensor(float)", "tensor(double)") and len(o.shape or ()) in ranks:
             return i, False
     for i, o in enumerate(outputs):
         if o.type.startswith("seq(map("):
             return i, True
+    one = any(o.type in ("tensor(float)", "tensor(double)") and len(o.shape or ()) == 1 for o in outputs)
     raise ModelError(f"model {spec}: no ONNX output holds class scores (outputs: "
-                     f"{', '.join(f'{o.name} {o.type}' for o in outputs)}); need a (batch, classes) float tensor")
+                     f"{', '.join(f'{o.name} {o.type}' for o in outputs)}); need a (batch, classes) float tensor"
+                     + (f"; {BINARY_HINT}" if one else ""))
 
 
 def _load_onnx(spec: str, path: Path, opts) -> Model:
@@ -221,7 +225,8 @@ def _load_onnx(spec: str, path: Path, opts) -> Model:
     shape, classes, rng = _shape_opts(opts, spec, file_shape)
     fixed = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
     dtype = np.float64 if inp.type == "tensor(double)" else np.float32
-    out_index, zipmap = _score_output(sess, spec)
+    threshold = _binary(opts, spec)
+    out_index, zipmap = _score_output(sess, spec, one_score=threshold is not None)
     keys: list = []
 
     def run(chunk: np.ndarray) -> np.ndarray:
@@ -251,7 +256,6 @@ def _load_onnx(spec: str, path: Path, opts) -> Model:
         raise ModelError(f"model {spec}: the model does not run on a (1, {', '.join(map(str, shape))}) input "
                          f"({type(e).__name__}: {str(e)[:200]}); set ?shape=") from None
     meta: dict = {}
-    threshold = _binary(opts, spec)
     if threshold is not None:  # one score per input -> (threshold, score): class 1 where the score is above it
         _one_score(tuple(probe.shape), spec, opts["binary"])
         one = scores
