@@ -492,3 +492,13 @@ def test_class_names_come_from_a_scikit_learn_model_in_its_own_order(tmp_path):
         build_pipeline(entry(["legit", "fraud"]))
     assert "models.fraud.labels" in str(e.value) and "['fraud', 'legit']" in str(e.value)
     assert build_pipeline(entry(["Fraudulent", "Legitimate"])).entries["fraud"].labels == ["Fraudulent", "Legitimate"]
+
+    skl2onnx = pytest.importorskip("skl2onnx")  # the same estimator as ONNX: its ZipMap is keyed by classes_
+    from skl2onnx.common.data_types import FloatTensorType
+
+    onx = skl2onnx.convert_sklearn(est, initial_types=[("x", FloatTensorType([None, 3]))])
+    path = tmp_path / "fraud.onnx"
+    path.write_bytes(onx.SerializeToString())
+    assert build_pipeline(entry(None)).entries["fraud"].labels == ["fraud", "legit"]
+    with pytest.raises(ConfigError, match="models.fraud.labels"):
+        build_pipeline(entry(["legit", "fraud"]))

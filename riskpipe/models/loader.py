@@ -271,6 +271,8 @@ def _load_onnx(spec: str, path: Path, opts) -> Model:
     if probe.ndim != 2:
         raise ModelError(f"model {spec}: scores must be (batch, classes), got shape {list(probe.shape)}")
     classes = classes or int(probe.shape[1])
+    if zipmap:  # skl2onnx's ZipMap is keyed by the estimator's classes_, in the same sorted order
+        meta.update(_class_names(np.asarray(keys)))
 
     def predict(batch: np.ndarray) -> np.ndarray:  # scores: Model.classes checks them, then takes argmax
         return scores(batch)
