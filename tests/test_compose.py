@@ -500,5 +500,5 @@ def test_class_names_come_from_a_scikit_learn_model_in_its_own_order(tmp_path):
     path = tmp_path / "fraud.onnx"
     path.write_bytes(onx.SerializeToString())
     assert build_pipeline(entry(None)).entries["fraud"].labels == ["fraud", "legit"]
-    with pytest.raises(ConfigError, match="models.fraud.labels"):
+    with pytest.raises(ConfigError, match=r"models\.fraud\.labels"):
         build_pipeline(entry(["legit", "fraud"]))
