@@ -258,3 +258,32 @@ def test_loading_a_broken_model_without_classes_is_one_line(tmp_path, kind):
                  str(tmp_path / "x.npy"))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "faulty-" in r.stderr
+
+
+def test_a_predict_answer_that_is_no_class_is_a_fault_not_the_class_beside_it(tmp_path):
+    """A scikit-learn estimator without ``classes_`` (here a regressor, given ``?classes=2``)
+    answers values that are no class: 0.37 used to be read as class 1 (where it sorts among
+    0 and 1) and certified. Now such a row is a model fault, so the start-up check refuses
+    the model in one line; a classifier's own labels still map to their indices."""
+    import skops.io as sio
+    from sklearn.linear_model import LinearRegression
+
+    from riskpipe.app.compose import build_pipeline
+    from riskpipe.app.config import ConfigError, load_config
+    from riskpipe.models.loader import _class_index
+
+    rng = np.random.default_rng(0)
+    X = rng.uniform(0, 1, (200, 3)).astype(np.float32)
+    y = (rng.uniform(0, 1, 200) < 0.3 + 0.4 * X[:, 0]).astype(np.int64)  # a weak signal: answers near 0.5
+    path = tmp_path / "regressor.skops"
+    sio.dump(LinearRegression().fit(X, y), path)
+    model = load_model(f"{path}?classes=2&range=0,1")
+    c = model.classes(torch.from_numpy(X[:8]))
+    assert c.bad.all() and "class ids outside [0, 2)" in c.reason
+    np.savez(tmp_path / "ref.npz", X=X, y=y)
+    with pytest.raises(ConfigError, match=r"models\.reg\.spec: .*class ids outside \[0, 2\)"):
+        build_pipeline(load_config(None, models={"reg": f"{path}?classes=2&range=0,1"},
+                                   references={"reg": str(tmp_path / "ref.npz")}))
+    names = np.array(["fraud", "legit"])
+    assert _class_index(names, np.array(["legit", "fraud", "other"])).tolist() == [1, 0, -1]
+    assert _class_index(np.array([0, 1]), np.array([1.0, 0.0, 0.37, 2.0])).tolist() == [1, 0, -1, -1]

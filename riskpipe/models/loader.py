@@ -370,7 +370,7 @@ def _load_skops(spec: str, path: Path, opts, trusted_types=()) -> Model:
             return _sklearn_call(forest, batch).argmax(axis=1)
     else:
         def predict(batch: np.ndarray) -> np.ndarray:
-            return np.searchsorted(classes_, _sklearn_call(est.predict, batch))
+            return _class_index(classes_, _sklearn_call(est.predict, batch))
 
     proba = None
     if forest is not None or hasattr(est, "predict_proba"):
@@ -468,6 +468,19 @@ def _feature_names(est) -> dict:
     """``{"feature_names": [...]}`` when the estimator was fitted on named columns."""
     names = getattr(est, "feature_names_in_", None)
     return {"feature_names": [str(n) for n in names]} if names is not None else {}
+
+
+def _class_index(classes_: np.ndarray, labels) -> np.ndarray:
+    """The index in ``classes_`` of each label ``predict`` gave, and -1 for a label that is
+    none of them (a regressor's 0.3 with ``?classes=2``): the output check then faults that
+    row (riskpipe.models.output) rather than read it as the class it would sort beside."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        return labels  # not one label per input: the output check names the shape
+    idx = np.searchsorted(classes_, labels)
+    hit = idx < len(classes_)
+    hit[hit] = classes_[idx[hit]] == labels[hit]
+    return np.where(hit, idx, -1)
 
 
 def _class_names(classes_: np.ndarray) -> dict:

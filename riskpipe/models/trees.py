@@ -202,6 +202,8 @@ def _proba(tree) -> np.ndarray:
 
 def _from_sklearn(est, n_features: int, fold) -> TreeEnsemble:
     name = type(est).__name__
+    if getattr(est, "classes_", None) is None:  # a regressor, or a custom estimator: no trees to certify
+        raise TreeError(f"{name}: not a classifier (it has no classes_)")
     K = len(est.classes_)
     b = _Builder(K)
     if name == "DecisionTreeClassifier":
