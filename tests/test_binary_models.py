@@ -164,3 +164,36 @@ def test_the_stage_decides_a_binary_model_by_its_output(tmp_path):
     classes = [recs[f"e{i}"]["certificate"]["predicted_class"] for i in range(len(X))]
     assert {c for c in classes if c is not None} == {0, 1}
     assert all(c is None or c == int(w) for c, w in zip(classes, want))
+
+
+class _Ids(nn.Module):
+    """Class ids of the one-logit model, as integers or (a mistake) as floats."""
+
+    def __init__(self, as_float: bool) -> None:
+        super().__init__()
+        self.net, self.as_float = _NET, as_float
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = (self.net(x)[:, 0] > 0).long()
+        return ids.float() if self.as_float else ids
+
+
+def int_ids() -> nn.Module:
+    return _Ids(False)
+
+
+def float_ids() -> nn.Module:
+    return _Ids(True)
+
+
+def test_a_model_that_returns_class_ids_is_told_what_it_needs():
+    """Integer ids cannot give the class count: the load asks for ``?classes=N`` and then
+    works; float ids look like one score per input, so that refusal names both readings."""
+    with pytest.raises(ModelError, match=r"returns class ids, .*add \?classes=N"):
+        load_model(_spec("int_ids"))
+    X, _ = _data(50, 6)
+    with torch.no_grad():
+        want = (_NET(torch.from_numpy(X))[:, 0] > 0).numpy().astype(np.int64)
+    np.testing.assert_array_equal(load_model(_spec("int_ids") + "&classes=2").predict(X), want)
+    with pytest.raises(ModelError, match=r"\?binary=logit .*returns them as integers, with \?classes=N"):
+        load_model(_spec("float_ids"))

@@ -79,14 +79,19 @@ def _shape_opts(opts: dict[str, str], spec: str, default_shape=None, default_cla
 
 
 def _probe_output(forward, shape: tuple[int, ...], spec: str) -> tuple[int, ...]:
-    """The output shape of one forward pass on a zero input; a model that raises or
-    returns no tensor is a one-line ModelError."""
+    """The output shape of one forward pass on a zero input; a model that raises, returns
+    no tensor, or returns integer class ids (which do not give the class count: that takes
+    ``?classes=N``) is a one-line ModelError."""
     try:
         out = forward(np.zeros((1,) + tuple(shape), np.float32))
     except Exception as e:  # noqa: BLE001 - whatever the user's model raises
         raise ModelFault(spec, f"forward pass raised {type(e).__name__}: {one_line(e)}") from None
     if not hasattr(out, "shape"):
         raise ModelFault(spec, f"output must be (batch, classes) logits, got {type(out).__name__}")
+    if out.shape == (1,) and not (out.is_floating_point() if torch.is_tensor(out) else
+                                  np.issubdtype(np.asarray(out).dtype, np.floating)):
+        raise ModelError(f"model {spec}: the model returns class ids, which do not say how many classes there "
+                         "are; add ?classes=N")
     return tuple(int(d) for d in out.shape)
 
 
@@ -96,8 +101,9 @@ def _probe_classes(forward, shape: tuple[int, ...], spec: str) -> int:
     output per input names the ``?binary=`` option."""
     out = _probe_output(forward, shape, spec)
     if out in ((1,), (1, 1)):
+        ids = "; a model that returns class ids returns them as integers, with ?classes=N" if out == (1,) else ""
         raise ModelFault(spec, f"output has one score per input (shape {out} for one input), not one per class; "
-                               f"{BINARY_HINT}")
+                               f"{BINARY_HINT}{ids}")
     if len(out) != 2 or out[0] != 1:
         raise ModelFault(spec, f"output must be (batch, classes) logits, got shape {out}")
     return out[1]
