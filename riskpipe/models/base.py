@@ -22,8 +22,8 @@ class ModelError(ValueError):
 # How a binary model with one output is read (loader option ``?binary=``): the score of
 # class 0 beside the output, which is class 1's (riskpipe.models.layers.BinaryScores).
 BINARY_THRESHOLDS = {"logit": 0.0, "probability": 0.5}
-BINARY_HINT = ("for a binary model with one output add ?binary=logit (class 1 where the logit is > 0) or "
-               "?binary=probability (class 1 where the probability is > 0.5) to the spec")
+BINARY_HINT = ("for a binary model with one output (torch, ONNX) add ?binary=logit (class 1 where the logit is > 0) "
+               "or ?binary=probability (class 1 where the probability is > 0.5) to the spec")
 
 
 class ShapeUnknown(ModelError):
