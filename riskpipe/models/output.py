@@ -18,6 +18,13 @@ The contract for a batch of ``n`` inputs and ``C`` classes:
 
 A row with a non-finite value (or an id out of range) is bad on its own; an output of
 the wrong type, shape or dtype cannot be attributed to rows, so every row is bad.
+
+Two readings happen before this check, in the loader: a binary model with one output is
+read as two scores only when its spec says how (``?binary=logit|probability``: C = 2),
+and a scikit-learn label that is none of the estimator's ``classes_`` becomes id -1, so
+it is bad here rather than the class it sorts beside. A model of fewer than two classes
+never exists (``Model.__post_init__``): argmax over one column agrees with itself on
+every input.
 """
 
 from __future__ import annotations
