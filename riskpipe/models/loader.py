@@ -95,15 +95,25 @@ def _probe_output(forward, shape: tuple[int, ...], spec: str) -> tuple[int, ...]
     return tuple(int(d) for d in out.shape)
 
 
+# The output shape, for one input, of a model with one score per input: (n,) or (n, 1).
+_ONE_SCORE = ((1,), (1, 1))
+
+
+def _refuse_one_score(spec: str, out: tuple[int, ...]) -> None:
+    """A model with one score per input (``out`` for one input) read as class scores: one
+    line naming ``?binary=`` (and, for (n,), what a model returning class ids does)."""
+    if out in _ONE_SCORE:
+        ids = "; a model that returns class ids returns them as integers, with ?classes=N" if out == (1,) else ""
+        raise ModelFault(spec, f"output has one score per input (shape {out} for one input), not one per class; "
+                               f"{BINARY_HINT}{ids}")
+
+
 def _probe_classes(forward, shape: tuple[int, ...], spec: str) -> int:
     """The number of classes from one forward pass on a zero input (``?classes=N`` skips it);
     a model that raises or returns no (1, C) logits is a one-line ModelError, and one
     output per input names the ``?binary=`` option."""
     out = _probe_output(forward, shape, spec)
-    if out in ((1,), (1, 1)):
-        ids = "; a model that returns class ids returns them as integers, with ?classes=N" if out == (1,) else ""
-        raise ModelFault(spec, f"output has one score per input (shape {out} for one input), not one per class; "
-                               f"{BINARY_HINT}{ids}")
+    _refuse_one_score(spec, out)
     if len(out) != 2 or out[0] != 1:
         raise ModelFault(spec, f"output must be (batch, classes) logits, got shape {out}")
     return out[1]
@@ -120,7 +130,7 @@ def _binary(opts: dict[str, str], spec: str) -> float | None:
 
 
 def _one_score(out: tuple[int, ...], spec: str, kind: str) -> None:
-    if out not in ((1,), (1, 1)):
+    if out not in _ONE_SCORE:
         raise ModelError(f"model {spec}: binary={kind}: the model must give one score per input, (n, 1) or (n,); "
                          f"it gives shape {out} for one input")
 
@@ -272,8 +282,8 @@ def _load_onnx(spec: str, path: Path, opts) -> Model:
 
         probe = scores(np.zeros((1,) + tuple(shape), dtype))
         meta["binary"] = opts["binary"]
-    elif tuple(probe.shape) == (1, 1):
-        raise ModelError(f"model {spec}: scores have one column, not one per class; {BINARY_HINT}")
+    else:
+        _refuse_one_score(spec, tuple(probe.shape))
     if probe.ndim != 2:
         raise ModelError(f"model {spec}: scores must be (batch, classes), got shape {list(probe.shape)}")
     classes = classes or int(probe.shape[1])
