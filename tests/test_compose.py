@@ -391,6 +391,39 @@ def test_scale_wraps_torch_models_for_the_bound_families(user, tmp_path, method,
     assert "scaled" in cert["scope"]
 
 
+def centred_sign_of_x0():
+    """``module:factory``: ``sign_of_x0`` behind a Sequential whose own forward centres the
+    input, the way normalising models are often written."""
+    import torch
+
+    class Centred(torch.nn.Sequential):
+        def forward(self, x):
+            return super().forward((x - 0.5) * 40.0)
+
+    return Centred(*sign_of_x0())
+
+
+@pytest.mark.parametrize("method", ["ibp", "lipschitz"])
+def test_a_model_whose_forward_is_not_its_layers_does_not_start_under_a_bound_family(user, tmp_path, method):
+    """The bound families bound the layers; a Sequential with its own forward computes
+    something else, so the stage refuses it at start-up in one line naming the model key
+    (smoothing, which only calls the model, still takes it)."""
+    _, ref = user["lowvar"]
+    p = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())
+    p["threat_model"] = {"norm": "linf" if method == "ibp" else "l2", "epsilon": 0.5}
+    p["certifier"] = {"method": method, "mode": "certify"}
+    p["signals"]["context_risk"]["enabled"] = p["signals"]["support_risk"]["enabled"] = False
+    p["score"]["weights"]["context_risk"] = 0.0
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(p))
+    models = {"t": {"spec": "test_compose:centred_sign_of_x0?shape=2", "reference": str(ref)}}
+    with pytest.raises(ConfigError) as e:
+        build_pipeline(load_config(str(write_config(tmp_path / "c.yaml", models, tmp_path / "p.yaml"))))
+    msg = str(e.value)
+    assert "models.t" in msg and "computes something other than its layers" in msg and "Centred.forward" in msg
+    assert "\n" not in msg
+    build_pipeline(load_config(str(write_config(tmp_path / "s.yaml", models, user["no_context"]))))
+
+
 def test_torch_threads_is_set_before_the_models_are_built(user, tmp_path):
     """``torch_threads`` (default 1, bench/results/threads.json) is torch's intra-op thread
     count from the pipeline on; null leaves it alone; 0 is refused naming the key."""

@@ -72,16 +72,56 @@ _SUPPORTED_NAMES = "Linear, Conv2d, ReLU, Flatten, AvgPool2d, BatchNorm1d/2d (ev
 
 
 # ---- layers ------------------------------------------------------------------------------
+def _forward_owner(cls: type) -> type:
+    return next(c for c in cls.__mro__ if "forward" in vars(c))
+
+
+def _computes_otherwise(module: nn.Module, own: tuple[type, ...]) -> str | None:
+    """Why ``module`` may compute something other than what the bounds take it for, or None.
+
+    The bounds are those of the classes in ``own`` (what ``isinstance`` matched), so the
+    forward that runs must be theirs: a subclass that overrides ``forward`` or ``__call__``
+    (a normalising ``nn.Sequential``, a scaled ``nn.Linear``) or a forward hook changes
+    the function while the layer still looks supported, and its radii would be those of
+    another model (unsound). Subclasses that keep the forward (parametrized weights) pass.
+    """
+    cls = type(module)
+    owner = _forward_owner(cls)
+    if owner not in {_forward_owner(c) for c in own if isinstance(module, c)}:
+        return f"its forward is {owner.__qualname__}.forward"
+    if cls.__call__ is not nn.Module.__call__:
+        return f"{cls.__name__} overrides __call__"
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "it has a forward hook"
+    if module.training and isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout)):
+        return "it is in training mode (the bounds take eval semantics)"
+    return None
+
+
 def sequential_layers(module: nn.Module | None, what: str = "interval bounds") -> list[nn.Module]:
-    """The layers of an ``nn.Sequential`` (nested Sequentials flattened), checked.
+    """The layers of an ``nn.Sequential`` (nested Sequentials flattened), checked: each a
+    supported type computing exactly that type's forward (``_computes_otherwise``).
 
     Raises ValueError naming the first unsupported layer's type and index."""
     if not isinstance(module, nn.Sequential):
         raise ValueError(f"model: {what} need an nn.Sequential module, got {type(module).__name__}"
                          " (load it as demo:NAME or module:factory@weights)")
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        raise ValueError(f"model: a global module forward hook is registered; {what} bound the layers"
+                         " as they are, not as a hook changes them")
     out: list[nn.Module] = []
 
+    def refuse(idx: str, layer: nn.Module, why: str) -> ValueError:
+        return ValueError(f"model: {'the Sequential' if not idx else f'layer {idx}'} ({type(layer).__name__})"
+                          f" computes something other than its layers: {why}; {what} bound plain layers only"
+                          " (write the computation as layers, or certify with smoothing, which only calls"
+                          " the model)")
+
     def walk(seq: nn.Sequential, prefix: str) -> None:
+        why = _computes_otherwise(seq, (nn.Sequential,))
+        if why:
+            raise refuse(prefix.rstrip("."), seq, why)
         for i, layer in enumerate(seq):
             idx = f"{prefix}{i}"
             if isinstance(layer, nn.Sequential):
@@ -90,6 +130,9 @@ def sequential_layers(module: nn.Module | None, what: str = "interval bounds") -
             if not isinstance(layer, SUPPORTED):
                 raise ValueError(f"model: layer {idx} ({type(layer).__name__}) is not supported by {what};"
                                  f" supported: {_SUPPORTED_NAMES}")
+            why = _computes_otherwise(layer, (*SUPPORTED, BinaryScores))
+            if why:
+                raise refuse(idx, layer, why)
             if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
                 raise ValueError(f"model: layer {idx} (Conv2d) has padding_mode={layer.padding_mode!r};"
                                  f" {what} support only 'zeros'")
