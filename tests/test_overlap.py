@@ -154,6 +154,49 @@ def test_an_id_repeated_while_its_row_is_being_written_is_a_duplicate(tmp_path, 
     assert sorted(x[2] for x in log if x[0] == "send" and x[1] == "audit") == ["e0", "e1", "e3"]
 
 
+def test_an_id_reused_under_one_of_two_models_of_the_batch_in_flight_is_a_conflict(tmp_path, cnn_pipeline) -> None:
+    """Batch 1 decides id e1 under two models; batch 2 re-uses e1 under the first model
+    with another tensor while batch 1's rows are still being written. Triage must see both
+    of e1's records in flight: the re-use is an ``id_conflict``. It used to see only the
+    last one (one record per id), so e1 was decided and published (``allow``) again, and its
+    ledger row was skipped as already there: a published decision with no row of its own."""
+    from riskpipe.app.compose import build_pipeline
+    from riskpipe.app.config import load_config
+    from riskpipe.ledger.sqlite import SqliteLedger
+    from riskpipe.stream.binary import make_binary_event
+    from synthetic import policy_without_context
+
+    spec = cnn_pipeline.entries["cnn"].model.spec
+    policy = policy_without_context(tmp_path)
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump({"policy": policy, "models": {
+        "cnn": {"spec": spec, "certify_batch_size": 64}, "twin": {"spec": spec, "certify_batch_size": 64}}}))
+    pipeline = build_pipeline(load_config(str(tmp_path / "two.yaml")))
+    rng = np.random.default_rng(1)
+    x1, x2, x3 = (rng.integers(0, 256, (3, 32, 32), dtype=np.uint8) for _ in range(3))
+    msgs = []
+    for i, (eid, model, x) in enumerate([("e1", "cnn", x1), ("e1", "twin", x1), ("e1", "cnn", x2), ("e3", "cnn", x3)]):
+        value, headers = make_binary_event(eid, model, x, "UINT8")
+        msgs.append(Message(value, "in", 0, i, eid.encode(), headers))
+    log: list = []
+
+    class SlowLedger(SqliteLedger):
+        def append_entries(self, entries, inputs=()):
+            entries = list(entries)
+            if any(k == "decision" and r["model"]["name"] == "twin" for k, r, _ in entries):
+                deadline = time.monotonic() + 30
+                while not any(x[0] == "certify" and "e3" in x[1] for x in log) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            return super().append_entries(entries, inputs)
+
+    stats, _ = run_stage(tmp_path, pipeline, log, SlowLedger, msgs)
+    assert [x for x in log if x[0] == "certify"] == [("certify", ("e1", "e1")), ("certify", ("e3",))]
+    assert stats.decided == 3 and dict(stats.dlq) == {"id_conflict": 1}
+    with SqliteLedger(str(tmp_path / "l.sqlite")) as led:
+        rows = [(r.entry_id, r.record["model"]["name"]) for r in led.records(kind="decision")]
+    assert sorted(rows) == [("e1", "cnn"), ("e1", "twin"), ("e3", "cnn")]
+    assert sorted(x[2] for x in log if x[0] == "send" and x[1] == "audit") == ["e1", "e1", "e3"]
+
+
 @pytest.mark.broker
 def test_kill_9_with_batches_in_flight_loses_no_output(tmp_path) -> None:
     """SIGKILL while outputs are sent but unacknowledged (the overlap keeps a batch in

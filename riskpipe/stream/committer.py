@@ -121,7 +121,7 @@ class Outcome:
     seconds: float = 0.0
     certify_seconds: float = 0.0
     written: Future | None = None  # steps 1-2 on the writer thread (``Committer.submit``)
-    pending: dict[str, dict] = field(default_factory=dict)  # id -> record, until its row is known written
+    pending: dict[str, list[dict]] = field(default_factory=dict)  # id -> records (one per model), until written
     ledger_seconds: float = 0.0  # step 1, on the writer thread
     waited: float = 0.0  # the stage thread's wait for steps 1-2: what the overlap did not hide
 
@@ -155,7 +155,10 @@ class Committer:
         batch; ``complete`` waits for them."""
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="riskpipe-ledger-writer")
-        outcome.pending = {d.record["id"]: d.record for d in outcome.decided if isinstance(d.record.get("id"), str)}
+        outcome.pending = {}
+        for d in outcome.decided:  # every record of an id: one id may be decided under several models
+            if isinstance(d.record.get("id"), str):
+                outcome.pending.setdefault(d.record["id"], []).append(d.record)
         outcome.written = self._writer.submit(self._write_and_send, outcome, sink)
 
     def _write_and_send(self, outcome: Outcome, sink: Sink) -> None:

@@ -325,9 +325,9 @@ class Stage:
                     known[a.event.id] = recs
         pending = self.in_flight.pending if self.in_flight is not None else {}  # rows being written now
         for a in parsed:
-            rec = pending.get(a.event.id)
-            if rec is not None and rec not in known.get(a.event.id, []):
-                known[a.event.id] = [*known.get(a.event.id, []), rec]
+            for rec in pending.get(a.event.id, ()):
+                if rec not in known.get(a.event.id, []):
+                    known[a.event.id] = [*known.get(a.event.id, []), rec]
         return known, failed
 
     def _record_policies(self) -> None:
