@@ -104,7 +104,9 @@ class ContextIndex:
 
     def _fit(self) -> None:
         order = np.argsort(self.y, kind="stable")
-        self._sorted = np.ascontiguousarray(self.X[order])
+        # float64 (the queries too): in float32 a squared distance overflows to inf beyond
+        # ~1.8e19, and an input that far out read as having no distance at all
+        self._sorted = np.ascontiguousarray(self.X[order], dtype=np.float64)
         self._classes, self._starts = np.unique(self.y[order], return_index=True)
         self.support_distances = self._leave_one_out()
 
@@ -115,8 +117,9 @@ class ContextIndex:
             D[rows, start + rows] = np.inf  # the sample itself is left out
             return D.min(axis=1)
 
-        chunks = pairwise_distances_chunked(self.X, self.X, metric=METRICS[self.norm], reduce_func=nearest)
-        return np.sort(np.concatenate(list(chunks)).astype(np.float64))
+        X = self._sorted  # any order: the result is sorted
+        chunks = pairwise_distances_chunked(X, X, metric=METRICS[self.norm], reduce_func=nearest)
+        return np.sort(np.concatenate(list(chunks)))
 
     def support_reference_distance(self, quantile: float) -> float:
         """The ``quantile`` of the reference set's leave-one-out nearest-neighbour distances."""
@@ -130,7 +133,8 @@ class ContextIndex:
         starts, classes = self._starts, self._classes
         assert starts is not None and classes is not None  # set by _fit
         per_class = lambda D, start: np.minimum.reduceat(D, starts, axis=1)  # noqa: E731
-        chunks = pairwise_distances_chunked(Xq, self._sorted, metric=METRICS[self.norm], reduce_func=per_class)
+        chunks = pairwise_distances_chunked(Xq.astype(np.float64), self._sorted,
+                                            metric=METRICS[self.norm], reduce_func=per_class)
         return np.vstack(list(chunks)), classes
 
     def context(self, x_batch, predicted_classes, radius_threat, support_quantile: float = 0.99) -> list[dict]:

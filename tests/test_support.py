@@ -8,6 +8,7 @@ tabular model (wine, skops) and a 3x32x32 CNN, not the demo."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -64,12 +65,22 @@ def decide(pipe, events, tmp, name="out"):
     return res, {r["id"]: r for r in res.read("audit")}
 
 
-def test_a_feature_at_a_million_is_reviewed_out_of_support(tmp_path, wine):
+@pytest.mark.parametrize("value", [1e6, 1e20, 1e30, 3e38])
+def test_a_feature_far_out_is_reviewed_out_of_support(tmp_path, wine, value):
+    """However far: beyond ~1.8e19 a float32 squared distance overflowed to inf, the
+    distance read as malformed, the signal fell back to its default and the input was
+    allowed (with a ledger: an internal_error, inf being no JSON). Distances are float64."""
+    from riskpipe.ledger import open_ledger
+
     _d, um, _ref, held = wine
     pipe = pipeline(um, policy_file(tmp_path), "wine")
     far = held[0].copy()
-    far[0] = 1e6
-    _res, recs = decide(pipe, [tabular_event("far", far), tabular_event("near", held[0])], tmp_path)
+    far[0] = value
+    with open_ledger(str(tmp_path / "l.db")) as led:
+        res = run_offline([tabular_event("far", far), tabular_event("near", held[0])], tmp_path / "out",
+                          load_config(None, batch={"max_events": 16}), pipeline=pipe, ledger=led)
+        assert not res.read("dlq") and led.count("decision") == 2 and led.verify().ok
+    recs = {r["id"]: r for r in res.read("audit")}
     rec = recs["far"]
     assert rec["decision"] == "review" and rec["rule"] == "out-of-support" and "out_of_support" in rec["reasons"]
     s = rec["signals"]["support_risk"]
@@ -183,8 +194,9 @@ def test_a_larger_distance_never_lowers_the_context_risk(radius, d1, d2, pct, w)
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(d1=finite, d2=finite, q=finite, factor=st.floats(1.0, 100.0))
+@given(d1=finite | st.just(math.inf), d2=finite | st.just(math.inf), q=finite, factor=st.floats(1.0, 100.0))
 def test_a_larger_distance_never_lowers_the_support_risk(d1, d2, q, factor):
+    """Up to an infinite distance (further than any float: out of support, never malformed)."""
     lo, hi = sorted((d1, d2))
     cfg = SupportRiskSignal(enabled=True, factor=factor)
     near = sig.support_risk(cfg, {"nearest_reference_distance": lo, "support_reference_distance": q})

@@ -141,6 +141,8 @@ def support_risk(cfg: SupportRiskSignal, context: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"nearest_reference_distance": d if _finite_number(d) else None,
                            "support_reference_distance": q if _finite_number(q) else None,
                            "quantile": cfg.quantile, "factor": cfg.factor}
+    if d == math.inf and _finite_number(q):  # beyond any float: as far out of support as it gets
+        return {**out, "ratio": None, "value": 1.0, "out_of_support": True, "flagged": False}
     if not (_finite_number(d) and d >= 0 and _finite_number(q) and q >= 0):
         reason = "missing" if context is None else "malformed"
         return {**out, "ratio": None, "value": cfg.default, "default": cfg.default, "out_of_support": None,
