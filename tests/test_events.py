@@ -86,6 +86,8 @@ def test_each_reason(models):
     assert _reason(_mut(model="other"), models) == "unknown_model"
     assert _reason(_mut(id=""), models) == "bad_id"
     assert _reason(_mut(prediction=99), models) == "wrong_type"
+    for not_an_object in ([], "", 0, False, [1], "x"):  # falsy ones were recorded as {} before
+        assert _reason(_mut(context=not_an_object), models) == "wrong_type", not_an_object
     assert _reason(b"x" * 2000, models, max_bytes=1024) == "oversized"
     assert _reason(_mut(), models, [("ce_type", b"evil"), ("ce_specversion", b"1.0")]) == "unsupported_cloudevent"
     assert _reason(_mut(), models, [("ce_type", b"riskpipe.inference.v1"), ("ce_specversion", b"0.3")]) == \

@@ -251,7 +251,8 @@ def validate_event(obj: dict, models: dict, values_checked: bool = False) -> Eve
     pred = obj.get("prediction")
     if pred is not None and (not isinstance(pred, int) or isinstance(pred, bool) or not 0 <= pred < model.num_classes):
         raise EventError("wrong_type", f"prediction: must be a class id in [0, {model.num_classes}) or null")
-    ctx = obj.get("context") or {}
+    ctx = obj.get("context")
+    ctx = {} if ctx is None else ctx
     if not isinstance(ctx, dict):
         raise EventError("wrong_type", "context: must be an object")
     ts = obj.get("time")
