@@ -154,6 +154,31 @@ def test_receipt_picks_one_decision_per_event(tmp_path, keys):
     assert r.returncode == 2 and "no decision" in r.stderr
 
 
+def test_receipt_finds_every_decision_of_an_event_however_many_ids_share_its_prefix(tmp_path, keys):
+    """The look-up was a prefix scan capped at 1,000 rows in chain order: with evt-1000 ..
+    evt-1999 between two models' decisions of evt-1, the second was never seen, so the
+    receipt did not refuse to guess (it proved the first) and --model found none."""
+    target = str(tmp_path / "l.db")
+
+    def decision(eid, model):
+        r = decision_record(1)
+        r["id"] = eid
+        r["model"] = {"name": model, "spec": "demo:digits", "sha256": model[0] * 64}
+        return r
+
+    with open_ledger(target) as led:
+        led.append(decision("evt-1", "a-model"))
+        led.append_many([decision(f"evt-1{i:03d}", "a-model") for i in range(1000)])
+        led.append(decision("evt-1", "b-model"))
+    r = cli("receipt", "evt-1", "--ledger", target, "--key", keys / "key.pem")
+    assert r.returncode == 2 and "2 decision entries" in r.stderr, r.stderr
+    r = cli("receipt", "evt-1", "--ledger", target, "--model", "b-model", "--key", keys / "key.pem")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["record"]["model"]["name"] == "b-model" and rec["index"] == 1001
+    receipt_verifier.verify(rec, (keys / "pub.pem").read_bytes())
+
+
 def test_receipt_needs_a_covering_checkpoint(tmp_path, keys):
     target = str(tmp_path / "l.db")
     with open_ledger(target) as led:
