@@ -20,8 +20,10 @@ breakpoints r = |t - z_f|; the certified predicate is monotone in r. So the radi
 search is a bisection over each input's sorted breakpoints: the reported radius is
 just below (``rel_tol`` relative) the first breakpoint whose box fails, checked
 itself — the exact largest radius up to ``rel_tol`` for this bound. Every node is
-undecided within its rounding ``slack`` (riskpipe.models.trees), and a small
-allowance guards the float64 sums, so rounding cannot certify a zero margin.
+undecided within its rounding ``slack`` (riskpipe.models.trees), and an allowance
+guards the sums of leaf values: ours in float64 and the model's own (``sum_ulp``: XGBoost
+adds in float32, where boosted stumps differ from the float64 sum by ~1e-5), so rounding
+cannot certify a zero margin.
 
 Vectorised over the micro-batch: reachability is one boolean (nodes, B) pass per
 depth level, the per-tree minima one ``np.minimum.reduceat``.
@@ -67,7 +69,10 @@ class TreeGeometry:
         self.starts = np.searchsorted(ens.tree[self.leaves], np.arange(ens.n_trees))
         self.leaf_values = ens.value[self.leaves]
         per_tree = np.maximum.reduceat(np.abs(self.leaf_values).max(axis=1), self.starts)
-        self.allowance = FP_ALLOWANCE * (2 * per_tree.sum() + 2 * np.abs(ens.base).max() + 1e-300)
+        # the model's own sums round too: T + 1 additions, each off by at most ulp * (|base| + sum of
+        # max|v|), in each of two class scores, plus the same again for a base read off its margins
+        rel = max(FP_ALLOWANCE, 2 * (ens.n_trees + 2) * ens.sum_ulp)
+        self.allowance = rel * (2 * per_tree.sum() + 2 * np.abs(ens.base).max() + 1e-300)
         inner_thr = ens.threshold[self.inner]
         self.threshold_span = float(inner_thr.max() - inner_thr.min()) if len(inner_thr) else 0.0
 

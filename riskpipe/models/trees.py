@@ -29,6 +29,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 REL_SLACK = 1e-6  # relative rounding allowance per threshold (float32 has 6e-8)
+ABS_SLACK = 2.0 ** -140  # absolute allowance: float32 rounds |x| below 2**-149 to 0 (subnormals)
+F32_ULP = 2.0 ** -24  # unit roundoff of a float32 sum (XGBoost accumulates margins in float32)
+F64_ULP = 2.0 ** -53
 _SCALERS = ("StandardScaler", "MinMaxScaler", "MaxAbsScaler", "RobustScaler")
 
 
@@ -55,6 +58,7 @@ class TreeEnsemble:
     n_features: int
     kind: str              # "forest" (averaged probabilities) or "boosting" (summed margins)
     source: str            # the estimator, e.g. "RandomForestClassifier"
+    sum_ulp: float = F64_ULP  # unit roundoff of the model's own score sums (float32 for XGBoost)
 
     @property
     def n_trees(self) -> int:
@@ -107,7 +111,7 @@ class TreeEnsemble:
             raise TreeError(f"scale: {len(s)} values, the trees use {self.n_features} features")
         sf = s[np.where(self.feature >= 0, self.feature, 0)]
         thr = np.where(self.feature >= 0, self.threshold / sf, 0.0)
-        slack = np.where(self.feature >= 0, self.slack / sf + REL_SLACK * np.abs(thr), 0.0)
+        slack = np.where(self.feature >= 0, self.slack / sf + REL_SLACK * np.abs(thr) + ABS_SLACK, 0.0)
         return replace(self, threshold=thr, slack=slack)
 
 
@@ -155,19 +159,19 @@ def _binary_values(v: np.ndarray) -> np.ndarray:
 
 
 def _rel(t: np.ndarray) -> np.ndarray:
-    return REL_SLACK * np.abs(t)
+    return REL_SLACK * np.abs(t) + ABS_SLACK
 
 
 # ---------------------------------------------------------------- scikit-learn ------
 def _fold(scaler) -> tuple[np.ndarray, np.ndarray]:
     """(a, b) with scaler(x) = a * x + b per feature, a > 0."""
     name = type(scaler).__name__
-    if name == "StandardScaler":
-        a = 1.0 / scaler.scale_ if scaler.scale_ is not None else np.ones(scaler.n_features_in_)
-        b = -scaler.mean_ * a if scaler.mean_ is not None else np.zeros_like(a)
+    if name == "StandardScaler":  # transform subtracts mean_ only with with_mean, divides only with with_std
+        a = 1.0 / scaler.scale_ if scaler.with_std and scaler.scale_ is not None else np.ones(scaler.n_features_in_)
+        b = -scaler.mean_ * a if scaler.with_mean and scaler.mean_ is not None else np.zeros_like(a)
     elif name == "RobustScaler":
-        a = 1.0 / scaler.scale_ if scaler.scale_ is not None else np.ones(scaler.n_features_in_)
-        b = -scaler.center_ * a if scaler.center_ is not None else np.zeros_like(a)
+        a = 1.0 / scaler.scale_ if scaler.with_scaling and scaler.scale_ is not None else np.ones(scaler.n_features_in_)
+        b = -scaler.center_ * a if scaler.with_centering and scaler.center_ is not None else np.zeros_like(a)
     elif name == "MaxAbsScaler":
         a, b = 1.0 / scaler.scale_, np.zeros(len(scaler.scale_))
     elif name == "MinMaxScaler":
@@ -190,7 +194,7 @@ def _sk_tree(builder: _Builder, tree, fold, values: np.ndarray) -> None:
     f = np.where(inner, feature, 0)
     t = tree.threshold.astype(np.float64)
     raw = (t - b[f]) / a[f]
-    slack = REL_SLACK * (np.abs(raw) + np.abs(t / a[f]) + np.abs(b[f] / a[f])) + 1e-300
+    slack = REL_SLACK * (np.abs(raw) + np.abs(t / a[f]) + np.abs(b[f] / a[f])) + ABS_SLACK
     builder.add(np.where(inner, feature, -1), raw, slack, tree.children_left, tree.children_right, values)
 
 
@@ -246,7 +250,7 @@ def _from_sklearn(est, n_features: int, fold) -> TreeEnsemble:
                 f = np.where(leaf, 0, feature)
                 t = nodes["num_threshold"].astype(np.float64)  # left iff float64(x') <= t
                 raw = (t - off[f]) / a[f]
-                slack = REL_SLACK * (np.abs(raw) + np.abs(t / a[f]) + np.abs(off[f] / a[f])) + 1e-300
+                slack = REL_SLACK * (np.abs(raw) + np.abs(t / a[f]) + np.abs(off[f] / a[f])) + ABS_SLACK
                 v = nodes["value"].astype(np.float64)
                 if K == 2:
                     vals = _binary_values(v)
@@ -298,8 +302,14 @@ def xgboost_ensemble(booster) -> tuple[TreeEnsemble, int]:
     if gb.get("name") != "gbtree":
         raise TreeError(f"XGBoost booster {gb.get('name')!r}: only gbtree has trees")
     model = gb["model"]
+    best = booster.attr("best_iteration")
+    if best is not None and int(best) + 1 < booster.num_boosted_rounds():
+        raise TreeError(f"XGBoost: the file holds {booster.num_boosted_rounds()} rounds but best_iteration={best} "
+                        "(early stopping; XGBClassifier.predict uses only rounds 0..best_iteration): save "
+                        "booster[: best_iteration + 1] to certify the model as deployed")
     n_features = int(learner["learner_model_param"]["num_feature"])
-    if objective.startswith("multi:"):
+    binary = not objective.startswith("multi:")
+    if not binary:
         K = int(learner["learner_model_param"]["num_class"])
     elif objective in ("binary:logistic", "binary:logitraw", "binary:hinge"):
         K = 2
@@ -316,21 +326,23 @@ def xgboost_ensemble(booster) -> tuple[TreeEnsemble, int]:
         thr = np.nextafter(cond, np.float32(-np.inf)).astype(np.float64)  # x < c  <=>  x <= prev(c)
         feature = np.where(leaf, -1, np.asarray(t["split_indices"], dtype=np.int64))
         v = cond.astype(np.float64)
-        if K == 2:
+        if binary:
             vals = _binary_values(v)
         else:
             vals = np.zeros((len(v), K))
             vals[:, int(k)] = v
         b.add(feature, thr, _rel(thr), left, t["right_children"], vals)
-    ens = b.build(np.zeros(K), n_features, "boosting", f"XGBoost {objective}")
-    return _with_base(ens, lambda X: xgboost_margin(booster, X, K)), K
+    ens = replace(b.build(np.zeros(K), n_features, "boosting", f"XGBoost {objective}"), sum_ulp=F32_ULP)
+    return _with_base(ens, lambda X: xgboost_margin(booster, X, K, binary)), K
 
 
-def xgboost_margin(booster, X: np.ndarray, K: int) -> np.ndarray:
-    """(B, C) margins as class scores (binary: (0, m))."""
+def xgboost_margin(booster, X: np.ndarray, K: int, binary: bool | None = None) -> np.ndarray:
+    """(B, C) margins as class scores (a binary objective: (0, m))."""
     m = np.asarray(booster.inplace_predict(np.asarray(X, dtype=np.float32), predict_type="margin"),
                    dtype=np.float64)
-    return _binary_values(m.reshape(-1)) if K == 2 else m.reshape(len(X), K)
+    if binary is None:
+        binary = m.size == len(X)
+    return _binary_values(m.reshape(-1)) if binary else m.reshape(len(X), K)
 
 
 # ---------------------------------------------------------------- LightGBM ----------
