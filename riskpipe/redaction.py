@@ -23,6 +23,9 @@ _URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/?#@]*):[^\s]*@")
 # libpq keyword and URL query forms: password=..., password='...', ?password=...&
 _KEYWORD = re.compile(r"(?i)\b((?:ssl)?pass(?:word|wd)|pwd|sasl_plain_password|ssl_password)(\s*[=:]\s*)"
                       r"('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s&,;)]+)")
+# a PEM private key (a signing key given where a path belongs, e.g. through ${VAR}), to its
+# END line or, cut short, to the end of the text; line breaks may have become spaces
+_PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.S)
 _MIN_SECRET = 4  # shorter values would mask ordinary text
 
 _secrets: set[str] = set()
@@ -40,6 +43,8 @@ def register_secret(value: str | None) -> None:
 def redact(text) -> str:
     """``text`` with every password it holds replaced by ``***``."""
     s = str(text)
+    if "PRIVATE KEY-----" in s:
+        s = _PRIVATE_KEY.sub(f"[private key {MASK}]", s)
     if "@" in s:
         s = _URL_USERINFO.sub(rf"\1:{MASK}@", s)
     if "=" in s or ":" in s:

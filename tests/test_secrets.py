@@ -61,6 +61,49 @@ def test_only_braced_variables_are_expanded_and_an_unset_one_is_named(tmp_path, 
         load_config(str(bad))
 
 
+def test_a_keyword_dsn_that_does_not_parse_is_refused_never_a_file(tmp_path, monkeypatch) -> None:
+    """A password holding a space, unquoted: the string stopped parsing as pairs after
+    ``password=``, so it was taken for a SQLite file name (``run`` and ``ingest`` created a
+    file named after it, password included, instead of using PostgreSQL), and the error
+    of ``ledger verify`` printed the part of the password after the space."""
+    from riskpipe.ledger import LedgerError, open_ledger
+
+    monkeypatch.chdir(tmp_path)
+    dsn = "host=127.0.0.1 port=1 dbname=x user=u password=hunter2 Tr0ub4dor"
+    with pytest.raises(LedgerError, match=r"keyword DSN .* does not parse") as e:
+        open_ledger(dsn)
+    assert "hunter2" not in str(e.value) and "Tr0ub4dor" not in str(e.value) and "\n" not in str(e.value)
+    assert not list(tmp_path.iterdir())  # no file made
+    r = _cli("ledger", "verify", dsn, cwd=tmp_path)
+    assert r.returncode == 2 and "does not parse" in r.stderr
+    assert "Tr0ub4dor" not in r.stdout + r.stderr and "hunter2" not in r.stdout + r.stderr
+    assert not list(tmp_path.iterdir())
+    assert redact("some text Tr0ub4dor") == "some text ***"  # the tail is masked wherever it appears now
+    for not_dsn in ("ledger.db", str(tmp_path / "my file.db")):  # file names stay file names
+        with open_ledger(not_dsn) as led:
+            assert led.backend == "sqlite"
+
+
+def test_a_private_key_given_where_a_path_belongs_is_never_printed(tmp_path) -> None:
+    """``checkpoint.key_file: ${SIGNING_KEY}`` with the variable holding the PEM itself (or
+    ``--key "$(cat key.pem)"``): the error line printed the whole private key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    pem = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                    serialization.NoEncryption()).decode()
+    body = pem.splitlines()[1]
+    (tmp_path / "ev.jsonl").write_text("")
+    (tmp_path / "c.yaml").write_text("checkpoint:\n  key_file: ${RP_TEST_SIGNING_KEY}\n  every_records: 10\n")
+    r = _cli("run", "--config", str(tmp_path / "c.yaml"), "--source", f"jsonl:{tmp_path / 'ev.jsonl'}",
+             "--sink", f"jsonl:{tmp_path / 'out'}", "--ledger", str(tmp_path / "l.db"),
+             env={"RP_TEST_SIGNING_KEY": pem})
+    assert r.returncode == 2 and "key_file" in r.stderr and "key material" in r.stderr, r.stderr
+    assert body not in r.stdout + r.stderr and body[:16] not in r.stdout + r.stderr
+    assert body not in redact(f"error: {pem.replace(chr(10), ' ')}: cannot read")
+    assert body not in redact(f"cut short: {pem[:60]}")
+
+
 def test_keyword_dsns_open_postgresql_or_are_refused(postgres, pg_url, tmp_path) -> None:
     from riskpipe.ledger import LedgerError, backend_for, open_ledger
 

@@ -84,6 +84,8 @@ def legacy_key_id(public_key: Ed25519PublicKey) -> str:
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     """An Ed25519 private key from a PEM file (``openssl genpkey -algorithm ed25519``)."""
 
+    if "-----BEGIN" in str(path) or "\n" in str(path):  # key material given where a path belongs: never echo it
+        raise LedgerError("--key: expected the path of a PEM file, got what looks like key material (not shown)")
     try:
         key = load_pem_private_key(Path(path).read_bytes(), password=None)
     except OSError as e:

@@ -30,12 +30,23 @@ _KEYWORD_PAIR = re.compile(r"\s*([A-Za-z_]+)\s*=\s*(?:'(?:[^'\\]|\\.)*'|[^\s']+)
 
 def _keyword_dsn(target: str) -> list[str] | None:
     """The keywords of a libpq keyword DSN (``host=db dbname=x password=...``), or None
-    when ``target`` is not one."""
+    when ``target`` is not one. A string that starts as one (a ``keyword=value`` pair) but
+    does not parse on (an unquoted value holding a space) is a LedgerError: never a file
+    name, and never echoed, since what follows ``password=`` cannot be told apart."""
     keys, pos = [], 0
     while pos < len(target.rstrip()):
         m = _KEYWORD_PAIR.match(target, pos)
         if m is None:
-            return None
+            if not keys:
+                return None
+            tail = re.search(r"(?i)\bpassword\s*=\s*", target)
+            if tail:  # the rest of the string may all be the password: masked wherever it appears,
+                rest = target[tail.end():].strip()  # whole and word by word
+                for secret in (rest, *rest.split()):
+                    register_secret(secret)
+            raise LedgerError(f"ledger: a keyword DSN ({' '.join(k + '=...' for k in keys)} ...) that does not parse"
+                              f" after its {len(keys)} keyword(s): put a value holding a space or a quote in"
+                              " single quotes, or use sqlite:///PATH for a file whose name holds '='")
         keys.append(m.group(1).lower())
         pos = m.end()
     return keys or None
