@@ -33,7 +33,8 @@ def _keyword_dsn(target: str) -> list[str] | None:
     when ``target`` is not one. A string that starts as one (a ``keyword=value`` pair) but
     does not parse on (an unquoted value holding a space) is a LedgerError: never a file
     name, and never echoed, since what follows ``password=`` cannot be told apart."""
-    keys, pos = [], 0
+    keys: list[str] = []
+    pos = 0
     while pos < len(target.rstrip()):
         m = _KEYWORD_PAIR.match(target, pos)
         if m is None:
