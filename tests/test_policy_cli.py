@@ -70,7 +70,7 @@ def test_explain_certified_record():
     assert "1. out-of-support: no" in out  # the record's context predates the support signal
     assert "2. prediction-mismatch: no" in out and "3. uncertified: no" in out
     assert "[no ] certified_in_threat eq false   (actual true)" in out
-    assert "6. certified: FIRED" in out and "[yes] certified_in_threat eq true   (actual true)" in out
+    assert "7. certified: FIRED" in out and "[yes] certified_in_threat eq true   (actual true)" in out
     assert "score = weighted_mean = sum(w_i * s_i) / sum(w_i)" in out
     assert "decision: allow" in out and "note:" not in out
 

@@ -193,7 +193,8 @@ def test_malformed_upstream_uses_stated_default_and_flags(raw, reason):
 
 def test_valid_upstream_is_used_as_is():
     d = POLICIES["default"].evaluate(cert(0.4), upstream_risk=0)
-    assert d.signals["upstream_risk"] == {"value": 0.0, "raw": 0.0, "default": 0.5, "flagged": False, "weight": 0.3}
+    assert d.signals["upstream_risk"] == {"value": 0.0, "raw": 0.0, "default": 0.5, "flagged": False,
+                                          "malformed": False, "weight": 0.3}
 
 
 # ---- specific decisions ----------------------------------------------------------------------

@@ -25,8 +25,9 @@ def test_three_examples_exist():
 def test_example_loads_and_lints_clean(path):
     pol = load_policy(path)
     assert isinstance(pol, Policy)
-    # a shipped policy's version changes with its content (1.1.0: the support signal)
-    assert pol.name == path.stem and pol.version == {"default": "1.1.0", "strict": "1.1.0"}.get(path.stem, "1.0.0")
+    # a shipped policy's version changes with its content (1.1.0: the support signal; default 1.2.0, shadow
+    # 1.1.0: upstream-malformed)
+    assert pol.name == path.stem and pol.version == {"default": "1.2.0", "strict": "1.1.0"}.get(path.stem, "1.1.0")
     assert len(pol.sha256) == 64
     assert lint(pol, input_dim=64) == []
 

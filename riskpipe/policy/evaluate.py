@@ -228,6 +228,7 @@ class _Evidence:
             "signals.certificate_risk.value": signals["certificate_risk"]["value"],
             "signals.upstream_risk.value": signals["upstream_risk"]["value"],
             "signals.upstream_risk.flagged": signals["upstream_risk"]["flagged"],
+            "signals.upstream_risk.malformed": signals["upstream_risk"]["malformed"],
             "signals.context_risk.value": ctx.get("value"),
             "signals.context_risk.flagged": ctx.get("flagged"),
             "context.radius_to_distance_ratio": ctx.get("radius_to_distance_ratio"),

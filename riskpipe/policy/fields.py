@@ -39,6 +39,9 @@ FIELDS: dict[str, FieldSpec] = {f.name: f for f in (
     FieldSpec("signals.certificate_risk.value", "number", hi=1.0, doc="certificate risk signal"),
     FieldSpec("signals.upstream_risk.value", "number", hi=1.0, doc="upstream risk signal (default when flagged)"),
     FieldSpec("signals.upstream_risk.flagged", "bool", doc="upstream risk was missing or malformed"),
+    FieldSpec("signals.upstream_risk.malformed", "bool",
+              doc="upstream risk was given but is no number in [0, 1] (a string, NaN, 2, -0.5): a broken "
+                  "upstream signal, where missing is none at all"),
     FieldSpec("signals.context_risk.value", "number", hi=1.0, nullable=True,
               doc="context risk signal (absent when disabled)"),
     FieldSpec("signals.context_risk.flagged", "bool", nullable=True, doc="context was missing or malformed"),

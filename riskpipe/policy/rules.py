@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 Combo = tuple[Any, ...]  # one abstract input: a value (or ABSENT) per field, in the analysis' field order
 
 MAX_COMBINATIONS = 200_000
+MALFORMED = "signals.upstream_risk.malformed"  # the lint asks whether an allow rule takes it
 ABSENT = None
 
 
@@ -92,6 +93,7 @@ class Analysis:
     reachable: tuple[bool, ...]  # rule i fires for some input
     uncovered: dict[str, Any] | None  # an input no rule matches (witness), or None
     invariant_witness: dict[int, dict[str, Any]]  # allow rule i -> an uncertified input that reaches it
+    malformed_allowed: dict[int, dict[str, Any]]  # allow rule i -> an input with a malformed upstream risk
 
 
 def analyse(policy: Policy) -> Analysis:
@@ -118,14 +120,18 @@ def analyse(policy: Policy) -> Analysis:
     sat, reach = [False] * n, [False] * n
     uncovered: dict[str, Any] | None = None
     witness: dict[int, dict[str, Any]] = {}
+    malformed: dict[int, dict[str, Any]] = {}
     certify_mode = policy.certifier.mode == "certify"
     eps = policy.threat_model.epsilon
     compiled = [_compile(rule.when, fields) for rule in rules]
     allow = [rule.decision == "allow" for rule in rules]
     i_cert = fields.index("certified_in_threat")
+    # an input with a malformed upstream risk: where no rule reads ``malformed``, the rules tell it
+    # from others by ``flagged`` (true for it) or not at all; no axis of its own (half the combinations)
+    i_mal = next((fields.index(f) for f in (MALFORMED, "signals.upstream_risk.flagged") if f in fields), None)
     idx = {f: fields.index(f) if f in fields else None for f in (
         "certificate.abstained", "certified_in_threat", "radius_threat", "radius_over_epsilon",
-        "signals.certificate_risk.value", "prediction_agrees")}
+        "signals.certificate_risk.value", "prediction_agrees", MALFORMED, "signals.upstream_risk.flagged")}
     for combo in itertools.product(*axes):
         if not _coherent(combo, idx, certify_mode, eps, floor):
             continue
@@ -138,9 +144,12 @@ def analyse(policy: Policy) -> Analysis:
                     reach[i] = True
         if fired is None:
             uncovered = uncovered or dict(zip(fields, combo))
-        elif allow[fired] and not combo[i_cert] and fired not in witness:
-            witness[fired] = dict(zip(fields, combo))
-    return Analysis(True, tuple(sat), tuple(reach), uncovered, witness)
+        elif allow[fired]:
+            if not combo[i_cert] and fired not in witness:
+                witness[fired] = dict(zip(fields, combo))
+            if (i_mal is None or combo[i_mal]) and fired not in malformed:
+                malformed[fired] = dict(zip(fields, combo))
+    return Analysis(True, tuple(sat), tuple(reach), uncovered, witness, malformed)
 
 
 def _compile(when: When | None, fields: list[str]) -> Callable[[Combo], bool]:
@@ -164,6 +173,8 @@ def _coherent(combo: Combo, idx: dict[str, int | None], certify_mode: bool, eps:
 
     abstained, certified = get("certificate.abstained"), get("certified_in_threat")
     agrees = get("prediction_agrees")
+    if get(MALFORMED) and get("signals.upstream_risk.flagged") is False:  # malformed => flagged
+        return False
     if certified and agrees is False:  # a certificate for another class certifies nothing acted on
         return False
     if abstained and agrees is not None:  # no certified class to compare with
@@ -190,11 +201,20 @@ def _excludes_uncertified(when: When | None) -> bool:
 
 def _syntactic(policy: Policy) -> Analysis:
     """Fallback when there are too many combinations: an allow rule is accepted only
-    if its ``all`` list requires certified_in_threat to be true."""
+    if its ``all`` list requires certified_in_threat to be true (and, for the lint, a
+    well-formed upstream risk)."""
     n = len(policy.rules)
     witness: dict[int, dict[str, Any]] = {i: {"certified_in_threat": False} for i, r in enumerate(policy.rules)
                if r.decision == "allow" and not _excludes_uncertified(r.when)}
-    return Analysis(False, (True,) * n, (True,) * n, None, witness)
+    malformed: dict[int, dict[str, Any]] = {i: {MALFORMED: True} for i, r in enumerate(policy.rules)
+                                            if r.decision == "allow" and not _excludes_malformed(r.when)}
+    return Analysis(False, (True,) * n, (True,) * n, None, witness, malformed)
+
+
+def _excludes_malformed(when: When | None) -> bool:
+    return when is not None and any(
+        c.field in (MALFORMED, "signals.upstream_risk.flagged") and c.op == "eq" and c.value is False
+        for c in (when.all or ()))
 
 
 def describe_facts(facts: dict[str, Any]) -> str:

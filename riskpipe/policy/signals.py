@@ -98,9 +98,12 @@ def upstream_risk(cfg: UpstreamRiskSignal, raw: Any) -> dict[str, Any]:
     elif not 0.0 <= raw <= 1.0:
         reason = "out_of_range"
     else:
-        return {"value": float(raw), "raw": float(raw), "default": cfg.default, "flagged": False}
+        return {"value": float(raw), "raw": float(raw), "default": cfg.default, "flagged": False,
+                "malformed": False}
+    # malformed (given, but no number in [0, 1]) is told apart from missing: a pipeline without
+    # an upstream detector sends none on every event, while "2", NaN or "high" is a broken one
     return {"value": cfg.default, "raw": json_safe(raw), "default": cfg.default, "flagged": True,
-            "reason": reason}
+            "malformed": reason != "missing", "reason": reason}
 
 
 def context_risk(cfg: ContextRiskSignal, context: Any, radius_threat: float) -> dict[str, Any]:
