@@ -206,6 +206,28 @@ def test_deleted_checkpoints_are_caught_by_the_published_copies(target, keys, tm
     assert rc == 1 and out["first_bad_seq"] == 13 and "truncated" in out["reason"]
 
 
+def test_a_ledger_whose_checkpoints_are_all_deleted_is_never_ok_with_a_public_key(target, keys, tmp_path):
+    """A writer with full rights rewrites a decision, recomputes every hash
+    and the tree, and deletes every stored checkpoint: with a public key, verify said "ok
+    (no signed checkpoint yet)", exit 0. Now UNSIGNED, exit 1; the published copies then
+    name the rewritten rows."""
+    cp1, cp2 = build(target, keys)
+    published = tmp_path / "checkpoints.txt"
+    published.write_text(cp1.note + "\n" + cp2.note)
+    rechain_from(target, 4, lambda r: {**r, "decision": "block"})
+    drop = [] if target.startswith("postgresql://") else ["DROP TRIGGER signed_notes_no_delete"]
+    as_superuser(target, [*drop, "DELETE FROM signed_notes"], tables=())  # entries: done by rechain_from
+    with open_ledger(target) as led:
+        assert led.verify().ok and not led.notes()  # consistent on its own
+    rc, out = verify_with_key(target, keys)
+    assert rc == 1 and out["ok"] is False and out["unsigned"] is True and "no signed checkpoint" in out["reason"]
+    r = subprocess.run([*CLI, "verify", target, "--public-key", str(keys / "pub.pem")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and r.stdout.startswith("UNSIGNED: ") and "20 rows" in r.stdout
+    rc, out = verify_with_key(target, keys, "--checkpoints", str(published))
+    assert rc == 1 and out["first_bad_seq"] == 1 and not out["unsigned"]
+
+
 def make_note(origin, size, root, key):
     from riskpipe.ledger import note
 

@@ -100,6 +100,8 @@ def verify(path, expect_head, expect_count, public_keys, checkpoint_file, as_jso
                        f"(latest of {cp['verified']} verified checkpoint(s))")
     elif empty:
         click.echo(f"EMPTY: {res.reason}")
+    elif res.unsigned:
+        click.echo(f"UNSIGNED: {res.reason} ({res.count} rows, head {res.head})")
     elif res.first_bad_seq is None:  # a checkpoint failed before any row was checked against it
         click.echo(f"TAMPERED: {res.reason}")
         click.echo(f"  the rows were not checked: every checkpoint must hold first ({res.count} rows, head {res.head})")

@@ -74,6 +74,9 @@ class VerifyResult:
     root: str | None = None  # the Merkle root of the ``count`` rows (hex), when they all check out
     # the latest signed checkpoint the chain was checked against (verify_ledger)
     checkpoint: dict[str, Any] | None = None
+    # verify_ledger with public keys found no signed checkpoint at all: nothing signed vouches
+    # for the rows (``ok`` False), though the chain and tree hold on their own
+    unsigned: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,6 +22,9 @@ checksum database and Tessera use the same format, so their tools read these not
 someone with write access to the database who truncates the ledger below a signed
 tree size, or edits a row at or before it and recomputes every hash, the chain state
 and the tree. Rows after the latest checkpoint are protected by the chain and tree only.
+Such a writer can also delete the stored checkpoints: with keys and no checkpoint at all,
+``verify_ledger`` is not ok (``unsigned``), and copies kept elsewhere (``external``, from
+the topic) are what still vouch for the rows.
 
 Checkpoints of riskpipe before the Merkle tree (JSON over (head, count, ts), class
 :class:`~riskpipe.ledger.anchors.LegacyCheckpoint`, in the ``checkpoints`` table) are still verified with the
@@ -172,9 +175,14 @@ def verify_ledger(ledger: Ledger, public_keys: Sequence[Ed25519PublicKey],
         return VerifyResult(False, count, head, None, problem)
     res = ledger.verify(checkpoints=[*(cp for cp in good if cp.count > 0), *(cp for cp in signed if cp.tree_size > 0)])
     if res.ok and not good and not signed:
-        return VerifyResult(True, res.count, res.head, None,
-                            "no signed checkpoint yet: the chain and tree alone were verified",
-                            res.root)
+        # keys were given to check signatures, and there are none: never "ok". Whoever can
+        # rewrite the rows (and recompute every hash) can delete the stored checkpoints too;
+        # only copies kept elsewhere (--checkpoints) vouch for a ledger then
+        return VerifyResult(False, res.count, res.head, None,
+                            "no signed checkpoint: a public key was given, but the ledger holds none and none were "
+                            "given with --checkpoints, so nothing signed vouches for the rows (a ledger whose "
+                            "checkpoints were deleted looks the same); the chain and tree alone hold",
+                            res.root, unsigned=True)
     if res.ok:  # say which checkpoint the chain and tree were matched against, not just "ok"
         res = dataclasses.replace(res, checkpoint=_matched(good, signed, public_keys))
     return res
