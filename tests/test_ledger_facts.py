@@ -117,6 +117,54 @@ def test_report_names_a_facts_table_that_does_not_match_the_ledger(tmp_path):
     assert "decision: 9 facts rows for 10 ledger rows" in integrity["reason"]
 
 
+def _edit_as_owner(target, statements):
+    """SQL with the rights of the database's owner: on PostgreSQL with triggers off for the
+    session, on SQLite with the facts triggers dropped (fact_groups and fact_counts have none)."""
+    if str(target).startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(str(target), autocommit=True) as conn:
+            conn.execute("SET session_replication_role = replica")
+            for sql in statements:
+                conn.execute(sql)
+        return
+    with sqlite3.connect(target) as db:
+        for trigger in ("facts_no_update", "facts_no_delete"):
+            db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+        for sql in statements:
+            db.execute(sql)
+
+
+@pytest.mark.parametrize("edit, says", [
+    # one group row: every review of that group counted as an allow (the probe's finding)
+    (["UPDATE fact_groups SET decision = 'allow' WHERE decision = 'review'"], "gkey is not the hash"),
+    (["UPDATE facts SET radius_threat = 9.5 WHERE seq = (SELECT MIN(seq) FROM facts WHERE kind = 'decision')"],
+     "facts row differs from its record (radius_threat)"),
+    # a row moved from one group's count to another's: the totals still add up
+    ([f"UPDATE fact_counts SET n = n {sign} 1 WHERE gid = {gid} "
+      f"AND h = (SELECT MIN(h) FROM fact_counts WHERE gid = {gid})"
+      for sign, gid in (("+", "(SELECT MAX(gid) FROM fact_groups WHERE kind = 'decision')"),
+                        ("-", "(SELECT MIN(gid) FROM fact_groups WHERE kind = 'decision')"))], "fact_counts: hour"),
+])
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_report_recomputes_the_derived_tables_from_the_records_when_it_verifies(tmp_path, request, backend, edit,
+                                                                                says):
+    """The chain proves the records, not the facts tables the report counts from. An owner's
+    edit of fact_groups, facts or fact_counts used to leave the report's figures wrong while
+    its integrity section said ok; when the report verifies, they are recomputed."""
+    target = str(tmp_path / "l.db") if backend == "sqlite" else request.getfixturevalue("pg_url")
+    build_ledger(target, n=40, seed=5)
+    before = gather(target)["integrity"]
+    assert before["ok"] is True and before["facts_ok"] is True and before["facts_rechecked"] is True
+    _edit_as_owner(target, edit)
+    with open_ledger(target) as led:
+        assert led.verify().ok  # the chain and tree cannot see it
+    integrity = gather(target)["integrity"]
+    assert integrity["ok"] is False and integrity["facts_ok"] is False and says in integrity["reason"], integrity
+    unverified = gather(target, verify=False)["integrity"]
+    assert unverified["ok"] is None and unverified["facts_rechecked"] is False  # says it did not look
+
+
 def test_report_without_the_chain_walk_says_so(tmp_path):
     path = tmp_path / "l.db"
     build_ledger(path, n=10, seed=4)

@@ -11,8 +11,10 @@ The table is derived data: every column is a pure function of the record
 accidents, not someone with write access to the database). The hash chain, not this
 table, is the evidence: ``riskpipe ledger verify`` checks the chain; the report states
 that its figures are read from this table, and checks that it holds one row per
-decision and dead letter in the ledger (a deleted or added row shows); an edited facts
-row is not detected short of recomputing it from the record.
+decision and dead letter in the ledger (a deleted or added row shows), and when it
+verifies it recomputes every facts row, group and hourly count from the records
+(:func:`recheck`), so an edit of these tables (which their triggers do not stop for the
+database's owner; ``fact_groups`` has none) shows as a failed integrity check.
 
 Schema 7 (SQLite; 8 on PostgreSQL) adds what keeps the report's cost flat as the ledger
 grows: ``p_lower`` (the certificate's lower bound on p_A, so the report no longer parses
@@ -33,6 +35,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
+
+import orjson
 
 from riskpipe.ledger.chain import LedgerError, parse_ts, ts_epoch
 from riskpipe.ledger.conn import Db, Row
@@ -374,6 +378,70 @@ def _add_counts(db: Db, counts: Counts) -> None:
         chunk = rows[i:i + 500]
         db.execute(_ADD_COUNTS.format(values=",".join(["(?,?,?,?,?,?)"] * len(chunk))),
                    tuple(v for row in chunk for v in row))
+
+
+def _record(text: str | bytes) -> Any:
+    """A stored record's dict: orjson reads canonical JSON as the standard library does,
+    which decides what orjson refuses (an integer beyond 64 bits)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
+def recheck(q: Any, most: int = 5) -> list[str]:
+    """What the derived tables say that the records do not: every facts row, its group
+    (``fact_groups``: values and key) and ``fact_counts`` recomputed from the records of a
+    read snapshot ``q`` (``Ledger.snapshot``) and compared; at most ``most`` problems
+    named, [] when they are exactly the records'. The hash chain proves the records, not
+    these tables, so the report runs this when it verifies: one edited ``fact_groups``
+    row (no trigger stops a database owner) turned every review of its group into an
+    allow in the report's figures while it said "verified". Costs a JSON parse and a
+    :func:`facts_of` per row, like the chain walk it goes with."""
+    problems: list[str] = []
+
+    def problem(text: str) -> None:
+        if len(problems) < most:
+            problems.append(text)
+
+    groups: dict[int, Row] = {}
+    for gid, gkey, *values in q(f"SELECT gid, gkey, {', '.join(GROUP_COLUMNS)} FROM fact_groups", ()):
+        groups[gid] = tuple(values)
+        if group_key(groups[gid]) != gkey:
+            problem(f"fact_groups row {gid}: its gkey is not the hash of its values")
+    want: dict[tuple[Row, int], list[Any]] = {}
+    seq_at, t_at = _AT["seq"], _AT["t"]
+    stored_cols = ", ".join(f"f.{c}" for c in NAMES)
+    sql = (f"SELECT e.seq, e.kind, e.entry_id, e.record, {stored_cols} FROM entries e LEFT JOIN facts f "
+           "ON f.seq = e.seq WHERE e.kind IN ('decision', 'dlq') AND e.seq IS NOT NULL ORDER BY e.seq")
+    for rows in q.stream(sql, ()):
+        for seq, kind, entry_id, text, *stored in rows:
+            row = facts_of(seq, kind, entry_id, _record(text))
+            assert row is not None  # decision and dlq rows have facts
+            group = _GROUP_OF(row)
+            if stored[seq_at] is None:
+                problem(f"row {seq}: no facts row")
+            elif tuple(stored[:-1]) != row[:-1]:
+                column = next(c for c, a, b in zip(NAMES, stored, row) if a != b)
+                problem(f"row {seq}: its facts row differs from its record ({column})")
+            elif groups.get(stored[-1]) != group:
+                problem(f"row {seq}: its group (fact_groups row {stored[-1]}) differs from its record's")
+            c = want.setdefault((group, hour_of(row[t_at])), [0, seq, row[t_at], row[t_at]])
+            c[0] += 1
+            if row[t_at] is not None:
+                c[2], c[3] = min(c[2], row[t_at]), max(c[3], row[t_at])
+    have: dict[tuple[Row, int], list[Any]] = {}
+    for gid, h, n, first, t0, t1 in q("SELECT gid, h, n, first_seq, t0, t1 FROM fact_counts", ()):
+        key = (groups.get(gid, ()), h)
+        if key in have:  # two groups with one set of values: a forged duplicate
+            problem(f"fact_counts: group {gid} repeats another group's values")
+        have[key] = [n, first, t0, t1]
+    for key in sorted(set(want) | set(have), key=repr):
+        if want.get(key) != have.get(key):
+            got, need = have.get(key, [0])[0], want.get(key, [0])[0]
+            problem(f"fact_counts: hour {key[1]} of a {key[0][0] if key[0] else '(missing)'} group holds "
+                    f"{got} rows ({have.get(key)}), its records give {need} ({want.get(key)})")
+    return problems
 
 
 def build_existing(db: Db) -> None:
