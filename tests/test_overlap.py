@@ -197,6 +197,50 @@ def test_an_id_reused_under_one_of_two_models_of_the_batch_in_flight_is_a_confli
     assert sorted(x[2] for x in log if x[0] == "send" and x[1] == "audit") == ["e1", "e1", "e3"]
 
 
+@pytest.mark.parametrize("other", ["another event", "the same event"])
+def test_a_decision_another_stage_wrote_first_is_never_published(tmp_path, cnn_pipeline, other) -> None:
+    """Two stages on one ledger decide id e1 under the same model and policy at once (the id
+    on two partitions, or two replicas): the second one's look-up found nothing, and its row
+    is skipped as already there. It used to publish its own decision anyway, one with no
+    ledger row (for another event: an allow the audit trail does not hold). The stored row
+    stands: a differing event is an id_conflict dead letter, the same event a duplicate."""
+    import copy
+
+    from riskpipe.ledger.sqlite import SqliteLedger
+
+    log: list = []
+
+    class FirstWriterElsewhere(SqliteLedger):
+        """Before this stage's batch with e1, the other stage's record of e1 lands."""
+
+        def append_entries(self, entries, inputs=()):
+            entries = list(entries)
+            mine = next((r for k, r, _ in entries if k == "decision" and r["id"] == "e1"), None)
+            if mine is not None and not self.get_all("e1"):
+                theirs = copy.deepcopy(mine)
+                theirs["worker"] = "the-other-stage"
+                if other == "another event":
+                    theirs["input"]["sha256"] = "0" * 64
+                    theirs["decision"] = "allow"
+                super().append_entries([("decision", theirs, None)])
+            return super().append_entries(entries, inputs)
+
+    stats, _ = run_stage(tmp_path, cnn_pipeline, log, FirstWriterElsewhere)
+    with SqliteLedger(str(tmp_path / "l.sqlite")) as led:
+        e1 = led.get_all("e1")
+        dlq = [e.record for e in led.records(kind="dlq")]
+        assert led.verify().ok
+    assert len(e1) == 1 and e1[0]["worker"] == "the-other-stage"  # the decision of record
+    assert not [x for x in log if x[0] == "send" and x[2] == "e1" and x[1] != "dlq"], "published without its row"
+    if other == "another event":
+        assert stats.decided == 5 and dict(stats.dlq) == {"id_conflict": 1}
+        assert len(dlq) == 1 and dlq[0]["reason"] == "id_conflict" and "another writer" in dlq[0]["message"]
+        assert [x[2] for x in log if x[0] == "send" and x[1] == "dlq"] == ["e1"]
+    else:
+        assert stats.decided == 5 and stats.duplicates == 1 and not stats.dlq and not dlq
+    assert sorted(x[2] for x in log if x[0] == "send" and x[1] == "audit") == ["e0", "e2", "e3", "e4", "e5"]
+
+
 @pytest.mark.broker
 def test_kill_9_with_batches_in_flight_loses_no_output(tmp_path) -> None:
     """SIGKILL while outputs are sent but unacknowledged (the overlap keeps a batch in

@@ -3,6 +3,9 @@
 Per batch, strictly in this order (Quix Streams' checkpoint, Arroyo's submit/join):
 
 1. **ledger** — every decision row and every dead-letter row, in one transaction.
+   A decision row the ledger skips as already there was written by another stage
+   between this batch's look-up and its write; the stored row stands and this decision
+   is not published (``settle_raced``: ``id_conflict`` or a duplicate).
    If that transaction fails for a *data* reason, each decision row is tried on its
    own: a row the ledger refuses turns its event into a dead letter
    (``internal_error``, stage ``ledger``) and nothing is published for it. If it
@@ -91,10 +94,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from riskpipe.ledger import dlq_record
+from riskpipe.ledger.chain import canonical_json, decision_scope
 from riskpipe.stream.infra import infrastructure_component
 from riskpipe.stream.outputs import Output, dead_letter_output
+from riskpipe.stream.pipeline import record_digest
 from riskpipe.stream.ports import Message, Sink, Source
-from riskpipe.stream.triage import Dead
+from riskpipe.stream.triage import ID_CONFLICT, Dead
 from riskpipe.timestamps import rfc3339_millis
 
 log = logging.getLogger("riskpipe.stream")
@@ -221,23 +226,55 @@ class Committer:
         for hook in self.after_commit:
             hook(outcome)
 
+    @staticmethod
+    def settle_raced(outcome: Outcome, ledger) -> None:
+        """Decisions whose row the ledger skipped as already there: another stage on the same
+        ledger decided the id under the same model and policy between this batch's look-up
+        and its write (one id on two partitions, two replicas). The stored row is the
+        decision of record, so this one is never published: an ``id_conflict`` dead letter
+        when it was made for another event, else a duplicate. Rare (only when the append
+        wrote fewer rows than it was given), so the look-up costs the hot path nothing."""
+        stored = ledger.get_all_many([d.record["id"] for d in outcome.decided])
+        kept, conflicts = [], []
+        for d in outcome.decided:
+            scope = decision_scope("decision", d.record)
+            theirs = next((r for r in stored.get(d.record["id"], []) if decision_scope("decision", r) == scope), None)
+            if theirs is None or canonical_json(theirs) == canonical_json(d.record):
+                kept.append(d)
+            elif record_digest(theirs) != record_digest(d.record):
+                conflicts.append(Dead(d.message, ID_CONFLICT, (
+                    f"id: {d.record['id']!r} was decided under this model and policy for a different event by another "
+                    f"writer of this ledger while this stage decided it (digest {record_digest(theirs)[:12]}...)")))
+            else:
+                outcome.duplicates.append(d.message)
+        if len(kept) < len(outcome.decided):
+            log.warning("%d decision(s) of this batch were written by another stage first; not published "
+                        "(%d id_conflict)", len(outcome.decided) - len(kept), len(conflicts))
+        outcome.decided = kept
+        if conflicts:
+            ledger.append_entries([("dlq", *dlq_entry(d)) for d in conflicts])
+            outcome.dead.extend(conflicts)
+
     def write_ledger(self, outcome: Outcome, ledger) -> None:
         """Step 1 on ``ledger``; moves events whose decision row it refuses to ``outcome.dead``."""
         if ledger is None:
             return
         rows = [("decision", d.record, None) for d in outcome.decided]
+        dead = [("dlq", *dlq_entry(d)) for d in outcome.dead]
         try:
-            ledger.append_entries(rows + [("dlq", *dlq_entry(d)) for d in outcome.dead],
-                                       [s for d in outcome.decided for s in d.inputs])
-            return
+            written = ledger.append_entries(rows + dead, [s for d in outcome.decided for s in d.inputs])
         except Exception as e:  # find the culprit row by row, below
             if infrastructure_component(e):
                 raise  # the ledger is unavailable: no row is the culprit
             log.warning("ledger refused a batch (%s: %s); writing row by row", type(e).__name__, e)
-        kept = []
+        else:
+            if written < len(rows) + len(dead):  # a row was there already: a dead letter re-sent, or a race
+                self.settle_raced(outcome, ledger)
+            return
+        kept, raced = [], False
         for d in outcome.decided:
             try:
-                ledger.append_entries([("decision", d.record, None)], d.inputs)
+                raced |= ledger.append_entries([("decision", d.record, None)], d.inputs) == 0
                 kept.append(d)
             except Exception as e:  # this event's row: its event is dead-lettered
                 if infrastructure_component(e):
@@ -246,3 +283,5 @@ class Committer:
         outcome.decided = kept
         # If these cannot be written either, the ledger is down: raise, nothing was sent.
         ledger.append_entries([("dlq", *dlq_entry(d)) for d in outcome.dead])
+        if raced:
+            self.settle_raced(outcome, ledger)
