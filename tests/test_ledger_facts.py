@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from ledger_records import build_ledger, decision_record
+from ledger_records import as_superuser, build_ledger, decision_record
 from riskpipe.ledger import open_ledger
 from riskpipe.ledger import sqlite as sqlite_backend
 from riskpipe.ledger.facts import GROUP_COLUMNS, NAMES, build_existing, build_groups, facts_of, hour_of
@@ -117,24 +117,6 @@ def test_report_names_a_facts_table_that_does_not_match_the_ledger(tmp_path):
     assert "decision: 9 facts rows for 10 ledger rows" in integrity["reason"]
 
 
-def _edit_as_owner(target, statements):
-    """SQL with the rights of the database's owner: on PostgreSQL with triggers off for the
-    session, on SQLite with the facts triggers dropped (fact_groups and fact_counts have none)."""
-    if str(target).startswith("postgresql://"):
-        import psycopg
-
-        with psycopg.connect(str(target), autocommit=True) as conn:
-            conn.execute("SET session_replication_role = replica")
-            for sql in statements:
-                conn.execute(sql)
-        return
-    with sqlite3.connect(target) as db:
-        for trigger in ("facts_no_update", "facts_no_delete"):
-            db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
-        for sql in statements:
-            db.execute(sql)
-
-
 @pytest.mark.parametrize("edit, says", [
     # one group row: every review of that group counted as an allow (the probe's finding)
     (["UPDATE fact_groups SET decision = 'allow' WHERE decision = 'review'"], "gkey is not the hash"),
@@ -156,7 +138,7 @@ def test_report_recomputes_the_derived_tables_from_the_records_when_it_verifies(
     build_ledger(target, n=40, seed=5)
     before = gather(target)["integrity"]
     assert before["ok"] is True and before["facts_ok"] is True and before["facts_rechecked"] is True
-    _edit_as_owner(target, edit)
+    as_superuser(target, edit, tables=("facts",))  # fact_groups and fact_counts have no triggers
     with open_ledger(target) as led:
         assert led.verify().ok  # the chain and tree cannot see it
     integrity = gather(target)["integrity"]
