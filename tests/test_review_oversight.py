@@ -107,6 +107,40 @@ def test_overriding_a_block_needs_a_second_reviewer(tmp_path):
         assert led.get("blk-1", kind="verdict")["reviewer"] == "alice"
 
 
+def test_a_double_review_sample_never_overrides_a_block_on_one_reviewers_word(tmp_path):
+    """A block in the double-review sample: alice keeps it (confirmed_manipulated, a first
+    review), bob overrides it (confirmed_clean). Bob's override used to be the final verdict:
+    the block overridden with one confirmation, against require_second_reviewer_for. It is
+    refused (409); a verdict that keeps the block, or unsure, is final as before."""
+    from riskpipe.review.queue import in_double_review_sample
+    from test_review_records import decision_record
+
+    sampled = [f"s{i}" for i in range(2000) if in_double_review_sample(f"s{i}", 0.05)][:2]
+    path = tmp_path / "sample.sqlite3"
+    with Ledger(str(path)) as led:
+        for i, eid in enumerate(sampled):
+            led.append({**decision_record(eid, decision="block", abstained=False, digit_index=i),
+                        "review": {"routed": True, "priority": 1, "deadline": None, "audit_sample": False}})
+    settings = _settings(path)
+    app = create_app(ReviewSettings(**{**settings.__dict__, "double_review_fraction": 0.05}), metrics=None)
+    first, second = sampled
+    assert _post(app, "alice", first, "confirmed_manipulated").status_code == 302  # the sample's first review
+    refused = _post(app, "bob", first, "confirmed_clean")
+    assert refused.status_code == 409 and "needs two reviewers giving that verdict" in refused.get_data(as_text=True)
+    with Ledger(str(path)) as led:
+        assert led.get(first, kind="verdict") is None and led.verify().ok
+    assert _post(app, "bob", first, "unsure").status_code == 302  # keeps the block: final
+    with Ledger(str(path)) as led:
+        final = led.get(first, kind="verdict")
+        assert (final["verdict"], final["first_verdict"], final["double_review"]) == ("unsure", "confirmed_manipulated",
+                                                                                    "sample")
+    # two reviewers giving the override: final, as the four-eyes rule promises
+    assert _post(app, "alice", second, "confirmed_clean").status_code == 302
+    assert _post(app, "bob", second, "confirmed_clean").status_code == 302
+    with Ledger(str(path)) as led:
+        assert led.get(second, kind="verdict")["verdict"] == "confirmed_clean"
+
+
 def test_require_second_reviewer_for_is_validated(tmp_path):
     import yaml
 

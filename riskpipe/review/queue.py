@@ -37,6 +37,10 @@ class ReviewError(ValueError):
     """A verdict or record the console cannot accept (message names field and reason)."""
 
 
+class NeedsAnotherReviewer(ReviewError):
+    """The verdict cannot be final on this reviewer's word (four eyes, double review): 409."""
+
+
 class AlreadyReviewed(ReviewError):
     def __init__(self, event_id: str, existing: dict):
         self.existing = existing
@@ -377,14 +381,21 @@ def record_review(ledger: Ledger, event_id: str, verdict: str, note: str, review
         if (existing := review_of(ledger, decision)) is not None:
             raise AlreadyReviewed(event_id, existing)
         if not ledger.append({**record, "double_review": why}, kind=FIRST_REVIEW, entry_id=event_id):
-            raise ReviewError(f"{event_id}: another reviewer has just given the first review; "
+            raise NeedsAnotherReviewer(f"{event_id}: another reviewer has just given the first review; "
                               "a second reviewer gives the verdict")
         return {**record, "double_review": why}, False
     if first.get("reviewer") == reviewer:
         which = ("overriding a " + str(decision.get("decision")) if first.get("double_review") == "four_eyes"
                  else "double-review sample")
-        raise ReviewError(f"{event_id}: this item needs a second reviewer ({which}); "
+        raise NeedsAnotherReviewer(f"{event_id}: this item needs a second reviewer ({which}); "
                           f"{reviewer} gave the first review at {first.get('ts')}")
+    if (two_reviews(decision, verdict, second_reviewer_for) == "four_eyes" and first.get("verdict") != verdict):
+        # an override is final only when two reviewers give it: a first review of another
+        # verdict (a double-review sample's, or a four-eyes one) does not confirm this one
+        raise NeedsAnotherReviewer(
+            f"{event_id}: overriding a {decision.get('decision')} needs two reviewers giving that verdict, and the "
+            "first review of this item does not; the decision stands unless a verdict that keeps it (or unsure) is "
+            "given")
     final = {**record, "first_reviewer": first.get("reviewer"), "first_verdict": first.get("verdict"),
              "first_review_ts": first.get("ts"), "double_review": first.get("double_review")}
     return _append_final(ledger, final, decision), True

@@ -84,10 +84,10 @@ def verdict(event_id: str) -> ResponseReturnValue:
         record, final = rq.record_review(request_ledger(), event_id, form.verdict.data, form.note.data or "",
                                          g.reviewer, settings.require_second_reviewer_for,
                                          settings.double_review_fraction, scope=settings.scope)
-    except rq.AlreadyReviewed as e:
+    except (rq.AlreadyReviewed, rq.NeedsAnotherReviewer) as e:
         return _render_item(event_id, form, status=409, error=str(e))
     except rq.ReviewError as e:
-        return _render_item(event_id, form, status=409 if "second reviewer" in str(e) else 400, error=str(e))
+        return _render_item(event_id, form, status=400, error=str(e))
     if not final:
         _flash_first_review(record, decision, event_id)
         return redirect(url_for("review.queue_page"))
