@@ -145,6 +145,9 @@ def test_abstains_without_a_positive_margin():
     (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(128, 5)),
      "padding_mode"),
     (nn.Linear(64, 5), "nn.Sequential"),
+    # a negative divisor makes the pool's coefficients negative: |A| = A no longer holds, and
+    # the box radius went negative (every input certified over the whole range)
+    (nn.Sequential(nn.AvgPool2d(2, divisor_override=-1), nn.Flatten(), nn.Linear(16, 5)), "divisor_override=-1"),
 ])
 def test_unsupported_layers_are_named(module, match):
     with pytest.raises(ValueError, match=match):

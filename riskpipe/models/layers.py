@@ -133,6 +133,9 @@ def sequential_layers(module: nn.Module | None, what: str = "interval bounds") -
             why = _computes_otherwise(layer, (*SUPPORTED, BinaryScores))
             if why:
                 raise refuse(idx, layer, why)
+            if isinstance(layer, nn.AvgPool2d) and layer.divisor_override is not None and layer.divisor_override <= 0:
+                raise ValueError(f"model: layer {idx} (AvgPool2d) has divisor_override={layer.divisor_override};"
+                                 f" {what} take a pool's coefficients as non-negative (a divisor > 0)")
             if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
                 raise ValueError(f"model: layer {idx} (Conv2d) has padding_mode={layer.padding_mode!r};"
                                  f" {what} support only 'zeros'")
