@@ -90,7 +90,7 @@ def test_same_seed_same_figures_through_the_cli_and_reports(run, tmp_path):
     again = json.loads((out / "evaluation.json").read_text(encoding="utf-8"))
     assert _strip_timing(again) == _strip_timing(json.loads(json.dumps(result)))
     md = (out / "evaluation.md").read_text(encoding="utf-8")
-    assert "| default v1.1.0 | PGD (4 steps, gradients) | l2 1 (4x) |" in md and "(figures/default-routes.png)" in md
+    assert "| default v1.2.0 | PGD (4 steps, gradients) | l2 1 (4x) |" in md and "(figures/default-routes.png)" in md
     assert (out / "figures" / "default-routes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (out / "evaluation.html").read_text(encoding="utf-8")
     examples = result["policies"][0]["examples"]  # 4x epsilon succeeds: adversarial inputs beside clean ones

@@ -79,7 +79,7 @@ def test_compare_a_config_entry_in_its_scaled_norm(tmp_path):
     assert m["scale"] == "standardize(reference)" and m["input_dim"] == 30 and m["clean_accuracy"] > 0.8
     smooth = next(r for r in m["methods"] if r["method"] == "smoothing")
     assert smooth["settings"] == ("sigma 0.25, alpha 0.001, n0 100, n 100, sampler gaussian, bound cp "
-                                  "(from policy tabular-breast-cancer v1.0.0)")
+                                  "(from policy tabular-breast-cancer v1.1.0)")
     assert "cancer smoothing: sigma 0.25, alpha 0.001, n0 100, n 100" in md
     # sigma 0.25 in standardized units certifies most rows at the policy's epsilon 0.25 (sigma 5 would not)
     assert smooth["certified_accuracy"]["l2"][1] > 0.5
