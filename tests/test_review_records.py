@@ -264,6 +264,20 @@ def test_malformed_records_are_named_not_crashed_on():
         rq.check_decision_record(rec)
     with pytest.raises(rq.ReviewError, match="id: missing"):
         rq.check_decision_record({"review": {}})
+    # what the queue groups and filters by: a list there killed the feed thread of a console
+    # with --config (unhashable in the scope check), or made every queue page a 500
+    for field, value, says in (("model", {"name": ["m"]}, "model: must be a name"), ("model", 7, "model: must be"),
+                               ("policy", ["p"], "policy: must be an object"),
+                               ("policy", {"name": "p", "version": "1", "sha256": 7},
+                                "policy.sha256: must be a string"),
+                               ("model", {"name": "m", "sha256": ["ab"]}, "model.sha256: must be a string")):
+        with pytest.raises(rq.ReviewError, match=says):
+            rq.check_decision_record({**decision_record("evt-y"), field: value})
+    # a queue position beyond 64 bits is a malformed position (it was a 500 and a traceback)
+    for cursor in ("99999999999999999999:1:1", "1:1:99999999999999999999", "1:1:-1"):
+        with pytest.raises(rq.ReviewError, match="after: not a queue position"):
+            rq.parse_cursor(cursor)
+    assert rq.parse_cursor("-5:1e300:7") == (-5, 1e300, 7)
 
 
 def test_a_filtered_page_reads_its_groups_index_ranges(tmp_path, monkeypatch):

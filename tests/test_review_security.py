@@ -249,3 +249,28 @@ def test_queue_page_is_paginated_and_filtered(app, ledger_path):
     filtered = client.get("/?reason=certificate_abstained&model=digits").get_data(as_text=True)
     assert len(re.findall(r'data-id=', filtered)) == 50 and "matching the filter" in filtered
     assert client.get("/?after=nonsense").status_code == 400
+
+
+def test_the_login_throttle_keeps_only_failures_inside_its_window(monkeypatch):
+    """Asking whether a name or address is locked stored an empty entry for it, and
+    entries were never dropped: 3,000 refused POSTs left 3,002 keys. A look-up stores
+    nothing now, and once SWEEP_KEYS keys are held a failure drops the expired ones;
+    locking still works as before."""
+    from riskpipe.review import access
+
+    clock = [1000.0]
+    monkeypatch.setattr(access.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(access, "SWEEP_KEYS", 50)
+    t = access.LoginThrottle()
+    assert not any(t.locked(f"name:{i}", f"addr:{i}") for i in range(3000))
+    assert not t.failures  # looked up, never stored
+    for _ in range(access.MAX_FAILURES):
+        t.fail("name:alice")
+    assert t.locked("name:alice") and not t.locked("name:bob")
+    for i in range(200):
+        t.fail(f"addr:{i}")
+    assert len(t.failures) == 201
+    clock[0] += access.LOCKOUT_SECONDS + 1  # every failure so far is outside the window
+    assert not t.locked("name:alice") and "name:alice" not in t.failures
+    t.fail("addr:new")
+    assert set(t.failures) == {"addr:new"}  # the sweep dropped the 200 expired addresses

@@ -15,6 +15,7 @@ LOCKOUT_SECONDS = 300.0
 # locked for everyone: the limit per credential (a guesser spreading tries over names
 # and addresses meets it); higher than MAX_FAILURES because every reviewer shares it
 SHARED_MAX_FAILURES = 20
+SWEEP_KEYS = 4096  # past this many keys, a failure first drops the entries whose failures all expired
 SHARED_CREDENTIAL = "credential:shared"
 
 
@@ -35,19 +36,32 @@ class LoginThrottle:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def locked(self, *keys: str) -> bool:
+        """Whether any key is locked out; a look-up stores nothing (it used to keep an empty
+        entry for every name and address it was asked about, refused attempts included)."""
         with self.lock:
             hit = False
             for key in keys:
-                q = self.failures[key]
-                while q and time.monotonic() - q[0] > LOCKOUT_SECONDS:
-                    q.popleft()
+                q = self.failures.get(key)
+                if q is None:
+                    continue
+                self._expire(key, q, time.monotonic())
                 hit = hit or len(q) >= (SHARED_MAX_FAILURES if key == SHARED_CREDENTIAL else MAX_FAILURES)
             return hit
 
     def fail(self, *keys: str) -> None:
         with self.lock:
+            now = time.monotonic()
+            if len(self.failures) >= SWEEP_KEYS:  # keep only failures inside the window
+                for key, q in list(self.failures.items()):
+                    self._expire(key, q, now)
             for key in keys:
-                self.failures[key].append(time.monotonic())
+                self.failures[key].append(now)
+
+    def _expire(self, key: str, q: deque[float], now: float) -> None:
+        while q and now - q[0] > LOCKOUT_SECONDS:
+            q.popleft()
+        if not q:
+            del self.failures[key]
 
     def clear(self, *keys: str) -> None:
         with self.lock:

@@ -91,7 +91,7 @@ class ReviewTopicFeed:
                 return
             ledger.append(record, kind="decision")
             self.received += 1
-        except (ValueError, ReviewError, LedgerError) as e:  # JSONDecodeError is a ValueError
+        except (ValueError, TypeError, ReviewError, LedgerError) as e:  # JSONDecodeError is a ValueError
             self.rejected += 1
             self.last_error = f"{where}: skipped: {e}"
             log.warning("%s", self.last_error)

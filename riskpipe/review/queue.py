@@ -65,6 +65,18 @@ def check_decision_record(record: Any) -> dict:
     review = record.get("review")
     if not isinstance(review, dict):
         raise ReviewError(f"{record['id']}: review: missing or not an object")
+    # what the queue groups, filters and shows by: a list or a number there broke the feed's
+    # scope check (unhashable) or every queue page (a filter over the models), not one item
+    model, policy = record.get("model"), record.get("policy")
+    if not (isinstance(model, str) or (isinstance(model, dict) and isinstance(model.get("name"), str))):
+        raise ReviewError(f"{record['id']}: model: must be a name or an object with a string name")
+    if policy is not None and not isinstance(policy, dict):
+        raise ReviewError(f"{record['id']}: policy: must be an object")
+    for where, obj in (("model", model), ("policy", policy)):
+        if isinstance(obj, dict):
+            for key in ("name", "version", "sha256"):
+                if obj.get(key) is not None and not isinstance(obj[key], str):
+                    raise ReviewError(f"{record['id']}: {where}.{key}: must be a string, got {type(obj[key]).__name__}")
     prio = review.get("priority")
     if prio is not None and (isinstance(prio, bool) or not isinstance(prio, int)):
         raise ReviewError(f"{record['id']}: review.priority: must be an integer, got {prio!r}")
@@ -202,9 +214,12 @@ def parse_cursor(text: str) -> tuple[int, float, int]:
     """An item's cursor back into its (priority, due, seq); ReviewError when malformed."""
     try:
         prio, due, seq = text.split(":")
-        return int(prio), float(due), int(seq)
+        position = int(prio), float(due), int(seq)
     except (AttributeError, ValueError):
         raise ReviewError(f"after: not a queue position: {text!r}") from None
+    if not (-2**63 <= position[0] < 2**63 and 0 <= position[2] < 2**63):  # the columns are 64-bit integers
+        raise ReviewError(f"after: not a queue position: {text!r} (a number beyond 64 bits)")
+    return position
 
 
 def pending_split(ledger: Ledger, scope=None) -> tuple[list[QueueItem], int]:
