@@ -274,3 +274,46 @@ def test_the_login_throttle_keeps_only_failures_inside_its_window(monkeypatch):
     assert not t.locked("name:alice") and "name:alice" not in t.failures
     t.fail("addr:new")
     assert set(t.failures) == {"addr:new"}  # the sweep dropped the 200 expired addresses
+
+
+def test_every_queue_row_opens_its_own_decision_whatever_its_id(tmp_path):
+    """Event ids may hold '/', '..' and '.' (only control characters are refused). In a
+    path a browser resolves them: the row of 'x/../evt/7' opened evt/7's page and took a
+    verdict for it, and '/evt/7' (merged slashes) did too. Links name the item as ?id=,
+    which nothing resolves; each row opens, and its verdict lands on, its own decision."""
+    import html as html_lib
+    from urllib.parse import urljoin, urlsplit
+
+    from riskpipe.ledger import Ledger
+    from test_review_records import decision_record
+
+    ids = ["evt/7", "/evt/7", "x/../evt/7", "evt/7/.", "a?b=c&id=evt/7", "100% #1"]
+    path = tmp_path / "l.db"
+    with Ledger(str(path)) as led:
+        for i, eid in enumerate(ids):
+            led.append({**decision_record(eid, digit_index=i),
+                        "review": {"routed": True, "priority": i, "deadline": None, "audit_sample": False}})
+    app = create_app(ReviewSettings(ledger=str(path), credentials=Credentials(
+        users={"alice": generate_password_hash("alice passphrase")})), metrics=None)
+    client = app.test_client()
+    log_in(client, "alice", "alice passphrase")
+    queue = client.get("/").get_data(as_text=True)
+    links = [html_lib.unescape(h) for h in re.findall(r'class="item-link" href="([^"]+)"', queue)]
+    assert len(links) == len(ids)
+    for href in links:
+        url = urlsplit(urljoin("http://console/", href))  # what a browser requests: the query kept as it is
+        page = client.get(url.path + "?" + url.query)
+        assert page.status_code == 200, href
+        shown = html_lib.unescape(re.search(r'<code id="event-id">(.*?)</code>', page.get_data(as_text=True)).group(1))
+        action = html_lib.unescape(re.search(r'id="verdict-form"', page.get_data(as_text=True)) and
+                                   re.search(r'<form method="post" action="([^"]+)" id="verdict-form"',
+                                             page.get_data(as_text=True)).group(1))
+        post = urlsplit(urljoin("http://console/", action))
+        r = client.post(post.path + "?" + post.query,
+                        data={"csrf_token": csrf_token(page.get_data(as_text=True)), "verdict": "unsure"})
+        assert r.status_code == 302, (shown, r.status_code)
+        with Ledger(str(path)) as led:
+            assert led.get(shown, kind="verdict")["id"] == shown
+    with Ledger(str(path)) as led:
+        assert sorted(e.record["id"] for e in led.records("verdict")) == sorted(ids)  # each its own verdict
+    assert client.get("/item").status_code == 400

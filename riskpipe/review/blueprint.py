@@ -25,7 +25,11 @@ review = Blueprint("review", __name__)
 review.add_url_rule("/login", view_func=auth.login, methods=["GET", "POST"])
 review.add_url_rule("/logout", view_func=auth.logout, methods=["POST"])
 review.add_url_rule("/", view_func=views.queue_page, methods=["GET"])
+# items by ?id= (the links the console writes: a query string is never dot-resolved), and
+# by path for links written before
+review.add_url_rule("/item", view_func=views.item_page, methods=["GET"])
 review.add_url_rule("/item/<path:event_id>", view_func=views.item_page, methods=["GET"])
+review.add_url_rule("/verdict", view_func=views.verdict, methods=["POST"])
 review.add_url_rule("/verdict/<path:event_id>", view_func=views.verdict, methods=["POST"])
 review.add_url_rule("/metrics", view_func=views.metrics_endpoint, methods=["GET"])
 review.add_url_rule("/healthz", view_func=views.healthz, methods=["GET"])

@@ -65,13 +65,26 @@ def queue_page() -> ResponseReturnValue:
                            outside=rq.outside(ledger, scope), scope=scope)
 
 
-@login_required
-def item_page(event_id: str) -> ResponseReturnValue:
-    return _render_item(event_id, VerdictForm())
+def _event_id(event_id: str | None) -> str:
+    """The item's id: ``?id=`` (what the console's own links use), or the path form. An id
+    is any text without control characters, ``a/../b`` included, and in a path a browser
+    (or werkzeug) resolves the dots: the row for ``x/../evt/7`` opened evt/7's page and
+    took a verdict for it. A query string is never resolved."""
+    if event_id is None:
+        event_id = request.args.get("id")
+    if not event_id:
+        abort(400, description="id: missing (the console's links name the item as ?id=EVENT_ID)")
+    return event_id
 
 
 @login_required
-def verdict(event_id: str) -> ResponseReturnValue:
+def item_page(event_id: str | None = None) -> ResponseReturnValue:
+    return _render_item(_event_id(event_id), VerdictForm())
+
+
+@login_required
+def verdict(event_id: str | None = None) -> ResponseReturnValue:
+    event_id = _event_id(event_id)
     form = VerdictForm()
     if not form.validate_on_submit():
         return _render_item(event_id, form, status=400)
