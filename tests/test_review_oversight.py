@@ -52,6 +52,29 @@ def test_backlog_age_gauge_is_the_oldest_waiting_item(tmp_path):
     assert _oldest_waiting_age(path) >= 0.0
 
 
+def test_backlog_age_gauge_ages_on_a_quiet_console(tmp_path):
+    """Nobody reviews and nothing arrives (the neglect RiskpipeReviewBacklogStale exists
+    for): the gauge was set only at start, after a feed batch or a verdict, so it stopped
+    ageing below the alert's 4 h. It is computed at every scrape."""
+    from datetime import timedelta
+
+    from riskpipe.timestamps import rfc3339_millis
+    from test_review_records import decision_record
+
+    path = tmp_path / "quiet.sqlite3"
+    with Ledger(str(path)) as led:
+        led.append({**decision_record("old", digit_index=0), "ts": rfc3339_millis(datetime.now(UTC)
+                                                                                 - timedelta(hours=3, minutes=59))})
+    app = create_app(ReviewSettings(ledger=str(path), credentials=Credentials(
+        users={"alice": generate_password_hash("alice passphrase")})), metrics=StageMetrics())
+    first = _gauge(app)
+    assert 3 * 3600 + 59 * 60 - 5 < first < 4 * 3600
+    import time as time_module
+
+    time_module.sleep(1.1)  # the item gets older, and nothing else happens
+    assert _gauge(app) >= first + 1.0  # it ages between scrapes, with no batch and no verdict
+
+
 # ---- four eyes: review.require_second_reviewer_for: [block] --------------------------------
 USERS = ("alice", "bob")
 
