@@ -217,6 +217,15 @@ def test_compose_is_consistent() -> None:
     assert job["job_name"] == "riskpipe"
     assert job["static_configs"][0]["targets"] == [f"riskpipe:{config.metrics_port}"]
     assert prom["rule_files"] == ["riskpipe-rules.yml"]
+    # the review console runs and is scraped: the RiskpipeReview* alerts read its gauges (the
+    # stage's own copies of them are 0 for ever, so without this job the alerts never fired)
+    review = services["review"]
+    assert review["command"][:3] == ["review", "--config", "/etc/riskpipe/riskpipe.yaml"]
+    port = review["command"][review["command"].index("--port") + 1]
+    assert review["secrets"] == ["review_password"] and "review_password" in compose["secrets"]
+    assert review["environment"]["RISKPIPE_LEDGER_DSN"] == services["riskpipe"]["environment"]["RISKPIPE_LEDGER_DSN"]
+    jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
+    assert jobs["riskpipe-review"]["static_configs"][0]["targets"] == [f"review:{port}"]
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool missing")
