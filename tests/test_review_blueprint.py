@@ -15,6 +15,7 @@ from test_review_security import PASSWORD, log_in
 
 ROUTES = {
     ("/login", "review.login"), ("/logout", "review.logout"), ("/", "review.queue_page"),
+    ("/item", "review.item_page"), ("/verdict", "review.verdict"),  # ?id=: what the console's links use
     ("/item/<path:event_id>", "review.item_page"), ("/verdict/<path:event_id>", "review.verdict"),
     ("/metrics", "review.metrics_endpoint"), ("/healthz", "review.healthz"), ("/static/<path:filename>", "static"),
 }
