@@ -111,9 +111,7 @@ def find_decisions(ledger: Ledger, event_id: str, kind: str = "decision", model:
     ``id`` is the event id (when decisions are keyed by event, model and policy), narrowed
     by model name and policy sha256."""
     found = []
-    exact = ledger.entries_exact(event_id, kind)  # every decision of the id, never capped
-    seqs = {e.seq for e in exact}
-    for e in exact + [e for e in ledger.entries_with_prefix(event_id, kind, limit=None) if e.seq not in seqs]:
+    for e in ledger.entries_with_prefix(event_id, kind):
         if e.entry_id != event_id and e.record.get("id") != event_id:
             continue
         m, p = e.record.get("model"), e.record.get("policy")

@@ -242,20 +242,13 @@ class Ledger:
                              "ORDER BY seq DESC LIMIT 1", (kind, entry_id)).fetchone()
         return row_to_entry(row) if row else None
 
-    def entries_with_prefix(self, prefix: str, kind: str, limit: int | None = 1000) -> list[Entry]:
-        """Entries of ``kind`` whose entry id starts with ``prefix`` (an index range scan);
-        ``limit`` None: all of them."""
+    def entries_with_prefix(self, prefix: str, kind: str) -> list[Entry]:
+        """Every entry of ``kind`` whose entry id starts with ``prefix`` (an index range scan),
+        in chain order. Uncapped: a cap in chain order hid an event's later decisions behind
+        other ids sharing the prefix (``evt-1`` behind ``evt-1000`` .. ``evt-1999``)."""
         with self._conn() as db:
             rows = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE kind = ? AND entry_id >= ? AND entry_id < ? "
-                              f"ORDER BY seq{'' if limit is None else ' LIMIT ?'}",
-                              (kind, prefix, prefix + "\U0010ffff", *(() if limit is None else (limit,)))).fetchall()
-        return [row_to_entry(r) for r in rows]
-
-    def entries_exact(self, entry_id: str, kind: str) -> list[Entry]:
-        """Every entry of ``kind`` with exactly ``entry_id`` (all scopes), in chain order."""
-        with self._conn() as db:
-            rows = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE kind = ? AND entry_id = ? ORDER BY seq",
-                              (kind, entry_id)).fetchall()
+                              "ORDER BY seq", (kind, prefix, prefix + "\U0010ffff")).fetchall()
         return [row_to_entry(r) for r in rows]
 
     def get_all(self, entry_id: str, kind: str = "decision") -> list[Record]:
