@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -450,7 +448,6 @@ def _load_booster(spec: str, path: Path, fmt: str, opts) -> Model:
         lib = importlib.import_module("xgboost" if fmt == "xgboost" else "lightgbm")
     except ImportError:
         raise ModelError(f"model {spec}: {fmt} is not installed (pip install 'riskpipe[trees]')") from None
-    margin: Callable[[Any, np.ndarray, int], np.ndarray]
     try:
         if fmt == "xgboost":
             booster = lib.Booster(model_file=str(path))

@@ -333,16 +333,15 @@ def xgboost_ensemble(booster) -> tuple[TreeEnsemble, int]:
             vals[:, int(k)] = v
         b.add(feature, thr, _rel(thr), left, t["right_children"], vals)
     ens = replace(b.build(np.zeros(K), n_features, "boosting", f"XGBoost {objective}"), sum_ulp=F32_ULP)
-    return _with_base(ens, lambda X: xgboost_margin(booster, X, K, binary)), K
+    return _with_base(ens, lambda X: xgboost_margin(booster, X, K)), K
 
 
-def xgboost_margin(booster, X: np.ndarray, K: int, binary: bool | None = None) -> np.ndarray:
-    """(B, C) margins as class scores (a binary objective: (0, m))."""
+def xgboost_margin(booster, X: np.ndarray, K: int) -> np.ndarray:
+    """(B, C) margins as class scores: one margin per input (a binary objective) as (0, m),
+    K per input as they are (multi:, even with K = 2)."""
     m = np.asarray(booster.inplace_predict(np.asarray(X, dtype=np.float32), predict_type="margin"),
                    dtype=np.float64)
-    if binary is None:
-        binary = m.size == len(X)
-    return _binary_values(m.reshape(-1)) if binary else m.reshape(len(X), K)
+    return _binary_values(m.reshape(-1)) if m.size == len(X) else m.reshape(len(X), K)
 
 
 # ---------------------------------------------------------------- LightGBM ----------
