@@ -11,17 +11,17 @@ abstention (the bottom class), never a smaller certificate.
 Spectral norms (:func:`spectral_bound`): A is the group's *actual* linear operator
 (convolutions with their stride, padding and dilation; the adjoint by autograd, i.e.
 conv_transpose), in float64. Up to ``EXACT_MAX`` inputs the Gram matrix A^T A is formed
-and its top eigenvalue solved: the norm itself; beyond, the Hoelder bound
-sqrt(||A||_1 ||A||_inf) from |A|. Both are upper bounds, times (1 + ``safety``) as a
-margin. Power iteration, used before, approaches the norm from below and was no bound
-(it stopped at 0.2 for a norm of 1 when started near another singular vector); it stays
-as :func:`spectral_norm`, an estimate the tests compare with. The last group's rows are exact (K vector-Jacobian
-products). Constants are computed once per layer stack and parameters, and kept in
-memory: the cache key is a fingerprint of the layers actually bounded (each layer's type
-and settings, its weights and buffers) and the input shape, not ``model.sha256``, which
-names the model file and is shared by the scaled model g(z) = f(s * z) built from it
-(riskpipe.models.scaled): keyed by it, a scaled model certified after its unscaled
-model in one process got the unscaled constant, and radii ``max(s)`` times too large.
+and its top eigenvalue solved: the norm itself; beyond, the Hoelder bound sqrt(||A||_1
+||A||_inf) from |A|. Both are upper bounds, times (1 + ``safety``) as a margin. Power
+iteration, used before, approaches the norm from below and was no bound (it stopped at
+0.2 for a norm of 1 when started near another singular vector). The last group's rows
+are exact (K vector-Jacobian products). Constants are computed once per layer stack and
+parameters, and kept in memory: the cache key is a fingerprint of the layers actually
+bounded (each layer's type and settings, its weights and buffers) and the input shape,
+not ``model.sha256``, which names the model file and is shared by the scaled model g(z)
+= f(s * z) built from it (riskpipe.models.scaled): keyed by it, a scaled model certified
+after its unscaled model in one process got the unscaled constant, and radii ``max(s)``
+times too large.
 """
 
 from __future__ import annotations
@@ -87,32 +87,6 @@ def _linear_map(group: Sequence[nn.Module]) -> Callable[[torch.Tensor], torch.Te
     return apply
 
 
-def spectral_norm(apply: Callable[[torch.Tensor], torch.Tensor], in_shape: tuple[int, ...], n_iter: int = 500,
-                  tol: float = 1e-7,
-                  seed: int = 0) -> tuple[float, int]:
-    """Power-iteration estimate of ||A||_2 for the linear map ``apply`` (float64), and the
-    iterations used. The estimate ||A v|| with ||v|| = 1 never exceeds the true norm."""
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn((1,) + tuple(in_shape), generator=g, dtype=torch.float64)
-    v /= v.norm()
-    sigma, prev, it = 0.0, -1.0, 0
-    for it in range(1, n_iter + 1):
-        v.requires_grad_(True)
-        u = apply(v)
-        (w,) = torch.autograd.grad(u, v, grad_outputs=u.detach())  # A^T A v
-        sigma = float(u.detach().norm())
-        nw = w.norm()
-        if nw == 0:
-            return 0.0, it
-        v = (w / nw).detach()
-        if abs(sigma - prev) <= tol * sigma:
-            break
-        prev = sigma
-    with torch.no_grad():
-        sigma = max(sigma, float(apply(v).norm()))
-    return sigma, it
-
-
 EXACT_MAX = 2048  # inputs of an affine group up to which its Gram matrix is formed and solved exactly
 
 
@@ -125,7 +99,7 @@ def spectral_bound(group: Sequence[nn.Module], in_shape: tuple[int, ...]) -> tup
     solved (LAPACK, float64): the norm itself, up to rounding far below ``safety``. Beyond:
     ||A||_2 <= sqrt(||A||_1 ||A||_inf) (Hoelder), both read off |A| (every layer's
     coefficients made non-negative bound the product's from above): looser, never below
-    the norm. Power iteration (:func:`spectral_norm`) approaches the norm from *below* and
+    the norm. Power iteration approaches the norm from *below* and
     can stop far under it (a start vector near another singular vector: 0.2 for a norm of
     1, radii five times too large), so it is no bound."""
     d = int(np.prod(in_shape))
@@ -292,4 +266,4 @@ class GlobalLipschitz(CertifierBase):
         return out
 
 
-__all__ = ["GlobalLipschitz", "LipschitzConstants", "lipschitz_constants", "spectral_norm"]
+__all__ = ["GlobalLipschitz", "LipschitzConstants", "lipschitz_constants", "spectral_bound"]
