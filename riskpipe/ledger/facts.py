@@ -356,8 +356,9 @@ def hour_of(t: float | None) -> int:
     return NO_HOUR if t is None else int(t // 3600)
 
 
-def count_row(counts: Counts, gid: int, seq: int, t: float | None) -> None:
-    """Add a row to ``counts`` (``(gid, hour) -> [rows, first seq, first t, last t]``)."""
+def count_row(counts: dict[tuple[Any, int], list[Any]], gid: Any, seq: int, t: float | None) -> None:
+    """Add a row to ``counts`` (``(gid, hour) -> [rows, first seq, first t, last t]``; the
+    group may be named by its values instead of its gid, as ``recheck`` does)."""
     key = (gid, hour_of(t))
     c = counts.get(key)
     if c is None:
@@ -426,10 +427,7 @@ def recheck(q: Any, most: int = 5) -> list[str]:
                 problem(f"row {seq}: its facts row differs from its record ({column})")
             elif groups.get(stored[-1]) != group:
                 problem(f"row {seq}: its group (fact_groups row {stored[-1]}) differs from its record's")
-            c = want.setdefault((group, hour_of(row[t_at])), [0, seq, row[t_at], row[t_at]])
-            c[0] += 1
-            if row[t_at] is not None:
-                c[2], c[3] = min(c[2], row[t_at]), max(c[3], row[t_at])
+            count_row(want, group, seq, row[t_at])
     have: dict[tuple[Row, int], list[Any]] = {}
     for gid, h, n, first, t0, t1 in q("SELECT gid, h, n, first_seq, t0, t1 FROM fact_counts", ()):
         key = (groups.get(gid, ()), h)
