@@ -80,12 +80,6 @@ class ConsoleState:
         if self.metrics is not None:
             self.metrics.review_deadline_breach()
 
-    def refresh_backlog(self) -> None:
-        if self.metrics is None:
-            return
-        with Ledger(self.settings.ledger) as ledger:
-            self.note_queue(ledger)
-
 
 def default_metrics() -> StageMetrics | None:
     """A private-registry StageMetrics when riskpipe.metrics is available."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
 
 from riskpipe import json_text, kafka_clients
 from riskpipe.kafka_clients import KafkaSettings
@@ -30,12 +29,11 @@ class ReviewTopicFeed:
     def __init__(self, kafka: KafkaSettings, topic: str, ledger_path: str, *,
                  group_id: str = "riskpipe-review-console",
                  session_timeout_ms: int = 10_000, heartbeat_interval_ms: int = 3_000,
-                 on_batch: Callable[[], None] | None = None, scope=None) -> None:
+                 scope=None) -> None:
         self.topic = topic
         self.scope = scope
         self.other_stage = 0
         self._noted: set[str] = set()
-        self.on_batch = on_batch  # e.g. refresh the backlog gauge once new records are stored
         self.ledger_path = ledger_path
         self.received = 0
         self.rejected = 0
@@ -72,11 +70,6 @@ class ReviewTopicFeed:
                     for msg in messages:
                         self._store(ledger, msg)
                 self._consumer.commit()
-                if self.on_batch is not None:
-                    try:
-                        self.on_batch()
-                    except Exception as e:  # noqa: BLE001 - a metrics hiccup must not stop the feed
-                        log.warning("review feed: after-batch hook failed: %s", e)
 
     def _store(self, ledger: Ledger, msg) -> None:
         where = f"{msg.topic}[{msg.partition}]@{msg.offset}"

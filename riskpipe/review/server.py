@@ -36,7 +36,6 @@ class ConsoleServer:
             self.feed = ReviewTopicFeed(settings.kafka, settings.review_topic, settings.ledger,
                                         session_timeout_ms=consumer_session_timeout_ms,
                                         heartbeat_interval_ms=consumer_heartbeat_ms,
-                                        on_batch=self.state.refresh_backlog,
                                         scope=settings.scope)
         try:
             # threaded=True: a ThreadedWSGIServer
@@ -58,14 +57,12 @@ class ConsoleServer:
         if self.feed is not None:
             self.feed.start()
         self._thread.start()
-        self.state.refresh_backlog()
         return self
 
     def serve_forever(self) -> None:
         """Block until interrupted (the CLI); Ctrl-C stops cleanly."""
         if self.feed is not None:
             self.feed.start()
-        self.state.refresh_backlog()
         try:
             self._httpd.serve_forever()
         finally:

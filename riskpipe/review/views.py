@@ -57,7 +57,7 @@ def queue_page() -> ResponseReturnValue:
     more, items = len(items) > size, items[:size]
     if state.metrics is not None:
         now = utc_now()
-        for item in items:  # the gauge and the full breach scan run with the backlog refresh
+        for item in items:  # the gauges and the full breach scan run at every /metrics scrape
             if item.overdue(now):
                 state.note_breach(item.id)
     return render_template("queue.html", items=items, total=rq.backlog(ledger, scope), where=where, size=size,
@@ -136,7 +136,6 @@ def _after_verdict(record: dict[str, Any], decision: dict[str, Any]) -> None:
         item = rq.QueueItem(decision, 0)
         if item.overdue(rq.parse_ts(record["ts"])):
             state.note_breach(record["id"])
-        state.note_queue(request_ledger())
 
 
 def _own_decision(event_id: str) -> dict[str, Any]:
@@ -184,8 +183,9 @@ def metrics_endpoint() -> ResponseReturnValue:
     # imports it only once metrics are on, like riskpipe.metrics itself (context.default_metrics)
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    # the backlog gauges as of this scrape: set only after a feed batch or a verdict, the
-    # oldest item's age froze on a quiet console and RiskpipeReviewBacklogStale never fired
+    # the backlog gauges as of this scrape, their one place: set after a feed batch or a
+    # verdict instead, the oldest item's age froze on a quiet console and
+    # RiskpipeReviewBacklogStale never fired
     try:
         console().note_queue(request_ledger())
     except Exception as e:  # noqa: BLE001 - a ledger hiccup: serve the last values, say so once per scrape
