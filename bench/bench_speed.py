@@ -41,7 +41,6 @@ from bench_stream import events, run_broker, run_offline  # noqa: E402
 from common import best_forward, table, write_results  # noqa: E402
 from riskpipe.app.compose import build_pipeline  # noqa: E402
 from riskpipe.app.config import load_config  # noqa: E402
-from riskpipe.stream.pipeline import seed_for  # noqa: E402
 from synthetic import cifar_cnn, policy_without_context, save_torchscript  # noqa: E402
 
 
@@ -77,7 +76,7 @@ def stream_section(args, tmp: Path, cache: Path) -> dict:
     values = events(args.events, "s")
     X, _ = load_split("test")
     Xs = np.stack([X[i % len(X)] for i in range(args.events)])
-    seeds = [seed_for(f"s-{i}", entry.policy.sha256) for i in range(args.events)]
+    seeds = [pipeline.seed(f"s-{i}", entry.policy.sha256) for i in range(args.events)]
     run_offline(pipeline, events(256, "warm"), tmp)  # warm-up: caches, allocator, context index
     rounds = []
     for r in range(args.rounds):  # interleaved: each round measures all three back to back

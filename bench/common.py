@@ -12,6 +12,10 @@ from pathlib import Path
 from riskpipe.timestamps import rfc3339_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# one public noise key for every stage a benchmark runs, in-process or as a subprocess
+# (inherited), so certificates repeat across rounds, runs and code versions and their
+# digests can be compared (a deployed stage keeps its key secret: riskpipe.app.noise_key)
+os.environ.setdefault("RISKPIPE_NOISE_KEY", "riskpipe-benchmarks-public-noise-key-0")
 
 
 def machine() -> dict:

@@ -55,3 +55,14 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
         with suppress(OSError):
             tmp.unlink()
         raise
+
+
+def read_text(path: str | os.PathLike, what: str, error: type[Exception] = ValueError) -> str:
+    """A UTF-8 text file the user named with ``what`` (a flag or config key); ``error``
+    naming both for a file that cannot be read or is not UTF-8 text."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise error(f"{what} {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise error(f"{what} {path}: not UTF-8 text") from None

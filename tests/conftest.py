@@ -14,12 +14,18 @@ settings.register_profile("riskpipe", derandomize=True, database=None, deadline=
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("riskpipe")
 
+TEST_NOISE_KEY = "riskpipe-tests-public-noise-key-0123456789"
+
 
 def pytest_configure(config):
     # Models and context indexes are cached per user; tests share one cache so the
     # demo model trains at most once per machine.
     os.environ.setdefault("RISKPIPE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "riskpipe-tests"))
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    # One public noise key for every stage the tests run, in-process or as a subprocess
+    # (inherited), so certificates are the same on every run; tests of the key itself
+    # (tests/test_noise_key.py) set or remove it.
+    os.environ["RISKPIPE_NOISE_KEY"] = TEST_NOISE_KEY
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,8 @@ PACKAGE = ROOT / "riskpipe"
 # Lowest floor first. A unit may import its own floor and the floors below it.
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # helpers with no riskpipe dependency of their own (riskpipe = the package __init__)
-    ("base", ("riskpipe", "paths", "npy", "safe_yaml", "redaction", "kafka_clients", "timestamps", "json_text")),
+    ("base", ("riskpipe", "paths", "npy", "safe_yaml", "redaction", "kafka_clients", "timestamps", "json_text",
+              "secret_file")),
     # model loading and the layers the bound-based certifiers and robust training share
     ("models", ("models",)),
     # certification families: pure, arrays in, certificates out

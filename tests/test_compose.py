@@ -17,7 +17,6 @@ from riskpipe.app.compose import build_pipeline
 from riskpipe.app.config import ConfigError, load_config
 from riskpipe.app.offline import run_offline
 from riskpipe.stream.events import make_event
-from riskpipe.stream.pipeline import seed_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,7 +210,7 @@ def check_records(records: list[dict], pipe) -> None:
     for r in records:
         p = policies[r["model"]["name"]]
         assert r["policy"]["name"] == p.name and r["policy"]["sha256"] == p.sha256
-        assert r["certificate"]["seed"] == seed_for(r["id"], p.sha256)
+        assert r["certificate"]["seed"] == pipe.seed(r["id"], p.sha256)
     wine = [r for r in records if r["model"]["name"] == "wine"]
     signs = [r for r in records if r["model"]["name"] == "signs"]
     assert wine and signs

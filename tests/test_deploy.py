@@ -131,6 +131,20 @@ def test_credentials_come_from_the_secret() -> None:
         assert ref["name"] == "riskpipe-kafka" and ref["key"] in m["Secret/riskpipe-kafka"]["stringData"]
 
 
+def test_every_replica_keys_its_noise_with_one_secret() -> None:
+    """The stage's smoothing noise key (riskpipe.app.noise_key) comes from a Secret, the
+    same for every replica of the Deployment, and is long enough for the stage to start."""
+    from riskpipe.app.config import StageConfig
+    from riskpipe.app.noise_key import NOISE_KEY_ENV, resolve_noise_key
+
+    m = _k8s()
+    (container,) = m["Deployment/riskpipe"]["spec"]["template"]["spec"]["containers"]
+    ref = {e["name"]: e for e in container["env"]}[NOISE_KEY_ENV]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "riskpipe-noise", "key": "key"}
+    example = m["Secret/riskpipe-noise"]["stringData"]["key"]
+    assert resolve_noise_key(StageConfig(), {NOISE_KEY_ENV: example}).source == NOISE_KEY_ENV
+
+
 def _pod_specs(m: dict) -> dict[str, dict]:
     out = {}
     for key, doc in m.items():
@@ -156,7 +170,8 @@ def test_signing_key_is_mounted_only_where_checkpoints_are_made() -> None:
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
     stage_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in pods["Deployment/riskpipe"]["containers"][0]["env"]
                  if "valueFrom" in e}
-    assert env == stage_env  # same ledger DSN and Kafka credentials as the stage, nothing else
+    # same ledger DSN and Kafka credentials as the stage, nothing else (no noise key: it decides nothing)
+    assert env == {k: v for k, v in stage_env.items() if k != "RISKPIPE_NOISE_KEY"}
     config_path = container["args"][container["args"].index("--config") + 1]
     assert mounts["config"]["mountPath"] == config_path
     topic = container["args"][container["args"].index("--topic") + 1]

@@ -25,6 +25,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from riskpipe.app.config import ConfigError, ModelConfig, StageConfig, read_reference
+from riskpipe.app.noise_key import NoiseKey, resolve_noise_key
 from riskpipe.certify import certifier_for_policy
 from riskpipe.certify.certificate import MODEL_FAULT
 from riskpipe.certify.families import family
@@ -308,8 +309,11 @@ def limit_native_threads(n: int) -> None:
     threadpool_limits(limits=n)
 
 
-def build_pipeline(config: StageConfig) -> Pipeline:
-    """Every model of ``config`` under its own policy, ready to decide batches."""
+def build_pipeline(config: StageConfig, noise_key: NoiseKey | None = None) -> Pipeline:
+    """Every model of ``config`` under its own policy, ready to decide batches. The noise
+    seeds are keyed by ``noise_key``, or by the key the environment or config names
+    (riskpipe.app.noise_key: a random one otherwise)."""
+    noise_key = noise_key or resolve_noise_key(config)
     if (why := device_problem(config.device)) is not None:  # named as the stage's key (load_model checks it too)
         raise ConfigError(f"device: {why}")
     if config.torch_threads is not None:
@@ -323,7 +327,8 @@ def build_pipeline(config: StageConfig) -> Pipeline:
                                     policy_source=str(Path(path).absolute()))
     if config.torch_threads is not None:
         limit_native_threads(config.torch_threads)
-    return Pipeline(entries, worker=config.worker_id or "w0", review_include_input=config.review_include_input)
+    return Pipeline(entries, noise_key=noise_key.key, noise_key_source=noise_key.source,
+                    worker=config.worker_id or "w0", review_include_input=config.review_include_input)
 
 
 # ---------------------------------------------------------------- edges -----------

@@ -66,7 +66,16 @@ and any other process. Raise it only on a dedicated machine after measuring ther
 (decided by kind, DLQ by reason, events/s, consumer lag), logged without ``-v`` as are
 the start-up lines per model (riskpipe.stream.status).
 
-Relative paths in a config file (``policy``, each model's ``spec`` file,
+``noise_key_file``: a file whose first line (at least 32 characters) keys the seeds of
+the smoothing noise, HMAC(key, event id, policy). The environment variable
+``RISKPIPE_NOISE_KEY`` (the key itself) comes first; with neither, each stage process
+draws a random key. The sender picks the event id: with a public seed function they
+could try ids offline until one draws noise that overstates the radius; a key they do
+not know leaves them nothing to try. Give replicas of one stage the same key so a
+redelivered event is decided with the same noise anywhere; each record holds its seed,
+so ``ledger replay`` recomputes a certificate without the key.
+
+Relative paths in a config file (``policy``, ``noise_key_file``, each model's ``spec`` file,
 ``reference`` and ``policy``) resolve against the config file's directory; paths
 given on the command line resolve against the working directory.
 """
@@ -290,6 +299,10 @@ class StageConfig(KafkaSettings):
     # riskpipe/ledger/<the ledger's random log id>
     ledger_origin: str | None = Field(None, pattern=r"^[^\s+]+$")
     checkpoint: Checkpoint | None = None
+    # a file whose first line (at least 32 characters) keys the smoothing noise seeds; the
+    # environment's RISKPIPE_NOISE_KEY comes first; neither: a random key per process
+    # (riskpipe.app.noise_key)
+    noise_key_file: str | None = None
     batch: Batch = Batch()
     guard: Guard = Guard()
     device: str = "cpu"
@@ -416,6 +429,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         data["policy"] = rel(data["policy"])
     if isinstance(data.get("ledger"), str) and "://" not in data["ledger"]:  # a file, not a DSN
         data["ledger"] = rel(data["ledger"])
+    if "noise_key_file" in data:
+        data["noise_key_file"] = rel(data["noise_key_file"])
     models = data.get("models")
     if isinstance(models, dict):
         # lazy: riskpipe.models loads torch; the review console and the report read this config without it

@@ -17,7 +17,9 @@ import numpy as np
 import yaml
 
 from riskpipe import safe_yaml
+from riskpipe.app.compose import build_pipeline
 from riskpipe.app.config import ConfigError, default_policy_path, load_config, read_reference, reference_feature_names
+from riskpipe.app.noise_key import seeded_noise_key
 from riskpipe.app.offline import run_offline
 from riskpipe.cli.common import fail
 from riskpipe.models import ModelError, load_model_for
@@ -173,7 +175,8 @@ def _trial(config_path: Path, name: str, X, n: int, seed: int) -> str:
     t0 = time.perf_counter()
     config = load_config(str(config_path)).model_copy(update={"ledger": None})  # a trial leaves no ledger rows
     with tempfile.TemporaryDirectory() as tmp:
-        res = run_offline(events, tmp, config)
+        pipeline = build_pipeline(config, noise_key=seeded_noise_key(seed, "riskpipe init"))
+        res = run_offline(events, tmp, config, pipeline=pipeline)
         audit = res.read("audit")
         dead = res.read("dlq") if not audit else []
     if not audit:

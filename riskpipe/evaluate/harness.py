@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from riskpipe import json_text, npy
 from riskpipe.app.compose import build_pipeline
 from riskpipe.app.config import ConfigError, StageConfig, format_validation_error, load_config
+from riskpipe.app.noise_key import seeded_noise_key
 from riskpipe.app.offline import run_offline
 from riskpipe.attacks import ATTACK_NORMS, attack_kind
 from riskpipe.certify.norms import conversion_factor
@@ -216,7 +217,7 @@ def evaluate_policy(settings: Settings, policy_path: str, X: np.ndarray, y: np.n
     policy = load_policy(policy_path)
     config = stage_config(settings, policy_path)
     try:
-        pipeline = build_pipeline(config)
+        pipeline = build_pipeline(config, noise_key=seeded_noise_key(settings.seed, "riskpipe evaluate"))
     except ConfigError as e:
         raise EvaluationError(str(e)) from None
     me = pipeline.entries[MODEL_NAME]

@@ -52,6 +52,7 @@ from riskpipe import json_text, kafka_clients
 from riskpipe.ledger import note as notes
 from riskpipe.ledger.anchors import Checkpoint, LegacyCheckpoint
 from riskpipe.ledger.chain import LedgerError, VerifyResult
+from riskpipe.paths import read_text
 
 if TYPE_CHECKING:
 
@@ -191,12 +192,7 @@ def verify_ledger(ledger: Ledger, public_keys: Sequence[Ed25519PublicKey],
 def read_checkpoint_file(path: str | Path) -> list[str] | list[LegacyCheckpoint]:
     """Checkpoints from a file: signed notes one after another (as published), or JSON
     lines of legacy checkpoints (``LegacyCheckpoint.to_dict()``)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise LedgerError(f"--checkpoints {path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise LedgerError(f"--checkpoints {path}: not UTF-8 text") from None
+    text = read_text(path, "--checkpoints", LedgerError)
     if not text.lstrip().startswith("{"):
         try:
             return notes.split_notes(text)

@@ -43,12 +43,12 @@ import secrets
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from riskpipe import secret_file
 from riskpipe.app.config import ConfigError, StageConfig, load_config, read_config_file
 from riskpipe.kafka_clients import KafkaSettings, TopicName, check_topic
 from riskpipe.policy import PolicyError
@@ -188,17 +188,8 @@ def _matches(secret: str, given: str) -> bool:
 
 
 def read_secret_file(path: str, what: str) -> str:
-    """First line of a secret file, stripped; clear errors for a missing or empty file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise SettingsError(f"{what} {path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise SettingsError(f"{what} {path}: not UTF-8 text") from None
-    line = text.splitlines()[0].strip() if text.strip() else ""
-    if not line:
-        raise SettingsError(f"{what} {path}: file is empty")
-    return line
+    """First line of a secret file, stripped (riskpipe.secret_file); SettingsError otherwise."""
+    return secret_file.read_secret_file(path, what, SettingsError)
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,9 @@ Per batch, strictly in this order (Quix Streams' checkpoint, Arroyo's submit/joi
 Why nothing is lost or published unrecorded, crash point by crash point:
 
 * before 1 completes: nothing written, nothing sent, offsets unmoved; the batch is
-  redelivered and decided afresh (certificates are seeded from (id, policy), so the
-  record is the same);
+  redelivered and decided afresh (certificates are seeded from (id, policy) under the
+  stage's noise key, so the record is the same while the key is; a new random key after
+  a restart draws new noise, which no one has seen: nothing of the first was kept);
 * after 1, before 4 (during send or flush, or after the flush): the ledger holds the
   rows, outputs may be partly sent, offsets unmoved. The batch is redelivered; triage
   finds each id in the ledger *as the record of the very same message* (same topic,

@@ -6,6 +6,7 @@ call ``Pipeline.process``, so a batch is decided the same way wherever it came f
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Sequence
@@ -32,11 +33,16 @@ if TYPE_CHECKING:
     from riskpipe.policy.schema import Policy
 
 log = logging.getLogger("riskpipe.stream")
+MIN_NOISE_KEY_BYTES = 32
 
 
-def seed_for(event_id: str, policy_sha: str) -> int:
-    """Certificates are seeded from (event id, policy) so an auditor can recompute one."""
-    return int.from_bytes(hashlib.sha256(f"{event_id}\x00{policy_sha}".encode()).digest()[:8], "big") >> 1
+def seed_for(key: bytes, event_id: str, policy_sha: str) -> int:
+    """The noise seed of an event's certificate: HMAC-SHA256 under the stage's secret key
+    of (event id, policy), so the sender, who picks the id, cannot pick the noise
+    (riskpipe.app.noise_key); the record holds the seed, so an auditor recomputes the
+    certificate from it."""
+    mac = hmac.new(key, f"{event_id}\x00{policy_sha}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(mac[:8], "big") >> 1
 
 
 
@@ -116,9 +122,14 @@ class Pipeline:
     """Models, each with its policy, certifier and context index, ready to decide
     batches. Built by ``riskpipe.app.compose.build_pipeline``; only computes."""
 
-    def __init__(self, entries: dict[str, ModelEntry], worker: str = "w0", review_include_input: bool = True):
+    def __init__(self, entries: dict[str, ModelEntry], *, noise_key: bytes, noise_key_source: str = "given",
+                 worker: str = "w0", review_include_input: bool = True):
         if not entries:
             raise ValueError("entries: at least one model")
+        if not isinstance(noise_key, bytes) or len(noise_key) < MIN_NOISE_KEY_BYTES:
+            raise ValueError(f"noise_key: at least {MIN_NOISE_KEY_BYTES} bytes")
+        self._noise_key = noise_key
+        self.noise_key_source = noise_key_source  # for the start-up line; the key itself is never shown
         self.entries = entries
         self.worker = worker
         self.review_include_input = review_include_input
@@ -126,6 +137,10 @@ class Pipeline:
         # records carry a reference (riskpipe/ledger/inputs.py); without one they are inlined
         self.store_inputs = False
         self.certify_seconds = 0.0  # cumulative time inside certifiers (benchmarks read it)
+
+    def seed(self, event_id: str, policy_sha: str) -> int:
+        """The noise seed of ``event_id``'s certificate under the policy ``policy_sha`` (seed_for)."""
+        return seed_for(self._noise_key, event_id, policy_sha)
 
     @property
     def models(self) -> dict[str, Model]:
@@ -173,7 +188,7 @@ class Pipeline:
         for name, idx in by_model.items():
             entry = self.entries[name]
             Z = entry.to_certified(np.stack([events[i].x for i in idx]))
-            seeds = [seed_for(events[i].id, entry.policy.sha256) for i in idx]
+            seeds = [self.seed(events[i].id, entry.policy.sha256) for i in idx]
             t0 = time.perf_counter()
             certs = certify(entry, Z, seeds)
             self.certify_seconds += time.perf_counter() - t0

@@ -33,6 +33,7 @@ def log_models(pipeline: Any) -> None:
     threads = torch.get_num_threads()
     for entry in pipeline.entries.values():
         log.info("%s", model_line(entry, threads))
+    log.info("noise seeds: HMAC-SHA256 keyed by %s", pipeline.noise_key_source)
     # the pipeline is built: a worker that joined its group early reads from here on
     log.info("ready: %d model(s) loaded, reading events", len(pipeline.entries))
 
