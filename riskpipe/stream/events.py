@@ -248,9 +248,7 @@ def validate_event(obj: dict, models: dict, values_checked: bool = False) -> Eve
         x = check_inputs(arr.reshape((1,) + expected), model)[0]
     except InputError as e:
         raise EventError(e.code, str(e).replace("inputs[0]", "inputs[0].data")) from None
-    pred = obj.get("prediction")
-    if pred is not None and (not isinstance(pred, int) or isinstance(pred, bool) or not 0 <= pred < model.num_classes):
-        raise EventError("wrong_type", f"prediction: must be a class id in [0, {model.num_classes}) or null")
+    pred = class_id(obj.get("prediction"), model)
     ctx = obj.get("context")
     ctx = {} if ctx is None else ctx
     if not isinstance(ctx, dict):
@@ -272,6 +270,44 @@ def _from_uint8(arr: np.ndarray, model) -> np.ndarray:
         raise EventError("out_of_range", "inputs[0].data: UINT8 values must be integers in [0, 255]")
     lo, hi = (np.asarray(v, dtype=np.float32) for v in model.value_range)
     return lo + (hi - lo) * (arr.astype(np.float32) / np.float32(255.0))
+
+
+def _numeric_labels(names: list[str]) -> bool:
+    try:
+        [float(n) for n in names]
+    except ValueError:
+        return False
+    return True
+
+
+def class_id(pred: Any, model: Any) -> int | None:
+    """The class id an event's ``prediction`` names: a class id in [0, C), or, for a model
+    that labels its classes (scikit-learn's ``classes_``, ``meta['class_names']``), one of
+    those labels as a string. A model whose labels are numbers other than 0..C-1 (classes
+    1, 2, 3) takes only the label: its producer most likely sent ``predict()``'s label,
+    and read as a class id, label 1 would be class 2, so a disagreement could read as
+    agreement. EventError ``wrong_type`` otherwise, naming what the model takes."""
+    if pred is None:
+        return None
+    names = (getattr(model, "meta", None) or {}).get("class_names")
+    names = [str(n) for n in names] if isinstance(names, list | tuple) else None
+    shown = None if names is None else (names if len(names) <= 8 else [*names[:8], "..."])
+    if isinstance(pred, str):
+        if names is not None and pred in names:
+            return names.index(pred)
+        takes = f"one of its labels {shown}" if names is not None else f"a class id in [0, {model.num_classes})"
+        raise EventError("wrong_type", f"prediction: {pred[:64]!r} is no class of the model: give {takes} or null")
+    if isinstance(pred, int) and not isinstance(pred, bool):
+        if names is not None and _numeric_labels(names) and \
+                [float(n) for n in names] != [float(i) for i in range(len(names))]:
+            raise EventError("wrong_type", f"prediction: the model labels its classes {shown}, so the number "
+                                           f"{pred} could be a label or a class id; give the label as a string "
+                                           f"(e.g. {names[-1]!r}) or null")
+        if 0 <= pred < model.num_classes:
+            return pred
+    raise EventError("wrong_type", f"prediction: must be a class id in [0, {model.num_classes})"
+                                   + (f", one of the labels {shown} as a string" if names is not None else "")
+                                   + " or null")
 
 
 def parse_event(value: bytes | None, headers, models: dict, max_bytes: int = 1 << 20,
