@@ -48,7 +48,8 @@ def test_torchscript_and_factory_and_onnx(tmp_path, demo_model, digits_test):
     for m in (m1, m2, m3):
         assert (m.predict(X[:50]) == ref).all()
         assert m.num_classes == 10
-    assert m2.sha256 == demo_model.sha256
+    assert m2.meta["weights_sha256"] == demo_model.sha256 and m2.meta["code_packages"] == ["riskpipe"]
+    assert m2.sha256 != demo_model.sha256  # it covers the factory's code too (tests/test_factory_code.py)
     assert m3.module is None  # ONNX: smoothing only
 
 

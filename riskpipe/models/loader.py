@@ -9,7 +9,9 @@ Specs:
                                      probabilities); a fixed batch dimension is run in
                                      chunks of that size, the last one padded
   ``module:factory@WEIGHTS``         ``factory()`` builds the nn.Module, weights loaded
-                                     with ``torch.load(weights_only=True)``
+                                     with ``torch.load(weights_only=True)``; its sha256
+                                     covers the weights and the code of the factory's
+                                     and the layers' packages (riskpipe.models.code_digest)
   ``PATH.skops``                     a scikit-learn estimator saved with skops; only types
                                      skops trusts, the tree ensembles' ``TREE_TYPES`` and
                                      the config's ``trusted_types`` are loaded
@@ -29,6 +31,7 @@ Nothing here unpickles an untrusted file.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import warnings
 from pathlib import Path
@@ -53,6 +56,7 @@ from riskpipe.models.base import (
     sha256_file,
     sha256_state_dict,
 )
+from riskpipe.models.code_digest import code_roots, code_sha256
 from riskpipe.models.digits import INPUT_SHAPE, NUM_CLASSES, reference_file
 from riskpipe.models.layers import BinaryScores
 
@@ -142,10 +146,11 @@ def _module_forward(module: torch.nn.Module):
     return forward
 
 
-def _torch_model(spec: str, module: torch.nn.Module, opts, sha: str, default_shape=None) -> Model:
+def _torch_model(spec: str, module: torch.nn.Module, opts, sha: str, default_shape=None,
+                 meta: dict | None = None) -> Model:
     module.eval()
     shape, classes, rng = _shape_opts(opts, spec, default_shape)
-    meta = {}
+    meta = dict(meta or {})
     threshold = _binary(opts, spec)
     if threshold is not None:  # (n, 1) -> (n, 2) scores by one more linear layer (BinaryScores)
         _one_score(_probe_output(_module_forward(module), shape, spec), spec, opts["binary"])
@@ -190,7 +195,6 @@ def _load_factory(spec: str, base: str, opts) -> Model:
         raise ModelError(f"model {spec}: factory {target!r} raised {type(e).__name__}: {one_line(e)}") from None
     if not isinstance(module, torch.nn.Module):
         raise ModelError(f"model {spec}: factory {target!r} did not return an nn.Module")
-    sha = None
     if weights:
         if not Path(weights).is_file():
             raise ModelError(f"model {spec}: weights file {weights!r} not found")
@@ -199,9 +203,16 @@ def _load_factory(spec: str, base: str, opts) -> Model:
             module.load_state_dict(state)
         except Exception as e:  # noqa: BLE001 - any load failure is a bad model file
             raise ModelError(f"model {spec}: cannot load weights ({type(e).__name__}: {e})") from None
-    sha = sha256_state_dict(module)
-    default_shape = getattr(module, "input_shape", None)
-    return _torch_model(spec, module, opts, sha, default_shape)
+    # the weights and the code that computes with them (riskpipe.models.code_digest)
+    weights_sha = sha256_state_dict(module)
+    try:
+        roots = code_roots(factory, module)
+        code_sha = code_sha256(roots)
+    except (ValueError, OSError) as e:
+        raise ModelError(f"model {spec}: {e}") from None
+    sha = hashlib.sha256(f"{weights_sha}\x00{code_sha}".encode()).hexdigest()
+    meta = {"weights_sha256": weights_sha, "code_sha256": code_sha, "code_packages": roots}
+    return _torch_model(spec, module, opts, sha, getattr(module, "input_shape", None), meta)
 
 
 def _score_output(sess, spec: str, one_score: bool = False):
