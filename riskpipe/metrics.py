@@ -251,22 +251,6 @@ class StageMetrics:
         self.review_routed = Counter(f"{PREFIX}_review_routed_total",
                                      "Decisions routed to human review, by model, policy and first reason code.",
                                      [*MODEL_LABELS, "reason"], registry=r)
-        self.review_backlog = Gauge(f"{PREFIX}_review_backlog",
-                                    "Items in the review queue awaiting a verdict.",
-                                    registry=r, multiprocess_mode="livemax")
-        self.review_backlog_age = Gauge(f"{PREFIX}_review_backlog_oldest_age_seconds",
-                                        "Age of the oldest review item awaiting a verdict (0 when none waits).",
-                                        registry=r, multiprocess_mode="livemax")
-        self.review_verdicts = Counter(f"{PREFIX}_review_verdicts_total",
-                                       "Review verdicts received, by verdict.",
-                                       ["verdict"], registry=r)
-        self.review_seconds = Histogram(
-            f"{PREFIX}_review_time_to_verdict_seconds",
-            "From the decision to the reviewer's verdict.",
-            ["verdict"], buckets=REVIEW_SECONDS_BUCKETS, registry=r)
-        self.review_deadline_breaches = Counter(
-            f"{PREFIX}_review_deadline_breaches_total",
-            "Review items whose deadline passed without a verdict.", registry=r)
         self.lag = Gauge(f"{PREFIX}_consumer_lag_messages",
                          "Messages behind the partition's end offset.",
                          ["topic", "partition"], registry=r, multiprocess_mode="livemax")
@@ -283,11 +267,7 @@ class StageMetrics:
         self.policy_loaded = Gauge(f"{PREFIX}_policy_loaded_timestamp_seconds",
                                    "Unix time the policy in force was loaded.",
                                    registry=r, multiprocess_mode="livemax")
-        self.build_info = _InfoMetric(f"{PREFIX}_build", "riskpipe build.",
-                                      ("version", "python", "torch"), r)
-        self.build_info.set({"version": riskpipe.__version__,
-                             "python": platform.python_version(),
-                             "torch": _torch_version()})
+        self.build_info = build_info(r)
 
     def _runtime_metrics(self, r: CollectorRegistry) -> None:
         """The stage's connections (broker, ledger outages, polls) and how it is tuned."""
@@ -448,7 +428,47 @@ class StageMetrics:
     def set_certify_batch_size(self, model: str, size: int, source: str) -> None:
         self.certify_batch_size.labels(_label(model), _label(source)).set(int(size))
 
-    # -- review -----------------------------------------------------------------
+    # -- exposition ----------------------------------------------------------------
+    def serve(self, port: int, addr: str = "127.0.0.1") -> MetricsServer:
+        """Serve this instance's metrics (all workers' in multiprocess mode)."""
+        return serve(port, addr, None if multiprocess_enabled() else self.registry)
+
+
+def build_info(r: CollectorRegistry) -> _InfoMetric:
+    """``riskpipe_build_info{version, python, torch}``: which riskpipe a process runs."""
+    info = _InfoMetric(f"{PREFIX}_build", "riskpipe build.", ("version", "python", "torch"), r)
+    info.set({"version": riskpipe.__version__, "python": platform.python_version(), "torch": _torch_version()})
+    return info
+
+
+class ReviewMetrics:
+    """What the review console exports: the queue it serves (backlog, oldest item's age,
+    deadline breaches) and its reviewers' verdicts, plus ``riskpipe_build_info``.
+
+    Only the console measures the queue, so only it exports these. A stage that exported
+    them as well (it did, as constant zeros) would show a backlog of 0 wherever no console
+    runs, and the backlog alerts could never fire while routed items pile up; without the
+    series ``RiskpipeReviewQueueUnwatched`` fires instead."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry if registry is not None else CollectorRegistry()
+        self.review_backlog = Gauge(f"{PREFIX}_review_backlog",
+                                    "Items in the review queue awaiting a verdict.", registry=r)
+        self.review_backlog_age = Gauge(f"{PREFIX}_review_backlog_oldest_age_seconds",
+                                        "Age of the oldest review item awaiting a verdict (0 when none waits).",
+                                        registry=r)
+        self.review_verdicts = Counter(f"{PREFIX}_review_verdicts_total",
+                                       "Review verdicts received, by verdict.",
+                                       ["verdict"], registry=r)
+        self.review_seconds = Histogram(
+            f"{PREFIX}_review_time_to_verdict_seconds",
+            "From the decision to the reviewer's verdict.",
+            ["verdict"], buckets=REVIEW_SECONDS_BUCKETS, registry=r)
+        self.review_deadline_breaches = Counter(
+            f"{PREFIX}_review_deadline_breaches_total",
+            "Review items whose deadline passed without a verdict.", registry=r)
+        self.build_info = build_info(r)
+
     def set_review_backlog(self, n: int) -> None:
         self.review_backlog.set(max(0, n))
 
@@ -463,11 +483,6 @@ class StageMetrics:
 
     def review_deadline_breach(self) -> None:
         self.review_deadline_breaches.inc()
-
-    # -- exposition ----------------------------------------------------------------
-    def serve(self, port: int, addr: str = "127.0.0.1") -> MetricsServer:
-        """Serve this instance's metrics (all workers' in multiprocess mode)."""
-        return serve(port, addr, None if multiprocess_enabled() else self.registry)
 
 
 def certificate_outcome(cert: Mapping[str, Any]) -> str:
@@ -601,11 +616,13 @@ def serve(port: int, addr: str = "127.0.0.1", registry: CollectorRegistry | None
 
 
 def metric_names(registry: CollectorRegistry | None = None) -> set[str]:
-    """Every sample name StageMetrics exports (``_total``, ``_bucket``, ``_info``...).
+    """Every sample name ``registry`` exports (``_total``, ``_bucket``, ``_info``...); by
+    default the stage's (StageMetrics) and the review console's (ReviewMetrics).
 
     Dashboards and alert rules may only query these; the deploy tests check that.
     """
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"),
                 "info": ("_info",), "gauge": ("",)}
-    families = (registry or StageMetrics().registry).collect()
+    registries = [registry] if registry is not None else [StageMetrics().registry, ReviewMetrics().registry]
+    families = [f for r in registries for f in r.collect()]
     return {f.name + s for f in families for s in suffixes.get(f.type, ("",))}

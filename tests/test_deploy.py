@@ -287,3 +287,63 @@ def test_dashboard_covers_the_issue_topics(tmp_path: Path) -> None:
         result = subprocess.run(["promtool", "check", "rules", str(tmp_path / "dashboard.yml")],
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_review_console_runs_in_k8s_is_scraped_and_starts_from_its_secrets(tmp_path, monkeypatch) -> None:
+    """deploy/k8s/review.yaml: the console the RiskpipeReview* alerts read. Its Service and
+    ServiceMonitor select it (and the stage's do not); every ${VAR} of the shared config and
+    every secret it reads is filled from a Secret that has the key; and the console's own
+    settings resolve from the mounted config and those secrets as `riskpipe review` does."""
+    from riskpipe.cli.review_cmd import review
+    from riskpipe.review.settings import PASSWORD_ENV, SECRET_KEY_ENV, resolve_settings
+
+    m = _k8s()
+    dep = m["Deployment/riskpipe-review"]
+    pod = dep["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    labels = pod["metadata"]["labels"]
+    service, monitor = m["Service/riskpipe-review"], m["ServiceMonitor/riskpipe-review"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]} and endpoint["path"] == "/metrics"
+    stage_selector = m["ServiceMonitor/riskpipe"]["spec"]["selector"]["matchLabels"]
+    assert not stage_selector.items() <= service["metadata"]["labels"].items()  # job riskpipe is the stage's alone
+    jobs = {j["job_name"] for j in yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+            ["scrape_configs"]}
+    assert service["metadata"]["name"] in jobs  # the job label the operator derives, as compose's Prometheus has it
+    assert dep["spec"]["replicas"] == 1  # sessions and the lockout live in the process
+    args = container["args"]
+    assert args[0] == "review"
+    options = {o for p in review.params for o in p.opts}
+    assert {a for a in args[1:] if a.startswith("--")} <= options
+    # every secret the console reads comes from a Secret key that the example has
+    env: dict[str, str] = {}
+    for e in container["env"]:
+        if "valueFrom" in e:
+            ref = e["valueFrom"]["secretKeyRef"]
+            env[e["name"]] = m[f"Secret/{ref['name']}"]["stringData"][ref["key"]]
+    text = m["ConfigMap/riskpipe-config"]["data"]["riskpipe.yaml"]
+    assert set(re.findall(r"\$\{([A-Z0-9_]+)\}", text)) <= set(env)
+    assert {PASSWORD_ENV, SECRET_KEY_ENV} <= set(env)
+    # the mounted files where the config names them: the config itself and the policy directory
+    mounts = {vm["mountPath"]: vm for vm in container["volumeMounts"]}
+    config_path = args[args.index("--config") + 1]
+    assert config_path in mounts
+    policy_dir = tmp_path / "policy"
+    policy_dir.mkdir()
+    for name, body in m["ConfigMap/riskpipe-policy"]["data"].items():
+        (policy_dir / name).write_text(body)
+    assert "/etc/riskpipe/policy" in mounts
+    config = tmp_path / "riskpipe.yaml"
+    config.write_text(text.replace("/etc/riskpipe/policy", str(policy_dir)))
+    env["RISKPIPE_LEDGER_DSN"] = str(tmp_path / "ledger.sqlite3")  # the DSN's form is the stage's business
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    settings = resolve_settings(config_path=str(config), host=args[args.index("--host") + 1],
+                                port=int(args[args.index("--port") + 1]), environ=env)
+    assert settings.credentials.shared == env[PASSWORD_ENV] and settings.secret_key == env[SECRET_KEY_ENV].encode()
+    assert settings.scope is not None and set(settings.scope.policies) == {"digits"}
+    assert settings.host == "0.0.0.0" and settings.port == 8080
+    assert settings.kafka is not None and settings.kafka.ssl_cafile == "/etc/riskpipe/kafka-ca/ca.crt"
+    assert "/etc/riskpipe/kafka-ca" in mounts

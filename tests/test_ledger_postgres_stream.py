@@ -110,7 +110,7 @@ def test_report_on_a_postgresql_ledger(pg_url, tmp_path):
 
 
 def test_review_console_on_a_postgresql_ledger(pg_url, tmp_path):
-    from riskpipe.metrics import StageMetrics
+    from riskpipe.metrics import ReviewMetrics
     from riskpipe.review import queue as rq
     from riskpipe.review.app import create_app
     from riskpipe.review.settings import Credentials, ReviewSettings
@@ -122,7 +122,7 @@ def test_review_console_on_a_postgresql_ledger(pg_url, tmp_path):
     with open_ledger(pg_url) as pg, open_ledger(str(tmp_path / "same.db")) as lite:
         assert [i.id for i in rq.pending(pg)] == [i.id for i in rq.pending(lite)] == \
             ["evt-urgent", "evt-routine", "evt-audit"]
-    app = create_app(ReviewSettings(ledger=pg_url, credentials=Credentials(shared=PASSWORD)), metrics=StageMetrics())
+    app = create_app(ReviewSettings(ledger=pg_url, credentials=Credentials(shared=PASSWORD)), metrics=ReviewMetrics())
     client = app.test_client()
     assert log_in(client, "dana").status_code == 302
     page = client.get("/").get_data(as_text=True)

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from riskpipe.metrics import (
+    ReviewMetrics,
     StageMetrics,
     certificate_outcome,
     expose,
@@ -55,7 +56,7 @@ def _record(**over) -> dict:
     return record
 
 
-def _samples(metrics: StageMetrics) -> dict[tuple[str, tuple], float]:
+def _samples(metrics: StageMetrics | ReviewMetrics) -> dict[tuple[str, tuple], float]:
     out = {}
     for family in text_string_to_metric_families(expose(metrics.registry).decode()):
         for s in family.samples:
@@ -175,11 +176,13 @@ def test_labels_stay_bounded() -> None:
         m.event("exploded")
     m.dlq("wrong_shape")
     m.dlq("some new reason with spaces")
-    m.review_verdict("confirmed_clean", 120.0)
-    m.review_verdict("typo", None)
+    review = ReviewMetrics()
+    review.review_verdict("confirmed_clean", 120.0)
+    review.review_verdict("typo", None)
     s = _samples(m)
     assert s[("riskpipe_dlq_messages_total", (("reason", "wrong_shape"),))] == 1
     assert s[("riskpipe_dlq_messages_total", (("reason", "other"),))] == 1
+    s = _samples(review)
     assert s[("riskpipe_review_verdicts_total", (("verdict", "other"),))] == 1
     assert s[("riskpipe_review_time_to_verdict_seconds_count",
               (("verdict", "confirmed_clean"),))] == 1
@@ -196,8 +199,9 @@ def test_gauges_infos_and_counters() -> None:
     m.set_broker_up(True)
     m.broker_error("timeout")
     m.reconnect()
-    m.set_review_backlog(5)
-    m.review_deadline_breach()
+    review = ReviewMetrics()
+    review.set_review_backlog(5)
+    review.review_deadline_breach()
     before = time.time()
     m.poll()
     s = _samples(m)
@@ -211,8 +215,10 @@ def test_gauges_infos_and_counters() -> None:
     assert s[("riskpipe_broker_up", ())] == 1
     assert s[("riskpipe_broker_errors_total", (("kind", "timeout"),))] == 1
     assert s[("riskpipe_broker_reconnects_total", ())] == 1
-    assert s[("riskpipe_review_backlog", ())] == 5
-    assert s[("riskpipe_review_deadline_breaches_total", ())] == 1
+    assert not [k for k in s if k[0].startswith("riskpipe_review_") and k[0] != "riskpipe_review_routed_total"]
+    r = _samples(review)
+    assert r[("riskpipe_review_backlog", ())] == 5 and r[("riskpipe_review_deadline_breaches_total", ())] == 1
+    assert [k[0] for k in r if k[0] == "riskpipe_build_info"] == ["riskpipe_build_info"]
     assert s[("riskpipe_last_poll_timestamp_seconds", ())] >= before
     assert start <= s[("riskpipe_policy_loaded_timestamp_seconds", ())] <= before
     build = [dict(k[1]) for k in s if k[0] == "riskpipe_build_info"]
@@ -222,7 +228,7 @@ def test_gauges_infos_and_counters() -> None:
 def test_names_follow_prometheus_conventions() -> None:
     names = metric_names()
     assert all(n.startswith("riskpipe_") for n in names)
-    for family in StageMetrics().registry.collect():
+    for family in [*StageMetrics().registry.collect(), *ReviewMetrics().registry.collect()]:
         if family.type == "counter":
             assert (family.name + "_total") in names
         if "latency" in family.name or "duration" in family.name or "time" in family.name:
@@ -238,15 +244,17 @@ def test_promtool_check_metrics_lints_a_real_scrape() -> None:
     m.decision(_record())
     m.set_lag("inferences", 0, 3)
     m.dlq("invalid_json")
-    m.review_verdict("unsure", 30.0)
     server = m.serve(0)
     try:
         scrape = urllib.request.urlopen(server.url, timeout=5).read()
     finally:
         server.shutdown()
-    result = subprocess.run(["promtool", "check", "metrics"], input=scrape,
-                            capture_output=True, timeout=30)
-    assert result.returncode == 0, (result.stdout + result.stderr).decode()
+    review = ReviewMetrics()  # the console's, as its /metrics serves them
+    review.review_verdict("unsure", 30.0)
+    review.set_review_backlog(3)
+    for text in (scrape, expose(review.registry)):
+        result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=30)
+        assert result.returncode == 0, (result.stdout + result.stderr).decode()
     assert b"riskpipe_decisions_total" in scrape
 
 

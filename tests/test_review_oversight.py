@@ -12,7 +12,7 @@ from werkzeug.security import generate_password_hash
 
 from browserkit import by_id, chromium, click_and_wait, needs_chromium
 from riskpipe.ledger import Ledger, parse_ts
-from riskpipe.metrics import StageMetrics
+from riskpipe.metrics import ReviewMetrics
 from riskpipe.review.app import create_app
 from riskpipe.review.settings import Credentials, ReviewSettings
 from test_review_records import seed_ledger
@@ -37,7 +37,7 @@ def test_backlog_age_gauge_is_the_oldest_waiting_item(tmp_path):
     path = tmp_path / "ledger.sqlite3"
     seed_ledger(path)
     creds = Credentials(users={"alice": generate_password_hash("alice passphrase")})
-    app = create_app(ReviewSettings(ledger=str(path), credentials=creds), metrics=StageMetrics())
+    app = create_app(ReviewSettings(ledger=str(path), credentials=creds), metrics=ReviewMetrics())
     client = app.test_client()
     log_in(client, "alice", "alice passphrase")
     # a verdict on the oldest waiting item moves the gauge to the next oldest
@@ -66,7 +66,7 @@ def test_backlog_age_gauge_ages_on_a_quiet_console(tmp_path):
         led.append({**decision_record("old", digit_index=0), "ts": rfc3339_millis(datetime.now(UTC)
                                                                                  - timedelta(hours=3, minutes=59))})
     app = create_app(ReviewSettings(ledger=str(path), credentials=Credentials(
-        users={"alice": generate_password_hash("alice passphrase")})), metrics=StageMetrics())
+        users={"alice": generate_password_hash("alice passphrase")})), metrics=ReviewMetrics())
     first = _gauge(app)
     assert 3 * 3600 + 59 * 60 - 5 < first < 4 * 3600
     import time as time_module

@@ -143,7 +143,7 @@ def test_queue_from_the_facts_table_agrees_with_the_records(tmp_path):
 
 
 class _Gauges:
-    """The three metrics the console's backlog refresh sets (riskpipe.metrics.StageMetrics)."""
+    """The three metrics the console's backlog refresh sets (riskpipe.metrics.ReviewMetrics)."""
 
     def __init__(self) -> None:
         self.backlog, self.age, self.breaches = None, None, 0

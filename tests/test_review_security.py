@@ -27,10 +27,10 @@ def ledger_path(tmp_path):
 
 @pytest.fixture
 def app(ledger_path):
-    from riskpipe.metrics import StageMetrics
+    from riskpipe.metrics import ReviewMetrics
 
     creds = Credentials(users={"bob": generate_password_hash("bobs own passphrase")}, shared=PASSWORD)
-    return create_app(ReviewSettings(ledger=str(ledger_path), credentials=creds), metrics=StageMetrics())
+    return create_app(ReviewSettings(ledger=str(ledger_path), credentials=creds), metrics=ReviewMetrics())
 
 
 def csrf_token(html: str) -> str:
@@ -147,7 +147,8 @@ def test_metrics_are_open_but_carry_only_review_counters(app):
     assert 'riskpipe_review_verdicts_total{verdict="confirmed_manipulated"} 1.0' in text
     assert "riskpipe_review_time_to_verdict_seconds_count" in text
     names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
-    assert all(n.startswith("riskpipe_review_") for n in names)
+    assert all(n.startswith("riskpipe_review_") for n in names - {"riskpipe_build_info"})
+    assert "riskpipe_review_routed_total" not in names  # the stage's: it routes, the console serves the queue
     assert "evt-" not in text and "radius" not in text and "broker_up" not in text
 
 

@@ -40,15 +40,15 @@ from riskpipe.review.context import EXTENSION, ConsoleState, Publisher, default_
 from riskpipe.review.settings import ReviewSettings
 
 if TYPE_CHECKING:
-    from riskpipe.metrics import StageMetrics
+    from riskpipe.metrics import ReviewMetrics
 
 # ConsoleState and SHARED_MAX_FAILURES are re-exported: callers and tests import them from here
 __all__ = ["SHARED_MAX_FAILURES", "ConsoleState", "create_app"]
 
 
-def create_app(settings: ReviewSettings, *, metrics: StageMetrics | Literal["default"] | None = "default",
+def create_app(settings: ReviewSettings, *, metrics: ReviewMetrics | Literal["default"] | None = "default",
                publisher: Publisher | None = None) -> Flask:
-    """The console for ``settings``; ``metrics`` is a StageMetrics (or None for none)."""
+    """The console for ``settings``; ``metrics`` is a ReviewMetrics (or None for none)."""
     app = Flask(__name__)
     app.config.update(
         SECRET_KEY=settings.secret_key or secrets.token_bytes(32),

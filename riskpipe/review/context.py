@@ -20,7 +20,7 @@ from riskpipe.review.settings import ReviewSettings
 from riskpipe.timestamps import utc_now
 
 if TYPE_CHECKING:
-    from riskpipe.metrics import StageMetrics
+    from riskpipe.metrics import ReviewMetrics
 
 EXTENSION = "riskpipe_review"  # the key of the ConsoleState in app.extensions
 
@@ -34,7 +34,7 @@ class Publisher(Protocol):
 class ConsoleState:
     """What the request handlers share: settings, metrics, the outcomes publisher."""
 
-    def __init__(self, settings: ReviewSettings, metrics: StageMetrics | None = None,
+    def __init__(self, settings: ReviewSettings, metrics: ReviewMetrics | None = None,
                  publisher: Publisher | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -81,15 +81,15 @@ class ConsoleState:
             self.metrics.review_deadline_breach()
 
 
-def default_metrics() -> StageMetrics | None:
-    """A private-registry StageMetrics when riskpipe.metrics is available."""
+def default_metrics() -> ReviewMetrics | None:
+    """A private-registry ReviewMetrics when riskpipe.metrics is available."""
     try:
         # lazy: riskpipe.metrics loads prometheus_client, which fixes its value class on
         # import (multiprocess mode, riskpipe/metrics.py); importing the console must not do that
-        from riskpipe.metrics import StageMetrics
+        from riskpipe.metrics import ReviewMetrics
     except ImportError:
         return None
-    return StageMetrics()
+    return ReviewMetrics()
 
 
 def console() -> ConsoleState:

@@ -25,18 +25,6 @@ from riskpipe.timestamps import utc_now
 
 log = logging.getLogger("riskpipe.review")
 
-# Sample names the console exposes; the stage's own metrics are not the console's to report.
-REVIEW_METRIC_SAMPLES = (
-    "riskpipe_review_backlog",
-    "riskpipe_review_backlog_oldest_age_seconds",
-    "riskpipe_review_verdicts_total",
-    "riskpipe_review_time_to_verdict_seconds_bucket",
-    "riskpipe_review_time_to_verdict_seconds_count",
-    "riskpipe_review_time_to_verdict_seconds_sum",
-    "riskpipe_review_deadline_breaches_total",
-)
-
-
 class VerdictForm(FlaskForm):
     # values only (labels come from rq.VERDICTS in the template): the one choices form every wtforms 3 accepts
     verdict = RadioField("Verdict", choices=list(rq.VERDICTS), validators=[DataRequired()])
@@ -190,7 +178,7 @@ def metrics_endpoint() -> ResponseReturnValue:
         console().note_queue(request_ledger())
     except Exception as e:  # noqa: BLE001 - a ledger hiccup: serve the last values, say so once per scrape
         log.warning("review console: backlog gauges not refreshed for this scrape: %s", redact(str(e)))
-    body = generate_latest(metrics.registry.restricted_registry(REVIEW_METRIC_SAMPLES))
+    body = generate_latest(metrics.registry)
     return body, 200, {"Content-Type": CONTENT_TYPE_LATEST}
 
 
