@@ -281,11 +281,11 @@ class StageMetrics:
                                   "Reconnections to the broker.", registry=r)
         self.infrastructure_outage = Gauge(
             f"{PREFIX}_infrastructure_outage",
-            "1 while the stage is paused because its ledger or broker is unavailable, else 0.",
+            "1 while the stage is paused because its ledger, broker or memory is unavailable, else 0.",
             registry=r, multiprocess_mode="livemax")
         self.infrastructure_retries = Counter(
             f"{PREFIX}_infrastructure_retries_total",
-            "Failed attempts to reach an unavailable component (ledger or broker) while paused.",
+            "Failed attempts while paused for an unavailable component (ledger, broker or memory).",
             ["component"], registry=r)
         self.last_poll = Gauge(f"{PREFIX}_last_poll_timestamp_seconds",
                                "Unix time of the stage's last poll of the input topic.",

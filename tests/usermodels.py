@@ -221,3 +221,31 @@ def fault_inputs(healthy: int, faulty: int) -> tuple[np.ndarray, np.ndarray]:
         return X
 
     return rows(healthy, -3.0), rows(faulty, 5.0)
+
+
+# ---- a model the machine runs short of memory for (infrastructure, not data) ---------------
+# How many of the next forward passes raise torch's out-of-memory error; tests set it once
+# the model is loaded (its start-up check runs a forward pass too).
+MEMORY_FAULTS = {"left": 0}
+
+
+class _ShortOfMemory(torch.nn.Module):
+    """Logits 5 * x[1:4]; the next ``MEMORY_FAULTS['left']`` forward passes raise
+    ``torch.OutOfMemoryError`` as a GPU short of memory does."""
+
+    def __init__(self):
+        super().__init__()
+        w = torch.zeros(FAULT_CLASSES, FAULT_FEATURES)
+        w[0, 1], w[1, 2], w[2, 3] = 5.0, 5.0, 5.0
+        self.register_buffer("w", w)
+
+    def forward(self, x):
+        if MEMORY_FAULTS["left"] > 0:
+            MEMORY_FAULTS["left"] -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return x @ self.w.t()
+
+
+def short_of_memory_model() -> torch.nn.Module:
+    """The factory of ``_ShortOfMemory`` (spec ``usermodels:short_of_memory_model?shape=4``)."""
+    return _ShortOfMemory()

@@ -14,7 +14,9 @@ and sends the ``Outcome`` this returns.
 Poison isolation: every step runs per event or, for the model batch, falls back to one
 event at a time when the batch raises; whatever an event raises makes *that* event a
 dead letter (``internal_error``, exception type and message in the record), and the
-rest of the batch goes on. So data never makes ``decide`` raise.
+rest of the batch goes on. So data never makes ``decide`` raise; an infrastructure
+fault (riskpipe.stream.infra: memory exhausted while a model certifies) does, since it
+is no event's, and the stage pauses and decides the batch again.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Callable, Mapping
 from riskpipe.ledger.inputs import REF_PREFIX, stored_input
 from riskpipe.stream.committer import Decided, Outcome
 from riskpipe.stream.events import Event, parse_event
+from riskpipe.stream.infra import infrastructure_component
 from riskpipe.stream.outputs import OUTPUT_TOO_LARGE, Output, OutputTooLarge, check_sizes, decision_outputs
 from riskpipe.stream.pipeline import Pipeline
 from riskpipe.stream.ports import Message
@@ -90,7 +93,9 @@ class Decider:
         try:
             records = self.pipeline.process([a.event for a in accepted], [a.message.source() for a in accepted])
             return list(zip(accepted, records, strict=True))
-        except Exception as e:  # noqa: BLE001 - poison isolation
+        except Exception as e:  # poison isolation
+            if infrastructure_component(e) is not None:
+                raise  # out of memory: no event's fault, and one at a time would only fail again
             if len(accepted) == 1:
                 dead.append(Dead.from_exception(accepted[0].message, e, "decide"))
                 return []

@@ -24,8 +24,11 @@ from riskpipe.ledger import redact
 from riskpipe.ledger.chain import LedgerUnavailable
 from riskpipe.stream.ports import SinkError
 
-LEDGER, BROKER = "ledger", "broker"
-COMPONENTS = (LEDGER, BROKER)
+LEDGER, BROKER, MEMORY = "ledger", "broker", "memory"
+COMPONENTS = (LEDGER, BROKER, MEMORY)
+# what torch says when an allocation fails (CUDA, MPS, the CPU allocator) without raising
+# its OutOfMemoryError type
+_TORCH_OOM = ("out of memory", "can't allocate memory")
 
 # SQLite errors that say "the file is busy or the disk failed", not "this row is bad"
 _SQLITE_TRANSIENT = ("database is locked", "database table is locked", "disk i/o error", "unable to open database",
@@ -37,8 +40,8 @@ BASE_S, CAP_S = 0.2, 5.0
 
 
 def infrastructure_component(exc: BaseException) -> str | None:
-    """``"ledger"`` or ``"broker"`` if ``exc`` (or an exception it was raised from) says
-    that component is unavailable; None if it is anything else (data or a bug).
+    """``"ledger"``, ``"broker"`` or ``"memory"`` if ``exc`` (or an exception it was raised
+    from) says that component is unavailable; None if it is anything else (data or a bug).
 
     * ledger: :class:`~riskpipe.ledger.chain.LedgerUnavailable` (cannot connect),
       psycopg ``OperationalError`` / ``InterfaceError`` (connection lost, server
@@ -46,11 +49,18 @@ def infrastructure_component(exc: BaseException) -> str | None:
       locked`` / ``disk I/O error`` / ``unable to open database file``;
     * broker: any kafka-python ``KafkaError``, ``SinkError`` (sends not acknowledged),
       ``ConnectionError``/``TimeoutError`` and other ``OSError`` of the transport (not a
-      missing file or a permission, which are configuration).
+      missing file or a permission, which are configuration);
+    * memory: ``MemoryError`` and torch's out-of-memory errors (``torch.OutOfMemoryError``,
+      a RuntimeError saying "out of memory" or "can't allocate memory"), raised while a
+      model certifies. Every input of a model has one shape, so it is not the event: the
+      machine (or the GPU) is short of memory, and the batch is tried again later rather
+      than every event of it dead-lettered.
     """
     psycopg = sys.modules.get("psycopg")  # not imported: no psycopg error can exist
     kafka_errors = sys.modules.get("kafka.errors")
     for e in _chain(exc):
+        if _out_of_memory(e):
+            return MEMORY
         if isinstance(e, LedgerUnavailable):
             return LEDGER
         if psycopg is not None and isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError)):
@@ -64,6 +74,16 @@ def infrastructure_component(exc: BaseException) -> str | None:
         if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
             return BROKER
     return None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if oom is not None and isinstance(e, oom):
+        return True
+    return type(e) is RuntimeError and any(s in str(e).lower() for s in _TORCH_OOM)
 
 
 def _chain(exc: BaseException | None, limit: int = 8) -> Iterator[BaseException]:

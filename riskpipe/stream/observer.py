@@ -96,7 +96,7 @@ class Observer:
                 self.metrics.drop_lag(tp.topic, tp.partition)
 
     def infrastructure_error(self, component: str, e: Exception) -> None:
-        """One failed attempt while ``component`` (ledger or broker) is unavailable."""
+        """One failed attempt while ``component`` (ledger, broker or memory) is unavailable."""
         self.stats.infrastructure_retries[component] += 1
         if component == "broker":
             self.stats.broker_errors += 1

@@ -30,6 +30,7 @@ from __future__ import annotations
 import gc
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -39,7 +40,14 @@ from riskpipe.stream.batcher import Batcher
 from riskpipe.stream.committer import Committer, Outcome
 from riskpipe.stream.decider import Decider
 from riskpipe.stream.guard import Guards, GuardTripped, PartitionGuard  # noqa: F401 - re-exported
-from riskpipe.stream.infra import BROKER, LEDGER, InfrastructureUnavailable, Outage, infrastructure_component
+from riskpipe.stream.infra import (
+    BROKER,
+    LEDGER,
+    MEMORY,
+    InfrastructureUnavailable,
+    Outage,
+    infrastructure_component,
+)
 from riskpipe.stream.observer import Observer, Stats
 from riskpipe.stream.pipeline import Pipeline
 from riskpipe.stream.ports import Message, Sink, Source
@@ -210,6 +218,8 @@ class Stage:
         self.in_flight = None
         if component == BROKER or not self._rewind():
             self._close()
+        if component == MEMORY:
+            _release_memory()
         if waited > timeout:
             self._close()
             raise InfrastructureUnavailable(component, waited, timeout, e) from e
@@ -349,3 +359,12 @@ def _freeze_startup_heap() -> None:
     them; ``gc.freeze`` is process-wide and repeated calls only add what is new."""
     gc.collect(1)
     gc.freeze()
+
+
+def _release_memory() -> None:
+    """After an out-of-memory pause: collect what the failed batch left, and hand torch's
+    cached GPU blocks back, so the retry starts from what the process really holds."""
+    gc.collect()
+    torch = sys.modules.get("torch")  # the models' library; not imported here for this
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
