@@ -1,57 +1,69 @@
-"""Memory exhausted while a model certifies is infrastructure, not data
-(riskpipe.stream.infra): the stage pauses and decides the batch again, never
-dead-letters its events (which poison isolation did, as ``internal_error``), and past
-``infrastructure_timeout_s`` stops with nothing committed. On a user's factory model
-whose forward raises torch's out-of-memory error, through the offline stage with a
-SQLite ledger."""
+"""Memory exhausted while a model certifies (riskpipe.stream.decider, .infra).
+
+The machine's memory is infrastructure: when the model cannot certify an input it
+certified before either (``Pipeline.healthy``), the stage pauses and decides the batch
+again (it used to dead-letter every event of it as ``internal_error``), and past
+``infrastructure_timeout_s`` stops with nothing committed. A shortage that passes is
+ridden out with no pause. But an input that runs out of memory where a known-good one
+does not is that input's dead letter, as is any other error a model raises for one
+input (a TimeoutError or OSError of the model is not the broker's): no event can stop
+the stage. On a user's factory model, through the offline stage with a SQLite ledger."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
+from riskpipe.app.compose import build_pipeline
 from riskpipe.app.config import load_config
 from riskpipe.app.offline import run_offline
 from riskpipe.ledger import Ledger
 from riskpipe.metrics import StageMetrics
 from riskpipe.stream.events import make_event
-from riskpipe.stream.infra import MEMORY, InfrastructureUnavailable, infrastructure_component
+from riskpipe.stream.infra import MEMORY, InfrastructureUnavailable, infrastructure_component, out_of_memory
 from usermodels import MEMORY_FAULTS, fault_inputs, fault_policy
 
-SPEC = "usermodels:short_of_memory_model?shape=4"
 
-
-@pytest.mark.parametrize("exc,component", [
-    (MemoryError(), MEMORY),
-    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), MEMORY),
-    (RuntimeError("MPS backend out of memory (MPS allocated: 1.2 GB)"), MEMORY),
+@pytest.mark.parametrize("exc,oom", [
+    (MemoryError(), True),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("MPS backend out of memory (MPS allocated: 1.2 GB)"), True),
     (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried "
-                  "to allocate 4294967296 bytes"), MEMORY),
-    (RuntimeError("the model blew up"), None),  # the model's own fault: the event's dead letter, as before
-    (ValueError("out of memory"), None),  # only torch's RuntimeError says it in words
+                  "to allocate 4294967296 bytes"), True),
+    (RuntimeError("the model blew up"), False),
+    (ValueError("out of memory"), False),  # only torch's RuntimeError says it in words
+    (TimeoutError("feature store timed out"), False),  # a model's own: not the broker's on this path
 ])
-def test_out_of_memory_is_infrastructure(exc, component):
-    assert infrastructure_component(exc) == component
+def test_out_of_memory_is_told_from_the_models_own_errors(exc, oom):
+    assert out_of_memory(exc) is oom
+    assert (infrastructure_component(exc) == MEMORY) is oom
     try:
         try:
             raise exc
         except Exception as inner:
             raise RuntimeError("certify failed") from inner
     except RuntimeError as outer:
-        assert infrastructure_component(outer) == component  # found through the cause chain too
+        assert out_of_memory(outer) is oom  # found through the cause chain
+    try:
+        try:
+            raise exc
+        except (MemoryError, RuntimeError, ValueError, TimeoutError):
+            raise RuntimeError("handling it failed") from None
+    except RuntimeError as handled:
+        assert not out_of_memory(handled)  # an error raised while handling one is not it
 
 
-def _run(tmp_path, faults: int, timeout_s: float):
-    healthy, _ = fault_inputs(6, 0)
-    events = [make_event(f"ok-{i}", "short", x, upstream_risk=0.1) for i, x in enumerate(healthy)]
-    config = load_config(None, models={"short": SPEC}, policy=fault_policy(tmp_path),
-                         infrastructure_timeout_s=timeout_s)
+def _run(tmp_path, spec: str, faults: int, timeout_s: float, poisoned: int = 0):
+    healthy, bad = fault_inputs(6, poisoned)
+    events = [make_event(f"ok-{i}", "m", x, upstream_risk=0.1) for i, x in enumerate(healthy)]
+    events[2:2] = [make_event(f"bad-{i}", "m", x, upstream_risk=0.1) for i, x in enumerate(bad)]
+    config = load_config(None, models={"m": spec}, policy=fault_policy(tmp_path), infrastructure_timeout_s=timeout_s)
     metrics = StageMetrics()
     ledger = Ledger(str(tmp_path / "ledger.db"))
     MEMORY_FAULTS["left"] = 0
-    from riskpipe.app.compose import build_pipeline
-
-    pipeline = build_pipeline(config)  # the start-up forward check runs before the faults are armed
+    pipeline = build_pipeline(config)  # its start-up forward check runs before the faults are armed
     MEMORY_FAULTS["left"] = faults
     try:
         res = run_offline(events, tmp_path / "out", config, pipeline=pipeline, ledger=ledger, metrics=metrics)
@@ -60,14 +72,19 @@ def _run(tmp_path, faults: int, timeout_s: float):
         MEMORY_FAULTS["left"] = 0
 
 
-def test_a_short_memory_outage_pauses_and_decides_every_event_once(tmp_path):
-    res, ledger, metrics = _run(tmp_path, faults=2, timeout_s=60)
+def _retries(metrics) -> float:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for m in metrics.registry.collect()
+            for s in m.samples}.get(("riskpipe_infrastructure_retries_total", (("component", "memory"),)), 0.0)
+
+
+@pytest.mark.parametrize("faults,pauses", [(2, 0), (3, 1), (8, 2)])
+def test_a_memory_shortage_that_passes_decides_every_event_once(tmp_path, faults, pauses):
+    """2: the batch and its first event fail, the known-good input certifies, the event's
+    second try too: no pause. 3 and more: the known-good input fails as well, so the stage
+    pauses and decides the batch again once memory is back."""
+    res, ledger, metrics = _run(tmp_path, "usermodels:short_of_memory_model?shape=4", faults, timeout_s=60)
     assert res.stats.decided == 6 and not res.stats.dlq and not res.read("dlq")
-    assert res.stats.infrastructure_retries[MEMORY] == 2
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for m in metrics.registry.collect() for s in m.samples}
-    assert samples[("riskpipe_infrastructure_retries_total", (("component", "memory"),))] == 2
-    assert samples[("riskpipe_infrastructure_outage", ())] == 0  # over once the batch committed
+    assert res.stats.infrastructure_retries[MEMORY] == pauses == _retries(metrics)
     with ledger:
         assert ledger.count("decision") == 6 and ledger.count("dlq") == 0
     assert sorted(r["id"] for r in res.read("audit")) == [f"ok-{i}" for i in range(6)]
@@ -75,8 +92,22 @@ def test_a_short_memory_outage_pauses_and_decides_every_event_once(tmp_path):
 
 def test_memory_short_past_the_timeout_stops_the_stage_with_nothing_committed(tmp_path):
     with pytest.raises(InfrastructureUnavailable, match=r"memory unavailable for .*infrastructure_timeout_s 1"):
-        _run(tmp_path, faults=10**9, timeout_s=1)
+        _run(tmp_path, "usermodels:short_of_memory_model?shape=4", faults=10**9, timeout_s=1)
     with Ledger(str(tmp_path / "ledger.db")) as ledger:
         assert ledger.count("decision") == 0 and ledger.count("dlq") == 0  # no event blamed, none decided
-    out = tmp_path / "out"
-    assert not any(p.read_text().strip() for p in out.glob("*.jsonl"))
+    assert not any(p.read_text().strip() for p in (tmp_path / "out").glob("*.jsonl"))
+
+
+@pytest.mark.parametrize("kind,error", [("oom", "OutOfMemoryError"), ("timeout", "TimeoutError"),
+                                        ("oserror", "OSError")])
+def test_an_input_that_makes_the_model_fail_is_its_own_dead_letter_and_the_stage_goes_on(tmp_path, kind, error):
+    res, ledger, _ = _run(tmp_path, f"usermodels:poisoned_{kind}_model?shape=4", faults=0, timeout_s=5, poisoned=2)
+    assert res.stats.decided == 6 and not res.stats.infrastructure_retries[MEMORY]
+    dead = [(json.loads(d["value"])["id"], d["headers"]["__riskpipe.errors.reason"],
+             d["headers"]["__riskpipe.errors.message"]) for d in res.read("dlq")]
+    assert sorted((key, reason) for key, reason, _ in dead) == [("bad-0", "internal_error"),
+                                                                ("bad-1", "internal_error")]
+    assert all(error in message for _, _, message in dead)
+    assert all(r["decision"] == "allow" for r in res.read("audit"))  # the healthy ones, decided as usual
+    with ledger:
+        assert ledger.count("decision") == 6 and ledger.count("dlq") == 2

@@ -227,14 +227,22 @@ def fault_inputs(healthy: int, faulty: int) -> tuple[np.ndarray, np.ndarray]:
 # How many of the next forward passes raise torch's out-of-memory error; tests set it once
 # the model is loaded (its start-up check runs a forward pass too).
 MEMORY_FAULTS = {"left": 0}
+POISON_ERRORS = {
+    "oom": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    "timeout": lambda: TimeoutError("the model's feature store timed out"),
+    "oserror": lambda: OSError(5, "Input/output error"),
+}
 
 
 class _ShortOfMemory(torch.nn.Module):
     """Logits 5 * x[1:4]; the next ``MEMORY_FAULTS['left']`` forward passes raise
-    ``torch.OutOfMemoryError`` as a GPU short of memory does."""
+    ``torch.OutOfMemoryError`` as a GPU short of memory does, and with ``poison`` every
+    pass holding a row whose first feature is above 2.5 raises ``POISON_ERRORS[poison]``
+    (an input that makes the model fail: the event's fault, whatever the error says)."""
 
-    def __init__(self):
+    def __init__(self, poison: str | None = None):
         super().__init__()
+        self.poison = poison
         w = torch.zeros(FAULT_CLASSES, FAULT_FEATURES)
         w[0, 1], w[1, 2], w[2, 3] = 5.0, 5.0, 5.0
         self.register_buffer("w", w)
@@ -242,10 +250,24 @@ class _ShortOfMemory(torch.nn.Module):
     def forward(self, x):
         if MEMORY_FAULTS["left"] > 0:
             MEMORY_FAULTS["left"] -= 1
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise POISON_ERRORS["oom"]()
+        if self.poison is not None and bool((x[:, 0] > 2.5).any()):
+            raise POISON_ERRORS[self.poison]()
         return x @ self.w.t()
 
 
 def short_of_memory_model() -> torch.nn.Module:
     """The factory of ``_ShortOfMemory`` (spec ``usermodels:short_of_memory_model?shape=4``)."""
     return _ShortOfMemory()
+
+
+def poisoned_oom_model() -> torch.nn.Module:
+    return _ShortOfMemory("oom")
+
+
+def poisoned_timeout_model() -> torch.nn.Module:
+    return _ShortOfMemory("timeout")
+
+
+def poisoned_oserror_model() -> torch.nn.Module:
+    return _ShortOfMemory("oserror")

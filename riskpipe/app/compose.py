@@ -158,6 +158,18 @@ def _labels(name: str, mc: ModelConfig, model) -> list[str] | None:
     return list(mc.labels)
 
 
+def _admissible_probe(entry: ModelEntry, X: np.ndarray) -> np.ndarray | None:
+    """The first start-up probe input the entry's certifier takes (in its space), for
+    ``Pipeline.healthy`` until the stage has certified an input of its own; None if none."""
+    for x in entry.to_certified(np.asarray(X, dtype=np.float32)):
+        try:
+            entry.certifier.check_inputs(x[None])
+        except GridError:
+            continue
+        return x[None]
+    return None
+
+
 def _check_forward(name: str, model, reference) -> None:
     """A model that raises, or whose output is not finite (N, C) logits, stops the start-up
     with one line naming it (riskpipe.models.output)."""
@@ -240,6 +252,7 @@ def build_entry(name: str, mc: ModelConfig, policy, device: str = "cpu",
                        scale=None if s is None else s.astype(np.float32).reshape(model.input_shape),
                        scale_desc=scale_desc, labels=labels, feature_names=mc.feature_names,
                        batch_size_source=batch.source if batch else None, policy_source=policy_source)
+    entry.known_good = _admissible_probe(entry, _probe_inputs(model, reference))
     if uses_context(policy):
         if reference is None:
             raise _err(name, "reference", f"policy {policy.name} uses context risk; give the model a reference "

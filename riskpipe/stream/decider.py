@@ -14,9 +14,10 @@ and sends the ``Outcome`` this returns.
 Poison isolation: every step runs per event or, for the model batch, falls back to one
 event at a time when the batch raises; whatever an event raises makes *that* event a
 dead letter (``internal_error``, exception type and message in the record), and the
-rest of the batch goes on. So data never makes ``decide`` raise; an infrastructure
-fault (riskpipe.stream.infra: memory exhausted while a model certifies) does, since it
-is no event's, and the stage pauses and decides the batch again.
+rest of the batch goes on. So data never makes ``decide`` raise. Memory exhausted
+while one event certifies is that event's only if the model still certifies an input it
+certified before (``Pipeline.healthy``); otherwise ``decide`` raises it, and the stage
+pauses and decides the batch again (riskpipe.stream.infra).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Callable, Mapping
 from riskpipe.ledger.inputs import REF_PREFIX, stored_input
 from riskpipe.stream.committer import Decided, Outcome
 from riskpipe.stream.events import Event, parse_event
-from riskpipe.stream.infra import infrastructure_component
+from riskpipe.stream.infra import out_of_memory, release_memory
 from riskpipe.stream.outputs import OUTPUT_TOO_LARGE, Output, OutputTooLarge, check_sizes, decision_outputs
 from riskpipe.stream.pipeline import Pipeline
 from riskpipe.stream.ports import Message
@@ -87,24 +88,35 @@ class Decider:
 
     def _records(self, accepted: list[Accepted], dead: list[Dead]) -> list[tuple[Accepted, dict]]:
         """Records for ``accepted``; if the model batch raises, retry one event at a
-        time so only the culprit(s) become dead letters (``dead`` is appended to)."""
+        time so only the culprit(s) become dead letters (``dead`` is appended to).
+
+        An event that runs out of memory on its own is tried once more after memory is
+        released, if the model still certifies an input it certified before
+        (``Pipeline.healthy``); if it cannot, the exception goes up (the machine is short
+        of memory: the stage pauses), else a second failure is the event's dead letter."""
         if not accepted:
             return []
         try:
-            records = self.pipeline.process([a.event for a in accepted], [a.message.source() for a in accepted])
-            return list(zip(accepted, records, strict=True))
+            return self._process(accepted)
         except Exception as e:  # poison isolation
-            if infrastructure_component(e) is not None:
-                raise  # out of memory: no event's fault, and one at a time would only fail again
-            if len(accepted) == 1:
-                dead.append(Dead.from_exception(accepted[0].message, e, "decide"))
-                return []
-            log.warning("a batch of %d failed to decide (%s: %s); retrying one by one", len(accepted),
-                        type(e).__name__, e)
-        out = []
-        for a in accepted:
-            out.extend(self._records([a], dead))
-        return out
+            if len(accepted) > 1:
+                log.warning("a batch of %d failed to decide (%s: %s); retrying one by one", len(accepted),
+                            type(e).__name__, e)
+                return [r for a in accepted for r in self._records([a], dead)]
+            if out_of_memory(e):
+                release_memory()
+                if not self.pipeline.healthy(accepted[0].event.model):
+                    raise  # a known-good input fails too: the machine's memory, not this event
+                try:
+                    return self._process(accepted)
+                except Exception as again:  # noqa: BLE001 - out of memory where others are not: this input's
+                    e = again
+            dead.append(Dead.from_exception(accepted[0].message, e, "decide"))
+            return []
+
+    def _process(self, accepted: list[Accepted]) -> list[tuple[Accepted, dict]]:
+        records = self.pipeline.process([a.event for a in accepted], [a.message.source() for a in accepted])
+        return list(zip(accepted, records, strict=True))
 
     @staticmethod
     def _emit(outcome: Outcome, into: list[Decided], m: Message, make: Callable[[], Decided]) -> None:

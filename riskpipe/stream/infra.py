@@ -14,6 +14,7 @@ ledger write, the stage loop) instead of keeping its own list of exception types
 
 from __future__ import annotations
 
+import gc
 import random
 import sqlite3
 import sys
@@ -51,10 +52,12 @@ def infrastructure_component(exc: BaseException) -> str | None:
       ``ConnectionError``/``TimeoutError`` and other ``OSError`` of the transport (not a
       missing file or a permission, which are configuration);
     * memory: ``MemoryError`` and torch's out-of-memory errors (``torch.OutOfMemoryError``,
-      a RuntimeError saying "out of memory" or "can't allocate memory"), raised while a
-      model certifies. Every input of a model has one shape, so it is not the event: the
-      machine (or the GPU) is short of memory, and the batch is tried again later rather
-      than every event of it dead-lettered.
+      a RuntimeError saying "out of memory" or "can't allocate memory"). The decider
+      raises one (rather than dead-letter the event) only when the model cannot certify
+      an input it has certified before either (``Pipeline.healthy``): then the machine or
+      the GPU is short of memory, and the batch is tried again later. An input that runs
+      out of memory while a known-good one does not is that input's dead letter, so no
+      event can stop the stage.
     """
     psycopg = sys.modules.get("psycopg")  # not imported: no psycopg error can exist
     kafka_errors = sys.modules.get("kafka.errors")
@@ -76,6 +79,20 @@ def infrastructure_component(exc: BaseException) -> str | None:
     return None
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Did ``exc``, or an exception it was raised from (``raise ... from``), say that memory
+    ran out? The model path asks this alone (riskpipe.stream.decider): an ``OSError`` or a
+    ``TimeoutError`` a model raises is the model's, not the broker's."""
+    e: BaseException | None = exc
+    for _ in range(8):
+        if e is None:
+            return False
+        if _out_of_memory(e):
+            return True
+        e = e.__cause__
+    return False
+
+
 def _out_of_memory(e: BaseException) -> bool:
     if isinstance(e, MemoryError):
         return True
@@ -84,6 +101,15 @@ def _out_of_memory(e: BaseException) -> bool:
     if oom is not None and isinstance(e, oom):
         return True
     return type(e) is RuntimeError and any(s in str(e).lower() for s in _TORCH_OOM)
+
+
+def release_memory() -> None:
+    """After running out of memory: collect what the failed work left, and hand torch's
+    cached GPU blocks back, so a retry starts from what the process really holds."""
+    gc.collect()
+    torch = sys.modules.get("torch")  # the models' library; not imported here for this
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _chain(exc: BaseException | None, limit: int = 8) -> Iterator[BaseException]:

@@ -86,6 +86,9 @@ class ModelEntry:
     # the file the policy was loaded from: its ledger ``policy`` row names it, so an evidence
     # bundle (riskpipe.report.bundle) can include the YAML without being given the config
     policy_source: str | None = None
+    # one input (1 row, certified space) this entry's certifier has taken without raising: a
+    # start-up probe input, then the last input the stage certified (Pipeline.healthy)
+    known_good: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.certified is None:
@@ -137,6 +140,20 @@ class Pipeline:
         # records carry a reference (riskpipe/ledger/inputs.py); without one they are inlined
         self.store_inputs = False
         self.certify_seconds = 0.0  # cumulative time inside certifiers (benchmarks read it)
+
+    def healthy(self, name: str) -> bool | None:
+        """Does model ``name`` still certify an input it has certified before (its
+        ``known_good``, seed 0)? Asked when an event's certification ran out of memory on
+        its own: True makes it that event's fault (its dead letter), False or None (no
+        such input yet) the machine's (the stage pauses, riskpipe.stream.infra)."""
+        entry = self.entries[name]
+        if entry.known_good is None:
+            return None
+        try:
+            certify(entry, entry.known_good, [0])
+        except Exception:  # noqa: BLE001 - out of memory again, or worse: not a fault of the event
+            return False
+        return True
 
     def seed(self, event_id: str, policy_sha: str) -> int:
         """The noise seed of ``event_id``'s certificate under the policy ``policy_sha`` (seed_for)."""
@@ -192,6 +209,7 @@ class Pipeline:
             t0 = time.perf_counter()
             certs = certify(entry, Z, seeds)
             self.certify_seconds += time.perf_counter() - t0
+            entry.known_good = Z[:1].copy()  # not a view: it would keep the whole batch alive
             _log_faults(name, entry, certs)
             r_threat = np.array([radius_in_threat(entry, c) for c in certs])
             contexts: Sequence[dict | None]

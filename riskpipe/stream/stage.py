@@ -30,7 +30,6 @@ from __future__ import annotations
 import gc
 import logging
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from riskpipe.stream.infra import (
     InfrastructureUnavailable,
     Outage,
     infrastructure_component,
+    release_memory,
 )
 from riskpipe.stream.observer import Observer, Stats
 from riskpipe.stream.pipeline import Pipeline
@@ -219,7 +219,7 @@ class Stage:
         if component == BROKER or not self._rewind():
             self._close()
         if component == MEMORY:
-            _release_memory()
+            release_memory()
         if waited > timeout:
             self._close()
             raise InfrastructureUnavailable(component, waited, timeout, e) from e
@@ -360,11 +360,3 @@ def _freeze_startup_heap() -> None:
     gc.collect(1)
     gc.freeze()
 
-
-def _release_memory() -> None:
-    """After an out-of-memory pause: collect what the failed batch left, and hand torch's
-    cached GPU blocks back, so the retry starts from what the process really holds."""
-    gc.collect()
-    torch = sys.modules.get("torch")  # the models' library; not imported here for this
-    if torch is not None and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()

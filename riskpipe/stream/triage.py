@@ -18,7 +18,6 @@ from riskpipe.ledger.chain import decision_scope
 from riskpipe.ledger.inputs import input_digest
 from riskpipe.stream.errors import EventError
 from riskpipe.stream.events import Event
-from riskpipe.stream.infra import infrastructure_component
 from riskpipe.stream.pipeline import event_digest, record_digest
 from riskpipe.stream.ports import Message
 
@@ -45,11 +44,6 @@ class Dead:
 
     @classmethod
     def from_exception(cls, message: Message, exc: BaseException, where: str) -> Dead:
-        """The dead letter of the event whose handling raised ``exc``; an infrastructure
-        fault (riskpipe.stream.infra: the ledger, the broker, memory) is never an event's
-        fault, so it is raised again instead, for the stage to pause on."""
-        if infrastructure_component(exc) is not None:
-            raise exc
         name = type(exc).__name__
         return cls(message, INTERNAL_ERROR, f"{where}: {name}: {exc}", exception=name)
 
