@@ -92,3 +92,46 @@ def test_a_model_with_classes_0_to_c_takes_class_ids_only(tmp_path, prediction, 
     assert "class_names" not in entry.model.meta
     assert audit["ok"]["prediction"] == 0 and audit["ok"]["prediction_agrees"] is True
     assert dead == {message: "wrong_type"}
+
+
+def test_an_onnx_classifier_without_a_zipmap_takes_its_labels_from_the_graph(tmp_path):
+    """skl2onnx with zipmap=False: the labels 1, 2, 3 are read from the classifier node, so a
+    number is refused as for the skops model (it was read as a class id: label 2 as class 2,
+    i.e. cultivar 3, and a disagreement was allowed)."""
+    pytest.importorskip("onnxruntime")
+    skl2onnx = pytest.importorskip("skl2onnx")
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.datasets import load_wine
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from riskpipe.models import load_model
+
+    wine = load_wine()
+    X, y = wine.data.astype(np.float32), np.asarray([1, 2, 3])[wine.target]
+    est = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=0)).fit(X, y)
+    for zipmap in (False, True):
+        onx = skl2onnx.convert_sklearn(est, initial_types=[("x", FloatTensorType([None, 13]))],
+                                       options={id(est[-1]): {"zipmap": zipmap}})
+        path = tmp_path / f"wine-{zipmap}.onnx"
+        path.write_bytes(onx.SerializeToString())
+        assert load_model(str(path)).meta["class_names"] == ["1", "2", "3"], zipmap
+    np.savez(tmp_path / "wine-ref.npz", X=X, y=wine.target.astype(np.int64))
+    config = load_config(None, models={"wine": str(tmp_path / "wine-False.onnx")},
+                         references={"wine": str(tmp_path / "wine-ref.npz")},
+                         policy=policy_with(tmp_path, "default", certifier=CHEAP))
+    events = [tabular_event("label", X[0], upstream_risk=0.1, prediction="1"),
+              tabular_event("number", X[0], upstream_risk=0.1, prediction=2)]
+    res = run_offline(events, tmp_path / "out", load_config(None), pipeline=build_pipeline(config))
+    audit = {r["id"]: r for r in res.read("audit")}
+    assert set(audit) == {"label"} and audit["label"]["prediction"] == 0
+    assert [d["headers"]["__riskpipe.errors.reason"] for d in res.read("dlq")] == ["wrong_type"]
+
+
+def test_labels_that_are_partly_numbers_refuse_a_number(tmp_path):
+    """classes_ ["1", "2", "unknown"]: the number 1 would be class id 1, label "2"."""
+    audit, dead, entry = decide(tmp_path, ["1", "2", "unknown"], {"label": "1", "number": 1})
+    assert entry.model.meta["class_names"] == ["1", "2", "unknown"]
+    assert audit["label"]["prediction"] == 0 and set(audit) == {"label"}
+    assert list(dead.values()) == ["wrong_type"]

@@ -215,6 +215,30 @@ def _load_factory(spec: str, base: str, opts) -> Model:
     return _torch_model(spec, module, opts, sha, getattr(module, "input_shape", None), meta)
 
 
+ONNX_CLASSIFIERS = ("LinearClassifier", "TreeEnsembleClassifier", "SVMClassifier", "ZipMap")
+
+
+def _onnx_class_labels(path: Path) -> list | None:
+    """The class labels an ONNX-ML classifier node declares (``classlabels_ints``,
+    ``classlabels_int64s`` or ``classlabels_strings``: skl2onnx writes the estimator's ``classes_`` there, in the order
+    of its score columns), or None. Without them a model exported without a ZipMap would
+    have an event's label ``predict()`` gave read as a class id (riskpipe.stream.events)."""
+    try:
+        import onnx  # optional: the [onnx] extra, which gives onnxruntime, gives onnx too
+    except ImportError:
+        raise ModelError(f"model {path}: reading an ONNX model's class labels needs the onnx package "
+                         "(pip install 'riskpipe[onnx]')") from None
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for node in graph.node:
+        if node.domain == "ai.onnx.ml" and node.op_type in ONNX_CLASSIFIERS:
+            for a in node.attribute:
+                if a.name in ("classlabels_ints", "classlabels_int64s") and a.ints:
+                    return list(a.ints)
+                if a.name == "classlabels_strings" and a.strings:
+                    return [v.decode("utf-8", "replace") for v in a.strings]
+    return None
+
+
 def _score_output(sess, spec: str, one_score: bool = False):
     """(index, is_zipmap) of the output that carries class scores: the first rank-2 float
     tensor (or rank 1, with ``one_score``: a binary model's one output per input), else a
@@ -300,6 +324,8 @@ def _load_onnx(spec: str, path: Path, opts) -> Model:
     classes = classes or int(probe.shape[1])
     if zipmap:  # skl2onnx's ZipMap is keyed by the estimator's classes_, in the same sorted order
         meta.update(_class_names(np.asarray(keys)))
+    elif threshold is None and (labels := _onnx_class_labels(path)) is not None and len(labels) == classes:
+        meta.update(_class_names(np.asarray(labels)))
 
     def predict(batch: np.ndarray) -> np.ndarray:  # scores: Model.classes checks them, then takes argmax
         return scores(batch)

@@ -272,19 +272,25 @@ def _from_uint8(arr: np.ndarray, model) -> np.ndarray:
     return lo + (hi - lo) * (arr.astype(np.float32) / np.float32(255.0))
 
 
-def _numeric_labels(names: list[str]) -> bool:
+def _number(text: str) -> float | None:
     try:
-        [float(n) for n in names]
+        return float(text)
     except ValueError:
-        return False
-    return True
+        return None
+
+
+def _numbers_mislead(names: list[str]) -> bool:
+    """Would a number read as a class id name another class than the label it spells?
+    True when any label reads as a number other than its own index (``["1", "2", "3"]``,
+    ``["1", "2", "unknown"]``)."""
+    return any((v := _number(n)) is not None and v != i for i, n in enumerate(names))
 
 
 def class_id(pred: Any, model: Any) -> int | None:
     """The class id an event's ``prediction`` names: a class id in [0, C), or, for a model
     that labels its classes (scikit-learn's ``classes_``, ``meta['class_names']``), one of
-    those labels as a string. A model whose labels are numbers other than 0..C-1 (classes
-    1, 2, 3) takes only the label: its producer most likely sent ``predict()``'s label,
+    those labels as a string. A model with a label that is a number other than its index
+    (classes 1, 2, 3) takes only the label: its producer most likely sent ``predict()``'s label,
     and read as a class id, label 1 would be class 2, so a disagreement could read as
     agreement. EventError ``wrong_type`` otherwise, naming what the model takes."""
     if pred is None:
@@ -298,8 +304,7 @@ def class_id(pred: Any, model: Any) -> int | None:
         takes = f"one of its labels {shown}" if names is not None else f"a class id in [0, {model.num_classes})"
         raise EventError("wrong_type", f"prediction: {pred[:64]!r} is no class of the model: give {takes} or null")
     if isinstance(pred, int) and not isinstance(pred, bool):
-        if names is not None and _numeric_labels(names) and \
-                [float(n) for n in names] != [float(i) for i in range(len(names))]:
+        if names is not None and _numbers_mislead(names):
             raise EventError("wrong_type", f"prediction: the model labels its classes {shown}, so the number "
                                            f"{pred} could be a label or a class id; give the label as a string "
                                            f"(e.g. {names[-1]!r}) or null")
