@@ -134,7 +134,7 @@ def test_credentials_come_from_the_secret() -> None:
 def test_every_replica_keys_its_noise_with_one_secret() -> None:
     """The stage's smoothing noise key (riskpipe.app.noise_key) comes from a Secret, the
     same for every replica of the Deployment, and is long enough for the stage to start."""
-    from riskpipe.app.config import StageConfig
+    from riskpipe.app.config import ConfigError, StageConfig
     from riskpipe.app.noise_key import NOISE_KEY_ENV, resolve_noise_key
 
     m = _k8s()
@@ -142,7 +142,10 @@ def test_every_replica_keys_its_noise_with_one_secret() -> None:
     ref = {e["name"]: e for e in container["env"]}[NOISE_KEY_ENV]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "riskpipe-noise", "key": "key"}
     example = m["Secret/riskpipe-noise"]["stringData"]["key"]
-    assert resolve_noise_key(StageConfig(), {NOISE_KEY_ENV: example}).source == NOISE_KEY_ENV
+    with pytest.raises(ConfigError, match="placeholder"):  # the example applied as it is: the stage does not start
+        resolve_noise_key(StageConfig(), {NOISE_KEY_ENV: example})
+    made = "9d2f4b6a8c0e1f3a5b7d9e2c4a6f8b0d1e3f5a7c9b2d4f6a8e0c2b4d6f8a1c3e"  # openssl rand -hex 32
+    assert resolve_noise_key(StageConfig(), {NOISE_KEY_ENV: made}).source == NOISE_KEY_ENV
 
 
 def _pod_specs(m: dict) -> dict[str, dict]:
@@ -295,7 +298,7 @@ def test_the_review_console_runs_in_k8s_is_scraped_and_starts_from_its_secrets(t
     every secret it reads is filled from a Secret that has the key; and the console's own
     settings resolve from the mounted config and those secrets as `riskpipe review` does."""
     from riskpipe.cli.review_cmd import review
-    from riskpipe.review.settings import PASSWORD_ENV, SECRET_KEY_ENV, resolve_settings
+    from riskpipe.review.settings import PASSWORD_ENV, SECRET_KEY_ENV, SettingsError, resolve_settings
 
     m = _k8s()
     dep = m["Deployment/riskpipe-review"]
@@ -326,6 +329,9 @@ def test_the_review_console_runs_in_k8s_is_scraped_and_starts_from_its_secrets(t
     text = m["ConfigMap/riskpipe-config"]["data"]["riskpipe.yaml"]
     assert set(re.findall(r"\$\{([A-Z0-9_]+)\}", text)) <= set(env)
     assert {PASSWORD_ENV, SECRET_KEY_ENV} <= set(env)
+    with pytest.raises(SettingsError, match="placeholder"):  # the example's session key: refused as it is
+        resolve_settings(ledger=str(tmp_path / "l.db"), environ={**env, PASSWORD_ENV: "a long passphrase"})
+    env[SECRET_KEY_ENV] = "3c5e7a9b1d2f4a6c8e0b2d4f6a8c1e3b5d7f9a2c4e6b8d0f1a3c5e7b9d2f4a6c"  # as the operator makes it
     # the mounted files where the config names them: the config itself and the policy directory
     mounts = {vm["mountPath"]: vm for vm in container["volumeMounts"]}
     config_path = args[args.index("--config") + 1]

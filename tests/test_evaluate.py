@@ -72,12 +72,14 @@ def test_the_evaluations_noise_comes_from_its_seed_not_the_environment(run):
     """An evaluation repeats from its --seed on any machine: its stage's noise key is derived
     from the seed (riskpipe.app.noise_key.seeded_noise_key), never the deployment's secret."""
     from riskpipe.app.noise_key import seeded_noise_key
+    from riskpipe.ledger.chain import decision_scope
     from riskpipe.stream.pipeline import seed_for
 
     _, work = run
     key = seeded_noise_key(SMALL["seed"], "riskpipe evaluate").key
     audit = _read(work / "stage" / "stage-default" / "audit.jsonl")
-    assert audit and all(r["certificate"]["seed"] == seed_for(key, r["id"], r["policy"]["sha256"]) for r in audit)
+    assert audit and all(r["certificate"]["seed"] == seed_for(key, r["id"], decision_scope("decision", r))
+                     for r in audit)
 
 
 def test_public_topic_gives_the_guided_attacker_nothing(run):

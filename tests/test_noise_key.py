@@ -26,13 +26,14 @@ from riskpipe.app.config import ConfigError, StageConfig, load_config
 from riskpipe.app.noise_key import NOISE_KEY_ENV, resolve_noise_key, seeded_noise_key
 from riskpipe.cli import cli
 from riskpipe.ledger import Ledger
+from riskpipe.ledger.chain import decision_scope
 from riskpipe.redaction import redact
 from riskpipe.stream.events import make_event
 from riskpipe.stream.pipeline import seed_for
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tabular"
-POLICY = "p" * 64
+SCOPE = f"{'p' * 64}/{'m' * 64}/cancer"  # riskpipe.ledger.chain.decision_scope: policy sha/model sha/name
 N = 4
 
 
@@ -43,13 +44,14 @@ def public_seed(event_id: str, policy_sha: str) -> int:
 
 def test_a_seed_cannot_be_computed_without_the_key():
     ids = [f"evt-{i}" for i in range(500)]
-    one = [seed_for(b"k" * 32, i, POLICY) for i in ids]
-    assert one == [seed_for(b"k" * 32, i, POLICY) for i in ids]  # one key: the same noise again
-    other = [seed_for(b"j" * 32, i, POLICY) for i in ids]
+    one = [seed_for(b"k" * 32, i, SCOPE) for i in ids]
+    assert one == [seed_for(b"k" * 32, i, SCOPE) for i in ids]  # one key: the same noise again
+    other = [seed_for(b"j" * 32, i, SCOPE) for i in ids]
     assert all(a != b for a, b in zip(one, other, strict=True))
-    assert not set(one) & {public_seed(i, POLICY) for i in ids}
+    assert not set(one) & {public_seed(i, "p" * 64) for i in ids}
     assert len(set(one)) == len(ids) and all(0 <= s < 2**63 for s in one)  # a torch.Generator seed
-    assert seed_for(b"k" * 32, "evt-1", "q" * 64) != one[1]  # the policy is part of it
+    for other_scope in (SCOPE.replace("p", "q"), SCOPE.replace("m", "n"), SCOPE.replace("cancer", "wine")):
+        assert seed_for(b"k" * 32, "evt-1", other_scope) != one[1]  # the policy and the model are part of it
 
 
 def test_the_key_comes_from_the_environment_then_the_file_then_chance(tmp_path):
@@ -71,8 +73,16 @@ def test_the_key_comes_from_the_environment_then_the_file_then_chance(tmp_path):
     assert seeded_noise_key(3, "riskpipe evaluate").key != seeded_noise_key(4, "riskpipe evaluate").key
 
 
+PLACEHOLDER = "the noise key is an example's placeholder (change-me...): make one with `openssl rand -hex 32`"
+
+
 @pytest.mark.parametrize("env,content,message", [
     ({NOISE_KEY_ENV: "short"}, None, "RISKPIPE_NOISE_KEY: the noise key must be at least 32 characters, has 5"),
+    ({NOISE_KEY_ENV: ""}, None, "RISKPIPE_NOISE_KEY: the noise key must be at least 32 characters, has 0"),
+    ({NOISE_KEY_ENV: " " * 40}, None, "RISKPIPE_NOISE_KEY: the noise key must be at least 32 characters, has 0"),
+    ({NOISE_KEY_ENV: "a" * 40}, None, "RISKPIPE_NOISE_KEY: the noise key has 1 distinct characters, fewer than 8: "
+                                      "make one with `openssl rand -hex 32`"),
+    ({}, "change-me-to-64-random-hex-characters-from-openssl-rand-hex-32\n", "noise_key_file {path}: " + PLACEHOLDER),
     ({}, "too-short-key\n", "noise_key_file {path}: the noise key must be at least 32 characters, has 13"),
     ({}, "\n\n", "noise_key_file {path}: file is empty"),
     ({}, None, "noise_key_file {path}: cannot read (No such file or directory)"),
@@ -85,6 +95,31 @@ def test_a_bad_key_is_refused_naming_where_it_came_from(tmp_path, env, content, 
         resolve_noise_key(StageConfig(noise_key_file=str(path)), env)
     assert str(e.value) == message.format(path=path)
     assert "too-short-key" not in str(e.value)
+
+
+def test_one_key_written_three_ways_is_one_key(tmp_path):
+    """A key file with a byte-order mark and CRLF, and the variable with kubectl's trailing newline."""
+    key = "0f3a9c2e7b1d4f6a8c0e2b4d6f8a1c3e"
+    (tmp_path / "k").write_bytes(("\ufeff" + key + "\r\n").encode("utf-8"))
+    by_file = resolve_noise_key(StageConfig(noise_key_file=str(tmp_path / "k")), {})
+    by_env = resolve_noise_key(StageConfig(), {NOISE_KEY_ENV: key + "\n"})
+    assert by_file.key == by_env.key == key.encode()
+
+
+def test_a_key_given_where_its_path_belongs_is_never_printed(tmp_path):
+    """``noise_key_file: ${VAR}`` with the key itself in VAR: the error that the file cannot
+    be read names the setting, and the key is masked."""
+    key = "5b8d1f3a7c9e2b4d6f8a0c2e4b6d8f1a"
+    cfg = tmp_path / "riskpipe.yaml"
+    cfg.write_text(yaml.safe_dump({**yaml.safe_load(_config(tmp_path).read_text()),
+                                   "noise_key_file": "${RP_NOISE}"}))
+    r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "run", "--config", str(cfg), "--source",
+                        f"jsonl:{_events(tmp_path)}", "--sink", f"jsonl:{tmp_path / 'out'}", "--no-metrics-server"],
+                       capture_output=True, text=True, timeout=240,
+                       env={**{k: v for k, v in os.environ.items() if k != NOISE_KEY_ENV}, "RP_NOISE": key})
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "noise_key_file" in r.stderr and "cannot read" in r.stderr
+    assert key not in r.stdout + r.stderr and key[:16] not in r.stdout + r.stderr
 
 
 def _events(tmp: Path) -> Path:
@@ -145,18 +180,18 @@ def test_one_key_file_gives_every_process_the_same_noise_and_is_never_printed(tm
     first, seeds = _stage(tmp_path / "a", config, env={NOISE_KEY_ENV: None})
     second, again = _stage(tmp_path / "b", config, env={NOISE_KEY_ENV: None})
     assert seeds == again  # replicas and restarts with one key redecide an event identically
-    assert seeds == {i: seed_for(secret.encode(), i, _policy_sha(tmp_path / "a")) for i in seeds}
+    assert seeds == {i: seed_for(secret.encode(), i, _scope(tmp_path / "a")) for i in seeds}
     assert f"noise seeds: HMAC-SHA256 keyed by noise_key_file {tmp_path / 'noise.key'}" in first.stderr
     for r in (first, second):
         assert secret not in r.stdout + r.stderr
     env_secret = "noise-key-from-the-environment-4c1d9e"
     third, by_env = _stage(tmp_path / "c", config, env={NOISE_KEY_ENV: env_secret})  # the environment comes first
-    assert by_env == {i: seed_for(env_secret.encode(), i, _policy_sha(tmp_path / "a")) for i in seeds}
+    assert by_env == {i: seed_for(env_secret.encode(), i, _scope(tmp_path / "a")) for i in seeds}
     assert env_secret not in third.stdout + third.stderr and "keyed by RISKPIPE_NOISE_KEY" in third.stderr
 
 
-def _policy_sha(tmp: Path) -> str:
-    return json.loads((tmp / "out" / "audit.jsonl").read_text().splitlines()[0])["policy"]["sha256"]
+def _scope(tmp: Path) -> str:
+    return decision_scope("decision", json.loads((tmp / "out" / "audit.jsonl").read_text().splitlines()[0]))
 
 
 def test_a_bad_key_file_stops_the_stage_before_it_starts_in_one_line(tmp_path):

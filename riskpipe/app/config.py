@@ -66,8 +66,9 @@ and any other process. Raise it only on a dedicated machine after measuring ther
 (decided by kind, DLQ by reason, events/s, consumer lag), logged without ``-v`` as are
 the start-up lines per model (riskpipe.stream.status).
 
-``noise_key_file``: a file whose first line (at least 32 characters) keys the seeds of
-the smoothing noise, HMAC(key, event id, policy). The environment variable
+``noise_key_file``: a file whose first line (at least 32 characters, not an example's
+placeholder, at least 8 distinct characters) keys the seeds of the smoothing noise,
+HMAC(key, event id, policy and model). The environment variable
 ``RISKPIPE_NOISE_KEY`` (the key itself) comes first; with neither, each stage process
 draws a random key. The sender picks the event id: with a public seed function they
 could try ids offline until one draws noise that overstates the radius; a key they do
@@ -94,6 +95,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from riskpipe import npy, safe_yaml
 from riskpipe.kafka_clients import KafkaSettings, TopicName
 from riskpipe.ledger import backend_for
+from riskpipe.redaction import register_secret
 
 # Noise samples per smoothing model call: the probe's largest candidate is 4096; above
 # 2^20 no model call fits in memory (riskpipe.app.compose also bounds it by the input size).
@@ -372,6 +374,10 @@ class ConfigError(ValueError):
 
 _VAR = re.compile(r"\$\{([^}]*)\}")
 _VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# settings that hold a secret or the path of one (noise_key_file, checkpoint.key_file,
+# review.password_file, sasl_plain_password, ...): a ${VAR} value there is masked from
+# then on, so a key given where its path belongs is not printed in the error that says so
+_SECRET_SETTING = re.compile(r"(?i)key|password|secret")
 
 
 def _expand(value: Any, where: str = "") -> Any:
@@ -385,6 +391,8 @@ def _expand(value: Any, where: str = "") -> Any:
                 raise ConfigError(f"{where or 'value'}: ${{{name}}} is not a valid variable name")
             if name not in os.environ:
                 raise ConfigError(f"{where or 'value'}: environment variable {name} is not set (used as ${{{name}}})")
+            if _SECRET_SETTING.search(where.rsplit(".", 1)[-1]):
+                register_secret(os.environ[name])
             return os.environ[name]
 
         return _VAR.sub(sub, value) if "${" in value else value

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from riskpipe.app.config import ConfigError, StageConfig
 from riskpipe.redaction import register_secret
-from riskpipe.secret_file import read_secret_file
+from riskpipe.secret_file import read_secret_file, weak_secret
 from riskpipe.stream.pipeline import MIN_NOISE_KEY_BYTES
 
 NOISE_KEY_ENV = "RISKPIPE_NOISE_KEY"
@@ -38,17 +38,18 @@ class NoiseKey:
 
 def resolve_noise_key(config: StageConfig, env: Mapping[str, str] = os.environ) -> NoiseKey:
     """``RISKPIPE_NOISE_KEY``, else the config's ``noise_key_file``, else a random key of this
-    process; ConfigError naming the variable or key for one shorter than 32 characters."""
-    if env.get(NOISE_KEY_ENV):
-        text, source = env[NOISE_KEY_ENV], NOISE_KEY_ENV
+    process. Set but empty, short, an example's placeholder or of few distinct characters:
+    ConfigError naming the variable or the file (riskpipe.secret_file.weak_secret)."""
+    if NOISE_KEY_ENV in env:
+        text, source = env[NOISE_KEY_ENV].strip(), NOISE_KEY_ENV  # as a secret file's line is
         register_secret(text)
-    elif config.noise_key_file:
+    elif config.noise_key_file is not None:
         text = read_secret_file(config.noise_key_file, "noise_key_file", ConfigError)
         source = f"noise_key_file {config.noise_key_file}"
     else:
         return NoiseKey(secrets.token_bytes(MIN_NOISE_KEY_BYTES), "a random key of this process")
-    if len(text) < MIN_NOISE_KEY_BYTES:
-        raise ConfigError(f"{source}: the noise key must be at least {MIN_NOISE_KEY_BYTES} characters, has {len(text)}")
+    if (why := weak_secret(text, MIN_NOISE_KEY_BYTES)) is not None:
+        raise ConfigError(f"{source}: the noise key {why}")
     return NoiseKey(text.encode("utf-8"), source)
 
 

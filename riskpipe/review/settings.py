@@ -251,16 +251,17 @@ def _shared_password(password_file: str | None, env: Mapping[str, str], section:
 
 def _secret_key(env: Mapping[str, str], section: ReviewSection, where: str) -> bytes | None:
     """The session signing key: the environment, then the config file; at least 32 characters."""
-    if env.get(SECRET_KEY_ENV):
-        secret_key: bytes | None = env[SECRET_KEY_ENV].encode("utf-8")
+    if env.get(SECRET_KEY_ENV, "").strip():
+        register_secret(env[SECRET_KEY_ENV].strip())
+        secret_key: bytes | None = env[SECRET_KEY_ENV].strip().encode("utf-8")
     elif section.secret_key_file:
         secret_key = read_secret_file(section.secret_key_file, "review.secret_key_file").encode("utf-8")
     elif section.secret_key:
         secret_key = section.secret_key.encode("utf-8")
     else:
         secret_key = None
-    if secret_key is not None and len(secret_key) < 32:
-        raise SettingsError(f"{where}: review.secret_key: must be at least 32 characters")
+    if secret_key is not None and (why := secret_file.weak_secret(secret_key.decode("utf-8"), 32)) is not None:
+        raise SettingsError(f"{where}: review.secret_key: {why}")
     return secret_key
 
 

@@ -36,12 +36,13 @@ log = logging.getLogger("riskpipe.stream")
 MIN_NOISE_KEY_BYTES = 32
 
 
-def seed_for(key: bytes, event_id: str, policy_sha: str) -> int:
+def seed_for(key: bytes, event_id: str, scope: str) -> int:
     """The noise seed of an event's certificate: HMAC-SHA256 under the stage's secret key
-    of (event id, policy), so the sender, who picks the id, cannot pick the noise
-    (riskpipe.app.noise_key); the record holds the seed, so an auditor recomputes the
-    certificate from it."""
-    mac = hmac.new(key, f"{event_id}\x00{policy_sha}".encode(), hashlib.sha256).digest()
+    of (event id, decision scope: the policy's sha256, the model's sha256 and name,
+    riskpipe.ledger.chain.decision_scope), so the sender, who picks the id, cannot pick
+    the noise (riskpipe.app.noise_key), and one id sent to two models draws two noises;
+    the record holds the seed, so an auditor recomputes the certificate from it."""
+    mac = hmac.new(key, f"{event_id}\x00{scope}".encode(), hashlib.sha256).digest()
     return int.from_bytes(mac[:8], "big") >> 1
 
 
@@ -155,9 +156,9 @@ class Pipeline:
             return False
         return True
 
-    def seed(self, event_id: str, policy_sha: str) -> int:
-        """The noise seed of ``event_id``'s certificate under the policy ``policy_sha`` (seed_for)."""
-        return seed_for(self._noise_key, event_id, policy_sha)
+    def seed(self, event_id: str, model: str) -> int:
+        """The noise seed of ``event_id``'s certificate by model ``model`` (seed_for)."""
+        return seed_for(self._noise_key, event_id, self.scopes[model])
 
     @property
     def models(self) -> dict[str, Model]:
@@ -202,10 +203,11 @@ class Pipeline:
         by_model: dict[str, list[int]] = {}
         for i, ev in enumerate(events):
             by_model.setdefault(ev.model, []).append(i)
+        scopes = self.scopes  # each model's decision scope, which its noise seeds cover
         for name, idx in by_model.items():
             entry = self.entries[name]
             Z = entry.to_certified(np.stack([events[i].x for i in idx]))
-            seeds = [self.seed(events[i].id, entry.policy.sha256) for i in idx]
+            seeds = [seed_for(self._noise_key, events[i].id, scopes[name]) for i in idx]
             t0 = time.perf_counter()
             certs = certify(entry, Z, seeds)
             self.certify_seconds += time.perf_counter() - t0
