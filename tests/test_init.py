@@ -325,3 +325,24 @@ def test_feature_names_default_to_the_reference_sets_own(tmp_path):
     (tmp_path / "c.yaml").write_text((tmp_path / "a.yaml").read_text().replace(str(ref), str(tmp_path / "bad.npz")))
     with pytest.raises(ConfigError, match=r"bad.npz: feature_names must be a 1-D array of strings"):
         load_config(str(tmp_path / "c.yaml"))
+
+
+def test_init_trial_short_of_memory_fails_in_one_line_after_a_short_wait(tmp_path, monkeypatch):
+    """The trial's stage pauses for memory as any stage does (riskpipe.stream.infra), but waits
+    at most TRIAL_OUTAGE_S, and an outage past it is one line (exit 4), not a traceback."""
+    from riskpipe.cli import init_impl
+    from riskpipe.stream.infra import InfrastructureUnavailable
+
+    seen = {}
+
+    def short_of_memory(events, sink, config, **kw):
+        seen["timeout"] = config.infrastructure_timeout_s
+        raise InfrastructureUnavailable("memory", 30.4, config.infrastructure_timeout_s, MemoryError())
+
+    monkeypatch.setattr(init_impl, "run_offline", short_of_memory)
+    r = cli("init", "--model", EXAMPLES / "tabular" / "model.skops", "--reference",
+            EXAMPLES / "tabular" / "reference.npz", "--out", tmp_path / "cfg", "--name", "cancer", "--trial", 4)
+    assert seen["timeout"] == init_impl.TRIAL_OUTAGE_S == 30
+    assert r.returncode == 4 and "Traceback" not in r.output
+    assert "riskpipe: error: trial: memory unavailable for 30.4 s (infrastructure_timeout_s 30)" in r.stderr
+    assert (tmp_path / "cfg" / "riskpipe.yaml").exists()  # written before the trial, as the line says

@@ -26,6 +26,7 @@ from riskpipe.models import ModelError, load_model_for
 from riskpipe.models.scaled import scaled_model, standardize_scale
 from riskpipe.policy import PolicyError, load_policy
 from riskpipe.stream.events import make_event
+from riskpipe.stream.infra import InfrastructureUnavailable
 from riskpipe.survey import SurveyError, check_reference, propose, propose_sampler, quantisation_grid, survey
 
 HEADER = "# Written by `riskpipe init`; edit freely, then `riskpipe policy check {policy}`.\n"
@@ -167,13 +168,18 @@ def _certified_in_threat(c: dict) -> bool:
     return not c["abstained"] and c["radius_threat"] >= c["threat_epsilon"]
 
 
+TRIAL_OUTAGE_S = 30.0
+
+
 def _trial(config_path: Path, name: str, X, n: int, seed: int) -> str:
     """Decide ``n`` reference inputs with the written config, offline; a one-line summary."""
 
     idx = np.random.default_rng(seed).permutation(len(X))[:n]
     events = [make_event(f"init-trial-{i}", name, X[i], upstream_risk=0.0) for i in idx]
     t0 = time.perf_counter()
-    config = load_config(str(config_path)).model_copy(update={"ledger": None})  # a trial leaves no ledger rows
+    # a trial leaves no ledger rows, and waits at most TRIAL_OUTAGE_S for memory (riskpipe.stream.infra)
+    config = load_config(str(config_path)).model_copy(update={"ledger": None,
+                                                              "infrastructure_timeout_s": TRIAL_OUTAGE_S})
     with tempfile.TemporaryDirectory() as tmp:
         pipeline = build_pipeline(config, noise_key=seeded_noise_key(seed, "riskpipe init"))
         res = run_offline(events, tmp, config, pipeline=pipeline)
@@ -301,6 +307,8 @@ def init(spec, reference, out_dir, name, trial, seed, force):
             fail(f"{e}; the config and policy are written, but the stage would dead-letter this model's inputs")
         except (ConfigError, PolicyError, ValueError) as e:
             fail(f"the written config does not run: {e}")
+        except InfrastructureUnavailable as e:
+            fail(f"trial: {e}; the config and policy are written", code=4)
     click.echo(f"next: riskpipe run --config {config_path} --bootstrap-servers HOST:PORT   "
                f"(or --source jsonl:EVENTS --sink jsonl:OUT)")
 
