@@ -43,13 +43,17 @@ def write_package(root: Path, files: dict[str, str]) -> None:
         (root / "userpkg" / name).write_text(textwrap.dedent(text))
 
 
-def load_fresh(root: Path, spec: str) -> dict:
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_fresh(root: Path, spec: str, extra_path: Path | None = None) -> dict:
     """Load ``spec`` in a new process with ``root`` on the path (the code as a stage would import it)."""
     probe = ("import json, sys; from riskpipe.models import load_model; m = load_model(sys.argv[1]); "
              "print(json.dumps({'sha256': m.sha256, **{k: m.meta[k] for k in "
              "('weights_sha256', 'code_sha256', 'code_packages')}}))")
+    path = ":".join(str(p) for p in (root, extra_path, ROOT) if p)
     out = subprocess.run([sys.executable, "-c", probe, spec], capture_output=True, text=True, timeout=120,
-                         env={"PYTHONPATH": f"{root}:{Path(__file__).resolve().parents[1]}", "PATH": "/usr/bin:/bin"})
+                         env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)
 
@@ -109,3 +113,42 @@ def test_the_factory_models_predictions_are_its_codes(tmp_path, weights):
         sys.path.remove(str(tmp_path / "b"))
         for name in [n for n in sys.modules if n == "userpkg" or n.startswith("userpkg.")]:
             del sys.modules[name]
+
+
+def test_a_partial_factory_a_namespace_package_and_a_zip_import(tmp_path, weights):
+    """functools.partial hides the user's module from the factory's __module__: the spec's
+    module is hashed anyway. A namespace package is hashed from its regular package, so
+    another portion elsewhere on the path (another distribution, a working directory) does not
+    change the sha. A package imported from a zip has no file to read: refused."""
+    body = textwrap.dedent(PACKAGE["nets.py"]).replace("def build():", "def build(scale=1.0):")
+    write_package(tmp_path / "p", {**PACKAGE, "nets.py": body + "\n\nimport functools\n\nbuild_partial = "
+                                   "functools.partial(build, 2.0)\n"})
+    first = load_fresh(tmp_path / "p", f"userpkg.nets:build_partial@{weights}?shape=4")
+    assert first["code_packages"] == ["userpkg"]
+    write_package(tmp_path / "q", {**PACKAGE, "nets.py": body.replace("nn.Linear(4, 3)", "nn.Linear(4, 3, bias=True)")
+                                   + "\n\nimport functools\n\nbuild_partial = functools.partial(build, 2.0)\n"})
+    assert load_fresh(tmp_path / "q", f"userpkg.nets:build_partial@{weights}?shape=4")["sha256"] != first["sha256"]
+    # a namespace package "acme" (no __init__.py) with the model in acme.models, plus another portion
+    for d in ("ns1", "ns2"):
+        (tmp_path / d / "acme").mkdir(parents=True)
+    (tmp_path / "ns1" / "acme" / "models").mkdir()
+    for name, text in PACKAGE.items():
+        (tmp_path / "ns1" / "acme" / "models" / name).write_text(
+            textwrap.dedent(text).replace("userpkg.layers", "acme.models.layers"))
+    spec = f"acme.models.nets:build@{weights}?shape=4"
+    alone = load_fresh(tmp_path / "ns1", spec)
+    (tmp_path / "ns2" / "acme" / "other.py").write_text("X = 1\n")  # another distribution's portion
+    with_other = load_fresh(tmp_path / "ns1", spec, extra_path=tmp_path / "ns2")
+    assert alone["code_packages"] == ["acme.models"] and alone == with_other
+    # a zip import
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "userpkg.zip", "w") as z:
+        for name in PACKAGE:
+            z.write(tmp_path / "p" / "userpkg" / name, f"userpkg/{name}")
+    probe = ("import sys; from riskpipe.models import load_model, ModelError\n"
+             "try:\n    load_model(sys.argv[1])\nexcept ModelError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", probe, f"userpkg.nets:build@{weights}?shape=4"], capture_output=True,
+                         text=True, timeout=120, env={"PYTHONPATH": f"{tmp_path / 'userpkg.zip'}:{ROOT}",
+                                                      "PATH": "/usr/bin:/bin"})
+    assert "userpkg: has no source file, so its code cannot be identified" in out.stdout, out.stdout + out.stderr

@@ -206,7 +206,7 @@ def _load_factory(spec: str, base: str, opts) -> Model:
     # the weights and the code that computes with them (riskpipe.models.code_digest)
     weights_sha = sha256_state_dict(module)
     try:
-        roots = code_roots(factory, module)
+        roots = code_roots(factory, module, mod_name)
         code_sha = code_sha256(roots)
     except (ValueError, OSError) as e:
         raise ModelError(f"model {spec}: {e}") from None
