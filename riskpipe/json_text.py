@@ -21,12 +21,18 @@ from typing import Any
 
 
 def loads(text: str | bytes | bytearray) -> Any:
-    """``json.loads(text)``; too deep a nesting is a ``json.JSONDecodeError`` (a ValueError)
-    like any other text that is not JSON, not a RecursionError."""
+    """``json.loads(text)``; too deep a nesting (a RecursionError) and an integer beyond
+    Python's 4,300-digit conversion limit (a bare ValueError) are a ``json.JSONDecodeError``
+    like any other text that is not JSON, which every reader of user files catches."""
+    doc = text if isinstance(text, str) else ""
     try:
         return json.loads(text)
+    except json.JSONDecodeError:
+        raise
     except RecursionError:
-        raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
+        raise json.JSONDecodeError("nested too deeply", doc, 0) from None
+    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise json.JSONDecodeError(str(e).split(";")[0], doc, 0) from None
 
 
 def _zero(_text: str) -> int:

@@ -7,8 +7,10 @@ writes a file that others may be reading (``atomic_write``).
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -57,11 +59,29 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
         raise
 
 
+MAX_TEXT_FILE = 16 << 20  # a config, a policy, a key, published checkpoints: far below this
+
+
+def read_small_text(path: str | os.PathLike, limit: int = MAX_TEXT_FILE) -> str:
+    """The UTF-8 text of the regular file ``path``, at most ``limit`` bytes. OSError for
+    anything else (a FIFO or a device: opened without blocking and refused, never read;
+    a larger file: refused before it is all in memory); UnicodeDecodeError for bytes
+    that are not UTF-8. ``/dev/zero`` given as a policy read forever."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit >> 20} MiB")
+    return data.decode("utf-8")
+
+
 def read_text(path: str | os.PathLike, what: str, error: type[Exception] = ValueError) -> str:
     """A UTF-8 text file the user named with ``what`` (a flag or config key); ``error``
     naming both for a file that cannot be read or is not UTF-8 text."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return read_small_text(path)
     except OSError as e:
         raise error(f"{what} {path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError:

@@ -220,3 +220,33 @@ def test_kafka_passwords_from_the_config_are_masked() -> None:
     KafkaSettings(bootstrap_servers="b:9093", security_protocol="SASL_SSL", sasl_mechanism="PLAIN",
                   sasl_plain_username="stage", sasl_plain_password="kafka-Pa55-word")
     assert redact("auth failed for stage/kafka-Pa55-word") == "auth failed for stage/***"
+
+
+def test_a_keyword_dsn_in_a_config_file_is_a_dsn_not_a_file_named_after_it(tmp_path) -> None:
+    """``ledger: 'host=... password=...'`` in a config file was resolved against the file's
+    directory like a path, so it became a SQLite file named after the DSN, password
+    included, and the shared ledger never got the decisions."""
+    from riskpipe.app.config import load_config
+    from riskpipe.ledger.targets import backend_name
+
+    dsn = "host=127.0.0.1 port=1 dbname=x user=u password=hunter2secret"
+    cfg = tmp_path / "riskpipe.yaml"
+    cfg.write_text(f"ledger: '{dsn}'\n")
+    config = load_config(str(cfg))
+    assert config.ledger == dsn and backend_name(config.ledger) == "postgresql"
+    cfg.write_text("ledger: ledger.sqlite\n")  # a file: still relative to the config file
+    assert load_config(str(cfg)).ledger == str(tmp_path / "ledger.sqlite")
+
+
+def test_a_url_password_with_an_unencoded_at_is_refused_and_never_printed() -> None:
+    """libpq ends a URL's password at its first "@" and takes the rest for the host, so
+    ``alice:p@ss@w0rd@host`` printed "ss@w0rd" in its "cannot resolve host" error."""
+    from riskpipe.ledger import LedgerError
+    from riskpipe.ledger.targets import backend_name
+
+    with pytest.raises(LedgerError) as e:
+        backend_name("postgresql://alice:pa55@w0rd-x@127.0.0.1:1/db")
+    assert "percent-encode it as %40" in str(e.value)
+    for piece in ("pa55@w0rd-x", "w0rd-x", "pa55"):
+        assert piece not in redact(f"{e.value}; failed to resolve host 'w0rd-x@127.0.0.1'"), piece
+    assert backend_name(f"postgresql://alice:{ENCODED}@127.0.0.1:1/db") == "postgresql"

@@ -117,7 +117,31 @@ def _reference(name: str, mc: ModelConfig, model):
     if X.shape[1:] != tuple(model.input_shape):
         raise _err(name, "reference", f"{path}: X rows have shape {list(X.shape[1:])}, "
                                       f"the model expects {list(model.input_shape)}")
-    return path, X.astype(np.float32), y
+    with np.errstate(over="ignore"):  # beyond float32's range: refused below, not a warning
+        X32 = X.astype(np.float32)
+    if not np.isfinite(X32).all():
+        raise _err(name, "reference", f"{path}: X holds values beyond float32's range (the model's inputs are float32)")
+    if (why := _outside_inputs(model, X32, y)) is not None:
+        raise _err(name, "reference", f"{path}: {why}")
+    return path, X32, y
+
+
+def _outside_inputs(model, X: np.ndarray, y) -> str | None:
+    """Why the reference set is not made of the model's inputs, or None. Rows outside the
+    model's input range (another unit: 0..255 for a [0, 1] model) would be far from every
+    event, so the support and context signals, measured against them, would say nothing
+    (an input far out was no longer ``out_of_support``); a label outside the model's
+    classes names no class."""
+    if model.value_range is not None:
+        lo, hi = (np.broadcast_to(np.asarray(v, dtype=np.float32), X.shape[1:]) for v in model.value_range)
+        out = np.less(X, lo) | np.greater(X, hi)
+        if out.any():
+            return (f"{int(out.any(axis=tuple(range(1, X.ndim))).sum())} of {len(X)} rows hold values outside the "
+                    f"model's input range (declared range, or the model's own); give the reference set in the "
+                    f"model's units (X from {float(X.min()):g} to {float(X.max()):g})")
+    if y is not None and len(y) and (int(y.min()) < 0 or int(y.max()) >= model.num_classes):
+        return f"y holds labels outside the model's classes [0, {model.num_classes})"
+    return None
 
 
 def _scale(name: str, mc: ModelConfig, reference):

@@ -94,7 +94,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from riskpipe import npy, safe_yaml
 from riskpipe.kafka_clients import KafkaSettings, TopicName
-from riskpipe.ledger import backend_for
+from riskpipe.ledger import LedgerError, backend_for
+from riskpipe.ledger.targets import backend_name
+from riskpipe.paths import read_small_text
 from riskpipe.redaction import register_secret
 
 # Noise samples per smoothing model call: the probe's largest candidate is 4096; above
@@ -117,6 +119,19 @@ class Topics(BaseModel):
     review: TopicName = "review"
     audit: TopicName = "audit"
     dlq: TopicName = "dlq"
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Topics:
+        """One topic per role: the public decisions topic shared with review, audit or the
+        DLQ would publish radii and full records to whoever reads decisions (the disclosure
+        control), and an output that is the input would feed the stage its own records."""
+        seen: dict[str, str] = {}
+        for role in ("input", *OUTPUT_KINDS):
+            topic = str(getattr(self, role))
+            if topic in seen:
+                raise ValueError(f"{role} and {seen[topic]} are both {topic!r}: each needs a topic of its own")
+            seen[topic] = role
+        return self
 
     @property
     def outputs(self) -> tuple[str, str, str, str]:
@@ -314,7 +329,8 @@ class StageConfig(KafkaSettings):
     # message.max.bytes; larger decision outputs are that event's dead letter (output_too_large)
     max_output_bytes: int = Field(1 << 20, ge=8192)
     certify_batch_size: int | None = Field(None, ge=1, le=MAX_CERTIFY_BATCH_SIZE)  # None: probed (riskpipe.tuning)
-    torch_threads: int | None = Field(1, ge=1)  # None: torch's default (see the module docstring)
+    # None: torch's default (see the module docstring); at most 1024 (libgomp fails to start far more)
+    torch_threads: int | None = Field(1, ge=1, le=1024)
     review_include_input: bool = True
     create_topics: bool = False
     # consumer-group timing; None: 10000 / 3000, or 2000 / 500 on the embedded broker, where a
@@ -408,8 +424,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     and the reason. Shared by the stage and the review console (one riskpipe.yaml serves both)."""
 
     try:
-        with open(path, encoding="utf-8") as f:
-            data = safe_yaml.load(f.read()) or {}
+        data = safe_yaml.load(read_small_text(path)) or {}
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError:
@@ -426,6 +441,16 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: {e}") from None
 
 
+def _is_file_ledger(target: str) -> bool:
+    """A SQLite file path (resolved against the config file's directory), not a URL or a
+    keyword DSN: resolving ``host=... password=...`` as a path made it a file named after
+    the DSN, password included. An unknown form is left for the ``ledger`` check to name."""
+    try:
+        return "://" not in target and backend_name(target) == "sqlite"
+    except LedgerError:
+        return False
+
+
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Relative paths of a config file, resolved against the file's directory."""
 
@@ -435,7 +460,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     data = dict(data)
     if "policy" in data:
         data["policy"] = rel(data["policy"])
-    if isinstance(data.get("ledger"), str) and "://" not in data["ledger"]:  # a file, not a DSN
+    if isinstance(data.get("ledger"), str) and _is_file_ledger(data["ledger"]):  # a file, not a DSN
         data["ledger"] = rel(data["ledger"])
     if "noise_key_file" in data:
         data["noise_key_file"] = rel(data["noise_key_file"])

@@ -36,7 +36,7 @@ def _norm_choices() -> str:
               help="Sound sampler: grid steps across the model's value range (255: 8-bit images).")
 @click.option("--grid-step", type=float, default=None, help="Sound sampler: a declared grid step instead.")
 @click.option("--max-samples", type=int, default=100_000, show_default=True, help="Sample budget (decide mode).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of input i is seed + i.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of input i is seed + i.")
 @click.option("--batch-size", type=click.IntRange(1, 1 << 20), default=4096, show_default=True,
               help="Noise samples per model call.")
 @click.option("--device", default="cpu", show_default=True)

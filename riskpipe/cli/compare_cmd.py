@@ -26,7 +26,7 @@ from riskpipe.compare.defaults import DEFAULT_METHODS, DEFAULT_MODELS
 @click.option("--threads", type=int, default=1, show_default=True,
               help="Torch CPU threads (1 suits small models and busy machines).")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--out", "out_dir", default="compare-report", show_default=True, help="Output directory.")
 @click.option("--format", "formats", default="html,md,json", show_default=True, help="Comma-separated: html, md, json.")
 def compare(**options):

@@ -30,7 +30,7 @@ import click
 @click.option("--out", "out_dir", default="evaluation", show_default=True, help="Output directory.")
 @click.option("--format", "formats", default="html,md,json", show_default=True,
               help="Comma-separated: html, md, json.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--base-attack", is_flag=True, help="Attack the base model even when the policy smooths.")
 @click.option("--upstream-risk", type=float, default=None,

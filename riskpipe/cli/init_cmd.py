@@ -22,7 +22,7 @@ import click
 @click.option("--name", default=None, help="Model name events carry (default: from the model file name).")
 @click.option("--trial", type=click.IntRange(0, 10_000), default=24, show_default=True,
               help="Decide this many reference inputs with the written config (0: skip).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite riskpipe.yaml and policy.yaml in --out.")
 def init(**options):
     """Propose sigma and epsilon for your model from its reference set; write a stage config and a policy."""

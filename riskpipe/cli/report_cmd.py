@@ -27,7 +27,8 @@ from riskpipe.cli.common import public_key_option
                    "when none covers every row.")
 @click.option("--sample", type=click.IntRange(min=0), default=20, show_default=True,
               help="With --bundle: decisions drawn for receipts.")
-@click.option("--seed", type=int, default=0, show_default=True, help="With --bundle: seed of the receipt sample.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --bundle: seed of the receipt sample.")
 def report(**options):
     """Write the compliance report: scope, policies, volumes, decisions, abstention, radii,
     review, dead letters, the control mapping (riskpipe/policy/frameworks), ledger integrity."""

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import click
 
-from riskpipe.cli.params import FiniteFloat
+from riskpipe.cli.params import Endpoint, FiniteFloat
 
 
 @click.command()
 @click.option("--config", "config_path", default=None, help="Stage config YAML (deploy/riskpipe.yaml).")
 @click.option("--bootstrap-servers", default=None, help="Kafka bootstrap servers (host:port,...).")
-@click.option("--source", default=None, help="jsonl:PATH to read events from a file instead of Kafka.")
-@click.option("--sink", default=None, help="jsonl:DIR to write outputs to files instead of Kafka.")
+@click.option("--source", default=None, type=Endpoint(),
+              help="jsonl:PATH to read events from a file instead of Kafka (kafka: the default).")
+@click.option("--sink", default=None, type=Endpoint(),
+              help="jsonl:DIR to write outputs to files instead of Kafka (kafka: the default).")
 @click.option("--policy", default=None, help="Policy YAML (default policies/default.yaml).")
 @click.option("--model", "models", multiple=True, help="NAME=SPEC, repeatable (default digits=demo:digits).")
 @click.option("--reference", "references", multiple=True,

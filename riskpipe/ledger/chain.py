@@ -128,7 +128,10 @@ def parse_ts(value: Any, field: str = "ts") -> datetime:
             raise LedgerError(f"{field}: not an RFC 3339 time: {value!r}") from None
     else:
         raise LedgerError(f"{field}: expected an RFC 3339 time, got {type(value).__name__}")
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    try:
+        return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+23:59 is before year 1 in UTC
+        raise LedgerError(f"{field}: {value!r} is out of range once in UTC (years 1 to 9999)") from None
 
 
 def time_window(since: Any, until: Any) -> tuple[datetime | None, datetime | None]:

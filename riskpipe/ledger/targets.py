@@ -55,9 +55,14 @@ def _keyword_dsn(target: str) -> list[str] | None:
 
 def _register_dsn_password(target: str) -> None:
     try:
-        register_secret(urlsplit(target).password)
+        password = urlsplit(target).password
     except ValueError:
-        pass
+        password = None
+    if password:  # libpq ends the userinfo at the first "@": mask every run of the password's pieces too
+        pieces = password.split("@")
+        for i in range(len(pieces)):
+            for j in range(i + 1, len(pieces) + 1):
+                register_secret("@".join(pieces[i:j]))
     for m in re.finditer(r"(?i)\bpassword\s*=\s*('(?:[^'\\]|\\.)*'|[^\s&]+)", target):
         v = m.group(1)
         register_secret(v[1:-1].replace("\\'", "'").replace("\\\\", "\\") if v.startswith("'") else v)
@@ -92,6 +97,9 @@ def backend_name(target: Any) -> str:
             raise LedgerError(f"ledger {redact(target)}: holds an unexpanded ${{VAR}} (set the variable)")
     if scheme in ("postgresql", "postgres"):
         _register_dsn_password(target)
+        if "@" in (urlsplit(target).password or ""):
+            raise LedgerError(f"ledger {redact(target)}: the password holds an unencoded '@', which ends it for "
+                              "PostgreSQL (the rest would be taken for the host); percent-encode it as %40")
         return "postgresql"
     if scheme in (None, "sqlite"):
         return "sqlite"

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from riskpipe import safe_yaml
+from riskpipe.paths import read_small_text
 from riskpipe.policy.schema import Policy, SemanticProblems
 
 # safe_load semantics (SafeLoader constructors), libyaml's parser when available,
@@ -169,9 +170,8 @@ def locate(path: str | Path, loc: Loc) -> Problem:
 
 
 def load_policy(path: str | Path) -> Policy:
-    p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = read_small_text(path)
     except FileNotFoundError:
         raise PolicyError([Problem(str(path), 0, "(file)", "file not found")]) from None
     except UnicodeDecodeError:
