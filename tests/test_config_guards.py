@@ -131,3 +131,22 @@ def test_policy_and_config_files_must_be_small_regular_files(tmp_path, target):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "cannot read (" in r.stderr
+
+
+def test_a_ledger_path_naming_another_applications_database_is_refused_untouched(tmp_path):
+    """``run --ledger app.db`` added the ledger's tables to another application's SQLite file."""
+    import sqlite3
+
+    from riskpipe.ledger import Ledger, LedgerError
+
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    before = path.read_bytes()
+    with pytest.raises(LedgerError, match=r"app.db: another SQLite database \(tables customers\), not a ledger"):
+        Ledger(str(path))
+    assert path.read_bytes() == before  # not switched to WAL, no table added
+    with Ledger(str(tmp_path / "new.db")) as led:  # a new file, and an existing ledger, open as before
+        led.append({"id": "e1"})
+    with Ledger(str(tmp_path / "new.db")) as led:
+        assert led.count() == 1

@@ -153,6 +153,14 @@ class SqliteLedger(Ledger):
                 self.close()
                 raise LedgerError(f"ledger {self.path}: holds no ledger tables (an empty file, another SQLite "
                                   f"database, or a copy of a WAL-mode ledger made without its -wal file)")
+            if not _has_table(raw, "entries"):  # never add ledger tables to another application's database
+                others = [r[0] for r in raw.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+                if others:
+                    self.close()
+                    raise LedgerError(f"ledger {self.path}: another SQLite database (tables "
+                                      f"{', '.join(others[:5])}{', ...' if len(others) > 5 else ''}), not a ledger; "
+                                      "give a new file or an existing ledger")
             mode = raw.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise LedgerError(f"{self.path}: could not switch to WAL mode (got {mode})")
