@@ -150,3 +150,19 @@ def test_a_ledger_path_naming_another_applications_database_is_refused_untouched
         led.append({"id": "e1"})
     with Ledger(str(tmp_path / "new.db")) as led:
         assert led.count() == 1
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("alpha", 0.9, "certifier.alpha: input should be less than 0.5"),
+    ("max_samples", 10**18, "certifier.max_samples: input should be less than or equal to 1000000000"),
+])
+def test_a_certifier_that_could_not_certify_or_would_never_finish_is_refused(field, value, message):
+    """alpha 0.9 (a statement less likely than not) and 1e18 samples (a stage stalled on every
+    event) passed ``policy check``."""
+    from riskpipe.policy import PolicyError, parse_policy
+
+    text = Path(POLICY).read_text()
+    old = {"alpha": "alpha: 0.001", "max_samples": "max_samples: 10000"}[field]
+    assert old in text, old
+    with pytest.raises(PolicyError, match=message):
+        parse_policy(text.replace(old, f"{field}: {value}"), "p.yaml")

@@ -174,15 +174,20 @@ def _smoothing_summary(c: Any) -> str:
     return f"smoothing ({c.mode}), sampler {c.sampler}{grid}, sigma {c.sigma:g}"
 
 
+MAX_SAMPLES = 10**9  # noise samples per input: hours of model calls on any model
+
+
 register(Family(
     "smoothing", "riskpipe.certify.smoothing:Smoothing", ("l2",), _smoothing_scope,
     modes=("certify", "predict", "decide"),
     params=(
         Param("sigma", float, gt=0.0, required=True, exclusive=True),
-        Param("alpha", float, 0.001, gt=0.0, lt=1.0, finite=False),  # its bounds refuse inf; nan fails them
-        Param("n0", int, 100, ge=1),
-        Param("n", int, 100_000, ge=1),
-        Param("max_samples", int, 100_000, ge=1),
+        # below 0.5: a statement that holds with probability 1 - alpha must be more likely than not
+        Param("alpha", float, 0.001, gt=0.0, lt=0.5, finite=False),  # its bounds refuse inf; nan fails them
+        # at most MAX_SAMPLES per input: 1e18 stalled the stage on every event
+        Param("n0", int, 100, ge=1, le=MAX_SAMPLES),
+        Param("n", int, 100_000, ge=1, le=MAX_SAMPLES),
+        Param("max_samples", int, 100_000, ge=1, le=MAX_SAMPLES),
         Param("bound", str, "cp", choices=("cp", "bonferroni", "goodman"), modes=("certify",),
               why="decide uses Clopper-Pearson per look"),
         Param("sampler", str, "gaussian", choices=("gaussian", "sound"), exclusive=True),
