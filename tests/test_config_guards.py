@@ -166,3 +166,11 @@ def test_a_certifier_that_could_not_certify_or_would_never_finish_is_refused(fie
     assert old in text, old
     with pytest.raises(PolicyError, match=message):
         parse_policy(text.replace(old, f"{field}: {value}"), "p.yaml")
+
+
+@pytest.mark.parametrize("spec", ["demo:digits?range=1,0", "demo:digits?range=0,nan", "demo:digits?shape=1,4,4"])
+def test_a_demo_model_refuses_options_it_would_ignore(spec):
+    from riskpipe.models import ModelError, load_model
+
+    with pytest.raises(ModelError, match=r"a demo model takes only \?sigma="):
+        load_model(spec)

@@ -166,6 +166,9 @@ def _torch_model(spec: str, module: torch.nn.Module, opts, sha: str, default_sha
 def _load_demo(spec: str, name: str, opts) -> Model:
     if name not in demo.DEMOS:
         raise ModelError(f"model {spec}: unknown demo model {name!r} (known: {', '.join(sorted(demo.DEMOS))})")
+    if set(opts) - {"sigma"}:  # ?range=1,0 was ignored without a word: the demo's inputs are [0, 1] 8x8 digits
+        raise ModelError(f"model {spec}: a demo model takes only ?sigma= (its input shape, classes and range "
+                         f"[0, 1] are fixed), not {', '.join('?' + k + '=' for k in sorted(set(opts) - {'sigma'}))}")
     sigma = float(opts["sigma"]) if "sigma" in opts else None
     module = demo.build_demo(name, sigma=sigma)
     recipe = demo.DEMOS[name][0]
