@@ -170,12 +170,19 @@ def test_require_second_reviewer_for_is_validated(tmp_path):
     from riskpipe.review.settings import SettingsError, resolve_settings
 
     cfg = tmp_path / "riskpipe.yaml"
+    users = {"alice": "alice passphrase", "bob": "bob passphrase"}
     cfg.write_text(yaml.safe_dump({"ledger": str(tmp_path / "l.db"),
-                                   "review": {"require_second_reviewer_for": ["block"]}}))
-    env = {"RISKPIPE_REVIEW_PASSWORD": "a long enough shared passphrase"}
+                                   "review": {"require_second_reviewer_for": ["block"], "users": users}}))
+    env: dict[str, str] = {}
     assert resolve_settings(config_path=str(cfg), environ=env).require_second_reviewer_for == ("block",)
+    # with a shared password one person can log in as two reviewers: refused, naming both settings
+    for extra in ({"require_second_reviewer_for": ["block"]}, {"double_review_fraction": 0.05}):
+        cfg.write_text(yaml.safe_dump({"ledger": str(tmp_path / "l.db"), "review": {"users": users, **extra}}))
+        with pytest.raises(SettingsError, match=r"review\.(require_second_reviewer_for|double_review_fraction) "
+                                                r"need per-reviewer credentials .* a shared password is set"):
+            resolve_settings(config_path=str(cfg), environ={"RISKPIPE_REVIEW_PASSWORD": "a long shared passphrase"})
     cfg.write_text(yaml.safe_dump({"ledger": str(tmp_path / "l.db"),
-                                   "review": {"require_second_reviewer_for": ["blocks"]}}))
+                                   "review": {"require_second_reviewer_for": ["blocks"], "users": users}}))
     try:
         resolve_settings(config_path=str(cfg), environ=env)
     except SettingsError as e:

@@ -215,6 +215,17 @@ class ReviewSettings:
     require_second_reviewer_for: tuple[str, ...] = ()  # review.require_second_reviewer_for (four eyes)
     double_review_fraction: float = 0.0  # review.double_review_fraction (agreement sample)
 
+    def __post_init__(self) -> None:
+        """Two reviews need two people: with a shared password anyone logs in under any name
+        not in ``users``, so one person could give both (alice, then alice2) and a four-eyes
+        override or an agreement figure would rest on one judgement."""
+        two = [k for k, on in (("review.require_second_reviewer_for", bool(self.require_second_reviewer_for)),
+                               ("review.double_review_fraction", self.double_review_fraction > 0)) if on]
+        if two and self.credentials.shared:
+            raise SettingsError(f"{' and '.join(two)} need per-reviewer credentials (review.users), but a shared "
+                                "password is set, under which one person can log in as two reviewers; drop the "
+                                "shared password (RISKPIPE_REVIEW_PASSWORD, --password-file, review.password)")
+
     @property
     def bootstrap_servers(self) -> str | None:
         return self.kafka.bootstrap_servers if self.kafka is not None else None
