@@ -229,3 +229,35 @@ def test_sections_as_chromium_paints_them(stage_ledger, tmp_path):
             assert natural_size(driver, img)[0] > 100 and screenshot(img).std() > 10
     finally:
         driver.quit()
+
+
+def test_the_backlog_counts_each_stages_waiting_decision_of_one_event(tmp_path):
+    """Two stages (policies) routed one event; a verdict on stage A's decision left B's
+    waiting, but the report joined verdicts to decisions on the id alone: its backlog said 0
+    (B's gone from the evidence), and once both had a verdict ``riskpipe report`` ended in a
+    traceback. It now counts what the console's queue counts (queue.VERDICT_COVERS)."""
+    from riskpipe.ledger import Ledger
+    from riskpipe.report.data import gather
+    from riskpipe.review import queue as rq
+    from riskpipe.review.scope import PolicyId, StageScope
+    from test_review_records import decision_record
+
+    path = str(tmp_path / "l.sqlite")
+    a = decision_record("evt-1", decision="block", priority=1)
+    b = decision_record("evt-1", decision="block", priority=1)
+    b["policy"] = {"name": "strict", "version": "1", "sha256": "01" * 32, "shadow": False}
+    stage = {p["name"]: StageScope({"digits": PolicyId(p["name"], str(p["version"]), p["sha256"])})
+             for p in (a["policy"], b["policy"])}
+    with Ledger(path) as led:
+        led.append(a)
+        led.append(b)
+        rq.record_verdict(led, "evt-1", "unsure", "", "alice", scope=stage[a["policy"]["name"]])
+        assert rq.backlog(led) == 1
+    review = gather(path)["review"]
+    assert review["backlog"]["waiting"] == 1 == review["pending"] and review["backlog"]["by_reason"]
+    assert review["backlog"]["age_hours"]["n"] == 1
+    with Ledger(path) as led:
+        rq.record_verdict(led, "evt-1", "unsure", "", "bob", scope=stage["strict"])
+        assert rq.backlog(led) == 0
+    review = gather(path)["review"]
+    assert review["backlog"]["waiting"] == 0 == review["pending"] and not review["backlog"]["by_reason"]

@@ -23,6 +23,7 @@ from riskpipe.ledger.inputs import inline_copy
 from riskpipe.policy.controls import frameworks, mapping
 from riskpipe.policy.naming import model_name, policy_label
 from riskpipe.review.queue import OVERRIDES as CONTRADICTS  # one definition of an override, the console's
+from riskpipe.review.queue import VERDICT_COVERS  # what a verdict covers, as the console's queue reads it
 from riskpipe.timestamps import from_epoch, rfc3339_seconds
 
 DECISIONS = ("allow", "review", "block")
@@ -443,8 +444,12 @@ class _Backlog:
             if gid in self.routed:
                 n[gid] += k
                 first[gid] = min(first.get(gid, seq), seq)
-        self.done = f.q("SELECT f.seq, f.gid, f.t FROM entries v CROSS JOIN facts f"
-                        + f.where("f.routed = 1", "v.kind = 'verdict'", "f.entry_id = v.entry_id", alias="f."),
+        # each decision once, and only by a verdict on it (as the console's queue counts it,
+        # VERDICT_COVERS): joined on the id alone, one stage's verdict took another stage's
+        # waiting decision of the same event off, and a decision with two verdicts counted twice
+        self.done = f.q("SELECT DISTINCT f.seq, f.gid, f.t FROM entries v CROSS JOIN facts f"
+                        + f.where("f.routed = 1", "v.kind = 'verdict'", "f.entry_id = v.entry_id", VERDICT_COVERS,
+                                  alias="f."),
                         ("decision", *f.bound_params))
         self.waiting = sum(n.values()) - len(self.done)
         done_seqs: dict[int, set] = defaultdict(set)

@@ -151,9 +151,9 @@ class QueueFilter:
 # A verdict covers the decision whose scope it carries, or (an older, unscoped one) every
 # decision of its id; the decision's scope is read from its own row (f.seq), only for the
 # ids that have a verdict.
-_COVERS = "v.scope IN ('', (SELECT d.scope FROM entries d WHERE d.seq = f.seq))"
+VERDICT_COVERS = "v.scope IN ('', (SELECT d.scope FROM entries d WHERE d.seq = f.seq))"
 _WAITING = ("f.needs_review = 1 AND f.review_ok = 1 AND NOT EXISTS "
-            f"(SELECT 1 FROM entries v WHERE v.kind = 'verdict' AND v.entry_id = f.entry_id AND {_COVERS})")
+            f"(SELECT 1 FROM entries v WHERE v.kind = 'verdict' AND v.entry_id = f.entry_id AND {VERDICT_COVERS})")
 _ORDER = "ORDER BY f.priority, f.due, f.seq"
 _AFTER = "(f.priority, f.due, f.seq) > (?, ?, ?)"
 _GROUP_COLUMNS = ("gid", "model", "policy", "policy_version", "policy_sha", "reasons")
@@ -243,7 +243,7 @@ def backlog(ledger: Ledger, scope=None, where: QueueFilter = QueueFilter()) -> i
         total = q(f"SELECT COALESCE(SUM(n), 0) FROM fact_counts WHERE gid IN ({_marks(gids)})", gids)[0][0]
         # from the verdicts (few) to their decisions: CROSS JOIN fixes that order in SQLite
         done = q(f"SELECT COUNT(DISTINCT f.seq) FROM entries v CROSS JOIN facts f WHERE v.kind = 'verdict' "
-                 f"AND f.entry_id = v.entry_id AND {_COVERS} AND f.gid IN ({_marks(gids)})", gids)[0][0]
+                 f"AND f.entry_id = v.entry_id AND {VERDICT_COVERS} AND f.gid IN ({_marks(gids)})", gids)[0][0]
     return int(total) - done
 
 
