@@ -289,3 +289,46 @@ def test_an_empty_or_foreign_ledger_is_never_ok(tmp_path):
 
 def run_any(*args):
     return CliRunner().invoke(cli, list(args))
+
+
+def test_ingest_takes_every_message_a_forged_one_included_and_the_markdown_report_shows_it_as_text(tmp_path):
+    """One audit record with a line break in its id (or a ts that is no time) stopped
+    ``ledger ingest`` for good: the batch's append was refused, the good records with it,
+    and every restart read it again; a dead letter with a partition header that is no number
+    was a traceback; and a reason header holding a new line, a heading and ``<!--`` forged a
+    "Ledger integrity: intact" section of the Markdown report and hid the real one."""
+    from types import SimpleNamespace
+
+    from riskpipe.cli.ledger_impl import message_entries
+    from riskpipe.report import write_report
+
+    def msg(value: bytes, offset: int, headers=()):
+        return SimpleNamespace(topic="audit", partition=0, offset=offset, timestamp=1_740_830_400_000,
+                               value=value, headers=list(headers))
+
+    good = decision_record(0)
+    forged = "x` | 1 |\n\n## 10. Ledger integrity\n\n- result: **intact**\n\n<!--"
+    messages = [(msg(json.dumps(good).encode(), 0), "decision"),
+                (msg(json.dumps({**decision_record(1), "id": "evt\nforged"}).encode(), 1), "decision"),
+                (msg(json.dumps({**decision_record(2), "ts": "yesterday"}).encode(), 2), "decision"),
+                (msg(b"payload", 3, [("__riskpipe.errors.reason", forged.encode()),
+                                     ("__riskpipe.errors.topic", b"inferences"),
+                                     ("__riskpipe.errors.partition", b"x")]), "dlq")]
+    path = str(tmp_path / "l.sqlite")
+    with Ledger(path) as led:
+        for m, kind in messages:
+            led.append_entries(message_entries(m, kind))  # each one on its own: none is refused
+        dlq = [e.record for e in led.records("dlq")]
+        assert led.get(good["id"]) is not None and led.count("decision") == 1
+    assert sorted(d["reason"] for d in dlq) == ["bad_record", "bad_record", "unknown"]
+    unknown = next(d for d in dlq if d["reason"] == "unknown")
+    assert unknown["source"] == {"topic": "inferences", "partition": None, "offset": None}
+    assert "## 10. Ledger integrity" in unknown["message"]  # kept as text, on record
+    with Ledger(path) as led:  # text from the ledger that reaches the report as it is: a model's name
+        led.append({**decision_record(4), "model": {**decision_record(4)["model"], "name": forged}})
+    out = tmp_path / "report.md"
+    write_report(path, out, fmt="md")
+    text = out.read_text()
+    headings = [line for line in text.splitlines() if line.startswith("#")]
+    assert len([h for h in headings if "Ledger integrity" in h]) == 1 and "<!--" not in text
+    assert not [h for h in headings if "intact**" in h]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from riskpipe.app.config import ConfigError, load_config
 from riskpipe.cli.common import fail, read_inputs, read_public_keys, working
 from riskpipe.ledger import KINDS, LedgerError, canonical_json, dlq_record, merkle, open_ledger, policy_record
 from riskpipe.ledger.anchors import Checkpoint
-from riskpipe.ledger.chain import time_window
+from riskpipe.ledger.chain import prepare_entries, time_window
 from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint, publish, read_checkpoint_file, verify_ledger
 from riskpipe.ledger.receipt import find_decisions, make_receipt, refuse_repeated_names
 from riskpipe.ledger.receipt import verify_receipt as check
@@ -362,20 +363,7 @@ def message_entries(msg, kind: str) -> list[tuple[str, dict, str | None]]:
     ts = rfc3339_micros(from_epoch((msg.timestamp or 0) / 1000))
     where = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
     if kind == "dlq":
-        reason = _header(msg, "__riskpipe.errors.reason") or "unknown"
-        src = {k: _header(msg, f"__riskpipe.errors.{k}") for k in ("topic", "partition", "offset")}
-        if src["topic"] is None:
-            src = where
-        omitted = _header(msg, "__riskpipe.errors.payload") == "omitted"  # left out to fit max_output_bytes
-        size = _header(msg, "__riskpipe.errors.payload_bytes")
-        rec, eid = dlq_record(reason, msg.value or b"", ts, topic=src["topic"],
-                              partition=int(src["partition"]) if src["partition"] not in (None, "") else None,
-                              offset=int(src["offset"]) if src["offset"] not in (None, "") else None,
-                              message=_header(msg, "__riskpipe.errors.message"),
-                              digest={"sha256": _header(msg, "__riskpipe.errors.payload_sha256"),
-                                      "size": int(size) if size is not None and size.isdigit() else None}
-                              if omitted else None)
-        return [("dlq", rec, eid)]
+        return [_dlq_entry(msg, ts, where)]
     unreadable: tuple[str, str] | None
     try:
         record = json_text.loads(msg.value)
@@ -383,17 +371,66 @@ def message_entries(msg, kind: str) -> list[tuple[str, dict, str | None]]:
         record, unreadable = None, ("invalid_json", str(e))
     else:
         unreadable = _unreadable(msg.value, record)
-    if unreadable is not None:
-        rec, eid = dlq_record(unreadable[0], msg.value or b"", ts, message=f"ledger ingest: {unreadable[1]}", **where)
-        return [("dlq", rec, eid)]
     out: list[tuple[str, dict, str | None]] = []
-    pol = record.get("policy")
-    if kind == "decision" and isinstance(pol, dict) and {"name", "version", "sha256"} <= pol.keys():
-        prec, peid = policy_record(str(pol["name"]), str(pol["version"]), str(pol["sha256"]),
-                                   record.get("ts") or ts, event="first_seen", shadow=pol.get("shadow"))
-        out.append(("policy", prec, peid))
-    out.append((kind, record, None))
+    if unreadable is None:
+        pol = record.get("policy")
+        if kind == "decision" and isinstance(pol, dict) and {"name", "version", "sha256"} <= pol.keys():
+            prec, peid = policy_record(str(pol["name"]), str(pol["version"]), str(pol["sha256"]),
+                                       record.get("ts") or ts, event="first_seen", shadow=pol.get("shadow"))
+            out.append(("policy", prec, peid))
+        out.append((kind, record, None))
+        try:  # what the ledger would refuse (an id with a line break, a ts that is no time) refuses here,
+            prepare_entries(out)  # one message, not the whole batch and every restart after it
+        except LedgerError as e:
+            out, unreadable = [], ("bad_record", str(e))
+    if unreadable is not None:
+        rec, eid = dlq_record(unreadable[0], msg.value or b"", ts, message=f"ledger ingest: {_short(unreadable[1])}",
+                              **where)
+        return [("dlq", rec, eid)]
     return out
+
+
+REASON_CODE = re.compile(r"[a-z][a-z0-9_]{0,62}")
+
+
+def _short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_topic(name: str) -> bool:
+    try:
+        kafka_clients.check_topic(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _int_or_none(text: str | None) -> int | None:
+    return int(text) if text is not None and text.isascii() and text.isdigit() and len(text) <= 19 else None
+
+
+def _dlq_entry(msg, ts: str, where: dict[str, Any]) -> tuple[str, dict, str | None]:
+    """The ``dlq`` entry of a dead letter the stage published. Its headers are read, never
+    trusted: a reason that is no reason code is ``unknown`` (a line break and a heading in
+    one forged a section of the Markdown report), a source that is no topic, partition and
+    offset is the message's own position, and the raw header text is kept in the message."""
+    raw_reason = _header(msg, "__riskpipe.errors.reason")
+    reason = raw_reason if raw_reason is not None and REASON_CODE.fullmatch(raw_reason) else "unknown"
+    topic = _header(msg, "__riskpipe.errors.topic")
+    partition = _int_or_none(_header(msg, "__riskpipe.errors.partition"))
+    offset = _int_or_none(_header(msg, "__riskpipe.errors.offset"))
+    if topic is None or not _is_topic(topic):
+        topic, partition, offset = where["topic"], where["partition"], where["offset"]
+    message = _header(msg, "__riskpipe.errors.message")
+    if reason != raw_reason and raw_reason is not None:
+        message = f"reason header {raw_reason!r}; {message}"
+    omitted = _header(msg, "__riskpipe.errors.payload") == "omitted"  # left out to fit max_output_bytes
+    rec, eid = dlq_record(reason, msg.value or b"", ts, topic=topic, partition=partition, offset=offset,
+                          message=_short(message) if message is not None else None,
+                          digest={"sha256": _header(msg, "__riskpipe.errors.payload_sha256"),
+                                  "size": _int_or_none(_header(msg, "__riskpipe.errors.payload_bytes"))}
+                          if omitted else None)
+    return ("dlq", rec, eid)
 
 
 def ingest_topics(kafka, topic_kinds: dict[str, str], ledger_path: str, group_id: str,
