@@ -168,3 +168,63 @@ def test_decisions_far_apart_in_time_still_get_their_own_verdicts(tmp_path):
             rq.record_verdict(led, f"evt-{i:02d}", "unsure", "", "bob", WHEN, scope=scope)
         assert rq.backlog(led, scope) == 20 == len(rq.pending(led, scope))
         assert all(int(i.record["id"][-2:]) % 3 for i in rq.pending(led, scope))
+
+
+def test_a_verdict_is_for_the_decision_the_page_showed_even_if_the_event_was_decided_again(tmp_path):
+    """The stage re-decided evt-x with a retrained model (same name and policy: another
+    decision) while the reviewer had the block open; the verdict landed on the new decision,
+    unseen, and the block stayed in the queue for good (its link opened the new one, which
+    had a verdict). Links and forms now carry the decision's ledger position (?seq=)."""
+    import re
+
+    from riskpipe.review.app import create_app
+    from riskpipe.review.scope import PolicyId, StageScope
+    from riskpipe.review.settings import Credentials, ReviewSettings
+    from test_review_security import PASSWORD, csrf_token, log_in
+
+    path = str(tmp_path / "l.sqlite")
+    old = decision_record("evt-x", decision="block", priority=1)
+    old["reasons"] = ["OLD_DECISION_REASON"]
+    new = decision_record("evt-x", decision="block", priority=1)
+    new["model"] = {**new["model"], "sha256": "ef" * 32}
+    new["reasons"] = ["NEW_DECISION_REASON"]
+    with Ledger(path) as led:
+        led.append(old)
+    p = old["policy"]
+    scope = StageScope({"digits": PolicyId(p["name"], str(p["version"]), p["sha256"])})
+    for settings in (ReviewSettings(ledger=path, credentials=Credentials(shared=PASSWORD), scope=scope),
+                     ReviewSettings(ledger=path, credentials=Credentials(shared=PASSWORD))):  # without --config too
+        if settings.scope is None:  # a fresh ledger for the console that names no stage
+            path = str(tmp_path / "unscoped.sqlite")
+            with Ledger(path) as led:
+                led.append(old)
+            settings = ReviewSettings(ledger=path, credentials=Credentials(shared=PASSWORD))
+        client = create_app(settings, metrics=None).test_client()
+        log_in(client, "alice")
+        queue = client.get("/").get_data(as_text=True)
+        (link,) = re.findall(r'href="(/item\?id=evt-x&amp;seq=\d+)"', queue)
+        page = client.get(link.replace("&amp;", "&")).get_data(as_text=True)
+        assert "OLD_DECISION_REASON" in page
+        action = re.search(r'<form method="post" action="([^"]+)" id="verdict-form"', page).group(1)
+        with Ledger(path) as led:
+            led.append(new)  # the stage decides the event again
+        r = client.post(action.replace("&amp;", "&"),
+                        data={"csrf_token": csrf_token(page), "verdict": "confirmed_manipulated", "note": ""})
+        assert r.status_code == 302, r.get_data(as_text=True)
+        with Ledger(path) as led:
+            (v,) = led.get_all("evt-x", kind="verdict")
+            assert v["model"]["sha256"] == old["model"]["sha256"]  # the decision shown, not the new one
+            waiting = rq.pending(led, settings.scope)
+            assert [i.record["reasons"] for i in waiting] == [["NEW_DECISION_REASON"]]
+        # the new decision has a page and a link of its own, and takes its own verdict
+        queue = client.get("/").get_data(as_text=True)
+        (link,) = re.findall(r'href="(/item\?id=evt-x&amp;seq=\d+)"', queue)
+        page = client.get(link.replace("&amp;", "&")).get_data(as_text=True)
+        assert "NEW_DECISION_REASON" in page
+        action = re.search(r'<form method="post" action="([^"]+)" id="verdict-form"', page).group(1)
+        r = client.post(action.replace("&amp;", "&"), data={"csrf_token": csrf_token(page), "verdict": "unsure"})
+        assert r.status_code == 302
+        with Ledger(path) as led:
+            assert len(led.get_all("evt-x", kind="verdict")) == 2 and rq.backlog(led, settings.scope) == 0
+    assert client.get("/item?id=evt-x&seq=999").status_code == 404  # no decision of the event there
+    assert client.get("/item?id=evt-x&seq=1x").status_code == 400

@@ -251,6 +251,13 @@ class Ledger:
                               "ORDER BY seq", (kind, prefix, prefix + "\U0010ffff")).fetchall()
         return [row_to_entry(r) for r in rows]
 
+    def entries(self, entry_id: str, kind: str = "decision") -> list[Entry]:
+        """Every entry of (kind, entry_id) in chain order, with its ``seq`` (``get_all``'s records)."""
+        with self._conn() as db:
+            rows = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE kind = ? AND entry_id = ? ORDER BY seq",
+                              (kind, entry_id)).fetchall()
+        return [row_to_entry(r) for r in rows]
+
     def get_all(self, entry_id: str, kind: str = "decision") -> list[Record]:
         """Every record of (kind, entry_id) in chain order: one per scope (for decisions,
         one per model and policy that decided the event)."""

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from riskpipe.ledger import Ledger, LedgerError, parse_ts
-from riskpipe.ledger.chain import decision_scope
+from riskpipe.ledger.chain import Entry, decision_scope
 from riskpipe.policy.naming import model_name, policy_label
 from riskpipe.timestamps import from_epoch, rfc3339_millis, utc_now
 
@@ -311,25 +311,40 @@ def make_verdict(decision: dict, verdict: str, note: str, reviewer: str, when: d
     }
 
 
-def decision_of(ledger: Ledger, event_id: str, scope=None) -> dict:
-    """The decision record of ``event_id`` a verdict is given on: with a stage ``scope``
-    (riskpipe.review.scope.StageScope) that stage's (the latest, should its model file have
-    changed); without one the event's only decision. ReviewError when there is none, or
-    when several stages decided the event and no scope says whose: a verdict is never
-    given on a decision nobody chose."""
-    decisions = ledger.get_all(event_id, kind="decision")
+def decision_of(ledger: Ledger, event_id: str, scope=None, seq: int | None = None) -> dict:
+    """The decision record of ``event_id`` a verdict is given on (``decision_entry``)."""
+    return decision_entry(ledger, event_id, scope, seq).record
+
+
+def decision_entry(ledger: Ledger, event_id: str, scope=None, seq: int | None = None) -> Entry:
+    """The decision of ``event_id`` a verdict is given on: the one at ledger position ``seq``
+    (the decision the reviewer's page showed: the console's links and forms carry it), else
+    with a stage ``scope`` (riskpipe.review.scope.StageScope) that stage's latest, else the
+    event's only decision. ReviewError when there is none (or none at ``seq``, for this
+    stage), or when several stages decided the event and neither ``seq`` nor a scope says
+    whose: a verdict is never given on a decision nobody chose. Without ``seq`` a decision
+    re-made after the page was shown (its model file changed) took the verdict, unseen."""
+    entries = ledger.entries(event_id, kind="decision")
     if scope is not None:
-        decisions = [d for d in decisions if scope.refuses(d) is None]
-    if not decisions:
+        entries = [e for e in entries if scope.refuses(e.record) is None]
+    if seq is not None:
+        entries = [e for e in entries if e.seq == seq]
+        if not entries:
+            raise ReviewError(f"{event_id}: no decision of this event at ledger position {seq}"
+                              + (" for this stage" if scope is not None else ""))
+        return entries[0]
+    if not entries:
         raise ReviewError(f"{event_id}: no decision record with this id in the ledger"
                           + (" for this stage" if scope is not None else ""))
+    decisions = [e.record for e in entries]
     stages = len({decision_scope("decision", d) for d in decisions}) if scope is None else 1
     if stages > 1:
         which = "; ".join(f"model {model_name(d)!r} under policy {policy_label(d.get('policy'))}"
                           for d in decisions[:5])
         raise ReviewError(f"{event_id}: decided by {stages} stages ({which}); review it in the "
                           "console of its stage (riskpipe review --config), which picks that stage's decision")
-    return decisions[-1]
+    return entries[-1]
+
 
 def review_of(ledger: Ledger, decision: dict, kind: str = "verdict") -> dict | None:
     """The ``verdict`` (or ``first_review``) on ``decision``: one naming that decision, or an
@@ -379,14 +394,15 @@ def two_reviews(decision: dict, verdict: str, second_reviewer_for: tuple[str, ..
 
 def record_review(ledger: Ledger, event_id: str, verdict: str, note: str, reviewer: str,
                   second_reviewer_for: tuple[str, ...] = (), double_review_fraction: float = 0.0,
-                  when: datetime | None = None, scope=None) -> tuple[dict, bool]:
-    """``(record, final)`` for the event's decision (``decision_of``, in ``scope``). When a
+                  when: datetime | None = None, scope=None, seq: int | None = None) -> tuple[dict, bool]:
+    """``(record, final)`` for the event's decision (``decision_of``, in ``scope``, the one at
+    ``seq`` when given: the decision the reviewer saw). When a
     first review of that decision is in the ledger, this is the second: another
     reviewer's verdict, final, carrying ``first_reviewer``, ``first_verdict`` and
     ``double_review`` (why there were two). Otherwise a verdict that needs two reviews
     (:func:`two_reviews`) is recorded as a ``first_review`` entry, not final; any other is
     final at once."""
-    decision = decision_of(ledger, event_id, scope)
+    decision = decision_of(ledger, event_id, scope, seq)
     record = make_verdict(decision, verdict, note, reviewer, when or utc_now())
     first = review_of(ledger, decision, FIRST_REVIEW)
     if first is None:

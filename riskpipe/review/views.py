@@ -15,6 +15,7 @@ from flask_wtf import FlaskForm
 from wtforms import RadioField, TextAreaField
 from wtforms.validators import DataRequired, Length
 
+from riskpipe.ledger.chain import Entry
 from riskpipe.redaction import redact
 from riskpipe.render import class_name, record_view
 from riskpipe.review import queue as rq
@@ -66,6 +67,18 @@ def _event_id(event_id: str | None) -> str:
     return event_id
 
 
+def _seq() -> int | None:
+    """Which decision of the event the page shows and the verdict is for: its ledger position
+    (``?seq=``, on every queue link and verdict form), so a decision re-made after the page
+    was opened (the model file changed) never takes a verdict given on the one shown."""
+    raw = request.args.get("seq")
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+        abort(400, description="seq: not a ledger position")
+    return int(raw)
+
+
 @login_required
 def item_page(event_id: str | None = None) -> ResponseReturnValue:
     return _render_item(_event_id(event_id), VerdictForm())
@@ -77,7 +90,7 @@ def verdict(event_id: str | None = None) -> ResponseReturnValue:
     form = VerdictForm()
     if not form.validate_on_submit():
         return _render_item(event_id, form, status=400)
-    decision = _own_decision(event_id)
+    decision = _own_decision(event_id).record
     if not rq.needs_review(decision):
         return _render_item(event_id, form, status=409,
                             error="This decision was not routed to review or drawn for audit.")
@@ -85,7 +98,7 @@ def verdict(event_id: str | None = None) -> ResponseReturnValue:
     try:
         record, final = rq.record_review(request_ledger(), event_id, form.verdict.data, form.note.data or "",
                                          g.reviewer, settings.require_second_reviewer_for,
-                                         settings.double_review_fraction, scope=settings.scope)
+                                         settings.double_review_fraction, scope=settings.scope, seq=_seq())
     except (rq.AlreadyReviewed, rq.NeedsAnotherReviewer) as e:
         return _render_item(event_id, form, status=409, error=str(e))
     except rq.ReviewError as e:
@@ -126,17 +139,18 @@ def _after_verdict(record: dict[str, Any], decision: dict[str, Any]) -> None:
             state.note_breach(record["id"])
 
 
-def _own_decision(event_id: str) -> dict[str, Any]:
-    """The decision record ``event_id`` of this console's stage (``queue.decision_of``), else
-    404 (another stage's record is not shown, and takes no verdict here), or 409 when
-    several stages decided the event and this console names no stage."""
-    ledger, scope = request_ledger(), console().settings.scope
+def _own_decision(event_id: str) -> Entry:
+    """The decision ``event_id`` of this console's stage (``queue.decision_entry``; the one at
+    ``?seq=`` when given), else 404 (another stage's record is not shown, and takes no
+    verdict here; no decision at that position), or 409 when several stages decided the
+    event and neither the link nor this console names one."""
+    ledger, scope, seq = request_ledger(), console().settings.scope, _seq()
     try:
-        return rq.decision_of(ledger, event_id, scope)
+        return rq.decision_entry(ledger, event_id, scope, seq)
     except rq.ReviewError as e:  # only now: which of the three it is
         decisions = ledger.get_all(event_id, kind="decision")
-        if not decisions:
-            abort(404, description=f"No decision record {event_id!r} in the ledger.")
+        if not decisions or seq is not None:
+            abort(404, description=str(e) if decisions else f"No decision record {event_id!r} in the ledger.")
         if scope is None:
             abort(409, description=str(e))
         abort(404, description=f"{event_id!r} is not a record of this console's stage: "
@@ -144,7 +158,8 @@ def _own_decision(event_id: str) -> dict[str, Any]:
 
 
 def _render_item(event_id: str, form: VerdictForm, status: int = 200, error: str | None = None) -> ResponseReturnValue:
-    decision = _own_decision(event_id)
+    entry = _own_decision(event_id)
+    decision = entry.record
     try:
         rq.check_decision_record(decision)
         problem = None
@@ -159,7 +174,7 @@ def _render_item(event_id: str, form: VerdictForm, status: int = 200, error: str
         labels=info.labels, class_name=class_name,
         verdict=rq.review_of(ledger, decision), routed=rq.needs_review(decision),
         first_review=rq.review_of(ledger, decision, rq.FIRST_REVIEW),
-        nist=nist, other_controls=other, now=utc_now(),
+        nist=nist, other_controls=other, now=utc_now(), seq=entry.seq,
     ), status
 
 
