@@ -111,3 +111,54 @@ def test_an_input_that_makes_the_model_fail_is_its_own_dead_letter_and_the_stage
     assert all(r["decision"] == "allow" for r in res.read("audit"))  # the healthy ones, decided as usual
     with ledger:
         assert ledger.count("decision") == 6 and ledger.count("dlq") == 2
+
+
+class _ScriptedPipeline:
+    """What the decider asks of a pipeline, scripted: ``process`` raises out of memory while
+    ``short`` says so (one entry per call), ``healthy`` answers from ``probes``."""
+
+    def __init__(self, short: list[bool], probes: list[bool]):
+        self.short, self.probes, self.calls = list(short), list(probes), []
+
+    def process(self, events, sources):
+        self.calls.append("process")
+        if self.short.pop(0):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [{"id": ev.id} for ev in events]
+
+    def healthy(self, name):
+        self.calls.append("healthy")
+        return self.probes.pop(0)
+
+
+def _one_event():
+    from types import SimpleNamespace
+
+    from riskpipe.stream.triage import Accepted
+
+    message = SimpleNamespace(source=lambda: {"topic": "t", "partition": 0, "offset": 0, "timestamp": None},
+                              topic="t", partition=0, offset=0)
+    return Accepted(message, SimpleNamespace(id="e-1", model="m"), "0" * 64)
+
+
+@pytest.mark.parametrize("short,probes,outcome", [
+    ([True, False], [True], "decided"),  # a shortage that passed: the second try decides it
+    ([True, True], [True, True], "dead"),  # fails again while the known-good input certifies twice: the input's
+    ([True], [False], "pause"),  # the known-good input fails too: the machine's
+    ([True, True], [True, False], "pause"),  # it let go for one check and came back: still the machine's
+])
+def test_an_events_out_of_memory_is_its_own_only_when_a_known_good_input_certifies_around_it(short, probes, outcome):
+    from riskpipe.stream.decider import Decider
+
+    pipeline = _ScriptedPipeline(short, probes)
+    decider = Decider(pipeline, None, max_message_bytes=1 << 20, max_binary_message_bytes=1 << 20,
+                      max_output_bytes=1 << 20)
+    dead: list = []
+    if outcome == "pause":
+        with pytest.raises(torch.OutOfMemoryError):
+            decider._records([_one_event()], dead)
+        assert not dead
+    else:
+        got = decider._records([_one_event()], dead)
+        assert (len(got), len(dead)) == ((1, 0) if outcome == "decided" else (0, 1))
+    assert not pipeline.short and not pipeline.probes  # every scripted step was taken, no more

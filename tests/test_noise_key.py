@@ -206,3 +206,15 @@ def test_a_bad_key_file_stops_the_stage_before_it_starts_in_one_line(tmp_path):
     assert f"noise_key_file {tmp_path / 'noise.key'}: the noise key must be at least 32 characters, has 5" \
         in r.stderr + r.stdout
     assert not (tmp_path / "out" / "decisions.jsonl").exists() or not (tmp_path / "out" / "decisions.jsonl").read_text()
+
+
+def test_a_path_built_from_a_variable_stays_readable_in_errors(tmp_path, monkeypatch):
+    """Only a whole ${VAR} naming no file is masked in a *_file setting: a directory from
+    the environment (``${APP_DIR}/noise.key``) is no secret, and masking it hid which file
+    the error was about."""
+    monkeypatch.setenv("RP_APP_DIR", str(tmp_path))
+    cfg = tmp_path / "riskpipe.yaml"
+    cfg.write_text("noise_key_file: ${RP_APP_DIR}/missing.key\n")
+    with pytest.raises(ConfigError) as e:
+        resolve_noise_key(load_config(str(cfg)), {})
+    assert f"noise_key_file {tmp_path}/missing.key: cannot read" in redact(str(e.value))

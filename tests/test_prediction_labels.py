@@ -135,3 +135,32 @@ def test_labels_that_are_partly_numbers_refuse_a_number(tmp_path):
     assert entry.model.meta["class_names"] == ["1", "2", "unknown"]
     assert audit["label"]["prediction"] == 0 and set(audit) == {"label"}
     assert list(dead.values()) == ["wrong_type"]
+
+
+def test_an_onnx_model_whose_labels_cannot_be_read_takes_no_prediction(tmp_path):
+    """A stacking ensemble exported without a ZipMap: its classifier nodes count 0..C-1 and a
+    later node maps them to 1, 2, 3, so the graph's first classifier node named no labels and
+    a producer's label 1 was read as class id 1 (label 2). The model's own label output is
+    now checked against its score columns on probe inputs; where they disagree no prediction
+    is read at all (wrong_type), and the plain export keeps its names."""
+    pytest.importorskip("onnxruntime")
+    skl2onnx = pytest.importorskip("skl2onnx")
+    from sklearn.ensemble import RandomForestClassifier, StackingClassifier
+    from sklearn.linear_model import LogisticRegression
+
+    from riskpipe.models import load_model
+    from riskpipe.stream.errors import EventError
+    from riskpipe.stream.events import class_id
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 4)).astype(np.float32)
+    y = 1 + (X[:, 0] > 0).astype(int) + (X[:, 1] > 0.5).astype(int)  # classes 1, 2, 3
+    est = StackingClassifier([("a", LogisticRegression()), ("b", RandomForestClassifier(3, random_state=0))]).fit(X, y)
+    path = tmp_path / "stack.onnx"
+    path.write_bytes(skl2onnx.to_onnx(est, X[:1], options={id(est): {"zipmap": False}}).SerializeToString())
+    model = load_model(str(path))
+    assert model.meta.get("class_labels_unknown") is True and "class_names" not in model.meta
+    for prediction in (1, "1", 0):
+        with pytest.raises(EventError, match="does not say which label each class is"):
+            class_id(prediction, model)
+    assert class_id(None, model) is None

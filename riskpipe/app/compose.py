@@ -190,7 +190,7 @@ def _admissible_probe(entry: ModelEntry, X: np.ndarray) -> np.ndarray | None:
             entry.certifier.check_inputs(x[None])
         except GridError:
             continue
-        return x[None]
+        return x[None].copy()  # not a view: it would keep the whole reference set alive
     return None
 
 

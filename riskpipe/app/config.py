@@ -396,6 +396,18 @@ _VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SECRET_SETTING = re.compile(r"(?i)key|password|secret")
 
 
+def _holds_secret(setting: str, written: str, value: str) -> bool:
+    """Is ``value`` (a ``${VAR}`` of ``written``, the setting's text) a secret to mask? Every
+    variable of a password or key setting; for the file of one (``noise_key_file``,
+    ``checkpoint.key_file``, ``review.password_file``) only a whole ``${VAR}`` naming no
+    file: a key given where its path belongs. A real path stays readable in errors."""
+    if not _SECRET_SETTING.search(setting):
+        return False
+    if not setting.lower().endswith("file"):
+        return True
+    return _VAR.fullmatch(written) is not None and not os.path.exists(value)
+
+
 def _expand(value: Any, where: str = "") -> Any:
     """``${VAR}`` in string values from the environment (Kubernetes injects secrets that
     way). Only that form is expanded (``$HOME`` or a ``$`` inside a password stays as
@@ -407,7 +419,7 @@ def _expand(value: Any, where: str = "") -> Any:
                 raise ConfigError(f"{where or 'value'}: ${{{name}}} is not a valid variable name")
             if name not in os.environ:
                 raise ConfigError(f"{where or 'value'}: environment variable {name} is not set (used as ${{{name}}})")
-            if _SECRET_SETTING.search(where.rsplit(".", 1)[-1]):
+            if _holds_secret(where.rsplit(".", 1)[-1], value, os.environ[name]):
                 register_secret(os.environ[name])
             return os.environ[name]
 

@@ -28,6 +28,7 @@ import torch
 
 SOURCE_SUFFIXES = (".py", ".pyc", *EXTENSION_SUFFIXES)  # .pyc: a sourceless package's, outside __pycache__
 NOT_MODEL_CODE = frozenset({"torch", "builtins"})
+MAX_FILES = 20_000  # scipy, among the largest, has about 1,100
 
 
 def code_roots(factory, module: torch.nn.Module, spec_module: str) -> list[str]:
@@ -69,14 +70,23 @@ def _files(root: str) -> list[tuple[str, Path]]:
         return [(origin.name, origin)]
     top = origin.parent
     out, seen = [], set()
-    for d, dirs, files in os.walk(top, followlinks=True):
+    for d, dirs, files in os.walk(top, followlinks=True, onerror=_raise):
+        dirs.sort()  # directories in name order: of two links to one directory, the first name counts
         real = os.path.realpath(d)
         if real in seen or "__pycache__" in Path(d).parts:  # a symlink loop; compiled caches
             dirs[:] = []
             continue
         seen.add(real)
         out += [(Path(d, f).relative_to(top).as_posix(), Path(d, f)) for f in files if f.endswith(SOURCE_SUFFIXES)]
+        if len(out) > MAX_FILES:  # e.g. a link to /usr inside the package
+            raise ValueError(f"{root}: more than {MAX_FILES} source files under {top} (a link out of the package?), "
+                             "too many to identify its code")
     return sorted(out)
+
+
+def _raise(e: OSError) -> None:
+    """A directory the walk cannot read: an error, not a digest that depends on who runs it."""
+    raise e
 
 
 def code_sha256(roots: Iterable[str]) -> str:

@@ -218,6 +218,37 @@ def _load_factory(spec: str, base: str, opts) -> Model:
     return _torch_model(spec, module, opts, sha, getattr(module, "input_shape", None), meta)
 
 
+def _labels_follow_scores(sess, input_name: str, out_index: int, zipmap: bool, keys: list, shape, dtype, rng,
+                          fixed: int | None, names: list[str] | None) -> bool:
+    """Does the model's own label output (skl2onnx's first output: a rank-1 tensor of
+    labels) name, on 33 probe inputs, the class of the score column it scores highest, as
+    ``names`` (or the column index, without names) say? True when it has no label output."""
+    outputs = sess.get_outputs()
+    label_at = next((i for i, o in enumerate(outputs) if i != out_index and len(o.shape or ()) == 1
+                     and o.type in ("tensor(int64)", "tensor(string)")), None)
+    if label_at is None:
+        return True
+    n = fixed or 33
+    rnd = np.random.default_rng(0)
+    if rng is not None:
+        lo, hi = (np.broadcast_to(np.asarray(v, dtype=np.float64), tuple(shape)) for v in rng)
+        batch = lo + (hi - lo) * rnd.random((n, *shape))
+    else:
+        batch = rnd.standard_normal((n, *shape)) * 3
+    batch[0] = 0
+    try:
+        out = sess.run(None, {input_name: batch.astype(dtype)})
+    except Exception:  # noqa: BLE001 - a fixed batch it will not take here: labels unknown, fail closed
+        return False
+    scores = out[out_index]
+    if zipmap:
+        scores = np.array([[row[k] for k in keys] for row in scores], dtype=np.float64)
+    top = np.argmax(np.asarray(scores, dtype=np.float64).reshape(n, -1), axis=1)
+    want = [names[i] if names is not None else str(i) for i in top]
+    got = [v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(out[label_at]).reshape(-1)]
+    return got == want
+
+
 ONNX_CLASSIFIERS = ("LinearClassifier", "TreeEnsembleClassifier", "SVMClassifier", "ZipMap")
 
 
@@ -329,6 +360,12 @@ def _load_onnx(spec: str, path: Path, opts) -> Model:
         meta.update(_class_names(np.asarray(keys)))
     elif threshold is None and (labels := _onnx_class_labels(path)) is not None and len(labels) == classes:
         meta.update(_class_names(np.asarray(labels)))
+    if threshold is None and not _labels_follow_scores(sess, inp.name, out_index, zipmap, keys, shape, dtype, rng,
+                                                       fixed, meta.get("class_names")):
+        # e.g. a stacking ensemble: its classifier nodes count 0..C-1 and a later node maps
+        # them to the labels, so neither the nodes nor the column order says which is which
+        meta.pop("class_names", None)
+        meta["class_labels_unknown"] = True
 
     def predict(batch: np.ndarray) -> np.ndarray:  # scores: Model.classes checks them, then takes argmax
         return scores(batch)

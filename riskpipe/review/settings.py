@@ -262,7 +262,7 @@ def _shared_password(password_file: str | None, env: Mapping[str, str], section:
 
 def _secret_key(env: Mapping[str, str], section: ReviewSection, where: str) -> bytes | None:
     """The session signing key: the environment, then the config file; at least 32 characters."""
-    if env.get(SECRET_KEY_ENV, "").strip():
+    if SECRET_KEY_ENV in env:  # set but empty is refused below (too short), not taken for unset
         register_secret(env[SECRET_KEY_ENV].strip())
         secret_key: bytes | None = env[SECRET_KEY_ENV].strip().encode("utf-8")
     elif section.secret_key_file:

@@ -93,7 +93,9 @@ class Decider:
         An event that runs out of memory on its own is tried once more after memory is
         released, if the model still certifies an input it certified before
         (``Pipeline.healthy``); if it cannot, the exception goes up (the machine is short
-        of memory: the stage pauses), else a second failure is the event's dead letter."""
+        of memory: the stage pauses). A second failure is the event's dead letter only if
+        the known-good input certifies after it too: a shortage that let go for one check
+        and came back is still the machine's."""
         if not accepted:
             return []
         try:
@@ -104,12 +106,17 @@ class Decider:
                             type(e).__name__, e)
                 return [r for a in accepted for r in self._records([a], dead)]
             if out_of_memory(e):
+                model = accepted[0].event.model
                 release_memory()
-                if not self.pipeline.healthy(accepted[0].event.model):
+                if not self.pipeline.healthy(model):
                     raise  # a known-good input fails too: the machine's memory, not this event
                 try:
                     return self._process(accepted)
-                except Exception as again:  # noqa: BLE001 - out of memory where others are not: this input's
+                except Exception as again:  # out of memory where the known-good input is not: this input's
+                    if out_of_memory(again):
+                        release_memory()
+                        if not self.pipeline.healthy(model):
+                            raise again from None  # the shortage is back: the machine's, not this event's
                     e = again
             dead.append(Dead.from_exception(accepted[0].message, e, "decide"))
             return []

@@ -301,7 +301,12 @@ def class_id(pred: Any, model: Any) -> int | None:
     agreement. EventError ``wrong_type`` otherwise, naming what the model takes."""
     if pred is None:
         return None
-    names = (getattr(model, "meta", None) or {}).get("class_names")
+    meta = getattr(model, "meta", None) or {}
+    if meta.get("class_labels_unknown"):
+        raise EventError("wrong_type", "prediction: the model's file does not say which label each class is (its "
+                                       "label output does not follow its score columns), so no prediction can be "
+                                       "read as a class; leave it null")
+    names = meta.get("class_names")
     names = [str(n) for n in names] if isinstance(names, list | tuple) else None
     shown = None if names is None else (names if len(names) <= 8 else [*names[:8], "..."])
     if isinstance(pred, str):

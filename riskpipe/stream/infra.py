@@ -30,6 +30,7 @@ COMPONENTS = (LEDGER, BROKER, MEMORY)
 # what torch says when an allocation fails (CUDA, MPS, the CPU allocator) without raising
 # its OutOfMemoryError type
 _TORCH_OOM = ("out of memory", "can't allocate memory")
+_ORT_OOM = ("out of memory", "failed to allocate memory", "bad_alloc")
 
 # SQLite errors that say "the file is busy or the disk failed", not "this row is bad"
 _SQLITE_TRANSIENT = ("database is locked", "database table is locked", "disk i/o error", "unable to open database",
@@ -100,7 +101,11 @@ def _out_of_memory(e: BaseException) -> bool:
     oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
     if oom is not None and isinstance(e, oom):
         return True
-    return type(e) is RuntimeError and any(s in str(e).lower() for s in _TORCH_OOM)
+    text = str(e).lower()
+    if type(e) is RuntimeError and any(s in text for s in _TORCH_OOM):
+        return True
+    # ONNX Runtime raises its own types (RuntimeException, Fail), not RuntimeError
+    return type(e).__module__.startswith("onnxruntime") and any(s in text for s in _ORT_OOM)
 
 
 def release_memory() -> None:
