@@ -174,3 +174,11 @@ def test_a_demo_model_refuses_options_it_would_ignore(spec):
 
     with pytest.raises(ModelError, match=r"a demo model takes only \?sigma="):
         load_model(spec)
+
+
+def test_an_out_path_or_a_ledger_that_is_not_what_it_should_be_is_named_at_once(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = run("init", "--model", "demo:digits", "--reference", tmp_path / "missing.npz", "--out", tmp_path / "afile")
+    assert r.exit_code == 2 and "--out" in r.output and "exists and is not a directory" in r.output
+    r = run("ledger", "verify", tmp_path)
+    assert r.exit_code != 0 and "not a file" in r.output and "file not found" not in r.output

@@ -223,6 +223,8 @@ def init(spec, reference, out_dir, name, trial, seed, force):
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name):  # short enough for the topic names made of it
         fail(f"--name {name[:100]!r}: use at most 64 lower-case letters, digits, '.', '_' and '-'")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():  # before the survey's minutes, not after
+        fail(f"--out {out}: exists and is not a directory")
     config_path, policy_path = out / "riskpipe.yaml", out / "policy.yaml"
     for p in (config_path, policy_path):
         if p.exists() and not force:

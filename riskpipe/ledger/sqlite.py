@@ -127,7 +127,7 @@ class SqliteLedger(Ledger):
         path = str(path)
         self.path = Path(path[len("sqlite:///"):] if path.startswith("sqlite:///") else path)
         if not create and not self.path.is_file():
-            raise LedgerError(f"ledger {self.path}: file not found")
+            raise LedgerError(f"ledger {self.path}: " + ("not a file" if self.path.exists() else "file not found"))
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._init_lock()
