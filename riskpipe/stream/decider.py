@@ -107,19 +107,22 @@ class Decider:
                 return [r for a in accepted for r in self._records([a], dead)]
             if out_of_memory(e):
                 model = accepted[0].event.model
-                release_memory()
-                if not self.pipeline.healthy(model):
+                if self._machine_short(model):
                     raise  # a known-good input fails too: the machine's memory, not this event
                 try:
                     return self._process(accepted)
                 except Exception as again:  # out of memory where the known-good input is not: this input's
-                    if out_of_memory(again):
-                        release_memory()
-                        if not self.pipeline.healthy(model):
-                            raise again from None  # the shortage is back: the machine's, not this event's
+                    if out_of_memory(again) and self._machine_short(model):
+                        raise again from None  # the shortage is back: the machine's, not this event's
                     e = again
             dead.append(Dead.from_exception(accepted[0].message, e, "decide"))
             return []
+
+    def _machine_short(self, model: str) -> bool:
+        """After an out-of-memory: memory released, does ``model`` fail to certify an input
+        it certified before (``Pipeline.healthy``: False, or None when it has none)?"""
+        release_memory()
+        return not self.pipeline.healthy(model)
 
     def _process(self, accepted: list[Accepted]) -> list[tuple[Accepted, dict]]:
         records = self.pipeline.process([a.event for a in accepted], [a.message.source() for a in accepted])
