@@ -334,3 +334,25 @@ def test_duplicate_key_is_exact(value, escape):
     text = _write(value, escape).encode()
     found = duplicate_key(text, orjson.loads(text))
     assert (found is not None) == _has_duplicate(value), (text, found)
+
+
+def test_an_id_or_time_given_twice_differently_by_a_cloudevent_is_refused(models):
+    """A CloudEvents reader files the event under the envelope's id, riskpipe would decide it
+    under the event's: the decision and its look-up would name two events. The same value
+    given in both places is one identity and is read."""
+    body = {**good(), "time": "2026-01-01T00:00:00Z"}
+    binary_ce = [("ce_source", b"/x"), ("ce_type", b"riskpipe.inference.v1"), ("ce_specversion", b"1.0")]
+    for name, code, other in (("id", "bad_id", "e2"), ("time", "bad_time", "2026-01-01T00:00:01Z")):
+        with pytest.raises(EventError) as e:
+            parse_event(json.dumps(body).encode(), [*binary_ce, (f"ce_{name}", other.encode())], models)
+        assert e.value.code == code and str(e.value).startswith(f"{name}:") and f"ce_{name} header" in str(e.value)
+        structured = {"specversion": "1.0", name: other, "source": "/y", "type": "riskpipe.inference.v1",
+                      "data": body}
+        with pytest.raises(EventError) as e:
+            parse_event(json.dumps(structured).encode(), [("content-type", b"application/cloudevents+json")], models)
+        assert e.value.code == code and repr(other) in str(e.value) and "envelope" in str(e.value)
+    same = [*binary_ce, ("ce_id", b"e1"), ("ce_time", b"2026-01-01T00:00:00Z")]
+    ev = parse_event(json.dumps(body).encode(), same, models)
+    assert ev.id == "e1" and ev.time == "2026-01-01T00:00:00Z"
+    structured = {"specversion": "1.0", "id": "e1", "source": "/y", "type": "riskpipe.inference.v1", "data": body}
+    assert parse_event(json.dumps(structured).encode(), [], models).id == "e1"

@@ -171,10 +171,16 @@ def _envelope(value: bytes | None, h: dict[str, str], max_bytes: int,
             raise EventError("unsupported_cloudevent", f"specversion: {ce.get('specversion')!r} is not 1.0")
         if ce.get("type") not in CE_TYPES:
             raise EventError("unsupported_cloudevent", f"type: {ce.get('type')!r} is not one of {', '.join(CE_TYPES)}")
-        if "id" not in obj and ce.get("id"):
-            obj = {**obj, "id": ce["id"]}
-        if "time" not in obj and ce.get("time"):
-            obj = {**obj, "time": ce["time"]}
+        binary_mode = "ce_type" in h or "ce_specversion" in h
+        for name, code in (("id", "bad_id"), ("time", "bad_time")):
+            if name not in obj and ce.get(name):
+                obj = {**obj, name: ce[name]}
+            elif name in obj and name in ce and obj[name] != ce[name]:
+                # a CloudEvents reader takes the envelope's, riskpipe read the event's: one
+                # event under two identities (the decision filed under the one, looked up under the other)
+                raise EventError(code, f"{name}: the event's {name} {obj[name]!r:.80} differs from the CloudEvent's "
+                                       f"{ce[name]!r:.80} ({f'the ce_{name} header' if binary_mode else 'the envelope'}"
+                                       f"); give one, or the same in both")
     if payload is not None:
         obj = binary.attach(obj, payload)
     return obj, ce, clean
