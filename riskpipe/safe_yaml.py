@@ -32,6 +32,18 @@ _INT_TAG = "tag:yaml.org,2002:int"
 LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+def explain(e: yaml.YAMLError) -> tuple[int, str]:
+    """(line, reason) of a YAML error in the parser's words without its marks (``in
+    "<unicode string>", line 8, column 1``): what it was doing, then what it found, e.g.
+    "expected a single document in the stream, but found another document" at the line
+    of the second document."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        words = ", ".join(p for p in (e.context, e.problem) if p) or str(e)
+        return (mark.line + 1 if mark else 1), " ".join(words.split())
+    return 1, " ".join(str(e).split())
+
+
 class YAMLLimitError(yaml.YAMLError):
     """The document is refused before anything is built from it: beyond the size or
     nesting limits, recursive, or (``DuplicateKeyError``) with a key given twice."""

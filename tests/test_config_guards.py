@@ -182,3 +182,17 @@ def test_an_out_path_or_a_ledger_that_is_not_what_it_should_be_is_named_at_once(
     assert r.exit_code == 2 and "--out" in r.output and "exists and is not a directory" in r.output
     r = run("ledger", "verify", tmp_path)
     assert r.exit_code != 0 and "not a file" in r.output and "file not found" not in r.output
+
+
+@pytest.mark.parametrize("text,line,reason", [
+    ("torch_threads: 1\n---\ntorch_threads: 2\n", 2, "expected a single document in the stream, but found another"),
+    ("topics:\n  input: a\n decisions: b\n", 3, "while parsing a block mapping, did not find expected key"),
+])
+def test_invalid_yaml_in_a_config_names_the_line_and_what_the_parser_found(tmp_path, text, line, reason):
+    """A second document was shown as 'but found another document' (policies) or with the
+    parser's marks on '<unicode string>' (configs); the stage reads one document only."""
+    cfg = tmp_path / "riskpipe.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(cfg))
+    assert str(e.value).startswith(f"{cfg}:{line}: invalid YAML ({reason}") and "unicode string" not in str(e.value)

@@ -444,7 +444,8 @@ def read_config_file(path: str) -> dict[str, Any]:
     except safe_yaml.YAMLLimitError as e:
         raise ConfigError(f"{path}:{e.line}: {e.reason}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
+        line, reason = safe_yaml.explain(e)
+        raise ConfigError(f"{path}:{line}: invalid YAML ({reason})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     try:

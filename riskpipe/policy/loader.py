@@ -126,14 +126,11 @@ def _yaml_data(text: str, name: str, loader_cls: type[yaml.SafeLoader] = _LOADER
         data = safe_yaml.construct(root, loader_cls)
     except safe_yaml.YAMLLimitError as e:
         raise PolicyError([Problem(name, e.line, "(yaml)", e.reason)]) from None
-    except yaml.MarkedYAMLError as e:
-        if loader_cls is not yaml.SafeLoader:  # report with the pure parser: same words on every machine
-            return _yaml_data(text, name, yaml.SafeLoader)
-        mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark else 1
-        raise PolicyError([Problem(name, line, "(yaml)", " ".join(str(e.problem or e).split()))]) from None
     except yaml.YAMLError as e:
-        raise PolicyError([Problem(name, 1, "(yaml)", " ".join(str(e).split()))]) from None
+        if isinstance(e, yaml.MarkedYAMLError) and loader_cls is not yaml.SafeLoader:
+            return _yaml_data(text, name, yaml.SafeLoader)  # report with the pure parser: same words on every machine
+        line, reason = safe_yaml.explain(e)
+        raise PolicyError([Problem(name, line, "(yaml)", reason)]) from None
     dups = safe_yaml.duplicate_keys(root)
     if dups:
         raise PolicyError([Problem(name, line, field_path(loc), safe_yaml.DUPLICATE) for loc, line in dups])
