@@ -69,6 +69,17 @@ def one_probability() -> nn.Module:
     return _Probability()
 
 
+class _Centred(nn.Sequential):
+    """A Sequential that normalises in its own forward: the binary head must keep it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward((x - 0.5) * 3.0)
+
+
+def centred_logit() -> nn.Module:
+    return _Centred(*_NET)
+
+
 def _spec(factory: str, binary: str | None = None) -> str:
     return f"{MODULE}:{factory}?shape={FEATURES}&range=0,1" + (f"&binary={binary}" if binary else "")
 
@@ -197,3 +208,24 @@ def test_a_model_that_returns_class_ids_is_told_what_it_needs():
     np.testing.assert_array_equal(load_model(_spec("int_ids") + "&classes=2").predict(X), want)
     with pytest.raises(ModelError, match=r"\?binary=logit .*returns them as integers, with \?classes=N"):
         load_model(_spec("float_ids"))
+
+
+def test_the_binary_head_keeps_a_sequential_subclass_whole():
+    """``?binary=`` rebuilt a Sequential as Sequential(*its layers, head), dropping a
+    subclass's own forward: another model was certified and decided (it disagreed with
+    the user's on 122 of 200 inputs, and Lipschitz certified classes the user's model
+    does not give). Now the head follows the module whole: the classes are the user's,
+    and the bound families refuse it as they refuse the subclass without the head."""
+    from riskpipe.certify.bounds import IntervalBounds
+    from riskpipe.certify.lipschitz import GlobalLipschitz
+
+    X, _ = _data(200, 4)
+    with torch.no_grad():
+        want = (centred_logit()(torch.from_numpy(X))[:, 0] > 0).numpy().astype(np.int64)
+        plain = (_NET(torch.from_numpy(X))[:, 0] > 0).numpy().astype(np.int64)
+    assert (want != plain).sum() > 10  # the subclass's forward matters on these inputs
+    model = load_model(_spec("centred_logit", "logit"))
+    np.testing.assert_array_equal(model.predict(X), want)
+    for family in (IntervalBounds, GlobalLipschitz):
+        with pytest.raises(ValueError, match=r"_Centred overrides forward"):
+            family(model)

@@ -178,6 +178,21 @@ class _Normalize(nn.Identity):
         return (x - 0.5) * 40.0
 
 
+class _ScaledConv(nn.Conv2d):
+    """Keeps Conv2d.forward, changes the helper it calls."""
+
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x * 100.0, weight, bias)
+
+
+def _replaced(where):
+    m = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 5))
+    target = m if where == "sequential" else m[1]
+    plain = target.forward
+    target.forward = lambda x: plain(x) * 100.0  # on the instance: its class still says Linear.forward
+    return m
+
+
 def _hooked(kind):
     m = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 5))
     if kind == "forward":
@@ -199,6 +214,11 @@ def _layers_that_compute_otherwise():
                            r"layer 1 \(_Sharpened\).*_Sharpened\.forward"),
         "identity forward": (nn.Sequential(_Normalize(), nn.Flatten(), nn.Linear(64, 5)),
                              r"layer 0 \(_Normalize\)"),
+        "conv helper": (nn.Sequential(_ScaledConv(1, 2, 3), nn.Flatten(), nn.Linear(72, 5)),
+                        r"layer 0 \(_ScaledConv\).*overrides _conv_forward"),
+        "linear forward on the instance": (_replaced("linear"), r"layer 1 \(Linear\).*forward is replaced on the"),
+        "sequential forward on the instance": (_replaced("sequential"),
+                                               r"the Sequential \(Sequential\).*forward is replaced on the"),
         "forward hook": (_hooked("forward"), r"layer 1 \(Linear\).*forward hook"),
         "forward pre-hook": (_hooked("pre"), r"layer 1 \(Linear\).*forward hook"),
         "batch norm training": (train_bn, r"layer 1 \(BatchNorm2d\).*training mode"),
@@ -223,6 +243,26 @@ def test_a_layer_that_computes_otherwise_than_its_type_is_refused(case):
         with pytest.raises(ValueError, match=match) as e:
             family_cls(model)
         assert "computes something other than its layers" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_parametrized_weight_is_a_plain_layer():
+    """torch's parametrizations subclass the layer (a weight property, __getstate__,
+    __deepcopy__) and keep its computation: bounded as the layer with the weight the
+    parametrization gives, and no class changes inside a certified l_inf radius."""
+    from torch.nn.utils.parametrizations import orthogonal
+
+    torch.manual_seed(5)
+    module = nn.Sequential(nn.Flatten(), orthogonal(nn.Linear(64, 16)), nn.ReLU(), nn.Linear(16, 5)).eval()
+    model = _model(module)
+    X = torch.rand(16, 1, 8, 8)
+    certs = IntervalBounds(model).certify_batch(X.numpy(), list(range(16)))
+    certified = [(x, c) for x, c in zip(X, certs, strict=True) if not c.abstained]
+    assert certified
+    gen = torch.Generator().manual_seed(6)
+    for x, c in certified:
+        corners = (x + c.radius * (2 * torch.randint(0, 2, (256, *x.shape), generator=gen) - 1)).clamp(0, 1)
+        with torch.no_grad():
+            assert (module(corners).argmax(1) == c.predicted_class).all()
 
 
 def test_a_global_forward_hook_is_refused():

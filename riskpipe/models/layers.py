@@ -72,25 +72,35 @@ _SUPPORTED_NAMES = "Linear, Conv2d, ReLU, Flatten, AvgPool2d, BatchNorm1d/2d (ev
 
 
 # ---- layers ------------------------------------------------------------------------------
-def _forward_owner(cls: type) -> type:
-    return next(c for c in cls.__mro__ if "forward" in vars(c))
+# methods a subclass may define without changing what a layer computes (torch's
+# parametrizations define the last three; their weights are properties the bounds read too)
+_NO_COMPUTE = frozenset({"__init__", "extra_repr", "reset_parameters", "__getstate__", "__setstate__",
+                         "__deepcopy__"})
 
 
 def _computes_otherwise(module: nn.Module, own: tuple[type, ...]) -> str | None:
     """Why ``module`` may compute something other than what the bounds take it for, or None.
 
     The bounds are those of the classes in ``own`` (what ``isinstance`` matched), so the
-    forward that runs must be theirs: a subclass that overrides ``forward`` or ``__call__``
-    (a normalising ``nn.Sequential``, a scaled ``nn.Linear``) or a forward hook changes
-    the function while the layer still looks supported, and its radii would be those of
-    another model (unsound). Subclasses that keep the forward (parametrized weights) pass.
+    code that runs must be theirs. A subclass that overrides any of their methods but
+    ``_NO_COMPUTE`` (``forward``, ``__call__``, also a helper the forward calls, as
+    ``Conv2d._conv_forward``), a method replaced on the instance (``layer.forward = ...``)
+    or a forward hook changes the function while the layer still looks supported, and
+    its radii would be those of another model (unsound). Subclasses that add data or
+    properties (parametrized weights) pass.
     """
     cls = type(module)
-    owner = _forward_owner(cls)
-    if owner not in {_forward_owner(c) for c in own if isinstance(module, c)}:
-        return f"its forward is {owner.__qualname__}.forward"
-    if cls.__call__ is not nn.Module.__call__:
-        return f"{cls.__name__} overrides __call__"
+    matched = [c for c in own if isinstance(module, c)]
+    known = {k for c in matched for k in c.__mro__}
+    for c in cls.__mro__:
+        if c in known:
+            continue
+        for name, value in vars(c).items():
+            if name not in _NO_COMPUTE and callable(value) and any(hasattr(m, name) for m in matched):
+                return f"its class {c.__qualname__} overrides {name} ({c.__qualname__}.{name})"
+    for name, value in vars(module).items():
+        if callable(value) and callable(getattr(cls, name, None)):
+            return f"its {name} is replaced on the instance"
     if module._forward_hooks or module._forward_pre_hooks:
         return "it has a forward hook"
     if module.training and isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout)):

@@ -155,7 +155,7 @@ def _torch_model(spec: str, module: torch.nn.Module, opts, sha: str, default_sha
     if threshold is not None:  # (n, 1) -> (n, 2) scores by one more linear layer (BinaryScores)
         _one_score(_probe_output(_module_forward(module), shape, spec), spec, opts["binary"])
         head = BinaryScores(threshold)
-        module = nn.Sequential(*module, head) if isinstance(module, nn.Sequential) else nn.Sequential(module, head)
+        module = nn.Sequential(module, head)  # the user's module whole: a Sequential subclass keeps its forward
         module.eval()
         meta["binary"] = opts["binary"]
     classes = classes or _probe_classes(_module_forward(module), shape, spec)
