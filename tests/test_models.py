@@ -105,3 +105,58 @@ def test_input_checks(demo_model):
 def test_architecture_size():
     n = sum(p.numel() for p in digits_cnn(8).parameters())
     assert 20_000 < n < 40_000
+
+
+def _two_outputs(path):
+    """An ONNX graph with an embedding (N, 8) and then the logits (N, 3): both float, rank 2."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((4, 8)).astype(np.float32), rng.standard_normal((8, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W1"], ["emb"]), helper.make_node("MatMul", ["emb", "W2"], ["logits"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["N", 8]),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return w1 @ w2
+
+
+def test_an_onnx_model_with_two_score_like_outputs_needs_output_named(tmp_path):
+    """The first (N, C) float output was taken as the scores: an embedding before the
+    logits made an 8-class 'classifier' that agreed with the model on 0 of 200 inputs.
+    Now two candidates are refused, naming both and ?output=; named, the right one is read."""
+    path = tmp_path / "two.onnx"
+    w = _two_outputs(path)
+    with pytest.raises(ModelError, match=r"2 outputs could hold the class scores \(emb, logits\); .*\?output=NAME"):
+        load_model(str(path))
+    model = load_model(f"{path}?output=logits")
+    X = np.random.default_rng(1).random((200, 4)).astype(np.float32)
+    assert model.num_classes == 3 and model.meta["onnx_output"] == "logits"
+    np.testing.assert_array_equal(model.predict(X), (X @ w).argmax(1))
+    with pytest.raises(ModelError, match=r"\?output=scores: the model has no such output \(outputs: emb"):
+        load_model(f"{path}?output=scores")
+    with pytest.raises(ModelError, match=r"\?format= names a booster's format .* read as onnx"):
+        load_model(f"{path}?output=logits&format=lightgbm")
+
+
+@pytest.mark.parametrize("options, message", [
+    ("?rnage=0,1", r"unknown option \?rnage= \(options: \?shape=, \?classes=, \?range="),
+    ("?range=0,1&range=0,255", r"option \?range= given twice"),
+    ("?output=logits", r"\?output= names an ONNX model's score output; this is not an ONNX model"),
+    ("?format=xgboost", r"not a xgboost model file \(XGBoostError: .*Check failed"),  # read as asked: not one
+    ("?sigma=0.5", r"\?sigma= is a demo model's option"),
+])
+def test_a_spec_option_the_loader_would_not_read_is_refused(tmp_path, demo_model, options, message):
+    """A misspelt option was ignored: ``?rnage=0,1`` loaded the model without its input range,
+    so out-of-range inputs were certified and decided. Each is now a one-line ModelError."""
+    path = tmp_path / "m.pt"
+    torch.jit.script(demo_model.module).save(str(path))
+    with pytest.raises(ModelError, match=message) as e:
+        load_model(f"{path}{options}" if "shape" in options else f"{path}{options}&shape=1,8,8")
+    assert "\n" not in str(e.value)
+    assert load_model(f"{path}?shape=1,8,8&range=0,1").value_range == (0.0, 1.0)

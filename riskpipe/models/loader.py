@@ -4,7 +4,8 @@ Specs:
   ``demo:NAME``                     a demo model (``demo:digits``)
   ``PATH.pt`` / ``PATH.ts``          a TorchScript file
   ``PATH.onnx``                      an ONNX file (onnxruntime; smoothing only). The class
-                                     scores are the first (batch, classes) float output, or
+                                     scores are its one (batch, classes) float output (name
+                                     it with ``?output=NAME`` where there are several), or
                                      a ZipMap (skl2onnx classifiers: label first, then
                                      probabilities); a fixed batch dimension is run in
                                      chunks of that size, the last one padded
@@ -24,7 +25,8 @@ Options after ``?`` set the input spec where the file cannot carry it, e.g.
 ``model.onnx?shape=1,8,8&classes=10&range=0,1``. ``?binary=logit|probability`` reads a
 torch or ONNX model with one output (n, 1) or (n,) as two class scores: class 1 where the
 logit is > 0 or the probability > 0.5 (riskpipe.models.layers.BinaryScores). Without it
-such a model is refused: a Model needs at least two classes.
+such a model is refused: a Model needs at least two classes. An option not in
+``OPTIONS``, one given twice, or one the format does not read is refused.
 
 Nothing here unpickles an untrusted file.
 """
@@ -60,12 +62,26 @@ from riskpipe.models.code_digest import code_roots, code_sha256
 from riskpipe.models.digits import INPUT_SHAPE, NUM_CLASSES, reference_file
 from riskpipe.models.layers import BinaryScores
 
+# every ?option= a spec may carry (which loader reads which: the module docstring); a
+# misspelt one (?rnage=0,1) was ignored, and with it the input range check
+OPTIONS = ("shape", "classes", "range", "binary", "format", "output", "sigma")
+
 
 def _options(spec: str) -> tuple[str, dict[str, str]]:
-    if "?" in spec:
-        base, q = spec.split("?", 1)
-        return base, dict(parse_qsl(q))
-    return spec, {}
+    """(the spec before ``?``, its options); an option not in OPTIONS, or given twice, is a
+    ModelError naming it."""
+    if "?" not in spec:
+        return spec, {}
+    base, q = spec.split("?", 1)
+    pairs = parse_qsl(q, keep_blank_values=True)
+    names = [k for k, _ in pairs]
+    for k in names:
+        if k not in OPTIONS:
+            known = ", ".join(f"?{o}=" for o in OPTIONS)
+            raise ModelError(f"model {spec}: unknown option ?{k}= (options: {known})")
+        if names.count(k) > 1:
+            raise ModelError(f"model {spec}: option ?{k}= given twice")
+    return base, dict(pairs)
 
 
 def _shape_opts(opts: dict[str, str], spec: str, default_shape=None, default_classes=None):
@@ -273,23 +289,41 @@ def _onnx_class_labels(path: Path) -> list | None:
     return None
 
 
-def _score_output(sess, spec: str, one_score: bool = False):
-    """(index, is_zipmap) of the output that carries class scores: the first rank-2 float
-    tensor (or rank 1, with ``one_score``: a binary model's one output per input), else a
-    ZipMap's sequence of {class: probability} maps. skl2onnx classifiers put the label
-    first and the probabilities second (as a ZipMap unless disabled)."""
+def _score_output(sess, spec: str, one_score: bool = False, name: str | None = None):
+    """(index, is_zipmap) of the output that carries class scores: the output ``name``
+    (``?output=``), else the one rank-2 float tensor (or rank 1, with ``one_score``: a
+    binary model's one output per input), else a ZipMap's sequence of {class: probability}
+    maps. skl2onnx classifiers put the label first and the probabilities second (as a
+    ZipMap unless disabled). Two float outputs that could both be the scores (an embedding
+    and the logits) are refused without ``?output=``: taking the first made an embedding
+    an N-class classifier."""
     outputs = sess.get_outputs()
     ranks = (1, 2) if one_score else (2,)
-    for i, o in enumerate(outputs):
-        if o.type in ("tensor(float)", "tensor(double)") and len(o.shape or ()) in ranks:
-            return i, False
+
+    def scores_like(o) -> bool:
+        return o.type in ("tensor(float)", "tensor(double)") and len(o.shape or ()) in ranks
+
+    shown = ", ".join(f"{o.name} {o.type}" for o in outputs)
+    if name is not None:
+        i = next((i for i, o in enumerate(outputs) if o.name == name), None)
+        if i is None:
+            raise ModelError(f"model {spec}: ?output={name}: the model has no such output (outputs: {shown})")
+        if not (scores_like(outputs[i]) or outputs[i].type.startswith("seq(map(")):
+            raise ModelError(f"model {spec}: ?output={name}: {outputs[i].type} of rank {len(outputs[i].shape or ())} "
+                             "cannot hold class scores; need a (batch, classes) float tensor")
+        return i, outputs[i].type.startswith("seq(map(")
+    found = [i for i, o in enumerate(outputs) if scores_like(o)]
+    if len(found) > 1:
+        raise ModelError(f"model {spec}: {len(found)} outputs could hold the class scores "
+                         f"({', '.join(outputs[i].name for i in found)}); name one with ?output=NAME")
+    if found:
+        return found[0], False
     for i, o in enumerate(outputs):
         if o.type.startswith("seq(map("):
             return i, True
     one = any(o.type in ("tensor(float)", "tensor(double)") and len(o.shape or ()) == 1 for o in outputs)
-    raise ModelError(f"model {spec}: no ONNX output holds class scores (outputs: "
-                     f"{', '.join(f'{o.name} {o.type}' for o in outputs)}); need a (batch, classes) float tensor"
-                     + (f"; {BINARY_HINT}" if one else ""))
+    raise ModelError(f"model {spec}: no ONNX output holds class scores (outputs: {shown}); need a (batch, classes) "
+                     f"float tensor" + (f"; {BINARY_HINT}" if one else ""))
 
 
 def _load_onnx(spec: str, path: Path, opts) -> Model:
@@ -304,14 +338,14 @@ def _load_onnx(spec: str, path: Path, opts) -> Model:
     try:
         sess = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
-        raise ModelError(f"model {spec}: not a loadable ONNX file ({type(e).__name__}: {str(e)[:200]})") from None
+        raise ModelError(f"model {spec}: not a loadable ONNX file ({type(e).__name__}: {one_line(e, 200)})") from None
     inp = sess.get_inputs()[0]
     file_shape = tuple(d for d in inp.shape[1:]) if all(isinstance(d, int) for d in inp.shape[1:]) else None
     shape, classes, rng = _shape_opts(opts, spec, file_shape)
     fixed = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
     dtype = np.float64 if inp.type == "tensor(double)" else np.float32
     threshold = _binary(opts, spec)
-    out_index, zipmap = _score_output(sess, spec, one_score=threshold is not None)
+    out_index, zipmap = _score_output(sess, spec, one_score=threshold is not None, name=opts.get("output"))
     keys: list = []
 
     def run(chunk: np.ndarray) -> np.ndarray:
@@ -339,7 +373,7 @@ def _load_onnx(spec: str, path: Path, opts) -> Model:
         probe = scores(np.zeros((1,) + tuple(shape), dtype))
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"model {spec}: the model does not run on a (1, {', '.join(map(str, shape))}) input "
-                         f"({type(e).__name__}: {str(e)[:200]}); set ?shape=") from None
+                         f"({type(e).__name__}: {one_line(e, 200)}); set ?shape=") from None
     meta: dict = {}
     if threshold is not None:  # one score per input -> (threshold, score): class 1 where the score is above it
         _one_score(tuple(probe.shape), spec, opts["binary"])
@@ -538,7 +572,7 @@ def _load_booster(spec: str, path: Path, fmt: str, opts) -> Model:
     except _trees.TreeError as e:
         raise ModelError(f"model {spec}: {e}") from None
     except Exception as e:  # noqa: BLE001 - the libraries raise their own error types for a bad file
-        raise ModelError(f"model {spec}: not a {fmt} model file ({type(e).__name__}: {str(e)[:200]})") from None
+        raise ModelError(f"model {spec}: not a {fmt} model file ({type(e).__name__}: {one_line(e, 200)})") from None
     shape, opt_classes, rng = _shape_opts(opts, spec, (ens.n_features,))
     if opt_classes not in (None, classes):
         raise ModelError(f"model {spec}: ?classes={opt_classes}, the booster has {classes}")
@@ -683,6 +717,13 @@ def load_model(spec: str, device: str = "cpu", trusted_types=()) -> Model:
         else:
             raise ModelError(f"model {spec}: unknown format {suffix!r} (use .pt TorchScript, .onnx, .skops, "
                              "an XGBoost .json/.ubj or LightGBM .txt booster, module:factory@weights or demo:NAME)")
+    if "format" in opts and model.meta.get("format") != opts["format"]:
+        raise ModelError(f"model {spec}: ?format= names a booster's format (xgboost, lightgbm); this model was read "
+                         f"as {model.meta.get('format') or 'a torch module'}")
+    if "output" in opts and model.meta.get("format") != "onnx":
+        raise ModelError(f"model {spec}: ?output= names an ONNX model's score output; this is not an ONNX model")
+    if "sigma" in opts and not base.startswith("demo:"):
+        raise ModelError(f"model {spec}: ?sigma= is a demo model's option")
     if "binary" in opts and model.meta.get("binary") != opts["binary"]:
         raise ModelError(f"model {spec}: ?binary= reads a torch or ONNX model with one output; this model gives "
                          f"scores for each of its {model.num_classes} classes")
