@@ -187,6 +187,49 @@ def test_truncation_after_a_checkpoint_is_caught_with_only_the_public_key(target
     assert rc == 1 and out["first_bad_seq"] == 16 and "truncated" in out["reason"], out
 
 
+def test_a_rolled_back_or_rewritten_log_is_never_signed(target, keys):
+    """The signer checked nothing: after rows 16..20 were cut (below the checkpoint of 20)
+    and other rows appended, with chain and tree rebuilt, the routine ``ledger checkpoint``
+    signed the fork; with the old note deleted, ``verify --public-key`` then said ok. Now
+    a key signs only a tree that extends the largest tree it signed before."""
+    build(target, keys)  # checkpoints at 10 and 20
+    with open_ledger(target) as led:
+        head15 = led.hash_at(15)
+    as_superuser(target, ["DELETE FROM entries WHERE seq > 15", "DELETE FROM facts WHERE seq > 15",
+                          f"UPDATE chain_state SET count = 15, head = '{head15}' WHERE id = 1"], ("entries", "facts"))
+    forge_tree(target)
+    key = load_private_key(keys / "key.pem")
+    with open_ledger(target) as led:
+        with pytest.raises(LedgerError, match="not signed: this key signed a tree of 20 leaves, and the ledger's "
+                                              "tree now has only 15: the log was rolled back or rewritten"):
+            make_checkpoint(led, key)
+        led.append_many([decision_record(100 + i) for i in range(10)])  # a fork of 25 leaves
+        with pytest.raises(LedgerError, match="tree of 20 leaves, and the ledger's tree now has other rows in the "
+                                              "first 20"):
+            make_checkpoint(led, key)
+        assert len(led.notes()) == 2  # nothing stored
+    r = subprocess.run([*CLI, "checkpoint", target, "--key", str(keys / "key.pem")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "rolled back or rewritten" in r.stderr, r.stderr
+    with open_ledger(target) as led:  # another key's notes vouch for nothing: it signs what it sees
+        assert make_checkpoint(led, load_private_key(keys / "other.pem")).tree_size == 25
+
+
+def test_a_key_signs_a_log_that_grew_from_what_it_signed(tmp_path, keys):
+    """The check passes every honest history: growth after each checkpoint, a second key
+    signing beside the first, and a note of another key with a larger size."""
+    target = str(tmp_path / "l.db")
+    key, other = load_private_key(keys / "key.pem"), load_private_key(keys / "other.pem")
+    with open_ledger(target) as led:
+        for n in range(3):
+            led.append_many([decision_record(10 * n + i) for i in range(5)])
+            assert make_checkpoint(led, key).tree_size == 5 * (n + 1)
+        assert make_checkpoint(led, key).tree_size == 15  # the same tree again
+        assert make_checkpoint(led, other).tree_size == 15
+        led.append_many([decision_record(99)])
+        assert make_checkpoint(led, key).tree_size == 16
+
+
 def test_deleted_checkpoints_are_caught_by_the_published_copies(target, keys, tmp_path):
     cp1, cp2 = build(target, keys)
     with open_ledger(target) as led:

@@ -69,6 +69,7 @@ def make_checkpoint(ledger: Ledger, private_key: Ed25519PrivateKey, origin: str 
     (rows other writers left pending are sequenced first, so it covers every stored row)."""
     ledger.integrate()
     size, root = ledger.tree_head()
+    refuse_fork(ledger, private_key.public_key(), size)
     origin = default_origin(ledger) if origin is None else origin  # an empty one is refused, not replaced
     try:
         text = notes.sign(notes.checkpoint_text(origin, size, bytes.fromhex(root)),
@@ -78,6 +79,29 @@ def make_checkpoint(ledger: Ledger, private_key: Ed25519PrivateKey, origin: str 
     cp = Checkpoint(origin, size, bytes.fromhex(root), text)
     ledger.add_note(size, root, text)
     return cp
+
+
+def refuse_fork(ledger: Ledger, public_key: Ed25519PublicKey, size: int) -> None:
+    """LedgerError unless the ledger's tree of ``size`` leaves extends the largest tree
+    ``public_key`` signed for it before (same first leaves, same root at that size).
+
+    Someone who can write the database can roll the log back, append other rows and
+    rebuild the chain and the tree; ``verify`` then finds the signed checkpoint broken.
+    Signing the rewritten tree would turn that into a signed history that verifies (once
+    the old note is deleted): the key holder's routine ``ledger checkpoint``, the stage's
+    checkpointer or a report bundle would vouch for the rewrite. Notes other keys signed
+    vouch for nothing here and are passed over."""
+    for text in ledger.notes_largest_first():
+        try:
+            signed = Checkpoint.from_note(text, [public_key])
+        except LedgerError:
+            continue
+        if signed.tree_size > size or ledger.tree_root(signed.tree_size) != signed.root:
+            now = "has only" if signed.tree_size > size else "has other rows in the first"
+            raise LedgerError(f"checkpoint: not signed: this key signed a tree of {signed.tree_size} leaves, and the "
+                              f"ledger's tree now {now} {min(size, signed.tree_size)}: the log was rolled back or "
+                              "rewritten (`riskpipe ledger verify --public-key` says where)")
+        return
 
 
 def legacy_key_id(public_key: Ed25519PublicKey) -> str:
