@@ -11,6 +11,7 @@ import pytest
 
 from ledger_records import build_ledger, decision_record, forge_tree
 from riskpipe.ledger import GENESIS, Ledger, LedgerError, canonical_json, entry_hash
+from riskpipe.ledger.chain import decision_scope
 
 
 @pytest.fixture()
@@ -117,9 +118,10 @@ def test_inserted_row_is_named(ledger_path):
     forged = canonical_json(decision_record(99))
     prev = db.execute("SELECT hash FROM entries WHERE seq = 5").fetchone()[0]
     # A forger who knows the layout links the new row correctly; the row after it no longer links.
-    db.execute("INSERT INTO entries (seq, kind, entry_id, ts, record, prev_hash, hash) VALUES (6, 'decision', "
-               "'evt-00099', ?, ?, ?, ?)",
-               (json.loads(forged)["ts"], forged, prev, entry_hash(prev, "decision", "evt-00099", forged)))
+    db.execute("INSERT INTO entries (seq, kind, entry_id, ts, record, prev_hash, hash, scope) VALUES (6, 'decision', "
+               "'evt-00099', ?, ?, ?, ?, ?)",
+               (json.loads(forged)["ts"], forged, prev, entry_hash(prev, "decision", "evt-00099", forged),
+                decision_scope("decision", json.loads(forged))))
     db.execute("UPDATE chain_state SET count = 11")
     db.close()
     res = verify(ledger_path)

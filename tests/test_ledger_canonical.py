@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from ledger_records import decision_record
 from riskpipe.ledger import LedgerError, canonical_json, entry_hash
-from riskpipe.ledger.chain import ChainWalk, _orjson_own_form, _own_form_seqs, read_canonical
+from riskpipe.ledger.chain import ChainWalk, _orjson_own_form, _own_form_seqs, decision_scope, read_canonical
 
 
 def reference_json(value):
@@ -124,7 +124,8 @@ def test_a_batch_is_scanned_for_orjson_forms_as_each_text_is():
     rows, prev = [], "0" * 64
     for seq, text in enumerate([plain, '{"r":1e-6,"ts":null}', plain], 1):
         stored = entry_hash(prev, "decision", f"e{seq}", text)
-        rows.append((seq, "decision", f"e{seq}", json.loads(text)["ts"], text.encode(), prev, stored))
+        rows.append((seq, "decision", f"e{seq}", json.loads(text)["ts"], text.encode(), prev, stored,
+                     decision_scope("decision", json.loads(text))))
         prev = stored
     walk = ChainWalk()
     walk.feed(rows)

@@ -228,3 +228,25 @@ def test_a_verdict_is_for_the_decision_the_page_showed_even_if_the_event_was_dec
             assert len(led.get_all("evt-x", kind="verdict")) == 2 and rq.backlog(led, settings.scope) == 0
     assert client.get("/item?id=evt-x&seq=999").status_code == 404  # no decision of the event there
     assert client.get("/item?id=evt-x&seq=1x").status_code == 400
+
+
+@pytest.mark.parametrize("edit", [
+    "UPDATE entries SET scope = '' WHERE kind = 'verdict'",  # the verdict now covers every decision of its id
+    "UPDATE entries SET scope = 'x' WHERE kind = 'decision' AND seq = 1",  # a decision no verdict ever covers
+])
+def test_an_edited_scope_column_is_caught_by_verify(tmp_path, edit):
+    """``scope`` is an index column outside the hash, and the queue, the backlog and the
+    report join verdicts to decisions on it. Set to '' on one stage's verdict, it took the
+    other stage's routed decision off the queue (backlog 1 -> 0) while ``ledger verify``
+    and the report said intact. Verify now checks every row's scope against its record."""
+    from ledger_records import as_superuser
+
+    path = str(tmp_path / "l.db")
+    _a, _b, _scope_a, scope_b = _decided_by_both(path)
+    with Ledger(path) as led:
+        rq.record_verdict(led, "evt-shared", "confirmed_clean", "", "bob", WHEN, scope=scope_b)
+        assert led.verify().ok
+    as_superuser(path, [edit])
+    with Ledger(path) as led:
+        res = led.verify()
+    assert not res.ok and "scope column" in res.reason and "verdict covers" in res.reason, res

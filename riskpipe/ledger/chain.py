@@ -173,7 +173,7 @@ Problem = tuple[int, str]  # (first bad seq, reason)
 
 def check_chain(rows: Iterable[tuple[Any, ...]], expect_head: str | None = None, anchors: dict[int, str] | None = None
                 ) -> tuple[int, str, Problem | None, int | None, Problem | None]:
-    """Walk ``(seq, kind, entry_id, ts, record_text, prev_hash, hash)`` rows in order.
+    """Walk ``(seq, kind, entry_id, ts, record_text, prev_hash, hash, scope)`` rows in order.
 
     ``anchors`` maps a row number to the head a signed checkpoint recorded for it.
     Returns ``(n_good, head, bad, anchored_seq, bad_anchor)``: the number of rows that
@@ -222,7 +222,7 @@ class ChainWalk:
         sha256, loads, dumps, sort_keys = hashlib.sha256, orjson.loads, orjson.dumps, orjson.OPT_SORT_KEYS
         decode_errors = _ORJSON_ERRORS
         prev, n, anchors, expect_head, keep = self.prev, self.n, self.anchors, self.expect_head, leaves.append
-        for seq, kind, eid, ts, text, prev_hash, stored in rows:
+        for seq, kind, eid, ts, text, prev_hash, stored, scope in rows:
             if seq != n + 1:
                 self.bad = (n + 1, f"row {n + 1} is missing (next row is seq {seq}): deleted")
                 break
@@ -247,6 +247,10 @@ class ChainWalk:
                 break
             if ts != (record.get("ts") if record.__class__ is dict else None):
                 self.bad = (seq, f"row {seq}: ts column {ts!r} differs from the record's ts (edited)")
+                break
+            if scope != decision_scope(kind, record):  # an index column, but verdicts are joined on it
+                self.bad = (seq, f"row {seq}: scope column {scope!r} differs from the record's model and policy "
+                                 "(edited: it decides which decision a verdict covers)")
                 break
             keep(sha256(b"".join((b"\x00", head, raw))).digest())
             n, prev = seq, stored
