@@ -431,8 +431,8 @@ class Ledger:
             tstate = db.execute("SELECT size, root FROM tree_state WHERE id = 1").fetchone()
             check = tree.TreeCheck(db, signed_roots, self.tree_nodes_check)
             walk = ChainWalk(expect_head, anchors)
-            rows = self._rows(db, f"SELECT seq, kind, entry_id, ts, {self.record_bytes}, prev_hash, hash, scope FROM entries "
-                                  "WHERE seq IS NOT NULL ORDER BY seq")
+            rows = self._rows(db, f"SELECT seq, kind, entry_id, ts, {self.record_bytes}, prev_hash, hash, scope "
+                                  "FROM entries WHERE seq IS NOT NULL ORDER BY seq")
             while not walk.stopped and (batch := rows.fetchmany(_VERIFY_BATCH)):
                 first = walk.n + 1
                 check.add_leaves(first, walk.feed(batch))  # the tree is rebuilt from the rows the chain walk reads
