@@ -49,7 +49,7 @@ def read(text: str) -> dict:
         raise Invalid(f"not JSON: {e}") from None
 
 
-def verify(receipt: dict, public_key_pem: bytes, origin: str | None = None) -> None:
+def verify(receipt: dict, public_key_pem: bytes, origin: str | None = None, kind: str | None = "decision") -> None:
     """Raise Invalid unless the receipt holds under the PEM public key."""
     pub = load_pem_public_key(public_key_pem)
     if not isinstance(pub, Ed25519PublicKey):
@@ -101,6 +101,8 @@ def verify(receipt: dict, public_key_pem: bytes, origin: str | None = None) -> N
     parts = leaf.split(b"\n", 2)
     if len(parts) != 3:
         raise Invalid("leaf layout")
+    if kind is not None and parts[0] != kind.encode("utf-8"):
+        raise Invalid("leaf kind")
     try:
         record_text = parts[2].decode("utf-8")
         parsed = json.loads(record_text)

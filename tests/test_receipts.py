@@ -18,7 +18,7 @@ import pytest
 
 import receipt_verifier
 from ledger_records import decision_record
-from riskpipe.ledger import note, open_ledger
+from riskpipe.ledger import LedgerError, note, open_ledger
 from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint
 
 CLI = [sys.executable, "-m", "riskpipe.cli", "ledger"]
@@ -53,7 +53,7 @@ def test_receipt_round_trip_and_tampering(target, keys, tmp_path):
     assert leaf.startswith(b"decision\nevt-00020\n{") and json.loads(leaf.split(b"\n", 2)[2]) == receipt["record"]
     receipt_verifier.verify(receipt, pem)
     r = cli("verify-receipt", out, "--public-key", keys / "pub.pem")
-    assert r.returncode == 0 and r.stdout.startswith("ok: leaf 20 of riskpipe/ledger/"), r.stdout + r.stderr
+    assert r.returncode == 0 and r.stdout.startswith("ok: decision 'evt-00020', leaf 20 of riskpipe/ledger/"), r.stdout
 
     def edited(change):
         bad = copy.deepcopy(receipt)
@@ -194,3 +194,49 @@ def test_receipt_needs_a_covering_checkpoint(tmp_path, keys):
     (tmp_path / "deep.json").write_text("[" * 100_000)  # was a RecursionError traceback
     r = cli("verify-receipt", tmp_path / "deep.json", "--public-key", keys / "pub.pem")
     assert r.returncode == 2 and "not JSON (nested too deeply" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_receipt_proves_its_kind_and_id_and_a_decision_receipt_needs_a_decision_leaf(tmp_path, keys):
+    """Anyone who may publish to an ingested topic (review outcomes are stored as
+    ``verdict``) can put a decision-shaped record into the log: a copy of a ``block``
+    decision saying ``allow``. Its receipt verified as 'ok: leaf 1', kind never checked or
+    shown. Now ``verify-receipt`` takes a decision's receipt by default, names the kind
+    and entry id it proves, and ``--kind`` asks for another kind (or ``any``)."""
+    target = str(tmp_path / "l.db")
+    real = decision_record(7, decision="block")
+    with open_ledger(target) as led:
+        led.append(real)
+        led.append({**real, "decision": "allow"}, kind="verdict")
+        make_checkpoint(led, load_private_key(keys / "key.pem"))
+    out = tmp_path / "v.json"
+    assert cli("receipt", "evt-00007", "--kind", "verdict", "--ledger", target, "--out", out).returncode == 0
+    r = cli("verify-receipt", out, "--public-key", keys / "pub.pem")
+    assert r.returncode == 1 and "INVALID: receipt.leaf: an entry of kind 'verdict', not 'decision'" in r.stdout
+    for kind in ("verdict", "any"):
+        r = cli("verify-receipt", out, "--public-key", keys / "pub.pem", "--kind", kind, "--json")
+        got = json.loads(r.stdout)
+        assert r.returncode == 0 and (got["kind"], got["entry_id"]) == ("verdict", "evt-00007"), r.stdout
+    assert cli("receipt", "evt-00007", "--ledger", target, "--out", out).returncode == 0
+    r = cli("verify-receipt", out, "--public-key", keys / "pub.pem")
+    assert r.returncode == 0 and r.stdout.startswith("ok: decision 'evt-00007', leaf 0 of "), r.stdout
+
+
+@pytest.mark.parametrize("origin", ["evil\n", "bad\ud800", "a\u2028b"])
+def test_a_name_that_would_break_the_note_is_refused_and_never_a_traceback(tmp_path, keys, origin):
+    """``^[^\\s+]+$`` let ``evil\\n`` through (``$`` matches before a final newline): the
+    checkpoint was stored with a broken signature line and every later ``verify`` failed
+    for good; a lone surrogate in a receipt's origin ended ``verify-receipt`` in a traceback."""
+    target = str(tmp_path / "l.db")
+    with open_ledger(target) as led:
+        led.append_many([decision_record(i) for i in range(3)])
+        with pytest.raises(LedgerError, match="origin: must be non-empty printable text"):
+            make_checkpoint(led, load_private_key(keys / "key.pem"), origin=origin)
+        assert led.notes() == []
+        good = make_checkpoint(led, load_private_key(keys / "key.pem"))
+    out = tmp_path / "r.json"
+    assert cli("receipt", "evt-00001", "--ledger", target, "--out", out).returncode == 0
+    receipt = json.loads(out.read_text())
+    receipt["checkpoint"] = receipt["checkpoint"].replace(good.origin, origin.replace("\n", ""), 1)
+    out.write_text(json.dumps(receipt))  # \ud800 written as an escape: the JSON is valid
+    r = cli("verify-receipt", out, "--public-key", keys / "pub.pem")
+    assert r.returncode == 1 and r.stdout.startswith("INVALID: receipt.checkpoint: ") and "Traceback" not in r.stderr

@@ -129,6 +129,8 @@ def receipt(**options):
 @click.argument("receipt_path", metavar="FILE")
 @public_key_option("Ed25519 public key (PEM) of the ledger's checkpoints; repeatable (key rotation).", required=True)
 @click.option("--origin", default=None, help="Also require this checkpoint origin.")
+@click.option("--kind", type=click.Choice(["decision", "verdict", "policy", "dlq", "any"]), default="decision",
+              show_default=True, help="The ledger kind the receipt's entry must have.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def verify_receipt(**options):
     """Check a receipt offline: the checkpoint's signature, the record against the leaf,

@@ -278,7 +278,7 @@ def receipt(event_id, ledger_path, out_path, kind, model, policy_sha256, key_pat
         click.echo(text, nl=False)
 
 
-def verify_receipt(receipt_path, public_keys, origin, as_json):
+def verify_receipt(receipt_path, public_keys, origin, kind, as_json):
     keys = read_public_keys(public_keys)
     try:
         text = Path(receipt_path).read_text(encoding="utf-8")
@@ -289,14 +289,17 @@ def verify_receipt(receipt_path, public_keys, origin, as_json):
         fail(f"{receipt_path}: not JSON ({e.msg} at line {e.lineno})")
     try:
         refuse_repeated_names(text, rec)  # a name given twice: INVALID (exit 1), not unreadable
-        cp = check(rec, keys, origin)
+        proved = check(rec, keys, origin, None if kind == "any" else kind)
         problem = None
     except LedgerError as e:
-        cp, problem = None, str(e)
+        proved, problem = None, str(e)
+    cp = proved and proved.checkpoint
     _outcome(problem, as_json, "INVALID",
              {"origin": cp and cp.origin, "tree_size": cp and cp.tree_size,
-              "index": rec.get("index") if isinstance(rec, dict) else None},
-             lambda: f"ok: leaf {rec['index']} of {cp.origin} at tree size {cp.tree_size}, signed checkpoint verified")
+              "index": rec.get("index") if isinstance(rec, dict) else None,
+              "kind": proved and proved.kind, "entry_id": proved and proved.entry_id},
+             lambda: f"ok: {proved.kind} {proved.entry_id!r}, leaf {rec['index']} of {cp.origin} at tree size "
+                     f"{cp.tree_size}, signed checkpoint verified")
 
 
 def export(path, out_path, kind, since, until):

@@ -50,8 +50,10 @@ def key_id(name: str, public_key: Ed25519PublicKey) -> bytes:
 
 
 def check_name(name: str, what: str = "key name") -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise NoteError(f"{what}: must be non-empty, without spaces or '+'; got {name!r}")
+    # fullmatch: ``$`` matches before a final newline, so "evil\n" passed and broke the note it signed
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or not name.isprintable():
+        shown = name[:80] if isinstance(name, str) else name
+        raise NoteError(f"{what}: must be non-empty printable text, without spaces or '+'; got {shown!r}")
     return name
 
 
@@ -76,6 +78,10 @@ def parse(note: str) -> tuple[str, list[Signature]]:
     """(text, signature lines) of a signed note; NoteError if malformed."""
     if not isinstance(note, str):
         raise NoteError("note: not text")
+    try:
+        note.encode("utf-8")
+    except UnicodeEncodeError:
+        raise NoteError("note: not valid Unicode text (a lone surrogate)") from None
     text, sep, sigs = note.partition("\n\n")  # a note's text has no empty line
     if not sep or not text or not sigs.endswith("\n"):
         raise NoteError("note: no blank line followed by signature lines")
@@ -132,7 +138,7 @@ def parse_checkpoint(text: str) -> tuple[str, int, bytes]:
         raise NoteError("checkpoint: needs origin, tree size and root hash lines")
     origin, size, root = lines[:3]
     check_name(origin, "checkpoint origin")
-    if not _SIZE.match(size):
+    if not _SIZE.fullmatch(size):
         raise NoteError(f"checkpoint: tree size {size[:30]!r} is not a decimal number")
     try:
         root_bytes = base64.b64decode(root, validate=True)

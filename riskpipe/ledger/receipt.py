@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from riskpipe import json_text
@@ -63,9 +64,23 @@ def refuse_repeated_names(text: str | bytes, receipt: Any) -> None:
         raise LedgerError(f"receipt: {why}")
 
 
-def verify_receipt(receipt: Any, public_keys: Iterable[Ed25519PublicKey], origin: str | None = None) -> Checkpoint:
-    """Check a receipt offline; returns its checkpoint, or raises LedgerError naming the
-    first check that failed (docs/receipts.md, "Verifying")."""
+@dataclass(frozen=True)
+class Proved:
+    """What a receipt that holds proves: the entry of ``kind`` and ``entry_id`` (with the
+    receipt's record) at its index in the tree ``checkpoint`` signs."""
+
+    checkpoint: Checkpoint
+    kind: str
+    entry_id: str
+
+
+def verify_receipt(receipt: Any, public_keys: Iterable[Ed25519PublicKey], origin: str | None = None,
+                   kind: str | None = "decision") -> Proved:
+    """Check a receipt offline; returns what it proves, or raises LedgerError naming the
+    first check that failed (docs/receipts.md, "Verifying"). ``kind``: the ledger kind the
+    leaf must have (None: any). A decision's receipt must be of a ``decision`` leaf: a
+    verdict or dead letter holds whatever its writer put in its record, so a copy of a
+    decision record saying ``allow`` in a review-outcomes message proves no decision."""
     if not isinstance(receipt, dict) or set(receipt) != set(KEYS):
         got = sorted(receipt) if isinstance(receipt, dict) else type(receipt).__name__
         raise LedgerError(f"receipt: expected exactly the keys {', '.join(KEYS)}; got {got}")
@@ -81,9 +96,12 @@ def verify_receipt(receipt: Any, public_keys: Iterable[Ed25519PublicKey], origin
         raise LedgerError(f"receipt: tree_size {size} but the checkpoint is for tree size {cp.tree_size}")
     try:
         data = base64.b64decode(receipt["leaf"], validate=True)
-        _kind, _entry_id, text = split_leaf(data)
+        leaf_kind, entry_id, text = split_leaf(data)
     except (binascii.Error, ValueError, TypeError):
         raise LedgerError("receipt.leaf: not base64 of 'kind \\n entry id \\n record'") from None
+    if kind is not None and leaf_kind != kind:
+        raise LedgerError(f"receipt.leaf: an entry of kind {leaf_kind[:40]!r}, not {kind!r} (a {kind}'s receipt "
+                          "proves a leaf of that kind only)")
     try:
         parsed = json_text.loads(text)
     except ValueError:
@@ -102,7 +120,7 @@ def verify_receipt(receipt: Any, public_keys: Iterable[Ed25519PublicKey], origin
         merkle.verify_inclusion(index, size, merkle.leaf_hash(data), proof, cp.root)
     except merkle.ProofError as e:
         raise LedgerError(f"receipt: {e} (leaf, index or proof altered)") from None
-    return cp
+    return Proved(cp, leaf_kind, entry_id)
 
 
 def find_decisions(ledger: Ledger, event_id: str, kind: str = "decision", model: str | None = None,

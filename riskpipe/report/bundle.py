@@ -200,7 +200,7 @@ def verify_bundle(path: str | Path, public_keys) -> BundleCheck:
     receipts = sorted(n for n in listed if n.startswith("receipts/"))
     for name in receipts:
         try:
-            got = verify_receipt(parse_receipt(files[name]), public_keys, cp.origin)
+            got = verify_receipt(parse_receipt(files[name]), public_keys, cp.origin).checkpoint
         except (LedgerError, ValueError) as e:
             return fail(f"{name}: {e}")
         if got.tree_size > cp.tree_size:
