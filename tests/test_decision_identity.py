@@ -142,11 +142,10 @@ def test_a_changed_model_is_another_decision(wine):
     pipe = wine.a
     ev = json.dumps(tabular_event("m-0", wine.X[0])).encode()
     msg = Message(ev, "t", 0, 5)
-    from riskpipe.ledger.inputs import input_digest
     from riskpipe.stream.events import parse_event
 
     event = parse_event(ev, [], pipe.models)
-    acc = Accepted(msg, event, input_digest(event.x))
+    acc = Accepted.of(msg, event)
     [record] = pipe.process([event], [msg.source()])
     assert classify([acc], {"m-0": [record]}, pipe.scopes).duplicates == []  # its own record: a redelivery
     assert len(classify([acc], {"m-0": [record]}, pipe.scopes).redelivered) == 1

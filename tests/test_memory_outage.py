@@ -138,7 +138,7 @@ def _one_event():
 
     message = SimpleNamespace(source=lambda: {"topic": "t", "partition": 0, "offset": 0, "timestamp": None},
                               topic="t", partition=0, offset=0)
-    return Accepted(message, SimpleNamespace(id="e-1", model="m"), "0" * 64)
+    return Accepted(message, SimpleNamespace(id="e-1", model="m"), "0" * 64, "1" * 64)
 
 
 @pytest.mark.parametrize("short,probes,outcome", [

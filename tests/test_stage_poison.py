@@ -8,6 +8,7 @@ import sqlite3
 from typing import ClassVar
 
 import numpy as np
+import orjson
 import pytest
 
 from riskpipe.app.config import load_config
@@ -326,3 +327,49 @@ def test_run_command_survives_every_poison_class_of_the_issue(tmp_path):
                     if json.loads(line)["id"] == "nan-risk")
     assert nan_risk["signals"]["upstream_risk"]["flagged"] and nan_risk["signals"]["upstream_risk"]["reason"] == \
         "non_finite"
+
+
+def _with(event: dict, field: str, depth: int) -> str:
+    """``event`` as JSON text with an array nested ``depth`` deep as ``field`` (``context``:
+    as its member ``a``), written as text: json.dumps itself stops near 1,000 levels."""
+    value = {"a": "X"} if field == "context" else "X"
+    return json.dumps({**event, field: value}).replace('"X"', "[" * depth + "0.5" + "]" * depth)
+
+
+def test_an_event_nested_too_deeply_is_its_own_dead_letter_and_the_batch_goes_on(tmp_path, cnn):
+    """A ~6 KB event with ``context`` (or ``upstream_risk``) nested some thousand deep made
+    the id-conflict digest raise RecursionError in triage, which runs over the whole batch:
+    the stage stopped with a traceback, the batch's other events undecided (and on Kafka
+    again at every restart). Such an event is ``invalid_json`` at parse now, and a digest
+    that still cannot be made is its own ``internal_error``."""
+    events = cnn_events(6, "d")
+    lines = [json.dumps(e) for e in events]
+    lines[1] = _with(events[1], "context", 1000)
+    lines[3] = _with(events[3], "upstream_risk", 990)
+    lines[4] = _with(events[4], "context", 29)  # 31 levels with the event's and context's: read
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    with Ledger(str(tmp_path / "l.sqlite")) as led:
+        res = run_offline(str(source), tmp_path / "out", config(), pipeline=cnn, ledger=led)
+    dead = {orjson.loads(d["value"])["id"]: d["headers"] for d in res.read("dlq")}  # json stops near 1,000 levels
+    assert set(dead) == {"d-1", "d-3"} and res.stats.decided == 4
+    assert all(h["__riskpipe.errors.reason"] == "invalid_json" for h in dead.values())
+    assert "nested more than 32 levels deep" in dead["d-1"]["__riskpipe.errors.message"]
+
+
+def test_a_digest_that_cannot_be_made_is_that_events_failure(tmp_path, cnn, monkeypatch):
+    from riskpipe.stream import triage
+
+    original = triage.event_digest
+
+    def event_digest(input_sha256, model, prediction, upstream_risk, context):
+        if context == {"poison": True}:
+            raise RecursionError("maximum recursion depth exceeded")
+        return original(input_sha256, model, prediction, upstream_risk, context)
+
+    monkeypatch.setattr(triage, "event_digest", event_digest)
+    events = cnn_events(4, "g")
+    events[2]["context"] = {"poison": True}
+    res = run_offline(events, tmp_path / "out", config(), pipeline=cnn)
+    assert set(dlq_by_id(res)) == {"g-2"} and res.stats.decided == 3
+    assert dlq_by_id(res)["g-2"]["__riskpipe.errors.exception"] == "RecursionError"

@@ -19,6 +19,7 @@ import json
 import math
 import re
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -85,14 +86,42 @@ def _path(parts) -> str:
     return out or "value"
 
 
-def check_values(obj: dict) -> None:
-    """Every number anywhere in the event is bounded and finite, every string valid
-    Unicode. Two places are left to their own checks: the tensor ``data`` (numbers
-    only, checked against the model's input spec) and ``upstream_risk`` (a
-    non-finite risk is the policy's business: default value, flagged ``non_finite``)."""
+# arrays and objects inside one another in an event (beyond the tensor's flat data): the
+# hot path's JSON writer (orjson) stops at 254 levels and the standard library's raises
+# RecursionError near 1,000, where a few KB of "[[[[" in ``context`` stopped the stage
+MAX_DEPTH = 32
+
+
+def _members(obj: dict) -> Iterator[tuple[tuple, Any]]:
+    """(path, value) of every value in the event, the event itself first, but the numbers of
+    the tensor's ``data``; EventError ``invalid_json`` for a value nested deeper than
+    MAX_DEPTH, before anything is done with it."""
     stack: list = [((), obj)]
     while stack:
         path, v = stack.pop()
+        if len(path) > MAX_DEPTH:
+            raise EventError("invalid_json", f"{_path(path[:3])}...: nested more than {MAX_DEPTH} levels deep; "
+                                             "an event is read to that depth")
+        yield path, v
+        if isinstance(v, dict):
+            stack.extend((path + (k,), child) for k, child in v.items())
+        elif isinstance(v, list) and not (len(path) == 3 and path[0] == "inputs" and path[2] == "data"):
+            stack.extend((path + (i,), child) for i, child in enumerate(v))
+
+
+def check_depth(obj: dict) -> None:
+    """EventError ``invalid_json`` if anything in the event is nested deeper than MAX_DEPTH."""
+    for _ in _members(obj):
+        pass
+
+
+def check_values(obj: dict) -> None:
+    """Every number anywhere in the event is bounded and finite, every string valid
+    Unicode, nothing nested deeper than MAX_DEPTH. Two places are left to their own
+    checks: the tensor ``data`` (numbers only, checked against the model's input spec)
+    and ``upstream_risk`` (a non-finite risk is the policy's business: default value,
+    flagged ``non_finite``)."""
+    for path, v in _members(obj):
         if isinstance(v, codec.OversizedInt):
             raise EventError("out_of_range", f"{_path(path)}: an integer of {v.digits} digits "
                                              "(too large for a double) is not accepted")
@@ -102,13 +131,8 @@ def check_values(obj: dict) -> None:
         elif isinstance(v, str):
             _check_text(v, path)
         elif isinstance(v, dict):
-            for k, child in v.items():
+            for k in v:
                 _check_text(k, path + (k,), " (a key)")
-                stack.append((path + (k,), child))
-        elif isinstance(v, list):
-            if len(path) == 3 and path[0] == "inputs" and path[2] == "data":
-                continue
-            stack.extend((path + (i,), child) for i, child in enumerate(v))
 
 
 def _check_text(text: str, path: tuple, what: str = "") -> None:
@@ -208,6 +232,8 @@ def validate_event(obj: dict, models: dict, values_checked: bool = False) -> Eve
         raise EventError("bad_id", "id: is not valid Unicode text (lone surrogate)") from None
     if not values_checked:
         check_values(obj)
+    else:  # the parser took care of the values, not of their depth
+        check_depth(obj)
     name = obj["model"]
     if not isinstance(name, str):
         raise EventError("wrong_type", "model: must be a string")

@@ -53,11 +53,15 @@ class Accepted:
     message: Message
     event: Event
     digest: str  # sha256 of the input tensor, as the record's ``input.sha256``
+    conflict_digest: str  # pipeline.event_digest: everything in the event that decides its outcome
 
-    @property
-    def conflict_digest(self) -> str:
-        ev = self.event
-        return event_digest(self.digest, ev.model, ev.prediction, ev.upstream_risk, ev.context)
+    @classmethod
+    def of(cls, message: Message, ev: Event) -> Accepted:
+        """Both digests, made while the message is parsed (``parse_batch``): a value they
+        cannot be made of is that message's dead letter, never its batch's (``classify``,
+        which uses them, runs over the whole batch)."""
+        digest = input_digest(ev.x)
+        return cls(message, ev, digest, event_digest(digest, ev.model, ev.prediction, ev.upstream_risk, ev.context))
 
 
 @dataclass
@@ -77,8 +81,7 @@ def parse_batch(msgs: list[Message], parse: Callable[[Message], Event]) -> tuple
     ok, dead = [], []
     for m in msgs:
         try:
-            ev = parse(m)
-            ok.append(Accepted(m, ev, input_digest(ev.x)))
+            ok.append(Accepted.of(m, parse(m)))
         except EventError as e:
             dead.append(Dead(m, e.code, str(e)))
         except Exception as e:  # noqa: BLE001 - poison isolation: any failure is this message's
