@@ -143,6 +143,9 @@ class Outage:
     component: str
     since: float  # time.monotonic()
     retries: int = 0
+    # its last error stalls the source (``stalls_source``: io.UnreadableRecord): quiet polls
+    # do not end it, only a committed batch does (riskpipe.stream.stage.Stage._progress)
+    stalled: bool = False
     rng: random.Random = field(default_factory=random.Random)
 
     def next_delay(self) -> float:

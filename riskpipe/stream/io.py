@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kafka import TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import CorruptRecordError
 from kafka.structs import OffsetAndMetadata
 
 from riskpipe import kafka_clients
@@ -37,6 +38,19 @@ def _topic_id(consumer, topic: str):
     cluster = getattr(getattr(consumer, "_client", None), "cluster", None)
     getter = getattr(cluster, "topic_id", None)
     return getter(topic) if getter is not None else None
+
+
+class UnreadableRecord(CorruptRecordError):
+    """A record the Kafka client cannot decode (a header name that is not UTF-8, which any
+    non-Python producer can write; a failed CRC). kafka-python cannot read past it: every
+    record of its record batch is lost to this client, and after raising once it fetches
+    nothing more of the partition, silently. So it is not skipped (nothing it holds
+    would be decided or dead-lettered) and the partition waits: the stage treats it as the
+    broker's outage (a KafkaError) that quiet polls do not end (``stalls_source``), so it
+    exits past ``infrastructure_timeout_s`` naming the partition and offset, where an
+    operator moves the group's offset past it."""
+
+    stalls_source = True  # riskpipe.stream.infra.Outage.stalled
 
 
 class KafkaSource(SourceBase):
@@ -85,7 +99,10 @@ class KafkaSource(SourceBase):
         log.info("subscribed to %s as a member of group %s", config.topics.input, config.group_id)
 
     def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
-        batch = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        try:
+            batch = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except CorruptRecordError as e:
+            raise self._unreadable_record(e) from e
         out = []
         for _tp, recs in batch.items():
             for r in recs:
@@ -134,6 +151,17 @@ class KafkaSource(SourceBase):
                 offsets[tp] = OffsetAndMetadata(m.offset + 1, "", -1)
         if offsets:
             self.consumer.commit(offsets)
+
+    def _unreadable_record(self, e: CorruptRecordError) -> UnreadableRecord:
+        """``UnreadableRecord`` naming the partition and offset kafka-python stopped at (its
+        fetcher's partition records: no public accessor)."""
+        parts = getattr(getattr(self.consumer, "_fetcher", None), "_next_partition_records", None)
+        tp, offset = getattr(parts, "topic_partition", None), getattr(parts, "next_fetch_offset", None)
+        if tp is None or not isinstance(offset, int):
+            return UnreadableRecord(f"a record the Kafka client cannot decode ({e})")
+        return UnreadableRecord(f"{tp.topic}-{tp.partition} offset {offset}: the Kafka client cannot decode this "
+                                f"record ({e}); it is neither decided nor skipped, and the partition waits (move the "
+                                "group's offset past it to go on)")
 
     def rewind(self) -> bool:
         """Every assigned partition back to its last committed offset (its start if none):

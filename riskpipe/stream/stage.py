@@ -167,6 +167,8 @@ class Stage:
                 if component is None:
                     self._close()
                     raise
+                if getattr(e, "stalls_source", False):
+                    self._decide_read()
                 if self._outage(component, e):
                     break
                 idle_since = time.monotonic()  # an outage is not idleness
@@ -175,6 +177,17 @@ class Stage:
         return self.stats
 
     # ---- outages ---------------------------------------------------------------------
+    def _decide_read(self) -> None:
+        """Before pausing at input the source cannot read (``stalls_source``): decide and
+        commit what it read before it, so that moving the group's offset past that record
+        skips nothing else. If this fails, the outage reads them again as usual."""
+        try:
+            self._flush()
+            self._complete_in_flight()
+        except Exception as e:  # noqa: BLE001 - left to the outage: dropped and read again
+            log.warning("could not decide the %d messages read before the unreadable record (%s: %s)",
+                        len(self.batcher.buffer), type(e).__name__, e)
+
     def _recover(self) -> None:
         """Before a turn: during a ledger outage, probe the ledger; record the policies
         once; (re)open the clients. Each raises while its component is unavailable."""
@@ -187,9 +200,13 @@ class Stage:
             self._open()
 
     def _progress(self) -> None:
-        """After a turn without an exception: with nothing undecided held, the outage is
-        over (so is it once a batch commits: ``_complete_in_flight``)."""
-        if not self.batcher.buffer and self.in_flight is None:
+        """After a turn without an exception: with nothing undecided held and the source not
+        stopped at input it cannot read, the outage is over (so is it once a batch
+        commits: ``_complete_in_flight``), unless its error stalls the source
+        (``Outage.stalled``): a partition stopped at a record the client cannot decode
+        polls without error between its errors, and ending the outage there restarted its
+        clock every second: the partition waited for ever and the stage never exited."""
+        if not self.batcher.buffer and self.in_flight is None and not (self.outage and self.outage.stalled):
             self._end_outage()
 
     def _end_outage(self) -> None:
@@ -211,6 +228,7 @@ class Stage:
             self.outage = Outage(component, now)
         else:
             self.outage.component = component
+        self.outage.stalled = bool(getattr(e, "stalls_source", False))
         self.observer.infrastructure_error(component, e)
         waited, timeout = now - self.outage.since, self.config.infrastructure_timeout_s
         self.batcher.clear()
