@@ -356,3 +356,27 @@ def test_an_id_or_time_given_twice_differently_by_a_cloudevent_is_refused(models
     assert ev.id == "e1" and ev.time == "2026-01-01T00:00:00Z"
     structured = {"specversion": "1.0", "id": "e1", "source": "/y", "type": "riskpipe.inference.v1", "data": body}
     assert parse_event(json.dumps(structured).encode(), [], models).id == "e1"
+
+
+def test_a_message_two_cloudevents_readers_would_read_differently_is_refused(models):
+    """``ce_*`` headers made riskpipe read binary mode (the top-level object) although the
+    content type said structured mode, which CloudEvents readers follow (they read
+    ``data``); and a headerless object with specversion/type/data was read from ``data``
+    while a plain-JSON reader (the model server) took its top-level model and inputs. An
+    attacker put a benign tensor where riskpipe looked and a hostile one where the other
+    reader did: allowed. Both are refused; a clean message of each mode is read."""
+    body = good()
+    data = {k: v for k, v in body.items() if k != "id"}
+    binary_ce = [("ce_id", b"e1"), ("ce_source", b"/x"), ("ce_type", b"riskpipe.inference.v1"),
+                 ("ce_specversion", b"1.0")]
+    envelope = {"specversion": "1.0", "id": "e1", "source": "/y", "type": "riskpipe.inference.v1", "data": data}
+    structured = [("content-type", b"application/cloudevents+json")]
+    for value, headers, field in ((json.dumps(body), [*binary_ce, *structured], "headers:"),
+                                  (json.dumps({**envelope, **data}), [], "value:"),
+                                  (json.dumps({**envelope, "inputs": data["inputs"]}), structured, "value:")):
+        with pytest.raises(EventError) as e:
+            parse_event(value.encode(), headers, models)
+        assert e.value.code == "unsupported_cloudevent" and str(e.value).startswith(field), str(e.value)
+    assert parse_event(json.dumps(data).encode(), binary_ce, models).id == "e1"
+    assert parse_event(json.dumps(envelope).encode(), structured, models).id == "e1"
+    assert parse_event(json.dumps(envelope).encode(), [], models).id == "e1"

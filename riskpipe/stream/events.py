@@ -181,11 +181,19 @@ def _envelope(value: bytes | None, h: dict[str, str], max_bytes: int,
     if (why := repeated_name(value, obj)) is not None:
         raise EventError("duplicate_key", f"value: {why}, so the event is not read at all")
     ce = None
-    if "ce_type" in h or "ce_specversion" in h:
+    binary_mode = "ce_type" in h or "ce_specversion" in h
+    structured = h.get("content-type", "").startswith("application/cloudevents+json")
+    if binary_mode and structured:  # the Kafka binding: that content type means structured mode
+        raise EventError("unsupported_cloudevent", "headers: ce_* headers (binary mode) and content-type "
+                                                   "application/cloudevents+json (structured mode) on one message: "
+                                                   "readers differ on which envelope holds the event")
+    if binary_mode:
         ce = {k[3:]: v for k, v in h.items() if k.startswith("ce_")}
-    elif h.get("content-type", "").startswith("application/cloudevents+json") or (
-        "specversion" in obj and "type" in obj and "data" in obj
-    ):
+    elif structured or ("specversion" in obj and "type" in obj and "data" in obj):
+        if outside := sorted(k for k in ("model", "inputs") if k in obj):
+            # a plain-JSON reader (the model server) takes these, a CloudEvents reader data's
+            raise EventError("unsupported_cloudevent", f"value: a structured CloudEvent with {', '.join(outside)} "
+                                                       "beside data: the event belongs in data only")
         ce = {k: obj[k] for k in ("id", "source", "type", "specversion", "time") if k in obj}
         obj = obj.get("data")
         if not isinstance(obj, dict):
@@ -195,7 +203,6 @@ def _envelope(value: bytes | None, h: dict[str, str], max_bytes: int,
             raise EventError("unsupported_cloudevent", f"specversion: {ce.get('specversion')!r} is not 1.0")
         if ce.get("type") not in CE_TYPES:
             raise EventError("unsupported_cloudevent", f"type: {ce.get('type')!r} is not one of {', '.join(CE_TYPES)}")
-        binary_mode = "ce_type" in h or "ce_specversion" in h
         for name, code in (("id", "bad_id"), ("time", "bad_time")):
             if name not in obj and ce.get(name):
                 obj = {**obj, name: ce[name]}
