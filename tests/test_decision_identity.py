@@ -185,3 +185,24 @@ def test_two_stages_one_topic_one_postgresql_ledger(pg_url, wine):
     assert len(got[names["b"]["decisions"]]) == 20
     with open_ledger(pg_url) as led:
         assert led.count("decision") == 40 and led.verify().ok
+
+
+def test_a_stage_of_two_models_names_the_model_in_every_public_decision(wine, tmp_path):
+    """One event id sent to two models gave two public decisions with the same key and
+    nothing saying whose (the shipped policies publish id, ts, decision, policy_version):
+    a consumer keeping the latest per key took the benign model's ``allow`` for the
+    hostile input's ``review``. With more than one model the public view names it."""
+    from riskpipe.app.compose import build_pipeline
+
+    cfg = load_config(None, models={"wine": wine.um.spec, "wine2": wine.um.spec},
+                      references={"wine": str(wine.um.data), "wine2": str(wine.um.data)},
+                      policy=wine.policies["default"])
+    two = build_pipeline(cfg)
+    events = [tabular_event("pay-77", wine.X[0]), {**tabular_event("pay-77", wine.X[1]), "model": "wine2"}]
+    res = run_offline(events, tmp_path / "out", cfg, pipeline=two)
+    public = res.read("decisions")
+    assert sorted((p["id"], p["model_name"]) for p in public) == [("pay-77", "wine"), ("pay-77", "wine2")]
+    assert all(set(p) == {"id", "ts", "decision", "policy_version", "model_name"} for p in public)
+    one = run_offline(events[:1], tmp_path / "one", load_config(None, models={"wine": wine.um.spec},
+                      references={"wine": str(wine.um.data)}, policy=wine.policies["default"]), pipeline=wine.a)
+    assert "model_name" not in one.read("decisions")[0]  # one model: the policy's fields as they are

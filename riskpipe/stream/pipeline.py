@@ -273,5 +273,13 @@ class Pipeline:
         }
 
     def public(self, record: dict) -> dict:
-        """The public view of ``record`` under the policy that decided it."""
-        return self.entries[record["model"]["name"]].policy.public_view(record)
+        """The public view of ``record`` under the policy that decided it. Where this stage
+        serves more than one model, the view names the model (``model_name``) whatever the
+        policy lists: one event id decided by two models gave two public decisions, same
+        key, neither saying whose, and a consumer keeping the latest per key took the
+        other model's ``allow``. The model name is no secret (a public field)."""
+        name = record["model"]["name"]
+        view = self.entries[name].policy.public_view(record)
+        if len(self.entries) > 1 and "model_name" not in view:
+            view["model_name"] = name
+        return view
