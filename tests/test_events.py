@@ -159,8 +159,9 @@ def _raw(e: dict) -> bytes:
 
 def test_ids_are_unicode_text_without_control_characters(models):
     for bad in ("a\nb", "tab\there", "nul\x00", "del\x7f", "c1\x85",
-                "evt-7\u202e1-tve", "evt\u200b-7", "\ufeffevt-7", "evt-7\u2066", "evt-\U000e0041"):
-        assert _reason(_mut(id=bad), models) == "bad_id"  # control and invisible format characters
+                "evt-7\u202e1-tve", "evt\u200b-7", "\ufeffevt-7", "evt-7\u2066", "evt-\U000e0041",
+                "evt\u2028-7", "evt\u2029-7"):
+        assert _reason(_mut(id=bad), models) == "bad_id"  # control, invisible format and line separator characters
     # a lone surrogate can only arrive as a JSON escape
     assert _reason(_mut(id="PLACEHOLDER").replace(b"PLACEHOLDER", b"\\ud800"), models) == "bad_id"
     assert parse_event(_mut(id="ünïcødé-✓"), [], models).id == "ünïcødé-✓"

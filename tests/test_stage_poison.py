@@ -373,3 +373,21 @@ def test_a_digest_that_cannot_be_made_is_that_events_failure(tmp_path, cnn, monk
     res = run_offline(events, tmp_path / "out", config(), pipeline=cnn)
     assert set(dlq_by_id(res)) == {"g-2"} and res.stats.decided == 3
     assert dlq_by_id(res)["g-2"]["__riskpipe.errors.exception"] == "RecursionError"
+
+
+def test_a_line_separator_inside_a_record_leaves_its_jsonl_file_readable(tmp_path, cnn):
+    """orjson writes U+2028 and U+2029 inside strings as they are (JSON allows it), and the
+    readers split files with str.splitlines(), which splits there too: one event with one
+    in its context made the audit file unreadable to ``riskpipe policy diff``/``explain``
+    and to OfflineResult.read. Readers split JSON lines at '\\n' only."""
+    from riskpipe.cli.policy_impl import _read_json_records
+
+    events = cnn_events(3, "s")
+    events[1]["context"] = {"note": "a\u2028b\u2029c\u0085d"}
+    res = run_offline(events, tmp_path / "out", config(), pipeline=cnn)
+    audit = res.read("audit")
+    assert [r["id"] for r in audit] == ["s-0", "s-1", "s-2"]
+    assert audit[1]["event_context"] == {"note": "a\u2028b\u2029c\u0085d"}
+    path = tmp_path / "out" / "audit.jsonl"
+    assert "\u2028" in path.read_text(encoding="utf-8")  # written as it is
+    assert [r["id"] for r in _read_json_records(str(path))] == ["s-0", "s-1", "s-2"]

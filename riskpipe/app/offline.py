@@ -15,6 +15,7 @@ from pathlib import Path
 
 from riskpipe.app.compose import build_stage
 from riskpipe.app.config import Topics
+from riskpipe.json_text import jsonl_lines
 from riskpipe.stream.io import fresh_outputs
 from riskpipe.stream.stage import Stats
 
@@ -31,7 +32,7 @@ class OfflineResult:
         p = self.sink_dir / f"{self.topics.of(kind)}.jsonl"
         if not p.exists():
             return []
-        return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [json.loads(line) for line in jsonl_lines(p.read_text(encoding="utf-8")) if line.strip()]
 
 
 def run_offline(source: str | Iterable[dict], sink_dir: str | Path, config, *, pipeline=None, ledger=None,

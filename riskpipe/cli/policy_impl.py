@@ -77,7 +77,7 @@ def _read_json_records(path: str):
         items = whole if isinstance(whole, list) else [whole]
     except json.JSONDecodeError:
         items = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(json_text.jsonl_lines(text), 1):
             if not line.strip():
                 continue
             try:

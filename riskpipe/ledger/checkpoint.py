@@ -223,7 +223,7 @@ def read_checkpoint_file(path: str | Path) -> list[str] | list[LegacyCheckpoint]
         except notes.NoteError as e:
             raise LedgerError(f"--checkpoints {path}: {e}") from None
     out: list[LegacyCheckpoint] = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(json_text.jsonl_lines(text), 1):
         if line.strip():
             try:
                 obj = json_text.loads(line)

@@ -228,11 +228,12 @@ def validate_event(obj: dict, models: dict, values_checked: bool = False) -> Eve
         raise EventError("bad_id", "id: must be a non-empty string of at most 256 characters")
     if _CONTROL.search(eid):
         raise EventError("bad_id", f"id: {eid!r} contains a control character")
-    if (fmt := next((c for c in eid if unicodedata.category(c) == "Cf"), None)) is not None:
-        # bidi overrides, zero-width and other invisible format characters: an id that shows
-        # as another one (in the review console, a report, a log) is no identifier
+    if (fmt := next((c for c in eid if unicodedata.category(c) in ("Cf", "Zl", "Zp")), None)) is not None:
+        # bidi overrides, zero-width and other invisible format characters, line and paragraph
+        # separators: an id that shows as another one, or breaks its line (in the review
+        # console, a report, a log) is no identifier
         raise EventError("bad_id", f"id: {eid.encode('unicode_escape').decode('ascii')!r} contains the invisible "
-                                   f"format character U+{ord(fmt):04X}")
+                                   f"format or separator character U+{ord(fmt):04X}")
     try:
         eid.encode("utf-8")
     except UnicodeEncodeError:
