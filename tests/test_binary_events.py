@@ -94,6 +94,12 @@ def _malformed(models) -> dict[str, tuple[bytes, list]]:
         "header_not_integer": (value, [("Inference-Header-Content-Length", b"12a")]),
         "header_beyond_message": (value, [("Inference-Header-Content-Length", str(len(value) + 1).encode())]),
         "header_zero": (value, [("Inference-Header-Content-Length", b"0")]),
+        # int() reads these; a reader that wants digits refuses them or splits elsewhere
+        "header_spaced": (value, [("Inference-Header-Content-Length", f" {n} ".encode())]),
+        "header_signed": (value, [("Inference-Header-Content-Length", f"+{n}".encode())]),
+        "header_underscore": (value, [("Inference-Header-Content-Length", f"{n // 10}_{n % 10}".encode())]),
+        "header_other_digits": (value, [("Inference-Header-Content-Length",
+                                         "".join(chr(0x660 + int(c)) for c in str(n)).encode())]),
         "header_cuts_json": (value, [("Inference-Header-Content-Length", str(n - 3).encode())]),
         "size_negative": with_head(param(binary_data_size=-4)),
         "size_not_integer": with_head(param(binary_data_size="256")),
@@ -111,6 +117,8 @@ def _malformed(models) -> dict[str, tuple[bytes, list]]:
 EXPECTED = {
     "header_not_integer": "bad_binary_header", "header_beyond_message": "bad_binary_header",
     "header_zero": "bad_binary_header", "header_cuts_json": "invalid_json",
+    "header_spaced": "bad_binary_header", "header_signed": "bad_binary_header",
+    "header_underscore": "bad_binary_header", "header_other_digits": "bad_binary_header",
     "size_negative": "binary_size_mismatch", "size_not_integer": "binary_size_mismatch",
     "size_beyond_payload": "binary_size_mismatch", "sizes_do_not_add_up": "binary_size_mismatch",
     "unknown_datatype": "wrong_dtype", "integer_datatype": "wrong_dtype", "shape_vs_bytes": "wrong_shape",

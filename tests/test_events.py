@@ -381,3 +381,14 @@ def test_a_message_two_cloudevents_readers_would_read_differently_is_refused(mod
     assert parse_event(json.dumps(data).encode(), binary_ce, models).id == "e1"
     assert parse_event(json.dumps(envelope).encode(), structured, models).id == "e1"
     assert parse_event(json.dumps(envelope).encode(), [], models).id == "e1"
+
+
+def test_a_json_tensor_is_read_at_its_declared_precision(models):
+    """FP16 numbers were certified as given (float32): a model server reads them at half
+    precision, so the certified input was not the one the model saw. Now the numbers are
+    rounded to the declared datatype first."""
+    x = np.full((1, 8, 8), 0.1, np.float32)
+    ev = json.loads(json.dumps(make_event("h", "digits", x)))
+    ev["inputs"][0]["datatype"] = "FP16"
+    got = parse_event(json.dumps(ev).encode(), [], models).x
+    assert np.all(got == np.float32(np.float16(0.1))) and np.float32(np.float16(0.1)) != np.float32(0.1)

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import numpy as np
 
 from riskpipe.stream.errors import EventError
 
+_LENGTH = re.compile(r"[0-9]{1,12}")
 HEADER = "inference-header-content-length"  # Kafka header names are matched lower-cased
 DTYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "UINT8": np.dtype("u1")}
 
@@ -42,11 +44,11 @@ def _error(code: str, message: str) -> Exception:
 
 def split(value: bytes, header_length: str) -> tuple[bytes, memoryview]:
     """(JSON header bytes, tensor bytes) of a binary message."""
-    try:
-        n = int(header_length)
-    except ValueError:
+    if not _LENGTH.fullmatch(header_length):  # int() also takes " 12 ", "+12", "1_2" and other scripts' digits,
+        # which another reader of the message refuses or splits elsewhere
         raise _error("bad_binary_header", f"Inference-Header-Content-Length: {header_length[:40]!r} is not "
-                                          "an integer") from None
+                                          "a decimal integer (ASCII digits only)")
+    n = int(header_length)
     if not 0 < n <= len(value):
         raise _error("bad_binary_header", f"Inference-Header-Content-Length: {n} is outside the message "
                                           f"of {len(value)} bytes")

@@ -286,6 +286,9 @@ def validate_event(obj: dict, models: dict, values_checked: bool = False) -> Eve
             arr = np.array(data, dtype=np.float64)
         except (TypeError, ValueError, OverflowError):
             raise EventError("wrong_type", "inputs[0].data: every element must be a number") from None
+        if dt in FLOAT_TYPES:  # the declared precision, as a model server reads the numbers (FP16:
+            with np.errstate(over="ignore"):  # 70000 is inf there, 0.1 is 0.0999755859375)
+                arr = arr.astype(DATATYPES[dt]).astype(np.float64)
     raw = None
     if dt == "UINT8" and model.dtype.startswith("float"):
         mapped = _from_uint8(arr.reshape(expected), model)  # checks the values are integers in [0, 255]
