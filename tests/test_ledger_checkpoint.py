@@ -164,14 +164,14 @@ def test_rechained_history_is_caught_with_only_the_public_key(target, keys):
         assert led.verify().ok  # the hash chain alone cannot see a recomputed chain
     rc, out = verify_with_key(target, keys)
     assert rc == 1 and out["first_bad_seq"] == 11, out  # after checkpoint 1 (row 10), which still matches
-    assert "rows 11..20 were rewritten" in out["reason"]
+    assert "rows among 11..20 were changed, removed or replaced" in out["reason"]
 
 
 def test_rechaining_before_the_first_checkpoint_is_reported_from_row_1(target, keys):
     build(target, keys)
     rechain_from(target, 3, lambda r: {**r, "decision": "block"})
     rc, out = verify_with_key(target, keys)
-    assert rc == 1 and out["first_bad_seq"] == 1 and "rows 1..10" in out["reason"]
+    assert rc == 1 and out["first_bad_seq"] == 1 and "rows among 1..10" in out["reason"]
 
 
 def test_truncation_after_a_checkpoint_is_caught_with_only_the_public_key(target, keys):
@@ -211,6 +211,10 @@ def test_a_rolled_back_or_rewritten_log_is_never_signed(target, keys):
     r = subprocess.run([*CLI, "checkpoint", target, "--key", str(keys / "key.pem")], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "rolled back or rewritten" in r.stderr, r.stderr
+    r = subprocess.run([*CLI, "verify", target, "--public-key", str(keys / "pub.pem")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and r.stdout.startswith("TAMPERED: first bad row 11: ")  # the checkpoint at 10 holds
+    assert "the hash chain of all 25 rows holds" in r.stdout and "check out before it" not in r.stdout
     with open_ledger(target) as led:  # another key's notes vouch for nothing: it signs what it sees
         assert make_checkpoint(led, load_private_key(keys / "other.pem")).tree_size == 25
 

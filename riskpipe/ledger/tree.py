@@ -215,8 +215,8 @@ class TreeCheck:
                 if self.frontier.root().hex() != anchors[size]:
                     first = self.last_anchor + 1
                     signed_bad = (first, f"the Merkle root of the first {seq} rows differs from the signed checkpoint "
-                                         f"for tree size {seq} ({anchors[size][:12]}…): rows {first}..{seq} were "
-                                         "rewritten")
+                                         f"for tree size {seq} ({anchors[size][:12]}…): rows among {first}..{seq} "
+                                         "were changed, removed or replaced")
                     break
                 self.last_anchor = seq
         self.frontier.size = size
