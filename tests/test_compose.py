@@ -237,7 +237,7 @@ def test_two_models_two_policies_offline(user, two_policies, tmp_path):
     assert sorted(r["id"] for r in audit) == sorted(e["id"] for e in evs)
     check_records(audit, pipe)
     for d in res.read("decisions"):  # public view under the deciding policy
-        assert set(d) <= {"id", "ts", "decision", "policy_version"}
+        assert set(d) <= {"id", "ts", "decision", "policy_version", "model_name"}  # two models: named
     infos = {s.labels["name"]: s.labels["sha256"] for fam in metrics.registry.collect()
              if fam.name == "riskpipe_policy" for s in fam.samples}
     assert infos == rows
@@ -400,6 +400,47 @@ def centred_sign_of_x0():
             return super().forward((x - 0.5) * 40.0)
 
     return Centred(*sign_of_x0())
+
+
+def rotated_sign_of_x0():
+    """``module:factory``: ``sign_of_x0`` whose first weight comes through a parametrization
+    holding a float32 matrix as a plain attribute: the model runs, but a copy moved to
+    float64 (as the Lipschitz bounds make one) fails with a dtype mismatch."""
+    import torch
+    from torch.nn.utils import parametrize
+
+    class Rotate(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = torch.eye(2)  # not a buffer: .double() leaves it float32
+
+        def forward(self, w):
+            return w @ self.q
+
+    m = sign_of_x0()
+    first = next(layer for layer in m if isinstance(layer, torch.nn.Linear))
+    parametrize.register_parametrization(first, "weight", Rotate())
+    return m
+
+
+def test_a_bound_family_that_cannot_be_set_up_for_a_model_is_one_line(user, tmp_path):
+    """A model whose layers fail inside the Lipschitz set-up (a RuntimeError, not the
+    ValueError of an unsupported layer): the constants were first computed at the first
+    event, so the stage started and dead-lettered every event as internal_error (and the
+    API gave a traceback). The certifier's one-time work now runs at start-up, and its
+    failure stops the start in one line naming the model key."""
+    _, ref = user["lowvar"]
+    p = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())
+    p["certifier"] = {"method": "lipschitz", "mode": "certify"}
+    p["signals"]["context_risk"]["enabled"] = p["signals"]["support_risk"]["enabled"] = False
+    p["score"]["weights"]["context_risk"] = 0.0
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(p))
+    models = {"t": {"spec": "test_compose:rotated_sign_of_x0?shape=2", "reference": str(ref)}}
+    with pytest.raises(ConfigError) as e:
+        build_pipeline(load_config(str(write_config(tmp_path / "c.yaml", models, tmp_path / "p.yaml"))))
+    msg = str(e.value)
+    assert "models.t" in msg and "the lipschitz certifier cannot be set up for model" in msg, msg
+    assert "RuntimeError" in msg and "\n" not in msg
 
 
 @pytest.mark.parametrize("method", ["ibp", "lipschitz"])

@@ -269,8 +269,14 @@ def build_entry(name: str, mc: ModelConfig, policy, device: str = "cpu",
     try:
         certifier = certifier_for_policy(certified, policy, batch_size=batch.size if batch else None,
                                          forward_batch=batch.forward if batch else None)
+        certifier.prepare()  # one-time work (Lipschitz constants) now: its failure is the start-up's
     except ValueError as e:
         raise _err(name, "policy", f"{policy_source or policy.name}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the user's model failing inside a bound family's set-up (Lipschitz
+        # copies the layers to float64 and runs them): a start-up error in one line, not a dead letter per event
+        raise _err(name, "policy", f"{policy_source or policy.name}: the {policy.certifier.method} certifier "
+                                   f"cannot be set up for model {model.spec} ({type(e).__name__}: {one_line(e)})"
+                   ) from None
     entry = ModelEntry(name=name, model=model, certified=certified, policy=policy, certifier=certifier,
                        epsilon_cert=policy.certificate_epsilon(certifier.norm, certified.input_dim),
                        scale=None if s is None else s.astype(np.float32).reshape(model.input_shape),
