@@ -67,14 +67,14 @@ def run_stage(broker, tmp_path, config, expect_decided: int, expect_dlq: int, ex
     return out, ledger_ids(str(ledger_path))
 
 
-def check_outputs(out, ledger, good: list[dict], bad: dict):
+def check_outputs(out, ledger, good: list[dict], bad: dict, public: set = PUBLIC):
     want = sorted(e["id"] for e in good)
     audit = [json.loads(m.value) for m in out["audit"]]
     assert sorted(r["id"] for r in audit) == want  # each event decided exactly once
     assert sorted(ledger) == want
     assert sorted(m.key.decode() for m in out["decisions"]) == want
     for m in out["decisions"]:
-        assert set(json.loads(m.value)) <= PUBLIC  # nothing that locates the decision boundary
+        assert set(json.loads(m.value)) <= public  # nothing that locates the decision boundary
     routed = {r["id"] for r in audit if r["review"]["routed"]}
     assert routed == {m.key.decode() for m in out["review"]}
     for r in audit:
@@ -133,7 +133,7 @@ def test_one_stage_serves_both_examples_and_the_demo_each_under_its_own_policy(b
     path.write_text(yaml.safe_dump({"models": models}))
     config = stage_config(broker, tmp_path, path)
     out, ledger = run_stage(broker, tmp_path, config, len(good), len(bad))
-    audit = check_outputs(out, ledger, good, bad)
+    audit = check_outputs(out, ledger, good, bad, PUBLIC | {"model_name"})  # several models: named
     by_model = {m: [r for r in audit if r["model"]["name"] == m] for m in POLICY}
     assert {m: len(v) for m, v in by_model.items()} == {"shapes": 12, "cancer": 12, "digits": 12}
     shas = {m: {r["policy"]["sha256"] for r in v} for m, v in by_model.items()}
