@@ -167,3 +167,56 @@ def test_diff_bad_inputs_are_one_line(tmp_path):
     bad.write_text('{"id": "a"}\n' + "[" * 100_000 + "\n")  # the standard library's RecursionError
     for r in (run("diff", DEFAULT, STRICT, "--ledger", bad), run("explain", DEFAULT, "--record", bad)):
         assert r.exit_code == 2 and "bad.jsonl:2: invalid JSON (nested too deeply)" in r.output, r.output
+
+
+def _variant(tmp_path, name: str, **changes) -> str:
+    import yaml
+
+    data = yaml.safe_load(Path(DEFAULT).read_text())
+    for path, value in changes.items():
+        node = data
+        *head, last = path.split(".")
+        for k in head:
+            node = node[k]
+        node[last] = value
+    out = tmp_path / f"{name}.yaml"
+    out.write_text(yaml.safe_dump(data))
+    return str(out)
+
+
+def test_diff_flags_a_certificate_withheld_at_a_larger_epsilon_than_the_new_policy_needs(tmp_path):
+    """A certificate withheld at its own epsilon (decide mode's test; Lipschitz abstains
+    below it and records radius 0) replayed as still uncertified under a policy asking for
+    a smaller epsilon: 'decisions changed: 0', while the new policy, certifying anew,
+    allowed 17 of 20. Such records now need re-certification."""
+    smaller = _variant(tmp_path, "eps", **{"threat_model.epsilon": 0.1})
+    d = json.loads(run("diff", DEFAULT, smaller, "--ledger", RECORDS, "--json").output)
+    flagged = {x["id"]: x["reasons"] for x in d["needs_recertification"]}
+    assert "not certified at epsilon 0.25; the 0.1 now needed may be reached" in flagged["evt-below-eps"]
+    assert "evt-certified" not in flagged  # certified at 0.25 holds at 0.1
+    lip = {"id": "lip-1", "decision": "review", "upstream_risk": 0.1, "context": None, "prediction": None,
+           "certificate": {"method": "lipschitz", "mode": "bound", "norm": "l2", "radius": 0.0, "abstained": True,
+                           "certified": False, "reason": "radius_below_epsilon", "epsilon": 0.5, "input_dim": 64,
+                           "predicted_class": None, "n_samples": 1, "seed": 0, "extra": {"radius_bound": 0.3}}}
+    (tmp_path / "lip.jsonl").write_text(json.dumps(lip) + "\n")
+    old = _variant(tmp_path, "lip-old", **{"certifier": {"method": "lipschitz", "mode": "certify"},
+                                           "threat_model.epsilon": 0.5})
+    new = _variant(tmp_path, "lip-new", **{"certifier": {"method": "lipschitz", "mode": "certify"},
+                                           "threat_model.epsilon": 0.05})
+    d = json.loads(run("diff", old, new, "--ledger", tmp_path / "lip.jsonl", "--json").output)
+    assert [x["id"] for x in d["needs_recertification"]] == ["lip-1"], d
+
+
+def test_diff_flags_records_without_the_context_a_new_policy_reads(tmp_path):
+    """OLD read no context, so its records hold none; NEW reads it. The replay used the
+    signals' defaults and reported decisions the new policy would not make (no change where
+    it routes out-of-support inputs to review), without a word."""
+    blind = _variant(tmp_path, "blind", **{"signals.context_risk.enabled": False,
+                                          "signals.support_risk.enabled": False, "score.weights.context_risk": 0.0})
+    rec = json.loads(RECORDS.read_text().splitlines()[0])
+    (tmp_path / "r.jsonl").write_text(json.dumps({**rec, "context": None}) + "\n")
+    d = json.loads(run("diff", blind, DEFAULT, "--ledger", tmp_path / "r.jsonl", "--json").output)
+    assert [x["id"] for x in d["needs_recertification"]] == [rec["id"]]
+    assert "no context in the record" in d["needs_recertification"][0]["reasons"][0]
+    d = json.loads(run("diff", DEFAULT, DEFAULT, "--ledger", tmp_path / "r.jsonl", "--json").output)
+    assert d["needs_recertification"] == []  # same policy: what its stage had, replayed as it was

@@ -39,7 +39,7 @@ from riskpipe.models.loader import UntrustedTypes
 from riskpipe.models.scaled import scaled_model, standardize_scale
 from riskpipe.paths import atomic_write, cache_dir
 from riskpipe.policy import load_policy
-from riskpipe.policy.rules import iter_conditions
+from riskpipe.policy.rules import uses_context
 from riskpipe.stream.broker import create_topics
 from riskpipe.stream.checksum import check_kafka_crc32c
 from riskpipe.stream.io import EarlyJoin, JsonlSink, JsonlSource, KafkaSink, KafkaSource
@@ -48,8 +48,6 @@ from riskpipe.stream.ports import Sink, Source
 from riskpipe.stream.stage import Stage
 from riskpipe.tuning import certify_batch_size
 
-# Rule fields whose value comes from the context index (riskpipe.policy.fields).
-CONTEXT_FIELDS = ("context.", "signals.context_risk.", "signals.support_risk.")
 REFERENCE_RADII_SAMPLES = 300  # reference inputs certified once for radius percentiles
 PROBE_INPUTS = 8  # reference rows (or range points) a model's output contract is checked on at start-up
 # One model call of smoothing holds batch_size noisy inputs (float32) and their outputs
@@ -57,21 +55,6 @@ PROBE_INPUTS = 8  # reference rows (or range points) a model's output contract i
 # piece more); a batch size that cannot fit this is a configuration error, not an
 # out-of-memory crash.
 MAX_CERTIFY_BATCH_BYTES = 2 << 30
-
-
-# ---------------------------------------------------------------- policy ----------
-def uses_context(policy) -> bool:
-    """True when ``policy``'s decisions can depend on the context index: the support
-    signal is enabled, or the context signal is enabled and either weighs in the score
-    or a rule condition reads it."""
-    if policy.signals.support_risk.enabled:
-        return True
-    if not policy.signals.context_risk.enabled:
-        return False
-    if policy.score.weights.context_risk > 0:
-        return True
-
-    return any(c.field.startswith(CONTEXT_FIELDS) for r in policy.rules for c in iter_conditions(r.when))
 
 
 def _load_policies(config: StageConfig) -> dict[str, object]:

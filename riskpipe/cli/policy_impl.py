@@ -214,7 +214,7 @@ def _print_diff(p_old, p_new, result, limit: int) -> None:
         ids = ", ".join(r["id"] for r in result.recertify[:limit])
         more = f" (+{len(result.recertify) - limit} more)" if len(result.recertify) > limit else ""
         click.echo(f"needs re-certification: {len(result.recertify)} records: {ids}{more}")
-        click.echo("  (their replayed decisions count no certificate the new policy did not get)")
+        click.echo("  (their replayed decisions are not the new policy's answer; --json gives each one's reasons)")
     if result.recorded_mismatch:
         click.echo(f"note: {len(result.recorded_mismatch)} recorded decisions differ from OLD replayed "
                    "(written under another policy or certifier)")

@@ -3,9 +3,11 @@
 Each full decision record carries its certificate, upstream risk and context, so a
 new policy's rules, signals and score can be re-evaluated exactly. What cannot be
 replayed is the certification itself: when the new certifier or threat model asks a
-different question (another sigma, alpha, method, mode, or a decide-mode epsilon the
-old certificate does not reach), the record needs re-certification; its replayed
-decision is then the conservative one (no certificate counted that was not made).
+different question (another sigma, alpha, method, mode, a decide-mode epsilon the old
+certificate does not reach, or a smaller epsilon than the one a certificate was withheld
+at), the record needs re-certification; so does a record without the context the new
+policy reads. Its replayed decision is then not the new policy's answer, and the diff
+lists it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from riskpipe.certify.certificate import Certificate
+from riskpipe.certify.certificate import MODEL_FAULT, Certificate
+from riskpipe.policy.rules import uses_context
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -64,6 +67,12 @@ def recertify_reasons(policy: Policy, cert: Certificate) -> list[str]:
         need = policy.certificate_epsilon(cert.norm, cert.input_dim)
         if cert.epsilon is None or cert.epsilon < need * (1 - 1e-12):
             out.append(f"decided against epsilon {cert.epsilon} < {need:.4g} now needed")
+    if cert.certified is False and cert.epsilon is not None and cert.input_dim and cert.reason != MODEL_FAULT:
+        # withheld at its own epsilon (decide mode's test, Lipschitz's abstain threshold): at
+        # the smaller epsilon asked now it may certify, which the record cannot tell
+        need = policy.certificate_epsilon(cert.norm, cert.input_dim)
+        if need < cert.epsilon * (1 - 1e-12):
+            out.append(f"not certified at epsilon {cert.epsilon:g}; the {need:.4g} now needed may be reached")
     return out
 
 
@@ -74,6 +83,7 @@ def _summary(d: Decision) -> dict[str, Any]:
 def replay(old: Policy, new: Policy, records: Iterable[dict[str, Any]]) -> Replay:
     out = Replay(certifier_changes=_section_changes(old.certifier, new.certifier),
                  threat_changes=_section_changes(old.threat_model, new.threat_model))
+    context_added = uses_context(new) and not uses_context(old)  # records of OLD's stage carry none
     for n, rec in enumerate(records, 1):
         rid = str(rec.get("id", f"#{n}")) if isinstance(rec, dict) else f"#{n}"
         if not isinstance(rec, dict) or not isinstance(rec.get("certificate"), dict):
@@ -91,6 +101,9 @@ def replay(old: Policy, new: Policy, records: Iterable[dict[str, Any]]) -> Repla
         if rec.get("decision") is not None and rec.get("decision") != before.decision:
             out.recorded_mismatch.append(rid)
         why = recertify_reasons(new, cert)
+        if rec.get("context") is None and context_added:
+            why.append("no context in the record (its policy did not use one), which the new policy reads: "
+                       "replayed with the signals' defaults")
         if why:
             out.recertify.append({"id": rid, "reasons": why})
         out.transitions[f"{before.decision} -> {after.decision}"] += 1

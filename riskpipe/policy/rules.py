@@ -67,6 +67,23 @@ def iter_conditions(when: When | None) -> tuple[Condition, ...]:
     return tuple(when.all or ()) + tuple(when.any or ())
 
 
+# Rule fields whose value comes from the context index (riskpipe.policy.fields).
+CONTEXT_FIELDS = ("context.", "signals.context_risk.", "signals.support_risk.")
+
+
+def uses_context(policy: Policy) -> bool:
+    """True when ``policy``'s decisions can depend on the context index: the support
+    signal is enabled, or the context signal is enabled and either weighs in the score
+    or a rule condition reads it."""
+    if policy.signals.support_risk.enabled:
+        return True
+    if not policy.signals.context_risk.enabled:
+        return False
+    if policy.score.weights.context_risk > 0:
+        return True
+    return any(c.field.startswith(CONTEXT_FIELDS) for r in policy.rules for c in iter_conditions(r.when))
+
+
 # ---- abstract inputs ------------------------------------------------------------------
 def _points(field: str, constants: set[float], extra: Iterable[float]) -> list[float | None]:
     spec = FIELDS[field]
