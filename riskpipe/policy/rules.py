@@ -122,14 +122,18 @@ def analyse(policy: Policy) -> Analysis:
                 constants.setdefault(c.field, set()).add(float(c.value))
             else:
                 constants.setdefault(c.field, set())
-    # prediction_agrees only restricts certified_in_threat (see _coherent): a policy whose rules
-    # never read it sees nothing a disagreeing input could do that an uncertified one cannot
-    fields = sorted(set(constants) | {"certificate.abstained", "certified_in_threat"})
+    # prediction_agrees is an axis even where no rule reads it: in certify mode a radius >= epsilon
+    # is certified only if the prediction agrees (_coherent), so an allow rule reading the radius
+    # alone is reached by a disagreeing, uncertified input (the runtime guard caught it; the
+    # loader did not)
+    fields = sorted(set(constants) | {"certificate.abstained", "certified_in_threat", "prediction_agrees"})
     floor = certificate_risk_floor(policy.signals.certificate_risk)
     extra: dict[str, list[float]] = {"radius_threat": [0.0, policy.threat_model.epsilon],
                                      "radius_over_epsilon": [0.0, 1.0],
              "signals.certificate_risk.value": [floor, 1.0]}
     axes = [_points(f, constants.get(f, set()), extra.get(f, ())) for f in fields]
+    if "prediction_agrees" not in constants:  # no rule reads it: a witness shows it only where it matters
+        axes[fields.index("prediction_agrees")] = [ABSENT, True, False]
     total = math.prod(len(a) for a in axes)
     if total > MAX_COMBINATIONS:
         return _syntactic(policy)
@@ -163,7 +167,7 @@ def analyse(policy: Policy) -> Analysis:
             uncovered = uncovered or dict(zip(fields, combo))
         elif allow[fired]:
             if not combo[i_cert] and fired not in witness:
-                witness[fired] = dict(zip(fields, combo))
+                witness[fired] = {f: v for f, v in zip(fields, combo) if v is not ABSENT or f in constants}
             if (i_mal is None or combo[i_mal]) and fired not in malformed:
                 malformed[fired] = dict(zip(fields, combo))
     return Analysis(True, tuple(sat), tuple(reach), uncovered, witness, malformed)
