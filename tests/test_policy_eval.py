@@ -171,10 +171,11 @@ def test_loader_rejection_is_not_vacuous():
                      "decide")
     # in certify mode a radius at or above epsilon certifies a prediction that agrees: a radius threshold
     # alone is reached by a disagreeing (uncertified) input, and was accepted (the runtime guard caught it)
-    with pytest.raises(PolicyError, match="prediction_agrees=false, radius_threat=0.3"):
+    with pytest.raises(PolicyError, match=r"prediction_agrees=false, radius_threat=0\.3"):
         build_policy([{"decision": "allow", "all": [{"field": "radius_threat", "op": "ge", "value": 0.3}], "any": []},
                       {"decision": "review", "all": [], "any": []}], "certify")
-    build_policy([{"decision": "review", "all": [{"field": "prediction_agrees", "op": "eq", "value": False}], "any": []},
+    disagree = {"field": "prediction_agrees", "op": "eq", "value": False}
+    build_policy([{"decision": "review", "all": [disagree], "any": []},
                   {"decision": "allow", "all": [{"field": "radius_threat", "op": "ge", "value": 0.3}], "any": []},
                   {"decision": "review", "all": [], "any": []}], "certify")
     with pytest.raises(PolicyError):  # ... but not in decide mode, where the decision is the certificate's
