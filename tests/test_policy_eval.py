@@ -289,3 +289,18 @@ def test_to_dict_is_canonical_json():
     back = json.loads(text)
     assert back["decision"] == "review" and back["signals"]["upstream_risk"]["raw"] == "nan"
     assert set(back["review"]) == {"routed", "priority", "deadline_seconds", "audit_sample"}
+
+
+def test_score_weights_are_bounded_and_a_nan_score_is_the_highest_risk():
+    """weights 1e308 passed ``policy check``; the weighted mean was inf / inf = NaN, and
+    max(0, NaN) = 0: every score 0, a certified input with upstream risk 0.94 allowed.
+    Each weight is now 0 or in [1e-6, 1e6], and a NaN score counts as 1."""
+    from riskpipe.policy.scoring import combine
+
+    for bad in (1e308, 1e7, 4.9e-324, 1e-9):
+        doc = yaml.safe_load(DEFAULT_TEXT)
+        doc["score"]["weights"]["upstream_risk"] = bad
+        with pytest.raises(PolicyError, match=r"weights: each is 0 or in \[1e-06, 1e\+06\]"):
+            parse_policy(yaml.safe_dump(doc), "w.yaml")
+    assert combine("weighted_mean", {"a": 0.9}, {"a": float("inf")})[0] == 1.0
+    assert combine("weighted_mean", {"a": 0.2, "b": 0.4}, {"a": 1e6, "b": 1e-6})[0] == pytest.approx(0.2)

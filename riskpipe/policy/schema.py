@@ -195,6 +195,9 @@ class Signals(_Frozen):
     support_risk: SupportRiskSignal = SupportRiskSignal()
 
 
+MIN_WEIGHT, MAX_WEIGHT = 1e-6, 1e6  # a score weight is 0 or in this range (Score._bounded)
+
+
 class Weights(_Frozen):
     certificate_risk: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 1.0
     upstream_risk: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 1.0
@@ -210,6 +213,10 @@ class Score(_Frozen):
         w = self.weights.model_dump()
         if sum(w.values()) <= 0:
             raise ValueError("weights: at least one weight must be > 0")
+        odd = [k for k, v in w.items() if v != 0 and not MIN_WEIGHT <= v <= MAX_WEIGHT]
+        if odd:  # 1e308 made the weighted mean inf / inf; 1e-320 loses the score to rounding
+            raise ValueError(f"weights: each is 0 or in [{MIN_WEIGHT:g}, {MAX_WEIGHT:g}] (they are relative: "
+                             f"scale them), not {', '.join(f'{k} {w[k]:g}' for k in odd)}")
         if self.combiner != "weighted_mean":
             over = [k for k, v in w.items() if v > 1.0]
             if over:

@@ -37,6 +37,7 @@ def combine(combiner: str, values: dict[str, float], weights: dict[str, float]) 
         filled = "1 - " + "".join(f"(1 - {w:g}*{s:.4g})" for w, s, _ in terms)
     else:  # the schema admits only the three above
         raise ValueError(f"combiner: {combiner!r} is not one of {', '.join(FORMULAS)}")
-    score = float(min(1.0, max(0.0, score)))
+    # NaN (inf / inf, 0 * inf) is the highest risk: max(0.0, nan) is 0.0, the lowest, which allowed
+    score = 1.0 if math.isnan(score) else float(min(1.0, max(0.0, score)))
     legend = ", ".join(f"s_{i + 1}={n}" for i, (_, _, n) in enumerate(terms))
     return score, f"score = {combiner} = {FORMULAS[combiner]} = {filled} = {score:.4f} ({legend})"
