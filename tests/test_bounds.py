@@ -185,6 +185,20 @@ class _ScaledConv(nn.Conv2d):
         return super()._conv_forward(x * 100.0, weight, bias)
 
 
+class _PropertyForward(nn.Linear):
+    """``forward`` as a property returning a function: Python calls it all the same."""
+
+    @property
+    def forward(self):
+        return lambda x: nn.functional.linear(x, self.weight, self.bias) * 100.0
+
+
+class _ClassmethodForward(nn.ReLU):
+    @classmethod
+    def forward(cls, x):
+        return -x
+
+
 def _replaced(where):
     m = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 5))
     target = m if where == "sequential" else m[1]
@@ -216,6 +230,10 @@ def _layers_that_compute_otherwise():
                              r"layer 0 \(_Normalize\)"),
         "conv helper": (nn.Sequential(_ScaledConv(1, 2, 3), nn.Flatten(), nn.Linear(72, 5)),
                         r"layer 0 \(_ScaledConv\).*overrides _conv_forward"),
+        "property forward": (nn.Sequential(nn.Flatten(), _PropertyForward(64, 16), nn.ReLU(), nn.Linear(16, 5)),
+                             r"layer 1 \(_PropertyForward\).*overrides forward"),
+        "classmethod forward": (nn.Sequential(nn.Flatten(), nn.Linear(64, 16), _ClassmethodForward(), nn.Linear(16, 5)),
+                                r"layer 2 \(_ClassmethodForward\).*overrides forward"),
         "linear forward on the instance": (_replaced("linear"), r"layer 1 \(Linear\).*forward is replaced on the"),
         "sequential forward on the instance": (_replaced("sequential"),
                                                r"the Sequential \(Sequential\).*forward is replaced on the"),

@@ -96,7 +96,9 @@ def _computes_otherwise(module: nn.Module, own: tuple[type, ...]) -> str | None:
         if c in known:
             continue
         for name, value in vars(c).items():
-            if name not in _NO_COMPUTE and callable(value) and any(hasattr(m, name) for m in matched):
+            # a function, or any descriptor (property, classmethod, staticmethod) in its place
+            if name not in _NO_COMPUTE and (callable(value) or hasattr(value, "__get__")) \
+                    and any(hasattr(m, name) for m in matched):
                 return f"its class {c.__qualname__} overrides {name} ({c.__qualname__}.{name})"
     for name, value in vars(module).items():
         if callable(value) and callable(getattr(cls, name, None)):
