@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from pgserver import PostgresServer
+from riskpipe.app.compose import build_pipeline
+from riskpipe.app.config import load_config
 from riskpipe.ledger import open_ledger
 from riskpipe.ledger.postgres import PostgresLedger
 from riskpipe.stream.broker import EmbeddedBroker
@@ -256,3 +259,101 @@ def test_an_unreachable_broker_is_retried_then_stops_the_stage(wine, tmp_path):
     assert stage.stats.infrastructure_retries["broker"] >= 2
     assert metrics.infrastructure_retries.labels("broker")._value.get() >= 2
     assert metrics.infrastructure_outage._value.get() == 1
+
+
+class _NullSink:
+    def send(self, *args, **kwargs):
+        pass
+
+    def flush(self, timeout=30.0):
+        pass
+
+    def close(self):
+        pass
+
+
+def _stalled_source(committed: dict, opens: list, unreadable_at=("inferences", 0, 7)):
+    """kafka-python at a record it cannot decode: partition 0 raises once per consumer (each
+    re-open fetches the record again), then gives nothing; partition 1 has live traffic."""
+    import json as _json
+
+    from riskpipe.stream.events import make_event
+    from riskpipe.stream.io import UnreadableRecord
+    from riskpipe.stream.ports import Message, SourceBase
+
+    rng = np.random.default_rng(0)
+
+    class StalledSource(SourceBase):
+        def __init__(self, on_revoke=None):
+            opens.append(1)
+            self.raised, self.polls, self.next1 = False, 0, committed.get(1, 0)
+
+        def poll(self, max_records, timeout_ms):
+            time.sleep(0.02)
+            self.polls += 1
+            if not self.raised and self.polls > 2:
+                self.raised = True
+                raise UnreadableRecord("inferences-0 offset 7: the Kafka client cannot decode this record",
+                                       unreadable_at)
+            ev = make_event(f"p1-{self.next1}", "digits", rng.random((1, 8, 8), dtype=np.float32))
+            m = Message(_json.dumps(ev).encode(), "inferences", 1, self.next1)
+            self.next1 += 1
+            return [m]
+
+        def commit(self, messages):
+            for m in messages:
+                committed[m.partition] = m.offset + 1
+
+        def close(self):
+            pass
+
+    return StalledSource
+
+
+def test_a_partition_stalled_at_an_unreadable_record_stops_the_stage_though_others_flow():
+    """Batches of the other partitions committed, and each commit ended the outage: a new
+    one, with a new clock, began at every error, and the stage never exited (the review
+    helper's model of kafka-python, infrastructure_timeout_s 2: still running after 20 s,
+    56 re-opens). Only a committed message of the stalled partition past its record ends
+    such an outage now."""
+    from riskpipe.stream.infra import InfrastructureUnavailable
+    from riskpipe.stream.stage import Stage
+
+    cfg = load_config(None, infrastructure_timeout_s=2, batch={"max_events": 8, "max_wait_ms": 10})
+    committed, opens = {}, []
+    stage = Stage(cfg, build_pipeline(cfg), _stalled_source(committed, opens), lambda: _NullSink())
+    t0 = time.monotonic()
+    with pytest.raises(InfrastructureUnavailable, match="inferences-0 offset 7"):
+        stage.run()
+    assert time.monotonic() - t0 < 15 and committed.get(1, 0) > 0  # partition 1 was decided meanwhile
+
+
+def test_a_guard_tripping_on_what_came_before_an_unreadable_record_still_stops_the_stage():
+    """Deciding what was read before the unreadable record swallowed every exception, a
+    tripped DLQ guard too: the stage went on into the broker outage instead of stopping."""
+    from riskpipe.stream.guard import GuardTripped
+    from riskpipe.stream.io import UnreadableRecord
+    from riskpipe.stream.ports import Message, SourceBase
+    from riskpipe.stream.stage import Stage
+
+    cfg = load_config(None, infrastructure_timeout_s=2, batch={"max_events": 100, "max_wait_ms": 5000},
+                      guard={"max_consecutive_invalid": 3})
+
+    class Source(SourceBase):
+        def __init__(self, on_revoke=None):
+            self.polls = 0
+
+        def poll(self, max_records, timeout_ms):
+            self.polls += 1
+            if self.polls == 1:  # all invalid: a misconfigured producer
+                return [Message(b"{broken", "inferences", 0, i) for i in range(5)]
+            raise UnreadableRecord("inferences-0 offset 5: cannot decode", ("inferences", 0, 5))
+
+        def commit(self, messages):
+            pass
+
+        def close(self):
+            pass
+
+    with pytest.raises(GuardTripped):
+        Stage(cfg, build_pipeline(cfg), Source, lambda: _NullSink()).run()

@@ -143,9 +143,19 @@ class Outage:
     component: str
     since: float  # time.monotonic()
     retries: int = 0
-    # its last error stalls the source (``stalls_source``: io.UnreadableRecord): quiet polls
-    # do not end it, only a committed batch does (riskpipe.stream.stage.Stage._progress)
+    # its last error stalls the source (``stalls_source``: io.UnreadableRecord), at (topic,
+    # partition, offset) or at an unknown place (None): quiet polls do not end it, nor do
+    # batches of other partitions; only a committed message of that partition past it does
+    # (riskpipe.stream.stage.Stage)
     stalled: bool = False
+    stalled_at: tuple[str, int, int] | None = None
+
+    def passed(self, messages: list) -> bool:
+        """Do ``messages`` (a committed batch) show the stalled partition read past its record?"""
+        if not self.stalled or self.stalled_at is None:
+            return not self.stalled
+        topic, partition, offset = self.stalled_at
+        return any(m.topic == topic and m.partition == partition and m.offset > offset for m in messages)
     rng: random.Random = field(default_factory=random.Random)
 
     def next_delay(self) -> float:

@@ -52,6 +52,10 @@ class UnreadableRecord(CorruptRecordError):
 
     stalls_source = True  # riskpipe.stream.infra.Outage.stalled
 
+    def __init__(self, message: str, at: tuple[str, int, int] | None = None):
+        super().__init__(message)
+        self.at = at  # (topic, partition, offset) of the record, when the client says
+
 
 class KafkaSource(SourceBase):
     """A consumer-group member on the input topic; manual commits only.
@@ -161,7 +165,7 @@ class KafkaSource(SourceBase):
             return UnreadableRecord(f"a record the Kafka client cannot decode ({e})")
         return UnreadableRecord(f"{tp.topic}-{tp.partition} offset {offset}: the Kafka client cannot decode this "
                                 f"record ({e}); it is neither decided nor skipped, and the partition waits (move the "
-                                "group's offset past it to go on)")
+                                "group's offset past it to go on)", (tp.topic, tp.partition, offset))
 
     def rewind(self) -> bool:
         """Every assigned partition back to its last committed offset (its start if none):

@@ -144,6 +144,7 @@ class Stage:
         _freeze_startup_heap()
         self.observer.started(self.pipeline)
         while True:
+            stalled: tuple[str, Exception] | None = None
             try:
                 self._recover()
                 got = self._turn()
@@ -168,10 +169,16 @@ class Stage:
                     self._close()
                     raise
                 if getattr(e, "stalls_source", False):
-                    self._decide_read()
-                if self._outage(component, e):
+                    stalled = (component, e)  # handled below, outside this handler (_decide_read)
+                elif self._outage(component, e):
                     break
-                idle_since = time.monotonic()  # an outage is not idleness
+                else:
+                    idle_since = time.monotonic()  # an outage is not idleness
+            if stalled is not None:
+                self._decide_read()
+                if self._outage(*stalled):
+                    break
+                idle_since = time.monotonic()
         self._close()
         self.observer.finished()
         return self.stats
@@ -180,11 +187,20 @@ class Stage:
     def _decide_read(self) -> None:
         """Before pausing at input the source cannot read (``stalls_source``): decide and
         commit what it read before it, so that moving the group's offset past that record
-        skips nothing else. If this fails, the outage reads them again as usual."""
+        skips nothing else. If the infrastructure fails here, the outage reads them again
+        as usual; anything else (a tripped guard, a bug) stops the stage as anywhere in the
+        loop. Called outside the loop's exception handler, so that what is raised here is
+        not taken for the outage it was raised during (``infra._chain`` follows contexts)."""
         try:
             self._flush()
             self._complete_in_flight()
-        except Exception as e:  # noqa: BLE001 - left to the outage: dropped and read again
+        except GuardTripped:
+            self._close()
+            raise
+        except Exception as e:
+            if infrastructure_component(e) is None:
+                self._close()
+                raise
             log.warning("could not decide the %d messages read before the unreadable record (%s: %s)",
                         len(self.batcher.buffer), type(e).__name__, e)
 
@@ -228,7 +244,8 @@ class Stage:
             self.outage = Outage(component, now)
         else:
             self.outage.component = component
-        self.outage.stalled = bool(getattr(e, "stalls_source", False))
+        if getattr(e, "stalls_source", False):
+            self.outage.stalled, self.outage.stalled_at = True, getattr(e, "at", None)
         self.observer.infrastructure_error(component, e)
         waited, timeout = now - self.outage.since, self.config.infrastructure_timeout_s
         self.batcher.clear()
@@ -315,7 +332,8 @@ class Stage:
         t0 = time.perf_counter()
         self.committer.acknowledge(outcome, sink, source)
         outcome.seconds += time.perf_counter() - t0  # the wait that was not overlapped
-        self._end_outage()  # a batch decided, recorded, acknowledged and committed
+        if self.outage is None or self.outage.passed(outcome.messages):
+            self._end_outage()  # a batch decided, recorded, acknowledged and committed
         self.observer.committed(outcome)
         self.committer.run_hooks(outcome)
 
