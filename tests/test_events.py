@@ -373,6 +373,10 @@ def test_a_message_two_cloudevents_readers_would_read_differently_is_refused(mod
     envelope = {"specversion": "1.0", "id": "e1", "source": "/y", "type": "riskpipe.inference.v1", "data": data}
     structured = [("content-type", b"application/cloudevents+json")]
     for value, headers, field in ((json.dumps(body), [*binary_ce, *structured], "headers:"),
+                                  (json.dumps(body), [*binary_ce, ("content-type", b"Application/CloudEvents+JSON")],
+                                   "headers:"),  # media types are case-insensitive
+                                  (json.dumps(envelope), [("content-type", b"application/cloudevents+avro")],
+                                   "content-type:"),
                                   (json.dumps({**envelope, **data}), [], "value:"),
                                   (json.dumps({**envelope, "inputs": data["inputs"]}), structured, "value:")):
         with pytest.raises(EventError) as e:

@@ -225,11 +225,12 @@ def test_a_receipt_proves_its_kind_and_id_and_a_decision_receipt_needs_a_decisio
 def test_a_name_that_would_break_the_note_is_refused_and_never_a_traceback(tmp_path, keys, origin):
     """``^[^\\s+]+$`` let ``evil\\n`` through (``$`` matches before a final newline): the
     checkpoint was stored with a broken signature line and every later ``verify`` failed
-    for good; a lone surrogate in a receipt's origin ended ``verify-receipt`` in a traceback."""
+    for good; a lone surrogate in a receipt's origin ended ``verify-receipt`` in a traceback.
+    """
     target = str(tmp_path / "l.db")
     with open_ledger(target) as led:
         led.append_many([decision_record(i) for i in range(3)])
-        with pytest.raises(LedgerError, match="origin: must be non-empty printable text"):
+        with pytest.raises(LedgerError, match="origin: must be non-empty UTF-8 text"):
             make_checkpoint(led, load_private_key(keys / "key.pem"), origin=origin)
         assert led.notes() == []
         good = make_checkpoint(led, load_private_key(keys / "key.pem"))
@@ -240,3 +241,13 @@ def test_a_name_that_would_break_the_note_is_refused_and_never_a_traceback(tmp_p
     out.write_text(json.dumps(receipt))  # \ud800 written as an escape: the JSON is valid
     r = cli("verify-receipt", out, "--public-key", keys / "pub.pem")
     assert r.returncode == 1 and r.stdout.startswith("INVALID: receipt.checkpoint: ") and "Traceback" not in r.stderr
+
+
+def test_names_c2sp_allows_are_taken(tmp_path, keys):
+    """C2SP: a key name is well-formed UTF-8 without Unicode spaces or '+': a zero-width
+    joiner, a soft hyphen, a private-use character are names (a check on printability
+    refused them, and which code points count as printable depends on Python's version)."""
+    with open_ledger(str(tmp_path / "l.db")) as led:
+        led.append_many([decision_record(i) for i in range(2)])
+        for allowed in ("a\u200db", "soft\u00adhyphen", "private\ue000use"):
+            assert make_checkpoint(led, load_private_key(keys / "key.pem"), origin=allowed).origin == allowed

@@ -49,11 +49,20 @@ def key_id(name: str, public_key: Ed25519PublicKey) -> bytes:
     return hashlib.sha256(name.encode("utf-8") + b"\n" + bytes([ED25519]) + raw_public_key(public_key)).digest()[:4]
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_name(name: str, what: str = "key name") -> str:
-    # fullmatch: ``$`` matches before a final newline, so "evil\n" passed and broke the note it signed
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or not name.isprintable():
+    # fullmatch: ``$`` matches before a final newline, so "evil\n" passed and broke the note it signed;
+    # C2SP: a well-formed UTF-8 name without Unicode spaces or '+' (a lone surrogate is not UTF-8)
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or not _utf8(name):
         shown = name[:80] if isinstance(name, str) else name
-        raise NoteError(f"{what}: must be non-empty printable text, without spaces or '+'; got {shown!r}")
+        raise NoteError(f"{what}: must be non-empty UTF-8 text, without spaces or '+'; got {shown!r}")
     return name
 
 

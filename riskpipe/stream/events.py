@@ -182,8 +182,12 @@ def _envelope(value: bytes | None, h: dict[str, str], max_bytes: int,
         raise EventError("duplicate_key", f"value: {why}, so the event is not read at all")
     ce = None
     binary_mode = "ce_type" in h or "ce_specversion" in h
-    structured = h.get("content-type", "").startswith("application/cloudevents+json")
-    if binary_mode and structured:  # the Kafka binding: that content type means structured mode
+    content_type = h.get("content-type", "").strip().lower()  # media types are case-insensitive
+    structured = content_type.startswith("application/cloudevents")  # the Kafka binding: structured mode
+    if structured and not content_type.startswith("application/cloudevents+json"):
+        raise EventError("unsupported_cloudevent", f"content-type: {content_type[:60]!r}: a structured CloudEvent "
+                                                   "in another format than JSON (application/cloudevents+json)")
+    if binary_mode and structured:
         raise EventError("unsupported_cloudevent", "headers: ce_* headers (binary mode) and content-type "
                                                    "application/cloudevents+json (structured mode) on one message: "
                                                    "readers differ on which envelope holds the event")
