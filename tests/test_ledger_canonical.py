@@ -242,3 +242,18 @@ def test_canonical_json_refuses_what_the_reference_refuses():
 @given(values | st.sampled_from([math.nan, math.inf, -math.inf]))
 def test_canonical_json_agrees_with_the_reference(value):
     written_like_the_reference({"v": value})
+
+
+def test_check_chain_still_takes_rows_without_their_scope_column():
+    """``check_chain`` (riskpipe.ledger's API) walks seven-column rows as documented; the
+    scope column the stored-ledger walk checks is optional there."""
+    from riskpipe.ledger import check_chain
+
+    rows, prev = [], "0" * 64
+    for seq in (1, 2):
+        text = canonical_json({"id": f"e{seq}", "ts": None})
+        stored = entry_hash(prev, "decision", f"e{seq}", text)
+        rows.append((seq, "decision", f"e{seq}", None, text, prev, stored))
+        prev = stored
+    n, head, bad, _, _ = check_chain(rows)
+    assert (n, head, bad) == (2, prev, None)

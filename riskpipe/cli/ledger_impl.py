@@ -108,9 +108,8 @@ def verify(path, expect_head, expect_count, public_keys, checkpoint_file, as_jso
         click.echo(f"  the rows were not checked: every checkpoint must hold first ({res.count} rows, head {res.head})")
     else:
         click.echo(f"TAMPERED: first bad row {res.first_bad_seq}: {res.reason}")
-        if res.count >= res.first_bad_seq:  # found by a signed checkpoint: the chain itself was recomputed
-            click.echo(f"  the hash chain of all {res.count} rows holds (head {res.head}): it was recomputed after "
-                       "the rows were changed")
+        if res.count >= res.first_bad_seq:  # found past the chain (a checkpoint, the tree, the chain state)
+            click.echo(f"  the hash chain links all {res.count} rows (head {res.head}); the fault is the one above")
         else:
             click.echo(f"  {res.count} rows check out before it; last good head {res.head}")
     sys.exit(0 if res.ok else 1)

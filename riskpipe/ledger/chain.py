@@ -169,11 +169,13 @@ def check_entry_id(entry_id: Any) -> str:
 
 
 Problem = tuple[int, str]  # (first bad seq, reason)
+UNCHECKED = object()  # a row's scope column when the caller has none (check_chain's seven-column rows)
 
 
 def check_chain(rows: Iterable[tuple[Any, ...]], expect_head: str | None = None, anchors: dict[int, str] | None = None
                 ) -> tuple[int, str, Problem | None, int | None, Problem | None]:
-    """Walk ``(seq, kind, entry_id, ts, record_text, prev_hash, hash, scope)`` rows in order.
+    """Walk ``(seq, kind, entry_id, ts, record_text, prev_hash, hash[, scope])`` rows in order
+    (a row without its scope column has that column unchecked).
 
     ``anchors`` maps a row number to the head a signed checkpoint recorded for it.
     Returns ``(n_good, head, bad, anchored_seq, bad_anchor)``: the number of rows that
@@ -186,7 +188,7 @@ def check_chain(rows: Iterable[tuple[Any, ...]], expect_head: str | None = None,
     walk = ChainWalk(expect_head, anchors)
     batch: list[tuple[Any, ...]] = []
     for row in rows:
-        batch.append(row)
+        batch.append(row if len(row) > 7 else (*row, UNCHECKED))
         if len(batch) == 5000:
             walk.feed(batch)
             batch = []
@@ -248,7 +250,7 @@ class ChainWalk:
             if ts != (record.get("ts") if record.__class__ is dict else None):
                 self.bad = (seq, f"row {seq}: ts column {ts!r} differs from the record's ts (edited)")
                 break
-            if scope != decision_scope(kind, record):  # an index column, but verdicts are joined on it
+            if scope is not UNCHECKED and scope != decision_scope(kind, record):  # verdicts are joined on it
                 self.bad = (seq, f"row {seq}: scope column {scope!r} differs from the record's model and policy "
                                  "(edited: it decides which decision a verdict covers)")
                 break
