@@ -396,3 +396,18 @@ def test_a_json_tensor_is_read_at_its_declared_precision(models):
     ev["inputs"][0]["datatype"] = "FP16"
     got = parse_event(json.dumps(ev).encode(), [], models).x
     assert np.all(got == np.float32(np.float16(0.1))) and np.float32(np.float16(0.1)) != np.float32(0.1)
+
+
+@pytest.mark.parametrize("slow_path", [False, True])
+def test_the_depth_an_event_is_read_to_counts_arrays_and_objects(models, slow_path):
+    """``context`` is an object at depth 1: 31 arrays inside its member reach depth 32, the
+    limit; 32 are refused, whether or not the innermost array holds a value, and alike on
+    the fast reader's path and the standard library's (a NaN literal takes the event there)."""
+    def event(arrays: int, inner: str) -> bytes:
+        text = json.dumps({**good(), "context": {"a": "X"}, "upstream_risk": 0.2})
+        text = text.replace('"X"', "[" * arrays + inner + "]" * arrays)
+        return (text.replace('"upstream_risk": 0.2', '"upstream_risk": NaN') if slow_path else text).encode()
+
+    for inner in ("", "0.5"):
+        assert parse_event(event(31, inner), [], models).context["a"] is not None
+        assert _reason(event(32, inner), models) == "invalid_json"

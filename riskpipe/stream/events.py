@@ -92,16 +92,21 @@ def _path(parts) -> str:
 MAX_DEPTH = 32
 
 
+def _too_deep(where: str) -> EventError:
+    return EventError("invalid_json", f"{where}: arrays and objects nested more than {MAX_DEPTH} levels deep; "
+                                      "an event is read to that depth")
+
+
 def _members(obj: dict) -> Iterator[tuple[tuple, Any]]:
     """(path, value) of every value in the event, the event itself first, but the numbers of
-    the tensor's ``data``; EventError ``invalid_json`` for a value nested deeper than
-    MAX_DEPTH, before anything is done with it."""
+    the tensor's ``data``; EventError ``invalid_json`` for an array or object nested deeper
+    than MAX_DEPTH, before anything is done with it (``check_depth``'s rule)."""
     stack: list = [((), obj)]
     while stack:
         path, v = stack.pop()
-        if len(path) > MAX_DEPTH:
-            raise EventError("invalid_json", f"{_path(path[:3])}...: nested more than {MAX_DEPTH} levels deep; "
-                                             "an event is read to that depth")
+        container = isinstance(v, dict | list)
+        if container and len(path) > MAX_DEPTH:
+            raise _too_deep(f"{_path(path[:3])}...")
         yield path, v
         if isinstance(v, dict):
             stack.extend((path + (k,), child) for k, child in v.items())
@@ -110,9 +115,25 @@ def _members(obj: dict) -> Iterator[tuple[tuple, Any]]:
 
 
 def check_depth(obj: dict) -> None:
-    """EventError ``invalid_json`` if anything in the event is nested deeper than MAX_DEPTH."""
-    for _ in _members(obj):
-        pass
+    """EventError ``invalid_json`` if an array or object in the event (the event object at
+    depth 0) lies deeper than MAX_DEPTH; the tensors' ``data`` is not walked (numbers only,
+    checked against the model). Containers only, a depth counter, no paths: this runs for
+    every event the fast parser read (a context of 90 values: ~5 us)."""
+    containers = (dict, list)
+    for key, value in obj.items():
+        if value.__class__ not in containers:
+            continue
+        stack = [(value, 1)]
+        if key == "inputs" and isinstance(value, list):  # each tensor's members but its data
+            stack = [(c, 3) for t in value if isinstance(t, dict)
+                     for k, c in t.items() if k != "data" and c.__class__ in containers]
+            stack += [(t, 2) for t in value if isinstance(t, list)]
+        while stack:
+            v, depth = stack.pop()
+            if depth > MAX_DEPTH:
+                raise _too_deep(str(key))
+            children = v.values() if isinstance(v, dict) else v
+            stack.extend((c, depth + 1) for c in children if c.__class__ in containers)
 
 
 def check_values(obj: dict) -> None:
