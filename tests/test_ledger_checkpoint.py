@@ -219,6 +219,47 @@ def test_a_rolled_back_or_rewritten_log_is_never_signed(target, keys):
         assert make_checkpoint(led, load_private_key(keys / "other.pem")).tree_size == 25
 
 
+def test_a_replica_signing_a_larger_tree_meanwhile_is_no_rollback(tmp_path, keys):
+    """Two replicas with one key: this one read tree size 10, the other appended and signed
+    15 before this one looked at the notes. That is an honest history (the tree now extends
+    both) and was refused as a rollback; a rewrite is still refused."""
+    from riskpipe.ledger.checkpoint import refuse_fork
+
+    pk = load_public_key(keys / "pub.pem")
+    with open_ledger(str(tmp_path / "l.db")) as led:
+        led.append_many([decision_record(i) for i in range(10)])
+        size, root = led.tree_head()
+        led.append_many([decision_record(i) for i in range(10, 15)])
+        assert make_checkpoint(led, load_private_key(keys / "key.pem")).tree_size == 15  # the other replica
+        refuse_fork(led, pk, size, root)  # this one, with what it read before
+        with pytest.raises(LedgerError, match="rolled back or rewritten"):
+            refuse_fork(led, pk, size, "00" * 32)  # a tree of 10 the ledger's does not extend
+
+
+def test_the_stage_checkpointer_remembers_what_it_signed_when_the_stored_notes_are_deleted(target, keys):
+    """Deleting the stored notes before the rollback left nothing to compare with, and the
+    next checkpoint signed the fork. The stage's checkpointer keeps its last checkpoint in
+    memory and refuses a tree that does not extend it."""
+    from riskpipe.ledger.checkpoint import Checkpointer
+
+    cpr = Checkpointer(load_private_key(keys / "key.pem"), every_records=1)
+    with open_ledger(target) as led:
+        led.append_many([decision_record(i) for i in range(20)])
+        assert cpr(led, 20).tree_size == 20
+        head15 = led.hash_at(15)
+    as_superuser(target, ["DELETE FROM signed_notes", "DELETE FROM entries WHERE seq > 15",
+                          "DELETE FROM facts WHERE seq > 15",
+                          f"UPDATE chain_state SET count = 15, head = '{head15}' WHERE id = 1"],
+                 ("entries", "facts", "signed_notes"))
+    forge_tree(target)
+    with open_ledger(target) as led:
+        led.append_many([decision_record(100 + i) for i in range(10)])
+        with pytest.raises(LedgerError, match="this key signed a tree of 20 leaves, and the ledger's tree now has "
+                                              "other rows in the first 20"):
+            cpr(led, 10)
+        assert led.notes() == []
+
+
 def test_a_key_signs_a_log_that_grew_from_what_it_signed(tmp_path, keys):
     """The check passes every honest history: growth after each checkpoint, a second key
     signing beside the first, and a note of another key with a larger size."""

@@ -64,12 +64,16 @@ def default_origin(ledger: Ledger) -> str:
 
 
 def make_checkpoint(ledger: Ledger, private_key: Ed25519PrivateKey, origin: str | None = None,
-                    key_name: str | None = None) -> Checkpoint:
+                    key_name: str | None = None, previous: Checkpoint | None = None) -> Checkpoint:
     """Sign the ledger's current tree size and root as a C2SP checkpoint and store it
-    (rows other writers left pending are sequenced first, so it covers every stored row)."""
+    (rows other writers left pending are sequenced first, so it covers every stored row).
+    Refused unless the tree extends what the key signed before (``refuse_fork``), and
+    ``previous`` (a checkpoint the caller made and kept itself) too."""
     ledger.integrate()
     size, root = ledger.tree_head()
-    refuse_fork(ledger, private_key.public_key(), size)
+    refuse_fork(ledger, private_key.public_key(), size, root)
+    if previous is not None:
+        check_extends(ledger, previous, size, root)
     origin = default_origin(ledger) if origin is None else origin  # an empty one is refused, not replaced
     try:
         text = notes.sign(notes.checkpoint_text(origin, size, bytes.fromhex(root)),
@@ -81,27 +85,49 @@ def make_checkpoint(ledger: Ledger, private_key: Ed25519PrivateKey, origin: str 
     return cp
 
 
-def refuse_fork(ledger: Ledger, public_key: Ed25519PublicKey, size: int) -> None:
-    """LedgerError unless the ledger's tree of ``size`` leaves extends the largest tree
-    ``public_key`` signed for it before (same first leaves, same root at that size).
+def refuse_fork(ledger: Ledger, public_key: Ed25519PublicKey, size: int, root: str) -> None:
+    """LedgerError unless the ledger's tree of ``size`` leaves and ``root`` (hex) is
+    consistent with the largest tree ``public_key`` signed for it before: it extends that
+    tree, or (another writer with the key, e.g. a replica, signed a larger one since
+    ``size`` was read) the ledger's tree now extends both.
 
     Someone who can write the database can roll the log back, append other rows and
     rebuild the chain and the tree; ``verify`` then finds the signed checkpoint broken.
     Signing the rewritten tree would turn that into a signed history that verifies (once
     the old note is deleted): the key holder's routine ``ledger checkpoint``, the stage's
     checkpointer or a report bundle would vouch for the rewrite. Notes other keys signed
-    vouch for nothing here and are passed over."""
+    vouch for nothing here and are passed over. The stored notes are what this reads, so
+    a writer who deletes them first is not caught here: the stage's checkpointer keeps its
+    last checkpoint in memory too (``Checkpointer``), and ``verify --checkpoints`` with
+    the published copies finds the rewrite."""
+    signed = _largest_signed(ledger, public_key)
+    if signed is not None:
+        check_extends(ledger, signed, size, root)
+
+
+def _largest_signed(ledger: Ledger, public_key: Ed25519PublicKey) -> Checkpoint | None:
     for text in ledger.notes_largest_first():
         try:
-            signed = Checkpoint.from_note(text, [public_key])
+            return Checkpoint.from_note(text, [public_key])
         except LedgerError:
             continue
-        if signed.tree_size > size or ledger.tree_root(signed.tree_size) != signed.root:
-            now = "has only" if signed.tree_size > size else "has other rows in the first"
-            raise LedgerError(f"checkpoint: not signed: this key signed a tree of {signed.tree_size} leaves, and the "
-                              f"ledger's tree now {now} {min(size, signed.tree_size)}: the log was rolled back or "
-                              "rewritten (`riskpipe ledger verify --public-key` says where)")
-        return
+    return None
+
+
+def check_extends(ledger: Ledger, signed: Checkpoint, size: int, root: str) -> None:
+    """LedgerError unless the tree of ``size`` leaves and ``root`` and the ``signed`` tree
+    are both prefixes of the ledger's tree now (``refuse_fork``)."""
+    if signed.tree_size <= size:
+        ok, now = ledger.tree_root(signed.tree_size) == signed.root, size
+    else:  # signed after ``size`` was read, by another writer with the key: both must be prefixes now
+        now = ledger.tree_head()[0]
+        ok = (now >= signed.tree_size and ledger.tree_root(signed.tree_size) == signed.root
+              and ledger.tree_root(size) == bytes.fromhex(root))
+    if not ok:
+        state = f"has only {now}" if now < signed.tree_size else f"has other rows in the first {signed.tree_size}"
+        raise LedgerError(f"checkpoint: not signed: this key signed a tree of {signed.tree_size} leaves, and the "
+                          f"ledger's tree now {state}: the log was rolled back or rewritten (`riskpipe ledger "
+                          "verify --public-key` says where)")
 
 
 def legacy_key_id(public_key: Ed25519PublicKey) -> str:
@@ -269,6 +295,7 @@ class Checkpointer:
         self.rows_since = 0
         self.made = 0
         self.publish_failures = 0
+        self.last: Checkpoint | None = None
 
     def __call__(self, ledger: Ledger, written: int) -> Checkpoint | None:
         self.rows_since += written
@@ -276,7 +303,8 @@ class Checkpointer:
             self.every_seconds and self.rows_since and self.clock() - self.last_time >= self.every_seconds)
         if not due:
             return None
-        cp = make_checkpoint(ledger, self.key, self.origin)
+        cp = make_checkpoint(ledger, self.key, self.origin, previous=self.last)
+        self.last = cp  # kept in memory: deleting the stored notes does not make this process forget it
         self.rows_since, self.last_time = 0, self.clock()
         self.made += 1
         if self.kafka is not None and self.topic:

@@ -392,18 +392,14 @@ class Ledger:
                              (min_size,)).fetchone()
         return row[0] if row else None
 
-    def notes_largest_first(self, page: int = 100) -> Iterator[str]:
-        """The stored notes, largest tree first (newest first among equal sizes), read a
-        page at a time: the caller usually stops at the first."""
-        offset = 0
-        while True:
-            with self._conn() as db:
-                rows = db.execute("SELECT note FROM signed_notes ORDER BY tree_size DESC, id DESC LIMIT ? OFFSET ?",
-                                  (page, offset)).fetchall()
-            yield from (r[0] for r in rows)
-            if len(rows) < page:
-                return
-            offset += page
+    def notes_largest_first(self, batch: int = 200) -> Iterator[str]:
+        """The stored notes, largest tree first (newest first among equal sizes): one query,
+        fetched ``batch`` at a time (the caller usually stops at the first; paging with
+        OFFSET sorted the table again for every page)."""
+        with self._read() as db:
+            rows = self._rows(db, "SELECT note FROM signed_notes ORDER BY tree_size DESC, id DESC", (), "notes")
+            while batch_rows := rows.fetchmany(batch):
+                yield from (r[0] for r in batch_rows)
 
     def legacy_checkpoints(self) -> list[LegacyCheckpoint]:
         """Checkpoints signed by riskpipe before the Merkle tree (JSON over head and count)."""
