@@ -387,7 +387,11 @@ class StageMetrics:
 
     # -- consumer -------------------------------------------------------------
     def set_lag(self, topic: str, partition: int, lag: int | float) -> None:
-        self.lag.labels(_label(topic, limit=249), str(int(partition))).set(max(0, lag))
+        labels = (_label(topic, limit=249), str(int(partition)))
+        self.lag.labels(*labels).set(max(0, lag))
+        # the partition's re-creation counter exists at 0 before it counts: increase() takes
+        # nothing from a series' first sample, so one born at 1 never fired RiskpipeInputRecreated
+        self.input_recreated.labels(*labels)
 
     def drop_lag(self, topic: str, partition: int) -> None:
         """Forget a partition revoked in a rebalance (its new owner reports it)."""

@@ -281,3 +281,16 @@ def test_serve_metrics_and_healthz() -> None:
 def test_serve_rejects_a_bad_port() -> None:
     with pytest.raises(ValueError, match="metrics_port"):
         StageMetrics().serve(70000)
+
+
+def test_a_partition_read_has_its_recreation_counter_at_zero_before_it_counts() -> None:
+    """increase() takes nothing from a series' first sample: a counter born at 1 (the first
+    re-creation of a partition) never fired RiskpipeInputRecreated (promtool, with the series
+    as the stage exported it). A partition whose lag is reported has the counter at 0."""
+    m = StageMetrics()
+    m.set_lag("inferences", 3, 0)
+    s = _samples(m)
+    assert s[("riskpipe_input_partition_recreated_total", (("partition", "3"), ("topic", "inferences")))] == 0
+    m.partition_recreated("inferences", 3)
+    assert _samples(m)[("riskpipe_input_partition_recreated_total",
+                        (("partition", "3"), ("topic", "inferences")))] == 1
