@@ -220,3 +220,36 @@ def test_diff_flags_records_without_the_context_a_new_policy_reads(tmp_path):
     assert "no context in the record" in d["needs_recertification"][0]["reasons"][0]
     d = json.loads(run("diff", DEFAULT, DEFAULT, "--ledger", tmp_path / "r.jsonl", "--json").output)
     assert d["needs_recertification"] == []  # same policy: what its stage had, replayed as it was
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("certificate.input_dim", "64", "input_dim: '64' is not int"),
+    ("certificate.input_dim", -4, "input_dim: -4 is out of range"),
+    ("certificate.predicted_class", "x", "predicted_class: 'x' is not int"),
+    ("certificate.epsilon", "big", "epsilon: 'big' is not int or float"),
+    ("certificate.extra", [1], "extra: [1] is not dict"),
+])
+def test_a_record_with_a_certificate_field_of_the_wrong_type_is_one_line(tmp_path, field, value, message):
+    """explain and diff ended in a traceback (int('x'), conversion_factor('64'), ...)."""
+    rec = json.loads(RECORDS.read_text().splitlines()[0])
+    rec["certificate"][field.split(".")[1]] = value
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(rec))
+    r = run("explain", DEFAULT, "--record", path)
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+    r = run("diff", DEFAULT, STRICT, "--ledger", path)
+    assert r.exit_code == 1 and message in r.output, r.output  # skipped, said why, nothing replayed
+
+
+@pytest.mark.parametrize("prediction", [7.9, 7.0, "7", [7], 10 ** 400])
+def test_a_prediction_that_is_no_class_id_agrees_with_no_certificate(tmp_path, prediction):
+    """int(7.9) read as class 7 replayed as agreeing with the certificate's 7, and allowed;
+    "7", [7] and 10**400 were tracebacks. No class id agrees with a certified class."""
+    rec = json.loads(RECORDS.read_text().splitlines()[0])
+    assert rec["certificate"]["predicted_class"] == 7 and rec["decision"] == "allow"
+    rec["prediction"] = prediction
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(rec))
+    r = run("explain", DEFAULT, "--record", path, "--json")
+    d = json.loads(r.output)
+    assert d["decision"] != "allow" and "prediction_mismatch" in d["reasons"], d

@@ -22,6 +22,21 @@ MODES = ("certify", "predict", "decide", "bound")
 MODEL_FAULT = "model_fault"
 
 
+def _finite(v: int | float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer beyond a double's range
+        return False
+
+
+# the type each field read back from a record must have (Certificate.from_dict)
+_READ_TYPES: dict[str, tuple[type, ...]] = {
+    "method": (str,), "norm": (str,), "mode": (str,), "radius": (int, float), "abstained": (bool,),
+    "predicted_class": (int,), "epsilon": (int, float), "certified": (bool,), "input_dim": (int,),
+    "sigma": (int, float), "alpha": (int, float), "n_samples": (int,), "extra": (dict,),
+}
+
+
 @dataclass(frozen=True)
 class Certificate:
     """A robustness certificate for one input.
@@ -110,8 +125,23 @@ class Certificate:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Certificate:
+        """A certificate read back (a record, a file): ValueError naming the first field of
+        the wrong type. The certifiers make them typed; a record someone else wrote, read by
+        ``policy diff``/``explain`` or ``ledger replay``, is checked here, before a decision
+        is made of it (an input_dim of "64" or a predicted_class of "x" ended in a traceback)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kw = {k: v for k, v in d.items() if k in names}
+        for name, kinds in _READ_TYPES.items():
+            v = kw.get(name)
+            if v is not None and (isinstance(v, bool) is not (bool in kinds) or not isinstance(v, kinds)):
+                raise ValueError(f"{name}: {v!r:.40} is not {' or '.join(k.__name__ for k in kinds)}")
+        for name in ("input_dim", "predicted_class"):
+            if kw.get(name) is not None and kw[name] < (1 if name == "input_dim" else 0):
+                raise ValueError(f"{name}: {kw[name]!r} is out of range")
+        for name in ("radius", "epsilon", "sigma", "alpha"):
+            if kw.get(name) is not None and not _finite(kw[name]):
+                raise ValueError(f"{name}: {kw[name]!r:.40} is not a finite number")
+        return cls(**kw)
 
     @classmethod
     def from_json(cls, s: str) -> Certificate:

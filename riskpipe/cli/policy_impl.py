@@ -139,7 +139,7 @@ def explain(file, record_path, record_id, as_json):
     if as_json:
         click.echo(json.dumps({**d.to_dict(), "trace": list(d.trace), "id": rec.get("id")}, sort_keys=True))
         return
-    rp = rec.get("policy") or {}
+    rp = rec.get("policy") if isinstance(rec.get("policy"), dict) else {}
     click.echo(f"record {rec.get('id')}: recorded {rec.get('decision', '?')} (rule {rec.get('rule', '?')}) under "
                f"{rp.get('name', '?')} {rp.get('version', '?')}"
                + ("" if rp.get("sha256") in (None, pol.sha256) else " (a different policy hash)"))

@@ -4,6 +4,7 @@ no clock, no randomness (audit sampling hashes the event id with the policy hash
 from __future__ import annotations
 
 import hashlib
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -104,7 +105,9 @@ def prediction_agrees(cert: Certificate, prediction: Any) -> bool | None:
     """Whether the event's prediction is the certified class; None when either is missing."""
     if prediction is None or cert.predicted_class is None:
         return None
-    return int(prediction) == int(cert.predicted_class)
+    if isinstance(prediction, bool) or not isinstance(prediction, numbers.Integral):  # 3.9, "cat", [1]
+        return False  # agrees with no certified class (int() made 3.9 class 3)
+    return prediction == int(cert.predicted_class)
 
 
 def evaluate(policy: Policy, certificate: Certificate | dict[str, Any], upstream_risk: Any = None, context: Any = None,

@@ -53,7 +53,9 @@ if TYPE_CHECKING:
 
 
 def _finite_number(v: Any) -> TypeGuard[float]:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return isinstance(v, int) or math.isfinite(v)  # an int is finite (isfinite overflows past a double)
 
 
 def json_safe(v: Any) -> Any:
@@ -93,7 +95,7 @@ def upstream_risk(cfg: UpstreamRiskSignal, raw: Any) -> dict[str, Any]:
         reason = "missing"
     elif isinstance(raw, bool) or not isinstance(raw, (int, float)):
         reason = "not_a_number"
-    elif not math.isfinite(raw):
+    elif isinstance(raw, float) and not math.isfinite(raw):
         reason = "non_finite"
     elif not 0.0 <= raw <= 1.0:
         reason = "out_of_range"
