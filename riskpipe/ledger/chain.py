@@ -250,7 +250,9 @@ class ChainWalk:
             if ts != (record.get("ts") if record.__class__ is dict else None):
                 self.bad = (seq, f"row {seq}: ts column {ts!r} differs from the record's ts (edited)")
                 break
-            if scope is not UNCHECKED and scope != decision_scope(kind, record):  # verdicts are joined on it
+            if scope is not UNCHECKED and scope != decision_scope(kind, record) and (scope or kind != "decision"):
+                # verdicts are joined on it; an empty one on a decision is a row of an older
+                # riskpipe that wrote no scope (it covers that decision only by a legacy verdict)
                 self.bad = (seq, f"row {seq}: scope column {scope!r} differs from the record's model and policy "
                                  "(edited: it decides which decision a verdict covers)")
                 break
