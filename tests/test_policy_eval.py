@@ -304,3 +304,13 @@ def test_score_weights_are_bounded_and_a_nan_score_is_the_highest_risk():
             parse_policy(yaml.safe_dump(doc), "w.yaml")
     assert combine("weighted_mean", {"a": 0.9}, {"a": float("inf")})[0] == 1.0
     assert combine("weighted_mean", {"a": 0.2, "b": 0.4}, {"a": 1e6, "b": 1e-6})[0] == pytest.approx(0.2)
+
+
+def test_the_malformed_upstream_lint_names_the_rule_to_add_as_yaml():
+    """The warning's suggested condition ended in a stray '}}' (a doubled brace outside an f-string)."""
+    from riskpipe.policy.lint import lint
+
+    pol = build_policy([{"decision": "allow", "all": [{"field": "certified_in_threat", "op": "eq", "value": True}],
+                         "any": []}, {"decision": "review", "all": [], "any": []}], "decide")
+    [text] = [w.message for w in lint(pol) if "upstream risk is malformed" in w.message]
+    assert "{field: signals.upstream_risk.malformed, op: eq, value: true} to review" in text and "}}" not in text

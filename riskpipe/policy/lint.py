@@ -80,7 +80,7 @@ def lint(policy: Policy, input_dim: int = 64) -> list[LintWarning]:
                 f"rule {policy.rules[i].id!r} could allow an input whose upstream risk is malformed (given but no "
                 f"number in [0, 1]: a string, NaN, 2; the default {policy.signals.upstream_risk.default:g} stands "
                 f"in for it), e.g. {describe_facts(facts)}; route {{field: signals.upstream_risk.malformed, op: eq, "
-                "value: true}} to review in an earlier rule, as the shipped policies do")))
+                "value: true} to review in an earlier rule, as the shipped policies do")))
     if a.uncovered is not None:
         out.append(LintWarning(("fallback",), (
             f"uncovered cases: some inputs match no rule and get the fallback {policy.fallback.decision}, "
