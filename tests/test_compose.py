@@ -423,22 +423,29 @@ def rotated_sign_of_x0():
     return m
 
 
+def _start_refused(user, tmp_path, method: str, factory: str) -> str:
+    """The ConfigError of a stage whose one model ``test_compose:FACTORY`` (2 features) is
+    certified by ``method`` under the default policy without context."""
+    _, ref = user["lowvar"]
+    p = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())
+    p["threat_model"] = {"norm": "linf" if method == "ibp" else "l2", "epsilon": 0.5}
+    p["certifier"] = {"method": method, "mode": "certify"}
+    p["signals"]["context_risk"]["enabled"] = p["signals"]["support_risk"]["enabled"] = False
+    p["score"]["weights"]["context_risk"] = 0.0
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(p))
+    models = {"t": {"spec": f"test_compose:{factory}?shape=2", "reference": str(ref)}}
+    with pytest.raises(ConfigError) as e:
+        build_pipeline(load_config(str(write_config(tmp_path / "c.yaml", models, tmp_path / "p.yaml"))))
+    return str(e.value)
+
+
 def test_a_bound_family_that_cannot_be_set_up_for_a_model_is_one_line(user, tmp_path):
     """A model whose layers fail inside the Lipschitz set-up (a RuntimeError, not the
     ValueError of an unsupported layer): the constants were first computed at the first
     event, so the stage started and dead-lettered every event as internal_error (and the
     API gave a traceback). The certifier's one-time work now runs at start-up, and its
     failure stops the start in one line naming the model key."""
-    _, ref = user["lowvar"]
-    p = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())
-    p["certifier"] = {"method": "lipschitz", "mode": "certify"}
-    p["signals"]["context_risk"]["enabled"] = p["signals"]["support_risk"]["enabled"] = False
-    p["score"]["weights"]["context_risk"] = 0.0
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(p))
-    models = {"t": {"spec": "test_compose:rotated_sign_of_x0?shape=2", "reference": str(ref)}}
-    with pytest.raises(ConfigError) as e:
-        build_pipeline(load_config(str(write_config(tmp_path / "c.yaml", models, tmp_path / "p.yaml"))))
-    msg = str(e.value)
+    msg = _start_refused(user, tmp_path, "lipschitz", "rotated_sign_of_x0")
     assert "models.t" in msg and "the lipschitz certifier cannot be set up for model" in msg, msg
     assert "RuntimeError" in msg and "\n" not in msg
 
@@ -448,19 +455,10 @@ def test_a_model_whose_forward_is_not_its_layers_does_not_start_under_a_bound_fa
     """The bound families bound the layers; a Sequential with its own forward computes
     something else, so the stage refuses it at start-up in one line naming the model key
     (smoothing, which only calls the model, still takes it)."""
-    _, ref = user["lowvar"]
-    p = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())
-    p["threat_model"] = {"norm": "linf" if method == "ibp" else "l2", "epsilon": 0.5}
-    p["certifier"] = {"method": method, "mode": "certify"}
-    p["signals"]["context_risk"]["enabled"] = p["signals"]["support_risk"]["enabled"] = False
-    p["score"]["weights"]["context_risk"] = 0.0
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(p))
-    models = {"t": {"spec": "test_compose:centred_sign_of_x0?shape=2", "reference": str(ref)}}
-    with pytest.raises(ConfigError) as e:
-        build_pipeline(load_config(str(write_config(tmp_path / "c.yaml", models, tmp_path / "p.yaml"))))
-    msg = str(e.value)
+    msg = _start_refused(user, tmp_path, method, "centred_sign_of_x0")
     assert "models.t" in msg and "computes something other than its layers" in msg and "Centred.forward" in msg
     assert "\n" not in msg
+    models = {"t": {"spec": "test_compose:centred_sign_of_x0?shape=2", "reference": str(user["lowvar"][1])}}
     build_pipeline(load_config(str(write_config(tmp_path / "s.yaml", models, user["no_context"]))))
 
 
