@@ -8,6 +8,7 @@ path maps back to the line it came from: ``file:line: field: reason``.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import json
 import typing
@@ -112,7 +113,7 @@ def _reason(err: ErrorDetails) -> str:
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     if kind == "string_type" and err["loc"] and err["loc"][-1] == "version":
-        msg += " (quote it, e.g. \"1.0\", or YAML reads a number)"
+        msg += " (quote it, e.g. \"1.0\", or YAML reads a number or a date)"
     msg = " ".join(msg.split())
     loc = err["loc"]
     if loc and isinstance(loc[-1], str) and msg.startswith(f"{loc[-1]}: "):
@@ -137,6 +138,15 @@ def _yaml_data(text: str, name: str, loader_cls: type[yaml.SafeLoader] = _LOADER
     return data, root
 
 
+def _json_value(value: Any) -> Any:
+    """What JSON cannot carry, for validation: a YAML timestamp (an unquoted ``2024-01-01``)
+    is no string (str() wrote ``2024-01-01 10:00`` back as "2024-01-01 10:00:00"), anything
+    else its text."""
+    if isinstance(value, datetime.date):
+        return {"timestamp": value.isoformat()}
+    return str(value)
+
+
 def parse_policy(text: str, name: str = "<policy>") -> Policy:
     """Validate policy YAML ``text``; ``name`` is used in error lines."""
     data, root = _yaml_data(text, name)
@@ -145,7 +155,7 @@ def parse_policy(text: str, name: str = "<policy>") -> Policy:
     if not isinstance(data, dict):
         raise PolicyError([Problem(name, 1, "(policy)", f"expected a mapping at the top, got {type(data).__name__}")])
     try:
-        blob = json.dumps(data, default=str, allow_nan=True)
+        blob = json.dumps(data, default=_json_value, allow_nan=True)
         return Policy.model_validate_json(blob)
     except ValidationError as e:
         errors = e.errors(include_url=False)
