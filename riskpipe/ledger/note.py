@@ -87,10 +87,8 @@ def parse(note: str) -> tuple[str, list[Signature]]:
     """(text, signature lines) of a signed note; NoteError if malformed."""
     if not isinstance(note, str):
         raise NoteError("note: not text")
-    try:
-        note.encode("utf-8")
-    except UnicodeEncodeError:
-        raise NoteError("note: not valid Unicode text (a lone surrogate)") from None
+    if not _utf8(note):
+        raise NoteError("note: not valid Unicode text (a lone surrogate)")
     text, sep, sigs = note.partition("\n\n")  # a note's text has no empty line
     if not sep or not text or not sigs.endswith("\n"):
         raise NoteError("note: no blank line followed by signature lines")
