@@ -76,7 +76,8 @@ def duplicate_key(text: bytes | str, obj: Any) -> str | None:
         return None
     if isinstance(text, str):
         text = text.encode("utf-8", "surrogatepass")
-    if sum(1 for colon in _STRING.findall(text) if colon) == _names_in(obj):
+    strings = _STRING.findall(text)  # per string: its colon, or b"" for a value
+    if len(strings) - strings.count(b"") == _names_in(obj):
         return None
 
     def pairs(items: list[tuple[str, Any]]) -> dict:

@@ -253,7 +253,8 @@ def validate_event(obj: dict, models: dict, values_checked: bool = False) -> Eve
         raise EventError("bad_id", "id: must be a non-empty string of at most 256 characters")
     if _CONTROL.search(eid):
         raise EventError("bad_id", f"id: {eid!r} contains a control character")
-    if (fmt := next((c for c in eid if unicodedata.category(c) in ("Cf", "Zl", "Zp")), None)) is not None:
+    if not eid.isascii() and (fmt := next((c for c in eid if unicodedata.category(c) in ("Cf", "Zl", "Zp")),
+                                          None)) is not None:  # ASCII holds none of these
         # bidi overrides, zero-width and other invisible format characters, line and paragraph
         # separators: an id that shows as another one, or breaks its line (in the review
         # console, a report, a log) is no identifier
