@@ -199,3 +199,58 @@ def test_bundle_needs_the_key_and_says_so(bundle):
     assert r.exit_code != 0 and "--bundle needs --key" in r.output and "Traceback" not in r.output
     with Ledger(str(ledger)) as led:
         assert led.latest_note() is not None
+
+
+def test_a_ledger_that_does_not_verify_gets_no_bundle_and_no_signature(bundle):
+    """A row edited in place (a block made an allow, hashes left as they were): the bundle
+    is refused before anything is signed or written. It used to be written and signed
+    with ``verified: false`` inside, and `verify-bundle`, which reads the signatures,
+    passed it."""
+    import sqlite3
+
+    tmp, _, _, _, ledger, _ = bundle
+    bad = tmp / "edited.db"
+    shutil.copy(ledger, bad)
+    db = sqlite3.connect(bad, isolation_level=None)
+    db.execute("DROP TRIGGER entries_no_update")
+    seq, rec = db.execute("SELECT seq, record FROM entries WHERE kind = 'decision' AND record LIKE "
+                          "'%\"decision\":\"block\"%' ORDER BY seq LIMIT 1").fetchone()
+    db.execute("UPDATE entries SET record = ? WHERE seq = ?",
+               (rec.replace('"decision":"block"', '"decision":"allow"'), seq))
+    notes_before = db.execute("SELECT COUNT(*) FROM signed_notes").fetchone()[0]
+    db.close()
+    out = tmp / "edited.zip"
+    r = CliRunner().invoke(cli, ["report", "--ledger", str(bad), "--bundle", str(out), "--key",
+                                 str(tmp / "ledger.pem"), "--sample", "2"])
+    assert r.exit_code != 0 and "does not verify" in r.output and f"row {seq}" in r.output, r.output
+    assert "no bundle written" in r.output and "Traceback" not in r.output
+    assert not out.exists()
+    with sqlite3.connect(bad) as db:
+        assert db.execute("SELECT COUNT(*) FROM signed_notes").fetchone()[0] == notes_before
+
+
+def test_a_signed_manifest_saying_the_ledger_failed_is_invalid(bundle):
+    """A bundle an older riskpipe wrote over a failed ledger: signed, every file matching,
+    but its manifest records ``verified: false``. verify-bundle reads that flag."""
+    import hashlib
+
+    from riskpipe.ledger import note as notes
+    from riskpipe.ledger.checkpoint import load_private_key
+    from riskpipe.report.bundle import SIGNED_PREFIX
+
+    tmp, out, pub, _, _, _ = bundle
+    key = load_private_key(str(tmp / "ledger.pem"))
+
+    def failed(files):
+        m = json.loads(files["MANIFEST.json"])
+        m["verified"] = False
+        files["MANIFEST.json"] = (json.dumps(m, sort_keys=True, indent=1) + "\n").encode()
+        origin = m["checkpoint"]["origin"]
+        files["MANIFEST.sig"] = notes.sign(
+            f"{SIGNED_PREFIX}{hashlib.sha256(files['MANIFEST.json']).hexdigest()}\n", origin, key).encode()
+
+    bad = tmp / "failed.zip"
+    _rewrite(out, bad, failed)
+    r = _verify(bad, pub)
+    assert r.exit_code == 1 and "ok: manifest signature verified" in r.output, r.output
+    assert "INVALID: MANIFEST.json: records that the ledger did not verify" in r.output

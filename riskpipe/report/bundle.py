@@ -42,6 +42,7 @@ MAX_BUNDLE_BYTES = 1 << 30
 MANIFEST, SIGNATURE, CHECKPOINT = "MANIFEST.json", "MANIFEST.sig", "checkpoint.txt"
 # the signed note's first line: a bundle signature can never be read as a checkpoint
 SIGNED_PREFIX = "riskpipe evidence bundle manifest\n"
+_REFUSED = "no bundle written (a bundle attests a ledger that verifies; `riskpipe ledger verify` says more)"
 
 
 class BundleError(ValueError):
@@ -90,10 +91,17 @@ def write_bundle(ledger_path: str, out_path: str | Path, *, key_path: str, sampl
                  since: Any = None, until: Any = None, models: dict | None = None,
                  config_policies: list[str] | None = None) -> dict:
     """Write the bundle; returns its manifest. A checkpoint of the current tree is signed
-    with ``key_path`` when the newest stored one does not cover every row."""
+    with ``key_path`` when the newest stored one does not cover every row.
+
+    A ledger that does not verify gets no bundle: BundleError before the zip is written
+    (and, where the chain or tree is broken, before a checkpoint is signed). A bundle is
+    evidence that the ledger held, and a signed one that says otherwise inside would pass
+    the checks of anyone who reads only the signatures."""
 
     key = load_private_key(key_path)
-    data = gather(str(ledger_path), since=since, until=until)
+    data = gather(str(ledger_path), since=since, until=until)  # verifies the chain and tree
+    if not data["integrity"]["ok"]:
+        raise BundleError(f"the ledger does not verify: {data['integrity'].get('reason')}; {_REFUSED}")
     files: dict[str, bytes] = {"report.html": render(data, "html", models).encode("utf-8"),
                                "report.json": render(data, "json", models).encode("utf-8")}
     if pdf_available():
@@ -103,7 +111,9 @@ def write_bundle(ledger_path: str, out_path: str | Path, *, key_path: str, sampl
         size, _ = led.tree_head()
         note = led.latest_note(min_size=size)
         cp = Checkpoint.from_note(note) if note else make_checkpoint(led, key)
-        result = verify_ledger(led, [key.public_key()])
+        result = verify_ledger(led, [key.public_key()])  # and against every stored checkpoint
+        if not result.ok:
+            raise BundleError(f"the ledger does not verify: {result.reason}; {_REFUSED}")
         seqs = [e.seq for e in led.records("decision", since, until) if e.seq is not None and e.seq <= cp.tree_size]
         chosen = sorted(random.Random(seed).sample(seqs, min(sample, len(seqs))))
         for seq in chosen:
@@ -133,8 +143,6 @@ def write_bundle(ledger_path: str, out_path: str | Path, *, key_path: str, sampl
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as z:
         for name, body in sorted({**files, MANIFEST: manifest_bytes, SIGNATURE: signature.encode("utf-8")}.items()):
             z.writestr(name, body)
-    if not result.ok:
-        raise BundleError(f"bundle written to {out}, but the ledger does not verify: {result.reason}")
     return manifest
 
 
@@ -183,6 +191,9 @@ def verify_bundle(path: str | Path, public_keys) -> BundleCheck:
         return fail(f"{MANIFEST}: not a bundle manifest")
     if manifest.get("format") != BUNDLE_FORMAT:
         return fail(f"{MANIFEST}: format {manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+    if manifest.get("verified") is not True:  # written by a version that bundled a failed ledger
+        return fail(f"{MANIFEST}: records that the ledger did not verify when the bundle was written "
+                    f"(verified: {manifest.get('verified')!r}; see verify.txt)")
     present = set(files) - {MANIFEST, SIGNATURE}
     if present - set(listed):
         return fail(f"{sorted(present - set(listed))[0]}: not in the manifest (file added)")
