@@ -49,3 +49,16 @@ def test_review_command_serves_and_stops_on_interrupt(tmp_path):
         _out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+
+
+def test_a_console_beyond_loopback_warns_of_plain_http():
+    """The console speaks plain HTTP: on another address than loopback, reviewers'
+    passwords and cookies would cross the network in clear text, which it now says at
+    start-up (the address is the operator's choice: a TLS proxy may sit on that host)."""
+    from riskpipe.cli.review_impl import plain_http_warning
+
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert plain_http_warning(host) is None, host
+    for host in ("0.0.0.0", "::", "192.0.2.7", "review.example.org"):
+        warning = plain_http_warning(host)
+        assert warning is not None and f"listening on {host} over plain HTTP" in warning and "TLS" in warning

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import sys
@@ -43,6 +44,8 @@ def review(ledger_path, bootstrap_servers, review_topic, outcomes_topic, host, p
     if settings.bootstrap_servers:
         click.echo(f"riskpipe review: reading {settings.review_topic}, publishing verdicts to "
                    f"{settings.outcomes_topic} on {settings.bootstrap_servers}")
+    if (warning := plain_http_warning(settings.host)) is not None:
+        click.echo(f"riskpipe review: WARNING: {warning}", err=True)
     click.echo("riskpipe review: /metrics carries review counters only (no record content); Ctrl-C stops")
     sys.stdout.flush()  # the address must reach a pipe (a supervisor, the demo) before serving blocks
 
@@ -56,3 +59,16 @@ def review(ledger_path, bootstrap_servers, review_topic, outcomes_topic, host, p
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+
+
+def plain_http_warning(host: str) -> str | None:
+    """What to say when the console listens beyond loopback: it speaks plain HTTP, so
+    reviewers' passwords and session cookies would cross the network in clear text."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        loopback = False
+    if loopback:
+        return None
+    return (f"listening on {host} over plain HTTP: passwords and session cookies cross the network in clear "
+            "text; listen on 127.0.0.1 and put a TLS-terminating proxy in front for remote reviewers")
