@@ -53,7 +53,7 @@ def decision_record(i: int, *, t: datetime | None = None, radius: float = 0.6, a
         "rule": ("certified-allow" if decision == "allow"
                  else "uncertified-review" if decision == "review" else "high-risk-block"),
         "reasons": [] if certified else ["no_certificate"], "controls": list(CONTROLS),
-        "review": {"routed": routed, "priority": "high" if abstained else ("normal" if routed else None),
+        "review": {"routed": routed, "priority": 1 if abstained else (2 if routed else None),
                    "deadline": rfc3339(t + timedelta(hours=4)) if routed else None, "audit_sample": audit_sample},
         "explanation": "score = max(signals); rule fired on certificate risk", "scope": SCOPE,
         "input": {"sha256": hashlib.sha256(eid.encode()).hexdigest(), "shape": [1, 8, 8], "datatype": "FP32"},

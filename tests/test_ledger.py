@@ -198,7 +198,20 @@ def test_bad_records_rejected_with_field(tmp_path):
             led.append({"id": "x", "v": float("nan")})
         with pytest.raises(LedgerError, match="kind"):
             led.append({"id": "x"}, kind="Bad Kind")
-        assert led.count() == 0
+        # a decision none of the three was counted under none of them: a report's totals fell
+        # short of its rows; a review the console cannot order was left out of its queue
+        for change, field in (
+                ({"decision": "BLOCK"}, r"record\[0\]\.decision: must be one of allow, review, block"),
+                ({"decision": None}, r"record\[0\]\.decision: must be one of"),
+                ({"review": []}, r"record\[0\]\.review: must be an object"),
+                ({"review": {"priority": 2.0}}, r"record\[0\]\.review\.priority: must be an integer"),
+                ({"review": {"priority": True}}, r"record\[0\]\.review\.priority"),
+                ({"review": {"deadline": "tomorrow"}}, r"record\[0\]\.review\.deadline: not an RFC 3339")):
+            rec = {**decision_record(1), **change}
+            with pytest.raises(LedgerError, match=field):
+                led.append(rec)
+            led.append(rec, kind="note")  # other kinds are not decisions: taken as they come
+        assert led.count("decision") == 0 and led.count("note") == 1  # (one id: appended once)
 
 
 def test_records_time_window(tmp_path):

@@ -187,6 +187,26 @@ def test_truncation_after_a_checkpoint_is_caught_with_only_the_public_key(target
     assert rc == 1 and out["first_bad_seq"] == 16 and "truncated" in out["reason"], out
 
 
+def test_the_report_checks_the_largest_stored_checkpoint(target, keys):
+    """Rows cut below a stored checkpoint, with chain state and tree made to match: the
+    report said "intact" (it recomputed the chain and tree only) while the ledger's own
+    signed_notes said it had held more. Without the key it cannot check the signature,
+    but a stored checkpoint the rows do not reach is a failure."""
+    from riskpipe.report.data import _integrity, gather
+
+    build(target, keys)
+    assert gather(str(target))["integrity"]["ok"] is True
+    with open_ledger(target) as led:
+        head15 = led.hash_at(15)
+    superuser_sql(target, ["DELETE FROM entries WHERE seq > 15",
+                           f"UPDATE chain_state SET count = 15, head = '{head15}' WHERE id = 1"])
+    integrity = gather(str(target))["integrity"]  # (its facts table, left as it was, fails it as well)
+    assert integrity["ok"] is False and integrity["first_bad_seq"] == 16, integrity
+    with open_ledger(target) as led:
+        chain = _integrity(led, str(target), True)
+    assert chain["ok"] is False and "truncated: a signed checkpoint covers tree size 20" in chain["reason"], chain
+
+
 def test_a_rolled_back_or_rewritten_log_is_never_signed(target, keys):
     """The signer checked nothing: after rows 16..20 were cut (below the checkpoint of 20)
     and other rows appended, with chain and tree rebuilt, the routine ``ledger checkpoint``

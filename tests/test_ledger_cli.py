@@ -257,6 +257,11 @@ def test_ingest_records_what_it_cannot_take_as_a_dead_letter_with_its_reason():
         [(kind, rec, _)] = entries(value)
         assert (kind, rec["reason"]) == ("dlq", reason) and says in rec["message"], rec
         assert rec["source"] == {"topic": "review-outcomes", "partition": 0, "offset": 3}
+    # an audit record always names its decision: one that does not would be counted under none
+    for value in (b'{"id": "e-2"}', b'{"id": "e-2", "decision": "BLOCK"}'):
+        [(kind, rec, _)] = message_entries(SimpleNamespace(topic="audit", partition=0, offset=4, timestamp=0,
+                                                           value=value, headers=[]), "decision")
+        assert (kind, rec["reason"]) == ("dlq", "missing_field") and "is not one of allow" in rec["message"], rec
 
 
 def test_an_empty_or_foreign_ledger_is_never_ok(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from riskpipe.certify import Certificate
-from riskpipe.ledger import Ledger
+from riskpipe.ledger import Ledger, LedgerError
 from riskpipe.models.digits import load_split
 from riskpipe.review import queue as rq
 from riskpipe.timestamps import rfc3339_millis
@@ -119,8 +119,9 @@ def test_queue_from_the_facts_table_agrees_with_the_records(tmp_path):
     with Ledger(tmp_path / "l.db") as led:
         led.append(decision_record("evt-audit-2", decision="allow", routed=False, audit_sample=True))
         bad = decision_record("evt-bad-priority")
-        bad["review"]["priority"] = "high"  # the console cannot sort it: shown on its own page, not in the queue
-        led.append(bad)
+        bad["review"]["priority"] = "high"  # the console cannot sort it: it was left out of queue and backlog
+        with pytest.raises(LedgerError, match=r"record\[0\]\.review\.priority: must be an integer or null"):
+            led.append(bad)  # so the ledger refuses it (the stage never writes one; ingest and the API could)
         huge = decision_record("evt-huge-priority", priority=2**70)  # beyond 64 bits: still sorted, last of the ints
         led.append(huge)
         for i in range(30):

@@ -185,7 +185,7 @@ def test_no_command_prints_the_dsn_password(postgres, pg_url, tmp_path) -> None:
         run(*args, ok=False)
     with EmbeddedBroker() as b:
         b.create_topics(["audit"], partitions=1)
-        produce(b.bootstrap, [(json.dumps({"id": "x"}).encode(), [])], topic="audit")
+        produce(b.bootstrap, [(json.dumps({"id": "x", "decision": "review"}).encode(), [])], topic="audit")
         run("ledger", "ingest", "--bootstrap-servers", b.bootstrap, "--ledger", url, "--until-idle", "2")
     for target in (url, keyword):  # the review console prints its ledger at start
         p = subprocess.Popen([sys.executable, "-m", "riskpipe.cli", "review", "--ledger", target],

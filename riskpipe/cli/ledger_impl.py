@@ -23,7 +23,7 @@ from riskpipe.app.config import ConfigError, load_config
 from riskpipe.cli.common import fail, read_inputs, read_public_keys, working
 from riskpipe.ledger import KINDS, LedgerError, canonical_json, dlq_record, merkle, open_ledger, policy_record
 from riskpipe.ledger.anchors import Checkpoint
-from riskpipe.ledger.chain import prepare_entries, time_window
+from riskpipe.ledger.chain import DECISIONS, prepare_entries, time_window
 from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint, publish, read_checkpoint_file, verify_ledger
 from riskpipe.ledger.receipt import find_decisions, make_receipt, refuse_repeated_names
 from riskpipe.ledger.receipt import verify_receipt as check
@@ -377,6 +377,10 @@ def message_entries(msg, kind: str) -> list[tuple[str, dict, str | None]]:
         record, unreadable = None, ("invalid_json", str(e))
     else:
         unreadable = _unreadable(msg.value, record)
+        if unreadable is None and kind == "decision" and record.get("decision") not in DECISIONS:
+            # an audit record always names its decision: one that does not would be counted as none
+            unreadable = ("missing_field", f"decision: {str(record.get('decision'))[:40]!r} is not one of "
+                                           f"{', '.join(DECISIONS)}")
     out: list[tuple[str, dict, str | None]] = []
     if unreadable is None:
         pol = record.get("policy")

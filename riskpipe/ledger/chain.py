@@ -385,6 +385,35 @@ def _text_of(obj: Any, key: str) -> str:
     return v if isinstance(v, str) else ""
 
 
+DECISIONS = ("allow", "review", "block")
+
+
+def _check_decision(i: int, record: dict[str, Any]) -> None:
+    """LedgerError for a ``decision`` row the stage never writes and its readers would
+    misread: a decision none of allow, review or block (counted under none of them, so
+    a report's totals fell short of its rows without a word), or a review priority or
+    deadline the review console cannot order by (the item was left out of the queue,
+    its backlog and the backlog metric: a routed decision nobody saw). A record without
+    a ``decision`` member stays a plain row (the generic ``append``); ``ledger ingest``
+    requires one of an audit record."""
+    if "decision" in record and record["decision"] not in DECISIONS:
+        raise LedgerError(f"record[{i}].decision: must be one of {', '.join(DECISIONS)}, "
+                          f"got {str(record.get('decision'))[:40]!r}")
+    review = record.get("review")
+    if review is None:
+        return
+    if not isinstance(review, dict):
+        raise LedgerError(f"record[{i}].review: must be an object, got {type(review).__name__}")
+    prio, deadline = review.get("priority"), review.get("deadline")
+    if prio is not None and (isinstance(prio, bool) or not isinstance(prio, int)):
+        raise LedgerError(f"record[{i}].review.priority: must be an integer or null, got {str(prio)[:40]!r}")
+    if deadline is not None:
+        try:
+            ts_epoch(deadline if isinstance(deadline, str) else "")
+        except LedgerError:
+            raise LedgerError(f"record[{i}].review.deadline: not an RFC 3339 time: {str(deadline)[:40]!r}") from None
+
+
 def prepare_entries(entries: Iterable[tuple[str, dict[str, Any], str | None]]
                     ) -> list[tuple[str, str, str | None, str, str]]:
     """Validate ``(kind, record, entry_id or None)`` items before anything is written.
@@ -398,6 +427,8 @@ def prepare_entries(entries: Iterable[tuple[str, dict[str, Any], str | None]]
         if not isinstance(record, dict):
             raise LedgerError(f"record[{i}]: must be a JSON object, got {type(record).__name__}")
         eid = check_entry_id(record.get("id") if eid is None else eid)
+        if kind == "decision":
+            _check_decision(i, record)
         ts = record.get("ts")
         if ts is not None:
             if not isinstance(ts, str):
