@@ -61,6 +61,7 @@ from riskpipe.models.base import (
 from riskpipe.models.code_digest import code_roots, code_sha256
 from riskpipe.models.digits import INPUT_SHAPE, NUM_CLASSES, reference_file
 from riskpipe.models.layers import BinaryScores
+from riskpipe.models.output import BadOutput
 
 # every ?option= a spec may carry (which loader reads which: the module docstring); a
 # misspelt one (?rnage=0,1) was ignored, and with it the input range check
@@ -486,6 +487,9 @@ def _load_skops(spec: str, path: Path, opts, trusted_types=()) -> Model:
     est = sio.load(str(path), trusted=trusted)
     n_features = getattr(est, "n_features_in_", None)
     shape, classes, rng = _shape_opts(opts, spec, (n_features,) if n_features else None)
+    if (why := _multi_output(est, shape)) is not None:
+        raise ModelError(f"model {spec}: multi-output models are not supported ({why}); riskpipe certifies one "
+                         "class per input")
     classes = classes or len(getattr(est, "classes_", [])) or None
     if classes is None:
         raise ModelError(f"model {spec}: number of classes unknown; add ?classes=N")
@@ -493,10 +497,10 @@ def _load_skops(spec: str, path: Path, opts, trusted_types=()) -> Model:
 
     forest = _forest_proba(est)
     if forest is not None:  # predict is classes_[argmax(predict_proba)]: the index is the argmax
-        def predict(batch: np.ndarray) -> np.ndarray:
+        def predict(batch: np.ndarray) -> np.ndarray | BadOutput:
             return _sklearn_call(forest, batch).argmax(axis=1)
     else:
-        def predict(batch: np.ndarray) -> np.ndarray:
+        def predict(batch: np.ndarray) -> np.ndarray | BadOutput:
             return _class_index(classes_, _sklearn_call(est.predict, batch))
 
     proba = None
@@ -597,13 +601,37 @@ def _feature_names(est) -> dict:
     return {"feature_names": [str(n) for n in names]} if names is not None else {}
 
 
-def _class_index(classes_: np.ndarray, labels) -> np.ndarray:
+def _multi_output(est, shape) -> str | None:
+    """Why ``est`` (or a Pipeline's final step) is a multi-output model, else None: it says
+    so (``n_outputs_`` > 1, one ``classes_`` array per output), or its ``predict`` gives
+    more than one label per input on a probe input. A scikit-learn ``predict`` never
+    returns class scores, so a 2-D result is one label (or value) per output, and taking
+    its argmax as the class would certify a model that has no single class."""
+    final = est.steps[-1][1] if hasattr(est, "steps") and est.steps else est
+    outputs = getattr(final, "n_outputs_", 1)
+    if isinstance(outputs, int | np.integer) and outputs > 1:
+        return f"{type(final).__name__} has {int(outputs)} outputs"
+    if isinstance(getattr(final, "classes_", None), list):
+        return f"{type(final).__name__} has one classes_ array per output"
+    try:
+        out = np.asarray(_sklearn_call(est.predict, np.zeros((1, *shape), dtype=np.float32)))
+    except Exception:  # noqa: BLE001 - the start-up forward check reports a predict that raises
+        return None
+    if out.ndim > 1:
+        return f"predict gives shape {list(out.shape)} for one input"
+    return None
+
+
+def _class_index(classes_: np.ndarray, labels) -> np.ndarray | BadOutput:
     """The index in ``classes_`` of each label ``predict`` gave, and -1 for a label that is
     none of them (a regressor's 0.3 with ``?classes=2``): the output check then faults that
-    row (riskpipe.models.output) rather than read it as the class it would sort beside."""
+    row (riskpipe.models.output) rather than read it as the class it would sort beside.
+    A 2-D result is a multi-output model's one label per output, never class scores (a
+    scikit-learn predict gives none): the whole batch is faulted, not read as logits."""
     labels = np.asarray(labels)
     if labels.ndim != 1:
-        return labels  # not one label per input: the output check names the shape
+        return BadOutput(f"predict gave shape {tuple(labels.shape)}, one label per output of a multi-output "
+                         "model, not one class per input")
     idx = np.searchsorted(classes_, labels)
     hit = idx < len(classes_)
     hit[hit] = classes_[idx[hit]] == labels[hit]

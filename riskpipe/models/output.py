@@ -51,7 +51,15 @@ class Checked:
         return self.reason is not None
 
 
+class BadOutput(str):
+    """What a predict wrapper returns instead of an output it knows breaks the contract
+    (a scikit-learn ``predict`` giving one label per output of a multi-output model):
+    the reason, and every row of the batch is bad."""
+
+
 def _as_tensor(out, device) -> torch.Tensor | str:
+    if isinstance(out, BadOutput):
+        return str(out)
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, np.ndarray):
@@ -91,8 +99,10 @@ def check_output(out, n: int, num_classes: int, device="cpu") -> Checked:
     if t.dtype in (torch.bool, torch.complex64, torch.complex128) or t.is_complex():
         return _all_bad(n, num_classes, True, t.device, f"output dtype {t.dtype} is neither float logits nor int ids")
     if shape != (n,):
-        return _all_bad(n, num_classes, False, t.device, f"output shape {shape}, expected ({n},) class ids "
-                                                         f"or ({n}, {num_classes}) logits")
+        why = (f"integer output of shape {shape}: class ids must be ({n},), and ({n}, {num_classes}) logits must be "
+               "floating point" if shape == (n, num_classes) else
+               f"output shape {shape}, expected ({n},) class ids or ({n}, {num_classes}) logits")
+        return _all_bad(n, num_classes, False, t.device, why)
     t = t.to(torch.int64)
     bad = (t < 0) | (t >= num_classes)
     if not bool(bad.any()):

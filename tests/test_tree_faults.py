@@ -1,0 +1,72 @@
+"""Faults in reading scikit-learn tree models (the tester's trees round): multi-output
+models taken as classifiers, trusted subclasses certified as the plain forest, crafted
+tree structures, an imputer that dropped a column, false refusals of valid models, a
+two-class multiclass LightGBM booster. Real seeded models trained here (none is the demo)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import skops.io as sio
+import torch
+from sklearn.datasets import make_classification
+from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
+from sklearn.neighbors import KNeighborsRegressor
+from sklearn.tree import DecisionTreeRegressor
+
+from riskpipe.models import ModelError, load_model
+from riskpipe.models.output import check_output
+
+
+def data(n: int = 400, seed: int = 0):
+    X, y = make_classification(n, 5, n_informative=3, n_redundant=1, random_state=seed)
+    return X.astype(np.float32), y
+
+
+def saved(tmp_path, est, name="m"):
+    path = tmp_path / f"{name}.skops"
+    sio.dump(est, path)
+    return str(path)
+
+
+# ---------------------------------------------------------------- multi-output ------
+def _multi_output_models():
+    X, y = data()
+    Y = np.stack([y, (X[:, 0] > 0).astype(int)], axis=1)
+    two_targets = np.stack([X[:, 0] * 3, X[:, 1]], axis=1)
+    return X, {
+        "multilabel-float-labels": (RandomForestClassifier(10, random_state=0).fit(X, Y.astype(float)), ""),
+        "multilabel-int-labels": (RandomForestClassifier(10, random_state=0).fit(X, Y), ""),
+        "two-target-forest-regressor": (RandomForestRegressor(10, random_state=0).fit(X, two_targets), "?classes=2"),
+        # no n_outputs_: found by its predict's shape on a probe input
+        "two-target-knn-regressor": (KNeighborsRegressor(3).fit(X, two_targets), "?classes=2"),
+    }
+
+
+@pytest.mark.parametrize("name", ["multilabel-float-labels", "multilabel-int-labels", "two-target-forest-regressor",
+                                  "two-target-knn-regressor"])
+def test_a_multi_output_model_is_refused_at_load_in_one_line(tmp_path, name):
+    _, models = _multi_output_models()
+    est, suffix = models[name]
+    trusted = ["sklearn.metrics._dist_metrics.EuclideanDistance64", "sklearn.neighbors._kd_tree.KDTree"]
+    with pytest.raises(ModelError, match=r"m\.skops.*multi-output models are not supported") as e:
+        load_model(saved(tmp_path, est) + suffix, trusted_types=trusted)
+    assert "\n" not in str(e.value)
+
+
+def test_a_two_d_predict_result_is_a_fault_never_class_scores(tmp_path, monkeypatch):
+    X, y = data()
+    est = DecisionTreeRegressor(random_state=0).fit(X, y.astype(float))  # one output: loads with ?classes=2
+    model = load_model(saved(tmp_path, est) + "?classes=2")
+    assert (model.predict(X[:16]) >= 0).all()
+    # from now on one float per "output" per input, which would pass as (16, 2) scores
+    monkeypatch.setattr(DecisionTreeRegressor, "predict", lambda self, Z: np.stack([Z[:, 0], Z[:, 1]], axis=1))
+    c = model.classes(torch.from_numpy(X[:16]))
+    assert bool(c.bad.all()) and "multi-output" in str(c.reason)
+
+
+def test_an_integer_n_by_c_output_says_why_it_is_refused():
+    c = check_output(np.zeros((16, 2), dtype=np.int64), 16, 2)
+    assert bool(c.bad.all())
+    assert c.reason == "integer output of shape (16, 2): class ids must be (16,), and (16, 2) logits must be " \
+                       "floating point"
