@@ -14,6 +14,8 @@ from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
 from sklearn.neighbors import KNeighborsRegressor
 from sklearn.tree import DecisionTreeRegressor
 
+import treesubclasses
+from riskpipe.certify import family
 from riskpipe.models import ModelError, load_model
 from riskpipe.models.output import check_output
 
@@ -70,3 +72,20 @@ def test_an_integer_n_by_c_output_says_why_it_is_refused():
     assert bool(c.bad.all())
     assert c.reason == "integer output of shape (16, 2): class ids must be (16,), and (16, 2) logits must be " \
                        "floating point"
+
+
+# ---------------------------------------------------------------- trusted subclasses -
+@pytest.mark.parametrize("cls", [treesubclasses.ThresholdForest, treesubclasses.ThresholdExtraTrees,
+                                 treesubclasses.RandomForestClassifier])
+def test_a_trusted_subclass_predicts_with_its_own_code_and_gets_no_trees_certificate(tmp_path, cls):
+    X, y = make_classification(1200, 6, n_informative=4, weights=[0.9], random_state=0)
+    X = X.astype(np.float32)
+    est = cls(n_estimators=30, max_depth=6, random_state=0).fit(X[:900], y[:900])
+    own = est.predict(X[900:])
+    assert (own != RandomForestClassifier.predict(est, X[900:])).any()  # the threshold changes some classes
+    model = load_model(saved(tmp_path, est), trusted_types=[f"{cls.__module__}.{cls.__qualname__}"])
+    assert (model.predict(X[900:]) == own).all()
+    assert model.trees is None and "is a subclass of scikit-learn's" in model.meta["trees_error"]
+    with pytest.raises(ValueError, match=r"the trees certificate needs a tree ensemble.*subclass") as e:
+        family("trees")(model)
+    assert "\n" not in str(e.value)

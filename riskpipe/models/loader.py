@@ -43,6 +43,7 @@ import numpy as np
 import sklearn
 import torch
 from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
+from sklearn.tree import DecisionTreeClassifier, ExtraTreeClassifier
 from torch import nn
 
 from riskpipe.models import demo
@@ -450,7 +451,8 @@ def _sklearn_call(method, batch: np.ndarray):
 
 def _forest_proba(est):
     """A random forest's / extra-trees' ``predict_proba`` without joblib, or None for any
-    other estimator.
+    other estimator, a subclass included (it may override ``predict`` / ``predict_proba``:
+    its own code then runs, through ``est.predict``).
 
     scikit-learn dispatches every tree of a forest through joblib, which re-applies its
     config and warning filters per tree: on a 200-tree forest that costs more than the
@@ -459,8 +461,9 @@ def _forest_proba(est):
     trees, exactly as ``ForestClassifier.predict_proba`` does with one job, so the result
     is the same bits (and deterministic whatever ``n_jobs`` the file was saved with)."""
 
-    if not isinstance(est, RandomForestClassifier | ExtraTreesClassifier) or est.n_outputs_ != 1:
-        return None
+    if type(est) not in (RandomForestClassifier, ExtraTreesClassifier) or est.n_outputs_ != 1 \
+            or any(type(t) not in (DecisionTreeClassifier, ExtraTreeClassifier) for t in est.estimators_):
+        return None  # a subclass (even one keeping the name) predicts with its own code: est.predict
     trees, k = list(est.estimators_), int(est.n_classes_)
 
     def proba(x: np.ndarray) -> np.ndarray:

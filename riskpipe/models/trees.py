@@ -163,9 +163,66 @@ def _rel(t: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- scikit-learn ------
+def _sklearn_classes() -> tuple[type, ...]:
+    """scikit-learn's own classes whose fitted state riskpipe reads (imported here, late:
+    this module is also used for boosters without scikit-learn's estimators)."""
+    from sklearn.dummy import DummyClassifier
+    from sklearn.ensemble import (
+        ExtraTreesClassifier,
+        GradientBoostingClassifier,
+        HistGradientBoostingClassifier,
+        RandomForestClassifier,
+    )
+    from sklearn.ensemble._hist_gradient_boosting.predictor import TreePredictor
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import MaxAbsScaler, MinMaxScaler, RobustScaler, StandardScaler
+    from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor, ExtraTreeClassifier
+    from sklearn.tree._tree import Tree
+
+    return (DecisionTreeClassifier, RandomForestClassifier, ExtraTreesClassifier, GradientBoostingClassifier,
+            HistGradientBoostingClassifier, Pipeline, SimpleImputer, StandardScaler, MinMaxScaler, MaxAbsScaler,
+            RobustScaler, DummyClassifier, DecisionTreeRegressor, ExtraTreeClassifier, TreePredictor, Tree)
+
+
+def _exact_name(obj) -> str | None:
+    """The class name of ``obj`` when its class is exactly one of scikit-learn's own
+    (same module and qualname: ``type(obj) is``), else None. A subclass, even a trusted
+    one keeping the name (a forest with a tuned threshold overriding ``predict``), is not
+    read as its base class's trees: what it computes is its own code."""
+    t = type(obj)
+    for cls in _sklearn_classes():
+        if t is cls:
+            return cls.__name__
+    return None
+
+
+def _qualified(obj) -> str:
+    t = type(obj)
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def _not_exact(obj, what: str = "a supported tree ensemble") -> str:
+    """Why ``obj`` is not read as trees: it is not one of scikit-learn's own classes."""
+    base = next((c for c in type(obj).__mro__[1:] if c in _sklearn_classes()), None)
+    if base is not None:
+        return (f"{_qualified(obj)} is a subclass of scikit-learn's {base.__name__} (it may compute its own "
+                "predict); only scikit-learn's own classes are read as trees")
+    return f"{_qualified(obj)} is not {what}"
+
+
+def _require_exact(obj, *names: str) -> str:
+    name = _exact_name(obj)
+    if name is None or (names and name not in names):
+        raise TreeError(_not_exact(obj) if name is None else f"{name} where {' or '.join(names)} was expected")
+    return name
+
+
 def _fold(scaler) -> tuple[np.ndarray, np.ndarray]:
     """(a, b) with scaler(x) = a * x + b per feature, a > 0."""
-    name = type(scaler).__name__
+    name = _exact_name(scaler)
+    if name is None:
+        raise TreeError(_not_exact(scaler, f"a per-feature scaler ({', '.join(_SCALERS)})"))
     if name == "StandardScaler":  # transform subtracts mean_ only with with_mean, divides only with with_std
         a = 1.0 / scaler.scale_ if scaler.with_std and scaler.scale_ is not None else np.ones(scaler.n_features_in_)
         b = -scaler.mean_ * a if scaler.with_mean and scaler.mean_ is not None else np.zeros_like(a)
@@ -205,30 +262,37 @@ def _proba(tree) -> np.ndarray:
 
 
 def _from_sklearn(est, n_features: int, fold) -> TreeEnsemble:
-    name = type(est).__name__
+    name = _exact_name(est)
+    if name is None:
+        raise TreeError(_not_exact(est))
     if getattr(est, "classes_", None) is None:  # a regressor, or a custom estimator: no trees to certify
         raise TreeError(f"{name}: not a classifier (it has no classes_)")
     K = len(est.classes_)
     b = _Builder(K)
     if name == "DecisionTreeClassifier":
         _check_single_output(est)
+        _require_exact(est.tree_, "Tree")
         _sk_tree(b, est.tree_, fold, _proba(est.tree_))
         return b.build(np.zeros(K), n_features, "forest", name)
     if name in ("RandomForestClassifier", "ExtraTreesClassifier"):
         _check_single_output(est)
         T = len(est.estimators_)
         for e in est.estimators_:
+            _require_exact(e, "DecisionTreeClassifier", "ExtraTreeClassifier")
+            _require_exact(e.tree_, "Tree")
             _sk_tree(b, e.tree_, fold, _proba(e.tree_) / T)
         return b.build(np.zeros(K), n_features, "forest", name)
     if name == "GradientBoostingClassifier":
         init = est.init_
-        if not (init == "zero" or type(init).__name__ == "DummyClassifier"):
+        if not ((isinstance(init, str) and init == "zero") or _exact_name(init) == "DummyClassifier"):
             raise TreeError(f"{name}: init estimator {type(init).__name__} is not a constant")
         probe = np.zeros((1, n_features))
         base = np.asarray(est._raw_predict_init(probe), dtype=np.float64).reshape(-1)
         lr = float(est.learning_rate)
         for stage in est.estimators_:
             for k, reg in enumerate(stage):
+                _require_exact(reg, "DecisionTreeRegressor")
+                _require_exact(reg.tree_, "Tree")
                 v = reg.tree_.value[:, 0, 0].astype(np.float64) * lr
                 if K == 2:
                     vals = _binary_values(v)
@@ -242,6 +306,7 @@ def _from_sklearn(est, n_features: int, fold) -> TreeEnsemble:
         base = np.asarray(est._baseline_prediction, dtype=np.float64).reshape(-1)
         for stage in est._predictors:
             for k, pred in enumerate(stage):
+                _require_exact(pred, "TreePredictor")
                 nodes = pred.nodes
                 if nodes["is_categorical"].any():
                     raise TreeError(f"{name}: categorical splits are not supported")
@@ -274,12 +339,12 @@ def sklearn_ensemble(est) -> TreeEnsemble:
     if n_features is None:
         raise TreeError(f"{type(est).__name__}: not fitted")
     a, b = np.ones(n_features), np.zeros(n_features)
-    if type(est).__name__ == "Pipeline":
+    if _exact_name(est) == "Pipeline":
         *pre, (_, final) = est.steps
         for _, step in pre:
             if step is None or step == "passthrough":
                 continue
-            if type(step).__name__ == "SimpleImputer" and not step.add_indicator \
+            if _exact_name(step) == "SimpleImputer" and not step.add_indicator \
                     and isinstance(step.missing_values, float) and np.isnan(step.missing_values):
                 continue  # identity on finite inputs (the stage admits only finite values)
             sa, sb = _fold(step)
