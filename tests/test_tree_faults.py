@@ -12,7 +12,7 @@ import torch
 from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
 from sklearn.neighbors import KNeighborsRegressor
-from sklearn.tree import DecisionTreeRegressor
+from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
 
 import treesubclasses
 from riskpipe.certify import family
@@ -89,3 +89,63 @@ def test_a_trusted_subclass_predicts_with_its_own_code_and_gets_no_trees_certifi
     with pytest.raises(ValueError, match=r"the trees certificate needs a tree ensemble.*subclass") as e:
         family("trees")(model)
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- crafted trees -----
+def _crafted(tmp_path, edit, forest: bool = False):
+    """A fitted tree (or a forest's second tree) whose node arrays are edited as a crafted
+    skops file would hold them: only trusted types, no code."""
+    X, y = data(200)
+    est = (RandomForestClassifier(3, max_depth=3, random_state=0) if forest
+           else DecisionTreeClassifier(max_depth=3, random_state=0)).fit(X, y)
+    tree = est.estimators_[1].tree_ if forest else est.tree_
+    state = tree.__getstate__()
+    nodes = state["nodes"].copy()
+    edit(nodes, np.flatnonzero(nodes["left_child"] >= 0))
+    state["nodes"] = nodes
+    tree.__setstate__(state)
+    return saved(tmp_path, est)
+
+
+def _cycle(nodes, inner):
+    nodes["left_child"][inner[-1]] = 0  # a deepest split's left child is the root
+
+
+def _two_parents(nodes, inner):
+    nodes["right_child"][inner[-1]] = nodes["left_child"][inner[-1]]
+
+
+def _child_out_of_range(nodes, inner):
+    nodes["right_child"][inner[0]] = len(nodes) + 7
+
+
+def _feature_out_of_range(nodes, inner):
+    nodes["feature"][inner[0]] = 10_000_000
+
+
+def _negative_feature(nodes, inner):
+    nodes["feature"][inner[-1]] = -2  # a split that scikit-learn walks (its left child is set)
+
+
+@pytest.mark.parametrize("forest", [False, True])
+@pytest.mark.parametrize("edit, why", [(_cycle, "reached twice"), (_two_parents, "reached twice"),
+                                       (_child_out_of_range, "child index"),
+                                       (_feature_out_of_range, "split on feature 10000000, the model has 5"),
+                                       (_negative_feature, "negative feature")])
+def test_a_crafted_tree_is_refused_at_load_in_one_line(tmp_path, edit, why, forest):
+    import signal
+
+    path = _crafted(tmp_path, edit, forest)
+
+    def hung(*_):
+        raise TimeoutError("load_model did not return")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        with pytest.raises(ModelError, match=r"m\.skops: \w+Classifier: malformed tree") as e:
+            load_model(path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert why in str(e.value) and "\n" not in str(e.value)

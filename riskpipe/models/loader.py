@@ -488,6 +488,10 @@ def _load_skops(spec: str, path: Path, opts, trusted_types=()) -> Model:
     if untrusted:
         raise UntrustedTypes(spec, untrusted)
     est = sio.load(str(path), trusted=trusted)
+    try:  # before anything calls the estimator: its predict walks the nodes unchecked
+        _trees.check_loaded_trees(est)
+    except _trees.MalformedTree as e:
+        raise ModelError(f"model {spec}: {e}") from None
     n_features = getattr(est, "n_features_in_", None)
     shape, classes, rng = _shape_opts(opts, spec, (n_features,) if n_features else None)
     if (why := _multi_output(est, shape)) is not None:
@@ -519,12 +523,16 @@ def _load_skops(spec: str, path: Path, opts, trusted_types=()) -> Model:
 
 def _attach_trees(model: Model, extract) -> Model:
     """``model.trees`` from ``extract()`` when the trees agree with the model's predict;
-    otherwise the reason goes to ``meta['trees_error']`` (the ``trees`` certificate names it)."""
+    otherwise the reason goes to ``meta['trees_error']`` (the ``trees`` certificate names it).
+    Malformed node arrays (a cycle, a child or split feature out of range: a crafted file)
+    refuse the model itself: its own predict would loop for ever or read beyond the input."""
     try:
         ens = extract()
         _trees.check_agreement(ens, model._predict_fn, model.num_classes)
         if ens.n_features != model.input_dim:
             raise _trees.TreeError(f"trees use {ens.n_features} features, the input has {model.input_dim}")
+    except _trees.MalformedTree as e:
+        raise ModelError(f"model {model.spec}: {e}") from None
     except _trees.TreeError as e:
         model.meta["trees_error"] = str(e)
         return model

@@ -39,6 +39,89 @@ class TreeError(ValueError):
     """An estimator whose trees cannot be extracted faithfully; the message says why."""
 
 
+class MalformedTree(TreeError):
+    """Node arrays no tree builder writes (a child that is not a later node, a node with
+    two parents, a split on a feature the input lacks): edited, not fitted. The model's
+    own predict would loop for ever or read beyond the input, so the loader refuses the
+    whole model, not only its trees certificate."""
+
+
+def check_nodes(feature, left, right, n_features: int, source: str) -> None:
+    """Raise MalformedTree unless the node arrays of one tree (children as indices local
+    to the tree, root 0, ``feature < 0`` a leaf) form a tree: walked from the root, every
+    internal node's children are in range and each node is reached once (no cycle, no
+    node with two parents), and every split reached is on a feature in ``[0, n_features)``.
+    Then every walk from the root ends at a leaf in fewer than ``len(feature)`` steps."""
+    feature = np.asarray(feature).astype(np.int64, copy=False)
+    left, right = np.asarray(left).astype(np.int64, copy=False), np.asarray(right).astype(np.int64, copy=False)
+    n = len(feature)
+    if n == 0 or len(left) != n or len(right) != n:
+        raise MalformedTree(f"{source}: malformed tree ({n} nodes, {len(left)} left and {len(right)} right children)")
+    seen = np.zeros(n, dtype=bool)
+    seen[0] = True
+    frontier = np.zeros(1, dtype=np.int64)
+    while len(frontier):
+        inner = frontier[feature[frontier] >= 0]
+        if (feature[inner] >= n_features).any():
+            raise MalformedTree(f"{source}: malformed tree: a split on feature {int(feature[inner].max())}, the model "
+                                f"has {n_features}")
+        kids = np.concatenate([left[inner], right[inner]])
+        out = (kids < 0) | (kids >= n)
+        if out.any():
+            raise MalformedTree(f"{source}: malformed tree: a child index {int(kids[out][0])} outside its {n} nodes")
+        if seen[kids].any() or len(np.unique(kids)) != len(kids):
+            raise MalformedTree(f"{source}: malformed tree: a node is reached twice from the root (a cycle or a node "
+                                "with two parents)")
+        seen[kids] = True
+        frontier = kids
+
+
+def check_loaded_trees(obj) -> None:
+    """Raise MalformedTree unless every scikit-learn ``Tree`` and ``TreePredictor`` held
+    anywhere in a loaded estimator (a forest's trees, a pipeline's steps, a trusted
+    subclass or wrapper) passes ``check_nodes`` against the input width of the estimator
+    holding it. Run before anything calls the estimator: scikit-learn's own predict walks
+    the nodes in C without bounds checks (a cycle hangs, an index out of range crashes)."""
+    from sklearn.ensemble._hist_gradient_boosting.predictor import TreePredictor
+    from sklearn.tree._tree import Tree
+
+    seen: set[int] = set()
+    stack: list[tuple[object, int | None]] = [(obj, None)]
+    while stack:
+        o, width = stack.pop()
+        if id(o) in seen or o is None or isinstance(o, str | bytes | int | float | bool):
+            continue
+        seen.add(id(o))
+        if isinstance(o, Tree):
+            left = np.asarray(o.children_left, dtype=np.int64)
+            n_features = int(o.n_features) if width is None else min(int(o.n_features), width)
+            feature = np.asarray(o.feature, dtype=np.int64)
+            if (feature[left != -1] < 0).any():
+                raise MalformedTree(f"{type(obj).__name__}: malformed tree: a split on a negative feature")
+            check_nodes(np.where(left != -1, feature, -1), left, o.children_right, n_features, type(obj).__name__)
+            continue
+        if isinstance(o, TreePredictor):
+            nodes = o.nodes
+            feature = np.where(nodes["is_leaf"].astype(bool), -1, nodes["feature_idx"].astype(np.int64))
+            check_nodes(feature, nodes["left"], nodes["right"], width if width is not None else 2 ** 62,
+                        type(obj).__name__)
+            continue
+        if isinstance(o, np.ndarray):
+            if o.dtype == object:
+                stack.extend((x, width) for x in o.ravel())
+            continue
+        if isinstance(o, list | tuple | set | frozenset):
+            stack.extend((x, width) for x in o)
+            continue
+        if isinstance(o, dict):
+            stack.extend((x, width) for x in o.values())
+            continue
+        d = getattr(o, "__dict__", None)
+        if isinstance(d, dict):
+            n = d.get("n_features_in_")
+            stack.extend((x, int(n) if isinstance(n, int | np.integer) else width) for x in d.values())
+
+
 @dataclass(frozen=True, eq=False)
 class TreeEnsemble:
     """All trees of a model in one set of flat node arrays (trees stored one after another).
@@ -119,12 +202,13 @@ class TreeEnsemble:
 class _Builder:
     """Collects trees given as node arrays (children as indices local to the tree)."""
 
-    def __init__(self, n_classes: int):
-        self.n_classes = n_classes
+    def __init__(self, n_classes: int, n_features: int, source: str):
+        self.n_classes, self.n_features, self.source = n_classes, n_features, source
         self.parts: list[tuple] = []
         self.size = 0
 
     def add(self, feature, threshold, slack, left, right, value) -> None:
+        check_nodes(feature, left, right, self.n_features, self.source)
         feature = np.asarray(feature, dtype=np.int64)
         n = len(feature)
         leaf = feature < 0
@@ -246,8 +330,12 @@ def _fold(scaler) -> tuple[np.ndarray, np.ndarray]:
 def _sk_tree(builder: _Builder, tree, fold, values: np.ndarray) -> None:
     """One sklearn ``Tree`` (left iff float32(x') <= threshold on x' = a x + b)."""
     a, b = fold
-    feature = tree.feature.astype(np.int64)
-    inner = feature >= 0
+    # scikit-learn's predict takes a node as a leaf exactly when its left child is -1
+    inner = np.asarray(tree.children_left, dtype=np.int64) != -1
+    feature = np.where(inner, tree.feature.astype(np.int64), -1)
+    if (feature[inner] < 0).any():
+        raise MalformedTree(f"{builder.source}: malformed tree: a split on a negative feature")
+    check_nodes(feature, tree.children_left, tree.children_right, len(a), builder.source)
     f = np.where(inner, feature, 0)
     t = tree.threshold.astype(np.float64)
     raw = (t - b[f]) / a[f]
@@ -268,7 +356,7 @@ def _from_sklearn(est, n_features: int, fold) -> TreeEnsemble:
     if getattr(est, "classes_", None) is None:  # a regressor, or a custom estimator: no trees to certify
         raise TreeError(f"{name}: not a classifier (it has no classes_)")
     K = len(est.classes_)
-    b = _Builder(K)
+    b = _Builder(K, n_features, name)
     if name == "DecisionTreeClassifier":
         _check_single_output(est)
         _require_exact(est.tree_, "Tree")
@@ -312,6 +400,7 @@ def _from_sklearn(est, n_features: int, fold) -> TreeEnsemble:
                     raise TreeError(f"{name}: categorical splits are not supported")
                 leaf = nodes["is_leaf"].astype(bool)
                 feature = np.where(leaf, -1, nodes["feature_idx"].astype(np.int64))
+                check_nodes(feature, nodes["left"], nodes["right"], len(a), b.source)
                 f = np.where(leaf, 0, feature)
                 t = nodes["num_threshold"].astype(np.float64)  # left iff float64(x') <= t
                 raw = (t - off[f]) / a[f]
@@ -381,7 +470,7 @@ def xgboost_ensemble(booster) -> tuple[TreeEnsemble, int]:
     else:
         raise TreeError(f"XGBoost objective {objective!r} is not a classifier")
     info = model.get("tree_info") or [0] * len(model["trees"])
-    b = _Builder(K)
+    b = _Builder(K, n_features, f"XGBoost {objective}")
     for t, k in zip(model["trees"], info):
         left = np.asarray(t["left_children"], dtype=np.int64)
         leaf = left < 0
@@ -422,7 +511,7 @@ def lightgbm_ensemble(booster) -> tuple[TreeEnsemble, int]:
         raise TreeError(f"LightGBM objective {objective!r} is not a classifier")
     n_features = int(dump["max_feature_idx"]) + 1
     per_iter = int(dump.get("num_tree_per_iteration", 1))
-    b = _Builder(K)
+    b = _Builder(K, n_features, f"LightGBM {objective.split()[0] if objective else objective}")
     for i, info in enumerate(dump["tree_info"]):
         nodes: list[dict] = []
         _lgb_walk(info["tree_structure"], nodes)
@@ -504,5 +593,6 @@ def check_agreement(ens: TreeEnsemble, predict, num_classes: int) -> None:
                         f"{len(bad)} of {len(X)} probe points")
 
 
-__all__ = ["REL_SLACK", "TreeEnsemble", "TreeError", "check_agreement", "lightgbm_ensemble", "probe_points",
+__all__ = ["REL_SLACK", "MalformedTree", "TreeEnsemble", "TreeError", "check_agreement", "check_loaded_trees",
+           "check_nodes", "lightgbm_ensemble", "probe_points",
            "sklearn_ensemble", "xgboost_ensemble"]
