@@ -149,3 +149,43 @@ def test_a_crafted_tree_is_refused_at_load_in_one_line(tmp_path, edit, why, fore
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     assert why in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- imputer -----------
+@pytest.mark.parametrize("empty", [[0], [1, 3]])
+@pytest.mark.parametrize("final", ["forest", "hist-gradient-boosting"])
+def test_an_imputer_that_dropped_empty_columns_is_read_with_the_columns_it_keeps(tmp_path, empty, final):
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = data(500, seed=3)
+    X = X * np.array([1.0, 10.0, 100.0, 0.1, 1000.0], dtype=np.float32)
+    Xfit = X.copy()
+    Xfit[:, empty] = np.nan  # seen empty in fit: SimpleImputer's transform drops these columns
+    last = (RandomForestClassifier(15, max_depth=6, random_state=0) if final == "forest"
+            else HistGradientBoostingClassifier(max_iter=15, random_state=0))
+    est = make_pipeline(SimpleImputer(), StandardScaler(), last).fit(Xfit, y)
+    assert est[-1].n_features_in_ == 5 - len(empty)
+    model = load_model(saved(tmp_path, est), trusted_types=["numpy.dtype"])
+    assert model.trees is not None, model.meta.get("trees_error")
+    assert model.trees.n_features == 5 and not np.isin(model.trees.feature, empty).any()
+    own = est.predict(X)
+    assert (model.predict(X) == own).all()
+    assert (model.trees.scores(X).argmax(axis=1) == own).mean() >= 0.99  # a point on a folded threshold may round
+
+
+def test_an_unforeseen_error_reading_trees_is_a_one_line_refusal(tmp_path, monkeypatch):
+    import riskpipe.models.trees as trees
+
+    X, y = data()
+    path = saved(tmp_path, RandomForestClassifier(5, random_state=0).fit(X, y))
+
+    def broken(est):
+        raise RuntimeError("unexpected\nstate")
+
+    monkeypatch.setattr(trees, "sklearn_ensemble", broken)
+    with pytest.raises(ModelError, match=r"m\.skops: reading its trees failed \(RuntimeError: unexpected") as e:
+        load_model(path)
+    assert "\n" not in str(e.value)

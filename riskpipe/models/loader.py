@@ -536,6 +536,9 @@ def _attach_trees(model: Model, extract) -> Model:
     except _trees.TreeError as e:
         model.meta["trees_error"] = str(e)
         return model
+    except Exception as e:  # noqa: BLE001 - an estimator's state riskpipe did not foresee: refused, one line
+        raise ModelError(f"model {model.spec}: reading its trees failed ({type(e).__name__}: {one_line(e, 200)})") \
+            from None
     model.trees = ens
     model.meta["trees"] = {"source": ens.source, "trees": ens.n_trees, "nodes": int(len(ens.feature))}
     return model

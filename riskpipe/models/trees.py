@@ -328,8 +328,9 @@ def _fold(scaler) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sk_tree(builder: _Builder, tree, fold, values: np.ndarray) -> None:
-    """One sklearn ``Tree`` (left iff float32(x') <= threshold on x' = a x + b)."""
-    a, b = fold
+    """One sklearn ``Tree`` (left iff float32(x') <= threshold on x' = a x + b, where
+    column j of x' is column ``cols[j]`` of the model's input)."""
+    a, b, cols = fold
     # scikit-learn's predict takes a node as a leaf exactly when its left child is -1
     inner = np.asarray(tree.children_left, dtype=np.int64) != -1
     feature = np.where(inner, tree.feature.astype(np.int64), -1)
@@ -340,7 +341,7 @@ def _sk_tree(builder: _Builder, tree, fold, values: np.ndarray) -> None:
     t = tree.threshold.astype(np.float64)
     raw = (t - b[f]) / a[f]
     slack = REL_SLACK * (np.abs(raw) + np.abs(t / a[f]) + np.abs(b[f] / a[f])) + ABS_SLACK
-    builder.add(np.where(inner, feature, -1), raw, slack, tree.children_left, tree.children_right, values)
+    builder.add(np.where(inner, cols[f], -1), raw, slack, tree.children_left, tree.children_right, values)
 
 
 def _proba(tree) -> np.ndarray:
@@ -390,7 +391,7 @@ def _from_sklearn(est, n_features: int, fold) -> TreeEnsemble:
                 _sk_tree(b, reg.tree_, fold, vals)
         return b.build(_binary_values(base)[0] if K == 2 else base, n_features, "boosting", name)
     if name == "HistGradientBoostingClassifier":
-        a, off = fold
+        a, off, cols = fold
         base = np.asarray(est._baseline_prediction, dtype=np.float64).reshape(-1)
         for stage in est._predictors:
             for k, pred in enumerate(stage):
@@ -411,7 +412,7 @@ def _from_sklearn(est, n_features: int, fold) -> TreeEnsemble:
                 else:
                     vals = np.zeros((len(v), K))
                     vals[:, k] = v
-                b.add(feature, raw, slack, nodes["left"], nodes["right"], vals)
+                b.add(np.where(leaf, -1, cols[f]), raw, slack, nodes["left"], nodes["right"], vals)
         return b.build(_binary_values(base)[0] if K == 2 else base, n_features, "boosting", name)
     raise TreeError(f"{name} is not a supported tree ensemble")
 
@@ -427,19 +428,39 @@ def sklearn_ensemble(est) -> TreeEnsemble:
     n_features = getattr(est, "n_features_in_", None)
     if n_features is None:
         raise TreeError(f"{type(est).__name__}: not fitted")
-    a, b = np.ones(n_features), np.zeros(n_features)
+    # x' = a * x[cols] + b: what the final estimator sees, as a map of the model's input
+    a, b, cols = np.ones(n_features), np.zeros(n_features), np.arange(n_features)
     if _exact_name(est) == "Pipeline":
         *pre, (_, final) = est.steps
         for _, step in pre:
-            if step is None or step == "passthrough":
+            if step is None or (isinstance(step, str) and step == "passthrough"):
                 continue
+            width = getattr(step, "n_features_in_", None)
+            if width != len(cols):
+                raise TreeError(f"pipeline step {type(step).__name__} takes {width} features, "
+                                f"the steps before it give {len(cols)}")
             if _exact_name(step) == "SimpleImputer" and not step.add_indicator \
                     and isinstance(step.missing_values, float) and np.isnan(step.missing_values):
-                continue  # identity on finite inputs (the stage admits only finite values)
+                # identity on finite inputs (the stage admits only finite values), except that
+                # transform drops each column whose statistic is NaN (seen empty in fit) unless
+                # keep_empty_features: the following steps number the columns it keeps
+                if not step.keep_empty_features:
+                    stats = np.asarray(step.statistics_)
+                    if stats.dtype.kind not in "fiu" or len(stats) != len(cols):
+                        raise TreeError(f"SimpleImputer: statistics_ of dtype {stats.dtype} and length "
+                                        f"{len(stats)}, for {len(cols)} numeric features")
+                    keep = ~np.isnan(stats.astype(np.float64))
+                    a, b, cols = a[keep], b[keep], cols[keep]
+                continue
             sa, sb = _fold(step)
+            if len(sa) != len(cols):
+                raise TreeError(f"{type(step).__name__}: {len(sa)} scales for {len(cols)} features")
             a, b = a * sa, b * sa + sb
         est = final
-    return _from_sklearn(est, int(n_features), (a, b))
+        if getattr(est, "n_features_in_", None) != len(cols):
+            raise TreeError(f"{type(est).__name__} takes {getattr(est, 'n_features_in_', None)} features, "
+                            f"the pipeline's steps give {len(cols)}")
+    return _from_sklearn(est, int(n_features), (a, b, cols))
 
 
 # ---------------------------------------------------------------- XGBoost -----------
