@@ -189,3 +189,28 @@ def test_an_unforeseen_error_reading_trees_is_a_one_line_refusal(tmp_path, monke
     with pytest.raises(ModelError, match=r"m\.skops: reading its trees failed \(RuntimeError: unexpected") as e:
         load_model(path)
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- agreement check ---
+@pytest.mark.parametrize("seed", [1, 5])
+def test_a_probe_point_within_a_thresholds_slack_does_not_refuse_a_valid_model(tmp_path, seed):
+    from sklearn.ensemble import GradientBoostingClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import MinMaxScaler
+
+    X, y = make_classification(400, 7, n_informative=4, n_classes=2, random_state=seed)
+    X = (X * np.array([1, 10, 100, 0.1, 1000, 1, 1], np.float32)).astype(np.float32)
+    est = make_pipeline(MinMaxScaler(), GradientBoostingClassifier(n_estimators=20, random_state=0)).fit(X, y)
+    model = load_model(saved(tmp_path, est))
+    assert model.trees is not None, model.meta.get("trees_error")
+    assert (model.predict(X) == est.predict(X)).all()
+
+
+def test_the_agreement_check_still_catches_trees_that_disagree(tmp_path):
+    from riskpipe.models.trees import TreeError, check_agreement, sklearn_ensemble
+
+    X, y = data()
+    ens = sklearn_ensemble(RandomForestClassifier(10, max_depth=4, random_state=0).fit(X, y))
+    check_agreement(ens, lambda Z: ens.scores(Z).argmax(axis=1), 2)
+    with pytest.raises(TreeError, match="disagree with the model's predict"):
+        check_agreement(ens, lambda Z: 1 - ens.scores(Z).argmax(axis=1), 2)

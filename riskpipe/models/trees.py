@@ -168,9 +168,19 @@ class TreeEnsemble:
 
     def apply(self, X: np.ndarray) -> np.ndarray:
         """(B, T) leaf index of every tree for every row of X (float64 comparisons)."""
+        return self._walk(X, False)[0]
+
+    def apply_near(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``apply(X)``, and (B,) whether a row passes within a threshold's slack at any
+        node on its paths: there the model's own comparison may go the other way."""
+        leaves, near = self._walk(X, True)
+        return leaves, np.asarray(near.reshape(len(leaves), -1).any(axis=1))
+
+    def _walk(self, X: np.ndarray, track: bool) -> tuple[np.ndarray, np.ndarray]:
         X = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
         B, T = len(X), self.n_trees
         node = np.tile(self.roots, B)
+        near = np.zeros(B * T, dtype=bool)
         offset = np.repeat(np.arange(B) * X.shape[1], T)  # row start in the flat X
         flat = X.ravel()
         active = np.arange(B * T)
@@ -179,9 +189,11 @@ class TreeEnsemble:
             f = self.feature[n]
             inner = f >= 0
             active, n, f = active[inner], n[inner], f[inner]
-            right = flat[offset[active] + f] > self.threshold[n]
-            node[active] = np.where(right, self.right[n], self.left[n])
-        return node.reshape(B, T)
+            x = flat[offset[active] + f]
+            if track:
+                near[active] |= np.abs(x - self.threshold[n]) <= self.slack[n]
+            node[active] = np.where(x > self.threshold[n], self.right[n], self.left[n])
+        return node.reshape(B, T), near
 
     def scores(self, X: np.ndarray) -> np.ndarray:
         """(B, C) class scores of the ensemble."""
@@ -599,13 +611,19 @@ def probe_points(ens: TreeEnsemble, n: int = 256, seed: int = 0) -> np.ndarray:
 
 def check_agreement(ens: TreeEnsemble, predict, num_classes: int) -> None:
     """Raise TreeError unless the trees classify the probe points as ``predict`` does
-    (rows where two class scores are within rounding of each other are skipped)."""
+    (rows where two class scores are within rounding of each other are skipped, and so
+    are rows within a threshold's slack on their path: the model's own arithmetic may
+    send them the other way there, and certificates treat such a node as undecided)."""
     if ens.n_classes != num_classes:
         raise TreeError(f"{ens.source}: trees give {ens.n_classes} classes, the model {num_classes}")
     X = probe_points(ens)
-    s = ens.scores(X)
+    leaves, near = ens.apply_near(X)
+    s = ens.base + ens.value[leaves].sum(axis=1)
     top = np.sort(s, axis=1)
-    clear = top[:, -1] - top[:, -2] > 1e-6 * (1 + np.abs(top[:, -1]))
+    clear = (top[:, -1] - top[:, -2] > 1e-6 * (1 + np.abs(top[:, -1]))) & ~near
+    if not clear.any():
+        raise TreeError(f"{ens.source}: every probe point lies within rounding of a threshold or a tie; "
+                        "the extracted trees cannot be checked against the model's predict")
     mine = s.argmax(axis=1)
     theirs = np.asarray(predict(X))
     bad = np.flatnonzero(clear & (mine != theirs))
