@@ -214,3 +214,21 @@ def test_the_agreement_check_still_catches_trees_that_disagree(tmp_path):
     check_agreement(ens, lambda Z: ens.scores(Z).argmax(axis=1), 2)
     with pytest.raises(TreeError, match="disagree with the model's predict"):
         check_agreement(ens, lambda Z: 1 - ens.scores(Z).argmax(axis=1), 2)
+
+
+# ---------------------------------------------------------------- LightGBM ----------
+def test_a_two_class_multiclass_lightgbm_booster_is_read_by_its_objective(tmp_path):
+    lgb = pytest.importorskip("lightgbm")
+    X, y = data(300)
+    booster = lgb.train({"objective": "multiclass", "num_class": 2, "verbose": -1, "num_leaves": 8, "num_threads": 1,
+                         "seed": 0}, lgb.Dataset(X, y), 10)
+    path = tmp_path / "mc2.txt"
+    booster.save_model(str(path))
+    assert booster.predict(X[:3], raw_score=True).shape == (3, 2)
+    model = load_model(str(path))
+    assert model.num_classes == 2 and model.trees is not None
+    own = booster.predict(X).argmax(axis=1)
+    assert (model.predict(X) == own).all()
+    assert (model.trees.scores(X).argmax(axis=1) == own).mean() >= 0.99
+    certs = family("trees")(model).run("certify", X[:10], list(range(10)))
+    assert any(not c.abstained for c in certs)

@@ -536,14 +536,19 @@ def lightgbm_ensemble(booster) -> tuple[TreeEnsemble, int]:
     """(trees, number of classes) of a LightGBM ``Booster`` (numeric ``<=`` splits)."""
     dump = booster.dump_model()
     objective = str(dump.get("objective", ""))
+    per_iter = int(dump.get("num_tree_per_iteration", 1))
     if objective.startswith(("multiclass", "multiclassova")):
         K = int(dump["num_class"])
+        if per_iter != K:
+            raise TreeError(f"LightGBM {objective.split()[0]}: {per_iter} trees per iteration for {K} classes")
     elif objective.startswith(("binary", "cross_entropy")):
         K = 2
+        if per_iter != 1:
+            raise TreeError(f"LightGBM {objective.split()[0]}: {per_iter} trees per iteration, binary has 1")
     else:
         raise TreeError(f"LightGBM objective {objective!r} is not a classifier")
+    binary = K == 2 and per_iter == 1
     n_features = int(dump["max_feature_idx"]) + 1
-    per_iter = int(dump.get("num_tree_per_iteration", 1))
     b = _Builder(K, n_features, f"LightGBM {objective.split()[0] if objective else objective}")
     for i, info in enumerate(dump["tree_info"]):
         nodes: list[dict] = []
@@ -551,9 +556,9 @@ def lightgbm_ensemble(booster) -> tuple[TreeEnsemble, int]:
         feature = np.array([n["f"] for n in nodes], dtype=np.int64)
         thr = np.array([n["t"] for n in nodes], dtype=np.float64)
         v = np.array([n["v"] for n in nodes], dtype=np.float64)
-        if K == 2:
+        if binary:  # one margin m per input, as the pair (0, m)
             vals = _binary_values(v)
-        else:
+        else:  # multiclass, K >= 2: tree i adds to class i % K
             vals = np.zeros((len(v), K))
             vals[:, i % per_iter] = v
         b.add(feature, thr, _rel(thr), [n["l"] for n in nodes], [n["r"] for n in nodes], vals)
@@ -578,8 +583,10 @@ def _lgb_walk(node: dict, out: list[dict]) -> int:
 
 
 def lightgbm_margin(booster, X: np.ndarray, K: int) -> np.ndarray:
+    """(B, C) margins as class scores: one margin per input (a binary objective) as (0, m),
+    K per input as they are (multiclass, even with K = 2), as ``xgboost_margin``."""
     m = np.asarray(booster.predict(np.asarray(X, dtype=np.float64), raw_score=True), dtype=np.float64)
-    return _binary_values(m.reshape(-1)) if K == 2 else m.reshape(len(X), K)
+    return _binary_values(m.reshape(-1)) if m.size == len(X) else m.reshape(len(X), K)
 
 
 def _with_base(ens: TreeEnsemble, margin) -> TreeEnsemble:
