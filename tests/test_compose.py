@@ -94,6 +94,10 @@ def test_config_errors_name_the_key_in_one_line(user, tmp_path):
         ({"signs": {"spec": img.spec, "labels": ["a", "b"]}}, "models.signs.labels: 2 labels, the model has 3 classes"),
         ({"wine": {"spec": tab.spec, "range": [[0, 1]] * 3}}, "models.wine.range: 3 [lo, hi] pairs, the model has 13"),
         ({"wine": {"spec": tab.spec, "range": [2, 1]}}, "models.wine.range: need lo < hi"),
+        ({"wine": {"spec": tab.spec, "range": [float("-inf"), float("inf")]}},
+         "models.wine.range: every lo and hi must be a finite number"),
+        ({"wine": {"spec": tab.spec, "range": [[0, 1]] * 12 + [[-1e39, 1]]}},
+         "models.wine.range: every lo and hi must be a finite number (within float32"),
         ({"signs": {"spec": str(tmp_path / "missing.pt")}}, "models.signs.spec: model "),
     ]
     for i, (models, want) in enumerate(cases):

@@ -232,3 +232,12 @@ def test_a_two_class_multiclass_lightgbm_booster_is_read_by_its_objective(tmp_pa
     assert (model.trees.scores(X).argmax(axis=1) == own).mean() >= 0.99
     certs = family("trees")(model).run("certify", X[:10], list(range(10)))
     assert any(not c.abstained for c in certs)
+
+
+# ---------------------------------------------------------------- declared range ----
+@pytest.mark.parametrize("rng", ["-inf,inf", "0,inf", "-1e39,1"])
+def test_a_non_finite_range_in_the_spec_is_refused_naming_range(tmp_path, rng):
+    X, y = data()
+    path = saved(tmp_path, RandomForestClassifier(5, random_state=0).fit(X, y))
+    with pytest.raises(ModelError, match=r"m\.skops\?range=.*: \?range= must be finite"):
+        load_model(f"{path}?range={rng}")

@@ -83,6 +83,7 @@ given on the command line resolve against the working directory.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -241,6 +242,9 @@ class ModelConfig(BaseModel):
         if not isinstance(pairs, list) or not pairs or not all(
                 isinstance(p, list) and len(p) == 2 and all(_is_number(x) for x in p) for p in pairs):
             raise ValueError("must be [lo, hi] or a list of [lo, hi] pairs, one per feature")
+        if not all(_finite32(x) for p in pairs for x in p):
+            raise ValueError("every lo and hi must be a finite number (within float32, where inputs are checked); "
+                             "leave range out to check finiteness only")
         if not all(p[0] < p[1] for p in pairs):
             raise ValueError("need lo < hi in every pair")
         out = [[float(a), float(b)] for a, b in pairs]
@@ -249,6 +253,11 @@ class ModelConfig(BaseModel):
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _finite32(x: float) -> bool:
+    """``x`` is finite and stays finite as a float32 (inputs and ranges are compared there)."""
+    return math.isfinite(x) and abs(x) <= float(np.finfo(np.float32).max)
 
 
 def reference_feature_names(path: str) -> list[str] | None:

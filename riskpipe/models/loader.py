@@ -97,6 +97,9 @@ def _shape_opts(opts: dict[str, str], spec: str, default_shape=None, default_cla
         raise ShapeUnknown(f"model {spec}: input shape unknown; add ?shape=C,H,W (or give inputs to take it from)")
     if rng is not None and (len(rng) != 2 or not rng[0] < rng[1]):
         raise ModelError(f"model {spec}: range must be lo,hi with lo < hi")
+    if rng is not None and not all(np.isfinite(v) and abs(v) <= float(np.finfo(np.float32).max) for v in rng):
+        raise ModelError(f"model {spec}: ?range= must be finite (within float32); leave it out to check finiteness "
+                         "only")
     return shape, classes, rng
 
 
