@@ -147,6 +147,118 @@ def test_classifier_tells_infrastructure_from_data():
         assert infrastructure_component(exc) is None, exc
 
 
+def test_real_server_errors_that_end_the_session_or_refuse_writes_are_infrastructure(pg_url, tmp_path):
+    """Errors raised by the real PostgreSQL and SQLite, not made by hand: the server's FATAL
+    25P03 (idle-in-transaction timeout: it closes the connection) and 25006 (a read-only
+    transaction, as on a standby after a failover) are psycopg InternalError, and a SQLite
+    file that became read-only says "attempt to write a readonly database"; each is the
+    ledger being unavailable, never the event's fault. A unique violation stays data."""
+    import sqlite3
+
+    import psycopg
+
+    from riskpipe.stream.infra import infrastructure_component
+
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        c.execute("CREATE TABLE t (x int PRIMARY KEY)")
+        c.execute("INSERT INTO t VALUES (1)")
+        with pytest.raises(psycopg.errors.UniqueViolation) as dup:
+            c.execute("INSERT INTO t VALUES (1)")
+    assert infrastructure_component(dup.value) is None
+
+    with psycopg.connect(pg_url) as c:
+        c.execute("SET idle_in_transaction_session_timeout = '100ms'")
+        c.commit()
+        c.execute("SELECT 1")  # a transaction is open; the client stalls inside it
+        time.sleep(0.6)
+        with pytest.raises(psycopg.Error) as idle:
+            c.execute("INSERT INTO t VALUES (2)")
+        assert c.broken or c.closed
+    assert idle.value.sqlstate == "25P03" and not isinstance(idle.value, psycopg.OperationalError), idle.value
+    assert infrastructure_component(idle.value) == "ledger"
+    wrapped = RuntimeError("while appending")
+    wrapped.__cause__ = idle.value
+    assert infrastructure_component(wrapped) == "ledger"
+
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        c.execute("SET default_transaction_read_only = on")
+        with pytest.raises(psycopg.Error) as ro:
+            c.execute("INSERT INTO t VALUES (3)")
+    assert ro.value.sqlstate == "25006" and isinstance(ro.value, psycopg.InternalError), ro.value
+    assert infrastructure_component(ro.value) == "ledger"
+
+    path = tmp_path / "ro.db"
+    sqlite3.connect(path).executescript("CREATE TABLE t (x int); INSERT INTO t VALUES (1);")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        with pytest.raises(sqlite3.OperationalError) as lite:
+            db.execute("INSERT INTO t VALUES (2)")
+    finally:
+        db.close()
+    assert "readonly" in str(lite.value)
+    assert infrastructure_component(lite.value) == "ledger"
+
+
+class StallingLedger(PostgresLedger):
+    """The real PostgreSQL ledger whose writer stalls ``stall_s`` inside its transaction on
+    its first ``stalls`` decision writes (a GC pause, a CPU-starved pod): with the
+    database's idle_in_transaction_session_timeout shorter, the server ends the session."""
+
+    stalls = 2
+    stall_s = 0.6
+
+    def _sequence(self, db, items):  # type: ignore[override]
+        if self.stalls > 0 and any(it[0] == "decision" for it in items):
+            self.stalls -= 1
+            time.sleep(self.stall_s)
+        return PostgresLedger._sequence(db, items)
+
+
+def test_a_session_the_server_ends_mid_write_is_retried_not_dead_lettered(pg, broker, wine):
+    """PostgreSQL ends the stage's session inside a ledger write (idle-in-transaction
+    timeout, SQLSTATE 25P03, a psycopg InternalError): the stage pauses and retries; every
+    event is decided exactly once and none is dead-lettered (it was internal_error, with
+    its offset committed: a decision lost)."""
+    import psycopg
+
+    from riskpipe.app.compose import build_stage
+    from riskpipe.app.config import load_config
+
+    d, um, X = wine
+    dsn = pg.create_database("idle")
+    with open_ledger(dsn):
+        pass
+    with psycopg.connect(pg.url(), autocommit=True) as c:
+        c.execute("ALTER DATABASE idle SET idle_in_transaction_session_timeout = '200ms'")
+    events = wine_events(X, "i", 16)
+    produce(broker.bootstrap, events)
+    cfg = load_config(None, bootstrap_servers=broker.bootstrap, ledger=dsn, session_timeout_ms=2000,
+                      heartbeat_interval_ms=600, batch={"max_events": 8, "max_wait_ms": 20}, group_id="g-idle",
+                      infrastructure_timeout_s=60)
+    led = StallingLedger(dsn)
+    stage = build_stage(cfg, pipeline=cheap_pipeline(d, "wine", um), ledger=led)
+    errors = []
+
+    def run():
+        try:
+            stage.run(idle_exit_s=1.0)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=180)
+    alive = t.is_alive()
+    stage.stop()
+    led.close()
+    assert not alive and not errors, errors
+    assert stage.stats.infrastructure_retries["ledger"] >= 1, stage.stats
+    assert stage.stats.decided == 16 and not stage.stats.dlq, stage.stats
+    assert committed_offset(broker.bootstrap, "g-idle") == 16
+    out = assert_published_match_ledger(broker.bootstrap, dsn, {e["id"] for e in events})
+    assert out["dlq"] == []
+
+
 def test_postgresql_stopped_inside_batches_decides_every_event_once(pg, broker, wine, tmp_path):
     """PostgreSQL stops for about a second during one batch's id look-ups and again during
     another batch's ledger write: every valid event is decided exactly once, none is

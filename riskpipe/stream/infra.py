@@ -34,7 +34,20 @@ _ORT_OOM = ("out of memory", "failed to allocate memory", "bad_alloc")
 
 # SQLite errors that say "the file is busy or the disk failed", not "this row is bad"
 _SQLITE_TRANSIENT = ("database is locked", "database table is locked", "disk i/o error", "unable to open database",
-                     "database or disk is full")
+                     "database or disk is full", "attempt to write a readonly database", "locking protocol")
+# the same by SQLite's primary result code (Python 3.11+ ``sqlite_errorcode``, extended codes
+# carry it in their low byte): BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL
+_SQLITE_TRANSIENT_CODES = frozenset({5, 6, 8, 10, 13, 14, 15})
+# PostgreSQL SQLSTATEs (prefixes) that say "the server or the session is not available for
+# writing", whatever Python class psycopg gives them: 25P03 (idle-in-transaction timeout)
+# and 25006 (a read-only transaction: a standby after a failover, default_transaction_read_only)
+# are InternalError, and the server closes the connection after 25P03. Class 08 connection
+# exception, 53 insufficient resources (disk full, out of memory, too many connections),
+# 57P operator intervention (admin/crash shutdown, cannot connect now, idle session
+# timeout), 57014 query cancelled (statement timeout), 58 system error (I/O), 55P03 lock
+# not available, 40001/40P01 serialization failure and deadlock (the transaction is
+# rolled back and may simply be run again), 25P04 transaction timeout.
+_PG_INFRA_SQLSTATES = ("08", "53", "57P", "57014", "58", "55P03", "40001", "40P01", "25P03", "25P04", "25006")
 
 # Backoff between retries: BASE_S doubling up to CAP_S, "equal jitter" (half the delay
 # fixed, half uniform) so workers that failed together do not retry together.
@@ -47,8 +60,12 @@ def infrastructure_component(exc: BaseException) -> str | None:
 
     * ledger: :class:`~riskpipe.ledger.chain.LedgerUnavailable` (cannot connect),
       psycopg ``OperationalError`` / ``InterfaceError`` (connection lost, server
-      shutting down, lock or statement timeout, disk full), SQLite ``database is
-      locked`` / ``disk I/O error`` / ``unable to open database file``;
+      shutting down, lock or statement timeout, disk full), any psycopg error by its
+      SQLSTATE (``_PG_INFRA_SQLSTATES``: the idle-in-transaction timeout 25P03 and the
+      read-only transaction 25006 of a standby are InternalError) or whose connection is
+      no longer OK; SQLite ``database is locked`` / ``disk I/O error`` / ``unable to open
+      database file`` / ``attempt to write a readonly database`` / ``locking protocol``
+      (by result code where Python gives it);
     * broker: any kafka-python ``KafkaError``, ``SinkError`` (sends not acknowledged),
       ``ConnectionError``/``TimeoutError`` and other ``OSError`` of the transport (not a
       missing file or a permission, which are configuration);
@@ -67,9 +84,9 @@ def infrastructure_component(exc: BaseException) -> str | None:
             return MEMORY
         if isinstance(e, LedgerUnavailable):
             return LEDGER
-        if psycopg is not None and isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError)):
+        if psycopg is not None and isinstance(e, psycopg.Error) and _postgres_unavailable(psycopg, e):
             return LEDGER
-        if isinstance(e, sqlite3.OperationalError) and any(s in str(e).lower() for s in _SQLITE_TRANSIENT):
+        if isinstance(e, sqlite3.Error) and _sqlite_unavailable(e):
             return LEDGER
         if kafka_errors is not None and isinstance(e, kafka_errors.KafkaError):
             return BROKER
@@ -78,6 +95,26 @@ def infrastructure_component(exc: BaseException) -> str | None:
         if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
             return BROKER
     return None
+
+
+def _postgres_unavailable(psycopg, e) -> bool:
+    """A psycopg error says the server or the connection is unavailable: by its SQLSTATE
+    (not its Python class: the server's FATAL 25P03 is an InternalError), a connection
+    that is broken or closed, or an Operational/Interface error without a SQLSTATE."""
+    if isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError)):
+        return True
+    state = getattr(e, "sqlstate", None) or ""
+    if state.startswith(_PG_INFRA_SQLSTATES):
+        return True
+    pgconn = getattr(e, "pgconn", None)
+    return pgconn is not None and pgconn.status != psycopg.pq.ConnStatus.OK
+
+
+def _sqlite_unavailable(e: sqlite3.Error) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF in _SQLITE_TRANSIENT_CODES:
+        return True
+    return isinstance(e, sqlite3.OperationalError) and any(s in str(e).lower() for s in _SQLITE_TRANSIENT)
 
 
 def out_of_memory(exc: BaseException) -> bool:
