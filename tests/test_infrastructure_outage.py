@@ -7,6 +7,7 @@ broker, a user's tabular skops model (not the demo)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 
@@ -257,6 +258,62 @@ def test_a_session_the_server_ends_mid_write_is_retried_not_dead_lettered(pg, br
     assert committed_offset(broker.bootstrap, "g-idle") == 16
     out = assert_published_match_ledger(broker.bootstrap, dsn, {e["id"] for e in events})
     assert out["dlq"] == []
+
+
+def test_a_read_only_postgresql_pauses_the_stage_and_exits_4_dead_lettering_nothing(pg, broker, wine, tmp_path):
+    """PostgreSQL turns read-only mid-run (default_transaction_read_only, as a failover onto
+    a standby leaves it; SQLSTATE 25006, a psycopg InternalError): the stage pauses and
+    retries, past infrastructure_timeout_s exits 4 in one line with nothing dead-lettered
+    and nothing committed past the decided events (it crashed with a traceback, exit 1);
+    once the database is writable again a stage decides the waiting events."""
+    import psycopg
+
+    _d, um, X = wine
+    dsn = pg.create_database("readonly")
+    policy = policy_with(tmp_path, certifier={"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01,
+                                              "max_samples": 200})
+    cfg = tmp_path / "riskpipe.yaml"
+    cfg.write_text(f"bootstrap_servers: {broker.bootstrap}\nledger: {dsn}\ngroup_id: g-ro\n"
+                   f"models: {{wine: {{spec: {um.spec}, reference: {um.data}}}}}\npolicy: {policy}\n"
+                   "session_timeout_ms: 2000\nheartbeat_interval_ms: 600\nbatch: {max_events: 8, max_wait_ms: 20}\n"
+                   "infrastructure_timeout_s: 3\n")
+    first, second = wine_events(X, "a", 8), wine_events(X, "b", 12, start=8)
+    produce(broker.bootstrap, first)
+
+    def read_only(on: bool) -> None:
+        with psycopg.connect(pg.url(), autocommit=True) as c:
+            c.execute("ALTER SYSTEM SET default_transaction_read_only = on" if on
+                      else "ALTER SYSTEM RESET default_transaction_read_only")
+            c.execute("SELECT pg_reload_conf()")
+
+    p = run_cli(["run", "--config", str(cfg)])
+    try:
+        assert wait_for(lambda: committed_offset(broker.bootstrap, "g-ro") == 8, 120)
+        read_only(True)
+        time.sleep(0.5)
+        produce(broker.bootstrap, second)
+        try:
+            _, err = p.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            rc, err = stop(p)
+            raise AssertionError(f"the stage did not stop: {err[-3000:]}") from None
+        rc = p.returncode
+    finally:
+        if p.poll() is None:
+            stop(p)
+    assert rc == 4, err[-3000:]
+    assert "riskpipe: error: ledger unavailable for" in err and "infrastructure_timeout_s 3" in err, err[-3000:]
+    assert "read-only transaction" in err and "Traceback" not in err, err[-3000:]
+    assert committed_offset(broker.bootstrap, "g-ro") == 8
+    assert consume_all(broker.bootstrap, ["dlq"], timeout=2)["dlq"] == []
+    read_only(False)
+    with open_ledger(dsn) as led:
+        assert led.count("decision") == 8 and led.count("dlq") == 0
+    p = run_cli(["run", "--config", str(cfg), "--idle-exit", "2"])
+    _, err = p.communicate(timeout=180)
+    assert p.returncode == 0, err[-3000:]
+    assert committed_offset(broker.bootstrap, "g-ro") == 20
+    assert_published_match_ledger(broker.bootstrap, dsn, {e["id"] for e in first + second})
 
 
 def test_postgresql_stopped_inside_batches_decides_every_event_once(pg, broker, wine, tmp_path):

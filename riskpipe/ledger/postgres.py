@@ -392,6 +392,18 @@ class PostgresLedger(Ledger):
                        [(r[0], r[5], r[6], p[0]) for p, r in zip(pending, rows)])
         return len(pending)
 
+    def ping(self) -> None:
+        """Raise unless the ledger answers a read and would take a write now: a server that
+        turned read-only (a failover onto a standby, ``default_transaction_read_only``)
+        answers reads, so a read alone ended the stage's outage at each quiet poll and its
+        ``infrastructure_timeout_s`` clock restarted for ever."""
+        with self._conn() as db:
+            db.execute("SELECT count FROM chain_state WHERE id = 1").fetchone()
+            read_only = db.execute("SELECT current_setting('transaction_read_only')").fetchone()[0]
+        if read_only == "on":
+            raise LedgerUnavailable(f"ledger {redact(self.dsn)}: the server takes no writes (read-only transaction: "
+                                    "a standby, or default_transaction_read_only)")
+
     def pending(self) -> int:
         """Rows written but not yet sequenced into the chain and tree."""
         with self._conn() as db:
