@@ -125,3 +125,92 @@ def test_config_expands_environment_and_rejects_unknown_keys(tmp_path, monkeypat
     f.write_text("bootstrap_server: x\n")
     with pytest.raises(ConfigError, match="bootstrap_server"):
         load_config(str(f))
+
+
+_FSIZE_LIMITED = r"""
+import json, os, resource, signal, sys
+from riskpipe.stream.io import JsonlSink
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like a full disk
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+out = sys.argv[1]
+sink = JsonlSink(out)
+for i in range(3):
+    sink.send("audit", None, json.dumps({"id": f"a-{i}"}).encode())
+    sink.send("decisions", None, json.dumps({"id": f"a-{i}"}).encode())
+sink.flush()
+resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(f"{out}/audit.jsonl") + 100, hard))
+sink.send("decisions", None, json.dumps({"id": "b-0"}).encode())
+sink.send("audit", None, json.dumps({"id": "b-0", "pad": "x" * 5000}).encode())
+try:
+    sink.flush()
+except OSError as e:
+    print("flush failed", e.errno)
+sink.close()  # must not raise: the stage calls it while it handles the outage
+print("closed")
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+sink = JsonlSink(out)  # the stage resumes
+sink.send("audit", None, json.dumps({"id": "b-0"}).encode())
+sink.send("decisions", None, json.dumps({"id": "b-0"}).encode())
+sink.close()
+"""
+
+
+def test_a_failed_sink_flush_leaves_whole_lines_and_close_does_not_raise(tmp_path):
+    """A flush that fails (the disk full; here a file size limit: EFBIG) cuts every output
+    file back to where the last flush left it and close() does not raise; the resumed sink
+    appends whole lines. Before, close() flushed again and raised inside the stage's outage
+    handler (exit 2), and audit.jsonl kept a torn JSON record."""
+    import errno
+
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", _FSIZE_LIMITED, str(out)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"flush failed {errno.EFBIG}" in r.stdout and "closed" in r.stdout, r.stdout + r.stderr
+    for name in ("audit.jsonl", "decisions.jsonl"):
+        raw = (out / name).read_bytes()
+        assert raw.endswith(b"\n")
+        ids = [json.loads(line)["id"] for line in raw.splitlines()]
+        assert ids == ["a-0", "a-1", "a-2", "b-0"], (name, ids)  # b-0's failed flush kept in neither file
+
+
+def test_a_sink_file_ending_in_a_torn_line_is_cut_back_before_appending(tmp_path):
+    from riskpipe.stream.io import JsonlSink
+
+    (tmp_path / "audit.jsonl").write_bytes(b'{"id": "a-0"}\n{"id": "a-1", "cert')
+    sink = JsonlSink(str(tmp_path))
+    sink.send("audit", None, b'{"id": "a-1"}')
+    sink.close()
+    assert (tmp_path / "audit.jsonl").read_bytes() == b'{"id": "a-0"}\n{"id": "a-1"}\n'
+
+
+def test_a_full_disk_under_the_offline_sink_pauses_then_exits_4_with_whole_lines(tmp_path, pg_url):
+    """The output files hit a file size limit mid-run (EFBIG, as a full disk gives ENOSPC):
+    the sink is the unavailable component, the stage retries, and past
+    infrastructure_timeout_s exits 4 in one line (it stopped with exit 2, the config
+    error's code, raised again by close() inside the outage handler), every output file
+    ending in whole lines that agree on the events they hold."""
+    import resource
+    import signal
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(e) + "\n" for e in events(40, "full")))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"ledger: {pg_url}\ninfrastructure_timeout_s: 2\nbatch: {{max_events: 8}}\n")
+    out = tmp_path / "out"
+
+    def limit():  # the ledger is PostgreSQL, a process of its own: only the outputs hit it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    r = subprocess.run([sys.executable, "-m", "riskpipe.cli", "run", "--config", str(cfg), "--source", f"jsonl:{src}",
+                        "--sink", f"jsonl:{out}"], capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert r.returncode == 4, r.stderr[-3000:]
+    assert "riskpipe: error: broker unavailable for" in r.stderr and "infrastructure_timeout_s 2" in r.stderr
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    held = {}
+    for name in ("audit.jsonl", "decisions.jsonl"):
+        raw = (out / name).read_bytes()
+        assert raw == b"" or raw.endswith(b"\n"), name
+        held[name] = [json.loads(line)["id"] for line in raw.splitlines()]
+    assert held["audit.jsonl"] and held["audit.jsonl"] == held["decisions.jsonl"], held
+    assert len(held["audit.jsonl"]) < 40

@@ -360,17 +360,43 @@ class JsonlSink:
 
     Appends, like a topic; ``fresh_outputs(DIR, topics)`` clears a directory first
     (the runner does that once per run, so a re-run does not duplicate lines).
+
+    Whole lines only: lines are held here and written at ``flush`` (or once 1 MiB is
+    held); a write that fails (the disk full, a file size limit) cuts every file back to
+    where the last flush left it, drops what was held (nothing since was acknowledged:
+    the stage's outage sends the batch again) and raises, so a resume appends whole lines
+    after whole lines, and a batch that failed in one file is not kept in another. A file found
+    ending in a torn line (a process killed mid-write) is cut back to its last complete
+    line when opened. ``close`` never raises for a write that fails: it is called while
+    the stage handles an outage (a full disk used to raise again there and stop the stage
+    with the configuration error's exit code).
     """
+
+    HOLD = 1 << 20
 
     def __init__(self, directory: str):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.files: dict = {}
+        self.files: dict[str, int] = {}  # topic -> file descriptor (O_APPEND)
+        self._held: dict[str, bytearray] = {}
+        self._good: dict[str, int] = {}  # topic -> length of the file up to its last complete line
+
+    def _open(self, topic: str) -> None:
+        path = self.dir / f"{topic}.jsonl"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            good = _last_complete_line(path)
+            if good < os.fstat(fd).st_size:
+                log.warning("%s ends in a torn line (a write cut short); cut back to its last complete line", path)
+                os.ftruncate(fd, good)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.files[topic], self._held[topic], self._good[topic] = fd, bytearray(), good
 
     def send(self, topic: str, key: bytes | None, value: bytes, headers=None) -> None:
-        f = self.files.get(topic)
-        if f is None:
-            f = self.files[topic] = open(self.dir / f"{topic}.jsonl", "ab")
+        if topic not in self.files:
+            self._open(topic)
         if headers and any(k.startswith("__riskpipe.errors.") for k, _ in headers):
             # dead letters: keep the raw bytes and the error headers together (other
             # headers, e.g. trace context, are in the record a file line carries)
@@ -381,17 +407,77 @@ class JsonlSink:
             except UnicodeDecodeError:  # binary tensors, broken text: the exact bytes, base64
                 obj["value_base64"] = base64.b64encode(value).decode("ascii")
             value = json.dumps(obj, sort_keys=True).encode()
-        f.write(value + b"\n")
+        held = self._held[topic]
+        held += value + b"\n"
+        if len(held) >= self.HOLD:
+            try:
+                self._write(topic)
+            except OSError:
+                self._roll_back()
+                raise
+
+    def _write(self, topic: str) -> None:
+        fd, held = self.files[topic], self._held[topic]
+        view = memoryview(held)
+        try:
+            done = 0
+            while done < len(held):
+                done += os.write(fd, view[done:])
+        finally:
+            view.release()
+            held.clear()
+
+    def _roll_back(self) -> None:
+        """Cut every file back to where the last flush left it (whole lines) and drop what
+        is held: nothing since that flush was acknowledged, the stage sends it again."""
+        for topic, fd in self.files.items():
+            self._held[topic].clear()
+            try:
+                os.ftruncate(fd, self._good[topic])
+            except OSError as e:
+                log.warning("%s: cannot cut back to its last complete line (%s)", self.dir / f"{topic}.jsonl", e)
 
     def flush(self, timeout: float = 30.0) -> None:
-        for f in self.files.values():
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            for topic, fd in self.files.items():
+                self._write(topic)
+                os.fsync(fd)
+        except OSError:
+            self._roll_back()
+            raise
+        for topic, fd in self.files.items():
+            self._good[topic] = os.fstat(fd).st_size
 
     def close(self) -> None:
-        for f in self.files.values():
-            f.close()
-        self.files = {}
+        """Flush and close; a flush that fails is logged (the files end where the last
+        flush left them), never raised."""
+        try:
+            self.flush()
+        except OSError as e:
+            log.warning("%s: lines not written on close (%s); the files end at the last flush, whole lines",
+                        self.dir, e)
+        finally:
+            for fd in self.files.values():
+                os.close(fd)
+            self.files, self._held, self._good = {}, {}, {}
+
+
+def _last_complete_line(path: Path, block: int = 1 << 16) -> int:
+    """The length of ``path`` up to and including its last newline (0 if it has none)."""
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            start = max(0, pos - block)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            if pos == end and chunk.endswith(b"\n"):
+                return end
+            i = chunk.rfind(b"\n")
+            if i >= 0:
+                return start + i + 1
+            pos = start
+        return 0
 
 
 def fresh_outputs(directory: str | Path, topics) -> None:
