@@ -250,3 +250,24 @@ def test_a_url_password_with_an_unencoded_at_is_refused_and_never_printed() -> N
     for piece in ("pa55@w0rd-x", "w0rd-x", "pa55"):
         assert piece not in redact(f"{e.value}; failed to resolve host 'w0rd-x@127.0.0.1'"), piece
     assert backend_name(f"postgresql://alice:{ENCODED}@127.0.0.1:1/db") == "postgresql"
+
+
+def test_a_url_that_urlsplit_refuses_is_one_line_without_the_password(tmp_path) -> None:
+    """An unencoded '[' or ']' in a URL's password ("Invalid IPv6 URL" from urlsplit) printed
+    a traceback from `ledger verify`, `report` and the rest; now every command that parses
+    a ledger target refuses it in one line, the password masked."""
+    from riskpipe.ledger import LedgerError
+    from riskpipe.ledger.targets import backend_name
+
+    secret = "Zq9[Wxv77"
+    url = f"postgresql://u:{secret}@127.0.0.1:1/db"
+    with pytest.raises(LedgerError) as e:
+        backend_name(url)
+    assert "not a valid URL" in str(e.value) and secret not in redact(str(e.value))
+    for args in (["ledger", "verify", url], ["report", "--ledger", url], ["ledger", "receipt", "x", "--ledger", url],
+                 ["run", "--ledger", url, "--source", f"jsonl:{tmp_path / 'in.jsonl'}", "--sink",
+                  f"jsonl:{tmp_path / 'out'}"]):
+        r = subprocess.run([sys.executable, "-m", "riskpipe.cli", *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr and "not a valid URL" in r.stderr, (args, r.stderr[-2000:])
+        assert secret not in r.stdout + r.stderr and "Wxv77" not in r.stdout + r.stderr, args

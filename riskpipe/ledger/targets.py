@@ -56,8 +56,10 @@ def _keyword_dsn(target: str) -> list[str] | None:
 def _register_dsn_password(target: str) -> None:
     try:
         password = urlsplit(target).password
-    except ValueError:
-        password = None
+    except ValueError:  # not a URL urlsplit takes ("Invalid IPv6 URL"): the password is what
+        # lies between the user name's ':' and the last '@', masked all the same
+        userinfo = target.split("://", 1)[-1].rsplit("@", 1)
+        password = userinfo[0].partition(":")[2] if len(userinfo) == 2 else None
     if password:  # libpq ends the userinfo at the first "@": mask every run of the password's pieces too
         pieces = password.split("@")
         for i in range(len(pieces)):
@@ -97,7 +99,12 @@ def backend_name(target: Any) -> str:
             raise LedgerError(f"ledger {redact(target)}: holds an unexpanded ${{VAR}} (set the variable)")
     if scheme in ("postgresql", "postgres"):
         _register_dsn_password(target)
-        if "@" in (urlsplit(target).password or ""):
+        try:
+            password = urlsplit(target).password
+        except ValueError as e:  # e.g. an unencoded '[' or ']' in the password: "Invalid IPv6 URL"
+            raise LedgerError(f"ledger {redact(target)}: not a valid URL ({e}); percent-encode any of "
+                              "@ : / ? # [ ] % in the user name and password") from None
+        if "@" in (password or ""):
             raise LedgerError(f"ledger {redact(target)}: the password holds an unencoded '@', which ends it for "
                               "PostgreSQL (the rest would be taken for the host); percent-encode it as %40")
         return "postgresql"
