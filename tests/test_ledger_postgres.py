@@ -308,3 +308,36 @@ def test_an_id_another_writer_inserts_while_the_lease_holder_appends_is_written_
         res = led.verify()
         assert res.ok and res.count == 3
         assert led.get("evt-00002") == records(1, 2)[0]
+
+
+def test_the_connection_gives_up_on_a_server_that_stops_answering(pg_url):
+    """TCP keepalives and tcp_user_timeout on the real connection's socket, sized from the
+    ledger's dead_after_s (the stage passes half its infrastructure_timeout_s, at most 30 s):
+    a server host gone or partitioned away fails the connection (OperationalError, a ledger
+    outage) instead of a read waiting for ever. A DSN's own keepalive setting is kept."""
+    import socket
+
+    def sockopts(led):
+        with led._conn() as db:
+            s = socket.socket(fileno=db.conn.fileno())
+            try:
+                return (s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                        s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                        s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))
+            finally:
+                s.detach()  # the socket is libpq's
+
+    with open_ledger(pg_url, dead_after_s=9) as led:
+        assert sockopts(led) == (1, 3, 9000)
+    sep = "&" if "?" in pg_url else "?"
+    with open_ledger(f"{pg_url}{sep}keepalives_idle=7", dead_after_s=9) as led:
+        assert sockopts(led) == (1, 7, 9000)
+
+    from riskpipe.app.compose import open_ledger as stage_ledger
+    from riskpipe.app.config import load_config
+
+    led = stage_ledger(load_config(None, ledger=pg_url, infrastructure_timeout_s=10))
+    try:
+        assert led.dead_after_s == 5 and sockopts(led)[2] == 5000
+    finally:
+        led.close()

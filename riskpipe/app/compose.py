@@ -33,6 +33,7 @@ from riskpipe.certify.samplers import GridError
 from riskpipe.context import ContextError, ContextIndex
 from riskpipe.ledger import open_ledger as open_target
 from riskpipe.ledger.checkpoint import checkpointer_for
+from riskpipe.ledger.targets import backend_name
 from riskpipe.models import ModelError, ShapeUnknown, device_problem, load_model, load_model_for
 from riskpipe.models.base import one_line, sha256_file
 from riskpipe.models.loader import UntrustedTypes
@@ -363,6 +364,8 @@ def open_ledger(config: StageConfig):
     if not config.ledger:
         return None
 
+    if backend_name(config.ledger) == "postgresql":  # a dead server fails its connection well inside the outage clock
+        return open_target(config.ledger, dead_after_s=min(30.0, max(2.0, config.infrastructure_timeout_s / 2)))
     return open_target(config.ledger)
 
 

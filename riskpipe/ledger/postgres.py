@@ -239,12 +239,14 @@ class PostgresLedger(Ledger):
     number_at = staticmethod(_number_at)
     _db: _Conn | None
 
-    def __init__(self, dsn: str, *, timeout: float = 30.0, create: bool = True) -> None:
+    def __init__(self, dsn: str, *, timeout: float = 30.0, create: bool = True,
+                 dead_after_s: float | None = None) -> None:
         self.dsn = str(dsn)
         self.path: None = None  # no file: readers that need one (the review queue's fast path) check this
         self._init_lock()
         self._db = None
         self.timeout = timeout
+        self.dead_after_s = timeout if dead_after_s is None else dead_after_s
         self.reconnects = 0
         self._db = self._connect()
         try:
@@ -267,12 +269,29 @@ class PostgresLedger(Ledger):
 
     def _connect(self) -> _Conn:
         try:
-            conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, int(self.timeout)))
+            conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, int(self.timeout)),
+                                   **self._keepalives())
             conn.execute(f"SET lock_timeout = {int(self.timeout * 1000)}")
         except psycopg.Error as e:
             raise LedgerUnavailable(f"ledger {redact(self.dsn)}: cannot connect "
                                     f"({str(e).strip().splitlines()[0]})") from None
         return _Conn(conn)
+
+    def _keepalives(self) -> dict[str, Any]:
+        """libpq TCP settings so that a server that stopped answering (a host gone, a network
+        partition) fails the connection within about ``dead_after_s`` (an OperationalError:
+        the stage's ledger outage) instead of a read waiting for ever: keepalive probes
+        from a third of it, and tcp_user_timeout for data sent and never acknowledged.
+        Keywords the DSN sets itself are kept. (A server process that is stopped while its
+        host's kernel still acknowledges, e.g. SIGSTOP, is not seen by TCP at all.)"""
+        d = self.dead_after_s
+        ours = {"keepalives": 1, "keepalives_idle": max(1, int(d / 3)), "keepalives_interval": max(1, int(d / 6)),
+                "keepalives_count": 3, "tcp_user_timeout": max(1000, int(d * 1000))}
+        try:
+            given = psycopg.conninfo.conninfo_to_dict(self.dsn)
+        except psycopg.Error:
+            given = {}
+        return {k: v for k, v in ours.items() if k not in given}
 
     @contextmanager
     def _conn(self) -> Iterator[_Conn]:
