@@ -119,7 +119,10 @@ def _safe_next(target: str | None) -> str:
     """Only same-site relative paths: no open redirect through ``?next=``."""
     if not target:
         return "/"
-    parts = urlsplit(target)
+    try:
+        parts = urlsplit(target)
+    except ValueError:  # "//[x": an IPv6 host that is none (it raised: a 500); no page of ours
+        return "/"
     if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return "/"
     return target
