@@ -82,6 +82,7 @@ def check_loaded_trees(obj) -> None:
     subclass or wrapper) passes ``check_nodes`` against the input width of the estimator
     holding it. Run before anything calls the estimator: scikit-learn's own predict walks
     the nodes in C without bounds checks (a cycle hangs, an index out of range crashes)."""
+    # lazy: scikit-learn's classes only where its estimators are read (boosters need none)
     from sklearn.ensemble._hist_gradient_boosting.predictor import TreePredictor
     from sklearn.tree._tree import Tree
 
@@ -262,6 +263,7 @@ def _rel(t: np.ndarray) -> np.ndarray:
 def _sklearn_classes() -> tuple[type, ...]:
     """scikit-learn's own classes whose fitted state riskpipe reads (imported here, late:
     this module is also used for boosters without scikit-learn's estimators)."""
+    # lazy: as the docstring says
     from sklearn.dummy import DummyClassifier
     from sklearn.ensemble import (
         ExtraTreesClassifier,
