@@ -211,9 +211,11 @@ def test_init_bad_inputs_give_one_line(case, tmp_path, no_labels):
 
 
 def test_init_on_the_demo_model_proposes_what_the_hand_written_default_policy_uses(tmp_path, digits_test):
-    """policies/default.yaml was tuned by hand for demo:digits (sigma 0.25, epsilon 0.25 in l2)."""
+    """policies/default.yaml was tuned by hand for demo:digits (sigma 0.25, epsilon 0.25 in l2).
+    The whole test split (540 rows): on its first 200 the noisy accuracy at sigma 0.25 is
+    0.929, a thousandth under the tolerance, so the proposal hung on one input's noise."""
     X, y = digits_test
-    np.savez(tmp_path / "ref.npz", X=X[:200], y=y[:200])
+    np.savez(tmp_path / "ref.npz", X=X, y=y)
     r = cli("init", "--model", "demo:digits", "--reference", tmp_path / "ref.npz", "--out", tmp_path / "cfg",
             "--trial", 0)
     assert r.returncode == 0, r.stderr
