@@ -114,6 +114,39 @@ def assert_published_match_ledger(bootstrap: str, dsn: str, valid_ids: set[str])
     return out
 
 
+def stage_config(tmp_path, broker, dsn: str, um, group: str):
+    """A stage config for the wine model on ``broker`` and the ledger ``dsn``: a cheap decide-mode
+    policy, small batches, a 3 s infrastructure timeout."""
+    policy = policy_with(tmp_path, certifier={"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01,
+                                              "max_samples": 200})
+    cfg = tmp_path / "riskpipe.yaml"
+    cfg.write_text(f"bootstrap_servers: {broker.bootstrap}\nledger: {dsn}\ngroup_id: {group}\n"
+                   f"models: {{wine: {{spec: {um.spec}, reference: {um.data}}}}}\npolicy: {policy}\n"
+                   "session_timeout_ms: 2000\nheartbeat_interval_ms: 600\nbatch: {max_events: 8, max_wait_ms: 20}\n"
+                   "infrastructure_timeout_s: 3\n")
+    return cfg
+
+
+def run_until_idle(stage, led) -> None:
+    """Run ``stage`` on a thread until it has been idle a second (at most 180 s), stop it and
+    close ``led``; it must have ended on its own, raising nothing."""
+    errors = []
+
+    def run():
+        try:
+            stage.run(idle_exit_s=1.0)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=180)
+    alive = t.is_alive()
+    stage.stop()
+    led.close()
+    assert not alive and not errors, errors
+
+
 def test_classifier_tells_infrastructure_from_data():
     import sqlite3
 
@@ -238,21 +271,7 @@ def test_a_session_the_server_ends_mid_write_is_retried_not_dead_lettered(pg, br
                       infrastructure_timeout_s=60)
     led = StallingLedger(dsn)
     stage = build_stage(cfg, pipeline=cheap_pipeline(d, "wine", um), ledger=led)
-    errors = []
-
-    def run():
-        try:
-            stage.run(idle_exit_s=1.0)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout=180)
-    alive = t.is_alive()
-    stage.stop()
-    led.close()
-    assert not alive and not errors, errors
+    run_until_idle(stage, led)
     assert stage.stats.infrastructure_retries["ledger"] >= 1, stage.stats
     assert stage.stats.decided == 16 and not stage.stats.dlq, stage.stats
     assert committed_offset(broker.bootstrap, "g-idle") == 16
@@ -270,13 +289,7 @@ def test_a_read_only_postgresql_pauses_the_stage_and_exits_4_dead_lettering_noth
 
     _d, um, X = wine
     dsn = pg.create_database("readonly")
-    policy = policy_with(tmp_path, certifier={"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01,
-                                              "max_samples": 200})
-    cfg = tmp_path / "riskpipe.yaml"
-    cfg.write_text(f"bootstrap_servers: {broker.bootstrap}\nledger: {dsn}\ngroup_id: g-ro\n"
-                   f"models: {{wine: {{spec: {um.spec}, reference: {um.data}}}}}\npolicy: {policy}\n"
-                   "session_timeout_ms: 2000\nheartbeat_interval_ms: 600\nbatch: {max_events: 8, max_wait_ms: 20}\n"
-                   "infrastructure_timeout_s: 3\n")
+    cfg = stage_config(tmp_path, broker, dsn, um, "g-ro")
     first, second = wine_events(X, "a", 8), wine_events(X, "b", 12, start=8)
     produce(broker.bootstrap, first)
 
@@ -338,21 +351,7 @@ def test_postgresql_stopped_inside_batches_decides_every_event_once(pg, broker, 
     led = OutageLedger(dsn)
     metrics = StageMetrics()
     stage = build_stage(cfg, pipeline=cheap_pipeline(d, "wine", um), ledger=led, metrics=metrics)
-    errors = []
-
-    def run():
-        try:
-            stage.run(idle_exit_s=1.0)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout=180)
-    alive = t.is_alive()
-    stage.stop()
-    led.close()
-    assert not alive and not errors, errors
+    run_until_idle(stage, led)
     assert led.outages == ["get", "append"]
     assert stage.stats.infrastructure_retries["ledger"] >= 2
     assert stage.stats.decided == 48 and sum(stage.stats.dlq.values()) == 2, stage.stats
@@ -370,13 +369,7 @@ def test_an_outage_longer_than_the_timeout_exits_without_committing(pg, broker, 
     once PostgreSQL is back decides the waiting events."""
     _d, um, X = wine
     dsn = pg.create_database("timeout")
-    policy = policy_with(tmp_path, certifier={"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01,
-                                              "max_samples": 200})
-    cfg = tmp_path / "riskpipe.yaml"
-    cfg.write_text(f"bootstrap_servers: {broker.bootstrap}\nledger: {dsn}\ngroup_id: g-timeout\n"
-                   f"models: {{wine: {{spec: {um.spec}, reference: {um.data}}}}}\npolicy: {policy}\n"
-                   "session_timeout_ms: 2000\nheartbeat_interval_ms: 600\nbatch: {max_events: 8, max_wait_ms: 20}\n"
-                   "infrastructure_timeout_s: 3\n")
+    cfg = stage_config(tmp_path, broker, dsn, um, "g-timeout")
     first, second = wine_events(X, "a", 8), wine_events(X, "b", 12, start=8)
     produce(broker.bootstrap, first)
     p = run_cli(["run", "--config", str(cfg)])
