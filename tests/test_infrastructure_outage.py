@@ -127,6 +127,26 @@ def stage_config(tmp_path, broker, dsn: str, um, group: str):
     return cfg
 
 
+def assert_exited_4_then_resumes(rc: int, err: str, says: str, broker, dsn: str, cfg, group: str, events,
+                                 restore) -> None:
+    """The stage stopped on a ledger outage of 8 decided events: exit 4 in one line saying
+    ``says``, nothing committed past them, nothing dead-lettered; once ``restore()`` makes the
+    ledger writable, a stage decides every one of ``events`` (20) once."""
+    assert rc == 4, err[-3000:]
+    assert "riskpipe: error: ledger unavailable for" in err and "infrastructure_timeout_s 3" in err, err[-3000:]
+    assert says in err and "Traceback" not in err, err[-3000:]
+    assert committed_offset(broker.bootstrap, group) == 8  # nothing past the undecided events
+    assert consume_all(broker.bootstrap, ["dlq"], timeout=2)["dlq"] == []
+    restore()
+    with open_ledger(dsn) as led:
+        assert led.count("decision") == 8 and led.count("dlq") == 0
+    p = run_cli(["run", "--config", str(cfg), "--idle-exit", "2"])
+    _, err = p.communicate(timeout=180)
+    assert p.returncode == 0, err[-3000:]
+    assert committed_offset(broker.bootstrap, group) == 20
+    assert_published_match_ledger(broker.bootstrap, dsn, {e["id"] for e in events})
+
+
 def run_until_idle(stage, led) -> None:
     """Run ``stage`` on a thread until it has been idle a second (at most 180 s), stop it and
     close ``led``; it must have ended on its own, raising nothing."""
@@ -314,19 +334,8 @@ def test_a_read_only_postgresql_pauses_the_stage_and_exits_4_dead_lettering_noth
     finally:
         if p.poll() is None:
             stop(p)
-    assert rc == 4, err[-3000:]
-    assert "riskpipe: error: ledger unavailable for" in err and "infrastructure_timeout_s 3" in err, err[-3000:]
-    assert "read-only transaction" in err and "Traceback" not in err, err[-3000:]
-    assert committed_offset(broker.bootstrap, "g-ro") == 8
-    assert consume_all(broker.bootstrap, ["dlq"], timeout=2)["dlq"] == []
-    read_only(False)
-    with open_ledger(dsn) as led:
-        assert led.count("decision") == 8 and led.count("dlq") == 0
-    p = run_cli(["run", "--config", str(cfg), "--idle-exit", "2"])
-    _, err = p.communicate(timeout=180)
-    assert p.returncode == 0, err[-3000:]
-    assert committed_offset(broker.bootstrap, "g-ro") == 20
-    assert_published_match_ledger(broker.bootstrap, dsn, {e["id"] for e in first + second})
+    assert_exited_4_then_resumes(rc, err, "read-only transaction", broker, dsn, cfg, "g-ro", first + second,
+                                 lambda: read_only(False))
 
 
 def test_postgresql_stopped_inside_batches_decides_every_event_once(pg, broker, wine, tmp_path):
@@ -382,20 +391,8 @@ def test_an_outage_longer_than_the_timeout_exits_without_committing(pg, broker, 
     finally:
         if p.poll() is None:
             stop(p)
-    assert rc == 4, err[-3000:]
-    assert "riskpipe: error: ledger unavailable for" in err and "infrastructure_timeout_s 3" in err, err[-3000:]
-    assert "stopped without committing" in err and "Traceback" not in err
-    assert committed_offset(broker.bootstrap, "g-timeout") == 8  # nothing past the undecided events
-    assert consume_all(broker.bootstrap, ["dlq"], timeout=2)["dlq"] == []
-    pg.resume()
-    with open_ledger(dsn) as led:
-        assert led.count("decision") == 8 and led.count("dlq") == 0
-    p = run_cli(["run", "--config", str(cfg), "--idle-exit", "2"])
-    _, err = p.communicate(timeout=180)
-    rc = p.returncode
-    assert rc == 0, err[-3000:]
-    assert committed_offset(broker.bootstrap, "g-timeout") == 20
-    assert_published_match_ledger(broker.bootstrap, dsn, {e["id"] for e in first + second})
+    assert_exited_4_then_resumes(rc, err, "stopped without committing", broker, dsn, cfg, "g-timeout",
+                                 first + second, pg.resume)
 
 
 def test_an_unreachable_broker_is_retried_then_stops_the_stage(wine, tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 
 from riskpipe.ledger import LedgerError, open_ledger, parse_ts, redact
 from riskpipe.ledger.anchors import Checkpoint
-from riskpipe.ledger.chain import decision_scope, time_window
+from riskpipe.ledger.chain import DECISIONS, decision_scope, time_window
 from riskpipe.ledger.facts import GROUP_COLUMNS, KINDS, NO_HOUR, count_row, recheck
 from riskpipe.ledger.inputs import inline_copy
 from riskpipe.policy.controls import frameworks, mapping
@@ -27,7 +27,6 @@ from riskpipe.review.queue import OVERRIDES as CONTRADICTS  # one definition of 
 from riskpipe.review.queue import VERDICT_COVERS  # what a verdict covers, as the console's queue reads it
 from riskpipe.timestamps import from_epoch, rfc3339_seconds
 
-DECISIONS = ("allow", "review", "block")
 VERDICTS = ("confirmed_clean", "confirmed_manipulated", "unsure")
 
 SCOPE_STATEMENTS = [
