@@ -73,6 +73,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 
 import riskpipe
 from riskpipe.certify.certificate import MODEL_FAULT
+from riskpipe.decisions import DECISIONS
 
 PREFIX = "riskpipe"
 
@@ -82,7 +83,6 @@ disable_created_metrics()
 MODEL_LABELS = ("model", "policy")
 EVENT_OUTCOMES = ("decided", "dlq", "duplicate")
 CERTIFICATE_OUTCOMES = ("certified", "abstained", "below_epsilon")
-DECISIONS = ("allow", "review", "block")
 # DLQ reason codes (docs/records.md); anything else is counted as "other" so a
 # bug can never explode the label set.
 DLQ_REASONS = (

@@ -31,7 +31,7 @@ PACKAGE = ROOT / "riskpipe"
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # helpers with no riskpipe dependency of their own (riskpipe = the package __init__)
     ("base", ("riskpipe", "paths", "npy", "safe_yaml", "redaction", "kafka_clients", "timestamps", "json_text",
-              "secret_file")),
+              "secret_file", "decisions")),
     # model loading and the layers the bound-based certifiers and robust training share
     ("models", ("models",)),
     # certification families: pure, arrays in, certificates out

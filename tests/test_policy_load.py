@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
 from pydantic import ValidationError
 
+from riskpipe.decisions import DECISIONS
 from riskpipe.policy import Policy, PolicyError, load_policy, parse_policy
 from riskpipe.policy.lint import lint
+from riskpipe.policy.schema import Fallback, Rule
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "policies").glob("*.yaml"))
@@ -149,3 +152,10 @@ def test_decision_dataclass_is_frozen():
     d = pol.evaluate(Certificate(method="smoothing", norm="l2", radius=0.0, abstained=True, predicted_class=None))
     with pytest.raises(dataclasses.FrozenInstanceError):
         d.decision = "allow"  # type: ignore[misc]
+
+
+def test_a_rule_can_reach_exactly_the_decisions_every_counter_counts():
+    """The ledger's check, the metrics and the report count ``riskpipe.decisions.DECISIONS``:
+    a rule decision outside it would be written and counted nowhere."""
+    assert get_args(Rule.model_fields["decision"].annotation) == DECISIONS
+    assert set(get_args(Fallback.model_fields["decision"].annotation)) < set(DECISIONS)

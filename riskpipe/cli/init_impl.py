@@ -22,6 +22,7 @@ from riskpipe.app.config import ConfigError, default_policy_path, load_config, r
 from riskpipe.app.noise_key import seeded_noise_key
 from riskpipe.app.offline import run_offline
 from riskpipe.cli.common import fail
+from riskpipe.decisions import DECISIONS
 from riskpipe.models import ModelError, load_model_for
 from riskpipe.models.scaled import scaled_model, standardize_scale
 from riskpipe.policy import PolicyError, load_policy
@@ -191,7 +192,7 @@ def _trial(config_path: Path, name: str, X, n: int, seed: int) -> str:
                          f"dead-lettered {_counts(res.stats.dlq)}"
                          + (f" (first: {first.get('__riskpipe.errors.reason')}: "
                             f"{first.get('__riskpipe.errors.message')})" if first else ""))
-    decisions = {d: sum(r["decision"] == d for r in audit) for d in ("allow", "review", "block")}
+    decisions = {d: sum(r["decision"] == d for r in audit) for d in DECISIONS}
     certified = sum(_certified_in_threat(r["certificate"]) for r in audit)
     dlq = f"; dead-lettered {_counts(res.stats.dlq)}" if res.stats.dlq else ""
     return (f"trial: {len(audit)} of {len(events)} reference inputs decided with {config_path} in "

@@ -21,9 +21,10 @@ from kafka.errors import KafkaError
 from riskpipe import json_text, kafka_clients
 from riskpipe.app.config import ConfigError, load_config
 from riskpipe.cli.common import fail, read_inputs, read_public_keys, working
+from riskpipe.decisions import DECISIONS
 from riskpipe.ledger import KINDS, LedgerError, canonical_json, dlq_record, merkle, open_ledger, policy_record
 from riskpipe.ledger.anchors import Checkpoint
-from riskpipe.ledger.chain import DECISIONS, prepare_entries, time_window
+from riskpipe.ledger.chain import prepare_entries, time_window
 from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint, publish, read_checkpoint_file, verify_ledger
 from riskpipe.ledger.receipt import find_decisions, make_receipt, refuse_repeated_names
 from riskpipe.ledger.receipt import verify_receipt as check

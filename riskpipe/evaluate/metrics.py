@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from riskpipe.attacks import GuidedAttacker, PublicAttacker, PublicView, TrustedView, norm_shift_coverage
+from riskpipe.decisions import DECISIONS
 from riskpipe.evaluate.traffic import SampleSet, row_of
 
 DEFINITIONS = """\
@@ -26,8 +27,6 @@ DEFINITIONS = """\
 * an attempt *evades* when it is successful and the stage allows it (for the attacker
   comparison, which counts evasions per attempt for the same number of attempts).
 """
-
-DECISIONS = ("allow", "review", "block")
 
 
 def is_certified(record: Mapping) -> bool:

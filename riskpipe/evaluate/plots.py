@@ -7,6 +7,7 @@ gain, and where does an l2 certificate stop covering an l_inf attacker.
 
 from __future__ import annotations
 
+from riskpipe.decisions import DECISIONS
 from riskpipe.render import png, pyplot
 
 plt = pyplot()
@@ -38,7 +39,7 @@ def routes(summary: dict) -> bytes:
     rows = [clean] + [a["routes"]["fractions"] for a in attacks]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 3.6))
     bottom = [0.0] * len(rows)
-    for d in ("allow", "review", "block"):
+    for d in DECISIONS:
         vals = [(r.get(d) or 0.0) for r in rows]
         ax.bar(range(len(rows)), vals, bottom=bottom, color=COLORS[d], label=d)
         bottom = [b + v for b, v in zip(bottom, vals)]

@@ -34,6 +34,8 @@ from typing import Any
 
 import orjson
 
+from riskpipe.decisions import DECISIONS
+
 GENESIS = "0" * 64
 KINDS = ("decision", "verdict", "policy", "dlq")
 _KIND_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -354,8 +356,6 @@ def row_to_entry(row: tuple[Any, ...]) -> Entry:
     return Entry(seq, kind, entry_id, ts, json.loads(record), prev_hash, hash_)
 
 
-
-
 # kinds whose rows are about one decision: a review of it carries the decision's model and
 # policy, so each decision of an event id has its own review (riskpipe.review.queue)
 REVIEW_KINDS = ("verdict", "first_review")
@@ -383,9 +383,6 @@ def decision_scope(kind: str, record: Any) -> str:
 def _text_of(obj: Any, key: str) -> str:
     v = obj.get(key) if isinstance(obj, dict) else None
     return v if isinstance(v, str) else ""
-
-
-DECISIONS = ("allow", "review", "block")
 
 
 def _check_decision(i: int, record: dict[str, Any]) -> None:

@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from riskpipe.decisions import DECISIONS
 from riskpipe.ledger import LedgerError, open_ledger, parse_ts, redact
 from riskpipe.ledger.anchors import Checkpoint
-from riskpipe.ledger.chain import DECISIONS, decision_scope, time_window
+from riskpipe.ledger.chain import decision_scope, time_window
 from riskpipe.ledger.facts import GROUP_COLUMNS, KINDS, NO_HOUR, count_row, recheck
 from riskpipe.ledger.inputs import inline_copy
 from riskpipe.policy.controls import frameworks, mapping

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from matplotlib.ticker import MaxNLocator
 
+from riskpipe.decisions import DECISIONS
 from riskpipe.render import b64, png, pyplot
 
 plt = pyplot()
@@ -21,7 +22,7 @@ def decisions_over_time(series: list[dict], bucket: str) -> str | None:
     fig, ax = plt.subplots(figsize=(8, 3))
     x = range(len(series))
     bottom = [0] * len(series)
-    for kind in ("allow", "review", "block"):
+    for kind in DECISIONS:
         vals = [row[kind] for row in series]
         ax.bar(x, vals, bottom=bottom, color=COLOURS[kind], label=kind, width=0.85)
         bottom = [b + v for b, v in zip(bottom, vals)]

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from riskpipe.certify.families import family
+from riskpipe.decisions import DECISIONS
 
 log = logging.getLogger("riskpipe.status")
 
@@ -41,7 +42,7 @@ def log_models(pipeline: Any) -> None:
 def progress_line(stats: Any, rate: float, lag: int | None) -> str:
     dlq = sum(stats.dlq.values())
     reasons = ", ".join(f"{r} {n}" for r, n in sorted(stats.dlq.items()))
-    decisions = ", ".join(f"{d} {stats.decisions.get(d, 0)}" for d in ("allow", "review", "block"))
+    decisions = ", ".join(f"{d} {stats.decisions.get(d, 0)}" for d in DECISIONS)
     return (f"progress: decided {stats.decided} ({decisions}), DLQ {dlq}" + (f" ({reasons})" if reasons else "")
             + f", {rate:.1f} events/s, lag {lag if lag is not None else 'n/a'}")
 
