@@ -19,6 +19,7 @@ from riskpipe.app.compose import build_pipeline
 from riskpipe.app.config import load_config
 from riskpipe.ledger import open_ledger
 from riskpipe.ledger.postgres import PostgresLedger
+from riskpipe.ledger.sqlite import SqliteLedger
 from riskpipe.stream.broker import EmbeddedBroker
 from streamkit import consume_all, policy_with, produce, run_cli, stop, tabular_event, wait_for
 from usermodels import cheap_pipeline, tabular_model
@@ -336,6 +337,68 @@ def test_a_read_only_postgresql_pauses_the_stage_and_exits_4_dead_lettering_noth
             stop(p)
     assert_exited_4_then_resumes(rc, err, "read-only transaction", broker, dsn, cfg, "g-ro", first + second,
                                  lambda: read_only(False))
+
+
+class ReadOnlyLaterLedger(SqliteLedger):
+    """A SQLite ledger whose writes fail as a read-only file's do (``PRAGMA query_only``:
+    SQLITE_READONLY) once ``read_only`` is set, while reads still answer: a disk remounted
+    read-only, or a file whose write permission went away under a stage that is not root.
+    The flag is the class's, so that the stage writer's own connection (a copy) sees it."""
+
+    read_only = False
+
+    def _txn(self, begin):
+        with self._conn() as db:
+            db.execute(f"PRAGMA query_only = {'ON' if self.read_only else 'OFF'}")
+        return super()._txn(begin)
+
+
+def test_a_read_only_sqlite_ledger_pauses_the_stage_then_stops_it_dead_lettering_nothing(broker, wine, tmp_path):
+    """A SQLite ledger that turns read-only mid-run: the stage pauses, retries, and past
+    infrastructure_timeout_s stops with InfrastructureUnavailable naming the ledger, nothing
+    dead-lettered and nothing committed past the decided events. Its outage probe read the
+    ledger only, so each quiet poll ended the outage and restarted its clock: the stage
+    retried for ever (as PostgreSQL's did, before its probe asked for writes)."""
+    from riskpipe.app.compose import build_stage
+    from riskpipe.app.config import load_config
+    from riskpipe.stream.infra import InfrastructureUnavailable
+
+    d, um, X = wine
+    path = tmp_path / "ro.sqlite"
+    cfg = load_config(None, bootstrap_servers=broker.bootstrap, ledger=str(path), session_timeout_ms=2000,
+                      heartbeat_interval_ms=600, batch={"max_events": 8, "max_wait_ms": 20}, group_id="g-sqlite-ro",
+                      infrastructure_timeout_s=3)
+    first, second = wine_events(X, "a", 8), wine_events(X, "b", 12, start=8)
+    produce(broker.bootstrap, first)
+    led = ReadOnlyLaterLedger(path)
+    stage = build_stage(cfg, pipeline=cheap_pipeline(d, "wine", um), ledger=led)
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            stage.run()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        assert wait_for(lambda: committed_offset(broker.bootstrap, "g-sqlite-ro") == 8, 120)
+        ReadOnlyLaterLedger.read_only = True
+        produce(broker.bootstrap, second)
+        t.join(timeout=60)
+        stopped = not t.is_alive()
+    finally:
+        stage.stop()
+        t.join(timeout=30)
+        ReadOnlyLaterLedger.read_only = False
+    assert stopped, "the stage retried a read-only ledger for ever"
+    assert len(errors) == 1 and isinstance(errors[0], InfrastructureUnavailable), errors
+    assert str(errors[0]).startswith("ledger unavailable for") and "readonly" in str(errors[0]), errors[0]
+    assert committed_offset(broker.bootstrap, "g-sqlite-ro") == 8
+    assert consume_all(broker.bootstrap, ["dlq"], timeout=2)["dlq"] == []
+    assert led.count("decision") == 8 and led.count("dlq") == 0 and led.verify().ok
+    led.close()
 
 
 def test_postgresql_stopped_inside_batches_decides_every_event_once(pg, broker, wine, tmp_path):

@@ -197,6 +197,15 @@ class SqliteLedger(Ledger):
     def _read(self) -> AbstractContextManager[Db]:
         return self._txn("BEGIN")
 
+    def ping(self) -> None:
+        """Raise unless the ledger answers a read inside a write transaction: ``BEGIN
+        IMMEDIATE`` takes the file's write lock, which a read-only file, a disk remounted
+        read-only or ``query_only`` refuses (SQLITE_READONLY) while reads still answer, so a
+        read alone ended the stage's outage at each quiet poll and its
+        ``infrastructure_timeout_s`` clock restarted for ever. Nothing is written."""
+        with self._write() as db:
+            db.execute("SELECT count FROM chain_state WHERE id = 1").fetchone()
+
     def __str__(self) -> str:
         return str(self.path)
 
