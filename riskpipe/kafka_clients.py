@@ -199,6 +199,17 @@ def _rejoin_until_applied(consumer) -> None:
     coordinator.need_rejoin = lambda: flagged() or coordinator._join_task is not None
 
 
+def coordinator_unknown(consumer) -> bool:
+    """Does the group member know no coordinator now? kafka-python marks the coordinator
+    dead on the first failed heartbeat or request once its broker is gone, while ``poll``
+    raises nothing and returns no message, so this is how a member with nothing to read
+    learns of a dead broker. A client without the attribute (another kafka-python) is
+    taken as connected: the broker's errors still say otherwise once a message is due."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    check = getattr(coordinator, "coordinator_unknown", None)
+    return bool(check()) if callable(check) else False
+
+
 def producer(settings: KafkaSettings, **options: Any):
     """A ``kafka.KafkaProducer``."""
 

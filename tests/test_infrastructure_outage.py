@@ -483,6 +483,48 @@ def test_an_unreachable_broker_is_retried_then_stops_the_stage(wine, tmp_path):
     assert metrics.infrastructure_outage._value.get() == 1
 
 
+def test_an_idle_stage_reports_a_dead_broker_on_broker_up_and_its_return(broker, wine, tmp_path, caplog):
+    """The broker dies while the stage has nothing to read: kafka-python's poll raises
+    nothing then, so riskpipe_broker_up stayed 1 and the broker alert could not fire for an
+    idle stage. The gauge now follows the consumer's coordinator every turn: 0 within a few
+    heartbeats of the broker's death, 1 again once a broker answers; each change is logged
+    once, and the stage keeps running through it."""
+    import logging
+
+    from riskpipe.app.compose import build_stage
+    from riskpipe.app.config import load_config
+    from riskpipe.metrics import StageMetrics
+
+    d, um, X = wine
+    cfg = load_config(None, bootstrap_servers=broker.bootstrap, ledger=str(tmp_path / "l.sqlite"),
+                      session_timeout_ms=2000, heartbeat_interval_ms=600, group_id="g-idle-broker",
+                      batch={"max_events": 8, "max_wait_ms": 20})
+    produce(broker.bootstrap, wine_events(X, "a", 4))
+    metrics = StageMetrics()
+    up = metrics.broker_up._value.get
+    with open_ledger(cfg.ledger) as led:
+        stage = build_stage(cfg, pipeline=cheap_pipeline(d, "wine", um), ledger=led, metrics=metrics)
+        t = threading.Thread(target=stage.run, daemon=True)
+        caplog.set_level(logging.WARNING, logger="riskpipe.stream")
+        t.start()
+        try:
+            assert wait_for(lambda: stage.stats.decided == 4, 120) and up() == 1
+            broker.stop()
+            assert wait_for(lambda: up() == 0, 30), "riskpipe_broker_up stayed 1 with the broker gone"
+            assert t.is_alive()
+            broker.start()
+            broker.create_topics(TOPICS, partitions=1)
+            assert wait_for(lambda: up() == 1, 60), "riskpipe_broker_up stayed 0 with the broker back"
+            assert t.is_alive()
+        finally:
+            stage.stop()
+            t.join(timeout=60)
+    assert not t.is_alive()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("broker ")]
+    assert said[:2] == ["broker unreachable: the consumer lost its group coordinator (riskpipe_broker_up 0)",
+                        "broker reachable again"], said
+
+
 class _NullSink:
     def send(self, *args, **kwargs):
         pass

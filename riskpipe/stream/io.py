@@ -197,6 +197,12 @@ class KafkaSource(SourceBase):
                 out[(tp.topic, tp.partition)] = max(0, hw - pos)
         return out
 
+    @property
+    def connected(self) -> bool:
+        """False while the consumer knows no group coordinator: within a heartbeat of the
+        broker going away, though ``poll`` raises nothing and returns no message then."""
+        return not kafka_clients.coordinator_unknown(self.consumer)
+
     def hold_poll(self, timeout_ms: int) -> None:
         """One poll while held: it joins or rejoins the group and keeps this member in it;
         a record it returns all the same is not consumed: its partition goes back to it."""

@@ -8,6 +8,7 @@ when their ledger rows were already written by the failed attempt).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from riskpipe.certify.certificate import MODEL_FAULT
 from riskpipe.stream.ports import Source
 from riskpipe.stream.status import log_models
+
+log = logging.getLogger("riskpipe.stream")
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Observer:
     def __init__(self, metrics=None, on_record=None, on_batch=None, progress=None):
         self.metrics = metrics
         self.progress = progress  # riskpipe.stream.status.Progress: the periodic line for people
+        self.broker_up: bool | None = None  # last known: None before the source opens, or without a broker
         self.on_record = on_record
         self.on_batch = on_batch  # (messages, seconds, certify seconds) per committed batch
         self.stats = Stats()
@@ -58,6 +62,7 @@ class Observer:
             self.metrics.declare({name: e.policy for name, e in pipeline.entries.items()})
 
     def connected(self) -> None:
+        self.broker_up = True
         if self.metrics:
             self.metrics.set_broker_up(True)
 
@@ -68,6 +73,7 @@ class Observer:
     def lag(self, source: Source) -> None:
         """Once per turn of the loop: consumer lag, then the progress line when due."""
         due = self.progress is not None and self.progress.due()
+        self._reachable(source.connected)
         if self.metrics or due:
             lags = source.lag()
             self.stats.lag = int(sum(lags.values())) if lags else None  # None: a file, or no partitions yet
@@ -76,6 +82,18 @@ class Observer:
                     self.metrics.set_lag(topic, part, lag)
         if due:
             self.progress.report(self.stats)
+
+    def _reachable(self, up: bool | None) -> None:
+        """The source's broker reachable or not (None: it has none), checked every turn:
+        ``riskpipe_broker_up`` follows it, and each change is logged once."""
+        if up is None or up == self.broker_up:
+            return
+        if self.broker_up is not None or not up:
+            log.warning("broker %s", "reachable again" if up else
+                        "unreachable: the consumer lost its group coordinator (riskpipe_broker_up 0)")
+        self.broker_up = up
+        if self.metrics:
+            self.metrics.set_broker_up(up)
 
     def finished(self) -> None:
         """The stage stops: a last progress line when lines are on and work was done since
@@ -99,6 +117,7 @@ class Observer:
         """One failed attempt while ``component`` (ledger, broker or memory) is unavailable."""
         self.stats.infrastructure_retries[component] += 1
         if component == "broker":
+            self.broker_up = False
             self.stats.broker_errors += 1
             self.stats.reconnects += 1
         if self.metrics:

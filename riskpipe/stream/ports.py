@@ -72,6 +72,13 @@ class Source(Protocol):
         """Messages behind the end, per (topic, partition); empty if unknown."""
         ...
 
+    @property
+    def connected(self) -> bool | None:
+        """Does the source reach its broker now? None for a source without one (a file).
+        A consumer whose broker died while no message was due raises nothing, so the
+        stage asks once a turn (``riskpipe_broker_up``)."""
+        ...
+
     def recreated(self) -> list[tuple[str, int]]:
         """The (topic, partition)s found re-created since the last call (a broker that lost
         its data, a topic deleted and made again) and read again from their start, so no
@@ -96,6 +103,10 @@ class SourceBase:
 
     def lag(self) -> dict[tuple[str, int], int]:
         return {}
+
+    @property
+    def connected(self) -> bool | None:
+        return None
 
     def recreated(self) -> list[tuple[str, int]]:
         return []
