@@ -76,7 +76,7 @@ def test_backlog_age_gauge_ages_on_a_quiet_console(tmp_path):
 
 
 # ---- four eyes: review.require_second_reviewer_for: [block] --------------------------------
-USERS = ("alice", "bob")
+USERS = ("alice", "bob", "carol")
 
 
 def _four_eyes_ledger(tmp_path):
@@ -130,15 +130,23 @@ def test_overriding_a_block_needs_a_second_reviewer(tmp_path):
         assert led.get("blk-1", kind="verdict")["reviewer"] == "alice"
 
 
-def test_a_double_review_sample_never_overrides_a_block_on_one_reviewers_word(tmp_path):
-    """A block in the double-review sample: alice keeps it (confirmed_manipulated, a first
-    review), bob overrides it (confirmed_clean). Bob's override used to be the final verdict:
-    the block overridden with one confirmation, against require_second_reviewer_for. It is
-    refused (409); a verdict that keeps the block, or unsure, is final as before."""
+def test_a_double_review_sample_stays_blind_and_never_overrides_a_block_on_one_reviewers_word(tmp_path):
+    """Blocks in the double-review sample, with four eyes on block overrides.
+
+    * alice overrides (confirmed_clean): the first review is a blind sample's. Labelled
+      four_eyes, it showed bob her verdict ("First of two reviews: Confirmed clean").
+    * alice keeps the block, bob overrides it: refusing bob (409, "the first review does not
+      give that verdict") told him alice's verdict and let him give another, biasing the
+      sample's agreement. Bob's review is recorded as a second review; carol, a third
+      reviewer who sees both, settles it. The block is overridden only if she gives the
+      override too; the agreement counts alice and bob's pair, as given."""
+    import json
+
+    from riskpipe.report import write_report
     from riskpipe.review.queue import in_double_review_sample
     from test_review_records import decision_record
 
-    sampled = [f"s{i}" for i in range(2000) if in_double_review_sample(f"s{i}", 0.05)][:2]
+    sampled = [f"s{i}" for i in range(4000) if in_double_review_sample(f"s{i}", 0.05)][:4]
     path = tmp_path / "sample.sqlite3"
     with Ledger(str(path)) as led:
         for i, eid in enumerate(sampled):
@@ -146,22 +154,49 @@ def test_a_double_review_sample_never_overrides_a_block_on_one_reviewers_word(tm
                         "review": {"routed": True, "priority": 1, "deadline": None, "audit_sample": False}})
     settings = _settings(path)
     app = create_app(ReviewSettings(**{**settings.__dict__, "double_review_fraction": 0.05}), metrics=None)
-    first, second = sampled
-    assert _post(app, "alice", first, "confirmed_manipulated").status_code == 302  # the sample's first review
-    refused = _post(app, "bob", first, "confirmed_clean")
-    assert refused.status_code == 409 and "needs two reviewers giving that verdict" in refused.get_data(as_text=True)
+    overridden_first, kept_first, settled_keep, two_give_it = sampled
+
+    def page(name, eid):
+        client = _logged_in(app, name)
+        return client.get(f"/item/{eid}").get_data(as_text=True)
+
+    # alice's override is a blind sample's first review: bob's page does not show it
+    assert _post(app, "alice", overridden_first, "confirmed_clean").status_code == 302
+    shown = page("bob", overridden_first)
+    assert "Double-review sample" in shown and "the first verdict is not shown" in shown
+    assert "Confirmed clean —" not in shown and "First of two reviews" not in shown
+    assert _post(app, "bob", overridden_first, "confirmed_manipulated").status_code == 302  # keeps it: final
+    # alice keeps the block, bob overrides: recorded (no refusal to learn from), not final
+    for eid in (kept_first, settled_keep):
+        assert _post(app, "alice", eid, "confirmed_manipulated").status_code == 302
+        assert _post(app, "bob", eid, "confirmed_clean").status_code == 302
+        assert _post(app, "bob", eid, "unsure").status_code == 409  # no second try
     with Ledger(str(path)) as led:
-        assert led.get(first, kind="verdict") is None and led.verify().ok
-    assert _post(app, "bob", first, "unsure").status_code == 302  # keeps the block: final
+        assert led.get(kept_first, kind="verdict") is None and led.get(kept_first, kind="second_review")["verdict"] \
+            == "confirmed_clean"
+    third = page("carol", kept_first)
+    assert "settled by a third reviewer" in third and "alice" in third and "bob" in third
+    assert _post(app, "alice", kept_first, "confirmed_clean").status_code == 409  # the third is someone else
+    assert _post(app, "carol", kept_first, "confirmed_clean").status_code == 302  # override given twice: final
+    assert _post(app, "carol", settled_keep, "unsure").status_code == 302  # the block stands
+    # two reviewers giving the override at once: final, as the four-eyes rule promises
+    assert _post(app, "alice", two_give_it, "confirmed_clean").status_code == 302
+    assert _post(app, "bob", two_give_it, "confirmed_clean").status_code == 302
     with Ledger(str(path)) as led:
-        final = led.get(first, kind="verdict")
-        assert (final["verdict"], final["first_verdict"], final["double_review"]) == ("unsure", "confirmed_manipulated",
-                                                                                    "sample")
-    # two reviewers giving the override: final, as the four-eyes rule promises
-    assert _post(app, "alice", second, "confirmed_clean").status_code == 302
-    assert _post(app, "bob", second, "confirmed_clean").status_code == 302
-    with Ledger(str(path)) as led:
-        assert led.get(second, kind="verdict")["verdict"] == "confirmed_clean"
+        got = {eid: led.get(eid, kind="verdict") for eid in sampled}
+        assert led.verify().ok
+    assert (got[overridden_first]["verdict"], got[overridden_first]["first_verdict"],
+            got[overridden_first]["double_review"]) == ("confirmed_manipulated", "confirmed_clean", "sample")
+    settled = got[kept_first]
+    assert (settled["reviewer"], settled["verdict"], settled["first_reviewer"], settled["first_verdict"],
+            settled["second_reviewer"], settled["second_verdict"]) == \
+        ("carol", "confirmed_clean", "alice", "confirmed_manipulated", "bob", "confirmed_clean")
+    assert (got[settled_keep]["verdict"], got[settled_keep]["second_verdict"]) == ("unsure", "confirmed_clean")
+    assert got[two_give_it]["verdict"] == got[two_give_it]["first_verdict"] == "confirmed_clean"
+    review = json.loads(write_report(path, tmp_path / "r.json", "json").read_text())["review"]
+    # the pairs as given: one agrees (two_give_it), three disagree
+    assert (review["agreement"]["pairs"], review["agreement"]["agree"]) == (4, 1)
+    assert review["four_eyes_overrides"] == 2  # kept_first (bob and carol) and two_give_it
 
 
 def test_require_second_reviewer_for_is_validated(tmp_path):

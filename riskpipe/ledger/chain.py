@@ -358,7 +358,7 @@ def row_to_entry(row: tuple[Any, ...]) -> Entry:
 
 # kinds whose rows are about one decision: a review of it carries the decision's model and
 # policy, so each decision of an event id has its own review (riskpipe.review.queue)
-REVIEW_KINDS = ("verdict", "first_review")
+REVIEW_KINDS = ("verdict", "first_review", "second_review")
 
 
 def decision_scope(kind: str, record: Any) -> str:

@@ -781,8 +781,10 @@ def _review(g: _Groups, verdicts: list[dict], looked_up: list[dict | None], back
         "deadline_missed": late,
         "pending": routed - reviewed_routed,
         "agreement": _agreement([v for v in verdicts if v.get("double_review") == "sample"]),
-        "four_eyes_overrides": sum(1 for v in verdicts if v.get("double_review") == "four_eyes"
-                                   and v.get("verdict") == v.get("first_verdict")),
+        # an override given by two reviewers: a four-eyes pair, or a double-review sample's
+        "four_eyes_overrides": sum(1 for v in verdicts if v.get("double_review") in ("four_eyes", "sample")
+                                   and (v.get("decision"), v.get("verdict")) in CONTRADICTS
+                                   and v.get("verdict") in (v.get("first_verdict"), v.get("second_verdict"))),
     }
 
 
@@ -790,8 +792,10 @@ def _agreement(pairs: list[dict]) -> dict:
     """Agreement of two independent reviewers on the double-review sample: observed
     agreement and Cohen's kappa (agreement beyond what the reviewers' verdict rates give by chance)."""
     n = len(pairs)
-    agree = sum(1 for v in pairs if v.get("verdict") == v.get("first_verdict"))
-    first, second = Counter(v.get("first_verdict") for v in pairs), Counter(v.get("verdict") for v in pairs)
+    # the pair is the first two reviews: a third reviewer's verdict settles a disagreement, not the sample
+    seconds = [v.get("second_verdict", v.get("verdict")) for v in pairs]
+    agree = sum(1 for v, s in zip(pairs, seconds, strict=True) if s == v.get("first_verdict"))
+    first, second = Counter(v.get("first_verdict") for v in pairs), Counter(seconds)
     chance = sum(first[k] * second[k] for k in VERDICTS) / (n * n) if n else None
     kappa = None
     if n and chance is not None and chance < 1:

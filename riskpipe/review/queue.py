@@ -372,7 +372,10 @@ def record_verdict(ledger: Ledger, event_id: str, verdict: str, note: str, revie
 
 # a verdict overrides a decision when it contradicts it; "review" decisions hand the call to the reviewer
 OVERRIDES = frozenset({("allow", "confirmed_manipulated"), ("block", "confirmed_clean")})
-FIRST_REVIEW = "first_review"  # ledger kind: the first of two reviews of a four-eyes override
+FIRST_REVIEW = "first_review"  # ledger kind: the first of two reviews (a four-eyes override, or a double-review sample)
+# ledger kind: a double-review sample's second review that disagrees with the first on a four-eyes
+# override; a third reviewer, seeing both, gives the final verdict
+SECOND_REVIEW = "second_review"
 
 
 def in_double_review_sample(event_id: str, fraction: float) -> bool:
@@ -380,15 +383,25 @@ def in_double_review_sample(event_id: str, fraction: float) -> bool:
     return fraction > 0 and int(hashlib.sha256(event_id.encode("utf-8")).hexdigest()[:8], 16) < fraction * 2**32
 
 
+def four_eyes(decision: dict, verdict: str, second_reviewer_for: tuple[str, ...] = ()) -> bool:
+    """Does ``verdict`` override a decision that ``review.require_second_reviewer_for`` names?"""
+    return (decision.get("decision"), verdict) in OVERRIDES and decision.get("decision") in second_reviewer_for
+
+
 def two_reviews(decision: dict, verdict: str, second_reviewer_for: tuple[str, ...] = (),
                 double_review_fraction: float = 0.0) -> str | None:
-    """Why this verdict needs a second reviewer: ``four_eyes`` (it overrides a decision in
-    ``review.require_second_reviewer_for``), ``sample`` (the item is in the double-review
-    sample, ``review.double_review_fraction``), or None."""
-    if (decision.get("decision"), verdict) in OVERRIDES and decision.get("decision") in second_reviewer_for:
-        return "four_eyes"
+    """Why this verdict needs a second reviewer: ``sample`` (the item is in the double-review
+    sample, ``review.double_review_fraction``), ``four_eyes`` (it overrides a decision in
+    ``review.require_second_reviewer_for``), or None.
+
+    The sample comes first: its draw is keyed on the event id alone, so the label the second
+    reviewer's page shows says nothing about the first verdict. Labelled ``four_eyes`` when
+    the first verdict was an override, a sampled item told the second reviewer that verdict
+    (the page shows a four-eyes first review, to be confirmed), and the pair was not blind."""
     if needs_review(decision) and in_double_review_sample(str(decision.get("id")), double_review_fraction):
         return "sample"
+    if four_eyes(decision, verdict, second_reviewer_for):
+        return "four_eyes"
     return None
 
 
@@ -396,12 +409,23 @@ def record_review(ledger: Ledger, event_id: str, verdict: str, note: str, review
                   second_reviewer_for: tuple[str, ...] = (), double_review_fraction: float = 0.0,
                   when: datetime | None = None, scope=None, seq: int | None = None) -> tuple[dict, bool]:
     """``(record, final)`` for the event's decision (``decision_of``, in ``scope``, the one at
-    ``seq`` when given: the decision the reviewer saw). When a
-    first review of that decision is in the ledger, this is the second: another
-    reviewer's verdict, final, carrying ``first_reviewer``, ``first_verdict`` and
-    ``double_review`` (why there were two). Otherwise a verdict that needs two reviews
+    ``seq`` when given: the decision the reviewer saw).
+
+    Without a first review in the ledger, a verdict that needs two reviews
     (:func:`two_reviews`) is recorded as a ``first_review`` entry, not final; any other is
-    final at once."""
+    final at once. With one, this is another reviewer's verdict, final, carrying
+    ``first_reviewer``, ``first_verdict`` and ``double_review`` (why there were two), except
+    where the two disagree on a four-eyes override:
+
+    * a ``four_eyes`` first review (shown to the second reviewer): an override the first
+      review does not give is refused, so the decision stands unless two give it;
+    * a double-review ``sample`` (blind): refusing would tell the second reviewer the first
+      verdict and let them change theirs, which biased the sample's agreement. Their verdict
+      is recorded as a ``second_review`` and a third reviewer, who sees both, gives the
+      final verdict (carrying ``second_reviewer`` and ``second_verdict`` too); an override
+      is final only when one of the two gave it as well.
+
+    The reviewers of one item are distinct people (``NeedsAnotherReviewer``)."""
     decision = decision_of(ledger, event_id, scope, seq)
     record = make_verdict(decision, verdict, note, reviewer, when or utc_now())
     first = review_of(ledger, decision, FIRST_REVIEW)
@@ -409,27 +433,42 @@ def record_review(ledger: Ledger, event_id: str, verdict: str, note: str, review
         why = two_reviews(decision, verdict, second_reviewer_for, double_review_fraction)
         if why is None:
             return _append_final(ledger, record, decision), True
-        if (existing := review_of(ledger, decision)) is not None:
-            raise AlreadyReviewed(event_id, existing)
-        if not ledger.append({**record, "double_review": why}, kind=FIRST_REVIEW, entry_id=event_id):
-            raise NeedsAnotherReviewer(f"{event_id}: another reviewer has just given the first review; "
-                              "a second reviewer gives the verdict")
-        return {**record, "double_review": why}, False
-    if first.get("reviewer") == reviewer:
-        which = ("overriding a " + str(decision.get("decision")) if first.get("double_review") == "four_eyes"
-                 else "double-review sample")
-        raise NeedsAnotherReviewer(f"{event_id}: this item needs a second reviewer ({which}); "
-                          f"{reviewer} gave the first review at {first.get('ts')}")
-    if (two_reviews(decision, verdict, second_reviewer_for) == "four_eyes" and first.get("verdict") != verdict):
-        # an override is final only when two reviewers give it: a first review of another
-        # verdict (a double-review sample's, or a four-eyes one) does not confirm this one
+        return _append_review(ledger, decision, {**record, "double_review": why}, FIRST_REVIEW, "first"), False
+    second = review_of(ledger, decision, SECOND_REVIEW)
+    for earlier in (first, second):
+        if earlier is not None and earlier.get("reviewer") == reviewer:
+            which = ("overriding a " + str(decision.get("decision")) if first.get("double_review") == "four_eyes"
+                     else "double-review sample")
+            raise NeedsAnotherReviewer(f"{event_id}: this item needs a {'second' if second is None else 'third'} "
+                                       f"reviewer ({which}); {reviewer} gave a review at {earlier.get('ts')}")
+    given = [first.get("verdict")] + ([second.get("verdict")] if second is not None else [])
+    if four_eyes(decision, verdict, second_reviewer_for) and verdict not in given:
+        if first.get("double_review") == "sample" and second is None:
+            return _append_review(ledger, decision, {**record, "double_review": "sample"}, SECOND_REVIEW,
+                                  "second"), False
+        # an override is final only when two reviewers give it
         raise NeedsAnotherReviewer(
             f"{event_id}: overriding a {decision.get('decision')} needs two reviewers giving that verdict, and the "
             "first review of this item does not; the decision stands unless a verdict that keeps it (or unsure) is "
             "given")
     final = {**record, "first_reviewer": first.get("reviewer"), "first_verdict": first.get("verdict"),
              "first_review_ts": first.get("ts"), "double_review": first.get("double_review")}
+    if second is not None:
+        final.update(second_reviewer=second.get("reviewer"), second_verdict=second.get("verdict"),
+                     second_review_ts=second.get("ts"))
     return _append_final(ledger, final, decision), True
+
+
+def _append_review(ledger: Ledger, decision: dict, record: dict, kind: str, which: str) -> dict:
+    """Append a review of ``decision`` that is not final yet (``kind``: first or second of
+    several); AlreadyReviewed when the decision has a final verdict, NeedsAnotherReviewer
+    when another reviewer has just given this review."""
+    if (existing := review_of(ledger, decision)) is not None:
+        raise AlreadyReviewed(record["id"], existing)
+    if not ledger.append(record, kind=kind, entry_id=record["id"]):
+        raise NeedsAnotherReviewer(f"{record['id']}: another reviewer has just given the {which} review; "
+                                   "another reviewer gives the verdict")
+    return record
 
 
 def seconds_to_review(verdict: dict) -> float | None:

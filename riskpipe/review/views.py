@@ -114,12 +114,18 @@ def verdict(event_id: str | None = None) -> ResponseReturnValue:
 
 
 def _flash_first_review(record: dict[str, Any], decision: dict[str, Any], event_id: str) -> None:
-    """Tell the reviewer their review waits for a second one, and why."""
-    log.info("review console: %s gave the first of two reviews (%s) for %s", g.reviewer, record["verdict"], event_id)
-    why = (f"overriding a {decision.get('decision')} takes effect when a second reviewer confirms it"
-           if record["double_review"] == "four_eyes" else
-           "this item is in the double-review sample: a second reviewer judges it independently")
-    flash(f"First review “{rq.VERDICTS[record['verdict']]}” recorded for {event_id} by {g.reviewer}: {why}.", "info")
+    """Tell the reviewer their review waits for another one, and why."""
+    log.info("review console: %s gave a review that is not final (%s) for %s", g.reviewer, record["verdict"], event_id)
+    second = rq.review_of(request_ledger(), decision, rq.SECOND_REVIEW)
+    if second is not None and second.get("reviewer") == g.reviewer:
+        # the second review of a blind pair, on the record now: telling its reviewer does not bias it
+        which, why = "Second", (f"it and the first review disagree on overriding the {decision.get('decision')}: "
+                                "a third reviewer, seeing both, gives the verdict")
+    else:
+        which, why = "First", (f"overriding a {decision.get('decision')} takes effect when a second reviewer "
+                               "confirms it" if record["double_review"] == "four_eyes" else
+                               "this item is in the double-review sample: a second reviewer judges it independently")
+    flash(f"{which} review “{rq.VERDICTS[record['verdict']]}” recorded for {event_id} by {g.reviewer}: {why}.", "info")
 
 
 def _after_verdict(record: dict[str, Any], decision: dict[str, Any]) -> None:
@@ -174,6 +180,7 @@ def _render_item(event_id: str, form: VerdictForm, status: int = 200, error: str
         labels=info.labels, class_name=class_name,
         verdict=rq.review_of(ledger, decision), routed=rq.needs_review(decision),
         first_review=rq.review_of(ledger, decision, rq.FIRST_REVIEW),
+        second_review=rq.review_of(ledger, decision, rq.SECOND_REVIEW),
         nist=nist, other_controls=other, now=utc_now(), seq=entry.seq,
     ), status
 
