@@ -7,6 +7,8 @@ broker, a user's tabular skops model (not the demo)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -337,6 +339,62 @@ def test_a_read_only_postgresql_pauses_the_stage_and_exits_4_dead_lettering_noth
             stop(p)
     assert_exited_4_then_resumes(rc, err, "read-only transaction", broker, dsn, cfg, "g-ro", first + second,
                                  lambda: read_only(False))
+
+
+class StoppedBackendLedger(PostgresLedger):
+    """The real PostgreSQL ledger; before the ``at``-th id look-up, the server process that
+    serves this connection is stopped (SIGSTOP): a hung backend on a live host, whose
+    kernel still acknowledges TCP and answers keepalives, so no TCP setting sees it."""
+
+    at = 2
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.calls = 0
+        self.stopped: list[int] = []
+
+    def get_all_many(self, entry_ids, kind="decision"):
+        self.calls += 1
+        if self.calls == self.at:
+            with self._conn() as db:
+                pid = db.execute("SELECT pg_backend_pid()").fetchone()[0]
+            os.kill(pid, signal.SIGSTOP)
+            self.stopped.append(pid)
+        return super().get_all_many(entry_ids, kind)
+
+
+def test_a_postgresql_backend_that_stops_answering_is_abandoned_and_every_event_decided_once(pg, broker, wine):
+    """The backend of the stage's look-up connection is stopped mid-run (SIGSTOP). libpq
+    waited for its answer for ever, and the stage with it, past infrastructure_timeout_s.
+    Now each answer is awaited at most answer_within_s: the connection is closed, the
+    stage pauses as for any ledger outage, reconnects, and decides every event once,
+    dead-lettering none."""
+    from riskpipe.app.compose import build_stage
+    from riskpipe.metrics import StageMetrics
+
+    d, um, X = wine
+    dsn = pg.create_database("stopped")
+    events = wine_events(X, "h", 32)
+    produce(broker.bootstrap, events)
+    cfg = load_config(None, bootstrap_servers=broker.bootstrap, ledger=dsn, session_timeout_ms=2000,
+                      heartbeat_interval_ms=600, batch={"max_events": 8, "max_wait_ms": 20}, group_id="g-stopped",
+                      infrastructure_timeout_s=60)
+    led = StoppedBackendLedger(dsn, timeout=2, dead_after_s=2, answer_within_s=4)
+    metrics = StageMetrics()
+    stage = build_stage(cfg, pipeline=cheap_pipeline(d, "wine", um), ledger=led, metrics=metrics)
+    try:
+        t0 = time.monotonic()
+        run_until_idle(stage, led)
+        took = time.monotonic() - t0
+    finally:
+        for pid in led.stopped:  # the server's process: let it see its closed socket and end
+            os.kill(pid, signal.SIGCONT)
+    assert len(led.stopped) == 1 and took < 120
+    assert stage.stats.infrastructure_retries["ledger"] >= 1
+    assert stage.stats.decided == 32 and sum(stage.stats.dlq.values()) == 0, stage.stats
+    assert committed_offset(broker.bootstrap, "g-stopped") == 32
+    assert_published_match_ledger(broker.bootstrap, dsn, {e["id"] for e in events})
+    assert metrics.infrastructure_retries.labels("ledger")._value.get() >= 1
 
 
 class ReadOnlyLaterLedger(SqliteLedger):

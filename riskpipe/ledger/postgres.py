@@ -175,6 +175,32 @@ def _insert(db: _Conn, sql: str, rows: list[Row]) -> int:
         return cur.rowcount
 
 
+class _AnsweringConnection(psycopg.Connection[Any]):
+    """A psycopg connection that waits at most ``answer_within_s`` for each answer of the
+    server (one statement, commit, fetch or COPY block), then closes itself and raises
+    ``LedgerUnavailable`` (an infrastructure fault: the stage pauses and reconnects).
+
+    Why: a server process that stops answering on a live host (SIGSTOP, a hung backend or
+    storage) is not seen by TCP, whose kernel still acknowledges and answers keepalives,
+    so libpq waited for ever and the stage with it, past ``infrastructure_timeout_s``.
+    The connection is closed because a query may still be running on it. None (the
+    default) waits as libpq does: tools that run long statements leave it off."""
+
+    answer_within_s: float | None = None
+
+    def wait(self, gen: Any, interval: Any = None, timeout: float | None = None) -> Any:
+        limit = timeout if timeout is not None else self.answer_within_s
+        kw = {} if interval is None else {"interval": interval}
+        try:
+            return super().wait(gen, timeout=limit, **kw)
+        except psycopg.errors._WaitTimeout:
+            if timeout is not None:  # the caller's own limit (e.g. notifies), not ours
+                raise
+            self.close()
+            raise LedgerUnavailable(f"the server gave no answer within {limit:g} s (answer_within_s); "
+                                    "the connection was closed") from None
+
+
 class _Conn:
     """psycopg with the store's interface: ``?`` placeholders become ``%s``."""
 
@@ -240,8 +266,9 @@ class PostgresLedger(Ledger):
     _db: _Conn | None
 
     def __init__(self, dsn: str, *, timeout: float = 30.0, create: bool = True,
-                 dead_after_s: float | None = None) -> None:
+                 dead_after_s: float | None = None, answer_within_s: float | None = None) -> None:
         self.dsn = str(dsn)
+        self.answer_within_s: float | None = None  # not while opening: a migration may take long
         self.path: None = None  # no file: readers that need one (the review queue's fast path) check this
         self._init_lock()
         self._db = None
@@ -259,6 +286,7 @@ class PostgresLedger(Ledger):
             else:
                 with self._write() as db:
                     self.schema_version = migrate(db, STEPS, _has_table, redact(self.dsn))
+            self.answer_within_s = cast(_AnsweringConnection, self._db.conn).answer_within_s = answer_within_s
         except psycopg.Error as e:
             self.close()
             raise LedgerError(f"ledger {redact(self.dsn)}: not a usable ledger "
@@ -269,8 +297,9 @@ class PostgresLedger(Ledger):
 
     def _connect(self) -> _Conn:
         try:
-            conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, int(self.timeout)),
-                                   **self._keepalives())
+            conn = _AnsweringConnection.connect(self.dsn, autocommit=True, connect_timeout=max(1, int(self.timeout)),
+                                                **self._keepalives())
+            conn.answer_within_s = self.answer_within_s
             conn.execute(f"SET lock_timeout = {int(self.timeout * 1000)}")
         except psycopg.Error as e:
             raise LedgerUnavailable(f"ledger {redact(self.dsn)}: cannot connect "
@@ -283,7 +312,8 @@ class PostgresLedger(Ledger):
         the stage's ledger outage) instead of a read waiting for ever: keepalive probes
         from a third of it, and tcp_user_timeout for data sent and never acknowledged.
         Keywords the DSN sets itself are kept. (A server process that is stopped while its
-        host's kernel still acknowledges, e.g. SIGSTOP, is not seen by TCP at all.)"""
+        host's kernel still acknowledges, e.g. SIGSTOP, is not seen by TCP at all:
+        ``answer_within_s`` covers that, :class:`_AnsweringConnection`.)"""
         d = self.dead_after_s
         ours = {"keepalives": 1, "keepalives_idle": max(1, int(d / 3)), "keepalives_interval": max(1, int(d / 6)),
                 "keepalives_count": 3, "tcp_user_timeout": max(1000, int(d * 1000))}

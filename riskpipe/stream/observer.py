@@ -45,10 +45,11 @@ class Stats:
 
 
 class Observer:
+    broker_up: bool | None = None  # last known: None before the source opens, or without a broker
+
     def __init__(self, metrics=None, on_record=None, on_batch=None, progress=None):
         self.metrics = metrics
         self.progress = progress  # riskpipe.stream.status.Progress: the periodic line for people
-        self.broker_up: bool | None = None  # last known: None before the source opens, or without a broker
         self.on_record = on_record
         self.on_batch = on_batch  # (messages, seconds, certify seconds) per committed batch
         self.stats = Stats()
