@@ -287,3 +287,53 @@ def test_a_predict_answer_that_is_no_class_is_a_fault_not_the_class_beside_it(tm
     names = np.array(["fraud", "legit"])
     assert _class_index(names, np.array(["legit", "fraud", "other"])).tolist() == [1, 0, -1]
     assert _class_index(np.array([0, 1]), np.array([1.0, 0.0, 0.37, 2.0])).tolist() == [1, 0, -1, -1]
+
+
+# ---- a model whose rows see one another -------------------------------------------------------
+class _BatchCentred(torch.nn.Module):
+    """Class 1 where 4 * (x0 - the batch's mean of x0) + x1 > 0: a per-batch centring in
+    ``forward``. ``centred=False`` is its row-independent twin (4 * x0 + x1)."""
+
+    def __init__(self, centred: bool = True):
+        super().__init__()
+        self.centred = centred
+
+    def forward(self, x):
+        x0 = x[:, 0] - x[:, 0].mean() if self.centred else x[:, 0]
+        s = 4.0 * x0 + x[:, 1]
+        return torch.stack([torch.zeros_like(s), s], dim=1)
+
+
+def test_a_model_whose_rows_see_one_another_does_not_start(tmp_path):
+    """Smoothing packs the noise of several events into one model call. With a model that
+    centres each call on its own mean, 4 events whose noise alone abstained (review) were
+    all certified and allowed once 4 events far to the side shared their micro-batch (and
+    those 4 were allowed too): one event decided another's certificate. Now the start-up
+    check gives every probe input alone as well and refuses such a model in one line; its
+    row-independent twin starts, and logits that move by float rounding only pass."""
+    from riskpipe.app.compose import build_pipeline
+    from riskpipe.app.config import ConfigError, load_config
+    from riskpipe.models.output import row_dependence
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(64, 4)).astype(np.float32)
+    np.savez(tmp_path / "ref.npz", X=X, y=(X[:, 1] > 0).astype(np.int64))
+    specs = {}
+    for centred in (True, False):
+        path = tmp_path / f"m-{centred}.pt"
+        torch.jit.script(_BatchCentred(centred).eval()).save(str(path))
+        specs[centred] = f"{path}?shape=4"
+    policy = fault_policy(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        build_pipeline(load_config(None, models={"m": specs[True]}, references={"m": str(tmp_path / "ref.npz")},
+                                   policy=policy))
+    msg = str(e.value)
+    assert "models.m.spec" in msg and "depends on the other rows of its batch" in msg and "\n" not in msg, msg
+    pipe = build_pipeline(load_config(None, models={"m": specs[False]}, references={"m": str(tmp_path / "ref.npz")},
+                                      policy=policy))
+    assert list(pipe.entries) == ["m"]
+    logits = torch.tensor([[1.0, 200.0], [3.0, -4.0]])
+    assert row_dependence(logits, [logits[:1] + 1e-4, logits[1:] - 1e-4]) is None  # rounding, not dependence
+    assert "1 of 2 rows" in str(row_dependence(logits, [logits[:1], logits[1:] + 0.5]))
+    ids = torch.tensor([0, 1])
+    assert row_dependence(ids, [ids[:1], ids[1:]]) is None and row_dependence(ids, [ids[:1], ids[:1]]) is not None

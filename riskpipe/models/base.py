@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from riskpipe.models.output import Checked, check_output
+from riskpipe.models.output import Checked, check_output, row_dependence
 from riskpipe.models.validate import check_inputs
 
 
@@ -149,13 +149,16 @@ class Model:
         Every forward pass of every certifier goes through here or ``scores``, so one
         check covers them all; a predict function may return logits (n, C) or ids (n,).
         ``scratch`` as in ``scores``: otherwise the model gets a copy of the batch."""
-        if self.module is not None:
-            c = self.scores(batch, scratch)
-        else:
-            rows = batch.detach().cpu().numpy()
-            c = check_output(self._predict_fn(rows if scratch else rows.copy()), len(batch), self.num_classes,
-                             batch.device)
+        c = self._outputs(batch, scratch)
         return Checked(c.values.argmax(dim=1), c.bad, c.reason) if c.values.ndim == 2 else c
+
+    def _outputs(self, batch: torch.Tensor, scratch: bool = False) -> Checked:
+        """The checked output as the model gives it: logits (n, C) or class ids (n,)."""
+        if self.module is not None:
+            return self.scores(batch, scratch)
+        rows = batch.detach().cpu().numpy()
+        return check_output(self._predict_fn(rows if scratch else rows.copy()), len(batch), self.num_classes,
+                            batch.device)
 
     def predict_torch(self, batch: torch.Tensor, scratch: bool = False) -> torch.Tensor:
         """Class ids (int64 tensor on the batch's device) for a float32 batch; raises
@@ -169,13 +172,25 @@ class Model:
     def check_forward(self, X: np.ndarray) -> None:
         """Raise ModelFault (one line naming the model) unless a forward pass over the
         probe inputs ``X`` keeps the output contract; an exception the model raises is
-        reported the same way. Run at start-up, before anything is certified."""
+        reported the same way. Run at start-up, before anything is certified.
+
+        Each probe input is also given alone: its output must be the one it got in the
+        batch (``riskpipe.models.output.row_dependence``). Certifiers pack the noise of
+        several events into one model call, so a model whose rows see one another (batch
+        statistics in ``forward``) let one event's input decide another's certificate."""
+        batch = torch.as_tensor(np.asarray(X, dtype=np.float32), device=self.device)
         try:
-            c = self.classes(torch.as_tensor(np.asarray(X, dtype=np.float32), device=self.device))
+            c = self._outputs(batch)
+            alone = [self._outputs(batch[i:i + 1]) for i in range(len(batch))] if len(batch) > 1 else []
         except Exception as e:  # noqa: BLE001 - whatever the user's model raises is its fault
             raise ModelFault(self.spec, f"forward pass raised {type(e).__name__}: {one_line(e)}") from None
         if c.any_bad:
             raise ModelFault(self.spec, f"{c.reason} on {len(X)} start-up probe inputs")
+        bad = next((a for a in alone if a.any_bad), None)
+        if bad is not None:
+            raise ModelFault(self.spec, f"{bad.reason} on a start-up probe input given alone")
+        if alone and (why := row_dependence(c.values, [a.values for a in alone])) is not None:
+            raise ModelFault(self.spec, f"{why} on {len(X)} start-up probe inputs")
 
     def predict(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """Class ids as a numpy array."""

@@ -16,6 +16,11 @@ The contract for a batch of ``n`` inputs and ``C`` classes:
 * class ids (predict-function models such as scikit-learn's ``predict``): an integer
   array of shape ``(n,)`` with every id in ``[0, C)``.
 
+* a row's output is its own: it does not depend on the other rows of the call
+  (checked at start-up, ``row_dependence``: the certifiers pack the noise of several
+  events into one call, so batch statistics in ``forward`` let one event's input decide
+  another event's certificate).
+
 A row with a non-finite value (or an id out of range) is bad on its own; an output of
 the wrong type, shape or dtype cannot be attributed to rows, so every row is bad.
 
@@ -108,3 +113,33 @@ def check_output(out, n: int, num_classes: int, device="cpu") -> Checked:
     if not bool(bad.any()):
         return Checked(t, bad, None)
     return Checked(t.masked_fill(bad, 0), bad, f"class ids outside [0, {num_classes}) in {int(bad.sum())} of {n} rows")
+
+
+# how far a row's logits may move between a batch and the row alone (float summation order
+# differs with the batch size), relative to 1 + the largest logit magnitude
+ROW_TOLERANCE = 1e-3
+
+
+def row_dependence(together: torch.Tensor, alone: list[torch.Tensor]) -> str | None:
+    """Why the output of a batch (``together``: checked logits or ids) is not the outputs
+    of its rows given one at a time (``alone``, in order), or None when it is, within
+    ``ROW_TOLERANCE`` for logits and exactly for class ids."""
+    single = torch.cat([a.to(together.device) for a in alone])
+    if single.shape != together.shape or single.is_floating_point() != together.is_floating_point():
+        return (f"the output of a batch (shape {tuple(together.shape)}) is not its rows' outputs given alone "
+                f"(shape {tuple(single.shape)})")
+    if together.is_floating_point():
+        a, b = together.double(), single.double()
+        diff = (a - b).abs().amax(dim=tuple(range(1, a.ndim)))
+        scale = 1.0 + float(torch.maximum(a.abs().max(), b.abs().max()))
+        moved = diff > ROW_TOLERANCE * scale
+        what = f"logits move by up to {float(diff.max()):.3g}"
+    else:
+        moved = together != single
+        what = "class ids change"
+    if not bool(moved.any()):
+        return None
+    return (f"the output of a row depends on the other rows of its batch ({what} between the batch and its "
+            f"rows given alone, in {int(moved.sum())} of {len(moved)} rows: batch statistics in forward?); "
+            "riskpipe packs several events' inputs into one model call, so one event would decide another's "
+            "certificate")
