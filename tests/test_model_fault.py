@@ -334,6 +334,8 @@ def test_a_model_whose_rows_see_one_another_does_not_start(tmp_path):
     assert list(pipe.entries) == ["m"]
     logits = torch.tensor([[1.0, 200.0], [3.0, -4.0]])
     assert row_dependence(logits, [logits[:1] + 1e-4, logits[1:] - 1e-4]) is None  # rounding, not dependence
+    half = torch.tensor([[1.0, 2.0], [3.0, -4.0]], dtype=torch.float16)
+    assert row_dependence(half, [half[:1], half[1:] + 0.0625]) is None  # float16: a few of its units
     assert "1 of 2 rows" in str(row_dependence(logits, [logits[:1], logits[1:] + 0.5]))
     ids = torch.tensor([0, 1])
     assert row_dependence(ids, [ids[:1], ids[1:]]) is None and row_dependence(ids, [ids[:1], ids[:1]]) is not None

@@ -116,7 +116,8 @@ def check_output(out, n: int, num_classes: int, device="cpu") -> Checked:
 
 
 # how far a row's logits may move between a batch and the row alone (float summation order
-# differs with the batch size), relative to 1 + the largest logit magnitude
+# differs with the batch size), relative to 1 + the largest logit magnitude; half-precision
+# logits get 16 units of their own rounding (float16: 0.016, bfloat16: 0.125)
 ROW_TOLERANCE = 1e-3
 
 
@@ -132,7 +133,8 @@ def row_dependence(together: torch.Tensor, alone: list[torch.Tensor]) -> str | N
         a, b = together.double(), single.double()
         diff = (a - b).abs().amax(dim=tuple(range(1, a.ndim)))
         scale = 1.0 + float(torch.maximum(a.abs().max(), b.abs().max()))
-        moved = diff > ROW_TOLERANCE * scale
+        tolerance = max(ROW_TOLERANCE, 16 * torch.finfo(together.dtype).eps, 16 * torch.finfo(single.dtype).eps)
+        moved = diff > tolerance * scale
         what = f"logits move by up to {float(diff.max()):.3g}"
     else:
         moved = together != single
