@@ -81,7 +81,7 @@ PREFIX = "riskpipe"
 disable_created_metrics()
 
 MODEL_LABELS = ("model", "policy")
-EVENT_OUTCOMES = ("decided", "dlq", "duplicate")
+EVENT_OUTCOMES = ("decided", "dlq", "duplicate", "other_model")
 CERTIFICATE_OUTCOMES = ("certified", "abstained", "below_epsilon")
 # DLQ reason codes (docs/records.md); anything else is counted as "other" so a
 # bug can never explode the label set.
@@ -302,7 +302,7 @@ class StageMetrics:
 
     # -- events and decisions -------------------------------------------------
     def event(self, outcome: str) -> None:
-        """Count one input event: decided, dlq or duplicate."""
+        """Count one input event: decided, dlq, duplicate or other_model (skipped: another stage's)."""
         if outcome not in EVENT_OUTCOMES:
             raise ValueError(f"outcome: {outcome!r} is not one of {EVENT_OUTCOMES}")
         self.events.labels(outcome).inc()

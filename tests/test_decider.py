@@ -135,3 +135,40 @@ def test_a_torch_model_fault_is_never_allowed(tmp_path):
         assert d.record["decision"] != "allow" and MODEL_FAULT in d.record["reasons"]
         assert d.record["review"]["routed"]
         assert codec.loads(next(o.value for o in d.outputs if o.topic == TOPICS.decisions))["decision"] != "allow"
+
+
+def test_events_of_models_other_stages_serve_are_skipped_not_dead_lettered(wine, tmp_path):
+    """Stages written by ``riskpipe init`` serve one model each; pointed at one inference
+    topic (as the README suggests), each read the others' events. Those were ``unknown_model``
+    dead letters, and the DLQ guard stopped the stage (exit 3) once they were most of the
+    traffic: a stage serving 5% of a shared topic stopped after 1,000 events, with 729 dead
+    letters. Listed under ``other_models``, they are skipped: committed, counted, neither
+    decided nor dead-lettered nor seen by the guard; a name listed nowhere is still a dead letter."""
+    from riskpipe.app.config import ConfigError
+    from riskpipe.stream.stage import GuardTripped, Stage
+    from streamkit import ListSource, LoggingSink
+
+    pipeline, X = wine
+    other = [{**tabular_event(f"o-{i}", X[0]), "model": "fraud"} for i in range(20)]
+    events = [tabular_event("w-0", X[0]), *other, tabular_event("w-1", X[1]), {**other[0], "model": "frуud"}]
+    guard = {"window": 10, "max_consecutive_invalid": 5, "max_invalid_ratio": 0.5}
+
+    def run(**cfg):
+        log: list = []
+        stage = Stage(load_config(None, batch={"max_events": 8, "max_wait_ms": 0}, guard=guard, **cfg), pipeline,
+                      lambda r: ListSource(messages(events), log), lambda: LoggingSink(log))
+        return stage.run(), log
+
+    with pytest.raises(GuardTripped):  # without the key: another stage's traffic is invalid traffic
+        run()
+    stats, log = run(other_models=["fraud"])
+    assert stats.decided == 2 and stats.other_models == 20 and dict(stats.dlq) == {"unknown_model": 1}
+    commits = [o for e in log if e[0] == "commit" for o in e[1]]
+    assert commits == list(range(len(events)))  # skipped events are committed with the rest
+    sent = [e for e in log if e[0] == "send"]
+    assert {k for _, t, k in sent if t != "dlq"} == {"w-0", "w-1"} and [t for _, t, _ in sent].count("dlq") == 1
+    decider = Decider.for_config(pipeline, load_config(None, other_models=["fraud"]))
+    out = decide(decider, messages([{"model": "fraud"}, {"id": "x", "model": ["fraud"], "inputs": []}]))
+    assert len(out.other_models) == 1 and [d.reason for d in out.dead] == ["wrong_type"]  # checked before any field
+    with pytest.raises(ConfigError, match="other_models: wine is served by this stage"):
+        load_config(None, models={"wine": "demo:digits"}, other_models=["wine"])

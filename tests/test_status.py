@@ -23,7 +23,7 @@ EXAMPLE = ROOT / "examples" / "tabular"
 
 def _stats(decided=0, dlq=None, decisions=None, duplicates=0, lag=None):
     return SimpleNamespace(decided=decided, dlq=defaultdict(int, dlq or {}), duplicates=duplicates, lag=lag,
-                           decisions=defaultdict(int, decisions or {}))
+                           other_models=0, decisions=defaultdict(int, decisions or {}))
 
 
 def test_progress_line_names_decisions_dlq_reasons_rate_and_lag():

@@ -47,6 +47,14 @@ payload (then its headers) to fit (docs/records.md).
   short forward-throughput probe at start-up, cached per (model sha256, device,
   torch threads) in the cache directory (riskpipe/tuning.py).
 
+Stage-wide ``other_models`` (default none): model names that other stages serve on this
+stage's input topic (each ``riskpipe init`` stage serves its own model; several of them
+pointed at one inference topic read one another's events). An event naming one of them
+is not this stage's: it is skipped (committed; not decided, not dead-lettered, not
+counted by the DLQ guard) and counted (``riskpipe_events_total{outcome="other_model"}``,
+the run summary). A model named nowhere is still an ``unknown_model`` dead letter, so a
+producer's typo is never skipped.
+
 Stage-wide ``infrastructure_timeout_s`` (default 300): a ledger or broker outage is
 ridden out (consumption paused, retried with bounded exponential backoff, no offset
 moved past an undecided event); one longer than this stops the stage with a non-zero
@@ -356,6 +364,7 @@ class StageConfig(KafkaSettings):
     # seconds between the stage's progress lines (decided, DLQ by reason, rate, lag); 0: none
     progress_interval_s: float = Field(30.0, ge=0)
     review: dict[str, Any] | None = None  # read by `riskpipe review` (credentials), ignored by the stage
+    other_models: list[str] = []  # noqa: RUF012 - pydantic copies it; models other stages serve on the input topic
 
     @field_validator("models", mode="before")
     @classmethod
@@ -378,6 +387,16 @@ class StageConfig(KafkaSettings):
         if not v:
             raise ValueError("at least one model must be registered")
         return v
+
+    @model_validator(mode="after")
+    def _other_models(self) -> StageConfig:
+        """``other_models`` names models this stage does not serve, each once."""
+        if len(set(self.other_models)) != len(self.other_models):
+            raise ValueError("other_models: names must be unique")
+        if served := sorted(set(self.other_models) & set(self.models)):
+            raise ValueError(f"other_models: {', '.join(served)} is served by this stage (models); "
+                             "list only models other stages decide")
+        return self
 
     @property
     def largest_message_bytes(self) -> int:

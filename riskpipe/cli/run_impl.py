@@ -155,6 +155,8 @@ def _summary(stats, ledger: str | None) -> None:
     """The closing lines on stderr: what was decided, and what was not decided anew."""
     click.echo(f"decided {stats.decided} events, {sum(stats.dlq.values())} to the DLQ, "
                f"{stats.duplicates} duplicates skipped; ledger {redact(ledger or '')}", err=True)
+    if stats.other_models:
+        click.echo(f"{stats.other_models} events of models other stages serve (other_models) skipped", err=True)
     if stats.redelivered:
         click.echo(f"{stats.redelivered} of the decided events were already in the ledger under this run's model and "
                    "policy at the same source position: their recorded decisions were re-sent", err=True)

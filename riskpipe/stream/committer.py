@@ -122,6 +122,7 @@ class Outcome:
     decided: list[Decided] = field(default_factory=list)
     dead: list[Dead] = field(default_factory=list)
     duplicates: list[Message] = field(default_factory=list)
+    other_models: list[Message] = field(default_factory=list)  # events of models other stages serve: skipped
     redelivered: list[Decided] = field(default_factory=list)  # outputs re-sent from the ledger
     earlier: Counter = field(default_factory=Counter)  # decided before under another model/policy (triage)
     seconds: float = 0.0

@@ -1,7 +1,8 @@
 """The decider: a batch of messages in, its decisions and dead letters out, without I/O.
 
   parse  ─► each message parsed and validated against its model (events.parse_event),
-            and admitted by that model's certifier (Pipeline.admit)
+            and admitted by that model's certifier (Pipeline.admit); an event of a model
+            another stage serves (config ``other_models``) is skipped, never a dead letter
   decide ─► triage against the stored decisions of the ids (triage.classify)
          ─► certify, contextualise, score, build records (Pipeline.process: the model,
             certifier and policy of each event's model)
@@ -23,11 +24,11 @@ pauses and decides the batch again (riskpipe.stream.infra).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from riskpipe.ledger.inputs import REF_PREFIX, stored_input
 from riskpipe.stream.committer import Decided, Outcome
-from riskpipe.stream.events import Event, parse_event
+from riskpipe.stream.events import OTHER_MODEL, Event, parse_event
 from riskpipe.stream.infra import out_of_memory, release_memory
 from riskpipe.stream.outputs import OUTPUT_TOO_LARGE, Output, OutputTooLarge, check_sizes, decision_outputs
 from riskpipe.stream.pipeline import Pipeline
@@ -43,19 +44,20 @@ class Decider:
     ``max_binary_message_bytes`` and ``max_output_bytes``."""
 
     def __init__(self, pipeline: Pipeline, topics, *, max_message_bytes: int, max_binary_message_bytes: int,
-                 max_output_bytes: int):
+                 max_output_bytes: int, other_models: Collection[str] = ()):
         self.pipeline = pipeline
         self.topics = topics
         self.max_message_bytes = max_message_bytes
         self.max_binary_message_bytes = max_binary_message_bytes
         self.max_output_bytes = max_output_bytes
+        self.other_models = frozenset(other_models)  # served by other stages on the input topic: skipped
 
     @classmethod
     def for_config(cls, pipeline: Pipeline, config) -> Decider:
         """A decider with the topics and size limits of the stage's ``config``."""
         return cls(pipeline, config.topics, max_message_bytes=config.max_message_bytes,
                    max_binary_message_bytes=config.max_binary_message_bytes,
-                   max_output_bytes=config.max_output_bytes)
+                   max_output_bytes=config.max_output_bytes, other_models=config.other_models)
 
     def parse(self, msgs: list[Message]) -> tuple[list[Accepted], list[Dead]]:
         """Every message parsed and validated on its own: (accepted events, dead letters)."""
@@ -67,7 +69,10 @@ class Decider:
         stored decision of each id, under any model and policy), the accepted ones decided,
         every decision's outputs serialised. ``dead``: the batch's dead letters so far."""
         tri = classify(parsed, known, self.pipeline.scopes)
-        outcome = Outcome(msgs, dead=[*(dead or []), *tri.dead], duplicates=tri.duplicates, earlier=tri.earlier)
+        dead = dead or []
+        outcome = Outcome(msgs, dead=[*(d for d in dead if d.reason != OTHER_MODEL), *tri.dead],
+                          duplicates=tri.duplicates, earlier=tri.earlier,
+                          other_models=[d.message for d in dead if d.reason == OTHER_MODEL])
         for m, stored in tri.redelivered:  # decided before the crash: its stored outputs again
             self._emit(outcome, outcome.redelivered, m, lambda: Decided(m, stored, self.outputs(stored)))
         for a, rec in self._records(tri.accepted, outcome.dead):
@@ -82,7 +87,7 @@ class Decider:
 
     def _parse_one(self, m: Message) -> Event:
         ev = parse_event(m.value, m.headers, self.pipeline.models, self.max_message_bytes,
-                         self.max_binary_message_bytes)
+                         self.max_binary_message_bytes, self.other_models)
         self.pipeline.admit(ev)
         return ev
 

@@ -19,7 +19,7 @@ import json
 import math
 import re
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -242,9 +242,25 @@ def _envelope(value: bytes | None, h: dict[str, str], max_bytes: int,
     return obj, ce, clean
 
 
-def validate_event(obj: dict, models: dict, values_checked: bool = False) -> Event:
+class OtherModel(EventError):
+    """An event of a model another stage serves on this input topic (config
+    ``other_models``): not this stage's to decide, and no fault (never a dead letter)."""
+
+    def __init__(self, model: str):
+        super().__init__(OTHER_MODEL, f"model: {model!r} is served by another stage (other_models)")
+        self.model = model
+
+
+OTHER_MODEL = "other_model"
+
+
+def validate_event(obj: dict, models: dict, values_checked: bool = False, other_models: Collection[str] = ()) -> Event:
     """Check ``obj`` against the contract and the named model's input spec.
-    ``values_checked``: the parser already guarantees what check_values checks."""
+    ``values_checked``: the parser already guarantees what check_values checks.
+    ``other_models``: models other stages serve; an event naming one raises OtherModel
+    before anything else of it is checked (that stage validates its own events)."""
+    if isinstance(name := obj.get("model"), str) and name in other_models:
+        raise OtherModel(name)
     for f in ("id", "model", "inputs"):
         if f not in obj:
             raise EventError("missing_field", f"{f}: required field is missing")
@@ -396,11 +412,11 @@ def class_id(pred: Any, model: Any) -> int | None:
 
 
 def parse_event(value: bytes | None, headers, models: dict, max_bytes: int = 1 << 20,
-                max_binary_bytes: int = 16 << 20) -> Event:
+                max_binary_bytes: int = 16 << 20, other_models: Collection[str] = ()) -> Event:
     h = _headers(headers)
     obj, ce, clean = _envelope(value, h, max_bytes, max_binary_bytes)
     try:
-        ev = validate_event(obj, models, values_checked=clean)
+        ev = validate_event(obj, models, values_checked=clean, other_models=other_models)
     except EventError:
         raise
     except (TypeError, ValueError, OverflowError, KeyError, AttributeError) as e:

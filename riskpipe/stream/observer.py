@@ -25,6 +25,7 @@ class Stats:
     events: int = 0
     decided: int = 0
     duplicates: int = 0
+    other_models: int = 0  # events of models other stages serve on the input topic (config other_models): skipped
     # of ``decided``: already in the ledger from a batch whose commit never happened
     # (crash or broker error after the ledger write); counted now, outputs sent again
     redelivered: int = 0
@@ -137,6 +138,7 @@ class Observer:
         s.events += len(outcome.messages)
         s.busy_s += outcome.seconds
         s.duplicates += len(outcome.duplicates)
+        s.other_models += len(outcome.other_models)
         s.redelivered += len(outcome.redelivered)
         s.earlier.update(outcome.earlier)
         if self.on_batch:
@@ -164,6 +166,8 @@ class Observer:
         if m:
             for _ in outcome.duplicates:
                 m.event("duplicate")
+            for _ in outcome.other_models:
+                m.event("other_model")
         if self.on_record:
             for d in outcome.decided + outcome.redelivered:
                 self.on_record(d.record)

@@ -62,7 +62,7 @@ class Progress:
 
     @staticmethod
     def _handled(stats: Any) -> int:
-        return stats.decided + sum(stats.dlq.values()) + stats.duplicates
+        return stats.decided + sum(stats.dlq.values()) + stats.duplicates + stats.other_models
 
     def pending(self, stats: Any) -> bool:
         """Lines are on and events were handled since the last line."""
