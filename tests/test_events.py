@@ -411,3 +411,13 @@ def test_the_depth_an_event_is_read_to_counts_arrays_and_objects(models, slow_pa
     for inner in ("", "0.5"):
         assert parse_event(event(31, inner), [], models).context["a"] is not None
         assert _reason(event(32, inner), models) == "invalid_json"
+
+
+def test_a_finite_value_beyond_float32_is_named_not_called_nan_or_inf(models):
+    """1e39 sent as FP64 is finite as sent; the model takes float32, where it is inf. The
+    dead letter said "contains NaN or inf", naming neither the value nor the reason."""
+    e = make_event("big", "digits", np.zeros((1, 8, 8), np.float32))
+    e["inputs"][0].update(datatype="FP64", data=[1e39] + [0.0] * 63)
+    with pytest.raises(EventError, match=r"inputs\[0\]\.data: value 1e\+39 lies beyond float32") as err:
+        parse_event(json.dumps(e).encode(), [], models)
+    assert err.value.code == "non_finite"

@@ -27,10 +27,14 @@ def check_inputs(batch: np.ndarray, model) -> np.ndarray:
                 "wrong_shape", f"inputs: shape {a.shape[1:]} per input, model {model.spec} expects {shape}"
             )
     with np.errstate(over="ignore", invalid="ignore"):
-        a = a.astype(np.float32, copy=False)  # values beyond float32 become inf: caught below
+        given, a = a, a.astype(np.float32, copy=False)  # values beyond float32 become inf: caught below
     bad = ~np.isfinite(a)
     if bad.any():
-        i = int(np.argwhere(bad.reshape(len(a), -1).any(axis=1))[0][0])
+        i, j = (int(v) for v in np.argwhere(bad.reshape(len(a), -1))[0])
+        v = given.reshape(len(a), -1)[i, j]
+        if np.isfinite(v):  # e.g. 1e39 sent as FP64: finite as sent, inf in the model's float32
+            raise InputError("non_finite", f"inputs[{i}]: value {float(v):g} lies beyond float32 (|x| <= 3.4e38), "
+                                           "the type the model takes")
         raise InputError("non_finite", f"inputs[{i}]: contains NaN or inf")
     if model.value_range is None:  # nothing declared: finiteness is all we can check
         return a
