@@ -172,3 +172,25 @@ def test_events_of_models_other_stages_serve_are_skipped_not_dead_lettered(wine,
     assert len(out.other_models) == 1 and [d.reason for d in out.dead] == ["wrong_type"]  # checked before any field
     with pytest.raises(ConfigError, match="other_models: wine is served by this stage"):
         load_config(None, models={"wine": "demo:digits"}, other_models=["wine"])
+
+
+def test_an_input_that_leaves_float32_once_scaled_is_a_named_dead_letter(tmp_path):
+    """Certifiers see x / s (``scale: standardize``). A finite raw value of 3e38 divided by
+    a feature's scale below 1 is inf there: the context index raised on it, and the event
+    was an ``internal_error`` dead letter saying only "Input contains infinity"."""
+    from streamkit import policy_with
+
+    um = tabular_model(tmp_path)
+    policy = policy_with(tmp_path, certifier={"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01,
+                                              "max_samples": 200})
+    (tmp_path / "stage.yaml").write_text(json.dumps({"policy": policy, "models": {"wine": {
+        "spec": um.spec, "reference": str(um.data), "scale": "standardize"}}}))
+    pipeline, X = build_pipeline(load_config(str(tmp_path / "stage.yaml"))), np.load(um.data)["X"]
+    s = pipeline.entries["wine"].scale.reshape(-1)
+    j = int(np.argmin(s))
+    assert s[j] < 1
+    x = X[0].astype(np.float64).copy()
+    x[j] = 3e38
+    out = decide(Decider.for_config(pipeline, load_config(None)), messages([tabular_event("w-big", x)]))
+    assert not out.decided and [d.reason for d in out.dead] == ["non_finite"]
+    assert f"feature {j} divided by its scale" in out.dead[0].text and "models.wine.scale" in out.dead[0].text

@@ -188,12 +188,19 @@ class Pipeline:
                 for n, e in self.entries.items()}
 
     def admit(self, ev: Event) -> None:
-        """EventError ``off_grid`` for an input its model's certifier cannot take (off the sound
-        sampler's grid): that event goes to the DLQ instead of failing its micro-batch."""
+        """EventError for an input its model's certifier cannot take: ``non_finite`` when it
+        leaves float32 once divided by the model's ``scale`` (3e38 / 0.2), ``off_grid`` off the
+        sound sampler's grid; that event goes to the DLQ instead of failing its micro-batch."""
 
         entry = self.entries[ev.model]
+        z = entry.to_certified(ev.x[None])
+        if entry.scale is not None and not np.isfinite(z).all():
+            j = int(np.argwhere(~np.isfinite(z.reshape(-1)))[0][0])
+            raise EventError("non_finite", f"inputs[0].data: value {float(ev.x.reshape(-1)[j]):g} of feature {j} "
+                                           f"divided by its scale {float(entry.scale.reshape(-1)[j]):g} (models."
+                                           f"{ev.model}.scale) lies beyond float32; declare the model's range")
         try:
-            entry.certifier.check_inputs(entry.to_certified(ev.x[None]))
+            entry.certifier.check_inputs(z)
         except GridError as e:
             raise EventError("off_grid", str(e)) from None
 
