@@ -262,10 +262,15 @@ class Fallback(_Frozen):
     controls: tuple[ControlRef, ...] = ()
 
 
+# a review deadline is the decision's time plus this: a year beyond 9999 (1e12 s) made every
+# record of the band an internal_error dead letter instead of a decision
+MAX_DEADLINE_SECONDS = 10 * 366 * 86_400  # ten years
+
+
 class Band(_Frozen):
     min_score: Unit
     priority: Annotated[int, Field(ge=1, le=9)]
-    deadline_seconds: Annotated[int, Field(ge=1)] | None = None
+    deadline_seconds: Annotated[int, Field(ge=1, le=MAX_DEADLINE_SECONDS)] | None = None
 
 
 class Review(_Frozen):
