@@ -303,6 +303,8 @@ def test_score_weights_are_bounded_and_a_nan_score_is_the_highest_risk():
         with pytest.raises(PolicyError, match=r"weights: each is 0 or in \[1e-06, 1e\+06\]"):
             parse_policy(yaml.safe_dump(doc), "w.yaml")
     assert combine("weighted_mean", {"a": 0.9}, {"a": float("inf")})[0] == 1.0
+    for combiner in ("weighted_mean", "max", "noisy_or"):  # no weighted signal: no evidence of low risk
+        assert combine(combiner, {"a": 0.1}, {"a": 0.0})[0] == 1.0, combiner
     assert combine("weighted_mean", {"a": 0.2, "b": 0.4}, {"a": 1e6, "b": 1e-6})[0] == pytest.approx(0.2)
 
 

@@ -355,6 +355,13 @@ class Policy(_Frozen):
                     f"epsilon in the threat norm), e.g. {describe_facts(facts)}; add {{field: certified_in_threat, "
                     "op: eq, value: true} to its 'all' conditions or route uncertified samples to review/block "
                     "in an earlier rule (only a policy with shadow: true may allow them)")))
+        w = self.score.weights
+        if not self.signals.context_risk.enabled and w.certificate_risk == 0 and w.upstream_risk == 0:
+            # a disabled signal takes no part in the score: with no weighted signal left, every
+            # score was 0, the lowest risk, and no score rule (high-score review) ever fired
+            problems.append((("score",), "weights: every signal with a weight > 0 is disabled (context_risk), so "
+                             "every score would be 0, the lowest risk; give certificate_risk or upstream_risk a "
+                             "weight > 0"))
         if problems:
             raise SemanticProblems(problems)
         return self

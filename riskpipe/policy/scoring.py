@@ -37,7 +37,8 @@ def combine(combiner: str, values: dict[str, float], weights: dict[str, float]) 
         filled = "1 - " + "".join(f"(1 - {w:g}*{s:.4g})" for w, s, _ in terms)
     else:  # the schema admits only the three above
         raise ValueError(f"combiner: {combiner!r} is not one of {', '.join(FORMULAS)}")
-    # NaN (inf / inf, 0 * inf) is the highest risk: max(0.0, nan) is 0.0, the lowest, which allowed
-    score = 1.0 if math.isnan(score) else float(min(1.0, max(0.0, score)))
+    # NaN (inf / inf, 0 * inf) is the highest risk: max(0.0, nan) is 0.0, the lowest, which allowed;
+    # so is a score of no signal at all (every weighted one disabled: the loader refuses that policy)
+    score = 1.0 if math.isnan(score) or not terms else float(min(1.0, max(0.0, score)))
     legend = ", ".join(f"s_{i + 1}={n}" for i, (_, _, n) in enumerate(terms))
     return score, f"score = {combiner} = {FORMULAS[combiner]} = {filled} = {score:.4f} ({legend})"
