@@ -147,6 +147,23 @@ def _json_value(value: Any) -> Any:
     return str(value)
 
 
+def _foreign(data: Any, loc: Loc = ()) -> tuple[Loc, str] | None:
+    """(path, type) of the first value that JSON has no form for and a date is not: YAML's
+    ``!!binary`` (bytes) and ``!!set``. str() wrote them as "b'...'" and "{'a'}", which a
+    text field (owner, description) took as written."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if (hit := _foreign(v, (*loc, str(k)))) is not None:
+                return hit
+    elif isinstance(data, (list, tuple)):
+        for i, v in enumerate(data):
+            if (hit := _foreign(v, (*loc, i))) is not None:
+                return hit
+    elif not (data is None or isinstance(data, (str, int, float, datetime.date))):
+        return loc, type(data).__name__
+    return None
+
+
 def parse_policy(text: str, name: str = "<policy>") -> Policy:
     """Validate policy YAML ``text``; ``name`` is used in error lines."""
     data, root = _yaml_data(text, name)
@@ -154,6 +171,11 @@ def parse_policy(text: str, name: str = "<policy>") -> Policy:
         raise PolicyError([Problem(name, 1, "(policy)", "empty file; expected a RiskPolicy mapping")])
     if not isinstance(data, dict):
         raise PolicyError([Problem(name, 1, "(policy)", f"expected a mapping at the top, got {type(data).__name__}")])
+    if (hit := _foreign(data)) is not None:
+        loc, kind = hit
+        raise PolicyError([Problem(name, _line(root, loc), field_path(loc),
+                                   f"a YAML {'!!binary' if kind == 'bytes' else '!!' + kind} value ({kind}) is no "
+                                   "policy value; write it as plain text, a number or a list")])
     try:
         blob = json.dumps(data, default=_json_value, allow_nan=True)
         return Policy.model_validate_json(blob)
