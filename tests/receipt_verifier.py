@@ -25,9 +25,12 @@ class Invalid(Exception):
 
 def _b64(text: str) -> bytes:
     try:
-        return base64.b64decode(text, validate=True)
+        data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
         raise Invalid(f"bad base64: {e}") from None
+    if base64.b64encode(data).decode("ascii") != text:  # extra padding, nonzero pad bits
+        raise Invalid("base64 not canonical")
+    return data
 
 
 def _canonical(obj) -> str:
@@ -120,7 +123,7 @@ def verify(receipt: dict, public_key_pem: bytes, origin: str | None = None, kind
     if not isinstance(path, list):
         raise Invalid("inclusion_proof")
     try:
-        nodes = [bytes.fromhex(p) for p in path if isinstance(p, str) and len(p) == 64]
+        nodes = [bytes.fromhex(p) for p in path if isinstance(p, str) and len(p) == 64 and p == p.lower()]
     except ValueError:
         raise Invalid("inclusion_proof hex") from None
     if len(nodes) != len(path):

@@ -251,3 +251,49 @@ def test_names_c2sp_allows_are_taken(tmp_path, keys):
         led.append_many([decision_record(i) for i in range(2)])
         for allowed in ("a\u200db", "soft\u00adhyphen", "private\ue000use"):
             assert make_checkpoint(led, load_private_key(keys / "key.pem"), origin=allowed).origin == allowed
+
+
+def _respelled(b64: str) -> str:
+    """The same bytes in base64 no encoder writes: a nonzero pad bit, or an extra '='."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    if b64.endswith("="):
+        body = b64.rstrip("=")
+        last = alphabet[alphabet.index(body[-1]) ^ 1]
+        out = body[:-1] + last + b64[len(body):]
+    else:
+        out = b64 + "="
+    assert out != b64 and base64.b64decode(out) == base64.b64decode(b64)
+    return out
+
+
+def test_a_receipt_has_one_spelling(tmp_path, keys):
+    """Base64 that a decoder takes but no encoder writes (a nonzero pad bit, an extra '=') and
+    upper-case hex spell the same bytes otherwise: the leaf, the checkpoint's signature and
+    root, the proof's hashes each verified in several texts ("ok" for a receipt no riskpipe
+    wrote). Each is INVALID now, in riskpipe and in the independent verifier."""
+    target = str(tmp_path / "l.db")
+    key = load_private_key(keys / "key.pem")
+    with open_ledger(target) as led:
+        led.append_many([decision_record(i) for i in range(7)])
+        make_checkpoint(led, key)
+    out = tmp_path / "r.json"
+    assert cli("receipt", "evt-00003", "--ledger", target, "--out", out).returncode == 0
+    real, pem = json.loads(out.read_text()), (keys / "pub.pem").read_bytes()
+    body, sig_line = real["checkpoint"].split("\n\n")
+    origin, size, root = body.split("\n")[:3]
+    blob = sig_line.split(" ")[2].strip()
+    cases = {
+        "leaf": {**real, "leaf": _respelled(real["leaf"])},
+        "signature": {**real, "checkpoint": real["checkpoint"].replace(blob, _respelled(blob))},
+        "root": {**real, "checkpoint": note.sign(f"{origin}\n{size}\n{_respelled(root)}\n", origin, key)},
+        "proof": {**real, "inclusion_proof": [p.upper() for p in real["inclusion_proof"]]},
+    }
+    for name, bad in cases.items():
+        with pytest.raises(receipt_verifier.Invalid):
+            receipt_verifier.verify(bad, pem)
+        f = tmp_path / f"{name}.json"
+        f.write_text(json.dumps(bad))
+        r = cli("verify-receipt", f, "--public-key", keys / "pub.pem")
+        assert r.returncode == 1 and r.stdout.startswith("INVALID: ") and "Traceback" not in r.stderr, (name, r)
+        assert "canonical base64" in r.stdout or "lowercase hex" in r.stdout, (name, r.stdout)
+    assert cli("verify-receipt", out, "--public-key", keys / "pub.pem").returncode == 0

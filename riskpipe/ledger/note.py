@@ -40,6 +40,17 @@ class NoteError(ValueError):
     """A note or checkpoint that is malformed or whose signature does not verify."""
 
 
+def b64decode_canonical(text: str) -> bytes:
+    """The bytes of ``text``, standard base64 with ``=`` padding as the encoder writes it; a
+    ValueError for anything else. ``b64decode(validate=True)`` also takes extra padding
+    ("...=" after a full group) and nonzero pad bits ("Ab==" for "AQ=="): the same bytes
+    under many spellings, so one signed note or receipt had many texts that all verified."""
+    data = base64.b64decode(text, validate=True)
+    if base64.b64encode(data).decode("ascii") != text:
+        raise ValueError("not canonical base64")
+    return data
+
+
 def raw_public_key(public_key: Ed25519PublicKey) -> bytes:
     return public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
@@ -101,9 +112,9 @@ def parse(note: str) -> tuple[str, list[Signature]]:
         if len(parts) != 3 or parts[0] != DASH:
             raise NoteError(f"note: malformed signature line {line[:60]!r}")
         try:
-            blob = base64.b64decode(parts[2], validate=True)
+            blob = b64decode_canonical(parts[2])
         except (binascii.Error, ValueError):
-            raise NoteError(f"note: signature of {parts[1]!r} is not base64") from None
+            raise NoteError(f"note: signature of {parts[1]!r} is not canonical base64") from None
         if len(blob) < 5:
             raise NoteError(f"note: signature of {parts[1]!r} is too short")
         out.append(Signature(check_name(parts[1]), blob[:4], blob[4:]))
@@ -148,9 +159,9 @@ def parse_checkpoint(text: str) -> tuple[str, int, bytes]:
     if not _SIZE.fullmatch(size):
         raise NoteError(f"checkpoint: tree size {size[:30]!r} is not a decimal number")
     try:
-        root_bytes = base64.b64decode(root, validate=True)
+        root_bytes = b64decode_canonical(root)
     except (binascii.Error, ValueError):
-        raise NoteError("checkpoint: root hash is not base64") from None
+        raise NoteError("checkpoint: root hash is not canonical base64") from None
     if len(root_bytes) != 32:
         raise NoteError(f"checkpoint: root hash has {len(root_bytes)} bytes, not 32")
     if int(size) == 0 and root_bytes != EMPTY_ROOT:  # no tree has it: a signed false statement

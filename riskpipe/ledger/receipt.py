@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from riskpipe import json_text
 from riskpipe.ledger import merkle
 from riskpipe.ledger.anchors import Checkpoint
 from riskpipe.ledger.chain import Entry, LedgerError, canonical_json
+from riskpipe.ledger.note import b64decode_canonical
 from riskpipe.ledger.tree import split_leaf
 
 if TYPE_CHECKING:
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 
     from riskpipe.ledger.store import Ledger
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 KEYS = ("checkpoint", "inclusion_proof", "index", "leaf", "record", "tree_size")
 
 
@@ -95,10 +98,10 @@ def verify_receipt(receipt: Any, public_keys: Iterable[Ed25519PublicKey], origin
     if cp.tree_size != size:
         raise LedgerError(f"receipt: tree_size {size} but the checkpoint is for tree size {cp.tree_size}")
     try:
-        data = base64.b64decode(receipt["leaf"], validate=True)
+        data = b64decode_canonical(receipt["leaf"])
         leaf_kind, entry_id, text = split_leaf(data)
     except (binascii.Error, ValueError, TypeError):
-        raise LedgerError("receipt.leaf: not base64 of 'kind \\n entry id \\n record'") from None
+        raise LedgerError("receipt.leaf: not canonical base64 of 'kind \\n entry id \\n record'") from None
     if kind is not None and leaf_kind != kind:
         raise LedgerError(f"receipt.leaf: an entry of kind {leaf_kind[:40]!r}, not {kind!r} (a {kind}'s receipt "
                           "proves a leaf of that kind only)")
@@ -112,10 +115,9 @@ def verify_receipt(receipt: Any, public_keys: Iterable[Ed25519PublicKey], origin
         raise LedgerError("receipt.record: differs from the record in the leaf (edited)")
     if not isinstance(proof_hex, list) or not all(isinstance(p, str) and len(p) == 64 for p in proof_hex):
         raise LedgerError("receipt.inclusion_proof: must be a list of 64-character hex hashes")
-    try:
-        proof = [bytes.fromhex(p) for p in proof_hex]
-    except ValueError:
-        raise LedgerError("receipt.inclusion_proof: not hex") from None
+    if not all(_HEX64.fullmatch(p) for p in proof_hex):  # one spelling per hash (docs/receipts.md)
+        raise LedgerError("receipt.inclusion_proof: not lowercase hex")
+    proof = [bytes.fromhex(p) for p in proof_hex]
     try:
         merkle.verify_inclusion(index, size, merkle.leaf_hash(data), proof, cp.root)
     except merkle.ProofError as e:
