@@ -221,6 +221,37 @@ def test_a_receipt_proves_its_kind_and_id_and_a_decision_receipt_needs_a_decisio
     assert r.returncode == 0 and r.stdout.startswith("ok: decision 'evt-00007', leaf 0 of "), r.stdout
 
 
+def test_a_receipt_names_the_event_its_record_is_of_and_id_requires_it(tmp_path, keys):
+    """A writer of the ledger's API filed event evt-00003's decision under entry id
+    "evt-00009". Its receipt verified as "ok: decision 'evt-00009'": a relying party asking
+    about evt-00009 was shown evt-00003's decision. The ok line now names the record's
+    event (and the entry id where it differs), and ``--id`` refuses a receipt of another
+    event."""
+    target = str(tmp_path / "l.db")
+    with open_ledger(target) as led:
+        led.append(decision_record(3, decision="allow"), entry_id="evt-00009")
+        make_checkpoint(led, load_private_key(keys / "key.pem"))
+    out = tmp_path / "r.json"
+    assert cli("receipt", "evt-00009", "--ledger", target, "--out", out).returncode == 0
+    pub = keys / "pub.pem"
+    r = cli("verify-receipt", out, "--public-key", pub)
+    assert r.returncode == 0 and r.stdout.startswith("ok: decision 'evt-00003' (entry id 'evt-00009'), leaf 0"), \
+        r.stdout
+    r = cli("verify-receipt", out, "--public-key", pub, "--id", "evt-00009")
+    assert r.returncode == 1 and "INVALID: receipt: proves the decision of event 'evt-00003' (entry id " \
+        "'evt-00009'), not of 'evt-00009'" in r.stdout, r.stdout
+    r = cli("verify-receipt", out, "--public-key", pub, "--id", "evt-00003", "--json")
+    got = json.loads(r.stdout)
+    assert r.returncode == 0 and (got["event_id"], got["entry_id"]) == ("evt-00003", "evt-00009"), r.stdout
+    # a receipt the stage's own rows give: the entry id is the event id
+    with open_ledger(target) as led:
+        led.append(decision_record(5))
+        make_checkpoint(led, load_private_key(keys / "key.pem"))
+    assert cli("receipt", "evt-00005", "--ledger", target, "--out", out).returncode == 0
+    r = cli("verify-receipt", out, "--public-key", pub, "--id", "evt-00005")
+    assert r.returncode == 0 and r.stdout.startswith("ok: decision 'evt-00005', leaf 1 of "), r.stdout
+
+
 @pytest.mark.parametrize("origin", ["evil\n", "bad\ud800", "a\u2028b"])
 def test_a_name_that_would_break_the_note_is_refused_and_never_a_traceback(tmp_path, keys, origin):
     """``^[^\\s+]+$`` let ``evil\\n`` through (``$`` matches before a final newline): the

@@ -131,6 +131,8 @@ def receipt(**options):
 @click.option("--origin", default=None, help="Also require this checkpoint origin.")
 @click.option("--kind", type=click.Choice(["decision", "verdict", "policy", "dlq", "any"]), default="decision",
               show_default=True, help="The ledger kind the receipt's entry must have.")
+@click.option("--id", "event_id", default=None, metavar="EVENT_ID",
+              help="Also require the receipt to be of this event (its record's id).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def verify_receipt(**options):
     """Check a receipt offline: the checkpoint's signature, the record against the leaf,

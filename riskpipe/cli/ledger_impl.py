@@ -282,7 +282,7 @@ def receipt(event_id, ledger_path, out_path, kind, model, policy_sha256, key_pat
         click.echo(text, nl=False)
 
 
-def verify_receipt(receipt_path, public_keys, origin, kind, as_json):
+def verify_receipt(receipt_path, public_keys, origin, kind, event_id, as_json):
     keys = read_public_keys(public_keys)
     try:
         text = Path(receipt_path).read_text(encoding="utf-8")
@@ -293,7 +293,7 @@ def verify_receipt(receipt_path, public_keys, origin, kind, as_json):
         fail(f"{receipt_path}: not JSON ({e.msg} at line {e.lineno})")
     try:
         refuse_repeated_names(text, rec)  # a name given twice: INVALID (exit 1), not unreadable
-        proved = check(rec, keys, origin, None if kind == "any" else kind)
+        proved = check(rec, keys, origin, None if kind == "any" else kind, event_id)
         problem = None
     except LedgerError as e:
         proved, problem = None, str(e)
@@ -301,8 +301,11 @@ def verify_receipt(receipt_path, public_keys, origin, kind, as_json):
     _outcome(problem, as_json, "INVALID",
              {"origin": cp and cp.origin, "tree_size": cp and cp.tree_size,
               "index": rec.get("index") if isinstance(rec, dict) else None,
-              "kind": proved and proved.kind, "entry_id": proved and proved.entry_id},
-             lambda: f"ok: {proved.kind} {proved.entry_id!r}, leaf {rec['index']} of {cp.origin} at tree size "
+              "kind": proved and proved.kind, "entry_id": proved and proved.entry_id,
+              "event_id": proved and proved.event_id},
+             lambda: f"ok: {proved.kind} {proved.event_id!r}"
+                     + (f" (entry id {proved.entry_id!r})" if proved.entry_id != proved.event_id else "")
+                     + f", leaf {rec['index']} of {cp.origin} at tree size "
                      f"{cp.tree_size}, signed checkpoint verified")
 
 

@@ -70,20 +70,25 @@ def refuse_repeated_names(text: str | bytes, receipt: Any) -> None:
 @dataclass(frozen=True)
 class Proved:
     """What a receipt that holds proves: the entry of ``kind`` and ``entry_id`` (with the
-    receipt's record) at its index in the tree ``checkpoint`` signs."""
+    receipt's record) at its index in the tree ``checkpoint`` signs. ``event_id``: whose
+    entry it is, the record's ``id`` (the entry id for a record without one): the stage
+    keys an entry by it, but a writer of the ledger's API may give another entry id."""
 
     checkpoint: Checkpoint
     kind: str
     entry_id: str
+    event_id: str
 
 
 def verify_receipt(receipt: Any, public_keys: Iterable[Ed25519PublicKey], origin: str | None = None,
-                   kind: str | None = "decision") -> Proved:
+                   kind: str | None = "decision", event_id: str | None = None) -> Proved:
     """Check a receipt offline; returns what it proves, or raises LedgerError naming the
     first check that failed (docs/receipts.md, "Verifying"). ``kind``: the ledger kind the
     leaf must have (None: any). A decision's receipt must be of a ``decision`` leaf: a
     verdict or dead letter holds whatever its writer put in its record, so a copy of a
-    decision record saying ``allow`` in a review-outcomes message proves no decision."""
+    decision record saying ``allow`` in a review-outcomes message proves no decision.
+    ``event_id``: the event the receipt must be of (``Proved.event_id``): a receipt of
+    another event's decision is refused, whatever its entry id says."""
     if not isinstance(receipt, dict) or set(receipt) != set(KEYS):
         got = sorted(receipt) if isinstance(receipt, dict) else type(receipt).__name__
         raise LedgerError(f"receipt: expected exactly the keys {', '.join(KEYS)}; got {got}")
@@ -122,7 +127,13 @@ def verify_receipt(receipt: Any, public_keys: Iterable[Ed25519PublicKey], origin
         merkle.verify_inclusion(index, size, merkle.leaf_hash(data), proof, cp.root)
     except merkle.ProofError as e:
         raise LedgerError(f"receipt: {e} (leaf, index or proof altered)") from None
-    return Proved(cp, leaf_kind, entry_id)
+    own = parsed.get("id") if isinstance(parsed, dict) else None
+    proved = Proved(cp, leaf_kind, entry_id, own if isinstance(own, str) else entry_id)
+    if event_id is not None and proved.event_id != event_id:
+        raise LedgerError(f"receipt: proves the {leaf_kind} of event {proved.event_id[:80]!r}"
+                          + (f" (entry id {entry_id[:80]!r})" if entry_id != proved.event_id else "")
+                          + f", not of {event_id[:80]!r}")
+    return proved
 
 
 def find_decisions(ledger: Ledger, event_id: str, kind: str = "decision", model: str | None = None,
