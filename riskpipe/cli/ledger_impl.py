@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import click
 import numpy as np
 from kafka import OffsetAndMetadata
-from kafka.errors import KafkaError
+from kafka.errors import CommitFailedError, KafkaError
 
 from riskpipe import json_text, kafka_clients
 from riskpipe.app.config import ConfigError, load_config
@@ -32,6 +32,7 @@ from riskpipe.models import ModelError
 from riskpipe.redaction import redact
 from riskpipe.report.replay import ReplayError, stage_entry
 from riskpipe.report.replay import replay as do_replay
+from riskpipe.stream.infra import LEDGER, InfrastructureUnavailable, Outage, infrastructure_component
 from riskpipe.timestamps import from_epoch, rfc3339_micros, rfc3339_seconds
 
 # which ledger kind a topic's messages become (``--topic NAME=KIND`` overrides)
@@ -447,20 +448,59 @@ def _dlq_entry(msg, ts: str, where: dict[str, Any]) -> tuple[str, dict, str | No
     return ("dlq", rec, eid)
 
 
+# how long ``ledger ingest`` rides out an unavailable ledger (the stage's default
+# ``infrastructure_timeout_s``) before it exits 4, nothing committed past the last write
+INGEST_LEDGER_TIMEOUT_S = 300.0
+
+
+def _ledger_call(call: Callable[[], Any], what: str, timeout_s: float, echo) -> Any:
+    """``call()``, retried with the stage's backoff while it fails because the ledger is
+    unavailable (PostgreSQL down or restarting, a SQLite file locked by another writer):
+    infrastructure, never the messages'. Past ``timeout_s``: one line, exit 4 (the
+    offsets of what was not written stay uncommitted). A LedgerError of the data or
+    the target: one line, exit 2."""
+    outage: Outage | None = None
+    while True:
+        try:
+            return call()
+        except Exception as e:
+            if infrastructure_component(e) != LEDGER:
+                if isinstance(e, LedgerError):
+                    fail(f"ledger ingest: {e}")
+                raise
+            now = time.monotonic()
+            outage = outage or Outage(LEDGER, now)
+            waited = now - outage.since
+            if waited > timeout_s:
+                fail(f"ledger ingest: {InfrastructureUnavailable(LEDGER, waited, timeout_s, e)}", code=4)
+            delay = min(outage.next_delay(), timeout_s - waited + 0.05)
+            echo(f"ledger ingest: ledger unavailable {what} ({type(e).__name__}: {_short(' '.join(str(e).split()))}); "
+                 f"retry {outage.retries} in {delay:.2f} s ({waited:.1f} s of {timeout_s:g} s)", err=True)
+            time.sleep(delay)
+
+
 def ingest_topics(kafka, topic_kinds: dict[str, str], ledger_path: str, group_id: str,
-                  until_idle: float | None = None, max_records: int = 500, echo=click.echo) -> dict:
+                  until_idle: float | None = None, max_records: int = 500, echo=click.echo,
+                  ledger_timeout_s: float = INGEST_LEDGER_TIMEOUT_S) -> dict:
     """Consume the topics into the ledger. Offsets are committed only after the ledger
     transaction, so a crash re-delivers and the idempotent append drops the copies;
     several workers in one group share partitions and one ledger file.
+    An unavailable ledger (at open or at a write) is waited for (``_ledger_call``); a
+    commit refused because the group rebalanced meanwhile is skipped (the rows are
+    written: whoever reads the messages again appends nothing new).
     ``kafka``: :class:`riskpipe.kafka_clients.KafkaSettings`."""
 
-    stats: dict[str, Any] = {"messages": 0, "written": 0, "unreadable": 0}
-    consumer = kafka_clients.consumer(
-        kafka, *topic_kinds, group_id=group_id, enable_auto_commit=False,
-        auto_offset_reset="earliest", session_timeout_ms=10_000 if until_idle is None else 2000,
-        heartbeat_interval_ms=3000 if until_idle is None else 600, client_id=f"riskpipe-ledger-{group_id}",
-    )
-    led = open_ledger(ledger_path)
+    stats: dict[str, Any] = {"messages": 0, "written": 0, "unreadable": 0, "commits_refused": 0}
+    led = _ledger_call(lambda: open_ledger(ledger_path), "at open", ledger_timeout_s, echo)
+    try:
+        consumer = kafka_clients.consumer(
+            kafka, *topic_kinds, group_id=group_id, enable_auto_commit=False,
+            auto_offset_reset="earliest", session_timeout_ms=10_000 if until_idle is None else 2000,
+            heartbeat_interval_ms=3000 if until_idle is None else 600, client_id=f"riskpipe-ledger-{group_id}",
+        )
+    except BaseException:
+        led.close()
+        raise
     last_data = time.monotonic()
     try:
         while until_idle is None or time.monotonic() - last_data < until_idle:
@@ -476,18 +516,26 @@ def ingest_topics(kafka, topic_kinds: dict[str, str], ledger_path: str, group_id
                     entries.extend(got)
                     offsets[tp] = OffsetAndMetadata(m.offset + 1, None, -1)
                     stats["messages"] += 1
+            stats["written"] += _ledger_call(lambda: led.append_entries(entries), "at a write", ledger_timeout_s,
+                                             echo)
             try:
-                written = led.append_entries(entries)
-            except LedgerError as e:
-                fail(f"ledger ingest: {e}")
-            stats["written"] += written
-            consumer.commit(offsets)
+                consumer.commit(offsets)
+            except CommitFailedError as e:
+                stats["commits_refused"] += 1
+                echo(f"ledger ingest: offsets not committed, the group rebalanced ({_short(str(e), 120)}); the "
+                     "messages are in the ledger, their next reader appends nothing new", err=True)
     except KeyboardInterrupt:
         pass
     finally:
         consumer.close(autocommit=False)
-        stats["head"], stats["count"] = led.head(), led.count()
-        led.close()
+        try:
+            stats["head"], stats["count"] = led.head(), led.count()
+        except Exception as e:  # the ledger went away at the end: the summary says so, never a traceback
+            if infrastructure_component(e) is None:
+                raise
+            stats["head"], stats["count"] = "unknown (ledger unavailable)", "?"
+        finally:
+            led.close()
     return stats
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from riskpipe.ledger import facts
-from riskpipe.ledger.chain import GENESIS, LedgerError
+from riskpipe.ledger.chain import GENESIS, LedgerError, LedgerUnavailable
 from riskpipe.ledger.conn import Db, Row
 from riskpipe.ledger.inputs import table_statements as input_tables
 from riskpipe.ledger.migrations import Step, chain_tables, checkpoint_tables, entries_table, migrate, scope_sql
@@ -142,7 +142,8 @@ class SqliteLedger(Ledger):
                 # two processes opening a new ledger at once: the switch to WAL mode does not
                 # wait on SQLite's busy handler, so the loser retries until ``timeout``
                 if time.monotonic() >= deadline:
-                    raise LedgerError(f"{self.path}: not a usable ledger (database is locked)") from None
+                    # another writer holds the file: the same open may succeed later (infrastructure)
+                    raise LedgerUnavailable(f"{self.path}: not a usable ledger (database is locked)") from None
                 time.sleep(0.05)
 
     def _open(self, create: bool) -> None:
