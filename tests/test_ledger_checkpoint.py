@@ -505,7 +505,8 @@ def test_offline_stage_signs_checkpoints_after_commits(tmp_path, keys):
     with open_ledger(ledger) as led:
         counts = [Checkpoint.from_note(n).tree_size for n in led.notes()]
         assert led.count("decision") == 40
-    assert len(counts) == 2 and counts == sorted(counts) and counts[-1] <= 41  # every 16 records: after 16, 32
+    # every 16 records (after 16, 32), and the last rows when the stage stops (before: left unsigned)
+    assert len(counts) == 3 and counts == sorted(counts) and counts[-1] == 41
     rc, out = verify_with_key(ledger, keys)
     assert rc == 0 and out["ok"]
     cfg.write_text(f"checkpoint: {{key_file: {tmp_path / 'nope.pem'}}}\n")
@@ -513,6 +514,43 @@ def test_offline_stage_signs_checkpoints_after_commits(tmp_path, keys):
                         f"jsonl:{events}", "--sink", f"jsonl:{tmp_path / 'out'}", "--ledger", ledger],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "checkpoint.key_file" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.broker
+def test_a_stage_that_goes_quiet_signs_its_last_rows_by_time_and_when_it_stops(tmp_path, keys):
+    """``every_seconds`` holds while no event arrives, and a clean stop signs the rest:
+    before, a burst below ``every_records`` stayed unsigned until the next commit (for ever
+    when none came), so whoever could write the database could rewrite the newest
+    decisions and ``verify --public-key`` said ok."""
+    import numpy as np
+
+    from riskpipe.app.config import load_config
+    from riskpipe.stream.broker import EmbeddedBroker
+    from streamkit import StageThread, produce, tabular_event, wait_for
+    from usermodels import cheap_pipeline, tabular_model
+
+    um = tabular_model(tmp_path)
+    pipeline = cheap_pipeline(tmp_path, "wine", um)
+    X = np.load(um.data)["X"]
+    ledger = str(tmp_path / "l.db")
+    with EmbeddedBroker() as b, open_ledger(ledger) as led:
+        b.create_topics()
+        cfg = load_config(None, bootstrap_servers=b.bootstrap, ledger=ledger, session_timeout_ms=2000,
+                          heartbeat_interval_ms=600, models={"wine": um.spec}, references={"wine": str(um.data)},
+                          batch={"max_events": 4, "max_wait_ms": 20},
+                          checkpoint={"key_file": str(keys / "key.pem"), "every_records": 1000, "every_seconds": 1,
+                                      "topic": None})
+        with StageThread(cfg, pipeline, led) as stage:
+            produce(b.bootstrap, [tabular_event(f"q-{i}", x) for i, x in enumerate(X[:6])])
+            assert wait_for(lambda: stage.stats.decided >= 6, 60)
+            # nothing more arrives: the time-based checkpoint comes all the same
+            assert wait_for(lambda: [Checkpoint.from_note(n).tree_size for n in led.notes()][-1:] == [7], 20)
+            produce(b.bootstrap, [tabular_event("q-last", X[6])])
+            assert wait_for(lambda: stage.stats.decided >= 7, 60)
+        # stopped within the second: the last row is signed on the way out
+        assert [Checkpoint.from_note(n).tree_size for n in led.notes()][-1] == 8
+    rc, out = verify_with_key(ledger, keys)
+    assert rc == 0 and out["ok"]
 
 
 def test_consistency_between_checkpoints(tmp_path, keys):

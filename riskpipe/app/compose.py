@@ -372,16 +372,36 @@ def open_ledger(config: StageConfig):
     return open_target(config.ledger)
 
 
+class CheckpointHook:
+    """The committer's after-commit hook that signs ledger checkpoints (``Checkpointer``):
+    after each committed batch, at each turn the stage holds nothing (``idle``: so
+    ``every_seconds`` holds while no event arrives) and when it stops cleanly
+    (``finish``: nothing it wrote is left unsigned)."""
+
+    def __init__(self, signer, ledger) -> None:
+        self.signer, self.ledger = signer, ledger
+
+    def __call__(self, outcome) -> None:
+        self.signer(self.ledger, len(outcome.decided) + len(outcome.dead))
+
+    def idle(self) -> None:
+        self.signer(self.ledger, 0)
+
+    def finish(self) -> None:
+        self.signer.final(self.ledger)
+
+
 def checkpoint_hooks(config: StageConfig, ledger, sink: str | None = None) -> list:
     """The committer's after-commit hook that signs a ledger checkpoint every
     ``checkpoint.every_records`` records or ``every_seconds`` (config ``checkpoint:``),
-    published to Kafka unless the sink is ``jsonl:``; none without that section."""
+    and once more when the stage stops cleanly; published to Kafka unless the sink is
+    ``jsonl:``; none without that section."""
     if ledger is None or config.checkpoint is None:
         return []
 
     signer = checkpointer_for(config.checkpoint, None if (sink or "").startswith("jsonl:") else config.kafka(),
                               origin=config.ledger_origin)
-    return [lambda outcome: signer(ledger, len(outcome.decided) + len(outcome.dead))]
+    return [CheckpointHook(signer, ledger)]
 
 
 def source_factory(config: StageConfig, source: str | None = None, checkpoint: str | None = None,

@@ -275,7 +275,10 @@ class Checkpointer:
     (whichever first, and only if something was written meanwhile).
 
     The stage calls it from its committer's after-commit hook (config section
-    ``checkpoint:``, riskpipe.app.compose.checkpoint_hooks). A failure to publish is logged
+    ``checkpoint:``, riskpipe.app.compose.checkpoint_hooks), with ``n = 0`` at turns where
+    it holds nothing (so ``every_seconds`` holds while no event arrives: before, rows a
+    burst left below ``every_records`` stayed unsigned until the next commit, for ever if
+    none came), and ``final`` when it stops cleanly. A failure to publish is logged
     and counted, never fatal: the checkpoint is in the ledger already and the next one
     is published again.
     """
@@ -301,8 +304,9 @@ class Checkpointer:
         self.rows_since += written
         due = (self.every_records and self.rows_since >= self.every_records) or (
             self.every_seconds and self.rows_since and self.clock() - self.last_time >= self.every_seconds)
-        if not due:
-            return None
+        return self._sign(ledger) if due else None
+
+    def _sign(self, ledger: Ledger) -> Checkpoint:
         cp = make_checkpoint(ledger, self.key, self.origin, previous=self.last)
         self.last = cp  # kept in memory: deleting the stored notes does not make this process forget it
         self.rows_since, self.last_time = 0, self.clock()
@@ -310,6 +314,12 @@ class Checkpointer:
         if self.kafka is not None and self.topic:
             self._publish(cp, self.topic)
         return cp
+
+    def final(self, ledger: Ledger) -> Checkpoint | None:
+        """Sign what was written since the last checkpoint, due or not: the stage calls it
+        when it stops cleanly, so the rows of its last minutes are not left unsigned
+        until some later run writes more."""
+        return self._sign(ledger) if self.rows_since else None
 
     def _publish(self, cp: Checkpoint, topic: str) -> None:
         try:  # a producer per checkpoint (one a minute or so): nothing to close when the stage ends

@@ -23,7 +23,9 @@ Per batch, strictly in this order (Quix Streams' checkpoint, Arroyo's submit/joi
    the offsets are committed (e.g. a periodic signed ledger checkpoint). A hook
    that raises for an infrastructure reason pauses the stage like any outage (the
    batch is committed already); any other exception stops it (it is the stage's
-   own machinery, not data).
+   own machinery, not data). A hook may also have ``idle()``, called at turns where
+   the stage holds nothing (no batch forming or in flight, no outage), and
+   ``finish()``, called once when the stage stops cleanly: the same rules.
 
 Why nothing is lost or published unrecorded, crash point by crash point:
 
@@ -227,6 +229,12 @@ class Committer:
         """Step 5, for a committed batch."""
         for hook in self.after_commit:
             hook(outcome)
+
+    def run_named_hooks(self, name: str) -> None:
+        """``idle`` or ``finish`` of each hook that has it (see step 5)."""
+        for hook in self.after_commit:
+            if (call := getattr(hook, name, None)) is not None:
+                call()
 
     @staticmethod
     def settle_raced(outcome: Outcome, ledger) -> None:

@@ -152,14 +152,14 @@ class Stage:
                 source, _ = self._clients()
                 if got or self.batcher.buffer or not source.holds_partitions:
                     idle_since = time.monotonic()
-                if self.stopping.is_set() or (source.exhausted and not self.batcher.buffer):
+                if self.stopping.is_set() or (source.exhausted and not self.batcher.buffer) or (
+                        idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s):
                     self._flush()
                     self._complete_in_flight()
+                    self.committer.run_named_hooks("finish")  # e.g. sign the last rows (a checkpoint)
                     break
-                if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
-                    self._flush()
-                    self._complete_in_flight()
-                    break
+                if not self.batcher.buffer and self.in_flight is None and self.outage is None:
+                    self.committer.run_named_hooks("idle")  # e.g. a checkpoint due by time
             except GuardTripped:
                 self._close()
                 raise
