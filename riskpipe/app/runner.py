@@ -70,28 +70,51 @@ def join_early(config) -> EarlyJoin | None:
         return None
 
 
+# a worker killed by a signal the parent did not send (the kernel's OOM killer, an
+# operator's kill -9) is started again, at most this many times per worker id
+WORKER_RESTARTS = 5
+
+
 def run_workers(n: int, argv: list[str], metrics_port: int | None, metrics_addr: str = "127.0.0.1") -> int:
     """Start ``n`` worker processes of ``riskpipe run`` in one consumer group and serve
     their aggregated metrics (prometheus_client multiprocess mode) from this process.
-    Their stderr comes through this process's (``_relay``)."""
+    Their stderr comes through this process's (``_relay``).
+
+    A worker killed by a signal this process did not forward (SIGKILL from the OOM
+    killer) is reported at once, its live gauges dropped, and started again under its
+    id (``WORKER_RESTARTS`` times at most); its batch in flight was never committed, so
+    the group reads it again. Before, the group went on one worker short with nothing
+    said, the dead worker's frozen gauges (its partitions' lag, its last poll) stayed in
+    every scrape, and the exit status was 247. A worker that exits (a configuration
+    error, a tripped guard, an outage past its timeout) is not restarted. Exit status:
+    the first non-zero one, 128 + N for a worker ended by signal N."""
 
     mp_dir = tempfile.mkdtemp(prefix="riskpipe-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": mp_dir}
-    procs = [subprocess.Popen([sys.executable, "-m", "riskpipe.cli", "run", *argv, "--workers", "1",
-                               "--worker-id", f"w{i}", "--no-metrics-server"], env=env, stderr=subprocess.PIPE,
-                              text=True, errors="replace") for i in range(n)]
     errors: set[str] = set()
     lock = threading.Lock()
-    relays = [threading.Thread(target=_relay, args=(p.stderr, errors, lock), daemon=True) for p in procs]
-    for t in relays:
+    relays: list[threading.Thread] = []
+
+    def start(i: int) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-m", "riskpipe.cli", "run", *argv, "--workers", "1",
+                              "--worker-id", f"w{i}", "--no-metrics-server"], env=env, stderr=subprocess.PIPE,
+                             text=True, errors="replace")
+        t = threading.Thread(target=_relay, args=(p.stderr, errors, lock), daemon=True)
         t.start()
+        relays.append(t)
+        return p
+
+    procs = [start(i) for i in range(n)]
+    restarts = [0] * n
     server = None
     if metrics_port is not None:
         server = serve(metrics_port, metrics_addr)
         log.info("metrics of %d workers on %s", n, server.url)
+    stopping = threading.Event()
 
     def forward(signum, frame):
+        stopping.set()
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
@@ -99,19 +122,40 @@ def run_workers(n: int, argv: list[str], metrics_port: int | None, metrics_addr:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     rc = 0
+    running = set(range(n))
     try:
-        while any(p.poll() is None for p in procs):
+        while running:
             time.sleep(0.2)
-
-        for p in procs:
-            mark_worker_dead(p.pid)
-            rc = rc or p.returncode
+            for i in sorted(running):
+                p = procs[i]
+                if p.poll() is None:
+                    continue
+                mark_worker_dead(p.pid)  # its live gauges go now, not when the whole group ends
+                code = p.returncode
+                if code < 0 and not stopping.is_set() and restarts[i] < WORKER_RESTARTS:
+                    restarts[i] += 1
+                    log.error("worker w%d (pid %d) was killed by %s; starting it again (restart %d of %d): the "
+                              "group reads its uncommitted batch again", i, p.pid, _signal_name(-code), restarts[i],
+                              WORKER_RESTARTS)
+                    procs[i] = start(i)
+                    continue
+                if code < 0:  # a worker that exits non-zero has said why itself (one line, relayed)
+                    log.error("worker w%d (pid %d) ended: killed by %s", i, p.pid, _signal_name(-code))
+                running.discard(i)
+                rc = rc or (128 - code if code < 0 else code)
     finally:
         for t in relays:
             t.join(timeout=5)
         if server:
             server.shutdown()
     return rc
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _relay(stream, errors: set[str], lock: threading.Lock) -> None:
