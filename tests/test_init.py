@@ -348,3 +348,49 @@ def test_init_trial_short_of_memory_fails_in_one_line_after_a_short_wait(tmp_pat
     assert r.returncode == 4 and "Traceback" not in r.output
     assert "riskpipe: error: trial: memory unavailable for 30.4 s (infrastructure_timeout_s 30)" in r.stderr
     assert (tmp_path / "cfg" / "riskpipe.yaml").exists()  # written before the trial, as the line says
+
+
+def test_init_model_that_returns_nan_on_the_reference_set_fails_in_one_line(tmp_path):
+    """The survey's forward passes raised ModelFault (NaN logits) as a traceback; now one line."""
+    from usermodels import FAULT_FEATURES, faulty_model
+
+    spec = faulty_model(tmp_path, "nan", always=True)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ref.npz", X=rng.random((60, FAULT_FEATURES)).astype(np.float32), y=np.arange(60) % 3)
+    r = cli("init", "--model", spec, "--reference", tmp_path / "ref.npz", "--out", tmp_path / "cfg", "--trial", 0)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1, r.stderr
+    assert "non-finite values (NaN)" in lines[0] and "ref.npz" in lines[0] and "Traceback" not in r.stderr
+    assert not (tmp_path / "cfg" / "policy.yaml").exists()
+
+
+def test_written_range_holds_every_reference_value_of_a_large_feature():
+    """A timestamp-like feature (1.7e9 + seconds) was written as [1700000000.0, 1700000001.0] at 6
+    significant digits: the reference set itself, and every event, lay outside it (DLQ out_of_range)."""
+    from riskpipe.cli.init_impl import _reference_range
+
+    rng = np.random.default_rng(0)
+    X = np.c_[rng.normal(size=(50, 2)), 1.7e9 + rng.integers(0, 100, 50)]
+    pairs = _reference_range(X, tabular=True)
+    for (lo, hi), col in zip(pairs, X.T):
+        assert lo <= col.min() and hi >= col.max() and lo < hi
+    assert pairs[0] == [float(f"{pairs[0][0]:.6g}"), float(f"{pairs[0][1]:.6g}")]  # still short where 6 digits do
+    lo, hi = _reference_range(np.full((4, 3), 123456789.0), tabular=False)
+    assert lo <= 123456789.0 <= hi
+
+
+def test_init_image_model_on_normalized_inputs_writes_one_range(tmp_path):
+    """Images normalized to mean 0 (values in [-2, 2], no natural [0, 1] or [0, 255] range):
+    init crashed with "TypeError: unsupported format string passed to numpy.ndarray.__format__"."""
+    from usermodels import image_model
+
+    um = image_model(tmp_path)
+    with np.load(um.data) as z:
+        X, y = (z["X"] - 0.5) / 0.25, z["y"]
+    np.savez(tmp_path / "norm.npz", X=X, y=y)
+    r = cli("init", "--model", um.spec, "--reference", tmp_path / "norm.npz", "--out", tmp_path / "cfg", "--trial", 4)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    import yaml
+
+    lo, hi = yaml.safe_load((tmp_path / "cfg" / "riskpipe.yaml").read_text())["models"]["signs"]["range"]
+    assert lo <= X.min() and hi >= X.max() and "trial: 4 of 4 reference inputs decided" in r.output

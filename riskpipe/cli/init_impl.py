@@ -93,13 +93,23 @@ def _reference_range(X, tabular: bool) -> list:
     one pair over all values otherwise. Inputs outside it go to the DLQ (out_of_range);
     inputs inside it but far from every reference input are the support signal's."""
 
-    flat = X.reshape(len(X), -1).astype(np.float64)
-    lo, hi = (flat.min(axis=0), flat.max(axis=0)) if tabular else (flat.min(keepdims=True), flat.max(keepdims=True))
+    flat = X.reshape(len(X), -1) if tabular else X.reshape(-1, 1)  # per feature, or one column of all values
+    flat = flat.astype(np.float64)
+    lo, hi = flat.min(axis=0), flat.max(axis=0)
     span = hi - lo
     margin = np.where(span > 0, RANGE_MARGIN * span, np.maximum(np.abs(hi) / 2, 1.0))
-    pairs = [[float(f"{a:.6g}"), float(f"{b:.6g}")] for a, b in zip(lo - margin, hi + margin)]
-    pairs = [[a, b] if a < b else [a, a + 1.0] for a, b in pairs]  # rounding never collapses a pair
+    pairs = [_outward(a, b, x, z) for a, b, x, z in zip(lo - margin, hi + margin, lo, hi)]
     return pairs if tabular else pairs[0]
+
+
+def _outward(a: float, b: float, lo: float, hi: float) -> list:
+    """[a, b] written with the fewest significant digits (6 at least) that still hold every
+    reference value [lo, hi]: 6 digits of a feature like 1.7e9 + seconds round it to 1.7e9."""
+    for digits in range(6, 18):
+        ra, rb = float(f"{a:.{digits}g}"), float(f"{b:.{digits}g}")
+        if ra <= lo and rb >= hi and ra < rb:
+            return [ra, rb]
+    return [float(a), float(b)]
 
 
 class _Pair(list):
@@ -246,8 +256,8 @@ def init(spec, reference, out_dir, name, trial, seed, force):
     base = safe_yaml.load(Path(default_policy_path()).read_text(encoding="utf-8"))
     try:
         sv = survey(certified.predict, X, Z, y, model.num_classes, seed=seed)
-    except SurveyError as e:
-        fail(str(e))
+    except (SurveyError, ModelError) as e:  # ModelFault: the model's output broke its contract (NaN, ...)
+        fail(f"{e} (surveying {reference})" if isinstance(e, ModelError) else str(e))
     proposal = propose(sv, base["certifier"]["alpha"], base["certifier"]["max_samples"], scaled=tabular)
     declared = _declared_range(model, X, tabular)
     value_range = None if tabular else _scalar_range(model, declared)
