@@ -76,8 +76,29 @@ def test_grid_parsing():
     (["--eps-grid", "linf=-1"], "eps_grid"),
     (["--data", "missing.npz"], "--data"),
     (["--limit", "0"], "limit"),
+    (["--eps-grid", "l3=0,1"], "'l3' is not one of --norms l2, linf"),  # was silently ignored
 ])
 def test_cli_errors_are_one_line(args, message, tmp_path):
     res = CliRunner().invoke(compare, args + ["--out", str(tmp_path)])
     assert res.exit_code == 2
     assert message in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("y, message", [
+    ([10, 11, 0], "data {path}: y holds labels outside the model's classes [0, 10) (labels from 0 to 11) of demo"),
+    ([-1, 0, 1], "data {path}: y holds labels outside the model's classes [0, 10) (labels from -1 to 1) of demo"),
+    ([0.5, 1.5, 2.5], "--data {path}: y must hold 3 integer labels"),  # was truncated to 0, 1, 2
+    ([[0], [1], [2]], "--data {path}: y must hold 3 integer labels"),
+])
+def test_data_labels_are_checked_against_the_model(tmp_path, y, message):
+    """Labels past the model's classes were an IndexError traceback; negative, float or 2-D labels
+    gave a card of made-up accuracies."""
+    from riskpipe.models.digits import load_split
+
+    X, _ = load_split("test")
+    path = tmp_path / "d.npz"
+    np.savez(path, X=X[:3], y=np.asarray(y))
+    res = CliRunner().invoke(compare, ["--model", "demo:digits", "--methods", "smoothing", "--data", str(path),
+                                       "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert message.format(path=path) in res.output

@@ -157,3 +157,35 @@ def test_bad_policy_file_is_one_clear_error(tmp_path):
                    encoding="utf-8")
     res = CliRunner().invoke(evaluate, ["--policy", str(bad), "--n", "5"])
     assert res.exit_code == 2 and "riskpipe: error:" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("y, X_nan, message", [
+    ([0.5, 1.5, 2.5], False, "y must hold 3 integer labels"),  # was cast to 0, 1, 2: accuracy on made-up labels
+    ([[0], [1], [2]], False, "y must hold 3 integer labels"),  # was a TypeError traceback in the stage
+    ([0, 1, 2], True, "of finite values"),
+])
+def test_npz_data_labels_and_values_are_checked(tmp_path, y, X_nan, message):
+    import numpy as np
+
+    X = np.zeros((3, 1, 8, 8), np.float32)
+    if X_nan:
+        X[1, 0, 2, 2] = np.nan
+    np.savez(tmp_path / "d.npz", X=X, y=np.asarray(y))
+    with pytest.raises(EvaluationError, match=message):
+        load_data(str(tmp_path / "d.npz"))
+
+
+@pytest.mark.parametrize("labels", [[10, 11], [-1, 0]])
+def test_labels_outside_the_models_classes_are_one_line(tmp_path, labels):
+    """Label 10 of a 10-class model was an IndexError traceback; -1 was evaluated (never 'correct')."""
+    import numpy as np
+
+    from riskpipe.models.digits import load_split
+
+    X, _ = load_split("test")
+    np.savez(tmp_path / "d.npz", X=X[:2], y=np.asarray(labels))
+    res = CliRunner().invoke(evaluate, ["--policy", POLICY, "--data", str(tmp_path / "d.npz"), "--n", "2",
+                                        "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    why = f"y holds labels outside the model's classes [0, 10) (labels from {min(labels)} to {max(labels)})"
+    assert f"d.npz: {why}" in res.output

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from riskpipe.app.config import ConfigError, ModelConfig, StageConfig, read_reference
+from riskpipe.app.config import ConfigError, ModelConfig, StageConfig, labels_outside, read_reference
 from riskpipe.app.noise_key import NoiseKey, resolve_noise_key
 from riskpipe.certify import certifier_for_policy
 from riskpipe.certify.certificate import MODEL_FAULT
@@ -123,9 +123,7 @@ def _outside_inputs(model, X: np.ndarray, y) -> str | None:
             return (f"{int(out.any(axis=tuple(range(1, X.ndim))).sum())} of {len(X)} rows hold values outside the "
                     f"model's input range (declared range, or the model's own); give the reference set in the "
                     f"model's units (X from {float(X.min()):g} to {float(X.max()):g})")
-    if y is not None and len(y) and (int(y.min()) < 0 or int(y.max()) >= model.num_classes):
-        return f"y holds labels outside the model's classes [0, {model.num_classes})"
-    return None
+    return None if y is None else labels_outside(y, model.num_classes)
 
 
 def _scale(name: str, mc: ModelConfig, reference):

@@ -305,6 +305,25 @@ def read_reference(path: str):
     return X, y
 
 
+def read_labelled(path: str):
+    """``(X, y)`` from a labelled .npz (evaluate's and compare's --data): ``read_reference``'s
+    checks (finite numeric X, one integer label per row), and y is required."""
+
+    X, y = read_reference(path)
+    if y is None:
+        raise ValueError(f"{path}: missing array 'y' (one integer label per row of X)")
+    return X, y
+
+
+def labels_outside(y, num_classes: int) -> str | None:
+    """Why labels ``y`` do not name classes of a model with ``num_classes`` outputs, or None."""
+
+    if len(y) and (int(np.min(y)) < 0 or int(np.max(y)) >= num_classes):
+        return (f"y holds labels outside the model's classes [0, {num_classes}) (labels from {int(np.min(y))} "
+                f"to {int(np.max(y))})")
+    return None
+
+
 class Checkpoint(BaseModel):
     """Signed ledger checkpoints made by the stage (riskpipe.ledger.checkpoint): after an
     append once ``every_records`` rows or ``every_seconds`` have passed; published to

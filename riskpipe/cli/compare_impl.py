@@ -8,7 +8,8 @@ import click
 import numpy as np
 import torch
 
-from riskpipe import npy
+from riskpipe.app.config import read_labelled
+from riskpipe.certify.norms import check_norm
 from riskpipe.cli.common import fail, progress_bar
 from riskpipe.compare import FORMATS, CompareConfig, render, run_compare
 from riskpipe.compare.defaults import DEFAULT_GRID, DEFAULT_MODELS
@@ -22,6 +23,13 @@ def _floats(text: str, field: str) -> tuple[float, ...]:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=field) from None
 
 
+def _norm_or_none(name: str) -> str | None:
+    try:
+        return check_norm(name.strip())
+    except ValueError:
+        return None
+
+
 def parse_grid(text: str | None, norms: tuple[str, ...]) -> dict[str, tuple[float, ...]]:
     """``0,0.1,0.2`` (every norm) or ``l2=0,0.5,1;linf=0,0.05`` (per norm; others keep defaults)."""
     grid: dict[str, tuple[float, ...]] = {n: DEFAULT_GRID[n] for n in norms if n in DEFAULT_GRID}
@@ -33,7 +41,11 @@ def parse_grid(text: str | None, norms: tuple[str, ...]) -> dict[str, tuple[floa
         if not part.strip():
             continue
         norm, _, values = part.partition("=")
-        grid[norm.strip()] = _floats(values, f"--eps-grid {norm.strip()}")
+        key = _norm_or_none(norm)
+        if key is None or key not in {_norm_or_none(n) for n in norms}:  # a norm not compared was silently dropped
+            raise click.BadParameter(f"{norm.strip()!r} is not one of --norms {', '.join(norms)}",
+                                     param_hint="--eps-grid")
+        grid[key] = _floats(values, f"--eps-grid {norm.strip()}")
     return grid
 
 
@@ -58,19 +70,16 @@ def compare(models, config_path, methods, eps_grid, norms, n_samples, limit, sig
         fail(str(e))
     X = y = None
     if data_path:
-        try:
-            with npy.load_npz(data_path) as d:
-                X, y = d["X"], d["y"].astype(np.int64)
-        except (OSError, ValueError) as e:
-            fail(f"--data {data_path}: not a readable .npz ({type(e).__name__}: {e})")
-        except KeyError as e:
-            fail(f"--data {data_path}: missing array {e} (need X and y)")
-        if len(X) != len(y):
-            fail(f"--data {data_path}: X has {len(X)} rows, y has {len(y)}")
+        try:  # finite numeric X, one integer label per row (float or 2-D labels were cast and miscounted)
+            X, y = read_labelled(data_path)
+        except ValueError as e:
+            fail(f"--data {e}")
+        y = y.astype(np.int64)
     torch.set_num_threads(threads)
     try:
         result = run_compare(cfg, X, y, log=lambda m: click.echo(m, err=True),
-                             bar=lambda total, desc: progress_bar(total, f"  {desc}"))
+                             bar=lambda total, desc: progress_bar(total, f"  {desc}"),
+                             **({"data_name": data_path} if data_path else {}))
     except (ModelError, InputError, ValueError) as e:
         fail(str(e))
     written = render(result, out_dir, fmts)

@@ -25,7 +25,7 @@ import torch
 
 from riskpipe import attacks
 from riskpipe.app.compose import build_entry
-from riskpipe.app.config import load_config
+from riskpipe.app.config import labels_outside, load_config
 from riskpipe.certify import certifier_for_policy
 from riskpipe.certify.families import FAMILIES, family
 from riskpipe.certify.norms import check_norm, conversion_factor, convert_radius
@@ -256,12 +256,11 @@ def _certified_view(spec: str, X: np.ndarray, cfg: CompareConfig):
 
 
 def run_compare(cfg: CompareConfig, X: np.ndarray | None = None, y: np.ndarray | None = None,
-                log=lambda msg: None, bar=None) -> dict:
+                log=lambda msg: None, bar=None, data_name: str = "user data") -> dict:
     """Everything the report card shows, as plain data (JSON-serialisable). ``bar(total, desc)``
     (the CLI's terminal progress bar) counts the inputs each family certifies."""
 
     t_start = time.perf_counter()
-    data_name = "user data"
     if X is None:
         X, y = load_split("test")
         data_name = "demo digits, test split"
@@ -271,6 +270,8 @@ def run_compare(cfg: CompareConfig, X: np.ndarray | None = None, y: np.ndarray |
     for spec in cfg.models:
         log(f"model {spec}")
         model, Xc, scale, policy = _certified_view(spec, X, cfg)
+        if why := labels_outside(y, model.num_classes):  # out of range: an IndexError, negative: miscounted
+            raise ValueError(f"data {data_name}: {why} of {spec}")
         first = first or (model, Xc, policy)
         with torch.no_grad():
             clean = float(np.mean(model.predict(Xc) == y))

@@ -17,9 +17,16 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from riskpipe import json_text, npy
+from riskpipe import json_text
 from riskpipe.app.compose import build_pipeline
-from riskpipe.app.config import ConfigError, StageConfig, format_validation_error, load_config
+from riskpipe.app.config import (
+    ConfigError,
+    StageConfig,
+    format_validation_error,
+    labels_outside,
+    load_config,
+    read_labelled,
+)
 from riskpipe.app.noise_key import seeded_noise_key
 from riskpipe.app.offline import run_offline
 from riskpipe.attacks import ATTACK_NORMS, attack_kind
@@ -127,19 +134,11 @@ def load_data(spec: str, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
         raise EvaluationError(f"data: {spec!r} is neither 'digits' nor an .npz file with arrays X and y")
     if not p.is_file():
         raise EvaluationError(f"data: {spec}: file not found")
-    try:
-        with npy.load_npz(p) as z:
-            missing = [k for k in ("X", "y") if k not in z.files]
-            if missing:
-                raise EvaluationError(f"data: {spec}: missing array {missing[0]!r}")
-            X, y = np.asarray(z["X"], dtype=np.float32), np.asarray(z["y"]).astype(np.int64)
-    except (OSError, ValueError) as e:
-        if isinstance(e, EvaluationError):
-            raise
-        raise EvaluationError(f"data: {spec}: not a readable .npz file ({type(e).__name__})") from None
-    if len(X) != len(y) or len(X) == 0:
-        raise EvaluationError(f"data: {spec}: X has {len(X)} rows, y has {len(y)}")
-    return X, y
+    try:  # finite numeric X, one integer label per row (float, 2-D or string labels were cast or crashed)
+        X, y = read_labelled(spec)
+    except ValueError as e:
+        raise EvaluationError(f"data: {e}") from None
+    return X.astype(np.float32), y.astype(np.int64)
 
 
 @dataclass
@@ -223,6 +222,8 @@ def evaluate_policy(settings: Settings, policy_path: str, X: np.ndarray, y: np.n
     me = pipeline.entries[MODEL_NAME]
     if tuple(X.shape[1:]) != tuple(me.model.input_shape):
         raise EvaluationError(f"data: inputs of shape {X.shape[1:]} do not fit model input {me.model.input_shape}")
+    if why := labels_outside(y, me.model.num_classes):
+        raise EvaluationError(f"data: {settings.data}: {why}")
     tm = policy.threat_model
     cert = policy.certifier
     # attacks run where the certificate holds: on the certified model g(z) = f(s * z) at z = x / s
