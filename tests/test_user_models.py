@@ -125,6 +125,7 @@ def test_evaluate_a_torchscript_image_model_with_pgd(tmp_path, one_thread):
     pgd = next(a for a in s["attacks"] if a["kind"] == "pgd")
     assert pgd["epsilon"] == pytest.approx(8 * 0.25) and pgd["successful"] >= 1  # 8x epsilon breaks this CNN
     assert "attack PGD (5 steps, gradients)" in md and "--config examples/image/riskpipe.yaml" in md
+    assert s["policy"]["scale"] is None and "x / s" not in md  # input units: no scaled norm to name
     html = (tmp_path / "evaluation.html").read_text()
     assert s["examples"] and html.count('class="input-image"') == 2 * len(s["examples"])
     assert any(f"model now says {n} (class {i})" in html for i,
@@ -148,6 +149,11 @@ def test_evaluate_a_scaled_skops_model_with_the_black_box_attack(tmp_path):
     assert 1 <= len(s["examples"]) <= 3 and html.count('class="input-table"') == 2 * len(s["examples"])
     assert "<td>mean radius</td>" in html
     assert any(f"model now says {n} (class {i})" in html for i, n in enumerate(["malignant", "benign"]))
+    # epsilon and budgets are of x / s (the scaled norm): "l2 eps=0.5" alone read as raw units
+    eps = s["policy"]["threat_epsilon"]
+    assert s["policy"]["scale"] == "standardize(reference)"
+    assert f"| l2 eps={eps:g} of x / s, s = standardize(reference) |" in md
+    assert f"| l2 {8 * eps:.4g} of x / s, s = standardize(reference) (8x) |" in md and "of x / s" in html
 
 
 def test_evaluate_names_a_model_missing_from_the_config(tmp_path):

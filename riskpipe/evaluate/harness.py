@@ -266,7 +266,8 @@ def evaluate_policy(settings: Settings, policy_path: str, X: np.ndarray, y: np.n
                    "threat_epsilon": float(tm.epsilon), "certifier": cert.method,
                    "sigma": getattr(cert, "sigma", None), "alpha": getattr(cert, "alpha", None),
                    "mode": getattr(cert, "mode", None), "attack_noise_sigma": noise,
-                   "attack": attack_name(model, settings.steps, settings.queries)}
+                   "attack": attack_name(model, settings.steps, settings.queries),
+                   "scale": me.scale_desc}  # radii, epsilon and budgets are of x / s (the scaled norm)
     run = PolicyRun(policy_info, sets, audit, public, dlq, time.perf_counter() - t0)
     run.summary = summarize(run, settings)
     return run

@@ -27,7 +27,9 @@ def tables(result: dict) -> dict:
     for s in result["policies"]:
         p, c = s["policy"], s["clean"]
         name = f"{p['name']} v{p['version']}" + (" (shadow)" if p["shadow"] else "")
-        threat = f"{p['threat_norm']} eps={p['threat_epsilon']:g}"
+        # a scaled tabular model's epsilon and budgets are of x / s: say so where the number is printed
+        unit = f" of x / s, s = {p['scale']}" if p.get("scale") else ""
+        threat = f"{p['threat_norm']} eps={p['threat_epsilon']:g}{unit}"
         overview.append({
             "policy": name, "threat": threat,
             "certifier": p["certifier"] + (f" sigma={p['sigma']:g} alpha={p['alpha']:g}" if p.get("sigma") else ""),
@@ -41,7 +43,7 @@ def tables(result: dict) -> dict:
             row = {
                 "policy": name, "attack": (p.get("attack") or "PGD") if a["kind"] == "pgd" else
                 f"norm shift ({p.get('attack') or 'PGD'})",
-                "budget": f"{a['norm']} {a['epsilon']:.4g} ({a['budget']})",
+                "budget": f"{a['norm']} {a['epsilon']:.4g}{unit} ({a['budget']})",
                 "success": _of(a["successful"], a["attempted"]),
                 "allow": pct(r["fractions"]["allow"]), "review": pct(r["fractions"]["review"]),
                 "block": pct(r["fractions"]["block"]),
@@ -60,8 +62,8 @@ def tables(result: dict) -> dict:
             if a.get("coverage"):
                 cv = a["coverage"]
                 shift.append({
-                    "policy": name, "budget": f"{cv['attack_norm']} {cv['epsilon']:.4g}",
-                    "needed": f"{cv['cert_norm']} >= {cv['needed_cert_radius']:.3g}",
+                    "policy": name, "budget": f"{cv['attack_norm']} {cv['epsilon']:.4g}{unit}",
+                    "needed": f"{cv['cert_norm']} >= {cv['needed_cert_radius']:.3g}{unit}",
                     "naive": _of(cv["naive_covered"], c["n"]), "covered": _of(cv["covered"], c["n"]),
                     "silent": "yes" if cv["certificate_silent"] else "no",
                     "success": row["success"],
