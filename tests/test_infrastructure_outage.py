@@ -379,7 +379,7 @@ def test_a_postgresql_backend_that_stops_answering_is_abandoned_and_every_event_
     cfg = load_config(None, bootstrap_servers=broker.bootstrap, ledger=dsn, session_timeout_ms=2000,
                       heartbeat_interval_ms=600, batch={"max_events": 8, "max_wait_ms": 20}, group_id="g-stopped",
                       infrastructure_timeout_s=60)
-    led = StoppedBackendLedger(dsn, timeout=2, dead_after_s=2, answer_within_s=4)
+    led = StoppedBackendLedger(dsn, timeout=2, dead_after_s=2, bound_answers=True)
     metrics = StageMetrics()
     stage = build_stage(cfg, pipeline=cheap_pipeline(d, "wine", um), ledger=led, metrics=metrics)
     try:

@@ -329,6 +329,7 @@ def test_the_connection_gives_up_on_a_server_that_stops_answering(pg_url):
 
     with open_ledger(pg_url, dead_after_s=9) as led:
         assert sockopts(led) == (1, 3, 9000)
+        assert led.answer_within_s is None  # tools that run long statements wait as libpq does
     sep = "&" if "?" in pg_url else "?"
     with open_ledger(f"{pg_url}{sep}keepalives_idle=7", dead_after_s=9) as led:
         assert sockopts(led) == (1, 7, 9000)
@@ -339,5 +340,9 @@ def test_the_connection_gives_up_on_a_server_that_stops_answering(pg_url):
     led = stage_ledger(load_config(None, ledger=pg_url, infrastructure_timeout_s=10))
     try:
         assert led.dead_after_s == 5 and sockopts(led)[2] == 5000
+        # each answer within the lock timeout plus the network's time, derived by the ledger
+        assert led.answer_within_s == led.timeout + 5 == 35
+        with led._conn() as db:
+            assert db.conn.answer_within_s == 35
     finally:
         led.close()

@@ -364,9 +364,9 @@ def open_ledger(config: StageConfig):
 
     if backend_name(config.ledger) == "postgresql":
         # a dead server fails its connection well inside the outage clock, and so does one that
-        # stops answering on a live host: each answer within the lock timeout (30 s) plus that
+        # stops answering on a live host: each answer within the lock timeout plus that
         dead = min(30.0, max(2.0, config.infrastructure_timeout_s / 2))
-        return open_target(config.ledger, dead_after_s=dead, answer_within_s=30.0 + dead)
+        return open_target(config.ledger, dead_after_s=dead, bound_answers=True)
     return open_target(config.ledger)
 
 

@@ -266,7 +266,12 @@ class PostgresLedger(Ledger):
     _db: _Conn | None
 
     def __init__(self, dsn: str, *, timeout: float = 30.0, create: bool = True,
-                 dead_after_s: float | None = None, answer_within_s: float | None = None) -> None:
+                 dead_after_s: float | None = None, bound_answers: bool = False) -> None:
+        """``timeout``: connect and lock timeout; ``dead_after_s``: a silent network fails the
+        connection after about this long (default ``timeout``). ``bound_answers``: each answer
+        of the server is awaited at most ``timeout + dead_after_s`` (a statement may wait its
+        lock timeout, then needs the network's time), the stage's setting; tools that run
+        long statements (``ledger verify``, ``report``) leave it off."""
         self.dsn = str(dsn)
         self.answer_within_s: float | None = None  # not while opening: a migration may take long
         self.path: None = None  # no file: readers that need one (the review queue's fast path) check this
@@ -286,7 +291,9 @@ class PostgresLedger(Ledger):
             else:
                 with self._write() as db:
                     self.schema_version = migrate(db, STEPS, _has_table, redact(self.dsn))
-            self.answer_within_s = cast(_AnsweringConnection, self._db.conn).answer_within_s = answer_within_s
+            if bound_answers:
+                limit = self.timeout + self.dead_after_s
+                self.answer_within_s = cast(_AnsweringConnection, self._db.conn).answer_within_s = limit
         except psycopg.Error as e:
             self.close()
             raise LedgerError(f"ledger {redact(self.dsn)}: not a usable ledger "
