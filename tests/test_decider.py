@@ -37,8 +37,8 @@ def messages(events: list, first_offset: int = 0) -> list[Message]:
 
 
 def decide(decider: Decider, msgs: list[Message], known: dict | None = None):
-    parsed, dead = decider.parse(msgs)
-    return decider.decide(msgs, parsed, known or {}, dead)
+    parsed, dead, skipped = decider.parse(msgs)
+    return decider.decide(msgs, parsed, known or {}, dead, skipped)
 
 
 def test_wine_events_are_decided_with_their_records_and_outputs(wine):

@@ -28,12 +28,12 @@ from collections.abc import Callable, Collection, Mapping
 
 from riskpipe.ledger.inputs import REF_PREFIX, stored_input
 from riskpipe.stream.committer import Decided, Outcome
-from riskpipe.stream.events import OTHER_MODEL, Event, parse_event
+from riskpipe.stream.events import Event, parse_event
 from riskpipe.stream.infra import out_of_memory, release_memory
 from riskpipe.stream.outputs import OUTPUT_TOO_LARGE, Output, OutputTooLarge, check_sizes, decision_outputs
 from riskpipe.stream.pipeline import Pipeline
 from riskpipe.stream.ports import Message
-from riskpipe.stream.triage import Accepted, Dead, classify, parse_batch
+from riskpipe.stream.triage import Accepted, Dead, Parsed, classify, parse_batch
 
 log = logging.getLogger("riskpipe.stream")
 
@@ -59,20 +59,20 @@ class Decider:
                    max_binary_message_bytes=config.max_binary_message_bytes,
                    max_output_bytes=config.max_output_bytes, other_models=config.other_models)
 
-    def parse(self, msgs: list[Message]) -> tuple[list[Accepted], list[Dead]]:
-        """Every message parsed and validated on its own: (accepted events, dead letters)."""
+    def parse(self, msgs: list[Message]) -> Parsed:
+        """Every message parsed and validated on its own: accepted events, dead letters
+        and skipped messages (events of ``other_models``)."""
         return parse_batch(msgs, self._parse_one)
 
     def decide(self, msgs: list[Message], parsed: list[Accepted], known: Mapping[str, list[dict]],
-               dead: list[Dead] | None = None) -> Outcome:
+               dead: list[Dead] | None = None, skipped: list[Message] | None = None) -> Outcome:
         """The outcome of the batch ``msgs``: ``parsed`` triaged against ``known`` (every
         stored decision of each id, under any model and policy), the accepted ones decided,
-        every decision's outputs serialised. ``dead``: the batch's dead letters so far."""
+        every decision's outputs serialised. ``dead``: the batch's dead letters so far;
+        ``skipped``: its events of models other stages serve."""
         tri = classify(parsed, known, self.pipeline.scopes)
-        dead = dead or []
-        outcome = Outcome(msgs, dead=[*(d for d in dead if d.reason != OTHER_MODEL), *tri.dead],
-                          duplicates=tri.duplicates, earlier=tri.earlier,
-                          other_models=[d.message for d in dead if d.reason == OTHER_MODEL])
+        outcome = Outcome(msgs, dead=[*(dead or []), *tri.dead], duplicates=tri.duplicates, earlier=tri.earlier,
+                          other_models=list(skipped or []))
         for m, stored in tri.redelivered:  # decided before the crash: its stored outputs again
             self._emit(outcome, outcome.redelivered, m, lambda: Decided(m, stored, self.outputs(stored)))
         for a, rec in self._records(tri.accepted, outcome.dead):

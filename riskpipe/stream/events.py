@@ -242,16 +242,14 @@ def _envelope(value: bytes | None, h: dict[str, str], max_bytes: int,
     return obj, ce, clean
 
 
-class OtherModel(EventError):
+class OtherModel(Exception):
     """An event of a model another stage serves on this input topic (config
-    ``other_models``): not this stage's to decide, and no fault (never a dead letter)."""
+    ``other_models``): not this stage's to decide, and no fault, so not an ``EventError``
+    (never a dead letter): ``triage.parse_batch`` counts it as skipped."""
 
     def __init__(self, model: str):
-        super().__init__(OTHER_MODEL, f"model: {model!r} is served by another stage (other_models)")
+        super().__init__(f"model: {model!r} is served by another stage (other_models)")
         self.model = model
-
-
-OTHER_MODEL = "other_model"
 
 
 def validate_event(obj: dict, models: dict, values_checked: bool = False, other_models: Collection[str] = ()) -> Event:

@@ -341,10 +341,10 @@ class Stage:
         """Decide ``msgs`` without side effects on the outputs: parse and validate, look the
         ids up in the ledger, then triage, decide and serialise (``Decider``). Never raises
         for data; an unavailable ledger raises (the batch waits)."""
-        parsed, dead = self.decider.parse(msgs)
-        known, failed = self._lookup(parsed)
-        return self.decider.decide(msgs, [a for a in parsed if id(a) not in failed], known,
-                                   [*dead, *failed.values()])
+        parsed = self.decider.parse(msgs)
+        known, failed = self._lookup(parsed.accepted)
+        return self.decider.decide(msgs, [a for a in parsed.accepted if id(a) not in failed], known,
+                                   [*parsed.dead, *failed.values()], parsed.skipped)
 
     def _lookup(self, parsed: list[Accepted]) -> tuple[dict[str, list[dict]], dict[int, Dead]]:
         """Stored decisions of the batch's ids (under any model and policy), in one look-up

@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from riskpipe.ledger.chain import decision_scope
 from riskpipe.ledger.inputs import input_digest
 from riskpipe.stream.errors import EventError
-from riskpipe.stream.events import Event
+from riskpipe.stream.events import Event, OtherModel
 from riskpipe.stream.pipeline import event_digest, record_digest
 from riskpipe.stream.ports import Message
 
@@ -76,17 +77,27 @@ class Triaged:
     earlier: Counter = field(default_factory=Counter)
 
 
-def parse_batch(msgs: list[Message], parse: Callable[[Message], Event]) -> tuple[list[Accepted], list[Dead]]:
+class Parsed(NamedTuple):
+    """A batch parsed: events to decide, dead letters, and messages skipped (events of
+    models other stages serve: committed and counted, neither decided nor dead-lettered)."""
+    accepted: list[Accepted]
+    dead: list[Dead]
+    skipped: list[Message]
+
+
+def parse_batch(msgs: list[Message], parse: Callable[[Message], Event]) -> Parsed:
     """Parse every message on its own; one message's failure never touches another's."""
-    ok, dead = [], []
+    out = Parsed([], [], [])
     for m in msgs:
         try:
-            ok.append(Accepted.of(m, parse(m)))
+            out.accepted.append(Accepted.of(m, parse(m)))
+        except OtherModel:
+            out.skipped.append(m)
         except EventError as e:
-            dead.append(Dead(m, e.code, str(e)))
+            out.dead.append(Dead(m, e.code, str(e)))
         except Exception as e:  # noqa: BLE001 - poison isolation: any failure is this message's
-            dead.append(Dead.from_exception(m, e, "parse"))
-    return ok, dead
+            out.dead.append(Dead.from_exception(m, e, "parse"))
+    return out
 
 
 def same_position(record: dict, m: Message) -> bool:
