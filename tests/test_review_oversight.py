@@ -321,3 +321,110 @@ def test_double_review_draw_is_deterministic_and_near_its_fraction():
     assert drawn == [i for i in ids if in_double_review_sample(i, 0.1)]
     assert 0.08 < len(drawn) / len(ids) < 0.12
     assert not any(in_double_review_sample(i, 0.0) for i in ids) and all(in_double_review_sample(i, 1.0) for i in ids)
+
+
+def _queue_pages(client, url: str) -> tuple[list[list[str]], list[str]]:
+    """(the ids of each queue page from ``url`` on, following "next", the pages' HTML)."""
+    pages, htmls = [], []
+    while url:
+        html = client.get(url).get_data(as_text=True)
+        pages.append(re.findall(r'data-id="([^"]+)"', html))
+        htmls.append(html)
+        nxt = re.search(r'id="next" href="([^"]+)"', html)
+        url = nxt.group(1).replace("&amp;", "&") if nxt else None
+    return pages, htmls
+
+
+def test_an_item_awaiting_another_reviewer_is_not_offered_to_those_who_reviewed_it(tmp_path):
+    """An item waiting for a second (four eyes, double-review sample) or third reviewer (a
+    sample whose two reviews disagree on an override) was listed to the reviewers who had
+    already reviewed it, first on their queue, and each of them got a 409 on opening it and
+    giving a verdict. It is listed for the others, marked as awaiting another reviewer;
+    the backlog still counts it, the page says how many are not listed and why, and pages
+    (filtered or not) stay full: every item is listed once to whoever may review it."""
+    import dataclasses
+
+    from riskpipe.review import queue as rq
+    from riskpipe.review.queue import in_double_review_sample
+    from test_review_records import decision_record
+
+    sampled = [f"s{i}" for i in range(4000) if in_double_review_sample(f"s{i}", 0.05)][:2]
+    plain = [f"p{i}" for i in range(400) if not in_double_review_sample(f"p{i}", 0.05)][:8]
+    four_eyes_item, sampled_second, sampled_third = plain[0], sampled[0], sampled[1]
+    path = tmp_path / "awaiting.sqlite3"
+    with Ledger(str(path)) as led:
+        # the three awaiting items are the most urgent: priority 1, first on every queue
+        led.append(decision_record(four_eyes_item, decision="block", abstained=False, priority=1))
+        for i, eid in enumerate(sampled):
+            led.append({**decision_record(eid, decision="block", abstained=False, digit_index=i + 1),
+                        "review": {"routed": True, "priority": 1, "deadline": None, "audit_sample": False}})
+        for i, eid in enumerate(plain[1:]):  # seven more, two of them blocks (reason "certified")
+            led.append(decision_record(eid, decision="block" if i < 2 else "review", abstained=i >= 2,
+                                       digit_index=i + 3))
+    app = create_app(dataclasses.replace(_settings(path), double_review_fraction=0.05), metrics=None)
+    assert _post(app, "alice", four_eyes_item, "confirmed_clean").status_code == 302  # awaits a second reviewer
+    assert _post(app, "alice", sampled_second, "confirmed_manipulated").status_code == 302  # sample: a second
+    assert _post(app, "alice", sampled_third, "confirmed_manipulated").status_code == 302
+    assert _post(app, "bob", sampled_third, "confirmed_clean").status_code == 302  # disagree: a third reviewer
+    everything = [four_eyes_item, *sampled, *plain[1:]]
+    awaiting = {four_eyes_item: "second", sampled_second: "second", sampled_third: "third"}
+    not_for = {"alice": set(awaiting), "bob": {sampled_third}, "carol": set()}
+    clients = {name: _logged_in(app, name) for name in USERS}
+    for name, client in clients.items():
+        pages, htmls = _queue_pages(client, "/?size=2")
+        listed = [eid for page in pages for eid in page]
+        want = [eid for eid in everything if eid not in not_for[name]]
+        assert sorted(listed) == sorted(want) and len(listed) == len(set(listed)), (name, pages)
+        assert all(len(page) == 2 for page in pages[:-1]) and pages[-1], (name, pages)  # full pages, none empty
+        for html in htmls:  # the backlog counts every waiting item; the page says why some are not listed
+            assert '<span class="count" id="backlog">10</span>' in html
+            hidden = re.search(r'<span id="not-for-you">(\d+) of them', html)
+            assert (int(hidden.group(1)) if hidden else 0) == len(not_for[name]), (name, html)
+        rows = {m.group(1): m.group(2) for html in htmls
+                for m in re.finditer(r'data-id="([^"]+)">(.*?)</tr>', html, re.S)}
+        for eid, which in awaiting.items():
+            if eid in rows:
+                assert f"awaits a {which} reviewer" in rows[eid], (name, eid)
+                assert "Confirmed" not in rows[eid]  # the row never tells a verdict
+        assert all("awaits a" not in rows[eid] for eid in plain[1:])
+        # the same, filtered: blocks that are certified (the three awaiting items and two more)
+        pages, htmls = _queue_pages(client, "/?size=2&reason=certified&model=digits")
+        listed = [eid for page in pages for eid in page]
+        want = [eid for eid in [four_eyes_item, *sampled, *plain[1:3]] if eid not in not_for[name]]
+        assert sorted(listed) == sorted(want) and len(listed) == len(set(listed)), (name, pages)
+        assert all(len(page) == 2 for page in pages[:-1]) and pages[-1], (name, pages)
+        with Ledger(str(path)) as led:
+            where = rq.QueueFilter(reason="certified", model="digits")
+            assert rq.backlog(led, where=where) - rq.reviewed_by(led, name, where=where) == len(listed)
+    # carol settles the third-review item, bob and carol the two awaiting a second: gone for everyone
+    assert _post(app, "carol", sampled_third, "unsure").status_code == 302
+    assert _post(app, "bob", sampled_second, "confirmed_manipulated").status_code == 302
+    assert _post(app, "carol", four_eyes_item, "confirmed_clean").status_code == 302
+    for client in clients.values():
+        pages, htmls = _queue_pages(client, "/?size=50")
+        assert sorted(pages[0]) == sorted(plain[1:]) and "not-for-you" not in htmls[0]
+        assert '<span class="count" id="backlog">7</span>' in htmls[0]
+
+
+def test_the_queue_for_a_reviewer_on_either_backend(target):
+    """``pending(reviewer=...)`` and ``reviewed_by`` read a review's reviewer in SQL (each
+    backend's JSON access): the items awaiting another reviewer after this one's review
+    are left out of this reviewer's queue, and counted."""
+    from riskpipe.review import queue as rq
+    from test_review_records import decision_record
+
+    with Ledger(target) as led:
+        for i in range(5):
+            led.append(decision_record(f"b{i}", decision="block", abstained=False, digit_index=i, priority=1))
+        for eid in ("b0", "b1"):
+            rq.record_review(led, eid, "confirmed_clean", "", "alice", ("block",))
+        rq.record_review(led, "b2", "confirmed_clean", "", "bob", ("block",))
+        assert [it.id for it in rq.pending(led, reviewer="alice")] == ["b2", "b3", "b4"]
+        assert [it.id for it in rq.pending(led, reviewer="alice", limit=2)] == ["b2", "b3"]
+        assert [it.id for it in rq.pending(led, reviewer="bob")] == ["b0", "b1", "b3", "b4"]
+        assert [it.id for it in rq.pending(led)] == ["b0", "b1", "b2", "b3", "b4"]
+        assert [it.reviews for it in rq.pending(led)] == [1, 1, 1, 0, 0]
+        assert (rq.reviewed_by(led, "alice"), rq.reviewed_by(led, "bob"), rq.reviewed_by(led, "carol")) == (2, 1, 0)
+        rq.record_review(led, "b0", "confirmed_clean", "", "bob", ("block",))  # final: gone for both
+        assert [it.id for it in rq.pending(led, reviewer="alice")] == ["b2", "b3", "b4"]
+        assert (rq.reviewed_by(led, "alice"), rq.backlog(led)) == (1, 4)

@@ -65,9 +65,11 @@ from riskpipe.redaction import redact
 from riskpipe.timestamps import iso_seconds
 
 
-def _text_at(path: str) -> str:
+def _text_at(path: str, column: str = "record") -> str:
+    """A string field of the record in ``column`` ('' when absent or not a string)."""
     p = "{" + path.replace(".", ",") + "}"
-    return f"CASE WHEN jsonb_typeof(record::jsonb #> '{p}') = 'string' THEN record::jsonb #>> '{p}' ELSE '' END"
+    return (f"CASE WHEN jsonb_typeof({column}::jsonb #> '{p}') = 'string' THEN {column}::jsonb #>> '{p}' "
+            "ELSE '' END")
 
 
 def _number_at(path: str) -> str:
@@ -263,6 +265,7 @@ class PostgresLedger(Ledger):
                         "AND level BETWEEN 0 AND 62 THEN CASE WHEN (last + 1) % (1::bigint << level) = 0 THEN 0 "
                         "ELSE 1 END ELSE 1 END) FROM tree_nodes WHERE last >= ? AND last < ?")
     number_at = staticmethod(_number_at)
+    text_at = staticmethod(_text_at)
     _db: _Conn | None
 
     def __init__(self, dsn: str, *, timeout: float = 30.0, create: bool = True,

@@ -24,8 +24,9 @@ from riskpipe.ledger.store import Ledger
 from riskpipe.ledger.tree import build_existing, tree_tables
 
 
-def _text_at(path: str) -> str:
-    return f"CASE WHEN json_type(record, '$.{path}') = 'text' THEN json_extract(record, '$.{path}') ELSE '' END"
+def _text_at(path: str, column: str = "record") -> str:
+    """A string field of the record in ``column`` ('' when absent or not a string)."""
+    return f"CASE WHEN json_type({column}, '$.{path}') = 'text' THEN json_extract({column}, '$.{path}') ELSE '' END"
 
 
 def _number_at(path: str) -> str:
@@ -118,6 +119,7 @@ class SqliteLedger(Ledger):
                         "ELSE 1 END) FROM (SELECT last, level, hash FROM tree_nodes WHERE last >= ? AND last < ? "
                         "ORDER BY last, level)")
     number_at = staticmethod(_number_at)
+    text_at = staticmethod(_text_at)
     _db: _Conn | None
 
     def __init__(self, path: str | Path, *, timeout: float = 30.0, synchronous: str = "FULL",

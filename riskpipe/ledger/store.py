@@ -71,6 +71,12 @@ class Ledger:
         ("certificate.p_lower"), NULL when absent or not a number; set by each backend."""
         raise NotImplementedError
 
+    @staticmethod
+    def text_at(path: str, column: str = "record") -> str:
+        """The backend's SQL expression for a string field ("reviewer") of the record in
+        ``column`` (``r.record`` in a join), '' when absent or not a string; set by each backend."""
+        raise NotImplementedError
+
     def __new__(cls, target: Any = None, **options: Any) -> Ledger:
         if cls is Ledger:
             cls = backend_for(target)

@@ -95,6 +95,9 @@ class QueueItem:
     record: dict
     seq: int
     cursor: str | None = None  # where the next page starts after this item (``pending(after=...)``)
+    # reviews given that are not final yet: 1 when it awaits a second reviewer (a four-eyes
+    # override, a double-review sample), 2 when a third (a sample's two reviews disagree)
+    reviews: int = 0
 
     @property
     def id(self) -> str:
@@ -151,7 +154,12 @@ class QueueFilter:
 # A verdict covers the decision whose scope it carries, or (an older, unscoped one) every
 # decision of its id; the decision's scope is read from its own row (f.seq), only for the
 # ids that have a verdict.
-VERDICT_COVERS = "v.scope IN ('', (SELECT d.scope FROM entries d WHERE d.seq = f.seq))"
+def _covers(alias: str) -> str:
+    """SQL: the review row ``alias`` (a verdict, first or second review) covers the decision ``f``."""
+    return f"{alias}.scope IN ('', (SELECT d.scope FROM entries d WHERE d.seq = f.seq))"
+
+
+VERDICT_COVERS = _covers("v")
 _WAITING = ("f.needs_review = 1 AND f.review_ok = 1 AND NOT EXISTS "
             f"(SELECT 1 FROM entries v WHERE v.kind = 'verdict' AND v.entry_id = f.entry_id AND {VERDICT_COVERS})")
 _ORDER = "ORDER BY f.priority, f.due, f.seq"
@@ -180,16 +188,33 @@ def _marks(values: list) -> str:
     return ",".join("?" * len(values))
 
 
+def _not_final() -> str:
+    """SQL: the entry ``r`` is a review of the decision ``f`` that waits for another reviewer."""
+    return f"r.kind IN ('{FIRST_REVIEW}', '{SECOND_REVIEW}') AND r.entry_id = f.entry_id AND {_covers('r')}"
+
+
+def _reviewed_by(ledger: Ledger) -> str:
+    """SQL: the decision ``f`` has a review, not final, by the reviewer ``?`` (read from
+    the review's record by the backend's JSON access)."""
+    return f"EXISTS (SELECT 1 FROM entries r WHERE {_not_final()} AND {ledger.text_at('reviewer', 'r.record')} = ?)"
+
+
 def pending(ledger: Ledger, scope=None, where: QueueFilter = QueueFilter(), after: str | None = None,
-            limit: int | None = None) -> list[QueueItem]:
+            limit: int | None = None, reviewer: str | None = None) -> list[QueueItem]:
     """Records waiting for a verdict: priority 1 first, then the earliest deadline, then
     arrival; with a ``scope`` (riskpipe.review.scope) only the stage's own; ``where``
     filters. ``limit`` items from ``after`` (an item's ``cursor``: keyset pagination, so a
-    page deep in the queue costs what the first one does); all of them without a limit."""
-    conds, params = [], []
+    page deep in the queue costs what the first one does); all of them without a limit.
+    With a ``reviewer``, those waiting for another reviewer after this one's review
+    (``reviewed_by``) are left out: this reviewer cannot give their verdict (a 409)."""
+    conds: list[str] = []
+    params: list[Any] = []
     if after is not None:
         conds.append(_AFTER)
         params += list(parse_cursor(after))
+    if reviewer is not None:
+        conds.append(f"NOT {_reviewed_by(ledger)}")
+        params.append(reviewer)
     page = f" LIMIT {int(limit)}" if limit is not None else ""
     with ledger.snapshot() as q:
         gids, narrowed = _groups(q, scope, where)
@@ -204,10 +229,14 @@ def pending(ledger: Ledger, scope=None, where: QueueFilter = QueueFilter(), afte
             keys = sorted(map(tuple, keys))[:limit]
         seqs = [k[2] for k in keys]
         texts: dict[int, str] = {}
+        reviews: dict[int, int] = {}
         for i in range(0, len(seqs), 500):
             chunk = seqs[i:i + 500]
             texts.update(q(f"SELECT seq, record FROM entries WHERE seq IN ({_marks(chunk)})", chunk))
-    return [QueueItem(json.loads(texts[seq]), seq, f"{prio}:{due!r}:{seq}") for prio, due, seq in keys]
+            reviews.update(q(f"SELECT f.seq, COUNT(DISTINCT r.kind) FROM facts f CROSS JOIN entries r "
+                             f"WHERE f.seq IN ({_marks(chunk)}) AND {_not_final()} GROUP BY f.seq", chunk))
+    return [QueueItem(json.loads(texts[seq]), seq, f"{prio}:{due!r}:{seq}", int(reviews.get(seq, 0)))
+            for prio, due, seq in keys]
 
 
 def parse_cursor(text: str) -> tuple[int, float, int]:
@@ -245,6 +274,21 @@ def backlog(ledger: Ledger, scope=None, where: QueueFilter = QueueFilter()) -> i
         done = q(f"SELECT COUNT(DISTINCT f.seq) FROM entries v CROSS JOIN facts f WHERE v.kind = 'verdict' "
                  f"AND f.entry_id = v.entry_id AND {VERDICT_COVERS} AND f.gid IN ({_marks(gids)})", gids)[0][0]
     return int(total) - done
+
+
+def reviewed_by(ledger: Ledger, reviewer: str, scope=None, where: QueueFilter = QueueFilter()) -> int:
+    """How many waiting records (in ``scope``, matching ``where``) ``reviewer`` has given a
+    review of that is not final: each waits for another reviewer, and ``pending`` leaves it
+    out of this reviewer's queue. Read from the reviews' side (few: only four-eyes
+    overrides and double-review samples have them)."""
+    with ledger.snapshot() as q:
+        gids, _ = _groups(q, scope, where)
+        if not gids:
+            return 0
+        # from the reviews to their decisions: CROSS JOIN fixes that order in SQLite
+        return int(q(f"SELECT COUNT(DISTINCT f.seq) FROM entries r CROSS JOIN facts f WHERE {_not_final()} "
+                     f"AND {ledger.text_at('reviewer', 'r.record')} = ? AND f.gid IN ({_marks(gids)}) "
+                     f"AND {_WAITING}", [reviewer, *gids])[0][0])
 
 
 def oldest_waiting(ledger: Ledger, scope=None) -> datetime | None:

@@ -40,7 +40,8 @@ def queue_page() -> ResponseReturnValue:
     after = request.args.get("after") or None
     scope = state.settings.scope
     try:
-        items = rq.pending(ledger, scope, where, after=after, limit=size + 1)
+        # an item awaiting another reviewer after this one's review is not theirs to give (a 409)
+        items = rq.pending(ledger, scope, where, after=after, limit=size + 1, reviewer=g.reviewer)
     except rq.ReviewError as e:
         abort(400, description=str(e))
     more, items = len(items) > size, items[:size]
@@ -52,7 +53,8 @@ def queue_page() -> ResponseReturnValue:
     return render_template("queue.html", items=items, total=rq.backlog(ledger, scope), where=where, size=size,
                            after=after, more=more, now=utc_now(), reviewed=ledger.count("verdict"),
                            class_name=class_name, labels_of=lambda rec: state.model_info(rec).labels,
-                           outside=rq.outside(ledger, scope), scope=scope)
+                           outside=rq.outside(ledger, scope), scope=scope,
+                           not_for_you=rq.reviewed_by(ledger, g.reviewer, scope))
 
 
 def _event_id(event_id: str | None) -> str:
