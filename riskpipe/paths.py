@@ -1,5 +1,7 @@
-"""Where riskpipe keeps per-user files (model cache and data directory), and how it
-writes a file that others may be reading (``atomic_write``).
+"""Where riskpipe keeps per-user files (model cache and data directory), how it
+writes a file that others may be reading (``atomic_write``), and how a command checks
+the directory it will write a report into before the work that makes the report
+(``check_out_dir``).
 
 ``RISKPIPE_CACHE_DIR`` and ``RISKPIPE_DATA_DIR`` override the defaults
 (``$XDG_CACHE_HOME/riskpipe`` and ``$XDG_DATA_HOME/riskpipe``).
@@ -8,10 +10,12 @@ writes a file that others may be reading (``atomic_write``).
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
@@ -86,3 +90,68 @@ def read_text(path: str | os.PathLike, what: str, error: type[Exception] = Value
         raise error(f"{what} {path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError:
         raise error(f"{what} {path}: not UTF-8 text") from None
+
+
+class OutDirError(ValueError):
+    """A report directory that cannot take the report: the message names it and says why."""
+
+
+def _entries(root: Path) -> Iterator[str]:
+    """Every file under ``root`` (and every link to a directory, which is not entered), as a
+    path relative to it with ``/``; the top level first."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        for name in sorted(filenames) + links:
+            yield Path(dirpath, name).relative_to(root).as_posix()
+
+
+def _writable(directory: Path) -> None:
+    """OSError unless a file can be made in ``directory`` (a probe, not ``os.access``:
+    a read-only file system, or root's rights, are what the probe finds)."""
+    with tempfile.TemporaryFile(dir=directory):
+        pass
+
+
+def check_out_dir(path: str | os.PathLike, owned: Callable[[str], bool], what: str) -> Path:
+    """Check ``path`` can take ``what`` (a report: "an earlier riskpipe evaluate report")
+    before the work that makes it, rather than fail after it: a directory that exists or can
+    be made there, files can be written in, and that holds nothing but files for which
+    ``owned`` (a path relative to it, with ``/``) is true, which the report may replace.
+    OutDirError naming ``path`` and the reason; the directory is made when the report is
+    written."""
+    out = Path(path)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise OutDirError(f"{out}: exists and is not a directory")
+        where = out
+    else:
+        where = out.parent
+        while not (where.exists() or where.is_symlink()):
+            where = where.parent
+        if not where.is_dir():
+            raise OutDirError(f"{out}: cannot be made: {where} is not a directory")
+    try:
+        _writable(where)
+    except OSError as e:
+        raise OutDirError(f"{out}: cannot write in {where} ({e.strerror or e})") from None
+    if where is out:
+        foreign = list(itertools.islice((rel for rel in _entries(out) if not owned(rel)), 4))
+        if foreign:
+            listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise OutDirError(f"{out}: holds files that are not {what} ({listed}); give a new or empty "
+                              "directory, or move them")
+    return out
+
+
+def remove_stale(out: Path, written: Iterable[Path], report_file: Callable[[str], bool]) -> list[Path]:
+    """Remove the files of an earlier report under ``out`` (``report_file`` of the path
+    relative to it) that this one did not write again: a figure of a policy no longer
+    evaluated, a format not asked for this time. A report directory holds one run's report,
+    never a mix of two. Returns the paths removed."""
+    keep = {Path(p).relative_to(out).as_posix() for p in written}
+    removed = []
+    for rel in list(_entries(out)):
+        if report_file(rel) and rel not in keep:
+            (out / rel).unlink()
+            removed.append(out / rel)
+    return removed

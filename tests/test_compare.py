@@ -102,3 +102,45 @@ def test_data_labels_are_checked_against_the_model(tmp_path, y, message):
                                        "--out", str(tmp_path / "out")])
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     assert message.format(path=path) in res.output
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda d: d.joinpath("card").write_text("mine\n"), "{out}: exists and is not a directory"),
+    (lambda d: d.joinpath("notes").write_text("mine\n"), "{out}: cannot be made: {d}/notes is not a directory"),
+    (lambda d: (d / "card").mkdir() or (d / "card" / "notes.txt").write_text("mine\n"),
+     "{out}: holds files that are not an earlier riskpipe compare card (notes.txt)"),
+])
+def test_out_is_checked_before_the_certification(tmp_path, monkeypatch, make, says):
+    """``--out FILE`` failed with "File exists" only once every family had certified every
+    input (minutes); a directory holding someone else's files got the card written among
+    them. Both are one line naming the path and the reason, before any certification."""
+    from riskpipe.cli import compare_impl
+
+    def never(*args, **kwargs):
+        raise AssertionError("the certification ran before --out was checked")
+
+    monkeypatch.setattr(compare_impl, "run_compare", never)
+    make(tmp_path)
+    out = tmp_path / ("notes/card" if "cannot be made" in says else "card")
+    res = CliRunner().invoke(compare, ["--model", "demo:digits-ibp", "--methods", "ibp", "--out", str(out)])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    line = res.output.strip()
+    assert "\n" not in line and line.startswith("riskpipe: error: --out " + says.format(out=out, d=tmp_path))
+    assert not (tmp_path / "card" / "compare.json").exists()
+
+
+def test_a_rerun_replaces_the_earlier_card_whole(result, tmp_path, monkeypatch):
+    """A directory holding an earlier card takes a new one, which replaces it: the files the
+    new one does not write (another format's, its plots) are removed, so the directory
+    never holds two runs' cards side by side."""
+    from riskpipe.cli import compare_impl
+
+    monkeypatch.setattr(compare_impl, "run_compare", lambda *a, **k: result)
+    out = tmp_path / "card"
+    args = ["--model", "demo:digits-ibp", "--methods", "ibp", "--out", str(out)]
+    assert CliRunner().invoke(compare, args).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["compare-certified_accuracy.png", "compare-cost.png",
+                                                       "compare.html", "compare.json", "compare.md"]
+    res = CliRunner().invoke(compare, [*args, "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in out.iterdir()] == ["compare.json"]

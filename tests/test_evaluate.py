@@ -189,3 +189,54 @@ def test_labels_outside_the_models_classes_are_one_line(tmp_path, labels):
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     why = f"y holds labels outside the model's classes [0, 10) (labels from {min(labels)} to {max(labels)})"
     assert f"d.npz: {why}" in res.output
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda d: d.joinpath("report").write_text("mine\n"), "{out}: exists and is not a directory"),
+    (lambda d: d.joinpath("notes").write_text("mine\n"), "{out}: cannot be made: {d}/notes is not a directory"),
+    (lambda d: (d / "report" / "figures").mkdir(parents=True) or (d / "report" / "figures" / "mine.svg")
+     .write_text("<svg/>\n"), "{out}: holds files that are not an earlier riskpipe evaluate report (figures/mine.svg)"),
+])
+def test_out_is_checked_before_the_evaluation(tmp_path, monkeypatch, make, says):
+    """A regular file given as --out failed as '<file>/stage: Not a directory' once the model
+    and data were loaded, and a directory holding someone else's files (their figures/)
+    got the report and its figures written among them. Each is one line naming --out and
+    the reason, before the evaluation runs; the files there are left as they were."""
+    from riskpipe.cli import evaluate_impl
+
+    def never(*args, **kwargs):
+        raise AssertionError("the evaluation ran before --out was checked")
+
+    monkeypatch.setattr(evaluate_impl, "run_evaluation", never)
+    make(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    out = tmp_path / ("notes/report" if "cannot be made" in says else "report")
+    res = CliRunner().invoke(evaluate, ["--policy", POLICY, "--n", "2", "--out", str(out)])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    line = res.output.strip()
+    assert "\n" not in line and line.startswith("riskpipe: error: --out " + says.format(out=out, d=tmp_path))
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_rerun_replaces_the_earlier_report_whole(run, tmp_path, monkeypatch):
+    """Re-running into the same --out gives a fresh report: the earlier report's files the
+    new run does not write again (another policy's figures, a format not asked for) are
+    removed rather than left beside it as if they were this run's; the stage's outputs stay."""
+    from riskpipe.cli import evaluate_impl
+
+    result, _ = run
+    monkeypatch.setattr(evaluate_impl, "run_evaluation", lambda settings, workdir, progress=None: result)
+    out = tmp_path / "report"
+    write_report(result, out, ("json", "md", "html"))
+    (out / "figures" / "strict-routes.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # a policy of an earlier run
+    (out / "stage" / "stage-default").mkdir(parents=True)
+    (out / "stage" / "stage-default" / "audit.jsonl").write_text("{}\n")
+    res = CliRunner().invoke(evaluate, ["--policy", POLICY, "--out", str(out), "--format", "md"])
+    assert res.exit_code == 0, res.output
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert figures == ["default-attackers.png", "default-norm_shift.png", "default-routes.png", "default-success.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["evaluation.md", "figures", "stage"]
+    assert (out / "stage" / "stage-default" / "audit.jsonl").exists()
+    res = CliRunner().invoke(evaluate, ["--policy", POLICY, "--out", str(out), "--format", "json"])
+    assert res.exit_code == 0 and sorted(p.name for p in out.iterdir()) == ["evaluation.json", "figures", "stage"]
+    assert list((out / "figures").iterdir()) == []

@@ -27,7 +27,10 @@ from riskpipe.compare.defaults import DEFAULT_METHODS, DEFAULT_MODELS
               help="Torch CPU threads (1 suits small models and busy machines).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--out", "out_dir", default="compare-report", show_default=True, help="Output directory.")
+@click.option("--out", "out_dir", default="compare-report", show_default=True,
+              help="Output directory: new, empty, or holding an earlier compare card, which this one replaces "
+                   "(its files not written again are removed); anything else there is refused before the "
+                   "certification runs.")
 @click.option("--format", "formats", default="html,md,json", show_default=True, help="Comma-separated: html, md, json.")
 def compare(**options):
     """Certified accuracy, time, memory and parallelism of smoothing, IBP and Lipschitz, side by side."""

@@ -12,8 +12,10 @@ from riskpipe.app.config import read_labelled
 from riskpipe.certify.norms import check_norm
 from riskpipe.cli.common import fail, progress_bar
 from riskpipe.compare import FORMATS, CompareConfig, render, run_compare
+from riskpipe.compare.card import report_file
 from riskpipe.compare.defaults import DEFAULT_GRID, DEFAULT_MODELS
 from riskpipe.models import InputError, ModelError
+from riskpipe.paths import OutDirError, check_out_dir
 
 
 def _floats(text: str, field: str) -> tuple[float, ...]:
@@ -75,6 +77,10 @@ def compare(models, config_path, methods, eps_grid, norms, n_samples, limit, sig
         except ValueError as e:
             fail(f"--data {e}")
         y = y.astype(np.int64)
+    try:  # before the certification's minutes: a file there was an error only once the card was done
+        check_out_dir(out_dir, report_file, "an earlier riskpipe compare card")
+    except OutDirError as e:
+        fail(f"--out {e}")
     torch.set_num_threads(threads)
     try:
         result = run_compare(cfg, X, y, log=lambda m: click.echo(m, err=True),

@@ -27,7 +27,10 @@ import click
               help="Model calls per input of the black-box attacks (models without gradients or trees: "
                    "score-based PGD on NES estimates where the model gives scores, else HopSkipJump).")
 @click.option("--attempts", type=int, default=None, help="Attempts per attacker (default: a fifth of the inputs).")
-@click.option("--out", "out_dir", default="evaluation", show_default=True, help="Output directory.")
+@click.option("--out", "out_dir", default="evaluation", show_default=True,
+              help="Output directory: new, empty, or holding an earlier evaluate report, which this one replaces "
+                   "(its files not written again are removed); anything else there is refused before the "
+                   "evaluation runs.")
 @click.option("--format", "formats", default="html,md,json", show_default=True,
               help="Comma-separated: html, md, json.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)

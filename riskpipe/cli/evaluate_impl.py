@@ -9,7 +9,9 @@ import click
 
 from riskpipe.cli.common import fail
 from riskpipe.evaluate import FORMATS, EvaluationError, Settings, parse_budgets, run_evaluation, write_report
+from riskpipe.evaluate.report import STAGE_DIR, own_file
 from riskpipe.models import ModelError
+from riskpipe.paths import OutDirError, check_out_dir
 from riskpipe.policy import PolicyError
 
 
@@ -38,12 +40,16 @@ def evaluate(model_spec, config_path, reference, policies, data, budgets, shift_
                             budgets=parse_budgets(budgets), shift_budgets=parse_budgets(shift_budgets, "shift-budgets"),
                             steps=steps, queries=queries, attempts=attempts, seed=seed, device=device,
                             smoothed_attack=not base_attack, upstream_risk=upstream_risk)
-        out = Path(out_dir)
+        # before the attacks' minutes: a file there, a directory that cannot be made or written,
+        # or someone else's files (the report would be written among them, replacing any of the same name)
+        out = check_out_dir(out_dir, own_file, "an earlier riskpipe evaluate report")
 
         def progress(msg: str) -> None:
             click.echo(f"riskpipe evaluate: {msg}", err=True)
 
-        result = run_evaluation(settings, out / "stage", progress=progress)
+        result = run_evaluation(settings, out / STAGE_DIR, progress=progress)
+    except OutDirError as e:
+        fail(f"--out {e}")
     except (EvaluationError, ModelError, PolicyError) as e:
         fail(str(e))
     except (RuntimeError, AssertionError) as e:

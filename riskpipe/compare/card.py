@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+from riskpipe.paths import remove_stale
 from riskpipe.render import data_uri, environment, png, pyplot
 
 FORMATS = ("html", "md", "json")
+_FIGURE = re.compile(r"compare-[a-z0-9_]+\.png")  # the Markdown card's plots, beside it
+
 THEOREM2 = ("Radii of different norms are compared only after the Theorem 2 conversion: an l_p certificate "
             "of radius r covers an l_q attacker out to r_q = min(d^(1/q - 1/p), 1) * r (d = input dimension). "
             "Smoothing and Lipschitz certify l2 radii, IBP and trees certify l_inf; an l_inf radius r is an l2 radius "
@@ -17,6 +21,11 @@ SCOPE = ("A certificate bounds the distance to the nearest class-changing input;
          "the input is clean (adversarial inputs can be certified too). Smoothing certifies the smoothed "
          "classifier at level alpha; IBP, Lipschitz and trees are deterministic bounds on the model as deployed "
          "(trees: exact for one tree, conservative for ensembles).")
+
+
+def report_file(rel: str) -> bool:
+    """Whether ``rel`` (a path under --out, with ``/``) is a file ``render`` writes."""
+    return rel in {f"compare.{f}" for f in FORMATS} or _FIGURE.fullmatch(rel) is not None
 
 
 def plots(result: dict) -> dict[str, bytes]:
@@ -61,13 +70,15 @@ def plots(result: dict) -> dict[str, bytes]:
 
 
 def render(result: dict, out_dir: str | Path, formats=FORMATS) -> dict[str, Path]:
-    """Write the card in each format to ``out_dir``; returns the paths written."""
+    """Write the card in each format to ``out_dir``; returns the paths written. The files of
+    an earlier card there that this one does not write again are removed (``remove_stale``)."""
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise ValueError(f"format: {bad} not among {', '.join(FORMATS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
+    figures: list[Path] = []  # the Markdown card's plots
     ctx = {"r": result, "theorem2": THEOREM2, "scope": SCOPE}
     if "json" in formats:
         p = out / "compare.json"
@@ -87,8 +98,10 @@ def render(result: dict, out_dir: str | Path, formats=FORMATS) -> dict[str, Path
             for k, v in pngs.items():
                 (out / f"compare-{k}.png").write_bytes(v)
                 imgs[k] = f"compare-{k}.png"
+                figures.append(out / imgs[k])
             p = out / "compare.md"
             template = environment("riskpipe.compare", autoescape=False).get_template("card.md.j2")
             p.write_text(template.render(**ctx, img=imgs), encoding="utf-8")
             written["md"] = p
+    remove_stale(out, [*written.values(), *figures], report_file)
     return written

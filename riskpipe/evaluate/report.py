@@ -8,13 +8,28 @@ paste into a compliance report unchanged. Every table cell comes from the JSON r
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from riskpipe.evaluate import plots
 from riskpipe.evaluate.harness import Settings, model_entry
+from riskpipe.paths import remove_stale
 from riskpipe.render import b64, class_name, entry_info, environment, input_view, pct
 
 FORMATS = ("html", "md", "json")
+STAGE_DIR = "stage"  # under --out: the stage's outputs, one stage-POLICY directory per policy
+_FIGURE = re.compile(r"figures/[a-z0-9][a-z0-9._-]*\.png")  # figures/POLICY-KIND.png, figures/comparison.png
+_STAGE_FILE = re.compile(rf"{STAGE_DIR}/stage-[a-z0-9][a-z0-9._-]*/[^/]+")
+
+
+def report_file(rel: str) -> bool:
+    """Whether ``rel`` (a path under --out, with ``/``) is a file ``write_report`` writes."""
+    return rel in {f"evaluation.{f}" for f in FORMATS} or _FIGURE.fullmatch(rel) is not None
+
+
+def own_file(rel: str) -> bool:
+    """Whether ``rel`` is a file ``riskpipe evaluate`` writes under --out: the report's, or the stage's."""
+    return report_file(rel) or _STAGE_FILE.fullmatch(rel) is not None
 
 
 def _of(k: int, n: int) -> str:
@@ -114,7 +129,9 @@ def render_html(result: dict, figs: dict[str, bytes]) -> str:
 
 
 def write_report(result: dict, out_dir: str | Path, formats=FORMATS) -> list[Path]:
-    """Write ``evaluation.{json,md,html}`` (and ``figures/*.png`` for Markdown) under ``out_dir``."""
+    """Write ``evaluation.{json,md,html}`` (and ``figures/*.png`` for Markdown) under
+    ``out_dir``; the files of an earlier report there that this one does not write again
+    are removed (``remove_stale``), so the directory never mixes two runs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -136,4 +153,5 @@ def write_report(result: dict, out_dir: str | Path, formats=FORMATS) -> list[Pat
         p = out / "evaluation.html"
         p.write_text(render_html(result, figs), encoding="utf-8")
         written.append(p)
+    remove_stale(out, written, report_file)
     return written
