@@ -106,7 +106,13 @@ def test_same_seed_same_figures_through_the_cli_and_reports(run, tmp_path):
     md = (out / "evaluation.md").read_text(encoding="utf-8")
     assert "| default v1.2.0 | PGD (4 steps, gradients) | l2 1 (4x) |" in md and "(figures/default-routes.png)" in md
     assert (out / "figures" / "default-routes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the definitions, one list item each (printed whole, the Markdown escaping ran them into one line)
+    definitions = md.split("## Definitions and scope\n\n")[1].split("\n\n")[0].splitlines()
+    assert len(definitions) == 5 and all(line.startswith("* ") for line in definitions), definitions
+    assert "(`would_be`)" in definitions[2] and "*certified wrong*" in definitions[3] and "\\`" not in md
     html = (out / "evaluation.html").read_text(encoding="utf-8")
+    items = html.split('<ul class="definitions" id="definitions">')[1].split("</ul>")[0]
+    assert items.count("<li>") == 5 and "<code>would_be</code>" in items and "*" not in items
     examples = result["policies"][0]["examples"]  # 4x epsilon succeeds: adversarial inputs beside clean ones
     assert 1 <= len(examples) <= 3 and all(e["adversarial_prediction"] != e["label"] for e in examples)
     assert html.count("data:image/png;base64,") == 4 + 2 * len(examples)

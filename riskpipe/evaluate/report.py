@@ -87,6 +87,36 @@ def tables(result: dict) -> dict:
     return {"overview": overview, "attacks": attacks, "attackers": attackers, "norm_shift": shift}
 
 
+_SPAN = re.compile(r"``(.+?)``|`(.+?)`|\*(.+?)\*")  # code (either spelling) or emphasis, as DEFINITIONS writes them
+
+
+def definition_items(text: str) -> list[list[tuple[str, str]]]:
+    """The definitions (``metrics.DEFINITIONS``: a Markdown list, items continued on indented
+    lines) as one entry per item, each a list of ``(kind, text)`` spans, kind ``text``,
+    ``em`` or ``code``, for the templates to mark up. Printed whole, the Markdown report's
+    escaping (``md_escape``: a line break is a space) ran the items together on one line,
+    with the code spans' backticks escaped."""
+    items: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("* ") or not items:
+            items.append(line.removeprefix("* ").strip())
+        elif line.strip():
+            items[-1] += " " + line.strip()
+    out = []
+    for item in filter(None, items):
+        spans, at = [], 0
+        for m in _SPAN.finditer(item):
+            if m.start() > at:
+                spans.append(("text", item[at:m.start()]))
+            code = m.group(1) or m.group(2)
+            spans.append(("code", code) if code else ("em", m.group(3)))
+            at = m.end()
+        if at < len(item):
+            spans.append(("text", item[at:]))
+        out.append(spans)
+    return out
+
+
 def figures(result: dict) -> dict[str, bytes]:
     """PNG bytes by file stem: one set per policy plus the cross-policy comparison."""
     out = {}
@@ -100,7 +130,8 @@ def figures(result: dict) -> dict[str, bytes]:
 
 def render_markdown(result: dict, figure_dir: str | None = "figures", figure_names=()) -> str:
     template = environment("riskpipe.evaluate", autoescape=False).get_template("evaluation.md.j2")
-    return template.render(r=result, t=tables(result), figure_dir=figure_dir, figure_names=list(figure_names))
+    return template.render(r=result, t=tables(result), figure_dir=figure_dir, figure_names=list(figure_names),
+                           definitions=definition_items(result["definitions"]))
 
 
 def example_views(result: dict) -> dict[str, list[dict]]:
@@ -125,7 +156,8 @@ def example_views(result: dict) -> dict[str, list[dict]]:
 def render_html(result: dict, figs: dict[str, bytes]) -> str:
     embedded = {k: b64(v) for k, v in figs.items()}
     return environment("riskpipe.evaluate").get_template("evaluation.html.j2").render(
-        r=result, t=tables(result), figures=embedded, examples=example_views(result))
+        r=result, t=tables(result), figures=embedded, examples=example_views(result),
+        definitions=definition_items(result["definitions"]))
 
 
 def write_report(result: dict, out_dir: str | Path, formats=FORMATS) -> list[Path]:
