@@ -83,16 +83,16 @@ def test_the_first_of_two_reviews_is_per_decision_too(tmp_path):
     a, b, scope_a, scope_b = _decided_by_both(tmp_path / "l.db")
     with Ledger(tmp_path / "l.db") as led:
         # a sampled double review: B's first review must not make A's item a "second review"
-        first, final = rq.record_review(led, "evt-shared", "unsure", "", "bob", double_review_fraction=1.0,
-                                        when=WHEN, scope=scope_b)
-        assert not final and rq.review_of(led, b, rq.FIRST_REVIEW) == first
-        assert rq.review_of(led, a, rq.FIRST_REVIEW) is None
-        again, final = rq.record_review(led, "evt-shared", "unsure", "", "bob", double_review_fraction=1.0,
-                                        when=WHEN, scope=scope_a)
-        assert not final and again["policy"]["sha256"] == a["policy"]["sha256"]
-        done, final = rq.record_review(led, "evt-shared", "unsure", "", "carol", double_review_fraction=1.0,
+        first, kind = rq.record_review(led, "evt-shared", "unsure", "", "bob", double_review_fraction=1.0,
                                        when=WHEN, scope=scope_b)
-        assert final and done["first_reviewer"] == "bob" and _waiting(led, scope_b) == []
+        assert kind == rq.FIRST_REVIEW and rq.review_of(led, b, rq.FIRST_REVIEW) == first
+        assert rq.review_of(led, a, rq.FIRST_REVIEW) is None
+        again, kind = rq.record_review(led, "evt-shared", "unsure", "", "bob", double_review_fraction=1.0,
+                                       when=WHEN, scope=scope_a)
+        assert kind == rq.FIRST_REVIEW and again["policy"]["sha256"] == a["policy"]["sha256"]
+        done, kind = rq.record_review(led, "evt-shared", "unsure", "", "carol", double_review_fraction=1.0,
+                                      when=WHEN, scope=scope_b)
+        assert kind == rq.VERDICT and done["first_reviewer"] == "bob" and _waiting(led, scope_b) == []
         assert [i.record["id"] for i in rq.pending(led, scope_a)] == ["evt-shared", "evt-a-only"]
 
 

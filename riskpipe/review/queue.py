@@ -401,7 +401,7 @@ def review_of(ledger: Ledger, decision: dict, kind: str = "verdict") -> dict | N
 def _append_final(ledger: Ledger, record: dict, decision: dict) -> dict:
     """Append a final verdict on ``decision``; AlreadyReviewed when it has one."""
     existing = review_of(ledger, decision)
-    if existing is not None or not ledger.append(record, kind="verdict", entry_id=record["id"]):
+    if existing is not None or not ledger.append(record, kind=VERDICT, entry_id=record["id"]):
         raise AlreadyReviewed(record["id"], existing or review_of(ledger, decision) or {})
     return record
 
@@ -420,6 +420,7 @@ FIRST_REVIEW = "first_review"  # ledger kind: the first of two reviews (a four-e
 # ledger kind: a double-review sample's second review that disagrees with the first on a four-eyes
 # override; a third reviewer, seeing both, gives the final verdict
 SECOND_REVIEW = "second_review"
+VERDICT = "verdict"  # ledger kind: a final verdict
 
 
 def in_double_review_sample(event_id: str, fraction: float) -> bool:
@@ -451,9 +452,10 @@ def two_reviews(decision: dict, verdict: str, second_reviewer_for: tuple[str, ..
 
 def record_review(ledger: Ledger, event_id: str, verdict: str, note: str, reviewer: str,
                   second_reviewer_for: tuple[str, ...] = (), double_review_fraction: float = 0.0,
-                  when: datetime | None = None, scope=None, seq: int | None = None) -> tuple[dict, bool]:
-    """``(record, final)`` for the event's decision (``decision_of``, in ``scope``, the one at
-    ``seq`` when given: the decision the reviewer saw).
+                  when: datetime | None = None, scope=None, seq: int | None = None) -> tuple[dict, str]:
+    """``(record, kind)`` for the event's decision (``decision_of``, in ``scope``, the one at
+    ``seq`` when given: the decision the reviewer saw); ``kind`` is the ledger kind written:
+    ``verdict`` (final), ``FIRST_REVIEW`` or ``SECOND_REVIEW`` (waiting for another reviewer).
 
     Without a first review in the ledger, a verdict that needs two reviews
     (:func:`two_reviews`) is recorded as a ``first_review`` entry, not final; any other is
@@ -476,8 +478,8 @@ def record_review(ledger: Ledger, event_id: str, verdict: str, note: str, review
     if first is None:
         why = two_reviews(decision, verdict, second_reviewer_for, double_review_fraction)
         if why is None:
-            return _append_final(ledger, record, decision), True
-        return _append_review(ledger, decision, {**record, "double_review": why}, FIRST_REVIEW, "first"), False
+            return _append_final(ledger, record, decision), VERDICT
+        return _append_review(ledger, decision, {**record, "double_review": why}, FIRST_REVIEW, "first"), FIRST_REVIEW
     second = review_of(ledger, decision, SECOND_REVIEW)
     for earlier in (first, second):
         if earlier is not None and earlier.get("reviewer") == reviewer:
@@ -489,7 +491,7 @@ def record_review(ledger: Ledger, event_id: str, verdict: str, note: str, review
     if four_eyes(decision, verdict, second_reviewer_for) and verdict not in given:
         if first.get("double_review") == "sample" and second is None:
             return _append_review(ledger, decision, {**record, "double_review": "sample"}, SECOND_REVIEW,
-                                  "second"), False
+                                  "second"), SECOND_REVIEW
         # an override is final only when two reviewers give it
         raise NeedsAnotherReviewer(
             f"{event_id}: overriding a {decision.get('decision')} needs two reviewers giving that verdict, and the "
@@ -500,7 +502,7 @@ def record_review(ledger: Ledger, event_id: str, verdict: str, note: str, review
     if second is not None:
         final.update(second_reviewer=second.get("reviewer"), second_verdict=second.get("verdict"),
                      second_review_ts=second.get("ts"))
-    return _append_final(ledger, final, decision), True
+    return _append_final(ledger, final, decision), VERDICT
 
 
 def _append_review(ledger: Ledger, decision: dict, record: dict, kind: str, which: str) -> dict:

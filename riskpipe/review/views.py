@@ -98,15 +98,15 @@ def verdict(event_id: str | None = None) -> ResponseReturnValue:
                             error="This decision was not routed to review or drawn for audit.")
     settings = console().settings
     try:
-        record, final = rq.record_review(request_ledger(), event_id, form.verdict.data, form.note.data or "",
-                                         g.reviewer, settings.require_second_reviewer_for,
-                                         settings.double_review_fraction, scope=settings.scope, seq=_seq())
+        record, kind = rq.record_review(request_ledger(), event_id, form.verdict.data, form.note.data or "",
+                                        g.reviewer, settings.require_second_reviewer_for,
+                                        settings.double_review_fraction, scope=settings.scope, seq=_seq())
     except (rq.AlreadyReviewed, rq.NeedsAnotherReviewer) as e:
         return _render_item(event_id, form, status=409, error=str(e))
     except rq.ReviewError as e:
         return _render_item(event_id, form, status=400, error=str(e))
-    if not final:
-        _flash_first_review(record, decision, event_id)
+    if kind != rq.VERDICT:
+        _flash_pending_review(record, decision, event_id, kind)
         return redirect(url_for("review.queue_page"))
     log.info("review console: %s recorded %s for %s", g.reviewer, record["verdict"], event_id)
     _after_verdict(record, decision)
@@ -115,11 +115,10 @@ def verdict(event_id: str | None = None) -> ResponseReturnValue:
     return redirect(url_for("review.queue_page"))
 
 
-def _flash_first_review(record: dict[str, Any], decision: dict[str, Any], event_id: str) -> None:
-    """Tell the reviewer their review waits for another one, and why."""
+def _flash_pending_review(record: dict[str, Any], decision: dict[str, Any], event_id: str, kind: str) -> None:
+    """Tell the reviewer their review (``kind``: the first or second) waits for another one, and why."""
     log.info("review console: %s gave a review that is not final (%s) for %s", g.reviewer, record["verdict"], event_id)
-    second = rq.review_of(request_ledger(), decision, rq.SECOND_REVIEW)
-    if second is not None and second.get("reviewer") == g.reviewer:
+    if kind == rq.SECOND_REVIEW:
         # the second review of a blind pair, on the record now: telling its reviewer does not bias it
         which, why = "Second", (f"it and the first review disagree on overriding the {decision.get('decision')}: "
                                 "a third reviewer, seeing both, gives the verdict")
