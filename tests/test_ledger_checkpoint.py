@@ -473,6 +473,70 @@ def test_checkpointer_signs_every_n_records_or_seconds(tmp_path, keys):
         assert verify_ledger(led, [load_public_key(keys / "pub.pem")]).ok
 
 
+def test_the_checkpointer_counts_from_the_rows_the_ledger_has_unsigned(target, keys):
+    """A new Checkpointer (a restarted stage) on a ledger with rows past the largest tree
+    its key signed signs them at its first call, even an idle one (``n = 0``) long before
+    ``every_records`` or ``every_seconds``; the rows of the batch it is told of at its
+    first call are counted once, and a tree another key signed vouches for nothing here."""
+    from riskpipe.ledger.checkpoint import Checkpointer
+
+    key, other = load_private_key(keys / "key.pem"), load_private_key(keys / "other.pem")
+    with open_ledger(target) as led:
+        led.append_many([decision_record(i) for i in range(6)])
+        make_checkpoint(led, key)
+        led.append_many([decision_record(i) for i in range(6, 9)])  # then killed: 3 rows unsigned
+        make_checkpoint(led, other)
+        cpr = Checkpointer(key, every_records=1000, every_seconds=3600, clock=lambda: 0.0)
+        assert cpr(led, 0).tree_size == 9
+        assert cpr.rows_since == 0 and cpr.final(led) is None
+        led.append_many([decision_record(i) for i in range(9, 13)])
+        fresh = Checkpointer(key, every_records=5, every_seconds=3600, clock=lambda: 0.0)
+        assert fresh(led, 4) is None and fresh.rows_since == 4  # its own batch: counted, not yet due
+        assert fresh(led, 0) is None
+        assert fresh.final(led).tree_size == 13
+
+
+def test_a_restarted_stage_signs_what_a_killed_run_left_unsigned_with_its_first_batch(tmp_path, keys, monkeypatch):
+    """A run killed (kill -9) between checkpoints leaves its last rows unsigned; the next
+    run counted from 0, so they stayed unsigned until its own ``every_records`` or
+    ``every_seconds`` came due (never, had it stopped before writing a row) and whoever
+    could write the database could rewrite them unseen by ``verify --public-key``. It now
+    starts from the ledger's unsigned tail and signs it after its first batch."""
+    import numpy as np
+
+    from riskpipe.app import compose
+    from riskpipe.app.config import load_config
+    from riskpipe.app.offline import run_offline
+    from streamkit import tabular_event
+    from usermodels import cheap_pipeline, tabular_model
+
+    um = tabular_model(tmp_path)
+    pipeline = cheap_pipeline(tmp_path, "wine", um)
+    X = np.load(um.data)["X"]
+    ledger = str(tmp_path / "l.db")
+
+    def config(every_records):
+        return load_config(None, ledger=ledger, models={"wine": um.spec}, references={"wine": str(um.data)},
+                           batch={"max_events": 4}, checkpoint={"key_file": str(keys / "key.pem"), "topic": None,
+                                                                "every_records": every_records, "every_seconds": 3600})
+
+    def sizes(led):
+        return [Checkpoint.from_note(n).tree_size for n in led.notes()]
+
+    with open_ledger(ledger) as led:
+        with monkeypatch.context() as m:  # the first run is killed before its clean stop signs the rest
+            m.setattr(compose.CheckpointHook, "finish", lambda self: None)
+            run_offline([tabular_event(f"a-{i}", x) for i, x in enumerate(X[:10])], tmp_path / "out", config(4),
+                        pipeline=pipeline, ledger=led)
+        assert led.tree_head()[0] == 11 and sizes(led) == [5, 9]  # a policy row, 10 decisions: 2 unsigned
+        run_offline([tabular_event(f"b-{i}", x) for i, x in enumerate(X[10:18])], tmp_path / "out", config(1000),
+                    pipeline=pipeline, ledger=led)
+        # after its first batch (11 + 4), not only when it stops (19): every_records 1000 never came due
+        assert led.tree_head()[0] == 19 and sizes(led) == [5, 9, 15, 19]
+    rc, out = verify_with_key(ledger, keys)
+    assert rc == 0 and out["ok"] and out["checkpoint"]["tree_size"] == 19
+
+
 def test_stage_config_checkpoint_section(tmp_path, keys):
     from riskpipe.app.config import ConfigError, load_config
     from riskpipe.ledger.checkpoint import checkpointer_for
