@@ -448,6 +448,52 @@ def test_checkpoint_is_published_to_the_checkpoints_topic(tmp_path, keys):
     assert rc == 0 and out["ok"]
 
 
+@pytest.mark.broker
+def test_a_stage_that_creates_its_topics_creates_the_checkpoints_topic(tmp_path, keys):
+    """``create_topics: true`` made the input and output topics but not the one the stage
+    publishes its checkpoints to: that was left to the broker's auto-creation (refused
+    where it is off: every checkpoint then stored but not published; Tansu makes it with 4
+    partitions, where the notes lose their order). It is made with the others, one
+    partition, and the stage's notes are read back from it in order."""
+    import numpy as np
+    from kafka import KafkaConsumer, TopicPartition
+
+    from riskpipe import kafka_clients
+    from riskpipe.app.config import load_config
+    from riskpipe.kafka_clients import KafkaSettings
+    from riskpipe.stream.broker import EmbeddedBroker
+    from streamkit import StageThread, produce, tabular_event, wait_for
+    from usermodels import cheap_pipeline, tabular_model
+
+    um = tabular_model(tmp_path)
+    pipeline = cheap_pipeline(tmp_path, "wine", um)
+    X = np.load(um.data)["X"]
+    ledger = str(tmp_path / "l.db")
+    with EmbeddedBroker() as b, open_ledger(ledger) as led:  # no topic made beforehand
+        cfg = load_config(None, bootstrap_servers=b.bootstrap, ledger=ledger, session_timeout_ms=2000,
+                          heartbeat_interval_ms=600, models={"wine": um.spec}, references={"wine": str(um.data)},
+                          batch={"max_events": 4, "max_wait_ms": 20}, create_topics=True,
+                          topics={"input": "cp-in"}, checkpoint={"key_file": str(keys / "key.pem"),
+                                                                 "every_records": 4, "topic": "cp-notes"})
+        assert cfg.topics_to_create() == ("cp-in", "decisions", "review", "audit", "dlq", "cp-notes")
+        assert "cp-notes" not in cfg.topics_to_create(f"jsonl:{tmp_path / 'out'}")  # nothing published there
+        with StageThread(cfg, pipeline, led) as stage:
+            watcher = KafkaConsumer(bootstrap_servers=b.bootstrap)
+            assert wait_for(lambda: "cp-in" in watcher.topics(), 30)  # made by the stage, not by the producer
+            watcher.close()
+            produce(b.bootstrap, [tabular_event(f"t-{i}", x) for i, x in enumerate(X[:10])], topic="cp-in")
+            assert wait_for(lambda: stage.stats.decided >= 10, 60)
+        consumer = kafka_clients.consumer(KafkaSettings(bootstrap_servers=b.bootstrap), enable_auto_commit=False,
+                                          consumer_timeout_ms=5000)
+        assert consumer.partitions_for_topic("cp-notes") == {0}
+        consumer.assign([TopicPartition("cp-notes", 0)])
+        consumer.seek_to_beginning()
+        got = [m.value.decode("utf-8") for m in consumer]
+        consumer.close()
+        stored = led.notes()
+    assert len(stored) >= 2 and got == stored
+
+
 def test_checkpointer_signs_every_n_records_or_seconds(tmp_path, keys):
     from riskpipe.ledger.checkpoint import Checkpointer
 

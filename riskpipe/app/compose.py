@@ -397,16 +397,18 @@ def checkpoint_hooks(config: StageConfig, ledger, sink: str | None = None) -> li
     if ledger is None or config.checkpoint is None:
         return []
 
-    signer = checkpointer_for(config.checkpoint, None if (sink or "").startswith("jsonl:") else config.kafka(),
+    signer = checkpointer_for(config.checkpoint, config.kafka() if config.checkpoints_topic(sink) else None,
                               origin=config.ledger_origin)
     return [CheckpointHook(signer, ledger)]
 
 
 def source_factory(config: StageConfig, source: str | None = None, checkpoint: str | None = None,
-                   metrics=None, joined: EarlyJoin | None = None) -> Callable[[Callable], Source]:
+                   metrics=None, joined: EarlyJoin | None = None, sink: str | None = None
+                   ) -> Callable[[Callable], Source]:
     """``make_source(on_revoke)``: Kafka (default) or a JSON-lines file (``jsonl:PATH``).
     ``joined``: the Kafka source is already a group member (``riskpipe.app.runner``); the
-    first call takes it, a reopen after an outage makes a new one."""
+    first call takes it, a reopen after an outage makes a new one. ``sink``: the stage's,
+    for the topics ``create_topics`` makes (``StageConfig.topics_to_create``)."""
 
     if source and source.startswith("jsonl:"):
         path = source[len("jsonl:"):]
@@ -419,7 +421,7 @@ def source_factory(config: StageConfig, source: str | None = None, checkpoint: s
         if early:
             return early.pop().take(on_revoke)
         if config.create_topics:  # after a broker restart (memory storage) topics are gone
-            create_topics(config.kafka(), config.topics.all)
+            create_topics(config.kafka(), config.topics_to_create(sink))
         return KafkaSource(config, on_revoke=on_revoke)
 
     return make_source
@@ -449,5 +451,5 @@ def build_stage(config: StageConfig, *, source: str | None = None, sink: str | N
                 size = e.certifier.batch_size  # type: ignore[attr-defined]
                 metrics.set_certify_batch_size(e.name, size, e.batch_size_source)
     kw["after_commit"] = [*checkpoint_hooks(config, ledger, sink), *(kw.get("after_commit") or [])]
-    return Stage(config, pipeline, source_factory(config, source, checkpoint, metrics, joined),
+    return Stage(config, pipeline, source_factory(config, source, checkpoint, metrics, joined, sink),
                  sink_factory(config, sink), ledger=ledger, metrics=metrics, **kw)

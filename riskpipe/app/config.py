@@ -155,7 +155,8 @@ class Topics(BaseModel):
 
     @property
     def all(self) -> tuple[str, ...]:
-        """The input topic and the outputs: what ``create_topics`` makes."""
+        """The input topic and the outputs (``create_topics`` makes them, and the
+        checkpoints topic: ``StageConfig.topics_to_create``)."""
         return self.input, *self.outputs
 
 
@@ -425,6 +426,23 @@ class StageConfig(KafkaSettings):
     def kafka(self) -> KafkaSettings:
         """The settings every Kafka client of this process is built from (riskpipe.kafka_clients)."""
         return KafkaSettings(**{k: getattr(self, k) for k in KafkaSettings.model_fields})
+
+    def checkpoints_topic(self, sink: str | None = None) -> str | None:
+        """The topic the stage publishes its signed checkpoints to: ``checkpoint.topic``,
+        unless there is no ``checkpoint:`` section or topic, or ``sink`` is JSON-lines files
+        (``jsonl:DIR``: the stage writes nothing to Kafka then)."""
+        if self.checkpoint is None or not self.checkpoint.topic or (sink or "").startswith("jsonl:"):
+            return None
+        return str(self.checkpoint.topic)
+
+    def topics_to_create(self, sink: str | None = None) -> tuple[str, ...]:
+        """What ``create_topics: true`` makes at start: the input and output topics, and the
+        checkpoints topic when the stage publishes to it (``checkpoints_topic``). Before, the
+        checkpoints topic was left to the broker's auto-creation: refused where that is off
+        (each checkpoint then stored but not published), or made with the broker's default
+        partitions (Tansu: 4), where the notes of one log lose their order."""
+        cp = self.checkpoints_topic(sink)
+        return tuple(dict.fromkeys([*self.topics.all, *([cp] if cp else [])]))
 
     def model_policy(self, name: str) -> str:
         """The policy file that decides events for model ``name``."""

@@ -38,7 +38,7 @@ def run_stage(config, source: str | None = None, sink: str | None = None, metric
 
     if sink and sink.startswith("jsonl:"):  # a fresh run replaces earlier output files
         fresh_outputs(sink[len("jsonl:"):], config.topics.outputs)
-    joined = join_early(config) if source is None and pipeline is None else None
+    joined = join_early(config, sink) if source is None and pipeline is None else None
     ledger = None
     try:
         # lazy: torch, the models and reference sets load here, while the consumer joins its group (module docstring)
@@ -57,13 +57,13 @@ def run_stage(config, source: str | None = None, sink: str | None = None, metric
             ledger.close()
 
 
-def join_early(config) -> EarlyJoin | None:
+def join_early(config, sink: str | None = None) -> EarlyJoin | None:
     """The Kafka source, joining its group now (held: nothing is read before the stage
     runs); None when the broker cannot be reached yet: the stage then opens its source
     itself and rides out the outage as it does at any time."""
     try:
         if config.create_topics:  # as riskpipe.app.compose.source_factory: topics first
-            create_topics(config.kafka(), config.topics.all)
+            create_topics(config.kafka(), config.topics_to_create(sink))
         return EarlyJoin(config)
     except Exception as e:  # noqa: BLE001 - joining early is only a head start; the stage handles the broker
         log.info("could not join group %s before building the pipeline: %s", config.group_id, e)
