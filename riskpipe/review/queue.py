@@ -205,8 +205,10 @@ def pending(ledger: Ledger, scope=None, where: QueueFilter = QueueFilter(), afte
     arrival; with a ``scope`` (riskpipe.review.scope) only the stage's own; ``where``
     filters. ``limit`` items from ``after`` (an item's ``cursor``: keyset pagination, so a
     page deep in the queue costs what the first one does); all of them without a limit.
-    With a ``reviewer``, those waiting for another reviewer after this one's review
-    (``reviewed_by``) are left out: this reviewer cannot give their verdict (a 409)."""
+    With a ``reviewer``, those waiting for another reviewer after this one's review are
+    left out: this reviewer cannot give their verdict (a 409). (They are not counted for
+    the page: that count would read every review ever given, a cost growing with the
+    ledger; the page's own rows are checked through the reviews' entry-id index.)"""
     conds: list[str] = []
     params: list[Any] = []
     if after is not None:
@@ -274,21 +276,6 @@ def backlog(ledger: Ledger, scope=None, where: QueueFilter = QueueFilter()) -> i
         done = q(f"SELECT COUNT(DISTINCT f.seq) FROM entries v CROSS JOIN facts f WHERE v.kind = 'verdict' "
                  f"AND f.entry_id = v.entry_id AND {VERDICT_COVERS} AND f.gid IN ({_marks(gids)})", gids)[0][0]
     return int(total) - done
-
-
-def reviewed_by(ledger: Ledger, reviewer: str, scope=None, where: QueueFilter = QueueFilter()) -> int:
-    """How many waiting records (in ``scope``, matching ``where``) ``reviewer`` has given a
-    review of that is not final: each waits for another reviewer, and ``pending`` leaves it
-    out of this reviewer's queue. Read from the reviews' side (few: only four-eyes
-    overrides and double-review samples have them)."""
-    with ledger.snapshot() as q:
-        gids, _ = _groups(q, scope, where)
-        if not gids:
-            return 0
-        # from the reviews to their decisions: CROSS JOIN fixes that order in SQLite
-        return int(q(f"SELECT COUNT(DISTINCT f.seq) FROM entries r CROSS JOIN facts f WHERE {_not_final()} "
-                     f"AND {ledger.text_at('reviewer', 'r.record')} = ? AND f.gid IN ({_marks(gids)}) "
-                     f"AND {_WAITING}", [reviewer, *gids])[0][0])
 
 
 def oldest_waiting(ledger: Ledger, scope=None) -> datetime | None:

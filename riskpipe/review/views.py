@@ -54,7 +54,8 @@ def queue_page() -> ResponseReturnValue:
                            after=after, more=more, now=utc_now(), reviewed=ledger.count("verdict"),
                            class_name=class_name, labels_of=lambda rec: state.model_info(rec).labels,
                            outside=rq.outside(ledger, scope), scope=scope,
-                           not_for_you=rq.reviewed_by(ledger, g.reviewer, scope))
+                           two_reviews=bool(state.settings.require_second_reviewer_for
+                                            or state.settings.double_review_fraction))
 
 
 def _event_id(event_id: str | None) -> str:
