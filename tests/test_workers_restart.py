@@ -56,3 +56,60 @@ def test_a_worker_killed_with_sigkill_is_reported_and_started_again_and_nothing_
         out = consume_all(b.bootstrap, ["decisions"], expect=120)
         assert {json.loads(m.value)["id"] for m in out["decisions"]} == {e["id"] for e in events}
     assert "Traceback" not in log.read_text()
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_the_workers_of_a_parent_killed_with_sigkill_stop_cleanly_with_it(tmp_path):
+    """A SIGKILLed parent (OOM killer, kill -9) left its workers running as orphans,
+    consuming beside the workers of a parent started in its place. Now each worker is
+    sent SIGTERM by the kernel when its parent ends and stops as it does on SIGTERM:
+    every event it took decided once, committed; a new run decides the rest, nothing twice."""
+    um = tabular_model(tmp_path)
+    policy = policy_with(tmp_path, certifier={"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01,
+                                              "max_samples": 200})
+    X = np.load(um.data)["X"]
+    events = [tabular_event(f"o-{i}", X[i % len(X)]) for i in range(80)]
+    ledger = str(tmp_path / "l.db")
+    with EmbeddedBroker() as b:
+        b.create_topics(["inferences"], partitions=4)
+        b.create_topics()
+        args = stage_args(b.bootstrap, ledger, "--workers", "2", "--model", f"wine={um.spec}", "--reference",
+                          f"wine={um.data}", "--policy", policy, "--max-events", "4", "-v")
+        log = tmp_path / "run.log"
+        p = run_cli(args, stderr=log.open("w"))
+        workers: list[int] = []
+        try:
+            assert wait_for(lambda: log.read_text().count("ready: ") >= 2, 180), log.read_text()[-2000:]
+            workers = _children(p.pid)
+            assert len(workers) == 2
+            produce(b.bootstrap, events[:40])
+            assert wait_for(lambda: len(ledger_ids(ledger)) >= 8, 120)
+            p.kill()  # SIGKILL: the parent cannot forward anything
+            p.wait(timeout=10)
+            assert wait_for(lambda: not any(_alive(w) for w in workers), 60), [w for w in workers if _alive(w)]
+        finally:
+            stop(p)
+            for w in workers:  # orphans, if they outlived it (by pid: they are no longer its children)
+                if _alive(w):
+                    os.kill(w, signal.SIGKILL)
+        # a new run in the parent's place decides the rest; nothing is decided twice
+        produce(b.bootstrap, events[40:])
+        log2 = tmp_path / "run2.log"
+        p2 = run_cli(stage_args(b.bootstrap, ledger, "--model", f"wine={um.spec}", "--reference", f"wine={um.data}",
+                                "--policy", policy, "--max-events", "4", "-v"), stderr=log2.open("w"))
+        try:
+            assert wait_for(lambda: len(set(ledger_ids(ledger))) >= 80, 180), log2.read_text()[-2000:]
+        finally:
+            rc, _ = stop(p2, timeout=90)
+        assert rc == 0
+        ids = ledger_ids(ledger)
+        assert len(ids) == len(set(ids)) == 80

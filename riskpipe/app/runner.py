@@ -10,6 +10,7 @@ starts the workers at once: it builds nothing itself, so this module imports no 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -70,6 +71,29 @@ def join_early(config, sink: str | None = None) -> EarlyJoin | None:
         return None
 
 
+PARENT_ENV = "RISKPIPE_WORKERS_PARENT"  # set by run_workers for its workers: the parent's pid
+
+
+def die_with_parent() -> None:
+    """In a worker of ``run --workers N`` (``PARENT_ENV`` set): have the kernel send this
+    process SIGTERM when its parent ends, however it ends (Linux ``PR_SET_PDEATHSIG``), so
+    the worker stops cleanly (its batch finished, committed, the ledger's rows signed).
+
+    Why: the parent forwards SIGTERM and SIGINT, but a parent that is SIGKILLed (the OOM
+    killer, ``kill -9``, a container runtime's timeout) left its workers running as
+    orphans: supervised by no one, their metrics served by no one, and consuming beside
+    the workers of the parent started in its place. Elsewhere than Linux nothing is set."""
+    parent = os.environ.get(PARENT_ENV)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+        log.warning("this worker will not stop with its parent (prctl: %s)", os.strerror(ctypes.get_errno()))
+        return
+    if os.getppid() != int(parent):  # the parent ended before the setting took: stop as it would have
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 # a worker killed by a signal the parent did not send (the kernel's OOM killer, an
 # operator's kill -9) is started again, at most this many times per worker id
 WORKER_RESTARTS = 5
@@ -87,11 +111,12 @@ def run_workers(n: int, argv: list[str], metrics_port: int | None, metrics_addr:
     said, the dead worker's frozen gauges (its partitions' lag, its last poll) stayed in
     every scrape, and the exit status was 247. A worker that exits (a configuration
     error, a tripped guard, an outage past its timeout) is not restarted. Exit status:
-    the first non-zero one, 128 + N for a worker ended by signal N."""
+    the first non-zero one, 128 + N for a worker ended by signal N. A parent that is
+    killed takes its workers with it (``die_with_parent``): they stop cleanly."""
 
     mp_dir = tempfile.mkdtemp(prefix="riskpipe-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": mp_dir}
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": mp_dir, PARENT_ENV: str(os.getpid())}
     errors: set[str] = set()
     lock = threading.Lock()
     relays: list[threading.Thread] = []

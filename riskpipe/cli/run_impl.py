@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import click
 
 from riskpipe.app.config import ConfigError, load_config
-from riskpipe.app.runner import default_ledger_path, run_stage, run_workers
+from riskpipe.app.runner import default_ledger_path, die_with_parent, run_stage, run_workers
 from riskpipe.cli.common import fail
 from riskpipe.ledger import LedgerError
 from riskpipe.metrics import StageMetrics
@@ -39,6 +39,7 @@ def run(config_path, bootstrap_servers, source, sink, policy, models, references
         ledger, no_ledger, max_events, max_wait_ms, device, certify_batch_size, create_topics, session_timeout_ms,
         heartbeat_interval_ms, workers, worker_id, idle_exit, no_metrics_server, verbose):
     _configure_logging(worker_id, verbose)
+    die_with_parent()
     config = _stage_config(config_path, models, references, max_events, max_wait_ms, input_topic, certify_batch_size,
                            bootstrap_servers=bootstrap_servers, policy=policy, group_id=group_id,
                            metrics_port=metrics_port, device=device, create_topics=create_topics, worker_id=worker_id,
