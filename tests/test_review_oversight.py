@@ -109,7 +109,10 @@ def test_overriding_a_block_needs_a_second_reviewer(tmp_path):
     with Ledger(str(path)) as led:
         assert led.get("blk-1", kind="verdict") is None  # not final on one reviewer's word
         assert led.get("blk-1", kind="first_review")["reviewer"] == "alice"
-    again = _post(app, "alice", "blk-1", "confirmed_clean")
+    page = _logged_in(app, "alice").get("/item/blk-1").get_data(as_text=True)
+    assert 'id="you-reviewed"' in page and 'id="verdict-form"' not in page  # no form for a verdict she cannot give
+    assert 'id="verdict-form"' in _logged_in(app, "bob").get("/item/blk-1").get_data(as_text=True)
+    again = _post(app, "alice", "blk-1", "confirmed_clean")  # a post all the same (an old tab): refused
     assert again.status_code == 409 and "needs a second reviewer" in again.get_data(as_text=True)
     assert _post(app, "bob", "blk-1", "confirmed_clean").status_code == 302
     with Ledger(str(path)) as led:
@@ -254,8 +257,9 @@ def test_four_eyes_in_a_real_browser(tmp_path):
         driver.get(server.url + "item/blk-1")
         first = by_id(driver, "first-review").text
         assert "First of two reviews" in first and "alice" in first
-        give("confirmed_clean")
-        assert "needs a second reviewer" in by_id(driver, "verdict-error").text
+        # no form for a verdict alice cannot give (before: a form, then a 409)
+        assert "awaits another reviewer" in by_id(driver, "you-reviewed").text
+        assert not driver.find_elements(By.ID, "verdict-form")
         with Ledger(str(path)) as led:
             assert led.get("blk-1", kind="verdict") is None
         login("bob")
