@@ -89,7 +89,7 @@ DLQ_REASONS = (
     "invalid_json", "not_an_object", "missing_field", "wrong_type", "wrong_dtype",
     "wrong_shape", "non_finite", "out_of_range", "unknown_model", "oversized",
     "unsupported_cloudevent", "bad_id", "bad_binary_header", "binary_size_mismatch", "off_grid",
-    "bad_time", "duplicate_key", "id_conflict", "output_too_large", "internal_error",
+    "bad_time", "duplicate_key", "id_conflict", "output_too_large", "internal_error", "model_timeout",
 )
 REVIEW_VERDICTS = ("confirmed_clean", "confirmed_manipulated", "unsure")
 

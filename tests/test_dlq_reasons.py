@@ -25,7 +25,7 @@ def documented_codes() -> list[str]:
 def raised_codes() -> dict[str, list[str]]:
     """Code -> where, for every ``EventError("code", ...)`` (or ``_error``) in riskpipe/ and every
     module-level constant that names a dead-letter reason (``INTERNAL_ERROR = "..."``)."""
-    constants = {"INTERNAL_ERROR", "ID_CONFLICT", "OUTPUT_TOO_LARGE"}
+    constants = {"INTERNAL_ERROR", "ID_CONFLICT", "OUTPUT_TOO_LARGE", "MODEL_TIMEOUT"}
     found: dict[str, list[str]] = {}
     for path in sorted((ROOT / "riskpipe").rglob("*.py")):
         tree = ast.parse(path.read_text(), str(path))

@@ -4,6 +4,7 @@ data in the ``.npz`` (X, y) form the CLI reads. Built in seconds, identical on e
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,3 +272,25 @@ def poisoned_timeout_model() -> torch.nn.Module:
 
 def poisoned_oserror_model() -> torch.nn.Module:
     return _ShortOfMemory("oserror")
+
+
+# ---- a model that never returns on one input (riskpipe.stream.watchdog) --------------------
+class _Hangs(torch.nn.Module):
+    """Logits 5 * x[1:4]; a forward pass holding a row whose first feature is above 2.5
+    never returns (a loop, as a model stuck on one input); start-up probes stay below."""
+
+    def __init__(self):
+        super().__init__()
+        w = torch.zeros(FAULT_CLASSES, FAULT_FEATURES)
+        w[0, 1], w[1, 2], w[2, 3] = 5.0, 5.0, 5.0
+        self.register_buffer("w", w)
+
+    def forward(self, x):
+        while bool((x[:, 0] > 2.5).any()):
+            time.sleep(0.05)
+        return x @ self.w.t()
+
+
+def hanging_model() -> torch.nn.Module:
+    """The factory of ``_Hangs`` (spec ``usermodels:hanging_model?shape=4``)."""
+    return _Hangs()

@@ -70,6 +70,19 @@ demo model and 0.72x on a CIFAR-sized CNN. Micro-batches of noise samples are sm
 work items; extra OpenMP threads spin and contend with the stage's other threads
 and any other process. Raise it only on a dedicated machine after measuring there.
 
+Stage-wide ``model_timeout_s`` (default 240, > 0): the longest one certification model
+call may run (one micro-batch of events of one model; an event decided alone is a call
+of its own). Python cannot interrupt a call that never returns (a model that loops or
+deadlocks on one input), so a watchdog thread of the stage (riskpipe.stream.watchdog)
+records the call's events as suspects in the ledger (kind ``model_timeout``), logs one
+line naming the model and the positions, and exits the process with code 5 for its
+supervisor to restart. After the restart an event at a suspect position is decided
+alone; one that hangs alone is dead-lettered (reason ``model_timeout``, never decided)
+on the restart after that, and the rest of its batch is decided as usual. The default
+stays below the liveness probe's 300 s without a poll (/healthz, which allows at least
+``model_timeout_s`` + 60 s), so the watchdog names the event before the probe restarts
+the pod blind.
+
 ``progress_interval_s`` (default 30; 0: off): seconds between the stage's progress lines
 (decided by kind, DLQ by reason, events/s, consumer lag), logged without ``-v`` as are
 the start-up lines per model (riskpipe.stream.status).
@@ -381,6 +394,9 @@ class StageConfig(KafkaSettings):
     # a ledger or broker outage longer than this stops the stage (non-zero exit, nothing
     # undecided committed); shorter ones are ridden out (riskpipe.stream.infra)
     infrastructure_timeout_s: float = Field(300.0, gt=0, le=86_400)
+    # the longest one certification model call may run; past it the stage records the call's
+    # events as suspects and exits 5 (riskpipe.stream.watchdog)
+    model_timeout_s: float = Field(240.0, gt=0, le=86_400)
     # seconds between the stage's progress lines (decided, DLQ by reason, rate, lag); 0: none
     progress_interval_s: float = Field(30.0, ge=0)
     review: dict[str, Any] | None = None  # read by `riskpipe review` (credentials), ignored by the stage

@@ -19,12 +19,18 @@ rest of the batch goes on. So data never makes ``decide`` raise. Memory exhauste
 while one event certifies is that event's only if the model still certifies an input it
 certified before (``Pipeline.healthy``); otherwise ``decide`` raises it, and the stage
 pauses and decides the batch again (riskpipe.stream.infra).
+
+A model call that never returns cannot be isolated so: each call runs under the stage's
+``watchdog``, which ends the process past ``model_timeout_s``; events at positions it
+recorded (``suspects``) are then decided alone, and one that hung alone is dead-lettered
+(``model_timeout``) before any model sees it (riskpipe.stream.watchdog).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Mapping
+from contextlib import nullcontext
 
 from riskpipe.ledger.inputs import REF_PREFIX, stored_input
 from riskpipe.stream.committer import Decided, Outcome
@@ -34,6 +40,7 @@ from riskpipe.stream.outputs import OUTPUT_TOO_LARGE, Output, OutputTooLarge, ch
 from riskpipe.stream.pipeline import Pipeline
 from riskpipe.stream.ports import Message
 from riskpipe.stream.triage import Accepted, Dead, Parsed, classify, parse_batch
+from riskpipe.stream.watchdog import ALONE, BATCH, MODEL_TIMEOUT, Suspects, Watchdog
 
 log = logging.getLogger("riskpipe.stream")
 
@@ -51,6 +58,8 @@ class Decider:
         self.max_binary_message_bytes = max_binary_message_bytes
         self.max_output_bytes = max_output_bytes
         self.other_models = frozenset(other_models)  # served by other stages on the input topic: skipped
+        self.suspects = Suspects()  # positions whose model call timed out (the stage reads them from its ledger)
+        self.watchdog: Watchdog | None = None  # ends the process past model_timeout_s (set by the stage)
 
     @classmethod
     def for_config(cls, pipeline: Pipeline, config) -> Decider:
@@ -75,7 +84,7 @@ class Decider:
                           other_models=list(skipped or []))
         for m, stored in tri.redelivered:  # decided before the crash: its stored outputs again
             self._emit(outcome, outcome.redelivered, m, lambda: Decided(m, stored, self.outputs(stored)))
-        for a, rec in self._records(tri.accepted, outcome.dead):
+        for a, rec in self._suspect_records(tri.accepted, outcome.dead):
             self._emit(outcome, outcome.decided, a.message,
                        lambda: Decided(a.message, rec, self.outputs(rec), _epoch_s(a.message.timestamp),
                                        _stored_inputs(a.event, rec)))
@@ -90,6 +99,22 @@ class Decider:
                          self.max_binary_message_bytes, self.other_models)
         self.pipeline.admit(ev)
         return ev
+
+    def _suspect_records(self, accepted: list[Accepted], dead: list[Dead]) -> list[tuple[Accepted, dict]]:
+        """``_records`` of ``accepted``, where an event at a suspect position is decided in a
+        model call of its own (``BATCH``) or dead-lettered ``model_timeout`` (``ALONE``: it
+        hung alone before), and the rest together, as usual."""
+        if not len(self.suspects):
+            return self._records(accepted, dead)
+        level = {id(a): self.suspects.level(a.message) for a in accepted}
+        for a in accepted:
+            if level[id(a)] == ALONE:
+                m = a.message
+                dead.append(Dead(m, MODEL_TIMEOUT, f"decide: model {a.event.model}: a certification call of this event "
+                                                   f"alone ran past model_timeout_s before (position {m.topic}:"
+                                                   f"{m.partition}:{m.offset}); never decided"))
+        alone = [r for a in accepted if level[id(a)] == BATCH for r in self._records([a], dead)]
+        return [*self._records([a for a in accepted if level[id(a)] is None], dead), *alone]
 
     def _records(self, accepted: list[Accepted], dead: list[Dead]) -> list[tuple[Accepted, dict]]:
         """Records for ``accepted``; if the model batch raises, retry one event at a
@@ -130,7 +155,9 @@ class Decider:
         return not self.pipeline.healthy(model)
 
     def _process(self, accepted: list[Accepted]) -> list[tuple[Accepted, dict]]:
-        records = self.pipeline.process([a.event for a in accepted], [a.message.source() for a in accepted])
+        model = ", ".join(sorted({a.event.model for a in accepted}))
+        with (self.watchdog.watching(model, [a.message for a in accepted]) if self.watchdog else nullcontext()):
+            records = self.pipeline.process([a.event for a in accepted], [a.message.source() for a in accepted])
         return list(zip(accepted, records, strict=True))
 
     @staticmethod

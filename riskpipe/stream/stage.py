@@ -13,7 +13,10 @@ of side effects; what becomes of each event is the ``Decider``'s, which does no 
 Poison isolation (``decider``): whatever an event raises makes *that* event a dead
 letter (``internal_error``); the committer applies the same rule to ledger rows. So
 data never stops the stage: it exits non-zero only for its configuration (a tripped
-guard) or an infrastructure outage longer than ``infrastructure_timeout_s``.
+guard), an infrastructure outage longer than ``infrastructure_timeout_s``, or a model
+call that never returns: past ``model_timeout_s`` the watchdog records the call's events
+as suspects and ends the process for a restart, after which they are decided alone and
+one that hangs alone is dead-lettered (``watchdog``).
 
 Infrastructure is not data: where the stage touches the ledger or the broker, an
 exception that ``infra.infrastructure_component`` calls infrastructure is never an
@@ -53,6 +56,8 @@ from riskpipe.stream.pipeline import Pipeline
 from riskpipe.stream.ports import Message, Sink, Source
 from riskpipe.stream.status import Progress
 from riskpipe.stream.triage import Accepted, Dead
+from riskpipe.stream.watchdog import KIND as SUSPECT_KIND
+from riskpipe.stream.watchdog import Suspects, Watchdog
 from riskpipe.timestamps import rfc3339_millis
 
 log = logging.getLogger("riskpipe.stream")
@@ -72,6 +77,8 @@ class Stage:
         self.guards = Guards(config.guard)
         self.committer = Committer(ledger, config.topics.dlq, after_commit, config.max_output_bytes)
         self.decider = Decider.for_config(pipeline, config)
+        self.watchdog = self.decider.watchdog = Watchdog(config.model_timeout_s, self._record_suspects)
+        self._suspects_read = False  # read from the ledger before the next batch (at start, after a rebalance)
         pipeline.store_inputs = ledger is not None  # large inputs: once in the ledger, referenced by records
         self.observer = Observer(metrics, on_record, on_batch,
                                  progress=Progress(config.progress_interval_s))
@@ -122,6 +129,7 @@ class Stage:
             log.info("rebalance: %d in-flight messages left uncommitted", len(self.in_flight.messages))
             self.committer.drain(self.in_flight)
             self.in_flight = None
+        self._suspects_read = False  # partitions may come from a replica whose model call timed out
         dropped = self.batcher.drop_partitions({(tp.topic, tp.partition) for tp in revoked})
         self.observer.revoked(revoked)
         if dropped:
@@ -134,9 +142,11 @@ class Stage:
 
         A ledger or broker outage is ridden out (``_outage``); one longer than
         ``infrastructure_timeout_s`` raises ``InfrastructureUnavailable``."""
+        self.watchdog.start()
         try:
             return self._run(idle_exit_s)
         finally:
+            self.watchdog.stop()
             self.committer.close()  # the ledger writer thread and its connection
 
     def _run(self, idle_exit_s: float | None) -> Stats:
@@ -354,6 +364,7 @@ class Stage:
         failed: dict[int, Dead] = {}
         if self.ledger is None or not parsed:
             return known, failed
+        self._read_suspects()
         try:
             known = self.ledger.get_all_many([a.event.id for a in parsed])
         except Exception as e:  # find the culprit id, below
@@ -375,6 +386,29 @@ class Stage:
                 if rec not in known.get(a.event.id, []):
                     known[a.event.id] = [*known.get(a.event.id, []), rec]
         return known, failed
+
+    def _read_suspects(self) -> None:
+        """The input topic's suspect positions (``watchdog``), from the ledger, once after
+        the start and after each rebalance."""
+        if not self._suspects_read and self.ledger is not None:
+            rows = self.ledger.entries_with_prefix(f"{self.config.topics.input}:", SUSPECT_KIND)
+            self.decider.suspects = Suspects([e.record for e in rows])
+            self._suspects_read = True
+            if rows:
+                log.warning("%d positions of %s whose model call ran past model_timeout_s: decided alone, or "
+                            "dead-lettered (model_timeout) if they hung alone", len(self.decider.suspects),
+                            self.config.topics.input)
+
+    def _record_suspects(self, entries: list[tuple[str, dict, str]]) -> None:
+        """The watchdog's suspects, appended on a connection of their own (the stage's is
+        held by the thread stuck in the model call)."""
+        if self.ledger is None:
+            raise RuntimeError("no ledger (--no-ledger): nowhere to record them")
+        ledger = self.ledger.another_connection()
+        try:
+            ledger.append_entries(entries)
+        finally:
+            ledger.close()
 
     def _record_policies(self) -> None:
         """One ledger ``policy`` row per policy in force."""

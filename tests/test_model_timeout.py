@@ -1,0 +1,137 @@
+"""A model call that never returns (riskpipe.stream.watchdog).
+
+Before: a model stuck on one input hung the stage for ever; the liveness probe restarted
+the pod onto the same uncommitted batch, which hung again: no decision for the partition,
+ever, and no reason given. Now the watchdog ends the process past ``model_timeout_s``
+(exit 5) with the call's events recorded as suspects in the ledger; after a restart they
+are decided alone, and the one that hangs alone is dead-lettered ``model_timeout``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from riskpipe.ledger import Ledger
+from riskpipe.stream.broker import EmbeddedBroker
+from riskpipe.stream.events import make_event
+from riskpipe.stream.ports import Message
+from riskpipe.stream.watchdog import ALONE, BATCH, EXIT_MODEL_TIMEOUT, KIND, Suspects, Watchdog, suspect_entries
+from streamkit import consume_all, produce, ready_with_partitions, run_cli, stage_args, stop, wait_for
+from usermodels import fault_inputs, fault_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 2.0
+
+
+def test_the_watchdog_records_the_calls_events_and_exits_only_past_the_timeout():
+    msgs = [Message(f"v{i}".encode(), "in", 0, 10 + i) for i in range(3)]
+    recorded, exits = [], []
+    fired = threading.Event()
+    dog = Watchdog(0.3, recorded.extend, lambda code: (exits.append(code), fired.set()))
+    dog.start()
+    try:
+        with dog.watching("m", msgs):
+            time.sleep(0.1)  # returns in time: nothing
+        assert not recorded and not exits
+        with dog.watching("m", msgs):
+            assert fired.wait(5)
+    finally:
+        dog.stop()
+    assert exits == [EXIT_MODEL_TIMEOUT]
+    assert [(k, r["level"], r["source"]["offset"]) for k, r, _ in recorded] == [(KIND, BATCH, 10 + i) for i in range(3)]
+    alone = suspect_entries(msgs[1:2], "m", 0.3)
+    s = Suspects([r for _, r, _ in recorded] + [r for _, r, _ in alone])
+    assert [s.level(m) for m in msgs] == [BATCH, ALONE, BATCH]
+    assert s.level(Message(b"another payload", "in", 0, 11)) is None  # a position used again: not the suspect
+
+
+def _supervise(args, env, log: Path, done, exits: list[tuple[int, float]], limit: int = 4):
+    """Run the stage as a supervisor would: start it again whenever it exits 5, until
+    ``done()``; ``exits`` gets (status, when) of each exit. Returns the running process."""
+    for _ in range(limit):
+        p = run_cli(args, env=env, stdout=open(os.devnull, "w"), stderr=log.open("a"))
+        if not wait_for(lambda p=p: p.poll() is not None or done(), 240):
+            stop(p, timeout=30)
+            pytest.fail(f"neither exited nor done: {log.read_text()[-3000:]}")
+        if p.poll() is None:
+            return p
+        exits.append((p.returncode, time.monotonic()))
+        assert p.returncode == EXIT_MODEL_TIMEOUT, log.read_text()[-3000:]
+    pytest.fail(f"still exiting after {limit} starts: {log.read_text()[-3000:]}")
+
+
+@pytest.mark.broker
+def test_a_model_call_that_never_returns_exits_5_and_its_event_is_dead_lettered_after_restarts(tmp_path):
+    healthy, bad = fault_inputs(9, 1)
+    events = [make_event(f"ok-{i}", "m", x, upstream_risk=0.1) for i, x in enumerate(healthy[:6])]
+    events[3:3] = [make_event("poison", "m", bad[0], upstream_risk=0.1)]
+    later = [make_event(f"later-{i}", "m", x, upstream_risk=0.1) for i, x in enumerate(healthy[6:])]
+    config = tmp_path / "riskpipe.yaml"
+    config.write_text(f"model_timeout_s: {TIMEOUT_S}\n")
+    ledger = str(tmp_path / "ledger.db")
+    log = tmp_path / "run.log"
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+
+    def rows(kind: str) -> list[dict]:
+        with Ledger(ledger) as led:
+            return [e.record for e in led.records(kind=kind)]
+
+    def decided_ids() -> list[str]:
+        return [r["id"] for r in rows("decision")]
+
+    def done() -> bool:
+        if not Path(ledger).exists():
+            return False
+        return (set(decided_ids()) >= {e["id"] for e in events if e["id"] != "poison"}
+                and any(r["reason"] == "model_timeout" for r in rows("dlq")))
+
+    with EmbeddedBroker() as b:
+        b.create_topics()
+        args = stage_args(b.bootstrap, ledger, "--config", str(config), "--model", "m=usermodels:hanging_model?shape=4",
+                          "--policy", fault_policy(tmp_path), "--max-events", "8", "--max-wait-ms", "500", "-v")
+        first = run_cli(args, env=env, stdout=open(os.devnull, "w"), stderr=log.open("a"))
+        try:
+            assert wait_for(lambda: ready_with_partitions(log.read_text()) or first.poll() is not None, 180), \
+                log.read_text()[-3000:]
+            produced = time.monotonic()
+            produce(b.bootstrap, events)
+            first.wait(timeout=60)
+        finally:
+            stop(first, timeout=30)
+        waited = time.monotonic() - produced
+        assert first.returncode == EXIT_MODEL_TIMEOUT, log.read_text()[-3000:]
+        assert waited < TIMEOUT_S + 15, waited  # the batch, the model call's 2 s, the exit
+        text = log.read_text()
+        line = next(ln for ln in text.splitlines() if "ran past model_timeout_s" in ln)
+        assert "model m:" in line and "inferences:0:3" in line and f"exiting {EXIT_MODEL_TIMEOUT}" in line
+        assert float(re.search(r"\((\d+) s\)", line).group(1)) < TIMEOUT_S + 2  # noticed when due
+        assert any(r["source"]["offset"] == 3 for r in rows(KIND))  # the poison's position recorded
+        assert not decided_ids() or "poison" not in decided_ids()
+
+        exits: list[tuple[int, float]] = []
+        p = _supervise(args, env, log, done, exits)
+        try:
+            # the poison hung alone once (a second exit 5) before it was dead-lettered
+            assert any(r["level"] == ALONE and r["source"]["offset"] == 3 for r in rows(KIND))
+            assert len(exits) >= 1
+            produce(b.bootstrap, later)  # the stage runs on
+            assert wait_for(lambda: set(decided_ids()) >= {e["id"] for e in later}, 120), log.read_text()[-3000:]
+        finally:
+            rc, _ = stop(p, timeout=60)
+        assert rc == 0, log.read_text()[-3000:]
+        ids = decided_ids()
+        assert sorted(ids) == sorted(e["id"] for e in events + later if e["id"] != "poison")  # each decided once
+        dead = [r for r in rows("dlq") if r["reason"] == "model_timeout"]
+        assert [(r["source"]["offset"]) for r in dead] == [3]
+        out = consume_all(b.bootstrap, ["decisions", "dlq"], expect=len(ids) + 1)
+        assert "poison" not in {json.loads(m.value)["id"] for m in out["decisions"]}  # never allowed, never decided
+        assert [dict(m.headers).get("__riskpipe.errors.reason") for m in out["dlq"]] == [b"model_timeout"]
+    assert "Traceback" not in log.read_text()
+    with Ledger(ledger) as led:
+        assert led.verify().ok  # the suspect rows are chained like every row
