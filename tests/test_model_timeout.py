@@ -51,6 +51,45 @@ def test_the_watchdog_records_the_calls_events_and_exits_only_past_the_timeout()
     assert s.level(Message(b"another payload", "in", 0, 11)) is None  # a position used again: not the suspect
 
 
+def test_a_stage_on_a_file_exits_5_until_the_event_that_hangs_alone_is_dead_lettered(tmp_path):
+    """The offline stage (a file source: positions ``file:PATH``) restarted as a supervisor
+    would: the batch hangs (exit 5), the poison hangs alone (exit 5), then it is
+    dead-lettered and every other event decided once."""
+    healthy, bad = fault_inputs(6, 1)
+    events = [make_event(f"ok-{i}", "m", x, upstream_risk=0.1) for i, x in enumerate(healthy)]
+    events[2:2] = [make_event("poison", "m", bad[0], upstream_risk=0.1)]
+    src = tmp_path / "events.jsonl"
+    src.write_text("".join(json.dumps(e) + "\n" for e in events))
+    config = tmp_path / "riskpipe.yaml"
+    config.write_text(f"model_timeout_s: {TIMEOUT_S}\n")
+    ledger = str(tmp_path / "ledger.db")
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    args = ["run", "--config", str(config), "--model", "m=usermodels:hanging_model?shape=4", "--policy",
+            fault_policy(tmp_path), "--source", f"jsonl:{src}", "--sink", f"jsonl:{tmp_path / 'out'}", "--ledger",
+            ledger, "--max-events", "8"]
+    codes, errs = [], []
+    for _ in range(4):
+        p = run_cli(args, env=env)
+        try:
+            _, err = p.communicate(timeout=120)
+        finally:
+            stop(p)
+        codes.append(p.returncode)
+        errs.append(err)
+        if p.returncode != EXIT_MODEL_TIMEOUT:
+            break
+    assert codes == [EXIT_MODEL_TIMEOUT, EXIT_MODEL_TIMEOUT, 0], errs
+    assert "recorded as batch suspects" in errs[0] and f"file:{src}:0:2" in errs[0]
+    assert "recorded as alone suspects" in errs[1] and f"file:{src}:0:2;" in errs[1]
+    with Ledger(ledger) as led:
+        decided = [e.record["id"] for e in led.records(kind="decision")]
+        dead = [e.record for e in led.records(kind="dlq")]
+        assert led.verify().ok
+    assert sorted(decided) == sorted(e["id"] for e in events if e["id"] != "poison")
+    assert [(d["reason"], d["source"]["offset"]) for d in dead] == [("model_timeout", 2)]
+    assert "Traceback" not in "".join(errs)
+
+
 def _supervise(args, env, log: Path, done, exits: list[tuple[int, float]], limit: int = 4):
     """Run the stage as a supervisor would: start it again whenever it exits 5, until
     ``done()``; ``exits`` gets (status, when) of each exit. Returns the running process."""

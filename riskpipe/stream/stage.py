@@ -388,16 +388,16 @@ class Stage:
         return known, failed
 
     def _read_suspects(self) -> None:
-        """The input topic's suspect positions (``watchdog``), from the ledger, once after
-        the start and after each rebalance."""
+        """The suspect positions (``watchdog``: few, one per event of a call that hung),
+        from the ledger, once after the start and after each rebalance. All of them: a
+        file source's positions are ``file:PATH``, not the input topic's."""
         if not self._suspects_read and self.ledger is not None:
-            rows = self.ledger.entries_with_prefix(f"{self.config.topics.input}:", SUSPECT_KIND)
+            rows = self.ledger.entries_with_prefix("", SUSPECT_KIND)
             self.decider.suspects = Suspects([e.record for e in rows])
             self._suspects_read = True
             if rows:
-                log.warning("%d positions of %s whose model call ran past model_timeout_s: decided alone, or "
-                            "dead-lettered (model_timeout) if they hung alone", len(self.decider.suspects),
-                            self.config.topics.input)
+                log.warning("%d positions whose model call ran past model_timeout_s: decided alone, or "
+                            "dead-lettered (model_timeout) if they hung alone", len(self.decider.suspects))
 
     def _record_suspects(self, entries: list[tuple[str, dict, str]]) -> None:
         """The watchdog's suspects, appended on a connection of their own (the stage's is
