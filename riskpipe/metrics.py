@@ -433,9 +433,9 @@ class StageMetrics:
         self.certify_batch_size.labels(_label(model), _label(source)).set(int(size))
 
     # -- exposition ----------------------------------------------------------------
-    def serve(self, port: int, addr: str = "127.0.0.1") -> MetricsServer:
+    def serve(self, port: int, addr: str = "127.0.0.1", stall_seconds: float = 300.0) -> MetricsServer:
         """Serve this instance's metrics (all workers' in multiprocess mode)."""
-        return serve(port, addr, None if multiprocess_enabled() else self.registry)
+        return serve(port, addr, None if multiprocess_enabled() else self.registry, stall_seconds)
 
 
 def build_info(r: CollectorRegistry) -> _InfoMetric:

@@ -13,11 +13,15 @@ import os
 import re
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from riskpipe.app.config import ConfigError, load_config
 from riskpipe.ledger import Ledger
+from riskpipe.metrics import StageMetrics
 from riskpipe.stream.broker import EmbeddedBroker
 from riskpipe.stream.events import make_event
 from riskpipe.stream.ports import Message
@@ -27,6 +31,28 @@ from usermodels import fault_inputs, fault_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 2.0
+
+
+def test_model_timeout_s_is_checked_and_the_liveness_probe_waits_past_it():
+    """/healthz lets the loop go ``model_timeout_s`` + 60 s without a poll (at least the usual
+    300 s), so a hung call meets the watchdog, which names its events, before the probe."""
+    assert load_config(None).model_timeout_s == 240 and load_config(None).liveness_stall_s == 300
+    assert load_config(None, model_timeout_s=600).liveness_stall_s == 660
+    for bad in (0, -1, "soon"):
+        with pytest.raises(ConfigError, match="model_timeout_s"):
+            load_config(None, model_timeout_s=bad)
+    metrics = StageMetrics()
+    metrics.last_poll.set(time.time() - 400)  # a certification call running for 400 s
+    for stall, status in ((300.0, 503), (load_config(None, model_timeout_s=600).liveness_stall_s, 200)):
+        server = metrics.serve(0, stall_seconds=stall)
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as r:
+                got = r.status
+        except urllib.error.HTTPError as e:
+            got = e.code
+        finally:
+            server.shutdown()
+        assert got == status, stall
 
 
 def test_the_watchdog_records_the_calls_events_and_exits_only_past_the_timeout():
@@ -88,6 +114,47 @@ def test_a_stage_on_a_file_exits_5_until_the_event_that_hangs_alone_is_dead_lett
     assert sorted(decided) == sorted(e["id"] for e in events if e["id"] != "poison")
     assert [(d["reason"], d["source"]["offset"]) for d in dead] == [("model_timeout", 2)]
     assert "Traceback" not in "".join(errs)
+
+
+@pytest.mark.broker
+def test_riskpipe_run_workers_starts_a_worker_that_exits_5_again(tmp_path):
+    """With --workers the parent is the supervisor: a worker whose model call timed out is
+    started again (not left dead, which ran the group a worker short until every worker
+    had hung); the poison ends as its dead letter and every other event is decided once."""
+    healthy, bad = fault_inputs(6, 1)
+    events = [make_event(f"ok-{i}", "m", x, upstream_risk=0.1) for i, x in enumerate(healthy)]
+    events[2:2] = [make_event("poison", "m", bad[0], upstream_risk=0.1)]
+    config = tmp_path / "riskpipe.yaml"
+    config.write_text(f"model_timeout_s: {TIMEOUT_S}\n")
+    ledger = str(tmp_path / "ledger.db")
+    log = tmp_path / "run.log"
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    with EmbeddedBroker() as b:
+        b.create_topics()
+        p = run_cli(stage_args(b.bootstrap, ledger, "--config", str(config), "--workers", "2", "--model",
+                               "m=usermodels:hanging_model?shape=4", "--policy", fault_policy(tmp_path),
+                               "--max-events", "8", "--max-wait-ms", "500", "-v"),
+                    env=env, stdout=open(os.devnull, "w"), stderr=log.open("w"))
+        try:
+            assert wait_for(lambda: log.read_text().count("ready: ") >= 2, 180), log.read_text()[-3000:]
+            produce(b.bootstrap, events)
+
+            def done() -> bool:
+                with Ledger(ledger) as led:
+                    decided = {e.record["id"] for e in led.records(kind="decision")}
+                    dead = [e.record["reason"] for e in led.records(kind="dlq")]
+                return decided >= {e["id"] for e in events if e["id"] != "poison"} and dead == ["model_timeout"]
+
+            assert wait_for(done, 240), log.read_text()[-3000:]
+            assert p.poll() is None  # the parent runs on
+        finally:
+            rc, _ = stop(p, timeout=90)
+        text = log.read_text()
+        assert rc == 0, text[-3000:]
+        assert text.count("exited: its model call timed out; starting it again") >= 2, text[-3000:]
+        with Ledger(ledger) as led:
+            decided = [e.record["id"] for e in led.records(kind="decision")]
+        assert sorted(decided) == sorted(e["id"] for e in events if e["id"] != "poison")  # each once
 
 
 def _supervise(args, env, log: Path, done, exits: list[tuple[int, float]], limit: int = 4):

@@ -439,6 +439,13 @@ class StageConfig(KafkaSettings):
         """The largest input the stage accepts (fetch and request sizes follow it)."""
         return max(self.max_message_bytes, self.max_binary_message_bytes)
 
+    @property
+    def liveness_stall_s(self) -> float:
+        """How long /healthz lets the loop go without a poll (riskpipe.metrics.health_app):
+        the usual 300 s, and at least 60 s past ``model_timeout_s``, so a hung model call
+        meets the watchdog (which names its events) before the liveness probe."""
+        return max(300.0, self.model_timeout_s + 60.0)
+
     def kafka(self) -> KafkaSettings:
         """The settings every Kafka client of this process is built from (riskpipe.kafka_clients)."""
         return KafkaSettings(**{k: getattr(self, k) for k in KafkaSettings.model_fields})

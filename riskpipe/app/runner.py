@@ -24,6 +24,7 @@ from riskpipe.metrics import mark_worker_dead, serve
 from riskpipe.paths import data_dir
 from riskpipe.stream.broker import create_topics
 from riskpipe.stream.io import EarlyJoin, fresh_outputs
+from riskpipe.stream.watchdog import EXIT_MODEL_TIMEOUT
 
 log = logging.getLogger("riskpipe.stream")
 
@@ -99,7 +100,8 @@ def die_with_parent() -> None:
 WORKER_RESTARTS = 5
 
 
-def run_workers(n: int, argv: list[str], metrics_port: int | None, metrics_addr: str = "127.0.0.1") -> int:
+def run_workers(n: int, argv: list[str], metrics_port: int | None, metrics_addr: str = "127.0.0.1",
+                stall_seconds: float = 300.0) -> int:
     """Start ``n`` worker processes of ``riskpipe run`` in one consumer group and serve
     their aggregated metrics (prometheus_client multiprocess mode) from this process.
     Their stderr comes through this process's (``_relay``).
@@ -134,7 +136,7 @@ def run_workers(n: int, argv: list[str], metrics_port: int | None, metrics_addr:
     restarts = [0] * n
     server = None
     if metrics_port is not None:
-        server = serve(metrics_port, metrics_addr)
+        server = serve(metrics_port, metrics_addr, stall_seconds=stall_seconds)
         log.info("metrics of %d workers on %s", n, server.url)
     stopping = threading.Event()
 
@@ -157,11 +159,13 @@ def run_workers(n: int, argv: list[str], metrics_port: int | None, metrics_addr:
                     continue
                 mark_worker_dead(p.pid)  # its live gauges go now, not when the whole group ends
                 code = p.returncode
-                if code < 0 and not stopping.is_set() and restarts[i] < WORKER_RESTARTS:
+                if (code < 0 or code == EXIT_MODEL_TIMEOUT) and not stopping.is_set() and \
+                        restarts[i] < WORKER_RESTARTS:
                     restarts[i] += 1
-                    log.error("worker w%d (pid %d) was killed by %s; starting it again (restart %d of %d): the "
-                              "group reads its uncommitted batch again", i, p.pid, _signal_name(-code), restarts[i],
-                              WORKER_RESTARTS)
+                    why = ("exited: its model call timed out" if code == EXIT_MODEL_TIMEOUT
+                           else f"was killed by {_signal_name(-code)}")
+                    log.error("worker w%d (pid %d) %s; starting it again (restart %d of %d): the group reads its "
+                              "uncommitted batch again", i, p.pid, why, restarts[i], WORKER_RESTARTS)
                     procs[i] = start(i)
                     continue
                 if code < 0:  # a worker that exits non-zero has said why itself (one line, relayed)
