@@ -91,6 +91,8 @@ DLQ_REASONS = (
     "unsupported_cloudevent", "bad_id", "bad_binary_header", "binary_size_mismatch", "off_grid",
     "bad_time", "duplicate_key", "id_conflict", "output_too_large", "internal_error", "model_timeout",
 )
+# levels of a model-timeout suspect (riskpipe.stream.watchdog): hung within a batch, hung alone
+SUSPECT_LEVELS = ("batch", "alone")
 REVIEW_VERDICTS = ("confirmed_clean", "confirmed_manipulated", "unsure")
 
 # Bucket boundaries. Radii are distances in the threat-model norm, in each model's own
@@ -287,6 +289,13 @@ class StageMetrics:
             f"{PREFIX}_infrastructure_retries_total",
             "Failed attempts while paused for an unavailable component (ledger, broker or memory).",
             ["component"], registry=r)
+        self.model_hang_suspects = Gauge(
+            f"{PREFIX}_model_hang_suspects",
+            "Input positions whose certification model call ran past model_timeout_s (ledger kind model_timeout), "
+            "by level: batch (each decided alone), alone (dead-lettered model_timeout).",
+            ["level"], registry=r, multiprocess_mode="livemax")
+        for level in SUSPECT_LEVELS:
+            self.model_hang_suspects.labels(level)
         self.last_poll = Gauge(f"{PREFIX}_last_poll_timestamp_seconds",
                                "Unix time of the stage's last poll of the input topic.",
                                registry=r, multiprocess_mode="livemin")
@@ -424,6 +433,11 @@ class StageMetrics:
 
     def set_infrastructure_outage(self, on: bool) -> None:
         self.infrastructure_outage.set(1 if on else 0)
+
+    def set_model_hang_suspects(self, counts: Mapping[str, int]) -> None:
+        """The suspect positions the stage read from its ledger, by level (riskpipe.stream.watchdog)."""
+        for level in SUSPECT_LEVELS:
+            self.model_hang_suspects.labels(level).set(counts.get(level, 0))
 
     # -- start-up facts -----------------------------------------------------------
     def set_kafka_crc32c(self, implementation: str) -> None:

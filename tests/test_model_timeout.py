@@ -200,7 +200,8 @@ def test_a_model_call_that_never_returns_exits_5_and_its_event_is_dead_lettered_
     with EmbeddedBroker() as b:
         b.create_topics()
         args = stage_args(b.bootstrap, ledger, "--config", str(config), "--model", "m=usermodels:hanging_model?shape=4",
-                          "--policy", fault_policy(tmp_path), "--max-events", "8", "--max-wait-ms", "500", "-v")
+                          "--policy", fault_policy(tmp_path), "--max-events", "8", "--max-wait-ms", "500",
+                          "--metrics-port", "0", "-v")
         first = run_cli(args, env=env, stdout=open(os.devnull, "w"), stderr=log.open("a"))
         try:
             assert wait_for(lambda: ready_with_partitions(log.read_text()) or first.poll() is not None, 180), \
@@ -228,6 +229,12 @@ def test_a_model_call_that_never_returns_exits_5_and_its_event_is_dead_lettered_
             assert len(exits) >= 1
             produce(b.bootstrap, later)  # the stage runs on
             assert wait_for(lambda: set(decided_ids()) >= {e["id"] for e in later}, 120), log.read_text()[-3000:]
+            url = re.findall(r"metrics on (http://\S+)", log.read_text())[-1]
+            with urllib.request.urlopen(url, timeout=10) as r:
+                scrape = r.read().decode()
+            assert 'riskpipe_model_hang_suspects{level="alone"} 1.0' in scrape
+            assert 'riskpipe_model_hang_suspects{level="batch"} ' in scrape  # the innocent ones, decided alone
+            assert 'riskpipe_dlq_messages_total{reason="model_timeout"} 1.0' in scrape
         finally:
             rc, _ = stop(p, timeout=60)
         assert rc == 0, log.read_text()[-3000:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from riskpipe.certify.certificate import MODEL_FAULT
@@ -128,6 +129,11 @@ class Observer:
                 self.metrics.broker_error(type(e).__name__)
                 self.metrics.set_broker_up(False)
                 self.metrics.reconnect()
+
+    def suspects(self, counts: Mapping[str, int]) -> None:
+        """The model-timeout suspects read from the ledger, by level (riskpipe.stream.watchdog)."""
+        if self.metrics:
+            self.metrics.set_model_hang_suspects(counts)
 
     def outage_over(self) -> None:
         if self.metrics:

@@ -395,6 +395,7 @@ class Stage:
             rows = self.ledger.entries_with_prefix("", SUSPECT_KIND)
             self.decider.suspects = Suspects([e.record for e in rows])
             self._suspects_read = True
+            self.observer.suspects(self.decider.suspects.counts())
             if rows:
                 log.warning("%d positions whose model call ran past model_timeout_s: decided alone, or "
                             "dead-lettered (model_timeout) if they hung alone", len(self.decider.suspects))

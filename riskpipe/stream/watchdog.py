@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+from riskpipe.metrics import SUSPECT_LEVELS
 from riskpipe.stream.ports import Message
 from riskpipe.timestamps import rfc3339_millis
 
@@ -48,7 +49,7 @@ log = logging.getLogger("riskpipe.stream")
 KIND = "model_timeout"  # ledger kind of a suspect
 MODEL_TIMEOUT = "model_timeout"  # dead-letter reason of an event that hung alone
 EXIT_MODEL_TIMEOUT = 5  # the process's exit status when the watchdog ends it
-BATCH, ALONE = "batch", "alone"  # hung within a batch of several events / in a call of its own
+BATCH, ALONE = SUSPECT_LEVELS  # hung within a batch of several events / in a call of its own
 
 
 def _digest(m: Message) -> str:
@@ -86,6 +87,14 @@ class Suspects:
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._at.values())
+
+    def counts(self) -> dict[str, int]:
+        """How many suspects of each level."""
+        out = {BATCH: 0, ALONE: 0}
+        for levels in self._at.values():
+            for level in levels.values():
+                out[level] = out.get(level, 0) + 1
+        return out
 
     def level(self, m: Message) -> str | None:
         """``ALONE``, ``BATCH`` or None (not a suspect) for message ``m``."""
