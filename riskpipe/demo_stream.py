@@ -55,7 +55,8 @@ def malformed_events(x: np.ndarray, max_bytes: int, taken: dict) -> list[tuple[s
     full record, which echoes its context, cannot fit the output limit.
 
     Not here: ``off_grid`` (only a policy with the sound sampler has a grid; the demo's
-    is Gaussian) and ``internal_error`` (a fault of the stage, not of the input)."""
+    is Gaussian), ``internal_error`` (a fault of the stage, not of the input) and
+    ``model_timeout`` (a model that never returns on an input: the demo's always does)."""
 
     good = make_event("bad-0", "digits", x)
     flat = good["inputs"][0]["data"]
