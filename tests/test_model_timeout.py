@@ -77,10 +77,11 @@ def test_the_watchdog_records_the_calls_events_and_exits_only_past_the_timeout()
     assert s.level(Message(b"another payload", "in", 0, 11)) is None  # a position used again: not the suspect
 
 
-def test_a_stage_on_a_file_exits_5_until_the_event_that_hangs_alone_is_dead_lettered(tmp_path):
+def test_a_stage_on_a_file_exits_5_until_the_event_that_hangs_alone_is_dead_lettered(tmp_path, target):
     """The offline stage (a file source: positions ``file:PATH``) restarted as a supervisor
     would: the batch hangs (exit 5), the poison hangs alone (exit 5), then it is
-    dead-lettered and every other event decided once."""
+    dead-lettered and every other event decided once. On SQLite and on PostgreSQL (the
+    ledger replicas share): the watchdog records on a connection of its own."""
     healthy, bad = fault_inputs(6, 1)
     events = [make_event(f"ok-{i}", "m", x, upstream_risk=0.1) for i, x in enumerate(healthy)]
     events[2:2] = [make_event("poison", "m", bad[0], upstream_risk=0.1)]
@@ -88,7 +89,7 @@ def test_a_stage_on_a_file_exits_5_until_the_event_that_hangs_alone_is_dead_lett
     src.write_text("".join(json.dumps(e) + "\n" for e in events))
     config = tmp_path / "riskpipe.yaml"
     config.write_text(f"model_timeout_s: {TIMEOUT_S}\n")
-    ledger = str(tmp_path / "ledger.db")
+    ledger = target
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     args = ["run", "--config", str(config), "--model", "m=usermodels:hanging_model?shape=4", "--policy",
             fault_policy(tmp_path), "--source", f"jsonl:{src}", "--sink", f"jsonl:{tmp_path / 'out'}", "--ledger",
