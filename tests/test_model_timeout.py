@@ -148,6 +148,8 @@ def test_riskpipe_run_workers_starts_a_worker_that_exits_5_again(tmp_path):
 
             assert wait_for(done, 240), log.read_text()[-3000:]
             assert p.poll() is None  # the parent runs on
+            # every worker started again is up before the stop (one still loading dies of SIGTERM: 143)
+            assert wait_for(lambda: (t := log.read_text()).count("ready: ") >= 2 + t.count("starting it again"), 180)
         finally:
             rc, _ = stop(p, timeout=90)
         text = log.read_text()
