@@ -88,6 +88,24 @@ def ready_with_partitions(log_text: str) -> bool:
     return "partitions assigned: ['" in log_text and "riskpipe.status: ready: " in log_text
 
 
+def children(pid: int) -> list[int]:
+    """The process ids of ``pid``'s children (every thread's)."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper that never comes counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def wait_for(pred, timeout: float = 60.0, interval: float = 0.2) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -1,7 +1,6 @@
 """Lifecycle: ``riskpipe broker`` never leaves Tansu running after it dies (SIGKILL
 included); ``riskpipe run --idle-exit`` counts idle time only while it holds partitions."""
 
-import os
 import signal
 import socket
 import subprocess
@@ -10,24 +9,9 @@ import time
 
 import pytest
 
+from streamkit import alive, children
+
 pytestmark = pytest.mark.broker
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            out += [int(c) for c in f.read().split()]
-    return out
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie waiting for a reaper that never comes counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def port_free(port: int) -> bool:

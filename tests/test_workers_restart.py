@@ -5,29 +5,40 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 
 import numpy as np
 import pytest
 
 from riskpipe.stream.broker import EmbeddedBroker
-from streamkit import consume_all, ledger_ids, policy_with, produce, run_cli, stage_args, stop, tabular_event, wait_for
+from streamkit import (
+    alive,
+    children,
+    consume_all,
+    ledger_ids,
+    policy_with,
+    produce,
+    run_cli,
+    stage_args,
+    stop,
+    tabular_event,
+    wait_for,
+)
 from usermodels import tabular_model
 
 pytestmark = pytest.mark.broker
 
 
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(x) for x in out.split()]
-
-
-def test_a_worker_killed_with_sigkill_is_reported_and_started_again_and_nothing_is_lost(tmp_path):
+def _wine_stage(tmp_path, prefix: str, n: int):
+    """A user's tabular model, a cheap smoothing policy and ``n`` events for it."""
     um = tabular_model(tmp_path)
     policy = policy_with(tmp_path, certifier={"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01,
                                               "max_samples": 200})
     X = np.load(um.data)["X"]
-    events = [tabular_event(f"k-{i}", X[i % len(X)]) for i in range(120)]
+    return um, policy, [tabular_event(f"{prefix}-{i}", X[i % len(X)]) for i in range(n)]
+
+
+def test_a_worker_killed_with_sigkill_is_reported_and_started_again_and_nothing_is_lost(tmp_path):
+    um, policy, events = _wine_stage(tmp_path, "k", 120)
     ledger = str(tmp_path / "l.db")
     log = tmp_path / "run.log"
     with EmbeddedBroker() as b:
@@ -40,12 +51,12 @@ def test_a_worker_killed_with_sigkill_is_reported_and_started_again_and_nothing_
             assert wait_for(lambda: log.read_text().count("ready: ") >= 2, 180), log.read_text()[-2000:]
             produce(b.bootstrap, events[:60])
             assert wait_for(lambda: len(ledger_ids(ledger)) >= 20, 120)
-            victim = _children(p.pid)[0]
+            victim = children(p.pid)[0]
             os.kill(victim, signal.SIGKILL)
             produce(b.bootstrap, events[60:])
             assert wait_for(lambda: "was killed by SIGKILL; starting it again" in log.read_text(), 30)
             # started again: two workers again, and it reads events once more
-            assert wait_for(lambda: len(_children(p.pid)) == 2 and victim not in _children(p.pid), 30)
+            assert wait_for(lambda: len(children(p.pid)) == 2 and victim not in children(p.pid), 30)
             assert wait_for(lambda: log.read_text().count("ready: ") >= 3, 180)
             assert wait_for(lambda: len(ledger_ids(ledger)) >= 120, 180)
         finally:
@@ -58,26 +69,13 @@ def test_a_worker_killed_with_sigkill_is_reported_and_started_again_and_nothing_
     assert "Traceback" not in log.read_text()
 
 
-def _alive(pid: int) -> bool:
-    """Running (not gone, not a zombie waiting to be reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
 def test_the_workers_of_a_parent_killed_with_sigkill_stop_cleanly_with_it(tmp_path):
     """A SIGKILLed parent (OOM killer, kill -9) left its workers running as orphans,
     consuming beside the workers of a parent started in its place. Now each worker is
     sent SIGTERM by the kernel when its parent ends and stops as it does on SIGTERM:
     every event it took decided once, committed; a new run decides the rest, nothing twice."""
-    um = tabular_model(tmp_path)
-    policy = policy_with(tmp_path, certifier={"method": "smoothing", "mode": "decide", "sigma": 0.25, "alpha": 0.01,
-                                              "max_samples": 200})
-    X = np.load(um.data)["X"]
-    events = [tabular_event(f"o-{i}", X[i % len(X)]) for i in range(80)]
+    um, policy, events = _wine_stage(tmp_path, "o", 80)
     ledger = str(tmp_path / "l.db")
     with EmbeddedBroker() as b:
         b.create_topics(["inferences"], partitions=4)
@@ -89,17 +87,17 @@ def test_the_workers_of_a_parent_killed_with_sigkill_stop_cleanly_with_it(tmp_pa
         workers: list[int] = []
         try:
             assert wait_for(lambda: log.read_text().count("ready: ") >= 2, 180), log.read_text()[-2000:]
-            workers = _children(p.pid)
+            workers = children(p.pid)
             assert len(workers) == 2
             produce(b.bootstrap, events[:40])
             assert wait_for(lambda: len(ledger_ids(ledger)) >= 8, 120)
             p.kill()  # SIGKILL: the parent cannot forward anything
             p.wait(timeout=10)
-            assert wait_for(lambda: not any(_alive(w) for w in workers), 60), [w for w in workers if _alive(w)]
+            assert wait_for(lambda: not any(alive(w) for w in workers), 60), [w for w in workers if alive(w)]
         finally:
             stop(p)
             for w in workers:  # orphans, if they outlived it (by pid: they are no longer its children)
-                if _alive(w):
+                if alive(w):
                     os.kill(w, signal.SIGKILL)
         # a new run in the parent's place decides the rest; nothing is decided twice
         produce(b.bootstrap, events[40:])
