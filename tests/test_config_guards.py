@@ -40,6 +40,22 @@ def test_each_topic_role_has_its_own_topic(tmp_path, topics, message):
     assert Topics().all == ("inferences", "decisions", "review", "audit", "dlq")  # the defaults differ
 
 
+@pytest.mark.parametrize("yaml_text,role", [
+    ("checkpoint:\n  key_file: k.pem\n  topic: inferences\n", "input"),
+    ("topics:\n  dlq: dead\ncheckpoint:\n  key_file: k.pem\n  topic: dead\n", "dlq"),
+    ("checkpoint:\n  key_file: k.pem\n  topic: decisions\n", "decisions"),
+])
+def test_the_checkpoints_topic_is_none_of_the_stage_topics(tmp_path, yaml_text, role):
+    """A checkpoints topic that is the input fed the stage its own signed notes (a dead letter
+    each, until the DLQ guard stopped it); one that is an output mixed notes into records."""
+    cfg = tmp_path / "riskpipe.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=f"checkpoint.topic: .* is the {role} topic .*a topic of their own"):
+        load_config(str(cfg))
+    cfg.write_text("checkpoint:\n  key_file: k.pem\n  topic: signed-checkpoints\n")
+    assert load_config(str(cfg)).checkpoints_topic() == "signed-checkpoints"
+
+
 @pytest.mark.parametrize("args,option", [
     (["--sink", "out_typo/"], "--sink"), (["--source", "bogus:x"], "--source"), (["--source", "jsonl:"], "--source"),
 ])

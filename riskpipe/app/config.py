@@ -434,6 +434,18 @@ class StageConfig(KafkaSettings):
                              "list only models other stages decide")
         return self
 
+    @model_validator(mode="after")
+    def _checkpoint_topic(self) -> StageConfig:
+        """``checkpoint.topic`` is none of the stage's topics: the input would feed the stage
+        its own signed notes (each a dead letter, until the DLQ guard stops the stage), and an
+        output would mix them into the decisions or the dead letters their readers parse."""
+        topic = self.checkpoint.topic if self.checkpoint is not None else None
+        roles = {str(getattr(self.topics, r)): r for r in ("input", *OUTPUT_KINDS)}
+        if topic is not None and str(topic) in roles:
+            raise ValueError(f"checkpoint.topic: {topic!r} is the {roles[str(topic)]} topic (topics."
+                             f"{roles[str(topic)]}); signed checkpoints need a topic of their own")
+        return self
+
     @property
     def largest_message_bytes(self) -> int:
         """The largest input the stage accepts (fetch and request sizes follow it)."""
