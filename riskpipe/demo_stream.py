@@ -159,7 +159,7 @@ def run_demo(out_dir: Path, ledger_path: Path, n_clean: int | None = None, n_att
         events = build_events(model, n_clean, n_attacked, attack_eps, config.max_message_bytes)
         total = len(events.messages)
         metrics = StageMetrics()
-        server = metrics.serve(metrics_port)
+        server = metrics.serve(metrics_port, config.liveness_stall_s)
         echo(f"metrics on {server.url}")
 
         ledger = Ledger(str(ledger_path))

@@ -447,9 +447,9 @@ class StageMetrics:
         self.certify_batch_size.labels(_label(model), _label(source)).set(int(size))
 
     # -- exposition ----------------------------------------------------------------
-    def serve(self, port: int, addr: str = "127.0.0.1", stall_seconds: float = 300.0) -> MetricsServer:
+    def serve(self, port: int, stall_seconds: float, addr: str = "127.0.0.1") -> MetricsServer:
         """Serve this instance's metrics (all workers' in multiprocess mode)."""
-        return serve(port, addr, None if multiprocess_enabled() else self.registry, stall_seconds)
+        return serve(port, stall_seconds, addr, None if multiprocess_enabled() else self.registry)
 
 
 def build_info(r: CollectorRegistry) -> _InfoMetric:
@@ -617,8 +617,8 @@ def health_app(registry: CollectorRegistry, stall_seconds: float):
     return app
 
 
-def serve(port: int, addr: str = "127.0.0.1", registry: CollectorRegistry | None = None,
-          stall_seconds: float = 300.0) -> MetricsServer:
+def serve(port: int, stall_seconds: float, addr: str = "127.0.0.1",
+          registry: CollectorRegistry | None = None) -> MetricsServer:
     """Serve ``/metrics`` and ``/healthz`` on ``addr:port`` in a daemon thread.
 
     ``port=0`` picks a free port (see ``.port``). ``registry=None`` serves all

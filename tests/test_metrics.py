@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from riskpipe.app.config import LIVENESS_STALL_S
 from riskpipe.metrics import (
     ReviewMetrics,
     StageMetrics,
@@ -244,7 +245,7 @@ def test_promtool_check_metrics_lints_a_real_scrape() -> None:
     m.decision(_record())
     m.set_lag("inferences", 0, 3)
     m.dlq("invalid_json")
-    server = m.serve(0)
+    server = m.serve(0, LIVENESS_STALL_S)
     try:
         scrape = urllib.request.urlopen(server.url, timeout=5).read()
     finally:
@@ -260,7 +261,7 @@ def test_promtool_check_metrics_lints_a_real_scrape() -> None:
 
 def test_serve_metrics_and_healthz() -> None:
     m = StageMetrics()
-    server = m.serve(0)
+    server = m.serve(0, LIVENESS_STALL_S)
     try:
         base = f"http://127.0.0.1:{server.port}"
         assert urllib.request.urlopen(f"{base}/healthz", timeout=5).read() == b"ok\n"
@@ -280,7 +281,7 @@ def test_serve_metrics_and_healthz() -> None:
 
 def test_serve_rejects_a_bad_port() -> None:
     with pytest.raises(ValueError, match="metrics_port"):
-        StageMetrics().serve(70000)
+        StageMetrics().serve(70000, LIVENESS_STALL_S)
 
 
 def test_a_partition_read_has_its_recreation_counter_at_zero_before_it_counts() -> None:

@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from riskpipe import metrics
+from riskpipe.app.config import LIVENESS_STALL_S
 
 WORKER = textwrap.dedent("""
     import os, sys
@@ -85,7 +86,7 @@ def test_parent_serves_all_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     _run_workers(tmp_path, 2)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    server = metrics.serve(0)
+    server = metrics.serve(0, LIVENESS_STALL_S)
     try:
         body = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5).read()
     finally:

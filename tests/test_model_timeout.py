@@ -44,7 +44,7 @@ def test_model_timeout_s_is_checked_and_the_liveness_probe_waits_past_it():
     metrics = StageMetrics()
     metrics.last_poll.set(time.time() - 400)  # a certification call running for 400 s
     for stall, status in ((300.0, 503), (load_config(None, model_timeout_s=600).liveness_stall_s, 200)):
-        server = metrics.serve(0, stall_seconds=stall)
+        server = metrics.serve(0, stall)
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as r:
                 got = r.status

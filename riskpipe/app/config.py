@@ -125,6 +125,13 @@ from riskpipe.redaction import register_secret
 # 2^20 no model call fits in memory (riskpipe.app.compose also bounds it by the input size).
 MAX_CERTIFY_BATCH_SIZE = 1 << 20
 
+# how long a ledger or broker outage is ridden out by default (``infrastructure_timeout_s``;
+# ``ledger ingest`` rides out the ledger's for as long)
+INFRASTRUCTURE_TIMEOUT_S = 300.0
+# how long /healthz lets the stage's loop go without a poll at the least
+# (``StageConfig.liveness_stall_s``, the only source of the figure for every server of it)
+LIVENESS_STALL_S = 300.0
+
 
 def default_policy_path() -> str:
     """The packaged default policy (riskpipe/policies/; the checkout's policies/ links to it)."""
@@ -393,7 +400,7 @@ class StageConfig(KafkaSettings):
     worker_id: str | None = None
     # a ledger or broker outage longer than this stops the stage (non-zero exit, nothing
     # undecided committed); shorter ones are ridden out (riskpipe.stream.infra)
-    infrastructure_timeout_s: float = Field(300.0, gt=0, le=86_400)
+    infrastructure_timeout_s: float = Field(INFRASTRUCTURE_TIMEOUT_S, gt=0, le=86_400)
     # the longest one certification model call may run; past it the stage records the call's
     # events as suspects and exits 5 (riskpipe.stream.watchdog)
     model_timeout_s: float = Field(240.0, gt=0, le=86_400)
@@ -456,7 +463,7 @@ class StageConfig(KafkaSettings):
         """How long /healthz lets the loop go without a poll (riskpipe.metrics.health_app):
         the usual 300 s, and at least 60 s past ``model_timeout_s``, so a hung model call
         meets the watchdog (which names its events) before the liveness probe."""
-        return max(300.0, self.model_timeout_s + 60.0)
+        return max(LIVENESS_STALL_S, self.model_timeout_s + 60.0)
 
     def kafka(self) -> KafkaSettings:
         """The settings every Kafka client of this process is built from (riskpipe.kafka_clients)."""

@@ -100,8 +100,8 @@ def die_with_parent() -> None:
 WORKER_RESTARTS = 5
 
 
-def run_workers(n: int, argv: list[str], metrics_port: int | None, metrics_addr: str = "127.0.0.1",
-                stall_seconds: float = 300.0) -> int:
+def run_workers(n: int, argv: list[str], metrics_port: int | None, stall_seconds: float,
+                metrics_addr: str = "127.0.0.1") -> int:
     """Start ``n`` worker processes of ``riskpipe run`` in one consumer group and serve
     their aggregated metrics (prometheus_client multiprocess mode) from this process.
     Their stderr comes through this process's (``_relay``).
@@ -136,7 +136,7 @@ def run_workers(n: int, argv: list[str], metrics_port: int | None, metrics_addr:
     restarts = [0] * n
     server = None
     if metrics_port is not None:
-        server = serve(metrics_port, metrics_addr, stall_seconds=stall_seconds)
+        server = serve(metrics_port, stall_seconds, metrics_addr)
         log.info("metrics of %d workers on %s", n, server.url)
     stopping = threading.Event()
 

@@ -19,7 +19,7 @@ from kafka import OffsetAndMetadata
 from kafka.errors import CommitFailedError, KafkaError
 
 from riskpipe import json_text, kafka_clients
-from riskpipe.app.config import ConfigError, load_config
+from riskpipe.app.config import INFRASTRUCTURE_TIMEOUT_S, ConfigError, load_config
 from riskpipe.cli.common import fail, read_inputs, read_public_keys, working
 from riskpipe.decisions import DECISIONS
 from riskpipe.ledger import KINDS, LedgerError, canonical_json, dlq_record, merkle, open_ledger, policy_record
@@ -448,11 +448,6 @@ def _dlq_entry(msg, ts: str, where: dict[str, Any]) -> tuple[str, dict, str | No
     return ("dlq", rec, eid)
 
 
-# how long ``ledger ingest`` rides out an unavailable ledger (the stage's default
-# ``infrastructure_timeout_s``) before it exits 4, nothing committed past the last write
-INGEST_LEDGER_TIMEOUT_S = 300.0
-
-
 def _ledger_call(call: Callable[[], Any], what: str, timeout_s: float, echo) -> Any:
     """``call()``, retried with the stage's backoff while it fails because the ledger is
     unavailable (PostgreSQL down or restarting, a SQLite file locked by another writer):
@@ -481,11 +476,12 @@ def _ledger_call(call: Callable[[], Any], what: str, timeout_s: float, echo) -> 
 
 def ingest_topics(kafka, topic_kinds: dict[str, str], ledger_path: str, group_id: str,
                   until_idle: float | None = None, max_records: int = 500, echo=click.echo,
-                  ledger_timeout_s: float = INGEST_LEDGER_TIMEOUT_S) -> dict:
+                  ledger_timeout_s: float = INFRASTRUCTURE_TIMEOUT_S) -> dict:
     """Consume the topics into the ledger. Offsets are committed only after the ledger
     transaction, so a crash re-delivers and the idempotent append drops the copies;
     several workers in one group share partitions and one ledger file.
-    An unavailable ledger (at open or at a write) is waited for (``_ledger_call``); a
+    An unavailable ledger (at open or at a write) is waited for (``_ledger_call``) up to
+    ``ledger_timeout_s``, by default the stage's ``infrastructure_timeout_s``; a
     commit refused because the group rebalanced meanwhile is skipped (the rows are
     written: whoever reads the messages again appends nothing new).
     ``kafka``: :class:`riskpipe.kafka_clients.KafkaSettings`."""

@@ -127,8 +127,8 @@ def _run_workers(config, workers: int) -> None:
     value); the pipeline is the workers' to build, each while it joins the group
     (riskpipe.app.runner), so the parent never loads torch."""
 
-    sys.exit(run_workers(workers, _worker_argv(sys.argv[2:]), config.metrics_port, config.metrics_addr,
-                         config.liveness_stall_s))
+    sys.exit(run_workers(workers, _worker_argv(sys.argv[2:]), config.metrics_port, config.liveness_stall_s,
+                         config.metrics_addr))
 
 
 def _run_one(config, config_path: str | None, source: str | None, sink: str | None, idle_exit: float | None,
@@ -139,7 +139,7 @@ def _run_one(config, config_path: str | None, source: str | None, sink: str | No
     with startup_errors(config_path):
         metrics = StageMetrics()
         if config.metrics_port is not None and serve_metrics:
-            server = metrics.serve(config.metrics_port, config.metrics_addr, config.liveness_stall_s)
+            server = metrics.serve(config.metrics_port, config.liveness_stall_s, config.metrics_addr)
             click.echo(f"metrics on {server.url}", err=True)
 
         try:
