@@ -139,6 +139,7 @@ def default_policy_path() -> str:
 
 
 OUTPUT_KINDS = ("decisions", "review", "audit", "dlq")  # what the stage writes; Topics names each one's topic
+TOPIC_ROLES = ("input", *OUTPUT_KINDS)  # what the stage reads and writes, in Topics' order
 
 
 class Topics(BaseModel):
@@ -155,12 +156,20 @@ class Topics(BaseModel):
         DLQ would publish radii and full records to whoever reads decisions (the disclosure
         control), and an output that is the input would feed the stage its own records."""
         seen: dict[str, str] = {}
-        for role in ("input", *OUTPUT_KINDS):
-            topic = str(getattr(self, role))
+        for role, topic in self.by_role.items():
             if topic in seen:
                 raise ValueError(f"{role} and {seen[topic]} are both {topic!r}: each needs a topic of its own")
             seen[topic] = role
         return self
+
+    @property
+    def by_role(self) -> dict[str, str]:
+        """Each role's topic, in ``TOPIC_ROLES`` order (distinct: ``_distinct``)."""
+        return {role: str(getattr(self, role)) for role in TOPIC_ROLES}
+
+    def role_of(self, topic: str) -> str | None:
+        """The role of ``topic`` among the stage's topics; None for any other topic."""
+        return next((role for role, t in self.by_role.items() if t == topic), None)
 
     @property
     def outputs(self) -> tuple[str, str, str, str]:
@@ -447,10 +456,10 @@ class StageConfig(KafkaSettings):
         its own signed notes (each a dead letter, until the DLQ guard stops the stage), and an
         output would mix them into the decisions or the dead letters their readers parse."""
         topic = self.checkpoint.topic if self.checkpoint is not None else None
-        roles = {str(getattr(self.topics, r)): r for r in ("input", *OUTPUT_KINDS)}
-        if topic is not None and str(topic) in roles:
-            raise ValueError(f"checkpoint.topic: {topic!r} is the {roles[str(topic)]} topic (topics."
-                             f"{roles[str(topic)]}); signed checkpoints need a topic of their own")
+        role = self.topics.role_of(str(topic)) if topic is not None else None
+        if role is not None:
+            raise ValueError(f"checkpoint.topic: {topic!r} is the {role} topic (topics.{role}); "
+                             "signed checkpoints need a topic of their own")
         return self
 
     @property
