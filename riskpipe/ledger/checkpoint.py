@@ -283,7 +283,7 @@ class Checkpointer:
     is published again.
 
     Its count starts from the ledger, not from 0: at its first call it reads how many
-    leaves the tree has past the largest checkpoint its key signed (``resume``), and
+    leaves the tree has past the largest checkpoint its key signed (``_left_unsigned``), and
     signs at once if some of them are not the ``n`` it was just told of: rows a run
     killed before its clean stop left unsigned, or that this stage wrote before any
     batch (its ``policy`` rows). Before, a restarted stage counted from 0, so the tail
@@ -305,25 +305,27 @@ class Checkpointer:
         self.clock = clock or time.monotonic
         self.last_time = self.clock()
         self.rows_since = 0
-        self.resumed = False  # rows_since read from the ledger (at the first call)
+        self.resumed = False  # the ledger's unsigned tail read (at the first call)
         self.made = 0
         self.publish_failures = 0
         self.last: Checkpoint | None = None
 
     def __call__(self, ledger: Ledger, written: int) -> Checkpoint | None:
-        if not self.resumed and self.resume(ledger) > written:
+        if self._left_unsigned(ledger) > written:
             return self._sign(ledger)  # rows left unsigned before this run: not held until the counters are due
         self.rows_since += written
         due = (self.every_records and self.rows_since >= self.every_records) or (
             self.every_seconds and self.rows_since and self.clock() - self.last_time >= self.every_seconds)
         return self._sign(ledger) if due else None
 
-    def resume(self, ledger: Ledger) -> int:
-        """Start counting from the ledger: the rows (sequenced or pending) past the largest
-        tree this key signed there, which includes the ``written`` rows of the call that
-        resumes (so ``rows_since`` starts at 0 and counts them as usual). Returns that
-        number. A ledger smaller than what the key signed (rolled back) counts 0 here; the
-        next ``_sign`` refuses it (``refuse_fork``)."""
+    def _left_unsigned(self, ledger: Ledger) -> int:
+        """At the first call only (0 after it): the rows (sequenced or pending) past the
+        largest tree this key signed in the ledger, which includes the ``written`` rows of
+        the call that asks (so ``rows_since`` starts at 0 and counts them as usual). A
+        ledger smaller than what the key signed (rolled back) counts 0 here; the next
+        ``_sign`` refuses it (``refuse_fork``)."""
+        if self.resumed:
+            return 0
         signed = _largest_signed(ledger, self.key.public_key())
         unsigned = ledger.tree_head()[0] + ledger.pending() - (signed.tree_size if signed else 0)
         self.resumed = True
@@ -342,9 +344,8 @@ class Checkpointer:
         """Sign what was written since the last checkpoint, due or not: the stage calls it
         when it stops cleanly, so the rows of its last minutes are not left unsigned
         until some later run writes more."""
-        if not self.resumed and self.resume(ledger):
-            return self._sign(ledger)  # the rows an earlier run left unsigned, even if this one wrote none
-        return self._sign(ledger) if self.rows_since else None
+        # the rows an earlier run left unsigned are signed even if this one wrote none
+        return self._sign(ledger) if self._left_unsigned(ledger) or self.rows_since else None
 
     def _publish(self, cp: Checkpoint, topic: str) -> None:
         try:  # a producer per checkpoint (one a minute or so): nothing to close when the stage ends
