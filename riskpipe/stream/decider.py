@@ -48,10 +48,11 @@ log = logging.getLogger("riskpipe.stream")
 class Decider:
     """Decides batches with ``pipeline`` (its models, certifiers and policies); ``topics``
     names the outputs; the limits are the config's ``max_message_bytes``,
-    ``max_binary_message_bytes`` and ``max_output_bytes``."""
+    ``max_binary_message_bytes`` and ``max_output_bytes``; ``watchdog`` (the stage's)
+    watches each certification call and ends the process past ``model_timeout_s``."""
 
     def __init__(self, pipeline: Pipeline, topics, *, max_message_bytes: int, max_binary_message_bytes: int,
-                 max_output_bytes: int, other_models: Collection[str] = ()):
+                 max_output_bytes: int, other_models: Collection[str] = (), watchdog: Watchdog | None = None):
         self.pipeline = pipeline
         self.topics = topics
         self.max_message_bytes = max_message_bytes
@@ -59,14 +60,14 @@ class Decider:
         self.max_output_bytes = max_output_bytes
         self.other_models = frozenset(other_models)  # served by other stages on the input topic: skipped
         self.suspects = Suspects()  # positions whose model call timed out (the stage reads them from its ledger)
-        self.watchdog: Watchdog | None = None  # ends the process past model_timeout_s (set by the stage)
+        self.watchdog = watchdog
 
     @classmethod
-    def for_config(cls, pipeline: Pipeline, config) -> Decider:
+    def for_config(cls, pipeline: Pipeline, config, watchdog: Watchdog | None = None) -> Decider:
         """A decider with the topics and size limits of the stage's ``config``."""
         return cls(pipeline, config.topics, max_message_bytes=config.max_message_bytes,
                    max_binary_message_bytes=config.max_binary_message_bytes,
-                   max_output_bytes=config.max_output_bytes, other_models=config.other_models)
+                   max_output_bytes=config.max_output_bytes, other_models=config.other_models, watchdog=watchdog)
 
     def parse(self, msgs: list[Message]) -> Parsed:
         """Every message parsed and validated on its own: accepted events, dead letters

@@ -76,8 +76,8 @@ class Stage:
         self.batcher = Batcher(config.batch.max_events, config.batch.max_wait_ms)
         self.guards = Guards(config.guard)
         self.committer = Committer(ledger, config.topics.dlq, after_commit, config.max_output_bytes)
-        self.decider = Decider.for_config(pipeline, config)
-        self.watchdog = self.decider.watchdog = Watchdog(config.model_timeout_s, self._record_suspects)
+        self.watchdog = Watchdog(config.model_timeout_s, self._record_suspects)
+        self.decider = Decider.for_config(pipeline, config, self.watchdog)
         self._suspects_read = False  # read from the ledger before the next batch (at start, after a rebalance)
         pipeline.store_inputs = ledger is not None  # large inputs: once in the ledger, referenced by records
         self.observer = Observer(metrics, on_record, on_batch,
