@@ -468,7 +468,7 @@ def _ledger_call(call: Callable[[], Any], what: str, timeout_s: float, echo) -> 
             waited = now - outage.since
             if waited > timeout_s:
                 fail(f"ledger ingest: {InfrastructureUnavailable(LEDGER, waited, timeout_s, e)}", code=4)
-            delay = min(outage.next_delay(), timeout_s - waited + 0.05)
+            delay = outage.next_delay(timeout_s - waited)
             echo(f"ledger ingest: ledger unavailable {what} ({type(e).__name__}: {_short(' '.join(str(e).split()))}); "
                  f"retry {outage.retries} in {delay:.2f} s ({waited:.1f} s of {timeout_s:g} s)", err=True)
             time.sleep(delay)

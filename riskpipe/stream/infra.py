@@ -195,8 +195,9 @@ class Outage:
         return any(m.topic == topic and m.partition == partition and m.offset > offset for m in messages)
     rng: random.Random = field(default_factory=random.Random)
 
-    def next_delay(self) -> float:
-        """Bounded exponential backoff with equal jitter: in [d/2, d], d = min(CAP_S, BASE_S * 2^retries)."""
+    def next_delay(self, left_s: float) -> float:
+        """Bounded exponential backoff with equal jitter: in [d/2, d], d = min(CAP_S, BASE_S * 2^retries),
+        and at most just past the ``left_s`` seconds left of the timeout (the last retry comes after it)."""
         d = min(CAP_S, BASE_S * 2 ** min(self.retries, 16))
         self.retries += 1
-        return d / 2 + self.rng.uniform(0, d / 2)
+        return min(d / 2 + self.rng.uniform(0, d / 2), left_s + 0.05)

@@ -268,7 +268,7 @@ class Stage:
         if waited > timeout:
             self._close()
             raise InfrastructureUnavailable(component, waited, timeout, e) from e
-        delay = min(self.outage.next_delay(), timeout - waited + 0.05)
+        delay = self.outage.next_delay(timeout - waited)
         log.warning("%s unavailable (%s: %s); consumption paused, retry %d in %.2f s (%.1f s of %g s)", component,
                     type(e).__name__, redact(" ".join(str(e).split()))[:300], self.outage.retries, delay, waited,
                     timeout)
