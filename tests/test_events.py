@@ -2,6 +2,7 @@
 
 import json
 import math
+import unicodedata
 
 import jsonschema
 import numpy as np
@@ -165,6 +166,19 @@ def test_ids_are_unicode_text_without_control_characters(models):
     # a lone surrogate can only arrive as a JSON escape
     assert _reason(_mut(id="PLACEHOLDER").replace(b"PLACEHOLDER", b"\\ud800"), models) == "bad_id"
     assert parse_event(_mut(id="ünïcødé-✓"), [], models).id == "ünïcødé-✓"
+
+
+def test_an_id_spelled_otherwise_than_its_composed_form_is_refused(models):
+    """"café" as "cafe" + U+0301 shows as the composed "café" but is another string: a
+    re-sent event under it was a new event, not a duplicate or an id conflict, and two
+    review items showed one id. Ids are refused unless in Unicode NFC, naming the form."""
+    composed = "evt-café-한"
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert decomposed != composed
+    with pytest.raises(EventError, match=r"id: .*is not in Unicode NFC form.*'evt-caf\\\\xe9-\\\\ud55c'") as e:
+        parse_event(_mut(id=decomposed), [], models)
+    assert e.value.code == "bad_id"
+    assert parse_event(_mut(id=composed), [], models).id == composed
 
 
 def test_every_number_is_bounded_and_finite(models):

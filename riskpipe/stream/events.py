@@ -252,6 +252,28 @@ class OtherModel(Exception):
         self.model = model
 
 
+def _check_shown_id(eid: str) -> None:
+    """A non-ASCII id must show as itself alone: bidi overrides, zero-width and other
+    invisible format characters, line and paragraph separators (an id that shows as
+    another one, or breaks its line in the review console, a report, a log), and a
+    spelling other than Unicode NFC ("e" + U+0301 for "\u00e9", which shows as the
+    composed one: a re-sent event under it would be a new event, not a duplicate or an
+    id conflict) make it no identifier."""
+    def shown(s: str) -> str:
+        return repr(s.encode("unicode_escape").decode("ascii"))
+
+    if (fmt := next((c for c in eid if unicodedata.category(c) in ("Cf", "Zl", "Zp")), None)) is not None:
+        raise EventError("bad_id", f"id: {shown(eid)} contains the invisible format or separator character "
+                                   f"U+{ord(fmt):04X}")
+    try:
+        eid.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EventError("bad_id", "id: is not valid Unicode text (lone surrogate)") from None
+    if not unicodedata.is_normalized("NFC", eid):
+        raise EventError("bad_id", f"id: {shown(eid)} is not in Unicode NFC form: it shows as "
+                                   f"{shown(unicodedata.normalize('NFC', eid))}, another string; send ids in NFC")
+
+
 def validate_event(obj: dict, models: dict, values_checked: bool = False, other_models: Collection[str] = ()) -> Event:
     """Check ``obj`` against the contract and the named model's input spec.
     ``values_checked``: the parser already guarantees what check_values checks.
@@ -267,17 +289,8 @@ def validate_event(obj: dict, models: dict, values_checked: bool = False, other_
         raise EventError("bad_id", "id: must be a non-empty string of at most 256 characters")
     if _CONTROL.search(eid):
         raise EventError("bad_id", f"id: {eid!r} contains a control character")
-    if not eid.isascii() and (fmt := next((c for c in eid if unicodedata.category(c) in ("Cf", "Zl", "Zp")),
-                                          None)) is not None:  # ASCII holds none of these
-        # bidi overrides, zero-width and other invisible format characters, line and paragraph
-        # separators: an id that shows as another one, or breaks its line (in the review
-        # console, a report, a log) is no identifier
-        raise EventError("bad_id", f"id: {eid.encode('unicode_escape').decode('ascii')!r} contains the invisible "
-                                   f"format or separator character U+{ord(fmt):04X}")
-    try:
-        eid.encode("utf-8")
-    except UnicodeEncodeError:
-        raise EventError("bad_id", "id: is not valid Unicode text (lone surrogate)") from None
+    if not eid.isascii():  # ASCII holds none of what follows
+        _check_shown_id(eid)
     if not values_checked:
         check_values(obj)
     else:  # the parser took care of the values, not of their depth
