@@ -363,8 +363,9 @@ def test_broker_command_prints_address_and_stops_cleanly():
         from kafka import KafkaConsumer
 
         c = KafkaConsumer(bootstrap_servers=bootstrap)
-        assert {"inferences", "decisions", "review", "audit", "dlq"} <= c.topics()
+        assert {"inferences", "decisions", "review", "audit", "dlq", "review-outcomes", "checkpoints"} <= c.topics()
         assert len(c.partitions_for_topic("inferences")) == 2
+        assert len(c.partitions_for_topic("checkpoints")) == 1  # before: not made (4 when auto-created)
         c.close()
     finally:
         p.send_signal(signal.SIGTERM)

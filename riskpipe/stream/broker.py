@@ -24,7 +24,9 @@ from kafka.errors import TopicAlreadyExistsError
 from riskpipe import kafka_clients
 from riskpipe.kafka_clients import EMBEDDED_CLUSTER_ID
 
-DEFAULT_TOPICS = ("inferences", "decisions", "review", "audit", "dlq", "review-outcomes")
+# the stage's default topics, the review console's outcomes and the default
+# ``checkpoint.topic`` (one partition: one ledger's notes stay in order)
+DEFAULT_TOPICS = ("inferences", "decisions", "review", "audit", "dlq", "review-outcomes", "checkpoints")
 
 
 def tansu_binary() -> Path:
