@@ -62,7 +62,9 @@ def _names_in(obj: Any) -> int:
         if type(v) is dict:
             n += len(v)
             v = v.values()
-        stack.extend(c for c in v if type(c) is dict or type(c) is list)
+        kinds = set(map(type, v))  # one C-speed pass: a list of numbers (a tensor's data) holds no names
+        if dict in kinds or list in kinds:
+            stack.extend(c for c in v if type(c) is dict or type(c) is list)
     return n
 
 
