@@ -704,3 +704,43 @@ def test_an_unreadable_checkpoints_file_is_one_error_naming_the_line(tmp_path):
         f.write_text(line + "\n")
         with pytest.raises(LedgerError, match=rf"--checkpoints {re.escape(str(f))}:1: {re.escape(says)}"):
             read_checkpoint_file(f)
+
+
+def _legacy(key, count, head, ts="2024-05-01T00:00:00.000000Z"):
+    """A checkpoint as riskpipe signed them before the Merkle tree (JSON over count and head)."""
+    import base64
+
+    from riskpipe.ledger.anchors import LegacyCheckpoint, signed_bytes
+    from riskpipe.ledger.checkpoint import legacy_key_id
+    from riskpipe.ledger.note import raw_public_key
+
+    pub = key.public_key()
+    return LegacyCheckpoint(count, head, ts, legacy_key_id(pub), base64.b64encode(raw_public_key(pub)).decode(),
+                            base64.b64encode(key.sign(signed_bytes(count, head, ts))).decode())
+
+
+def test_two_signed_legacy_heads_for_one_row_are_a_fork(tmp_path, keys):
+    """The key signed head A for row 6, and later head B for row 6 (the log was rolled back
+    and rewritten, and the legacy signer signed the new history too): both copies are on the
+    checkpoints topic. The chain was checked against one of them (the last read) and the
+    other was dropped unseen, counted among the verified: "ok". Like two C2SP checkpoints of
+    one tree size with different roots it is a fork, and a signed head for row 0 other than
+    the empty chain's is a signed false statement, as a size-0 root other than the empty
+    tree's is."""
+    from riskpipe.ledger import GENESIS
+
+    target = str(tmp_path / "l.db")
+    key = load_private_key(keys / "key.pem")
+    with open_ledger(target) as led:
+        led.append_many([decision_record(i) for i in range(6)])
+        head = led.head()
+    pubs = [load_public_key(keys / "pub.pem")]
+    with open_ledger(target) as led:
+        assert verify_ledger(led, pubs, [_legacy(key, 6, head)]).ok
+        for other, says in (((_legacy(key, 6, "ab" * 32)), "row 6"), (_legacy(key, 0, "ab" * 32), "row 0")):
+            for both in ([other, _legacy(key, 6, head)], [_legacy(key, 6, head), other]):
+                res = verify_ledger(led, pubs, both)
+                assert not res.ok and res.first_bad_seq is None, (says, res)
+                assert f"two signed checkpoints for {says} with different heads (a fork)" in res.reason
+                if says == "row 0":
+                    assert f"the empty chain's head is {GENESIS[:12]}" in res.reason

@@ -51,7 +51,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 from riskpipe import json_text, kafka_clients
 from riskpipe.ledger import note as notes
 from riskpipe.ledger.anchors import Checkpoint, LegacyCheckpoint
-from riskpipe.ledger.chain import LedgerError, VerifyResult
+from riskpipe.ledger.chain import GENESIS, LedgerError, VerifyResult
+from riskpipe.ledger.merkle import EMPTY_ROOT
 from riskpipe.paths import read_text
 
 if TYPE_CHECKING:
@@ -200,6 +201,25 @@ def _matched(legacy: list[LegacyCheckpoint], signed: list[Checkpoint], public_ke
             "verified": verified}
 
 
+def find_fork(legacy: Iterable[LegacyCheckpoint], signed: Iterable[Checkpoint]) -> str | None:
+    """The first two verified checkpoints that say different things of one prefix of the
+    log (a legacy head for one row, a C2SP root for one tree size), else None. The empty
+    prefix has one head (GENESIS) and one root (the empty tree's) that no key need sign.
+    ``Ledger.verify`` keeps one checkpoint per row and per tree size: without this, the
+    one read last was checked against the rows, the other dropped unseen (and counted
+    among the verified)."""
+    said: dict[tuple[str, int], tuple[str, str]] = {("row", 0): (GENESIS, "the empty chain's head is"),
+                                                    ("tree size", 0): (EMPTY_ROOT.hex(), "the empty tree's root is")}
+    claims = [*(("row", c.count, c.head, "heads") for c in legacy),
+              *(("tree size", c.tree_size, c.root.hex(), "roots") for c in signed)]
+    for what, size, value, plural in claims:
+        first, by = said.setdefault((what, size), (value, "one says"))
+        if first != value:
+            return (f"two signed checkpoints for {what} {size} with different {plural} (a fork): {by} "
+                    f"{first[:12]}…, another {value[:12]}…")
+    return None
+
+
 def verify_ledger(ledger: Ledger, public_keys: Sequence[Ed25519PublicKey],
                   external: Iterable[str | LegacyCheckpoint] = ()) -> VerifyResult:
     """Check every checkpoint's signature (those stored in the ledger and ``external``
@@ -210,17 +230,14 @@ def verify_ledger(ledger: Ledger, public_keys: Sequence[Ed25519PublicKey],
     good, problem = check_signatures(legacy, public_keys)
     signed: list[Checkpoint] = []
     if problem is None:
-        by_size: dict[int, bytes] = {}
         for i, text in enumerate([*ledger.notes(), *(c for c in external if isinstance(c, str))], 1):
             try:
-                cp = Checkpoint.from_note(text, public_keys, f"signed checkpoint {i}")
+                signed.append(Checkpoint.from_note(text, public_keys, f"signed checkpoint {i}"))
             except LedgerError as e:
                 problem = str(e)
                 break
-            if by_size.setdefault(cp.tree_size, cp.root) != cp.root:
-                problem = f"two signed checkpoints for tree size {cp.tree_size} with different roots (a fork)"
-                break
-            signed.append(cp)
+    if problem is None:
+        problem = find_fork(good, signed)
     if problem:
         head, count = ledger.head_and_count()
         return VerifyResult(False, count, head, None, problem)
