@@ -75,6 +75,7 @@ def test_checkpoints_are_c2sp_notes_over_size_and_root(target, keys):
     import base64
     import hashlib
 
+    from riskpipe.ledger.checkpoint import legacy_key_id
     from riskpipe.ledger.note import raw_public_key
 
     cp1, cp2 = build(target, keys)
@@ -99,11 +100,11 @@ def test_checkpoints_are_c2sp_notes_over_size_and_root(target, keys):
     assert rc == 0 and out["ok"] and out["count"] == 20
     # it says which checkpoint the chain was matched against: the latest one
     assert out["checkpoint"] == {"kind": "c2sp", "origin": origin, "tree_size": 20, "root": cp2.root.hex(),
-                                 "key": origin, "verified": 2}
+                                 "key": legacy_key_id(pub), "verified": 2}
     r = subprocess.run([*CLI, "verify", target, "--public-key", str(keys / "pub.pem")], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and (f"signed checkpoint matched: origin {origin}, tree size 20, root {cp2.root.hex()}, "
-                                  f"key {origin} (latest of 2 verified checkpoint(s))") in r.stdout
+                                  f"key {legacy_key_id(pub)} (latest of 2 verified checkpoint(s))") in r.stdout
 
 
 def test_signed_note_matches_the_go_reference_vector():
@@ -122,7 +123,8 @@ def test_signed_note_matches_the_go_reference_vector():
     want = (text + "\n\u2014 PeterNeumann "
             "x08go/ZJkuBS9UG/SffcvIAQxVBtiFupLLr8pAcElZInNIuGUgYN1FFYC2pZSNXgKvqfqdngotpRZb6KE6RyyBwJnAM=\n")
     assert note.sign(text, "PeterNeumann", key) == want
-    assert note.verify(want, [key.public_key()]) == (text, "PeterNeumann")
+    got, pub = note.verify(want, [key.public_key()])
+    assert got == text and note.raw_public_key(pub) == note.raw_public_key(key.public_key())
     with pytest.raises(note.NoteError, match="does not verify"):
         note.verify(want.replace("cryptography", "cryptographY"), [key.public_key()])
     assert note.split_notes(want + "\n" + want) == [want, want]
@@ -744,3 +746,34 @@ def test_two_signed_legacy_heads_for_one_row_are_a_fork(tmp_path, keys):
                 assert f"two signed checkpoints for {says} with different heads (a fork)" in res.reason
                 if says == "row 0":
                     assert f"the empty chain's head is {GENESIS[:12]}" in res.reason
+
+
+def test_verify_names_the_key_that_verified_not_the_name_on_the_signature_line(tmp_path, keys):
+    """A signature line's key name is not signed: the key id is SHA-256(name, 0x0A, 0x01,
+    public key)[:4], which anyone can recompute for another name over the same signature.
+    `verify` reported that name as the checkpoint's key ("key auditor.example/witness" for a
+    note the ledger's own key signed, relabelled in the database or on the topic). It names
+    the given public key that verified the note (the first 16 hex digits of the SHA-256 of
+    its raw 32 bytes, as for a legacy checkpoint) instead."""
+    import base64
+
+    from riskpipe.ledger import note
+    from riskpipe.ledger.checkpoint import legacy_key_id
+
+    target = str(tmp_path / "l.db")
+    key, pub = load_private_key(keys / "key.pem"), load_public_key(keys / "pub.pem")
+    with open_ledger(target) as led:
+        led.append_many([decision_record(i) for i in range(4)])
+        cp = make_checkpoint(led, key)
+        led.append_many([decision_record(i) for i in range(4, 9)])
+        size, root = led.tree_head()
+    signed = make_note(cp.origin, size, bytes.fromhex(root), key)
+    body, sig_line = signed.split("\n\n")
+    blob = base64.b64decode(sig_line.split(" ")[2])
+    name = "auditor.example/witness"
+    relabelled = f"{body}\n\n\u2014 {name} {base64.b64encode(note.key_id(name, pub) + blob[4:]).decode()}\n"
+    f = tmp_path / "published.txt"
+    f.write_text(relabelled)
+    rc, out = verify_with_key(target, keys, "--checkpoints", str(f))
+    assert rc == 0 and out["checkpoint"]["tree_size"] == 9, out
+    assert out["checkpoint"]["key"] == legacy_key_id(pub) and name not in json.dumps(out), out

@@ -132,7 +132,9 @@ def check_extends(ledger: Ledger, signed: Checkpoint, size: int, root: str) -> N
 
 
 def legacy_key_id(public_key: Ed25519PublicKey) -> str:
-    """A legacy checkpoint's key id: the first 16 hex digits of sha256(raw public key)."""
+    """A legacy checkpoint's key id: the first 16 hex digits of sha256(raw public key); also
+    how ``verify`` names the key that verified a C2SP checkpoint (a signature line's key
+    name is not signed, so it cannot name the key)."""
     return hashlib.sha256(notes.raw_public_key(public_key)).hexdigest()[:16]
 
 
@@ -195,7 +197,7 @@ def _matched(legacy: list[LegacyCheckpoint], signed: list[Checkpoint], public_ke
         cp = max(signed, key=lambda c: c.tree_size)
         if not legacy or cp.tree_size >= max(c.count for c in legacy):
             return {"kind": "c2sp", "origin": cp.origin, "tree_size": cp.tree_size, "root": cp.root.hex(),
-                    "key": notes.verify(cp.note, public_keys)[1], "verified": verified}
+                    "key": legacy_key_id(notes.verify(cp.note, public_keys)[1]), "verified": verified}
     old = max(legacy, key=lambda c: (c.count, c.ts))
     return {"kind": "legacy", "tree_size": old.count, "head": old.head, "ts": old.ts, "key": old.key_id,
             "verified": verified}

@@ -121,9 +121,11 @@ def parse(note: str) -> tuple[str, list[Signature]]:
     return text, out
 
 
-def verify(note: str, public_keys: Iterable[Ed25519PublicKey]) -> tuple[str, str]:
-    """(text, key name) of a note with at least one valid Ed25519 signature by one of
-    ``public_keys`` (matched by key id under the line's name); NoteError otherwise."""
+def verify(note: str, public_keys: Iterable[Ed25519PublicKey]) -> tuple[str, Ed25519PublicKey]:
+    """(text, the public key that verified it) of a note with at least one valid Ed25519
+    signature by one of ``public_keys`` (matched by key id under the line's name);
+    NoteError otherwise. The key name is not returned: it is not signed (anyone can
+    recompute the key id for another name over the same signature), so it names nothing."""
 
     text, sigs = parse(note)
     known = False
@@ -138,7 +140,7 @@ def verify(note: str, public_keys: Iterable[Ed25519PublicKey]) -> tuple[str, str
                 pk.verify(s.signature, text.encode("utf-8"))
             except InvalidSignature:
                 continue
-            return text, s.name
+            return text, pk
     if known:
         raise NoteError("note: signature does not verify (forged or altered)")
     raise NoteError(f"note: signed by {', '.join(s.name for s in sigs)} with no given public key")
