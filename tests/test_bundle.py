@@ -254,3 +254,52 @@ def test_a_signed_manifest_saying_the_ledger_failed_is_invalid(bundle):
     r = _verify(bad, pub)
     assert r.exit_code == 1 and "ok: manifest signature verified" in r.output, r.output
     assert "INVALID: MANIFEST.json: records that the ledger did not verify" in r.output
+
+
+def test_a_receipt_against_another_tree_of_the_bundles_size_is_a_fork(tmp_path):
+    """The bundle's receipts are all made against its checkpoint, and verify-bundle says they
+    were verified against it. It checked each receipt against the checkpoint the receipt
+    carries and only that its tree was no larger: a receipt from another tree of the same
+    size under the same key and origin (a fork: two roots signed for one tree size) passed,
+    and so did one against a smaller tree no proof ties to the bundle's. Each is INVALID
+    now; small hand-made bundles, signed as write_bundle signs them."""
+    from ledger_records import decision_record
+    from riskpipe.ledger import note, open_ledger
+    from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint
+    from riskpipe.ledger.receipt import make_receipt
+    from riskpipe.report.bundle import CHECKPOINT, MANIFEST, SIGNATURE, SIGNED_PREFIX, _dump, _sha256
+
+    priv, pub = _keys(tmp_path, "ledger")
+    key = load_private_key(priv)
+    receipts = {}
+    with open_ledger(str(tmp_path / "a.db")) as led:
+        led.append_many([decision_record(i) for i in range(3)])
+        small = make_checkpoint(led, key, origin="example.com/log")
+        receipts["smaller tree"] = make_receipt(led, 2, small.note)
+        led.append_many([decision_record(i) for i in range(3, 6)])
+        cp = make_checkpoint(led, key, origin="example.com/log")
+        receipts["own"] = make_receipt(led, 2, cp.note)
+    with open_ledger(str(tmp_path / "b.db")) as led:  # the fork: six other rows, the same origin and key
+        led.append_many([decision_record(i) for i in range(100, 106)])
+        fork = make_checkpoint(led, key, origin="example.com/log")
+        receipts["same size, another root"] = make_receipt(led, 2, fork.note)
+    assert (fork.tree_size, fork.origin) == (cp.tree_size, cp.origin) and fork.root != cp.root
+
+    def verify(receipt):
+        files = {CHECKPOINT: cp.note.encode(), "policies.json": b"[]\n", "receipts/row-2.json": _dump(receipt)}
+        manifest = _dump({"format": "riskpipe-evidence-bundle/1", "verified": True,
+                          "files": {n: _sha256(b) for n, b in sorted(files.items())}})
+        files[MANIFEST] = manifest
+        files[SIGNATURE] = note.sign(f"{SIGNED_PREFIX}{_sha256(manifest)}\n", cp.origin, key).encode()
+        path = tmp_path / "b.zip"
+        with zipfile.ZipFile(path, "w") as z:
+            for name, body in files.items():
+                z.writestr(name, body)
+        return _verify(path, pub)
+
+    r = verify(receipts["own"])
+    assert r.exit_code == 0, r.output
+    for what in ("same size, another root", "smaller tree"):
+        r = verify(receipts[what])
+        assert r.exit_code == 1 and "INVALID" in r.output and "receipts/row-2.json" in r.output, (what, r.output)
+        assert "not the bundle's checkpoint" in r.output, (what, r.output)

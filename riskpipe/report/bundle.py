@@ -214,8 +214,9 @@ def verify_bundle(path: str | Path, public_keys) -> BundleCheck:
             got = verify_receipt(parse_receipt(files[name]), public_keys, cp.origin).checkpoint
         except (LedgerError, ValueError) as e:
             return fail(f"{name}: {e}")
-        if got.tree_size > cp.tree_size:
-            return fail(f"{name}: proved against tree size {got.tree_size}, beyond the bundle's checkpoint")
+        if (got.tree_size, got.root) != (cp.tree_size, cp.root):  # the same size: a fork; smaller: no proof ties it
+            return fail(f"{name}: proved against tree size {got.tree_size} with root {got.root.hex()[:16]}…, not the "
+                        f"bundle's checkpoint (tree size {cp.tree_size}, root {cp.root.hex()[:16]}…)")
     res.checks.append(f"{len(receipts)} decision receipts verified against the signed checkpoint")
     try:
         policies = json.loads(files["policies.json"])
