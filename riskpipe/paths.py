@@ -66,11 +66,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
 MAX_TEXT_FILE = 16 << 20  # a config, a policy, a key, published checkpoints: far below this
 
 
-def read_small_text(path: str | os.PathLike, limit: int = MAX_TEXT_FILE) -> str:
-    """The UTF-8 text of the regular file ``path``, at most ``limit`` bytes. OSError for
-    anything else (a FIFO or a device: opened without blocking and refused, never read;
-    a larger file: refused before it is all in memory); UnicodeDecodeError for bytes
-    that are not UTF-8. ``/dev/zero`` given as a policy read forever."""
+def read_small_bytes(path: str | os.PathLike, limit: int = MAX_TEXT_FILE) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` of them, as they are (no
+    newline translation). OSError for anything else (a FIFO or a device: opened without
+    blocking and refused, never read; a larger file: refused before it is all in memory).
+    ``/dev/zero`` given as a policy read forever."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -78,7 +78,13 @@ def read_small_text(path: str | os.PathLike, limit: int = MAX_TEXT_FILE) -> str:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise OSError(errno.EFBIG, f"larger than {limit >> 20} MiB")
-    return data.decode("utf-8")
+    return data
+
+
+def read_small_text(path: str | os.PathLike, limit: int = MAX_TEXT_FILE) -> str:
+    """The UTF-8 text of ``read_small_bytes(path, limit)``; UnicodeDecodeError for bytes
+    that are not UTF-8."""
+    return read_small_bytes(path, limit).decode("utf-8")
 
 
 def read_text(path: str | os.PathLike, what: str, error: type[Exception] = ValueError) -> str:

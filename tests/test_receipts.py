@@ -328,3 +328,55 @@ def test_a_receipt_has_one_spelling(tmp_path, keys):
         assert r.returncode == 1 and r.stdout.startswith("INVALID: ") and "Traceback" not in r.stderr, (name, r)
         assert "canonical base64" in r.stdout or "lowercase hex" in r.stdout, (name, r.stdout)
     assert cli("verify-receipt", out, "--public-key", keys / "pub.pem").returncode == 0
+
+
+def test_what_a_verifier_reads_is_one_small_regular_file_read_as_it_is(tmp_path, keys):
+    """verify-receipt's FILE, consistency's OLD and NEW and every --public-key / --key were
+    read whole with no limit: a FIFO blocked the command for ever, /dev/zero ran it out of
+    memory (a MemoryError traceback). They are read as riskpipe reads configs and policies
+    now (riskpipe.paths: a regular file of at most 16 MiB), one line and exit 2 otherwise.
+    And a note file was read with newline translation: a copy with CRLF line ends (CR is a
+    control character, which a signed note may not hold) verified as the note it was made
+    from, where the same note in a receipt or a --checkpoints file is refused."""
+    import os
+
+    from click.testing import CliRunner
+
+    from riskpipe.cli import cli as riskpipe_cli
+    from riskpipe.ledger.receipt import make_receipt
+
+    target = str(tmp_path / "l.db")
+    with open_ledger(target) as led:
+        led.append_many([decision_record(i) for i in range(3)])
+        old = make_checkpoint(led, load_private_key(keys / "key.pem"))
+        led.append_many([decision_record(i) for i in range(3, 6)])
+        new = make_checkpoint(led, load_private_key(keys / "key.pem"))
+        (tmp_path / "r.json").write_text(json.dumps(make_receipt(led, 2, new.note)))
+    old_txt, new_txt, r_json, pub = tmp_path / "old.txt", tmp_path / "new.txt", tmp_path / "r.json", keys / "pub.pem"
+    old_txt.write_text(old.note)
+    new_txt.write_text(new.note)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    runs = [["verify-receipt", fifo, "--public-key", pub], ["verify-receipt", r_json, "--public-key", fifo],
+            ["consistency", fifo, new_txt, "--ledger", target, "--public-key", pub],
+            ["checkpoint", target, "--key", fifo]]
+    # one interpreter for all (a FIFO blocked the old code for ever: the timeout ends it)
+    code = ("import json, sys; from click.testing import CliRunner; from riskpipe.cli import cli\n"
+            "for args in json.loads(sys.argv[1]):\n"
+            "    r = CliRunner().invoke(cli, ['ledger', *args])\n"
+            "    print(json.dumps([r.exit_code, r.stderr, repr(r.exception)]))\n")
+    r = subprocess.run([sys.executable, "-c", code, json.dumps([[str(a) for a in run] for run in runs])],
+                       capture_output=True, text=True, timeout=60)
+    results = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(results) == len(runs), r.stderr
+    for run, (rc, err, exc) in zip(runs, results, strict=True):
+        assert rc == 2 and "not a regular file" in err and err.count("\n") == 1 and exc == "SystemExit(2)", (run, err)
+
+    def riskpipe(*args):
+        return CliRunner().invoke(riskpipe_cli, ["ledger", *map(str, args)])
+
+    assert riskpipe("verify-receipt", r_json, "--public-key", pub).exit_code == 0
+    assert riskpipe("consistency", old_txt, new_txt, "--ledger", target, "--public-key", pub).exit_code == 0
+    (tmp_path / "old-crlf.txt").write_bytes(old.note.replace("\n", "\r\n").encode())
+    r = riskpipe("consistency", tmp_path / "old-crlf.txt", new_txt, "--ledger", target, "--public-key", pub)
+    assert r.exit_code == 2 and "OLD" in r.stderr and "note:" in r.stderr and not r.stdout, (r.stdout, r.stderr)

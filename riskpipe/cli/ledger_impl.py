@@ -29,6 +29,7 @@ from riskpipe.ledger.checkpoint import load_private_key, make_checkpoint, publis
 from riskpipe.ledger.receipt import find_decisions, make_receipt, refuse_repeated_names
 from riskpipe.ledger.receipt import verify_receipt as check
 from riskpipe.models import ModelError
+from riskpipe.paths import read_small_text, read_text
 from riskpipe.redaction import redact
 from riskpipe.report.replay import ReplayError, stage_entry
 from riskpipe.report.replay import replay as do_replay
@@ -206,11 +207,8 @@ def _outcome(problem: str | None, as_json: bool, failed: str, fields: dict, ok_l
 
 
 def _read_note(path: str, keys, what: str):
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        fail(f"{what} {path}: cannot read ({getattr(e, 'strerror', None) or e})")
-    try:
+    try:  # exactly as written: a CRLF copy is not the signed note
+        text = read_text(path, what, LedgerError)
         return Checkpoint.from_note(text, keys or None, f"{what} {path}")
     except LedgerError as e:
         fail(str(e))
@@ -286,10 +284,12 @@ def receipt(event_id, ledger_path, out_path, kind, model, policy_sha256, key_pat
 def verify_receipt(receipt_path, public_keys, origin, kind, event_id, as_json):
     keys = read_public_keys(public_keys)
     try:
-        text = Path(receipt_path).read_text(encoding="utf-8")
+        text = read_small_text(receipt_path)
         rec = json_text.loads(text)
-    except (OSError, UnicodeDecodeError) as e:
-        fail(f"{receipt_path}: cannot read ({getattr(e, 'strerror', None) or e})")
+    except OSError as e:
+        fail(f"{receipt_path}: cannot read ({e.strerror})")
+    except UnicodeDecodeError:
+        fail(f"{receipt_path}: not UTF-8 text")
     except json.JSONDecodeError as e:
         fail(f"{receipt_path}: not JSON ({e.msg} at line {e.lineno})")
     try:

@@ -53,7 +53,7 @@ from riskpipe.ledger import note as notes
 from riskpipe.ledger.anchors import Checkpoint, LegacyCheckpoint
 from riskpipe.ledger.chain import GENESIS, LedgerError, VerifyResult
 from riskpipe.ledger.merkle import EMPTY_ROOT
-from riskpipe.paths import read_text
+from riskpipe.paths import read_small_bytes, read_text
 
 if TYPE_CHECKING:
 
@@ -144,7 +144,7 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     if "-----BEGIN" in str(path) or "\n" in str(path):  # key material given where a path belongs: never echo it
         raise LedgerError("--key: expected the path of a PEM file, got what looks like key material (not shown)")
     try:
-        key = load_pem_private_key(Path(path).read_bytes(), password=None)
+        key = load_pem_private_key(read_small_bytes(path), password=None)
     except OSError as e:
         raise LedgerError(f"--key {path}: cannot read ({e.strerror})") from None
     except (ValueError, TypeError) as e:
@@ -158,7 +158,7 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
     """An Ed25519 public key from a PEM file (``openssl pkey -in KEY.pem -pubout``)."""
 
     try:
-        key = load_pem_public_key(Path(path).read_bytes())
+        key = load_pem_public_key(read_small_bytes(path))
     except OSError as e:
         raise LedgerError(f"--public-key {path}: cannot read ({e.strerror})") from None
     except ValueError as e:
