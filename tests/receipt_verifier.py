@@ -52,12 +52,37 @@ def read(text: str) -> dict:
         raise Invalid(f"not JSON: {e}") from None
 
 
+P = 2**255 - 19
+D = -121665 * pow(121666, P - 2, P) % P
+
+
+def _proves_something(raw: bytes) -> bool:
+    """The key is a curve point (RFC 8032 5.1.3) and 8 times it is not the identity."""
+    y = int.from_bytes(raw, "little") & ((1 << 255) - 1)
+    if y >= P:
+        return False
+    u, v = (y * y - 1) % P, (D * y * y + 1) % P
+    x = u * pow(v, 3, P) * pow(u * pow(v, 7, P), (P - 5) // 8, P) % P
+    if v * x * x % P == -u % P:
+        x = x * pow(2, (P - 1) // 4, P) % P
+    elif v * x * x % P != u:
+        return False
+    if x == 0 and raw[31] >> 7:
+        return False
+    for _ in range(3):  # doubling with the complete twisted Edwards addition law (a = -1)
+        t = D * x * x * y * y % P
+        x, y = 2 * x * y * pow(1 + t, P - 2, P) % P, (y * y + x * x) * pow(1 - t, P - 2, P) % P
+    return (x, y) != (0, 1)
+
+
 def verify(receipt: dict, public_key_pem: bytes, origin: str | None = None, kind: str | None = "decision") -> None:
     """Raise Invalid unless the receipt holds under the PEM public key."""
     pub = load_pem_public_key(public_key_pem)
     if not isinstance(pub, Ed25519PublicKey):
         raise Invalid("not an Ed25519 key")
     raw = pub.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    if not _proves_something(raw):
+        raise Invalid("not a curve point, or of small order: every signature would verify")
     # step 1
     if not isinstance(receipt, dict) or set(receipt) != FIELDS:
         raise Invalid("wrong keys")

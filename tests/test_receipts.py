@@ -380,3 +380,44 @@ def test_what_a_verifier_reads_is_one_small_regular_file_read_as_it_is(tmp_path,
     (tmp_path / "old-crlf.txt").write_bytes(old.note.replace("\n", "\r\n").encode())
     r = riskpipe("consistency", tmp_path / "old-crlf.txt", new_txt, "--ledger", target, "--public-key", pub)
     assert r.exit_code == 2 and "OLD" in r.stderr and "note:" in r.stderr and not r.stdout, (r.stdout, r.stderr)
+
+
+def test_a_public_key_that_every_signature_verifies_under_is_refused(tmp_path, keys):
+    """Ed25519 (RFC 8032) takes a public key of small order: under the identity point, the
+    signature R = identity, S = 0 verifies for every text. A key file holding such a key (as
+    an auditor may be handed with a receipt) made verify-receipt say "ok" for a receipt
+    forged from nothing: any record, a one-leaf tree, a note "signed" without any private
+    key. Such a key is no key: refused when read (exit 2, naming the file), and by the note
+    verifier itself for a key given through the API; so is 32 bytes that are no curve point."""
+    import hashlib
+
+    from click.testing import CliRunner
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from riskpipe.cli import cli as riskpipe_cli
+    from riskpipe.ledger.receipt import verify_receipt
+
+    identity = (1).to_bytes(32, "little")
+    p = 2**255 - 19
+    record = {**decision_record(1), "decision": "allow"}
+    leaf = f"decision\n{record['id']}\n{json.dumps(record, sort_keys=True, separators=(',', ':'))}".encode()
+    root = base64.b64encode(hashlib.sha256(b"\x00" + leaf).digest()).decode()
+    body = f"example.com/log\n1\n{root}\n"
+    for name, raw in (("identity", identity), ("order 2", (p - 1).to_bytes(32, "little")),
+                      ("order 4", bytes(32)), ("not on the curve", (2).to_bytes(32, "little"))):
+        weak = Ed25519PublicKey.from_public_bytes(raw)
+        sig = base64.b64encode(note.key_id("example.com/log", weak) + identity + bytes(32)).decode()
+        forged = {"leaf": base64.b64encode(leaf).decode(), "record": record, "index": 0, "tree_size": 1,
+                  "inclusion_proof": [], "checkpoint": f"{body}\n\u2014 example.com/log {sig}\n"}
+        pem = tmp_path / "weak.pem"
+        pem.write_bytes(weak.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+        (tmp_path / "forged.json").write_text(json.dumps(forged))
+        r = CliRunner().invoke(riskpipe_cli, ["ledger", "verify-receipt", str(tmp_path / "forged.json"),
+                                              "--public-key", str(pem)])
+        assert r.exit_code == 2 and not r.stdout and r.exception.__class__ is SystemExit, (name, r.output)
+        assert f"--public-key {pem}: " in r.stderr and "proves nothing" in r.stderr, (name, r.stderr)
+        with pytest.raises(LedgerError, match="proves nothing"):
+            verify_receipt(forged, [weak])
+        with pytest.raises(receipt_verifier.Invalid, match="small order"):
+            receipt_verifier.verify(forged, pem.read_bytes())

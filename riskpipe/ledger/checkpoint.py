@@ -165,6 +165,10 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
         raise LedgerError(f"--public-key {path}: not a PEM public key ({e})") from None
     if not isinstance(key, Ed25519PublicKey):
         raise LedgerError(f"--public-key {path}: not an Ed25519 public key")
+    try:
+        notes.check_public_key(key)
+    except notes.NoteError as e:
+        raise LedgerError(f"--public-key {path}: {e}") from None
     return key
 
 
