@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hashlib
 import re
 from collections.abc import Iterable
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from nacl.bindings import crypto_core_ed25519_is_valid_point
 
 from riskpipe.ledger.merkle import EMPTY_ROOT
 
@@ -56,57 +56,15 @@ def raw_public_key(public_key: Ed25519PublicKey) -> bytes:
     return public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-# Edwards25519 (RFC 8032 §5.1): -x^2 + y^2 = 1 + d x^2 y^2 over GF(p)
-_P = 2**255 - 19
-_D = -121665 * pow(121666, _P - 2, _P) % _P
-_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
-
-
-def _decode_point(raw: bytes) -> tuple[int, int] | None:
-    """RFC 8032 §5.1.3: the point (x, y) a 32-byte Ed25519 public key encodes; None for
-    bytes that encode none (y >= p, or no x on the curve)."""
-    n = int.from_bytes(raw, "little")
-    sign, y = n >> 255, n & ((1 << 255) - 1)
-    if y >= _P:
-        return None
-    u, v = (y * y - 1) % _P, (_D * y * y + 1) % _P
-    x = u * pow(v, 3, _P) * pow(u * pow(v, 7, _P), (_P - 5) // 8, _P) % _P
-    if v * x * x % _P == -u % _P:
-        x = x * _SQRT_M1 % _P
-    elif v * x * x % _P != u:
-        return None
-    if x == 0 and sign:
-        return None
-    return (_P - x if x & 1 != sign else x), y
-
-
-def _double(point: tuple[int, int]) -> tuple[int, int]:
-    x, y = point  # the complete addition law with both points equal (its denominators are never 0)
-    t = _D * x * x * y * y % _P
-    return 2 * x * y * pow(1 + t, _P - 2, _P) % _P, (y * y + x * x) * pow(1 - t, _P - 2, _P) % _P
-
-
 def check_public_key(public_key: Ed25519PublicKey) -> None:
-    """NoteError unless ``public_key`` is a point of the curve outside its small subgroup
-    ([8]A is not the identity). RFC 8032 verifiers (OpenSSL's among them) take any 32
-    bytes: under a small-order key such as the identity, the signature (R = identity,
-    S = 0) verifies for every text, so a signed note "by" it proves nothing. Keys made by
-    ``openssl genpkey`` are never such."""
-    problem = _key_problem(raw_public_key(public_key))
-    if problem is not None:
-        raise NoteError(problem)
-
-
-@functools.lru_cache(maxsize=64)
-def _key_problem(raw: bytes) -> str | None:  # cached: verify checks its keys for every note
-    point = _decode_point(raw)
-    if point is None:
-        return "not a point of the Ed25519 curve (RFC 8032 §5.1.3): a signature under it proves nothing"
-    for _ in range(3):
-        point = _double(point)
-    if point == (0, 1):
-        return "an Ed25519 key of small order: one signature verifies under it for every text, so it proves nothing"
-    return None
+    """NoteError unless ``public_key`` is a canonical point of the curve's prime-order
+    subgroup (libsodium's ``crypto_core_ed25519_is_valid_point``). RFC 8032 verifiers
+    (OpenSSL's among them) take any 32 bytes: under a small-order key such as the
+    identity, the signature (R = identity, S = 0) verifies for every text, so a signed
+    note "by" it proves nothing. Keys made by ``openssl genpkey`` are never such."""
+    if not crypto_core_ed25519_is_valid_point(raw_public_key(public_key)):
+        raise NoteError("not a point of the Ed25519 curve's prime-order subgroup (a key of small order, or no "
+                        "curve point: one signature can verify under it for every text, so it proves nothing)")
 
 
 def key_id(name: str, public_key: Ed25519PublicKey) -> bytes:
