@@ -100,12 +100,14 @@ def verify(receipt: dict, public_key_pem: bytes, origin: str | None = None, kind
         name, _, blob_b64 = line[2:].partition(" ")
         blob = _b64(blob_b64)
         kid = hashlib.sha256(name.encode() + b"\x0a\x01" + raw).digest()[:4]
-        if len(blob) != 68 or blob[:4] != kid:
-            continue
+        if blob[:4] != kid:
+            continue  # another key's line
         try:
+            if len(blob) != 68:
+                raise InvalidSignature
             pub.verify(blob[4:], text.encode("utf-8"))
         except InvalidSignature:
-            continue
+            raise Invalid("a signature line by the trusted key does not verify") from None
         signed = True
     if not signed:
         raise Invalid("no valid signature by the trusted key")

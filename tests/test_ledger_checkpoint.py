@@ -130,6 +130,42 @@ def test_signed_note_matches_the_go_reference_vector():
     assert note.split_notes(want + "\n" + want) == [want, want]
 
 
+def test_a_failed_signature_by_a_given_key_refuses_the_note_whatever_else_verifies():
+    """Go's note.Open and the C2SP signed-note spec: a signature line of a known key that
+    does not verify rejects the whole note. Before, a bad line by one given key was passed
+    over when another given key's line verified, so a note one trusted signer did not sign
+    (or whose copy was altered for that signer) was accepted. Unknown signers stay ignored;
+    every line of a given key must verify (Go reads only a signer's first)."""
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from riskpipe.ledger import note
+
+    log, witness, stranger = (Ed25519PrivateKey.from_private_bytes(bytes([i]) * 32) for i in (1, 2, 3))
+    text = note.checkpoint_text("example.com/log", 3, b"\x07" * 32)
+
+    def line(name, key, body=text):
+        return note.sign(body, name, key).split("\n\n")[1]
+
+    signed = text + "\n" + line("example.com/log", log)
+    forged = line("witness.example", witness, text.replace("\n3\n", "\n4\n"))  # its signature is over another text
+    trusted = [log.public_key(), witness.public_key()]
+    assert note.verify(signed + line("witness.example", witness), trusted)[0] == text
+    assert note.verify(signed + line("stranger.example", stranger), trusted)[0] == text  # unknown: ignored
+    with pytest.raises(note.NoteError, match="does not verify"):
+        note.verify(signed + forged, trusted)
+    with pytest.raises(note.NoteError, match="does not verify"):
+        note.verify(text + "\n" + forged + line("example.com/log", log), trusted)
+    short = "\u2014 witness.example " + base64.b64encode(note.key_id("witness.example", witness.public_key())
+                                                          + b"\x00" * 10).decode() + "\n"
+    with pytest.raises(note.NoteError, match="does not verify"):
+        note.verify(signed + short, trusted)
+    # every line of a given key counts, a second copy too (Go reads only the first)
+    with pytest.raises(note.NoteError, match="does not verify"):
+        note.verify(signed + line("example.com/log", log, text.replace("\n3\n", "\n4\n")), trusted)
+
+
 def test_legacy_checkpoints_still_verify(tmp_path, keys):
     """A checkpoint signed by riskpipe before the tree (JSON over head and count) keeps
     anchoring the chain after the migration, with the same key."""

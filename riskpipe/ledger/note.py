@@ -135,29 +135,31 @@ def parse(note: str) -> tuple[str, list[Signature]]:
 
 def verify(note: str, public_keys: Iterable[Ed25519PublicKey]) -> tuple[str, Ed25519PublicKey]:
     """(text, the public key that verified it) of a note with at least one valid Ed25519
-    signature by one of ``public_keys`` (matched by key id under the line's name);
-    NoteError otherwise. The key name is not returned: it is not signed (anyone can
-    recompute the key id for another name over the same signature), so it names nothing."""
+    signature by one of ``public_keys`` (matched by key id under the line's name) and
+    no line of theirs that does not verify (C2SP signed-note and Go's ``note.Open``: a
+    failed signature of a known key rejects the whole note; lines of unknown keys are
+    ignored); NoteError otherwise. The key name is not returned: it is not signed
+    (anyone can recompute the key id for another name over the same signature), so it
+    names nothing."""
 
     public_keys = list(public_keys)
     for pk in public_keys:
         check_public_key(pk)
     text, sigs = parse(note)
-    known = False
+    verified: Ed25519PublicKey | None = None
     for s in sigs:
         for pk in public_keys:
             if key_id(s.name, pk) != s.key_id:
                 continue
-            known = True
-            if len(s.signature) != 64:
-                continue
             try:
+                if len(s.signature) != 64:
+                    raise InvalidSignature
                 pk.verify(s.signature, text.encode("utf-8"))
             except InvalidSignature:
-                continue
-            return text, pk
-    if known:
-        raise NoteError("note: signature does not verify (forged or altered)")
+                raise NoteError("note: signature does not verify (forged or altered)") from None
+            verified = verified or pk
+    if verified is not None:
+        return text, verified
     raise NoteError(f"note: signed by {', '.join(s.name for s in sigs)} with no given public key")
 
 
