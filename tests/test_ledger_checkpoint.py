@@ -744,6 +744,17 @@ def test_an_unreadable_checkpoints_file_is_one_error_naming_the_line(tmp_path):
             read_checkpoint_file(f)
 
 
+def test_a_checkpoints_file_with_no_checkpoint_is_refused(tmp_path):
+    """``verify --checkpoints FILE`` compares the ledger with the published copies; an empty
+    file (an export that wrote nothing) compared nothing and said nothing, so the run
+    read as if the published copies had been checked."""
+    f = tmp_path / "checkpoints.txt"
+    for text in ("", "\n\n", "  \n"):
+        f.write_text(text)
+        with pytest.raises(LedgerError, match=rf"--checkpoints {re.escape(str(f))}: holds no checkpoint"):
+            read_checkpoint_file(f)
+
+
 def _legacy(key, count, head, ts="2024-05-01T00:00:00.000000Z"):
     """A checkpoint as riskpipe signed them before the Merkle tree (JSON over count and head)."""
     import base64

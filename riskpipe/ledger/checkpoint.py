@@ -264,8 +264,11 @@ def verify_ledger(ledger: Ledger, public_keys: Sequence[Ed25519PublicKey],
 
 def read_checkpoint_file(path: str | Path) -> list[str] | list[LegacyCheckpoint]:
     """Checkpoints from a file: signed notes one after another (as published), or JSON
-    lines of legacy checkpoints (``LegacyCheckpoint.to_dict()``)."""
+    lines of legacy checkpoints (``LegacyCheckpoint.to_dict()``). A file with none is
+    refused: the copies it was to hold would go unchecked without a word."""
     text = read_text(path, "--checkpoints", LedgerError)
+    if not text.strip():
+        raise LedgerError(f"--checkpoints {path}: holds no checkpoint (nothing to compare the ledger with)")
     if not text.lstrip().startswith("{"):
         try:
             return notes.split_notes(text)
