@@ -374,10 +374,10 @@ def test_a_ledger_whose_checkpoints_are_all_deleted_is_never_ok_with_a_public_ke
     assert rc == 1 and out["first_bad_seq"] == 1 and not out["unsigned"]
 
 
-def make_note(origin, size, root, key):
+def make_note(origin, size, root, key, name=None):
     from riskpipe.ledger import note
 
-    return note.sign(note.checkpoint_text(origin, size, root), origin, key)
+    return note.sign(note.checkpoint_text(origin, size, root), name or origin, key)
 
 
 def test_forged_or_foreign_checkpoints_fail(tmp_path, keys):
@@ -391,6 +391,14 @@ def test_forged_or_foreign_checkpoints_fail(tmp_path, keys):
     f.write_text(make_note(cp1.origin, 10, b"\x07" * 32, other))  # re-signed with another key
     rc, out = verify_with_key(target, keys, "--checkpoints", str(f))
     assert rc == 1 and "with no given public key" in out["reason"]
+    # the names on lines of unknown keys are shown escaped, five at most: a bidi override in
+    # one reversed the line it was printed in
+    lines = "".join(make_note(cp1.origin, 10, b"\x07" * 32, other, name=f"evil\u202e{i}").split("\n\n")[1]
+                    for i in range(7))
+    f.write_text(make_note(cp1.origin, 10, b"\x07" * 32, other).rstrip("\n") + "\n" + lines)
+    rc, out = verify_with_key(target, keys, "--checkpoints", str(f))
+    assert rc == 1 and "'evil\\u202e0'" in out["reason"] and "\u202e" not in out["reason"], out["reason"]
+    assert "and 3 more with no given public key" in out["reason"]
     f.write_text(make_note(cp1.origin, 10, b"\x07" * 32, load_private_key(keys / "key.pem")))  # the key, another root
     rc, out = verify_with_key(target, keys, "--checkpoints", str(f))
     assert rc == 1 and "different roots (a fork)" in out["reason"]

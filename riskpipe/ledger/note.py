@@ -160,7 +160,9 @@ def verify(note: str, public_keys: Iterable[Ed25519PublicKey]) -> tuple[str, Ed2
             verified = verified or pk
     if verified is not None:
         return text, verified
-    raise NoteError(f"note: signed by {', '.join(s.name for s in sigs)} with no given public key")
+    names = list(dict.fromkeys(s.name[:80] for s in sigs))  # repr: a bidi or C1 character shows escaped
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    raise NoteError(f"note: signed by {', '.join(map(repr, names[:5]))}{more} with no given public key")
 
 
 def checkpoint_text(origin: str, size: int, root: bytes) -> str:
