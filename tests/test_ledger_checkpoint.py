@@ -776,6 +776,32 @@ def _legacy(key, count, head, ts="2024-05-01T00:00:00.000000Z"):
                             base64.b64encode(key.sign(signed_bytes(count, head, ts))).decode())
 
 
+def test_a_legacy_checkpoint_under_a_small_order_key_proves_nothing(tmp_path):
+    """Under the identity point as public key, the signature (R = identity, S = 0) verifies
+    every text. The CLI's key reader refuses such a key, but verify_ledger took one from an
+    API caller and counted a legacy checkpoint "signed" by it: a rewritten ledger was ok."""
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from riskpipe.ledger.anchors import LegacyCheckpoint
+    from riskpipe.ledger.checkpoint import legacy_key_id
+    from riskpipe.ledger.note import raw_public_key
+
+    target = str(tmp_path / "l.db")
+    with open_ledger(target) as led:
+        led.append_many([decision_record(i) for i in range(4)])
+        head = led.head()
+    identity = (1).to_bytes(32, "little")
+    weak = Ed25519PublicKey.from_public_bytes(identity)
+    forged = LegacyCheckpoint(4, head, "2024-05-01T00:00:00.000000Z", legacy_key_id(weak),
+                              base64.b64encode(raw_public_key(weak)).decode(),
+                              base64.b64encode(identity + bytes(32)).decode())
+    with open_ledger(target) as led:
+        res = verify_ledger(led, [weak], [forged])
+    assert not res.ok and "proves nothing" in res.reason, res
+
+
 def test_two_signed_legacy_heads_for_one_row_are_a_fork(tmp_path, keys):
     """The key signed head A for row 6, and later head B for row 6 (the log was rolled back
     and rewritten, and the legacy signer signed the new history too): both copies are on the

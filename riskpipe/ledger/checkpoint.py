@@ -175,8 +175,16 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
 def check_signatures(checkpoints: Iterable[LegacyCheckpoint], public_keys: Iterable[Ed25519PublicKey]
                      ) -> tuple[list[LegacyCheckpoint], str | None]:
     """The checkpoints whose signature verifies under one of ``public_keys``, or the first
-    problem: a checkpoint signed by an unknown key, or a signature that does not verify."""
+    problem: a key under which every signature verifies (``notes.check_public_key``, as
+    ``notes.verify`` checks for C2SP notes), a checkpoint signed by an unknown key, or a
+    signature that does not verify."""
 
+    public_keys = list(public_keys)
+    for k in public_keys:
+        try:
+            notes.check_public_key(k)
+        except notes.NoteError as e:
+            return [], f"public key {legacy_key_id(k)}: {e}"
     by_id = {legacy_key_id(k): k for k in public_keys}
     good: list[LegacyCheckpoint] = []
     for i, cp in enumerate(checkpoints, 1):
