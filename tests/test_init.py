@@ -394,3 +394,23 @@ def test_init_image_model_on_normalized_inputs_writes_one_range(tmp_path):
 
     lo, hi = yaml.safe_load((tmp_path / "cfg" / "riskpipe.yaml").read_text())["models"]["signs"]["range"]
     assert lo <= X.min() and hi >= X.max() and "trial: 4 of 4 reference inputs decided" in r.output
+
+
+def test_init_writes_a_factory_specs_weights_relative_to_the_config(tmp_path, monkeypatch):
+    """`module:factory@weights.pt` with a relative weights file: init copied the spec as given,
+    the config reads it relative to its own directory, so the trial (and every later run) failed
+    with "weights file 'cfg/w.pt' not found" for a model that loads from where init ran."""
+    import torch
+    import yaml
+
+    from usermodels import FAULT_FEATURES, short_of_memory_model
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(short_of_memory_model().state_dict(), "w.pt")
+    X = np.random.default_rng(0).normal(size=(90, FAULT_FEATURES)).astype(np.float32)
+    np.savez("ref.npz", X=X, y=X[:, 1:4].argmax(1))
+    r = cli("init", "--model", f"usermodels:short_of_memory_model@w.pt?shape={FAULT_FEATURES}",
+            "--reference", "ref.npz", "--out", "cfg", "--trial", 6)
+    assert r.returncode == 0, r.stderr
+    entry = yaml.safe_load(Path("cfg/riskpipe.yaml").read_text())["models"]["w"]
+    assert entry["spec"] == f"usermodels:short_of_memory_model@../w.pt?shape={FAULT_FEATURES}"

@@ -24,6 +24,7 @@ from riskpipe.app.offline import run_offline
 from riskpipe.cli.common import fail
 from riskpipe.decisions import DECISIONS
 from riskpipe.models import ModelError, load_model_for
+from riskpipe.models.loader import relative_spec
 from riskpipe.models.scaled import scaled_model, standardize_scale
 from riskpipe.policy import PolicyError, load_policy
 from riskpipe.stream.events import make_event
@@ -65,11 +66,6 @@ def _config_path(value: str, out: Path) -> str:
     together."""
 
     return os.path.relpath(Path(value).resolve(), out.resolve())
-
-
-def _config_spec(spec: str, out: Path) -> str:
-    base, sep, opts = spec.partition("?")
-    return _config_path(base, out) + sep + opts if Path(base).is_file() else spec
 
 
 def _declared_range(model, X, tabular: bool):
@@ -290,7 +286,7 @@ def init(spec, reference, out_dir, name, trial, seed, force):
         load_policy(str(policy_path))
     except PolicyError as e:
         fail(f"the written policy does not pass policy check (a bug in init): {e}")
-    entry = {"spec": _config_spec(spec, out), "reference": _config_path(reference, out), "policy": "policy.yaml"}
+    entry = {"spec": relative_spec(spec, out), "reference": _config_path(reference, out), "policy": "policy.yaml"}
     if tabular:
         entry["scale"] = "standardize"
     written_range = declared or (None if model.value_range is not None else _reference_range(X, tabular))

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 import warnings
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -683,6 +684,22 @@ def resolve_spec(spec: str, base: Path) -> str:
             head = f"{target}@{base / weights}"
     elif head and not Path(head).is_absolute():
         head = str(base / head)
+    return head + q + opts
+
+
+def relative_spec(spec: str, base: Path) -> str:
+    """The inverse of ``resolve_spec``: ``spec`` as a config in directory ``base`` names it, its
+    model file (or a factory's ``@weights`` file), as seen from here, made relative to ``base``.
+    A spec naming no file here (``demo:``, a factory without weights) is returned as it is."""
+    head, q, opts = str(spec).partition("?")
+    if head.startswith("demo:"):
+        return spec
+    if _is_factory(head):
+        target, at, weights = head.partition("@")
+        if at and Path(weights).is_file():
+            head = f"{target}@{os.path.relpath(Path(weights).resolve(), base.resolve())}"
+    elif Path(head).is_file():
+        head = os.path.relpath(Path(head).resolve(), base.resolve())
     return head + q + opts
 
 
