@@ -627,7 +627,12 @@ def serve(port: int, stall_seconds: float, addr: str = "127.0.0.1",
     if not 0 <= int(port) <= 65535:
         raise ValueError(f"metrics_port: {port!r} is not a TCP port")
     app = health_app(exposition_registry(registry), stall_seconds)
-    httpd = make_server(addr, int(port), app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    try:
+        httpd = make_server(addr, int(port), app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    except OSError as e:  # a port taken, an address that does not resolve or is not this host's
+        # the CLI prints an OSError as "FILENAME: STRERROR": the settings, then why
+        where = f"metrics_addr {addr!r}, metrics_port {port}"
+        raise OSError(e.errno, f"cannot listen: {e.strerror or e}", where) from None
     thread = threading.Thread(target=httpd.serve_forever, name="riskpipe-metrics", daemon=True)
     thread.start()
     return MetricsServer(httpd, thread)

@@ -295,3 +295,25 @@ def test_a_partition_read_has_its_recreation_counter_at_zero_before_it_counts() 
     m.partition_recreated("inferences", 3)
     assert _samples(m)[("riskpipe_input_partition_recreated_total",
                         (("partition", "3"), ("topic", "inferences")))] == 1
+
+
+def test_a_metrics_address_that_cannot_be_bound_is_one_line_naming_it(tmp_path) -> None:
+    """`riskpipe run --metrics-port P` with P taken said only `riskpipe: error: Address already
+    in use` (a `metrics_addr` that does not resolve: `Name or service not known`), naming neither
+    the setting nor the address."""
+    import socket
+
+    from click.testing import CliRunner
+
+    from riskpipe.cli import cli
+
+    (tmp_path / "events.jsonl").write_text("")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = CliRunner().invoke(cli, ["run", "--metrics-port", str(port), "--no-ledger", "--source",
+                                     f"jsonl:{tmp_path / 'events.jsonl'}", "--sink", f"jsonl:{tmp_path / 'out'}"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.stderr.strip().splitlines() == [
+        f"riskpipe: error: metrics_addr '127.0.0.1', metrics_port {port}: cannot listen: Address already in use"]
