@@ -62,3 +62,25 @@ def test_a_console_beyond_loopback_warns_of_plain_http():
     for host in ("0.0.0.0", "::", "192.0.2.7", "review.example.org"):
         warning = plain_http_warning(host)
         assert warning is not None and f"listening on {host} over plain HTTP" in warning and "TLS" in warning
+
+
+def test_a_port_in_use_is_one_line_with_the_reason(tmp_path):
+    """werkzeug's own bind printed `Address already in use` and a hint to stderr, then exited:
+    the console's line said `cannot listen on 127.0.0.1:PORT (1)`, its exit code for a reason."""
+    import socket
+
+    from click.testing import CliRunner
+
+    from riskpipe.cli import cli
+
+    ledger = tmp_path / "ledger.sqlite3"
+    seed_ledger(ledger)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = CliRunner().invoke(cli, ["review", "--ledger", str(ledger), "--port", str(port)],
+                               env={"RISKPIPE_REVIEW_PASSWORD": "a long passphrase"})
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.stderr.strip().splitlines() == [
+        f"riskpipe: error: review console: cannot listen on 127.0.0.1:{port} (Address already in use)"]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from typing import cast
 
-from werkzeug.serving import ThreadedWSGIServer, make_server
+from werkzeug.serving import LISTEN_QUEUE, ThreadedWSGIServer, get_sockaddr, make_server, select_address_family
 
 from riskpipe.kafka_clients import KafkaSettings
 from riskpipe.ledger import Ledger
@@ -16,6 +17,22 @@ from riskpipe.review.kafka_io import OutcomePublisher, ReviewTopicFeed
 from riskpipe.review.settings import Credentials, ReviewSettings
 
 log = logging.getLogger("riskpipe.review")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The console's listening socket, bound here: werkzeug's own bind prints the error and a
+    hint to stderr and calls ``sys.exit(1)``, so a port in use came out as three lines and the
+    reason ``(1)``."""
+    family = select_address_family(host, port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as werkzeug's own server
+        sock.bind(get_sockaddr(host, port, family))
+        sock.listen(LISTEN_QUEUE)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class ConsoleServer:
@@ -38,12 +55,16 @@ class ConsoleServer:
                                         heartbeat_interval_ms=consumer_heartbeat_ms,
                                         scope=settings.scope)
         try:
-            # threaded=True: a ThreadedWSGIServer
-            self._httpd = cast(ThreadedWSGIServer, make_server(settings.host, settings.port, self.app, threaded=True))
-        except (OSError, SystemExit) as e:  # werkzeug exits on a port in use
+            listener = _listen(settings.host, settings.port)
+        except OSError as e:
             self._close_kafka()
-            raise OSError(f"review console: cannot listen on {settings.host}:{settings.port} ({e})") from None
-        self.port = self._httpd.server_port
+            raise OSError(f"review console: cannot listen on {settings.host}:{settings.port} "
+                          f"({e.strerror or e})") from None
+        with listener:  # werkzeug serves a duplicate of it
+            # threaded=True: a ThreadedWSGIServer
+            self._httpd = cast(ThreadedWSGIServer, make_server(settings.host, settings.port, self.app, threaded=True,
+                                                               fd=listener.fileno()))
+        self.port = self._httpd.port  # werkzeug records the bound port (the socket is ours: no server_port)
         self._httpd.daemon_threads = True  # a lingering request thread must not hold up exit
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="riskpipe-review-http", daemon=True)
 
