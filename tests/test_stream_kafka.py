@@ -387,3 +387,24 @@ def test_stage_exports_lag_and_decision_metrics(broker, tmp_path, pipeline):
     assert 'riskpipe_events_total{outcome="decided"} 48.0' in text
     assert 'riskpipe_dlq_messages_total{reason="invalid_json"} 1.0' in text
     assert "riskpipe_policy_info" in text
+
+
+def test_broker_command_on_a_port_in_use_says_so_and_touches_nothing_there():
+    """`riskpipe broker --port P` with P taken (another broker, any program): Tansu could not
+    listen, but the readiness check connected to whatever held P, so the command created its
+    topics there, printed `bootstrap: 127.0.0.1:P` as its own, then `the broker process exited
+    unexpectedly`, with no reason."""
+    import socket
+
+    from click.testing import CliRunner
+
+    from riskpipe.cli import cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = CliRunner().invoke(cli, ["broker", "--port", str(port)])
+    assert r.exit_code == 2 and r.stdout == "", r.output
+    assert r.stderr.strip().splitlines()[0] == (
+        f"riskpipe: error: embedded broker: 127.0.0.1:{port} is in use (Address already in use)")

@@ -63,6 +63,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _check_free(port: int) -> None:
+    """Refuse a port another program listens on. Tansu exits there, but the readiness check
+    below connected to that program and took it for Tansu: ``riskpipe broker --port`` created
+    its topics there (a traceback after a 30 s bootstrap timeout when it spoke no Kafka)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Tansu's listener: TIME_WAIT is no owner
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise RuntimeError(f"embedded broker: 127.0.0.1:{port} is in use ({e.strerror or e})") from None
+
+
 class EmbeddedBroker:
     """Start Tansu on a loopback port; ``with EmbeddedBroker() as b: b.bootstrap``."""
 
@@ -80,6 +92,7 @@ class EmbeddedBroker:
         # the cluster id is how consumers recognise this broker and choose group timing for it
 
         url = f"tcp://127.0.0.1:{self.port}"
+        _check_free(self.port)
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
