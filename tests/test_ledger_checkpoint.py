@@ -646,6 +646,25 @@ def test_stage_config_checkpoint_section(tmp_path, keys):
         load_config(str(f))
 
 
+def test_a_relative_key_file_is_read_next_to_the_config(tmp_path, keys, monkeypatch):
+    """README: every path in a config is read relative to its directory. `checkpoint.key_file`
+    was read relative to the working directory: a stage config with its key beside it, run
+    from anywhere else, stopped with `checkpoint.key_file key.pem: cannot read`."""
+    from riskpipe.app.config import load_config
+    from riskpipe.ledger.checkpoint import checkpointer_for
+
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / "key.pem").write_bytes((keys / "key.pem").read_bytes())
+    (stage / "riskpipe.yaml").write_text("checkpoint: {key_file: key.pem, every_records: 5}\n"
+                                         "ssl_cafile: ca.pem\n")
+    (stage / "ca.pem").write_text("")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("stage/riskpipe.yaml")
+    assert cfg.checkpoint.key_file == str(stage / "key.pem") and cfg.ssl_cafile == str(stage / "ca.pem")
+    assert checkpointer_for(cfg.checkpoint).every_records == 5
+
+
 def test_offline_stage_signs_checkpoints_after_commits(tmp_path, keys):
     from streamkit import valid_events
 

@@ -229,6 +229,20 @@ def test_credential_sources_and_precedence(tmp_path):
         resolve_settings(ledger="l.db", password_file=str(tmp_path / "missing"), environ={})
 
 
+def test_the_configs_secret_files_are_read_next_to_it(tmp_path, monkeypatch):
+    """`review.password_file` and `review.secret_key_file` were read relative to the working
+    directory, unlike every other path of the config (its `ledger:` beside it)."""
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / "pw").write_text("file passphrase\n")
+    (stage / "session-key").write_text("k" * 16 + "ey-of-the-console-0123456789\n")
+    (stage / "riskpipe.yaml").write_text("ledger: l.db\nreview: {password_file: pw, secret_key_file: session-key}\n")
+    monkeypatch.chdir(tmp_path)
+    s = resolve_settings(config_path="stage/riskpipe.yaml", environ={})
+    assert s.credentials.authenticate("erin", "file passphrase") == "erin"
+    assert s.secret_key == ("k" * 16 + "ey-of-the-console-0123456789").encode()
+
+
 def test_queue_page_is_paginated_and_filtered(app, ledger_path):
     from test_review_records import decision_record
 

@@ -97,9 +97,11 @@ not know leaves them nothing to try. Give replicas of one stage the same key so 
 redelivered event is decided with the same noise anywhere; each record holds its seed,
 so ``ledger replay`` recomputes a certificate without the key.
 
-Relative paths in a config file (``policy``, ``noise_key_file``, each model's ``spec`` file,
-``reference`` and ``policy``) resolve against the config file's directory; paths
-given on the command line resolve against the working directory.
+Relative paths in a config file (``policy``, ``ledger``, ``noise_key_file``,
+``checkpoint.key_file``, ``ssl_cafile``, ``ssl_certfile``, ``ssl_keyfile``, each model's
+``spec`` file, ``reference`` and ``policy``; the console's ``review.password_file`` and
+``review.secret_key_file``) resolve against the config file's directory; paths given on the
+command line resolve against the working directory.
 """
 
 from __future__ import annotations
@@ -591,8 +593,11 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         data["policy"] = rel(data["policy"])
     if isinstance(data.get("ledger"), str) and _is_file_ledger(data["ledger"]):  # a file, not a DSN
         data["ledger"] = rel(data["ledger"])
-    if "noise_key_file" in data:
-        data["noise_key_file"] = rel(data["noise_key_file"])
+    for key in ("noise_key_file", "ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        if key in data:
+            data[key] = rel(data[key])
+    if isinstance(data.get("checkpoint"), dict) and "key_file" in data["checkpoint"]:
+        data["checkpoint"] = {**data["checkpoint"], "key_file": rel(data["checkpoint"]["key_file"])}
     models = data.get("models")
     if isinstance(models, dict):
         # lazy: riskpipe.models loads torch; the review console and the report read this config without it

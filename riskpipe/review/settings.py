@@ -43,6 +43,7 @@ import secrets
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -238,15 +239,21 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise SettingsError(str(e)) from None
 
 
-def _review_section(data: dict, where: str) -> ReviewSection:
-    """The config file's ``review:`` section, validated (the first problem, with its key)."""
+def _review_section(data: dict, where: str, base: Path | None = None) -> ReviewSection:
+    """The config file's ``review:`` section, validated (the first problem, with its key); its
+    relative file paths read against ``base``, the config file's directory, as every path of
+    the config is (they were read against the working directory)."""
     try:
-        return ReviewSection(**(data.get("review") or {}))
+        section = ReviewSection(**(data.get("review") or {}))
     except ValidationError as e:
         err = e.errors()[0]
         raise SettingsError(f"{where}: review.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
     except TypeError:
         raise SettingsError(f"{where}: review: must be a mapping") from None
+    if base is None:
+        return section
+    return section.model_copy(update={k: str(base / v) for k in ("password_file", "secret_key_file")
+                                      if (v := getattr(section, k)) and not Path(v).is_absolute()})
 
 
 def _shared_password(password_file: str | None, env: Mapping[str, str], section: ReviewSection) -> str | None:
@@ -316,7 +323,8 @@ def resolve_settings(
     """Command-line values win over the environment, which wins over the config file."""
     env = os.environ if environ is None else environ
     where = config_path or "config"
-    section = _review_section(load_config_file(config_path) if config_path else {}, where)
+    section = _review_section(load_config_file(config_path) if config_path else {}, where,
+                              Path(config_path).resolve().parent if config_path else None)
     credentials = Credentials(users=dict(section.users), shared=_shared_password(password_file, env, section))
     secret_key = _secret_key(env, section, where)
     config, scope = _stage_config(config_path, ledger, bootstrap_servers)
