@@ -246,3 +246,19 @@ def test_a_rerun_replaces_the_earlier_report_whole(run, tmp_path, monkeypatch):
     res = CliRunner().invoke(evaluate, ["--policy", POLICY, "--out", str(out), "--format", "json"])
     assert res.exit_code == 0 and sorted(p.name for p in out.iterdir()) == ["evaluation.json", "figures", "stage"]
     assert list((out / "figures").iterdir()) == []
+
+
+def test_a_model_without_its_reference_set_is_told_of_evaluates_own_option(tmp_path):
+    """A --model spec (no --config) under a policy that uses context risk: the stage's message
+    asked for `models.model.reference or --reference model=PATH`, a config key and `riskpipe
+    run`'s syntax; evaluate's --reference takes the file alone."""
+    import numpy as np
+
+    X = np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", X=X, y=X[:, 1:4].argmax(1))
+    res = CliRunner().invoke(evaluate, ["--model", "usermodels:short_of_memory_model?shape=4", "--policy", POLICY,
+                                        "--data", str(tmp_path / "d.npz"), "--n", "3", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.output.strip().splitlines()[-1] == (
+        f"riskpipe: error: --reference: policy default ({POLICY}) uses context risk; give the model's reference "
+        "set (.npz with X and y) with --reference FILE")

@@ -218,6 +218,11 @@ def evaluate_policy(settings: Settings, policy_path: str, X: np.ndarray, y: np.n
     try:
         pipeline = build_pipeline(config, noise_key=seeded_noise_key(settings.seed, "riskpipe evaluate"))
     except ConfigError as e:
+        if not settings.config and not settings.reference and str(e).startswith(f"models.{MODEL_NAME}.reference:"):
+            # a spec without its reference set (a demo model has one): the stage's message names its
+            # config key and `riskpipe run --reference NAME=PATH`
+            raise EvaluationError(f"--reference: policy {policy.name} ({policy_path}) uses context risk; give the "
+                                  "model's reference set (.npz with X and y) with --reference FILE") from None
         raise EvaluationError(str(e)) from None
     me = pipeline.entries[MODEL_NAME]
     if tuple(X.shape[1:]) != tuple(me.model.input_shape):
