@@ -50,6 +50,7 @@ def run_offline_cli(config: Path, model: str, X, tmp: Path):
                               for i, x in enumerate(X)))
     r = cli("run", "--config", config, "--source", f"jsonl:{events}", "--sink", f"jsonl:{tmp / 'out'}", "--no-ledger")
     assert r.returncode == 0, r.stderr
+    assert "duplicates skipped; no ledger\n" in r.stderr  # was "; ledger " and nothing
     from riskpipe.app.config import load_config
 
     audit = tmp / "out" / f"{load_config(str(config)).topics.audit}.jsonl"  # sink files are named after the topics

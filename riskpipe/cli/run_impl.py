@@ -155,8 +155,9 @@ def _run_one(config, config_path: str | None, source: str | None, sink: str | No
 
 def _summary(stats, ledger: str | None) -> None:
     """The closing lines on stderr: what was decided, and what was not decided anew."""
+    where = f"ledger {redact(ledger)}" if ledger else "no ledger"
     click.echo(f"decided {stats.decided} events, {sum(stats.dlq.values())} to the DLQ, "
-               f"{stats.duplicates} duplicates skipped; ledger {redact(ledger or '')}", err=True)
+               f"{stats.duplicates} duplicates skipped; {where}", err=True)
     if stats.other_models:
         click.echo(f"{stats.other_models} events of models other stages serve (other_models) skipped", err=True)
     if stats.redelivered:
