@@ -144,3 +144,13 @@ def test_a_rerun_replaces_the_earlier_card_whole(result, tmp_path, monkeypatch):
     res = CliRunner().invoke(compare, [*args, "--format", "json"])
     assert res.exit_code == 0, res.output
     assert [p.name for p in out.iterdir()] == ["compare.json"]
+
+
+def test_your_model_without_data_is_told_of_data(tmp_path):
+    """Without --data the inputs are the demo digits; on a model of other inputs the line said
+    only `inputs: shape (1, 8, 8) per input, model ... expects (4,)`, not what to give instead."""
+    res = CliRunner().invoke(compare, ["--model", "usermodels:short_of_memory_model?shape=4", "--methods", "smoothing",
+                                       "--limit", "2", "--out", str(tmp_path / "card")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.output.strip().splitlines()[-1].endswith(
+        "expects (4,); without --data the inputs are the demo digits: give your model's with --data DATA.npz")

@@ -86,7 +86,10 @@ def compare(models, config_path, methods, eps_grid, norms, n_samples, limit, sig
         result = run_compare(cfg, X, y, log=lambda m: click.echo(m, err=True),
                              bar=lambda total, desc: progress_bar(total, f"  {desc}"),
                              **({"data_name": data_path} if data_path else {}))
-    except (ModelError, InputError, ValueError) as e:
+    except InputError as e:  # inputs that do not fit the model: without --data, the demo digits
+        fail(f"{e}" if data_path else f"{e}; without --data the inputs are the demo digits: give your model's "
+                                      "with --data DATA.npz")
+    except (ModelError, ValueError) as e:
         fail(str(e))
     written = render(result, out_dir, fmts)
     for fmt, path in written.items():
