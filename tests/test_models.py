@@ -160,3 +160,25 @@ def test_a_spec_option_the_loader_would_not_read_is_refused(tmp_path, demo_model
         load_model(f"{path}{options}" if "shape" in options else f"{path}{options}&shape=1,8,8")
     assert "\n" not in str(e.value)
     assert load_model(f"{path}?shape=1,8,8&range=0,1").value_range == (0.0, 1.0)
+
+
+def test_a_torchscript_error_is_named_once(tmp_path):
+    """A TorchScript model's error ends in a line `RuntimeError: reason`, which the message
+    prefixed with its type again: `forward pass raised RuntimeError: RuntimeError: The size...`."""
+    import torch
+
+    from riskpipe.models import ModelError, load_model
+
+    class Centred(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(13))
+
+        def forward(self, x):
+            return torch.stack([(x - self.mean).sum(1), -(x - self.mean).sum(1)], 1)
+
+    path = tmp_path / "m.pt"
+    torch.jit.script(Centred()).save(str(path))
+    with pytest.raises(ModelError) as e:
+        load_model(f"{path}?shape=12")
+    assert "forward pass raised RuntimeError: The size of tensor a (12)" in str(e.value), str(e.value)

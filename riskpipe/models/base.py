@@ -57,11 +57,14 @@ def sha256_state_dict(module: torch.nn.Module) -> str:
 
 def one_line(e: BaseException, limit: int = 300) -> str:
     """An exception's message on one line: TorchScript errors carry the script's traceback
-    before the error itself, so the last line is the one that says what went wrong."""
+    before the error itself, so the last line is the one that says what went wrong. Callers
+    name the type before it, so that line's own ``RuntimeError: `` is dropped (it read
+    ``raised RuntimeError: RuntimeError: ...``)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     if not lines:
         return type(e).__name__
     text = lines[-1] if len(lines) > 1 and any("Traceback" in ln for ln in lines) else lines[0]
+    text = text.removeprefix(f"{type(e).__name__}: ") or text
     return text if len(text) <= limit else text[:limit] + "..."
 
 
