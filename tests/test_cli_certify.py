@@ -99,3 +99,23 @@ def test_a_malformed_json_input_line_is_one_line_naming_line_and_field(tmp_path,
     assert len(err.strip().splitlines()) == 1
     f.write_text(good + "\n" + json.dumps({"inputs": [{"data": [0.5] * 128, "shape": [2, 1, 8, 8]}]}) + "\n")
     assert read_inputs(str(f)).shape == (3, 1, 8, 8)  # an event's tensor is a batch: [2, *input shape]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--sigma", "-1"], "riskpipe: error: --sigma: Input should be greater than 0"),  # was "sigma: ..."
+    (["--method", "trees", "--norm", "l7"], "riskpipe: error: --norm: 'l7' is not one of l1, l2, linf"),  # norm: norm:
+    (["--model", "usermodels:short_of_memory_model?shape=4", "--sampler", "sound"],  # was "(certifier.grid_step)"
+     "declare the grid step (--grid-step) for the sound sampler"),
+])
+def test_option_errors_name_the_option(tmp_path, args, expected):
+    """certify's options were named as the policy's fields (`sigma:`, `norm: norm:`,
+    `certifier.grid_step`), which this command has none of."""
+    from click.testing import CliRunner
+
+    from riskpipe.cli import cli
+
+    np.save(tmp_path / "x.npy", np.zeros((1, 4) if "shape=4" in " ".join(args) else (1, 1, 8, 8), np.float32))
+    r = CliRunner().invoke(cli, ["certify", "--input", str(tmp_path / "x.npy"), *args])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("riskpipe: error: ") and expected in line, line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 from pydantic import ValidationError
@@ -12,6 +13,26 @@ from riskpipe.cli.common import fail, progress_bar, read_inputs
 from riskpipe.models import InputError, ModelError, check_inputs, load_model_for
 from riskpipe.models.base import one_line
 from riskpipe.policy.schema import Certifier
+
+# the certifier fields this command takes as options of the same name
+_OPTIONS = frozenset({"method", "mode", "sigma", "alpha", "n0", "n", "epsilon", "norm", "bound", "sampler",
+                      "grid_levels", "grid_step", "max_samples", "seed", "batch_size", "device"})
+
+
+def _option(field: str) -> str:
+    """The option of a certifier field (``grid_step``: ``--grid-step``): the section is built
+    from this command's options, so its errors name them, not the policy's keys."""
+    return "--" + field.replace("_", "-")
+
+
+def _as_options(text: str) -> str:
+    """A certifier's error in this command's terms: ``grid_step: ... (certifier.grid_step)``
+    as ``--grid-step: ... (--grid-step)``."""
+    head, sep, rest = text.partition(": ")
+    if sep and head in _OPTIONS:
+        text = f"{_option(head)}: {rest}"
+    return re.sub(r"certifier\.([a-z_]+)", lambda m: _option(m.group(1)) if m.group(1) in _OPTIONS else m.group(0),
+                  text)
 
 
 def certify(model_spec, input_path, method, mode, sigma, alpha, n0, n, epsilon, norm, bound, sampler, grid_levels,
@@ -31,12 +52,13 @@ def certify(model_spec, input_path, method, mode, sigma, alpha, n0, n, epsilon, 
                                        grid_levels=grid_levels, grid_step=grid_step)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "options"
-        fail(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+        field = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ").removeprefix(f"{field}: ")
+        fail(f"{_option(field) if field else 'options'}: {msg}")
     try:
         cert = certifier_for_policy(model, section, batch_size=batch_size, epsilon=epsilon)
     except (ValueError, TypeError) as e:
-        fail(str(e))
+        fail(_as_options(str(e)))
     if mode not in cert.modes:
         fail(f"--mode: {method} supports {', '.join(cert.modes)}, not {mode}")
     try:
