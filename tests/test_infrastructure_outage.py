@@ -204,6 +204,24 @@ def test_classifier_tells_infrastructure_from_data():
         assert infrastructure_component(exc) is None, exc
 
 
+def test_an_infrastructure_error_is_named_once_on_one_redacted_line():
+    """kafka-python's errors begin their message with their type's name, and the stage named
+    the type before it: 'KafkaTimeoutError: KafkaTimeoutError: Failed to update metadata' in
+    every outage line and in the exit message. Now the type once, the message on one line
+    and redacted."""
+    from kafka.errors import KafkaTimeoutError
+
+    from riskpipe.stream.infra import InfrastructureUnavailable, describe
+
+    timeout = KafkaTimeoutError("Failed to update metadata after 60.0 secs.")
+    assert describe(timeout) == "KafkaTimeoutError: Failed to update metadata after 60.0 secs."
+    assert describe(KafkaTimeoutError()) == "KafkaTimeoutError"
+    assert describe(OSError("connect to\npostgresql://u:s3cret@h/db failed")) == \
+        "OSError: connect to postgresql://u:***@h/db failed"
+    message = str(InfrastructureUnavailable("broker", 301.0, 300.0, timeout))
+    assert message.count("KafkaTimeoutError") == 1 and "Failed to update metadata" in message, message
+
+
 def test_real_server_errors_that_end_the_session_or_refuse_writes_are_infrastructure(pg_url, tmp_path):
     """Errors raised by the real PostgreSQL and SQLite, not made by hand: the server's FATAL
     25P03 (idle-in-transaction timeout: it closes the connection) and 25006 (a read-only

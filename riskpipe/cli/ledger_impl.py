@@ -33,7 +33,7 @@ from riskpipe.paths import read_small_text, read_text
 from riskpipe.redaction import redact
 from riskpipe.report.replay import ReplayError, stage_entry
 from riskpipe.report.replay import replay as do_replay
-from riskpipe.stream.infra import LEDGER, InfrastructureUnavailable, Outage, infrastructure_component
+from riskpipe.stream.infra import LEDGER, InfrastructureUnavailable, Outage, describe, infrastructure_component
 from riskpipe.timestamps import from_epoch, rfc3339_micros, rfc3339_seconds
 
 # which ledger kind a topic's messages become (``--topic NAME=KIND`` overrides)
@@ -469,7 +469,7 @@ def _ledger_call(call: Callable[[], Any], what: str, timeout_s: float, echo) -> 
             if waited > timeout_s:
                 fail(f"ledger ingest: {InfrastructureUnavailable(LEDGER, waited, timeout_s, e)}", code=4)
             delay = outage.next_delay(timeout_s - waited)
-            echo(f"ledger ingest: ledger unavailable {what} ({type(e).__name__}: {_short(' '.join(str(e).split()))}); "
+            echo(f"ledger ingest: ledger unavailable {what} ({describe(e)}); "
                  f"retry {outage.retries} in {delay:.2f} s ({waited:.1f} s of {timeout_s:g} s)", err=True)
             time.sleep(delay)
 

@@ -162,15 +162,24 @@ def _chain(exc: BaseException | None, limit: int = 8) -> Iterator[BaseException]
         exc = exc.__cause__ or exc.__context__
 
 
+def describe(e: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of an infrastructure error on one line, redacted, the message cut
+    at ``limit``. kafka-python's errors begin their own message with their type's name,
+    so it is not repeated (it read ``KafkaTimeoutError: KafkaTimeoutError: ...``)."""
+    name = type(e).__name__
+    text = " ".join(str(e).split())
+    text = "" if text == name else text.removeprefix(f"{name}: ")
+    return f"{name}: {redact(text)[:limit]}" if text else name
+
+
 class InfrastructureUnavailable(RuntimeError):
     """A component stayed unavailable past ``infrastructure_timeout_s``; the stage
     stopped without committing anything it had not decided and recorded."""
 
     def __init__(self, component: str, seconds: float, timeout_s: float, cause: BaseException):
         self.component = component
-        detail = redact(" ".join(str(cause).split()))[:300]
         super().__init__(f"{component} unavailable for {seconds:.1f} s (infrastructure_timeout_s {timeout_s:g}): "
-                         f"{type(cause).__name__}: {detail}; stopped without committing undecided events")
+                         f"{describe(cause)}; stopped without committing undecided events")
 
 
 @dataclass

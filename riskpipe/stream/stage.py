@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from riskpipe.ledger import policy_record, redact
+from riskpipe.ledger import policy_record
 from riskpipe.stream.batcher import Batcher
 from riskpipe.stream.committer import Committer, Outcome
 from riskpipe.stream.decider import Decider
@@ -48,6 +48,7 @@ from riskpipe.stream.infra import (
     MEMORY,
     InfrastructureUnavailable,
     Outage,
+    describe,
     infrastructure_component,
     release_memory,
 )
@@ -269,9 +270,8 @@ class Stage:
             self._close()
             raise InfrastructureUnavailable(component, waited, timeout, e) from e
         delay = self.outage.next_delay(timeout - waited)
-        log.warning("%s unavailable (%s: %s); consumption paused, retry %d in %.2f s (%.1f s of %g s)", component,
-                    type(e).__name__, redact(" ".join(str(e).split()))[:300], self.outage.retries, delay, waited,
-                    timeout)
+        log.warning("%s unavailable (%s); consumption paused, retry %d in %.2f s (%.1f s of %g s)", component,
+                    describe(e), self.outage.retries, delay, waited, timeout)
         return self.stopping.wait(delay)
 
     def _rewind(self) -> bool:
