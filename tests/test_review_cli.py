@@ -84,3 +84,31 @@ def test_a_port_in_use_is_one_line_with_the_reason(tmp_path):
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert r.stderr.strip().splitlines() == [
         f"riskpipe: error: review console: cannot listen on 127.0.0.1:{port} (Address already in use)"]
+
+
+def test_only_a_broker_error_is_reported_as_an_unreachable_broker(tmp_path, monkeypatch):
+    """Any exception while the console started was reported as `--bootstrap-servers None:
+    cannot reach the broker (...)`, a fault of the console's own (here an AttributeError)
+    included, with no broker configured at all. Now a broker error is one line naming the
+    servers, and anything else is not blamed on a broker."""
+    from click.testing import CliRunner
+    from kafka.errors import KafkaConnectionError
+
+    from riskpipe.cli import cli, review_impl
+
+    ledger = tmp_path / "ledger.sqlite3"
+    seed_ledger(ledger)
+    env = {"RISKPIPE_REVIEW_PASSWORD": "a long passphrase"}
+    for raised, servers in ((AttributeError("'NoneType' object has no attribute 'x'"), []),
+                            (KafkaConnectionError("connection refused"), ["--bootstrap-servers", "127.0.0.1:1"])):
+        def console(settings, raised=raised):
+            raise raised
+
+        monkeypatch.setattr(review_impl, "ConsoleServer", console)
+        r = CliRunner().invoke(cli, ["review", "--ledger", str(ledger), "--port", "0", *servers], env=env)
+        if isinstance(raised, AttributeError):
+            assert r.exception is raised and "cannot reach the broker" not in r.output, r.output
+        else:
+            assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
+                "riskpipe: error: --bootstrap-servers 127.0.0.1:1: cannot reach the broker "
+                "(KafkaConnectionError: connection refused)"], r.stderr

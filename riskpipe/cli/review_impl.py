@@ -14,6 +14,7 @@ from riskpipe.ledger import LedgerError
 from riskpipe.redaction import redact
 from riskpipe.review.server import ConsoleServer
 from riskpipe.review.settings import SettingsError, resolve_settings
+from riskpipe.stream.infra import BROKER, describe, infrastructure_component
 
 
 def review(ledger_path, bootstrap_servers, review_topic, outcomes_topic, host, port, config_path, password_file):
@@ -32,8 +33,12 @@ def review(ledger_path, bootstrap_servers, review_topic, outcomes_topic, host, p
         server = ConsoleServer(settings)
     except (OSError, LedgerError) as e:
         fail(str(e))
-    except Exception as e:  # noqa: BLE001 - kafka-python raises its own errors for an unreachable broker
-        fail(f"--bootstrap-servers {settings.bootstrap_servers}: cannot reach the broker ({e})")
+    except Exception as e:
+        # kafka-python raises its own errors for an unreachable broker; anything else is a
+        # fault of the console, not the broker's, and is not reported as one
+        if settings.bootstrap_servers and infrastructure_component(e) == BROKER:
+            fail(f"--bootstrap-servers {settings.bootstrap_servers}: cannot reach the broker ({describe(e)})")
+        raise
     users = sorted(settings.credentials.users)
     who = f"users {', '.join(users)}" if users else "the shared password"
     if users and settings.credentials.shared:
