@@ -582,11 +582,17 @@ def _is_file_ledger(target: str) -> bool:
         return False
 
 
+def config_relative(p: Any, base: Path) -> Any:
+    """A relative path ``p`` written in a config file, as read from the file's directory
+    ``base``; anything else (absolute, empty, not a string) as it is."""
+    return str(base / p) if isinstance(p, str) and p and not Path(p).is_absolute() else p
+
+
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Relative paths of a config file, resolved against the file's directory."""
 
     def rel(p: Any) -> Any:
-        return str(base / p) if isinstance(p, str) and p and not Path(p).is_absolute() else p
+        return config_relative(p, base)
 
     data = dict(data)
     if "policy" in data:

@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from riskpipe import secret_file
-from riskpipe.app.config import ConfigError, StageConfig, load_config, read_config_file
+from riskpipe.app.config import ConfigError, StageConfig, config_relative, load_config, read_config_file
 from riskpipe.kafka_clients import KafkaSettings, TopicName, check_topic
 from riskpipe.policy import PolicyError
 from riskpipe.redaction import register_secret
@@ -252,8 +252,8 @@ def _review_section(data: dict, where: str, base: Path | None = None) -> ReviewS
         raise SettingsError(f"{where}: review: must be a mapping") from None
     if base is None:
         return section
-    return section.model_copy(update={k: str(base / v) for k in ("password_file", "secret_key_file")
-                                      if (v := getattr(section, k)) and not Path(v).is_absolute()})
+    return section.model_copy(update={k: config_relative(getattr(section, k), base)
+                                      for k in ("password_file", "secret_key_file")})
 
 
 def _shared_password(password_file: str | None, env: Mapping[str, str], section: ReviewSection) -> str | None:
